@@ -1,0 +1,56 @@
+"""Shared fixtures: hermetic environment, the tiny Gemma 3, a sample data set.
+
+Every test runs with HF caches in a tmp dir, offline, with no token: nothing reaches the network
+except servers the tests start on 127.0.0.1.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+_HERMETIC_ENV = {
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+    "WANDB_MODE": "disabled",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TRANSFORMERS_VERBOSITY": "error",
+}
+
+
+def pytest_configure(config):
+    # Before any test imports huggingface_hub (it reads some variables at import time).
+    os.environ.update(_HERMETIC_ENV)
+    for var in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_ENDPOINT"):
+        os.environ.pop(var, None)
+
+
+@pytest.fixture(autouse=True)
+def _isolated_hf_home(tmp_path_factory, monkeypatch):
+    home = tmp_path_factory.mktemp("hf_home")
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(home / "datasets"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(home / "hub"))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny random Gemma 3, saved like a hub model (built once per session)."""
+    from vlm_caption.tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny_model") / "model", preset="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def sample_data_dir(tmp_path_factory) -> Path:
+    """48 synthetic images in the img2dataset layout, some deliberately broken. Treat as read-only."""
+    from vlm_caption.sample_data import write_sample
+
+    return write_sample(tmp_path_factory.mktemp("sample") / "data", n=48, broken=True, seed=0)

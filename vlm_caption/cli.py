@@ -1,0 +1,36 @@
+"""What every script shares: logging set-up and turning known errors into one line and an exit code."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Callable
+
+from .config import EXIT_FATAL, EXIT_USAGE, FatalError, UsageError
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # Chatty libraries stay at WARNING unless asked.
+    for name in ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub"):
+        logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
+    """Run a script's main(); user mistakes and fatal conditions become one line on stderr."""
+    prog = sys.argv[0].rsplit("/", 1)[-1]
+    try:
+        code = main(argv)
+    except UsageError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        code = EXIT_USAGE
+    except FatalError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        code = EXIT_FATAL
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; finished parts are kept, rerun to resume", file=sys.stderr)
+        code = 130
+    sys.exit(code)

@@ -1,0 +1,251 @@
+"""Run settings: one dataclass per CLI, one field per flag, validated before any work starts.
+
+A bad flag must fail in a second with a one-line message (UsageError, exit code 2), not after
+the model has spent a minute loading.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Exit codes shared by every script: 0 all done, 2 bad usage, 3 some items failed, 1 fatal error.
+EXIT_OK = 0
+EXIT_FATAL = 1
+EXIT_USAGE = 2
+EXIT_ITEMS_FAILED = 3
+
+DEFAULT_MODEL = "google/gemma-3-27b-it"
+DEFAULT_DATA_DIR = "./data/contrastyles_full"
+SOURCE_DATASET = "tomg-group-umd/ContraStyles"
+
+# Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-'/'.', no '--' or '..'.
+_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+_REPO_ID_RE = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
+
+
+class UsageError(Exception):
+    """A user mistake: printed as one line, exit code 2, no traceback."""
+
+
+class FatalError(Exception):
+    """A run that cannot go on (disk full, Hub refused the token): one line, exit code 1."""
+
+
+def parse_shards(spec: str | None) -> list[int] | None:
+    """'0-24' / '3,5,7-9' -> sorted shard numbers; None means every shard."""
+    if spec is None or spec.strip() == "":
+        return None
+    shards: set[int] = set()
+    for piece in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", piece)
+        if not m:
+            raise UsageError(f"--shards: cannot read {piece!r}; use a list like 0-24 or 3,5,7-9")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise UsageError(f"--shards: range {piece.strip()!r} ends before it starts")
+        shards.update(range(lo, hi + 1))
+    return sorted(shards)
+
+
+def resolve_repo_id(hf_repo: str, hf_username: str) -> str:
+    """A bare repo name is joined with --hf-username; a full 'user/name' is taken as is."""
+    repo_id = hf_repo if "/" in hf_repo else f"{hf_username}/{hf_repo}"
+    if not _REPO_ID_RE.match(repo_id) or ".." in repo_id or "--" in repo_id or repo_id.count("/") != 1:
+        raise UsageError(
+            f"invalid Hub repo id {repo_id!r}: use NAME (joined with --hf-username) or USER/NAME, "
+            "letters, digits, '-', '_' and '.' only"
+        )
+    return repo_id
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world_size) from torchrun / accelerate launch environment, else (0, 1)."""
+    try:
+        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError as e:
+        raise UsageError(f"RANK / WORLD_SIZE in the environment are not integers: {e}") from None
+
+
+def machine_slice() -> tuple[int, int] | None:
+    """(index, count) of this machine in a Slurm job array, when there is one."""
+    task_id = os.environ.get("SLURM_ARRAY_TASK_ID")
+    task_count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
+    if task_id is None or task_count is None:
+        return None
+    try:
+        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
+        return int(task_id) - first, int(task_count)
+    except ValueError as e:
+        raise UsageError(f"SLURM_ARRAY_TASK_* in the environment are not integers: {e}") from None
+
+
+def _check_writable_dir(path: Path, flag: str) -> None:
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a directory; pass a directory")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path} is not writable; choose a directory you can write to")
+
+
+@dataclass
+class RunConfig:
+    """Settings of batched_image_inference.py."""
+
+    model: str = DEFAULT_MODEL  # HF model id or local dir saved with save_pretrained
+    data_dir: str = DEFAULT_DATA_DIR  # what download_data.py wrote (img2dataset layout)
+    checkpoint_dirs: list[str] = field(default_factory=lambda: ["./checkpoints"])  # >1 only for --merge-only
+    batch_size: int | None = None  # None = auto: start high, halve on out-of-memory
+    max_auto_batch_size: int = 0  # 0 = pick from the device (64 on CUDA, 8 on CPU)
+    push_every: int = 500  # push pending rows to the Hub once this many are waiting
+    min_push_interval: float = 120.0  # seconds between Hub commits (the Hub rate-limits commits)
+    checkpoint_every: int = 200  # rows per local part file (what a crash can cost at most)
+    max_images: int | None = None  # cap on images this worker captions in this run
+    max_tokens: int = 256  # max new tokens per caption
+    min_tokens: int = 0  # min new tokens (benchmarks force a fixed length with it)
+    temperature: float = 0.0  # 0 = greedy; >0 samples with a per-key seed
+    top_p: float = 1.0  # nucleus sampling cutoff when temperature > 0
+    seed: int = 0  # base of the per-key sampling seeds
+    prompt: str | None = None  # overrides the default prompt
+    prompt_file: str | None = None  # file whose text is the prompt
+    hf_repo: str = "ContraStylesRecap"  # bare name or user/name
+    hf_username: str = "somepago"  # owner when --hf-repo is a bare name
+    hub_endpoint: str | None = None  # another Hub endpoint (a mirror, or a local stub in tests)
+    private: bool = False  # create the Hub repo private
+    no_push: bool = False  # never touch the network
+    push_only: bool = False  # push what the checkpoint dir holds unpushed, then stop
+    merge_only: bool = False  # merge parts (of one or more checkpoint dirs), check coverage, stop
+    resume: bool = False  # states intent; done keys are always skipped
+    retry_failed: bool = False  # caption keys recorded in failures/ again
+    overwrite: bool = False  # start over in a checkpoint dir that holds another run's settings
+    dry_run: bool = False  # print the plan, load no model
+    shards: str | None = None  # e.g. "0-24" or "3,5,7-9"
+    num_workers: int | None = None  # total workers (default: Slurm array x torch.distributed world)
+    worker_index: int | None = None  # this worker's index among them
+    dtype: str = "auto"  # auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU
+    device_map: str | None = None  # None = whole model on this worker's device; "auto" = offload
+    attn_implementation: str = "sdpa"  # sdpa, eager, flash_attention_2
+    num_loader_workers: int = 4  # background threads that decode and preprocess images
+    verbose: bool = False
+
+    @property
+    def checkpoint_dir(self) -> str:
+        return self.checkpoint_dirs[0]
+
+    def validate(self) -> None:
+        positive = {
+            "--batch-size": self.batch_size,
+            "--max-images": self.max_images,
+            "--max-tokens": self.max_tokens,
+            "--push-every": self.push_every,
+            "--checkpoint-every": self.checkpoint_every,
+        }
+        for flag, value in positive.items():
+            if value is not None and value < 1:
+                raise UsageError(f"{flag} must be a positive integer, got {value}")
+        if self.num_loader_workers < 1:
+            raise UsageError(f"--num-loader-workers must be at least 1, got {self.num_loader_workers}")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise UsageError("--min-tokens must be between 0 and --max-tokens")
+        if self.temperature < 0:
+            raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
+        if self.min_push_interval < 0:
+            raise UsageError("--min-push-interval must be >= 0")
+        if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
+            raise UsageError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
+            raise UsageError(f"--attn-implementation {self.attn_implementation!r} is not one of sdpa, eager, "
+                             "flash_attention_2, flash_attention_3")
+        if self.prompt is not None and self.prompt_file is not None:
+            raise UsageError("give --prompt or --prompt-file, not both")
+        if self.prompt is not None and not self.prompt.strip():
+            raise UsageError("--prompt is empty")
+        if self.prompt_file is not None and not Path(self.prompt_file).is_file():
+            raise UsageError(f"--prompt-file {self.prompt_file} does not exist")
+        modes = [m for m in ("merge_only", "push_only", "dry_run") if getattr(self, m)]
+        if len(modes) > 1:
+            raise UsageError("--merge-only, --push-only and --dry-run exclude each other")
+        if self.push_only and self.no_push:
+            raise UsageError("--push-only and --no-push exclude each other")
+        if len(self.checkpoint_dirs) > 1 and not self.merge_only:
+            raise UsageError("several --checkpoint-dir values are only allowed with --merge-only")
+        for d in self.checkpoint_dirs:
+            _check_writable_dir(Path(d), "--checkpoint-dir")
+        if not (self.merge_only or self.push_only):
+            self._validate_data_dir()
+        parse_shards(self.shards)
+        self.worker_slice()
+        if not self.no_push:
+            resolve_repo_id(self.hf_repo, self.hf_username)
+
+    def _validate_data_dir(self) -> None:
+        data = Path(self.data_dir)
+        if not data.is_dir():
+            raise UsageError(f"--data-dir {data} does not exist; run download_data.py --output {data} first")
+        if not (data / "full_metadata.parquet").is_file() and not list((data / "images").glob("*.parquet")):
+            raise UsageError(
+                f"--data-dir {data} holds no full_metadata.parquet and no images/*.parquet; "
+                "is it the directory download_data.py wrote?"
+            )
+
+    def worker_slice(self) -> tuple[int, int]:
+        """(worker_index, num_workers) over all machines and all ranks.
+
+        Explicit flags (or a Slurm array) split the work between machines; torch.distributed ranks split
+        each machine's share again, so worker = machine_index * world_size + rank.
+        """
+        rank, world = distributed_rank()
+        if (self.num_workers is None) != (self.worker_index is None):
+            raise UsageError("give --num-workers and --worker-index together")
+        machine = (self.worker_index, self.num_workers) if self.num_workers is not None else machine_slice()
+        m_index, m_count = machine if machine is not None else (0, 1)
+        if m_count < 1 or not 0 <= m_index < m_count:
+            raise UsageError(f"--worker-index must be in [0, --num-workers), got {m_index} of {m_count}")
+        if world < 1 or not 0 <= rank < world:
+            raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}")
+        return m_index * world + rank, m_count * world
+
+    def prompt_text(self) -> str | None:
+        """The user's prompt, if any (None = the default prompt of captioner.py)."""
+        if self.prompt_file is not None:
+            text = Path(self.prompt_file).read_text(encoding="utf-8").strip()
+            if not text:
+                raise UsageError(f"--prompt-file {self.prompt_file} is empty")
+            return text
+        return self.prompt
+
+
+@dataclass
+class DownloadConfig:
+    """Settings of download_data.py."""
+
+    output: str = DEFAULT_DATA_DIR  # where urls.parquet, images/, full_metadata.parquet go
+    source: str = SOURCE_DATASET  # HF dataset id, or a local .parquet / .csv / .jsonl with the same columns
+    split: str = "train"  # split of the HF dataset
+    threads: int = 64  # download threads per process (img2dataset thread_count)
+    processes: int = field(default_factory=lambda: min(16, os.cpu_count() or 1))  # img2dataset processes_count
+    timeout: int = 30  # seconds per image request
+    retries: int = 2  # extra tries per URL inside img2dataset
+    max_rows: int | None = None  # only the first N rows of the source (tests, trials)
+    shard_size: int = 10_000  # images per shard (img2dataset number_sample_per_shard)
+    distributor: str = "multiprocessing"  # multiprocessing, pyspark or ray (passed to img2dataset)
+    validate_workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # processes for PIL decode checks
+    verbose: bool = False
+
+    def validate(self) -> None:
+        for flag, value in {"--threads": self.threads, "--processes": self.processes, "--timeout": self.timeout,
+                            "--shard-size": self.shard_size, "--validate-workers": self.validate_workers}.items():
+            if value < 1:
+                raise UsageError(f"{flag} must be a positive integer, got {value}")
+        if self.retries < 0:
+            raise UsageError(f"--retries must be >= 0, got {self.retries}")
+        if self.max_rows is not None and self.max_rows < 1:
+            raise UsageError(f"--max-rows must be a positive integer, got {self.max_rows}")
+        if self.distributor not in ("multiprocessing", "pyspark", "ray"):
+            raise UsageError(f"--distributor must be multiprocessing, pyspark or ray, got {self.distributor!r}")
+        _check_writable_dir(Path(self.output), "--output")
