@@ -11,11 +11,13 @@ captioned again on resume because their keys are not in any part.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import re
 import shutil
+import socket
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -75,7 +77,8 @@ class Part(NamedTuple):
 # ---------------------------------------------------------------- atomic files
 
 def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Host and pid in the name tell a crashed writer's leftovers from a live writer's file.
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -112,12 +115,33 @@ def atomic_write_table(path: Path, table: pa.Table) -> None:
         raise
 
 
-def remove_stale_tmp(directory: Path) -> int:
-    """Delete tmp files left by a crashed writer (they never hold finished data)."""
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(directory: Path, other_host_age_s: float = 3600.0) -> int:
+    """Delete tmp files left by crashed writers (they never hold finished data).
+
+    A tmp file of this host is stale when its process is gone; one of another host (a shared file
+    system) only when it is old, since we cannot see that host's processes.
+    """
     removed = 0
+    host = socket.gethostname()
     for tmp in Path(directory).rglob(".*.tmp-*"):
-        tmp.unlink(missing_ok=True)
-        removed += 1
+        writer_host, _, pid = tmp.name.rsplit(".tmp-", 1)[1].rpartition("-")
+        if writer_host == host:
+            stale = not (pid.isdigit() and _pid_alive(int(pid)))
+        else:
+            stale = time.time() - tmp.stat().st_mtime > other_host_age_s
+        if stale:
+            tmp.unlink(missing_ok=True)
+            removed += 1
     return removed
 
 
@@ -157,8 +181,6 @@ def read_run_json(checkpoint_dir: Path | str) -> dict | None:
 
 
 def run_id_for(settings: dict) -> str:
-    import hashlib
-
     blob = json.dumps({k: settings[k] for k in RUN_SETTINGS}, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 

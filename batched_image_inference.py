@@ -1,0 +1,91 @@
+#!/usr/bin/env python3
+"""Caption the downloaded ContraStyles images with Gemma 3, checkpointing and pushing to the Hub.
+
+Examples:
+  python batched_image_inference.py --max-images 10 --no-push
+  python batched_image_inference.py --model google/gemma-3-4b-it --hf-repo me/ContraStylesRecap
+  accelerate launch --num_processes 8 batched_image_inference.py --model google/gemma-3-12b-it
+  python batched_image_inference.py --merge-only --checkpoint-dir ckpt_a ckpt_b
+"""
+from __future__ import annotations
+
+import argparse
+
+from vlm_caption.config import DEFAULT_DATA_DIR, DEFAULT_MODEL, RunConfig
+
+
+def batch_size_arg(value: str) -> int | None:
+    if value == "auto":
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer or 'auto', got {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("what to caption")
+    g.add_argument("--model", default=DEFAULT_MODEL, help="HF model id or local dir (default: %(default)s)")
+    g.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="what download_data.py wrote (default: %(default)s)")
+    g.add_argument("--max-images", type=int, help="caption only the first N images (key order) of the selection")
+    g.add_argument("--shards", help="only these img2dataset shards, e.g. 0-24 or 3,5,7-9")
+    g.add_argument("--num-workers", type=int, help="split the work into this many slices (default: Slurm array "
+                   "size x torch.distributed world size, else 1)")
+    g.add_argument("--worker-index", type=int, help="which slice this machine takes, 0-based")
+    g.add_argument("--retry-failed", action="store_true", help="caption images recorded as failed again")
+
+    g = p.add_argument_group("generation")
+    g.add_argument("--prompt", help="instruction given with each image (default: a detailed description prompt)")
+    g.add_argument("--prompt-file", help="read the prompt from this file")
+    g.add_argument("--max-tokens", type=int, default=256, help="max new tokens per caption (default: %(default)s)")
+    g.add_argument("--min-tokens", type=int, default=0, help=argparse.SUPPRESS)  # fixed-length benchmarks
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples with a "
+                   "per-image seed, so reruns reproduce")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling cutoff when --temperature > 0")
+    g.add_argument("--seed", type=int, default=0, help="base seed of per-image sampling (default: %(default)s)")
+    g.add_argument("--batch-size", type=batch_size_arg, default=None, help="images per generate call, or auto "
+                   "(default): start high and halve on out-of-memory")
+    g.add_argument("--max-auto-batch-size", type=int, default=0, help=argparse.SUPPRESS)
+    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
+    g.add_argument("--device-map", help="'auto' spreads/offloads a model too big for one GPU (slow)")
+    g.add_argument("--attn-implementation", default="sdpa", help="sdpa (default), flash_attention_2, eager")
+    g.add_argument("--num-loader-workers", type=int, default=4, help="image decode threads (default: %(default)s)")
+
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--checkpoint-dir", nargs="+", default=["./checkpoints"], dest="checkpoint_dirs",
+                   metavar="DIR", help="where parts go (default: ./checkpoints); several with --merge-only")
+    g.add_argument("--checkpoint-every", type=int, default=200, help="rows per local part file (default: %(default)s)")
+    g.add_argument("--resume", action="store_true", help="continue a run (done images are always skipped)")
+    g.add_argument("--overwrite", action="store_true", help="set aside a checkpoint dir's run with other settings")
+    g.add_argument("--merge-only", action="store_true", help="merge parts of the checkpoint dir(s), check "
+                   "coverage against the data dir, and stop")
+    g.add_argument("--dry-run", action="store_true", help="print the plan and stop; loads no model")
+
+    g = p.add_argument_group("Hugging Face Hub")
+    g.add_argument("--hf-repo", default="ContraStylesRecap", help="dataset repo: NAME or USER/NAME (default: %(default)s)")
+    g.add_argument("--hf-username", default="somepago", help="owner for a bare --hf-repo (default: %(default)s)")
+    g.add_argument("--push-every", type=int, default=500, help="push once this many rows wait (default: %(default)s)")
+    g.add_argument("--min-push-interval", type=float, default=120.0, help="seconds between Hub commits "
+                   "(default: %(default)s; the Hub rate-limits commits)")
+    g.add_argument("--no-push", action="store_true", help="never touch the network")
+    g.add_argument("--push-only", action="store_true", help="push what the checkpoint dir holds unpushed, then stop")
+    g.add_argument("--private", action="store_true", help="create the repo private")
+    g.add_argument("--hub-endpoint", help="another Hub endpoint (a mirror or a local test server)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from vlm_caption import pipeline
+    from vlm_caption.cli import setup_logging
+
+    args = vars(build_parser().parse_args(argv))
+    setup_logging(args["verbose"])
+    return pipeline.run(RunConfig(**args))
+
+
+if __name__ == "__main__":
+    from vlm_caption.cli import run_main
+
+    run_main(main)

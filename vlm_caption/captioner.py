@@ -1,0 +1,233 @@
+"""Gemma 3 captioning: model loading, the prompt, batched generation, out-of-memory back-off.
+
+Every image costs the same number of tokens and every row has the same prompt, so the prompt is
+tokenised once; a batch is the cached token ids repeated plus the images' pixel values, which the
+loader threads have already computed. One `generate` call captions the whole batch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import zlib
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+
+from .config import RunConfig, UsageError
+
+log = logging.getLogger(__name__)
+
+PROMPT_VERSION = 1
+DEFAULT_PROMPT = (
+    "Describe this artwork in detail. Cover: the main subjects and what they are doing; the artistic style "
+    "and any art movement or artist it recalls; the medium and technique (for example oil paint, watercolour, "
+    "ink, pencil, digital painting, 3D render or photograph) and any visible brushwork or texture; the colour "
+    "palette; the composition and framing; the mood and lighting; and any visible text, signatures or "
+    "watermarks, quoted exactly. Write one or two paragraphs of plain prose with no preamble."
+)
+# Chat markup that must never reach a caption, even from a tokenizer that does not mark it special.
+_MARKUP_RE = re.compile(r"<(?:start_of_turn|end_of_turn|start_of_image|end_of_image|image_soft_token|eos|bos|pad)>")
+
+
+@dataclass
+class Caption:
+    text: str
+    finish: str  # "stop" (end of turn / EOS) or "length" (hit --max-tokens)
+    tokens: int  # generated tokens, the stop token excluded
+
+
+# ---------------------------------------------------------------- loading
+
+def choose_device() -> torch.device:
+    """This worker's accelerator: LOCAL_RANK picks the GPU under torchrun / accelerate launch."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPUs run bf16 matmuls slowly or not at all
+
+
+def _model_load_error(model_name: str, e: Exception) -> UsageError:
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    chain = [e, e.__cause__, e.__context__]
+    text = " ".join(str(x) for x in chain if x is not None).lower()
+    if any(isinstance(x, GatedRepoError) for x in chain) or "gated" in text:
+        return UsageError(f"{model_name} is a gated model: accept its licence at https://huggingface.co/{model_name} "
+                          "and log in with `hf auth login` (or set HF_TOKEN)")
+    if any(isinstance(x, RepositoryNotFoundError) for x in chain) or "not a valid model identifier" in text:
+        return UsageError(f"model {model_name!r} was not found (or you have no access): check the id, e.g. "
+                          "google/gemma-3-4b-it, or pass a local directory saved with save_pretrained")
+    if any(isinstance(x, LocalEntryNotFoundError) for x in chain) or "offline" in text or "connect" in text:
+        return UsageError(f"cannot download {model_name}: no connection to the Hub (or HF_HUB_OFFLINE=1) and it is "
+                          "not in the local cache; download it once with network access")
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UsageError(f"cannot load model {model_name!r}: {first_line}")
+
+
+def load_model(cfg: RunConfig, device: torch.device):
+    """(model, processor) the same way for a hub id and a local save_pretrained dir."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    dtype = resolve_dtype(cfg.dtype, device)
+    device_map: Any = cfg.device_map if cfg.device_map else {"": str(device)}
+    try:
+        processor = AutoProcessor.from_pretrained(cfg.model)
+        model = AutoModelForImageTextToText.from_pretrained(
+            cfg.model, dtype=dtype, device_map=device_map, attn_implementation=cfg.attn_implementation)
+    except (OSError, ValueError) as e:
+        if isinstance(e, ValueError) and "attn_implementation" not in str(e) and "attention" not in str(e).lower():
+            raise _model_load_error(cfg.model, e) from None
+        if isinstance(e, ValueError):
+            raise UsageError(f"--attn-implementation {cfg.attn_implementation} is not available here: "
+                             f"{str(e).splitlines()[0]}; try sdpa") from None
+        raise _model_load_error(cfg.model, e) from None
+    offloaded = sorted({str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()} & {"cpu", "disk"})
+    if offloaded and device.type == "cuda":
+        log.warning("the model does not fit on the GPU: layers are offloaded to %s; expect a large slow-down "
+                    "(use a smaller Gemma 3 or a bigger GPU)", "/".join(offloaded))
+    model.eval()
+    return model, processor
+
+
+# ---------------------------------------------------------------- sampling
+
+class SeededSampler:
+    """Samples each row from its own generator seeded by (seed, key), then hands generate a one-hot score.
+
+    A row's caption then depends only on its key and the seed, not on which batch it landed in, so a
+    rerun (or a resume with another batch size) reproduces it. Generate runs greedy on the result.
+    """
+
+    def __init__(self, keys: Sequence[str], seed: int, temperature: float, top_p: float):
+        self.generators = [torch.Generator().manual_seed(zlib.crc32(f"{seed}:{k}".encode())) for k in keys]
+        self.temperature = temperature
+        self.top_p = top_p
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        u = torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(scores.device, non_blocking=True)
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = (sorted_p.cumsum(-1) - sorted_p) < self.top_p  # the nucleus; the top token always stays
+        cum = (sorted_p * keep).cumsum(-1)
+        pick = torch.searchsorted(cum, (u * cum[:, -1]).unsqueeze(-1)).clamp_(max=cum.shape[-1] - 1)
+        chosen = order.gather(-1, pick)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(-1, chosen, 0.0)
+
+
+# ---------------------------------------------------------------- the captioner
+
+class Captioner:
+    def __init__(self, model, processor, *, model_name: str, prompt: str, max_tokens: int, min_tokens: int = 0,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+        self.model = model
+        self.processor = processor
+        self.model_name = model_name
+        self.prompt = prompt
+        self.temperature, self.top_p, self.seed = temperature, top_p, seed
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        tok = processor.tokenizer
+        tok.padding_side = "left"  # generation continues from the right edge of every row
+        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.stop_ids = self._stop_ids()
+        self.target_size = self._image_size()
+        self.prompt_inputs = self._encode_prompt()
+        self.gen_config = self._generation_config(max_tokens, min_tokens)
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig, device: torch.device) -> "Captioner":
+        model, processor = load_model(cfg, device)
+        return cls(model, processor, model_name=cfg.model, prompt=cfg.prompt_text() or DEFAULT_PROMPT,
+                   max_tokens=cfg.max_tokens, min_tokens=cfg.min_tokens, temperature=cfg.temperature,
+                   top_p=cfg.top_p, seed=cfg.seed)
+
+    def _stop_ids(self) -> list[int]:
+        tok = self.processor.tokenizer
+        ids = {tok.eos_token_id}
+        end_of_turn = tok.convert_tokens_to_ids("<end_of_turn>")
+        if isinstance(end_of_turn, int) and end_of_turn != tok.unk_token_id:
+            ids.add(end_of_turn)
+        gen_eos = self.model.generation_config.eos_token_id
+        ids.update(gen_eos if isinstance(gen_eos, list) else [gen_eos])
+        return sorted(i for i in ids if i is not None)
+
+    def _image_size(self) -> int:
+        size = getattr(self.processor.image_processor, "size", None) or {}
+        return int(size.get("height") or size.get("shortest_edge") or 896)
+
+    def _encode_prompt(self) -> dict[str, torch.Tensor]:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        from PIL import Image
+
+        enc = self.processor(text=[text], images=[[Image.new("RGB", (self.target_size, self.target_size))]],
+                             return_tensors="pt")
+        return {k: v for k, v in enc.items() if k != "pixel_values"}
+
+    def _generation_config(self, max_tokens: int, min_tokens: int):
+        from transformers import GenerationConfig
+
+        # Our own config instead of the model's (google's sets do_sample=True, top_k=64): greedy unless asked.
+        return GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=min_tokens or None, do_sample=False,
+                                eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
+                                bos_token_id=self.processor.tokenizer.bos_token_id)
+
+    # -- per image, in a loader thread
+
+    def prepare(self, image) -> torch.Tensor:
+        """Pixel values for one RGB image, in the model's dtype (runs off the generate path)."""
+        pixels = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
+        return pixels.to(self.dtype)
+
+    # -- per batch, on the generate path
+
+    def collate(self, pixel_values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        n = len(pixel_values)
+        features = {k: [v[0].tolist()] * n for k, v in self.prompt_inputs.items() if k != "attention_mask"}
+        batch = self.processor.tokenizer.pad(features, padding=True, padding_side="left", return_tensors="pt")
+        pixels = torch.stack(pixel_values)
+        if self.device.type == "cuda":
+            pixels = pixels.pin_memory()
+        batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+        batch["pixel_values"] = pixels.to(self.device, non_blocking=True)
+        return batch
+
+    @torch.inference_mode()
+    def generate(self, keys: Sequence[str], pixel_values: list[torch.Tensor]) -> list[Caption]:
+        inputs = self.collate(pixel_values)
+        extra = {}
+        if self.temperature > 0:
+            from transformers import LogitsProcessorList
+
+            extra["logits_processor"] = LogitsProcessorList(
+                [SeededSampler(keys, self.seed, self.temperature, self.top_p)])
+        out = self.model.generate(**inputs, generation_config=self.gen_config, **extra)
+        new_tokens = out[:, inputs["input_ids"].shape[-1]:].cpu()
+        return [self._finish(row) for row in new_tokens]
+
+    def _finish(self, tokens: torch.Tensor) -> Caption:
+        ids = tokens.tolist()
+        stop_at = next((i for i, t in enumerate(ids) if t in self.stop_ids), None)
+        kept = ids if stop_at is None else ids[:stop_at]
+        text = self.processor.tokenizer.decode(kept, skip_special_tokens=True)
+        text = _MARKUP_RE.sub("", text).strip()
+        return Caption(text=text, finish="length" if stop_at is None else "stop", tokens=len(kept))
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def free_accelerator_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

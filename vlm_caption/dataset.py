@@ -1,0 +1,264 @@
+"""Choosing the work and loading images safely.
+
+The metadata is streamed: a first pass reads only keys (and shard) to decide what this worker does,
+a second pass yields the chosen rows a batch at a time. Only keys are ever held for the whole data set.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from PIL import Image, ImageOps
+
+from .config import UsageError
+
+log = logging.getLogger(__name__)
+
+# Columns carried from the download metadata into every output row (source name -> output name).
+CARRIED_COLUMNS = {
+    "key": "key", "original_key": "original_key", "url": "url", "caption": "original_caption",
+    "width": "width", "height": "height", "original_width": "original_width",
+    "original_height": "original_height", "sha256": "sha256", "md5": "md5", "tags": "tags",
+    "merged_tags": "merged_tags",
+}
+_KEY_RE = re.compile(r"^[0-9]{1,20}$")
+_SHARD_DIR_RE = re.compile(r"^images/([0-9]+)/")
+# Declared pixel count above which an image is refused before decoding (a decompression bomb).
+MAX_IMAGE_PIXELS = 16_000 * 16_000
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+
+
+class ImageLoadError(Exception):
+    """An image that cannot be used; `stage` is load (file) or decode (bytes)."""
+
+    def __init__(self, stage: str, message: str):
+        super().__init__(message)
+        self.stage = stage
+
+
+# ---------------------------------------------------------------- metadata
+
+def metadata_files(data_dir: Path) -> list[tuple[Path, str | None]]:
+    """(parquet, shard name or None) to read: full_metadata.parquet, else every shard parquet."""
+    full = data_dir / "full_metadata.parquet"
+    if full.is_file():
+        return [(full, None)]
+    shards = sorted((data_dir / "images").glob("[0-9]*.parquet"))
+    if not shards:
+        raise UsageError(f"{data_dir} has no full_metadata.parquet and no images/NNNNN.parquet")
+    return [(p, p.stem) for p in shards]
+
+
+def _open(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as e:
+        raise UsageError(f"cannot read metadata {path}: {e}") from None
+
+
+def _iter_batches(files: list[tuple[Path, str | None]], columns: list[str],
+                  skip_unreadable: bool) -> Iterator[tuple[pa.RecordBatch, str | None, Path]]:
+    for path, shard in files:
+        try:
+            pf = _open(path)
+            names = set(pf.schema_arrow.names)
+            if "key" not in names:
+                raise UsageError(f"metadata {path} has no 'key' column")
+            for batch in pf.iter_batches(batch_size=4096, columns=[c for c in columns if c in names]):
+                if "status" in batch.schema.names:
+                    batch = batch.filter(pc.equal(batch.column("status"), "success"))
+                yield batch, shard, path
+        except UsageError:
+            if not skip_unreadable:
+                raise
+            log.error("skipping unreadable shard metadata %s (its images are not captioned)", path)
+
+
+def shard_of(row_file: str | None, shard: str | None) -> int | None:
+    if shard is not None:
+        return int(shard)
+    m = _SHARD_DIR_RE.match(row_file or "")
+    return int(m.group(1)) if m else None
+
+
+def worker_of(key: str, num_workers: int) -> int:
+    """Stable partition of keys: the same key goes to the same worker on every machine and rerun."""
+    return zlib.crc32(key.encode()) % num_workers
+
+
+@dataclass
+class WorkPlan:
+    selected: int  # keys in the selection (shards, max-images) for all workers
+    mine: int  # keys of this worker's slice
+    done: int  # of mine, already captioned
+    failed: int  # of mine, recorded as failed and not retried
+    todo_keys: set[str]
+    duplicate_keys: int  # keys seen more than once in the input (the first one is used)
+    unreadable_shards: list[str]
+
+    @property
+    def todo(self) -> int:
+        return len(self.todo_keys)
+
+
+def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | None, worker: int,
+              num_workers: int, done_keys: set[str], failed_keys: set[str]) -> WorkPlan:
+    """Pass 1: which keys this worker captions now. Selection is global (shards, then the first
+    --max-images keys in key order), then split between workers, then minus done and failed keys."""
+    files = metadata_files(data_dir)
+    seen: set[str] = set()
+    duplicates = 0
+    unreadable: list[str] = []
+    for path, shard in files:
+        try:
+            _open(path)
+        except UsageError:
+            if len(files) == 1:
+                raise
+            unreadable.append(str(path))
+    readable = [(p, s) for p, s in files if str(p) not in unreadable]
+    for batch, shard, _ in _iter_batches(readable, ["key", "file_name", "status"], skip_unreadable=True):
+        keys = batch.column("key").to_pylist()
+        row_files = batch.column("file_name").to_pylist() if "file_name" in batch.schema.names else [None] * len(keys)
+        for key, row_file in zip(keys, row_files):
+            key = str(key)
+            if shards is not None and shard_of(row_file, shard) not in shards:
+                continue
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+    selection = sorted(seen)
+    if max_images is not None:
+        selection = selection[:max_images]
+    mine = [k for k in selection if worker_of(k, num_workers) == worker]
+    done = [k for k in mine if k in done_keys]
+    failed = [k for k in mine if k in failed_keys and k not in done_keys]
+    todo = set(mine) - done_keys - failed_keys
+    if duplicates:
+        log.warning("%d rows repeat a key already seen in the metadata; only the first is captioned", duplicates)
+    return WorkPlan(selected=len(selection), mine=len(mine), done=len(done), failed=len(failed),
+                    todo_keys=todo, duplicate_keys=duplicates, unreadable_shards=unreadable)
+
+
+def iter_rows(data_dir: Path, todo_keys: set[str]) -> Iterator[dict[str, Any]]:
+    """Pass 2: the metadata rows of `todo_keys`, in metadata order, each once, with `image_path`."""
+    wanted = set(todo_keys)
+    columns = list(CARRIED_COLUMNS) + ["file_name", "status"]
+    for batch, shard, _ in _iter_batches(metadata_files(data_dir), columns, skip_unreadable=True):
+        for row in batch.to_pylist():
+            key = str(row["key"])
+            if key not in wanted:
+                continue
+            wanted.discard(key)
+            out = {dst: row.get(src) for src, dst in CARRIED_COLUMNS.items()}
+            out["key"] = key
+            out["image_path"] = resolve_image_path(data_dir, key, row.get("file_name"), shard)
+            yield out
+
+
+def resolve_image_path(data_dir: Path, key: str, file_name: str | None, shard: str | None) -> Path | None:
+    """The image file of a row, or None when the row cannot name one safely inside data_dir."""
+    root = data_dir.resolve()
+    if file_name:
+        candidate = (data_dir / file_name).resolve()
+    elif _KEY_RE.match(key) and shard is not None:
+        folder = data_dir / "images" / shard
+        found = [p for p in sorted(folder.glob(f"{key}.*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+        candidate = found[0].resolve() if found else folder.resolve() / f"{key}.jpg"
+    else:
+        return None
+    # Keys and paths come from data: never let them point outside the data dir.
+    return candidate if candidate.is_relative_to(root) else None
+
+
+# ---------------------------------------------------------------- images
+
+def load_image(path: Path | None, target_size: int = 896) -> Image.Image:
+    """Open an image fully decoded as RGB, or raise ImageLoadError(stage, reason)."""
+    if path is None:
+        raise ImageLoadError("load", "no safe image path for this key (outside the data dir or malformed key)")
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise ImageLoadError("load", f"cannot open {path.name}: {e.strerror or e}") from None
+    with f:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img = Image.open(f)
+                w, h = img.size
+                if w * h > MAX_IMAGE_PIXELS:
+                    raise ImageLoadError("decode", f"image declares {w}x{h} pixels, over the {MAX_IMAGE_PIXELS} limit")
+                if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
+                    # Decode big JPEGs at a reduced scale (>= 2x the model's input): much less CPU.
+                    img.draft(img.mode if img.mode != "YCbCr" else "RGB", (2 * target_size, 2 * target_size))
+                img.load()
+                return to_rgb(img)
+        except ImageLoadError:
+            raise
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning,
+                ZeroDivisionError) as e:
+            raise ImageLoadError("decode", f"{type(e).__name__}: {e}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """EXIF orientation applied; palette, alpha, CMYK and 16-bit modes flattened to 8-bit RGB."""
+    if getattr(img, "is_animated", False):
+        img.seek(0)
+    img = ImageOps.exif_transpose(img)
+    if img.mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+    if img.mode.startswith("I"):
+        # 16-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
+        img = img.convert("I").point(lambda v: v / 256).convert("L")
+    if img.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", img.size, (255, 255, 255))
+        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
+        return background
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+# ---------------------------------------------------------------- background loading
+
+@dataclass
+class Loaded:
+    row: dict[str, Any]
+    inputs: Any = None  # what `prepare` returned (preprocessed tensors)
+    error: ImageLoadError | None = None
+
+
+def prefetch(rows: Iterable[dict[str, Any]], prepare: Callable[[Image.Image], Any], *,
+             workers: int, window: int, target_size: int = 896) -> Iterator[Loaded]:
+    """Decode + preprocess images in `workers` threads, `window` ahead, yielding in input order.
+
+    PIL decoding and the image processor's resize release the GIL, so threads keep the generate
+    loop fed without pickling tensors across processes.
+    """
+    def work(row: dict[str, Any]) -> Loaded:
+        try:
+            return Loaded(row, inputs=prepare(load_image(row["image_path"], target_size)))
+        except ImageLoadError as e:
+            return Loaded(row, error=e)
+        except (OSError, ValueError, RuntimeError) as e:  # the processor refusing an odd image
+            return Loaded(row, error=ImageLoadError("decode", f"preprocess failed: {type(e).__name__}: {e}"))
+
+    pending: deque[Future] = deque()
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loader") as pool:
+        for row in rows:
+            pending.append(pool.submit(work, row))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+

@@ -1,0 +1,316 @@
+"""The captioning run: dataset -> captioner -> store -> hub, joined by plain rows.
+
+Each row either becomes a caption in a part file or a failure record with its stage and reason;
+nothing is skipped silently. A crash loses at most the rows not yet written to a part.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import dataset, store
+from .config import (EXIT_ITEMS_FAILED, EXIT_OK, FatalError, RunConfig, distributed_rank, parse_shards,
+                     resolve_repo_id)
+
+log = logging.getLogger(__name__)
+
+EXIT_COVERAGE = 4  # --merge-only found keys missing or captioned twice
+MAX_FAILED_BATCHES_IN_A_ROW = 20  # then the model, not the data, is broken
+
+
+def run_settings(cfg: RunConfig) -> dict[str, Any]:
+    from .captioner import DEFAULT_PROMPT, PROMPT_VERSION
+
+    prompt = cfg.prompt_text()
+    return {"model": cfg.model, "prompt": prompt or DEFAULT_PROMPT,
+            "prompt_version": "custom" if prompt else PROMPT_VERSION, "max_tokens": cfg.max_tokens,
+            "min_tokens": cfg.min_tokens, "temperature": cfg.temperature,
+            "top_p": cfg.top_p if cfg.temperature > 0 else 1.0, "seed": cfg.seed}
+
+
+@dataclass
+class RunStats:
+    started: float = field(default_factory=time.monotonic)
+    captioned: int = 0
+    tokens: int = 0
+    failed: Counter = field(default_factory=Counter)
+
+    def rates(self) -> dict[str, float]:
+        wall = max(time.monotonic() - self.started, 1e-9)
+        return {"wall_s": round(wall, 2), "img_per_s": round(self.captioned / wall, 3),
+                "tokens_per_s": round(self.tokens / wall, 1)}
+
+
+def run(cfg: RunConfig) -> int:
+    cfg.validate()
+    worker, num_workers = cfg.worker_slice()
+    if cfg.merge_only:
+        return merge_and_check(cfg)
+    ckpt = Path(cfg.checkpoint_dir)
+    settings = run_settings(cfg)
+    if cfg.dry_run:
+        return dry_run(cfg, settings, worker, num_workers)
+
+    hub_client = None
+    if not cfg.no_push:  # before the model loads: a bad token must not cost GPU time
+        from . import hub
+
+        hub_client = hub.connect(resolve_repo_id(cfg.hf_repo, cfg.hf_username), private=cfg.private,
+                                 endpoint=cfg.hub_endpoint)
+    writer = store.CheckpointStore(ckpt, worker)
+    run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=distributed_rank()[0] != 0)
+    store.remove_stale_tmp(ckpt)
+    if cfg.push_only:
+        return push_only(hub_client, cfg, run_id, worker)
+
+    failed_keys = set() if cfg.retry_failed else writer.failed_keys()
+    plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
+                             worker=worker, num_workers=num_workers, done_keys=writer.done_keys(),
+                             failed_keys=failed_keys)
+    log.info("worker %d/%d: %d selected, %d mine, %d done, %d failed before, %d to caption",
+             worker, num_workers, plan.selected, plan.mine, plan.done, plan.failed, plan.todo)
+    stats = RunStats()
+    pusher = None
+    if hub_client is not None:
+        from . import hub
+
+        pusher = hub.BackgroundPusher(hub_client, ckpt, run_id, worker, push_every=cfg.push_every,
+                                      min_push_interval=cfg.min_push_interval)
+    try:
+        if plan.todo:
+            caption_all(cfg, plan, writer, stats, pusher)
+    finally:
+        pushed_all = pusher.close(final=True) if pusher is not None else True
+    return finish(cfg, run_id, worker, num_workers, plan, stats, hub_client, pushed_all)
+
+
+# ---------------------------------------------------------------- the loop
+
+class Batches:
+    """Batch size with out-of-memory back-off: halve and retry the same rows; no row is lost."""
+
+    def __init__(self, cfg: RunConfig, captioner, stats: RunStats):
+        from .captioner import choose_device
+
+        auto_start = cfg.max_auto_batch_size or (64 if choose_device().type == "cuda" else 8)
+        self.size = cfg.batch_size or auto_start
+        self.captioner = captioner
+        self.stats = stats
+        self.failed_in_a_row = 0
+
+    def caption(self, items: list[dataset.Loaded]) -> list[tuple[dataset.Loaded, Any, str | None]]:
+        from .captioner import free_accelerator_memory, is_out_of_memory
+
+        import torch
+
+        try:
+            caps = self.captioner.generate([i.row["key"] for i in items], [i.inputs for i in items])
+        except (RuntimeError, ValueError, IndexError, torch.OutOfMemoryError) as e:
+            if is_out_of_memory(e) and len(items) > 1:
+                free_accelerator_memory()
+                self.size = max(1, len(items) // 2)
+                log.warning("out of memory with a batch of %d; retrying as batches of %d", len(items), self.size)
+                half = len(items) // 2
+                return self.caption(items[:half]) + self.caption(items[half:])
+            if len(items) > 1:  # find the row that breaks generation; the others still get captions
+                return [r for item in items for r in self.caption([item])]
+            self.failed_in_a_row += 1
+            if self.failed_in_a_row >= MAX_FAILED_BATCHES_IN_A_ROW:
+                raise FatalError(f"generation failed {self.failed_in_a_row} times in a row, last: "
+                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+            return [(items[0], None, f"{type(e).__name__}: {e}")]
+        self.failed_in_a_row = 0
+        return [(item, cap, None) for item, cap in zip(items, caps)]
+
+
+def failure_row(row: dict[str, Any], stage: str, error: str) -> dict[str, Any]:
+    return {"key": row["key"], "original_key": row.get("original_key"), "url": row.get("url"),
+            "stage": stage, "error": error[:2000]}
+
+
+def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.CheckpointStore, stats: RunStats,
+                pusher) -> None:
+    from tqdm import tqdm
+
+    from .captioner import Captioner, choose_device
+
+    captioner = Captioner.from_config(cfg, choose_device())
+    batches = Batches(cfg, captioner, stats)
+    rows: list[dict] = []
+    failures: list[dict] = []
+
+    def flush(force: bool = False) -> None:
+        if rows and (force or len(rows) >= cfg.checkpoint_every):
+            writer.write_part(rows)
+            if pusher is not None:
+                pusher.notify(len(rows))
+            rows.clear()
+        if failures and (force or len(failures) >= cfg.checkpoint_every):
+            writer.write_failures(failures)
+            failures.clear()
+
+    def run_batch(batch: list[dataset.Loaded]) -> None:
+        for item, cap, error in batches.caption(batch):
+            if cap is None:
+                failures.append(failure_row(item.row, "generate", error))
+                stats.failed["generate"] += 1
+                continue
+            out = {k: item.row.get(k) for k in store.OUTPUT_SCHEMA.names if k in item.row}
+            rows.append({**out, "vlm_caption": cap.text, "caption_model": captioner.model_name,
+                         "caption_finish": cap.finish, "caption_tokens": cap.tokens})
+            stats.captioned += 1
+            stats.tokens += cap.tokens
+        progress.update(len(batch))
+        progress.set_postfix(tok_s=f"{stats.rates()['tokens_per_s']:.0f}", failed=sum(stats.failed.values()),
+                             refresh=False)
+
+    loaded = dataset.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys), captioner.prepare,
+                              workers=cfg.num_loader_workers, window=max(4 * batches.size, 16),
+                              target_size=captioner.target_size)
+    batch: list[dataset.Loaded] = []
+    with tqdm(total=plan.todo, unit="img", desc="captioning", mininterval=2.0, smoothing=0.1) as progress:
+        for item in loaded:
+            if item.error is not None:
+                failures.append(failure_row(item.row, item.error.stage, str(item.error)))
+                stats.failed[item.error.stage] += 1
+                progress.update(1)
+            else:
+                batch.append(item)
+                if len(batch) >= batches.size:
+                    run_batch(batch)
+                    batch = []
+            flush()
+        if batch:
+            run_batch(batch)
+    flush(force=True)
+
+
+# ---------------------------------------------------------------- endings
+
+def dir_counts(dirs: list[Path]) -> dict[str, Any]:
+    """Distinct captioned keys and still-failed keys (by stage) over checkpoint dirs."""
+    captioned: set[str] = set()
+    for d in dirs:
+        for _, keys in store.read_keys(store.list_parts(d)):
+            captioned.update(keys)
+    failed: dict[str, str] = {}
+    for d in dirs:
+        for part in store.list_failure_files(d):
+            import pyarrow.parquet as pq
+
+            t = pq.read_table(part.path, columns=["key", "stage"])
+            for k, s in zip(t.column("key").to_pylist(), t.column("stage").to_pylist()):
+                if k not in captioned:
+                    failed[k] = s
+    return {"captioned": captioned, "failed": failed}
+
+
+def finish(cfg: RunConfig, run_id: str, worker: int, num_workers: int, plan: dataset.WorkPlan,
+           stats: RunStats, hub_client, pushed_all: bool) -> int:
+    ckpt = Path(cfg.checkpoint_dir)
+    report = store.merge_parts([ckpt], ckpt / store.MERGED)
+    counts = dir_counts([ckpt])
+    summary = {
+        "run_id": run_id, "worker": worker, "num_workers": num_workers, "model": cfg.model,
+        "this_run": {"captioned": stats.captioned, "failed_by_stage": dict(stats.failed),
+                     "skipped_already_done": plan.done, "skipped_failed_before": plan.failed, **stats.rates()},
+        "checkpoint_dir": {"captioned": len(counts["captioned"]), "failed": len(counts["failed"]),
+                           "failed_by_stage": dict(Counter(counts["failed"].values())),
+                           "duplicate_keys": len(report.duplicate_keys)},
+        "selection": {"selected": plan.selected, "mine": plan.mine, "duplicate_input_keys": plan.duplicate_keys,
+                      "unreadable_shards": plan.unreadable_shards},
+        "hub": {"pushed_all": pushed_all} if hub_client is not None else None,
+    }
+    store.atomic_write_json(ckpt / store.SUMMARY, summary)
+    if hub_client is not None:
+        from . import hub
+
+        hub.write_dataset_card(hub_client, ckpt, summary, store.read_run_json(ckpt))
+    failed_mine = sum(stats.failed.values()) + plan.failed
+    print_summary(summary, ckpt, failed_mine)
+    if not pushed_all:
+        log.error("some parts could not be pushed to the Hub; rerun with --push-only when it is reachable")
+    return EXIT_ITEMS_FAILED if failed_mine or not pushed_all else EXIT_OK
+
+
+def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
+    this, total = summary["this_run"], summary["checkpoint_dir"]
+    print(f"\ncaptioned {this['captioned']} images in {this['wall_s']:.1f} s ({this['img_per_s']:.2f} img/s, "
+          f"{this['tokens_per_s']:.0f} tokens/s); failed {sum(this['failed_by_stage'].values())} "
+          f"{dict(this['failed_by_stage']) or ''}; skipped {this['skipped_already_done']} already done")
+    print(f"checkpoint dir {ckpt}: {total['captioned']} captioned, {total['failed']} failed; "
+          f"merged into {ckpt / store.MERGED}; summary in {ckpt / store.SUMMARY}")
+    if failed_mine:
+        print(f"{failed_mine} images of this worker failed (reasons in {ckpt / store.FAILURES_DIR}); "
+              "--retry-failed tries them again")
+
+
+def push_only(hub_client, cfg: RunConfig, run_id: str, worker: int) -> int:
+    from . import hub
+
+    ckpt = Path(cfg.checkpoint_dir)
+    rows = hub_client.push_pending(ckpt, run_id, worker=None)
+    summary_path = ckpt / store.SUMMARY
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    hub.write_dataset_card(hub_client, ckpt, summary, store.read_run_json(ckpt))
+    pending = hub_client.pending_rows(ckpt, run_id) if hasattr(hub_client, "pending_rows") else 0
+    print(f"pushed {rows} rows from {ckpt}" + (f"; {pending} rows still pending" if pending else ""))
+    return EXIT_OK if not pending else EXIT_ITEMS_FAILED
+
+
+def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int) -> int:
+    ckpt = Path(cfg.checkpoint_dir)
+    existing = store.read_run_json(ckpt)
+    reader = store.CheckpointStore(ckpt, worker) if ckpt.is_dir() else None
+    done = reader.done_keys() if reader else set()
+    failed = set() if cfg.retry_failed or reader is None else reader.failed_keys()
+    plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
+                             worker=worker, num_workers=num_workers, done_keys=done, failed_keys=failed)
+    rate = None
+    summary_path = ckpt / store.SUMMARY
+    if summary_path.is_file():
+        rate = json.loads(summary_path.read_text()).get("this_run", {}).get("img_per_s") or None
+    eta = f"{plan.todo / rate / 3600:.1f} h at the last measured {rate:.2f} img/s" if rate else \
+        "unknown (no earlier run in this checkpoint dir to measure a rate from)"
+    print(f"plan for worker {worker} of {num_workers} (model {cfg.model}, nothing loaded):")
+    print(f"  selected {plan.selected}, this worker's share {plan.mine}")
+    print(f"  to do {plan.todo}, already done {plan.done}, failed before {plan.failed}"
+          + (" (skipped; --retry-failed to redo)" if plan.failed else ""))
+    print(f"  estimated time: {eta}")
+    if existing and existing.get("run_id") != store.run_id_for(settings):
+        print(f"  note: {ckpt} holds another run ({existing.get('run_id')}); a real run needs --overwrite "
+              "or another --checkpoint-dir")
+    return EXIT_OK
+
+
+def merge_and_check(cfg: RunConfig) -> int:
+    """--merge-only: merge one or more checkpoint dirs and prove every selected key is there once."""
+    dirs = [Path(d) for d in cfg.checkpoint_dirs]
+    out = dirs[0] / store.MERGED
+    report = store.merge_parts(dirs, out)
+    counts = dir_counts(dirs)
+    plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
+                             worker=0, num_workers=1, done_keys=set(), failed_keys=set())
+    expected = plan.todo_keys
+    missing = sorted(expected - counts["captioned"] - set(counts["failed"]))
+    coverage = {"expected": len(expected), "captioned": len(counts["captioned"]), "failed": len(counts["failed"]),
+                "missing": len(missing), "duplicated": len(report.duplicate_keys),
+                "missing_keys": missing, "duplicated_keys": report.duplicate_keys,
+                "unexpected_keys": len(counts["captioned"] - expected), "checkpoint_dirs": [str(d) for d in dirs]}
+    store.atomic_write_json(dirs[0] / "coverage.json", coverage)
+    print(f"merged {report.rows} rows from {report.parts} parts of {len(dirs)} dir(s) into {out}")
+    print(f"coverage: {coverage['expected']} expected, {coverage['captioned']} captioned, {coverage['failed']} "
+          f"failed, {len(missing)} missing, {len(report.duplicate_keys)} captioned more than once")
+    if missing:
+        print(f"  missing (first 20): {', '.join(missing[:20])}")
+    if report.duplicate_keys:
+        print(f"  duplicated (first 20): {', '.join(report.duplicate_keys[:20])}")
+    print(f"  full lists in {dirs[0] / 'coverage.json'}")
+    if missing or report.duplicate_keys:
+        return EXIT_COVERAGE
+    return EXIT_ITEMS_FAILED if counts["failed"] else EXIT_OK
