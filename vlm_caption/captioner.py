@@ -170,8 +170,9 @@ class Captioner:
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         from PIL import Image
 
+        # The chat template already writes <bos>; without add_special_tokens=False there would be two.
         enc = self.processor(text=[text], images=[[Image.new("RGB", (self.target_size, self.target_size))]],
-                             return_tensors="pt")
+                             add_special_tokens=False, return_tensors="pt")
         return {k: v for k, v in enc.items() if k != "pixel_values"}
 
     def _generation_config(self, max_tokens: int, min_tokens: int):

@@ -94,38 +94,45 @@ def run(cfg: RunConfig) -> int:
 class Batches:
     """Batch size with out-of-memory back-off: halve and retry the same rows; no row is lost."""
 
-    def __init__(self, cfg: RunConfig, captioner, stats: RunStats):
+    def __init__(self, cfg: RunConfig, captioner):
         from .captioner import choose_device
 
         auto_start = cfg.max_auto_batch_size or (64 if choose_device().type == "cuda" else 8)
         self.size = cfg.batch_size or auto_start
         self.captioner = captioner
-        self.stats = stats
         self.failed_in_a_row = 0
 
     def caption(self, items: list[dataset.Loaded]) -> list[tuple[dataset.Loaded, Any, str | None]]:
+        """(item, Caption or None, error) for every item, in order; generate runs on chunks of self.size."""
         from .captioner import free_accelerator_memory, is_out_of_memory
 
-        import torch
+        results: list[tuple[dataset.Loaded, Any, str | None]] = []
+        start = 0
+        while start < len(items):
+            chunk = items[start:start + self.size]
+            try:
+                caps = self.captioner.generate([i.row["key"] for i in chunk], [i.inputs for i in chunk])
+            except (RuntimeError, ValueError, IndexError) as e:  # torch.OutOfMemoryError is a RuntimeError
+                if is_out_of_memory(e) and len(chunk) > 1:
+                    free_accelerator_memory()
+                    self.size = max(1, len(chunk) // 2)
+                    log.warning("out of memory with a batch of %d; retrying as batches of %d", len(chunk), self.size)
+                    continue  # the same rows again, smaller
+                results += self._one_by_one(chunk, e)
+            else:
+                self.failed_in_a_row = 0
+                results += list(zip(chunk, caps, [None] * len(chunk)))
+            start += len(chunk)
+        return results
 
-        try:
-            caps = self.captioner.generate([i.row["key"] for i in items], [i.inputs for i in items])
-        except (RuntimeError, ValueError, IndexError, torch.OutOfMemoryError) as e:
-            if is_out_of_memory(e) and len(items) > 1:
-                free_accelerator_memory()
-                self.size = max(1, len(items) // 2)
-                log.warning("out of memory with a batch of %d; retrying as batches of %d", len(items), self.size)
-                half = len(items) // 2
-                return self.caption(items[:half]) + self.caption(items[half:])
-            if len(items) > 1:  # find the row that breaks generation; the others still get captions
-                return [r for item in items for r in self.caption([item])]
-            self.failed_in_a_row += 1
-            if self.failed_in_a_row >= MAX_FAILED_BATCHES_IN_A_ROW:
-                raise FatalError(f"generation failed {self.failed_in_a_row} times in a row, last: "
-                                 f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
-            return [(items[0], None, f"{type(e).__name__}: {e}")]
-        self.failed_in_a_row = 0
-        return [(item, cap, None) for item, cap in zip(items, caps)]
+    def _one_by_one(self, chunk: list[dataset.Loaded], error: BaseException):
+        if len(chunk) > 1:  # find the row that breaks generation; the others still get captions
+            return [r for item in chunk for r in self.caption([item])]
+        self.failed_in_a_row += 1
+        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        if self.failed_in_a_row >= MAX_FAILED_BATCHES_IN_A_ROW:
+            raise FatalError(f"generation failed {self.failed_in_a_row} times in a row, last: {message}")
+        return [(chunk[0], None, message)]
 
 
 def failure_row(row: dict[str, Any], stage: str, error: str) -> dict[str, Any]:
@@ -134,13 +141,15 @@ def failure_row(row: dict[str, Any], stage: str, error: str) -> dict[str, Any]:
 
 
 def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.CheckpointStore, stats: RunStats,
-                pusher) -> None:
+                pusher, captioner=None) -> None:
+    """Caption plan.todo_keys into parts. `captioner` lets benchmarks pass a model already in memory."""
     from tqdm import tqdm
 
     from .captioner import Captioner, choose_device
 
-    captioner = Captioner.from_config(cfg, choose_device())
-    batches = Batches(cfg, captioner, stats)
+    if captioner is None:
+        captioner = Captioner.from_config(cfg, choose_device())
+    batches = Batches(cfg, captioner)
     rows: list[dict] = []
     failures: list[dict] = []
 
@@ -213,6 +222,19 @@ def dir_counts(dirs: list[Path]) -> dict[str, Any]:
 def finish(cfg: RunConfig, run_id: str, worker: int, num_workers: int, plan: dataset.WorkPlan,
            stats: RunStats, hub_client, pushed_all: bool) -> int:
     ckpt = Path(cfg.checkpoint_dir)
+    with store.dir_lock(ckpt):
+        summary = summarise(cfg, run_id, worker, num_workers, plan, stats, hub_client, pushed_all)
+    failed_mine = sum(stats.failed.values()) + plan.failed
+    print_summary(summary, ckpt, failed_mine)
+    if not pushed_all:
+        log.error("some parts could not be pushed to the Hub; rerun with --push-only when it is reachable")
+    return EXIT_ITEMS_FAILED if failed_mine or not pushed_all else EXIT_OK
+
+
+def summarise(cfg: RunConfig, run_id: str, worker: int, num_workers: int, plan: dataset.WorkPlan,
+              stats: RunStats, hub_client, pushed_all: bool) -> dict:
+    """Merge, write run_summary.json and the dataset card (under the dir lock)."""
+    ckpt = Path(cfg.checkpoint_dir)
     report = store.merge_parts([ckpt], ckpt / store.MERGED)
     counts = dir_counts([ckpt])
     summary = {
@@ -231,11 +253,7 @@ def finish(cfg: RunConfig, run_id: str, worker: int, num_workers: int, plan: dat
         from . import hub
 
         hub.write_dataset_card(hub_client, ckpt, summary, store.read_run_json(ckpt))
-    failed_mine = sum(stats.failed.values()) + plan.failed
-    print_summary(summary, ckpt, failed_mine)
-    if not pushed_all:
-        log.error("some parts could not be pushed to the Hub; rerun with --push-only when it is reachable")
-    return EXIT_ITEMS_FAILED if failed_mine or not pushed_all else EXIT_OK
+    return summary
 
 
 def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:

@@ -11,6 +11,8 @@ captioned again on resume because their keys are not in any part.
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
@@ -143,6 +145,22 @@ def remove_stale_tmp(directory: Path, other_host_age_s: float = 3600.0) -> int:
             tmp.unlink(missing_ok=True)
             removed += 1
     return removed
+
+
+@contextlib.contextmanager
+def dir_lock(directory: Path | str, name: str = ".merge.lock"):
+    """Serialise end-of-run work (merge, summary, card) between workers sharing a checkpoint dir.
+
+    Each worker merges after its own last part, so the last merge to take the lock sees every part.
+    """
+    path = Path(directory) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------- listing

@@ -208,6 +208,12 @@ def build_random_model(preset: str, device: str | torch.device = "cuda", dtype: 
         torch.manual_seed(seed)
         with device:
             model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+        # transformers starts the image projection (and its norm) at zero, which makes every image look
+        # the same to the language model; a random model must see its images or no test can tell them apart.
+        projector = model.model.multi_modal_projector
+        with torch.no_grad():
+            projector.mm_input_projection_weight.normal_(std=config.vision_config.hidden_size ** -0.5)
+            projector.mm_soft_emb_norm.weight.normal_(std=0.5)
     eos = [processor.tokenizer.eos_token_id, processor.tokenizer.convert_tokens_to_ids("<end_of_turn>")]
     # Gemma stops at <eos> or <end_of_turn>, like the released generation_config.json.
     model.generation_config.eos_token_id = eos
