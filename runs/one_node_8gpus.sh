@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# One machine, 8 GPUs: one process per GPU, all writing parts into one checkpoint dir.
+# Rerun the same command after a crash: finished keys are skipped whatever the number of GPUs.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODEL=${MODEL:-google/gemma-3-27b-it}
+vlm-caption/bin/accelerate launch --multi_gpu --num_processes "${GPUS:-8}" --num_machines 1 \
+  --mixed_precision no --dynamo_backend no \
+  batched_image_inference.py --model "$MODEL" --checkpoint-dir ./checkpoints "$@"

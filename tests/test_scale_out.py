@@ -1,0 +1,143 @@
+"""Many processes and many machines: torchrun / accelerate ranks, worker slices, merge with coverage."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from batched_image_inference import main
+from vlm_caption import store
+from vlm_caption.config import EXIT_OK, RunConfig, UsageError
+from vlm_caption.pipeline import EXIT_COVERAGE
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def keys_in(ckpt: Path) -> list[str]:
+    return [k for _, ks in store.read_keys(store.list_parts(ckpt)) for k in ks]
+
+
+def args_for(model: Path, data: Path, ckpt: Path, *extra: str) -> list[str]:
+    return ["--model", str(model), "--data-dir", str(data), "--checkpoint-dir", str(ckpt), "--no-push",
+            "--max-tokens", "6", "--batch-size", "2", "--checkpoint-every", "4", "--num-loader-workers", "1", *extra]
+
+
+@pytest.fixture(scope="module")
+def clean_data(tmp_path_factory):
+    from vlm_caption.sample_data import write_sample
+
+    return write_sample(tmp_path_factory.mktemp("clean") / "data", n=24, broken=False, seed=3)
+
+
+@pytest.fixture(scope="module")
+def expected_keys(clean_data):
+    import pyarrow.parquet as pq
+
+    return sorted(pq.read_table(clean_data / "full_metadata.parquet", columns=["key"]).column("key").to_pylist())
+
+
+def launch(launcher: list[str], args: list[str], cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([*launcher, str(REPO / "batched_image_inference.py"), *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+TORCHRUN = [str(VENV_BIN / "torchrun"), "--standalone", "--nproc-per-node", "2"]
+ACCELERATE = [str(VENV_BIN / "accelerate"), "launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+@pytest.mark.parametrize("launcher", [TORCHRUN, ACCELERATE], ids=["torchrun", "accelerate"])
+def test_two_ranks_cover_the_same_keys_as_one_process(launcher, tiny_model_dir, clean_data, expected_keys, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    proc = launch(launcher, args_for(tiny_model_dir, clean_data, ckpt), tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    keys = keys_in(ckpt)
+    assert sorted(keys) == expected_keys  # every key once
+    assert {p.worker for p in store.list_parts(ckpt)} == {0, 1}  # both ranks worked
+    import pyarrow.parquet as pq
+
+    assert pq.read_table(ckpt / store.MERGED, columns=["key"]).column("key").to_pylist() == expected_keys
+
+
+def test_killed_rank_then_rerun_with_another_world_size_completes(tiny_model_dir, clean_data, expected_keys, tmp_path):
+    import psutil
+
+    ckpt = tmp_path / "ckpt"
+    args = args_for(tiny_model_dir, clean_data, ckpt, "--max-tokens", "40", "--min-tokens", "40")
+    proc = launch(TORCHRUN, args, tmp_path)
+    deadline = time.monotonic() + 180
+    while not store.list_parts(ckpt) and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    ranks = [c for c in psutil.Process(proc.pid).children(recursive=True) if "batched_image_inference" in " ".join(c.cmdline())]
+    assert ranks, "no rank process found"
+    os.kill(ranks[-1].pid, signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert 0 < len(keys_in(ckpt)) < len(expected_keys)
+    # A single process picks up the rest: done keys come from every rank's parts.
+    assert main(args) == EXIT_OK
+    assert sorted(keys_in(ckpt)) == expected_keys
+
+
+def test_worker_slices_in_separate_dirs_merge_with_full_coverage(tiny_model_dir, clean_data, expected_keys, tmp_path,
+                                                                  capsys):
+    dirs = [tmp_path / f"machine{i}" for i in range(2)]
+    for i, d in enumerate(dirs):
+        assert main(args_for(tiny_model_dir, clean_data, d, "--num-workers", "2", "--worker-index", str(i))) == EXIT_OK
+    assert not set(keys_in(dirs[0])) & set(keys_in(dirs[1]))
+
+    code = main(["--merge-only", "--data-dir", str(clean_data), "--checkpoint-dir", *map(str, dirs), "--no-push"])
+    assert code == EXIT_OK
+    import json
+
+    import pyarrow.parquet as pq
+
+    coverage = json.loads((dirs[0] / "coverage.json").read_text())
+    assert coverage["missing"] == 0 and coverage["duplicated"] == 0 and coverage["captioned"] == len(expected_keys)
+    assert pq.read_table(dirs[0] / store.MERGED, columns=["key"]).column("key").to_pylist() == expected_keys
+
+    # One machine's slice alone: the other half is reported missing, by key, and the exit code says so.
+    capsys.readouterr()
+    code = main(["--merge-only", "--data-dir", str(clean_data), "--checkpoint-dir", str(dirs[1]), "--no-push"])
+    out = capsys.readouterr().out
+    assert code == EXIT_COVERAGE
+    missing = sorted(keys_in(dirs[0]))
+    assert f"{len(missing)} missing" in out and missing[0] in out
+    assert json.loads((dirs[1] / "coverage.json").read_text())["missing_keys"] == missing
+
+
+def test_merge_reports_a_key_captioned_twice(tiny_model_dir, clean_data, tmp_path, capsys):
+    a, b = tmp_path / "a", tmp_path / "b"
+    main(args_for(tiny_model_dir, clean_data, a, "--max-images", "3"))
+    main(args_for(tiny_model_dir, clean_data, b, "--max-images", "3"))
+    code = main(["--merge-only", "--data-dir", str(clean_data), "--max-images", "3", "--checkpoint-dir", str(a),
+                 str(b), "--no-push"])
+    assert code == EXIT_COVERAGE
+    assert "3 captioned more than once" in capsys.readouterr().out
+
+
+def test_worker_slice_defaults_from_slurm_and_torch_distributed(monkeypatch):
+    for var in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+        monkeypatch.delenv(var, raising=False)
+    assert RunConfig().worker_slice() == (0, 1)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
+    assert RunConfig().worker_slice() == (3, 4)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "1")  # arrays numbered 1..4
+    assert RunConfig().worker_slice() == (2, 4)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "8")  # 8 GPUs on each of 4 machines
+    assert RunConfig().worker_slice() == (2 * 8 + 1, 32)
+    assert RunConfig(num_workers=2, worker_index=1).worker_slice() == (1 * 8 + 1, 16)  # flags beat Slurm
+    with pytest.raises(UsageError):
+        RunConfig(num_workers=2, worker_index=2).worker_slice()
+    with pytest.raises(UsageError):
+        RunConfig(num_workers=2).worker_slice()
