@@ -1,0 +1,105 @@
+"""A tiny threaded HTTP server on 127.0.0.1 for download tests.
+
+It serves a fixed table of responses, path -> Route(status, content_type, body, delay_seconds), on a
+random free port, and counts the requests each path received, so a test can check that a rerun
+fetched nothing. Paths not in the table answer 404 the way `python -m http.server` does.
+
+    with ImageServer({"/img/0.jpg": Route(body=jpeg_bytes)}) as server:
+        url = server.url("/img/0.jpg")
+        ...
+        assert server.request_count() == 1
+"""
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+@dataclass(frozen=True)
+class Route:
+    body: bytes = b""
+    status: int = 200
+    content_type: str = "image/jpeg"
+    delay_seconds: float = 0.0  # sleep before answering (a response slower than the client's timeout)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: "_Server"
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path = self.path.split("?", 1)[0]
+        self.server.count(path)
+        route = self.server.routes.get(path)
+        if route is None:
+            # Same reason phrase as http.server, so urllib reports "HTTP Error 404: File not found".
+            self.send_error(404, "File not found")
+            return
+        if route.delay_seconds:
+            time.sleep(route.delay_seconds)
+        try:
+            if route.status >= 400:
+                self.send_error(route.status)
+                return
+            self.send_response(route.status)
+            self.send_header("Content-Type", route.content_type)
+            self.send_header("Content-Length", str(len(route.body)))
+            self.end_headers()
+            self.wfile.write(route.body)
+        except (BrokenPipeError, ConnectionResetError):
+            # The client gave up (its timeout passed): expected for slow routes.
+            pass
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (signature of the base class)
+        """Keep test output quiet."""
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True  # a slow route must not hold up shutdown
+
+    def __init__(self, routes: dict[str, Route]):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.routes = dict(routes)
+        self.requests: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def count(self, path: str) -> None:
+        with self._lock:
+            self.requests[path] += 1
+
+    def handle_error(self, request, client_address) -> None:
+        """Connections the client dropped are expected here; stay quiet."""
+
+
+class ImageServer:
+    """Context manager: starts the server in a background thread, stops it on exit."""
+
+    def __init__(self, routes: dict[str, Route]):
+        self._server = _Server(routes)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="image-server", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self._server.server_address[1]
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def request_count(self, path: str | None = None) -> int:
+        """Requests received so far, for one path or in total."""
+        with self._server._lock:
+            if path is not None:
+                return self._server.requests[path]
+            return sum(self._server.requests.values())
+
+    def __enter__(self) -> "ImageServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
