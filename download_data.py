@@ -1,0 +1,53 @@
+#!/usr/bin/env python
+"""Download the ContraStyles images with img2dataset, check every file decodes, write the metadata.
+
+    python download_data.py --output ./data/contrastyles_full --processes 16 --threads 64
+
+Reruns resume: finished shards are not downloaded again and validated shards are not checked again.
+The logic lives in vlm_caption/download.py.
+"""
+from __future__ import annotations
+
+import argparse
+
+from vlm_caption.cli import run_main, setup_logging
+from vlm_caption.config import DownloadConfig
+
+
+def parse_args(argv: list[str] | None) -> DownloadConfig:
+    d = DownloadConfig()
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output", default=d.output, help="output directory (default: %(default)s)")
+    p.add_argument("--source", default=d.source,
+                   help="HF dataset id or local dataset dir (loaded with datasets.load_dataset), or a local "
+                        ".parquet/.csv/.jsonl with columns key,url,caption,md5,tags,merged_tags (default: %(default)s)")
+    p.add_argument("--split", default=d.split, help="split of the HF dataset (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=d.threads, help="download threads per process (default: %(default)s)")
+    p.add_argument("--processes", type=int, default=d.processes, help="download processes (default: %(default)s)")
+    p.add_argument("--timeout", type=int, default=d.timeout, help="seconds per image request (default: %(default)s)")
+    p.add_argument("--retries", type=int, default=d.retries, help="extra tries per failed URL (default: %(default)s)")
+    p.add_argument("--max-rows", type=int, default=d.max_rows, help="only the first N source rows (trials)")
+    p.add_argument("--shard-size", type=int, default=d.shard_size, help="images per shard (default: %(default)s)")
+    p.add_argument("--distributor", default=d.distributor, choices=["multiprocessing", "pyspark", "ray"],
+                   help="img2dataset distributor (default: %(default)s)")
+    p.add_argument("--validate-workers", type=int, default=d.validate_workers,
+                   help="processes that decode images to find broken ones (default: %(default)s)")
+    p.add_argument("--verbose", action="store_true", help="debug logging")
+    a = p.parse_args(argv)
+    return DownloadConfig(output=a.output, source=a.source, split=a.split, threads=a.threads,
+                          processes=a.processes, timeout=a.timeout, retries=a.retries, max_rows=a.max_rows,
+                          shard_size=a.shard_size, distributor=a.distributor,
+                          validate_workers=a.validate_workers, verbose=a.verbose)
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    cfg.validate()
+    setup_logging(cfg.verbose)
+    from vlm_caption.download import run_download
+
+    return run_download(cfg)
+
+
+if __name__ == "__main__":  # the guard also keeps img2dataset's spawned workers from rerunning main()
+    run_main(main)

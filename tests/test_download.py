@@ -1,0 +1,253 @@
+"""download_data.py end to end against a real HTTP server on 127.0.0.1, with img2dataset's real client.
+
+45 source rows in 3 shards of 16: 40 good images, a 404, a 0-byte body, an HTML page, a truncated JPEG
+and a response slower than --timeout. Shard 2 (rows 32-44) holds only good images.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import io
+import json
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.image_server import ImageServer, Route
+from vlm_caption import download as dl
+from vlm_caption.config import DownloadConfig, UsageError
+from vlm_caption.sample_data import write_sample
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BAD = {3: "/missing.jpg", 8: "/empty.jpg", 12: "/page.jpg", 17: "/truncated.jpg", 20: "/slow.jpg"}
+N_ROWS, N_GOOD, SHARD_SIZE, RETRIES = 45, 40, 16, 1
+CLI_ARGS = ["--processes", "2", "--threads", "8", "--timeout", "2", "--retries", str(RETRIES),
+            "--shard-size", str(SHARD_SIZE), "--validate-workers", "2"]
+
+
+def _routes(images: list[bytes]) -> dict[str, Route]:
+    jpeg = images[0]
+    routes = {f"/img/{i}.jpg": Route(b) for i, b in enumerate(images)}
+    routes["/empty.jpg"] = Route(b"")
+    routes["/page.jpg"] = Route(b"<html><body>Not here</body></html>", content_type="text/html")
+    routes["/truncated.jpg"] = Route(jpeg[: len(jpeg) // 2])
+    routes["/slow.jpg"] = Route(jpeg, delay_seconds=4)  # twice the --timeout
+    return routes
+
+
+def _source_rows(server: ImageServer) -> list[dict]:
+    rows, good = [], iter(range(N_GOOD))
+    for i in range(N_ROWS):
+        path = BAD.get(i) or f"/img/{next(good)}.jpg"
+        rows.append({
+            "key": f"{i:06d}",  # leading zeros must survive
+            "url": server.url(path),
+            "caption": f'Painting {i}, "quoted", naïve — by Ando Hiroshige' if i % 7 else None,
+            "md5": f"{i:032x}",
+            "tags": f"ukiyo-e, landscape, tag{i}",
+            "merged_tags": f"ukiyo-e, landscape, tag{i}, japanese art",
+        })
+    return rows
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    sample = write_sample(tmp_path_factory.mktemp("imgs") / "s", n=N_GOOD, seed=7)
+    files = pq.read_table(sample / "full_metadata.parquet")["file_name"].to_pylist()
+    with ImageServer(_routes([(sample / f).read_bytes() for f in files])) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def source(server, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("src") / "contrastyles.parquet"
+    pq.write_table(pa.Table.from_pylist(_source_rows(server)), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def first_run(source, server, tmp_path_factory):
+    """One download in this process (img2dataset needs the main thread, which pytest gives us)."""
+    out = tmp_path_factory.mktemp("dl") / "data"
+    cfg = DownloadConfig(output=str(out), source=str(source), processes=2, threads=8, timeout=2, retries=RETRIES,
+                         shard_size=SHARD_SIZE, validate_workers=2)
+    handler_before = signal.getsignal(signal.SIGINT)
+    summary = dl.download_dataset(cfg)
+    return {"out": out, "cfg": cfg, "summary": summary, "requests": server.request_count(),
+            "requests_404": server.request_count("/missing.jpg"),
+            "handler_before": handler_before, "handler_after": signal.getsignal(signal.SIGINT)}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "download_data.py", *args], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_counts_per_outcome(first_run, server):
+    s = first_run["summary"]
+    assert s["rows_in"] == N_ROWS and s["shards"] == {"total": 3, "finished": 3, "unfinished": []}
+    assert s["downloaded"] == N_GOOD + 3  # img2dataset records 0-byte, HTML and truncated as success
+    assert s["failure_reasons"] == {"HTTP Error 404: File not found": 1, "timed out": 1}
+    assert s["failed_by_status"] == {"failed_to_download": 2}
+    assert s["invalid"] == 3 and s["valid"] == N_GOOD and s["full_metadata_rows"] == N_GOOD
+    # Every URL once, the two failures once more each (--retries 1).
+    assert first_run["requests"] == N_ROWS + 2 * RETRIES
+    assert first_run["requests_404"] == 1 + RETRIES
+
+    invalid = pq.read_table(first_run["out"] / "invalid_images.parquet").to_pylist()
+    by_key = {r["key"]: r for r in pq.read_table(first_run["out"] / "images/00000.parquet").to_pylist()}
+    by_key.update({r["key"]: r for r in pq.read_table(first_run["out"] / "images/00001.parquet").to_pylist()})
+    assert sorted(by_key[r["key"]]["url"].rsplit("/", 1)[1] for r in invalid) == ["empty.jpg", "page.jpg",
+                                                                                 "truncated.jpg"]
+    errors = {by_key[r["key"]]["url"].rsplit("/", 1)[1]: r["error"] for r in invalid}
+    assert errors["empty.jpg"] == "empty file"
+    assert errors["page.jpg"].startswith("not an image")
+    assert "truncated" in errors["truncated.jpg"]
+    assert all((first_run["out"] / r["path"]).is_file() for r in invalid)  # listed, never deleted
+
+
+def test_extra_columns_arrive_unchanged(first_run, source):
+    meta = pq.read_table(first_run["out"] / "full_metadata.parquet")
+    assert meta.schema.equals(dl.FULL_METADATA_SCHEMA)
+    src = {r["key"]: r for r in pq.read_table(source).to_pylist()}
+    rows = meta.to_pylist()
+    assert [r["key"] for r in rows] == sorted(r["key"] for r in rows)
+    for row in rows:
+        want = src[row["original_key"]]
+        for col in ("url", "caption", "md5", "tags", "merged_tags"):
+            assert row[col] == want[col], col
+        assert row["width"] > 0 and row["width"] == row["original_width"]
+        assert (first_run["out"] / row["file_name"]).is_file()
+    bad_keys = {f"{i:06d}" for i in BAD}
+    assert not bad_keys & {r["original_key"] for r in rows}
+
+
+def test_metadata_csv_loads_as_imagefolder(first_run):
+    import datasets
+
+    ds = datasets.load_dataset("imagefolder", data_dir=str(first_run["out"]), split="train")
+    assert ds.num_rows == N_GOOD and set(ds.column_names) == {"image", "text"}
+    captions = set(pq.read_table(first_run["out"] / "full_metadata.parquet")["caption"].to_pylist())
+    assert ds[1]["image"].size[0] > 0 and ds[1]["text"] in captions
+
+
+def test_sigint_handler_is_restored(first_run):
+    assert first_run["handler_after"] is first_run["handler_before"]
+
+
+def test_rerun_downloads_and_validates_nothing(first_run, source, server):
+    out = first_run["out"]
+    checks = {p.name: p.stat().st_mtime_ns for p in (out / "decode_checks").iterdir()}
+    before = pq.read_table(out / "full_metadata.parquet")
+    result = _cli("--source", str(source), "--output", str(out), *CLI_ARGS)
+    assert result.returncode == 0, result.stderr
+    assert server.request_count() == first_run["requests"]
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "decode_checks").iterdir()} == checks
+    summary = json.loads((out / "download_summary.json").read_text())
+    assert summary["validation"]["shards_validated_now"] == 0
+    assert pq.read_table(out / "full_metadata.parquet").equals(before)
+    assert "valid images:        40" in result.stdout
+
+
+def test_rerun_redoes_only_an_unfinished_shard(first_run, source, server, tmp_path):
+    out = tmp_path / "data"
+    shutil.copytree(first_run["out"], out)
+    (out / "images/00002_stats.json").unlink()  # as if the run had died during shard 2
+    checks = {p.name: p.stat().st_mtime_ns for p in (out / "decode_checks").iterdir()}
+    before = server.request_count()
+    cfg = dataclasses.replace(first_run["cfg"], output=str(out))
+    summary = dl.download_dataset(cfg)
+    assert server.request_count() - before == N_ROWS - 2 * SHARD_SIZE  # shard 2's 13 good URLs, nothing else
+    assert summary["validation"]["shards_validated_now"] == 1
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "decode_checks").iterdir()}
+    assert after["00000.parquet"] == checks["00000.parquet"] and after["00002.parquet"] != checks["00002.parquet"]
+    assert summary["valid"] == N_GOOD
+
+
+def test_other_shard_size_on_rerun_is_refused(first_run, server):
+    before = server.request_count()
+    cfg = dataclasses.replace(first_run["cfg"], shard_size=8)
+    with pytest.raises(UsageError, match="another shard size"):
+        dl.download_dataset(cfg)
+    assert server.request_count() == before
+
+
+def test_missing_column_fails_in_one_line_before_any_request(source, server, tmp_path):
+    bad = tmp_path / "no_md5.parquet"
+    pq.write_table(pq.read_table(source).drop_columns(["md5", "tags"]), bad)
+    before = server.request_count()
+    result = _cli("--source", str(bad), "--output", str(tmp_path / "out"), *CLI_ARGS)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "lacks column(s) md5, tags" in result.stderr
+    assert server.request_count() == before
+    assert not (tmp_path / "out" / "urls.parquet").exists()
+
+
+def test_csv_source_keeps_leading_zeros(tmp_path):
+    path = tmp_path / "src.csv"
+    path.write_text('key,url,caption,md5,tags,merged_tags\n00042,http://127.0.0.1/a.jpg,"a, b",ff,t,m\n')
+    table = dl.load_source(str(path), "train", None)
+    assert table.to_pylist() == [{"key": "00042", "url": "http://127.0.0.1/a.jpg", "caption": "a, b",
+                                  "md5": "ff", "tags": "t", "merged_tags": "m"}]
+
+
+def test_datasets_code_path_with_a_local_dataset_dir(source, tmp_path):
+    """The Hub path (datasets.load_dataset) works offline on a local dataset directory."""
+    ds_dir = tmp_path / "hf_dataset"
+    ds_dir.mkdir()
+    shutil.copy(source, ds_dir / "train.parquet")
+    table = dl.load_source(str(ds_dir), "train", max_rows=5)
+    assert table.num_rows == 5 and table.column_names == list(dl.SOURCE_COLUMNS)
+    pq.write_table(pq.read_table(source).drop_columns(["merged_tags"]), ds_dir / "train.parquet")
+    with pytest.raises(UsageError, match="lacks column"):
+        dl.load_source(str(tmp_path / "hf_dataset"), "train", None)
+
+
+def test_missing_distributor_package_is_a_usage_error():
+    """ray is not a dependency, and img2dataset silently downloads nothing when it is missing."""
+    if importlib.util.find_spec("ray") is not None:
+        pytest.skip("ray is installed here")
+    with pytest.raises(UsageError, match="needs the ray package"):
+        dl.check_distributor("ray")
+
+
+def test_validation_pool_matches_inline(tmp_path):
+    """The process pool (used for shards of 32+ images) finds exactly what the inline path finds."""
+    root = write_sample(tmp_path / "s", n=48, broken=True, seed=5)
+    inline = pq.read_table(root / "decode_checks/00000.parquet")
+    (root / "decode_checks/00000.parquet").unlink()
+    stats = dl._finished_stats(root / "images")
+    result = dl.validate_shards(root, stats, workers=2)
+    assert result.images == 45
+    assert pq.read_table(root / "decode_checks/00000.parquet").equals(inline)
+
+
+def test_check_image_catches_what_verify_misses(tmp_path):
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.linear_gradient("L").convert("RGB").resize((400, 300)).save(buf, "JPEG")
+    good, cut = tmp_path / "good.jpg", tmp_path / "cut.jpg"
+    good.write_bytes(buf.getvalue())
+    cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+    with Image.open(cut) as im:
+        im.verify()  # passes: verify() does not decode the pixels
+    assert "truncated" in dl.check_image(str(cut))[3]
+    assert dl.check_image(str(good))[3] is None
+
+
+def test_check_image_reports_decompression_bombs(tmp_path, monkeypatch):
+    from PIL import Image
+
+    path = tmp_path / "big.png"
+    Image.new("L", (100, 100)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10000 pixels is more than twice the limit
+    width, height, fmt, error = dl.check_image(str(path))
+    assert error.startswith("decompression bomb") and width is None
