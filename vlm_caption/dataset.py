@@ -6,6 +6,7 @@ a second pass yields the chosen rows a batch at a time. Only keys are ever held 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 import zlib
@@ -168,18 +169,22 @@ def iter_rows(data_dir: Path, todo_keys: set[str]) -> Iterator[dict[str, Any]]:
 
 
 def resolve_image_path(data_dir: Path, key: str, file_name: str | None, shard: str | None) -> Path | None:
-    """The image file of a row, or None when the row cannot name one safely inside data_dir."""
-    root = data_dir.resolve()
+    """The image file of a row, or None when the row cannot name one safely inside data_dir.
+
+    The check is on the path as written (no '..', not absolute), so an images/ dir that is a symlink
+    to another disk still works, while a row can never point the tool at a file outside the data dir.
+    """
     if file_name:
-        candidate = (data_dir / file_name).resolve()
-    elif _KEY_RE.match(key) and shard is not None:
+        relative = Path(os.path.normpath(file_name))
+    elif _KEY_RE.match(key) and shard is not None and _KEY_RE.match(shard):
         folder = data_dir / "images" / shard
         found = [p for p in sorted(folder.glob(f"{key}.*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-        candidate = found[0].resolve() if found else folder.resolve() / f"{key}.jpg"
+        relative = Path("images", shard, found[0].name if found else f"{key}.jpg")
     else:
         return None
-    # Keys and paths come from data: never let them point outside the data dir.
-    return candidate if candidate.is_relative_to(root) else None
+    if relative.is_absolute() or relative.parts[:1] == ("..",):
+        return None
+    return data_dir / relative
 
 
 # ---------------------------------------------------------------- images

@@ -38,12 +38,13 @@ class RunStats:
     started: float = field(default_factory=time.monotonic)
     captioned: int = 0
     tokens: int = 0
+    generate_s: float = 0.0  # time inside generate calls: the accelerator's share of the wall time
     failed: Counter = field(default_factory=Counter)
 
     def rates(self) -> dict[str, float]:
         wall = max(time.monotonic() - self.started, 1e-9)
         return {"wall_s": round(wall, 2), "img_per_s": round(self.captioned / wall, 3),
-                "tokens_per_s": round(self.tokens / wall, 1)}
+                "tokens_per_s": round(self.tokens / wall, 1), "generate_share": round(self.generate_s / wall, 3)}
 
 
 def run(cfg: RunConfig) -> int:
@@ -164,7 +165,10 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
             failures.clear()
 
     def run_batch(batch: list[dataset.Loaded]) -> None:
-        for item, cap, error in batches.caption(batch):
+        started = time.monotonic()
+        results = batches.caption(batch)
+        stats.generate_s += time.monotonic() - started
+        for item, cap, error in results:
             if cap is None:
                 failures.append(failure_row(item.row, "generate", error))
                 stats.failed["generate"] += 1
