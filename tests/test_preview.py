@@ -1,0 +1,111 @@
+"""preview.py: cards, escaping of untrusted captions, thumbnails, and a real render in headless Chromium."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+from urllib.parse import unquote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vlm_caption import store
+from vlm_caption.config import UsageError
+from vlm_caption.preview import main as preview_main
+from vlm_caption.preview import write_preview
+
+# A caption that would run script in the page if it were not escaped; the marker shows whether it did.
+HOSTILE = '<script>document.body.dataset.pwned = "1"</script><img src=x onerror="document.body.dataset.pwned=1">'
+
+
+class PageParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.cards, self.scripts, self.imgs, self.links = 0, 0, [], []
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "article" and "card" in (a.get("class") or "").split():
+            self.cards += 1
+        elif tag == "script":
+            self.scripts += 1
+        elif tag == "img":
+            self.imgs.append(a["src"])
+        elif tag == "a":
+            self.links.append(a["href"])
+
+
+def parse(html: str) -> PageParser:
+    p = PageParser()
+    p.feed(html)
+    return p
+
+
+@pytest.fixture(scope="module")
+def checkpoint(sample_data_dir, tmp_path_factory) -> Path:
+    """A checkpoint dir with 8 merged rows of sample keys; row 1 has a hostile caption and row 2 a javascript: url."""
+    meta = pq.read_table(sample_data_dir / "full_metadata.parquet").slice(0, 8).to_pylist()
+    rows = [{"key": m["key"], "original_key": m["original_key"], "url": m["url"], "original_caption": m["caption"],
+             "vlm_caption": f"caption {i} & \"quoted\"", "width": m["width"], "height": m["height"],
+             "original_width": m["original_width"], "original_height": m["original_height"], "sha256": m["sha256"],
+             "md5": m["md5"], "tags": m["tags"], "merged_tags": m["merged_tags"], "caption_model": "tiny",
+             "caption_finish": "stop" if i % 2 else "length", "caption_tokens": 5} for i, m in enumerate(meta)]
+    rows[1]["vlm_caption"] = HOSTILE
+    rows[2]["url"] = "javascript:alert(1)"
+    ckpt = tmp_path_factory.mktemp("preview") / "ckpt"
+    ckpt.mkdir()
+    # Two row groups: the reader must stop after n rows, whatever the file's layout.
+    pq.write_table(pa.Table.from_pylist(rows, schema=store.OUTPUT_SCHEMA), ckpt / store.MERGED, row_group_size=4)
+    return ckpt
+
+
+def test_cards_thumbnails_and_escaping(checkpoint, sample_data_dir, tmp_path):
+    out = tmp_path / "site" / "preview.html"
+    assert write_preview(checkpoint, out, data_dir=sample_data_dir, n=5) == 5
+    html = out.read_text()
+    page = parse(html)
+    assert page.cards == 5 and page.scripts == 1
+    assert "<script>document" not in html  # the hostile <img> would show up in page.imgs below
+    assert "&lt;script&gt;document.body.dataset.pwned" in html
+    assert "caption 0 &amp; &quot;quoted&quot;" in html
+    assert "5 of 8 captioned rows" in html
+    # Local thumbnails, by paths relative to the HTML file.
+    assert len(page.imgs) == 5
+    for src in page.imgs:
+        assert not src.startswith(("/", "http")) and (out.parent / unquote(src)).resolve().is_file(), src
+
+
+def test_urls_without_data_dir_and_unsafe_schemes_dropped(checkpoint, tmp_path):
+    out = tmp_path / "preview.html"
+    assert write_preview(checkpoint, out, n=200) == 8
+    page = parse(out.read_text())
+    assert page.cards == 8
+    assert len(page.imgs) == 7 and all(src.startswith("http://") for src in page.imgs)  # row 2: no image
+    assert not any("javascript" in href for href in page.links)
+
+
+def test_missing_merged_file_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="all_captions.parquet"):
+        preview_main([str(tmp_path), "--out", str(tmp_path / "p.html")])
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1200,900"]
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (CI installs it)")
+def test_renders_in_headless_chromium(checkpoint, sample_data_dir, tmp_path):
+    out = tmp_path / "preview.html"
+    write_preview(checkpoint, out, data_dir=sample_data_dir, n=6)
+    url = out.resolve().as_uri()
+    flags = ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    png = tmp_path / "preview.png"
+    subprocess.run([*flags, f"--screenshot={png}", url], capture_output=True, timeout=90, check=True)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=90, check=True).stdout
+    assert parse(dom).cards == 6
+    assert "6 of 6 cards shown" in dom  # the page's own script ran (the CSP allows it by hash)
+    assert "pwned" not in dom.split("<main>")[0]  # the hostile caption ran nothing (it would mark <body>)

@@ -1,0 +1,224 @@
+"""A static HTML contact sheet of a run's first captions, to look at them before trusting a long job.
+
+    python -m vlm_caption.preview CHECKPOINT_DIR --out preview.html [--data-dir DIR] [--n 200]
+
+One self-contained file: inline CSS and a few lines of inline JS (a filter box), no network. A card per
+row of all_captions.parquet: thumbnail, generated caption, original caption, tags, finish badge, key.
+Thumbnails point at the local image file (a path relative to the HTML file) when the data dir is known,
+else at the row's url. Captions come from a model and from the web, so every value is HTML-escaped, and a
+Content-Security-Policy lets only this file's own script run, as a second wall.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import hashlib
+import html
+import json
+import os
+from collections import Counter
+from pathlib import Path
+from urllib.parse import quote, urlsplit
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from . import dataset, store
+from .config import UsageError
+
+DEFAULT_ROWS = 200
+COLUMNS = ["key", "url", "vlm_caption", "original_caption", "tags", "caption_finish", "caption_tokens"]
+
+_CSS = """
+body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f4f5;color:#18181b}
+header{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:10px 16px;z-index:1}
+h1{font-size:18px;margin:0 0 4px}
+.counts{color:#52525b;margin:0 0 8px}
+#filter{width:100%;max-width:480px;padding:6px 8px;font-size:14px}
+#shown{margin-left:8px;color:#52525b}
+main{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:12px;padding:16px}
+.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;display:flex;flex-direction:column;gap:6px}
+.card[hidden]{display:none}
+.thumb{display:block;width:100%;height:180px;object-fit:contain;background:#e4e4e7}
+.noimg{height:180px;display:flex;align-items:center;justify-content:center;background:#e4e4e7;color:#71717a}
+.vlm{margin:0;white-space:pre-wrap;word-break:break-word}
+.orig,.tags{margin:0;color:#52525b;font-size:12px;word-break:break-word}
+.label{font-weight:600}
+.meta{display:flex;gap:8px;align-items:center;font-size:12px;color:#52525b}
+.badge{border-radius:4px;padding:1px 6px;font-weight:600;color:#fff}
+.finish-stop{background:#15803d}.finish-length{background:#b45309}.finish-other{background:#71717a}
+code{font-size:12px}
+"""
+
+# Cards are hidden with the `hidden` attribute; the count line says how many match.
+_JS = """
+const box = document.getElementById("filter");
+const cards = Array.from(document.querySelectorAll("article.card"));
+const shown = document.getElementById("shown");
+function update() {
+  const q = box.value.trim().toLowerCase();
+  let n = 0;
+  for (const card of cards) {
+    const hit = !q || card.textContent.toLowerCase().includes(q);
+    card.hidden = !hit;
+    if (hit) n++;
+  }
+  shown.textContent = n + " of " + cards.length + " cards shown";
+}
+box.addEventListener("input", update);
+update();
+"""
+
+
+# ---------------------------------------------------------------- reading
+
+def read_first_rows(merged: Path, n: int) -> tuple[list[dict], int]:
+    """(the first n rows, rows in the file): streams batches so a 400K-row file is never loaded whole."""
+    try:
+        pf = pq.ParquetFile(merged)
+    except (OSError, pa.ArrowException) as e:
+        raise UsageError(f"cannot read {merged}: {e}") from None
+    rows: list[dict] = []
+    for batch in pf.iter_batches(batch_size=min(n, 1024), columns=[c for c in COLUMNS if c in pf.schema_arrow.names]):
+        rows.extend(batch.to_pylist()[: n - len(rows)])
+        if len(rows) >= n:
+            break
+    return rows, pf.metadata.num_rows
+
+
+def local_images(data_dir: Path, keys: list[str]) -> dict[str, Path]:
+    """key -> image file for the keys found in the data dir's metadata (only their rows are kept)."""
+    wanted = pa.array(sorted(set(keys)), pa.string())
+    found: dict[str, Path] = {}
+    for path, shard in dataset.metadata_files(data_dir):
+        pf = pq.ParquetFile(path)
+        columns = [c for c in ("key", "file_name") if c in pf.schema_arrow.names]
+        for batch in pf.iter_batches(batch_size=8192, columns=columns):
+            hits = batch.filter(pc.is_in(pc.cast(batch.column("key"), pa.string()), value_set=wanted))
+            for row in hits.to_pylist():
+                key = str(row["key"])
+                image = dataset.resolve_image_path(data_dir, key, row.get("file_name"), shard)
+                if image is not None and image.is_file():
+                    found.setdefault(key, image)
+            if len(found) == len(wanted):
+                return found
+    return found
+
+
+def read_run_summary(checkpoint_dir: Path) -> dict:
+    path = checkpoint_dir / store.SUMMARY
+    try:
+        return json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, json.JSONDecodeError):
+        return {}  # the preview still works without the counts of the summary
+
+
+# ---------------------------------------------------------------- rendering
+
+def safe_url(url: str | None) -> str | None:
+    """Only http(s) urls become links: a `javascript:` url from the data must never be clickable."""
+    if not url:
+        return None
+    return url if urlsplit(url).scheme.lower() in ("http", "https") else None
+
+
+def relative_src(image: Path, out_dir: Path) -> str | None:
+    """A relative, percent-quoted path from the HTML file to the image, so the folder can move as a whole."""
+    try:
+        rel = os.path.relpath(image.resolve(), out_dir.resolve())
+    except ValueError:  # another drive on Windows: no relative path exists
+        return None
+    return quote(Path(rel).as_posix())
+
+
+def _e(value) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def render_card(row: dict, src: str | None) -> str:
+    finish = row.get("caption_finish") or "?"
+    badge = f"finish-{finish}" if finish in ("stop", "length") else "finish-other"
+    image = (f'<a href="{_e(src)}" rel="noopener noreferrer"><img class="thumb" src="{_e(src)}" '
+             f'alt="image {_e(row["key"])}" loading="lazy"></a>') if src else '<div class="noimg">no image</div>'
+    return (
+        '<article class="card">'
+        f"{image}"
+        f'<div class="meta"><span class="badge {badge}">{_e(finish)}</span><code class="key">{_e(row["key"])}</code>'
+        f'<span>{_e(row.get("caption_tokens"))} tokens</span></div>'
+        f'<p class="vlm">{_e(row.get("vlm_caption"))}</p>'
+        f'<p class="orig"><span class="label">original:</span> {_e(row.get("original_caption"))}</p>'
+        f'<p class="tags"><span class="label">tags:</span> {_e(row.get("tags"))}</p>'
+        "</article>"
+    )
+
+
+def counts_line(rows: list[dict], total: int, summary: dict) -> str:
+    finish = Counter(r.get("caption_finish") for r in rows)
+    empty = sum(1 for r in rows if not (r.get("vlm_caption") or "").strip())
+    parts = [f"{len(rows)} of {total} captioned rows"]
+    failed = (summary.get("checkpoint_dir") or {}).get("failed")
+    if failed is not None:
+        parts.append(f"{failed} failed images in the checkpoint dir")
+    parts.append(f"of those shown: {finish.get('stop', 0)} stopped, {finish.get('length', 0)} hit --max-tokens, "
+                 f"{empty} empty")
+    return " · ".join(parts)
+
+
+def render_page(rows: list[dict], srcs: list[str | None], total: int, summary: dict, title: str) -> str:
+    script_hash = base64.b64encode(hashlib.sha256(_JS.encode()).digest()).decode()
+    csp = (f"default-src 'none'; img-src file: http: https: data:; style-src 'unsafe-inline'; "
+           f"script-src 'sha256-{script_hash}'")
+    cards = "\n".join(render_card(row, src) for row, src in zip(rows, srcs))
+    return (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
+        f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>"
+        f"<header><h1>{_e(title)}</h1><p class=\"counts\" id=\"counts\">{_e(counts_line(rows, total, summary))}</p>"
+        '<input id="filter" type="search" placeholder="filter cards by any text (caption, tags, key)" '
+        'aria-label="filter"><span id="shown"></span></header>\n'
+        f"<main>\n{cards}\n</main>\n<script>{_JS}</script></body></html>\n"
+    )
+
+
+# ---------------------------------------------------------------- the whole thing
+
+def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | str | None = None,
+                  n: int = DEFAULT_ROWS) -> int:
+    """Write the contact sheet of the first n merged rows to `out` (atomically); returns the cards written."""
+    checkpoint_dir, out = Path(checkpoint_dir), Path(out)
+    if n < 1:
+        raise UsageError(f"--n must be a positive integer, got {n}")
+    merged = checkpoint_dir / store.MERGED
+    if not merged.is_file():
+        raise UsageError(f"{checkpoint_dir} has no {store.MERGED}; run batched_image_inference.py "
+                         "(or its --merge-only) on it first")
+    rows, total = read_first_rows(merged, n)
+    images = local_images(Path(data_dir), [r["key"] for r in rows]) if data_dir is not None else {}
+    out_dir = out.parent
+    srcs = [relative_src(images[r["key"]], out_dir) if r["key"] in images else safe_url(r.get("url"))
+            for r in rows]
+    model = (store.read_run_json(checkpoint_dir) or {}).get("model", "unknown model")
+    page = render_page(rows, srcs, total, read_run_summary(checkpoint_dir), f"Captions by {model}")
+    store.atomic_write_bytes(out, page.encode("utf-8"))
+    return len(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vlm_caption.preview", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint_dir", help="a checkpoint dir holding all_captions.parquet")
+    p.add_argument("--out", default="preview.html", help="HTML file to write (default: %(default)s)")
+    p.add_argument("--data-dir", help="the data dir the run captioned: thumbnails from local files instead of urls")
+    p.add_argument("--n", type=int, default=DEFAULT_ROWS, help="cards: the first N rows (default: %(default)s)")
+    a = p.parse_args(argv)
+    if a.data_dir is not None and not Path(a.data_dir).is_dir():
+        raise UsageError(f"--data-dir {a.data_dir} does not exist")
+    cards = write_preview(a.checkpoint_dir, a.out, data_dir=a.data_dir, n=a.n)
+    print(f"wrote {a.out} ({cards} cards)")
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import run_main
+
+    run_main(main)
