@@ -1,0 +1,180 @@
+"""The whole pipeline offline in well under a minute: tiny model, sample data, caption, merge, preview.
+
+    python -m vlm_caption.demo [--dir ./demo] [--n 24]
+    ./run_captioning.sh --demo [--demo-dir DIR]
+
+Builds DIR/model (a random-weight Gemma 3, preset tiny) and DIR/data (a synthetic sample in the
+img2dataset layout, a few files deliberately broken) once and reuses them afterwards, captions through
+the same pipeline.run as batched_image_inference.py (--no-push), which merges into all_captions.parquet
+and writes run_summary.json, then writes DIR/preview.html. A second run resumes: nothing is left to do.
+
+Exit code: the sample's broken files (a truncated JPEG, a 0-byte file, an HTML page saved as .jpg) are
+listed in data/invalid_images.parquet, as the download stage records them, and kept in the metadata on
+purpose so the captioner meets them. Their failures are the expected outcome, so the demo exits 0 when
+every failed key is one of those; any other failure gives the pipeline's own code (3), as a real run would.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from . import pipeline, store
+from .config import EXIT_ITEMS_FAILED, EXIT_OK, RunConfig, UsageError
+
+DEFAULT_DIR = "./demo"
+DEFAULT_ROWS = 24
+INVALID_IMAGES = "invalid_images.parquet"  # written by download.py next to full_metadata.parquet
+DATA_DONE_MARKER = "download_summary.json"  # written last by sample_data.write_sample
+REAL_MODELS = "google/gemma-3-4b-it (or google/gemma-3-12b-it, google/gemma-3-27b-it)"
+
+
+# ---------------------------------------------------------------- building once
+
+def _build_into(final: Path, build) -> None:
+    """Build into a tmp sibling, then rename: an interrupted build is never mistaken for a finished one."""
+    if final.exists():
+        raise UsageError(f"{final} exists but is incomplete (not built by the demo?); remove it and rerun")
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)  # leftovers of an interrupted earlier build
+    build(tmp)
+    os.replace(tmp, final)
+
+
+def ensure_model(demo_dir: Path) -> tuple[Path, bool]:
+    """(model dir, built now?)"""
+    model = demo_dir / "model"
+    if (model / "config.json").is_file():
+        return model, False
+    from .tiny_model import build_tiny_model  # imports transformers: only when a build is needed
+
+    _build_into(model, lambda tmp: build_tiny_model(tmp, preset="tiny", seed=0))
+    return model, True
+
+
+def ensure_data(demo_dir: Path, n: int) -> tuple[Path, bool]:
+    """(data dir, built now?)"""
+    data = demo_dir / "data"
+    if (data / DATA_DONE_MARKER).is_file():
+        return data, False
+    from .sample_data import write_sample
+
+    _build_into(data, lambda tmp: write_sample(tmp, n=n, broken=True, seed=0))
+    return data, True
+
+
+# ---------------------------------------------------------------- judging the failures
+
+def broken_on_purpose(data: Path) -> set[str]:
+    path = data / INVALID_IMAGES
+    return set(pq.read_table(path, columns=["key"]).column("key").to_pylist()) if path.is_file() else set()
+
+
+def still_failed(ckpt: Path) -> list[dict]:
+    """Failure records (key, stage, error) of keys that no part holds, one per key."""
+    captioned = pipeline.dir_counts([ckpt])["captioned"]
+    rows: dict[str, dict] = {}
+    for part in store.list_failure_files(ckpt):
+        for row in pq.read_table(part.path, columns=["key", "stage", "error"]).to_pylist():
+            if row["key"] not in captioned:
+                rows[row["key"]] = row
+    return [rows[k] for k in sorted(rows)]
+
+
+# ---------------------------------------------------------------- output
+
+def print_report(demo_dir: Path, model: Path, data: Path, ckpt: Path, preview: Path, cards: int,
+                 seconds: float) -> None:
+    merged_rows = pq.ParquetFile(ckpt / store.MERGED).metadata.num_rows
+    print(f"\nDemo done in {seconds:.1f} s. Everything is under {demo_dir}/:")
+    for label, path, note in [
+        ("model", model, "tiny random-weight Gemma 3 (preset tiny), saved like a Hub model"),
+        ("data", data, "synthetic sample in the img2dataset layout, some files broken on purpose"),
+        ("checkpoints", ckpt, f"run.json, {store.PARTS_DIR}/, {store.FAILURES_DIR}/"),
+        ("captions", ckpt / store.MERGED, f"{merged_rows} rows, the output schema"),
+        ("summary", ckpt / store.SUMMARY, "counts, img/s, tokens/s"),
+        ("preview", preview, f"{cards} cards: open it in a browser"),
+    ]:
+        print(f"  {label:<12} {path}  ({note})")
+
+
+def print_failures(failures: list[dict], expected: set[str]) -> list[dict]:
+    """Explain the failures; returns the unexpected ones."""
+    planned = [f for f in failures if f["key"] in expected]
+    other = [f for f in failures if f["key"] not in expected]
+    if planned:
+        print(f"\n{len(planned)} images failed as intended: the sample holds deliberately broken files (listed in "
+              f"{INVALID_IMAGES}); a real run records such images in failures/ and goes on:")
+        for f in planned:
+            print(f"  {f['key']}  {f['stage']:<8} {f['error'].splitlines()[0][:100]}")
+    if other:
+        print(f"\n{len(other)} images failed that were NOT broken on purpose (a bug or a problem on this machine):")
+        for f in other:
+            print(f"  {f['key']}  {f['stage']:<8} {f['error'].splitlines()[0][:100]}")
+    return other
+
+
+def print_noise_warning() -> None:
+    print("\nNOTE: these captions are NOISE. The demo model has random weights: it shows that the pipeline runs "
+          "(loading, batching, checkpoints, merge, preview), not what Gemma 3 writes.")
+    print(f"For real captions use a real model, e.g. ./run_captioning.sh --model {REAL_MODELS} "
+          "--max-images 10 --no-push. That needs Hub access: log in with `hf auth login` (or set HF_TOKEN) and "
+          "accept the Gemma licence at https://huggingface.co/google/gemma-3-4b-it")
+
+
+# ---------------------------------------------------------------- main
+
+def demo_config(model: Path, data: Path, ckpt: Path, verbose: bool) -> RunConfig:
+    # The resolved model path keeps run.json's settings equal on a rerun from another working directory.
+    return RunConfig(model=str(model.resolve()), data_dir=str(data), checkpoint_dirs=[str(ckpt)], no_push=True,
+                     max_tokens=32, batch_size=8, checkpoint_every=8, num_loader_workers=2,
+                     num_workers=1, worker_index=0, verbose=verbose)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vlm_caption.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", "--demo-dir", dest="dir", default=DEFAULT_DIR,
+                   help="where the model, data, checkpoints and preview go (default: %(default)s)")
+    p.add_argument("--n", type=int, default=DEFAULT_ROWS,
+                   help="rows of the sample data, when it is built (default: %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    if a.n < 8:  # the sample puts 6 broken rows in; keep some good ones
+        raise UsageError(f"--n must be at least 8, got {a.n}")
+    # The demo never needs the network: the model is a local directory.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .cli import setup_logging
+
+    setup_logging(a.verbose)
+    return run_demo(Path(a.dir), a.n, a.verbose)
+
+
+def run_demo(demo_dir: Path, n: int, verbose: bool = False) -> int:
+    started = time.monotonic()
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    model, built = ensure_model(demo_dir)
+    print(f"{'built' if built else 'reusing'} tiny model {model}")
+    data, built = ensure_data(demo_dir, n)
+    print(f"{'wrote' if built else 'reusing'} sample data {data}" + ("" if built else " (delete it to rebuild)"))
+    ckpt = demo_dir / "checkpoints"
+    code = pipeline.run(demo_config(model, data, ckpt, verbose))
+    if code not in (EXIT_OK, EXIT_ITEMS_FAILED):
+        return code
+    from .preview import write_preview
+
+    preview = demo_dir / "preview.html"
+    cards = write_preview(ckpt, preview, data_dir=data)
+    print_report(demo_dir, model, data, ckpt, preview, cards, time.monotonic() - started)
+    unexpected = print_failures(still_failed(ckpt), broken_on_purpose(data))
+    print_noise_warning()
+    return EXIT_ITEMS_FAILED if unexpected else EXIT_OK
+
+
+if __name__ == "__main__":
+    from .cli import run_main
+
+    run_main(main)
