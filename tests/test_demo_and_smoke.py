@@ -1,0 +1,133 @@
+"""The demo and test_pipeline.py (the user's smoke tests) end to end with the tiny model, offline.
+
+Subprocesses only where the command line itself is under test (run_captioning.sh, the script's exit
+code); the rest calls main() in-process, which is seconds cheaper per call.
+"""
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from vlm_caption import store
+
+REPO = Path(__file__).resolve().parent.parent
+
+try:
+    from hub_stub import assert_hub_matches, hub_stub  # noqa: F401  (fixture)
+except ImportError:  # written by another change; the push test says so instead of failing
+    hub_stub = None
+
+
+@pytest.fixture(scope="module")
+def smoke():
+    """test_pipeline.py as a module, under another name so pytest never mistakes it for a test module."""
+    spec = importlib.util.spec_from_file_location("smoke_cli", REPO / "test_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def lines_starting(out: str, word: str) -> list[str]:
+    return [line.split(":")[0].split()[1] for line in out.splitlines() if line.startswith(word + " ")]
+
+
+def part_stamps(ckpt: Path) -> dict[str, int]:
+    return {p.path.name: p.path.stat().st_mtime_ns for p in store.list_parts(ckpt)}
+
+
+# ---------------------------------------------------------------- the demo
+
+def test_demo_end_to_end_then_rerun_resumes(tmp_path, capsys):
+    # A relative --demo-dir from another cwd: run_captioning.sh must keep the user's working directory.
+    proc = subprocess.run(["bash", str(REPO / "run_captioning.sh"), "--demo", "--demo-dir", "demo"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    demo = tmp_path / "demo"
+    ckpt = demo / "checkpoints"
+    for path in [demo / "model" / "config.json", demo / "data" / "full_metadata.parquet", ckpt / store.MERGED,
+                 ckpt / store.SUMMARY, ckpt / store.RUN_JSON, demo / "preview.html"]:
+        assert path.is_file(), path
+    assert store.list_parts(ckpt)
+    invalid = pq.read_table(demo / "data" / "invalid_images.parquet").num_rows
+    meta_rows = pq.read_table(demo / "data" / "full_metadata.parquet").num_rows
+    assert invalid > 0 and pq.read_table(ckpt / store.MERGED).num_rows == meta_rows - invalid
+    out = proc.stdout
+    assert "NOISE" in out and "random weights" in out
+    assert "google/gemma-3-4b-it" in out and "hf auth login" in out
+    assert f"{invalid} images failed as intended" in out
+    assert "preview.html" in out and store.MERGED in out
+
+    # Rerun in-process: everything is done, nothing is rewritten, and it still succeeds.
+    from vlm_caption import demo as demo_module
+
+    before = part_stamps(ckpt)
+    assert demo_module.main(["--dir", str(demo)]) == 0
+    rerun = capsys.readouterr().out
+    assert "reusing tiny model" in rerun and "reusing sample data" in rerun
+    assert "captioned 0 images" in rerun
+    assert part_stamps(ckpt) == before
+
+
+def test_run_captioning_passes_flags_through_from_another_cwd(tmp_path, sample_data_dir):
+    (tmp_path / "data").symlink_to(sample_data_dir)
+    proc = subprocess.run(["bash", str(REPO / "run_captioning.sh"), "--dry-run", "--data-dir", "data",
+                           "--checkpoint-dir", "ckpt", "--no-push", "--max-images", "5"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "selected 5" in proc.stdout and "to do 5" in proc.stdout
+
+
+# ---------------------------------------------------------------- test_pipeline.py
+
+def test_smoke_skip_model(smoke, sample_data_dir, capsys):
+    assert smoke.main(["--skip-model", "--data-dir", str(sample_data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert lines_starting(out, "PASS") == ["data_dir_layout", "metadata_columns", "open_images", "output_schema"]
+    assert not lines_starting(out, "FAIL")
+    assert "vlm_caption" in out and "caption_finish" in out  # the schema is printed
+
+
+def test_smoke_caption_with_tiny_model(smoke, sample_data_dir, capsys):
+    assert smoke.main(["--num-images", "3", "--tiny", "--max-tokens", "8", "--data-dir", str(sample_data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert {"tiny_model", "caption", "merged_output"} <= set(lines_starting(out, "PASS"))
+    assert not lines_starting(out, "FAIL")
+
+
+@pytest.mark.skipif(hub_stub is None, reason="tests/hub_stub.py (the local Hub stub) is not in the tree")
+def test_smoke_full_push_to_local_hub(smoke, sample_data_dir, hub_stub, tmp_path, capsys):  # noqa: F811
+    ckpt = tmp_path / "ckpt"  # given, so it is kept and the Hub can be compared with it
+    code = smoke.main(["--full", "--push", "--tiny", "--num-images", "5", "--max-tokens", "8",
+                       "--data-dir", str(sample_data_dir), "--checkpoint-dir", str(ckpt),
+                       "--hub-endpoint", hub_stub.endpoint, "--hf-repo", "tester/smoke"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert {"hub_access", "caption", "merged_output", "resume", "push"} <= set(lines_starting(out, "PASS"))
+    rows = assert_hub_matches(hub_stub, "tester/smoke", ckpt)
+    assert rows and len(rows) == pq.read_table(ckpt / store.MERGED).num_rows
+    assert "README.md" in hub_stub.repo_files("tester/smoke")
+
+
+def test_smoke_missing_data_dir_fails_with_exit_1(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "test_pipeline.py"), "--skip-model", "--data-dir", "nope"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAIL data_dir_layout: nope does not exist" in proc.stdout
+    assert "SKIP metadata_columns" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.parametrize("argv", [["--push", "--tiny"], ["--skip-model", "--tiny"], ["--tiny", "--model", "x"],
+                                  ["--num-images", "0"]])
+def test_smoke_usage_errors_exit_2(smoke, argv, capsys):
+    with pytest.raises(SystemExit) as e:
+        smoke.main(argv)
+    assert e.value.code == 2
+    assert "error:" in capsys.readouterr().err
