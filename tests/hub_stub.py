@@ -1,0 +1,498 @@
+"""A small stand-in for the Hugging Face Hub HTTP API on 127.0.0.1, for the real huggingface_hub client.
+
+It implements what `HfApi` calls for whoami, create_repo, create_commit (regular files inline, no LFS),
+list_repo_tree, repo_info, validate-yaml and hf_hub_download / snapshot_download, keeps every commit
+(blobs in a tmp dir), and injects faults: an HTTP status (500, 429 + Retry-After, 401, ...), a dropped
+connection before the request is applied ("drop"), a commit applied whose answer is lost
+("lost_response"), or a commit applied whose answer comes very late ("hang").
+
+Use the `hub_stub` fixture (import it into a test module) or `HubStub(root).start()`.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from urllib.parse import parse_qs, unquote, urlsplit
+
+import pyarrow.parquet as pq
+import pytest
+
+REPO_ROOT_HINT = str(Path(__file__).resolve().parent.parent)  # PYTHONPATH for subprocesses that import vlm_caption
+GITATTRIBUTES = b"*.parquet filter=lfs diff=lfs merge=lfs -text\n"
+_TYPES = {"models": "model", "datasets": "dataset", "spaces": "space"}
+_API_REPO = re.compile(r"^/api/(models|datasets|spaces)/([^/]+)/([^/]+)(?:/(.*))?$")
+_RESOLVE = re.compile(r"^/(?:(datasets|spaces)/)?([^/]+)/([^/]+)/resolve/([^/]+)/(.+)$")
+
+
+def git_blob_sha(data: bytes) -> str:
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
+@dataclass
+class Fault:
+    method: str
+    path_regex: str
+    kind: str  # an HTTP status ("500", "429", "403", ...), "drop", "lost_response" or "hang"
+    times: int
+    retry_after: float | None = None
+    body: str | None = None
+
+
+@dataclass
+class Repo:
+    repo_type: str
+    repo_id: str
+    private: bool
+    commits: dict[str, dict[str, str]] = field(default_factory=dict)  # commit oid -> {path: blob sha}
+    branches: dict[str, str] = field(default_factory=dict)  # branch -> commit oid
+
+
+class HubError(Exception):
+    def __init__(self, status: int, message: str, code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.code = status, message, code
+
+
+class HubStub:
+    """State + fault table of the stub; the HTTP side is `_Handler`."""
+
+    def __init__(self, root: Path, tokens: dict[str, dict] | None = None, hang_seconds: float = 120.0):
+        self.root = Path(root)
+        (self.root / "blobs").mkdir(parents=True, exist_ok=True)
+        self.token = "hf_CANARY" + os.urandom(12).hex()
+        self.read_token = "hf_READONLY" + os.urandom(12).hex()
+        self.user = "tester"
+        self.tokens = tokens or {
+            self.token: {"name": self.user, "role": "write", "orgs": ["test-org"]},
+            self.read_token: {"name": self.user, "role": "read", "orgs": ["test-org"]},
+        }
+        self.hang_seconds = hang_seconds
+        self.repos: dict[tuple[str, str], Repo] = {}
+        self.faults: list[Fault] = []
+        self.requests: list[tuple[str, str, str]] = []  # (method, path, outcome)
+        self.commits_applied = 0
+        self._lock = threading.RLock()
+        self._release = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> "HubStub":
+        self._server = _Server(("127.0.0.1", 0), _Handler)
+        self._server.stub = self  # type: ignore[attr-defined]
+        threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="hub-stub",
+                         daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self._release.set()  # wake "hang" handlers
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    @property
+    def endpoint(self) -> str:
+        assert self._server is not None, "start() the stub first"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    # ------------------------------------------------------------------ test helpers
+
+    def inject(self, method: str, path_regex: str, kind: str, times: int = 1,
+               retry_after: float | None = None, body: str | None = None) -> None:
+        """The next `times` requests matching METHOD and the path regex get `kind` instead of an answer."""
+        with self._lock:
+            self.faults.append(Fault(method.upper(), path_regex, str(kind), times, retry_after, body))
+
+    def clear_faults(self) -> None:
+        with self._lock:
+            self.faults.clear()
+
+    def count(self, method: str, path_regex: str) -> int:
+        """How many requests with this method reached a path matching the regex (faulted ones included)."""
+        with self._lock:
+            return sum(1 for m, p, _ in self.requests if m == method.upper() and re.search(path_regex, p))
+
+    def wait_for(self, predicate, timeout: float = 20.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            time.sleep(0.02)
+        return False
+
+    def repo_files(self, repo_id: str, repo_type: str = "dataset", revision: str = "main") -> dict[str, bytes]:
+        """Path -> content of every file at `revision` of a repo."""
+        with self._lock:
+            repo = self.repos[(repo_type, repo_id)]
+            tree = repo.commits[repo.branches.get(revision, revision)]
+            return {path: self._blob(sha) for path, sha in tree.items()}
+
+    def read_rows(self, repo_id: str, prefix: str = "data/") -> list[dict]:
+        """All rows of every parquet file under `prefix` on the main branch, in path order."""
+        rows: list[dict] = []
+        for path, data in sorted(self.repo_files(repo_id).items()):
+            if path.startswith(prefix) and path.endswith(".parquet"):
+                rows.extend(pq.read_table(io.BytesIO(data)).to_pylist())
+        return rows
+
+    def create_repo_direct(self, repo_id: str, repo_type: str = "dataset", private: bool = False) -> None:
+        with self._lock:
+            self._create(repo_type, repo_id, private)
+
+    # ------------------------------------------------------------------ state
+
+    def _blob(self, sha: str) -> bytes:
+        return (self.root / "blobs" / sha).read_bytes()
+
+    def _put_blob(self, data: bytes) -> str:
+        sha = git_blob_sha(data)
+        path = self.root / "blobs" / sha
+        if not path.exists():
+            path.write_bytes(data)
+        return sha
+
+    def _create(self, repo_type: str, repo_id: str, private: bool) -> Repo:
+        repo = Repo(repo_type, repo_id, private)
+        oid = os.urandom(20).hex()
+        repo.commits[oid] = {".gitattributes": self._put_blob(GITATTRIBUTES)}
+        repo.branches["main"] = oid
+        self.repos[(repo_type, repo_id)] = repo
+        return repo
+
+    def take_fault(self, method: str, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self.faults:
+                if fault.times > 0 and fault.method == method and re.search(fault.path_regex, path):
+                    fault.times -= 1
+                    return fault
+        return None
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address):
+        # A client killed mid-request (the SIGKILL test) or a dropped socket is expected here.
+        import sys
+
+        if not isinstance(sys.exc_info()[1], (ConnectionError, OSError)):
+            super().handle_error(request, client_address)
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, like the real Hub; every answer carries Content-Length
+    disable_nagle_algorithm = True  # headers and body go out in two writes: no 40 ms delayed-ACK stall
+
+    def log_message(self, format, *args):  # noqa: A002 - keep test output quiet
+        pass
+
+    @property
+    def stub(self) -> HubStub:
+        return self.server.stub  # type: ignore[attr-defined]
+
+    def do_GET(self):
+        self._dispatch("GET")
+
+    def do_HEAD(self):
+        self._dispatch("HEAD")
+
+    def do_POST(self):
+        self._dispatch("POST")
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _dispatch(self, method: str) -> None:
+        split = urlsplit(self.path)
+        path, self.query = unquote(split.path), parse_qs(split.query)
+        length = int(self.headers.get("Content-Length") or 0)
+        self.body = self.rfile.read(length) if length else b""
+        self.late: Fault | None = None  # a fault that acts after the request is applied
+        fault = self.stub.take_fault(method, path)
+        self.stub.requests.append((method, path, fault.kind if fault else "ok"))
+        if fault is not None and fault.kind == "drop":
+            self._drop()
+            return
+        if fault is not None and fault.kind in ("lost_response", "hang"):
+            self.late = fault
+        elif fault is not None:
+            status = int(fault.kind)
+            headers = {"Retry-After": str(int(fault.retry_after))} if fault.retry_after is not None else {}
+            self._json(status, {"error": fault.body or f"injected {status}"}, headers)
+            return
+        try:
+            self._route(method, path)
+        except HubError as e:
+            headers = {"X-Error-Code": e.code} if e.code else {}
+            if e.status == 401:
+                headers["X-Error-Message"] = e.message
+            self._json(e.status, {"error": e.message}, headers)
+
+    def _drop(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _send(self, status: int, body: bytes, headers: dict[str, str] | None = None,
+              content_type: str = "application/json", head: bool = False) -> None:
+        if self.late is not None and self.late.kind == "lost_response":
+            self._drop()
+            return
+        if self.late is not None and self.late.kind == "hang":
+            self.stub._release.wait(self.stub.hang_seconds)
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.end_headers()
+        if not head:
+            self.wfile.write(body)
+
+    def _json(self, status: int, obj, headers: dict[str, str] | None = None) -> None:
+        self._send(status, json.dumps(obj).encode(), headers)
+
+    def _user(self, required: bool = False) -> dict | None:
+        auth = self.headers.get("Authorization", "")
+        if not auth:
+            if required:
+                raise HubError(401, "Invalid credentials in Authorization header")
+            return None
+        user = self.stub.tokens.get(auth.removeprefix("Bearer ").strip())
+        if user is None:
+            raise HubError(401, "Invalid credentials in Authorization header")
+        return user
+
+    def _repo(self, plural: str, repo_id: str, write: bool = False) -> Repo:
+        user = self._user(required=write)
+        repo = self.stub.repos.get((_TYPES[plural], repo_id))
+        ns = repo_id.split("/")[0]
+        owner = user is not None and (ns == user["name"] or ns in user["orgs"])
+        if repo is None or (repo.private and not owner):
+            raise HubError(404, "Repository not found", "RepoNotFound")
+        if write and not (owner and user["role"] == "write"):
+            raise HubError(403, f"You don't have the rights to write to {repo_id}")
+        return repo
+
+    @staticmethod
+    def _commit_of(repo: Repo, rev: str) -> str:
+        oid = repo.branches.get(rev, rev)
+        if oid not in repo.commits:
+            raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+        return oid
+
+    # ------------------------------------------------------------------ routes
+
+    def _route(self, method: str, path: str) -> None:
+        if path == "/api/whoami-v2" and method == "GET":
+            return self._whoami()
+        if path == "/api/repos/create" and method == "POST":
+            return self._create_repo()
+        if path == "/api/validate-yaml" and method == "POST":
+            return self._validate_yaml()
+        m = _API_REPO.match(path)
+        if m:
+            plural, repo_id, rest = m.group(1), f"{m.group(2)}/{m.group(3)}", m.group(4) or ""
+            return self._repo_api(method, plural, repo_id, rest)
+        m = _RESOLVE.match(path)
+        if m and method in ("GET", "HEAD"):
+            plural = m.group(1) or "models"
+            return self._resolve(method, plural, f"{m.group(2)}/{m.group(3)}", m.group(4), m.group(5))
+        raise HubError(404, f"no route for {method} {path}")
+
+    def _whoami(self) -> None:
+        user = self._user(required=True)
+        self._json(200, {
+            "type": "user", "id": "0" * 24, "name": user["name"], "fullname": user["name"],
+            "orgs": [{"type": "org", "name": o} for o in user["orgs"]],
+            "auth": {"type": "access_token", "accessToken": {"displayName": "tests", "role": user["role"]}},
+        })
+
+    def _create_repo(self) -> None:
+        user = self._user(required=True)
+        req = json.loads(self.body or b"{}")
+        repo_type = req.get("type") or "model"
+        ns = req.get("organization") or user["name"]
+        repo_id = f"{ns}/{req['name']}"
+        if ns != user["name"] and ns not in user["orgs"] or user["role"] != "write":
+            raise HubError(403, f"You don't have the rights to create a {repo_type} under the namespace {ns!r}")
+        prefix = "" if repo_type == "model" else f"{repo_type}s/"
+        url = f"{self.stub.endpoint}/{prefix}{repo_id}"
+        with self.stub._lock:
+            if (repo_type, repo_id) in self.stub.repos:
+                return self._json(409, {"error": f"You already created this {repo_type} repo", "url": url})
+            self.stub._create(repo_type, repo_id, req.get("visibility") == "private" or bool(req.get("private")))
+        self._json(200, {"url": url, "name": repo_id, "id": repo_id})
+
+    def _validate_yaml(self) -> None:
+        import yaml
+
+        content = json.loads(self.body)["content"]
+        m = re.match(r"^---\n(.*?)\n---\n", content, re.S)
+        try:
+            meta = yaml.safe_load(m.group(1)) if m else {}
+        except yaml.YAMLError as e:
+            return self._json(400, {"errors": [{"message": f"invalid YAML: {e}"}], "warnings": []})
+        if not isinstance(meta, dict):
+            return self._json(400, {"errors": [{"message": "metadata must be a mapping"}], "warnings": []})
+        self._json(200, {"errors": [], "warnings": []})
+
+    def _repo_api(self, method: str, plural: str, repo_id: str, rest: str) -> None:
+        action, _, arg = rest.partition("/")
+        if method == "GET" and action in ("", "revision"):
+            return self._info(self._repo(plural, repo_id), arg or "main")
+        if method == "GET" and action == "tree":
+            rev, _, sub = arg.partition("/")
+            return self._tree(self._repo(plural, repo_id), rev, sub.strip("/"))
+        if method == "POST" and action == "preupload":
+            return self._preupload(self._repo(plural, repo_id, write=True), arg)
+        if method == "POST" and action == "commit":
+            return self._commit(self._repo(plural, repo_id, write=True), arg)
+        raise HubError(404, f"no route for {method} /api/{plural}/{repo_id}/{rest}")
+
+    def _info(self, repo: Repo, rev: str) -> None:
+        with self.stub._lock:
+            oid = self._commit_of(repo, rev)
+            tree = dict(repo.commits[oid])
+        self._json(200, {
+            "id": repo.repo_id, "author": repo.repo_id.split("/")[0], "sha": oid, "private": repo.private,
+            "gated": False, "disabled": False, "downloads": 0, "likes": 0, "tags": [],
+            "lastModified": "2026-01-01T00:00:00.000Z", "createdAt": "2026-01-01T00:00:00.000Z",
+            "siblings": [{"rfilename": p} for p in sorted(tree)],
+        })
+
+    def _tree(self, repo: Repo, rev: str, sub: str) -> None:
+        recursive = self.query.get("recursive", ["false"])[0].lower() in ("true", "1")
+        with self.stub._lock:
+            tree = dict(repo.commits[self._commit_of(repo, rev)])
+        prefix = f"{sub}/" if sub else ""
+        below = {p: sha for p, sha in tree.items() if p.startswith(prefix)}
+        if sub and not below:
+            raise HubError(404, f"{sub} does not exist on {rev}", "EntryNotFound")
+        entries, dirs = [], set()
+        for p, sha in sorted(below.items()):
+            rel = p[len(prefix):]
+            parents = rel.split("/")[:-1]
+            for i in range(1, len(parents) + 1 if recursive else min(1, len(parents)) + 1):
+                dirs.add(prefix + "/".join(parents[:i]))
+            if recursive or not parents:
+                entries.append({"type": "file", "oid": sha, "size": len(self.stub._blob(sha)), "path": p})
+        folders = [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
+                   for d in sorted(dirs)]
+        self._json(200, folders + entries)
+
+    def _preupload(self, repo: Repo, rev: str) -> None:
+        with self.stub._lock:
+            tree = repo.commits[self._commit_of(repo, rev)]
+        files = json.loads(self.body)["files"]
+        self._json(200, {"files": [
+            {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": tree.get(f["path"])}
+            for f in files
+        ]})
+
+    def _commit(self, repo: Repo, rev: str) -> None:
+        lines = [json.loads(line) for line in self.body.splitlines() if line.strip()]
+        header = next(item["value"] for item in lines if item["key"] == "header")
+        with self.stub._lock:
+            head = self._commit_of(repo, rev)
+            if header.get("parentCommit") and not head.startswith(header["parentCommit"]):
+                raise HubError(412, "A commit has happened since. Please refresh and try again.")
+            tree = dict(repo.commits[head])
+            for item in lines:
+                value = item["value"]
+                if item["key"] == "file":
+                    tree[value["path"]] = self.stub._put_blob(base64.b64decode(value["content"]))
+                elif item["key"] == "deletedFile":
+                    tree.pop(value["path"], None)
+                elif item["key"] == "deletedFolder":
+                    tree = {p: s for p, s in tree.items() if not p.startswith(value["path"].rstrip("/") + "/")}
+                elif item["key"] != "header":
+                    raise HubError(422, f"the stub does not support {item['key']!r} commit items")
+            oid = os.urandom(20).hex()
+            repo.commits[oid] = tree
+            repo.branches[rev] = oid
+            self.stub.commits_applied += 1
+        prefix = "" if repo.repo_type == "model" else f"{repo.repo_type}s/"
+        self._json(200, {"commitUrl": f"{self.stub.endpoint}/{prefix}{repo.repo_id}/commit/{oid}",
+                         "commitOid": oid, "pullRequestUrl": None})
+
+    def _resolve(self, method: str, plural: str, repo_id: str, rev: str, filename: str) -> None:
+        repo = self._repo(plural, repo_id)
+        with self.stub._lock:
+            oid = self._commit_of(repo, rev)
+            sha = repo.commits[oid].get(filename)
+        if sha is None:
+            raise HubError(404, f"{filename} does not exist on {rev}", "EntryNotFound")
+        data = self.stub._blob(sha)
+        status, rng = 200, re.fullmatch(r"bytes=(\d+)-(\d*)", self.headers.get("Range", ""))
+        if rng:
+            start, end = int(rng.group(1)), int(rng.group(2) or len(data) - 1)
+            data, status = data[start:end + 1], 206
+        self._send(status, data, {"X-Repo-Commit": oid, "ETag": f'"{sha}"', "Accept-Ranges": "bytes"},
+                   content_type="application/octet-stream", head=method == "HEAD")
+
+
+# ---------------------------------------------------------------------- pytest side
+
+
+@pytest.fixture
+def hub_stub(tmp_path, monkeypatch):
+    """A running stub; the real client is pointed at it, online, with the stub's write token in HF_TOKEN.
+
+    conftest sets HF_HUB_OFFLINE=1 before huggingface_hub is imported, and the library reads it once at
+    import time into `constants.HF_HUB_OFFLINE`: patching the constant is what turns offline mode off.
+    Its own retry sleeps (`http_backoff`, up to 8 s each) are made instant so fault tests stay fast.
+    """
+    import types
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http as hf_http
+
+    stub = HubStub(tmp_path / "hub_stub").start()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", stub.token)
+    # The token file path is fixed at import time; never let a developer's real login leak into a test.
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token_here"))
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    monkeypatch.setattr(hf_http, "time", types.SimpleNamespace(sleep=lambda s: None))
+    yield stub
+    stub.stop()
+    hf_http.close_session()  # drop keep-alive connections to this stub's port
+
+
+def assert_hub_matches(stub: HubStub, repo_id: str, checkpoint_dir, run_id: str | None = None) -> list[dict]:
+    """The Hub's data/ rows hold every key exactly once and equal the merged local parts (all workers)."""
+    from vlm_caption.store import OUTPUT_SCHEMA, list_parts
+
+    files = stub.repo_files(repo_id)
+    hub_rows: list[dict] = []
+    for path, data in sorted(files.items()):
+        if not (path.startswith("data/") and path.endswith(".parquet")):
+            continue
+        if run_id is not None and not path.startswith(f"data/{run_id}-"):
+            continue
+        table = pq.read_table(io.BytesIO(data))
+        assert table.schema.equals(OUTPUT_SCHEMA), f"{path} has schema {table.schema}"
+        hub_rows.extend(table.to_pylist())
+    keys = [r["key"] for r in hub_rows]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    assert not dupes, f"{len(dupes)} keys are on the Hub more than once, e.g. {dupes[:5]}"
+    local_rows: list[dict] = []
+    for part in list_parts(checkpoint_dir):
+        local_rows.extend(pq.read_table(part.path, schema=OUTPUT_SCHEMA).to_pylist())
+    by_key = sorted(hub_rows, key=lambda r: r["key"])
+    assert by_key == sorted(local_rows, key=lambda r: r["key"]), (
+        f"Hub holds {len(hub_rows)} rows, the checkpoint dir {len(local_rows)}")
+    return by_key
