@@ -1,0 +1,435 @@
+"""hub.py against the real huggingface_hub client talking to a local Hub stub (tests/hub_stub.py)."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from hub_stub import REPO_ROOT_HINT, assert_hub_matches, hub_stub  # noqa: F401  (fixture)
+
+from vlm_caption import hub
+from vlm_caption.config import FatalError, UsageError
+from vlm_caption.store import LEDGER, OUTPUT_SCHEMA, CheckpointStore, list_parts
+
+REPO = "tester/contrastyles-recap"
+RUN = "0123456789ab"
+COMMIT = r"/api/datasets/.*/commit/"
+
+
+def make_rows(start: int, n: int, worker: int = 0) -> list[dict]:
+    return [{
+        "key": f"{worker:02d}{i:07d}", "original_key": str(i), "url": f"https://img.example/{i}.jpg",
+        "original_caption": f"alt text {i}", "vlm_caption": f"a painting, number {i}", "width": 64 + i,
+        "height": 48, "original_width": 640, "original_height": 480, "sha256": f"{i:064x}", "md5": f"{i:032x}",
+        "tags": "oil painting", "merged_tags": "oil painting,impressionism", "caption_model": "tiny",
+        "caption_finish": "stop", "caption_tokens": 7,
+    } for i in range(start, start + n)]
+
+
+class Writer:
+    """Writes parts for one worker of the test run, with keys that never repeat."""
+
+    def __init__(self, ckpt: Path, worker: int = 0):
+        self.store, self.worker, self.next = CheckpointStore(ckpt, worker), worker, 0
+
+    def parts(self, *sizes: int) -> int:
+        for n in sizes:
+            self.store.write_part(make_rows(self.next, n, self.worker))
+            self.next += n
+        return sum(sizes)
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Path:
+    return tmp_path / "checkpoints"
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+@pytest.fixture
+def client(hub_stub, sleeps):  # noqa: F811
+    return hub.connect(REPO, endpoint=hub_stub.endpoint, retry=hub.RetryPolicy(sleep=sleeps.append))
+
+
+def ledger(ckpt: Path) -> list[dict]:
+    path = ckpt / LEDGER
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def data_files(stub, repo=REPO) -> list[str]:
+    return sorted(p for p in stub.repo_files(repo) if p.startswith("data/"))
+
+
+# ---------------------------------------------------------------- connect
+
+
+def test_connect_creates_repo_and_accepts_existing(hub_stub):  # noqa: F811
+    hub.connect(REPO, endpoint=hub_stub.endpoint)
+    assert ("dataset", REPO) in hub_stub.repos
+    hub.connect(REPO, endpoint=hub_stub.endpoint)  # 409 from create is fine
+    assert hub_stub.count("POST", "/api/repos/create") == 2
+
+
+def test_connect_without_token_is_one_line_usage_error(hub_stub, monkeypatch):  # noqa: F811
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(UsageError) as e:
+        hub.connect(REPO, endpoint=hub_stub.endpoint)
+    msg = str(e.value)
+    assert "\n" not in msg and "hf auth login" in msg and "HF_TOKEN" in msg and "--no-push" in msg
+    assert hub_stub.requests == []
+
+
+def test_connect_invalid_token_not_retried(hub_stub, monkeypatch, sleeps):  # noqa: F811
+    monkeypatch.setenv("HF_TOKEN", "hf_NotAValidTokenAtAll123")
+    with pytest.raises(UsageError, match="refused the Hugging Face token") as e:
+        hub.connect(REPO, endpoint=hub_stub.endpoint, retry=hub.RetryPolicy(sleep=sleeps.append))
+    assert "\n" not in str(e.value) and "NotAValid" not in str(e.value)
+    assert hub_stub.count("GET", "/api/whoami-v2") == 1 and sleeps == []
+
+
+def test_connect_read_only_token(hub_stub, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("HF_TOKEN", hub_stub.read_token)
+    with pytest.raises(UsageError, match="read-only"):
+        hub.connect(REPO, endpoint=hub_stub.endpoint)
+    assert hub_stub.count("POST", "/api/repos/create") == 0
+
+
+def test_connect_foreign_namespace_403_names_repo(hub_stub, sleeps):  # noqa: F811
+    with pytest.raises(UsageError, match="no write access to someone-else/data") as e:
+        hub.connect("someone-else/data", endpoint=hub_stub.endpoint, retry=hub.RetryPolicy(sleep=sleeps.append))
+    assert "\n" not in str(e.value)
+    assert hub_stub.count("POST", "/api/repos/create") == 1 and sleeps == []
+
+
+def test_token_without_write_on_existing_repo_fails_at_push(hub_stub, monkeypatch, tmp_path):  # noqa: F811
+    # create_repo answers 403, repo_info finds the repo, and huggingface_hub 2.4 then fails to build the
+    # repo URL for a non-huggingface.co endpoint (HfUriError): connect must treat that as "exists".
+    hub_stub.create_repo_direct(REPO)
+    hub_stub.tokens["hf_FineGrainedNoWrite1234"] = {"name": "other", "role": "fineGrained", "orgs": []}
+    monkeypatch.setenv("HF_TOKEN", "hf_FineGrainedNoWrite1234")
+    client = hub.connect(REPO, endpoint=hub_stub.endpoint)
+    ckpt = tmp_path / "ckpt"
+    Writer(ckpt).parts(3)
+    with pytest.raises(FatalError, match="HTTP 403") as e:
+        client.push_pending(ckpt, RUN, 0)
+    assert "FineGrained" not in str(e.value)
+
+
+def test_connect_offline_mode_is_usage_error(hub_stub, monkeypatch):  # noqa: F811
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(UsageError, match="HF_HUB_OFFLINE"):
+        hub.connect(REPO, endpoint=hub_stub.endpoint)
+
+
+def test_connect_hub_down_is_fatal(hub_stub, sleeps):  # noqa: F811
+    hub_stub.inject("GET", "/api/whoami-v2", "503", times=100)
+    with pytest.raises(FatalError, match="unreachable"):
+        hub.connect(REPO, endpoint=hub_stub.endpoint, retry=hub.RetryPolicy(sleep=sleeps.append))
+    assert hub_stub.count("GET", "/api/whoami-v2") == 6 and len(sleeps) == 5
+
+
+# ---------------------------------------------------------------- pushing
+
+
+def test_push_then_hub_equals_local_parts(hub_stub, client, ckpt):  # noqa: F811
+    rows = Writer(ckpt).parts(10, 12, 5)
+    assert client.push_pending(ckpt, RUN, 0) == rows
+    assert data_files(hub_stub) == [f"data/{RUN}-w000-000000-000002.parquet"]
+    assert len(assert_hub_matches(hub_stub, REPO, ckpt)) == rows
+    [line] = ledger(ckpt)
+    assert line["parts"] == [p.path.name for p in list_parts(ckpt)] and line["rows"] == rows
+    assert (line["worker"], line["first"], line["last"]) == (0, 0, 2) and len(line["commit"]) == 40
+
+
+def test_incremental_pushes_add_files_and_empty_push_is_noop(hub_stub, client, ckpt):  # noqa: F811
+    w = Writer(ckpt)
+    w.parts(10, 10)
+    client.push_pending(ckpt, RUN, 0)
+    w.parts(7)
+    assert client.push_pending(ckpt, RUN, 0) == 7
+    assert data_files(hub_stub) == [f"data/{RUN}-w000-000000-000001.parquet", f"data/{RUN}-w000-000002-000002.parquet"]
+    commits = hub_stub.count("POST", COMMIT)
+    assert client.push_pending(ckpt, RUN, 0) == 0
+    assert hub_stub.count("POST", COMMIT) == commits == hub_stub.commits_applied == 2
+    assert_hub_matches(hub_stub, REPO, ckpt)
+    assert len(ledger(ckpt)) == 2
+
+
+def test_backlog_is_cut_into_capped_files_in_one_commit(hub_stub, client, ckpt, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(hub, "MAX_ROWS_PER_HUB_FILE", 25)
+    Writer(ckpt).parts(*[10] * 7)
+    assert client.push_pending(ckpt, RUN, 0) == 70
+    assert hub_stub.commits_applied == 1
+    assert [p.rsplit("-w000-", 1)[1] for p in data_files(hub_stub)] == [
+        "000000-000001.parquet", "000002-000003.parquet", "000004-000005.parquet", "000006-000006.parquet"]
+    assert_hub_matches(hub_stub, REPO, ckpt)
+
+
+def test_hub_file_bytes_are_deterministic_and_sorted(hub_stub, client, ckpt):  # noqa: F811
+    store = CheckpointStore(ckpt, 0)
+    store.write_part(make_rows(10, 5))
+    store.write_part(make_rows(0, 5))  # keys of a later part sort first
+    parts = list_parts(ckpt)
+    assert hub.hub_file_bytes(parts) == hub.hub_file_bytes(parts)
+    client.push_pending(ckpt, RUN, 0)
+    [(path, data)] = [(p, d) for p, d in hub_stub.repo_files(REPO).items() if p.startswith("data/")]
+    assert data == hub.hub_file_bytes(parts)
+    table = pq.read_table(io.BytesIO(data))
+    assert table.schema.equals(OUTPUT_SCHEMA)
+    assert table.column("key").to_pylist() == sorted(table.column("key").to_pylist())
+
+
+def test_workers_push_concurrently_without_collisions(hub_stub, ckpt, sleeps):  # noqa: F811
+    import threading
+
+    for w in range(3):
+        Writer(ckpt, w).parts(10, 10)
+    clients = [hub.connect(REPO, endpoint=hub_stub.endpoint, retry=hub.RetryPolicy(sleep=sleeps.append))
+               for _ in range(3)]
+    threads = [threading.Thread(target=c.push_pending, args=(ckpt, RUN, w)) for w, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(data_files(hub_stub)) == 3
+    assert_hub_matches(hub_stub, REPO, ckpt)
+    assert sorted(line["worker"] for line in ledger(ckpt)) == [0, 1, 2]
+
+
+# ---------------------------------------------------------------- faults
+
+
+@pytest.mark.parametrize("kind", ["500", "503", "drop", "lost_response", "409", "412"])
+def test_commit_faults_end_with_every_key_once(hub_stub, client, ckpt, sleeps, kind):  # noqa: F811
+    w = Writer(ckpt)
+    w.parts(10, 10)
+    hub_stub.inject("POST", COMMIT, kind)
+    assert client.push_pending(ckpt, RUN, 0) == 20
+    assert len(sleeps) == 1
+    assert hub_stub.commits_applied == 1  # lost_response: applied once, found by the re-list, not re-sent
+    assert_hub_matches(hub_stub, REPO, ckpt)
+    [line] = ledger(ckpt)
+    assert line.get("recovered", False) is (kind == "lost_response")
+    w.parts(5)  # and the next push carries on normally
+    assert client.push_pending(ckpt, RUN, 0) == 5
+    assert_hub_matches(hub_stub, REPO, ckpt)
+
+
+def test_429_waits_for_retry_after(hub_stub, client, ckpt, sleeps):  # noqa: F811
+    Writer(ckpt).parts(10)
+    hub_stub.inject("POST", COMMIT, "429", retry_after=7)
+    assert client.push_pending(ckpt, RUN, 0) == 10
+    assert len(sleeps) == 1 and sleeps[0] >= 7
+    assert_hub_matches(hub_stub, REPO, ckpt)
+
+
+def test_backoff_doubles_with_jitter_and_is_capped():
+    policy = hub.RetryPolicy(base=1.0, cap=5.0)
+    err = RuntimeError()
+    for attempt, full in [(1, 1), (2, 2), (3, 4), (4, 5), (5, 5)]:
+        assert full / 2 <= policy.wait(attempt, err) <= full
+
+
+@pytest.mark.parametrize("status", ["400", "401", "403", "404"])
+def test_client_errors_are_not_retried(hub_stub, client, ckpt, sleeps, status):  # noqa: F811
+    Writer(ckpt).parts(10)
+    hub_stub.inject("POST", COMMIT, status)
+    with pytest.raises(FatalError, match=f"HTTP {status}") as e:
+        client.push_pending(ckpt, RUN, 0)
+    assert "\n" not in str(e.value)
+    assert hub_stub.count("POST", COMMIT) == 1 and sleeps == []
+    assert not (ckpt / LEDGER).exists()
+    assert client.push_pending(ckpt, RUN, 0) == 10  # a later push goes through
+    assert_hub_matches(hub_stub, REPO, ckpt)
+
+
+def test_hub_down_for_good_keeps_parts_pending(hub_stub, client, ckpt, sleeps, caplog):  # noqa: F811
+    Writer(ckpt).parts(10, 10)
+    client.hub_paths()  # listed while the Hub was up
+    for method in ("GET", "POST", "HEAD"):
+        hub_stub.inject(method, ".*", "503", times=10_000)
+    with caplog.at_level(logging.WARNING, logger="vlm_caption.hub"):
+        assert client.push_pending(ckpt, RUN, 0) == 0
+    assert len(sleeps) == 5 and "Hub unavailable" in caplog.text
+    assert hub_stub.commits_applied == 0 and not (ckpt / LEDGER).exists()
+    hub_stub.clear_faults()
+    assert client.pending_rows(ckpt, RUN, 0) == 20
+    assert client.push_pending(ckpt, RUN, 0) == 20
+    assert_hub_matches(hub_stub, REPO, ckpt)
+
+
+def test_applied_commit_with_every_answer_lost_is_recovered_next_push(hub_stub, client, ckpt, sleeps):  # noqa: F811
+    # The commit lands, then every retry (and re-list) fails: the push gives up, the next one must not re-push.
+    Writer(ckpt).parts(10)
+    client.hub_paths()  # listed while the Hub was up
+    hub_stub.inject("POST", COMMIT, "lost_response")
+    hub_stub.inject("GET", "/tree/", "503", times=10_000)
+    assert client.push_pending(ckpt, RUN, 0) == 0
+    assert hub_stub.commits_applied == 1 and len(sleeps) == 5
+    hub_stub.clear_faults()
+    assert client.push_pending(ckpt, RUN, 0) == 0
+    assert hub_stub.commits_applied == 1
+    [line] = ledger(ckpt)
+    assert line["recovered"] is True and line["commit"] is None and line["rows"] == 10
+    assert_hub_matches(hub_stub, REPO, ckpt)
+
+
+_PUSH_SCRIPT = """
+import sys
+from vlm_caption import hub
+client = hub.connect(sys.argv[1], endpoint=sys.argv[2])
+client.push_pending(sys.argv[3], sys.argv[4], 0)
+"""
+
+
+def test_sigkill_between_commit_and_ledger(hub_stub, ckpt, tmp_path):  # noqa: F811
+    w = Writer(ckpt)
+    w.parts(10, 10, 10)
+    hub_stub.inject("POST", COMMIT, "hang")
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_TOKEN": hub_stub.token, "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": REPO_ROOT_HINT}
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_PUSH_SCRIPT), REPO, hub_stub.endpoint,
+                             str(ckpt), RUN], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert hub_stub.wait_for(lambda: hub_stub.commits_applied == 1, timeout=30), proc.stdout.read1()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL and not (ckpt / LEDGER).exists()
+    client = hub.connect(REPO, endpoint=hub_stub.endpoint)
+    assert client.push_pending(ckpt, RUN, 0) == 0
+    assert hub_stub.commits_applied == 1
+    [line] = ledger(ckpt)
+    assert line["recovered"] is True and line["parts"] == [p.path.name for p in list_parts(ckpt)]
+    w.parts(4)
+    assert client.push_pending(ckpt, RUN, 0) == 4
+    assert_hub_matches(hub_stub, REPO, ckpt)
+
+
+# ---------------------------------------------------------------- background pushes
+
+
+def test_background_pusher_respects_push_every_and_interval(hub_stub, client, ckpt):  # noqa: F811
+    w = Writer(ckpt)
+    pusher = hub.BackgroundPusher(client, ckpt, RUN, 0, push_every=30, min_push_interval=1.0)
+    try:
+        for _ in range(2):
+            pusher.notify(w.parts(10))
+        time.sleep(0.3)
+        assert hub_stub.commits_applied == 0  # 20 rows < push_every
+        pusher.notify(w.parts(10))
+        assert hub_stub.wait_for(lambda: hub_stub.commits_applied == 1, timeout=10)
+        first = time.monotonic()
+        for _ in range(3):
+            pusher.notify(w.parts(10))
+        time.sleep(0.4)
+        assert hub_stub.commits_applied == 1  # enough rows, but the interval has not passed
+        assert hub_stub.wait_for(lambda: hub_stub.commits_applied == 2, timeout=10)
+        assert time.monotonic() - first >= 0.6
+        pusher.notify(w.parts(5))
+    finally:
+        assert pusher.close() is True
+    assert hub_stub.commits_applied == 3 and pusher.rows_pushed == 65
+    assert_hub_matches(hub_stub, REPO, ckpt)
+
+
+def test_background_pusher_survives_hub_outage(hub_stub, client, ckpt, caplog):  # noqa: F811
+    w = Writer(ckpt)
+    hub_stub.inject("POST", COMMIT, "503", times=10_000)
+    pusher = hub.BackgroundPusher(client, ckpt, RUN, 0, push_every=10, min_push_interval=0.0)
+    with caplog.at_level(logging.WARNING, logger="vlm_caption.hub"):
+        start = time.monotonic()
+        pusher.notify(w.parts(10))
+        assert time.monotonic() - start < 0.5  # notify never waits for the Hub
+        assert hub_stub.wait_for(lambda: hub_stub.count("POST", COMMIT) >= 6, timeout=10)
+        assert pusher.close(final=True) is False  # still down: reported, not raised
+    assert "Hub unavailable" in caplog.text and pusher.last_error
+    hub_stub.clear_faults()
+    pusher = hub.BackgroundPusher(client, ckpt, RUN, 0, push_every=10, min_push_interval=0.0)
+    assert pusher.close(final=True) is True
+    assert_hub_matches(hub_stub, REPO, ckpt)
+
+
+# ---------------------------------------------------------------- the dataset card
+
+RUN_INFO = {"run_id": RUN, "model": "google/gemma-3-27b-it", "code_version": "0.1.0", "max_tokens": 256,
+            "temperature": 0.0, "top_p": 1.0, "seed": 0,
+            "prompt": "Describe the artistic style of this image.\nUse ```one``` paragraph."}
+
+
+def test_render_dataset_card():
+    import yaml
+
+    card = hub.render_dataset_card(REPO, {"done": 12_345, "failed": {"decode": 3, "load": 2}}, RUN_INFO)
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["license"] == "cc-by-4.0" and meta["task_categories"] == ["image-to-text"]
+    assert meta["size_categories"] == ["10K<n<100K"] and meta["language"] == ["en"]
+    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}]
+    assert RUN_INFO["prompt"] in card and "````text" in card  # verbatim, fence longer than the prompt's
+    for needle in ("max_tokens=256", "temperature=0.0", "top_p=1.0", "seed=0", "12345", "decode: 3",
+                   "https://huggingface.co/datasets/tomg-group-umd/ContraStyles", "arXiv:2404.01292",
+                   f'datasets.load_dataset("{REPO}"', "google/gemma-3-27b-it"):
+        assert needle in card, needle
+    assert all(f"| `{name}` |" in card for name in OUTPUT_SCHEMA.names)
+    assert [hub.size_category(n) for n in (5, 1_000, 99_999, 100_000, 2_000_000)] == [
+        "n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M"]
+
+
+def test_card_and_data_load_with_datasets(hub_stub, client, ckpt, tmp_path):  # noqa: F811
+    import datasets
+    from huggingface_hub import snapshot_download
+
+    rows = Writer(ckpt).parts(10, 10, 3)
+    client.push_pending(ckpt, RUN, 0)
+    card = hub.write_dataset_card(client, ckpt, {"done": 999, "failed": {}}, RUN_INFO)
+    assert "- n<1K" in card and "Rows (captioned images): 23" in card  # the ledger's count wins
+    assert hub_stub.repo_files(REPO)["README.md"] == card.encode()
+    local = snapshot_download(REPO, repo_type="dataset", endpoint=hub_stub.endpoint, token=hub_stub.token,
+                              cache_dir=tmp_path / "dl")
+    ds = datasets.load_dataset(local, split="train", cache_dir=str(tmp_path / "ds_cache"))
+    assert ds.column_names == OUTPUT_SCHEMA.names and ds.num_rows == rows
+    assert sorted(ds["key"]) == sorted(r["key"] for r in assert_hub_matches(hub_stub, REPO, ckpt))
+
+
+# ---------------------------------------------------------------- the token stays secret
+
+
+def test_token_never_leaks(hub_stub, client, ckpt, sleeps, caplog, capsys):  # noqa: F811
+    token = hub_stub.token
+    w = Writer(ckpt)
+    w.parts(10)
+    texts = []
+    with caplog.at_level(logging.DEBUG):
+        hub_stub.inject("POST", COMMIT, "500", body=f"upstream said: bad token {token}")
+        client.push_pending(ckpt, RUN, 0)
+        w.parts(10)
+        hub_stub.inject("POST", COMMIT, "403", body=f"token {token} may not write here")
+        with pytest.raises(FatalError) as e:
+            client.push_pending(ckpt, RUN, 0)
+        texts.append(str(e.value))
+        hub_stub.inject("POST", COMMIT, "503", times=100, body=f"down for {token}")
+        assert client.push_pending(ckpt, RUN, 0) == 0
+        hub_stub.clear_faults()
+        hub.write_dataset_card(client, ckpt, {"done": 20}, RUN_INFO)
+        texts.append(repr(client))
+        texts.append(hub.scrub(f"Bearer {token} and hf_abcdefghijklmnop", token))
+    out = capsys.readouterr()
+    texts += [caplog.text, out.out, out.err, (ckpt / LEDGER).read_text(),
+              hub_stub.repo_files(REPO)["README.md"].decode()]
+    assert "***" in texts[0] and "hf_abcdefghijklmnop" not in texts[2]
+    for text in texts:
+        assert token not in text and "hf_CANARY" not in text
