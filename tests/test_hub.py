@@ -385,6 +385,10 @@ def test_render_dataset_card():
                    f'datasets.load_dataset("{REPO}"', "google/gemma-3-27b-it"):
         assert needle in card, needle
     assert all(f"| `{name}` |" in card for name in OUTPUT_SCHEMA.names)
+    pipeline_summary = {"this_run": {"captioned": 4}, "checkpoint_dir": {"captioned": 1500, "failed": 2,
+                                                                          "failed_by_stage": {"generate": 2}}}
+    card = hub.render_dataset_card(REPO, pipeline_summary, RUN_INFO)
+    assert "- 1K<n<10K" in card and "(captioned images): 1500" in card and "generate: 2" in card
     assert [hub.size_category(n) for n in (5, 1_000, 99_999, 100_000, 2_000_000)] == [
         "n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M"]
 

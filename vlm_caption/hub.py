@@ -449,9 +449,11 @@ def size_category(n: int) -> str:
 
 
 def render_dataset_card(repo_id: str, summary: dict, run_info: dict, rows: int | None = None) -> str:
-    """README.md of the Hub dataset; rows defaults to the summary's count (`rows` or `done`)."""
-    rows = rows if rows is not None else int(summary.get("rows", summary.get("done", 0)))
-    prompt, failed = str(run_info.get("prompt", "")), summary.get("failed", {})
+    """README.md of the Hub dataset. Counts come from run_summary.json's checkpoint_dir section (captioned,
+    failed_by_stage), else from flat `rows`/`done` and `failed`; `rows` overrides the row count."""
+    whole_dir = summary.get("checkpoint_dir") or {}
+    rows = rows if rows is not None else int(whole_dir.get("captioned", summary.get("rows", summary.get("done", 0))))
+    prompt, failed = str(run_info.get("prompt", "")), whole_dir.get("failed_by_stage", summary.get("failed", {}))
     fence = "`" * max(3, max(map(len, re.findall(r"`+", prompt)), default=0) + 1)  # the prompt stays verbatim
     params = ", ".join(f"{k}={run_info.get(k)}" for k in ("max_tokens", "temperature", "top_p", "seed"))
     failures = ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())) or "none" if isinstance(failed, dict) else failed
