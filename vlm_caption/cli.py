@@ -19,9 +19,10 @@ def setup_logging(verbose: bool = False) -> None:
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
 
 
-def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None) -> None:
+def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None,
+             prog: str | None = None) -> None:
     """Run a script's main(); user mistakes and fatal conditions become one line on stderr."""
-    prog = sys.argv[0].rsplit("/", 1)[-1]
+    prog = prog or sys.argv[0].rsplit("/", 1)[-1]
     try:
         code = main(argv)
     except UsageError as e:

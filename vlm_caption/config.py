@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,13 +83,20 @@ def machine_slice() -> tuple[int, int] | None:
 
 
 def _check_writable_dir(path: Path, flag: str) -> None:
+    """Fail now, not after an hour of work, when results could not be written there."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} is a file, not a directory; pass a directory")
     probe = path
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"{flag} {path} is not writable; choose a directory you can write to")
+    if not probe.is_dir():
+        raise UsageError(f"{flag} {path}: {probe} is a file, not a directory")
+    try:  # a real write: os.access says yes to root even on a read-only file system
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path} is not writable ({e.strerror or e}); choose a directory you can write to") \
+            from None
 
 
 @dataclass

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import UsageError
 
@@ -34,8 +34,10 @@ CARRIED_COLUMNS = {
 }
 _KEY_RE = re.compile(r"^[0-9]{1,20}$")
 _SHARD_DIR_RE = re.compile(r"^images/([0-9]+)/")
-# Declared pixel count above which an image is refused before decoding (a decompression bomb).
-MAX_IMAGE_PIXELS = 16_000 * 16_000
+# Declared pixel count above which an image is refused before decoding (a decompression bomb);
+# the same as PIL's own hard limit, checked by us so the reason is explicit.
+MAX_IMAGE_PIXELS = 2 * 89_478_485
+_INT_COLUMNS = ("width", "height", "original_width", "original_height")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
@@ -69,6 +71,7 @@ def _open(path: Path) -> pq.ParquetFile:
 
 def _iter_batches(files: list[tuple[Path, str | None]], columns: list[str],
                   skip_unreadable: bool) -> Iterator[tuple[pa.RecordBatch, str | None, Path]]:
+    """Record batches of successful rows; an unreadable shard is logged and skipped (or raised)."""
     for path, shard in files:
         try:
             pf = _open(path)
@@ -79,10 +82,10 @@ def _iter_batches(files: list[tuple[Path, str | None]], columns: list[str],
                 if "status" in batch.schema.names:
                     batch = batch.filter(pc.equal(batch.column("status"), "success"))
                 yield batch, shard, path
-        except UsageError:
+        except (UsageError, OSError, pa.ArrowException) as e:
             if not skip_unreadable:
-                raise
-            log.error("skipping unreadable shard metadata %s (its images are not captioned)", path)
+                raise UsageError(f"cannot read metadata {path}: {e}") from None
+            log.error("skipping unreadable shard metadata %s (its images are not captioned): %s", path, e)
 
 
 def shard_of(row_file: str | None, shard: str | None) -> int | None:
@@ -155,17 +158,32 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
 def iter_rows(data_dir: Path, todo_keys: set[str]) -> Iterator[dict[str, Any]]:
     """Pass 2: the metadata rows of `todo_keys`, in metadata order, each once, with `image_path`."""
     wanted = set(todo_keys)
-    columns = list(CARRIED_COLUMNS) + ["file_name", "status"]
+    columns = list(CARRIED_COLUMNS) + ["file_name", "status", "source_md5"]
     for batch, shard, _ in _iter_batches(metadata_files(data_dir), columns, skip_unreadable=True):
         for row in batch.to_pylist():
             key = str(row["key"])
             if key not in wanted:
                 continue
             wanted.discard(key)
-            out = {dst: row.get(src) for src, dst in CARRIED_COLUMNS.items()}
+            if row.get("md5") is None:  # shard parquets hold it as source_md5 (md5 is reserved in img2dataset)
+                row["md5"] = row.get("source_md5")
+            out = clean_row({dst: row.get(src) for src, dst in CARRIED_COLUMNS.items()})
             out["key"] = key
             out["image_path"] = resolve_image_path(data_dir, key, row.get("file_name"), shard)
             yield out
+
+
+def clean_row(row: dict[str, Any]) -> dict[str, Any]:
+    """Metadata as the output schema wants it: text as valid UTF-8 (bad bytes replaced, not dropped),
+    sizes as integers (img2dataset's int32 comes back as float with NaN through pandas)."""
+    for name, value in row.items():
+        if name in _INT_COLUMNS:
+            row[name] = None if value is None or value != value else int(value)
+        elif isinstance(value, (bytes, bytearray)):
+            row[name] = bytes(value).decode("utf-8", errors="replace")
+        elif value is not None and not isinstance(value, str):
+            row[name] = str(value)
+    return row
 
 
 def resolve_image_path(data_dir: Path, key: str, file_name: str | None, shard: str | None) -> Path | None:
@@ -200,7 +218,7 @@ def load_image(path: Path | None, target_size: int = 896) -> Image.Image:
     with f:
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # big art scans are fine
                 img = Image.open(f)
                 w, h = img.size
                 if w * h > MAX_IMAGE_PIXELS:
@@ -212,8 +230,9 @@ def load_image(path: Path | None, target_size: int = 896) -> Image.Image:
                 return to_rgb(img)
         except ImageLoadError:
             raise
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning,
-                ZeroDivisionError) as e:
+        except UnidentifiedImageError:  # PIL's own message names a file object, not the problem
+            raise ImageLoadError("decode", f"{path.name}: not a recognised image format") from None
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, ZeroDivisionError, EOFError) as e:
             raise ImageLoadError("decode", f"{type(e).__name__}: {e}") from None
 
 

@@ -177,4 +177,4 @@ def run_demo(demo_dir: Path, n: int, verbose: bool = False) -> int:
 if __name__ == "__main__":
     from .cli import run_main
 
-    run_main(main)
+    run_main(main, prog=f"python -m {__spec__.name}" if __spec__ else None)

@@ -230,6 +230,9 @@ def finish(cfg: RunConfig, run_id: str, worker: int, num_workers: int, plan: dat
         summary = summarise(cfg, run_id, worker, num_workers, plan, stats, hub_client, pushed_all)
     failed_mine = sum(stats.failed.values()) + plan.failed
     print_summary(summary, ckpt, failed_mine)
+    if plan.unreadable_shards:
+        log.error("unreadable shard metadata, its images were not captioned: %s", ", ".join(plan.unreadable_shards))
+        failed_mine += len(plan.unreadable_shards)
     if not pushed_all:
         log.error("some parts could not be pushed to the Hub; rerun with --push-only when it is reachable")
     return EXIT_ITEMS_FAILED if failed_mine or not pushed_all else EXIT_OK
@@ -263,8 +266,9 @@ def summarise(cfg: RunConfig, run_id: str, worker: int, num_workers: int, plan: 
 def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
     this, total = summary["this_run"], summary["checkpoint_dir"]
     print(f"\ncaptioned {this['captioned']} images in {this['wall_s']:.1f} s ({this['img_per_s']:.2f} img/s, "
-          f"{this['tokens_per_s']:.0f} tokens/s); failed {sum(this['failed_by_stage'].values())} "
-          f"{dict(this['failed_by_stage']) or ''}; skipped {this['skipped_already_done']} already done")
+          f"{this['tokens_per_s']:.0f} tokens/s); failed {sum(this['failed_by_stage'].values())}"
+          f"{' ' + str(this['failed_by_stage']) if this['failed_by_stage'] else ''}; "
+          f"skipped {this['skipped_already_done']} already done")
     print(f"checkpoint dir {ckpt}: {total['captioned']} captioned, {total['failed']} failed; "
           f"merged into {ckpt / store.MERGED}; summary in {ckpt / store.SUMMARY}")
     if failed_mine:

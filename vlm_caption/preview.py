@@ -221,4 +221,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from .cli import run_main
 
-    run_main(main)
+    run_main(main, prog=f"python -m {__spec__.name}" if __spec__ else None)
