@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from hub_stub import REPO_ROOT_HINT, assert_hub_matches, hub_stub  # noqa: F401  (fixture)
 
-from vlm_caption import hub
+from vlm_caption import card, hub
 from vlm_caption.config import FatalError, UsageError
 from vlm_caption.store import LEDGER, OUTPUT_SCHEMA, CheckpointStore, list_parts
 
@@ -374,22 +374,22 @@ RUN_INFO = {"run_id": RUN, "model": "google/gemma-3-27b-it", "code_version": "0.
 def test_render_dataset_card():
     import yaml
 
-    card = hub.render_dataset_card(REPO, {"done": 12_345, "failed": {"decode": 3, "load": 2}}, RUN_INFO)
-    meta = yaml.safe_load(card.split("---\n")[1])
+    text = card.render_dataset_card(REPO, {"done": 12_345, "failed": {"decode": 3, "load": 2}}, RUN_INFO)
+    meta = yaml.safe_load(text.split("---\n")[1])
     assert meta["license"] == "cc-by-4.0" and meta["task_categories"] == ["image-to-text"]
     assert meta["size_categories"] == ["10K<n<100K"] and meta["language"] == ["en"]
     assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}]
-    assert RUN_INFO["prompt"] in card and "````text" in card  # verbatim, fence longer than the prompt's
+    assert RUN_INFO["prompt"] in text and "````text" in text  # verbatim, fence longer than the prompt's
     for needle in ("max_tokens=256", "temperature=0.0", "top_p=1.0", "seed=0", "12345", "decode: 3",
                    "https://huggingface.co/datasets/tomg-group-umd/ContraStyles", "arXiv:2404.01292",
                    f'datasets.load_dataset("{REPO}"', "google/gemma-3-27b-it"):
-        assert needle in card, needle
-    assert all(f"| `{name}` |" in card for name in OUTPUT_SCHEMA.names)
+        assert needle in text, needle
+    assert all(f"| `{name}` |" in text for name in OUTPUT_SCHEMA.names)
     pipeline_summary = {"this_run": {"captioned": 4}, "checkpoint_dir": {"captioned": 1500, "failed": 2,
                                                                           "failed_by_stage": {"generate": 2}}}
-    card = hub.render_dataset_card(REPO, pipeline_summary, RUN_INFO)
-    assert "- 1K<n<10K" in card and "(captioned images): 1500" in card and "generate: 2" in card
-    assert [hub.size_category(n) for n in (5, 1_000, 99_999, 100_000, 2_000_000)] == [
+    text = card.render_dataset_card(REPO, pipeline_summary, RUN_INFO)
+    assert "- 1K<n<10K" in text and "(captioned images): 1500" in text and "generate: 2" in text
+    assert [card.size_category(n) for n in (5, 1_000, 99_999, 100_000, 2_000_000)] == [
         "n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M"]
 
 

@@ -15,8 +15,11 @@ def setup_logging(verbose: bool = False) -> None:
         datefmt="%H:%M:%S",
     )
     # Chatty libraries stay at WARNING unless asked.
-    for name in ("httpx", "httpcore", "urllib3", "filelock", "huggingface_hub"):
+    for name in ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    # Our hub module reports retries and failures itself; the library's own notes (e.g. an unchanged
+    # dataset card skipped as an empty commit) would only be noise.
+    logging.getLogger("huggingface_hub").setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None,

@@ -82,6 +82,10 @@ def run(cfg: RunConfig) -> int:
 
         pusher = hub.BackgroundPusher(hub_client, ckpt, run_id, worker, push_every=cfg.push_every,
                                       min_push_interval=cfg.min_push_interval)
+        try:  # a resumed run's backlog goes out with the first push, not after push_every new rows
+            pusher.notify(hub_client.pending_rows(ckpt, run_id, worker))
+        except FatalError as e:
+            log.warning("could not check the Hub for unpushed parts (%s); they go out with the next push", e)
     try:
         if plan.todo:
             caption_all(cfg, plan, writer, stats, pusher)
@@ -233,6 +237,7 @@ def finish(cfg: RunConfig, run_id: str, worker: int, num_workers: int, plan: dat
     if plan.unreadable_shards:
         log.error("unreadable shard metadata, its images were not captioned: %s", ", ".join(plan.unreadable_shards))
         failed_mine += len(plan.unreadable_shards)
+    pushed_all = pushed_all and (summary["hub"] or {}).get("card_written", True)
     if not pushed_all:
         log.error("some parts could not be pushed to the Hub; rerun with --push-only when it is reachable")
     return EXIT_ITEMS_FAILED if failed_mine or not pushed_all else EXIT_OK
@@ -259,7 +264,11 @@ def summarise(cfg: RunConfig, run_id: str, worker: int, num_workers: int, plan: 
     if hub_client is not None:
         from . import hub
 
-        hub.write_dataset_card(hub_client, ckpt, summary, store.read_run_json(ckpt))
+        try:
+            hub.write_dataset_card(hub_client, ckpt, summary, store.read_run_json(ckpt))
+        except FatalError as e:  # every local output is saved; the card can follow with --push-only
+            log.error("could not write the dataset card: %s; rerun with --push-only later", e)
+            summary["hub"]["card_written"] = False
     return summary
 
 
