@@ -83,20 +83,28 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write, fsync, rename: readers see the old file or the whole new one, never a half."""
+@contextlib.contextmanager
+def atomic_path(path: Path | str):
+    """Yield a tmp path to write; on success fsync it and rename it over `path`, on any error delete it.
+
+    Readers see the old file or the whole new one, never a half, whatever kills the writer.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
@@ -104,17 +112,8 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def atomic_write_table(path: Path, table: pa.Table) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp, compression="zstd")
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _pid_alive(pid: int) -> bool:
@@ -334,25 +333,13 @@ def merge_parts(dirs: list[Path | str], output: Path | str, bucket_rows: int = 5
     ranges, counts = _part_ranges(dirs)
     duplicates = sorted(k for k, n in counts.items() if n > 1)
     keys = sorted(counts)
-    tmp = _tmp_name(output)
-    try:
-        with pq.ParquetWriter(tmp, OUTPUT_SCHEMA, compression="zstd") as writer:
-            for start in range(0, len(keys), bucket_rows):
-                lo, hi = keys[start], keys[min(start + bucket_rows, len(keys)) - 1]
-                tables = []
-                for path, pmin, pmax in ranges:
-                    if pmin <= hi and pmax >= lo:
-                        t = pq.read_table(path, schema=OUTPUT_SCHEMA,
-                                          filters=[("key", ">=", lo), ("key", "<=", hi)])
-                        tables.append(t)
-                bucket = pa.concat_tables(tables).sort_by("key")
-                writer.write_table(_first_per_key(bucket))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, output)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, OUTPUT_SCHEMA, compression="zstd") as writer:
+        for start in range(0, len(keys), bucket_rows):
+            lo, hi = keys[start], keys[min(start + bucket_rows, len(keys)) - 1]
+            tables = [pq.read_table(path, schema=OUTPUT_SCHEMA, filters=[("key", ">=", lo), ("key", "<=", hi)])
+                      for path, pmin, pmax in ranges if pmin <= hi and pmax >= lo]
+            bucket = pa.concat_tables(tables).sort_by("key")
+            writer.write_table(_first_per_key(bucket))
     if duplicates:
         log.warning("%d keys were captioned more than once; kept the first of each (e.g. %s)",
                     len(duplicates), duplicates[:5])
