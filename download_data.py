@@ -4,7 +4,7 @@
     python download_data.py --output ./data/contrastyles_full --processes 16 --threads 64
 
 Reruns resume: finished shards are not downloaded again and validated shards are not checked again.
-The logic lives in vlm_caption/download.py.
+The logic lives in vlm_caption/download.py (decode checks and metadata files: vlm_caption/validate.py).
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ import pytest
 
 from tests.image_server import ImageServer, Route
 from vlm_caption import download as dl
+from vlm_caption import validate
 from vlm_caption.config import DownloadConfig, UsageError
 from vlm_caption.sample_data import write_sample
 
@@ -114,7 +115,7 @@ def test_counts_per_outcome(first_run, server):
 
 def test_extra_columns_arrive_unchanged(first_run, source):
     meta = pq.read_table(first_run["out"] / "full_metadata.parquet")
-    assert meta.schema.equals(dl.FULL_METADATA_SCHEMA)
+    assert meta.schema.equals(validate.FULL_METADATA_SCHEMA)
     src = {r["key"]: r for r in pq.read_table(source).to_pylist()}
     rows = meta.to_pylist()
     assert [r["key"] for r in rows] == sorted(r["key"] for r in rows)
@@ -224,7 +225,7 @@ def test_validation_pool_matches_inline(tmp_path):
     inline = pq.read_table(root / "decode_checks/00000.parquet")
     (root / "decode_checks/00000.parquet").unlink()
     stats = dl._finished_stats(root / "images")
-    result = dl.validate_shards(root, stats, workers=2)
+    result = validate.validate_shards(root, stats, workers=2)
     assert result.images == 45
     assert pq.read_table(root / "decode_checks/00000.parquet").equals(inline)
 
@@ -239,8 +240,8 @@ def test_check_image_catches_what_verify_misses(tmp_path):
     cut.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     with Image.open(cut) as im:
         im.verify()  # passes: verify() does not decode the pixels
-    assert "truncated" in dl.check_image(str(cut))[3]
-    assert dl.check_image(str(good))[3] is None
+    assert "truncated" in validate.check_image(str(cut))[3]
+    assert validate.check_image(str(good))[3] is None
 
 
 def test_check_image_reports_decompression_bombs(tmp_path, monkeypatch):
@@ -249,5 +250,5 @@ def test_check_image_reports_decompression_bombs(tmp_path, monkeypatch):
     path = tmp_path / "big.png"
     Image.new("L", (100, 100)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10000 pixels is more than twice the limit
-    width, height, fmt, error = dl.check_image(str(path))
+    width, height, fmt, error = validate.check_image(str(path))
     assert error.startswith("decompression bomb") and width is None

@@ -1,37 +1,16 @@
-"""Download stage: source table -> urls.parquet -> img2dataset -> decode check -> full_metadata, metadata.csv.
+"""Download stage: source table -> urls.parquet -> img2dataset -> validate -> summary.
 
-Layout under the output directory (see DESIGN.md):
-
-    urls.parquet              url, caption, original_key, md5, tags, merged_tags (+ shard size in its metadata)
-    images/                   img2dataset's own output (files format), never modified here
-      00000/000000000.jpg     raw downloaded bytes: the extension is always .jpg whatever the content
-      00000.parquet           per-shard rows (SHARD_SCHEMA), in completion order
-      00000_stats.json        img2dataset's completion marker
-    decode_checks/00000.parquet  our per-shard decode results (VALIDATION_SCHEMA); its presence = shard validated
-    invalid_images.parquet    key, path, error: files img2dataset saved that PIL cannot fully decode
-    full_metadata.parquet     successful, valid rows of every finished shard (FULL_METADATA_SCHEMA)
-    metadata.csv              file_name,text for `datasets.load_dataset("imagefolder", data_dir=OUTPUT)`
-    download_summary.json     counts, failure reasons, timings
-
-Validation markers live in decode_checks/, not images/: img2dataset treats every `images/*.json` as a
-finished shard (it parses the digits before the first '_'), so a stray marker there could make it skip
-a shard, and a non-numeric name crashes its scan. No file or directory here may be named like a split
-(train, test, valid, validation, dev, eval, ...): `load_dataset("imagefolder", data_dir=OUTPUT)` would
-then infer splits from those names and find no images in them.
+The decode checks and the metadata files they feed (invalid_images.parquet, full_metadata.parquet,
+metadata.csv) are validate.py's; the directory layout is in data_layout.py.
 """
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 import threading
 import time
-from collections import Counter
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 
 import pyarrow as pa
@@ -40,26 +19,17 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from .config import EXIT_ITEMS_FAILED, EXIT_OK, DownloadConfig, FatalError, UsageError
+from .data_layout import (ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, INVALID_FILE, METADATA_CSV, OOM_SHARD_COUNT,
+                          SAVED_COLUMNS, SUMMARY_FILE, URLS_FILE, VALIDATION_DIR, expected_shards, shard_name,
+                          write_json_atomic, write_parquet_atomic)
+from .validate import OutputCounts, ValidationStats, build_outputs, validate_shards
 
 logger = logging.getLogger(__name__)
 
 SOURCE_COLUMNS = ("key", "url", "caption", "md5", "tags", "merged_tags")
 URL_COLUMNS = ("url", "caption", "original_key", "md5", "tags", "merged_tags")
-# Passed to img2dataset's save_additional_columns, in this order. `md5` is reserved by img2dataset
-# (it raises ValueError), so the dataset's md5 travels as `source_md5` and is renamed back afterwards.
-SAVED_COLUMNS = ("original_key", "source_md5", "tags", "merged_tags")
-IMAGES_DIR = "images"
-VALIDATION_DIR = "decode_checks"  # not "validation": datasets would read that name as a split
-URLS_FILE = "urls.parquet"
 IMG2DATASET_INPUT = "_img2dataset_input.parquet"  # urls.parquet with md5 renamed; removed after the run
-FULL_METADATA_FILE = "full_metadata.parquet"
-INVALID_FILE = "invalid_images.parquet"
-METADATA_CSV = "metadata.csv"
-SUMMARY_FILE = "download_summary.json"
-ENCODE_FORMAT = "jpg"  # img2dataset names every file {key}.jpg (its encode_format), even PNG bytes
-OOM_SHARD_COUNT = 5  # img2dataset's default: shard names and key prefixes have 5 digits
 SHARD_SIZE_META = b"vlm_caption.shard_size"
-STATS_END_META = b"vlm_caption.stats_end_time"
 
 # What img2dataset 1.47 writes to images/NNNNN.parquet for our input (checked by tests/test_sample_data.py).
 SHARD_SCHEMA = pa.schema(
@@ -69,58 +39,6 @@ SHARD_SCHEMA = pa.schema(
     + [(c, pa.int32()) for c in ("width", "height", "original_width", "original_height")]
     + [("exif", pa.string()), ("sha256", pa.string())]
 )
-VALIDATION_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("file_name", pa.string()),  # relative to the output dir
-    ("width", pa.int64()),
-    ("height", pa.int64()),
-    ("format", pa.string()),  # what PIL detected (JPEG, PNG, ...); null when undecodable
-    ("error", pa.string()),  # null = decodes fully
-])
-INVALID_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()), ("error", pa.string())])
-FULL_METADATA_SCHEMA = pa.schema(
-    [(c, pa.string()) for c in ("key", "original_key", "url", "caption", "md5", "tags", "merged_tags")]
-    + [(c, pa.int64()) for c in ("width", "height", "original_width", "original_height")]
-    + [("sha256", pa.string()), ("file_name", pa.string())]
-)
-METADATA_CSV_SCHEMA = pa.schema([("file_name", pa.string()), ("text", pa.string())])
-
-
-# ---------------------------------------------------------------------------------------------- names
-
-def img2dataset_key(index: int, shard_size: int) -> str:
-    """The key img2dataset gives row `index` of its input (same arithmetic as its compute_key)."""
-    shard_id, sample_id = divmod(index, shard_size)
-    sample_digits = math.ceil(math.log10(shard_size))
-    return f"{(10 ** sample_digits) * shard_id + sample_id:0{sample_digits + OOM_SHARD_COUNT}d}"
-
-
-def shard_name(shard_id: int) -> str:
-    return f"{shard_id:0{OOM_SHARD_COUNT}d}"
-
-
-def image_file_name(shard_id: int, key: str) -> str:
-    """Path of a saved image relative to the output dir."""
-    return f"{IMAGES_DIR}/{shard_name(shard_id)}/{key}.{ENCODE_FORMAT}"
-
-
-def expected_shards(n_rows: int, shard_size: int) -> list[int]:
-    return list(range(math.ceil(n_rows / shard_size)))
-
-
-# ---------------------------------------------------------------------------------------------- files
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a half file under the real name."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------- source
@@ -298,168 +216,6 @@ def _finished_stats(images_dir: Path) -> dict[int, dict]:
                 logger.warning("%s is not valid JSON; treating shard %s as finished", path, prefix)
                 done[int(prefix)] = {}
     return done
-
-
-# ---------------------------------------------------------------------------------------------- validation
-
-def check_image(path: str) -> tuple[int | None, int | None, str | None, str | None]:
-    """(width, height, format, error) after decoding every pixel; error None means the file is usable.
-
-    Image.verify() alone does not notice a truncated JPEG; load() does. Messages carry no paths or
-    addresses so they are the same on every machine.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        if os.path.getsize(path) == 0:
-            return None, None, None, "empty file"
-        with Image.open(path) as im:
-            width, height, fmt = im.width, im.height, im.format
-            im.load()
-        return width, height, fmt, None
-    except FileNotFoundError:
-        return None, None, None, "file missing"
-    except UnidentifiedImageError:
-        return None, None, None, "not an image (unidentified format)"
-    except Image.DecompressionBombError as e:
-        return None, None, None, f"decompression bomb: {e}"
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
-        return None, None, None, f"{type(e).__name__}: {e}"
-
-
-@dataclass
-class ValidationStats:
-    shards: int = 0  # shards validated in this run
-    images: int = 0  # images decoded in this run
-    seconds: float = 0.0
-
-    def as_dict(self) -> dict:
-        rate = self.images / self.seconds if self.seconds > 0 else None
-        return {"shards_validated_now": self.shards, "images_checked_now": self.images,
-                "seconds": round(self.seconds, 3), "images_per_second": round(rate, 1) if rate else None}
-
-
-def validation_path(out: Path, shard_id: int) -> Path:
-    return out / VALIDATION_DIR / f"{shard_name(shard_id)}.parquet"
-
-
-def is_validated(out: Path, shard_id: int, stats: dict) -> bool:
-    """Validated, and for this very download of the shard (img2dataset rewrites stats when it redoes one)."""
-    path = validation_path(out, shard_id)
-    if not path.is_file():
-        return False
-    meta = pq.read_schema(path).metadata or {}
-    return meta.get(STATS_END_META) == repr(stats.get("end_time")).encode()
-
-
-def validate_shards(out: Path, finished: dict[int, dict], workers: int) -> ValidationStats:
-    """Decode the saved images of every finished shard not validated yet; write decode_checks/NNNNN.parquet."""
-    todo = [s for s in sorted(finished) if not is_validated(out, s, finished[s])]
-    result = ValidationStats()
-    if not todo:
-        return result
-    (out / VALIDATION_DIR).mkdir(exist_ok=True)
-    start = time.perf_counter()
-    pool = _make_pool(workers)
-    try:
-        for shard_id in todo:
-            result.images += _validate_shard(out, shard_id, finished[shard_id], pool)
-            result.shards += 1
-    finally:
-        if pool is not None:
-            pool.shutdown()
-    result.seconds = time.perf_counter() - start
-    logger.info("validated %d shard(s), %d images in %.1f s", result.shards, result.images, result.seconds)
-    return result
-
-
-def _make_pool(workers: int) -> ProcessPoolExecutor | None:
-    if workers <= 1:
-        return None
-    # spawn, not fork: pyarrow and img2dataset leave threads behind, and forking a threaded process can hang.
-    return ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
-
-
-def _validate_shard(out: Path, shard_id: int, stats: dict, pool: ProcessPoolExecutor | None) -> int:
-    shard = pq.read_table(out / IMAGES_DIR / f"{shard_name(shard_id)}.parquet", columns=["key", "status"])
-    keys = sorted(shard.filter(pc.equal(shard["status"], "success"))["key"].to_pylist())
-    names = [image_file_name(shard_id, k) for k in keys]
-    paths = [str(out / n) for n in names]
-    if pool is None or len(paths) < 32:  # a pool round trip costs more than decoding a handful
-        checks = list(map(check_image, paths))
-    else:
-        checks = list(pool.map(check_image, paths, chunksize=16))
-    widths, heights, formats, errors = (list(col) for col in zip(*checks)) if checks else ([], [], [], [])
-    table = pa.table({"key": keys, "file_name": names, "width": widths, "height": heights,
-                      "format": formats, "error": errors}, schema=VALIDATION_SCHEMA)
-    # Written last and atomically: its presence is the marker that this shard is validated.
-    write_parquet_atomic(table.replace_schema_metadata({STATS_END_META: repr(stats.get("end_time")).encode()}),
-                         validation_path(out, shard_id))
-    return len(keys)
-
-
-# ---------------------------------------------------------------------------------------------- outputs
-
-@dataclass
-class OutputCounts:
-    rows: int = 0  # rows in finished shards
-    downloaded: int = 0  # status success
-    failed_by_status: Counter = field(default_factory=Counter)
-    failure_reasons: Counter = field(default_factory=Counter)
-    invalid: int = 0
-    metadata_rows: int = 0  # rows in full_metadata.parquet
-
-
-def build_outputs(out: Path, shard_ids: list[int], include_invalid: bool = False) -> OutputCounts:
-    """full_metadata.parquet, metadata.csv and invalid_images.parquet, one shard in memory at a time.
-
-    include_invalid keeps undecodable rows in full_metadata/metadata.csv (sample data for captioner tests).
-    """
-    counts = OutputCounts()
-    tmp = {name: out / f".{name}.tmp" for name in (FULL_METADATA_FILE, METADATA_CSV, INVALID_FILE)}
-    with pq.ParquetWriter(tmp[FULL_METADATA_FILE], FULL_METADATA_SCHEMA) as meta_writer, \
-            pa_csv.CSVWriter(tmp[METADATA_CSV], METADATA_CSV_SCHEMA) as csv_writer, \
-            pq.ParquetWriter(tmp[INVALID_FILE], INVALID_SCHEMA) as invalid_writer:
-        for shard_id in shard_ids:
-            rows, invalid = _shard_outputs(out, shard_id, counts, include_invalid)
-            meta_writer.write_table(rows)
-            csv_writer.write_table(pa.table({"file_name": rows["file_name"],
-                                             "text": pc.fill_null(rows["caption"], "")}, METADATA_CSV_SCHEMA))
-            invalid_writer.write_table(invalid)
-    for name, path in tmp.items():
-        os.replace(path, out / name)
-    return counts
-
-
-def _shard_outputs(out: Path, shard_id: int, counts: OutputCounts, include_invalid: bool) -> tuple[pa.Table, pa.Table]:
-    """(full_metadata rows, invalid rows) of one shard, sorted by key; updates counts."""
-    shard = pq.read_table(out / IMAGES_DIR / f"{shard_name(shard_id)}.parquet")
-    checks = pq.read_table(validation_path(out, shard_id))
-    ok = pc.equal(shard["status"], "success")
-    counts.rows += shard.num_rows
-    counts.downloaded += pc.sum(ok).as_py() or 0
-    failed = shard.filter(pc.invert(ok))
-    counts.failed_by_status.update(failed["status"].to_pylist())
-    counts.failure_reasons.update(failed["error_message"].to_pylist())
-
-    bad = checks.filter(pc.is_valid(checks["error"]))
-    counts.invalid += bad.num_rows
-    invalid = pa.table({"key": bad["key"], "path": bad["file_name"], "error": bad["error"]}, schema=INVALID_SCHEMA)
-
-    keep = checks if include_invalid else checks.filter(pc.is_null(checks["error"]))
-    downloaded = shard.filter(ok).select(["key", *SAVED_COLUMNS, "caption", "url", "sha256"])
-    rows = downloaded.join(keep.select(["key", "file_name", "width", "height"]), "key", join_type="inner")
-    rows = pa.table({
-        "key": rows["key"], "original_key": rows["original_key"], "url": rows["url"], "caption": rows["caption"],
-        "md5": rows["source_md5"], "tags": rows["tags"], "merged_tags": rows["merged_tags"],
-        # img2dataset leaves sizes null when it does not re-encode; PIL measured them. No resizing, so
-        # the saved size is the original size.
-        "width": rows["width"], "height": rows["height"],
-        "original_width": rows["width"], "original_height": rows["height"],
-        "sha256": rows["sha256"], "file_name": rows["file_name"],
-    }, schema=FULL_METADATA_SCHEMA).sort_by("key")
-    counts.metadata_rows += rows.num_rows
-    return rows, invalid.sort_by("key")
 
 
 # ---------------------------------------------------------------------------------------------- summary

@@ -15,8 +15,8 @@ three bad files in full_metadata.parquet and metadata.csv too, so the captioner 
 download stage itself never does that.
 
 The shard parquets, stats files, decode checks, full_metadata.parquet, metadata.csv and the summary are
-written by the same functions download.py uses, so the two cannot drift apart. The same seed gives the
-same bytes.
+written by the same functions download.py and validate.py use, so a sample and a real download cannot
+drift apart. The same seed gives the same bytes.
 """
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
+from . import data_layout as layout
 from . import download as dl
+from . import validate
 from .config import DownloadConfig, UsageError
 
 # Fixed times in the stats files, so that a seed always gives the same bytes.
@@ -239,28 +241,28 @@ def write_sample(out_dir: str | Path, n: int = 64, broken: bool = False, seed: i
     rng = random.Random(seed)
     rows = _plan(n, broken, rng)
     original_keys = rng.sample(range(10**8, 10**9), n)
-    images_dir = out / dl.IMAGES_DIR
+    images_dir = out / layout.IMAGES_DIR
     images_dir.mkdir(parents=True)
     url_rows, stats = [], {}
-    for shard_id in dl.expected_shards(n, shard_size):
+    for shard_id in layout.expected_shards(n, shard_size):
         shard_rows = rows[shard_id * shard_size:(shard_id + 1) * shard_size]
         stats[shard_id] = _write_shard(out, shard_id, shard_rows, shard_size, original_keys, rng, url_rows)
     dl.write_urls(out, pa.Table.from_pylist(url_rows, schema=pa.schema([(c, pa.string()) for c in dl.URL_COLUMNS])),
                   shard_size)
 
-    checks = dl.validate_shards(out, stats, workers=1)
-    counts = dl.build_outputs(out, sorted(stats), include_invalid=include_invalid)
+    checks = validate.validate_shards(out, stats, workers=1)
+    counts = validate.build_outputs(out, sorted(stats), include_invalid=include_invalid)
     checks.seconds = 0.0  # no timings in the sample: the same seed gives the same bytes
     cfg = DownloadConfig(output=str(out), source=f"synthetic sample (seed {seed})", shard_size=shard_size)
     summary = dl.make_summary(cfg, n, sorted(stats), sorted(stats), counts, checks, None)
-    dl.write_json_atomic(summary, out / dl.SUMMARY_FILE)
+    layout.write_json_atomic(summary, out / layout.SUMMARY_FILE)
     return out
 
 
 def _write_shard(out: Path, shard_id: int, rows: list[_Row], shard_size: int, original_keys: list[int],
                  rng: random.Random, url_rows: list[dict]) -> dict:
     """One shard as img2dataset writes it: files, NNNNN.parquet, then NNNNN_stats.json last."""
-    subdir = out / dl.IMAGES_DIR / dl.shard_name(shard_id)
+    subdir = out / layout.IMAGES_DIR / layout.shard_name(shard_id)
     subdir.mkdir()
     metas, status_dict = [], Counter()
     for row in rows:
@@ -269,20 +271,20 @@ def _write_shard(out: Path, shard_id: int, rows: list[_Row], shard_size: int, or
                          "md5": meta["source_md5"], "tags": meta["tags"], "merged_tags": meta["merged_tags"]})
         status_dict["success" if data is not None else meta["error_message"]] += 1
         if data is not None:
-            (subdir / f"{meta['key']}.{dl.ENCODE_FORMAT}").write_bytes(data)
+            (subdir / f"{meta['key']}.{layout.ENCODE_FORMAT}").write_bytes(data)
             (subdir / f"{meta['key']}.txt").write_text(meta["caption"], encoding="utf-8")
             (subdir / f"{meta['key']}.json").write_text(json.dumps(meta, indent=4), encoding="utf-8")
         metas.append(meta)
     rng.shuffle(metas)  # img2dataset writes rows in completion order, not key order
-    dl.write_parquet_atomic(pa.Table.from_pylist(metas, schema=dl.SHARD_SCHEMA),
-                            out / dl.IMAGES_DIR / f"{dl.shard_name(shard_id)}.parquet")
+    layout.write_parquet_atomic(pa.Table.from_pylist(metas, schema=dl.SHARD_SCHEMA),
+                                out / layout.IMAGES_DIR / f"{layout.shard_name(shard_id)}.parquet")
     start = _EPOCH + 60.0 * shard_id
     stats = {
         "count": len(rows), "successes": status_dict["success"],
         "failed_to_download": len(rows) - status_dict["success"], "failed_to_resize": 0,
         "duration": 30.0, "start_time": start, "end_time": start + 30.0, "status_dict": dict(status_dict),
     }
-    (out / dl.IMAGES_DIR / f"{dl.shard_name(shard_id)}_stats.json").write_text(json.dumps(stats, indent=4))
+    (out / layout.IMAGES_DIR / f"{layout.shard_name(shard_id)}_stats.json").write_text(json.dumps(stats, indent=4))
     return stats
 
 
@@ -299,7 +301,7 @@ def _row_meta(row: _Row, shard_size: int, original_keys: list[int], rng: random.
         "merged_tags": text["merged_tags"],
         "caption": text["caption"],
         "url": f"http://127.0.0.1/img/{row.index}.{ext}",
-        "key": dl.img2dataset_key(row.index, shard_size),
+        "key": layout.img2dataset_key(row.index, shard_size),
         "status": "failed_to_download" if failed else "success",
         "error_message": _FAILED.get(row.kind),
         # With disable_all_reencoding img2dataset never decodes, so all four sizes stay null.
@@ -319,9 +321,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=None, help="rows per shard (default: 10000, like the download)")
     a = p.parse_args(argv)
     out = write_sample(a.out, n=a.n, broken=a.broken, seed=a.seed, shard_size=a.shard_size)
-    summary = json.loads((out / dl.SUMMARY_FILE).read_text())
+    summary = json.loads((out / layout.SUMMARY_FILE).read_text())
     print(f"wrote {a.n} rows to {out}: {summary['valid']} valid images, {summary['invalid']} broken files, "
-          f"{summary['failed']} failed downloads; {summary['full_metadata_rows']} rows in {dl.FULL_METADATA_FILE}")
+          f"{summary['failed']} failed downloads; {summary['full_metadata_rows']} rows in {layout.FULL_METADATA_FILE}")
     return 0
 
 

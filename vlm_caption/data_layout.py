@@ -1,0 +1,82 @@
+"""The data directory's layout: file names, shard names and keys, atomic writes (see DESIGN.md).
+
+    urls.parquet              url, caption, original_key, md5, tags, merged_tags (+ shard size in its metadata)
+    images/                   img2dataset's own output (files format), never modified here
+      00000/000000000.jpg     raw downloaded bytes: the extension is always .jpg whatever the content
+      00000.parquet           per-shard rows (download.SHARD_SCHEMA), in completion order
+      00000_stats.json        img2dataset's completion marker
+    decode_checks/00000.parquet  per-shard decode results (validate.VALIDATION_SCHEMA); present = shard validated
+    invalid_images.parquet    key, path, error: files img2dataset saved that PIL cannot fully decode
+    full_metadata.parquet     successful, valid rows of every finished shard (validate.FULL_METADATA_SCHEMA)
+    metadata.csv              file_name,text for `datasets.load_dataset("imagefolder", data_dir=OUTPUT)`
+    download_summary.json     counts, failure reasons, timings
+
+download.py writes urls.parquet, runs img2dataset and writes the summary; validate.py writes
+decode_checks/, invalid_images.parquet, full_metadata.parquet and metadata.csv; sample_data.py writes
+the same layout synthetically. The names live here so that none of them imports another for a constant.
+
+Validation markers live in decode_checks/, not images/: img2dataset treats every `images/*.json` as a
+finished shard (it parses the digits before the first '_'), so a stray marker there could make it skip
+a shard, and a non-numeric name crashes its scan. No file or directory here may be named like a split
+(train, test, valid, validation, dev, eval, ...): `load_dataset("imagefolder", data_dir=OUTPUT)` would
+then infer splits from those names and find no images in them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+# Passed to img2dataset's save_additional_columns, in this order. `md5` is reserved by img2dataset
+# (it raises ValueError), so the dataset's md5 travels as `source_md5` and is renamed back afterwards.
+SAVED_COLUMNS = ("original_key", "source_md5", "tags", "merged_tags")
+IMAGES_DIR = "images"
+VALIDATION_DIR = "decode_checks"  # not "validation": datasets would read that name as a split
+URLS_FILE = "urls.parquet"
+FULL_METADATA_FILE = "full_metadata.parquet"
+INVALID_FILE = "invalid_images.parquet"
+METADATA_CSV = "metadata.csv"
+SUMMARY_FILE = "download_summary.json"
+ENCODE_FORMAT = "jpg"  # img2dataset names every file {key}.jpg (its encode_format), even PNG bytes
+OOM_SHARD_COUNT = 5  # img2dataset's default: shard names and key prefixes have 5 digits
+
+
+# ---------------------------------------------------------------------------------------------- names
+
+def img2dataset_key(index: int, shard_size: int) -> str:
+    """The key img2dataset gives row `index` of its input (same arithmetic as its compute_key)."""
+    shard_id, sample_id = divmod(index, shard_size)
+    sample_digits = math.ceil(math.log10(shard_size))
+    return f"{(10 ** sample_digits) * shard_id + sample_id:0{sample_digits + OOM_SHARD_COUNT}d}"
+
+
+def shard_name(shard_id: int) -> str:
+    return f"{shard_id:0{OOM_SHARD_COUNT}d}"
+
+
+def image_file_name(shard_id: int, key: str) -> str:
+    """Path of a saved image relative to the output dir."""
+    return f"{IMAGES_DIR}/{shard_name(shard_id)}/{key}.{ENCODE_FORMAT}"
+
+
+def expected_shards(n_rows: int, shard_size: int) -> list[int]:
+    return list(range(math.ceil(n_rows / shard_size)))
+
+
+# ---------------------------------------------------------------------------------------------- files
+
+def write_parquet_atomic(table: pa.Table, path: Path) -> None:
+    """Write to a temporary name, then rename: a crash never leaves a half file under the real name."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(obj: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
