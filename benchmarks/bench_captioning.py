@@ -40,6 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="auto")
     p.add_argument("--attn-implementation", default="sdpa")
     p.add_argument("--skip-loop", action="store_true", help="measure only the pipeline")
+    p.add_argument("--repeat", type=int, default=1, help="alternate loop and pipeline this many times and keep "
+                   "the best of each (a shared machine is noisy)")
     p.add_argument("--out", help="append the JSON line to this file")
     return p.parse_args(argv)
 
@@ -148,13 +150,20 @@ def main(argv=None) -> int:
                   "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                   "new_tokens_per_image": args.new_tokens, "batch_size": args.batch_size,
                   "pipeline_images": args.images, "loop_images": len(loop_paths), "cpu_threads": torch.get_num_threads()}
-        if not args.skip_loop:
-            tokens, secs = timed(lambda: run_loop(model, processor, loop_paths, args.new_tokens, prompt), sync)
-            result.update(loop_img_s=round(len(loop_paths) / secs, 3), loop_tokens_s=round(tokens / secs, 1))
-        (tokens, generate_share), secs = timed(
-            lambda: run_pipeline(model, processor, data_dir, work / "ckpt", args, prompt), sync)
-        result.update(pipeline_img_s=round(_count(work / "ckpt") / secs, 3),
-                      pipeline_tokens_s=round(tokens / secs, 1), pipeline_generate_share=generate_share)
+        for r in range(args.repeat):  # alternate the two so a burst of load elsewhere hits both alike
+            if not args.skip_loop:
+                tokens, secs = timed(lambda: run_loop(model, processor, loop_paths, args.new_tokens, prompt), sync)
+                if secs < result.get("_loop_s", float("inf")):
+                    result.update(_loop_s=secs, loop_img_s=round(len(loop_paths) / secs, 3),
+                                  loop_tokens_s=round(tokens / secs, 1))
+            ckpt = work / f"ckpt{r}"
+            (tokens, generate_share), secs = timed(
+                lambda: run_pipeline(model, processor, data_dir, ckpt, args, prompt), sync)
+            if secs < result.get("_pipeline_s", float("inf")):
+                result.update(_pipeline_s=secs, pipeline_img_s=round(_count(ckpt) / secs, 3),
+                              pipeline_tokens_s=round(tokens / secs, 1), pipeline_generate_share=generate_share)
+        result = {k: v for k, v in result.items() if not k.startswith("_")}
+        result["repeat"] = args.repeat
         if "loop_img_s" in result:
             result["ratio"] = round(result["pipeline_img_s"] / result["loop_img_s"], 2)
         result["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
