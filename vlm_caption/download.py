@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import threading
 import time
@@ -29,6 +30,7 @@ logger = logging.getLogger(__name__)
 SOURCE_COLUMNS = ("key", "url", "caption", "md5", "tags", "merged_tags")
 URL_COLUMNS = ("url", "caption", "original_key", "md5", "tags", "merged_tags")
 IMG2DATASET_INPUT = "_img2dataset_input.parquet"  # urls.parquet with md5 renamed; removed after the run
+IMG2DATASET_TMP = "_tmp"  # img2dataset's own temp dir under images/ (its input cut into shards)
 SHARD_SIZE_META = b"vlm_caption.shard_size"
 
 # What img2dataset 1.47 writes to images/NNNNN.parquet for our input (checked by tests/test_sample_data.py).
@@ -202,6 +204,20 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
         input_path.unlink(missing_ok=True)
 
 
+def remove_img2dataset_leftovers(out: Path) -> None:
+    """Delete what an img2dataset run killed after its last shard's stats file, before it returned, left.
+
+    img2dataset removes its _tmp dir (its input cut into shards) only when it returns, and run_img2dataset
+    removes the input copy after that. A rerun that still has shards to do reuses and removes both; once
+    every shard is done no run calls img2dataset again, so they would stay forever.
+    """
+    tmp_dir = out / IMAGES_DIR / IMG2DATASET_TMP
+    if tmp_dir.is_dir():
+        logger.info("removing %s, left by an interrupted img2dataset run", tmp_dir)
+        shutil.rmtree(tmp_dir)
+    (out / IMG2DATASET_INPUT).unlink(missing_ok=True)
+
+
 def _finished_stats(images_dir: Path) -> dict[int, dict]:
     """img2dataset's finished shards: shard id -> its NNNNN_stats.json (written when the shard is done)."""
     done = {}
@@ -284,6 +300,7 @@ def download_dataset(cfg: DownloadConfig) -> dict:
     t1 = time.perf_counter()
     if set(shard_ids) <= set(_finished_stats(out / IMAGES_DIR)):
         logger.info("all %d shard(s) already downloaded; img2dataset has nothing to do", len(shard_ids))
+        remove_img2dataset_leftovers(out)
     else:
         run_img2dataset(out, urls, cfg)
     t2 = time.perf_counter()
