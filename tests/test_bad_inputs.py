@@ -88,6 +88,7 @@ def write_shard(data: Path, shard: str, rows: list[dict]) -> None:
                         ("source_md5", pa.string()), ("tags", pa.binary()), ("merged_tags", pa.string()),
                         ("width", pa.int32()), ("height", pa.int32()), ("sha256", pa.string())])
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), data / "images" / f"{shard}.parquet")
+    (data / "images" / f"{shard}_stats.json").write_text(json.dumps({"successes": len(rows)}))
 
 
 def row(key: str, name: str, caption: bytes = b"a caption", tags: bytes = b"tag") -> dict:
@@ -119,6 +120,8 @@ def bad_corpus(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     write_shard(data, "00001", [row("000000000", "duplicate"), row("000010000", "good")])
     expected["000010000"] = "captioned"
     (data / "images" / "00002.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    (data / "images" / "00002_stats.json").write_text("{}")
+    (data / "images" / "00003.parquet").write_bytes(b"")  # a shard img2dataset was killed in: no stats file
     return data, expected
 
 
@@ -139,7 +142,8 @@ def test_bad_corpus_is_captioned_or_recorded_and_the_run_goes_on(bad_corpus, tin
     assert captions.loc["000000004", "md5"] == "0" * 32  # source_md5 restored as md5
     summary = json.loads((ckpt / store.SUMMARY).read_text())
     assert summary["selection"]["duplicate_input_keys"] == 1
-    assert summary["selection"]["unreadable_shards"] == [str(data / "images" / "00002.parquet")]
+    assert summary["selection"]["unreadable_shards"] == [
+        str(data / "images" / "00002.parquet"), str(data / "images" / "00003.parquet") + " (unfinished download)"]
     assert summary["this_run"]["failed_by_stage"] == {"decode": 4, "load": 2}
     assert not list(tmp_path.rglob("x"))  # nothing was written outside the checkpoint dir
 

@@ -52,14 +52,22 @@ class ImageLoadError(Exception):
 # ---------------------------------------------------------------- metadata
 
 def metadata_files(data_dir: Path) -> list[tuple[Path, str | None]]:
-    """(parquet, shard name or None) to read: full_metadata.parquet, else every shard parquet."""
+    """(parquet, shard name or None) to read: full_metadata.parquet, else every finished shard parquet."""
     full = data_dir / "full_metadata.parquet"
     if full.is_file():
         return [(full, None)]
     shards = sorted((data_dir / "images").glob("[0-9]*.parquet"))
     if not shards:
         raise UsageError(f"{data_dir} has no full_metadata.parquet and no images/NNNNN.parquet")
-    return [(p, p.stem) for p in shards]
+    return [(p, p.stem) for p in shards if p.stem not in unfinished_shards(data_dir)]
+
+
+def unfinished_shards(data_dir: Path) -> list[str]:
+    """Shards img2dataset has not finished (no NNNNN_stats.json): their parquet may be half written."""
+    if (data_dir / "full_metadata.parquet").is_file():
+        return []
+    images = data_dir / "images"
+    return [p.stem for p in sorted(images.glob("[0-9]*.parquet")) if not (images / f"{p.stem}_stats.json").is_file()]
 
 
 def _open(path: Path) -> pq.ParquetFile:
@@ -131,6 +139,10 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
                 raise
             unreadable.append(str(path))
     readable = [(p, s) for p, s in files if str(p) not in unreadable]
+    for shard in unfinished_shards(data_dir):
+        log.error("shard %s is not finished (no %s_stats.json): rerun download_data.py; its images are skipped",
+                  shard, shard)
+        unreadable.append(str(data_dir / "images" / f"{shard}.parquet") + " (unfinished download)")
     for batch, shard, _ in _iter_batches(readable, ["key", "file_name", "status"], skip_unreadable=True):
         keys = batch.column("key").to_pylist()
         row_files = batch.column("file_name").to_pylist() if "file_name" in batch.schema.names else [None] * len(keys)
