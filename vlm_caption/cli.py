@@ -18,8 +18,14 @@ def setup_logging(verbose: bool = False) -> None:
     for name in ("httpx", "httpcore", "httpx2", "httpcore2", "urllib3", "filelock"):
         logging.getLogger(name).setLevel(logging.DEBUG if verbose else logging.WARNING)
     # Our hub module reports retries and failures itself; the library's own notes (e.g. an unchanged
-    # dataset card skipped as an empty commit) would only be noise.
-    logging.getLogger("huggingface_hub").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    # dataset card skipped as an empty commit) would only be noise. On its first import huggingface_hub
+    # sets its logger's level and adds a handler of its own, which would undo the level set here and print
+    # each note twice (bare, then through ours): import it first, then leave its records to our handler.
+    import huggingface_hub.utils.logging  # noqa: F401
+
+    hf_logger = logging.getLogger("huggingface_hub")
+    hf_logger.handlers.clear()
+    hf_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None,
