@@ -22,6 +22,9 @@ _HERMETIC_ENV = {
     "WANDB_MODE": "disabled",
     "TOKENIZERS_PARALLELISM": "false",
     "TRANSFORMERS_VERBOSITY": "error",
+    # Subprocesses (CLI runs, torchrun ranks) share 2 cores with the test process: one thread each
+    # keeps them from thrashing (a tiny-model run went 10x slower under contention without it).
+    "OMP_NUM_THREADS": "1",
 }
 
 
