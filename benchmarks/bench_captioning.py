@@ -39,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--loader-workers", type=int, default=4)
     p.add_argument("--dtype", default="auto")
     p.add_argument("--attn-implementation", default="sdpa")
+    p.add_argument("--cache-implementation", default=None, help="e.g. static (default: transformers' dynamic cache)")
     p.add_argument("--skip-loop", action="store_true", help="measure only the pipeline")
     p.add_argument("--repeat", type=int, default=1, help="alternate loop and pipeline this many times and keep "
                    "the best of each (a shared machine is noisy)")
@@ -94,6 +95,8 @@ def run_pipeline(model, processor, data_dir: Path, ckpt: Path, args, prompt):
                     num_loader_workers=args.loader_workers, prompt=prompt)
     captioner = Captioner(model, processor, model_name=args.preset, prompt=prompt, max_tokens=args.new_tokens,
                           min_tokens=args.new_tokens)
+    if args.cache_implementation:
+        captioner.gen_config.cache_implementation = args.cache_implementation
     writer = store.CheckpointStore(ckpt, 0)
     writer.open_run(pipeline.run_settings(cfg), overwrite=False)
     plan = dataset.plan_work(data_dir, shards=None, max_images=args.images, worker=0, num_workers=1,
@@ -149,6 +152,7 @@ def main(argv=None) -> int:
                   "torch": torch.__version__, "transformers": transformers.__version__, "preset": args.preset,
                   "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                   "new_tokens_per_image": args.new_tokens, "batch_size": args.batch_size,
+                  "attn_implementation": args.attn_implementation, "cache": args.cache_implementation or "dynamic",
                   "pipeline_images": args.images, "loop_images": len(loop_paths), "cpu_threads": torch.get_num_threads()}
         for r in range(args.repeat):  # alternate the two so a burst of load elsewhere hits both alike
             if not args.skip_loop:
