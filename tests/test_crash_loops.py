@@ -434,7 +434,10 @@ def test_no_push_touches_nothing_then_push_only_pushes_everything_once(hub_stub,
     assert sorted(n for e in ledger for n in e["parts"]) == sorted(p.path.name for p in parts)
     data_files = sorted(p for p in hub_stub.repo_files(REPO_ID) if p.startswith("data/"))
 
-    assert main([*common, "--push-only"]) == EXIT_OK  # nothing left, and the card has not changed
+    # Nothing left, and the card has not changed. The generation flags may be left out: --push-only pushes
+    # the run the directory holds.
+    assert main(["--checkpoint-dir", str(ckpt), "--hf-repo", REPO_ID, "--hub-endpoint", hub_stub.endpoint,
+                 "--push-only"]) == EXIT_OK
     assert hub_stub.commits_applied == 2
     assert sorted(p for p in hub_stub.repo_files(REPO_ID) if p.startswith("data/")) == data_files
     assert hub.read_ledger(ckpt) == ledger

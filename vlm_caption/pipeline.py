@@ -14,8 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from . import dataset, store
-from .config import (EXIT_ITEMS_FAILED, EXIT_OK, FatalError, RunConfig, distributed_rank, parse_shards,
-                     resolve_repo_id)
+from .config import (EXIT_ITEMS_FAILED, EXIT_OK, FatalError, RunConfig, UsageError, distributed_rank,
+                     parse_shards, resolve_repo_id)
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,14 @@ def run(cfg: RunConfig) -> int:
 
         hub_client = hub.connect(resolve_repo_id(cfg.hf_repo, cfg.hf_username), private=cfg.private,
                                  endpoint=cfg.hub_endpoint)
+    if cfg.push_only:  # pushes the run the dir holds, whatever the generation flags of this command say
+        existing = store.read_run_json(ckpt)
+        if existing is None:
+            raise UsageError(f"{ckpt} holds no run.json: nothing to push")
+        return push_only(hub_client, cfg, existing["run_id"])
     writer = store.CheckpointStore(ckpt, worker)
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=distributed_rank()[0] != 0)
     store.remove_stale_tmp(ckpt)
-    if cfg.push_only:
-        return push_only(hub_client, cfg, run_id, worker)
 
     failed_keys = set() if cfg.retry_failed else writer.failed_keys()
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
@@ -286,7 +289,7 @@ def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
               "--retry-failed tries them again")
 
 
-def push_only(hub_client, cfg: RunConfig, run_id: str, worker: int) -> int:
+def push_only(hub_client, cfg: RunConfig, run_id: str) -> int:
     from . import hub
 
     ckpt = Path(cfg.checkpoint_dir)
@@ -294,7 +297,7 @@ def push_only(hub_client, cfg: RunConfig, run_id: str, worker: int) -> int:
     summary_path = ckpt / store.SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
     hub.write_dataset_card(hub_client, ckpt, summary, store.read_run_json(ckpt))
-    pending = hub_client.pending_rows(ckpt, run_id) if hasattr(hub_client, "pending_rows") else 0
+    pending = hub_client.pending_rows(ckpt, run_id)
     print(f"pushed {rows} rows from {ckpt}" + (f"; {pending} rows still pending" if pending else ""))
     return EXIT_OK if not pending else EXIT_ITEMS_FAILED
 
