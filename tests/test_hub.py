@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 from hub_stub import REPO_ROOT_HINT, assert_hub_matches, hub_stub  # noqa: F401  (fixture)
 
-from vlm_caption import card, hub
+from vlm_caption import card, hub, hub_retry
 from vlm_caption.config import FatalError, UsageError
 from vlm_caption.store import LEDGER, OUTPUT_SCHEMA, CheckpointStore, list_parts
 
@@ -430,7 +430,7 @@ def test_token_never_leaks(hub_stub, client, ckpt, sleeps, caplog, capsys):  # n
         hub_stub.clear_faults()
         hub.write_dataset_card(client, ckpt, {"done": 20}, RUN_INFO)
         texts.append(repr(client))
-        texts.append(hub.scrub(f"Bearer {token} and hf_abcdefghijklmnop", token))
+        texts.append(hub_retry.scrub(f"Bearer {token} and hf_abcdefghijklmnop", token))
     out = capsys.readouterr()
     texts += [caplog.text, out.out, out.err, (ckpt / LEDGER).read_text(),
               hub_stub.repo_files(REPO)["README.md"].decode()]

@@ -15,7 +15,7 @@ never write the same path. Their commits to one branch may race; the Hub answers
 is retried like any transient failure. Push all workers at once (worker=None, --push-only) only when no worker is
 pushing any more.
 
-The token never appears in a message of this module: every error text goes through `scrub`.
+The token never appears in a message of this module: every error text goes through hub_retry.describe.
 """
 from __future__ import annotations
 
@@ -23,11 +23,9 @@ import io
 import json
 import logging
 import os
-import random
 import re
 import threading
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple, TypeVar
 
@@ -38,87 +36,17 @@ from huggingface_hub.errors import HfHubHTTPError, HfUriError
 
 from .card import render_dataset_card
 from .config import FatalError, UsageError
+from .hub_retry import HubUnavailable, RetryPolicy, call_with_retries, describe, http_status
 from .store import LEDGER, OUTPUT_SCHEMA, Part, list_parts
-
-try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
-    import httpx2 as _httpx
-except ImportError:  # pragma: no cover
-    import httpx as _httpx  # type: ignore[no-redef]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-# A dropped connection is RemoteProtocolError("Server disconnected without sending a response."): no status.
-NETWORK_ERRORS = (_httpx.TimeoutException, _httpx.NetworkError, _httpx.RemoteProtocolError)
 MAX_ROWS_PER_HUB_FILE = 100_000
 ROW_GROUP_ROWS = 10_000  # small row groups keep the dataset viewer and streaming readers fast
 REPO_TYPE = "dataset"
 _HUB_FILE_RE = re.compile(r"^data/(?P<run>.+)-w(?P<worker>\d{3,})-(?P<first>\d{6,})-(?P<last>\d{6,})\.parquet$")
-_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{10,}")
 _LOGIN_HINT = "run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN, or pass --no-push"
-
-
-class HubUnavailable(FatalError):
-    """Transient failures (5xx, 429, dropped connections) outlasted every retry."""
-
-
-# ---------------------------------------------------------------- errors and retries
-
-def scrub(text: str, token: str | None = None) -> str:
-    """Remove the token, and anything token-shaped, from a message."""
-    return _TOKEN_LIKE.sub("***", text.replace(token, "***") if token else text)
-
-
-def _status(exc: BaseException) -> int | None:
-    return getattr(getattr(exc, "response", None), "status_code", None)
-
-
-def describe(exc: BaseException, token: str | None = None) -> str:
-    """One scrubbed line: the HTTP status and the server's own words, or the network error."""
-    status, server = _status(exc), getattr(exc, "server_message", None)
-    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
-    text = f"HTTP {status}: {(server or first).splitlines()[0]}" if status else f"{type(exc).__name__}: {first}"
-    return scrub(text, token)[:300]
-
-
-def is_transient(exc: BaseException, conflicts: bool = False) -> bool:
-    """Worth another try: 5xx, 408, 429, lost connections; 409/412 only for commits (a lost race)."""
-    if isinstance(exc, NETWORK_ERRORS):
-        return True
-    status = _status(exc)
-    return status is not None and (status >= 500 or status in (408, 429) or (conflicts and status in (409, 412)))
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    tries: int = 6  # attempts in all
-    base: float = 1.0  # first wait; doubles each retry (1, 2, 4, 8, 16 s), times a 0.5-1.0 jitter
-    cap: float = 60.0  # longest backoff wait
-    max_retry_after: float = 600.0  # Retry-After is honoured up to this many seconds
-    sleep: Callable[[float], None] = time.sleep  # tests pass a recorder
-
-    def wait(self, attempt: int, exc: BaseException) -> float:
-        backoff = min(self.cap, self.base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
-        retry_after = str(getattr(getattr(exc, "response", None), "headers", {}).get("Retry-After", ""))
-        return max(backoff, min(float(retry_after), self.max_retry_after)) if retry_after.isdigit() else backoff
-
-
-def call_with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = RetryPolicy(), *,
-                      conflicts: bool = False, token: str | None = None) -> T:
-    """fn() with bounded exponential backoff on transient failures; other errors go up at once."""
-    for attempt in range(1, policy.tries + 1):
-        try:
-            return fn()
-        except (HfHubHTTPError, *NETWORK_ERRORS) as e:
-            if not is_transient(e, conflicts):
-                raise
-            if attempt == policy.tries:
-                raise HubUnavailable(f"Hub {what} failed {policy.tries} times, last: {describe(e, token)}") from None
-            wait = policy.wait(attempt, e)
-            log.info("Hub %s failed (%s); retry %d/%d in %.1fs", what, describe(e, token), attempt,
-                     policy.tries - 1, wait)
-            policy.sleep(wait)
-    raise AssertionError("unreachable")
 
 
 # ---------------------------------------------------------------- connecting
@@ -245,7 +173,7 @@ class HubClient:
         except HubUnavailable as e:
             raise HubUnavailable(f"the Hub at {self.api.endpoint} is unreachable: {e}") from None
         except HfHubHTTPError as e:
-            status, why = _status(e), describe(e, self._token)
+            status, why = http_status(e), describe(e, self._token)
             if status == 401:
                 raise UsageError(f"the Hub refused the Hugging Face token (invalid or expired): {_LOGIN_HINT}") from None
             if status == 403:

@@ -1,0 +1,91 @@
+"""Talking to the Hub through failures: which errors are worth another try, bounded backoff, and messages
+that never carry the token.
+
+huggingface_hub retries preupload, LFS and downloads itself, but not the commit POST of create_commit,
+create_repo or whoami: hub.py wraps those in call_with_retries.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import re
+import time
+from dataclasses import dataclass
+from typing import Callable, TypeVar
+
+from huggingface_hub.errors import HfHubHTTPError
+
+from .config import FatalError
+
+try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
+    import httpx2 as _httpx
+except ImportError:  # pragma: no cover
+    import httpx as _httpx  # type: ignore[no-redef]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# A dropped connection is RemoteProtocolError("Server disconnected without sending a response."): no status.
+NETWORK_ERRORS = (_httpx.TimeoutException, _httpx.NetworkError, _httpx.RemoteProtocolError)
+_TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{10,}")
+
+
+class HubUnavailable(FatalError):
+    """Transient failures (5xx, 429, dropped connections) outlasted every retry."""
+
+
+def scrub(text: str, token: str | None = None) -> str:
+    """Remove the token, and anything token-shaped, from a message."""
+    return _TOKEN_LIKE.sub("***", text.replace(token, "***") if token else text)
+
+
+def http_status(exc: BaseException) -> int | None:
+    return getattr(getattr(exc, "response", None), "status_code", None)
+
+
+def describe(exc: BaseException, token: str | None = None) -> str:
+    """One scrubbed line: the HTTP status and the server's own words, or the network error."""
+    status, server = http_status(exc), getattr(exc, "server_message", None)
+    first = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+    text = f"HTTP {status}: {(server or first).splitlines()[0]}" if status else f"{type(exc).__name__}: {first}"
+    return scrub(text, token)[:300]
+
+
+def is_transient(exc: BaseException, conflicts: bool = False) -> bool:
+    """Worth another try: 5xx, 408, 429, lost connections; 409/412 only for commits (a lost race)."""
+    if isinstance(exc, NETWORK_ERRORS):
+        return True
+    status = http_status(exc)
+    return status is not None and (status >= 500 or status in (408, 429) or (conflicts and status in (409, 412)))
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    tries: int = 6  # attempts in all
+    base: float = 1.0  # first wait; doubles each retry (1, 2, 4, 8, 16 s), times a 0.5-1.0 jitter
+    cap: float = 60.0  # longest backoff wait
+    max_retry_after: float = 600.0  # Retry-After is honoured up to this many seconds
+    sleep: Callable[[float], None] = time.sleep  # tests pass a recorder
+
+    def wait(self, attempt: int, exc: BaseException) -> float:
+        backoff = min(self.cap, self.base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+        retry_after = str(getattr(getattr(exc, "response", None), "headers", {}).get("Retry-After", ""))
+        return max(backoff, min(float(retry_after), self.max_retry_after)) if retry_after.isdigit() else backoff
+
+
+def call_with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = RetryPolicy(), *,
+                      conflicts: bool = False, token: str | None = None) -> T:
+    """fn() with bounded exponential backoff on transient failures; other errors go up at once."""
+    for attempt in range(1, policy.tries + 1):
+        try:
+            return fn()
+        except (HfHubHTTPError, *NETWORK_ERRORS) as e:
+            if not is_transient(e, conflicts):
+                raise
+            if attempt == policy.tries:
+                raise HubUnavailable(f"Hub {what} failed {policy.tries} times, last: {describe(e, token)}") from None
+            wait = policy.wait(attempt, e)
+            log.info("Hub %s failed (%s); retry %d/%d in %.1fs", what, describe(e, token), attempt,
+                     policy.tries - 1, wait)
+            policy.sleep(wait)
+    raise AssertionError("unreachable")
