@@ -222,6 +222,22 @@ def test_unknown_model_offline_is_one_line(sample_data_dir, tmp_path, capsys):
     assert code == EXIT_USAGE and "google/no-such-gemma" in err
 
 
+def test_model_access_errors_say_what_to_do():
+    import httpx2
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from vlm_caption.captioner import _model_load_error
+
+    response = httpx2.Response(403, request=httpx2.Request("GET", "http://127.0.0.1/x"))
+    for cause, needle in [(GatedRepoError("gated", response=response), "accept its licence"),
+                          (RepositoryNotFoundError("missing", response=response), "was not found")]:
+        wrapped = OSError("cannot load")
+        wrapped.__cause__ = cause
+        message = str(_model_load_error("google/gemma-3-4b-it", wrapped))
+        assert needle in message and "\n" not in message
+    assert "login" in str(_model_load_error("google/gemma-3-4b-it", OSError("You are trying to access a gated repo")))
+
+
 def test_no_trust_remote_code_anywhere():
     root = Path(__file__).resolve().parent.parent
     sources = [p for p in root.glob("*.py")] + list((root / "vlm_caption").glob("*.py"))
