@@ -13,7 +13,7 @@
 
 download.py writes urls.parquet, runs img2dataset and writes the summary; validate.py writes
 decode_checks/, invalid_images.parquet, full_metadata.parquet and metadata.csv; sample_data.py writes
-the same layout synthetically. The names live here so that none of them imports another for a constant.
+the same layout synthetically (files written with vlm_caption.atomic). The names live here so that none of them imports another for a constant.
 
 Validation markers live in decode_checks/, not images/: img2dataset treats every `images/*.json` as a
 finished shard (it parses the digits before the first '_'), so a stray marker there could make it skip
@@ -23,13 +23,9 @@ then infer splits from those names and find no images in them.
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 # Passed to img2dataset's save_additional_columns, in this order. `md5` is reserved by img2dataset
 # (it raises ValueError), so the dataset's md5 travels as `source_md5` and is renamed back afterwards.
@@ -65,18 +61,3 @@ def image_file_name(shard_id: int, key: str) -> str:
 
 def expected_shards(n_rows: int, shard_size: int) -> list[int]:
     return list(range(math.ceil(n_rows / shard_size)))
-
-
-# ---------------------------------------------------------------------------------------------- files
-
-def write_parquet_atomic(table: pa.Table, path: Path) -> None:
-    """Write to a temporary name, then rename: a crash never leaves a half file under the real name."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
-
-
-def write_json_atomic(obj: dict, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

@@ -19,10 +19,10 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from .atomic import atomic_write_json, atomic_write_table
 from .config import EXIT_ITEMS_FAILED, EXIT_OK, DownloadConfig, FatalError, UsageError
 from .data_layout import (ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, INVALID_FILE, METADATA_CSV, OOM_SHARD_COUNT,
-                          SAVED_COLUMNS, SUMMARY_FILE, URLS_FILE, VALIDATION_DIR, expected_shards, shard_name,
-                          write_json_atomic, write_parquet_atomic)
+                          SAVED_COLUMNS, SUMMARY_FILE, URLS_FILE, VALIDATION_DIR, expected_shards, shard_name)
 from .validate import OutputCounts, ValidationStats, build_outputs, validate_shards
 
 logger = logging.getLogger(__name__)
@@ -143,7 +143,7 @@ def write_urls(out: Path, urls: pa.Table, shard_size: int) -> None:
                 f"({old.num_rows} rows, shard size {old_size}; now {urls.num_rows} rows, shard size {shard_size}); "
                 "rerun with the same --source/--max-rows/--shard-size or use a new --output"
             )
-    write_parquet_atomic(urls.replace_schema_metadata({SHARD_SIZE_META: str(shard_size).encode()}), path)
+    atomic_write_table(path, urls.replace_schema_metadata({SHARD_SIZE_META: str(shard_size).encode()}))
 
 
 # ---------------------------------------------------------------------------------------------- img2dataset
@@ -164,8 +164,8 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
     if threading.current_thread() is not threading.main_thread():
         raise FatalError("img2dataset must run in the main thread (it installs a signal handler)")
     input_path = out / IMG2DATASET_INPUT
-    write_parquet_atomic(urls.rename_columns(["source_md5" if c == "md5" else c for c in urls.column_names]),
-                         input_path)
+    atomic_write_table(input_path,
+                       urls.rename_columns(["source_md5" if c == "md5" else c for c in urls.column_names]))
     # Set before the import: albumentations (imported by img2dataset) checks an index for updates otherwise.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download
@@ -313,7 +313,7 @@ def download_dataset(cfg: DownloadConfig) -> dict:
     timings = {"img2dataset": round(t2 - t1, 3), "validation": round(t3 - t2, 3),
                "total": round(time.perf_counter() - t0, 3)}
     summary = make_summary(cfg, urls.num_rows, shard_ids, sorted(finished_stats), counts, validation, timings)
-    write_json_atomic(summary, out / SUMMARY_FILE)
+    atomic_write_json(out / SUMMARY_FILE, summary)
     return summary
 
 

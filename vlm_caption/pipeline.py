@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from . import dataset, store
+from .atomic import atomic_write_json, remove_stale_tmp
 from .config import (EXIT_ITEMS_FAILED, EXIT_OK, FatalError, RunConfig, UsageError, distributed_rank,
                      parse_shards, resolve_repo_id)
 
@@ -70,7 +71,7 @@ def run(cfg: RunConfig) -> int:
         return push_only(hub_client, cfg, existing["run_id"])
     writer = store.CheckpointStore(ckpt, worker)
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=distributed_rank()[0] != 0)
-    store.remove_stale_tmp(ckpt)
+    remove_stale_tmp(ckpt)
 
     failed_keys = set() if cfg.retry_failed else writer.failed_keys()
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
@@ -264,7 +265,7 @@ def summarise(cfg: RunConfig, run_id: str, worker: int, num_workers: int, plan: 
                       "unreadable_shards": plan.unreadable_shards},
         "hub": {"pushed_all": pushed_all} if hub_client is not None else None,
     }
-    store.atomic_write_json(ckpt / store.SUMMARY, summary)
+    atomic_write_json(ckpt / store.SUMMARY, summary)
     if hub_client is not None:
         from . import hub
 
@@ -341,7 +342,7 @@ def merge_and_check(cfg: RunConfig) -> int:
                 "missing": len(missing), "duplicated": len(report.duplicate_keys),
                 "missing_keys": missing, "duplicated_keys": report.duplicate_keys,
                 "unexpected_keys": len(counts["captioned"] - expected), "checkpoint_dirs": [str(d) for d in dirs]}
-    store.atomic_write_json(dirs[0] / "coverage.json", coverage)
+    atomic_write_json(dirs[0] / "coverage.json", coverage)
     print(f"merged {report.rows} rows from {report.parts} parts of {len(dirs)} dir(s) into {out}")
     print(f"coverage: {coverage['expected']} expected, {coverage['captioned']} captioned, {coverage['failed']} "
           f"failed, {len(missing)} missing, {len(report.duplicate_keys)} captioned more than once")

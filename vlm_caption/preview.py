@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import dataset, store
+from .atomic import atomic_write_bytes
 from .config import UsageError
 
 DEFAULT_ROWS = 200
@@ -200,7 +201,7 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
             for r in rows]
     model = (store.read_run_json(checkpoint_dir) or {}).get("model", "unknown model")
     page = render_page(rows, srcs, total, read_run_summary(checkpoint_dir), f"Captions by {model}")
-    store.atomic_write_bytes(out, page.encode("utf-8"))
+    atomic_write_bytes(out, page.encode("utf-8"))
     return len(rows)
 
 

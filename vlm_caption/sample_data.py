@@ -37,6 +37,7 @@ from PIL import Image, ImageDraw
 from . import data_layout as layout
 from . import download as dl
 from . import validate
+from .atomic import atomic_write_json, atomic_write_table
 from .config import DownloadConfig, UsageError
 
 # Fixed times in the stats files, so that a seed always gives the same bytes.
@@ -255,7 +256,7 @@ def write_sample(out_dir: str | Path, n: int = 64, broken: bool = False, seed: i
     checks.seconds = 0.0  # no timings in the sample: the same seed gives the same bytes
     cfg = DownloadConfig(output=str(out), source=f"synthetic sample (seed {seed})", shard_size=shard_size)
     summary = dl.make_summary(cfg, n, sorted(stats), sorted(stats), counts, checks, None)
-    layout.write_json_atomic(summary, out / layout.SUMMARY_FILE)
+    atomic_write_json(out / layout.SUMMARY_FILE, summary)
     return out
 
 
@@ -276,8 +277,8 @@ def _write_shard(out: Path, shard_id: int, rows: list[_Row], shard_size: int, or
             (subdir / f"{meta['key']}.json").write_text(json.dumps(meta, indent=4), encoding="utf-8")
         metas.append(meta)
     rng.shuffle(metas)  # img2dataset writes rows in completion order, not key order
-    layout.write_parquet_atomic(pa.Table.from_pylist(metas, schema=dl.SHARD_SCHEMA),
-                                out / layout.IMAGES_DIR / f"{layout.shard_name(shard_id)}.parquet")
+    atomic_write_table(out / layout.IMAGES_DIR / f"{layout.shard_name(shard_id)}.parquet",
+                       pa.Table.from_pylist(metas, schema=dl.SHARD_SCHEMA))
     start = _EPOCH + 60.0 * shard_id
     stats = {
         "count": len(rows), "successes": status_dict["success"],

@@ -21,8 +21,9 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from .atomic import atomic_path, atomic_write_table
 from .data_layout import (FULL_METADATA_FILE, IMAGES_DIR, INVALID_FILE, METADATA_CSV, SAVED_COLUMNS, VALIDATION_DIR,
-                          image_file_name, shard_name, write_parquet_atomic)
+                          image_file_name, shard_name)
 
 logger = logging.getLogger(__name__)
 
@@ -137,8 +138,8 @@ def _validate_shard(out: Path, shard_id: int, stats: dict, pool: ProcessPoolExec
     table = pa.table({"key": keys, "file_name": names, "width": widths, "height": heights,
                       "format": formats, "error": errors}, schema=VALIDATION_SCHEMA)
     # Written last and atomically: its presence is the marker that this shard is validated.
-    write_parquet_atomic(table.replace_schema_metadata({STATS_END_META: repr(stats.get("end_time")).encode()}),
-                         validation_path(out, shard_id))
+    atomic_write_table(validation_path(out, shard_id),
+                       table.replace_schema_metadata({STATS_END_META: repr(stats.get("end_time")).encode()}))
     return len(keys)
 
 
@@ -160,18 +161,17 @@ def build_outputs(out: Path, shard_ids: list[int], include_invalid: bool = False
     include_invalid keeps undecodable rows in full_metadata/metadata.csv (sample data for captioner tests).
     """
     counts = OutputCounts()
-    tmp = {name: out / f".{name}.tmp" for name in (FULL_METADATA_FILE, METADATA_CSV, INVALID_FILE)}
-    with pq.ParquetWriter(tmp[FULL_METADATA_FILE], FULL_METADATA_SCHEMA) as meta_writer, \
-            pa_csv.CSVWriter(tmp[METADATA_CSV], METADATA_CSV_SCHEMA) as csv_writer, \
-            pq.ParquetWriter(tmp[INVALID_FILE], INVALID_SCHEMA) as invalid_writer:
+    with atomic_path(out / FULL_METADATA_FILE) as meta_tmp, atomic_path(out / METADATA_CSV) as csv_tmp, \
+            atomic_path(out / INVALID_FILE) as invalid_tmp, \
+            pq.ParquetWriter(meta_tmp, FULL_METADATA_SCHEMA) as meta_writer, \
+            pa_csv.CSVWriter(csv_tmp, METADATA_CSV_SCHEMA) as csv_writer, \
+            pq.ParquetWriter(invalid_tmp, INVALID_SCHEMA) as invalid_writer:
         for shard_id in shard_ids:
             rows, invalid = _shard_outputs(out, shard_id, counts, include_invalid)
             meta_writer.write_table(rows)
             csv_writer.write_table(pa.table({"file_name": rows["file_name"],
                                              "text": pc.fill_null(rows["caption"], "")}, METADATA_CSV_SCHEMA))
             invalid_writer.write_table(invalid)
-    for name, path in tmp.items():
-        os.replace(path, out / name)
     return counts
 
 

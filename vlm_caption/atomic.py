@@ -1,0 +1,83 @@
+"""Atomic files: write to a tmp name, fsync, rename. Readers (and a rerun after a crash) see the old file or the
+whole new one, never a half; tmp files of crashed writers are recognised by host and pid and removed.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+def _tmp_name(path: Path) -> Path:
+    # Host and pid in the name tell a crashed writer's leftovers from a live writer's file.
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path | str):
+    """Yield a tmp path to write; on success fsync it and rename it over `path`, on any error delete it.
+
+    Readers see the old file or the whole new one, never a half, whatever kills the writer.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        yield tmp
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        Path(tmp).write_bytes(data)
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode())
+
+
+def atomic_write_table(path: Path, table: pa.Table) -> None:
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_tmp(directory: Path, other_host_age_s: float = 3600.0) -> int:
+    """Delete tmp files left by crashed writers (they never hold finished data).
+
+    A tmp file of this host is stale when its process is gone; one of another host (a shared file
+    system) only when it is old, since we cannot see that host's processes.
+    """
+    removed = 0
+    host = socket.gethostname()
+    for tmp in Path(directory).rglob(".*.tmp-*"):
+        writer_host, _, pid = tmp.name.rsplit(".tmp-", 1)[1].rpartition("-")
+        if writer_host == host:
+            stale = not (pid.isdigit() and _pid_alive(int(pid)))
+        else:
+            stale = time.time() - tmp.stat().st_mtime > other_host_age_s
+        if stale:
+            tmp.unlink(missing_ok=True)
+            removed += 1
+    return removed
