@@ -1,0 +1,296 @@
+"""Smoke checks a user runs before a long job (test_pipeline.py): each prints PASS, FAIL with the reason, or SKIP.
+
+The checks reuse the real code paths: dataset.load_image for images, batched_image_inference.main for captioning
+(into a tmp checkpoint dir unless one is given), hub.connect for Hub access.
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .config import EXIT_FATAL, EXIT_USAGE, FatalError, UsageError
+
+DEFAULT_SMOKE_MODEL = "google/gemma-3-4b-it"
+DEFAULT_SMOKE_REPO = "ContraStylesRecap-smoketest"
+REQUIRED_COLUMNS = ("key", "original_key", "url", "caption", "md5", "tags", "merged_tags", "width", "height",
+                    "sha256")
+
+
+class CheckFailed(Exception):
+    """A check's one-line reason for failing."""
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    data_dir: Path
+    work_dir: Path | None = None  # tmp dir of this smoke test (tiny model, checkpoints)
+    ckpt: Path | None = None
+    model: str | None = None
+    selection: set[str] = field(default_factory=set)  # the keys --num-images selects
+    repo_id: str | None = None  # the Hub dataset of --push
+    run_id: str | None = None
+
+    def tmp(self) -> Path:
+        if self.work_dir is None:
+            self.work_dir = Path(tempfile.mkdtemp(prefix="vlm-caption-smoke-"))
+        return self.work_dir
+
+
+# ---------------------------------------------------------------- data checks (no model)
+
+def check_data_dir_layout(ctx: Context) -> str:
+    from vlm_caption import dataset
+
+    data = ctx.data_dir
+    if not data.is_dir():
+        raise CheckFailed(f"{data} does not exist; download it with: python download_data.py --output {data}")
+    if not (data / "images").is_dir():
+        raise CheckFailed(f"{data} has no images/ folder; is it the directory download_data.py wrote?")
+    files = dataset.metadata_files(data)
+    shards = [d for d in (data / "images").iterdir() if d.is_dir() and d.name.isdigit()]
+    return f"{len(shards)} shard dir(s); metadata from {', '.join(str(p.relative_to(data)) for p, _ in files[:3])}" \
+        + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+
+
+def check_metadata_columns(ctx: Context) -> str:
+    import pyarrow.parquet as pq
+
+    from vlm_caption import dataset
+
+    rows = 0
+    for path, _ in dataset.metadata_files(ctx.data_dir):
+        pf = pq.ParquetFile(path)
+        missing = [c for c in REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
+        if missing:
+            raise CheckFailed(f"{path} lacks column(s) {', '.join(missing)}; rerun download_data.py to rebuild it")
+        rows += pf.metadata.num_rows
+    if rows == 0:
+        raise CheckFailed(f"the metadata of {ctx.data_dir} has no rows")
+    return f"all {len(REQUIRED_COLUMNS)} columns present; {rows} rows"
+
+
+def check_open_images(ctx: Context) -> str:
+    """Open the images --num-images selects (the first N keys, as --max-images N picks them)."""
+    from vlm_caption import dataset
+
+    n = ctx.args.num_images
+    plan = dataset.plan_work(ctx.data_dir, shards=None, max_images=n, worker=0, num_workers=1, done_keys=set(),
+                             failed_keys=set())
+    ctx.selection = set(plan.todo_keys)
+    if not ctx.selection:
+        raise CheckFailed(f"no images with status success in {ctx.data_dir}")
+    opened, broken = [], []
+    for row in dataset.iter_rows(ctx.data_dir, ctx.selection):
+        try:
+            img = dataset.load_image(row["image_path"])
+            opened.append(f"{row['key']} {img.width}x{img.height}")
+        except dataset.ImageLoadError as e:
+            broken.append(f"{row['key']} ({e.stage}: {str(e).splitlines()[0][:80]})")
+    if not opened:
+        raise CheckFailed(f"none of {len(broken)} images opens: {'; '.join(broken)}")
+    detail = f"{len(opened)}/{len(opened) + len(broken)} opened ({', '.join(opened[:5])})"
+    if broken:  # the captioner records such images as failures and goes on: worth knowing, not fatal
+        detail += f"; unusable, will be recorded as failures: {'; '.join(broken)}"
+    return detail
+
+
+def check_output_schema(ctx: Context) -> str:
+    from vlm_caption import store
+
+    for f in store.OUTPUT_SCHEMA:
+        print(f"    {f.name:<16} {f.type}")
+    return f"{len(store.OUTPUT_SCHEMA)} columns (above), the same in every part, all_captions.parquet and the Hub"
+
+
+# ---------------------------------------------------------------- model checks
+
+def check_tiny_model(ctx: Context) -> str:
+    from vlm_caption.tiny_model import build_tiny_model
+
+    started = time.monotonic()
+    ctx.model = str(build_tiny_model(ctx.tmp() / "tiny_model", preset="tiny", seed=0))
+    return f"random-weight Gemma 3 built in {time.monotonic() - started:.1f} s at {ctx.model} (its captions are noise)"
+
+
+def check_hub_access(ctx: Context) -> str:
+    """Token, write access and repo, before any model loads (the same call the pipeline makes)."""
+    from vlm_caption import hub
+    from vlm_caption.config import resolve_repo_id
+
+    repo_id = resolve_repo_id(ctx.args.hf_repo, ctx.args.hf_username)
+    hub.connect(repo_id, endpoint=ctx.args.hub_endpoint)
+    ctx.repo_id = repo_id
+    return f"can write to dataset {repo_id}" + (f" at {ctx.args.hub_endpoint}" if ctx.args.hub_endpoint else "")
+
+
+def caption_argv(ctx: Context) -> list[str]:
+    a = ctx.args
+    argv = ["--model", ctx.model, "--data-dir", str(ctx.data_dir), "--checkpoint-dir", str(ctx.ckpt),
+            "--max-images", str(a.num_images), "--max-tokens", str(a.max_tokens)]
+    if a.push:  # push as soon as a part is written: the smoke test wants to see a commit, not batching
+        argv += ["--hf-repo", a.hf_repo, "--hf-username", a.hf_username, "--push-every", "1",
+                 "--min-push-interval", "0"] + (["--hub-endpoint", a.hub_endpoint] if a.hub_endpoint else [])
+    else:
+        argv += ["--no-push"]
+    return argv + (["--verbose"] if a.verbose else [])
+
+
+def run_captioning(ctx: Context, *extra: str) -> int:
+    import batched_image_inference
+
+    code = batched_image_inference.main(caption_argv(ctx) + list(extra))
+    if code in (EXIT_FATAL, EXIT_USAGE):
+        raise CheckFailed(f"batched_image_inference.py exited with code {code} (see the log above)")
+    return code
+
+
+def check_caption(ctx: Context) -> str:
+    from vlm_caption import store
+
+    ctx.ckpt = Path(ctx.args.checkpoint_dir) if ctx.args.checkpoint_dir else ctx.tmp() / "checkpoints"
+    started = time.monotonic()
+    code = run_captioning(ctx)
+    ctx.run_id = (store.read_run_json(ctx.ckpt) or {}).get("run_id")
+    return f"{ctx.model} on {len(ctx.selection)} images in {time.monotonic() - started:.1f} s (exit code {code})"
+
+
+def selection_counts(ctx: Context) -> tuple[list[dict], set[str]]:
+    """(merged rows of the selected keys, selected keys recorded as failed and not captioned)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from vlm_caption import store
+
+    merged = pq.read_table(ctx.ckpt / store.MERGED)
+    if not merged.schema.equals(store.OUTPUT_SCHEMA):
+        raise CheckFailed(f"{store.MERGED} has schema {merged.schema}, not the output schema")
+    wanted = merged.filter(pc.is_in(merged.column("key"), value_set=pa.array(sorted(ctx.selection), pa.string())))
+    rows = wanted.to_pylist()
+    captioned = {r["key"] for r in rows}
+    failed = set()
+    for _, keys in store.read_keys(store.list_failure_files(ctx.ckpt)):
+        failed.update(k for k in keys if k in ctx.selection and k not in captioned)
+    return rows, failed
+
+
+def check_merged_output(ctx: Context) -> str:
+    from vlm_caption import store
+
+    if not (ctx.ckpt / store.MERGED).is_file():
+        raise CheckFailed(f"{ctx.ckpt / store.MERGED} was not written")
+    rows, failed = selection_counts(ctx)
+    keys = [r["key"] for r in rows]
+    n = len(ctx.selection)
+    if len(keys) != len(set(keys)):
+        raise CheckFailed(f"{store.MERGED} holds a key more than once")
+    if len(rows) != n - len(failed):
+        missing = sorted(ctx.selection - set(keys) - failed)
+        raise CheckFailed(f"{len(rows)} rows, expected {n} images - {len(failed)} failures; missing {missing[:10]}")
+    empty = [r["key"] for r in rows if not (r["vlm_caption"] or "").strip()]
+    if empty:
+        raise CheckFailed(f"{len(empty)} of {len(rows)} captions are empty (e.g. key {empty[0]})")
+    for r in rows[:3]:  # a real model's first captions, to read before trusting hours of GPU time
+        print(f"    {r['key']} [{r['caption_finish']}, {r['caption_tokens']} tokens]: {r['vlm_caption'][:300]!r}")
+    return f"{len(rows)} rows = {n} images - {len(failed)} recorded failures; exact output schema; no empty caption"
+
+
+def check_resume(ctx: Context) -> str:
+    """A rerun finds every selected key done or failed, captions nothing and rewrites no part."""
+    import json
+
+    from vlm_caption import store
+
+    before = {p.path.name: p.path.stat().st_mtime_ns for p in store.list_parts(ctx.ckpt)}
+    run_captioning(ctx, "--resume")
+    after = {p.path.name: p.path.stat().st_mtime_ns for p in store.list_parts(ctx.ckpt)}
+    this_run = json.loads((ctx.ckpt / store.SUMMARY).read_text())["this_run"]
+    if after != before or this_run["captioned"]:
+        raise CheckFailed(f"the rerun captioned {this_run['captioned']} images and changed the parts "
+                          f"({len(before)} before, {len(after)} after)")
+    return f"rerun skipped {this_run['skipped_already_done']} done images, wrote nothing"
+
+
+def check_push(ctx: Context) -> str:
+    """The run says it pushed everything, the ledger names every part, and a fresh listing of the repo
+    (not the pusher's own view) holds every file the ledger names, plus the dataset card."""
+    import json
+
+    from huggingface_hub import HfApi
+
+    from vlm_caption import hub, store
+
+    summary = json.loads((ctx.ckpt / store.SUMMARY).read_text())
+    if not (summary.get("hub") or {}).get("pushed_all"):
+        raise CheckFailed(f"the run did not report a complete push (run_summary.json hub = {summary.get('hub')})")
+    ledger = [e for e in hub.read_ledger(ctx.ckpt) if e.get("run_id") == ctx.run_id]
+    in_ledger = {name for e in ledger for name in e.get("parts", [])}
+    unpushed = [p.path.name for p in store.list_parts(ctx.ckpt) if p.path.name not in in_ledger]
+    if not ledger or unpushed:
+        raise CheckFailed(f"{len(unpushed)} local part(s) are not in the Hub ledger, e.g. {unpushed[:3]}")
+    on_hub = set(HfApi(endpoint=ctx.args.hub_endpoint).list_repo_files(ctx.repo_id, repo_type="dataset"))
+    absent = [e["hub_path"] for e in ledger if e["hub_path"] not in on_hub]
+    if absent:
+        raise CheckFailed(f"the ledger names Hub files that {ctx.repo_id} does not hold: {absent[:3]}")
+    if "README.md" not in on_hub:
+        raise CheckFailed(f"the dataset card README.md is not on {ctx.repo_id}")
+    rows = sum(e.get("rows", 0) for e in ledger)
+    return f"{rows} rows in {len(ledger)} file(s) on {ctx.repo_id}, dataset card written"
+
+
+# ---------------------------------------------------------------- running the checks
+
+def plan_checks(args: argparse.Namespace) -> list:
+    checks = [check_data_dir_layout, check_metadata_columns, check_open_images, check_output_schema]
+    if args.skip_model:
+        return checks
+    if args.push:  # before the model: a bad token must not wait for a model to load
+        checks.append(check_hub_access)
+    if args.tiny:
+        checks.append(check_tiny_model)
+    checks += [check_caption, check_merged_output]
+    if args.full:
+        checks.append(check_resume)
+    if args.push:
+        checks.append(check_push)
+    return checks
+
+
+def run_check(check, ctx: Context) -> bool:
+    name = check.__name__.removeprefix("check_")
+    try:
+        detail = check(ctx)
+    except (CheckFailed, UsageError, FatalError) as e:
+        print(f"FAIL {name}: {e}", flush=True)
+        return False
+    except Exception as e:  # noqa: BLE001 - a smoke test reports any crash as a FAIL, with its traceback
+        traceback.print_exc()
+        print(f"FAIL {name}: unexpected {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}", flush=True)
+        return False
+    print(f"PASS {name}: {detail}", flush=True)
+    return True
+
+
+def run_checks(args: argparse.Namespace) -> int:
+    ctx = Context(args=args, data_dir=Path(args.data_dir), model=args.model)
+    checks = plan_checks(args)
+    passed = 0
+    for i, check in enumerate(checks):
+        if not run_check(check, ctx):
+            # Later checks build on this one: say they did not run rather than pile up follow-on failures.
+            for later in checks[i + 1:]:
+                print(f"SKIP {later.__name__.removeprefix('check_')}: needs the failed check")
+            print(f"\n{passed} passed, 1 failed, {len(checks) - i - 1} not run" + (
+                f"; files kept in {ctx.work_dir}" if ctx.work_dir else ""))
+            return 1
+        passed += 1
+    if ctx.work_dir is not None:
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+    print(f"\nall {passed} checks passed")
+    return 0
