@@ -145,6 +145,17 @@ def test_settings_mismatch_is_refused(full_run, tiny_model_dir, sample_data_dir,
     assert len(err) == 1 and "other settings" in err[0] and "--overwrite" in err[0]
 
 
+def test_settings_of_a_run_that_captioned_nothing_are_replaced(tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(SystemExit) as exc:  # a typo in the model id: run.json is written, nothing captioned
+        from vlm_caption.cli import run_main
+
+        run_main(main, caption_args(tmp_path / "typo", sample_data_dir, ckpt, "--max-images", "2"))
+    assert exc.value.code == EXIT_USAGE and store.read_run_json(ckpt)["model"] == str(tmp_path / "typo")
+    assert main(caption_args(tiny_model_dir, sample_data_dir, ckpt, "--max-images", "2")) == EXIT_OK
+    assert store.read_run_json(ckpt)["model"] == str(tiny_model_dir) and not (ckpt / "superseded").exists()
+
+
 def test_overwrite_sets_the_old_run_aside(tiny_model_dir, sample_data_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     main(caption_args(tiny_model_dir, sample_data_dir, ckpt, "--max-images", "4"))

@@ -151,14 +151,18 @@ class CheckpointStore:
     # -- run.json
 
     def open_run(self, settings: dict, overwrite: bool, wait_for_leader: bool = False) -> str:
-        """Check or write run.json; returns the run_id. Refuses a dir holding another run's captions."""
+        """Check or write run.json; returns the run_id. Refuses a dir holding another run's captions.
+
+        A run.json under which nothing was captioned yet (a model id with a typo, say) is simply replaced.
+        """
         run_id = run_id_for(settings)
         deadline = time.monotonic() + 600
         while True:
             existing = read_run_json(self.dir)
             if existing is not None and existing.get("run_id") == run_id:
                 return run_id
-            if existing is not None and not overwrite:
+            holds_work = bool(list_parts(self.dir) or list_failure_files(self.dir))
+            if existing is not None and holds_work and not overwrite:
                 diff = [k for k in RUN_SETTINGS if existing.get(k) != settings.get(k)]
                 raise UsageError(
                     f"{self.dir} holds run {existing.get('run_id')} with other settings ({', '.join(diff) or 'run_id'}); "
@@ -170,8 +174,10 @@ class CheckpointStore:
             if time.monotonic() > deadline:
                 raise FatalError(f"waited 10 min for worker 0 to write {self.dir / RUN_JSON}")
             time.sleep(0.5)
-        if existing is not None:
+        if existing is not None and holds_work:
             self._set_aside(existing.get("run_id", "unknown"))
+        elif existing is not None:
+            log.info("%s: replacing the settings of run %s, which captioned nothing", self.dir, existing.get("run_id"))
         self.dir.mkdir(parents=True, exist_ok=True)
         from . import __version__
 
