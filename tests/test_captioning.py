@@ -246,3 +246,26 @@ def test_sigkill_after_first_part_then_resume_gives_every_key_once(tiny_model_di
     assert set(keys) | set(failed_keys(ckpt)) == meta_keys
     assert code == EXIT_ITEMS_FAILED
     assert not list(ckpt.rglob(".*.tmp-*"))
+
+
+def test_ctrl_c_keeps_the_captions_already_made(tiny_model_dir, sample_data_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    args = caption_args(tiny_model_dir, sample_data_dir, ckpt, "--batch-size", "2", "--checkpoint-every", "1000")
+    args[args.index("--max-tokens") + 1] = "48"
+    log = tmp_path / "stderr.txt"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, str(REPO / "batched_image_inference.py"), *args, "--min-tokens", "48"],
+                                cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err)
+        deadline = time.monotonic() + 120
+        while "captioning:" not in log.read_text() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        time.sleep(1.5)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    assert proc.returncode == 130, log.read_text()[-2000:]
+    assert "finished parts are kept" in log.read_text()
+    saved = all_keys(ckpt)
+    assert saved, "the captions made before Ctrl-C were written"  # no part would exist without the flush
+    main(args + ["--min-tokens", "48"])
+    keys = all_keys(ckpt)
+    assert len(keys) == len(set(keys)) and set(saved) <= set(keys)

@@ -196,19 +196,23 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                               target_size=captioner.target_size)
     batch: list[dataset.Loaded] = []
     with tqdm(total=plan.todo, unit="img", desc="captioning", mininterval=2.0, smoothing=0.1) as progress:
-        for item in loaded:
-            if item.error is not None:
-                failures.append(failure_row(item.row, item.error.stage, str(item.error)))
-                stats.failed[item.error.stage] += 1
-                progress.update(1)
-            else:
-                batch.append(item)
-                if len(batch) >= batches.size:
-                    run_batch(batch)
-                    batch = []
-            flush()
-        if batch:
-            run_batch(batch)
+        try:
+            for item in loaded:
+                if item.error is not None:
+                    failures.append(failure_row(item.row, item.error.stage, str(item.error)))
+                    stats.failed[item.error.stage] += 1
+                    progress.update(1)
+                else:
+                    batch.append(item)
+                    if len(batch) >= batches.size:
+                        run_batch(batch)
+                        batch = []
+                flush()
+            if batch:
+                run_batch(batch)
+        except KeyboardInterrupt:  # Ctrl-C keeps every caption already made; the batch in flight is redone
+            flush(force=True)
+            raise
     flush(force=True)
 
 
