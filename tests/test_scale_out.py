@@ -141,3 +141,11 @@ def test_worker_slice_defaults_from_slurm_and_torch_distributed(monkeypatch):
         RunConfig(num_workers=2, worker_index=2).worker_slice()
     with pytest.raises(UsageError):
         RunConfig(num_workers=2).worker_slice()
+
+
+def test_merge_refuses_dirs_of_different_runs(tiny_model_dir, clean_data, tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    main(args_for(tiny_model_dir, clean_data, a, "--max-images", "2"))
+    main(args_for(tiny_model_dir, clean_data, b, "--max-images", "2", "--max-tokens", "3"))
+    with pytest.raises(UsageError, match="different runs"):
+        main(["--merge-only", "--data-dir", str(clean_data), "--checkpoint-dir", str(a), str(b), "--no-push"])

@@ -335,6 +335,10 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int) -> in
 def merge_and_check(cfg: RunConfig) -> int:
     """--merge-only: merge one or more checkpoint dirs and prove every selected key is there once."""
     dirs = [Path(d) for d in cfg.checkpoint_dirs]
+    runs = {str(d): (store.read_run_json(d) or {}).get("run_id") for d in dirs}
+    if len(set(runs.values())) > 1:  # captions of another model or prompt must not be mixed in silently
+        raise UsageError("the checkpoint dirs hold different runs (settings differ): "
+                         + ", ".join(f"{d}={r}" for d, r in runs.items()))
     out = dirs[0] / store.MERGED
     report = store.merge_parts(dirs, out)
     counts = dir_counts(dirs)
