@@ -76,13 +76,9 @@ def broken_on_purpose(data: Path) -> set[str]:
 
 def still_failed(ckpt: Path) -> list[dict]:
     """Failure records (key, stage, error) of keys that no part holds, one per key."""
-    captioned = pipeline.dir_counts([ckpt])["captioned"]
-    rows: dict[str, dict] = {}
-    for part in store.list_failure_files(ckpt):
-        for row in pq.read_table(part.path, columns=["key", "stage", "error"]).to_pylist():
-            if row["key"] not in captioned:
-                rows[row["key"]] = row
-    return [rows[k] for k in sorted(rows)]
+    captioned = set(pq.read_table(ckpt / store.MERGED, columns=["key"]).column("key").to_pylist())
+    failed = pipeline.still_failed([ckpt], captioned)
+    return [failed[k] for k in sorted(failed)]
 
 
 # ---------------------------------------------------------------- output

@@ -218,22 +218,17 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
 
 # ---------------------------------------------------------------- endings
 
-def dir_counts(dirs: list[Path]) -> dict[str, Any]:
-    """Distinct captioned keys and still-failed keys (by stage) over checkpoint dirs."""
-    captioned: set[str] = set()
-    for d in dirs:
-        for _, keys in store.read_keys(store.list_parts(d)):
-            captioned.update(keys)
-    failed: dict[str, str] = {}
+def still_failed(dirs: list[Path], captioned: set[str]) -> dict[str, dict]:
+    """key -> failure record (key, stage, error) of every failed key that no later run captioned."""
+    import pyarrow.parquet as pq
+
+    failed: dict[str, dict] = {}
     for d in dirs:
         for part in store.list_failure_files(d):
-            import pyarrow.parquet as pq
-
-            t = pq.read_table(part.path, columns=["key", "stage"])
-            for k, s in zip(t.column("key").to_pylist(), t.column("stage").to_pylist()):
-                if k not in captioned:
-                    failed[k] = s
-    return {"captioned": captioned, "failed": failed}
+            for row in pq.read_table(part.path, columns=["key", "stage", "error"]).to_pylist():
+                if row["key"] not in captioned:
+                    failed[row["key"]] = row
+    return failed
 
 
 def finish(cfg: RunConfig, run_id: str, worker: int, num_workers: int, plan: dataset.WorkPlan,
@@ -257,13 +252,13 @@ def summarise(cfg: RunConfig, run_id: str, worker: int, num_workers: int, plan: 
     """Merge, write run_summary.json and the dataset card (under the dir lock)."""
     ckpt = Path(cfg.checkpoint_dir)
     report = store.merge_parts([ckpt], ckpt / store.MERGED)
-    counts = dir_counts([ckpt])
+    counts = {"captioned": report.keys, "failed": still_failed([ckpt], report.keys)}
     summary = {
         "run_id": run_id, "worker": worker, "num_workers": num_workers, "model": cfg.model,
         "this_run": {"captioned": stats.captioned, "failed_by_stage": dict(stats.failed),
                      "skipped_already_done": plan.done, "skipped_failed_before": plan.failed, **stats.rates()},
         "checkpoint_dir": {"captioned": len(counts["captioned"]), "failed": len(counts["failed"]),
-                           "failed_by_stage": dict(Counter(counts["failed"].values())),
+                           "failed_by_stage": dict(Counter(r["stage"] for r in counts["failed"].values())),
                            "duplicate_keys": len(report.duplicate_keys)},
         "selection": {"selected": plan.selected, "mine": plan.mine, "duplicate_input_keys": plan.duplicate_keys,
                       "unreadable_shards": plan.unreadable_shards},
@@ -341,7 +336,7 @@ def merge_and_check(cfg: RunConfig) -> int:
                          + ", ".join(f"{d}={r}" for d, r in runs.items()))
     out = dirs[0] / store.MERGED
     report = store.merge_parts(dirs, out)
-    counts = dir_counts(dirs)
+    counts = {"captioned": report.keys, "failed": still_failed(dirs, report.keys)}
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=0, num_workers=1, done_keys=set(), failed_keys=set())
     expected = plan.todo_keys

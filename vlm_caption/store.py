@@ -244,6 +244,7 @@ class MergeReport:
     rows: int
     parts: int
     duplicate_keys: list[str]
+    keys: set[str]  # every captioned key (callers count failures against it without reading the parts again)
     output: Path
 
 
@@ -278,7 +279,7 @@ def merge_parts(dirs: list[Path | str], output: Path | str, bucket_rows: int = 5
     if duplicates:
         log.warning("%d keys were captioned more than once; kept the first of each (e.g. %s)",
                     len(duplicates), duplicates[:5])
-    return MergeReport(rows=len(keys), parts=len(ranges), duplicate_keys=duplicates, output=output)
+    return MergeReport(rows=len(keys), parts=len(ranges), duplicate_keys=duplicates, keys=set(counts), output=output)
 
 
 def _first_per_key(table: pa.Table) -> pa.Table:
