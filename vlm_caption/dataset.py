@@ -12,7 +12,7 @@ import warnings
 import zlib
 from concurrent.futures import Future, ThreadPoolExecutor
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -112,15 +112,22 @@ def worker_of(key: str, num_workers: int) -> int:
 class WorkPlan:
     selected: int  # keys in the selection (shards, max-images) for all workers
     mine: int  # keys of this worker's slice
-    done: int  # of mine, already captioned
+    done: int  # of mine, already captioned (here or, when pushing, on the Hub)
     failed: int  # of mine, recorded as failed and not retried
     todo_keys: set[str]
     duplicate_keys: int  # keys seen more than once in the input (the first one is used)
     unreadable_shards: list[str]
+    keyless: list[str] = field(default_factory=list)  # this worker's rows with a null/empty key, not yet recorded
+    data_keys: set[str] = field(default_factory=set)  # every key of the data dir, whatever the selection
 
     @property
     def todo(self) -> int:
         return len(self.todo_keys)
+
+
+def keyless_name(path: Path, row: int) -> str:
+    """A stable stand-in key for a metadata row without one, so its failure is recorded once."""
+    return f"no-key:{path.name}:{row}"
 
 
 def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | None, worker: int,
@@ -129,6 +136,8 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
     --max-images keys in key order), then split between workers, then minus done and failed keys."""
     files = metadata_files(data_dir)
     seen: set[str] = set()
+    data_keys: set[str] = set()
+    keyless: list[str] = []
     duplicates = 0
     unreadable: list[str] = []
     for path, shard in files:
@@ -143,12 +152,20 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
         log.error("shard %s is not finished (no %s_stats.json): rerun download_data.py; its images are skipped",
                   shard, shard)
         unreadable.append(str(data_dir / "images" / f"{shard}.parquet") + " (unfinished download)")
-    for batch, shard, _ in _iter_batches(readable, ["key", "file_name", "status"], skip_unreadable=True):
+    rows_read: dict[Path, int] = {}
+    for batch, shard, path in _iter_batches(readable, ["key", "file_name", "status"], skip_unreadable=True):
         keys = batch.column("key").to_pylist()
         row_files = batch.column("file_name").to_pylist() if "file_name" in batch.schema.names else [None] * len(keys)
-        for key, row_file in zip(keys, row_files):
-            key = str(key)
+        first_row = rows_read.get(path, 0)
+        rows_read[path] = first_row + len(keys)
+        for i, (key, row_file) in enumerate(zip(keys, row_files)):
+            key = None if key is None or not str(key).strip() else str(key)
+            if key is not None:
+                data_keys.add(key)
             if shards is not None and shard_of(row_file, shard) not in shards:
+                continue
+            if key is None:
+                keyless.append(keyless_name(path, first_row + i))
                 continue
             if key in seen:
                 duplicates += 1
@@ -163,8 +180,12 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
     todo = set(mine) - done_keys - failed_keys
     if duplicates:
         log.warning("%d rows repeat a key already seen in the metadata; only the first is captioned", duplicates)
+    if keyless:
+        log.error("%d metadata rows have no key (null or empty): recorded as failures, never captioned", len(keyless))
     return WorkPlan(selected=len(selection), mine=len(mine), done=len(done), failed=len(failed),
-                    todo_keys=todo, duplicate_keys=duplicates, unreadable_shards=unreadable)
+                    todo_keys=todo, duplicate_keys=duplicates, unreadable_shards=unreadable,
+                    keyless=[k for k in keyless if worker_of(k, num_workers) == worker and k not in failed_keys],
+                    data_keys=data_keys)
 
 
 def iter_rows(data_dir: Path, todo_keys: set[str]) -> Iterator[dict[str, Any]]:
@@ -173,7 +194,7 @@ def iter_rows(data_dir: Path, todo_keys: set[str]) -> Iterator[dict[str, Any]]:
     columns = list(CARRIED_COLUMNS) + ["file_name", "status", "source_md5"]
     for batch, shard, _ in _iter_batches(metadata_files(data_dir), columns, skip_unreadable=True):
         for row in batch.to_pylist():
-            key = str(row["key"])
+            key = str(row["key"])  # a null key becomes "None", which is never wanted
             if key not in wanted:
                 continue
             wanted.discard(key)
@@ -291,10 +312,14 @@ def prefetch(rows: Iterable[dict[str, Any]], prepare: Callable[[Image.Image], An
 
     pending: deque[Future] = deque()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loader") as pool:
-        for row in rows:
-            pending.append(pool.submit(work, row))
-            if len(pending) >= window:
+        try:
+            for row in rows:
+                pending.append(pool.submit(work, row))
+                if len(pending) >= window:
+                    yield pending.popleft().result()
+            while pending:
                 yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
+        finally:  # closed early (a signal): drop the queued images instead of decoding them all first
+            for future in pending:
+                future.cancel()
 

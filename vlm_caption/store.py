@@ -1,34 +1,39 @@
 """The checkpoint directory: run.json, atomic part files, failures, the done-key index, merge, summary.
 
 Layout (see DESIGN.md):
-    run.json                                   settings of the run; a run with other settings is refused
-    parts/captions-w{worker:03d}-{seq:06d}.parquet   finished rows, written tmp + rename, never rewritten
+    run.json                                   settings of the run + dir_id (made with the dir); a run with
+                                               other settings is refused
+    parts/captions-w{worker:03d}-{seq:06d}.parquet   finished rows, written tmp + rename, never rewritten;
+                                               their parquet metadata names the run_id and dir_id
     failures/failures-w{worker:03d}-{seq:06d}.parquet
-    hub_ledger.jsonl                           written by hub.py
-    all_captions.parquet, run_summary.json     written at the end
+    quarantine/                                unreadable or foreign files, set aside with a warning
+    locks/                                     who uses the dir (locks.py)
+    hub_ledger.jsonl                           written by hub.py (a local record; the Hub is the truth)
+    all_captions.parquet, run_summary.json     written at the end, by the last worker to finish
 A part is the unit of progress: a crash loses at most the rows not yet in a part, and those are
 captioned again on resume because their keys are not in any part.
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import re
 import shutil
 import time
+import uuid
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path, atomic_write_json, atomic_write_table
 from .config import FatalError, UsageError
+from .locks import DirLock
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +69,9 @@ FAILURES_DIR = "failures"
 LEDGER = "hub_ledger.jsonl"
 MERGED = "all_captions.parquet"
 SUMMARY = "run_summary.json"
+QUARANTINE_DIR = "quarantine"
+# Parquet key-value metadata of parts and failure files: which run and which dir wrote them.
+META_RUN_ID, META_DIR_ID = b"vlm_caption.run_id", b"vlm_caption.dir_id"
 _PART_RE = re.compile(r"^(captions|failures)-w(\d{3,})-(\d{6,})\.parquet$")
 # Settings that change what a caption is; a checkpoint dir holds captions of one setting only.
 RUN_SETTINGS = ("model", "prompt", "prompt_version", "max_tokens", "min_tokens", "temperature", "top_p", "seed")
@@ -73,22 +81,6 @@ class Part(NamedTuple):
     worker: int
     seq: int
     path: Path
-
-
-@contextlib.contextmanager
-def dir_lock(directory: Path | str, name: str = ".merge.lock"):
-    """Serialise end-of-run work (merge, summary, card) between workers sharing a checkpoint dir.
-
-    Each worker merges after its own last part, so the last merge to take the lock sees every part.
-    """
-    path = Path(directory) / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 # ---------------------------------------------------------------- listing
@@ -116,14 +108,58 @@ def read_keys(files: Iterable[Part]) -> Iterable[tuple[Part, list[str]]]:
         yield part, pq.read_table(part.path, columns=["key"]).column("key").to_pylist()
 
 
+class FileCheck(NamedTuple):
+    keys: list[str] | None  # None: the file cannot be used (see problem)
+    run_id: str | None  # from the file's metadata; None for files written before run ids were recorded
+    dir_id: str | None
+    problem: str | None
+
+
+def check_file(path: Path, schema: pa.Schema) -> FileCheck:
+    """Read a part's or failure file's keys and provenance without trusting it: a truncated file or one
+    with another schema comes back with a problem instead of an exception."""
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if sorted(names) != sorted(schema.names):
+            return FileCheck(None, None, None, f"foreign schema (columns {', '.join(names[:8])})")
+        meta = pf.schema_arrow.metadata or {}
+        keys = pf.read(columns=["key"]).column("key").to_pylist()
+    except (OSError, pa.ArrowException) as e:
+        return FileCheck(None, None, None, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+    run_id, dir_id = (meta.get(k, b"").decode() or None for k in (META_RUN_ID, META_DIR_ID))
+    return FileCheck(keys, run_id, dir_id, None)
+
+
+def quarantine(checkpoint_dir: Path, path: Path, why: str) -> None:
+    """Set a bad file aside (never delete it); its keys are captioned again."""
+    dest = checkpoint_dir / QUARANTINE_DIR / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.move(str(path), str(dest))
+    log.warning("%s is %s: moved to %s; its keys will be captioned again", path, why, dest)
+
+
 def read_run_json(checkpoint_dir: Path | str) -> dict | None:
+    """run.json, or None when there is none; a UsageError naming the ways out when it cannot be read."""
+    info, problem = read_run_json_safe(checkpoint_dir)
+    if problem is not None and problem != "missing":
+        raise UsageError(f"{Path(checkpoint_dir) / RUN_JSON} is {problem}; pass --overwrite to set the dir's "
+                         "work aside, or restore the file")
+    return info
+
+
+def read_run_json_safe(checkpoint_dir: Path | str) -> tuple[dict | None, str | None]:
+    """(run.json, None), or (None, why not: "missing" or "unreadable (...)")."""
     path = Path(checkpoint_dir) / RUN_JSON
     if not path.is_file():
-        return None
+        return None, "missing"
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path} is unreadable ({e}); move it away or pass --overwrite") from None
+        info = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        return None, f"unreadable ({type(e).__name__})"
+    if not isinstance(info, dict) or not isinstance(info.get("run_id"), str):
+        return None, "unreadable (not a run description)"
+    return info, None
 
 
 def run_id_for(settings: dict) -> str:
@@ -136,11 +172,15 @@ def run_id_for(settings: dict) -> str:
 class CheckpointStore:
     """One worker's view of a checkpoint dir: it reads everybody's parts, writes only its own."""
 
-    def __init__(self, checkpoint_dir: Path | str, worker: int):
+    def __init__(self, checkpoint_dir: Path | str, worker: int, quarantine_bad: bool = True):
         self.dir = Path(checkpoint_dir)
         self.worker = worker
+        self.quarantine_bad = quarantine_bad  # False: only report bad files (--dry-run changes nothing)
         self.parts_dir = self.dir / PARTS_DIR
         self.failures_dir = self.dir / FAILURES_DIR
+        self.run_id: str | None = None
+        self.dir_id: str | None = None
+        self.lock = DirLock(self.dir, worker)
         self._next_part = self._next_seq(list_parts(self.dir))
         self._next_failure = self._next_seq(list_failure_files(self.dir))
 
@@ -148,43 +188,101 @@ class CheckpointStore:
         mine = [p.seq for p in files if p.worker == self.worker]
         return max(mine, default=-1) + 1
 
-    # -- run.json
+    # -- run.json and who holds the dir
 
-    def open_run(self, settings: dict, overwrite: bool, wait_for_leader: bool = False) -> str:
-        """Check or write run.json; returns the run_id. Refuses a dir holding another run's captions.
+    def open_run(self, settings: dict, overwrite: bool, wait_for_leader: bool = False,
+                 leader_timeout: float = 600.0) -> str:
+        """Take this worker's lock, then check or write run.json; returns the run_id.
 
-        A run.json under which nothing was captioned yet (a model id with a typo, say) is simply replaced.
+        Refuses a second process with this worker id, and any process whose settings differ from those of a
+        live process of the dir. run.json is only (re)written while no other process holds the dir. A dir
+        holding another run's captions is refused unless --overwrite; a dir whose run.json is gone re-adopts
+        its parts only when their recorded run id is this run's.
         """
         run_id = run_id_for(settings)
-        deadline = time.monotonic() + 600
+        holder = self.lock.take_worker()
+        if holder is not None:
+            raise UsageError(f"{self.dir} is in use by {holder}; wait for it to end, or use another "
+                             "--checkpoint-dir / --worker-index")
+        try:
+            return self._open_run(settings, run_id, overwrite, wait_for_leader, leader_timeout)
+        except BaseException:
+            self.lock.release()
+            raise
+
+    def _open_run(self, settings: dict, run_id: str, overwrite: bool, wait_for_leader: bool,
+                  leader_timeout: float) -> str:
+        deadline = time.monotonic() + leader_timeout
         while True:
-            existing = read_run_json(self.dir)
-            if existing is not None and existing.get("run_id") == run_id:
-                return run_id
-            holds_work = bool(list_parts(self.dir) or list_failure_files(self.dir))
-            if existing is not None and holds_work and not overwrite:
-                diff = [k for k in RUN_SETTINGS if existing.get(k) != settings.get(k)]
-                raise UsageError(
-                    f"{self.dir} holds run {existing.get('run_id')} with other settings ({', '.join(diff) or 'run_id'}); "
-                    "use another --checkpoint-dir, or --overwrite to set that run aside and start over"
-                )
-            if not wait_for_leader:
+            existing, _ = read_run_json_safe(self.dir)
+            if existing is not None and existing["run_id"] == run_id:
+                self.lock.share_run()
+                return self._adopt(existing)
+            if wait_for_leader:  # other ranks let worker 0 set the dir up
+                if time.monotonic() > deadline:
+                    raise FatalError(f"waited {leader_timeout:.0f} s for worker 0 to write {self.dir / RUN_JSON}")
+                time.sleep(0.5)
+                continue
+            if self.lock.take_run(exclusive=True):
                 break
-            # Other ranks let worker 0 archive the old run and write run.json.
-            if time.monotonic() > deadline:
-                raise FatalError(f"waited 10 min for worker 0 to write {self.dir / RUN_JSON}")
-            time.sleep(0.5)
-        if existing is not None and holds_work:
-            self._set_aside(existing.get("run_id", "unknown"))
+            holders = "; ".join(self.lock.holders()) or "another process"
+            raise UsageError(f"{self.dir} is in use by {holders} with other settings (run "
+                             f"{(existing or {}).get('run_id', 'unknown')}); wait for it to end, or use another "
+                             "--checkpoint-dir")
+        try:  # the dir is ours alone now
+            return self._write_run_json(settings, run_id, overwrite)
+        finally:
+            self.lock.share_run()
+
+    def _write_run_json(self, settings: dict, run_id: str, overwrite: bool) -> str:
+        existing, problem = read_run_json_safe(self.dir)
+        if existing is not None and existing["run_id"] == run_id:  # written while we waited for the lock
+            return self._adopt(existing)
+        provenance = self._provenance()
+        holds_work = bool(provenance)
+        dir_id = None
+        if holds_work and overwrite:
+            self._set_aside((existing or {}).get("run_id", "unknown"))
+        elif holds_work and existing is not None:
+            diff = [k for k in RUN_SETTINGS if existing.get(k) != settings.get(k)]
+            raise UsageError(
+                f"{self.dir} holds run {existing.get('run_id')} with other settings ({', '.join(diff) or 'run_id'}); "
+                "use another --checkpoint-dir, or --overwrite to set that run aside and start over")
+        elif holds_work:  # run.json missing or unreadable: adopt the parts only if they say they are ours
+            runs = {r for r, _ in provenance}
+            if runs != {run_id}:
+                named = ", ".join(sorted(r or "unrecorded" for r in runs))
+                raise UsageError(
+                    f"{self.dir}: run.json is {problem} and the dir holds parts of run(s) {named}, not of this "
+                    f"run {run_id}; rerun with the settings that made them to re-adopt them, or pass --overwrite "
+                    "to set them aside and start over")
+            dir_id = next((d for _, d in provenance if d), None)
+            log.warning("%s: run.json was %s; re-adopted the parts of run %s", self.dir, problem, run_id)
         elif existing is not None:
-            log.info("%s: replacing the settings of run %s, which captioned nothing", self.dir, existing.get("run_id"))
-        self.dir.mkdir(parents=True, exist_ok=True)
+            log.info("%s: replacing the settings of run %s, which captioned nothing", self.dir, existing["run_id"])
         from . import __version__
 
-        atomic_write_json(self.dir / RUN_JSON, {"run_id": run_id, "code_version": __version__,
-                                                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                                                **{k: settings[k] for k in RUN_SETTINGS}})
-        return run_id
+        info = {"run_id": run_id, "dir_id": dir_id or uuid.uuid4().hex[:12], "code_version": __version__,
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                **{k: settings[k] for k in RUN_SETTINGS}}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.dir / RUN_JSON, info)
+        return self._adopt(info)
+
+    def _adopt(self, info: dict) -> str:
+        self.run_id = info["run_id"]
+        self.dir_id = info.get("dir_id") or "legacy"  # dirs made before dir ids existed
+        return self.run_id
+
+    def _provenance(self) -> set[tuple[str | None, str | None]]:
+        """(run_id, dir_id) recorded in each readable part and failure file of the dir."""
+        found = set()
+        for files, schema in ((list_parts(self.dir), OUTPUT_SCHEMA), (list_failure_files(self.dir), FAILURE_SCHEMA)):
+            for part in files:
+                check = check_file(part.path, schema)
+                if check.keys is not None:
+                    found.add((check.run_id, check.dir_id))
+        return found
 
     def _set_aside(self, old_run_id: str) -> None:
         """--overwrite moves the old run into superseded/ instead of deleting finished work."""
@@ -199,16 +297,25 @@ class CheckpointStore:
     # -- keys already handled
 
     def done_keys(self) -> set[str]:
-        """Keys captioned by any worker of this run (all parts in the dir)."""
-        keys: set[str] = set()
-        for _, ks in read_keys(list_parts(self.dir)):
-            keys.update(ks)
-        return keys
+        """Keys captioned by any worker of this run (all usable parts in the dir)."""
+        return self._keys(list_parts(self.dir), OUTPUT_SCHEMA)
 
     def failed_keys(self) -> set[str]:
+        return self._keys(list_failure_files(self.dir), FAILURE_SCHEMA)
+
+    def _keys(self, files: list[Part], schema: pa.Schema) -> set[str]:
+        """Keys of `files`; a file that is unreadable, foreign or of another run is quarantined."""
         keys: set[str] = set()
-        for _, ks in read_keys(list_failure_files(self.dir)):
-            keys.update(ks)
+        for part in files:
+            check = check_file(part.path, schema)
+            problem = check.problem or (f"from another run ({check.run_id})"
+                                        if self.run_id and check.run_id not in (None, self.run_id) else None)
+            if problem and self.quarantine_bad:
+                quarantine(self.dir, part.path, problem)
+            elif problem:
+                log.warning("%s is %s: a real run sets it aside and captions its keys again", part.path, problem)
+            else:
+                keys.update(check.keys)
         return keys
 
     # -- writing
@@ -230,6 +337,9 @@ class CheckpointStore:
     def _write_new(self, path: Path, table: pa.Table) -> None:
         if path.exists():  # names never repeat within a run: another process is using our worker id
             raise FatalError(f"{path} already exists: two processes share worker id {self.worker}")
+        if self.run_id is not None:
+            table = table.replace_schema_metadata({META_RUN_ID: self.run_id.encode(),
+                                                   META_DIR_ID: (self.dir_id or "").encode()})
         try:
             atomic_write_table(path, table)
         except OSError as e:
@@ -244,22 +354,28 @@ class MergeReport:
     rows: int
     parts: int
     duplicate_keys: list[str]
-    keys: set[str]  # every captioned key (callers count failures against it without reading the parts again)
+    keys: set[str]  # every captioned key kept (callers count failures against it without reading the parts again)
     output: Path
+    not_in_data: list[str] = field(default_factory=list)  # captioned keys the data dir no longer holds (left out)
 
 
 def _part_ranges(dirs: list[Path]) -> tuple[list[tuple[Path, str, str]], Counter]:
     ranges, counts = [], Counter()
     for d in dirs:
-        for part, keys in read_keys(list_parts(d)):
-            if keys:
-                ranges.append((part.path, min(keys), max(keys)))
-                counts.update(keys)
+        for part in list_parts(d):
+            check = check_file(part.path, OUTPUT_SCHEMA)
+            if check.problem:
+                quarantine(d, part.path, check.problem)
+            elif check.keys:
+                ranges.append((part.path, min(check.keys), max(check.keys)))
+                counts.update(check.keys)
     return ranges, counts
 
 
-def merge_parts(dirs: list[Path | str], output: Path | str, bucket_rows: int = 50_000) -> MergeReport:
-    """Merge every part of `dirs` into one parquet sorted by key, one row per key.
+def merge_parts(dirs: list[Path | str], output: Path | str, data_keys: set[str] | None = None,
+                bucket_rows: int = 50_000) -> MergeReport:
+    """Merge every part of `dirs` into one parquet sorted by key, one row per key; keys not in `data_keys`
+    (a shard removed from the data since) are reported and left out, their parts kept.
 
     Streams: only the key column of all parts is held at once; rows are read a key range at a time
     (parts hold nearly contiguous key ranges, so each part is read about once).
@@ -268,18 +384,25 @@ def merge_parts(dirs: list[Path | str], output: Path | str, bucket_rows: int = 5
     output = Path(output)
     ranges, counts = _part_ranges(dirs)
     duplicates = sorted(k for k, n in counts.items() if n > 1)
-    keys = sorted(counts)
+    gone = sorted(k for k in counts if data_keys is not None and k not in data_keys)
+    keys = sorted(set(counts) - set(gone))
     with atomic_path(output) as tmp, pq.ParquetWriter(tmp, OUTPUT_SCHEMA, compression="zstd") as writer:
         for start in range(0, len(keys), bucket_rows):
             lo, hi = keys[start], keys[min(start + bucket_rows, len(keys)) - 1]
             tables = [pq.read_table(path, schema=OUTPUT_SCHEMA, filters=[("key", ">=", lo), ("key", "<=", hi)])
                       for path, pmin, pmax in ranges if pmin <= hi and pmax >= lo]
             bucket = pa.concat_tables(tables).sort_by("key")
+            if gone:
+                bucket = bucket.filter(pc.is_in(bucket.column("key"), pa.array(keys[start:start + bucket_rows])))
             writer.write_table(_first_per_key(bucket))
     if duplicates:
         log.warning("%d keys were captioned more than once; kept the first of each (e.g. %s)",
                     len(duplicates), duplicates[:5])
-    return MergeReport(rows=len(keys), parts=len(ranges), duplicate_keys=duplicates, keys=set(counts), output=output)
+    if gone:
+        log.warning("%d captioned keys are no longer in the data dir (a shard removed?); left out of %s, their "
+                    "parts kept (e.g. %s)", len(gone), output.name, gone[:5])
+    return MergeReport(rows=len(keys), parts=len(ranges), duplicate_keys=duplicates, keys=set(keys), output=output,
+                       not_in_data=gone)
 
 
 def _first_per_key(table: pa.Table) -> pa.Table:

@@ -1,0 +1,108 @@
+"""Who is using a checkpoint dir: one lock per worker id, one shared lock per dir.
+
+    locks/worker-{w:03d}.lock   held exclusively by the process captioning as worker w (its pid and host inside)
+    locks/run.lock              held shared by every live process of the dir; exclusively only to (re)write
+                                run.json, and by the last worker to finish, which merges
+
+flock locks belong to the open file: the OS drops them when the process dies, kill -9 included, so a crash
+never leaves a dir locked. On a shared file system they need flock support (NFSv4, Lustre with -o flock).
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+
+LOCKS_DIR = "locks"
+RUN_LOCK = "run.lock"
+
+
+def _worker_lock_name(worker: int) -> str:
+    return f"worker-{worker:03d}.lock"
+
+
+def _try_flock(fd: int, mode: int) -> bool:
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+
+
+class DirLock:
+    """This process's hold on a checkpoint dir (see the module doc)."""
+
+    def __init__(self, checkpoint_dir: Path | str, worker: int):
+        self.dir = Path(checkpoint_dir) / LOCKS_DIR
+        self.worker = worker
+        self._worker_fd: int | None = None
+        self._run_fd: int | None = None
+
+    def _open(self, name: str) -> int:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        return os.open(self.dir / name, os.O_RDWR | os.O_CREAT, 0o644)
+
+    def take_worker(self) -> str | None:
+        """Hold this worker id; returns None, or who holds it already (then nothing is held)."""
+        fd = self._open(_worker_lock_name(self.worker))
+        if not _try_flock(fd, fcntl.LOCK_EX):
+            holder = _read_holder(fd)
+            os.close(fd)
+            return holder
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, worker {self.worker}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        self._worker_fd = fd
+        return None
+
+    def take_run(self, exclusive: bool) -> bool:
+        """Shared (every live process) or exclusive (no other live process of the dir); never blocks."""
+        if self._run_fd is None:
+            self._run_fd = self._open(RUN_LOCK)
+        return _try_flock(self._run_fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+
+    def share_run(self, timeout: float = 60.0) -> None:
+        """Exclusive -> shared, or take it shared, waiting out a writer of run.json."""
+        deadline = time.monotonic() + timeout
+        while not self.take_run(exclusive=False):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.dir / RUN_LOCK} stayed locked for {timeout:.0f} s")
+            time.sleep(0.1)
+
+    def holders(self) -> list[str]:
+        """Other live processes of the dir, as written in their worker locks."""
+        found = []
+        for path in sorted(self.dir.glob("worker-*.lock")):
+            if path.name == _worker_lock_name(self.worker) and self._worker_fd is not None:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                if _try_flock(fd, fcntl.LOCK_SH):
+                    fcntl.flock(fd, fcntl.LOCK_UN)  # nobody holds it
+                else:
+                    found.append(_read_holder(fd))
+            finally:
+                os.close(fd)
+        return found
+
+    def last_one_out(self) -> bool:
+        """Release this process's shared hold; True when no other process holds the dir (then this one
+        keeps it exclusively until release()). Of two workers ending together at least one sees True."""
+        if self._run_fd is None:
+            return False
+        fcntl.flock(self._run_fd, fcntl.LOCK_UN)
+        return self.take_run(exclusive=True)
+
+    def release(self) -> None:
+        for fd in (self._run_fd, self._worker_fd):
+            if fd is not None:
+                os.close(fd)  # closing the file drops its flock
+        self._run_fd = self._worker_fd = None
+
+
+def _read_holder(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 300).decode(errors="replace").strip()
+    return text or "a process that has not written its name yet"
