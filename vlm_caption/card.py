@@ -43,19 +43,45 @@ def size_category(n: int) -> str:
     return "1M<n<10M"
 
 
-def render_dataset_card(repo_id: str, summary: dict, run_info: dict, rows: int | None = None) -> str:
-    """README.md of the Hub dataset. Counts come from run_summary.json's checkpoint_dir section (captioned,
-    failed_by_stage), else from flat `rows`/`done` and `failed`; `rows` overrides the row count."""
-    whole_dir = summary.get("checkpoint_dir") or {}
-    rows = rows if rows is not None else int(whole_dir.get("captioned", summary.get("rows", summary.get("done", 0))))
-    prompt, failed = str(run_info.get("prompt", "")), whole_dir.get("failed_by_stage", summary.get("failed", {}))
+def _data_files(run: dict) -> list[str]:
+    files = [f"data/{run['run_id']}/*.parquet"]
+    return files + [f"data/{run['run_id']}-w*.parquet"] if run.get("legacy_files") else files
+
+
+def _fenced(prompt: str) -> str:
     fence = "`" * max(3, max(map(len, re.findall(r"`+", prompt)), default=0) + 1)  # the prompt stays verbatim
-    params = ", ".join(f"{k}={run_info.get(k)}" for k in ("max_tokens", "temperature", "top_p", "seed"))
-    failures = ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())) or "none" if isinstance(failed, dict) else failed
+    return f"{fence}text\n{prompt}\n{fence}"
+
+
+def _run_section(repo_id: str, run: dict, default: bool) -> str:
+    params = ", ".join(f"{k}={run.get(k)}" for k in ("max_tokens", "temperature", "top_p", "seed"))
+    failed = run.get("failed_by_stage") or {}
+    failures = ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())) or "none"
+    load = f'"{repo_id}", split="train"' if default else f'"{repo_id}", "{run["run_id"]}", split="train"'
+    return f"""### Run `{run['run_id']}`{' (default config)' if default else ''}
+
+- Model: `{run.get('model', 'unknown')}`
+- Generation: {params} (temperature 0 = greedy decoding)
+- Rows (captioned images): {run.get('rows', 0)}; images without a caption, by stage: {failures}
+- Code version {run.get('code_version', 'unknown')}, started {run.get('created', 'unknown')}
+- Load: `datasets.load_dataset({load})`
+- Prompt, verbatim:
+
+{_fenced(str(run.get('prompt', '')))}
+"""
+
+
+def render_dataset_card(repo_id: str, runs: list[dict]) -> str:
+    """README.md of the Hub dataset: one config per run (its own data/{run_id}/ folder), the newest run the
+    default. Each run dict holds run.json's settings plus rows and failed_by_stage as published."""
+    runs = sorted(runs, key=lambda r: (r.get("created") or "", r["run_id"]), reverse=True)
+    total = sum(int(r.get("rows") or 0) for r in runs)
     columns = "\n".join(f"| `{name}` | {OUTPUT_SCHEMA.field(name).type} | {text} |" for name, text in COLUMNS.items())
+    configs = [{"config_name": r["run_id"], "data_files": [{"split": "train", "path": _data_files(r)}],
+                **({"default": True} if i == 0 else {})} for i, r in enumerate(runs)]
     meta = {"license": "cc-by-4.0", "task_categories": ["image-to-text"], "language": ["en"],
-            "size_categories": [size_category(rows)], "tags": _CARD_TAGS, "configs": [
-                {"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}]}
+            "size_categories": [size_category(total)], "tags": _CARD_TAGS, "configs": configs}
+    sections = "\n".join(_run_section(repo_id, r, i == 0) for i, r in enumerate(runs))
     return f"""---
 {yaml.safe_dump(meta, sort_keys=False)}---
 
@@ -66,22 +92,12 @@ Captions written by a vision-language model for the images of
 University of Maryland). No images are included: each row keeps the image URL and the source metadata next to
 the generated caption. Images that could not be downloaded or decoded have no row.
 
-## How the captions were made
+Rows in all runs: {total}. Each run (one model, prompt and set of generation parameters) is its own config,
+with each image at most once in it.
 
-- Model: `{run_info.get('model', 'unknown')}`
-- Generation: {params} (temperature 0 = greedy decoding)
-- Run id: `{run_info.get('run_id', 'unknown')}`, code version {run_info.get('code_version', 'unknown')}
-- Prompt, verbatim:
+## Runs
 
-{fence}text
-{prompt}
-{fence}
-
-## Size
-
-- Rows (captioned images): {rows}
-- Images without a caption, by stage: {failures}
-
+{sections}
 ## Columns
 
 | column | type | description |
@@ -93,7 +109,7 @@ the generated caption. Images that could not be downloaded or decoded have no ro
 ```python
 import datasets
 
-ds = datasets.load_dataset("{repo_id}", split="train")
+ds = datasets.load_dataset("{repo_id}", split="train")  # the default config: the newest run
 ```
 
 ## License and citation

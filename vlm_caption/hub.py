@@ -1,28 +1,27 @@
 """Publish a checkpoint dir's captions to a Hub dataset repo: token check, pushes, ledger, retries, card.
 
-Hub layout: data/{run_id}-w{worker:03d}-{first:06d}-{last:06d}.parquet holds the local parts first..last of one
-worker (consecutive seq numbers), rows sorted by key, written deterministically: a re-push after a crash rewrites
-the same path with the same bytes. A backlog becomes several files of at most MAX_ROWS_PER_HUB_FILE rows, all in
-one commit.
+The Hub is the source of truth for what is published (hub_index.py): every push first reads which keys the
+repo already holds for this run, at a commit C, then commits only the other rows with C as its parent. A
+commit that raced another writer (409/412) or whose answer was lost is planned again from a fresh read, so
+a row is published once whatever wrote it: another dir, another machine, another worker count, a relaunch.
 
-Exactly once: a part is "on the Hub" when a line of hub_ledger.jsonl names it, or when a data/ file of this run
-and worker on the Hub covers its seq number. The repo tree is listed once per client and again after any failed
-commit, so a commit that was applied but whose answer was lost (or a crash between commit and ledger line) is
-found and recorded as `recovered` instead of being pushed twice.
+Hub layout: data/{run_id}/{dir_id}-w{worker:03d}-{first:06d}-{last:06d}-{digest}.parquet holds the unpublished
+rows of local parts first..last of one worker of one checkpoint dir (dir_id is made with the dir), sorted by
+key; digest names the keys, so two files never share a name unless they share their rows. Each run has its
+own folder and its own config on the dataset card; runs/{run_id}.json records its settings and counts.
 
-Several workers: every worker pushes only its own parts, and its file names carry its worker id, so two workers
-never write the same path. Their commits to one branch may race; the Hub answers a lost race with 409/412, which
-is retried like any transient failure. Push all workers at once (worker=None, --push-only) only when no worker is
-pushing any more.
-
-The token never appears in a message of this module: every error text goes through hub_retry.describe.
+hub_ledger.jsonl is a local record of the commits (repo, run, file, parts, rows), checked against the repo's
+real files; nothing is decided from it. The token never appears in a message of this module: every error
+text goes through hub_retry.describe.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
 import os
+import random
 import re
 import threading
 import time
@@ -30,22 +29,25 @@ from pathlib import Path
 from typing import Callable, NamedTuple, TypeVar
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HfUriError
 
 from .card import render_dataset_card
 from .config import FatalError, UsageError
+from .hub_index import REPO_TYPE, HubIndex, Snapshot, run_data_dir, run_info_path
 from .hub_retry import HubUnavailable, RetryPolicy, call_with_retries, describe, http_status
-from .store import LEDGER, OUTPUT_SCHEMA, Part, list_parts
+from .store import LEDGER, OUTPUT_SCHEMA, Part, check_file, list_parts, read_run_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_ROWS_PER_HUB_FILE = 100_000
 ROW_GROUP_ROWS = 10_000  # small row groups keep the dataset viewer and streaming readers fast
-REPO_TYPE = "dataset"
-_HUB_FILE_RE = re.compile(r"^data/(?P<run>.+)-w(?P<worker>\d{3,})-(?P<first>\d{6,})-(?P<last>\d{6,})\.parquet$")
+MAX_LOST_RACES = 20  # commits that lost a race with another writer, re-planned each time
+_HUB_FILE_RE = re.compile(r"^data/(?P<run>[0-9a-f]{12})/(?P<dir>[^/]+)-w(?P<worker>\d{3,})-(?P<first>\d{6,})-"
+                          r"(?P<last>\d{6,})-[0-9a-f]{8}\.parquet$")
 _LOGIN_HINT = "run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN, or pass --no-push"
 
 
@@ -84,41 +86,51 @@ class HubFile(NamedTuple):
     path: str
     worker: int
     parts: list[Part]
-    rows: int
+    keys: list[str]  # the rows of `parts` this file publishes (the others are on the Hub already)
+
+    @property
+    def rows(self) -> int:
+        return len(self.keys)
 
 
-def hub_path(run_id: str, worker: int, first: int, last: int) -> str:
-    return f"data/{run_id}-w{worker:03d}-{first:06d}-{last:06d}.parquet"
+def hub_path(run_id: str, dir_id: str, worker: int, first: int, last: int, keys: list[str]) -> str:
+    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:8]
+    return f"{run_data_dir(run_id)}/{dir_id}-w{worker:03d}-{first:06d}-{last:06d}-{digest}.parquet"
 
 
-def part_rows(part: Part) -> int:
-    return pq.ParquetFile(part.path).metadata.num_rows
-
-
-def plan_hub_files(run_id: str, parts: list[Part], max_rows: int | None = None) -> list[HubFile]:
-    """Group parts per worker into runs of consecutive seq numbers holding at most max_rows rows."""
+def plan_hub_files(run_id: str, dir_id: str, pending: list[tuple[Part, list[str]]],
+                   max_rows: int | None = None) -> list[HubFile]:
+    """Group parts per worker into runs of consecutive seq numbers publishing at most max_rows rows."""
     max_rows = max_rows or MAX_ROWS_PER_HUB_FILE
-    groups: list[list[tuple[Part, int]]] = []
-    for part in sorted(parts):
-        n, last = part_rows(part), groups[-1] if groups else None
+    groups: list[list[tuple[Part, list[str]]]] = []
+    for part, keys in sorted(pending):
+        last = groups[-1] if groups else None
         if (last is None or last[-1][0].worker != part.worker or part.seq != last[-1][0].seq + 1
-                or sum(r for _, r in last) + n > max_rows):
+                or sum(len(k) for _, k in last) + len(keys) > max_rows):
             groups.append([])
-        groups[-1].append((part, n))
-    return [HubFile(hub_path(run_id, g[0][0].worker, g[0][0].seq, g[-1][0].seq), g[0][0].worker,
-                    [p for p, _ in g], sum(n for _, n in g)) for g in groups]
+        groups[-1].append((part, keys))
+    files = []
+    for g in groups:
+        keys = [k for _, ks in g for k in ks]
+        first, last = g[0][0], g[-1][0]
+        files.append(HubFile(hub_path(run_id, dir_id, first.worker, first.seq, last.seq, keys), first.worker,
+                             [p for p, _ in g], keys))
+    return files
 
 
-def hub_file_bytes(parts: list[Part]) -> bytes:
-    """The parts' rows sorted by key, as parquet; the same parts always give the same bytes."""
-    tables = [pq.read_table(p.path, schema=OUTPUT_SCHEMA).replace_schema_metadata(None) for p in parts]
+def hub_file_bytes(f: HubFile) -> bytes:
+    """The file's rows sorted by key, as parquet; the same rows always give the same bytes."""
+    tables = [pq.read_table(p.path, schema=OUTPUT_SCHEMA).replace_schema_metadata(None) for p in f.parts]
+    table = pa.concat_tables(tables)
+    table = table.filter(pc.is_in(table.column("key"), pa.array(f.keys, pa.string()))).sort_by("key")
+    keys = table.column("key").to_pylist()
+    first_of_each = [i for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
     buf = io.BytesIO()
-    pq.write_table(pa.concat_tables(tables).sort_by("key").combine_chunks(), buf, compression="zstd",
-                   row_group_size=ROW_GROUP_ROWS)
+    pq.write_table(table.take(first_of_each).combine_chunks(), buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
     return buf.getvalue()
 
 
-# ---------------------------------------------------------------- the ledger
+# ---------------------------------------------------------------- the ledger (a local record)
 
 def read_ledger(checkpoint_dir: Path | str) -> list[dict]:
     path = Path(checkpoint_dir) / LEDGER
@@ -126,7 +138,7 @@ def read_ledger(checkpoint_dir: Path | str) -> list[dict]:
     for n, line in enumerate(path.read_text().splitlines() if path.is_file() else [], 1):
         try:
             entries.append(json.loads(line))
-        except json.JSONDecodeError:  # torn by a crash; the tree listing still covers its parts
+        except json.JSONDecodeError:  # torn by a crash; the Hub itself still says what is published
             log.warning("%s line %d is unreadable; ignoring it", path, n)
     return entries
 
@@ -143,11 +155,10 @@ def append_ledger(checkpoint_dir: Path | str, entries: list[dict]) -> None:
         os.close(fd)
 
 
-def _ledger_entry(f: HubFile, run_id: str, commit: str | None) -> dict:
-    entry = {"run_id": run_id, "hub_path": f.path, "worker": f.worker, "first": f.parts[0].seq,
-             "last": f.parts[-1].seq, "parts": [p.path.name for p in f.parts], "rows": f.rows, "commit": commit,
-             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    return entry if commit else {**entry, "recovered": True}  # found on the Hub, commit id unknown
+def _ledger_entry(repo_id: str, run_id: str, f: HubFile, commit: str | None) -> dict:
+    return {"repo": repo_id, "run_id": run_id, "hub_path": f.path, "worker": f.worker, "first": f.parts[0].seq,
+            "last": f.parts[-1].seq, "parts": [p.path.name for p in f.parts], "rows": f.rows, "commit": commit,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 # ---------------------------------------------------------------- the client
@@ -157,14 +168,16 @@ class HubClient:
 
     def __init__(self, api: HfApi, repo_id: str, token: str, retry: RetryPolicy):
         self.api, self.repo_id, self._token, self.retry = api, repo_id, token, retry
-        self._hub_paths: set[str] | None = None  # files on the Hub as last listed; None = list again
+        self._indexes: dict[str, HubIndex] = {}
+        self._part_keys: dict[tuple[Path, int, int], list[str] | None] = {}  # parts never change once written
+        self._warned_ledger: set[str] = set()
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:  # never the token
         return f"HubClient({self.repo_id!r}, endpoint={self.api.endpoint!r})"
 
-    def _retry(self, fn: Callable[[], T], what: str, conflicts: bool = False) -> T:
-        return call_with_retries(fn, what, self.retry, conflicts=conflicts, token=self._token)
+    def _retry(self, fn: Callable[[], T], what: str) -> T:
+        return call_with_retries(fn, what, self.retry, token=self._token)
 
     def _checked(self, fn: Callable[[], T], what: str) -> T:
         """A retried call at connect time, where a refusal is the user's to fix: one line, exit 2."""
@@ -181,48 +194,91 @@ class HubClient:
                                  "write to that namespace, or an --hf-repo under your own user") from None
             raise UsageError(f"could not {what} ({why})") from None
 
-    def _list_now(self) -> set[str]:
-        self._hub_paths = {f.path for f in self.api.list_repo_tree(self.repo_id, repo_type=REPO_TYPE, recursive=True)}
-        return self._hub_paths
+    def _refused(self, e: HfHubHTTPError, what: str) -> FatalError:
+        return FatalError(f"the Hub refused the {what} ({self.repo_id}): {describe(e, self._token)}")
 
-    def hub_paths(self) -> set[str]:
-        """Files on the Hub, listed once per client and again after a failed commit."""
-        if self._hub_paths is None:
-            try:
-                return self._retry(self._list_now, "list files")
-            except HfHubHTTPError as e:
-                raise FatalError(f"could not list {self.repo_id}: {describe(e, self._token)}") from None
-        return self._hub_paths
+    # -- what the repo holds
 
-    def _pending(self, ckpt: Path, run_id: str, worker: int | None) -> list[Part]:
-        """Parts not on the Hub yet. Parts found on the Hub but not in the ledger get a recovered line."""
-        parts = [p for p in list_parts(ckpt) if worker is None or p.worker == worker]
-        ledgered = {name for e in read_ledger(ckpt) if e.get("run_id") == run_id for name in e.get("parts", [])}
-        on_hub, recovered = set(), []
-        for path in sorted(self.hub_paths()):
-            m = _HUB_FILE_RE.match(path)
-            if not m or m["run"] != run_id:
+    def index(self, run_id: str) -> HubIndex:
+        if run_id not in self._indexes:
+            self._indexes[run_id] = HubIndex(self.api, self.repo_id, run_id, self._token)
+        return self._indexes[run_id]
+
+    def snapshot(self, run_id: str) -> Snapshot:
+        """The run's published files and keys, read from the repo now (retried; FatalError on a refusal)."""
+        try:
+            return self._retry(self.index(run_id).snapshot, "key listing")
+        except HubUnavailable:
+            raise
+        except HfHubHTTPError as e:
+            raise self._refused(e, "listing") from None
+
+    def describe_repo(self, run_id: str) -> str:
+        """One line for the start of a run: what the repo already holds."""
+        snap = self.snapshot(run_id)
+        others = (f"{len(snap.other_runs)} other run(s) ({', '.join(snap.other_runs[:5])}), each in its own "
+                  "data/ folder and card config; " if snap.other_runs else "")
+        return (f"Hub: {self.repo_id} holds {others}{len(snap.keys)} rows of this run {run_id} in "
+                f"{len(snap.files)} file(s); this run writes to {run_data_dir(run_id)}/")
+
+    def _local_keys(self, part: Part) -> list[str] | None:
+        st = part.path.stat()
+        cache_key = (part.path, st.st_ino, st.st_mtime_ns)
+        if cache_key not in self._part_keys:
+            check = check_file(part.path, OUTPUT_SCHEMA)
+            if check.problem:
+                log.warning("Hub: not pushing %s: %s (the next run quarantines it)", part.path, check.problem)
+            self._part_keys[cache_key] = check.keys
+        return self._part_keys[cache_key]
+
+    def _pending(self, ckpt: Path, worker: int | None, published: set[str]) -> list[tuple[Part, list[str]]]:
+        """(part, its keys not on the Hub yet) for the parts of `worker` (None: every worker)."""
+        seen = set(published)
+        pending = []
+        for part in list_parts(ckpt):
+            if worker is not None and part.worker != worker:
                 continue
-            covered = [p for p in parts if p.worker == int(m["worker"]) and int(m["first"]) <= p.seq <= int(m["last"])]
-            on_hub.update(p.path.name for p in covered)
-            if any(p.path.name not in ledgered for p in covered):
-                rows = sum(part_rows(p) for p in covered)
-                recovered.append(_ledger_entry(HubFile(path, int(m["worker"]), covered, rows), run_id, None))
-        if recovered:
-            log.info("Hub: %d file(s) on the Hub were missing from the ledger (a lost answer or a crash); "
-                     "recorded as recovered", len(recovered))
-            append_ledger(ckpt, recovered)
-        done = ledgered | on_hub
-        return [p for p in parts if p.path.name not in done]
+            keys = [k for k in (self._local_keys(part) or []) if k not in seen]
+            seen.update(keys)
+            if keys:
+                pending.append((part, keys))
+        return pending
+
+    def _check_ledger(self, ckpt: Path, run_id: str, dir_id: str, snap: Snapshot) -> None:
+        """Keep the ledger true to the repo: record files of this dir found on the Hub but missing from it (a
+        commit whose answer was lost, or a crash before the line was written), and say once when it records
+        files the repo no longer holds (a deleted or recreated repo: their rows are pushed again)."""
+        ledger = [e for e in read_ledger(ckpt) if e.get("repo") == self.repo_id and e.get("run_id") == run_id]
+        recorded = {e["hub_path"] for e in ledger}
+        gone = recorded - set(snap.files)
+        if gone and self.repo_id not in self._warned_ledger:
+            self._warned_ledger.add(self.repo_id)
+            log.warning("Hub: the ledger of %s records %d file(s) pushed to %s that the repo no longer holds "
+                        "(deleted or recreated?); their rows are pushed again", ckpt, len(gone), self.repo_id)
+        found = []
+        for path in sorted(set(snap.files) - recorded):
+            m = _HUB_FILE_RE.match(path)
+            if m and m["run"] == run_id and m["dir"] == dir_id:
+                worker, first, last = int(m["worker"]), int(m["first"]), int(m["last"])
+                parts = [p for p in list_parts(ckpt) if p.worker == worker and first <= p.seq <= last]
+                found.append({**_ledger_entry(self.repo_id, run_id, HubFile(path, worker, parts, []), None),
+                              "rows": len(self.index(run_id).keys_of_file(snap.files[path])), "recovered": True})
+        if found:
+            log.info("Hub: %d file(s) of this dir were on the Hub but not in the ledger (a lost answer or a "
+                     "crash); recorded as recovered", len(found))
+            append_ledger(ckpt, found)
 
     def pending_rows(self, checkpoint_dir: Path | str, run_id: str, worker: int | None = None) -> int:
         with self._lock:
-            return sum(part_rows(p) for p in self._pending(Path(checkpoint_dir), run_id, worker))
+            snap = self.snapshot(run_id)
+            return sum(len(k) for _, k in self._pending(Path(checkpoint_dir), worker, snap.keys))
+
+    # -- pushing
 
     def push_pending(self, checkpoint_dir: Path | str, run_id: str, worker: int | None = None) -> int:
-        """Push every pending part of the worker (None: all workers) in one commit; returns rows pushed.
+        """Push every unpublished row of the worker's parts (None: all workers) in one commit; returns rows.
 
-        Hub down after retries: one warning, returns 0, the parts stay pending. A refusal (401/403/404...)
+        Hub down after retries: one warning, returns 0, the rows stay pending. A refusal (401/403/404...)
         raises FatalError.
         """
         try:
@@ -232,40 +288,82 @@ class HubClient:
             return 0
 
     def _push_pending(self, ckpt: Path, run_id: str, worker: int | None) -> int:
-        with self._lock:
-            files = plan_hub_files(run_id, self._pending(ckpt, run_id, worker))
+        info = read_run_json(ckpt)
+        if info is None or info.get("run_id") != run_id:
+            raise FatalError(f"{ckpt} does not hold run {run_id}: nothing of it to push")
+        dir_id = info.get("dir_id") or "legacy"
+
+        before = None  # rows pending at the first look: all of them are on the Hub once an attempt succeeds
+
+        def attempt() -> int:
+            nonlocal before
+            snap = self.index(run_id).snapshot()
+            self._check_ledger(ckpt, run_id, dir_id, snap)
+            pending = self._pending(ckpt, worker, snap.keys)
+            if before is None:
+                before = sum(len(k) for _, k in pending)
+            files = plan_hub_files(run_id, dir_id, pending)
+            files = [f for f in files if f.path not in snap.files]  # same name = same rows: published already
             if not files:
                 return 0
             rows = sum(f.rows for f in files)
-            payload = {f.path: hub_file_bytes(f.parts) for f in files}
-            commit = self._commit(payload, f"Add {rows} captions ({', '.join(f.path[5:] for f in files)})", True)
-            append_ledger(ckpt, [_ledger_entry(f, run_id, commit) for f in files])
-            self.hub_paths().update(payload)
+            ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=hub_file_bytes(f)) for f in files]
+            commit = self.api.create_commit(
+                self.repo_id, ops, commit_message=f"Add {rows} captions of run {run_id} ({len(files)} file(s))",
+                repo_type=REPO_TYPE, parent_commit=snap.head).oid
+            append_ledger(ckpt, [_ledger_entry(self.repo_id, run_id, f, commit) for f in files])
             log.info("Hub: pushed %d rows in %d file(s) to %s", rows, len(files), self.repo_id)
             return rows
 
-    def _commit(self, files: dict[str, bytes], message: str, check_applied: bool) -> str | None:
-        """One create_commit, retried; None when a lost answer turned out to be an applied commit."""
-        tries = 0
+        with self._lock:
+            self._against_head(attempt, "push")
+        return before or 0
 
-        def attempt() -> str | None:
-            nonlocal tries
-            tries += 1
-            # huggingface_hub never retries the commit POST: look before committing again.
-            if tries > 1 and check_applied and set(files) <= self._list_now():
-                log.info("Hub: the earlier commit attempt was applied though its answer was lost")
-                return None
-            ops = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=data) for p, data in files.items()]
-            return self.api.create_commit(self.repo_id, ops, commit_message=message, repo_type=REPO_TYPE).oid
+    def _against_head(self, attempt: Callable[[], T], what: str) -> T:
+        """Run a read-then-commit attempt until its commit lands on the head it read.
 
-        try:
-            return self._retry(attempt, "commit", conflicts=True)
-        except HubUnavailable:
-            self._hub_paths = None  # the last attempt may have been applied: list again next time
-            raise
-        except HfHubHTTPError as e:
-            self._hub_paths = None
-            raise FatalError(f"the Hub refused a commit to {self.repo_id}: {describe(e, self._token)}") from None
+        Transient failures are retried with backoff by call_with_retries; a lost race with another writer
+        (409/412: the parent commit is no longer the head) is planned again at once, after a short jitter.
+        Each attempt reads the repo again, so an applied commit whose answer was lost is never repeated.
+        """
+        for race in range(MAX_LOST_RACES):
+            try:
+                return self._retry(attempt, what)
+            except HfHubHTTPError as e:
+                if http_status(e) not in (409, 412):
+                    raise self._refused(e, what) from None
+                log.info("Hub: another writer committed to %s first; planning again", self.repo_id)
+                self.retry.sleep(random.uniform(0.1, 1.0 + race))
+        raise HubUnavailable(f"lost {MAX_LOST_RACES} races in a row to other writers of {self.repo_id}")
+
+    # -- the dataset card
+
+    def write_card(self, run_info: dict, summary: dict) -> str:
+        """README.md and runs/{run_id}.json in one commit; returns the card. Counts are the Hub's own."""
+        run_id = run_info["run_id"]
+        failed = (summary.get("checkpoint_dir") or {}).get("failed_by_stage", summary.get("failed", {}))
+        card_text = ""
+
+        def attempt() -> None:
+            nonlocal card_text
+            snap = self.index(run_id).snapshot()
+            runs = self.index(run_id).read_run_infos(snap.head)
+            mine = {**{k: v for k, v in run_info.items() if k != "dir_id"}, "rows": len(snap.keys),
+                    "files": len(snap.files), "failed_by_stage": failed if isinstance(failed, dict) else {},
+                    "legacy_files": any("/" not in f[len("data/"):] for f in snap.files),
+                    "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+            runs[run_id] = mine
+            card_text = render_dataset_card(self.repo_id, list(runs.values()))
+            ops = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode()),
+                   CommitOperationAdd(path_in_repo=run_info_path(run_id),
+                                      path_or_fileobj=(json.dumps(mine, indent=2, sort_keys=True) + "\n").encode())]
+            self.api.create_commit(self.repo_id, ops, commit_message=f"Update dataset card (run {run_id})",
+                                   repo_type=REPO_TYPE, parent_commit=snap.head)
+
+        with self._lock:
+            self._against_head(attempt, "card update")
+        return card_text
+
 
 
 # ---------------------------------------------------------------- pushing while captioning
@@ -283,6 +381,7 @@ class BackgroundPusher:
         self.push_every, self.min_push_interval = push_every, min_push_interval
         self.rows_pushed, self.last_error = 0, None
         self._pending_rows, self._last_attempt, self._closing = 0, float("-inf"), False
+        self._final, self._final_ok = False, False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"hub-push-w{worker:03d}", daemon=True)
         self._thread.start()
@@ -309,6 +408,7 @@ class BackgroundPusher:
             if self._push():
                 with self._cond:  # rows notified during the push stay counted
                     self._pending_rows = max(0, self._pending_rows - snapshot)
+        self._final_ok = self._push() if self._final else False
 
     def _push(self) -> bool:
         try:
@@ -324,28 +424,18 @@ class BackgroundPusher:
             log.error("Hub push failed, captioning goes on: %s", self.last_error)
         return False
 
-    def close(self, final: bool = True) -> bool:
-        """Wait for a push in flight; with final, push all that is pending. True when nothing is left."""
+    def close(self, final: bool = True, timeout: float | None = None) -> bool:
+        """Wait for a push in flight; with final, push all that is pending. True when that push went through.
+
+        With a timeout (after SIGTERM / Ctrl-C) the process does not wait longer for the Hub: what is not
+        pushed by then stays in the parts, for the next run or --push-only.
+        """
         with self._cond:
-            self._closing = True
+            self._closing, self._final = True, final
             self._cond.notify_all()
-        self._thread.join()
-        if final and not self._push():
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("Hub: the final push did not finish within %.0f s; the rest stays pending for the next "
+                        "run or --push-only", timeout)
             return False
-        try:
-            return self.client.pending_rows(self.checkpoint_dir, self.run_id, self.worker) == 0
-        except (FatalError, OSError) as e:
-            log.warning("could not tell whether everything reached the Hub: %s", describe(e, self.client._token))
-            return False
-
-
-# ---------------------------------------------------------------- the dataset card
-
-def write_dataset_card(client: HubClient, checkpoint_dir: Path | str, summary: dict, run_info: dict) -> str:
-    """Upload README.md in one retried commit; returns the card. Rows = what the ledger says is on the Hub."""
-    run_id = run_info.get("run_id")
-    per_file = {e["hub_path"]: e.get("rows", 0) for e in read_ledger(checkpoint_dir) if e.get("run_id") == run_id}
-    card = render_dataset_card(client.repo_id, summary, run_info, rows=sum(per_file.values()) or None)
-    with client._lock:
-        client._commit({"README.md": card.encode()}, "Update dataset card", check_applied=False)
-    return card
+        return self._final_ok
