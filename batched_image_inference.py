@@ -66,8 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hf-repo", default="ContraStylesRecap", help="dataset repo: NAME or USER/NAME (default: %(default)s)")
     g.add_argument("--hf-username", default="somepago", help="owner for a bare --hf-repo (default: %(default)s)")
     g.add_argument("--push-every", type=int, default=500, help="push once this many rows wait (default: %(default)s)")
-    g.add_argument("--min-push-interval", type=float, default=120.0, help="seconds between Hub commits "
-                   "(default: %(default)s; the Hub rate-limits commits)")
+    g.add_argument("--min-push-interval", type=float, default=120.0, help="seconds between one worker's Hub "
+                   "commits, at least (default: %(default)s)")
+    g.add_argument("--hub-commits-per-hour", type=int, default=60, help="commit budget of all workers together; "
+                   "each worker waits num_workers x 3600 / budget s between commits if that is longer "
+                   "(default: %(default)s; the Hub allows about 128 per hour)")
     g.add_argument("--no-push", action="store_true", help="never touch the network")
     g.add_argument("--push-only", action="store_true", help="push what the checkpoint dir holds unpushed, then stop")
     g.add_argument("--private", action="store_true", help="create the repo private")

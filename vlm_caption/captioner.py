@@ -11,7 +11,7 @@ import os
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -204,7 +204,10 @@ class Captioner:
         return batch
 
     @torch.inference_mode()
-    def generate(self, keys: Sequence[str], pixel_values: list[torch.Tensor]) -> list[Caption]:
+    def generate(self, keys: Sequence[str], pixel_values: list[torch.Tensor],
+                 should_stop: Callable[[], bool] | None = None) -> list[Caption]:
+        """One caption per image. `should_stop()` true (a SIGTERM, say) ends generate at the next token:
+        the captions are then cut short, and the caller drops them."""
         inputs = self.collate(pixel_values)
         extra = {}
         if self.temperature > 0:
@@ -212,6 +215,10 @@ class Captioner:
 
             extra["logits_processor"] = LogitsProcessorList(
                 [SeededSampler(keys, self.seed, self.temperature, self.top_p)])
+        if should_stop is not None:
+            from transformers import StoppingCriteriaList
+
+            extra["stopping_criteria"] = StoppingCriteriaList([_StopWhen(should_stop)])
         out = self.model.generate(**inputs, generation_config=self.gen_config, **extra)
         new_tokens = out[:, inputs["input_ids"].shape[-1]:].cpu()
         return [self._finish(row) for row in new_tokens]
@@ -223,6 +230,19 @@ class Captioner:
         text = self.processor.tokenizer.decode(kept, skip_special_tokens=True)
         text = _MARKUP_RE.sub("", text).strip()
         return Caption(text=text, finish="length" if stop_at is None else "stop", tokens=len(kept))
+
+
+class _StopWhen:
+    """A stopping criterion that ends every row of the batch once `flag()` is true."""
+
+    def __init__(self, flag: Callable[[], bool]):
+        self.flag = flag
+
+    def __deepcopy__(self, memo):  # generate deep-copies its criteria: the copy must watch the same flag
+        return self
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.flag(), dtype=torch.bool, device=input_ids.device)
 
 
 def is_out_of_memory(e: BaseException) -> bool:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from typing import Callable
 
@@ -40,7 +41,9 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
     except FatalError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         code = EXIT_FATAL
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted; finished parts are kept, rerun to resume", file=sys.stderr)
-        code = 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM via interrupts.Interrupted: 128 + the signal number
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"{prog}: interrupted ({signal.Signals(signum).name}); finished parts are kept, rerun to resume",
+              file=sys.stderr)
+        code = 128 + signum
     sys.exit(code)

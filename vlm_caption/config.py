@@ -109,7 +109,8 @@ class RunConfig:
     batch_size: int | None = None  # None = auto: start high, halve on out-of-memory
     max_auto_batch_size: int = 0  # 0 = pick from the device (64 on CUDA, 8 on CPU)
     push_every: int = 500  # push pending rows to the Hub once this many are waiting
-    min_push_interval: float = 120.0  # seconds between Hub commits (the Hub rate-limits commits)
+    min_push_interval: float = 120.0  # seconds between Hub commits of one worker, at least
+    hub_commits_per_hour: int = 60  # budget of all workers of a run together (the Hub allows about 128/h)
     checkpoint_every: int = 200  # rows per local part file (what a crash can cost at most)
     max_images: int | None = None  # cap on images this worker captions in this run
     max_tokens: int = 256  # max new tokens per caption
@@ -143,6 +144,10 @@ class RunConfig:
     def checkpoint_dir(self) -> str:
         return self.checkpoint_dirs[0]
 
+    def push_interval(self, num_workers: int) -> float:
+        """Seconds between one worker's commits, so that all workers together stay within the budget."""
+        return max(self.min_push_interval, num_workers * 3600.0 / self.hub_commits_per_hour)
+
     def validate(self) -> None:
         positive = {
             "--batch-size": self.batch_size,
@@ -150,6 +155,7 @@ class RunConfig:
             "--max-tokens": self.max_tokens,
             "--push-every": self.push_every,
             "--checkpoint-every": self.checkpoint_every,
+            "--hub-commits-per-hour": self.hub_commits_per_hour,
         }
         for flag, value in positive.items():
             if value is not None and value < 1:

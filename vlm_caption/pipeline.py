@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 
 from . import dataset, store
 from .atomic import atomic_write_json, remove_stale_tmp
+from .interrupts import StopSignals
 from .config import (EXIT_ITEMS_FAILED, EXIT_OK, FatalError, RunConfig, UsageError, distributed_rank,
                      parse_shards, resolve_repo_id)
 
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 EXIT_COVERAGE = 4  # --merge-only found keys missing or captioned twice
 MAX_FAILED_BATCHES_IN_A_ROW = 20  # then the model, not the data, is broken
+FINAL_PUSH_AFTER_SIGNAL_S = 20.0  # Slurm sends SIGKILL 30-90 s after SIGTERM
 
 
 def run_settings(cfg: RunConfig) -> dict[str, Any]:
@@ -68,34 +71,56 @@ def run(cfg: RunConfig) -> int:
         existing = store.read_run_json(ckpt)
         if existing is None:
             raise UsageError(f"{ckpt} holds no run.json: nothing to push")
-        return push_only(hub_client, cfg, existing["run_id"])
+        return push_only(hub_client, cfg, existing)
     writer = store.CheckpointStore(ckpt, worker)
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=distributed_rank()[0] != 0)
-    remove_stale_tmp(ckpt)
+    try:
+        with StopSignals() as stop:
+            return _run_open(cfg, writer, run_id, worker, num_workers, hub_client, stop)
+    finally:
+        writer.lock.release()
 
+
+def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker: int, num_workers: int,
+              hub_client, stop: StopSignals) -> int:
+    ckpt = writer.dir
+    remove_stale_tmp(ckpt)
     failed_keys = set() if cfg.retry_failed else writer.failed_keys()
+    done_keys = writer.done_keys()
+    on_hub = 0
+    if hub_client is not None:  # rows another dir or machine already published are not captioned again
+        log.info(hub_client.describe_repo(run_id))
+        published = hub_client.snapshot(run_id).keys
+        on_hub = len(published - done_keys)
+        done_keys |= published
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
-                             worker=worker, num_workers=num_workers, done_keys=writer.done_keys(),
+                             worker=worker, num_workers=num_workers, done_keys=done_keys,
                              failed_keys=failed_keys)
-    log.info("worker %d/%d: %d selected, %d mine, %d done, %d failed before, %d to caption",
-             worker, num_workers, plan.selected, plan.mine, plan.done, plan.failed, plan.todo)
+    log.info("worker %d/%d: %d selected, %d mine, %d done (%d of them on the Hub only), %d failed before, "
+             "%d to caption", worker, num_workers, plan.selected, plan.mine, plan.done, on_hub, plan.failed, plan.todo)
+    if plan.keyless:
+        writer.write_failures([{"key": k, "original_key": None, "url": None, "stage": "load",
+                                "error": "the metadata row has no key (null or empty): it cannot be captioned"}
+                               for k in plan.keyless])
     stats = RunStats()
     pusher = None
     if hub_client is not None:
         from . import hub
 
         pusher = hub.BackgroundPusher(hub_client, ckpt, run_id, worker, push_every=cfg.push_every,
-                                      min_push_interval=cfg.min_push_interval)
+                                      min_push_interval=cfg.push_interval(num_workers))
         try:  # a resumed run's backlog goes out with the first push, not after push_every new rows
             pusher.notify(hub_client.pending_rows(ckpt, run_id, worker))
         except FatalError as e:
             log.warning("could not check the Hub for unpushed parts (%s); they go out with the next push", e)
     try:
         if plan.todo:
-            caption_all(cfg, plan, writer, stats, pusher)
+            caption_all(cfg, plan, writer, stats, pusher, stop=stop)
     finally:
-        pushed_all = pusher.close(final=True) if pusher is not None else True
-    return finish(cfg, run_id, worker, num_workers, plan, stats, hub_client, pushed_all)
+        # After a signal the Hub gets a bounded last chance; the rest waits for the next run or --push-only.
+        timeout = FINAL_PUSH_AFTER_SIGNAL_S if stop.requested or sys.exc_info()[0] is not None else None
+        pushed_all = pusher.close(final=True, timeout=timeout) if pusher is not None else True
+    return finish(cfg, writer, worker, num_workers, plan, stats, hub_client, pushed_all)
 
 
 # ---------------------------------------------------------------- the loop
@@ -103,13 +128,14 @@ def run(cfg: RunConfig) -> int:
 class Batches:
     """Batch size with out-of-memory back-off: halve and retry the same rows; no row is lost."""
 
-    def __init__(self, cfg: RunConfig, captioner):
+    def __init__(self, cfg: RunConfig, captioner, should_stop=None):
         from .captioner import choose_device
 
         # CPU: 32 measured best for the small preset (BENCHMARKS.md); GPU: 64 fits a 4B model on 80 GB.
         auto_start = cfg.max_auto_batch_size or (64 if choose_device().type == "cuda" else 32)
         self.size = cfg.batch_size or auto_start
         self.captioner = captioner
+        self.should_stop = should_stop  # generate ends early when it turns true (a signal)
         self.failed_in_a_row = 0
 
     def caption(self, items: list[dataset.Loaded]) -> list[tuple[dataset.Loaded, Any, str | None]]:
@@ -121,7 +147,8 @@ class Batches:
         while start < len(items):
             chunk = items[start:start + self.size]
             try:
-                caps = self.captioner.generate([i.row["key"] for i in chunk], [i.inputs for i in chunk])
+                caps = self.captioner.generate([i.row["key"] for i in chunk], [i.inputs for i in chunk],
+                                               should_stop=self.should_stop)
             except (RuntimeError, ValueError, IndexError) as e:  # torch.OutOfMemoryError is a RuntimeError
                 if is_out_of_memory(e) and len(chunk) > 1:
                     free_accelerator_memory()
@@ -151,32 +178,42 @@ def failure_row(row: dict[str, Any], stage: str, error: str) -> dict[str, Any]:
 
 
 def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.CheckpointStore, stats: RunStats,
-                pusher, captioner=None) -> None:
-    """Caption plan.todo_keys into parts. `captioner` lets benchmarks pass a model already in memory."""
+                pusher, captioner=None, stop: StopSignals | None = None) -> None:
+    """Caption plan.todo_keys into parts. `captioner` lets benchmarks pass a model already in memory.
+
+    On a signal (see interrupts.py) the batch in flight is dropped, every finished caption and failure is
+    written, and Interrupted is raised."""
     from tqdm import tqdm
 
     from .captioner import Captioner, choose_device
 
     if captioner is None:
         captioner = Captioner.from_config(cfg, choose_device())
-    batches = Batches(cfg, captioner)
+    stop = stop or StopSignals()
+    batches = Batches(cfg, captioner, should_stop=lambda: stop.requested)
     rows: list[dict] = []
     failures: list[dict] = []
 
     def flush(force: bool = False) -> None:
+        # Rows leave the buffer before the write: a second Ctrl-C mid-write can cost them (captioned again on
+        # resume) but never write them twice.
         if rows and (force or len(rows) >= cfg.checkpoint_every):
-            writer.write_part(rows)
-            if pusher is not None:
-                pusher.notify(len(rows))
+            finished = rows[:]
             rows.clear()
+            writer.write_part(finished)
+            if pusher is not None:
+                pusher.notify(len(finished))
         if failures and (force or len(failures) >= cfg.checkpoint_every):
-            writer.write_failures(failures)
+            finished = failures[:]
             failures.clear()
+            writer.write_failures(finished)
 
     def run_batch(batch: list[dataset.Loaded]) -> None:
         started = time.monotonic()
         results = batches.caption(batch)
         stats.generate_s += time.monotonic() - started
+        if stop.requested:  # generate was cut short: these captions are incomplete, resume redoes them
+            return
         for item, cap, error in results:
             if cap is None:
                 failures.append(failure_row(item.row, "generate", error))
@@ -197,20 +234,25 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
     batch: list[dataset.Loaded] = []
     with tqdm(total=plan.todo, unit="img", desc="captioning", mininterval=2.0, smoothing=0.1) as progress:
         try:
-            for item in loaded:
-                if item.error is not None:
-                    failures.append(failure_row(item.row, item.error.stage, str(item.error)))
-                    stats.failed[item.error.stage] += 1
-                    progress.update(1)
-                else:
-                    batch.append(item)
-                    if len(batch) >= batches.size:
-                        run_batch(batch)
-                        batch = []
-                flush()
-            if batch:
-                run_batch(batch)
-        except KeyboardInterrupt:  # Ctrl-C keeps every caption already made; the batch in flight is redone
+            with stop.graceful():
+                for item in loaded:
+                    if stop.requested:
+                        break
+                    if item.error is not None:
+                        failures.append(failure_row(item.row, item.error.stage, str(item.error)))
+                        stats.failed[item.error.stage] += 1
+                        progress.update(1)
+                    else:
+                        batch.append(item)
+                        if len(batch) >= batches.size:
+                            run_batch(batch)
+                            batch = []
+                    flush()
+                if batch and not stop.requested:
+                    run_batch(batch)
+            stop.raise_if_requested()
+        except KeyboardInterrupt:  # every caption already made is kept; the batch in flight is redone
+            loaded.close()  # stop the loader threads before writing
             flush(force=True)
             raise
     flush(force=True)
@@ -225,17 +267,33 @@ def still_failed(dirs: list[Path], captioned: set[str]) -> dict[str, dict]:
     failed: dict[str, dict] = {}
     for d in dirs:
         for part in store.list_failure_files(d):
+            check = store.check_file(part.path, store.FAILURE_SCHEMA)
+            if check.problem:
+                store.quarantine(d, part.path, check.problem)
+                continue
             for row in pq.read_table(part.path, columns=["key", "stage", "error"]).to_pylist():
                 if row["key"] not in captioned:
                     failed[row["key"]] = row
     return failed
 
 
-def finish(cfg: RunConfig, run_id: str, worker: int, num_workers: int, plan: dataset.WorkPlan,
+def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_workers: int, plan: dataset.WorkPlan,
            stats: RunStats, hub_client, pushed_all: bool) -> int:
-    ckpt = Path(cfg.checkpoint_dir)
-    with store.dir_lock(ckpt):
-        summary = summarise(cfg, run_id, worker, num_workers, plan, stats, hub_client, pushed_all)
+    """One merge per dir: the last worker to finish merges, writes the summary and the card; the others skip."""
+    ckpt = writer.dir
+    summary = {
+        "run_id": writer.run_id, "worker": worker, "num_workers": num_workers, "model": cfg.model,
+        "this_run": {"captioned": stats.captioned, "failed_by_stage": dict(stats.failed),
+                     "skipped_already_done": plan.done, "skipped_failed_before": plan.failed, **stats.rates()},
+        "selection": {"selected": plan.selected, "mine": plan.mine, "duplicate_input_keys": plan.duplicate_keys,
+                      "unreadable_shards": plan.unreadable_shards},
+        "hub": {"pushed_all": pushed_all} if hub_client is not None else None,
+    }
+    if writer.lock.last_one_out():
+        summarise(ckpt, summary, plan.data_keys, hub_client)
+    else:
+        print(f"\nother workers of {ckpt} are still running ({'; '.join(writer.lock.holders()) or 'ending now'}): "
+              "the last one to finish merges the dir")
     failed_mine = sum(stats.failed.values()) + plan.failed
     print_summary(summary, ckpt, failed_mine)
     if plan.unreadable_shards:
@@ -247,65 +305,58 @@ def finish(cfg: RunConfig, run_id: str, worker: int, num_workers: int, plan: dat
     return EXIT_ITEMS_FAILED if failed_mine or not pushed_all else EXIT_OK
 
 
-def summarise(cfg: RunConfig, run_id: str, worker: int, num_workers: int, plan: dataset.WorkPlan,
-              stats: RunStats, hub_client, pushed_all: bool) -> dict:
-    """Merge, write run_summary.json and the dataset card (under the dir lock)."""
-    ckpt = Path(cfg.checkpoint_dir)
-    report = store.merge_parts([ckpt], ckpt / store.MERGED)
-    counts = {"captioned": report.keys, "failed": still_failed([ckpt], report.keys)}
-    summary = {
-        "run_id": run_id, "worker": worker, "num_workers": num_workers, "model": cfg.model,
-        "this_run": {"captioned": stats.captioned, "failed_by_stage": dict(stats.failed),
-                     "skipped_already_done": plan.done, "skipped_failed_before": plan.failed, **stats.rates()},
-        "checkpoint_dir": {"captioned": len(counts["captioned"]), "failed": len(counts["failed"]),
-                           "failed_by_stage": dict(Counter(r["stage"] for r in counts["failed"].values())),
-                           "duplicate_keys": len(report.duplicate_keys)},
-        "selection": {"selected": plan.selected, "mine": plan.mine, "duplicate_input_keys": plan.duplicate_keys,
-                      "unreadable_shards": plan.unreadable_shards},
-        "hub": {"pushed_all": pushed_all} if hub_client is not None else None,
-    }
+def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> None:
+    """Merge the dir, add its counts to `summary`, write run_summary.json and the dataset card."""
+    report = store.merge_parts([ckpt], ckpt / store.MERGED, data_keys=data_keys)
+    failed = still_failed([ckpt], report.keys)
+    summary["checkpoint_dir"] = {"captioned": len(report.keys), "failed": len(failed),
+                                 "failed_by_stage": dict(Counter(r["stage"] for r in failed.values())),
+                                 "duplicate_keys": len(report.duplicate_keys),
+                                 "not_in_data": len(report.not_in_data)}
     atomic_write_json(ckpt / store.SUMMARY, summary)
     if hub_client is not None:
-        from . import hub
-
         try:
-            hub.write_dataset_card(hub_client, ckpt, summary, store.read_run_json(ckpt))
+            hub_client.write_card(store.read_run_json(ckpt), summary)
         except FatalError as e:  # every local output is saved; the card can follow with --push-only
             log.error("could not write the dataset card: %s; rerun with --push-only later", e)
             summary["hub"]["card_written"] = False
-    return summary
 
 
 def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
-    this, total = summary["this_run"], summary["checkpoint_dir"]
+    this, total = summary["this_run"], summary.get("checkpoint_dir")
     print(f"\ncaptioned {this['captioned']} images in {this['wall_s']:.1f} s ({this['img_per_s']:.2f} img/s, "
           f"{this['tokens_per_s']:.0f} tokens/s); failed {sum(this['failed_by_stage'].values())}"
           f"{' ' + str(this['failed_by_stage']) if this['failed_by_stage'] else ''}; "
           f"skipped {this['skipped_already_done']} already done")
-    print(f"checkpoint dir {ckpt}: {total['captioned']} captioned, {total['failed']} failed; "
-          f"merged into {ckpt / store.MERGED}; summary in {ckpt / store.SUMMARY}")
+    if total is not None:
+        gone = f"; {total['not_in_data']} no longer in the data dir (left out)" if total["not_in_data"] else ""
+        print(f"checkpoint dir {ckpt}: {total['captioned']} captioned, {total['failed']} failed{gone}; "
+              f"merged into {ckpt / store.MERGED}; summary in {ckpt / store.SUMMARY}")
     if failed_mine:
         print(f"{failed_mine} images of this worker failed (reasons in {ckpt / store.FAILURES_DIR}); "
               "--retry-failed tries them again")
 
 
-def push_only(hub_client, cfg: RunConfig, run_id: str) -> int:
-    from . import hub
-
+def push_only(hub_client, cfg: RunConfig, run_info: dict) -> int:
     ckpt = Path(cfg.checkpoint_dir)
+    run_id = run_info["run_id"]
+    log.info(hub_client.describe_repo(run_id))
     rows = hub_client.push_pending(ckpt, run_id, worker=None)
     summary_path = ckpt / store.SUMMARY
     summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    hub.write_dataset_card(hub_client, ckpt, summary, store.read_run_json(ckpt))
     pending = hub_client.pending_rows(ckpt, run_id)
-    print(f"pushed {rows} rows from {ckpt}" + (f"; {pending} rows still pending" if pending else ""))
+    hub_client.write_card(run_info, summary)
+    print(f"pushed {rows} rows from {ckpt} to {hub_client.repo_id}"
+          + (f"; {pending} rows still pending" if pending else "; every row of the dir is on the Hub"))
     return EXIT_OK if not pending else EXIT_ITEMS_FAILED
 
 
 def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int) -> int:
     ckpt = Path(cfg.checkpoint_dir)
-    existing = store.read_run_json(ckpt)
-    reader = store.CheckpointStore(ckpt, worker) if ckpt.is_dir() else None
+    existing, problem = store.read_run_json_safe(ckpt)
+    reader = store.CheckpointStore(ckpt, worker, quarantine_bad=False) if ckpt.is_dir() else None
+    if reader is not None and existing is not None:
+        reader.run_id = existing["run_id"]
     done = reader.done_keys() if reader else set()
     failed = set() if cfg.retry_failed or reader is None else reader.failed_keys()
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
@@ -321,9 +372,14 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int) -> in
     print(f"  to do {plan.todo}, already done {plan.done}, failed before {plan.failed}"
           + (" (skipped; --retry-failed to redo)" if plan.failed else ""))
     print(f"  estimated time: {eta}")
-    if existing and existing.get("run_id") != store.run_id_for(settings):
-        print(f"  note: {ckpt} holds another run ({existing.get('run_id')}); a real run needs --overwrite "
-              "or another --checkpoint-dir")
+    holds_work = bool(done or failed)
+    if existing and existing["run_id"] != store.run_id_for(settings):
+        print(f"  note: {ckpt} holds another run ({existing['run_id']}); " + (
+            "a real run needs --overwrite or another --checkpoint-dir" if holds_work else
+            "it captioned nothing, so a real run replaces its settings"))
+    elif existing is None and problem != "missing":
+        print(f"  note: {ckpt / store.RUN_JSON} is {problem}; a real run re-adopts parts of this run only "
+              "(else it needs --overwrite)")
     return EXIT_OK
 
 
@@ -335,16 +391,17 @@ def merge_and_check(cfg: RunConfig) -> int:
         raise UsageError("the checkpoint dirs hold different runs (settings differ): "
                          + ", ".join(f"{d}={r}" for d, r in runs.items()))
     out = dirs[0] / store.MERGED
-    report = store.merge_parts(dirs, out)
-    counts = {"captioned": report.keys, "failed": still_failed(dirs, report.keys)}
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=0, num_workers=1, done_keys=set(), failed_keys=set())
+    report = store.merge_parts(dirs, out, data_keys=plan.data_keys)
+    counts = {"captioned": report.keys, "failed": still_failed(dirs, report.keys)}
     expected = plan.todo_keys
     missing = sorted(expected - counts["captioned"] - set(counts["failed"]))
     coverage = {"expected": len(expected), "captioned": len(counts["captioned"]), "failed": len(counts["failed"]),
                 "missing": len(missing), "duplicated": len(report.duplicate_keys),
                 "missing_keys": missing, "duplicated_keys": report.duplicate_keys,
-                "unexpected_keys": len(counts["captioned"] - expected), "checkpoint_dirs": [str(d) for d in dirs]}
+                "unexpected_keys": len(counts["captioned"] - expected), "not_in_data": len(report.not_in_data),
+                "checkpoint_dirs": [str(d) for d in dirs]}
     atomic_write_json(dirs[0] / "coverage.json", coverage)
     print(f"merged {report.rows} rows from {report.parts} parts of {len(dirs)} dir(s) into {out}")
     print(f"coverage: {coverage['expected']} expected, {coverage['captioned']} captioned, {coverage['failed']} "

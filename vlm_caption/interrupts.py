@@ -1,0 +1,70 @@
+"""SIGTERM (what Slurm and Kubernetes send before SIGKILL) and SIGINT (Ctrl-C) stop a run the same way.
+
+While captioning, the first signal only asks to stop: generate ends at its next token, the batch in flight is
+dropped (its rows are captioned again on resume), the finished captions are written to a part, a bounded
+final push runs, and the process exits 128 + the signal number. Anywhere else, and on a second signal, the
+signal raises Interrupted at once (atomic writes leave no half file behind).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import signal
+import threading
+
+log = logging.getLogger(__name__)
+
+HANDLED = (signal.SIGINT, signal.SIGTERM)
+
+
+class Interrupted(KeyboardInterrupt):
+    """A stop asked for by a signal; exit code 128 + signum, like a shell reports it."""
+
+    def __init__(self, signum: int = signal.SIGINT):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class StopSignals:
+    """Installs the handlers in the main thread for the duration of a `with` block."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None  # the first signal received while graceful
+        self._graceful = False
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def __enter__(self) -> "StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for sig in HANDLED:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self._graceful and self.signum is None:
+            self.signum = signum
+            log.warning("%s received: stopping after writing the captions already made (send it again to stop "
+                        "at once)", signal.Signals(signum).name)
+            return
+        raise Interrupted(signum)
+
+    @contextlib.contextmanager
+    def graceful(self):
+        """Inside, a first signal sets `requested` instead of raising; the loop checks it."""
+        self._graceful = True
+        try:
+            yield
+        finally:
+            self._graceful = False
+
+    def raise_if_requested(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
