@@ -80,6 +80,7 @@ class HubStub:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str, str]] = []  # (method, path, outcome)
+        self.downloads: list[tuple[str, int, bool]] = []  # (file, bytes sent, was it a Range request) of GETs
         self.commits_applied = 0
         self._lock = threading.RLock()
         self._release = threading.Event()
@@ -439,6 +440,8 @@ class _Handler(BaseHTTPRequestHandler):
         if rng:
             start, end = int(rng.group(1)), int(rng.group(2) or len(data) - 1)
             data, status = data[start:end + 1], 206
+        if method == "GET":
+            self.stub.downloads.append((filename, len(data), rng is not None))
         self._send(status, data, {"X-Repo-Commit": oid, "ETag": f'"{sha}"', "Accept-Ranges": "bytes"},
                    content_type="application/octet-stream", head=method == "HEAD")
 
@@ -481,7 +484,7 @@ def assert_hub_matches(stub: HubStub, repo_id: str, checkpoint_dir, run_id: str 
     for path, data in sorted(files.items()):
         if not (path.startswith("data/") and path.endswith(".parquet")):
             continue
-        if run_id is not None and not path.startswith(f"data/{run_id}-"):
+        if run_id is not None and not path.startswith((f"data/{run_id}/", f"data/{run_id}-")):
             continue
         table = pq.read_table(io.BytesIO(data))
         assert table.schema.equals(OUTPUT_SCHEMA), f"{path} has schema {table.schema}"

@@ -210,11 +210,11 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_model_dir, sample
     real = Captioner.generate
     sizes = []
 
-    def small_memory(self, keys, pixel_values):
+    def small_memory(self, keys, pixel_values, should_stop=None):
         sizes.append(len(keys))
         if len(keys) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, keys, pixel_values)
+        return real(self, keys, pixel_values, should_stop)
 
     monkeypatch.setattr(Captioner, "generate", small_memory)
     ckpt = tmp_path / "ckpt"

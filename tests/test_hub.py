@@ -18,10 +18,12 @@ from hub_stub import REPO_ROOT_HINT, assert_hub_matches, hub_stub  # noqa: F401 
 
 from vlm_caption import card, hub, hub_retry
 from vlm_caption.config import FatalError, UsageError
-from vlm_caption.store import LEDGER, OUTPUT_SCHEMA, CheckpointStore, list_parts
+from vlm_caption.atomic import atomic_write_json
+from vlm_caption.store import LEDGER, OUTPUT_SCHEMA, RUN_JSON, CheckpointStore, list_parts
 
 REPO = "tester/contrastyles-recap"
 RUN = "0123456789ab"
+DIR = "d1r0000000aa"
 COMMIT = r"/api/datasets/.*/commit/"
 
 
@@ -35,11 +37,23 @@ def make_rows(start: int, n: int, worker: int = 0) -> list[dict]:
     } for i in range(start, start + n)]
 
 
-class Writer:
-    """Writes parts for one worker of the test run, with keys that never repeat."""
+def hub_name(first: int, last: int, worker: int = 0, run: str = RUN, dir_id: str = DIR) -> str:
+    """The Hub path of parts first..last without its content digest."""
+    return f"data/{run}/{dir_id}-w{worker:03d}-{first:06d}-{last:06d}"
 
-    def __init__(self, ckpt: Path, worker: int = 0):
-        self.store, self.worker, self.next = CheckpointStore(ckpt, worker), worker, 0
+
+def names(paths: list[str]) -> list[str]:
+    return [p.rsplit("-", 1)[0] for p in paths]
+
+
+class Writer:
+    """Writes parts for one worker of the test run (a dir holding run RUN), with keys that never repeat."""
+
+    def __init__(self, ckpt: Path, worker: int = 0, run: str = RUN, dir_id: str = DIR, start: int = 0):
+        if not (ckpt / RUN_JSON).exists():
+            atomic_write_json(ckpt / RUN_JSON, {"run_id": run, "dir_id": dir_id, "model": "tiny"})
+        self.store, self.worker, self.next = CheckpointStore(ckpt, worker), worker, start
+        self.store.run_id, self.store.dir_id = run, dir_id
 
     def parts(self, *sizes: int) -> int:
         for n in sizes:
@@ -61,6 +75,12 @@ def sleeps() -> list[float]:
 @pytest.fixture
 def client(hub_stub, sleeps):  # noqa: F811
     return hub.connect(REPO, endpoint=hub_stub.endpoint, retry=hub.RetryPolicy(sleep=sleeps.append))
+
+
+def store_keys(parts):
+    from vlm_caption.store import read_keys
+
+    return list(read_keys(parts))
 
 
 def ledger(ckpt: Path) -> list[dict]:
@@ -148,10 +168,11 @@ def test_connect_hub_down_is_fatal(hub_stub, sleeps):  # noqa: F811
 def test_push_then_hub_equals_local_parts(hub_stub, client, ckpt):  # noqa: F811
     rows = Writer(ckpt).parts(10, 12, 5)
     assert client.push_pending(ckpt, RUN, 0) == rows
-    assert data_files(hub_stub) == [f"data/{RUN}-w000-000000-000002.parquet"]
+    assert names(data_files(hub_stub)) == [hub_name(0, 2)]
     assert len(assert_hub_matches(hub_stub, REPO, ckpt)) == rows
     [line] = ledger(ckpt)
     assert line["parts"] == [p.path.name for p in list_parts(ckpt)] and line["rows"] == rows
+    assert line["repo"] == REPO and line["run_id"] == RUN
     assert (line["worker"], line["first"], line["last"]) == (0, 0, 2) and len(line["commit"]) == 40
 
 
@@ -161,7 +182,7 @@ def test_incremental_pushes_add_files_and_empty_push_is_noop(hub_stub, client, c
     client.push_pending(ckpt, RUN, 0)
     w.parts(7)
     assert client.push_pending(ckpt, RUN, 0) == 7
-    assert data_files(hub_stub) == [f"data/{RUN}-w000-000000-000001.parquet", f"data/{RUN}-w000-000002-000002.parquet"]
+    assert names(data_files(hub_stub)) == [hub_name(0, 1), hub_name(2, 2)]
     commits = hub_stub.count("POST", COMMIT)
     assert client.push_pending(ckpt, RUN, 0) == 0
     assert hub_stub.count("POST", COMMIT) == commits == hub_stub.commits_applied == 2
@@ -174,20 +195,20 @@ def test_backlog_is_cut_into_capped_files_in_one_commit(hub_stub, client, ckpt, 
     Writer(ckpt).parts(*[10] * 7)
     assert client.push_pending(ckpt, RUN, 0) == 70
     assert hub_stub.commits_applied == 1
-    assert [p.rsplit("-w000-", 1)[1] for p in data_files(hub_stub)] == [
-        "000000-000001.parquet", "000002-000003.parquet", "000004-000005.parquet", "000006-000006.parquet"]
+    assert names(data_files(hub_stub)) == [hub_name(0, 1), hub_name(2, 3), hub_name(4, 5), hub_name(6, 6)]
     assert_hub_matches(hub_stub, REPO, ckpt)
 
 
 def test_hub_file_bytes_are_deterministic_and_sorted(hub_stub, client, ckpt):  # noqa: F811
-    store = CheckpointStore(ckpt, 0)
+    store = Writer(ckpt).store
     store.write_part(make_rows(10, 5))
     store.write_part(make_rows(0, 5))  # keys of a later part sort first
     parts = list_parts(ckpt)
-    assert hub.hub_file_bytes(parts) == hub.hub_file_bytes(parts)
+    [planned] = hub.plan_hub_files(RUN, DIR, [(p, k) for p, k in store_keys(parts)])
+    assert hub.hub_file_bytes(planned) == hub.hub_file_bytes(planned)
     client.push_pending(ckpt, RUN, 0)
     [(path, data)] = [(p, d) for p, d in hub_stub.repo_files(REPO).items() if p.startswith("data/")]
-    assert data == hub.hub_file_bytes(parts)
+    assert path == planned.path and data == hub.hub_file_bytes(planned)
     table = pq.read_table(io.BytesIO(data))
     assert table.schema.equals(OUTPUT_SCHEMA)
     assert table.column("key").to_pylist() == sorted(table.column("key").to_pylist())
@@ -259,7 +280,7 @@ def test_client_errors_are_not_retried(hub_stub, client, ckpt, sleeps, status): 
 
 def test_hub_down_for_good_keeps_parts_pending(hub_stub, client, ckpt, sleeps, caplog):  # noqa: F811
     Writer(ckpt).parts(10, 10)
-    client.hub_paths()  # listed while the Hub was up
+    client.snapshot(RUN)  # read while the Hub was up
     for method in ("GET", "POST", "HEAD"):
         hub_stub.inject(method, ".*", "503", times=10_000)
     with caplog.at_level(logging.WARNING, logger="vlm_caption.hub"):
@@ -272,12 +293,21 @@ def test_hub_down_for_good_keeps_parts_pending(hub_stub, client, ckpt, sleeps, c
     assert_hub_matches(hub_stub, REPO, ckpt)
 
 
-def test_applied_commit_with_every_answer_lost_is_recovered_next_push(hub_stub, client, ckpt, sleeps):  # noqa: F811
+def test_applied_commit_with_every_answer_lost_is_recovered_next_push(hub_stub, client, ckpt, sleeps, monkeypatch):  # noqa: F811
     # The commit lands, then every retry (and re-list) fails: the push gives up, the next one must not re-push.
     Writer(ckpt).parts(10)
-    client.hub_paths()  # listed while the Hub was up
     hub_stub.inject("POST", COMMIT, "lost_response")
-    hub_stub.inject("GET", "/tree/", "503", times=10_000)
+    real_snapshot = hub.HubIndex.snapshot
+
+    armed = [True]
+
+    def hub_down_once_committed(index):  # every look at the repo after the lost answer fails
+        if hub_stub.commits_applied and armed:
+            hub_stub.inject("GET", "/tree/", "503", times=10_000)
+            armed.clear()
+        return real_snapshot(index)
+
+    monkeypatch.setattr(hub.HubIndex, "snapshot", hub_down_once_committed)
     assert client.push_pending(ckpt, RUN, 0) == 0
     assert hub_stub.commits_applied == 1 and len(sleeps) == 5
     hub_stub.clear_faults()
@@ -374,39 +404,52 @@ RUN_INFO = {"run_id": RUN, "model": "google/gemma-3-27b-it", "code_version": "0.
 def test_render_dataset_card():
     import yaml
 
-    text = card.render_dataset_card(REPO, {"done": 12_345, "failed": {"decode": 3, "load": 2}}, RUN_INFO)
+    older = {**RUN_INFO, "run_id": "fedcba987654", "model": "google/gemma-3-4b-it", "created": "2026-01-01T00:00:00Z",
+             "rows": 345, "failed_by_stage": {}}
+    newer = {**RUN_INFO, "created": "2026-02-01T00:00:00Z", "rows": 12_000, "failed_by_stage": {"decode": 3, "load": 2},
+             "legacy_files": True}
+    text = card.render_dataset_card(REPO, [older, newer])
     meta = yaml.safe_load(text.split("---\n")[1])
     assert meta["license"] == "cc-by-4.0" and meta["task_categories"] == ["image-to-text"]
     assert meta["size_categories"] == ["10K<n<100K"] and meta["language"] == ["en"]
-    assert meta["configs"] == [{"config_name": "default", "data_files": [{"split": "train", "path": "data/*.parquet"}]}]
+    assert meta["configs"] == [  # one config per run, the newest the default
+        {"config_name": RUN, "data_files": [{"split": "train", "path": [f"data/{RUN}/*.parquet",
+                                                                        f"data/{RUN}-w*.parquet"]}], "default": True},
+        {"config_name": "fedcba987654", "data_files": [{"split": "train", "path": ["data/fedcba987654/*.parquet"]}]}]
     assert RUN_INFO["prompt"] in text and "````text" in text  # verbatim, fence longer than the prompt's
-    for needle in ("max_tokens=256", "temperature=0.0", "top_p=1.0", "seed=0", "12345", "decode: 3",
+    for needle in ("max_tokens=256", "temperature=0.0", "top_p=1.0", "seed=0", "12000", "decode: 3", "345",
                    "https://huggingface.co/datasets/tomg-group-umd/ContraStyles", "arXiv:2404.01292",
-                   f'datasets.load_dataset("{REPO}"', "google/gemma-3-27b-it"):
+                   f'datasets.load_dataset("{REPO}", "fedcba987654"', "google/gemma-3-27b-it",
+                   "google/gemma-3-4b-it", "Rows in all runs: 12345"):
         assert needle in text, needle
     assert all(f"| `{name}` |" in text for name in OUTPUT_SCHEMA.names)
-    pipeline_summary = {"this_run": {"captioned": 4}, "checkpoint_dir": {"captioned": 1500, "failed": 2,
-                                                                          "failed_by_stage": {"generate": 2}}}
-    text = card.render_dataset_card(REPO, pipeline_summary, RUN_INFO)
-    assert "- 1K<n<10K" in text and "(captioned images): 1500" in text and "generate: 2" in text
     assert [card.size_category(n) for n in (5, 1_000, 99_999, 100_000, 2_000_000)] == [
         "n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M"]
 
 
-def test_card_and_data_load_with_datasets(hub_stub, client, ckpt, tmp_path):  # noqa: F811
+def test_card_lists_each_run_and_both_load_with_datasets(hub_stub, client, ckpt, tmp_path):  # noqa: F811
     import datasets
     from huggingface_hub import snapshot_download
 
+    other_run = "fedcba987654"
+    other = Writer(tmp_path / "other", run=other_run, dir_id="d2r0000000bb", start=100)
+    other.parts(7)
+    client.push_pending(tmp_path / "other", other_run, 0)
+    client.write_card({**RUN_INFO, "run_id": other_run, "created": "2026-01-01T00:00:00Z"}, {})
     rows = Writer(ckpt).parts(10, 10, 3)
     client.push_pending(ckpt, RUN, 0)
-    card = hub.write_dataset_card(client, ckpt, {"done": 999, "failed": {}}, RUN_INFO)
-    assert "- n<1K" in card and "Rows (captioned images): 23" in card  # the ledger's count wins
-    assert hub_stub.repo_files(REPO)["README.md"] == card.encode()
+    text = client.write_card({**RUN_INFO, "created": "2026-02-01T00:00:00Z"}, {"done": 999, "failed": {"decode": 2}})
+    assert "- n<1K" in text and "Rows (captioned images): 23" in text and "Rows (captioned images): 7" in text
+    assert "decode: 2" in text  # the Hub's own counts, not the summary's 999
+    assert hub_stub.repo_files(REPO)["README.md"] == text.encode()
+    assert json.loads(hub_stub.repo_files(REPO)[f"runs/{RUN}.json"])["rows"] == rows
     local = snapshot_download(REPO, repo_type="dataset", endpoint=hub_stub.endpoint, token=hub_stub.token,
                               cache_dir=tmp_path / "dl")
-    ds = datasets.load_dataset(local, split="train", cache_dir=str(tmp_path / "ds_cache"))
+    ds = datasets.load_dataset(local, split="train", cache_dir=str(tmp_path / "ds_cache"))  # the default: newest
     assert ds.column_names == OUTPUT_SCHEMA.names and ds.num_rows == rows
-    assert sorted(ds["key"]) == sorted(r["key"] for r in assert_hub_matches(hub_stub, REPO, ckpt))
+    assert sorted(ds["key"]) == sorted(r["key"] for r in assert_hub_matches(hub_stub, REPO, ckpt, run_id=RUN))
+    old = datasets.load_dataset(local, other_run, split="train", cache_dir=str(tmp_path / "ds_cache"))
+    assert old.num_rows == 7
 
 
 # ---------------------------------------------------------------- the token stays secret
@@ -428,7 +471,7 @@ def test_token_never_leaks(hub_stub, client, ckpt, sleeps, caplog, capsys):  # n
         hub_stub.inject("POST", COMMIT, "503", times=100, body=f"down for {token}")
         assert client.push_pending(ckpt, RUN, 0) == 0
         hub_stub.clear_faults()
-        hub.write_dataset_card(client, ckpt, {"done": 20}, RUN_INFO)
+        client.write_card(RUN_INFO, {"done": 20})
         texts.append(repr(client))
         texts.append(hub_retry.scrub(f"Bearer {token} and hf_abcdefghijklmnop", token))
     out = capsys.readouterr()
