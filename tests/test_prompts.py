@@ -1,11 +1,12 @@
-"""Prompt templates and prompts files: pure functions, no model."""
+"""Prompt templates, prompts files and JSON captions: pure functions, no model."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from vlm_caption.prompts import load_prompts_file, render_prompt, template_columns
+from vlm_caption.prompts import (DEFAULT_JSON_FIELDS, json_instruction, load_prompts_file, parse_json_caption,
+                                 render_prompt, template_columns)
 
 # ------------------------------------------------------------------------------------------ template_columns
 
@@ -176,3 +177,101 @@ def test_missing_prompts_file(tmp_path):
     with pytest.raises(ValueError, match="cannot read"):
         load_prompts_file(tmp_path / "absent.yaml")
 
+
+# ------------------------------------------------------------------------------------------ JSON captions
+
+FIELDS = DEFAULT_JSON_FIELDS
+CLEAN = {
+    "subject": "A fox in a snowy birch forest",
+    "style": "Ukiyo-e inspired illustration",
+    "medium": "Digital gouache",
+    "palette": "Blue-greys with a burnt orange accent",
+    "composition": "Fox on the lower third, vertical trunks",
+    "mood": "Quiet and cold",
+    "text": "",
+}
+
+
+def test_json_instruction_names_every_field():
+    instruction = json_instruction(FIELDS)
+    assert all(f'"{field}"' in instruction for field in FIELDS)
+    assert "JSON object" in instruction and "code fence" in instruction
+
+
+def test_json_instruction_needs_fields():
+    with pytest.raises(ValueError):
+        json_instruction([])
+
+
+def test_clean_object():
+    values, reason = parse_json_caption(json.dumps(CLEAN), FIELDS)
+    assert reason is None
+    assert values == {**CLEAN, "text": None}  # an empty string says nothing: None
+
+
+def test_fenced_object():
+    text = "```json\n" + json.dumps(CLEAN, indent=2) + "\n```"
+    values, reason = parse_json_caption(text, FIELDS)
+    assert reason is None and values["subject"] == CLEAN["subject"]
+
+
+def test_prose_around_the_object():
+    text = "Sure! Here is the JSON you asked for:\n" + json.dumps(CLEAN) + "\nLet me know if you need more."
+    values, reason = parse_json_caption(text, FIELDS)
+    assert reason is None and values["mood"] == "Quiet and cold"
+
+
+def test_braces_and_quotes_inside_strings():
+    obj = {"subject": 'A sign reading "}{ no entry {"', "style": "Pop art } with \\ backslash"}
+    values, reason = parse_json_caption("Result: " + json.dumps(obj) + " trailing }", FIELDS)
+    assert reason is None
+    assert values["subject"] == 'A sign reading "}{ no entry {"'
+    assert values["style"] == "Pop art } with \\ backslash"
+
+
+def test_nested_object_is_part_of_the_first_top_level_object():
+    text = '{"subject": "a cat", "palette": {"main": "red"}} {"subject": "second object"}'
+    values, reason = parse_json_caption(text, FIELDS)
+    assert reason is None
+    assert values["subject"] == "a cat" and values["palette"] == '{"main": "red"}'
+
+
+def test_non_string_values_become_strings():
+    obj = {"subject": ["a woman", "a dog", None], "mood": 3, "style": True, "medium": 1.5, "text": None}
+    values, reason = parse_json_caption(json.dumps(obj), FIELDS)
+    assert reason is None
+    assert values["subject"] == "a woman, a dog"
+    assert values["mood"] == "3" and values["style"] == "true" and values["medium"] == "1.5"
+    assert values["text"] is None
+
+
+def test_missing_fields_are_none_and_keys_match_case_insensitively():
+    values, reason = parse_json_caption('{"Subject": "a cat", "extra": "ignored"}', FIELDS)
+    assert reason is None
+    assert values == {field: ("a cat" if field == "subject" else None) for field in FIELDS}
+
+
+def test_custom_fields():
+    values, reason = parse_json_caption('{"title": "Untitled", "artist": "unknown"}', ["title", "artist"])
+    assert (values, reason) == ({"title": "Untitled", "artist": "unknown"}, None)
+
+
+@pytest.mark.parametrize("text, reason_part", [
+    ('{"subject": "a cat",}', "invalid JSON"),
+    ("{'subject': 'a cat'}", "invalid JSON"),
+    ('{"subject": "a cat", "style": "cubi', "not closed"),
+    ("A painting of a cat in the cubist style.", "no JSON object"),
+    ("", "no JSON object"),
+    ('{"title": "a cat", "artist": "Picasso"}', "none of the fields"),
+    ("{}", "none of the fields"),
+])
+def test_unusable_json_gives_a_reason(text, reason_part):
+    values, reason = parse_json_caption(text, FIELDS)
+    assert values is None
+    assert reason_part in reason
+
+
+def test_a_later_valid_object_is_used_when_prose_braces_come_first():
+    text = 'The answer {as requested}:\n{"subject": "a cat"}'
+    values, reason = parse_json_caption(text, FIELDS)
+    assert reason is None and values["subject"] == "a cat"

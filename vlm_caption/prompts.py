@@ -1,4 +1,6 @@
-"""Prompt templates: per-row prompts from `{column}` placeholders, named prompts from a YAML or JSON file."""
+"""Prompt templates and JSON captions: per-row prompts from `{column}` placeholders, named prompts from a
+YAML or JSON file, and a caption asked for (and parsed back) as one JSON object of string fields.
+"""
 from __future__ import annotations
 
 import json
@@ -7,7 +9,7 @@ import re
 import string
 from collections.abc import Hashable
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import yaml
 
@@ -230,3 +232,75 @@ def _check_prompt(name: Any, prompt: Any) -> None:
 def _kind(data: Any) -> str:
     return "an empty file" if data is None else type(data).__name__
 
+
+# ---------------------------------------------------------------------------------------------- JSON captions
+
+DEFAULT_JSON_FIELDS = ("subject", "style", "medium", "palette", "composition", "mood", "text")
+
+
+def json_instruction(fields: Sequence[str]) -> str:
+    """Text appended to a prompt asking for exactly one JSON object with these string fields."""
+    if not fields:
+        raise ValueError("a JSON caption needs at least one field")
+    skeleton = "{" + ", ".join(f'"{field}": "..."' for field in fields) + "}"
+    return (
+        "Answer with exactly one JSON object and nothing else: no prose before or after it and no code fence. "
+        f"Use exactly these keys, each with a string value (an empty string when it does not apply): {skeleton}"
+    )
+
+
+def parse_json_caption(text: str, fields: Sequence[str]) -> tuple[dict[str, str | None] | None, str | None]:
+    """(value per field, None) for a caption holding a JSON object, else (None, why not).
+
+    The object may sit in a ```json fence or among prose: the first balanced top-level {...} that parses
+    as JSON is used. Keys match fields case-insensitively; values become strings (lists joined with ", ");
+    null, empty strings and absent fields become None. Valid when at least one field is present.
+    """
+    spans = _object_spans(text)
+    if not spans:
+        return None, "no JSON object" if "{" not in text else "unbalanced braces: the JSON object is not closed"
+    first_error = None
+    for start, end in spans:
+        try:
+            obj = json.loads(text[start:end])
+        except json.JSONDecodeError as e:
+            first_error = first_error or f"invalid JSON: {e}"
+            continue
+        return _field_values(obj, fields)
+    return None, first_error
+
+
+def _object_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each balanced top-level {...}; braces inside double-quoted strings do not count."""
+    spans: list[tuple[int, int]] = []
+    depth, start, in_string, escaped = 0, 0, False, False
+    for i, ch in enumerate(text):
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"' and depth:
+            in_string = True
+        elif ch == "{":
+            start = i if depth == 0 else start
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                spans.append((start, i + 1))
+    return spans
+
+
+def _field_values(obj: dict[str, Any], fields: Sequence[str]) -> tuple[dict[str, str | None] | None, str | None]:
+    by_key = {str(key).strip().lower(): value for key, value in obj.items()}
+    if not any(field.lower() in by_key for field in fields):
+        return None, f"none of the fields {', '.join(fields)} in the JSON object"
+    return {field: _field_text(by_key.get(field.lower())) for field in fields}, None
+
+
+def _field_text(value: Any) -> str | None:
+    if isinstance(value, list):
+        text = ", ".join(item for item in map(_field_text, value) if item)
+    elif isinstance(value, (dict, bool)):
+        text = json.dumps(value, ensure_ascii=False)
+    else:
+        text = "" if value is None else str(value).strip()
+    return text or None
