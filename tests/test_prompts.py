@@ -1,0 +1,277 @@
+"""Prompt templates, prompts files and JSON captions: pure functions, no model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from vlm_caption.prompts import (DEFAULT_JSON_FIELDS, json_instruction, load_prompts_file, parse_json_caption,
+                                 render_prompt, template_columns)
+
+# ------------------------------------------------------------------------------------------ template_columns
+
+
+def test_template_columns_in_order_of_first_use():
+    template = "Title: {title}. Tags: {tags}. Again {title}. Literal {{braces}} and {{title}}."
+    assert template_columns(template) == ["title", "tags"]
+
+
+def test_template_without_placeholders_has_no_columns():
+    assert template_columns("Describe this artwork in detail.") == []
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("Tags: {tags", "unbalanced brace"),
+    ("Tags: tags}", "unbalanced brace"),
+    ("A set { of things", "unbalanced brace"),
+    ("A trailing {", "unbalanced brace"),
+    ("Tags: {}", "positional"),
+    ("Tags: {0}", "positional"),
+    ("Tags: {tags!r}", "{tags!r}"),
+    ("Tags: {tags:>10}", "{tags:>10}"),
+    ("Tags: {row.tags}", "not a column name"),
+    ("Tags: {tags[0]}", "not a column name"),
+])
+def test_malformed_template_says_what_and_how_to_write_a_brace(template, problem):
+    with pytest.raises(ValueError) as error:
+        template_columns(template)
+    message = str(error.value)
+    assert problem in message
+    assert "{{" in message and "\n" not in message
+
+
+# ------------------------------------------------------------------------------------------ render_prompt
+
+def test_render_fills_values():
+    row = {"title": "Starry Night", "year": 1889, "score": 0.5}
+    assert render_prompt("{title} ({year}), score {score}.", row) == "Starry Night (1889), score 0.5."
+
+
+def test_render_keeps_literal_braces():
+    assert render_prompt('Answer as {{"style": "..."}} for {title}.', {"title": "x"}) == (
+        'Answer as {"style": "..."} for x.'
+    )
+
+
+def test_list_values_render_comma_separated_without_missing_items():
+    row = {"tags": ["cubism", None, "collage", "", float("nan")]}
+    assert render_prompt("Tags: {tags}.", row) == "Tags: cubism, collage."
+
+
+@pytest.mark.parametrize("missing", [None, float("nan"), "", "   ", []])
+def test_missing_value_drops_a_label_only_line(missing):
+    template = "Describe this artwork.\nTags: {tags}.\nTitle: {title}"
+    assert render_prompt(template, {"tags": missing, "title": "Starry Night"}) == (
+        "Describe this artwork.\nTitle: Starry Night"
+    )
+
+
+def test_missing_value_inside_a_line_leaves_no_none_and_no_empty_label():
+    template = "Describe this artwork. Tags: {tags}. Style: {style}."
+    rendered = render_prompt(template, {"tags": None, "style": "cubism"})
+    assert rendered == "Describe this artwork. Style: cubism."
+    assert "None" not in rendered
+
+
+def test_missing_value_collapses_spaces():
+    assert render_prompt("A painting by {artist} in the {style} style.", {"artist": None, "style": "baroque"}) == (
+        "A painting by in the baroque style."
+    )
+
+
+def test_dropped_bullet_line_leaves_no_double_blank_line():
+    template = "Context:\n\n- Tags: {tags}\n\nDescribe it."
+    assert render_prompt(template, {"tags": None}) == "Context:\n\nDescribe it."
+
+
+def test_only_the_label_of_the_empty_value_goes():
+    template = "Title: {title}. Describe the following:\n- Tags: {tags}, style: {style}.\n- Alt: {alt}"
+    row = {"title": None, "tags": "", "style": "cubism", "alt": None}
+    assert render_prompt(template, row) == "Describe the following:\n- style: cubism."
+
+
+def test_values_are_not_formatted_again():
+    assert render_prompt("Alt text: {alt}", {"alt": "a {title} and {{braces}}"}) == "Alt text: a {title} and {{braces}}"
+
+
+def test_lines_without_an_empty_value_are_left_alone():
+    template = "Keep  these   spaces.\nTags: {tags}"
+    assert render_prompt(template, {"tags": "a"}) == "Keep  these   spaces.\nTags: a"
+
+
+def test_missing_column_raises_key_error_naming_it():
+    with pytest.raises(KeyError, match="original_caption"):
+        render_prompt("Alt text: {original_caption}", {"tags": "a"})
+
+
+def test_render_refuses_a_malformed_template():
+    with pytest.raises(ValueError):
+        render_prompt("Tags: {tags", {"tags": "a"})
+
+
+# ------------------------------------------------------------------------------------------ load_prompts_file
+
+def _write(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_yaml_mapping(tmp_path):
+    path = _write(tmp_path, "prompts.yaml", "short: Describe this artwork in one sentence.\n"
+                                            "styled: |\n  Describe the style.\n  Tags: {tags}\n")
+    assert load_prompts_file(path) == {
+        "short": "Describe this artwork in one sentence.",
+        "styled": "Describe the style.\nTags: {tags}\n",
+    }
+
+
+def test_yml_list_keeps_order(tmp_path):
+    path = _write(tmp_path, "prompts.yml", "- name: b\n  prompt: second\n- name: a\n  prompt: first\n")
+    assert list(load_prompts_file(path)) == ["b", "a"]
+
+
+def test_json_list(tmp_path):
+    items = [{"name": "short", "prompt": "One sentence."}, {"name": "long_2", "prompt": "Two paragraphs."}]
+    path = _write(tmp_path, "prompts.json", json.dumps(items))
+    assert load_prompts_file(str(path)) == {"short": "One sentence.", "long_2": "Two paragraphs."}
+
+
+def test_json_mapping(tmp_path):
+    path = _write(tmp_path, "prompts.json", '{"short": "One sentence."}')
+    assert load_prompts_file(path) == {"short": "One sentence."}
+
+
+@pytest.mark.parametrize("name, text, problem", [
+    ("p.yaml", "Short: Describe it.\n", "bad prompt name 'Short'"),
+    ("p.yaml", "2nd: Describe it.\n", "bad prompt name '2nd'"),
+    ("p.yaml", "a_name_that_is_much_too_long_for_a_column: x\n", "bad prompt name"),
+    ("p.yaml", "with-dash: Describe it.\n", "bad prompt name"),
+    ("p.yaml", "short: one\nshort: two\n", "duplicate name 'short'"),
+    ("p.json", '{"short": "one", "short": "two"}', "duplicate name 'short'"),
+    ("p.json", '[{"name": "a", "prompt": "x"}, {"name": "a", "prompt": "y"}]', "duplicate name 'a'"),
+    ("p.yaml", "short: ''\n", "non-empty string"),
+    ("p.yaml", "short:\n", "non-empty string"),
+    ("p.yaml", "short: [a, b]\n", "non-empty string"),
+    ("p.yaml", "just a string\n", "expected a mapping"),
+    ("p.yaml", "", "empty file"),
+    ("p.yaml", "{}\n", "no prompts"),
+    ("p.json", '[{"name": "a"}]', "exactly the keys"),
+    ("p.json", '["a prompt"]', "exactly the keys"),
+    ("p.json", '{"short": "x",}', "not valid JSON"),
+    ("p.yaml", "short: [unclosed\n", "not valid YAML"),
+    ("p.yaml", "short: 'Tags: {tags'\n", "prompt 'short': prompt template"),
+    ("p.txt", "short: x\n", "must end in"),
+])
+def test_bad_prompts_file_is_one_line_naming_the_file(tmp_path, name, text, problem):
+    path = _write(tmp_path, name, text)
+    with pytest.raises(ValueError) as error:
+        load_prompts_file(path)
+    message = str(error.value)
+    assert problem in message
+    assert message.startswith(str(path))
+    assert "\n" not in message
+
+
+def test_missing_prompts_file(tmp_path):
+    with pytest.raises(ValueError, match="cannot read"):
+        load_prompts_file(tmp_path / "absent.yaml")
+
+
+# ------------------------------------------------------------------------------------------ JSON captions
+
+FIELDS = DEFAULT_JSON_FIELDS
+CLEAN = {
+    "subject": "A fox in a snowy birch forest",
+    "style": "Ukiyo-e inspired illustration",
+    "medium": "Digital gouache",
+    "palette": "Blue-greys with a burnt orange accent",
+    "composition": "Fox on the lower third, vertical trunks",
+    "mood": "Quiet and cold",
+    "text": "",
+}
+
+
+def test_json_instruction_names_every_field():
+    instruction = json_instruction(FIELDS)
+    assert all(f'"{field}"' in instruction for field in FIELDS)
+    assert "JSON object" in instruction and "code fence" in instruction
+
+
+def test_json_instruction_needs_fields():
+    with pytest.raises(ValueError):
+        json_instruction([])
+
+
+def test_clean_object():
+    values, reason = parse_json_caption(json.dumps(CLEAN), FIELDS)
+    assert reason is None
+    assert values == {**CLEAN, "text": None}  # an empty string says nothing: None
+
+
+def test_fenced_object():
+    text = "```json\n" + json.dumps(CLEAN, indent=2) + "\n```"
+    values, reason = parse_json_caption(text, FIELDS)
+    assert reason is None and values["subject"] == CLEAN["subject"]
+
+
+def test_prose_around_the_object():
+    text = "Sure! Here is the JSON you asked for:\n" + json.dumps(CLEAN) + "\nLet me know if you need more."
+    values, reason = parse_json_caption(text, FIELDS)
+    assert reason is None and values["mood"] == "Quiet and cold"
+
+
+def test_braces_and_quotes_inside_strings():
+    obj = {"subject": 'A sign reading "}{ no entry {"', "style": "Pop art } with \\ backslash"}
+    values, reason = parse_json_caption("Result: " + json.dumps(obj) + " trailing }", FIELDS)
+    assert reason is None
+    assert values["subject"] == 'A sign reading "}{ no entry {"'
+    assert values["style"] == "Pop art } with \\ backslash"
+
+
+def test_nested_object_is_part_of_the_first_top_level_object():
+    text = '{"subject": "a cat", "palette": {"main": "red"}} {"subject": "second object"}'
+    values, reason = parse_json_caption(text, FIELDS)
+    assert reason is None
+    assert values["subject"] == "a cat" and values["palette"] == '{"main": "red"}'
+
+
+def test_non_string_values_become_strings():
+    obj = {"subject": ["a woman", "a dog", None], "mood": 3, "style": True, "medium": 1.5, "text": None}
+    values, reason = parse_json_caption(json.dumps(obj), FIELDS)
+    assert reason is None
+    assert values["subject"] == "a woman, a dog"
+    assert values["mood"] == "3" and values["style"] == "true" and values["medium"] == "1.5"
+    assert values["text"] is None
+
+
+def test_missing_fields_are_none_and_keys_match_case_insensitively():
+    values, reason = parse_json_caption('{"Subject": "a cat", "extra": "ignored"}', FIELDS)
+    assert reason is None
+    assert values == {field: ("a cat" if field == "subject" else None) for field in FIELDS}
+
+
+def test_custom_fields():
+    values, reason = parse_json_caption('{"title": "Untitled", "artist": "unknown"}', ["title", "artist"])
+    assert (values, reason) == ({"title": "Untitled", "artist": "unknown"}, None)
+
+
+@pytest.mark.parametrize("text, reason_part", [
+    ('{"subject": "a cat",}', "invalid JSON"),
+    ("{'subject': 'a cat'}", "invalid JSON"),
+    ('{"subject": "a cat", "style": "cubi', "not closed"),
+    ("A painting of a cat in the cubist style.", "no JSON object"),
+    ("", "no JSON object"),
+    ('{"title": "a cat", "artist": "Picasso"}', "none of the fields"),
+    ("{}", "none of the fields"),
+])
+def test_unusable_json_gives_a_reason(text, reason_part):
+    values, reason = parse_json_caption(text, FIELDS)
+    assert values is None
+    assert reason_part in reason
+
+
+def test_a_later_valid_object_is_used_when_prose_braces_come_first():
+    text = 'The answer {as requested}:\n{"subject": "a cat"}'
+    values, reason = parse_json_caption(text, FIELDS)
+    assert reason is None and values["subject"] == "a cat"

@@ -1,0 +1,271 @@
+"""Caption quality flags: a table of realistic captions, good and bad, each with its exact flags."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from vlm_caption.quality import FLAGS, caption_flags, strip_preamble
+
+GOOD_PROSE = (
+    "This oil painting shows a young woman in a pale blue dress seated beside a tall window, reading a letter "
+    "that she holds close to her face. Soft daylight falls from the left across her shoulders and the folds of "
+    "the fabric, leaving the back of the room in warm brown shadow. The style recalls Dutch Golden Age interiors, "
+    "especially the quiet domestic scenes of Vermeer, with their careful geometry and calm stillness. The "
+    "brushwork is smooth in the face and hands but looser in the curtain, where thick strokes of ochre and "
+    "umber suggest heavy velvet. The palette is restrained: cool blues and greys against honeyed yellows and "
+    "deep browns. The composition places the figure slightly off centre, balanced by a map on the wall and a "
+    "chair in the foreground. The mood is intimate and contemplative. A small signature, \"J. van Loon 1664\", "
+    "is visible in the lower right corner, and there is no watermark."
+)
+
+GOOD_MARKDOWN = """**Subject:** A lone fox stands at the edge of a snowy birch forest, its head turned toward the viewer.
+
+**Style:** Contemporary illustration with a strong nod to Japanese woodblock prints (ukiyo-e), flat areas of colour and crisp outlines.
+
+**Medium:** Digital painting imitating gouache, with a visible paper grain and dry-brush texture in the snow.
+
+**Palette:** Muted whites and blue-greys, with the fox's burnt orange coat as the single warm accent.
+
+**Composition:** The fox sits on the lower third; vertical birch trunks create a rhythm across the frame.
+
+**Mood:** Quiet, cold and watchful, with soft diffuse light of an overcast winter morning.
+
+**Text:** None visible."""
+
+GOOD_BULLETS = """## Description
+
+- **Subject:** Three dancers in white tutus rehearse at the barre while a teacher watches.
+- **Style:** Impressionism, clearly inspired by Edgar Degas and his ballet studies.
+- **Medium:** Pastel on toned paper, with the paper colour showing through the strokes.
+- **Palette:** Soft pinks, creamy whites, pale greens and touches of coral.
+- **Composition:** A diagonal line of dancers leads the eye from the lower left toward a bright window.
+- **Mood:** Light, airy and absorbed in work.
+- **Text:** A faint signature, "Degas", in the upper left."""
+
+GOOD_NUMBERED = """1. **Subject:** A bowl of lemons and a cracked blue jug on a wooden table.
+2. **Style:** Classical still life in the manner of Spanish bodegones.
+3. **Medium:** Oil on canvas, glazed in thin layers with crisp highlights on the jug.
+4. **Palette:** Lemon yellow, cobalt blue and dark umber.
+5. **Composition:** The objects form a low triangle against a nearly black background.
+6. **Mood:** Still, sober and precise.
+7. **Text:** None."""
+
+GOOD_WITH_THE_OF_AND = (
+    "The image is a watercolour of the harbour of a small fishing town at the end of the day. The boats of the "
+    "fishermen rest at the edge of the water, and the roofs of the houses and the tower of the church rise "
+    "behind them. The light of the setting sun spreads over the surface of the sea and the sails of the boats. "
+    "The washes are loose and wet, and the colours of the sky and the water bleed into each other."
+)
+
+GOOD_WITH_CANNOT = (
+    "A charcoal drawing of a hooded figure walking through a dark forest. The face of the figure cannot be "
+    "identified because it is hidden in shadow, and the trees dissolve into smudged grey marks. I cannot help "
+    "noticing the strong contrast between the white path and the black trunks, which gives the scene tension."
+)
+
+GOOD_QUOTED_SHORT_REPEATS = (
+    'A protest poster in bold red and black, in the style of Soviet constructivism. The slogan reads "NO WAR '
+    'NO WAR NO WAR" in heavy sans-serif capitals across a diagonal band, and a cartoon character below shouts '
+    '"hahaha!" in a speech bubble. The printing looks like two-colour screen print on cheap newsprint.'
+)
+
+GOOD_HERE_CONTENT = (
+    "Here, a woman stands on a cliff above a stormy sea, her red shawl whipped by the wind. The painting is "
+    "a Romantic oil on canvas with dramatic chiaroscuro and heavy impasto in the waves."
+)
+
+GOOD_MARKDOWN_RULE_TABLE = """## Overview
+
+A flat vector poster of a mountain lake at sunrise.
+
+---
+
+| Aspect | Notes |
+|---|---|
+| Style | Minimalist travel poster, mid-century modern |
+| Palette | Peach, teal, cream and navy |
+| Text | "LAKE LOUISE" in large capitals at the bottom |"""
+
+LOOP_TAIL = (
+    "A landscape painting of rolling hills under a cloudy sky. The sky is blue. The sky is blue. The sky is "
+    "blue. The sky is blue. The sky is blue. The sky is blue. The sky is blue. The sky is"
+)
+
+PREAMBLE_PROSE = "Here is a detailed description of this artwork:\n\n" + GOOD_PROSE
+PREAMBLE_MARKDOWN = "Here's a detailed description of the artwork:\n\n" + GOOD_MARKDOWN
+
+CASES = [
+    # --- good captions: no flag -----------------------------------------------------------------------
+    ("good prose ~150 words", GOOD_PROSE, "stop", []),
+    ("good prose cut right after a sentence", GOOD_PROSE, "length", []),
+    ("good markdown bold headers", GOOD_MARKDOWN, "stop", []),
+    ("good bullet list with heading", GOOD_BULLETS, "stop", []),
+    ("good numbered list", GOOD_NUMBERED, "stop", []),
+    ("good prose full of the/of/and", GOOD_WITH_THE_OF_AND, "stop", []),
+    ("'cannot' later in a good description", GOOD_WITH_CANNOT, "stop", []),
+    ("quoted short repeats", GOOD_QUOTED_SHORT_REPEATS, "stop", []),
+    ("'Here,' is content", GOOD_HERE_CONTENT, "stop", []),
+    ("markdown rule and table", GOOD_MARKDOWN_RULE_TABLE, "stop", []),
+    ("short good caption", "A pencil sketch of a sleeping cat curled on a cushion.", "stop", []),
+    ("ends with a closing quote", 'A neon sign in the window reads "Open all night."', "length", []),
+    ("ends with bold after the full stop", "**Mood:** Calm and reflective.**", "length", []),
+    ("ends with a bracket after the full stop", "A linocut of a hare (printed in two colours.)", "length", []),
+    ("great wave is not an interjection",
+     "Great Wave off Kanagawa pastiche: a towering blue wave curls over three small boats, with Mount Fuji "
+     "tiny in the distance, rendered as a digital woodblock print.", "stop", []),
+    ("very very is fine", "A very very small figure stands under an enormous orange moon, drawn in ink.", "stop", []),
+    ("as an AI-generated image is description",
+     "As an AI-generated image, this artwork shows a surreal city floating above clouds in a glossy 3D render "
+     "style with pastel colours.", "stop", []),
+    ("not a refusal when the model opens with description",
+     "A watercolour of a lighthouse. The artist is unknown and I can tell little about the date, but the "
+     "loose washes suggest the early twentieth century.", "stop", []),
+    ("a signature with digits", "An etching of a cathedral facade, signed and dated 'R. M. 1921' lower left.",
+     "stop", []),
+    ("cyrillic and japanese letters are text",
+     "Плакат в стиле конструктивизма с надписью «Вперёд». 右下に「春」という文字がある。", "stop", []),
+
+    # --- empty --------------------------------------------------------------------------------------------
+    ("empty string", "", "stop", ["empty"]),
+    ("whitespace only", "  \n\t \n", "stop", ["empty"]),
+    ("punctuation only", " ... ** -- ", "stop", ["empty"]),
+    ("only a preamble", "Here's a detailed description of the artwork:\n\n", "length", ["empty", "preamble"]),
+
+    # --- repetition -------------------------------------------------------------------------------------
+    ("sentence loop to the token limit", LOOP_TAIL, "length", ["repetition", "truncated"]),
+    ("sentence loop that ended", "A portrait of an old man. " + "He has a long white beard. " * 3, "stop",
+     ["repetition"]),
+    ("same sentence thrice, not in a row",
+     "The bridge crosses a green river. Ducks swim below. The bridge crosses a green river. Trees lean over it. "
+     "The bridge crosses a green river.", "stop", ["repetition"]),
+    ("word repeated many times", "The painting shows a very " + "very " * 12 + "large red apple.", "stop",
+     ["repetition"]),
+    ("phrase loop without full stops",
+     "An abstract composition of circles and lines, " + "bright colours and bold shapes, " * 6, "length",
+     ["repetition", "truncated"]),
+    ("character loop without spaces", "A cartoon cat laughing: " + "ha" * 30, "length", ["repetition", "truncated"]),
+    ("exclamation marks run", GOOD_WITH_THE_OF_AND[:150] + "!" * 12, "stop", ["repetition"]),
+    ("exclamation marks only", "!" * 200, "length", ["empty"]),
+    ("exclamation marks outnumber the words", "What a wonderful painting" + "!" * 40, "stop",
+     ["repetition", "garbled"]),
+    ("markdown list loop",
+     "**Subject:** A vase of flowers.\n" + "- **Palette:** Red, orange and yellow.\n" * 4, "stop", ["repetition"]),
+
+    # --- truncated --------------------------------------------------------------------------------------
+    ("cut mid-sentence", GOOD_PROSE[:430], "length", ["truncated"]),
+    ("cut after a bullet without full stop",
+     "- **Subject:** A red barn in a snowy field\n- **Style:** Folk art, naive painting", "length", ["truncated"]),
+    ("cut after a heading", GOOD_MARKDOWN[:200] + "\n\n**Palette:**", "length", ["truncated"]),
+    ("no full stop but the model ended", "A small ink drawing of a heron standing in reeds", "stop", []),
+
+    # --- preamble ---------------------------------------------------------------------------------------
+    ("here is ... this artwork:", PREAMBLE_PROSE, "stop", ["preamble"]),
+    ("here's ... the artwork: markdown", PREAMBLE_MARKDOWN, "stop", ["preamble"]),
+    ("sure! here's", "Sure! Here's a description of the image:\n" + GOOD_PROSE, "stop", ["preamble"]),
+    ("okay, here's ... focusing on",
+     "Okay, here's a detailed description of the artwork, focusing on the elements you requested:\n\n"
+     + GOOD_BULLETS, "stop", ["preamble"]),
+    ("certainly. this artwork ...:",
+     "Certainly. This artwork has a lot going on, so let me go through it:\n" + GOOD_NUMBERED, "stop",
+     ["preamble"]),
+    ("okay, let's break down", "Okay, let's break down this artwork.\n\n" + GOOD_MARKDOWN, "stop", ["preamble"]),
+    ("same-line preamble", "Here is a description of the painting: " + GOOD_PROSE, "stop", ["preamble"]),
+    ("preamble and a cut", "Here's a detailed description of the artwork:\n\n" + GOOD_PROSE[:300], "length",
+     ["truncated", "preamble"]),
+
+    # --- refusal ----------------------------------------------------------------------------------------
+    ("unable", "I'm unable to describe this image because it may contain sensitive content.", "stop", ["refusal"]),
+    ("cannot", "I cannot provide a description of this image.", "stop", ["refusal"]),
+    ("can't help", "I can’t help with identifying people in images.", "stop", ["refusal"]),
+    ("sorry, but", "I'm sorry, but I can't assist with that request.", "stop", ["refusal"]),
+    ("as an ai", "As an AI language model, I do not have the ability to see images.", "stop", ["refusal"]),
+    ("refusal in the second sentence",
+     "This image appears to contain explicit material. I'm unable to describe it in detail.", "stop", ["refusal"]),
+    ("refusal after a preamble", "Sure!\nI'm sorry, but I cannot describe this artwork.", "stop",
+     ["preamble", "refusal"]),
+
+    # --- garbled ----------------------------------------------------------------------------------------
+    ("replacement characters", "A painting of a \ufffd\ufffd garden with roses and a stone bench.", "stop",
+     ["garbled"]),
+    ("leftover chat markup", GOOD_PROSE + "<end_of_turn>\n<start_of_turn>model\n", "stop", ["garbled"]),
+    ("image tokens", "<image_soft_token><image_soft_token> A landscape with hills.", "stop", ["garbled"]),
+    ("mostly symbols", "{{ }} [[ ]] 0x3F 0x2A 9384 ### %% $$ @@ 1029 3847 ~~ ^^ | | 12.34 => <= :: ;;", "stop",
+     ["garbled"]),
+    ("eos in the text", "A bronze sculpture of a horse.<eos>", "stop", ["garbled"]),
+]
+
+
+@pytest.mark.parametrize("text, finish, expected", [case[1:] for case in CASES], ids=[case[0] for case in CASES])
+def test_caption_flags(text, finish, expected):
+    assert caption_flags(text, finish) == expected
+
+
+def test_table_is_big_and_covers_every_detector():
+    assert len(CASES) >= 40
+    flagged = {flag for case in CASES for flag in case[3]}
+    assert flagged == set(FLAGS) - {"invalid_json"}
+
+
+def test_flags_come_in_flags_order():
+    flags = caption_flags("Here is a description of the artwork:\n" + LOOP_TAIL + "<eos>", "length")
+    assert flags == ["repetition", "truncated", "preamble", "garbled"]
+    assert flags == [f for f in FLAGS if f in flags]
+
+
+def test_caption_flags_is_fast():
+    texts = [GOOD_PROSE * 2, LOOP_TAIL * 4, GOOD_MARKDOWN + GOOD_BULLETS]
+    start = time.perf_counter()
+    for _ in range(20):
+        for text in texts:
+            caption_flags(text, "length")
+    per_caption = (time.perf_counter() - start) / 60
+    # ~1 ms on a shared core; the bound leaves room for a loaded CI machine.
+    assert per_caption < 0.02
+
+
+# ------------------------------------------------------------------------------------------ strip_preamble
+
+STRIPPED = [
+    ("Here is a detailed description of this artwork:\n\nThe painting shows a dog.", "The painting shows a dog."),
+    ("Here's a detailed description of the artwork:\n**Subject:** A dog.", "**Subject:** A dog."),
+    ("Here’s a description of the image: A dog asleep on a rug.", "A dog asleep on a rug."),
+    ("Sure! Here's what I see:\n- A dog.", "- A dog."),
+    ("Okay, here's a description of the artwork, broken down into sections:\n\n## Subject\nA dog.",
+     "## Subject\nA dog."),
+    ("Certainly. This artwork is rich in detail:\nA dog sits under a tree.", "A dog sits under a tree."),
+    ("Sure!\n\nA dog sits under a tree.", "A dog sits under a tree."),
+    ("Let me describe this painting:\nA dog sits under a tree.", "A dog sits under a tree."),
+    ("Okay, let's break down this artwork.\n\nA dog sits under a tree.", "A dog sits under a tree."),
+    ("Below is a detailed analysis of the image.\nA dog sits under a tree.", "A dog sits under a tree."),
+]
+
+KEPT = [
+    "Here, a woman stands on a cliff above a stormy sea.",
+    "Here is a woman holding three things: a cup, a book and a candle.",
+    "Here lies a knight, carved in marble on his tomb.",
+    "Here's a woman in a red dress.\nShe sits by a window.",
+    "Okay, this painting is a striking example of Fauvism.\nIts colours are wild.",
+    "Great Wave pastiche: a huge blue wave.",
+    "A dog sits under a tree. Here is a description of the tree: it is an oak.",
+    "The title reads: Sure! Here's the thing.",
+    "Here's a detailed description of the artwork",  # no colon, no line break: nothing marks its end
+]
+
+
+@pytest.mark.parametrize("text, expected", STRIPPED)
+def test_strip_preamble_removes_lead_in(text, expected):
+    assert strip_preamble(text) == (expected, True)
+    assert "preamble" in caption_flags(text, "stop")
+
+
+@pytest.mark.parametrize("text", KEPT)
+def test_strip_preamble_keeps_content(text):
+    assert strip_preamble(text) == (text, False)
+    assert "preamble" not in caption_flags(text, "stop")
+
+
+def test_strip_preamble_is_deterministic_and_single_pass():
+    text = "Here is a detailed description of this artwork:\n\n" + GOOD_PROSE
+    assert strip_preamble(text) == strip_preamble(text) == (GOOD_PROSE, True)
+    assert strip_preamble(GOOD_PROSE) == (GOOD_PROSE, False)

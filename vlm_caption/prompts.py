@@ -1,0 +1,306 @@
+"""Prompt templates and JSON captions: per-row prompts from `{column}` placeholders, named prompts from a
+YAML or JSON file, and a caption asked for (and parsed back) as one JSON object of string fields.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import string
+from collections.abc import Hashable
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import yaml
+
+_LITERAL_BRACE_HINT = "write {{ and }} for literal braces"
+# A placeholder names a column; '.', '[' or spaces would be str.format attribute/index access or a typo.
+_COLUMN_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+# ---------------------------------------------------------------------------------------------- templates
+
+def template_columns(template: str) -> list[str]:
+    """The column names a prompt template uses, in order of first use; ValueError if it is malformed.
+
+    Placeholders are str.format-style `{column}`; `{{` and `}}` are literal braces. Positional `{}` /
+    `{0}`, conversions (`{tags!r}`) and format specs (`{tags:>10}`) are refused: a prompt needs none.
+    """
+    columns: list[str] = []
+    for _literal, field, spec, conversion in _parse_template(template):
+        if field is None:
+            continue
+        _check_placeholder(field, spec, conversion)
+        if field not in columns:
+            columns.append(field)
+    return columns
+
+
+def _parse_template(template: str) -> list[tuple[str, str | None, str | None, str | None]]:
+    try:
+        return list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"prompt template: unbalanced brace ({e}); {_LITERAL_BRACE_HINT}") from None
+
+
+def _check_placeholder(field: str, spec: str | None, conversion: str | None) -> None:
+    if field == "" or field.isdigit():
+        problem = f"positional placeholder {{{field}}}: name a column, as in {{tags}}"
+    elif conversion is not None or spec:
+        written = field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
+        problem = f"placeholder {{{written}}} has a conversion or format spec: write just {{{field}}}"
+    elif not _COLUMN_NAME_RE.fullmatch(field):
+        problem = f"placeholder {{{field}}} is not a column name"
+    else:
+        return
+    raise ValueError(f"prompt template: {problem}; {_LITERAL_BRACE_HINT}")
+
+
+# Marks where a placeholder rendered empty, so only those lines are tidied (a private-use character).
+_EMPTY_MARK = "\ue000"
+_SPACES_RE = re.compile(r"[ \t]{2,}")
+_SPACE_BEFORE_PUNCT_RE = re.compile(r"[ \t]+(?=[.,;:!?])")
+# Indentation and a list marker ("- ", "* ", "1. ") stay in front of a tidied line.
+_LINE_PREFIX_RE = re.compile(r"[ \t]*(?:(?:[-*+\u2022]|\d+[.)])[ \t]+)?")
+# A label of 1-3 words whose value rendered empty ("Tags: ." / "Tags:" / "Tags: ,"), at the start of
+# the line or of a sentence; the label must be right before the empty value, so "Describe the following:"
+# elsewhere on the line stays.
+_EMPTY_LABEL_RE = re.compile(
+    rf"(?:^|(?<=[.;,!?] ))\w[\w\-]*(?: [\w\-]+){{0,2}}:[ \t]*{_EMPTY_MARK}[ \t]*(?:[.;,](?= |$)|$)"
+)
+
+
+def render_prompt(template: str, row: Mapping[str, Any]) -> str:
+    """The template with each `{column}` replaced by the row's value; KeyError naming a missing column.
+
+    Values: None, NaN and empty or blank strings render as nothing; lists (and arrays) comma-separated,
+    their missing items skipped; anything else as str(). Lines where a value rendered as nothing are
+    tidied: a label right before the empty value ("Tags: .", "Tags:", "Tags: ,") is removed, runs of
+    spaces collapse, spaces before punctuation go, and a line left without a letter or digit is dropped.
+    """
+    for column in template_columns(template):
+        if column not in row:
+            raise KeyError(f"prompt template uses column {column!r}, which the row does not have")
+    pieces: list[str] = []
+    for literal, field, _spec, _conversion in _parse_template(template):
+        pieces.append(literal)
+        if field is not None:
+            pieces.append(_render_value(row[field]) or _EMPTY_MARK)
+    return _tidy_empty_lines("".join(pieces))
+
+
+def _is_missing(value: Any) -> bool:
+    # pandas' NA and NaT are neither None nor floats; their type names are stable.
+    if value is None or type(value).__name__ in ("NAType", "NaTType"):
+        return True
+    return isinstance(value, float) and math.isnan(value)
+
+
+def _render_value(value: Any) -> str:
+    if _is_missing(value):
+        return ""
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        value = value.tolist()  # numpy arrays and scalars become plain Python values
+    if isinstance(value, (list, tuple)):
+        return ", ".join(item for item in map(_render_value, value) if item)
+    return str(value).strip().replace(_EMPTY_MARK, "")
+
+
+def _tidy_empty_lines(text: str) -> str:
+    lines: list[str] = []
+    dropped = False
+    for line in text.split("\n"):
+        if _EMPTY_MARK not in line:
+            lines.append(line)
+        elif (tidied := _tidy_line(line)) is not None:
+            lines.append(tidied)
+        else:
+            dropped = True
+    joined = "\n".join(lines)
+    # A dropped line between paragraphs would leave two blank lines.
+    return re.sub(r"\n{3,}", "\n\n", joined) if dropped else joined
+
+
+def _tidy_line(line: str) -> str | None:
+    """The line without its empty labels and doubled spaces; None when nothing worth keeping is left."""
+    prefix = _LINE_PREFIX_RE.match(line).group(0)
+    body = _SPACES_RE.sub(" ", line[len(prefix):].strip())
+    body = _EMPTY_LABEL_RE.sub("", body).replace(_EMPTY_MARK, "")
+    body = _SPACE_BEFORE_PUNCT_RE.sub("", _SPACES_RE.sub(" ", body)).strip()
+    return prefix + body if any(ch.isalnum() for ch in body) else None
+
+
+# ---------------------------------------------------------------------------------------------- prompts files
+
+# Names become output columns `vlm_caption_{name}`: lower-case identifiers, short enough to read.
+PROMPT_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
+_PROMPTS_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def load_prompts_file(path: str | Path) -> dict[str, str]:
+    """Named prompts from a YAML or JSON file: a mapping {name: prompt} or a list of {name:, prompt:}.
+
+    Names match ^[a-z][a-z0-9_]{0,31}$ and are unique; prompts are non-empty, well-formed templates.
+    Anything else raises ValueError with a one-line message naming the file and the problem.
+    """
+    path = Path(path)
+    try:
+        data = _read_prompts_data(path)
+        return _named_prompts(data)
+    except ValueError as e:
+        raise ValueError(f"{path}: {_one_line(str(e))}") from None
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+def _read_prompts_data(path: Path) -> Any:
+    if path.suffix.lower() not in _PROMPTS_SUFFIXES:
+        raise ValueError(f"prompts file must end in {', '.join(_PROMPTS_SUFFIXES)}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"cannot read: {e}") from None
+    if path.suffix.lower() == ".json":
+        try:
+            return json.loads(text, object_pairs_hook=_unique_key_dict)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"not valid JSON: {e}") from None
+    try:
+        return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
+    except yaml.YAMLError as e:
+        raise ValueError(f"not valid YAML: {e}") from None
+
+
+def _unique_key_dict(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
+    keys = [key for key, _ in pairs]
+    duplicate = next((key for key in keys if keys.count(key) > 1), None)
+    if duplicate is not None:
+        raise ValueError(f"duplicate name {duplicate!r}")
+    return dict(pairs)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a repeated mapping key instead of keeping the last one silently."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                raise ValueError(f"duplicate name {key!r}")
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _named_prompts(data: Any) -> dict[str, str]:
+    if isinstance(data, dict):
+        pairs = list(data.items())
+    elif isinstance(data, list):
+        pairs = [_list_item_pair(i, item) for i, item in enumerate(data)]
+    else:
+        raise ValueError(f"expected a mapping {{name: prompt}} or a list of {{name, prompt}}, got {_kind(data)}")
+    if not pairs:
+        raise ValueError("no prompts")
+    prompts: dict[str, str] = {}
+    for name, prompt in pairs:
+        _check_prompt(name, prompt)
+        if name in prompts:
+            raise ValueError(f"duplicate name {name!r}")
+        prompts[name] = prompt
+    return prompts
+
+
+def _list_item_pair(index: int, item: Any) -> tuple[Any, Any]:
+    if not isinstance(item, dict) or set(item) != {"name", "prompt"}:
+        raise ValueError(f"item {index} must be a mapping with exactly the keys 'name' and 'prompt'")
+    return item["name"], item["prompt"]
+
+
+def _check_prompt(name: Any, prompt: Any) -> None:
+    if not isinstance(name, str) or not PROMPT_NAME_RE.fullmatch(name):
+        raise ValueError(f"bad prompt name {name!r}: use 1-32 of a-z, 0-9, _ starting with a letter")
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError(f"prompt {name!r} must be a non-empty string")
+    try:
+        template_columns(prompt)
+    except ValueError as e:
+        raise ValueError(f"prompt {name!r}: {e}") from None
+
+
+def _kind(data: Any) -> str:
+    return "an empty file" if data is None else type(data).__name__
+
+
+# ---------------------------------------------------------------------------------------------- JSON captions
+
+DEFAULT_JSON_FIELDS = ("subject", "style", "medium", "palette", "composition", "mood", "text")
+
+
+def json_instruction(fields: Sequence[str]) -> str:
+    """Text appended to a prompt asking for exactly one JSON object with these string fields."""
+    if not fields:
+        raise ValueError("a JSON caption needs at least one field")
+    skeleton = "{" + ", ".join(f'"{field}": "..."' for field in fields) + "}"
+    return (
+        "Answer with exactly one JSON object and nothing else: no prose before or after it and no code fence. "
+        f"Use exactly these keys, each with a string value (an empty string when it does not apply): {skeleton}"
+    )
+
+
+def parse_json_caption(text: str, fields: Sequence[str]) -> tuple[dict[str, str | None] | None, str | None]:
+    """(value per field, None) for a caption holding a JSON object, else (None, why not).
+
+    The object may sit in a ```json fence or among prose: the first balanced top-level {...} that parses
+    as JSON is used. Keys match fields case-insensitively; values become strings (lists joined with ", ");
+    null, empty strings and absent fields become None. Valid when at least one field is present.
+    """
+    spans = _object_spans(text)
+    if not spans:
+        return None, "no JSON object" if "{" not in text else "unbalanced braces: the JSON object is not closed"
+    first_error = None
+    for start, end in spans:
+        try:
+            obj = json.loads(text[start:end])
+        except json.JSONDecodeError as e:
+            first_error = first_error or f"invalid JSON: {e}"
+            continue
+        return _field_values(obj, fields)
+    return None, first_error
+
+
+def _object_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each balanced top-level {...}; braces inside double-quoted strings do not count."""
+    spans: list[tuple[int, int]] = []
+    depth, start, in_string, escaped = 0, 0, False, False
+    for i, ch in enumerate(text):
+        if in_string:
+            escaped, in_string = (False, True) if escaped else (ch == "\\", ch != '"')
+        elif ch == '"' and depth:
+            in_string = True
+        elif ch == "{":
+            start = i if depth == 0 else start
+            depth += 1
+        elif ch == "}" and depth:
+            depth -= 1
+            if depth == 0:
+                spans.append((start, i + 1))
+    return spans
+
+
+def _field_values(obj: dict[str, Any], fields: Sequence[str]) -> tuple[dict[str, str | None] | None, str | None]:
+    by_key = {str(key).strip().lower(): value for key, value in obj.items()}
+    if not any(field.lower() in by_key for field in fields):
+        return None, f"none of the fields {', '.join(fields)} in the JSON object"
+    return {field: _field_text(by_key.get(field.lower())) for field in fields}, None
+
+
+def _field_text(value: Any) -> str | None:
+    if isinstance(value, list):
+        text = ", ".join(item for item in map(_field_text, value) if item)
+    elif isinstance(value, (dict, bool)):
+        text = json.dumps(value, ensure_ascii=False)
+    else:
+        text = "" if value is None else str(value).strip()
+    return text or None
