@@ -48,7 +48,7 @@ class Cli:
         return [sys.executable, str(ROOT / "batched_image_inference.py"), "--model", str(self.model),
                 "--data-dir", str(self.data), "--checkpoint-dir", str(self.tmp / ckpt), "--hf-repo", repo,
                 "--hub-endpoint", self.stub.endpoint, "--max-tokens", "6", "--batch-size", "4",
-                "--checkpoint-every", "8", "--num-loader-workers", "1", "--min-push-interval", "0", *extra]
+                "--checkpoint-every", "8", "--num-loader-workers", "1", "--min-push-interval", "0", "--hub-commits-per-hour", "100000", *extra]
 
     def run(self, ckpt: str, *extra: str, repo: str = REPO_ID, timeout: float = 180) -> subprocess.CompletedProcess:
         return subprocess.run(self.args(ckpt, *extra, repo=repo), env=self.env, capture_output=True, text=True,
