@@ -21,6 +21,7 @@ from vlm_caption.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "tester/recap"
+SLOW = ("--max-tokens", "300", "--min-tokens", "300", "--batch-size", "1")  # ~0.5 s an image: a run stays live
 
 
 @pytest.fixture(scope="module")
@@ -155,16 +156,17 @@ def test_rerun_with_another_worker_count_in_new_dirs(cli, hub_stub, source_keys,
 
 
 def test_second_launch_on_a_live_dir_is_refused_before_the_model_loads(cli, hub_stub, tmp_path):  # noqa: F811
-    slow = cli.start("live", "--max-tokens", "60", "--min-tokens", "60", "--batch-size", "1", "--no-push")
+    slow = cli.start("live", *SLOW, "--no-push")
     try:
         assert hub_stub.wait_for(lambda: store.list_parts(tmp_path / "live"), timeout=120), "no part written"
         before = (tmp_path / "live" / store.RUN_JSON).read_text()
-        same_worker = one_line_error(cli.run("live", "--max-tokens", "60", "--min-tokens", "60", "--no-push"))
+        same_worker = one_line_error(cli.run("live", *SLOW, "--no-push"))
         assert f"pid {slow.pid}" in same_worker and "in use by" in same_worker
         other = one_line_error(cli.run("live", "--max-tokens", "8", "--num-workers", "2", "--worker-index", "1",
                                        "--no-push"))
         assert f"pid {slow.pid}" in other and "other settings" in other
         assert (tmp_path / "live" / store.RUN_JSON).read_text() == before  # never replaced under a live process
+        assert slow.poll() is None  # it was live all along
     finally:
         slow.kill()
         slow.wait()
@@ -185,8 +187,6 @@ def test_lost_run_json_never_adopts_parts_of_other_settings(cli, hub_stub, sourc
 
 
 # ---------------------------------------------------------------- 7: signals
-
-SLOW = ("--max-tokens", "300", "--min-tokens", "300", "--batch-size", "1")  # ~0.5 s an image
 
 
 def test_sigterm_flushes_finished_captions_and_exits_quickly(cli, hub_stub, source_keys, tmp_path):  # noqa: F811

@@ -480,3 +480,29 @@ def test_token_never_leaks(hub_stub, client, ckpt, sleeps, caplog, capsys):  # n
     assert "***" in texts[0] and "hf_abcdefghijklmnop" not in texts[2]
     for text in texts:
         assert token not in text and "hf_CANARY" not in text
+
+
+# ---------------------------------------------------------------- the Hub's own key index
+
+
+def test_published_keys_are_read_by_range_reads_of_the_key_column(hub_stub, client, ckpt):  # noqa: F811
+    import random
+
+    rng = random.Random(0)
+    w = Writer(ckpt)
+    rows = make_rows(0, 4000)
+    for r in rows:  # long, incompressible captions: the key column is a small part of the file
+        r["vlm_caption"] = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(600))
+    w.store.write_part(rows)
+    client.push_pending(ckpt, RUN, 0)
+    [path] = data_files(hub_stub)
+    size = len(hub_stub.repo_files(REPO)[path])
+    hub_stub.downloads.clear()
+    fresh = hub.connect(REPO, endpoint=hub_stub.endpoint)  # another machine: nothing cached
+    snap = fresh.snapshot(RUN)
+    assert snap.keys == {r["key"] for r in rows} and list(snap.files) == [path]
+    reads = [(n, ranged) for name, n, ranged in hub_stub.downloads if name == path]
+    assert reads and all(ranged for _, ranged in reads)
+    assert sum(n for n, _ in reads) < size / 4, (sum(n for n, _ in reads), size)
+    fresh.snapshot(RUN)  # the same file again: read from memory, not the Hub
+    assert len([1 for name, _, _ in hub_stub.downloads if name == path]) == len(reads)
