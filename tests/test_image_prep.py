@@ -25,7 +25,7 @@ sys.path.insert(0, str(BENCH.parent))
 import bench_loader  # noqa: E402  (a script, not a package)
 
 TOLERANCE = 0.01  # mean |fast - processor| on the [-1, 1] scale, per image
-SMALL_TARGET_DRAFT_TOLERANCE = 0.025  # the same for a JPEG draft-decoded for a 64 px target (tiny model)
+SMALL_TARGET_DRAFT_TOLERANCE = 0.03  # the same for a JPEG draft-decoded for a 64 px target (tiny model)
 
 
 def save(img: Image.Image, path: Path, fmt: str, **kw) -> Path:
@@ -48,7 +48,7 @@ def varied_images(tmp_path_factory) -> dict[str, Path]:
     leaves little to resize (the worst case kept by the draft margin at 896), EXIF-rotated."""
     d = tmp_path_factory.mktemp("varied")
     rng = np.random.default_rng(1)
-    art = bench_loader.art_image(3000, 2000, rng)
+    art = bench_loader.art_image(4000, 3000, rng)
     rgba = bench_loader.art_image(700, 500, rng).convert("RGBA")
     rgba.putalpha(Image.linear_gradient("L").resize(rgba.size))
     exif = Image.Exif()
@@ -60,7 +60,7 @@ def varied_images(tmp_path_factory) -> dict[str, Path]:
         "cmyk_jpeg": save(bench_loader.art_image(1000, 800, rng).convert("CMYK"), d / "cmyk.jpg", "JPEG", quality=90),
         "tiny_png": save(bench_loader.art_image(7, 5, rng), d / "tiny.png", "PNG"),
         "wide_jpeg": save(bench_loader.art_image(4000, 150, rng), d / "wide.jpg", "JPEG", quality=90),
-        "just_over_2x": save(bench_loader.art_image(2000, 1980, rng), d / "over2x.jpg", "JPEG", quality=90),
+        "just_over_2x": save(bench_loader.art_image(2250, 2250, rng), d / "over2x.jpg", "JPEG", quality=90),
         "exif_rotated": save(bench_loader.art_image(1900, 1000, rng), d / "rot.jpg", "JPEG", quality=90,
                              exif=exif.tobytes()),
     }
@@ -94,7 +94,7 @@ def test_fast_path_matches_the_image_processor(varied_images, tiny_model_dir):
             drafted = dataset.load_image(path, prep.height).size != full_decode(path).size
             # Gemma 3's 896 px: every image within 0.01. The tiny model's 64 px target draft-decodes almost
             # every JPEG, mostly at 1/8 (DC coefficients only): a coarser filter than the processor's
-            # bilinear over the full image at that size, measured up to 0.02 there.
+            # bilinear over the full image at that size, measured up to 0.027 there.
             bound = TOLERANCE if name == "gemma3_896" or not drafted else SMALL_TARGET_DRAFT_TOLERANCE
             assert diff.mean() <= bound, report[-1]
     print("\n".join(report))  # shown with -s: the max is reported, only the mean is bounded
@@ -155,17 +155,17 @@ def test_captioner_prepare_uses_the_fast_path_and_falls_back(tiny_model_dir):
 
 
 def test_jpeg_draft_decoding_fires_for_big_images(tmp_path):
-    big = save(bench_loader.art_image(3000, 2000, np.random.default_rng(4)), tmp_path / "big.jpg", "JPEG", quality=90)
-    assert dataset.load_image(big, 896).size == (1500, 1000)  # reduced, still covers 896 on both sides
-    assert dataset.load_image(big, 64).size == (375, 250)  # 1/8, the largest DCT scale
-    assert dataset.load_image(big, 1600).size == (3000, 2000)  # 2000 < 2 x 1600: full size
+    big = save(bench_loader.art_image(4000, 3000, np.random.default_rng(4)), tmp_path / "big.jpg", "JPEG", quality=90)
+    assert dataset.load_image(big, 896).size == (2000, 1500)  # reduced, still covers 896 (+25 %) on both sides
+    assert dataset.load_image(big, 64).size == (500, 375)  # 1/8, the largest DCT scale
+    assert dataset.load_image(big, 1600).size == (4000, 3000)  # 3000 < 2 x 1.25 x 1600: full size
     over2x = save(bench_loader.art_image(2056, 1865, np.random.default_rng(5)), tmp_path / "o.jpg", "JPEG")
-    assert dataset.load_image(over2x, 896).size == (2056, 1865)  # 1028x933 would leave < 10 % to resize
-    narrow = save(Image.new("RGB", (3000, 1000)), tmp_path / "narrow.jpg", "JPEG")
-    assert dataset.load_image(narrow, 896).size == (3000, 1000)  # the short side would drop below 896
+    assert dataset.load_image(over2x, 896).size == (2056, 1865)  # 1028x933 would leave too little to resize
+    narrow = save(Image.new("RGB", (6000, 1000)), tmp_path / "narrow.jpg", "JPEG")
+    assert dataset.load_image(narrow, 896).size == (6000, 1000)  # the short side would drop below 896
     for target in (64, 224, 448, 896):
         w, h = dataset.load_image(big, target).size
-        assert min(w, h) >= target and (w, h) != (3000, 2000)
+        assert min(w, h) >= target and (w, h) != (4000, 3000)
 
 
 def test_load_image_failures_are_unchanged(tmp_path):
