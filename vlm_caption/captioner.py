@@ -199,7 +199,7 @@ class Captioner:
     def prepare(self, image) -> torch.Tensor:
         """Pixel values for one RGB image, in the model's dtype (runs off the generate path).
 
-        The same resize / rescale / normalise as the image processor, in torch's SIMD kernels (about 1/3
+        The same resize / rescale / normalise as the image processor, in torch's SIMD kernels (under 1/4
         of the CPU, equal to within ~1/255: see image_prep); the processor for settings it does not cover.
         """
         prep = self._image_prep
