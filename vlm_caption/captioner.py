@@ -6,6 +6,7 @@ loader threads have already computed. One `generate` call captions the whole bat
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .config import RunConfig, UsageError
+from .image_prep import ImagePrep, unsupported_reason
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +187,24 @@ class Captioner:
 
     # -- per image, in a loader thread
 
+    @functools.cached_property
+    def _image_prep(self) -> ImagePrep | None:
+        """The fast path for this processor's settings, or None: then the processor itself runs."""
+        reason = unsupported_reason(self.processor.image_processor)
+        if reason is not None:
+            log.info("images are preprocessed by the model's image processor (%s)", reason)
+            return None
+        return ImagePrep.from_processor(self.processor.image_processor, self.dtype)
+
     def prepare(self, image) -> torch.Tensor:
-        """Pixel values for one RGB image, in the model's dtype (runs off the generate path)."""
+        """Pixel values for one RGB image, in the model's dtype (runs off the generate path).
+
+        The same resize / rescale / normalise as the image processor, in torch's SIMD kernels (under 1/4
+        of the CPU, equal to within ~1/255: see image_prep); the processor for settings it does not cover.
+        """
+        prep = self._image_prep
+        if prep is not None:
+            return prep(image)
         pixels = self.processor.image_processor(images=[image], return_tensors="pt")["pixel_values"][0]
         return pixels.to(self.dtype)
 

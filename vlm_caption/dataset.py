@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .config import UsageError
+from .image_prep import draft_box
 
 log = logging.getLogger(__name__)
 
@@ -257,8 +258,9 @@ def load_image(path: Path | None, target_size: int = 896) -> Image.Image:
                 if w * h > MAX_IMAGE_PIXELS:
                     raise ImageLoadError("decode", f"image declares {w}x{h} pixels, over the {MAX_IMAGE_PIXELS} limit")
                 if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
-                    # Decode big JPEGs at a reduced scale (>= 2x the model's input): much less CPU.
-                    img.draft(img.mode if img.mode != "YCbCr" else "RGB", (2 * target_size, 2 * target_size))
+                    # Decode big JPEGs at 1/2, 1/4 or 1/8 scale: the largest that still covers the model's
+                    # input (+25 %) on both sides (4000x3000 -> 2000x1500 for 896): much less CPU, same pixels.
+                    img.draft(img.mode if img.mode != "YCbCr" else "RGB", draft_box(target_size))
                 img.load()
                 return to_rgb(img)
         except ImageLoadError:
@@ -299,8 +301,9 @@ def prefetch(rows: Iterable[dict[str, Any]], prepare: Callable[[Image.Image], An
              workers: int, window: int, target_size: int = 896) -> Iterator[Loaded]:
     """Decode + preprocess images in `workers` threads, `window` ahead, yielding in input order.
 
-    PIL decoding and the image processor's resize release the GIL, so threads keep the generate
-    loop fed without pickling tensors across processes.
+    Pillow's decode and copies and torch's resize and normalise (image_prep, the fast path) run with the
+    GIL released; per image little but Python glue holds it, so threads keep the generate loop fed
+    without pickling tensors across processes (see BENCHMARKS.md, "Loader").
     """
     def work(row: dict[str, Any]) -> Loaded:
         try:

@@ -1,0 +1,182 @@
+"""The loader's fast path from a decoded image to Gemma 3 pixel values.
+
+Gemma 3's image processor resizes to a fixed square (bilinear, no aspect keep), rescales by 1/255 and
+normalises with mean = std = 0.5. Its PIL backend does that with Pillow's scalar resampler and NumPy
+float arithmetic: ~3x the CPU of decoding the JPEG. `ImagePrep` does the same steps in C:
+
+- the JPEG is decoded at a reduced scale when it is at least twice the target (+25 %) on both sides
+  (`dataset.load_image` passes `draft_box(target)` to `Image.draft`);
+- the resize is torch's antialiased uint8 kernel (SIMD; a port of Pillow's convolution, so it matches the
+  processor's output to about 1/255), measured against Pillow (`reducing_gap` too) and OpenCV in BENCHMARKS.md;
+- rescale + normalise is one fused multiply-add in torch, straight to the model dtype.
+
+Settings (size, resample, rescale factor, mean, std) are read from the Hugging Face image processor;
+`ImagePrep.from_processor` returns None for a configuration it does not reproduce and the caller keeps
+using the processor.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from PIL import Image
+
+# Pillow's resample ids (also PILImageResampling's values) with an antialiased uint8 kernel in torch.
+_TORCH_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
+_TORCH_MODE_NAMES = {"bilinear", "bicubic"}  # torchvision's InterpolationMode values (the torchvision backend)
+
+
+def default_loader_workers() -> int:
+    """Loader workers for `--num-loader-workers auto`: the cores this process may use, minus one for
+    the generate loop, at least one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+# A JPEG decoded at 1/2 scale whose result is only just larger than the target differs from the
+# processor's output on the full image by more than the 0.01 budget (mean |diff| on [-1, 1]): 1985x1991
+# -> 993x996 gave 0.0115, 2479x2000 -> 1240x1000 gave 0.0084 for 896; the DCT scaling is a different
+# filter and almost no resize is left to smooth it. With >= 25 % left to resize on both sides every
+# measured image stayed under 0.003. So for 896 the draft fires from 2240 px on both sides
+# (4000x3000 -> 2000x1500); 3000x2000 decodes at full size.
+DRAFT_MARGIN = 1.25
+def draft_box(target: int | tuple[int, int]) -> tuple[int, int]:
+    """The box to pass to `Image.draft` for a model input of `target` (side or (width, height)).
+
+    Pillow decodes at 1/2, 1/4 or 1/8 scale, the largest whose result still covers the box on both
+    sides: for 896 px, 4000x3000 -> 2000x1500, 8000x6000 -> 2000x1500, 3000x2000 stays full size. The
+    resize that follows never upsamples a side the original had pixels for.
+    """
+    width, height = (target, target) if isinstance(target, int) else target
+    return round(DRAFT_MARGIN * int(width)), round(DRAFT_MARGIN * int(height))
+
+
+def _resample_mode(resample: Any) -> str | None:
+    value = getattr(resample, "value", resample)  # PILImageResampling / InterpolationMode enums
+    if isinstance(value, str):
+        return value if value in _TORCH_MODE_NAMES else None
+    try:
+        return _TORCH_MODES.get(Image.Resampling(int(value)))
+    except (TypeError, ValueError):
+        return None
+
+
+def _per_channel(value: Any, name: str) -> list[float]:
+    values = [float(value)] * 3 if isinstance(value, (int, float)) else [float(v) for v in value]
+    if len(values) != 3:
+        raise ValueError(f"{name} must have 3 values, got {values}")
+    return values
+
+
+def unsupported_reason(image_processor: Any) -> str | None:
+    """Why `ImagePrep` cannot stand in for this image processor, or None when it can."""
+    name = type(image_processor).__name__
+    if not name.startswith("Gemma3ImageProcessor"):
+        # Other processors may crop, pad or keep the aspect ratio: only Gemma 3's steps are reproduced.
+        return f"{name} is not a Gemma 3 image processor"
+    if getattr(image_processor, "do_pan_and_scan", None):
+        # Pan and scan adds a variable number of crops per image (each its own 256 tokens and its own
+        # prompt markers); the pipeline's one-image-per-row batches and the processor handle that together.
+        return "do_pan_and_scan is on"
+    if not getattr(image_processor, "do_resize", True):
+        return "do_resize is off (images would keep their own sizes)"
+    size = getattr(image_processor, "size", None) or {}
+    if not (size.get("height") and size.get("width")):
+        return f"size {dict(size)} is not a fixed height x width"
+    if _resample_mode(getattr(image_processor, "resample", Image.Resampling.BILINEAR)) is None:
+        return f"resample {getattr(image_processor, 'resample', None)!r} has no fast kernel (bilinear and bicubic do)"
+    try:
+        _per_channel(getattr(image_processor, "image_mean", 0.0), "image_mean")
+        _per_channel(getattr(image_processor, "image_std", 1.0), "image_std")
+    except (TypeError, ValueError) as e:
+        return str(e)
+    return None
+
+
+_readonly_warning_seen = False
+
+
+def _rgbx_tensor(image: Image.Image) -> torch.Tensor:
+    """(1, 4, H, W) uint8, channels-last, over one copy of the pixels out of Pillow.
+
+    Pillow keeps RGB as 4 bytes a pixel: RGBX comes out as a plain copy (RGB would be packed, and the
+    uint8 resize kernel works on 4 channels anyway): ~1.3 ms less a 2.7 MP image than a writable np.array
+    copy. The buffer is
+    read-only bytes; the tensor over it is only read (by the resize), never written.
+    """
+    global _readonly_warning_seen
+    w, h = image.size
+    data = image.tobytes("raw", "RGBX")
+    if not _readonly_warning_seen:
+        # torch warns once per process that a tensor over read-only memory must not be written to; take
+        # that one warning here, on purpose, rather than in the run's log.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*buffer is not writable.*", category=UserWarning)
+            flat = torch.frombuffer(data, dtype=torch.uint8)
+        _readonly_warning_seen = True
+    else:
+        flat = torch.frombuffer(data, dtype=torch.uint8)
+    return flat.view(h, w, 4).permute(2, 0, 1).unsqueeze(0)
+
+
+@dataclass(frozen=True)
+class ImagePrep:
+    """RGB PIL image -> (3, height, width) tensor, as Gemma 3's image processor computes it."""
+
+    height: int
+    width: int
+    mode: str = "bilinear"  # torch interpolate mode, antialiased
+    scale: tuple[float, float, float] = (2 / 255,) * 3  # per channel: rescale / std
+    offset: tuple[float, float, float] = (-1.0,) * 3  # per channel: -mean / std
+    dtype: torch.dtype = torch.float32
+
+    @classmethod
+    def from_processor(cls, processor: Any, dtype: torch.dtype = torch.float32) -> "ImagePrep | None":
+        """Settings of a Gemma 3 image processor (or a processor holding one); None when not supported."""
+        ip = getattr(processor, "image_processor", processor)
+        if unsupported_reason(ip) is not None:
+            return None
+        rescale = float(ip.rescale_factor) if getattr(ip, "do_rescale", True) else 1.0
+        if getattr(ip, "do_normalize", True):
+            mean = _per_channel(ip.image_mean, "image_mean")
+            std = _per_channel(ip.image_std, "image_std")
+        else:
+            mean, std = [0.0] * 3, [1.0] * 3
+        return cls(height=int(ip.size["height"]), width=int(ip.size["width"]),
+                   mode=_resample_mode(getattr(ip, "resample", Image.Resampling.BILINEAR)) or "bilinear",
+                   scale=tuple(rescale / s for s in std), offset=tuple(-m / s for m, s in zip(mean, std)),
+                   dtype=dtype)
+
+    @property
+    def draft_box(self) -> tuple[int, int]:
+        return draft_box((self.width, self.height))
+
+    def resize(self, image: Image.Image) -> torch.Tensor:
+        """uint8 (3, height, width), channels-last in memory, from an RGB image of any size."""
+        if image.mode != "RGB":
+            from .dataset import to_rgb  # imported here: dataset needs pyarrow, this module does not
+
+            image = to_rgb(image)
+        pixels = _rgbx_tensor(image)
+        if pixels.shape[-2:] != (self.height, self.width):
+            pixels = torch.nn.functional.interpolate(pixels, size=(self.height, self.width), mode=self.mode,
+                                                     antialias=True, align_corners=False)
+        return pixels[0, :3]
+
+    def __post_init__(self):
+        object.__setattr__(self, "_scale", torch.tensor(self.scale, dtype=torch.float32).view(3, 1, 1))
+        object.__setattr__(self, "_offset", torch.tensor(self.offset, dtype=torch.float32).view(3, 1, 1))
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(pixels * rescale - mean) / std as one multiply-add in float32, contiguous, in `dtype`."""
+        out = pixels.to(torch.float32, memory_format=torch.contiguous_format).mul_(self._scale).add_(self._offset)
+        return out if self.dtype == torch.float32 else out.to(self.dtype)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.resize(image))
