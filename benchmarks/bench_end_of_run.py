@@ -12,6 +12,9 @@ the same data to compare:
     python benchmarks/bench_end_of_run.py --workers 8 --images 2000
 
 Prints one JSON line: {"code", "workers", "images", "end_s_max", "end_s_mean", "merges", "wall_s"}.
+
+`--merge-rows N` instead times one merge of a dir of N synthetic rows (parts of 200 rows, 8 workers): the cost
+that every worker paid in turn at the end before, and that only the last worker pays now.
 """
 from __future__ import annotations
 
@@ -35,7 +38,10 @@ def main() -> None:
     p.add_argument("--images", type=int, default=2000)
     p.add_argument("--code-dir", default=str(ROOT), help="checkout whose batched_image_inference.py runs")
     p.add_argument("--work", help="reuse this dir for the sample and the model (default: a tmp dir)")
+    p.add_argument("--merge-rows", type=int, help="only time one merge of this many synthetic rows")
     args = p.parse_args()
+    if args.merge_rows:
+        return time_merge(args.merge_rows, Path(args.work or tempfile.mkdtemp(prefix="bench_merge_")))
 
     from vlm_caption.sample_data import write_sample
     from vlm_caption.store import list_parts
@@ -71,6 +77,23 @@ def main() -> None:
                       "end_s_max": round(max(end_s), 2), "end_s_mean": round(statistics.mean(end_s), 2),
                       "merges": sum("merged into" in o for o in outs),
                       "wall_s": round(time.monotonic() - started, 1)}))
+
+
+def time_merge(rows: int, work: Path) -> None:
+    from vlm_caption.store import CheckpointStore, merge_parts
+
+    ckpt = work / "ckpt"
+    stores = [CheckpointStore(ckpt, w) for w in range(8)]
+    for start in range(0, rows, 200):
+        stores[(start // 200) % 8].write_part([{
+            "key": f"{i:09d}", "original_key": str(i), "url": f"https://img.example/{i}.jpg",
+            "original_caption": "alt text", "vlm_caption": "A detailed caption of an artwork. " * 12, "width": 896,
+            "height": 672, "original_width": 1024, "original_height": 768, "sha256": f"{i:064x}", "md5": f"{i:032x}",
+            "tags": "oil painting", "merged_tags": "oil painting,impressionism", "caption_model": "m",
+            "caption_finish": "stop", "caption_tokens": 120} for i in range(start, min(start + 200, rows))])
+    started = time.monotonic()
+    report = merge_parts([ckpt], ckpt / "all_captions.parquet")
+    print(json.dumps({"merge_rows": report.rows, "parts": report.parts, "merge_s": round(time.monotonic() - started, 2)}))
 
 
 if __name__ == "__main__":

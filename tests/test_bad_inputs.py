@@ -17,7 +17,7 @@ from PIL import Image
 from batched_image_inference import main
 from vlm_caption import dataset, store
 from vlm_caption.cli import run_main
-from vlm_caption.config import EXIT_FATAL, EXIT_ITEMS_FAILED, EXIT_USAGE
+from vlm_caption.errors import EXIT_FATAL, EXIT_ITEMS_FAILED, EXIT_USAGE
 
 
 # ---------------------------------------------------------------- a corpus of bad images

@@ -13,7 +13,7 @@ import pytest
 
 from batched_image_inference import main
 from vlm_caption import store
-from vlm_caption.config import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
+from vlm_caption.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parent.parent
 

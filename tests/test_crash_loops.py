@@ -32,7 +32,7 @@ from hub_stub import REPO_ROOT_HINT, HubStub, assert_hub_matches, hub_stub  # no
 
 from batched_image_inference import main
 from vlm_caption import hub, store
-from vlm_caption.config import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
+from vlm_caption.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "batched_image_inference.py"

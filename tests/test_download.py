@@ -22,7 +22,8 @@ import pytest
 from tests.image_server import ImageServer, Route
 from vlm_caption import download as dl
 from vlm_caption import validate
-from vlm_caption.config import DownloadConfig, UsageError
+from vlm_caption.config import DownloadConfig
+from vlm_caption.errors import UsageError
 from vlm_caption.sample_data import write_sample
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

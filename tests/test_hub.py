@@ -17,7 +17,7 @@ import pytest
 from hub_stub import REPO_ROOT_HINT, assert_hub_matches, hub_stub  # noqa: F401  (fixture)
 
 from vlm_caption import card, hub, hub_retry
-from vlm_caption.config import FatalError, UsageError
+from vlm_caption.errors import FatalError, UsageError
 from vlm_caption.atomic import atomic_write_json
 from vlm_caption.store import LEDGER, OUTPUT_SCHEMA, RUN_JSON, CheckpointStore, list_parts
 

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vlm_caption import store
-from vlm_caption.config import UsageError
+from vlm_caption.errors import UsageError
 from vlm_caption.preview import main as preview_main
 from vlm_caption.preview import write_preview
 

@@ -10,7 +10,8 @@ import pytest
 
 from tests.image_server import ImageServer, Route
 from vlm_caption import download as dl
-from vlm_caption.config import DownloadConfig, UsageError
+from vlm_caption.config import DownloadConfig
+from vlm_caption.errors import UsageError
 from vlm_caption.sample_data import write_sample
 
 TOP_FILES = ["urls.parquet", "full_metadata.parquet", "metadata.csv", "invalid_images.parquet", "download_summary.json"]

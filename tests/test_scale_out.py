@@ -12,8 +12,8 @@ import pytest
 
 from batched_image_inference import main
 from vlm_caption import store
-from vlm_caption.config import EXIT_OK, RunConfig, UsageError
-from vlm_caption.pipeline import EXIT_COVERAGE
+from vlm_caption.config import RunConfig
+from vlm_caption.errors import EXIT_COVERAGE, EXIT_OK, UsageError
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent

@@ -16,7 +16,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import RunConfig, UsageError
+from .config import RunConfig
+
+from .errors import UsageError
 from .image_prep import ImagePrep, unsupported_reason
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ import signal
 import sys
 from typing import Callable
 
-from .config import EXIT_FATAL, EXIT_USAGE, FatalError, UsageError
+from .errors import EXIT_FATAL, EXIT_USAGE, FatalError, UsageError
 
 
 def setup_logging(verbose: bool = False) -> None:

@@ -11,11 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Exit codes shared by every script: 0 all done, 2 bad usage, 3 some items failed, 1 fatal error.
-EXIT_OK = 0
-EXIT_FATAL = 1
-EXIT_USAGE = 2
-EXIT_ITEMS_FAILED = 3
+from .errors import UsageError
 
 DEFAULT_MODEL = "google/gemma-3-27b-it"
 DEFAULT_DATA_DIR = "./data/contrastyles_full"
@@ -24,14 +20,6 @@ SOURCE_DATASET = "tomg-group-umd/ContraStyles"
 # Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-'/'.', no '--' or '..'.
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO_ID_RE = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
-
-
-class UsageError(Exception):
-    """A user mistake: printed as one line, exit code 2, no traceback."""
-
-
-class FatalError(Exception):
-    """A run that cannot go on (disk full, Hub refused the token): one line, exit code 1."""
 
 
 def parse_shards(spec: str | None) -> list[int] | None:

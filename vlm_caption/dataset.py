@@ -14,31 +14,24 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .config import UsageError
+from .errors import UsageError
+from .schema import COLUMNS, LOOKUP_COLUMNS, Column, carried
 from .image_prep import draft_box
 
 log = logging.getLogger(__name__)
 
-# Columns carried from the download metadata into every output row (source name -> output name).
-CARRIED_COLUMNS = {
-    "key": "key", "original_key": "original_key", "url": "url", "caption": "original_caption",
-    "width": "width", "height": "height", "original_width": "original_width",
-    "original_height": "original_height", "sha256": "sha256", "md5": "md5", "tags": "tags",
-    "merged_tags": "merged_tags",
-}
 _KEY_RE = re.compile(r"^[0-9]{1,20}$")
 _SHARD_DIR_RE = re.compile(r"^images/([0-9]+)/")
 # Declared pixel count above which an image is refused before decoding (a decompression bomb);
 # the same as PIL's own hard limit, checked by us so the reason is explicit.
 MAX_IMAGE_PIXELS = 2 * 89_478_485
-_INT_COLUMNS = ("width", "height", "original_width", "original_height")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
@@ -189,11 +182,13 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
                     data_keys=data_keys)
 
 
-def iter_rows(data_dir: Path, todo_keys: set[str]) -> Iterator[dict[str, Any]]:
-    """Pass 2: the metadata rows of `todo_keys`, in metadata order, each once, with `image_path`."""
+def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = ()) -> Iterator[dict[str, Any]]:
+    """Pass 2: the metadata rows of `todo_keys`, in metadata order, each once, with `image_path`; the output
+    registry's carried columns plus `extra` (--keep-columns)."""
     wanted = set(todo_keys)
-    columns = list(CARRIED_COLUMNS) + ["file_name", "status", "source_md5"]
-    for batch, shard, _ in _iter_batches(metadata_files(data_dir), columns, skip_unreadable=True):
+    names = carried(extra)
+    types = {c.name: c.type for c in (*COLUMNS, *extra)}
+    for batch, shard, _ in _iter_batches(metadata_files(data_dir), [*names, *LOOKUP_COLUMNS], skip_unreadable=True):
         for row in batch.to_pylist():
             key = str(row["key"])  # a null key becomes "None", which is never wanted
             if key not in wanted:
@@ -201,21 +196,22 @@ def iter_rows(data_dir: Path, todo_keys: set[str]) -> Iterator[dict[str, Any]]:
             wanted.discard(key)
             if row.get("md5") is None:  # shard parquets hold it as source_md5 (md5 is reserved in img2dataset)
                 row["md5"] = row.get("source_md5")
-            out = clean_row({dst: row.get(src) for src, dst in CARRIED_COLUMNS.items()})
+            out = clean_row({dst: row.get(src) for src, dst in names.items()}, types)
             out["key"] = key
             out["image_path"] = resolve_image_path(data_dir, key, row.get("file_name"), shard)
             yield out
 
 
-def clean_row(row: dict[str, Any]) -> dict[str, Any]:
+def clean_row(row: dict[str, Any], types: dict[str, pa.DataType]) -> dict[str, Any]:
     """Metadata as the output schema wants it: text as valid UTF-8 (bad bytes replaced, not dropped),
-    sizes as integers (img2dataset's int32 comes back as float with NaN through pandas)."""
+    integers as integers (img2dataset's int32 comes back as float with NaN through pandas)."""
     for name, value in row.items():
-        if name in _INT_COLUMNS:
+        kind = types.get(name, pa.string())
+        if pa.types.is_integer(kind):
             row[name] = None if value is None or value != value else int(value)
         elif isinstance(value, (bytes, bytearray)):
             row[name] = bytes(value).decode("utf-8", errors="replace")
-        elif value is not None and not isinstance(value, str):
+        elif pa.types.is_string(kind) and value is not None and not isinstance(value, str):
             row[name] = str(value)
     return row
 

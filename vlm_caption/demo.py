@@ -24,7 +24,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from . import pipeline, store
-from .config import EXIT_ITEMS_FAILED, EXIT_OK, RunConfig, UsageError
+from .config import RunConfig
+from .errors import EXIT_ITEMS_FAILED, EXIT_OK, UsageError
 
 DEFAULT_DIR = "./demo"
 DEFAULT_ROWS = 24

@@ -20,7 +20,8 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write_json, atomic_write_table
-from .config import EXIT_ITEMS_FAILED, EXIT_OK, DownloadConfig, FatalError, UsageError
+from .config import DownloadConfig
+from .errors import EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .data_layout import (ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, INVALID_FILE, METADATA_CSV, OOM_SHARD_COUNT,
                           SAVED_COLUMNS, SUMMARY_FILE, URLS_FILE, VALIDATION_DIR, expected_shards, shard_name)
 from .validate import OutputCounts, ValidationStats, build_outputs, validate_shards

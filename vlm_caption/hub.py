@@ -35,7 +35,7 @@ from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HfUriError
 
 from .card import render_dataset_card
-from .config import FatalError, UsageError
+from .errors import FatalError, UsageError
 from .hub_index import REPO_TYPE, HubIndex, Snapshot, run_data_dir, run_info_path
 from .hub_retry import HubUnavailable, RetryPolicy, call_with_retries, describe, http_status
 from .store import LEDGER, OUTPUT_SCHEMA, Part, check_file, list_parts, read_run_json

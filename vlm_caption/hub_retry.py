@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 
 from huggingface_hub.errors import HfHubHTTPError
 
-from .config import FatalError
+from .errors import FatalError
 
 try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
     import httpx2 as _httpx

@@ -16,13 +16,12 @@ from typing import Any
 
 from . import dataset, store
 from .atomic import atomic_write_json, remove_stale_tmp
+from .config import RunConfig, distributed_rank, parse_shards, resolve_repo_id
+from .errors import EXIT_COVERAGE, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .interrupts import StopSignals
-from .config import (EXIT_ITEMS_FAILED, EXIT_OK, FatalError, RunConfig, UsageError, distributed_rank,
-                     parse_shards, resolve_repo_id)
 
 log = logging.getLogger(__name__)
 
-EXIT_COVERAGE = 4  # --merge-only found keys missing or captioned twice
 MAX_FAILED_BATCHES_IN_A_ROW = 20  # then the model, not the data, is broken
 FINAL_PUSH_AFTER_SIGNAL_S = 20.0  # Slurm sends SIGKILL 30-90 s after SIGTERM
 

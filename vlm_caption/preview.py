@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from . import dataset, store
 from .atomic import atomic_write_bytes
-from .config import UsageError
+from .errors import UsageError
 
 DEFAULT_ROWS = 200
 COLUMNS = ["key", "url", "vlm_caption", "original_caption", "tags", "caption_finish", "caption_tokens"]

@@ -38,7 +38,8 @@ from . import data_layout as layout
 from . import download as dl
 from . import validate
 from .atomic import atomic_write_json, atomic_write_table
-from .config import DownloadConfig, UsageError
+from .config import DownloadConfig
+from .errors import UsageError
 
 # Fixed times in the stats files, so that a seed always gives the same bytes.
 _EPOCH = 1_767_225_600.0  # 2026-01-01T00:00:00Z

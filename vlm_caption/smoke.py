@@ -13,12 +13,12 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import EXIT_FATAL, EXIT_USAGE, FatalError, UsageError
+from .errors import EXIT_FATAL, EXIT_USAGE, FatalError, UsageError
+from .schema import source_columns
 
 DEFAULT_SMOKE_MODEL = "google/gemma-3-4b-it"
 DEFAULT_SMOKE_REPO = "ContraStylesRecap-smoketest"
-REQUIRED_COLUMNS = ("key", "original_key", "url", "caption", "md5", "tags", "merged_tags", "width", "height",
-                    "sha256")
+REQUIRED_COLUMNS = tuple(source_columns())  # what a data dir must hold for the output registry
 
 
 class CheckFailed(Exception):

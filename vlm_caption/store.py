@@ -32,36 +32,11 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path, atomic_write_json, atomic_write_table
-from .config import FatalError, UsageError
+from .errors import FatalError, UsageError
 from .locks import DirLock
+from .schema import FAILURE_SCHEMA, OUTPUT_SCHEMA  # noqa: F401  (store.* names of the layout)
 
 log = logging.getLogger(__name__)
-
-OUTPUT_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("original_key", pa.string()),
-    ("url", pa.string()),
-    ("original_caption", pa.string()),
-    ("vlm_caption", pa.string()),
-    ("width", pa.int64()),
-    ("height", pa.int64()),
-    ("original_width", pa.int64()),
-    ("original_height", pa.int64()),
-    ("sha256", pa.string()),
-    ("md5", pa.string()),
-    ("tags", pa.string()),
-    ("merged_tags", pa.string()),
-    ("caption_model", pa.string()),
-    ("caption_finish", pa.string()),
-    ("caption_tokens", pa.int32()),
-])
-FAILURE_SCHEMA = pa.schema([
-    ("key", pa.string()),
-    ("original_key", pa.string()),
-    ("url", pa.string()),
-    ("stage", pa.string()),  # load | decode | generate
-    ("error", pa.string()),
-])
 
 RUN_JSON = "run.json"
 PARTS_DIR = "parts"

@@ -25,6 +25,8 @@ from .atomic import atomic_path, atomic_write_table
 from .data_layout import (FULL_METADATA_FILE, IMAGES_DIR, INVALID_FILE, METADATA_CSV, SAVED_COLUMNS, VALIDATION_DIR,
                           image_file_name, shard_name)
 
+from .schema import COLUMNS
+
 logger = logging.getLogger(__name__)
 
 STATS_END_META = b"vlm_caption.stats_end_time"
@@ -37,11 +39,8 @@ VALIDATION_SCHEMA = pa.schema([
     ("error", pa.string()),  # null = decodes fully
 ])
 INVALID_SCHEMA = pa.schema([("key", pa.string()), ("path", pa.string()), ("error", pa.string())])
-FULL_METADATA_SCHEMA = pa.schema(
-    [(c, pa.string()) for c in ("key", "original_key", "url", "caption", "md5", "tags", "merged_tags")]
-    + [(c, pa.int64()) for c in ("width", "height", "original_width", "original_height")]
-    + [("sha256", pa.string()), ("file_name", pa.string())]
-)
+# Every carried column of the output registry under its metadata name, plus where the image file is.
+FULL_METADATA_SCHEMA = pa.schema([(c.source, c.type) for c in COLUMNS if c.source] + [("file_name", pa.string())])
 METADATA_CSV_SCHEMA = pa.schema([("file_name", pa.string()), ("text", pa.string())])
 
 
