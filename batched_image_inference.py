@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 
-from vlm_caption.config import DEFAULT_DATA_DIR, DEFAULT_MODEL, RunConfig
+from vlm_caption.config import RunConfig
+
+D = RunConfig()  # every default is the dataclass's, typed once
 
 
 def batch_size_arg(value: str) -> int | None:
@@ -26,36 +28,41 @@ def batch_size_arg(value: str) -> int | None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to caption")
-    g.add_argument("--model", default=DEFAULT_MODEL, help="HF model id or local dir (default: %(default)s)")
-    g.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="what download_data.py wrote (default: %(default)s)")
+    g.add_argument("--model", default=D.model, help="HF model id or local dir (default: %(default)s)")
+    g.add_argument("--data-dir", default=D.data_dir, help="what download_data.py wrote (default: %(default)s)")
     g.add_argument("--max-images", type=int, help="caption only the first N images (key order) of the selection")
     g.add_argument("--shards", help="only these img2dataset shards, e.g. 0-24 or 3,5,7-9")
     g.add_argument("--num-workers", type=int, help="split the work into this many slices (default: Slurm array "
                    "size x torch.distributed world size, else 1)")
     g.add_argument("--worker-index", type=int, help="which slice this machine takes, 0-based")
     g.add_argument("--retry-failed", action="store_true", help="caption images recorded as failed again")
+    g.add_argument("--keep-columns", help="carry these further metadata columns into the output, e.g. "
+                   "aesthetic,license (comma-separated; default: the ContraStyles columns only)")
 
     g = p.add_argument_group("generation")
     g.add_argument("--prompt", help="instruction given with each image (default: a detailed description prompt)")
     g.add_argument("--prompt-file", help="read the prompt from this file")
-    g.add_argument("--max-tokens", type=int, default=256, help="max new tokens per caption (default: %(default)s)")
-    g.add_argument("--min-tokens", type=int, default=0, help=argparse.SUPPRESS)  # fixed-length benchmarks
-    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); >0 samples with a "
+    g.add_argument("--max-tokens", type=int, default=D.max_tokens, help="max new tokens per caption (default: %(default)s)")
+    g.add_argument("--min-tokens", type=int, default=D.min_tokens, help=argparse.SUPPRESS)  # fixed-length benchmarks
+    g.add_argument("--temperature", type=float, default=D.temperature, help="0 = greedy (default); >0 samples with a "
                    "per-image seed, so reruns reproduce")
-    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling cutoff when --temperature > 0")
-    g.add_argument("--seed", type=int, default=0, help="base seed of per-image sampling (default: %(default)s)")
+    g.add_argument("--top-p", type=float, default=D.top_p, help="nucleus sampling cutoff when --temperature > 0 "
+                   "(default: %(default)s)")
+    g.add_argument("--seed", type=int, default=D.seed, help="base seed of per-image sampling (default: %(default)s)")
     g.add_argument("--batch-size", type=batch_size_arg, default=None, help="images per generate call, or auto "
                    "(default): start high and halve on out-of-memory")
-    g.add_argument("--max-auto-batch-size", type=int, default=0, help=argparse.SUPPRESS)
-    g.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
+    g.add_argument("--max-auto-batch-size", type=int, default=D.max_auto_batch_size, help=argparse.SUPPRESS)
+    g.add_argument("--backend", default=D.backend, help="inference engine: transformers (default) or dummy "
+                   "(no model: deterministic text from the key and image statistics, for tests and demos)")
+    g.add_argument("--dtype", default=D.dtype, help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     g.add_argument("--device-map", help="'auto' spreads/offloads a model too big for one GPU (slow)")
-    g.add_argument("--attn-implementation", default="sdpa", help="sdpa (default), flash_attention_2, eager")
-    g.add_argument("--num-loader-workers", type=int, default=4, help="image decode threads (default: %(default)s)")
+    g.add_argument("--attn-implementation", default=D.attn_implementation, help="sdpa (default), flash_attention_2, eager")
+    g.add_argument("--num-loader-workers", type=int, default=D.num_loader_workers, help="image decode threads (default: %(default)s)")
 
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint-dir", nargs="+", default=["./checkpoints"], dest="checkpoint_dirs",
+    g.add_argument("--checkpoint-dir", nargs="+", default=D.checkpoint_dirs, dest="checkpoint_dirs",
                    metavar="DIR", help="where parts go (default: ./checkpoints); several with --merge-only")
-    g.add_argument("--checkpoint-every", type=int, default=200, help="rows per local part file (default: %(default)s)")
+    g.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every, help="rows per local part file (default: %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue a run (done images are always skipped)")
     g.add_argument("--overwrite", action="store_true", help="set aside a checkpoint dir's run with other settings")
     g.add_argument("--merge-only", action="store_true", help="merge parts of the checkpoint dir(s), check "
@@ -63,12 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dry-run", action="store_true", help="print the plan and stop; loads no model")
 
     g = p.add_argument_group("Hugging Face Hub")
-    g.add_argument("--hf-repo", default="ContraStylesRecap", help="dataset repo: NAME or USER/NAME (default: %(default)s)")
-    g.add_argument("--hf-username", default="somepago", help="owner for a bare --hf-repo (default: %(default)s)")
-    g.add_argument("--push-every", type=int, default=500, help="push once this many rows wait (default: %(default)s)")
-    g.add_argument("--min-push-interval", type=float, default=120.0, help="seconds between one worker's Hub "
+    g.add_argument("--hf-repo", default=D.hf_repo, help="dataset repo: NAME or USER/NAME (default: %(default)s)")
+    g.add_argument("--hf-username", default=D.hf_username, help="owner for a bare --hf-repo (default: %(default)s)")
+    g.add_argument("--push-every", type=int, default=D.push_every, help="push once this many rows wait (default: %(default)s)")
+    g.add_argument("--min-push-interval", type=float, default=D.min_push_interval, help="seconds between one worker's Hub "
                    "commits, at least (default: %(default)s)")
-    g.add_argument("--hub-commits-per-hour", type=int, default=60, help="commit budget of all workers together; "
+    g.add_argument("--hub-commits-per-hour", type=int, default=D.hub_commits_per_hour, help="commit budget of all workers together; "
                    "each worker waits num_workers x 3600 / budget s between commits if that is longer "
                    "(default: %(default)s; the Hub allows about 128 per hour)")
     g.add_argument("--no-push", action="store_true", help="never touch the network")

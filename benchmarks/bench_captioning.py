@@ -53,12 +53,10 @@ def load(args, device, workdir: Path):
 
     from vlm_caption import tiny_model
     from vlm_caption.captioner import load_model, resolve_dtype
-    from vlm_caption.config import RunConfig
 
     if args.preset in ("tiny", "small"):
         path = tiny_model.build_tiny_model(workdir / "model", preset=args.preset, seed=0)
-        return load_model(RunConfig(model=str(path), dtype=args.dtype,
-                                    attn_implementation=args.attn_implementation), device)
+        return load_model(str(path), device, dtype=args.dtype, attn_implementation=args.attn_implementation)
     dtype = resolve_dtype(args.dtype, device)
     model, processor = tiny_model.build_random_model(args.preset, device=device, dtype=dtype, seed=0)
     model.eval()
@@ -98,11 +96,12 @@ def run_pipeline(model, processor, data_dir: Path, ckpt: Path, args, prompt):
     if args.cache_implementation:
         captioner.gen_config.cache_implementation = args.cache_implementation
     writer = store.CheckpointStore(ckpt, 0)
-    writer.open_run(pipeline.run_settings(cfg), overwrite=False)
+    writer.open_run(cfg.run_settings(), overwrite=False)
     plan = dataset.plan_work(data_dir, shards=None, max_images=args.images, worker=0, num_workers=1,
                              done_keys=set(), failed_keys=set())
     stats = pipeline.RunStats()
-    pipeline.caption_all(cfg, plan, writer, stats, pusher=None, captioner=captioner)
+    pipeline.caption_all(cfg, plan, writer, stats, pusher=None, backend=captioner)
+    writer.lock.release()
     assert stats.captioned == plan.todo, f"pipeline captioned {stats.captioned} of {plan.todo}"
     return stats.tokens, stats.rates()["generate_share"]
 

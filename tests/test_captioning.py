@@ -13,6 +13,7 @@ import pytest
 
 from batched_image_inference import main
 from vlm_caption import store
+from vlm_caption.cli import run_main
 from vlm_caption.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -99,7 +100,7 @@ def test_batched_equals_one_by_one_under_greedy(tiny_model_dir, sample_data_dir)
     from vlm_caption.config import RunConfig
 
     cfg = RunConfig(model=str(tiny_model_dir), dtype="float32")
-    model, processor = load_model(cfg, torch.device("cpu"))
+    model, processor = load_model(cfg.model, torch.device("cpu"), dtype=cfg.dtype)
     cap = Captioner(model, processor, model_name=cfg.model, prompt="Describe the image.", max_tokens=12)
     rows = list(dataset.iter_rows(sample_data_dir, {f"{i:09d}" for i in range(48)}))
     items = [i for i in dataset.prefetch(rows, cap.prepare, workers=2, window=8) if i.error is None][:8]
@@ -119,7 +120,7 @@ def test_sampling_is_reproducible_per_key_whatever_the_batch(tiny_model_dir, sam
     from vlm_caption.config import RunConfig
 
     cfg = RunConfig(model=str(tiny_model_dir))
-    model, processor = load_model(cfg, torch.device("cpu"))
+    model, processor = load_model(cfg.model, torch.device("cpu"), dtype=cfg.dtype)
     cap = Captioner(model, processor, model_name=cfg.model, prompt="Describe.", max_tokens=10, temperature=1.0,
                     seed=7)
     rows = list(dataset.iter_rows(sample_data_dir, {f"{i:09d}" for i in range(12)}))
@@ -269,3 +270,47 @@ def test_ctrl_c_keeps_the_captions_already_made(tiny_model_dir, sample_data_dir,
     main(args + ["--min-tokens", "48"])
     keys = all_keys(ckpt)
     assert len(keys) == len(set(keys)) and set(saved) <= set(keys)
+
+
+# ---------------------------------------------------------------- the backend seam
+
+
+def test_dummy_backend_is_deterministic_and_batch_independent(sample_data_dir):
+    from vlm_caption import dataset
+    from vlm_caption.backends import make_backend
+
+    backend = make_backend("dummy", model="none", prompt="Describe.", max_tokens=12)
+    rows = [r for r in dataset.iter_rows(sample_data_dir, {f"{i:06d}" for i in range(6)})]
+    inputs = [backend.prepare(dataset.load_image(r["image_path"], backend.target_size)) for r in rows]
+    keys = [r["key"] for r in rows]
+    batched = backend.generate(keys, inputs)
+    assert batched == [backend.generate([k], [x])[0] for k, x in zip(keys, inputs)]
+    assert batched == backend.generate(keys, inputs)
+    assert len({c.text for c in batched}) == len(rows)  # key and image statistics show
+    assert all(c.tokens <= 12 for c in batched)
+
+
+def test_keep_columns_carries_a_metadata_column_with_its_type(tiny_model_dir, sample_data_dir, tmp_path, capsys):
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_data_dir, data)
+    meta = pq.read_table(data / "full_metadata.parquet")
+    scores = pa.array([i / 10 for i in range(meta.num_rows)], pa.float64())
+    pq.write_table(meta.append_column("aesthetic", scores), data / "full_metadata.parquet")
+    ckpt = tmp_path / "ckpt"
+    args = ["--model", str(tiny_model_dir), "--data-dir", str(data), "--checkpoint-dir", str(ckpt), "--no-push",
+            "--backend", "dummy", "--max-tokens", "8"]
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, [*args, "--keep-columns", "aesthetic,nope"], prog="batched_image_inference.py")
+    assert exc.value.code == EXIT_USAGE and not ckpt.exists()  # before any work
+    err = capsys.readouterr().err
+    assert "--keep-columns nope: no such column" in err and "aesthetic" in err and "Traceback" not in err
+    assert main([*args, "--keep-columns", "aesthetic"]) in (EXIT_OK, EXIT_ITEMS_FAILED)
+    merged = pq.read_table(ckpt / store.MERGED)
+    assert merged.schema.field("aesthetic").type == pa.float64()
+    by_key = dict(zip(meta.column("key").to_pylist(), scores.to_pylist()))
+    assert all(by_key[k] == v for k, v in zip(merged.column("key").to_pylist(), merged.column("aesthetic").to_pylist()))

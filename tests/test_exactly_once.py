@@ -21,7 +21,8 @@ from vlm_caption.config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "tester/recap"
-SLOW = ("--max-tokens", "300", "--min-tokens", "300", "--batch-size", "1")  # ~0.5 s an image: a run stays live
+# The tiny model at ~0.5 s an image: a run stays live long enough to be signalled. Other tests need no model.
+SLOW = ("--max-tokens", "300", "--min-tokens", "300", "--batch-size", "1", "--backend", "transformers")
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +50,8 @@ class Cli:
         return [sys.executable, str(ROOT / "batched_image_inference.py"), "--model", str(self.model),
                 "--data-dir", str(self.data), "--checkpoint-dir", str(self.tmp / ckpt), "--hf-repo", repo,
                 "--hub-endpoint", self.stub.endpoint, "--max-tokens", "6", "--batch-size", "4",
-                "--checkpoint-every", "8", "--num-loader-workers", "1", "--min-push-interval", "0", "--hub-commits-per-hour", "100000", *extra]
+                "--checkpoint-every", "8", "--num-loader-workers", "1", "--min-push-interval", "0",
+                "--hub-commits-per-hour", "100000", "--backend", "dummy", *extra]
 
     def run(self, ckpt: str, *extra: str, repo: str = REPO_ID, timeout: float = 180) -> subprocess.CompletedProcess:
         return subprocess.run(self.args(ckpt, *extra, repo=repo), env=self.env, capture_output=True, text=True,
@@ -207,7 +209,7 @@ def test_sigterm_flushes_finished_captions_and_exits_quickly(cli, hub_stub, sour
     written = local_keys(ckpt)
     assert written and "SIGTERM" in out
     assert hub_keys(hub_stub) == written  # the final push went out
-    ok(cli.run("t", *SLOW[:4], "--batch-size", "8"))
+    ok(cli.run("t", *SLOW, "--batch-size", "8"))
     assert local_keys(ckpt) == hub_keys(hub_stub) == source_keys
 
 

@@ -11,35 +11,19 @@ import logging
 import os
 import re
 import zlib
-from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
-from .config import RunConfig
+from .backends import Caption  # noqa: F401  (the engine's result type)
 
 from .errors import UsageError
 from .image_prep import ImagePrep, unsupported_reason
 
 log = logging.getLogger(__name__)
 
-PROMPT_VERSION = 1
-DEFAULT_PROMPT = (
-    "Describe this artwork in detail. Cover: the main subjects and what they are doing; the artistic style "
-    "and any art movement or artist it recalls; the medium and technique (for example oil paint, watercolour, "
-    "ink, pencil, digital painting, 3D render or photograph) and any visible brushwork or texture; the colour "
-    "palette; the composition and framing; the mood and lighting; and any visible text, signatures or "
-    "watermarks, quoted exactly. Write one or two paragraphs of plain prose with no preamble."
-)
 # Chat markup that must never reach a caption, even from a tokenizer that does not mark it special.
 _MARKUP_RE = re.compile(r"<(?:start_of_turn|end_of_turn|start_of_image|end_of_image|image_soft_token|eos|bos|pad)>")
-
-
-@dataclass
-class Caption:
-    text: str
-    finish: str  # "stop" (end of turn / EOS) or "length" (hit --max-tokens)
-    tokens: int  # generated tokens, the stop token excluded
 
 
 # ---------------------------------------------------------------- loading
@@ -77,23 +61,24 @@ def _model_load_error(model_name: str, e: Exception) -> UsageError:
     return UsageError(f"cannot load model {model_name!r}: {first_line}")
 
 
-def load_model(cfg: RunConfig, device: torch.device):
+def load_model(model_name: str, device: torch.device, *, dtype: str = "auto", device_map: str | None = None,
+               attn_implementation: str = "sdpa"):
     """(model, processor) the same way for a hub id and a local save_pretrained dir."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    dtype = resolve_dtype(cfg.dtype, device)
-    device_map: Any = cfg.device_map if cfg.device_map else {"": str(device)}
+    placement: Any = device_map if device_map else {"": str(device)}
     try:
-        processor = AutoProcessor.from_pretrained(cfg.model)
+        processor = AutoProcessor.from_pretrained(model_name)
         model = AutoModelForImageTextToText.from_pretrained(
-            cfg.model, dtype=dtype, device_map=device_map, attn_implementation=cfg.attn_implementation)
+            model_name, dtype=resolve_dtype(dtype, device), device_map=placement,
+            attn_implementation=attn_implementation)
     except (OSError, ValueError) as e:
         if isinstance(e, ValueError) and "attn_implementation" not in str(e) and "attention" not in str(e).lower():
-            raise _model_load_error(cfg.model, e) from None
+            raise _model_load_error(model_name, e) from None
         if isinstance(e, ValueError):
-            raise UsageError(f"--attn-implementation {cfg.attn_implementation} is not available here: "
+            raise UsageError(f"--attn-implementation {attn_implementation} is not available here: "
                              f"{str(e).splitlines()[0]}; try sdpa") from None
-        raise _model_load_error(cfg.model, e) from None
+        raise _model_load_error(model_name, e) from None
     offloaded = sorted({str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()} & {"cpu", "disk"})
     if offloaded and device.type == "cuda":
         log.warning("the model does not fit on the GPU: layers are offloaded to %s; expect a large slow-down "
@@ -131,8 +116,10 @@ class SeededSampler:
 # ---------------------------------------------------------------- the captioner
 
 class Captioner:
+    """The transformers backend (backends.CaptionBackend): Gemma 3 through `generate`."""
+
     def __init__(self, model, processor, *, model_name: str, prompt: str, max_tokens: int, min_tokens: int = 0,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0):
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, default_batch_size: int | None = None):
         self.model = model
         self.processor = processor
         self.model_name = model_name
@@ -148,12 +135,14 @@ class Captioner:
         self.prompt_inputs = self._encode_prompt()
         self.gen_config = self._generation_config(max_tokens, min_tokens)
 
-    @classmethod
-    def from_config(cls, cfg: RunConfig, device: torch.device) -> "Captioner":
-        model, processor = load_model(cfg, device)
-        return cls(model, processor, model_name=cfg.model, prompt=cfg.prompt_text() or DEFAULT_PROMPT,
-                   max_tokens=cfg.max_tokens, min_tokens=cfg.min_tokens, temperature=cfg.temperature,
-                   top_p=cfg.top_p, seed=cfg.seed)
+        # CPU: 32 measured best for the small preset (BENCHMARKS.md); GPU: 64 fits a 4B model on 80 GB.
+        self.default_batch_size = default_batch_size or (64 if self.device.type == "cuda" else 32)
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return is_out_of_memory(error)
+
+    def free_memory(self) -> None:
+        free_accelerator_memory()
 
     def _stop_ids(self) -> list[int]:
         tok = self.processor.tokenizer

@@ -124,6 +124,8 @@ class RunConfig:
     worker_index: int | None = None  # this worker's index among them
     dtype: str = "auto"  # auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU
     device_map: str | None = None  # None = whole model on this worker's device; "auto" = offload
+    backend: str = "transformers"  # inference engine (backends.BACKENDS); "dummy" = no model, for tests and demos
+    keep_columns: str | None = None  # further metadata columns carried into the output, comma-separated
     attn_implementation: str = "sdpa"  # sdpa, eager, flash_attention_2
     num_loader_workers: int = 4  # background threads that decode and preprocess images
     verbose: bool = False
@@ -160,6 +162,10 @@ class RunConfig:
             raise UsageError("--min-push-interval must be >= 0")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise UsageError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
+        from .backends import BACKENDS
+
+        if self.backend not in BACKENDS:
+            raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
             raise UsageError(f"--attn-implementation {self.attn_implementation!r} is not one of sdpa, eager, "
                              "flash_attention_2, flash_attention_3")
@@ -212,8 +218,27 @@ class RunConfig:
             raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}")
         return m_index * world + rank, m_count * world
 
+    def kept_columns(self) -> list[str]:
+        return [c.strip() for c in (self.keep_columns or "").split(",") if c.strip()]
+
+    def run_settings(self) -> dict:
+        """What makes a caption what it is, resolved once (prompt included): run.json, the run id, the backend."""
+        from .prompts import DEFAULT_PROMPT, PROMPT_VERSION
+
+        prompt = self.prompt_text()
+        settings = {"model": self.model, "prompt": prompt or DEFAULT_PROMPT,
+                    "prompt_version": "custom" if prompt else PROMPT_VERSION, "max_tokens": self.max_tokens,
+                    "min_tokens": self.min_tokens, "temperature": self.temperature,
+                    "top_p": self.top_p if self.temperature > 0 else 1.0, "seed": self.seed}
+        # Recorded only when not the default, so the run ids of earlier runs stay what they were.
+        if self.backend != "transformers":
+            settings["backend"] = self.backend
+        if self.kept_columns():
+            settings["keep_columns"] = self.kept_columns()
+        return settings
+
     def prompt_text(self) -> str | None:
-        """The user's prompt, if any (None = the default prompt of captioner.py)."""
+        """The user's prompt, if any (None = prompts.DEFAULT_PROMPT)."""
         if self.prompt_file is not None:
             text = Path(self.prompt_file).read_text(encoding="utf-8").strip()
             if not text:

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import UsageError
-from .schema import COLUMNS, LOOKUP_COLUMNS, Column, carried
+from .schema import COLUMNS, LOOKUP_COLUMNS, Column, carried, keep_columns
 from .image_prep import draft_box
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,14 @@ def metadata_files(data_dir: Path) -> list[tuple[Path, str | None]]:
     if not shards:
         raise UsageError(f"{data_dir} has no full_metadata.parquet and no images/NNNNN.parquet")
     return [(p, p.stem) for p in shards if p.stem not in unfinished_shards(data_dir)]
+
+
+def extra_columns(data_dir: Path, names: Sequence[str]) -> list[Column]:
+    """--keep-columns as registry columns typed from the metadata; an unknown name is a usage error now."""
+    if not names:
+        return []
+    path, _ = metadata_files(data_dir)[0]
+    return keep_columns(names, _open(path).schema_arrow)
 
 
 def unfinished_shards(data_dir: Path) -> list[str]:

@@ -120,7 +120,7 @@ def plan_hub_files(run_id: str, dir_id: str, pending: list[tuple[Part, list[str]
 
 def hub_file_bytes(f: HubFile) -> bytes:
     """The file's rows sorted by key, as parquet; the same rows always give the same bytes."""
-    tables = [pq.read_table(p.path, schema=OUTPUT_SCHEMA).replace_schema_metadata(None) for p in f.parts]
+    tables = [pq.read_table(p.path).replace_schema_metadata(None) for p in f.parts]  # + --keep-columns
     table = pa.concat_tables(tables)
     table = table.filter(pc.is_in(table.column("key"), pa.array(f.keys, pa.string()))).sort_by("key")
     keys = table.column("key").to_pylist()

@@ -18,22 +18,14 @@ from . import dataset, store
 from .atomic import atomic_write_json, remove_stale_tmp
 from .config import RunConfig, distributed_rank, parse_shards, resolve_repo_id
 from .errors import EXIT_COVERAGE, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
+from .backends import CaptionBackend, make_backend
 from .interrupts import StopSignals
+from .schema import output_schema
 
 log = logging.getLogger(__name__)
 
 MAX_FAILED_BATCHES_IN_A_ROW = 20  # then the model, not the data, is broken
 FINAL_PUSH_AFTER_SIGNAL_S = 20.0  # Slurm sends SIGKILL 30-90 s after SIGTERM
-
-
-def run_settings(cfg: RunConfig) -> dict[str, Any]:
-    from .captioner import DEFAULT_PROMPT, PROMPT_VERSION
-
-    prompt = cfg.prompt_text()
-    return {"model": cfg.model, "prompt": prompt or DEFAULT_PROMPT,
-            "prompt_version": "custom" if prompt else PROMPT_VERSION, "max_tokens": cfg.max_tokens,
-            "min_tokens": cfg.min_tokens, "temperature": cfg.temperature,
-            "top_p": cfg.top_p if cfg.temperature > 0 else 1.0, "seed": cfg.seed}
 
 
 @dataclass
@@ -56,7 +48,8 @@ def run(cfg: RunConfig) -> int:
     if cfg.merge_only:
         return merge_and_check(cfg)
     ckpt = Path(cfg.checkpoint_dir)
-    settings = run_settings(cfg)
+    settings = cfg.run_settings()
+    extra = dataset.extra_columns(Path(cfg.data_dir), cfg.kept_columns()) if not cfg.push_only else []
     if cfg.dry_run:
         return dry_run(cfg, settings, worker, num_workers)
 
@@ -71,7 +64,7 @@ def run(cfg: RunConfig) -> int:
         if existing is None:
             raise UsageError(f"{ckpt} holds no run.json: nothing to push")
         return push_only(hub_client, cfg, existing)
-    writer = store.CheckpointStore(ckpt, worker)
+    writer = store.CheckpointStore(ckpt, worker, schema=output_schema(extra))
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=distributed_rank()[0] != 0)
     try:
         with StopSignals() as stop:
@@ -127,30 +120,24 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
 class Batches:
     """Batch size with out-of-memory back-off: halve and retry the same rows; no row is lost."""
 
-    def __init__(self, cfg: RunConfig, captioner, should_stop=None):
-        from .captioner import choose_device
-
-        # CPU: 32 measured best for the small preset (BENCHMARKS.md); GPU: 64 fits a 4B model on 80 GB.
-        auto_start = cfg.max_auto_batch_size or (64 if choose_device().type == "cuda" else 32)
-        self.size = cfg.batch_size or auto_start
-        self.captioner = captioner
+    def __init__(self, cfg: RunConfig, backend: CaptionBackend, should_stop=None):
+        self.size = cfg.batch_size or backend.default_batch_size
+        self.backend = backend
         self.should_stop = should_stop  # generate ends early when it turns true (a signal)
         self.failed_in_a_row = 0
 
     def caption(self, items: list[dataset.Loaded]) -> list[tuple[dataset.Loaded, Any, str | None]]:
         """(item, Caption or None, error) for every item, in order; generate runs on chunks of self.size."""
-        from .captioner import free_accelerator_memory, is_out_of_memory
-
         results: list[tuple[dataset.Loaded, Any, str | None]] = []
         start = 0
         while start < len(items):
             chunk = items[start:start + self.size]
             try:
-                caps = self.captioner.generate([i.row["key"] for i in chunk], [i.inputs for i in chunk],
-                                               should_stop=self.should_stop)
-            except (RuntimeError, ValueError, IndexError) as e:  # torch.OutOfMemoryError is a RuntimeError
-                if is_out_of_memory(e) and len(chunk) > 1:
-                    free_accelerator_memory()
+                caps = self.backend.generate([i.row["key"] for i in chunk], [i.inputs for i in chunk],
+                                             should_stop=self.should_stop)
+            except (RuntimeError, ValueError, IndexError, MemoryError) as e:  # torch's OOM is a RuntimeError
+                if self.backend.is_out_of_memory(e) and len(chunk) > 1:
+                    self.backend.free_memory()
                     self.size = max(1, len(chunk) // 2)
                     log.warning("out of memory with a batch of %d; retrying as batches of %d", len(chunk), self.size)
                     continue  # the same rows again, smaller
@@ -177,19 +164,22 @@ def failure_row(row: dict[str, Any], stage: str, error: str) -> dict[str, Any]:
 
 
 def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.CheckpointStore, stats: RunStats,
-                pusher, captioner=None, stop: StopSignals | None = None) -> None:
-    """Caption plan.todo_keys into parts. `captioner` lets benchmarks pass a model already in memory.
+                pusher, backend: CaptionBackend | None = None, stop: StopSignals | None = None) -> None:
+    """Caption plan.todo_keys into parts. `backend` lets benchmarks pass a model already in memory.
 
     On a signal (see interrupts.py) the batch in flight is dropped, every finished caption and failure is
     written, and Interrupted is raised."""
     from tqdm import tqdm
 
-    from .captioner import Captioner, choose_device
-
-    if captioner is None:
-        captioner = Captioner.from_config(cfg, choose_device())
+    settings = cfg.run_settings()
+    if backend is None:
+        backend = make_backend(cfg.backend, model=settings["model"], prompt=settings["prompt"],
+                               max_tokens=cfg.max_tokens, min_tokens=cfg.min_tokens, temperature=cfg.temperature,
+                               top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype, device_map=cfg.device_map,
+                               attn_implementation=cfg.attn_implementation,
+                               max_auto_batch_size=cfg.max_auto_batch_size)
     stop = stop or StopSignals()
-    batches = Batches(cfg, captioner, should_stop=lambda: stop.requested)
+    batches = Batches(cfg, backend, should_stop=lambda: stop.requested)
     rows: list[dict] = []
     failures: list[dict] = []
 
@@ -218,8 +208,8 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                 failures.append(failure_row(item.row, "generate", error))
                 stats.failed["generate"] += 1
                 continue
-            out = {k: item.row.get(k) for k in store.OUTPUT_SCHEMA.names if k in item.row}
-            rows.append({**out, "vlm_caption": cap.text, "caption_model": captioner.model_name,
+            out = {k: item.row.get(k) for k in writer.schema.names if k in item.row}
+            rows.append({**out, "vlm_caption": cap.text, "caption_model": backend.model_name,
                          "caption_finish": cap.finish, "caption_tokens": cap.tokens})
             stats.captioned += 1
             stats.tokens += cap.tokens
@@ -227,9 +217,10 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
         progress.set_postfix(tok_s=f"{stats.rates()['tokens_per_s']:.0f}", failed=sum(stats.failed.values()),
                              refresh=False)
 
-    loaded = dataset.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys), captioner.prepare,
+    extra = dataset.extra_columns(Path(cfg.data_dir), cfg.kept_columns())
+    loaded = dataset.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra), backend.prepare,
                               workers=cfg.num_loader_workers, window=max(4 * batches.size, 16),
-                              target_size=captioner.target_size)
+                              target_size=backend.target_size)
     batch: list[dataset.Loaded] = []
     with tqdm(total=plan.todo, unit="img", desc="captioning", mininterval=2.0, smoothing=0.1) as progress:
         try:

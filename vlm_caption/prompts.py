@@ -13,6 +13,16 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+# The default prompt; its version is recorded in run.json (a custom prompt is recorded verbatim).
+PROMPT_VERSION = 1
+DEFAULT_PROMPT = (
+    "Describe this artwork in detail. Cover: the main subjects and what they are doing; the artistic style "
+    "and any art movement or artist it recalls; the medium and technique (for example oil paint, watercolour, "
+    "ink, pencil, digital painting, 3D render or photograph) and any visible brushwork or texture; the colour "
+    "palette; the composition and framing; the mood and lighting; and any visible text, signatures or "
+    "watermarks, quoted exactly. Write one or two paragraphs of plain prose with no preamble."
+)
+
 _LITERAL_BRACE_HINT = "write {{ and }} for literal braces"
 # A placeholder names a column; '.', '[' or spaces would be str.format attribute/index access or a typo.
 _COLUMN_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")

@@ -50,6 +50,7 @@ META_RUN_ID, META_DIR_ID = b"vlm_caption.run_id", b"vlm_caption.dir_id"
 _PART_RE = re.compile(r"^(captions|failures)-w(\d{3,})-(\d{6,})\.parquet$")
 # Settings that change what a caption is; a checkpoint dir holds captions of one setting only.
 RUN_SETTINGS = ("model", "prompt", "prompt_version", "max_tokens", "min_tokens", "temperature", "top_p", "seed")
+OPTIONAL_SETTINGS = ("backend", "keep_columns")  # part of a run's identity only when set (RunConfig.run_settings)
 
 
 class Part(NamedTuple):
@@ -96,7 +97,7 @@ def check_file(path: Path, schema: pa.Schema) -> FileCheck:
     try:
         pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
-        if sorted(names) != sorted(schema.names):
+        if not set(schema.names) <= set(names):  # --keep-columns parts hold more columns, never fewer
             return FileCheck(None, None, None, f"foreign schema (columns {', '.join(names[:8])})")
         meta = pf.schema_arrow.metadata or {}
         keys = pf.read(columns=["key"]).column("key").to_pylist()
@@ -137,8 +138,12 @@ def read_run_json_safe(checkpoint_dir: Path | str) -> tuple[dict | None, str | N
     return info, None
 
 
+def _identity(settings: dict) -> dict:
+    return {k: settings[k] for k in (*RUN_SETTINGS, *OPTIONAL_SETTINGS) if k in settings}
+
+
 def run_id_for(settings: dict) -> str:
-    blob = json.dumps({k: settings[k] for k in RUN_SETTINGS}, sort_keys=True).encode()
+    blob = json.dumps(_identity(settings), sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
@@ -147,9 +152,11 @@ def run_id_for(settings: dict) -> str:
 class CheckpointStore:
     """One worker's view of a checkpoint dir: it reads everybody's parts, writes only its own."""
 
-    def __init__(self, checkpoint_dir: Path | str, worker: int, quarantine_bad: bool = True):
+    def __init__(self, checkpoint_dir: Path | str, worker: int, quarantine_bad: bool = True,
+                 schema: pa.Schema = OUTPUT_SCHEMA):
         self.dir = Path(checkpoint_dir)
         self.worker = worker
+        self.schema = schema  # of the parts: the registry's columns plus --keep-columns
         self.quarantine_bad = quarantine_bad  # False: only report bad files (--dry-run changes nothing)
         self.parts_dir = self.dir / PARTS_DIR
         self.failures_dir = self.dir / FAILURES_DIR
@@ -219,7 +226,7 @@ class CheckpointStore:
         if holds_work and overwrite:
             self._set_aside((existing or {}).get("run_id", "unknown"))
         elif holds_work and existing is not None:
-            diff = [k for k in RUN_SETTINGS if existing.get(k) != settings.get(k)]
+            diff = [k for k in (*RUN_SETTINGS, *OPTIONAL_SETTINGS) if existing.get(k) != settings.get(k)]
             raise UsageError(
                 f"{self.dir} holds run {existing.get('run_id')} with other settings ({', '.join(diff) or 'run_id'}); "
                 "use another --checkpoint-dir, or --overwrite to set that run aside and start over")
@@ -239,7 +246,7 @@ class CheckpointStore:
 
         info = {"run_id": run_id, "dir_id": dir_id or uuid.uuid4().hex[:12], "code_version": __version__,
                 "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                **{k: settings[k] for k in RUN_SETTINGS}}
+                **_identity(settings)}
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.dir / RUN_JSON, info)
         return self._adopt(info)
@@ -273,7 +280,7 @@ class CheckpointStore:
 
     def done_keys(self) -> set[str]:
         """Keys captioned by any worker of this run (all usable parts in the dir)."""
-        return self._keys(list_parts(self.dir), OUTPUT_SCHEMA)
+        return self._keys(list_parts(self.dir), self.schema)
 
     def failed_keys(self) -> set[str]:
         return self._keys(list_failure_files(self.dir), FAILURE_SCHEMA)
@@ -296,7 +303,7 @@ class CheckpointStore:
     # -- writing
 
     def write_part(self, rows: list[dict]) -> Path:
-        table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["key"]), schema=OUTPUT_SCHEMA)
+        table = pa.Table.from_pylist(sorted(rows, key=lambda r: r["key"]), schema=self.schema)
         path = self.parts_dir / f"captions-w{self.worker:03d}-{self._next_part:06d}.parquet"
         self._write_new(path, table)
         self._next_part += 1
@@ -361,10 +368,11 @@ def merge_parts(dirs: list[Path | str], output: Path | str, data_keys: set[str] 
     duplicates = sorted(k for k, n in counts.items() if n > 1)
     gone = sorted(k for k in counts if data_keys is not None and k not in data_keys)
     keys = sorted(set(counts) - set(gone))
-    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, OUTPUT_SCHEMA, compression="zstd") as writer:
+    schema = pq.read_schema(ranges[0][0]).remove_metadata() if ranges else OUTPUT_SCHEMA  # + --keep-columns
+    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for start in range(0, len(keys), bucket_rows):
             lo, hi = keys[start], keys[min(start + bucket_rows, len(keys)) - 1]
-            tables = [pq.read_table(path, schema=OUTPUT_SCHEMA, filters=[("key", ">=", lo), ("key", "<=", hi)])
+            tables = [pq.read_table(path, schema=schema, filters=[("key", ">=", lo), ("key", "<=", hi)])
                       for path, pmin, pmax in ranges if pmin <= hi and pmax >= lo]
             bucket = pa.concat_tables(tables).sort_by("key")
             if gone:

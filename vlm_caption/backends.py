@@ -1,0 +1,59 @@
+"""The inference seam: what the pipeline needs from a captioning engine, and the one place that picks one.
+
+The pipeline (batches, out-of-memory back-off, parts, pushes) only talks to a CaptionBackend. A new engine (vLLM,
+say) is one new module with a class of this shape plus one line in make_backend and in BACKENDS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol, Sequence
+
+BACKENDS = ("transformers", "dummy")
+
+
+@dataclass
+class Caption:
+    text: str
+    finish: str  # "stop" (end of turn / EOS) or "length" (hit --max-tokens)
+    tokens: int  # generated tokens, the stop token excluded
+
+
+class CaptionBackend(Protocol):
+    model_name: str  # written into every row (caption_model)
+    target_size: int  # the image side the engine wants: the loader decodes JPEGs at a matching reduced scale
+    default_batch_size: int  # where --batch-size auto starts (it halves on out-of-memory)
+
+    def prepare(self, image) -> Any:
+        """One decoded RGB PIL image -> the engine's input for it; runs in a loader thread."""
+
+    def generate(self, keys: Sequence[str], inputs: list[Any],
+                 should_stop: Callable[[], bool] | None = None) -> list[Caption]:
+        """One caption per input, in order. should_stop() true ends generation early (the caller drops them)."""
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        """Whether a generate error means "the batch was too big" (then the pipeline halves it)."""
+
+    def free_memory(self) -> None:
+        """Release what a failed batch left behind before the retry."""
+
+
+def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tokens: int = 0,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, dtype: str = "auto",
+                 device_map: str | None = None, attn_implementation: str = "sdpa",
+                 max_auto_batch_size: int = 0) -> CaptionBackend:
+    """The engine `name` with the run's settings; the model loads here (seconds to minutes)."""
+    if name == "dummy":
+        from .dummy_backend import DummyBackend
+
+        return DummyBackend(model_name=model, prompt=prompt, max_tokens=max_tokens, min_tokens=min_tokens,
+                            default_batch_size=max_auto_batch_size or 32)
+    if name == "transformers":
+        from .captioner import Captioner, choose_device, load_model
+
+        device = choose_device()
+        loaded, processor = load_model(model, device, dtype=dtype, device_map=device_map,
+                                       attn_implementation=attn_implementation)
+        return Captioner(loaded, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
+                         min_tokens=min_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                         default_batch_size=max_auto_batch_size or None)
+    raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")

@@ -1,0 +1,49 @@
+"""A deterministic engine with no model: a caption made from the key and the image's statistics, at once.
+
+For pipeline tests (selection, parts, resume, merge, Hub, crash loops), loader benchmarks and demos of
+everything but the model: the same key and image always give the same caption, whatever the batch.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from .backends import Caption
+
+_WORDS = ("a", "quiet", "study", "in", "colour", "and", "light", "with", "soft", "edges", "under", "an", "open",
+          "sky", "painted", "loosely")
+
+
+class DummyBackend:
+    target_size = 224  # small: the loader's draft decode makes big JPEGs cheap
+
+    def __init__(self, *, model_name: str, prompt: str, max_tokens: int, min_tokens: int = 0,
+                 default_batch_size: int = 32):
+        self.model_name, self.prompt = model_name, prompt
+        self.max_tokens, self.min_tokens = max_tokens, min_tokens
+        self.default_batch_size = default_batch_size
+
+    def prepare(self, image) -> dict[str, Any]:
+        from PIL import ImageStat
+
+        r, g, b = (int(v) for v in ImageStat.Stat(image.resize((4, 4))).mean[:3])
+        return {"size": image.size, "colour": f"#{r:02x}{g:02x}{b:02x}"}
+
+    def generate(self, keys: Sequence[str], inputs: list[Any],
+                 should_stop: Callable[[], bool] | None = None) -> list[Caption]:
+        return [self._caption(key, stats) for key, stats in zip(keys, inputs)]
+
+    def _caption(self, key: str, stats: dict[str, Any]) -> Caption:
+        w, h = stats["size"]
+        seed = sum(key.encode())
+        words = [f"Image {key},", f"{w}x{h},", f"mean colour {stats['colour']}:"]
+        words += [_WORDS[(seed + i) % len(_WORDS)] for i in range(max(self.min_tokens, 8))]
+        words[-1] += "."
+        if len(words) > self.max_tokens:
+            return Caption(" ".join(words[:self.max_tokens]), "length", self.max_tokens)
+        return Caption(" ".join(words), "stop", len(words))
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return isinstance(error, MemoryError)
+
+    def free_memory(self) -> None:
+        pass
