@@ -24,8 +24,10 @@ def keys_in(ckpt: Path) -> list[str]:
 
 
 def args_for(model: Path, data: Path, ckpt: Path, *extra: str) -> list[str]:
+    """Splitting, merging and coverage do not depend on the model: the dummy backend, unless `extra` says."""
     return ["--model", str(model), "--data-dir", str(data), "--checkpoint-dir", str(ckpt), "--no-push",
-            "--max-tokens", "6", "--batch-size", "2", "--checkpoint-every", "4", "--num-loader-workers", "1", *extra]
+            "--max-tokens", "6", "--batch-size", "2", "--checkpoint-every", "4", "--num-loader-workers", "1",
+            "--backend", "dummy", *extra]
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +73,8 @@ def test_killed_rank_then_rerun_with_another_world_size_completes(tiny_model_dir
     import psutil
 
     ckpt = tmp_path / "ckpt"
-    args = args_for(tiny_model_dir, clean_data, ckpt, "--max-tokens", "40", "--min-tokens", "40")
+    args = args_for(tiny_model_dir, clean_data, ckpt, "--max-tokens", "40", "--min-tokens", "40",
+                    "--backend", "transformers")  # slow enough to be killed mid-run
     proc = launch(TORCHRUN, args, tmp_path)
     deadline = time.monotonic() + 180
     while not store.list_parts(ckpt) and time.monotonic() < deadline and proc.poll() is None:

@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .dataset import draft_box
+
 # Pillow's resample ids (also PILImageResampling's values) with an antialiased uint8 kernel in torch.
 _TORCH_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 _TORCH_MODE_NAMES = {"bilinear", "bicubic"}  # torchvision's InterpolationMode values (the torchvision backend)
@@ -37,24 +39,6 @@ def default_loader_workers() -> int:
     except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
         cores = os.cpu_count() or 1
     return max(1, cores - 1)
-
-
-# A JPEG decoded at 1/2 scale whose result is only just larger than the target differs from the
-# processor's output on the full image by more than the 0.01 budget (mean |diff| on [-1, 1]): 1985x1991
-# -> 993x996 gave 0.0115, 2479x2000 -> 1240x1000 gave 0.0084 for 896; the DCT scaling is a different
-# filter and almost no resize is left to smooth it. With >= 25 % left to resize on both sides every
-# measured image stayed under 0.003. So for 896 the draft fires from 2240 px on both sides
-# (4000x3000 -> 2000x1500); 3000x2000 decodes at full size.
-DRAFT_MARGIN = 1.25
-def draft_box(target: int | tuple[int, int]) -> tuple[int, int]:
-    """The box to pass to `Image.draft` for a model input of `target` (side or (width, height)).
-
-    Pillow decodes at 1/2, 1/4 or 1/8 scale, the largest whose result still covers the box on both
-    sides: for 896 px, 4000x3000 -> 2000x1500, 8000x6000 -> 2000x1500, 3000x2000 stays full size. The
-    resize that follows never upsamples a side the original had pixels for.
-    """
-    width, height = (target, target) if isinstance(target, int) else target
-    return round(DRAFT_MARGIN * int(width)), round(DRAFT_MARGIN * int(height))
 
 
 def _resample_mode(resample: Any) -> str | None:
