@@ -11,6 +11,7 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .data_layout import FULL_METADATA_FILE, IMAGES_DIR
 from .errors import UsageError
 
 DEFAULT_MODEL = "google/gemma-3-27b-it"
@@ -195,7 +196,7 @@ class RunConfig:
         data = Path(self.data_dir)
         if not data.is_dir():
             raise UsageError(f"--data-dir {data} does not exist; run download_data.py --output {data} first")
-        if not (data / "full_metadata.parquet").is_file() and not list((data / "images").glob("*.parquet")):
+        if not (data / FULL_METADATA_FILE).is_file() and not list((data / IMAGES_DIR).glob("*.parquet")):
             raise UsageError(
                 f"--data-dir {data} holds no full_metadata.parquet and no images/*.parquet; "
                 "is it the directory download_data.py wrote?"

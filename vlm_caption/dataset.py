@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .data_layout import ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR
 from .errors import UsageError
 from .schema import COLUMNS, LOOKUP_COLUMNS, Column, carried, keep_columns
 
@@ -46,10 +47,10 @@ class ImageLoadError(Exception):
 
 def metadata_files(data_dir: Path) -> list[tuple[Path, str | None]]:
     """(parquet, shard name or None) to read: full_metadata.parquet, else every finished shard parquet."""
-    full = data_dir / "full_metadata.parquet"
+    full = data_dir / FULL_METADATA_FILE
     if full.is_file():
         return [(full, None)]
-    shards = sorted((data_dir / "images").glob("[0-9]*.parquet"))
+    shards = sorted((data_dir / IMAGES_DIR).glob("[0-9]*.parquet"))
     if not shards:
         raise UsageError(f"{data_dir} has no full_metadata.parquet and no images/NNNNN.parquet")
     return [(p, p.stem) for p in shards if p.stem not in unfinished_shards(data_dir)]
@@ -65,9 +66,9 @@ def extra_columns(data_dir: Path, names: Sequence[str]) -> list[Column]:
 
 def unfinished_shards(data_dir: Path) -> list[str]:
     """Shards img2dataset has not finished (no NNNNN_stats.json): their parquet may be half written."""
-    if (data_dir / "full_metadata.parquet").is_file():
+    if (data_dir / FULL_METADATA_FILE).is_file():
         return []
-    images = data_dir / "images"
+    images = data_dir / IMAGES_DIR
     return [p.stem for p in sorted(images.glob("[0-9]*.parquet")) if not (images / f"{p.stem}_stats.json").is_file()]
 
 
@@ -152,7 +153,7 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
     for shard in unfinished_shards(data_dir):
         log.error("shard %s is not finished (no %s_stats.json): rerun download_data.py; its images are skipped",
                   shard, shard)
-        unreadable.append(str(data_dir / "images" / f"{shard}.parquet") + " (unfinished download)")
+        unreadable.append(str(data_dir / IMAGES_DIR / f"{shard}.parquet") + " (unfinished download)")
     rows_read: dict[Path, int] = {}
     for batch, shard, path in _iter_batches(readable, ["key", "file_name", "status"], skip_unreadable=True):
         keys = batch.column("key").to_pylist()
@@ -232,9 +233,9 @@ def resolve_image_path(data_dir: Path, key: str, file_name: str | None, shard: s
     if file_name:
         relative = Path(os.path.normpath(file_name))
     elif _KEY_RE.match(key) and shard is not None and _KEY_RE.match(shard):
-        folder = data_dir / "images" / shard
+        folder = data_dir / IMAGES_DIR / shard
         found = [p for p in sorted(folder.glob(f"{key}.*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-        relative = Path("images", shard, found[0].name if found else f"{key}.jpg")
+        relative = Path(IMAGES_DIR, shard, found[0].name if found else f"{key}.{ENCODE_FORMAT}")
     else:
         return None
     if relative.is_absolute() or relative.parts[:1] == ("..",):

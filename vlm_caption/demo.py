@@ -25,11 +25,11 @@ import pyarrow.parquet as pq
 
 from . import pipeline, store
 from .config import RunConfig
+from .data_layout import INVALID_FILE
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, UsageError
 
 DEFAULT_DIR = "./demo"
 DEFAULT_ROWS = 24
-INVALID_IMAGES = "invalid_images.parquet"  # written by download.py next to full_metadata.parquet
 DATA_DONE_MARKER = "download_summary.json"  # written last by sample_data.write_sample
 REAL_MODELS = "google/gemma-3-4b-it (or google/gemma-3-12b-it, google/gemma-3-27b-it)"
 
@@ -71,7 +71,7 @@ def ensure_data(demo_dir: Path, n: int) -> tuple[Path, bool]:
 # ---------------------------------------------------------------- judging the failures
 
 def broken_on_purpose(data: Path) -> set[str]:
-    path = data / INVALID_IMAGES
+    path = data / INVALID_FILE
     return set(pq.read_table(path, columns=["key"]).column("key").to_pylist()) if path.is_file() else set()
 
 
@@ -105,7 +105,7 @@ def print_failures(failures: list[dict], expected: set[str]) -> list[dict]:
     other = [f for f in failures if f["key"] not in expected]
     if planned:
         print(f"\n{len(planned)} images failed as intended: the sample holds deliberately broken files (listed in "
-              f"{INVALID_IMAGES}); a real run records such images in failures/ and goes on:")
+              f"{INVALID_FILE}); a real run records such images in failures/ and goes on:")
         for f in planned:
             print(f"  {f['key']}  {f['stage']:<8} {f['error'].splitlines()[0][:100]}")
     if other:

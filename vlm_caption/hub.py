@@ -282,12 +282,18 @@ class HubClient:
         raises FatalError.
         """
         try:
-            return self._push_pending(Path(checkpoint_dir), run_id, worker)
+            return self.push(checkpoint_dir, run_id, worker)
         except HubUnavailable as e:
             log.warning("Hub unavailable; the parts stay pending and are pushed next time: %s", e)
             return 0
 
-    def _push_pending(self, ckpt: Path, run_id: str, worker: int | None) -> int:
+    def describe(self, error: BaseException) -> str:
+        """One line for a log, the token scrubbed."""
+        return describe(error, self._token)
+
+    def push(self, checkpoint_dir: Path | str, run_id: str, worker: int | None = None) -> int:
+        """push_pending that raises HubUnavailable when the Hub stays down (the background pusher decides)."""
+        ckpt = Path(checkpoint_dir)
         info = read_run_json(ckpt)
         if info is None or info.get("run_id") != run_id:
             raise FatalError(f"{ckpt} does not hold run {run_id}: nothing of it to push")
@@ -412,7 +418,7 @@ class BackgroundPusher:
 
     def _push(self) -> bool:
         try:
-            self.rows_pushed += self.client._push_pending(self.checkpoint_dir, self.run_id, self.worker)
+            self.rows_pushed += self.client.push(self.checkpoint_dir, self.run_id, self.worker)
             self.last_error = None
             return True
         except HubUnavailable as e:
@@ -420,7 +426,7 @@ class BackgroundPusher:
             log.warning("Hub unavailable, captioning goes on; pending parts go at the next trigger: %s", e)
         # The thread must outlive any failure (a revoked token, a full disk): log it, close() reports it.
         except Exception as e:  # noqa: BLE001
-            self.last_error = describe(e, self.client._token)
+            self.last_error = self.client.describe(e)
             log.error("Hub push failed, captioning goes on: %s", self.last_error)
         return False
 

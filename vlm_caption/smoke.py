@@ -13,7 +13,8 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EXIT_FATAL, EXIT_USAGE, FatalError, UsageError
+from .data_layout import IMAGES_DIR
+from .errors import FatalError, UsageError
 from .schema import source_columns
 
 DEFAULT_SMOKE_MODEL = "google/gemma-3-4b-it"
@@ -50,10 +51,10 @@ def check_data_dir_layout(ctx: Context) -> str:
     data = ctx.data_dir
     if not data.is_dir():
         raise CheckFailed(f"{data} does not exist; download it with: python download_data.py --output {data}")
-    if not (data / "images").is_dir():
+    if not (data / IMAGES_DIR).is_dir():
         raise CheckFailed(f"{data} has no images/ folder; is it the directory download_data.py wrote?")
     files = dataset.metadata_files(data)
-    shards = [d for d in (data / "images").iterdir() if d.is_dir() and d.name.isdigit()]
+    shards = [d for d in (data / IMAGES_DIR).iterdir() if d.is_dir() and d.name.isdigit()]
     return f"{len(shards)} shard dir(s); metadata from {', '.join(str(p.relative_to(data)) for p, _ in files[:3])}" \
         + (f" and {len(files) - 3} more" if len(files) > 3 else "")
 
@@ -129,25 +130,28 @@ def check_hub_access(ctx: Context) -> str:
     return f"can write to dataset {repo_id}" + (f" at {ctx.args.hub_endpoint}" if ctx.args.hub_endpoint else "")
 
 
-def caption_argv(ctx: Context) -> list[str]:
+def caption_config(ctx: Context, **overrides):
+    """The run a user would start with batched_image_inference.py and these flags."""
+    from vlm_caption.config import RunConfig
+
     a = ctx.args
-    argv = ["--model", ctx.model, "--data-dir", str(ctx.data_dir), "--checkpoint-dir", str(ctx.ckpt),
-            "--max-images", str(a.num_images), "--max-tokens", str(a.max_tokens)]
+    cfg = RunConfig(model=ctx.model, data_dir=str(ctx.data_dir), checkpoint_dirs=[str(ctx.ckpt)],
+                    max_images=a.num_images, max_tokens=a.max_tokens, verbose=a.verbose, no_push=not a.push)
     if a.push:  # push as soon as a part is written: the smoke test wants to see a commit, not batching
-        argv += ["--hf-repo", a.hf_repo, "--hf-username", a.hf_username, "--push-every", "1",
-                 "--min-push-interval", "0"] + (["--hub-endpoint", a.hub_endpoint] if a.hub_endpoint else [])
-    else:
-        argv += ["--no-push"]
-    return argv + (["--verbose"] if a.verbose else [])
+        cfg.hf_repo, cfg.hf_username, cfg.hub_endpoint = a.hf_repo, a.hf_username, a.hub_endpoint
+        cfg.push_every, cfg.min_push_interval, cfg.hub_commits_per_hour = 1, 0, 3600
+    for name, value in overrides.items():
+        setattr(cfg, name, value)
+    return cfg
 
 
-def run_captioning(ctx: Context, *extra: str) -> int:
-    import batched_image_inference
+def run_captioning(ctx: Context, **overrides) -> int:
+    from vlm_caption import pipeline
 
-    code = batched_image_inference.main(caption_argv(ctx) + list(extra))
-    if code in (EXIT_FATAL, EXIT_USAGE):
-        raise CheckFailed(f"batched_image_inference.py exited with code {code} (see the log above)")
-    return code
+    try:
+        return pipeline.run(caption_config(ctx, **overrides))
+    except (UsageError, FatalError) as e:
+        raise CheckFailed(f"the captioning run stopped: {e}") from None
 
 
 def check_caption(ctx: Context) -> str:
@@ -208,7 +212,7 @@ def check_resume(ctx: Context) -> str:
     from vlm_caption import store
 
     before = {p.path.name: p.path.stat().st_mtime_ns for p in store.list_parts(ctx.ckpt)}
-    run_captioning(ctx, "--resume")
+    run_captioning(ctx, resume=True)
     after = {p.path.name: p.path.stat().st_mtime_ns for p in store.list_parts(ctx.ckpt)}
     this_run = json.loads((ctx.ckpt / store.SUMMARY).read_text())["this_run"]
     if after != before or this_run["captioned"]:
