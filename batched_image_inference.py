@@ -36,6 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "size x torch.distributed world size, else 1)")
     g.add_argument("--worker-index", type=int, help="which slice this machine takes, 0-based")
     g.add_argument("--retry-failed", action="store_true", help="caption images recorded as failed again")
+    g.add_argument("--strict", action="store_true", help="exit 3 on any failure, even images that cannot be "
+                   "decoded (by default those are recorded and the run exits 0)")
     g.add_argument("--keep-columns", help="carry these further metadata columns into the output, e.g. "
                    "aesthetic,license (comma-separated; default: the ContraStyles columns only)")
 
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-loader-workers", type=int, default=D.num_loader_workers, help="image decode threads (default: %(default)s)")
 
     g = p.add_argument_group("checkpoints")
-    g.add_argument("--checkpoint-dir", nargs="+", default=D.checkpoint_dirs, dest="checkpoint_dirs",
+    g.add_argument("--checkpoint-dir", nargs="+", action="extend", dest="checkpoint_dirs",
                    metavar="DIR", help="where parts go (default: ./checkpoints); several with --merge-only")
     g.add_argument("--checkpoint-every", type=int, default=D.checkpoint_every, help="rows per local part file (default: %(default)s)")
     g.add_argument("--resume", action="store_true", help="continue a run (done images are always skipped)")
@@ -91,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlm_caption.cli import setup_logging
 
     args = vars(build_parser().parse_args(argv))
+    args["checkpoint_dirs"] = args["checkpoint_dirs"] or D.checkpoint_dirs  # "extend" starts from None
     setup_logging(args["verbose"])
     return pipeline.run(RunConfig(**args))
 

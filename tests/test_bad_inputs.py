@@ -216,10 +216,10 @@ def test_bad_directories_are_one_line_and_exit_2(sample_data_dir, tmp_path, caps
     assert code == EXIT_USAGE and "not writable" in err
 
 
-def test_unknown_model_offline_is_one_line(sample_data_dir, tmp_path, capsys):
+def test_unknown_model_offline_is_one_fatal_line(sample_data_dir, tmp_path, capsys):
     code, err = one_line_exit(capsys, ["--model", "google/no-such-gemma", "--data-dir", str(sample_data_dir),
                                        "--checkpoint-dir", str(tmp_path / "c"), "--no-push", "--max-images", "2"])
-    assert code == EXIT_USAGE and "google/no-such-gemma" in err
+    assert code == EXIT_FATAL and "google/no-such-gemma" in err and "not in the local cache" in err
 
 
 def test_model_access_errors_say_what_to_do():

@@ -11,13 +11,14 @@ import logging
 import os
 import re
 import zlib
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 
 from .backends import Caption  # noqa: F401  (the engine's result type)
 
-from .errors import UsageError
+from .errors import FatalError, UsageError
 from .image_prep import ImagePrep, unsupported_reason
 
 log = logging.getLogger(__name__)
@@ -61,17 +62,53 @@ def _model_load_error(model_name: str, e: Exception) -> UsageError:
     return UsageError(f"cannot load model {model_name!r}: {first_line}")
 
 
+HUB_PROBE_TIMEOUT_S = 10.0  # one request; without it an unreachable Hub costs minutes of silent retries
+
+
+def _hub_reachable(model_name: str) -> bool:
+    """Whether the Hub answers about `model_name` now. Unreachable and not cached: FatalError (exit 1) at once.
+
+    from_pretrained retries every file with back-off when the network is down (minutes, silent); one short
+    request first tells a cached model to load offline and an uncached one to fail now, in one line."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from .hub_retry import NETWORK_ERRORS
+
+    try:
+        validate_repo_id(model_name)
+    except HFValidationError:  # a path that is not there, say: from_pretrained's own error says what is wrong
+        return True
+    why = "HF_HUB_OFFLINE is set"
+    if not constants.is_offline_mode():
+        try:
+            HfApi().model_info(model_name, timeout=HUB_PROBE_TIMEOUT_S)
+            return True
+        except HfHubHTTPError:  # the Hub answered (not found, gated...): from_pretrained says what to do
+            return True
+        except (*NETWORK_ERRORS, OSError) as e:
+            why = f"the Hub ({constants.ENDPOINT}) is unreachable: {type(e).__name__}"
+    if isinstance(try_to_load_from_cache(model_name, "config.json"), str):
+        log.warning("%s; loading %s from the local cache", why, model_name)
+        return False
+    raise FatalError(f"cannot download {model_name}: {why}, and it is not in the local cache; connect to the "
+                     "network (or unset HF_HUB_OFFLINE), or pass a local directory saved with save_pretrained")
+
+
 def load_model(model_name: str, device: torch.device, *, dtype: str = "auto", device_map: str | None = None,
                attn_implementation: str = "sdpa"):
     """(model, processor) the same way for a hub id and a local save_pretrained dir."""
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     placement: Any = device_map if device_map else {"": str(device)}
+    log.info("loading model %s on %s ...", model_name, device)
+    cached_only = not Path(model_name).is_dir() and not _hub_reachable(model_name)
     try:
-        processor = AutoProcessor.from_pretrained(model_name)
+        processor = AutoProcessor.from_pretrained(model_name, local_files_only=cached_only)
         model = AutoModelForImageTextToText.from_pretrained(
             model_name, dtype=resolve_dtype(dtype, device), device_map=placement,
-            attn_implementation=attn_implementation)
+            attn_implementation=attn_implementation, local_files_only=cached_only)
     except (OSError, ValueError) as e:
         if isinstance(e, ValueError) and "attn_implementation" not in str(e) and "attention" not in str(e).lower():
             raise _model_load_error(model_name, e) from None

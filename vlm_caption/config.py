@@ -118,6 +118,7 @@ class RunConfig:
     merge_only: bool = False  # merge parts (of one or more checkpoint dirs), check coverage, stop
     resume: bool = False  # states intent; done keys are always skipped
     retry_failed: bool = False  # caption keys recorded in failures/ again
+    strict: bool = False  # any failure, even an image that cannot be decoded, makes the exit code 3
     overwrite: bool = False  # start over in a checkpoint dir that holds another run's settings
     dry_run: bool = False  # print the plan, load no model
     shards: str | None = None  # e.g. "0-24" or "3,5,7-9"
@@ -189,8 +190,7 @@ class RunConfig:
             self._validate_data_dir()
         parse_shards(self.shards)
         self.worker_slice()
-        if not self.no_push:
-            resolve_repo_id(self.hf_repo, self.hf_username)
+        resolve_repo_id(self.hf_repo, self.hf_username)  # a typo should not wait for the day pushes are on
 
     def _validate_data_dir(self) -> None:
         data = Path(self.data_dir)
@@ -227,7 +227,9 @@ class RunConfig:
         from .prompts import DEFAULT_PROMPT, PROMPT_VERSION
 
         prompt = self.prompt_text()
-        settings = {"model": self.model, "prompt": prompt or DEFAULT_PROMPT,
+        # A local model dir is recorded as an absolute path (the same dir typed two ways is one run); hub ids as typed.
+        model = str(Path(self.model).resolve()) if Path(self.model).is_dir() else self.model
+        settings = {"model": model, "prompt": prompt or DEFAULT_PROMPT,
                     "prompt_version": "custom" if prompt else PROMPT_VERSION, "max_tokens": self.max_tokens,
                     "min_tokens": self.min_tokens, "temperature": self.temperature,
                     "top_p": self.top_p if self.temperature > 0 else 1.0, "seed": self.seed}

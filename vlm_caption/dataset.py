@@ -120,6 +120,8 @@ class WorkPlan:
     duplicate_keys: int  # keys seen more than once in the input (the first one is used)
     unreadable_shards: list[str]
     keyless: list[str] = field(default_factory=list)  # this worker's rows with a null/empty key, not yet recorded
+    failed_keys: set[str] = field(default_factory=set)  # of mine, recorded as failed and not retried
+    failed_retryable: int = 0  # of those, failures worth retrying (generation errors): set by the pipeline
     data_keys: set[str] = field(default_factory=set)  # every key of the data dir, whatever the selection
 
     @property
@@ -155,6 +157,7 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
                   shard, shard)
         unreadable.append(str(data_dir / IMAGES_DIR / f"{shard}.parquet") + " (unfinished download)")
     rows_read: dict[Path, int] = {}
+    shards_seen: set[int] = set()
     for batch, shard, path in _iter_batches(readable, ["key", "file_name", "status"], skip_unreadable=True):
         keys = batch.column("key").to_pylist()
         row_files = batch.column("file_name").to_pylist() if "file_name" in batch.schema.names else [None] * len(keys)
@@ -164,7 +167,9 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
             key = None if key is None or not str(key).strip() else str(key)
             if key is not None:
                 data_keys.add(key)
-            if shards is not None and shard_of(row_file, shard) not in shards:
+            row_shard = shard_of(row_file, shard)
+            shards_seen.add(row_shard)
+            if shards is not None and row_shard not in shards:
                 continue
             if key is None:
                 keyless.append(keyless_name(path, first_row + i))
@@ -173,6 +178,7 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
                 duplicates += 1
                 continue
             seen.add(key)
+    _check_shards(shards, shards_seen - {None})
     selection = sorted(seen)
     if max_images is not None:
         selection = selection[:max_images]
@@ -187,7 +193,31 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
     return WorkPlan(selected=len(selection), mine=len(mine), done=len(done), failed=len(failed),
                     todo_keys=todo, duplicate_keys=duplicates, unreadable_shards=unreadable,
                     keyless=[k for k in keyless if worker_of(k, num_workers) == worker and k not in failed_keys],
+                    failed_keys=set(failed),
                     data_keys=data_keys)
+
+
+def ranges(numbers: Iterable[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (the --shards syntax)."""
+    out: list[list[int]] = []
+    for n in sorted(numbers):
+        if out and n == out[-1][1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
+def _check_shards(asked: list[int] | None, present: set[int]) -> None:
+    """--shards naming no shard of the data is a usage error; naming some missing ones, a warning."""
+    if asked is None:
+        return
+    missing = sorted(set(asked) - present)
+    have = f"the data dir has shard(s) {ranges(present)}" if present else "the data dir has no shard numbers"
+    if len(missing) == len(asked):
+        raise UsageError(f"--shards {ranges(asked)}: no such shard; {have}")
+    if missing:
+        log.warning("--shards: %s not in the data (%s); captioning the others", ranges(missing), have)
 
 
 def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = ()) -> Iterator[dict[str, Any]]:

@@ -48,25 +48,27 @@ ROW_GROUP_ROWS = 10_000  # small row groups keep the dataset viewer and streamin
 MAX_LOST_RACES = 20  # commits that lost a race with another writer, re-planned each time
 _HUB_FILE_RE = re.compile(r"^data/(?P<run>[0-9a-f]{12})/(?P<dir>[^/]+)-w(?P<worker>\d{3,})-(?P<first>\d{6,})-"
                           r"(?P<last>\d{6,})-[0-9a-f]{8}\.parquet$")
-_LOGIN_HINT = "run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN, or pass --no-push"
+_LOGIN_HINT = "run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
 
 
 # ---------------------------------------------------------------- connecting
 
 def connect(repo_id: str, *, private: bool = False, endpoint: str | None = None,
-            retry: RetryPolicy | None = None) -> HubClient:
-    """Check the token and its write access, create the dataset repo if needed. Call before the model loads."""
+            retry: RetryPolicy | None = None, way_out: str = "or pass --no-push") -> HubClient:
+    """Check the token and its write access, create the dataset repo if needed. Call before the model loads.
+
+    `way_out` ends the messages of problems the user can also avoid by not pushing (the caller's own flag)."""
     if constants.is_offline_mode():
-        raise UsageError("HF_HUB_OFFLINE is set, so nothing can be pushed; unset it or pass --no-push")
+        raise UsageError(f"HF_HUB_OFFLINE is set, so nothing can be pushed; unset it {way_out}")
     token = get_token()  # HF_TOKEN, then the cached `hf auth login`
     if not token:
-        raise UsageError(f"no Hugging Face token found: {_LOGIN_HINT}")
+        raise UsageError(f"no Hugging Face token found: {_LOGIN_HINT}, {way_out}")
     client = HubClient(HfApi(endpoint=endpoint, token=token), repo_id, token, retry or RetryPolicy())
-    who = client._checked(client.api.whoami, "check the token")
+    who = client._checked(client.api.whoami, "token check")
     if who.get("auth", {}).get("accessToken", {}).get("role") == "read":
         raise UsageError(f"the Hugging Face token of {who.get('name')} is read-only; create a write token at "
                          f"https://huggingface.co/settings/tokens, then {_LOGIN_HINT}")
-    client._checked(lambda: _create_repo(client.api, repo_id, private), f"create dataset repo {repo_id}")
+    client._checked(lambda: _create_repo(client.api, repo_id, private), f"creation of dataset repo {repo_id}")
     log.info("Hub: pushing to dataset %s as %s", repo_id, who.get("name"))
     return client
 
@@ -192,7 +194,7 @@ class HubClient:
             if status == 403:
                 raise UsageError(f"no write access to {self.repo_id} with this token ({why}); use a token that can "
                                  "write to that namespace, or an --hf-repo under your own user") from None
-            raise UsageError(f"could not {what} ({why})") from None
+            raise UsageError(f"the Hub refused the {what} ({why})") from None
 
     def _refused(self, e: HfHubHTTPError, what: str) -> FatalError:
         return FatalError(f"the Hub refused the {what} ({self.repo_id}): {describe(e, self._token)}")

@@ -35,11 +35,24 @@ class RunStats:
     tokens: int = 0
     generate_s: float = 0.0  # time inside generate calls: the accelerator's share of the wall time
     failed: Counter = field(default_factory=Counter)
+    first_batch: tuple[float, int, int] | None = None  # (time, captioned, tokens) when the first batch was done
 
-    def rates(self) -> dict[str, float]:
-        wall = max(time.monotonic() - self.started, 1e-9)
+    def batch_done(self) -> None:
+        if self.first_batch is None:
+            self.first_batch = (time.monotonic(), self.captioned, self.tokens)
+
+    def rates(self) -> dict[str, float | None]:
+        """Whole-run rates (model loading included) and the steady captioning rate after the first batch,
+        which is what an estimate of the rest should use."""
+        now = time.monotonic()
+        wall = max(now - self.started, 1e-9)
+        steady = None
+        if self.first_batch is not None and self.captioned > self.first_batch[1]:
+            since, done, tokens = self.first_batch
+            steady = round((self.captioned - done) / max(now - since, 1e-9), 3)
         return {"wall_s": round(wall, 2), "img_per_s": round(self.captioned / wall, 3),
-                "tokens_per_s": round(self.tokens / wall, 1), "generate_share": round(self.generate_s / wall, 3)}
+                "captioning_img_per_s": steady, "tokens_per_s": round(self.tokens / wall, 1),
+                "generate_share": round(self.generate_s / wall, 3)}
 
 
 def run(cfg: RunConfig) -> int:
@@ -77,7 +90,8 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
               hub_client, stop: StopSignals) -> int:
     ckpt = writer.dir
     remove_stale_tmp(ckpt)
-    failed_keys = set() if cfg.retry_failed else writer.failed_keys()
+    failed_stages = {} if cfg.retry_failed else writer.failed_stages()
+    failed_keys = set(failed_stages)
     done_keys = writer.done_keys()
     on_hub = 0
     if hub_client is not None:  # rows another dir or machine already published are not captioned again
@@ -90,6 +104,8 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
                              failed_keys=failed_keys)
     log.info("worker %d/%d: %d selected, %d mine, %d done (%d of them on the Hub only), %d failed before, "
              "%d to caption", worker, num_workers, plan.selected, plan.mine, plan.done, on_hub, plan.failed, plan.todo)
+    plan.failed_retryable = sum(1 for k, stage in failed_stages.items()
+                                if stage == "generate" and k in plan.failed_keys)
     if plan.keyless:
         writer.write_failures([{"key": k, "original_key": None, "url": None, "stage": "load",
                                 "error": "the metadata row has no key (null or empty): it cannot be captioned"}
@@ -180,6 +196,8 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                                max_auto_batch_size=cfg.max_auto_batch_size)
     stop = stop or StopSignals()
     batches = Batches(cfg, backend, should_stop=lambda: stop.requested)
+    log.info("batch size %d (%s)", batches.size, "--batch-size" if cfg.batch_size else
+             "auto: the backend's start for this device; it halves on out-of-memory")
     rows: list[dict] = []
     failures: list[dict] = []
 
@@ -213,6 +231,7 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                          "caption_finish": cap.finish, "caption_tokens": cap.tokens})
             stats.captioned += 1
             stats.tokens += cap.tokens
+        stats.batch_done()  # the steady rate is measured from here (model loading and warm-up left out)
         progress.update(len(batch))
         progress.set_postfix(tok_s=f"{stats.rates()['tokens_per_s']:.0f}", failed=sum(stats.failed.values()),
                              refresh=False)
@@ -286,13 +305,18 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
               "the last one to finish merges the dir")
     failed_mine = sum(stats.failed.values()) + plan.failed
     print_summary(summary, ckpt, failed_mine)
+    # Exit policy (README): 0 when every selected image is captioned or recorded as a permanent data failure
+    # (it cannot be loaded or decoded); 3 when work worth retrying remains: generation errors (now or recorded
+    # before), unreadable shard metadata, unpushed rows. --strict: any failure is 3.
+    retryable = stats.failed["generate"] + plan.failed_retryable + len(plan.unreadable_shards)
     if plan.unreadable_shards:
         log.error("unreadable shard metadata, its images were not captioned: %s", ", ".join(plan.unreadable_shards))
-        failed_mine += len(plan.unreadable_shards)
     pushed_all = pushed_all and (summary["hub"] or {}).get("card_written", True)
     if not pushed_all:
         log.error("some parts could not be pushed to the Hub; rerun with --push-only when it is reachable")
-    return EXIT_ITEMS_FAILED if failed_mine or not pushed_all else EXIT_OK
+    if retryable or not pushed_all or (cfg.strict and failed_mine):
+        return EXIT_ITEMS_FAILED
+    return EXIT_OK
 
 
 def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> None:
@@ -314,7 +338,9 @@ def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> Non
 
 def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
     this, total = summary["this_run"], summary.get("checkpoint_dir")
-    print(f"\ncaptioned {this['captioned']} images in {this['wall_s']:.1f} s ({this['img_per_s']:.2f} img/s, "
+    steady = this.get("captioning_img_per_s")
+    print(f"\ncaptioned {plural(this['captioned'], 'image')} in {this['wall_s']:.1f} s ({this['img_per_s']:.2f} img/s "
+          f"with model loading{f', {steady:.2f} img/s captioning' if steady else ''}, "
           f"{this['tokens_per_s']:.0f} tokens/s); failed {sum(this['failed_by_stage'].values())}"
           f"{' ' + str(this['failed_by_stage']) if this['failed_by_stage'] else ''}; "
           f"skipped {this['skipped_already_done']} already done")
@@ -323,8 +349,12 @@ def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
         print(f"checkpoint dir {ckpt}: {total['captioned']} captioned, {total['failed']} failed{gone}; "
               f"merged into {ckpt / store.MERGED}; summary in {ckpt / store.SUMMARY}")
     if failed_mine:
-        print(f"{failed_mine} images of this worker failed (reasons in {ckpt / store.FAILURES_DIR}); "
+        print(f"{plural(failed_mine, 'image')} of this worker failed (reasons in {ckpt / store.FAILURES_DIR}); "
               "--retry-failed tries them again")
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def push_only(hub_client, cfg: RunConfig, run_info: dict) -> int:
@@ -354,7 +384,8 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int) -> in
     rate = None
     summary_path = ckpt / store.SUMMARY
     if summary_path.is_file():
-        rate = json.loads(summary_path.read_text()).get("this_run", {}).get("img_per_s") or None
+        this_run = json.loads(summary_path.read_text()).get("this_run", {})
+        rate = this_run.get("captioning_img_per_s") or this_run.get("img_per_s") or None
     eta = f"{plan.todo / rate / 3600:.1f} h at the last measured {rate:.2f} img/s" if rate else \
         "unknown (no earlier run in this checkpoint dir to measure a rate from)"
     print(f"plan for worker {worker} of {num_workers} (model {cfg.model}, nothing loaded):")
@@ -403,4 +434,5 @@ def merge_and_check(cfg: RunConfig) -> int:
     print(f"  full lists in {dirs[0] / 'coverage.json'}")
     if missing or report.duplicate_keys:
         return EXIT_COVERAGE
-    return EXIT_ITEMS_FAILED if counts["failed"] else EXIT_OK
+    retryable = any(r["stage"] == "generate" for r in counts["failed"].values())  # the exit policy of finish()
+    return EXIT_ITEMS_FAILED if retryable or (cfg.strict and counts["failed"]) else EXIT_OK

@@ -125,7 +125,7 @@ def check_hub_access(ctx: Context) -> str:
     from vlm_caption.config import resolve_repo_id
 
     repo_id = resolve_repo_id(ctx.args.hf_repo, ctx.args.hf_username)
-    hub.connect(repo_id, endpoint=ctx.args.hub_endpoint)
+    hub.connect(repo_id, endpoint=ctx.args.hub_endpoint, way_out="or leave out --push")
     ctx.repo_id = repo_id
     return f"can write to dataset {repo_id}" + (f" at {ctx.args.hub_endpoint}" if ctx.args.hub_endpoint else "")
 

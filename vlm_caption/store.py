@@ -285,6 +285,15 @@ class CheckpointStore:
     def failed_keys(self) -> set[str]:
         return self._keys(list_failure_files(self.dir), FAILURE_SCHEMA)
 
+    def failed_stages(self) -> dict[str, str]:
+        """key -> stage of its last recorded failure (load, decode, generate), usable files only."""
+        usable = self.failed_keys()  # quarantines what cannot be read
+        stages: dict[str, str] = {}
+        for part in list_failure_files(self.dir):
+            table = pq.read_table(part.path, columns=["key", "stage"])
+            stages.update(zip(table.column("key").to_pylist(), table.column("stage").to_pylist()))
+        return {k: v for k, v in stages.items() if k in usable}
+
     def _keys(self, files: list[Part], schema: pa.Schema) -> set[str]:
         """Keys of `files`; a file that is unreadable, foreign or of another run is quarantined."""
         keys: set[str] = set()
