@@ -47,6 +47,6 @@ def test_flop_per_image_of_gemma_3_4b():
     config = build_config("gemma-3-4b", build_tokenizer())
     tera = {k: round(v / 1e12, 2) for k, v in flop_per_image(config, 316, 200).items()}
     assert tera["vision_linear"] == 3.37 and tera["vision_attention"] == 2.09
-    assert tera["prefill"] == 2.04 and abs(tera["decode"] - 1.58) <= 0.01
+    assert tera["prefill"] == 2.04 and abs(tera["decode"] - 1.58) < 0.015
     h100 = roofs(config, 316, 200, 64, 989e12, 3.35e12)
     assert 50 < h100["roof_img_s"] < 60 and 100 < h100["compute_only_img_s"] < 120
