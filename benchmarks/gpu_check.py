@@ -359,9 +359,9 @@ def main(argv=None) -> int:
                            "by_batch": [roofs(config, prompt_tokens, args.new_tokens, b, peak, bandwidth)
                                         for b in batches] if peak and bandwidth else []}
         result["auto_batch_size"] = {
-            "free_bytes_before_weights": free_before + (weight_bytes if device.type == "cuda" else 0),
-            "dynamic": auto_batch_size(config, free_before + weight_bytes, weight_bytes, seq, 2, cap=1024),
-            "static": auto_batch_size(config, free_before + weight_bytes, weight_bytes, seq, 2, cap=1024,
+            "free_bytes_before_weights": free_before,  # measured before the model was built
+            "dynamic": auto_batch_size(config, free_before, weight_bytes, seq, 2, cap=1024),
+            "static": auto_batch_size(config, free_before, weight_bytes, seq, 2, cap=1024,
                                       static_full_attention=True)} if device.type == "cuda" else {
             "note": "CPU smoke: not meaningful", "static_at_80gb": auto_batch_size(config, 80 * 10**9, weight_bytes,
                                                                                    seq, 2, static_full_attention=True)}
