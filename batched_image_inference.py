@@ -16,7 +16,7 @@ from vlm_caption.config import RunConfig
 D = RunConfig()  # every default is the dataclass's, typed once
 
 
-def batch_size_arg(value: str) -> int | None:
+def auto_or_int(value: str) -> int | None:
     if value == "auto":
         return None
     try:
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=D.top_p, help="nucleus sampling cutoff when --temperature > 0 "
                    "(default: %(default)s)")
     g.add_argument("--seed", type=int, default=D.seed, help="base seed of per-image sampling (default: %(default)s)")
-    g.add_argument("--batch-size", type=batch_size_arg, default=None, help="images per generate call, or auto "
+    g.add_argument("--batch-size", type=auto_or_int, default=None, help="images per generate call, or auto "
                    "(default): start high and halve on out-of-memory")
     g.add_argument("--max-auto-batch-size", type=int, default=D.max_auto_batch_size, help=argparse.SUPPRESS)
     g.add_argument("--backend", default=D.backend, help="inference engine: transformers (default) or dummy "
@@ -59,7 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default=D.dtype, help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     g.add_argument("--device-map", help="'auto' spreads/offloads a model too big for one GPU (slow)")
     g.add_argument("--attn-implementation", default=D.attn_implementation, help="sdpa (default), flash_attention_2, eager")
-    g.add_argument("--num-loader-workers", type=int, default=D.num_loader_workers, help="image decode threads (default: %(default)s)")
+    g.add_argument("--num-loader-workers", type=auto_or_int, default=D.num_loader_workers, help="image decode "
+                   "threads, or auto (default): the usable cores minus one")
+    g.add_argument("--compile", default=D.compile, choices=("auto", "on", "off"), help="static KV cache with the "
+                   "decode step compiled by torch.compile (CUDA graphs): auto (default) = on for CUDA, off for CPU; "
+                   "falls back to the dynamic cache when prompt + --max-tokens exceeds Gemma 3's sliding window")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint-dir", nargs="+", action="extend", dest="checkpoint_dirs",

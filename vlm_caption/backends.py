@@ -40,7 +40,7 @@ class CaptionBackend(Protocol):
 def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tokens: int = 0,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, dtype: str = "auto",
                  device_map: str | None = None, attn_implementation: str = "sdpa",
-                 max_auto_batch_size: int = 0) -> CaptionBackend:
+                 max_auto_batch_size: int = 0, compile: str = "auto") -> CaptionBackend:
     """The engine `name` with the run's settings; the model loads here (seconds to minutes)."""
     if name == "dummy":
         from .dummy_backend import DummyBackend
@@ -55,5 +55,5 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
                                        attn_implementation=attn_implementation)
         return Captioner(loaded, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
                          min_tokens=min_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                         default_batch_size=max_auto_batch_size or None)
+                         auto_batch_cap=max_auto_batch_size or 256, compile=compile)
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")

@@ -156,7 +156,8 @@ class Captioner:
     """The transformers backend (backends.CaptionBackend): Gemma 3 through `generate`."""
 
     def __init__(self, model, processor, *, model_name: str, prompt: str, max_tokens: int, min_tokens: int = 0,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, default_batch_size: int | None = None):
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, auto_batch_cap: int = 256,
+                 compile: str = "off", compile_options: dict[str, Any] | None = None):
         self.model = model
         self.processor = processor
         self.model_name = model_name
@@ -171,9 +172,39 @@ class Captioner:
         self.target_size = self._image_size()
         self.prompt_inputs = self._encode_prompt()
         self.gen_config = self._generation_config(max_tokens, min_tokens)
+        self.static_decode = self._static_decode(compile, max_tokens, compile_options or {})
+        self.default_batch_size = self._auto_batch_size(max_tokens, auto_batch_cap)
 
-        # CPU: 32 measured best for the small preset (BENCHMARKS.md); GPU: 64 fits a 4B model on 80 GB.
-        self.default_batch_size = default_batch_size or (64 if self.device.type == "cuda" else 32)
+    def _static_decode(self, compile: str, max_tokens: int, options: dict[str, Any]):
+        """compile "auto" (on for CUDA), "on" or "off": a static full-attention KV cache with the decode
+        step compiled by generate (static_decode.py), or None for the default dynamic cache."""
+        from .static_decode import compile_wanted, prepare_static_decode
+
+        if not compile_wanted(compile, self.device):
+            return None
+        options = {"force_compile": self.device.type != "cuda", **options}
+        static, reason = prepare_static_decode(self.model, self.prompt_inputs["input_ids"].shape[-1] + max_tokens,
+                                               **options)
+        log.info("decode: %s", reason)
+        if static is not None:
+            for name, value in static.generation_settings().items():
+                setattr(self.gen_config, name, value)
+        return static
+
+    def _auto_batch_size(self, max_tokens: int, cap: int) -> int:
+        """Where --batch-size auto starts: on a GPU what free memory allows (KV cache per row from the config
+        at this run's length, batch_size.py); on CPU 32, measured best for the small preset (BENCHMARKS.md)."""
+        if self.device.type != "cuda":
+            return min(32, cap)
+        from .batch_size import auto_batch_size, free_device_memory
+
+        free = free_device_memory(self.device)
+        size = auto_batch_size(self.model.config, free, 0, self.prompt_inputs["input_ids"].shape[-1] + max_tokens,
+                               self.dtype.itemsize, cap=cap, static_full_attention=self.static_decode is not None,
+                               sampling=self.temperature > 0)
+        log.info("auto batch size %d: what %.1f GiB of free GPU memory holds at %d new tokens", size, free / 2**30,
+                 max_tokens)
+        return size
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         return is_out_of_memory(error)
@@ -254,8 +285,14 @@ class Captioner:
                  should_stop: Callable[[], bool] | None = None) -> list[Caption]:
         """One caption per image. `should_stop()` true (a SIGTERM, say) ends generate at the next token:
         the captions are then cut short, and the caller drops them."""
+        n = len(pixel_values)
+        extra: dict[str, Any] = {}
+        if self.static_decode is not None:  # pad to a batch shape that already has a graph and a cache
+            rows = self.static_decode.bucket(n)
+            keys = list(keys) + [keys[-1]] * (rows - n)
+            pixel_values = list(pixel_values) + [pixel_values[-1]] * (rows - n)
+            name, extra[name] = self.static_decode.cache_for(rows)
         inputs = self.collate(pixel_values)
-        extra = {}
         if self.temperature > 0:
             from transformers import LogitsProcessorList
 
@@ -265,8 +302,13 @@ class Captioner:
             from transformers import StoppingCriteriaList
 
             extra["stopping_criteria"] = StoppingCriteriaList([_StopWhen(should_stop)])
-        out = self.model.generate(**inputs, generation_config=self.gen_config, **extra)
-        new_tokens = out[:, inputs["input_ids"].shape[-1]:].cpu()
+        try:
+            out = self.model.generate(**inputs, generation_config=self.gen_config, **extra)
+        except RuntimeError as e:  # torch.OutOfMemoryError included
+            if self.static_decode is not None and is_out_of_memory(e):
+                self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back
+            raise
+        new_tokens = out[:n, inputs["input_ids"].shape[-1]:].cpu()  # the pad rows dropped
         return [self._finish(row) for row in new_tokens]
 
     def _finish(self, tokens: torch.Tensor) -> Caption:

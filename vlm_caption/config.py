@@ -127,9 +127,10 @@ class RunConfig:
     dtype: str = "auto"  # auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU
     device_map: str | None = None  # None = whole model on this worker's device; "auto" = offload
     backend: str = "transformers"  # inference engine (backends.BACKENDS); "dummy" = no model, for tests and demos
+    compile: str = "auto"  # static KV cache + torch.compile'd decode: auto (on for CUDA), on, off
     keep_columns: str | None = None  # further metadata columns carried into the output, comma-separated
     attn_implementation: str = "sdpa"  # sdpa, eager, flash_attention_2
-    num_loader_workers: int = 4  # background threads that decode and preprocess images
+    num_loader_workers: int | None = None  # threads that decode and preprocess images; None = auto (cores - 1)
     verbose: bool = False
 
     @property
@@ -152,8 +153,10 @@ class RunConfig:
         for flag, value in positive.items():
             if value is not None and value < 1:
                 raise UsageError(f"{flag} must be a positive integer, got {value}")
-        if self.num_loader_workers < 1:
+        if self.num_loader_workers is not None and self.num_loader_workers < 1:
             raise UsageError(f"--num-loader-workers must be at least 1, got {self.num_loader_workers}")
+        if self.compile not in ("auto", "on", "off"):
+            raise UsageError(f"--compile must be auto, on or off, got {self.compile!r}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise UsageError("--min-tokens must be between 0 and --max-tokens")
         if self.temperature < 0:

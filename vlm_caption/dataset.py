@@ -344,6 +344,17 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 # ---------------------------------------------------------------- background loading
 
+def default_loader_workers() -> int:
+    """Loader workers for `--num-loader-workers auto`: the cores this process may use, minus one for
+    the generate loop, at least one."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        cores = os.cpu_count() or 1
+    return max(1, cores - 1)
+
+
+
 @dataclass
 class Loaded:
     row: dict[str, Any]

@@ -31,16 +31,6 @@ _TORCH_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC:
 _TORCH_MODE_NAMES = {"bilinear", "bicubic"}  # torchvision's InterpolationMode values (the torchvision backend)
 
 
-def default_loader_workers() -> int:
-    """Loader workers for `--num-loader-workers auto`: the cores this process may use, minus one for
-    the generate loop, at least one."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
-
-
 def _resample_mode(resample: Any) -> str | None:
     value = getattr(resample, "value", resample)  # PILImageResampling / InterpolationMode enums
     if isinstance(value, str):

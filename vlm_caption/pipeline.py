@@ -193,7 +193,7 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                                max_tokens=cfg.max_tokens, min_tokens=cfg.min_tokens, temperature=cfg.temperature,
                                top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype, device_map=cfg.device_map,
                                attn_implementation=cfg.attn_implementation,
-                               max_auto_batch_size=cfg.max_auto_batch_size)
+                               max_auto_batch_size=cfg.max_auto_batch_size, compile=cfg.compile)
     stop = stop or StopSignals()
     batches = Batches(cfg, backend, should_stop=lambda: stop.requested)
     log.info("batch size %d (%s)", batches.size, "--batch-size" if cfg.batch_size else
@@ -238,7 +238,8 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
 
     extra = dataset.extra_columns(Path(cfg.data_dir), cfg.kept_columns())
     loaded = dataset.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra), backend.prepare,
-                              workers=cfg.num_loader_workers, window=max(4 * batches.size, 16),
+                              workers=cfg.num_loader_workers or dataset.default_loader_workers(),
+                              window=max(4 * batches.size, 16),
                               target_size=backend.target_size)
     batch: list[dataset.Loaded] = []
     with tqdm(total=plan.todo, unit="img", desc="captioning", mininterval=2.0, smoothing=0.1) as progress:

@@ -1,0 +1,395 @@
+#!/usr/bin/env python3
+"""The one GPU check: Gemma 3 4B (real size, random weights, bf16, built on the card), exactly N new tokens
+per image (min = max, greedy), the same prompt everywhere. At most ~8 minutes on an H100/H200:
+
+  loader     art-sized JPEGs made here (no download) -> dataset.prefetch -> image_prep, all cores, no model
+  loop       the original script: chat template + processor + generate, one image at a time (a few images;
+             img/s is measured on those and only extrapolated as a rate)
+  eager      Captioner.generate, dynamic KV cache, batches of 64 and 128
+  compiled   Captioner(compile="on"): static full-attention cache + generate's torch.compile
+             (inductor, reduce-overhead = CUDA graphs), batches of 64, 128 and 256
+
+Batched runs start from prepared pixel values (the loader is measured on its own): each does one warm-up
+batch outside the clock (compilation included, reported as warmup_s), then --timed-batches batches. For
+each: img/s, tokens/s, peak GPU memory, generate share (time inside model.generate / wall time of
+Captioner.generate, the rest being collation, host-device copies and decoding to text), and for compiled
+runs the graphs dynamo built and its graph breaks. FLOP per image is computed from the config (SigLIP
+linear + attention, prefill, decode), with both roofs: compute (bf16 dense peak) and memory bandwidth
+(each decode step reads the text weights and the KV cache).
+
+  python benchmarks/gpu_check.py --out /tmp/gpu_check                  # GPU, ~8 min
+  python benchmarks/gpu_check.py --cpu-smoke --out /tmp/smoke          # tiny preset on CPU, seconds (CI)
+
+Writes OUT/gpu_check.json (every section, rewritten after each one, so a timeout keeps what finished) and
+OUT/gpu_check.md (the table). Needs torch, transformers, pillow, numpy, pyarrow; no exifread, no Hub.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+PROMPT = ("Describe this artwork in detail: the subjects, the style and medium, the colour palette, the "
+          "composition and the mood. Write one paragraph.")
+# Dense bf16 FLOP/s and memory bandwidth (bytes/s) by card name; the first match wins (specific names first).
+CARDS = [("H200", 989e12, 4.8e12), ("H100 NVL", 835e12, 3.9e12), ("H100 PCIe", 756e12, 2.0e12),
+         ("H100", 989e12, 3.35e12), ("A100", 312e12, 2.0e12), ("L40S", 362e12, 0.864e12), ("A10", 125e12, 0.6e12)]
+SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="directory for gpu_check.json and gpu_check.md")
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny preset, tiny sizes, on the CPU: checks the "
+                   "script runs end to end (seconds); its numbers mean nothing")
+    p.add_argument("--preset", default=None, help="tiny_model preset (default gemma-3-4b; tiny with --cpu-smoke)")
+    p.add_argument("--new-tokens", type=int, default=None, help="new tokens per image (default 200)")
+    p.add_argument("--eager-batches", type=int, nargs="*", default=None, help="default 64 128")
+    p.add_argument("--compiled-batches", type=int, nargs="*", default=None, help="default 64 128 256")
+    p.add_argument("--timed-batches", type=int, default=None, help="batches timed per size (default 3)")
+    p.add_argument("--loop-images", type=int, default=None, help="images for the one-image loop (default 3)")
+    p.add_argument("--loader-images", type=int, default=None, help="JPEGs for the loader (default 96)")
+    p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak, TFLOP/s (default: by card)")
+    p.add_argument("--peak-tbps", type=float, default=None, help="memory bandwidth, TB/s (default: by card)")
+    p.add_argument("--budget-s", type=float, default=None, help="stop starting new runs after this many "
+                   "seconds (default 450; the shell wrapper kills at 480)")
+    args = p.parse_args(argv)
+    smoke = args.cpu_smoke
+    defaults = dict(preset="tiny" if smoke else "gemma-3-4b", new_tokens=4 if smoke else 200,
+                    eager_batches=[2, 4] if smoke else [64, 128], compiled_batches=[2, 4] if smoke else [64, 128, 256],
+                    timed_batches=2 if smoke else 3, loop_images=2 if smoke else 3,
+                    loader_images=6 if smoke else 96, budget_s=120 if smoke else 450)
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    return args
+
+
+# ---------------------------------------------------------------- arithmetic from the config
+
+def flop_per_image(config, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
+    """FLOP (2 per multiply-add) of one image: SigLIP linear + attention, prefill, decode. Attention counts
+    the keys a query really uses (all patches for SigLIP; the tokens so far for the language model)."""
+    v, t = config.vision_config, config.get_text_config(decoder=True)
+    patches = (v.image_size // v.patch_size) ** 2
+    h, inter = v.hidden_size, v.intermediate_size
+    patch_embed = 2 * patches * (v.num_channels * v.patch_size**2) * h
+    vision_linear = 2 * patches * v.num_hidden_layers * (4 * h * h + 2 * h * inter) + patch_embed
+    vision_attention = 2 * 2 * patches * patches * h * v.num_hidden_layers  # QK^T and AV, every head
+    image_tokens = int(config.mm_tokens_per_image)
+    projector = 2 * image_tokens * h * t.hidden_size
+    head_dim = t.head_dim
+    q_width, kv_width = t.num_attention_heads * head_dim, t.num_key_value_heads * head_dim
+    per_layer = t.hidden_size * (2 * q_width + 2 * kv_width) + 3 * t.hidden_size * t.intermediate_size
+    body = per_layer * t.num_hidden_layers  # multiply-adds per token, embeddings excluded
+    lm_head = t.hidden_size * t.vocab_size
+
+    def attention(queries_from: int, queries_to: int) -> float:  # QK^T + AV for queries at these positions
+        return sum(2 * 2 * (pos + 1) * q_width * t.num_hidden_layers for pos in range(queries_from, queries_to))
+
+    prefill = 2 * body * prompt_tokens + 2 * lm_head + attention(0, prompt_tokens)  # logits of the last only
+    decode = (2 * (body + lm_head) * new_tokens + attention(prompt_tokens, prompt_tokens + new_tokens))
+    out = {"vision_linear": vision_linear, "vision_attention": vision_attention, "projector": projector,
+           "prefill": prefill, "decode": decode}
+    out["total"] = sum(out.values())
+    return {k: float(f"{x:.4g}") for k, x in out.items()}
+
+
+def text_weight_bytes(config, dtype_bytes: int) -> int:
+    """Bytes a decode step reads for weights: every decoder layer + the (tied) LM head, once per step."""
+    t = config.get_text_config(decoder=True)
+    q_width, kv_width = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    per_layer = t.hidden_size * (2 * q_width + 2 * kv_width) + 3 * t.hidden_size * t.intermediate_size
+    return (per_layer * t.num_hidden_layers + t.hidden_size * t.vocab_size) * dtype_bytes
+
+
+def roofs(config, prompt_tokens: int, new_tokens: int, batch: int, peak_flops: float, bandwidth: float,
+          dtype_bytes: int = 2) -> dict[str, float]:
+    """Best-case img/s of a batch: vision + prefill at the compute roof, then each decode step at the slower
+    of compute and bandwidth (it reads the text weights once and each row's KV cache so far)."""
+    from vlm_caption.batch_size import kv_cache_bytes_per_row
+
+    flop = flop_per_image(config, prompt_tokens, new_tokens)
+    front = batch * (flop["vision_linear"] + flop["vision_attention"] + flop["projector"] + flop["prefill"])
+    weights = text_weight_bytes(config, dtype_bytes)
+    decode_flop_step = flop["decode"] / new_tokens
+    decode_s = bytes_total = 0.0
+    for step in range(new_tokens):
+        kv = kv_cache_bytes_per_row(config, prompt_tokens + step, dtype_bytes) * batch
+        bytes_total += weights + kv
+        decode_s += max(batch * decode_flop_step / peak_flops, (weights + kv) / bandwidth)
+    seconds = front / peak_flops + decode_s
+    return {"batch": batch, "roof_img_s": round(batch / seconds, 2),
+            "compute_only_img_s": round(peak_flops / flop["total"], 2),
+            "decode_bandwidth_img_s": round(batch / (bytes_total / bandwidth), 2),
+            "decode_bytes_per_step_gb": round(bytes_total / new_tokens / 1e9, 3)}
+
+
+def card_peaks(name: str, args) -> tuple[float | None, float | None, str]:
+    match = next(((f, b, n) for n, f, b in CARDS if n.lower() in name.lower()), (None, None, ""))
+    flops = args.peak_tflops * 1e12 if args.peak_tflops else match[0]
+    bandwidth = args.peak_tbps * 1e12 if args.peak_tbps else match[1]
+    source = "--peak-tflops/--peak-tbps" if args.peak_tflops or args.peak_tbps else (match[2] or "unknown card")
+    return flops, bandwidth, source
+
+
+# ---------------------------------------------------------------- measuring
+
+class Clock:
+    """Seconds inside model.generate, for the generate share."""
+
+    def __init__(self, model, sync):
+        self.model, self.sync, self.inside = model, sync, 0.0
+        self.real = model.generate
+
+    def __enter__(self):
+        def timed_generate(*a, **kw):
+            self.sync()
+            start = time.perf_counter()
+            try:
+                return self.real(*a, **kw)
+            finally:
+                self.sync()
+                self.inside += time.perf_counter() - start
+
+        self.model.generate = timed_generate
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.generate  # the instance attribute goes; the class method is back
+        return False
+
+
+def run_batched(model, processor, pixels: list, batch: int, args, *, compile: bool, device, sync) -> dict:
+    import torch
+    from torch._dynamo.utils import counters
+
+    from vlm_caption.captioner import Captioner
+
+    options = {"backend": "eager"} if args.cpu_smoke and compile else {}
+    cap = Captioner(model, processor, model_name=args.preset, prompt=PROMPT, max_tokens=args.new_tokens,
+                    min_tokens=args.new_tokens, compile="on" if compile else "off", compile_options=options)
+    rows = [pixels[i % len(pixels)] for i in range(batch)]
+    keys = [f"img{i}" for i in range(batch)]
+    graphs0 = counters["stats"]["unique_graphs"]
+    breaks0 = sum(counters["graph_break"].values())
+    result: dict = {"batch": batch, "cache": "static full-attention, compiled" if compile else "dynamic, eager"}
+    if compile and cap.static_decode is None:
+        return {**result, "error": "static decode not available (sequence longer than the sliding window)"}
+    try:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(device)
+        sync()
+        start = time.perf_counter()
+        cap.generate(keys, rows)  # warm-up: first kernels, allocator growth, compilation + CUDA graph capture
+        sync()
+        result["warmup_s"] = round(time.perf_counter() - start, 2)
+        tokens, wall = 0, 0.0
+        with Clock(model, sync) as clock:
+            for _ in range(args.timed_batches):
+                sync()
+                start = time.perf_counter()
+                captions = cap.generate(keys, rows)
+                sync()
+                wall += time.perf_counter() - start
+                tokens += sum(c.tokens for c in captions)
+        n = batch * args.timed_batches
+        result.update(img_s=round(n / wall, 3), tokens_s=round(tokens / wall, 1), timed_images=n,
+                      s_per_batch=round(wall / args.timed_batches, 3),
+                      generate_share=round(clock.inside / wall, 4))
+        if device.type == "cuda":
+            result["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        if compile:
+            result["graphs_built"] = counters["stats"]["unique_graphs"] - graphs0
+            result["graph_breaks"] = sum(counters["graph_break"].values()) - breaks0
+    except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
+        result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        traceback.print_exc()
+    finally:
+        if cap.static_decode is not None:
+            cap.static_decode.drop_caches()
+        del cap
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+def run_loop_baseline(model, processor, paths: list[Path], args, sync) -> dict:
+    from bench_captioning import run_loop
+
+    run_loop(model, processor, paths[:1], 2, PROMPT)  # warm-up
+    sync()
+    start = time.perf_counter()
+    tokens = run_loop(model, processor, paths, args.new_tokens, PROMPT)
+    sync()
+    secs = time.perf_counter() - start
+    return {"images": len(paths), "img_s": round(len(paths) / secs, 4), "tokens_s": round(tokens / secs, 1),
+            "s_per_image": round(secs / len(paths), 3),
+            "note": f"measured on {len(paths)} images; a run's rate is this, extrapolated"}
+
+
+def run_loader(paths: list[Path], size: int, threads: int) -> dict:
+    import torch
+    from bench_loader import methods, run_once
+
+    torch.set_num_threads(1)  # one core per loader thread, like OMP_NUM_THREADS=1 in a run
+    prepare, target = methods(size, torch.bfloat16)["fast"]
+    run_once(paths[:4], prepare, target, threads=1)  # warm-up
+    best = None
+    for _ in range(2):
+        cpu, wall, n = run_once(paths, prepare, target, threads=threads)
+        if best is None or wall < best[1]:
+            best = (cpu, wall, n)
+    cpu, wall, n = best
+    return {"images": n, "threads": threads, "img_s": round(n / wall, 2), "cpu_ms_per_img": round(1000 * cpu / n, 2),
+            "cores_busy": round(cpu / wall, 2), "size": size}
+
+
+# ---------------------------------------------------------------- report
+
+def write(out: Path, result: dict) -> None:
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "gpu_check.md").write_text(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    env, model = r.get("env", {}), r.get("model", {})
+    lines = [f"GPU check: {env.get('device', '?')}, {model.get('preset', '?')} ({model.get('dtype', '?')}), "
+             f"{model.get('new_tokens', '?')} new tokens, prompt {model.get('prompt_tokens', '?')} tokens; "
+             f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}", "",
+             "| run | batch | img/s | tokens/s | peak GPU mem | generate share | warm-up s | roof img/s | of roof |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    roof = {x["batch"]: x for x in r.get("roofs", {}).get("by_batch", [])}
+    loop = r.get("loop", {})
+    if loop.get("img_s"):
+        lines.append(f"| one-image loop | 1 | {loop['img_s']} | {loop['tokens_s']} | | | | | |")
+    for kind in ("eager", "compiled"):
+        for x in r.get(kind, []):
+            if "error" in x:
+                lines.append(f"| {kind} | {x['batch']} | {x['error']} | | | | | | |")
+                continue
+            rf = roof.get(x["batch"], {}).get("roof_img_s")
+            mem = f"{x['peak_mem_gb']} GiB" if "peak_mem_gb" in x else ""
+            share = f"{x['img_s'] / rf:.0%}" if rf else ""
+            lines.append(f"| {kind} | {x['batch']} | {x['img_s']} | {x['tokens_s']} | {mem}"
+                         f" | {x['generate_share']:.1%} | {x['warmup_s']} | {rf or ''} | {share} |")
+    loader = r.get("loader", {})
+    if loader.get("img_s"):
+        lines.append(f"| loader only ({loader['threads']} threads) | | {loader['img_s']} | | | | | | |")
+    flop = r.get("flop_per_image", {})
+    if flop:
+        lines += ["", "FLOP per image: " + ", ".join(f"{k} {v / 1e12:.3g} T" for k, v in flop.items())]
+    if r.get("auto_batch_size"):
+        lines.append(f"auto_batch_size picks: {r['auto_batch_size']}")
+    if r.get("skipped"):
+        lines.append(f"skipped: {r['skipped']}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- main
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    started = time.monotonic()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+    import transformers
+
+    from bench_loader import make_images
+    from vlm_caption import tiny_model
+    from vlm_caption.batch_size import auto_batch_size, free_device_memory
+    from vlm_caption.captioner import Captioner, choose_device
+
+    device = torch.device("cpu") if args.cpu_smoke else choose_device()
+    if device.type != "cuda" and not args.cpu_smoke:
+        print("error: no CUDA device; use --cpu-smoke for the CPU check", file=sys.stderr)
+        return 2
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result: dict = {"env": {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
+                            "cuda": torch.version.cuda, "cpu_cores": cores, "python": platform.python_version(),
+                            "cpu_smoke": args.cpu_smoke}, "skipped": []}
+    free_before = free_device_memory(device)
+    with tempfile.TemporaryDirectory() as tmp:
+        side = 64 if args.cpu_smoke else 896
+        sizes = (96, 200, 80, 160) if args.cpu_smoke else (1024, 3000, 768, 2000)
+        paths = make_images(Path(tmp) / "art", max(args.loader_images, args.loop_images), seed=0, sizes=sizes)
+        result["loader"] = run_loader(paths, side, threads=cores)
+        print(json.dumps({"loader": result["loader"]}), flush=True)
+        write(out, result)
+
+        build_start = time.perf_counter()
+        model, processor = tiny_model.build_random_model(args.preset, device=device, dtype=dtype, seed=0)
+        sync()
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        probe = Captioner(model, processor, model_name=args.preset, prompt=PROMPT, max_tokens=args.new_tokens)
+        prompt_tokens = int(probe.prompt_inputs["input_ids"].shape[-1])
+        from vlm_caption import dataset
+
+        pixels = [probe.prepare(dataset.load_image(p, probe.target_size)) for p in paths[:8]]
+        del probe
+        config = model.config
+        seq = prompt_tokens + args.new_tokens
+        result["model"] = {"preset": args.preset, "dtype": str(dtype).replace("torch.", ""),
+                           "parameters": sum(p.numel() for p in model.parameters()),
+                           "weight_gb": round(weight_bytes / 1e9, 2), "build_s": round(time.perf_counter() - build_start, 1),
+                           "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "sequence": seq,
+                           "sliding_window": config.text_config.sliding_window, "prompt": PROMPT}
+        result["flop_per_image"] = flop_per_image(config, prompt_tokens, args.new_tokens)
+        peak, bandwidth, source = card_peaks(name, args)
+        if args.cpu_smoke and not peak:
+            peak, bandwidth, source = 1e12, 50e9, "placeholder for the CPU smoke"
+        batches = sorted(set(args.eager_batches + args.compiled_batches + [1]))
+        result["roofs"] = {"peak_flops": peak, "bandwidth_bytes_s": bandwidth, "source": source,
+                           "by_batch": [roofs(config, prompt_tokens, args.new_tokens, b, peak, bandwidth)
+                                        for b in batches] if peak and bandwidth else []}
+        result["auto_batch_size"] = {
+            "free_bytes_before_weights": free_before,  # measured before the model was built
+            "dynamic": auto_batch_size(config, free_before, weight_bytes, seq, 2, cap=1024),
+            "static": auto_batch_size(config, free_before, weight_bytes, seq, 2, cap=1024,
+                                      static_full_attention=True)} if device.type == "cuda" else {
+            "note": "CPU smoke: not meaningful", "static_at_80gb": auto_batch_size(config, 80 * 10**9, weight_bytes,
+                                                                                   seq, 2, static_full_attention=True)}
+        write(out, result)
+
+        def left() -> float:
+            return args.budget_s - (time.monotonic() - started)
+
+        result["loop"] = run_loop_baseline(model, processor, paths[:args.loop_images], args, sync)
+        print(json.dumps({"loop": result["loop"]}), flush=True)
+        write(out, result)
+        for kind, sizes_ in (("eager", args.eager_batches), ("compiled", args.compiled_batches)):
+            result[kind] = []
+            for batch in sizes_:
+                need = 5 if args.cpu_smoke else (150 if kind == "compiled" else 30)
+                if left() < need:
+                    result["skipped"].append(f"{kind} batch {batch}: {left():.0f} s of the budget left")
+                    continue
+                entry = run_batched(model, processor, pixels, batch, args, compile=kind == "compiled",
+                                    device=device, sync=sync)
+                result[kind].append(entry)
+                print(json.dumps({kind: entry}), flush=True)
+                write(out, result)
+    result["total_s"] = round(time.monotonic() - started, 1)
+    write(out, result)
+    print((out / "gpu_check.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

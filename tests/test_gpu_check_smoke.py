@@ -1,0 +1,52 @@
+"""benchmarks/gpu_check.py --cpu-smoke end to end in a subprocess: the GPU script must not rot unseen."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from gpu_check import SECTIONS
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out",
+                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert set(SECTIONS) <= set(result), set(SECTIONS) - set(result)
+    assert not result["skipped"]
+    assert [x["batch"] for x in result["eager"]] == [2, 4] and [x["batch"] for x in result["compiled"]] == [2, 4]
+    for entry in result["eager"] + result["compiled"]:
+        assert "error" not in entry, entry
+        assert entry["img_s"] > 0 and entry["tokens_s"] > 0 and 0 < entry["generate_share"] <= 1
+    for entry in result["compiled"]:
+        assert entry["graphs_built"] == 1 and entry["graph_breaks"] == 0
+    assert result["loop"]["img_s"] > 0 and result["loader"]["img_s"] > 0
+    flop = result["flop_per_image"]
+    assert abs(sum(v for k, v in flop.items() if k != "total") - flop["total"]) <= 1e-3 * flop["total"]
+    assert result["roofs"]["by_batch"] and "| compiled | 4 |" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_flop_per_image_of_gemma_3_4b():
+    """The numbers the GPU check reports for 4B at 896 px, 316 prompt tokens, 200 new tokens."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        from gpu_check import flop_per_image, roofs
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
+    from vlm_caption.tiny_model import build_config, build_tokenizer
+
+    config = build_config("gemma-3-4b", build_tokenizer())
+    tera = {k: round(v / 1e12, 2) for k, v in flop_per_image(config, 316, 200).items()}
+    assert tera["vision_linear"] == 3.37 and tera["vision_attention"] == 2.09
+    assert tera["prefill"] == 2.04 and abs(tera["decode"] - 1.58) < 0.015
+    h100 = roofs(config, 316, 200, 64, 989e12, 3.35e12)
+    assert 50 < h100["roof_img_s"] < 60 and 100 < h100["compute_only_img_s"] < 120

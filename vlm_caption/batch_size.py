@@ -1,0 +1,137 @@
+"""How many images per `generate` call fit in device memory: a pure estimate from the model config.
+
+Per row (image) of a batch, the memory that grows with the batch:
+
+- **KV cache**: for each layer, keys + values = 2 x kv_heads x head_dim x tokens x dtype bytes, where tokens is
+  the whole sequence (prompt + max new tokens) for a full-attention layer and min(sequence, sliding window)
+  for a sliding layer, unless the static full-attention cache is on (static_decode.py: every layer then
+  holds the whole sequence, which is <= the window anyway). Gemma 3 4B at 516 tokens in bf16: 71.9 MB.
+- **Activations**, whichever phase peaks higher (they do not overlap; the vision tower's activations are
+  freed before the language model's prefill):
+  - *vision*: SigLIP over the whole batch at once, at 896 px = 4,096 patches of hidden 1,152 and MLP
+    width 4,304: live per layer about 6 x hidden (residual, norm, q, k, v, attention output) + 2 x MLP
+    width (fc1 output and its GELU) per patch: 4,096 x 15,520 x 2 B = 127 MB per image in bf16. The 16 x
+    4,096^2 attention scores (537 MB per image in bf16) are *not* counted: SDPA without a mask runs a
+    flash / memory-efficient kernel on CUDA that never stores them (`vision_scores=True` counts them, for
+    eager attention);
+  - *prefill*: the prompt (256 image + ~60 text tokens) through one decoder layer at a time: 6 x hidden +
+    3 x MLP width (gate, up, their product) per token; plus the attention mask (prompt x sequence bytes);
+  - plus the pixel values themselves (3 x 896^2 x dtype bytes, alive for the whole call).
+- **Logits** of the last position: generate keeps a bf16 row and a float32 copy (+ the soft-capped
+  copy), vocab 262,208: ~10 bytes x vocab per row (2.6 MB); sampling (temperature > 0) sorts, cumsums and
+  indexes a float32 / int64 row several times: ~40 bytes x vocab instead.
+
+What does not grow with the batch: the weights (`weight_bytes`), the CUDA context, compile workspace and
+allocator slack, covered by `reserve_bytes` and the `safety` fraction.
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass
+
+import torch
+
+DEFAULT_CAP = 256
+DEFAULT_RESERVE = 2 * 2**30  # CUDA context, cuBLAS workspace, compile / CUDA-graph pools, fragmentation
+DEFAULT_SAFETY = 0.90  # use at most this fraction of what is left after the weights and the reserve
+DEFAULT_TEXT_TOKENS = 64  # chat markup + a one-paragraph prompt (the default prompt is ~60 tokens)
+
+
+@dataclass
+class RowMemory:
+    """Bytes per row (image) of a batch, by what holds them."""
+
+    kv_cache: int
+    vision: int
+    prefill: int
+    pixels: int
+    logits: int
+
+    @property
+    def total(self) -> int:
+        return self.kv_cache + max(self.vision, self.prefill) + self.pixels + self.logits
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+def kv_cache_bytes_per_row(model_config, seq_len: int, dtype_bytes: int, static_full_attention: bool = False) -> int:
+    """KV cache of one row holding `seq_len` tokens."""
+    text = model_config.get_text_config(decoder=True)
+    layers = int(text.num_hidden_layers)
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or text.num_attention_heads)
+    head_dim = int(getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads)
+    types = list(getattr(text, "layer_types", None) or ["full_attention"] * layers)
+    window = getattr(text, "sliding_window", None)
+    tokens = 0
+    for layer_type in types[:layers]:
+        if layer_type == "sliding_attention" and window and not static_full_attention:
+            tokens += min(seq_len, int(window))
+        else:
+            tokens += seq_len
+    return 2 * kv_heads * head_dim * tokens * dtype_bytes
+
+
+def row_memory(model_config, seq_len: int, dtype_bytes: int, *, static_full_attention: bool = False,
+               prompt_tokens: int | None = None, sampling: bool = False, vision_scores: bool = False) -> RowMemory:
+    """Per-row memory of one `generate` call (see the module docstring for each term)."""
+    text = model_config.get_text_config(decoder=True)
+    vision = getattr(model_config, "vision_config", None)
+    image_tokens = int(getattr(model_config, "mm_tokens_per_image", 0) or 0)
+    if prompt_tokens is None:
+        prompt_tokens = image_tokens + DEFAULT_TEXT_TOKENS
+    hidden, mlp = int(text.hidden_size), int(text.intermediate_size)
+
+    vision_bytes = pixels = 0
+    if vision is not None:
+        patches = (int(vision.image_size) // int(vision.patch_size)) ** 2
+        vision_bytes = patches * (6 * int(vision.hidden_size) + 2 * int(vision.intermediate_size)) * dtype_bytes
+        if vision_scores:
+            vision_bytes += int(vision.num_attention_heads) * patches * patches * dtype_bytes
+        pixels = int(getattr(vision, "num_channels", 3)) * int(vision.image_size) ** 2 * dtype_bytes
+    prefill = prompt_tokens * (6 * hidden + 3 * mlp) * dtype_bytes + prompt_tokens * seq_len
+    logits = int(text.vocab_size) * (40 if sampling else 10)
+    return RowMemory(kv_cache=kv_cache_bytes_per_row(model_config, seq_len, dtype_bytes, static_full_attention),
+                     vision=vision_bytes, prefill=prefill, pixels=pixels, logits=logits)
+
+
+def auto_batch_size(model_config, free_bytes: int, weight_bytes: int, seq_len: int, dtype_bytes: int,
+                    cap: int = DEFAULT_CAP, *, static_full_attention: bool = False, prompt_tokens: int | None = None,
+                    sampling: bool = False, safety: float = DEFAULT_SAFETY, reserve_bytes: int = DEFAULT_RESERVE,
+                    vision_scores: bool = False) -> int:
+    """The largest power of two <= `cap` whose per-row memory fits, at least 1.
+
+    free_bytes: device memory free *before* the weights (e.g. the card's size, or `free_device_memory` before
+    loading); when measured after loading, pass weight_bytes=0. seq_len: prompt tokens + max new tokens.
+    The budget is (free - weights - reserve) x safety; the OOM back-off in the pipeline still catches what
+    this misses.
+    """
+    if seq_len <= 0 or dtype_bytes <= 0 or cap < 1:
+        raise ValueError(f"need seq_len > 0, dtype_bytes > 0, cap >= 1 (got {seq_len}, {dtype_bytes}, {cap})")
+    per_row = row_memory(model_config, seq_len, dtype_bytes, static_full_attention=static_full_attention,
+                         prompt_tokens=prompt_tokens, sampling=sampling, vision_scores=vision_scores).total
+    budget = (free_bytes - weight_bytes - reserve_bytes) * safety
+    fits = max(1, int(budget // per_row)) if budget > 0 else 1
+    return 1 << int(math.log2(min(fits, cap)))
+
+
+def parameter_bytes(model_config, dtype_bytes: int) -> int:
+    """Bytes of the model's weights, counted on the meta device (no memory, no download)."""
+    from transformers import AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        model = AutoModelForImageTextToText.from_config(model_config)
+    return sum(p.numel() for p in model.parameters()) * dtype_bytes
+
+
+def free_device_memory(device: torch.device | str) -> int:
+    """Free bytes on `device`: `torch.cuda.mem_get_info` for CUDA, available RAM for the CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):  # no sysconf names on this platform
+        return 0

@@ -1,0 +1,195 @@
+"""Static-shape decoding for Gemma 3: a static KV cache with every layer as full attention, and the decode
+step compiled by transformers' own `generate` path (`CompileConfig` + a compileable cache).
+
+Why: with the default dynamic cache every decode step `torch.cat`s the cache (18.6 % of decode time measured
+here) and a 34-layer Gemma 3 step is ~3,500 small kernels, so eager decoding on an H100 is launch-bound. A
+static cache lets `generate` compile the step (`mode="reduce-overhead"` = inductor + CUDA graphs: one
+launch per step). Gemma 3's sliding-window cache layers defeat that: `StaticSlidingWindowLayer` keeps a
+Python int (`cumulative_length_int`) that changes every step and feeds the mask sizes and
+`get_seq_length()`, so the compiled step is re-specialised / its CUDA graph re-recorded as it grows.
+
+The fix, exact when the whole sequence fits in the window (prompt + new tokens <= `sliding_window`, 1024
+for Gemma 3): give generate a `StaticCache` built from a copy of the text config whose `layer_types` are all
+"full_attention". Why that is the same arithmetic:
+
+- a sliding layer attends to keys with `q - window < k <= q`. While every position is below the window
+  (`L <= window`, so `q - window < 0 <= k`) that is exactly the causal mask `k <= q`;
+- a sliding cache layer holds the last `window` tokens; with `L <= window` that is all of them, in order,
+  the same keys and values a full layer holds (it never rolls);
+- the *model* keeps its own config: Gemma 3 picks each layer's RoPE by `config.layer_types[i]` (local
+  layers: theta 10k; global: theta 1M, linear x8) and builds both masks by layer type. Setting the model's
+  own `layer_types` to full would give the local layers the global RoPE and change every logit (checked:
+  max |d logit| 0.34 on the tiny preset, 0.83 on small). Only the cache is built from the copy; the
+  sliding mask is then sized against a full cache layer (kv length = cache length, offset 0), which with
+  `L <= window` equals the causal mask.
+
+So every cache layer is a `StaticLayer` (a tensor `cumulative_length`, fixed `[batch, kv_heads, L, head_dim]`
+buffers, constant mask sizes): one decode graph per batch shape, no SymInt inputs, identical greedy tokens
+(tests/test_static_decode.py).
+
+The cache is passed to `generate` as a user cache, not `cache_implementation="static"`: transformers
+(5.17 to 5.24) builds a *new* `StaticCache` on every `generate` call, from the model's config (so with
+sliding layers). New buffers every call mean new static input addresses: CUDA graphs re-record once per
+batch, and on older torch the re-records count toward `cudagraph_unexpected_rerecord_limit` (128), after
+which the step silently runs without CUDA graphs. `StaticDecode` keeps one cache per batch bucket and
+`reset()`s it in place (zeroes the buffers, keeps their addresses). Batches are padded up to a bucket (the
+run's batch size, else a power of two) so a short batch (failed images, the last one, an out-of-memory
+halving) reuses a graph instead of compiling a new one; the pad rows are dropped afterwards.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+log = logging.getLogger(__name__)
+
+COMPILE_CHOICES = ("auto", "on", "off")
+
+
+def compile_wanted(choice: str, device: torch.device) -> bool:
+    """`--compile` auto/on/off -> whether to use the static, compiled decode. auto = on for CUDA only
+    (CPU inductor compiles for minutes and the static cache was slower on CPU, BENCHMARKS.md section 2)."""
+    if choice not in COMPILE_CHOICES:
+        raise ValueError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {choice!r}")
+    if choice == "auto":
+        return device.type == "cuda"
+    return choice == "on"
+
+
+def sliding_window(model_config) -> int | None:
+    """The text model's sliding window, or None when no layer is a sliding one."""
+    text = model_config.get_text_config(decoder=True)
+    types = getattr(text, "layer_types", None) or []
+    window = getattr(text, "sliding_window", None)
+    if window is None or (types and "sliding_attention" not in types):
+        return None
+    return int(window)
+
+
+def full_attention_config(model_config):
+    """A copy of the text config with every layer "full_attention" (for building the cache only)."""
+    text = copy.deepcopy(model_config.get_text_config(decoder=True))
+    text.layer_types = ["full_attention"] * int(text.num_hidden_layers)
+    return text
+
+
+def _cache_kwarg_name() -> str:
+    """`generate`'s keyword for a user cache: `cache` from transformers 5.2x (`past_key_values` is then a
+    deprecated alias), `past_key_values` before (5.17)."""
+    from transformers.generation import utils as generation_utils
+
+    names = getattr(generation_utils, "ALL_CACHE_NAMES", ["past_key_values"])
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def make_compile_config(device: torch.device, *, backend: Any = "inductor", mode: str | None = None,
+                        fullgraph: bool = False, force: bool = False):
+    """transformers' `CompileConfig` for the decode step.
+
+    `generate` compiles `model.__call__` for the decode steps only (prefill runs eagerly) when
+    `_valid_auto_compile_criteria` holds: the device is cuda/xpu/tpu/neuron, or the compile config has
+    `_compile_all_devices` set (what `force=True` does, for CPU tests), and the cache is compileable and
+    not a `DynamicCache`. `get_compiled_call` then `torch.compile`s once per distinct `CompileConfig`.
+
+    dynamic=False: every batch bucket gets its own fully static graph (a bounded set, see `bucket`),
+    instead of one symbolic-batch graph after the second size. mode: "reduce-overhead" (CUDA graphs) on
+    CUDA with inductor; None elsewhere (CUDA graphs are CUDA-only).
+    """
+    from transformers import CompileConfig
+
+    if mode is None and device.type == "cuda" and backend == "inductor":
+        mode = "reduce-overhead"
+    # mode=None is torch.compile's default mode (the dataclass default would be "reduce-overhead").
+    config = CompileConfig(fullgraph=fullgraph, dynamic=False, backend=backend, mode=mode)
+    if force:
+        config._compile_all_devices = True
+    return config
+
+
+@dataclass
+class StaticDecode:
+    """What `Captioner.generate` needs for static decoding; built by `prepare_static_decode`."""
+
+    max_cache_len: int  # prompt tokens + max new tokens: the length of every cache buffer
+    cache_config: Any  # the full-attention copy of the text config the caches are built from
+    compile_config: Any | None  # transformers CompileConfig, or None = static cache without compiling
+    reason: str
+    caches: dict[int, Any] = field(default_factory=dict)  # bucket -> StaticCache, reused across calls
+    run_batch: int = 0  # the largest batch seen: the usual bucket
+
+    def generation_settings(self) -> dict[str, Any]:
+        """Attributes to set on the run's GenerationConfig (the cache itself goes in per call)."""
+        if self.compile_config is None:
+            return {"cache_implementation": None, "compile_config": None, "disable_compile": True}
+        return {"cache_implementation": None, "compile_config": self.compile_config, "disable_compile": False}
+
+    def bucket(self, n: int) -> int:
+        """The batch shape to run `n` rows as: the run's batch size if `n` is more than half of it, else the
+        smallest power of two >= n. At most log2(batch) + 2 shapes (= graphs, = caches) per run."""
+        self.run_batch = max(self.run_batch, n)
+        power = 1 << (n - 1).bit_length()
+        return self.run_batch if power >= self.run_batch else power
+
+    def cache_for(self, batch: int) -> tuple[str, Any]:
+        """(generate's keyword, a reset StaticCache for `batch` rows). Same object, same buffers each call."""
+        from transformers import StaticCache
+
+        cache = self.caches.get(batch)
+        if cache is None:
+            cache = StaticCache(config=self.cache_config, max_cache_len=self.max_cache_len)
+            self.caches[batch] = cache
+        else:
+            cache.reset()  # zeroes the buffers in place: their addresses (CUDA graph inputs) stay put
+        return _cache_kwarg_name(), cache
+
+    def drop_caches(self) -> None:
+        """Free every cache (after an out-of-memory error, before the caller retries with fewer rows) and
+        forget the run's batch size, so no later batch is padded back up to the size that did not fit."""
+        self.caches.clear()
+        self.run_batch = 0
+
+
+def prepare_static_decode(model, max_seq_len: int, *, compile: bool = True, backend: Any = "inductor",
+                          mode: str | None = None, fullgraph: bool = False,
+                          force_compile: bool = False) -> tuple[StaticDecode | None, str]:
+    """(StaticDecode, reason) for a run whose sequences are at most `max_seq_len` tokens (prompt + max new
+    tokens), or (None, reason) when the default dynamic cache must stay: the sequence would pass the
+    sliding window, so a sliding layer would have to forget tokens a full layer keeps.
+
+    `compile=False` gives the static cache without compiling (eager). `force_compile` compiles on devices
+    transformers would not (CPU), for tests. The model itself is not modified.
+    """
+    if max_seq_len <= 0:
+        raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
+    window = sliding_window(model.config)
+    if window is not None and max_seq_len > window:
+        return None, (f"prompt + max new tokens = {max_seq_len} > sliding window {window}: the static "
+                      "full-attention cache would not be exact; keeping the dynamic cache")
+    device = next(model.parameters()).device
+    compile_config = None
+    if compile:
+        compile_config = make_compile_config(device, backend=backend, mode=mode, fullgraph=fullgraph,
+                                             force=force_compile)
+        _raise_recompile_limit(needed=16)
+    what = "compiled" if compile else "eager"
+    window_text = f"<= sliding window {window}" if window is not None else "(no sliding layers)"
+    reason = (f"static full-attention cache of {max_seq_len} tokens {window_text}, {what} decode"
+              + (f" ({getattr(compile_config, 'backend', '')}, mode {getattr(compile_config, 'mode', None)})"
+                 if compile else ""))
+    return StaticDecode(max_cache_len=max_seq_len, cache_config=full_attention_config(model.config),
+                        compile_config=compile_config, reason=reason), reason
+
+
+def _raise_recompile_limit(needed: int) -> None:
+    """Dynamo keeps 8 graphs per function by default; buckets of a batch of 256 alone are 9 shapes.
+    Past the limit dynamo runs the step eagerly (correct, slow), so make room; never lower it."""
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    if getattr(config, name, needed) < needed:
+        setattr(config, name, needed)
