@@ -11,7 +11,6 @@ import pytest
 import torch
 
 from vlm_caption.captioner import Captioner, load_model
-from vlm_caption.config import RunConfig
 from vlm_caption.static_decode import StaticDecode, compile_wanted, prepare_static_decode
 
 CAPTURED: list = []  # graphs the counting backend was handed (a module-level list: CompileConfig deep-copies)
@@ -26,8 +25,7 @@ def counting_backend(gm, example_inputs):
 def model_and_processor(tiny_model_dir):
     """A fresh model per test: `generate` caches its compiled call on the model."""
     torch._dynamo.reset()
-    model, processor = load_model(RunConfig(model=str(tiny_model_dir), dtype="float32", attn_implementation="sdpa"),
-                                  torch.device("cpu"))
+    model, processor = load_model(str(tiny_model_dir), torch.device("cpu"), dtype="float32")
     yield model, processor
     torch._dynamo.reset()
 
