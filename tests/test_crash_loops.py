@@ -32,7 +32,7 @@ from hub_stub import REPO_ROOT_HINT, HubStub, assert_hub_matches, hub_stub  # no
 
 from batched_image_inference import main
 from vlm_caption import hub, store
-from vlm_caption.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
+from vlm_caption.errors import EXIT_OK, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parent.parent
 CLI = REPO / "batched_image_inference.py"
@@ -316,7 +316,8 @@ def test_every_kill_landed_where_it_was_aimed(crash_loop):
 def test_every_key_captioned_or_failed_exactly_once(crash_loop):
     loop = crash_loop.loop
     ckpt, data = loop.ckpt, Path(loop.args[loop.args.index("--data-dir") + 1])
-    assert crash_loop.final_code == EXIT_ITEMS_FAILED, loop.tail()  # the sample's broken images failed
+    # The sample's broken images failed: recorded permanent data failures, so the finished run exits 0.
+    assert crash_loop.final_code == EXIT_OK, loop.tail()
     expected = parquet_keys(data / "full_metadata.parquet")
     part_keys = [k for _, ks in store.read_keys(store.list_parts(ckpt)) for k in ks]
     assert len(part_keys) == len(set(part_keys)), "a key was captioned twice"
@@ -329,7 +330,7 @@ def test_every_key_captioned_or_failed_exactly_once(crash_loop):
     summary = json.loads((ckpt / store.SUMMARY).read_text())["checkpoint_dir"]
     assert (summary["captioned"], summary["failed"], summary["duplicate_keys"]) == (len(merged), len(failed), 0)
     # The coverage check of --merge-only agrees.
-    assert crash_loop.merge_code == EXIT_ITEMS_FAILED
+    assert crash_loop.merge_code == EXIT_OK
     coverage = json.loads((ckpt / "coverage.json").read_text())
     assert (coverage["missing"], coverage["duplicated"], coverage["unexpected_keys"]) == (0, 0, 0)
 
@@ -421,7 +422,7 @@ def test_no_push_touches_nothing_then_push_only_pushes_everything_once(hub_stub,
            "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": REPO_ROOT_HINT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(CLI), *common, "--no-push"], env=env, capture_output=True,
                           text=True, timeout=120)
-    assert proc.returncode == EXIT_ITEMS_FAILED, proc.stderr[-3000:]
+    assert proc.returncode == EXIT_OK, proc.stderr[-3000:]  # only undecodable images failed
     assert hub_stub.requests == []
     parts = store.list_parts(ckpt)
     assert parts and not (ckpt / store.LEDGER).exists()

@@ -54,7 +54,7 @@ def token_ids(cap: Captioner, keys, pixels) -> list[list[int]]:
 
     cap._finish = record
     try:
-        cap.generate(keys, pixels)
+        list(cap.generate(keys, pixels))  # captions decode lazily: take them all
     finally:
         cap._finish = real
     return rows

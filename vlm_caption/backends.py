@@ -26,9 +26,14 @@ class CaptionBackend(Protocol):
     def prepare(self, image) -> Any:
         """One decoded RGB PIL image -> the engine's input for it; runs in a loader thread."""
 
-    def generate(self, keys: Sequence[str], inputs: list[Any],
-                 should_stop: Callable[[], bool] | None = None) -> list[Caption]:
-        """One caption per input, in order. should_stop() true ends generation early (the caller drops them)."""
+    def assemble(self, inputs: list[Any]) -> Any:
+        """A batch of prepared inputs made ready for generate (stacked, pinned, copied to the device). It runs
+        in a background thread while the previous batch generates; generate also takes the plain list."""
+
+    def generate(self, keys: Sequence[str], batch: Any,
+                 should_stop: Callable[[], bool] | None = None) -> Sequence[Caption]:
+        """One caption per input, in order. should_stop() true ends generation early (the caller drops them).
+        The captions may be decoded lazily, on first access, so that decoding runs off the generate thread."""
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         """Whether a generate error means "the batch was too big" (then the pipeline halves it)."""

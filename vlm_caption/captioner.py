@@ -6,11 +6,13 @@ loader threads have already computed. One `generate` call captions the whole bat
 """
 from __future__ import annotations
 
+import collections.abc
 import functools
 import logging
 import os
 import re
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -280,19 +282,25 @@ class Captioner:
         batch["pixel_values"] = pixels.to(self.device, non_blocking=True)
         return batch
 
-    @torch.inference_mode()
-    def generate(self, keys: Sequence[str], pixel_values: list[torch.Tensor],
-                 should_stop: Callable[[], bool] | None = None) -> list[Caption]:
-        """One caption per image. `should_stop()` true (a SIGTERM, say) ends generate at the next token:
-        the captions are then cut short, and the caller drops them."""
+    def assemble(self, pixel_values: list[torch.Tensor]) -> "_Assembled":
+        """Pad (static decode: to a batch shape that already has a graph and a cache), stack, pin and copy;
+        the pipeline runs it for the next batch while this one generates."""
         n = len(pixel_values)
+        rows = self.static_decode.bucket(n) if self.static_decode is not None else n
+        return _Assembled(n, self.collate(list(pixel_values) + [pixel_values[-1]] * (rows - n)))
+
+    @torch.inference_mode()
+    def generate(self, keys: Sequence[str], batch: "list[torch.Tensor] | _Assembled",
+                 should_stop: Callable[[], bool] | None = None) -> Sequence[Caption]:
+        """One caption per image. `should_stop()` true (a SIGTERM, say) ends generate at the next token:
+        the captions are then cut short, and the caller drops them. Token ids are decoded on first access."""
+        assembled = batch if isinstance(batch, _Assembled) else self.assemble(batch)
+        n, inputs = assembled.rows, assembled.inputs
+        rows = inputs["input_ids"].shape[0]
+        keys = list(keys) + [keys[-1]] * (rows - n)
         extra: dict[str, Any] = {}
-        if self.static_decode is not None:  # pad to a batch shape that already has a graph and a cache
-            rows = self.static_decode.bucket(n)
-            keys = list(keys) + [keys[-1]] * (rows - n)
-            pixel_values = list(pixel_values) + [pixel_values[-1]] * (rows - n)
+        if self.static_decode is not None:
             name, extra[name] = self.static_decode.cache_for(rows)
-        inputs = self.collate(pixel_values)
         if self.temperature > 0:
             from transformers import LogitsProcessorList
 
@@ -308,8 +316,8 @@ class Captioner:
             if self.static_decode is not None and is_out_of_memory(e):
                 self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back
             raise
-        new_tokens = out[:n, inputs["input_ids"].shape[-1]:].cpu()  # the pad rows dropped
-        return [self._finish(row) for row in new_tokens]
+        new_tokens = out[:n, inputs["input_ids"].shape[-1]:].to("cpu", non_blocking=True)  # pad rows dropped
+        return _DecodeLater(new_tokens, self._finish)
 
     def _finish(self, tokens: torch.Tensor) -> Caption:
         ids = tokens.tolist()
@@ -318,6 +326,30 @@ class Captioner:
         text = self.processor.tokenizer.decode(kept, skip_special_tokens=True)
         text = _MARKUP_RE.sub("", text).strip()
         return Caption(text=text, finish="length" if stop_at is None else "stop", tokens=len(kept))
+
+
+@dataclass
+class _Assembled:
+    rows: int  # real rows; the inputs may hold pad rows after them
+    inputs: dict[str, torch.Tensor]
+
+
+class _DecodeLater(collections.abc.Sequence):
+    """Captions decoded from token ids on first access: in the pipeline, on its writer thread."""
+
+    def __init__(self, tokens: torch.Tensor, finish: Callable[[torch.Tensor], Caption]):
+        self._tokens, self._finish, self._captions = tokens, finish, None
+
+    def _all(self) -> list[Caption]:
+        if self._captions is None:
+            self._captions = [self._finish(row) for row in self._tokens]
+        return self._captions
+
+    def __len__(self) -> int:
+        return self._tokens.shape[0]
+
+    def __getitem__(self, i):
+        return self._all()[i]
 
 
 class _StopWhen:

@@ -9,16 +9,17 @@ import json
 import logging
 import sys
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from . import dataset, store
 from .atomic import atomic_write_json, remove_stale_tmp
+from .backends import CaptionBackend, make_backend
 from .config import RunConfig, distributed_rank, parse_shards, resolve_repo_id
 from .errors import EXIT_COVERAGE, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
-from .backends import CaptionBackend, make_backend
 from .interrupts import StopSignals
 from .schema import output_schema
 
@@ -133,6 +134,9 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
 
 # ---------------------------------------------------------------- the loop
 
+Result = tuple[list[dataset.Loaded], Any, Optional[str]]  # (items, their captions or None, the error)
+
+
 class Batches:
     """Batch size with out-of-memory back-off: halve and retry the same rows; no row is lost."""
 
@@ -142,15 +146,17 @@ class Batches:
         self.should_stop = should_stop  # generate ends early when it turns true (a signal)
         self.failed_in_a_row = 0
 
-    def caption(self, items: list[dataset.Loaded]) -> list[tuple[dataset.Loaded, Any, str | None]]:
-        """(item, Caption or None, error) for every item, in order; generate runs on chunks of self.size."""
-        results: list[tuple[dataset.Loaded, Any, str | None]] = []
+    def caption(self, items: list[dataset.Loaded], assembled: Future | None = None) -> list[Result]:
+        """(items, their captions or None, error) per generate call, in order; generate runs on chunks of
+        self.size. `assembled`: the backend's assembly of all `items`, made in the background."""
+        results: list[Result] = []
         start = 0
         while start < len(items):
             chunk = items[start:start + self.size]
             try:
-                caps = self.backend.generate([i.row["key"] for i in chunk], [i.inputs for i in chunk],
-                                             should_stop=self.should_stop)
+                ready = assembled.result() if assembled is not None and len(chunk) == len(items) else \
+                    [i.inputs for i in chunk]
+                caps = self.backend.generate([i.row["key"] for i in chunk], ready, should_stop=self.should_stop)
             except (RuntimeError, ValueError, IndexError, MemoryError) as e:  # torch's OOM is a RuntimeError
                 if self.backend.is_out_of_memory(e) and len(chunk) > 1:
                     self.backend.free_memory()
@@ -160,7 +166,7 @@ class Batches:
                 results += self._one_by_one(chunk, e)
             else:
                 self.failed_in_a_row = 0
-                results += list(zip(chunk, caps, [None] * len(chunk)))
+                results.append((chunk, caps, None))  # captions are decoded later, off this thread
             start += len(chunk)
         return results
 
@@ -171,7 +177,7 @@ class Batches:
         message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
         if self.failed_in_a_row >= MAX_FAILED_BATCHES_IN_A_ROW:
             raise FatalError(f"generation failed {self.failed_in_a_row} times in a row, last: {message}")
-        return [(chunk[0], None, message)]
+        return [(chunk, None, message)]
 
 
 def failure_row(row: dict[str, Any], stage: str, error: str) -> dict[str, Any]:
@@ -215,26 +221,52 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
             failures.clear()
             writer.write_failures(finished)
 
-    def run_batch(batch: list[dataset.Loaded]) -> None:
-        started = time.monotonic()
-        results = batches.caption(batch)
-        stats.generate_s += time.monotonic() - started
-        if stop.requested:  # generate was cut short: these captions are incomplete, resume redoes them
-            return
-        for item, cap, error in results:
-            if cap is None:
-                failures.append(failure_row(item.row, "generate", error))
-                stats.failed["generate"] += 1
-                continue
-            out = {k: item.row.get(k) for k in writer.schema.names if k in item.row}
-            rows.append({**out, "vlm_caption": cap.text, "caption_model": backend.model_name,
-                         "caption_finish": cap.finish, "caption_tokens": cap.tokens})
-            stats.captioned += 1
-            stats.tokens += cap.tokens
+    # The generate thread only generates. The next batch is assembled (stacked, pinned, copied) on one
+    # background thread while the current one runs; captions are decoded, rows built and parts written on
+    # another, in order. Their errors (a full disk) surface on the generate thread at its next step.
+    assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assemble")
+    post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
+    posted: deque[Future] = deque()
+
+    def later(fn, *args) -> None:
+        posted.append(post.submit(fn, *args))
+        while posted and posted[0].done():
+            posted.popleft().result()
+
+    def drain() -> None:
+        while posted:
+            posted.popleft().result()
+
+    def record(results: list[Result]) -> None:  # on the writer thread
+        for items, caps, error in results:
+            for item, cap in zip(items, caps if caps is not None else [None] * len(items)):
+                if cap is None:
+                    failures.append(failure_row(item.row, "generate", error))
+                    stats.failed["generate"] += 1
+                    continue
+                out = {k: item.row.get(k) for k in writer.schema.names if k in item.row}
+                rows.append({**out, "vlm_caption": cap.text, "caption_model": backend.model_name,
+                             "caption_finish": cap.finish, "caption_tokens": cap.tokens})
+                stats.captioned += 1
+                stats.tokens += cap.tokens
         stats.batch_done()  # the steady rate is measured from here (model loading and warm-up left out)
-        progress.update(len(batch))
+        progress.update(sum(len(items) for items, _, _ in results))
         progress.set_postfix(tok_s=f"{stats.rates()['tokens_per_s']:.0f}", failed=sum(stats.failed.values()),
                              refresh=False)
+        flush()
+
+    def record_failure(item: dataset.Loaded) -> None:  # on the writer thread
+        failures.append(failure_row(item.row, item.error.stage, str(item.error)))
+        stats.failed[item.error.stage] += 1
+        progress.update(1)
+        flush()
+
+    def run_batch(batch: list[dataset.Loaded], assembled: Future) -> None:
+        started = time.monotonic()
+        results = batches.caption(batch, assembled)
+        stats.generate_s += time.monotonic() - started
+        if not stop.requested:  # else generate was cut short: incomplete captions, resume redoes them
+            later(record, results)
 
     extra = dataset.extra_columns(Path(cfg.data_dir), cfg.kept_columns())
     loaded = dataset.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra), backend.prepare,
@@ -242,27 +274,38 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                               window=max(4 * batches.size, 16),
                               target_size=backend.target_size)
     batch: list[dataset.Loaded] = []
-    with tqdm(total=plan.todo, unit="img", desc="captioning", mininterval=2.0, smoothing=0.1) as progress:
+    ready: tuple[list[dataset.Loaded], Future] | None = None  # the next batch, being assembled
+
+    def next_batch(items: list[dataset.Loaded]) -> None:
+        nonlocal ready
+        assembling = (items, assembler.submit(backend.assemble, [i.inputs for i in items]))
+        if ready is not None:
+            run_batch(*ready)
+        ready = assembling
+
+    with tqdm(total=plan.todo, unit="img", desc="captioning", mininterval=2.0, smoothing=0.1) as progress, \
+            assembler, post:
         try:
             with stop.graceful():
                 for item in loaded:
                     if stop.requested:
                         break
                     if item.error is not None:
-                        failures.append(failure_row(item.row, item.error.stage, str(item.error)))
-                        stats.failed[item.error.stage] += 1
-                        progress.update(1)
+                        later(record_failure, item)
                     else:
                         batch.append(item)
                         if len(batch) >= batches.size:
-                            run_batch(batch)
+                            next_batch(batch)
                             batch = []
-                    flush()
                 if batch and not stop.requested:
-                    run_batch(batch)
+                    next_batch(batch)
+                if ready is not None and not stop.requested:
+                    run_batch(*ready)
+            drain()
             stop.raise_if_requested()
         except KeyboardInterrupt:  # every caption already made is kept; the batch in flight is redone
             loaded.close()  # stop the loader threads before writing
+            drain()
             flush(force=True)
             raise
     flush(force=True)
