@@ -32,6 +32,11 @@ def setup_logging(verbose: bool = False) -> None:
     hf_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
+def plural(n: int, noun: str, plural_form: str | None = None) -> str:
+    """'1 image', '2 images' (plural_form for irregular nouns)."""
+    return f"{n} {noun if n == 1 else (plural_form or noun + 's')}"
+
+
 SETUP_HINT = "run ./setup.sh, then `source vlm-caption/bin/activate` (or use ./run_captioning.sh)"
 
 

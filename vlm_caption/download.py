@@ -21,6 +21,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write_json, atomic_write_table
+from .cli import plural
 from .config import DownloadConfig
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .data_layout import (ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, INVALID_FILE, METADATA_CSV, OOM_SHARD_COUNT,
@@ -305,7 +306,7 @@ def print_summary(out: Path, summary: dict) -> None:
     lines = [
         f"Download summary ({out})",
         f"  rows in source:      {summary['rows_in']} "
-        f"in {summary['shards']['total']} shard(s) of {summary['shard_size']}",
+        f"in {plural(summary['shards']['total'], 'shard')} of {summary['shard_size']}",
         f"  downloaded:          {summary['downloaded']}",
         f"  failed to download:  {summary['failed']}"
         + (f"  ({retryable} retryable: timeout, HTTP 408/429/5xx, connection; {summary['failed'] - retryable} "
@@ -342,7 +343,8 @@ def download_dataset(cfg: DownloadConfig) -> dict:
 
     t1 = time.perf_counter()
     if set(shard_ids) <= set(_finished_stats(out / IMAGES_DIR)):
-        logger.info("all %d shard(s) already downloaded; img2dataset has nothing to do", len(shard_ids))
+        logger.info("%s already downloaded; img2dataset has nothing to do",
+                    "the 1 shard" if len(shard_ids) == 1 else f"all {len(shard_ids)} shards")
         remove_img2dataset_leftovers(out)
     else:
         run_img2dataset(out, urls, cfg)
@@ -360,6 +362,11 @@ def download_dataset(cfg: DownloadConfig) -> dict:
     return summary
 
 
+def _stats_files(shards: list[int]) -> str:
+    names = [f"{IMAGES_DIR}/{shard_name(s)}_stats.json" for s in shards[:10]]
+    return ", ".join(names) + (", ..." if len(shards) > 10 else "")
+
+
 def run_download(cfg: DownloadConfig, strict: bool = False) -> int:
     """Run the stage, print the summary (always) and return the exit code (README: "Exit codes").
 
@@ -374,10 +381,10 @@ def run_download(cfg: DownloadConfig, strict: bool = False) -> int:
     permanent = summary["failed"] - retryable + summary["invalid"]
     if summary["valid"] == 0:
         logger.error("nothing usable was downloaded: none of the %s gave a decodable image (reasons above, "
-                     "and in %s)", _plural(summary["rows_in"], "source row"), SUMMARY_FILE)
+                     "and in %s)", plural(summary["rows_in"], "source row"), SUMMARY_FILE)
         return EXIT_ITEMS_FAILED
     if unfinished:
-        logger.error("%s did not finish; rerun the same command to retry %s", _plural(len(unfinished), "shard"),
+        logger.error("%s did not finish; rerun the same command to retry %s", plural(len(unfinished), "shard"),
                      "it" if len(unfinished) == 1 else "them")
         return EXIT_ITEMS_FAILED
     if retryable:
@@ -385,16 +392,11 @@ def run_download(cfg: DownloadConfig, strict: bool = False) -> int:
         logger.error(
             "%s failed in a way worth retrying (timeouts, HTTP 408/429/5xx, connection errors). A rerun skips "
             "finished shards: to retry, delete %s and rerun the same command (the whole shard is fetched again)",
-            _plural(retryable, "download"),
-            ", ".join(f"{IMAGES_DIR}/{shard_name(s)}_stats.json" for s in shards[:10]) + (", ..." if len(shards) > 10 else "")
-            or "the shard's NNNNN_stats.json")
+            plural(retryable, "download"),
+            _stats_files(shards) or "the shard's NNNNN_stats.json")
         return EXIT_ITEMS_FAILED
     if strict and permanent:
         logger.error("--strict: %s failed for good (HTTP 4xx, undecodable files, ...); see the reasons above",
-                     _plural(permanent, "row"))
+                     plural(permanent, "row"))
         return EXIT_ITEMS_FAILED
     return EXIT_OK
-
-
-def _plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
