@@ -19,10 +19,8 @@ try:
     from vlm_caption.cli import run_main, setup_logging
     from vlm_caption.config import DownloadConfig
 except ModuleNotFoundError as e:  # outside the venv: one line saying what to do, not a traceback
-    if __name__ != "__main__":
-        raise
     from vlm_caption.cli import exit_missing_dependency
-    exit_missing_dependency(e)
+    exit_missing_dependency(e, as_script=__name__ == "__main__")
 
 
 def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, bool]:

@@ -51,9 +51,10 @@ def missing_dependency_line(e: ModuleNotFoundError, prog: str | None = None) -> 
             f"live in its venv): {SETUP_HINT}")
 
 
-def exit_missing_dependency(e: ModuleNotFoundError, prog: str | None = None) -> None:
-    """For a root script's imports: print the one line and exit 1, or re-raise when the module is our own."""
-    line = missing_dependency_line(e, prog)
+def exit_missing_dependency(e: ModuleNotFoundError, as_script: bool = True, prog: str | None = None) -> None:
+    """For a root script's imports: print the one line and exit 1. Re-raises when the missing module is our
+    own, or when not as_script (the file imported as a module, e.g. by tests: no exit at import time)."""
+    line = missing_dependency_line(e, prog) if as_script else None
     if line is None:
         raise e
     print(line, file=sys.stderr)
