@@ -5,16 +5,26 @@
 
 Reruns resume: finished shards are not downloaded again and validated shards are not checked again.
 The logic lives in vlm_caption/download.py (decode checks and metadata files: vlm_caption/validate.py).
+
+Exit code: 0 every row is a valid image or a permanent failure (HTTP 404/403, undecodable file), recorded
+with its reason; 3 nothing usable was downloaded, a shard is unfinished, or a download failed in a way
+worth retrying (timeout, HTTP 408/429/5xx, connection error); with --strict, 3 on any failure at all;
+2 bad usage; 1 a fatal condition (or the dependencies are missing: run ./setup.sh).
 """
 from __future__ import annotations
 
 import argparse
 
-from vlm_caption.cli import run_main, setup_logging
-from vlm_caption.config import DownloadConfig
+try:
+    from vlm_caption.cli import run_main, setup_logging
+    from vlm_caption.config import DownloadConfig
+except ModuleNotFoundError as e:  # outside the venv: one line saying what to do, not a traceback
+    from vlm_caption.cli import exit_missing_dependency
+    exit_missing_dependency(e, as_script=__name__ == "__main__")
 
 
-def parse_args(argv: list[str] | None) -> DownloadConfig:
+def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, bool]:
+    """(the settings, --strict)."""
     d = DownloadConfig()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=d.output, help="output directory (default: %(default)s)")
@@ -32,21 +42,23 @@ def parse_args(argv: list[str] | None) -> DownloadConfig:
                    help="img2dataset distributor (default: %(default)s)")
     p.add_argument("--validate-workers", type=int, default=d.validate_workers,
                    help="processes that decode images to find broken ones (default: %(default)s)")
+    p.add_argument("--strict", action="store_true",
+                   help="exit 3 when any row failed, permanent failures (404, undecodable file) included")
     p.add_argument("--verbose", action="store_true", help="debug logging")
     a = p.parse_args(argv)
     return DownloadConfig(output=a.output, source=a.source, split=a.split, threads=a.threads,
                           processes=a.processes, timeout=a.timeout, retries=a.retries, max_rows=a.max_rows,
                           shard_size=a.shard_size, distributor=a.distributor,
-                          validate_workers=a.validate_workers, verbose=a.verbose)
+                          validate_workers=a.validate_workers, verbose=a.verbose), a.strict
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = parse_args(argv)
+    cfg, strict = parse_args(argv)
     cfg.validate()
     setup_logging(cfg.verbose)
     from vlm_caption.download import run_download
 
-    return run_download(cfg)
+    return run_download(cfg, strict=strict)
 
 
 if __name__ == "__main__":  # the guard also keeps img2dataset's spawned workers from rerunning main()

@@ -11,16 +11,47 @@ set -euo pipefail
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY="$HERE/vlm-caption/bin/python"
 
-if [ ! -x "$PY" ]; then
-  echo "run_captioning.sh: no venv at $HERE/vlm-caption yet; creating it with setup.sh (a few minutes, once)" >&2
-  "$HERE/setup.sh"
-fi
+usage() {
+  cat <<'EOF'
+Usage: ./run_captioning.sh --demo [--demo-dir DIR] [--n N]
+       ./run_captioning.sh [batched_image_inference.py flags]
+
+  --demo            run the whole pipeline offline: a tiny random-weight Gemma 3, a synthetic sample,
+                    captioning, merge and DIR/preview.html (its captions are noise). Reruns reuse the
+                    model and data and resume.
+  --demo-dir DIR    where the demo writes (default: ./demo)
+  --n N             rows of the demo's sample data when it is built (default: 24)
+
+Any other flags go to batched_image_inference.py unchanged (listed below). The venv ./vlm-caption is
+created with ./setup.sh on first use (about 1-3 minutes).
+EOF
+}
 
 demo=0
+help=0
 args=()
 for arg in "$@"; do
-  if [ "$arg" = "--demo" ]; then demo=1; else args+=("$arg"); fi
+  case "$arg" in
+    --demo) demo=1 ;;
+    -h|--help) help=1; args+=("$arg") ;;
+    *) args+=("$arg") ;;
+  esac
 done
+
+if [ "$help" = 1 ] && [ "$demo" = 0 ]; then
+  usage
+  echo
+  if [ ! -x "$PY" ]; then
+    echo "(No venv yet: ./setup.sh creates it; then --help also lists batched_image_inference.py's flags.)"
+    exit 0
+  fi
+  echo "batched_image_inference.py flags:"
+fi
+
+if [ ! -x "$PY" ]; then
+  echo "run_captioning.sh: no venv at $HERE/vlm-caption yet; creating it with setup.sh (about 1-3 minutes, once)" >&2
+  "$HERE/setup.sh"
+fi
 
 if [ "$demo" = 1 ]; then
   # `python -m` looks for the package in the working directory, which we keep: point it at the repo.

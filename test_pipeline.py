@@ -9,14 +9,18 @@
 Captioning goes through batched_image_inference.main into a tmp checkpoint dir (removed when every check
 passed) or --checkpoint-dir (kept). --push writes to --hf-repo, by default a separate smoke-test repo, so a
 test never mixes its rows and dataset card into the real dataset.
-Exit code: 0 every check passed, 1 a check failed, 2 bad usage.
+Exit code: 0 every check passed, 1 a check failed (or the dependencies are missing: run ./setup.sh), 2 bad usage.
 """
 from __future__ import annotations
 
 import argparse
 
-from vlm_caption.config import DEFAULT_DATA_DIR
-from vlm_caption.smoke import DEFAULT_SMOKE_MODEL, DEFAULT_SMOKE_REPO
+try:
+    from vlm_caption.config import DEFAULT_DATA_DIR
+    from vlm_caption.smoke import DEFAULT_SMOKE_MODEL, DEFAULT_SMOKE_REPO
+except ModuleNotFoundError as e:  # outside the venv: one line saying what to do, not a traceback
+    from vlm_caption.cli import exit_missing_dependency
+    exit_missing_dependency(e, as_script=__name__ == "__main__")
 
 
 def build_parser() -> argparse.ArgumentParser:

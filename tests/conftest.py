@@ -53,7 +53,12 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def sample_data_dir(tmp_path_factory) -> Path:
-    """48 synthetic images in the img2dataset layout, some deliberately broken. Treat as read-only."""
+    """48 synthetic images in the img2dataset layout, some deliberately broken. Treat as read-only.
+
+    The broken files are put into full_metadata.parquet on purpose (download_data.py leaves them out), so
+    that captioning tests meet them and check how failures are recorded.
+    """
     from vlm_caption.sample_data import write_sample
 
-    return write_sample(tmp_path_factory.mktemp("sample") / "data", n=48, broken=True, seed=0)
+    return write_sample(tmp_path_factory.mktemp("sample") / "data", n=48, broken=True, seed=0,
+                        include_broken_in_metadata=True)

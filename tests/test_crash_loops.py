@@ -283,7 +283,7 @@ def crash_loop(tiny_model_dir, tmp_path_factory):
     from vlm_caption.sample_data import write_sample
 
     work = tmp_path_factory.mktemp("crash_loop")
-    data = write_sample(work / "data", n=240, broken=True, seed=5)
+    data = write_sample(work / "data", n=240, broken=True, seed=5, include_broken_in_metadata=True)
     stub = HubStub(work / "hub_stub").start()
     loop = CrashLoop(stub, tiny_model_dir, data, work)
     try:

@@ -1,8 +1,11 @@
 """preview.py: cards, escaping of untrusted captions, thumbnails, and a real render in headless Chromium."""
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import subprocess
+import sys
 from html.parser import HTMLParser
 from pathlib import Path
 from urllib.parse import unquote
@@ -86,6 +89,70 @@ def test_urls_without_data_dir_and_unsafe_schemes_dropped(checkpoint, tmp_path):
     assert not any("javascript" in href for href in page.links)
 
 
+@pytest.fixture()
+def failed_run(checkpoint, sample_data_dir, tmp_path) -> Path:
+    """The checkpoint plus two failed images (one captioned later: not shown), and a random-weight model."""
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, ckpt)
+    merged_key = pq.read_table(ckpt / store.MERGED)["key"][0].as_py()
+    rows = [{"key": "000000900", "original_key": "9", "url": "http://127.0.0.1/broken.jpg", "stage": "decode",
+             "error": "OSError: image file is truncated (40 bytes not processed)\nsecond line of detail"},
+            {"key": merged_key, "original_key": "1", "url": "http://127.0.0.1/a.jpg", "stage": "load",
+             "error": "file missing"},
+            {"key": "000000901", "original_key": "7", "url": "javascript:alert(1)", "stage": "generate",
+             "error": HOSTILE}]
+    (ckpt / store.FAILURES_DIR).mkdir()
+    pq.write_table(pa.Table.from_pylist(rows, schema=store.FAILURE_SCHEMA),
+                   ckpt / store.FAILURES_DIR / "failures-w000-000000.parquet")
+    model = tmp_path / "model"
+    model.mkdir()
+    (ckpt / store.RUN_JSON).write_text(json.dumps({"run_id": "abc", "model": str(model)}))
+    return ckpt
+
+
+def test_failed_images_are_cards_with_stage_and_reason(failed_run, tmp_path):
+    out = tmp_path / "preview.html"
+    assert write_preview(failed_run, out, n=3) == 3
+    html = out.read_text()
+    page = parse(html)
+    assert page.cards == 3 + 2  # the failure that was captioned later is not shown
+    assert html.count('data-finish="failed"') == 2
+    assert "failed: decode" in html and "image file is truncated" in html and "failed: generate" in html
+    assert "2 images not captioned (failed)" in html
+    assert "&lt;script&gt;document.body" in html and "<script>document" not in html  # reasons are escaped
+    assert not any("javascript" in href for href in page.links)
+    # Finish-reason filter and sort controls, and every caption card says its finish reason.
+    for value in ('value="stop"', 'value="length"', 'value="failed"', 'id="order"'):
+        assert value in html
+    assert html.count('data-finish="stop"') + html.count('data-finish="length"') == 3
+    assert 'id="noise"' not in html  # a model dir without the marker: no banner
+
+
+def test_random_weights_banner(failed_run, tmp_path):
+    from vlm_caption.preview import RANDOM_WEIGHTS_MARKER
+
+    out = tmp_path / "preview.html"
+    write_preview(failed_run, out, n=2, random_weights=True)  # what the demo passes
+    assert 'id="noise"' in out.read_text() and "RANDOM WEIGHTS" in out.read_text()
+    model = Path(json.loads((failed_run / store.RUN_JSON).read_text())["model"])
+    (model / RANDOM_WEIGHTS_MARKER).write_text("random")  # what the demo writes next to its tiny model
+    write_preview(failed_run, out, n=2)
+    assert 'id="noise"' in out.read_text() and "(random weights: noise)" in out.read_text()
+
+
+def test_cli_from_another_directory(failed_run, tmp_path):
+    """`python -m vlm_caption.preview` with the package importable (setup.sh puts the repo on the venv's path)."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    proc = subprocess.run([sys.executable, "-m", "vlm_caption.preview", str(failed_run), "--out", "p.html",
+                           "--n", "1", "--random-weights"], cwd=elsewhere, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "wrote p.html (1 caption card)"
+    assert 'id="noise"' in (elsewhere / "p.html").read_text()
+
+
 def test_missing_merged_file_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="all_captions.parquet"):
         preview_main([str(tmp_path), "--out", str(tmp_path / "p.html")])
@@ -108,4 +175,5 @@ def test_renders_in_headless_chromium(checkpoint, sample_data_dir, tmp_path):
     dom = subprocess.run([*flags, "--dump-dom", url], capture_output=True, text=True, timeout=90, check=True).stdout
     assert parse(dom).cards == 6
     assert "6 of 6 cards shown" in dom  # the page's own script ran (the CSP allows it by hash)
+    assert 'data-finish="stop"' in dom
     assert "pwned" not in dom.split("<main>")[0]  # the hostile caption ran nothing (it would mark <body>)

@@ -5,6 +5,7 @@ import hashlib
 import json
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -48,7 +49,7 @@ def test_layout_and_broken_rows(sample_data_dir):
     assert contents[1] == b"<!DOCTYPE html>"
     assert contents[2].startswith(b"\xff\xd8")  # the truncated JPEG still starts like one
     meta = pq.read_table(root / "full_metadata.parquet")
-    assert meta.num_rows == 45  # include_broken_in_metadata defaults to broken
+    assert meta.num_rows == 45  # the fixture passes include_broken_in_metadata=True
     assert set(r["key"] for r in invalid) <= set(meta["key"].to_pylist())
     assert sum(1 for _ in open(root / "metadata.csv")) == 46
 
@@ -84,10 +85,18 @@ def test_several_shards_without_broken_rows(tmp_path):
     assert pq.read_table(root / "invalid_images.parquet").num_rows == 0
 
 
-def test_broken_rows_can_stay_out_of_metadata(tmp_path):
-    root = write_sample(tmp_path / "s", n=20, broken=True, include_broken_in_metadata=False)
-    assert pq.read_table(root / "full_metadata.parquet").num_rows == 14
-    assert pq.read_table(root / "invalid_images.parquet").num_rows == 3
+def test_broken_rows_stay_out_of_metadata_by_default(tmp_path):
+    """As in a real download: full_metadata.parquet holds only successful, decodable rows."""
+    root = write_sample(tmp_path / "s", n=20, broken=True)
+    meta = pq.read_table(root / "full_metadata.parquet")
+    invalid = pq.read_table(root / "invalid_images.parquet")
+    assert meta.num_rows == 14 and invalid.num_rows == 3
+    assert not set(invalid["key"].to_pylist()) & set(meta["key"].to_pylist())
+    assert None not in meta["width"].to_pylist()
+    assert sum(1 for _ in open(root / "metadata.csv")) == 15
+    # The shard parquets still list the broken files as downloaded: that path still meets them.
+    shard = pq.read_table(root / "images/00000.parquet")
+    assert set(invalid["key"].to_pylist()) <= set(shard.filter(pc.equal(shard["status"], "success"))["key"].to_pylist())
 
 
 def test_same_seed_same_bytes(tmp_path):

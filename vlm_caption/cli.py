@@ -1,4 +1,7 @@
-"""What every script shares: logging set-up and turning known errors into one line and an exit code."""
+"""What every script shares: logging set-up and turning known errors into one line and an exit code.
+
+Standard library only: the root scripts import it to explain a missing dependency (outside the venv).
+"""
 from __future__ import annotations
 
 import logging
@@ -29,6 +32,35 @@ def setup_logging(verbose: bool = False) -> None:
     hf_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
+def plural(n: int, noun: str, plural_form: str | None = None) -> str:
+    """'1 image', '2 images' (plural_form for irregular nouns)."""
+    return f"{n} {noun if n == 1 else (plural_form or noun + 's')}"
+
+
+SETUP_HINT = "run ./setup.sh, then `source vlm-caption/bin/activate` (or use ./run_captioning.sh)"
+
+
+def missing_dependency_line(e: ModuleNotFoundError, prog: str | None = None) -> str | None:
+    """The one line for a dependency missing from this Python; None when the missing module is our own
+    (a bug or a broken checkout, which keeps its traceback)."""
+    top = (e.name or "").split(".")[0]
+    if not top or top == __name__.split(".")[0]:
+        return None
+    prog = prog or sys.argv[0].rsplit("/", 1)[-1]
+    return (f"{prog}: error: the package {top!r} is not installed for {sys.executable} (the project's dependencies "
+            f"live in its venv): {SETUP_HINT}")
+
+
+def exit_missing_dependency(e: ModuleNotFoundError, as_script: bool = True, prog: str | None = None) -> None:
+    """For a root script's imports: print the one line and exit 1. Re-raises when the missing module is our
+    own, or when not as_script (the file imported as a module, e.g. by tests: no exit at import time)."""
+    line = missing_dependency_line(e, prog) if as_script else None
+    if line is None:
+        raise e
+    print(line, file=sys.stderr)
+    sys.exit(EXIT_FATAL)
+
+
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None,
              prog: str | None = None) -> None:
     """Run a script's main(); user mistakes and fatal conditions become one line on stderr."""
@@ -40,6 +72,12 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         code = EXIT_USAGE
     except FatalError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
+        code = EXIT_FATAL
+    except ModuleNotFoundError as e:  # a dependency imported lazily, e.g. outside the venv
+        line = missing_dependency_line(e, prog)
+        if line is None:
+            raise
+        print(line, file=sys.stderr)
         code = EXIT_FATAL
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM via interrupts.Interrupted: 128 + the signal number
         signum = getattr(e, "signum", signal.SIGINT)

@@ -7,7 +7,8 @@
       00000_stats.json        img2dataset's completion marker
     decode_checks/00000.parquet  per-shard decode results (validate.VALIDATION_SCHEMA); present = shard validated
     invalid_images.parquet    key, path, error: files img2dataset saved that PIL cannot fully decode
-    full_metadata.parquet     successful, valid rows of every finished shard (validate.FULL_METADATA_SCHEMA)
+    full_metadata.parquet     successful, decodable rows of every finished shard (validate.FULL_METADATA_SCHEMA);
+                              undecodable files are only in invalid_images.parquet
     metadata.csv              file_name,text for `datasets.load_dataset("imagefolder", data_dir=OUTPUT)`
     download_summary.json     counts, failure reasons, timings
 

@@ -9,9 +9,11 @@ the same pipeline.run as batched_image_inference.py (--no-push), which merges in
 and writes run_summary.json, then writes DIR/preview.html. A second run resumes: nothing is left to do.
 
 Exit code: the sample's broken files (a truncated JPEG, a 0-byte file, an HTML page saved as .jpg) are
-listed in data/invalid_images.parquet, as the download stage records them, and kept in the metadata on
-purpose so the captioner meets them. Their failures are the expected outcome, so the demo exits 0 when
-every failed key is one of those; any other failure gives the pipeline's own code (3), as a real run would.
+listed in data/invalid_images.parquet, as the download stage records them. download_data.py leaves them
+out of full_metadata.parquet; the demo puts them in on purpose (sample_data's include_broken_in_metadata)
+so that the captioner meets them and you see how failures are recorded. Their failures are the expected
+outcome, so the demo exits 0 when every failed key is one of those; any other failure gives the
+pipeline's own code (3), as a real run would.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from . import pipeline, store
+from .cli import plural
 from .config import RunConfig
 from .data_layout import INVALID_FILE
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, UsageError
@@ -51,9 +54,16 @@ def ensure_model(demo_dir: Path) -> tuple[Path, bool]:
     model = demo_dir / "model"
     if (model / "config.json").is_file():
         return model, False
+    from .preview import RANDOM_WEIGHTS_MARKER
     from .tiny_model import build_tiny_model  # imports transformers: only when a build is needed
 
-    _build_into(model, lambda tmp: build_tiny_model(tmp, preset="tiny", seed=0))
+    def build(tmp: Path) -> None:
+        build_tiny_model(tmp, preset="tiny", seed=0)
+        # The preview of any run with this model says that its captions are noise.
+        (tmp / RANDOM_WEIGHTS_MARKER).write_text("Random weights (vlm_caption.tiny_model, preset tiny): captions "
+                                                 "written with this model are noise.\n", encoding="utf-8")
+
+    _build_into(model, build)
     return model, True
 
 
@@ -64,7 +74,8 @@ def ensure_data(demo_dir: Path, n: int) -> tuple[Path, bool]:
         return data, False
     from .sample_data import write_sample
 
-    _build_into(data, lambda tmp: write_sample(tmp, n=n, broken=True, seed=0))
+    # The broken files go into full_metadata.parquet on purpose (a real download leaves them out).
+    _build_into(data, lambda tmp: write_sample(tmp, n=n, broken=True, seed=0, include_broken_in_metadata=True))
     return data, True
 
 
@@ -94,7 +105,7 @@ def print_report(demo_dir: Path, model: Path, data: Path, ckpt: Path, preview: P
         ("checkpoints", ckpt, f"run.json, {store.PARTS_DIR}/, {store.FAILURES_DIR}/"),
         ("captions", ckpt / store.MERGED, f"{merged_rows} rows, the output schema"),
         ("summary", ckpt / store.SUMMARY, "counts, img/s, tokens/s"),
-        ("preview", preview, f"{cards} cards: open it in a browser"),
+        ("preview", preview, f"{plural(cards, 'caption card')} and the failed images: open it in a browser"),
     ]:
         print(f"  {label:<12} {path}  ({note})")
 
@@ -104,12 +115,14 @@ def print_failures(failures: list[dict], expected: set[str]) -> list[dict]:
     planned = [f for f in failures if f["key"] in expected]
     other = [f for f in failures if f["key"] not in expected]
     if planned:
-        print(f"\n{len(planned)} images failed as intended: the sample holds deliberately broken files (listed in "
-              f"{INVALID_FILE}); a real run records such images in failures/ and goes on:")
+        print(f"\n{plural(len(planned), 'image')} failed as intended: the sample holds deliberately broken files "
+              f"(listed in {INVALID_FILE}; the demo also lists them in its full_metadata.parquet, which a real "
+              "download never does, so that you see them fail); a run records such images in failures/ and goes on:")
         for f in planned:
             print(f"  {f['key']}  {f['stage']:<8} {f['error'].splitlines()[0][:100]}")
     if other:
-        print(f"\n{len(other)} images failed that were NOT broken on purpose (a bug or a problem on this machine):")
+        print(f"\n{plural(len(other), 'image')} failed that {'was' if len(other) == 1 else 'were'} NOT broken on "
+              "purpose (a bug or a problem on this machine):")
         for f in other:
             print(f"  {f['key']}  {f['stage']:<8} {f['error'].splitlines()[0][:100]}")
     return other
@@ -164,7 +177,7 @@ def run_demo(demo_dir: Path, n: int, verbose: bool = False) -> int:
     from .preview import write_preview
 
     preview = demo_dir / "preview.html"
-    cards = write_preview(ckpt, preview, data_dir=data)
+    cards = write_preview(ckpt, preview, data_dir=data, random_weights=True)
     print_report(demo_dir, model, data, ckpt, preview, cards, time.monotonic() - started)
     unexpected = print_failures(still_failed(ckpt), broken_on_purpose(data))
     print_noise_warning()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import threading
@@ -20,6 +21,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write_json, atomic_write_table
+from .cli import plural
 from .config import DownloadConfig
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .data_layout import (ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, INVALID_FILE, METADATA_CSV, OOM_SHARD_COUNT,
@@ -237,6 +239,42 @@ def _finished_stats(images_dir: Path) -> dict[int, dict]:
 
 # ---------------------------------------------------------------------------------------------- summary
 
+# Which failed downloads a later try may fix. img2dataset records one row per URL with a `status`
+# (success / failed_to_download / failed_to_resize) and, for a failure, `error_message` = str() of the
+# exception its urllib client raised (or "hash mismatch"). The rule, on that message alone:
+#   retryable: a timeout ("timed out", "The read operation timed out"), HTTP 408, 429 and 5xx, and a
+#              dropped or refused connection or a temporary DNS failure: the server or the network may
+#              answer next time;
+#   permanent: everything else: other HTTP 4xx (404 gone, 403 forbidden, 410), unknown host, bad URL,
+#              TLS certificate errors, hash mismatch, failed_to_resize, and any message not listed above.
+#              Saved files PIL cannot decode (invalid_images.parquet) are permanent data failures too.
+# Unknown messages count as permanent so that a rerun is never asked for in vain; the reasons are printed
+# and kept in download_summary.json either way.
+_RETRYABLE_RE = re.compile(
+    r"timed out|timeout|HTTP Error (?:408|429|5\d\d)\b|Connection (?:refused|reset|aborted)|"
+    r"Remote end closed connection|RemoteDisconnected|IncompleteRead|Connection broken|"
+    r"Temporary failure in name resolution|Network is unreachable|No route to host|"
+    r"EOF occurred in violation of protocol",
+    re.IGNORECASE,
+)
+
+
+def is_retryable(error_message: str | None) -> bool:
+    """Whether a failed download's error_message is worth another try (the rule above)."""
+    return bool(error_message) and _RETRYABLE_RE.search(error_message) is not None
+
+
+def _shards_with_retryable(out: Path, shard_ids: list[int]) -> list[int]:
+    """Finished shards holding a retryable failure (only their error_message column is read)."""
+    found = []
+    for shard_id in shard_ids:
+        messages = pq.read_table(out / IMAGES_DIR / f"{shard_name(shard_id)}.parquet",
+                                 columns=["error_message"]).column("error_message")
+        if any(is_retryable(m) for m in pc.unique(messages).to_pylist()):
+            found.append(shard_id)
+    return found
+
+
 def make_summary(cfg: DownloadConfig, n_rows: int, shard_ids: list[int], finished: list[int],
                  counts: OutputCounts, validation: ValidationStats, timings: dict | None) -> dict:
     unfinished = [s for s in shard_ids if s not in set(finished)]
@@ -250,6 +288,8 @@ def make_summary(cfg: DownloadConfig, n_rows: int, shard_ids: list[int], finishe
         "downloaded": counts.downloaded,
         "failed": sum(counts.failed_by_status.values()),
         "failed_by_status": dict(counts.failed_by_status.most_common()),
+        "failed_retryable": sum(n for reason, n in counts.failure_reasons.items() if is_retryable(reason)),
+        "shards_with_retryable": _shards_with_retryable(Path(cfg.output), finished),
         "failure_reasons": dict(counts.failure_reasons.most_common(20)),
         "invalid": counts.invalid,
         "valid": counts.downloaded - counts.invalid,
@@ -262,12 +302,15 @@ def make_summary(cfg: DownloadConfig, n_rows: int, shard_ids: list[int], finishe
 
 
 def print_summary(out: Path, summary: dict) -> None:
+    retryable = summary.get("failed_retryable", 0)
     lines = [
         f"Download summary ({out})",
         f"  rows in source:      {summary['rows_in']} "
-        f"in {summary['shards']['total']} shard(s) of {summary['shard_size']}",
+        f"in {plural(summary['shards']['total'], 'shard')} of {summary['shard_size']}",
         f"  downloaded:          {summary['downloaded']}",
-        f"  failed to download:  {summary['failed']}",
+        f"  failed to download:  {summary['failed']}"
+        + (f"  ({retryable} retryable: timeout, HTTP 408/429/5xx, connection; {summary['failed'] - retryable} "
+           "permanent)" if summary["failed"] else ""),
     ]
     lines += [f"      {n:>8}  {reason}" for reason, n in list(summary["failure_reasons"].items())[:10]]
     lines += [
@@ -300,7 +343,8 @@ def download_dataset(cfg: DownloadConfig) -> dict:
 
     t1 = time.perf_counter()
     if set(shard_ids) <= set(_finished_stats(out / IMAGES_DIR)):
-        logger.info("all %d shard(s) already downloaded; img2dataset has nothing to do", len(shard_ids))
+        logger.info("%s already downloaded; img2dataset has nothing to do",
+                    "the 1 shard" if len(shard_ids) == 1 else f"all {len(shard_ids)} shards")
         remove_img2dataset_leftovers(out)
     else:
         run_img2dataset(out, urls, cfg)
@@ -318,11 +362,41 @@ def download_dataset(cfg: DownloadConfig) -> dict:
     return summary
 
 
-def run_download(cfg: DownloadConfig) -> int:
-    """Run the stage, print the summary; the exit code says whether every shard finished."""
+def _stats_files(shards: list[int]) -> str:
+    names = [f"{IMAGES_DIR}/{shard_name(s)}_stats.json" for s in shards[:10]]
+    return ", ".join(names) + (", ..." if len(shards) > 10 else "")
+
+
+def run_download(cfg: DownloadConfig, strict: bool = False) -> int:
+    """Run the stage, print the summary (always) and return the exit code (README: "Exit codes").
+
+    3 when nothing usable was downloaded, when a shard is unfinished or a download failed in a way worth
+    retrying (is_retryable), and with strict when anything failed at all; otherwise 0: every row is a valid
+    image or a permanent failure (404, undecodable file, ...) recorded with its reason.
+    """
     summary = download_dataset(cfg)
     print_summary(Path(cfg.output), summary)
-    if summary["shards"]["unfinished"]:
-        logger.error("%d shard(s) did not finish; rerun to retry them", len(summary["shards"]["unfinished"]))
+    unfinished = summary["shards"]["unfinished"]
+    retryable = summary.get("failed_retryable", 0)
+    permanent = summary["failed"] - retryable + summary["invalid"]
+    if summary["valid"] == 0:
+        logger.error("nothing usable was downloaded: none of the %s gave a decodable image (reasons above, "
+                     "and in %s)", plural(summary["rows_in"], "source row"), SUMMARY_FILE)
+        return EXIT_ITEMS_FAILED
+    if unfinished:
+        logger.error("%s did not finish; rerun the same command to retry %s", plural(len(unfinished), "shard"),
+                     "it" if len(unfinished) == 1 else "them")
+        return EXIT_ITEMS_FAILED
+    if retryable:
+        shards = summary.get("shards_with_retryable", [])
+        logger.error(
+            "%s failed in a way worth retrying (timeouts, HTTP 408/429/5xx, connection errors). A rerun skips "
+            "finished shards: to retry, delete %s and rerun the same command (the whole shard is fetched again)",
+            plural(retryable, "download"),
+            _stats_files(shards) or "the shard's NNNNN_stats.json")
+        return EXIT_ITEMS_FAILED
+    if strict and permanent:
+        logger.error("--strict: %s failed for good (HTTP 4xx, undecodable files, ...); see the reasons above",
+                     plural(permanent, "row"))
         return EXIT_ITEMS_FAILED
     return EXIT_OK

@@ -1,9 +1,12 @@
 """A static HTML contact sheet of a run's first captions, to look at them before trusting a long job.
 
-    python -m vlm_caption.preview CHECKPOINT_DIR --out preview.html [--data-dir DIR] [--n 200]
+    python -m vlm_caption.preview CHECKPOINT_DIR --out preview.html [--data-dir DIR] [--n 200] [--random-weights]
 
-One self-contained file: inline CSS and a few lines of inline JS (a filter box), no network. A card per
-row of all_captions.parquet: thumbnail, generated caption, original caption, tags, finish badge, key.
+One self-contained file: inline CSS and a few lines of inline JS (a filter box, a finish-reason filter and
+a sort order), no network. A card per row of all_captions.parquet: thumbnail, generated caption, original
+caption, tags, finish badge (stop / length), key; then a card per failed image still without a caption
+(failures/: its stage and reason). When the captions come from random weights (the demo's tiny model:
+its model dir holds RANDOM_WEIGHTS_MARKER, or --random-weights), a banner at the top says they are noise.
 Thumbnails point at the local image file (a path relative to the HTML file) when the data dir is known,
 else at the row's url. Captions come from a model and from the web, so every value is HTML-escaped, and a
 Content-Security-Policy lets only this file's own script run, as a second wall.
@@ -26,9 +29,12 @@ import pyarrow.parquet as pq
 
 from . import dataset, store
 from .atomic import atomic_write_bytes
+from .cli import plural
 from .errors import UsageError
 
 DEFAULT_ROWS = 200
+# A file in a model dir saying its weights are random (the demo writes it next to its tiny model).
+RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
 COLUMNS = ["key", "url", "vlm_caption", "original_caption", "tags", "caption_finish", "caption_tokens"]
 
 _CSS = """
@@ -37,6 +43,10 @@ header{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;paddin
 h1{font-size:18px;margin:0 0 4px}
 .counts{color:#52525b;margin:0 0 8px}
 #filter{width:100%;max-width:480px;padding:6px 8px;font-size:14px}
+select{padding:5px;font-size:14px;margin-left:8px}
+.noise{background:#fef2f2;border:2px solid #b91c1c;color:#7f1d1d;padding:8px 12px;margin:0 0 8px;font-weight:600}
+.card.failed{border-color:#b91c1c;background:#fff7f7}
+.error{margin:0;color:#7f1d1d;font-size:12px;white-space:pre-wrap;word-break:break-word}
 #shown{margin-left:8px;color:#52525b}
 main{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:12px;padding:16px}
 .card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;display:flex;flex-direction:column;gap:6px}
@@ -49,25 +59,45 @@ main{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:
 .meta{display:flex;gap:8px;align-items:center;font-size:12px;color:#52525b}
 .badge{border-radius:4px;padding:1px 6px;font-weight:600;color:#fff}
 .finish-stop{background:#15803d}.finish-length{background:#b45309}.finish-other{background:#71717a}
+.finish-failed{background:#b91c1c}
 code{font-size:12px}
 """
 
-# Cards are hidden with the `hidden` attribute; the count line says how many match.
+# Cards are hidden with the `hidden` attribute; the count line says how many match. Sorting moves the
+# cards inside <main>; each card carries data-finish (stop, length, failed, ...), data-tokens and data-key.
 _JS = """
 const box = document.getElementById("filter");
+const finish = document.getElementById("finish");
+const order = document.getElementById("order");
+const main = document.querySelector("main");
 const cards = Array.from(document.querySelectorAll("article.card"));
 const shown = document.getElementById("shown");
+const rank = {stop: 0, length: 1, failed: 3};
 function update() {
   const q = box.value.trim().toLowerCase();
+  const f = finish.value;
   let n = 0;
   for (const card of cards) {
-    const hit = !q || card.textContent.toLowerCase().includes(q);
+    const hit = (!q || card.textContent.toLowerCase().includes(q)) && (!f || card.dataset.finish === f);
     card.hidden = !hit;
     if (hit) n++;
   }
   shown.textContent = n + " of " + cards.length + " cards shown";
 }
+function sort() {
+  const by = order.value;
+  const sorted = cards.slice();
+  if (by === "finish") {
+    sorted.sort((a, b) => ((rank[a.dataset.finish] ?? 2) - (rank[b.dataset.finish] ?? 2)));
+  } else if (by === "tokens") {
+    sorted.sort((a, b) => Number(b.dataset.tokens || -1) - Number(a.dataset.tokens || -1));
+  }
+  for (const card of sorted) main.appendChild(card);
+}
 box.addEventListener("input", update);
+finish.addEventListener("change", update);
+order.addEventListener("change", sort);
+sort();
 update();
 """
 
@@ -107,6 +137,34 @@ def local_images(data_dir: Path, keys: list[str]) -> dict[str, Path]:
     return found
 
 
+def read_failures(checkpoint_dir: Path, merged: Path, n: int) -> tuple[list[dict], int]:
+    """(the first n failure records, by key, of images no part holds; how many there are), read only.
+
+    Unreadable failure files are skipped here (the next captioning run quarantines them).
+    """
+    failed: dict[str, dict] = {}
+    for part in store.list_failure_files(checkpoint_dir):
+        try:
+            pf = pq.ParquetFile(part.path)
+            names = [c for c in ("key", "original_key", "url", "stage", "error") if c in pf.schema_arrow.names]
+            rows = pf.read(columns=names).to_pylist()
+        except (OSError, pa.ArrowException):
+            continue
+        for row in rows:
+            if row.get("key") is not None:
+                failed.setdefault(str(row["key"]), row)
+    if not failed:
+        return [], 0
+    captioned = set(pq.read_table(merged, columns=["key"]).column("key").to_pylist())
+    keys = sorted(k for k in failed if k not in captioned)
+    return [failed[k] for k in keys[:n]], len(keys)
+
+
+def is_random_weights(model: str | None) -> bool:
+    """Whether run.json's model is a local dir marked as random weights (the demo's tiny model)."""
+    return bool(model) and (Path(model) / RANDOM_WEIGHTS_MARKER).is_file()
+
+
 def read_run_summary(checkpoint_dir: Path) -> dict:
     path = checkpoint_dir / store.SUMMARY
     try:
@@ -137,14 +195,19 @@ def _e(value) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
+def _thumb(key: str, src: str | None) -> str:
+    return (f'<a href="{_e(src)}" rel="noopener noreferrer"><img class="thumb" src="{_e(src)}" '
+            f'alt="image {_e(key)}" loading="lazy"></a>') if src else '<div class="noimg">no image</div>'
+
+
 def render_card(row: dict, src: str | None) -> str:
     finish = row.get("caption_finish") or "?"
     badge = f"finish-{finish}" if finish in ("stop", "length") else "finish-other"
-    image = (f'<a href="{_e(src)}" rel="noopener noreferrer"><img class="thumb" src="{_e(src)}" '
-             f'alt="image {_e(row["key"])}" loading="lazy"></a>') if src else '<div class="noimg">no image</div>'
+    tokens = row.get("caption_tokens")
     return (
-        '<article class="card">'
-        f"{image}"
+        f'<article class="card" data-finish="{_e(finish)}" data-tokens="{_e(tokens if tokens is not None else "")}" '
+        f'data-key="{_e(row["key"])}">'
+        f"{_thumb(row['key'], src)}"
         f'<div class="meta"><span class="badge {badge}">{_e(finish)}</span><code class="key">{_e(row["key"])}</code>'
         f'<span>{_e(row.get("caption_tokens"))} tokens</span></div>'
         f'<p class="vlm">{_e(row.get("vlm_caption"))}</p>'
@@ -154,30 +217,69 @@ def render_card(row: dict, src: str | None) -> str:
     )
 
 
+def render_failure_card(row: dict) -> str:
+    """A failed image: its stage (load / decode / generate) and reason, and a link to its url."""
+    error = (row.get("error") or "").strip()
+    first = error.splitlines()[0] if error else "no reason recorded"
+    more = (f'<details><summary>full reason</summary><p class="error">{_e(error)}</p></details>'
+            if error and error != first else "")
+    url = safe_url(row.get("url"))
+    link = f'<a href="{_e(url)}" rel="noopener noreferrer">source url</a>' if url else ""
+    return (
+        f'<article class="card failed" data-finish="failed" data-tokens="" data-key="{_e(row["key"])}">'
+        '<div class="noimg">not captioned</div>'
+        f'<div class="meta"><span class="badge finish-failed">failed: {_e(row.get("stage") or "?")}</span>'
+        f'<code class="key">{_e(row["key"])}</code>{link}</div>'
+        f'<p class="error"><span class="label">reason:</span> {_e(first)}</p>{more}'
+        "</article>"
+    )
+
+
 def counts_line(rows: list[dict], total: int, summary: dict) -> str:
     finish = Counter(r.get("caption_finish") for r in rows)
     empty = sum(1 for r in rows if not (r.get("vlm_caption") or "").strip())
-    parts = [f"{len(rows)} of {total} captioned rows"]
+    parts = [f"{len(rows)} of {plural(total, 'captioned row')}"]
     failed = (summary.get("checkpoint_dir") or {}).get("failed")
     if failed is not None:
-        parts.append(f"{failed} failed images in the checkpoint dir")
+        parts.append(f"{plural(failed, 'failed image')} in the checkpoint dir")
     parts.append(f"of those shown: {finish.get('stop', 0)} stopped, {finish.get('length', 0)} hit --max-tokens, "
                  f"{empty} empty")
     return " · ".join(parts)
 
 
-def render_page(rows: list[dict], srcs: list[str | None], total: int, summary: dict, title: str) -> str:
+NOISE_BANNER = ("These captions come from RANDOM WEIGHTS (the demo's tiny model): they are noise. The page shows that "
+                "the pipeline runs, not what Gemma 3 writes; caption with a real model (e.g. google/gemma-3-4b-it) "
+                "for real captions.")
+_CONTROLS = (
+    '<input id="filter" type="search" placeholder="filter cards by any text (caption, tags, key, reason)" '
+    'aria-label="filter">'
+    '<select id="finish" aria-label="finish reason"><option value="">every finish reason</option>'
+    '<option value="stop">stop (the model ended)</option><option value="length">length (cut at --max-tokens)</option>'
+    '<option value="failed">failed (not captioned)</option></select>'
+    '<select id="order" aria-label="sort"><option value="key">key order</option>'
+    '<option value="finish">by finish reason</option><option value="tokens">most tokens first</option></select>'
+    '<span id="shown"></span>'
+)
+
+
+def render_page(rows: list[dict], srcs: list[str | None], total: int, summary: dict, title: str,
+                failures: list[dict] = (), failed_total: int = 0, random_weights: bool = False) -> str:
     script_hash = base64.b64encode(hashlib.sha256(_JS.encode()).digest()).decode()
     csp = (f"default-src 'none'; img-src file: http: https: data:; style-src 'unsafe-inline'; "
            f"script-src 'sha256-{script_hash}'")
-    cards = "\n".join(render_card(row, src) for row, src in zip(rows, srcs))
+    cards = "\n".join([*(render_card(row, src) for row, src in zip(rows, srcs)),
+                       *(render_failure_card(f) for f in failures)])
+    counts = counts_line(rows, total, summary)
+    if failed_total:
+        counts += f" · {plural(failed_total, 'image')} not captioned (failed)" + (
+            f", the first {len(failures)} shown" if len(failures) < failed_total else "")
+    banner = f'<p class="noise" id="noise">{_e(NOISE_BANNER)}</p>' if random_weights else ""
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>"
-        f"<header><h1>{_e(title)}</h1><p class=\"counts\" id=\"counts\">{_e(counts_line(rows, total, summary))}</p>"
-        '<input id="filter" type="search" placeholder="filter cards by any text (caption, tags, key)" '
-        'aria-label="filter"><span id="shown"></span></header>\n'
+        f"<header><h1>{_e(title)}</h1>{banner}<p class=\"counts\" id=\"counts\">{_e(counts)}</p>"
+        f"{_CONTROLS}</header>\n"
         f"<main>\n{cards}\n</main>\n<script>{_JS}</script></body></html>\n"
     )
 
@@ -185,8 +287,9 @@ def render_page(rows: list[dict], srcs: list[str | None], total: int, summary: d
 # ---------------------------------------------------------------- the whole thing
 
 def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | str | None = None,
-                  n: int = DEFAULT_ROWS) -> int:
-    """Write the contact sheet of the first n merged rows to `out` (atomically); returns the cards written."""
+                  n: int = DEFAULT_ROWS, random_weights: bool | None = None) -> int:
+    """Write the contact sheet of the first n merged rows (and of up to n failed images) to `out`
+    (atomically); returns the caption cards written. random_weights None: from the model dir's marker."""
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     if n < 1:
         raise UsageError(f"--n must be a positive integer, got {n}")
@@ -200,7 +303,12 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
     srcs = [relative_src(images[r["key"]], out_dir) if r["key"] in images else safe_url(r.get("url"))
             for r in rows]
     model = (store.read_run_json(checkpoint_dir) or {}).get("model", "unknown model")
-    page = render_page(rows, srcs, total, read_run_summary(checkpoint_dir), f"Captions by {model}")
+    if random_weights is None:
+        random_weights = is_random_weights(model)
+    failures, failed_total = read_failures(checkpoint_dir, merged, n)
+    title = f"Captions by {model}" + (" (random weights: noise)" if random_weights else "")
+    page = render_page(rows, srcs, total, read_run_summary(checkpoint_dir), title, failures, failed_total,
+                       random_weights)
     atomic_write_bytes(out, page.encode("utf-8"))
     return len(rows)
 
@@ -210,12 +318,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoint_dir", help="a checkpoint dir holding all_captions.parquet")
     p.add_argument("--out", default="preview.html", help="HTML file to write (default: %(default)s)")
     p.add_argument("--data-dir", help="the data dir the run captioned: thumbnails from local files instead of urls")
-    p.add_argument("--n", type=int, default=DEFAULT_ROWS, help="cards: the first N rows (default: %(default)s)")
+    p.add_argument("--n", type=int, default=DEFAULT_ROWS,
+                   help="cards: the first N rows, and the first N failed images (default: %(default)s)")
+    p.add_argument("--random-weights", action="store_true", default=None,
+                   help="say on the page that the captions are noise from a random-weight model (default: when "
+                        f"the run's model dir holds {RANDOM_WEIGHTS_MARKER}, as the demo's does)")
     a = p.parse_args(argv)
     if a.data_dir is not None and not Path(a.data_dir).is_dir():
         raise UsageError(f"--data-dir {a.data_dir} does not exist")
-    cards = write_preview(a.checkpoint_dir, a.out, data_dir=a.data_dir, n=a.n)
-    print(f"wrote {a.out} ({cards} cards)")
+    cards = write_preview(a.checkpoint_dir, a.out, data_dir=a.data_dir, n=a.n, random_weights=a.random_weights)
+    print(f"wrote {a.out} ({plural(cards, 'caption card')})")
     return 0
 
 

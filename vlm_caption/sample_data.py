@@ -1,6 +1,6 @@
 """A synthetic ContraStyles sample in exactly the layout download_data.py produces (demo, tests, benchmarks).
 
-    python -m vlm_caption.sample_data --n 64 --out demo/data [--broken] [--seed 0] [--shard-size 16]
+    python -m vlm_caption.sample_data --n 64 --out demo/data [--broken [--broken-in-metadata]] [--seed 0] [--shard-size 16]
 
 Rows carry the ContraStyles columns (key, url, caption, md5, tags, merged_tags) with artist/style-like
 text. Images are small mostly (32-384 px on the long side), a few large (up to 2000 px); modes RGB, L,
@@ -10,9 +10,11 @@ null sizes, and rows are in (shuffled) completion order.
 
 With broken=True, some rows are deliberately bad: a truncated JPEG, a 0-byte file and an HTML page saved
 as .jpg (status success, as img2dataset records them; listed in invalid_images.parquet), and a few
-failed downloads (404, 403, timeout: no files). include_broken_in_metadata (default: broken) keeps the
-three bad files in full_metadata.parquet and metadata.csv too, so the captioner meets them; the
-download stage itself never does that.
+failed downloads (404, 403, timeout: no files). Like the download stage, full_metadata.parquet and
+metadata.csv hold only the decodable rows. The captioner still meets the bad files when it reads the
+shard parquets (a data dir without full_metadata.parquet), or when include_broken_in_metadata=True
+(--broken-in-metadata) puts them into full_metadata.parquet as well, on purpose: the test fixtures and
+the demo do that to exercise how failures are recorded; download_data.py never does.
 
 The shard parquets, stats files, decode checks, full_metadata.parquet, metadata.csv and the summary are
 written by the same functions download.py and validate.py use, so a sample and a real download cannot
@@ -38,6 +40,7 @@ from . import data_layout as layout
 from . import download as dl
 from . import validate
 from .atomic import atomic_write_json, atomic_write_table
+from .cli import plural
 from .config import DownloadConfig
 from .errors import UsageError
 
@@ -227,7 +230,7 @@ def _text(row: _Row, rng: random.Random) -> dict:
 # ---------------------------------------------------------------------------------------------- writing
 
 def write_sample(out_dir: str | Path, n: int = 64, broken: bool = False, seed: int = 0,
-                 shard_size: int | None = None, include_broken_in_metadata: bool | None = None) -> Path:
+                 shard_size: int | None = None, include_broken_in_metadata: bool = False) -> Path:
     """Write the sample into out_dir (created; must be empty) and return its path."""
     out = Path(out_dir)
     if n < 1:
@@ -237,7 +240,6 @@ def write_sample(out_dir: str | Path, n: int = 64, broken: bool = False, seed: i
         raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out} exists and is not empty; choose a new directory")
-    include_invalid = broken if include_broken_in_metadata is None else include_broken_in_metadata
     logging.getLogger("exifread").setLevel(logging.CRITICAL)  # as img2dataset does: it warns on every PNG
 
     rng = random.Random(seed)
@@ -253,7 +255,7 @@ def write_sample(out_dir: str | Path, n: int = 64, broken: bool = False, seed: i
                   shard_size)
 
     checks = validate.validate_shards(out, stats, workers=1)
-    counts = validate.build_outputs(out, sorted(stats), include_invalid=include_invalid)
+    counts = validate.build_outputs(out, sorted(stats), include_invalid=include_broken_in_metadata)
     checks.seconds = 0.0  # no timings in the sample: the same seed gives the same bytes
     cfg = DownloadConfig(output=str(out), source=f"synthetic sample (seed {seed})", shard_size=shard_size)
     summary = dl.make_summary(cfg, n, sorted(stats), sorted(stats), counts, checks, None)
@@ -319,13 +321,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
     p.add_argument("--n", type=int, default=64, help="rows (default: %(default)s)")
     p.add_argument("--broken", action="store_true", help="add broken files and failed downloads")
+    p.add_argument("--broken-in-metadata", action="store_true",
+                   help="with --broken: list the broken files in full_metadata.parquet too (download_data.py never "
+                        "does), so that a captioning run meets them")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--shard-size", type=int, default=None, help="rows per shard (default: 10000, like the download)")
     a = p.parse_args(argv)
-    out = write_sample(a.out, n=a.n, broken=a.broken, seed=a.seed, shard_size=a.shard_size)
+    if a.broken_in_metadata and not a.broken:
+        raise UsageError("--broken-in-metadata needs --broken")
+    out = write_sample(a.out, n=a.n, broken=a.broken, seed=a.seed, shard_size=a.shard_size,
+                       include_broken_in_metadata=a.broken_in_metadata)
     summary = json.loads((out / layout.SUMMARY_FILE).read_text())
-    print(f"wrote {a.n} rows to {out}: {summary['valid']} valid images, {summary['invalid']} broken files, "
-          f"{summary['failed']} failed downloads; {summary['full_metadata_rows']} rows in {layout.FULL_METADATA_FILE}")
+    print(f"wrote {plural(a.n, 'row')} to {out}: {plural(summary['valid'], 'valid image')}, "
+          f"{plural(summary['invalid'], 'broken file')}, {plural(summary['failed'], 'failed download')}; "
+          f"{plural(summary['full_metadata_rows'], 'row')} in {layout.FULL_METADATA_FILE}")
     return 0
 
 

@@ -22,6 +22,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path, atomic_write_table
+from .cli import plural
 from .data_layout import (FULL_METADATA_FILE, IMAGES_DIR, INVALID_FILE, METADATA_CSV, SAVED_COLUMNS, VALIDATION_DIR,
                           image_file_name, shard_name)
 
@@ -113,7 +114,8 @@ def validate_shards(out: Path, finished: dict[int, dict], workers: int) -> Valid
         if pool is not None:
             pool.shutdown()
     result.seconds = time.perf_counter() - start
-    logger.info("validated %d shard(s), %d images in %.1f s", result.shards, result.images, result.seconds)
+    logger.info("validated %s, %s in %.1f s", plural(result.shards, "shard"), plural(result.images, "image"),
+                result.seconds)
     return result
 
 

@@ -1,0 +1,108 @@
+"""download_data.py's exit codes, run as a user runs it (a subprocess) against a 127.0.0.1 HTTP server.
+
+0: every row is a valid image or a permanent failure (404); 3: nothing usable, retryable failures left
+(5xx), or --strict and any failure. The counts are printed whatever the code.
+"""
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.image_server import ImageServer, Route
+from vlm_caption.download import is_retryable
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CLI_ARGS = ["--processes", "1", "--threads", "4", "--timeout", "5", "--retries", "0", "--validate-workers", "1"]
+
+
+def _jpeg(shade: int) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (48, 32), (shade, 100, 200)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def server():
+    routes = {f"/img/{i}.jpg": Route(_jpeg(40 * i)) for i in range(3)}
+    routes["/busy.jpg"] = Route(status=503)
+    with ImageServer(routes) as srv:  # any other path answers 404
+        yield srv
+
+
+def _source(tmp_path: Path, server: ImageServer, paths: list[str]) -> Path:
+    path = tmp_path / "src.parquet"
+    pq.write_table(pa.Table.from_pylist([
+        {"key": f"{i:04d}", "url": server.url(p), "caption": f"picture {i}", "md5": f"{i:032x}", "tags": "t",
+         "merged_tags": "t, m"} for i, p in enumerate(paths)]), path)
+    return path
+
+
+def _download(source: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "download_data.py", "--source", str(source), "--output", str(out),
+                           *CLI_ARGS, *extra], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_all_404_exits_3_saying_nothing_usable(server, tmp_path):
+    source = _source(tmp_path, server, ["/gone/0.jpg", "/gone/1.jpg"])
+    result = _download(source, tmp_path / "out")
+    assert result.returncode == 3, result.stderr
+    assert "Download summary" in result.stdout and "failed to download:  2" in result.stdout  # counts printed
+    assert "nothing usable was downloaded" in result.stderr and "Traceback" not in result.stderr
+    assert json.loads((tmp_path / "out" / "download_summary.json").read_text())["valid"] == 0
+
+
+def test_good_images_and_a_404_exit_0_and_strict_exits_3(server, tmp_path):
+    source = _source(tmp_path, server, ["/img/0.jpg", "/gone.jpg", "/img/1.jpg", "/img/2.jpg"])
+    out = tmp_path / "out"
+    result = _download(source, out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "valid images:        3" in result.stdout
+    assert "failed to download:  1  (0 retryable" in result.stdout
+    summary = json.loads((out / "download_summary.json").read_text())
+    assert summary["failed"] == 1 and summary["failed_retryable"] == 0 and summary["shards_with_retryable"] == []
+
+    # The same data with --strict (a rerun: nothing is downloaded again): the 404 now counts.
+    strict = _download(source, out, "--strict")
+    assert strict.returncode == 3, strict.stderr
+    assert "--strict: 1 row failed for good" in strict.stderr
+    assert "valid images:        3" in strict.stdout
+
+
+def test_a_5xx_is_retryable_work_left(server, tmp_path):
+    source = _source(tmp_path, server, ["/img/0.jpg", "/busy.jpg"])
+    result = _download(source, tmp_path / "out")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "failed to download:  1  (1 retryable" in result.stdout
+    # A rerun skips finished shards, so the message says how to retry this one.
+    assert "1 download failed in a way worth retrying" in result.stderr
+    assert "images/00000_stats.json" in result.stderr
+
+
+@pytest.mark.parametrize("message, retryable", [
+    ("timed out", True),
+    ("The read operation timed out", True),
+    ("<urlopen error timed out>", True),
+    ("HTTP Error 503: Service Unavailable", True),
+    ("HTTP Error 429: Too Many Requests", True),
+    ("<urlopen error [Errno 111] Connection refused>", True),
+    ("Remote end closed connection without response", True),
+    ("<urlopen error [Errno -3] Temporary failure in name resolution>", True),
+    ("HTTP Error 404: File not found", False),
+    ("HTTP Error 403: Forbidden", False),
+    ("HTTP Error 410: Gone", False),
+    ("<urlopen error [Errno -2] Name or service not known>", False),
+    ("hash mismatch", False),
+    ("unknown url type: 'ftp'", False),
+    (None, False),
+])
+def test_retryable_rule(message, retryable):
+    assert is_retryable(message) is retryable
