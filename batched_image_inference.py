@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import argparse
 
-from vlm_caption.config import RunConfig
+try:
+    from vlm_caption.config import RunConfig
+except ModuleNotFoundError as e:  # outside the venv: one line saying what to do, not a traceback
+    from vlm_caption.cli import exit_missing_dependency
+    exit_missing_dependency(e, as_script=__name__ == "__main__")
 
 D = RunConfig()  # every default is the dataclass's, typed once
 

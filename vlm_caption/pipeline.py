@@ -18,6 +18,7 @@ from typing import Any, Optional
 from . import dataset, store
 from .atomic import atomic_write_json, remove_stale_tmp
 from .backends import CaptionBackend, make_backend
+from .cli import plural
 from .config import RunConfig, distributed_rank, parse_shards, resolve_repo_id
 from .errors import EXIT_COVERAGE, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .interrupts import StopSignals
@@ -396,9 +397,6 @@ def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
         print(f"{plural(failed_mine, 'image')} of this worker failed (reasons in {ckpt / store.FAILURES_DIR}); "
               "--retry-failed tries them again")
 
-
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def push_only(hub_client, cfg: RunConfig, run_info: dict) -> int:
