@@ -192,19 +192,15 @@ def test_lost_run_json_never_adopts_parts_of_other_settings(cli, hub_stub, sourc
 
 
 def test_sigterm_flushes_finished_captions_and_exits_quickly(cli, hub_stub, source_keys, tmp_path):  # noqa: F811
-    proc = cli.start("t", *SLOW, "--checkpoint-every", "1000")
     ckpt = tmp_path / "t"
-    try:
-        assert hub_stub.wait_for(lambda: (ckpt / "locks" / "worker-000.lock").exists(), timeout=120)
-        time.sleep(5)  # some batches done, none written yet (checkpoint-every 1000)
-        assert not store.list_parts(ckpt) and proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        start = time.monotonic()
-        out, _ = proc.communicate(timeout=60)
-        took = time.monotonic() - start
-    finally:
-        proc.kill()
-    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+
+    def ready(output: list[str]) -> None:  # captioning for a few seconds, nothing written yet
+        assert hub_stub.wait_for(lambda: "batch size" in "".join(output), timeout=120), "".join(output)[-2000:]
+        time.sleep(4)
+        assert not store.list_parts(ckpt)
+
+    code, out, took = signal_when_ready(cli.start("t", *SLOW, "--checkpoint-every", "1000"), ready, signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, out[-2000:]
     assert took < 10, took
     written = local_keys(ckpt)
     assert written and "SIGTERM" in out
@@ -214,20 +210,35 @@ def test_sigterm_flushes_finished_captions_and_exits_quickly(cli, hub_stub, sour
 
 
 def test_ctrl_c_with_the_hub_down_exits_within_the_push_bound(cli, hub_stub, tmp_path):  # noqa: F811
-    proc = cli.start("h", *SLOW)
-    try:
-        assert hub_stub.wait_for(lambda: store.list_parts(tmp_path / "h") or proc.poll() is not None, timeout=120)
+    def ready(output: list[str]) -> None:
+        assert hub_stub.wait_for(lambda: store.list_parts(tmp_path / "h"), timeout=120), "".join(output)[-2000:]
         for method in ("GET", "POST", "HEAD"):
             hub_stub.inject(method, ".*", "503", times=100_000)
-        proc.send_signal(signal.SIGINT)
-        start = time.monotonic()
-        out, _ = proc.communicate(timeout=90)
-        took = time.monotonic() - start
-    finally:
-        proc.kill()
-    assert proc.returncode == 130, out[-2000:]
+
+    code, out, took = signal_when_ready(cli.start("h", *SLOW), ready, signal.SIGINT)
+    assert code == 130, out[-2000:]
     assert took < 35, took  # the final push gives up after about 20 s; the rows stay for the next run
     assert "stays pending" in out or "stay pending" in out
+
+
+def signal_when_ready(proc: subprocess.Popen, ready, signum: int) -> tuple[int, str, float]:
+    """ready(output so far) with the run alive, then the signal; (exit code, output, seconds to exit)."""
+    import threading
+
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    try:
+        ready(output)
+        assert proc.poll() is None, "the run ended before the signal"
+        proc.send_signal(signum)
+        start = time.monotonic()
+        proc.wait(timeout=90)
+        took = time.monotonic() - start
+        reader.join(timeout=10)
+        return proc.returncode, "".join(output), took
+    finally:
+        proc.kill()
 
 
 # ---------------------------------------------------------------- 8: corrupt state
