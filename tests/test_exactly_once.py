@@ -360,3 +360,18 @@ def test_checkpoint_dir_given_twice_keeps_both_and_bad_repo_names_fail_even_with
     line = one_line_error(cli.run("a", "--checkpoint-dir", str(tmp_path / "b"), "--no-push"))
     assert "only allowed with --merge-only" in line
     assert "invalid Hub repo id" in one_line_error(cli.run("a", "--no-push", repo="bad name!!"))
+
+
+def test_dry_run_says_what_the_run_will_do_and_rates_leave_out_model_loading(cli, tmp_path):
+    ckpt = tmp_path / "d"
+    ok(cli.run("d", "--no-push", "--max-images", "8"))
+    summary = json.loads((ckpt / store.SUMMARY).read_text())["this_run"]
+    assert summary["captioning_img_per_s"] > 0 and summary["img_per_s"] > 0  # steady rate reported on its own
+    out = ok(cli.run("d", "--no-push", "--dry-run", "--max-tokens", "9"))  # other settings, the dir holds work
+    assert "a real run needs --overwrite" in out and "img/s" in out
+    empty = tmp_path / "e"
+    empty.mkdir()
+    (empty / store.RUN_JSON).write_text(json.dumps({"run_id": "0123456789ab", "model": "typo"}))  # a failed start
+    out = ok(cli.run("e", "--no-push", "--dry-run"))
+    assert "captioned nothing, so a real run replaces its settings" in out
+    ok(cli.run("e", "--no-push", "--max-images", "2"))  # and it does
