@@ -23,6 +23,7 @@ import shutil
 import time
 import uuid
 from collections import Counter
+from datetime import datetime, timezone
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple
@@ -245,7 +246,8 @@ class CheckpointStore:
         from . import __version__
 
         info = {"run_id": run_id, "dir_id": dir_id or uuid.uuid4().hex[:12], "code_version": __version__,
-                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                # Milliseconds: the card orders runs by it (newest = default config), and runs can start in one second.
+                "created": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
                 **_identity(settings)}
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.dir / RUN_JSON, info)
