@@ -7,8 +7,8 @@ part write to its exit: the merge, the summary, waiting for a lock. Before this 
 every worker merged the whole dir in turn under a lock; --code-dir runs another checkout (an older commit) with
 the same data to compare:
 
-    git worktree add /tmp/before <old commit>
-    python benchmarks/bench_end_of_run.py --workers 8 --images 2000 --code-dir /tmp/before
+    git worktree add ../before <old commit>
+    python benchmarks/bench_end_of_run.py --workers 8 --images 2000 --code-dir ../before
     python benchmarks/bench_end_of_run.py --workers 8 --images 2000
 
 Prints one JSON line: {"code", "workers", "images", "end_s_max", "end_s_mean", "merges", "wall_s"}.

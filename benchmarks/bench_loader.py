@@ -7,8 +7,8 @@ Gemma 3's real settings (896x896, bilinear, rescale 1/255, mean = std = 0.5; no 
   processor  load_image with the old 2x-target draft box + Gemma3ImageProcessor (PIL backend) + cast
   fast       load_image with the target as draft box + image_prep.ImagePrep
 
-  python benchmarks/bench_loader.py --make-images /tmp/art --count 200          # art-sized JPEGs, seeded
-  OMP_NUM_THREADS=1 python benchmarks/bench_loader.py --images /tmp/art --threads 1 2 --rounds 3
+  python benchmarks/bench_loader.py --make-images art --count 200          # art-sized JPEGs, seeded
+  OMP_NUM_THREADS=1 python benchmarks/bench_loader.py --images art --threads 1 2 --rounds 3
 
 Prints one JSON line per (method, threads): cpu_ms_per_img is the process CPU time per image (all
 threads), img_per_s the wall-clock rate, img_per_core_s = 1000 / cpu_ms_per_img (what one busy core

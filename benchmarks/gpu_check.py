@@ -17,8 +17,8 @@ runs the graphs dynamo built and its graph breaks. FLOP per image is computed fr
 linear + attention, prefill, decode), with both roofs: compute (bf16 dense peak) and memory bandwidth
 (each decode step reads the text weights and the KV cache).
 
-  python benchmarks/gpu_check.py --out /tmp/gpu_check                  # GPU, ~8 min
-  python benchmarks/gpu_check.py --cpu-smoke --out /tmp/smoke          # tiny preset on CPU, seconds (CI)
+  python benchmarks/gpu_check.py --out gpu_check_out                  # GPU, ~8 min
+  python benchmarks/gpu_check.py --cpu-smoke --out smoke_out          # tiny preset on CPU, seconds (CI)
 
 Writes OUT/gpu_check.json (every section, rewritten after each one, so a timeout keeps what finished) and
 OUT/gpu_check.md (the table). Needs torch, transformers, pillow, numpy, pyarrow; no exifread, no Hub.

@@ -17,6 +17,7 @@ import pytest
 from hub_stub import REPO_ROOT_HINT, assert_hub_matches, hub_stub  # noqa: F401  (fixture)
 
 from vlm_caption import card, hub, hub_retry
+from vlm_caption.hub_pusher import BackgroundPusher
 from vlm_caption.errors import FatalError, UsageError
 from vlm_caption.atomic import atomic_write_json
 from vlm_caption.store import LEDGER, OUTPUT_SCHEMA, RUN_JSON, CheckpointStore, list_parts
@@ -355,7 +356,7 @@ def test_sigkill_between_commit_and_ledger(hub_stub, ckpt, tmp_path):  # noqa: F
 
 def test_background_pusher_respects_push_every_and_interval(hub_stub, client, ckpt):  # noqa: F811
     w = Writer(ckpt)
-    pusher = hub.BackgroundPusher(client, ckpt, RUN, 0, push_every=30, min_push_interval=1.0)
+    pusher = BackgroundPusher(client, ckpt, RUN, 0, push_every=30, min_push_interval=1.0)
     try:
         for _ in range(2):
             pusher.notify(w.parts(10))
@@ -380,7 +381,7 @@ def test_background_pusher_respects_push_every_and_interval(hub_stub, client, ck
 def test_background_pusher_survives_hub_outage(hub_stub, client, ckpt, caplog):  # noqa: F811
     w = Writer(ckpt)
     hub_stub.inject("POST", COMMIT, "503", times=10_000)
-    pusher = hub.BackgroundPusher(client, ckpt, RUN, 0, push_every=10, min_push_interval=0.0)
+    pusher = BackgroundPusher(client, ckpt, RUN, 0, push_every=10, min_push_interval=0.0)
     with caplog.at_level(logging.WARNING, logger="vlm_caption.hub"):
         start = time.monotonic()
         pusher.notify(w.parts(10))
@@ -389,7 +390,7 @@ def test_background_pusher_survives_hub_outage(hub_stub, client, ckpt, caplog): 
         assert pusher.close(final=True) is False  # still down: reported, not raised
     assert "Hub unavailable" in caplog.text and pusher.last_error
     hub_stub.clear_faults()
-    pusher = hub.BackgroundPusher(client, ckpt, RUN, 0, push_every=10, min_push_interval=0.0)
+    pusher = BackgroundPusher(client, ckpt, RUN, 0, push_every=10, min_push_interval=0.0)
     assert pusher.close(final=True) is True
     assert_hub_matches(hub_stub, REPO, ckpt)
 

@@ -115,10 +115,10 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
     stats = RunStats()
     pusher = None
     if hub_client is not None:
-        from . import hub
+        from .hub_pusher import BackgroundPusher
 
-        pusher = hub.BackgroundPusher(hub_client, ckpt, run_id, worker, push_every=cfg.push_every,
-                                      min_push_interval=cfg.push_interval(num_workers))
+        pusher = BackgroundPusher(hub_client, ckpt, run_id, worker, push_every=cfg.push_every,
+                                  min_push_interval=cfg.push_interval(num_workers))
         try:  # a resumed run's backlog goes out with the first push, not after push_every new rows
             pusher.notify(hub_client.pending_rows(ckpt, run_id, worker))
         except FatalError as e:
