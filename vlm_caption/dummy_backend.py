@@ -2,15 +2,24 @@
 
 For pipeline tests (selection, parts, resume, merge, Hub, crash loops), loader benchmarks and demos of
 everything but the model: the same key and image always give the same caption, whatever the batch.
+
+Test faults: with the environment variable VLM_CAPTION_DUMMY_FAULTS=1 (read when the backend is made; tests
+only), a key's last digit picks a broken caption, so quality flags show up deterministically:
+    1  a generation loop (flag `repetition`)      2  a chatty lead-in (flag `preamble`)
+    3  no text at all (flag `empty`)               other digits: the normal caption
+These ignore --max-tokens (finish "stop").
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Callable, Sequence
 
 from .backends import Caption
 
 _WORDS = ("a", "quiet", "study", "in", "colour", "and", "light", "with", "soft", "edges", "under", "an", "open",
           "sky", "painted", "loosely")
+FAULTS_ENV = "VLM_CAPTION_DUMMY_FAULTS"
+PREAMBLE = "Here is a detailed description of the image:\n"
 
 
 class DummyBackend:
@@ -21,6 +30,7 @@ class DummyBackend:
         self.model_name, self.prompt = model_name, prompt
         self.max_tokens, self.min_tokens = max_tokens, min_tokens
         self.default_batch_size = default_batch_size
+        self.faults = os.environ.get(FAULTS_ENV) == "1"  # see the module docstring
 
     def prepare(self, image) -> dict[str, Any]:
         from PIL import ImageStat
@@ -41,9 +51,23 @@ class DummyBackend:
         words = [f"Image {key},", f"{w}x{h},", f"mean colour {stats['colour']}:"]
         words += [_WORDS[(seed + i) % len(_WORDS)] for i in range(max(self.min_tokens, 8))]
         words[-1] += "."
+        fault = self._fault(key, words)
+        if fault is not None:
+            return fault
         if len(words) > self.max_tokens:
             return Caption(" ".join(words[:self.max_tokens]), "length", self.max_tokens)
         return Caption(" ".join(words), "stop", len(words))
+
+    def _fault(self, key: str, words: list[str]) -> Caption | None:
+        digit = key[-1:] if self.faults else ""
+        if digit == "1":
+            loop = words + ["painted", "loosely"] * 6
+            return Caption(" ".join(loop), "stop", len(loop))
+        if digit == "2":
+            return Caption(PREAMBLE + " ".join(words), "stop", len(words) + 8)
+        if digit == "3":
+            return Caption("", "stop", 0)
+        return None
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         return isinstance(error, MemoryError)

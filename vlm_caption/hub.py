@@ -358,6 +358,7 @@ class HubClient:
             runs = self.index(run_id).read_run_infos(snap.head)
             mine = {**{k: v for k, v in run_info.items() if k != "dir_id"}, "rows": len(snap.keys),
                     "files": len(snap.files), "failed_by_stage": failed if isinstance(failed, dict) else {},
+                    "caption_flags": (summary.get("checkpoint_dir") or {}).get("caption_flags", {}),
                     "legacy_files": any("/" not in f[len("data/"):] for f in snap.files),
                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             runs[run_id] = mine

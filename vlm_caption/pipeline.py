@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import dataset, store
+from . import dataset, rows as rowcols, store
 from .atomic import atomic_write_json, remove_stale_tmp
 from .backends import CaptionBackend, make_backend
 from .cli import plural
@@ -37,6 +37,7 @@ class RunStats:
     tokens: int = 0
     generate_s: float = 0.0  # time inside generate calls: the accelerator's share of the wall time
     failed: Counter = field(default_factory=Counter)
+    flags: Counter = field(default_factory=Counter)  # captions per quality flag (quality.FLAGS)
     first_batch: tuple[float, int, int] | None = None  # (time, captioned, tokens) when the first batch was done
 
     def batch_done(self) -> None:
@@ -246,8 +247,9 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                     stats.failed["generate"] += 1
                     continue
                 out = {k: item.row.get(k) for k in writer.schema.names if k in item.row}
-                rows.append({**out, "vlm_caption": cap.text, "caption_model": backend.model_name,
-                             "caption_finish": cap.finish, "caption_tokens": cap.tokens})
+                values = rowcols.caption_values(cap)
+                rows.append({**out, **values, "caption_model": backend.model_name})
+                stats.flags.update(values[rowcols.FLAGS_COLUMN])
                 stats.captioned += 1
                 stats.tokens += cap.tokens
         stats.batch_done()  # the steady rate is measured from here (model loading and warm-up left out)
@@ -338,6 +340,7 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
     summary = {
         "run_id": writer.run_id, "worker": worker, "num_workers": num_workers, "model": cfg.model,
         "this_run": {"captioned": stats.captioned, "failed_by_stage": dict(stats.failed),
+                     "caption_flags": rowcols.ordered_counts(stats.flags),
                      "skipped_already_done": plan.done, "skipped_failed_before": plan.failed, **stats.rates()},
         "selection": {"selected": plan.selected, "mine": plan.mine, "duplicate_input_keys": plan.duplicate_keys,
                       "unreadable_shards": plan.unreadable_shards},
@@ -371,7 +374,8 @@ def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> Non
     summary["checkpoint_dir"] = {"captioned": len(report.keys), "failed": len(failed),
                                  "failed_by_stage": dict(Counter(r["stage"] for r in failed.values())),
                                  "duplicate_keys": len(report.duplicate_keys),
-                                 "not_in_data": len(report.not_in_data)}
+                                 "not_in_data": len(report.not_in_data),
+                                 "caption_flags": rowcols.count_flags_in_file(ckpt / store.MERGED)}
     atomic_write_json(ckpt / store.SUMMARY, summary)
     if hub_client is not None:
         try:
@@ -389,6 +393,8 @@ def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
           f"{this['tokens_per_s']:.0f} tokens/s); failed {sum(this['failed_by_stage'].values())}"
           f"{' ' + str(this['failed_by_stage']) if this['failed_by_stage'] else ''}; "
           f"skipped {this['skipped_already_done']} already done")
+    if this.get("caption_flags"):
+        print(f"quality flags of this run's captions: {rowcols.describe_counts(this['caption_flags'])}")
     if total is not None:
         gone = f"; {total['not_in_data']} no longer in the data dir (left out)" if total["not_in_data"] else ""
         print(f"checkpoint dir {ckpt}: {total['captioned']} captioned, {total['failed']} failed{gone}; "

@@ -47,6 +47,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("caption_finish", pa.string(), "`stop` (the model ended the caption) or `length` (cut at max_tokens)",
            "caption"),
     Column("caption_tokens", pa.int32(), "number of generated tokens", "caption"),
+    Column("caption_flags", pa.list_(pa.string()), "quality flags of the caption (README: empty, repetition, "
+           "truncated, preamble, refusal, garbled, invalid_json); empty list = none", "caption"),
 )
 
 FAILURE_SCHEMA = pa.schema([

@@ -1,0 +1,100 @@
+"""Captions worth publishing: quality flags, inline retry, prompt templates, several prompts, JSON captions.
+
+Pipeline logic runs with `--backend dummy` (VLM_CAPTION_DUMMY_FAULTS=1 makes it write broken captions for keys
+by their last digit, see dummy_backend.py); what concerns the model runs on the tiny Gemma 3 in fp32.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batched_image_inference import main
+from hub_stub import hub_stub  # noqa: F401  (fixture)
+
+from vlm_caption import store
+from vlm_caption.errors import EXIT_ITEMS_FAILED, EXIT_OK
+
+FAULTS = {"VLM_CAPTION_DUMMY_FAULTS": "1"}
+
+
+def dummy_args(data: Path, ckpt: Path, *extra: str) -> list[str]:
+    return ["--model", "dummy-model", "--data-dir", str(data), "--checkpoint-dir", str(ckpt), "--no-push",
+            "--backend", "dummy", "--max-tokens", "40", "--batch-size", "4", "--checkpoint-every", "8",
+            "--num-loader-workers", "1", *extra]
+
+
+def merged_rows(ckpt: Path) -> list[dict]:
+    return pq.read_table(ckpt / store.MERGED).to_pylist()
+
+
+@pytest.fixture
+def faults(monkeypatch):
+    for k, v in FAULTS.items():
+        monkeypatch.setenv(k, v)
+
+
+# ---------------------------------------------------------------- 1: quality flags
+
+
+def test_flags_column_summary_and_preview(faults, sample_data_dir, tmp_path):
+    from vlm_caption.preview import write_preview
+
+    ckpt = tmp_path / "ckpt"
+    assert main(dummy_args(sample_data_dir, ckpt)) in (EXIT_OK, EXIT_ITEMS_FAILED)
+    merged = pq.read_table(ckpt / store.MERGED)
+    assert merged.schema.field("caption_flags").type == pa.list_(pa.string())
+    for part in store.list_parts(ckpt):
+        assert pq.read_schema(part.path).field("caption_flags").type == pa.list_(pa.string())
+    rows = {r["key"]: r for r in merged.to_pylist()}
+    assert {tuple(r["caption_flags"]) for k, r in rows.items() if k.endswith("2")} == {("preamble",)}
+    assert not any(r["vlm_caption"].startswith("Here is") for r in rows.values())  # stripped before the write
+    assert all("repetition" in r["caption_flags"] for k, r in rows.items() if k.endswith("1"))
+    assert all(r["caption_flags"] == [] for k, r in rows.items() if k[-1] not in "123")
+    expected = {}
+    for r in rows.values():
+        for f in r["caption_flags"]:
+            expected[f] = expected.get(f, 0) + 1
+    assert expected.get("preamble") and expected.get("empty")
+    summary = json.loads((ckpt / store.SUMMARY).read_text())
+    assert summary["checkpoint_dir"]["caption_flags"] == expected
+    assert summary["this_run"]["caption_flags"] == expected  # one run made the whole dir
+    out = tmp_path / "preview.html"
+    write_preview(ckpt, out)
+    html = out.read_text()
+    assert 'data-flags="preamble"' in html and '<option value="repetition">' in html
+    assert '<option value="flags">' in html and "quality flags of those shown" in html
+
+
+def test_card_lists_flag_counts_per_run():
+    from vlm_caption.card import render_dataset_card
+
+    runs = [{"run_id": "aaa", "rows": 5, "created": "2026-01-02", "caption_flags": {"repetition": 2, "empty": 1}},
+            {"run_id": "bbb", "rows": 3, "created": "2026-01-01"}]
+    card = render_dataset_card("me/data", runs)
+    first, second = card.split("### Run `aaa`")[1].split("### Run `bbb`")
+    assert "captions per flag (README \"Caption quality\"): empty: 1, repetition: 2" in first
+    assert "captions per flag (README \"Caption quality\"): none" in second
+    assert "`caption_flags`" in card  # the column table
+
+
+def test_flag_counts_reach_the_hub_card_and_runs_json(hub_stub, tiny_model_dir, tmp_path):  # noqa: F811
+    from test_exactly_once import REPO_ID, Cli, ok
+
+    from vlm_caption.sample_data import write_sample
+
+    data = write_sample(tmp_path / "data", n=12, broken=False, seed=3, shard_size=12)
+    cli = Cli(hub_stub, tiny_model_dir, data, tmp_path)
+    cli.env.update(FAULTS)
+    ok(cli.run("c", "--max-tokens", "40"))
+    run_id = json.loads((tmp_path / "c" / store.RUN_JSON).read_text())["run_id"]
+    files = hub_stub.repo_files(REPO_ID)
+    published = json.loads(files[f"runs/{run_id}.json"])
+    local = json.loads((tmp_path / "c" / store.SUMMARY).read_text())["checkpoint_dir"]["caption_flags"]
+    assert published["caption_flags"] == local and local
+    from vlm_caption.rows import describe_counts
+
+    assert describe_counts(local) in files["README.md"].decode()
