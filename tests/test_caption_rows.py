@@ -52,13 +52,13 @@ def test_flags_column_summary_and_preview(faults, sample_data_dir, tmp_path):
     rows = {r["key"]: r for r in merged.to_pylist()}
     assert {tuple(r["caption_flags"]) for k, r in rows.items() if k.endswith("2")} == {("preamble",)}
     assert not any(r["vlm_caption"].startswith("Here is") for r in rows.values())  # stripped before the write
-    assert all("repetition" in r["caption_flags"] for k, r in rows.items() if k.endswith("1"))
-    assert all(r["caption_flags"] == [] for k, r in rows.items() if k[-1] not in "123")
+    assert all("repetition" in r["caption_flags"] for k, r in rows.items() if k.endswith("4"))  # retried, still
+    assert all(r["caption_flags"] == [] for k, r in rows.items() if k[-1] not in "24")
     expected = {}
     for r in rows.values():
         for f in r["caption_flags"]:
             expected[f] = expected.get(f, 0) + 1
-    assert expected.get("preamble") and expected.get("empty")
+    assert expected.get("preamble") and expected.get("repetition")
     summary = json.loads((ckpt / store.SUMMARY).read_text())
     assert summary["checkpoint_dir"]["caption_flags"] == expected
     assert summary["this_run"]["caption_flags"] == expected  # one run made the whole dir
@@ -98,3 +98,52 @@ def test_flag_counts_reach_the_hub_card_and_runs_json(hub_stub, tiny_model_dir, 
     from vlm_caption.rows import describe_counts
 
     assert describe_counts(local) in files["README.md"].decode()
+
+
+# ---------------------------------------------------------------- 2: inline retry
+
+
+def test_flagged_captions_are_retried_once_and_the_better_kept(faults, sample_data_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert main(dummy_args(sample_data_dir, ckpt)) in (EXIT_OK, EXIT_ITEMS_FAILED)
+    keys = [k for _, ks in store.read_keys(store.list_parts(ckpt)) for k in ks]
+    assert len(keys) == len(set(keys))  # every key once
+    rows = {r["key"]: r for r in merged_rows(ckpt)}
+    assert pq.read_schema(ckpt / store.MERGED).field("caption_attempts").type == pa.int32()
+    for key, row in rows.items():
+        digit = key[-1]
+        assert row["caption_attempts"] == (2 if digit in "134" else 1), key
+        if digit in "13":  # the retry is clean: it is kept
+            assert row["caption_flags"] == [] and "painted loosely painted loosely" not in row["vlm_caption"]
+        if digit == "4":  # both loop: the first stays
+            assert "repetition" in row["caption_flags"] and not row["vlm_caption"].endswith("again")
+    assert {k[-1] for k in rows} >= set("1234")
+    summary = json.loads((ckpt / store.SUMMARY).read_text())
+    assert "empty" not in summary["checkpoint_dir"]["caption_flags"]
+
+
+def test_retry_settings_reach_the_transformers_generate(tiny_model_dir, sample_data_dir, monkeypatch):
+    import torch
+
+    from vlm_caption import dataset
+    from vlm_caption.captioner import Captioner, load_model
+
+    model, processor = load_model(str(tiny_model_dir), torch.device("cpu"), dtype="float32")
+    cap = Captioner(model, processor, model_name="tiny", prompt="Describe.", max_tokens=8,
+                    retry_repetition_penalty=1.3)
+    seen = []
+    real = model.generate
+
+    def spy(*args, generation_config=None, **kwargs):
+        seen.append((generation_config.repetition_penalty, generation_config.no_repeat_ngram_size))
+        return real(*args, generation_config=generation_config, **kwargs)
+
+    monkeypatch.setattr(model, "generate", spy)
+    rows = list(dataset.iter_rows(sample_data_dir, {f"{i:09d}" for i in range(8)}))
+    items = [i for i in dataset.prefetch(rows, cap.prepare, workers=1, window=4) if i.error is None][:2]
+    keys = [i.row["key"] for i in items]
+    cap.generate(keys, [i.inputs for i in items])
+    again = cap.generate(keys, [i.inputs for i in items], retry=True)
+    assert seen[0][0] in (None, 1.0) and seen[0][1] in (None, 0) and seen[1] == (1.3, 4)
+    assert cap.gen_config.repetition_penalty in (None, 1.0)  # the run's config is untouched
+    assert len(again) == 2

@@ -159,7 +159,8 @@ class Captioner:
 
     def __init__(self, model, processor, *, model_name: str, prompt: str, max_tokens: int, min_tokens: int = 0,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, auto_batch_cap: int = 256,
-                 compile: str = "off", compile_options: dict[str, Any] | None = None):
+                 compile: str = "off", compile_options: dict[str, Any] | None = None,
+                 retry_repetition_penalty: float = 1.15):
         self.model = model
         self.processor = processor
         self.model_name = model_name
@@ -175,6 +176,7 @@ class Captioner:
         self.prompt_inputs = self._encode_prompt()
         self.gen_config = self._generation_config(max_tokens, min_tokens)
         self.static_decode = self._static_decode(compile, max_tokens, compile_options or {})
+        self.retry_config = self._retry_config(retry_repetition_penalty)
         self.default_batch_size = self._auto_batch_size(max_tokens, auto_batch_cap)
 
     def _static_decode(self, compile: str, max_tokens: int, options: dict[str, Any]):
@@ -246,6 +248,17 @@ class Captioner:
                                 eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
                                 bos_token_id=self.processor.tokenizer.bos_token_id)
 
+    def _retry_config(self, penalty: float):
+        """The run's config (static decode settings included) for the second try of a flagged caption."""
+        import copy
+
+        from .backends import RETRY_NO_REPEAT_NGRAM
+
+        config = copy.deepcopy(self.gen_config)
+        config.repetition_penalty = penalty
+        config.no_repeat_ngram_size = RETRY_NO_REPEAT_NGRAM
+        return config
+
     # -- per image, in a loader thread
 
     @functools.cached_property
@@ -291,8 +304,8 @@ class Captioner:
 
     @torch.inference_mode()
     def generate(self, keys: Sequence[str], batch: "list[torch.Tensor] | _Assembled",
-                 should_stop: Callable[[], bool] | None = None) -> Sequence[Caption]:
-        """One caption per image. `should_stop()` true (a SIGTERM, say) ends generate at the next token:
+                 should_stop: Callable[[], bool] | None = None, *, retry: bool = False) -> Sequence[Caption]:
+        """One caption per image (retry: with self.retry_config, see backends.CaptionBackend). `should_stop()` true (a SIGTERM, say) ends generate at the next token:
         the captions are then cut short, and the caller drops them. Token ids are decoded on first access."""
         assembled = batch if isinstance(batch, _Assembled) else self.assemble(batch)
         n, inputs = assembled.rows, assembled.inputs
@@ -311,7 +324,8 @@ class Captioner:
 
             extra["stopping_criteria"] = StoppingCriteriaList([_StopWhen(should_stop)])
         try:
-            out = self.model.generate(**inputs, generation_config=self.gen_config, **extra)
+            config = self.retry_config if retry else self.gen_config
+            out = self.model.generate(**inputs, generation_config=config, **extra)
         except RuntimeError as e:  # torch.OutOfMemoryError included
             if self.static_decode is not None and is_out_of_memory(e):
                 self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back

@@ -107,6 +107,7 @@ class RunConfig:
     temperature: float = 0.0  # 0 = greedy; >0 samples with a per-key seed
     top_p: float = 1.0  # nucleus sampling cutoff when temperature > 0
     seed: int = 0  # base of the per-key sampling seeds
+    retry_repetition_penalty: float = 1.15  # the second try of a caption flagged repetition / empty
     prompt: str | None = None  # overrides the default prompt
     prompt_file: str | None = None  # file whose text is the prompt
     hf_repo: str = "ContraStylesRecap"  # bare name or user/name
@@ -161,6 +162,8 @@ class RunConfig:
             raise UsageError("--min-tokens must be between 0 and --max-tokens")
         if self.temperature < 0:
             raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.retry_repetition_penalty <= 0:
+            raise UsageError(f"--retry-repetition-penalty must be > 0, got {self.retry_repetition_penalty}")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.min_push_interval < 0:
@@ -241,6 +244,8 @@ class RunConfig:
             settings["backend"] = self.backend
         if self.kept_columns():
             settings["keep_columns"] = self.kept_columns()
+        if self.retry_repetition_penalty != RunConfig.retry_repetition_penalty:
+            settings["retry_repetition_penalty"] = self.retry_repetition_penalty
         return settings
 
     def prompt_text(self) -> str | None:

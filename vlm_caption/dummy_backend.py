@@ -6,8 +6,9 @@ everything but the model: the same key and image always give the same caption, w
 Test faults: with the environment variable VLM_CAPTION_DUMMY_FAULTS=1 (read when the backend is made; tests
 only), a key's last digit picks a broken caption, so quality flags show up deterministically:
     1  a generation loop (flag `repetition`)      2  a chatty lead-in (flag `preamble`)
-    3  no text at all (flag `empty`)               other digits: the normal caption
-These ignore --max-tokens (finish "stop").
+    3  no text at all (flag `empty`)               4  a generation loop, on the retry too
+    other digits: the normal caption. These ignore --max-tokens (finish "stop"). generate(retry=True)
+    gives the normal caption, except for digit 4.
 """
 from __future__ import annotations
 
@@ -41,28 +42,32 @@ class DummyBackend:
     def assemble(self, inputs: list[Any]) -> list[Any]:
         return list(inputs)
 
-    def generate(self, keys: Sequence[str], batch: list[Any],
-                 should_stop: Callable[[], bool] | None = None) -> list[Caption]:
-        return [self._caption(key, stats) for key, stats in zip(keys, batch)]
+    def generate(self, keys: Sequence[str], batch: list[Any], should_stop: Callable[[], bool] | None = None, *,
+                 retry: bool = False) -> list[Caption]:
+        return [self._caption(key, stats, retry) for key, stats in zip(keys, batch)]
 
-    def _caption(self, key: str, stats: dict[str, Any]) -> Caption:
+    def _caption(self, key: str, stats: dict[str, Any], retry: bool = False) -> Caption:
         w, h = stats["size"]
         seed = sum(key.encode())
         words = [f"Image {key},", f"{w}x{h},", f"mean colour {stats['colour']}:"]
         words += [_WORDS[(seed + i) % len(_WORDS)] for i in range(max(self.min_tokens, 8))]
         words[-1] += "."
-        fault = self._fault(key, words)
+        fault = self._fault(key, words, retry)
         if fault is not None:
             return fault
         if len(words) > self.max_tokens:
             return Caption(" ".join(words[:self.max_tokens]), "length", self.max_tokens)
         return Caption(" ".join(words), "stop", len(words))
 
-    def _fault(self, key: str, words: list[str]) -> Caption | None:
+    def _fault(self, key: str, words: list[str], retry: bool) -> Caption | None:
         digit = key[-1:] if self.faults else ""
-        if digit == "1":
+        if digit == "4" or (digit == "1" and not retry):
+            if retry:
+                words = words + ["again"]  # another loop: the first stays (ties keep the first)
             loop = words + ["painted", "loosely"] * 6
             return Caption(" ".join(loop), "stop", len(loop))
+        if retry:
+            return None
         if digit == "2":
             return Caption(PREAMBLE + " ".join(words), "stop", len(words) + 8)
         if digit == "3":

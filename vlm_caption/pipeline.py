@@ -137,6 +137,7 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
 # ---------------------------------------------------------------- the loop
 
 Result = tuple[list[dataset.Loaded], Any, Optional[str]]  # (items, their captions or None, the error)
+Retries = dict[int, Any]  # index in a Result's items -> the second caption of a flagged one (rows.retry_flagged)
 
 
 class Batches:
@@ -201,7 +202,8 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                                max_tokens=cfg.max_tokens, min_tokens=cfg.min_tokens, temperature=cfg.temperature,
                                top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype, device_map=cfg.device_map,
                                attn_implementation=cfg.attn_implementation,
-                               max_auto_batch_size=cfg.max_auto_batch_size, compile=cfg.compile)
+                               max_auto_batch_size=cfg.max_auto_batch_size, compile=cfg.compile,
+                               retry_repetition_penalty=cfg.retry_repetition_penalty)
     stop = stop or StopSignals()
     batches = Batches(cfg, backend, should_stop=lambda: stop.requested)
     log.info("batch size %d (%s)", batches.size, "--batch-size" if cfg.batch_size else
@@ -239,15 +241,15 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
         while posted:
             posted.popleft().result()
 
-    def record(results: list[Result]) -> None:  # on the writer thread
-        for items, caps, error in results:
-            for item, cap in zip(items, caps if caps is not None else [None] * len(items)):
+    def record(results: list[Result], retries: list[Retries]) -> None:  # on the writer thread
+        for (items, caps, error), redone in zip(results, retries):
+            for i, (item, cap) in enumerate(zip(items, caps if caps is not None else [None] * len(items))):
                 if cap is None:
                     failures.append(failure_row(item.row, "generate", error))
                     stats.failed["generate"] += 1
                     continue
                 out = {k: item.row.get(k) for k in writer.schema.names if k in item.row}
-                values = rowcols.caption_values(cap)
+                values = rowcols.caption_values(cap, redone.get(i))
                 rows.append({**out, **values, "caption_model": backend.model_name})
                 stats.flags.update(values[rowcols.FLAGS_COLUMN])
                 stats.captioned += 1
@@ -267,9 +269,12 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
     def run_batch(batch: list[dataset.Loaded], assembled: Future) -> None:
         started = time.monotonic()
         results = batches.caption(batch, assembled)
+        retries = [rowcols.retry_flagged(backend, [i.row["key"] for i in items], [i.inputs for i in items], caps,
+                                         should_stop=batches.should_stop) if caps is not None else {}
+                   for items, caps, _ in results]
         stats.generate_s += time.monotonic() - started
         if not stop.requested:  # else generate was cut short: incomplete captions, resume redoes them
-            later(record, results)
+            later(record, results, retries)
 
     extra = dataset.extra_columns(Path(cfg.data_dir), cfg.kept_columns())
     loaded = dataset.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra), backend.prepare,

@@ -1,18 +1,24 @@
 """From a generated Caption to the caption columns of an output row: the preamble stripped, quality flags,
-and counts of flags for the run summary and the dataset card.
+the inline retry of flagged captions, and counts of flags for the run summary and the dataset card.
 
-Pure functions of captions and rows; the pipeline calls them on its writer thread.
+`retry_flagged` runs on the generate thread (it calls the backend); the rest are pure functions of captions
+that the pipeline calls on its writer thread.
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Callable, Iterable, Sequence
 
-from .backends import Caption
+from .backends import Caption, CaptionBackend
 from .quality import FLAGS, caption_flags, strip_preamble
 
+log = logging.getLogger(__name__)
+
 FLAGS_COLUMN = "caption_flags"
+# A caption with one of these is generated once more in the same run (rows.retry_flagged).
+RETRY_FLAGS = ("empty", "repetition", "invalid_json")
 
 
 def judge(cap: Caption) -> tuple[str, list[str]]:
@@ -21,10 +27,48 @@ def judge(cap: Caption) -> tuple[str, list[str]]:
     return text, caption_flags(cap.text, cap.finish)
 
 
-def caption_values(cap: Caption) -> dict:
-    """The caption columns of one row (caption_model aside)."""
+def badness(flags: Sequence[str]) -> int:
+    return sum(1 for f in flags if f in RETRY_FLAGS)
+
+
+def wants_retry(cap: Caption) -> bool:
+    return badness(judge(cap)[1]) > 0
+
+
+def caption_values(cap: Caption, retried: Caption | None = None) -> dict:
+    """The caption columns of one row (caption_model aside): the better of the first caption and its retry
+    (fewer RETRY_FLAGS; a tie keeps the first), and how many generations it took."""
     text, flags = judge(cap)
-    return {"vlm_caption": text, "caption_finish": cap.finish, "caption_tokens": cap.tokens, FLAGS_COLUMN: flags}
+    if retried is not None:
+        text2, flags2 = judge(retried)
+        if badness(flags2) < badness(flags):
+            cap, text, flags = retried, text2, flags2
+    return {"vlm_caption": text, "caption_finish": cap.finish, "caption_tokens": cap.tokens, FLAGS_COLUMN: flags,
+            "caption_attempts": 1 if retried is None else 2}
+
+
+_GENERATE_ERRORS = (RuntimeError, ValueError, IndexError, MemoryError)
+
+
+def retry_flagged(backend: CaptionBackend, keys: Sequence[str], inputs: Sequence[Any], caps: Sequence[Caption],
+                  should_stop: Callable[[], bool] | None = None, **generate_kwargs) -> dict[int, Caption]:
+    """Generate the captions that call for it (RETRY_FLAGS) once more with retry=True; index -> retry.
+
+    On the generate thread, right after the batch: the writer thread never waits for the accelerator. A
+    failed retry (out of memory, say) keeps the first captions: it is logged, never a failure of the row."""
+    redo = [i for i, cap in enumerate(caps) if wants_retry(cap)]
+    if not redo:
+        return {}
+    try:
+        again = backend.generate([keys[i] for i in redo], [inputs[i] for i in redo], should_stop=should_stop,
+                                 retry=True, **generate_kwargs)
+        return dict(zip(redo, again))
+    except _GENERATE_ERRORS as e:
+        if backend.is_out_of_memory(e):
+            backend.free_memory()
+        log.warning("the retry of %d flagged captions failed (%s: %s); their first captions are kept",
+                    len(redo), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return {}
 
 
 def ordered_counts(counts: Counter | dict) -> dict[str, int]:

@@ -49,6 +49,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("caption_tokens", pa.int32(), "number of generated tokens", "caption"),
     Column("caption_flags", pa.list_(pa.string()), "quality flags of the caption (README: empty, repetition, "
            "truncated, preamble, refusal, garbled, invalid_json); empty list = none", "caption"),
+    Column("caption_attempts", pa.int32(), "generations of this caption: 2 when the first was flagged repetition, "
+           "empty or invalid_json and generated once more (the better of the two is kept)", "caption"),
 )
 
 FAILURE_SCHEMA = pa.schema([
