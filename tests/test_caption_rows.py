@@ -147,3 +147,115 @@ def test_retry_settings_reach_the_transformers_generate(tiny_model_dir, sample_d
     assert seen[0][0] in (None, 1.0) and seen[0][1] in (None, 0) and seen[1] == (1.3, 4)
     assert cap.gen_config.repetition_penalty in (None, 1.0)  # the run's config is untouched
     assert len(again) == 2
+
+
+# ---------------------------------------------------------------- 3: prompt templates
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir):
+    import torch
+
+    from vlm_caption.captioner import load_model
+
+    return load_model(str(tiny_model_dir), torch.device("cpu"), dtype="float32")
+
+
+def _items(cap, data: Path, n: int):
+    from vlm_caption import dataset
+
+    rows = list(dataset.iter_rows(data, {f"{i:09d}" for i in range(48)}))
+    return [i for i in dataset.prefetch(rows, cap.prepare, workers=1, window=8) if i.error is None][:n]
+
+
+def test_per_row_prompts_batched_equals_one_by_one_under_greedy(tiny, sample_data_dir):
+    from vlm_caption.captioner import Captioner
+
+    model, processor = tiny
+    cap = Captioner(model, processor, model_name="tiny", prompt="Describe.", max_tokens=10)
+    items = _items(cap, sample_data_dir, 4)
+    keys = [i.row["key"] for i in items]
+    prompts = ["Describe.", "Describe this artwork, tagged: oil, portrait, night, blue, moody, old.",
+               "Say what you see in the image in a few words please.", "Describe."]
+    batched = cap.generate(keys, [i.inputs for i in items], prompts=prompts)
+    single = [cap.generate([k], [i.inputs], prompts=[p])[0] for k, i, p in zip(keys, items, prompts)]
+    assert [c.text for c in batched] == [c.text for c in single]
+    assert [c.tokens for c in batched] == [c.tokens for c in single]
+    assembled = cap.assemble([i.inputs for i in items], prompts)
+    ids, mask = assembled.inputs["input_ids"], assembled.inputs["attention_mask"]
+    assert mask[0].sum() < mask[1].sum() and mask[0, 0] == 0  # left padding, masked
+
+
+def test_templated_prompt_reaches_the_model_tokens(tiny, sample_data_dir):
+    from vlm_caption.captioner import Captioner
+    from vlm_caption.prompt_plan import PromptSpec
+
+    model, processor = tiny
+    spec = PromptSpec.make(None, "Describe this artwork. Tags: {tags}. Alt text: {original_caption}.")
+    cap = Captioner(model, processor, model_name="tiny", prompt=spec.template, max_tokens=4)
+    items = _items(cap, sample_data_dir, 2)
+    items[1].row["tags"] = None  # renders cleanly: the label goes
+    prompts = [spec.render(i.row) for i in items]
+    assembled = cap.assemble([i.inputs for i in items], prompts)
+    tok = processor.tokenizer
+    texts = [tok.decode(row[m.bool()]) for row, m in zip(assembled.inputs["input_ids"],
+                                                            assembled.inputs["attention_mask"])]
+    assert f"Tags: {items[0].row['tags']}." in texts[0] and items[0].row["original_caption"] in texts[0]
+    assert "Tags:" not in texts[1] and items[1].row["original_caption"] in texts[1]
+
+
+def _with_column(src: Path, dst: Path, name: str, values) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    meta = pq.read_table(dst / "full_metadata.parquet")
+    pq.write_table(meta.append_column(name, pa.array(values(meta.num_rows))), dst / "full_metadata.parquet")
+    return dst
+
+
+def test_template_columns_reach_the_backend_per_row_and_are_not_written(sample_data_dir, tmp_path, monkeypatch):
+    from vlm_caption.dummy_backend import DummyBackend
+
+    data = _with_column(sample_data_dir, tmp_path / "data", "artist", lambda n: [f"painter {i}" for i in range(n)])
+    seen: dict[str, str] = {}
+    real = DummyBackend.generate
+
+    def spy(self, keys, batch, should_stop=None, *, retry=False, prompts=None):
+        seen.update(zip(keys, prompts))
+        return real(self, keys, batch, should_stop, retry=retry, prompts=prompts)
+
+    monkeypatch.setattr(DummyBackend, "generate", spy)
+    ckpt = tmp_path / "ckpt"
+    template = "Describe this work by {artist}. Tags: {tags}."
+    assert main(dummy_args(data, ckpt, "--prompt", template)) in (EXIT_OK, EXIT_ITEMS_FAILED)
+    meta = {r["key"]: r for r in pq.read_table(data / "full_metadata.parquet").to_pylist()}
+    rows = merged_rows(ckpt)
+    assert rows and all(seen[r["key"]].startswith(f"Describe this work by {meta[r['key']]['artist']}.") for r in rows)
+    assert "artist" not in pq.read_schema(ckpt / store.MERGED).names  # read for the prompt, not written
+    assert store.read_run_json(ckpt)["prompt"] == template  # the template verbatim
+
+
+@pytest.mark.parametrize("template, says", [("Describe {nope}.", "{nope} is not a column of the row"),
+                                            ("Improve: {vlm_caption}", "{vlm_caption} is filled by captioning"),
+                                            ("Bad {0}", "positional placeholder")])
+def test_unknown_template_column_is_a_one_line_usage_error_before_work(sample_data_dir, tmp_path, capsys,
+                                                                        template, says):
+    from vlm_caption.cli import run_main
+    from vlm_caption.errors import EXIT_USAGE
+
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, dummy_args(sample_data_dir, ckpt, "--prompt", template), prog="batched_image_inference.py")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == EXIT_USAGE and not ckpt.exists()
+    assert len(err) == 1 and says in err[0] and "Traceback" not in err[0]
+
+
+def test_dry_run_prints_the_rendered_prompt_of_the_first_row(sample_data_dir, tmp_path, capsys):
+    ckpt = tmp_path / "ckpt"
+    assert main(dummy_args(sample_data_dir, ckpt, "--dry-run", "--prompt", "Alt text: {original_caption}!")) == 0
+    out = capsys.readouterr().out
+    first = min(pq.read_table(sample_data_dir / "full_metadata.parquet").column("key").to_pylist())
+    caption = pq.read_table(sample_data_dir / "full_metadata.parquet").to_pandas().set_index("key").loc[first, "caption"]
+    assert f"prompt of the first selected row ({first}):" in out and f"Alt text: {caption.strip()}!" in out
+    assert not ckpt.exists()

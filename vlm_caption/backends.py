@@ -27,12 +27,13 @@ class CaptionBackend(Protocol):
     def prepare(self, image) -> Any:
         """One decoded RGB PIL image -> the engine's input for it; runs in a loader thread."""
 
-    def assemble(self, inputs: list[Any]) -> Any:
-        """A batch of prepared inputs made ready for generate (stacked, pinned, copied to the device). It runs
-        in a background thread while the previous batch generates; generate also takes the plain list."""
+    def assemble(self, inputs: list[Any], prompts: Sequence[str] | None = None) -> Any:
+        """A batch of prepared inputs made ready for generate (stacked, pinned, copied to the device), with
+        each row's prompt (None: the backend's prompt for all). It runs in a background thread while the
+        previous batch generates; generate also takes the plain list (and then its own `prompts`)."""
 
     def generate(self, keys: Sequence[str], batch: Any, should_stop: Callable[[], bool] | None = None, *,
-                 retry: bool = False) -> Sequence[Caption]:
+                 retry: bool = False, prompts: Sequence[str] | None = None) -> Sequence[Caption]:
         """One caption per input, in order. should_stop() true ends generation early (the caller drops them).
         The captions may be decoded lazily, on first access, so that decoding runs off the generate thread.
         retry=True: the second try of flagged captions, with the run's retry repetition penalty and no

@@ -39,11 +39,11 @@ class DummyBackend:
         r, g, b = (int(v) for v in ImageStat.Stat(image.resize((4, 4))).mean[:3])
         return {"size": image.size, "colour": f"#{r:02x}{g:02x}{b:02x}"}
 
-    def assemble(self, inputs: list[Any]) -> list[Any]:
+    def assemble(self, inputs: list[Any], prompts: Sequence[str] | None = None) -> list[Any]:
         return list(inputs)
 
     def generate(self, keys: Sequence[str], batch: list[Any], should_stop: Callable[[], bool] | None = None, *,
-                 retry: bool = False) -> list[Caption]:
+                 retry: bool = False, prompts: Sequence[str] | None = None) -> list[Caption]:
         return [self._caption(key, stats, retry) for key, stats in zip(keys, batch)]
 
     def _caption(self, key: str, stats: dict[str, Any], retry: bool = False) -> Caption:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import dataset, rows as rowcols, store
+from . import dataset, prompt_plan, rows as rowcols, store
 from .atomic import atomic_write_json, remove_stale_tmp
 from .backends import CaptionBackend, make_backend
 from .cli import plural
@@ -65,9 +65,11 @@ def run(cfg: RunConfig) -> int:
         return merge_and_check(cfg)
     ckpt = Path(cfg.checkpoint_dir)
     settings = cfg.run_settings()
-    extra = dataset.extra_columns(Path(cfg.data_dir), cfg.kept_columns()) if not cfg.push_only else []
+    extra, specs, also = [], [], []
+    if not cfg.push_only:  # a template naming an unknown column fails here, before any work
+        extra, specs, also = plan_columns(cfg, settings)
     if cfg.dry_run:
-        return dry_run(cfg, settings, worker, num_workers)
+        return dry_run(cfg, settings, worker, num_workers, (extra, specs, also))
 
     hub_client = None
     if not cfg.no_push:  # before the model loads: a bad token must not cost GPU time
@@ -80,13 +82,26 @@ def run(cfg: RunConfig) -> int:
         if existing is None:
             raise UsageError(f"{ckpt} holds no run.json: nothing to push")
         return push_only(hub_client, cfg, existing)
-    writer = store.CheckpointStore(ckpt, worker, schema=output_schema(extra))
+    writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]))
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=distributed_rank()[0] != 0)
     try:
         with StopSignals() as stop:
             return _run_open(cfg, writer, run_id, worker, num_workers, hub_client, stop)
     finally:
         writer.lock.release()
+
+
+def plan_columns(cfg: RunConfig, settings: dict) -> tuple[list, list[prompt_plan.PromptSpec], list[str]]:
+    """(--keep-columns as registry columns, the run's prompts, metadata columns read for the prompts only)."""
+    extra = dataset.extra_columns(Path(cfg.data_dir), cfg.kept_columns())
+    specs = prompt_plan.run_specs(settings)
+    names = [n for n in output_schema(extra).names]
+    also = prompt_plan.prompt_columns(specs, names, dataset.metadata_names(Path(cfg.data_dir)))
+    return extra, specs, also
+
+
+def prompt_columns(specs: list[prompt_plan.PromptSpec]) -> list:
+    return [c for spec in specs for c in spec.output_columns()]
 
 
 def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker: int, num_workers: int,
@@ -137,29 +152,34 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
 # ---------------------------------------------------------------- the loop
 
 Result = tuple[list[dataset.Loaded], Any, Optional[str]]  # (items, their captions or None, the error)
-Retries = dict[int, Any]  # index in a Result's items -> the second caption of a flagged one (rows.retry_flagged)
+Retries = list[dict[int, Any]]  # per prompt: index in a Result's items -> the retry of a flagged caption
 
 
 class Batches:
     """Batch size with out-of-memory back-off: halve and retry the same rows; no row is lost."""
 
-    def __init__(self, cfg: RunConfig, backend: CaptionBackend, should_stop=None):
+    def __init__(self, cfg: RunConfig, backend: CaptionBackend, should_stop=None,
+                 specs: list[prompt_plan.PromptSpec] | None = None):
         self.size = cfg.batch_size or backend.default_batch_size
         self.backend = backend
+        self.specs = specs or prompt_plan.run_specs(cfg.run_settings())  # one generate per prompt per chunk
         self.should_stop = should_stop  # generate ends early when it turns true (a signal)
         self.failed_in_a_row = 0
 
     def caption(self, items: list[dataset.Loaded], assembled: Future | None = None) -> list[Result]:
-        """(items, their captions or None, error) per generate call, in order; generate runs on chunks of
-        self.size. `assembled`: the backend's assembly of all `items`, made in the background."""
+        """(items, their captions per prompt or None, error) per chunk, in order; generate runs on chunks of
+        self.size, once per prompt. `assembled`: the backend's assemblies of all `items`, one per prompt, made
+        in the background."""
         results: list[Result] = []
         start = 0
         while start < len(items):
             chunk = items[start:start + self.size]
             try:
-                ready = assembled.result() if assembled is not None and len(chunk) == len(items) else \
-                    [i.inputs for i in chunk]
-                caps = self.backend.generate([i.row["key"] for i in chunk], ready, should_stop=self.should_stop)
+                ready = assembled.result() if assembled is not None and len(chunk) == len(items) else None
+                keys = [i.row["key"] for i in chunk]
+                caps = [self.backend.generate(keys, ready[j] if ready is not None else [i.inputs for i in chunk],
+                                              should_stop=self.should_stop, prompts=prompts_for(spec, chunk))
+                        for j, spec in enumerate(self.specs)]
             except (RuntimeError, ValueError, IndexError, MemoryError) as e:  # torch's OOM is a RuntimeError
                 if self.backend.is_out_of_memory(e) and len(chunk) > 1:
                     self.backend.free_memory()
@@ -183,6 +203,15 @@ class Batches:
         return [(chunk, None, message)]
 
 
+def prompts_for(spec: prompt_plan.PromptSpec, items: list[dataset.Loaded]) -> list[str]:
+    return [spec.render(i.row) for i in items]
+
+
+def assemble_all(backend: CaptionBackend, specs: list[prompt_plan.PromptSpec], items: list[dataset.Loaded]) -> list:
+    """The backend's assembly of `items` for each prompt (the images are prepared once, for all prompts)."""
+    return [backend.assemble([i.inputs for i in items], prompts_for(spec, items)) for spec in specs]
+
+
 def failure_row(row: dict[str, Any], stage: str, error: str) -> dict[str, Any]:
     return {"key": row["key"], "original_key": row.get("original_key"), "url": row.get("url"),
             "stage": stage, "error": error[:2000]}
@@ -197,15 +226,16 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
     from tqdm import tqdm
 
     settings = cfg.run_settings()
+    extra, specs, also = plan_columns(cfg, settings)
     if backend is None:
-        backend = make_backend(cfg.backend, model=settings["model"], prompt=settings["prompt"],
+        backend = make_backend(cfg.backend, model=settings["model"], prompt=prompt_plan.longest_prompt(specs),
                                max_tokens=cfg.max_tokens, min_tokens=cfg.min_tokens, temperature=cfg.temperature,
                                top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype, device_map=cfg.device_map,
                                attn_implementation=cfg.attn_implementation,
                                max_auto_batch_size=cfg.max_auto_batch_size, compile=cfg.compile,
                                retry_repetition_penalty=cfg.retry_repetition_penalty)
     stop = stop or StopSignals()
-    batches = Batches(cfg, backend, should_stop=lambda: stop.requested)
+    batches = Batches(cfg, backend, should_stop=lambda: stop.requested, specs=specs)
     log.info("batch size %d (%s)", batches.size, "--batch-size" if cfg.batch_size else
              "auto: the backend's start for this device; it halves on out-of-memory")
     rows: list[dict] = []
@@ -243,17 +273,17 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
 
     def record(results: list[Result], retries: list[Retries]) -> None:  # on the writer thread
         for (items, caps, error), redone in zip(results, retries):
-            for i, (item, cap) in enumerate(zip(items, caps if caps is not None else [None] * len(items))):
-                if cap is None:
+            for i, item in enumerate(items):
+                if caps is None:
                     failures.append(failure_row(item.row, "generate", error))
                     stats.failed["generate"] += 1
                     continue
                 out = {k: item.row.get(k) for k in writer.schema.names if k in item.row}
-                values = rowcols.caption_values(cap, redone.get(i))
+                values = rowcols.row_values([c[i] for c in caps], [r.get(i) for r in redone], specs)
                 rows.append({**out, **values, "caption_model": backend.model_name})
                 stats.flags.update(values[rowcols.FLAGS_COLUMN])
                 stats.captioned += 1
-                stats.tokens += cap.tokens
+                stats.tokens += sum(c[i].tokens for c in caps) + sum(r[i].tokens for r in redone if i in r)
         stats.batch_done()  # the steady rate is measured from here (model loading and warm-up left out)
         progress.update(sum(len(items) for items, _, _ in results))
         progress.set_postfix(tok_s=f"{stats.rates()['tokens_per_s']:.0f}", failed=sum(stats.failed.values()),
@@ -269,15 +299,15 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
     def run_batch(batch: list[dataset.Loaded], assembled: Future) -> None:
         started = time.monotonic()
         results = batches.caption(batch, assembled)
-        retries = [rowcols.retry_flagged(backend, [i.row["key"] for i in items], [i.inputs for i in items], caps,
-                                         should_stop=batches.should_stop) if caps is not None else {}
-                   for items, caps, _ in results]
+        retries = [[rowcols.retry_flagged(backend, [i.row["key"] for i in items], [i.inputs for i in items],
+                                          caps_j, spec, should_stop=batches.should_stop,
+                                          prompts=prompts_for(spec, items)) for spec, caps_j in zip(specs, caps)]
+                   if caps is not None else [{} for _ in specs] for items, caps, _ in results]
         stats.generate_s += time.monotonic() - started
         if not stop.requested:  # else generate was cut short: incomplete captions, resume redoes them
             later(record, results, retries)
 
-    extra = dataset.extra_columns(Path(cfg.data_dir), cfg.kept_columns())
-    loaded = dataset.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra), backend.prepare,
+    loaded = dataset.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra, also), backend.prepare,
                               workers=cfg.num_loader_workers or dataset.default_loader_workers(),
                               window=max(4 * batches.size, 16),
                               target_size=backend.target_size)
@@ -286,7 +316,7 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
 
     def next_batch(items: list[dataset.Loaded]) -> None:
         nonlocal ready
-        assembling = (items, assembler.submit(backend.assemble, [i.inputs for i in items]))
+        assembling = (items, assembler.submit(assemble_all, backend, specs, items))
         if ready is not None:
             run_batch(*ready)
         ready = assembling
@@ -424,7 +454,7 @@ def push_only(hub_client, cfg: RunConfig, run_info: dict) -> int:
     return EXIT_OK if not pending else EXIT_ITEMS_FAILED
 
 
-def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int) -> int:
+def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, columns: tuple) -> int:
     ckpt = Path(cfg.checkpoint_dir)
     existing, problem = store.read_run_json_safe(ckpt)
     reader = store.CheckpointStore(ckpt, worker, quarantine_bad=False) if ckpt.is_dir() else None
@@ -446,6 +476,7 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int) -> in
     print(f"  to do {plan.todo}, already done {plan.done}, failed before {plan.failed}"
           + (" (skipped; --retry-failed to redo)" if plan.failed else ""))
     print(f"  estimated time: {eta}")
+    print_first_prompts(cfg, plan, *columns)
     holds_work = bool(done or failed)
     if existing and existing["run_id"] != store.run_id_for(settings):
         print(f"  note: {ckpt} holds another run ({existing['run_id']}); " + (
@@ -455,6 +486,18 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int) -> in
         print(f"  note: {ckpt / store.RUN_JSON} is {problem}; a real run re-adopts parts of this run only "
               "(else it needs --overwrite)")
     return EXIT_OK
+
+
+def print_first_prompts(cfg: RunConfig, plan: dataset.WorkPlan, extra: list, specs: list, also: list[str]) -> None:
+    """--dry-run: the prompt(s) of the first selected row as the model would get them."""
+    first = min(plan.todo_keys or plan.data_keys or {""})
+    row = next(iter(dataset.iter_rows(Path(cfg.data_dir), {first}, extra, also)), None) if first else None
+    if row is None:
+        print("  prompt: no selected row to render it for")
+        return
+    for spec in specs:
+        print(f"  prompt{f' {spec.name}' if spec.name else ''} of the first selected row ({first}):")
+        print("    " + spec.render(row).replace("\n", "\n    "))
 
 
 def merge_and_check(cfg: RunConfig) -> int:

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
 from .backends import Caption, CaptionBackend
+from .prompt_plan import PromptSpec
 from .quality import FLAGS, caption_flags, strip_preamble
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,7 @@ FLAGS_COLUMN = "caption_flags"
 RETRY_FLAGS = ("empty", "repetition", "invalid_json")
 
 
-def judge(cap: Caption) -> tuple[str, list[str]]:
+def judge(cap: Caption, spec: PromptSpec | None = None) -> tuple[str, list[str]]:
     """(the caption as published: its chatty lead-in removed, its quality flags in quality.FLAGS order)."""
     text, _ = strip_preamble(cap.text)
     return text, caption_flags(cap.text, cap.finish)
@@ -31,37 +32,51 @@ def badness(flags: Sequence[str]) -> int:
     return sum(1 for f in flags if f in RETRY_FLAGS)
 
 
-def wants_retry(cap: Caption) -> bool:
-    return badness(judge(cap)[1]) > 0
+def wants_retry(cap: Caption, spec: PromptSpec | None = None) -> bool:
+    return badness(judge(cap, spec)[1]) > 0
 
 
-def caption_values(cap: Caption, retried: Caption | None = None) -> dict:
-    """The caption columns of one row (caption_model aside): the better of the first caption and its retry
-    (fewer RETRY_FLAGS; a tie keeps the first), and how many generations it took."""
-    text, flags = judge(cap)
+def caption_values(cap: Caption, retried: Caption | None = None, spec: PromptSpec | None = None) -> dict:
+    """The caption columns of one prompt's caption (caption_model aside; names without the prompt's suffix):
+    the better of the first caption and its retry (fewer RETRY_FLAGS; a tie keeps the first), and how many
+    generations it took."""
+    text, flags = judge(cap, spec)
     if retried is not None:
-        text2, flags2 = judge(retried)
+        text2, flags2 = judge(retried, spec)
         if badness(flags2) < badness(flags):
             cap, text, flags = retried, text2, flags2
     return {"vlm_caption": text, "caption_finish": cap.finish, "caption_tokens": cap.tokens, FLAGS_COLUMN: flags,
             "caption_attempts": 1 if retried is None else 2}
 
 
+def row_values(caps: Sequence[Caption], retried: Sequence[Caption | None], specs: Sequence[PromptSpec]) -> dict:
+    """The caption columns of a row, one caption per prompt. Named prompts (--prompts-file) write their
+    suffixed columns; the first prompt's caption is also the row's plain vlm_caption, caption_flags, ..."""
+    values: dict = {}
+    for j, (cap, again, spec) in enumerate(zip(caps, retried, specs)):
+        one = caption_values(cap, again, spec)
+        values.update({k + spec.suffix: v for k, v in one.items()})
+        if j == 0 and spec.suffix:
+            values.update(one)
+    return values
+
+
 _GENERATE_ERRORS = (RuntimeError, ValueError, IndexError, MemoryError)
 
 
 def retry_flagged(backend: CaptionBackend, keys: Sequence[str], inputs: Sequence[Any], caps: Sequence[Caption],
-                  should_stop: Callable[[], bool] | None = None, **generate_kwargs) -> dict[int, Caption]:
+                  spec: PromptSpec | None = None, should_stop: Callable[[], bool] | None = None,
+                  prompts: Sequence[str] | None = None) -> dict[int, Caption]:
     """Generate the captions that call for it (RETRY_FLAGS) once more with retry=True; index -> retry.
 
     On the generate thread, right after the batch: the writer thread never waits for the accelerator. A
     failed retry (out of memory, say) keeps the first captions: it is logged, never a failure of the row."""
-    redo = [i for i, cap in enumerate(caps) if wants_retry(cap)]
+    redo = [i for i, cap in enumerate(caps) if wants_retry(cap, spec)]
     if not redo:
         return {}
     try:
         again = backend.generate([keys[i] for i in redo], [inputs[i] for i in redo], should_stop=should_stop,
-                                 retry=True, **generate_kwargs)
+                                 retry=True, prompts=None if prompts is None else [prompts[i] for i in redo])
         return dict(zip(redo, again))
     except _GENERATE_ERRORS as e:
         if backend.is_out_of_memory(e):
