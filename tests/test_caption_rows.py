@@ -259,3 +259,83 @@ def test_dry_run_prints_the_rendered_prompt_of_the_first_row(sample_data_dir, tm
     caption = pq.read_table(sample_data_dir / "full_metadata.parquet").to_pandas().set_index("key").loc[first, "caption"]
     assert f"prompt of the first selected row ({first}):" in out and f"Alt text: {caption.strip()}!" in out
     assert not ckpt.exists()
+
+
+# ---------------------------------------------------------------- 4: several prompts per image
+
+PROMPTS_YAML = "short: Name the style in three words.\nlong: |\n  Describe this artwork in detail. Tags: {tags}.\n"
+
+
+def test_prompts_file_gives_columns_per_prompt_one_row_per_key(sample_data_dir, tmp_path, monkeypatch):
+    from vlm_caption import dummy_backend
+    from vlm_caption.card import render_dataset_card
+
+    prompts_file = tmp_path / "prompts.yaml"
+    prompts_file.write_text(PROMPTS_YAML)
+    calls = []
+    real_prepare, real_generate = dummy_backend.DummyBackend.prepare, dummy_backend.DummyBackend.generate
+    prepared = []
+    monkeypatch.setattr(dummy_backend.DummyBackend, "prepare", lambda self, im: prepared.append(1) or
+                        real_prepare(self, im))
+
+    def spy(self, keys, batch, should_stop=None, *, retry=False, prompts=None):
+        calls.append(list(prompts))
+        return real_generate(self, keys, batch, should_stop, retry=retry, prompts=prompts)
+
+    monkeypatch.setattr(dummy_backend.DummyBackend, "generate", spy)
+    ckpt = tmp_path / "ckpt"
+    assert main(dummy_args(sample_data_dir, ckpt, "--prompts-file", str(prompts_file))) in (EXIT_OK, EXIT_ITEMS_FAILED)
+    rows = merged_rows(ckpt)
+    keys = [k for _, ks in store.read_keys(store.list_parts(ckpt)) for k in ks]
+    assert len(keys) == len(set(keys)) == len(rows) > 0
+    assert len(prepared) == len(rows)  # each image prepared once for both prompts (+ the undecodable ones: 0)
+    schema = pq.read_schema(ckpt / store.MERGED)
+    for name in ("short", "long"):
+        for base in ("vlm_caption", "caption_flags", "caption_finish", "caption_tokens", "caption_attempts"):
+            assert f"{base}_{name}" in schema.names
+        assert all(r[f"vlm_caption_{name}"] for r in rows)
+    assert all(r["vlm_caption"] == r["vlm_caption_short"] for r in rows)  # the first prompt fills the plain columns
+    assert any(p and p[0] == "Name the style in three words." for p in calls)
+    assert any(p and p[0].startswith("Describe this artwork in detail.") for p in calls)
+    run = store.read_run_json(ckpt)
+    assert run["prompts"] == {"short": "Name the style in three words.",
+                              "long": "Describe this artwork in detail. Tags: {tags}.\n"}
+    card = render_dataset_card("me/data", [{**run, "rows": len(rows)}])
+    assert "Prompt `short`:" in card and "Describe this artwork in detail. Tags: {tags}." in card
+    other = tmp_path / "other.yaml"
+    other.write_text(PROMPTS_YAML.replace("three", "two"))
+    from vlm_caption.config import RunConfig
+
+    assert RunConfig(prompts_file=str(other)).run_settings() != RunConfig(prompts_file=str(prompts_file)).run_settings()
+
+
+def test_prompts_file_excludes_prompt_and_bad_files_are_one_line(sample_data_dir, tmp_path, capsys):
+    from vlm_caption.cli import run_main
+    from vlm_caption.errors import EXIT_USAGE
+
+    good, bad = tmp_path / "p.yaml", tmp_path / "bad.yaml"
+    good.write_text(PROMPTS_YAML)
+    bad.write_text("Bad Name: x\n")
+    for extra, says in ((["--prompts-file", str(good), "--prompt", "x"], "--prompts-file excludes --prompt"),
+                        (["--prompts-file", str(bad)], "bad prompt name"),
+                        (["--prompts-file", str(good).replace("p.yaml", "q.txt")], "must end in")):
+        with pytest.raises(SystemExit) as exc:
+            run_main(main, dummy_args(sample_data_dir, tmp_path / "ckpt", *extra), prog="batched_image_inference.py")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == EXIT_USAGE and len(err) == 1 and says in err[0], err
+
+
+def test_several_prompts_with_the_tiny_model(tiny_model_dir, sample_data_dir, tmp_path):
+    prompts_file = tmp_path / "prompts.json"
+    prompts_file.write_text(json.dumps({"a": "Describe.", "b": "Describe the style of this artwork: {tags}"}))
+    ckpt = tmp_path / "ckpt"
+    args = ["--model", str(tiny_model_dir), "--data-dir", str(sample_data_dir), "--checkpoint-dir", str(ckpt),
+            "--no-push", "--max-tokens", "4", "--batch-size", "2", "--max-images", "4", "--dtype", "float32",
+            "--num-loader-workers", "1", "--prompts-file", str(prompts_file)]
+    assert main(args) in (EXIT_OK, EXIT_ITEMS_FAILED)
+    rows = merged_rows(ckpt)
+    assert rows
+    for r in rows:
+        assert r["caption_finish_a"] in ("stop", "length") and r["caption_finish_b"] in ("stop", "length")
+        assert 0 <= r["caption_tokens_a"] <= 4 and 0 <= r["caption_tokens_b"] <= 4
+        assert isinstance(r["caption_flags_b"], list) and r["caption_attempts_a"] in (1, 2)

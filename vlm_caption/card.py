@@ -46,7 +46,8 @@ def _run_view(repo_id: str, run: dict, default: bool) -> dict:
             "flags": describe_counts(run.get("caption_flags")),
             "code_version": run.get("code_version", "unknown"), "created": run.get("created", "unknown"),
             "load_args": f'"{repo_id}", split="train"' if default else f'"{repo_id}", "{run["run_id"]}", split="train"',
-            "fenced_prompt": _fenced(str(run.get("prompt", "")))}
+            "fenced_prompt": _fenced(str(run.get("prompt", ""))),
+            "prompts": [{"name": k, "fenced": _fenced(str(v))} for k, v in (run.get("prompts") or {}).items()]}
 
 
 def render_dataset_card(repo_id: str, runs: list[dict]) -> str:

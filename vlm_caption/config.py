@@ -110,6 +110,7 @@ class RunConfig:
     retry_repetition_penalty: float = 1.15  # the second try of a caption flagged repetition / empty
     prompt: str | None = None  # overrides the default prompt
     prompt_file: str | None = None  # file whose text is the prompt
+    prompts_file: str | None = None  # YAML or JSON of named prompts: one caption column set per prompt
     hf_repo: str = "ContraStylesRecap"  # bare name or user/name
     hf_username: str = "somepago"  # owner when --hf-repo is a bare name
     hub_endpoint: str | None = None  # another Hub endpoint (a mirror, or a local stub in tests)
@@ -183,6 +184,10 @@ class RunConfig:
             raise UsageError("--prompt is empty")
         if self.prompt_file is not None and not Path(self.prompt_file).is_file():
             raise UsageError(f"--prompt-file {self.prompt_file} does not exist")
+        if self.prompts_file is not None:
+            if self.prompt is not None or self.prompt_file is not None:
+                raise UsageError("--prompts-file excludes --prompt and --prompt-file")
+            self.named_prompts()
         modes = [m for m in ("merge_only", "push_only", "dry_run") if getattr(self, m)]
         if len(modes) > 1:
             raise UsageError("--merge-only, --push-only and --dry-run exclude each other")
@@ -244,9 +249,22 @@ class RunConfig:
             settings["backend"] = self.backend
         if self.kept_columns():
             settings["keep_columns"] = self.kept_columns()
+        if self.prompts_file is not None:  # every prompt joins the run id; "prompt" stays for older readers
+            settings.update(prompt=None, prompt_version="custom", prompts=self.named_prompts())
         if self.retry_repetition_penalty != RunConfig.retry_repetition_penalty:
             settings["retry_repetition_penalty"] = self.retry_repetition_penalty
         return settings
+
+    def named_prompts(self) -> dict[str, str] | None:
+        """--prompts-file: {name: template}, or None without one; a bad file is a one-line usage error."""
+        if self.prompts_file is None:
+            return None
+        from .prompts import load_prompts_file
+
+        try:
+            return load_prompts_file(self.prompts_file)
+        except ValueError as e:
+            raise UsageError(f"--prompts-file {e}") from None
 
     def prompt_text(self) -> str | None:
         """The user's prompt, if any (None = prompts.DEFAULT_PROMPT)."""

@@ -84,6 +84,8 @@ def prompt_columns(specs: Sequence[PromptSpec], output_names: Sequence[str], met
 
 def run_specs(settings: Mapping[str, Any]) -> list[PromptSpec]:
     """The run's prompts from its settings (RunConfig.run_settings): run.json is the one record of them."""
+    if settings.get("prompts"):
+        return [PromptSpec.make(name, template) for name, template in settings["prompts"].items()]
     return [PromptSpec.make(None, settings["prompt"])]
 
 
