@@ -339,3 +339,61 @@ def test_several_prompts_with_the_tiny_model(tiny_model_dir, sample_data_dir, tm
         assert r["caption_finish_a"] in ("stop", "length") and r["caption_finish_b"] in ("stop", "length")
         assert 0 <= r["caption_tokens_a"] <= 4 and 0 <= r["caption_tokens_b"] <= 4
         assert isinstance(r["caption_flags_b"], list) and r["caption_attempts_a"] in (1, 2)
+
+
+# ---------------------------------------------------------------- 5: JSON captions
+
+
+def test_json_format_fields_invalid_json_flag_and_retry(faults, sample_data_dir, tmp_path, monkeypatch):
+    from vlm_caption import dummy_backend
+
+    real = dummy_backend.DummyBackend._json
+    monkeypatch.setattr(dummy_backend.DummyBackend, "_json", lambda self, key, stats, prompt, retry: (
+        real(self, key, stats, prompt, retry and not key.endswith("25"))))  # key ...25: invalid on the retry too
+    ckpt = tmp_path / "ckpt"
+    assert main(dummy_args(sample_data_dir, ckpt, "--format", "json", "--json-fields", "subject,style")) in (
+        EXIT_OK, EXIT_ITEMS_FAILED)
+    schema = pq.read_schema(ckpt / store.MERGED)
+    assert schema.field("caption_subject").type == schema.field("caption_style").type == pa.string()
+    assert "caption_medium" not in schema.names
+    rows = {r["key"]: r for r in merged_rows(ckpt)}
+    assert {k for k in rows if k.endswith("5")} >= {"000000025", "000000005"}
+    for key, r in rows.items():
+        if key.endswith("25"):  # invalid twice: flagged, fields null, the raw text kept
+            assert r["caption_flags"] == ["invalid_json"] and r["caption_attempts"] == 2
+            assert r["caption_subject"] is None and r["vlm_caption"].startswith('{"subject"')
+        elif key.endswith("5"):  # invalid, then valid on the retry
+            assert r["caption_attempts"] == 2 and r["caption_flags"] == [] and r["caption_subject"]
+        else:
+            assert r["caption_attempts"] == 1 and r["caption_flags"] == []
+            assert json.loads(r["vlm_caption"]) == {"subject": r["caption_subject"], "style": r["caption_style"]}
+            assert key in r["caption_subject"]
+    summary = json.loads((ckpt / store.SUMMARY).read_text())
+    assert summary["checkpoint_dir"]["caption_flags"] == {"invalid_json": sum(k.endswith("25") for k in rows)}
+    run = store.read_run_json(ckpt)
+    assert run["format"] == "json" and run["json_fields"] == ["subject", "style"]
+
+
+def test_json_instruction_is_appended_to_the_prompt_and_bad_fields_are_usage_errors(sample_data_dir, tmp_path,
+                                                                                    capsys):
+    from vlm_caption.cli import run_main
+    from vlm_caption.errors import EXIT_USAGE
+    from vlm_caption.prompts import DEFAULT_JSON_FIELDS, json_instruction
+
+    ckpt = tmp_path / "ckpt"
+    assert main(dummy_args(sample_data_dir, ckpt, "--dry-run", "--prompt", "Look.", "--format", "json")) == 0
+    assert f"Look.\n    \n    {json_instruction(DEFAULT_JSON_FIELDS)}" in capsys.readouterr().out
+    for extra, says in ((["--json-fields", "a"], "--json-fields needs --format json"),
+                        (["--format", "json", "--json-fields", "flags"], "--json-fields 'flags'"),
+                        (["--format", "yaml"], "--format must be text or json")):
+        with pytest.raises(SystemExit) as exc:
+            run_main(main, dummy_args(sample_data_dir, ckpt, *extra), prog="batched_image_inference.py")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == EXIT_USAGE and len(err) == 1 and says in err[0], err
+
+
+def test_card_names_the_json_fields():
+    from vlm_caption.card import render_dataset_card
+
+    card = render_dataset_card("me/data", [{"run_id": "a", "format": "json", "json_fields": ["subject", "mood"]}])
+    assert "fields in\n  `caption_subject`, `caption_mood`" in card

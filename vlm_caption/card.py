@@ -44,6 +44,7 @@ def _run_view(repo_id: str, run: dict, default: bool) -> dict:
             "rows": run.get("rows", 0),
             "failures": ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())) or "none",
             "flags": describe_counts(run.get("caption_flags")),
+            "json_fields": ", ".join(f"`caption_{f}`" for f in run.get("json_fields") or []),
             "code_version": run.get("code_version", "unknown"), "created": run.get("created", "unknown"),
             "load_args": f'"{repo_id}", split="train"' if default else f'"{repo_id}", "{run["run_id"]}", split="train"',
             "fenced_prompt": _fenced(str(run.get("prompt", ""))),

@@ -21,6 +21,7 @@ SOURCE_DATASET = "tomg-group-umd/ContraStyles"
 # Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-'/'.', no '--' or '..'.
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO_ID_RE = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
+_RESERVED_FIELDS = ("model", "finish", "tokens", "flags", "attempts")  # caption_{field} would shadow these
 
 
 def parse_shards(spec: str | None) -> list[int] | None:
@@ -111,6 +112,8 @@ class RunConfig:
     prompt: str | None = None  # overrides the default prompt
     prompt_file: str | None = None  # file whose text is the prompt
     prompts_file: str | None = None  # YAML or JSON of named prompts: one caption column set per prompt
+    format: str = "text"  # text, or json: the caption is one JSON object, parsed into caption_{field} columns
+    json_fields: str | None = None  # --format json: comma-separated fields (default prompts.DEFAULT_JSON_FIELDS)
     hf_repo: str = "ContraStylesRecap"  # bare name or user/name
     hf_username: str = "somepago"  # owner when --hf-repo is a bare name
     hub_endpoint: str | None = None  # another Hub endpoint (a mirror, or a local stub in tests)
@@ -184,6 +187,11 @@ class RunConfig:
             raise UsageError("--prompt is empty")
         if self.prompt_file is not None and not Path(self.prompt_file).is_file():
             raise UsageError(f"--prompt-file {self.prompt_file} does not exist")
+        if self.format not in ("text", "json"):
+            raise UsageError(f"--format must be text or json, got {self.format!r}")
+        if self.json_fields is not None and self.format != "json":
+            raise UsageError("--json-fields needs --format json")
+        self.fields()
         if self.prompts_file is not None:
             if self.prompt is not None or self.prompt_file is not None:
                 raise UsageError("--prompts-file excludes --prompt and --prompt-file")
@@ -251,9 +259,27 @@ class RunConfig:
             settings["keep_columns"] = self.kept_columns()
         if self.prompts_file is not None:  # every prompt joins the run id; "prompt" stays for older readers
             settings.update(prompt=None, prompt_version="custom", prompts=self.named_prompts())
+        if self.format == "json":
+            settings.update(format="json", json_fields=list(self.fields()))
         if self.retry_repetition_penalty != RunConfig.retry_repetition_penalty:
             settings["retry_repetition_penalty"] = self.retry_repetition_penalty
         return settings
+
+    def fields(self) -> tuple[str, ...]:
+        """--format json: the JSON fields asked for (each becomes a caption_{field} column); () for text."""
+        if self.format != "json":
+            return ()
+        from .prompts import DEFAULT_JSON_FIELDS, PROMPT_NAME_RE
+
+        if self.json_fields is None:
+            return tuple(DEFAULT_JSON_FIELDS)
+        fields = tuple(f.strip() for f in self.json_fields.split(",") if f.strip())
+        bad = [f for f in fields if not PROMPT_NAME_RE.fullmatch(f) or f in _RESERVED_FIELDS]
+        if not fields or bad or len(set(fields)) != len(fields):
+            raise UsageError(f"--json-fields {self.json_fields!r}: give distinct names of 1-32 of a-z, 0-9, _ "
+                             f"starting with a letter, comma-separated, e.g. subject,style,medium (not "
+                             f"{', '.join(_RESERVED_FIELDS)}: their caption_ columns exist)")
+        return fields
 
     def named_prompts(self) -> dict[str, str] | None:
         """--prompts-file: {name: template}, or None without one; a bad file is a one-line usage error."""

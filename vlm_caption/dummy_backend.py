@@ -9,10 +9,15 @@ only), a key's last digit picks a broken caption, so quality flags show up deter
     3  no text at all (flag `empty`)               4  a generation loop, on the retry too
     other digits: the normal caption. These ignore --max-tokens (finish "stop"). generate(retry=True)
     gives the normal caption, except for digit 4.
+A prompt asking for JSON (prompts.json_instruction) gets one JSON object with the fields it names, always;
+with the test faults, keys ending in 5 get invalid JSON on the first try (valid on the retry), and the
+digits above do not apply.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from typing import Any, Callable, Sequence
 
 from .backends import Caption
@@ -20,6 +25,8 @@ from .backends import Caption
 _WORDS = ("a", "quiet", "study", "in", "colour", "and", "light", "with", "soft", "edges", "under", "an", "open",
           "sky", "painted", "loosely")
 FAULTS_ENV = "VLM_CAPTION_DUMMY_FAULTS"
+_JSON_ASKED = "Answer with exactly one JSON object"  # prompts.json_instruction
+_JSON_FIELD_RE = re.compile(r'"([a-z][a-z0-9_]*)": "\.\.\."')
 PREAMBLE = "Here is a detailed description of the image:\n"
 
 
@@ -44,7 +51,20 @@ class DummyBackend:
 
     def generate(self, keys: Sequence[str], batch: list[Any], should_stop: Callable[[], bool] | None = None, *,
                  retry: bool = False, prompts: Sequence[str] | None = None) -> list[Caption]:
-        return [self._caption(key, stats, retry) for key, stats in zip(keys, batch)]
+        prompts = list(prompts) if prompts is not None else [self.prompt] * len(keys)
+        return [self._json(key, stats, p, retry) if _JSON_ASKED in p else self._caption(key, stats, retry)
+                for key, stats, p in zip(keys, batch, prompts)]
+
+    def _json(self, key: str, stats: dict[str, Any], prompt: str, retry: bool) -> Caption:
+        seed = sum(key.encode())
+        fields = _JSON_FIELD_RE.findall(prompt.split(_JSON_ASKED, 1)[1])
+        word = [_WORDS[(seed + i) % len(_WORDS)] for i in range(len(fields) + 3)]
+        answer = {f: f"{word[i]} {word[i + 1]} {f}, {word[i + 2]} {word[i + 3]} light in image {key}"
+                  for i, f in enumerate(fields)}
+        text = json.dumps(answer)
+        if self.faults and key.endswith("5") and not retry:
+            text = text[: len(text) // 2]  # cut mid-object: unbalanced braces
+        return Caption(text, "stop", len(text.split()))
 
     def _caption(self, key: str, stats: dict[str, Any], retry: bool = False) -> Caption:
         w, h = stats["size"]

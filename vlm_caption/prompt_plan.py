@@ -84,9 +84,10 @@ def prompt_columns(specs: Sequence[PromptSpec], output_names: Sequence[str], met
 
 def run_specs(settings: Mapping[str, Any]) -> list[PromptSpec]:
     """The run's prompts from its settings (RunConfig.run_settings): run.json is the one record of them."""
+    fields = tuple(settings.get("json_fields") or ()) if settings.get("format") == "json" else ()
     if settings.get("prompts"):
-        return [PromptSpec.make(name, template) for name, template in settings["prompts"].items()]
-    return [PromptSpec.make(None, settings["prompt"])]
+        return [PromptSpec.make(name, template, fields) for name, template in settings["prompts"].items()]
+    return [PromptSpec.make(None, settings["prompt"], fields)]
 
 
 def longest_prompt(specs: Sequence[PromptSpec]) -> str:

@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 from .backends import Caption, CaptionBackend
 from .prompt_plan import PromptSpec
+from .prompts import parse_json_caption
 from .quality import FLAGS, caption_flags, strip_preamble
 
 log = logging.getLogger(__name__)
@@ -22,10 +23,22 @@ FLAGS_COLUMN = "caption_flags"
 RETRY_FLAGS = ("empty", "repetition", "invalid_json")
 
 
-def judge(cap: Caption, spec: PromptSpec | None = None) -> tuple[str, list[str]]:
-    """(the caption as published: its chatty lead-in removed, its quality flags in quality.FLAGS order)."""
-    text, _ = strip_preamble(cap.text)
-    return text, caption_flags(cap.text, cap.finish)
+def judge(cap: Caption, spec: PromptSpec | None = None) -> tuple[str, list[str], dict[str, str | None]]:
+    """(the caption as published: its chatty lead-in removed; its quality flags in quality.FLAGS order; the
+    JSON fields of a --format json caption, each None when absent, all None when the JSON is invalid).
+
+    A valid JSON caption is judged by its field values (JSON syntax is no sign of a garbled caption), plus
+    `preamble` when prose came before the object; an invalid one by its raw text, plus `invalid_json`."""
+    text, had_preamble = strip_preamble(cap.text)
+    if spec is None or not spec.json_fields:
+        return text, caption_flags(cap.text, cap.finish), {}
+    parsed, _why = parse_json_caption(text, spec.json_fields)
+    if parsed is None:
+        found = {*caption_flags(cap.text, cap.finish), "invalid_json"}
+    else:
+        content = ". ".join(v for v in parsed.values() if v)
+        found = {*caption_flags(content, cap.finish), *(["preamble"] if had_preamble else [])}
+    return text, [f for f in FLAGS if f in found], parsed or dict.fromkeys(spec.json_fields)
 
 
 def badness(flags: Sequence[str]) -> int:
@@ -40,13 +53,13 @@ def caption_values(cap: Caption, retried: Caption | None = None, spec: PromptSpe
     """The caption columns of one prompt's caption (caption_model aside; names without the prompt's suffix):
     the better of the first caption and its retry (fewer RETRY_FLAGS; a tie keeps the first), and how many
     generations it took."""
-    text, flags = judge(cap, spec)
+    text, flags, fields = judge(cap, spec)
     if retried is not None:
-        text2, flags2 = judge(retried, spec)
+        text2, flags2, fields2 = judge(retried, spec)
         if badness(flags2) < badness(flags):
-            cap, text, flags = retried, text2, flags2
+            cap, text, flags, fields = retried, text2, flags2, fields2
     return {"vlm_caption": text, "caption_finish": cap.finish, "caption_tokens": cap.tokens, FLAGS_COLUMN: flags,
-            "caption_attempts": 1 if retried is None else 2}
+            "caption_attempts": 1 if retried is None else 2, **{f"caption_{k}": v for k, v in fields.items()}}
 
 
 def row_values(caps: Sequence[Caption], retried: Sequence[Caption | None], specs: Sequence[PromptSpec]) -> dict:
