@@ -397,3 +397,22 @@ def test_card_names_the_json_fields():
 
     card = render_dataset_card("me/data", [{"run_id": "a", "format": "json", "json_fields": ["subject", "mood"]}])
     assert "fields in\n  `caption_subject`, `caption_mood`" in card
+
+
+def test_per_row_prompts_with_the_static_cache_and_its_dynamic_fallback(tiny_model_dir, sample_data_dir):
+    import torch
+
+    from vlm_caption.captioner import Captioner, load_model
+
+    model, processor = load_model(str(tiny_model_dir), torch.device("cpu"), dtype="float32")
+    dynamic = Captioner(model, processor, model_name="tiny", prompt="Describe.", max_tokens=6, min_tokens=6)
+    static = Captioner(model, processor, model_name="tiny", prompt="Describe this artwork, please.", max_tokens=6,
+                       min_tokens=6, compile="on", compile_options={"compile": False})
+    assert static.static_decode is not None
+    items = _items(dynamic, sample_data_dir, 3)
+    keys, pixels = [i.row["key"] for i in items], [i.inputs for i in items]
+    for prompts in (["Describe.", "Describe this artwork.", "Describe it."],  # fit the static cache
+                    ["Describe.", "Describe this artwork " + "in great detail " * 20, "Describe it."]):  # do not
+        want = [c.text for c in dynamic.generate(keys, pixels, prompts=prompts)]
+        assert [c.text for c in static.generate(keys, pixels, prompts=prompts)] == want
+    assert static._static_fallback_logged  # the long prompt ran with the dynamic cache
