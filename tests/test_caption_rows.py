@@ -182,7 +182,7 @@ def test_per_row_prompts_batched_equals_one_by_one_under_greedy(tiny, sample_dat
     assert [c.text for c in batched] == [c.text for c in single]
     assert [c.tokens for c in batched] == [c.tokens for c in single]
     assembled = cap.assemble([i.inputs for i in items], prompts)
-    ids, mask = assembled.inputs["input_ids"], assembled.inputs["attention_mask"]
+    mask = assembled.inputs["attention_mask"]
     assert mask[0].sum() < mask[1].sum() and mask[0, 0] == 0  # left padding, masked
 
 
