@@ -5,6 +5,7 @@ by their last digit, see dummy_backend.py); what concerns the model runs on the 
 """
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -416,3 +417,33 @@ def test_per_row_prompts_with_the_static_cache_and_its_dynamic_fallback(tiny_mod
         want = [c.text for c in dynamic.generate(keys, pixels, prompts=prompts)]
         assert [c.text for c in static.generate(keys, pixels, prompts=prompts)] == want
     assert static._static_fallback_logged  # the long prompt ran with the dynamic cache
+
+
+# ---------------------------------------------------------------- parts written before the flags existed
+
+
+def test_parts_without_the_new_columns_are_kept_and_filled_in(faults, sample_data_dir, tmp_path):
+    from vlm_caption import hub
+
+    ckpt = tmp_path / "ckpt"
+    args = dummy_args(sample_data_dir, ckpt, "--max-images", "16")
+    assert main(args) == EXIT_OK
+    old = store.list_parts(ckpt)[0].path
+    table = pq.read_table(old)
+    table = table.drop_columns(["caption_flags", "caption_attempts"])
+    texts = table.column("vlm_caption").to_pylist()
+    texts[0] = "Sure! Here is a description of the artwork:\n" + texts[0]  # as an older run wrote it
+    table = table.set_column(table.column_names.index("vlm_caption"), "vlm_caption", pa.array(texts))
+    pq.write_table(table, old)  # the run id stays in the file's metadata
+    before = len(store.list_parts(ckpt))
+    assert main(args) == EXIT_OK  # nothing quarantined, nothing captioned again
+    assert len(store.list_parts(ckpt)) == before and not (ckpt / store.QUARANTINE_DIR).exists()
+    merged = {r["key"]: r for r in merged_rows(ckpt)}
+    first = merged[table.column("key")[0].as_py()]
+    assert first["caption_flags"] == ["preamble"] and first["caption_attempts"] == 1
+    assert not first["vlm_caption"].startswith("Sure!")
+    assert pq.read_schema(ckpt / store.MERGED).names == store.OUTPUT_SCHEMA.names
+    parts = store.list_parts(ckpt)
+    keys = sorted(k for _, ks in store.read_keys(parts) for k in ks)
+    got = pq.read_table(io.BytesIO(hub.hub_file_bytes(hub.HubFile("x", 0, parts, keys))))
+    assert got.schema.names == store.OUTPUT_SCHEMA.names and got.num_rows == len(keys) > 0

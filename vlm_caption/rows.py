@@ -99,6 +99,23 @@ def retry_flagged(backend: CaptionBackend, keys: Sequence[str], inputs: Sequence
         return {}
 
 
+def conform(table, schema):
+    """`table` (a part's rows) in `schema`: a part written before caption_flags / caption_attempts existed
+    gets them (flags from its text, its preamble stripped as new rows' are; 1 attempt)."""
+    import pyarrow as pa
+
+    names = table.column_names
+    if FLAGS_COLUMN in schema.names and FLAGS_COLUMN not in names:
+        texts, finishes = table.column("vlm_caption").to_pylist(), table.column("caption_finish").to_pylist()
+        judged = [judge(Caption(t or "", f or "stop", 0)) for t, f in zip(texts, finishes)]
+        table = table.set_column(names.index("vlm_caption"), "vlm_caption", pa.array([t for t, _, _ in judged],
+                                                                                      pa.string()))
+        table = table.append_column(FLAGS_COLUMN, pa.array([f for _, f, _ in judged], pa.list_(pa.string())))
+    if "caption_attempts" in schema.names and "caption_attempts" not in table.column_names:
+        table = table.append_column("caption_attempts", pa.array([1] * table.num_rows, pa.int32()))
+    return table.select(schema.names).cast(schema)
+
+
 def ordered_counts(counts: Counter | dict) -> dict[str, int]:
     """Flag -> captions with it, in FLAGS order (unknown names after them), zero counts left out."""
     known = [f for f in FLAGS if counts.get(f)]
