@@ -447,3 +447,16 @@ def test_parts_without_the_new_columns_are_kept_and_filled_in(faults, sample_dat
     keys = sorted(k for _, ks in store.read_keys(parts) for k in ks)
     got = pq.read_table(io.BytesIO(hub.hub_file_bytes(hub.HubFile("x", 0, parts, keys))))
     assert got.schema.names == store.OUTPUT_SCHEMA.names and got.num_rows == len(keys) > 0
+
+
+def test_prompts_file_with_json_fields_and_flag_counts_per_prompt(faults, sample_data_dir, tmp_path):
+    prompts_file = tmp_path / "p.json"
+    prompts_file.write_text(json.dumps({"one": "Look.", "two": "Look at {tags}."}))
+    ckpt = tmp_path / "ckpt"
+    args = dummy_args(sample_data_dir, ckpt, "--prompts-file", str(prompts_file), "--format", "json",
+                      "--json-fields", "subject")
+    assert main(args) in (EXIT_OK, EXIT_ITEMS_FAILED)
+    names = pq.read_schema(ckpt / store.MERGED).names
+    assert {"caption_subject_one", "caption_subject_two"} <= set(names) and "caption_subject" not in names
+    by_prompt = json.loads((ckpt / store.SUMMARY).read_text())["checkpoint_dir"]["caption_flags_by_prompt"]
+    assert set(by_prompt) == {"one", "two"}

@@ -81,6 +81,10 @@ def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> Non
                                  "duplicate_keys": len(report.duplicate_keys),
                                  "not_in_data": len(report.not_in_data),
                                  "caption_flags": rowcols.count_flags_in_file(ckpt / store.MERGED)}
+    named = [n for n in pq_names(ckpt / store.MERGED) if n.startswith(rowcols.FLAGS_COLUMN + "_")]
+    if named:  # --prompts-file: the counts of each prompt's captions (the plain counts are the first prompt's)
+        summary["checkpoint_dir"]["caption_flags_by_prompt"] = {
+            n[len(rowcols.FLAGS_COLUMN) + 1:]: rowcols.count_flags_in_file(ckpt / store.MERGED, n) for n in named}
     atomic_write_json(ckpt / store.SUMMARY, summary)
     if hub_client is not None:
         try:
@@ -88,6 +92,12 @@ def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> Non
         except FatalError as e:  # every local output is saved; the card can follow with --push-only
             log.error("could not write the dataset card: %s; rerun with --push-only later", e)
             summary["hub"]["card_written"] = False
+
+
+def pq_names(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path).names
 
 
 def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:

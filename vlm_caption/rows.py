@@ -69,11 +69,12 @@ def row_values(caps: Sequence[Caption], retried: Sequence[Caption | None], specs
     for j, (cap, again, spec) in enumerate(zip(caps, retried, specs)):
         one = caption_values(cap, again, spec)
         values.update({k + spec.suffix: v for k, v in one.items()})
-        if j == 0 and spec.suffix:
-            values.update(one)
+        if j == 0 and spec.suffix:  # the registry's plain columns (JSON fields stay per prompt)
+            values.update({k: v for k, v in one.items() if k in _PLAIN})
     return values
 
 
+_PLAIN = ("vlm_caption", "caption_finish", "caption_tokens", FLAGS_COLUMN, "caption_attempts")
 _GENERATE_ERRORS = (RuntimeError, ValueError, IndexError, MemoryError)
 
 
