@@ -52,7 +52,8 @@ class DummyBackend:
     def generate(self, keys: Sequence[str], batch: list[Any], should_stop: Callable[[], bool] | None = None, *,
                  retry: bool = False, prompts: Sequence[str] | None = None) -> list[Caption]:
         prompts = list(prompts) if prompts is not None else [self.prompt] * len(keys)
-        return [self._json(key, stats, p, retry) if _JSON_ASKED in p else self._caption(key, stats, retry)
+        return [self._json(key, stats, p, retry) if _JSON_ASKED in p else
+                self._fault(key, stats, retry) or self._caption(key, stats)
                 for key, stats, p in zip(keys, batch, prompts)]
 
     def _json(self, key: str, stats: dict[str, Any], prompt: str, retry: bool) -> Caption:
@@ -66,21 +67,26 @@ class DummyBackend:
             text = text[: len(text) // 2]  # cut mid-object: unbalanced braces
         return Caption(text, "stop", len(text.split()))
 
-    def _caption(self, key: str, stats: dict[str, Any], retry: bool = False) -> Caption:
+    def _words(self, key: str, stats: dict[str, Any]) -> list[str]:
         w, h = stats["size"]
         seed = sum(key.encode())
         words = [f"Image {key},", f"{w}x{h},", f"mean colour {stats['colour']}:"]
         words += [_WORDS[(seed + i) % len(_WORDS)] for i in range(max(self.min_tokens, 8))]
         words[-1] += "."
-        fault = self._fault(key, words, retry)
-        if fault is not None:
-            return fault
+        return words
+
+    def _caption(self, key: str, stats: dict[str, Any]) -> Caption:
+        words = self._words(key, stats)
         if len(words) > self.max_tokens:
             return Caption(" ".join(words[:self.max_tokens]), "length", self.max_tokens)
         return Caption(" ".join(words), "stop", len(words))
 
-    def _fault(self, key: str, words: list[str], retry: bool) -> Caption | None:
+    def _fault(self, key: str, stats: dict[str, Any], retry: bool) -> Caption | None:
+        """The test fault of `key` (module docstring), or None: then the normal caption."""
         digit = key[-1:] if self.faults else ""
+        if digit not in ("1", "2", "3", "4"):
+            return None
+        words = self._words(key, stats)
         if digit == "4" or (digit == "1" and not retry):
             if retry:
                 words = words + ["again"]  # another loop: the first stays (ties keep the first)
