@@ -46,8 +46,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "aesthetic,license (comma-separated; default: the ContraStyles columns only)")
 
     g = p.add_argument_group("generation")
-    g.add_argument("--prompt", help="instruction given with each image (default: a detailed description prompt)")
+    g.add_argument("--prompt", help="instruction given with each image (default: a detailed description prompt); it "
+                   "may name row columns, e.g. 'Tags: {tags}' ({{ and }} for literal braces)")
     g.add_argument("--prompt-file", help="read the prompt from this file")
+    g.add_argument("--prompts-file", help="YAML or JSON of named prompts ({name: prompt}): each image is captioned "
+                   "once per prompt, into columns vlm_caption_NAME, caption_flags_NAME, caption_finish_NAME, "
+                   "caption_tokens_NAME; excludes --prompt / --prompt-file")
+    g.add_argument("--format", default=D.format, help="text (default), or json: the "
+                   "JSON instruction is appended to the prompt and the answer parsed into caption_FIELD columns "
+                   "(invalid JSON: flag invalid_json and one retry; vlm_caption keeps the raw text)")
+    g.add_argument("--json-fields", help="--format json: comma-separated fields (default: "
+                   "subject,style,medium,palette,composition,mood,text)")
     g.add_argument("--max-tokens", type=int, default=D.max_tokens, help="max new tokens per caption (default: %(default)s)")
     g.add_argument("--min-tokens", type=int, default=D.min_tokens, help=argparse.SUPPRESS)  # fixed-length benchmarks
     g.add_argument("--temperature", type=float, default=D.temperature, help="0 = greedy (default); >0 samples with a "
@@ -55,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--top-p", type=float, default=D.top_p, help="nucleus sampling cutoff when --temperature > 0 "
                    "(default: %(default)s)")
     g.add_argument("--seed", type=int, default=D.seed, help="base seed of per-image sampling (default: %(default)s)")
+    g.add_argument("--retry-repetition-penalty", type=float, default=D.retry_repetition_penalty,
+                   help="a caption flagged repetition or empty is generated once more with this repetition "
+                   "penalty and no repeated 4-grams; the better of the two is kept (default: %(default)s)")
     g.add_argument("--batch-size", type=auto_or_int, default=None, help="images per generate call, or auto "
                    "(default): start high and halve on out-of-memory")
     g.add_argument("--max-auto-batch-size", type=int, default=D.max_auto_batch_size, help=argparse.SUPPRESS)

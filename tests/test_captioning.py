@@ -213,11 +213,11 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_model_dir, sample
     real = Captioner.generate
     sizes = []
 
-    def small_memory(self, keys, pixel_values, should_stop=None):
+    def small_memory(self, keys, pixel_values, should_stop=None, **kwargs):
         sizes.append(len(keys))
         if len(keys) > 2:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(self, keys, pixel_values, should_stop)
+        return real(self, keys, pixel_values, should_stop, **kwargs)
 
     monkeypatch.setattr(Captioner, "generate", small_memory)
     ckpt = tmp_path / "ckpt"

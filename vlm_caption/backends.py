@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 BACKENDS = ("transformers", "dummy")
+RETRY_NO_REPEAT_NGRAM = 4  # a retried caption never repeats a 4-gram
 
 
 @dataclass
@@ -26,14 +27,17 @@ class CaptionBackend(Protocol):
     def prepare(self, image) -> Any:
         """One decoded RGB PIL image -> the engine's input for it; runs in a loader thread."""
 
-    def assemble(self, inputs: list[Any]) -> Any:
-        """A batch of prepared inputs made ready for generate (stacked, pinned, copied to the device). It runs
-        in a background thread while the previous batch generates; generate also takes the plain list."""
+    def assemble(self, inputs: list[Any], prompts: Sequence[str] | None = None) -> Any:
+        """A batch of prepared inputs made ready for generate (stacked, pinned, copied to the device), with
+        each row's prompt (None: the backend's prompt for all). It runs in a background thread while the
+        previous batch generates; generate also takes the plain list (and then its own `prompts`)."""
 
-    def generate(self, keys: Sequence[str], batch: Any,
-                 should_stop: Callable[[], bool] | None = None) -> Sequence[Caption]:
+    def generate(self, keys: Sequence[str], batch: Any, should_stop: Callable[[], bool] | None = None, *,
+                 retry: bool = False, prompts: Sequence[str] | None = None) -> Sequence[Caption]:
         """One caption per input, in order. should_stop() true ends generation early (the caller drops them).
-        The captions may be decoded lazily, on first access, so that decoding runs off the generate thread."""
+        The captions may be decoded lazily, on first access, so that decoding runs off the generate thread.
+        retry=True: the second try of flagged captions, with the run's retry repetition penalty and no
+        repeated 4-grams (RETRY_NO_REPEAT_NGRAM)."""
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         """Whether a generate error means "the batch was too big" (then the pipeline halves it)."""
@@ -45,7 +49,8 @@ class CaptionBackend(Protocol):
 def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tokens: int = 0,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, dtype: str = "auto",
                  device_map: str | None = None, attn_implementation: str = "sdpa",
-                 max_auto_batch_size: int = 0, compile: str = "auto") -> CaptionBackend:
+                 max_auto_batch_size: int = 0, compile: str = "auto",
+                 retry_repetition_penalty: float = 1.15) -> CaptionBackend:
     """The engine `name` with the run's settings; the model loads here (seconds to minutes)."""
     if name == "dummy":
         from .dummy_backend import DummyBackend
@@ -60,5 +65,6 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
                                        attn_implementation=attn_implementation)
         return Captioner(loaded, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
                          min_tokens=min_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                         auto_batch_cap=max_auto_batch_size or 256, compile=compile)
+                         auto_batch_cap=max_auto_batch_size or 256, compile=compile,
+                         retry_repetition_penalty=retry_repetition_penalty)
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")

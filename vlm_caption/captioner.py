@@ -1,8 +1,9 @@
 """Gemma 3 captioning: model loading, the prompt, batched generation, out-of-memory back-off.
 
-Every image costs the same number of tokens and every row has the same prompt, so the prompt is
-tokenised once; a batch is the cached token ids repeated plus the images' pixel values, which the
-loader threads have already computed. One `generate` call captions the whole batch.
+Every image costs the same number of tokens, and each distinct prompt text is tokenised once (a cache: a
+run's prompt, or the per-row prompts of a template); a batch is the cached token ids of its rows, left-padded
+with an attention mask, plus the images' pixel values, which the loader threads have already computed. One
+`generate` call captions the whole batch.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from .image_prep import ImagePrep, unsupported_reason
 log = logging.getLogger(__name__)
 
 # Chat markup that must never reach a caption, even from a tokenizer that does not mark it special.
+_PROMPT_CACHE_SIZE = 4096  # distinct prompt texts whose token ids are kept
 _MARKUP_RE = re.compile(r"<(?:start_of_turn|end_of_turn|start_of_image|end_of_image|image_soft_token|eos|bos|pad)>")
 
 
@@ -159,7 +161,8 @@ class Captioner:
 
     def __init__(self, model, processor, *, model_name: str, prompt: str, max_tokens: int, min_tokens: int = 0,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, auto_batch_cap: int = 256,
-                 compile: str = "off", compile_options: dict[str, Any] | None = None):
+                 compile: str = "off", compile_options: dict[str, Any] | None = None,
+                 retry_repetition_penalty: float = 1.15):
         self.model = model
         self.processor = processor
         self.model_name = model_name
@@ -172,9 +175,12 @@ class Captioner:
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.stop_ids = self._stop_ids()
         self.target_size = self._image_size()
-        self.prompt_inputs = self._encode_prompt()
+        self._encoded: dict[str, dict[str, torch.Tensor]] = {}  # prompt text -> its token ids (a cache)
+        self._static_fallback_logged = False
+        self.prompt_inputs = self._encode_prompt(prompt)
         self.gen_config = self._generation_config(max_tokens, min_tokens)
         self.static_decode = self._static_decode(compile, max_tokens, compile_options or {})
+        self.retry_config = self._retry_config(retry_repetition_penalty)
         self.default_batch_size = self._auto_batch_size(max_tokens, auto_batch_cap)
 
     def _static_decode(self, compile: str, max_tokens: int, options: dict[str, Any]):
@@ -228,15 +234,22 @@ class Captioner:
         size = getattr(self.processor.image_processor, "size", None) or {}
         return int(size.get("height") or size.get("shortest_edge") or 896)
 
-    def _encode_prompt(self) -> dict[str, torch.Tensor]:
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": self.prompt}]}]
+    def _encode_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
+        """The token ids of one image + `prompt` chat turn (cached per distinct text)."""
+        cached = self._encoded.get(prompt)
+        if cached is not None:
+            return cached
+        if len(self._encoded) >= _PROMPT_CACHE_SIZE:  # templates: one text per row; keep memory bounded
+            self._encoded.clear()
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         from PIL import Image
 
         # The chat template already writes <bos>; without add_special_tokens=False there would be two.
         enc = self.processor(text=[text], images=[[Image.new("RGB", (self.target_size, self.target_size))]],
                              add_special_tokens=False, return_tensors="pt")
-        return {k: v for k, v in enc.items() if k != "pixel_values"}
+        self._encoded[prompt] = {k: v for k, v in enc.items() if k != "pixel_values"}
+        return self._encoded[prompt]
 
     def _generation_config(self, max_tokens: int, min_tokens: int):
         from transformers import GenerationConfig
@@ -245,6 +258,17 @@ class Captioner:
         return GenerationConfig(max_new_tokens=max_tokens, min_new_tokens=min_tokens or None, do_sample=False,
                                 eos_token_id=self.stop_ids, pad_token_id=self.pad_id,
                                 bos_token_id=self.processor.tokenizer.bos_token_id)
+
+    def _retry_config(self, penalty: float):
+        """The run's config (static decode settings included) for the second try of a flagged caption."""
+        import copy
+
+        from .backends import RETRY_NO_REPEAT_NGRAM
+
+        config = copy.deepcopy(self.gen_config)
+        config.repetition_penalty = penalty
+        config.no_repeat_ngram_size = RETRY_NO_REPEAT_NGRAM
+        return config
 
     # -- per image, in a loader thread
 
@@ -271,9 +295,12 @@ class Captioner:
 
     # -- per batch, on the generate path
 
-    def collate(self, pixel_values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        n = len(pixel_values)
-        features = {k: [v[0].tolist()] * n for k, v in self.prompt_inputs.items() if k != "attention_mask"}
+    def collate(self, pixel_values: list[torch.Tensor], prompts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+        """Token ids of each row's prompt (None: the run's prompt for every row), left-padded with an attention
+        mask, and the stacked pixel values, on the device."""
+        encoded = [self._encode_prompt(p) for p in prompts] if prompts is not None else \
+            [self.prompt_inputs] * len(pixel_values)
+        features = {k: [e[k][0].tolist() for e in encoded] for k in encoded[0] if k != "attention_mask"}
         batch = self.processor.tokenizer.pad(features, padding=True, padding_side="left", return_tensors="pt")
         pixels = torch.stack(pixel_values)
         if self.device.type == "cuda":
@@ -282,24 +309,27 @@ class Captioner:
         batch["pixel_values"] = pixels.to(self.device, non_blocking=True)
         return batch
 
-    def assemble(self, pixel_values: list[torch.Tensor]) -> "_Assembled":
+    def assemble(self, pixel_values: list[torch.Tensor], prompts: Sequence[str] | None = None) -> "_Assembled":
         """Pad (static decode: to a batch shape that already has a graph and a cache), stack, pin and copy;
-        the pipeline runs it for the next batch while this one generates."""
+        the pipeline runs it for the next batch while this one generates. `prompts`: one per row (templates)."""
         n = len(pixel_values)
         rows = self.static_decode.bucket(n) if self.static_decode is not None else n
-        return _Assembled(n, self.collate(list(pixel_values) + [pixel_values[-1]] * (rows - n)))
+        if prompts is not None:
+            prompts = list(prompts) + [prompts[-1]] * (rows - n)
+        return _Assembled(n, self.collate(list(pixel_values) + [pixel_values[-1]] * (rows - n), prompts))
 
     @torch.inference_mode()
     def generate(self, keys: Sequence[str], batch: "list[torch.Tensor] | _Assembled",
-                 should_stop: Callable[[], bool] | None = None) -> Sequence[Caption]:
-        """One caption per image. `should_stop()` true (a SIGTERM, say) ends generate at the next token:
+                 should_stop: Callable[[], bool] | None = None, *, retry: bool = False,
+                 prompts: Sequence[str] | None = None) -> Sequence[Caption]:
+        """One caption per image (retry: with self.retry_config, see backends.CaptionBackend). `should_stop()` true (a SIGTERM, say) ends generate at the next token:
         the captions are then cut short, and the caller drops them. Token ids are decoded on first access."""
-        assembled = batch if isinstance(batch, _Assembled) else self.assemble(batch)
+        assembled = batch if isinstance(batch, _Assembled) else self.assemble(batch, prompts)
         n, inputs = assembled.rows, assembled.inputs
         rows = inputs["input_ids"].shape[0]
         keys = list(keys) + [keys[-1]] * (rows - n)
         extra: dict[str, Any] = {}
-        if self.static_decode is not None:
+        if self.static_decode is not None and self._fits_static(inputs["input_ids"].shape[-1]):
             name, extra[name] = self.static_decode.cache_for(rows)
         if self.temperature > 0:
             from transformers import LogitsProcessorList
@@ -311,13 +341,25 @@ class Captioner:
 
             extra["stopping_criteria"] = StoppingCriteriaList([_StopWhen(should_stop)])
         try:
-            out = self.model.generate(**inputs, generation_config=self.gen_config, **extra)
+            config = self.retry_config if retry else self.gen_config
+            out = self.model.generate(**inputs, generation_config=config, **extra)
         except RuntimeError as e:  # torch.OutOfMemoryError included
             if self.static_decode is not None and is_out_of_memory(e):
                 self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back
             raise
         new_tokens = out[:n, inputs["input_ids"].shape[-1]:].to("cpu", non_blocking=True)  # pad rows dropped
         return _DecodeLater(new_tokens, self._finish)
+
+    def _fits_static(self, prompt_tokens: int) -> bool:
+        """Whether this batch's prompts fit the static cache (sized for the run's prompt); a longer templated
+        prompt runs with the dynamic cache instead."""
+        if prompt_tokens + self.gen_config.max_new_tokens <= self.static_decode.max_cache_len:
+            return True
+        if not self._static_fallback_logged:
+            log.info("a batch's prompts (%d tokens) are longer than the static cache holds; such batches decode "
+                     "with the dynamic cache", prompt_tokens)
+            self._static_fallback_logged = True
+        return False
 
     def _finish(self, tokens: torch.Tensor) -> Caption:
         ids = tokens.tolist()

@@ -5,6 +5,7 @@ import re
 from pathlib import Path
 
 from .config import SOURCE_DATASET
+from .rows import describe_counts
 from .schema import COLUMNS
 
 CITATION = """@article{somepalli2024measuring,
@@ -42,9 +43,12 @@ def _run_view(repo_id: str, run: dict, default: bool) -> dict:
             "params": ", ".join(f"{k}={run.get(k)}" for k in ("max_tokens", "temperature", "top_p", "seed")),
             "rows": run.get("rows", 0),
             "failures": ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())) or "none",
+            "flags": describe_counts(run.get("caption_flags")),
+            "json_fields": ", ".join(f"`caption_{f}`" for f in run.get("json_fields") or []),
             "code_version": run.get("code_version", "unknown"), "created": run.get("created", "unknown"),
             "load_args": f'"{repo_id}", split="train"' if default else f'"{repo_id}", "{run["run_id"]}", split="train"',
-            "fenced_prompt": _fenced(str(run.get("prompt", "")))}
+            "fenced_prompt": _fenced(str(run.get("prompt", ""))),
+            "prompts": [{"name": k, "fenced": _fenced(str(v))} for k, v in (run.get("prompts") or {}).items()]}
 
 
 def render_dataset_card(repo_id: str, runs: list[dict]) -> str:

@@ -21,6 +21,7 @@ SOURCE_DATASET = "tomg-group-umd/ContraStyles"
 # Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-'/'.', no '--' or '..'.
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO_ID_RE = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
+_RESERVED_FIELDS = ("model", "finish", "tokens", "flags", "attempts")  # caption_{field} would shadow these
 
 
 def parse_shards(spec: str | None) -> list[int] | None:
@@ -107,8 +108,12 @@ class RunConfig:
     temperature: float = 0.0  # 0 = greedy; >0 samples with a per-key seed
     top_p: float = 1.0  # nucleus sampling cutoff when temperature > 0
     seed: int = 0  # base of the per-key sampling seeds
+    retry_repetition_penalty: float = 1.15  # the second try of a caption flagged repetition / empty
     prompt: str | None = None  # overrides the default prompt
     prompt_file: str | None = None  # file whose text is the prompt
+    prompts_file: str | None = None  # YAML or JSON of named prompts: one caption column set per prompt
+    format: str = "text"  # text, or json: the caption is one JSON object, parsed into caption_{field} columns
+    json_fields: str | None = None  # --format json: comma-separated fields (default prompts.DEFAULT_JSON_FIELDS)
     hf_repo: str = "ContraStylesRecap"  # bare name or user/name
     hf_username: str = "somepago"  # owner when --hf-repo is a bare name
     hub_endpoint: str | None = None  # another Hub endpoint (a mirror, or a local stub in tests)
@@ -161,6 +166,8 @@ class RunConfig:
             raise UsageError("--min-tokens must be between 0 and --max-tokens")
         if self.temperature < 0:
             raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
+        if self.retry_repetition_penalty <= 0:
+            raise UsageError(f"--retry-repetition-penalty must be > 0, got {self.retry_repetition_penalty}")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.min_push_interval < 0:
@@ -180,6 +187,15 @@ class RunConfig:
             raise UsageError("--prompt is empty")
         if self.prompt_file is not None and not Path(self.prompt_file).is_file():
             raise UsageError(f"--prompt-file {self.prompt_file} does not exist")
+        if self.format not in ("text", "json"):
+            raise UsageError(f"--format must be text or json, got {self.format!r}")
+        if self.json_fields is not None and self.format != "json":
+            raise UsageError("--json-fields needs --format json")
+        self.fields()
+        if self.prompts_file is not None:
+            if self.prompt is not None or self.prompt_file is not None:
+                raise UsageError("--prompts-file excludes --prompt and --prompt-file")
+            self.named_prompts()
         modes = [m for m in ("merge_only", "push_only", "dry_run") if getattr(self, m)]
         if len(modes) > 1:
             raise UsageError("--merge-only, --push-only and --dry-run exclude each other")
@@ -241,7 +257,40 @@ class RunConfig:
             settings["backend"] = self.backend
         if self.kept_columns():
             settings["keep_columns"] = self.kept_columns()
+        if self.prompts_file is not None:  # every prompt joins the run id; "prompt" stays for older readers
+            settings.update(prompt=None, prompt_version="custom", prompts=self.named_prompts())
+        if self.format == "json":
+            settings.update(format="json", json_fields=list(self.fields()))
+        if self.retry_repetition_penalty != RunConfig.retry_repetition_penalty:
+            settings["retry_repetition_penalty"] = self.retry_repetition_penalty
         return settings
+
+    def fields(self) -> tuple[str, ...]:
+        """--format json: the JSON fields asked for (each becomes a caption_{field} column); () for text."""
+        if self.format != "json":
+            return ()
+        from .prompts import DEFAULT_JSON_FIELDS, PROMPT_NAME_RE
+
+        if self.json_fields is None:
+            return tuple(DEFAULT_JSON_FIELDS)
+        fields = tuple(f.strip() for f in self.json_fields.split(",") if f.strip())
+        bad = [f for f in fields if not PROMPT_NAME_RE.fullmatch(f) or f in _RESERVED_FIELDS]
+        if not fields or bad or len(set(fields)) != len(fields):
+            raise UsageError(f"--json-fields {self.json_fields!r}: give distinct names of 1-32 of a-z, 0-9, _ "
+                             f"starting with a letter, comma-separated, e.g. subject,style,medium (not "
+                             f"{', '.join(_RESERVED_FIELDS)}: their caption_ columns exist)")
+        return fields
+
+    def named_prompts(self) -> dict[str, str] | None:
+        """--prompts-file: {name: template}, or None without one; a bad file is a one-line usage error."""
+        if self.prompts_file is None:
+            return None
+        from .prompts import load_prompts_file
+
+        try:
+            return load_prompts_file(self.prompts_file)
+        except ValueError as e:
+            raise UsageError(f"--prompts-file {e}") from None
 
     def prompt_text(self) -> str | None:
         """The user's prompt, if any (None = prompts.DEFAULT_PROMPT)."""

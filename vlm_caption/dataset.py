@@ -56,6 +56,12 @@ def metadata_files(data_dir: Path) -> list[tuple[Path, str | None]]:
     return [(p, p.stem) for p in shards if p.stem not in unfinished_shards(data_dir)]
 
 
+def metadata_names(data_dir: Path) -> list[str]:
+    """The columns of the data dir's (first) metadata file."""
+    path, _ = metadata_files(data_dir)[0]
+    return list(_open(path).schema_arrow.names)
+
+
 def extra_columns(data_dir: Path, names: Sequence[str]) -> list[Column]:
     """--keep-columns as registry columns typed from the metadata; an unknown name is a usage error now."""
     if not names:
@@ -220,13 +226,16 @@ def _check_shards(asked: list[int] | None, present: set[int]) -> None:
         log.warning("--shards: %s not in the data (%s); captioning the others", ranges(missing), have)
 
 
-def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = ()) -> Iterator[dict[str, Any]]:
+def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),
+              also: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
     """Pass 2: the metadata rows of `todo_keys`, in metadata order, each once, with `image_path`; the output
-    registry's carried columns plus `extra` (--keep-columns)."""
+    registry's carried columns plus `extra` (--keep-columns), plus the metadata columns `also` under their own
+    names (a prompt template needs them; they are not written)."""
     wanted = set(todo_keys)
     names = carried(extra)
     types = {c.name: c.type for c in (*COLUMNS, *extra)}
-    for batch, shard, _ in _iter_batches(metadata_files(data_dir), [*names, *LOOKUP_COLUMNS], skip_unreadable=True):
+    read = list(dict.fromkeys([*names, *LOOKUP_COLUMNS, *also]))
+    for batch, shard, _ in _iter_batches(metadata_files(data_dir), read, skip_unreadable=True):
         for row in batch.to_pylist():
             key = str(row["key"])  # a null key becomes "None", which is never wanted
             if key not in wanted:
@@ -236,6 +245,8 @@ def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = ())
                 row["md5"] = row.get("source_md5")
             out = clean_row({dst: row.get(src) for src, dst in names.items()}, types)
             out["key"] = key
+            for name in also:
+                out.setdefault(name, row.get(name))
             out["image_path"] = resolve_image_path(data_dir, key, row.get("file_name"), shard)
             yield out
 

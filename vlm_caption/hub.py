@@ -36,6 +36,8 @@ from huggingface_hub.errors import HfHubHTTPError, HfUriError
 
 from .card import render_dataset_card
 from .errors import FatalError, UsageError
+from .rows import conform
+from .schema import unified_schema
 from .hub_index import REPO_TYPE, HubIndex, Snapshot, run_data_dir, run_info_path
 from .hub_retry import HubUnavailable, RetryPolicy, call_with_retries, describe, http_status
 from .store import LEDGER, OUTPUT_SCHEMA, Part, check_file, list_parts, read_run_json
@@ -123,7 +125,8 @@ def plan_hub_files(run_id: str, dir_id: str, pending: list[tuple[Part, list[str]
 def hub_file_bytes(f: HubFile) -> bytes:
     """The file's rows sorted by key, as parquet; the same rows always give the same bytes."""
     tables = [pq.read_table(p.path).replace_schema_metadata(None) for p in f.parts]  # + --keep-columns
-    table = pa.concat_tables(tables)
+    schema = unified_schema(t.schema for t in tables)
+    table = pa.concat_tables([conform(t, schema) for t in tables])
     table = table.filter(pc.is_in(table.column("key"), pa.array(f.keys, pa.string()))).sort_by("key")
     keys = table.column("key").to_pylist()
     first_of_each = [i for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
@@ -358,6 +361,7 @@ class HubClient:
             runs = self.index(run_id).read_run_infos(snap.head)
             mine = {**{k: v for k, v in run_info.items() if k != "dir_id"}, "rows": len(snap.keys),
                     "files": len(snap.files), "failed_by_stage": failed if isinstance(failed, dict) else {},
+                    "caption_flags": (summary.get("checkpoint_dir") or {}).get("caption_flags", {}),
                     "legacy_files": any("/" not in f[len("data/"):] for f in snap.files),
                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             runs[run_id] = mine

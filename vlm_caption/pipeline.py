@@ -5,7 +5,6 @@ nothing is skipped silently. A crash loses at most the rows not yet written to a
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
@@ -15,12 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import dataset, store
-from .atomic import atomic_write_json, remove_stale_tmp
+from . import dataset, prompt_plan, rows as rowcols, store
+from .atomic import remove_stale_tmp
 from .backends import CaptionBackend, make_backend
-from .cli import plural
 from .config import RunConfig, distributed_rank, parse_shards, resolve_repo_id
-from .errors import EXIT_COVERAGE, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
+from .endings import dry_run, finish, merge_and_check, push_only, still_failed  # noqa: F401  (demo.py)
+from .errors import FatalError, UsageError
 from .interrupts import StopSignals
 from .schema import output_schema
 
@@ -37,6 +36,7 @@ class RunStats:
     tokens: int = 0
     generate_s: float = 0.0  # time inside generate calls: the accelerator's share of the wall time
     failed: Counter = field(default_factory=Counter)
+    flags: Counter = field(default_factory=Counter)  # captions per quality flag (quality.FLAGS)
     first_batch: tuple[float, int, int] | None = None  # (time, captioned, tokens) when the first batch was done
 
     def batch_done(self) -> None:
@@ -64,9 +64,11 @@ def run(cfg: RunConfig) -> int:
         return merge_and_check(cfg)
     ckpt = Path(cfg.checkpoint_dir)
     settings = cfg.run_settings()
-    extra = dataset.extra_columns(Path(cfg.data_dir), cfg.kept_columns()) if not cfg.push_only else []
+    extra, specs, also = [], [], []
+    if not cfg.push_only:  # a template naming an unknown column fails here, before any work
+        extra, specs, also = plan_columns(cfg, settings)
     if cfg.dry_run:
-        return dry_run(cfg, settings, worker, num_workers)
+        return dry_run(cfg, settings, worker, num_workers, (extra, specs, also))
 
     hub_client = None
     if not cfg.no_push:  # before the model loads: a bad token must not cost GPU time
@@ -79,13 +81,26 @@ def run(cfg: RunConfig) -> int:
         if existing is None:
             raise UsageError(f"{ckpt} holds no run.json: nothing to push")
         return push_only(hub_client, cfg, existing)
-    writer = store.CheckpointStore(ckpt, worker, schema=output_schema(extra))
+    writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]))
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=distributed_rank()[0] != 0)
     try:
         with StopSignals() as stop:
             return _run_open(cfg, writer, run_id, worker, num_workers, hub_client, stop)
     finally:
         writer.lock.release()
+
+
+def plan_columns(cfg: RunConfig, settings: dict) -> tuple[list, list[prompt_plan.PromptSpec], list[str]]:
+    """(--keep-columns as registry columns, the run's prompts, metadata columns read for the prompts only)."""
+    extra = dataset.extra_columns(Path(cfg.data_dir), cfg.kept_columns())
+    specs = prompt_plan.run_specs(settings)
+    names = [n for n in output_schema(extra).names]
+    also = prompt_plan.prompt_columns(specs, names, dataset.metadata_names(Path(cfg.data_dir)))
+    return extra, specs, also
+
+
+def prompt_columns(specs: list[prompt_plan.PromptSpec]) -> list:
+    return [c for spec in specs for c in spec.output_columns()]
 
 
 def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker: int, num_workers: int,
@@ -136,28 +151,34 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
 # ---------------------------------------------------------------- the loop
 
 Result = tuple[list[dataset.Loaded], Any, Optional[str]]  # (items, their captions or None, the error)
+Retries = list[dict[int, Any]]  # per prompt: index in a Result's items -> the retry of a flagged caption
 
 
 class Batches:
     """Batch size with out-of-memory back-off: halve and retry the same rows; no row is lost."""
 
-    def __init__(self, cfg: RunConfig, backend: CaptionBackend, should_stop=None):
+    def __init__(self, cfg: RunConfig, backend: CaptionBackend, should_stop=None,
+                 specs: list[prompt_plan.PromptSpec] | None = None):
         self.size = cfg.batch_size or backend.default_batch_size
         self.backend = backend
+        self.specs = specs or prompt_plan.run_specs(cfg.run_settings())  # one generate per prompt per chunk
         self.should_stop = should_stop  # generate ends early when it turns true (a signal)
         self.failed_in_a_row = 0
 
     def caption(self, items: list[dataset.Loaded], assembled: Future | None = None) -> list[Result]:
-        """(items, their captions or None, error) per generate call, in order; generate runs on chunks of
-        self.size. `assembled`: the backend's assembly of all `items`, made in the background."""
+        """(items, their captions per prompt or None, error) per chunk, in order; generate runs on chunks of
+        self.size, once per prompt. `assembled`: the backend's assemblies of all `items`, one per prompt, made
+        in the background."""
         results: list[Result] = []
         start = 0
         while start < len(items):
             chunk = items[start:start + self.size]
             try:
-                ready = assembled.result() if assembled is not None and len(chunk) == len(items) else \
-                    [i.inputs for i in chunk]
-                caps = self.backend.generate([i.row["key"] for i in chunk], ready, should_stop=self.should_stop)
+                ready = assembled.result() if assembled is not None and len(chunk) == len(items) else None
+                keys = [i.row["key"] for i in chunk]
+                caps = [self.backend.generate(keys, ready[j] if ready is not None else [i.inputs for i in chunk],
+                                              should_stop=self.should_stop, prompts=prompts_for(spec, chunk))
+                        for j, spec in enumerate(self.specs)]
             except (RuntimeError, ValueError, IndexError, MemoryError) as e:  # torch's OOM is a RuntimeError
                 if self.backend.is_out_of_memory(e) and len(chunk) > 1:
                     self.backend.free_memory()
@@ -181,6 +202,15 @@ class Batches:
         return [(chunk, None, message)]
 
 
+def prompts_for(spec: prompt_plan.PromptSpec, items: list[dataset.Loaded]) -> list[str]:
+    return [spec.render(i.row) for i in items]
+
+
+def assemble_all(backend: CaptionBackend, specs: list[prompt_plan.PromptSpec], items: list[dataset.Loaded]) -> list:
+    """The backend's assembly of `items` for each prompt (the images are prepared once, for all prompts)."""
+    return [backend.assemble([i.inputs for i in items], prompts_for(spec, items)) for spec in specs]
+
+
 def failure_row(row: dict[str, Any], stage: str, error: str) -> dict[str, Any]:
     return {"key": row["key"], "original_key": row.get("original_key"), "url": row.get("url"),
             "stage": stage, "error": error[:2000]}
@@ -195,14 +225,16 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
     from tqdm import tqdm
 
     settings = cfg.run_settings()
+    extra, specs, also = plan_columns(cfg, settings)
     if backend is None:
-        backend = make_backend(cfg.backend, model=settings["model"], prompt=settings["prompt"],
+        backend = make_backend(cfg.backend, model=settings["model"], prompt=prompt_plan.longest_prompt(specs),
                                max_tokens=cfg.max_tokens, min_tokens=cfg.min_tokens, temperature=cfg.temperature,
                                top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype, device_map=cfg.device_map,
                                attn_implementation=cfg.attn_implementation,
-                               max_auto_batch_size=cfg.max_auto_batch_size, compile=cfg.compile)
+                               max_auto_batch_size=cfg.max_auto_batch_size, compile=cfg.compile,
+                               retry_repetition_penalty=cfg.retry_repetition_penalty)
     stop = stop or StopSignals()
-    batches = Batches(cfg, backend, should_stop=lambda: stop.requested)
+    batches = Batches(cfg, backend, should_stop=lambda: stop.requested, specs=specs)
     log.info("batch size %d (%s)", batches.size, "--batch-size" if cfg.batch_size else
              "auto: the backend's start for this device; it halves on out-of-memory")
     rows: list[dict] = []
@@ -238,18 +270,19 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
         while posted:
             posted.popleft().result()
 
-    def record(results: list[Result]) -> None:  # on the writer thread
-        for items, caps, error in results:
-            for item, cap in zip(items, caps if caps is not None else [None] * len(items)):
-                if cap is None:
+    def record(results: list[Result], retries: list[Retries]) -> None:  # on the writer thread
+        for (items, caps, error), redone in zip(results, retries):
+            for i, item in enumerate(items):
+                if caps is None:
                     failures.append(failure_row(item.row, "generate", error))
                     stats.failed["generate"] += 1
                     continue
                 out = {k: item.row.get(k) for k in writer.schema.names if k in item.row}
-                rows.append({**out, "vlm_caption": cap.text, "caption_model": backend.model_name,
-                             "caption_finish": cap.finish, "caption_tokens": cap.tokens})
+                values = rowcols.row_values([c[i] for c in caps], [r.get(i) for r in redone], specs)
+                rows.append({**out, **values, "caption_model": backend.model_name})
+                stats.flags.update(values[rowcols.FLAGS_COLUMN])
                 stats.captioned += 1
-                stats.tokens += cap.tokens
+                stats.tokens += sum(c[i].tokens for c in caps) + sum(r[i].tokens for r in redone if i in r)
         stats.batch_done()  # the steady rate is measured from here (model loading and warm-up left out)
         progress.update(sum(len(items) for items, _, _ in results))
         progress.set_postfix(tok_s=f"{stats.rates()['tokens_per_s']:.0f}", failed=sum(stats.failed.values()),
@@ -265,12 +298,15 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
     def run_batch(batch: list[dataset.Loaded], assembled: Future) -> None:
         started = time.monotonic()
         results = batches.caption(batch, assembled)
+        retries = [[rowcols.retry_flagged(backend, [i.row["key"] for i in items], [i.inputs for i in items],
+                                          caps_j, spec, should_stop=batches.should_stop,
+                                          prompts=prompts_for(spec, items)) for spec, caps_j in zip(specs, caps)]
+                   if caps is not None else [{} for _ in specs] for items, caps, _ in results]
         stats.generate_s += time.monotonic() - started
         if not stop.requested:  # else generate was cut short: incomplete captions, resume redoes them
-            later(record, results)
+            later(record, results, retries)
 
-    extra = dataset.extra_columns(Path(cfg.data_dir), cfg.kept_columns())
-    loaded = dataset.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra), backend.prepare,
+    loaded = dataset.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra, also), backend.prepare,
                               workers=cfg.num_loader_workers or dataset.default_loader_workers(),
                               window=max(4 * batches.size, 16),
                               target_size=backend.target_size)
@@ -279,7 +315,7 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
 
     def next_batch(items: list[dataset.Loaded]) -> None:
         nonlocal ready
-        assembling = (items, assembler.submit(backend.assemble, [i.inputs for i in items]))
+        assembling = (items, assembler.submit(assemble_all, backend, specs, items))
         if ready is not None:
             run_batch(*ready)
         ready = assembling
@@ -310,171 +346,3 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
             flush(force=True)
             raise
     flush(force=True)
-
-
-# ---------------------------------------------------------------- endings
-
-def still_failed(dirs: list[Path], captioned: set[str]) -> dict[str, dict]:
-    """key -> failure record (key, stage, error) of every failed key that no later run captioned."""
-    import pyarrow.parquet as pq
-
-    failed: dict[str, dict] = {}
-    for d in dirs:
-        for part in store.list_failure_files(d):
-            check = store.check_file(part.path, store.FAILURE_SCHEMA)
-            if check.problem:
-                store.quarantine(d, part.path, check.problem)
-                continue
-            for row in pq.read_table(part.path, columns=["key", "stage", "error"]).to_pylist():
-                if row["key"] not in captioned:
-                    failed[row["key"]] = row
-    return failed
-
-
-def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_workers: int, plan: dataset.WorkPlan,
-           stats: RunStats, hub_client, pushed_all: bool) -> int:
-    """One merge per dir: the last worker to finish merges, writes the summary and the card; the others skip."""
-    ckpt = writer.dir
-    summary = {
-        "run_id": writer.run_id, "worker": worker, "num_workers": num_workers, "model": cfg.model,
-        "this_run": {"captioned": stats.captioned, "failed_by_stage": dict(stats.failed),
-                     "skipped_already_done": plan.done, "skipped_failed_before": plan.failed, **stats.rates()},
-        "selection": {"selected": plan.selected, "mine": plan.mine, "duplicate_input_keys": plan.duplicate_keys,
-                      "unreadable_shards": plan.unreadable_shards},
-        "hub": {"pushed_all": pushed_all} if hub_client is not None else None,
-    }
-    if writer.lock.last_one_out():
-        summarise(ckpt, summary, plan.data_keys, hub_client)
-    else:
-        print(f"\nother workers of {ckpt} are still running ({'; '.join(writer.lock.holders()) or 'ending now'}): "
-              "the last one to finish merges the dir")
-    failed_mine = sum(stats.failed.values()) + plan.failed
-    print_summary(summary, ckpt, failed_mine)
-    # Exit policy (README): 0 when every selected image is captioned or recorded as a permanent data failure
-    # (it cannot be loaded or decoded); 3 when work worth retrying remains: generation errors (now or recorded
-    # before), unreadable shard metadata, unpushed rows. --strict: any failure is 3.
-    retryable = stats.failed["generate"] + plan.failed_retryable + len(plan.unreadable_shards)
-    if plan.unreadable_shards:
-        log.error("unreadable shard metadata, its images were not captioned: %s", ", ".join(plan.unreadable_shards))
-    pushed_all = pushed_all and (summary["hub"] or {}).get("card_written", True)
-    if not pushed_all:
-        log.error("some parts could not be pushed to the Hub; rerun with --push-only when it is reachable")
-    if retryable or not pushed_all or (cfg.strict and failed_mine):
-        return EXIT_ITEMS_FAILED
-    return EXIT_OK
-
-
-def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> None:
-    """Merge the dir, add its counts to `summary`, write run_summary.json and the dataset card."""
-    report = store.merge_parts([ckpt], ckpt / store.MERGED, data_keys=data_keys)
-    failed = still_failed([ckpt], report.keys)
-    summary["checkpoint_dir"] = {"captioned": len(report.keys), "failed": len(failed),
-                                 "failed_by_stage": dict(Counter(r["stage"] for r in failed.values())),
-                                 "duplicate_keys": len(report.duplicate_keys),
-                                 "not_in_data": len(report.not_in_data)}
-    atomic_write_json(ckpt / store.SUMMARY, summary)
-    if hub_client is not None:
-        try:
-            hub_client.write_card(store.read_run_json(ckpt), summary)
-        except FatalError as e:  # every local output is saved; the card can follow with --push-only
-            log.error("could not write the dataset card: %s; rerun with --push-only later", e)
-            summary["hub"]["card_written"] = False
-
-
-def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
-    this, total = summary["this_run"], summary.get("checkpoint_dir")
-    steady = this.get("captioning_img_per_s")
-    print(f"\ncaptioned {plural(this['captioned'], 'image')} in {this['wall_s']:.1f} s ({this['img_per_s']:.2f} img/s "
-          f"with model loading{f', {steady:.2f} img/s captioning' if steady else ''}, "
-          f"{this['tokens_per_s']:.0f} tokens/s); failed {sum(this['failed_by_stage'].values())}"
-          f"{' ' + str(this['failed_by_stage']) if this['failed_by_stage'] else ''}; "
-          f"skipped {this['skipped_already_done']} already done")
-    if total is not None:
-        gone = f"; {total['not_in_data']} no longer in the data dir (left out)" if total["not_in_data"] else ""
-        print(f"checkpoint dir {ckpt}: {total['captioned']} captioned, {total['failed']} failed{gone}; "
-              f"merged into {ckpt / store.MERGED}; summary in {ckpt / store.SUMMARY}")
-    if failed_mine:
-        print(f"{plural(failed_mine, 'image')} of this worker failed (reasons in {ckpt / store.FAILURES_DIR}); "
-              "--retry-failed tries them again")
-
-
-
-def push_only(hub_client, cfg: RunConfig, run_info: dict) -> int:
-    ckpt = Path(cfg.checkpoint_dir)
-    run_id = run_info["run_id"]
-    log.info(hub_client.describe_repo(run_id))
-    rows = hub_client.push_pending(ckpt, run_id, worker=None)
-    summary_path = ckpt / store.SUMMARY
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
-    pending = hub_client.pending_rows(ckpt, run_id)
-    hub_client.write_card(run_info, summary)
-    print(f"pushed {rows} rows from {ckpt} to {hub_client.repo_id}"
-          + (f"; {pending} rows still pending" if pending else "; every row of the dir is on the Hub"))
-    return EXIT_OK if not pending else EXIT_ITEMS_FAILED
-
-
-def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int) -> int:
-    ckpt = Path(cfg.checkpoint_dir)
-    existing, problem = store.read_run_json_safe(ckpt)
-    reader = store.CheckpointStore(ckpt, worker, quarantine_bad=False) if ckpt.is_dir() else None
-    if reader is not None and existing is not None:
-        reader.run_id = existing["run_id"]
-    done = reader.done_keys() if reader else set()
-    failed = set() if cfg.retry_failed or reader is None else reader.failed_keys()
-    plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
-                             worker=worker, num_workers=num_workers, done_keys=done, failed_keys=failed)
-    rate = None
-    summary_path = ckpt / store.SUMMARY
-    if summary_path.is_file():
-        this_run = json.loads(summary_path.read_text()).get("this_run", {})
-        rate = this_run.get("captioning_img_per_s") or this_run.get("img_per_s") or None
-    eta = f"{plan.todo / rate / 3600:.1f} h at the last measured {rate:.2f} img/s" if rate else \
-        "unknown (no earlier run in this checkpoint dir to measure a rate from)"
-    print(f"plan for worker {worker} of {num_workers} (model {cfg.model}, nothing loaded):")
-    print(f"  selected {plan.selected}, this worker's share {plan.mine}")
-    print(f"  to do {plan.todo}, already done {plan.done}, failed before {plan.failed}"
-          + (" (skipped; --retry-failed to redo)" if plan.failed else ""))
-    print(f"  estimated time: {eta}")
-    holds_work = bool(done or failed)
-    if existing and existing["run_id"] != store.run_id_for(settings):
-        print(f"  note: {ckpt} holds another run ({existing['run_id']}); " + (
-            "a real run needs --overwrite or another --checkpoint-dir" if holds_work else
-            "it captioned nothing, so a real run replaces its settings"))
-    elif existing is None and problem != "missing":
-        print(f"  note: {ckpt / store.RUN_JSON} is {problem}; a real run re-adopts parts of this run only "
-              "(else it needs --overwrite)")
-    return EXIT_OK
-
-
-def merge_and_check(cfg: RunConfig) -> int:
-    """--merge-only: merge one or more checkpoint dirs and prove every selected key is there once."""
-    dirs = [Path(d) for d in cfg.checkpoint_dirs]
-    runs = {str(d): (store.read_run_json(d) or {}).get("run_id") for d in dirs}
-    if len(set(runs.values())) > 1:  # captions of another model or prompt must not be mixed in silently
-        raise UsageError("the checkpoint dirs hold different runs (settings differ): "
-                         + ", ".join(f"{d}={r}" for d, r in runs.items()))
-    out = dirs[0] / store.MERGED
-    plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
-                             worker=0, num_workers=1, done_keys=set(), failed_keys=set())
-    report = store.merge_parts(dirs, out, data_keys=plan.data_keys)
-    counts = {"captioned": report.keys, "failed": still_failed(dirs, report.keys)}
-    expected = plan.todo_keys
-    missing = sorted(expected - counts["captioned"] - set(counts["failed"]))
-    coverage = {"expected": len(expected), "captioned": len(counts["captioned"]), "failed": len(counts["failed"]),
-                "missing": len(missing), "duplicated": len(report.duplicate_keys),
-                "missing_keys": missing, "duplicated_keys": report.duplicate_keys,
-                "unexpected_keys": len(counts["captioned"] - expected), "not_in_data": len(report.not_in_data),
-                "checkpoint_dirs": [str(d) for d in dirs]}
-    atomic_write_json(dirs[0] / "coverage.json", coverage)
-    print(f"merged {report.rows} rows from {report.parts} parts of {len(dirs)} dir(s) into {out}")
-    print(f"coverage: {coverage['expected']} expected, {coverage['captioned']} captioned, {coverage['failed']} "
-          f"failed, {len(missing)} missing, {len(report.duplicate_keys)} captioned more than once")
-    if missing:
-        print(f"  missing (first 20): {', '.join(missing[:20])}")
-    if report.duplicate_keys:
-        print(f"  duplicated (first 20): {', '.join(report.duplicate_keys[:20])}")
-    print(f"  full lists in {dirs[0] / 'coverage.json'}")
-    if missing or report.duplicate_keys:
-        return EXIT_COVERAGE
-    retryable = any(r["stage"] == "generate" for r in counts["failed"].values())  # the exit policy of finish()
-    return EXIT_ITEMS_FAILED if retryable or (cfg.strict and counts["failed"]) else EXIT_OK

@@ -2,9 +2,9 @@
 
     python -m vlm_caption.preview CHECKPOINT_DIR --out preview.html [--data-dir DIR] [--n 200] [--random-weights]
 
-One self-contained file: inline CSS and a few lines of inline JS (a filter box, a finish-reason filter and
-a sort order), no network. A card per row of all_captions.parquet: thumbnail, generated caption, original
-caption, tags, finish badge (stop / length), key; then a card per failed image still without a caption
+One self-contained file: inline CSS and a few lines of inline JS (a filter box, a finish-reason filter, a
+quality-flag filter and a sort order), no network. A card per row of all_captions.parquet: thumbnail, generated
+caption, original caption, tags, finish badge (stop / length), quality flags (rows.py, quality.py), key; then a card per failed image still without a caption
 (failures/: its stage and reason). When the captions come from random weights (the demo's tiny model:
 its model dir holds RANDOM_WEIGHTS_MARKER, or --random-weights), a banner at the top says they are noise.
 Thumbnails point at the local image file (a path relative to the HTML file) when the data dir is known,
@@ -31,11 +31,14 @@ from . import dataset, store
 from .atomic import atomic_write_bytes
 from .cli import plural
 from .errors import UsageError
+from .quality import FLAGS
+from .rows import count_flags, describe_counts
 
 DEFAULT_ROWS = 200
 # A file in a model dir saying its weights are random (the demo writes it next to its tiny model).
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
-COLUMNS = ["key", "url", "vlm_caption", "original_caption", "tags", "caption_finish", "caption_tokens"]
+COLUMNS = ["key", "url", "vlm_caption", "original_caption", "tags", "caption_finish", "caption_tokens",
+           "caption_flags", "caption_attempts"]
 
 _CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f4f5;color:#18181b}
@@ -60,14 +63,17 @@ main{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:
 .badge{border-radius:4px;padding:1px 6px;font-weight:600;color:#fff}
 .finish-stop{background:#15803d}.finish-length{background:#b45309}.finish-other{background:#71717a}
 .finish-failed{background:#b91c1c}
+.flag{border-radius:4px;padding:1px 5px;font-size:11px;background:#fde68a;color:#78350f}
 code{font-size:12px}
 """
 
 # Cards are hidden with the `hidden` attribute; the count line says how many match. Sorting moves the
-# cards inside <main>; each card carries data-finish (stop, length, failed, ...), data-tokens and data-key.
+# cards inside <main>; each card carries data-finish (stop, length, failed, ...), data-flags (space-separated
+# quality flags, "" for none), data-tokens and data-key.
 _JS = """
 const box = document.getElementById("filter");
 const finish = document.getElementById("finish");
+const flag = document.getElementById("flag");
 const order = document.getElementById("order");
 const main = document.querySelector("main");
 const cards = Array.from(document.querySelectorAll("article.card"));
@@ -76,9 +82,13 @@ const rank = {stop: 0, length: 1, failed: 3};
 function update() {
   const q = box.value.trim().toLowerCase();
   const f = finish.value;
+  const g = flag.value;
   let n = 0;
   for (const card of cards) {
-    const hit = (!q || card.textContent.toLowerCase().includes(q)) && (!f || card.dataset.finish === f);
+    const flags = (card.dataset.flags || "").split(" ").filter(Boolean);
+    const flagHit = !g || (g === "none" ? flags.length === 0 && card.dataset.finish !== "failed"
+                                        : g === "any" ? flags.length > 0 : flags.includes(g));
+    const hit = (!q || card.textContent.toLowerCase().includes(q)) && (!f || card.dataset.finish === f) && flagHit;
     card.hidden = !hit;
     if (hit) n++;
   }
@@ -89,6 +99,9 @@ function sort() {
   const sorted = cards.slice();
   if (by === "finish") {
     sorted.sort((a, b) => ((rank[a.dataset.finish] ?? 2) - (rank[b.dataset.finish] ?? 2)));
+  } else if (by === "flags") {
+    const count = (c) => (c.dataset.flags || "").split(" ").filter(Boolean).length;
+    sorted.sort((a, b) => count(b) - count(a));
   } else if (by === "tokens") {
     sorted.sort((a, b) => Number(b.dataset.tokens || -1) - Number(a.dataset.tokens || -1));
   }
@@ -96,6 +109,7 @@ function sort() {
 }
 box.addEventListener("input", update);
 finish.addEventListener("change", update);
+flag.addEventListener("change", update);
 order.addEventListener("change", sort);
 sort();
 update();
@@ -204,12 +218,15 @@ def render_card(row: dict, src: str | None) -> str:
     finish = row.get("caption_finish") or "?"
     badge = f"finish-{finish}" if finish in ("stop", "length") else "finish-other"
     tokens = row.get("caption_tokens")
+    flags = [str(f) for f in row.get("caption_flags") or []]
+    badges = "".join(f'<span class="flag">{_e(f)}</span>' for f in flags)
+    attempts = f"<span>{_e(row['caption_attempts'])} attempts</span>" if (row.get("caption_attempts") or 1) > 1 else ""
     return (
         f'<article class="card" data-finish="{_e(finish)}" data-tokens="{_e(tokens if tokens is not None else "")}" '
-        f'data-key="{_e(row["key"])}">'
+        f'data-flags="{_e(" ".join(flags))}" data-key="{_e(row["key"])}">'
         f"{_thumb(row['key'], src)}"
         f'<div class="meta"><span class="badge {badge}">{_e(finish)}</span><code class="key">{_e(row["key"])}</code>'
-        f'<span>{_e(row.get("caption_tokens"))} tokens</span></div>'
+        f'<span>{_e(row.get("caption_tokens"))} tokens</span>{attempts}{badges}</div>'
         f'<p class="vlm">{_e(row.get("vlm_caption"))}</p>'
         f'<p class="orig"><span class="label">original:</span> {_e(row.get("original_caption"))}</p>'
         f'<p class="tags"><span class="label">tags:</span> {_e(row.get("tags"))}</p>'
@@ -226,7 +243,7 @@ def render_failure_card(row: dict) -> str:
     url = safe_url(row.get("url"))
     link = f'<a href="{_e(url)}" rel="noopener noreferrer">source url</a>' if url else ""
     return (
-        f'<article class="card failed" data-finish="failed" data-tokens="" data-key="{_e(row["key"])}">'
+        f'<article class="card failed" data-finish="failed" data-tokens="" data-flags="" data-key="{_e(row["key"])}">'
         '<div class="noimg">not captioned</div>'
         f'<div class="meta"><span class="badge finish-failed">failed: {_e(row.get("stage") or "?")}</span>'
         f'<code class="key">{_e(row["key"])}</code>{link}</div>'
@@ -244,20 +261,31 @@ def counts_line(rows: list[dict], total: int, summary: dict) -> str:
         parts.append(f"{plural(failed, 'failed image')} in the checkpoint dir")
     parts.append(f"of those shown: {finish.get('stop', 0)} stopped, {finish.get('length', 0)} hit --max-tokens, "
                  f"{empty} empty")
+    flags = count_flags(r.get("caption_flags") for r in rows)
+    parts.append(f"quality flags of those shown: {describe_counts(flags)}")
     return " · ".join(parts)
 
 
 NOISE_BANNER = ("These captions come from RANDOM WEIGHTS (the demo's tiny model): they are noise. The page shows that "
                 "the pipeline runs, not what Gemma 3 writes; caption with a real model (e.g. google/gemma-3-4b-it) "
                 "for real captions.")
+def _controls() -> str:
+    flag_options = "".join(f'<option value="{f}">{f}</option>' for f in FLAGS)
+    return _CONTROLS.replace("<!--flags-->", flag_options)
+
+
 _CONTROLS = (
     '<input id="filter" type="search" placeholder="filter cards by any text (caption, tags, key, reason)" '
     'aria-label="filter">'
     '<select id="finish" aria-label="finish reason"><option value="">every finish reason</option>'
     '<option value="stop">stop (the model ended)</option><option value="length">length (cut at --max-tokens)</option>'
     '<option value="failed">failed (not captioned)</option></select>'
+    '<select id="flag" aria-label="quality flag"><option value="">every caption, flagged or not</option>'
+    '<option value="none">no quality flag</option><option value="any">any quality flag</option><!--flags-->'
+    '</select>'
     '<select id="order" aria-label="sort"><option value="key">key order</option>'
-    '<option value="finish">by finish reason</option><option value="tokens">most tokens first</option></select>'
+    '<option value="finish">by finish reason</option><option value="flags">most quality flags first</option>'
+    '<option value="tokens">most tokens first</option></select>'
     '<span id="shown"></span>'
 )
 
@@ -279,7 +307,7 @@ def render_page(rows: list[dict], srcs: list[str | None], total: int, summary: d
         f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>"
         f"<header><h1>{_e(title)}</h1>{banner}<p class=\"counts\" id=\"counts\">{_e(counts)}</p>"
-        f"{_CONTROLS}</header>\n"
+        f"{_controls()}</header>\n"
         f"<main>\n{cards}\n</main>\n<script>{_JS}</script></body></html>\n"
     )
 

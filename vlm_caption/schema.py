@@ -47,7 +47,15 @@ COLUMNS: tuple[Column, ...] = (
     Column("caption_finish", pa.string(), "`stop` (the model ended the caption) or `length` (cut at max_tokens)",
            "caption"),
     Column("caption_tokens", pa.int32(), "number of generated tokens", "caption"),
+    Column("caption_flags", pa.list_(pa.string()), "quality flags of the caption (README: empty, repetition, "
+           "truncated, preamble, refusal, garbled, invalid_json); empty list = none", "caption"),
+    Column("caption_attempts", pa.int32(), "generations of this caption: 2 when the first was flagged repetition, "
+           "empty or invalid_json and generated once more (the better of the two is kept)", "caption"),
 )
+
+# Caption columns that parts written before them lack: such parts stay usable (store.check_file), and merge and
+# Hub files fill them in (rows.conform).
+ADDED_COLUMNS = ("caption_flags", "caption_attempts")
 
 FAILURE_SCHEMA = pa.schema([
     ("key", pa.string()),
@@ -63,6 +71,11 @@ INT_TYPES = (pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint1
 
 def output_schema(extra: Iterable[Column] = ()) -> pa.Schema:
     return pa.schema([(c.name, c.type) for c in (*COLUMNS, *extra)])
+
+
+def unified_schema(schemas: Iterable[pa.Schema]) -> pa.Schema:
+    """The schema of rows merged from parts: the registry's columns in its order, then any further ones."""
+    return pa.unify_schemas([output_schema(), *(s.remove_metadata() for s in schemas)])
 
 
 OUTPUT_SCHEMA = output_schema()

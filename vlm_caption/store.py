@@ -35,7 +35,8 @@ import pyarrow.parquet as pq
 from .atomic import atomic_path, atomic_write_json, atomic_write_table
 from .errors import FatalError, UsageError
 from .locks import DirLock
-from .schema import FAILURE_SCHEMA, OUTPUT_SCHEMA  # noqa: F401  (store.* names of the layout)
+from .rows import conform
+from .schema import ADDED_COLUMNS, FAILURE_SCHEMA, OUTPUT_SCHEMA, unified_schema  # noqa: F401  (store.* names)
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ META_RUN_ID, META_DIR_ID = b"vlm_caption.run_id", b"vlm_caption.dir_id"
 _PART_RE = re.compile(r"^(captions|failures)-w(\d{3,})-(\d{6,})\.parquet$")
 # Settings that change what a caption is; a checkpoint dir holds captions of one setting only.
 RUN_SETTINGS = ("model", "prompt", "prompt_version", "max_tokens", "min_tokens", "temperature", "top_p", "seed")
-OPTIONAL_SETTINGS = ("backend", "keep_columns")  # part of a run's identity only when set (RunConfig.run_settings)
+OPTIONAL_SETTINGS = ("backend", "keep_columns", "retry_repetition_penalty", "prompts", "format",
+                     "json_fields")  # part of a run's identity only when set (RunConfig.run_settings)
 
 
 class Part(NamedTuple):
@@ -98,7 +100,7 @@ def check_file(path: Path, schema: pa.Schema) -> FileCheck:
     try:
         pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
-        if not set(schema.names) <= set(names):  # --keep-columns parts hold more columns, never fewer
+        if not set(schema.names) - set(ADDED_COLUMNS) <= set(names):  # --keep-columns parts hold more, never fewer
             return FileCheck(None, None, None, f"foreign schema (columns {', '.join(names[:8])})")
         meta = pf.schema_arrow.metadata or {}
         keys = pf.read(columns=["key"]).column("key").to_pylist()
@@ -379,11 +381,11 @@ def merge_parts(dirs: list[Path | str], output: Path | str, data_keys: set[str] 
     duplicates = sorted(k for k, n in counts.items() if n > 1)
     gone = sorted(k for k in counts if data_keys is not None and k not in data_keys)
     keys = sorted(set(counts) - set(gone))
-    schema = pq.read_schema(ranges[0][0]).remove_metadata() if ranges else OUTPUT_SCHEMA  # + --keep-columns
+    schema = unified_schema(pq.read_schema(path) for path, _, _ in ranges)  # + --keep-columns, prompt columns
     with atomic_path(output) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
         for start in range(0, len(keys), bucket_rows):
             lo, hi = keys[start], keys[min(start + bucket_rows, len(keys)) - 1]
-            tables = [pq.read_table(path, schema=schema, filters=[("key", ">=", lo), ("key", "<=", hi)])
+            tables = [conform(pq.read_table(path, filters=[("key", ">=", lo), ("key", "<=", hi)]), schema)
                       for path, pmin, pmax in ranges if pmin <= hi and pmax >= lo]
             bucket = pa.concat_tables(tables).sort_by("key")
             if gone:

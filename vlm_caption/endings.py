@@ -1,0 +1,214 @@
+"""The end of a captioning run and the modes that caption nothing: merge, summary and card, exit code,
+--push-only, --dry-run, --merge-only. Split from pipeline.py, which re-exports these names.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import dataset, rows as rowcols, store
+from .atomic import atomic_write_json
+from .cli import plural
+from .config import RunConfig, parse_shards
+from .errors import EXIT_COVERAGE, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
+
+if TYPE_CHECKING:
+    from .pipeline import RunStats
+
+log = logging.getLogger("vlm_caption.pipeline")  # the messages users know, under the name they had
+
+
+def still_failed(dirs: list[Path], captioned: set[str]) -> dict[str, dict]:
+    """key -> failure record (key, stage, error) of every failed key that no later run captioned."""
+    import pyarrow.parquet as pq
+
+    failed: dict[str, dict] = {}
+    for d in dirs:
+        for part in store.list_failure_files(d):
+            check = store.check_file(part.path, store.FAILURE_SCHEMA)
+            if check.problem:
+                store.quarantine(d, part.path, check.problem)
+                continue
+            for row in pq.read_table(part.path, columns=["key", "stage", "error"]).to_pylist():
+                if row["key"] not in captioned:
+                    failed[row["key"]] = row
+    return failed
+
+
+def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_workers: int, plan: dataset.WorkPlan,
+           stats: RunStats, hub_client, pushed_all: bool) -> int:
+    """One merge per dir: the last worker to finish merges, writes the summary and the card; the others skip."""
+    ckpt = writer.dir
+    summary = {
+        "run_id": writer.run_id, "worker": worker, "num_workers": num_workers, "model": cfg.model,
+        "this_run": {"captioned": stats.captioned, "failed_by_stage": dict(stats.failed),
+                     "caption_flags": rowcols.ordered_counts(stats.flags),
+                     "skipped_already_done": plan.done, "skipped_failed_before": plan.failed, **stats.rates()},
+        "selection": {"selected": plan.selected, "mine": plan.mine, "duplicate_input_keys": plan.duplicate_keys,
+                      "unreadable_shards": plan.unreadable_shards},
+        "hub": {"pushed_all": pushed_all} if hub_client is not None else None,
+    }
+    if writer.lock.last_one_out():
+        summarise(ckpt, summary, plan.data_keys, hub_client)
+    else:
+        print(f"\nother workers of {ckpt} are still running ({'; '.join(writer.lock.holders()) or 'ending now'}): "
+              "the last one to finish merges the dir")
+    failed_mine = sum(stats.failed.values()) + plan.failed
+    print_summary(summary, ckpt, failed_mine)
+    # Exit policy (README): 0 when every selected image is captioned or recorded as a permanent data failure
+    # (it cannot be loaded or decoded); 3 when work worth retrying remains: generation errors (now or recorded
+    # before), unreadable shard metadata, unpushed rows. --strict: any failure is 3.
+    retryable = stats.failed["generate"] + plan.failed_retryable + len(plan.unreadable_shards)
+    if plan.unreadable_shards:
+        log.error("unreadable shard metadata, its images were not captioned: %s", ", ".join(plan.unreadable_shards))
+    pushed_all = pushed_all and (summary["hub"] or {}).get("card_written", True)
+    if not pushed_all:
+        log.error("some parts could not be pushed to the Hub; rerun with --push-only when it is reachable")
+    if retryable or not pushed_all or (cfg.strict and failed_mine):
+        return EXIT_ITEMS_FAILED
+    return EXIT_OK
+
+
+def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> None:
+    """Merge the dir, add its counts to `summary`, write run_summary.json and the dataset card."""
+    report = store.merge_parts([ckpt], ckpt / store.MERGED, data_keys=data_keys)
+    failed = still_failed([ckpt], report.keys)
+    summary["checkpoint_dir"] = {"captioned": len(report.keys), "failed": len(failed),
+                                 "failed_by_stage": dict(Counter(r["stage"] for r in failed.values())),
+                                 "duplicate_keys": len(report.duplicate_keys),
+                                 "not_in_data": len(report.not_in_data),
+                                 "caption_flags": rowcols.count_flags_in_file(ckpt / store.MERGED)}
+    named = [n for n in pq_names(ckpt / store.MERGED) if n.startswith(rowcols.FLAGS_COLUMN + "_")]
+    if named:  # --prompts-file: the counts of each prompt's captions (the plain counts are the first prompt's)
+        summary["checkpoint_dir"]["caption_flags_by_prompt"] = {
+            n[len(rowcols.FLAGS_COLUMN) + 1:]: rowcols.count_flags_in_file(ckpt / store.MERGED, n) for n in named}
+    atomic_write_json(ckpt / store.SUMMARY, summary)
+    if hub_client is not None:
+        try:
+            hub_client.write_card(store.read_run_json(ckpt), summary)
+        except FatalError as e:  # every local output is saved; the card can follow with --push-only
+            log.error("could not write the dataset card: %s; rerun with --push-only later", e)
+            summary["hub"]["card_written"] = False
+
+
+def pq_names(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_schema(path).names
+
+
+def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
+    this, total = summary["this_run"], summary.get("checkpoint_dir")
+    steady = this.get("captioning_img_per_s")
+    print(f"\ncaptioned {plural(this['captioned'], 'image')} in {this['wall_s']:.1f} s ({this['img_per_s']:.2f} img/s "
+          f"with model loading{f', {steady:.2f} img/s captioning' if steady else ''}, "
+          f"{this['tokens_per_s']:.0f} tokens/s); failed {sum(this['failed_by_stage'].values())}"
+          f"{' ' + str(this['failed_by_stage']) if this['failed_by_stage'] else ''}; "
+          f"skipped {this['skipped_already_done']} already done")
+    if this.get("caption_flags"):
+        print(f"quality flags of this run's captions: {rowcols.describe_counts(this['caption_flags'])}")
+    if total is not None:
+        gone = f"; {total['not_in_data']} no longer in the data dir (left out)" if total["not_in_data"] else ""
+        print(f"checkpoint dir {ckpt}: {total['captioned']} captioned, {total['failed']} failed{gone}; "
+              f"merged into {ckpt / store.MERGED}; summary in {ckpt / store.SUMMARY}")
+    if failed_mine:
+        print(f"{plural(failed_mine, 'image')} of this worker failed (reasons in {ckpt / store.FAILURES_DIR}); "
+              "--retry-failed tries them again")
+
+
+
+def push_only(hub_client, cfg: RunConfig, run_info: dict) -> int:
+    ckpt = Path(cfg.checkpoint_dir)
+    run_id = run_info["run_id"]
+    log.info(hub_client.describe_repo(run_id))
+    rows = hub_client.push_pending(ckpt, run_id, worker=None)
+    summary_path = ckpt / store.SUMMARY
+    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    pending = hub_client.pending_rows(ckpt, run_id)
+    hub_client.write_card(run_info, summary)
+    print(f"pushed {rows} rows from {ckpt} to {hub_client.repo_id}"
+          + (f"; {pending} rows still pending" if pending else "; every row of the dir is on the Hub"))
+    return EXIT_OK if not pending else EXIT_ITEMS_FAILED
+
+
+def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, columns: tuple) -> int:
+    ckpt = Path(cfg.checkpoint_dir)
+    existing, problem = store.read_run_json_safe(ckpt)
+    reader = store.CheckpointStore(ckpt, worker, quarantine_bad=False) if ckpt.is_dir() else None
+    if reader is not None and existing is not None:
+        reader.run_id = existing["run_id"]
+    done = reader.done_keys() if reader else set()
+    failed = set() if cfg.retry_failed or reader is None else reader.failed_keys()
+    plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
+                             worker=worker, num_workers=num_workers, done_keys=done, failed_keys=failed)
+    rate = None
+    summary_path = ckpt / store.SUMMARY
+    if summary_path.is_file():
+        this_run = json.loads(summary_path.read_text()).get("this_run", {})
+        rate = this_run.get("captioning_img_per_s") or this_run.get("img_per_s") or None
+    eta = f"{plan.todo / rate / 3600:.1f} h at the last measured {rate:.2f} img/s" if rate else \
+        "unknown (no earlier run in this checkpoint dir to measure a rate from)"
+    print(f"plan for worker {worker} of {num_workers} (model {cfg.model}, nothing loaded):")
+    print(f"  selected {plan.selected}, this worker's share {plan.mine}")
+    print(f"  to do {plan.todo}, already done {plan.done}, failed before {plan.failed}"
+          + (" (skipped; --retry-failed to redo)" if plan.failed else ""))
+    print(f"  estimated time: {eta}")
+    print_first_prompts(cfg, plan, *columns)
+    holds_work = bool(done or failed)
+    if existing and existing["run_id"] != store.run_id_for(settings):
+        print(f"  note: {ckpt} holds another run ({existing['run_id']}); " + (
+            "a real run needs --overwrite or another --checkpoint-dir" if holds_work else
+            "it captioned nothing, so a real run replaces its settings"))
+    elif existing is None and problem != "missing":
+        print(f"  note: {ckpt / store.RUN_JSON} is {problem}; a real run re-adopts parts of this run only "
+              "(else it needs --overwrite)")
+    return EXIT_OK
+
+
+def print_first_prompts(cfg: RunConfig, plan: dataset.WorkPlan, extra: list, specs: list, also: list[str]) -> None:
+    """--dry-run: the prompt(s) of the first selected row as the model would get them."""
+    first = min(plan.todo_keys or plan.data_keys or {""})
+    row = next(iter(dataset.iter_rows(Path(cfg.data_dir), {first}, extra, also)), None) if first else None
+    if row is None:
+        print("  prompt: no selected row to render it for")
+        return
+    for spec in specs:
+        print(f"  prompt{f' {spec.name}' if spec.name else ''} of the first selected row ({first}):")
+        print("    " + spec.render(row).replace("\n", "\n    "))
+
+
+def merge_and_check(cfg: RunConfig) -> int:
+    """--merge-only: merge one or more checkpoint dirs and prove every selected key is there once."""
+    dirs = [Path(d) for d in cfg.checkpoint_dirs]
+    runs = {str(d): (store.read_run_json(d) or {}).get("run_id") for d in dirs}
+    if len(set(runs.values())) > 1:  # captions of another model or prompt must not be mixed in silently
+        raise UsageError("the checkpoint dirs hold different runs (settings differ): "
+                         + ", ".join(f"{d}={r}" for d, r in runs.items()))
+    out = dirs[0] / store.MERGED
+    plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
+                             worker=0, num_workers=1, done_keys=set(), failed_keys=set())
+    report = store.merge_parts(dirs, out, data_keys=plan.data_keys)
+    counts = {"captioned": report.keys, "failed": still_failed(dirs, report.keys)}
+    expected = plan.todo_keys
+    missing = sorted(expected - counts["captioned"] - set(counts["failed"]))
+    coverage = {"expected": len(expected), "captioned": len(counts["captioned"]), "failed": len(counts["failed"]),
+                "missing": len(missing), "duplicated": len(report.duplicate_keys),
+                "missing_keys": missing, "duplicated_keys": report.duplicate_keys,
+                "unexpected_keys": len(counts["captioned"] - expected), "not_in_data": len(report.not_in_data),
+                "checkpoint_dirs": [str(d) for d in dirs]}
+    atomic_write_json(dirs[0] / "coverage.json", coverage)
+    print(f"merged {report.rows} rows from {report.parts} parts of {len(dirs)} dir(s) into {out}")
+    print(f"coverage: {coverage['expected']} expected, {coverage['captioned']} captioned, {coverage['failed']} "
+          f"failed, {len(missing)} missing, {len(report.duplicate_keys)} captioned more than once")
+    if missing:
+        print(f"  missing (first 20): {', '.join(missing[:20])}")
+    if report.duplicate_keys:
+        print(f"  duplicated (first 20): {', '.join(report.duplicate_keys[:20])}")
+    print(f"  full lists in {dirs[0] / 'coverage.json'}")
+    if missing or report.duplicate_keys:
+        return EXIT_COVERAGE
+    retryable = any(r["stage"] == "generate" for r in counts["failed"].values())  # the exit policy of finish()
+    return EXIT_ITEMS_FAILED if retryable or (cfg.strict and counts["failed"]) else EXIT_OK

@@ -1,0 +1,96 @@
+"""What a run asks the model, per row: the prompt(s) of the run as templates, checked before any work.
+
+A run has one PromptSpec (--prompt / --prompt-file, or the default prompt), or one per named prompt of
+--prompts-file. A template may name row columns (`{tags}`, `{merged_tags}`, `{original_caption}`, any metadata
+column): prompts.render_prompt fills them per row. With --format json the JSON instruction is appended.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import pyarrow as pa
+
+from .errors import UsageError
+from .prompts import json_instruction, render_prompt, template_columns
+from .schema import COLUMNS, Column
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    name: str | None  # None: the run's one prompt, written to the plain columns (vlm_caption, caption_flags, ...)
+    template: str  # verbatim, as recorded in run.json
+    json_fields: tuple[str, ...] = ()  # --format json: the fields asked for; () = prose
+    columns: tuple[str, ...] = field(default=(), compare=False)  # the row columns the template names
+
+    @classmethod
+    def make(cls, name: str | None, template: str, json_fields: Sequence[str] = ()) -> "PromptSpec":
+        try:
+            columns = tuple(template_columns(template))
+        except ValueError as e:
+            raise UsageError(f"{_flag(name)}: {e}") from None
+        return cls(name, template, tuple(json_fields), columns)
+
+    @property
+    def suffix(self) -> str:
+        return f"_{self.name}" if self.name else ""
+
+    def render(self, row: Mapping[str, Any]) -> str:
+        """The prompt the model gets for this row."""
+        text = render_prompt(self.template, row) if self.columns else self.template
+        return f"{text}\n\n{json_instruction(self.json_fields)}" if self.json_fields else text
+
+    def output_columns(self) -> list[Column]:
+        """Columns this prompt adds to the registry's: per-prompt copies for a named prompt, JSON fields."""
+        n = f" of prompt `{self.name}` (--prompts-file)" if self.name else ""
+        cols = []
+        if self.name:
+            by_name = {c.name: c for c in COLUMNS}
+            for base in ("vlm_caption", "caption_flags", "caption_finish", "caption_tokens", "caption_attempts"):
+                cols.append(Column(base + self.suffix, by_name[base].type, f"`{base}`{n}", "caption"))
+        for f in self.json_fields:
+            cols.append(Column(f"caption_{f}{self.suffix}", pa.string(),
+                               f"field `{f}` of the JSON caption{n} (--format json); null when absent or invalid",
+                               "caption"))
+        return cols
+
+
+def _flag(name: str | None) -> str:
+    return f"--prompts-file prompt {name!r}" if name else "--prompt"
+
+
+def prompt_columns(specs: Sequence[PromptSpec], output_names: Sequence[str], metadata_names: Sequence[str]) -> list[str]:
+    """The metadata columns the templates need that the output does not carry (read for the prompt only).
+
+    A column must be one the output row holds before captioning (a source or download column, or a
+    --keep-columns one) or a column of the data dir's metadata; anything else is a one-line usage error."""
+    captioned = {c.name for c in COLUMNS if c.stage == "caption"}
+    available = [n for n in output_names if n not in captioned]
+    extra: list[str] = []
+    for spec in specs:
+        for col in spec.columns:
+            if col in available:
+                continue
+            if col in metadata_names:
+                if col not in extra:
+                    extra.append(col)
+                continue
+            why = "is filled by captioning, not known before it" if col in captioned or col.startswith("caption_") \
+                else "is not a column of the row"
+            choices = ", ".join(dict.fromkeys([*available, *metadata_names]))
+            raise UsageError(f"{_flag(spec.name)}: {{{col}}} {why}; a template may use {choices}")
+    return extra
+
+
+def run_specs(settings: Mapping[str, Any]) -> list[PromptSpec]:
+    """The run's prompts from its settings (RunConfig.run_settings): run.json is the one record of them."""
+    fields = tuple(settings.get("json_fields") or ()) if settings.get("format") == "json" else ()
+    if settings.get("prompts"):
+        return [PromptSpec.make(name, template, fields) for name, template in settings["prompts"].items()]
+    return [PromptSpec.make(None, settings["prompt"], fields)]
+
+
+def longest_prompt(specs: Sequence[PromptSpec]) -> str:
+    """An estimate of the longest prompt of the run (templates rendered with empty values), for the backend
+    to size its caches by."""
+    return max((s.render({c: "" for c in s.columns}) for s in specs), key=len)

@@ -1,0 +1,147 @@
+"""From a generated Caption to the caption columns of an output row: the preamble stripped, quality flags,
+the inline retry of flagged captions, and counts of flags for the run summary and the dataset card.
+
+`retry_flagged` runs on the generate thread (it calls the backend); the rest are pure functions of captions
+that the pipeline calls on its writer thread.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+from .backends import Caption, CaptionBackend
+from .prompt_plan import PromptSpec
+from .prompts import parse_json_caption
+from .quality import FLAGS, caption_flags, strip_preamble
+
+log = logging.getLogger(__name__)
+
+FLAGS_COLUMN = "caption_flags"
+# A caption with one of these is generated once more in the same run (rows.retry_flagged).
+RETRY_FLAGS = ("empty", "repetition", "invalid_json")
+
+
+def judge(cap: Caption, spec: PromptSpec | None = None) -> tuple[str, list[str], dict[str, str | None]]:
+    """(the caption as published: its chatty lead-in removed; its quality flags in quality.FLAGS order; the
+    JSON fields of a --format json caption, each None when absent, all None when the JSON is invalid).
+
+    A valid JSON caption is judged by its field values (JSON syntax is no sign of a garbled caption), plus
+    `preamble` when prose came before the object; an invalid one by its raw text, plus `invalid_json`."""
+    text, had_preamble = strip_preamble(cap.text)
+    if spec is None or not spec.json_fields:
+        return text, caption_flags(cap.text, cap.finish), {}
+    parsed, _why = parse_json_caption(text, spec.json_fields)
+    if parsed is None:
+        found = {*caption_flags(cap.text, cap.finish), "invalid_json"}
+    else:
+        content = ". ".join(v for v in parsed.values() if v)
+        found = {*caption_flags(content, cap.finish), *(["preamble"] if had_preamble else [])}
+    return text, [f for f in FLAGS if f in found], parsed or dict.fromkeys(spec.json_fields)
+
+
+def badness(flags: Sequence[str]) -> int:
+    return sum(1 for f in flags if f in RETRY_FLAGS)
+
+
+def wants_retry(cap: Caption, spec: PromptSpec | None = None) -> bool:
+    return badness(judge(cap, spec)[1]) > 0
+
+
+def caption_values(cap: Caption, retried: Caption | None = None, spec: PromptSpec | None = None) -> dict:
+    """The caption columns of one prompt's caption (caption_model aside; names without the prompt's suffix):
+    the better of the first caption and its retry (fewer RETRY_FLAGS; a tie keeps the first), and how many
+    generations it took."""
+    text, flags, fields = judge(cap, spec)
+    if retried is not None:
+        text2, flags2, fields2 = judge(retried, spec)
+        if badness(flags2) < badness(flags):
+            cap, text, flags, fields = retried, text2, flags2, fields2
+    return {"vlm_caption": text, "caption_finish": cap.finish, "caption_tokens": cap.tokens, FLAGS_COLUMN: flags,
+            "caption_attempts": 1 if retried is None else 2, **{f"caption_{k}": v for k, v in fields.items()}}
+
+
+def row_values(caps: Sequence[Caption], retried: Sequence[Caption | None], specs: Sequence[PromptSpec]) -> dict:
+    """The caption columns of a row, one caption per prompt. Named prompts (--prompts-file) write their
+    suffixed columns; the first prompt's caption is also the row's plain vlm_caption, caption_flags, ..."""
+    values: dict = {}
+    for j, (cap, again, spec) in enumerate(zip(caps, retried, specs)):
+        one = caption_values(cap, again, spec)
+        values.update({k + spec.suffix: v for k, v in one.items()})
+        if j == 0 and spec.suffix:  # the registry's plain columns (JSON fields stay per prompt)
+            values.update({k: v for k, v in one.items() if k in _PLAIN})
+    return values
+
+
+_PLAIN = ("vlm_caption", "caption_finish", "caption_tokens", FLAGS_COLUMN, "caption_attempts")
+_GENERATE_ERRORS = (RuntimeError, ValueError, IndexError, MemoryError)
+
+
+def retry_flagged(backend: CaptionBackend, keys: Sequence[str], inputs: Sequence[Any], caps: Sequence[Caption],
+                  spec: PromptSpec | None = None, should_stop: Callable[[], bool] | None = None,
+                  prompts: Sequence[str] | None = None) -> dict[int, Caption]:
+    """Generate the captions that call for it (RETRY_FLAGS) once more with retry=True; index -> retry.
+
+    On the generate thread, right after the batch: the writer thread never waits for the accelerator. A
+    failed retry (out of memory, say) keeps the first captions: it is logged, never a failure of the row."""
+    redo = [i for i, cap in enumerate(caps) if wants_retry(cap, spec)]
+    if not redo:
+        return {}
+    try:
+        again = backend.generate([keys[i] for i in redo], [inputs[i] for i in redo], should_stop=should_stop,
+                                 retry=True, prompts=None if prompts is None else [prompts[i] for i in redo])
+        return dict(zip(redo, again))
+    except _GENERATE_ERRORS as e:
+        if backend.is_out_of_memory(e):
+            backend.free_memory()
+        log.warning("the retry of %d flagged captions failed (%s: %s); their first captions are kept",
+                    len(redo), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+        return {}
+
+
+def conform(table, schema):
+    """`table` (a part's rows) in `schema`: a part written before caption_flags / caption_attempts existed
+    gets them (flags from its text, its preamble stripped as new rows' are; 1 attempt)."""
+    import pyarrow as pa
+
+    names = table.column_names
+    if FLAGS_COLUMN in schema.names and FLAGS_COLUMN not in names:
+        texts, finishes = table.column("vlm_caption").to_pylist(), table.column("caption_finish").to_pylist()
+        judged = [judge(Caption(t or "", f or "stop", 0)) for t, f in zip(texts, finishes)]
+        table = table.set_column(names.index("vlm_caption"), "vlm_caption", pa.array([t for t, _, _ in judged],
+                                                                                      pa.string()))
+        table = table.append_column(FLAGS_COLUMN, pa.array([f for _, f, _ in judged], pa.list_(pa.string())))
+    if "caption_attempts" in schema.names and "caption_attempts" not in table.column_names:
+        table = table.append_column("caption_attempts", pa.array([1] * table.num_rows, pa.int32()))
+    return table.select(schema.names).cast(schema)
+
+
+def ordered_counts(counts: Counter | dict) -> dict[str, int]:
+    """Flag -> captions with it, in FLAGS order (unknown names after them), zero counts left out."""
+    known = [f for f in FLAGS if counts.get(f)]
+    return {f: int(counts[f]) for f in [*known, *sorted(set(counts) - set(FLAGS))] if counts.get(f)}
+
+
+def count_flags(flag_lists: Iterable[list[str] | None]) -> dict[str, int]:
+    counts: Counter = Counter()
+    for flags in flag_lists:
+        counts.update(flags or [])
+    return ordered_counts(counts)
+
+
+def count_flags_in_file(path: Path | str, column: str = FLAGS_COLUMN) -> dict[str, int]:
+    """Counts per flag of a parquet file's flag column ({} when the file has none: written before flags)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    if column not in pq.read_schema(path).names:
+        return {}
+    flat = pc.list_flatten(pq.read_table(path, columns=[column]).column(column))
+    counts = pc.value_counts(flat).to_pylist() if len(flat) else []
+    return ordered_counts({c["values"]: c["counts"] for c in counts})
+
+
+def describe_counts(counts: dict[str, int] | None) -> str:
+    """'repetition: 3, truncated: 1' (FLAGS order, whatever order a JSON round trip left), or 'none'."""
+    return ", ".join(f"{k}: {v}" for k, v in ordered_counts(counts or {}).items()) or "none"
