@@ -507,3 +507,29 @@ def test_published_keys_are_read_by_range_reads_of_the_key_column(hub_stub, clie
     assert sum(n for n, _ in reads) < size / 4, (sum(n for n, _ in reads), size)
     fresh.snapshot(RUN)  # the same file again: read from memory, not the Hub
     assert len([1 for name, _, _ in hub_stub.downloads if name == path]) == len(reads)
+
+
+def test_files_of_the_old_flat_layout_move_into_the_run_folder_with_todays_columns(hub_stub, client, ckpt, tmp_path):  # noqa: F811
+    import datasets
+    import pyarrow as pa
+    from huggingface_hub import CommitOperationAdd, snapshot_download
+
+    old_columns = [n for n in OUTPUT_SCHEMA.names if n not in ("caption_flags", "caption_attempts")]
+    old = pa.Table.from_pylist(make_rows(0, 5), schema=pa.schema([OUTPUT_SCHEMA.field(n) for n in old_columns]))
+    buf = io.BytesIO()
+    pq.write_table(old, buf)
+    legacy = f"data/{RUN}-w000-000000-000000.parquet"  # what version 0.1 pushed
+    client.api.create_commit(REPO, [CommitOperationAdd(legacy, buf.getvalue())], commit_message="0.1",
+                             repo_type="dataset")
+    w = Writer(ckpt)
+    w.parts(5, 5)  # keys 0-4 again (already published by 0.1) and 5-9
+    assert client.push_pending(ckpt, RUN, 0) == 5
+    files = data_files(hub_stub)
+    assert legacy not in files and all(f.startswith(f"data/{RUN}/") for f in files)
+    keys = sorted(k for r in hub_stub.read_rows(REPO) for k in [r["key"]])
+    assert keys == sorted(r["key"] for r in make_rows(0, 10))  # every key once: the old rows kept, not re-pushed
+    client.write_card(RUN_INFO, {})
+    local = snapshot_download(REPO, repo_type="dataset", endpoint=hub_stub.endpoint, token=hub_stub.token,
+                              cache_dir=tmp_path / "dl")
+    ds = datasets.load_dataset(local, split="train", cache_dir=str(tmp_path / "ds_cache"))
+    assert ds.num_rows == 10 and "caption_flags" in ds.column_names

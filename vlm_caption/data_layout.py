@@ -25,7 +25,6 @@ then infer splits from those names and find no images in them.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 
 # Passed to img2dataset's save_additional_columns, in this order. `md5` is reserved by img2dataset

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from . import pipeline, store
+from . import endings, pipeline, store
 from .cli import plural
 from .config import RunConfig
 from .data_layout import INVALID_FILE
@@ -89,7 +89,7 @@ def broken_on_purpose(data: Path) -> set[str]:
 def still_failed(ckpt: Path) -> list[dict]:
     """Failure records (key, stage, error) of keys that no part holds, one per key."""
     captioned = set(pq.read_table(ckpt / store.MERGED, columns=["key"]).column("key").to_pylist())
-    failed = pipeline.still_failed([ckpt], captioned)
+    failed = endings.still_failed([ckpt], captioned)
     return [failed[k] for k in sorted(failed)]
 
 

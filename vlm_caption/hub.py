@@ -31,7 +31,7 @@ from typing import Callable, NamedTuple, TypeVar
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from huggingface_hub import CommitOperationAdd, HfApi, constants, get_token
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HfUriError
 
 from .card import render_dataset_card
@@ -319,6 +319,7 @@ class HubClient:
                 return 0
             rows = sum(f.rows for f in files)
             ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=hub_file_bytes(f)) for f in files]
+            ops += self._migrate_legacy(run_id, snap, pq.read_schema(files[0].parts[0].path).remove_metadata())
             commit = self.api.create_commit(
                 self.repo_id, ops, commit_message=f"Add {rows} captions of run {run_id} ({len(files)} file(s))",
                 repo_type=REPO_TYPE, parent_commit=snap.head).oid
@@ -329,6 +330,24 @@ class HubClient:
         with self._lock:
             self._against_head(attempt, "push")
         return before or 0
+
+    def _migrate_legacy(self, run_id: str, snap: Snapshot, schema: pa.Schema) -> list:
+        """Files of this run in 0.1's flat layout (data/{run_id}-w...parquet, older columns) move into the run's
+        folder with today's columns, in the same commit as new rows: one config must share one schema for
+        `load_dataset`. The same keys, so the published set does not change."""
+        ops: list = []
+        for path in sorted(p for p in snap.files if "/" not in p[len("data/"):]):
+            data = self.index(run_id).read_file(path, snap.head)
+            table = conform(pq.read_table(io.BytesIO(data)).replace_schema_metadata(None), schema)
+            buf = io.BytesIO()
+            pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+            ops += [CommitOperationAdd(path_in_repo=f"{run_data_dir(run_id)}/v0.1-{path[len('data/'):]}",
+                                       path_or_fileobj=buf.getvalue()),
+                    CommitOperationDelete(path_in_repo=path)]
+        if ops:
+            log.info("Hub: moving %d file(s) of the 0.1 layout into %s/ with today's columns", len(ops) // 2,
+                     run_data_dir(run_id))
+        return ops
 
     def _against_head(self, attempt: Callable[[], T], what: str) -> T:
         """Run a read-then-commit attempt until its commit lands on the head it read.

@@ -125,6 +125,10 @@ class HubIndex:
             self._fs = HfFileSystem(endpoint=self.api.endpoint, token=self._token, skip_instance_cache=True)
         return self._fs
 
+    def read_file(self, path: str, head: str) -> bytes:
+        """A whole file of the repo at `head` (small JSON files, or a one-time migration)."""
+        return self._filesystem().cat_file(f"datasets/{self.repo_id}@{head}/{path}")
+
     def read_run_infos(self, head: str) -> dict[str, dict]:
         """runs/{run_id}.json of every run in the repo at `head` (settings and counts they last published)."""
         infos = {}
@@ -132,8 +136,7 @@ class HubIndex:
             if not entry.path.endswith(".json"):
                 continue
             try:
-                data = self._filesystem().cat_file(f"datasets/{self.repo_id}@{head}/{entry.path}")
-                info = json.loads(data)
+                info = json.loads(self.read_file(entry.path, head))
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
                 log.warning("Hub: %s is unreadable (%s); that run is left off the card", entry.path, e)
                 continue

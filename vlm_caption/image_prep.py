@@ -16,7 +16,6 @@ using the processor.
 """
 from __future__ import annotations
 
-import os
 import warnings
 from dataclasses import dataclass
 from typing import Any

@@ -18,7 +18,7 @@ from . import dataset, prompt_plan, rows as rowcols, store
 from .atomic import remove_stale_tmp
 from .backends import CaptionBackend, make_backend
 from .config import RunConfig, distributed_rank, parse_shards, resolve_repo_id
-from .endings import dry_run, finish, merge_and_check, push_only, still_failed  # noqa: F401  (demo.py)
+from .endings import dry_run, finish, merge_and_check, push_only
 from .errors import FatalError, UsageError
 from .interrupts import StopSignals
 from .schema import output_schema
