@@ -52,7 +52,7 @@ def load(args, device, workdir: Path):
     import torch
 
     from vlm_caption import tiny_model
-    from vlm_caption.captioner import load_model, resolve_dtype
+    from vlm_caption.model_loading import load_model, resolve_dtype
 
     if args.preset in ("tiny", "small"):
         path = tiny_model.build_tiny_model(workdir / "model", preset=args.preset, seed=0)
@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from vlm_caption.captioner import choose_device
+    from vlm_caption.model_loading import choose_device
     from vlm_caption.sample_data import write_sample
 
     device = choose_device()

@@ -311,7 +311,8 @@ def main(argv=None) -> int:
     from bench_loader import make_images
     from vlm_caption import tiny_model
     from vlm_caption.batch_size import auto_batch_size, free_device_memory
-    from vlm_caption.captioner import Captioner, choose_device
+    from vlm_caption.captioner import Captioner
+    from vlm_caption.model_loading import choose_device
 
     device = torch.device("cpu") if args.cpu_smoke else choose_device()
     if device.type != "cuda" and not args.cpu_smoke:

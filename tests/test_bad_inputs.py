@@ -226,7 +226,7 @@ def test_model_access_errors_say_what_to_do():
     import httpx2
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
-    from vlm_caption.captioner import _model_load_error
+    from vlm_caption.model_loading import _model_load_error
 
     response = httpx2.Response(403, request=httpx2.Request("GET", "http://127.0.0.1/x"))
     for cause, needle in [(GatedRepoError("gated", response=response), "accept its licence"),

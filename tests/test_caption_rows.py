@@ -127,7 +127,8 @@ def test_retry_settings_reach_the_transformers_generate(tiny_model_dir, sample_d
     import torch
 
     from vlm_caption import dataset
-    from vlm_caption.captioner import Captioner, load_model
+    from vlm_caption.captioner import Captioner
+    from vlm_caption.model_loading import load_model
 
     model, processor = load_model(str(tiny_model_dir), torch.device("cpu"), dtype="float32")
     cap = Captioner(model, processor, model_name="tiny", prompt="Describe.", max_tokens=8,
@@ -157,7 +158,7 @@ def test_retry_settings_reach_the_transformers_generate(tiny_model_dir, sample_d
 def tiny(tiny_model_dir):
     import torch
 
-    from vlm_caption.captioner import load_model
+    from vlm_caption.model_loading import load_model
 
     return load_model(str(tiny_model_dir), torch.device("cpu"), dtype="float32")
 
@@ -403,7 +404,8 @@ def test_card_names_the_json_fields():
 def test_per_row_prompts_with_the_static_cache_and_its_dynamic_fallback(tiny_model_dir, sample_data_dir):
     import torch
 
-    from vlm_caption.captioner import Captioner, load_model
+    from vlm_caption.captioner import Captioner
+    from vlm_caption.model_loading import load_model
 
     model, processor = load_model(str(tiny_model_dir), torch.device("cpu"), dtype="float32")
     dynamic = Captioner(model, processor, model_name="tiny", prompt="Describe.", max_tokens=6, min_tokens=6)

@@ -98,7 +98,8 @@ def test_batched_equals_one_by_one_under_greedy(tiny_model_dir, sample_data_dir)
     import torch
 
     from vlm_caption import dataset
-    from vlm_caption.captioner import Captioner, load_model
+    from vlm_caption.captioner import Captioner
+    from vlm_caption.model_loading import load_model
     from vlm_caption.config import RunConfig
 
     cfg = RunConfig(model=str(tiny_model_dir), dtype="float32")
@@ -118,7 +119,8 @@ def test_sampling_is_reproducible_per_key_whatever_the_batch(tiny_model_dir, sam
     import torch
 
     from vlm_caption import dataset
-    from vlm_caption.captioner import Captioner, load_model
+    from vlm_caption.captioner import Captioner
+    from vlm_caption.model_loading import load_model
     from vlm_caption.config import RunConfig
 
     cfg = RunConfig(model=str(tiny_model_dir))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from vlm_caption.captioner import Captioner, load_model
+from vlm_caption.captioner import Captioner
+from vlm_caption.model_loading import load_model
 from vlm_caption.static_decode import StaticDecode, compile_wanted, prepare_static_decode
 
 CAPTURED: list = []  # graphs the counting backend was handed (a module-level list: CompileConfig deep-copies)

@@ -58,7 +58,8 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
         return DummyBackend(model_name=model, prompt=prompt, max_tokens=max_tokens, min_tokens=min_tokens,
                             default_batch_size=max_auto_batch_size or 32)
     if name == "transformers":
-        from .captioner import Captioner, choose_device, load_model
+        from .captioner import Captioner
+        from .model_loading import choose_device, load_model
 
         device = choose_device()
         loaded, processor = load_model(model, device, dtype=dtype, device_map=device_map,

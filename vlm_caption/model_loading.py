@@ -1,0 +1,110 @@
+"""Loading a vision-language model the same way for a Hub id and a local save_pretrained dir: the device of
+this worker, the dtype, one short Hub probe first (an unreachable Hub is one line, not minutes of silent retries),
+and access errors turned into one line that says what to do."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import FatalError, UsageError
+
+log = logging.getLogger(__name__)
+
+
+def choose_device() -> torch.device:
+    """This worker's accelerator: LOCAL_RANK picks the GPU under torchrun / accelerate launch."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name != "auto":
+        return getattr(torch, name)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32  # CPUs run bf16 matmuls slowly or not at all
+
+
+def _model_load_error(model_name: str, e: Exception) -> UsageError:
+    from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    chain = [e, e.__cause__, e.__context__]
+    text = " ".join(str(x) for x in chain if x is not None).lower()
+    if any(isinstance(x, GatedRepoError) for x in chain) or "gated" in text:
+        return UsageError(f"{model_name} is a gated model: accept its licence at https://huggingface.co/{model_name} "
+                          "and log in with `hf auth login` / `huggingface-cli login` (or set HF_TOKEN)")
+    if any(isinstance(x, RepositoryNotFoundError) for x in chain) or "not a valid model identifier" in text:
+        return UsageError(f"model {model_name!r} was not found (or you have no access): check the id, e.g. "
+                          "google/gemma-3-4b-it, or pass a local directory saved with save_pretrained")
+    if any(isinstance(x, LocalEntryNotFoundError) for x in chain) or "offline" in text or "connect" in text:
+        return UsageError(f"cannot download {model_name}: no connection to the Hub (or HF_HUB_OFFLINE=1) and it is "
+                          "not in the local cache; download it once with network access")
+    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UsageError(f"cannot load model {model_name!r}: {first_line}")
+
+
+HUB_PROBE_TIMEOUT_S = 10.0  # one request; without it an unreachable Hub costs minutes of silent retries
+
+
+def _hub_reachable(model_name: str) -> bool:
+    """Whether the Hub answers about `model_name` now. Unreachable and not cached: FatalError (exit 1) at once.
+
+    from_pretrained retries every file with back-off when the network is down (minutes, silent); one short
+    request first tells a cached model to load offline and an uncached one to fail now, in one line."""
+    from huggingface_hub import HfApi, constants, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    from .hub_retry import NETWORK_ERRORS
+
+    try:
+        validate_repo_id(model_name)
+    except HFValidationError:  # a path that is not there, say: from_pretrained's own error says what is wrong
+        return True
+    why = "HF_HUB_OFFLINE is set"
+    if not constants.is_offline_mode():
+        try:
+            HfApi().model_info(model_name, timeout=HUB_PROBE_TIMEOUT_S)
+            return True
+        except HfHubHTTPError:  # the Hub answered (not found, gated...): from_pretrained says what to do
+            return True
+        except (*NETWORK_ERRORS, OSError) as e:
+            why = f"the Hub ({constants.ENDPOINT}) is unreachable: {type(e).__name__}"
+    if isinstance(try_to_load_from_cache(model_name, "config.json"), str):
+        log.warning("%s; loading %s from the local cache", why, model_name)
+        return False
+    raise FatalError(f"cannot download {model_name}: {why}, and it is not in the local cache; connect to the "
+                     "network (or unset HF_HUB_OFFLINE), or pass a local directory saved with save_pretrained")
+
+
+def load_model(model_name: str, device: torch.device, *, dtype: str = "auto", device_map: str | None = None,
+               attn_implementation: str = "sdpa"):
+    """(model, processor) the same way for a hub id and a local save_pretrained dir."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    placement: Any = device_map if device_map else {"": str(device)}
+    log.info("loading model %s on %s ...", model_name, device)
+    cached_only = not Path(model_name).is_dir() and not _hub_reachable(model_name)
+    try:
+        processor = AutoProcessor.from_pretrained(model_name, local_files_only=cached_only)
+        model = AutoModelForImageTextToText.from_pretrained(
+            model_name, dtype=resolve_dtype(dtype, device), device_map=placement,
+            attn_implementation=attn_implementation, local_files_only=cached_only)
+    except (OSError, ValueError) as e:
+        if isinstance(e, ValueError) and "attn_implementation" not in str(e) and "attention" not in str(e).lower():
+            raise _model_load_error(model_name, e) from None
+        if isinstance(e, ValueError):
+            raise UsageError(f"--attn-implementation {attn_implementation} is not available here: "
+                             f"{str(e).splitlines()[0]}; try sdpa") from None
+        raise _model_load_error(model_name, e) from None
+    offloaded = sorted({str(v) for v in (getattr(model, "hf_device_map", None) or {}).values()} & {"cpu", "disk"})
+    if offloaded and device.type == "cuda":
+        log.warning("the model does not fit on the GPU: layers are offloaded to %s; expect a large slow-down "
+                    "(use a smaller Gemma 3 or a bigger GPU)", "/".join(offloaded))
+    model.eval()
+    return model, processor
