@@ -80,7 +80,8 @@ def main() -> None:
 
 
 def time_merge(rows: int, work: Path) -> None:
-    from vlm_caption.store import CheckpointStore, merge_parts
+    from vlm_caption.merge import merge_parts
+    from vlm_caption.store import CheckpointStore
 
     ckpt = work / "ckpt"
     stores = [CheckpointStore(ckpt, w) for w in range(8)]

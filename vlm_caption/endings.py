@@ -14,6 +14,7 @@ from .atomic import atomic_write_json
 from .cli import plural
 from .config import RunConfig, parse_shards
 from .errors import EXIT_COVERAGE, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
+from .merge import merge_parts
 
 if TYPE_CHECKING:
     from .pipeline import RunStats
@@ -74,7 +75,7 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
 
 def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> None:
     """Merge the dir, add its counts to `summary`, write run_summary.json and the dataset card."""
-    report = store.merge_parts([ckpt], ckpt / store.MERGED, data_keys=data_keys)
+    report = merge_parts([ckpt], ckpt / store.MERGED, data_keys=data_keys)
     failed = still_failed([ckpt], report.keys)
     summary["checkpoint_dir"] = {"captioned": len(report.keys), "failed": len(failed),
                                  "failed_by_stage": dict(Counter(r["stage"] for r in failed.values())),
@@ -190,7 +191,7 @@ def merge_and_check(cfg: RunConfig) -> int:
     out = dirs[0] / store.MERGED
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=0, num_workers=1, done_keys=set(), failed_keys=set())
-    report = store.merge_parts(dirs, out, data_keys=plan.data_keys)
+    report = merge_parts(dirs, out, data_keys=plan.data_keys)
     counts = {"captioned": report.keys, "failed": still_failed(dirs, report.keys)}
     expected = plan.todo_keys
     missing = sorted(expected - counts["captioned"] - set(counts["failed"]))

@@ -218,9 +218,9 @@ class HubClient:
         except HfHubHTTPError as e:
             raise self._refused(e, "listing") from None
 
-    def describe_repo(self, run_id: str) -> str:
-        """One line for the start of a run: what the repo already holds."""
-        snap = self.snapshot(run_id)
+    def describe_repo(self, run_id: str, snap: Snapshot | None = None) -> str:
+        """One line for the start of a run: what the repo already holds (`snap`: a snapshot just read)."""
+        snap = snap or self.snapshot(run_id)
         others = (f"{len(snap.other_runs)} other run(s) ({', '.join(snap.other_runs[:5])}), each in its own "
                   "data/ folder and card config; " if snap.other_runs else "")
         return (f"Hub: {self.repo_id} holds {others}{len(snap.keys)} rows of this run {run_id} in "

@@ -112,8 +112,9 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
     done_keys = writer.done_keys()
     on_hub = 0
     if hub_client is not None:  # rows another dir or machine already published are not captioned again
-        log.info(hub_client.describe_repo(run_id))
-        published = hub_client.snapshot(run_id).keys
+        snap = hub_client.snapshot(run_id)  # one read of the repo serves the line below and the skip
+        log.info(hub_client.describe_repo(run_id, snap))
+        published = snap.keys
         on_hub = len(published - done_keys)
         done_keys |= published
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,

@@ -1,4 +1,4 @@
-"""The checkpoint directory: run.json, atomic part files, failures, the done-key index, merge, summary.
+"""The checkpoint directory: run.json, atomic part files, failures, the done-key index (merge.py merges it).
 
 Layout (see DESIGN.md):
     run.json                                   settings of the run + dir_id (made with the dir); a run with
@@ -22,21 +22,17 @@ import re
 import shutil
 import time
 import uuid
-from collections import Counter
 from datetime import datetime, timezone
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, NamedTuple
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path, atomic_write_json, atomic_write_table
+from .atomic import atomic_write_json, atomic_write_table
 from .errors import FatalError, UsageError
 from .locks import DirLock
-from .rows import conform
-from .schema import ADDED_COLUMNS, FAILURE_SCHEMA, OUTPUT_SCHEMA, unified_schema  # noqa: F401  (store.* names)
+from .schema import ADDED_COLUMNS, FAILURE_SCHEMA, OUTPUT_SCHEMA  # noqa: F401  (store.* names)
 
 log = logging.getLogger(__name__)
 
@@ -340,68 +336,3 @@ class CheckpointStore:
         except OSError as e:
             raise FatalError(f"could not write {path}: {e.strerror or e}; nothing partial was left behind, "
                              "free space / fix permissions and rerun to resume") from None
-
-
-# ---------------------------------------------------------------- merge and coverage
-
-@dataclass
-class MergeReport:
-    rows: int
-    parts: int
-    duplicate_keys: list[str]
-    keys: set[str]  # every captioned key kept (callers count failures against it without reading the parts again)
-    output: Path
-    not_in_data: list[str] = field(default_factory=list)  # captioned keys the data dir no longer holds (left out)
-
-
-def _part_ranges(dirs: list[Path]) -> tuple[list[tuple[Path, str, str]], Counter]:
-    ranges, counts = [], Counter()
-    for d in dirs:
-        for part in list_parts(d):
-            check = check_file(part.path, OUTPUT_SCHEMA)
-            if check.problem:
-                quarantine(d, part.path, check.problem)
-            elif check.keys:
-                ranges.append((part.path, min(check.keys), max(check.keys)))
-                counts.update(check.keys)
-    return ranges, counts
-
-
-def merge_parts(dirs: list[Path | str], output: Path | str, data_keys: set[str] | None = None,
-                bucket_rows: int = 50_000) -> MergeReport:
-    """Merge every part of `dirs` into one parquet sorted by key, one row per key; keys not in `data_keys`
-    (a shard removed from the data since) are reported and left out, their parts kept.
-
-    Streams: only the key column of all parts is held at once; rows are read a key range at a time
-    (parts hold nearly contiguous key ranges, so each part is read about once).
-    """
-    dirs = [Path(d) for d in dirs]
-    output = Path(output)
-    ranges, counts = _part_ranges(dirs)
-    duplicates = sorted(k for k, n in counts.items() if n > 1)
-    gone = sorted(k for k in counts if data_keys is not None and k not in data_keys)
-    keys = sorted(set(counts) - set(gone))
-    schema = unified_schema(pq.read_schema(path) for path, _, _ in ranges)  # + --keep-columns, prompt columns
-    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for start in range(0, len(keys), bucket_rows):
-            lo, hi = keys[start], keys[min(start + bucket_rows, len(keys)) - 1]
-            tables = [conform(pq.read_table(path, filters=[("key", ">=", lo), ("key", "<=", hi)]), schema)
-                      for path, pmin, pmax in ranges if pmin <= hi and pmax >= lo]
-            bucket = pa.concat_tables(tables).sort_by("key")
-            if gone:
-                bucket = bucket.filter(pc.is_in(bucket.column("key"), pa.array(keys[start:start + bucket_rows])))
-            writer.write_table(_first_per_key(bucket))
-    if duplicates:
-        log.warning("%d keys were captioned more than once; kept the first of each (e.g. %s)",
-                    len(duplicates), duplicates[:5])
-    if gone:
-        log.warning("%d captioned keys are no longer in the data dir (a shard removed?); left out of %s, their "
-                    "parts kept (e.g. %s)", len(gone), output.name, gone[:5])
-    return MergeReport(rows=len(keys), parts=len(ranges), duplicate_keys=duplicates, keys=set(keys), output=output,
-                       not_in_data=gone)
-
-
-def _first_per_key(table: pa.Table) -> pa.Table:
-    keys = table.column("key").to_pylist()
-    keep = [i for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
-    return table if len(keep) == len(keys) else table.take(keep)
