@@ -5,7 +5,11 @@ Both run through the pipeline's own loader (`dataset.prefetch` -> `dataset.load_
 Gemma 3's real settings (896x896, bilinear, rescale 1/255, mean = std = 0.5; no model needed):
 
   processor  load_image with the old 2x-target draft box + Gemma3ImageProcessor (PIL backend) + cast
-  fast       load_image with the target as draft box + image_prep.ImagePrep
+  fast       load_image with the target as draft box + image_prep.ImagePrep (resize + normalise on the CPU)
+  device     what the CPU still does when the GPU resizes (the pipeline's default on CUDA): load_image +
+             ImagePrep.host_pixels + the copy into pinned memory; with --device cuda also the copy to the
+             card and ImagePrep.to_device (resize + normalise there), synchronised per image; without a GPU
+             a plain copy of the same bytes stands in for the pinned one
 
   python benchmarks/bench_loader.py --make-images art --count 200          # art-sized JPEGs, seeded
   OMP_NUM_THREADS=1 python benchmarks/bench_loader.py --images art --threads 1 2 --rounds 3
@@ -38,11 +42,12 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, nargs="+", default=[1], help="loader threads; several values are "
                    "measured in turn (e.g. --threads 1 2)")
     p.add_argument("--limit", type=int, default=None, help="use only the first N images (sorted by name)")
-    p.add_argument("--method", choices=["fast", "processor", "both"], default="both")
+    p.add_argument("--method", choices=["fast", "processor", "device", "all"], default="all")
+    p.add_argument("--device", default="cpu", help="cuda: the device method resizes on the GPU for real")
     p.add_argument("--rounds", type=int, default=3, help="alternate the methods this many times, keep the best")
     p.add_argument("--dtype", default="bfloat16", help="pixel dtype handed to the model (bfloat16 on GPU)")
     p.add_argument("--size", type=int, default=896, help="model input side (Gemma 3: 896)")
-    p.add_argument("--compare", action="store_true", help="also print how far the fast path's pixels are from "
+    p.add_argument("--compare", action="store_true", help="also print how far the fast and device paths' pixels are from "
                    "the processor's on the fully decoded image (mean, worst image's mean, max |diff| on [-1, 1])")
     p.add_argument("--make-images", metavar="DIR", help="first write --count art-sized JPEGs into DIR")
     p.add_argument("--count", type=int, default=200, help="images for --make-images")
@@ -113,8 +118,10 @@ def gemma3_image_processor(size: int = 896):
     return cls(**dict(GEMMA3_IMAGE_PROCESSOR, size={"height": size, "width": size}))
 
 
-def methods(size: int, dtype):
+def methods(size: int, dtype, device: str = "cpu"):
     """name -> (prepare, target size given to load_image)."""
+    import torch
+
     from vlm_caption.image_prep import ImagePrep
 
     processor = gemma3_image_processor(size)
@@ -125,8 +132,16 @@ def methods(size: int, dtype):
     def with_processor(image):
         return processor(images=[image], return_tensors="pt")["pixel_values"][0].to(dtype)
 
+    def on_device(image):
+        host = prep.host_pixels(image)
+        if device == "cpu":
+            return host.clone()  # the bytes pin_memory() copies in Captioner.collate on a GPU host
+        out = prep.to_device(host, device)
+        torch.cuda.synchronize()  # the resize's time counts here, not in a later image's
+        return out
+
     # The pipeline before image_prep: the draft box was twice the model's input.
-    return {"processor": (with_processor, 2 * size), "fast": (prep, size)}
+    return {"processor": (with_processor, 2 * size), "fast": (prep, size), "device": (on_device, size)}
 
 
 def run_once(paths: list[Path], prepare, target: int, threads: int) -> tuple[float, float, int]:
@@ -143,8 +158,9 @@ def run_once(paths: list[Path], prepare, target: int, threads: int) -> tuple[flo
     return time.process_time() - cpu0, time.perf_counter() - wall0, ok
 
 
-def compare(paths: list[Path], size: int) -> dict:
-    """|fast - processor| per image, the processor fed the full-size decode (the reference)."""
+def compare(paths: list[Path], size: int, device: str = "cpu") -> dict:
+    """|fast - processor| and |device - processor| per image, the processor fed the full-size decode (the
+    reference)."""
     import torch
     from PIL import Image
 
@@ -153,7 +169,8 @@ def compare(paths: list[Path], size: int) -> dict:
 
     processor = gemma3_image_processor(size)
     prep = ImagePrep.from_processor(processor)
-    means, peak, drafted = [], 0.0, 0
+    means: dict[str, list[float]] = {"fast": [], "device": []}
+    peak, drafted = {"fast": 0.0, "device": 0.0}, 0
     for path in paths:
         with Image.open(path) as img:
             img.load()
@@ -161,12 +178,13 @@ def compare(paths: list[Path], size: int) -> dict:
         ref = processor(images=[full], return_tensors="pt")["pixel_values"][0]
         small = dataset.load_image(path, size)
         drafted += small.size != full.size
-        diff = (prep(small) - ref).abs()
-        means.append(float(diff.mean()))
-        peak = max(peak, float(diff.max()))
-    return {"compare": "fast vs processor", "images": len(paths), "drafted": drafted,
-            "mean_abs_diff": round(sum(means) / len(means), 5), "worst_image_mean": round(max(means), 5),
-            "max_abs_diff": round(peak, 4), "size": size}
+        for name, pixels in (("fast", prep(small)), ("device", prep.to_device(prep.host_pixels(small), device))):
+            diff = (pixels.cpu() - ref).abs()
+            means[name].append(float(diff.mean()))
+            peak[name] = max(peak[name], float(diff.max()))
+    return {"compare": "vs processor", "images": len(paths), "drafted": drafted, "size": size,
+            **{name: {"mean_abs_diff": round(sum(m) / len(m), 5), "worst_image_mean": round(max(m), 5),
+                      "max_abs_diff": round(peak[name], 4)} for name, m in means.items()}}
 
 
 def main(argv=None) -> int:
@@ -184,10 +202,10 @@ def main(argv=None) -> int:
         print(f"error: no images in {args.images}", file=sys.stderr)
         return 2
     if args.compare:
-        print(json.dumps(compare(paths, args.size)), flush=True)
+        print(json.dumps(compare(paths, args.size, args.device)), flush=True)
     dtype = getattr(torch, args.dtype)
-    chosen = methods(args.size, dtype)
-    names = ["processor", "fast"] if args.method == "both" else [args.method]
+    chosen = methods(args.size, dtype, args.device)
+    names = ["processor", "fast", "device"] if args.method == "all" else [args.method]
     for name in names:  # warm-up: page cache, lazy imports, first-call allocations
         run_once(paths[:4], *chosen[name], threads=1)
     best: dict[tuple[str, int], dict] = {}

@@ -43,7 +43,8 @@ PROMPT = ("Describe this artwork in detail: the subjects, the style and medium, 
 # Dense bf16 FLOP/s and memory bandwidth (bytes/s) by card name; the first match wins (specific names first).
 CARDS = [("H200", 989e12, 4.8e12), ("H100 NVL", 835e12, 3.9e12), ("H100 PCIe", 756e12, 2.0e12),
          ("H100", 989e12, 3.35e12), ("A100", 312e12, 2.0e12), ("L40S", 362e12, 0.864e12), ("A10", 125e12, 0.6e12)]
-SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled")
+SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled",
+            "pipeline")
 
 
 def parse_args(argv=None):
@@ -58,16 +59,20 @@ def parse_args(argv=None):
     p.add_argument("--timed-batches", type=int, default=None, help="batches timed per size (default 3)")
     p.add_argument("--loop-images", type=int, default=None, help="images for the one-image loop (default 3)")
     p.add_argument("--loader-images", type=int, default=None, help="JPEGs for the loader (default 96)")
+    p.add_argument("--pipeline-images", type=int, default=None, help="images through the whole pipeline "
+                   "(default 640: 5 batches of 128)")
+    p.add_argument("--pipeline-batch", type=int, default=None, help="the pipeline run's batch size (default 128)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak, TFLOP/s (default: by card)")
     p.add_argument("--peak-tbps", type=float, default=None, help="memory bandwidth, TB/s (default: by card)")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new runs after this many "
-                   "seconds (default 450; the shell wrapper kills at 480)")
+                   "seconds (default 420; the shell wrapper kills at 450)")
     args = p.parse_args(argv)
     smoke = args.cpu_smoke
     defaults = dict(preset="tiny" if smoke else "gemma-3-4b", new_tokens=4 if smoke else 200,
                     eager_batches=[2, 4] if smoke else [64, 128], compiled_batches=[2, 4] if smoke else [64, 128, 256],
                     timed_batches=2 if smoke else 3, loop_images=2 if smoke else 3,
-                    loader_images=6 if smoke else 96, budget_s=120 if smoke else 450)
+                    loader_images=6 if smoke else 96, pipeline_images=12 if smoke else 640,
+                    pipeline_batch=4 if smoke else 128, budget_s=120 if smoke else 420)
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -238,21 +243,76 @@ def run_loop_baseline(model, processor, paths: list[Path], args, sync) -> dict:
             "note": f"measured on {len(paths)} images; a run's rate is this, extrapolated"}
 
 
-def run_loader(paths: list[Path], size: int, threads: int) -> dict:
+def run_loader(paths: list[Path], size: int, threads: int, device) -> dict:
+    """The loader alone on all cores: `fast` resizes on the CPU, `device` (the pipeline's default on a GPU)
+    decodes on the CPU and resizes on the card (bench_loader's methods); best of 2 rounds, alternated."""
     import torch
     from bench_loader import methods, run_once
 
     torch.set_num_threads(1)  # one core per loader thread, like OMP_NUM_THREADS=1 in a run
-    prepare, target = methods(size, torch.bfloat16)["fast"]
-    run_once(paths[:4], prepare, target, threads=1)  # warm-up
-    best = None
+    chosen = methods(size, torch.bfloat16, str(device))
+    out = {}
+    for name in ("fast", "device"):
+        run_once(paths[:4], *chosen[name], threads=1)  # warm-up
     for _ in range(2):
-        cpu, wall, n = run_once(paths, prepare, target, threads=threads)
-        if best is None or wall < best[1]:
-            best = (cpu, wall, n)
-    cpu, wall, n = best
-    return {"images": n, "threads": threads, "img_s": round(n / wall, 2), "cpu_ms_per_img": round(1000 * cpu / n, 2),
-            "cores_busy": round(cpu / wall, 2), "size": size}
+        for name in ("fast", "device"):
+            cpu, wall, n = run_once(paths, *chosen[name], threads=threads)
+            if name not in out or n / wall > out[name]["img_s"]:
+                out[name] = {"images": n, "threads": threads, "img_s": round(n / wall, 2),
+                             "cpu_ms_per_img": round(1000 * cpu / n, 2), "cores_busy": round(cpu / wall, 2),
+                             "size": size}
+    return out
+
+
+def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: int) -> dict:
+    """The whole pipeline (pipeline.run: loader threads, background assembly, generate, writer thread, part
+    files; no Hub) over `--pipeline-images` art-sized JPEGs with the model already built (make_backend is
+    bypassed), compiled static decode: run_summary.json's steady captioning rate (after the first batch)."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlm_caption import data_layout, pipeline
+    from vlm_caption.captioner import Captioner
+    from vlm_caption.config import RunConfig
+    from vlm_caption.validate import FULL_METADATA_SCHEMA
+
+    data, ckpt = root / "data", root / "ckpt"
+    rows = []
+    for i in range(args.pipeline_images):
+        key = data_layout.img2dataset_key(i, 10_000)
+        name = data_layout.image_file_name(0, key)
+        (data / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(paths[i % len(paths)], data / name)
+        rows.append({"key": key, "file_name": name, "url": f"http://127.0.0.1/{key}.jpg", "caption": "art"})
+    pq.write_table(pa.Table.from_pylist(rows, schema=FULL_METADATA_SCHEMA), data / data_layout.FULL_METADATA_FILE)
+
+    def built_backend(name, *, model: str, prompt: str, max_tokens: int, min_tokens: int = 0, compile: str = "auto",
+                      **_):
+        return Captioner(built_backend.model, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
+                         min_tokens=min_tokens, compile=compile,
+                         compile_options={"backend": "eager"} if args.cpu_smoke else {})
+
+    built_backend.model = model
+    real = pipeline.make_backend
+    pipeline.make_backend = built_backend
+    cfg = RunConfig(model=args.preset, data_dir=str(data), checkpoint_dirs=[str(ckpt)], batch_size=batch,
+                    max_tokens=args.new_tokens, min_tokens=args.new_tokens, prompt=PROMPT, no_push=True,
+                    compile="on")
+    try:
+        start = time.perf_counter()
+        code = pipeline.run(cfg)
+        wall = time.perf_counter() - start
+    finally:
+        pipeline.make_backend = real
+    summary = json.loads((ckpt / "run_summary.json").read_text())["this_run"]
+    return {"batch": batch, "images": args.pipeline_images, "exit_code": code, "wall_s": round(wall, 1),
+            "captioning_img_s": summary.get("captioning_img_per_s"), "img_s_with_first_batch": summary.get("img_per_s"),
+            "tokens_s": round((summary.get("captioning_img_per_s") or 0) * args.new_tokens, 1),
+            "generate_share": summary.get("generate_share"),
+            "captioned": summary.get("captioned"), "failed": summary.get("failed_by_stage"),
+            "loader_threads": "auto (cores - 1)", "resize": "on the device" if model.device.type == "cuda" else "CPU"}
 
 
 # ---------------------------------------------------------------- report
@@ -283,9 +343,19 @@ def markdown(r: dict) -> str:
             share = f"{x['img_s'] / rf:.0%}" if rf else ""
             lines.append(f"| {kind} | {x['batch']} | {x['img_s']} | {x['tokens_s']} | {mem}"
                          f" | {x['generate_share']:.1%} | {x['warmup_s']} | {rf or ''} | {share} |")
-    loader = r.get("loader", {})
-    if loader.get("img_s"):
-        lines.append(f"| loader only ({loader['threads']} threads) | | {loader['img_s']} | | | | | | |")
+    pipe = r.get("pipeline", {})
+    if pipe.get("captioning_img_s"):
+        rf = roof.get(pipe["batch"], {}).get("roof_img_s")
+        share = f"{pipe['captioning_img_s'] / rf:.0%}" if rf else ""
+        lines.append(f"| whole pipeline, compiled ({pipe['images']} images) | {pipe['batch']} | "
+                     f"{pipe['captioning_img_s']} | {pipe['tokens_s']} | | {pipe['generate_share']:.1%} | | "
+                     f"{rf or ''} | {share} |")
+    elif pipe.get("error"):
+        lines.append(f"| whole pipeline | {pipe['batch']} | {pipe['error']} | | | | | | |")
+    for name, loader in r.get("loader", {}).items():
+        where = "resize on the CPU" if name == "fast" else "resize on the GPU"
+        lines.append(f"| loader only, {where} ({loader['threads']} threads, {loader['cpu_ms_per_img']} CPU ms/img)"
+                     f" | | {loader['img_s']} | | | | | | |")
     flop = r.get("flop_per_image", {})
     if flop:
         lines += ["", "FLOP per image: " + ", ".join(f"{k} {v / 1e12:.3g} T" for k, v in flop.items())]
@@ -330,7 +400,7 @@ def main(argv=None) -> int:
         side = 64 if args.cpu_smoke else 896
         sizes = (96, 200, 80, 160) if args.cpu_smoke else (1024, 3000, 768, 2000)
         paths = make_images(Path(tmp) / "art", max(args.loader_images, args.loop_images), seed=0, sizes=sizes)
-        result["loader"] = run_loader(paths, side, threads=cores)
+        result["loader"] = run_loader(paths, side, threads=cores, device=device)
         print(json.dumps({"loader": result["loader"]}), flush=True)
         write(out, result)
 
@@ -374,18 +444,31 @@ def main(argv=None) -> int:
         result["loop"] = run_loop_baseline(model, processor, paths[:args.loop_images], args, sync)
         print(json.dumps({"loop": result["loop"]}), flush=True)
         write(out, result)
-        for kind, sizes_ in (("eager", args.eager_batches), ("compiled", args.compiled_batches)):
-            result[kind] = []
-            for batch in sizes_:
-                need = 5 if args.cpu_smoke else (150 if kind == "compiled" else 30)
-                if left() < need:
-                    result["skipped"].append(f"{kind} batch {batch}: {left():.0f} s of the budget left")
-                    continue
+        # Smaller batches first, compiled before eager, so that a short budget still has the telling runs;
+        # the whole pipeline right after the compiled run of its batch size (whose graph it then reuses).
+        runs = sorted([("compiled", b) for b in args.compiled_batches] + [("eager", b) for b in args.eager_batches],
+                      key=lambda run: (run[1], run[0] != "compiled"))
+        after = ("compiled", args.pipeline_batch)
+        runs.insert(runs.index(after) + 1 if after in runs else min(2, len(runs)), ("pipeline", args.pipeline_batch))
+        result.update(eager=[], compiled=[])
+        for kind, batch in runs:
+            need = 5 if args.cpu_smoke else {"compiled": 150, "eager": 30, "pipeline": 90}[kind]
+            if left() < need:
+                result["skipped"].append(f"{kind} batch {batch}: {left():.0f} s of the budget left")
+                continue
+            if kind == "pipeline":
+                try:
+                    result["pipeline"] = run_pipeline(model, processor, paths, Path(tmp) / "pipeline", args, batch)
+                except Exception as e:  # noqa: BLE001 - a benchmark section's failure is reported, the others go on
+                    traceback.print_exc()
+                    result["pipeline"] = {"batch": batch, "error": f"{type(e).__name__}: {e}"}
+                entry = result["pipeline"]
+            else:
                 entry = run_batched(model, processor, pixels, batch, args, compile=kind == "compiled",
                                     device=device, sync=sync)
                 result[kind].append(entry)
-                print(json.dumps({kind: entry}), flush=True)
-                write(out, result)
+            print(json.dumps({kind: entry}), flush=True)
+            write(out, result)
     result["total_s"] = round(time.monotonic() - started, 1)
     write(out, result)
     print((out / "gpu_check.md").read_text())

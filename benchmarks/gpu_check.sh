@@ -11,6 +11,6 @@ mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt" || true
-# The script stops starting new runs at --budget-s (450 s) and rewrites its JSON after each one, so the
+# The script stops starting new runs at --budget-s (420 s) and rewrites its JSON after each one, so the
 # hard limit below still leaves every finished section on disk.
-timeout 480 "$PY" benchmarks/gpu_check.py --out "$out" "$@" 2>&1 | tee "$out/gpu_check.log"
+timeout 450 "$PY" benchmarks/gpu_check.py --out "$out" "$@" 2>&1 | tee "$out/gpu_check.log"

@@ -29,7 +29,12 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
         assert entry["img_s"] > 0 and entry["tokens_s"] > 0 and 0 < entry["generate_share"] <= 1
     for entry in result["compiled"]:
         assert entry["graphs_built"] == 1 and entry["graph_breaks"] == 0
-    assert result["loop"]["img_s"] > 0 and result["loader"]["img_s"] > 0
+    assert result["loop"]["img_s"] > 0
+    assert {name: x["images"] for name, x in result["loader"].items()} == {"fast": 6, "device": 6}
+    pipe = result["pipeline"]  # the whole pipeline.run over the built model: every image captioned, exit 0
+    assert pipe["exit_code"] == 0 and pipe["captioned"] == pipe["images"] == 12 and not pipe["failed"]
+    assert pipe["captioning_img_s"] > 0 and "| whole pipeline, compiled (12 images) | 4 |" in \
+        (tmp_path / "gpu_check.md").read_text()
     flop = result["flop_per_image"]
     assert abs(sum(v for k, v in flop.items() if k != "total") - flop["total"]) <= 1e-3 * flop["total"]
     assert result["roofs"]["by_batch"] and "| compiled | 4 |" in (tmp_path / "gpu_check.md").read_text()

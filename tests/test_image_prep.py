@@ -88,16 +88,18 @@ def test_fast_path_matches_the_image_processor(varied_images, tiny_model_dir):
         assert prep is not None and (prep.height, prep.width) == (ip.size["height"], ip.size["width"])
         for kind, path in varied_images.items():
             ref = ip(images=[full_decode(path)], return_tensors="pt")["pixel_values"][0]
-            got = prep(dataset.load_image(path, prep.height))
-            assert got.shape == ref.shape and got.dtype == torch.float32 and got.is_contiguous()
-            diff = (got - ref).abs()
-            report.append(f"{name}/{kind}: mean {diff.mean():.5f} max {diff.max():.4f}")
-            drafted = dataset.load_image(path, prep.height).size != full_decode(path).size
-            # Gemma 3's 896 px: every image within 0.01. The tiny model's 64 px target draft-decodes almost
-            # every JPEG, mostly at 1/8 (DC coefficients only): a coarser filter than the processor's
-            # bilinear over the full image at that size, measured up to 0.027 there.
-            bound = TOLERANCE if name == "gemma3_896" or not drafted else SMALL_TARGET_DRAFT_TOLERANCE
-            assert diff.mean() <= bound, report[-1]
+            loaded = dataset.load_image(path, prep.height)
+            drafted = loaded.size != full_decode(path).size
+            # The CPU path, and the GPU path (decode here, resize on the device) run on the CPU device.
+            for where, got in (("host", prep(loaded)), ("device", prep.to_device(prep.host_pixels(loaded), "cpu"))):
+                assert got.shape == ref.shape and got.dtype == torch.float32 and got.is_contiguous()
+                diff = (got - ref).abs()
+                report.append(f"{name}/{kind}/{where}: mean {diff.mean():.5f} max {diff.max():.4f}")
+                # Gemma 3's 896 px: every image within 0.01. The tiny model's 64 px target draft-decodes
+                # almost every JPEG, mostly at 1/8 (DC coefficients only): a coarser filter than the
+                # processor's bilinear over the full image at that size, measured up to 0.027 there.
+                bound = TOLERANCE if name == "gemma3_896" or not drafted else SMALL_TARGET_DRAFT_TOLERANCE
+                assert diff.mean() <= bound, report[-1]
     print("\n".join(report))  # shown with -s: the max is reported, only the mean is bounded
 
 
@@ -153,6 +155,55 @@ def test_captioner_prepare_uses_the_fast_path_and_falls_back(tiny_model_dir):
     cap = Captioner(model, processor, model_name="tiny", prompt="Describe.", max_tokens=4)
     assert cap._image_prep is None
     assert torch.equal(cap.prepare(img), ref)
+
+
+def test_captioner_can_resize_on_the_device(tiny_model_dir):
+    """resize_on_device (the default on CUDA): prepare hands over the decoded bytes at full size, collate
+    resizes and normalises them on the model's device; the batch equals the CPU path's to uint8 rounding,
+    and generate runs on it (here the device is the CPU)."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from vlm_caption.captioner import Captioner
+
+    processor = AutoProcessor.from_pretrained(tiny_model_dir)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    rng = np.random.default_rng(6)
+    images = [bench_loader.art_image(w, h, rng) for w, h in ((500, 300), (64, 64), (90, 700))]
+    host = Captioner(model, processor, model_name="tiny", prompt="Describe.", max_tokens=3)
+    on_device = Captioner(model, processor, model_name="tiny", prompt="Describe.", max_tokens=3, min_tokens=3,
+                          resize_on_device=True)
+    assert not host.resize_on_device  # the default off CUDA
+    handed = [on_device.prepare(im) for im in images]
+    assert [tuple(h.shape) for h in handed] == [(300, 500, 4), (64, 64, 4), (700, 90, 4)]
+    assert all(h.dtype == torch.uint8 for h in handed)
+    got = on_device.assemble(handed).inputs["pixel_values"]
+    want = host.assemble([host.prepare(im) for im in images]).inputs["pixel_values"]
+    assert got.shape == want.shape == (3, 3, 64, 64) and got.dtype == want.dtype
+    assert (got - want).abs().max() <= 2 / 127.5 + 1e-6  # one uint8 level each side of the rounding
+    assert (got - want).abs().mean() <= 0.01
+    captions = on_device.generate(["a", "b", "c"], handed)
+    assert len(captions) == 3 and all(c.tokens == 3 for c in captions)
+
+
+def test_pixels_are_read_from_pillows_own_memory_and_outlive_the_image(tmp_path):
+    """No copy out of Pillow for a decoded image (Arrow export, one block); the tensor keeps that memory alive
+    after the image is gone, and holds the same bytes a copy would."""
+    import gc
+
+    from vlm_caption.image_prep import _pixel_memory
+
+    prep = ImagePrep(height=896, width=896)  # raises Pillow's block size: the 12 MP image is one block
+    path = save(bench_loader.art_image(4000, 3000, np.random.default_rng(8)), tmp_path / "p.jpg", "JPEG")
+    with Image.open(path) as img:
+        img.load()
+        want = img.tobytes("raw", "RGBX")
+        if hasattr(img, "__arrow_c_array__"):  # Pillow >= 11.2
+            assert isinstance(_pixel_memory(img), memoryview)
+        host = prep.host_pixels(img)
+    del img
+    gc.collect()
+    _ = [Image.new("RGB", (4000, 3000), (9, 9, 9)) for _ in range(3)]  # memory freed would be reused here
+    assert host.shape == (3000, 4000, 4) and host.flatten().numpy().tobytes() == want
 
 
 def test_jpeg_draft_decoding_fires_for_big_images(tmp_path):
@@ -230,12 +281,13 @@ def test_bench_loader_prints_one_json_line_per_method(tmp_path):
     bench_loader.make_images(tmp_path / "imgs", 3, seed=0, sizes=(64, 96, 48, 64))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, str(BENCH), "--images", str(tmp_path / "imgs"), "--rounds", "1",
-                          "--threads", "1", "2", "--method", "both"],
+                          "--threads", "1", "2", "--compare"],
                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert out.returncode == 0, out.stderr
-    lines = [json.loads(line) for line in out.stdout.splitlines()]
-    assert {(r["method"], r["threads"]) for r in lines} == {("processor", 1), ("fast", 1), ("processor", 2),
-                                                             ("fast", 2)}
+    compared, *lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert compared["images"] == 3 and compared["device"]["mean_abs_diff"] <= TOLERANCE
+    assert {(r["method"], r["threads"]) for r in lines} == {(m, t) for m in ("processor", "fast", "device")
+                                                             for t in (1, 2)}
     for r in lines:
         assert r["images"] == 3 and r["cpu_ms_per_img"] > 0 and r["img_per_s"] > 0
         assert {"method", "images", "threads", "cpu_ms_per_img", "img_per_s"} <= set(r)

@@ -10,6 +10,11 @@ float arithmetic: ~3x the CPU of decoding the JPEG. `ImagePrep` does the same st
   processor's output to about 1/255), measured against Pillow (`reducing_gap` too) and OpenCV in BENCHMARKS.md;
 - rescale + normalise is one fused multiply-add in torch, straight to the model dtype.
 
+On a GPU the loader threads stop after the decode: `host_pixels` hands the decoded RGBX bytes over and
+`to_device` copies them (through pinned memory, asynchronously) and resizes and normalises each image on the card while the batch is
+assembled (float antialiased kernel, rounded to uint8 levels as the processor's resize is). The CPU then
+spends per image only the JPEG decode and one copy out of Pillow (BENCHMARKS.md §5).
+
 Settings (size, resample, rescale factor, mean, std) are read from the Hugging Face image processor;
 `ImagePrep.from_processor` returns None for a configuration it does not reproduce and the caller keeps
 using the processor.
@@ -72,20 +77,52 @@ def unsupported_reason(image_processor: Any) -> str | None:
     return None
 
 
+def _rgb(image: Image.Image) -> Image.Image:
+    if image.mode == "RGB":
+        return image
+    from .dataset import to_rgb  # imported here: dataset needs pyarrow, this module does not
+
+    return to_rgb(image)
+
+
+# Pillow allocates a big image in blocks of this many bytes; one block per image lets `_pixel_memory` hand out
+# Pillow's own memory (64 MiB: 16 MP at 4 bytes a pixel). Only the block size changes, not what is allocated.
+PILLOW_BLOCK_BYTES = 64 * 2**20
+
+
+def use_single_block_images() -> None:
+    """Raise Pillow's allocation block size (process-wide, never lowered) so decoded images are one block."""
+    core = Image.core
+    if hasattr(core, "get_block_size") and core.get_block_size() < PILLOW_BLOCK_BYTES:
+        core.set_block_size(PILLOW_BLOCK_BYTES)
+
+
+def _pixel_memory(image: Image.Image) -> "bytes | memoryview":
+    """The image's pixels at 4 bytes each (Pillow stores RGB as RGBX): Pillow's own memory, read only, where
+    it can export it (Arrow: Pillow >= 11.2, the image in one block), else one copy (~2 ms at 2.7 MP)."""
+    if hasattr(image, "__arrow_c_array__"):
+        try:
+            import pyarrow as pa
+
+            return memoryview(pa.array(image).values.buffers()[1])[: image.width * image.height * 4]
+        except (ImportError, ValueError):  # ValueError: rows in several blocks (an image over the block size)
+            pass
+    return image.tobytes("raw", "RGBX")
+
+
 _readonly_warning_seen = False
 
 
 def _rgbx_tensor(image: Image.Image) -> torch.Tensor:
-    """(1, 4, H, W) uint8, channels-last, over one copy of the pixels out of Pillow.
+    """(1, 4, H, W) uint8, channels-last, over the pixels Pillow holds (`_pixel_memory`).
 
-    Pillow keeps RGB as 4 bytes a pixel: RGBX comes out as a plain copy (RGB would be packed, and the
-    uint8 resize kernel works on 4 channels anyway): ~1.3 ms less a 2.7 MP image than a writable np.array
-    copy. The buffer is
-    read-only bytes; the tensor over it is only read (by the resize), never written.
+    Pillow keeps RGB as 4 bytes a pixel: RGBX is its memory as it is (RGB would be packed, and the uint8
+    resize kernel works on 4 channels anyway). The memory is read only; the tensor over it is only read
+    (by the resize or the copy to the GPU), never written.
     """
     global _readonly_warning_seen
     w, h = image.size
-    data = image.tobytes("raw", "RGBX")
+    data = _pixel_memory(image)
     if not _readonly_warning_seen:
         # torch warns once per process that a tensor over read-only memory must not be written to; take
         # that one warning here, on purpose, rather than in the run's log.
@@ -132,11 +169,7 @@ class ImagePrep:
 
     def resize(self, image: Image.Image) -> torch.Tensor:
         """uint8 (3, height, width), channels-last in memory, from an RGB image of any size."""
-        if image.mode != "RGB":
-            from .dataset import to_rgb  # imported here: dataset needs pyarrow, this module does not
-
-            image = to_rgb(image)
-        pixels = _rgbx_tensor(image)
+        pixels = _rgbx_tensor(_rgb(image))
         if pixels.shape[-2:] != (self.height, self.width):
             pixels = torch.nn.functional.interpolate(pixels, size=(self.height, self.width), mode=self.mode,
                                                      antialias=True, align_corners=False)
@@ -145,6 +178,8 @@ class ImagePrep:
     def __post_init__(self):
         object.__setattr__(self, "_scale", torch.tensor(self.scale, dtype=torch.float32).view(3, 1, 1))
         object.__setattr__(self, "_offset", torch.tensor(self.offset, dtype=torch.float32).view(3, 1, 1))
+        object.__setattr__(self, "_device_constants", {})
+        use_single_block_images()  # decoded images then export without a copy (_pixel_memory)
 
     def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
         """(pixels * rescale - mean) / std as one multiply-add in float32, contiguous, in `dtype`."""
@@ -153,3 +188,33 @@ class ImagePrep:
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
         return self.normalize(self.resize(image))
+
+    # -- resizing on the device (GPU): the loader threads only decode
+
+    def host_pixels(self, image: Image.Image) -> torch.Tensor:
+        """(H, W, 4) uint8 RGBX of the decoded image at its own size, for `to_device` (a view over the one copy
+        out of Pillow, read only)."""
+        return _rgbx_tensor(_rgb(image))[0].permute(1, 2, 0)
+
+    def to_device(self, host: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """(3, height, width) pixel values in `dtype` on `device`, from `host_pixels`' output: the resize in
+        float (the antialiased kernel has no uint8 version on CUDA), rounded to uint8 levels like the
+        processor's uint8 resize, then the same multiply-add as `normalize`.
+
+        To a GPU the bytes go through page-locked memory, so that the copy neither blocks this thread until
+        the kernels queued before it have run nor keeps a batch of full-size images pinned in the loader."""
+        if torch.device(device).type == "cuda":
+            host = host.pin_memory()
+        x = host.to(device, non_blocking=True)[..., :3].permute(2, 0, 1).unsqueeze(0).float()
+        if x.shape[-2:] != (self.height, self.width):
+            x = torch.nn.functional.interpolate(x, size=(self.height, self.width), mode=self.mode, antialias=True,
+                                                align_corners=False).round_().clamp_(0, 255)
+        scale, offset = self._on(device)
+        return torch.addcmul(offset, x[0], scale).to(self.dtype)
+
+    def _on(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        key = str(device)
+        cached = self._device_constants.get(key)
+        if cached is None:
+            cached = self._device_constants[key] = (self._scale.to(device), self._offset.to(device))
+        return cached
