@@ -79,6 +79,28 @@ def test_static_eager_decode_gives_the_default_paths_tokens(model_and_processor,
     assert sorted(static.static_decode.caches) == [4, 6]
 
 
+def test_decode_steps_build_the_causal_mask_alone_and_the_same_tokens(model_and_processor, images, monkeypatch):
+    """With our full-attention cache, a decode step's sliding mask equals the full one: it is not built
+    (transformers builds it with torch.vmap, the slowest part of a compiled step), only the prefill's is;
+    the tokens are those of the model's own mask function."""
+    import transformers.masking_utils as masking_utils
+
+    model, processor = model_and_processor
+    static = captioner(model, processor, compile="on", compile_options={"compile": False})
+    assert getattr(model.create_masks_for_generate, "full_masks_when_exact", False)
+    vmapped = []
+    real = masking_utils._vmap_expansion_sdpa
+    monkeypatch.setattr(masking_utils, "_vmap_expansion_sdpa", lambda fn: vmapped.append(fn) or real(fn))
+    pixels = [static.prepare(im) for im in images]
+    keys = [f"k{i}" for i in range(len(images))]
+    fast = token_ids(static, keys, pixels)
+    assert len(vmapped) <= 1  # the prefill's sliding mask only, not one per each of the 12 steps
+    del model.create_masks_for_generate  # the model's own function again (the class attribute)
+    vmapped.clear()
+    assert token_ids(static, keys, pixels) == fast
+    assert len(vmapped) >= 12
+
+
 def test_compiled_decode_same_tokens_no_graph_breaks_no_recompiles(model_and_processor, images):
     from torch._dynamo.utils import counters
 

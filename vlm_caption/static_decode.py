@@ -170,6 +170,7 @@ def prepare_static_decode(model, max_seq_len: int, *, compile: bool = True, back
         return None, (f"prompt + max new tokens = {max_seq_len} > sliding window {window}: the static "
                       "full-attention cache would not be exact; keeping the dynamic cache")
     device = next(model.parameters()).device
+    use_full_masks_when_exact(model, window)
     compile_config = None
     if compile:
         compile_config = make_compile_config(device, backend=backend, mode=mode, fullgraph=fullgraph,
@@ -182,6 +183,43 @@ def prepare_static_decode(model, max_seq_len: int, *, compile: bool = True, back
                  if compile else ""))
     return StaticDecode(max_cache_len=max_seq_len, cache_config=full_attention_config(model.config),
                         compile_config=compile_config, reason=reason), reason
+
+
+def use_full_masks_when_exact(model, window: int | None) -> None:
+    """Make `generate` build one causal mask per decode step, not also a sliding-window one, when the cache
+    is a full-attention static cache no longer than the window (where both masks are the same).
+
+    With a compileable cache, `generate` builds the 4D masks eagerly every step, outside the compiled graph
+    (`prepare_inputs_for_generation` -> the model's `create_masks_for_generate`). For a config with sliding
+    layers that is a full mask plus a sliding one made with an `and_mask_function`, which transformers
+    builds with `torch.vmap` over 4 dimensions: the slowest thing in a compiled decode step on CPU
+    (BENCHMARKS.md §6). On our caches every key is inside the window, so the sliding mask equals the full
+    one and is not built, and the query (one generated text token) is in no image block, so Gemma 3's
+    bidirectional image overlay adds nothing. Any other call (prefill, another cache) goes to the model's own
+    function. Installed once per model instance; the class is not touched.
+    """
+    original = getattr(model, "create_masks_for_generate", None)
+    if window is None or original is None or getattr(original, "full_masks_when_exact", False):
+        return
+    from transformers.masking_utils import create_causal_mask
+
+    def create_masks_for_generate(**kwargs):
+        name = "cache" if "cache" in kwargs else "past_key_values"  # transformers 5.2x renamed it
+        cache, embeds = kwargs.get(name), kwargs.get("inputs_embeds")
+        layers = getattr(cache, "layers", None) or []
+        # One new text token per row (not the prefill): image-block overlays cannot apply to its query.
+        exact = (layers and embeds is not None and embeds.shape[1] == 1 and not kwargs.get("is_first_iteration")
+                 and all(not layer.is_sliding and getattr(layer, "max_cache_len", window + 1) <= window
+                         for layer in layers))
+        if not exact:
+            return original(**kwargs)
+        full = create_causal_mask(config=kwargs["config"].get_text_config(), inputs_embeds=embeds,
+                                  attention_mask=kwargs.get("attention_mask"), position_ids=kwargs.get("position_ids"),
+                                  **{name: cache})
+        return {"full_attention": full, "sliding_attention": full}
+
+    create_masks_for_generate.full_masks_when_exact = True
+    model.create_masks_for_generate = create_masks_for_generate
 
 
 def _raise_recompile_limit(needed: int) -> None:

@@ -1,0 +1,225 @@
+#!/usr/bin/env python3
+"""Where a batch's time goes on a GPU: prefill vs each decode step, eager vs compiled, and why.
+
+gpu_check.py measures whole batches; this splits them. On the real-size random-weight Gemma 3 4B (bf16,
+built on the card), one batch of --batch images, one fixed prompt:
+
+  split      generate at --short and --long new tokens (min = max): the difference / (long - short) is
+             the time of one decode step, the rest of the short run is prefill (SigLIP + the prompt);
+             for eager (dynamic cache) and compiled (static full-attention cache, reduce-overhead)
+  vision     the vision tower + projector alone for the batch (its share of prefill)
+  counters   torch._dynamo's inductor / graph-break / recompile counters after the compiled run (a
+             CUDA-graph skip shows as inductor.cudagraph_skips; run with TORCH_LOGS=perf_hints to see why)
+  profile    torch.profiler over a compiled generate of --profile-tokens tokens: the top ops by CPU time
+             and the CUDA runtime calls (cudaLaunchKernel vs cudaGraphLaunch per step) -> profile.txt
+  gil        the compiled decode step again while --loader-threads threads decode JPEGs (the pipeline's
+             loader): how much the generate loop slows when other Python threads want the GIL
+  hf_static  transformers' own cache_implementation="static" + compile, for comparison (last; optional)
+
+  TORCH_LOGS=perf_hints python benchmarks/decode_diag.py --out diag_out      # GPU, ~4 min
+  python benchmarks/decode_diag.py --cpu-smoke --out diag_smoke              # tiny preset on CPU, seconds
+
+Writes OUT/decode_diag.json (rewritten after each section) and OUT/profile.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gpu_check import PROMPT  # noqa: E402  (the same prompt as the GPU check)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--cpu-smoke", action="store_true", help="tiny preset on the CPU (numbers mean nothing)")
+    p.add_argument("--batch", type=int, default=None, help="default 64 (4 with --cpu-smoke)")
+    p.add_argument("--short", type=int, default=8)
+    p.add_argument("--long", type=int, default=None, help="default 72 (16 with --cpu-smoke)")
+    p.add_argument("--profile-tokens", type=int, default=12)
+    p.add_argument("--loader-threads", type=int, default=None, help="default: cores - 1")
+    p.add_argument("--skip", nargs="*", default=[], help="sections to leave out (e.g. hf_static)")
+    p.add_argument("--budget-s", type=float, default=None, help="start no section after this (default 240)")
+    args = p.parse_args(argv)
+    smoke = args.cpu_smoke
+    args.batch = args.batch or (4 if smoke else 64)
+    args.long = args.long or (16 if smoke else 72)
+    args.budget_s = args.budget_s or (120 if smoke else 240)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+    from torch._dynamo.utils import counters
+
+    from bench_loader import make_images, methods, run_once
+    from vlm_caption import dataset, tiny_model
+    from vlm_caption.captioner import Captioner
+
+    device = torch.device("cpu" if args.cpu_smoke else "cuda")
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
+    preset = "tiny" if args.cpu_smoke else "gemma-3-4b"
+    result: dict = {"env": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                            "torch": torch.__version__, "batch": args.batch, "short": args.short, "long": args.long,
+                            "TORCH_LOGS": os.environ.get("TORCH_LOGS")}}
+
+    def save() -> None:
+        (out / "decode_diag.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+    def left() -> float:
+        return args.budget_s - (time.monotonic() - started)
+
+    model, processor = tiny_model.build_random_model(preset, device=device, dtype=dtype, seed=0)
+    result["env"]["attn_implementation"] = {
+        "text": getattr(model.config.get_text_config(decoder=True), "_attn_implementation", None),
+        "vision": getattr(model.config.vision_config, "_attn_implementation", None)}
+    tmp = tempfile.TemporaryDirectory()
+    sizes = (96, 200, 80, 160) if args.cpu_smoke else (1024, 3000, 768, 2000)
+    paths = make_images(Path(tmp.name) / "art", 24 if not args.cpu_smoke else 6, seed=0, sizes=sizes)
+    options = {"backend": "eager"} if args.cpu_smoke else {}
+
+    def captioner(compile: str, max_tokens: int) -> Captioner:
+        return Captioner(model, processor, model_name=preset, prompt=PROMPT, max_tokens=max_tokens,
+                         min_tokens=max_tokens, compile=compile, compile_options=options)
+
+    def run(cap: Captioner, tokens: int) -> float:
+        cap.gen_config.max_new_tokens = cap.gen_config.min_new_tokens = tokens
+        images = [cap.prepare(dataset.load_image(paths[i % len(paths)], cap.target_size)) for i in range(args.batch)]
+        assembled = cap.assemble(images)
+        sync()
+        start = time.perf_counter()
+        cap.generate([f"k{i}" for i in range(args.batch)], assembled)
+        sync()
+        return time.perf_counter() - start
+
+    def split(cap: Captioner) -> dict:
+        warm = run(cap, args.short)  # first kernels, compile + graph capture for compiled
+        best_short = min(run(cap, args.short) for _ in range(2))
+        best_long = min(run(cap, args.long) for _ in range(2))
+        step = (best_long - best_short) / (args.long - args.short)
+        return {"warmup_s": round(warm, 2), "short_s": round(best_short, 3), "long_s": round(best_long, 3),
+                "decode_step_ms": round(1000 * step, 2), "prefill_s": round(best_short - args.short * step, 3),
+                "img_s_at_200_tokens": round(args.batch / (best_short - args.short * step + 200 * step), 2)}
+
+    def section(name: str, fn) -> None:
+        if name in args.skip:
+            return
+        if left() <= 0:
+            result.setdefault("skipped", []).append(name)
+            return
+        t0 = time.monotonic()
+        try:
+            result[name] = fn()
+        except Exception as e:  # noqa: BLE001 - a diagnostic section's failure is recorded, the rest goes on
+            traceback.print_exc()
+            result[name] = {"error": f"{type(e).__name__}: {e}"}
+        result[name + "_section_s"] = round(time.monotonic() - t0, 1)
+        print(json.dumps({name: result[name]}, default=str), flush=True)
+        save()
+
+    section("eager", lambda: split(captioner("off", args.long)))
+    compiled = captioner("on", args.long)
+    section("compiled", lambda: {**split(compiled), "cache": "static full-attention", "reason": compiled.static_decode
+                                 and compiled.static_decode.reason})
+    result["counters"] = {k: dict(v) for k, v in counters.items() if k in ("inductor", "graph_break", "stats",
+                                                                             "recompiles", "frames")}
+    save()
+
+    def vision() -> dict:
+        images = [compiled.prepare(dataset.load_image(paths[i % len(paths)], compiled.target_size))
+                  for i in range(args.batch)]
+        pixels = compiled.assemble(images).inputs["pixel_values"]
+        with torch.inference_mode():
+            model.get_image_features(pixel_values=pixels)
+            sync()
+            start = time.perf_counter()
+            model.get_image_features(pixel_values=pixels)
+            sync()
+        return {"vision_s": round(time.perf_counter() - start, 3)}
+
+    section("vision", vision)
+
+    def profile() -> dict:
+        from torch.profiler import ProfilerActivity, profile as torch_profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with torch_profile(activities=activities) as prof:
+            run(compiled, args.profile_tokens)
+        events = prof.key_averages()
+        table = events.table(sort_by="self_cpu_time_total", row_limit=30)
+        (out / "profile.txt").write_text(table + "\n")
+        calls = {e.key: e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cudaGraphLaunch",
+                                                                      "cuLaunchKernel", "cudaMemcpy",
+                                                                      "cudaStreamSynchronize"))}
+        return {"runtime_calls": calls, "tokens": args.profile_tokens,
+                "top_cpu": [(e.key, round(e.self_cpu_time_total / 1000, 1), e.count) for e in
+                            sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]]}
+
+    section("profile", profile)
+
+    def gil() -> dict:
+        """A compiled batch of --long tokens, quiet and while loader threads decode JPEGs: with the default
+        GIL switch interval (5 ms), with 1 ms, and with 4 threads instead of all cores."""
+        prepare, target = methods(896 if not args.cpu_smoke else 64, dtype, "cpu")["fast"]
+        all_threads = args.loader_threads or max(1, (os.cpu_count() or 2) - 1)
+
+        def with_loader(threads: int, switch_s: float | None) -> float:
+            stop = threading.Event()
+
+            def hammer():
+                while not stop.is_set():
+                    run_once(paths, prepare, target, threads=threads)
+
+            default_switch = sys.getswitchinterval()
+            worker = threading.Thread(target=hammer, daemon=True)
+            worker.start()
+            time.sleep(0.5)
+            try:
+                if switch_s is not None:
+                    sys.setswitchinterval(switch_s)
+                return run(compiled, args.long)
+            finally:
+                sys.setswitchinterval(default_switch)
+                stop.set()
+                worker.join()
+
+        quiet = run(compiled, args.long)
+        runs = {f"{all_threads}_threads": with_loader(all_threads, None),
+                f"{all_threads}_threads_switch_1ms": with_loader(all_threads, 0.001),
+                "4_threads": with_loader(4, None)}
+        return {"quiet_s": round(quiet, 3), **{k: round(v, 3) for k, v in runs.items()},
+                **{f"slowdown_{k}": round(v / quiet, 2) for k, v in runs.items()}}
+
+    section("gil", gil)
+
+    def hf_static() -> dict:
+        from transformers import GenerationConfig
+
+        cap = captioner("off", args.long)
+        cap.gen_config = GenerationConfig(**{**cap.gen_config.to_dict(), "cache_implementation": "static"})
+        return {**split(cap), "cache": "transformers' own static (sliding layers kept), compile auto"}
+
+    section("hf_static", hf_static)
+    result["total_s"] = round(time.monotonic() - started, 1)
+    save()
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
