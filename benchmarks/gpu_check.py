@@ -307,7 +307,13 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
     finally:
         pipeline.make_backend = real
     summary = json.loads((ckpt / "run_summary.json").read_text())["this_run"]
+    # The inline retry (rows.retry_flagged) generates a flagged caption once more. Random weights write
+    # garbage that is flagged nearly always, so a batch is often generated twice: count it.
+    attempts = pq.read_table(ckpt / "all_captions.parquet", columns=["caption_attempts"]).column(0).to_pylist()
+    retried = sum(1 for a in attempts if a and a > 1)
+    rate = summary.get("captioning_img_per_s") or 0
     return {"batch": batch, "images": args.pipeline_images, "exit_code": code, "wall_s": round(wall, 1),
+            "retried": retried, "generated_captions_s": round(rate * (1 + retried / max(len(attempts), 1)), 3),
             "captioning_img_s": summary.get("captioning_img_per_s"), "img_s_with_first_batch": summary.get("img_per_s"),
             "tokens_s": round((summary.get("captioning_img_per_s") or 0) * args.new_tokens, 1),
             "generate_share": summary.get("generate_share"),
@@ -347,9 +353,9 @@ def markdown(r: dict) -> str:
     if pipe.get("captioning_img_s"):
         rf = roof.get(pipe["batch"], {}).get("roof_img_s")
         share = f"{pipe['captioning_img_s'] / rf:.0%}" if rf else ""
-        lines.append(f"| whole pipeline, compiled ({pipe['images']} images) | {pipe['batch']} | "
-                     f"{pipe['captioning_img_s']} | {pipe['tokens_s']} | | {pipe['generate_share']:.1%} | | "
-                     f"{rf or ''} | {share} |")
+        lines.append(f"| whole pipeline, compiled ({pipe['images']} images, {pipe.get('retried', '?')} retried) | "
+                     f"{pipe['batch']} | {pipe['captioning_img_s']} | {pipe['tokens_s']} | | {pipe['generate_share']:.1%}"
+                     f" | | {rf or ''} | {share} |")
     elif pipe.get("error"):
         lines.append(f"| whole pipeline | {pipe['batch']} | {pipe['error']} | | | | | | |")
     for name, loader in r.get("loader", {}).items():

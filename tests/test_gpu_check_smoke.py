@@ -33,7 +33,8 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     assert {name: x["images"] for name, x in result["loader"].items()} == {"fast": 6, "device": 6}
     pipe = result["pipeline"]  # the whole pipeline.run over the built model: every image captioned, exit 0
     assert pipe["exit_code"] == 0 and pipe["captioned"] == pipe["images"] == 12 and not pipe["failed"]
-    assert pipe["captioning_img_s"] > 0 and "| whole pipeline, compiled (12 images) | 4 |" in \
+    assert 0 <= pipe["retried"] <= 12 and pipe["generated_captions_s"] >= pipe["captioning_img_s"] > 0
+    assert f"| whole pipeline, compiled (12 images, {pipe['retried']} retried) | 4 |" in \
         (tmp_path / "gpu_check.md").read_text()
     flop = result["flop_per_image"]
     assert abs(sum(v for k, v in flop.items() if k != "total") - flop["total"]) <= 1e-3 * flop["total"]
@@ -55,3 +56,18 @@ def test_flop_per_image_of_gemma_3_4b():
     assert tera["prefill"] == 2.04 and abs(tera["decode"] - 1.58) < 0.015
     h100 = roofs(config, 316, 200, 64, 989e12, 3.35e12)
     assert 50 < h100["roof_img_s"] < 60 and 100 < h100["compute_only_img_s"] < 120
+
+
+def test_decode_diag_cpu_smoke_splits_prefill_and_decode(tmp_path):
+    """benchmarks/decode_diag.py --cpu-smoke: every section it was not told to skip, with a decode step."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_diag.py"), "--cpu-smoke", "--out",
+                           str(tmp_path), "--skip", "hf_static", "gil"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "decode_diag.json").read_text())
+    for name in ("compiled", "eager"):
+        assert result[name]["decode_step_ms"] > 0 and result[name]["short_s"] < result[name]["long_s"], result[name]
+    assert result["counters"]["stats"]["unique_graphs"] == 1 and not result["counters"].get("graph_break")
+    assert result["profile"]["top_cpu"] and (tmp_path / "profile.txt").read_text().strip()
+    assert result["vision"]["vision_s"] > 0 and "gil" not in result and "hf_static" not in result
