@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", default=D.compile, choices=("auto", "on", "off"), help="static KV cache with the "
                    "decode step compiled by torch.compile (CUDA graphs): auto (default) = on for CUDA, off for CPU; "
                    "falls back to the dynamic cache when prompt + --max-tokens exceeds Gemma 3's sliding window")
+    g.add_argument("--decode-loop", default=D.decode_loop, choices=("generate", "graph"), help="generate "
+                   "(default): transformers' loop; graph (experimental, not yet timed on a GPU): after generate's "
+                   "prefill, one compiled step per token with no host work between steps (greedy, static cache)")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint-dir", nargs="+", action="extend", dest="checkpoint_dirs",

@@ -4,11 +4,13 @@
 gpu_check.py measures whole batches; this splits them. On the real-size random-weight Gemma 3 4B (bf16,
 built on the card), one batch of --batch images, one fixed prompt:
 
-  (in this order: compiled, profile, eager, gil, vision, hf_static; each is skipped once --budget-s is spent)
+  (in this order: compiled, graph, profile, eager, gil, vision, hf_static; each is skipped once --budget-s is
+  spent)
 
   split      generate at --short and --long new tokens (min = max): the difference / (long - short) is
              the time of one decode step, the rest of the short run is prefill (SigLIP + the prompt);
-             for eager (dynamic cache) and compiled (static full-attention cache, reduce-overhead)
+             for eager (dynamic cache), compiled (static full-attention cache, reduce-overhead) and graph
+             (--decode-loop graph: the same cache, one compiled step per token, no host work between)
   vision     the vision tower + projector alone for the batch (its share of prefill)
   counters   torch._dynamo's inductor / graph-break / recompile counters after the compiled run (a
              CUDA-graph skip shows as inductor.cudagraph_skips; run with TORCH_LOGS=perf_hints to see why)
@@ -95,9 +97,9 @@ def main(argv=None) -> int:
     paths = make_images(Path(tmp.name) / "art", 24 if not args.cpu_smoke else 6, seed=0, sizes=sizes)
     options = {"backend": "eager"} if args.cpu_smoke else {}
 
-    def captioner(compile: str, max_tokens: int) -> Captioner:
+    def captioner(compile: str, max_tokens: int, decode_loop: str = "generate") -> Captioner:
         return Captioner(model, processor, model_name=preset, prompt=PROMPT, max_tokens=max_tokens,
-                         min_tokens=max_tokens, compile=compile, compile_options=options)
+                         min_tokens=max_tokens, compile=compile, compile_options=options, decode_loop=decode_loop)
 
     def run(cap: Captioner, tokens: int) -> float:
         cap.gen_config.max_new_tokens = cap.gen_config.min_new_tokens = tokens
@@ -141,6 +143,10 @@ def main(argv=None) -> int:
     result["counters"] = {k: dict(v) for k, v in counters.items() if k in ("inductor", "graph_break", "stats",
                                                                              "recompiles", "frames")}
     save()
+    graph = captioner("on", args.long, decode_loop="graph")
+    section("graph", lambda: {**split(graph), "loop": "--decode-loop graph: generate's prefill, then one compiled "
+                              "step per token (decode_loop.py)"})
+    del graph
 
     def profile() -> dict:
         from torch.profiler import ProfilerActivity, profile as torch_profile

@@ -8,6 +8,8 @@ per image (min = max, greedy), the same prompt everywhere. At most ~8 minutes on
   eager      Captioner.generate, dynamic KV cache, batches of 64 and 128
   compiled   Captioner(compile="on"): static full-attention cache + generate's torch.compile
              (inductor, reduce-overhead = CUDA graphs), batches of 64, 128 and 256
+  graph      Captioner(compile="on", decode_loop="graph"): the same cache, generate's prefill, then one
+             compiled step per token with no host work between steps (decode_loop.py), batches of 64, 128
 
 Batched runs start from prepared pixel values (the loader is measured on its own): each does one warm-up
 batch outside the clock (compilation included, reported as warmup_s), then --timed-batches batches. For
@@ -44,7 +46,7 @@ PROMPT = ("Describe this artwork in detail: the subjects, the style and medium, 
 CARDS = [("H200", 989e12, 4.8e12), ("H100 NVL", 835e12, 3.9e12), ("H100 PCIe", 756e12, 2.0e12),
          ("H100", 989e12, 3.35e12), ("A100", 312e12, 2.0e12), ("L40S", 362e12, 0.864e12), ("A10", 125e12, 0.6e12)]
 SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled",
-            "pipeline")
+            "graph", "pipeline")
 
 
 def parse_args(argv=None):
@@ -56,6 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--new-tokens", type=int, default=None, help="new tokens per image (default 200)")
     p.add_argument("--eager-batches", type=int, nargs="*", default=None, help="default 64 128")
     p.add_argument("--compiled-batches", type=int, nargs="*", default=None, help="default 64 128 256")
+    p.add_argument("--graph-batches", type=int, nargs="*", default=None, help="--decode-loop graph (default 64 128)")
     p.add_argument("--timed-batches", type=int, default=None, help="batches timed per size (default 3)")
     p.add_argument("--loop-images", type=int, default=None, help="images for the one-image loop (default 3)")
     p.add_argument("--loader-images", type=int, default=None, help="JPEGs for the loader (default 96)")
@@ -70,6 +73,7 @@ def parse_args(argv=None):
     smoke = args.cpu_smoke
     defaults = dict(preset="tiny" if smoke else "gemma-3-4b", new_tokens=4 if smoke else 200,
                     eager_batches=[2, 4] if smoke else [64, 128], compiled_batches=[2, 4] if smoke else [64, 128, 256],
+                    graph_batches=[2, 4] if smoke else [64, 128],
                     timed_batches=2 if smoke else 3, loop_images=2 if smoke else 3,
                     loader_images=6 if smoke else 96, pipeline_images=12 if smoke else 640,
                     pipeline_batch=4 if smoke else 128, budget_s=120 if smoke else 420)
@@ -174,20 +178,25 @@ class Clock:
         return False
 
 
-def run_batched(model, processor, pixels: list, batch: int, args, *, compile: bool, device, sync) -> dict:
+def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, device, sync) -> dict:
+    """kind: eager (dynamic cache), compiled (static cache, generate's compiled step) or graph (static cache,
+    --decode-loop graph: generate's prefill, then decode_loop.GraphDecode's compiled steps)."""
     import torch
     from torch._dynamo.utils import counters
 
     from vlm_caption.captioner import Captioner
 
+    compile = kind != "eager"
     options = {"backend": "eager"} if args.cpu_smoke and compile else {}
     cap = Captioner(model, processor, model_name=args.preset, prompt=PROMPT, max_tokens=args.new_tokens,
-                    min_tokens=args.new_tokens, compile="on" if compile else "off", compile_options=options)
+                    min_tokens=args.new_tokens, compile="on" if compile else "off", compile_options=options,
+                    decode_loop="graph" if kind == "graph" else "generate")
     rows = [pixels[i % len(pixels)] for i in range(batch)]
     keys = [f"img{i}" for i in range(batch)]
     graphs0 = counters["stats"]["unique_graphs"]
     breaks0 = sum(counters["graph_break"].values())
-    result: dict = {"batch": batch, "cache": "static full-attention, compiled" if compile else "dynamic, eager"}
+    result: dict = {"batch": batch, "cache": {"eager": "dynamic, eager", "compiled": "static full-attention, compiled",
+                                              "graph": "static full-attention, graph decode loop"}[kind]}
     if compile and cap.static_decode is None:
         return {**result, "error": "static decode not available (sequence longer than the sliding window)"}
     try:
@@ -211,7 +220,8 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, compile: bo
         n = batch * args.timed_batches
         result.update(img_s=round(n / wall, 3), tokens_s=round(tokens / wall, 1), timed_images=n,
                       s_per_batch=round(wall / args.timed_batches, 3),
-                      generate_share=round(clock.inside / wall, 4))
+                      # graph: model.generate runs the prefill only, so its share says nothing there
+                      generate_share=None if kind == "graph" else round(clock.inside / wall, 4))
         if device.type == "cuda":
             result["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if compile:
@@ -339,7 +349,7 @@ def markdown(r: dict) -> str:
     loop = r.get("loop", {})
     if loop.get("img_s"):
         lines.append(f"| one-image loop | 1 | {loop['img_s']} | {loop['tokens_s']} | | | | | |")
-    for kind in ("eager", "compiled"):
+    for kind in ("eager", "compiled", "graph"):
         for x in r.get(kind, []):
             if "error" in x:
                 lines.append(f"| {kind} | {x['batch']} | {x['error']} | | | | | | |")
@@ -348,7 +358,8 @@ def markdown(r: dict) -> str:
             mem = f"{x['peak_mem_gb']} GiB" if "peak_mem_gb" in x else ""
             share = f"{x['img_s'] / rf:.0%}" if rf else ""
             lines.append(f"| {kind} | {x['batch']} | {x['img_s']} | {x['tokens_s']} | {mem}"
-                         f" | {x['generate_share']:.1%} | {x['warmup_s']} | {rf or ''} | {share} |")
+                         f" | {'' if x['generate_share'] is None else format(x['generate_share'], '.1%')}"
+                         f" | {x['warmup_s']} | {rf or ''} | {share} |")
     pipe = r.get("pipeline", {})
     if pipe.get("captioning_img_s"):
         rf = roof.get(pipe["batch"], {}).get("roof_img_s")
@@ -431,7 +442,7 @@ def main(argv=None) -> int:
         peak, bandwidth, source = card_peaks(name, args)
         if args.cpu_smoke and not peak:
             peak, bandwidth, source = 1e12, 50e9, "placeholder for the CPU smoke"
-        batches = sorted(set(args.eager_batches + args.compiled_batches + [1]))
+        batches = sorted(set(args.eager_batches + args.compiled_batches + args.graph_batches + [1]))
         result["roofs"] = {"peak_flops": peak, "bandwidth_bytes_s": bandwidth, "source": source,
                            "by_batch": [roofs(config, prompt_tokens, args.new_tokens, b, peak, bandwidth)
                                         for b in batches] if peak and bandwidth else []}
@@ -452,13 +463,14 @@ def main(argv=None) -> int:
         write(out, result)
         # Smaller batches first, compiled before eager, so that a short budget still has the telling runs;
         # the whole pipeline right after the compiled run of its batch size (whose graph it then reuses).
-        runs = sorted([("compiled", b) for b in args.compiled_batches] + [("eager", b) for b in args.eager_batches],
-                      key=lambda run: (run[1], run[0] != "compiled"))
+        order = {"compiled": 0, "graph": 1, "eager": 2}
+        runs = sorted([("compiled", b) for b in args.compiled_batches] + [("graph", b) for b in args.graph_batches]
+                      + [("eager", b) for b in args.eager_batches], key=lambda run: (run[1], order[run[0]]))
         after = ("compiled", args.pipeline_batch)
         runs.insert(runs.index(after) + 1 if after in runs else min(2, len(runs)), ("pipeline", args.pipeline_batch))
-        result.update(eager=[], compiled=[])
+        result.update(eager=[], compiled=[], graph=[])
         for kind, batch in runs:
-            need = 5 if args.cpu_smoke else {"compiled": 150, "eager": 30, "pipeline": 90}[kind]
+            need = 5 if args.cpu_smoke else {"compiled": 150, "graph": 150, "eager": 30, "pipeline": 90}[kind]
             if left() < need:
                 result["skipped"].append(f"{kind} batch {batch}: {left():.0f} s of the budget left")
                 continue
@@ -470,7 +482,7 @@ def main(argv=None) -> int:
                     result["pipeline"] = {"batch": batch, "error": f"{type(e).__name__}: {e}"}
                 entry = result["pipeline"]
             else:
-                entry = run_batched(model, processor, pixels, batch, args, compile=kind == "compiled",
+                entry = run_batched(model, processor, pixels, batch, args, kind=kind,
                                     device=device, sync=sync)
                 result[kind].append(entry)
             print(json.dumps({kind: entry}), flush=True)

@@ -24,10 +24,12 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     assert set(SECTIONS) <= set(result), set(SECTIONS) - set(result)
     assert not result["skipped"]
     assert [x["batch"] for x in result["eager"]] == [2, 4] and [x["batch"] for x in result["compiled"]] == [2, 4]
-    for entry in result["eager"] + result["compiled"]:
+    assert [x["batch"] for x in result["graph"]] == [2, 4]
+    for entry in result["eager"] + result["compiled"] + result["graph"]:
         assert "error" not in entry, entry
-        assert entry["img_s"] > 0 and entry["tokens_s"] > 0 and 0 < entry["generate_share"] <= 1
-    for entry in result["compiled"]:
+        assert entry["img_s"] > 0 and entry["tokens_s"] > 0
+        assert entry["generate_share"] is None if entry in result["graph"] else 0 < entry["generate_share"] <= 1
+    for entry in result["compiled"] + result["graph"]:
         assert entry["graphs_built"] == 1 and entry["graph_breaks"] == 0
     assert result["loop"]["img_s"] > 0
     assert {name: x["images"] for name, x in result["loader"].items()} == {"fast": 6, "device": 6}
@@ -66,7 +68,7 @@ def test_decode_diag_cpu_smoke_splits_prefill_and_decode(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "decode_diag.json").read_text())
-    for name in ("compiled", "eager"):
+    for name in ("compiled", "graph", "eager"):
         assert result[name]["decode_step_ms"] > 0 and result[name]["short_s"] < result[name]["long_s"], result[name]
     assert result["counters"]["stats"]["unique_graphs"] == 1 and not result["counters"].get("graph_break")
     assert result["profile"]["top_cpu"] and (tmp_path / "profile.txt").read_text().strip()

@@ -62,7 +62,8 @@ class Captioner:
     def __init__(self, model, processor, *, model_name: str, prompt: str, max_tokens: int, min_tokens: int = 0,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, auto_batch_cap: int = 256,
                  compile: str = "off", compile_options: dict[str, Any] | None = None,
-                 retry_repetition_penalty: float = 1.15, resize_on_device: bool | None = None):
+                 retry_repetition_penalty: float = 1.15, resize_on_device: bool | None = None,
+                 decode_loop: str = "generate"):
         self.model = model
         self.processor = processor
         self.model_name = model_name
@@ -82,6 +83,7 @@ class Captioner:
         self.prompt_inputs = self._encode_prompt(prompt)
         self.gen_config = self._generation_config(max_tokens, min_tokens)
         self.static_decode = self._static_decode(compile, max_tokens, compile_options or {})
+        self.graph_decode = self._graph_decode(decode_loop, compile_options or {})
         self.retry_config = self._retry_config(retry_repetition_penalty)
         self.default_batch_size = self._auto_batch_size(max_tokens, auto_batch_cap)
 
@@ -100,6 +102,22 @@ class Captioner:
             for name, value in static.generation_settings().items():
                 setattr(self.gen_config, name, value)
         return static
+
+    def _graph_decode(self, decode_loop: str, options: dict[str, Any]):
+        """decode_loop "graph": greedy tokens after the prefill from one compiled step each (decode_loop.py),
+        on the static cache; None for "generate", or when there is no static cache or the run samples."""
+        from .decode_loop import DECODE_LOOPS, GraphDecode
+
+        if decode_loop not in DECODE_LOOPS:
+            raise ValueError(f"decode_loop must be one of {', '.join(DECODE_LOOPS)}, got {decode_loop!r}")
+        if decode_loop == "generate":
+            return None
+        if self.static_decode is None or self.temperature > 0:
+            log.info("decode loop: generate (the graph loop needs the static cache and greedy decoding)")
+            return None
+        options = {k: v for k, v in options.items() if k in ("backend", "mode")}
+        log.info("decode loop: one compiled step per token after generate's prefill")
+        return GraphDecode(self.model, stop_ids=self.stop_ids, pad_id=self.pad_id, compile_options=options)
 
     def _auto_batch_size(self, max_tokens: int, cap: int) -> int:
         """Where --batch-size auto starts: on a GPU what free memory allows (KV cache per row from the config
@@ -249,14 +267,32 @@ class Captioner:
 
             extra["stopping_criteria"] = StoppingCriteriaList([_StopWhen(should_stop)])
         try:
-            config = self.retry_config if retry else self.gen_config
-            out = self.model.generate(**inputs, generation_config=config, **extra)
+            if self.graph_decode is not None and not retry and "logits_processor" not in extra and \
+                    self.static_decode.cache_name in extra:
+                new_tokens = self._graph_generate(inputs, extra, should_stop)
+            else:
+                config = self.retry_config if retry else self.gen_config
+                out = self.model.generate(**inputs, generation_config=config, **extra)
+                new_tokens = out[:, inputs["input_ids"].shape[-1]:]
         except RuntimeError as e:  # torch.OutOfMemoryError included
             if self.static_decode is not None and is_out_of_memory(e):
                 self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back
             raise
-        new_tokens = out[:n, inputs["input_ids"].shape[-1]:].to("cpu", non_blocking=True)  # pad rows dropped
-        return _DecodeLater(new_tokens, self._finish)
+        return _DecodeLater(new_tokens[:n].to("cpu", non_blocking=True), self._finish)  # pad rows dropped
+
+    def _graph_generate(self, inputs: dict[str, torch.Tensor], extra: dict[str, Any],
+                        should_stop: Callable[[], bool] | None) -> torch.Tensor:
+        """generate's own prefill and first token, then GraphDecode's compiled steps on the same cache."""
+        import copy
+
+        first = copy.deepcopy(self.gen_config)
+        first.max_new_tokens, first.min_new_tokens = 1, min(1, self.gen_config.min_new_tokens or 0) or None
+        first.disable_compile, first.compile_config = True, None  # one token: no decode step to compile
+        out = self.model.generate(**inputs, generation_config=first, **extra)
+        cache_kw = self.static_decode.cache_name
+        return self.graph_decode.decode(out[:, -1], inputs["attention_mask"], extra[cache_kw], cache_kw,
+                                        self.gen_config.max_new_tokens, self.gen_config.min_new_tokens or 0,
+                                        should_stop)
 
     def _fits_static(self, prompt_tokens: int) -> bool:
         """Whether this batch's prompts fit the static cache (sized for the run's prompt); a longer templated

@@ -133,6 +133,7 @@ class RunConfig:
     device_map: str | None = None  # None = whole model on this worker's device; "auto" = offload
     backend: str = "transformers"  # inference engine (backends.BACKENDS); "dummy" = no model, for tests and demos
     compile: str = "auto"  # static KV cache + torch.compile'd decode: auto (on for CUDA), on, off
+    decode_loop: str = "generate"  # generate, or graph: one compiled step per token after generate's prefill
     keep_columns: str | None = None  # further metadata columns carried into the output, comma-separated
     attn_implementation: str = "sdpa"  # sdpa, eager, flash_attention_2
     num_loader_workers: int | None = None  # threads that decode and preprocess images; None = auto (cores - 1)
@@ -162,6 +163,8 @@ class RunConfig:
             raise UsageError(f"--num-loader-workers must be at least 1, got {self.num_loader_workers}")
         if self.compile not in ("auto", "on", "off"):
             raise UsageError(f"--compile must be auto, on or off, got {self.compile!r}")
+        if self.decode_loop not in ("generate", "graph"):
+            raise UsageError(f"--decode-loop must be generate or graph, got {self.decode_loop!r}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise UsageError("--min-tokens must be between 0 and --max-tokens")
         if self.temperature < 0:

@@ -10,10 +10,10 @@ float arithmetic: ~3x the CPU of decoding the JPEG. `ImagePrep` does the same st
   processor's output to about 1/255), measured against Pillow (`reducing_gap` too) and OpenCV in BENCHMARKS.md;
 - rescale + normalise is one fused multiply-add in torch, straight to the model dtype.
 
-On a GPU the loader threads stop after the decode: `host_pixels` hands the decoded RGBX bytes over and
-`to_device` copies them (through pinned memory, asynchronously) and resizes and normalises each image on the card while the batch is
-assembled (float antialiased kernel, rounded to uint8 levels as the processor's resize is). The CPU then
-spends per image only the JPEG decode and one copy out of Pillow (BENCHMARKS.md §5).
+On a GPU the loader threads stop after the decode: `host_pixels` hands Pillow's RGBX pixels over and
+`to_device` copies them (through pinned memory, asynchronously), then resizes and normalises each image on
+the card while the batch is assembled (float antialiased kernel, rounded to uint8 levels as the processor's
+resize is). The CPU then spends per image the JPEG decode and one copy into pinned memory (BENCHMARKS.md §5).
 
 Settings (size, resample, rescale factor, mean, std) are read from the Hugging Face image processor;
 `ImagePrep.from_processor` returns None for a configuration it does not reproduce and the caller keeps
@@ -192,8 +192,8 @@ class ImagePrep:
     # -- resizing on the device (GPU): the loader threads only decode
 
     def host_pixels(self, image: Image.Image) -> torch.Tensor:
-        """(H, W, 4) uint8 RGBX of the decoded image at its own size, for `to_device` (a view over the one copy
-        out of Pillow, read only)."""
+        """(H, W, 4) uint8 RGBX of the decoded image at its own size, for `to_device` (a read-only view of the
+        pixels Pillow holds, see `_pixel_memory`)."""
         return _rgbx_tensor(_rgb(image))[0].permute(1, 2, 0)
 
     def to_device(self, host: torch.Tensor, device: torch.device | str) -> torch.Tensor:

@@ -134,6 +134,11 @@ class StaticDecode:
         power = 1 << (n - 1).bit_length()
         return self.run_batch if power >= self.run_batch else power
 
+    @property
+    def cache_name(self) -> str:
+        """`generate`'s keyword for the cache (transformers 5.17: past_key_values, 5.2x: cache)."""
+        return _cache_kwarg_name()
+
     def cache_for(self, batch: int) -> tuple[str, Any]:
         """(generate's keyword, a reset StaticCache for `batch` rows). Same object, same buffers each call."""
         from transformers import StaticCache
@@ -209,8 +214,8 @@ def use_full_masks_when_exact(model, window: int | None) -> None:
         layers = getattr(cache, "layers", None) or []
         # One new text token per row (not the prefill): image-block overlays cannot apply to its query.
         exact = (layers and embeds is not None and embeds.shape[1] == 1 and not kwargs.get("is_first_iteration")
-                 and all(not layer.is_sliding and getattr(layer, "max_cache_len", window + 1) <= window
-                         for layer in layers))
+                 and all(not getattr(layer, "is_sliding", True)
+                         and getattr(layer, "max_cache_len", window + 1) <= window for layer in layers))
         if not exact:
             return original(**kwargs)
         full = create_causal_mask(config=kwargs["config"].get_text_config(), inputs_embeds=embeds,
