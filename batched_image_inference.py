@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 try:
-    from vlm_caption.config import RunConfig
+    from vlm_caption.config import DECODE_LOOPS, RunConfig
 except ModuleNotFoundError as e:  # outside the venv: one line saying what to do, not a traceback
     from vlm_caption.cli import exit_missing_dependency
     exit_missing_dependency(e, as_script=__name__ == "__main__")
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", default=D.compile, choices=("auto", "on", "off"), help="static KV cache with the "
                    "decode step compiled by torch.compile (CUDA graphs): auto (default) = on for CUDA, off for CPU; "
                    "falls back to the dynamic cache when prompt + --max-tokens exceeds Gemma 3's sliding window")
-    g.add_argument("--decode-loop", default=D.decode_loop, choices=("generate", "graph"), help="generate "
+    g.add_argument("--decode-loop", default=D.decode_loop, choices=DECODE_LOOPS, help="generate "
                    "(default): transformers' loop; graph (experimental, not yet timed on a GPU): after generate's "
                    "prefill, one compiled step per token with no host work between steps (greedy, static cache)")
 

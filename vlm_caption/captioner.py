@@ -106,7 +106,8 @@ class Captioner:
     def _graph_decode(self, decode_loop: str, options: dict[str, Any]):
         """decode_loop "graph": greedy tokens after the prefill from one compiled step each (decode_loop.py),
         on the static cache; None for "generate", or when there is no static cache or the run samples."""
-        from .decode_loop import DECODE_LOOPS, GraphDecode
+        from .config import DECODE_LOOPS
+        from .decode_loop import GraphDecode
 
         if decode_loop not in DECODE_LOOPS:
             raise ValueError(f"decode_loop must be one of {', '.join(DECODE_LOOPS)}, got {decode_loop!r}")

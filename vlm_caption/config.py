@@ -17,6 +17,7 @@ from .errors import UsageError
 DEFAULT_MODEL = "google/gemma-3-27b-it"
 DEFAULT_DATA_DIR = "./data/contrastyles_full"
 SOURCE_DATASET = "tomg-group-umd/ContraStyles"
+DECODE_LOOPS = ("generate", "graph")  # --decode-loop: transformers' generate, or decode_loop.GraphDecode
 
 # Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-'/'.', no '--' or '..'.
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -163,8 +164,8 @@ class RunConfig:
             raise UsageError(f"--num-loader-workers must be at least 1, got {self.num_loader_workers}")
         if self.compile not in ("auto", "on", "off"):
             raise UsageError(f"--compile must be auto, on or off, got {self.compile!r}")
-        if self.decode_loop not in ("generate", "graph"):
-            raise UsageError(f"--decode-loop must be generate or graph, got {self.decode_loop!r}")
+        if self.decode_loop not in DECODE_LOOPS:
+            raise UsageError(f"--decode-loop must be one of {', '.join(DECODE_LOOPS)}, got {self.decode_loop!r}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise UsageError("--min-tokens must be between 0 and --max-tokens")
         if self.temperature < 0:

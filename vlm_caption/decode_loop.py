@@ -17,19 +17,18 @@ retry settings (repetition penalty, no repeated n-grams) keep `generate`.
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Callable
 
 import torch
 
-log = logging.getLogger(__name__)
-
-DECODE_LOOPS = ("generate", "graph")
 SYNC_EVERY = 16  # steps between looks at the finished flags (each look waits for the device)
 
 
 class GraphDecode:
-    """Greedy decode steps after a prefill, for one model; a `allowed` buffer per (batch, cache length)."""
+    """Greedy decode steps after a prefill, for one model; an `allowed` buffer per (batch, cache length).
+
+    The cache is static_decode's full-attention cache, no longer than the sliding window: there the sliding
+    layers' mask equals the full one, so one mask serves both (as `use_full_masks_when_exact`)."""
 
     def __init__(self, model, *, stop_ids: list[int], pad_id: int, compile_options: dict[str, Any] | None = None):
         self.model = model
