@@ -389,6 +389,7 @@ def test_background_pusher_survives_hub_outage(hub_stub, client, ckpt, caplog): 
         assert hub_stub.wait_for(lambda: hub_stub.count("POST", COMMIT) >= 6, timeout=10)
         assert pusher.close(final=True) is False  # still down: reported, not raised
     assert "Hub unavailable" in caplog.text and pusher.last_error
+    assert "the parts stay pending for the next run or --push-only" in caplog.text  # the final push says so
     hub_stub.clear_faults()
     pusher = BackgroundPusher(client, ckpt, RUN, 0, push_every=10, min_push_interval=0.0)
     assert pusher.close(final=True) is True

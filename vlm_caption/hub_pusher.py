@@ -53,16 +53,20 @@ class BackgroundPusher:
             if self._push():
                 with self._cond:  # rows notified during the push stay counted
                     self._pending_rows = max(0, self._pending_rows - snapshot)
-        self._final_ok = self._push() if self._final else False
+        self._final_ok = self._push(final=True) if self._final else False
 
-    def _push(self) -> bool:
+    def _push(self, final: bool = False) -> bool:
         try:
             self.rows_pushed += self.client.push(self.checkpoint_dir, self.run_id, self.worker)
             self.last_error = None
             return True
         except HubUnavailable as e:
             self.last_error = str(e)
-            log.warning("Hub unavailable, captioning goes on; pending parts go at the next trigger: %s", e)
+            if final:  # nothing is captioned after this push: say where the rows are
+                log.warning("Hub unavailable at the final push; the parts stay pending for the next run or "
+                            "--push-only: %s", e)
+            else:
+                log.warning("Hub unavailable, captioning goes on; pending parts go at the next trigger: %s", e)
         # The thread must outlive any failure (a revoked token, a full disk): log it, close() reports it.
         except Exception as e:  # noqa: BLE001
             self.last_error = self.client.describe(e)
