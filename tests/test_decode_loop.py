@@ -2,42 +2,13 @@
 compiled step per token. Greedy tokens must be generate's, in every shape a run meets."""
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
 from test_captioning import all_keys, caption_args, full_run, read_table  # noqa: F401  (full_run: a fixture)
+from test_static_decode import CAPTURED, captioner, counting_backend, images, model_and_processor  # noqa: F401
 from vlm_caption import store
 from vlm_caption.captioner import Captioner
-from vlm_caption.model_loading import load_model
-
-CAPTURED: list = []
-
-
-def counting_backend(gm, example_inputs):
-    CAPTURED.append(gm)
-    return gm.forward
-
-
-@pytest.fixture
-def model_and_processor(tiny_model_dir):
-    torch._dynamo.reset()
-    model, processor = load_model(str(tiny_model_dir), torch.device("cpu"), dtype="float32")
-    yield model, processor
-    torch._dynamo.reset()
-
-
-@pytest.fixture(scope="module")
-def images():
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    return [Image.fromarray(rng.integers(0, 256, (60 + 7 * i, 90, 3), dtype=np.uint8)) for i in range(6)]
-
-
-def captioner(model, processor, max_tokens=12, min_tokens=12, **kw) -> Captioner:
-    return Captioner(model, processor, model_name="tiny", prompt="Describe this artwork.", max_tokens=max_tokens,
-                     min_tokens=min_tokens, **kw)
 
 
 def graph_captioner(model, processor, **kw) -> Captioner:
