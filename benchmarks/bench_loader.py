@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """CPU cost of the image loader per image: the image processor path vs the fast path (vlm_caption.image_prep).
 
-Both run through the pipeline's own loader (`dataset.prefetch` -> `dataset.load_image` -> prepare) at
+Both run through the pipeline's own loader (`loader.prefetch` -> `dataset.load_image` -> prepare) at
 Gemma 3's real settings (896x896, bilinear, rescale 1/255, mean = std = 0.5; no model needed):
 
   processor  load_image with the old 2x-target draft box + Gemma3ImageProcessor (PIL backend) + cast
@@ -145,13 +145,13 @@ def methods(size: int, dtype, device: str = "cpu"):
 
 
 def run_once(paths: list[Path], prepare, target: int, threads: int) -> tuple[float, float, int]:
-    """(process CPU seconds, wall seconds, images prepared) for one pass through dataset.prefetch."""
-    from vlm_caption import dataset
+    """(process CPU seconds, wall seconds, images prepared) for one pass through loader.prefetch."""
+    from vlm_caption import loader
 
     rows = [{"key": p.stem, "image_path": p} for p in paths]
     cpu0, wall0 = time.process_time(), time.perf_counter()
     ok = 0
-    for item in dataset.prefetch(rows, prepare, workers=threads, window=4 * threads + 4, target_size=target):
+    for item in loader.prefetch(rows, prepare, workers=threads, window=4 * threads + 4, target_size=target):
         if item.error is not None:
             raise SystemExit(f"error: {item.row['image_path']}: {item.error}")
         ok += 1

@@ -2,7 +2,7 @@
 """The one GPU check: Gemma 3 4B (real size, random weights, bf16, built on the card), exactly N new tokens
 per image (min = max, greedy), the same prompt everywhere. At most ~8 minutes on an H100/H200:
 
-  loader     art-sized JPEGs made here (no download) -> dataset.prefetch -> image_prep, all cores, no model
+  loader     art-sized JPEGs made here (no download) -> loader.prefetch -> image_prep, all cores, no model
   loop       the original script: chat template + processor + generate, one image at a time (a few images;
              img/s is measured on those and only extrapolated as a rate)
   eager      Captioner.generate, dynamic KV cache, batches of 64 and 128

@@ -126,7 +126,7 @@ def test_flagged_captions_are_retried_once_and_the_better_kept(faults, sample_da
 def test_retry_settings_reach_the_transformers_generate(tiny_model_dir, sample_data_dir, monkeypatch):
     import torch
 
-    from vlm_caption import dataset
+    from vlm_caption import dataset, loader
     from vlm_caption.captioner import Captioner
     from vlm_caption.model_loading import load_model
 
@@ -142,7 +142,7 @@ def test_retry_settings_reach_the_transformers_generate(tiny_model_dir, sample_d
 
     monkeypatch.setattr(model, "generate", spy)
     rows = list(dataset.iter_rows(sample_data_dir, {f"{i:09d}" for i in range(8)}))
-    items = [i for i in dataset.prefetch(rows, cap.prepare, workers=1, window=4) if i.error is None][:2]
+    items = [i for i in loader.prefetch(rows, cap.prepare, workers=1, window=4) if i.error is None][:2]
     keys = [i.row["key"] for i in items]
     cap.generate(keys, [i.inputs for i in items])
     again = cap.generate(keys, [i.inputs for i in items], retry=True)
@@ -164,10 +164,10 @@ def tiny(tiny_model_dir):
 
 
 def _items(cap, data: Path, n: int):
-    from vlm_caption import dataset
+    from vlm_caption import dataset, loader
 
     rows = list(dataset.iter_rows(data, {f"{i:09d}" for i in range(48)}))
-    return [i for i in dataset.prefetch(rows, cap.prepare, workers=1, window=8) if i.error is None][:n]
+    return [i for i in loader.prefetch(rows, cap.prepare, workers=1, window=8) if i.error is None][:n]
 
 
 def test_per_row_prompts_batched_equals_one_by_one_under_greedy(tiny, sample_data_dir):

@@ -97,7 +97,7 @@ def test_retry_failed_tries_again_and_records_again(full_run, tiny_model_dir, sa
 def test_batched_equals_one_by_one_under_greedy(tiny_model_dir, sample_data_dir):
     import torch
 
-    from vlm_caption import dataset
+    from vlm_caption import dataset, loader
     from vlm_caption.captioner import Captioner
     from vlm_caption.model_loading import load_model
     from vlm_caption.config import RunConfig
@@ -106,7 +106,7 @@ def test_batched_equals_one_by_one_under_greedy(tiny_model_dir, sample_data_dir)
     model, processor = load_model(cfg.model, torch.device("cpu"), dtype=cfg.dtype)
     cap = Captioner(model, processor, model_name=cfg.model, prompt="Describe the image.", max_tokens=12)
     rows = list(dataset.iter_rows(sample_data_dir, {f"{i:09d}" for i in range(48)}))
-    items = [i for i in dataset.prefetch(rows, cap.prepare, workers=2, window=8) if i.error is None][:8]
+    items = [i for i in loader.prefetch(rows, cap.prepare, workers=2, window=8) if i.error is None][:8]
     keys = [i.row["key"] for i in items]
     batched = cap.generate(keys, [i.inputs for i in items])
     single = [cap.generate([k], [i.inputs])[0] for k, i in zip(keys, items)]
@@ -118,7 +118,7 @@ def test_batched_equals_one_by_one_under_greedy(tiny_model_dir, sample_data_dir)
 def test_sampling_is_reproducible_per_key_whatever_the_batch(tiny_model_dir, sample_data_dir):
     import torch
 
-    from vlm_caption import dataset
+    from vlm_caption import dataset, loader
     from vlm_caption.captioner import Captioner
     from vlm_caption.model_loading import load_model
     from vlm_caption.config import RunConfig
@@ -128,7 +128,7 @@ def test_sampling_is_reproducible_per_key_whatever_the_batch(tiny_model_dir, sam
     cap = Captioner(model, processor, model_name=cfg.model, prompt="Describe.", max_tokens=10, temperature=1.0,
                     seed=7)
     rows = list(dataset.iter_rows(sample_data_dir, {f"{i:09d}" for i in range(12)}))
-    items = [i for i in dataset.prefetch(rows, cap.prepare, workers=1, window=4) if i.error is None][:4]
+    items = [i for i in loader.prefetch(rows, cap.prepare, workers=1, window=4) if i.error is None][:4]
     keys = [i.row["key"] for i in items]
     batched = [c.text for c in cap.generate(keys, [i.inputs for i in items])]
     reversed_batch = [c.text for c in cap.generate(keys[::-1], [i.inputs for i in items][::-1])][::-1]

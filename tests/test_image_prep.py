@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from vlm_caption import dataset
-from vlm_caption.dataset import default_loader_workers
+from vlm_caption.loader import default_loader_workers
 from vlm_caption.image_prep import ImagePrep, unsupported_reason
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -10,11 +10,9 @@ import os
 import re
 import warnings
 import zlib
-from concurrent.futures import Future, ThreadPoolExecutor
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -351,54 +349,3 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
         return background
     return img if img.mode == "RGB" else img.convert("RGB")
-
-
-# ---------------------------------------------------------------- background loading
-
-def default_loader_workers() -> int:
-    """Loader workers for `--num-loader-workers auto`: the cores this process may use, minus one for
-    the generate loop, at least one."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
-
-
-
-@dataclass
-class Loaded:
-    row: dict[str, Any]
-    inputs: Any = None  # what `prepare` returned (preprocessed tensors)
-    error: ImageLoadError | None = None
-
-
-def prefetch(rows: Iterable[dict[str, Any]], prepare: Callable[[Image.Image], Any], *,
-             workers: int, window: int, target_size: int = 896) -> Iterator[Loaded]:
-    """Decode + preprocess images in `workers` threads, `window` ahead, yielding in input order.
-
-    Pillow's decode and copies and torch's resize and normalise (image_prep, the fast path) run with the
-    GIL released; per image little but Python glue holds it, so threads keep the generate loop fed
-    without pickling tensors across processes (see BENCHMARKS.md, "Loader").
-    """
-    def work(row: dict[str, Any]) -> Loaded:
-        try:
-            return Loaded(row, inputs=prepare(load_image(row["image_path"], target_size)))
-        except ImageLoadError as e:
-            return Loaded(row, error=e)
-        except (OSError, ValueError, RuntimeError) as e:  # the processor refusing an odd image
-            return Loaded(row, error=ImageLoadError("decode", f"preprocess failed: {type(e).__name__}: {e}"))
-
-    pending: deque[Future] = deque()
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="loader") as pool:
-        try:
-            for row in rows:
-                pending.append(pool.submit(work, row))
-                if len(pending) >= window:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:  # closed early (a signal): drop the queued images instead of decoding them all first
-            for future in pending:
-                future.cancel()
-

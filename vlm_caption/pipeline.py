@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import dataset, prompt_plan, rows as rowcols, store
+from . import dataset, loader, prompt_plan, rows as rowcols, store
 from .atomic import remove_stale_tmp
 from .backends import CaptionBackend, make_backend
 from .config import RunConfig, distributed_rank, parse_shards, resolve_repo_id
@@ -151,7 +151,7 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
 
 # ---------------------------------------------------------------- the loop
 
-Result = tuple[list[dataset.Loaded], Any, Optional[str]]  # (items, their captions or None, the error)
+Result = tuple[list[loader.Loaded], Any, Optional[str]]  # (items, their captions or None, the error)
 Retries = list[dict[int, Any]]  # per prompt: index in a Result's items -> the retry of a flagged caption
 
 
@@ -166,7 +166,7 @@ class Batches:
         self.should_stop = should_stop  # generate ends early when it turns true (a signal)
         self.failed_in_a_row = 0
 
-    def caption(self, items: list[dataset.Loaded], assembled: Future | None = None) -> list[Result]:
+    def caption(self, items: list[loader.Loaded], assembled: Future | None = None) -> list[Result]:
         """(items, their captions per prompt or None, error) per chunk, in order; generate runs on chunks of
         self.size, once per prompt. `assembled`: the backend's assemblies of all `items`, one per prompt, made
         in the background."""
@@ -193,7 +193,7 @@ class Batches:
             start += len(chunk)
         return results
 
-    def _one_by_one(self, chunk: list[dataset.Loaded], error: BaseException):
+    def _one_by_one(self, chunk: list[loader.Loaded], error: BaseException):
         if len(chunk) > 1:  # find the row that breaks generation; the others still get captions
             return [r for item in chunk for r in self.caption([item])]
         self.failed_in_a_row += 1
@@ -203,11 +203,11 @@ class Batches:
         return [(chunk, None, message)]
 
 
-def prompts_for(spec: prompt_plan.PromptSpec, items: list[dataset.Loaded]) -> list[str]:
+def prompts_for(spec: prompt_plan.PromptSpec, items: list[loader.Loaded]) -> list[str]:
     return [spec.render(i.row) for i in items]
 
 
-def assemble_all(backend: CaptionBackend, specs: list[prompt_plan.PromptSpec], items: list[dataset.Loaded]) -> list:
+def assemble_all(backend: CaptionBackend, specs: list[prompt_plan.PromptSpec], items: list[loader.Loaded]) -> list:
     """The backend's assembly of `items` for each prompt (the images are prepared once, for all prompts)."""
     return [backend.assemble([i.inputs for i in items], prompts_for(spec, items)) for spec in specs]
 
@@ -290,13 +290,13 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                              refresh=False)
         flush()
 
-    def record_failure(item: dataset.Loaded) -> None:  # on the writer thread
+    def record_failure(item: loader.Loaded) -> None:  # on the writer thread
         failures.append(failure_row(item.row, item.error.stage, str(item.error)))
         stats.failed[item.error.stage] += 1
         progress.update(1)
         flush()
 
-    def run_batch(batch: list[dataset.Loaded], assembled: Future) -> None:
+    def run_batch(batch: list[loader.Loaded], assembled: Future) -> None:
         started = time.monotonic()
         results = batches.caption(batch, assembled)
         retries = [[rowcols.retry_flagged(backend, [i.row["key"] for i in items], [i.inputs for i in items],
@@ -307,14 +307,14 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
         if not stop.requested:  # else generate was cut short: incomplete captions, resume redoes them
             later(record, results, retries)
 
-    loaded = dataset.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra, also), backend.prepare,
-                              workers=cfg.num_loader_workers or dataset.default_loader_workers(),
+    loaded = loader.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra, also), backend.prepare,
+                              workers=cfg.num_loader_workers or loader.default_loader_workers(),
                               window=max(4 * batches.size, 16),
                               target_size=backend.target_size)
-    batch: list[dataset.Loaded] = []
-    ready: tuple[list[dataset.Loaded], Future] | None = None  # the next batch, being assembled
+    batch: list[loader.Loaded] = []
+    ready: tuple[list[loader.Loaded], Future] | None = None  # the next batch, being assembled
 
-    def next_batch(items: list[dataset.Loaded]) -> None:
+    def next_batch(items: list[loader.Loaded]) -> None:
         nonlocal ready
         assembling = (items, assembler.submit(assemble_all, backend, specs, items))
         if ready is not None:
