@@ -40,11 +40,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from gpu_report import write  # noqa: E402  (scripts beside this one)
+from gpu_roofs import card_peaks, flop_per_image, roofs  # noqa: E402
+
 PROMPT = ("Describe this artwork in detail: the subjects, the style and medium, the colour palette, the "
           "composition and the mood. Write one paragraph.")
-# Dense bf16 FLOP/s and memory bandwidth (bytes/s) by card name; the first match wins (specific names first).
-CARDS = [("H200", 989e12, 4.8e12), ("H100 NVL", 835e12, 3.9e12), ("H100 PCIe", 756e12, 2.0e12),
-         ("H100", 989e12, 3.35e12), ("A100", 312e12, 2.0e12), ("L40S", 362e12, 0.864e12), ("A10", 125e12, 0.6e12)]
 SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled",
             "graph", "pipeline")
 
@@ -81,74 +81,6 @@ def parse_args(argv=None):
         if getattr(args, name) is None:
             setattr(args, name, value)
     return args
-
-
-# ---------------------------------------------------------------- arithmetic from the config
-
-def flop_per_image(config, prompt_tokens: int, new_tokens: int) -> dict[str, float]:
-    """FLOP (2 per multiply-add) of one image: SigLIP linear + attention, prefill, decode. Attention counts
-    the keys a query really uses (all patches for SigLIP; the tokens so far for the language model)."""
-    v, t = config.vision_config, config.get_text_config(decoder=True)
-    patches = (v.image_size // v.patch_size) ** 2
-    h, inter = v.hidden_size, v.intermediate_size
-    patch_embed = 2 * patches * (v.num_channels * v.patch_size**2) * h
-    vision_linear = 2 * patches * v.num_hidden_layers * (4 * h * h + 2 * h * inter) + patch_embed
-    vision_attention = 2 * 2 * patches * patches * h * v.num_hidden_layers  # QK^T and AV, every head
-    image_tokens = int(config.mm_tokens_per_image)
-    projector = 2 * image_tokens * h * t.hidden_size
-    head_dim = t.head_dim
-    q_width, kv_width = t.num_attention_heads * head_dim, t.num_key_value_heads * head_dim
-    per_layer = t.hidden_size * (2 * q_width + 2 * kv_width) + 3 * t.hidden_size * t.intermediate_size
-    body = per_layer * t.num_hidden_layers  # multiply-adds per token, embeddings excluded
-    lm_head = t.hidden_size * t.vocab_size
-
-    def attention(queries_from: int, queries_to: int) -> float:  # QK^T + AV for queries at these positions
-        return sum(2 * 2 * (pos + 1) * q_width * t.num_hidden_layers for pos in range(queries_from, queries_to))
-
-    prefill = 2 * body * prompt_tokens + 2 * lm_head + attention(0, prompt_tokens)  # logits of the last only
-    decode = (2 * (body + lm_head) * new_tokens + attention(prompt_tokens, prompt_tokens + new_tokens))
-    out = {"vision_linear": vision_linear, "vision_attention": vision_attention, "projector": projector,
-           "prefill": prefill, "decode": decode}
-    out["total"] = sum(out.values())
-    return {k: float(f"{x:.4g}") for k, x in out.items()}
-
-
-def text_weight_bytes(config, dtype_bytes: int) -> int:
-    """Bytes a decode step reads for weights: every decoder layer + the (tied) LM head, once per step."""
-    t = config.get_text_config(decoder=True)
-    q_width, kv_width = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    per_layer = t.hidden_size * (2 * q_width + 2 * kv_width) + 3 * t.hidden_size * t.intermediate_size
-    return (per_layer * t.num_hidden_layers + t.hidden_size * t.vocab_size) * dtype_bytes
-
-
-def roofs(config, prompt_tokens: int, new_tokens: int, batch: int, peak_flops: float, bandwidth: float,
-          dtype_bytes: int = 2) -> dict[str, float]:
-    """Best-case img/s of a batch: vision + prefill at the compute roof, then each decode step at the slower
-    of compute and bandwidth (it reads the text weights once and each row's KV cache so far)."""
-    from vlm_caption.batch_size import kv_cache_bytes_per_row
-
-    flop = flop_per_image(config, prompt_tokens, new_tokens)
-    front = batch * (flop["vision_linear"] + flop["vision_attention"] + flop["projector"] + flop["prefill"])
-    weights = text_weight_bytes(config, dtype_bytes)
-    decode_flop_step = flop["decode"] / new_tokens
-    decode_s = bytes_total = 0.0
-    for step in range(new_tokens):
-        kv = kv_cache_bytes_per_row(config, prompt_tokens + step, dtype_bytes) * batch
-        bytes_total += weights + kv
-        decode_s += max(batch * decode_flop_step / peak_flops, (weights + kv) / bandwidth)
-    seconds = front / peak_flops + decode_s
-    return {"batch": batch, "roof_img_s": round(batch / seconds, 2),
-            "compute_only_img_s": round(peak_flops / flop["total"], 2),
-            "decode_bandwidth_img_s": round(batch / (bytes_total / bandwidth), 2),
-            "decode_bytes_per_step_gb": round(bytes_total / new_tokens / 1e9, 3)}
-
-
-def card_peaks(name: str, args) -> tuple[float | None, float | None, str]:
-    match = next(((f, b, n) for n, f, b in CARDS if n.lower() in name.lower()), (None, None, ""))
-    flops = args.peak_tflops * 1e12 if args.peak_tflops else match[0]
-    bandwidth = args.peak_tbps * 1e12 if args.peak_tbps else match[1]
-    source = "--peak-tflops/--peak-tbps" if args.peak_tflops or args.peak_tbps else (match[2] or "unknown card")
-    return flops, bandwidth, source
 
 
 # ---------------------------------------------------------------- measuring
@@ -329,58 +261,6 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
             "generate_share": summary.get("generate_share"),
             "captioned": summary.get("captioned"), "failed": summary.get("failed_by_stage"),
             "loader_threads": "auto (cores - 1)", "resize": "on the device" if model.device.type == "cuda" else "CPU"}
-
-
-# ---------------------------------------------------------------- report
-
-def write(out: Path, result: dict) -> None:
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "gpu_check.md").write_text(markdown(result))
-
-
-def markdown(r: dict) -> str:
-    env, model = r.get("env", {}), r.get("model", {})
-    lines = [f"GPU check: {env.get('device', '?')}, {model.get('preset', '?')} ({model.get('dtype', '?')}), "
-             f"{model.get('new_tokens', '?')} new tokens, prompt {model.get('prompt_tokens', '?')} tokens; "
-             f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}", "",
-             "| run | batch | img/s | tokens/s | peak GPU mem | generate share | warm-up s | roof img/s | of roof |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    roof = {x["batch"]: x for x in r.get("roofs", {}).get("by_batch", [])}
-    loop = r.get("loop", {})
-    if loop.get("img_s"):
-        lines.append(f"| one-image loop | 1 | {loop['img_s']} | {loop['tokens_s']} | | | | | |")
-    for kind in ("eager", "compiled", "graph"):
-        for x in r.get(kind, []):
-            if "error" in x:
-                lines.append(f"| {kind} | {x['batch']} | {x['error']} | | | | | | |")
-                continue
-            rf = roof.get(x["batch"], {}).get("roof_img_s")
-            mem = f"{x['peak_mem_gb']} GiB" if "peak_mem_gb" in x else ""
-            share = f"{x['img_s'] / rf:.0%}" if rf else ""
-            lines.append(f"| {kind} | {x['batch']} | {x['img_s']} | {x['tokens_s']} | {mem}"
-                         f" | {'' if x['generate_share'] is None else format(x['generate_share'], '.1%')}"
-                         f" | {x['warmup_s']} | {rf or ''} | {share} |")
-    pipe = r.get("pipeline", {})
-    if pipe.get("captioning_img_s"):
-        rf = roof.get(pipe["batch"], {}).get("roof_img_s")
-        share = f"{pipe['captioning_img_s'] / rf:.0%}" if rf else ""
-        lines.append(f"| whole pipeline, compiled ({pipe['images']} images, {pipe.get('retried', '?')} retried) | "
-                     f"{pipe['batch']} | {pipe['captioning_img_s']} | {pipe['tokens_s']} | | {pipe['generate_share']:.1%}"
-                     f" | | {rf or ''} | {share} |")
-    elif pipe.get("error"):
-        lines.append(f"| whole pipeline | {pipe['batch']} | {pipe['error']} | | | | | | |")
-    for name, loader in r.get("loader", {}).items():
-        where = "resize on the CPU" if name == "fast" else "resize on the GPU"
-        lines.append(f"| loader only, {where} ({loader['threads']} threads, {loader['cpu_ms_per_img']} CPU ms/img)"
-                     f" | | {loader['img_s']} | | | | | | |")
-    flop = r.get("flop_per_image", {})
-    if flop:
-        lines += ["", "FLOP per image: " + ", ".join(f"{k} {v / 1e12:.3g} T" for k, v in flop.items())]
-    if r.get("auto_batch_size"):
-        lines.append(f"auto_batch_size picks: {r['auto_batch_size']}")
-    if r.get("skipped"):
-        lines.append(f"skipped: {r['skipped']}")
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- main

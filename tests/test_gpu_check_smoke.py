@@ -47,7 +47,7 @@ def test_flop_per_image_of_gemma_3_4b():
     """The numbers the GPU check reports for 4B at 896 px, 316 prompt tokens, 200 new tokens."""
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
-        from gpu_check import flop_per_image, roofs
+        from gpu_roofs import flop_per_image, roofs
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     from vlm_caption.tiny_model import build_config, build_tokenizer

@@ -1,0 +1,55 @@
+"""The GPU check's report: OUT/gpu_check.json (every section) and OUT/gpu_check.md (the table)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write(out: Path, result: dict) -> None:
+    (out / "gpu_check.json").write_text(json.dumps(result, indent=1) + "\n")
+    (out / "gpu_check.md").write_text(markdown(result))
+
+
+def markdown(r: dict) -> str:
+    env, model = r.get("env", {}), r.get("model", {})
+    lines = [f"GPU check: {env.get('device', '?')}, {model.get('preset', '?')} ({model.get('dtype', '?')}), "
+             f"{model.get('new_tokens', '?')} new tokens, prompt {model.get('prompt_tokens', '?')} tokens; "
+             f"torch {env.get('torch', '?')}, transformers {env.get('transformers', '?')}", "",
+             "| run | batch | img/s | tokens/s | peak GPU mem | generate share | warm-up s | roof img/s | of roof |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    roof = {x["batch"]: x for x in r.get("roofs", {}).get("by_batch", [])}
+    loop = r.get("loop", {})
+    if loop.get("img_s"):
+        lines.append(f"| one-image loop | 1 | {loop['img_s']} | {loop['tokens_s']} | | | | | |")
+    for kind in ("eager", "compiled", "graph"):
+        for x in r.get(kind, []):
+            if "error" in x:
+                lines.append(f"| {kind} | {x['batch']} | {x['error']} | | | | | | |")
+                continue
+            rf = roof.get(x["batch"], {}).get("roof_img_s")
+            mem = f"{x['peak_mem_gb']} GiB" if "peak_mem_gb" in x else ""
+            share = f"{x['img_s'] / rf:.0%}" if rf else ""
+            lines.append(f"| {kind} | {x['batch']} | {x['img_s']} | {x['tokens_s']} | {mem}"
+                         f" | {'' if x['generate_share'] is None else format(x['generate_share'], '.1%')}"
+                         f" | {x['warmup_s']} | {rf or ''} | {share} |")
+    pipe = r.get("pipeline", {})
+    if pipe.get("captioning_img_s"):
+        rf = roof.get(pipe["batch"], {}).get("roof_img_s")
+        share = f"{pipe['captioning_img_s'] / rf:.0%}" if rf else ""
+        lines.append(f"| whole pipeline, compiled ({pipe['images']} images, {pipe.get('retried', '?')} retried) | "
+                     f"{pipe['batch']} | {pipe['captioning_img_s']} | {pipe['tokens_s']} | | {pipe['generate_share']:.1%}"
+                     f" | | {rf or ''} | {share} |")
+    elif pipe.get("error"):
+        lines.append(f"| whole pipeline | {pipe['batch']} | {pipe['error']} | | | | | | |")
+    for name, loader in r.get("loader", {}).items():
+        where = "resize on the CPU" if name == "fast" else "resize on the GPU"
+        lines.append(f"| loader only, {where} ({loader['threads']} threads, {loader['cpu_ms_per_img']} CPU ms/img)"
+                     f" | | {loader['img_s']} | | | | | | |")
+    flop = r.get("flop_per_image", {})
+    if flop:
+        lines += ["", "FLOP per image: " + ", ".join(f"{k} {v / 1e12:.3g} T" for k, v in flop.items())]
+    if r.get("auto_batch_size"):
+        lines.append(f"auto_batch_size picks: {r['auto_batch_size']}")
+    if r.get("skipped"):
+        lines.append(f"skipped: {r['skipped']}")
+    return "\n".join(lines) + "\n"
