@@ -4,13 +4,17 @@
 gpu_check.py measures whole batches; this splits them. On the real-size random-weight Gemma 3 4B (bf16,
 built on the card), one batch of --batch images, one fixed prompt:
 
-  (in this order: compiled, graph, profile, eager, gil, vision, hf_static; each is skipped once --budget-s is
-  spent)
+  (in this order: compiled, graph, attention, compiled_repeat_kv, profile, eager, gil, vision, hf_static;
+  each is skipped once --budget-s is spent)
 
   split      generate at --short and --long new tokens (min = max): the difference / (long - short) is
              the time of one decode step, the rest of the short run is prefill (SigLIP + the prompt);
              for eager (dynamic cache), compiled (static full-attention cache, reduce-overhead) and graph
              (--decode-loop graph: the same cache, one compiled step per token, no host work between)
+             compiled_repeat_kv: compiled again with transformers' own sdpa on the text model, which
+             copies the KV cache per query head every step (grouped_attention.py does not)
+  attention  one layer's decode attention alone at the batch and twice it (bench_attention.py): the
+             grouped attention vs transformers' sdpa, both compiled
   vision     the vision tower + projector alone for the batch (its share of prefill)
   counters   torch._dynamo's inductor / graph-break / recompile counters after the compiled run (a
              CUDA-graph skip shows as inductor.cudagraph_skips; run with TORCH_LOGS=perf_hints to see why)
@@ -70,9 +74,11 @@ def main(argv=None) -> int:
     import torch
     from torch._dynamo.utils import counters
 
+    import bench_attention
     from bench_loader import make_images, methods, run_once
     from vlm_caption import dataset, tiny_model
     from vlm_caption.captioner import Captioner
+    from vlm_caption.grouped_attention import set_grouped_decode_attention
 
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -97,9 +103,10 @@ def main(argv=None) -> int:
     paths = make_images(Path(tmp.name) / "art", 24 if not args.cpu_smoke else 6, seed=0, sizes=sizes)
     options = {"backend": "eager"} if args.cpu_smoke else {}
 
-    def captioner(compile: str, max_tokens: int, decode_loop: str = "generate") -> Captioner:
+    def captioner(compile: str, max_tokens: int, decode_loop: str = "generate", grouped: bool = True) -> Captioner:
         return Captioner(model, processor, model_name=preset, prompt=PROMPT, max_tokens=max_tokens,
-                         min_tokens=max_tokens, compile=compile, compile_options=options, decode_loop=decode_loop)
+                         min_tokens=max_tokens, compile=compile, compile_options=options, decode_loop=decode_loop,
+                         grouped_attention=grouped)
 
     def run(cap: Captioner, tokens: int) -> float:
         cap.gen_config.max_new_tokens = cap.gen_config.min_new_tokens = tokens
@@ -138,7 +145,8 @@ def main(argv=None) -> int:
 
     # The compiled path (the default on CUDA) and its profile first: a short budget still has them.
     compiled = captioner("on", args.long)
-    section("compiled", lambda: {**split(compiled), "cache": "static full-attention", "reason": compiled.static_decode
+    section("compiled", lambda: {**split(compiled), "grouped_attention": compiled.grouped_attention,
+                                 "cache": "static full-attention", "reason": compiled.static_decode
                                  and compiled.static_decode.reason})
     result["counters"] = {k: dict(v) for k, v in counters.items() if k in ("inductor", "graph_break", "stats",
                                                                              "recompiles", "frames")}
@@ -147,6 +155,12 @@ def main(argv=None) -> int:
     section("graph", lambda: {**split(graph), "loop": "--decode-loop graph: generate's prefill, then one compiled "
                               "step per token (decode_loop.py)"})
     del graph
+    cache_len = compiled.static_decode.max_cache_len if compiled.static_decode else args.long + 336
+    section("attention", lambda: bench_attention.measure(device.type, preset, [args.batch, 2 * args.batch],
+                                                         cache_len=cache_len, rounds=3 if args.cpu_smoke else 5))
+    section("compiled_repeat_kv", lambda: {**split(captioner("on", args.long, grouped=False)),
+                                           "attention": "transformers' sdpa (repeat_kv every layer, every step)"})
+    compiled.grouped_attention = set_grouped_decode_attention(model)  # the sections below: the default again
 
     def profile() -> dict:
         from torch.profiler import ProfilerActivity, profile as torch_profile

@@ -19,6 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .backends import Caption  # noqa: F401  (the engine's result type)
+from .grouped_attention import set_grouped_decode_attention
 from .image_prep import ImagePrep, unsupported_reason
 
 log = logging.getLogger(__name__)
@@ -63,7 +64,7 @@ class Captioner:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, auto_batch_cap: int = 256,
                  compile: str = "off", compile_options: dict[str, Any] | None = None,
                  retry_repetition_penalty: float = 1.15, resize_on_device: bool | None = None,
-                 decode_loop: str = "generate"):
+                 decode_loop: str = "generate", grouped_attention: bool = True):
         self.model = model
         self.processor = processor
         self.model_name = model_name
@@ -71,6 +72,8 @@ class Captioner:
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        # Decode steps read each KV head once instead of copying the cache per query head (grouped_attention.py).
+        self.grouped_attention = set_grouped_decode_attention(model, grouped_attention)
         # None: on a GPU the loader threads only decode, the card resizes (image_prep.ImagePrep.to_device).
         self.resize_on_device = self.device.type == "cuda" if resize_on_device is None else resize_on_device
         tok = processor.tokenizer

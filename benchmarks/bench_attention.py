@@ -1,0 +1,103 @@
+#!/usr/bin/env python3
+"""One decode step's attention for one layer, at a real Gemma 3's shapes: transformers' sdpa vs the grouped
+decode attention (vlm_caption/grouped_attention.py), both under torch.compile as the compiled decode step
+runs them.
+
+The query is one token per row; keys and values are a static cache of --cache-len slots (prompt + new
+tokens: 336 + 200 for the pipeline's prompt) with left padding in the mask, as in a captioning batch. Under
+compile transformers' sdpa copies the cache per query head (repeat_kv); the grouped one reads it once.
+
+  python benchmarks/bench_attention.py --device cuda --batch 64 128 256           # a GPU, seconds
+  OMP_NUM_THREADS=2 python benchmarks/bench_attention.py --batch 16 32 --dtype float32   # this CPU
+
+One JSON line per batch: ms per call for each side (best of --rounds, the sides alternating), the speedup,
+and the cache bytes one call must read (K and V once) -> the GB/s each side reaches on that.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--preset", default="gemma-3-4b", help="a real-size preset of vlm_caption.tiny_model")
+    p.add_argument("--batch", type=int, nargs="+", default=[16])
+    p.add_argument("--cache-len", type=int, default=536, help="static cache slots (prompt + max new tokens)")
+    p.add_argument("--dtype", default=None, help="default bfloat16 on cuda, float32 on cpu")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--calls", type=int, default=20, help="calls per timed round")
+    p.add_argument("--no-compile", action="store_true", help="eager (transformers 5.24 then groups by itself)")
+    return p.parse_args(argv)
+
+
+def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: str | None = None, rounds: int = 5,
+            calls: int = 20, compile: bool = True) -> list[dict]:
+    """A result dict per batch size (the JSON lines main prints; decode_diag.py's attention section)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from vlm_caption.grouped_attention import grouped_sdpa_attention
+    from vlm_caption.tiny_model import _preset
+
+    device = torch.device(device)
+    dtype = getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    text = _preset(preset)["text"]
+    heads, kv_heads, dim = text["num_attention_heads"], text["num_key_value_heads"], text["head_dim"]
+    module = SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True, training=False)
+    scaling = text.get("query_pre_attn_scalar", dim) ** -0.5
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def wrap(fn):
+        call = lambda q, k, v, mask: fn(module, q, k, v, mask, scaling=scaling)[0]  # noqa: E731
+        return torch.compile(call, dynamic=False, fullgraph=True) if compile else call
+
+    sides = {"transformers_sdpa": wrap(sdpa_attention_forward), "grouped": wrap(grouped_sdpa_attention)}
+    results = []
+    for batch in batches:
+        g = torch.Generator(device="cpu").manual_seed(batch)
+        q = torch.randn(batch, heads, 1, dim, generator=g).to(device, dtype)
+        k, v = (torch.randn(batch, kv_heads, cache_len, dim, generator=g).to(device, dtype) for _ in range(2))
+        mask = torch.ones(batch, 1, 1, cache_len, dtype=torch.bool, device=device)
+        for row in range(batch):  # left padding of up to 40 slots, and the not-yet-written end of the cache
+            mask[row, ..., : row % 41] = False
+        mask[..., cache_len - 100:] = False
+        outputs = {name: fn(q, k, v, mask) for name, fn in sides.items()}  # compile + check outside the clock
+        diff = (outputs["grouped"].float() - outputs["transformers_sdpa"].float()).abs().max().item()
+        best = {name: float("inf") for name in sides}
+        for _ in range(rounds):
+            for name, fn in sides.items():
+                sync()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn(q, k, v, mask)
+                sync()
+                best[name] = min(best[name], (time.perf_counter() - start) / calls)
+        cache_gb = 2 * k.numel() * k.element_size() / 1e9
+        results.append({
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": preset,
+            "dtype": str(dtype).replace("torch.", ""), "compiled": compile, "batch": batch, "cache_len": cache_len,
+            "heads": heads, "kv_heads": kv_heads, "head_dim": dim,
+            **{f"{name}_ms": round(1000 * t, 3) for name, t in best.items()},
+            "speedup": round(best["transformers_sdpa"] / best["grouped"], 2), "kv_cache_gb": round(cache_gb, 4),
+            **{f"{name}_gb_s": round(cache_gb / t, 1) for name, t in best.items()}, "max_abs_diff": diff})
+    return results
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    for result in measure(args.device, args.preset, args.batch, cache_len=args.cache_len, dtype=args.dtype,
+                          rounds=args.rounds, calls=args.calls, compile=not args.no_compile):
+        print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""Decode attention without repeat_kv (vlm_caption/grouped_attention.py): the same attention as transformers'
+sdpa, term by term, and the same greedy tokens on the tiny Gemma 3 (2 query heads on 1 KV head)."""
+from __future__ import annotations
+
+import re
+from types import SimpleNamespace
+
+import pytest
+import torch
+import transformers.integrations.sdpa_attention as sdpa_module
+
+from test_static_decode import CAPTURED, captioner, counting_backend, images, model_and_processor  # noqa: F401
+from test_decode_loop import token_ids
+from vlm_caption.grouped_attention import ATTENTION_NAME, grouped_sdpa_attention, set_grouped_decode_attention
+from vlm_caption.model_loading import load_model
+
+
+def attention_inputs(batch=3, heads=8, kv_heads=4, q_len=1, keys=11, dim=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(batch, h, n, dim, generator=g) for h, n in ((heads, q_len), (kv_heads, keys),
+                                                                          (kv_heads, keys)))
+    mask = torch.rand(batch, 1, q_len, keys, generator=g) > 0.3
+    mask[..., -1] = True  # every query sees at least one key
+    return SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True), q, k, v, mask
+
+
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_one_query_token_is_the_same_attention_as_sdpa(with_mask):
+    module, q, k, v, mask = attention_inputs()
+    mask = mask if with_mask else None
+    want, _ = sdpa_module.sdpa_attention_forward(module, q, k, v, mask, scaling=0.25)
+    got, _ = grouped_sdpa_attention(module, q, k, v, mask, scaling=0.25)
+    assert got.shape == want.shape == (3, 1, 8, 16)  # (batch, q_len, heads, dim), as transformers returns
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["prompt", "per_head_mask", "softcap"])
+def test_anything_else_goes_to_transformers_sdpa(case, monkeypatch):
+    module, q, k, v, mask = attention_inputs(q_len=5 if case == "prompt" else 1)
+    kwargs = {"softcap": 50.0} if case == "softcap" else {}
+    if case == "per_head_mask":
+        mask = mask.expand(-1, 8, -1, -1)
+    calls = []
+    monkeypatch.setattr(sdpa_module, "sdpa_attention_forward",
+                        lambda *a, **kw: calls.append(kw) or ("delegated", None))
+    assert grouped_sdpa_attention(module, q, k, v, mask, scaling=0.25, **kwargs) == ("delegated", None)
+    assert calls and calls[0]["scaling"] == 0.25
+
+
+def test_the_text_model_switches_and_the_vision_tower_stays(model_and_processor):
+    model, _ = model_and_processor
+    text, vision = model.config.get_text_config(decoder=True), model.config.vision_config
+    assert set_grouped_decode_attention(model) is True
+    assert text._attn_implementation == model.model.language_model.config._attn_implementation == ATTENTION_NAME
+    assert vision._attn_implementation == "sdpa"
+    assert set_grouped_decode_attention(model, on=False) is False and text._attn_implementation == "sdpa"
+
+
+def test_another_attention_implementation_is_left_alone(tiny_model_dir):
+    model, _ = load_model(str(tiny_model_dir), torch.device("cpu"), dtype="float32", attn_implementation="eager")
+    assert set_grouped_decode_attention(model) is False
+    assert model.config.get_text_config(decoder=True)._attn_implementation == "eager"
+
+
+def count_repeat_kv(monkeypatch) -> list:
+    calls = []
+    real = sdpa_module.repeat_kv
+    monkeypatch.setattr(sdpa_module, "repeat_kv", lambda x, n: calls.append(x.shape) or real(x, n))
+    return calls
+
+
+def test_same_greedy_tokens_on_every_decode_path_and_no_kv_copies_after_the_prompt(model_and_processor, images,
+                                                                                  monkeypatch):
+    model, processor = model_and_processor
+    want = token_ids(captioner(model, processor, grouped_attention=False), images)
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    calls = count_repeat_kv(monkeypatch)
+    grouped = captioner(model, processor)
+    assert grouped.grouped_attention
+    assert token_ids(grouped, images) == want
+    # 12 tokens: the prompt's forward copies K and V once per layer; the 11 decode steps copy nothing.
+    assert len(calls) == 2 * layers
+    compiled = {"compile": "on", "compile_options": {"backend": counting_backend}}
+    assert token_ids(captioner(model, processor, **compiled), images) == want
+    assert token_ids(captioner(model, processor, decode_loop="graph", **compiled), images) == want
+
+
+def kv_copies_in(graph) -> int:
+    """repeat_kv in a captured graph: an expand to 5 dims (batch, kv heads, groups, keys, dim)."""
+    return sum(args.count(",") == 4 for args in re.findall(r"\.expand\(([^)]*)\)", graph.code))
+
+
+def test_the_compiled_decode_step_has_no_kv_copy(model_and_processor, images):
+    """Under torch.compile transformers' sdpa copies the cache per query head (5.24 skips its own grouping
+    while compiling, 5.17 has none): the step this run's GPUs replay every token."""
+    model, processor = model_and_processor
+    compiled = {"compile": "on", "compile_options": {"backend": counting_backend}, "max_tokens": 4, "min_tokens": 4}
+    copies = {}
+    for grouped in (False, True):
+        torch._dynamo.reset()
+        CAPTURED.clear()
+        token_ids(captioner(model, processor, grouped_attention=grouped, **compiled), images[:2])
+        assert len(CAPTURED) == 1
+        copies[grouped] = kv_copies_in(CAPTURED[0])
+    layers = model.config.get_text_config(decoder=True).num_hidden_layers
+    assert copies == {False: 2 * layers, True: 0}
