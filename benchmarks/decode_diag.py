@@ -4,7 +4,7 @@
 gpu_check.py measures whole batches; this splits them. On the real-size random-weight Gemma 3 4B (bf16,
 built on the card), one batch of --batch images, one fixed prompt:
 
-  (in this order: compiled, graph, attention, compiled_repeat_kv, profile, eager, gil, vision, hf_static;
+  (in this order: compiled, attention, compiled_repeat_kv, graph, profile, vision, eager, gil, hf_static;
   each is skipped once --budget-s is spent)
 
   split      generate at --short and --long new tokens (min = max): the difference / (long - short) is
@@ -15,11 +15,12 @@ built on the card), one batch of --batch images, one fixed prompt:
              copies the KV cache per query head every step (grouped_attention.py does not)
   attention  one layer's decode attention alone at the batch and twice it (bench_attention.py): the
              grouped attention vs transformers' sdpa, both compiled
-  vision     the vision tower + projector alone for the batch (its share of prefill)
+  vision     the vision tower + projector alone for the batch (its share of prefill), eager and compiled
   counters   torch._dynamo's inductor / graph-break / recompile counters after the compiled run (a
              CUDA-graph skip shows as inductor.cudagraph_skips; run with TORCH_LOGS=perf_hints to see why)
-  profile    torch.profiler over a compiled generate of --profile-tokens tokens: the top ops by CPU time
-             and the CUDA runtime calls (cudaLaunchKernel vs cudaGraphLaunch per step) -> profile.txt
+  profile    torch.profiler over a compiled generate of --profile-tokens tokens and over a prefill alone:
+             the top ops by CPU time and by GPU time, and the CUDA runtime calls (cudaLaunchKernel vs
+             cudaGraphLaunch per step) -> profile.txt
   gil        the compiled decode step again while --loader-threads threads decode JPEGs (the pipeline's
              loader): how much the generate loop slows when other Python threads want the GIL
   hf_static  transformers' own cache_implementation="static" + compile, for comparison (last; optional)
@@ -151,34 +152,78 @@ def main(argv=None) -> int:
     result["counters"] = {k: dict(v) for k, v in counters.items() if k in ("inductor", "graph_break", "stats",
                                                                              "recompiles", "frames")}
     save()
-    graph = captioner("on", args.long, decode_loop="graph")
-    section("graph", lambda: {**split(graph), "loop": "--decode-loop graph: generate's prefill, then one compiled "
-                              "step per token (decode_loop.py)"})
-    del graph
     cache_len = compiled.static_decode.max_cache_len if compiled.static_decode else args.long + 336
     section("attention", lambda: bench_attention.measure(device.type, preset, [args.batch, 2 * args.batch],
                                                          cache_len=cache_len, rounds=3 if args.cpu_smoke else 5))
     section("compiled_repeat_kv", lambda: {**split(captioner("on", args.long, grouped=False)),
                                            "attention": "transformers' sdpa (repeat_kv every layer, every step)"})
     compiled.grouped_attention = set_grouped_decode_attention(model)  # the sections below: the default again
+    graph = captioner("on", args.long, decode_loop="graph")
+    section("graph", lambda: {**split(graph), "loop": "--decode-loop graph: generate's prefill, then one compiled "
+                              "step per token (decode_loop.py)"})
+    del graph
 
     def profile() -> dict:
+        """Where the CPU and the card spend a compiled generate of --profile-tokens tokens, and a prefill alone
+        (one token): the top ops by CPU time, by device time (CUDA), the runtime calls."""
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-        with torch_profile(activities=activities) as prof:
-            run(compiled, args.profile_tokens)
-        events = prof.key_averages()
-        table = events.table(sort_by="self_cpu_time_total", row_limit=30)
-        (out / "profile.txt").write_text(table + "\n")
-        calls = {e.key: e.count for e in events if e.key.startswith(("cudaLaunchKernel", "cudaGraphLaunch",
-                                                                      "cuLaunchKernel", "cudaMemcpy",
-                                                                      "cudaStreamSynchronize"))}
-        return {"runtime_calls": calls, "tokens": args.profile_tokens,
-                "top_cpu": [(e.key, round(e.self_cpu_time_total / 1000, 1), e.count) for e in
-                            sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]]}
+        found: dict = {}
+        for name, tokens in (("generate", args.profile_tokens), ("prefill", 1)):
+            with torch_profile(activities=activities) as prof:
+                run(compiled, tokens)
+            events = prof.key_averages()
+            by_cpu = sorted(events, key=lambda e: -e.self_cpu_time_total)
+            by_device = sorted(events, key=lambda e: -getattr(e, "self_device_time_total", 0))
+            tables = [events.table(sort_by="self_cpu_time_total", row_limit=30)]
+            if device.type == "cuda":
+                tables.append(events.table(sort_by="self_device_time_total", row_limit=30))
+            with open(out / "profile.txt", "a" if found else "w") as f:
+                f.write(f"== {name}: {tokens} new tokens, batch {args.batch}\n" + "\n".join(tables) + "\n")
+            found[name] = {
+                "tokens": tokens,
+                "runtime_calls": {e.key: e.count for e in events if e.key.startswith((
+                    "cudaLaunchKernel", "cudaGraphLaunch", "cuLaunchKernel", "cudaMemcpy", "cudaStreamSynchronize"))},
+                "top_cpu_ms": [(e.key, round(e.self_cpu_time_total / 1000, 1), e.count) for e in by_cpu[:12]],
+                "top_device_ms": [(e.key[:80], round(e.self_device_time_total / 1000, 1), e.count)
+                                  for e in by_device[:15] if getattr(e, "self_device_time_total", 0) > 0]}
+        return found
 
     section("profile", profile)
+
+
+    def vision() -> dict:
+        """The vision tower + projector alone for the batch, eager (as generate runs it) and compiled (inductor,
+        static shape): its share of prefill, and what compiling it would save."""
+        images = [compiled.prepare(dataset.load_image(paths[i % len(paths)], compiled.target_size))
+                  for i in range(args.batch)]
+        pixels = compiled.assemble(images).inputs["pixel_values"]
+        tower = lambda: model.get_image_features(pixel_values=pixels)  # noqa: E731
+        fast = torch.compile(tower, dynamic=False, **options)
+
+        def best(fn) -> float:
+            fn()
+            times = []
+            for _ in range(3):
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        with torch.inference_mode():
+            eager_s = best(tower)
+            t0 = time.perf_counter()
+            fast()
+            compile_s = time.perf_counter() - t0
+            compiled_s = best(fast)
+        return {"vision_s": round(eager_s, 3), "vision_compiled_s": round(compiled_s, 3),
+                "compile_s": round(compile_s, 1), "speedup": round(eager_s / compiled_s, 2),
+                "ms_per_image": round(1000 * eager_s / args.batch, 2)}
+
+    section("vision", vision)
     section("eager", lambda: split(captioner("off", args.long)))
 
     def gil() -> dict:
@@ -215,20 +260,6 @@ def main(argv=None) -> int:
                 **{f"slowdown_{k}": round(v / quiet, 2) for k, v in runs.items()}}
 
     section("gil", gil)
-
-    def vision() -> dict:
-        images = [compiled.prepare(dataset.load_image(paths[i % len(paths)], compiled.target_size))
-                  for i in range(args.batch)]
-        pixels = compiled.assemble(images).inputs["pixel_values"]
-        with torch.inference_mode():
-            model.get_image_features(pixel_values=pixels)
-            sync()
-            start = time.perf_counter()
-            model.get_image_features(pixel_values=pixels)
-            sync()
-        return {"vision_s": round(time.perf_counter() - start, 3)}
-
-    section("vision", vision)
 
     def hf_static() -> dict:
         from transformers import GenerationConfig

@@ -317,7 +317,8 @@ def main(argv=None) -> int:
                            "parameters": sum(p.numel() for p in model.parameters()),
                            "weight_gb": round(weight_bytes / 1e9, 2), "build_s": round(time.perf_counter() - build_start, 1),
                            "prompt_tokens": prompt_tokens, "new_tokens": args.new_tokens, "sequence": seq,
-                           "sliding_window": config.text_config.sliding_window, "prompt": PROMPT}
+                           "sliding_window": config.text_config.sliding_window, "prompt": PROMPT,
+                           "text_attention": config.get_text_config(decoder=True)._attn_implementation}
         result["flop_per_image"] = flop_per_image(config, prompt_tokens, args.new_tokens)
         peak, bandwidth, source = card_peaks(name, args)
         if args.cpu_smoke and not peak:

@@ -68,8 +68,13 @@ def test_decode_diag_cpu_smoke_splits_prefill_and_decode(tmp_path):
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "decode_diag.json").read_text())
-    for name in ("compiled", "graph", "eager"):
+    for name in ("compiled", "compiled_repeat_kv", "graph", "eager"):
         assert result[name]["decode_step_ms"] > 0 and result[name]["short_s"] < result[name]["long_s"], result[name]
+    assert result["compiled"]["grouped_attention"] is True
     assert result["counters"]["stats"]["unique_graphs"] == 1 and not result["counters"].get("graph_break")
-    assert result["profile"]["top_cpu"] and (tmp_path / "profile.txt").read_text().strip()
-    assert result["vision"]["vision_s"] > 0 and "gil" not in result and "hf_static" not in result
+    assert all(result["profile"][run]["top_cpu_ms"] for run in ("generate", "prefill"))
+    assert "== prefill" in (tmp_path / "profile.txt").read_text()
+    for row in result["attention"]:  # the grouped attention against transformers' sdpa, same numbers
+        assert row["grouped_ms"] > 0 and row["transformers_sdpa_ms"] > 0 and row["max_abs_diff"] < 1e-4, row
+    assert result["vision"]["vision_s"] > 0 and result["vision"]["vision_compiled_s"] > 0
+    assert "gil" not in result and "hf_static" not in result
