@@ -83,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--decode-loop", default=D.decode_loop, choices=DECODE_LOOPS, help="generate "
                    "(default): transformers' loop; graph (experimental, not yet timed on a GPU): after generate's "
                    "prefill, one compiled step per token with no host work between steps (greedy, static cache)")
+    g.add_argument("--vision-overlap", action="store_true", help="experimental, not yet timed on a GPU: run the "
+                   "next batch's vision tower on its own CUDA stream while this batch decodes (same captions)")
 
     g = p.add_argument_group("checkpoints")
     g.add_argument("--checkpoint-dir", nargs="+", action="extend", dest="checkpoint_dirs",

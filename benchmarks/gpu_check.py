@@ -10,6 +10,8 @@ per image (min = max, greedy), the same prompt everywhere. At most ~8 minutes on
              (inductor, reduce-overhead = CUDA graphs), batches of 64, 128 and 256
   graph      Captioner(compile="on", decode_loop="graph"): the same cache, generate's prefill, then one
              compiled step per token with no host work between steps (decode_loop.py), batches of 64, 128
+  pipeline   pipeline.run over --pipeline-images JPEGs with the built model (loader threads, background
+             assembly, generate, writer, parts); --pipeline-overlap: again with --vision-overlap
 
 Batched runs start from prepared pixel values (the loader is measured on its own): each does one warm-up
 batch outside the clock (compilation included, reported as warmup_s), then --timed-batches batches. For
@@ -46,7 +48,7 @@ from gpu_roofs import card_peaks, flop_per_image, roofs  # noqa: E402
 PROMPT = ("Describe this artwork in detail: the subjects, the style and medium, the colour palette, the "
           "composition and the mood. Write one paragraph.")
 SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled",
-            "graph", "pipeline")
+            "graph", "pipeline", "pipeline_overlap")
 
 
 def parse_args(argv=None):
@@ -65,6 +67,8 @@ def parse_args(argv=None):
     p.add_argument("--pipeline-images", type=int, default=None, help="images through the whole pipeline "
                    "(default 640: 5 batches of 128)")
     p.add_argument("--pipeline-batch", type=int, default=None, help="the pipeline run's batch size (default 128)")
+    p.add_argument("--pipeline-overlap", action="store_true", help="then the whole pipeline again with "
+                   "--vision-overlap (the next batch's vision tower on a side stream while this one decodes)")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak, TFLOP/s (default: by card)")
     p.add_argument("--peak-tbps", type=float, default=None, help="memory bandwidth, TB/s (default: by card)")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new runs after this many "
@@ -206,7 +210,7 @@ def run_loader(paths: list[Path], size: int, threads: int, device) -> dict:
     return out
 
 
-def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: int) -> dict:
+def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: int, vision_overlap: bool = False) -> dict:
     """The whole pipeline (pipeline.run: loader threads, background assembly, generate, writer thread, part
     files; no Hub) over `--pipeline-images` art-sized JPEGs with the model already built (make_backend is
     bypassed), compiled static decode: run_summary.json's steady captioning rate (after the first batch)."""
@@ -231,9 +235,9 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
     pq.write_table(pa.Table.from_pylist(rows, schema=FULL_METADATA_SCHEMA), data / data_layout.FULL_METADATA_FILE)
 
     def built_backend(name, *, model: str, prompt: str, max_tokens: int, min_tokens: int = 0, compile: str = "auto",
-                      **_):
+                      vision_overlap: bool = False, **_):
         return Captioner(built_backend.model, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
-                         min_tokens=min_tokens, compile=compile,
+                         min_tokens=min_tokens, compile=compile, vision_overlap=vision_overlap,
                          compile_options={"backend": "eager"} if args.cpu_smoke else {})
 
     built_backend.model = model
@@ -241,7 +245,7 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
     pipeline.make_backend = built_backend
     cfg = RunConfig(model=args.preset, data_dir=str(data), checkpoint_dirs=[str(ckpt)], batch_size=batch,
                     max_tokens=args.new_tokens, min_tokens=args.new_tokens, prompt=PROMPT, no_push=True,
-                    compile="on")
+                    compile="on", vision_overlap=vision_overlap)
     try:
         start = time.perf_counter()
         code = pipeline.run(cfg)
@@ -254,7 +258,8 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
     attempts = pq.read_table(ckpt / "all_captions.parquet", columns=["caption_attempts"]).column(0).to_pylist()
     retried = sum(1 for a in attempts if a and a > 1)
     rate = summary.get("captioning_img_per_s") or 0
-    return {"batch": batch, "images": args.pipeline_images, "exit_code": code, "wall_s": round(wall, 1),
+    return {"batch": batch, "images": args.pipeline_images, "vision_overlap": vision_overlap, "exit_code": code,
+            "wall_s": round(wall, 1),
             "retried": retried, "generated_captions_s": round(rate * (1 + retried / max(len(attempts), 1)), 3),
             "captioning_img_s": summary.get("captioning_img_per_s"), "img_s_with_first_batch": summary.get("img_per_s"),
             "tokens_s": round((summary.get("captioning_img_per_s") or 0) * args.new_tokens, 1),
@@ -349,19 +354,23 @@ def main(argv=None) -> int:
                       + [("eager", b) for b in args.eager_batches], key=lambda run: (run[1], order[run[0]]))
         after = ("compiled", args.pipeline_batch)
         runs.insert(runs.index(after) + 1 if after in runs else min(2, len(runs)), ("pipeline", args.pipeline_batch))
+        if args.pipeline_overlap:
+            runs.insert(runs.index(("pipeline", args.pipeline_batch)) + 1, ("pipeline_overlap", args.pipeline_batch))
         result.update(eager=[], compiled=[], graph=[])
         for kind, batch in runs:
-            need = 5 if args.cpu_smoke else {"compiled": 150, "graph": 150, "eager": 30, "pipeline": 90}[kind]
+            need = 5 if args.cpu_smoke else {"compiled": 150, "graph": 150, "eager": 30, "pipeline": 90,
+                                             "pipeline_overlap": 90}[kind]
             if left() < need:
                 result["skipped"].append(f"{kind} batch {batch}: {left():.0f} s of the budget left")
                 continue
-            if kind == "pipeline":
+            if kind.startswith("pipeline"):
                 try:
-                    result["pipeline"] = run_pipeline(model, processor, paths, Path(tmp) / "pipeline", args, batch)
+                    result[kind] = run_pipeline(model, processor, paths, Path(tmp) / kind, args, batch,
+                                                vision_overlap=kind == "pipeline_overlap")
                 except Exception as e:  # noqa: BLE001 - a benchmark section's failure is reported, the others go on
                     traceback.print_exc()
-                    result["pipeline"] = {"batch": batch, "error": f"{type(e).__name__}: {e}"}
-                entry = result["pipeline"]
+                    result[kind] = {"batch": batch, "error": f"{type(e).__name__}: {e}"}
+                entry = result[kind]
             else:
                 entry = run_batched(model, processor, pixels, batch, args, kind=kind,
                                     device=device, sync=sync)

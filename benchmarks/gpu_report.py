@@ -32,15 +32,17 @@ def markdown(r: dict) -> str:
             lines.append(f"| {kind} | {x['batch']} | {x['img_s']} | {x['tokens_s']} | {mem}"
                          f" | {'' if x['generate_share'] is None else format(x['generate_share'], '.1%')}"
                          f" | {x['warmup_s']} | {rf or ''} | {share} |")
-    pipe = r.get("pipeline", {})
-    if pipe.get("captioning_img_s"):
-        rf = roof.get(pipe["batch"], {}).get("roof_img_s")
-        share = f"{pipe['captioning_img_s'] / rf:.0%}" if rf else ""
-        lines.append(f"| whole pipeline, compiled ({pipe['images']} images, {pipe.get('retried', '?')} retried) | "
-                     f"{pipe['batch']} | {pipe['captioning_img_s']} | {pipe['tokens_s']} | | {pipe['generate_share']:.1%}"
-                     f" | | {rf or ''} | {share} |")
-    elif pipe.get("error"):
-        lines.append(f"| whole pipeline | {pipe['batch']} | {pipe['error']} | | | | | | |")
+    for key, label in (("pipeline", "whole pipeline, compiled"),
+                       ("pipeline_overlap", "whole pipeline, compiled, --vision-overlap")):
+        pipe = r.get(key, {})
+        if pipe.get("captioning_img_s"):
+            rf = roof.get(pipe["batch"], {}).get("roof_img_s")
+            share = f"{pipe['captioning_img_s'] / rf:.0%}" if rf else ""
+            lines.append(f"| {label} ({pipe['images']} images, {pipe.get('retried', '?')} retried) | {pipe['batch']}"
+                         f" | {pipe['captioning_img_s']} | {pipe['tokens_s']} | | {pipe['generate_share']:.1%}"
+                         f" | | {rf or ''} | {share} |")
+        elif pipe.get("error"):
+            lines.append(f"| {label} | {pipe['batch']} | {pipe['error']} | | | | | | |")
     for name, loader in r.get("loader", {}).items():
         where = "resize on the CPU" if name == "fast" else "resize on the GPU"
         lines.append(f"| loader only, {where} ({loader['threads']} threads, {loader['cpu_ms_per_img']} CPU ms/img)"

@@ -18,7 +18,7 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
         sys.path.remove(str(REPO / "benchmarks"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out",
-                           str(tmp_path)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                           str(tmp_path), "--pipeline-overlap"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(SECTIONS) <= set(result), set(SECTIONS) - set(result)
@@ -33,11 +33,13 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
         assert entry["graphs_built"] == 1 and entry["graph_breaks"] == 0
     assert result["loop"]["img_s"] > 0
     assert {name: x["images"] for name, x in result["loader"].items()} == {"fast": 6, "device": 6}
-    pipe = result["pipeline"]  # the whole pipeline.run over the built model: every image captioned, exit 0
-    assert pipe["exit_code"] == 0 and pipe["captioned"] == pipe["images"] == 12 and not pipe["failed"]
-    assert 0 <= pipe["retried"] <= 12 and pipe["generated_captions_s"] >= pipe["captioning_img_s"] > 0
-    assert f"| whole pipeline, compiled (12 images, {pipe['retried']} retried) | 4 |" in \
-        (tmp_path / "gpu_check.md").read_text()
+    for key, label in (("pipeline", "compiled"), ("pipeline_overlap", "compiled, --vision-overlap")):
+        pipe = result[key]  # the whole pipeline.run over the built model: every image captioned, exit 0
+        assert pipe["exit_code"] == 0 and pipe["captioned"] == pipe["images"] == 12 and not pipe["failed"]
+        assert 0 <= pipe["retried"] <= 12 and pipe["generated_captions_s"] >= pipe["captioning_img_s"] > 0
+        assert pipe["vision_overlap"] is (key == "pipeline_overlap")
+        assert f"| whole pipeline, {label} (12 images, {pipe['retried']} retried) | 4 |" in \
+            (tmp_path / "gpu_check.md").read_text()
     flop = result["flop_per_image"]
     assert abs(sum(v for k, v in flop.items() if k != "total") - flop["total"]) <= 1e-3 * flop["total"]
     assert result["roofs"]["by_batch"] and "| compiled | 4 |" in (tmp_path / "gpu_check.md").read_text()

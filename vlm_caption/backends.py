@@ -50,7 +50,7 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, dtype: str = "auto",
                  device_map: str | None = None, attn_implementation: str = "sdpa",
                  max_auto_batch_size: int = 0, compile: str = "auto", decode_loop: str = "generate",
-                 retry_repetition_penalty: float = 1.15) -> CaptionBackend:
+                 vision_overlap: bool = False, retry_repetition_penalty: float = 1.15) -> CaptionBackend:
     """The engine `name` with the run's settings; the model loads here (seconds to minutes)."""
     if name == "dummy":
         from .dummy_backend import DummyBackend
@@ -67,5 +67,5 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
         return Captioner(loaded, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
                          min_tokens=min_tokens, temperature=temperature, top_p=top_p, seed=seed,
                          auto_batch_cap=max_auto_batch_size or 256, compile=compile, decode_loop=decode_loop,
-                         retry_repetition_penalty=retry_repetition_penalty)
+                         vision_overlap=vision_overlap, retry_repetition_penalty=retry_repetition_penalty)
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")

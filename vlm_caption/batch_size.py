@@ -17,6 +17,8 @@ Per row (image) of a batch, the memory that grows with the batch:
   - *prefill*: the prompt (256 image + ~60 text tokens) through one decoder layer at a time: 6 x hidden +
     3 x MLP width (gate, up, their product) per token; plus the attention mask (prompt x sequence bytes);
   - plus the pixel values themselves (3 x 896^2 x dtype bytes, alive for the whole call).
+  With `--vision-overlap` (vision_ahead.py) the next batch's vision tower runs while this batch prefills or
+  decodes: then vision + prefill, and two batches of pixel values.
 - **Logits** of the last position: generate keeps a bf16 row and a float32 copy (+ the soft-capped
   copy), vocab 262,208: ~10 bytes x vocab per row (2.6 MB); sampling (temperature > 0) sorts, cumsums and
   indexes a float32 / int64 row several times: ~40 bytes x vocab instead.
@@ -47,9 +49,12 @@ class RowMemory:
     prefill: int
     pixels: int
     logits: int
+    vision_overlap: bool = False  # the next batch's vision tower runs beside this batch (vision_ahead.py)
 
     @property
     def total(self) -> int:
+        if self.vision_overlap:
+            return self.kv_cache + self.vision + self.prefill + 2 * self.pixels + self.logits
         return self.kv_cache + max(self.vision, self.prefill) + self.pixels + self.logits
 
     def as_dict(self) -> dict[str, int]:
@@ -74,7 +79,8 @@ def kv_cache_bytes_per_row(model_config, seq_len: int, dtype_bytes: int, static_
 
 
 def row_memory(model_config, seq_len: int, dtype_bytes: int, *, static_full_attention: bool = False,
-               prompt_tokens: int | None = None, sampling: bool = False, vision_scores: bool = False) -> RowMemory:
+               prompt_tokens: int | None = None, sampling: bool = False, vision_scores: bool = False,
+               vision_overlap: bool = False) -> RowMemory:
     """Per-row memory of one `generate` call (see the module docstring for each term)."""
     text = model_config.get_text_config(decoder=True)
     vision = getattr(model_config, "vision_config", None)
@@ -93,13 +99,13 @@ def row_memory(model_config, seq_len: int, dtype_bytes: int, *, static_full_atte
     prefill = prompt_tokens * (6 * hidden + 3 * mlp) * dtype_bytes + prompt_tokens * seq_len
     logits = int(text.vocab_size) * (40 if sampling else 10)
     return RowMemory(kv_cache=kv_cache_bytes_per_row(model_config, seq_len, dtype_bytes, static_full_attention),
-                     vision=vision_bytes, prefill=prefill, pixels=pixels, logits=logits)
+                     vision=vision_bytes, prefill=prefill, pixels=pixels, logits=logits, vision_overlap=vision_overlap)
 
 
 def auto_batch_size(model_config, free_bytes: int, weight_bytes: int, seq_len: int, dtype_bytes: int,
                     cap: int = DEFAULT_CAP, *, static_full_attention: bool = False, prompt_tokens: int | None = None,
                     sampling: bool = False, safety: float = DEFAULT_SAFETY, reserve_bytes: int = DEFAULT_RESERVE,
-                    vision_scores: bool = False) -> int:
+                    vision_scores: bool = False, vision_overlap: bool = False) -> int:
     """The largest power of two <= `cap` whose per-row memory fits, at least 1.
 
     free_bytes: device memory free *before* the weights (e.g. the card's size, or `free_device_memory` before
@@ -110,7 +116,8 @@ def auto_batch_size(model_config, free_bytes: int, weight_bytes: int, seq_len: i
     if seq_len <= 0 or dtype_bytes <= 0 or cap < 1:
         raise ValueError(f"need seq_len > 0, dtype_bytes > 0, cap >= 1 (got {seq_len}, {dtype_bytes}, {cap})")
     per_row = row_memory(model_config, seq_len, dtype_bytes, static_full_attention=static_full_attention,
-                         prompt_tokens=prompt_tokens, sampling=sampling, vision_scores=vision_scores).total
+                         prompt_tokens=prompt_tokens, sampling=sampling, vision_scores=vision_scores,
+                         vision_overlap=vision_overlap).total
     budget = (free_bytes - weight_bytes - reserve_bytes) * safety
     fits = max(1, int(budget // per_row)) if budget > 0 else 1
     return 1 << int(math.log2(min(fits, cap)))

@@ -9,6 +9,7 @@ with an attention mask, plus the images' pixel values, which the loader threads 
 from __future__ import annotations
 
 import collections.abc
+import contextlib
 import functools
 import logging
 import re
@@ -21,6 +22,7 @@ import torch
 from .backends import Caption  # noqa: F401  (the engine's result type)
 from .grouped_attention import set_grouped_decode_attention
 from .image_prep import ImagePrep, unsupported_reason
+from .vision_ahead import Ahead, VisionAhead
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +66,7 @@ class Captioner:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, auto_batch_cap: int = 256,
                  compile: str = "off", compile_options: dict[str, Any] | None = None,
                  retry_repetition_penalty: float = 1.15, resize_on_device: bool | None = None,
-                 decode_loop: str = "generate", grouped_attention: bool = True):
+                 decode_loop: str = "generate", grouped_attention: bool = True, vision_overlap: bool = False):
         self.model = model
         self.processor = processor
         self.model_name = model_name
@@ -88,6 +90,8 @@ class Captioner:
         self.static_decode = self._static_decode(compile, max_tokens, compile_options or {})
         self.graph_decode = self._graph_decode(decode_loop, compile_options or {})
         self.retry_config = self._retry_config(retry_repetition_penalty)
+        # The next batch's vision tower runs while this one decodes (vision_ahead.py).
+        self.vision_ahead = VisionAhead.of(model, self.device) if vision_overlap else None
         self.default_batch_size = self._auto_batch_size(max_tokens, auto_batch_cap)
 
     def _static_decode(self, compile: str, max_tokens: int, options: dict[str, Any]):
@@ -133,7 +137,7 @@ class Captioner:
         free = free_device_memory(self.device)
         size = auto_batch_size(self.model.config, free, 0, self.prompt_inputs["input_ids"].shape[-1] + max_tokens,
                                self.dtype.itemsize, cap=cap, static_full_attention=self.static_decode is not None,
-                               sampling=self.temperature > 0)
+                               sampling=self.temperature > 0, vision_overlap=self.vision_ahead is not None)
         log.info("auto batch size %d: what %.1f GiB of free GPU memory holds at %d new tokens", size, free / 2**30,
                  max_tokens)
         return size
@@ -246,7 +250,12 @@ class Captioner:
         rows = self.static_decode.bucket(n) if self.static_decode is not None else n
         if prompts is not None:
             prompts = list(prompts) + [prompts[-1]] * (rows - n)
-        return _Assembled(n, self.collate(list(pixel_values) + [pixel_values[-1]] * (rows - n), prompts))
+        padded = list(pixel_values) + [pixel_values[-1]] * (rows - n)
+        if self.vision_ahead is None:
+            return _Assembled(n, self.collate(padded, prompts))
+        with self.vision_ahead.side_stream():  # copies, resize and vision tower beside the running decode
+            inputs = self.collate(padded, prompts)
+            return _Assembled(n, inputs, self.vision_ahead.encode(inputs["pixel_values"]))
 
     @torch.inference_mode()
     def generate(self, keys: Sequence[str], batch: "list[torch.Tensor] | _Assembled",
@@ -270,14 +279,17 @@ class Captioner:
             from transformers import StoppingCriteriaList
 
             extra["stopping_criteria"] = StoppingCriteriaList([_StopWhen(should_stop)])
+        features = self.vision_ahead.serving(inputs, assembled.ahead) if assembled.ahead is not None else \
+            contextlib.nullcontext()
         try:
-            if self.graph_decode is not None and not retry and "logits_processor" not in extra and \
-                    self.static_decode.cache_name in extra:
-                new_tokens = self._graph_generate(inputs, extra, should_stop)
-            else:
-                config = self.retry_config if retry else self.gen_config
-                out = self.model.generate(**inputs, generation_config=config, **extra)
-                new_tokens = out[:, inputs["input_ids"].shape[-1]:]
+            with features:
+                if self.graph_decode is not None and not retry and "logits_processor" not in extra and \
+                        self.static_decode.cache_name in extra:
+                    new_tokens = self._graph_generate(inputs, extra, should_stop)
+                else:
+                    config = self.retry_config if retry else self.gen_config
+                    out = self.model.generate(**inputs, generation_config=config, **extra)
+                    new_tokens = out[:, inputs["input_ids"].shape[-1]:]
         except RuntimeError as e:  # torch.OutOfMemoryError included
             if self.static_decode is not None and is_out_of_memory(e):
                 self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back
@@ -322,6 +334,7 @@ class Captioner:
 class _Assembled:
     rows: int  # real rows; the inputs may hold pad rows after them
     inputs: dict[str, torch.Tensor]
+    ahead: Ahead | None = None  # the image features, computed while the previous batch decoded
 
 
 class _DecodeLater(collections.abc.Sequence):

@@ -135,6 +135,7 @@ class RunConfig:
     backend: str = "transformers"  # inference engine (backends.BACKENDS); "dummy" = no model, for tests and demos
     compile: str = "auto"  # static KV cache + torch.compile'd decode: auto (on for CUDA), on, off
     decode_loop: str = "generate"  # generate, or graph: one compiled step per token after generate's prefill
+    vision_overlap: bool = False  # the next batch's vision tower runs while this one decodes (vision_ahead.py)
     keep_columns: str | None = None  # further metadata columns carried into the output, comma-separated
     attn_implementation: str = "sdpa"  # sdpa, eager, flash_attention_2
     num_loader_workers: int | None = None  # threads that decode and preprocess images; None = auto (cores - 1)

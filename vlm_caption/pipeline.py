@@ -233,7 +233,8 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                                top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype, device_map=cfg.device_map,
                                attn_implementation=cfg.attn_implementation,
                                max_auto_batch_size=cfg.max_auto_batch_size, compile=cfg.compile,
-                               decode_loop=cfg.decode_loop, retry_repetition_penalty=cfg.retry_repetition_penalty)
+                               decode_loop=cfg.decode_loop, vision_overlap=cfg.vision_overlap,
+                               retry_repetition_penalty=cfg.retry_repetition_penalty)
     stop = stop or StopSignals()
     batches = Batches(cfg, backend, should_stop=lambda: stop.requested, specs=specs)
     log.info("batch size %d (%s)", batches.size, "--batch-size" if cfg.batch_size else

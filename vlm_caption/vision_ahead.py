@@ -1,0 +1,106 @@
+"""The next batch's image features, computed while the current batch decodes (`--vision-overlap`).
+
+Why: on an H100 the prefill took 23 ms an image (BENCHMARKS.md §6), most of it SigLIP over 4,096 patches,
+compute-bound; a decode step reads the weights and the KV cache, bandwidth-bound, and leaves most of the
+card's arithmetic idle. The pipeline already assembles the next batch on a background thread while this one
+generates; with this on, that thread also runs the vision tower + projector for it, on its own CUDA stream,
+so the two kinds of work share the card instead of taking turns.
+
+How generate uses them: Gemma 3's forward asks `get_image_features(pixel_values)` of its inner model on the
+prefill. `VisionAhead` answers that call, for the one pixel tensor it was given, with the features already
+computed (an instance attribute over the method; the class is untouched), and leaves every other call to the
+model. Everything else generate does is unchanged: the same token ids, masks and positions, and the same
+feature values, so the same tokens (tests/test_vision_ahead.py).
+
+Streams: the batch's copies, resize and vision tower run on the side stream; an event marks the end.
+Generate's stream waits for that event on the device (the host does not wait), and every tensor of the
+batch is marked as used by generate's stream so the allocator does not hand its memory back to the side
+stream before generate is done with it. On the CPU there is no stream: the features are computed on the
+assembling thread.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Ahead:
+    """One batch's image features (the projector's output, one row per image) and, on CUDA, the event that
+    marks them done on the side stream."""
+
+    features: torch.Tensor
+    event: Any = None
+
+
+class VisionAhead:
+    """Computes image features for a batch on a side stream, and serves them to that batch's generate."""
+
+    @classmethod
+    def of(cls, model, device: torch.device) -> "VisionAhead":
+        """The model's VisionAhead (one per model: it answers the model's calls)."""
+        inner = getattr(model, "model", model)
+        existing = inner.__dict__.get("get_image_features")
+        return existing.__self__ if isinstance(getattr(existing, "__self__", None), cls) else cls(model, device)
+
+    def __init__(self, model, device: torch.device):
+        self.inner = getattr(model, "model", model)  # Gemma3Model: the object whose forward calls it
+        self.compute = type(self.inner).get_image_features.__get__(self.inner)  # the model's own method
+        self.device = device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._serving: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.misses = 0  # prefills whose pixels were not the ones served: computed inline (counted, logged)
+        self.inner.get_image_features = self._get_image_features
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        """Where the next batch is assembled: the side stream on CUDA, the current one elsewhere."""
+        if self.stream is None:
+            yield
+            return
+        with torch.cuda.stream(self.stream):
+            yield
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor) -> Ahead:
+        """Features for `pixel_values` (run inside `side_stream()`, after the batch's copies were queued)."""
+        features = self.compute(pixel_values, return_dict=True).pooler_output
+        event = None
+        if self.stream is not None:
+            event = torch.cuda.Event()
+            event.record(self.stream)
+        return Ahead(features, event)
+
+    @contextlib.contextmanager
+    def serving(self, inputs: dict[str, torch.Tensor], ahead: Ahead) -> Iterator[None]:
+        """Within: generate's prefill of `inputs` gets `ahead`'s features instead of running the tower."""
+        if ahead.event is not None:
+            stream = torch.cuda.current_stream(self.device)
+            stream.wait_event(ahead.event)  # on the device: the host goes on
+            for tensor in (*inputs.values(), ahead.features):
+                if tensor.is_cuda:
+                    tensor.record_stream(stream)  # made on the side stream, read on this one
+        self._serving = (inputs["pixel_values"], ahead.features)
+        try:
+            yield
+        finally:
+            self._serving = None
+
+    def _get_image_features(self, pixel_values, **kwargs):
+        served = self._serving
+        if served is not None and served[0] is pixel_values:
+            from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+            return BaseModelOutputWithPooling(pooler_output=served[1])
+        if served is not None:
+            self.misses += 1
+            if self.misses == 1:
+                log.warning("vision overlap: generate passed other pixel values than the batch's; computing the "
+                            "image features inline")
+        return self.compute(pixel_values, **kwargs)
