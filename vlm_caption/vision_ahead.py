@@ -43,11 +43,18 @@ class VisionAhead:
     """Computes image features for a batch on a side stream, and serves them to that batch's generate."""
 
     @classmethod
-    def of(cls, model, device: torch.device) -> "VisionAhead":
-        """The model's VisionAhead (one per model: it answers the model's calls)."""
+    def of(cls, model, device: torch.device) -> "VisionAhead | None":
+        """The model's VisionAhead (one per model: it answers the model's calls); None, with a warning, for a
+        model whose forward does not ask its inner model for image features (not a Gemma 3-like VLM)."""
         inner = getattr(model, "model", model)
         existing = inner.__dict__.get("get_image_features")
-        return existing.__self__ if isinstance(getattr(existing, "__self__", None), cls) else cls(model, device)
+        if isinstance(getattr(existing, "__self__", None), cls):
+            return existing.__self__
+        if not callable(getattr(type(inner), "get_image_features", None)):
+            log.warning("--vision-overlap: %s has no get_image_features; the vision tower runs in the prefill",
+                        type(model).__name__)
+            return None
+        return cls(model, device)
 
     def __init__(self, model, device: torch.device):
         self.inner = getattr(model, "model", model)  # Gemma3Model: the object whose forward calls it
