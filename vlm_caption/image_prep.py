@@ -28,8 +28,6 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .dataset import draft_box
-
 # Pillow's resample ids (also PILImageResampling's values) with an antialiased uint8 kernel in torch.
 _TORCH_MODES = {Image.Resampling.BILINEAR: "bilinear", Image.Resampling.BICUBIC: "bicubic"}
 _TORCH_MODE_NAMES = {"bilinear", "bicubic"}  # torchvision's InterpolationMode values (the torchvision backend)
@@ -162,10 +160,6 @@ class ImagePrep:
                    mode=_resample_mode(getattr(ip, "resample", Image.Resampling.BILINEAR)) or "bilinear",
                    scale=tuple(rescale / s for s in std), offset=tuple(-m / s for m, s in zip(mean, std)),
                    dtype=dtype)
-
-    @property
-    def draft_box(self) -> tuple[int, int]:
-        return draft_box((self.width, self.height))
 
     def resize(self, image: Image.Image) -> torch.Tensor:
         """uint8 (3, height, width), channels-last in memory, from an RGB image of any size."""
