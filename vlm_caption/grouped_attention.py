@@ -67,7 +67,11 @@ def set_grouped_decode_attention(model, on: bool = True) -> bool:
     AttentionInterface.register(ATTENTION_NAME, grouped_sdpa_attention)
     AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # masks exactly as for "sdpa"
     key = _text_config_key(model.config, text)
-    model.set_attn_implementation({key: wanted} if key else wanted)
+    try:
+        model.set_attn_implementation({key: wanted} if key else wanted)
+    except (ValueError, AttributeError) as e:  # a transformers whose checks refuse a registered name
+        log.warning("could not switch the text model's attention to %s (%s); it stays %s", wanted, e, current)
+        return current == ATTENTION_NAME
     if text._attn_implementation != wanted:
         log.warning("could not switch the text model's attention to %s; it stays %s", wanted, current)
     return text._attn_implementation == ATTENTION_NAME
