@@ -104,3 +104,16 @@ def test_the_compiled_decode_step_has_no_kv_copy(model_and_processor, images):
         copies[grouped] = kv_copies_in(CAPTURED[0])
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
     assert copies == {False: 2 * layers, True: 0}
+
+
+def test_a_refused_switch_keeps_sdpa_and_warns(model_and_processor, monkeypatch, caplog):
+    model, _ = model_and_processor
+
+    def refuse(*args, **kwargs):
+        raise ValueError("unknown attention implementation")
+
+    monkeypatch.setattr(model, "set_attn_implementation", refuse)
+    with caplog.at_level("WARNING"):
+        assert set_grouped_decode_attention(model) is False
+    assert model.config.get_text_config(decoder=True)._attn_implementation == "sdpa"
+    assert "it stays sdpa" in caplog.text
