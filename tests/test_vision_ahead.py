@@ -60,6 +60,26 @@ def test_same_tokens_and_no_vision_tower_inside_generate(path, model_and_process
     assert cap.vision_ahead._serving is None
 
 
+def test_several_prompts_share_one_run_of_the_tower(model_and_processor, images, tower_calls):
+    """A run with several prompts assembles the same images once per prompt: the tower runs once."""
+    model, processor = model_and_processor
+    calls, phase = tower_calls
+    want = token_ids(captioner(model, processor), images[:3], prompts=["Name the painter."] * 3)
+    calls.clear()
+    cap = captioner(model, processor, vision_overlap=True)
+    prepared = [cap.prepare(im) for im in images[:3]]
+    first, second = (cap.assemble(prepared, [p] * 3) for p in ("Describe.", "Name the painter."))
+    assert calls == ["assemble"] and first.ahead is second.ahead
+    got = []
+    real = cap._finish
+    cap._finish = lambda tokens: got.append(tokens.tolist()) or real(tokens)
+    list(cap.generate(["a", "b", "c"], second, prompts=["Name the painter."] * 3))
+    assert got == want and cap.vision_ahead.misses == 0
+    cap.assemble(list(prepared), ["Describe."] * 3)  # a new list of the same images: still the same
+    cap.assemble(prepared[:2], ["Describe."] * 2)  # other images: the tower again
+    assert calls == ["assemble", "assemble"]
+
+
 def test_a_list_of_images_and_the_retry_still_work(model_and_processor, images, tower_calls):
     """generate given prepared images (the retry, a batch after a halving) assembles them itself."""
     model, processor = model_and_processor

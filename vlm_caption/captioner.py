@@ -255,7 +255,7 @@ class Captioner:
             return _Assembled(n, self.collate(padded, prompts))
         with self.vision_ahead.side_stream():  # copies, resize and vision tower beside the running decode
             inputs = self.collate(padded, prompts)
-            return _Assembled(n, inputs, self.vision_ahead.encode(inputs["pixel_values"]))
+            return _Assembled(n, inputs, self.vision_ahead.encode(inputs["pixel_values"], padded))
 
     @torch.inference_mode()
     def generate(self, keys: Sequence[str], batch: "list[torch.Tensor] | _Assembled",

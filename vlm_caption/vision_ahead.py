@@ -63,6 +63,7 @@ class VisionAhead:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._serving: tuple[torch.Tensor, torch.Tensor] | None = None
         self.misses = 0  # prefills whose pixels were not the ones served: computed inline (counted, logged)
+        self._last: tuple[list[torch.Tensor], Ahead] | None = None  # the last images encoded, and their features
         self.inner.get_image_features = self._get_image_features
 
     @contextlib.contextmanager
@@ -75,14 +76,19 @@ class VisionAhead:
             yield
 
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor) -> Ahead:
-        """Features for `pixel_values` (run inside `side_stream()`, after the batch's copies were queued)."""
+    def encode(self, pixel_values: torch.Tensor, images: list[torch.Tensor]) -> Ahead:
+        """Features for `pixel_values`, the batch of `images` (run inside `side_stream()`, after the batch's
+        copies were queued). The same images again (the next prompt of a run with several) reuse them."""
+        last = self._last
+        if last is not None and len(last[0]) == len(images) and all(a is b for a, b in zip(last[0], images)):
+            return last[1]
         features = self.compute(pixel_values, return_dict=True).pooler_output
         event = None
         if self.stream is not None:
             event = torch.cuda.Event()
             event.record(self.stream)
-        return Ahead(features, event)
+        self._last = (list(images), Ahead(features, event))  # holds the images: their ids stay theirs
+        return self._last[1]
 
     @contextlib.contextmanager
     def serving(self, inputs: dict[str, torch.Tensor], ahead: Ahead) -> Iterator[None]:
