@@ -192,7 +192,6 @@ def main(argv=None) -> int:
 
     section("profile", profile)
 
-
     def vision() -> dict:
         """The vision tower + projector alone for the batch, eager (as generate runs it) and compiled (inductor,
         static shape): its share of prefill, and what compiling it would save."""
