@@ -18,7 +18,8 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
         sys.path.remove(str(REPO / "benchmarks"))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out",
-                           str(tmp_path), "--pipeline-overlap"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+                           str(tmp_path), "--pipeline-overlap"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(SECTIONS) <= set(result), set(SECTIONS) - set(result)
