@@ -261,8 +261,10 @@ class Captioner:
     def generate(self, keys: Sequence[str], batch: "list[torch.Tensor] | _Assembled",
                  should_stop: Callable[[], bool] | None = None, *, retry: bool = False,
                  prompts: Sequence[str] | None = None) -> Sequence[Caption]:
-        """One caption per image (retry: with self.retry_config, see backends.CaptionBackend). `should_stop()` true (a SIGTERM, say) ends generate at the next token:
-        the captions are then cut short, and the caller drops them. Token ids are decoded on first access."""
+        """One caption per image (retry: with self.retry_config, see backends.CaptionBackend). `should_stop()`
+        true (a SIGTERM, say) ends generate at the next token: the captions are then cut short, and the caller
+        drops them. Token ids are decoded on first access. An assembly with `ahead` features (--vision-overlap)
+        serves them to the prefill instead of running the vision tower."""
         assembled = batch if isinstance(batch, _Assembled) else self.assemble(batch, prompts)
         n, inputs = assembled.rows, assembled.inputs
         rows = inputs["input_ids"].shape[0]
