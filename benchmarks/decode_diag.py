@@ -52,6 +52,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--cpu-smoke", action="store_true", help="tiny preset on the CPU (numbers mean nothing)")
+    p.add_argument("--preset", default=None, help="tiny_model preset (default gemma-3-4b; tiny with --cpu-smoke; "
+                   "small on the CPU gives a real-shaped, slower proxy)")
     p.add_argument("--batch", type=int, default=None, help="default 64 (4 with --cpu-smoke)")
     p.add_argument("--short", type=int, default=8)
     p.add_argument("--long", type=int, default=None, help="default 72 (16 with --cpu-smoke)")
@@ -84,7 +86,7 @@ def main(argv=None) -> int:
     device = torch.device("cpu" if args.cpu_smoke else "cuda")
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = torch.float32 if args.cpu_smoke else torch.bfloat16
-    preset = "tiny" if args.cpu_smoke else "gemma-3-4b"
+    preset = args.preset or ("tiny" if args.cpu_smoke else "gemma-3-4b")
     result: dict = {"env": {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
                             "torch": torch.__version__, "batch": args.batch, "short": args.short, "long": args.long,
                             "TORCH_LOGS": os.environ.get("TORCH_LOGS")}}
