@@ -81,3 +81,23 @@ def test_decode_diag_cpu_smoke_splits_prefill_and_decode(tmp_path):
         assert row["grouped_ms"] > 0 and row["transformers_sdpa_ms"] > 0 and row["max_abs_diff"] < 1e-4, row
     assert result["vision"]["vision_s"] > 0 and result["vision"]["vision_compiled_s"] > 0
     assert "gil" not in result and "hf_static" not in result
+
+
+def test_gpu_ab_script_passes_flags_its_scripts_know(tmp_path):
+    """benchmarks/gpu_ab.sh is the next GPU session's whole run: a flag a script no longer takes would cost
+    that session its device time. Every python call in it parses with the script's own argparse."""
+    import re
+    import shlex
+
+    text = (REPO / "benchmarks" / "gpu_ab.sh").read_text()
+    assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_ab.sh")]).returncode == 0
+    calls = re.findall(r'benchmarks/(\w+)\.py (.*?)(?:>|$)', text.replace("\\\n", " "), flags=re.M)
+    assert {name for name, _ in calls} == {"decode_diag", "gpu_check"}
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        for name, flags in calls:
+            module = __import__(name)
+            args = shlex.split(flags.replace('"$out', f'"{tmp_path}'))
+            module.parse_args(args)  # argparse exits (SystemExit) on an unknown flag or a bad value
+    finally:
+        sys.path.remove(str(REPO / "benchmarks"))
