@@ -148,3 +148,31 @@ def test_cli_vision_overlap_captions_like_the_default_run(full_run, tiny_model_d
     want = read_table(default_ckpt / store.MERGED).set_index("key")
     assert sorted(got.index) == sorted(want.index) and len(all_keys(ckpt)) == len(got)
     assert got.loc[want.index, "vlm_caption"].tolist() == want["vlm_caption"].tolist()
+
+
+def test_the_whole_batch_runs_inside_the_decode_stream(model_and_processor, images, monkeypatch):
+    """On CUDA `decoding()` switches to the high-priority stream: the cache reset, generate and the copy of
+    the tokens must all happen inside it (work outside would race the stream). Recorded with a stand-in."""
+    import contextlib
+
+    model, processor = model_and_processor
+    cap = captioner(model, processor, vision_overlap=True, **COMPILED)
+    inside, seen = [False], []
+
+    @contextlib.contextmanager
+    def decoding():
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    monkeypatch.setattr(cap.vision_ahead, "decoding", decoding)
+    real_cache_for, real_generate = cap.static_decode.cache_for, model.generate
+    monkeypatch.setattr(cap.static_decode, "cache_for", lambda rows: seen.append(("cache", inside[0]))
+                        or real_cache_for(rows))
+    monkeypatch.setattr(model, "generate", lambda **kw: seen.append(("generate", inside[0])) or real_generate(**kw))
+    assembled = cap.assemble([cap.prepare(im) for im in images[:2]])
+    assert not inside[0] and assembled.ahead is not None
+    list(cap.generate(["a", "b"], assembled))
+    assert seen == [("cache", True), ("generate", True)] and not inside[0]

@@ -9,7 +9,6 @@ with an attention mask, plus the images' pixel values, which the loader threads 
 from __future__ import annotations
 
 import collections.abc
-import contextlib
 import functools
 import logging
 import re
@@ -266,6 +265,15 @@ class Captioner:
         drops them. Token ids are decoded on first access. An assembly with `ahead` features (--vision-overlap)
         serves them to the prefill instead of running the vision tower."""
         assembled = batch if isinstance(batch, _Assembled) else self.assemble(batch, prompts)
+        if self.vision_ahead is None:
+            return self._generate(keys, assembled, should_stop, retry)
+        # Everything of this batch on the decode stream (above the vision stream's priority): the cache reset,
+        # the steps and the copy of the tokens back, so no work of it waits behind queued vision blocks.
+        with self.vision_ahead.decoding(), self.vision_ahead.serving(assembled.inputs, assembled.ahead):
+            return self._generate(keys, assembled, should_stop, retry)
+
+    def _generate(self, keys: Sequence[str], assembled: "_Assembled", should_stop: Callable[[], bool] | None,
+                  retry: bool) -> Sequence[Caption]:
         n, inputs = assembled.rows, assembled.inputs
         rows = inputs["input_ids"].shape[0]
         keys = list(keys) + [keys[-1]] * (rows - n)
@@ -281,17 +289,14 @@ class Captioner:
             from transformers import StoppingCriteriaList
 
             extra["stopping_criteria"] = StoppingCriteriaList([_StopWhen(should_stop)])
-        features = self.vision_ahead.serving(inputs, assembled.ahead) if assembled.ahead is not None else \
-            contextlib.nullcontext()
         try:
-            with features:
-                if self.graph_decode is not None and not retry and "logits_processor" not in extra and \
-                        self.static_decode.cache_name in extra:
-                    new_tokens = self._graph_generate(inputs, extra, should_stop)
-                else:
-                    config = self.retry_config if retry else self.gen_config
-                    out = self.model.generate(**inputs, generation_config=config, **extra)
-                    new_tokens = out[:, inputs["input_ids"].shape[-1]:]
+            if self.graph_decode is not None and not retry and "logits_processor" not in extra and \
+                    self.static_decode.cache_name in extra:
+                new_tokens = self._graph_generate(inputs, extra, should_stop)
+            else:
+                config = self.retry_config if retry else self.gen_config
+                out = self.model.generate(**inputs, generation_config=config, **extra)
+                new_tokens = out[:, inputs["input_ids"].shape[-1]:]
         except RuntimeError as e:  # torch.OutOfMemoryError included
             if self.static_decode is not None and is_out_of_memory(e):
                 self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back

@@ -15,8 +15,10 @@ feature values, so the same tokens (tests/test_vision_ahead.py).
 Streams: the batch's copies, resize and vision tower run on the side stream; an event marks the end.
 Generate's stream waits for that event on the device (the host does not wait), and every tensor of the
 batch is marked as used by generate's stream so the allocator does not hand its memory back to the side
-stream before generate is done with it. On the CPU there is no stream: the features are computed on the
-assembling thread.
+stream before generate is done with it. Generate itself runs on a stream of higher priority than the side
+one: the card does not preempt running blocks, but as SMs free up the decode step's blocks go before the
+next vision blocks, so a decode kernel waits for at most the vision blocks already running, not for a whole
+queued GEMM. On the CPU there are no streams: the features are computed on the assembling thread.
 """
 from __future__ import annotations
 
@@ -60,7 +62,8 @@ class VisionAhead:
         self.inner = getattr(model, "model", model)  # Gemma3Model: the object whose forward calls it
         self.compute = type(self.inner).get_image_features.__get__(self.inner)  # the model's own method
         self.device = device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # priority 0: the lowest
+        self.decode_stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
         self._serving: tuple[torch.Tensor, torch.Tensor] | None = None
         self.misses = 0  # prefills whose pixels were not the ones served: computed inline (counted, logged)
         self._last: tuple[list[torch.Tensor], Ahead] | None = None  # the last images encoded, and their features
@@ -73,6 +76,15 @@ class VisionAhead:
             yield
             return
         with torch.cuda.stream(self.stream):
+            yield
+
+    @contextlib.contextmanager
+    def decoding(self) -> Iterator[None]:
+        """Where generate runs: the high-priority stream on CUDA, the current one elsewhere."""
+        if self.decode_stream is None:
+            yield
+            return
+        with torch.cuda.stream(self.decode_stream):
             yield
 
     @torch.inference_mode()
@@ -91,8 +103,12 @@ class VisionAhead:
         return self._last[1]
 
     @contextlib.contextmanager
-    def serving(self, inputs: dict[str, torch.Tensor], ahead: Ahead) -> Iterator[None]:
-        """Within: generate's prefill of `inputs` gets `ahead`'s features instead of running the tower."""
+    def serving(self, inputs: dict[str, torch.Tensor], ahead: Ahead | None) -> Iterator[None]:
+        """Within: generate's prefill of `inputs` gets `ahead`'s features instead of running the tower (None:
+        nothing to serve, the prefill runs it)."""
+        if ahead is None:
+            yield
+            return
         if ahead.event is not None:
             stream = torch.cuda.current_stream(self.device)
             stream.wait_event(ahead.event)  # on the device: the host goes on
