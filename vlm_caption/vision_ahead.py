@@ -69,23 +69,13 @@ class VisionAhead:
         self._last: tuple[list[torch.Tensor], Ahead] | None = None  # the last images encoded, and their features
         self.inner.get_image_features = self._get_image_features
 
-    @contextlib.contextmanager
-    def side_stream(self) -> Iterator[None]:
+    def side_stream(self):
         """Where the next batch is assembled: the side stream on CUDA, the current one elsewhere."""
-        if self.stream is None:
-            yield
-            return
-        with torch.cuda.stream(self.stream):
-            yield
+        return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
 
-    @contextlib.contextmanager
-    def decoding(self) -> Iterator[None]:
+    def decoding(self):
         """Where generate runs: the high-priority stream on CUDA, the current one elsewhere."""
-        if self.decode_stream is None:
-            yield
-            return
-        with torch.cuda.stream(self.decode_stream):
-            yield
+        return torch.cuda.stream(self.decode_stream) if self.decode_stream is not None else contextlib.nullcontext()
 
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, images: list[torch.Tensor]) -> Ahead:
