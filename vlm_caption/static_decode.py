@@ -166,7 +166,8 @@ def prepare_static_decode(model, max_seq_len: int, *, compile: bool = True, back
     sliding window, so a sliding layer would have to forget tokens a full layer keeps.
 
     `compile=False` gives the static cache without compiling (eager). `force_compile` compiles on devices
-    transformers would not (CPU), for tests. The model itself is not modified.
+    transformers would not (CPU), for tests. The model keeps its config; only its `create_masks_for_generate`
+    is overridden on the instance (`use_full_masks_when_exact`).
     """
     if max_seq_len <= 0:
         raise ValueError(f"max_seq_len must be positive, got {max_seq_len}")
