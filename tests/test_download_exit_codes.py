@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.image_server import ImageServer, Route
-from vlm_caption.download import is_retryable
+from vlm_caption.download_summary import is_retryable
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLI_ARGS = ["--processes", "1", "--threads", "4", "--timeout", "5", "--retries", "0", "--validate-workers", "1"]

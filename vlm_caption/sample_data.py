@@ -42,6 +42,7 @@ from . import validate
 from .atomic import atomic_write_json, atomic_write_table
 from .cli import plural
 from .config import DownloadConfig
+from .download_summary import make_summary
 from .errors import UsageError
 
 # Fixed times in the stats files, so that a seed always gives the same bytes.
@@ -258,7 +259,7 @@ def write_sample(out_dir: str | Path, n: int = 64, broken: bool = False, seed: i
     counts = validate.build_outputs(out, sorted(stats), include_invalid=include_broken_in_metadata)
     checks.seconds = 0.0  # no timings in the sample: the same seed gives the same bytes
     cfg = DownloadConfig(output=str(out), source=f"synthetic sample (seed {seed})", shard_size=shard_size)
-    summary = dl.make_summary(cfg, n, sorted(stats), sorted(stats), counts, checks, None)
+    summary = make_summary(cfg, n, sorted(stats), sorted(stats), counts, checks, None)
     atomic_write_json(out / layout.SUMMARY_FILE, summary)
     return out
 
