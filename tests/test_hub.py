@@ -4,93 +4,18 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import signal
-import subprocess
-import sys
-import textwrap
 import time
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from hub_stub import REPO_ROOT_HINT, assert_hub_matches, hub_stub  # noqa: F401  (fixture)
+from hub_parts import (COMMIT, DIR, REPO, RUN, Writer, ckpt, client, data_files, hub_name, ledger,  # noqa: F401
+                       make_rows, names, sleeps, store_keys)  # (ckpt, client, sleeps: fixtures)
+from hub_stub import assert_hub_matches, hub_stub  # noqa: F401  (fixture)
 
 from vlm_caption import card, hub, hub_retry
 from vlm_caption.hub_pusher import BackgroundPusher
 from vlm_caption.errors import FatalError, UsageError
-from vlm_caption.atomic import atomic_write_json
-from vlm_caption.store import LEDGER, OUTPUT_SCHEMA, RUN_JSON, CheckpointStore, list_parts
-
-REPO = "tester/contrastyles-recap"
-RUN = "0123456789ab"
-DIR = "d1r0000000aa"
-COMMIT = r"/api/datasets/.*/commit/"
-
-
-def make_rows(start: int, n: int, worker: int = 0) -> list[dict]:
-    return [{
-        "key": f"{worker:02d}{i:07d}", "original_key": str(i), "url": f"https://img.example/{i}.jpg",
-        "original_caption": f"alt text {i}", "vlm_caption": f"a painting, number {i}", "width": 64 + i,
-        "height": 48, "original_width": 640, "original_height": 480, "sha256": f"{i:064x}", "md5": f"{i:032x}",
-        "tags": "oil painting", "merged_tags": "oil painting,impressionism", "caption_model": "tiny",
-        "caption_finish": "stop", "caption_tokens": 7,
-    } for i in range(start, start + n)]
-
-
-def hub_name(first: int, last: int, worker: int = 0, run: str = RUN, dir_id: str = DIR) -> str:
-    """The Hub path of parts first..last without its content digest."""
-    return f"data/{run}/{dir_id}-w{worker:03d}-{first:06d}-{last:06d}"
-
-
-def names(paths: list[str]) -> list[str]:
-    return [p.rsplit("-", 1)[0] for p in paths]
-
-
-class Writer:
-    """Writes parts for one worker of the test run (a dir holding run RUN), with keys that never repeat."""
-
-    def __init__(self, ckpt: Path, worker: int = 0, run: str = RUN, dir_id: str = DIR, start: int = 0):
-        if not (ckpt / RUN_JSON).exists():
-            atomic_write_json(ckpt / RUN_JSON, {"run_id": run, "dir_id": dir_id, "model": "tiny"})
-        self.store, self.worker, self.next = CheckpointStore(ckpt, worker), worker, start
-        self.store.run_id, self.store.dir_id = run, dir_id
-
-    def parts(self, *sizes: int) -> int:
-        for n in sizes:
-            self.store.write_part(make_rows(self.next, n, self.worker))
-            self.next += n
-        return sum(sizes)
-
-
-@pytest.fixture
-def ckpt(tmp_path) -> Path:
-    return tmp_path / "checkpoints"
-
-
-@pytest.fixture
-def sleeps() -> list[float]:
-    return []
-
-
-@pytest.fixture
-def client(hub_stub, sleeps):  # noqa: F811
-    return hub.connect(REPO, endpoint=hub_stub.endpoint, retry=hub.RetryPolicy(sleep=sleeps.append))
-
-
-def store_keys(parts):
-    from vlm_caption.store import read_keys
-
-    return list(read_keys(parts))
-
-
-def ledger(ckpt: Path) -> list[dict]:
-    path = ckpt / LEDGER
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def data_files(stub, repo=REPO) -> list[str]:
-    return sorted(p for p in stub.repo_files(repo) if p.startswith("data/"))
+from vlm_caption.store import LEDGER, OUTPUT_SCHEMA, list_parts
 
 
 # ---------------------------------------------------------------- connect
@@ -230,125 +155,6 @@ def test_workers_push_concurrently_without_collisions(hub_stub, ckpt, sleeps):  
     assert len(data_files(hub_stub)) == 3
     assert_hub_matches(hub_stub, REPO, ckpt)
     assert sorted(line["worker"] for line in ledger(ckpt)) == [0, 1, 2]
-
-
-# ---------------------------------------------------------------- faults
-
-
-@pytest.mark.parametrize("kind", ["500", "503", "drop", "lost_response", "409", "412"])
-def test_commit_faults_end_with_every_key_once(hub_stub, client, ckpt, sleeps, kind):  # noqa: F811
-    w = Writer(ckpt)
-    w.parts(10, 10)
-    hub_stub.inject("POST", COMMIT, kind)
-    assert client.push_pending(ckpt, RUN, 0) == 20
-    assert len(sleeps) == 1
-    assert hub_stub.commits_applied == 1  # lost_response: applied once, found by the re-list, not re-sent
-    assert_hub_matches(hub_stub, REPO, ckpt)
-    [line] = ledger(ckpt)
-    assert line.get("recovered", False) is (kind == "lost_response")
-    w.parts(5)  # and the next push carries on normally
-    assert client.push_pending(ckpt, RUN, 0) == 5
-    assert_hub_matches(hub_stub, REPO, ckpt)
-
-
-def test_429_waits_for_retry_after(hub_stub, client, ckpt, sleeps):  # noqa: F811
-    Writer(ckpt).parts(10)
-    hub_stub.inject("POST", COMMIT, "429", retry_after=7)
-    assert client.push_pending(ckpt, RUN, 0) == 10
-    assert len(sleeps) == 1 and sleeps[0] >= 7
-    assert_hub_matches(hub_stub, REPO, ckpt)
-
-
-def test_backoff_doubles_with_jitter_and_is_capped():
-    policy = hub.RetryPolicy(base=1.0, cap=5.0)
-    err = RuntimeError()
-    for attempt, full in [(1, 1), (2, 2), (3, 4), (4, 5), (5, 5)]:
-        assert full / 2 <= policy.wait(attempt, err) <= full
-
-
-@pytest.mark.parametrize("status", ["400", "401", "403", "404"])
-def test_client_errors_are_not_retried(hub_stub, client, ckpt, sleeps, status):  # noqa: F811
-    Writer(ckpt).parts(10)
-    hub_stub.inject("POST", COMMIT, status)
-    with pytest.raises(FatalError, match=f"HTTP {status}") as e:
-        client.push_pending(ckpt, RUN, 0)
-    assert "\n" not in str(e.value)
-    assert hub_stub.count("POST", COMMIT) == 1 and sleeps == []
-    assert not (ckpt / LEDGER).exists()
-    assert client.push_pending(ckpt, RUN, 0) == 10  # a later push goes through
-    assert_hub_matches(hub_stub, REPO, ckpt)
-
-
-def test_hub_down_for_good_keeps_parts_pending(hub_stub, client, ckpt, sleeps, caplog):  # noqa: F811
-    Writer(ckpt).parts(10, 10)
-    client.snapshot(RUN)  # read while the Hub was up
-    for method in ("GET", "POST", "HEAD"):
-        hub_stub.inject(method, ".*", "503", times=10_000)
-    with caplog.at_level(logging.WARNING, logger="vlm_caption.hub"):
-        assert client.push_pending(ckpt, RUN, 0) == 0
-    assert len(sleeps) == 5 and "Hub unavailable" in caplog.text
-    assert hub_stub.commits_applied == 0 and not (ckpt / LEDGER).exists()
-    hub_stub.clear_faults()
-    assert client.pending_rows(ckpt, RUN, 0) == 20
-    assert client.push_pending(ckpt, RUN, 0) == 20
-    assert_hub_matches(hub_stub, REPO, ckpt)
-
-
-def test_applied_commit_with_every_answer_lost_is_recovered_next_push(hub_stub, client, ckpt, sleeps, monkeypatch):  # noqa: F811
-    # The commit lands, then every retry (and re-list) fails: the push gives up, the next one must not re-push.
-    Writer(ckpt).parts(10)
-    hub_stub.inject("POST", COMMIT, "lost_response")
-    real_snapshot = hub.HubIndex.snapshot
-
-    armed = [True]
-
-    def hub_down_once_committed(index):  # every look at the repo after the lost answer fails
-        if hub_stub.commits_applied and armed:
-            hub_stub.inject("GET", "/tree/", "503", times=10_000)
-            armed.clear()
-        return real_snapshot(index)
-
-    monkeypatch.setattr(hub.HubIndex, "snapshot", hub_down_once_committed)
-    assert client.push_pending(ckpt, RUN, 0) == 0
-    assert hub_stub.commits_applied == 1 and len(sleeps) == 5
-    hub_stub.clear_faults()
-    assert client.push_pending(ckpt, RUN, 0) == 0
-    assert hub_stub.commits_applied == 1
-    [line] = ledger(ckpt)
-    assert line["recovered"] is True and line["commit"] is None and line["rows"] == 10
-    assert_hub_matches(hub_stub, REPO, ckpt)
-
-
-_PUSH_SCRIPT = """
-import sys
-from vlm_caption import hub
-client = hub.connect(sys.argv[1], endpoint=sys.argv[2])
-client.push_pending(sys.argv[3], sys.argv[4], 0)
-"""
-
-
-def test_sigkill_between_commit_and_ledger(hub_stub, ckpt, tmp_path):  # noqa: F811
-    w = Writer(ckpt)
-    w.parts(10, 10, 10)
-    hub_stub.inject("POST", COMMIT, "hang")
-    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_TOKEN": hub_stub.token, "HF_HOME": str(tmp_path / "hf"),
-           "PYTHONPATH": REPO_ROOT_HINT}
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_PUSH_SCRIPT), REPO, hub_stub.endpoint,
-                             str(ckpt), RUN], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        assert hub_stub.wait_for(lambda: hub_stub.commits_applied == 1, timeout=30), proc.stdout.read1()
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (ckpt / LEDGER).exists()
-    client = hub.connect(REPO, endpoint=hub_stub.endpoint)
-    assert client.push_pending(ckpt, RUN, 0) == 0
-    assert hub_stub.commits_applied == 1
-    [line] = ledger(ckpt)
-    assert line["recovered"] is True and line["parts"] == [p.path.name for p in list_parts(ckpt)]
-    w.parts(4)
-    assert client.push_pending(ckpt, RUN, 0) == 4
-    assert_hub_matches(hub_stub, REPO, ckpt)
 
 
 # ---------------------------------------------------------------- background pushes

@@ -1,0 +1,83 @@
+"""What the Hub tests share: a test run's names, rows, a part writer, and the client fixtures (tests/hub_stub.py
+is the stub itself)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from hub_stub import hub_stub  # noqa: F401  (fixture)
+
+from vlm_caption import hub
+from vlm_caption.atomic import atomic_write_json
+from vlm_caption.store import LEDGER, RUN_JSON, CheckpointStore
+
+REPO = "tester/contrastyles-recap"
+RUN = "0123456789ab"
+DIR = "d1r0000000aa"
+COMMIT = r"/api/datasets/.*/commit/"
+
+
+def make_rows(start: int, n: int, worker: int = 0) -> list[dict]:
+    return [{
+        "key": f"{worker:02d}{i:07d}", "original_key": str(i), "url": f"https://img.example/{i}.jpg",
+        "original_caption": f"alt text {i}", "vlm_caption": f"a painting, number {i}", "width": 64 + i,
+        "height": 48, "original_width": 640, "original_height": 480, "sha256": f"{i:064x}", "md5": f"{i:032x}",
+        "tags": "oil painting", "merged_tags": "oil painting,impressionism", "caption_model": "tiny",
+        "caption_finish": "stop", "caption_tokens": 7,
+    } for i in range(start, start + n)]
+
+
+def hub_name(first: int, last: int, worker: int = 0, run: str = RUN, dir_id: str = DIR) -> str:
+    """The Hub path of parts first..last without its content digest."""
+    return f"data/{run}/{dir_id}-w{worker:03d}-{first:06d}-{last:06d}"
+
+
+def names(paths: list[str]) -> list[str]:
+    return [p.rsplit("-", 1)[0] for p in paths]
+
+
+class Writer:
+    """Writes parts for one worker of the test run (a dir holding run RUN), with keys that never repeat."""
+
+    def __init__(self, ckpt: Path, worker: int = 0, run: str = RUN, dir_id: str = DIR, start: int = 0):
+        if not (ckpt / RUN_JSON).exists():
+            atomic_write_json(ckpt / RUN_JSON, {"run_id": run, "dir_id": dir_id, "model": "tiny"})
+        self.store, self.worker, self.next = CheckpointStore(ckpt, worker), worker, start
+        self.store.run_id, self.store.dir_id = run, dir_id
+
+    def parts(self, *sizes: int) -> int:
+        for n in sizes:
+            self.store.write_part(make_rows(self.next, n, self.worker))
+            self.next += n
+        return sum(sizes)
+
+
+@pytest.fixture
+def ckpt(tmp_path) -> Path:
+    return tmp_path / "checkpoints"
+
+
+@pytest.fixture
+def sleeps() -> list[float]:
+    return []
+
+
+@pytest.fixture
+def client(hub_stub, sleeps):  # noqa: F811
+    return hub.connect(REPO, endpoint=hub_stub.endpoint, retry=hub.RetryPolicy(sleep=sleeps.append))
+
+
+def store_keys(parts):
+    from vlm_caption.store import read_keys
+
+    return list(read_keys(parts))
+
+
+def ledger(ckpt: Path) -> list[dict]:
+    path = ckpt / LEDGER
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def data_files(stub, repo=REPO) -> list[str]:
+    return sorted(p for p in stub.repo_files(repo) if p.startswith("data/"))
