@@ -1,4 +1,4 @@
-"""Captions worth publishing: quality flags, inline retry, prompt templates, several prompts, JSON captions.
+"""Captions worth publishing: quality flags, inline retry, JSON captions (prompts: test_caption_prompts.py).
 
 Pipeline logic runs with `--backend dummy` (VLM_CAPTION_DUMMY_FAULTS=1 makes it write broken captions for keys
 by their last digit, see dummy_backend.py); what concerns the model runs on the tiny Gemma 3 in fp32.
@@ -7,36 +7,17 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from batched_image_inference import main
+from dummy_runs import FAULTS, dummy_args, faults, merged_rows  # noqa: F401  (faults: fixture)
 from hub_stub import hub_stub  # noqa: F401  (fixture)
 
 from vlm_caption import store
 from vlm_caption.errors import EXIT_ITEMS_FAILED, EXIT_OK
-
-FAULTS = {"VLM_CAPTION_DUMMY_FAULTS": "1"}
-
-
-def dummy_args(data: Path, ckpt: Path, *extra: str) -> list[str]:
-    return ["--model", "dummy-model", "--data-dir", str(data), "--checkpoint-dir", str(ckpt), "--no-push",
-            "--backend", "dummy", "--max-tokens", "40", "--batch-size", "4", "--checkpoint-every", "8",
-            "--num-loader-workers", "1", *extra]
-
-
-def merged_rows(ckpt: Path) -> list[dict]:
-    return pq.read_table(ckpt / store.MERGED).to_pylist()
-
-
-@pytest.fixture
-def faults(monkeypatch):
-    for k, v in FAULTS.items():
-        monkeypatch.setenv(k, v)
-
 
 # ---------------------------------------------------------------- 1: quality flags
 
@@ -151,198 +132,6 @@ def test_retry_settings_reach_the_transformers_generate(tiny_model_dir, sample_d
     assert len(again) == 2
 
 
-# ---------------------------------------------------------------- 3: prompt templates
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_model_dir):
-    import torch
-
-    from vlm_caption.model_loading import load_model
-
-    return load_model(str(tiny_model_dir), torch.device("cpu"), dtype="float32")
-
-
-def _items(cap, data: Path, n: int):
-    from vlm_caption import dataset, loader
-
-    rows = list(dataset.iter_rows(data, {f"{i:09d}" for i in range(48)}))
-    return [i for i in loader.prefetch(rows, cap.prepare, workers=1, window=8) if i.error is None][:n]
-
-
-def test_per_row_prompts_batched_equals_one_by_one_under_greedy(tiny, sample_data_dir):
-    from vlm_caption.captioner import Captioner
-
-    model, processor = tiny
-    cap = Captioner(model, processor, model_name="tiny", prompt="Describe.", max_tokens=10)
-    items = _items(cap, sample_data_dir, 4)
-    keys = [i.row["key"] for i in items]
-    prompts = ["Describe.", "Describe this artwork, tagged: oil, portrait, night, blue, moody, old.",
-               "Say what you see in the image in a few words please.", "Describe."]
-    batched = cap.generate(keys, [i.inputs for i in items], prompts=prompts)
-    single = [cap.generate([k], [i.inputs], prompts=[p])[0] for k, i, p in zip(keys, items, prompts)]
-    assert [c.text for c in batched] == [c.text for c in single]
-    assert [c.tokens for c in batched] == [c.tokens for c in single]
-    assembled = cap.assemble([i.inputs for i in items], prompts)
-    mask = assembled.inputs["attention_mask"]
-    assert mask[0].sum() < mask[1].sum() and mask[0, 0] == 0  # left padding, masked
-
-
-def test_templated_prompt_reaches_the_model_tokens(tiny, sample_data_dir):
-    from vlm_caption.captioner import Captioner
-    from vlm_caption.prompt_plan import PromptSpec
-
-    model, processor = tiny
-    spec = PromptSpec.make(None, "Describe this artwork. Tags: {tags}. Alt text: {original_caption}.")
-    cap = Captioner(model, processor, model_name="tiny", prompt=spec.template, max_tokens=4)
-    items = _items(cap, sample_data_dir, 2)
-    items[1].row["tags"] = None  # renders cleanly: the label goes
-    prompts = [spec.render(i.row) for i in items]
-    assembled = cap.assemble([i.inputs for i in items], prompts)
-    tok = processor.tokenizer
-    texts = [tok.decode(row[m.bool()]) for row, m in zip(assembled.inputs["input_ids"],
-                                                            assembled.inputs["attention_mask"])]
-    assert f"Tags: {items[0].row['tags']}." in texts[0] and items[0].row["original_caption"] in texts[0]
-    assert "Tags:" not in texts[1] and items[1].row["original_caption"] in texts[1]
-
-
-def _with_column(src: Path, dst: Path, name: str, values) -> Path:
-    import shutil
-
-    shutil.copytree(src, dst)
-    meta = pq.read_table(dst / "full_metadata.parquet")
-    pq.write_table(meta.append_column(name, pa.array(values(meta.num_rows))), dst / "full_metadata.parquet")
-    return dst
-
-
-def test_template_columns_reach_the_backend_per_row_and_are_not_written(sample_data_dir, tmp_path, monkeypatch):
-    from vlm_caption.dummy_backend import DummyBackend
-
-    data = _with_column(sample_data_dir, tmp_path / "data", "artist", lambda n: [f"painter {i}" for i in range(n)])
-    seen: dict[str, str] = {}
-    real = DummyBackend.generate
-
-    def spy(self, keys, batch, should_stop=None, *, retry=False, prompts=None):
-        seen.update(zip(keys, prompts))
-        return real(self, keys, batch, should_stop, retry=retry, prompts=prompts)
-
-    monkeypatch.setattr(DummyBackend, "generate", spy)
-    ckpt = tmp_path / "ckpt"
-    template = "Describe this work by {artist}. Tags: {tags}."
-    assert main(dummy_args(data, ckpt, "--prompt", template)) in (EXIT_OK, EXIT_ITEMS_FAILED)
-    meta = {r["key"]: r for r in pq.read_table(data / "full_metadata.parquet").to_pylist()}
-    rows = merged_rows(ckpt)
-    assert rows and all(seen[r["key"]].startswith(f"Describe this work by {meta[r['key']]['artist']}.") for r in rows)
-    assert "artist" not in pq.read_schema(ckpt / store.MERGED).names  # read for the prompt, not written
-    assert store.read_run_json(ckpt)["prompt"] == template  # the template verbatim
-
-
-@pytest.mark.parametrize("template, says", [("Describe {nope}.", "{nope} is not a column of the row"),
-                                            ("Improve: {vlm_caption}", "{vlm_caption} is filled by captioning"),
-                                            ("Bad {0}", "positional placeholder")])
-def test_unknown_template_column_is_a_one_line_usage_error_before_work(sample_data_dir, tmp_path, capsys,
-                                                                        template, says):
-    from vlm_caption.cli import run_main
-    from vlm_caption.errors import EXIT_USAGE
-
-    ckpt = tmp_path / "ckpt"
-    with pytest.raises(SystemExit) as exc:
-        run_main(main, dummy_args(sample_data_dir, ckpt, "--prompt", template), prog="batched_image_inference.py")
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == EXIT_USAGE and not ckpt.exists()
-    assert len(err) == 1 and says in err[0] and "Traceback" not in err[0]
-
-
-def test_dry_run_prints_the_rendered_prompt_of_the_first_row(sample_data_dir, tmp_path, capsys):
-    ckpt = tmp_path / "ckpt"
-    assert main(dummy_args(sample_data_dir, ckpt, "--dry-run", "--prompt", "Alt text: {original_caption}!")) == 0
-    out = capsys.readouterr().out
-    first = min(pq.read_table(sample_data_dir / "full_metadata.parquet").column("key").to_pylist())
-    caption = pq.read_table(sample_data_dir / "full_metadata.parquet").to_pandas().set_index("key").loc[first, "caption"]
-    assert f"prompt of the first selected row ({first}):" in out and f"Alt text: {caption.strip()}!" in out
-    assert not ckpt.exists()
-
-
-# ---------------------------------------------------------------- 4: several prompts per image
-
-PROMPTS_YAML = "short: Name the style in three words.\nlong: |\n  Describe this artwork in detail. Tags: {tags}.\n"
-
-
-def test_prompts_file_gives_columns_per_prompt_one_row_per_key(sample_data_dir, tmp_path, monkeypatch):
-    from vlm_caption import dummy_backend
-    from vlm_caption.card import render_dataset_card
-
-    prompts_file = tmp_path / "prompts.yaml"
-    prompts_file.write_text(PROMPTS_YAML)
-    calls = []
-    real_prepare, real_generate = dummy_backend.DummyBackend.prepare, dummy_backend.DummyBackend.generate
-    prepared = []
-    monkeypatch.setattr(dummy_backend.DummyBackend, "prepare", lambda self, im: prepared.append(1) or
-                        real_prepare(self, im))
-
-    def spy(self, keys, batch, should_stop=None, *, retry=False, prompts=None):
-        calls.append(list(prompts))
-        return real_generate(self, keys, batch, should_stop, retry=retry, prompts=prompts)
-
-    monkeypatch.setattr(dummy_backend.DummyBackend, "generate", spy)
-    ckpt = tmp_path / "ckpt"
-    assert main(dummy_args(sample_data_dir, ckpt, "--prompts-file", str(prompts_file))) in (EXIT_OK, EXIT_ITEMS_FAILED)
-    rows = merged_rows(ckpt)
-    keys = [k for _, ks in store.read_keys(store.list_parts(ckpt)) for k in ks]
-    assert len(keys) == len(set(keys)) == len(rows) > 0
-    assert len(prepared) == len(rows)  # each image prepared once for both prompts (+ the undecodable ones: 0)
-    schema = pq.read_schema(ckpt / store.MERGED)
-    for name in ("short", "long"):
-        for base in ("vlm_caption", "caption_flags", "caption_finish", "caption_tokens", "caption_attempts"):
-            assert f"{base}_{name}" in schema.names
-        assert all(r[f"vlm_caption_{name}"] for r in rows)
-    assert all(r["vlm_caption"] == r["vlm_caption_short"] for r in rows)  # the first prompt fills the plain columns
-    assert any(p and p[0] == "Name the style in three words." for p in calls)
-    assert any(p and p[0].startswith("Describe this artwork in detail.") for p in calls)
-    run = store.read_run_json(ckpt)
-    assert run["prompts"] == {"short": "Name the style in three words.",
-                              "long": "Describe this artwork in detail. Tags: {tags}.\n"}
-    card = render_dataset_card("me/data", [{**run, "rows": len(rows)}])
-    assert "Prompt `short`:" in card and "Describe this artwork in detail. Tags: {tags}." in card
-    other = tmp_path / "other.yaml"
-    other.write_text(PROMPTS_YAML.replace("three", "two"))
-    from vlm_caption.config import RunConfig
-
-    assert RunConfig(prompts_file=str(other)).run_settings() != RunConfig(prompts_file=str(prompts_file)).run_settings()
-
-
-def test_prompts_file_excludes_prompt_and_bad_files_are_one_line(sample_data_dir, tmp_path, capsys):
-    from vlm_caption.cli import run_main
-    from vlm_caption.errors import EXIT_USAGE
-
-    good, bad = tmp_path / "p.yaml", tmp_path / "bad.yaml"
-    good.write_text(PROMPTS_YAML)
-    bad.write_text("Bad Name: x\n")
-    for extra, says in ((["--prompts-file", str(good), "--prompt", "x"], "--prompts-file excludes --prompt"),
-                        (["--prompts-file", str(bad)], "bad prompt name"),
-                        (["--prompts-file", str(good).replace("p.yaml", "q.txt")], "must end in")):
-        with pytest.raises(SystemExit) as exc:
-            run_main(main, dummy_args(sample_data_dir, tmp_path / "ckpt", *extra), prog="batched_image_inference.py")
-        err = capsys.readouterr().err.strip().splitlines()
-        assert exc.value.code == EXIT_USAGE and len(err) == 1 and says in err[0], err
-
-
-def test_several_prompts_with_the_tiny_model(tiny_model_dir, sample_data_dir, tmp_path):
-    prompts_file = tmp_path / "prompts.json"
-    prompts_file.write_text(json.dumps({"a": "Describe.", "b": "Describe the style of this artwork: {tags}"}))
-    ckpt = tmp_path / "ckpt"
-    args = ["--model", str(tiny_model_dir), "--data-dir", str(sample_data_dir), "--checkpoint-dir", str(ckpt),
-            "--no-push", "--max-tokens", "4", "--batch-size", "2", "--max-images", "4", "--dtype", "float32",
-            "--num-loader-workers", "1", "--prompts-file", str(prompts_file)]
-    assert main(args) in (EXIT_OK, EXIT_ITEMS_FAILED)
-    rows = merged_rows(ckpt)
-    assert rows
-    for r in rows:
-        assert r["caption_finish_a"] in ("stop", "length") and r["caption_finish_b"] in ("stop", "length")
-        assert 0 <= r["caption_tokens_a"] <= 4 and 0 <= r["caption_tokens_b"] <= 4
-        assert isinstance(r["caption_flags_b"], list) and r["caption_attempts_a"] in (1, 2)
-
-
 # ---------------------------------------------------------------- 5: JSON captions
 
 
@@ -399,26 +188,6 @@ def test_card_names_the_json_fields():
 
     card = render_dataset_card("me/data", [{"run_id": "a", "format": "json", "json_fields": ["subject", "mood"]}])
     assert "fields in\n  `caption_subject`, `caption_mood`" in card
-
-
-def test_per_row_prompts_with_the_static_cache_and_its_dynamic_fallback(tiny_model_dir, sample_data_dir):
-    import torch
-
-    from vlm_caption.captioner import Captioner
-    from vlm_caption.model_loading import load_model
-
-    model, processor = load_model(str(tiny_model_dir), torch.device("cpu"), dtype="float32")
-    dynamic = Captioner(model, processor, model_name="tiny", prompt="Describe.", max_tokens=6, min_tokens=6)
-    static = Captioner(model, processor, model_name="tiny", prompt="Describe this artwork, please.", max_tokens=6,
-                       min_tokens=6, compile="on", compile_options={"compile": False})
-    assert static.static_decode is not None
-    items = _items(dynamic, sample_data_dir, 3)
-    keys, pixels = [i.row["key"] for i in items], [i.inputs for i in items]
-    for prompts in (["Describe.", "Describe this artwork.", "Describe it."],  # fit the static cache
-                    ["Describe.", "Describe this artwork " + "in great detail " * 20, "Describe it."]):  # do not
-        want = [c.text for c in dynamic.generate(keys, pixels, prompts=prompts)]
-        assert [c.text for c in static.generate(keys, pixels, prompts=prompts)] == want
-    assert static._static_fallback_logged  # the long prompt ran with the dynamic cache
 
 
 # ---------------------------------------------------------------- parts written before the flags existed
