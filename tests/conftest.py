@@ -1,4 +1,4 @@
-"""Shared fixtures: hermetic environment, the tiny Gemma 3, a sample data set.
+"""Shared fixtures: hermetic environment, the tiny Gemma 3, a sample data set, the local Hub stub.
 
 Every test runs with HF caches in a tmp dir, offline, with no token: nothing reaches the network
 except servers the tests start on 127.0.0.1.
@@ -62,3 +62,31 @@ def sample_data_dir(tmp_path_factory) -> Path:
 
     return write_sample(tmp_path_factory.mktemp("sample") / "data", n=48, broken=True, seed=0,
                         include_broken_in_metadata=True)
+
+
+@pytest.fixture
+def hub_stub(tmp_path, monkeypatch):
+    """A running stub; the real client is pointed at it, online, with the stub's write token in HF_TOKEN.
+
+    conftest sets HF_HUB_OFFLINE=1 before huggingface_hub is imported, and the library reads it once at
+    import time into `constants.HF_HUB_OFFLINE`: patching the constant is what turns offline mode off.
+    Its own retry sleeps (`http_backoff`, up to 8 s each) are made instant so fault tests stay fast.
+    """
+    import types
+
+    from huggingface_hub import constants
+    from huggingface_hub.utils import _http as hf_http
+
+    from hub_stub import HubStub
+
+    stub = HubStub(tmp_path / "hub_stub").start()
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setenv("HF_TOKEN", stub.token)
+    # The token file path is fixed at import time; never let a developer's real login leak into a test.
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token_here"))
+    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
+    monkeypatch.setattr(hf_http, "time", types.SimpleNamespace(sleep=lambda s: None))
+    yield stub
+    stub.stop()
+    hf_http.close_session()  # drop keep-alive connections to this stub's port

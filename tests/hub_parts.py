@@ -1,16 +1,18 @@
-"""What the Hub tests share: a test run's names, rows, a part writer, and the client fixtures (tests/hub_stub.py
-is the stub itself)."""
+"""What the Hub tests share: a test run's names, rows, a part writer, the client fixtures, and the check that a
+repo holds exactly a checkpoint dir's rows (tests/hub_stub.py is the stub itself, conftest.py its fixture)."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
-from hub_stub import hub_stub  # noqa: F401  (fixture)
+from hub_stub import HubStub
 
 from vlm_caption import hub
 from vlm_caption.atomic import atomic_write_json
-from vlm_caption.store import LEDGER, RUN_JSON, CheckpointStore
+from vlm_caption.store import LEDGER, OUTPUT_SCHEMA, RUN_JSON, CheckpointStore, list_parts
 
 REPO = "tester/contrastyles-recap"
 RUN = "0123456789ab"
@@ -64,7 +66,7 @@ def sleeps() -> list[float]:
 
 
 @pytest.fixture
-def client(hub_stub, sleeps):  # noqa: F811
+def client(hub_stub, sleeps):
     return hub.connect(REPO, endpoint=hub_stub.endpoint, retry=hub.RetryPolicy(sleep=sleeps.append))
 
 
@@ -81,3 +83,27 @@ def ledger(ckpt: Path) -> list[dict]:
 
 def data_files(stub, repo=REPO) -> list[str]:
     return sorted(p for p in stub.repo_files(repo) if p.startswith("data/"))
+
+
+def assert_hub_matches(stub: HubStub, repo_id: str, checkpoint_dir, run_id: str | None = None) -> list[dict]:
+    """The Hub's data/ rows hold every key exactly once and equal the merged local parts (all workers)."""
+    files = stub.repo_files(repo_id)
+    hub_rows: list[dict] = []
+    for path, data in sorted(files.items()):
+        if not (path.startswith("data/") and path.endswith(".parquet")):
+            continue
+        if run_id is not None and not path.startswith((f"data/{run_id}/", f"data/{run_id}-")):
+            continue
+        table = pq.read_table(io.BytesIO(data))
+        assert table.schema.equals(OUTPUT_SCHEMA), f"{path} has schema {table.schema}"
+        hub_rows.extend(table.to_pylist())
+    keys = [r["key"] for r in hub_rows]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    assert not dupes, f"{len(dupes)} keys are on the Hub more than once, e.g. {dupes[:5]}"
+    local_rows: list[dict] = []
+    for part in list_parts(checkpoint_dir):
+        local_rows.extend(pq.read_table(part.path, schema=OUTPUT_SCHEMA).to_pylist())
+    by_key = sorted(hub_rows, key=lambda r: r["key"])
+    assert by_key == sorted(local_rows, key=lambda r: r["key"]), (
+        f"Hub holds {len(hub_rows)} rows, the checkpoint dir {len(local_rows)}")
+    return by_key

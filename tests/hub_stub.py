@@ -6,7 +6,8 @@ list_repo_tree, repo_info, validate-yaml and hf_hub_download / snapshot_download
 connection before the request is applied ("drop"), a commit applied whose answer is lost
 ("lost_response"), or a commit applied whose answer comes very late ("hang").
 
-Use the `hub_stub` fixture (import it into a test module) or `HubStub(root).start()`.
+Use the `hub_stub` fixture (conftest.py) or `HubStub(root).start()`; `hub_parts.assert_hub_matches` checks a
+repo against a checkpoint dir.
 """
 from __future__ import annotations
 
@@ -25,7 +26,6 @@ from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 
 import pyarrow.parquet as pq
-import pytest
 
 REPO_ROOT_HINT = str(Path(__file__).resolve().parent.parent)  # PYTHONPATH for subprocesses that import vlm_caption
 GITATTRIBUTES = b"*.parquet filter=lfs diff=lfs merge=lfs -text\n"
@@ -444,58 +444,3 @@ class _Handler(BaseHTTPRequestHandler):
             self.stub.downloads.append((filename, len(data), rng is not None))
         self._send(status, data, {"X-Repo-Commit": oid, "ETag": f'"{sha}"', "Accept-Ranges": "bytes"},
                    content_type="application/octet-stream", head=method == "HEAD")
-
-
-# ---------------------------------------------------------------------- pytest side
-
-
-@pytest.fixture
-def hub_stub(tmp_path, monkeypatch):
-    """A running stub; the real client is pointed at it, online, with the stub's write token in HF_TOKEN.
-
-    conftest sets HF_HUB_OFFLINE=1 before huggingface_hub is imported, and the library reads it once at
-    import time into `constants.HF_HUB_OFFLINE`: patching the constant is what turns offline mode off.
-    Its own retry sleeps (`http_backoff`, up to 8 s each) are made instant so fault tests stay fast.
-    """
-    import types
-
-    from huggingface_hub import constants
-    from huggingface_hub.utils import _http as hf_http
-
-    stub = HubStub(tmp_path / "hub_stub").start()
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
-    monkeypatch.setenv("HF_TOKEN", stub.token)
-    # The token file path is fixed at import time; never let a developer's real login leak into a test.
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no_token_here"))
-    monkeypatch.delenv("HF_OIDC_RESOURCE", raising=False)
-    monkeypatch.setattr(hf_http, "time", types.SimpleNamespace(sleep=lambda s: None))
-    yield stub
-    stub.stop()
-    hf_http.close_session()  # drop keep-alive connections to this stub's port
-
-
-def assert_hub_matches(stub: HubStub, repo_id: str, checkpoint_dir, run_id: str | None = None) -> list[dict]:
-    """The Hub's data/ rows hold every key exactly once and equal the merged local parts (all workers)."""
-    from vlm_caption.store import OUTPUT_SCHEMA, list_parts
-
-    files = stub.repo_files(repo_id)
-    hub_rows: list[dict] = []
-    for path, data in sorted(files.items()):
-        if not (path.startswith("data/") and path.endswith(".parquet")):
-            continue
-        if run_id is not None and not path.startswith((f"data/{run_id}/", f"data/{run_id}-")):
-            continue
-        table = pq.read_table(io.BytesIO(data))
-        assert table.schema.equals(OUTPUT_SCHEMA), f"{path} has schema {table.schema}"
-        hub_rows.extend(table.to_pylist())
-    keys = [r["key"] for r in hub_rows]
-    dupes = sorted({k for k in keys if keys.count(k) > 1})
-    assert not dupes, f"{len(dupes)} keys are on the Hub more than once, e.g. {dupes[:5]}"
-    local_rows: list[dict] = []
-    for part in list_parts(checkpoint_dir):
-        local_rows.extend(pq.read_table(part.path, schema=OUTPUT_SCHEMA).to_pylist())
-    by_key = sorted(hub_rows, key=lambda r: r["key"])
-    assert by_key == sorted(local_rows, key=lambda r: r["key"]), (
-        f"Hub holds {len(hub_rows)} rows, the checkpoint dir {len(local_rows)}")
-    return by_key

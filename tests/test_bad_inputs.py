@@ -4,7 +4,6 @@ from __future__ import annotations
 import errno
 import io
 import json
-import os
 import struct
 import zlib
 from pathlib import Path

@@ -14,7 +14,6 @@ import pytest
 
 from batched_image_inference import main
 from dummy_runs import FAULTS, dummy_args, faults, merged_rows  # noqa: F401  (faults: fixture)
-from hub_stub import hub_stub  # noqa: F401  (fixture)
 
 from vlm_caption import store
 from vlm_caption.errors import EXIT_ITEMS_FAILED, EXIT_OK

@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
-from hub_stub import REPO_ROOT_HINT, assert_hub_matches, hub_stub  # noqa: F401  (fixture)
+from hub_parts import assert_hub_matches
+from hub_stub import REPO_ROOT_HINT
 
 from batched_image_inference import main
 from vlm_caption import hub, store
@@ -26,7 +27,7 @@ def parquet_keys(path: Path) -> list[str]:
 # ---------------------------------------------------------------- the token at the door
 
 
-def test_invalid_token_exits_2_with_one_line_that_hides_it(hub_stub, tiny_model_dir, sample_data_dir,  # noqa: F811
+def test_invalid_token_exits_2_with_one_line_that_hides_it(hub_stub, tiny_model_dir, sample_data_dir,
                                                            tmp_path):
     bad = "hf_CANARY" + "".join(random.Random(1234).choices("abcdefghijklmnopqrstuvwxyz", k=24))
     ckpt = tmp_path / "ckpt"
@@ -47,7 +48,7 @@ def test_invalid_token_exits_2_with_one_line_that_hides_it(hub_stub, tiny_model_
 # ---------------------------------------------------------------- --no-push, then --push-only
 
 
-def test_no_push_touches_nothing_then_push_only_pushes_everything_once(hub_stub, tiny_model_dir,  # noqa: F811
+def test_no_push_touches_nothing_then_push_only_pushes_everything_once(hub_stub, tiny_model_dir,
                                                                       sample_data_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     common = ["--model", str(tiny_model_dir), "--data-dir", str(sample_data_dir), "--checkpoint-dir", str(ckpt),

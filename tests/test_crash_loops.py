@@ -28,7 +28,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from hub_stub import REPO_ROOT_HINT, HubStub, assert_hub_matches
+from hub_parts import assert_hub_matches
+from hub_stub import REPO_ROOT_HINT, HubStub
 
 from batched_image_inference import main
 from vlm_caption import hub, store

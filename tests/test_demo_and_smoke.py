@@ -17,7 +17,7 @@ from vlm_caption import store
 
 REPO = Path(__file__).resolve().parent.parent
 
-from hub_stub import assert_hub_matches, hub_stub  # noqa: F401  (fixture)
+from hub_parts import assert_hub_matches
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_smoke_caption_with_tiny_model(smoke, sample_data_dir, capsys):
     assert not lines_starting(out, "FAIL")
 
 
-def test_smoke_full_push_to_local_hub(smoke, sample_data_dir, hub_stub, tmp_path, capsys):  # noqa: F811
+def test_smoke_full_push_to_local_hub(smoke, sample_data_dir, hub_stub, tmp_path, capsys):
     ckpt = tmp_path / "ckpt"  # given, so it is kept and the Hub can be compared with it
     code = smoke.main(["--full", "--push", "--tiny", "--num-images", "5", "--max-tokens", "8",
                        "--data-dir", str(sample_data_dir), "--checkpoint-dir", str(ckpt),

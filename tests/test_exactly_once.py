@@ -14,7 +14,6 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from hub_stub import hub_stub  # noqa: F401  (fixture)
 
 from vlm_caption import store
 from vlm_caption.config import RunConfig
@@ -63,7 +62,7 @@ class Cli:
 
 
 @pytest.fixture
-def cli(hub_stub, tiny_model_dir, data, tmp_path):  # noqa: F811
+def cli(hub_stub, tiny_model_dir, data, tmp_path):
     return Cli(hub_stub, tiny_model_dir, data, tmp_path)
 
 
@@ -98,7 +97,7 @@ def run_id_of(ckpt: Path) -> str:
 # ---------------------------------------------------------------- 1, 5: other repos, several runs in one repo
 
 
-def test_push_only_to_another_or_recreated_repo_pushes_every_row(cli, hub_stub, source_keys, tmp_path):  # noqa: F811
+def test_push_only_to_another_or_recreated_repo_pushes_every_row(cli, hub_stub, source_keys, tmp_path):
     ok(cli.run("a"))
     assert hub_keys(hub_stub) == source_keys
     out = ok(cli.run("a", "--push-only", repo="tester/other"))
@@ -111,7 +110,7 @@ def test_push_only_to_another_or_recreated_repo_pushes_every_row(cli, hub_stub, 
     assert "pushed 0 rows" in ok(cli.run("a", "--push-only", repo="tester/other"))  # nothing twice
 
 
-def test_a_second_run_in_the_same_repo_gets_its_own_folder_and_config(cli, hub_stub, source_keys, tmp_path):  # noqa: F811
+def test_a_second_run_in_the_same_repo_gets_its_own_folder_and_config(cli, hub_stub, source_keys, tmp_path):
     import yaml
 
     ok(cli.run("first"))
@@ -129,14 +128,14 @@ def test_a_second_run_in_the_same_repo_gets_its_own_folder_and_config(cli, hub_s
 # ---------------------------------------------------------------- 2, 6: several dirs, machines, worker counts
 
 
-def test_two_machines_with_own_dirs_into_one_repo(cli, hub_stub, source_keys, tmp_path):  # noqa: F811
+def test_two_machines_with_own_dirs_into_one_repo(cli, hub_stub, source_keys, tmp_path):
     ok(cli.run("m0", "--shards", "0-1"))
     ok(cli.run("m1", "--shards", "2-3"))
     assert hub_keys(hub_stub) == source_keys
     assert local_keys(tmp_path / "m0", tmp_path / "m1") == source_keys
 
 
-def test_trial_then_full_run_in_a_fresh_dir(cli, hub_stub, source_keys, tmp_path):  # noqa: F811
+def test_trial_then_full_run_in_a_fresh_dir(cli, hub_stub, source_keys, tmp_path):
     ok(cli.run("trial", "--max-images", "10"))
     out = ok(cli.run("full"))
     assert "10 of them on the Hub only" in out  # not captioned again
@@ -144,7 +143,7 @@ def test_trial_then_full_run_in_a_fresh_dir(cli, hub_stub, source_keys, tmp_path
     assert local_keys(tmp_path / "trial", tmp_path / "full") == source_keys
 
 
-def test_rerun_with_another_worker_count_in_new_dirs(cli, hub_stub, source_keys, tmp_path):  # noqa: F811
+def test_rerun_with_another_worker_count_in_new_dirs(cli, hub_stub, source_keys, tmp_path):
     for w in range(2):
         ok(cli.run(f"two-{w}", "--num-workers", "2", "--worker-index", str(w), "--max-images", "30"))
     for w in range(3):
@@ -157,7 +156,7 @@ def test_rerun_with_another_worker_count_in_new_dirs(cli, hub_stub, source_keys,
 # ---------------------------------------------------------------- 3, 4: a live dir, a lost run.json
 
 
-def test_second_launch_on_a_live_dir_is_refused_before_the_model_loads(cli, hub_stub, tmp_path):  # noqa: F811
+def test_second_launch_on_a_live_dir_is_refused_before_the_model_loads(cli, hub_stub, tmp_path):
     slow = cli.start("live", *SLOW, "--no-push")
     try:
         assert hub_stub.wait_for(lambda: store.list_parts(tmp_path / "live"), timeout=120), "no part written"
@@ -174,7 +173,7 @@ def test_second_launch_on_a_live_dir_is_refused_before_the_model_loads(cli, hub_
         slow.wait()
 
 
-def test_lost_run_json_never_adopts_parts_of_other_settings(cli, hub_stub, source_keys, tmp_path):  # noqa: F811
+def test_lost_run_json_never_adopts_parts_of_other_settings(cli, hub_stub, source_keys, tmp_path):
     ok(cli.run("d", "--no-push", "--max-images", "16"))
     ckpt = tmp_path / "d"
     (ckpt / store.RUN_JSON).unlink()
@@ -191,7 +190,7 @@ def test_lost_run_json_never_adopts_parts_of_other_settings(cli, hub_stub, sourc
 # ---------------------------------------------------------------- 7: signals
 
 
-def test_sigterm_flushes_finished_captions_and_exits_quickly(cli, hub_stub, source_keys, tmp_path):  # noqa: F811
+def test_sigterm_flushes_finished_captions_and_exits_quickly(cli, hub_stub, source_keys, tmp_path):
     ckpt = tmp_path / "t"
 
     def ready(output: list[str]) -> None:  # captioning for a few seconds, nothing written yet
@@ -209,7 +208,7 @@ def test_sigterm_flushes_finished_captions_and_exits_quickly(cli, hub_stub, sour
     assert local_keys(ckpt) == hub_keys(hub_stub) == source_keys
 
 
-def test_ctrl_c_with_the_hub_down_exits_within_the_push_bound(cli, hub_stub, tmp_path):  # noqa: F811
+def test_ctrl_c_with_the_hub_down_exits_within_the_push_bound(cli, hub_stub, tmp_path):
     def ready(output: list[str]) -> None:
         assert hub_stub.wait_for(lambda: store.list_parts(tmp_path / "h"), timeout=120), "".join(output)[-2000:]
         for method in ("GET", "POST", "HEAD"):
@@ -244,7 +243,7 @@ def signal_when_ready(proc: subprocess.Popen, ready, signum: int) -> tuple[int, 
 # ---------------------------------------------------------------- 8: corrupt state
 
 
-def test_corrupt_and_foreign_files_are_quarantined_and_redone(cli, hub_stub, source_keys, tmp_path):  # noqa: F811
+def test_corrupt_and_foreign_files_are_quarantined_and_redone(cli, hub_stub, source_keys, tmp_path):
     ckpt = tmp_path / "c"
     ok(cli.run("c", "--no-push"))
     parts = store.list_parts(ckpt)
@@ -261,7 +260,7 @@ def test_corrupt_and_foreign_files_are_quarantined_and_redone(cli, hub_stub, sou
     assert len(list((ckpt / store.QUARANTINE_DIR).iterdir())) == 2
 
 
-def test_null_key_is_a_failure_and_a_removed_shard_leaves_the_merge(cli, hub_stub, data, tmp_path):  # noqa: F811
+def test_null_key_is_a_failure_and_a_removed_shard_leaves_the_merge(cli, hub_stub, data, tmp_path):
     import shutil
 
     copy = tmp_path / "data"
@@ -290,7 +289,7 @@ def test_null_key_is_a_failure_and_a_removed_shard_leaves_the_merge(cli, hub_stu
 # ---------------------------------------------------------------- 9, 10: the end of a run, the commit budget
 
 
-def test_workers_sharing_a_dir_merge_once_at_the_end(cli, hub_stub, source_keys, tmp_path):  # noqa: F811
+def test_workers_sharing_a_dir_merge_once_at_the_end(cli, hub_stub, source_keys, tmp_path):
     procs = [cli.start("shared", "--num-workers", "3", "--worker-index", str(w), "--no-push") for w in range(3)]
     outs = [p.communicate(timeout=240)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs), outs

@@ -8,9 +8,8 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from hub_parts import (COMMIT, DIR, REPO, RUN, Writer, ckpt, client, data_files, hub_name, ledger,  # noqa: F401
+from hub_parts import (assert_hub_matches, COMMIT, DIR, REPO, RUN, Writer, ckpt, client, data_files, hub_name, ledger,  # noqa: F401
                        make_rows, names, sleeps, store_keys)  # (ckpt, client, sleeps: fixtures)
-from hub_stub import assert_hub_matches, hub_stub  # noqa: F401  (fixture)
 
 from vlm_caption import card, hub, hub_retry
 from vlm_caption.hub_pusher import BackgroundPusher

@@ -10,8 +10,8 @@ import sys
 import textwrap
 
 import pytest
-from hub_parts import COMMIT, REPO, RUN, Writer, ckpt, client, ledger, sleeps  # noqa: F401  (fixtures)
-from hub_stub import REPO_ROOT_HINT, assert_hub_matches, hub_stub  # noqa: F401  (fixture)
+from hub_parts import assert_hub_matches, COMMIT, REPO, RUN, Writer, ckpt, client, ledger, sleeps  # noqa: F401  (fixtures)
+from hub_stub import REPO_ROOT_HINT
 
 from vlm_caption import hub
 from vlm_caption.errors import FatalError
