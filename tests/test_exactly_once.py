@@ -157,15 +157,19 @@ def test_rerun_with_another_worker_count_in_new_dirs(cli, hub_stub, source_keys,
 
 
 def test_second_launch_on_a_live_dir_is_refused_before_the_model_loads(cli, hub_stub, tmp_path):
-    slow = cli.start("live", *SLOW, "--no-push")
+    two = ("--num-workers", "2")
+    slow = cli.start("live", *SLOW, *two, "--worker-index", "0", "--no-push")
     try:
         assert hub_stub.wait_for(lambda: store.list_parts(tmp_path / "live"), timeout=120), "no part written"
         before = (tmp_path / "live" / store.RUN_JSON).read_text()
-        same_worker = one_line_error(cli.run("live", *SLOW, "--no-push"))
+        same_worker = one_line_error(cli.run("live", *SLOW, *two, "--worker-index", "0", "--no-push"))
         assert f"pid {slow.pid}" in same_worker and "in use by" in same_worker
-        other = one_line_error(cli.run("live", "--max-tokens", "8", "--num-workers", "2", "--worker-index", "1",
-                                       "--no-push"))
+        other = one_line_error(cli.run("live", "--max-tokens", "8", *two, "--worker-index", "1", "--no-push"))
         assert f"pid {slow.pid}" in other and "other settings" in other
+        # Same settings, another worker count (a single-GPU run still alive when torchrun starts): the two
+        # would split the keys differently and caption some twice.
+        split = one_line_error(cli.run("live", *SLOW, "--num-workers", "3", "--worker-index", "2", "--no-push"))
+        assert f"pid {slow.pid}" in split and "worker 0 of 2" in split and "split the keys" in split, split
         assert (tmp_path / "live" / store.RUN_JSON).read_text() == before  # never replaced under a live process
         assert slow.poll() is None  # it was live all along
     finally:

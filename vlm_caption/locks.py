@@ -1,6 +1,7 @@
 """Who is using a checkpoint dir: one lock per worker id, one shared lock per dir.
 
-    locks/worker-{w:03d}.lock   held exclusively by the process captioning as worker w (its pid and host inside)
+    locks/worker-{w:03d}.lock   held exclusively by the process captioning as worker w (its pid, host and
+                                worker count inside: live workers must split the keys the same way)
     locks/run.lock              held shared by every live process of the dir; exclusively only to (re)write
                                 run.json, and by the last worker to finish, which merges
 
@@ -11,12 +12,14 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import socket
 import time
 from pathlib import Path
 
 LOCKS_DIR = "locks"
 RUN_LOCK = "run.lock"
+_WORKER_COUNT_RE = re.compile(r"worker \d+ of (\d+)")
 
 
 def _worker_lock_name(worker: int) -> str:
@@ -34,9 +37,10 @@ def _try_flock(fd: int, mode: int) -> bool:
 class DirLock:
     """This process's hold on a checkpoint dir (see the module doc)."""
 
-    def __init__(self, checkpoint_dir: Path | str, worker: int):
+    def __init__(self, checkpoint_dir: Path | str, worker: int, num_workers: int = 1):
         self.dir = Path(checkpoint_dir) / LOCKS_DIR
         self.worker = worker
+        self.num_workers = num_workers
         self._worker_fd: int | None = None
         self._run_fd: int | None = None
 
@@ -52,8 +56,8 @@ class DirLock:
             os.close(fd)
             return holder
         os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, worker {self.worker}, since "
-                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, worker {self.worker} of "
+                     f"{self.num_workers}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
         self._worker_fd = fd
         return None
 
@@ -86,6 +90,14 @@ class DirLock:
             finally:
                 os.close(fd)
         return found
+
+    def other_worker_counts(self) -> list[str]:
+        """Live processes of the dir that split the keys another number of ways than this one.
+
+        Called after take_worker wrote this process's count: of two processes starting together, the
+        later reader sees the other's count, so at least one of them refuses."""
+        return [h for h in self.holders()
+                if (m := _WORKER_COUNT_RE.search(h)) is not None and int(m.group(1)) != self.num_workers]
 
     def last_one_out(self) -> bool:
         """Release this process's shared hold; True when no other process holds the dir (then this one

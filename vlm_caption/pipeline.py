@@ -81,7 +81,8 @@ def run(cfg: RunConfig) -> int:
         if existing is None:
             raise UsageError(f"{ckpt} holds no run.json: nothing to push")
         return push_only(hub_client, cfg, existing)
-    writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]))
+    writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]),
+                                   num_workers=num_workers)
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=distributed_rank()[0] != 0)
     try:
         with StopSignals() as stop:

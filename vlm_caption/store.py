@@ -152,7 +152,7 @@ class CheckpointStore:
     """One worker's view of a checkpoint dir: it reads everybody's parts, writes only its own."""
 
     def __init__(self, checkpoint_dir: Path | str, worker: int, quarantine_bad: bool = True,
-                 schema: pa.Schema = OUTPUT_SCHEMA):
+                 schema: pa.Schema = OUTPUT_SCHEMA, num_workers: int = 1):
         self.dir = Path(checkpoint_dir)
         self.worker = worker
         self.schema = schema  # of the parts: the registry's columns plus --keep-columns
@@ -161,7 +161,7 @@ class CheckpointStore:
         self.failures_dir = self.dir / FAILURES_DIR
         self.run_id: str | None = None
         self.dir_id: str | None = None
-        self.lock = DirLock(self.dir, worker)
+        self.lock = DirLock(self.dir, worker, num_workers)
         self._next_part = self._next_seq(list_parts(self.dir))
         self._next_failure = self._next_seq(list_failure_files(self.dir))
 
@@ -175,8 +175,9 @@ class CheckpointStore:
                  leader_timeout: float = 600.0) -> str:
         """Take this worker's lock, then check or write run.json; returns the run_id.
 
-        Refuses a second process with this worker id, and any process whose settings differ from those of a
-        live process of the dir. run.json is only (re)written while no other process holds the dir. A dir
+        Refuses a second process with this worker id, a process whose worker count differs from a live one's
+        (the two would split the keys differently and caption some twice), and any process whose settings
+        differ from those of a live process of the dir. run.json is only (re)written while no other process holds the dir. A dir
         holding another run's captions is refused unless --overwrite; a dir whose run.json is gone re-adopts
         its parts only when their recorded run id is this run's.
         """
@@ -185,6 +186,12 @@ class CheckpointStore:
         if holder is not None:
             raise UsageError(f"{self.dir} is in use by {holder}; wait for it to end, or use another "
                              "--checkpoint-dir / --worker-index")
+        others = self.lock.other_worker_counts()
+        if others:
+            self.lock.release()
+            raise UsageError(f"{self.dir} is in use by {'; '.join(others)}: live workers must split the keys "
+                             f"the same way (this one is worker {self.worker} of {self.lock.num_workers}); wait "
+                             "for them to end, or use the same --num-workers / world size")
         try:
             return self._open_run(settings, run_id, overwrite, wait_for_leader, leader_timeout)
         except BaseException:
