@@ -23,6 +23,7 @@ from .atomic import atomic_write_json, atomic_write_table
 from .cli import plural
 from .config import DownloadConfig
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
+from .interrupts import Interrupted
 from .data_layout import (ENCODE_FORMAT, IMAGES_DIR, OOM_SHARD_COUNT, SAVED_COLUMNS, SUMMARY_FILE, URLS_FILE,
                           expected_shards)
 from .download_summary import make_summary, print_summary, stats_files
@@ -174,6 +175,19 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
     from img2dataset import download
 
     previous = signal.getsignal(signal.SIGINT)
+    terms: list[int] = []
+
+    def on_sigterm(signum, frame):
+        # img2dataset handles SIGINT only: its handler removes its _tmp dir, stops its logger process and
+        # exits, and leaving its process pool terminates the workers. SIGTERM (Slurm, kill) takes the same
+        # way out; Python's default would end this process alone and orphan the pool and the logger.
+        terms.append(signum)
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not previous:
+            handler(signal.SIGINT, frame)
+        raise Interrupted(signum)
+
+    previous_term = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         download(
             url_list=str(input_path),
@@ -199,11 +213,12 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
     except SystemExit as e:
         # img2dataset's SIGINT handler deletes its _tmp dir and calls sys.exit(0): that is an
         # interruption, not success. Finished shards are kept; a rerun resumes.
-        raise KeyboardInterrupt from e
+        raise Interrupted(terms[0] if terms else signal.SIGINT) from e
     finally:
         # Its handler is never restored by img2dataset and would turn a later Ctrl-C into exit code 0.
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
+        signal.signal(signal.SIGTERM, previous_term)
         input_path.unlink(missing_ok=True)
 
 
@@ -286,24 +301,26 @@ def run_download(cfg: DownloadConfig, strict: bool = False) -> int:
     unfinished = summary["shards"]["unfinished"]
     retryable = summary.get("failed_retryable", 0)
     permanent = summary["failed"] - retryable + summary["invalid"]
-    if summary["valid"] == 0:
+    nothing = summary["valid"] == 0
+    if nothing:
         logger.error("nothing usable was downloaded: none of the %s gave a decodable image (reasons above, "
                      "and in %s)", plural(summary["rows_in"], "source row"), SUMMARY_FILE)
-        return EXIT_ITEMS_FAILED
     if unfinished:
         logger.error("%s did not finish; rerun the same command to retry %s", plural(len(unfinished), "shard"),
                      "it" if len(unfinished) == 1 else "them")
         return EXIT_ITEMS_FAILED
-    if retryable:
-        shards = summary.get("shards_with_retryable", [])
+    if retryable:  # also after a network outage for the whole run: say how to try again
         logger.error(
             "%s failed in a way worth retrying (timeouts, HTTP 408/429/5xx, connection errors). A rerun skips "
-            "finished shards: to retry, delete %s and rerun the same command (the whole shard is fetched again)",
-            plural(retryable, "download"),
-            stats_files(shards) or "the shard's NNNNN_stats.json")
+            "finished shards: to retry, delete %s and rerun the same command (the whole shard is fetched "
+            "again)", plural(retryable, "download"),
+            stats_files(summary.get("shards_with_retryable", [])) or "the shard's NNNNN_stats.json")
+        return EXIT_ITEMS_FAILED
+    if nothing:
         return EXIT_ITEMS_FAILED
     if strict and permanent:
         logger.error("--strict: %s failed for good (HTTP 4xx, undecodable files, ...); see the reasons above",
                      plural(permanent, "row"))
         return EXIT_ITEMS_FAILED
     return EXIT_OK
+
