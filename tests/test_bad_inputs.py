@@ -205,7 +205,14 @@ def test_bad_directories_are_one_line_and_exit_2(sample_data_dir, tmp_path, caps
     (tmp_path / "empty").mkdir()
     code, err = one_line_exit(capsys, base + ["--data-dir", str(tmp_path / "empty")])
     assert code == EXIT_USAGE and "full_metadata.parquet" in err
+    unmounted = tmp_path / "unmounted"  # the metadata without the images: every load would fail for good
+    unmounted.mkdir()
+    (unmounted / "full_metadata.parquet").write_bytes((sample_data_dir / "full_metadata.parquet").read_bytes())
+    code, err = one_line_exit(capsys, base + ["--data-dir", str(unmounted)])
+    assert code == EXIT_USAGE and "has no images/ folder" in err
     (tmp_path / "afile").write_text("x")
+    code, err = one_line_exit(capsys, base + ["--data-dir", str(tmp_path / "afile")])
+    assert code == EXIT_USAGE and "is a file" in err
     code, err = one_line_exit(capsys, ["--no-push", "--data-dir", str(sample_data_dir), "--checkpoint-dir",
                                        str(tmp_path / "afile")])
     assert code == EXIT_USAGE and "is a file" in err

@@ -218,6 +218,8 @@ class RunConfig:
 
     def _validate_data_dir(self) -> None:
         data = Path(self.data_dir)
+        if data.exists() and not data.is_dir():
+            raise UsageError(f"--data-dir {data} is a file, not the directory download_data.py wrote")
         if not data.is_dir():
             raise UsageError(f"--data-dir {data} does not exist; run download_data.py --output {data} first")
         if not (data / FULL_METADATA_FILE).is_file() and not list((data / IMAGES_DIR).glob("*.parquet")):
@@ -225,6 +227,10 @@ class RunConfig:
                 f"--data-dir {data} holds no full_metadata.parquet and no images/*.parquet; "
                 "is it the directory download_data.py wrote?"
             )
+        if not (data / IMAGES_DIR).is_dir():
+            # Without it every image would be recorded as a permanent load failure (and skipped on reruns).
+            raise UsageError(f"--data-dir {data} has no {IMAGES_DIR}/ folder with the images: is its disk mounted? "
+                             "(download_data.py writes it)")
 
     def worker_slice(self) -> tuple[int, int]:
         """(worker_index, num_workers) over all machines and all ranks.
