@@ -180,11 +180,14 @@ def test_prompts_file_excludes_prompt_and_bad_files_are_one_line(sample_data_dir
     from vlm_caption.cli import run_main
     from vlm_caption.errors import EXIT_USAGE
 
-    good, bad = tmp_path / "p.yaml", tmp_path / "bad.yaml"
+    good, bad, clash = tmp_path / "p.yaml", tmp_path / "bad.yaml", tmp_path / "clash.yaml"
     good.write_text(PROMPTS_YAML)
     bad.write_text("Bad Name: x\n")
+    clash.write_text("x_y: Describe.\ny: Name the style.\n")  # y's field flags_x = x_y's own caption_flags_x_y
     for extra, says in ((["--prompts-file", str(good), "--prompt", "x"], "--prompts-file excludes --prompt"),
                         (["--prompts-file", str(bad)], "bad prompt name"),
+                        (["--prompts-file", str(clash), "--format", "json", "--json-fields", "flags_x"],
+                         "column caption_flags_x_y would be written twice"),
                         (["--prompts-file", str(good).replace("p.yaml", "q.txt")], "must end in")):
         with pytest.raises(SystemExit) as exc:
             run_main(main, dummy_args(sample_data_dir, tmp_path / "ckpt", *extra), prog="batched_image_inference.py")

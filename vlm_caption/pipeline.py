@@ -97,6 +97,7 @@ def plan_columns(cfg: RunConfig, settings: dict) -> tuple[list, list[prompt_plan
     specs = prompt_plan.run_specs(settings)
     names = [n for n in output_schema(extra).names]
     also = prompt_plan.prompt_columns(specs, names, dataset.metadata_names(Path(cfg.data_dir)))
+    prompt_plan.check_distinct_columns(output_schema([*extra, *prompt_columns(specs)]).names)
     return extra, specs, also
 
 

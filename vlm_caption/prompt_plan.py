@@ -82,6 +82,16 @@ def prompt_columns(specs: Sequence[PromptSpec], output_names: Sequence[str], met
     return extra
 
 
+def check_distinct_columns(names: Sequence[str]) -> None:
+    """Prompt names and JSON fields combine into column names (caption_{field}_{prompt}): prompts `x_y` and `y`
+    with fields `a` and `a_x` would both write caption_a_x_y. Said before any work, not at the merge."""
+    seen: set[str] = set()
+    twice = [n for n in names if n in seen or seen.add(n)]
+    if twice:
+        raise UsageError(f"column {twice[0]} would be written twice: the --prompts-file prompt names and "
+                         "--json-fields / --keep-columns combine into the same name; rename a prompt or a field")
+
+
 def run_specs(settings: Mapping[str, Any]) -> list[PromptSpec]:
     """The run's prompts from its settings (RunConfig.run_settings): run.json is the one record of them."""
     fields = tuple(settings.get("json_fields") or ()) if settings.get("format") == "json" else ()
