@@ -189,6 +189,8 @@ def one_line_exit(capsys, argv: list[str]) -> tuple[int, str]:
     (["--hf-repo", "a/b/c"], "invalid Hub repo id"),
     (["--num-workers", "2", "--worker-index", "5"], "--worker-index must be in"),
     (["--temperature", "-1"], "--temperature"),
+    (["--hub-endpoint", "notaurl"], "is not an http:// or https:// URL"),
+    (["--hub-endpoint", "ftp://mirror.example"], "is not an http:// or https:// URL"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(flags, message, sample_data_dir, tmp_path, capsys):
     argv = ["--data-dir", str(sample_data_dir), "--checkpoint-dir", str(tmp_path / "c"), *flags]
@@ -196,6 +198,21 @@ def test_bad_flags_are_one_line_and_exit_2(flags, message, sample_data_dir, tmp_
         argv.append("--no-push")
     code, err = one_line_exit(capsys, argv)
     assert code == EXIT_USAGE and message in err
+
+
+def test_bad_prompt_files_are_one_line_and_exit_2(sample_data_dir, tmp_path, capsys):
+    (tmp_path / "latin1.txt").write_bytes("Décris l'œuvre.".encode("cp1252"))
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "good.txt").write_text("Describe {tags}.\n")
+    base = ["--no-push", "--data-dir", str(sample_data_dir), "--checkpoint-dir", str(tmp_path / "c"), "--dry-run"]
+    for name, says in (("nope.txt", "does not exist"), (".", "is a directory"), ("latin1.txt", "as UTF-8 text"),
+                       ("empty.txt", "is empty")):
+        code, err = one_line_exit(capsys, base + ["--prompt-file", str(tmp_path / name)])
+        assert code == EXIT_USAGE and says in err, err
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, base + ["--prompt-file", str(tmp_path / "good.txt")])
+    out = capsys.readouterr().out
+    assert exc.value.code == 0 and "\n    Describe " in out and "{tags}" not in out  # the template, rendered
 
 
 def test_bad_directories_are_one_line_and_exit_2(sample_data_dir, tmp_path, capsys):

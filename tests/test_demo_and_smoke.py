@@ -12,12 +12,13 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from hub_parts import assert_hub_matches
 
+from vlm_caption import demo as demo_module
 from vlm_caption import store
+from vlm_caption.errors import UsageError
 
 REPO = Path(__file__).resolve().parent.parent
-
-from hub_parts import assert_hub_matches
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +63,6 @@ def test_demo_end_to_end_then_rerun_resumes(tmp_path, capsys):
     assert "preview.html" in out and store.MERGED in out
 
     # Rerun in-process: everything is done, nothing is rewritten, and it still succeeds.
-    from vlm_caption import demo as demo_module
 
     before = part_stamps(ckpt)
     assert demo_module.main(["--dir", str(demo)]) == 0
@@ -70,6 +70,13 @@ def test_demo_end_to_end_then_rerun_resumes(tmp_path, capsys):
     assert "reusing tiny model" in rerun and "reusing sample data" in rerun
     assert "captioned 0 images" in rerun
     assert part_stamps(ckpt) == before
+
+
+def test_demo_dir_that_is_a_file_is_a_usage_error(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    for bad in ("afile", "afile/sub"):
+        with pytest.raises(UsageError, match="is a file"):
+            demo_module.main(["--dir", str(tmp_path / bad)])
 
 
 def test_run_captioning_passes_flags_through_from_another_cwd(tmp_path, sample_data_dir):

@@ -158,6 +158,11 @@ def test_missing_merged_file_is_a_usage_error(tmp_path):
         preview_main([str(tmp_path), "--out", str(tmp_path / "p.html")])
 
 
+def test_out_that_is_a_directory_is_a_usage_error(checkpoint, tmp_path):
+    with pytest.raises(UsageError, match="--out .* is a directory; give a file name"):
+        preview_main([str(checkpoint), "--out", str(tmp_path)])
+
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1200,900"]

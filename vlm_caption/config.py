@@ -10,6 +10,7 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from .data_layout import FULL_METADATA_FILE, IMAGES_DIR
 from .errors import UsageError
@@ -73,7 +74,14 @@ def machine_slice() -> tuple[int, int] | None:
         raise UsageError(f"SLURM_ARRAY_TASK_* in the environment are not integers: {e}") from None
 
 
-def _check_writable_dir(path: Path, flag: str) -> None:
+def check_output_file(path: Path, flag: str) -> None:
+    """A file to be written: not a directory, in a directory that can be written to."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    check_writable_dir(path.parent, flag)
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
     """Fail now, not after an hour of work, when results could not be written there."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} is a file, not a directory; pass a directory")
@@ -191,7 +199,8 @@ class RunConfig:
         if self.prompt is not None and not self.prompt.strip():
             raise UsageError("--prompt is empty")
         if self.prompt_file is not None and not Path(self.prompt_file).is_file():
-            raise UsageError(f"--prompt-file {self.prompt_file} does not exist")
+            what = "is a directory" if Path(self.prompt_file).is_dir() else "does not exist"
+            raise UsageError(f"--prompt-file {self.prompt_file} {what}")
         if self.format not in ("text", "json"):
             raise UsageError(f"--format must be text or json, got {self.format!r}")
         if self.json_fields is not None and self.format != "json":
@@ -209,12 +218,16 @@ class RunConfig:
         if len(self.checkpoint_dirs) > 1 and not self.merge_only:
             raise UsageError("several --checkpoint-dir values are only allowed with --merge-only")
         for d in self.checkpoint_dirs:
-            _check_writable_dir(Path(d), "--checkpoint-dir")
+            check_writable_dir(Path(d), "--checkpoint-dir")
         if not (self.merge_only or self.push_only):
             self._validate_data_dir()
         parse_shards(self.shards)
         self.worker_slice()
         resolve_repo_id(self.hf_repo, self.hf_username)  # a typo should not wait for the day pushes are on
+        if self.hub_endpoint is not None:
+            url = urlsplit(self.hub_endpoint)
+            if url.scheme not in ("http", "https") or not url.netloc:
+                raise UsageError(f"--hub-endpoint {self.hub_endpoint!r} is not an http:// or https:// URL")
 
     def _validate_data_dir(self) -> None:
         data = Path(self.data_dir)
@@ -306,7 +319,10 @@ class RunConfig:
     def prompt_text(self) -> str | None:
         """The user's prompt, if any (None = prompts.DEFAULT_PROMPT)."""
         if self.prompt_file is not None:
-            text = Path(self.prompt_file).read_text(encoding="utf-8").strip()
+            try:
+                text = Path(self.prompt_file).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as e:
+                raise UsageError(f"--prompt-file {self.prompt_file} cannot be read as UTF-8 text: {e}") from None
             if not text:
                 raise UsageError(f"--prompt-file {self.prompt_file} is empty")
             return text
@@ -341,4 +357,4 @@ class DownloadConfig:
             raise UsageError(f"--max-rows must be a positive integer, got {self.max_rows}")
         if self.distributor not in ("multiprocessing", "pyspark", "ray"):
             raise UsageError(f"--distributor must be multiprocessing, pyspark or ray, got {self.distributor!r}")
-        _check_writable_dir(Path(self.output), "--output")
+        check_writable_dir(Path(self.output), "--output")

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from . import endings, pipeline, store
 from .cli import plural
-from .config import RunConfig
+from .config import RunConfig, check_writable_dir
 from .data_layout import INVALID_FILE
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, UsageError
 
@@ -155,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.n < 8:  # the sample puts 6 broken rows in; keep some good ones
         raise UsageError(f"--n must be at least 8, got {a.n}")
+    check_writable_dir(Path(a.dir), "--demo-dir")
     # The demo never needs the network: the model is a local directory.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from .cli import setup_logging

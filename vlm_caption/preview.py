@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from . import dataset, store
 from .atomic import atomic_write_bytes
 from .cli import plural
+from .config import check_output_file
 from .errors import UsageError
 from .quality import FLAGS
 from .rows import count_flags, describe_counts
@@ -354,6 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     if a.data_dir is not None and not Path(a.data_dir).is_dir():
         raise UsageError(f"--data-dir {a.data_dir} does not exist")
+    check_output_file(Path(a.out), "--out")
     cards = write_preview(a.checkpoint_dir, a.out, data_dir=a.data_dir, n=a.n, random_weights=a.random_weights)
     print(f"wrote {a.out} ({plural(cards, 'caption card')})")
     return 0

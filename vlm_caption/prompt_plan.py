@@ -56,7 +56,7 @@ class PromptSpec:
 
 
 def _flag(name: str | None) -> str:
-    return f"--prompts-file prompt {name!r}" if name else "--prompt"
+    return f"--prompts-file prompt {name!r}" if name else "--prompt / --prompt-file"
 
 
 def prompt_columns(specs: Sequence[PromptSpec], output_names: Sequence[str], metadata_names: Sequence[str]) -> list[str]:
