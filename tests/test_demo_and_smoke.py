@@ -98,6 +98,17 @@ def test_smoke_skip_model(smoke, sample_data_dir, capsys):
     assert "vlm_caption" in out and "caption_finish" in out  # the schema is printed
 
 
+def test_smoke_reads_shard_metadata_with_md5_as_source_md5(smoke, sample_data_dir, tmp_path, capsys):
+    """Without full_metadata.parquet the captioner reads the shard parquets, where md5 is source_md5."""
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_data_dir, data)
+    (data / "full_metadata.parquet").unlink()
+    assert smoke.main(["--skip-model", "--data-dir", str(data)]) == 0, capsys.readouterr().out
+    assert "metadata_columns" in lines_starting(capsys.readouterr().out, "PASS")
+
+
 def test_smoke_caption_with_tiny_model(smoke, sample_data_dir, capsys):
     assert smoke.main(["--num-images", "3", "--tiny", "--max-tokens", "8", "--data-dir", str(sample_data_dir)]) == 0
     out = capsys.readouterr().out

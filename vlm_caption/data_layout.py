@@ -30,6 +30,7 @@ import math
 # Passed to img2dataset's save_additional_columns, in this order. `md5` is reserved by img2dataset
 # (it raises ValueError), so the dataset's md5 travels as `source_md5` and is renamed back afterwards.
 SAVED_COLUMNS = ("original_key", "source_md5", "tags", "merged_tags")
+SHARD_NAMES = {"md5": "source_md5"}  # source column -> its name in img2dataset's shard parquets
 IMAGES_DIR = "images"
 VALIDATION_DIR = "decode_checks"  # not "validation": datasets would read that name as a split
 URLS_FILE = "urls.parquet"

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .data_layout import ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR
+from .data_layout import ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_NAMES
 from .errors import UsageError
 from .schema import COLUMNS, LOOKUP_COLUMNS, Column, carried, keep_columns
 
@@ -239,8 +239,9 @@ def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),
             if key not in wanted:
                 continue
             wanted.discard(key)
-            if row.get("md5") is None:  # shard parquets hold it as source_md5 (md5 is reserved in img2dataset)
-                row["md5"] = row.get("source_md5")
+            for name, in_shard in SHARD_NAMES.items():  # md5 is reserved in img2dataset: source_md5 there
+                if row.get(name) is None:
+                    row[name] = row.get(in_shard)
             out = clean_row({dst: row.get(src) for src, dst in names.items()}, types)
             out["key"] = key
             for name in also:

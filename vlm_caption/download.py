@@ -22,11 +22,11 @@ import pyarrow.parquet as pq
 from .atomic import atomic_write_json, atomic_write_table
 from .cli import plural
 from .config import DownloadConfig
+from .data_layout import (ENCODE_FORMAT, IMAGES_DIR, OOM_SHARD_COUNT, SAVED_COLUMNS, SHARD_NAMES, SUMMARY_FILE,
+                          URLS_FILE, expected_shards)
+from .download_summary import make_summary, print_summary, stats_files
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .interrupts import Interrupted
-from .data_layout import (ENCODE_FORMAT, IMAGES_DIR, OOM_SHARD_COUNT, SAVED_COLUMNS, SUMMARY_FILE, URLS_FILE,
-                          expected_shards)
-from .download_summary import make_summary, print_summary, stats_files
 from .validate import build_outputs, validate_shards
 
 logger = logging.getLogger(__name__)
@@ -169,7 +169,7 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
         raise FatalError("img2dataset must run in the main thread (it installs a signal handler)")
     input_path = out / IMG2DATASET_INPUT
     atomic_write_table(input_path,
-                       urls.rename_columns(["source_md5" if c == "md5" else c for c in urls.column_names]))
+                       urls.rename_columns([SHARD_NAMES.get(c, c) for c in urls.column_names]))
     # Set before the import: albumentations (imported by img2dataset) checks an index for updates otherwise.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download

@@ -13,7 +13,7 @@ import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .data_layout import IMAGES_DIR
+from .data_layout import IMAGES_DIR, SHARD_NAMES
 from .errors import FatalError, UsageError
 from .schema import source_columns
 
@@ -67,7 +67,8 @@ def check_metadata_columns(ctx: Context) -> str:
     rows = 0
     for path, _ in dataset.metadata_files(ctx.data_dir):
         pf = pq.ParquetFile(path)
-        missing = [c for c in REQUIRED_COLUMNS if c not in pf.schema_arrow.names]
+        names = pf.schema_arrow.names
+        missing = [c for c in REQUIRED_COLUMNS if c not in names and SHARD_NAMES.get(c) not in names]
         if missing:
             raise CheckFailed(f"{path} lacks column(s) {', '.join(missing)}; rerun download_data.py to rebuild it")
         rows += pf.metadata.num_rows
