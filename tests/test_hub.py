@@ -36,6 +36,23 @@ def test_connect_without_token_is_one_line_usage_error(hub_stub, monkeypatch):  
     assert hub_stub.requests == []
 
 
+def test_push_only_without_token_or_run_json_is_one_line_and_never_offers_no_push(hub_stub, monkeypatch, tmp_path,
+                                                                                   capsys):
+    from batched_image_inference import main as cli_main
+    from vlm_caption.cli import run_main
+
+    monkeypatch.delenv("HF_TOKEN")
+    argv = ["--push-only", "--hf-repo", REPO, "--hub-endpoint", hub_stub.endpoint, "--checkpoint-dir"]
+    for ckpt, says in ((tmp_path / "never", "holds no run.json"), (tmp_path / "ran", "no Hugging Face token")):
+        if ckpt.name == "ran":
+            Writer(ckpt).parts(3)
+        with pytest.raises(SystemExit) as e:
+            run_main(cli_main, [*argv, str(ckpt)], prog="batched_image_inference.py")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and says in err[0] and "--no-push" not in err[0], err
+    assert hub_stub.requests == []  # the dir is checked before the Hub is asked anything
+
+
 def test_connect_invalid_token_not_retried(hub_stub, monkeypatch, sleeps):  # noqa: F811
     monkeypatch.setenv("HF_TOKEN", "hf_NotAValidTokenAtAll123")
     with pytest.raises(UsageError, match="refused the Hugging Face token") as e:

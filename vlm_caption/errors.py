@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 EXIT_OK = 0  # everything selected is done
-EXIT_FATAL = 1  # a condition the run cannot go on with (disk full, the Hub refused the token)
+EXIT_FATAL = 1  # a condition the run cannot go on with (disk full, the Hub refusing a push mid-run)
 EXIT_USAGE = 2  # a user mistake, said in one line
 EXIT_ITEMS_FAILED = 3  # some items failed (reasons recorded) or rows are still unpushed
 EXIT_COVERAGE = 4  # --merge-only found keys missing or captioned twice
@@ -13,4 +13,4 @@ class UsageError(Exception):
 
 
 class FatalError(Exception):
-    """A run that cannot go on (disk full, Hub refused the token): one line, exit code 1."""
+    """A run that cannot go on (disk full, the Hub refusing a push mid-run): one line, exit code 1."""

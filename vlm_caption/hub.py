@@ -56,15 +56,17 @@ _LOGIN_HINT = "run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
 # ---------------------------------------------------------------- connecting
 
 def connect(repo_id: str, *, private: bool = False, endpoint: str | None = None,
-            retry: RetryPolicy | None = None, way_out: str = "or pass --no-push") -> HubClient:
+            retry: RetryPolicy | None = None, way_out: str | None = "or pass --no-push") -> HubClient:
     """Check the token and its write access, create the dataset repo if needed. Call before the model loads.
 
-    `way_out` ends the messages of problems the user can also avoid by not pushing (the caller's own flag)."""
+    `way_out` ends the messages of problems the user can also avoid by not pushing (the caller's own flag;
+    None where pushing is the whole point, e.g. --push-only)."""
+    tail = f" {way_out}" if way_out else ""
     if constants.is_offline_mode():
-        raise UsageError(f"HF_HUB_OFFLINE is set, so nothing can be pushed; unset it {way_out}")
+        raise UsageError(f"HF_HUB_OFFLINE is set, so nothing can be pushed; unset it{tail}")
     token = get_token()  # HF_TOKEN, then the cached `hf auth login`
     if not token:
-        raise UsageError(f"no Hugging Face token found: {_LOGIN_HINT}, {way_out}")
+        raise UsageError(f"no Hugging Face token found: {_LOGIN_HINT}{',' if tail else ''}{tail}")
     client = HubClient(HfApi(endpoint=endpoint, token=token), repo_id, token, retry or RetryPolicy())
     who = client._checked(client.api.whoami, "token check")
     if who.get("auth", {}).get("accessToken", {}).get("role") == "read":

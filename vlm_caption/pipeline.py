@@ -70,16 +70,19 @@ def run(cfg: RunConfig) -> int:
     if cfg.dry_run:
         return dry_run(cfg, settings, worker, num_workers, (extra, specs, also))
 
+    existing = None
+    if cfg.push_only:  # pushes the run the dir holds, whatever the generation flags of this command say
+        existing = store.read_run_json(ckpt)
+        if existing is None:
+            raise UsageError(f"{ckpt} holds no run.json: nothing to push")
     hub_client = None
     if not cfg.no_push:  # before the model loads: a bad token must not cost GPU time
         from . import hub
 
         hub_client = hub.connect(resolve_repo_id(cfg.hf_repo, cfg.hf_username), private=cfg.private,
-                                 endpoint=cfg.hub_endpoint)
-    if cfg.push_only:  # pushes the run the dir holds, whatever the generation flags of this command say
-        existing = store.read_run_json(ckpt)
-        if existing is None:
-            raise UsageError(f"{ckpt} holds no run.json: nothing to push")
+                                 endpoint=cfg.hub_endpoint,
+                                 way_out=None if cfg.push_only else "or pass --no-push")
+    if existing is not None:
         return push_only(hub_client, cfg, existing)
     writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]),
                                    num_workers=num_workers)
