@@ -152,3 +152,10 @@ def test_merge_refuses_dirs_of_different_runs(tiny_model_dir, clean_data, tmp_pa
     main(args_for(tiny_model_dir, clean_data, b, "--max-images", "2", "--max-tokens", "3"))
     with pytest.raises(UsageError, match="different runs"):
         main(["--merge-only", "--data-dir", str(clean_data), "--checkpoint-dir", str(a), str(b), "--no-push"])
+    # A typo among the dirs (or an unmatched glob) is refused, not merged as a dir whose keys are all missing.
+    (tmp_path / "empty").mkdir()
+    for bad, says in ((tmp_path / "typo", "does not exist"), (tmp_path / "ck_d*", "does not exist"),
+                      (tmp_path / "empty", "holds no run")):
+        with pytest.raises(UsageError, match=says):
+            main(["--merge-only", "--data-dir", str(clean_data), "--checkpoint-dir", str(a), str(bad), "--no-push"])
+        assert bad.name == "empty" or not bad.exists()

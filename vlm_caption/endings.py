@@ -184,6 +184,11 @@ def print_first_prompts(cfg: RunConfig, plan: dataset.WorkPlan, extra: list, spe
 def merge_and_check(cfg: RunConfig) -> int:
     """--merge-only: merge one or more checkpoint dirs and prove every selected key is there once."""
     dirs = [Path(d) for d in cfg.checkpoint_dirs]
+    for d in dirs:  # a typo (or an unmatched glob) must not pass as a dir whose keys are all "missing"
+        if not d.is_dir():
+            raise UsageError(f"--checkpoint-dir {d} does not exist; --merge-only merges the dirs runs wrote")
+        if not (d / store.RUN_JSON).exists() and not store.list_parts(d):
+            raise UsageError(f"--checkpoint-dir {d} holds no run (no run.json, no parts): nothing to merge")
     runs = {str(d): (store.read_run_json(d) or {}).get("run_id") for d in dirs}
     if len(set(runs.values())) > 1:  # captions of another model or prompt must not be mixed in silently
         raise UsageError("the checkpoint dirs hold different runs (settings differ): "
