@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--prompt-file", help="read the prompt from this file")
     g.add_argument("--prompts-file", help="YAML or JSON of named prompts ({name: prompt}): each image is captioned "
                    "once per prompt, into columns vlm_caption_NAME, caption_flags_NAME, caption_finish_NAME, "
-                   "caption_tokens_NAME; excludes --prompt / --prompt-file")
+                   "caption_tokens_NAME, caption_attempts_NAME; excludes --prompt / --prompt-file")
     g.add_argument("--format", default=D.format, help="text (default), or json: the "
                    "JSON instruction is appended to the prompt and the answer parsed into caption_FIELD columns "
                    "(invalid JSON: flag invalid_json and one retry; vlm_caption keeps the raw text)")
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     g.add_argument("--seed", type=int, default=D.seed, help="base seed of per-image sampling (default: %(default)s)")
     g.add_argument("--retry-repetition-penalty", type=float, default=D.retry_repetition_penalty,
-                   help="a caption flagged repetition or empty is generated once more with this repetition "
+                   help="a caption flagged repetition, empty or invalid_json is generated once more with this repetition "
                    "penalty and no repeated 4-grams; the better of the two is kept (default: %(default)s)")
     g.add_argument("--batch-size", type=auto_or_int, default=None, help="images per generate call, or auto "
                    "(default): start high and halve on out-of-memory")

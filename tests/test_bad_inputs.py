@@ -189,6 +189,9 @@ def one_line_exit(capsys, argv: list[str]) -> tuple[int, str]:
     (["--hf-repo", "a/b/c"], "invalid Hub repo id"),
     (["--num-workers", "2", "--worker-index", "5"], "--worker-index must be in"),
     (["--temperature", "-1"], "--temperature"),
+    (["--temperature", "nan"], "--temperature must be a number"),
+    (["--temperature", "inf"], "--temperature must be a number"),
+    (["--checkpoint-dir", ""], "--checkpoint-dir is empty"),
     (["--hub-endpoint", "notaurl"], "is not an http:// or https:// URL"),
     (["--hub-endpoint", "ftp://mirror.example"], "is not an http:// or https:// URL"),
 ])

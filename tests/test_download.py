@@ -194,6 +194,12 @@ def test_missing_column_fails_in_one_line_before_any_request(source, server, tmp
     assert not (tmp_path / "out" / "urls.parquet").exists()
 
 
+def test_a_local_file_of_another_kind_is_a_usage_error(tmp_path):
+    (tmp_path / "src.tsv").write_text("key\turl\n")
+    with pytest.raises(UsageError, match="give a .parquet, .csv, .jsonl or .json file"):
+        dl.load_source(str(tmp_path / "src.tsv"), "train", None)
+
+
 def test_csv_source_keeps_leading_zeros(tmp_path):
     path = tmp_path / "src.csv"
     path.write_text('key,url,caption,md5,tags,merged_tags\n00042,http://127.0.0.1/a.jpg,"a, b",ff,t,m\n')

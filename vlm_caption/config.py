@@ -106,7 +106,7 @@ class RunConfig:
     data_dir: str = DEFAULT_DATA_DIR  # what download_data.py wrote (img2dataset layout)
     checkpoint_dirs: list[str] = field(default_factory=lambda: ["./checkpoints"])  # >1 only for --merge-only
     batch_size: int | None = None  # None = auto: start high, halve on out-of-memory
-    max_auto_batch_size: int = 0  # 0 = pick from the device (64 on CUDA, 8 on CPU)
+    max_auto_batch_size: int = 0  # cap of --batch-size auto; 0 = 256 on CUDA (free memory decides), 32 on CPU
     push_every: int = 500  # push pending rows to the Hub once this many are waiting
     min_push_interval: float = 120.0  # seconds between Hub commits of one worker, at least
     hub_commits_per_hour: int = 60  # budget of all workers of a run together (the Hub allows about 128/h)
@@ -177,8 +177,8 @@ class RunConfig:
             raise UsageError(f"--decode-loop must be one of {', '.join(DECODE_LOOPS)}, got {self.decode_loop!r}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise UsageError("--min-tokens must be between 0 and --max-tokens")
-        if self.temperature < 0:
-            raise UsageError(f"--temperature must be >= 0, got {self.temperature}")
+        if not 0 <= self.temperature < float("inf"):  # also refuses nan
+            raise UsageError(f"--temperature must be a number >= 0, got {self.temperature}")
         if self.retry_repetition_penalty <= 0:
             raise UsageError(f"--retry-repetition-penalty must be > 0, got {self.retry_repetition_penalty}")
         if not 0 < self.top_p <= 1:
@@ -215,6 +215,8 @@ class RunConfig:
             raise UsageError("--merge-only, --push-only and --dry-run exclude each other")
         if self.push_only and self.no_push:
             raise UsageError("--push-only and --no-push exclude each other")
+        if any(not str(d).strip() for d in self.checkpoint_dirs):
+            raise UsageError("--checkpoint-dir is empty; give a directory (e.g. ./checkpoints)")
         if len(self.checkpoint_dirs) > 1 and not self.merge_only:
             raise UsageError("several --checkpoint-dir values are only allowed with --merge-only")
         for d in self.checkpoint_dirs:

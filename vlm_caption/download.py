@@ -61,6 +61,9 @@ def load_source(source: str, split: str, max_rows: int | None) -> pa.Table:
         if not path.is_file():
             raise UsageError(f"--source {source} does not exist")
         table = _read_local_table(path)
+    elif path.is_file():  # a local file load_dataset would take for a Hub id
+        raise UsageError(f"--source {source}: give a .parquet, .csv, .jsonl or .json file, a local dataset "
+                         "directory, or a Hub dataset id")
     else:
         table = _load_hf_table(source, split, max_rows)
     if max_rows is not None:
