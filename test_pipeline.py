@@ -14,6 +14,7 @@ Exit code: 0 every check passed, 1 a check failed (or the dependencies are missi
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 try:
     from vlm_caption.config import DEFAULT_DATA_DIR
@@ -48,6 +49,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.num_images < 1:
         p.error(f"--num-images must be a positive integer, got {args.num_images}")
+    if args.max_tokens < 1:
+        p.error(f"--max-tokens must be a positive integer, got {args.max_tokens}")
+    if args.checkpoint_dir is not None and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
+        p.error(f"--checkpoint-dir {args.checkpoint_dir} is a file, not a directory")
     if args.skip_model and (args.tiny or args.full or args.push or args.model):
         p.error("--skip-model loads no model: it excludes --model, --tiny, --full and --push")
     if args.push and not args.full:

@@ -192,6 +192,7 @@ def one_line_exit(capsys, argv: list[str]) -> tuple[int, str]:
     (["--temperature", "nan"], "--temperature must be a number"),
     (["--temperature", "inf"], "--temperature must be a number"),
     (["--checkpoint-dir", ""], "--checkpoint-dir is empty"),
+    (["--device-map", "foo"], "--device-map 'foo' is not one of auto"),
     (["--hub-endpoint", "notaurl"], "is not an http:// or https:// URL"),
     (["--hub-endpoint", "ftp://mirror.example"], "is not an http:// or https:// URL"),
 ])

@@ -23,6 +23,8 @@ DECODE_LOOPS = ("generate", "graph")  # --decode-loop: transformers' generate, o
 # Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-'/'.', no '--' or '..'.
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 _REPO_ID_RE = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
+# What transformers' from_pretrained takes as a device_map string: accelerate's strategies, or one device.
+_DEVICE_MAP_RE = re.compile(r"auto|balanced|balanced_low_0|sequential|cpu|(?:cuda|xpu|npu|mps)(?::\d+)?")
 _RESERVED_FIELDS = ("model", "finish", "tokens", "flags", "attempts")  # caption_{field} would shadow these
 
 
@@ -194,6 +196,9 @@ class RunConfig:
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
             raise UsageError(f"--attn-implementation {self.attn_implementation!r} is not one of sdpa, eager, "
                              "flash_attention_2, flash_attention_3")
+        if self.device_map is not None and not _DEVICE_MAP_RE.fullmatch(self.device_map):
+            raise UsageError(f"--device-map {self.device_map!r} is not one of auto, balanced, balanced_low_0, "
+                             "sequential, or a device such as cuda:1")
         if self.prompt is not None and self.prompt_file is not None:
             raise UsageError("give --prompt or --prompt-file, not both")
         if self.prompt is not None and not self.prompt.strip():
