@@ -9,6 +9,7 @@ import dataclasses
 import importlib.util
 import io
 import json
+import logging
 import shutil
 import signal
 import subprocess
@@ -192,6 +193,13 @@ def test_missing_column_fails_in_one_line_before_any_request(source, server, tmp
     assert "lacks column(s) md5, tags" in result.stderr
     assert server.request_count() == before
     assert not (tmp_path / "out" / "urls.parquet").exists()
+
+
+def test_repeated_source_keys_are_said_and_every_row_kept(caplog):
+    source = pa.table({c: ["a", "b", "a"] if c == "key" else ["x"] * 3 for c in dl.SOURCE_COLUMNS})
+    with caplog.at_level(logging.WARNING, logger="vlm_caption.download"):
+        assert dl.url_table(source).num_rows == 3
+    assert "source keys on more than one row: 1 (e.g. a)" in caplog.text
 
 
 def test_a_local_file_of_another_kind_is_a_usage_error(tmp_path):

@@ -131,6 +131,11 @@ def _as_strings(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
 def url_table(source: pa.Table) -> pa.Table:
     """urls.parquet's columns: the dataset's `key` becomes original_key (img2dataset assigns its own keys)."""
     renamed = {"original_key": "key"}
+    counts = pc.value_counts(source.column("key"))
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(repeated):  # every row is still downloaded (as its own key); original_key just does not tell them apart
+        logger.warning("source keys on more than one row: %d (e.g. %s); each row is downloaded as a row of its own",
+                       len(repeated), ", ".join(map(str, repeated.field("values")[:3].to_pylist())))
     return pa.table({c: source.column(renamed.get(c, c)) for c in URL_COLUMNS})
 
 
