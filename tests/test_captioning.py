@@ -318,3 +318,26 @@ def test_keep_columns_carries_a_metadata_column_with_its_type(tiny_model_dir, sa
     assert merged.schema.field("aesthetic").type == pa.float64()
     by_key = dict(zip(meta.column("key").to_pylist(), scores.to_pylist()))
     assert all(by_key[k] == v for k, v in zip(merged.column("key").to_pylist(), merged.column("aesthetic").to_pylist()))
+
+
+def test_captions_wait_for_the_copy_of_their_tokens_before_the_first_read():
+    """On CUDA the ids come back by a non-blocking copy into pinned memory: reading before its event is done
+    would read the block's old contents. The event is waited for once, before the first caption is made."""
+    import torch
+
+    from vlm_caption.captioner import Caption, _DecodeLater
+
+    order: list[str] = []
+
+    class Copied:  # stands in for the torch.cuda.Event recorded after the copy
+        def synchronize(self):
+            order.append("synchronize")
+
+    def finish(row: torch.Tensor) -> Caption:
+        order.append("read")
+        return Caption(text=str(row.tolist()), finish="stop", tokens=row.numel())
+
+    later = _DecodeLater(torch.tensor([[1, 2], [3, 4]]), finish, Copied())
+    assert len(later) == 2 and order == []  # nothing read, nothing waited for yet
+    assert [c.text for c in later] == ["[1, 2]", "[3, 4]"]
+    assert order == ["synchronize", "read", "read"]

@@ -69,7 +69,7 @@ def test_several_prompts_share_one_run_of_the_tower(model_and_processor, images,
     cap = captioner(model, processor, vision_overlap=True)
     prepared = [cap.prepare(im) for im in images[:3]]
     first, second = (cap.assemble(prepared, [p] * 3) for p in ("Describe.", "Name the painter."))
-    assert calls == ["assemble"] and first.ahead is second.ahead
+    assert calls == ["assemble"] and first.ahead.features is second.ahead.features
     got = []
     real = cap._finish
     cap._finish = lambda tokens: got.append(tokens.tolist()) or real(tokens)
@@ -78,6 +78,27 @@ def test_several_prompts_share_one_run_of_the_tower(model_and_processor, images,
     cap.assemble(list(prepared), ["Describe."] * 3)  # a new list of the same images: still the same
     cap.assemble(prepared[:2], ["Describe."] * 2)  # other images: the tower again
     assert calls == ["assemble", "assemble"]
+
+
+def test_reused_features_come_with_an_event_after_this_batch_s_own_copies(model_and_processor, images, monkeypatch):
+    """The next prompt's batch reuses the features but has new copies (ids, mask, pixels) queued on the side
+    stream: its generate must wait for an event recorded after those, not for the first batch's."""
+    import torch
+
+    model, processor = model_and_processor
+    cap = captioner(model, processor, vision_overlap=True)
+    recorded = []
+
+    class Event:  # torch.cuda.Event on a machine without one: remembers where it was recorded
+        def record(self, stream):
+            recorded.append(stream)
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(cap.vision_ahead, "stream", "side stream")
+    prepared = [cap.prepare(im) for im in images[:3]]
+    a, b = (cap.vision_ahead.encode(cap.collate(prepared, [p] * 3)["pixel_values"], prepared)
+            for p in ("Describe.", "Name the painter."))
+    assert a.features is b.features and a.event is not b.event and recorded == ["side stream"] * 2
 
 
 def test_a_list_of_images_and_the_retry_still_work(model_and_processor, images, tower_calls):

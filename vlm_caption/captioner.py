@@ -301,7 +301,14 @@ class Captioner:
             if self.static_decode is not None and is_out_of_memory(e):
                 self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back
             raise
-        return _DecodeLater(new_tokens[:n].to("cpu", non_blocking=True), self._finish)  # pad rows dropped
+        # The copy to the host is queued, not done: generate's thread goes on to the next batch, and the reader
+        # (the writer thread) waits for this event before it looks at the tokens (pinned memory, non_blocking).
+        tokens = new_tokens[:n].to("cpu", non_blocking=True)  # pad rows dropped
+        copied = None
+        if new_tokens.is_cuda:
+            copied = torch.cuda.Event()
+            copied.record()  # on the current stream, where the copy was queued
+        return _DecodeLater(tokens, self._finish, copied)
 
     def _graph_generate(self, inputs: dict[str, torch.Tensor], extra: dict[str, Any],
                         should_stop: Callable[[], bool] | None) -> torch.Tensor:
@@ -345,13 +352,18 @@ class _Assembled:
 
 
 class _DecodeLater(collections.abc.Sequence):
-    """Captions decoded from token ids on first access: in the pipeline, on its writer thread."""
+    """Captions decoded from token ids on first access: in the pipeline, on its writer thread.
 
-    def __init__(self, tokens: torch.Tensor, finish: Callable[[torch.Tensor], Caption]):
-        self._tokens, self._finish, self._captions = tokens, finish, None
+    On CUDA the ids arrive by a non-blocking copy into pinned memory: `copied` is the event after it, waited
+    for before the first read (reading earlier gives whatever the pinned block held before, silently)."""
+
+    def __init__(self, tokens: torch.Tensor, finish: Callable[[torch.Tensor], Caption], copied: Any = None):
+        self._tokens, self._finish, self._copied, self._captions = tokens, finish, copied, None
 
     def _all(self) -> list[Caption]:
         if self._captions is None:
+            if self._copied is not None:
+                self._copied.synchronize()
             self._captions = [self._finish(row) for row in self._tokens]
         return self._captions
 

@@ -66,7 +66,7 @@ class VisionAhead:
         self.decode_stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
         self._serving: tuple[torch.Tensor, torch.Tensor] | None = None
         self.misses = 0  # prefills whose pixels were not the ones served: computed inline (counted, logged)
-        self._last: tuple[list[torch.Tensor], Ahead] | None = None  # the last images encoded, and their features
+        self._last: tuple[list[torch.Tensor], torch.Tensor] | None = None  # the last images encoded, their features
         self.inner.get_image_features = self._get_image_features
 
     def side_stream(self):
@@ -83,14 +83,15 @@ class VisionAhead:
         copies were queued). The same images again (the next prompt of a run with several) reuse them."""
         last = self._last
         if last is not None and len(last[0]) == len(images) and all(a is b for a, b in zip(last[0], images)):
-            return last[1]
-        features = self.compute(pixel_values, return_dict=True).pooler_output
+            features = last[1]
+        else:
+            features = self.compute(pixel_values, return_dict=True).pooler_output
+            self._last = (list(images), features)  # holds the images: their ids stay theirs
         event = None
-        if self.stream is not None:
+        if self.stream is not None:  # recorded anew each time: it must also cover this batch's own copies
             event = torch.cuda.Event()
             event.record(self.stream)
-        self._last = (list(images), Ahead(features, event))  # holds the images: their ids stay theirs
-        return self._last[1]
+        return Ahead(features, event)
 
     @contextlib.contextmanager
     def serving(self, inputs: dict[str, torch.Tensor], ahead: Ahead | None) -> Iterator[None]:
