@@ -153,6 +153,40 @@ def test_rerun_with_another_worker_count_in_new_dirs(cli, hub_stub, source_keys,
     assert local_keys(*dirs) == source_keys
 
 
+def test_parts_a_worker_left_unpushed_are_pushed_by_the_last_one_out(cli, hub_stub, source_keys, tmp_path):
+    """Worker 1 of 2 ran with --no-push (or was killed before its push), and the relaunch has one worker:
+    nobody is worker 1 again, so the last process out of the dir pushes its parts."""
+    ok(cli.run("w", "--num-workers", "2", "--worker-index", "0"))
+    ok(cli.run("w", "--num-workers", "2", "--worker-index", "1", "--no-push"))
+    assert len(hub_keys(hub_stub)) < len(source_keys)
+    out = ok(cli.run("w"))  # nothing left to caption: it only ends the run
+    assert "other workers of" in out and "left unpushed" in out
+    assert hub_keys(hub_stub) == source_keys == local_keys(tmp_path / "w")
+
+
+def test_push_only_with_the_hub_down_exits_3_and_a_broken_summary_is_set_aside(cli, hub_stub, source_keys,
+                                                                                 tmp_path, monkeypatch, capsys):
+    ok(cli.run("p", "--no-push"))
+    (tmp_path / "p" / store.SUMMARY).write_text('{"this_run": {"captioned"')  # cut short
+    dry = cli.run("p", "--dry-run")
+    assert dry.returncode == 0 and "unreadable" in dry.stderr and "Traceback" not in dry.stderr, dry.stderr
+    assert (tmp_path / "p" / store.SUMMARY).exists()  # --dry-run changes nothing
+    # In this process, so that the retries' waits can be skipped (the CLI would wait ~30 s of backoff).
+    from batched_image_inference import main
+    from vlm_caption import hub, hub_retry
+
+    monkeypatch.setattr(hub, "RetryPolicy", lambda: hub_retry.RetryPolicy(sleep=lambda s: None))
+    hub_stub.inject("POST", r"/api/datasets/.*/commit/", "503", times=1000)
+    assert main(cli.args("p", "--push-only")[2:]) == 3
+    out = capsys.readouterr().out
+    assert "pushed 0 rows" in out and "--push-only when the Hub is reachable" in out
+    hub_stub.clear_faults()
+    up = ok(cli.run("p", "--push-only"))
+    assert "every row of the dir is on the Hub" in up and "going on without its counts" in up
+    assert hub_keys(hub_stub) == source_keys
+    assert list((tmp_path / "p" / store.QUARANTINE_DIR).glob(store.SUMMARY + ".*"))
+
+
 # ---------------------------------------------------------------- 3, 4: a live dir, a lost run.json
 
 

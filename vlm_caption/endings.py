@@ -53,6 +53,9 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
         "hub": {"pushed_all": pushed_all} if hub_client is not None else None,
     }
     if writer.lock.last_one_out():
+        if hub_client is not None and pushed_all:  # (not after a failed push: --push-only takes them all later)
+            pushed_all = push_left_behind(hub_client, ckpt, writer.run_id)
+            summary["hub"]["pushed_all"] = pushed_all
         summarise(ckpt, summary, plan.data_keys, hub_client)
     else:
         print(f"\nother workers of {ckpt} are still running ({'; '.join(writer.lock.holders()) or 'ending now'}): "
@@ -71,6 +74,40 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
     if retryable or not pushed_all or (cfg.strict and failed_mine):
         return EXIT_ITEMS_FAILED
     return EXIT_OK
+
+
+def push_left_behind(hub_client, ckpt: Path, run_id: str) -> bool:
+    """The last process out of a dir also pushes what other workers of it left unpushed (one killed, run with
+    --no-push, whose final push failed, or not relaunched because the next run has fewer workers): no other
+    process holds the dir now, so none of them writes those parts. True when nothing of the dir is pending."""
+    try:
+        rows = hub_client.push(ckpt, run_id, worker=None)
+        if rows:
+            log.info("pushed %s that other workers of %s had left unpushed", plural(rows, "row"), ckpt)
+        return hub_client.pending_rows(ckpt, run_id) == 0
+    except FatalError as e:  # HubUnavailable included: the parts stay, the exit code says so
+        log.error("could not push the dir's other pending parts: %s", hub_client.describe(e))
+        return False
+
+
+def read_summary(ckpt: Path, set_aside: bool = True) -> dict:
+    """run_summary.json, or {}. A broken one is set aside in quarantine/ with a warning (the next end of a run
+    writes it anew); with set_aside False (--dry-run changes nothing) it is only warned about."""
+    path = ckpt / store.SUMMARY
+    if not path.is_file():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+        if isinstance(summary, dict):
+            return summary
+        problem = "not a JSON object"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        problem = str(e)
+    if set_aside:
+        store.quarantine(ckpt, path, f"unreadable ({problem})", "going on without its counts")
+    else:
+        log.warning("%s is unreadable (%s); going on without its counts", path, problem)
+    return {}
 
 
 def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> None:
@@ -125,11 +162,16 @@ def push_only(hub_client, cfg: RunConfig, run_info: dict) -> int:
     ckpt = Path(cfg.checkpoint_dir)
     run_id = run_info["run_id"]
     log.info(hub_client.describe_repo(run_id))
-    rows = hub_client.push_pending(ckpt, run_id, worker=None)
-    summary_path = ckpt / store.SUMMARY
-    summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+    from .hub_retry import HubUnavailable
+
+    try:
+        rows = hub_client.push(ckpt, run_id, worker=None)
+    except HubUnavailable as e:  # retryable (README): the rows stay in the parts for the next try
+        log.error("Hub unavailable, nothing pushed: %s", e)
+        print(f"pushed 0 rows from {ckpt} to {hub_client.repo_id}; rerun --push-only when the Hub is reachable")
+        return EXIT_ITEMS_FAILED
     pending = hub_client.pending_rows(ckpt, run_id)
-    hub_client.write_card(run_info, summary)
+    hub_client.write_card(run_info, read_summary(ckpt))
     print(f"pushed {rows} rows from {ckpt} to {hub_client.repo_id}"
           + (f"; {pending} rows still pending" if pending else "; every row of the dir is on the Hub"))
     return EXIT_OK if not pending else EXIT_ITEMS_FAILED
@@ -146,9 +188,8 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, colum
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=worker, num_workers=num_workers, done_keys=done, failed_keys=failed)
     rate = None
-    summary_path = ckpt / store.SUMMARY
-    if summary_path.is_file():
-        this_run = json.loads(summary_path.read_text()).get("this_run", {})
+    this_run = read_summary(ckpt, set_aside=False).get("this_run") or {}
+    if isinstance(this_run, dict):
         rate = this_run.get("captioning_img_per_s") or this_run.get("img_per_s") or None
     eta = f"{plan.todo / rate / 3600:.1f} h at the last measured {rate:.2f} img/s" if rate else \
         "unknown (no earlier run in this checkpoint dir to measure a rate from)"

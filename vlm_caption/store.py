@@ -106,12 +106,12 @@ def check_file(path: Path, schema: pa.Schema) -> FileCheck:
     return FileCheck(keys, run_id, dir_id, None)
 
 
-def quarantine(checkpoint_dir: Path, path: Path, why: str) -> None:
-    """Set a bad file aside (never delete it); its keys are captioned again."""
+def quarantine(checkpoint_dir: Path, path: Path, why: str, then: str = "its keys will be captioned again") -> None:
+    """Set a bad file aside (never delete it), saying why and what follows (a part's keys are captioned again)."""
     dest = checkpoint_dir / QUARANTINE_DIR / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
     dest.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(path), str(dest))
-    log.warning("%s is %s: moved to %s; its keys will be captioned again", path, why, dest)
+    log.warning("%s is %s: moved to %s; %s", path, why, dest, then)
 
 
 def read_run_json(checkpoint_dir: Path | str) -> dict | None:
