@@ -81,3 +81,23 @@ def test_no_push_touches_nothing_then_push_only_pushes_everything_once(hub_stub,
     assert sorted(p for p in hub_stub.repo_files(REPO_ID) if p.startswith("data/")) == data_files
     assert hub.read_ledger(ckpt) == ledger
     assert hub_stub.token not in proc.stdout + proc.stderr
+
+
+def test_pushes_the_hub_refuses_mid_run_end_in_exit_1_with_every_caption_kept(hub_stub, sample_data_dir, tmp_path,
+                                                                              monkeypatch, caplog):
+    """The user's own namespace and a token that cannot write there (fine-grained, no write): connect cannot
+    tell, the first push can. Captioning goes on, and the end says what to fix; exit 1, not 'retry later'."""
+    hub_stub.create_repo_direct(REPO_ID)
+    hub_stub.tokens["hf_FineGrainedNoWrite1234"] = {"name": "tester", "role": "fineGrained", "orgs": []}
+    monkeypatch.setenv("HF_TOKEN", "hf_FineGrainedNoWrite1234")
+    ckpt = tmp_path / "ckpt"
+    code = main(["--backend", "dummy", "--model", "dummy-model", "--data-dir", str(sample_data_dir),
+                 "--checkpoint-dir", str(ckpt), "--hf-repo", REPO_ID, "--hub-endpoint", hub_stub.endpoint,
+                 "--min-push-interval", "0", "--push-every", "8", "--batch-size", "4", "--checkpoint-every", "8",
+                 "--num-loader-workers", "1"])
+    err = caplog.text
+    assert code == 1, err
+    assert "the Hub refused the push (tester/cli-hub): HTTP 403" in err
+    assert "every caption is kept in" in err and "then run --push-only" in err
+    assert "FineGrainedNoWrite" not in err
+    assert hub_stub.commits_applied == 0 and sum(len(k) for _, k in store.read_keys(store.list_parts(ckpt))) > 30

@@ -68,18 +68,32 @@ def test_connect_read_only_token(hub_stub, monkeypatch):  # noqa: F811
     assert hub_stub.count("POST", "/api/repos/create") == 0
 
 
-def test_connect_foreign_namespace_403_names_repo(hub_stub, sleeps):  # noqa: F811
-    with pytest.raises(UsageError, match="no write access to someone-else/data") as e:
+def test_connect_foreign_namespace_names_repo(hub_stub, sleeps):  # noqa: F811
+    with pytest.raises(UsageError, match="cannot write to someone-else/data") as e:
         hub.connect("someone-else/data", endpoint=hub_stub.endpoint, retry=hub.RetryPolicy(sleep=sleeps.append))
     assert "\n" not in str(e.value)
-    assert hub_stub.count("POST", "/api/repos/create") == 1 and sleeps == []
+    assert hub_stub.count("POST", "/api/repos/create") == 0 and sleeps == []  # said before asking
+
+
+def test_another_users_existing_repo_is_refused_at_connect(hub_stub, monkeypatch):
+    """create_repo(exist_ok=True) passes for a repo that exists in someone else's namespace (the default
+    --hf-username's, say): the run would caption for hours and have every push refused."""
+    hub_stub.create_repo_direct(REPO)
+    hub_stub.tokens["hf_SomeoneElsesWrite1234"] = {"name": "other", "role": "write", "orgs": ["other-org"]}
+    monkeypatch.setenv("HF_TOKEN", "hf_SomeoneElsesWrite1234")
+    with pytest.raises(UsageError, match=r"token of other cannot write to tester/contrastyles-recap: tester is "
+                                         r"neither that user nor one of their organisations \(other, other-org\)"):
+        hub.connect(REPO, endpoint=hub_stub.endpoint)
+    assert hub_stub.count("POST", "/api/repos/create") == 0
+    hub.connect("other-org/recap", endpoint=hub_stub.endpoint)  # an org of the user's passes
 
 
 def test_token_without_write_on_existing_repo_fails_at_push(hub_stub, monkeypatch, tmp_path):  # noqa: F811
-    # create_repo answers 403, repo_info finds the repo, and huggingface_hub 2.4 then fails to build the
-    # repo URL for a non-huggingface.co endpoint (HfUriError): connect must treat that as "exists".
+    # The user's own namespace, a fine-grained token without write: create_repo answers 403, repo_info finds
+    # the repo, and huggingface_hub 2.4 then fails to build the repo URL for a non-huggingface.co endpoint
+    # (HfUriError): connect must treat that as "exists"; the first push is what says no.
     hub_stub.create_repo_direct(REPO)
-    hub_stub.tokens["hf_FineGrainedNoWrite1234"] = {"name": "other", "role": "fineGrained", "orgs": []}
+    hub_stub.tokens["hf_FineGrainedNoWrite1234"] = {"name": "tester", "role": "fineGrained", "orgs": []}
     monkeypatch.setenv("HF_TOKEN", "hf_FineGrainedNoWrite1234")
     client = hub.connect(REPO, endpoint=hub_stub.endpoint)
     ckpt = tmp_path / "ckpt"

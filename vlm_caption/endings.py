@@ -13,7 +13,7 @@ from . import dataset, rows as rowcols, store
 from .atomic import atomic_write_json
 from .cli import plural
 from .config import RunConfig, parse_shards
-from .errors import EXIT_COVERAGE, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
+from .errors import EXIT_COVERAGE, EXIT_FATAL, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .merge import merge_parts
 
 if TYPE_CHECKING:
@@ -40,8 +40,9 @@ def still_failed(dirs: list[Path], captioned: set[str]) -> dict[str, dict]:
 
 
 def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_workers: int, plan: dataset.WorkPlan,
-           stats: RunStats, hub_client, pushed_all: bool) -> int:
-    """One merge per dir: the last worker to finish merges, writes the summary and the card; the others skip."""
+           stats: RunStats, hub_client, pushed_all: bool, push_refused: str | None = None) -> int:
+    """One merge per dir: the last worker to finish merges, writes the summary and the card; the others skip.
+    `push_refused`: the Hub's answer when it refused this worker's pushes (exit 1: rerunning as is won't help)."""
     ckpt = writer.dir
     summary = {
         "run_id": writer.run_id, "worker": worker, "num_workers": num_workers, "model": cfg.model,
@@ -69,6 +70,10 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
     if plan.unreadable_shards:
         log.error("unreadable shard metadata, its images were not captioned: %s", ", ".join(plan.unreadable_shards))
     pushed_all = pushed_all and (summary["hub"] or {}).get("card_written", True)
+    if push_refused and not pushed_all:
+        log.error("%s; every caption is kept in %s: fix the token or --hf-repo, then run --push-only",
+                  push_refused, ckpt)
+        return EXIT_FATAL
     if not pushed_all:
         log.error("some parts could not be pushed to the Hub; rerun with --push-only when it is reachable")
     if retryable or not pushed_all or (cfg.strict and failed_mine):

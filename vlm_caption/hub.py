@@ -72,9 +72,24 @@ def connect(repo_id: str, *, private: bool = False, endpoint: str | None = None,
     if who.get("auth", {}).get("accessToken", {}).get("role") == "read":
         raise UsageError(f"the Hugging Face token of {who.get('name')} is read-only; create a write token at "
                          f"https://huggingface.co/settings/tokens, then {_LOGIN_HINT}")
+    _check_namespace(who, repo_id)
     client._checked(lambda: _create_repo(client.api, repo_id, private), f"creation of dataset repo {repo_id}")
     log.info("Hub: pushing to dataset %s as %s", repo_id, who.get("name"))
     return client
+
+
+def _check_namespace(who: dict, repo_id: str) -> None:
+    """A user's token writes only to the user's own namespace and their orgs'. create_repo(exist_ok=True) does
+    not say so for a repo that exists (someone else's, e.g. the default --hf-username's): every push of the
+    run would then be refused. Within those namespaces a write is only proven by the first push."""
+    namespace = repo_id.split("/")[0]
+    if who.get("type", "user") != "user" or "/" not in repo_id:
+        return
+    mine = [who.get("name"), *(o.get("name") for o in who.get("orgs") or [] if isinstance(o, dict))]
+    if namespace not in mine:
+        raise UsageError(f"the Hugging Face token of {who.get('name')} cannot write to {repo_id}: {namespace} is "
+                         f"neither that user nor one of their organisations ({', '.join(map(str, mine))}); pass "
+                         f"--hf-username with your user or organisation name, or a --hf-repo USER/NAME of yours")
 
 
 def _create_repo(api: HfApi, repo_id: str, private: bool) -> None:

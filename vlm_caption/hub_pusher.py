@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+from .errors import FatalError
 from .hub import HubClient
 from .hub_retry import HubUnavailable
 
@@ -25,6 +26,7 @@ class BackgroundPusher:
         self.client, self.checkpoint_dir, self.run_id, self.worker = client, Path(checkpoint_dir), run_id, worker
         self.push_every, self.min_push_interval = push_every, min_push_interval
         self.rows_pushed, self.last_error = 0, None
+        self.refused: str | None = None  # the Hub's last refusal (401/403/404...): rerunning as is will not help
         self._pending_rows, self._last_attempt, self._closing = 0, float("-inf"), False
         self._final, self._final_ok = False, False
         self._cond = threading.Condition()
@@ -70,6 +72,8 @@ class BackgroundPusher:
         # The thread must outlive any failure (a revoked token, a full disk): log it, close() reports it.
         except Exception as e:  # noqa: BLE001
             self.last_error = self.client.describe(e)
+            if isinstance(e, FatalError):  # not HubUnavailable (caught above): the Hub said no (scrubbed line)
+                self.refused = str(e)
             log.error("Hub push failed, captioning goes on: %s", self.last_error)
         return False
 

@@ -151,7 +151,8 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
         # After a signal the Hub gets a bounded last chance; the rest waits for the next run or --push-only.
         timeout = FINAL_PUSH_AFTER_SIGNAL_S if stop.requested or sys.exc_info()[0] is not None else None
         pushed_all = pusher.close(final=True, timeout=timeout) if pusher is not None else True
-    return finish(cfg, writer, worker, num_workers, plan, stats, hub_client, pushed_all)
+    return finish(cfg, writer, worker, num_workers, plan, stats, hub_client, pushed_all,
+                  push_refused=pusher.refused if pusher is not None else None)
 
 
 # ---------------------------------------------------------------- the loop
