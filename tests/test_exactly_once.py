@@ -211,6 +211,25 @@ def test_second_launch_on_a_live_dir_is_refused_before_the_model_loads(cli, hub_
         slow.wait()
 
 
+def test_a_dir_locked_by_a_merge_that_outlasts_the_wait_is_one_line(tmp_path, monkeypatch):
+    """The last worker holds run.lock alone while it merges and writes the card (minutes, if the Hub makes it
+    wait): a relaunch that waits longer than share_wait_s says so in one line, not a TimeoutError traceback."""
+    from vlm_caption.errors import UsageError
+    from vlm_caption.locks import DirLock
+
+    settings = RunConfig(model="m").run_settings()
+    first = store.CheckpointStore(tmp_path / "d", 0, num_workers=2)
+    first.open_run(settings, overwrite=False)
+    assert first.lock.last_one_out()  # now held exclusively, as during the end-of-run merge
+    monkeypatch.setattr(DirLock, "share_wait_s", 0.3)
+    with pytest.raises(UsageError, match=r"stayed locked by pid .* \(the last worker of a run merges the dir"):
+        store.CheckpointStore(tmp_path / "d", 1, num_workers=2).open_run(settings, overwrite=False)
+    first.lock.release()
+    again = store.CheckpointStore(tmp_path / "d", 1, num_workers=2)
+    assert again.open_run(settings, overwrite=False) == first.run_id
+    again.lock.release()
+
+
 def test_lost_run_json_never_adopts_parts_of_other_settings(cli, hub_stub, source_keys, tmp_path):
     ok(cli.run("d", "--no-push", "--max-images", "16"))
     ckpt = tmp_path / "d"

@@ -67,8 +67,12 @@ class DirLock:
             self._run_fd = self._open(RUN_LOCK)
         return _try_flock(self._run_fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
 
-    def share_run(self, timeout: float = 60.0) -> None:
-        """Exclusive -> shared, or take it shared, waiting out a writer of run.json."""
+    share_wait_s = 60.0  # how long share_run waits for an exclusive holder (a writer of run.json, a merge)
+
+    def share_run(self) -> None:
+        """Exclusive -> shared, or take it shared, waiting out a writer of run.json; TimeoutError after
+        share_wait_s."""
+        timeout = self.share_wait_s
         deadline = time.monotonic() + timeout
         while not self.take_run(exclusive=False):
             if time.monotonic() > deadline:

@@ -194,6 +194,11 @@ class CheckpointStore:
                              "for them to end, or use the same --num-workers / world size")
         try:
             return self._open_run(settings, run_id, overwrite, wait_for_leader, leader_timeout)
+        except TimeoutError:  # run.lock held exclusively all along: the last worker's merge and card, usually
+            holders = "; ".join(self.lock.holders()) or "another process"
+            self.lock.release()
+            raise UsageError(f"{self.dir} stayed locked by {holders} (the last worker of a run merges the dir and "
+                             "writes the card under this lock); wait for it to end, then rerun") from None
         except BaseException:
             self.lock.release()
             raise
