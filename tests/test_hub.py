@@ -132,6 +132,22 @@ def test_push_then_hub_equals_local_parts(hub_stub, client, ckpt):  # noqa: F811
     assert (line["worker"], line["first"], line["last"]) == (0, 0, 2) and len(line["commit"]) == 40
 
 
+def test_push_only_leaves_out_parts_of_another_run_or_unreadable_and_says_so(hub_stub, client, ckpt, capsys):
+    from vlm_caption import endings
+    from vlm_caption.config import RunConfig
+
+    Writer(ckpt).parts(3)
+    Writer(ckpt, worker=1, run="ffffffffffff", start=100).parts(2)  # copied in from another run's dir, say
+    Writer(ckpt, worker=2, start=200).parts(2)
+    broken = list_parts(ckpt)[-1].path
+    broken.write_bytes(broken.read_bytes()[:50])  # cut short
+    code = endings.push_only(client, RunConfig(checkpoint_dirs=[str(ckpt)]), {"run_id": RUN})
+    out = capsys.readouterr().out
+    assert code == 3 and "pushed 3 rows" in out and "2 parts not pushed" in out, out
+    assert sorted(r["key"] for r in hub_stub.read_rows(REPO)) == sorted(r["key"] for r in make_rows(0, 3))
+    assert set(client.unusable.values()) >= {"it holds rows of run ffffffffffff, not of run " + RUN}
+
+
 def test_incremental_pushes_add_files_and_empty_push_is_noop(hub_stub, client, ckpt):  # noqa: F811
     w = Writer(ckpt)
     w.parts(10, 10)

@@ -177,9 +177,13 @@ def push_only(hub_client, cfg: RunConfig, run_info: dict) -> int:
         return EXIT_ITEMS_FAILED
     pending = hub_client.pending_rows(ckpt, run_id)
     hub_client.write_card(run_info, read_summary(ckpt))
+    unusable = sorted(p.name for p in hub_client.unusable)
     print(f"pushed {rows} rows from {ckpt} to {hub_client.repo_id}"
-          + (f"; {pending} rows still pending" if pending else "; every row of the dir is on the Hub"))
-    return EXIT_OK if not pending else EXIT_ITEMS_FAILED
+          + (f"; {pending} rows still pending" if pending else "")
+          + (f"; {plural(len(unusable), 'part')} not pushed ({', '.join(unusable[:5])}: see the warnings): a run "
+             "of the captioning command sets them aside and captions their keys again" if unusable else "")
+          + ("; every row of the dir is on the Hub" if not (pending or unusable) else ""))
+    return EXIT_OK if not (pending or unusable) else EXIT_ITEMS_FAILED
 
 
 def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, columns: tuple) -> int:

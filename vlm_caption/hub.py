@@ -192,6 +192,7 @@ class HubClient:
         self.api, self.repo_id, self._token, self.retry = api, repo_id, token, retry
         self._indexes: dict[str, HubIndex] = {}
         self._part_keys: dict[tuple[Path, int, int], list[str] | None] = {}  # parts never change once written
+        self.unusable: dict[Path, str] = {}  # parts not pushed, and why (unreadable, or another run's rows)
         self._warned_ledger: set[str] = set()
         self._lock = threading.Lock()
 
@@ -243,24 +244,29 @@ class HubClient:
         return (f"Hub: {self.repo_id} holds {others}{len(snap.keys)} rows of this run {run_id} in "
                 f"{len(snap.files)} file(s); this run writes to {run_data_dir(run_id)}/")
 
-    def _local_keys(self, part: Part) -> list[str] | None:
+    def _local_keys(self, part: Part, run_id: str) -> list[str] | None:
         st = part.path.stat()
         cache_key = (part.path, st.st_ino, st.st_mtime_ns)
         if cache_key not in self._part_keys:
             check = check_file(part.path, OUTPUT_SCHEMA)
-            if check.problem:
-                log.warning("Hub: not pushing %s: %s (the next run quarantines it)", part.path, check.problem)
-            self._part_keys[cache_key] = check.keys
+            problem = check.problem
+            if problem is None and check.run_id not in (None, run_id):  # copied in from another dir, say
+                problem = f"it holds rows of run {check.run_id}, not of run {run_id}"
+            if problem:
+                self.unusable[part.path] = problem
+                log.warning("Hub: not pushing %s: %s (the next run quarantines it)", part.path, problem)
+            self._part_keys[cache_key] = None if problem else check.keys
         return self._part_keys[cache_key]
 
-    def _pending(self, ckpt: Path, worker: int | None, published: set[str]) -> list[tuple[Part, list[str]]]:
-        """(part, its keys not on the Hub yet) for the parts of `worker` (None: every worker)."""
+    def _pending(self, ckpt: Path, worker: int | None, published: set[str],
+                 run_id: str) -> list[tuple[Part, list[str]]]:
+        """(part, its keys not on the Hub yet) for the parts of `worker` (None: every worker) of run `run_id`."""
         seen = set(published)
         pending = []
         for part in list_parts(ckpt):
             if worker is not None and part.worker != worker:
                 continue
-            keys = [k for k in (self._local_keys(part) or []) if k not in seen]
+            keys = [k for k in (self._local_keys(part, run_id) or []) if k not in seen]
             seen.update(keys)
             if keys:
                 pending.append((part, keys))
@@ -293,7 +299,7 @@ class HubClient:
     def pending_rows(self, checkpoint_dir: Path | str, run_id: str, worker: int | None = None) -> int:
         with self._lock:
             snap = self.snapshot(run_id)
-            return sum(len(k) for _, k in self._pending(Path(checkpoint_dir), worker, snap.keys))
+            return sum(len(k) for _, k in self._pending(Path(checkpoint_dir), worker, snap.keys, run_id))
 
     # -- pushing
 
@@ -327,7 +333,7 @@ class HubClient:
             nonlocal before
             snap = self.index(run_id).snapshot()
             self._check_ledger(ckpt, run_id, dir_id, snap)
-            pending = self._pending(ckpt, worker, snap.keys)
+            pending = self._pending(ckpt, worker, snap.keys, run_id)
             if before is None:
                 before = sum(len(k) for _, k in pending)
             files = plan_hub_files(run_id, dir_id, pending)
