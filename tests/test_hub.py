@@ -171,6 +171,16 @@ def test_backlog_is_cut_into_capped_files_in_one_commit(hub_stub, client, ckpt, 
     assert_hub_matches(hub_stub, REPO, ckpt)
 
 
+def test_a_backlog_of_more_files_than_a_commit_takes_goes_in_several(hub_stub, client, ckpt, monkeypatch):
+    monkeypatch.setattr(hub, "MAX_FILES_PER_COMMIT", 2)
+    for worker in range(5):  # five workers' parts: five files
+        Writer(ckpt, worker=worker).parts(3)
+    assert client.push_pending(ckpt, RUN, None) == 15
+    assert hub_stub.commits_applied == 3  # 2 + 2 + 1 files
+    assert_hub_matches(hub_stub, REPO, ckpt)
+    assert client.push_pending(ckpt, RUN, None) == 0 and hub_stub.commits_applied == 3
+
+
 def test_hub_file_bytes_are_deterministic_and_sorted(hub_stub, client, ckpt):  # noqa: F811
     store = Writer(ckpt).store
     store.write_part(make_rows(10, 5))

@@ -186,6 +186,10 @@ class CheckpointStore:
         if holder is not None:
             raise UsageError(f"{self.dir} is in use by {holder}; wait for it to end, or use another "
                              "--checkpoint-dir / --worker-index")
+        # Numbered again now that the worker id is ours: a process of this id that ended since __init__ may
+        # have written one more part.
+        self._next_part = self._next_seq(list_parts(self.dir))
+        self._next_failure = self._next_seq(list_failure_files(self.dir))
         others = self.lock.other_worker_counts()
         if others:
             self.lock.release()
