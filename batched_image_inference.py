@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=D.seed, help="base seed of per-image sampling (default: %(default)s)")
     g.add_argument("--retry-repetition-penalty", type=float, default=D.retry_repetition_penalty,
                    help="a caption flagged repetition, empty or invalid_json is generated once more with this repetition "
-                   "penalty and no repeated 4-grams; the better of the two is kept (default: %(default)s)")
+                   "penalty and no repeated 4-grams; the better of the two is kept; 0: no second try "
+                   "(default: %(default)s)")
     g.add_argument("--batch-size", type=auto_or_int, default=None, help="images per generate call, or auto "
                    "(default): start high and halve on out-of-memory")
     g.add_argument("--max-auto-batch-size", type=int, default=D.max_auto_batch_size, help=argparse.SUPPRESS)

@@ -90,7 +90,8 @@ def run_pipeline(model, processor, data_dir: Path, ckpt: Path, args, prompt):
 
     cfg = RunConfig(model=args.preset, data_dir=str(data_dir), checkpoint_dirs=[str(ckpt)], no_push=True,
                     batch_size=args.batch_size, max_tokens=args.new_tokens, min_tokens=args.new_tokens,
-                    num_loader_workers=args.loader_workers, prompt=prompt)
+                    num_loader_workers=args.loader_workers, prompt=prompt,
+                    retry_repetition_penalty=0)  # the loop has no second try: the same arithmetic on both sides
     captioner = Captioner(model, processor, model_name=args.preset, prompt=prompt, max_tokens=args.new_tokens,
                           min_tokens=args.new_tokens)
     if args.cache_implementation:

@@ -103,6 +103,15 @@ def test_flagged_captions_are_retried_once_and_the_better_kept(faults, sample_da
     assert "empty" not in summary["checkpoint_dir"]["caption_flags"]
 
 
+def test_retry_penalty_0_means_no_second_try(faults, sample_data_dir, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    assert main(dummy_args(sample_data_dir, ckpt, "--retry-repetition-penalty", "0")) in (EXIT_OK, EXIT_ITEMS_FAILED)
+    rows = merged_rows(ckpt)
+    assert rows and all(r["caption_attempts"] == 1 for r in rows)
+    assert any("repetition" in r["caption_flags"] for r in rows)  # flagged, kept as they came
+    assert store.read_run_json(ckpt)["retry_repetition_penalty"] == 0  # a run of its own
+
+
 def test_retry_settings_reach_the_transformers_generate(tiny_model_dir, sample_data_dir, monkeypatch):
     import torch
 

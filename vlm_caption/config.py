@@ -119,7 +119,7 @@ class RunConfig:
     temperature: float = 0.0  # 0 = greedy; >0 samples with a per-key seed
     top_p: float = 1.0  # nucleus sampling cutoff when temperature > 0
     seed: int = 0  # base of the per-key sampling seeds
-    retry_repetition_penalty: float = 1.15  # the second try of a caption flagged repetition / empty
+    retry_repetition_penalty: float = 1.15  # the second try of a flagged caption; 0 = no second try
     prompt: str | None = None  # overrides the default prompt
     prompt_file: str | None = None  # file whose text is the prompt
     prompts_file: str | None = None  # YAML or JSON of named prompts: one caption column set per prompt
@@ -181,8 +181,9 @@ class RunConfig:
             raise UsageError("--min-tokens must be between 0 and --max-tokens")
         if not 0 <= self.temperature < float("inf"):  # also refuses nan
             raise UsageError(f"--temperature must be a number >= 0, got {self.temperature}")
-        if self.retry_repetition_penalty <= 0:
-            raise UsageError(f"--retry-repetition-penalty must be > 0, got {self.retry_repetition_penalty}")
+        if not 0 <= self.retry_repetition_penalty < float("inf"):
+            raise UsageError(f"--retry-repetition-penalty must be >= 0 (0: no second try), got "
+                             f"{self.retry_repetition_penalty}")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.min_push_interval < 0:

@@ -178,6 +178,7 @@ class Batches:
         in the background."""
         results: list[Result] = []
         start = 0
+        ready = None
         while start < len(items):
             chunk = items[start:start + self.size]
             try:
@@ -188,6 +189,8 @@ class Batches:
                         for j, spec in enumerate(self.specs)]
             except (RuntimeError, ValueError, IndexError, MemoryError) as e:  # torch's OOM is a RuntimeError
                 if self.backend.is_out_of_memory(e) and len(chunk) > 1:
+                    if ready is not None:  # the whole batch's assembly (on the device) is not used again:
+                        ready.clear()  # its tensors go before the smaller retries need the memory
                     self.backend.free_memory()
                     self.size = max(1, len(chunk) // 2)
                     log.warning("out of memory with a batch of %d; retrying as batches of %d", len(chunk), self.size)
@@ -309,7 +312,8 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
         retries = [[rowcols.retry_flagged(backend, [i.row["key"] for i in items], [i.inputs for i in items],
                                           caps_j, spec, should_stop=batches.should_stop,
                                           prompts=prompts_for(spec, items)) for spec, caps_j in zip(specs, caps)]
-                   if caps is not None else [{} for _ in specs] for items, caps, _ in results]
+                   if caps is not None and cfg.retry_repetition_penalty > 0 else [{} for _ in specs]
+                   for items, caps, _ in results]
         stats.generate_s += time.monotonic() - started
         if not stop.requested:  # else generate was cut short: incomplete captions, resume redoes them
             later(record, results, retries)
