@@ -245,7 +245,8 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
     pipeline.make_backend = built_backend
     cfg = RunConfig(model=args.preset, data_dir=str(data), checkpoint_dirs=[str(ckpt)], batch_size=batch,
                     max_tokens=args.new_tokens, min_tokens=args.new_tokens, prompt=PROMPT, no_push=True,
-                    compile="on", vision_overlap=vision_overlap)
+                    compile="on", vision_overlap=vision_overlap,
+                    retry_repetition_penalty=0)  # the bare batches never retry: the same arithmetic here
     try:
         start = time.perf_counter()
         code = pipeline.run(cfg)
@@ -253,8 +254,8 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
     finally:
         pipeline.make_backend = real
     summary = json.loads((ckpt / "run_summary.json").read_text())["this_run"]
-    # The inline retry (rows.retry_flagged) generates a flagged caption once more. Random weights write
-    # garbage that is flagged nearly always, so a batch is often generated twice: count it.
+    # The inline retry (rows.retry_flagged) would generate a flagged caption once more, and random weights
+    # write garbage that is flagged nearly always: it is off above (runs 1 and 2 had it on); counted anyway.
     attempts = pq.read_table(ckpt / "all_captions.parquet", columns=["caption_attempts"]).column(0).to_pylist()
     retried = sum(1 for a in attempts if a and a > 1)
     rate = summary.get("captioning_img_per_s") or 0

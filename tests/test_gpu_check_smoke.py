@@ -37,7 +37,7 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     for key, label in (("pipeline", "compiled"), ("pipeline_overlap", "compiled, --vision-overlap")):
         pipe = result[key]  # the whole pipeline.run over the built model: every image captioned, exit 0
         assert pipe["exit_code"] == 0 and pipe["captioned"] == pipe["images"] == 12 and not pipe["failed"]
-        assert 0 <= pipe["retried"] <= 12 and pipe["generated_captions_s"] >= pipe["captioning_img_s"] > 0
+        assert pipe["retried"] == 0 and pipe["generated_captions_s"] == pipe["captioning_img_s"] > 0
         assert pipe["vision_overlap"] is (key == "pipeline_overlap")
         assert f"| whole pipeline, {label} (12 images, {pipe['retried']} retried) | 4 |" in \
             (tmp_path / "gpu_check.md").read_text()
