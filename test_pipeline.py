@@ -51,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--num-images must be a positive integer, got {args.num_images}")
     if args.max_tokens < 1:
         p.error(f"--max-tokens must be a positive integer, got {args.max_tokens}")
-    if args.checkpoint_dir is not None and Path(args.checkpoint_dir).exists() and not Path(args.checkpoint_dir).is_dir():
+    if args.checkpoint_dir is not None and Path(args.checkpoint_dir).is_file():
         p.error(f"--checkpoint-dir {args.checkpoint_dir} is a file, not a directory")
     if args.skip_model and (args.tiny or args.full or args.push or args.model):
         p.error("--skip-model loads no model: it excludes --model, --tiny, --full and --push")

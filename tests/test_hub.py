@@ -8,10 +8,10 @@ import time
 
 import pyarrow.parquet as pq
 import pytest
-from hub_parts import (assert_hub_matches, COMMIT, DIR, REPO, RUN, Writer, ckpt, client, data_files, hub_name, ledger,  # noqa: F401
-                       make_rows, names, sleeps, store_keys)  # (ckpt, client, sleeps: fixtures)
+from hub_parts import (COMMIT, DIR, REPO, RUN, Writer, assert_hub_matches, ckpt, client,  # noqa: F401
+                       data_files, hub_name, ledger, make_rows, names, sleeps, store_keys)  # (fixtures: ckpt...)
 
-from vlm_caption import card, hub, hub_retry
+from vlm_caption import card, hub, hub_files, hub_retry
 from vlm_caption.hub_pusher import BackgroundPusher
 from vlm_caption.errors import FatalError, UsageError
 from vlm_caption.store import LEDGER, OUTPUT_SCHEMA, list_parts
@@ -163,7 +163,7 @@ def test_incremental_pushes_add_files_and_empty_push_is_noop(hub_stub, client, c
 
 
 def test_backlog_is_cut_into_capped_files_in_one_commit(hub_stub, client, ckpt, monkeypatch):  # noqa: F811
-    monkeypatch.setattr(hub, "MAX_ROWS_PER_HUB_FILE", 25)
+    monkeypatch.setattr(hub_files, "MAX_ROWS_PER_HUB_FILE", 25)
     Writer(ckpt).parts(*[10] * 7)
     assert client.push_pending(ckpt, RUN, 0) == 70
     assert hub_stub.commits_applied == 1

@@ -1,14 +1,19 @@
-"""What a newcomer meets first, run as they would run it: --help of the shell scripts, and the scripts
-started with a Python that lacks the dependencies (outside the venv)."""
+"""What a newcomer meets first, run as they would run it: --help of the shell scripts, the scripts started with
+a Python that lacks the dependencies (outside the venv), and rough edges of batched_image_inference.py."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
+from test_exactly_once import cli, data, ok, one_line_error  # noqa: F401  (cli, data: fixtures)
 
+from vlm_caption import store
 from vlm_caption.cli import missing_dependency_line
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,3 +75,73 @@ def test_our_own_missing_module_keeps_its_traceback():
     assert missing_dependency_line(ModuleNotFoundError("x", name="vlm_caption.nope")) is None
     assert missing_dependency_line(ModuleNotFoundError("x", name="torch.cuda"), prog="p").startswith(
         "p: error: the package 'torch' is not installed")
+
+
+# ---------------------------------------------------------------- newcomer rough edges met on the way
+
+
+def test_shards_that_do_not_exist_are_a_usage_error(cli, tmp_path):
+    line = one_line_error(cli.run("s", "--shards", "7-9", "--no-push"))
+    assert "--shards 7-9: no such shard; the data dir has shard(s) 0-3" in line
+
+
+def test_generation_errors_exit_3_decode_errors_exit_0(cli, data, tmp_path, monkeypatch):
+    from vlm_caption import dummy_backend
+
+    ok(cli.run("g", "--no-push"))  # clean data: 0
+    # A backend whose generate fails for one key: a retryable failure, exit 3 until --retry-failed fixes it.
+    boom = tmp_path / "boom.py"
+    boom.write_text("import runpy, sys\nfrom vlm_caption import dummy_backend as d\nreal = d.DummyBackend._caption\n"
+                    "def bad(self, key, stats):\n    if key == '000005': raise RuntimeError('kaputt')\n"
+                    "    return real(self, key, stats)\nd.DummyBackend._caption = bad\n"
+                    "sys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')\n")
+    args = cli.args("g2", "--no-push")
+    proc = subprocess.run([args[0], str(boom), *args[1:]], env={**cli.env, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 3, proc.stderr[-2000:]
+    [record] = [r for f in store.list_failure_files(tmp_path / "g2") for r in pq.read_table(f.path).to_pylist()]
+    assert record["stage"] == "generate" and "kaputt" in record["error"]
+    assert cli.run("g2", "--no-push").returncode == 3  # recorded, skipped, still worth retrying
+    ok(cli.run("g2", "--no-push", "--retry-failed"))  # retried and captioned: complete, 0
+    assert dummy_backend  # the module the wrapper patches
+
+
+def test_a_local_model_dir_typed_two_ways_is_one_run(cli, tiny_model_dir, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_model_dir, tmp_path / "m")
+    ok(cli.run("p", "--no-push", "--model", "m", "--max-images", "4"))  # relative to the cwd (tmp_path)
+    ok(cli.run("p", "--no-push", "--model", str(tmp_path / "m")))  # absolute: the same run, resumed
+    assert json.loads((tmp_path / "p" / store.RUN_JSON).read_text())["model"] == str((tmp_path / "m").resolve())
+
+
+def test_unreachable_hub_fails_fast_with_one_line(cli, tmp_path):
+    env = {**cli.env, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there: refused at once
+    args = cli.args("u", "--no-push", "--model", "google/gemma-3-4b-it", "--backend", "transformers")
+    started = time.monotonic()
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 1 and time.monotonic() - started < 60, proc.stderr[-2000:]
+    assert "loading model google/gemma-3-4b-it" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
+    assert len(errors) == 1 and "unreachable" in errors[0] and "not in the local cache" in errors[0]
+
+
+def test_checkpoint_dir_given_twice_keeps_both_and_bad_repo_names_fail_even_without_push(cli, tmp_path):
+    line = one_line_error(cli.run("a", "--checkpoint-dir", str(tmp_path / "b"), "--no-push"))
+    assert "only allowed with --merge-only" in line
+    assert "invalid Hub repo id" in one_line_error(cli.run("a", "--no-push", repo="bad name!!"))
+
+
+def test_dry_run_says_what_the_run_will_do_and_rates_leave_out_model_loading(cli, tmp_path):
+    ckpt = tmp_path / "d"
+    ok(cli.run("d", "--no-push", "--max-images", "8"))
+    summary = json.loads((ckpt / store.SUMMARY).read_text())["this_run"]
+    assert summary["captioning_img_per_s"] > 0 and summary["img_per_s"] > 0  # steady rate reported on its own
+    out = ok(cli.run("d", "--no-push", "--dry-run", "--max-tokens", "9"))  # other settings, the dir holds work
+    assert "a real run needs --overwrite" in out and "img/s" in out
+    empty = tmp_path / "e"
+    empty.mkdir()
+    (empty / store.RUN_JSON).write_text(json.dumps({"run_id": "0123456789ab", "model": "typo"}))  # a failed start
+    out = ok(cli.run("e", "--no-push", "--dry-run"))
+    assert "captioned nothing, so a real run replaces its settings" in out
+    ok(cli.run("e", "--no-push", "--max-images", "2"))  # and it does

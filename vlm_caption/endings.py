@@ -164,11 +164,11 @@ def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
 
 
 def push_only(hub_client, cfg: RunConfig, run_info: dict) -> int:
+    from .hub_retry import HubUnavailable  # (huggingface_hub is imported only by runs that push)
+
     ckpt = Path(cfg.checkpoint_dir)
     run_id = run_info["run_id"]
     log.info(hub_client.describe_repo(run_id))
-    from .hub_retry import HubUnavailable
-
     try:
         rows = hub_client.push(ckpt, run_id, worker=None)
     except HubUnavailable as e:  # retryable (README): the rows stay in the parts for the next try

@@ -5,10 +5,10 @@ repo already holds for this run, at a commit C, then commits only the other rows
 commit that raced another writer (409/412) or whose answer was lost is planned again from a fresh read, so
 a row is published once whatever wrote it: another dir, another machine, another worker count, a relaunch.
 
-Hub layout: data/{run_id}/{dir_id}-w{worker:03d}-{first:06d}-{last:06d}-{digest}.parquet holds the unpublished
-rows of local parts first..last of one worker of one checkpoint dir (dir_id is made with the dir), sorted by
-key; digest names the keys, so two files never share a name unless they share their rows. Each run has its
-own folder and its own config on the dataset card; runs/{run_id}.json records its settings and counts.
+Hub layout (hub_files.py): data/{run_id}/{dir_id}-w{worker:03d}-{first:06d}-{last:06d}-{digest}.parquet holds
+the unpublished rows of local parts first..last of one worker of one checkpoint dir (dir_id is made with the
+dir), sorted by key. Each run has its own folder and its own config on the dataset card; runs/{run_id}.json
+records its settings and counts.
 
 hub_ledger.jsonl is a local record of the commits (repo, run, file, parts, rows), checked against the repo's
 real files; nothing is decided from it. The token never appears in a message of this module: every error
@@ -16,20 +16,17 @@ text goes through hub_retry.describe.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import os
 import random
-import re
 import threading
 import time
 from pathlib import Path
-from typing import Callable, NamedTuple, TypeVar
+from typing import Callable, TypeVar
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HfUriError
@@ -37,7 +34,7 @@ from huggingface_hub.errors import HfHubHTTPError, HfUriError
 from .card import render_dataset_card
 from .errors import FatalError, UsageError
 from .rows import conform
-from .schema import unified_schema
+from .hub_files import HUB_FILE_RE, ROW_GROUP_ROWS, HubFile, hub_file_bytes, plan_hub_files
 from .hub_index import REPO_TYPE, HubIndex, Snapshot, run_data_dir, run_info_path
 from .hub_retry import HubUnavailable, RetryPolicy, call_with_retries, describe, http_status
 from .store import LEDGER, OUTPUT_SCHEMA, Part, check_file, list_parts, read_run_json
@@ -45,12 +42,8 @@ from .store import LEDGER, OUTPUT_SCHEMA, Part, check_file, list_parts, read_run
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_ROWS_PER_HUB_FILE = 100_000
 MAX_FILES_PER_COMMIT = 50  # the Hub's advice is 50-100 files a commit (NOTES.md); a bigger backlog takes more
-ROW_GROUP_ROWS = 10_000  # small row groups keep the dataset viewer and streaming readers fast
 MAX_LOST_RACES = 20  # commits that lost a race with another writer, re-planned each time
-_HUB_FILE_RE = re.compile(r"^data/(?P<run>[0-9a-f]{12})/(?P<dir>[^/]+)-w(?P<worker>\d{3,})-(?P<first>\d{6,})-"
-                          r"(?P<last>\d{6,})-[0-9a-f]{8}\.parquet$")
 _LOGIN_HINT = "run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
 
 
@@ -100,57 +93,6 @@ def _create_repo(api: HfApi, repo_id: str, private: bool) -> None:
         # huggingface_hub 2.4: create was refused (401/403) but repo_info found the repo, and building its URL
         # fails for any endpoint but huggingface.co. The repo exists, which is all exist_ok asks for.
         pass
-
-
-# ---------------------------------------------------------------- what goes where
-
-class HubFile(NamedTuple):
-    path: str
-    worker: int
-    parts: list[Part]
-    keys: list[str]  # the rows of `parts` this file publishes (the others are on the Hub already)
-
-    @property
-    def rows(self) -> int:
-        return len(self.keys)
-
-
-def hub_path(run_id: str, dir_id: str, worker: int, first: int, last: int, keys: list[str]) -> str:
-    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:8]
-    return f"{run_data_dir(run_id)}/{dir_id}-w{worker:03d}-{first:06d}-{last:06d}-{digest}.parquet"
-
-
-def plan_hub_files(run_id: str, dir_id: str, pending: list[tuple[Part, list[str]]],
-                   max_rows: int | None = None) -> list[HubFile]:
-    """Group parts per worker into runs of consecutive seq numbers publishing at most max_rows rows."""
-    max_rows = max_rows or MAX_ROWS_PER_HUB_FILE
-    groups: list[list[tuple[Part, list[str]]]] = []
-    for part, keys in sorted(pending):
-        last = groups[-1] if groups else None
-        if (last is None or last[-1][0].worker != part.worker or part.seq != last[-1][0].seq + 1
-                or sum(len(k) for _, k in last) + len(keys) > max_rows):
-            groups.append([])
-        groups[-1].append((part, keys))
-    files = []
-    for g in groups:
-        keys = [k for _, ks in g for k in ks]
-        first, last = g[0][0], g[-1][0]
-        files.append(HubFile(hub_path(run_id, dir_id, first.worker, first.seq, last.seq, keys), first.worker,
-                             [p for p, _ in g], keys))
-    return files
-
-
-def hub_file_bytes(f: HubFile) -> bytes:
-    """The file's rows sorted by key, as parquet; the same rows always give the same bytes."""
-    tables = [pq.read_table(p.path).replace_schema_metadata(None) for p in f.parts]  # + --keep-columns
-    schema = unified_schema(t.schema for t in tables)
-    table = pa.concat_tables([conform(t, schema) for t in tables])
-    table = table.filter(pc.is_in(table.column("key"), pa.array(f.keys, pa.string()))).sort_by("key")
-    keys = table.column("key").to_pylist()
-    first_of_each = [i for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
-    buf = io.BytesIO()
-    pq.write_table(table.take(first_of_each).combine_chunks(), buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
-    return buf.getvalue()
 
 
 # ---------------------------------------------------------------- the ledger (a local record)
@@ -286,7 +228,7 @@ class HubClient:
                         "(deleted or recreated?); their rows are pushed again", ckpt, len(gone), self.repo_id)
         found = []
         for path in sorted(set(snap.files) - recorded):
-            m = _HUB_FILE_RE.match(path)
+            m = HUB_FILE_RE.match(path)
             if m and m["run"] == run_id and m["dir"] == dir_id:
                 worker, first, last = int(m["worker"]), int(m["first"]), int(m["last"])
                 parts = [p for p in list_parts(ckpt) if p.worker == worker and first <= p.seq <= last]

@@ -177,9 +177,9 @@ class CheckpointStore:
 
         Refuses a second process with this worker id, a process whose worker count differs from a live one's
         (the two would split the keys differently and caption some twice), and any process whose settings
-        differ from those of a live process of the dir. run.json is only (re)written while no other process holds the dir. A dir
-        holding another run's captions is refused unless --overwrite; a dir whose run.json is gone re-adopts
-        its parts only when their recorded run id is this run's.
+        differ from those of a live process of the dir. run.json is only (re)written while no other process
+        holds the dir. A dir holding another run's captions is refused unless --overwrite; a dir whose
+        run.json is gone re-adopts its parts only when their recorded run id is this run's.
         """
         run_id = run_id_for(settings)
         holder = self.lock.take_worker()

@@ -1,0 +1,76 @@
+"""What goes where on the Hub: a worker's consecutive unpublished parts become one file of the run's folder,
+
+    data/{run_id}/{dir_id}-w{worker:03d}-{first:06d}-{last:06d}-{digest}.parquet
+
+its rows sorted by key, the same rows always the same bytes (digest names the keys: two files share a name only
+when they share their rows). hub.py decides when and checks what the repo already holds.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import re
+from typing import NamedTuple
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .hub_index import run_data_dir
+from .rows import conform
+from .schema import unified_schema
+from .store import Part
+
+MAX_ROWS_PER_HUB_FILE = 100_000
+ROW_GROUP_ROWS = 10_000  # small row groups keep the dataset viewer and streaming readers fast
+HUB_FILE_RE = re.compile(r"^data/(?P<run>[0-9a-f]{12})/(?P<dir>[^/]+)-w(?P<worker>\d{3,})-(?P<first>\d{6,})-"
+                         r"(?P<last>\d{6,})-[0-9a-f]{8}\.parquet$")  # what hub_path makes
+
+
+class HubFile(NamedTuple):
+    path: str
+    worker: int
+    parts: list[Part]
+    keys: list[str]  # the rows of `parts` this file publishes (the others are on the Hub already)
+
+    @property
+    def rows(self) -> int:
+        return len(self.keys)
+
+
+def hub_path(run_id: str, dir_id: str, worker: int, first: int, last: int, keys: list[str]) -> str:
+    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:8]
+    return f"{run_data_dir(run_id)}/{dir_id}-w{worker:03d}-{first:06d}-{last:06d}-{digest}.parquet"
+
+
+def plan_hub_files(run_id: str, dir_id: str, pending: list[tuple[Part, list[str]]],
+                   max_rows: int | None = None) -> list[HubFile]:
+    """Group parts per worker into runs of consecutive seq numbers publishing at most max_rows rows."""
+    max_rows = max_rows or MAX_ROWS_PER_HUB_FILE
+    groups: list[list[tuple[Part, list[str]]]] = []
+    for part, keys in sorted(pending):
+        last = groups[-1] if groups else None
+        if (last is None or last[-1][0].worker != part.worker or part.seq != last[-1][0].seq + 1
+                or sum(len(k) for _, k in last) + len(keys) > max_rows):
+            groups.append([])
+        groups[-1].append((part, keys))
+    files = []
+    for g in groups:
+        keys = [k for _, ks in g for k in ks]
+        first, last = g[0][0], g[-1][0]
+        files.append(HubFile(hub_path(run_id, dir_id, first.worker, first.seq, last.seq, keys), first.worker,
+                             [p for p, _ in g], keys))
+    return files
+
+
+def hub_file_bytes(f: HubFile) -> bytes:
+    """The file's rows sorted by key, as parquet; the same rows always give the same bytes."""
+    tables = [pq.read_table(p.path).replace_schema_metadata(None) for p in f.parts]  # + --keep-columns
+    schema = unified_schema(t.schema for t in tables)
+    table = pa.concat_tables([conform(t, schema) for t in tables])
+    table = table.filter(pc.is_in(table.column("key"), pa.array(f.keys, pa.string()))).sort_by("key")
+    keys = table.column("key").to_pylist()
+    first_of_each = [i for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
+    buf = io.BytesIO()
+    pq.write_table(table.take(first_of_each).combine_chunks(), buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    return buf.getvalue()
