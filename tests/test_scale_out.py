@@ -152,6 +152,21 @@ def test_merge_refuses_dirs_of_different_runs(tiny_model_dir, clean_data, tmp_pa
     main(args_for(tiny_model_dir, clean_data, b, "--max-images", "2", "--max-tokens", "3"))
     with pytest.raises(UsageError, match="different runs"):
         main(["--merge-only", "--data-dir", str(clean_data), "--checkpoint-dir", str(a), str(b), "--no-push"])
+    # Another data dir than the runs captioned: refused before the merge would write a file of 0 rows.
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    other = tmp_path / "other_data"
+    shutil.copytree(clean_data, other)
+    meta = pq.read_table(other / "full_metadata.parquet")
+    keys = pa.array(["x" + k for k in meta.column("key").to_pylist()])
+    pq.write_table(meta.set_column(meta.schema.get_field_index("key"), "key", keys), other / "full_metadata.parquet")
+    merged = (a / store.MERGED).read_bytes()
+    with pytest.raises(UsageError, match="none of the 2 captioned keys of the checkpoint dir"):
+        main(["--merge-only", "--data-dir", str(other), "--checkpoint-dir", str(a), "--no-push"])
+    assert (a / store.MERGED).read_bytes() == merged  # a finished merge is not overwritten with nothing
     # A typo among the dirs (or an unmatched glob) is refused, not merged as a dir whose keys are all missing.
     (tmp_path / "empty").mkdir()
     for bad, says in ((tmp_path / "typo", "does not exist"), (tmp_path / "ck_d*", "does not exist"),

@@ -246,6 +246,10 @@ def merge_and_check(cfg: RunConfig) -> int:
     out = dirs[0] / store.MERGED
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=0, num_workers=1, done_keys=set(), failed_keys=set())
+    captioned = {k for d in dirs for _, keys in store.read_keys(store.list_parts(d)) for k in keys}
+    if captioned and not captioned & plan.data_keys:  # the merge would replace a good all_captions.parquet with 0 rows
+        raise UsageError(f"none of the {len(captioned)} captioned keys of the checkpoint dir(s) are in --data-dir "
+                         f"{cfg.data_dir}: is it the data dir these runs captioned?")
     report = merge_parts(dirs, out, data_keys=plan.data_keys)
     counts = {"captioned": report.keys, "failed": still_failed(dirs, report.keys)}
     expected = plan.todo_keys
