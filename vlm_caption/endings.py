@@ -246,7 +246,8 @@ def merge_and_check(cfg: RunConfig) -> int:
     out = dirs[0] / store.MERGED
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=0, num_workers=1, done_keys=set(), failed_keys=set())
-    captioned = {k for d in dirs for _, keys in store.read_keys(store.list_parts(d)) for k in keys}
+    captioned = {k for d in dirs for part in store.list_parts(d)  # unreadable parts: merge_parts says so
+                 for k in store.check_file(part.path, store.OUTPUT_SCHEMA).keys or []}
     if captioned and not captioned & plan.data_keys:  # the merge would replace a good all_captions.parquet with 0 rows
         raise UsageError(f"none of the {len(captioned)} captioned keys of the checkpoint dir(s) are in --data-dir "
                          f"{cfg.data_dir}: is it the data dir these runs captioned?")
