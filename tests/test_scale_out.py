@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from batched_image_inference import main
-from vlm_caption import store
+from vlm_caption import store, workers
 from vlm_caption.config import RunConfig
 from vlm_caption.errors import EXIT_COVERAGE, EXIT_OK, UsageError
 
@@ -127,8 +127,12 @@ def test_merge_reports_a_key_captioned_twice(tiny_model_dir, clean_data, tmp_pat
     assert "3 captioned more than once" in capsys.readouterr().out
 
 
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
+               "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
+
+
 def test_worker_slice_defaults_from_slurm_and_torch_distributed(monkeypatch):
-    for var in ("RANK", "WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN"):
+    for var in LAUNCH_VARS:
         monkeypatch.delenv(var, raising=False)
     assert RunConfig().worker_slice() == (0, 1)
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
@@ -144,6 +148,65 @@ def test_worker_slice_defaults_from_slurm_and_torch_distributed(monkeypatch):
         RunConfig(num_workers=2, worker_index=2).worker_slice()
     with pytest.raises(UsageError):
         RunConfig(num_workers=2).worker_slice()
+
+
+def test_worker_slice_from_srun_tasks_stepped_arrays_and_partial_environments(monkeypatch):
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    # srun -n 4: each task a worker. The batch script itself (no SLURM_STEP_NUM_TASKS) is one process.
+    monkeypatch.setenv("SLURM_PROCID", "2")
+    assert RunConfig().worker_slice() == (0, 1)
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "4")
+    assert RunConfig().worker_slice() == (2, 4)
+    # srun -n 4, each task a torchrun --standalone of 8 GPUs: tasks x local ranks.
+    monkeypatch.setenv("RANK", "5")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert RunConfig().worker_slice() == (2 * 8 + 5, 32)
+    # A multi-node torchrun (ranks already count across the 4 nodes): the srun level is not counted twice.
+    monkeypatch.setenv("WORLD_SIZE", "32")
+    monkeypatch.setenv("RANK", "21")
+    assert RunConfig().worker_slice() == (21, 32)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")  # RANK=$SLURM_PROCID set by hand: the same
+    assert RunConfig().worker_slice() == (21, 32)
+    for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):
+        monkeypatch.delenv(var)
+    # A stepped array, --array=0-14:2: tasks 0, 2, ..., 14 are slices 0..7.
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "8")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_STEP", "2")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "6")
+    assert RunConfig().worker_slice() == (3, 8)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "7")
+    with pytest.raises(UsageError, match="maps to no slice"):
+        RunConfig().worker_slice()
+    # One task of a bigger array resubmitted (sbatch --array=3): it would caption every key; refused.
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "1")
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "3")
+    with pytest.raises(UsageError, match="--worker-index 3"):
+        RunConfig().worker_slice()
+    assert RunConfig(num_workers=8, worker_index=3).worker_slice() == (3, 8)
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    # Half a torchrun environment: WORLD_SIZE=4 alone would caption a quarter of the keys and exit 0.
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(UsageError, match="without RANK"):
+        RunConfig().worker_slice()
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert RunConfig().worker_slice() == (0, 1)
+
+
+def test_the_gpu_of_a_process_is_its_place_on_the_machine(monkeypatch):
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    assert workers.local_index() == 0
+    monkeypatch.setenv("SLURM_LOCALID", "3")  # the batch script: one process, GPU 0
+    assert workers.local_index() == 0
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", "8")  # srun -n 8 on one node
+    assert workers.local_index() == 3
+    monkeypatch.setenv("LOCAL_RANK", "5")  # torchrun's own count wins
+    assert workers.local_index() == 5
 
 
 def test_merge_refuses_dirs_of_different_runs(tiny_model_dir, clean_data, tmp_path):
@@ -174,3 +237,15 @@ def test_merge_refuses_dirs_of_different_runs(tiny_model_dir, clean_data, tmp_pa
         with pytest.raises(UsageError, match=says):
             main(["--merge-only", "--data-dir", str(clean_data), "--checkpoint-dir", str(a), str(bad), "--no-push"])
         assert bad.name == "empty" or not bad.exists()
+
+
+def test_device_map_spreading_is_refused_with_several_processes_per_machine(monkeypatch):
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    with pytest.raises(UsageError, match="one process per machine"):
+        RunConfig(device_map="auto", backend="dummy").validate()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process on each of 8 machines: each may spread
+    assert workers.ranks_per_machine() == 1

@@ -307,7 +307,7 @@ class Captioner:
         copied = None
         if new_tokens.is_cuda:
             copied = torch.cuda.Event()
-            copied.record()  # on the current stream, where the copy was queued
+            copied.record(torch.cuda.current_stream(self.device))  # the stream the copy was queued on
         return _DecodeLater(tokens, self._finish, copied)
 
     def _graph_generate(self, inputs: dict[str, torch.Tensor], extra: dict[str, Any],

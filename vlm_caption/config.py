@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from .data_layout import FULL_METADATA_FILE, IMAGES_DIR
+from . import workers
 from .errors import UsageError
 
 DEFAULT_MODEL = "google/gemma-3-27b-it"
@@ -53,27 +54,6 @@ def resolve_repo_id(hf_repo: str, hf_username: str) -> str:
             "letters, digits, '-', '_' and '.' only"
         )
     return repo_id
-
-
-def distributed_rank() -> tuple[int, int]:
-    """(rank, world_size) from torchrun / accelerate launch environment, else (0, 1)."""
-    try:
-        return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError as e:
-        raise UsageError(f"RANK / WORLD_SIZE in the environment are not integers: {e}") from None
-
-
-def machine_slice() -> tuple[int, int] | None:
-    """(index, count) of this machine in a Slurm job array, when there is one."""
-    task_id = os.environ.get("SLURM_ARRAY_TASK_ID")
-    task_count = os.environ.get("SLURM_ARRAY_TASK_COUNT")
-    if task_id is None or task_count is None:
-        return None
-    try:
-        first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))
-        return int(task_id) - first, int(task_count)
-    except ValueError as e:
-        raise UsageError(f"SLURM_ARRAY_TASK_* in the environment are not integers: {e}") from None
 
 
 def check_output_file(path: Path, flag: str) -> None:
@@ -200,6 +180,10 @@ class RunConfig:
         if self.device_map is not None and not _DEVICE_MAP_RE.fullmatch(self.device_map):
             raise UsageError(f"--device-map {self.device_map!r} is not one of auto, balanced, balanced_low_0, "
                              "sequential, or a device such as cuda:1")
+        if self.device_map in ("auto", "balanced", "balanced_low_0", "sequential") and workers.ranks_per_machine() > 1:
+            raise UsageError(f"--device-map {self.device_map} spreads one model over all of a machine's GPUs, but "
+                             f"{workers.ranks_per_machine()} processes run on this one: launch one process per "
+                             "machine with it, or drop it (one GPU per process)")
         if self.prompt is not None and self.prompt_file is not None:
             raise UsageError("give --prompt or --prompt-file, not both")
         if self.prompt is not None and not self.prompt.strip():
@@ -254,21 +238,8 @@ class RunConfig:
                              "(download_data.py writes it)")
 
     def worker_slice(self) -> tuple[int, int]:
-        """(worker_index, num_workers) over all machines and all ranks.
-
-        Explicit flags (or a Slurm array) split the work between machines; torch.distributed ranks split
-        each machine's share again, so worker = machine_index * world_size + rank.
-        """
-        rank, world = distributed_rank()
-        if (self.num_workers is None) != (self.worker_index is None):
-            raise UsageError("give --num-workers and --worker-index together")
-        machine = (self.worker_index, self.num_workers) if self.num_workers is not None else machine_slice()
-        m_index, m_count = machine if machine is not None else (0, 1)
-        if m_count < 1 or not 0 <= m_index < m_count:
-            raise UsageError(f"--worker-index must be in [0, --num-workers), got {m_index} of {m_count}")
-        if world < 1 or not 0 <= rank < world:
-            raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}")
-        return m_index * world + rank, m_count * world
+        """(worker_index, num_workers) over all machines, Slurm tasks and ranks (vlm_caption/workers.py)."""
+        return workers.worker_slice(self.num_workers, self.worker_index)
 
     def kept_columns(self) -> list[str]:
         return [c.strip() for c in (self.keep_columns or "").split(",") if c.strip()]

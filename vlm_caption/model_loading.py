@@ -10,15 +10,21 @@ from typing import Any
 
 import torch
 
+from . import workers
 from .errors import FatalError, UsageError
 
 log = logging.getLogger(__name__)
 
 
 def choose_device() -> torch.device:
-    """This worker's accelerator: LOCAL_RANK picks the GPU under torchrun / accelerate launch."""
+    """This worker's accelerator, made the current CUDA device: the process's place on its machine
+    (LOCAL_RANK under torchrun / accelerate launch, SLURM_LOCALID under srun) picks the GPU. Current, because
+    streams, events, pinned memory and memory queries without a device argument go to the current device:
+    left at GPU 0, rank k's copy-done events would be recorded on GPU 0's stream, not the one doing its copies."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        device = torch.device("cuda", workers.local_index() % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        return device
     return torch.device("cpu")
 
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from . import dataset, loader, prompt_plan, rows as rowcols, store
+from . import dataset, loader, prompt_plan, rows as rowcols, store, workers
 from .atomic import remove_stale_tmp
 from .backends import CaptionBackend, make_backend
-from .config import RunConfig, distributed_rank, parse_shards, resolve_repo_id
+from .config import RunConfig, parse_shards, resolve_repo_id
 from .endings import dry_run, finish, merge_and_check, push_only
 from .errors import FatalError, UsageError
 from .interrupts import StopSignals
@@ -86,7 +86,7 @@ def run(cfg: RunConfig) -> int:
         return push_only(hub_client, cfg, existing)
     writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]),
                                    num_workers=num_workers)
-    run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=distributed_rank()[0] != 0)
+    run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=workers.distributed_rank()[0] != 0)
     try:
         with StopSignals() as stop:
             return _run_open(cfg, writer, run_id, worker, num_workers, hub_client, stop)

@@ -1,0 +1,103 @@
+"""Which slice of the keys this process captions, from how it was launched.
+
+Three launch levels nest, outermost first; each multiplies the number of workers:
+
+    machine   a Slurm job array task (SLURM_ARRAY_TASK_*), or --num-workers/--worker-index given by hand
+    task      a Slurm step started with `srun -n N` (SLURM_PROCID of SLURM_STEP_NUM_TASKS)
+    rank      torchrun / accelerate launch (RANK of WORLD_SIZE)
+
+worker = (machine * tasks + task) * world + rank. A rank that already counts across machines (a multi-node
+torchrun: WORLD_SIZE > LOCAL_WORLD_SIZE, or RANK set by hand with no LOCAL_WORLD_SIZE) replaces the task level,
+never multiplies it: counting one level twice would leave most slices to no worker, silently.
+"""
+from __future__ import annotations
+
+import os
+
+from .errors import UsageError
+
+
+def _env_ints(*names: str) -> list[int | None]:
+    values = [os.environ.get(n) for n in names]
+    try:
+        return [None if v is None else int(v) for v in values]
+    except ValueError:
+        raise UsageError(f"{' / '.join(names)} in the environment are not integers: "
+                         f"{', '.join(f'{n}={v}' for n, v in zip(names, values))}") from None
+
+
+def distributed_rank() -> tuple[int, int]:
+    """(rank, world_size) from torchrun / accelerate launch, else (0, 1)."""
+    rank, world = _env_ints("RANK", "WORLD_SIZE")
+    if rank is None and world not in (None, 1) or world is None and rank not in (None, 0):
+        raise UsageError(f"{'WORLD_SIZE' if rank is None else 'RANK'} is set without "
+                         f"{'RANK' if rank is None else 'WORLD_SIZE'}: torchrun sets both; set both or neither")
+    rank, world = rank or 0, world or 1
+    if world < 1 or not 0 <= rank < world:
+        raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}")
+    return rank, world
+
+
+def _ranks_span_machines(world: int) -> bool:
+    local_world = _env_ints("LOCAL_WORLD_SIZE")[0]
+    return world > 1 and (local_world is None or world > local_world)
+
+
+def srun_slice() -> tuple[int, int] | None:
+    """(task, tasks) of this process in a Slurm step of several tasks (`srun -n N`), else None. The batch
+    script itself (sbatch --ntasks N, no srun) is one process: it has no SLURM_STEP_NUM_TASKS."""
+    task, tasks = _env_ints("SLURM_PROCID", "SLURM_STEP_NUM_TASKS")
+    if task is None or tasks is None or tasks <= 1:
+        return None
+    if not 0 <= task < tasks:
+        raise UsageError(f"SLURM_PROCID={task} is outside SLURM_STEP_NUM_TASKS={tasks}")
+    return task, tasks
+
+
+def array_slice() -> tuple[int, int] | None:
+    """(index, count) of this task in a Slurm job array, when there is one: --array=A-B[:STEP]."""
+    task_id, count, first, step = _env_ints("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
+                                            "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP")
+    if task_id is None or count is None:
+        return None
+    first, step = first or 0, step or 1
+    if count == 1 and task_id != 0:
+        # A rerun of one task of a bigger array (sbatch --array=3): alone, it would caption every key.
+        raise UsageError(f"this Slurm array has one task, id {task_id}: if it reruns task {task_id} of a bigger "
+                         f"array, pass --num-workers <that array's size> --worker-index {task_id} "
+                         "(runs/slurm_array.sbatch: MACHINES=<size>); for one machine, submit without --array")
+    index, off_step = divmod(task_id - first, step)
+    if off_step or not 0 <= index < count:
+        raise UsageError(f"Slurm array task {task_id} (of {count}, from {first} step {step}) maps to no slice: "
+                         "use --array=A-B or A-B:STEP, or pass --num-workers/--worker-index")
+    return index, count
+
+
+def worker_slice(num_workers: int | None, worker_index: int | None) -> tuple[int, int]:
+    """(worker_index, num_workers) of this process over every machine, task and rank (module doc)."""
+    if (num_workers is None) != (worker_index is None):
+        raise UsageError("give --num-workers and --worker-index together")
+    rank, world = distributed_rank()
+    if num_workers is not None:  # given by hand: the machine level, Slurm's own levels are not read
+        machine, tasks = (worker_index, num_workers), (0, 1)
+        if num_workers < 1 or not 0 <= worker_index < num_workers:
+            raise UsageError(f"--worker-index must be in [0, --num-workers), got {worker_index} of {num_workers}")
+    else:
+        machine = array_slice() or (0, 1)
+        tasks = (0, 1) if _ranks_span_machines(world) else srun_slice() or (0, 1)
+    outer = machine[0] * tasks[1] + tasks[0]
+    return outer * world + rank, machine[1] * tasks[1] * world
+
+
+def ranks_per_machine() -> int:
+    """How many torchrun / accelerate processes share this machine (1 without them)."""
+    world, local_world = _env_ints("WORLD_SIZE", "LOCAL_WORLD_SIZE")
+    return local_world if local_world is not None else world or 1
+
+
+def local_index() -> int:
+    """This process's place among the processes of its machine: which GPU it takes."""
+    local_rank, local_id = _env_ints("LOCAL_RANK", "SLURM_LOCALID")
+    if local_rank is not None:
+        return local_rank
+    return local_id if srun_slice() is not None and local_id is not None else 0
