@@ -249,3 +249,58 @@ def test_device_map_spreading_is_refused_with_several_processes_per_machine(monk
         RunConfig(device_map="auto", backend="dummy").validate()
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")  # one process on each of 8 machines: each may spread
     assert workers.ranks_per_machine() == 1
+
+
+def test_a_worker_ending_non_zero_under_torchrun_waits_for_the_dirs_other_workers(tmp_path, monkeypatch, capsys):
+    """torchrun stops every rank when one exits non-zero: a rank ending with 3 must not leave while another
+    still holds the dir; its own hold goes first, so two waiting ranks do not wait for each other."""
+    import threading
+
+    from vlm_caption import endings
+    from vlm_caption.locks import DirLock
+
+    monkeypatch.setattr(endings, "TORCHRUN_WAIT_POLL_S", 0.01)
+    busy, ending = DirLock(tmp_path, 1, 2), DirLock(tmp_path, 0, 2)
+    assert busy.take_worker() is None and ending.take_worker() is None
+    polls, done = [], threading.Event()
+    holders = ending.holders
+
+    def counting_holders():
+        found = holders()
+        polls.append(found)
+        return found
+
+    monkeypatch.setattr(ending, "holders", counting_holders)
+    waiter = threading.Thread(target=lambda: (endings.wait_for_the_dir(ending, 3), done.set()))
+    waiter.start()
+    while len(polls) < 3:  # it has looked several times and found worker 1 each time
+        time.sleep(0.01)
+    assert not done.is_set() and all(polls)
+    relaunch = DirLock(tmp_path, 0, 2)
+    assert relaunch.take_worker() is None  # its own worker id is free while it waits
+    relaunch.release()
+    busy.release()
+    waiter.join(timeout=30)
+    assert done.is_set() and polls[-1] == []
+    assert "exit 3 waits for the other workers" in capsys.readouterr().out
+
+
+def test_torchrun_ranks_ending_with_3_let_each_other_finish(tiny_model_dir, tmp_path):
+    """Every rank exits 3 (an unreadable shard); the first done used to make torchrun kill the other mid-run."""
+    import pyarrow.parquet as pq
+
+    from vlm_caption.sample_data import write_sample
+
+    data = write_sample(tmp_path / "data", n=24, broken=False, seed=3, shard_size=8)
+    (data / "full_metadata.parquet").unlink()  # the shard parquets are read instead; one of them is broken
+    *readable, broken = sorted((data / "images").glob("*.parquet"))
+    broken.write_bytes(broken.read_bytes()[:100])
+    ckpt = tmp_path / "ckpt"
+    proc = launch(TORCHRUN, args_for(tiny_model_dir, data, ckpt, "--max-tokens", "30", "--min-tokens", "30",
+                                     "--backend", "transformers"), tmp_path)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-3000:]  # torchrun reports a rank's non-zero exit as its own 1
+    expected = [k for s in readable for k in pq.read_table(s, columns=["key"]).column("key").to_pylist()]
+    assert sorted(keys_in(ckpt)) == sorted(expected), out[-3000:]  # every readable key captioned once
+    assert {p.worker for p in store.list_parts(ckpt)} == {0, 1}
+    assert "exit 3 waits for the other workers" in out and "interrupted" not in out, out[-3000:]

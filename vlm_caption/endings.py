@@ -9,11 +9,12 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import dataset, rows as rowcols, store
+from . import dataset, rows as rowcols, store, workers
 from .atomic import atomic_write_json
 from .cli import plural
 from .config import RunConfig, parse_shards
 from .errors import EXIT_COVERAGE, EXIT_FATAL, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
+from .interrupts import Interrupted
 from .merge import merge_parts
 
 if TYPE_CHECKING:
@@ -53,7 +54,8 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
                       "unreadable_shards": plan.unreadable_shards},
         "hub": {"pushed_all": pushed_all} if hub_client is not None else None,
     }
-    if writer.lock.last_one_out():
+    last_out = writer.lock.last_one_out()
+    if last_out:
         if hub_client is not None and pushed_all:  # (not after a failed push: --push-only takes them all later)
             pushed_all = push_left_behind(hub_client, ckpt, writer.run_id)
             summary["hub"]["pushed_all"] = pushed_all
@@ -63,13 +65,21 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
               "the last one to finish merges the dir")
     failed_mine = sum(stats.failed.values()) + plan.failed
     print_summary(summary, ckpt, failed_mine)
+    code = exit_code(cfg, stats, plan, pushed_all and (summary["hub"] or {}).get("card_written", True),
+                     failed_mine, push_refused, ckpt)
+    if code != EXIT_OK and not last_out and workers.under_torchrun():
+        wait_for_the_dir(writer.lock, code)
+    return code
+
+
+def exit_code(cfg: RunConfig, stats: RunStats, plan: dataset.WorkPlan, pushed_all: bool, failed_mine: int,
+              push_refused: str | None, ckpt: Path) -> int:
     # Exit policy (README): 0 when every selected image is captioned or recorded as a permanent data failure
     # (it cannot be loaded or decoded); 3 when work worth retrying remains: generation errors (now or recorded
     # before), unreadable shard metadata, unpushed rows. --strict: any failure is 3.
     retryable = stats.failed["generate"] + plan.failed_retryable + len(plan.unreadable_shards)
     if plan.unreadable_shards:
         log.error("unreadable shard metadata, its images were not captioned: %s", ", ".join(plan.unreadable_shards))
-    pushed_all = pushed_all and (summary["hub"] or {}).get("card_written", True)
     if push_refused and not pushed_all:
         log.error("%s; every caption is kept in %s: fix the token or --hf-repo, then run --push-only",
                   push_refused, ckpt)
@@ -79,6 +89,27 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
     if retryable or not pushed_all or (cfg.strict and failed_mine):
         return EXIT_ITEMS_FAILED
     return EXIT_OK
+
+
+TORCHRUN_WAIT_POLL_S = 5.0
+
+
+def wait_for_the_dir(lock, code: int) -> None:
+    """Under torchrun, return only once no other process holds the dir. torchrun stops every worker of the
+    job as soon as one exits non-zero: a worker ending with 3 (say, one unreadable shard of its slice) would
+    kill the others mid-batch, at every relaunch. Its own hold goes first, so waiting workers never wait for
+    each other; a signal still ends the wait at once (Interrupted)."""
+    import time
+
+    lock.release()
+    if lock.holders():
+        print(f"exit {code} waits for the other workers of {lock.dir.parent} to finish (torchrun stops every "
+              "worker as soon as one exits non-zero)", flush=True)
+    try:
+        while lock.holders():
+            time.sleep(TORCHRUN_WAIT_POLL_S)
+    except Interrupted as e:  # torchrun ending the job, or Ctrl-C: this worker's work is done either way
+        log.info("stopped waiting (%s); exit %d", e, code)
 
 
 def push_left_behind(hub_client, ckpt: Path, run_id: str) -> bool:

@@ -89,6 +89,11 @@ def worker_slice(num_workers: int | None, worker_index: int | None) -> tuple[int
     return outer * world + rank, machine[1] * tasks[1] * world
 
 
+def under_torchrun() -> bool:
+    """Started by torchrun's elastic agent (accelerate launch uses it too)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ
+
+
 def ranks_per_machine() -> int:
     """How many torchrun / accelerate processes share this machine (1 without them)."""
     world, local_world = _env_ints("WORLD_SIZE", "LOCAL_WORLD_SIZE")
