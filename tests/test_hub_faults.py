@@ -135,3 +135,22 @@ def test_sigkill_between_commit_and_ledger(hub_stub, ckpt, tmp_path):  # noqa: F
     w.parts(4)
     assert client.push_pending(ckpt, RUN, 0) == 4
     assert_hub_matches(hub_stub, REPO, ckpt)
+
+
+def test_a_worker_checks_only_its_own_ledger_lines_against_its_snapshot(hub_stub, client, ckpt, sleeps, caplog):  # noqa: F811
+    """Another live worker may commit and write its ledger line between this worker's snapshot and its read
+    of the ledger: that line is not a file "the repo no longer holds" (it warned so on every shared-dir run)."""
+    from hub_parts import hub_name
+
+    Writer(ckpt).parts(4)
+    Writer(ckpt, worker=1, start=100).parts(4)
+    # Worker 1's commit as worker 0's older snapshot sees it: in the ledger, not (yet) in the repo.
+    hub.append_ledger(ckpt, [{"repo": REPO, "run_id": RUN, "hub_path": hub_name(0, 0, worker=1), "worker": 1,
+                              "first": 0, "last": 0, "parts": [], "rows": 4, "commit": "abc"}])
+    with caplog.at_level(logging.INFO, logger="vlm_caption"):
+        assert client.push_pending(ckpt, RUN, 0) == 4
+    assert "no longer holds" not in caplog.text and "recovered" not in caplog.text
+    # The last one out (every worker's parts, nobody else live) still checks every line.
+    assert client.push_pending(ckpt, RUN, None) == 4
+    assert "records 1 file(s) pushed to" in caplog.text
+    assert_hub_matches(hub_stub, REPO, ckpt)

@@ -215,11 +215,14 @@ class HubClient:
                 pending.append((part, keys))
         return pending
 
-    def _check_ledger(self, ckpt: Path, run_id: str, dir_id: str, snap: Snapshot) -> None:
+    def _check_ledger(self, ckpt: Path, run_id: str, dir_id: str, snap: Snapshot, worker: int | None) -> None:
         """Keep the ledger true to the repo: record files of this dir found on the Hub but missing from it (a
         commit whose answer was lost, or a crash before the line was written), and say once when it records
-        files the repo no longer holds (a deleted or recreated repo: their rows are pushed again)."""
-        ledger = [e for e in read_ledger(ckpt) if e.get("repo") == self.repo_id and e.get("run_id") == run_id]
+        files the repo no longer holds (a deleted or recreated repo: their rows are pushed again).
+        Only `worker`'s own files (None: every worker's, when no other process holds the dir): another live
+        worker may commit and write its line between this snapshot and this read of the ledger."""
+        ledger = [e for e in read_ledger(ckpt) if e.get("repo") == self.repo_id and e.get("run_id") == run_id
+                  and worker in (None, e.get("worker"))]
         recorded = {e["hub_path"] for e in ledger}
         gone = recorded - set(snap.files)
         if gone and self.repo_id not in self._warned_ledger:
@@ -229,7 +232,7 @@ class HubClient:
         found = []
         for path in sorted(set(snap.files) - recorded):
             m = HUB_FILE_RE.match(path)
-            if m and m["run"] == run_id and m["dir"] == dir_id:
+            if m and m["run"] == run_id and m["dir"] == dir_id and worker in (None, int(m["worker"])):
                 worker, first, last = int(m["worker"]), int(m["first"]), int(m["last"])
                 parts = [p for p in list_parts(ckpt) if p.worker == worker and first <= p.seq <= last]
                 found.append({**_ledger_entry(self.repo_id, run_id, HubFile(path, worker, parts, []), None),
@@ -276,7 +279,7 @@ class HubClient:
         def attempt() -> int:
             nonlocal before, more
             snap = self.index(run_id).snapshot()
-            self._check_ledger(ckpt, run_id, dir_id, snap)
+            self._check_ledger(ckpt, run_id, dir_id, snap, worker)
             pending = self._pending(ckpt, worker, snap.keys, run_id)
             if before is None:
                 before = sum(len(k) for _, k in pending)
