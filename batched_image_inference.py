@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlm_caption import cli
+
 try:
     from vlm_caption.config import DECODE_LOOPS, RunConfig
 except ModuleNotFoundError as e:  # outside the venv: one line saying what to do, not a traceback
@@ -30,7 +32,7 @@ def auto_or_int(value: str) -> int | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("what to caption")
     g.add_argument("--model", default=D.model, help="HF model id or local dir (default: %(default)s)")
     g.add_argument("--data-dir", default=D.data_dir, help="what download_data.py wrote (default: %(default)s)")

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 
+from vlm_caption import cli
+
 try:
     from vlm_caption.cli import run_main, setup_logging
     from vlm_caption.config import DownloadConfig
@@ -26,7 +28,7 @@ except ModuleNotFoundError as e:  # outside the venv: one line saying what to do
 def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, bool]:
     """(the settings, --strict)."""
     d = DownloadConfig()
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=d.output, help="output directory (default: %(default)s)")
     p.add_argument("--source", default=d.source,
                    help="HF dataset id or local dataset dir (loaded with datasets.load_dataset), or a local "

@@ -48,8 +48,12 @@ if [ "$help" = 1 ] && [ "$demo" = 0 ]; then
   echo "batched_image_inference.py flags:"
 fi
 
+stamp="$HERE/vlm-caption/.requirements.sha256"  # setup.sh writes it once every requirement is installed
 if [ ! -x "$PY" ]; then
   echo "run_captioning.sh: no venv at $HERE/vlm-caption yet; creating it with setup.sh (about 1-3 minutes, once)" >&2
+  "$HERE/setup.sh"
+elif [ "$(cat "$stamp" 2>/dev/null)" != "$(sha256sum "$HERE/requirements.txt" | cut -d' ' -f1)" ]; then
+  echo "run_captioning.sh: the venv's install is unfinished or requirements.txt changed; running setup.sh" >&2
   "$HERE/setup.sh"
 fi
 

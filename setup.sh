@@ -55,8 +55,9 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   step 3 "requirements already installed in ./$VENV (requirements.txt unchanged)"
 else
   step 3 "installing requirements.txt into ./$VENV: about 1-3 minutes the first time (pip's progress follows)"
-  "$VENV/bin/python" -m pip install --upgrade pip
-  "$VENV/bin/python" -m pip install -r requirements.txt
+  pip_failed="pip could not install the requirements (no network, a proxy, or PIP_INDEX_URL?); the venv is incomplete: fix that and rerun ./setup.sh"
+  "$VENV/bin/python" -m pip install --upgrade pip || die "$pip_failed"
+  "$VENV/bin/python" -m pip install -r requirements.txt || die "$pip_failed"
   echo "$want" > "$stamp.tmp" && mv "$stamp.tmp" "$stamp"
 fi
 

@@ -14,6 +14,8 @@ Exit code: 0 every check passed, 1 a check failed (or the dependencies are missi
 from __future__ import annotations
 
 import argparse
+
+from vlm_caption import cli
 from pathlib import Path
 
 try:
@@ -25,7 +27,7 @@ except ModuleNotFoundError as e:  # outside the venv: one line saying what to do
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="what download_data.py wrote (default: %(default)s)")
     p.add_argument("--skip-model", action="store_true", help="only the data checks; load no model")
     p.add_argument("--num-images", type=int, default=3, help="images to open and caption (default: %(default)s)")

@@ -36,6 +36,23 @@ def test_setup_help_prints_usage_and_sets_up_nothing(tmp_path):
     assert bad.returncode == 2 and "unknown argument --bogus" in bad.stderr
 
 
+def test_setup_without_the_package_index_says_so_and_run_captioning_retries_it(tmp_path):
+    """pip failing (no network here, PIP_INDEX_URL on a closed local port) ends setup.sh with its own line;
+    run_captioning.sh then sees the venv's install unfinished (no stamp) and runs setup.sh again, instead of
+    starting a script that dies on a missing module."""
+    for name in ("setup.sh", "run_captioning.sh", "requirements.txt"):
+        shutil.copy(REPO / name, tmp_path)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PIP_INDEX_URL": "http://127.0.0.1:9/simple",
+           "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_DISABLE_PIP_VERSION_CHECK": "1", "PYTHON": sys.executable}
+    first = subprocess.run(["bash", "setup.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1 and "setup.sh: error: pip could not install the requirements" in first.stderr
+    assert (tmp_path / "vlm-caption" / "bin" / "python").is_file()  # half made: a venv without the packages
+    again = subprocess.run(["bash", "run_captioning.sh", "--demo"], cwd=tmp_path, env=env, capture_output=True,
+                           text=True, timeout=300)
+    assert again.returncode == 1 and "install is unfinished" in again.stderr
+    assert "pip could not install the requirements" in again.stderr and "Traceback" not in again.stderr
+
+
 def test_setup_shows_its_phases():
     text = (REPO / "setup.sh").read_text()
     assert "--quiet" not in text  # pip's own output shows progress during the minutes of the first install

@@ -4,12 +4,20 @@ Standard library only: the root scripts import it to explain a missing dependenc
 """
 from __future__ import annotations
 
+import argparse
 import logging
 import signal
 import sys
 from typing import Callable
 
 from .errors import EXIT_FATAL, EXIT_USAGE, FatalError, UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with the README's usage-error policy: one line (and where to look), not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def setup_logging(verbose: bool = False) -> None:

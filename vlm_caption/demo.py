@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from . import endings, pipeline, store
+from . import cli, endings, pipeline, store
 from .cli import plural
 from .config import RunConfig, check_writable_dir
 from .data_layout import INVALID_FILE
@@ -146,7 +146,7 @@ def demo_config(model: Path, data: Path, ckpt: Path, verbose: bool) -> RunConfig
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vlm_caption.demo", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="python -m vlm_caption.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", "--demo-dir", dest="dir", default=DEFAULT_DIR,
                    help="where the model, data, checkpoints and preview go (default: %(default)s)")
     p.add_argument("--n", type=int, default=DEFAULT_ROWS,

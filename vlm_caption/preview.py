@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from . import dataset, store
+from . import cli, dataset, store
 from .atomic import atomic_write_bytes
 from .cli import plural
 from .config import check_output_file
@@ -343,7 +343,7 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vlm_caption.preview", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="python -m vlm_caption.preview", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint_dir", help="a checkpoint dir holding all_captions.parquet")
     p.add_argument("--out", default="preview.html", help="HTML file to write (default: %(default)s)")
     p.add_argument("--data-dir", help="the data dir the run captioned: thumbnails from local files instead of urls")
