@@ -24,6 +24,7 @@ from tests.image_server import ImageServer, Route
 from vlm_caption import download as dl
 from vlm_caption import validate
 from vlm_caption.config import DownloadConfig
+from vlm_caption.download_source import SOURCE_COLUMNS
 from vlm_caption.errors import UsageError
 from vlm_caption.sample_data import write_sample
 
@@ -175,6 +176,75 @@ def test_rerun_redoes_only_an_unfinished_shard(first_run, source, server, tmp_pa
     assert summary["valid"] == N_GOOD
 
 
+def test_an_unreadable_finished_shard_is_set_aside_and_downloaded_again(first_run, server, tmp_path):
+    """A finished shard whose parquet is cut short (two runs at once, a crash mid-write) made every later run a
+    traceback: it goes to quarantine/ with its stats and img2dataset fetches it again."""
+    out = tmp_path / "data"
+    shutil.copytree(first_run["out"], out)
+    shard = out / "images/00002.parquet"
+    shard.write_bytes(shard.read_bytes()[:50])
+    before = server.request_count()
+    summary = dl.download_dataset(dataclasses.replace(first_run["cfg"], output=str(out)))
+    assert server.request_count() - before == N_ROWS - 2 * SHARD_SIZE  # shard 2 again, nothing else
+    assert summary["valid"] == N_GOOD and pq.read_table(out / "full_metadata.parquet").num_rows == N_GOOD
+    assert sorted(p.name.split(".")[0] for p in (out / "quarantine").iterdir()) == ["00002", "00002_stats"]
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(first_run, server):
+    from vlm_caption import locks
+
+    held = locks.hold_exclusive(first_run["out"] / "download.lock", "test")
+    before = server.request_count()
+    try:
+        with pytest.raises(UsageError, match=r"--output .* is in use by another process \(pid \d+"):
+            dl.download_dataset(first_run["cfg"])
+    finally:
+        import os
+
+        os.close(held)
+    assert server.request_count() == before
+
+
+def test_same_urls_with_other_metadata_are_refused(first_run, source, server, tmp_path):
+    """The shards carry the first run's captions and tags: a changed source would be published stale."""
+    changed = tmp_path / "v2.parquet"
+    table = pq.read_table(source)
+    pq.write_table(table.set_column(table.column_names.index("caption"), "caption",
+                                    pa.array(["new"] * table.num_rows)), changed)
+    with pytest.raises(UsageError, match=r"same URLs with other metadata \(caption differ\)"):
+        dl.download_dataset(dataclasses.replace(first_run["cfg"], source=str(changed)))
+
+
+def test_an_output_dir_that_is_not_a_download_is_refused(first_run, tmp_path):
+    mine = tmp_path / "my_files"
+    mine.mkdir()
+    (mine / "metadata.csv").write_text("precious\n")
+    with pytest.raises(UsageError, match="not a download_data.py output"):
+        dl.download_dataset(dataclasses.replace(first_run["cfg"], output=str(mine)))
+    assert (mine / "metadata.csv").read_text() == "precious\n"
+
+
+def test_urls_that_are_not_http_are_failed_not_fetched(server, tmp_path):
+    """file: and data: URLs would have been read by img2dataset's urllib as if downloaded: a local file
+    captioned and published."""
+    local = tmp_path / "local.jpg"
+    local.write_bytes(b"\xff\xd8 not fetched")
+    rows = [{"key": "0", "url": server.url("/img/0.jpg")}, {"key": "1", "url": local.as_uri()},
+            {"key": "2", "url": "data:image/jpeg;base64,/9j/4AAQ"}]
+    path = tmp_path / "src.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "caption": "c", "md5": "ff", "tags": "t", "merged_tags": "m"}
+                                         for r in rows]), path)
+    out = tmp_path / "out"
+    summary = dl.download_dataset(DownloadConfig(output=str(out), source=str(path), processes=1, threads=2,
+                                                 timeout=2, retries=0, validate_workers=1))
+    assert summary["valid"] == 1 and summary["failed"] == 2
+    assert summary["failure_reasons"] == {"<urlopen error unknown url type: only http(s) urls are fetched>": 2}
+    assert pq.read_table(out / "full_metadata.parquet").column("original_key").to_pylist() == ["0"]
+    assert [p.name for p in (out / "images/00000").glob("*.jpg")] == ["000000000.jpg"]
+    # urls.parquet keeps the source's URLs as they were.
+    assert pq.read_table(out / "urls.parquet").column("url").to_pylist() == [r["url"] for r in rows]
+
+
 def test_other_shard_size_on_rerun_is_refused(first_run, server):
     before = server.request_count()
     cfg = dataclasses.replace(first_run["cfg"], shard_size=8)
@@ -196,7 +266,7 @@ def test_missing_column_fails_in_one_line_before_any_request(source, server, tmp
 
 
 def test_repeated_source_keys_are_said_and_every_row_kept(caplog):
-    source = pa.table({c: ["a", "b", "a"] if c == "key" else ["x"] * 3 for c in dl.SOURCE_COLUMNS})
+    source = pa.table({c: ["a", "b", "a"] if c == "key" else ["x"] * 3 for c in SOURCE_COLUMNS})
     with caplog.at_level(logging.WARNING, logger="vlm_caption.download"):
         assert dl.url_table(source).num_rows == 3
     assert "source keys on more than one row: 1 (e.g. a)" in caplog.text
@@ -222,7 +292,7 @@ def test_datasets_code_path_with_a_local_dataset_dir(source, tmp_path):
     ds_dir.mkdir()
     shutil.copy(source, ds_dir / "train.parquet")
     table = dl.load_source(str(ds_dir), "train", max_rows=5)
-    assert table.num_rows == 5 and table.column_names == list(dl.SOURCE_COLUMNS)
+    assert table.num_rows == 5 and table.column_names == list(SOURCE_COLUMNS)
     pq.write_table(pq.read_table(source).drop_columns(["merged_tags"]), ds_dir / "train.parquet")
     with pytest.raises(UsageError, match="lacks column"):
         dl.load_source(str(tmp_path / "hf_dataset"), "train", None)

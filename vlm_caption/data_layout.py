@@ -11,6 +11,8 @@
                               undecodable files are only in invalid_images.parquet
     metadata.csv              file_name,text for `datasets.load_dataset("imagefolder", data_dir=OUTPUT)`
     download_summary.json     counts, failure reasons, timings
+    download.lock             held by the download_data.py run writing here (two at once corrupt shards)
+    quarantine/               finished shards whose parquet could not be read, set aside and downloaded again
 
 download.py writes urls.parquet, runs img2dataset and writes the summary; validate.py writes
 decode_checks/, invalid_images.parquet, full_metadata.parquet and metadata.csv; sample_data.py writes
@@ -38,6 +40,7 @@ FULL_METADATA_FILE = "full_metadata.parquet"
 INVALID_FILE = "invalid_images.parquet"
 METADATA_CSV = "metadata.csv"
 SUMMARY_FILE = "download_summary.json"
+DOWNLOAD_LOCK = "download.lock"
 ENCODE_FORMAT = "jpg"  # img2dataset names every file {key}.jpg (its encode_format), even PNG bytes
 OOM_SHARD_COUNT = 5  # img2dataset's default: shard names and key prefixes have 5 digits
 

@@ -15,15 +15,15 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from . import locks, store
 from .atomic import atomic_write_json, atomic_write_table
 from .cli import plural
 from .config import DownloadConfig
-from .data_layout import (ENCODE_FORMAT, IMAGES_DIR, OOM_SHARD_COUNT, SAVED_COLUMNS, SHARD_NAMES, SUMMARY_FILE,
-                          URLS_FILE, expected_shards)
+from .data_layout import (DOWNLOAD_LOCK, ENCODE_FORMAT, IMAGES_DIR, OOM_SHARD_COUNT, SAVED_COLUMNS,
+                          SUMMARY_FILE, URLS_FILE, expected_shards, shard_name)
+from .download_source import URL_COLUMNS, img2dataset_input, load_source, url_table  # noqa: F401  (dl.* names)
 from .download_summary import make_summary, print_summary, stats_files
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .interrupts import Interrupted
@@ -31,8 +31,6 @@ from .validate import build_outputs, validate_shards
 
 logger = logging.getLogger(__name__)
 
-SOURCE_COLUMNS = ("key", "url", "caption", "md5", "tags", "merged_tags")
-URL_COLUMNS = ("url", "caption", "original_key", "md5", "tags", "merged_tags")
 IMG2DATASET_INPUT = "_img2dataset_input.parquet"  # urls.parquet with md5 renamed; removed after the run
 IMG2DATASET_TMP = "_tmp"  # img2dataset's own temp dir under images/ (its input cut into shards)
 SHARD_SIZE_META = b"vlm_caption.shard_size"
@@ -47,98 +45,6 @@ SHARD_SCHEMA = pa.schema(
 )
 
 
-# ---------------------------------------------------------------------------------------------- source
-
-def load_source(source: str, split: str, max_rows: int | None) -> pa.Table:
-    """The source rows (first max_rows), the six ContraStyles columns as strings.
-
-    A .parquet/.csv/.jsonl/.json file is read with pyarrow; anything else goes through
-    `datasets.load_dataset(source, split=split)` (a Hub id such as tomg-group-umd/ContraStyles, or a
-    local dataset directory). A missing column is a one-line UsageError raised before any download.
-    """
-    path = Path(source)
-    if path.suffix.lower() in (".parquet", ".csv", ".jsonl", ".json"):
-        if not path.is_file():
-            raise UsageError(f"--source {source} does not exist")
-        table = _read_local_table(path)
-    elif path.is_file():  # a local file load_dataset would take for a Hub id
-        raise UsageError(f"--source {source}: give a .parquet, .csv, .jsonl or .json file, a local dataset "
-                         "directory, or a Hub dataset id")
-    else:
-        table = _load_hf_table(source, split, max_rows)
-    if max_rows is not None:
-        table = table.slice(0, max_rows)
-    return pa.table({c: _as_strings(table.column(c), c) for c in SOURCE_COLUMNS})
-
-
-def check_source_columns(columns: list[str], source: str) -> None:
-    missing = [c for c in SOURCE_COLUMNS if c not in columns]
-    if missing:
-        raise UsageError(
-            f"--source {source} lacks column(s) {', '.join(missing)}; it needs {', '.join(SOURCE_COLUMNS)}"
-        )
-
-
-def _read_local_table(path: Path) -> pa.Table:
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".parquet":
-            check_source_columns(pq.read_schema(path).names, str(path))
-            return pq.read_table(path, columns=list(SOURCE_COLUMNS))
-        if suffix == ".csv":
-            # Read every column as text: keys like "000123" must keep their leading zeros.
-            header = pa_csv.open_csv(path).schema.names
-            check_source_columns(header, str(path))
-            types = {c: pa.string() for c in header}
-            return pa_csv.read_csv(path, convert_options=pa_csv.ConvertOptions(column_types=types))
-        import pyarrow.json as pa_json
-
-        table = pa_json.read_json(path)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise UsageError(f"--source {path}: cannot read it ({e}); give a .parquet, .csv or .jsonl file") from None
-    check_source_columns(table.column_names, str(path))
-    return table
-
-
-def _load_hf_table(source: str, split: str, max_rows: int | None) -> pa.Table:
-    import datasets
-
-    try:
-        ds = datasets.load_dataset(source, split=split)
-    except FileNotFoundError as e:  # datasets' DatasetNotFoundError and DataFilesNotFoundError
-        raise UsageError(f"--source {source}: dataset not found ({e})") from None
-    except ValueError as e:  # an unknown split, among others
-        raise UsageError(f"--source {source} --split {split}: {e}") from None
-    except ConnectionError as e:
-        raise FatalError(f"--source {source}: cannot reach the Hub ({e})") from None
-    check_source_columns(ds.column_names, source)
-    ds = ds.select_columns(list(SOURCE_COLUMNS))
-    if max_rows is not None and max_rows < len(ds):
-        ds = ds.select(range(max_rows))
-    return ds.with_format("arrow")[:]
-
-
-def _as_strings(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
-    """Every ContraStyles column is a string in the output schema; list columns become 'a, b, c'."""
-    if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
-        return pc.binary_join(column.cast(pa.list_(pa.string())), ", ")
-    try:
-        return column.cast(pa.string())
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        raise UsageError(f"source column {name} has type {column.type}, which cannot be read as text: {e}") from None
-
-
-def url_table(source: pa.Table) -> pa.Table:
-    """urls.parquet's columns: the dataset's `key` becomes original_key (img2dataset assigns its own keys)."""
-    renamed = {"original_key": "key"}
-    counts = pc.value_counts(source.column("key"))
-    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
-    if len(repeated):  # every row is still downloaded (as its own key); original_key just does not tell them apart
-        logger.warning("source keys on more than one row: %d (e.g. %s); each row is downloaded as a row of its own",
-                       len(repeated), ", ".join(map(str, repeated.field("values")[:3].to_pylist())))
-    return pa.table({c: source.column(renamed.get(c, c)) for c in URL_COLUMNS})
-
-
 def write_urls(out: Path, urls: pa.Table, shard_size: int) -> None:
     """Write urls.parquet, refusing to mix with a download of other rows or another shard size.
 
@@ -147,13 +53,21 @@ def write_urls(out: Path, urls: pa.Table, shard_size: int) -> None:
     """
     path = out / URLS_FILE
     if path.is_file() and _finished_stats(out / IMAGES_DIR):
-        old = pq.read_table(path, columns=["url"])
+        old = pq.read_table(path)
         old_size = (old.schema.metadata or {}).get(SHARD_SIZE_META, b"?").decode()
-        if old_size != str(shard_size) or not old.column("url").equals(urls.column("url")):
+        same_urls = old.column("url").equals(urls.column("url"))
+        if old_size != str(shard_size) or not same_urls:
             raise UsageError(
                 f"--output {out} already holds a download of other rows or another shard size "
                 f"({old.num_rows} rows, shard size {old_size}; now {urls.num_rows} rows, shard size {shard_size}); "
                 "rerun with the same --source/--max-rows/--shard-size or use a new --output"
+            )
+        if not old.replace_schema_metadata(None).equals(urls.replace_schema_metadata(None)):
+            # The shards carry the metadata of the first run: keeping them would publish stale captions and tags.
+            differ = [c for c in URL_COLUMNS if c != "url" and not old.column(c).equals(urls.column(c))]
+            raise UsageError(
+                f"--output {out} already holds a download of the same URLs with other metadata ({', '.join(differ)} "
+                "differ): its shards would keep the old values; download into a new --output"
             )
     atomic_write_table(path, urls.replace_schema_metadata({SHARD_SIZE_META: str(shard_size).encode()}))
 
@@ -176,8 +90,7 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
     if threading.current_thread() is not threading.main_thread():
         raise FatalError("img2dataset must run in the main thread (it installs a signal handler)")
     input_path = out / IMG2DATASET_INPUT
-    atomic_write_table(input_path,
-                       urls.rename_columns([SHARD_NAMES.get(c, c) for c in urls.column_names]))
+    atomic_write_table(input_path, img2dataset_input(urls))
     # Set before the import: albumentations (imported by img2dataset) checks an index for updates otherwise.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download
@@ -272,8 +185,43 @@ def download_dataset(cfg: DownloadConfig) -> dict:
         raise UsageError(f"--source {cfg.source} has no rows")
     urls = url_table(source)
     del source
+    check_output_dir(out)
+    lock = locks.hold_exclusive(out / DOWNLOAD_LOCK, f"--output {out}")
+    try:
+        return _download_into(out, urls, cfg, t0)
+    finally:
+        os.close(lock)
+
+
+def check_output_dir(out: Path) -> None:
+    """--output is new, empty, or an earlier download (img2dataset and validation write into it freely)."""
+    if out.is_dir() and not (out / URLS_FILE).is_file():
+        others = sorted(p.name for p in out.iterdir() if p.name not in (DOWNLOAD_LOCK, IMAGES_DIR))
+        if others:
+            raise UsageError(f"--output {out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
+                             "and no urls.parquet: it is not a download_data.py output; give a new or empty directory")
+
+
+def set_aside_unreadable_shards(out: Path) -> None:
+    """A finished shard whose parquet cannot be read (a crash or a second process mid-write) goes to
+    quarantine/ with its stats file, so img2dataset downloads it again (it redoes shards without stats)."""
+    for shard_id in sorted(_finished_stats(out / IMAGES_DIR)):
+        name = shard_name(shard_id)
+        path = out / IMAGES_DIR / f"{name}.parquet"
+        try:
+            pq.read_metadata(path)
+        except (pa.ArrowInvalid, OSError) as e:
+            if path.exists():
+                store.quarantine(out, path, f"unreadable ({str(e).splitlines()[0]})",
+                                 f"shard {name} is downloaded again")
+            store.quarantine(out, out / IMAGES_DIR / f"{name}_stats.json", "the stats of a shard set aside",
+                             "its shard counts as unfinished")
+
+
+def _download_into(out: Path, urls: pa.Table, cfg: DownloadConfig, t0: float) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_urls(out, urls, cfg.shard_size)
+    set_aside_unreadable_shards(out)
     shard_ids = expected_shards(urls.num_rows, cfg.shard_size)
 
     t1 = time.perf_counter()

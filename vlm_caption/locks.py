@@ -17,6 +17,8 @@ import socket
 import time
 from pathlib import Path
 
+from .errors import UsageError
+
 LOCKS_DIR = "locks"
 RUN_LOCK = "run.lock"
 _WORKER_COUNT_RE = re.compile(r"worker \d+ of (\d+)")
@@ -116,6 +118,21 @@ class DirLock:
             if fd is not None:
                 os.close(fd)  # closing the file drops its flock
         self._run_fd = self._worker_fd = None
+
+
+def hold_exclusive(path: Path, what: str) -> int:
+    """An exclusive hold on `path` for this process (its pid written in): the fd to close when done. Held
+    already: a one-line UsageError naming the holder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    if not _try_flock(fd, fcntl.LOCK_EX):
+        holder = _read_holder(fd)
+        os.close(fd)
+        raise UsageError(f"{what} is in use by another process ({holder}); wait for it to end, or stop it")
+    os.ftruncate(fd, 0)
+    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+             .encode())
+    return fd
 
 
 def _read_holder(fd: int) -> str:

@@ -1,0 +1,71 @@
+"""download_data.py's source: local files of every kind read whole and as text, bad ones refused in one line."""
+from __future__ import annotations
+
+import json
+import logging
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from vlm_caption import download as dl
+from vlm_caption.download_source import SOURCE_COLUMNS
+from vlm_caption.errors import UsageError
+
+HEADER = "key,url,caption,md5,tags,merged_tags\n"
+
+
+def test_csv_with_quoted_multi_line_captions_over_a_reader_block(tmp_path):
+    """pandas writes such files; pyarrow's chunked CSV reader lost its place in them (beyond ~1 MB)."""
+    path = tmp_path / "src.csv"
+    caption = "line one,\nline two \"quoted\"\n" + "x" * 200
+    rows = [f'{i:06d},http://127.0.0.1/{i}.jpg,"{caption.replace(chr(34), chr(34) * 2)}",ff,t,m\n' for i in range(8000)]
+    path.write_text(HEADER + "".join(rows))
+    assert path.stat().st_size > 2 << 20
+    table = dl.load_source(str(path), "train", None)
+    assert table.num_rows == 8000 and set(table.column("caption").to_pylist()) == {caption}
+    assert table.column("key")[7999].as_py() == "007999"
+
+
+def test_jsonl_with_a_row_larger_than_pyarrows_default_block(tmp_path):
+    path = tmp_path / "src.jsonl"
+    rows = [{"key": str(i), "url": f"http://127.0.0.1/{i}.jpg", "caption": "c" * (3 << 20) if i == 1 else "c",
+             "md5": "ff", "tags": "t", "merged_tags": "m"} for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = dl.load_source(str(path), "train", None)
+    assert table.num_rows == 3 and len(table.column("caption")[1].as_py()) == 3 << 20
+
+
+def test_list_columns_keep_every_value_and_nested_lists_are_one_line(tmp_path):
+    path = tmp_path / "src.jsonl"
+    row = {"key": "1", "url": "http://127.0.0.1/1.jpg", "caption": "c", "md5": "ff", "merged_tags": "m"}
+    path.write_text(json.dumps({**row, "tags": ["a", None, "c"]}) + "\n" + json.dumps({**row, "tags": []}) + "\n")
+    assert dl.load_source(str(path), "train", None).column("tags").to_pylist() == ["a, c", ""]
+    path.write_text(json.dumps({**row, "tags": [["a"], ["b"]]}) + "\n")
+    with pytest.raises(UsageError, match="source column tags has type list<item: list<item: string>>"):
+        dl.load_source(str(path), "train", None)
+
+
+def test_a_directory_datasets_cannot_build_is_one_line(tmp_path):
+    (tmp_path / "d").mkdir()
+    pq.write_table(pa.table({"key": ["a"], "url": ["u"]}), tmp_path / "d" / "a.parquet")
+    pq.write_table(pa.table({"key": [1], "other": [2.0]}), tmp_path / "d" / "b.parquet")
+    with pytest.raises(UsageError, match="datasets cannot build a table from it"):
+        dl.load_source(str(tmp_path / "d"), "train", None)
+
+
+def test_repeated_urls_and_urls_that_are_not_http_are_said(caplog):
+    urls = ["http://127.0.0.1/a.jpg", "http://127.0.0.1/a.jpg", "file:///etc/hostname", "data:image/png;base64,AA",
+            "HTTPS://127.0.0.1/b.jpg", None]
+    source = pa.table({c: urls if c == "url" else [str(i) for i in range(len(urls))] for c in SOURCE_COLUMNS})
+    with caplog.at_level(logging.WARNING, logger="vlm_caption.download"):
+        table = dl.url_table(source)
+    assert table.num_rows == len(urls)
+    assert "1 row(s) repeat an earlier row's URL" in caplog.text
+    assert "2 URLs are not http(s) (e.g. file:///etc/hostname): not fetched, recorded as failed" in caplog.text
+    # img2dataset is given URLs urllib refuses for those two; the others (and the null) pass unchanged.
+    given = dl.img2dataset_input(table)
+    assert given.column("url").to_pylist() == [
+        urls[0], urls[1], "only http(s) URLs are fetched: file:///etc/hostname",
+        "only http(s) URLs are fetched: data:image/png;base64,AA", urls[4], None]
+    assert "source_md5" in given.column_names and "md5" not in given.column_names

@@ -1,0 +1,144 @@
+"""The download's source: the ContraStyles rows (a Hub dataset, a local dataset dir, or a .parquet / .csv /
+.jsonl file) read as text columns, and urls.parquet's table made from them. Split from download.py.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
+
+from .cli import plural
+from .data_layout import SHARD_NAMES
+from .errors import FatalError, UsageError
+
+logger = logging.getLogger("vlm_caption.download")  # the messages users know, under the name they had
+
+SOURCE_COLUMNS = ("key", "url", "caption", "md5", "tags", "merged_tags")
+URL_COLUMNS = ("url", "caption", "original_key", "md5", "tags", "merged_tags")
+FETCHED_URL_RE = r"(?i)^https?://"  # what is downloaded; file:, data:, ftp: ... would read local files or payloads
+NOT_FETCHED = "only http(s) URLs are fetched: "  # urllib refuses it: "unknown url type: only http(s) urls are ..."
+JSON_BLOCK_BYTES = 64 << 20  # pyarrow's JSON reader needs each line inside one block (its default: 1 MiB)
+
+
+def load_source(source: str, split: str, max_rows: int | None) -> pa.Table:
+    """The source rows (first max_rows), the six ContraStyles columns as strings.
+
+    A .parquet/.csv/.jsonl/.json file is read with pyarrow; anything else goes through
+    `datasets.load_dataset(source, split=split)` (a Hub id such as tomg-group-umd/ContraStyles, or a
+    local dataset directory). A missing column is a one-line UsageError raised before any download.
+    """
+    path = Path(source)
+    if path.suffix.lower() in (".parquet", ".csv", ".jsonl", ".json"):
+        if not path.is_file():
+            raise UsageError(f"--source {source} does not exist")
+        table = _read_local_table(path)
+    elif path.is_file():  # a local file load_dataset would take for a Hub id
+        raise UsageError(f"--source {source}: give a .parquet, .csv, .jsonl or .json file, a local dataset "
+                         "directory, or a Hub dataset id")
+    else:
+        table = _load_hf_table(source, split, max_rows)
+    if max_rows is not None:
+        table = table.slice(0, max_rows)
+    return pa.table({c: _as_strings(table.column(c), c) for c in SOURCE_COLUMNS})
+
+
+def check_source_columns(columns: list[str], source: str) -> None:
+    missing = [c for c in SOURCE_COLUMNS if c not in columns]
+    if missing:
+        raise UsageError(
+            f"--source {source} lacks column(s) {', '.join(missing)}; it needs {', '.join(SOURCE_COLUMNS)}"
+        )
+
+
+def _read_local_table(path: Path) -> pa.Table:
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".parquet":
+            check_source_columns(pq.read_schema(path).names, str(path))
+            return pq.read_table(path, columns=list(SOURCE_COLUMNS))
+        if suffix == ".csv":
+            # Read every column as text: keys like "000123" must keep their leading zeros.
+            header = pa_csv.open_csv(path).schema.names
+            check_source_columns(header, str(path))
+            types = {c: pa.string() for c in header}
+            return pa_csv.read_csv(path, parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+                                   convert_options=pa_csv.ConvertOptions(column_types=types))
+        import pyarrow.json as pa_json
+
+        table = pa_json.read_json(path, read_options=pa_json.ReadOptions(block_size=JSON_BLOCK_BYTES))
+    except (pa.ArrowInvalid, OSError) as e:
+        raise UsageError(f"--source {path}: cannot read it ({e}); give a .parquet, .csv or .jsonl file") from None
+    check_source_columns(table.column_names, str(path))
+    return table
+
+
+def _load_hf_table(source: str, split: str, max_rows: int | None) -> pa.Table:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(source, split=split)
+    except FileNotFoundError as e:  # datasets' DatasetNotFoundError and DataFilesNotFoundError
+        raise UsageError(f"--source {source}: dataset not found ({e})") from None
+    except ValueError as e:  # an unknown split, among others
+        raise UsageError(f"--source {source} --split {split}: {e}") from None
+    except ConnectionError as e:
+        raise FatalError(f"--source {source}: cannot reach the Hub ({e})") from None
+    except datasets.exceptions.DatasetGenerationError as e:  # e.g. a directory of files it cannot read as one table
+        cause = e.__cause__ or e
+        raise UsageError(f"--source {source}: datasets cannot build a table from it ({type(cause).__name__}: "
+                         f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
+    check_source_columns(ds.column_names, source)
+    ds = ds.select_columns(list(SOURCE_COLUMNS))
+    if max_rows is not None and max_rows < len(ds):
+        ds = ds.select(range(max_rows))
+    return ds.with_format("arrow")[:]
+
+
+def _as_strings(column: pa.ChunkedArray, name: str) -> pa.ChunkedArray:
+    """Every ContraStyles column is a string in the output schema; list columns become 'a, b, c' (null
+    elements left out: binary_join would null the whole row for one of them)."""
+    try:
+        if pa.types.is_list(column.type) or pa.types.is_large_list(column.type):
+            items = column.cast(pa.list_(pa.string())).to_pylist()
+            return pa.chunked_array([pa.array([None if row is None else ", ".join(x for x in row if x is not None)
+                                               for row in items], pa.string())])
+        return column.cast(pa.string())
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+        raise UsageError(f"source column {name} has type {column.type}, which cannot be read as text: {e}") from None
+
+
+def url_table(source: pa.Table) -> pa.Table:
+    """urls.parquet's columns: the dataset's `key` becomes original_key (img2dataset assigns its own keys)."""
+    renamed = {"original_key": "key"}
+    counts = pc.value_counts(source.column("key"))
+    repeated = pc.filter(counts, pc.greater(counts.field("counts"), 1))
+    if len(repeated):  # every row is still downloaded (as its own key); original_key just does not tell them apart
+        logger.warning("source keys on more than one row: %d (e.g. %s); each row is downloaded as a row of its own",
+                       len(repeated), ", ".join(map(str, repeated.field("values")[:3].to_pylist())))
+    urls = source.column("url")
+    n_repeated = len(urls) - len(pc.unique(urls))
+    if n_repeated:
+        logger.warning("URLs on more than one source row: %d row(s) repeat an earlier row's URL; each row is "
+                       "downloaded and captioned as a row of its own", n_repeated)
+    fetched = pc.match_substring_regex(urls, FETCHED_URL_RE)
+    unfetched = pc.filter(urls, pc.invert(pc.fill_null(fetched, True)))
+    if len(unfetched):
+        logger.warning("%s not http(s) (e.g. %s): not fetched, recorded as failed", plural(len(unfetched), "URL is",
+                       "URLs are"), unfetched[0].as_py()[:80])
+    return pa.table({c: source.column(renamed.get(c, c)) for c in URL_COLUMNS})
+
+
+def img2dataset_input(urls: pa.Table) -> pa.Table:
+    """urls.parquet as img2dataset reads it: md5 renamed (a name it reserves), and any URL that is not
+    http(s) made one urllib refuses, so that its row is a permanent failure with its reason in the shard
+    parquet ("unknown url type: only http(s) urls are fetched") instead of a local file or an inline payload
+    read as if downloaded."""
+    url = urls.column("url")
+    url = pc.if_else(pc.fill_null(pc.match_substring_regex(url, FETCHED_URL_RE), True), url,
+                     pc.binary_join_element_wise(NOT_FETCHED, url, ""))
+    urls = urls.set_column(urls.column_names.index("url"), "url", url)
+    return urls.rename_columns([SHARD_NAMES.get(c, c) for c in urls.column_names])
