@@ -59,7 +59,7 @@ def test_end_to_end_schema_and_carried_columns(full_run, sample_data_dir, tiny_m
                             ("md5", "md5"), ("tags", "tags"), ("merged_tags", "merged_tags"), ("sha256", "sha256"),
                             ("width", "width"), ("height", "height")]:
         assert (out[col_out] == meta.loc[out.index, col_in]).all(), col_out
-    assert (out["caption_model"] == str(tiny_model_dir)).all()
+    assert (out["caption_model"] == f"local:{tiny_model_dir.name}").all()  # no local path published
     assert set(out["caption_finish"]) <= {"stop", "length"}
     assert (out["caption_tokens"] <= 6).all() and (out["caption_tokens"] >= 0).all()
     assert not any("<start_of_turn>" in c or "<end_of_turn>" in c for c in out["vlm_caption"])

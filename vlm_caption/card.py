@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from . import prompt_plan
 from .config import SOURCE_DATASET
 from .rows import describe_counts
 from .schema import COLUMNS
@@ -39,16 +40,20 @@ def _fenced(prompt: str) -> str:
 def _run_view(repo_id: str, run: dict, default: bool) -> dict:
     """What the template shows of one run."""
     failed = run.get("failed_by_stage") or {}
+    specs = prompt_plan.run_specs({**run, "prompt": str(run.get("prompt") or "")})
+    specs_columns = [c for spec in specs for c in spec.output_columns()]
     return {"run_id": run["run_id"], "default": default, "model": run.get("model", "unknown"),
             "params": ", ".join(f"{k}={run.get(k)}" for k in ("max_tokens", "temperature", "top_p", "seed")),
             "rows": run.get("rows", 0),
             "failures": ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())) or "none",
             "flags": describe_counts(run.get("caption_flags")),
-            "json_fields": ", ".join(f"`caption_{f}`" for f in run.get("json_fields") or []),
+            "json_fields": ", ".join(f"`caption_{f}{spec.suffix}`" for spec in specs for f in spec.json_fields),
+            "extra_columns": ", ".join([*(f"`{k}` (--keep-columns)" for k in run.get("keep_columns") or []),
+                                        *(f"`{c.name}`" for c in specs_columns)]),
             "code_version": run.get("code_version", "unknown"), "created": run.get("created", "unknown"),
             "load_args": f'"{repo_id}", split="train"' if default else f'"{repo_id}", "{run["run_id"]}", split="train"',
             "fenced_prompt": _fenced(str(run.get("prompt", ""))),
-            "prompts": [{"name": k, "fenced": _fenced(str(v))} for k, v in (run.get("prompts") or {}).items()]}
+            "prompts": [{"name": k, "fenced": _fenced(str(run["prompts"][k]))} for k in prompt_plan.prompt_order(run)]}
 
 
 def render_dataset_card(repo_id: str, runs: list[dict]) -> str:
@@ -57,14 +62,21 @@ def render_dataset_card(repo_id: str, runs: list[dict]) -> str:
     settings plus rows and failed_by_stage as published."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
-    runs = sorted(runs, key=lambda r: (r.get("created") or "", r["run_id"]), reverse=True)
+    # Newest first; a run with no file on the Hub yet gets no config (its data_files would match nothing, and
+    # as the default it would break load_dataset(repo) for every run).
+    runs = sorted(runs, key=lambda r: (int(r.get("rows") or 0) > 0, r.get("created") or "", r["run_id"]),
+                  reverse=True)
     total = sum(int(r.get("rows") or 0) for r in runs)
     configs = [{"config_name": r["run_id"], "data_files": [{"split": "train", "path": _data_files(r)}],
-                **({"default": True} if i == 0 else {})} for i, r in enumerate(runs)]
+                **({"default": True} if i == 0 else {})} for i, r in enumerate(runs) if int(r.get("rows") or 0) > 0]
     data = DatasetCardData(license="cc-by-4.0", task_categories=["image-to-text"], language=["en"],
                            size_categories=[size_category(total)], tags=_CARD_TAGS, configs=configs)
     card = DatasetCard.from_template(
         data, template_path=str(TEMPLATE), repo_id=repo_id, repo_name=repo_id.split("/")[-1], source=SOURCE_DATASET,
-        total_rows=total, runs=[_run_view(repo_id, r, i == 0) for i, r in enumerate(runs)], columns=COLUMNS,
+        total_rows=total, runs=[_run_view(repo_id, r, i == 0 and int(r.get("rows") or 0) > 0)
+                                for i, r in enumerate(runs)], columns=COLUMNS,
         citation=CITATION)
-    return str(card)
+    # Run ids are hex: PyYAML (YAML 1.1) writes 012345678901 or 123e45678901 bare, and a YAML 1.2 reader (the
+    # Hub's) takes them for numbers. Quoted, every reader sees the config's name.
+    head, sep, rest = str(card).partition("\n---\n")
+    return re.sub(r"^(- config_name: )([0-9a-f]+)$", r"\1'\2'", head, flags=re.MULTILINE) + sep + rest

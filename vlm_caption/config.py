@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from .data_layout import FULL_METADATA_FILE, IMAGES_DIR
 from . import workers
+from .data_layout import FULL_METADATA_FILE, IMAGES_DIR
 from .errors import UsageError
 
 DEFAULT_MODEL = "google/gemma-3-27b-it"
@@ -54,6 +54,12 @@ def resolve_repo_id(hf_repo: str, hf_username: str) -> str:
             "letters, digits, '-', '_' and '.' only"
         )
     return repo_id
+
+
+def public_model_name(model: str) -> str:
+    """What the Hub shows of a model: a hub id as is; a local dir (recorded in run.json as its absolute path,
+    which names the run) as `local:DIRNAME`, so no user name or file system layout is published."""
+    return f"local:{Path(model).name}" if Path(model).is_absolute() else model
 
 
 def check_output_file(path: Path, flag: str) -> None:
@@ -261,7 +267,12 @@ class RunConfig:
         if self.kept_columns():
             settings["keep_columns"] = self.kept_columns()
         if self.prompts_file is not None:  # every prompt joins the run id; "prompt" stays for older readers
-            settings.update(prompt=None, prompt_version="custom", prompts=self.named_prompts())
+            prompts = self.named_prompts()
+            settings.update(prompt=None, prompt_version="custom", prompts=prompts)
+            # The order matters (the first prompt's caption is also the plain vlm_caption) but a dict is recorded
+            # with sorted keys: an order other than the sorted one joins the run id, so two orders never mix.
+            if list(prompts) != sorted(prompts):
+                settings["prompt_order"] = list(prompts)
         if self.format == "json":
             settings.update(format="json", json_fields=list(self.fields()))
         if self.retry_repetition_penalty != RunConfig.retry_repetition_penalty:

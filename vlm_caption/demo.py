@@ -17,7 +17,6 @@ pipeline's own code (3), as a real run would.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import time

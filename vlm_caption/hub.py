@@ -32,6 +32,7 @@ from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, co
 from huggingface_hub.errors import HfHubHTTPError, HfUriError
 
 from .card import render_dataset_card
+from .config import public_model_name
 from .errors import FatalError, UsageError
 from .rows import conform
 from .hub_files import HUB_FILE_RE, ROW_GROUP_ROWS, HubFile, hub_file_bytes, plan_hub_files
@@ -124,6 +125,14 @@ def _ledger_entry(repo_id: str, run_id: str, f: HubFile, commit: str | None) -> 
     return {"repo": repo_id, "run_id": run_id, "hub_path": f.path, "worker": f.worker, "first": f.parts[0].seq,
             "last": f.parts[-1].seq, "parts": [p.path.name for p in f.parts], "rows": f.rows, "commit": commit,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def _summed(counts) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for c in counts:
+        for k, v in (c or {}).items():
+            total[k] = total.get(k, 0) + int(v)
+    return total
 
 
 # ---------------------------------------------------------------- the client
@@ -351,9 +360,18 @@ class HubClient:
             nonlocal card_text
             snap = self.index(run_id).snapshot()
             runs = self.index(run_id).read_run_infos(snap.head)
+            # Failure and flag counts are each checkpoint dir's (machines of one run publish into one config):
+            # kept per dir, summed; the run started when its first dir did.
+            before = runs.get(run_id) or {}
+            by_dir = {**(before.get("by_dir") or {}), run_info.get("dir_id") or "legacy": {
+                "failed_by_stage": failed if isinstance(failed, dict) else {},
+                "caption_flags": (summary.get("checkpoint_dir") or {}).get("caption_flags", {})}}
             mine = {**{k: v for k, v in run_info.items() if k != "dir_id"}, "rows": len(snap.keys),
-                    "files": len(snap.files), "failed_by_stage": failed if isinstance(failed, dict) else {},
-                    "caption_flags": (summary.get("checkpoint_dir") or {}).get("caption_flags", {}),
+                    "model": public_model_name(str(run_info.get("model", "unknown"))),
+                    "files": len(snap.files), "by_dir": by_dir,
+                    "failed_by_stage": _summed(d.get("failed_by_stage") for d in by_dir.values()),
+                    "caption_flags": _summed(d.get("caption_flags") for d in by_dir.values()),
+                    "created": min(filter(None, (before.get("created"), run_info.get("created"))), default=None),
                     "legacy_files": any("/" not in f[len("data/"):] for f in snap.files),
                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             runs[run_id] = mine

@@ -4,7 +4,6 @@ and access errors turned into one line that says what to do."""
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 

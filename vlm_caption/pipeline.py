@@ -17,7 +17,7 @@ from typing import Any, Optional
 from . import dataset, loader, prompt_plan, rows as rowcols, store, workers
 from .atomic import remove_stale_tmp
 from .backends import CaptionBackend, make_backend
-from .config import RunConfig, parse_shards, resolve_repo_id
+from .config import RunConfig, parse_shards, public_model_name, resolve_repo_id
 from .endings import dry_run, finish, merge_and_check, push_only
 from .errors import FatalError, UsageError
 from .interrupts import StopSignals
@@ -281,6 +281,8 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
         while posted:
             posted.popleft().result()
 
+    model_name = public_model_name(backend.model_name)  # a local dir's path would publish its owner's file system
+
     def record(results: list[Result], retries: list[Retries]) -> None:  # on the writer thread
         for (items, caps, error), redone in zip(results, retries):
             for i, item in enumerate(items):
@@ -290,7 +292,7 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                     continue
                 out = {k: item.row.get(k) for k in writer.schema.names if k in item.row}
                 values = rowcols.row_values([c[i] for c in caps], [r.get(i) for r in redone], specs)
-                rows.append({**out, **values, "caption_model": backend.model_name})
+                rows.append({**out, **values, "caption_model": model_name})
                 stats.flags.update(values[rowcols.FLAGS_COLUMN])
                 stats.captioned += 1
                 stats.tokens += sum(c[i].tokens for c in caps) + sum(r[i].tokens for r in redone if i in r)

@@ -13,7 +13,6 @@ Content-Security-Policy lets only this file's own script run, as a second wall.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import hashlib
 import html

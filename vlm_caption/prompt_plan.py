@@ -96,8 +96,14 @@ def run_specs(settings: Mapping[str, Any]) -> list[PromptSpec]:
     """The run's prompts from its settings (RunConfig.run_settings): run.json is the one record of them."""
     fields = tuple(settings.get("json_fields") or ()) if settings.get("format") == "json" else ()
     if settings.get("prompts"):
-        return [PromptSpec.make(name, template, fields) for name, template in settings["prompts"].items()]
+        return [PromptSpec.make(name, settings["prompts"][name], fields) for name in prompt_order(settings)]
     return [PromptSpec.make(None, settings["prompt"], fields)]
+
+
+def prompt_order(settings: Mapping[str, Any]) -> list[str]:
+    """The names of a --prompts-file run's prompts, first (the plain columns') first: the file's order, which
+    run.json keeps as prompt_order unless it is the sorted one (its dict's keys are written sorted)."""
+    return list(settings.get("prompt_order") or sorted(settings.get("prompts") or {}))
 
 
 def longest_prompt(specs: Sequence[PromptSpec]) -> str:

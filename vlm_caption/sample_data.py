@@ -22,7 +22,6 @@ drift apart. The same seed gives the same bytes.
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import io
 import json

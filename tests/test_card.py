@@ -1,0 +1,78 @@
+"""The Hub dataset card as its readers use it: every config loads, counts cover every machine of a run, the
+columns and prompts it names are the files' own, no local path is published."""
+from __future__ import annotations
+
+import json
+
+import yaml
+from hub_parts import REPO, RUN, Writer, ckpt, client, sleeps  # noqa: F401  (fixtures)
+
+from vlm_caption.card import render_dataset_card
+from vlm_caption.config import RunConfig
+from vlm_caption.prompt_plan import run_specs
+
+
+def card_yaml(card: str) -> dict:
+    return yaml.safe_load(card.split("---")[1])
+
+
+def test_a_run_with_no_published_rows_gets_no_config_and_is_never_the_default():
+    """Its data_files would match nothing: as the default config, load_dataset(repo) failed for every run."""
+    runs = [{"run_id": "aaa", "rows": 5, "created": "2026-01-01", "prompt": "p"},
+            {"run_id": "bbb", "rows": 0, "created": "2026-01-02", "prompt": "p"}]
+    card = render_dataset_card("me/data", runs)
+    configs = card_yaml(card)["configs"]
+    assert [c["config_name"] for c in configs] == ["aaa"] and configs[0]["default"] is True
+    assert "### Run `aaa` (default config)" in card and "### Run `bbb`\n" in card
+    assert "No rows published yet" in card.split("### Run `bbb`")[1]
+
+
+def test_the_card_names_each_runs_columns_beyond_the_table():
+    run = {"run_id": "aaa", "rows": 5, "prompt": None, "keep_columns": ["aesthetic"], "format": "json",
+           "json_fields": ["subject"], "prompts": {"short": "Name it.", "long": "Describe it."}}
+    card = render_dataset_card("me/data", [run])
+    # (no prompt_order recorded: the file's order was the sorted one)
+    assert "fields in\n  `caption_subject_long`, `caption_subject_short`" in card  # not `caption_subject`
+    extra = card.split("Columns beyond the table below: ")[1].splitlines()[0]
+    assert extra.startswith("`aesthetic` (--keep-columns), `vlm_caption_long`")
+    assert "`caption_subject_short`" in extra
+
+
+def test_the_order_of_a_prompts_file_names_the_run(tmp_path):
+    """The first prompt also fills the plain vlm_caption; run.json writes the prompts' dict with sorted keys,
+    so two orders of one file had one run id and their captions mixed in one config."""
+    as_sorted, reversed_ = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    as_sorted.write_text("long: Describe it.\nshort: Name it.\n")
+    reversed_.write_text("short: Name it.\nlong: Describe it.\n")
+    first, second = (RunConfig(prompts_file=str(p)).run_settings() for p in (as_sorted, reversed_))
+    assert "prompt_order" not in first  # the sorted order: run ids of earlier runs stay what they were
+    assert second["prompt_order"] == ["short", "long"] and first != second
+    recorded = json.loads(json.dumps(second, sort_keys=True))  # as run.json keeps it
+    assert [s.name for s in run_specs(recorded)] == ["short", "long"]
+    card = render_dataset_card("me/data", [{**recorded, "run_id": "aaa", "rows": 1}])
+    assert card.index("Prompt `short`") < card.index("Prompt `long`")
+
+
+def test_counts_add_up_over_the_dirs_of_a_run_and_no_local_path_is_published(hub_stub, client, ckpt):  # noqa: F811
+    Writer(ckpt).parts(3)
+    client.push_pending(ckpt, RUN, 0)
+    for dir_id, created, failed, flags in (("d1", "2026-01-02T00:00:00Z", {"decode": 1}, {"repetition": 2}),
+                                           ("d2", "2026-01-01T00:00:00Z", {"decode": 2}, {"repetition": 1, "empty": 1}),
+                                           ("d1", "2026-01-02T00:00:00Z", {"decode": 1}, {"repetition": 3})):
+        client.write_card({"run_id": RUN, "dir_id": dir_id, "created": created, "model": "/home/alice/models/ft",
+                           "prompt": "p"}, {"checkpoint_dir": {"failed_by_stage": failed, "caption_flags": flags}})
+    files = hub_stub.repo_files(REPO)
+    info = json.loads(files[f"runs/{RUN}.json"])
+    assert info["failed_by_stage"] == {"decode": 3}  # d1's latest (1) + d2's (2)
+    assert info["caption_flags"] == {"repetition": 4, "empty": 1}
+    assert info["created"] == "2026-01-01T00:00:00Z" and info["model"] == "local:ft"
+    card = files["README.md"].decode()
+    assert "alice" not in card and "Model: `local:ft`" in card and "decode: 3" in card
+
+
+def test_config_names_are_quoted_so_a_yaml_12_reader_sees_names_not_numbers():
+    card = render_dataset_card("me/data", [{"run_id": "123e45678901", "rows": 1, "prompt": "p"},
+                                           {"run_id": "012345678901", "rows": 1, "prompt": "p", "created": "1"}])
+    header = card.split("---")[1]
+    assert "- config_name: '012345678901'" in header and "- config_name: '123e45678901'" in header
+    assert [c["config_name"] for c in card_yaml(card)["configs"]] == ["012345678901", "123e45678901"]
