@@ -64,8 +64,15 @@ def extra_columns(data_dir: Path, names: Sequence[str]) -> list[Column]:
     """--keep-columns as registry columns typed from the metadata; an unknown name is a usage error now."""
     if not names:
         return []
-    path, _ = metadata_files(data_dir)[0]
-    return keep_columns(names, _open(path).schema_arrow)
+    files = [path for path, _ in metadata_files(data_dir)]
+    try:  # every shard's types (the first may hold only nulls in a column the next one fills)
+        schema = pa.unify_schemas([_open(p).schema_arrow for p in files], promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise UsageError(f"--keep-columns: the data dir's metadata files disagree on a column's type: {e}") from None
+    nulls = [i for i, f in enumerate(schema) if pa.types.is_null(f.type)]
+    for i in nulls:  # null in every file: nothing says its type; text holds whatever comes later
+        schema = schema.set(i, schema.field(i).with_type(pa.string()))
+    return keep_columns(names, schema)
 
 
 def unfinished_shards(data_dir: Path) -> list[str]:
