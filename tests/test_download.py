@@ -245,6 +245,40 @@ def test_urls_that_are_not_http_are_failed_not_fetched(server, tmp_path):
     assert pq.read_table(out / "urls.parquet").column("url").to_pylist() == [r["url"] for r in rows]
 
 
+def test_every_further_source_column_reaches_full_metadata_with_its_type(server, tmp_path, caplog):
+    """Not only the six ContraStyles columns: the rest travel through img2dataset too, renamed source_{name}
+    where img2dataset or the outputs use the name; a column that is not a scalar or a list is said."""
+    rows = [{"key": str(i), "url": server.url(f"/img/{i}.jpg"), "caption": "c", "md5": "ff", "tags": "t",
+             "merged_tags": "m", "aesthetic": i / 4, "license": "cc-by", "width": 1000 + i, "labels": ["a", str(i)],
+             "blob": b"\x00"} for i in range(3)]
+    path = tmp_path / "src.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="vlm_caption.download"):
+        summary = dl.download_dataset(DownloadConfig(output=str(out), source=str(path), processes=1, threads=2,
+                                                     timeout=5, retries=0, validate_workers=1))
+    assert summary["valid"] == 3 and "source column blob (binary) is not carried" in caplog.text
+    meta = pq.read_table(out / "full_metadata.parquet")
+    assert meta.schema.names[len(validate.FULL_METADATA_SCHEMA):] == ["aesthetic", "license", "source_width", "labels"]
+    assert meta.schema.field("aesthetic").type == pa.float64() and meta.schema.field("source_width").type == pa.int64()
+    assert meta.schema.field("labels").type == pa.list_(pa.string())
+    by_key = {r["original_key"]: r for r in meta.to_pylist()}
+    for r in rows:
+        got = by_key[r["key"]]
+        assert (got["aesthetic"], got["license"], got["source_width"], got["labels"]) == \
+            (r["aesthetic"], r["license"], r["width"], r["labels"])
+        assert got["width"] > 0 and got["width"] != r["width"]  # the measured size keeps its name
+    # ... and the captioner can carry them into every output row.
+    from batched_image_inference import main
+
+    ckpt = tmp_path / "ckpt"
+    assert main(["--data-dir", str(out), "--checkpoint-dir", str(ckpt), "--no-push", "--backend", "dummy",
+                 "--model", "dummy", "--keep-columns", "aesthetic,labels"]) == 0
+    merged = pq.read_table(ckpt / "all_captions.parquet")
+    assert sorted(merged.column("aesthetic").to_pylist()) == [0.0, 0.25, 0.5]
+    assert merged.schema.field("labels").type == pa.list_(pa.string())
+
+
 def test_other_shard_size_on_rerun_is_refused(first_run, server):
     before = server.request_count()
     cfg = dataclasses.replace(first_run["cfg"], shard_size=8)

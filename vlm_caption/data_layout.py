@@ -1,6 +1,7 @@
 """The data directory's layout: file names, shard names and keys, atomic writes (see DESIGN.md).
 
-    urls.parquet              url, caption, original_key, md5, tags, merged_tags (+ shard size in its metadata)
+    urls.parquet              url, caption, original_key, md5, tags, merged_tags, the source's further columns
+                              (download_source.further_columns) (+ shard size in its metadata)
     images/                   img2dataset's own output (files format), never modified here
       00000/000000000.jpg     raw downloaded bytes: the extension is always .jpg whatever the content
       00000.parquet           per-shard rows (download.SHARD_SCHEMA), in completion order

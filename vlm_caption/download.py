@@ -23,7 +23,8 @@ from .cli import plural
 from .config import DownloadConfig
 from .data_layout import (DOWNLOAD_LOCK, ENCODE_FORMAT, IMAGES_DIR, OOM_SHARD_COUNT, SAVED_COLUMNS,
                           SUMMARY_FILE, URLS_FILE, expected_shards, shard_name)
-from .download_source import URL_COLUMNS, img2dataset_input, load_source, url_table  # noqa: F401  (dl.* names)
+from .download_source import (URL_COLUMNS, further_names, img2dataset_input, load_source,  # noqa: F401  (dl.* names)
+                              url_table)
 from .download_summary import make_summary, print_summary, stats_files
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .interrupts import Interrupted
@@ -117,7 +118,7 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
             output_format="files",
             url_col="url",
             caption_col="caption",
-            save_additional_columns=list(SAVED_COLUMNS),
+            save_additional_columns=[*SAVED_COLUMNS, *further_names(urls)],
             disable_all_reencoding=True,  # keep the original bytes; we check them with PIL afterwards
             encode_format=ENCODE_FORMAT,
             incremental_mode="incremental",
@@ -237,7 +238,7 @@ def _download_into(out: Path, urls: pa.Table, cfg: DownloadConfig, t0: float) ->
     finished_stats = {s: st for s, st in _finished_stats(out / IMAGES_DIR).items() if s in wanted}
     validation = validate_shards(out, finished_stats, cfg.validate_workers)
     t3 = time.perf_counter()
-    counts = build_outputs(out, sorted(finished_stats))
+    counts = build_outputs(out, sorted(finished_stats), further=[urls.schema.field(c) for c in further_names(urls)])
     timings = {"img2dataset": round(t2 - t1, 3), "validation": round(t3 - t2, 3),
                "total": round(time.perf_counter() - t0, 3)}
     summary = make_summary(cfg, urls.num_rows, shard_ids, sorted(finished_stats), counts, validation, timings)

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from .cli import plural
 from .data_layout import SHARD_NAMES
 from .errors import FatalError, UsageError
+from .schema import COLUMNS
 
 logger = logging.getLogger("vlm_caption.download")  # the messages users know, under the name they had
 
@@ -24,8 +25,41 @@ NOT_FETCHED = "only http(s) URLs are fetched: "  # urllib refuses it: "unknown u
 JSON_BLOCK_BYTES = 64 << 20  # pyarrow's JSON reader needs each line inside one block (its default: 1 MiB)
 
 
+# Names img2dataset writes or reserves in its shard parquets, and names of our own outputs: a source column
+# called so travels as source_{name} (as md5 does, data_layout.SHARD_NAMES).
+_TAKEN = {"key", "caption", "url", "width", "height", "original_width", "original_height", "status",
+          "error_message", "exif", "md5", "sha256", "sha512", "file_name", "text", "original_key", "source_md5",
+          *(c.name for c in COLUMNS)}
+
+
+def _carried(kind: pa.DataType) -> bool:
+    """A column kept as it is: scalars, and lists of them (not images, structs or bytes)."""
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        kind = kind.value_type
+    return (pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind)
+            or pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_temporal(kind)
+            or pa.types.is_decimal(kind))
+
+
+def further_columns(schema: pa.Schema) -> dict[str, str]:
+    """The source's columns beyond the six, carried with their own types: source name -> name in the data dir
+    (source_{name} where img2dataset or our outputs use the name). Others are said, not dropped silently."""
+    names: dict[str, str] = {}
+    for f in schema:
+        if f.name in SOURCE_COLUMNS:
+            continue
+        if not _carried(f.type):
+            logger.warning("source column %s (%s) is not carried: only scalar and list columns are", f.name, f.type)
+            continue
+        names[f.name] = f"source_{f.name}" if f.name in _TAKEN else f.name
+    if len(set(names.values())) < len(names):  # e.g. both width and source_width
+        raise UsageError(f"--source: columns {', '.join(names)} clash once renamed ({', '.join(names.values())})")
+    return names
+
+
 def load_source(source: str, split: str, max_rows: int | None) -> pa.Table:
-    """The source rows (first max_rows), the six ContraStyles columns as strings.
+    """The source rows (first max_rows): the six ContraStyles columns as strings, then every further column
+    with its own type (further_columns).
 
     A .parquet/.csv/.jsonl/.json file is read with pyarrow; anything else goes through
     `datasets.load_dataset(source, split=split)` (a Hub id such as tomg-group-umd/ContraStyles, or a
@@ -43,7 +77,9 @@ def load_source(source: str, split: str, max_rows: int | None) -> pa.Table:
         table = _load_hf_table(source, split, max_rows)
     if max_rows is not None:
         table = table.slice(0, max_rows)
-    return pa.table({c: _as_strings(table.column(c), c) for c in SOURCE_COLUMNS})
+    further = further_columns(table.schema)
+    return pa.table({**{c: _as_strings(table.column(c), c) for c in SOURCE_COLUMNS},
+                     **{name: table.column(c) for c, name in further.items()}})
 
 
 def check_source_columns(columns: list[str], source: str) -> None:
@@ -59,7 +95,7 @@ def _read_local_table(path: Path) -> pa.Table:
     try:
         if suffix == ".parquet":
             check_source_columns(pq.read_schema(path).names, str(path))
-            return pq.read_table(path, columns=list(SOURCE_COLUMNS))
+            return pq.read_table(path)
         if suffix == ".csv":
             # Read every column as text: keys like "000123" must keep their leading zeros.
             header = pa_csv.open_csv(path).schema.names
@@ -92,7 +128,8 @@ def _load_hf_table(source: str, split: str, max_rows: int | None) -> pa.Table:
         raise UsageError(f"--source {source}: datasets cannot build a table from it ({type(cause).__name__}: "
                          f"{str(cause).splitlines()[0] if str(cause) else ''})") from None
     check_source_columns(ds.column_names, source)
-    ds = ds.select_columns(list(SOURCE_COLUMNS))
+    further = further_columns(ds.data.schema)  # images and other large columns are left out (and said) here
+    ds = ds.select_columns([*SOURCE_COLUMNS, *further])
     if max_rows is not None and max_rows < len(ds):
         ds = ds.select(range(max_rows))
     return ds.with_format("arrow")[:]
@@ -129,7 +166,14 @@ def url_table(source: pa.Table) -> pa.Table:
     if len(unfetched):
         logger.warning("%s not http(s) (e.g. %s): not fetched, recorded as failed", plural(len(unfetched), "URL is",
                        "URLs are"), unfetched[0].as_py()[:80])
-    return pa.table({c: source.column(renamed.get(c, c)) for c in URL_COLUMNS})
+    further = [c for c in source.column_names if c not in SOURCE_COLUMNS]  # already under their data-dir names
+    return pa.table({**{c: source.column(renamed.get(c, c)) for c in URL_COLUMNS},
+                     **{c: source.column(c) for c in further}})
+
+
+def further_names(urls: pa.Table) -> list[str]:
+    """urls.parquet's columns beyond the six: the source's further columns, under their data-dir names."""
+    return [c for c in urls.column_names if c not in URL_COLUMNS]
 
 
 def img2dataset_input(urls: pa.Table) -> pa.Table:

@@ -156,19 +156,22 @@ class OutputCounts:
     metadata_rows: int = 0  # rows in full_metadata.parquet
 
 
-def build_outputs(out: Path, shard_ids: list[int], include_invalid: bool = False) -> OutputCounts:
+def build_outputs(out: Path, shard_ids: list[int], include_invalid: bool = False,
+                  further: list[pa.Field] | None = None) -> OutputCounts:
     """full_metadata.parquet, metadata.csv and invalid_images.parquet, one shard in memory at a time.
 
     include_invalid keeps undecodable rows in full_metadata/metadata.csv (sample data for captioner tests).
+    `further`: the source's further columns (img2dataset carried them into the shard parquets), appended.
     """
     counts = OutputCounts()
+    schema = pa.schema([*FULL_METADATA_SCHEMA, *(further or [])])
     with atomic_path(out / FULL_METADATA_FILE) as meta_tmp, atomic_path(out / METADATA_CSV) as csv_tmp, \
             atomic_path(out / INVALID_FILE) as invalid_tmp, \
-            pq.ParquetWriter(meta_tmp, FULL_METADATA_SCHEMA) as meta_writer, \
+            pq.ParquetWriter(meta_tmp, schema) as meta_writer, \
             pa_csv.CSVWriter(csv_tmp, METADATA_CSV_SCHEMA) as csv_writer, \
             pq.ParquetWriter(invalid_tmp, INVALID_SCHEMA) as invalid_writer:
         for shard_id in shard_ids:
-            rows, invalid = _shard_outputs(out, shard_id, counts, include_invalid)
+            rows, invalid = _shard_outputs(out, shard_id, counts, include_invalid, schema)
             meta_writer.write_table(rows)
             csv_writer.write_table(pa.table({"file_name": rows["file_name"],
                                              "text": pc.fill_null(rows["caption"], "")}, METADATA_CSV_SCHEMA))
@@ -176,7 +179,8 @@ def build_outputs(out: Path, shard_ids: list[int], include_invalid: bool = False
     return counts
 
 
-def _shard_outputs(out: Path, shard_id: int, counts: OutputCounts, include_invalid: bool) -> tuple[pa.Table, pa.Table]:
+def _shard_outputs(out: Path, shard_id: int, counts: OutputCounts, include_invalid: bool,
+                   schema: pa.Schema) -> tuple[pa.Table, pa.Table]:
     """(full_metadata rows, invalid rows) of one shard, sorted by key; updates counts."""
     shard = pq.read_table(out / IMAGES_DIR / f"{shard_name(shard_id)}.parquet")
     checks = pq.read_table(validation_path(out, shard_id))
@@ -192,16 +196,20 @@ def _shard_outputs(out: Path, shard_id: int, counts: OutputCounts, include_inval
     invalid = pa.table({"key": bad["key"], "path": bad["file_name"], "error": bad["error"]}, schema=INVALID_SCHEMA)
 
     keep = checks if include_invalid else checks.filter(pc.is_null(checks["error"]))
-    downloaded = shard.filter(ok).select(["key", *SAVED_COLUMNS, "caption", "url", "sha256"])
-    rows = downloaded.join(keep.select(["key", "file_name", "width", "height"]), "key", join_type="inner")
+    further = schema.names[len(FULL_METADATA_SCHEMA):]
+    downloaded = shard.filter(ok).select(["key", *SAVED_COLUMNS, "caption", "url", "sha256", *further])
+    # Joined on row numbers: Acero's join takes no list columns, which a source may have (further columns).
+    numbered = pa.table({"key": downloaded["key"], "_row": pa.array(range(downloaded.num_rows), pa.int64())})
+    checked = numbered.join(keep.select(["key", "file_name", "width", "height"]), "key", join_type="inner")
+    rows = downloaded.take(checked["_row"])
     rows = pa.table({
         "key": rows["key"], "original_key": rows["original_key"], "url": rows["url"], "caption": rows["caption"],
         "md5": rows["source_md5"], "tags": rows["tags"], "merged_tags": rows["merged_tags"],
         # img2dataset leaves sizes null when it does not re-encode; PIL measured them. No resizing, so
         # the saved size is the original size.
-        "width": rows["width"], "height": rows["height"],
-        "original_width": rows["width"], "original_height": rows["height"],
-        "sha256": rows["sha256"], "file_name": rows["file_name"],
-    }, schema=FULL_METADATA_SCHEMA).sort_by("key")
+        "width": checked["width"], "height": checked["height"],
+        "original_width": checked["width"], "original_height": checked["height"],
+        "sha256": rows["sha256"], "file_name": checked["file_name"], **{c: rows[c] for c in further},
+    }, schema=schema).sort_by("key")
     counts.metadata_rows += rows.num_rows
     return rows, invalid.sort_by("key")
