@@ -182,3 +182,16 @@ def test_renders_in_headless_chromium(checkpoint, sample_data_dir, tmp_path):
     assert "6 of 6 cards shown" in dom  # the page's own script ran (the CSP allows it by hash)
     assert 'data-finish="stop"' in dom
     assert "pwned" not in dom.split("<main>")[0]  # the hostile caption ran nothing (it would mark <body>)
+
+
+def test_each_prompts_caption_and_the_json_fields_are_shown():
+    from vlm_caption.preview import render_card
+
+    row = {"key": "000000001", "vlm_caption": "short one", "vlm_caption_short": "short one",
+           "vlm_caption_long": "a long one", "caption_subject_long": "a bridge", "caption_finish": "stop"}
+    html = render_card(row, None)
+    assert html.count('<p class="vlm">') == 3  # the plain column repeats the first prompt's: not shown twice
+    assert '<span class="label">short:</span> short one' in html and '<span class="label">long:</span> a long one' in html
+    assert '<span class="label">caption_subject_long:</span> a bridge' in html
+    plain = render_card({"key": "000000002", "vlm_caption": "just one", "caption_finish": "stop"}, None)
+    assert '<p class="vlm">just one</p>' in plain

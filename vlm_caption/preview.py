@@ -125,11 +125,22 @@ def read_first_rows(merged: Path, n: int) -> tuple[list[dict], int]:
     except (OSError, pa.ArrowException) as e:
         raise UsageError(f"cannot read {merged}: {e}") from None
     rows: list[dict] = []
-    for batch in pf.iter_batches(batch_size=min(n, 1024), columns=[c for c in COLUMNS if c in pf.schema_arrow.names]):
+    names = pf.schema_arrow.names
+    # Also each --prompts-file prompt's caption (vlm_caption_NAME) and the --format json fields (caption_FIELD...).
+    wanted = [*(c for c in COLUMNS if c in names), *(c for c in names if _extra_caption(c))]
+    for batch in pf.iter_batches(batch_size=min(n, 1024), columns=wanted):
         rows.extend(batch.to_pylist()[: n - len(rows)])
         if len(rows) >= n:
             break
     return rows, pf.metadata.num_rows
+
+
+def _extra_caption(name: str) -> bool:
+    """A caption column beyond the plain ones: another prompt's text, or a JSON field."""
+    if name.startswith("vlm_caption_"):
+        return True
+    return name.startswith("caption_") and name not in COLUMNS and not name.startswith(
+        ("caption_flags_", "caption_finish_", "caption_tokens_", "caption_attempts_", "caption_model"))
 
 
 def local_images(data_dir: Path, keys: list[str]) -> dict[str, Path]:
@@ -227,11 +238,25 @@ def render_card(row: dict, src: str | None) -> str:
         f"{_thumb(row['key'], src)}"
         f'<div class="meta"><span class="badge {badge}">{_e(finish)}</span><code class="key">{_e(row["key"])}</code>'
         f'<span>{_e(row.get("caption_tokens"))} tokens</span>{attempts}{badges}</div>'
-        f'<p class="vlm">{_e(row.get("vlm_caption"))}</p>'
+        f"{_captions(row)}"
         f'<p class="orig"><span class="label">original:</span> {_e(row.get("original_caption"))}</p>'
         f'<p class="tags"><span class="label">tags:</span> {_e(row.get("tags"))}</p>'
         "</article>"
     )
+
+
+def _captions(row: dict) -> str:
+    """The caption, or each --prompts-file prompt's under its name (the plain one repeats the first), then the
+    --format json fields."""
+    named = {k: v for k, v in row.items() if _extra_caption(k)}
+    if not any(k.startswith("vlm_caption_") for k in named):
+        named = {"": row.get("vlm_caption"), **named}
+    html = []
+    for name, text in named.items():
+        label = f'<span class="label">{_e(name.removeprefix("vlm_caption_"))}:</span> ' if name else ""
+        if text is not None or not name:
+            html.append(f'<p class="vlm">{label}{_e(text)}</p>')
+    return "".join(html)
 
 
 def render_failure_card(row: dict) -> str:
