@@ -302,3 +302,20 @@ def test_disk_full_mid_part_leaves_no_corrupt_part_and_resumes(tiny_model_dir, s
     failed = [k for _, ks in store.read_keys(store.list_failure_files(ckpt)) for k in ks]
     meta = pq.read_table(sample_data_dir / "full_metadata.parquet", columns=["key"]).column("key").to_pylist()
     assert len(keys) == len(set(keys)) and set(keys) | set(failed) == set(meta)
+
+
+def test_an_unreadable_first_shard_is_retryable_like_any_other(tiny_model_dir, tmp_path):
+    """Only the first shard's columns were read up front: a broken first shard was a usage error (exit 2),
+    any other one the documented exit 3 with the rest captioned."""
+    from vlm_caption.sample_data import write_sample
+
+    data = write_sample(tmp_path / "data", n=8, broken=False, seed=3, shard_size=4)
+    (data / "full_metadata.parquet").unlink()
+    first, second = sorted((data / "images").glob("*.parquet"))
+    first.write_bytes(first.read_bytes()[:60])
+    ckpt = tmp_path / "ckpt"
+    code = main(["--model", str(tiny_model_dir), "--data-dir", str(data), "--checkpoint-dir", str(ckpt),
+                 "--no-push", "--backend", "dummy", "--max-tokens", "4"])
+    assert code == EXIT_ITEMS_FAILED
+    assert sorted(pq.read_table(ckpt / store.MERGED).column("key").to_pylist()) == \
+        sorted(pq.read_table(second).column("key").to_pylist())

@@ -54,25 +54,35 @@ def metadata_files(data_dir: Path) -> list[tuple[Path, str | None]]:
     return [(p, p.stem) for p in shards if p.stem not in unfinished_shards(data_dir)]
 
 
+def metadata_schema(data_dir: Path) -> pa.Schema:
+    """The columns of the data dir's metadata and their types, unified over every shard parquet read (the first
+    may hold only nulls in a column the next one fills; null everywhere reads as text). An unreadable shard is
+    left out here: the captioning run reports it (exit 3); only when none can be read is it a usage error."""
+    files = metadata_files(data_dir)
+    schemas = []
+    for path, shard in files:
+        try:
+            schemas.append(_open(path).schema_arrow)
+        except UsageError:
+            if shard is None or path == files[-1][0] and not schemas:
+                raise
+    try:
+        schema = pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
+        raise UsageError(f"the metadata files of {data_dir} disagree on a column's type: {e}") from None
+    for i, f in enumerate(schema):
+        if pa.types.is_null(f.type):
+            schema = schema.set(i, f.with_type(pa.string()))
+    return schema
+
+
 def metadata_names(data_dir: Path) -> list[str]:
-    """The columns of the data dir's (first) metadata file."""
-    path, _ = metadata_files(data_dir)[0]
-    return list(_open(path).schema_arrow.names)
+    return list(metadata_schema(data_dir).names)
 
 
 def extra_columns(data_dir: Path, names: Sequence[str]) -> list[Column]:
     """--keep-columns as registry columns typed from the metadata; an unknown name is a usage error now."""
-    if not names:
-        return []
-    files = [path for path, _ in metadata_files(data_dir)]
-    try:  # every shard's types (the first may hold only nulls in a column the next one fills)
-        schema = pa.unify_schemas([_open(p).schema_arrow for p in files], promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
-        raise UsageError(f"--keep-columns: the data dir's metadata files disagree on a column's type: {e}") from None
-    nulls = [i for i, f in enumerate(schema) if pa.types.is_null(f.type)]
-    for i in nulls:  # null in every file: nothing says its type; text holds whatever comes later
-        schema = schema.set(i, schema.field(i).with_type(pa.string()))
-    return keep_columns(names, schema)
+    return keep_columns(names, metadata_schema(data_dir)) if names else []
 
 
 def unfinished_shards(data_dir: Path) -> list[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -99,8 +100,6 @@ def wait_for_the_dir(lock, code: int) -> None:
     job as soon as one exits non-zero: a worker ending with 3 (say, one unreadable shard of its slice) would
     kill the others mid-batch, at every relaunch. Its own hold goes first, so waiting workers never wait for
     each other; a signal still ends the wait at once (Interrupted)."""
-    import time
-
     lock.release()
     if lock.holders():
         print(f"exit {code} waits for the other workers of {lock.dir.parent} to finish (torchrun stops every "
