@@ -230,6 +230,37 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(tiny_model_dir, sample
     assert 8 in sizes and max(sizes[sizes.index(2):]) <= 2  # once it fit at 2 it stayed at 2
 
 
+def test_out_of_memory_lets_go_of_the_next_batchs_assembly_too(tiny_model_dir, sample_data_dir, tmp_path, monkeypatch):
+    """The next batch was assembled (on the device) at the old size while this one ran out of memory; the
+    smaller retries never use it, so it goes at once instead of holding memory they need."""
+    import torch
+
+    from vlm_caption import pipeline
+    from vlm_caption.captioner import Captioner
+
+    real_generate, real_assemble = Captioner.generate, pipeline.assemble_all
+    assemblies = []
+
+    def small_memory(self, keys, pixel_values, should_stop=None, **kwargs):
+        if len(keys) > 2:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_generate(self, keys, pixel_values, should_stop, **kwargs)
+
+    def recorded(backend, specs, items):
+        assemblies.append((len(items), real_assemble(backend, specs, items)))
+        return assemblies[-1][1]
+
+    monkeypatch.setattr(Captioner, "generate", small_memory)
+    monkeypatch.setattr(pipeline, "assemble_all", recorded)
+    ckpt = tmp_path / "ckpt"
+    main(caption_args(tiny_model_dir, sample_data_dir, ckpt, "--batch-size", "8"))
+    assert [n for n, _ in assemblies[:2]] == [8, 8]  # the batch that ran out of memory, and the next one
+    assert assemblies[0][1] == [] and assemblies[1][1] == []  # both let go of
+    assert all(n <= 2 for n, _ in assemblies[2:])
+    meta_keys = set(read_table(sample_data_dir / "full_metadata.parquet")["key"])
+    assert set(all_keys(ckpt)) | set(failed_keys(ckpt)) == meta_keys and len(all_keys(ckpt)) == len(set(all_keys(ckpt)))
+
+
 def test_sigkill_after_first_part_then_resume_gives_every_key_once(tiny_model_dir, sample_data_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     args = caption_args(tiny_model_dir, sample_data_dir, ckpt, "--batch-size", "2", "--checkpoint-every", "4")

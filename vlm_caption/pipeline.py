@@ -12,7 +12,7 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from . import dataset, loader, prompt_plan, rows as rowcols, store, workers
 from .atomic import remove_stale_tmp
@@ -165,11 +165,12 @@ class Batches:
     """Batch size with out-of-memory back-off: halve and retry the same rows; no row is lost."""
 
     def __init__(self, cfg: RunConfig, backend: CaptionBackend, should_stop=None,
-                 specs: list[prompt_plan.PromptSpec] | None = None):
+                 specs: list[prompt_plan.PromptSpec] | None = None, on_back_off: Callable[[], None] | None = None):
         self.size = cfg.batch_size or backend.default_batch_size
         self.backend = backend
         self.specs = specs or prompt_plan.run_specs(cfg.run_settings())  # one generate per prompt per chunk
         self.should_stop = should_stop  # generate ends early when it turns true (a signal)
+        self.on_back_off = on_back_off  # lets go of the next batch's assembly, made at the old size
         self.failed_in_a_row = 0
 
     def caption(self, items: list[loader.Loaded], assembled: Future | None = None) -> list[Result]:
@@ -191,6 +192,8 @@ class Batches:
                 if self.backend.is_out_of_memory(e) and len(chunk) > 1:
                     if ready is not None:  # the whole batch's assembly (on the device) is not used again:
                         ready.clear()  # its tensors go before the smaller retries need the memory
+                    if self.on_back_off is not None:
+                        self.on_back_off()
                     self.backend.free_memory()
                     self.size = max(1, len(chunk) // 2)
                     log.warning("out of memory with a batch of %d; retrying as batches of %d", len(chunk), self.size)
@@ -245,7 +248,17 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                                decode_loop=cfg.decode_loop, vision_overlap=cfg.vision_overlap,
                                retry_repetition_penalty=cfg.retry_repetition_penalty)
     stop = stop or StopSignals()
-    batches = Batches(cfg, backend, should_stop=lambda: stop.requested, specs=specs)
+    upcoming: list = []  # [items, its assembly's future]: the next batch, assembled while this one generates
+
+    def drop_upcoming() -> None:
+        """After an out-of-memory error: the next batch was assembled at the old size, which the smaller
+        retries will not use (Batches.caption); its device tensors go as soon as the assembly is done."""
+        if upcoming and upcoming[-1][1] is not None:
+            future, upcoming[-1][1] = upcoming[-1][1], None
+            if not future.cancel():
+                future.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().clear())
+
+    batches = Batches(cfg, backend, should_stop=lambda: stop.requested, specs=specs, on_back_off=drop_upcoming)
     log.info("batch size %d (%s)", batches.size, "--batch-size" if cfg.batch_size else
              "auto: the backend's start for this device; it halves on out-of-memory")
     rows: list[dict] = []
@@ -308,7 +321,7 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
         progress.update(1)
         flush()
 
-    def run_batch(batch: list[loader.Loaded], assembled: Future) -> None:
+    def run_batch(batch: list[loader.Loaded], assembled: Future | None) -> None:
         started = time.monotonic()
         results = batches.caption(batch, assembled)
         retries = [[rowcols.retry_flagged(backend, [i.row["key"] for i in items], [i.inputs for i in items],
@@ -325,11 +338,12 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                               window=max(4 * batches.size, 16),
                               target_size=backend.target_size)
     batch: list[loader.Loaded] = []
-    ready: tuple[list[loader.Loaded], Future] | None = None  # the next batch, being assembled
+    ready: list | None = None  # [items, their assembly's future (None: assembled inline)], being assembled
 
     def next_batch(items: list[loader.Loaded]) -> None:
         nonlocal ready
-        assembling = (items, assembler.submit(assemble_all, backend, specs, items))
+        assembling = [items, assembler.submit(assemble_all, backend, specs, items)]
+        upcoming[:] = [assembling]
         if ready is not None:
             run_batch(*ready)
         ready = assembling
