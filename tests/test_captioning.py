@@ -13,7 +13,6 @@ import pytest
 
 from batched_image_inference import main
 from vlm_caption import store
-from vlm_caption.cli import run_main
 from vlm_caption.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parent.parent
@@ -323,61 +322,6 @@ def test_dummy_backend_is_deterministic_and_batch_independent(sample_data_dir):
     assert batched == backend.generate(keys, inputs)
     assert len({c.text for c in batched}) == len(rows)  # key and image statistics show
     assert all(c.tokens <= 12 for c in batched)
-
-
-def test_keep_columns_carries_a_metadata_column_with_its_type(tiny_model_dir, sample_data_dir, tmp_path, capsys):
-    import shutil
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    data = tmp_path / "data"
-    shutil.copytree(sample_data_dir, data)
-    meta = pq.read_table(data / "full_metadata.parquet")
-    scores = pa.array([i / 10 for i in range(meta.num_rows)], pa.float64())
-    pq.write_table(meta.append_column("aesthetic", scores), data / "full_metadata.parquet")
-    ckpt = tmp_path / "ckpt"
-    args = ["--model", str(tiny_model_dir), "--data-dir", str(data), "--checkpoint-dir", str(ckpt), "--no-push",
-            "--backend", "dummy", "--max-tokens", "8"]
-    with pytest.raises(SystemExit) as exc:
-        run_main(main, [*args, "--keep-columns", "aesthetic,nope"], prog="batched_image_inference.py")
-    assert exc.value.code == EXIT_USAGE and not ckpt.exists()  # before any work
-    err = capsys.readouterr().err
-    assert "--keep-columns nope: no such column" in err and "aesthetic" in err and "Traceback" not in err
-    assert main([*args, "--keep-columns", "aesthetic"]) in (EXIT_OK, EXIT_ITEMS_FAILED)
-    merged = pq.read_table(ckpt / store.MERGED)
-    assert merged.schema.field("aesthetic").type == pa.float64()
-    by_key = dict(zip(meta.column("key").to_pylist(), scores.to_pylist()))
-    assert all(by_key[k] == v for k, v in zip(merged.column("key").to_pylist(), merged.column("aesthetic").to_pylist()))
-
-
-def test_keep_columns_types_come_from_every_shard_not_only_the_first(tiny_model_dir, tmp_path, capsys):
-    """Without full_metadata.parquet the shards are read: a column all null in the first shard and double in
-    the next gave parts typed null, then a traceback at every relaunch."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from vlm_caption.sample_data import write_sample
-
-    data = write_sample(tmp_path / "data", n=8, broken=False, seed=3, shard_size=4)
-    (data / "full_metadata.parquet").unlink()
-    first, second = sorted((data / "images").glob("*.parquet"))
-    for path, values in ((first, pa.nulls(4)), (second, pa.array([0.5, 0.25, None, 1.0]))):
-        table = pq.read_table(path)
-        pq.write_table(table.append_column("aesthetic", values.slice(0, table.num_rows)), path)
-    ckpt = tmp_path / "ckpt"
-    args = ["--model", str(tiny_model_dir), "--data-dir", str(data), "--checkpoint-dir", str(ckpt), "--no-push",
-            "--backend", "dummy", "--max-tokens", "8", "--keep-columns", "aesthetic"]
-    assert main(args) == EXIT_OK
-    merged = pq.read_table(ckpt / store.MERGED)
-    assert merged.num_rows == 8 and merged.schema.field("aesthetic").type == pa.float64()
-    assert sorted(v for v in merged.column("aesthetic").to_pylist() if v is not None) == [0.25, 0.5, 1.0]
-    table = pq.read_table(first)  # text in one shard, numbers in another: one line, before any work
-    pq.write_table(table.set_column(table.column_names.index("aesthetic"), "aesthetic",
-                                    pa.array(["high"] * table.num_rows)), first)
-    with pytest.raises(SystemExit) as exc:
-        run_main(main, [*args[:5], str(tmp_path / "ckpt2"), *args[6:]], prog="batched_image_inference.py")
-    assert exc.value.code == EXIT_USAGE and "disagree on a column's type" in capsys.readouterr().err
 
 
 def test_captions_wait_for_the_copy_of_their_tokens_before_the_first_read():
