@@ -190,6 +190,26 @@ def test_an_unreadable_finished_shard_is_set_aside_and_downloaded_again(first_ru
     assert sorted(p.name.split(".")[0] for p in (out / "quarantine").iterdir()) == ["00002", "00002_stats"]
 
 
+def test_a_download_with_shards_to_do_sets_full_metadata_aside_until_it_is_done(first_run, tmp_path, monkeypatch):
+    """Killed while redoing a shard, the old full_metadata.parquet would be read as if current; without it
+    the captioner reads the shard parquets (and names the unfinished one)."""
+    from vlm_caption import dataset
+    from vlm_caption.interrupts import Interrupted
+
+    out = tmp_path / "data"
+    shutil.copytree(first_run["out"], out)
+    (out / "images/00002_stats.json").unlink()
+
+    def killed(*args, **kwargs):
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(dl, "run_img2dataset", killed)
+    with pytest.raises(Interrupted):
+        dl.download_dataset(dataclasses.replace(first_run["cfg"], output=str(out)))
+    assert not (out / "full_metadata.parquet").exists() and not (out / "metadata.csv").exists()
+    assert dataset.unfinished_shards(out) == ["00002"]
+
+
 def test_a_second_run_on_the_same_output_is_refused_while_the_first_holds_it(first_run, server):
     from vlm_caption import locks
 

@@ -21,8 +21,8 @@ from . import locks, store
 from .atomic import atomic_write_json, atomic_write_table
 from .cli import plural
 from .config import DownloadConfig
-from .data_layout import (DOWNLOAD_LOCK, ENCODE_FORMAT, IMAGES_DIR, OOM_SHARD_COUNT, SAVED_COLUMNS,
-                          SUMMARY_FILE, URLS_FILE, expected_shards, shard_name)
+from .data_layout import (DOWNLOAD_LOCK, ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, METADATA_CSV,
+                          OOM_SHARD_COUNT, SAVED_COLUMNS, SUMMARY_FILE, URLS_FILE, expected_shards, shard_name)
 from .download_source import (URL_COLUMNS, further_names, img2dataset_input, load_source,  # noqa: F401  (dl.* names)
                               url_table)
 from .download_summary import make_summary, print_summary, stats_files
@@ -231,6 +231,13 @@ def _download_into(out: Path, urls: pa.Table, cfg: DownloadConfig, t0: float) ->
                     "the 1 shard" if len(shard_ids) == 1 else f"all {len(shard_ids)} shards")
         remove_img2dataset_leftovers(out)
     else:
+        # full_metadata.parquet stands for a finished download: while shards change it would be read stale (a
+        # kill now would leave it describing the old shards). The shards' own parquets serve meanwhile; it is
+        # written anew at the end of this run.
+        for name in (FULL_METADATA_FILE, METADATA_CSV):
+            if (out / name).exists():
+                logger.info("removing %s until the shards are done (it is rebuilt at the end)", name)
+                (out / name).unlink()
         run_img2dataset(out, urls, cfg)
     t2 = time.perf_counter()
 
