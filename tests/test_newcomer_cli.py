@@ -88,6 +88,14 @@ def test_scripts_without_the_dependencies_say_run_setup(script, args, tmp_path):
     assert proc.stderr.startswith(f"{script}: error: the package ") and SETUP_HINT in proc.stderr
 
 
+@pytest.mark.parametrize("module", ["demo", "preview"])
+def test_modules_run_with_python_m_without_the_dependencies_say_run_setup(module, tmp_path):
+    proc = _run([sys.executable, "-S", "-m", f"vlm_caption.{module}", "ckpt"], cwd=REPO)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"python -m vlm_caption.{module}: error: the package ") and SETUP_HINT in proc.stderr
+
+
 def test_our_own_missing_module_keeps_its_traceback():
     assert missing_dependency_line(ModuleNotFoundError("x", name="vlm_caption.nope")) is None
     assert missing_dependency_line(ModuleNotFoundError("x", name="torch.cuda"), prog="p").startswith(

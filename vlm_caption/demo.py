@@ -22,13 +22,18 @@ import shutil
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
-from . import cli, endings, pipeline, store
+from . import cli
 from .cli import plural
-from .config import RunConfig, check_writable_dir
-from .data_layout import INVALID_FILE
-from .errors import EXIT_ITEMS_FAILED, EXIT_OK, UsageError
+
+try:  # `python -m vlm_caption.demo` outside the venv: one line saying what to do, not a traceback
+    import pyarrow.parquet as pq
+
+    from . import endings, pipeline, store
+    from .config import RunConfig, check_writable_dir
+    from .data_layout import INVALID_FILE
+    from .errors import EXIT_ITEMS_FAILED, EXIT_OK, UsageError
+except ModuleNotFoundError as e:
+    cli.exit_missing_dependency(e, as_script=__name__ == "__main__", prog="python -m vlm_caption.demo")
 
 DEFAULT_DIR = "./demo"
 DEFAULT_ROWS = 24

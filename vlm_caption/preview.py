@@ -22,17 +22,22 @@ from collections import Counter
 from pathlib import Path
 from urllib.parse import quote, urlsplit
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
-from . import cli, dataset, store
-from .atomic import atomic_write_bytes
+from . import cli
 from .cli import plural
-from .config import check_output_file
-from .errors import UsageError
-from .quality import FLAGS
-from .rows import count_flags, describe_counts
+
+try:  # `python -m vlm_caption.preview` outside the venv: one line saying what to do, not a traceback
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from . import dataset, store
+    from .atomic import atomic_write_bytes
+    from .config import check_output_file
+    from .errors import UsageError
+    from .quality import FLAGS
+    from .rows import count_flags, describe_counts
+except ModuleNotFoundError as e:
+    cli.exit_missing_dependency(e, as_script=__name__ == "__main__", prog="python -m vlm_caption.preview")
 
 DEFAULT_ROWS = 200
 # A file in a model dir saying its weights are random (the demo writes it next to its tiny model).
