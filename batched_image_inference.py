@@ -129,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 if __name__ == "__main__":
     from vlm_caption.cli import run_main
 
-    run_main(main)
+    run_main(main, exit_at_once_on_signal=True)  # threads only: no child process to clean up

@@ -218,7 +218,7 @@ def test_workers_push_concurrently_without_collisions(hub_stub, ckpt, sleeps):  
 
 def test_background_pusher_respects_push_every_and_interval(hub_stub, client, ckpt):  # noqa: F811
     w = Writer(ckpt)
-    pusher = BackgroundPusher(client, ckpt, RUN, 0, push_every=30, min_push_interval=1.0)
+    pusher = BackgroundPusher(client, ckpt, RUN, 0, push_every=30, min_push_interval=3.0)
     try:
         for _ in range(2):
             pusher.notify(w.parts(10))
@@ -230,9 +230,9 @@ def test_background_pusher_respects_push_every_and_interval(hub_stub, client, ck
         for _ in range(3):
             pusher.notify(w.parts(10))
         time.sleep(0.4)
-        assert hub_stub.commits_applied == 1  # enough rows, but the interval has not passed
-        assert hub_stub.wait_for(lambda: hub_stub.commits_applied == 2, timeout=10)
-        assert time.monotonic() - first >= 0.6
+        assert hub_stub.commits_applied == 1  # enough rows, but the interval (3 s) has not passed
+        assert hub_stub.wait_for(lambda: hub_stub.commits_applied == 2, timeout=20)
+        assert time.monotonic() - first >= 3.0  # not before the interval: a lower bound, load only adds
         pusher.notify(w.parts(5))
     finally:
         assert pusher.close() is True
@@ -245,9 +245,8 @@ def test_background_pusher_survives_hub_outage(hub_stub, client, ckpt, caplog): 
     hub_stub.inject("POST", COMMIT, "503", times=10_000)
     pusher = BackgroundPusher(client, ckpt, RUN, 0, push_every=10, min_push_interval=0.0)
     with caplog.at_level(logging.WARNING, logger="vlm_caption.hub"):
-        start = time.monotonic()
         pusher.notify(w.parts(10))
-        assert time.monotonic() - start < 0.5  # notify never waits for the Hub
+        assert hub_stub.count("POST", COMMIT) < 6  # notify returned before the pusher's tries: it never waits
         assert hub_stub.wait_for(lambda: hub_stub.count("POST", COMMIT) >= 6, timeout=10)
         assert pusher.close(final=True) is False  # still down: reported, not raised
     assert "Hub unavailable" in caplog.text and pusher.last_error

@@ -143,9 +143,9 @@ def test_a_local_model_dir_typed_two_ways_is_one_run(cli, tiny_model_dir, tmp_pa
 def test_unreachable_hub_fails_fast_with_one_line(cli, tmp_path):
     env = {**cli.env, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there: refused at once
     args = cli.args("u", "--no-push", "--model", "google/gemma-3-4b-it", "--backend", "transformers")
-    started = time.monotonic()
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
-    assert proc.returncode == 1 and time.monotonic() - started < 60, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Retrying" not in proc.stderr  # one probe, not from_pretrained's minutes of retries
     assert "loading model google/gemma-3-4b-it" in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if ": error: " in line]
     assert len(errors) == 1 and "unreachable" in errors[0] and "not in the local cache" in errors[0]

@@ -1,8 +1,6 @@
 """Caption quality flags: a table of realistic captions, good and bad, each with its exact flags."""
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from vlm_caption.quality import FLAGS, caption_flags, strip_preamble
@@ -211,17 +209,6 @@ def test_flags_come_in_flags_order():
     flags = caption_flags("Here is a description of the artwork:\n" + LOOP_TAIL + "<eos>", "length")
     assert flags == ["repetition", "truncated", "preamble", "garbled"]
     assert flags == [f for f in FLAGS if f in flags]
-
-
-def test_caption_flags_is_fast():
-    texts = [GOOD_PROSE * 2, LOOP_TAIL * 4, GOOD_MARKDOWN + GOOD_BULLETS]
-    start = time.perf_counter()
-    for _ in range(20):
-        for text in texts:
-            caption_flags(text, "length")
-    per_caption = (time.perf_counter() - start) / 60
-    # ~1 ms on a shared core; the bound leaves room for a loaded CI machine.
-    assert per_caption < 0.02
 
 
 # ------------------------------------------------------------------------------------------ strip_preamble

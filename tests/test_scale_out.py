@@ -273,7 +273,8 @@ def test_a_worker_ending_non_zero_under_torchrun_waits_for_the_dirs_other_worker
     monkeypatch.setattr(ending, "holders", counting_holders)
     waiter = threading.Thread(target=lambda: (endings.wait_for_the_dir(ending, 3), done.set()))
     waiter.start()
-    while len(polls) < 3:  # it has looked several times and found worker 1 each time
+    deadline = time.monotonic() + 60
+    while len(polls) < 3 and waiter.is_alive() and time.monotonic() < deadline:  # it looked, found worker 1
         time.sleep(0.01)
     assert not done.is_set() and all(polls)
     relaunch = DirLock(tmp_path, 0, 2)

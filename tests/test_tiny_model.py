@@ -4,7 +4,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -41,12 +40,9 @@ def reloaded(tiny_model_dir):
     return _load(tiny_model_dir)
 
 
-def test_build_is_fast_and_small(tmp_path):
-    start = time.perf_counter()
+def test_build_is_small(tmp_path):
     out = build_tiny_model(tmp_path / "model")
-    elapsed = time.perf_counter() - start
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    assert elapsed < 30, f"build took {elapsed:.1f} s"
     assert size < 20e6, f"{size / 1e6:.1f} MB on disk"
     assert (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 from typing import Callable
@@ -70,8 +71,13 @@ def exit_missing_dependency(e: ModuleNotFoundError, as_script: bool = True, prog
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None,
-             prog: str | None = None) -> None:
-    """Run a script's main(); user mistakes and fatal conditions become one line on stderr."""
+             prog: str | None = None, exit_at_once_on_signal: bool = False) -> None:
+    """Run a script's main(); user mistakes and fatal conditions become one line on stderr.
+
+    exit_at_once_on_signal (a script with threads only, no child processes to clean up): after a signal, leave
+    without the interpreter's shutdown. A signal can land while pyarrow's I/O threads read a Hub file through
+    Python; finalizing under them once aborted the process ("PyGILState_Release ... must be current") with
+    134 instead of 143. Every file is written atomically, so nothing is left half done."""
     prog = prog or sys.argv[0].rsplit("/", 1)[-1]
     try:
         code = main(argv)
@@ -92,4 +98,9 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         print(f"{prog}: interrupted ({signal.Signals(signum).name}); finished parts are kept, rerun to resume",
               file=sys.stderr)
         code = 128 + signum
+        if exit_at_once_on_signal and argv is None:
+            logging.shutdown()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
     sys.exit(code)

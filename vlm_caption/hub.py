@@ -242,9 +242,9 @@ class HubClient:
         for path in sorted(set(snap.files) - recorded):
             m = HUB_FILE_RE.match(path)
             if m and m["run"] == run_id and m["dir"] == dir_id and worker in (None, int(m["worker"])):
-                worker, first, last = int(m["worker"]), int(m["first"]), int(m["last"])
-                parts = [p for p in list_parts(ckpt) if p.worker == worker and first <= p.seq <= last]
-                found.append({**_ledger_entry(self.repo_id, run_id, HubFile(path, worker, parts, []), None),
+                owner, first, last = int(m["worker"]), int(m["first"]), int(m["last"])
+                parts = [p for p in list_parts(ckpt) if p.worker == owner and first <= p.seq <= last]
+                found.append({**_ledger_entry(self.repo_id, run_id, HubFile(path, owner, parts, []), None),
                               "rows": len(self.index(run_id).keys_of_file(snap.files[path])), "recovered": True})
         if found:
             log.info("Hub: %d file(s) of this dir were on the Hub but not in the ledger (a lost answer or a "

@@ -61,7 +61,8 @@ def run(cfg: RunConfig) -> int:
     cfg.validate()
     worker, num_workers = cfg.worker_slice()
     if cfg.merge_only:
-        return merge_and_check(cfg)
+        with StopSignals():  # SIGTERM as Ctrl-C: exit 143 with its line (writes are atomic), not a bare kill
+            return merge_and_check(cfg)
     ckpt = Path(cfg.checkpoint_dir)
     settings = cfg.run_settings()
     extra, specs, also = [], [], []
@@ -83,7 +84,8 @@ def run(cfg: RunConfig) -> int:
                                  endpoint=cfg.hub_endpoint,
                                  way_out=None if cfg.push_only else "or pass --no-push")
     if existing is not None:
-        return push_only(hub_client, cfg, existing)
+        with StopSignals():  # a commit lands whole or not at all: stopping between them loses nothing
+            return push_only(hub_client, cfg, existing)
     writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]),
                                    num_workers=num_workers)
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=workers.distributed_rank()[0] != 0)

@@ -222,6 +222,10 @@ class CheckpointStore:
                 continue
             if self.lock.take_run(exclusive=True):
                 break
+            # Held by others: maybe a worker of this very run that wrote run.json since the read above.
+            existing, _ = read_run_json_safe(self.dir)
+            if existing is not None and existing["run_id"] == run_id:
+                continue
             holders = "; ".join(self.lock.holders()) or "another process"
             raise UsageError(f"{self.dir} is in use by {holders} with other settings (run "
                              f"{(existing or {}).get('run_id', 'unknown')}); wait for it to end, or use another "
