@@ -305,3 +305,24 @@ def test_torchrun_ranks_ending_with_3_let_each_other_finish(tiny_model_dir, tmp_
     assert sorted(keys_in(ckpt)) == sorted(expected), out[-3000:]  # every readable key captioned once
     assert {p.worker for p in store.list_parts(ckpt)} == {0, 1}
     assert "exit 3 waits for the other workers" in out and "interrupted" not in out, out[-3000:]
+
+
+def test_a_worker_starting_while_another_writes_run_json_joins_the_run(tmp_path, monkeypatch):
+    """Worker 1 finds no run.json, worker 0 writes it and holds the dir, worker 1's exclusive try fails: it
+    read the dir again and joins instead of refusing the same settings as "other settings"."""
+    settings = RunConfig(backend="dummy", model="m").run_settings()
+    first = store.CheckpointStore(tmp_path, 0, num_workers=2)
+    run_id = first.open_run(settings, overwrite=False, wait_for_leader=False)
+    real, calls = store.read_run_json_safe, []
+
+    def stale_once(d):  # worker 1's first look happened before worker 0's write
+        calls.append(d)
+        return (None, "missing") if len(calls) == 1 else real(d)
+
+    monkeypatch.setattr(store, "read_run_json_safe", stale_once)
+    second = store.CheckpointStore(tmp_path, 1, num_workers=2)
+    try:
+        assert second.open_run(settings, overwrite=False, wait_for_leader=False) == run_id
+    finally:
+        first.lock.release()
+        second.lock.release()
