@@ -53,21 +53,32 @@ def test_the_order_of_a_prompts_file_names_the_run(tmp_path):
     assert card.index("Prompt `short`") < card.index("Prompt `long`")
 
 
-def test_counts_add_up_over_the_dirs_of_a_run_and_no_local_path_is_published(hub_stub, client, ckpt):  # noqa: F811
-    Writer(ckpt).parts(3)
+def test_counts_are_the_hubs_rows_and_the_runs_failed_keys_and_no_local_path_is_published(hub_stub, client, ckpt):  # noqa: F811
+    """A trial dir and the full run's dir fail the same keys: counted once; a key one dir failed and another
+    published is not a failure; flags are counted over the published rows."""
+    Writer(ckpt).parts(3)  # keys 0-2 published
     client.push_pending(ckpt, RUN, 0)
-    for dir_id, created, failed, flags in (("d1", "2026-01-02T00:00:00Z", {"decode": 1}, {"repetition": 2}),
-                                           ("d2", "2026-01-01T00:00:00Z", {"decode": 2}, {"repetition": 1, "empty": 1}),
-                                           ("d1", "2026-01-02T00:00:00Z", {"decode": 1}, {"repetition": 3})):
+    published = sorted(hub_stub_keys(hub_stub))
+    for dir_id, created, failed in (("d1", "2026-01-02T00:00:00Z", {"k1": "decode", "k2": "load"}),
+                                    ("d2", "2026-01-01T00:00:00Z", {"k1": "decode", published[0]: "generate"})):
         client.write_card({"run_id": RUN, "dir_id": dir_id, "created": created, "model": "/home/alice/models/ft",
-                           "prompt": "p"}, {"checkpoint_dir": {"failed_by_stage": failed, "caption_flags": flags}})
+                           "prompt": "p"}, {"checkpoint_dir": {"failed_by_stage": {"decode": 99}}}, failed)
     files = hub_stub.repo_files(REPO)
     info = json.loads(files[f"runs/{RUN}.json"])
-    assert info["failed_by_stage"] == {"decode": 3}  # d1's latest (1) + d2's (2)
-    assert info["caption_flags"] == {"repetition": 4, "empty": 1}
+    assert info["failed_by_stage"] == {"decode": 1, "load": 1}  # k1 once; the published key is no failure
+    assert info["rows"] == 3 and info["caption_flags"] == {}  # the test rows carry no flags
     assert info["created"] == "2026-01-01T00:00:00Z" and info["model"] == "local:ft"
     card = files["README.md"].decode()
-    assert "alice" not in card and "Model: `local:ft`" in card and "decode: 3" in card
+    assert "alice" not in card and "Model: `local:ft`" in card and "decode: 1, load: 1" in card
+
+
+def hub_stub_keys(stub) -> set[str]:
+    import io
+
+    import pyarrow.parquet as pq
+
+    return {k for path, data in stub.repo_files(REPO).items() if path.endswith(".parquet")
+            for k in pq.read_table(io.BytesIO(data), columns=["key"]).column("key").to_pylist()}
 
 
 def test_config_names_are_quoted_so_a_yaml_12_reader_sees_names_not_numbers():

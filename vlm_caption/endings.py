@@ -162,7 +162,7 @@ def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> Non
     atomic_write_json(ckpt / store.SUMMARY, summary)
     if hub_client is not None:
         try:
-            hub_client.write_card(store.read_run_json(ckpt), summary)
+            hub_client.write_card(store.read_run_json(ckpt), summary, {k: r["stage"] for k, r in failed.items()})
         except FatalError as e:  # every local output is saved; the card can follow with --push-only
             log.error("could not write the dataset card: %s; rerun with --push-only later", e)
             summary["hub"]["card_written"] = False
@@ -207,7 +207,8 @@ def push_only(hub_client, cfg: RunConfig, run_info: dict) -> int:
         print(f"pushed 0 rows from {ckpt} to {hub_client.repo_id}; rerun --push-only when the Hub is reachable")
         return EXIT_ITEMS_FAILED
     pending = hub_client.pending_rows(ckpt, run_id)
-    hub_client.write_card(run_info, read_summary(ckpt))
+    failed = still_failed([ckpt], set())  # those captioned since are on the Hub: the card leaves them out
+    hub_client.write_card(run_info, read_summary(ckpt), {k: r["stage"] for k, r in failed.items()})
     unusable = sorted(p.name for p in hub_client.unusable)
     print(f"pushed {rows} rows from {ckpt} to {hub_client.repo_id}"
           + (f"; {pending} rows still pending" if pending else "")

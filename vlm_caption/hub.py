@@ -23,6 +23,7 @@ import os
 import random
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, TypeVar
 
@@ -34,7 +35,7 @@ from huggingface_hub.errors import HfHubHTTPError, HfUriError
 from .card import render_dataset_card
 from .config import public_model_name
 from .errors import FatalError, UsageError
-from .rows import conform
+from .rows import conform, ordered_counts
 from .hub_files import HUB_FILE_RE, ROW_GROUP_ROWS, HubFile, hub_file_bytes, plan_hub_files
 from .hub_index import REPO_TYPE, HubIndex, Snapshot, run_data_dir, run_info_path
 from .hub_retry import HubUnavailable, RetryPolicy, call_with_retries, describe, http_status
@@ -125,14 +126,6 @@ def _ledger_entry(repo_id: str, run_id: str, f: HubFile, commit: str | None) -> 
     return {"repo": repo_id, "run_id": run_id, "hub_path": f.path, "worker": f.worker, "first": f.parts[0].seq,
             "last": f.parts[-1].seq, "parts": [p.path.name for p in f.parts], "rows": f.rows, "commit": commit,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
-def _summed(counts) -> dict[str, int]:
-    total: dict[str, int] = {}
-    for c in counts:
-        for k, v in (c or {}).items():
-            total[k] = total.get(k, 0) + int(v)
-    return total
 
 
 # ---------------------------------------------------------------- the client
@@ -350,8 +343,10 @@ class HubClient:
 
     # -- the dataset card
 
-    def write_card(self, run_info: dict, summary: dict) -> str:
-        """README.md and runs/{run_id}.json in one commit; returns the card. Counts are the Hub's own."""
+    def write_card(self, run_info: dict, summary: dict, failed_keys: dict[str, str] | None = None) -> str:
+        """README.md and runs/{run_id}.json in one commit; returns the card. Rows and flag counts are the Hub's
+        own; failures are keys (key -> stage) that some dir of the run recorded and no dir published: each
+        dir's are kept in runs/{run_id}.json (a trial dir and the full run's dir fail the same keys)."""
         run_id = run_info["run_id"]
         failed = (summary.get("checkpoint_dir") or {}).get("failed_by_stage", summary.get("failed", {}))
         card_text = ""
@@ -360,17 +355,17 @@ class HubClient:
             nonlocal card_text
             snap = self.index(run_id).snapshot()
             runs = self.index(run_id).read_run_infos(snap.head)
-            # Failure and flag counts are each checkpoint dir's (machines of one run publish into one config):
-            # kept per dir, summed; the run started when its first dir did.
+            # The run started when its first dir did; a dir that gave no keys (an older version) counts as is.
             before = runs.get(run_id) or {}
-            by_dir = {**(before.get("by_dir") or {}), run_info.get("dir_id") or "legacy": {
-                "failed_by_stage": failed if isinstance(failed, dict) else {},
-                "caption_flags": (summary.get("checkpoint_dir") or {}).get("caption_flags", {})}}
+            by_dir = dict(before.get("failed_keys_by_dir") or {})
+            if failed_keys is not None:
+                by_dir[run_info.get("dir_id") or "legacy"] = failed_keys
+            still = {k: stage for keys in by_dir.values() for k, stage in keys.items() if k not in snap.keys}
+            counted = dict(Counter(still.values())) if by_dir else (failed if isinstance(failed, dict) else {})
             mine = {**{k: v for k, v in run_info.items() if k != "dir_id"}, "rows": len(snap.keys),
                     "model": public_model_name(str(run_info.get("model", "unknown"))),
-                    "files": len(snap.files), "by_dir": by_dir,
-                    "failed_by_stage": _summed(d.get("failed_by_stage") for d in by_dir.values()),
-                    "caption_flags": _summed(d.get("caption_flags") for d in by_dir.values()),
+                    "files": len(snap.files), "failed_keys_by_dir": by_dir, "failed_by_stage": counted,
+                    "caption_flags": ordered_counts(self.index(run_id).flag_counts(snap)),
                     "created": min(filter(None, (before.get("created"), run_info.get("created"))), default=None),
                     "legacy_files": any("/" not in f[len("data/"):] for f in snap.files),
                     "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}

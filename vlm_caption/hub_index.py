@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from huggingface_hub import HfApi, HfFileSystem
 from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.hf_api import RepoFile
+
+from .rows import FLAGS_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ class HubIndex:
     def __init__(self, api: HfApi, repo_id: str, run_id: str, token: str | None):
         self.api, self.repo_id, self.run_id, self._token = api, repo_id, run_id, token
         self._keys_by_blob: dict[str, list[str]] = {}
+        self._flags_by_blob: dict[str, dict[str, int]] = {}  # captions per quality flag, read with the keys
         self._fs: HfFileSystem | None = None
 
     def snapshot(self) -> Snapshot:
@@ -112,13 +116,27 @@ class HubIndex:
             url = f"datasets/{self.repo_id}@{head}/{info.path}"
             try:
                 with fs.open(url, "rb", block_size=KEY_READ_BLOCK, size=info.size) as f:
-                    keys = pq.ParquetFile(f).read(columns=["key"]).column("key").to_pylist()
+                    pf = pq.ParquetFile(f)
+                    flagged = FLAGS_COLUMN in pf.schema_arrow.names
+                    table = pf.read(columns=["key", FLAGS_COLUMN] if flagged else ["key"])
+                keys = table.column("key").to_pylist()
+                if flagged:
+                    flags = pc.value_counts(pc.list_flatten(table.column(FLAGS_COLUMN))).to_pylist()
+                    self._flags_by_blob[info.blob_id] = {f["values"]: f["counts"] for f in flags}
             except (pa.ArrowException, KeyError) as e:  # not our parquet: it publishes no row we know
                 log.warning("Hub: %s in %s is not a readable captions file (%s); its rows, if any, are not "
                             "counted", info.path, self.repo_id, type(e).__name__)
                 return None
             self._keys_by_blob[info.blob_id] = keys
         return self._keys_by_blob[info.blob_id]
+
+    def flag_counts(self, snap: Snapshot) -> dict[str, int]:
+        """Published captions per quality flag, over the snapshot's files (read with their keys)."""
+        total: dict[str, int] = {}
+        for info in snap.files.values():
+            for flag, n in self._flags_by_blob.get(info.blob_id, {}).items():
+                total[flag] = total.get(flag, 0) + n
+        return total
 
     def _filesystem(self) -> HfFileSystem:
         if self._fs is None:  # our own instance: fsspec's shared instance cache would outlive a token change
