@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-images", type=int, help="caption only the first N images (key order) of the selection")
     g.add_argument("--shards", help="only these img2dataset shards, e.g. 0-24 or 3,5,7-9")
     g.add_argument("--num-workers", type=int, help="split the work into this many slices (default: Slurm array "
-                   "size x torch.distributed world size, else 1)")
+                   "size x srun tasks x torchrun / accelerate world size, else 1; given, it replaces Slurm's own)")
     g.add_argument("--worker-index", type=int, help="which slice this machine takes, 0-based")
     g.add_argument("--retry-failed", action="store_true", help="caption images recorded as failed again")
     g.add_argument("--strict", action="store_true", help="exit 3 on any failure, even images that cannot be "

@@ -52,8 +52,11 @@ stamp="$HERE/vlm-caption/.requirements.sha256"  # setup.sh writes it once every 
 if [ ! -x "$PY" ]; then
   echo "run_captioning.sh: no venv at $HERE/vlm-caption yet; creating it with setup.sh (about 1-3 minutes, once)" >&2
   "$HERE/setup.sh"
-elif [ "$(cat "$stamp" 2>/dev/null)" != "$(sha256sum "$HERE/requirements.txt" | cut -d' ' -f1)" ]; then
-  echo "run_captioning.sh: the venv's install is unfinished or requirements.txt changed; running setup.sh" >&2
+elif [ "$(cat "$stamp" 2>/dev/null)" != "$(sha256sum "$HERE/requirements.txt" | cut -d' ' -f1)" ] ||
+     ! compgen -G "$HERE/vlm-caption/lib/python3*/site-packages/vlm_caption_checkout.pth" >/dev/null; then
+  # (the .pth, which lets `python -m vlm_caption.*` run from any directory, came with a later setup.sh)
+  echo "run_captioning.sh: the venv's install is unfinished, older than setup.sh, or requirements.txt changed;" \
+       "running setup.sh" >&2
   "$HERE/setup.sh"
 fi
 

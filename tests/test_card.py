@@ -87,3 +87,11 @@ def test_config_names_are_quoted_so_a_yaml_12_reader_sees_names_not_numbers():
     header = card.split("---")[1]
     assert "- config_name: '012345678901'" in header and "- config_name: '123e45678901'" in header
     assert [c["config_name"] for c in card_yaml(card)["configs"]] == ["012345678901", "123e45678901"]
+
+
+def test_what_the_hub_shows_of_a_model():
+    from vlm_caption.config import public_model_name
+
+    assert public_model_name("google/gemma-3-4b-it") == "google/gemma-3-4b-it"
+    assert public_model_name("/home/alice/models/ft") == "local:ft"
+    assert public_model_name("google/gemma-3-27b-it", "dummy") == "dummy:google/gemma-3-27b-it"  # no model ran

@@ -56,10 +56,12 @@ def resolve_repo_id(hf_repo: str, hf_username: str) -> str:
     return repo_id
 
 
-def public_model_name(model: str) -> str:
+def public_model_name(model: str, backend: str = "transformers") -> str:
     """What the Hub shows of a model: a hub id as is; a local dir (recorded in run.json as its absolute path,
-    which names the run) as `local:DIRNAME`, so no user name or file system layout is published."""
-    return f"local:{Path(model).name}" if Path(model).is_absolute() else model
+    which names the run) as `local:DIRNAME`, so no user name or file system layout is published; another
+    backend than transformers before it (`dummy:...`: no model wrote those captions)."""
+    name = f"local:{Path(model).name}" if Path(model).is_absolute() else model
+    return name if backend == "transformers" else f"{backend}:{name}"
 
 
 def check_output_file(path: Path, flag: str) -> None:

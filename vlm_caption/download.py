@@ -199,8 +199,9 @@ def check_output_dir(out: Path) -> None:
     if out.is_dir() and not (out / URLS_FILE).is_file():
         others = sorted(p.name for p in out.iterdir() if p.name not in (DOWNLOAD_LOCK, IMAGES_DIR))
         if others:
-            raise UsageError(f"--output {out} holds other files ({', '.join(others[:3])}{', ...' if len(others) > 3 else ''}) "
-                             "and no urls.parquet: it is not a download_data.py output; give a new or empty directory")
+            shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
+            raise UsageError(f"--output {out} holds other files ({shown}) and no urls.parquet: it is not a "
+                             "download_data.py output; give a new or empty directory")
 
 
 def set_aside_unreadable_shards(out: Path) -> None:

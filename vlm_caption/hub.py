@@ -363,7 +363,8 @@ class HubClient:
             still = {k: stage for keys in by_dir.values() for k, stage in keys.items() if k not in snap.keys}
             counted = dict(Counter(still.values())) if by_dir else (failed if isinstance(failed, dict) else {})
             mine = {**{k: v for k, v in run_info.items() if k != "dir_id"}, "rows": len(snap.keys),
-                    "model": public_model_name(str(run_info.get("model", "unknown"))),
+                    "model": public_model_name(str(run_info.get("model", "unknown")),
+                                               run_info.get("backend", "transformers")),
                     "files": len(snap.files), "failed_keys_by_dir": by_dir, "failed_by_stage": counted,
                     "caption_flags": ordered_counts(self.index(run_id).flag_counts(snap)),
                     "created": min(filter(None, (before.get("created"), run_info.get("created"))), default=None),

@@ -296,7 +296,7 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
         while posted:
             posted.popleft().result()
 
-    model_name = public_model_name(backend.model_name)  # a local dir's path would publish its owner's file system
+    model_name = public_model_name(backend.model_name, cfg.backend)  # a local dir's path names its owner
 
     def record(results: list[Result], retries: list[Retries]) -> None:  # on the writer thread
         for (items, caps, error), redone in zip(results, retries):
