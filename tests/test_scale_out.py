@@ -125,6 +125,10 @@ def test_merge_reports_a_key_captioned_twice(tiny_model_dir, clean_data, tmp_pat
                  str(b), "--no-push"])
     assert code == EXIT_COVERAGE
     assert "3 captioned more than once" in capsys.readouterr().out
+    import pyarrow.parquet as pq
+
+    merged = pq.read_table(a / store.MERGED, columns=["key"]).column("key").to_pylist()
+    assert len(merged) == len(set(merged)) == 3  # the merged file keeps one row per key
 
 
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
@@ -326,3 +330,39 @@ def test_a_worker_starting_while_another_writes_run_json_joins_the_run(tmp_path,
     finally:
         first.lock.release()
         second.lock.release()
+
+
+def test_every_launch_level_combination_gives_each_worker_index_once(monkeypatch):
+    """Array tasks x srun tasks x torchrun ranks: the indices are exactly 0..N-1 (a level added instead of
+    multiplied would give some twice and leave others to nobody)."""
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    arrays, tasks, ranks = 3, 2, 4
+    seen = []
+    for a in range(arrays):
+        for t in range(tasks):
+            for r in range(ranks):
+                monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(a))
+                monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", str(arrays))
+                monkeypatch.setenv("SLURM_PROCID", str(t))
+                monkeypatch.setenv("SLURM_STEP_NUM_TASKS", str(tasks))
+                monkeypatch.setenv("RANK", str(r))
+                monkeypatch.setenv("WORLD_SIZE", str(ranks))
+                monkeypatch.setenv("LOCAL_WORLD_SIZE", str(ranks))
+                index, count = RunConfig().worker_slice()
+                assert count == arrays * tasks * ranks
+                seen.append(index)
+    assert sorted(seen) == list(range(arrays * tasks * ranks))
+
+
+def test_of_two_holders_only_the_last_one_out_merges(tmp_path):
+    from vlm_caption.locks import DirLock
+
+    a, b = DirLock(tmp_path, 0, 2), DirLock(tmp_path, 1, 2)
+    assert a.take_run(exclusive=False) and b.take_run(exclusive=False)
+    try:
+        assert a.last_one_out() is False  # b still holds the dir
+        assert b.last_one_out() is True
+    finally:
+        a.release()
+        b.release()

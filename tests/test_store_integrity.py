@@ -1,0 +1,41 @@
+"""What a checkpoint dir trusts: a truncated part or one of another run is set aside, never counted as done;
+a Hub file's name stands for its exact rows."""
+from __future__ import annotations
+
+import shutil
+
+from hub_parts import RUN, Writer
+
+from vlm_caption import store
+from vlm_caption.hub_files import hub_path
+
+
+def test_a_truncated_part_is_quarantined_and_its_keys_are_not_done(tmp_path):
+    w = Writer(tmp_path)
+    w.parts(4, 4)
+    first, second = store.list_parts(tmp_path)
+    first.path.write_bytes(first.path.read_bytes()[:100])
+    assert w.store.done_keys() == {f"00{i:07d}" for i in range(4, 8)}  # only the second part's keys
+    assert [p.name.split(".parquet")[0] for p in (tmp_path / store.QUARANTINE_DIR).iterdir()] == [first.path.stem]
+    assert [p.path for p in store.list_parts(tmp_path)] == [second.path]
+
+
+def test_a_part_of_another_run_is_quarantined_and_its_keys_captioned_again(tmp_path):
+    other = tmp_path / "other"
+    Writer(other, run="ba9876543210", start=100).parts(3)
+    mine = tmp_path / "mine"
+    w = Writer(mine)
+    w.parts(2)
+    stray = store.list_parts(other)[0].path
+    shutil.copy(stray, mine / "parts" / "captions-w009-000000.parquet")  # copied in by hand, say
+    assert w.store.run_id == RUN
+    assert w.store.done_keys() == {"000000000", "000000001"}  # not the other run's keys 100..102
+    [moved] = (mine / store.QUARANTINE_DIR).iterdir()
+    assert moved.name.startswith("captions-w009-000000.parquet")
+
+
+def test_a_hub_file_name_changes_with_its_keys():
+    """Same worker and part range, other rows (a part re-captioned after a quarantine): another file."""
+    a = hub_path(RUN, "d1", 0, 1, 3, ["k1", "k2"])
+    assert a == hub_path(RUN, "d1", 0, 1, 3, ["k2", "k1"])  # the same rows, in any order: the same name
+    assert a != hub_path(RUN, "d1", 0, 1, 3, ["k1", "k3"]) and a != hub_path(RUN, "d1", 0, 1, 3, ["k1"])
