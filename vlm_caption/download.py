@@ -65,7 +65,9 @@ def write_urls(out: Path, urls: pa.Table, shard_size: int) -> None:
             )
         if not old.replace_schema_metadata(None).equals(urls.replace_schema_metadata(None)):
             # The shards carry the metadata of the first run: keeping them would publish stale captions and tags.
-            differ = [c for c in URL_COLUMNS if c != "url" and not old.column(c).equals(urls.column(c))]
+            names = dict.fromkeys([*old.column_names, *urls.column_names])
+            differ = [c for c in names if c not in old.column_names or c not in urls.column_names
+                      or not old.column(c).equals(urls.column(c))]
             raise UsageError(
                 f"--output {out} already holds a download of the same URLs with other metadata ({', '.join(differ)} "
                 "differ): its shards would keep the old values; download into a new --output"
