@@ -34,6 +34,7 @@ def _jpeg(shade: int) -> bytes:
 def server():
     routes = {f"/img/{i}.jpg": Route(_jpeg(40 * i)) for i in range(3)}
     routes["/busy.jpg"] = Route(status=503)
+    routes["/truncated.jpg"] = Route(_jpeg(7)[:300])  # served whole, cut short: saved, then fails to decode
     with ImageServer(routes) as srv:  # any other path answers 404
         yield srv
 
@@ -75,6 +76,18 @@ def test_good_images_and_a_404_exit_0_and_strict_exits_3(server, tmp_path):
     assert strict.returncode == 3, strict.stderr
     assert "--strict: 1 row failed for good" in strict.stderr
     assert "valid images:        3" in strict.stdout
+
+
+def test_an_undecodable_image_alone_exits_0_and_3_with_strict(server, tmp_path):
+    """A saved file PIL cannot decode is a permanent data failure: recorded, exit 0; --strict counts it."""
+    source = _source(tmp_path, server, ["/img/0.jpg", "/truncated.jpg"])
+    out = tmp_path / "out"
+    result = _download(source, out)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "download_summary.json").read_text())
+    assert summary["failed"] == 0 and summary["invalid"] == 1 and summary["valid"] == 1
+    strict = _download(source, out, "--strict")
+    assert strict.returncode == 3 and "--strict: 1 row failed for good" in strict.stderr, strict.stderr
 
 
 @pytest.mark.parametrize("paths, says", [
