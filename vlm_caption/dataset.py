@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .data_layout import ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_NAMES
+from .data_layout import ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_NAMES, VALIDATION_DIR
 from .errors import UsageError
 from .schema import COLUMNS, LOOKUP_COLUMNS, Column, carried, keep_columns
 
@@ -250,6 +250,7 @@ def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),
     names = carried(extra)
     types = {c.name: c.type for c in (*COLUMNS, *extra)}
     read = list(dict.fromkeys([*names, *LOOKUP_COLUMNS, *also]))
+    sizes: dict[str, dict[str, tuple[int, int]]] = {}
     for batch, shard, _ in _iter_batches(metadata_files(data_dir), read, skip_unreadable=True):
         for row in batch.to_pylist():
             key = str(row["key"])  # a null key becomes "None", which is never wanted
@@ -259,12 +260,27 @@ def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),
             for name, in_shard in SHARD_NAMES.items():  # md5 is reserved in img2dataset: source_md5 there
                 if row.get(name) is None:
                     row[name] = row.get(in_shard)
+            if shard is not None and row.get("width") is None:  # img2dataset's parquet: sizes in decode_checks/
+                if shard not in sizes:
+                    sizes[shard] = measured_sizes(data_dir, shard)
+                w, h = sizes[shard].get(key, (None, None))
+                row.update(width=w, height=h, original_width=w, original_height=h)  # saved as downloaded
             out = clean_row({dst: row.get(src) for src, dst in names.items()}, types)
             out["key"] = key
             for name in also:
                 out.setdefault(name, row.get(name))
             out["image_path"] = resolve_image_path(data_dir, key, row.get("file_name"), shard)
             yield out
+
+
+def measured_sizes(data_dir: Path, shard: str) -> dict[str, tuple[int, int]]:
+    """key -> (width, height) PIL measured when the download validated the shard ({} when it has not)."""
+    path = data_dir / VALIDATION_DIR / f"{shard}.parquet"
+    try:
+        table = pq.read_table(path, columns=["key", "width", "height"])
+    except (OSError, pa.ArrowException):
+        return {}
+    return {k: (w, h) for k, w, h in zip(*(table.column(c).to_pylist() for c in ("key", "width", "height")))}
 
 
 def clean_row(row: dict[str, Any], types: dict[str, pa.DataType]) -> dict[str, Any]:

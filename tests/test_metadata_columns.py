@@ -1,4 +1,4 @@
-"""--keep-columns: further metadata columns carried into every output row with their own types."""
+"""What the captioner reads of the data dir's metadata: --keep-columns with their own types, sizes of shard rows."""
 from __future__ import annotations
 
 import pytest
@@ -62,3 +62,22 @@ def test_keep_columns_types_come_from_every_shard_not_only_the_first(tiny_model_
     with pytest.raises(SystemExit) as exc:
         run_main(main, [*args[:5], str(tmp_path / "ckpt2"), *args[6:]], prog="batched_image_inference.py")
     assert exc.value.code == EXIT_USAGE and "disagree on a column's type" in capsys.readouterr().err
+
+
+def test_rows_read_from_the_shard_parquets_get_the_measured_sizes(tmp_path):
+    """Without full_metadata.parquet the captioner reads img2dataset's shard parquets, whose sizes are null
+    (nothing re-encoded): the sizes PIL measured at validation (decode_checks/) fill them."""
+    import pyarrow.parquet as pq
+
+    from vlm_caption import dataset
+    from vlm_caption.sample_data import write_sample
+
+    data = write_sample(tmp_path / "data", n=6, broken=False, seed=3, shard_size=3)
+    full = {r["key"]: r for r in pq.read_table(data / "full_metadata.parquet").to_pylist()}
+    (data / "full_metadata.parquet").unlink()
+    rows = list(dataset.iter_rows(data, set(full)))
+    assert len(rows) == 6
+    for row in rows:
+        want = full[row["key"]]
+        assert (row["width"], row["height"], row["original_width"]) == (want["width"], want["height"], want["width"])
+        assert row["width"] > 0
