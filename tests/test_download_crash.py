@@ -254,3 +254,24 @@ def test_rerun_with_nothing_to_download_removes_img2dataset_leftovers(runs, serv
     _run(source, out, tmp_path / "run.log")
     assert server.request_count() == before
     assert _leftovers(out) == []
+
+
+def test_sigterm_while_validating_stops_like_ctrl_c(source, tmp_path, monkeypatch):
+    """Outside img2dataset, SIGTERM killed the process by its default action under the validation pool, with
+    no line and no clean-up; it now raises Interrupted (exit 143 in the CLI) like Ctrl-C."""
+    from vlm_caption.config import DownloadConfig
+    from vlm_caption.interrupts import Interrupted
+
+    def terminated(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        raise AssertionError("the signal did not stop validation")
+
+    out = tmp_path / "out"
+    cfg = DownloadConfig(output=str(out), source=str(source), processes=1, threads=4, timeout=5, retries=0,
+                         validate_workers=1, max_rows=4)
+    monkeypatch.setattr(dl, "validate_shards", terminated)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(Interrupted) as stopped:
+        dl.download_dataset(cfg)
+    assert stopped.value.signum == signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is before  # handlers restored

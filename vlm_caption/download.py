@@ -27,7 +27,7 @@ from .download_source import (URL_COLUMNS, further_names, img2dataset_input, loa
                               url_table)
 from .download_summary import make_summary, print_summary, stats_files
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
-from .interrupts import Interrupted
+from .interrupts import Interrupted, StopSignals
 from .validate import build_outputs, validate_shards
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,10 @@ def download_dataset(cfg: DownloadConfig) -> dict:
     check_output_dir(out)
     lock = locks.hold_exclusive(out / DOWNLOAD_LOCK, f"--output {out}")
     try:
-        return _download_into(out, urls, cfg, t0)
+        # SIGTERM as Ctrl-C in every phase (img2dataset's own handling takes over while it runs): the
+        # validation pool is shut down on the way out instead of the process dying under it.
+        with StopSignals():
+            return _download_into(out, urls, cfg, t0)
     finally:
         os.close(lock)
 
