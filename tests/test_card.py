@@ -61,7 +61,7 @@ def test_counts_are_the_hubs_rows_and_the_runs_failed_keys_and_no_local_path_is_
     published = sorted(hub_stub_keys(hub_stub))
     for dir_id, created, failed in (("d1", "2026-01-02T00:00:00Z", {"k1": "decode", "k2": "load"}),
                                     ("d2", "2026-01-01T00:00:00Z", {"k1": "decode", published[0]: "generate"})):
-        client.write_card({"run_id": RUN, "dir_id": dir_id, "created": created, "model": "/home/alice/models/ft",
+        client.write_card({"run_id": RUN, "dir_id": dir_id, "created": created, "model": "/srv/alice/models/ft",
                            "prompt": "p"}, {"checkpoint_dir": {"failed_by_stage": {"decode": 99}}}, failed)
     files = hub_stub.repo_files(REPO)
     info = json.loads(files[f"runs/{RUN}.json"])
@@ -93,5 +93,5 @@ def test_what_the_hub_shows_of_a_model():
     from vlm_caption.config import public_model_name
 
     assert public_model_name("google/gemma-3-4b-it") == "google/gemma-3-4b-it"
-    assert public_model_name("/home/alice/models/ft") == "local:ft"
+    assert public_model_name("/srv/alice/models/ft") == "local:ft"
     assert public_model_name("google/gemma-3-27b-it", "dummy") == "dummy:google/gemma-3-27b-it"  # no model ran
