@@ -1,5 +1,6 @@
 """The download's source: the ContraStyles rows (a Hub dataset, a local dataset dir, or a .parquet / .csv /
-.jsonl file) read as text columns, and urls.parquet's table made from them. Split from download.py.
+.jsonl file): the six ContraStyles columns as text, further columns with their own types, and urls.parquet's
+table made from them. Split from download.py.
 """
 from __future__ import annotations
 
