@@ -10,6 +10,7 @@ import importlib.util
 import io
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -393,3 +394,19 @@ def test_check_image_reports_decompression_bombs(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 10000 pixels is more than twice the limit
     width, height, fmt, error = validate.check_image(str(path))
     assert error.startswith("decompression bomb") and width is None
+
+
+def test_img2dataset_processes_leave_no_temp_dirs_behind(server, tmp_path, monkeypatch):
+    """wandb (imported by img2dataset) makes temp dirs in every spawned process, which never removes them:
+    two empty dirs in the system's temp dir per process and run, before."""
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(system_tmp))
+    path = tmp_path / "src.parquet"
+    pq.write_table(pa.Table.from_pylist(_source_rows(server)[:4]), path)
+    out = tmp_path / "out"
+    dl.download_dataset(DownloadConfig(output=str(out), source=str(path), processes=2, threads=2, timeout=2,
+                                       retries=0, shard_size=2, validate_workers=1))
+    assert list(system_tmp.iterdir()) == []
+    assert not (out / dl.SPAWNED_TMPDIR).exists()
+    assert os.environ["TMPDIR"] == str(system_tmp)

@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import signal
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -34,6 +35,9 @@ logger = logging.getLogger(__name__)
 
 IMG2DATASET_INPUT = "_img2dataset_input.parquet"  # urls.parquet with md5 renamed; removed after the run
 IMG2DATASET_TMP = "_tmp"  # img2dataset's own temp dir under images/ (its input cut into shards)
+# TMPDIR of img2dataset's spawned processes: wandb, which it imports, makes two temp dirs in each at import and
+# removes them at interpreter exit, which its worker processes never reach (they leave with os._exit).
+SPAWNED_TMPDIR = "_img2dataset_tmpdir"
 SHARD_SIZE_META = b"vlm_caption.shard_size"
 
 # What img2dataset 1.47 writes to images/NNNNN.parquet for our input (checked by tests/test_sample_data.py).
@@ -112,6 +116,11 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
         raise Interrupted(signum)
 
     previous_term = signal.signal(signal.SIGTERM, on_sigterm)
+    spawned_tmp = out / SPAWNED_TMPDIR
+    spawned_tmp.mkdir(exist_ok=True)
+    tempfile.gettempdir()  # cached now: this process's own temp dir stays where it was
+    previous_tmpdir = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(spawned_tmp.resolve())
     try:
         download(
             url_list=str(input_path),
@@ -143,6 +152,11 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
+        if previous_tmpdir is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = previous_tmpdir
+        shutil.rmtree(spawned_tmp, ignore_errors=True)
         input_path.unlink(missing_ok=True)
 
 
@@ -157,6 +171,7 @@ def remove_img2dataset_leftovers(out: Path) -> None:
     if tmp_dir.is_dir():
         logger.info("removing %s, left by an interrupted img2dataset run", tmp_dir)
         shutil.rmtree(tmp_dir)
+    shutil.rmtree(out / SPAWNED_TMPDIR, ignore_errors=True)
     (out / IMG2DATASET_INPUT).unlink(missing_ok=True)
 
 
