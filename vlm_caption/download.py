@@ -5,6 +5,7 @@ metadata.csv) are validate.py's; the directory layout is in data_layout.py.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -35,9 +36,7 @@ logger = logging.getLogger(__name__)
 
 IMG2DATASET_INPUT = "_img2dataset_input.parquet"  # urls.parquet with md5 renamed; removed after the run
 IMG2DATASET_TMP = "_tmp"  # img2dataset's own temp dir under images/ (its input cut into shards)
-# TMPDIR of img2dataset's spawned processes: wandb, which it imports, makes two temp dirs in each at import and
-# removes them at interpreter exit, which its worker processes never reach (they leave with os._exit).
-SPAWNED_TMPDIR = "_img2dataset_tmpdir"
+SPAWNED_TMPDIR = "_img2dataset_tmpdir"  # TMPDIR of img2dataset's spawned processes (spawned_tmpdir)
 SHARD_SIZE_META = b"vlm_caption.shard_size"
 
 # What img2dataset 1.47 writes to images/NNNNN.parquet for our input (checked by tests/test_sample_data.py).
@@ -116,33 +115,29 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
         raise Interrupted(signum)
 
     previous_term = signal.signal(signal.SIGTERM, on_sigterm)
-    spawned_tmp = out / SPAWNED_TMPDIR
-    spawned_tmp.mkdir(exist_ok=True)
-    tempfile.gettempdir()  # cached now: this process's own temp dir stays where it was
-    previous_tmpdir = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(spawned_tmp.resolve())
     try:
-        download(
-            url_list=str(input_path),
-            output_folder=str(out / IMAGES_DIR),
-            input_format="parquet",
-            output_format="files",
-            url_col="url",
-            caption_col="caption",
-            save_additional_columns=[*SAVED_COLUMNS, *further_names(urls)],
-            disable_all_reencoding=True,  # keep the original bytes; we check them with PIL afterwards
-            encode_format=ENCODE_FORMAT,
-            incremental_mode="incremental",
-            compute_hash="sha256",
-            timeout=cfg.timeout,
-            retries=cfg.retries,
-            thread_count=cfg.threads,
-            processes_count=cfg.processes,
-            distributor=cfg.distributor,
-            number_sample_per_shard=cfg.shard_size,
-            oom_shard_count=OOM_SHARD_COUNT,
-            enable_wandb=False,
-        )
+        with spawned_tmpdir(out, cfg.distributor):
+            download(
+                url_list=str(input_path),
+                output_folder=str(out / IMAGES_DIR),
+                input_format="parquet",
+                output_format="files",
+                url_col="url",
+                caption_col="caption",
+                save_additional_columns=[*SAVED_COLUMNS, *further_names(urls)],
+                disable_all_reencoding=True,  # keep the original bytes; we check them with PIL afterwards
+                encode_format=ENCODE_FORMAT,
+                incremental_mode="incremental",
+                compute_hash="sha256",
+                timeout=cfg.timeout,
+                retries=cfg.retries,
+                thread_count=cfg.threads,
+                processes_count=cfg.processes,
+                distributor=cfg.distributor,
+                number_sample_per_shard=cfg.shard_size,
+                oom_shard_count=OOM_SHARD_COUNT,
+                enable_wandb=False,
+            )
     except SystemExit as e:
         # img2dataset's SIGINT handler deletes its _tmp dir and calls sys.exit(0): that is an
         # interruption, not success. Finished shards are kept; a rerun resumes.
@@ -152,12 +147,31 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
         if previous is not None:
             signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
-        if previous_tmpdir is None:
+        input_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def spawned_tmpdir(out: Path, distributor: str):
+    """A temp dir of their own for img2dataset's spawned processes, removed afterwards: wandb, which it
+    imports, makes two temp dirs in each process at import and removes them at interpreter exit, which its
+    workers never reach (they end with os._exit): two empty dirs in the system's temp dir per process and run.
+    Only with multiprocessing: ray and spark keep their own temp dirs (their socket paths must stay short)."""
+    if distributor != "multiprocessing":
+        yield
+        return
+    tmp = out / SPAWNED_TMPDIR
+    tmp.mkdir(exist_ok=True)
+    tempfile.gettempdir()  # cached now: this process's own temp dir stays where it was
+    previous = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp.resolve())
+    try:
+        yield
+    finally:
+        if previous is None:
             os.environ.pop("TMPDIR", None)
         else:
-            os.environ["TMPDIR"] = previous_tmpdir
-        shutil.rmtree(spawned_tmp, ignore_errors=True)
-        input_path.unlink(missing_ok=True)
+            os.environ["TMPDIR"] = previous
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_img2dataset_leftovers(out: Path) -> None:
