@@ -229,3 +229,25 @@ def test_per_row_prompts_with_the_static_cache_and_its_dynamic_fallback(tiny_mod
         want = [c.text for c in dynamic.generate(keys, pixels, prompts=prompts)]
         assert [c.text for c in static.generate(keys, pixels, prompts=prompts)] == want
     assert static._static_fallback_logged  # the long prompt ran with the dynamic cache
+
+
+def test_another_order_of_the_prompts_file_is_another_run(sample_data_dir, tmp_path, capsys):
+    """The first prompt also fills the plain vlm_caption: the same prompts in another order must not add rows to
+    a dir of the first order (the order was in run_settings but left out of the run's identity)."""
+    from vlm_caption.cli import run_main
+    from vlm_caption.errors import EXIT_USAGE
+
+    ckpt, first, second = tmp_path / "ckpt", tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("long: Describe it.\nshort: Name it.\n")
+    second.write_text("short: Name it.\nlong: Describe it.\n")
+    assert main(dummy_args(sample_data_dir, ckpt, "--prompts-file", str(first), "--max-images", "4")) == EXIT_OK
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, dummy_args(sample_data_dir, ckpt, "--prompts-file", str(second), "--max-images", "4"),
+                 prog="batched_image_inference.py")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == EXIT_USAGE and "prompt_order" in err[-1], err
+    assert main(dummy_args(sample_data_dir, tmp_path / "other", "--prompts-file", str(second),
+                           "--max-images", "4")) == EXIT_OK
+    recorded = json.loads((tmp_path / "other" / store.RUN_JSON).read_text())
+    assert recorded["prompt_order"] == ["short", "long"]
+    assert recorded["run_id"] != json.loads((ckpt / store.RUN_JSON).read_text())["run_id"]

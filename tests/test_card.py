@@ -7,6 +7,7 @@ import json
 import yaml
 from hub_parts import REPO, RUN, Writer, ckpt, client, sleeps  # noqa: F401  (fixtures)
 
+from vlm_caption import store
 from vlm_caption.card import render_dataset_card
 from vlm_caption.config import RunConfig
 from vlm_caption.prompt_plan import run_specs
@@ -47,6 +48,7 @@ def test_the_order_of_a_prompts_file_names_the_run(tmp_path):
     first, second = (RunConfig(prompts_file=str(p)).run_settings() for p in (as_sorted, reversed_))
     assert "prompt_order" not in first  # the sorted order: run ids of earlier runs stay what they were
     assert second["prompt_order"] == ["short", "long"] and first != second
+    assert store.run_id_for(first) != store.run_id_for(second)
     recorded = json.loads(json.dumps(second, sort_keys=True))  # as run.json keeps it
     assert [s.name for s in run_specs(recorded)] == ["short", "long"]
     card = render_dataset_card("me/data", [{**recorded, "run_id": "aaa", "rows": 1}])
