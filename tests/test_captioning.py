@@ -347,3 +347,34 @@ def test_captions_wait_for_the_copy_of_their_tokens_before_the_first_read():
     assert len(later) == 2 and order == []  # nothing read, nothing waited for yet
     assert [c.text for c in later] == ["[1, 2]", "[3, 4]"]
     assert order == ["synchronize", "read", "read"]
+
+
+def test_a_signal_while_the_last_rows_are_recorded_still_writes_them(sample_data_dir, tmp_path, monkeypatch):
+    """The end of captioning waits for the writer thread. A signal there raised in the middle of the wait: the
+    main thread flushed while the writer thread was still adding the last batch's rows, which then stayed
+    unwritten (and two threads could write parts at once). Now the wait finishes, then the stop."""
+    import threading
+
+    from dummy_runs import dummy_args
+
+    from vlm_caption import rows as rowcols
+    from vlm_caption.interrupts import Interrupted
+
+    made = []
+    row_values = rowcols.row_values
+
+    def slow_row_values(*args, **kwargs):  # on the writer thread, while the main thread waits for it
+        assert threading.current_thread() is not threading.main_thread()
+        if not made:
+            time.sleep(0.3)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.3)
+        made.append(1)
+        return row_values(*args, **kwargs)
+
+    monkeypatch.setattr(rowcols, "row_values", slow_row_values)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Interrupted):  # one batch of four, then the stop the signal asked for
+        main(dummy_args(sample_data_dir, ckpt, "--max-images", "4", "--checkpoint-every", "100"))
+    written = sum(pq.read_metadata(p.path).num_rows for p in store.list_parts(ckpt))
+    assert made and written == len(made)

@@ -293,8 +293,11 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
             posted.popleft().result()
 
     def drain() -> None:
+        # Popped once done: a signal raising mid-wait leaves the job queued, so the next drain waits for it
+        # before anything else touches the rows (else two threads could write parts at once).
         while posted:
-            posted.popleft().result()
+            posted[0].result()
+            posted.popleft()
 
     model_name = public_model_name(backend.model_name, cfg.backend)  # a local dir's path names its owner
 
@@ -368,7 +371,7 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                     next_batch(batch)
                 if ready is not None and not stop.requested:
                     run_batch(*ready)
-            drain()
+                drain()  # inside: a signal now asks to stop instead of cutting the wait short
             stop.raise_if_requested()
         except KeyboardInterrupt:  # every caption already made is kept; the batch in flight is redone
             loaded.close()  # stop the loader threads before writing
