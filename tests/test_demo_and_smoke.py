@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from hub_parts import assert_hub_matches
@@ -107,6 +108,26 @@ def test_smoke_reads_shard_metadata_with_md5_as_source_md5(smoke, sample_data_di
     (data / "full_metadata.parquet").unlink()
     assert smoke.main(["--skip-model", "--data-dir", str(data)]) == 0, capsys.readouterr().out
     assert "metadata_columns" in lines_starting(capsys.readouterr().out, "PASS")
+
+
+def test_an_unreadable_metadata_file_is_one_line_in_the_smoke_test_and_the_preview(smoke, sample_data_dir, tmp_path,
+                                                                                    capsys):
+    """Both read the data dir's metadata as the captioner does: a corrupt file is a one-line failure there."""
+    import shutil
+
+    from vlm_caption.preview import write_preview
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_data_dir, data)
+    (data / "full_metadata.parquet").write_bytes(b"PAR1 cut short")
+    assert smoke.main(["--skip-model", "--data-dir", str(data)]) != 0
+    out = capsys.readouterr().out
+    assert "FAIL metadata_columns: cannot read metadata" in out and "Traceback" not in out, out
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    pq.write_table(pa.table({"key": ["000000000"], "url": ["http://127.0.0.1/a.jpg"]}), ckpt / "all_captions.parquet")
+    with pytest.raises(UsageError, match="cannot read metadata"):
+        write_preview(ckpt, tmp_path / "p.html", data_dir=data)
 
 
 def test_smoke_caption_with_tiny_model(smoke, sample_data_dir, capsys):

@@ -62,7 +62,7 @@ def metadata_schema(data_dir: Path) -> pa.Schema:
     schemas = []
     for path, shard in files:
         try:
-            schemas.append(_open(path).schema_arrow)
+            schemas.append(open_metadata(path).schema_arrow)
         except UsageError:
             if shard is None or path == files[-1][0] and not schemas:
                 raise
@@ -95,7 +95,8 @@ def unfinished_shards(data_dir: Path) -> list[str]:
     return [p.stem for p in sorted(images.glob("[0-9]*.parquet")) if not (images / f"{p.stem}_stats.json").is_file()]
 
 
-def _open(path: Path) -> pq.ParquetFile:
+def open_metadata(path: Path) -> pq.ParquetFile:
+    """A metadata parquet, or one line saying why it cannot be read."""
     try:
         return pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
@@ -107,7 +108,7 @@ def _iter_batches(files: list[tuple[Path, str | None]], columns: list[str],
     """Record batches of successful rows; an unreadable shard is logged and skipped (or raised)."""
     for path, shard in files:
         try:
-            pf = _open(path)
+            pf = open_metadata(path)
             names = set(pf.schema_arrow.names)
             if "key" not in names:
                 raise UsageError(f"metadata {path} has no 'key' column")
@@ -169,7 +170,7 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
     unreadable: list[str] = []
     for path, shard in files:
         try:
-            _open(path)
+            open_metadata(path)
         except UsageError:
             if len(files) == 1:
                 raise

@@ -153,7 +153,7 @@ def local_images(data_dir: Path, keys: list[str]) -> dict[str, Path]:
     wanted = pa.array(sorted(set(keys)), pa.string())
     found: dict[str, Path] = {}
     for path, shard in dataset.metadata_files(data_dir):
-        pf = pq.ParquetFile(path)
+        pf = dataset.open_metadata(path)
         columns = [c for c in ("key", "file_name") if c in pf.schema_arrow.names]
         for batch in pf.iter_batches(batch_size=8192, columns=columns):
             hits = batch.filter(pc.is_in(pc.cast(batch.column("key"), pa.string()), value_set=wanted))

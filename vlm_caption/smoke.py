@@ -60,13 +60,11 @@ def check_data_dir_layout(ctx: Context) -> str:
 
 
 def check_metadata_columns(ctx: Context) -> str:
-    import pyarrow.parquet as pq
-
     from vlm_caption import dataset
 
     rows = 0
     for path, _ in dataset.metadata_files(ctx.data_dir):
-        pf = pq.ParquetFile(path)
+        pf = dataset.open_metadata(path)
         names = pf.schema_arrow.names
         missing = [c for c in REQUIRED_COLUMNS if c not in names and SHARD_NAMES.get(c) not in names]
         if missing:
