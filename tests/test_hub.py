@@ -257,6 +257,21 @@ def test_background_pusher_survives_hub_outage(hub_stub, client, ckpt, caplog): 
     assert_hub_matches(hub_stub, REPO, ckpt)
 
 
+def test_an_unexpected_error_in_a_push_is_one_line_and_its_traceback_is_there_with_v(client, ckpt, caplog,  # noqa: F811
+                                                                                       monkeypatch):
+    def broken(*args, **kwargs):
+        raise KeyError("a bug in push planning")
+
+    monkeypatch.setattr(client, "push", broken)
+    pusher = BackgroundPusher(client, ckpt, RUN, 0, push_every=10, min_push_interval=0.0)
+    with caplog.at_level(logging.DEBUG, logger="vlm_caption.hub_pusher"):
+        assert pusher.close(final=True) is False
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "Hub push failed" in errors[0].getMessage() and errors[0].exc_info is None
+    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]
+    assert debug and debug[0].exc_info[0] is KeyError
+
+
 # ---------------------------------------------------------------- the dataset card
 
 RUN_INFO = {"run_id": RUN, "model": "google/gemma-3-27b-it", "code_version": "0.1.0", "max_tokens": 256,

@@ -75,6 +75,8 @@ class BackgroundPusher:
             if isinstance(e, FatalError):  # not HubUnavailable (caught above): the Hub said no (scrubbed line)
                 self.refused = str(e)
             log.error("Hub push failed, captioning goes on: %s", self.last_error)
+            if not isinstance(e, (FatalError, OSError)):  # likely a bug of ours: where it is, with -v
+                log.debug("the failed push's traceback", exc_info=True)
         return False
 
     def close(self, final: bool = True, timeout: float | None = None) -> bool:
