@@ -372,6 +372,18 @@ def test_validation_pool_matches_inline(tmp_path):
     assert pq.read_table(root / "decode_checks/00000.parquet").equals(inline)
 
 
+def test_a_stats_file_cut_short_or_not_utf8_counts_its_shard_as_finished_with_a_warning(tmp_path, caplog):
+    """As img2dataset itself does (it only looks for the file); a non-UTF-8 one was a traceback."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "00000_stats.json").write_text('{"count": 3}')
+    (images / "00001_stats.json").write_text('{"count"')
+    (images / "00002_stats.json").write_bytes(b"\xff\xfe{}")
+    with caplog.at_level(logging.WARNING):
+        assert dl._finished_stats(images) == {0: {"count": 3}, 1: {}, 2: {}}
+    assert caplog.text.count("cannot be read") == 2
+
+
 def test_check_image_catches_what_verify_misses(tmp_path):
     from PIL import Image
 

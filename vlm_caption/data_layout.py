@@ -59,6 +59,14 @@ def shard_name(shard_id: int) -> str:
     return f"{shard_id:0{OOM_SHARD_COUNT}d}"
 
 
+STATS_SUFFIX = "_stats.json"  # img2dataset writes NNNNN_stats.json when shard NNNNN is done
+
+
+def stats_file(shard: str) -> str:
+    """The name of a shard's completion marker, e.g. 00003_stats.json."""
+    return f"{shard}{STATS_SUFFIX}"
+
+
 def image_file_name(shard_id: int, key: str) -> str:
     """Path of a saved image relative to the output dir."""
     return f"{IMAGES_DIR}/{shard_name(shard_id)}/{key}.{ENCODE_FORMAT}"

@@ -19,7 +19,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .data_layout import ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_NAMES, VALIDATION_DIR
+from .data_layout import ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_NAMES, VALIDATION_DIR, stats_file
 from .errors import UsageError
 from .schema import COLUMNS, LOOKUP_COLUMNS, Column, carried, keep_columns
 
@@ -92,7 +92,7 @@ def unfinished_shards(data_dir: Path) -> list[str]:
     if (data_dir / FULL_METADATA_FILE).is_file():
         return []
     images = data_dir / IMAGES_DIR
-    return [p.stem for p in sorted(images.glob("[0-9]*.parquet")) if not (images / f"{p.stem}_stats.json").is_file()]
+    return [p.stem for p in sorted(images.glob("[0-9]*.parquet")) if not (images / stats_file(p.stem)).is_file()]
 
 
 def open_metadata(path: Path) -> pq.ParquetFile:
@@ -177,8 +177,8 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
             unreadable.append(str(path))
     readable = [(p, s) for p, s in files if str(p) not in unreadable]
     for shard in unfinished_shards(data_dir):
-        log.error("shard %s is not finished (no %s_stats.json): rerun download_data.py; its images are skipped",
-                  shard, shard)
+        log.error("shard %s is not finished (no %s): rerun download_data.py; its images are skipped",
+                  shard, stats_file(shard))
         unreadable.append(str(data_dir / IMAGES_DIR / f"{shard}.parquet") + " (unfinished download)")
     rows_read: dict[Path, int] = {}
     shards_seen: set[int] = set()

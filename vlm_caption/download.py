@@ -24,7 +24,8 @@ from .atomic import atomic_write_json, atomic_write_table
 from .cli import plural
 from .config import DownloadConfig
 from .data_layout import (DOWNLOAD_LOCK, ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, METADATA_CSV,
-                          OOM_SHARD_COUNT, SAVED_COLUMNS, SUMMARY_FILE, URLS_FILE, expected_shards, shard_name)
+                          OOM_SHARD_COUNT, SAVED_COLUMNS, STATS_SUFFIX, SUMMARY_FILE, URLS_FILE, expected_shards,
+                          shard_name, stats_file)
 from .download_source import (URL_COLUMNS, further_names, img2dataset_input, load_source,  # noqa: F401  (dl.* names)
                               url_table)
 from .download_summary import make_summary, print_summary, stats_files
@@ -192,15 +193,16 @@ def remove_img2dataset_leftovers(out: Path) -> None:
 def _finished_stats(images_dir: Path) -> dict[int, dict]:
     """img2dataset's finished shards: shard id -> its NNNNN_stats.json (written when the shard is done)."""
     done = {}
-    for path in images_dir.glob("*_stats.json"):
+    for path in images_dir.glob(f"*{STATS_SUFFIX}"):
         prefix = path.name.split("_", 1)[0]
         if prefix.isdigit():
             try:
                 done[int(prefix)] = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError:
+            except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError, unreadable
                 # img2dataset writes it in place, after closing the shard parquet: a crash mid-write leaves
                 # a complete shard with a broken stats file, which img2dataset itself counts as done.
-                logger.warning("%s is not valid JSON; treating shard %s as finished", path, prefix)
+                logger.warning("%s cannot be read (%s); treating shard %s as finished", path,
+                               str(e).splitlines()[0] if str(e) else type(e).__name__, prefix)
                 done[int(prefix)] = {}
     return done
 
@@ -250,7 +252,7 @@ def set_aside_unreadable_shards(out: Path) -> None:
             if path.exists():
                 store.quarantine(out, path, f"unreadable ({str(e).splitlines()[0]})",
                                  f"shard {name} is downloaded again")
-            store.quarantine(out, out / IMAGES_DIR / f"{name}_stats.json", "the stats of a shard set aside",
+            store.quarantine(out, out / IMAGES_DIR / stats_file(name), "the stats of a shard set aside",
                              "its shard counts as unfinished")
 
 

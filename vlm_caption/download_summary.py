@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from .cli import plural
 from .config import DownloadConfig
 from .data_layout import (FULL_METADATA_FILE, IMAGES_DIR, INVALID_FILE, METADATA_CSV, URLS_FILE, VALIDATION_DIR,
-                          shard_name)
+                          shard_name, stats_file)
 from .validate import OutputCounts, ValidationStats
 
 # Which failed downloads a later try may fix. img2dataset records one row per URL with a `status`
@@ -103,5 +103,5 @@ def print_summary(out: Path, summary: dict) -> None:
 
 
 def stats_files(shards: list[int]) -> str:
-    names = [f"{IMAGES_DIR}/{shard_name(s)}_stats.json" for s in shards[:10]]
+    names = [f"{IMAGES_DIR}/{stats_file(shard_name(s))}" for s in shards[:10]]
     return ", ".join(names) + (", ..." if len(shards) > 10 else "")

@@ -288,7 +288,7 @@ def _write_shard(out: Path, shard_id: int, rows: list[_Row], shard_size: int, or
         "failed_to_download": len(rows) - status_dict["success"], "failed_to_resize": 0,
         "duration": 30.0, "start_time": start, "end_time": start + 30.0, "status_dict": dict(status_dict),
     }
-    (out / layout.IMAGES_DIR / f"{layout.shard_name(shard_id)}_stats.json").write_text(json.dumps(stats, indent=4))
+    (out / layout.IMAGES_DIR / layout.stats_file(layout.shard_name(shard_id))).write_text(json.dumps(stats, indent=4))
     return stats
 
 
