@@ -11,7 +11,6 @@ from __future__ import annotations
 import collections.abc
 import functools
 import logging
-import re
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -21,13 +20,12 @@ import torch
 from .backends import Caption  # noqa: F401  (the engine's result type)
 from .grouped_attention import set_grouped_decode_attention
 from .image_prep import ImagePrep, unsupported_reason
+from .quality import CHAT_MARKUP_RE
 from .vision_ahead import Ahead, VisionAhead
 
 log = logging.getLogger(__name__)
 
 _PROMPT_CACHE_SIZE = 4096  # distinct prompt texts whose token ids are kept
-# Chat markup that must never reach a caption, even from a tokenizer that does not mark it special.
-_MARKUP_RE = re.compile(r"<(?:start_of_turn|end_of_turn|start_of_image|end_of_image|image_soft_token|eos|bos|pad)>")
 
 
 # ---------------------------------------------------------------- sampling
@@ -340,7 +338,7 @@ class Captioner:
         stop_at = next((i for i, t in enumerate(ids) if t in self.stop_ids), None)
         kept = ids if stop_at is None else ids[:stop_at]
         text = self.processor.tokenizer.decode(kept, skip_special_tokens=True)
-        text = _MARKUP_RE.sub("", text).strip()
+        text = CHAT_MARKUP_RE.sub("", text).strip()  # even from a tokenizer that does not mark it special
         return Caption(text=text, finish="length" if stop_at is None else "stop", tokens=len(kept))
 
 

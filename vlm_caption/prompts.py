@@ -13,6 +13,8 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from .quality import CHAT_MARKUP_RE
+
 # The default prompt; its version is recorded in run.json (a custom prompt is recorded verbatim).
 PROMPT_VERSION = 1
 DEFAULT_PROMPT = (
@@ -37,7 +39,10 @@ def template_columns(template: str) -> list[str]:
     `{0}`, conversions (`{tags!r}`) and format specs (`{tags:>10}`) are refused: a prompt needs none.
     """
     columns: list[str] = []
-    for _literal, field, spec, conversion in _parse_template(template):
+    for literal, field, spec, conversion in _parse_template(template):
+        if markup := CHAT_MARKUP_RE.search(literal):
+            raise ValueError(f"prompt template: holds the chat markup {markup.group(0)}; the chat template adds "
+                             "the image and the turns itself: leave it out")
         if field is None:
             continue
         _check_placeholder(field, spec, conversion)
@@ -54,13 +59,13 @@ def _parse_template(template: str) -> list[tuple[str, str | None, str | None, st
 
 
 def _check_placeholder(field: str, spec: str | None, conversion: str | None) -> None:
+    written = field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
     if field == "" or field.isdigit():
         problem = f"positional placeholder {{{field}}}: name a column, as in {{tags}}"
+    elif not _COLUMN_NAME_RE.fullmatch(field):  # JSON in a prompt lands here: {"a": 1}
+        problem = f"placeholder {{{written}}} is not a column name"
     elif conversion is not None or spec:
-        written = field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "")
         problem = f"placeholder {{{written}}} has a conversion or format spec: write just {{{field}}}"
-    elif not _COLUMN_NAME_RE.fullmatch(field):
-        problem = f"placeholder {{{field}}} is not a column name"
     else:
         return
     raise ValueError(f"prompt template: {problem}; {_LITERAL_BRACE_HINT}")
@@ -113,7 +118,9 @@ def _render_value(value: Any) -> str:
         value = value.tolist()  # numpy arrays and scalars become plain Python values
     if isinstance(value, (list, tuple)):
         return ", ".join(item for item in map(_render_value, value) if item)
-    return str(value).strip().replace(_EMPTY_MARK, "")
+    # Markup in a value (scraped alt text) would open a second image slot or close the user's turn: a
+    # zero-width space after its "<" leaves it as plain text to the tokenizer.
+    return CHAT_MARKUP_RE.sub(lambda m: "<\u200b" + m.group(0)[1:], str(value).strip().replace(_EMPTY_MARK, ""))
 
 
 def _tidy_empty_lines(text: str) -> str:

@@ -207,8 +207,9 @@ def _is_refusal(text: str) -> bool:
 
 # ---------------------------------------------------------------------------------------------- garbled
 
-# Chat markup that leaked through decoding; captioner.py strips the known tokens, this catches the rest.
-_CHAT_MARKUP_RE = re.compile(
+# Gemma's chat and image markup: leaked into a caption, it is garbled (captioner.py strips it first); in a
+# prompt, the processor would read it as structure (prompts.py refuses it in templates, defuses it in values).
+CHAT_MARKUP_RE = re.compile(
     r"<(?:start_of_turn|end_of_turn|start_of_image|end_of_image|image_soft_token|eos|bos|pad|unk|unused\d+)>"
 )
 # Prose, markdown included, is ~80 % letters among visible characters; under half is symbols, digits or
@@ -218,7 +219,7 @@ _MIN_VISIBLE_CHARS_FOR_SHARE = 20
 
 
 def _is_garbled(text: str) -> bool:
-    if "\ufffd" in text or _CHAT_MARKUP_RE.search(text):
+    if "\ufffd" in text or CHAT_MARKUP_RE.search(text):
         return True
     visible = "".join(text.split())
     if len(visible) < _MIN_VISIBLE_CHARS_FOR_SHARE:
