@@ -253,6 +253,25 @@ def test_per_row_prompts_with_the_static_cache_and_its_dynamic_fallback(tiny_mod
     assert static._static_fallback_logged  # the long prompt ran with the dynamic cache
 
 
+def test_the_backend_sizes_its_caches_by_the_longest_prompt_of_the_runs_own_rows(sample_data_dir, tmp_path,
+                                                                                   monkeypatch):
+    """Sized from the template rendered with empty values, every templated batch outgrew the static cache and
+    decoded with the dynamic one (the slow path on a GPU)."""
+    from vlm_caption import dataset, pipeline
+    from vlm_caption.prompts import render_prompt
+
+    template = "Describe. Tags: {tags}. Alt text: {original_caption}"
+    seen = {}
+    make_backend = pipeline.make_backend
+    monkeypatch.setattr(pipeline, "make_backend", lambda *a, **kw: seen.setdefault("prompt", kw["prompt"]) and
+                        make_backend(*a, **kw))
+    assert main(dummy_args(sample_data_dir, tmp_path / "ckpt", "--prompt", template, "--max-images", "12")) in \
+        (EXIT_OK, EXIT_ITEMS_FAILED)
+    keys = {f"{i:09d}" for i in range(12)}
+    rendered = [render_prompt(template, r) for r in dataset.iter_rows(sample_data_dir, keys, (), ["tags"])]
+    assert seen["prompt"] == max(rendered, key=len) and len(seen["prompt"]) > len("Describe.")
+
+
 def test_another_order_of_the_prompts_file_is_another_run(sample_data_dir, tmp_path, capsys):
     """The first prompt also fills the plain vlm_caption: the same prompts in another order must not add rows to
     a dir of the first order (the order was in run_settings but left out of the run's identity)."""

@@ -242,7 +242,8 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
     settings = cfg.run_settings()
     extra, specs, also = plan_columns(cfg, settings)
     if backend is None:
-        backend = make_backend(cfg.backend, model=settings["model"], prompt=prompt_plan.longest_prompt(specs),
+        longest = prompt_plan.longest_prompt(specs, dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra, also))
+        backend = make_backend(cfg.backend, model=settings["model"], prompt=longest,
                                max_tokens=cfg.max_tokens, min_tokens=cfg.min_tokens, temperature=cfg.temperature,
                                top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype, device_map=cfg.device_map,
                                attn_implementation=cfg.attn_implementation,

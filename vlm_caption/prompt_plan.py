@@ -7,7 +7,7 @@ column): prompts.render_prompt fills them per row. With --format json the JSON i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import pyarrow as pa
 
@@ -106,7 +106,15 @@ def prompt_order(settings: Mapping[str, Any]) -> list[str]:
     return list(settings.get("prompt_order") or sorted(settings.get("prompts") or {}))
 
 
-def longest_prompt(specs: Sequence[PromptSpec]) -> str:
-    """An estimate of the longest prompt of the run (templates rendered with empty values), for the backend
-    to size its caches by."""
-    return max((s.render({c: "" for c in s.columns}) for s in specs), key=len)
+def longest_prompt(specs: Sequence[PromptSpec], rows: Iterable[Mapping[str, Any]] = ()) -> str:
+    """The longest prompt of the run, for the backend to size its caches by: on a GPU a batch whose prompts
+    outgrow the static KV cache decodes with the slower dynamic cache. A template's longest rendering over
+    `rows` (the run's own rows: rendered with empty values, every row's prompt was longer); by characters,
+    which follow tokens closely enough for prompts made of one template."""
+    longest = max((s.render({c: "" for c in s.columns}) for s in specs), key=len)
+    templated = [s for s in specs if s.columns]
+    for row in rows if templated else ():
+        for spec in templated:
+            if len(text := spec.render(row)) > len(longest):
+                longest = text
+    return longest
