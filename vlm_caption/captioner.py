@@ -1,5 +1,4 @@
-"""Gemma 3 captioning (the transformers backend): the prompt, batched generation, out-of-memory back-off;
-model_loading.py loads the model.
+"""Gemma 3 captioning, the transformers backend: the prompt and batched generation (model_loading.py loads).
 
 Every image costs the same number of tokens, and each distinct prompt text is tokenised once (a cache: a
 run's prompt, or the per-row prompts of a template); a batch is the cached token ids of its rows, left-padded
@@ -11,6 +10,7 @@ from __future__ import annotations
 import collections.abc
 import functools
 import logging
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -81,6 +81,9 @@ class Captioner:
         self.stop_ids = self._stop_ids()
         self.target_size = self._image_size()
         self._encoded: dict[str, dict[str, torch.Tensor]] = {}  # prompt text -> its token ids (a cache)
+        # Assembler (encode, pad), writer (decode) and a retry (encode) share the tokenizer: a fast tokenizer
+        # changed by one thread mid-call of another raises "Already borrowed" (a healthy batch failed).
+        self._tokenizer_lock = threading.RLock()
         self._static_fallback_logged = False
         self.prompt_inputs = self._encode_prompt(prompt)
         self.gen_config = self._generation_config(max_tokens, min_tokens)
@@ -161,20 +164,21 @@ class Captioner:
 
     def _encode_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
         """The token ids of one image + `prompt` chat turn (cached per distinct text)."""
-        cached = self._encoded.get(prompt)
-        if cached is not None:
-            return cached
-        if len(self._encoded) >= _PROMPT_CACHE_SIZE:  # templates: one text per row; keep memory bounded
-            self._encoded.clear()
-        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
-        text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        from PIL import Image
+        with self._tokenizer_lock:
+            cached = self._encoded.get(prompt)
+            if cached is not None:
+                return cached
+            if len(self._encoded) >= _PROMPT_CACHE_SIZE:  # templates: one text per row; keep memory bounded
+                self._encoded.clear()
+            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+            text = self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            from PIL import Image
 
-        # The chat template already writes <bos>; without add_special_tokens=False there would be two.
-        enc = self.processor(text=[text], images=[[Image.new("RGB", (self.target_size, self.target_size))]],
-                             add_special_tokens=False, return_tensors="pt")
-        self._encoded[prompt] = {k: v for k, v in enc.items() if k != "pixel_values"}
-        return self._encoded[prompt]
+            # The chat template already writes <bos>; without add_special_tokens=False there would be two.
+            enc = self.processor(text=[text], images=[[Image.new("RGB", (self.target_size, self.target_size))]],
+                                 add_special_tokens=False, return_tensors="pt")
+            encoded = self._encoded[prompt] = {k: v for k, v in enc.items() if k != "pixel_values"}
+            return encoded
 
     def _generation_config(self, max_tokens: int, min_tokens: int):
         from transformers import GenerationConfig
@@ -229,7 +233,8 @@ class Captioner:
         encoded = [self._encode_prompt(p) for p in prompts] if prompts is not None else \
             [self.prompt_inputs] * len(pixel_values)
         features = {k: [e[k][0].tolist() for e in encoded] for k in encoded[0] if k != "attention_mask"}
-        batch = self.processor.tokenizer.pad(features, padding=True, padding_side="left", return_tensors="pt")
+        with self._tokenizer_lock:
+            batch = self.processor.tokenizer.pad(features, padding=True, padding_side="left", return_tensors="pt")
         batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
         if self.resize_on_device and self._image_prep is not None:
             batch["pixel_values"] = torch.stack([self._image_prep.to_device(p, self.device) for p in pixel_values])
@@ -337,7 +342,8 @@ class Captioner:
         ids = tokens.tolist()
         stop_at = next((i for i, t in enumerate(ids) if t in self.stop_ids), None)
         kept = ids if stop_at is None else ids[:stop_at]
-        text = self.processor.tokenizer.decode(kept, skip_special_tokens=True)
+        with self._tokenizer_lock:
+            text = self.processor.tokenizer.decode(kept, skip_special_tokens=True)
         text = CHAT_MARKUP_RE.sub("", text).strip()  # even from a tokenizer that does not mark it special
         return Caption(text=text, finish="length" if stop_at is None else "stop", tokens=len(kept))
 
