@@ -35,6 +35,28 @@ def test_keep_columns_carries_a_metadata_column_with_its_type(tiny_model_dir, sa
     assert all(by_key[k] == v for k, v in zip(merged.column("key").to_pylist(), merged.column("aesthetic").to_pylist()))
 
 
+def test_a_metadata_column_named_image_path_is_refused_in_one_line(sample_data_dir, tmp_path, capsys):
+    """Each row's image file travels as `image_path`: a metadata column of that name was overwritten by it
+    (a template rendered the local path) or, kept, made every part write fail with a traceback."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from dummy_runs import dummy_args
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_data_dir, data)
+    meta = pq.read_table(data / "full_metadata.parquet")
+    pq.write_table(meta.append_column("image_path", pa.array(["x"] * meta.num_rows)), data / "full_metadata.parquet")
+    for extra, says in ((["--keep-columns", "image_path"], "--keep-columns image_path: that column is already"),
+                        (["--prompt", "Describe {image_path}"], "{image_path} is the pipeline's own name")):
+        with pytest.raises(SystemExit) as exc:
+            run_main(main, dummy_args(data, tmp_path / "ckpt", *extra), prog="batched_image_inference.py")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == EXIT_USAGE and len(err) == 1 and says in err[0], err
+
+
 def test_keep_columns_types_come_from_every_shard_not_only_the_first(tiny_model_dir, tmp_path, capsys):
     """Without full_metadata.parquet the shards are read: a column all null in the first shard and double in
     the next gave parts typed null, then a traceback at every relaunch."""

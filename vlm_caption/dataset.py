@@ -21,7 +21,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .data_layout import ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_NAMES, VALIDATION_DIR, stats_file
 from .errors import UsageError
-from .schema import COLUMNS, LOOKUP_COLUMNS, Column, carried, keep_columns
+from .schema import COLUMNS, IMAGE_PATH, LOOKUP_COLUMNS, Column, carried, keep_columns
 
 log = logging.getLogger(__name__)
 
@@ -272,7 +272,7 @@ def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),
             out["key"] = key
             for name in also:
                 out.setdefault(name, row.get(name))
-            out["image_path"] = resolve_image_path(data_dir, key, row.get("file_name"), shard)
+            out[IMAGE_PATH] = resolve_image_path(data_dir, key, row.get("file_name"), shard)
             yield out
 
 

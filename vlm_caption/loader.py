@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 from PIL import Image
 
 from .dataset import ImageLoadError, load_image
+from .schema import IMAGE_PATH
 
 
 def default_loader_workers() -> int:
@@ -43,7 +44,7 @@ def prefetch(rows: Iterable[dict[str, Any]], prepare: Callable[[Image.Image], An
     """
     def work(row: dict[str, Any]) -> Loaded:
         try:
-            return Loaded(row, inputs=prepare(load_image(row["image_path"], target_size)))
+            return Loaded(row, inputs=prepare(load_image(row[IMAGE_PATH], target_size)))
         except ImageLoadError as e:
             return Loaded(row, error=e)
         except (OSError, ValueError, RuntimeError) as e:  # the processor refusing an odd image

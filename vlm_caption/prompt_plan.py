@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from .errors import UsageError
 from .prompts import json_instruction, render_prompt, template_columns
-from .schema import COLUMNS, Column
+from .schema import COLUMNS, IMAGE_PATH, Column
 
 
 @dataclass(frozen=True)
@@ -71,6 +71,9 @@ def prompt_columns(specs: Sequence[PromptSpec], output_names: Sequence[str], met
         for col in spec.columns:
             if col in available:
                 continue
+            if col == IMAGE_PATH:
+                raise UsageError(f"{_flag(spec.name)}: {{{col}}} is the pipeline's own name for a row's image file; "
+                                 "rename that metadata column")
             if col in metadata_names:
                 if col not in extra:
                     extra.append(col)

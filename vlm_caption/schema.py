@@ -66,6 +66,8 @@ FAILURE_SCHEMA = pa.schema([
 ])
 # Metadata columns a captioning run needs besides the carried ones (where the image is, whether it downloaded).
 LOOKUP_COLUMNS = ("file_name", "status", "source_md5")
+# The key of each row (dataset.iter_rows) holding its local image file; a metadata column of that name is refused.
+IMAGE_PATH = "image_path"
 INT_TYPES = (pa.int8(), pa.int16(), pa.int32(), pa.int64(), pa.uint8(), pa.uint16(), pa.uint32(), pa.uint64())
 
 
@@ -93,7 +95,7 @@ def source_columns() -> list[str]:
 
 def keep_columns(names: Sequence[str], metadata_schema: pa.Schema) -> list[Column]:
     """--keep-columns: further metadata columns carried with their own type; a missing one is a usage error."""
-    known = {c.name for c in COLUMNS} | {c.source for c in COLUMNS if c.source} | set(LOOKUP_COLUMNS)
+    known = {c.name for c in COLUMNS} | {c.source for c in COLUMNS if c.source} | {*LOOKUP_COLUMNS, IMAGE_PATH}
     extra = []
     for name in names:
         if name in known:

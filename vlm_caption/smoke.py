@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .data_layout import IMAGES_DIR, SHARD_NAMES
 from .errors import FatalError, UsageError
-from .schema import source_columns
+from .schema import IMAGE_PATH, source_columns
 
 DEFAULT_SMOKE_MODEL = "google/gemma-3-4b-it"
 DEFAULT_SMOKE_REPO = "ContraStylesRecap-smoketest"
@@ -88,7 +88,7 @@ def check_open_images(ctx: Context) -> str:
     opened, broken = [], []
     for row in dataset.iter_rows(ctx.data_dir, ctx.selection):
         try:
-            img = dataset.load_image(row["image_path"])
+            img = dataset.load_image(row[IMAGE_PATH])
             opened.append(f"{row['key']} {img.width}x{img.height}")
         except dataset.ImageLoadError as e:
             broken.append(f"{row['key']} ({e.stage}: {str(e).splitlines()[0][:80]})")
