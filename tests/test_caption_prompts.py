@@ -188,7 +188,9 @@ def test_prompts_file_excludes_prompt_and_bad_files_are_one_line(sample_data_dir
                         (["--prompts-file", str(bad)], "bad prompt name"),
                         (["--prompts-file", str(clash), "--format", "json", "--json-fields", "flags_x"],
                          "column caption_flags_x_y would be written twice"),
-                        (["--prompts-file", str(good).replace("p.yaml", "q.txt")], "must end in")):
+                        (["--prompts-file", str(good).replace("p.yaml", "q.txt")], "must end in"),
+                        (["--prompt-file", str(good)], "holds named prompts: did you mean --prompts-file?"),
+                        (["--prompt", "Describe \udcff this"], "--prompt is not valid UTF-8 text")):
         with pytest.raises(SystemExit) as exc:
             run_main(main, dummy_args(sample_data_dir, tmp_path / "ckpt", *extra), prog="batched_image_inference.py")
         err = capsys.readouterr().err.strip().splitlines()

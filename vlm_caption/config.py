@@ -196,9 +196,16 @@ class RunConfig:
             raise UsageError("give --prompt or --prompt-file, not both")
         if self.prompt is not None and not self.prompt.strip():
             raise UsageError("--prompt is empty")
+        if self.prompt is not None and not self.prompt.isascii():
+            try:  # bytes the shell could not decode arrive as surrogates: the tokenizer would fail after loading
+                self.prompt.encode("utf-8")
+            except UnicodeEncodeError:
+                raise UsageError("--prompt is not valid UTF-8 text (check the terminal's encoding)") from None
         if self.prompt_file is not None and not Path(self.prompt_file).is_file():
             what = "is a directory" if Path(self.prompt_file).is_dir() else "does not exist"
             raise UsageError(f"--prompt-file {self.prompt_file} {what}")
+        if self.prompt_file is not None and self._is_a_prompts_file(self.prompt_file):
+            raise UsageError(f"--prompt-file {self.prompt_file} holds named prompts: did you mean --prompts-file?")
         if self.format not in ("text", "json"):
             raise UsageError(f"--format must be text or json, got {self.format!r}")
         if self.json_fields is not None and self.format != "json":
@@ -296,6 +303,16 @@ class RunConfig:
                              f"starting with a letter, comma-separated, e.g. subject,style,medium (not "
                              f"{', '.join(_RESERVED_FIELDS)}: their caption_ columns exist)")
         return fields
+
+    @staticmethod
+    def _is_a_prompts_file(path: str) -> bool:
+        """A .yaml/.yml/.json file that reads as {name: prompt}: its text as one prompt is a typo's result."""
+        from .prompts import load_prompts_file
+
+        try:  # ValueError for other suffixes too
+            return len(load_prompts_file(path)) > 0
+        except ValueError:
+            return False
 
     def named_prompts(self) -> dict[str, str] | None:
         """--prompts-file: {name: template}, or None without one; a bad file is a one-line usage error."""
