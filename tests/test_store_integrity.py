@@ -39,3 +39,31 @@ def test_a_hub_file_name_changes_with_its_keys():
     a = hub_path(RUN, "d1", 0, 1, 3, ["k1", "k2"])
     assert a == hub_path(RUN, "d1", 0, 1, 3, ["k2", "k1"])  # the same rows, in any order: the same name
     assert a != hub_path(RUN, "d1", 0, 1, 3, ["k1", "k3"]) and a != hub_path(RUN, "d1", 0, 1, 3, ["k1"])
+
+
+def test_a_bad_file_another_worker_set_aside_first_is_not_an_error(tmp_path, caplog):
+    """Two workers starting together see the same bad part; the second one's move found it gone: a traceback."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        store.quarantine(tmp_path, tmp_path / "parts" / "captions-w000-000001.parquet", "unreadable")
+    assert "set aside by another process" in caplog.text
+    assert not list((tmp_path / store.QUARANTINE_DIR).glob("*.parquet*"))
+
+
+def test_a_tmp_file_renamed_while_it_is_looked_at_is_not_an_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from vlm_caption import atomic
+
+    tmp = tmp_path / ".part.parquet.tmp-otherhost-123"
+    tmp.write_bytes(b"x")
+    stat = Path.stat
+
+    def renamed_meanwhile(self, *args, **kwargs):
+        if self.name == tmp.name:
+            raise FileNotFoundError(self)
+        return stat(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "stat", renamed_meanwhile)
+    assert atomic.remove_stale_tmp(tmp_path) == 0

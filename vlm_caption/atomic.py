@@ -76,7 +76,10 @@ def remove_stale_tmp(directory: Path, other_host_age_s: float = 3600.0) -> int:
         if writer_host == host:
             stale = not (pid.isdigit() and _pid_alive(int(pid)))
         else:
-            stale = time.time() - tmp.stat().st_mtime > other_host_age_s
+            try:
+                stale = time.time() - tmp.stat().st_mtime > other_host_age_s
+            except FileNotFoundError:  # renamed into place (or removed) by its writer meanwhile
+                continue
         if stale:
             tmp.unlink(missing_ok=True)
             removed += 1

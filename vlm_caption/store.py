@@ -110,7 +110,11 @@ def quarantine(checkpoint_dir: Path, path: Path, why: str, then: str = "its keys
     """Set a bad file aside (never delete it), saying why and what follows (a part's keys are captioned again)."""
     dest = checkpoint_dir / QUARANTINE_DIR / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
     dest.parent.mkdir(parents=True, exist_ok=True)
-    shutil.move(str(path), str(dest))
+    try:
+        shutil.move(str(path), str(dest))
+    except FileNotFoundError:  # workers starting together saw the same bad file: another one moved it
+        log.info("%s was set aside by another process", path)
+        return
     log.warning("%s is %s: moved to %s; %s", path, why, dest, then)
 
 
@@ -118,8 +122,8 @@ def read_run_json(checkpoint_dir: Path | str) -> dict | None:
     """run.json, or None when there is none; a UsageError naming the ways out when it cannot be read."""
     info, problem = read_run_json_safe(checkpoint_dir)
     if problem is not None and problem != "missing":
-        raise UsageError(f"{Path(checkpoint_dir) / RUN_JSON} is {problem}; pass --overwrite to set the dir's "
-                         "work aside, or restore the file")
+        raise UsageError(f"{Path(checkpoint_dir) / RUN_JSON} is {problem}; restore the file, or set the dir's "
+                         "work aside with a captioning run's --overwrite")
     return info
 
 
