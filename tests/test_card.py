@@ -74,6 +74,26 @@ def test_counts_are_the_hubs_rows_and_the_runs_failed_keys_and_no_local_path_is_
     assert "alice" not in card and "Model: `local:ft`" in card and "decode: 1, load: 1" in card
 
 
+def test_a_card_with_nothing_new_is_not_committed_again(hub_stub, client, ckpt, monkeypatch):  # noqa: F811
+    """runs/{run}.json held the time of writing: every --push-only and every run end with nothing new made a
+    commit (against the Hub's commit limit)."""
+    from vlm_caption import hub
+
+    Writer(ckpt).parts(2)
+    client.push_pending(ckpt, RUN, 0)
+    info = {"run_id": RUN, "dir_id": "d1", "created": "2026-01-01T00:00:00Z", "model": "m", "prompt": "p"}
+    clock = iter(["2026-01-01T00:00:01Z", "2026-01-01T00:00:02Z", "2026-01-01T00:00:03Z"])
+    monkeypatch.setattr(hub.time, "strftime", lambda fmt, t=None: next(clock))
+    client.write_card(info, {}, {})
+    commits = hub_stub.commits_applied
+    client.write_card(info, {}, {})  # a second later, nothing new
+    assert hub_stub.commits_applied == commits
+    assert json.loads(hub_stub.repo_files(REPO)[f"runs/{RUN}.json"])["updated"] == "2026-01-01T00:00:01Z"
+    client.write_card(info, {}, {"k9": "decode"})  # a new failure: a new card, a new time
+    assert hub_stub.commits_applied == commits + 1
+    assert json.loads(hub_stub.repo_files(REPO)[f"runs/{RUN}.json"])["updated"] == "2026-01-01T00:00:02Z"
+
+
 def hub_stub_keys(stub) -> set[str]:
     import io
 

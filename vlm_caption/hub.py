@@ -368,8 +368,11 @@ class HubClient:
                     "files": len(snap.files), "failed_keys_by_dir": by_dir, "failed_by_stage": counted,
                     "caption_flags": ordered_counts(self.index(run_id).flag_counts(snap)),
                     "created": min(filter(None, (before.get("created"), run_info.get("created"))), default=None),
-                    "legacy_files": any("/" not in f[len("data/"):] for f in snap.files),
-                    "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                    "legacy_files": any("/" not in f[len("data/"):] for f in snap.files)}
+            unchanged = {k: v for k, v in before.items() if k != "updated"} == mine and "updated" in before
+            # Nothing new keeps the old time: both files are then byte-identical and no commit is made (a fresh
+            # time made every --push-only and every run end with nothing to push spend a commit).
+            mine["updated"] = before["updated"] if unchanged else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
             runs[run_id] = mine
             card_text = render_dataset_card(self.repo_id, list(runs.values()))
             ops = [CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=card_text.encode()),
