@@ -36,7 +36,7 @@ def test_invalid_token_exits_2_with_one_line_that_hides_it(hub_stub, tiny_model_
     proc = subprocess.run([sys.executable, str(CLI), "--model", str(tiny_model_dir), "--data-dir",
                            str(sample_data_dir), "--checkpoint-dir", str(ckpt), "--hf-repo", REPO_ID,
                            "--hub-endpoint", hub_stub.endpoint], env=env, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=600)
     assert proc.returncode == EXIT_USAGE, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "refused the Hugging Face token" in lines[0], proc.stderr
@@ -58,7 +58,7 @@ def test_no_push_touches_nothing_then_push_only_pushes_everything_once(hub_stub,
     env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_TOKEN": hub_stub.token, "HF_ENDPOINT": hub_stub.endpoint,
            "HF_HOME": str(tmp_path / "hf_home"), "PYTHONPATH": REPO_ROOT_HINT, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(CLI), *common, "--no-push"], env=env, capture_output=True,
-                          text=True, timeout=120)
+                          text=True, timeout=600)
     assert proc.returncode == EXIT_OK, proc.stderr[-3000:]  # only undecodable images failed
     assert hub_stub.requests == []
     parts = store.list_parts(ckpt)

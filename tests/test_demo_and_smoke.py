@@ -84,7 +84,7 @@ def test_run_captioning_passes_flags_through_from_another_cwd(tmp_path, sample_d
     (tmp_path / "data").symlink_to(sample_data_dir)
     proc = subprocess.run(["bash", str(REPO / "run_captioning.sh"), "--dry-run", "--data-dir", "data",
                            "--checkpoint-dir", "ckpt", "--no-push", "--max-images", "5"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "selected 5" in proc.stdout and "to do 5" in proc.stdout
 
@@ -152,7 +152,7 @@ def test_smoke_full_push_to_local_hub(smoke, sample_data_dir, hub_stub, tmp_path
 
 def test_smoke_missing_data_dir_fails_with_exit_1(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "test_pipeline.py"), "--skip-model", "--data-dir", "nope"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL data_dir_layout: nope does not exist" in proc.stdout
     assert "SKIP metadata_columns" in proc.stdout

@@ -33,7 +33,7 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
         sys.path.remove(str(REPO / "benchmarks"))
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out",
                            str(tmp_path), "--pipeline-overlap"], cwd=tmp_path, env=gpu_host_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
     assert set(SECTIONS) <= set(result), set(SECTIONS) - set(result)
@@ -81,7 +81,7 @@ def test_decode_diag_cpu_smoke_splits_prefill_and_decode(tmp_path):
     """benchmarks/decode_diag.py --cpu-smoke: every section it was not told to skip, with a decode step."""
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "decode_diag.py"), "--cpu-smoke", "--out",
                            str(tmp_path), "--skip", "hf_static", "gil"], cwd=tmp_path, env=gpu_host_env(tmp_path), capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "decode_diag.json").read_text())
     for name in ("compiled", "compiled_repeat_kv", "graph", "eager"):
@@ -128,7 +128,7 @@ def test_the_captioning_script_runs_and_pushes_without_what_the_gpu_host_lacks(t
                            "--data-dir", str(sample_data_dir), "--checkpoint-dir", str(tmp_path / "ckpt"),
                            "--hf-repo", "tester/gpu-host", "--hub-endpoint", hub_stub.endpoint,
                            "--max-tokens", "4", "--max-images", "6"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The sample data's first six rows hold one broken image: a recorded failure, not an import error.
     assert "captioned 5 images" in proc.stdout and "failed 1 {'decode': 1}" in proc.stdout

@@ -122,7 +122,7 @@ def test_sigkill_between_commit_and_ledger(hub_stub, ckpt, tmp_path):  # noqa: F
     proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_PUSH_SCRIPT), REPO, hub_stub.endpoint,
                              str(ckpt), RUN], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        assert hub_stub.wait_for(lambda: hub_stub.commits_applied == 1, timeout=30), proc.stdout.read1()
+        assert hub_stub.wait_for(lambda: hub_stub.commits_applied == 1, timeout=300), proc.stdout.read1()
     finally:
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
