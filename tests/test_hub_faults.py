@@ -10,7 +10,7 @@ import sys
 import textwrap
 
 import pytest
-from hub_parts import assert_hub_matches, COMMIT, REPO, RUN, Writer, ckpt, client, ledger, sleeps  # noqa: F401  (fixtures)
+from hub_parts import assert_hub_matches, COMMIT, DIR, REPO, RUN, Writer, ckpt, client, ledger, sleeps  # noqa: F401  (fixtures)
 from hub_stub import REPO_ROOT_HINT
 
 from vlm_caption import hub
@@ -154,3 +154,18 @@ def test_a_worker_checks_only_its_own_ledger_lines_against_its_snapshot(hub_stub
     assert client.push_pending(ckpt, RUN, None) == 4
     assert "records 1 file(s) pushed to" in caplog.text
     assert_hub_matches(hub_stub, REPO, ckpt)
+
+
+def test_ledger_check_lists_the_parts_once(hub_stub, client, ckpt, monkeypatch):  # noqa: F811
+    """Files found on the Hub but not in the ledger are matched to parts listed once, not once per file
+    (2,016 files took 40 s)."""
+    w = Writer(ckpt)
+    for _ in range(4):  # four commits, four files, then the ledger is lost
+        w.parts(3)
+        client.push_pending(ckpt, RUN, 0)
+    (ckpt / LEDGER).unlink()
+    calls = []
+    monkeypatch.setattr(hub, "list_parts", lambda d: calls.append(d) or list_parts(d))
+    client._check_ledger(ckpt, RUN, DIR, client.snapshot(RUN), 0)
+    assert len(calls) == 1
+    assert [line["recovered"] for line in ledger(ckpt)] == [True] * 4

@@ -232,13 +232,14 @@ class HubClient:
             log.warning("Hub: the ledger of %s records %d file(s) pushed to %s that the repo no longer holds "
                         "(deleted or recreated?); their rows are pushed again", ckpt, len(gone), self.repo_id)
         found = []
-        for path in sorted(set(snap.files) - recorded):
-            m = HUB_FILE_RE.match(path)
-            if m and m["run"] == run_id and m["dir"] == dir_id and worker in (None, int(m["worker"])):
-                owner, first, last = int(m["worker"]), int(m["first"]), int(m["last"])
-                parts = [p for p in list_parts(ckpt) if p.worker == owner and first <= p.seq <= last]
-                found.append({**_ledger_entry(self.repo_id, run_id, HubFile(path, owner, parts, []), None),
-                              "rows": len(self.index(run_id).keys_of_file(snap.files[path])), "recovered": True})
+        mine = [(path, m) for path in sorted(set(snap.files) - recorded) if (m := HUB_FILE_RE.match(path))
+                and m["run"] == run_id and m["dir"] == dir_id and worker in (None, int(m["worker"]))]
+        local = list_parts(ckpt) if mine else []  # once, not per file: a dir holds thousands of parts
+        for path, m in mine:
+            owner, first, last = int(m["worker"]), int(m["first"]), int(m["last"])
+            parts = [p for p in local if p.worker == owner and first <= p.seq <= last]
+            found.append({**_ledger_entry(self.repo_id, run_id, HubFile(path, owner, parts, []), None),
+                          "rows": len(self.index(run_id).keys_of_file(snap.files[path])), "recovered": True})
         if found:
             log.info("Hub: %d file(s) of this dir were on the Hub but not in the ledger (a lost answer or a "
                      "crash); recorded as recovered", len(found))
