@@ -147,8 +147,11 @@ def test_trial_then_full_run_in_a_fresh_dir(cli, hub_stub, source_keys, tmp_path
 def test_rerun_with_another_worker_count_in_new_dirs(cli, hub_stub, source_keys, tmp_path):
     for w in range(2):
         ok(cli.run(f"two-{w}", "--num-workers", "2", "--worker-index", str(w), "--max-images", "30"))
+    hub_only = []
     for w in range(3):
-        ok(cli.run(f"three-{w}", "--num-workers", "3", "--worker-index", str(w)))
+        out = ok(cli.run(f"three-{w}", "--num-workers", "3", "--worker-index", str(w)))
+        hub_only += [int(n) for n in re.findall(r"(\d+) of them on the Hub only", out)]
+    assert sum(hub_only) == 30  # each worker counts its own share of the keys, not every worker's
     assert hub_keys(hub_stub) == source_keys
     dirs = [tmp_path / f"two-{w}" for w in range(2)] + [tmp_path / f"three-{w}" for w in range(3)]
     assert local_keys(*dirs) == source_keys

@@ -146,6 +146,7 @@ class WorkPlan:
     keyless: list[str] = field(default_factory=list)  # this worker's rows with a null/empty key, not yet recorded
     failed_keys: set[str] = field(default_factory=set)  # of mine, recorded as failed and not retried
     failed_retryable: int = 0  # of those, failures worth retrying (generation errors): set by the pipeline
+    done_hub_only: int = 0  # of done, keys done only on the Hub (not in this dir)
     data_keys: set[str] = field(default_factory=set)  # every key of the data dir, whatever the selection
 
     @property
@@ -159,9 +160,11 @@ def keyless_name(path: Path, row: int) -> str:
 
 
 def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | None, worker: int,
-              num_workers: int, done_keys: set[str], failed_keys: set[str]) -> WorkPlan:
+              num_workers: int, done_keys: set[str], failed_keys: set[str],
+              hub_only: set[str] = frozenset()) -> WorkPlan:
     """Pass 1: which keys this worker captions now. Selection is global (shards, then the first
-    --max-images keys in key order), then split between workers, then minus done and failed keys."""
+    --max-images keys in key order), then split between workers, then minus done and failed keys.
+    `hub_only`: the done keys published but not in this dir, counted in this worker's share only."""
     files = metadata_files(data_dir)
     seen: set[str] = set()
     data_keys: set[str] = set()
@@ -217,7 +220,7 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
     return WorkPlan(selected=len(selection), mine=len(mine), done=len(done), failed=len(failed),
                     todo_keys=todo, duplicate_keys=duplicates, unreadable_shards=unreadable,
                     keyless=[k for k in keyless if worker_of(k, num_workers) == worker and k not in failed_keys],
-                    failed_keys=set(failed),
+                    failed_keys=set(failed), done_hub_only=sum(1 for k in done if k in hub_only),
                     data_keys=data_keys)
 
 

@@ -117,18 +117,18 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
     failed_stages = {} if cfg.retry_failed else writer.failed_stages()
     failed_keys = set(failed_stages)
     done_keys = writer.done_keys()
-    on_hub = 0
+    hub_only: set[str] = set()
     if hub_client is not None:  # rows another dir or machine already published are not captioned again
         snap = hub_client.snapshot(run_id)  # one read of the repo serves the line below and the skip
         log.info(hub_client.describe_repo(run_id, snap))
-        published = snap.keys
-        on_hub = len(published - done_keys)
-        done_keys |= published
+        hub_only = snap.keys - done_keys  # every worker's: plan_work counts this worker's share
+        done_keys |= snap.keys
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=worker, num_workers=num_workers, done_keys=done_keys,
-                             failed_keys=failed_keys)
+                             failed_keys=failed_keys, hub_only=hub_only)
     log.info("worker %d/%d: %d selected, %d mine, %d done (%d of them on the Hub only), %d failed before, "
-             "%d to caption", worker, num_workers, plan.selected, plan.mine, plan.done, on_hub, plan.failed, plan.todo)
+             "%d to caption", worker, num_workers, plan.selected, plan.mine, plan.done, plan.done_hub_only, plan.failed,
+             plan.todo)
     plan.failed_retryable = sum(1 for k, stage in failed_stages.items()
                                 if stage == "generate" and k in plan.failed_keys)
     if plan.keyless:
