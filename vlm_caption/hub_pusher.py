@@ -6,6 +6,7 @@ import logging
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 from .errors import FatalError
 from .hub import HubClient
@@ -19,15 +20,22 @@ class BackgroundPusher:
 
     A push starts once push_every rows are pending and min_push_interval seconds have passed since the last
     push attempt (the Hub rate-limits commits; after a failed attempt the interval is waited out too).
+    Worker w of num_workers makes its first attempt no earlier than w/num_workers of an interval after the
+    start: equal workers started together would otherwise all commit in the same seconds and race for the
+    head. Worker 0 (so a single-worker run) and the final push at close() never wait for it.
     """
 
     def __init__(self, client: HubClient, checkpoint_dir: Path | str, run_id: str, worker: int,
-                 push_every: int = 500, min_push_interval: float = 120.0):
+                 push_every: int = 500, min_push_interval: float = 120.0, num_workers: int = 1,
+                 clock: Callable[[], float] = time.monotonic):
         self.client, self.checkpoint_dir, self.run_id, self.worker = client, Path(checkpoint_dir), run_id, worker
         self.push_every, self.min_push_interval = push_every, min_push_interval
         self.rows_pushed, self.last_error = 0, None
         self.refused: str | None = None  # the Hub's last refusal (401/403/404...): rerunning as is will not help
-        self._pending_rows, self._last_attempt, self._closing = 0, float("-inf"), False
+        self._clock = clock  # tests pass a fake one
+        phase = (worker % max(1, num_workers)) / max(1, num_workers)  # no num_workers given: never delayed
+        self._next_attempt = clock() + min_push_interval * phase
+        self._pending_rows, self._closing = 0, False
         self._final, self._final_ok = False, False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._run, name=f"hub-push-w{worker:03d}", daemon=True)
@@ -43,9 +51,9 @@ class BackgroundPusher:
         """Rows pending once a push is due; None when closing."""
         with self._cond:
             while not self._closing:
-                due_in = self._last_attempt + self.min_push_interval - time.monotonic()
+                due_in = self._next_attempt - self._clock()
                 if self._pending_rows >= self.push_every and due_in <= 0:
-                    self._last_attempt = time.monotonic()
+                    self._next_attempt = self._clock() + self.min_push_interval
                     return self._pending_rows
                 self._cond.wait(timeout=due_in if self._pending_rows >= self.push_every else None)
             return None

@@ -141,7 +141,7 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
         from .hub_pusher import BackgroundPusher
 
         pusher = BackgroundPusher(hub_client, ckpt, run_id, worker, push_every=cfg.push_every,
-                                  min_push_interval=cfg.push_interval(num_workers))
+                                  min_push_interval=cfg.push_interval(num_workers), num_workers=num_workers)
         try:  # a resumed run's backlog goes out with the first push, not after push_every new rows
             pusher.notify(hub_client.pending_rows(ckpt, run_id, worker))
         except FatalError as e:
