@@ -10,6 +10,7 @@ from hub_parts import COMMIT, REPO, RUN, Writer, assert_hub_matches, ckpt, clien
 
 from vlm_caption import hub
 from vlm_caption.hub_pusher import BackgroundPusher
+from vlm_caption.hub_retry import LOST_RACE_DEADLINE_S
 
 
 class _Recorder:
@@ -52,3 +53,45 @@ def test_a_single_worker_is_never_delayed(tmp_path):
     pusher.notify(1)
     assert recorder.pushed.wait(10)
     pusher.close(final=False)
+
+
+def test_many_writers_at_once_all_get_their_rows_on_the_hub(hub_stub, ckpt):  # noqa: F811
+    """Every worker pushes at the same moment: each commit but one per round loses its race, and all must
+    still land (a count of 20 lost races left rows pending). Waits run 50x fast."""
+    n, speed = 64, 50.0
+    for w in range(n):
+        Writer(ckpt, w).parts(3)
+    policy = hub.RetryPolicy(sleep=lambda s: time.sleep(s / speed))
+    clients = [hub.connect(REPO, endpoint=hub_stub.endpoint, retry=policy) for _ in range(n)]
+    pushed = [0] * n
+    go = threading.Barrier(n)
+
+    def push(w: int) -> None:
+        go.wait()
+        pushed[w] = clients[w].push(ckpt, RUN, w)  # raises if it gives up: the thread's rows stay 0
+
+    threads = [threading.Thread(target=push, args=(w,)) for w in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert pushed == [3] * n and hub_stub.commits_applied == n
+    assert_hub_matches(hub_stub, REPO, ckpt)
+
+
+def test_losing_every_race_gives_up_at_the_deadline_in_one_line(hub_stub, ckpt, caplog):  # noqa: F811
+    now, waits = [0.0], []
+
+    def sleep(s: float) -> None:  # fake time: the deadline comes at once
+        waits.append(s)
+        now[0] += s
+
+    client = hub.connect(REPO, endpoint=hub_stub.endpoint, retry=hub.RetryPolicy(sleep=sleep, clock=lambda: now[0]))
+    Writer(ckpt).parts(5)
+    hub_stub.inject("POST", COMMIT, "412", times=10_000)
+    with caplog.at_level(logging.WARNING, logger="vlm_caption"):
+        assert client.push_pending(ckpt, RUN, 0) == 0
+    [line] = [r.getMessage() for r in caplog.records]
+    assert "races" in line and "\n" not in line and f"{LOST_RACE_DEADLINE_S:.0f} s" in line
+    assert LOST_RACE_DEADLINE_S - hub.RetryPolicy().cap < sum(waits) <= LOST_RACE_DEADLINE_S
+    assert all(w <= hub.RetryPolicy().cap for w in waits) and hub_stub.commits_applied == 0

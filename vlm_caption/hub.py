@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import os
-import random
 import threading
 import time
 from collections import Counter
@@ -45,7 +44,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_FILES_PER_COMMIT = 50  # the Hub's advice is 50-100 files a commit (NOTES.md); a bigger backlog takes more
-MAX_LOST_RACES = 20  # commits that lost a race with another writer, re-planned each time
 _LOGIN_HINT = "run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
 
 
@@ -329,18 +327,24 @@ class HubClient:
         """Run a read-then-commit attempt until its commit lands on the head it read.
 
         Transient failures are retried with backoff by call_with_retries; a lost race with another writer
-        (409/412: the parent commit is no longer the head) is planned again at once, after a short jitter.
+        (409/412: the parent commit is no longer the head) is planned again after RetryPolicy.race_wait, until
+        RetryPolicy.race_deadline: a count of tries would give up sooner the more workers share the repo.
         Each attempt reads the repo again, so an applied commit whose answer was lost is never repeated.
         """
-        for race in range(MAX_LOST_RACES):
+        start, race = self.retry.clock(), 0
+        while True:
             try:
                 return self._retry(attempt, what)
             except HfHubHTTPError as e:
                 if http_status(e) not in (409, 412):
                     raise self._refused(e, what) from None
-                log.info("Hub: another writer committed to %s first; planning again", self.repo_id)
-                self.retry.sleep(random.uniform(0.1, 1.0 + race))
-        raise HubUnavailable(f"lost {MAX_LOST_RACES} races in a row to other writers of {self.repo_id}")
+            wait, elapsed = self.retry.race_wait(race), self.retry.clock() - start
+            race += 1
+            if elapsed + wait > self.retry.race_deadline:
+                raise HubUnavailable(f"lost {race} races in {elapsed:.0f} s to other writers of {self.repo_id} "
+                                     f"(gives up after {self.retry.race_deadline:.0f} s)")
+            log.info("Hub: another writer committed to %s first; planning again in %.1f s", self.repo_id, wait)
+            self.retry.sleep(wait)
 
     # -- the dataset card
 

@@ -27,6 +27,7 @@ T = TypeVar("T")
 
 # A dropped connection is RemoteProtocolError("Server disconnected without sending a response."): no status.
 NETWORK_ERRORS = (_httpx.TimeoutException, _httpx.NetworkError, _httpx.RemoteProtocolError)
+LOST_RACE_DEADLINE_S = 600.0  # a push that keeps losing races to other writers gives up after this long
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{10,}")
 
 
@@ -65,7 +66,14 @@ class RetryPolicy:
     base: float = 1.0  # first wait; doubles each retry (1, 2, 4, 8, 16 s), times a 0.5-1.0 jitter
     cap: float = 60.0  # longest backoff wait
     max_retry_after: float = 600.0  # Retry-After is honoured up to this many seconds
+    race_deadline: float = LOST_RACE_DEADLINE_S  # lost races are planned again until this many seconds passed
     sleep: Callable[[float], None] = time.sleep  # tests pass a recorder
+    clock: Callable[[], float] = time.monotonic  # the deadline's; tests pass a fake one
+
+    def race_wait(self, race: int) -> float:
+        """Before re-planning after lost race number `race` (0, 1, ...): exponential full jitter, which
+        spreads many writers of one repo apart where a narrow jitter kept them colliding."""
+        return random.uniform(0.0, min(self.cap, self.base * 2 ** race))
 
     def wait(self, attempt: int, exc: BaseException) -> float:
         backoff = min(self.cap, self.base * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
