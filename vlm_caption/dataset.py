@@ -1,14 +1,15 @@
-"""Choosing the work and loading images safely.
+"""Choosing the work: which rows of the metadata this worker captions, and where their images are.
 
 The metadata is streamed: a first pass reads only keys (and shard) to decide what this worker does,
 a second pass yields the chosen rows a batch at a time. Only keys are ever held for the whole data set.
 """
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import os
 import re
-import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,30 +18,16 @@ from typing import Any, Iterable, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from PIL import Image, ImageOps, UnidentifiedImageError
-
 from .data_layout import ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_NAMES, VALIDATION_DIR, stats_file
 from .errors import UsageError
+from .images import (DRAFT_MARGIN, IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, ImageLoadError,  # noqa: F401
+                     draft_box, load_image, to_rgb)  # (dataset.* names)
 from .schema import COLUMNS, IMAGE_PATH, LOOKUP_COLUMNS, Column, carried, keep_columns
 
 log = logging.getLogger(__name__)
 
 _KEY_RE = re.compile(r"^[0-9]{1,20}$")
 _SHARD_DIR_RE = re.compile(r"^images/([0-9]+)/")
-# Declared pixel count above which an image is refused before decoding (a decompression bomb);
-# the same as PIL's own hard limit, checked by us so the reason is explicit.
-MAX_IMAGE_PIXELS = 2 * 89_478_485
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
-
-
-class ImageLoadError(Exception):
-    """An image that cannot be used; `stage` is load (file) or decode (bytes)."""
-
-    def __init__(self, stage: str, message: str):
-        super().__init__(message)
-        self.stage = stage
-
-
 # ---------------------------------------------------------------- metadata
 
 def metadata_files(data_dir: Path) -> list[tuple[Path, str | None]]:
@@ -253,6 +240,7 @@ def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),
     registry's carried columns plus `extra` (--keep-columns), plus the metadata columns `also` under their own
     names (a prompt template needs them; they are not written)."""
     wanted = set(todo_keys)
+    _images_by_key.cache_clear()  # each pass lists the shard folders afresh
     names = carried(extra)
     types = {c.name: c.type for c in (*COLUMNS, *extra)}
     read = list(dict.fromkeys([*names, *LOOKUP_COLUMNS, *also]))
@@ -312,9 +300,8 @@ def resolve_image_path(data_dir: Path, key: str, file_name: str | None, shard: s
     if file_name:
         relative = Path(os.path.normpath(file_name))
     elif _KEY_RE.match(key) and shard is not None and _KEY_RE.match(shard):
-        folder = data_dir / IMAGES_DIR / shard
-        found = [p for p in sorted(folder.glob(f"{key}.*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-        relative = Path(IMAGES_DIR, shard, found[0].name if found else f"{key}.{ENCODE_FORMAT}")
+        found = _images_by_key(str(data_dir / IMAGES_DIR / shard)).get(key)
+        relative = Path(IMAGES_DIR, shard, found or f"{key}.{ENCODE_FORMAT}")
     else:
         return None
     if relative.is_absolute() or relative.parts[:1] == ("..",):
@@ -322,70 +309,14 @@ def resolve_image_path(data_dir: Path, key: str, file_name: str | None, shard: s
     return data_dir / relative
 
 
-# ---------------------------------------------------------------- images
-
-# A JPEG decoded at 1/2 scale whose result is only just larger than the target differs from the
-# processor's output on the full image by more than the 0.01 budget (mean |diff| on [-1, 1]): 1985x1991
-# -> 993x996 gave 0.0115, 2479x2000 -> 1240x1000 gave 0.0084 for 896; the DCT scaling is a different
-# filter and almost no resize is left to smooth it. With >= 25 % left to resize on both sides every
-# measured image stayed under 0.003. So for 896 the draft fires from 2240 px on both sides
-# (4000x3000 -> 2000x1500); 3000x2000 decodes at full size.
-DRAFT_MARGIN = 1.25
-
-
-def draft_box(target: int | tuple[int, int]) -> tuple[int, int]:
-    """The box to pass to `Image.draft` for a model input of `target` (side or (width, height)).
-
-    Pillow decodes at 1/2, 1/4 or 1/8 scale, the largest whose result still covers the box on both
-    sides: for 896 px, 4000x3000 -> 2000x1500, 8000x6000 -> 2000x1500, 3000x2000 stays full size. The
-    resize that follows never upsamples a side the original had pixels for.
-    """
-    width, height = (target, target) if isinstance(target, int) else target
-    return round(DRAFT_MARGIN * int(width)), round(DRAFT_MARGIN * int(height))
-
-
-def load_image(path: Path | None, target_size: int = 896) -> Image.Image:
-    """Open an image fully decoded as RGB, or raise ImageLoadError(stage, reason)."""
-    if path is None:
-        raise ImageLoadError("load", "no safe image path for this key (outside the data dir or malformed key)")
-    try:
-        f = open(path, "rb")
-    except OSError as e:
-        raise ImageLoadError("load", f"cannot open {path.name}: {e.strerror or e}") from None
-    with f:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # big art scans are fine
-                img = Image.open(f)
-                w, h = img.size
-                if w * h > MAX_IMAGE_PIXELS:
-                    raise ImageLoadError("decode", f"image declares {w}x{h} pixels, over the {MAX_IMAGE_PIXELS} limit")
-                if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
-                    # Decode big JPEGs at 1/2, 1/4 or 1/8 scale: the largest that still covers the model's
-                    # input (+25 %) on both sides (4000x3000 -> 2000x1500 for 896): much less CPU, same pixels.
-                    img.draft(img.mode if img.mode != "YCbCr" else "RGB", draft_box(target_size))
-                img.load()
-                return to_rgb(img)
-        except ImageLoadError:
-            raise
-        except UnidentifiedImageError:  # PIL's own message names a file object, not the problem
-            raise ImageLoadError("decode", f"{path.name}: not a recognised image format") from None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, ZeroDivisionError, EOFError) as e:
-            raise ImageLoadError("decode", f"{type(e).__name__}: {e}") from None
-
-
-def to_rgb(img: Image.Image) -> Image.Image:
-    """EXIF orientation applied (to `img` itself); palette, alpha, CMYK and 16-bit modes flattened to 8-bit RGB."""
-    if getattr(img, "is_animated", False):
-        img.seek(0)
-    ImageOps.exif_transpose(img, in_place=True)  # not a copy of every image (~1 ms at 2.7 MP) when none is needed
-    if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
-    if img.mode.startswith("I"):
-        # 16-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
-        img = img.convert("I").point(lambda v: v / 256).convert("L")
-    if img.mode in ("RGBA", "LA", "PA"):
-        background = Image.new("RGB", img.size, (255, 255, 255))
-        background.paste(img.convert("RGBA"), mask=img.convert("RGBA").getchannel("A"))
-        return background
-    return img if img.mode == "RGB" else img.convert("RGB")
+@functools.lru_cache(maxsize=8)
+def _images_by_key(folder: str) -> dict[str, str]:
+    """key -> image file name in one shard folder, listed once (a glob per key over a 10K-file folder took
+    ~50 ms: 20 img/s at most for a data dir without full_metadata.parquet)."""
+    found: dict[str, str] = {}
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            key, dot, _ = entry.name.partition(".")
+            if dot and Path(entry.name).suffix.lower() in IMAGE_SUFFIXES:
+                found.setdefault(key, entry.name)
+    return found
