@@ -2,6 +2,7 @@
 VLM_CAPTION_DUMMY_FAULTS=1 makes it write broken captions for keys by their last digit)."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -26,3 +27,34 @@ def merged_rows(ckpt: Path) -> list[dict]:
 def faults(monkeypatch):
     for k, v in FAULTS.items():
         monkeypatch.setenv(k, v)
+
+
+def run_two_prompts(data: Path, ckpt: Path, *extra: str) -> int:
+    """A --prompts-file run of prompts `short` and `long` flagged differently: `short` gets the test faults by
+    key digit (FAULTS), `long` a garbled caption on every row (a replacement character), so a count that shows
+    only the first prompt's flags is told apart from one that shows each."""
+    from batched_image_inference import main
+    from vlm_caption import dummy_backend
+
+    prompts_file = ckpt.parent / f"{ckpt.name}-prompts.yaml"
+    prompts_file.write_text('short: "Name it."\nlong: "Describe. Tags: {tags}"\n')
+    real = dummy_backend.DummyBackend.generate
+
+    def garbled_long(self, keys, batch, should_stop=None, *, retry=False, prompts=None):
+        caps = real(self, keys, batch, should_stop, retry=retry, prompts=prompts)
+        return [dataclasses.replace(c, text=c.text + " \ufffd") if p.startswith("Describe") else c
+                for c, p in zip(caps, prompts or [self.prompt] * len(caps))]
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in FAULTS.items():
+            mp.setenv(k, v)
+        mp.setattr(dummy_backend.DummyBackend, "generate", garbled_long)
+        return main(dummy_args(data, ckpt, "--prompts-file", str(prompts_file), *extra))
+
+
+def flags_per_prompt(ckpt: Path) -> dict[str, dict[str, int]]:
+    """Prompt name -> captions per flag, counted from all_captions.parquet's caption_flags_NAME columns."""
+    from vlm_caption.rows import count_flags
+
+    rows = merged_rows(ckpt)
+    return {name: count_flags(r[f"caption_flags_{name}"] for r in rows) for name in ("short", "long")}

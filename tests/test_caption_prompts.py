@@ -294,3 +294,23 @@ def test_another_order_of_the_prompts_file_is_another_run(sample_data_dir, tmp_p
     recorded = json.loads((tmp_path / "other" / store.RUN_JSON).read_text())
     assert recorded["prompt_order"] == ["short", "long"]
     assert recorded["run_id"] != json.loads((ckpt / store.RUN_JSON).read_text())["run_id"]
+
+
+def test_each_prompts_flags_are_counted_in_this_run_and_said_at_the_end(sample_data_dir, tmp_path, capsys):
+    """The end-of-run line and this_run counted only the plain caption_flags, the first prompt's: the other
+    prompts' flags went unseen."""
+    from dummy_runs import flags_per_prompt, run_two_prompts
+
+    from vlm_caption.rows import describe_counts
+
+    ckpt = tmp_path / "ckpt"
+    assert run_two_prompts(sample_data_dir, ckpt) in (EXIT_OK, EXIT_ITEMS_FAILED)
+    expected = flags_per_prompt(ckpt)
+    assert expected["long"].get("garbled") and expected["long"] != expected["short"]
+    summary = json.loads((ckpt / store.SUMMARY).read_text())
+    assert summary["this_run"]["caption_flags_by_prompt"] == expected  # one run made the whole dir
+    assert summary["checkpoint_dir"]["caption_flags_by_prompt"] == expected
+    assert summary["this_run"]["caption_flags"] == expected["short"]  # the plain columns: the first prompt's
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("quality flags")]
+    assert lines == [f"quality flags of this run's captions, prompt {n}: {describe_counts(c)}"
+                     for n, c in expected.items()]

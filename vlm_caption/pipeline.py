@@ -37,6 +37,7 @@ class RunStats:
     generate_s: float = 0.0  # time inside generate calls: the accelerator's share of the wall time
     failed: Counter = field(default_factory=Counter)
     flags: Counter = field(default_factory=Counter)  # captions per quality flag (quality.FLAGS)
+    flags_by_prompt: dict[str, Counter] = field(default_factory=dict)  # --prompts-file: the same, per prompt
     first_batch: tuple[float, int, int] | None = None  # (time, captioned, tokens) when the first batch was done
 
     def batch_done(self) -> None:
@@ -313,6 +314,8 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                 values = rowcols.row_values([c[i] for c in caps], [r.get(i) for r in redone], specs)
                 rows.append({**out, **values, "caption_model": model_name})
                 stats.flags.update(values[rowcols.FLAGS_COLUMN])
+                for name, column in rowcols.flag_columns(specs).items():
+                    stats.flags_by_prompt.setdefault(name, Counter()).update(values[column])
                 stats.captioned += 1
                 stats.tokens += sum(c[i].tokens for c in caps) + sum(r[i].tokens for r in redone if i in r)
         stats.batch_done()  # the steady rate is measured from here (model loading and warm-up left out)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .backends import Caption, CaptionBackend
-from .prompt_plan import PromptSpec
+from .prompt_plan import PromptSpec, run_specs
 from .prompts import parse_json_caption
 from .quality import FLAGS, caption_flags, strip_preamble
 
@@ -72,6 +72,17 @@ def row_values(caps: Sequence[Caption], retried: Sequence[Caption | None], specs
         if j == 0 and spec.suffix:  # the registry's plain columns (JSON fields stay per prompt)
             values.update({k: v for k, v in one.items() if k in _PLAIN})
     return values
+
+
+def flag_columns(specs: Sequence[PromptSpec]) -> dict[str, str]:
+    """Prompt name -> the column of its captions' flags, in prompt order, for a --prompts-file run (the plain
+    column repeats the first's, so counting it alone hides the others); {} for a run of one prompt."""
+    return {s.name: FLAGS_COLUMN + s.suffix for s in specs if s.name}
+
+
+def run_flag_columns(settings: Mapping[str, Any]) -> dict[str, str]:
+    """flag_columns of a run by its settings (run.json, runs/{run_id}.json); {} for a run of one prompt."""
+    return flag_columns(run_specs(settings)) if settings.get("prompts") else {}
 
 
 _PLAIN = ("vlm_caption", "caption_finish", "caption_tokens", FLAGS_COLUMN, "caption_attempts")
