@@ -117,3 +117,35 @@ def test_what_the_hub_shows_of_a_model():
     assert public_model_name("google/gemma-3-4b-it") == "google/gemma-3-4b-it"
     assert public_model_name("/srv/alice/models/ft") == "local:ft"
     assert public_model_name("google/gemma-3-27b-it", "dummy") == "dummy:google/gemma-3-27b-it"  # no model ran
+
+
+def test_each_prompts_flags_are_counted_from_the_hubs_rows_onto_the_card(hub_stub, client, ckpt):  # noqa: F811
+    """The card's flag line came from the plain caption_flags only, the first prompt's: it now has a line per
+    prompt, counted from the published rows' caption_flags_NAME columns, in the prompts file's order."""
+    from hub_parts import make_rows
+
+    from vlm_caption.atomic import atomic_write_json
+    from vlm_caption.rows import run_flag_columns
+    from vlm_caption.schema import output_schema
+
+    settings = {"run_id": RUN, "dir_id": "d1", "model": "tiny", "prompt": None,
+                "prompts": {"long": "Describe.", "short": "Name it."}, "prompt_order": ["short", "long"]}
+    ckpt.mkdir(parents=True)
+    atomic_write_json(ckpt / store.RUN_JSON, settings)
+    schema = output_schema([c for spec in run_specs(settings) for c in spec.output_columns()])
+    writer = store.CheckpointStore(ckpt, 0, schema=schema)
+    writer.run_id, writer.dir_id = RUN, "d1"
+    flags = {"short": [["preamble"], [], []], "long": [["garbled"], ["garbled", "truncated"], []]}
+    columns = run_flag_columns(settings)
+    rows = [{**r, "caption_flags": flags["short"][i], **{columns[n]: flags[n][i] for n in flags}}
+            for i, r in enumerate(make_rows(0, 3))]
+    writer.write_part(rows)
+    client.push_pending(ckpt, RUN, 0)
+    client.write_card(settings, {}, {})
+    files = hub_stub.repo_files(REPO)
+    info = json.loads(files[f"runs/{RUN}.json"])
+    assert info["caption_flags"] == {"preamble": 1}
+    assert info["caption_flags_by_prompt"] == {"short": {"preamble": 1}, "long": {"truncated": 1, "garbled": 2}}
+    card = files["README.md"].decode()
+    assert ('Quality flags, captions per flag (README "Caption quality"), per prompt:\n'
+            "  - `short`: preamble: 1\n  - `long`: truncated: 1, garbled: 2\n") in card

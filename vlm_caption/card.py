@@ -6,7 +6,7 @@ from pathlib import Path
 
 from . import prompt_plan
 from .config import SOURCE_DATASET
-from .rows import describe_counts
+from .rows import FLAGS_BY_PROMPT, describe_counts
 from .schema import COLUMNS
 
 CITATION = """@article{somepalli2024measuring,
@@ -47,6 +47,7 @@ def _run_view(repo_id: str, run: dict, default: bool) -> dict:
             "rows": run.get("rows", 0),
             "failures": ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())) or "none",
             "flags": describe_counts(run.get("caption_flags")),
+            "flags_by_prompt": _flags_by_prompt(run),
             "json_fields": ", ".join(f"`caption_{f}{spec.suffix}`" for spec in specs for f in spec.json_fields),
             "extra_columns": ", ".join([*(f"`{k}` (--keep-columns)" for k in run.get("keep_columns") or []),
                                         *(f"`{c.name}`" for c in specs_columns)]),
@@ -54,6 +55,13 @@ def _run_view(repo_id: str, run: dict, default: bool) -> dict:
             "load_args": f'"{repo_id}", split="train"' if default else f'"{repo_id}", "{run["run_id"]}", split="train"',
             "fenced_prompt": _fenced(str(run.get("prompt", ""))),
             "prompts": [{"name": k, "fenced": _fenced(str(run["prompts"][k]))} for k in prompt_plan.prompt_order(run)]}
+
+
+def _flags_by_prompt(run: dict) -> list[dict]:
+    """A --prompts-file run's flag counts per prompt, in the file's order (runs/{run_id}.json sorts its keys);
+    [] for one prompt, or a run published before these were counted (the card shows the plain counts)."""
+    counts = run.get(FLAGS_BY_PROMPT) or {}
+    return [{"name": n, "flags": describe_counts(counts[n])} for n in prompt_plan.prompt_order(run) if n in counts]
 
 
 def render_dataset_card(repo_id: str, runs: list[dict]) -> str:

@@ -50,7 +50,7 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
         "run_id": writer.run_id, "worker": worker, "num_workers": num_workers, "model": cfg.model,
         "this_run": {"captioned": stats.captioned, "failed_by_stage": dict(stats.failed),
                      "caption_flags": rowcols.ordered_counts(stats.flags),
-                     **by_prompt("caption_flags_by_prompt", stats.flags_by_prompt, rowcols.ordered_counts),
+                     **rowcols.flags_by_prompt(stats.flags_by_prompt, rowcols.ordered_counts),
                      "skipped_already_done": plan.done, "skipped_failed_before": plan.failed, **stats.rates()},
         "selection": {"selected": plan.selected, "mine": plan.mine, "duplicate_input_keys": plan.duplicate_keys,
                       "unreadable_shards": plan.unreadable_shards},
@@ -158,8 +158,8 @@ def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> Non
                                  "caption_flags": rowcols.count_flags_in_file(ckpt / store.MERGED)}
     # --prompts-file: the counts of each prompt's captions (the plain counts are the first prompt's)
     named = rowcols.run_flag_columns(store.read_run_json_safe(ckpt)[0] or {})
-    summary["checkpoint_dir"].update(by_prompt("caption_flags_by_prompt", named,
-                                               lambda col: rowcols.count_flags_in_file(ckpt / store.MERGED, col)))
+    summary["checkpoint_dir"].update(rowcols.flags_by_prompt(
+        named, lambda column: rowcols.count_flags_in_file(ckpt / store.MERGED, column)))
     atomic_write_json(ckpt / store.SUMMARY, summary)
     if hub_client is not None:
         try:
@@ -167,11 +167,6 @@ def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> Non
         except FatalError as e:  # every local output is saved; the card can follow with --push-only
             log.error("could not write the dataset card: %s; rerun with --push-only later", e)
             summary["hub"]["card_written"] = False
-
-
-def by_prompt(key: str, per_prompt: dict, count) -> dict:
-    """{key: {prompt: count(its value)}} for a --prompts-file run, {} for one prompt (its summary stays as it was)."""
-    return {key: {name: count(v) for name, v in per_prompt.items()}} if per_prompt else {}
 
 
 def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
@@ -182,7 +177,7 @@ def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
           f"{this['tokens_per_s']:.0f} tokens/s); failed {sum(this['failed_by_stage'].values())}"
           f"{' ' + str(this['failed_by_stage']) if this['failed_by_stage'] else ''}; "
           f"skipped {this['skipped_already_done']} already done")
-    named = this.get("caption_flags_by_prompt") or {}
+    named = this.get(rowcols.FLAGS_BY_PROMPT) or {}
     if any(named.values()):  # several prompts: a line each, or the flags of all but the first go unseen
         for name, counts in named.items():
             print(f"quality flags of this run's captions, prompt {name}: {rowcols.describe_counts(counts)}")

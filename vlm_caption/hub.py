@@ -34,7 +34,7 @@ from huggingface_hub.errors import HfHubHTTPError, HfUriError
 from .card import render_dataset_card
 from .config import public_model_name
 from .errors import FatalError, UsageError
-from .rows import conform, ordered_counts
+from .rows import conform, flags_by_prompt, ordered_counts, run_flag_columns
 from .hub_files import HUB_FILE_RE, ROW_GROUP_ROWS, HubFile, hub_file_bytes, plan_hub_files
 from .hub_index import REPO_TYPE, HubIndex, Snapshot, run_data_dir, run_info_path
 from .hub_retry import HubUnavailable, RetryPolicy, call_with_retries, describe, http_status
@@ -372,6 +372,8 @@ class HubClient:
                                                run_info.get("backend", "transformers")),
                     "files": len(snap.files), "failed_keys_by_dir": by_dir, "failed_by_stage": counted,
                     "caption_flags": ordered_counts(self.index(run_id).flag_counts(snap)),
+                    **flags_by_prompt(run_flag_columns(run_info),  # each prompt's, not the first's only
+                                      lambda column: ordered_counts(self.index(run_id).flag_counts(snap, column))),
                     "created": min(filter(None, (before.get("created"), run_info.get("created"))), default=None),
                     "legacy_files": any("/" not in f[len("data/"):] for f in snap.files)}
             unchanged = {k: v for k, v in before.items() if k != "updated"} == mine and "updated" in before

@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from huggingface_hub import HfApi, HfFileSystem
 from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 
-from .rows import FLAGS_COLUMN
+from .rows import FLAGS_COLUMN, count_flags_column
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +34,12 @@ RUNS_DIR = "runs"
 KEY_READ_BLOCK = 256 * 1024  # range-read size: a footer plus a key column chunk, not the whole file
 _LEGACY_FILE_RE = re.compile(r"^data/(?P<run>[0-9a-f]{12})-w\d{3,}-\d{6,}-\d{6,}\.parquet$")
 _RUN_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+
+
+def _is_flags_column(f: pa.Field) -> bool:
+    """The plain flags column or a prompt's (caption_flags_NAME): which prompts a file holds is the run's
+    business (rows.run_flag_columns); a --format json field is a string, never a list."""
+    return f.name.startswith(FLAGS_COLUMN) and pa.types.is_list(f.type)
 
 
 def run_data_dir(run_id: str) -> str:
@@ -68,7 +73,8 @@ class HubIndex:
     def __init__(self, api: HfApi, repo_id: str, run_id: str, token: str | None):
         self.api, self.repo_id, self.run_id, self._token = api, repo_id, run_id, token
         self._keys_by_blob: dict[str, list[str]] = {}
-        self._flags_by_blob: dict[str, dict[str, int]] = {}  # captions per quality flag, read with the keys
+        # flags column (the plain one, and each --prompts-file prompt's) -> captions per flag, read with the keys
+        self._flags_by_blob: dict[str, dict[str, dict[str, int]]] = {}
         self._fs: HfFileSystem | None = None
 
     def snapshot(self) -> Snapshot:
@@ -117,12 +123,10 @@ class HubIndex:
             try:
                 with fs.open(url, "rb", block_size=KEY_READ_BLOCK, size=info.size) as f:
                     pf = pq.ParquetFile(f)
-                    flagged = FLAGS_COLUMN in pf.schema_arrow.names
-                    table = pf.read(columns=["key", FLAGS_COLUMN] if flagged else ["key"])
+                    flagged = [c for c in pf.schema_arrow if _is_flags_column(c)]
+                    table = pf.read(columns=["key", *(c.name for c in flagged)])
                 keys = table.column("key").to_pylist()
-                if flagged:
-                    flags = pc.value_counts(pc.list_flatten(table.column(FLAGS_COLUMN))).to_pylist()
-                    self._flags_by_blob[info.blob_id] = {f["values"]: f["counts"] for f in flags}
+                self._flags_by_blob[info.blob_id] = {c.name: count_flags_column(table.column(c.name)) for c in flagged}
             except (pa.ArrowException, KeyError) as e:  # not our parquet: it publishes no row we know
                 log.warning("Hub: %s in %s is not a readable captions file (%s); its rows, if any, are not "
                             "counted", info.path, self.repo_id, type(e).__name__)
@@ -130,11 +134,12 @@ class HubIndex:
             self._keys_by_blob[info.blob_id] = keys
         return self._keys_by_blob[info.blob_id]
 
-    def flag_counts(self, snap: Snapshot) -> dict[str, int]:
-        """Published captions per quality flag, over the snapshot's files (read with their keys)."""
+    def flag_counts(self, snap: Snapshot, column: str = FLAGS_COLUMN) -> dict[str, int]:
+        """Published captions per quality flag of one flags column, over the snapshot's files (read with their
+        keys)."""
         total: dict[str, int] = {}
         for info in snap.files.values():
-            for flag, n in self._flags_by_blob.get(info.blob_id, {}).items():
+            for flag, n in self._flags_by_blob.get(info.blob_id, {}).get(column, {}).items():
                 total[flag] = total.get(flag, 0) + n
         return total
 

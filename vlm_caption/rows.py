@@ -19,6 +19,7 @@ from .quality import FLAGS, caption_flags, strip_preamble
 log = logging.getLogger(__name__)
 
 FLAGS_COLUMN = "caption_flags"
+FLAGS_BY_PROMPT = FLAGS_COLUMN + "_by_prompt"  # run_summary.json's and runs/{run_id}.json's counts per prompt
 # A caption with one of these is generated once more in the same run (rows.retry_flagged).
 RETRY_FLAGS = ("empty", "repetition", "invalid_json")
 
@@ -85,6 +86,12 @@ def run_flag_columns(settings: Mapping[str, Any]) -> dict[str, str]:
     return flag_columns(run_specs(settings)) if settings.get("prompts") else {}
 
 
+def flags_by_prompt(per_prompt: Mapping[str, Any], count: Callable[[Any], dict[str, int]]) -> dict:
+    """{FLAGS_BY_PROMPT: {prompt: count(its value)}} for a --prompts-file run, {} for a run of one prompt (its
+    summary and card stay as they were)."""
+    return {FLAGS_BY_PROMPT: {name: count(v) for name, v in per_prompt.items()}} if per_prompt else {}
+
+
 _PLAIN = ("vlm_caption", "caption_finish", "caption_tokens", FLAGS_COLUMN, "caption_attempts")
 _GENERATE_ERRORS = (RuntimeError, ValueError, IndexError, MemoryError)
 
@@ -143,12 +150,18 @@ def count_flags(flag_lists: Iterable[list[str] | None]) -> dict[str, int]:
 
 def count_flags_in_file(path: Path | str, column: str = FLAGS_COLUMN) -> dict[str, int]:
     """Counts per flag of a parquet file's flag column ({} when the file has none: written before flags)."""
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     if column not in pq.read_schema(path).names:
         return {}
-    flat = pc.list_flatten(pq.read_table(path, columns=[column]).column(column))
+    return count_flags_column(pq.read_table(path, columns=[column]).column(column))
+
+
+def count_flags_column(flags) -> dict[str, int]:
+    """Counts per flag of a flags column (an arrow list array: a file's, or a Hub file's)."""
+    import pyarrow.compute as pc
+
+    flat = pc.list_flatten(flags)
     counts = pc.value_counts(flat).to_pylist() if len(flat) else []
     return ordered_counts({c["values"]: c["counts"] for c in counts})
 
