@@ -3,7 +3,7 @@
     python -m vlm_caption.preview CHECKPOINT_DIR --out preview.html [--data-dir DIR] [--n 200] [--random-weights]
 
 One self-contained file: inline CSS and a few lines of inline JS (a filter box, a finish-reason filter, a
-quality-flag filter and a sort order), no network. A card per row of all_captions.parquet: thumbnail, generated
+quality-flag filter and a sort order; preview_page.py), no network. A card per row of all_captions.parquet: thumbnail, generated
 caption, original caption, tags, finish badge (stop / length), quality flags (rows.py, quality.py), key; then a card per failed image still without a caption
 (failures/: its stage and reason). When the captions come from random weights (the demo's tiny model:
 its model dir holds RANDOM_WEIGHTS_MARKER, or --random-weights), a banner at the top says they are noise.
@@ -34,7 +34,7 @@ try:  # `python -m vlm_caption.preview` outside the venv: one line saying what t
     from .atomic import atomic_write_bytes
     from .config import check_output_file
     from .errors import UsageError
-    from .quality import FLAGS
+    from .preview_page import CSS, JS, controls
     from .rows import count_flags, describe_counts
 except ModuleNotFoundError as e:
     cli.exit_missing_dependency(e, as_script=__name__ == "__main__", prog="python -m vlm_caption.preview")
@@ -44,81 +44,6 @@ DEFAULT_ROWS = 200
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
 COLUMNS = ["key", "url", "vlm_caption", "original_caption", "tags", "caption_finish", "caption_tokens",
            "caption_flags", "caption_attempts"]
-
-_CSS = """
-body{font:14px/1.4 system-ui,sans-serif;margin:0;background:#f4f4f5;color:#18181b}
-header{position:sticky;top:0;background:#fff;border-bottom:1px solid #ddd;padding:10px 16px;z-index:1}
-h1{font-size:18px;margin:0 0 4px}
-.counts{color:#52525b;margin:0 0 8px}
-#filter{width:100%;max-width:480px;padding:6px 8px;font-size:14px}
-select{padding:5px;font-size:14px;margin-left:8px}
-.noise{background:#fef2f2;border:2px solid #b91c1c;color:#7f1d1d;padding:8px 12px;margin:0 0 8px;font-weight:600}
-.card.failed{border-color:#b91c1c;background:#fff7f7}
-.error{margin:0;color:#7f1d1d;font-size:12px;white-space:pre-wrap;word-break:break-word}
-#shown{margin-left:8px;color:#52525b}
-main{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:12px;padding:16px}
-.card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:8px;display:flex;flex-direction:column;gap:6px}
-.card[hidden]{display:none}
-.thumb{display:block;width:100%;height:180px;object-fit:contain;background:#e4e4e7}
-.noimg{height:180px;display:flex;align-items:center;justify-content:center;background:#e4e4e7;color:#71717a}
-.vlm{margin:0;white-space:pre-wrap;word-break:break-word}
-.orig,.tags{margin:0;color:#52525b;font-size:12px;word-break:break-word}
-.label{font-weight:600}
-.meta{display:flex;gap:8px;align-items:center;font-size:12px;color:#52525b}
-.badge{border-radius:4px;padding:1px 6px;font-weight:600;color:#fff}
-.finish-stop{background:#15803d}.finish-length{background:#b45309}.finish-other{background:#71717a}
-.finish-failed{background:#b91c1c}
-.flag{border-radius:4px;padding:1px 5px;font-size:11px;background:#fde68a;color:#78350f}
-code{font-size:12px}
-"""
-
-# Cards are hidden with the `hidden` attribute; the count line says how many match. Sorting moves the
-# cards inside <main>; each card carries data-finish (stop, length, failed, ...), data-flags (space-separated
-# quality flags, "" for none), data-tokens and data-key.
-_JS = """
-const box = document.getElementById("filter");
-const finish = document.getElementById("finish");
-const flag = document.getElementById("flag");
-const order = document.getElementById("order");
-const main = document.querySelector("main");
-const cards = Array.from(document.querySelectorAll("article.card"));
-const shown = document.getElementById("shown");
-const rank = {stop: 0, length: 1, failed: 3};
-function update() {
-  const q = box.value.trim().toLowerCase();
-  const f = finish.value;
-  const g = flag.value;
-  let n = 0;
-  for (const card of cards) {
-    const flags = (card.dataset.flags || "").split(" ").filter(Boolean);
-    const flagHit = !g || (g === "none" ? flags.length === 0 && card.dataset.finish !== "failed"
-                                        : g === "any" ? flags.length > 0 : flags.includes(g));
-    const hit = (!q || card.textContent.toLowerCase().includes(q)) && (!f || card.dataset.finish === f) && flagHit;
-    card.hidden = !hit;
-    if (hit) n++;
-  }
-  shown.textContent = n + " of " + cards.length + " cards shown";
-}
-function sort() {
-  const by = order.value;
-  const sorted = cards.slice();
-  if (by === "finish") {
-    sorted.sort((a, b) => ((rank[a.dataset.finish] ?? 2) - (rank[b.dataset.finish] ?? 2)));
-  } else if (by === "flags") {
-    const count = (c) => (c.dataset.flags || "").split(" ").filter(Boolean).length;
-    sorted.sort((a, b) => count(b) - count(a));
-  } else if (by === "tokens") {
-    sorted.sort((a, b) => Number(b.dataset.tokens || -1) - Number(a.dataset.tokens || -1));
-  }
-  for (const card of sorted) main.appendChild(card);
-}
-box.addEventListener("input", update);
-finish.addEventListener("change", update);
-flag.addEventListener("change", update);
-order.addEventListener("change", sort);
-sort();
-update();
-"""
 
 
 # ---------------------------------------------------------------- reading
@@ -299,30 +224,11 @@ def counts_line(rows: list[dict], total: int, summary: dict) -> str:
 NOISE_BANNER = ("These captions come from RANDOM WEIGHTS (the demo's tiny model): they are noise. The page shows that "
                 "the pipeline runs, not what Gemma 3 writes; caption with a real model (e.g. google/gemma-3-4b-it) "
                 "for real captions.")
-def _controls() -> str:
-    flag_options = "".join(f'<option value="{f}">{f}</option>' for f in FLAGS)
-    return _CONTROLS.replace("<!--flags-->", flag_options)
-
-
-_CONTROLS = (
-    '<input id="filter" type="search" placeholder="filter cards by any text (caption, tags, key, reason)" '
-    'aria-label="filter">'
-    '<select id="finish" aria-label="finish reason"><option value="">every finish reason</option>'
-    '<option value="stop">stop (the model ended)</option><option value="length">length (cut at --max-tokens)</option>'
-    '<option value="failed">failed (not captioned)</option></select>'
-    '<select id="flag" aria-label="quality flag"><option value="">every caption, flagged or not</option>'
-    '<option value="none">no quality flag</option><option value="any">any quality flag</option><!--flags-->'
-    '</select>'
-    '<select id="order" aria-label="sort"><option value="key">key order</option>'
-    '<option value="finish">by finish reason</option><option value="flags">most quality flags first</option>'
-    '<option value="tokens">most tokens first</option></select>'
-    '<span id="shown"></span>'
-)
 
 
 def render_page(rows: list[dict], srcs: list[str | None], total: int, summary: dict, title: str,
                 failures: list[dict] = (), failed_total: int = 0, random_weights: bool = False) -> str:
-    script_hash = base64.b64encode(hashlib.sha256(_JS.encode()).digest()).decode()
+    script_hash = base64.b64encode(hashlib.sha256(JS.encode()).digest()).decode()
     csp = (f"default-src 'none'; img-src file: http: https: data:; style-src 'unsafe-inline'; "
            f"script-src 'sha256-{script_hash}'")
     cards = "\n".join([*(render_card(row, src) for row, src in zip(rows, srcs)),
@@ -335,10 +241,10 @@ def render_page(rows: list[dict], srcs: list[str | None], total: int, summary: d
     return (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f'<meta http-equiv="Content-Security-Policy" content="{csp}">'
-        f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>"
+        f"<title>{_e(title)}</title><style>{CSS}</style></head>\n<body>"
         f"<header><h1>{_e(title)}</h1>{banner}<p class=\"counts\" id=\"counts\">{_e(counts)}</p>"
-        f"{_controls()}</header>\n"
-        f"<main>\n{cards}\n</main>\n<script>{_JS}</script></body></html>\n"
+        f"{controls()}</header>\n"
+        f"<main>\n{cards}\n</main>\n<script>{JS}</script></body></html>\n"
     )
 
 
