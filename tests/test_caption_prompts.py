@@ -314,3 +314,18 @@ def test_each_prompts_flags_are_counted_in_this_run_and_said_at_the_end(sample_d
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("quality flags")]
     assert lines == [f"quality flags of this run's captions, prompt {n}: {describe_counts(c)}"
                      for n, c in expected.items()]
+
+
+def test_the_preview_of_a_run_of_several_prompts_shows_each_prompts_flags(sample_data_dir, tmp_path):
+    from dummy_runs import flags_per_prompt, run_two_prompts
+
+    from vlm_caption.preview import write_preview
+
+    ckpt, out = tmp_path / "ckpt", tmp_path / "preview.html"
+    assert run_two_prompts(sample_data_dir, ckpt) in (EXIT_OK, EXIT_ITEMS_FAILED)
+    expected = flags_per_prompt(ckpt)
+    write_preview(ckpt, out)
+    html = out.read_text()
+    for name, counts in expected.items():
+        for flag, n in counts.items():
+            assert html.count(f'<span class="flag">{name}: {flag}</span>') == n, (name, flag)

@@ -195,3 +195,65 @@ def test_each_prompts_caption_and_the_json_fields_are_shown():
     assert '<span class="label">caption_subject_long:</span> a bridge' in html
     plain = render_card({"key": "000000002", "vlm_caption": "just one", "caption_finish": "stop"}, None)
     assert '<p class="vlm">just one</p>' in plain
+
+
+# Two prompts flagged differently; the plain caption_flags repeat the first's. Sorted by the flags of all prompts:
+# B, C (2 each, key order), A, D; by the union B's 2 are 1; by the plain column only B has any.
+TWO_PROMPTS = {"A": ([], ["garbled"]), "B": (["preamble"], ["preamble"]), "C": ([], ["garbled", "truncated"]),
+               "D": ([], [])}
+
+
+@pytest.fixture(scope="module")
+def two_prompts(tmp_path_factory) -> Path:
+    from vlm_caption.prompt_plan import run_specs
+    from vlm_caption.rows import run_flag_columns
+    from vlm_caption.schema import output_schema
+
+    settings = {"run_id": "abc", "model": "m", "prompt": None, "prompts": {"short": "Name it.", "long": "Say."},
+                "prompt_order": ["short", "long"]}
+    columns = run_flag_columns(settings)
+    rows = [{"key": f"00000000{i}", "url": f"http://127.0.0.1/{name}.jpg", "vlm_caption": f"caption {name}",
+             "caption_finish": "stop", "caption_tokens": 3, "caption_flags": short,
+             columns["short"]: short, columns["long"]: long}
+            for i, (name, (short, long)) in enumerate(TWO_PROMPTS.items())]
+    ckpt = tmp_path_factory.mktemp("two_prompts") / "ckpt"
+    ckpt.mkdir()
+    schema = output_schema([c for spec in run_specs(settings) for c in spec.output_columns()])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), ckpt / store.MERGED)
+    (ckpt / store.RUN_JSON).write_text(json.dumps(settings))
+    return ckpt
+
+
+def test_each_prompts_flags_are_badges_named_by_prompt_and_all_count(two_prompts, tmp_path):
+    """Badges, data-flags and the counts line showed the first prompt's flags only."""
+    from vlm_caption.preview import render_card
+
+    out = tmp_path / "preview.html"
+    write_preview(two_prompts, out)
+    cards = {c.split('data-key="')[1][:9]: c for c in out.read_text().split("<article")[1:]}
+    a, b, c, d = (cards[f"00000000{i}"] for i in range(4))
+    assert '<span class="flag">long: garbled</span>' in a and "short:" not in a
+    assert '<span class="flag">short: preamble</span><span class="flag">long: preamble</span>' in b
+    assert 'data-flags="preamble" data-flag-count="2"' in b  # the filter: the union; the sort: all
+    assert 'data-flags="garbled truncated" data-flag-count="2"' in c
+    assert 'data-flags="" data-flag-count="0"' in d and 'class="flag"' not in d
+    html = out.read_text()
+    assert ("quality flags of those shown, prompt short: preamble: 1 · "
+            "quality flags of those shown, prompt long: truncated: 1, preamble: 1, garbled: 2") in html
+    plain = render_card({"key": "1", "caption_flags": ["preamble"], "caption_finish": "stop"}, None)
+    assert 'data-flags="preamble" data-key="1"' in plain and '<span class="flag">preamble</span>' in plain
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (CI installs it)")
+def test_flag_filter_and_sort_count_every_prompt_in_chromium(two_prompts, tmp_path):
+    out = tmp_path / "preview.html"
+    write_preview(two_prompts, out)
+    # The page as a reader leaves it: filtered by `garbled`, most flags first (the script and its hash unchanged).
+    html = out.read_text().replace('<option value="garbled">', '<option value="garbled" selected>')
+    out.write_text(html.replace('<option value="flags">', '<option value="flags" selected>'))
+    flags = ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*flags, "--dump-dom", out.resolve().as_uri()], capture_output=True, text=True, timeout=90,
+                         check=True).stdout
+    assert "2 of 4 cards shown" in dom  # A and C: long's garbled
+    order = [c.split('data-key="')[1][:9] for c in dom.split("<article")[1:]]
+    assert order == ["000000001", "000000002", "000000000", "000000003"]  # B, C, A, D

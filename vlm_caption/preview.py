@@ -3,8 +3,9 @@
     python -m vlm_caption.preview CHECKPOINT_DIR --out preview.html [--data-dir DIR] [--n 200] [--random-weights]
 
 One self-contained file: inline CSS and a few lines of inline JS (a filter box, a finish-reason filter, a
-quality-flag filter and a sort order; preview_page.py), no network. A card per row of all_captions.parquet: thumbnail, generated
-caption, original caption, tags, finish badge (stop / length), quality flags (rows.py, quality.py), key; then a card per failed image still without a caption
+quality-flag filter and a sort order; preview_page.py), no network. A card per row of all_captions.parquet:
+thumbnail, generated caption, original caption, tags, finish badge (stop / length), quality flags (rows.py,
+quality.py; with several prompts each prompt's, named), key; then a card per failed image still without a caption
 (failures/: its stage and reason). When the captions come from random weights (the demo's tiny model:
 its model dir holds RANDOM_WEIGHTS_MARKER, or --random-weights), a banner at the top says they are noise.
 Thumbnails point at the local image file (a path relative to the HTML file) when the data dir is known,
@@ -20,6 +21,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
+from typing import Mapping, Sequence
 from urllib.parse import quote, urlsplit
 
 from . import cli
@@ -35,7 +37,7 @@ try:  # `python -m vlm_caption.preview` outside the venv: one line saying what t
     from .config import check_output_file
     from .errors import UsageError
     from .preview_page import CSS, JS, controls
-    from .rows import count_flags, describe_counts
+    from .rows import FLAGS_COLUMN, count_flags, describe_counts, run_flag_columns
 except ModuleNotFoundError as e:
     cli.exit_missing_dependency(e, as_script=__name__ == "__main__", prog="python -m vlm_caption.preview")
 
@@ -44,12 +46,15 @@ DEFAULT_ROWS = 200
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
 COLUMNS = ["key", "url", "vlm_caption", "original_caption", "tags", "caption_finish", "caption_tokens",
            "caption_flags", "caption_attempts"]
+# A run of one prompt: its flags are the plain column's, shown unlabelled (else: prompt name -> its column).
+_ONE_PROMPT = {"": FLAGS_COLUMN}
 
 
 # ---------------------------------------------------------------- reading
 
-def read_first_rows(merged: Path, n: int) -> tuple[list[dict], int]:
-    """(the first n rows, rows in the file): streams batches so a 400K-row file is never loaded whole."""
+def read_first_rows(merged: Path, n: int, also: Sequence[str] = ()) -> tuple[list[dict], int]:
+    """(the first n rows, rows in the file): streams batches so a 400K-row file is never loaded whole. `also`:
+    further columns to read where the file has them (each prompt's flags)."""
     try:
         pf = pq.ParquetFile(merged)
     except (OSError, pa.ArrowException) as e:
@@ -57,7 +62,8 @@ def read_first_rows(merged: Path, n: int) -> tuple[list[dict], int]:
     rows: list[dict] = []
     names = pf.schema_arrow.names
     # Also each --prompts-file prompt's caption (vlm_caption_NAME) and the --format json fields (caption_FIELD...).
-    wanted = [*(c for c in COLUMNS if c in names), *(c for c in names if _extra_caption(c))]
+    wanted = [*(c for c in COLUMNS if c in names), *(c for c in names if _extra_caption(c)),
+              *(c for c in also if c in names)]
     for batch in pf.iter_batches(batch_size=min(n, 1024), columns=wanted):
         rows.extend(batch.to_pylist()[: n - len(rows)])
         if len(rows) >= n:
@@ -155,16 +161,21 @@ def _thumb(key: str, src: str | None) -> str:
             f'alt="image {_e(key)}" loading="lazy"></a>') if src else '<div class="noimg">no image</div>'
 
 
-def render_card(row: dict, src: str | None) -> str:
+def render_card(row: dict, src: str | None, flag_columns: Mapping[str, str] | None = None) -> str:
+    """`flag_columns`: prompt name -> its flags column (rows.run_flag_columns) for a --prompts-file run, whose
+    plain caption_flags are only the first prompt's; None for a run of one prompt."""
     finish = row.get("caption_finish") or "?"
     badge = f"finish-{finish}" if finish in ("stop", "length") else "finish-other"
     tokens = row.get("caption_tokens")
-    flags = [str(f) for f in row.get("caption_flags") or []]
-    badges = "".join(f'<span class="flag">{_e(f)}</span>' for f in flags)
+    by_prompt = {name: [str(f) for f in row.get(col) or []] for name, col in (flag_columns or _ONE_PROMPT).items()}
+    flags = list(dict.fromkeys(f for fs in by_prompt.values() for f in fs))  # the filter: flagged in any prompt
+    badges = "".join(f'<span class="flag">{_e(f"{name}: " if name else "")}{_e(f)}</span>'
+                     for name, fs in by_prompt.items() for f in fs)
+    count = f' data-flag-count="{sum(map(len, by_prompt.values()))}"' if flag_columns else ""  # the sort: all
     attempts = f"<span>{_e(row['caption_attempts'])} attempts</span>" if (row.get("caption_attempts") or 1) > 1 else ""
     return (
         f'<article class="card" data-finish="{_e(finish)}" data-tokens="{_e(tokens if tokens is not None else "")}" '
-        f'data-flags="{_e(" ".join(flags))}" data-key="{_e(row["key"])}">'
+        f'data-flags="{_e(" ".join(flags))}"{count} data-key="{_e(row["key"])}">'
         f"{_thumb(row['key'], src)}"
         f'<div class="meta"><span class="badge {badge}">{_e(finish)}</span><code class="key">{_e(row["key"])}</code>'
         f'<span>{_e(row.get("caption_tokens"))} tokens</span>{attempts}{badges}</div>'
@@ -207,7 +218,7 @@ def render_failure_card(row: dict) -> str:
     )
 
 
-def counts_line(rows: list[dict], total: int, summary: dict) -> str:
+def counts_line(rows: list[dict], total: int, summary: dict, flag_columns: Mapping[str, str] | None = None) -> str:
     finish = Counter(r.get("caption_finish") for r in rows)
     empty = sum(1 for r in rows if not (r.get("vlm_caption") or "").strip())
     parts = [f"{len(rows)} of {plural(total, 'captioned row')}"]
@@ -216,8 +227,9 @@ def counts_line(rows: list[dict], total: int, summary: dict) -> str:
         parts.append(f"{plural(failed, 'failed image')} in the checkpoint dir")
     parts.append(f"of those shown: {finish.get('stop', 0)} stopped, {finish.get('length', 0)} hit --max-tokens, "
                  f"{empty} empty")
-    flags = count_flags(r.get("caption_flags") for r in rows)
-    parts.append(f"quality flags of those shown: {describe_counts(flags)}")
+    for name, column in (flag_columns or _ONE_PROMPT).items():
+        flags = count_flags(r.get(column) for r in rows)
+        parts.append(f"quality flags of those shown{f', prompt {name}' if name else ''}: {describe_counts(flags)}")
     return " · ".join(parts)
 
 
@@ -227,13 +239,14 @@ NOISE_BANNER = ("These captions come from RANDOM WEIGHTS (the demo's tiny model)
 
 
 def render_page(rows: list[dict], srcs: list[str | None], total: int, summary: dict, title: str,
-                failures: list[dict] = (), failed_total: int = 0, random_weights: bool = False) -> str:
+                failures: list[dict] = (), failed_total: int = 0, random_weights: bool = False,
+                flag_columns: Mapping[str, str] | None = None) -> str:
     script_hash = base64.b64encode(hashlib.sha256(JS.encode()).digest()).decode()
     csp = (f"default-src 'none'; img-src file: http: https: data:; style-src 'unsafe-inline'; "
            f"script-src 'sha256-{script_hash}'")
-    cards = "\n".join([*(render_card(row, src) for row, src in zip(rows, srcs)),
+    cards = "\n".join([*(render_card(row, src, flag_columns) for row, src in zip(rows, srcs)),
                        *(render_failure_card(f) for f in failures)])
-    counts = counts_line(rows, total, summary)
+    counts = counts_line(rows, total, summary, flag_columns)
     if failed_total:
         counts += f" · {plural(failed_total, 'image')} not captioned (failed)" + (
             f", the first {len(failures)} shown" if len(failures) < failed_total else "")
@@ -261,18 +274,20 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
     if not merged.is_file():
         raise UsageError(f"{checkpoint_dir} has no {store.MERGED}; run batched_image_inference.py "
                          "(or its --merge-only) on it first")
-    rows, total = read_first_rows(merged, n)
+    run = store.read_run_json(checkpoint_dir) or {}
+    flag_columns = run_flag_columns(run)  # --prompts-file: each prompt's flags, not the plain (first) ones only
+    rows, total = read_first_rows(merged, n, list(flag_columns.values()))
     images = local_images(Path(data_dir), [r["key"] for r in rows]) if data_dir is not None else {}
     out_dir = out.parent
     srcs = [relative_src(images[r["key"]], out_dir) if r["key"] in images else safe_url(r.get("url"))
             for r in rows]
-    model = (store.read_run_json(checkpoint_dir) or {}).get("model", "unknown model")
+    model = run.get("model", "unknown model")
     if random_weights is None:
         random_weights = is_random_weights(model)
     failures, failed_total = read_failures(checkpoint_dir, merged, n)
     title = f"Captions by {model}" + (" (random weights: noise)" if random_weights else "")
     page = render_page(rows, srcs, total, read_run_summary(checkpoint_dir), title, failures, failed_total,
-                       random_weights)
+                       random_weights, flag_columns)
     atomic_write_bytes(out, page.encode("utf-8"))
     return len(rows)
 

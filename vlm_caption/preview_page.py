@@ -35,7 +35,8 @@ code{font-size:12px}
 
 # Cards are hidden with the `hidden` attribute; the count line says how many match. Sorting moves the
 # cards inside <main>; each card carries data-finish (stop, length, failed, ...), data-flags (space-separated
-# quality flags, "" for none), data-tokens and data-key.
+# quality flags, "" for none; with several prompts those of any prompt), data-flag-count (several prompts only:
+# the flags of all prompts, which the union undercounts), data-tokens and data-key.
 JS = """
 const box = document.getElementById("filter");
 const finish = document.getElementById("finish");
@@ -66,7 +67,7 @@ function sort() {
   if (by === "finish") {
     sorted.sort((a, b) => ((rank[a.dataset.finish] ?? 2) - (rank[b.dataset.finish] ?? 2)));
   } else if (by === "flags") {
-    const count = (c) => (c.dataset.flags || "").split(" ").filter(Boolean).length;
+    const count = (c) => Number(c.dataset.flagCount || (c.dataset.flags || "").split(" ").filter(Boolean).length);
     sorted.sort((a, b) => count(b) - count(a));
   } else if (by === "tokens") {
     sorted.sort((a, b) => Number(b.dataset.tokens || -1) - Number(a.dataset.tokens || -1));
