@@ -37,7 +37,7 @@ try:  # `python -m vlm_caption.preview` outside the venv: one line saying what t
     from .config import check_output_file
     from .errors import UsageError
     from .preview_page import CSS, JS, controls
-    from .rows import FLAGS_COLUMN, count_flags, describe_counts, run_flag_columns
+    from .rows import FLAGS_COLUMN, count_flags, describe_counts, ordered_counts, run_flag_columns
 except ModuleNotFoundError as e:
     cli.exit_missing_dependency(e, as_script=__name__ == "__main__", prog="python -m vlm_caption.preview")
 
@@ -168,10 +168,11 @@ def render_card(row: dict, src: str | None, flag_columns: Mapping[str, str] | No
     badge = f"finish-{finish}" if finish in ("stop", "length") else "finish-other"
     tokens = row.get("caption_tokens")
     by_prompt = {name: [str(f) for f in row.get(col) or []] for name, col in (flag_columns or _ONE_PROMPT).items()}
-    flags = list(dict.fromkeys(f for fs in by_prompt.values() for f in fs))  # the filter: flagged in any prompt
+    counts = ordered_counts(Counter(f for fs in by_prompt.values() for f in fs))
+    flags = list(counts)  # the filter: flagged in any prompt (FLAGS order, as one prompt's list is)
     badges = "".join(f'<span class="flag">{_e(f"{name}: " if name else "")}{_e(f)}</span>'
                      for name, fs in by_prompt.items() for f in fs)
-    count = f' data-flag-count="{sum(map(len, by_prompt.values()))}"' if flag_columns else ""  # the sort: all
+    count = f' data-flag-count="{sum(counts.values())}"' if flag_columns else ""  # the sort: every prompt's
     attempts = f"<span>{_e(row['caption_attempts'])} attempts</span>" if (row.get("caption_attempts") or 1) > 1 else ""
     return (
         f'<article class="card" data-finish="{_e(finish)}" data-tokens="{_e(tokens if tokens is not None else "")}" '
