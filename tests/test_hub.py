@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -12,7 +11,6 @@ from hub_parts import (COMMIT, DIR, REPO, RUN, Writer, assert_hub_matches, ckpt,
                        data_files, hub_name, ledger, make_rows, names, sleeps, store_keys)  # (fixtures: ckpt...)
 
 from vlm_caption import card, hub, hub_files, hub_retry
-from vlm_caption.hub_pusher import BackgroundPusher
 from vlm_caption.errors import FatalError, UsageError
 from vlm_caption.store import LEDGER, OUTPUT_SCHEMA, list_parts
 
@@ -211,65 +209,6 @@ def test_workers_push_concurrently_without_collisions(hub_stub, ckpt, sleeps):  
     assert len(data_files(hub_stub)) == 3
     assert_hub_matches(hub_stub, REPO, ckpt)
     assert sorted(line["worker"] for line in ledger(ckpt)) == [0, 1, 2]
-
-
-# ---------------------------------------------------------------- background pushes
-
-
-def test_background_pusher_respects_push_every_and_interval(hub_stub, client, ckpt):  # noqa: F811
-    w = Writer(ckpt)
-    pusher = BackgroundPusher(client, ckpt, RUN, 0, push_every=30, min_push_interval=3.0)
-    try:
-        for _ in range(2):
-            pusher.notify(w.parts(10))
-        time.sleep(0.3)
-        assert hub_stub.commits_applied == 0  # 20 rows < push_every
-        first = time.monotonic()  # before the push's own clock starts: a lower bound whatever the load
-        pusher.notify(w.parts(10))
-        assert hub_stub.wait_for(lambda: hub_stub.commits_applied == 1, timeout=60)
-        for _ in range(3):
-            pusher.notify(w.parts(10))
-        time.sleep(0.4)
-        assert hub_stub.commits_applied == 1  # enough rows, but the interval (3 s) has not passed
-        assert hub_stub.wait_for(lambda: hub_stub.commits_applied == 2, timeout=60)
-        assert time.monotonic() - first >= 3.0  # not before the interval
-        pusher.notify(w.parts(5))
-    finally:
-        assert pusher.close() is True
-    assert hub_stub.commits_applied == 3 and pusher.rows_pushed == 65
-    assert_hub_matches(hub_stub, REPO, ckpt)
-
-
-def test_background_pusher_survives_hub_outage(hub_stub, client, ckpt, caplog):  # noqa: F811
-    w = Writer(ckpt)
-    hub_stub.inject("POST", COMMIT, "503", times=10_000)
-    pusher = BackgroundPusher(client, ckpt, RUN, 0, push_every=10, min_push_interval=0.0)
-    with caplog.at_level(logging.WARNING, logger="vlm_caption.hub"):
-        pusher.notify(w.parts(10))
-        assert hub_stub.count("POST", COMMIT) < 6  # notify returned before the pusher's tries: it never waits
-        assert hub_stub.wait_for(lambda: hub_stub.count("POST", COMMIT) >= 6, timeout=10)
-        assert pusher.close(final=True) is False  # still down: reported, not raised
-    assert "Hub unavailable" in caplog.text and pusher.last_error
-    assert "the parts stay pending for the next run or --push-only" in caplog.text  # the final push says so
-    hub_stub.clear_faults()
-    pusher = BackgroundPusher(client, ckpt, RUN, 0, push_every=10, min_push_interval=0.0)
-    assert pusher.close(final=True) is True
-    assert_hub_matches(hub_stub, REPO, ckpt)
-
-
-def test_an_unexpected_error_in_a_push_is_one_line_and_its_traceback_is_there_with_v(client, ckpt, caplog,  # noqa: F811
-                                                                                       monkeypatch):
-    def broken(*args, **kwargs):
-        raise KeyError("a bug in push planning")
-
-    monkeypatch.setattr(client, "push", broken)
-    pusher = BackgroundPusher(client, ckpt, RUN, 0, push_every=10, min_push_interval=0.0)
-    with caplog.at_level(logging.DEBUG, logger="vlm_caption.hub_pusher"):
-        assert pusher.close(final=True) is False
-    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
-    assert len(errors) == 1 and "Hub push failed" in errors[0].getMessage() and errors[0].exc_info is None
-    debug = [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]
-    assert debug and debug[0].exc_info[0] is KeyError
 
 
 # ---------------------------------------------------------------- the dataset card
