@@ -14,7 +14,7 @@ import argparse
 from vlm_caption import cli
 
 try:
-    from vlm_caption.config import DECODE_LOOPS, RunConfig
+    from vlm_caption.config import COMPILE_CHOICES, DECODE_LOOPS, RunConfig
 except ModuleNotFoundError as e:  # outside the venv: one line saying what to do, not a traceback
     from vlm_caption.cli import exit_missing_dependency
     exit_missing_dependency(e, as_script=__name__ == "__main__")
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--attn-implementation", default=D.attn_implementation, help="sdpa (default), flash_attention_2, eager")
     g.add_argument("--num-loader-workers", type=auto_or_int, default=D.num_loader_workers, help="image decode "
                    "threads, or auto (default): the usable cores minus one")
-    g.add_argument("--compile", default=D.compile, choices=("auto", "on", "off"), help="static KV cache with the "
+    g.add_argument("--compile", default=D.compile, choices=COMPILE_CHOICES, help="static KV cache with the "
                    "decode step compiled by torch.compile (CUDA graphs): auto (default) = on for CUDA, off for CPU; "
                    "falls back to the dynamic cache when prompt + --max-tokens exceeds Gemma 3's sliding window")
     g.add_argument("--decode-loop", default=D.decode_loop, choices=DECODE_LOOPS, help="generate "

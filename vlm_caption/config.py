@@ -19,6 +19,7 @@ from .errors import UsageError
 DEFAULT_MODEL = "google/gemma-3-27b-it"
 DEFAULT_DATA_DIR = "./data/contrastyles_full"
 SOURCE_DATASET = "tomg-group-umd/ContraStyles"
+COMPILE_CHOICES = ("auto", "on", "off")  # --compile: auto = on for CUDA (static_decode.compile_wanted)
 DECODE_LOOPS = ("generate", "graph")  # --decode-loop: transformers' generate, or decode_loop.GraphDecode
 
 # Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-'/'.', no '--' or '..'.
@@ -161,8 +162,8 @@ class RunConfig:
                 raise UsageError(f"{flag} must be a positive integer, got {value}")
         if self.num_loader_workers is not None and self.num_loader_workers < 1:
             raise UsageError(f"--num-loader-workers must be at least 1, got {self.num_loader_workers}")
-        if self.compile not in ("auto", "on", "off"):
-            raise UsageError(f"--compile must be auto, on or off, got {self.compile!r}")
+        if self.compile not in COMPILE_CHOICES:
+            raise UsageError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
         if self.decode_loop not in DECODE_LOOPS:
             raise UsageError(f"--decode-loop must be one of {', '.join(DECODE_LOOPS)}, got {self.decode_loop!r}")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:

@@ -284,7 +284,8 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
 
     # The generate thread only generates. The next batch is assembled (stacked, pinned, copied) on one
     # background thread while the current one runs; captions are decoded, rows built and parts written on
-    # another, in order. Their errors (a full disk) surface on the generate thread at its next step.
+    # another, in order (with the inline retry on, a batch's texts are decoded on the generate thread to judge
+    # them: milliseconds a batch). Their errors (a full disk) surface on the generate thread at its next step.
     assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assemble")
     post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
     posted: deque[Future] = deque()

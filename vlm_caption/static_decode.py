@@ -45,9 +45,10 @@ from typing import Any
 
 import torch
 
+from .config import COMPILE_CHOICES
+
 log = logging.getLogger(__name__)
 
-COMPILE_CHOICES = ("auto", "on", "off")
 
 
 def compile_wanted(choice: str, device: torch.device) -> bool:
