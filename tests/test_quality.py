@@ -256,3 +256,15 @@ def test_strip_preamble_is_deterministic_and_single_pass():
     text = "Here is a detailed description of this artwork:\n\n" + GOOD_PROSE
     assert strip_preamble(text) == strip_preamble(text) == (GOOD_PROSE, True)
     assert strip_preamble(GOOD_PROSE) == (GOOD_PROSE, False)
+
+
+def test_json_cut_at_max_tokens_is_not_generated_again():
+    """A second try at the same --max-tokens is cut the same way: it only doubled the cost."""
+    from vlm_caption.backends import Caption
+    from vlm_caption.prompt_plan import PromptSpec
+    from vlm_caption.rows import judge, wants_retry
+
+    spec = PromptSpec.make(None, "Describe.", ("subject", "style"))
+    cut = Caption(text='{"subject": "a cat on a', finish="length", tokens=8)
+    assert judge(cut, spec)[1] == ["truncated", "invalid_json"] and not wants_retry(cut, spec)
+    assert wants_retry(Caption(text="no json here at all.", finish="stop", tokens=5), spec)

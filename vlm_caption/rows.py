@@ -47,7 +47,9 @@ def badness(flags: Sequence[str]) -> int:
 
 
 def wants_retry(cap: Caption, spec: PromptSpec | None = None) -> bool:
-    return badness(judge(cap, spec)[1]) > 0
+    flags = judge(cap, spec)[1]
+    # JSON cut at --max-tokens stays cut in a second try at the same length: only a cost (flagged truncated).
+    return badness([f for f in flags if not (f == "invalid_json" and cap.finish == "length")]) > 0
 
 
 def caption_values(cap: Caption, retried: Caption | None = None, spec: PromptSpec | None = None) -> dict:
