@@ -274,6 +274,18 @@ def test_the_backend_sizes_its_caches_by_the_longest_prompt_of_the_runs_own_rows
     assert seen["prompt"] == max(rendered, key=len) and len(seen["prompt"]) > len("Describe.")
 
 
+def test_a_template_that_renders_to_no_words_for_some_rows_is_said(caplog):
+    from vlm_caption.prompt_plan import PromptSpec, longest_prompt
+
+    rows = [{"artist": "Hokusai"}, {"artist": None}, {"artist": "  "}]
+    with caplog.at_level("WARNING"):
+        assert longest_prompt([PromptSpec.make(None, "{artist}")], rows) == "Hokusai"
+    assert "renders to no words for 2 row(s)" in caplog.text
+    caplog.clear()
+    longest_prompt([PromptSpec.make(None, "Describe. Artist: {artist}")], rows)
+    assert not caplog.text  # "Describe." is left: an instruction
+
+
 def test_another_order_of_the_prompts_file_is_another_run(sample_data_dir, tmp_path, capsys):
     """The first prompt also fills the plain vlm_caption: the same prompts in another order must not add rows to
     a dir of the first order (the order was in run_settings but left out of the run's identity)."""

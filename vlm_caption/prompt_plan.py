@@ -6,6 +6,8 @@ column): prompts.render_prompt fills them per row. With --format json the JSON i
 """
 from __future__ import annotations
 
+import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -14,6 +16,8 @@ import pyarrow as pa
 from .errors import UsageError
 from .prompts import json_instruction, render_prompt, template_columns
 from .schema import COLUMNS, IMAGE_PATH, Column
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -113,11 +117,19 @@ def longest_prompt(specs: Sequence[PromptSpec], rows: Iterable[Mapping[str, Any]
     """The longest prompt of the run, for the backend to size its caches by: on a GPU a batch whose prompts
     outgrow the static KV cache decodes with the slower dynamic cache. A template's longest rendering over
     `rows` (the run's own rows: rendered with empty values, every row's prompt was longer); by characters,
-    which follow tokens closely enough for prompts made of one template."""
+    which follow tokens closely enough for prompts made of one template. A template that renders to no
+    word for some rows (their values are missing) is said once: those images get no instruction."""
     longest = max((s.render({c: "" for c in s.columns}) for s in specs), key=len)
     templated = [s for s in specs if s.columns]
+    empty: Counter[str | None] = Counter()
     for row in rows if templated else ():
         for spec in templated:
-            if len(text := spec.render(row)) > len(longest):
+            text = spec.render(row)
+            if len(text) > len(longest):
                 longest = text
+            if not any(ch.isalnum() for ch in text):
+                empty[spec.name] += 1
+    for name, count in empty.items():
+        log.warning("%s renders to no words for %d row(s) (their values are missing): those images are "
+                    "captioned with no instruction", _flag(name), count)
     return longest
