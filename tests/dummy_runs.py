@@ -58,3 +58,17 @@ def flags_per_prompt(ckpt: Path) -> dict[str, dict[str, int]]:
 
     rows = merged_rows(ckpt)
     return {name: count_flags(r[f"caption_flags_{name}"] for r in rows) for name in ("short", "long")}
+
+
+def assert_one_line_usage_errors(data: Path, ckpt: Path, cases, capsys) -> None:
+    """Each (extra flags, text) case: a dummy run refused with exit 2 and one stderr line holding the text."""
+    from batched_image_inference import main
+
+    from vlm_caption.cli import run_main
+    from vlm_caption.errors import EXIT_USAGE
+
+    for extra, says in cases:
+        with pytest.raises(SystemExit) as exc:
+            run_main(main, dummy_args(data, ckpt, *extra), prog="batched_image_inference.py")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exc.value.code == EXIT_USAGE and len(err) == 1 and says in err[0], err

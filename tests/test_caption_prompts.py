@@ -8,7 +8,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from dummy_runs import dummy_args, merged_rows
+from dummy_runs import assert_one_line_usage_errors, dummy_args, merged_rows
 
 from batched_image_inference import main
 
@@ -177,24 +177,18 @@ def test_prompts_file_gives_columns_per_prompt_one_row_per_key(sample_data_dir, 
 
 
 def test_prompts_file_excludes_prompt_and_bad_files_are_one_line(sample_data_dir, tmp_path, capsys):
-    from vlm_caption.cli import run_main
-    from vlm_caption.errors import EXIT_USAGE
-
     good, bad, clash = tmp_path / "p.yaml", tmp_path / "bad.yaml", tmp_path / "clash.yaml"
     good.write_text(PROMPTS_YAML)
     bad.write_text("Bad Name: x\n")
     clash.write_text("x_y: Describe.\ny: Name the style.\n")  # y's field flags_x = x_y's own caption_flags_x_y
-    for extra, says in ((["--prompts-file", str(good), "--prompt", "x"], "--prompts-file excludes --prompt"),
-                        (["--prompts-file", str(bad)], "bad prompt name"),
-                        (["--prompts-file", str(clash), "--format", "json", "--json-fields", "flags_x"],
-                         "column caption_flags_x_y would be written twice"),
-                        (["--prompts-file", str(good).replace("p.yaml", "q.txt")], "must end in"),
-                        (["--prompt-file", str(good)], "holds named prompts: did you mean --prompts-file?"),
-                        (["--prompt", "Describe \udcff this"], "--prompt is not valid UTF-8 text")):
-        with pytest.raises(SystemExit) as exc:
-            run_main(main, dummy_args(sample_data_dir, tmp_path / "ckpt", *extra), prog="batched_image_inference.py")
-        err = capsys.readouterr().err.strip().splitlines()
-        assert exc.value.code == EXIT_USAGE and len(err) == 1 and says in err[0], err
+    cases = ((["--prompts-file", str(good), "--prompt", "x"], "--prompts-file excludes --prompt"),
+             (["--prompts-file", str(bad)], "bad prompt name"),
+             (["--prompts-file", str(clash), "--format", "json", "--json-fields", "flags_x"],
+              "column caption_flags_x_y would be written twice"),
+             (["--prompts-file", str(good).replace("p.yaml", "q.txt")], "must end in"),
+             (["--prompt-file", str(good)], "holds named prompts: did you mean --prompts-file?"),
+             (["--prompt", "Describe \udcff this"], "--prompt is not valid UTF-8 text"))
+    assert_one_line_usage_errors(sample_data_dir, tmp_path / "ckpt", cases, capsys)
 
 
 def test_several_prompts_with_the_tiny_model(tiny_model_dir, sample_data_dir, tmp_path):

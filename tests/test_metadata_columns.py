@@ -43,18 +43,15 @@ def test_a_metadata_column_named_image_path_is_refused_in_one_line(sample_data_d
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from dummy_runs import dummy_args
+    from dummy_runs import assert_one_line_usage_errors
 
     data = tmp_path / "data"
     shutil.copytree(sample_data_dir, data)
     meta = pq.read_table(data / "full_metadata.parquet")
     pq.write_table(meta.append_column("image_path", pa.array(["x"] * meta.num_rows)), data / "full_metadata.parquet")
-    for extra, says in ((["--keep-columns", "image_path"], "--keep-columns image_path: that column is already"),
-                        (["--prompt", "Describe {image_path}"], "{image_path} is the pipeline's own name")):
-        with pytest.raises(SystemExit) as exc:
-            run_main(main, dummy_args(data, tmp_path / "ckpt", *extra), prog="batched_image_inference.py")
-        err = capsys.readouterr().err.strip().splitlines()
-        assert exc.value.code == EXIT_USAGE and len(err) == 1 and says in err[0], err
+    cases = ((["--keep-columns", "image_path"], "--keep-columns image_path: that column is already"),
+             (["--prompt", "Describe {image_path}"], "{image_path} is the pipeline's own name"))
+    assert_one_line_usage_errors(data, tmp_path / "ckpt", cases, capsys)
 
 
 def test_keep_columns_types_come_from_every_shard_not_only_the_first(tiny_model_dir, tmp_path, capsys):
