@@ -303,6 +303,7 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
             posted.popleft()
 
     model_name = public_model_name(backend.model_name, cfg.backend)  # a local dir's path names its owner
+    flag_columns = rowcols.flag_columns(specs)
 
     def record(results: list[Result], retries: list[Retries]) -> None:  # on the writer thread
         for (items, caps, error), redone in zip(results, retries):
@@ -315,7 +316,7 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
                 values = rowcols.row_values([c[i] for c in caps], [r.get(i) for r in redone], specs)
                 rows.append({**out, **values, "caption_model": model_name})
                 stats.flags.update(values[rowcols.FLAGS_COLUMN])
-                for name, column in rowcols.flag_columns(specs).items():
+                for name, column in flag_columns.items():
                     stats.flags_by_prompt.setdefault(name, Counter()).update(values[column])
                 stats.captioned += 1
                 stats.tokens += sum(c[i].tokens for c in caps) + sum(r[i].tokens for r in redone if i in r)
