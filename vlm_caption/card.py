@@ -6,6 +6,7 @@ from pathlib import Path
 
 from . import prompt_plan
 from .config import SOURCE_DATASET
+from .hub_index import run_data_globs
 from .rows import FLAGS_BY_PROMPT, describe_counts
 from .schema import COLUMNS
 
@@ -28,8 +29,7 @@ def size_category(n: int) -> str:
 
 
 def _data_files(run: dict) -> list[str]:
-    files = [f"data/{run['run_id']}/*.parquet"]
-    return files + [f"data/{run['run_id']}-w*.parquet"] if run.get("legacy_files") else files
+    return run_data_globs(run["run_id"], bool(run.get("legacy_files")))
 
 
 def _fenced(prompt: str) -> str:

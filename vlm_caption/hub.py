@@ -10,16 +10,15 @@ the unpublished rows of local parts first..last of one worker of one checkpoint 
 dir), sorted by key. Each run has its own folder and its own config on the dataset card; runs/{run_id}.json
 records its settings and counts.
 
-hub_ledger.jsonl is a local record of the commits (repo, run, file, parts, rows), checked against the repo's
-real files; nothing is decided from it. The token never appears in a message of this module: every error
-text goes through hub_retry.describe.
+hub_ledger.jsonl (hub_ledger.py) is a local record of the commits, checked against the repo's real files;
+nothing is decided from it. The token never appears in a message of this module: every error text goes
+through hub_retry.describe.
 """
 from __future__ import annotations
 
 import io
 import json
 import logging
-import os
 import threading
 import time
 from collections import Counter
@@ -36,9 +35,11 @@ from .config import public_model_name
 from .errors import FatalError, UsageError
 from .rows import conform, flags_by_prompt, ordered_counts, run_flag_columns
 from .hub_files import HUB_FILE_RE, ROW_GROUP_ROWS, HubFile, hub_file_bytes, plan_hub_files
-from .hub_index import REPO_TYPE, HubIndex, Snapshot, run_data_dir, run_info_path
+from .hub_index import DATA_DIR, REPO_TYPE, HubIndex, Snapshot, is_legacy_file, run_data_dir, run_info_path
+from .hub_key_cache import KeyCache
+from .hub_ledger import append_ledger, ledger_entry, read_ledger
 from .hub_retry import HubUnavailable, RetryPolicy, call_with_retries, describe, http_status
-from .store import LEDGER, OUTPUT_SCHEMA, Part, check_file, list_parts, read_run_json
+from .store import OUTPUT_SCHEMA, Part, check_file, list_parts, read_run_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -50,18 +51,21 @@ _LOGIN_HINT = "run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
 # ---------------------------------------------------------------- connecting
 
 def connect(repo_id: str, *, private: bool = False, endpoint: str | None = None,
-            retry: RetryPolicy | None = None, way_out: str | None = "or pass --no-push") -> HubClient:
+            retry: RetryPolicy | None = None, way_out: str | None = "or pass --no-push",
+            checkpoint_dir: Path | str | None = None) -> HubClient:
     """Check the token and its write access, create the dataset repo if needed. Call before the model loads.
 
     `way_out` ends the messages of problems the user can also avoid by not pushing (the caller's own flag;
-    None where pushing is the whole point, e.g. --push-only)."""
+    None where pushing is the whole point, e.g. --push-only). `checkpoint_dir` keeps the keys of the Hub files
+    read or pushed (hub_key_cache.py), for every worker of the dir and every relaunch; None: this process only."""
     tail = f" {way_out}" if way_out else ""
     if constants.is_offline_mode():
         raise UsageError(f"HF_HUB_OFFLINE is set, so nothing can be pushed; unset it{tail}")
     token = get_token()  # HF_TOKEN, then the cached `hf auth login`
     if not token:
         raise UsageError(f"no Hugging Face token found: {_LOGIN_HINT}{',' if tail else ''}{tail}")
-    client = HubClient(HfApi(endpoint=endpoint, token=token), repo_id, token, retry or RetryPolicy())
+    client = HubClient(HfApi(endpoint=endpoint, token=token), repo_id, token, retry or RetryPolicy(),
+                       KeyCache(checkpoint_dir))
     who = client._checked(client.api.whoami, "token check")
     if who.get("auth", {}).get("accessToken", {}).get("role") == "read":
         raise UsageError(f"the Hugging Face token of {who.get('name')} is read-only; create a write token at "
@@ -95,44 +99,14 @@ def _create_repo(api: HfApi, repo_id: str, private: bool) -> None:
         pass
 
 
-# ---------------------------------------------------------------- the ledger (a local record)
-
-def read_ledger(checkpoint_dir: Path | str) -> list[dict]:
-    path = Path(checkpoint_dir) / LEDGER
-    entries = []
-    for n, line in enumerate(path.read_text().splitlines() if path.is_file() else [], 1):
-        try:
-            entries.append(json.loads(line))
-        except json.JSONDecodeError:  # torn by a crash; the Hub itself still says what is published
-            log.warning("%s line %d is unreadable; ignoring it", path, n)
-    return entries
-
-
-def append_ledger(checkpoint_dir: Path | str, entries: list[dict]) -> None:
-    """One os.write with O_APPEND, so lines of concurrent workers never interleave."""
-    path, data = Path(checkpoint_dir) / LEDGER, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        if os.write(fd, data) != len(data):
-            raise FatalError(f"short write to {path} (disk full?)")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _ledger_entry(repo_id: str, run_id: str, f: HubFile, commit: str | None) -> dict:
-    return {"repo": repo_id, "run_id": run_id, "hub_path": f.path, "worker": f.worker, "first": f.parts[0].seq,
-            "last": f.parts[-1].seq, "parts": [p.path.name for p in f.parts], "rows": f.rows, "commit": commit,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-
 # ---------------------------------------------------------------- the client
 
 class HubClient:
     """One repo, one token. Pushes are serialised per client (background thread and close())."""
 
-    def __init__(self, api: HfApi, repo_id: str, token: str, retry: RetryPolicy):
+    def __init__(self, api: HfApi, repo_id: str, token: str, retry: RetryPolicy, key_cache: KeyCache | None = None):
         self.api, self.repo_id, self._token, self.retry = api, repo_id, token, retry
+        self._key_cache = key_cache or KeyCache()  # content-addressed: shared by the runs of the repo
         self._indexes: dict[str, HubIndex] = {}
         self._part_keys: dict[tuple[Path, int, int], list[str] | None] = {}  # parts never change once written
         self.unusable: dict[Path, str] = {}  # parts not pushed, and why (unreadable, or another run's rows)
@@ -167,7 +141,7 @@ class HubClient:
 
     def index(self, run_id: str) -> HubIndex:
         if run_id not in self._indexes:
-            self._indexes[run_id] = HubIndex(self.api, self.repo_id, run_id, self._token)
+            self._indexes[run_id] = HubIndex(self.api, self.repo_id, run_id, self._token, self._key_cache)
         return self._indexes[run_id]
 
     def snapshot(self, run_id: str) -> Snapshot:
@@ -183,7 +157,7 @@ class HubClient:
         """One line for the start of a run: what the repo already holds (`snap`: a snapshot just read)."""
         snap = snap or self.snapshot(run_id)
         others = (f"{len(snap.other_runs)} other run(s) ({', '.join(snap.other_runs[:5])}), each in its own "
-                  "data/ folder and card config; " if snap.other_runs else "")
+                  f"{DATA_DIR}/ folder and card config; " if snap.other_runs else "")
         return (f"Hub: {self.repo_id} holds {others}{len(snap.keys)} rows of this run {run_id} in "
                 f"{len(snap.files)} file(s); this run writes to {run_data_dir(run_id)}/")
 
@@ -236,7 +210,7 @@ class HubClient:
         for path, m in mine:
             owner, first, last = int(m["worker"]), int(m["first"]), int(m["last"])
             parts = [p for p in local if p.worker == owner and first <= p.seq <= last]
-            found.append({**_ledger_entry(self.repo_id, run_id, HubFile(path, owner, parts, []), None),
+            found.append({**ledger_entry(self.repo_id, run_id, HubFile(path, owner, parts, []), None),
                           "rows": len(self.index(run_id).keys_of_file(snap.files[path])), "recovered": True})
         if found:
             log.info("Hub: %d file(s) of this dir were on the Hub but not in the ledger (a lost answer or a "
@@ -290,12 +264,15 @@ class HubClient:
             if not files:
                 return 0
             rows = sum(f.rows for f in files)
-            ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=hub_file_bytes(f)) for f in files]
+            uploads = [hub_file_bytes(f) for f in files]
+            ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=data) for f, data in zip(files, uploads)]
             ops += self._migrate_legacy(run_id, snap, pq.read_schema(files[0].parts[0].path).remove_metadata())
             commit = self.api.create_commit(
                 self.repo_id, ops, commit_message=f"Add {rows} captions of run {run_id} ({len(files)} file(s))",
                 repo_type=REPO_TYPE, parent_commit=snap.head).oid
-            append_ledger(ckpt, [_ledger_entry(self.repo_id, run_id, f, commit) for f in files])
+            append_ledger(ckpt, [ledger_entry(self.repo_id, run_id, f, commit) for f in files])
+            for data in uploads:  # their keys are known: no snapshot of any worker of the dir reads them back
+                self._key_cache.put_upload(data)
             log.info("Hub: pushed %d rows in %d file(s) to %s", rows, len(files), self.repo_id)
             return rows
 
@@ -310,12 +287,12 @@ class HubClient:
         folder with today's columns, in the same commit as new rows: one config must share one schema for
         `load_dataset`. The same keys, so the published set does not change."""
         ops: list = []
-        for path in sorted(p for p in snap.files if "/" not in p[len("data/"):]):
+        for path in sorted(filter(is_legacy_file, snap.files)):
             data = self.index(run_id).read_file(path, snap.head)
             table = conform(pq.read_table(io.BytesIO(data)).replace_schema_metadata(None), schema)
             buf = io.BytesIO()
             pq.write_table(table, buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
-            ops += [CommitOperationAdd(path_in_repo=f"{run_data_dir(run_id)}/v0.1-{path[len('data/'):]}",
+            ops += [CommitOperationAdd(path_in_repo=f"{run_data_dir(run_id)}/v0.1-{path.rsplit('/', 1)[1]}",
                                        path_or_fileobj=buf.getvalue()),
                     CommitOperationDelete(path_in_repo=path)]
         if ops:
@@ -375,7 +352,7 @@ class HubClient:
                     **flags_by_prompt(run_flag_columns(run_info),  # each prompt's, not the first's only
                                       lambda column: ordered_counts(self.index(run_id).flag_counts(snap, column))),
                     "created": min(filter(None, (before.get("created"), run_info.get("created"))), default=None),
-                    "legacy_files": any("/" not in f[len("data/"):] for f in snap.files)}
+                    "legacy_files": any(map(is_legacy_file, snap.files))}
             unchanged = {k: v for k, v in before.items() if k != "updated"} == mine and "updated" in before
             # Nothing new keeps the old time: both files are then byte-identical and no commit is made (a fresh
             # time made every --push-only and every run end with nothing to push spend a commit).

@@ -2,8 +2,8 @@
 
 The Hub is the source of truth: before a push, the keys of the run's files are read from the repo itself
 (only the `key` column, by parquet range reads through HfFileSystem, never whole files), so a row already
-published by any dir, machine or worker count is never pushed again. Files are cached by their git blob id,
-which changes whenever the content does, so each file is read once per process.
+published by any dir, machine or worker count is never pushed again. Files are cached by their content id in
+the checkpoint dir (hub_key_cache.py), so each file is read once per dir, not once per process start.
 
 Layout of a repo:
     data/{run_id}/{dir_id}-w{worker:03d}-{first:06d}-{last:06d}-{digest}.parquet   rows of one run
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import random
 import re
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -24,7 +25,8 @@ from huggingface_hub import HfApi, HfFileSystem
 from huggingface_hub.errors import EntryNotFoundError
 from huggingface_hub.hf_api import RepoFile
 
-from .rows import FLAGS_COLUMN, count_flags_column
+from .hub_key_cache import FileEntry, KeyCache, content_id, read_entry
+from .rows import FLAGS_COLUMN
 
 log = logging.getLogger(__name__)
 
@@ -36,14 +38,18 @@ _LEGACY_FILE_RE = re.compile(r"^data/(?P<run>[0-9a-f]{12})-w\d{3,}-\d{6,}-\d{6,}
 _RUN_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 
 
-def _is_flags_column(f: pa.Field) -> bool:
-    """The plain flags column or a prompt's (caption_flags_NAME): which prompts a file holds is the run's
-    business (rows.run_flag_columns); a --format json field is a string, never a list."""
-    return f.name.startswith(FLAGS_COLUMN) and pa.types.is_list(f.type)
-
-
 def run_data_dir(run_id: str) -> str:
     return f"{DATA_DIR}/{run_id}"
+
+
+def is_legacy_file(path: str) -> bool:
+    """A file of 0.1's flat layout (data/{run_id}-w...parquet), moved into its run's folder at the next push."""
+    return _LEGACY_FILE_RE.match(path) is not None
+
+
+def run_data_globs(run_id: str, legacy: bool) -> list[str]:
+    """The data_files of a run's card config: its folder, and 0.1's flat files while the repo holds any."""
+    return [f"{run_data_dir(run_id)}/*.parquet", *([f"{DATA_DIR}/{run_id}-w*.parquet"] if legacy else [])]
 
 
 def run_info_path(run_id: str) -> str:
@@ -52,8 +58,12 @@ def run_info_path(run_id: str) -> str:
 
 class HubFileInfo(NamedTuple):
     path: str
-    blob_id: str
+    content_id: str  # names the bytes (hub_key_cache.content_id)
     size: int
+
+    @classmethod
+    def of(cls, entry: RepoFile) -> HubFileInfo:
+        return cls(entry.path, content_id(entry.blob_id, entry.lfs.sha256 if entry.lfs else None), entry.size)
 
 
 @dataclass
@@ -68,25 +78,26 @@ class Snapshot:
 
 
 class HubIndex:
-    """Reads a run's published keys from one repo; remembers every file it has read (by blob id)."""
+    """Reads a run's published keys from one repo; each file through the cache of its content id."""
 
-    def __init__(self, api: HfApi, repo_id: str, run_id: str, token: str | None):
+    def __init__(self, api: HfApi, repo_id: str, run_id: str, token: str | None, cache: KeyCache | None = None):
         self.api, self.repo_id, self.run_id, self._token = api, repo_id, run_id, token
-        self._keys_by_blob: dict[str, list[str]] = {}
-        # flags column (the plain one, and each --prompts-file prompt's) -> captions per flag, read with the keys
-        self._flags_by_blob: dict[str, dict[str, dict[str, int]]] = {}
+        self.cache = cache or KeyCache()
         self._fs: HfFileSystem | None = None
 
     def snapshot(self) -> Snapshot:
         head = self.api.repo_info(self.repo_id, repo_type=REPO_TYPE).sha
         files, others = self._list(head)
         snap = Snapshot(head=head, files=files, keys=set(), other_runs=others)
-        for info in files.values():
-            keys = self._read_keys(info, head)
-            if keys is None:
+        # Workers of a dir starting together take files in their own order: while one reads a file the others
+        # read other files, not wait in line behind it (hub_key_cache: one process of a dir reads each file).
+        for info in random.sample(list(files.values()), len(files)):
+            entry = self.cache.get_or_read(info.content_id, lambda: self._read_entry(info, head))
+            if entry is None:
                 snap.unreadable.append(info.path)
             else:
-                snap.keys.update(keys)
+                snap.keys.update(entry.keys)
+        snap.unreadable.sort()
         return snap
 
     def _list(self, head: str) -> tuple[dict[str, HubFileInfo], list[str]]:
@@ -96,13 +107,13 @@ class HubIndex:
             name = entry.path.split("/", 1)[1]
             legacy = _LEGACY_FILE_RE.match(entry.path)
             if legacy and legacy["run"] == self.run_id:
-                files[entry.path] = HubFileInfo(entry.path, entry.blob_id, entry.size)
+                files[entry.path] = HubFileInfo.of(entry)
             elif legacy or (not isinstance(entry, RepoFile) and _RUN_ID_RE.match(name)):
                 others.add(legacy["run"] if legacy else name)
         others.discard(self.run_id)
         for entry in self._tree(run_data_dir(self.run_id), head, recursive=True):
             if isinstance(entry, RepoFile) and entry.path.endswith(".parquet"):
-                files[entry.path] = HubFileInfo(entry.path, entry.blob_id, entry.size)
+                files[entry.path] = HubFileInfo.of(entry)
         return files, sorted(others)
 
     def _tree(self, folder: str, head: str, recursive: bool) -> list:
@@ -114,32 +125,26 @@ class HubIndex:
 
     def keys_of_file(self, info: HubFileInfo) -> list[str]:
         """Keys of a file read by an earlier snapshot."""
-        return self._keys_by_blob.get(info.blob_id) or []
+        entry = self.cache.get(info.content_id)
+        return entry.keys if entry else []
 
-    def _read_keys(self, info: HubFileInfo, head: str) -> list[str] | None:
-        if info.blob_id not in self._keys_by_blob:
-            fs = self._filesystem()
-            url = f"datasets/{self.repo_id}@{head}/{info.path}"
-            try:
-                with fs.open(url, "rb", block_size=KEY_READ_BLOCK, size=info.size) as f:
-                    pf = pq.ParquetFile(f)
-                    flagged = [c for c in pf.schema_arrow if _is_flags_column(c)]
-                    table = pf.read(columns=["key", *(c.name for c in flagged)])
-                keys = table.column("key").to_pylist()
-                self._flags_by_blob[info.blob_id] = {c.name: count_flags_column(table.column(c.name)) for c in flagged}
-            except (pa.ArrowException, KeyError) as e:  # not our parquet: it publishes no row we know
-                log.warning("Hub: %s in %s is not a readable captions file (%s); its rows, if any, are not "
-                            "counted", info.path, self.repo_id, type(e).__name__)
-                return None
-            self._keys_by_blob[info.blob_id] = keys
-        return self._keys_by_blob[info.blob_id]
+    def _read_entry(self, info: HubFileInfo, head: str) -> FileEntry | None:
+        url = f"datasets/{self.repo_id}@{head}/{info.path}"
+        try:
+            with self._filesystem().open(url, "rb", block_size=KEY_READ_BLOCK, size=info.size) as f:
+                return read_entry(pq.ParquetFile(f))
+        except (pa.ArrowException, KeyError) as e:  # not our parquet: it publishes no row we know
+            log.warning("Hub: %s in %s is not a readable captions file (%s); its rows, if any, are not "
+                        "counted", info.path, self.repo_id, type(e).__name__)
+            return None
 
     def flag_counts(self, snap: Snapshot, column: str = FLAGS_COLUMN) -> dict[str, int]:
         """Published captions per quality flag of one flags column, over the snapshot's files (read with their
         keys)."""
         total: dict[str, int] = {}
         for info in snap.files.values():
-            for flag, n in self._flags_by_blob.get(info.blob_id, {}).get(column, {}).items():
+            entry = self.cache.get(info.content_id)
+            for flag, n in (entry.flags if entry else {}).get(column, {}).items():
                 total[flag] = total.get(flag, 0) + n
         return total
 

@@ -82,7 +82,7 @@ def run(cfg: RunConfig) -> int:
         from . import hub
 
         hub_client = hub.connect(resolve_repo_id(cfg.hf_repo, cfg.hf_username), private=cfg.private,
-                                 endpoint=cfg.hub_endpoint,
+                                 endpoint=cfg.hub_endpoint, checkpoint_dir=ckpt,
                                  way_out=None if cfg.push_only else "or pass --no-push")
     if existing is not None:
         with StopSignals():  # a commit lands whole or not at all: stopping between them loses nothing

@@ -9,6 +9,7 @@ Layout (see DESIGN.md):
     quarantine/                                unreadable or foreign files, set aside with a warning
     locks/                                     who uses the dir (locks.py)
     hub_ledger.jsonl                           written by hub.py (a local record; the Hub is the truth)
+    hub_keys/                                  keys of published Hub files by content id (hub_key_cache.py)
     all_captions.parquet, run_summary.json     written at the end, by the last worker to finish
 A part is the unit of progress: a crash loses at most the rows not yet in a part, and those are
 captioned again on resume because their keys are not in any part.

@@ -1,0 +1,128 @@
+"""hub_key_cache.py: each published Hub file is read once per checkpoint dir, not once per process start."""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from hub_parts import REPO, RUN, Writer, data_files, make_rows  # noqa: F401
+
+from vlm_caption import hub
+from vlm_caption.hub_index import HubFileInfo
+from vlm_caption.hub_key_cache import KEY_CACHE_DIR, KeyCache, upload_ids
+from vlm_caption.store import QUARANTINE_DIR
+
+RUNS = 4  # a run published as this many files, by this many workers of one dir
+
+
+def connect(stub, ckpt=None):
+    return hub.connect(REPO, endpoint=stub.endpoint, retry=hub.RetryPolicy(sleep=lambda s: None),
+                       checkpoint_dir=ckpt)
+
+
+def publish(stub, ckpt) -> set[str]:
+    """RUNS files of one dir on the Hub (some captions flagged); returns their keys."""
+    for w in range(RUNS):
+        rows = make_rows(0, 5, worker=w)
+        rows[0]["caption_flags"] = ["repetition"]
+        writer = Writer(ckpt, worker=w)
+        writer.store.write_part(rows)
+    client = connect(stub, ckpt)
+    client.push(ckpt, RUN)
+    assert len(data_files(stub)) == RUNS
+    return {r["key"] for w in range(RUNS) for r in make_rows(0, 5, worker=w)}
+
+
+def data_reads(stub) -> Counter:
+    """GETs of each data file so far (the key column is read by range requests)."""
+    return Counter(name for name, _, _ in stub.downloads if name.startswith("data/"))
+
+
+def test_files_pushed_by_the_dir_are_never_read_back_by_its_later_processes(hub_stub, tmp_path):
+    ckpt = tmp_path / "ckpt"
+    keys = publish(hub_stub, ckpt)
+    before = data_reads(hub_stub)
+    later = connect(hub_stub, ckpt)  # a relaunch, or another worker of the dir
+    snap = later.snapshot(RUN)
+    assert snap.keys == keys and not snap.unreadable
+    assert later.index(RUN).flag_counts(snap) == {"repetition": RUNS}  # the card's counts come with the keys
+    assert data_reads(hub_stub) == before  # nothing read from the Hub: the push left each file's keys
+
+
+def test_another_dir_reads_each_file_once_then_never_again(hub_stub, tmp_path):
+    keys = publish(hub_stub, tmp_path / "pushed")
+    before = data_reads(hub_stub)
+    other = tmp_path / "other"  # a fresh dir on another machine, say
+    assert connect(hub_stub, other).snapshot(RUN).keys == keys
+    once = data_reads(hub_stub) - before
+    assert set(once) == set(data_files(hub_stub))
+    for _ in range(2):
+        assert connect(hub_stub, other).snapshot(RUN).keys == keys
+    assert data_reads(hub_stub) - before == once
+    no_dir = connect(hub_stub)  # without a dir a process keeps what it read to itself
+    no_dir.snapshot(RUN)
+    no_dir.snapshot(RUN)
+    assert data_reads(hub_stub) - before == once + once
+
+
+def test_workers_of_a_dir_starting_together_read_each_file_once(hub_stub, tmp_path):
+    keys = publish(hub_stub, tmp_path / "pushed")
+    alone = tmp_path / "alone"
+    before = data_reads(hub_stub)
+    connect(hub_stub, alone).snapshot(RUN)
+    one_reader = data_reads(hub_stub) - before
+
+    shared, workers = tmp_path / "shared", 8
+    clients = [connect(hub_stub, shared) for _ in range(workers)]  # each its own cache object, as processes
+    barrier, seen, errors = threading.Barrier(workers), [], []
+
+    def start(client):
+        barrier.wait()
+        try:
+            seen.append(client.snapshot(RUN).keys)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    before = data_reads(hub_stub)
+    threads = [threading.Thread(target=start, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not errors and seen == [keys] * workers
+    assert data_reads(hub_stub) - before == one_reader  # not `workers` times as many
+
+
+def test_an_unreadable_entry_is_quarantined_and_the_file_read_again(hub_stub, tmp_path, caplog):
+    keys = publish(hub_stub, tmp_path / "pushed")
+    other = tmp_path / "other"
+    connect(hub_stub, other).snapshot(RUN)
+    entry = sorted((other / KEY_CACHE_DIR).glob("*.parquet"))[0]
+    entry.write_bytes(b"torn")
+    before = data_reads(hub_stub)
+    with caplog.at_level(logging.WARNING):
+        assert connect(hub_stub, other).snapshot(RUN).keys == keys
+    assert sum((data_reads(hub_stub) - before).values()) >= 1
+    assert [r for r in caplog.records if "unreadable Hub key cache entry" in r.getMessage()]
+    assert len(list((other / QUARANTINE_DIR).iterdir())) == 1 and entry.is_file()  # set aside, then rewritten
+
+
+def test_an_lfs_file_is_known_by_the_sha256_of_its_content():
+    """huggingface.co stores parquet in LFS: its listing names the content's sha256, which an upload knows."""
+    from huggingface_hub.hf_api import RepoFile
+
+    table = pa.table({"key": ["a", "b"], "caption_flags": pa.array([["empty"], None], pa.list_(pa.string()))})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    data = sink.getvalue().to_pybytes()
+    sha = hashlib.sha256(data).hexdigest()
+    listed = RepoFile(path="data/x.parquet", size=len(data), oid="0" * 40,
+                      lfs={"size": len(data), "oid": sha, "pointerSize": 134})
+    cache = KeyCache()
+    cache.put_upload(data)
+    assert HubFileInfo.of(listed).content_id in upload_ids(data)
+    entry = cache.get(HubFileInfo.of(listed).content_id)
+    assert entry.keys == ["a", "b"] and entry.flags == {"caption_flags": {"empty": 1}}

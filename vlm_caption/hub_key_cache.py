@@ -1,0 +1,141 @@
+"""Keys (and flag counts) of published Hub files, kept in the checkpoint dir by the file's content id.
+
+Reading which keys the repo holds means reading the key column of every file of the run (hub_index.py). Read
+once per process, 64 workers starting together against a run of ~200 files made ~25K requests, while the Hub
+allows 5,000 per 5 minutes (NOTES.md). A file's content id names its bytes, so what one process read, or pushed,
+serves every worker of the dir and every relaunch: each file is read from the Hub once per dir.
+
+    hub_keys/{content_id}.parquet   the file's `key` column; its flag counts in the schema metadata
+    hub_keys/{content_id}.lock      held (flock) by the process of the dir reading that file from the Hub
+
+The id is the sha256 of an LFS file (parquet on huggingface.co) and the git blob id of a regular one (the test
+stub), as huggingface_hub itself compares files. A cache: deleting the folder costs reads, never rows; an
+unreadable entry is quarantined with a warning and the file is read again.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .atomic import atomic_write_table
+from .rows import FLAGS_COLUMN, count_flags_column
+from .store import quarantine
+
+log = logging.getLogger(__name__)
+
+KEY_CACHE_DIR = "hub_keys"
+_META_FLAGS = b"vlm_caption.flag_counts"
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    keys: list[str]
+    flags: dict[str, dict[str, int]]  # flags column (plain, or a prompt's) -> captions per flag
+
+
+def content_id(blob_id: str, lfs_sha256: str | None) -> str:
+    """The id a listed file is cached under."""
+    return f"sha256-{lfs_sha256}" if lfs_sha256 else f"git-{blob_id}"
+
+
+def upload_ids(data: bytes) -> tuple[str, str]:
+    """Both ids a file we upload may be listed under: the Hub decides whether it is stored in LFS."""
+    from huggingface_hub.utils.sha import git_hash
+
+    return content_id(git_hash(data), None), content_id("", hashlib.sha256(data).hexdigest())
+
+
+def is_flags_column(f: pa.Field) -> bool:
+    """The plain flags column or a prompt's (caption_flags_NAME): which prompts a file holds is the run's
+    business (rows.run_flag_columns); a --format json field is a string, never a list."""
+    return f.name.startswith(FLAGS_COLUMN) and pa.types.is_list(f.type)
+
+
+def read_entry(pf: pq.ParquetFile) -> FileEntry:
+    """Keys and flag counts of a captions file (only those columns are read). KeyError: it has no key column."""
+    flagged = [c for c in pf.schema_arrow if is_flags_column(c)]
+    table = pf.read(columns=["key", *(c.name for c in flagged)])
+    return FileEntry(table.column("key").to_pylist(),
+                     {c.name: count_flags_column(table.column(c.name)) for c in flagged})
+
+
+class KeyCache:
+    """Entries by content id: in memory, then in the dir (None: memory only), then read from the Hub."""
+
+    def __init__(self, checkpoint_dir: Path | str | None = None):
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        self._memory: dict[str, FileEntry] = {}
+
+    def get(self, cid: str) -> FileEntry | None:
+        """An entry this process has already seen (a snapshot read it)."""
+        return self._memory.get(cid)
+
+    def get_or_read(self, cid: str, read: Callable[[], FileEntry | None]) -> FileEntry | None:
+        """The entry of `cid`, calling read() (a Hub read; None: unreadable, not cached) only when neither this
+        process nor another of the dir has it. One process of the dir reads a file while the others wait."""
+        if cid not in self._memory:
+            with self._locked(cid):
+                entry = self._load(cid)
+                if entry is None:
+                    entry = read()
+                    if entry is None:
+                        return None
+                    self._store(cid, entry)
+            self._memory[cid] = entry
+        return self._memory[cid]
+
+    def put_upload(self, data: bytes) -> None:
+        """Remember a file this process is uploading, under both ids it may be listed by: never read it back."""
+        entry = read_entry(pq.ParquetFile(pa.BufferReader(data)))
+        for cid in upload_ids(data):
+            self._memory[cid] = entry
+            self._store(cid, entry)
+
+    def _path(self, cid: str, suffix: str) -> Path | None:
+        return None if self.checkpoint_dir is None else self.checkpoint_dir / KEY_CACHE_DIR / f"{cid}{suffix}"
+
+    @contextlib.contextmanager
+    def _locked(self, cid: str) -> Iterator[None]:
+        path = self._path(cid, ".lock")
+        if path is None:
+            yield
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # the OS drops it if this process dies, kill -9 included
+            yield
+        finally:
+            os.close(fd)
+
+    def _load(self, cid: str) -> FileEntry | None:
+        path = self._path(cid, ".parquet")
+        if path is None or not path.is_file():
+            return None
+        try:
+            table = pq.read_table(path)
+            flags = json.loads((table.schema.metadata or {}).get(_META_FLAGS, b"{}"))
+            if not isinstance(flags, dict):
+                raise ValueError("flag counts are not a mapping")
+            return FileEntry(table.column("key").to_pylist(), flags)
+        except (OSError, pa.ArrowException, KeyError, ValueError) as e:
+            quarantine(self.checkpoint_dir, path, f"an unreadable Hub key cache entry ({type(e).__name__})",
+                       "that Hub file's keys are read from the Hub again")
+            return None
+
+    def _store(self, cid: str, entry: FileEntry) -> None:
+        path = self._path(cid, ".parquet")
+        if path is None:
+            return
+        table = pa.table({"key": pa.array(entry.keys, pa.string())})
+        atomic_write_table(path, table.replace_schema_metadata({_META_FLAGS: json.dumps(entry.flags, sort_keys=True)}))

@@ -1,0 +1,45 @@
+"""hub_ledger.jsonl: a local record of this dir's Hub commits (repo, run, file, parts, rows, commit), one line
+per file. Checked against the repo's real files by hub.py; nothing is decided from it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+from .errors import FatalError
+from .hub_files import HubFile
+from .store import LEDGER
+
+log = logging.getLogger(__name__)
+
+
+def read_ledger(checkpoint_dir: Path | str) -> list[dict]:
+    path = Path(checkpoint_dir) / LEDGER
+    entries = []
+    for n, line in enumerate(path.read_text().splitlines() if path.is_file() else [], 1):
+        try:
+            entries.append(json.loads(line))
+        except json.JSONDecodeError:  # torn by a crash; the Hub itself still says what is published
+            log.warning("%s line %d is unreadable; ignoring it", path, n)
+    return entries
+
+
+def append_ledger(checkpoint_dir: Path | str, entries: list[dict]) -> None:
+    """One os.write with O_APPEND, so lines of concurrent workers never interleave."""
+    path, data = Path(checkpoint_dir) / LEDGER, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        if os.write(fd, data) != len(data):
+            raise FatalError(f"short write to {path} (disk full?)")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def ledger_entry(repo_id: str, run_id: str, f: HubFile, commit: str | None) -> dict:
+    return {"repo": repo_id, "run_id": run_id, "hub_path": f.path, "worker": f.worker, "first": f.parts[0].seq,
+            "last": f.parts[-1].seq, "parts": [p.path.name for p in f.parts], "rows": f.rows, "commit": commit,
+            "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
