@@ -81,6 +81,8 @@ def test_no_push_touches_nothing_then_push_only_pushes_everything_once(hub_stub,
     assert sorted(p for p in hub_stub.repo_files(REPO_ID) if p.startswith("data/")) == data_files
     assert hub.read_ledger(ckpt) == ledger
     assert hub_stub.token not in proc.stdout + proc.stderr
+    # The push kept its files' keys in the dir (hub_keys/): no later look at the repo read them back.
+    assert not [name for name, _, _ in hub_stub.downloads if name.startswith("data/")]
 
 
 def test_pushes_the_hub_refuses_mid_run_end_in_exit_1_with_every_caption_kept(hub_stub, sample_data_dir, tmp_path,
