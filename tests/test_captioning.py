@@ -1,6 +1,7 @@
 """batched_image_inference.py end to end with the tiny Gemma 3 on sample data (CPU, --no-push)."""
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
@@ -380,3 +381,20 @@ def test_a_signal_while_the_last_rows_are_recorded_still_writes_them(sample_data
         main(dummy_args(sample_data_dir, ckpt, "--max-images", "4", "--checkpoint-every", "100"))
     written = sum(pq.read_metadata(p.path).num_rows for p in store.list_parts(ckpt))
     assert made and written == len(made)
+
+
+def test_the_signal_handler_only_records_the_stop_and_the_loop_says_it_once(caplog):
+    """Logging inside a signal handler can hit the main thread in the middle of its own write to stderr (a
+    "reentrant call" RuntimeError): the handler records the signal, the first check of `requested` says it."""
+    from vlm_caption.interrupts import Interrupted, StopSignals
+
+    with StopSignals() as stop, caplog.at_level(logging.WARNING):
+        with stop.graceful():
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)  # the handler runs at the next bytecode of the main thread
+            assert stop.signum == signal.SIGTERM and not caplog.records
+            assert stop.requested and stop.requested
+        said = [r.getMessage() for r in caplog.records]
+        assert len(said) == 1 and said[0].startswith("SIGTERM received: stopping after writing")
+        with pytest.raises(Interrupted):
+            stop.raise_if_requested()

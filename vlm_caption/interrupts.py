@@ -32,9 +32,13 @@ class StopSignals:
         self.signum: int | None = None  # the first signal received while graceful
         self._graceful = False
         self._previous: dict[int, object] = {}
+        self._said = threading.Lock()  # held once taken: the stop is said once, by the first thread to see it
 
     @property
     def requested(self) -> bool:
+        if self.signum is not None and self._said.acquire(blocking=False):
+            log.warning("%s received: stopping after writing the captions already made (send it again to stop "
+                        "at once)", signal.Signals(self.signum).name)
         return self.signum is not None
 
     def __enter__(self) -> "StopSignals":
@@ -50,9 +54,9 @@ class StopSignals:
 
     def _handle(self, signum: int, frame) -> None:
         if self._graceful and self.signum is None:
+            # No logging here: the handler runs between two bytecodes of the main thread, which may be inside a
+            # write to stderr ("reentrant call" RuntimeError). The loop checks `requested` and says it there.
             self.signum = signum
-            log.warning("%s received: stopping after writing the captions already made (send it again to stop "
-                        "at once)", signal.Signals(signum).name)
             return
         raise Interrupted(signum)
 
@@ -66,5 +70,5 @@ class StopSignals:
             self._graceful = False
 
     def raise_if_requested(self) -> None:
-        if self.signum is not None:
+        if self.requested:
             raise Interrupted(self.signum)
