@@ -332,6 +332,35 @@ def test_a_worker_starting_while_another_writes_run_json_joins_the_run(tmp_path,
         second.lock.release()
 
 
+def test_a_worker_starting_while_another_is_still_writing_run_json_waits_and_joins(tmp_path, monkeypatch):
+    """Workers of a Slurm array start together on a new dir: worker 0 holds the dir while it writes run.json,
+    worker 1 finds neither run.json nor the lock free. It refused with "other settings (run unknown)" (exit 2,
+    seen under load in test_workers_sharing_a_dir_merge_once_at_the_end); it waits for run.json now."""
+    import threading
+
+    settings = RunConfig(backend="dummy", model="m").run_settings()
+    real, writing = store.CheckpointStore._write_run_json, threading.Event()
+
+    def slow_write(self, *args):  # worker 0 holds run.lock exclusively for a while before run.json exists
+        writing.set()
+        time.sleep(0.5)
+        return real(self, *args)
+
+    monkeypatch.setattr(store.CheckpointStore, "_write_run_json", slow_write)
+    first, second = (store.CheckpointStore(tmp_path, w, num_workers=2) for w in (0, 1))
+    ran: list[str] = []
+    leader = threading.Thread(target=lambda: ran.append(first.open_run(settings, overwrite=False)))
+    leader.start()
+    try:
+        assert writing.wait(10)
+        assert second.open_run(settings, overwrite=False, wait_for_leader=False) == store.run_id_for(settings)
+        leader.join(10)
+        assert ran == [store.run_id_for(settings)]
+    finally:
+        first.lock.release()
+        second.lock.release()
+
+
 def test_every_launch_level_combination_gives_each_worker_index_once(monkeypatch):
     """Array tasks x srun tasks x torchrun ranks: the indices are exactly 0..N-1 (a level added instead of
     multiplied would give some twice and leave others to nobody)."""

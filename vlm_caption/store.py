@@ -227,9 +227,13 @@ class CheckpointStore:
                 continue
             if self.lock.take_run(exclusive=True):
                 break
-            # Held by others: maybe a worker of this very run that wrote run.json since the read above.
+            # Held by others: maybe a worker of this very run that wrote run.json since the read above, or that
+            # is writing it now (workers of a Slurm array start together on a new dir): none yet, so wait.
             existing, _ = read_run_json_safe(self.dir)
             if existing is not None and existing["run_id"] == run_id:
+                continue
+            if existing is None and time.monotonic() < deadline:
+                time.sleep(0.2)
                 continue
             holders = "; ".join(self.lock.holders()) or "another process"
             raise UsageError(f"{self.dir} is in use by {holders} with other settings (run "
