@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "caption_tokens_NAME, caption_attempts_NAME; excludes --prompt / --prompt-file")
     g.add_argument("--format", default=D.format, help="text (default), or json: the "
                    "JSON instruction is appended to the prompt and the answer parsed into caption_FIELD columns "
-                   "(invalid JSON: flag invalid_json and one retry; vlm_caption keeps the raw text)")
+                   "(invalid JSON: flag invalid_json and one retry; some keys absent: flag missing_fields; vlm_caption "
+                   "keeps the raw text)")
     g.add_argument("--json-fields", help="--format json: comma-separated fields (default: "
                    "subject,style,medium,palette,composition,mood,text)")
     g.add_argument("--max-tokens", type=int, default=D.max_tokens, help="max new tokens per caption (default: %(default)s)")

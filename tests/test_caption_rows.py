@@ -5,6 +5,7 @@ by their last digit, see dummy_backend.py); what concerns the model runs on the 
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -171,6 +172,45 @@ def test_json_format_fields_invalid_json_flag_and_retry(faults, sample_data_dir,
     assert summary["checkpoint_dir"]["caption_flags"] == {"invalid_json": sum(k.endswith("25") for k in rows)}
     run = store.read_run_json(ckpt)
     assert run["format"] == "json" and run["json_fields"] == ["subject", "style"]
+
+
+def test_json_lacking_some_fields_is_flagged_missing_fields_everywhere_flags_are_counted(
+        sample_data_dir, tmp_path, monkeypatch, capsys):
+    """An object with some of the fields is valid (its fields are kept) but flagged, so those rows can be
+    filtered: in the rows, the console, run_summary.json, the preview and the card."""
+    from vlm_caption import dummy_backend
+    from vlm_caption.card import render_dataset_card
+    from vlm_caption.preview import write_preview
+
+    real = dummy_backend.DummyBackend._json
+
+    def drop_style(self, key, stats, prompt, retry):
+        cap = real(self, key, stats, prompt, retry)
+        if not key.endswith("7"):
+            return cap
+        obj = json.loads(cap.text)
+        return dataclasses.replace(cap, text=json.dumps({"subject": obj["subject"], "mood": ""}))
+
+    monkeypatch.setattr(dummy_backend.DummyBackend, "_json", drop_style)
+    ckpt = tmp_path / "ckpt"
+    args = dummy_args(sample_data_dir, ckpt, "--format", "json", "--json-fields", "subject,style,mood")
+    assert main(args) in (EXIT_OK, EXIT_ITEMS_FAILED)
+    rows = {r["key"]: r for r in merged_rows(ckpt)}
+    lacking = {k for k in rows if k.endswith("7")}
+    assert lacking
+    for key, r in rows.items():  # "" answers a field (the instruction asks for it): only an absent key is missing
+        assert r["caption_flags"] == (["missing_fields"] if key in lacking else []), key
+        assert r["caption_attempts"] == 1 and r["caption_subject"]
+    counts = {"missing_fields": len(lacking)}
+    assert f"quality flags of this run's captions: missing_fields: {len(lacking)}" in capsys.readouterr().out
+    summary = json.loads((ckpt / store.SUMMARY).read_text())
+    assert summary["this_run"]["caption_flags"] == summary["checkpoint_dir"]["caption_flags"] == counts
+    out = tmp_path / "preview.html"
+    write_preview(ckpt, out)
+    html = out.read_text()
+    assert '<option value="missing_fields">' in html and 'data-flags="missing_fields"' in html
+    card = render_dataset_card("me/data", [{**store.read_run_json(ckpt), "rows": len(rows), "caption_flags": counts}])
+    assert f'captions per flag (README "Caption quality"): missing_fields: {len(lacking)}' in card
 
 
 def test_json_instruction_is_appended_to_the_prompt_and_bad_fields_are_usage_errors(sample_data_dir, tmp_path,

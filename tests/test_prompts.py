@@ -6,7 +6,7 @@ import json
 import pytest
 
 from vlm_caption.prompts import (DEFAULT_JSON_FIELDS, json_instruction, load_prompts_file, parse_json_caption,
-                                 render_prompt, template_columns)
+                                 read_json_caption, render_prompt, template_columns)
 
 # ------------------------------------------------------------------------------------------ template_columns
 
@@ -265,6 +265,15 @@ def test_missing_fields_are_none_and_keys_match_case_insensitively():
     values, reason = parse_json_caption('{"Subject": "a cat", "extra": "ignored"}', FIELDS)
     assert reason is None
     assert values == {field: ("a cat" if field == "subject" else None) for field in FIELDS}
+
+
+def test_read_json_caption_names_the_absent_fields_only():
+    """An absent key is missing; "" and null are answers (the instruction asks for "" when a field does not apply)."""
+    values, missing, why = read_json_caption('{"Subject": "a cat", "mood": "", "text": null}', FIELDS)
+    assert why is None and values["subject"] == "a cat" and values["mood"] is None
+    assert missing == [f for f in FIELDS if f not in ("subject", "mood", "text")]
+    assert read_json_caption(json.dumps(CLEAN), FIELDS)[1] == []
+    assert read_json_caption('{"title": "a cat"}', FIELDS)[:2] == (None, [])
 
 
 def test_custom_fields():

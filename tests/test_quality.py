@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from vlm_caption.quality import FLAGS, caption_flags, strip_preamble
+from vlm_caption.quality import FLAGS, JSON_FLAGS, caption_flags, strip_preamble
 
 GOOD_PROSE = (
     "This oil painting shows a young woman in a pale blue dress seated beside a tall window, reading a letter "
@@ -202,7 +202,7 @@ def test_caption_flags(text, finish, expected):
 def test_table_is_big_and_covers_every_detector():
     assert len(CASES) >= 40
     flagged = {flag for case in CASES for flag in case[3]}
-    assert flagged == set(FLAGS) - {"invalid_json"}
+    assert flagged == set(FLAGS) - set(JSON_FLAGS)  # those are set by rows.judge
 
 
 def test_flags_come_in_flags_order():
@@ -268,3 +268,28 @@ def test_json_cut_at_max_tokens_is_not_generated_again():
     cut = Caption(text='{"subject": "a cat on a', finish="length", tokens=8)
     assert judge(cut, spec)[1] == ["truncated", "invalid_json"] and not wants_retry(cut, spec)
     assert wants_retry(Caption(text="no json here at all.", finish="stop", tokens=5), spec)
+
+
+@pytest.mark.parametrize("text, flags", [
+    ('{"subject": "a cat", "style": "cubist"}', ["missing_fields"]),  # key "text" absent
+    ('{"Subject": "a cat"}', ["missing_fields"]),
+    ('{"subject": "a cat", "style": "cubist", "text": ""}', []),  # "": what the instruction asks when none applies
+    ('{"subject": "a cat", "style": null, "text": ""}', []),  # null says the same
+    ('{"subject": "a cat", "style": "cubist", "text": "", "extra": "x"}', []),
+    ('{"title": "a cat"}', ["invalid_json"]),  # none of the fields: invalid, not missing
+])
+def test_json_lacking_some_of_the_fields_is_flagged_missing_fields(text, flags):
+    from vlm_caption.backends import Caption
+    from vlm_caption.prompt_plan import PromptSpec
+    from vlm_caption.rows import judge, wants_retry
+
+    spec = PromptSpec.make(None, "Describe.", ("subject", "style", "text"))
+    cap = Caption(text=text, finish="stop", tokens=8)
+    _text, got, fields = judge(cap, spec)
+    assert got == flags
+    assert (fields["subject"] == "a cat") == (flags != ["invalid_json"])
+    assert wants_retry(cap, spec) == (flags == ["invalid_json"])  # a partial answer is kept, not redone
+
+
+def test_missing_fields_comes_right_after_invalid_json():
+    assert FLAGS.index("missing_fields") == FLAGS.index("invalid_json") + 1 == len(FLAGS) - 1

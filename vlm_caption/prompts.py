@@ -273,9 +273,16 @@ def parse_json_caption(text: str, fields: Sequence[str]) -> tuple[dict[str, str 
     as JSON is used. Keys match fields case-insensitively; values become strings (lists joined with ", ");
     null, empty strings and absent fields become None. Valid when at least one field is present.
     """
+    values, _missing, why = read_json_caption(text, fields)
+    return values, why
+
+
+def read_json_caption(text: str, fields: Sequence[str]) -> tuple[dict[str, str | None] | None, list[str], str | None]:
+    """parse_json_caption's (values, why) with, between them, the fields whose key the object lacks ([] when
+    the caption is invalid): the quality flag `missing_fields`."""
     spans = _object_spans(text)
     if not spans:
-        return None, "no JSON object" if "{" not in text else "unbalanced braces: the JSON object is not closed"
+        return None, [], "no JSON object" if "{" not in text else "unbalanced braces: the JSON object is not closed"
     first_error = None
     for start, end in spans:
         try:
@@ -284,7 +291,7 @@ def parse_json_caption(text: str, fields: Sequence[str]) -> tuple[dict[str, str 
             first_error = first_error or f"invalid JSON: {e}"
             continue
         return _field_values(obj, fields)
-    return None, first_error
+    return None, [], first_error
 
 
 def _object_spans(text: str) -> list[tuple[int, int]]:
@@ -306,11 +313,15 @@ def _object_spans(text: str) -> list[tuple[int, int]]:
     return spans
 
 
-def _field_values(obj: dict[str, Any], fields: Sequence[str]) -> tuple[dict[str, str | None] | None, str | None]:
+def _field_values(obj: dict[str, Any], fields: Sequence[str]) -> tuple[dict[str, str | None] | None, list[str],
+                                                                     str | None]:
     by_key = {str(key).strip().lower(): value for key, value in obj.items()}
-    if not any(field.lower() in by_key for field in fields):
-        return None, f"none of the fields {', '.join(fields)} in the JSON object"
-    return {field: _field_text(by_key.get(field.lower())) for field in fields}, None
+    # Only an absent key is missing: the instruction asks for "" when a field does not apply, so "" (or null, the
+    # same said otherwise) is an answer; flagging it would flag every artwork without, say, visible text.
+    missing = [field for field in fields if field.lower() not in by_key]
+    if len(missing) == len(fields):
+        return None, [], f"none of the fields {', '.join(fields)} in the JSON object"
+    return {field: _field_text(by_key.get(field.lower())) for field in fields}, missing, None
 
 
 def _field_text(value: Any) -> str | None:

@@ -9,9 +9,11 @@ from __future__ import annotations
 import re
 from collections import Counter
 
+# Set for --format json captions by rows.judge (from prompts.read_json_caption), never by caption_flags:
+# `invalid_json` no JSON object with any of the fields; `missing_fields` an object that lacks some of their keys.
+JSON_FLAGS = ("invalid_json", "missing_fields")
 # Stable order: captions' flag lists and the card's counts list them this way.
-# `invalid_json` is set by the JSON caption parser (prompts.parse_json_caption), never by caption_flags.
-FLAGS = ("empty", "repetition", "truncated", "preamble", "refusal", "garbled", "invalid_json")
+FLAGS = ("empty", "repetition", "truncated", "preamble", "refusal", "garbled", *JSON_FLAGS)
 
 
 def caption_flags(text: str, finish: str) -> list[str]:

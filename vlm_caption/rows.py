@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .backends import Caption, CaptionBackend
 from .prompt_plan import PromptSpec, run_specs
-from .prompts import parse_json_caption
+from .prompts import read_json_caption
 from .quality import FLAGS, caption_flags, strip_preamble
 
 log = logging.getLogger(__name__)
@@ -29,16 +29,18 @@ def judge(cap: Caption, spec: PromptSpec | None = None) -> tuple[str, list[str],
     JSON fields of a --format json caption, each None when absent, all None when the JSON is invalid).
 
     A valid JSON caption is judged by its field values (JSON syntax is no sign of a garbled caption), plus
-    `preamble` when prose came before the object; an invalid one by its raw text, plus `invalid_json`."""
+    `preamble` when prose came before the object and `missing_fields` when it lacks some of the fields' keys; an
+    invalid one by its raw text, plus `invalid_json`."""
     text, had_preamble = strip_preamble(cap.text)
     if spec is None or not spec.json_fields:
         return text, caption_flags(cap.text, cap.finish), {}
-    parsed, _why = parse_json_caption(text, spec.json_fields)
+    parsed, missing, _why = read_json_caption(text, spec.json_fields)
     if parsed is None:
         found = {*caption_flags(cap.text, cap.finish), "invalid_json"}
     else:
         content = ". ".join(v for v in parsed.values() if v)
-        found = {*caption_flags(content, cap.finish), *(["preamble"] if had_preamble else [])}
+        found = {*caption_flags(content, cap.finish), *(["preamble"] if had_preamble else []),
+                 *(["missing_fields"] if missing else [])}
     return text, [f for f in FLAGS if f in found], parsed or dict.fromkeys(spec.json_fields)
 
 

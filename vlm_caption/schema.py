@@ -12,6 +12,7 @@ from typing import Iterable, Sequence
 import pyarrow as pa
 
 from .errors import UsageError
+from .quality import FLAGS
 
 
 @dataclass(frozen=True)
@@ -47,8 +48,8 @@ COLUMNS: tuple[Column, ...] = (
     Column("caption_finish", pa.string(), "`stop` (the model ended the caption) or `length` (cut at max_tokens)",
            "caption"),
     Column("caption_tokens", pa.int32(), "number of generated tokens", "caption"),
-    Column("caption_flags", pa.list_(pa.string()), "quality flags of the caption (README: empty, repetition, "
-           "truncated, preamble, refusal, garbled, invalid_json); empty list = none", "caption"),
+    Column("caption_flags", pa.list_(pa.string()), f"quality flags of the caption (README: {', '.join(FLAGS)}); "
+           "empty list = none", "caption"),
     Column("caption_attempts", pa.int32(), "generations of this caption: 2 when the first was flagged repetition, "
            "empty or invalid_json and generated once more (the better of the two is kept)", "caption"),
 )
