@@ -231,6 +231,27 @@ def test_json_instruction_is_appended_to_the_prompt_and_bad_fields_are_usage_err
         assert exc.value.code == EXIT_USAGE and len(err) == 1 and says in err[0], err
 
 
+def test_the_json_instruction_version_names_json_runs_and_leaves_earlier_run_ids_as_they_were(monkeypatch):
+    """A reworded instruction asks another question: its runs must not share a run id (nor a checkpoint dir)
+    with the old wording's. Version 1, the wording of the runs made before the version existed, is not recorded."""
+    from vlm_caption import prompts
+    from vlm_caption.config import RunConfig
+
+    def run_id(**extra) -> str:
+        return store.run_id_for(RunConfig(model="org/vlm", max_tokens=300, temperature=0.0, seed=0,
+                                          **extra).run_settings())
+
+    before = {(): "a82f962dc042", (("format", "json"),): "342102219d60",  # computed before the version existed
+              (("format", "json"), ("json_fields", "subject,style")): "c32956afc9e9",
+              (("format", "json"), ("prompt", "Look at {tags}.")): "3324c0e5e8ac"}
+    assert prompts.JSON_INSTRUCTION_VERSION == 1
+    assert {k: run_id(**dict(k)) for k in before} == before
+    monkeypatch.setattr(prompts, "JSON_INSTRUCTION_VERSION", 2)
+    assert all(run_id(**dict(k)) != v for k, v in before.items() if k)  # every JSON run gets another id
+    assert run_id() == before[()]  # a text run asks for no JSON
+    assert RunConfig(format="json").run_settings()["json_instruction_version"] == 2
+
+
 def test_card_names_the_json_fields():
     from vlm_caption.card import render_dataset_card
 

@@ -262,7 +262,7 @@ class RunConfig:
 
     def run_settings(self) -> dict:
         """What makes a caption what it is, resolved once (prompt included): run.json, the run id, the backend."""
-        from .prompts import DEFAULT_PROMPT, PROMPT_VERSION
+        from .prompts import DEFAULT_PROMPT, PROMPT_VERSION, json_instruction_settings
 
         prompt = self.prompt_text()
         # A local model dir is recorded as an absolute path (the same dir typed two ways is one run); hub ids as typed.
@@ -284,7 +284,7 @@ class RunConfig:
             if list(prompts) != sorted(prompts):
                 settings["prompt_order"] = list(prompts)
         if self.format == "json":
-            settings.update(format="json", json_fields=list(self.fields()))
+            settings.update(format="json", json_fields=list(self.fields()), **json_instruction_settings())
         if self.retry_repetition_penalty != RunConfig.retry_repetition_penalty:
             settings["retry_repetition_penalty"] = self.retry_repetition_penalty
         return settings

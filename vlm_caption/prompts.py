@@ -253,6 +253,19 @@ def _kind(data: Any) -> str:
 # ---------------------------------------------------------------------------------------------- JSON captions
 
 DEFAULT_JSON_FIELDS = ("subject", "style", "medium", "palette", "composition", "mood", "text")
+# Bump when json_instruction's wording changes: the version joins a --format json run's id, so runs asked in the
+# old and the new words never share a run id (nor a checkpoint dir, nor a card config).
+JSON_INSTRUCTION_VERSION = 1
+# Runs of version 1 were made before the version existed and do not record it: their run ids stay what they were.
+_UNRECORDED_JSON_INSTRUCTION_VERSION = 1
+_JSON_INSTRUCTION_SETTING = "json_instruction_version"  # a key of store.OPTIONAL_SETTINGS
+
+
+def json_instruction_settings() -> dict[str, int]:
+    """What a --format json run's settings record of json_instruction's wording (RunConfig.run_settings)."""
+    if JSON_INSTRUCTION_VERSION == _UNRECORDED_JSON_INSTRUCTION_VERSION:
+        return {}
+    return {_JSON_INSTRUCTION_SETTING: JSON_INSTRUCTION_VERSION}
 
 
 def json_instruction(fields: Sequence[str]) -> str:

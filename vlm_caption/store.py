@@ -49,8 +49,9 @@ META_RUN_ID, META_DIR_ID = b"vlm_caption.run_id", b"vlm_caption.dir_id"
 _PART_RE = re.compile(r"^(captions|failures)-w(\d{3,})-(\d{6,})\.parquet$")
 # Settings that change what a caption is; a checkpoint dir holds captions of one setting only.
 RUN_SETTINGS = ("model", "prompt", "prompt_version", "max_tokens", "min_tokens", "temperature", "top_p", "seed")
+# Part of a run's identity only when set (RunConfig.run_settings).
 OPTIONAL_SETTINGS = ("backend", "keep_columns", "retry_repetition_penalty", "prompts", "prompt_order", "format",
-                     "json_fields")  # part of a run's identity only when set (RunConfig.run_settings)
+                     "json_fields", "json_instruction_version")
 
 
 class Part(NamedTuple):
