@@ -149,3 +149,26 @@ def test_each_prompts_flags_are_counted_from_the_hubs_rows_onto_the_card(hub_stu
     card = files["README.md"].decode()
     assert ('Quality flags, captions per flag (README "Caption quality"), per prompt:\n'
             "  - `short`: preamble: 1\n  - `long`: truncated: 1, garbled: 2\n") in card
+
+
+def test_a_json_run_shows_the_instruction_appended_to_its_prompt(monkeypatch):
+    """The reader sees what the model was asked: the prompt, then the JSON instruction, fenced as the prompt is."""
+    from vlm_caption import prompts
+
+    one = {"run_id": "aaa", "rows": 1, "prompt": "Look.", "format": "json", "json_fields": ["subject", "mood"],
+           "code_version": "0.9"}
+    instruction = prompts.json_instruction(["subject", "mood"])
+    fenced = f"```text\n{instruction}\n```"
+    card = render_dataset_card("me/data", [one])
+    assert card.index("```text\nLook.\n```") < card.index(
+        f"- JSON instruction (version 1), appended to the prompt after a blank line:\n\n{fenced}\n")
+    named = {**one, "prompt": None, "prompts": {"short": "Name it.", "long": "Describe it."}}
+    card = render_dataset_card("me/data", [named])
+    assert card.count(fenced) == 1 and card.index("Prompt `short`") < card.index(fenced)
+    assert "appended to each prompt after a blank line" in card
+    assert "JSON instruction" not in render_dataset_card("me/data", [{"run_id": "bbb", "rows": 1, "prompt": "p"}])
+    monkeypatch.setattr(prompts, "JSON_INSTRUCTION_VERSION", 2)  # reworded since: only the version is recorded
+    card = render_dataset_card("me/data", [one])
+    assert instruction not in card
+    assert "- JSON instruction (version 1), appended to the prompt after a blank line: the wording of" in card
+    assert "code version 0.9" in card

@@ -7,6 +7,7 @@ from pathlib import Path
 from . import prompt_plan
 from .config import SOURCE_DATASET
 from .hub_index import run_data_globs
+from .prompts import recorded_json_instruction
 from .rows import FLAGS_BY_PROMPT, describe_counts
 from .schema import COLUMNS
 
@@ -54,7 +55,17 @@ def _run_view(repo_id: str, run: dict, default: bool) -> dict:
             "code_version": run.get("code_version", "unknown"), "created": run.get("created", "unknown"),
             "load_args": f'"{repo_id}", split="train"' if default else f'"{repo_id}", "{run["run_id"]}", split="train"',
             "fenced_prompt": _fenced(str(run.get("prompt", ""))),
-            "prompts": [{"name": k, "fenced": _fenced(str(run["prompts"][k]))} for k in prompt_plan.prompt_order(run)]}
+            "prompts": [{"name": k, "fenced": _fenced(str(run["prompts"][k]))} for k in prompt_plan.prompt_order(run)],
+            "json_instruction": _json_instruction(run, specs[0].json_fields)}
+
+
+def _json_instruction(run: dict, fields: tuple[str, ...]) -> dict:
+    """What a --format json run's prompts ended with: the instruction's version, and its text fenced as the prompt
+    is when this code words that version ("" otherwise: the run's code version has it); {} for a text run."""
+    if not fields:
+        return {}
+    version, text = recorded_json_instruction(run, fields)
+    return {"version": version, "fenced": _fenced(text) if text else ""}
 
 
 def _flags_by_prompt(run: dict) -> list[dict]:

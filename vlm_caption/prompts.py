@@ -268,6 +268,13 @@ def json_instruction_settings() -> dict[str, int]:
     return {_JSON_INSTRUCTION_SETTING: JSON_INSTRUCTION_VERSION}
 
 
+def recorded_json_instruction(settings: Mapping[str, Any], fields: Sequence[str]) -> tuple[int, str | None]:
+    """(the version of json_instruction that a --format json run's prompts ended with, by its settings; its text
+    when that is this code's version, else None: a run records the version, not the words)."""
+    version = int(settings.get(_JSON_INSTRUCTION_SETTING, _UNRECORDED_JSON_INSTRUCTION_VERSION))
+    return version, json_instruction(fields) if version == JSON_INSTRUCTION_VERSION else None
+
+
 def json_instruction(fields: Sequence[str]) -> str:
     """Text appended to a prompt asking for exactly one JSON object with these string fields."""
     if not fields:
