@@ -126,3 +126,34 @@ def test_an_lfs_file_is_known_by_the_sha256_of_its_content():
     assert HubFileInfo.of(listed).content_id in upload_ids(data)
     entry = cache.get(HubFileInfo.of(listed).content_id)
     assert entry.keys == ["a", "b"] and entry.flags == {"caption_flags": {"empty": 1}}
+
+
+def test_a_file_lock_held_by_a_stopped_worker_delays_the_others_but_never_stops_them(hub_stub, tmp_path,
+                                                                                     monkeypatch, caplog):
+    """A worker of the dir stopped while it reads a file (Ctrl-Z, a suspended job) keeps its lock: the others
+    wait a while, then read that file themselves (a second read, never a hang)."""
+    import fcntl
+    import os
+
+    keys = publish(hub_stub, tmp_path / "pushed")
+    other = tmp_path / "other"
+    connect(hub_stub, other).snapshot(RUN)
+    for entry in (other / KEY_CACHE_DIR).glob("*.parquet"):
+        entry.unlink()  # as if the stopped worker had not stored them yet
+    held = [os.open(p, os.O_RDWR) for p in (other / KEY_CACHE_DIR).glob("*.lock")]
+    for fd in held:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # another open file, so it stops this process's reader too
+    monkeypatch.setattr(KeyCache, "lock_wait_s", 0.2, raising=False)
+    seen = []
+    reader = threading.Thread(target=lambda: seen.append(connect(hub_stub, other).snapshot(RUN).keys), daemon=True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            reader.start()
+            reader.join(timeout=30)
+            assert not reader.is_alive(), "a held file lock stopped the dir's other workers"
+    finally:
+        for fd in held:
+            os.close(fd)
+        reader.join(timeout=30)
+    assert seen == [keys] and len(held) == RUNS
+    assert [r for r in caplog.records if "stayed locked" in r.getMessage()]

@@ -20,6 +20,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write_table
+from .locks import _try_flock
 from .rows import FLAGS_COLUMN, count_flags_column
 from .store import quarantine
 
@@ -72,6 +74,10 @@ def read_entry(pf: pq.ParquetFile) -> FileEntry:
 class KeyCache:
     """Entries by content id: in memory, then in the dir (None: memory only), then read from the Hub."""
 
+    # How long a process waits for another reading the same file; then it reads the file too. A holder that is
+    # stopped (Ctrl-Z, a suspended job) keeps its lock, and must not stop every other worker of the dir.
+    lock_wait_s = 60.0
+
     def __init__(self, checkpoint_dir: Path | str | None = None):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self._memory: dict[str, FileEntry] = {}
@@ -82,7 +88,8 @@ class KeyCache:
 
     def get_or_read(self, cid: str, read: Callable[[], FileEntry | None]) -> FileEntry | None:
         """The entry of `cid`, calling read() (a Hub read; None: unreadable, not cached) only when neither this
-        process nor another of the dir has it. One process of the dir reads a file while the others wait."""
+        process nor another of the dir has it. One process of the dir reads a file while the others wait
+        (lock_wait_s at most)."""
         if cid not in self._memory:
             with self._locked(cid):
                 entry = self._load(cid)
@@ -113,7 +120,13 @@ class KeyCache:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # the OS drops it if this process dies, kill -9 included
+            deadline = time.monotonic() + self.lock_wait_s
+            while not _try_flock(fd, fcntl.LOCK_EX):  # the OS drops it if its holder dies, kill -9 included
+                if time.monotonic() > deadline:
+                    log.warning("%s stayed locked for %.0f s (a stopped worker of the dir?); reading that Hub "
+                                "file without it", path, self.lock_wait_s)
+                    break
+                time.sleep(0.05)
             yield
         finally:
             os.close(fd)
