@@ -8,6 +8,7 @@ from collections import Counter
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from hub_parts import REPO, RUN, Writer, data_files, make_rows  # noqa: F401
 
 from vlm_caption import hub
@@ -157,3 +158,46 @@ def test_a_file_lock_held_by_a_stopped_worker_delays_the_others_but_never_stops_
         reader.join(timeout=30)
     assert seen == [keys] and len(held) == RUNS
     assert [r for r in caplog.records if "stayed locked" in r.getMessage()]
+
+
+def _foreign_keys(entries):
+    for entry in entries:
+        pq.write_table(pa.table({"key": ["elsewhere-1", "elsewhere-2"]}), entry)  # any parquet with a key column
+
+
+def _int_keys(entries):
+    for entry in entries:
+        table = pq.read_table(entry)
+        pq.write_table(pa.table({"key": list(range(table.num_rows))}).replace_schema_metadata(table.schema.metadata),
+                       entry)
+
+
+def _another_files_entry(entries):
+    datas = [e.read_bytes() for e in entries]
+    for entry, data in zip(entries, datas[1:] + datas[:1]):  # renamed, or copied under the wrong name
+        entry.write_bytes(data)
+
+
+def _flag_counts_of_another_shape(entries):
+    for entry in entries:
+        table = pq.read_table(entry)
+        meta = {k: (b'{"caption_flags": 3}' if k.endswith(b"flag_counts") else v)
+                for k, v in table.schema.metadata.items()}
+        pq.write_table(table.replace_schema_metadata(meta), entry)
+
+
+@pytest.mark.parametrize("spoil", [_foreign_keys, _int_keys, _another_files_entry, _flag_counts_of_another_shape])
+def test_an_entry_that_is_not_the_keys_of_its_file_is_quarantined_never_trusted(hub_stub, tmp_path, caplog, spoil):
+    """A cache entry is trusted by its name: a parquet that is not what this cache wrote under that name (a
+    foreign file, another file's entry, a hand edit of its shape) is set aside and the file read again."""
+    keys = publish(hub_stub, tmp_path / "pushed")
+    other = tmp_path / "other"
+    connect(hub_stub, other).snapshot(RUN)
+    spoil(sorted((other / KEY_CACHE_DIR).glob("*.parquet")))
+    later = connect(hub_stub, other)
+    with caplog.at_level(logging.WARNING):
+        snap = later.snapshot(RUN)
+    assert snap.keys == keys  # not one row more to push, nor one less
+    assert later.index(RUN).flag_counts(snap) == {"repetition": RUNS}
+    assert [r for r in caplog.records if "unreadable Hub key cache entry" in r.getMessage()]
+    assert len(list((other / QUARANTINE_DIR).iterdir())) == RUNS

@@ -5,12 +5,13 @@ once per process, 64 workers starting together against a run of ~200 files made 
 allows 5,000 per 5 minutes (NOTES.md). A file's content id names its bytes, so what one process read, or pushed,
 serves every worker of the dir and every relaunch: each file is read from the Hub once per dir.
 
-    hub_keys/{content_id}.parquet   the file's `key` column; its flag counts in the schema metadata
+    hub_keys/{content_id}.parquet   the file's `key` column; its flag counts and id in the schema metadata
     hub_keys/{content_id}.lock      held (flock) by the process of the dir reading that file from the Hub
 
 The id is the sha256 of an LFS file (parquet on huggingface.co) and the git blob id of a regular one (the test
 stub), as huggingface_hub itself compares files. A cache: deleting the folder costs reads, never rows; an
-unreadable entry is quarantined with a warning and the file is read again.
+unreadable or foreign entry (not written under its name by this cache) is quarantined with a
+warning and the file is read again.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 
 KEY_CACHE_DIR = "hub_keys"
 _META_FLAGS = b"vlm_caption.flag_counts"
+_META_ID = b"vlm_caption.content_id"  # the id it was stored under: a renamed or foreign parquet is not an entry
 
 
 @dataclass(frozen=True)
@@ -137,9 +139,13 @@ class KeyCache:
             return None
         try:
             table = pq.read_table(path)
-            flags = json.loads((table.schema.metadata or {}).get(_META_FLAGS, b"{}"))
-            if not isinstance(flags, dict):
-                raise ValueError("flag counts are not a mapping")
+            meta = table.schema.metadata or {}
+            if meta.get(_META_ID) != cid.encode() or not pa.types.is_string(table.schema.field("key").type):
+                raise ValueError("not an entry of this id")  # trusted by name: wrong keys would be pushed again
+            flags = json.loads(meta[_META_FLAGS])
+            if not (isinstance(flags, dict) and all(isinstance(c, dict) and all(
+                    isinstance(n, int) for n in c.values()) for c in flags.values())):
+                raise ValueError("flag counts are not a mapping of mappings")  # the card would fail on them
             return FileEntry(table.column("key").to_pylist(), flags)
         except (OSError, pa.ArrowException, KeyError, ValueError) as e:
             quarantine(self.checkpoint_dir, path, f"an unreadable Hub key cache entry ({type(e).__name__})",
@@ -151,4 +157,5 @@ class KeyCache:
         if path is None:
             return
         table = pa.table({"key": pa.array(entry.keys, pa.string())})
-        atomic_write_table(path, table.replace_schema_metadata({_META_FLAGS: json.dumps(entry.flags, sort_keys=True)}))
+        atomic_write_table(path, table.replace_schema_metadata({_META_FLAGS: json.dumps(entry.flags, sort_keys=True),
+                                                                _META_ID: cid}))
