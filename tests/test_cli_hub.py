@@ -103,3 +103,25 @@ def test_pushes_the_hub_refuses_mid_run_end_in_exit_1_with_every_caption_kept(hu
     assert "every caption is kept in" in err and "then run --push-only" in err
     assert "FineGrainedNoWrite" not in err
     assert hub_stub.commits_applied == 0 and sum(len(k) for _, k in store.read_keys(store.list_parts(ckpt))) > 30
+
+
+def test_push_only_removes_what_a_killed_push_left_half_written_in_the_dir(hub_stub, tmp_path):
+    """A push-only killed while it kept a file's keys (hub_keys/) leaves a tmp file; a dir only ever pushed from
+    (a finished run, published from a login node) must not keep it for good."""
+    import socket
+
+    from hub_parts import RUN, Writer
+
+    from vlm_caption.hub_key_cache import KEY_CACHE_DIR
+
+    ckpt = tmp_path / "ckpt"
+    Writer(ckpt).parts(4)
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    left = ckpt / KEY_CACHE_DIR / f".git-{'0' * 40}.parquet.tmp-{socket.gethostname()}-{dead.pid}"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half an entry")
+    assert main(["--checkpoint-dir", str(ckpt), "--hf-repo", REPO_ID, "--hub-endpoint", hub_stub.endpoint,
+                 "--push-only"]) == EXIT_OK
+    assert len(hub_stub.read_rows(REPO_ID, prefix=f"data/{RUN}/")) == 4
+    assert not left.exists()

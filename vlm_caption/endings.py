@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from . import dataset, rows as rowcols, store, workers
-from .atomic import atomic_write_json
+from .atomic import atomic_write_json, remove_stale_tmp
 from .cli import plural
 from .config import RunConfig, parse_shards
 from .errors import EXIT_COVERAGE, EXIT_FATAL, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
@@ -198,6 +198,7 @@ def push_only(hub_client, cfg: RunConfig, run_info: dict) -> int:
 
     ckpt = Path(cfg.checkpoint_dir)
     run_id = run_info["run_id"]
+    remove_stale_tmp(ckpt)  # a killed push's half-kept keys (hub_keys/): a dir only pushed from never captions
     log.info(hub_client.describe_repo(run_id))
     try:
         rows = hub_client.push(ckpt, run_id, worker=None)
