@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write_table
-from .locks import _try_flock
+from .locks import try_flock
 from .rows import FLAGS_COLUMN, count_flags_column
 from .store import quarantine
 
@@ -123,7 +123,7 @@ class KeyCache:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             deadline = time.monotonic() + self.lock_wait_s
-            while not _try_flock(fd, fcntl.LOCK_EX):  # the OS drops it if its holder dies, kill -9 included
+            while not try_flock(fd, fcntl.LOCK_EX):  # the OS drops it if its holder dies, kill -9 included
                 if time.monotonic() > deadline:
                     log.warning("%s stayed locked for %.0f s (a stopped worker of the dir?); reading that Hub "
                                 "file without it", path, self.lock_wait_s)

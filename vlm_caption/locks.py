@@ -28,7 +28,7 @@ def _worker_lock_name(worker: int) -> str:
     return f"worker-{worker:03d}.lock"
 
 
-def _try_flock(fd: int, mode: int) -> bool:
+def try_flock(fd: int, mode: int) -> bool:
     try:
         fcntl.flock(fd, mode | fcntl.LOCK_NB)
         return True
@@ -53,7 +53,7 @@ class DirLock:
     def take_worker(self) -> str | None:
         """Hold this worker id; returns None, or who holds it already (then nothing is held)."""
         fd = self._open(_worker_lock_name(self.worker))
-        if not _try_flock(fd, fcntl.LOCK_EX):
+        if not try_flock(fd, fcntl.LOCK_EX):
             holder = _read_holder(fd)
             os.close(fd)
             return holder
@@ -67,7 +67,7 @@ class DirLock:
         """Shared (every live process) or exclusive (no other live process of the dir); never blocks."""
         if self._run_fd is None:
             self._run_fd = self._open(RUN_LOCK)
-        return _try_flock(self._run_fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        return try_flock(self._run_fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
 
     share_wait_s = 60.0  # how long share_run waits for an exclusive holder (a writer of run.json, a merge)
 
@@ -89,7 +89,7 @@ class DirLock:
                 continue
             fd = os.open(path, os.O_RDONLY)
             try:
-                if _try_flock(fd, fcntl.LOCK_SH):
+                if try_flock(fd, fcntl.LOCK_SH):
                     fcntl.flock(fd, fcntl.LOCK_UN)  # nobody holds it
                 else:
                     found.append(_read_holder(fd))
@@ -125,7 +125,7 @@ def hold_exclusive(path: Path, what: str) -> int:
     already: a one-line UsageError naming the holder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    if not _try_flock(fd, fcntl.LOCK_EX):
+    if not try_flock(fd, fcntl.LOCK_EX):
         holder = _read_holder(fd)
         os.close(fd)
         raise UsageError(f"{what} is in use by another process ({holder}); wait for it to end, or stop it")
