@@ -148,7 +148,8 @@ class KeyCache:
                 raise ValueError("flag counts are not a mapping of mappings")  # the card would fail on them
             return FileEntry(table.column("key").to_pylist(), flags)
         except (OSError, pa.ArrowException, KeyError, ValueError) as e:
-            quarantine(self.checkpoint_dir, path, f"an unreadable Hub key cache entry ({type(e).__name__})",
+            why = (str(e).splitlines() or [""])[0][:120]
+            quarantine(self.checkpoint_dir, path, f"an unreadable Hub key cache entry ({type(e).__name__}: {why})",
                        "that Hub file's keys are read from the Hub again")
             return None
 
