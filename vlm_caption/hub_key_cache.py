@@ -92,16 +92,19 @@ class KeyCache:
         """The entry of `cid`, calling read() (a Hub read; None: unreadable, not cached) only when neither this
         process nor another of the dir has it. One process of the dir reads a file while the others wait
         (lock_wait_s at most)."""
-        if cid not in self._memory:
+        if cid in self._memory:
+            return self._memory[cid]
+        entry = self._load(cid)  # the usual case at a relaunch: no lock needed to read a finished entry
+        if entry is None:
             with self._locked(cid):
-                entry = self._load(cid)
+                entry = self._load(cid)  # stored by the holder we waited for
                 if entry is None:
                     entry = read()
                     if entry is None:
                         return None
                     self._store(cid, entry)
-            self._memory[cid] = entry
-        return self._memory[cid]
+        self._memory[cid] = entry
+        return entry
 
     def put_upload(self, data: bytes) -> None:
         """Remember a file this process is uploading, under both ids it may be listed by: never read it back."""
