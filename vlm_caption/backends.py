@@ -10,6 +10,9 @@ from typing import Any, Callable, Protocol, Sequence
 
 BACKENDS = ("transformers", "dummy")
 RETRY_NO_REPEAT_NGRAM = 4  # a retried caption never repeats a 4-gram
+RETRY_REPETITION_PENALTY = 1.15  # --retry-repetition-penalty's default: the second try of a flagged caption
+AUTO_BATCH_CAP = 256  # --batch-size auto on CUDA: the largest batch tried (free memory decides below it)
+AUTO_BATCH_CPU = 32  # --batch-size auto on CPU and for the dummy engine: best for the small preset (BENCHMARKS.md)
 
 
 @dataclass
@@ -50,13 +53,14 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, dtype: str = "auto",
                  device_map: str | None = None, attn_implementation: str = "sdpa",
                  max_auto_batch_size: int = 0, compile: str = "auto", decode_loop: str = "generate",
-                 vision_overlap: bool = False, retry_repetition_penalty: float = 1.15) -> CaptionBackend:
+                 vision_overlap: bool = False,
+                 retry_repetition_penalty: float = RETRY_REPETITION_PENALTY) -> CaptionBackend:
     """The engine `name` with the run's settings; the model loads here (seconds to minutes)."""
     if name == "dummy":
         from .dummy_backend import DummyBackend
 
         return DummyBackend(model_name=model, prompt=prompt, max_tokens=max_tokens, min_tokens=min_tokens,
-                            default_batch_size=max_auto_batch_size or 32)
+                            default_batch_size=max_auto_batch_size or AUTO_BATCH_CPU)
     if name == "transformers":
         from .captioner import Captioner
         from .model_loading import choose_device, load_model
@@ -66,6 +70,6 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
                                        attn_implementation=attn_implementation)
         return Captioner(loaded, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
                          min_tokens=min_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                         auto_batch_cap=max_auto_batch_size or 256, compile=compile, decode_loop=decode_loop,
+                         auto_batch_cap=max_auto_batch_size or AUTO_BATCH_CAP, compile=compile, decode_loop=decode_loop,
                          vision_overlap=vision_overlap, retry_repetition_penalty=retry_repetition_penalty)
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")

@@ -34,7 +34,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-DEFAULT_CAP = 256
+from .backends import AUTO_BATCH_CAP
+
 DEFAULT_RESERVE = 2 * 2**30  # CUDA context, cuBLAS workspace, compile / CUDA-graph pools, fragmentation
 DEFAULT_SAFETY = 0.90  # use at most this fraction of what is left after the weights and the reserve
 DEFAULT_TEXT_TOKENS = 64  # chat markup + a one-paragraph prompt (the default prompt is ~60 tokens)
@@ -103,7 +104,7 @@ def row_memory(model_config, seq_len: int, dtype_bytes: int, *, static_full_atte
 
 
 def auto_batch_size(model_config, free_bytes: int, weight_bytes: int, seq_len: int, dtype_bytes: int,
-                    cap: int = DEFAULT_CAP, *, static_full_attention: bool = False, prompt_tokens: int | None = None,
+                    cap: int = AUTO_BATCH_CAP, *, static_full_attention: bool = False, prompt_tokens: int | None = None,
                     sampling: bool = False, safety: float = DEFAULT_SAFETY, reserve_bytes: int = DEFAULT_RESERVE,
                     vision_scores: bool = False, vision_overlap: bool = False) -> int:
     """The largest power of two <= `cap` whose per-row memory fits, at least 1.

@@ -17,9 +17,11 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .backends import Caption  # noqa: F401  (the engine's result type)
+from .backends import (AUTO_BATCH_CAP, AUTO_BATCH_CPU, RETRY_NO_REPEAT_NGRAM, RETRY_REPETITION_PENALTY,
+                       Caption)  # noqa: F401  (the engine's result type)
 from .grouped_attention import set_grouped_decode_attention
 from .image_prep import ImagePrep, unsupported_reason
+from .images import MODEL_IMAGE_SIZE
 from .quality import CHAT_MARKUP_RE
 from .vision_ahead import Ahead, VisionAhead
 
@@ -60,9 +62,9 @@ class Captioner:
     """The transformers backend (backends.CaptionBackend): Gemma 3 through `generate`."""
 
     def __init__(self, model, processor, *, model_name: str, prompt: str, max_tokens: int, min_tokens: int = 0,
-                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, auto_batch_cap: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, auto_batch_cap: int = AUTO_BATCH_CAP,
                  compile: str = "off", compile_options: dict[str, Any] | None = None,
-                 retry_repetition_penalty: float = 1.15, resize_on_device: bool | None = None,
+                 retry_repetition_penalty: float = RETRY_REPETITION_PENALTY, resize_on_device: bool | None = None,
                  decode_loop: str = "generate", grouped_attention: bool = True, vision_overlap: bool = False):
         self.model = model
         self.processor = processor
@@ -129,9 +131,9 @@ class Captioner:
 
     def _auto_batch_size(self, max_tokens: int, cap: int) -> int:
         """Where --batch-size auto starts: on a GPU what free memory allows (KV cache per row from the config
-        at this run's length, batch_size.py); on CPU 32, measured best for the small preset (BENCHMARKS.md)."""
+        at this run's length, batch_size.py); on CPU AUTO_BATCH_CPU, measured best for the small preset."""
         if self.device.type != "cuda":
-            return min(32, cap)
+            return min(AUTO_BATCH_CPU, cap)
         from .batch_size import auto_batch_size, free_device_memory
 
         free = free_device_memory(self.device)
@@ -160,7 +162,7 @@ class Captioner:
 
     def _image_size(self) -> int:
         size = getattr(self.processor.image_processor, "size", None) or {}
-        return int(size.get("height") or size.get("shortest_edge") or 896)
+        return int(size.get("height") or size.get("shortest_edge") or MODEL_IMAGE_SIZE)
 
     def _encode_prompt(self, prompt: str) -> dict[str, torch.Tensor]:
         """The token ids of one image + `prompt` chat turn (cached per distinct text)."""
@@ -191,8 +193,6 @@ class Captioner:
     def _retry_config(self, penalty: float):
         """The run's config (static decode settings included) for the second try of a flagged caption."""
         import copy
-
-        from .backends import RETRY_NO_REPEAT_NGRAM
 
         config = copy.deepcopy(self.gen_config)
         config.repetition_penalty = penalty

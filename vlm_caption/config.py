@@ -13,6 +13,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from . import workers
+from .backends import BACKENDS, RETRY_REPETITION_PENALTY
 from .data_layout import FULL_METADATA_FILE, IMAGES_DIR
 from .errors import UsageError
 
@@ -97,7 +98,7 @@ class RunConfig:
     data_dir: str = DEFAULT_DATA_DIR  # what download_data.py wrote (img2dataset layout)
     checkpoint_dirs: list[str] = field(default_factory=lambda: ["./checkpoints"])  # >1 only for --merge-only
     batch_size: int | None = None  # None = auto: start high, halve on out-of-memory
-    max_auto_batch_size: int = 0  # cap of --batch-size auto; 0 = 256 on CUDA (free memory decides), 32 on CPU
+    max_auto_batch_size: int = 0  # cap of --batch-size auto; 0 = backends.AUTO_BATCH_CAP on CUDA, AUTO_BATCH_CPU on CPU
     push_every: int = 500  # push pending rows to the Hub once this many are waiting
     min_push_interval: float = 120.0  # seconds between Hub commits of one worker, at least
     hub_commits_per_hour: int = 60  # budget of all workers of a run together (the Hub allows about 128/h)
@@ -108,7 +109,7 @@ class RunConfig:
     temperature: float = 0.0  # 0 = greedy; >0 samples with a per-key seed
     top_p: float = 1.0  # nucleus sampling cutoff when temperature > 0
     seed: int = 0  # base of the per-key sampling seeds
-    retry_repetition_penalty: float = 1.15  # the second try of a flagged caption; 0 = no second try
+    retry_repetition_penalty: float = RETRY_REPETITION_PENALTY  # the second try of a flagged caption; 0 = no second try
     prompt: str | None = None  # overrides the default prompt
     prompt_file: str | None = None  # file whose text is the prompt
     prompts_file: str | None = None  # YAML or JSON of named prompts: one caption column set per prompt
@@ -179,8 +180,6 @@ class RunConfig:
             raise UsageError("--min-push-interval must be >= 0")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise UsageError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
-        from .backends import BACKENDS
-
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):

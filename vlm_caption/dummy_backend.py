@@ -20,7 +20,7 @@ import os
 import re
 from typing import Any, Callable, Sequence
 
-from .backends import Caption
+from .backends import AUTO_BATCH_CPU, Caption
 
 _WORDS = ("a", "quiet", "study", "in", "colour", "and", "light", "with", "soft", "edges", "under", "an", "open",
           "sky", "painted", "loosely")
@@ -34,7 +34,7 @@ class DummyBackend:
     target_size = 224  # small: the loader's draft decode makes big JPEGs cheap
 
     def __init__(self, *, model_name: str, prompt: str, max_tokens: int, min_tokens: int = 0,
-                 default_batch_size: int = 32):
+                 default_batch_size: int = AUTO_BATCH_CPU):
         self.model_name, self.prompt = model_name, prompt
         self.max_tokens, self.min_tokens = max_tokens, min_tokens
         self.default_batch_size = default_batch_size

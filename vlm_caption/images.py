@@ -11,6 +11,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 # Declared pixel count above which an image is refused before decoding (a decompression bomb);
 # the same as PIL's own hard limit, checked by us so the reason is explicit.
 MAX_IMAGE_PIXELS = 2 * 89_478_485
+# Gemma 3's image side (its SigLIP tower's input): what images are decoded for when the engine does not say.
+MODEL_IMAGE_SIZE = 896
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 
 
@@ -42,7 +44,7 @@ def draft_box(target: int | tuple[int, int]) -> tuple[int, int]:
     return round(DRAFT_MARGIN * int(width)), round(DRAFT_MARGIN * int(height))
 
 
-def load_image(path: Path | None, target_size: int = 896) -> Image.Image:
+def load_image(path: Path | None, target_size: int = MODEL_IMAGE_SIZE) -> Image.Image:
     """Open an image fully decoded as RGB, or raise ImageLoadError(stage, reason)."""
     if path is None:
         raise ImageLoadError("load", "no safe image path for this key (outside the data dir or malformed key)")

@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterable, Iterator
 from PIL import Image
 
 from .dataset import ImageLoadError, load_image
+from .images import MODEL_IMAGE_SIZE
 from .schema import IMAGE_PATH
 
 
@@ -35,7 +36,7 @@ class Loaded:
 
 
 def prefetch(rows: Iterable[dict[str, Any]], prepare: Callable[[Image.Image], Any], *,
-             workers: int, window: int, target_size: int = 896) -> Iterator[Loaded]:
+             workers: int, window: int, target_size: int = MODEL_IMAGE_SIZE) -> Iterator[Loaded]:
     """Decode + preprocess images in `workers` threads, `window` ahead, yielding in input order.
 
     Pillow's decode and copies and torch's resize and normalise (image_prep, the fast path) run with the
