@@ -7,6 +7,7 @@ import json
 import struct
 import zlib
 from pathlib import Path
+from types import SimpleNamespace
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -185,6 +186,7 @@ def one_line_exit(capsys, argv: list[str]) -> tuple[int, str]:
     (["--max-images", "0"], "--max-images must be a positive integer"),
     (["--max-images", "-3"], "--max-images must be a positive integer"),
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
+    (["--max-tokens", "1000000000"], "--max-tokens 1000000000 is more than a Gemma 3 model's whole context"),
     (["--hf-repo", "bad repo!"], "invalid Hub repo id"),
     (["--hf-repo", "a/b/c"], "invalid Hub repo id"),
     (["--num-workers", "2", "--worker-index", "5"], "--worker-index must be in"),
@@ -202,6 +204,40 @@ def test_bad_flags_are_one_line_and_exit_2(flags, message, sample_data_dir, tmp_
         argv.append("--no-push")
     code, err = one_line_exit(capsys, argv)
     assert code == EXIT_USAGE and message in err
+
+
+def test_max_tokens_past_the_models_context_is_one_line_once_it_is_loaded(tiny_model_dir, sample_data_dir, tmp_path,
+                                                                        capsys):
+    """Under the flag's cap, but more than the tiny model's context leaves after its prompt: exit 2, nothing
+    captioned (caches and --batch-size auto would be sized for tokens the model has no positions for)."""
+    from transformers import AutoConfig
+
+    from vlm_caption.config import MAX_TOKENS_LIMIT
+
+    context = AutoConfig.from_pretrained(tiny_model_dir).get_text_config(decoder=True).max_position_embeddings
+    assert context <= MAX_TOKENS_LIMIT
+    ckpt = tmp_path / "c"
+    code, err = one_line_exit(capsys, ["--model", str(tiny_model_dir), "--data-dir", str(sample_data_dir),
+                                       "--checkpoint-dir", str(ckpt), "--no-push", "--max-images", "2",
+                                       "--max-tokens", str(context)])
+    assert code == EXIT_USAGE and f"--max-tokens {context} does not fit" in err and "or less" in err, err
+    assert not store.list_parts(ckpt) and not store.list_failure_files(ckpt)
+
+
+def test_the_context_check_leaves_room_for_the_prompt():
+    from transformers import Gemma3TextConfig
+
+    from vlm_caption.errors import UsageError
+    from vlm_caption.model_loading import check_context
+
+    config = Gemma3TextConfig(max_position_embeddings=512)
+    check_context(config, 300, 212, "m")  # exactly full
+    with pytest.raises(UsageError, match="takes 300, leaving 212; use --max-tokens 212 or less"):
+        check_context(config, 300, 213, "m")
+    with pytest.raises(UsageError, match="leaving none; shorten the prompt"):
+        check_context(config, 600, 1, "m")
+    no_limit = SimpleNamespace(get_text_config=lambda decoder: SimpleNamespace())  # names no context
+    check_context(no_limit, 600, 10**9, "m")
 
 
 def test_bad_prompt_files_are_one_line_and_exit_2(sample_data_dir, tmp_path, capsys):

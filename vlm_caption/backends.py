@@ -56,20 +56,24 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
                  vision_overlap: bool = False,
                  retry_repetition_penalty: float = RETRY_REPETITION_PENALTY) -> CaptionBackend:
     """The engine `name` with the run's settings; the model loads here (seconds to minutes)."""
-    if name == "dummy":
+    if name == "dummy":  # no model, no context: only config.MAX_TOKENS_LIMIT bounds max_tokens
         from .dummy_backend import DummyBackend
 
         return DummyBackend(model_name=model, prompt=prompt, max_tokens=max_tokens, min_tokens=min_tokens,
                             default_batch_size=max_auto_batch_size or AUTO_BATCH_CPU)
     if name == "transformers":
         from .captioner import Captioner
-        from .model_loading import choose_device, load_model
+        from .model_loading import check_context, choose_device, load_model
 
         device = choose_device()
         loaded, processor = load_model(model, device, dtype=dtype, device_map=device_map,
                                        attn_implementation=attn_implementation)
-        return Captioner(loaded, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
-                         min_tokens=min_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                         auto_batch_cap=max_auto_batch_size or AUTO_BATCH_CAP, compile=compile, decode_loop=decode_loop,
-                         vision_overlap=vision_overlap, retry_repetition_penalty=retry_repetition_penalty)
+        captioner = Captioner(loaded, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
+                              min_tokens=min_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                              auto_batch_cap=max_auto_batch_size or AUTO_BATCH_CAP, compile=compile,
+                              decode_loop=decode_loop, vision_overlap=vision_overlap,
+                              retry_repetition_penalty=retry_repetition_penalty)
+        # Checked once the prompt is tokenised; nothing sized by max_tokens is allocated before the first batch.
+        check_context(loaded.config, captioner.prompt_inputs["input_ids"].shape[-1], max_tokens, model)
+        return captioner
     raise ValueError(f"unknown backend {name!r}; known: {', '.join(BACKENDS)}")

@@ -22,6 +22,9 @@ DEFAULT_DATA_DIR = "./data/contrastyles_full"
 SOURCE_DATASET = "tomg-group-umd/ContraStyles"
 COMPILE_CHOICES = ("auto", "on", "off")  # --compile: auto = on for CUDA (static_decode.compile_wanted)
 DECODE_LOOPS = ("generate", "graph")  # --decode-loop: transformers' generate, or decode_loop.GraphDecode
+# --max-tokens' cap before any model is known: the longest context of a Gemma 3 model (4B to 27B); once the
+# model is loaded, model_loading.check_context holds it to what that model's context leaves after the prompt.
+MAX_TOKENS_LIMIT = 131_072
 
 # Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-'/'.', no '--' or '..'.
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -167,6 +170,9 @@ class RunConfig:
             raise UsageError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
         if self.decode_loop not in DECODE_LOOPS:
             raise UsageError(f"--decode-loop must be one of {', '.join(DECODE_LOOPS)}, got {self.decode_loop!r}")
+        if self.max_tokens > MAX_TOKENS_LIMIT:  # else caches and --batch-size auto are sized for it
+            raise UsageError(f"--max-tokens {self.max_tokens} is more than a Gemma 3 model's whole context "
+                             f"({MAX_TOKENS_LIMIT} tokens, prompt included); a caption takes a few hundred")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise UsageError("--min-tokens must be between 0 and --max-tokens")
         if not 0 <= self.temperature < float("inf"):  # also refuses nan

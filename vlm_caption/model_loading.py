@@ -113,3 +113,16 @@ def load_model(model_name: str, device: torch.device, *, dtype: str = "auto", de
                     "(use a smaller Gemma 3 or a bigger GPU)", "/".join(offloaded))
     model.eval()
     return model, processor
+
+
+def check_context(model_config, prompt_tokens: int, max_tokens: int, model_name: str) -> None:
+    """A UsageError when the prompt + --max-tokens is longer than the model's context (its text config's
+    max_position_embeddings): past it the model has no positions to attend with, and the KV cache and
+    --batch-size auto would be sized for tokens it cannot use. No limit known: nothing to check."""
+    context = getattr(model_config.get_text_config(decoder=True), "max_position_embeddings", None)
+    if not context or prompt_tokens + max_tokens <= int(context):
+        return
+    room = int(context) - prompt_tokens
+    raise UsageError(f"--max-tokens {max_tokens} does not fit {model_name}'s context of {context} tokens: the "
+                     f"prompt (image included) takes {prompt_tokens}, leaving "
+                     + (f"{room}; use --max-tokens {room} or less" if room > 0 else "none; shorten the prompt"))
