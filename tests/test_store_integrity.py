@@ -67,3 +67,35 @@ def test_a_tmp_file_renamed_while_it_is_looked_at_is_not_an_error(tmp_path, monk
 
     monkeypatch.setattr(Path, "stat", renamed_meanwhile)
     assert atomic.remove_stale_tmp(tmp_path) == 0
+
+
+def failure(key: str, stage: str, error: str = "broken") -> dict:
+    return {"key": key, "original_key": None, "url": None, "stage": stage, "error": error}
+
+
+def test_every_reader_of_failures_sees_the_latest_record_and_a_bad_file_is_never_fatal(tmp_path, caplog):
+    """failures/ has one reader (store.failure_records): a key recorded twice (a --retry-failed run failed it
+    again) is its later record for the preview's cards as for the card's counts and the run's skip; a truncated
+    file is warned about by a look that changes nothing (the preview) and set aside by a run."""
+    import logging
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlm_caption import endings, preview
+
+    w = Writer(tmp_path)
+    w.store.write_failures([failure("k1", "decode"), failure("k2", "generate", "first try")])
+    w.store.write_failures([failure("k2", "generate", "second try")])
+    w.store.write_failures([failure("k3", "load")])
+    bad = store.list_failure_files(tmp_path)[-1].path
+    bad.write_bytes(bad.read_bytes()[:100])
+    pq.write_table(pa.table({"key": pa.array(["k1"], pa.string())}), tmp_path / store.MERGED)  # k1 captioned since
+
+    with caplog.at_level(logging.WARNING):
+        cards, total = preview.read_failures(tmp_path, tmp_path / store.MERGED, 10)
+    assert [(c["key"], c["error"]) for c in cards] == [("k2", "second try")] and total == 1
+    assert bad.exists() and f"{bad} is unreadable" in caplog.text
+    assert {k: r["error"] for k, r in endings.still_failed([tmp_path], {"k1"}).items()} == {"k2": "second try"}
+    assert not bad.exists() and len(list((tmp_path / store.QUARANTINE_DIR).iterdir())) == 1
+    assert w.store.failed_stages() == {"k1": "decode", "k2": "generate"}

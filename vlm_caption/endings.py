@@ -26,18 +26,9 @@ log = logging.getLogger("vlm_caption.pipeline")  # the messages users know, unde
 
 def still_failed(dirs: list[Path], captioned: set[str]) -> dict[str, dict]:
     """key -> failure record (key, stage, error) of every failed key that no later run captioned."""
-    import pyarrow.parquet as pq
-
     failed: dict[str, dict] = {}
     for d in dirs:
-        for part in store.list_failure_files(d):
-            check = store.check_file(part.path, store.FAILURE_SCHEMA)
-            if check.problem:
-                store.quarantine(d, part.path, check.problem)
-                continue
-            for row in pq.read_table(part.path, columns=["key", "stage", "error"]).to_pylist():
-                if row["key"] not in captioned:
-                    failed[row["key"]] = row
+        failed.update((k, row) for k, row in store.failure_records(d).items() if k not in captioned)
     return failed
 
 

@@ -101,19 +101,9 @@ def local_images(data_dir: Path, keys: list[str]) -> dict[str, Path]:
 def read_failures(checkpoint_dir: Path, merged: Path, n: int) -> tuple[list[dict], int]:
     """(the first n failure records, by key, of images no part holds; how many there are), read only.
 
-    Unreadable failure files are skipped here (the next captioning run quarantines them).
+    Unusable failure files are skipped here with a warning (the next captioning run quarantines them).
     """
-    failed: dict[str, dict] = {}
-    for part in store.list_failure_files(checkpoint_dir):
-        try:
-            pf = pq.ParquetFile(part.path)
-            names = [c for c in ("key", "original_key", "url", "stage", "error") if c in pf.schema_arrow.names]
-            rows = pf.read(columns=names).to_pylist()
-        except (OSError, pa.ArrowException):
-            continue
-        for row in rows:
-            if row.get("key") is not None:
-                failed.setdefault(str(row["key"]), row)
+    failed = store.failure_records(checkpoint_dir, store.FAILURE_SCHEMA.names, quarantine_bad=False)
     if not failed:
         return [], 0
     captioned = set(pq.read_table(merged, columns=["key"]).column("key").to_pylist())

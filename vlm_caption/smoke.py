@@ -177,9 +177,8 @@ def selection_counts(ctx: Context) -> tuple[list[dict], set[str]]:
     wanted = merged.filter(pc.is_in(merged.column("key"), value_set=pa.array(sorted(ctx.selection), pa.string())))
     rows = wanted.to_pylist()
     captioned = {r["key"] for r in rows}
-    failed = set()
-    for _, keys in store.read_keys(store.list_failure_files(ctx.ckpt)):
-        failed.update(k for k in keys if k in ctx.selection and k not in captioned)
+    recorded = store.failure_records(ctx.ckpt, ("key",), quarantine_bad=False)
+    failed = {k for k in recorded if k in ctx.selection and k not in captioned}
     return rows, failed
 
 

@@ -25,7 +25,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, NamedTuple
+from typing import Iterable, NamedTuple, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -118,6 +118,39 @@ def quarantine(checkpoint_dir: Path, path: Path, why: str, then: str = "its keys
         log.info("%s was set aside by another process", path)
         return
     log.warning("%s is %s: moved to %s; %s", path, why, dest, then)
+
+
+def usable_file(checkpoint_dir: Path, part: Part, schema: pa.Schema, run_id: str | None = None,
+                quarantine_bad: bool = True) -> FileCheck | None:
+    """`part` checked (check_file), or None when it cannot be used: unreadable, foreign, or of another run than
+    `run_id`. Such a file is set aside, or with quarantine_bad=False (a look that changes nothing) warned about."""
+    check = check_file(part.path, schema)
+    problem = check.problem or (f"from another run ({check.run_id})"
+                                if run_id and check.run_id not in (None, run_id) else None)
+    if problem and quarantine_bad:
+        quarantine(checkpoint_dir, part.path, problem)
+    elif problem:
+        log.warning("%s is %s: a real run sets it aside and captions its keys again", part.path, problem)
+    return None if problem else check
+
+
+def failure_records(checkpoint_dir: Path | str, columns: Sequence[str] = ("key", "stage", "error"), *,
+                    run_id: str | None = None, quarantine_bad: bool = True) -> dict[str, dict]:
+    """key -> its latest failure record (`columns` of FAILURE_SCHEMA, key always) in the dir's failure files: the
+    one reader of failures/. A file that cannot be used is left out (see `usable_file`), never fatal."""
+    checkpoint_dir = Path(checkpoint_dir)
+    columns = list(dict.fromkeys(("key", *columns)))
+    records: dict[str, dict] = {}
+    for part in list_failure_files(checkpoint_dir):  # by worker, then sequence: a worker's later record wins
+        if usable_file(checkpoint_dir, part, FAILURE_SCHEMA, run_id, quarantine_bad) is None:
+            continue
+        try:
+            rows = pq.read_table(part.path, columns=columns).to_pylist()
+        except (OSError, pa.ArrowException) as e:  # set aside by another worker since the check
+            log.warning("%s could not be read (%s): its failures are left out", part.path, type(e).__name__)
+            continue
+        records.update((row["key"], row) for row in rows if row["key"] is not None)
+    return records
 
 
 def read_run_json(checkpoint_dir: Path | str) -> dict | None:
@@ -310,34 +343,19 @@ class CheckpointStore:
 
     def done_keys(self) -> set[str]:
         """Keys captioned by any worker of this run (all usable parts in the dir)."""
-        return self._keys(list_parts(self.dir), self.schema)
+        keys: set[str] = set()
+        for part in list_parts(self.dir):
+            check = usable_file(self.dir, part, self.schema, self.run_id, self.quarantine_bad)
+            keys.update(check.keys if check is not None else ())
+        return keys
 
     def failed_keys(self) -> set[str]:
-        return self._keys(list_failure_files(self.dir), FAILURE_SCHEMA)
+        return set(self.failed_stages())
 
     def failed_stages(self) -> dict[str, str]:
         """key -> stage of its last recorded failure (load, decode, generate), usable files only."""
-        usable = self.failed_keys()  # quarantines what cannot be read
-        stages: dict[str, str] = {}
-        for part in list_failure_files(self.dir):
-            table = pq.read_table(part.path, columns=["key", "stage"])
-            stages.update(zip(table.column("key").to_pylist(), table.column("stage").to_pylist()))
-        return {k: v for k, v in stages.items() if k in usable}
-
-    def _keys(self, files: list[Part], schema: pa.Schema) -> set[str]:
-        """Keys of `files`; a file that is unreadable, foreign or of another run is quarantined."""
-        keys: set[str] = set()
-        for part in files:
-            check = check_file(part.path, schema)
-            problem = check.problem or (f"from another run ({check.run_id})"
-                                        if self.run_id and check.run_id not in (None, self.run_id) else None)
-            if problem and self.quarantine_bad:
-                quarantine(self.dir, part.path, problem)
-            elif problem:
-                log.warning("%s is %s: a real run sets it aside and captions its keys again", part.path, problem)
-            else:
-                keys.update(check.keys)
-        return keys
+        records = failure_records(self.dir, ("key", "stage"), run_id=self.run_id, quarantine_bad=self.quarantine_bad)
+        return {k: r["stage"] for k, r in records.items()}
 
     # -- writing
 
