@@ -50,13 +50,20 @@ class DirLock:
         self.dir.mkdir(parents=True, exist_ok=True)
         return os.open(self.dir / name, os.O_RDWR | os.O_CREAT, 0o644)
 
+    probe_grace_s = 1.0  # how long take_worker retries a worker lock held by someone else
+
     def take_worker(self) -> str | None:
         """Hold this worker id; returns None, or who holds it already (then nothing is held)."""
         fd = self._open(_worker_lock_name(self.worker))
-        if not try_flock(fd, fcntl.LOCK_EX):
-            holder = _read_holder(fd)
-            os.close(fd)
-            return holder
+        # Another process's holders() takes each worker lock shared for an instant to see whether it is held:
+        # only a hold that outlasts a short grace is a live worker (a worker starting at that instant was refused).
+        deadline = time.monotonic() + self.probe_grace_s
+        while not try_flock(fd, fcntl.LOCK_EX):
+            if time.monotonic() > deadline:
+                holder = _read_holder(fd)
+                os.close(fd)
+                return holder
+            time.sleep(0.01)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, worker {self.worker} of "
                      f"{self.num_workers}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())

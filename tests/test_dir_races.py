@@ -1,0 +1,37 @@
+"""Races between processes sharing one checkpoint dir (Slurm arrays, torchrun, --num-workers N): found by
+starting many workers at once; each test pins one interleaving down."""
+from __future__ import annotations
+
+import fcntl
+import os
+import threading
+
+from vlm_caption.locks import LOCKS_DIR, DirLock
+
+
+def test_a_worker_id_only_looked_at_by_another_process_is_free(tmp_path):
+    """holders() (every starting worker's check of the others' counts) takes each worker lock shared for an
+    instant; a worker taking its own lock at that instant was refused as "in use by" a process long gone (a
+    thread looking in a loop got up to 610 of 3,906 takes of a free worker id refused)."""
+    lock_dir = tmp_path / LOCKS_DIR
+    lock_dir.mkdir()
+    path = lock_dir / "worker-000.lock"
+    path.write_text("pid 1 on host gone, worker 0 of 2, since yesterday\n")  # an earlier run's holder
+    look = os.open(path, os.O_RDONLY)
+    fcntl.flock(look, fcntl.LOCK_SH)  # the other process's look, caught in the middle
+    threading.Timer(0.1, lambda: os.close(look)).start()
+    worker = DirLock(tmp_path, 0, 2)
+    try:
+        assert worker.take_worker() is None
+    finally:
+        worker.release()
+
+
+def test_a_live_holder_of_the_worker_id_is_still_named(tmp_path):
+    first, second = DirLock(tmp_path, 0, 2), DirLock(tmp_path, 0, 2)
+    second.probe_grace_s = 0.05
+    try:
+        assert first.take_worker() is None
+        assert f"pid {os.getpid()}" in second.take_worker()
+    finally:
+        first.release()
