@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, bool]:
                    help="processes that decode images to find broken ones (default: %(default)s)")
     p.add_argument("--strict", action="store_true",
                    help="exit 3 when any row failed, permanent failures (404, undecodable file) included")
-    p.add_argument("--verbose", action="store_true", help="debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     a = p.parse_args(argv)
     return DownloadConfig(output=a.output, source=a.source, split=a.split, threads=a.threads,
                           processes=a.processes, timeout=a.timeout, retries=a.retries, max_rows=a.max_rows,

@@ -169,3 +169,9 @@ def test_dry_run_says_what_the_run_will_do_and_rates_leave_out_model_loading(cli
     out = ok(cli.run("e", "--no-push", "--dry-run"))
     assert "captioned nothing, so a real run replaces its settings" in out
     ok(cli.run("e", "--no-push", "--max-images", "2"))  # and it does
+
+
+def test_download_takes_v_for_verbose_as_the_readme_and_the_other_scripts_do(tmp_path):
+    from download_data import parse_args
+
+    assert parse_args(["-v", "--output", str(tmp_path / "o")])[0].verbose
