@@ -197,6 +197,7 @@ def one_line_exit(capsys, argv: list[str]) -> tuple[int, str]:
     (["--device-map", "foo"], "--device-map 'foo' is not one of auto"),
     (["--hub-endpoint", "notaurl"], "is not an http:// or https:// URL"),
     (["--hub-endpoint", "ftp://mirror.example"], "is not an http:// or https:// URL"),
+    (["--model", "./models/gemma-3-4b-it"], "is neither a directory here nor a Hub model id"),
 ])
 def test_bad_flags_are_one_line_and_exit_2(flags, message, sample_data_dir, tmp_path, capsys):
     argv = ["--data-dir", str(sample_data_dir), "--checkpoint-dir", str(tmp_path / "c"), *flags]

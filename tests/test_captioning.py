@@ -15,7 +15,7 @@ import pytest
 
 from batched_image_inference import main
 from vlm_caption import store
-from vlm_caption.errors import EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
+from vlm_caption.errors import EXIT_FATAL, EXIT_ITEMS_FAILED, EXIT_OK, EXIT_USAGE
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -156,8 +156,8 @@ def test_settings_of_a_run_that_captioned_nothing_are_replaced(tiny_model_dir, s
     with pytest.raises(SystemExit) as exc:  # a typo in the model id: run.json is written, nothing captioned
         from vlm_caption.cli import run_main
 
-        run_main(main, caption_args(tmp_path / "typo", sample_data_dir, ckpt, "--max-images", "2"))
-    assert exc.value.code == EXIT_USAGE and store.read_run_json(ckpt)["model"] == str(tmp_path / "typo")
+        run_main(main, caption_args("google/gemma-3-4b-itt", sample_data_dir, ckpt, "--max-images", "2"))
+    assert exc.value.code == EXIT_FATAL and store.read_run_json(ckpt)["model"] == "google/gemma-3-4b-itt"
     assert main(caption_args(tiny_model_dir, sample_data_dir, ckpt, "--max-images", "2")) == EXIT_OK
     assert store.read_run_json(ckpt)["model"] == str(tiny_model_dir) and not (ckpt / "superseded").exists()
 
@@ -200,7 +200,7 @@ def test_max_images_shards_and_worker_slices_select_what_they_say(tiny_model_dir
 
 
 def test_dry_run_loads_no_model(sample_data_dir, tmp_path, capsys):
-    code = main(caption_args(tmp_path / "no-such-model", sample_data_dir, tmp_path / "ckpt", "--dry-run"))
+    code = main(caption_args("no-such-org/no-such-model", sample_data_dir, tmp_path / "ckpt", "--dry-run"))
     out = capsys.readouterr().out
     assert code == EXIT_OK
     n_rows = pq.read_metadata(sample_data_dir / "full_metadata.parquet").num_rows
