@@ -356,3 +356,12 @@ def test_an_unreadable_first_shard_is_retryable_like_any_other(tiny_model_dir, t
     assert code == EXIT_ITEMS_FAILED
     assert sorted(pq.read_table(ckpt / store.MERGED).column("key").to_pylist()) == \
         sorted(pq.read_table(second).column("key").to_pylist())
+
+
+def test_an_unquoted_yaml_prompt_says_to_quote_it(sample_data_dir, tmp_path, capsys):
+    """`a: {tags} ...` is a YAML mapping and `a: Style: x` a syntax error: the line says to quote the prompt."""
+    base = ["--no-push", "--data-dir", str(sample_data_dir), "--checkpoint-dir", str(tmp_path / "c"), "--dry-run"]
+    for name, text in (("brace.yaml", "a: {tags}\n"), ("colon.yaml", "a: Name the style: five words.\n")):
+        (tmp_path / name).write_text(text)
+        code, err = one_line_exit(capsys, base + ["--prompts-file", str(tmp_path / name)])
+        assert code == EXIT_USAGE and "quote a prompt" in err, err

@@ -187,7 +187,7 @@ def _read_prompts_data(path: Path) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
     except yaml.YAMLError as e:
-        raise ValueError(f"not valid YAML: {e}") from None
+        raise ValueError(f"not valid YAML: {e} (quote a prompt that holds ': ' or starts with '{{')") from None
 
 
 def _unique_key_dict(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -238,6 +238,9 @@ def _list_item_pair(index: int, item: Any) -> tuple[Any, Any]:
 def _check_prompt(name: Any, prompt: Any) -> None:
     if not isinstance(name, str) or not PROMPT_NAME_RE.fullmatch(name):
         raise ValueError(f"bad prompt name {name!r}: use 1-32 of a-z, 0-9, _ starting with a letter")
+    if isinstance(prompt, (dict, list)):  # YAML reads an unquoted `{tags} ...` or `[...]` as data, not text
+        raise ValueError(f"prompt {name!r} must be a non-empty string, not a {type(prompt).__name__}: quote a prompt "
+                         "that starts with '{' or '['")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt {name!r} must be a non-empty string")
     try:
