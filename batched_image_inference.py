@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "keeps the raw text)")
     g.add_argument("--json-fields", help="--format json: comma-separated fields (default: "
                    "subject,style,medium,palette,composition,mood,text)")
-    g.add_argument("--max-tokens", type=int, default=D.max_tokens, help="max new tokens per caption (default: %(default)s)")
+    g.add_argument("--max-tokens", type=int, default=D.max_tokens, help="max new tokens per caption, at most what "
+                   "the model's context leaves after the prompt (default: %(default)s)")
     g.add_argument("--min-tokens", type=int, default=D.min_tokens, help=argparse.SUPPRESS)  # fixed-length benchmarks
     g.add_argument("--temperature", type=float, default=D.temperature, help="0 = greedy (default); >0 samples with a "
                    "per-image seed, so reruns reproduce")

@@ -175,3 +175,11 @@ def test_download_takes_v_for_verbose_as_the_readme_and_the_other_scripts_do(tmp
     from download_data import parse_args
 
     assert parse_args(["-v", "--output", str(tmp_path / "o")])[0].verbose
+
+
+def test_help_says_max_tokens_is_bounded_by_the_context(capsys):
+    from batched_image_inference import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--help"])
+    assert "at most what the model's context leaves" in " ".join(capsys.readouterr().out.split())
