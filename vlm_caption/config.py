@@ -106,7 +106,7 @@ class RunConfig:
     min_push_interval: float = 120.0  # seconds between Hub commits of one worker, at least
     hub_commits_per_hour: int = 60  # budget of all workers of a run together (the Hub allows about 128/h)
     checkpoint_every: int = 200  # rows per local part file (what a crash can cost at most)
-    max_images: int | None = None  # cap on images this worker captions in this run
+    max_images: int | None = None  # only the first N keys of the selection, over all workers
     max_tokens: int = 256  # max new tokens per caption
     min_tokens: int = 0  # min new tokens (benchmarks force a fixed length with it)
     temperature: float = 0.0  # 0 = greedy; >0 samples with a per-key seed

@@ -1,4 +1,4 @@
-"""The data directory's layout: file names, shard names and keys, atomic writes (see DESIGN.md).
+"""The data directory's layout: file names, shard names and keys, atomic writes (README: "Data layout").
 
     urls.parquet              url, caption, original_key, md5, tags, merged_tags, the source's further columns
                               (download_source.further_columns) (+ shard size in its metadata)

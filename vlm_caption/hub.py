@@ -44,7 +44,7 @@ from .store import OUTPUT_SCHEMA, Part, check_file, list_parts, read_run_json
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-MAX_FILES_PER_COMMIT = 50  # the Hub's advice is 50-100 files a commit (NOTES.md); a bigger backlog takes more
+MAX_FILES_PER_COMMIT = 50  # the Hub's advice is 50-100 files a commit; a bigger backlog takes more
 _LOGIN_HINT = "run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
 
 

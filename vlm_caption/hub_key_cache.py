@@ -2,7 +2,7 @@
 
 Reading which keys the repo holds means reading the key column of every file of the run (hub_index.py). Read
 once per process, 64 workers starting together against a run of ~200 files made ~25K requests, while the Hub
-allows 5,000 per 5 minutes (NOTES.md). A file's content id names its bytes, so what one process read, or pushed,
+allows 5,000 per 5 minutes. A file's content id names its bytes, so what one process read, or pushed,
 serves every worker of the dir and every relaunch: each file is read from the Hub once per dir.
 
     hub_keys/{content_id}.parquet   the file's `key` column; its flag counts and id in the schema metadata

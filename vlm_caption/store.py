@@ -1,6 +1,6 @@
 """The checkpoint directory: run.json, atomic part files, failures, the done-key index (merge.py merges it).
 
-Layout (see DESIGN.md):
+Layout (README: "Checkpoint layout and guarantees"):
     run.json                                   settings of the run + dir_id (made with the dir); a run with
                                                other settings is refused
     parts/captions-w{worker:03d}-{seq:06d}.parquet   finished rows, written tmp + rename, never rewritten;
@@ -11,6 +11,8 @@ Layout (see DESIGN.md):
     hub_ledger.jsonl                           written by hub.py (a local record; the Hub is the truth)
     hub_keys/                                  keys of published Hub files by content id (hub_key_cache.py)
     all_captions.parquet, run_summary.json     written at the end, by the last worker to finish
+    coverage.json                              written by --merge-only
+    superseded/                                runs set aside by --overwrite
 A part is the unit of progress: a crash loses at most the rows not yet in a part, and those are
 captioned again on resume because their keys are not in any part.
 """
