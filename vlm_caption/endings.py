@@ -217,6 +217,10 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, colum
         reader.run_id = existing["run_id"]
     done = reader.done_keys() if reader else set()
     failed = set() if cfg.retry_failed or reader is None else reader.failed_keys()
+    holds_work = bool(done or failed)
+    other_run = existing is not None and existing["run_id"] != store.run_id_for(settings)
+    if other_run:  # a real run starts over (--overwrite): the old run's keys are not done for it
+        done, failed = set(), set()
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=worker, num_workers=num_workers, done_keys=done, failed_keys=failed)
     rate = None
@@ -231,8 +235,7 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, colum
           + (" (skipped; --retry-failed to redo)" if plan.failed else ""))
     print(f"  estimated time: {eta}")
     print_first_prompts(cfg, plan, *columns)
-    holds_work = bool(done or failed)
-    if existing and existing["run_id"] != store.run_id_for(settings):
+    if other_run:
         print(f"  note: {ckpt} holds another run ({existing['run_id']}); " + (
             "a real run needs --overwrite or another --checkpoint-dir" if holds_work else
             "it captioned nothing, so a real run replaces its settings"))
