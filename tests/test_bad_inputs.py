@@ -365,3 +365,11 @@ def test_an_unquoted_yaml_prompt_says_to_quote_it(sample_data_dir, tmp_path, cap
         (tmp_path / name).write_text(text)
         code, err = one_line_exit(capsys, base + ["--prompts-file", str(tmp_path / name)])
         assert code == EXIT_USAGE and "quote a prompt" in err, err
+
+
+def test_merge_only_with_a_data_dir_that_does_not_exist_says_so(tmp_path, capsys):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / store.RUN_JSON).write_text(json.dumps({"run_id": "0123456789ab"}))
+    code, err = one_line_exit(capsys, ["--merge-only", "--checkpoint-dir", str(tmp_path / "c"),
+                                       "--data-dir", str(tmp_path / "nope")])
+    assert code == EXIT_USAGE and "--data-dir" in err and "does not exist" in err, err

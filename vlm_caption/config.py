@@ -239,6 +239,9 @@ class RunConfig:
             check_writable_dir(Path(d), "--checkpoint-dir")
         if not (self.merge_only or self.push_only):
             self._validate_data_dir()
+        elif self.merge_only and not Path(self.data_dir).is_dir():  # coverage is counted against it
+            raise UsageError(f"--data-dir {self.data_dir} does not exist; --merge-only checks coverage against the "
+                             "data dir the runs captioned")
         parse_shards(self.shards)
         self.worker_slice()
         resolve_repo_id(self.hf_repo, self.hf_username)  # a typo should not wait for the day pushes are on
