@@ -38,7 +38,7 @@ for arg in "$@"; do
   esac
 done
 
-if [ "$help" = 1 ] && [ "$demo" = 0 ]; then
+if [ "$help" = 1 ] && { [ "$demo" = 0 ] || [ ! -x "$PY" ]; }; then
   usage
   echo
   if [ ! -x "$PY" ]; then
@@ -49,7 +49,9 @@ if [ "$help" = 1 ] && [ "$demo" = 0 ]; then
 fi
 
 stamp="$HERE/vlm-caption/.requirements.sha256"  # setup.sh writes it once every requirement is installed
-if [ ! -x "$PY" ]; then
+if [ "$help" = 1 ]; then
+  :  # --help only prints (the venv exists here): it never installs anything
+elif [ ! -x "$PY" ]; then
   echo "run_captioning.sh: no venv at $HERE/vlm-caption yet; creating it with setup.sh (about 1-3 minutes, once)" >&2
   "$HERE/setup.sh"
 elif [ "$(cat "$stamp" 2>/dev/null)" != "$(sha256sum "$HERE/requirements.txt" | cut -d' ' -f1)" ] ||

@@ -184,3 +184,22 @@ def test_help_says_max_tokens_is_bounded_by_the_context(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["--help"])
     assert "at most what the model's context leaves" in " ".join(capsys.readouterr().out.split())
+
+
+def test_run_captioning_help_never_runs_setup(tmp_path):
+    """A venv whose install looks unfinished (no stamp): --help still only prints (README: "without doing it")."""
+    shutil.copy(REPO / "run_captioning.sh", tmp_path)
+    (tmp_path / "setup.sh").write_text("#!/bin/sh\ntouch setup_ran\n")
+    (tmp_path / "setup.sh").chmod(0o755)
+    fake = tmp_path / "vlm-caption" / "bin" / "python"
+    fake.parent.mkdir(parents=True)
+    fake.write_text("#!/bin/sh\necho \"python $*\"\n")
+    fake.chmod(0o755)
+    for flags in (["--help"], ["--demo", "--help"]):
+        proc = _run(["bash", str(tmp_path / "run_captioning.sh"), *flags], cwd=tmp_path)
+        assert proc.returncode == 0 and "--help" in proc.stdout, proc.stdout + proc.stderr
+        assert not (tmp_path / "setup_ran").exists(), flags
+    shutil.rmtree(tmp_path / "vlm-caption")  # no venv at all: the usage, nothing installed
+    proc = _run(["bash", str(tmp_path / "run_captioning.sh"), "--demo", "--help"], cwd=tmp_path)
+    assert proc.returncode == 0 and "No venv yet" in proc.stdout, proc.stdout + proc.stderr
+    assert not (tmp_path / "setup_ran").exists() and not (tmp_path / "vlm-caption").exists()
