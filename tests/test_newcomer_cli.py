@@ -203,3 +203,11 @@ def test_run_captioning_help_never_runs_setup(tmp_path):
     proc = _run(["bash", str(tmp_path / "run_captioning.sh"), "--demo", "--help"], cwd=tmp_path)
     assert proc.returncode == 0 and "No venv yet" in proc.stdout, proc.stdout + proc.stderr
     assert not (tmp_path / "setup_ran").exists() and not (tmp_path / "vlm-caption").exists()
+
+
+def test_preview_of_a_checkpoint_dir_that_does_not_exist_says_so(tmp_path):
+    from vlm_caption.errors import UsageError
+    from vlm_caption.preview import write_preview
+
+    with pytest.raises(UsageError, match="checkpoints does not exist"):
+        write_preview(tmp_path / "checkpoints", tmp_path / "preview.html")

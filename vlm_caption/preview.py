@@ -262,6 +262,8 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
     if n < 1:
         raise UsageError(f"--n must be a positive integer, got {n}")
     merged = checkpoint_dir / store.MERGED
+    if not checkpoint_dir.is_dir():  # a typo'd path: "has no all_captions.parquet" would send them to rerun
+        raise UsageError(f"{checkpoint_dir} does not exist; give the --checkpoint-dir of a captioning run")
     if not merged.is_file():
         raise UsageError(f"{checkpoint_dir} has no {store.MERGED}; run batched_image_inference.py "
                          "(or its --merge-only) on it first")
