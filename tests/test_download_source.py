@@ -54,6 +54,17 @@ def test_a_directory_datasets_cannot_build_is_one_line(tmp_path):
         dl.load_source(str(tmp_path / "d"), "train", None)
 
 
+@pytest.mark.parametrize("source", ["few.tsv", "./missing", "../elsewhere/rows", "~/rows.gz"])
+def test_a_missing_local_source_says_so_before_asking_the_hub(source, tmp_path, monkeypatch):
+    """A mistyped path was taken for a Hub id: offline, "cannot reach the Hub"; online, "dataset not found"."""
+    monkeypatch.chdir(tmp_path)
+    from vlm_caption import download_source
+
+    monkeypatch.setattr(download_source, "_load_hf_table", lambda *a: pytest.fail("asked the Hub"))
+    with pytest.raises(UsageError, match="does not exist"):
+        dl.load_source(source, "train", None)
+
+
 def test_repeated_urls_and_urls_that_are_not_http_are_said(caplog):
     urls = ["http://127.0.0.1/a.jpg", "http://127.0.0.1/a.jpg", "file:///etc/hostname", "data:image/png;base64,AA",
             "HTTPS://127.0.0.1/b.jpg", None]

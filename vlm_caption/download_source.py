@@ -58,6 +58,9 @@ def further_columns(schema: pa.Schema) -> dict[str, str]:
     return names
 
 
+_FILE_SUFFIXES = (".tsv", ".txt", ".gz", ".zip", ".arrow", ".feather", ".xlsx")  # never the end of a Hub id
+
+
 def load_source(source: str, split: str, max_rows: int | None) -> pa.Table:
     """The source rows (first max_rows): the six ContraStyles columns as strings, then every further column
     with its own type (further_columns).
@@ -74,6 +77,9 @@ def load_source(source: str, split: str, max_rows: int | None) -> pa.Table:
     elif path.is_file():  # a local file load_dataset would take for a Hub id
         raise UsageError(f"--source {source}: give a .parquet, .csv, .jsonl or .json file, a local dataset "
                          "directory, or a Hub dataset id")
+    elif not path.exists() and (source.startswith((".", "/", "~")) or path.suffix.lower() in _FILE_SUFFIXES):
+        # a mistyped path: the Hub would answer "not found", or offline "cannot reach the Hub"
+        raise UsageError(f"--source {source} does not exist (a Hub dataset id looks like owner/name)")
     else:
         table = _load_hf_table(source, split, max_rows)
     if max_rows is not None:
