@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pytest
 from hub_parts import RUN, Writer
 
 from vlm_caption import store
@@ -99,3 +100,26 @@ def test_every_reader_of_failures_sees_the_latest_record_and_a_bad_file_is_never
     assert {k: r["error"] for k, r in endings.still_failed([tmp_path], {"k1"}).items()} == {"k2": "second try"}
     assert not bad.exists() and len(list((tmp_path / store.QUARANTINE_DIR).iterdir())) == 1
     assert w.store.failed_stages() == {"k1": "decode", "k2": "generate"}
+
+
+def test_a_bad_files_reason_is_one_line_cut_at_a_word(tmp_path):
+    """The reason goes into a warning line: the first line of the error, never cut mid-word ("Parquet magi",
+    seen when pyarrow's message carried a long path)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlm_caption.errors import brief
+
+    bad = tmp_path / ("x" * 150) / "captions-w000-000000.parquet"
+    bad.parent.mkdir()
+    bad.write_bytes(b"PAR1" + b"x" * 5000)
+    with pytest.raises(pa.ArrowException) as e:
+        pq.read_table(bad)
+    full = str(e.value)
+    said = brief(full, 120)
+    assert len(full) > 120 and len(said) <= 120 and said.endswith(" ...") and "\n" not in said
+    kept = said.removesuffix(" ...")
+    assert full.startswith(kept) and full[len(kept)] == " "
+    foreign = tmp_path / "foreign.parquet"
+    pq.write_table(pa.table({"x": [1]}), foreign)
+    assert store.check_file(foreign, store.OUTPUT_SCHEMA).problem == "of a foreign schema (columns x)"

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from . import cli
 from .cli import plural
+from .errors import brief
 
 try:  # `python -m vlm_caption.demo` outside the venv: one line saying what to do, not a traceback
     import pyarrow.parquet as pq
@@ -123,12 +124,12 @@ def print_failures(failures: list[dict], expected: set[str]) -> list[dict]:
               f"(listed in {INVALID_FILE}; the demo also lists them in its full_metadata.parquet, which a real "
               "download never does, so that you see them fail); a run records such images in failures/ and goes on:")
         for f in planned:
-            print(f"  {f['key']}  {f['stage']:<8} {f['error'].splitlines()[0][:100]}")
+            print(f"  {f['key']}  {f['stage']:<8} {brief(f['error'], 100)}")
     if other:
         print(f"\n{plural(len(other), 'image')} failed that {'was' if len(other) == 1 else 'were'} NOT broken on "
               "purpose (a bug or a problem on this machine):")
         for f in other:
-            print(f"  {f['key']}  {f['stage']:<8} {f['error'].splitlines()[0][:100]}")
+            print(f"  {f['key']}  {f['stage']:<8} {brief(f['error'], 100)}")
     return other
 
 

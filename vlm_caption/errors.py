@@ -14,3 +14,12 @@ class UsageError(Exception):
 
 class FatalError(Exception):
     """A run that cannot go on (disk full, the Hub refusing a push mid-run): one line, exit code 1."""
+
+
+def brief(text: str, width: int = 200) -> str:
+    """The first line of an error text, cut at a word at most `width` long (a warning's reason in one line)."""
+    import textwrap
+
+    line = (text.splitlines() or [""])[0]
+    short = textwrap.shorten(line, width=width, placeholder=" ...", break_long_words=False, break_on_hyphens=False)
+    return short if short.strip(" .") or not line else line[:width - 4] + " ..."  # one word over width: cut it

@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write_table
+from .errors import brief
 from .locks import try_flock
 from .rows import FLAGS_COLUMN, count_flags_column
 from .store import quarantine
@@ -151,8 +152,8 @@ class KeyCache:
                 raise ValueError("flag counts are not a mapping of mappings")  # the card would fail on them
             return FileEntry(table.column("key").to_pylist(), flags)
         except (OSError, pa.ArrowException, KeyError, ValueError) as e:
-            why = (str(e).splitlines() or [""])[0][:120]
-            quarantine(self.checkpoint_dir, path, f"an unreadable Hub key cache entry ({type(e).__name__}: {why})",
+            quarantine(self.checkpoint_dir, path, f"an unreadable Hub key cache entry ({type(e).__name__}: "
+                       f"{brief(str(e), 120)})",
                        "that Hub file's keys are read from the Hub again")
             return None
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .atomic import atomic_write_json, atomic_write_table
-from .errors import FatalError, UsageError
+from .errors import FatalError, UsageError, brief
 from .locks import DirLock
 from .schema import ADDED_COLUMNS, FAILURE_SCHEMA, OUTPUT_SCHEMA  # noqa: F401  (store.* names)
 
@@ -101,11 +101,11 @@ def check_file(path: Path, schema: pa.Schema) -> FileCheck:
         pf = pq.ParquetFile(path)
         names = pf.schema_arrow.names
         if not set(schema.names) - set(ADDED_COLUMNS) <= set(names):  # --keep-columns parts hold more, never fewer
-            return FileCheck(None, None, None, f"foreign schema (columns {', '.join(names[:8])})")
+            return FileCheck(None, None, None, f"of a foreign schema (columns {', '.join(names[:8])})")
         meta = pf.schema_arrow.metadata or {}
         keys = pf.read(columns=["key"]).column("key").to_pylist()
     except (OSError, pa.ArrowException) as e:
-        return FileCheck(None, None, None, f"unreadable ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+        return FileCheck(None, None, None, f"unreadable ({type(e).__name__}: {brief(str(e))})")
     run_id, dir_id = (meta.get(k, b"").decode() or None for k in (META_RUN_ID, META_DIR_ID))
     return FileCheck(keys, run_id, dir_id, None)
 
