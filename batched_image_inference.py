@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(no model: deterministic text from the key and image statistics, for tests and demos)")
     g.add_argument("--dtype", default=D.dtype, help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
     g.add_argument("--device-map", help="'auto' spreads/offloads a model too big for one GPU (slow)")
-    g.add_argument("--attn-implementation", default=D.attn_implementation, help="sdpa (default), flash_attention_2, eager")
+    g.add_argument("--attn-implementation", default=D.attn_implementation, help="sdpa (default), flash_attention_2, flash_attention_3, eager")
     g.add_argument("--num-loader-workers", type=auto_or_int, default=D.num_loader_workers, help="image decode "
                    "threads, or auto (default): the usable cores minus one")
     g.add_argument("--compile", default=D.compile, choices=COMPILE_CHOICES, help="static KV cache with the "
