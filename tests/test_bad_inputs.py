@@ -373,3 +373,20 @@ def test_merge_only_with_a_data_dir_that_does_not_exist_says_so(tmp_path, capsys
     code, err = one_line_exit(capsys, ["--merge-only", "--checkpoint-dir", str(tmp_path / "c"),
                                        "--data-dir", str(tmp_path / "nope")])
     assert code == EXIT_USAGE and "--data-dir" in err and "does not exist" in err, err
+
+
+def test_a_data_dir_listing_no_images_says_so(sample_data_dir, tmp_path, caplog):
+    """A download where every URL failed leaves an empty full_metadata.parquet: the run captioned 0 images and
+    exited 0 without a word of why."""
+    import shutil
+
+    from dummy_runs import dummy_args
+
+    from vlm_caption.errors import EXIT_OK
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_data_dir, data)
+    meta = pq.read_table(data / "full_metadata.parquet")
+    pq.write_table(meta.slice(0, 0), data / "full_metadata.parquet")
+    assert main(dummy_args(data, tmp_path / "c")) == EXIT_OK
+    assert [r for r in caplog.records if f"{data} lists no images: nothing to caption" in r.getMessage()]

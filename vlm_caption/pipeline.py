@@ -130,6 +130,9 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
     log.info("worker %d/%d: %d selected, %d mine, %d done (%d of them on the Hub only), %d failed before, "
              "%d to caption", worker, num_workers, plan.selected, plan.mine, plan.done, plan.done_hub_only, plan.failed,
              plan.todo)
+    if not plan.selected:  # exit 0 with "captioned 0 images" said nothing of why
+        log.warning("%s lists no images%s: nothing to caption (the download's stats say why)", cfg.data_dir,
+                    f" in shards {cfg.shards}" if cfg.shards else "")
     plan.failed_retryable = sum(1 for k, stage in failed_stages.items()
                                 if stage == "generate" and k in plan.failed_keys)
     if plan.keyless:
