@@ -72,6 +72,14 @@ def test_demo_end_to_end_then_rerun_resumes(tmp_path, capsys):
     assert "captioned 0 images" in rerun
     assert part_stamps(ckpt) == before
 
+    # --n of the sample it holds reuses it; another --n is one line, never a silent reuse or rebuild.
+    rows = demo_module.DEFAULT_ROWS
+    assert demo_module.main(["--dir", str(demo), "--n", str(rows)]) == 0
+    assert "reusing sample data" in capsys.readouterr().out
+    with pytest.raises(UsageError, match=f"holds the sample of {rows} rows, not --n {rows + 8}"):
+        demo_module.main(["--dir", str(demo), "--n", str(rows + 8)])
+    assert part_stamps(ckpt) == before
+
 
 def test_demo_dir_that_is_a_file_is_a_usage_error(tmp_path):
     (tmp_path / "afile").write_text("x")

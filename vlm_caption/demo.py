@@ -17,6 +17,7 @@ pipeline's own code (3), as a real run would.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -72,11 +73,22 @@ def ensure_model(demo_dir: Path) -> tuple[Path, bool]:
     return model, True
 
 
-def ensure_data(demo_dir: Path, n: int) -> tuple[Path, bool]:
-    """(data dir, built now?)"""
+def _sample_rows(data: Path) -> int | None:
+    try:
+        return json.loads((data / DATA_DONE_MARKER).read_text(encoding="utf-8")).get("rows_in")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def ensure_data(demo_dir: Path, n: int | None) -> tuple[Path, bool]:
+    """(data dir, built now?). n None: DEFAULT_ROWS for a new sample, any size for an existing one."""
     data = demo_dir / "data"
     if (data / DATA_DONE_MARKER).is_file():
+        if n is not None and (built_rows := _sample_rows(data)) != n:  # its checkpoints are of that sample
+            raise UsageError(f"{data} holds the sample of {built_rows or 'an unknown number of'} rows, not --n {n}: "
+                             f"delete {demo_dir} (or pass another --dir) to build a new one")
         return data, False
+    n = DEFAULT_ROWS if n is None else n
     from .sample_data import write_sample
 
     # The broken files go into full_metadata.parquet on purpose (a real download leaves them out).
@@ -154,11 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     p = cli.Parser(prog="python -m vlm_caption.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", "--demo-dir", dest="dir", default=DEFAULT_DIR,
                    help="where the model, data, checkpoints and preview go (default: %(default)s)")
-    p.add_argument("--n", type=int, default=DEFAULT_ROWS,
-                   help="rows of the sample data, when it is built (default: %(default)s)")
+    p.add_argument("--n", type=int, default=None,
+                   help=f"rows of the sample data (default: {DEFAULT_ROWS}, or the size of an existing sample)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    if a.n < 8:  # the sample puts 6 broken rows in; keep some good ones
+    if a.n is not None and a.n < 8:  # the sample puts 6 broken rows in; keep some good ones
         raise UsageError(f"--n must be at least 8, got {a.n}")
     check_writable_dir(Path(a.dir), "--demo-dir")
     # The demo never needs the network: the model is a local directory.
@@ -169,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     return run_demo(Path(a.dir), a.n, a.verbose)
 
 
-def run_demo(demo_dir: Path, n: int, verbose: bool = False) -> int:
+def run_demo(demo_dir: Path, n: int | None = None, verbose: bool = False) -> int:
     started = time.monotonic()
     demo_dir.mkdir(parents=True, exist_ok=True)
     model, built = ensure_model(demo_dir)
