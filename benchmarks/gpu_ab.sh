@@ -10,9 +10,18 @@
 #   bash benchmarks/gpu_ab.sh OUT_DIR [diag|check|all]
 #     -> OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log}, OUT_DIR/check/gpu_check.{json,md,log}
 set -uo pipefail
+usage() { sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; }
+case ${1:-} in
+    -h|--help) usage; exit 0 ;;
+    -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;
+esac
+part=${2:-all}
+case $part in
+    diag|check|all) ;;
+    *) echo "gpu_ab.sh: unknown part '$part' (diag, check or all)" >&2; usage >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-./gpu_ab_out}}
-part=${2:-all}
 mkdir -p "$out"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}

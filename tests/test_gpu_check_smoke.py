@@ -133,3 +133,17 @@ def test_the_captioning_script_runs_and_pushes_without_what_the_gpu_host_lacks(t
     # The sample data's first six rows hold one broken image: a recorded failure, not an import error.
     assert "captioned 5 images" in proc.stdout and "failed 1 {'decode': 1}" in proc.stdout
     assert len(hub_stub.read_rows("tester/gpu-host")) == 5
+
+
+def test_gpu_ab_help_and_a_wrong_part_run_nothing(tmp_path):
+    """`gpu_ab.sh --help` prints its usage (it took --help for OUT_DIR: mkdir printed its own help, then both
+    parts started); an unknown part is refused before anything runs (it used to do nothing and exit 0)."""
+    script = REPO / "benchmarks" / "gpu_ab.sh"
+    env = {**os.environ, "PYTHON": "false"}  # a python that ran would fail the checks below
+    shown = subprocess.run(["bash", str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
+                           timeout=60)
+    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [diag|check|all]" in shown.stdout, shown.stderr
+    wrong = subprocess.run(["bash", str(script), str(tmp_path / "out"), "chek"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert wrong.returncode == 2 and "unknown part 'chek'" in wrong.stderr
+    assert list(tmp_path.iterdir()) == []  # no OUT_DIR, no '--help' directory
