@@ -66,3 +66,18 @@ def test_powers_of_two_monotone_and_bounded(configs):
 
 def test_free_device_memory_on_cpu():
     assert free_device_memory("cpu") > 0
+
+
+def test_a_library_s_failed_allocation_counts_as_out_of_memory():
+    """cuBLAS / cuDNN report a full card in their own words; the back-off must halve the batch for them too
+    (else every row is retried alone, each a new batch shape to compile)."""
+    import torch
+
+    from vlm_caption.captioner import is_out_of_memory
+
+    assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))
+    assert is_out_of_memory(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert is_out_of_memory(RuntimeError("CUDA error: out of memory"))
+    assert not is_out_of_memory(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert not is_out_of_memory(ValueError("Image features and image tokens do not match"))

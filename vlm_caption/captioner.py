@@ -148,6 +148,8 @@ class Captioner:
         return is_out_of_memory(error)
 
     def free_memory(self) -> None:
+        if self.vision_ahead is not None:  # the last batch's features, kept for its next prompt: not needed now
+            self.vision_ahead.forget()
         free_accelerator_memory()
 
     def _stop_ids(self) -> list[int]:
@@ -391,8 +393,16 @@ class _StopWhen:
         return torch.full((input_ids.shape[0],), self.flag(), dtype=torch.bool, device=input_ids.device)
 
 
+# A library that allocates device memory outside torch's allocator reports a full card its own way: cuBLAS /
+# cuBLASLt creating a handle or workspace on a new stream (the first GEMM on --vision-overlap's side stream or
+# the decode stream) raises "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`";
+# cuDNN says CUDNN_STATUS_ALLOC_FAILED. A smaller batch fixes those as it fixes torch.OutOfMemoryError.
+_OUT_OF_MEMORY_TEXTS = ("out of memory", "status_alloc_failed")
+
+
 def is_out_of_memory(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or any(t in text for t in _OUT_OF_MEMORY_TEXTS)
 
 
 def free_accelerator_memory() -> None:
