@@ -197,3 +197,17 @@ def test_the_whole_batch_runs_inside_the_decode_stream(model_and_processor, imag
     assert not inside[0] and assembled.ahead is not None
     list(cap.generate(["a", "b"], assembled))
     assert seen == [("cache", True), ("generate", True)] and not inside[0]
+
+
+def test_out_of_memory_back_off_lets_go_of_the_kept_features(model_and_processor, images, tower_calls):
+    """free_memory (the pipeline's out-of-memory back-off) drops the features kept for the next prompt: the
+    same images assembled again run the tower again, and give the same tokens."""
+    model, processor = model_and_processor
+    calls, phase = tower_calls
+    cap = captioner(model, processor, vision_overlap=True)
+    want = ids_of(cap, images[:2], phase)
+    assert cap.vision_ahead._last is not None
+    cap.free_memory()
+    assert cap.vision_ahead._last is None
+    calls.clear()
+    assert ids_of(cap, images[:2], phase) == want and calls == ["assemble"]

@@ -69,6 +69,11 @@ class VisionAhead:
         self._last: tuple[list[torch.Tensor], torch.Tensor] | None = None  # the last images encoded, their features
         self.inner.get_image_features = self._get_image_features
 
+    def forget(self) -> None:
+        """Let go of the last images encoded and their features (after an out-of-memory error: a whole batch's
+        features, ~1.3 MB an image for the 4B, would otherwise stay on the card until the next encode)."""
+        self._last = None
+
     def side_stream(self):
         """Where the next batch is assembled: the side stream on CUDA, the current one elsewhere."""
         return torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext()
