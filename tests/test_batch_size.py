@@ -73,7 +73,7 @@ def test_a_library_s_failed_allocation_counts_as_out_of_memory():
     (else every row is retried alone, each a new batch shape to compile)."""
     import torch
 
-    from vlm_caption.captioner import is_out_of_memory
+    from vlm_caption.batch_size import is_out_of_memory
 
     assert is_out_of_memory(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
     assert is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"))

@@ -143,3 +143,20 @@ def free_device_memory(device: torch.device | str) -> int:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):  # no sysconf names on this platform
         return 0
+
+
+# A library that allocates device memory outside torch's allocator reports a full card its own way: cuBLAS /
+# cuBLASLt creating a handle or workspace on a new stream (the first GEMM on --vision-overlap's side stream or
+# the decode stream) raises "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`";
+# cuDNN says CUDNN_STATUS_ALLOC_FAILED. A smaller batch fixes those as it fixes torch.OutOfMemoryError.
+_OUT_OF_MEMORY_TEXTS = ("out of memory", "status_alloc_failed")
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, torch.OutOfMemoryError) or any(t in text for t in _OUT_OF_MEMORY_TEXTS)
+
+
+def free_accelerator_memory() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

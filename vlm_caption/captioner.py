@@ -19,6 +19,7 @@ import torch
 
 from .backends import (AUTO_BATCH_CAP, AUTO_BATCH_CPU, RETRY_NO_REPEAT_NGRAM, RETRY_REPETITION_PENALTY,
                        Caption)  # noqa: F401  (the engine's result type)
+from .batch_size import auto_batch_size, free_accelerator_memory, free_device_memory, is_out_of_memory
 from .grouped_attention import set_grouped_decode_attention
 from .image_prep import ImagePrep, unsupported_reason
 from .images import MODEL_IMAGE_SIZE
@@ -134,8 +135,6 @@ class Captioner:
         at this run's length, batch_size.py); on CPU AUTO_BATCH_CPU, measured best for the small preset."""
         if self.device.type != "cuda":
             return min(AUTO_BATCH_CPU, cap)
-        from .batch_size import auto_batch_size, free_device_memory
-
         free = free_device_memory(self.device)
         size = auto_batch_size(self.model.config, free, 0, self.prompt_inputs["input_ids"].shape[-1] + max_tokens,
                                self.dtype.itemsize, cap=cap, static_full_attention=self.static_decode is not None,
@@ -391,20 +390,3 @@ class _StopWhen:
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         return torch.full((input_ids.shape[0],), self.flag(), dtype=torch.bool, device=input_ids.device)
-
-
-# A library that allocates device memory outside torch's allocator reports a full card its own way: cuBLAS /
-# cuBLASLt creating a handle or workspace on a new stream (the first GEMM on --vision-overlap's side stream or
-# the decode stream) raises "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`";
-# cuDNN says CUDNN_STATUS_ALLOC_FAILED. A smaller batch fixes those as it fixes torch.OutOfMemoryError.
-_OUT_OF_MEMORY_TEXTS = ("out of memory", "status_alloc_failed")
-
-
-def is_out_of_memory(e: BaseException) -> bool:
-    text = str(e).lower()
-    return isinstance(e, torch.OutOfMemoryError) or any(t in text for t in _OUT_OF_MEMORY_TEXTS)
-
-
-def free_accelerator_memory() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
