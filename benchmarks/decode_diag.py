@@ -80,6 +80,7 @@ def main(argv=None) -> int:
     import bench_attention
     from bench_loader import make_images, methods, run_once
     from vlm_caption import dataset, tiny_model
+    from vlm_caption.atomic import atomic_write_bytes
     from vlm_caption.captioner import Captioner
     from vlm_caption.grouped_attention import set_grouped_decode_attention
 
@@ -92,7 +93,7 @@ def main(argv=None) -> int:
                             "TORCH_LOGS": os.environ.get("TORCH_LOGS")}}
 
     def save() -> None:
-        (out / "decode_diag.json").write_text(json.dumps(result, indent=1, default=str) + "\n")
+        atomic_write_bytes(out / "decode_diag.json", (json.dumps(result, indent=1, default=str) + "\n").encode())
 
     def left() -> float:
         return args.budget_s - (time.monotonic() - started)

@@ -4,10 +4,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from vlm_caption.atomic import atomic_write_bytes
+
 
 def write(out: Path, result: dict) -> None:
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=1) + "\n")
-    (out / "gpu_check.md").write_text(markdown(result))
+    """Rewritten after every section: tmp + rename, so a timeout's kill mid-write keeps the sections before."""
+    atomic_write_bytes(out / "gpu_check.json", (json.dumps(result, indent=1) + "\n").encode())
+    atomic_write_bytes(out / "gpu_check.md", markdown(result).encode())
 
 
 def markdown(r: dict) -> str:
