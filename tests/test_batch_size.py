@@ -68,6 +68,17 @@ def test_free_device_memory_on_cpu():
     assert free_device_memory("cpu") > 0
 
 
+def test_free_cuda_memory_counts_what_torch_holds_unused(monkeypatch):
+    """Memory torch's caching allocator reserved but no tensor uses is free to the next batch, not used."""
+    import torch
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * gib, 80 * gib))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device=None: 12 * gib)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 9 * gib)
+    assert free_device_memory("cuda:0") == 13 * gib
+
+
 def test_a_library_s_failed_allocation_counts_as_out_of_memory():
     """cuBLAS / cuDNN report a full card in their own words; the back-off must halve the batch for them too
     (else every row is retried alone, each a new batch shape to compile)."""

@@ -134,11 +134,14 @@ def parameter_bytes(model_config, dtype_bytes: int) -> int:
 
 
 def free_device_memory(device: torch.device | str) -> int:
-    """Free bytes on `device`: `torch.cuda.mem_get_info` for CUDA, available RAM for the CPU."""
+    """Free bytes on `device`: for CUDA what the driver has free (`mem_get_info`) plus what torch's caching
+    allocator holds but no tensor uses (blocks freed while loading: taken as used by the driver, yet torch
+    reuses them first); for the CPU the available RAM."""
     device = torch.device(device)
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
-        return int(free)
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return int(free + max(cached, 0))
     try:
         return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
     except (ValueError, OSError, AttributeError):  # no sysconf names on this platform
