@@ -300,3 +300,24 @@ def test_a_later_valid_object_is_used_when_prose_braces_come_first():
     text = 'The answer {as requested}:\n{"subject": "a cat"}'
     values, reason = parse_json_caption(text, FIELDS)
     assert reason is None and values["subject"] == "a cat"
+
+
+@pytest.mark.parametrize("name, text", [("prompts.json", '{"short": "One sentence."}'),
+                                        ("prompts.yaml", "short: One sentence.\n")])
+def test_a_prompts_file_saved_with_a_byte_order_mark_reads_as_without(tmp_path, name, text):
+    """Windows editors (Notepad, PowerShell's Out-File) save UTF-8 with a BOM: json.loads refused such a file."""
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8-sig")
+    assert load_prompts_file(path) == {"short": "One sentence."}
+
+
+def test_a_prompt_file_saved_with_a_byte_order_mark_gives_the_prompt_without_it(tmp_path):
+    """The BOM stayed at the start of the prompt: sent to the model, and the same prompt saved without it was
+    'other settings (prompt)' for the run's own checkpoint dir."""
+    from vlm_caption.config import RunConfig
+
+    with_bom, without = tmp_path / "a.txt", tmp_path / "b.txt"
+    with_bom.write_text("Describe this artwork.\r\n", encoding="utf-8-sig")
+    without.write_text("Describe this artwork.\n", encoding="utf-8")
+    assert RunConfig(prompt_file=str(with_bom)).prompt_text() == "Describe this artwork."
+    assert RunConfig(prompt_file=str(with_bom)).run_settings() == RunConfig(prompt_file=str(without)).run_settings()

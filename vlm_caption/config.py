@@ -342,8 +342,10 @@ class RunConfig:
     def prompt_text(self) -> str | None:
         """The user's prompt, if any (None = prompts.DEFAULT_PROMPT)."""
         if self.prompt_file is not None:
+            from .prompts import PROMPT_FILE_ENCODING
+
             try:
-                text = Path(self.prompt_file).read_text(encoding="utf-8").strip()
+                text = Path(self.prompt_file).read_text(encoding=PROMPT_FILE_ENCODING).strip()
             except (OSError, UnicodeDecodeError) as e:
                 raise UsageError(f"--prompt-file {self.prompt_file} cannot be read as UTF-8 text: {e}") from None
             if not text:

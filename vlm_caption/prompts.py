@@ -152,6 +152,8 @@ def _tidy_line(line: str) -> str | None:
 # Names become output columns `vlm_caption_{name}`: lower-case identifiers, short enough to read.
 PROMPT_NAME_RE = re.compile(r"[a-z][a-z0-9_]{0,31}")
 _PROMPTS_SUFFIXES = (".yaml", ".yml", ".json")
+# --prompt-file and --prompts-file: UTF-8, with or without the byte order mark Windows editors write first.
+PROMPT_FILE_ENCODING = "utf-8-sig"
 
 
 def load_prompts_file(path: str | Path) -> dict[str, str]:
@@ -176,7 +178,7 @@ def _read_prompts_data(path: Path) -> Any:
     if path.suffix.lower() not in _PROMPTS_SUFFIXES:
         raise ValueError(f"prompts file must end in {', '.join(_PROMPTS_SUFFIXES)}")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding=PROMPT_FILE_ENCODING)
     except (OSError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot read: {e}") from None
     if path.suffix.lower() == ".json":
