@@ -270,6 +270,22 @@ def test_json_cut_at_max_tokens_is_not_generated_again():
     assert wants_retry(Caption(text="no json here at all.", finish="stop", tokens=5), spec)
 
 
+@pytest.mark.parametrize("last", ["cubist", "cubist."])
+@pytest.mark.parametrize("after", ["\n```", "\nThis artwork shows a cat sitting on"])
+def test_a_whole_json_object_is_not_truncated_when_what_came_after_it_was_cut(last, after):
+    """The object closed, so no field was cut: `truncated` followed whether the last field's value happened to end
+    with a full stop (its fields were judged as prose with the raw caption's finish)."""
+    from vlm_caption.backends import Caption
+    from vlm_caption.prompt_plan import PromptSpec
+    from vlm_caption.rows import caption_values
+
+    spec = PromptSpec.make(None, "Describe.", ("subject", "style"))
+    text = f'```json\n{{"subject": "a cat", "style": "{last}"}}' + after
+    values = caption_values(Caption(text=text, finish="length", tokens=40), spec=spec)
+    assert values["caption_flags"] == [] and values["caption_style"] == last
+    assert values["caption_finish"] == "length"  # the row still says where generation ended
+
+
 @pytest.mark.parametrize("text, flags", [
     ('{"subject": "a cat", "style": "cubist"}', ["missing_fields"]),  # key "text" absent
     ('{"Subject": "a cat"}', ["missing_fields"]),

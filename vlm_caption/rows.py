@@ -30,7 +30,8 @@ def judge(cap: Caption, spec: PromptSpec | None = None) -> tuple[str, list[str],
 
     A valid JSON caption is judged by its field values (JSON syntax is no sign of a garbled caption), plus
     `preamble` when prose came before the object and `missing_fields` when it lacks some of the fields' keys; an
-    invalid one by its raw text, plus `invalid_json`."""
+    invalid one by its raw text, plus `invalid_json` (and `truncated` when cut at --max-tokens mid-sentence: a whole
+    object is never truncated, whatever came after it)."""
     text, had_preamble = strip_preamble(cap.text)
     if spec is None or not spec.json_fields:
         return text, caption_flags(cap.text, cap.finish), {}
@@ -39,7 +40,8 @@ def judge(cap: Caption, spec: PromptSpec | None = None) -> tuple[str, list[str],
         found = {*caption_flags(cap.text, cap.finish), "invalid_json"}
     else:
         content = ". ".join(v for v in parsed.values() if v)
-        found = {*caption_flags(content, cap.finish), *(["preamble"] if had_preamble else []),
+        # The object closed, so no field was cut (what came after it may have been): never `truncated`.
+        found = {*caption_flags(content, "stop"), *(["preamble"] if had_preamble else []),
                  *(["missing_fields"] if missing else [])}
     return text, [f for f in FLAGS if f in found], parsed or dict.fromkeys(spec.json_fields)
 
