@@ -280,6 +280,25 @@ def test_a_template_that_renders_to_no_words_for_some_rows_is_said(caplog):
     assert not caplog.text  # "Describe." is left: an instruction
 
 
+def test_values_cut_in_the_prompts_are_said_and_templated_runs_record_the_limit(caplog):
+    """A cut value is said once at the start (never silent); the limit joins a templated run's identity, so runs whose
+    prompts held whole values (made before the cut) are never continued with cut ones."""
+    from vlm_caption.config import RunConfig
+    from vlm_caption.prompt_plan import PromptSpec, longest_prompt
+    from vlm_caption.prompts import TEMPLATE_VALUE_CHARS
+    from vlm_caption.store import run_id_for
+
+    rows = [{"alt": "word " * 40_000}, {"alt": "short"}, {"alt": "x" * (TEMPLATE_VALUE_CHARS + 1)}]
+    with caplog.at_level("WARNING"):
+        longest = longest_prompt([PromptSpec.make("a", "Describe. Alt text: {alt}")], rows)
+    assert len(longest) <= len("Describe. Alt text: ") + TEMPLATE_VALUE_CHARS
+    assert f"{{alt}} is longer than {TEMPLATE_VALUE_CHARS} characters for 2 row(s)" in caplog.text
+    templated = RunConfig(prompt="Describe. Alt text: {original_caption}").run_settings()
+    assert templated["template_value_chars"] == TEMPLATE_VALUE_CHARS
+    assert run_id_for(templated) != run_id_for({k: v for k, v in templated.items() if k != "template_value_chars"})
+    assert "template_value_chars" not in RunConfig(prompt="Describe {{this}}.").run_settings()  # no value in it
+
+
 def test_another_order_of_the_prompts_file_is_another_run(sample_data_dir, tmp_path, capsys):
     """The first prompt also fills the plain vlm_caption: the same prompts in another order must not add rows to
     a dir of the first order (the order was in run_settings but left out of the run's identity)."""

@@ -115,6 +115,22 @@ def test_lines_without_an_empty_value_are_left_alone():
     assert render_prompt(template, {"tags": "a"}) == "Keep  these   spaces.\nTags: a"
 
 
+def test_a_very_long_value_is_cut_in_the_prompt():
+    """One row's 200,000-character alt text sized the whole run's KV cache (or refused the run: 'shorten the
+    prompt', though the template was short); a value is now cut at a word, with an ellipsis."""
+    from vlm_caption.prompts import TEMPLATE_VALUE_CHARS
+
+    long_text = "word " * 40_000
+    for value in (long_text, [long_text, "tail"]):
+        rendered = render_prompt("Alt text: {alt}.", {"alt": value})
+        assert rendered.startswith("Alt text: word word") and rendered.endswith("word\u2026.")
+        assert len(rendered) <= len("Alt text: .") + TEMPLATE_VALUE_CHARS
+    one_word = render_prompt("{alt}", {"alt": "x" * 200_000})  # no space to cut at: cut at the limit
+    assert len(one_word) == TEMPLATE_VALUE_CHARS and one_word.endswith("\u2026")
+    exact = "y" * TEMPLATE_VALUE_CHARS
+    assert render_prompt("{alt}", {"alt": exact}) == exact  # at the limit: whole
+
+
 def test_missing_column_raises_key_error_naming_it():
     with pytest.raises(KeyError, match="original_caption"):
         render_prompt("Alt text: {original_caption}", {"tags": "a"})

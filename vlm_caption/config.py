@@ -275,7 +275,7 @@ class RunConfig:
 
     def run_settings(self) -> dict:
         """What makes a caption what it is, resolved once (prompt included): run.json, the run id, the backend."""
-        from .prompts import DEFAULT_PROMPT, PROMPT_VERSION, json_instruction_settings
+        from .prompts import DEFAULT_PROMPT, PROMPT_VERSION, json_instruction_settings, template_settings
 
         prompt = self.prompt_text()
         # A local model dir is recorded as an absolute path (the same dir typed two ways is one run); hub ids as typed.
@@ -296,6 +296,8 @@ class RunConfig:
             # with sorted keys: an order other than the sorted one joins the run id, so two orders never mix.
             if list(prompts) != sorted(prompts):
                 settings["prompt_order"] = list(prompts)
+        settings.update(template_settings([settings["prompt"]] if settings["prompt"] else
+                                          list(settings["prompts"].values())))
         if self.format == "json":
             settings.update(format="json", json_fields=list(self.fields()), **json_instruction_settings())
         if self.retry_repetition_penalty != RunConfig.retry_repetition_penalty:

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pyarrow as pa
 
 from .errors import UsageError
-from .prompts import json_instruction, render_prompt, template_columns
+from .prompts import TEMPLATE_VALUE_CHARS, is_cut, json_instruction, render_prompt, template_columns
 from .schema import COLUMNS, IMAGE_PATH, Column
 
 log = logging.getLogger(__name__)
@@ -118,11 +118,15 @@ def longest_prompt(specs: Sequence[PromptSpec], rows: Iterable[Mapping[str, Any]
     outgrow the static KV cache decodes with the slower dynamic cache. A template's longest rendering over
     `rows` (the run's own rows: rendered with empty values, every row's prompt was longer); by characters,
     which follow tokens closely enough for prompts made of one template. A template that renders to no
-    word for some rows (their values are missing) is said once: those images get no instruction."""
+    word for some rows (their values are missing) is said once: those images get no instruction; so is a column
+    whose value render_prompt cuts (over TEMPLATE_VALUE_CHARS) for some rows."""
     longest = max((s.render({c: "" for c in s.columns}) for s in specs), key=len)
     templated = [s for s in specs if s.columns]
+    columns = list(dict.fromkeys(c for s in templated for c in s.columns))
     empty: Counter[str | None] = Counter()
+    cut: Counter[str] = Counter()
     for row in rows if templated else ():
+        cut.update(c for c in columns if is_cut(row.get(c)))
         for spec in templated:
             text = spec.render(row)
             if len(text) > len(longest):
@@ -132,4 +136,7 @@ def longest_prompt(specs: Sequence[PromptSpec], rows: Iterable[Mapping[str, Any]
     for name, count in empty.items():
         log.warning("%s renders to no words for %d row(s) (their values are missing): those images are "
                     "captioned with no instruction", _flag(name), count)
+    for column, count in cut.items():
+        log.warning("{%s} is longer than %d characters for %d row(s): their prompts hold its first %d, cut at a "
+                    "word", column, TEMPLATE_VALUE_CHARS, count, TEMPLATE_VALUE_CHARS)
     return longest

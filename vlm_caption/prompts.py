@@ -25,6 +25,12 @@ DEFAULT_PROMPT = (
     "watermarks, quoted exactly. Write one or two paragraphs of plain prose with no preamble."
 )
 
+# A metadata value longer than this is cut in a prompt (at a word, with an ellipsis): else one row's scraped
+# 100K-character alt text sized the whole run's KV cache and --batch-size auto by its prompt, turned the static
+# cache off for every batch, or refused the run. Recorded in a templated run's settings (template_settings).
+TEMPLATE_VALUE_CHARS = 1000
+_TEMPLATE_VALUE_SETTING = "template_value_chars"  # a key of store.OPTIONAL_SETTINGS
+_ELLIPSIS = "\u2026"
 _LITERAL_BRACE_HINT = "write {{ and }} for literal braces"
 # A placeholder names a column; '.', '[' or spaces would be str.format attribute/index access or a typo.
 _COLUMN_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
@@ -49,6 +55,16 @@ def template_columns(template: str) -> list[str]:
         if field not in columns:
             columns.append(field)
     return columns
+
+
+def template_settings(templates: Sequence[str]) -> dict[str, int]:
+    """What a run's settings record of how values are rendered: the value limit when a template names a column (a
+    run whose prompts name none renders nothing, and its run id stays what it was); {} otherwise."""
+    try:
+        templated = any(template_columns(t) for t in templates)
+    except ValueError:  # a malformed template is refused with its reason where the run's prompts are made
+        templated = False
+    return {_TEMPLATE_VALUE_SETTING: TEMPLATE_VALUE_CHARS} if templated else {}
 
 
 def _parse_template(template: str) -> list[tuple[str, str | None, str | None, str | None]]:
@@ -89,9 +105,10 @@ def render_prompt(template: str, row: Mapping[str, Any]) -> str:
     """The template with each `{column}` replaced by the row's value; KeyError naming a missing column.
 
     Values: None, NaN and empty or blank strings render as nothing; lists (and arrays) comma-separated,
-    their missing items skipped; anything else as str(). Lines where a value rendered as nothing are
-    tidied: a label right before the empty value ("Tags: .", "Tags:", "Tags: ,") is removed, runs of
-    spaces collapse, spaces before punctuation go, and a line left without a letter or digit is dropped.
+    their missing items skipped; anything else as str(); a value over TEMPLATE_VALUE_CHARS is cut. Lines
+    where a value rendered as nothing are tidied: a label right before the empty value ("Tags: .", "Tags:",
+    "Tags: ,") is removed, runs of spaces collapse, spaces before punctuation go, and a line left without a
+    letter or digit is dropped.
     """
     for column in template_columns(template):
         if column not in row:
@@ -100,8 +117,24 @@ def render_prompt(template: str, row: Mapping[str, Any]) -> str:
     for literal, field, _spec, _conversion in _parse_template(template):
         pieces.append(literal)
         if field is not None:
-            pieces.append(_render_value(row[field]) or _EMPTY_MARK)
+            pieces.append(_cut(_render_value(row[field])) or _EMPTY_MARK)
     return _tidy_empty_lines("".join(pieces))
+
+
+def is_cut(value: Any) -> bool:
+    """Whether render_prompt cuts this value (longest_prompt says how many rows it cut)."""
+    return len(_render_value(value)) > TEMPLATE_VALUE_CHARS
+
+
+def _cut(text: str) -> str:
+    """The text, or its first TEMPLATE_VALUE_CHARS characters ending in an ellipsis, cut after a whole word when
+    one ends in the last fifth."""
+    if len(text) <= TEMPLATE_VALUE_CHARS:
+        return text
+    head = text[:TEMPLATE_VALUE_CHARS - len(_ELLIPSIS) + 1]
+    space = max(head.rfind(" "), head.rfind("\n"))
+    head = head[:space] if space > TEMPLATE_VALUE_CHARS * 4 // 5 else head[:-1]
+    return head.rstrip() + _ELLIPSIS
 
 
 def _is_missing(value: Any) -> bool:

@@ -53,7 +53,7 @@ _PART_RE = re.compile(r"^(captions|failures)-w(\d{3,})-(\d{6,})\.parquet$")
 RUN_SETTINGS = ("model", "prompt", "prompt_version", "max_tokens", "min_tokens", "temperature", "top_p", "seed")
 # Part of a run's identity only when set (RunConfig.run_settings).
 OPTIONAL_SETTINGS = ("backend", "keep_columns", "retry_repetition_penalty", "prompts", "prompt_order", "format",
-                     "json_fields", "json_instruction_version")
+                     "json_fields", "json_instruction_version", "template_value_chars")
 
 
 class Part(NamedTuple):
