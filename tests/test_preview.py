@@ -257,3 +257,20 @@ def test_flag_filter_and_sort_count_every_prompt_in_chromium(two_prompts, tmp_pa
     assert "2 of 4 cards shown" in dom  # A and C: long's garbled
     order = [c.split('data-key="')[1][:9] for c in dom.split("<article")[1:]]
     assert order == ["000000001", "000000002", "000000000", "000000003"]  # B, C, A, D
+
+
+def test_every_json_field_of_the_run_is_shown_whatever_its_name(sample_data_dir, tmp_path):
+    """The JSON field columns were guessed by name: a field such as finish_type, model_era or tokens_of_text looked
+    like the run's own caption_finish_... / caption_model / caption_tokens_... columns and was left off the page."""
+    from dummy_runs import dummy_args
+
+    from batched_image_inference import main
+
+    fields = ["subject", "finish_type", "model_era", "tokens_of_text"]
+    ckpt, out = tmp_path / "ckpt", tmp_path / "preview.html"
+    assert main(dummy_args(sample_data_dir, ckpt, "--format", "json", "--json-fields", ",".join(fields),
+                           "--max-images", "2")) == 0
+    write_preview(ckpt, out)
+    card = out.read_text().split("<article")[1]
+    assert [f for f in fields if f'<span class="label">caption_{f}:</span> ' not in card] == []
+    assert "caption_finish:" not in card and "caption_model:" not in card  # the run's own columns stay meta

@@ -49,7 +49,7 @@ def _run_view(repo_id: str, run: dict, default: bool) -> dict:
             "failures": ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())) or "none",
             "flags": describe_counts(run.get("caption_flags")),
             "flags_by_prompt": _flags_by_prompt(run),
-            "json_fields": ", ".join(f"`caption_{f}{spec.suffix}`" for spec in specs for f in spec.json_fields),
+            "json_fields": ", ".join(f"`{spec.field_column(f)}`" for spec in specs for f in spec.json_fields),
             "extra_columns": ", ".join([*(f"`{k}` (--keep-columns)" for k in run.get("keep_columns") or []),
                                         *(f"`{c.name}`" for c in specs_columns)]),
             "code_version": run.get("code_version", "unknown"), "created": run.get("created", "unknown"),

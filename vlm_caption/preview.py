@@ -32,7 +32,7 @@ try:  # `python -m vlm_caption.preview` outside the venv: one line saying what t
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from . import dataset, store
+    from . import dataset, prompt_plan, store
     from .atomic import atomic_write_bytes
     from .config import check_output_file
     from .errors import UsageError
@@ -54,7 +54,7 @@ _ONE_PROMPT = {"": FLAGS_COLUMN}
 
 def read_first_rows(merged: Path, n: int, also: Sequence[str] = ()) -> tuple[list[dict], int]:
     """(the first n rows, rows in the file): streams batches so a 400K-row file is never loaded whole. `also`:
-    further columns to read where the file has them (each prompt's flags)."""
+    further columns to read where the file has them (each prompt's flags and captions)."""
     try:
         pf = pq.ParquetFile(merged)
     except (OSError, pa.ArrowException) as e:
@@ -71,8 +71,17 @@ def read_first_rows(merged: Path, n: int, also: Sequence[str] = ()) -> tuple[lis
     return rows, pf.metadata.num_rows
 
 
+def caption_columns(run: Mapping) -> list[str] | None:
+    """The run's caption columns beyond vlm_caption, by its run.json (each --prompts-file prompt's text, then its
+    --format json fields); None without run.json: then they are guessed by name (_extra_caption)."""
+    if not (run.get("prompt") or run.get("prompts")):
+        return None
+    return [c for spec in prompt_plan.run_specs(run) for c in spec.text_columns()]
+
+
 def _extra_caption(name: str) -> bool:
-    """A caption column beyond the plain ones: another prompt's text, or a JSON field."""
+    """A caption column beyond the plain ones, guessed by name: another prompt's text, or a JSON field (a field
+    named like finish_type looks like the run's own caption_finish_... and is missed: caption_columns knows)."""
     if name.startswith("vlm_caption_"):
         return True
     return name.startswith("caption_") and name not in COLUMNS and not name.startswith(
@@ -151,9 +160,10 @@ def _thumb(key: str, src: str | None) -> str:
             f'alt="image {_e(key)}" loading="lazy"></a>') if src else '<div class="noimg">no image</div>'
 
 
-def render_card(row: dict, src: str | None, flag_columns: Mapping[str, str] | None = None) -> str:
+def render_card(row: dict, src: str | None, flag_columns: Mapping[str, str] | None = None,
+                captions: Sequence[str] | None = None) -> str:
     """`flag_columns`: prompt name -> its flags column (rows.run_flag_columns) for a --prompts-file run, whose
-    plain caption_flags are only the first prompt's; None for a run of one prompt."""
+    plain caption_flags are only the first prompt's; None for a run of one prompt. `captions`: caption_columns."""
     finish = row.get("caption_finish") or "?"
     badge = f"finish-{finish}" if finish in ("stop", "length") else "finish-other"
     tokens = row.get("caption_tokens")
@@ -170,17 +180,18 @@ def render_card(row: dict, src: str | None, flag_columns: Mapping[str, str] | No
         f"{_thumb(row['key'], src)}"
         f'<div class="meta"><span class="badge {badge}">{_e(finish)}</span><code class="key">{_e(row["key"])}</code>'
         f'<span>{_e(row.get("caption_tokens"))} tokens</span>{attempts}{badges}</div>'
-        f"{_captions(row)}"
+        f"{_captions(row, captions)}"
         f'<p class="orig"><span class="label">original:</span> {_e(row.get("original_caption"))}</p>'
         f'<p class="tags"><span class="label">tags:</span> {_e(row.get("tags"))}</p>'
         "</article>"
     )
 
 
-def _captions(row: dict) -> str:
+def _captions(row: dict, columns: Sequence[str] | None = None) -> str:
     """The caption, or each --prompts-file prompt's under its name (the plain one repeats the first), then the
-    --format json fields."""
-    named = {k: v for k, v in row.items() if _extra_caption(k)}
+    --format json fields (`columns`, else those guessed by name)."""
+    named = {k: row.get(k) for k in columns} if columns is not None else \
+        {k: v for k, v in row.items() if _extra_caption(k)}
     if not any(k.startswith("vlm_caption_") for k in named):
         named = {"": row.get("vlm_caption"), **named}
     html = []
@@ -231,11 +242,11 @@ NOISE_BANNER = ("These captions come from RANDOM WEIGHTS (the demo's tiny model)
 
 def render_page(rows: list[dict], srcs: list[str | None], total: int, summary: dict, title: str,
                 failures: list[dict] = (), failed_total: int = 0, random_weights: bool = False,
-                flag_columns: Mapping[str, str] | None = None) -> str:
+                flag_columns: Mapping[str, str] | None = None, captions: Sequence[str] | None = None) -> str:
     script_hash = base64.b64encode(hashlib.sha256(JS.encode()).digest()).decode()
     csp = (f"default-src 'none'; img-src file: http: https: data:; style-src 'unsafe-inline'; "
            f"script-src 'sha256-{script_hash}'")
-    cards = "\n".join([*(render_card(row, src, flag_columns) for row, src in zip(rows, srcs)),
+    cards = "\n".join([*(render_card(row, src, flag_columns, captions) for row, src in zip(rows, srcs)),
                        *(render_failure_card(f) for f in failures)])
     counts = counts_line(rows, total, summary, flag_columns)
     if failed_total:
@@ -269,7 +280,8 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
                          "(or its --merge-only) on it first")
     run = store.read_run_json(checkpoint_dir) or {}
     flag_columns = run_flag_columns(run)  # --prompts-file: each prompt's flags, not the plain (first) ones only
-    rows, total = read_first_rows(merged, n, list(flag_columns.values()))
+    captions = caption_columns(run)  # what the run wrote, not guessed from the column names
+    rows, total = read_first_rows(merged, n, [*flag_columns.values(), *(captions or ())])
     images = local_images(Path(data_dir), [r["key"] for r in rows]) if data_dir is not None else {}
     out_dir = out.parent
     srcs = [relative_src(images[r["key"]], out_dir) if r["key"] in images else safe_url(r.get("url"))
@@ -280,7 +292,7 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
     failures, failed_total = read_failures(checkpoint_dir, merged, n)
     title = f"Captions by {model}" + (" (random weights: noise)" if random_weights else "")
     page = render_page(rows, srcs, total, read_run_summary(checkpoint_dir), title, failures, failed_total,
-                       random_weights, flag_columns)
+                       random_weights, flag_columns, captions)
     atomic_write_bytes(out, page.encode("utf-8"))
     return len(rows)
 

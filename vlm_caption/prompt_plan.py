@@ -44,6 +44,15 @@ class PromptSpec:
         text = render_prompt(self.template, row) if self.columns else self.template
         return f"{text}\n\n{json_instruction(self.json_fields)}" if self.json_fields else text
 
+    def field_column(self, json_field: str) -> str:
+        """The column of one --format json field of this prompt's captions."""
+        return f"caption_{json_field}{self.suffix}"
+
+    def text_columns(self) -> list[str]:
+        """The columns of this prompt's caption text beyond the plain vlm_caption: a named prompt's own, then the
+        JSON fields (what the preview shows as captions)."""
+        return [*([f"vlm_caption{self.suffix}"] if self.name else []), *map(self.field_column, self.json_fields)]
+
     def output_columns(self) -> list[Column]:
         """Columns this prompt adds to the registry's: per-prompt copies for a named prompt, JSON fields."""
         n = f" of prompt `{self.name}` (--prompts-file)" if self.name else ""
@@ -53,7 +62,7 @@ class PromptSpec:
             for base in ("vlm_caption", "caption_flags", "caption_finish", "caption_tokens", "caption_attempts"):
                 cols.append(Column(base + self.suffix, by_name[base].type, f"`{base}`{n}", "caption"))
         for f in self.json_fields:
-            cols.append(Column(f"caption_{f}{self.suffix}", pa.string(),
+            cols.append(Column(self.field_column(f), pa.string(),
                                f"field `{f}` of the JSON caption{n} (--format json); null when absent or invalid",
                                "caption"))
         return cols
