@@ -104,7 +104,9 @@ def test_template_columns_reach_the_backend_per_row_and_are_not_written(sample_d
 
 @pytest.mark.parametrize("template, says", [("Describe {nope}.", "{nope} is not a column of the row"),
                                             ("Improve: {vlm_caption}", "{vlm_caption} is filled by captioning"),
-                                            ("Bad {0}", "positional placeholder")])
+                                            ("Bad {0}", "positional placeholder"),
+                                            # said "rename that metadata column", though the data has none by that name
+                                            ("Describe {image_path}.", "{image_path} is not a column of the row")])
 def test_unknown_template_column_is_a_one_line_usage_error_before_work(sample_data_dir, tmp_path, capsys,
                                                                         template, says):
     from vlm_caption.cli import run_main

@@ -84,7 +84,7 @@ def prompt_columns(specs: Sequence[PromptSpec], output_names: Sequence[str], met
         for col in spec.columns:
             if col in available:
                 continue
-            if col == IMAGE_PATH:
+            if col == IMAGE_PATH and col in metadata_names:  # else it is no column at all: said below
                 raise UsageError(f"{_flag(spec.name)}: {{{col}}} is the pipeline's own name for a row's image file; "
                                  "rename that metadata column")
             if col in metadata_names:
