@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "keeps the raw text)")
     g.add_argument("--json-fields", help="--format json: comma-separated fields (default: "
                    "subject,style,medium,palette,composition,mood,text)")
+    g.add_argument("--template-value-chars", type=int, default=D.template_value_chars, help="a metadata value "
+                   "longer than this is cut (at a word, with an ellipsis) where a prompt template names its column; "
+                   "0: whole values, as runs made before this limit (default: %(default)s)")
     g.add_argument("--max-tokens", type=int, default=D.max_tokens, help="max new tokens per caption, at most what "
                    "the model's context leaves after the prompt (default: %(default)s)")
     g.add_argument("--min-tokens", type=int, default=D.min_tokens, help=argparse.SUPPRESS)  # fixed-length benchmarks

@@ -285,20 +285,46 @@ def test_a_template_that_renders_to_no_words_for_some_rows_is_said(caplog):
 def test_values_cut_in_the_prompts_are_said_and_templated_runs_record_the_limit(caplog):
     """A cut value is said once at the start (never silent); the limit joins a templated run's identity, so runs whose
     prompts held whole values (made before the cut) are never continued with cut ones."""
+    from vlm_caption.config import TEMPLATE_VALUE_CHARS as LIMIT
     from vlm_caption.config import RunConfig
     from vlm_caption.prompt_plan import PromptSpec, longest_prompt
-    from vlm_caption.prompts import TEMPLATE_VALUE_CHARS
     from vlm_caption.store import run_id_for
 
-    rows = [{"alt": "word " * 40_000}, {"alt": "short"}, {"alt": "x" * (TEMPLATE_VALUE_CHARS + 1)}]
+    rows = [{"alt": "word " * 40_000}, {"alt": "short"}, {"alt": "x" * (LIMIT + 1)}]
     with caplog.at_level("WARNING"):
-        longest = longest_prompt([PromptSpec.make("a", "Describe. Alt text: {alt}")], rows)
-    assert len(longest) <= len("Describe. Alt text: ") + TEMPLATE_VALUE_CHARS
-    assert f"{{alt}} is longer than {TEMPLATE_VALUE_CHARS} characters for 2 row(s)" in caplog.text
+        longest = longest_prompt([PromptSpec.make("a", "Describe. Alt text: {alt}", value_chars=LIMIT)], rows)
+    assert len(longest) <= len("Describe. Alt text: ") + LIMIT
+    assert f"{{alt}} is longer than {LIMIT} characters for 2 row(s)" in caplog.text
     templated = RunConfig(prompt="Describe. Alt text: {original_caption}").run_settings()
-    assert templated["template_value_chars"] == TEMPLATE_VALUE_CHARS
+    assert templated["template_value_chars"] == LIMIT
     assert run_id_for(templated) != run_id_for({k: v for k, v in templated.items() if k != "template_value_chars"})
     assert "template_value_chars" not in RunConfig(prompt="Describe {{this}}.").run_settings()  # no value in it
+    whole = RunConfig(prompt="Describe. Alt text: {original_caption}", template_value_chars=0).run_settings()
+    assert "template_value_chars" not in whole  # the settings (and run id) of runs made before the limit
+
+
+def test_a_run_made_before_the_value_limit_is_continued_with_whole_values(sample_data_dir, tmp_path, capsys):
+    """A templated dir whose run.json has no value limit (made before it existed) is refused with the flag that
+    continues it; with --template-value-chars 0 it continues (never with cut values mixed in)."""
+    from vlm_caption.cli import run_main
+    from vlm_caption.errors import EXIT_USAGE
+
+    ckpt, template = tmp_path / "ckpt", ("--prompt", "Describe. Tags: {tags}")
+    assert main(dummy_args(sample_data_dir, ckpt, *template, "--template-value-chars", "0",
+                           "--max-images", "4")) == EXIT_OK
+    assert "template_value_chars" not in json.loads((ckpt / store.RUN_JSON).read_text())
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, dummy_args(sample_data_dir, ckpt, *template, "--max-images", "8"),
+                 prog="batched_image_inference.py")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == EXIT_USAGE and "--template-value-chars 0 continues it" in err[-1], err
+    assert main(dummy_args(sample_data_dir, ckpt, *template, "--template-value-chars", "0",
+                           "--max-images", "8")) == EXIT_OK
+    assert "captioned 4 images" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, dummy_args(sample_data_dir, tmp_path / "c2", "--template-value-chars", "-1"),
+                 prog="batched_image_inference.py")
+    assert exc.value.code == EXIT_USAGE and "--template-value-chars must be >= 0" in capsys.readouterr().err
 
 
 def test_another_order_of_the_prompts_file_is_another_run(sample_data_dir, tmp_path, capsys):

@@ -243,7 +243,8 @@ def test_the_json_instruction_version_names_json_runs_and_leaves_earlier_run_ids
 
     before = {(): "a82f962dc042", (("format", "json"),): "342102219d60",  # computed before the version existed
               (("format", "json"), ("json_fields", "subject,style")): "c32956afc9e9",
-              # a template's id since the value limit (template_value_chars) joined templated runs' identity
+              (("format", "json"), ("prompt", "Look at {tags}."), ("template_value_chars", 0)): "3324c0e5e8ac",
+              # a template's id since its values are cut (--template-value-chars, default 1000)
               (("format", "json"), ("prompt", "Look at {tags}.")): "aa71c0b99434"}
     assert prompts.JSON_INSTRUCTION_VERSION == 1
     assert {k: run_id(**dict(k)) for k in before} == before

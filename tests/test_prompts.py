@@ -118,17 +118,18 @@ def test_lines_without_an_empty_value_are_left_alone():
 def test_a_very_long_value_is_cut_in_the_prompt():
     """One row's 200,000-character alt text sized the whole run's KV cache (or refused the run: 'shorten the
     prompt', though the template was short); a value is now cut at a word, with an ellipsis."""
-    from vlm_caption.prompts import TEMPLATE_VALUE_CHARS
+    from vlm_caption.config import TEMPLATE_VALUE_CHARS as LIMIT
 
     long_text = "word " * 40_000
     for value in (long_text, [long_text, "tail"]):
-        rendered = render_prompt("Alt text: {alt}.", {"alt": value})
+        rendered = render_prompt("Alt text: {alt}.", {"alt": value}, LIMIT)
         assert rendered.startswith("Alt text: word word") and rendered.endswith("word\u2026.")
-        assert len(rendered) <= len("Alt text: .") + TEMPLATE_VALUE_CHARS
-    one_word = render_prompt("{alt}", {"alt": "x" * 200_000})  # no space to cut at: cut at the limit
-    assert len(one_word) == TEMPLATE_VALUE_CHARS and one_word.endswith("\u2026")
-    exact = "y" * TEMPLATE_VALUE_CHARS
-    assert render_prompt("{alt}", {"alt": exact}) == exact  # at the limit: whole
+        assert len(rendered) <= len("Alt text: .") + LIMIT
+    one_word = render_prompt("{alt}", {"alt": "x" * 200_000}, LIMIT)  # no space to cut at: cut at the limit
+    assert len(one_word) == LIMIT and one_word.endswith("\u2026")
+    exact = "y" * LIMIT
+    assert render_prompt("{alt}", {"alt": exact}, LIMIT) == exact  # at the limit: whole
+    assert render_prompt("{alt}", {"alt": long_text}, 0) == long_text.strip()  # 0: whole, as before the limit
 
 
 def test_missing_column_raises_key_error_naming_it():

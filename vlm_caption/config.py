@@ -25,6 +25,11 @@ DECODE_LOOPS = ("generate", "graph")  # --decode-loop: transformers' generate, o
 # --max-tokens' cap before any model is known: the longest context of a Gemma 3 model (4B to 27B); once the
 # model is loaded, model_loading.check_context holds it to what that model's context leaves after the prompt.
 MAX_TOKENS_LIMIT = 131_072
+# --template-value-chars' default: a metadata value longer than this is cut in a prompt (at a word, with an
+# ellipsis): else one row's scraped 100K-character alt text sized the whole run's KV cache and --batch-size auto
+# by its prompt, turned the static cache off for every batch, or refused the run. Recorded in a templated run's
+# settings (prompts.template_settings); 0 = whole values, as runs made before the limit (their run ids stay theirs).
+TEMPLATE_VALUE_CHARS = 1000
 
 # Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-'/'.', no '--' or '..'.
 _REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
@@ -113,6 +118,7 @@ class RunConfig:
     top_p: float = 1.0  # nucleus sampling cutoff when temperature > 0
     seed: int = 0  # base of the per-key sampling seeds
     retry_repetition_penalty: float = RETRY_REPETITION_PENALTY  # the second try of a flagged caption; 0 = no second try
+    template_value_chars: int = TEMPLATE_VALUE_CHARS  # a longer metadata value is cut in a templated prompt; 0 = whole
     prompt: str | None = None  # overrides the default prompt
     prompt_file: str | None = None  # file whose text is the prompt
     prompts_file: str | None = None  # YAML or JSON of named prompts: one caption column set per prompt
@@ -180,6 +186,8 @@ class RunConfig:
         if not 0 <= self.retry_repetition_penalty < float("inf"):
             raise UsageError(f"--retry-repetition-penalty must be >= 0 (0: no second try), got "
                              f"{self.retry_repetition_penalty}")
+        if self.template_value_chars < 0:
+            raise UsageError(f"--template-value-chars must be >= 0 (0: whole values), got {self.template_value_chars}")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.min_push_interval < 0:
@@ -297,7 +305,7 @@ class RunConfig:
             if list(prompts) != sorted(prompts):
                 settings["prompt_order"] = list(prompts)
         settings.update(template_settings([settings["prompt"]] if settings["prompt"] else
-                                          list(settings["prompts"].values())))
+                                          list(settings["prompts"].values()), self.template_value_chars))
         if self.format == "json":
             settings.update(format="json", json_fields=list(self.fields()), **json_instruction_settings())
         if self.retry_repetition_penalty != RunConfig.retry_repetition_penalty:

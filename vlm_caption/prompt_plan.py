@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import pyarrow as pa
 
 from .errors import UsageError
-from .prompts import TEMPLATE_VALUE_CHARS, is_cut, json_instruction, render_prompt, template_columns
+from .prompts import TEMPLATE_VALUE_SETTING, is_cut, json_instruction, render_prompt, template_columns
 from .schema import COLUMNS, IMAGE_PATH, Column
 
 log = logging.getLogger(__name__)
@@ -25,15 +25,17 @@ class PromptSpec:
     name: str | None  # None: the run's one prompt, written to the plain columns (vlm_caption, caption_flags, ...)
     template: str  # verbatim, as recorded in run.json
     json_fields: tuple[str, ...] = ()  # --format json: the fields asked for; () = prose
+    value_chars: int = 0  # --template-value-chars: a longer metadata value is cut in the prompt; 0 = whole
     columns: tuple[str, ...] = field(default=(), compare=False)  # the row columns the template names
 
     @classmethod
-    def make(cls, name: str | None, template: str, json_fields: Sequence[str] = ()) -> "PromptSpec":
+    def make(cls, name: str | None, template: str, json_fields: Sequence[str] = (),
+             value_chars: int = 0) -> "PromptSpec":
         try:
             columns = tuple(template_columns(template))
         except ValueError as e:
             raise UsageError(f"{_flag(name)}: {e}") from None
-        return cls(name, template, tuple(json_fields), columns)
+        return cls(name, template, tuple(json_fields), value_chars, columns)
 
     @property
     def suffix(self) -> str:
@@ -41,7 +43,7 @@ class PromptSpec:
 
     def render(self, row: Mapping[str, Any]) -> str:
         """The prompt the model gets for this row."""
-        text = render_prompt(self.template, row) if self.columns else self.template
+        text = render_prompt(self.template, row, self.value_chars) if self.columns else self.template
         return f"{text}\n\n{json_instruction(self.json_fields)}" if self.json_fields else text
 
     def field_column(self, json_field: str) -> str:
@@ -111,9 +113,11 @@ def check_distinct_columns(names: Sequence[str]) -> None:
 def run_specs(settings: Mapping[str, Any]) -> list[PromptSpec]:
     """The run's prompts from its settings (RunConfig.run_settings): run.json is the one record of them."""
     fields = tuple(settings.get("json_fields") or ()) if settings.get("format") == "json" else ()
+    value_chars = int(settings.get(TEMPLATE_VALUE_SETTING) or 0)  # absent: whole values (runs before the limit)
     if settings.get("prompts"):
-        return [PromptSpec.make(name, settings["prompts"][name], fields) for name in prompt_order(settings)]
-    return [PromptSpec.make(None, settings["prompt"], fields)]
+        return [PromptSpec.make(name, settings["prompts"][name], fields, value_chars)
+                for name in prompt_order(settings)]
+    return [PromptSpec.make(None, settings["prompt"], fields, value_chars)]
 
 
 def prompt_order(settings: Mapping[str, Any]) -> list[str]:
@@ -128,14 +132,15 @@ def longest_prompt(specs: Sequence[PromptSpec], rows: Iterable[Mapping[str, Any]
     `rows` (the run's own rows: rendered with empty values, every row's prompt was longer); by characters,
     which follow tokens closely enough for prompts made of one template. A template that renders to no
     word for some rows (their values are missing) is said once: those images get no instruction; so is a column
-    whose value render_prompt cuts (over TEMPLATE_VALUE_CHARS) for some rows."""
+    whose value render_prompt cuts (over --template-value-chars) for some rows."""
     longest = max((s.render({c: "" for c in s.columns}) for s in specs), key=len)
     templated = [s for s in specs if s.columns]
     columns = list(dict.fromkeys(c for s in templated for c in s.columns))
+    limit = max((s.value_chars for s in templated), default=0)  # one run setting: the same for every prompt
     empty: Counter[str | None] = Counter()
     cut: Counter[str] = Counter()
     for row in rows if templated else ():
-        cut.update(c for c in columns if is_cut(row.get(c)))
+        cut.update(c for c in columns if is_cut(row.get(c), limit))
         for spec in templated:
             text = spec.render(row)
             if len(text) > len(longest):
@@ -147,5 +152,5 @@ def longest_prompt(specs: Sequence[PromptSpec], rows: Iterable[Mapping[str, Any]
                     "captioned with no instruction", _flag(name), count)
     for column, count in cut.items():
         log.warning("{%s} is longer than %d characters for %d row(s): their prompts hold its first %d, cut at a "
-                    "word", column, TEMPLATE_VALUE_CHARS, count, TEMPLATE_VALUE_CHARS)
+                    "word (--template-value-chars)", column, limit, count, limit)
     return longest

@@ -25,11 +25,7 @@ DEFAULT_PROMPT = (
     "watermarks, quoted exactly. Write one or two paragraphs of plain prose with no preamble."
 )
 
-# A metadata value longer than this is cut in a prompt (at a word, with an ellipsis): else one row's scraped
-# 100K-character alt text sized the whole run's KV cache and --batch-size auto by its prompt, turned the static
-# cache off for every batch, or refused the run. Recorded in a templated run's settings (template_settings).
-TEMPLATE_VALUE_CHARS = 1000
-_TEMPLATE_VALUE_SETTING = "template_value_chars"  # a key of store.OPTIONAL_SETTINGS
+TEMPLATE_VALUE_SETTING = "template_value_chars"  # a templated run's --template-value-chars (store.OPTIONAL_SETTINGS)
 _ELLIPSIS = "\u2026"
 _LITERAL_BRACE_HINT = "write {{ and }} for literal braces"
 # A placeholder names a column; '.', '[' or spaces would be str.format attribute/index access or a typo.
@@ -57,14 +53,15 @@ def template_columns(template: str) -> list[str]:
     return columns
 
 
-def template_settings(templates: Sequence[str]) -> dict[str, int]:
-    """What a run's settings record of how values are rendered: the value limit when a template names a column (a
-    run whose prompts name none renders nothing, and its run id stays what it was); {} otherwise."""
+def template_settings(templates: Sequence[str], value_chars: int) -> dict[str, int]:
+    """What a run's settings record of how values are rendered: the value limit when a template names a column and
+    values are cut (a run whose prompts name none renders nothing; 0 renders them whole, as before the limit:
+    either way its run id stays what it was); {} otherwise."""
     try:
         templated = any(template_columns(t) for t in templates)
     except ValueError:  # a malformed template is refused with its reason where the run's prompts are made
         templated = False
-    return {_TEMPLATE_VALUE_SETTING: TEMPLATE_VALUE_CHARS} if templated else {}
+    return {TEMPLATE_VALUE_SETTING: value_chars} if templated and value_chars else {}
 
 
 def _parse_template(template: str) -> list[tuple[str, str | None, str | None, str | None]]:
@@ -101,11 +98,11 @@ _EMPTY_LABEL_RE = re.compile(
 )
 
 
-def render_prompt(template: str, row: Mapping[str, Any]) -> str:
+def render_prompt(template: str, row: Mapping[str, Any], value_chars: int = 0) -> str:
     """The template with each `{column}` replaced by the row's value; KeyError naming a missing column.
 
     Values: None, NaN and empty or blank strings render as nothing; lists (and arrays) comma-separated,
-    their missing items skipped; anything else as str(); a value over TEMPLATE_VALUE_CHARS is cut. Lines
+    their missing items skipped; anything else as str(); a value over `value_chars` (0: none) is cut. Lines
     where a value rendered as nothing are tidied: a label right before the empty value ("Tags: .", "Tags:",
     "Tags: ,") is removed, runs of spaces collapse, spaces before punctuation go, and a line left without a
     letter or digit is dropped.
@@ -117,23 +114,23 @@ def render_prompt(template: str, row: Mapping[str, Any]) -> str:
     for literal, field, _spec, _conversion in _parse_template(template):
         pieces.append(literal)
         if field is not None:
-            pieces.append(_cut(_render_value(row[field])) or _EMPTY_MARK)
+            pieces.append(_cut(_render_value(row[field]), value_chars) or _EMPTY_MARK)
     return _tidy_empty_lines("".join(pieces))
 
 
-def is_cut(value: Any) -> bool:
+def is_cut(value: Any, value_chars: int) -> bool:
     """Whether render_prompt cuts this value (longest_prompt says how many rows it cut)."""
-    return len(_render_value(value)) > TEMPLATE_VALUE_CHARS
+    return 0 < value_chars < len(_render_value(value))
 
 
-def _cut(text: str) -> str:
-    """The text, or its first TEMPLATE_VALUE_CHARS characters ending in an ellipsis, cut after a whole word when
-    one ends in the last fifth."""
-    if len(text) <= TEMPLATE_VALUE_CHARS:
+def _cut(text: str, limit: int) -> str:
+    """The text, or its first `limit` characters ending in an ellipsis, cut after a whole word when one ends in
+    the last fifth; limit 0: the whole text."""
+    if not limit or len(text) <= limit:
         return text
-    head = text[:TEMPLATE_VALUE_CHARS - len(_ELLIPSIS) + 1]
+    head = text[:limit - len(_ELLIPSIS) + 1]
     space = max(head.rfind(" "), head.rfind("\n"))
-    head = head[:space] if space > TEMPLATE_VALUE_CHARS * 4 // 5 else head[:-1]
+    head = head[:space] if space > limit * 4 // 5 else head[:-1]
     return head.rstrip() + _ELLIPSIS
 
 

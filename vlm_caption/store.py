@@ -291,9 +291,12 @@ class CheckpointStore:
             self._set_aside((existing or {}).get("run_id", "unknown"))
         elif holds_work and existing is not None:
             diff = [k for k in (*RUN_SETTINGS, *OPTIONAL_SETTINGS) if existing.get(k) != settings.get(k)]
+            # A run made before values were cut (its settings lack the limit) is continued with the limit it had.
+            same = f"--template-value-chars {existing.get('template_value_chars') or 0} continues it, or " \
+                if diff == ["template_value_chars"] else ""
             raise UsageError(
                 f"{self.dir} holds run {existing.get('run_id')} with other settings ({', '.join(diff) or 'run_id'}); "
-                "use another --checkpoint-dir, or --overwrite to set that run aside and start over")
+                f"{same}use another --checkpoint-dir, or --overwrite to set that run aside and start over")
         elif holds_work:  # run.json missing or unreadable: adopt the parts only if they say they are ours
             runs = {r for r, _ in provenance}
             if runs != {run_id}:
