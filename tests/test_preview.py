@@ -212,9 +212,12 @@ def two_prompts(tmp_path_factory) -> Path:
     settings = {"run_id": "abc", "model": "m", "prompt": None, "prompts": {"short": "Name it.", "long": "Say."},
                 "prompt_order": ["short", "long"]}
     columns = run_flag_columns(settings)
+    # C's long caption hit --max-tokens and B's long one took two attempts (the plain columns are short's).
     rows = [{"key": f"00000000{i}", "url": f"http://127.0.0.1/{name}.jpg", "vlm_caption": f"caption {name}",
-             "caption_finish": "stop", "caption_tokens": 3, "caption_flags": short,
-             columns["short"]: short, columns["long"]: long}
+             "caption_finish": "stop", "caption_tokens": 3, "caption_flags": short, "caption_attempts": 1,
+             columns["short"]: short, columns["long"]: long, "caption_finish_short": "stop",
+             "caption_finish_long": "length" if name == "C" else "stop", "caption_attempts_short": 1,
+             "caption_attempts_long": 2 if name == "B" else 1}
             for i, (name, (short, long)) in enumerate(TWO_PROMPTS.items())]
     ckpt = tmp_path_factory.mktemp("two_prompts") / "ckpt"
     ckpt.mkdir()
@@ -242,6 +245,19 @@ def test_each_prompts_flags_are_badges_named_by_prompt_and_all_count(two_prompts
             "quality flags of those shown, prompt long: truncated: 1, preamble: 1, garbled: 2") in html
     plain = render_card({"key": "1", "caption_flags": ["preamble"], "caption_finish": "stop"}, None)
     assert 'data-flags="preamble" data-key="1"' in plain and '<span class="flag">preamble</span>' in plain
+
+
+def test_each_prompts_finish_and_attempts_show_and_count(two_prompts, tmp_path):
+    """A second prompt's caption cut at --max-tokens or tried twice showed nowhere but its flag: the badge, the
+    finish filter, the attempts and the counts line read the plain columns, the first prompt's."""
+    out = tmp_path / "preview.html"
+    write_preview(two_prompts, out)
+    cards = {c.split('data-key="')[1][:9]: c for c in out.read_text().split("<article")[1:]}
+    a, b, c = (cards[f"00000000{i}"] for i in range(3))
+    assert 'data-finish="length"' in c and ">short: stop, long: length</span>" in c
+    assert 'data-finish="stop"' in a and '"badge finish-stop">stop</span>' in a and "attempts" not in a
+    assert "<span>long: 2 attempts</span>" in b
+    assert "of those shown: 3 stopped, 1 hit --max-tokens (short 0, long 1), 0 empty" in out.read_text()
 
 
 @pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (CI installs it)")

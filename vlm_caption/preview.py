@@ -21,7 +21,7 @@ import json
 import os
 from collections import Counter
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 from urllib.parse import quote, urlsplit
 
 from . import cli
@@ -37,7 +37,7 @@ try:  # `python -m vlm_caption.preview` outside the venv: one line saying what t
     from .config import check_output_file
     from .errors import UsageError
     from .preview_page import CSS, JS, controls
-    from .rows import FLAGS_COLUMN, count_flags, describe_counts, ordered_counts, run_flag_columns
+    from .rows import FLAGS_COLUMN, count_flags, describe_counts, ordered_counts, run_prompt_columns
 except ModuleNotFoundError as e:
     cli.exit_missing_dependency(e, as_script=__name__ == "__main__", prog="python -m vlm_caption.preview")
 
@@ -48,6 +48,8 @@ COLUMNS = ["key", "url", "vlm_caption", "original_caption", "tags", "caption_fin
            "caption_flags", "caption_attempts"]
 # A run of one prompt: its flags are the plain column's, shown unlabelled (else: prompt name -> its column).
 _ONE_PROMPT = {"": FLAGS_COLUMN}
+# Per prompt of a --prompts-file run, besides its flags: where a card's finish and attempts come from.
+_FINISH, _ATTEMPTS = "caption_finish", "caption_attempts"
 
 
 # ---------------------------------------------------------------- reading
@@ -160,11 +162,22 @@ def _thumb(key: str, src: str | None) -> str:
             f'alt="image {_e(key)}" loading="lazy"></a>') if src else '<div class="noimg">no image</div>'
 
 
+def _per_prompt(row: dict, columns: Mapping[str, str] | None, base: str) -> dict[str, Any]:
+    """Prompt name -> the row's value of its copy of `base` (`columns`: prompt name -> that column, for a
+    --prompts-file run); {"": the plain column's} for a run of one prompt."""
+    return {name: row.get(col) for name, col in columns.items()} if columns else {"": row.get(base)}
+
+
 def render_card(row: dict, src: str | None, flag_columns: Mapping[str, str] | None = None,
-                captions: Sequence[str] | None = None) -> str:
-    """`flag_columns`: prompt name -> its flags column (rows.run_flag_columns) for a --prompts-file run, whose
-    plain caption_flags are only the first prompt's; None for a run of one prompt. `captions`: caption_columns."""
-    finish = row.get("caption_finish") or "?"
+                captions: Sequence[str] | None = None, finish_columns: Mapping[str, str] | None = None,
+                attempts_columns: Mapping[str, str] | None = None) -> str:
+    """`flag_columns` (`finish_columns`, `attempts_columns`): prompt name -> its flags (finish, attempts) column
+    (rows.run_prompt_columns) for a --prompts-file run, whose plain columns are only the first prompt's; None
+    for a run of one prompt. `captions`: caption_columns."""
+    finishes = {name: f or "?" for name, f in _per_prompt(row, finish_columns, _FINISH).items()}
+    # The filter and the badge's colour: a caption of any prompt cut at --max-tokens makes the card a "length".
+    finish = "length" if "length" in finishes.values() else next(iter(finishes.values()))
+    shown = finish if len(set(finishes.values())) == 1 else ", ".join(f"{n}: {f}" for n, f in finishes.items())
     badge = f"finish-{finish}" if finish in ("stop", "length") else "finish-other"
     tokens = row.get("caption_tokens")
     by_prompt = {name: [str(f) for f in row.get(col) or []] for name, col in (flag_columns or _ONE_PROMPT).items()}
@@ -173,12 +186,13 @@ def render_card(row: dict, src: str | None, flag_columns: Mapping[str, str] | No
     badges = "".join(f'<span class="flag">{_e(f"{name}: " if name else "")}{_e(f)}</span>'
                      for name, fs in by_prompt.items() for f in fs)
     count = f' data-flag-count="{sum(counts.values())}"' if flag_columns else ""  # the sort: every prompt's
-    attempts = f"<span>{_e(row['caption_attempts'])} attempts</span>" if (row.get("caption_attempts") or 1) > 1 else ""
+    attempts = "".join(f"<span>{_e(f'{name}: ' if name else '')}{_e(n)} attempts</span>"
+                       for name, n in _per_prompt(row, attempts_columns, _ATTEMPTS).items() if (n or 1) > 1)
     return (
         f'<article class="card" data-finish="{_e(finish)}" data-tokens="{_e(tokens if tokens is not None else "")}" '
         f'data-flags="{_e(" ".join(flags))}"{count} data-key="{_e(row["key"])}">'
         f"{_thumb(row['key'], src)}"
-        f'<div class="meta"><span class="badge {badge}">{_e(finish)}</span><code class="key">{_e(row["key"])}</code>'
+        f'<div class="meta"><span class="badge {badge}">{_e(shown)}</span><code class="key">{_e(row["key"])}</code>'
         f'<span>{_e(row.get("caption_tokens"))} tokens</span>{attempts}{badges}</div>'
         f"{_captions(row, captions)}"
         f'<p class="orig"><span class="label">original:</span> {_e(row.get("original_caption"))}</p>'
@@ -220,14 +234,18 @@ def render_failure_card(row: dict) -> str:
     )
 
 
-def counts_line(rows: list[dict], total: int, summary: dict, flag_columns: Mapping[str, str] | None = None) -> str:
-    finish = Counter(r.get("caption_finish") for r in rows)
+def counts_line(rows: list[dict], total: int, summary: dict, flag_columns: Mapping[str, str] | None = None,
+                finish_columns: Mapping[str, str] | None = None) -> str:
+    finishes = [set(_per_prompt(r, finish_columns, _FINISH).values()) for r in rows]
+    stopped, length = sum(1 for f in finishes if f == {"stop"}), sum(1 for f in finishes if "length" in f)
+    cut = {name: sum(1 for r in rows if r.get(col) == "length") for name, col in (finish_columns or {}).items()}
+    by_prompt = f" ({', '.join(f'{name} {n}' for name, n in cut.items())})" if finish_columns else ""
     empty = sum(1 for r in rows if not (r.get("vlm_caption") or "").strip())
     parts = [f"{len(rows)} of {plural(total, 'captioned row')}"]
     failed = (summary.get("checkpoint_dir") or {}).get("failed")
     if failed is not None:
         parts.append(f"{plural(failed, 'failed image')} in the checkpoint dir")
-    parts.append(f"of those shown: {finish.get('stop', 0)} stopped, {finish.get('length', 0)} hit --max-tokens, "
+    parts.append(f"of those shown: {stopped} stopped, {length} hit --max-tokens{by_prompt}, "
                  f"{empty} empty")
     for name, column in (flag_columns or _ONE_PROMPT).items():
         flags = count_flags(r.get(column) for r in rows)
@@ -242,13 +260,16 @@ NOISE_BANNER = ("These captions come from RANDOM WEIGHTS (the demo's tiny model)
 
 def render_page(rows: list[dict], srcs: list[str | None], total: int, summary: dict, title: str,
                 failures: list[dict] = (), failed_total: int = 0, random_weights: bool = False,
-                flag_columns: Mapping[str, str] | None = None, captions: Sequence[str] | None = None) -> str:
+                flag_columns: Mapping[str, str] | None = None, captions: Sequence[str] | None = None,
+                finish_columns: Mapping[str, str] | None = None,
+                attempts_columns: Mapping[str, str] | None = None) -> str:
     script_hash = base64.b64encode(hashlib.sha256(JS.encode()).digest()).decode()
     csp = (f"default-src 'none'; img-src file: http: https: data:; style-src 'unsafe-inline'; "
            f"script-src 'sha256-{script_hash}'")
-    cards = "\n".join([*(render_card(row, src, flag_columns, captions) for row, src in zip(rows, srcs)),
+    cards = "\n".join([*(render_card(row, src, flag_columns, captions, finish_columns, attempts_columns)
+                         for row, src in zip(rows, srcs)),
                        *(render_failure_card(f) for f in failures)])
-    counts = counts_line(rows, total, summary, flag_columns)
+    counts = counts_line(rows, total, summary, flag_columns, finish_columns)
     if failed_total:
         counts += f" · {plural(failed_total, 'image')} not captioned (failed)" + (
             f", the first {len(failures)} shown" if len(failures) < failed_total else "")
@@ -279,9 +300,12 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
         raise UsageError(f"{checkpoint_dir} has no {store.MERGED}; run batched_image_inference.py "
                          "(or its --merge-only) on it first")
     run = store.read_run_json(checkpoint_dir) or {}
-    flag_columns = run_flag_columns(run)  # --prompts-file: each prompt's flags, not the plain (first) ones only
+    # --prompts-file: each prompt's flags, finish and attempts, not the plain (first prompt's) ones only
+    flag_columns, finish_columns, attempts_columns = (run_prompt_columns(run, base)
+                                                      for base in (FLAGS_COLUMN, _FINISH, _ATTEMPTS))
     captions = caption_columns(run)  # what the run wrote, not guessed from the column names
-    rows, total = read_first_rows(merged, n, [*flag_columns.values(), *(captions or ())])
+    rows, total = read_first_rows(merged, n, [*flag_columns.values(), *finish_columns.values(),
+                                              *attempts_columns.values(), *(captions or ())])
     images = local_images(Path(data_dir), [r["key"] for r in rows]) if data_dir is not None else {}
     out_dir = out.parent
     srcs = [relative_src(images[r["key"]], out_dir) if r["key"] in images else safe_url(r.get("url"))
@@ -292,7 +316,7 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
     failures, failed_total = read_failures(checkpoint_dir, merged, n)
     title = f"Captions by {model}" + (" (random weights: noise)" if random_weights else "")
     page = render_page(rows, srcs, total, read_run_summary(checkpoint_dir), title, failures, failed_total,
-                       random_weights, flag_columns, captions)
+                       random_weights, flag_columns, captions, finish_columns, attempts_columns)
     atomic_write_bytes(out, page.encode("utf-8"))
     return len(rows)
 

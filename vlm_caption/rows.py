@@ -89,7 +89,13 @@ def flag_columns(specs: Sequence[PromptSpec]) -> dict[str, str]:
 
 def run_flag_columns(settings: Mapping[str, Any]) -> dict[str, str]:
     """flag_columns of a run by its settings (run.json, runs/{run_id}.json); {} for a run of one prompt."""
-    return flag_columns(run_specs(settings)) if settings.get("prompts") else {}
+    return run_prompt_columns(settings, FLAGS_COLUMN)
+
+
+def run_prompt_columns(settings: Mapping[str, Any], base: str) -> dict[str, str]:
+    """Prompt name -> its own copy of the column `base` (caption_flags, caption_finish, ...), in prompt order, for
+    a --prompts-file run by its settings; {} for a run of one prompt."""
+    return {s.name: base + s.suffix for s in run_specs(settings) if s.name} if settings.get("prompts") else {}
 
 
 def flags_by_prompt(per_prompt: Mapping[str, Any], count: Callable[[Any], dict[str, int]]) -> dict:
