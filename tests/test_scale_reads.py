@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from hub_parts import REPO, ckpt, client, sleeps  # noqa: F401  (fixtures)
 
 from vlm_caption import dataset
 from vlm_caption.sample_data import write_sample
@@ -54,3 +55,31 @@ def test_a_shard_image_of_another_suffix_is_still_found(tmp_path):
     rows = {r["key"]: r[IMAGE_PATH] for r in dataset.iter_rows(data, set(full))}
     assert rows[key] == png
     assert all(path.is_file() for path in rows.values())
+
+
+def test_a_small_hub_file_is_read_in_one_request(hub_stub, client, ckpt):  # noqa: F811
+    """A fresh dir reads the keys of every file the run published. A run's periodic pushes make files of a few
+    hundred rows (100-250 KB): reading the footer, then the key column, took two requests each (2,027 for
+    1,000 files: on the Hub ~40% of the 5,000 requests it allows in 5 minutes); the whole file is one."""
+    import random
+
+    from hub_parts import RUN, Writer, data_files, make_rows
+
+    from vlm_caption import hub
+    from vlm_caption.hub_index import KEY_READ_BLOCK
+
+    rng = random.Random(0)
+    w = Writer(ckpt)
+    for start in (0, 300, 600):
+        rows = make_rows(start, 300)
+        for r in rows:  # captions as long as real ones, incompressible: files of 64-256 KB
+            r["vlm_caption"] = "".join(rng.choice("abcdefghijklmnopqrstuvwxyz ") for _ in range(900))
+        w.store.write_part(rows)
+        client.push_pending(ckpt, RUN, 0)
+    paths = data_files(hub_stub)
+    sizes = [len(data) for path, data in hub_stub.repo_files(REPO).items() if path in paths]
+    assert len(paths) == 3 and all(64 * 1024 < n <= KEY_READ_BLOCK for n in sizes), sizes
+    hub_stub.downloads.clear()
+    snap = hub.connect(REPO, endpoint=hub_stub.endpoint).snapshot(RUN)  # another machine: nothing cached
+    assert len(snap.keys) == 900
+    assert sorted(name for name, _, _ in hub_stub.downloads if name.startswith("data/")) == paths

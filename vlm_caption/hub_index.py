@@ -33,7 +33,8 @@ log = logging.getLogger(__name__)
 REPO_TYPE = "dataset"
 DATA_DIR = "data"
 RUNS_DIR = "runs"
-KEY_READ_BLOCK = 256 * 1024  # range-read size: a footer plus a key column chunk, not the whole file
+KEY_READ_BLOCK = 256 * 1024  # range-read size: a footer plus a key column chunk, not the whole file; a file this
+# small is read whole, in one request (a run's periodic pushes make hundreds of files of a few hundred rows)
 _LEGACY_FILE_RE = re.compile(r"^data/(?P<run>[0-9a-f]{12})-w\d{3,}-\d{6,}-\d{6,}\.parquet$")
 _RUN_ID_RE = re.compile(r"^[0-9a-f]{12}$")
 
@@ -132,6 +133,8 @@ class HubIndex:
         url = f"datasets/{self.repo_id}@{head}/{info.path}"
         try:
             with self._filesystem().open(url, "rb", block_size=KEY_READ_BLOCK, size=info.size) as f:
+                if info.size <= KEY_READ_BLOCK:  # one request: the footer first, then the key column, took two
+                    return read_entry(pq.ParquetFile(pa.BufferReader(f.read(info.size))))
                 return read_entry(pq.ParquetFile(f))
         except (pa.ArrowException, KeyError) as e:  # not our parquet: it publishes no row we know
             log.warning("Hub: %s in %s is not a readable captions file (%s); its rows, if any, are not "
