@@ -9,8 +9,14 @@ workers by the real key partition, with captions of about --caption-chars charac
 captions: one or two paragraphs). The rows left are captioned by the dummy backend (no model). Each step is a
 fresh process of the real command line; its wall time and peak RSS (/usr/bin/time) are measured from outside.
 
-    python benchmarks/bench_scale.py --rows 400000
-    python benchmarks/bench_scale.py --rows 100000 --steps plan,relaunch,merge
+--layout shards makes img2dataset's own layout instead (shard parquets without file_name, a folder of image files
+per shard, no full_metadata.parquet). --hub-files N publishes the dir before --push-only the way a run's periodic
+pushes do (one file per worker per push, about N files), so the relaunches read a Hub of many small files. A code
+dir other than this checkout (--code-dir, e.g. a `git worktree` of an older commit) runs the steps with that code.
+
+    python benchmarks/bench_scale.py --rows 400000 --hub-files 1000 --work bench_scale
+    python benchmarks/bench_scale.py --rows 400000 --layout shards --steps plan,relaunch,workers,merge,preview
+    python benchmarks/bench_scale.py --rows 400000 --caption-chars 3600 --steps push_only
 
 Prints one JSON line per step: {"step", "rows", "wall_s", "peak_rss_mb", ...}; relaunches add "plan_s" (until
 the "N to caption" line) and "start_s" (until captioning starts: the "batch size" line); Hub steps add the
