@@ -4,6 +4,11 @@ While captioning, the first signal only asks to stop: generate ends at its next 
 dropped (its rows are captioned again on resume), the finished captions are written to a part, a bounded
 final push runs, and the process exits 128 + the signal number. Anywhere else, and on a second signal, the
 signal raises Interrupted at once (atomic writes leave no half file behind).
+
+A signal within SAME_STOP_S of the first is the same stop delivered twice, not a second one: Slurm signals every
+process of the job at its time limit and torchrun (or srun) forwards the signal it got to its workers as well,
+and a terminal's Ctrl-C reaches torchrun's workers both directly and through torchrun. Taken as "stop at once",
+that double delivery dropped every finished caption not yet in a part and the final push.
 """
 from __future__ import annotations
 
@@ -11,10 +16,12 @@ import contextlib
 import logging
 import signal
 import threading
+import time
 
 log = logging.getLogger(__name__)
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
+SAME_STOP_S = 2.0  # a launcher forwards the signal within milliseconds; a person sends a second one later
 
 
 class Interrupted(KeyboardInterrupt):
@@ -31,6 +38,7 @@ class StopSignals:
     def __init__(self) -> None:
         self.signum: int | None = None  # the first signal received while graceful
         self._graceful = False
+        self._first_at: float | None = None  # when the first signal came (time.monotonic)
         self._previous: dict[int, object] = {}
         self._said = threading.Lock()  # held once taken: the stop is said once, by the first thread to see it
 
@@ -53,6 +61,11 @@ class StopSignals:
         self._previous.clear()
 
     def _handle(self, signum: int, frame) -> None:
+        now = time.monotonic()
+        if self._first_at is not None and now - self._first_at < SAME_STOP_S:
+            return  # the first signal again, forwarded by a launcher (module doc): the stop under way goes on
+        if self._first_at is None:
+            self._first_at = now
         if self._graceful and self.signum is None:
             # No logging here: the handler runs between two bytecodes of the main thread, which may be inside a
             # write to stderr ("reentrant call" RuntimeError). The loop checks `requested` and says it there.
