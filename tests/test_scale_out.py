@@ -146,8 +146,8 @@ def test_worker_slice_defaults_from_slurm_and_torch_distributed(monkeypatch):
     assert RunConfig().worker_slice() == (2, 4)
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("WORLD_SIZE", "8")  # 8 GPUs on each of 4 machines
-    assert RunConfig().worker_slice() == (2 * 8 + 1, 32)
-    assert RunConfig(num_workers=2, worker_index=1).worker_slice() == (1 * 8 + 1, 16)  # flags beat Slurm
+    assert RunConfig().worker_slice() == (2 + 4 * 1, 32)
+    assert RunConfig(num_workers=2, worker_index=1).worker_slice() == (1 + 2 * 1, 16)  # flags beat Slurm
     with pytest.raises(UsageError):
         RunConfig(num_workers=2, worker_index=2).worker_slice()
     with pytest.raises(UsageError):
@@ -166,7 +166,7 @@ def test_worker_slice_from_srun_tasks_stepped_arrays_and_partial_environments(mo
     monkeypatch.setenv("RANK", "5")
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
-    assert RunConfig().worker_slice() == (2 * 8 + 5, 32)
+    assert RunConfig().worker_slice() == (2 + 4 * 5, 32)
     # A multi-node torchrun (ranks already count across the 4 nodes): the srun level is not counted twice.
     monkeypatch.setenv("WORLD_SIZE", "32")
     monkeypatch.setenv("RANK", "21")

@@ -6,7 +6,11 @@ Three launch levels nest, outermost first; each multiplies the number of workers
     task      a Slurm step started with `srun -n N` (SLURM_PROCID of SLURM_STEP_NUM_TASKS)
     rank      torchrun / accelerate launch (RANK of WORLD_SIZE)
 
-worker = (machine * tasks + task) * world + rank. A rank that already counts across machines (a multi-node
+worker = machine + machines * (task + tasks * rank): the outer levels are the low digits, so the keys of a
+machine (worker % machines: what a Slurm array task's own checkpoint dir holds) and of a task do not depend on how
+many processes run inside them. A resubmitted array task on a node with another number of GPUs (or srun tasks)
+takes the same keys; with the outer level as the high digit it took another set, captioning keys of other tasks'
+dirs again and leaving some of its own to nobody. A rank that already counts across machines (a multi-node
 torchrun: WORLD_SIZE > LOCAL_WORLD_SIZE, or RANK set by hand with no LOCAL_WORLD_SIZE) replaces the task level,
 never multiplies it: counting one level twice would leave most slices to no worker, silently.
 """
@@ -85,8 +89,7 @@ def worker_slice(num_workers: int | None, worker_index: int | None) -> tuple[int
     else:
         machine = array_slice() or (0, 1)
         tasks = (0, 1) if _ranks_span_machines(world) else srun_slice() or (0, 1)
-    outer = machine[0] * tasks[1] + tasks[0]
-    return outer * world + rank, machine[1] * tasks[1] * world
+    return machine[0] + machine[1] * (tasks[0] + tasks[1] * rank), machine[1] * tasks[1] * world
 
 
 def under_torchrun() -> bool:

@@ -1,0 +1,78 @@
+"""Slurm arrays relaunched: a resubmitted task on another number of GPUs, a changed array size. Each launch is
+emulated by the variables Slurm and torchrun set, one worker process after another (main in-process)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from dummy_runs import dummy_args
+
+from batched_image_inference import main
+from vlm_caption import dataset, workers
+from vlm_caption.errors import EXIT_OK
+
+LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
+               "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID",
+               "TORCHELASTIC_RUN_ID")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from vlm_caption.sample_data import write_sample
+
+    return write_sample(tmp_path_factory.mktemp("relaunch") / "data", n=24, broken=False, seed=5)
+
+
+def launched_as(monkeypatch, task: int, tasks: int, rank: int = 0, world: int = 1) -> None:
+    """The environment of torchrun rank `rank` of `world` in Slurm array task `task` of `tasks` (--array=0-N)."""
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
+    monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", str(tasks))
+    monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
+    if world > 1:
+        for var, value in (("RANK", rank), ("LOCAL_RANK", rank), ("WORLD_SIZE", world), ("LOCAL_WORLD_SIZE", world)):
+            monkeypatch.setenv(var, str(value))
+
+
+def run_task(monkeypatch, data: Path, ckpt: Path, task: int, tasks: int, rank: int = 0, world: int = 1) -> int:
+    launched_as(monkeypatch, task, tasks, rank, world)
+    return main(dummy_args(data, ckpt))
+
+
+def test_an_array_tasks_keys_do_not_depend_on_its_number_of_gpus_or_srun_tasks(monkeypatch):
+    keys = [f"{i:09d}" for i in range(400)]
+
+    def task_keys(task: int, tasks: int, world: int, srun: int = 1) -> set[str]:
+        mine = set()
+        for t in range(srun):
+            for rank in range(world):
+                launched_as(monkeypatch, task, tasks, rank, world)
+                if srun > 1:
+                    monkeypatch.setenv("SLURM_PROCID", str(t))
+                    monkeypatch.setenv("SLURM_STEP_NUM_TASKS", str(srun))
+                worker, num = workers.worker_slice(None, None)
+                mine |= {k for k in keys if dataset.worker_of(k, num) == worker}
+        return mine
+
+    for task in range(3):
+        on_8 = task_keys(task, 3, 8)
+        assert on_8 == task_keys(task, 3, 4) == task_keys(task, 3, 1) == task_keys(task, 3, 2, srun=3)
+        assert on_8 == {k for k in keys if dataset.worker_of(k, 3) == task}
+
+
+def test_a_task_resubmitted_on_fewer_gpus_captions_no_key_of_another_task(monkeypatch, data, tmp_path, capsys):
+    """Task 0 ran on 2 GPUs; task 1's rank 1 never got to work (the node went down) and task 1 was resubmitted
+    on a node with 1 GPU. Its dir must take the same keys: before, it took half of task 0's keys again."""
+    dirs = [tmp_path / "task-0", tmp_path / "task-1"]
+    assert run_task(monkeypatch, data, dirs[0], 0, 2, rank=0, world=2) == EXIT_OK
+    assert run_task(monkeypatch, data, dirs[0], 0, 2, rank=1, world=2) == EXIT_OK
+    assert run_task(monkeypatch, data, dirs[1], 1, 2, rank=0, world=2) == EXIT_OK
+    assert run_task(monkeypatch, data, dirs[1], 1, 2, world=1) == EXIT_OK  # the resubmission
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    capsys.readouterr()
+    code = main(["--merge-only", "--data-dir", str(data), "--checkpoint-dir", *map(str, dirs)])
+    out = capsys.readouterr().out
+    assert code == EXIT_OK, out
+    assert "0 missing, 0 captioned more than once" in out
