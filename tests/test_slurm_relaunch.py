@@ -76,3 +76,39 @@ def test_a_task_resubmitted_on_fewer_gpus_captions_no_key_of_another_task(monkey
     out = capsys.readouterr().out
     assert code == EXIT_OK, out
     assert "0 missing, 0 captioned more than once" in out
+
+
+def test_a_dir_relaunched_with_another_array_size_is_refused_before_any_work(monkeypatch, data, tmp_path, capsys):
+    """`sbatch --array=2-3` to rerun tasks 2 and 3 of a 0-3 array makes them slices 0 and 1 of 2: their dirs
+    then took another set of keys, half of them already in the other tasks' dirs (merge: exit 4), silently."""
+    from vlm_caption.cli import run_main
+    from vlm_caption.errors import EXIT_USAGE
+
+    dirs = [tmp_path / f"task-{t}" for t in range(4)]
+    for t in range(4):
+        launched_as(monkeypatch, t, 4)
+        assert main(dummy_args(data, dirs[t], "--max-images", "12")) == EXIT_OK  # a first pass
+    parts_before = sorted(p.name for p in (dirs[2] / "parts").iterdir())
+    for var, value in (("SLURM_ARRAY_TASK_ID", "2"), ("SLURM_ARRAY_TASK_COUNT", "2"), ("SLURM_ARRAY_TASK_MIN", "2")):
+        monkeypatch.setenv(var, value)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, dummy_args(data, dirs[2]), prog="batched_image_inference.py")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == EXIT_USAGE and len(err) == 1, err
+    assert "machine 2 of 4" in err[0] and "MACHINES=4" in err[0], err
+    assert sorted(p.name for p in (dirs[2] / "parts").iterdir()) == parts_before  # nothing captioned
+    for var in LAUNCH_VARS:  # finishing task 2 by hand without --num-workers: the same refusal
+        monkeypatch.delenv(var, raising=False)
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, dummy_args(data, dirs[2]), prog="batched_image_inference.py")
+    assert exc.value.code == EXIT_USAGE and "machine 2 of 4" in capsys.readouterr().err
+    # What the refusal says to do: the array's size by hand (MACHINES=4 in runs/slurm_array.sbatch).
+    for t in range(4):
+        launched_as(monkeypatch, t, 1)  # sbatch --array=T with MACHINES=4: an array of one, flags given
+        assert main(dummy_args(data, dirs[t], "--num-workers", "4", "--worker-index", str(t))) == EXIT_OK
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    capsys.readouterr()
+    assert main(["--merge-only", "--data-dir", str(data), "--checkpoint-dir", *map(str, dirs)]) == EXIT_OK
+    assert "0 missing, 0 captioned more than once" in capsys.readouterr().out

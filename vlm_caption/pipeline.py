@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import dataset, loader, prompt_plan, rows as rowcols, store, workers
+from . import dataset, dir_scope, loader, prompt_plan, rows as rowcols, store, workers
 from .atomic import remove_stale_tmp
 from .backends import CaptionBackend, make_backend
 from .config import RunConfig, parse_shards, public_model_name, resolve_repo_id
@@ -91,6 +91,7 @@ def run(cfg: RunConfig) -> int:
                                    num_workers=num_workers)
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=workers.distributed_rank()[0] != 0)
     try:
+        dir_scope.check_machines(ckpt, *workers.machine_slice(cfg.num_workers, cfg.worker_index))  # before the model
         with StopSignals() as stop:
             return _run_open(cfg, writer, run_id, worker, num_workers, hub_client, stop)
     finally:

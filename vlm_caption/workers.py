@@ -109,3 +109,11 @@ def local_index() -> int:
     if local_rank is not None:
         return local_rank
     return local_id if srun_slice() is not None and local_id is not None else 0
+
+
+def machine_slice(num_workers: int | None, worker_index: int | None) -> tuple[int, int]:
+    """(index, count) of this machine (a Slurm array task, or --num-workers/--worker-index given by hand): its
+    keys are those whose CRC32 mod count is index (worker_slice), whatever runs inside it."""
+    if num_workers is not None and worker_index is not None:
+        return worker_index, num_workers
+    return array_slice() or (0, 1)

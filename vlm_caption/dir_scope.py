@@ -1,0 +1,45 @@
+"""Which keys a checkpoint dir is for: the machines of the run that made it (Slurm array size or --num-workers).
+
+A machine takes the keys whose CRC32 mod the machine count is its index (workers.py), so a dir relaunched with
+another machine count takes another set of keys: those already captioned in the other machines' dirs are
+captioned again (--merge-only then exits 4), and the dir's own finished keys that the new slice leaves out fall
+to no one's dir, or twice. That happens on a resubmission of part of an array with another size
+(`sbatch --array=3-5` for tasks 3-5 of 0-7: slices 0-2 of 3) or a task finished by hand without
+--num-workers. Each run of a dir records its machine count and index (machines.json; several machines may share
+a dir). A later run with another count on a dir holding work is refused before the model loads, unless the
+machines that wrote the dir covered every key (then the dir is the whole run and any split of it is safe). The
+number of GPUs or srun tasks inside a machine may change.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import store
+from .atomic import atomic_write_json
+from .errors import UsageError
+
+MACHINES_JSON = "machines.json"
+
+
+def check_machines(ckpt: Path, machine: int, machines: int) -> None:
+    """Record this machine in the dir; refuse another machine count on a dir holding part of the keys (module doc)."""
+    path = ckpt / MACHINES_JSON
+    try:
+        recorded = json.loads(path.read_text()) if path.is_file() else None
+        count, indices = int(recorded["machines"]), {int(i) for i in recorded["indices"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        count, indices = None, set()  # none or unreadable (a dir of an earlier version has none): recorded anew
+    if count == machines:
+        if machine not in indices:
+            atomic_write_json(path, {"machines": machines, "indices": sorted(indices | {machine})})
+        return
+    holds_work = bool(store.list_parts(ckpt) or store.list_failure_files(ckpt))
+    if count is not None and holds_work and indices != set(range(count)):
+        raise UsageError(
+            f"{ckpt} holds the keys of machine {', '.join(map(str, sorted(indices)))} of {count} (Slurm array tasks "
+            f"or --num-workers), but this run is machine {machine} of {machines}: its keys are another set, so keys "
+            f"in the other machines' dirs would be captioned again and some of this dir's by no one. Relaunch it as "
+            f"one of {count} (a resubmitted array task: runs/slurm_array.sbatch with MACHINES={count}, i.e. "
+            f"--num-workers {count} --worker-index TASK), or use a new --checkpoint-dir")
+    atomic_write_json(path, {"machines": machines, "indices": [machine]})
