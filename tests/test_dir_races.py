@@ -35,3 +35,20 @@ def test_a_live_holder_of_the_worker_id_is_still_named(tmp_path):
         assert f"pid {os.getpid()}" in second.take_worker()
     finally:
         first.release()
+
+
+def test_a_process_holding_only_its_worker_id_is_not_gone(tmp_path):
+    """A torchrun rank waiting for rank 0's run.json holds its worker id but not yet the dir: a worker ending
+    then was "last out" and merged (and wrote the card) while that rank was about to caption."""
+    from vlm_caption.locks import DirLock
+
+    a, b = DirLock(tmp_path, 0, 2), DirLock(tmp_path, 1, 2)
+    try:
+        assert a.take_worker() is None and a.take_run(exclusive=False)
+        assert b.take_worker() is None  # waiting for run.json
+        assert a.last_one_out() is False
+        assert b.take_run(exclusive=False)
+        assert b.last_one_out() is True
+    finally:
+        a.release()
+        b.release()

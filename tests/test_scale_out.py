@@ -395,3 +395,26 @@ def test_of_two_holders_only_the_last_one_out_merges(tmp_path):
     finally:
         a.release()
         b.release()
+
+
+def test_a_rank_ending_before_its_sibling_started_leaves_the_merge_to_it(clean_data, expected_keys, tmp_path,
+                                                                          monkeypatch, capsys):
+    """torchrun rank 0 finished (its slice done, or it simply won the race) before rank 1 had reached the dir:
+    it was "last out", merged half the keys and wrote the card, and rank 1 merged and wrote it again later."""
+    import pyarrow.parquet as pq
+
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    ckpt = tmp_path / "ckpt"
+    monkeypatch.setenv("RANK", "0")
+    assert main(args_for(Path("dummy-model"), clean_data, ckpt)) == EXIT_OK
+    out = capsys.readouterr().out
+    assert not (ckpt / store.MERGED).exists(), out
+    assert "1 other worker of this launch (1)" in out and "not started yet" in out
+    monkeypatch.setenv("RANK", "1")
+    assert main(args_for(Path("dummy-model"), clean_data, ckpt)) == EXIT_OK
+    assert "merged into" in capsys.readouterr().out
+    assert pq.read_table(ckpt / store.MERGED, columns=["key"]).column("key").to_pylist() == expected_keys

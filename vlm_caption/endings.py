@@ -47,12 +47,18 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
                       "unreadable_shards": plan.unreadable_shards},
         "hub": {"pushed_all": pushed_all} if hub_client is not None else None,
     }
-    last_out = writer.lock.last_one_out()
+    # A rank of this launch that has not reached the dir yet (still importing, or a quick rank of a relaunch
+    # whose slice was done) will end after this one: it merges, not this one (a merge and a card too early).
+    late = writer.lock.not_started(workers.sibling_workers(worker, num_workers))
+    last_out = not late and writer.lock.last_one_out()
     if last_out:
         if hub_client is not None and pushed_all:  # (not after a failed push: --push-only takes them all later)
             pushed_all = push_left_behind(hub_client, ckpt, writer.run_id)
             summary["hub"]["pushed_all"] = pushed_all
         summarise(ckpt, summary, plan.data_keys, hub_client)
+    elif late:
+        print(f"\n{plural(len(late), 'other worker')} of this launch ({', '.join(map(str, late))}) of {ckpt} not "
+              "started yet: the last one to finish merges the dir")
     else:
         print(f"\nother workers of {ckpt} are still running ({'; '.join(writer.lock.holders()) or 'ending now'}): "
               "the last one to finish merges the dir")

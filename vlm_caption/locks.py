@@ -66,7 +66,7 @@ class DirLock:
             time.sleep(0.01)
         os.ftruncate(fd, 0)
         os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, worker {self.worker} of "
-                     f"{self.num_workers}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode())
+                     f"{self.num_workers}, since {time.strftime('%Y-%m-%d %H:%M:%S')}, {_launcher()}\n".encode())
         self._worker_fd = fd
         return None
 
@@ -112,19 +112,56 @@ class DirLock:
         return [h for h in self.holders()
                 if (m := _WORKER_COUNT_RE.search(h)) is not None and int(m.group(1)) != self.num_workers]
 
+    def not_started(self, workers: list[int]) -> list[int]:
+        """Of `workers` (this process's sibling ranks under one launcher), those whose lock was not taken by a
+        process of this launcher: not started yet. A lock file outlives its process, so one that ended counts."""
+        missing = []
+        for w in workers:
+            try:
+                text = (self.dir / _worker_lock_name(w)).read_text(errors="replace")
+            except OSError:
+                text = ""
+            if _launcher() not in text:
+                missing.append(w)
+        return missing
+
     def last_one_out(self) -> bool:
-        """Release this process's shared hold; True when no other process holds the dir (then this one
-        keeps it exclusively until release()). Of two workers ending together at least one sees True."""
+        """Release this process's holds; True when no other process holds the dir (then this one keeps it
+        exclusively until release()). Of two workers ending together at least one sees True: each lets go of its
+        worker id and its shared hold before looking, and only one can hold the dir exclusively. A process that
+        holds a worker id but not the dir yet (a rank waiting for rank 0 to write run.json) ends later: not last."""
         if self._run_fd is None:
             return False
+        if self._worker_fd is not None:
+            os.close(self._worker_fd)
+            self._worker_fd = None
         fcntl.flock(self._run_fd, fcntl.LOCK_UN)
-        return self.take_run(exclusive=True)
+        if not self.take_run(exclusive=True):
+            return False
+        if self.holders():
+            fcntl.flock(self._run_fd, fcntl.LOCK_UN)
+            return False
+        os.ftruncate(self._run_fd, 0)  # who merges, for a relaunch that waits meanwhile (run_holder)
+        os.pwrite(self._run_fd, f"pid {os.getpid()} on host {socket.gethostname()}, worker {self.worker}, merging "
+                  f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        return True
+
+    def run_holder(self) -> str | None:
+        """The process that last held the dir exclusively to merge it, as it wrote itself in run.lock."""
+        try:
+            return (self.dir / RUN_LOCK).read_text(errors="replace").strip() or None
+        except OSError:
+            return None
 
     def release(self) -> None:
         for fd in (self._run_fd, self._worker_fd):
             if fd is not None:
                 os.close(fd)  # closing the file drops its flock
         self._run_fd = self._worker_fd = None
+
+
+def _launcher() -> str:
+    return f"launched by pid {os.getppid()} on host {socket.gethostname()}"
 
 
 def hold_exclusive(path: Path, what: str) -> int:

@@ -240,7 +240,7 @@ class CheckpointStore:
         try:
             return self._open_run(settings, run_id, overwrite, wait_for_leader, leader_timeout)
         except TimeoutError:  # run.lock held exclusively all along: the last worker's merge and card, usually
-            holders = "; ".join(self.lock.holders()) or "another process"
+            holders = "; ".join(self.lock.holders()) or self.lock.run_holder() or "another process"
             self.lock.release()
             raise UsageError(f"{self.dir} stayed locked by {holders} (the last worker of a run merges the dir and "
                              "writes the card under this lock); wait for it to end, then rerun") from None

@@ -117,3 +117,13 @@ def machine_slice(num_workers: int | None, worker_index: int | None) -> tuple[in
     if num_workers is not None and worker_index is not None:
         return worker_index, num_workers
     return array_slice() or (0, 1)
+
+
+def sibling_workers(worker: int, num_workers: int) -> list[int]:
+    """The worker ids of the torchrun / accelerate ranks started with this one on this machine (this one
+    included); [] when not under one, or when its ranks span machines (their launchers differ)."""
+    rank, world = distributed_rank()
+    if not under_torchrun() or world == 1 or _ranks_span_machines(world):
+        return []
+    stride = num_workers // world  # worker = outer + outer workers x rank (worker_slice)
+    return [worker + stride * (r - rank) for r in range(world)]
