@@ -418,3 +418,29 @@ def test_a_rank_ending_before_its_sibling_started_leaves_the_merge_to_it(clean_d
     assert main(args_for(Path("dummy-model"), clean_data, ckpt)) == EXIT_OK
     assert "merged into" in capsys.readouterr().out
     assert pq.read_table(ckpt / store.MERGED, columns=["key"]).column("key").to_pylist() == expected_keys
+
+
+def test_more_ranks_than_gpus_is_said(monkeypatch, caplog):
+    """torchrun --nproc-per-node 16 on 8 GPUs: ranks 8-15 silently took GPUs 0-7 again (a second model copy on each)."""
+    import logging
+
+    import torch
+
+    from vlm_caption import model_loading
+
+    for var in LAUNCH_VARS:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    for var, value in (("RANK", "11"), ("LOCAL_RANK", "11"), ("WORLD_SIZE", "16"), ("LOCAL_WORLD_SIZE", "16")):
+        monkeypatch.setenv(var, value)
+    with caplog.at_level(logging.WARNING):
+        assert model_loading.choose_device().index == 3
+    assert any("16 processes on this machine" in r.getMessage() and "8 GPU(s)" in r.getMessage()
+               for r in caplog.records), caplog.text
+    caplog.clear()
+    monkeypatch.setenv("LOCAL_RANK", "3")  # a process with a GPU of its own says nothing
+    with caplog.at_level(logging.WARNING):
+        assert model_loading.choose_device().index == 3
+    assert not caplog.records

@@ -21,7 +21,13 @@ def choose_device() -> torch.device:
     streams, events, pinned memory and memory queries without a device argument go to the current device:
     left at GPU 0, rank k's copy-done events would be recorded on GPU 0's stream, not the one doing its copies."""
     if torch.cuda.is_available():
-        device = torch.device("cuda", workers.local_index() % torch.cuda.device_count())
+        local, gpus, processes = workers.local_index(), torch.cuda.device_count(), workers.ranks_per_machine()
+        device = torch.device("cuda", local % gpus)
+        if processes > gpus and local >= gpus:  # (srun --gpus-per-task binds one GPU per task: not counted here)
+            log.warning("%d processes on this machine (torchrun --nproc-per-node / accelerate --num_processes) but "
+                        "%d GPU(s) visible: process %d shares GPU %d with process %d, each with its own copy of the "
+                        "model and its own batch size (out of memory is likely); launch one process per GPU",
+                        processes, gpus, local, device.index, device.index)
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
