@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One machine, 8 GPUs: one process per GPU, all writing parts into one checkpoint dir.
 # Rerun the same command after a crash: finished keys are skipped whatever the number of GPUs.
+# It runs from the checkout: relative paths you pass (--data-dir, ...) are relative to the checkout, not to
+# where you started it. torchrun / accelerate exit 1 for any worker's non-zero code (README: Exit codes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-google/gemma-3-27b-it}
