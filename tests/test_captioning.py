@@ -398,29 +398,3 @@ def test_the_signal_handler_only_records_the_stop_and_the_loop_says_it_once(capl
         assert len(said) == 1 and said[0].startswith("SIGTERM received: stopping after writing")
         with pytest.raises(Interrupted):
             stop.raise_if_requested()
-
-
-def test_the_same_signal_forwarded_by_a_launcher_is_not_a_second_stop(monkeypatch):
-    """At a Slurm time limit every process of the job gets SIGTERM, and torchrun (or srun) forwards its own to
-    each worker a few milliseconds later. That second delivery used to count as "stop at once": every finished
-    caption not yet in a part and the final push were dropped. Only a signal sent later is a second one."""
-    from vlm_caption import interrupts
-    from vlm_caption.interrupts import Interrupted, StopSignals
-
-    monkeypatch.setattr(interrupts, "SAME_STOP_S", 0.5, raising=False)
-    with StopSignals() as stop:
-        try:
-            with stop.graceful():
-                os.kill(os.getpid(), signal.SIGTERM)  # Slurm's
-                time.sleep(0.02)
-                os.kill(os.getpid(), signal.SIGTERM)  # torchrun's, forwarded
-                time.sleep(0.05)
-                assert stop.requested
-            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaching the worker directly and through torchrun
-            time.sleep(0.05)  # still inside the window: the flush and the last push go on
-        except Interrupted:
-            pytest.fail("the same stop delivered twice stopped the run at once, before its captions were written")
-        time.sleep(0.5)
-        with pytest.raises(Interrupted):  # a signal sent later is a second stop: at once
-            os.kill(os.getpid(), signal.SIGTERM)
-            time.sleep(0.05)

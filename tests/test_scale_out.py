@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+from dummy_runs import clear_launch_env
 
 from batched_image_inference import main
 from vlm_caption import store, workers
@@ -131,13 +132,10 @@ def test_merge_reports_a_key_captioned_twice(tiny_model_dir, clean_data, tmp_pat
     assert len(merged) == len(set(merged)) == 3  # the merged file keeps one row per key
 
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
-               "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID")
 
 
 def test_worker_slice_defaults_from_slurm_and_torch_distributed(monkeypatch):
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
+    clear_launch_env(monkeypatch)
     assert RunConfig().worker_slice() == (0, 1)
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", "3")
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", "4")
@@ -155,8 +153,7 @@ def test_worker_slice_defaults_from_slurm_and_torch_distributed(monkeypatch):
 
 
 def test_worker_slice_from_srun_tasks_stepped_arrays_and_partial_environments(monkeypatch):
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
+    clear_launch_env(monkeypatch)
     # srun -n 4: each task a worker. The batch script itself (no SLURM_STEP_NUM_TASKS) is one process.
     monkeypatch.setenv("SLURM_PROCID", "2")
     assert RunConfig().worker_slice() == (0, 1)
@@ -190,8 +187,7 @@ def test_worker_slice_from_srun_tasks_stepped_arrays_and_partial_environments(mo
     with pytest.raises(UsageError, match="--worker-index 3"):
         RunConfig().worker_slice()
     assert RunConfig(num_workers=8, worker_index=3).worker_slice() == (3, 8)
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
+    clear_launch_env(monkeypatch)
     # Half a torchrun environment: WORLD_SIZE=4 alone would caption a quarter of the keys and exit 0.
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(UsageError, match="without RANK"):
@@ -201,8 +197,7 @@ def test_worker_slice_from_srun_tasks_stepped_arrays_and_partial_environments(mo
 
 
 def test_the_gpu_of_a_process_is_its_place_on_the_machine(monkeypatch):
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
+    clear_launch_env(monkeypatch)
     assert workers.local_index() == 0
     monkeypatch.setenv("SLURM_LOCALID", "3")  # the batch script: one process, GPU 0
     assert workers.local_index() == 0
@@ -244,8 +239,7 @@ def test_merge_refuses_dirs_of_different_runs(tiny_model_dir, clean_data, tmp_pa
 
 
 def test_device_map_spreading_is_refused_with_several_processes_per_machine(monkeypatch):
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
+    clear_launch_env(monkeypatch)
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
@@ -364,8 +358,7 @@ def test_a_worker_starting_while_another_is_still_writing_run_json_waits_and_joi
 def test_every_launch_level_combination_gives_each_worker_index_once(monkeypatch):
     """Array tasks x srun tasks x torchrun ranks: the indices are exactly 0..N-1 (a level added instead of
     multiplied would give some twice and leave others to nobody)."""
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
+    clear_launch_env(monkeypatch)
     arrays, tasks, ranks = 3, 2, 4
     seen = []
     for a in range(arrays):
@@ -395,52 +388,3 @@ def test_of_two_holders_only_the_last_one_out_merges(tmp_path):
     finally:
         a.release()
         b.release()
-
-
-def test_a_rank_ending_before_its_sibling_started_leaves_the_merge_to_it(clean_data, expected_keys, tmp_path,
-                                                                          monkeypatch, capsys):
-    """torchrun rank 0 finished (its slice done, or it simply won the race) before rank 1 had reached the dir:
-    it was "last out", merged half the keys and wrote the card, and rank 1 merged and wrote it again later."""
-    import pyarrow.parquet as pq
-
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-1")
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    ckpt = tmp_path / "ckpt"
-    monkeypatch.setenv("RANK", "0")
-    assert main(args_for(Path("dummy-model"), clean_data, ckpt)) == EXIT_OK
-    out = capsys.readouterr().out
-    assert not (ckpt / store.MERGED).exists(), out
-    assert "1 other worker of this launch (1)" in out and "not started yet" in out
-    monkeypatch.setenv("RANK", "1")
-    assert main(args_for(Path("dummy-model"), clean_data, ckpt)) == EXIT_OK
-    assert "merged into" in capsys.readouterr().out
-    assert pq.read_table(ckpt / store.MERGED, columns=["key"]).column("key").to_pylist() == expected_keys
-
-
-def test_more_ranks_than_gpus_is_said(monkeypatch, caplog):
-    """torchrun --nproc-per-node 16 on 8 GPUs: ranks 8-15 silently took GPUs 0-7 again (a second model copy on each)."""
-    import logging
-
-    import torch
-
-    from vlm_caption import model_loading
-
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
-    for var, value in (("RANK", "11"), ("LOCAL_RANK", "11"), ("WORLD_SIZE", "16"), ("LOCAL_WORLD_SIZE", "16")):
-        monkeypatch.setenv(var, value)
-    with caplog.at_level(logging.WARNING):
-        assert model_loading.choose_device().index == 3
-    assert any("16 processes on this machine" in r.getMessage() and "8 GPU(s)" in r.getMessage()
-               for r in caplog.records), caplog.text
-    caplog.clear()
-    monkeypatch.setenv("LOCAL_RANK", "3")  # a process with a GPU of its own says nothing
-    with caplog.at_level(logging.WARNING):
-        assert model_loading.choose_device().index == 3
-    assert not caplog.records

@@ -1,19 +1,20 @@
-"""Slurm arrays relaunched: a resubmitted task on another number of GPUs, a changed array size. Each launch is
-emulated by the variables Slurm and torchrun set, one worker process after another (main in-process)."""
+"""Launchers (Slurm, torchrun): a resubmitted array task on another number of GPUs, a changed array size, a rank
+ending before its sibling started, more ranks than GPUs, a signal forwarded twice. Each launch is emulated by the
+variables Slurm and torchrun set, one worker process after another (main in-process)."""
 from __future__ import annotations
 
+import os
+import signal
+import time
 from pathlib import Path
 
 import pytest
-from dummy_runs import dummy_args
+from dummy_runs import clear_launch_env, dummy_args
 
 from batched_image_inference import main
-from vlm_caption import dataset, workers
+from vlm_caption import dataset, store, workers
 from vlm_caption.errors import EXIT_OK
 
-LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
-               "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID",
-               "TORCHELASTIC_RUN_ID")
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,7 @@ def data(tmp_path_factory):
 
 def launched_as(monkeypatch, task: int, tasks: int, rank: int = 0, world: int = 1) -> None:
     """The environment of torchrun rank `rank` of `world` in Slurm array task `task` of `tasks` (--array=0-N)."""
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
+    clear_launch_env(monkeypatch)
     monkeypatch.setenv("SLURM_ARRAY_TASK_ID", str(task))
     monkeypatch.setenv("SLURM_ARRAY_TASK_COUNT", str(tasks))
     monkeypatch.setenv("SLURM_ARRAY_TASK_MIN", "0")
@@ -69,8 +69,7 @@ def test_a_task_resubmitted_on_fewer_gpus_captions_no_key_of_another_task(monkey
     assert run_task(monkeypatch, data, dirs[0], 0, 2, rank=1, world=2) == EXIT_OK
     assert run_task(monkeypatch, data, dirs[1], 1, 2, rank=0, world=2) == EXIT_OK
     assert run_task(monkeypatch, data, dirs[1], 1, 2, world=1) == EXIT_OK  # the resubmission
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
+    clear_launch_env(monkeypatch)
     capsys.readouterr()
     code = main(["--merge-only", "--data-dir", str(data), "--checkpoint-dir", *map(str, dirs)])
     out = capsys.readouterr().out
@@ -98,8 +97,7 @@ def test_a_dir_relaunched_with_another_array_size_is_refused_before_any_work(mon
     assert exc.value.code == EXIT_USAGE and len(err) == 1, err
     assert "machine 2 of 4" in err[0] and "MACHINES=4" in err[0], err
     assert sorted(p.name for p in (dirs[2] / "parts").iterdir()) == parts_before  # nothing captioned
-    for var in LAUNCH_VARS:  # finishing task 2 by hand without --num-workers: the same refusal
-        monkeypatch.delenv(var, raising=False)
+    clear_launch_env(monkeypatch)  # finishing task 2 by hand without --num-workers: the same refusal
     with pytest.raises(SystemExit) as exc:
         run_main(main, dummy_args(data, dirs[2]), prog="batched_image_inference.py")
     assert exc.value.code == EXIT_USAGE and "machine 2 of 4" in capsys.readouterr().err
@@ -107,8 +105,80 @@ def test_a_dir_relaunched_with_another_array_size_is_refused_before_any_work(mon
     for t in range(4):
         launched_as(monkeypatch, t, 1)  # sbatch --array=T with MACHINES=4: an array of one, flags given
         assert main(dummy_args(data, dirs[t], "--num-workers", "4", "--worker-index", str(t))) == EXIT_OK
-    for var in LAUNCH_VARS:
-        monkeypatch.delenv(var, raising=False)
+    clear_launch_env(monkeypatch)
     capsys.readouterr()
     assert main(["--merge-only", "--data-dir", str(data), "--checkpoint-dir", *map(str, dirs)]) == EXIT_OK
     assert "0 missing, 0 captioned more than once" in capsys.readouterr().out
+
+
+def test_a_rank_ending_before_its_sibling_started_leaves_the_merge_to_it(data, tmp_path, monkeypatch, capsys):
+    """torchrun rank 0 finished (its slice done, or it simply won the race) before rank 1 had reached the dir:
+    it was "last out", merged half the keys and wrote the card, and rank 1 merged and wrote it again later."""
+    import pyarrow.parquet as pq
+
+    clear_launch_env(monkeypatch)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "launch-1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    ckpt = tmp_path / "ckpt"
+    monkeypatch.setenv("RANK", "0")
+    assert main(dummy_args(data, ckpt)) == EXIT_OK
+    out = capsys.readouterr().out
+    assert not (ckpt / store.MERGED).exists(), out
+    assert "1 other worker of this launch (1)" in out and "not started yet" in out
+    monkeypatch.setenv("RANK", "1")
+    assert main(dummy_args(data, ckpt)) == EXIT_OK
+    assert "merged into" in capsys.readouterr().out
+    expected = sorted(pq.read_table(data / "full_metadata.parquet", columns=["key"]).column("key").to_pylist())
+    assert pq.read_table(ckpt / store.MERGED, columns=["key"]).column("key").to_pylist() == expected
+
+
+def test_more_ranks_than_gpus_is_said(monkeypatch, caplog):
+    """torchrun --nproc-per-node 16 on 8 GPUs: ranks 8-15 silently took GPUs 0-7 again (a second model copy on each)."""
+    import logging
+
+    import torch
+
+    from vlm_caption import model_loading
+
+    clear_launch_env(monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    for var, value in (("RANK", "11"), ("LOCAL_RANK", "11"), ("WORLD_SIZE", "16"), ("LOCAL_WORLD_SIZE", "16")):
+        monkeypatch.setenv(var, value)
+    with caplog.at_level(logging.WARNING):
+        assert model_loading.choose_device().index == 3
+    assert any("16 processes on this machine" in r.getMessage() and "8 GPU(s)" in r.getMessage()
+               for r in caplog.records), caplog.text
+    caplog.clear()
+    monkeypatch.setenv("LOCAL_RANK", "3")  # a process with a GPU of its own says nothing
+    with caplog.at_level(logging.WARNING):
+        assert model_loading.choose_device().index == 3
+    assert not caplog.records
+
+
+def test_the_same_signal_forwarded_by_a_launcher_is_not_a_second_stop(monkeypatch):
+    """At a Slurm time limit every process of the job gets SIGTERM, and torchrun (or srun) forwards its own to
+    each worker a few milliseconds later. That second delivery used to count as "stop at once": every finished
+    caption not yet in a part and the final push were dropped. Only a signal sent later is a second one."""
+    from vlm_caption import interrupts
+    from vlm_caption.interrupts import Interrupted, StopSignals
+
+    monkeypatch.setattr(interrupts, "SAME_STOP_S", 0.5, raising=False)
+    with StopSignals() as stop:
+        try:
+            with stop.graceful():
+                os.kill(os.getpid(), signal.SIGTERM)  # Slurm's
+                time.sleep(0.02)
+                os.kill(os.getpid(), signal.SIGTERM)  # torchrun's, forwarded
+                time.sleep(0.05)
+                assert stop.requested
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C reaching the worker directly and through torchrun
+            time.sleep(0.05)  # still inside the window: the flush and the last push go on
+        except Interrupted:
+            pytest.fail("the same stop delivered twice stopped the run at once, before its captions were written")
+        time.sleep(0.5)
+        with pytest.raises(Interrupted):  # a signal sent later is a second stop: at once
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
