@@ -162,3 +162,37 @@ def test_sigterm_mid_download_exits_143_and_leaves_no_process(tmp_path):
             raise AssertionError("processes of the download outlived it")
         assert "Traceback" not in err, err
         assert not (tmp_path / "out" / "images" / "_tmp").exists()
+
+
+def test_a_sample_img2dataset_cannot_write_leaves_its_shard_unfinished_not_a_row_short(tmp_path):
+    """Disk full or a file size limit while img2dataset writes one image: it prints the error, leaves the row
+    out of the shard parquet and marks the shard done. That shard is set aside (exit 3), and a rerun with room
+    downloads it again, every row back with its metadata."""
+    import os
+    import resource
+
+    from PIL import Image
+
+    noise = io.BytesIO()  # ~110 KB: over the limit below, which the small files and parquets stay under
+    Image.frombytes("RGB", (300, 300), os.urandom(300 * 300 * 3)).save(noise, "JPEG", quality=95)
+    limit = 60_000
+    assert len(noise.getvalue()) > limit
+    routes = {"/img/0.jpg": Route(_jpeg(10)), "/big.jpg": Route(noise.getvalue()), "/img/1.jpg": Route(_jpeg(90))}
+    with ImageServer(routes) as srv:
+        source = _source(tmp_path, srv, list(routes))
+        out = tmp_path / "out"
+        full = subprocess.run(
+            [sys.executable, "download_data.py", "--source", str(source), "--output", str(out), *CLI_ARGS],
+            cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+        assert full.returncode == 3, full.stdout + full.stderr
+        assert "missing 1 of its 3 rows" in full.stderr and "1 shard did not finish" in full.stderr
+        assert "UNFINISHED shards:   1 (00000)" in full.stdout
+        assert not (out / "images" / "00000_stats.json").exists()
+
+        rerun = _download(source, out)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    summary = json.loads((out / "download_summary.json").read_text())
+    assert summary["valid"] == 3 and summary["failed"] == 0 and summary["shards"]["unfinished"] == []
+    assert sorted(pq.read_table(out / "full_metadata.parquet").column("original_key").to_pylist()) == \
+        ["0000", "0001", "0002"]

@@ -240,26 +240,35 @@ def check_output_dir(out: Path) -> None:
                              "download_data.py output; give a new or empty directory")
 
 
-def set_aside_unreadable_shards(out: Path) -> None:
-    """A finished shard whose parquet cannot be read (a crash or a second process mid-write) goes to
-    quarantine/ with its stats file, so img2dataset downloads it again (it redoes shards without stats)."""
+def set_aside_unreadable_shards(out: Path, n_rows: int, shard_size: int) -> None:
+    """A finished shard whose parquet cannot be read (a crash or a second process mid-write), or that lacks
+    rows of its slice of urls.parquet, goes to quarantine/ with its stats file, so img2dataset downloads it
+    again (it redoes shards without stats). img2dataset catches an error writing a sample (disk full, file
+    size limit), prints it, leaves the row out of the shard parquet and still marks the shard done: without
+    this check those rows, metadata and all, would vanish from every count."""
     for shard_id in sorted(_finished_stats(out / IMAGES_DIR)):
         name = shard_name(shard_id)
         path = out / IMAGES_DIR / f"{name}.parquet"
+        expected = max(0, min(shard_size, n_rows - shard_id * shard_size))
         try:
-            pq.read_metadata(path)
+            rows = pq.read_metadata(path).num_rows
+            problem = None if rows >= expected else (
+                f"missing {expected - rows} of its {expected} rows (img2dataset could not write them: "
+                "disk full? see its error above)")
         except (pa.ArrowInvalid, OSError) as e:
-            if path.exists():
-                store.quarantine(out, path, f"unreadable ({str(e).splitlines()[0]})",
-                                 f"shard {name} is downloaded again")
-            store.quarantine(out, out / IMAGES_DIR / stats_file(name), "the stats of a shard set aside",
-                             "its shard counts as unfinished")
+            problem = f"unreadable ({str(e).splitlines()[0]})"
+        if problem is None:
+            continue
+        if path.exists():
+            store.quarantine(out, path, problem, f"shard {name} is downloaded again by a rerun")
+        store.quarantine(out, out / IMAGES_DIR / stats_file(name), "the stats of a shard set aside",
+                         "its shard counts as unfinished")
 
 
 def _download_into(out: Path, urls: pa.Table, cfg: DownloadConfig, t0: float) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     write_urls(out, urls, cfg.shard_size)
-    set_aside_unreadable_shards(out)
+    set_aside_unreadable_shards(out, urls.num_rows, cfg.shard_size)
     shard_ids = expected_shards(urls.num_rows, cfg.shard_size)
 
     t1 = time.perf_counter()
@@ -276,6 +285,7 @@ def _download_into(out: Path, urls: pa.Table, cfg: DownloadConfig, t0: float) ->
                 logger.info("removing %s until the shards are done (it is rebuilt at the end)", name)
                 (out / name).unlink()
         run_img2dataset(out, urls, cfg)
+        set_aside_unreadable_shards(out, urls.num_rows, cfg.shard_size)  # rows img2dataset failed to write
     t2 = time.perf_counter()
 
     wanted = set(shard_ids)
