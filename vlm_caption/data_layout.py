@@ -37,6 +37,7 @@ SHARD_NAMES = {"md5": "source_md5"}  # source column -> its name in img2dataset'
 IMAGES_DIR = "images"
 VALIDATION_DIR = "decode_checks"  # not "validation": datasets would read that name as a split
 URLS_FILE = "urls.parquet"
+SHARD_SIZE_META = b"vlm_caption.shard_size"  # urls.parquet's schema metadata: the --shard-size it was cut by
 FULL_METADATA_FILE = "full_metadata.parquet"
 INVALID_FILE = "invalid_images.parquet"
 METADATA_CSV = "metadata.csv"

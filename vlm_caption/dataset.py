@@ -18,7 +18,8 @@ from typing import Any, Iterable, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from .data_layout import ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_NAMES, VALIDATION_DIR, stats_file
+from .data_layout import (ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_NAMES, SHARD_SIZE_META, URLS_FILE,
+                          VALIDATION_DIR, expected_shards, shard_name, stats_file)
 from .errors import UsageError
 from .images import (DRAFT_MARGIN, IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, ImageLoadError,  # noqa: F401
                      draft_box, load_image, to_rgb)  # (dataset.* names)
@@ -79,7 +80,20 @@ def unfinished_shards(data_dir: Path) -> list[str]:
     if (data_dir / FULL_METADATA_FILE).is_file():
         return []
     images = data_dir / IMAGES_DIR
-    return [p.stem for p in sorted(images.glob("[0-9]*.parquet")) if not (images / stats_file(p.stem)).is_file()]
+    started = [p.stem for p in sorted(images.glob("[0-9]*.parquet")) if not (images / stats_file(p.stem)).is_file()]
+    return sorted({*started, *_not_started_shards(data_dir)})
+
+
+def _not_started_shards(data_dir: Path) -> list[str]:
+    """Shards urls.parquet calls for that have no parquet yet (a download stopped before it reached them):
+    without them a partial download would look like a whole, smaller one."""
+    try:
+        meta = pq.read_metadata(data_dir / URLS_FILE)
+        shard_size = int((meta.metadata or {}).get(SHARD_SIZE_META, b""))
+    except (OSError, ValueError, pa.ArrowException):  # no urls.parquet (a hand-made data dir), or no shard size
+        return []
+    names = [shard_name(s) for s in expected_shards(meta.num_rows, shard_size)]
+    return [n for n in names if not (data_dir / IMAGES_DIR / f"{n}.parquet").exists()]
 
 
 def open_metadata(path: Path) -> pq.ParquetFile:

@@ -24,8 +24,8 @@ from .atomic import atomic_write_json, atomic_write_table
 from .cli import plural
 from .config import DownloadConfig
 from .data_layout import (DOWNLOAD_LOCK, ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, METADATA_CSV,
-                          OOM_SHARD_COUNT, SAVED_COLUMNS, STATS_SUFFIX, SUMMARY_FILE, URLS_FILE, expected_shards,
-                          shard_name, stats_file)
+                          OOM_SHARD_COUNT, SAVED_COLUMNS, SHARD_SIZE_META, STATS_SUFFIX, SUMMARY_FILE, URLS_FILE,
+                          expected_shards, shard_name, stats_file)
 from .download_source import (URL_COLUMNS, further_names, img2dataset_input, load_source,  # noqa: F401  (dl.* names)
                               url_table)
 from .download_summary import make_summary, print_summary, stats_files
@@ -38,7 +38,6 @@ logger = logging.getLogger(__name__)
 IMG2DATASET_INPUT = "_img2dataset_input.parquet"  # urls.parquet with md5 renamed; removed after the run
 IMG2DATASET_TMP = "_tmp"  # img2dataset's own temp dir under images/ (its input cut into shards)
 SPAWNED_TMPDIR = "_img2dataset_tmpdir"  # TMPDIR of img2dataset's spawned processes (spawned_tmpdir)
-SHARD_SIZE_META = b"vlm_caption.shard_size"
 
 # What img2dataset 1.47 writes to images/NNNNN.parquet for our input (checked by tests/test_sample_data.py).
 SHARD_SCHEMA = pa.schema(
