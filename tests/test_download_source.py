@@ -80,3 +80,14 @@ def test_repeated_urls_and_urls_that_are_not_http_are_said(caplog):
         urls[0], urls[1], "only http(s) URLs are fetched: file:///etc/hostname",
         "only http(s) URLs are fetched: data:image/png;base64,AA", urls[4], None]
     assert "source_md5" in given.column_names and "md5" not in given.column_names
+
+
+def test_http_urls_with_spaces_around_them_are_fetched_not_failed(caplog):
+    """A CSV cell ' http://host/a.jpg ' is an http URL (urllib strips the spaces): it must not be recorded as a
+    permanent 'only http(s) URLs are fetched' failure."""
+    urls = [" http://127.0.0.1/a.jpg", "\thttps://127.0.0.1/b.jpg \n", " file:///etc/hostname"]
+    source = pa.table({c: urls if c == "url" else [str(i) for i in range(len(urls))] for c in SOURCE_COLUMNS})
+    with caplog.at_level(logging.WARNING, logger="vlm_caption.download"):
+        given = dl.img2dataset_input(dl.url_table(source))
+    assert given.column("url").to_pylist() == [urls[0], urls[1], "only http(s) URLs are fetched:  file:///etc/hostname"]
+    assert "1 URL is not http(s)" in caplog.text

@@ -21,7 +21,7 @@ logger = logging.getLogger("vlm_caption.download")  # the messages users know, u
 
 SOURCE_COLUMNS = ("key", "url", "caption", "md5", "tags", "merged_tags")
 URL_COLUMNS = ("url", "caption", "original_key", "md5", "tags", "merged_tags")
-FETCHED_URL_RE = r"(?i)^https?://"  # what is downloaded; file:, data:, ftp: ... would read local files or payloads
+FETCHED_URL_RE = r"(?i)^\s*https?://"  # fetched (urllib strips spaces); file:, data:, ... would read local files
 NOT_FETCHED = "only http(s) URLs are fetched: "  # urllib refuses it: "unknown url type: only http(s) urls are ..."
 JSON_BLOCK_BYTES = 64 << 20  # pyarrow's JSON reader needs each line inside one block (its default: 1 MiB)
 
