@@ -196,3 +196,17 @@ def test_a_sample_img2dataset_cannot_write_leaves_its_shard_unfinished_not_a_row
     assert summary["valid"] == 3 and summary["failed"] == 0 and summary["shards"]["unfinished"] == []
     assert sorted(pq.read_table(out / "full_metadata.parquet").column("original_key").to_pylist()) == \
         ["0000", "0001", "0002"]
+
+
+def test_a_failure_reason_of_several_lines_is_printed_on_one(capsys):
+    """urllib's redirect-loop error spans three lines; printed as is, its tail reads like lines of their own."""
+    from vlm_caption.download_summary import print_summary
+
+    loop = ("HTTP Error 302: The HTTP server returned a redirect error that would lead to an infinite loop.\n"
+            "The last 30x error message was:\nFound")
+    print_summary(Path("out"), {"rows_in": 2, "shards": {"total": 1, "unfinished": []}, "shard_size": 10,
+                                "downloaded": 1, "failed": 1, "failed_retryable": 0, "failure_reasons": {loop: 1},
+                                "invalid": 0, "valid": 1})
+    reasons = [line for line in capsys.readouterr().out.splitlines() if line.startswith("      ")]
+    assert reasons == ["             1  HTTP Error 302: The HTTP server returned a redirect error that would lead to "
+                       "an infinite loop. The last 30x error message was: Found"]

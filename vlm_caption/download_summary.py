@@ -89,7 +89,9 @@ def print_summary(out: Path, summary: dict) -> None:
         + (f"  ({retryable} retryable: timeout, HTTP 408/429/5xx, connection; {summary['failed'] - retryable} "
            "permanent)" if summary["failed"] else ""),
     ]
-    lines += [f"      {n:>8}  {reason}" for reason, n in list(summary["failure_reasons"].items())[:10]]
+    # One line per reason: urllib's redirect-loop message, among others, spans lines (kept whole in the json).
+    lines += [f"      {n:>8}  {' '.join(reason.split())}"
+              for reason, n in list(summary["failure_reasons"].items())[:10]]
     lines += [
         f"  invalid (saved but undecodable): {summary['invalid']}  -> {out / INVALID_FILE}",
         f"  valid images:        {summary['valid']}  -> {out / FULL_METADATA_FILE}, {out / METADATA_CSV}",
