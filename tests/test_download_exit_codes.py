@@ -210,3 +210,33 @@ def test_a_failure_reason_of_several_lines_is_printed_on_one(capsys):
     reasons = [line for line in capsys.readouterr().out.splitlines() if line.startswith("      ")]
     assert reasons == ["             1  HTTP Error 302: The HTTP server returned a redirect error that would lead to "
                        "an infinite loop. The last 30x error message was: Found"]
+
+
+def test_a_disk_that_fills_up_is_one_fatal_line_not_a_traceback(server, tmp_path):
+    """Our own writes (urls.parquet first) hitting a full disk or a size limit: exit 1, one line, as the README says."""
+    import resource
+
+    source = _source(tmp_path, server, ["/img/0.jpg", "/img/1.jpg"])
+    result = subprocess.run(
+        [sys.executable, "download_data.py", "--source", str(source), "--output", str(tmp_path / "out"), *CLI_ARGS],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000)))  # urls.parquet is larger
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "download_data.py: error: cannot write to --output" in result.stderr and "File too large" in result.stderr
+
+
+def test_an_output_it_may_not_write_is_one_line(server, tmp_path, monkeypatch):
+    import errno
+
+    from vlm_caption import download as dl
+    from vlm_caption.config import DownloadConfig
+    from vlm_caption.errors import FatalError
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(dl, "atomic_write_table", denied)
+    source = _source(tmp_path, server, ["/img/0.jpg"])
+    with pytest.raises(FatalError, match="cannot write to --output .*urls.parquet.*Permission denied"):
+        dl.download_dataset(DownloadConfig(output=str(tmp_path / "out"), source=str(source), processes=1))

@@ -6,6 +6,7 @@ metadata.csv) are validate.py's; the directory layout is in data_layout.py.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -219,14 +220,25 @@ def download_dataset(cfg: DownloadConfig) -> dict:
     urls = url_table(source)
     del source
     check_output_dir(out)
-    lock = locks.hold_exclusive(out / DOWNLOAD_LOCK, f"--output {out}")
     try:
-        # SIGTERM as Ctrl-C in every phase (img2dataset's own handling takes over while it runs): the
-        # validation pool is shut down on the way out instead of the process dying under it.
-        with StopSignals():
-            return _download_into(out, urls, cfg, t0)
-    finally:
-        os.close(lock)
+        lock = locks.hold_exclusive(out / DOWNLOAD_LOCK, f"--output {out}")
+        try:
+            # SIGTERM as Ctrl-C in every phase (img2dataset's own handling takes over while it runs): the
+            # validation pool is shut down on the way out instead of the process dying under it.
+            with StopSignals():
+                return _download_into(out, urls, cfg, t0)
+        finally:
+            os.close(lock)
+    except OSError as e:
+        if e.errno not in _WRITE_ERRNOS:
+            raise
+        # Our files are written atomically (tmp + rename): nothing half written stays; finished shards are kept.
+        where = f" ({e.filename})" if e.filename else ""
+        raise FatalError(f"cannot write to --output {out}{where}: {e.strerror or e}; free space or fix "
+                         "permissions and rerun the same command (finished shards are kept)") from None
+
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 def check_output_dir(out: Path) -> None:
