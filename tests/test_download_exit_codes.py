@@ -189,6 +189,9 @@ def test_a_sample_img2dataset_cannot_write_leaves_its_shard_unfinished_not_a_row
         assert "missing 1 of its 3 rows" in full.stderr and "1 shard did not finish" in full.stderr
         assert "UNFINISHED shards:   1 (00000)" in full.stdout
         assert not (out / "images" / "00000_stats.json").exists()
+        # Not there while a shard is unfinished: the captioner would take it for the whole set and exit 0.
+        assert not (out / "full_metadata.parquet").exists() and not (out / "metadata.csv").exists()
+        assert "full_metadata.parquet and metadata.csv are written once every shard is done" in full.stdout
 
         rerun = _download(source, out)
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr

@@ -94,7 +94,9 @@ def print_summary(out: Path, summary: dict) -> None:
               for reason, n in list(summary["failure_reasons"].items())[:10]]
     lines += [
         f"  invalid (saved but undecodable): {summary['invalid']}  -> {out / INVALID_FILE}",
-        f"  valid images:        {summary['valid']}  -> {out / FULL_METADATA_FILE}, {out / METADATA_CSV}",
+        f"  valid images:        {summary['valid']}  -> "
+        + (f"{out / FULL_METADATA_FILE}, {out / METADATA_CSV}" if not summary["shards"]["unfinished"]
+           else f"{FULL_METADATA_FILE} and {METADATA_CSV} are written once every shard is done"),
         f"  images:              {out / IMAGES_DIR}",
     ]
     unfinished = summary["shards"]["unfinished"]
