@@ -89,5 +89,21 @@ def test_http_urls_with_spaces_around_them_are_fetched_not_failed(caplog):
     source = pa.table({c: urls if c == "url" else [str(i) for i in range(len(urls))] for c in SOURCE_COLUMNS})
     with caplog.at_level(logging.WARNING, logger="vlm_caption.download"):
         given = dl.img2dataset_input(dl.url_table(source))
-    assert given.column("url").to_pylist() == [urls[0], urls[1], "only http(s) URLs are fetched:  file:///etc/hostname"]
+    assert given.column("url").to_pylist() == ["http://127.0.0.1/a.jpg", "https://127.0.0.1/b.jpg",
+                                               "only http(s) URLs are fetched:  file:///etc/hostname"]
     assert "1 URL is not http(s)" in caplog.text
+
+
+def test_urls_with_spaces_or_accents_are_fetched_percent_encoded():
+    """urllib refuses a raw space ('URL can't contain control characters') or an accented letter ('ascii' codec
+    can't encode): such a URL, which a browser opens, was a permanent failure. Escapes already there stay."""
+    urls = ["http://127.0.0.1/peintures/Claude Monet/Impression, soleil levant.jpg",
+            "https://127.0.0.1/œuvres/été.jpg?titre=la mer#vue", "http://bücher.example/a.jpg",
+            "http://127.0.0.1/already%20encoded.jpg", "http://127.0.0.1/plain.jpg", None]
+    source = pa.table({c: urls if c == "url" else [str(i) for i in range(len(urls))] for c in SOURCE_COLUMNS})
+    table = dl.url_table(source)
+    assert table.column("url").to_pylist() == urls  # urls.parquet keeps them as the source gave them
+    assert dl.img2dataset_input(table).column("url").to_pylist() == [
+        "http://127.0.0.1/peintures/Claude%20Monet/Impression,%20soleil%20levant.jpg",
+        "https://127.0.0.1/%C5%93uvres/%C3%A9t%C3%A9.jpg?titre=la%20mer#vue", "http://xn--bcher-kva.example/a.jpg",
+        urls[3], urls[4], None]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -189,7 +190,26 @@ def img2dataset_input(urls: pa.Table) -> pa.Table:
     parquet ("unknown url type: only http(s) urls are fetched") instead of a local file or an inline payload
     read as if downloaded."""
     url = urls.column("url")
-    url = pc.if_else(pc.fill_null(pc.match_substring_regex(url, FETCHED_URL_RE), True), url,
+    url = pc.if_else(pc.fill_null(pc.match_substring_regex(url, FETCHED_URL_RE), True), _percent_encoded(url),
                      pc.binary_join_element_wise(NOT_FETCHED, url, ""))
     urls = urls.set_column(urls.column_names.index("url"), "url", url)
     return urls.rename_columns([SHARD_NAMES.get(c, c) for c in urls.column_names])
+
+
+_UNSAFE_URL_RE = r"[^\x21-\x7e]"  # spaces, control and non-ASCII characters: urllib refuses them ('ascii' codec ...)
+
+
+def _percent_encoded(urls: pa.ChunkedArray) -> pa.Array:
+    """URLs as a browser sends them: a space or an accented letter in a path (common in art sites' file names)
+    percent-encoded, a non-ASCII host name in IDNA; escapes already there are kept. Other URLs are unchanged."""
+    values = urls.to_pylist()
+    for i in pc.indices_nonzero(pc.fill_null(pc.match_substring_regex(urls, _UNSAFE_URL_RE), False)).to_pylist():
+        parts = urlsplit(values[i].strip())
+        try:
+            netloc = parts.netloc if parts.netloc.isascii() else parts.netloc.encode("idna").decode("ascii")
+        except UnicodeError:  # not a valid host name: urllib will say so for this row
+            netloc = parts.netloc
+        values[i] = urlunsplit((parts.scheme, netloc, quote(parts.path, safe="/%:@!$&'()*+,;=~"),
+                                quote(parts.query, safe="/%:@!$&'()*+,;=~?"),
+                                quote(parts.fragment, safe="/%:@!$&'()*+,;=~?")))
+    return pa.array(values, pa.string())
