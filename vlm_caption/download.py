@@ -303,12 +303,10 @@ def _download_into(out: Path, urls: pa.Table, cfg: DownloadConfig, t0: float) ->
     finished_stats = {s: st for s, st in _finished_stats(out / IMAGES_DIR).items() if s in wanted}
     validation = validate_shards(out, finished_stats, cfg.validate_workers)
     t3 = time.perf_counter()
-    counts = build_outputs(out, sorted(finished_stats), further=[urls.schema.field(c) for c in further_names(urls)])
-    if len(finished_stats) < len(shard_ids):
-        # full_metadata.parquet stands for a finished download: the captioner would read it as the whole data
-        # set and skip the unfinished shards' rows without a word. Without it, it reads the shards and names them.
-        for name in (FULL_METADATA_FILE, METADATA_CSV):
-            (out / name).unlink(missing_ok=True)
+    # full_metadata.parquet stands for a finished download: the captioner would read it as the whole data set and
+    # skip the unfinished shards' rows without a word. Without it, it reads the shards and names them.
+    counts = build_outputs(out, sorted(finished_stats), further=[urls.schema.field(c) for c in further_names(urls)],
+                           metadata=len(finished_stats) == len(shard_ids))
     timings = {"img2dataset": round(t2 - t1, 3), "validation": round(t3 - t2, 3),
                "total": round(time.perf_counter() - t0, 3)}
     summary = make_summary(cfg, urls.num_rows, shard_ids, sorted(finished_stats), counts, validation, timings)

@@ -7,6 +7,7 @@ The directory layout is in data_layout.py.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
@@ -157,25 +158,32 @@ class OutputCounts:
 
 
 def build_outputs(out: Path, shard_ids: list[int], include_invalid: bool = False,
-                  further: list[pa.Field] | None = None) -> OutputCounts:
+                  further: list[pa.Field] | None = None, metadata: bool = True) -> OutputCounts:
     """full_metadata.parquet, metadata.csv and invalid_images.parquet, one shard in memory at a time.
 
     include_invalid keeps undecodable rows in full_metadata/metadata.csv (sample data for captioner tests).
     `further`: the source's further columns (img2dataset carried them into the shard parquets), appended.
+    metadata False (a download with shards unfinished): the counts and invalid_images.parquet only; the two
+    metadata files stand for a finished download, which the captioner would take for the whole data set.
     """
     counts = OutputCounts()
     schema = pa.schema([*FULL_METADATA_SCHEMA, *(further or [])])
-    with atomic_path(out / FULL_METADATA_FILE) as meta_tmp, atomic_path(out / METADATA_CSV) as csv_tmp, \
-            atomic_path(out / INVALID_FILE) as invalid_tmp, \
-            pq.ParquetWriter(meta_tmp, schema) as meta_writer, \
-            pa_csv.CSVWriter(csv_tmp, METADATA_CSV_SCHEMA) as csv_writer, \
-            pq.ParquetWriter(invalid_tmp, INVALID_SCHEMA) as invalid_writer:
+    with contextlib.ExitStack() as stack:
+        invalid_writer = stack.enter_context(pq.ParquetWriter(stack.enter_context(atomic_path(out / INVALID_FILE)),
+                                                              INVALID_SCHEMA))
+        meta_writer = csv_writer = None
+        if metadata:
+            meta_writer = stack.enter_context(pq.ParquetWriter(
+                stack.enter_context(atomic_path(out / FULL_METADATA_FILE)), schema))
+            csv_writer = stack.enter_context(pa_csv.CSVWriter(
+                stack.enter_context(atomic_path(out / METADATA_CSV)), METADATA_CSV_SCHEMA))
         for shard_id in shard_ids:
             rows, invalid = _shard_outputs(out, shard_id, counts, include_invalid, schema)
-            meta_writer.write_table(rows)
-            csv_writer.write_table(pa.table({"file_name": rows["file_name"],
-                                             "text": pc.fill_null(rows["caption"], "")}, METADATA_CSV_SCHEMA))
             invalid_writer.write_table(invalid)
+            if meta_writer is not None and csv_writer is not None:
+                meta_writer.write_table(rows)
+                csv_writer.write_table(pa.table({"file_name": rows["file_name"],
+                                                 "text": pc.fill_null(rows["caption"], "")}, METADATA_CSV_SCHEMA))
     return counts
 
 
