@@ -49,6 +49,9 @@ PROMPT = ("Describe this artwork in detail: the subjects, the style and medium, 
           "composition and the mood. Write one paragraph.")
 SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled",
             "graph", "pipeline", "pipeline_overlap")
+# --pipeline-runs: the whole pipeline's variants, each a section of its own (key: PIPELINE_RUNS[name][0])
+PIPELINE_RUNS = {"plain": ("pipeline", False, "generate"), "overlap": ("pipeline_overlap", True, "generate"),
+                 "graph": ("pipeline_graph", False, "graph"), "overlap_graph": ("pipeline_overlap_graph", True, "graph")}
 
 
 def parse_args(argv=None):
@@ -69,6 +72,9 @@ def parse_args(argv=None):
     p.add_argument("--pipeline-batch", type=int, default=None, help="the pipeline run's batch size (default 128)")
     p.add_argument("--pipeline-overlap", action="store_true", help="then the whole pipeline again with "
                    "--vision-overlap (the next batch's vision tower on a side stream while this one decodes)")
+    p.add_argument("--pipeline-runs", nargs="+", choices=PIPELINE_RUNS, default=None,
+                   help="the whole pipeline's variants, in this order (default plain, then overlap with "
+                   "--pipeline-overlap): plain, overlap (--vision-overlap), graph (--decode-loop graph), overlap_graph")
     p.add_argument("--peak-tflops", type=float, default=None, help="bf16 dense peak, TFLOP/s (default: by card)")
     p.add_argument("--peak-tbps", type=float, default=None, help="memory bandwidth, TB/s (default: by card)")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new runs after this many "
@@ -84,6 +90,8 @@ def parse_args(argv=None):
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
+    if args.pipeline_runs is None:
+        args.pipeline_runs = ["plain", "overlap"] if args.pipeline_overlap else ["plain"]
     return args
 
 
@@ -210,7 +218,8 @@ def run_loader(paths: list[Path], size: int, threads: int, device) -> dict:
     return out
 
 
-def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: int, vision_overlap: bool = False) -> dict:
+def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: int, vision_overlap: bool = False,
+                 decode_loop: str = "generate") -> dict:
     """The whole pipeline (pipeline.run: loader threads, background assembly, generate, writer thread, part
     files; no Hub) over `--pipeline-images` art-sized JPEGs with the model already built (make_backend is
     bypassed), compiled static decode: run_summary.json's steady captioning rate (after the first batch)."""
@@ -235,9 +244,9 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
     pq.write_table(pa.Table.from_pylist(rows, schema=FULL_METADATA_SCHEMA), data / data_layout.FULL_METADATA_FILE)
 
     def built_backend(name, *, model: str, prompt: str, max_tokens: int, min_tokens: int = 0, compile: str = "auto",
-                      vision_overlap: bool = False, **_):
+                      vision_overlap: bool = False, decode_loop: str = "generate", **_):
         return Captioner(built_backend.model, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
-                         min_tokens=min_tokens, compile=compile, vision_overlap=vision_overlap,
+                         min_tokens=min_tokens, compile=compile, vision_overlap=vision_overlap, decode_loop=decode_loop,
                          compile_options={"backend": "eager"} if args.cpu_smoke else {})
 
     built_backend.model = model
@@ -245,7 +254,7 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
     pipeline.make_backend = built_backend
     cfg = RunConfig(model=args.preset, data_dir=str(data), checkpoint_dirs=[str(ckpt)], batch_size=batch,
                     max_tokens=args.new_tokens, min_tokens=args.new_tokens, prompt=PROMPT, no_push=True,
-                    compile="on", vision_overlap=vision_overlap,
+                    compile="on", vision_overlap=vision_overlap, decode_loop=decode_loop,
                     retry_repetition_penalty=0)  # the bare batches never retry: the same arithmetic here
     try:
         start = time.perf_counter()
@@ -259,7 +268,8 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
     attempts = pq.read_table(ckpt / "all_captions.parquet", columns=["caption_attempts"]).column(0).to_pylist()
     retried = sum(1 for a in attempts if a and a > 1)
     rate = summary.get("captioning_img_per_s") or 0
-    return {"batch": batch, "images": args.pipeline_images, "vision_overlap": vision_overlap, "exit_code": code,
+    return {"batch": batch, "images": args.pipeline_images, "vision_overlap": vision_overlap,
+            "decode_loop": decode_loop, "exit_code": code,
             "wall_s": round(wall, 1),
             "retried": retried, "generated_captions_s": round(rate * (1 + retried / max(len(attempts), 1)), 3),
             "captioning_img_s": summary.get("captioning_img_per_s"), "img_s_with_first_batch": summary.get("img_per_s"),
@@ -329,7 +339,7 @@ def main(argv=None) -> int:
         peak, bandwidth, source = card_peaks(name, args)
         if args.cpu_smoke and not peak:
             peak, bandwidth, source = 1e12, 50e9, "placeholder for the CPU smoke"
-        batches = sorted(set(args.eager_batches + args.compiled_batches + args.graph_batches + [1]))
+        batches = sorted(set(args.eager_batches + args.compiled_batches + args.graph_batches + [1, args.pipeline_batch]))
         result["roofs"] = {"peak_flops": peak, "bandwidth_bytes_s": bandwidth, "source": source,
                            "by_batch": [roofs(config, prompt_tokens, args.new_tokens, b, peak, bandwidth)
                                         for b in batches] if peak and bandwidth else []}
@@ -355,22 +365,23 @@ def main(argv=None) -> int:
                       + [("eager", b) for b in args.eager_batches], key=lambda run: (run[1], order[run[0]]))
         # The whole pipeline after the last compiled/graph run of its batch size (whose graph it then reuses).
         same = [i for i, (kind, b) in enumerate(runs) if b == args.pipeline_batch and kind != "eager"]
-        runs.insert(same[-1] + 1 if same else min(2, len(runs)), ("pipeline", args.pipeline_batch))
-        if args.pipeline_overlap:
-            runs.insert(runs.index(("pipeline", args.pipeline_batch)) + 1, ("pipeline_overlap", args.pipeline_batch))
+        at = same[-1] + 1 if same else min(2, len(runs))
+        runs[at:at] = [(PIPELINE_RUNS[name][0], args.pipeline_batch) for name in args.pipeline_runs]
         result.update(eager=[], compiled=[], graph=[])
+        variants = {key: (overlap, loop) for key, overlap, loop in PIPELINE_RUNS.values()}
         for kind, batch in runs:
             pipeline_s = 30 + args.pipeline_images / 15  # setup + ~15 img/s captioned (run 2: 2 x 7.65)
             # compiled/graph: a warm-up with compilation (run 2: 45-53 s) + the timed batches
-            need = 5 if args.cpu_smoke else {"compiled": 100, "graph": 100, "eager": 30, "pipeline": pipeline_s,
-                                             "pipeline_overlap": pipeline_s}[kind]
+            need = 5 if args.cpu_smoke else pipeline_s if kind in variants else {"compiled": 100, "graph": 100,
+                                                                                  "eager": 30}[kind]
             if left() < need:
                 result["skipped"].append(f"{kind} batch {batch}: {left():.0f} s of the budget left")
                 continue
-            if kind.startswith("pipeline"):
+            if kind in variants:
+                overlap, loop = variants[kind]
                 try:
                     result[kind] = run_pipeline(model, processor, paths, Path(tmp) / kind, args, batch,
-                                                vision_overlap=kind == "pipeline_overlap")
+                                                vision_overlap=overlap, decode_loop=loop)
                 except Exception as e:  # noqa: BLE001 - a benchmark section's failure is reported, the others go on
                     traceback.print_exc()
                     result[kind] = {"batch": batch, "error": f"{type(e).__name__}: {e}"}

@@ -36,7 +36,9 @@ def markdown(r: dict) -> str:
                          f" | {'' if x['generate_share'] is None else format(x['generate_share'], '.1%')}"
                          f" | {x['warmup_s']} | {rf or ''} | {share} |")
     for key, label in (("pipeline", "whole pipeline, compiled"),
-                       ("pipeline_overlap", "whole pipeline, compiled, --vision-overlap")):
+                       ("pipeline_overlap", "whole pipeline, compiled, --vision-overlap"),
+                       ("pipeline_graph", "whole pipeline, --decode-loop graph"),
+                       ("pipeline_overlap_graph", "whole pipeline, --decode-loop graph --vision-overlap")):
         pipe = r.get(key, {})
         if pipe.get("captioning_img_s"):
             rf = roof.get(pipe["batch"], {}).get("roof_img_s")
