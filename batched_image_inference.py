@@ -88,9 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compile", default=D.compile, choices=COMPILE_CHOICES, help="static KV cache with the "
                    "decode step compiled by torch.compile (CUDA graphs): auto (default) = on for CUDA, off for CPU; "
                    "falls back to the dynamic cache when prompt + --max-tokens exceeds Gemma 3's sliding window")
-    g.add_argument("--decode-loop", default=D.decode_loop, choices=DECODE_LOOPS, help="generate "
-                   "(default): transformers' loop; graph (experimental, not yet timed on a GPU): after generate's "
-                   "prefill, one compiled step per token with no host work between steps (greedy, static cache)")
+    g.add_argument("--decode-loop", default=D.decode_loop, choices=DECODE_LOOPS, help="auto "
+                   "(default): graph where the compiled static cache runs on CUDA, else generate; generate: "
+                   "transformers' loop; graph: after generate's prefill, one compiled step per token with no host "
+                   "work between steps (greedy decoding; sampling keeps generate)")
     g.add_argument("--vision-overlap", action="store_true", help="experimental, not yet timed on a GPU: run the "
                    "next batch's vision tower on its own CUDA stream while this batch decodes (same captions)")
 

@@ -48,6 +48,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import PROMPT  # noqa: E402  (the same prompt as the GPU check)
 
 
+SECTIONS = ("compiled", "attention", "compiled_repeat_kv", "graph", "profile", "vision", "eager", "gil", "hf_static")
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
@@ -59,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--long", type=int, default=None, help="default 72 (16 with --cpu-smoke)")
     p.add_argument("--profile-tokens", type=int, default=12)
     p.add_argument("--loader-threads", type=int, default=None, help="default: cores - 1")
-    p.add_argument("--skip", nargs="*", default=[], help="sections to leave out (e.g. hf_static)")
+    p.add_argument("--skip", nargs="*", default=[], choices=SECTIONS, help="sections to leave out (e.g. hf_static)")
     p.add_argument("--budget-s", type=float, default=None, help="start no section after this (default 240)")
     args = p.parse_args(argv)
     smoke = args.cpu_smoke

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The A/B run for what was built after GPU run 2 (BENCHMARKS.md §6) on an H100/H200, in two parts, one
-# device call each (so a failed part can be rerun alone), the telling one first:
+# The next GPU session's run (BENCHMARKS.md §6 run 3 measured the one before), in two parts, one device call
+# each (so a failed part can be rerun alone), the telling one first:
 #   check  gpu_check.py at batch 256 (what --batch-size auto picks on an 80 GB card): compiled generate vs
-#          the graph decode loop, then the whole pipeline (512 images) without and with --vision-overlap,
-#          the loader (<= 7.5 min)
-#   diag   decode_diag.py, batch 64: the compiled split (prefill vs one decode step) with the grouped decode
-#          attention, one layer's decode attention alone, the compiled split with transformers' sdpa
-#          (repeat_kv), the vision tower eager vs compiled (<= 4 min)
+#          the graph decode loop (the CUDA default since run 3), then the whole pipeline over 1024 images
+#          with the graph loop, without and with --vision-overlap, rated over the batches between the first
+#          and the last (<= 7.5 min)
+#   diag   decode_diag.py, batch 256: the compiled split (prefill vs one decode step) and a profile of a
+#          compiled generate and of a prefill (where run 3's ~25 ms step at 256 goes) (<= 4 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
 #   bash benchmarks/gpu_ab.sh OUT_DIR [check|diag|all]
 #     -> OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log}
@@ -32,15 +32,16 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 if [[ $part == check || $part == all ]]; then
     mkdir -p "$out/check"
     timeout 440 "$PY" benchmarks/gpu_check.py --out "$out/check" --eager-batches --compiled-batches 256 \
-        --graph-batches 256 --loop-images 0 --timed-batches 2 --pipeline-images 512 --pipeline-batch 256 \
-        --pipeline-overlap --loader-images 48 --budget-s 380 > "$out/check/gpu_check.log" 2>&1
+        --graph-batches 256 --loop-images 0 --timed-batches 2 --pipeline-images 1024 --pipeline-batch 256 \
+        --pipeline-runs graph overlap_graph --loader-images 48 --budget-s 380 > "$out/check/gpu_check.log" 2>&1
     echo "gpu_check exit $?" | tee -a "$out/gpu.txt"
     cat "$out/check/gpu_check.md" 2>/dev/null
 fi
 if [[ $part == diag || $part == all ]]; then
     mkdir -p "$out/diag"
-    TORCH_LOGS=perf_hints timeout 225 "$PY" benchmarks/decode_diag.py --out "$out/diag" \
-        --skip graph profile eager gil hf_static --budget-s 170 > "$out/diag/decode_diag.log" 2>&1
+    TORCH_LOGS=perf_hints timeout 225 "$PY" benchmarks/decode_diag.py --out "$out/diag" --batch 256 \
+        --skip attention compiled_repeat_kv graph vision eager gil hf_static --budget-s 170 \
+        > "$out/diag/decode_diag.log" 2>&1
     echo "decode_diag exit $?" | tee -a "$out/gpu.txt"
     grep '^{' "$out/diag/decode_diag.log" | cut -c1-1500
 fi

@@ -243,11 +243,22 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
         rows.append({"key": key, "file_name": name, "url": f"http://127.0.0.1/{key}.jpg", "caption": "art"})
     pq.write_table(pa.Table.from_pylist(rows, schema=FULL_METADATA_SCHEMA), data / data_layout.FULL_METADATA_FILE)
 
+    batch_ends: list[float] = []  # when each batch's generate returned (one generate thread: back to back)
+
     def built_backend(name, *, model: str, prompt: str, max_tokens: int, min_tokens: int = 0, compile: str = "auto",
                       vision_overlap: bool = False, decode_loop: str = "generate", **_):
-        return Captioner(built_backend.model, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
-                         min_tokens=min_tokens, compile=compile, vision_overlap=vision_overlap, decode_loop=decode_loop,
-                         compile_options={"backend": "eager"} if args.cpu_smoke else {})
+        cap = Captioner(built_backend.model, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
+                        min_tokens=min_tokens, compile=compile, vision_overlap=vision_overlap, decode_loop=decode_loop,
+                        compile_options={"backend": "eager"} if args.cpu_smoke else {})
+        generate = cap.generate
+
+        def timed_generate(*a, **kw):
+            captions = generate(*a, **kw)
+            batch_ends.append(time.perf_counter())
+            return captions
+
+        cap.generate = timed_generate
+        return cap
 
     built_backend.model = model
     real = pipeline.make_backend
@@ -268,11 +279,18 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
     attempts = pq.read_table(ckpt / "all_captions.parquet", columns=["caption_attempts"]).column(0).to_pylist()
     retried = sum(1 for a in attempts if a and a > 1)
     rate = summary.get("captioning_img_per_s") or 0
+    # run_summary's rate starts after the first batch (compilation) and so counts the last batch, which with
+    # --vision-overlap has no next batch's vision tower to share the card with: over 2 batches (GPU run 3)
+    # that read 41 img/s where the batches in between ran at ~24. The steady rate leaves out both ends.
+    gaps = [b - a for a, b in zip(batch_ends, batch_ends[1:])]  # batches 2..n
+    steady = round(batch * (len(gaps) - 1) / sum(gaps[:-1]), 3) if len(gaps) >= 2 else None
+    batch_s = [round(g, 3) for g in gaps]
     return {"batch": batch, "images": args.pipeline_images, "vision_overlap": vision_overlap,
             "decode_loop": decode_loop, "exit_code": code,
             "wall_s": round(wall, 1),
             "retried": retried, "generated_captions_s": round(rate * (1 + retried / max(len(attempts), 1)), 3),
             "captioning_img_s": summary.get("captioning_img_per_s"), "img_s_with_first_batch": summary.get("img_per_s"),
+            "steady_img_s": steady, "batch_s": batch_s,
             "tokens_s": round((summary.get("captioning_img_per_s") or 0) * args.new_tokens, 1),
             "generate_share": summary.get("generate_share"),
             "captioned": summary.get("captioned"), "failed": summary.get("failed_by_stage"),

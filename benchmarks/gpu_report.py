@@ -41,10 +41,14 @@ def markdown(r: dict) -> str:
                        ("pipeline_overlap_graph", "whole pipeline, --decode-loop graph --vision-overlap")):
         pipe = r.get(key, {})
         if pipe.get("captioning_img_s"):
+            # steady: the batches between the first (compilation) and the last (nothing left to overlap)
+            rate = pipe.get("steady_img_s") or pipe["captioning_img_s"]
+            which = "steady, batch 2 to n-1" if pipe.get("steady_img_s") else "after the first batch"
             rf = roof.get(pipe["batch"], {}).get("roof_img_s")
-            share = f"{pipe['captioning_img_s'] / rf:.0%}" if rf else ""
-            lines.append(f"| {label} ({pipe['images']} images, {pipe.get('retried', '?')} retried) | {pipe['batch']}"
-                         f" | {pipe['captioning_img_s']} | {pipe['tokens_s']} | | {pipe['generate_share']:.1%}"
+            share = f"{rate / rf:.0%}" if rf else ""
+            tokens = round(rate * r.get("model", {}).get("new_tokens", 0), 1)
+            lines.append(f"| {label} ({pipe['images']} images, {which}, {pipe.get('retried', '?')} retried)"
+                         f" | {pipe['batch']} | {rate} | {tokens} | | {pipe['generate_share']:.1%}"
                          f" | | {rf or ''} | {share} |")
         elif pipe.get("error"):
             lines.append(f"| {label} | {pipe['batch']} | {pipe['error']} | | | | | | |")

@@ -113,3 +113,18 @@ def test_cli_graph_loop_captions_like_the_default_run(full_run, tiny_model_dir, 
     assert sorted(got.index) == sorted(want.index) and len(all_keys(ckpt)) == len(got)
     assert got.loc[want.index, "vlm_caption"].tolist() == want["vlm_caption"].tolist()
     assert got.loc[want.index, "caption_tokens"].tolist() == want["caption_tokens"].tolist()
+
+
+def test_auto_picks_the_graph_loop_only_where_it_was_measured_faster(model_and_processor):
+    """--decode-loop auto (the default): the graph loop on CUDA with the compiled static cache (1.08x on an
+    H100, BENCHMARKS.md §6 run 3), transformers' generate on the CPU, without a static cache, or sampling."""
+    model, processor = model_and_processor
+    cap = captioner(model, processor, compile="on", compile_options={"backend": counting_backend})
+    assert cap.static_decode is not None and cap.graph_decode is None  # CPU: generate
+    cap.device = torch.device("cuda")  # as if the model were on a card: only the choice is asked, nothing runs
+    assert cap._graph_decode("auto", {}) is not None
+    cap.temperature = 0.7
+    assert cap._graph_decode("auto", {}) is None
+    dynamic = captioner(model, processor)
+    dynamic.device = torch.device("cuda")
+    assert dynamic.static_decode is None and dynamic._graph_decode("auto", {}) is None

@@ -32,7 +32,7 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out",
-                           str(tmp_path), "--pipeline-overlap"], cwd=tmp_path, env=gpu_host_env(tmp_path), capture_output=True,
+                           str(tmp_path), "--pipeline-runs", "plain", "overlap", "overlap_graph"], cwd=tmp_path, env=gpu_host_env(tmp_path), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -48,12 +48,17 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
         assert entry["graphs_built"] == 1 and entry["graph_breaks"] == 0
     assert result["loop"]["img_s"] > 0
     assert {name: x["images"] for name, x in result["loader"].items()} == {"fast": 6, "device": 6}
-    for key, label in (("pipeline", "compiled"), ("pipeline_overlap", "compiled, --vision-overlap")):
+    for key, label in (("pipeline", "compiled"), ("pipeline_overlap", "compiled, --vision-overlap"),
+                       ("pipeline_overlap_graph", "--decode-loop graph --vision-overlap")):
         pipe = result[key]  # the whole pipeline.run over the built model: every image captioned, exit 0
         assert pipe["exit_code"] == 0 and pipe["captioned"] == pipe["images"] == 12 and not pipe["failed"]
         assert pipe["retried"] == 0 and pipe["generated_captions_s"] == pipe["captioning_img_s"] > 0
-        assert pipe["vision_overlap"] is (key == "pipeline_overlap")
-        assert f"| whole pipeline, {label} (12 images, {pipe['retried']} retried) | 4 |" in \
+        assert pipe["vision_overlap"] is ("overlap" in key)
+        assert pipe["decode_loop"] == ("graph" if key.endswith("graph") else "generate")
+        # 3 batches of 4: the steady rate is the middle one's (neither compilation nor the unshared last)
+        assert len(pipe["batch_s"]) == 2 and pipe["steady_img_s"] > 0
+        assert abs(4 / pipe["steady_img_s"] - pipe["batch_s"][0]) <= 0.0006  # batch_s: rounded to 1 ms
+        assert f"| whole pipeline, {label} (12 images, steady, batch 2 to n-1, 0 retried) | 4 |" in \
             (tmp_path / "gpu_check.md").read_text()
     flop = result["flop_per_image"]
     assert abs(sum(v for k, v in flop.items() if k != "total") - flop["total"]) <= 1e-3 * flop["total"]
@@ -142,7 +147,7 @@ def test_gpu_ab_help_and_a_wrong_part_run_nothing(tmp_path):
     env = {**os.environ, "PYTHON": "false"}  # a python that ran would fail the checks below
     shown = subprocess.run(["bash", str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=60)
-    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [diag|check|all]" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [check|diag|all]" in shown.stdout, shown.stderr
     wrong = subprocess.run(["bash", str(script), str(tmp_path / "out"), "chek"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "unknown part 'chek'" in wrong.stderr

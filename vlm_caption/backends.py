@@ -52,7 +52,7 @@ class CaptionBackend(Protocol):
 def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tokens: int = 0,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, dtype: str = "auto",
                  device_map: str | None = None, attn_implementation: str = "sdpa",
-                 max_auto_batch_size: int = 0, compile: str = "auto", decode_loop: str = "generate",
+                 max_auto_batch_size: int = 0, compile: str = "auto", decode_loop: str = "auto",
                  vision_overlap: bool = False,
                  retry_repetition_penalty: float = RETRY_REPETITION_PENALTY) -> CaptionBackend:
     """The engine `name` with the run's settings; the model loads here (seconds to minutes)."""

@@ -66,7 +66,7 @@ class Captioner:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, auto_batch_cap: int = AUTO_BATCH_CAP,
                  compile: str = "off", compile_options: dict[str, Any] | None = None,
                  retry_repetition_penalty: float = RETRY_REPETITION_PENALTY, resize_on_device: bool | None = None,
-                 decode_loop: str = "generate", grouped_attention: bool = True, vision_overlap: bool = False):
+                 decode_loop: str = "auto", grouped_attention: bool = True, vision_overlap: bool = False):
         self.model = model
         self.processor = processor
         self.model_name = model_name
@@ -115,16 +115,18 @@ class Captioner:
 
     def _graph_decode(self, decode_loop: str, options: dict[str, Any]):
         """decode_loop "graph": greedy tokens after the prefill from one compiled step each (decode_loop.py),
-        on the static cache; None for "generate", or when there is no static cache or the run samples."""
+        on the static cache; "auto": graph on CUDA (where it was measured faster), generate elsewhere; None for
+        "generate", or when there is no static cache or the run samples."""
         from .config import DECODE_LOOPS
         from .decode_loop import GraphDecode
 
         if decode_loop not in DECODE_LOOPS:
             raise ValueError(f"decode_loop must be one of {', '.join(DECODE_LOOPS)}, got {decode_loop!r}")
-        if decode_loop == "generate":
+        if decode_loop == "generate" or (decode_loop == "auto" and self.device.type != "cuda"):
             return None
         if self.static_decode is None or self.temperature > 0:
-            log.info("decode loop: generate (the graph loop needs the static cache and greedy decoding)")
+            if decode_loop == "graph":
+                log.info("decode loop: generate (the graph loop needs the static cache and greedy decoding)")
             return None
         options = {k: v for k, v in options.items() if k in ("backend", "mode")}
         log.info("decode loop: one compiled step per token after generate's prefill")
