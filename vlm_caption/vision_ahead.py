@@ -6,6 +6,10 @@ card's arithmetic idle. The pipeline already assembles the next batch on a backg
 generates; with this on, that thread also runs the vision tower + projector for it, on its own CUDA stream,
 so the two kinds of work share the card instead of taking turns.
 
+Measured (H100, batch 256, BENCHMARKS.md §6 run 3): no steady gain. The batches in between took 10-12 s
+with it against 10.5 s without; only the last batch, with no next tower to run beside it, is faster. The
+decode kernels slow by as much as the vision work they hide, so the flag stays off by default.
+
 How generate uses them: Gemma 3's forward asks `get_image_features(pixel_values)` of its inner model on the
 prefill. `VisionAhead` answers that call, for the one pixel tensor it was given, with the features already
 computed (an instance attribute over the method; the class is untouched), and leaves every other call to the
