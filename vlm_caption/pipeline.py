@@ -350,7 +350,7 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
 
     loaded = loader.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra, also), backend.prepare,
                               workers=cfg.num_loader_workers or loader.default_loader_workers(),
-                              window=max(4 * batches.size, 16),
+                              window=max(4 * batches.size, 16), max_bytes=loader.default_ahead_bytes(),
                               target_size=backend.target_size)
     batch: list[loader.Loaded] = []
     ready: list | None = None  # [items, their assembly's future (None: assembled inline)], being assembled

@@ -1,0 +1,76 @@
+"""loader.prefetch holds a bounded number of bytes ahead: on a GPU each prepared item is a whole decoded image
+(the card resizes), and a window of 4 x 256 of them is ~11 GB of 2.7 MP art, far more for big PNG scans."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vlm_caption import loader
+from vlm_caption.schema import IMAGE_PATH
+
+MB = 2**20
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """Two images; prepare() turns the 8 px one into 1 MB, the 16 px one into 3 MB."""
+    folder = tmp_path_factory.mktemp("img")
+    for side in (8, 16):
+        Image.new("RGB", (side, side), (10, 20, 30)).save(folder / f"{side}.png")
+    return folder
+
+
+def prepare(image):
+    time.sleep(0.002)
+    return np.zeros(MB if image.width == 8 else 3 * MB, dtype=np.uint8)
+
+
+def most_ahead(rows, **kw) -> tuple[int, list[str]]:
+    """The most MB pulled from `rows` and not yet yielded, with a consumer slower than the loader (as the
+    pipeline is while a batch generates); and the keys as yielded."""
+    ahead, worst, keys = [], 0, []
+
+    def counted():
+        for row in rows:
+            ahead.append(row["mb"])
+            yield row
+
+    for item in loader.prefetch(counted(), prepare, workers=2, window=40, **kw):
+        assert item.error is None and item.nbytes == item.inputs.nbytes == item.row["mb"] * MB
+        worst = max(worst, sum(ahead))
+        ahead.pop(0)
+        keys.append(item.row["key"])
+        time.sleep(0.01)
+    return worst, keys
+
+
+def rows(images, sides):
+    return [{"key": f"k{i}", IMAGE_PATH: images / f"{side}.png", "mb": 1 if side == 8 else 3}
+            for i, side in enumerate(sides)]
+
+
+def test_the_bytes_ahead_are_capped_not_only_the_count(images):
+    same = rows(images, [8] * 60)
+    uncapped, keys = most_ahead(same)
+    assert uncapped >= 35 and keys == [r["key"] for r in same]  # the count window alone: ~40 MB ahead
+    capped, keys = most_ahead(same, max_bytes=6 * MB)
+    # ~6 MB: 6 ready or queued, plus the one just queued and the one being yielded
+    assert capped <= 8 and keys == [r["key"] for r in same]
+    mixed = rows(images, [8, 16] * 30)  # the cap follows the mean size seen so far
+    capped, keys = most_ahead(mixed, max_bytes=12 * MB)
+    assert capped <= 12 + 2 * 3 and keys == [r["key"] for r in mixed]
+    assert most_ahead(mixed)[0] >= 70  # uncapped: ~40 images, 80 MB
+
+
+def test_the_default_cap_is_a_share_of_the_usable_memory(monkeypatch):
+    real = loader.usable_memory_bytes()
+    assert real is None or real > 2**28  # this machine's memory (or its cgroup limit) reads as a size
+    monkeypatch.setattr(loader, "usable_memory_bytes", lambda: 64 * 2**30)
+    assert loader.default_ahead_bytes() == 8 * 2**30  # a 64 GiB Slurm job: 8 GiB of images ahead
+    monkeypatch.setattr(loader, "usable_memory_bytes", lambda: 2 * 2**30)
+    assert loader.default_ahead_bytes() == 2**30  # at least 1 GiB, however small the machine
+    monkeypatch.setattr(loader, "usable_memory_bytes", lambda: None)
+    assert loader.default_ahead_bytes() == 8 * 2**30  # unknown: 8 GiB
