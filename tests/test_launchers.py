@@ -182,3 +182,27 @@ def test_the_same_signal_forwarded_by_a_launcher_is_not_a_second_stop(monkeypatc
         with pytest.raises(Interrupted):  # a signal sent later is a second stop: at once
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(0.05)
+
+
+def test_machines_starting_together_on_one_dir_all_get_recorded(tmp_path, monkeypatch):
+    """machines.json is read, changed and rewritten by each machine of a run sharing a dir: ones that start
+    together take turns (a lock in locks/), or a machine's index is lost and a later full dir looks partial."""
+    import json
+    import threading
+
+    from vlm_caption import atomic, dir_scope
+
+    real = atomic.atomic_write_json
+
+    def slow_write(path, value):  # widens the window between the read and the write
+        time.sleep(0.05)
+        real(path, value)
+
+    monkeypatch.setattr(dir_scope, "atomic_write_json", slow_write)
+    threads = [threading.Thread(target=dir_scope.check_machines, args=(tmp_path, m, 4)) for m in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    recorded = json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text())
+    assert recorded == {"machines": 4, "indices": [0, 1, 2, 3]}

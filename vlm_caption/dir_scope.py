@@ -15,15 +15,22 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import store
+from . import locks, store
 from .atomic import atomic_write_json
 from .errors import UsageError
 
 MACHINES_JSON = "machines.json"
+MACHINES_LOCK = "machines.lock"  # in locks/
 
 
 def check_machines(ckpt: Path, machine: int, machines: int) -> None:
     """Record this machine in the dir; refuse another machine count on a dir holding part of the keys (module doc)."""
+    # Machines that start together read and rewrite the same file: one at a time, or one's index is lost.
+    with locks.waiting_for(ckpt / locks.LOCKS_DIR / MACHINES_LOCK):
+        _check_machines(ckpt, machine, machines)
+
+
+def _check_machines(ckpt: Path, machine: int, machines: int) -> None:
     path = ckpt / MACHINES_JSON
     try:
         recorded = json.loads(path.read_text()) if path.is_file() else None

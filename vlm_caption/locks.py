@@ -4,12 +4,14 @@
                                 worker count inside: live workers must split the keys the same way)
     locks/run.lock              held shared by every live process of the dir; exclusively only to (re)write
                                 run.json, and by the last worker to finish, which merges
+    locks/machines.lock         held for the milliseconds of a rewrite of machines.json (dir_scope.py)
 
 flock locks belong to the open file: the OS drops them when the process dies, kill -9 included, so a crash
 never leaves a dir locked. On a shared file system they need flock support (NFSv4, Lustre with -o flock).
 """
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -177,6 +179,19 @@ def hold_exclusive(path: Path, what: str) -> int:
     os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
              .encode())
     return fd
+
+
+@contextlib.contextmanager
+def waiting_for(path: Path):
+    """An exclusive hold on `path` for a short read-modify-write of a file beside it: waits for another
+    holder instead of refusing (each holds it for milliseconds)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing drops the lock
 
 
 def _read_holder(fd: int) -> str:
