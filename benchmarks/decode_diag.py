@@ -13,8 +13,9 @@ built on the card), one batch of --batch images, one fixed prompt:
              (--decode-loop graph: the same cache, one compiled step per token, no host work between)
              compiled_repeat_kv: compiled again with transformers' own sdpa on the text model, which
              copies the KV cache per query head every step (grouped_attention.py does not)
-  attention  one layer's decode attention alone at the batch and twice it (bench_attention.py): the
-             grouped attention vs transformers' sdpa, both compiled
+  attention  one layer's decode attention alone at the batch, a 200-token run's cache and that rounded up
+             to 64 slots (bench_attention.py): the grouped attention vs transformers' sdpa vs FlexAttention
+             (a candidate), all compiled
   vision     the vision tower + projector alone for the batch (its share of prefill), eager and compiled
   counters   torch._dynamo's inductor / graph-break / recompile counters after the compiled run (a
              CUDA-graph skip shows as inductor.cudagraph_skips; run with TORCH_LOGS=perf_hints to see why)
@@ -158,9 +159,12 @@ def main(argv=None) -> int:
     result["counters"] = {k: dict(v) for k, v in counters.items() if k in ("inductor", "graph_break", "stats",
                                                                              "recompiles", "frames")}
     save()
-    cache_len = compiled.static_decode.max_cache_len if compiled.static_decode else args.long + 336
-    section("attention", lambda: bench_attention.measure(device.type, preset, [args.batch, 2 * args.batch],
-                                                         cache_len=cache_len, rounds=3 if args.cpu_smoke else 5))
+    # A 200-token run's cache (the pipeline's), and the same rounded up to 64 slots: whether the kernels
+    # run faster on an aligned length (a mask row of 536 is not a multiple of 16) than on fewer slots.
+    run_len = compiled.prompt_inputs["input_ids"].shape[-1] + 200
+    section("attention", lambda: [row for slots in sorted({run_len, -(-run_len // 64) * 64})
+                                  for row in bench_attention.measure(device.type, preset, [args.batch], cache_len=slots,
+                                                                     rounds=3 if args.cpu_smoke else 5)])
     section("compiled_repeat_kv", lambda: {**split(captioner("on", args.long, grouped=False)),
                                            "attention": "transformers' sdpa (repeat_kv every layer, every step)"})
     compiled.grouped_attention = set_grouped_decode_attention(model)  # the sections below: the default again

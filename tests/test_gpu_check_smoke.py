@@ -95,8 +95,11 @@ def test_decode_diag_cpu_smoke_splits_prefill_and_decode(tmp_path):
     assert result["counters"]["stats"]["unique_graphs"] == 1 and not result["counters"].get("graph_break")
     assert all(result["profile"][run]["top_cpu_ms"] for run in ("generate", "prefill"))
     assert "== prefill" in (tmp_path / "profile.txt").read_text()
-    for row in result["attention"]:  # the grouped attention against transformers' sdpa, same numbers
-        assert row["grouped_ms"] > 0 and row["transformers_sdpa_ms"] > 0 and row["max_abs_diff"] < 1e-4, row
+    # the grouped attention and FlexAttention against transformers' sdpa, same numbers, at two cache lengths
+    assert len({row["cache_len"] for row in result["attention"]}) == 2
+    for row in result["attention"]:
+        assert row["grouped_ms"] > 0 and row["transformers_sdpa_ms"] > 0 and row["flex_ms"] > 0, row
+        assert row["max_abs_diff"] < 1e-4 and row["flex_max_abs_diff"] < 1e-4, row
     assert result["vision"]["vision_s"] > 0 and result["vision"]["vision_compiled_s"] > 0
     assert "gil" not in result and "hf_static" not in result
 
