@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The next GPU session's run (BENCHMARKS.md §6 run 3 measured the one before), in two parts, one device call
 # each (so a failed part can be rerun alone), the telling one first:
-#   check  gpu_check.py at batch 256 (what --batch-size auto picks on an 80 GB card): compiled generate vs
-#          the graph decode loop (the CUDA default since run 3), then the whole pipeline over 1024 images
-#          with the graph loop, without and with --vision-overlap, rated over the batches between the first
-#          and the last (<= 7.5 min)
+#   check  gpu_check.py at batch 256 (what --batch-size auto picks on an 80 GB card): the graph decode loop
+#          (the CUDA default since run 3) with the grouped sdpa decode attention vs with FlexAttention (the
+#          candidate), then the whole pipeline over 1024 images with the graph loop, without and with
+#          --vision-overlap, rated over the batches between the first and the last (<= 7.5 min)
 #   diag   decode_diag.py, batch 256: the compiled split (prefill vs one decode step); one layer's decode
 #          attention alone, grouped vs transformers' sdpa vs FlexAttention, at 536 and 576 cache slots; a
 #          profile of a compiled generate and of a prefill (where run 3's ~21 ms step at 256 goes) (<= 4 min)
@@ -32,8 +32,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 # keeps every finished section.
 if [[ $part == check || $part == all ]]; then
     mkdir -p "$out/check"
-    timeout 440 "$PY" benchmarks/gpu_check.py --out "$out/check" --eager-batches --compiled-batches 256 \
-        --graph-batches 256 --loop-images 0 --timed-batches 2 --pipeline-images 1024 --pipeline-batch 256 \
+    timeout 440 "$PY" benchmarks/gpu_check.py --out "$out/check" --eager-batches --compiled-batches \
+        --graph-batches 256 --graph-flex-batches 256 --loop-images 0 --timed-batches 2 --pipeline-images 1024 --pipeline-batch 256 \
         --pipeline-runs graph overlap_graph --loader-images 48 --budget-s 380 > "$out/check/gpu_check.log" 2>&1
     echo "gpu_check exit $?" | tee -a "$out/gpu.txt"
     cat "$out/check/gpu_check.md" 2>/dev/null

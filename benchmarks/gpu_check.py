@@ -8,6 +8,7 @@ per image (min = max, greedy), the same prompt everywhere. At most ~8 minutes on
   eager      Captioner.generate, dynamic KV cache, batches of 64 and 128
   compiled   Captioner(compile="on"): static full-attention cache + generate's torch.compile
              (inductor, reduce-overhead = CUDA graphs), batches of 64, 128 and 256
+  graph_flex the graph loop with FlexAttention for the decode attention (grouped_attention.py's candidate)
   graph      Captioner(compile="on", decode_loop="graph"): the same cache, generate's prefill, then one
              compiled step per token with no host work between steps (decode_loop.py), batches of 64, 128
   pipeline   pipeline.run over --pipeline-images JPEGs with the built model (loader threads, background
@@ -48,7 +49,7 @@ from gpu_roofs import card_peaks, flop_per_image, roofs  # noqa: E402
 PROMPT = ("Describe this artwork in detail: the subjects, the style and medium, the colour palette, the "
           "composition and the mood. Write one paragraph.")
 SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled",
-            "graph", "pipeline", "pipeline_overlap")
+            "graph", "graph_flex", "pipeline", "pipeline_overlap")
 # --pipeline-runs: the whole pipeline's variants, each a section of its own (key: PIPELINE_RUNS[name][0])
 PIPELINE_RUNS = {"plain": ("pipeline", False, "generate"), "overlap": ("pipeline_overlap", True, "generate"),
                  "graph": ("pipeline_graph", False, "graph"), "overlap_graph": ("pipeline_overlap_graph", True, "graph")}
@@ -64,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--eager-batches", type=int, nargs="*", default=None, help="default 64 128")
     p.add_argument("--compiled-batches", type=int, nargs="*", default=None, help="default 64 128 256")
     p.add_argument("--graph-batches", type=int, nargs="*", default=None, help="--decode-loop graph (default 64 128)")
+    p.add_argument("--graph-flex-batches", type=int, nargs="*", default=None, help="the graph loop with "
+                   "FlexAttention decode attention, a candidate (default none; 4 with --cpu-smoke)")
     p.add_argument("--timed-batches", type=int, default=None, help="batches timed per size (default 3)")
     p.add_argument("--loop-images", type=int, default=None, help="images for the one-image loop (default 3)")
     p.add_argument("--loader-images", type=int, default=None, help="JPEGs for the loader (default 96)")
@@ -83,7 +86,7 @@ def parse_args(argv=None):
     smoke = args.cpu_smoke
     defaults = dict(preset="tiny" if smoke else "gemma-3-4b", new_tokens=4 if smoke else 200,
                     eager_batches=[2, 4] if smoke else [64, 128], compiled_batches=[2, 4] if smoke else [64, 128, 256],
-                    graph_batches=[2, 4] if smoke else [64, 128],
+                    graph_batches=[2, 4] if smoke else [64, 128], graph_flex_batches=[4] if smoke else [],
                     timed_batches=2 if smoke else 3, loop_images=2 if smoke else 3,
                     loader_images=6 if smoke else 96, pipeline_images=12 if smoke else 640,
                     pipeline_batch=4 if smoke else 128, budget_s=120 if smoke else 420)
@@ -131,16 +134,18 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
     from vlm_caption.captioner import Captioner
 
     compile = kind != "eager"
+    graph = kind.startswith("graph")
     options = {"backend": "eager"} if args.cpu_smoke and compile else {}
     cap = Captioner(model, processor, model_name=args.preset, prompt=PROMPT, max_tokens=args.new_tokens,
                     min_tokens=args.new_tokens, compile="on" if compile else "off", compile_options=options,
-                    decode_loop="graph" if kind == "graph" else "generate")
+                    decode_loop="graph" if graph else "generate", grouped_attention="flex" if kind == "graph_flex" else True)
     rows = [pixels[i % len(pixels)] for i in range(batch)]
     keys = [f"img{i}" for i in range(batch)]
     graphs0 = counters["stats"]["unique_graphs"]
     breaks0 = sum(counters["graph_break"].values())
     result: dict = {"batch": batch, "cache": {"eager": "dynamic, eager", "compiled": "static full-attention, compiled",
-                                              "graph": "static full-attention, graph decode loop"}[kind]}
+                                              "graph": "static full-attention, graph decode loop",
+                                              "graph_flex": "graph decode loop, FlexAttention"}[kind]}
     if compile and cap.static_decode is None:
         return {**result, "error": "static decode not available (sequence longer than the sliding window)"}
     try:
@@ -165,7 +170,7 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
         result.update(img_s=round(n / wall, 3), tokens_s=round(tokens / wall, 1), timed_images=n,
                       s_per_batch=round(wall / args.timed_batches, 3),
                       # graph: model.generate runs the prefill only, so its share says nothing there
-                      generate_share=None if kind == "graph" else round(clock.inside / wall, 4))
+                      generate_share=None if graph else round(clock.inside / wall, 4))
         if device.type == "cuda":
             result["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
         if compile:
@@ -357,7 +362,8 @@ def main(argv=None) -> int:
         peak, bandwidth, source = card_peaks(name, args)
         if args.cpu_smoke and not peak:
             peak, bandwidth, source = 1e12, 50e9, "placeholder for the CPU smoke"
-        batches = sorted(set(args.eager_batches + args.compiled_batches + args.graph_batches + [1, args.pipeline_batch]))
+        batches = sorted(set(args.eager_batches + args.compiled_batches + args.graph_batches + args.graph_flex_batches
+                             + [1, args.pipeline_batch]))
         result["roofs"] = {"peak_flops": peak, "bandwidth_bytes_s": bandwidth, "source": source,
                            "by_batch": [roofs(config, prompt_tokens, args.new_tokens, b, peak, bandwidth)
                                         for b in batches] if peak and bandwidth else []}
@@ -378,20 +384,20 @@ def main(argv=None) -> int:
             print(json.dumps({"loop": result["loop"]}), flush=True)
             write(out, result)
         # Smaller batches first, compiled before eager, so that a short budget still has the telling runs.
-        order = {"compiled": 0, "graph": 1, "eager": 2}
+        order = {"compiled": 0, "graph": 1, "graph_flex": 2, "eager": 3}
         runs = sorted([("compiled", b) for b in args.compiled_batches] + [("graph", b) for b in args.graph_batches]
+                      + [("graph_flex", b) for b in args.graph_flex_batches]
                       + [("eager", b) for b in args.eager_batches], key=lambda run: (run[1], order[run[0]]))
         # The whole pipeline after the last compiled/graph run of its batch size (whose graph it then reuses).
         same = [i for i, (kind, b) in enumerate(runs) if b == args.pipeline_batch and kind != "eager"]
         at = same[-1] + 1 if same else min(2, len(runs))
         runs[at:at] = [(PIPELINE_RUNS[name][0], args.pipeline_batch) for name in args.pipeline_runs]
-        result.update(eager=[], compiled=[], graph=[])
+        result.update(eager=[], compiled=[], graph=[], graph_flex=[])
         variants = {key: (overlap, loop) for key, overlap, loop in PIPELINE_RUNS.values()}
         for kind, batch in runs:
             pipeline_s = 30 + args.pipeline_images / 15  # setup + ~15 img/s captioned (run 2: 2 x 7.65)
             # compiled/graph: a warm-up with compilation (run 2: 45-53 s) + the timed batches
-            need = 5 if args.cpu_smoke else pipeline_s if kind in variants else {"compiled": 100, "graph": 100,
-                                                                                  "eager": 30}[kind]
+            need = 5 if args.cpu_smoke else pipeline_s if kind in variants else 30 if kind == "eager" else 100
             if left() < need:
                 result["skipped"].append(f"{kind} batch {batch}: {left():.0f} s of the budget left")
                 continue

@@ -39,12 +39,13 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     assert set(SECTIONS) <= set(result), set(SECTIONS) - set(result)
     assert not result["skipped"]
     assert [x["batch"] for x in result["eager"]] == [2, 4] and [x["batch"] for x in result["compiled"]] == [2, 4]
-    assert [x["batch"] for x in result["graph"]] == [2, 4]
-    for entry in result["eager"] + result["compiled"] + result["graph"]:
+    assert [x["batch"] for x in result["graph"]] == [2, 4] and [x["batch"] for x in result["graph_flex"]] == [4]
+    graphs = result["graph"] + result["graph_flex"]
+    for entry in result["eager"] + result["compiled"] + graphs:
         assert "error" not in entry, entry
         assert entry["img_s"] > 0 and entry["tokens_s"] > 0
-        assert entry["generate_share"] is None if entry in result["graph"] else 0 < entry["generate_share"] <= 1
-    for entry in result["compiled"] + result["graph"]:
+        assert entry["generate_share"] is None if entry in graphs else 0 < entry["generate_share"] <= 1
+    for entry in result["compiled"] + graphs:
         assert entry["graphs_built"] == 1 and entry["graph_breaks"] == 0
     assert result["loop"]["img_s"] > 0
     assert {name: x["images"] for name, x in result["loader"].items()} == {"fast": 6, "device": 6}

@@ -11,7 +11,8 @@ import transformers.integrations.sdpa_attention as sdpa_module
 
 from test_static_decode import CAPTURED, captioner, counting_backend, images, model_and_processor  # noqa: F401
 from test_decode_loop import token_ids
-from vlm_caption.grouped_attention import ATTENTION_NAME, grouped_sdpa_attention, set_grouped_decode_attention
+from vlm_caption.grouped_attention import (ATTENTION_NAME, FLEX_ATTENTION_NAME, grouped_flex_attention,
+                                           grouped_sdpa_attention, set_grouped_decode_attention)
 from vlm_caption.model_loading import load_model
 
 
@@ -25,18 +26,20 @@ def attention_inputs(batch=3, heads=8, kv_heads=4, q_len=1, keys=11, dim=16, see
 
 
 @pytest.mark.parametrize("with_mask", [True, False])
-def test_one_query_token_is_the_same_attention_as_sdpa(with_mask):
-    module, q, k, v, mask = attention_inputs()
+@pytest.mark.parametrize("kernel", [grouped_sdpa_attention, grouped_flex_attention])
+def test_one_query_token_is_the_same_attention_as_sdpa(with_mask, kernel):
+    module, q, k, v, mask = attention_inputs(keys=11 if kernel is grouped_sdpa_attention else 300)  # 3 flex blocks
     mask = mask if with_mask else None
     # (not 0.25 = 1/sqrt(16), the default: a scale dropped on the way would go unseen)
     want, _ = sdpa_module.sdpa_attention_forward(module, q, k, v, mask, scaling=0.1)
-    got, _ = grouped_sdpa_attention(module, q, k, v, mask, scaling=0.1)
+    got, _ = kernel(module, q, k, v, mask, scaling=0.1)
     assert got.shape == want.shape == (3, 1, 8, 16)  # (batch, q_len, heads, dim), as transformers returns
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["prompt", "per_head_mask", "softcap"])
-def test_anything_else_goes_to_transformers_sdpa(case, monkeypatch):
+@pytest.mark.parametrize("kernel", [grouped_sdpa_attention, grouped_flex_attention])
+def test_anything_else_goes_to_transformers_sdpa(case, kernel, monkeypatch):
     module, q, k, v, mask = attention_inputs(q_len=5 if case == "prompt" else 1)
     kwargs = {"softcap": 50.0} if case == "softcap" else {}
     if case == "per_head_mask":
@@ -44,7 +47,7 @@ def test_anything_else_goes_to_transformers_sdpa(case, monkeypatch):
     calls = []
     monkeypatch.setattr(sdpa_module, "sdpa_attention_forward",
                         lambda *a, **kw: calls.append(kw) or ("delegated", None))
-    assert grouped_sdpa_attention(module, q, k, v, mask, scaling=0.25, **kwargs) == ("delegated", None)
+    assert kernel(module, q, k, v, mask, scaling=0.25, **kwargs) == ("delegated", None)
     assert calls and calls[0]["scaling"] == 0.25
 
 
@@ -55,6 +58,11 @@ def test_the_text_model_switches_and_the_vision_tower_stays(model_and_processor)
     assert text._attn_implementation == model.model.language_model.config._attn_implementation == ATTENTION_NAME
     assert vision._attn_implementation == "sdpa"
     assert set_grouped_decode_attention(model, on=False) is False and text._attn_implementation == "sdpa"
+    assert set_grouped_decode_attention(model, "flex") is True and text._attn_implementation == FLEX_ATTENTION_NAME
+    assert set_grouped_decode_attention(model, True) is True and text._attn_implementation == ATTENTION_NAME
+    with pytest.raises(ValueError, match="flex"):
+        set_grouped_decode_attention(model, "flesh")
+    set_grouped_decode_attention(model, False)
 
 
 def test_another_attention_implementation_is_left_alone(tiny_model_dir):
@@ -118,3 +126,27 @@ def test_a_refused_switch_keeps_sdpa_and_warns(model_and_processor, monkeypatch,
         assert set_grouped_decode_attention(model) is False
     assert model.config.get_text_config(decoder=True)._attn_implementation == "sdpa"
     assert "it stays sdpa" in caplog.text
+
+
+def test_the_flex_candidate_gives_the_same_greedy_tokens_compiled(model_and_processor, images, monkeypatch):
+    """FlexAttention (the candidate the GPU check measures) on the decode paths it would run on: generate's
+    compiled step and the graph loop under inductor, the compiler a GPU uses (here its CPU backend), with
+    the row mask changed in place between steps."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    model, processor = model_and_processor
+    fixed = {"max_tokens": 6, "min_tokens": 6}
+    want = token_ids(captioner(model, processor, **fixed), images[:3])
+    try:
+        calls, real = [], flex_module.flex_attention
+        monkeypatch.setattr(flex_module, "flex_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        assert token_ids(captioner(model, processor, grouped_attention="flex", **fixed), images[:3]) == want
+        assert len(calls) == 5 * model.config.get_text_config(decoder=True).num_hidden_layers  # each decode step
+        monkeypatch.undo()
+        generate = captioner(model, processor, grouped_attention="flex", compile="on",
+                             compile_options={"backend": counting_backend}, **fixed)
+        assert generate.grouped_attention and token_ids(generate, images[:3]) == want
+        loop = captioner(model, processor, grouped_attention="flex", compile="on", decode_loop="graph", **fixed)
+        assert token_ids(loop, images[:3]) == want
+    finally:
+        set_grouped_decode_attention(model, True)

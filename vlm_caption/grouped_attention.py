@@ -15,6 +15,11 @@ prompt, a per-head mask, softcapping) goes to transformers' own function unchang
 
 Installed under its own name (`ATTENTION_NAME`) on the text model only: the vision tower keeps "sdpa",
 masks are built as for "sdpa", nothing global is replaced.
+
+A candidate kernel for the same step, not on by default (`set_grouped_decode_attention(model, "flex")`):
+FlexAttention, whose decoding kernel splits the cache over thread blocks. On an H100 at batch 64-128 the
+grouped sdpa read the cache at 27-39 % of the card's bandwidth, and at batch 256 attention is most of a
+decode step (BENCHMARKS.md §6 run 3); the GPU check measures the two (benchmarks/gpu_ab.sh).
 """
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ import torch
 log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "vlm_caption_grouped_sdpa"
+FLEX_ATTENTION_NAME = "vlm_caption_grouped_flex"
+FLEX_BLOCK = 128  # cache slots per FlexAttention block
 
 
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -35,9 +42,7 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: f
 
     groups = int(getattr(module, "num_key_value_groups", 1) or 1)
     batch, heads, q_len, dim = query.shape
-    shared_mask = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1)
-    if (groups == 1 or q_len != 1 or not shared_mask or kwargs.get("softcap") is not None
-            or kwargs.get("position_bias") is not None or key.shape[1] * groups != heads):
+    if not _one_token_shared_mask(query, key, attention_mask, groups, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     # Query head h uses KV head h // groups (as repeat_kv lays them out): its row h % groups of that head.
@@ -47,34 +52,83 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: f
     return out.reshape(batch, heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
 
 
-def set_grouped_decode_attention(model, on: bool = True) -> bool:
-    """Switch the text model of `model` between "sdpa" and the grouped decode attention; True when it now
-    uses the grouped one. Nothing changes when the text model was loaded with another implementation
-    (eager, flash), has as many KV heads as query heads, or this transformers has no attention registry."""
+def _one_token_shared_mask(query, key, attention_mask, groups: int, kwargs) -> bool:
+    """A decode step the grouped kernels take: one query token, query heads on fewer KV heads, a mask the
+    same for every head, no softcapping or position bias (anything else: transformers' sdpa)."""
+    heads, q_len = query.shape[1], query.shape[2]
+    shared_mask = attention_mask is None or (attention_mask.dim() == 4 and attention_mask.shape[1] == 1
+                                             and attention_mask.shape[-1] == key.shape[-2])
+    return (groups > 1 and q_len == 1 and shared_mask and kwargs.get("softcap") is None
+            and kwargs.get("position_bias") is None and key.shape[1] * groups == heads)
+
+
+def grouped_flex_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: float | None = None, is_causal: bool | None = None, **kwargs):
+    """As `grouped_sdpa_attention`, with FlexAttention for the decode step: every cache block is partial,
+    so the row mask (the left padding, the slots written so far) is read inside the kernel at each call,
+    and a mask changed in place between steps (the graph loop's) holds."""
+    from torch.nn.attention.flex_attention import BlockMask, flex_attention
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = int(getattr(module, "num_key_value_groups", 1) or 1)
+    if dropout or not _one_token_shared_mask(query, key, attention_mask, groups, kwargs):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    block_mask = None
+    if attention_mask is not None:
+        row = attention_mask[:, 0, 0, :]
+        allowed = row if row.dtype == torch.bool else row == 0  # an additive mask: 0 where allowed
+        batch, slots = allowed.shape
+        blocks = -(-slots // FLEX_BLOCK)
+        counts = torch.full((batch, 1, 1), blocks, dtype=torch.int32, device=query.device)
+        indices = torch.arange(blocks, dtype=torch.int32, device=query.device).expand(batch, 1, 1, blocks)
+
+        def row_mask(b, h, q_idx, kv_idx):
+            return allowed[b, kv_idx]
+
+        block_mask = BlockMask.from_kv_blocks(counts, indices.contiguous(), BLOCK_SIZE=FLEX_BLOCK, mask_mod=row_mask,
+                                              seq_lengths=(1, slots))
+    out = flex_attention(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+KERNELS = {"sdpa": (ATTENTION_NAME, grouped_sdpa_attention), "flex": (FLEX_ATTENTION_NAME, grouped_flex_attention)}
+
+
+def set_grouped_decode_attention(model, on: bool | str = True) -> bool:
+    """Switch the text model of `model` between "sdpa" and the grouped decode attention (on: True or "sdpa";
+    "flex": the FlexAttention candidate); True when it now uses a grouped one. Nothing changes when the text
+    model was loaded with another implementation (eager, flash), has as many KV heads as query heads, or this
+    transformers has no attention registry."""
     text = model.config.get_text_config(decoder=True)
     current = getattr(text, "_attn_implementation", None)
     heads, kv_heads = getattr(text, "num_attention_heads", 1), getattr(text, "num_key_value_heads", None)
-    if current not in ("sdpa", ATTENTION_NAME) or not kv_heads or heads == kv_heads:
+    names = [name for name, _ in KERNELS.values()]
+    if current not in ("sdpa", *names) or not kv_heads or heads == kv_heads:
         return False
-    wanted = ATTENTION_NAME if on else "sdpa"
+    kernel = "sdpa" if on is True else on
+    if kernel and kernel not in KERNELS:
+        raise ValueError(f"grouped attention kernel must be one of {', '.join(KERNELS)}, got {on!r}")
+    wanted = KERNELS[kernel][0] if kernel else "sdpa"
     if current == wanted:
-        return on
+        return bool(kernel)
     try:
         from transformers import AttentionInterface
         from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
     except ImportError:  # an older transformers without the registries: keep sdpa
         return False
-    AttentionInterface.register(ATTENTION_NAME, grouped_sdpa_attention)
-    AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)  # masks exactly as for "sdpa"
+    for name, registered in KERNELS.values():
+        AttentionInterface.register(name, registered)
+        AttentionMaskInterface.register(name, sdpa_mask)  # masks exactly as for "sdpa"
     key = _text_config_key(model.config, text)
     try:
         model.set_attn_implementation({key: wanted} if key else wanted)
     except (ValueError, AttributeError) as e:  # a transformers whose checks refuse a registered name
         log.warning("could not switch the text model's attention to %s (%s); it stays %s", wanted, e, current)
-        return current == ATTENTION_NAME
+        return current in names
     if text._attn_implementation != wanted:
         log.warning("could not switch the text model's attention to %s; it stays %s", wanted, current)
-    return text._attn_implementation == ATTENTION_NAME
+    return text._attn_implementation in names
 
 
 def _text_config_key(config, text) -> str | None:
