@@ -22,6 +22,7 @@ from .schema import IMAGE_PATH
 log = logging.getLogger(__name__)
 AHEAD_SHARE_OF_MEMORY = 8  # decoded images held ahead: at most 1/8 of the memory this process may use
 
+
 def default_loader_workers() -> int:
     """Loader workers for `--num-loader-workers auto`: the cores this process may use, minus one for
     the generate loop, at least one."""
