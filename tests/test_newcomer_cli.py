@@ -139,6 +139,16 @@ def test_a_local_model_dir_typed_two_ways_is_one_run(cli, tiny_model_dir, tmp_pa
     assert json.loads((tmp_path / "p" / store.RUN_JSON).read_text())["model"] == str((tmp_path / "m").resolve())
 
 
+def test_a_model_dir_without_a_model_is_one_line_before_any_work(cli, tiny_model_dir, tmp_path):
+    """--model pointed at the model's parent dir (demo instead of demo/model): one line at once, no dir made,
+    not transformers' "Unrecognized processing class" after the data scan."""
+    (tmp_path / "demo").mkdir()
+    shutil.copytree(tiny_model_dir, tmp_path / "demo" / "model")
+    line = one_line_error(cli.run("nm", "--no-push", "--model", "demo", "--backend", "transformers"))
+    assert "--model demo is a directory without a config.json" in line and "demo/model" in line
+    assert not (tmp_path / "nm").exists()
+
+
 def test_unreachable_hub_fails_fast_with_one_line(cli, tmp_path):
     env = {**cli.env, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there: refused at once
     args = cli.args("u", "--no-push", "--model", "google/gemma-3-4b-it", "--backend", "transformers")

@@ -197,11 +197,14 @@ class RunConfig:
             raise UsageError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if (self.backend == "transformers" and not (self.merge_only or self.push_only)
-                and not Path(self.model).is_dir() and not _REPO_ID_RE.match(self.model)):
-            # a mistyped local path: else transformers' "Repo id must be in the form ..." after the data scan
-            raise UsageError(f"--model {self.model} is neither a directory here nor a Hub model id such as "
-                             "google/gemma-3-4b-it")
+        if self.backend == "transformers" and not (self.merge_only or self.push_only):
+            if Path(self.model).is_dir() and not (Path(self.model) / "config.json").is_file():  # e.g. its parent
+                raise UsageError(f"--model {self.model} is a directory without a config.json: give the one that "
+                                 "save_pretrained wrote (e.g. demo/model) or a Hub id such as google/gemma-3-4b-it")
+            if not Path(self.model).is_dir() and not _REPO_ID_RE.match(self.model):
+                # a mistyped local path: else transformers' "Repo id must be in the form ..." after the data scan
+                raise UsageError(f"--model {self.model} is neither a directory here nor a Hub model id such as "
+                                 "google/gemma-3-4b-it")
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
             raise UsageError(f"--attn-implementation {self.attn_implementation!r} is not one of sdpa, eager, "
                              "flash_attention_2, flash_attention_3")
