@@ -88,6 +88,22 @@ def test_demo_dir_that_is_a_file_is_a_usage_error(tmp_path):
             demo_module.main(["--dir", str(tmp_path / bad)])
 
 
+def test_a_second_demo_on_a_busy_dir_is_refused_and_builds_nothing(tmp_path):
+    """Two demos at once on one dir built into the same tmp dirs; the loser said "model exists but is incomplete
+    (not built by the demo?); remove it", i.e. to delete what the other was building."""
+    import os
+
+    from vlm_caption import locks
+
+    held = locks.hold_exclusive(tmp_path / "d" / "demo.lock", "the first demo")
+    try:
+        with pytest.raises(UsageError, match=r"--demo-dir .*/d is in use by another process \(pid "):
+            demo_module.main(["--dir", str(tmp_path / "d")])
+    finally:
+        os.close(held)
+    assert sorted(p.name for p in (tmp_path / "d").iterdir()) == ["demo.lock"]
+
+
 def test_run_captioning_passes_flags_through_from_another_cwd(tmp_path, sample_data_dir):
     (tmp_path / "data").symlink_to(sample_data_dir)
     proc = subprocess.run(["bash", str(REPO / "run_captioning.sh"), "--dry-run", "--data-dir", "data",

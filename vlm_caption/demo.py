@@ -30,7 +30,7 @@ from .errors import brief
 try:  # `python -m vlm_caption.demo` outside the venv: one line saying what to do, not a traceback
     import pyarrow.parquet as pq
 
-    from . import endings, pipeline, store
+    from . import endings, locks, pipeline, store
     from .config import RunConfig, check_writable_dir
     from .data_layout import INVALID_FILE
     from .errors import EXIT_ITEMS_FAILED, EXIT_OK, UsageError
@@ -40,6 +40,7 @@ except ModuleNotFoundError as e:
 DEFAULT_DIR = "./demo"
 DEFAULT_ROWS = 24
 DATA_DONE_MARKER = "download_summary.json"  # written last by sample_data.write_sample
+DEMO_LOCK = "demo.lock"  # held by the demo running in DIR (a second one at once is refused)
 REAL_MODELS = "google/gemma-3-4b-it (or google/gemma-3-12b-it, google/gemma-3-27b-it)"
 
 
@@ -184,6 +185,15 @@ def main(argv: list[str] | None = None) -> int:
 def run_demo(demo_dir: Path, n: int | None = None, verbose: bool = False) -> int:
     started = time.monotonic()
     demo_dir.mkdir(parents=True, exist_ok=True)
+    # A second demo on this dir would build into the same tmp dirs as the first: refused, naming the first.
+    lock = locks.hold_exclusive(demo_dir / DEMO_LOCK, f"--demo-dir {demo_dir}")
+    try:
+        return _run_demo(demo_dir, n, verbose, started)
+    finally:
+        os.close(lock)
+
+
+def _run_demo(demo_dir: Path, n: int | None, verbose: bool, started: float) -> int:
     model, built = ensure_model(demo_dir)
     print(f"{'built' if built else 'reusing'} tiny model {model}")
     data, built = ensure_data(demo_dir, n)
