@@ -149,6 +149,21 @@ def test_a_model_dir_without_a_model_is_one_line_before_any_work(cli, tiny_model
     assert not (tmp_path / "nm").exists()
 
 
+def test_output_piped_into_a_reader_that_stopped_is_no_traceback(cli, tmp_path):
+    """`--dry-run | head -1`: the pipe closes under the script; it ends as head's writers do (141, SIGPIPE), silently,
+    not with a BrokenPipeError traceback and exit 1. A run's work is on disk before its summary is printed."""
+    import os
+
+    for name, extra in (("bp", ("--dry-run",)), ("bp2", ("--max-images", "4"))):
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the first write
+        proc = subprocess.run(cli.args(name, "--no-push", *extra), env=cli.env, stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, timeout=120, cwd=tmp_path)
+        os.close(write_end)
+        assert proc.returncode == 141 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (tmp_path / "bp2" / store.MERGED).is_file() and len(store.list_parts(tmp_path / "bp2")) == 1
+
+
 def test_unreachable_hub_fails_fast_with_one_line(cli, tmp_path):
     env = {**cli.env, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there: refused at once
     args = cli.args("u", "--no-push", "--model", "google/gemma-3-4b-it", "--backend", "transformers")

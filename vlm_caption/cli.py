@@ -93,6 +93,11 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
             raise
         print(line, file=sys.stderr)
         code = EXIT_FATAL
+    except BrokenPipeError:  # stdout piped into a reader that stopped (`--dry-run | head`): no traceback
+        # Whatever was written is on disk; end as a process killed by SIGPIPE does (128 + 13), silently, as head's
+        # other writers do. stdout goes to /dev/null so that the interpreter's last flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        code = 128 + signal.SIGPIPE
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM via interrupts.Interrupted: 128 + the signal number
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"{prog}: interrupted ({signal.Signals(signum).name}); finished parts are kept, rerun to resume",
