@@ -164,6 +164,14 @@ def test_output_piped_into_a_reader_that_stopped_is_no_traceback(cli, tmp_path):
     assert (tmp_path / "bp2" / store.MERGED).is_file() and len(store.list_parts(tmp_path / "bp2")) == 1
 
 
+def test_merge_only_of_one_dir_named_twice_is_one_line_not_every_key_duplicated(cli, tmp_path):
+    ok(cli.run("m", "--no-push"))
+    ok(cli.run("m", "--merge-only"))
+    # (a glob and a name of one dir): before, every key counted as captioned twice, exit 4
+    line = one_line_error(cli.run("m", "--merge-only", "--checkpoint-dir", "./m/"))  # cli gives tmp_path/m first
+    assert "--checkpoint-dir m is given twice (or by another path): give each dir once" in line
+
+
 def test_unreachable_hub_fails_fast_with_one_line(cli, tmp_path):
     env = {**cli.env, "HF_ENDPOINT": "http://127.0.0.1:9"}  # nothing listens there: refused at once
     args = cli.args("u", "--no-push", "--model", "google/gemma-3-4b-it", "--backend", "transformers")

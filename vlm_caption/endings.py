@@ -271,6 +271,9 @@ def merge_and_check(cfg: RunConfig) -> int:
             raise UsageError(f"--checkpoint-dir {d} does not exist; --merge-only merges the dirs runs wrote")
         if not (d / store.RUN_JSON).exists() and not store.list_parts(d):
             raise UsageError(f"--checkpoint-dir {d} holds no run (no run.json, no parts): nothing to merge")
+    twice = [d for i, d in enumerate(dirs) if d.resolve() in {e.resolve() for e in dirs[:i]}]
+    if twice:  # (a glob and a name of one dir, say) each of its keys would count as captioned twice: exit 4
+        raise UsageError(f"--checkpoint-dir {twice[0]} is given twice (or by another path): give each dir once")
     runs = {str(d): (store.read_run_json(d) or {}).get("run_id") for d in dirs}
     if len(set(runs.values())) > 1:  # captions of another model or prompt must not be mixed in silently
         raise UsageError("the checkpoint dirs hold different runs (settings differ): "
