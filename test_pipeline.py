@@ -19,7 +19,8 @@ from vlm_caption import cli
 from pathlib import Path
 
 try:
-    from vlm_caption.config import DEFAULT_DATA_DIR
+    from vlm_caption.config import DEFAULT_DATA_DIR, check_writable_dir
+    from vlm_caption.errors import UsageError
     from vlm_caption.smoke import DEFAULT_SMOKE_MODEL, DEFAULT_SMOKE_REPO
 except ModuleNotFoundError as e:  # outside the venv: one line saying what to do, not a traceback
     from vlm_caption.cli import exit_missing_dependency
@@ -53,8 +54,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--num-images must be a positive integer, got {args.num_images}")
     if args.max_tokens < 1:
         p.error(f"--max-tokens must be a positive integer, got {args.max_tokens}")
-    if args.checkpoint_dir is not None and Path(args.checkpoint_dir).is_file():
-        p.error(f"--checkpoint-dir {args.checkpoint_dir} is a file, not a directory")
+    if args.checkpoint_dir is not None:  # a file or unwritable: now, not as a FAIL after the data checks and a model
+        try:
+            check_writable_dir(Path(args.checkpoint_dir), "--checkpoint-dir")
+        except UsageError as e:
+            p.error(str(e))
     if args.skip_model and (args.tiny or args.full or args.push or args.model):
         p.error("--skip-model loads no model: it excludes --model, --tiny, --full and --push")
     if args.push and not args.full:

@@ -185,7 +185,8 @@ def test_smoke_missing_data_dir_fails_with_exit_1(tmp_path):
 
 @pytest.mark.parametrize("argv", [["--push", "--tiny"], ["--skip-model", "--tiny"], ["--tiny", "--model", "x"],
                                   ["--num-images", "0"], ["--tiny", "--max-tokens", "0"],
-                                  ["--tiny", "--checkpoint-dir", str(REPO / "README.md")]])
+                                  ["--tiny", "--checkpoint-dir", str(REPO / "README.md")],
+                                  ["--tiny", "--checkpoint-dir", "/proc/self/ckpt"]])  # unwritable even to root
 def test_smoke_usage_errors_exit_2(smoke, argv, capsys):
     with pytest.raises(SystemExit) as e:
         smoke.main(argv)
