@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from hub_stub import HubStub
+from hub_stub import REPO_ROOT_HINT, HubStub
 
 from vlm_caption import hub
 from vlm_caption.atomic import atomic_write_json
@@ -107,3 +111,27 @@ def assert_hub_matches(stub: HubStub, repo_id: str, checkpoint_dir, run_id: str 
     assert by_key == sorted(local_rows, key=lambda r: r["key"]), (
         f"Hub holds {len(hub_rows)} rows, the checkpoint dir {len(local_rows)}")
     return by_key
+
+
+_PUSH_SCRIPT = """
+import sys
+from vlm_caption import hub
+client = hub.connect(sys.argv[1], endpoint=sys.argv[2], checkpoint_dir=sys.argv[3] if sys.argv[5] == "1" else None)
+client.push_pending(sys.argv[3], sys.argv[4], 0)
+"""
+
+
+def push_killed_after_commit(stub: HubStub, ckpt: Path, tmp_path: Path, *, key_cache: bool = False) -> int:
+    """push_pending of `ckpt` in a child process, SIGKILLed once the Hub applied its commit and before the answer
+    reached it (the commit hangs): what a kill between a commit and its local record leaves. Its return code."""
+    stub.inject("POST", COMMIT, "hang")
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_TOKEN": stub.token, "HF_HOME": str(tmp_path / "hf"),
+           "PYTHONPATH": REPO_ROOT_HINT}
+    proc = subprocess.Popen([sys.executable, "-c", _PUSH_SCRIPT, REPO, stub.endpoint, str(ckpt), RUN,
+                             "1" if key_cache else "0"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        assert stub.wait_for(lambda: stub.commits_applied == 1, timeout=300), proc.stdout.read1()
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return proc.returncode

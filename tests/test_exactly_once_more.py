@@ -6,17 +6,12 @@ from __future__ import annotations
 
 import os
 import re
-import signal
-import subprocess
-import sys
-import textwrap
 import threading
 from collections import Counter
 
 import pytest
 
-from hub_parts import COMMIT, REPO, RUN, Writer, ckpt, data_files, ledger  # noqa: F401  (fixtures)
-from hub_stub import REPO_ROOT_HINT
+from hub_parts import REPO, RUN, Writer, ckpt, data_files, ledger, push_killed_after_commit  # noqa: F401
 from test_exactly_once import cli, data, hub_keys, ok, run_id_of, source_keys  # noqa: F401  (fixtures)
 
 from vlm_caption import hub, hub_index
@@ -100,13 +95,6 @@ def test_push_only_while_the_dirs_live_workers_push_the_same_parts(hub_stub, ckp
     assert total == 42 and connect(hub_stub, ckpt).push(ckpt, RUN, None) == 0
 
 
-_PUSH = """
-from vlm_caption import hub, hub_index
-client = hub.connect(sys.argv[1], endpoint=sys.argv[2], checkpoint_dir=sys.argv[3])
-client.push_pending(sys.argv[3], sys.argv[4], 0)
-"""
-
-
 @pytest.mark.parametrize("kind", ["500", "429", "drop"])
 @pytest.mark.parametrize("block", [hub_index.KEY_READ_BLOCK, 512])  # a file read whole, or by range reads
 def test_faults_while_reading_another_dirs_keys_never_republish_them(hub_stub, tmp_path, monkeypatch, kind, block):
@@ -126,16 +114,7 @@ def test_a_kill_between_commit_and_ledger_then_fresh_dir_push_only_and_relaunch(
     a, fresh = tmp_path / "a", tmp_path / "fresh"
     w = Writer(a, dir_id="dira00000000")
     w.parts(10, 10)
-    hub_stub.inject("POST", COMMIT, "hang")  # applied, its answer held back: the kill lands in between
-    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_TOKEN": hub_stub.token, "HF_HOME": str(tmp_path / "hf"),
-           "PYTHONPATH": REPO_ROOT_HINT}
-    proc = subprocess.Popen([sys.executable, "-c", "import sys\n" + textwrap.dedent(_PUSH), REPO, hub_stub.endpoint,
-                             str(a), RUN], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        assert hub_stub.wait_for(lambda: hub_stub.commits_applied == 1, timeout=300), proc.stdout.read1()
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
+    push_killed_after_commit(hub_stub, a, tmp_path, key_cache=True)  # the commit applied, its answer held
     assert not (a / LEDGER).exists() and not list((a / "hub_keys").glob("*.parquet"))  # no local record at all
     Writer(fresh, dir_id="dirf00000000").parts(25)  # keys 0-24: 0-19 published by the killed push
     assert connect(hub_stub, fresh).push(fresh, RUN, 0) == 5

@@ -3,15 +3,11 @@ between a commit and the ledger; every key ends on the Hub once (tests/hub_stub.
 from __future__ import annotations
 
 import logging
-import os
 import signal
-import subprocess
-import sys
-import textwrap
 
 import pytest
-from hub_parts import assert_hub_matches, COMMIT, DIR, REPO, RUN, Writer, ckpt, client, ledger, sleeps  # noqa: F401  (fixtures)
-from hub_stub import REPO_ROOT_HINT
+from hub_parts import (assert_hub_matches, COMMIT, DIR, REPO, RUN, Writer, ckpt, client, ledger,  # noqa: F401
+                       push_killed_after_commit, sleeps)  # (fixtures)
 
 from vlm_caption import hub
 from vlm_caption.errors import FatalError
@@ -105,28 +101,11 @@ def test_applied_commit_with_every_answer_lost_is_recovered_next_push(hub_stub, 
     assert_hub_matches(hub_stub, REPO, ckpt)
 
 
-_PUSH_SCRIPT = """
-import sys
-from vlm_caption import hub
-client = hub.connect(sys.argv[1], endpoint=sys.argv[2])
-client.push_pending(sys.argv[3], sys.argv[4], 0)
-"""
-
-
 def test_sigkill_between_commit_and_ledger(hub_stub, ckpt, tmp_path):  # noqa: F811
     w = Writer(ckpt)
     w.parts(10, 10, 10)
-    hub_stub.inject("POST", COMMIT, "hang")
-    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_TOKEN": hub_stub.token, "HF_HOME": str(tmp_path / "hf"),
-           "PYTHONPATH": REPO_ROOT_HINT}
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(_PUSH_SCRIPT), REPO, hub_stub.endpoint,
-                             str(ckpt), RUN], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        assert hub_stub.wait_for(lambda: hub_stub.commits_applied == 1, timeout=300), proc.stdout.read1()
-    finally:
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL and not (ckpt / LEDGER).exists()
+    returncode = push_killed_after_commit(hub_stub, ckpt, tmp_path)
+    assert returncode == -signal.SIGKILL and not (ckpt / LEDGER).exists()
     client = hub.connect(REPO, endpoint=hub_stub.endpoint)
     assert client.push_pending(ckpt, RUN, 0) == 0
     assert hub_stub.commits_applied == 1
