@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """One decode step's attention for one layer, at a real Gemma 3's shapes: transformers' sdpa vs the grouped
 decode attention (vlm_caption/grouped_attention.py), both under torch.compile as the compiled decode step
-runs them; and, as a candidate not used by the pipeline yet, FlexAttention (its decoding kernel splits the
-cache over thread blocks; the row mask read inside the kernel, as a decode step would update it in place).
+runs them; and the candidate the pipeline does not use yet, FlexAttention (grouped_flex_attention: its
+decoding kernel splits the cache over thread blocks and skips the blocks the mask leaves out).
 
 The query is one token per row; keys and values are a static cache of --cache-len slots (prompt + new
 tokens: 336 + 200 for the pipeline's prompt) with left padding in the mask, as in a captioning batch. Under
@@ -45,7 +45,7 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from vlm_caption.grouped_attention import grouped_sdpa_attention
+    from vlm_caption.grouped_attention import grouped_flex_attention, grouped_sdpa_attention
     from vlm_caption.tiny_model import _preset
 
     device = torch.device(device)
@@ -63,6 +63,8 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
     results = []
     for batch in batches:
         sides = {"transformers_sdpa": wrap(sdpa_attention_forward), "grouped": wrap(grouped_sdpa_attention)}
+        if compile:  # FlexAttention runs unfused (slowly) without compile: nothing to compare
+            sides["flex"] = wrap(grouped_flex_attention)
         g = torch.Generator(device="cpu").manual_seed(batch)
         q = torch.randn(batch, heads, 1, dim, generator=g).to(device, dtype)
         k, v = (torch.randn(batch, kv_heads, cache_len, dim, generator=g).to(device, dtype) for _ in range(2))
@@ -70,8 +72,6 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
         for row in range(batch):  # left padding of up to 40 slots, and the not-yet-written end of the cache
             mask[row, ..., : row % 41] = False
         mask[..., cache_len - 100:] = False
-        if compile:
-            sides["flex"] = flex_attention_call(mask, scaling)
         outputs = {name: fn(q, k, v, mask) for name, fn in sides.items()}  # compile + check outside the clock
         diffs = {name: (out.float() - outputs["transformers_sdpa"].float()).abs().max().item()
                  for name, out in outputs.items() if name != "transformers_sdpa"}
@@ -94,30 +94,6 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
             **{f"{name}_gb_s": round(cache_gb / t, 1) for name, t in best.items()}, "max_abs_diff": diffs["grouped"],
             **({"flex_max_abs_diff": diffs["flex"]} if "flex" in diffs else {})})
     return results
-
-
-def flex_attention_call(mask, scaling: float):
-    """FlexAttention over the whole cache with the (batch, slots) row mask read in the kernel (every block
-    partial: a block all masked now, the unwritten end, is written by later steps), query heads grouped on
-    their KV head (enable_gqa), compiled."""
-    import torch
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-
-    allowed = mask[:, 0, 0, :].contiguous()  # (batch, slots)
-    batch, slots = allowed.shape
-    block = 128
-    blocks = -(-slots // block)
-    counts = torch.full((batch, 1, 1), blocks, dtype=torch.int32, device=mask.device)
-    indices = torch.arange(blocks, dtype=torch.int32, device=mask.device).expand(batch, 1, 1, blocks).contiguous()
-
-    def row_mask(b, h, q_idx, kv_idx):
-        return allowed[b, kv_idx]
-
-    block_mask = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=block, mask_mod=row_mask, seq_lengths=(1, slots))
-    # (batch, heads, 1, dim) -> (batch, 1, heads, dim): the layout transformers' attention functions return
-    call = lambda q, k, v, _mask: flex_attention(q, k, v, block_mask=block_mask, scale=scaling,  # noqa: E731
-                                                 enable_gqa=True).transpose(1, 2)
-    return torch.compile(call, dynamic=False, fullgraph=True)
 
 
 def main(argv=None) -> int:

@@ -64,9 +64,9 @@ def _one_token_shared_mask(query, key, attention_mask, groups: int, kwargs) -> b
 
 def grouped_flex_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
                            scaling: float | None = None, is_causal: bool | None = None, **kwargs):
-    """As `grouped_sdpa_attention`, with FlexAttention for the decode step: every cache block is partial,
-    so the row mask (the left padding, the slots written so far) is read inside the kernel at each call,
-    and a mask changed in place between steps (the graph loop's) holds."""
+    """As `grouped_sdpa_attention`, with FlexAttention for the decode step. The blocks to read come from this
+    call's mask and each is partial (the row mask is read inside the kernel), so a mask changed in place
+    between steps (the graph loop's) holds, and blocks no row slot of which is readable are skipped."""
     from torch.nn.attention.flex_attention import BlockMask, flex_attention
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -80,13 +80,17 @@ def grouped_flex_attention(module, query, key, value, attention_mask, dropout: f
         allowed = row if row.dtype == torch.bool else row == 0  # an additive mask: 0 where allowed
         batch, slots = allowed.shape
         blocks = -(-slots // FLEX_BLOCK)
-        counts = torch.full((batch, 1, 1), blocks, dtype=torch.int32, device=query.device)
-        indices = torch.arange(blocks, dtype=torch.int32, device=query.device).expand(batch, 1, 1, blocks)
+        # Each row's blocks with a slot it may read, first, in order: the kernel skips the rest (the cache's
+        # unwritten end, a long left padding). Computed on the device from the mask of this step.
+        live = torch.nn.functional.pad(allowed, (0, blocks * FLEX_BLOCK - slots)).view(batch, blocks, FLEX_BLOCK)
+        live = live.any(-1)
+        counts = live.sum(-1, dtype=torch.int32).view(batch, 1, 1)
+        indices = torch.argsort((~live).to(torch.int8), dim=-1, stable=True).to(torch.int32).view(batch, 1, 1, blocks)
 
         def row_mask(b, h, q_idx, kv_idx):
             return allowed[b, kv_idx]
 
-        block_mask = BlockMask.from_kv_blocks(counts, indices.contiguous(), BLOCK_SIZE=FLEX_BLOCK, mask_mod=row_mask,
+        block_mask = BlockMask.from_kv_blocks(counts, indices, BLOCK_SIZE=FLEX_BLOCK, mask_mod=row_mask,
                                               seq_lengths=(1, slots))
     out = flex_attention(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
     return out.transpose(1, 2).contiguous(), None
