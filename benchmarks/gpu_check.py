@@ -8,9 +8,9 @@ per image (min = max, greedy), the same prompt everywhere. At most ~8 minutes on
   eager      Captioner.generate, dynamic KV cache, batches of 64 and 128
   compiled   Captioner(compile="on"): static full-attention cache + generate's torch.compile
              (inductor, reduce-overhead = CUDA graphs), batches of 64, 128 and 256
-  graph_flex the graph loop with FlexAttention for the decode attention (grouped_attention.py's candidate)
   graph      Captioner(compile="on", decode_loop="graph"): the same cache, generate's prefill, then one
              compiled step per token with no host work between steps (decode_loop.py), batches of 64, 128
+  graph_flex the graph loop with FlexAttention for the decode attention (grouped_attention.py's candidate)
   pipeline   pipeline.run over --pipeline-images JPEGs with the built model (loader threads, background
              assembly, generate, writer, parts); --pipeline-overlap: again with --vision-overlap
 
@@ -44,15 +44,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gpu_report import write  # noqa: E402  (scripts beside this one)
+from gpu_pipeline import PIPELINE_RUNS, run_pipeline  # noqa: E402
 from gpu_roofs import card_peaks, flop_per_image, roofs  # noqa: E402
 
 PROMPT = ("Describe this artwork in detail: the subjects, the style and medium, the colour palette, the "
           "composition and the mood. Write one paragraph.")
 SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled",
             "graph", "graph_flex", "pipeline", "pipeline_overlap")
-# --pipeline-runs: the whole pipeline's variants, each a section of its own (key: PIPELINE_RUNS[name][0])
-PIPELINE_RUNS = {"plain": ("pipeline", False, "generate"), "overlap": ("pipeline_overlap", True, "generate"),
-                 "graph": ("pipeline_graph", False, "graph"), "overlap_graph": ("pipeline_overlap_graph", True, "graph")}
 
 
 def parse_args(argv=None):
@@ -138,7 +136,8 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
     options = {"backend": "eager"} if args.cpu_smoke and compile else {}
     cap = Captioner(model, processor, model_name=args.preset, prompt=PROMPT, max_tokens=args.new_tokens,
                     min_tokens=args.new_tokens, compile="on" if compile else "off", compile_options=options,
-                    decode_loop="graph" if graph else "generate", grouped_attention="flex" if kind == "graph_flex" else True)
+                    decode_loop="graph" if graph else "generate",
+                    grouped_attention="flex" if kind == "graph_flex" else True)
     rows = [pixels[i % len(pixels)] for i in range(batch)]
     keys = [f"img{i}" for i in range(batch)]
     graphs0 = counters["stats"]["unique_graphs"]
@@ -221,85 +220,6 @@ def run_loader(paths: list[Path], size: int, threads: int, device) -> dict:
                              "cpu_ms_per_img": round(1000 * cpu / n, 2), "cores_busy": round(cpu / wall, 2),
                              "size": size}
     return out
-
-
-def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: int, vision_overlap: bool = False,
-                 decode_loop: str = "generate") -> dict:
-    """The whole pipeline (pipeline.run: loader threads, background assembly, generate, writer thread, part
-    files; no Hub) over `--pipeline-images` art-sized JPEGs with the model already built (make_backend is
-    bypassed), compiled static decode: run_summary.json's steady captioning rate (after the first batch)."""
-    import shutil
-
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from vlm_caption import data_layout, pipeline
-    from vlm_caption.captioner import Captioner
-    from vlm_caption.config import RunConfig
-    from vlm_caption.validate import FULL_METADATA_SCHEMA
-
-    data, ckpt = root / "data", root / "ckpt"
-    rows = []
-    for i in range(args.pipeline_images):
-        key = data_layout.img2dataset_key(i, 10_000)
-        name = data_layout.image_file_name(0, key)
-        (data / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(paths[i % len(paths)], data / name)
-        rows.append({"key": key, "file_name": name, "url": f"http://127.0.0.1/{key}.jpg", "caption": "art"})
-    pq.write_table(pa.Table.from_pylist(rows, schema=FULL_METADATA_SCHEMA), data / data_layout.FULL_METADATA_FILE)
-
-    batch_ends: list[float] = []  # when each batch's generate returned (one generate thread: back to back)
-
-    def built_backend(name, *, model: str, prompt: str, max_tokens: int, min_tokens: int = 0, compile: str = "auto",
-                      vision_overlap: bool = False, decode_loop: str = "generate", **_):
-        cap = Captioner(built_backend.model, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
-                        min_tokens=min_tokens, compile=compile, vision_overlap=vision_overlap, decode_loop=decode_loop,
-                        compile_options={"backend": "eager"} if args.cpu_smoke else {})
-        generate = cap.generate
-
-        def timed_generate(*a, **kw):
-            captions = generate(*a, **kw)
-            batch_ends.append(time.perf_counter())
-            return captions
-
-        cap.generate = timed_generate
-        return cap
-
-    built_backend.model = model
-    real = pipeline.make_backend
-    pipeline.make_backend = built_backend
-    cfg = RunConfig(model=args.preset, data_dir=str(data), checkpoint_dirs=[str(ckpt)], batch_size=batch,
-                    max_tokens=args.new_tokens, min_tokens=args.new_tokens, prompt=PROMPT, no_push=True,
-                    compile="on", vision_overlap=vision_overlap, decode_loop=decode_loop,
-                    retry_repetition_penalty=0)  # the bare batches never retry: the same arithmetic here
-    try:
-        start = time.perf_counter()
-        code = pipeline.run(cfg)
-        wall = time.perf_counter() - start
-    finally:
-        pipeline.make_backend = real
-    summary = json.loads((ckpt / "run_summary.json").read_text())["this_run"]
-    # The inline retry (rows.retry_flagged) would generate a flagged caption once more, and random weights
-    # write garbage that is flagged nearly always: it is off above (runs 1 and 2 had it on); counted anyway.
-    attempts = pq.read_table(ckpt / "all_captions.parquet", columns=["caption_attempts"]).column(0).to_pylist()
-    retried = sum(1 for a in attempts if a and a > 1)
-    rate = summary.get("captioning_img_per_s") or 0
-    # run_summary's rate starts after the first batch (compilation) and so counts the last batch, which with
-    # --vision-overlap has no next batch's vision tower to share the card with: over 2 batches (GPU run 3)
-    # that read 41 img/s where the batches in between ran at ~24. The steady rate leaves out both ends.
-    gaps = [b - a for a, b in zip(batch_ends, batch_ends[1:])]  # batches 2..n
-    steady = round(batch * (len(gaps) - 1) / sum(gaps[:-1]), 3) if len(gaps) >= 2 else None
-    batch_s = [round(g, 3) for g in gaps]
-    return {"batch": batch, "images": args.pipeline_images, "vision_overlap": vision_overlap,
-            "decode_loop": decode_loop, "exit_code": code,
-            "wall_s": round(wall, 1),
-            "retried": retried, "generated_captions_s": round(rate * (1 + retried / max(len(attempts), 1)), 3),
-            "captioning_img_s": summary.get("captioning_img_per_s"), "img_s_with_first_batch": summary.get("img_per_s"),
-            "steady_img_s": steady, "batch_s": batch_s,
-            "tokens_s": round((summary.get("captioning_img_per_s") or 0) * args.new_tokens, 1),
-            "generate_share": summary.get("generate_share"),
-            "captioned": summary.get("captioned"), "failed": summary.get("failed_by_stage"),
-            "loader_threads": "auto (cores - 1)", "resize": "on the device" if model.device.type == "cuda" else "CPU"}
 
 
 # ---------------------------------------------------------------- main
@@ -404,7 +324,7 @@ def main(argv=None) -> int:
             if kind in variants:
                 overlap, loop = variants[kind]
                 try:
-                    result[kind] = run_pipeline(model, processor, paths, Path(tmp) / kind, args, batch,
+                    result[kind] = run_pipeline(model, processor, paths, Path(tmp) / kind, args, batch, PROMPT,
                                                 vision_overlap=overlap, decode_loop=loop)
                 except Exception as e:  # noqa: BLE001 - a benchmark section's failure is reported, the others go on
                     traceback.print_exc()
