@@ -25,7 +25,7 @@ main{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:
 .vlm{margin:0;white-space:pre-wrap;word-break:break-word}
 .orig,.tags{margin:0;color:#52525b;font-size:12px;word-break:break-word}
 .label{font-weight:600}
-.meta{display:flex;gap:8px;align-items:center;font-size:12px;color:#52525b}
+.meta{display:flex;flex-wrap:wrap;gap:4px 8px;align-items:center;font-size:12px;color:#52525b}
 .badge{border-radius:4px;padding:1px 6px;font-weight:600;color:#fff}
 .finish-stop{background:#15803d}.finish-length{background:#b45309}.finish-other{background:#71717a}
 .finish-failed{background:#b91c1c}

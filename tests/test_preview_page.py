@@ -1,0 +1,45 @@
+"""preview.py's page as a reader sees it: layout in headless Chromium (measured by a script the test adds)."""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from vlm_caption.preview import render_page
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  "--window-size=1200,900"]
+# Marks <body> with the keys of cards whose meta line (badge, key, tokens, attempts, flags) runs past the card.
+MEASURE = """<script>
+const over = Array.from(document.querySelectorAll("article.card")).filter(card => {
+  const right = card.getBoundingClientRect().right;
+  return Array.from(card.querySelectorAll(".meta > *")).some(el => el.getBoundingClientRect().right > right + 0.5);
+}).map(card => card.dataset.key);
+document.body.dataset.overflow = over.join(" ") || "none";
+</script>"""
+
+
+def dump_dom(html: str, tmp_path) -> str:
+    page = tmp_path / "page.html"
+    # The test's own script is not in the page's Content-Security-Policy: the policy is dropped for it.
+    page.write_text(re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>', "", html).replace(
+        "</body>", MEASURE + "</body>"))
+    flags = ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    return subprocess.run([*flags, "--dump-dom", page.resolve().as_uri()], capture_output=True, text=True,
+                          timeout=90, check=True).stdout
+
+
+@pytest.mark.skipif(shutil.which("chromium") is None, reason="chromium is not installed (CI installs it)")
+def test_a_cards_meta_line_wraps_inside_the_card(tmp_path):
+    """A caption with several flags (each prompt's, named) and attempts: the badges ran past the card's right edge,
+    under the next card, where the last flags could not be read."""
+    flagged = {"key": "000000004", "vlm_caption": "a caption", "caption_finish": "stop", "caption_tokens": 23,
+               "caption_flags": ["repetition", "truncated", "garbled"], "caption_attempts": 2}
+    plain = {"key": "000000005", "vlm_caption": "a caption", "caption_finish": "stop", "caption_tokens": 11,
+             "caption_flags": [], "caption_attempts": 1}
+    html = render_page([flagged, plain], [None, None], 2, {}, "Captions by m")
+    dom = dump_dom(html, tmp_path)
+    assert 'data-overflow="none"' in dom, re.search(r'data-overflow="[^"]*"', dom)
