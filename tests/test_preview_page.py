@@ -43,3 +43,32 @@ def test_a_cards_meta_line_wraps_inside_the_card(tmp_path):
     html = render_page([flagged, plain], [None, None], 2, {}, "Captions by m")
     dom = dump_dom(html, tmp_path)
     assert 'data-overflow="none"' in dom, re.search(r'data-overflow="[^"]*"', dom)
+
+
+def test_each_prompts_tokens_show_and_the_sort_counts_the_most(tmp_path):
+    """A --prompts-file run's card showed the first prompt's tokens only, unnamed (the plain caption_tokens), and
+    "most tokens first" sorted by them: a second prompt's caption of 40 tokens sorted as one of 3."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlm_caption import store
+    from vlm_caption.preview import write_preview
+    from vlm_caption.prompt_plan import run_specs
+    from vlm_caption.schema import output_schema
+
+    settings = {"run_id": "abc", "model": "m", "prompt": None, "prompts": {"short": "Name it.", "long": "Say."},
+                "prompt_order": ["short", "long"]}
+    rows = [{"key": f"00000000{i}", "vlm_caption": "c", "caption_finish": "stop", "caption_tokens": short,
+             "caption_tokens_short": short, "caption_tokens_long": long, "caption_finish_short": "stop",
+             "caption_finish_long": "stop"} for i, (short, long) in enumerate([(5, 6), (3, 40)])]
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    schema = output_schema([c for spec in run_specs(settings) for c in spec.output_columns()])
+    pq.write_table(pa.Table.from_pylist(rows, schema=schema), ckpt / store.MERGED)
+    (ckpt / store.RUN_JSON).write_text(json.dumps(settings))
+    write_preview(ckpt, tmp_path / "preview.html")
+    first, second = (c for c in (tmp_path / "preview.html").read_text().split("<article")[1:])
+    assert "<span>short: 5 tokens</span><span>long: 6 tokens</span>" in first and 'data-tokens="6"' in first
+    assert "<span>short: 3 tokens</span><span>long: 40 tokens</span>" in second and 'data-tokens="40"' in second

@@ -48,8 +48,8 @@ COLUMNS = ["key", "url", "vlm_caption", "original_caption", "tags", "caption_fin
            "caption_flags", "caption_attempts"]
 # A run of one prompt: its flags are the plain column's, shown unlabelled (else: prompt name -> its column).
 _ONE_PROMPT = {"": FLAGS_COLUMN}
-# Per prompt of a --prompts-file run, besides its flags: where a card's finish and attempts come from.
-_FINISH, _ATTEMPTS = "caption_finish", "caption_attempts"
+# Per prompt of a --prompts-file run, besides its flags: where a card's finish, attempts and tokens come from.
+_FINISH, _ATTEMPTS, _TOKENS = "caption_finish", "caption_attempts", "caption_tokens"
 
 
 # ---------------------------------------------------------------- reading
@@ -170,16 +170,21 @@ def _per_prompt(row: dict, columns: Mapping[str, str] | None, base: str) -> dict
 
 def render_card(row: dict, src: str | None, flag_columns: Mapping[str, str] | None = None,
                 captions: Sequence[str] | None = None, finish_columns: Mapping[str, str] | None = None,
-                attempts_columns: Mapping[str, str] | None = None) -> str:
-    """`flag_columns` (`finish_columns`, `attempts_columns`): prompt name -> its flags (finish, attempts) column
-    (rows.run_prompt_columns) for a --prompts-file run, whose plain columns are only the first prompt's; None
-    for a run of one prompt. `captions`: caption_columns."""
+                attempts_columns: Mapping[str, str] | None = None,
+                tokens_columns: Mapping[str, str] | None = None) -> str:
+    """`flag_columns` (`finish_columns`, `attempts_columns`, `tokens_columns`): prompt name -> its flags (finish,
+    attempts, tokens) column (rows.run_prompt_columns) for a --prompts-file run, whose plain columns are only the
+    first prompt's; None for a run of one prompt. `captions`: caption_columns."""
     finishes = {name: f or "?" for name, f in _per_prompt(row, finish_columns, _FINISH).items()}
     # The filter and the badge's colour: a caption of any prompt cut at --max-tokens makes the card a "length".
     finish = "length" if "length" in finishes.values() else next(iter(finishes.values()))
     shown = finish if len(set(finishes.values())) == 1 else ", ".join(f"{n}: {f}" for n, f in finishes.items())
     badge = f"finish-{finish}" if finish in ("stop", "length") else "finish-other"
-    tokens = row.get("caption_tokens")
+    by_tokens = _per_prompt(row, tokens_columns, _TOKENS)
+    # The sort: the most of any prompt's (a --prompts-file run's plain caption_tokens are the first prompt's only).
+    tokens = max((t for t in by_tokens.values() if t is not None), default=None)
+    token_spans = "".join(f"<span>{_e(f'{name}: ' if name else '')}{_e(n)} tokens</span>"
+                          for name, n in by_tokens.items() if n is not None or not name)
     by_prompt = {name: [str(f) for f in row.get(col) or []] for name, col in (flag_columns or _ONE_PROMPT).items()}
     counts = ordered_counts(Counter(f for fs in by_prompt.values() for f in fs))
     flags = list(counts)  # the filter: flagged in any prompt (FLAGS order, as one prompt's list is)
@@ -193,7 +198,7 @@ def render_card(row: dict, src: str | None, flag_columns: Mapping[str, str] | No
         f'data-flags="{_e(" ".join(flags))}"{count} data-key="{_e(row["key"])}">'
         f"{_thumb(row['key'], src)}"
         f'<div class="meta"><span class="badge {badge}">{_e(shown)}</span><code class="key">{_e(row["key"])}</code>'
-        f'<span>{_e(row.get("caption_tokens"))} tokens</span>{attempts}{badges}</div>'
+        f'{token_spans}{attempts}{badges}</div>'
         f"{_captions(row, captions)}"
         f'<p class="orig"><span class="label">original:</span> {_e(row.get("original_caption"))}</p>'
         f'<p class="tags"><span class="label">tags:</span> {_e(row.get("tags"))}</p>'
@@ -262,11 +267,13 @@ def render_page(rows: list[dict], srcs: list[str | None], total: int, summary: d
                 failures: list[dict] = (), failed_total: int = 0, random_weights: bool = False,
                 flag_columns: Mapping[str, str] | None = None, captions: Sequence[str] | None = None,
                 finish_columns: Mapping[str, str] | None = None,
-                attempts_columns: Mapping[str, str] | None = None) -> str:
+                attempts_columns: Mapping[str, str] | None = None,
+                tokens_columns: Mapping[str, str] | None = None) -> str:
     script_hash = base64.b64encode(hashlib.sha256(JS.encode()).digest()).decode()
     csp = (f"default-src 'none'; img-src file: http: https: data:; style-src 'unsafe-inline'; "
            f"script-src 'sha256-{script_hash}'")
-    cards = "\n".join([*(render_card(row, src, flag_columns, captions, finish_columns, attempts_columns)
+    cards = "\n".join([*(render_card(row, src, flag_columns, captions, finish_columns, attempts_columns,
+                                     tokens_columns)
                          for row, src in zip(rows, srcs)),
                        *(render_failure_card(f) for f in failures)])
     counts = counts_line(rows, total, summary, flag_columns, finish_columns)
@@ -300,12 +307,13 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
         raise UsageError(f"{checkpoint_dir} has no {store.MERGED}; run batched_image_inference.py "
                          "(or its --merge-only) on it first")
     run = store.read_run_json(checkpoint_dir) or {}
-    # --prompts-file: each prompt's flags, finish and attempts, not the plain (first prompt's) ones only
-    flag_columns, finish_columns, attempts_columns = (run_prompt_columns(run, base)
-                                                      for base in (FLAGS_COLUMN, _FINISH, _ATTEMPTS))
+    # --prompts-file: each prompt's flags, finish, attempts and tokens, not the plain (first prompt's) ones only
+    flag_columns, finish_columns, attempts_columns, tokens_columns = (
+        run_prompt_columns(run, base) for base in (FLAGS_COLUMN, _FINISH, _ATTEMPTS, _TOKENS))
     captions = caption_columns(run)  # what the run wrote, not guessed from the column names
     rows, total = read_first_rows(merged, n, [*flag_columns.values(), *finish_columns.values(),
-                                              *attempts_columns.values(), *(captions or ())])
+                                              *attempts_columns.values(), *tokens_columns.values(),
+                                              *(captions or ())])
     images = local_images(Path(data_dir), [r["key"] for r in rows]) if data_dir is not None else {}
     out_dir = out.parent
     srcs = [relative_src(images[r["key"]], out_dir) if r["key"] in images else safe_url(r.get("url"))
@@ -316,7 +324,8 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
     failures, failed_total = read_failures(checkpoint_dir, merged, n)
     title = f"Captions by {model}" + (" (random weights: noise)" if random_weights else "")
     page = render_page(rows, srcs, total, read_run_summary(checkpoint_dir), title, failures, failed_total,
-                       random_weights, flag_columns, captions, finish_columns, attempts_columns)
+                       random_weights, flag_columns, captions, finish_columns, attempts_columns,
+                       tokens_columns)
     atomic_write_bytes(out, page.encode("utf-8"))
     return len(rows)
 

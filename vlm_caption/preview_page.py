@@ -36,7 +36,8 @@ code{font-size:12px}
 # Cards are hidden with the `hidden` attribute; the count line says how many match. Sorting moves the
 # cards inside <main>; each card carries data-finish (stop, length, failed, ...), data-flags (space-separated
 # quality flags, "" for none; with several prompts those of any prompt), data-flag-count (several prompts only:
-# the flags of all prompts, which the union undercounts), data-tokens and data-key.
+# the flags of all prompts, which the union undercounts), data-tokens (with several prompts the most of any
+# prompt's) and data-key.
 JS = """
 const box = document.getElementById("filter");
 const finish = document.getElementById("finish");
