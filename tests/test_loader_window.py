@@ -57,12 +57,13 @@ def test_the_bytes_ahead_are_capped_not_only_the_count(images):
     uncapped, keys = most_ahead(same)
     assert uncapped >= 35 and keys == [r["key"] for r in same]  # the count window alone: ~40 MB ahead
     capped, keys = most_ahead(same, max_bytes=6 * MB)
-    # ~6 MB: 6 ready or queued, plus the one just queued and the one being yielded
+    # 6 MB: 6 ready or queued, plus the one just queued and the one being yielded (all one size: exact)
     assert capped <= 8 and keys == [r["key"] for r in same]
-    mixed = rows(images, [8, 16] * 30)  # the cap follows the mean size seen so far
+    mixed = rows(images, [8, 16] * 30)  # the cap counts queued images at the mean size seen so far
     capped, keys = most_ahead(mixed, max_bytes=12 * MB)
-    assert capped <= 12 + 2 * 3 and keys == [r["key"] for r in mixed]
-    assert most_ahead(mixed)[0] >= 70  # uncapped: ~40 images, 80 MB
+    # Whichever images finished first, the mean is >= 1 MB: <= 13 queued, alternating 3 and 1 MB, + 1 yielded
+    assert capped <= 30 and keys == [r["key"] for r in mixed]
+    assert most_ahead(mixed)[0] >= 70  # uncapped: 40 images, 80 MB
 
 
 def test_the_default_cap_is_a_share_of_the_usable_memory(monkeypatch):
