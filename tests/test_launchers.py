@@ -206,3 +206,16 @@ def test_machines_starting_together_on_one_dir_all_get_recorded(tmp_path, monkey
         t.join()
     recorded = json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text())
     assert recorded == {"machines": 4, "indices": [0, 1, 2, 3]}
+
+
+def test_an_unreadable_machines_json_is_set_aside_with_a_warning(tmp_path, caplog):
+    import json
+
+    from vlm_caption import dir_scope, store
+
+    (tmp_path / dir_scope.MACHINES_JSON).write_text('{"machines": 4, "indi')  # cut short
+    with caplog.at_level("WARNING"):
+        dir_scope.check_machines(tmp_path, 1, 2)
+    assert "machines.json is unreadable (JSONDecodeError)" in caplog.text and "recorded anew" in caplog.text
+    assert [p.name.split(".json")[0] for p in (tmp_path / store.QUARANTINE_DIR).iterdir()] == ["machines"]
+    assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text()) == {"machines": 2, "indices": [1]}

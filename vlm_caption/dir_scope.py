@@ -32,11 +32,14 @@ def check_machines(ckpt: Path, machine: int, machines: int) -> None:
 
 def _check_machines(ckpt: Path, machine: int, machines: int) -> None:
     path = ckpt / MACHINES_JSON
-    try:
-        recorded = json.loads(path.read_text()) if path.is_file() else None
-        count, indices = int(recorded["machines"]), {int(i) for i in recorded["indices"]}
-    except (OSError, ValueError, KeyError, TypeError):
-        count, indices = None, set()  # none or unreadable (a dir of an earlier version has none): recorded anew
+    count, indices = None, set()  # none yet (a new dir, or one of an earlier version): recorded below
+    if path.exists():
+        try:
+            recorded = json.loads(path.read_text())
+            count, indices = int(recorded["machines"]), {int(i) for i in recorded["indices"]}
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            store.quarantine(ckpt, path, f"unreadable ({type(e).__name__})",
+                             then="the machine count is recorded anew from this run")
     if count == machines:
         if machine not in indices:
             atomic_write_json(path, {"machines": machines, "indices": sorted(indices | {machine})})
