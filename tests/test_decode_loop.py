@@ -115,9 +115,10 @@ def test_cli_graph_loop_captions_like_the_default_run(full_run, tiny_model_dir, 
     assert got.loc[want.index, "caption_tokens"].tolist() == want["caption_tokens"].tolist()
 
 
-def test_auto_picks_the_graph_loop_only_where_it_was_measured_faster(model_and_processor):
+def test_auto_picks_the_graph_loop_only_where_it_was_measured_faster(model_and_processor, monkeypatch):
     """--decode-loop auto (the default): the graph loop on CUDA with the compiled static cache (1.08x on an
-    H100, BENCHMARKS.md §6 run 3), transformers' generate on the CPU, without a static cache, or sampling."""
+    H100, BENCHMARKS.md §6 run 3), transformers' generate on the CPU, without a static cache, when sampling,
+    or with the model spread over devices."""
     model, processor = model_and_processor
     cap = captioner(model, processor, compile="on", compile_options={"backend": counting_backend})
     assert cap.static_decode is not None and cap.graph_decode is None  # CPU: generate
@@ -128,3 +129,6 @@ def test_auto_picks_the_graph_loop_only_where_it_was_measured_faster(model_and_p
     dynamic = captioner(model, processor)
     dynamic.device = torch.device("cuda")
     assert dynamic.static_decode is None and dynamic._graph_decode("auto", {}) is None
+    cap.temperature = 0.0  # --device-map auto spreading the model (some layers offloaded): no graph loop
+    monkeypatch.setattr(model, "hf_device_map", {"vision_tower": 0, "language_model": "cpu"}, raising=False)
+    assert cap._graph_decode("auto", {}) is None and cap._graph_decode("graph", {}) is None

@@ -125,9 +125,12 @@ class Captioner:
             raise ValueError(f"decode_loop must be one of {', '.join(DECODE_LOOPS)}, got {decode_loop!r}")
         if decode_loop == "generate" or (decode_loop == "auto" and self.device.type != "cuda"):
             return None
-        if self.static_decode is None or self.temperature > 0:
+        # A model spread over devices or offloaded (--device-map auto) moves weights in hooks: no graph to replay.
+        spread = len(set((getattr(self.model, "hf_device_map", None) or {}).values())) > 1
+        if self.static_decode is None or self.temperature > 0 or spread:
             if decode_loop == "graph":
-                log.info("decode loop: generate (the graph loop needs the static cache and greedy decoding)")
+                log.info("decode loop: generate (the graph loop needs the static cache, greedy decoding and "
+                         "the model on one device)")
             return None
         options = {k: v for k, v in options.items() if k in ("backend", "mode")}
         log.info("decode loop: one compiled step per token after generate's prefill")
