@@ -70,6 +70,36 @@ def test_a_tmp_file_renamed_while_it_is_looked_at_is_not_an_error(tmp_path, monk
     assert atomic.remove_stale_tmp(tmp_path) == 0
 
 
+def test_threads_of_one_process_writing_one_file_at_once_each_write_it_whole(tmp_path):
+    """Two pushers of one process (a --push-only's threads) storing one key-cache entry: one tmp file each,
+    not one per process (the second's fsync found the first's tmp renamed away: FileNotFoundError)."""
+    import os
+    import socket
+    import threading
+
+    from vlm_caption import atomic
+
+    path, errors, go = tmp_path / "entry.json", [], threading.Barrier(4)
+
+    def write(n):
+        go.wait()
+        try:
+            for _ in range(50):
+                atomic.atomic_write_json(path, {"writer": n, "pad": "x" * 10_000})
+        except OSError as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and path.read_text().count("x") == 10_000 and not list(tmp_path.glob(".*.tmp-*"))
+    live = tmp_path / f".entry.json.tmp-{socket.gethostname()}-{os.getpid()}.7"
+    live.write_bytes(b"x")  # this process's thread 7 is writing it: not a leftover
+    assert atomic.remove_stale_tmp(tmp_path) == 0 and live.exists()
+
+
 def failure(key: str, stage: str, error: str = "broken") -> dict:
     return {"key": key, "original_key": None, "url": None, "stage": stage, "error": error}
 

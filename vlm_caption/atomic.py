@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import socket
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,9 @@ import pyarrow.parquet as pq
 
 
 def _tmp_name(path: Path) -> Path:
-    # Host and pid in the name tell a crashed writer's leftovers from a live writer's file.
-    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    # Host and pid in the name tell a crashed writer's leftovers from a live writer's file; the thread, two
+    # threads of one process writing one file (a --push-only's pushers storing one key-cache entry).
+    return path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}.{threading.get_native_id()}")
 
 
 @contextlib.contextmanager
@@ -73,6 +75,7 @@ def remove_stale_tmp(directory: Path, other_host_age_s: float = 3600.0) -> int:
     host = socket.gethostname()
     for tmp in Path(directory).rglob(".*.tmp-*"):
         writer_host, _, pid = tmp.name.rsplit(".tmp-", 1)[1].rpartition("-")
+        pid = pid.split(".", 1)[0]  # PID.THREAD (PID alone from earlier versions)
         if writer_host == host:
             stale = not (pid.isdigit() and _pid_alive(int(pid)))
         else:
