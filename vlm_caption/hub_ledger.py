@@ -11,18 +11,25 @@ from pathlib import Path
 
 from .errors import FatalError
 from .hub_files import HubFile
-from .store import LEDGER
+from .store import LEDGER, quarantine
 
 log = logging.getLogger(__name__)
 
 
 def read_ledger(checkpoint_dir: Path | str) -> list[dict]:
     path = Path(checkpoint_dir) / LEDGER
+    if path.exists() and not path.is_file():  # a directory in its place: appending to it would fail
+        quarantine(Path(checkpoint_dir), path, "not a file", "a new ledger is started (the Hub says what is published)")
     entries = []
-    for n, line in enumerate(path.read_text().splitlines() if path.is_file() else [], 1):
+    # errors="replace": garbage bytes make their lines unreadable, not the whole ledger
+    for n, line in enumerate(path.read_text(errors="replace").splitlines() if path.is_file() else [], 1):
         try:
-            entries.append(json.loads(line))
+            entry = json.loads(line)
         except json.JSONDecodeError:  # torn by a crash; the Hub itself still says what is published
+            entry = None
+        if isinstance(entry, dict) and isinstance(entry.get("hub_path"), str):
+            entries.append(entry)
+        else:
             log.warning("%s line %d is unreadable; ignoring it", path, n)
     return entries
 

@@ -1,0 +1,28 @@
+"""Local state broken by a crash or a hand (garbage bytes, another JSON type, a directory in a file's place):
+each reader warns and sets it aside or goes on without it, never a traceback and never a lost caption."""
+from __future__ import annotations
+
+import json
+import logging
+
+from vlm_caption import hub_ledger, store
+
+
+def test_a_ledger_with_garbage_bytes_other_json_or_a_dir_in_its_place_is_warned_about_not_fatal(tmp_path, caplog):
+    good = {"repo": "r", "run_id": "x", "hub_path": "data/x/a.parquet", "worker": 0}
+    path = tmp_path / store.LEDGER
+    path.write_bytes(json.dumps(good).encode() + b"\n\xb7\xff\x00garbage\n[1, 2]\n\"text\"\n{\"repo\": \"r\"}\n")
+    with caplog.at_level(logging.WARNING):
+        assert hub_ledger.read_ledger(tmp_path) == [good]
+    assert [r.getMessage().split(" line ")[1] for r in caplog.records] == [f"{n} is unreadable; ignoring it"
+                                                                            for n in (2, 3, 4, 5)]
+    path.unlink()
+    path.mkdir()
+    (path / "x").write_text("x")
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert hub_ledger.read_ledger(tmp_path) == []
+    assert "not a file: moved to" in caplog.text
+    assert [p.name.split(".")[0] for p in (tmp_path / store.QUARANTINE_DIR).iterdir()] == ["hub_ledger"]
+    hub_ledger.append_ledger(tmp_path, [good])  # a new ledger is started
+    assert hub_ledger.read_ledger(tmp_path) == [good]
