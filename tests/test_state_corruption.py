@@ -26,3 +26,16 @@ def test_a_ledger_with_garbage_bytes_other_json_or_a_dir_in_its_place_is_warned_
     assert [p.name.split(".")[0] for p in (tmp_path / store.QUARANTINE_DIR).iterdir()] == ["hub_ledger"]
     hub_ledger.append_ledger(tmp_path, [good])  # a new ledger is started
     assert hub_ledger.read_ledger(tmp_path) == [good]
+
+
+def test_a_preview_of_a_dir_whose_run_summary_is_garbage_or_a_list_warns_and_goes_on(tmp_path, caplog):
+    from vlm_caption.preview import read_run_summary
+
+    path = tmp_path / store.SUMMARY
+    for content in (b"\xb4\xff\x00garbage", b"[1, 2, 3]", b'{"captioned": 1'):
+        path.write_bytes(content)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert read_run_summary(tmp_path) == {}
+        assert "run_summary.json is unreadable" in caplog.text, content
+        assert path.read_bytes() == content  # a preview changes nothing in the dir

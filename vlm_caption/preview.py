@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import json
 import os
 from collections import Counter
 from pathlib import Path
@@ -128,11 +127,11 @@ def is_random_weights(model: str | None) -> bool:
 
 
 def read_run_summary(checkpoint_dir: Path) -> dict:
-    path = checkpoint_dir / store.SUMMARY
-    try:
-        return json.loads(path.read_text()) if path.is_file() else {}
-    except (OSError, json.JSONDecodeError):
-        return {}  # the preview still works without the counts of the summary
+    """run_summary.json, or {}: the preview still works without its counts. A broken one is warned about and left
+    in place (a preview changes nothing in the dir; the next run sets it aside)."""
+    from .endings import read_summary
+
+    return read_summary(checkpoint_dir, set_aside=False)
 
 
 # ---------------------------------------------------------------- rendering
