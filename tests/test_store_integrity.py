@@ -153,3 +153,11 @@ def test_a_bad_files_reason_is_one_line_cut_at_a_word(tmp_path):
     foreign = tmp_path / "foreign.parquet"
     pq.write_table(pa.table({"x": [1]}), foreign)
     assert store.check_file(foreign, store.OUTPUT_SCHEMA).problem == "of a foreign schema (columns x)"
+
+
+def test_two_files_of_one_name_set_aside_in_one_second_are_both_kept(tmp_path):
+    for content in ("first", "second", "third"):
+        (tmp_path / store.SUMMARY).write_text(content)
+        store.quarantine(tmp_path, tmp_path / store.SUMMARY, "unreadable")
+    kept = sorted(p.read_text() for p in (tmp_path / store.QUARANTINE_DIR).iterdir())
+    assert kept == ["first", "second", "third"]

@@ -112,8 +112,12 @@ def check_file(path: Path, schema: pa.Schema) -> FileCheck:
 
 def quarantine(checkpoint_dir: Path, path: Path, why: str, then: str = "its keys will be captioned again") -> None:
     """Set a bad file aside (never delete it), saying why and what follows (a part's keys are captioned again)."""
-    dest = checkpoint_dir / QUARANTINE_DIR / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
+    dest = first = checkpoint_dir / QUARANTINE_DIR / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):  # a file of that name set aside in this second already: never replace it
+        if not dest.exists():
+            break
+        dest = first.with_name(f"{first.name}-{n}")
     try:
         shutil.move(str(path), str(dest))
     except FileNotFoundError:  # workers starting together saw the same bad file: another one moved it
