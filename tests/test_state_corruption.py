@@ -39,3 +39,29 @@ def test_a_preview_of_a_dir_whose_run_summary_is_garbage_or_a_list_warns_and_goe
             assert read_run_summary(tmp_path) == {}
         assert "run_summary.json is unreadable" in caplog.text, content
         assert path.read_bytes() == content  # a preview changes nothing in the dir
+
+
+def test_an_unreadable_run_json_or_a_dir_in_its_place_is_set_aside_when_the_parts_are_re_adopted(tmp_path, caplog):
+    from hub_parts import make_rows
+
+    settings = {"model": "tiny", "prompt": "Describe.", "max_tokens": 8}
+    first = store.CheckpointStore(tmp_path, 0)
+    run_id = first.open_run(settings, overwrite=False)
+    first.write_part(make_rows(0, 3))
+    first.lock.release()
+    path = tmp_path / store.RUN_JSON
+    for n, broken in enumerate((b"\xb4\xff\x00garbage", None), 1):
+        path.unlink()
+        if broken is None:
+            path.mkdir()
+            (path / "x").write_text("x")
+        else:
+            path.write_bytes(broken)
+        again = store.CheckpointStore(tmp_path, 0)
+        with caplog.at_level(logging.WARNING):
+            assert again.open_run(settings, overwrite=False) == run_id
+        again.lock.release()
+        assert again.done_keys() == {"000000000", "000000001", "000000002"}
+        assert json.loads(path.read_text())["run_id"] == run_id
+        assert len(list((tmp_path / store.QUARANTINE_DIR).iterdir())) == n  # the broken one kept, not overwritten
+        assert "re-adopted the parts" in caplog.text

@@ -171,7 +171,7 @@ def read_run_json(checkpoint_dir: Path | str) -> dict | None:
 def read_run_json_safe(checkpoint_dir: Path | str) -> tuple[dict | None, str | None]:
     """(run.json, None), or (None, why not: "missing" or "unreadable (...)")."""
     path = Path(checkpoint_dir) / RUN_JSON
-    if not path.is_file():
+    if not path.exists():
         return None, "missing"
     try:
         info = json.loads(path.read_text())
@@ -313,6 +313,8 @@ class CheckpointStore:
             log.warning("%s: run.json was %s; re-adopted the parts of run %s", self.dir, problem, run_id)
         elif existing is not None:
             log.info("%s: replacing the settings of run %s, which captioned nothing", self.dir, existing["run_id"])
+        if problem not in (None, "missing") and (self.dir / RUN_JSON).exists():  # kept, never overwritten
+            quarantine(self.dir, self.dir / RUN_JSON, problem, then="it is written anew for this run")
         from . import __version__
 
         info = {"run_id": run_id, "dir_id": dir_id or uuid.uuid4().hex[:12], "code_version": __version__,
