@@ -186,7 +186,15 @@ def _flag_counts_of_another_shape(entries):
         pq.write_table(table.replace_schema_metadata(meta), entry)
 
 
-@pytest.mark.parametrize("spoil", [_foreign_keys, _int_keys, _another_files_entry, _flag_counts_of_another_shape])
+def _dirs_in_their_place(entries):
+    for entry in entries:
+        entry.unlink()
+        entry.mkdir()
+        (entry / "x").write_text("x")
+
+
+@pytest.mark.parametrize("spoil", [_foreign_keys, _int_keys, _another_files_entry, _flag_counts_of_another_shape,
+                                   _dirs_in_their_place])
 def test_an_entry_that_is_not_the_keys_of_its_file_is_quarantined_never_trusted(hub_stub, tmp_path, caplog, spoil):
     """A cache entry is trusted by its name: a parquet that is not what this cache wrote under that name (a
     foreign file, another file's entry, a hand edit of its shape) is set aside and the file read again."""

@@ -139,9 +139,11 @@ class KeyCache:
 
     def _load(self, cid: str) -> FileEntry | None:
         path = self._path(cid, ".parquet")
-        if path is None or not path.is_file():
+        if path is None or not path.exists():
             return None
         try:
+            if not path.is_file():  # a directory in its place: storing the entry would fail
+                raise ValueError("not a file")
             table = pq.read_table(path)
             meta = table.schema.metadata or {}
             if meta.get(_META_ID) != cid.encode() or not pa.types.is_string(table.schema.field("key").type):
