@@ -65,3 +65,17 @@ def test_an_unreadable_run_json_or_a_dir_in_its_place_is_set_aside_when_the_part
         assert json.loads(path.read_text())["run_id"] == run_id
         assert len(list((tmp_path / store.QUARANTINE_DIR).iterdir())) == n  # the broken one kept, not overwritten
         assert "re-adopted the parts" in caplog.text
+
+
+def test_a_directory_in_place_of_a_file_to_write_is_one_line_error_and_left_as_it_is(tmp_path):
+    import pytest
+
+    from vlm_caption.atomic import atomic_write_json
+    from vlm_caption.errors import FatalError
+
+    path = tmp_path / store.MERGED
+    path.mkdir()
+    (path / "x").write_text("kept")
+    with pytest.raises(FatalError, match=r"all_captions.parquet is a directory, not a file: move it aside"):
+        atomic_write_json(path, {"a": 1})
+    assert [p.name for p in tmp_path.iterdir()] == [store.MERGED] and (path / "x").read_text() == "kept"

@@ -15,6 +15,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import FatalError
+
 
 def _tmp_name(path: Path) -> Path:
     # Host and pid in the name tell a crashed writer's leftovers from a live writer's file; the thread, two
@@ -29,6 +31,8 @@ def atomic_path(path: Path | str):
     Readers see the old file or the whole new one, never a half, whatever kills the writer.
     """
     path = Path(path)
+    if path.is_dir():  # put there by hand: renaming over it fails, and it is not ours to remove
+        raise FatalError(f"{path} is a directory, not a file: move it aside and rerun")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:
