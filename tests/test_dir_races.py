@@ -52,3 +52,23 @@ def test_a_process_holding_only_its_worker_id_is_not_gone(tmp_path):
     finally:
         a.release()
         b.release()
+
+
+def test_a_directory_in_place_of_a_lock_file_is_a_one_line_usage_error(tmp_path):
+    import pytest
+
+    from vlm_caption import locks
+    from vlm_caption.errors import UsageError
+
+    for name in ("worker-000.lock", locks.RUN_LOCK, "machines.lock"):
+        (tmp_path / name / LOCKS_DIR / name).mkdir(parents=True)
+    with pytest.raises(UsageError, match=r"worker-000.lock is a directory, not a lock file: move it aside"):
+        DirLock(tmp_path / "worker-000.lock", 0).take_worker()
+    lock = DirLock(tmp_path / locks.RUN_LOCK, 0)
+    assert lock.take_worker() is None
+    with pytest.raises(UsageError, match=r"run.lock is a directory"):
+        lock.take_run(exclusive=True)
+    lock.release()
+    with pytest.raises(UsageError, match=r"machines.lock is a directory"):
+        with locks.waiting_for(tmp_path / "machines.lock" / LOCKS_DIR / "machines.lock"):
+            pass

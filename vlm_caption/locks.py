@@ -49,8 +49,7 @@ class DirLock:
         self._run_fd: int | None = None
 
     def _open(self, name: str) -> int:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        return os.open(self.dir / name, os.O_RDWR | os.O_CREAT, 0o644)
+        return open_lock(self.dir / name)
 
     probe_grace_s = 1.0  # how long take_worker retries a worker lock held by someone else
 
@@ -169,8 +168,7 @@ def _launcher() -> str:
 def hold_exclusive(path: Path, what: str) -> int:
     """An exclusive hold on `path` for this process (its pid written in): the fd to close when done. Held
     already: a one-line UsageError naming the holder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock(path)
     if not try_flock(fd, fcntl.LOCK_EX):
         holder = _read_holder(fd)
         os.close(fd)
@@ -185,13 +183,21 @@ def hold_exclusive(path: Path, what: str) -> int:
 def waiting_for(path: Path):
     """An exclusive hold on `path` for a short read-modify-write of a file beside it: waits for another
     holder instead of refusing (each holds it for milliseconds)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_lock(path)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing drops the lock
+
+
+def open_lock(path: Path) -> int:
+    """The fd of lock file `path`, made if missing; a directory in its place is a one-line UsageError."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except IsADirectoryError:
+        raise UsageError(f"{path} is a directory, not a lock file: move it aside and rerun") from None
 
 
 def _read_holder(fd: int) -> str:
