@@ -198,6 +198,8 @@ def _finished_stats(images_dir: Path) -> dict[int, dict]:
         if prefix.isdigit():
             try:
                 done[int(prefix)] = json.loads(path.read_text(encoding="utf-8"))
+                if not isinstance(done[int(prefix)], dict):
+                    raise ValueError("not a JSON object")
             except (ValueError, OSError) as e:  # JSONDecodeError, UnicodeDecodeError, unreadable
                 # img2dataset writes it in place, after closing the shard parquet: a crash mid-write leaves
                 # a complete shard with a broken stats file, which img2dataset itself counts as done.
