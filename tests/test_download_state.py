@@ -16,3 +16,15 @@ def test_a_stats_file_of_another_json_type_counts_its_shard_finished_with_a_warn
     with caplog.at_level(logging.WARNING):
         assert dl._finished_stats(images) == {0: {"end_time": 1.5, "count": 4}, 1: {}}
     assert "00001_stats.json cannot be read (not a JSON object); treating shard 00001 as finished" in caplog.text
+
+
+def test_an_unreadable_decode_check_is_set_aside_and_its_shard_validated_again(tmp_path, caplog):
+    from vlm_caption import store, validate
+
+    path = validate.validation_path(tmp_path, 0)
+    path.parent.mkdir()
+    path.write_bytes(b"\xb4\xff\x00garbage")
+    with caplog.at_level(logging.WARNING):
+        assert not validate.is_validated(tmp_path, 0, {"end_time": 1.5})
+    assert not path.exists() and [p.name[:13] for p in (tmp_path / store.QUARANTINE_DIR).iterdir()] == ["00000.parquet"]
+    assert "its shard is validated again" in caplog.text

@@ -22,11 +22,12 @@ import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
+from . import store
 from .atomic import atomic_path, atomic_write_table
 from .cli import plural
 from .data_layout import (FULL_METADATA_FILE, IMAGES_DIR, INVALID_FILE, METADATA_CSV, SAVED_COLUMNS, VALIDATION_DIR,
                           image_file_name, shard_name)
-
+from .errors import brief
 from .schema import COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -94,7 +95,11 @@ def is_validated(out: Path, shard_id: int, stats: dict) -> bool:
     path = validation_path(out, shard_id)
     if not path.is_file():
         return False
-    meta = pq.read_schema(path).metadata or {}
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (pa.ArrowInvalid, OSError) as e:  # cut short or overwritten by hand: the shard's images are decoded again
+        store.quarantine(out, path, f"unreadable ({brief(str(e))})", "its shard is validated again")
+        return False
     return meta.get(STATS_END_META) == repr(stats.get("end_time")).encode()
 
 
