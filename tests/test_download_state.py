@@ -28,3 +28,19 @@ def test_an_unreadable_decode_check_is_set_aside_and_its_shard_validated_again(t
         assert not validate.is_validated(tmp_path, 0, {"end_time": 1.5})
     assert not path.exists() and [p.name[:13] for p in (tmp_path / store.QUARANTINE_DIR).iterdir()] == ["00000.parquet"]
     assert "its shard is validated again" in caplog.text
+
+
+def test_an_unreadable_urls_parquet_beside_finished_shards_is_a_one_line_usage_error(tmp_path):
+    import pyarrow as pa
+    import pytest
+
+    from vlm_caption.data_layout import URLS_FILE
+    from vlm_caption.errors import UsageError
+
+    (tmp_path / IMAGES_DIR).mkdir()
+    (tmp_path / IMAGES_DIR / "00000_stats.json").write_text('{"end_time": 1.5}')
+    (tmp_path / URLS_FILE).write_bytes(b"PAR1\xb4\xff\x00garbage")
+    with pytest.raises(UsageError, match=r"urls.parquet cannot be read \(.*\); it says which rows the finished "
+                                         r"shards hold: restore it, or use a new --output") as e:
+        dl.write_urls(tmp_path, pa.table({"url": ["http://127.0.0.1/a.jpg"]}), 8)
+    assert "\n" not in str(e.value) and (tmp_path / URLS_FILE).read_bytes().endswith(b"garbage")  # left as it was

@@ -30,7 +30,7 @@ from .data_layout import (DOWNLOAD_LOCK, ENCODE_FORMAT, FULL_METADATA_FILE, IMAG
 from .download_source import (URL_COLUMNS, further_names, img2dataset_input, load_source,  # noqa: F401  (dl.* names)
                               url_table)
 from .download_summary import make_summary, print_summary, stats_files
-from .errors import EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
+from .errors import EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError, brief
 from .interrupts import Interrupted, StopSignals
 from .validate import build_outputs, validate_shards
 
@@ -58,7 +58,11 @@ def write_urls(out: Path, urls: pa.Table, shard_size: int) -> None:
     """
     path = out / URLS_FILE
     if path.is_file() and _finished_stats(out / IMAGES_DIR):
-        old = pq.read_table(path)
+        try:
+            old = pq.read_table(path)
+        except (pa.ArrowInvalid, OSError) as e:  # without it, which rows the finished shards hold is unknown
+            raise UsageError(f"--output {out}: {URLS_FILE} cannot be read ({brief(str(e))}); it says which rows the "
+                             "finished shards hold: restore it, or use a new --output") from None
         old_size = (old.schema.metadata or {}).get(SHARD_SIZE_META, b"?").decode()
         same_urls = old.column("url").equals(urls.column("url"))
         if old_size != str(shard_size) or not same_urls:
