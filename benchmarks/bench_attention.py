@@ -1,8 +1,10 @@
 #!/usr/bin/env python3
 """One decode step's attention for one layer, at a real Gemma 3's shapes: transformers' sdpa vs the grouped
 decode attention (vlm_caption/grouped_attention.py), both under torch.compile as the compiled decode step
-runs them; and the candidate the pipeline does not use yet, FlexAttention (grouped_flex_attention: its
-decoding kernel splits the cache over thread blocks and skips the blocks the mask leaves out).
+runs them; and the candidates the pipeline does not use yet: FlexAttention (grouped_flex_attention: its
+decoding kernel splits the cache over thread blocks and skips the blocks the mask leaves out), and the
+grouped attention pinned to one of torch's sdpa kernels (--backends: `grouped_cudnn` etc.; by default torch
+picks, and with a mask that is not the flash kernel).
 
 The query is one token per row; keys and values are a static cache of --cache-len slots (prompt + new
 tokens: 336 + 200 for the pipeline's prompt) with left padding in the mask, as in a captioning batch. Under
@@ -18,12 +20,35 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+SDPA_BACKENDS = {"flash": "FLASH_ATTENTION", "efficient": "EFFICIENT_ATTENTION", "cudnn": "CUDNN_ATTENTION",
+                 "math": "MATH"}  # names of torch.nn.attention.SDPBackend
+
+
+def pinned(fn, backend: str):
+    """`fn` run with torch's sdpa limited to one kernel (traced by torch.compile as such)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    chosen = getattr(SDPBackend, SDPA_BACKENDS[backend])
+
+    def call(*args, **kwargs):
+        with sdpa_kernel([chosen]):
+            return fn(*args, **kwargs)
+    return call
+
+
+def one_line(error: Exception) -> str:
+    """An error as one line; for torch.compile's wrapped errors the kernel's own message inside it."""
+    text = str(error).strip()
+    inner = re.search(r"got (\w+\(.*?\))$", text, re.MULTILINE)
+    return f"{type(error).__name__}: " + (inner.group(1) if inner else (text.splitlines() or [""])[0])[:300]
 
 
 def parse_args(argv=None):
@@ -36,12 +61,17 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=20, help="calls per timed round")
     p.add_argument("--no-compile", action="store_true", help="eager (transformers 5.24 then groups by itself)")
+    p.add_argument("--backends", nargs="*", choices=sorted(SDPA_BACKENDS), default=None,
+                   help="also time the grouped attention pinned to each of these sdpa kernels (default on cuda: "
+                   "efficient cudnn; a kernel that cannot take the inputs is reported as an error)")
     return p.parse_args(argv)
 
 
 def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: str | None = None, rounds: int = 5,
-            calls: int = 20, compile: bool = True) -> list[dict]:
-    """A result dict per batch size (the JSON lines main prints; decode_diag.py's attention section)."""
+            calls: int = 20, compile: bool = True, backends=None) -> list[dict]:
+    """A result dict per batch size (the JSON lines main prints; decode_diag.py's attention section).
+    `backends`: sdpa kernels to pin the grouped attention to, each one more side (default on cuda: efficient,
+    cudnn). A side that fails on the inputs is left out of the timing, with `<side>_error` saying why."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -49,6 +79,8 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
     from vlm_caption.tiny_model import _preset
 
     device = torch.device(device)
+    if backends is None:
+        backends = ["efficient", "cudnn"] if device.type == "cuda" else []
     dtype = getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     text = _preset(preset)["text"]
     heads, kv_heads, dim = text["num_attention_heads"], text["num_key_value_heads"], text["head_dim"]
@@ -65,6 +97,8 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
         sides = {"transformers_sdpa": wrap(sdpa_attention_forward), "grouped": wrap(grouped_sdpa_attention)}
         if compile:  # FlexAttention runs unfused (slowly) without compile: nothing to compare
             sides["flex"] = wrap(grouped_flex_attention)
+        for backend in backends:
+            sides[f"grouped_{backend}"] = wrap(pinned(grouped_sdpa_attention, backend))
         g = torch.Generator(device="cpu").manual_seed(batch)
         q = torch.randn(batch, heads, 1, dim, generator=g).to(device, dtype)
         k, v = (torch.randn(batch, kv_heads, cache_len, dim, generator=g).to(device, dtype) for _ in range(2))
@@ -72,7 +106,13 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
         for row in range(batch):  # left padding of up to 40 slots, and the not-yet-written end of the cache
             mask[row, ..., : row % 41] = False
         mask[..., cache_len - 100:] = False
-        outputs = {name: fn(q, k, v, mask) for name, fn in sides.items()}  # compile + check outside the clock
+        outputs, errors = {}, {}
+        for name, fn in list(sides.items()):  # compile + check outside the clock
+            try:
+                outputs[name] = fn(q, k, v, mask)
+            except Exception as e:  # noqa: BLE001 - a kernel that cannot take these inputs is a finding
+                errors[f"{name}_error"] = one_line(e)
+                del sides[name]
         diffs = {name: (out.float() - outputs["transformers_sdpa"].float()).abs().max().item()
                  for name, out in outputs.items() if name != "transformers_sdpa"}
         best = {name: float("inf") for name in sides}
@@ -92,14 +132,15 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
             **{f"{name}_ms": round(1000 * t, 3) for name, t in best.items()},
             "speedup": round(best["transformers_sdpa"] / best["grouped"], 2), "kv_cache_gb": round(cache_gb, 4),
             **{f"{name}_gb_s": round(cache_gb / t, 1) for name, t in best.items()}, "max_abs_diff": diffs["grouped"],
-            **({"flex_max_abs_diff": diffs["flex"]} if "flex" in diffs else {})})
+            **{f"{name}_max_abs_diff": diff for name, diff in diffs.items() if name != "grouped"}, **errors})
     return results
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     for result in measure(args.device, args.preset, args.batch, cache_len=args.cache_len, dtype=args.dtype,
-                          rounds=args.rounds, calls=args.calls, compile=not args.no_compile):
+                          rounds=args.rounds, calls=args.calls, compile=not args.no_compile,
+                          backends=args.backends):
         print(json.dumps(result), flush=True)
     return 0
 

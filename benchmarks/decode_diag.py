@@ -4,7 +4,7 @@
 gpu_check.py measures whole batches; this splits them. On the real-size random-weight Gemma 3 4B (bf16,
 built on the card), one batch of --batch images, one fixed prompt:
 
-  (in this order: compiled, attention, compiled_repeat_kv, graph, profile, vision, eager, gil, hf_static;
+  (in this order: compiled, attention, vision, compiled_repeat_kv, graph, profile, eager, gil, hf_static;
   each is skipped once --budget-s is spent)
 
   split      generate at --short and --long new tokens (min = max): the difference / (long - short) is
@@ -15,8 +15,9 @@ built on the card), one batch of --batch images, one fixed prompt:
              copies the KV cache per query head every step (grouped_attention.py does not)
   attention  one layer's decode attention alone at the batch, a 200-token run's cache and that rounded up
              to 64 slots (bench_attention.py): the grouped attention vs transformers' sdpa vs FlexAttention
-             (a candidate), all compiled
-  vision     the vision tower + projector alone for the batch (its share of prefill), eager and compiled
+             (a candidate) vs the grouped one pinned to the efficient and the cuDNN sdpa kernels, compiled
+  vision     the vision tower + projector alone on up to 64 images (its share of prefill): eager, eager on
+             each sdpa kernel (flash, cuDNN, efficient), and compiled
   counters   torch._dynamo's inductor / graph-break / recompile counters after the compiled run (a
              CUDA-graph skip shows as inductor.cudagraph_skips; run with TORCH_LOGS=perf_hints to see why)
   profile    torch.profiler over a compiled generate of --profile-tokens tokens and over a prefill alone:
@@ -49,7 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import PROMPT  # noqa: E402  (the same prompt as the GPU check)
 
 
-SECTIONS = ("compiled", "attention", "compiled_repeat_kv", "graph", "profile", "vision", "eager", "gil", "hf_static")
+SECTIONS = ("compiled", "attention", "vision", "compiled_repeat_kv", "graph", "profile", "eager", "gil", "hf_static")
 
 
 def parse_args(argv=None):
@@ -164,7 +165,56 @@ def main(argv=None) -> int:
     run_len = compiled.prompt_inputs["input_ids"].shape[-1] + 200
     section("attention", lambda: [row for slots in sorted({run_len, -(-run_len // 64) * 64})
                                   for row in bench_attention.measure(device.type, preset, [args.batch], cache_len=slots,
-                                                                     rounds=3 if args.cpu_smoke else 5)])
+                                                                     rounds=3 if args.cpu_smoke else 5,
+                                                                     backends=["math"] if args.cpu_smoke else None)])
+    def vision() -> dict:
+        """The vision tower + projector alone (its share of prefill), on up to 64 images: eager (as generate
+        runs it), eager with torch's sdpa pinned to each attention kernel (SigLIP's 4,096-token attention is
+        38 % of its FLOP; by default torch picks the flash kernel), and compiled (inductor, static shape)."""
+        from bench_attention import SDPA_BACKENDS, one_line, pinned
+
+        count = min(args.batch, 64)
+        images = [compiled.prepare(dataset.load_image(paths[i % len(paths)], compiled.target_size))
+                  for i in range(count)]
+        pixels = compiled.assemble(images).inputs["pixel_values"]
+        tower = lambda: model.get_image_features(pixel_values=pixels)  # noqa: E731
+        fast = torch.compile(tower, dynamic=False, **options)
+
+        def best(fn) -> float:
+            fn()
+            times = []
+            for _ in range(3):
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                times.append(time.perf_counter() - start)
+            return min(times)
+
+        def features(out) -> torch.Tensor:  # an output whose pooler_output is the projected image tokens
+            return out if torch.is_tensor(out) else out.pooler_output
+
+        kernels = {}
+        with torch.inference_mode():
+            reference = features(tower()).float()
+            eager_s = best(tower)
+            for name in ("flash", "cudnn", "efficient") if device.type == "cuda" else ("flash", "math"):
+                on_kernel = pinned(tower, name)
+                try:
+                    diff = (features(on_kernel()).float() - reference).abs().max().item()
+                    kernels[name] = {"ms_per_image": round(1000 * best(on_kernel) / count, 2), "max_abs_diff": diff}
+                except Exception as e:  # noqa: BLE001 - a kernel that cannot take SigLIP's shapes is a finding
+                    kernels[name] = {"error": one_line(e)}
+            t0 = time.perf_counter()
+            fast()
+            compile_s = time.perf_counter() - t0
+            compiled_s = best(fast)
+        assert set(kernels) <= set(SDPA_BACKENDS)
+        return {"images": count, "vision_s": round(eager_s, 3), "vision_compiled_s": round(compiled_s, 3),
+                "compile_s": round(compile_s, 1), "speedup": round(eager_s / compiled_s, 2),
+                "ms_per_image": round(1000 * eager_s / count, 2), "sdpa_kernels": kernels}
+
+    section("vision", vision)
     section("compiled_repeat_kv", lambda: {**split(captioner("on", args.long, grouped=False)),
                                            "attention": "transformers' sdpa (repeat_kv every layer, every step)"})
     compiled.grouped_attention = set_grouped_decode_attention(model)  # the sections below: the default again
@@ -178,6 +228,8 @@ def main(argv=None) -> int:
         (one token): the top ops by CPU time, by device time (CUDA), the runtime calls."""
         from torch.profiler import ProfilerActivity, profile as torch_profile
 
+        if "compiled" in args.skip:
+            run(compiled, args.short)  # compile + graph capture outside the profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         found: dict = {}
         for name, tokens in (("generate", args.profile_tokens), ("prefill", 1)):
@@ -202,37 +254,6 @@ def main(argv=None) -> int:
 
     section("profile", profile)
 
-    def vision() -> dict:
-        """The vision tower + projector alone for the batch, eager (as generate runs it) and compiled (inductor,
-        static shape): its share of prefill, and what compiling it would save."""
-        images = [compiled.prepare(dataset.load_image(paths[i % len(paths)], compiled.target_size))
-                  for i in range(args.batch)]
-        pixels = compiled.assemble(images).inputs["pixel_values"]
-        tower = lambda: model.get_image_features(pixel_values=pixels)  # noqa: E731
-        fast = torch.compile(tower, dynamic=False, **options)
-
-        def best(fn) -> float:
-            fn()
-            times = []
-            for _ in range(3):
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                times.append(time.perf_counter() - start)
-            return min(times)
-
-        with torch.inference_mode():
-            eager_s = best(tower)
-            t0 = time.perf_counter()
-            fast()
-            compile_s = time.perf_counter() - t0
-            compiled_s = best(fast)
-        return {"vision_s": round(eager_s, 3), "vision_compiled_s": round(compiled_s, 3),
-                "compile_s": round(compile_s, 1), "speedup": round(eager_s / compiled_s, 2),
-                "ms_per_image": round(1000 * eager_s / args.batch, 2)}
-
-    section("vision", vision)
     section("eager", lambda: split(captioner("off", args.long)))
 
     def gil() -> dict:

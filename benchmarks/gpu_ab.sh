@@ -5,14 +5,16 @@
 #          (the CUDA default since run 3) with the grouped sdpa decode attention vs with FlexAttention (the
 #          candidate), then the whole pipeline over 1024 images with the graph loop, without and with
 #          --vision-overlap, rated over the batches between the first and the last (<= 7.5 min)
-#   diag   decode_diag.py, batch 256: the compiled split (prefill vs one decode step); one layer's decode
-#          attention alone, grouped vs transformers' sdpa vs FlexAttention, at 536 and 576 cache slots; a
-#          profile of a compiled generate and of a prefill (where run 3's ~21 ms step at 256 goes) (<= 4 min)
+#   diag   decode_diag.py, batch 256: one layer's decode attention alone, grouped vs transformers' sdpa vs
+#          FlexAttention vs grouped on the efficient / cuDNN sdpa kernels, at 536 and 576 cache slots; the
+#          vision tower on 64 images on each sdpa kernel (flash, cuDNN, efficient) and compiled; a profile of
+#          a compiled generate and of a prefill (where run 3's ~21 ms step at 256 goes). Not the compiled
+#          split: run 3 measured it (<= 4 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
 #   bash benchmarks/gpu_ab.sh OUT_DIR [check|diag|all]
 #     -> OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log}
 set -uo pipefail
-usage() { sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
 case ${1:-} in
     -h|--help) usage; exit 0 ;;
     -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;
@@ -41,7 +43,7 @@ fi
 if [[ $part == diag || $part == all ]]; then
     mkdir -p "$out/diag"
     TORCH_LOGS=perf_hints timeout 225 "$PY" benchmarks/decode_diag.py --out "$out/diag" --batch 256 \
-        --skip compiled_repeat_kv graph vision eager gil hf_static --budget-s 170 \
+        --skip compiled compiled_repeat_kv graph eager gil hf_static --budget-s 170 \
         > "$out/diag/decode_diag.log" 2>&1
     echo "decode_diag exit $?" | tee -a "$out/gpu.txt"
     grep '^{' "$out/diag/decode_diag.log" | cut -c1-1500

@@ -101,7 +101,13 @@ def test_decode_diag_cpu_smoke_splits_prefill_and_decode(tmp_path):
     for row in result["attention"]:
         assert row["grouped_ms"] > 0 and row["transformers_sdpa_ms"] > 0 and row["flex_ms"] > 0, row
         assert row["max_abs_diff"] < 1e-4 and row["flex_max_abs_diff"] < 1e-4, row
+        # the grouped attention pinned to one sdpa kernel (on a GPU: efficient and cuDNN), same numbers
+        assert row["grouped_math_ms"] > 0 and row["grouped_math_max_abs_diff"] < 1e-4, row
     assert result["vision"]["vision_s"] > 0 and result["vision"]["vision_compiled_s"] > 0
+    # the vision tower on each sdpa kernel the CPU has, same features as torch's own pick
+    for kernel in ("flash", "math"):
+        timing = result["vision"]["sdpa_kernels"][kernel]
+        assert timing["ms_per_image"] > 0 and timing["max_abs_diff"] < 1e-4, timing
     assert "gil" not in result and "hf_static" not in result
 
 
