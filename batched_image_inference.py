@@ -117,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s; the Hub allows about 128 per hour)")
     g.add_argument("--no-push", action="store_true", help="never touch the network")
     g.add_argument("--push-only", action="store_true", help="push what the checkpoint dir holds unpushed, then stop")
+    g.add_argument("--check-hub", action="store_true", help="check on the Hub that every selected key of the data "
+                   "dir is published once or recorded failed (the run of --checkpoint-dir, else of these flags); "
+                   "writes hub_coverage.json into the checkpoint dir, exits 4 on missing or duplicated keys")
     g.add_argument("--private", action="store_true", help="create the repo private")
     g.add_argument("--hub-endpoint", help="another Hub endpoint (a mirror or a local test server)")
     p.add_argument("-v", "--verbose", action="store_true")

@@ -132,6 +132,7 @@ class RunConfig:
     no_push: bool = False  # never touch the network
     push_only: bool = False  # push what the checkpoint dir holds unpushed, then stop
     merge_only: bool = False  # merge parts (of one or more checkpoint dirs), check coverage, stop
+    check_hub: bool = False  # count the run's keys published on the Hub against the data dir, stop
     resume: bool = False  # states intent; done keys are always skipped
     retry_failed: bool = False  # caption keys recorded in failures/ again
     strict: bool = False  # any failure, even an image that cannot be decoded, makes the exit code 3
@@ -160,14 +161,9 @@ class RunConfig:
         return max(self.min_push_interval, num_workers * 3600.0 / self.hub_commits_per_hour)
 
     def validate(self) -> None:
-        positive = {
-            "--batch-size": self.batch_size,
-            "--max-images": self.max_images,
-            "--max-tokens": self.max_tokens,
-            "--push-every": self.push_every,
-            "--checkpoint-every": self.checkpoint_every,
-            "--hub-commits-per-hour": self.hub_commits_per_hour,
-        }
+        positive = {"--batch-size": self.batch_size, "--max-images": self.max_images, "--max-tokens": self.max_tokens,
+                    "--push-every": self.push_every, "--checkpoint-every": self.checkpoint_every,
+                    "--hub-commits-per-hour": self.hub_commits_per_hour}
         for flag, value in positive.items():
             if value is not None and value < 1:
                 raise UsageError(f"{flag} must be a positive integer, got {value}")
@@ -197,7 +193,7 @@ class RunConfig:
             raise UsageError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.backend == "transformers" and not (self.merge_only or self.push_only):
+        if self.backend == "transformers" and not (self.merge_only or self.push_only or self.check_hub):
             if Path(self.model).is_dir() and not (Path(self.model) / "config.json").is_file():  # e.g. its parent
                 raise UsageError(f"--model {self.model} is a directory without a config.json: give the one that "
                                  "save_pretrained wrote (e.g. demo/model) or a Hub id such as google/gemma-3-4b-it")
@@ -238,22 +234,22 @@ class RunConfig:
             if self.prompt is not None or self.prompt_file is not None:
                 raise UsageError("--prompts-file excludes --prompt and --prompt-file")
             self.named_prompts()
-        modes = [m for m in ("merge_only", "push_only", "dry_run") if getattr(self, m)]
+        modes = [m for m in ("merge_only", "push_only", "check_hub", "dry_run") if getattr(self, m)]
         if len(modes) > 1:
-            raise UsageError("--merge-only, --push-only and --dry-run exclude each other")
-        if self.push_only and self.no_push:
-            raise UsageError("--push-only and --no-push exclude each other")
+            raise UsageError("--merge-only, --push-only, --check-hub and --dry-run exclude each other")
+        if (self.push_only or self.check_hub) and self.no_push:
+            raise UsageError(f"--{'push-only' if self.push_only else 'check-hub'} and --no-push exclude each other")
         if any(not str(d).strip() for d in self.checkpoint_dirs):
             raise UsageError("--checkpoint-dir is empty; give a directory (e.g. ./checkpoints)")
         if len(self.checkpoint_dirs) > 1 and not self.merge_only:
             raise UsageError("several --checkpoint-dir values are only allowed with --merge-only")
         for d in self.checkpoint_dirs:
             check_writable_dir(Path(d), "--checkpoint-dir")
-        if not (self.merge_only or self.push_only):
+        if not (self.merge_only or self.push_only or self.check_hub):
             self._validate_data_dir()
-        elif self.merge_only and not Path(self.data_dir).is_dir():  # coverage is counted against it
-            raise UsageError(f"--data-dir {self.data_dir} does not exist; --merge-only checks coverage against the "
-                             "data dir the runs captioned")
+        elif not self.push_only and not Path(self.data_dir).is_dir():  # coverage is counted against it
+            raise UsageError(f"--data-dir {self.data_dir} does not exist; --{modes[0].replace('_', '-')} checks "
+                             "coverage against the data dir the runs captioned")
         parse_shards(self.shards)
         self.worker_slice()
         resolve_repo_id(self.hf_repo, self.hf_username)  # a typo should not wait for the day pushes are on

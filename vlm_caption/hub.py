@@ -28,7 +28,7 @@ from typing import Callable, TypeVar
 import pyarrow as pa
 import pyarrow.parquet as pq
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
-from huggingface_hub.errors import HfHubHTTPError, HfUriError
+from huggingface_hub.errors import HfHubHTTPError, HfUriError, RepositoryNotFoundError
 
 from .card import render_dataset_card
 from .config import public_model_name
@@ -73,6 +73,24 @@ def connect(repo_id: str, *, private: bool = False, endpoint: str | None = None,
     _check_namespace(who, repo_id)
     client._checked(lambda: _create_repo(client.api, repo_id, private), f"creation of dataset repo {repo_id}")
     log.info("Hub: pushing to dataset %s as %s", repo_id, who.get("name"))
+    return client
+
+
+def connect_reader(repo_id: str, *, endpoint: str | None = None, retry: RetryPolicy | None = None,
+                   checkpoint_dir: Path | str | None = None) -> HubClient:
+    """A client that only reads (--check-hub): with any token or none (a public repo); creates nothing."""
+    if constants.is_offline_mode():
+        raise UsageError("HF_HUB_OFFLINE is set, so the Hub cannot be read; unset it")
+    token = get_token()
+    client = HubClient(HfApi(endpoint=endpoint, token=token), repo_id, token, retry or RetryPolicy(),
+                       KeyCache(checkpoint_dir))
+    try:
+        client._retry(lambda: client.api.repo_info(repo_id, repo_type=REPO_TYPE), "repo lookup")
+    except RepositoryNotFoundError:  # (also what a private repo looks like to another token)
+        raise UsageError(f"no dataset repo {repo_id} on the Hub that this token can see" + (
+            "" if token else f" (no token: {_LOGIN_HINT} for a private repo)")) from None
+    except HfHubHTTPError as e:
+        raise UsageError(f"the Hub refused the lookup of {repo_id} ({describe(e, token)})") from None
     return client
 
 

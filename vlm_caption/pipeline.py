@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import dataset, dir_scope, loader, prompt_plan, rows as rowcols, store, workers
+from . import dataset, dir_scope, hub_coverage, loader, prompt_plan, rows as rowcols, store, workers
 from .atomic import remove_stale_tmp
 from .backends import CaptionBackend, make_backend
 from .config import RunConfig, parse_shards, public_model_name, resolve_repo_id
@@ -64,6 +64,9 @@ def run(cfg: RunConfig) -> int:
     if cfg.merge_only:
         with StopSignals():  # SIGTERM as Ctrl-C: exit 143 with its line (writes are atomic), not a bare kill
             return merge_and_check(cfg)
+    if cfg.check_hub:  # what the Hub holds, whatever this machine's dirs hold
+        with StopSignals():
+            return hub_coverage.run_check(cfg)
     ckpt = Path(cfg.checkpoint_dir)
     settings = cfg.run_settings()
     extra, specs, also = [], [], []

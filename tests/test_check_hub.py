@@ -1,0 +1,96 @@
+"""--check-hub: the Hub itself proves a run published every selected key once, after runs on machines whose dirs
+each hold a part (where --merge-only of one dir counts the others' keys as missing), and it names what is
+missing, published twice or recorded as failed (dummy backend, the local Hub stub, the real CLI)."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from test_exactly_once import REPO_ID, Cli, ok, one_line_error, run_id_of
+from test_exactly_once_more import recommit
+
+from vlm_caption.errors import EXIT_COVERAGE
+from vlm_caption.hub_coverage import HUB_COVERAGE
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """24 images in 3 shards of 8; some cannot be decoded (permanent failures, recorded by the dir)."""
+    from vlm_caption.sample_data import write_sample
+
+    return write_sample(tmp_path_factory.mktemp("check") / "data", n=24, broken=True, seed=3, shard_size=8,
+                        include_broken_in_metadata=True)
+
+
+@pytest.fixture
+def cli(hub_stub, tiny_model_dir, data, tmp_path):
+    return Cli(hub_stub, tiny_model_dir, data, tmp_path)
+
+
+def coverage(cli: Cli, ckpt: str) -> dict:
+    return json.loads((cli.tmp / ckpt / HUB_COVERAGE).read_text())
+
+
+def test_two_machines_then_the_check_from_a_fresh_dir_and_from_a_runs_dir(cli):
+    ok(cli.run("m0", "--shards", "0-1"))
+    ok(cli.run("m1", "--shards", "2"))
+    # One machine's dir alone: the other's keys count as missing there...
+    assert cli.run("m0", "--merge-only").returncode == EXIT_COVERAGE
+    merged = json.loads((cli.tmp / "m0" / "coverage.json").read_text())
+    assert merged["missing"] > 0
+    # ...the Hub has them all: from a fresh dir (the run these flags name) and from a run's dir (its run.json)
+    for ckpt in ("laptop", "m0"):
+        out = ok(cli.run(ckpt, "--check-hub"))
+        got = coverage(cli, ckpt)
+        assert got["missing"] == got["duplicated"] == 0 and got["expected"] == merged["expected"], out
+        assert got["failed"] > 0 and got["published"] + got["failed"] == got["expected"], got  # broken images
+        assert all(stage in ("load", "decode") for stage in got["failed_keys"].values()), got["failed_keys"]
+        assert got["run_id"] == run_id_of(cli.tmp / "m0") and "0 missing, 0 published more than once" in out
+    assert "the run this command's settings name" in ok(cli.run("laptop2", "--check-hub"))
+
+
+def test_a_file_copied_or_deleted_on_the_hub_is_named_and_exits_4(cli, hub_stub):
+    ok(cli.run("a"))
+    first = min(p for p in hub_stub.repo_files(REPO_ID) if p.startswith("data/") and p.endswith(".parquet"))
+    copy = first.replace(".parquet", "-copy.parquet")
+
+    def copy_first(tree):  # someone uploads a file of the run again under another name
+        tree[copy] = tree[first]
+    recommit(hub_stub, REPO_ID, copy_first)
+    proc = cli.run("check", "--check-hub")
+    assert proc.returncode == EXIT_COVERAGE, proc.stdout + proc.stderr
+    twice = coverage(cli, "check")["duplicated_keys"]
+    assert twice and set(twice.values()) == {2} and "published more than once (first 20): " in proc.stdout
+
+    def delete_both(tree):  # then deletes it and the copy
+        del tree[first], tree[copy]
+    recommit(hub_stub, REPO_ID, delete_both)
+    proc = cli.run("check", "--check-hub")
+    got = coverage(cli, "check")
+    assert proc.returncode == EXIT_COVERAGE and got["missing"] > 0, proc.stdout + proc.stderr
+    assert got["missing_keys"][0] in proc.stdout
+    # a run of the captioning command publishes the missing keys again, once: the check then passes
+    ok(cli.run("a"))
+    assert ok(cli.run("check", "--check-hub")) and coverage(cli, "check")["missing"] == 0
+
+
+def test_check_hub_mistakes_are_one_line(cli, hub_stub):
+    ok(cli.run("a"))
+    before = hub_stub.commits_applied
+    assert "--check-hub and --no-push" in one_line_error(cli.run("x", "--check-hub", "--no-push"))
+    assert "exclude each other" in one_line_error(cli.run("x", "--check-hub", "--push-only"))
+    assert "no dataset repo tester/nothing-here" in one_line_error(cli.run("x", "--check-hub", repo="tester/nothing-here"))
+    # other settings name another run: the repo's runs are named
+    said = one_line_error(cli.run("other", "--check-hub", "--max-tokens", "7"))
+    assert "holds no data of run" in said and run_id_of(cli.tmp / "a") in said
+    assert hub_stub.commits_applied == before and ("dataset", "tester/nothing-here") not in hub_stub.repos
+
+
+def test_check_hub_needs_no_write_token(cli, hub_stub):
+    ok(cli.run("a"))
+    env = {k: v for k, v in cli.env.items() if k != "HF_TOKEN"}
+    before = hub_stub.commits_applied
+    cli.env = {**env, "HF_HOME": os.path.join(cli.tmp, "anon")}  # no token at all: a public repo reads fine
+    assert "0 missing" in ok(cli.run("fresh", "--check-hub"))
+    assert hub_stub.commits_applied == before  # a check commits nothing

@@ -1,0 +1,81 @@
+"""--check-hub: prove from the Hub itself that a run publishes every selected key exactly once.
+
+The local dirs are only a cache of the Hub. After a run spread over machines, each with its own checkpoint dir
+and all pushing to one repo, no local dir holds every key, and --merge-only counts a key that another dir
+published as missing. This reads the run's data files on the Hub (their `key` column only, through the dir's
+key cache, as a push does) and the failures each dir recorded in runs/{run_id}.json. It then counts them
+against the selection of the data dir, as --merge-only does with local parts.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from . import dataset, store
+from .atomic import atomic_write_json
+from .config import RunConfig, parse_shards, resolve_repo_id
+from .errors import EXIT_COVERAGE, EXIT_ITEMS_FAILED, EXIT_OK, UsageError
+
+HUB_COVERAGE = "hub_coverage.json"  # in the checkpoint dir: the counts and the full key lists
+
+
+def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = False) -> int:
+    """Count the run's published keys on the Hub against the selection; exit code as --merge-only's.
+    `named_by_flags`: the run id comes from this command's settings, not from a dir the run wrote."""
+    from .hub_retry import HubUnavailable  # (huggingface_hub is imported only by runs that use the Hub)
+
+    try:
+        snap = hub_client.snapshot(run_id)
+        index = hub_client.index(run_id)
+        info = index.read_run_infos(snap.head).get(run_id)
+    except HubUnavailable as e:  # retryable (README): nothing was decided
+        print(f"could not read {hub_client.repo_id} from the Hub: {e}; rerun --check-hub when it is reachable")
+        return EXIT_ITEMS_FAILED
+    if named_by_flags and not snap.files and info is None:  # the repo never heard of it: other flags
+        others = f"; it holds run(s) {', '.join(snap.other_runs)}" if snap.other_runs else ""
+        raise UsageError(f"{hub_client.repo_id} holds no data of run {run_id}{others}: check with the "
+                         "--checkpoint-dir the run wrote, or with the flags it ran with")
+    recorded = (info or {}).get("failed_keys_by_dir") or {}
+    published = Counter(k for file in snap.files.values() for k in index.keys_of_file(file))
+    failed = {k: stage for keys in recorded.values() if isinstance(keys, dict)
+              for k, stage in keys.items() if k not in published}
+    plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
+                             worker=0, num_workers=1, done_keys=set(), failed_keys=set())
+    expected = plan.todo_keys
+    missing = sorted(expected - published.keys() - failed.keys())
+    twice = {k: n for k, n in sorted(published.items()) if n > 1}
+    coverage = {"repo": hub_client.repo_id, "run_id": run_id, "commit": snap.head, "files": len(snap.files),
+                "expected": len(expected), "published": len(published), "failed": len(failed),
+                "missing": len(missing), "duplicated": len(twice), "missing_keys": missing,
+                "duplicated_keys": twice, "failed_keys": dict(sorted(failed.items())),
+                "unexpected_keys": len(published.keys() - expected), "unreadable_files": snap.unreadable}
+    out = Path(cfg.checkpoint_dir) / HUB_COVERAGE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out, coverage)
+    print(f"{hub_client.repo_id} at {snap.head[:8]}, run {run_id} ({len(snap.files)} files): "
+          f"{len(expected)} expected, {len(published)} published, {len(failed)} failed, {len(missing)} missing, "
+          f"{len(twice)} published more than once")
+    if snap.unreadable:  # their rows, if any, are not counted: their keys show as missing
+        print(f"  unreadable files (first 5): {', '.join(snap.unreadable[:5])}")
+    if missing:
+        print(f"  missing (first 20): {', '.join(missing[:20])}")
+    if twice:
+        print(f"  published more than once (first 20): {', '.join(f'{k} x{n}' for k, n in list(twice.items())[:20])}")
+    print(f"  full lists in {out}")
+    if missing or twice:
+        return EXIT_COVERAGE
+    retryable = any(stage == "generate" for stage in failed.values())  # the exit policy of --merge-only
+    return EXIT_ITEMS_FAILED if retryable or (cfg.strict and failed) else EXIT_OK
+
+
+def run_check(cfg: RunConfig) -> int:
+    """--check-hub: the run is the checkpoint dir's (its run.json), else the one this command's settings name."""
+    from . import hub
+
+    ckpt = Path(cfg.checkpoint_dir)
+    existing = store.read_run_json(ckpt) if ckpt.is_dir() else None
+    run_id = existing["run_id"] if existing else store.run_id_for(cfg.run_settings())
+    client = hub.connect_reader(resolve_repo_id(cfg.hf_repo, cfg.hf_username), endpoint=cfg.hub_endpoint,
+                                checkpoint_dir=ckpt)
+    print(f"run {run_id}, " + (f"the run of {ckpt}" if existing else "the run this command's settings name"))
+    return check_hub(client, cfg, run_id, named_by_flags=existing is None)
