@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-auto-batch-size", type=int, default=D.max_auto_batch_size, help=argparse.SUPPRESS)
     g.add_argument("--backend", default=D.backend, help="inference engine: transformers (default) or dummy "
                    "(no model: deterministic text from the key and image statistics, for tests and demos)")
-    g.add_argument("--dtype", default=D.dtype, help="auto (bf16 on GPU, fp32 on CPU), bfloat16, float16, float32")
+    g.add_argument("--dtype", default=D.dtype, help="auto (bf16 on GPUs that support it, else fp16; fp32 on CPU), "
+                   "bfloat16, float16, float32")
     g.add_argument("--device-map", help="'auto' spreads/offloads a model too big for one GPU (slow)")
     g.add_argument("--attn-implementation", default=D.attn_implementation, help="sdpa (default), flash_attention_2, flash_attention_3, eager")
     g.add_argument("--num-loader-workers", type=auto_or_int, default=D.num_loader_workers, help="image decode "
@@ -122,7 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "writes hub_coverage.json into the checkpoint dir, exits 4 on missing or duplicated keys")
     g.add_argument("--private", action="store_true", help="create the repo private")
     g.add_argument("--hub-endpoint", help="another Hub endpoint (a mirror or a local test server)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (also of the HTTP libraries)")
     return p
 
 

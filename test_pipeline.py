@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s, kept apart from the real dataset)")
     p.add_argument("--hf-username", default="somepago", help="owner for a bare --hf-repo (default: %(default)s)")
     p.add_argument("--hub-endpoint", help="another Hub endpoint for --push (a mirror or a local stub)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (also of the HTTP libraries)")
     return p
 
 
