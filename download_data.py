@@ -25,8 +25,7 @@ except ModuleNotFoundError as e:  # outside the venv: one line saying what to do
     exit_missing_dependency(e, as_script=__name__ == "__main__")
 
 
-def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, bool]:
-    """(the settings, --strict)."""
+def build_parser() -> argparse.ArgumentParser:
     d = DownloadConfig()
     p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--output", default=d.output, help="output directory (default: %(default)s)")
@@ -47,7 +46,12 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, bool]:
     p.add_argument("--strict", action="store_true",
                    help="exit 3 when any row failed, permanent failures (404, undecodable file) included")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    a = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, bool]:
+    """(the settings, --strict)."""
+    a = build_parser().parse_args(argv)
     return DownloadConfig(output=a.output, source=a.source, split=a.split, threads=a.threads,
                           processes=a.processes, timeout=a.timeout, retries=a.retries, max_rows=a.max_rows,
                           shard_size=a.shard_size, distributor=a.distributor,
