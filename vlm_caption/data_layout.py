@@ -13,7 +13,8 @@
     metadata.csv              file_name,text for `datasets.load_dataset("imagefolder", data_dir=OUTPUT)`
     download_summary.json     counts, failure reasons, timings
     download.lock             held by the download_data.py run writing here (two at once corrupt shards)
-    quarantine/               finished shards whose parquet could not be read, set aside and downloaded again
+    quarantine/               finished shards whose parquet could not be read, set aside and downloaded again;
+                              unreadable decode_checks/ files, set aside (their shards are validated again)
 
 download.py writes urls.parquet, runs img2dataset and writes the summary; validate.py writes
 decode_checks/, invalid_images.parquet, full_metadata.parquet and metadata.csv; sample_data.py writes
