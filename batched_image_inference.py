@@ -90,9 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "decode step compiled by torch.compile (CUDA graphs): auto (default) = on for CUDA, off for CPU; "
                    "falls back to the dynamic cache when prompt + --max-tokens exceeds Gemma 3's sliding window")
     g.add_argument("--decode-loop", default=D.decode_loop, choices=DECODE_LOOPS, help="auto "
-                   "(default): graph where the compiled static cache runs on CUDA, else generate; generate: "
-                   "transformers' loop; graph: after generate's prefill, one compiled step per token with no host "
-                   "work between steps (greedy decoding; sampling keeps generate)")
+                   "(default): graph where the compiled static cache runs on CUDA with the model on one device, else "
+                   "generate; generate: transformers' loop; graph: after generate's prefill, one compiled step per "
+                   "token with no host work between steps (greedy decoding; sampling and a model spread by "
+                   "--device-map keep generate)")
     g.add_argument("--vision-overlap", action="store_true", help="experimental: run the next batch's vision "
                    "tower on its own CUDA stream while this batch decodes (same captions; no steady gain measured "
                    "on an H100 at batch 256)")
