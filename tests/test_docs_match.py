@@ -92,6 +92,20 @@ def test_download_flags_in_readme_are_the_parsers_with_its_defaults():
     _check_table("### `download_data.py`", parser, {})
 
 
+def test_download_defaults_count_the_cores_this_process_may_use(monkeypatch):
+    """README: --processes "cores (<=16)", --validate-workers "cores": in a Slurm job or under taskset, the cores
+    it was given, not every core of the node (one process per core of a 128-core node for a 4-core job)."""
+    import os
+
+    from vlm_caption.config import DownloadConfig
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 128)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
+    assert (DownloadConfig().processes, DownloadConfig().validate_workers) == (4, 4)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert (DownloadConfig().processes, DownloadConfig().validate_workers) == (16, 64)
+
+
 def _synopsis_flags(prefix: str) -> set[str]:
     """The flags of the README's one-line synopsis that starts with `prefix`."""
     line = next(line for line in README.splitlines() if line.startswith(prefix))

@@ -372,13 +372,13 @@ class DownloadConfig:
     source: str = SOURCE_DATASET  # HF dataset id, or a local .parquet / .csv / .jsonl with the same columns
     split: str = "train"  # split of the HF dataset
     threads: int = 64  # download threads per process (img2dataset thread_count)
-    processes: int = field(default_factory=lambda: min(16, os.cpu_count() or 1))  # img2dataset processes_count
+    processes: int = field(default_factory=lambda: min(16, workers.usable_cores()))  # img2dataset processes_count
     timeout: int = 30  # seconds per image request
     retries: int = 2  # extra tries per URL inside img2dataset
     max_rows: int | None = None  # only the first N rows of the source (tests, trials)
     shard_size: int = 10_000  # images per shard (img2dataset number_sample_per_shard)
     distributor: str = "multiprocessing"  # multiprocessing, pyspark or ray (passed to img2dataset)
-    validate_workers: int = field(default_factory=lambda: os.cpu_count() or 1)  # processes for PIL decode checks
+    validate_workers: int = field(default_factory=workers.usable_cores)  # processes for PIL decode checks
     verbose: bool = False
 
     def validate(self) -> None:

@@ -127,3 +127,12 @@ def sibling_workers(worker: int, num_workers: int) -> list[int]:
         return []
     stride = num_workers // world  # worker = outer + outer workers x rank (worker_slice)
     return [worker + stride * (r - rank) for r in range(world)]
+
+
+def usable_cores() -> int:
+    """The cores this process may use: a Slurm job's or taskset's share of the machine, not all of its cores
+    (os.cpu_count), which would start one download or decode process per core of a big node."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
+        return os.cpu_count() or 1
