@@ -239,6 +239,7 @@ def main(argv=None) -> int:
     from vlm_caption.batch_size import auto_batch_size, free_device_memory
     from vlm_caption.captioner import Captioner
     from vlm_caption.model_loading import choose_device
+    from vlm_caption.workers import usable_cores
 
     device = torch.device("cpu") if args.cpu_smoke else choose_device()
     if device.type != "cuda" and not args.cpu_smoke:
@@ -246,7 +247,7 @@ def main(argv=None) -> int:
         return 2
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     dtype = torch.float32 if device.type == "cpu" else torch.bfloat16
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result: dict = {"env": {"device": name, "torch": torch.__version__, "transformers": transformers.__version__,
                             "cuda": torch.version.cuda, "cpu_cores": cores, "python": platform.python_version(),

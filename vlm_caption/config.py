@@ -5,7 +5,6 @@ the model has spent a minute loading.
 """
 from __future__ import annotations
 
-import os
 import re
 import tempfile
 from dataclasses import dataclass, field

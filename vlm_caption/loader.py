@@ -18,6 +18,7 @@ from PIL import Image
 from .dataset import ImageLoadError, load_image
 from .images import MODEL_IMAGE_SIZE
 from .schema import IMAGE_PATH
+from .workers import usable_cores
 
 log = logging.getLogger(__name__)
 AHEAD_SHARE_OF_MEMORY = 8  # decoded images held ahead: at most 1/8 of the memory this process may use
@@ -26,11 +27,7 @@ AHEAD_SHARE_OF_MEMORY = 8  # decoded images held ahead: at most 1/8 of the memor
 def default_loader_workers() -> int:
     """Loader workers for `--num-loader-workers auto`: the cores this process may use, minus one for
     the generate loop, at least one."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # macOS and Windows have no sched_getaffinity
-        cores = os.cpu_count() or 1
-    return max(1, cores - 1)
+    return max(1, usable_cores() - 1)
 
 
 def usable_memory_bytes() -> int | None:
