@@ -14,8 +14,15 @@ worth retrying (timeout, HTTP 408/429/5xx, connection error); with --strict, 3 o
 from __future__ import annotations
 
 import argparse
+import signal
 
 from vlm_caption import cli
+
+if __name__ == "__mp_main__":
+    # img2dataset's spawned processes (its pool's workers, its logger) import this file first. A terminal's
+    # Ctrl-C reaches the whole process group: each would print a KeyboardInterrupt traceback. They ignore it;
+    # the parent stops them (img2dataset's SIGINT handler and its pool's exit terminate them).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 try:
     from vlm_caption.cli import run_main, setup_logging

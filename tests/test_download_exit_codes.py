@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -128,10 +132,6 @@ def test_retryable_rule(message, retryable):
 
 def test_sigterm_mid_download_exits_143_and_leaves_no_process(tmp_path):
     """Slurm's SIGTERM takes img2dataset's own way out (its pool and logger process end with it), like Ctrl-C."""
-    import os
-    import signal
-    import time
-
     slow = {f"/slow/{i}.jpg": Route(_jpeg(i), delay_seconds=30) for i in range(4)}
     with ImageServer(slow) as srv:
         source = _source(tmp_path, srv, list(slow))
@@ -168,7 +168,6 @@ def test_a_sample_img2dataset_cannot_write_leaves_its_shard_unfinished_not_a_row
     """Disk full or a file size limit while img2dataset writes one image: it prints the error, leaves the row
     out of the shard parquet and marks the shard done. That shard is set aside (exit 3), and a rerun with room
     downloads it again, every row back with its metadata."""
-    import os
     import resource
 
     from PIL import Image
@@ -243,3 +242,63 @@ def test_an_output_it_may_not_write_is_one_line(server, tmp_path, monkeypatch):
     source = _source(tmp_path, server, ["/img/0.jpg"])
     with pytest.raises(FatalError, match="cannot write to --output .*urls.parquet.*Permission denied"):
         dl.download_dataset(DownloadConfig(output=str(tmp_path / "out"), source=str(source), processes=1))
+
+
+def _group(pgid: int) -> list[int]:
+    """The processes of a process group, its leader left out (Linux /proc)."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid and int(stat.parent.name) != pgid:
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return (Path("/proc") / str(pid) / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _ignores_sigint(pid: int) -> bool:
+    status = (Path("/proc") / str(pid) / "status").read_text()
+    return bool(int(re.search(r"^SigIgn:\s*([0-9a-f]+)", status, re.M).group(1), 16) & (1 << (signal.SIGINT - 1)))
+
+
+def test_ctrl_c_mid_download_is_one_line_exit_130_and_a_rerun_completes(tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group: img2dataset's pool workers and its logger process
+    printed KeyboardInterrupt tracebacks, and the resource tracker a leaked-semaphore warning, around our line.
+    They ignore SIGINT now (the parent stops them), and the rerun downloads every row."""
+    slow = {f"/slow/{i}.jpg": Route(_jpeg(i), delay_seconds=0.5) for i in range(40)}
+    with ImageServer(slow) as srv:
+        source = _source(tmp_path, srv, list(slow))
+        out = tmp_path / "out"
+        proc = subprocess.Popen([sys.executable, "download_data.py", "--source", str(source), "--output", str(out),
+                                 *CLI_ARGS, "--processes", "2", "--threads", "2", "--shard-size", "10"],
+                                cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
+        try:
+            deadline = time.monotonic() + 120
+            while srv.request_count() < 4 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            assert srv.request_count() >= 4, "img2dataset never asked for images"
+            children = [pid for pid in _group(proc.pid) if b"spawn_main" in _cmdline(pid)]
+            assert len(children) >= 3, children  # 2 pool workers and the logger process
+            assert all(_ignores_sigint(pid) for pid in children)
+            os.killpg(proc.pid, signal.SIGINT)  # what a terminal does on Ctrl-C
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+        assert proc.returncode == 130, err
+        shown = [line for line in err.splitlines() if line.strip() and not re.match(r"\d+it \[", line)]
+        assert shown == ["download_data.py: interrupted (SIGINT); finished parts are kept, rerun to resume"], err
+
+        rerun = _download(source, out)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    summary = json.loads((out / "download_summary.json").read_text())
+    assert summary["valid"] == 40 and summary["failed"] == 0 and summary["shards"]["unfinished"] == []

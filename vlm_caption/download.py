@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 import time
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 IMG2DATASET_INPUT = "_img2dataset_input.parquet"  # urls.parquet with md5 renamed; removed after the run
 IMG2DATASET_TMP = "_tmp"  # img2dataset's own temp dir under images/ (its input cut into shards)
+QUIET_TRACKER = "ignore:resource_tracker:UserWarning"  # a -W option of the processes multiprocessing starts
 SPAWNED_TMPDIR = "_img2dataset_tmpdir"  # TMPDIR of img2dataset's spawned processes (spawned_tmpdir)
 
 # What img2dataset 1.47 writes to images/NNNNN.parquet for our input (checked by tests/test_sample_data.py).
@@ -119,6 +121,11 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
             handler(signal.SIGINT, frame)
         raise Interrupted(signum)
 
+    # The workers img2dataset's pool terminates on a stop (Ctrl-C, SIGTERM) never release the locks they made; the
+    # resource tracker, started with this process's -W options, removes them and warned about "leaked semaphore
+    # objects" under the one line that says the run was interrupted. Nothing of the download's is lost there.
+    if QUIET_TRACKER not in sys.warnoptions:
+        sys.warnoptions.append(QUIET_TRACKER)
     previous_term = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with spawned_tmpdir(out, cfg.distributor):
