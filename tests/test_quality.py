@@ -191,6 +191,8 @@ CASES = [
     ("mostly symbols", "{{ }} [[ ]] 0x3F 0x2A 9384 ### %% $$ @@ 1029 3847 ~~ ^^ | | 12.34 => <= :: ;;", "stop",
      ["garbled"]),
     ("eos in the text", "A bronze sculpture of a horse.<eos>", "stop", ["garbled"]),
+    ("control characters", "A harbour at dusk with \x1b[31m boats and\x00 gulls over the water.", "stop", ["garbled"]),
+    ("tabs and line breaks are prose", "A harbour at dusk.\r\n\tBoats rest on the calm water.", "stop", []),
 ]
 
 

@@ -152,8 +152,13 @@ def relative_src(image: Path, out_dir: Path) -> str | None:
     return quote(Path(rel).as_posix())
 
 
+# C0 control characters (a random-weight model emits them; so may a scraped title) are invisible or invalid in
+# HTML: shown as their Unicode control pictures (U+2400 + code, DEL U+2421) so that a reviewer sees them.
+_CONTROL_PICTURES = {**{c: 0x2400 + c for c in range(0x20) if chr(c) not in "\t\n\r"}, 0x7F: 0x2421}
+
+
 def _e(value) -> str:
-    return html.escape("" if value is None else str(value), quote=True)
+    return html.escape("" if value is None else str(value), quote=True).translate(_CONTROL_PICTURES)
 
 
 def _thumb(key: str, src: str | None) -> str:

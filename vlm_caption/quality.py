@@ -220,8 +220,11 @@ _MIN_LETTER_SHARE = 0.5
 _MIN_VISIBLE_CHARS_FOR_SHARE = 20
 
 
+_CONTROL_RE = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")  # C0 controls but tab and line breaks: no prose
+
+
 def _is_garbled(text: str) -> bool:
-    if "\ufffd" in text or CHAT_MARKUP_RE.search(text):
+    if "\ufffd" in text or CHAT_MARKUP_RE.search(text) or _CONTROL_RE.search(text):
         return True
     visible = "".join(text.split())
     if len(visible) < _MIN_VISIBLE_CHARS_FOR_SHARE:
