@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default=d.split, help="split of the HF dataset (default: %(default)s)")
     p.add_argument("--threads", type=int, default=d.threads, help="download threads per process (default: %(default)s)")
     p.add_argument("--processes", type=int, default=d.processes, help="download processes (default: %(default)s)")
-    p.add_argument("--timeout", type=int, default=d.timeout, help="seconds per image request (default: %(default)s)")
+    p.add_argument("--timeout", type=int, default=d.timeout,
+                   help="seconds to wait for each part of a response; a whole response gets 3 times that "
+                        "(default: %(default)s)")
+    p.add_argument("--max-image-mb", type=int, default=d.max_image_mb,
+                   help="a response larger than this fails for good as 'too large' (default: %(default)s)")
     p.add_argument("--retries", type=int, default=d.retries, help="extra tries per failed URL (default: %(default)s)")
     p.add_argument("--max-rows", type=int, default=d.max_rows, help="only the first N source rows (trials)")
     p.add_argument("--shard-size", type=int, default=d.shard_size, help="images per shard (default: %(default)s)")
@@ -60,8 +64,8 @@ def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, bool]:
     """(the settings, --strict)."""
     a = build_parser().parse_args(argv)
     return DownloadConfig(output=a.output, source=a.source, split=a.split, threads=a.threads,
-                          processes=a.processes, timeout=a.timeout, retries=a.retries, max_rows=a.max_rows,
-                          shard_size=a.shard_size, distributor=a.distributor,
+                          processes=a.processes, timeout=a.timeout, max_image_mb=a.max_image_mb, retries=a.retries,
+                          max_rows=a.max_rows, shard_size=a.shard_size, distributor=a.distributor,
                           validate_workers=a.validate_workers, verbose=a.verbose), a.strict
 
 

@@ -1,7 +1,7 @@
 """A tiny threaded HTTP server on 127.0.0.1 for download tests.
 
-It serves a fixed table of responses, path -> Route(status, content_type, body, delay_seconds), on a
-random free port, and counts the requests each path received, so a test can check that a rerun
+It serves a fixed table of responses, path -> Route(status, content_type, body, delay_seconds, and ways to
+misbehave), on a random free port, and counts the requests each path received, so a test can check that a rerun
 fetched nothing. Paths not in the table answer 404 the way `python -m http.server` does.
 
     with ImageServer({"/img/0.jpg": Route(body=jpeg_bytes)}) as server:
@@ -24,6 +24,9 @@ class Route:
     status: int = 200
     content_type: str = "image/jpeg"
     delay_seconds: float = 0.0  # sleep before answering (a response slower than the client's timeout)
+    drip_seconds: float = 0.0  # sleep before each byte of the body (each wait shorter than the client's timeout)
+    endless: bool = False  # after the body, zero bytes without end (no Content-Length: ends when the client goes)
+    advertised_length: int | None = None  # Content-Length sent instead of the body's (more: cut short)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -46,9 +49,18 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self.send_response(route.status)
             self.send_header("Content-Type", route.content_type)
-            self.send_header("Content-Length", str(len(route.body)))
+            if not route.endless:
+                self.send_header("Content-Length", str(route.advertised_length or len(route.body)))
             self.end_headers()
-            self.wfile.write(route.body)
+            if route.drip_seconds:
+                for i in range(len(route.body)):
+                    self.wfile.write(route.body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(route.drip_seconds)
+            else:
+                self.wfile.write(route.body)
+            while route.endless:
+                self.wfile.write(bytes(1 << 16))
         except (BrokenPipeError, ConnectionResetError):
             # The client gave up (its timeout passed): expected for slow routes.
             pass

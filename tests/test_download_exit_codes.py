@@ -56,6 +56,20 @@ def _download(source: Path, out: Path, *extra: str) -> subprocess.CompletedProce
                            *CLI_ARGS, *extra], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
 
 
+def _download_bounded(source: Path, out: Path, *extra: str, limit: float = 90) -> subprocess.CompletedProcess:
+    """_download in a process group of its own, killed whole (img2dataset's pool included) if it hangs."""
+    proc = subprocess.Popen([sys.executable, "download_data.py", "--source", str(source), "--output", str(out),
+                             *CLI_ARGS, *extra], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=limit)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise AssertionError(f"download_data.py still ran after {limit} s: a response held it") from None
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def test_all_404_exits_3_saying_nothing_usable(server, tmp_path):
     source = _source(tmp_path, server, ["/gone/0.jpg", "/gone/1.jpg"])
     result = _download(source, tmp_path / "out")
@@ -242,6 +256,29 @@ def test_an_output_it_may_not_write_is_one_line(server, tmp_path, monkeypatch):
     source = _source(tmp_path, server, ["/img/0.jpg"])
     with pytest.raises(FatalError, match="cannot write to --output .*urls.parquet.*Permission denied"):
         dl.download_dataset(DownloadConfig(output=str(tmp_path / "out"), source=str(source), processes=1))
+
+
+def test_endless_dripping_huge_or_cut_bodies_end_as_recorded_failures(tmp_path):
+    """urllib's --timeout bounds each wait for bytes, not a response: a body without end grew in the worker's
+    memory and one dripped a byte at a time held its shard, both for ever. Now: too large (permanent) past
+    --max-image-mb, timed out (retryable) past 3 times --timeout, and a body cut short stays retryable."""
+    jpeg = _jpeg(5)
+    routes = {"/img/0.jpg": Route(jpeg), "/endless.jpg": Route(jpeg, endless=True),
+              "/drip.jpg": Route(jpeg, drip_seconds=0.2), "/huge.jpg": Route(jpeg, advertised_length=2 << 20),
+              "/cut.jpg": Route(jpeg, advertised_length=len(jpeg) + 100)}
+    with ImageServer(routes) as srv:
+        source = _source(tmp_path, srv, list(routes))
+        result = _download_bounded(source, tmp_path / "out", "--timeout", "1", "--max-image-mb", "1")
+    assert result.returncode == 3, result.stdout + result.stderr  # the timeout and the cut body are retryable
+    assert "Traceback" not in result.stderr
+    summary = json.loads((tmp_path / "out" / "download_summary.json").read_text())
+    assert summary["valid"] == 1 and summary["failed"] == 4 and summary["failed_retryable"] == 2
+    reasons = sorted(summary["failure_reasons"])
+    assert reasons[0] == f"IncompleteRead({len(jpeg)} bytes read, 100 more expected)"
+    assert reasons[1].startswith("timed out: the whole response took over 3 s")
+    assert reasons[2:] == ["too large: Content-Length 2097152 is over the 1 MB cap (--max-image-mb)",
+                           "too large: the body is over the 1 MB cap (--max-image-mb)"]
+    assert [is_retryable(r) for r in reasons] == [True, True, False, False]
 
 
 def _group(pgid: int) -> list[int]:

@@ -366,13 +366,13 @@ class RunConfig:
 @dataclass
 class DownloadConfig:
     """Settings of download_data.py."""
-
     output: str = DEFAULT_DATA_DIR  # where urls.parquet, images/, full_metadata.parquet go
     source: str = SOURCE_DATASET  # HF dataset id, or a local .parquet / .csv / .jsonl with the same columns
     split: str = "train"  # split of the HF dataset
     threads: int = 64  # download threads per process (img2dataset thread_count)
     processes: int = field(default_factory=lambda: min(16, workers.usable_cores()))  # img2dataset processes_count
-    timeout: int = 30  # seconds per image request
+    timeout: int = 30  # seconds per wait for bytes; a whole response gets 3 times that (download_client.py)
+    max_image_mb: int = 64  # a response over this fails for good ("too large"), before it fills a worker's memory
     retries: int = 2  # extra tries per URL inside img2dataset
     max_rows: int | None = None  # only the first N rows of the source (tests, trials)
     shard_size: int = 10_000  # images per shard (img2dataset number_sample_per_shard)
@@ -382,13 +382,13 @@ class DownloadConfig:
 
     def validate(self) -> None:
         for flag, value in {"--threads": self.threads, "--processes": self.processes, "--timeout": self.timeout,
-                            "--shard-size": self.shard_size, "--validate-workers": self.validate_workers}.items():
+                            "--max-image-mb": self.max_image_mb, "--shard-size": self.shard_size,
+                            "--validate-workers": self.validate_workers,
+                            "--max-rows": 1 if self.max_rows is None else self.max_rows}.items():
             if value < 1:
                 raise UsageError(f"{flag} must be a positive integer, got {value}")
         if self.retries < 0:
             raise UsageError(f"--retries must be >= 0, got {self.retries}")
-        if self.max_rows is not None and self.max_rows < 1:
-            raise UsageError(f"--max-rows must be a positive integer, got {self.max_rows}")
         if self.distributor not in ("multiprocessing", "pyspark", "ray"):
             raise UsageError(f"--distributor must be multiprocessing, pyspark or ray, got {self.distributor!r}")
         check_writable_dir(Path(self.output), "--output")

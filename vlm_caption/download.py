@@ -108,6 +108,8 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     from img2dataset import download
 
+    from .download_client import bounded_downloads
+
     previous = signal.getsignal(signal.SIGINT)
     terms: list[int] = []
 
@@ -128,7 +130,7 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
         sys.warnoptions.append(QUIET_TRACKER)
     previous_term = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        with spawned_tmpdir(out, cfg.distributor):
+        with spawned_tmpdir(out, cfg.distributor), bounded_downloads(cfg.max_image_mb << 20):
             download(
                 url_list=str(input_path),
                 output_folder=str(out / IMAGES_DIR),

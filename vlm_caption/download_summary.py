@@ -23,7 +23,8 @@ from .validate import OutputCounts, ValidationStats
 #              dropped or refused connection or a temporary DNS failure: the server or the network may
 #              answer next time;
 #   permanent: everything else: other HTTP 4xx (404 gone, 403 forbidden, 410), unknown host, bad URL,
-#              TLS certificate errors, hash mismatch, failed_to_resize, and any message not listed above.
+#              TLS certificate errors, hash mismatch, failed_to_resize, a response over --max-image-mb
+#              ("too large", download_client.py), and any message not listed above.
 #              Saved files PIL cannot decode (invalid_images.parquet) are permanent data failures too.
 # Unknown messages count as permanent so that a rerun is never asked for in vain; the reasons are printed
 # and kept in download_summary.json either way.

@@ -1,0 +1,94 @@
+"""img2dataset's downloader with two bounds per response: its size (--max-image-mb) and its whole duration.
+
+img2dataset's client reads a body with one `r.read()`, and urllib's timeout bounds each wait for bytes, not the
+response: a body that never ends (chunked, or no Content-Length) grows in the worker's memory until it is killed,
+and a server that drips a byte now and then holds the thread, and its shard, forever. Here the body is read in
+chunks: past the size cap the row fails for good ("too large", permanent), past WHOLE_RESPONSE_TIMEOUTS times
+--timeout it fails as "timed out" (retryable, like any timeout).
+
+It hooks in by subclassing img2dataset's Downloader (which its download() builds and hands to every worker): in
+the worker, the call swaps img2dataset.downloader.download_image, the function its retry loop calls, for the
+bounded one below. Only that one function is replaced; the shard loop, the writer and the retries stay its own.
+"""
+from __future__ import annotations
+
+import contextlib
+import http.client
+import importlib
+import io
+import time
+import urllib.request
+
+from img2dataset import downloader as i2d
+
+WHOLE_RESPONSE_TIMEOUTS = 3  # a whole response may take this many --timeout (each wait for bytes: one)
+CHUNK = 1 << 16
+
+
+class BoundedDownloader(i2d.Downloader):
+    """img2dataset's Downloader; its rows are fetched by bounded_download_image (max_bytes per response)."""
+
+    def __init__(self, *args, max_bytes: int, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_bytes = max_bytes
+
+    def __call__(self, row):
+        max_bytes = self.max_bytes
+
+        def fetch(row, timeout, user_agent_token, disallowed_header_directives):
+            return bounded_download_image(row, timeout, user_agent_token, disallowed_header_directives, max_bytes)
+
+        i2d.download_image = fetch  # this worker process's img2dataset; each call sets its own bound again
+        return super().__call__(row)
+
+
+@contextlib.contextmanager
+def bounded_downloads(max_bytes: int):
+    """While inside, img2dataset's download() builds a BoundedDownloader (pickled to its workers)."""
+    main = importlib.import_module("img2dataset.main")  # `from img2dataset import main` is its main() function
+    original = main.Downloader
+
+    def build(*args, **kwargs):
+        return BoundedDownloader(*args, max_bytes=max_bytes, **kwargs)
+
+    main.Downloader = build
+    try:
+        yield
+    finally:
+        main.Downloader = original
+
+
+def bounded_download_image(row, timeout, user_agent_token, disallowed_header_directives, max_bytes: int):
+    """img2dataset.downloader.download_image with the body read in chunks under both bounds; same results:
+    (key, BytesIO, None) or (key, None, the error message)."""
+    key, url = row
+    user_agent = "Mozilla/5.0 (X11; Ubuntu; Linux x86_64; rv:72.0) Gecko/20100101 Firefox/72.0"
+    if user_agent_token:
+        user_agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
+    deadline = time.monotonic() + WHOLE_RESPONSE_TIMEOUTS * timeout
+    try:
+        request = urllib.request.Request(url, data=None, headers={"User-Agent": user_agent})
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            if disallowed_header_directives and i2d.is_disallowed(r.headers, user_agent_token,
+                                                                   disallowed_header_directives):
+                return key, None, "Use of image disallowed by X-Robots-Tag directive"
+            length = r.headers.get("Content-Length", "")
+            if length.isdigit() and int(length) > max_bytes:
+                return key, None, too_large(max_bytes, f"Content-Length {length}")
+            body = bytearray()
+            while chunk := r.read1(CHUNK):
+                body += chunk
+                if len(body) > max_bytes:
+                    return key, None, too_large(max_bytes, "the body")
+                if time.monotonic() > deadline:
+                    return key, None, (f"timed out: the whole response took over {WHOLE_RESPONSE_TIMEOUTS * timeout}"
+                                       f" s ({len(body)} bytes so far)")
+            if r.length:  # read1 ends quietly where read() raised: the connection closed before Content-Length
+                raise http.client.IncompleteRead(bytes(body), r.length)
+        return key, io.BytesIO(bytes(body)), None
+    except Exception as err:  # noqa: BLE001 (img2dataset's contract: any failure is the row's error message)
+        return key, None, str(err)
+
+
+def too_large(max_bytes: int, what: str) -> str:
+    return f"too large: {what} is over the {max_bytes // (1 << 20)} MB cap (--max-image-mb)"
