@@ -40,6 +40,9 @@ class HubStub:
             self.read_token: {"name": self.user, "role": "read", "orgs": ["test-org"]},
         }
         self.hang_seconds = hang_seconds
+        # Tree listings come in pages with a Link header, as the Hub pages them (it sends 1,000 entries a page;
+        # a small page makes every test with a few files follow the client's paging).
+        self.tree_page_size = 8
         self.repos: dict[tuple[str, str], Repo] = {}
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str, str]] = []  # (method, path, outcome)

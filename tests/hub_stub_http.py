@@ -11,7 +11,7 @@ import socket
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
-from urllib.parse import parse_qs, unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlencode, urlsplit
 
 if TYPE_CHECKING:
     from hub_stub import HubStub
@@ -262,7 +262,13 @@ class Handler(BaseHTTPRequestHandler):
                 entries.append({"type": "file", "oid": sha, "size": len(self.stub._blob(sha)), "path": p})
         folders = [{"type": "directory", "oid": hashlib.sha1(d.encode()).hexdigest(), "size": 0, "path": d}
                    for d in sorted(dirs)]
-        self._json(200, folders + entries)
+        listing, size = folders + entries, self.stub.tree_page_size
+        start = int(self.query.get("cursor", ["0"])[0])
+        headers = {}
+        if start + size < len(listing):  # the next page, as the Hub links it (huggingface_hub follows it)
+            query = urlencode({**{k: v[0] for k, v in self.query.items()}, "cursor": start + size})
+            headers["Link"] = f'<{self.stub.endpoint}{urlsplit(self.path).path}?{query}>; rel="next"'
+        self._json(200, listing[start:start + size], headers)
 
     def _preupload(self, repo: Repo, rev: str) -> None:
         with self.stub._lock:

@@ -179,6 +179,19 @@ def test_a_backlog_of_more_files_than_a_commit_takes_goes_in_several(hub_stub, c
     assert client.push_pending(ckpt, RUN, None) == 0 and hub_stub.commits_applied == 3
 
 
+def test_a_listing_longer_than_a_page_is_read_whole(hub_stub, client, ckpt, monkeypatch):  # noqa: F811
+    """The Hub sends a folder's listing in pages, each linking the next: the files of every page count."""
+    monkeypatch.setattr(hub_files, "MAX_ROWS_PER_HUB_FILE", 2)
+    Writer(ckpt).parts(*[2] * 12)
+    assert client.push_pending(ckpt, RUN, 0) == 24 and len(data_files(hub_stub)) == 12
+    hub_stub.tree_page_size = 5
+    before = hub_stub.count("GET", r"/tree/")
+    snap = client.snapshot(RUN)
+    assert len(snap.files) == 12 and len(snap.keys) == 24
+    assert hub_stub.count("GET", r"/tree/") - before >= 3  # the 12 files took 3 pages at least
+    assert client.push_pending(ckpt, RUN, 0) == 0 and len(data_files(hub_stub)) == 12
+
+
 def test_hub_file_bytes_are_deterministic_and_sorted(hub_stub, client, ckpt):  # noqa: F811
     store = Writer(ckpt).store
     store.write_part(make_rows(10, 5))
