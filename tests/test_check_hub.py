@@ -94,3 +94,23 @@ def test_check_hub_needs_no_write_token(cli, hub_stub):
     cli.env = {**env, "HF_HOME": os.path.join(cli.tmp, "anon")}  # no token at all: a public repo reads fine
     assert "0 missing" in ok(cli.run("fresh", "--check-hub"))
     assert hub_stub.commits_applied == before  # a check commits nothing
+
+
+def check_in_process(cli, monkeypatch, ckpt: str, *extra: str) -> int:
+    """main() in this process, so that the retries' waits can be skipped (the CLI would wait ~30 s of backoff)."""
+    from batched_image_inference import main
+    from vlm_caption import hub, hub_retry
+
+    monkeypatch.setattr(hub, "RetryPolicy", lambda: hub_retry.RetryPolicy(sleep=lambda s: None))
+    return main(cli.args(ckpt, "--check-hub", *extra)[2:])
+
+
+def test_the_runs_file_is_read_with_retries_and_a_hub_down_exits_3(cli, hub_stub, monkeypatch, capsys):
+    ok(cli.run("a"))
+    hub_stub.inject("GET", r"/resolve/[^/]+/runs/", "503")  # one failed read of runs/{run_id}.json: retried
+    hub_stub.inject("GET", r"/tree/[^/]+/runs$", "drop")  # and one dropped listing of runs/
+    assert check_in_process(cli, monkeypatch, "c") == 0
+    assert coverage(cli, "c")["failed"] > 0  # the failures the dir recorded were read
+    hub_stub.inject("GET", r"/resolve/[^/]+/runs/", "503", times=1000)  # it stays down: retryable, one line
+    assert check_in_process(cli, monkeypatch, "c") == 3
+    assert "rerun --check-hub when it is reachable" in capsys.readouterr().out

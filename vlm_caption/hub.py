@@ -171,6 +171,15 @@ class HubClient:
         except HfHubHTTPError as e:
             raise self._refused(e, "listing") from None
 
+    def run_infos(self, run_id: str, head: str) -> dict[str, dict]:
+        """runs/{run_id}.json of every run in the repo at `head` (retried; FatalError on a refusal)."""
+        try:
+            return self._retry(lambda: self.index(run_id).read_run_infos(head), "run listing")
+        except HubUnavailable:
+            raise
+        except HfHubHTTPError as e:
+            raise self._refused(e, "run listing") from None
+
     def describe_repo(self, run_id: str, snap: Snapshot | None = None) -> str:
         """One line for the start of a run: what the repo already holds (`snap`: a snapshot just read)."""
         snap = snap or self.snapshot(run_id)

@@ -27,7 +27,7 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
     try:
         snap = hub_client.snapshot(run_id)
         index = hub_client.index(run_id)
-        info = index.read_run_infos(snap.head).get(run_id)
+        info = hub_client.run_infos(run_id, snap.head).get(run_id)  # retried, as the listing is
     except HubUnavailable as e:  # retryable (README): nothing was decided
         print(f"could not read {hub_client.repo_id} from the Hub: {e}; rerun --check-hub when it is reachable")
         return EXIT_ITEMS_FAILED
