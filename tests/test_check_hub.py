@@ -114,3 +114,7 @@ def test_the_runs_file_is_read_with_retries_and_a_hub_down_exits_3(cli, hub_stub
     hub_stub.inject("GET", r"/resolve/[^/]+/runs/", "503", times=1000)  # it stays down: retryable, one line
     assert check_in_process(cli, monkeypatch, "c") == 3
     assert "rerun --check-hub when it is reachable" in capsys.readouterr().out
+    hub_stub.clear_faults()
+    hub_stub.inject("GET", r"^/api/datasets/tester/recap$", "503", times=1000)  # down from the first request
+    assert check_in_process(cli, monkeypatch, "c") == 3
+    assert "rerun --check-hub when it is reachable" in capsys.readouterr().out

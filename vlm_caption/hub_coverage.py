@@ -29,8 +29,7 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
         index = hub_client.index(run_id)
         info = hub_client.run_infos(run_id, snap.head).get(run_id)  # retried, as the listing is
     except HubUnavailable as e:  # retryable (README): nothing was decided
-        print(f"could not read {hub_client.repo_id} from the Hub: {e}; rerun --check-hub when it is reachable")
-        return EXIT_ITEMS_FAILED
+        return unreachable(hub_client.repo_id, e)
     if named_by_flags and not snap.files and info is None:  # the repo never heard of it: other flags
         others = f"; it holds run(s) {', '.join(snap.other_runs)}" if snap.other_runs else ""
         raise UsageError(f"{hub_client.repo_id} holds no data of run {run_id}{others}: check with the "
@@ -68,6 +67,11 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
     return EXIT_ITEMS_FAILED if retryable or (cfg.strict and failed) else EXIT_OK
 
 
+def unreachable(repo_id: str, e: Exception) -> int:
+    print(f"could not read {repo_id} from the Hub: {e}; rerun --check-hub when it is reachable")
+    return EXIT_ITEMS_FAILED
+
+
 def run_check(cfg: RunConfig) -> int:
     """--check-hub: the run is the checkpoint dir's (its run.json), else the one this command's settings name."""
     from . import hub
@@ -75,7 +79,10 @@ def run_check(cfg: RunConfig) -> int:
     ckpt = Path(cfg.checkpoint_dir)
     existing = store.read_run_json(ckpt) if ckpt.is_dir() else None
     run_id = existing["run_id"] if existing else store.run_id_for(cfg.run_settings())
-    client = hub.connect_reader(resolve_repo_id(cfg.hf_repo, cfg.hf_username), endpoint=cfg.hub_endpoint,
-                                checkpoint_dir=ckpt)
+    repo_id = resolve_repo_id(cfg.hf_repo, cfg.hf_username)
+    try:
+        client = hub.connect_reader(repo_id, endpoint=cfg.hub_endpoint, checkpoint_dir=ckpt)
+    except hub.HubUnavailable as e:  # down from the first request: retryable, as when it fails later (exit 3)
+        return unreachable(repo_id, e)
     print(f"run {run_id}, " + (f"the run of {ckpt}" if existing else "the run this command's settings name"))
     return check_hub(client, cfg, run_id, named_by_flags=existing is None)
