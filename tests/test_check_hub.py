@@ -118,3 +118,24 @@ def test_the_runs_file_is_read_with_retries_and_a_hub_down_exits_3(cli, hub_stub
     hub_stub.inject("GET", r"^/api/datasets/tester/recap$", "503", times=1000)  # down from the first request
     assert check_in_process(cli, monkeypatch, "c") == 3
     assert "rerun --check-hub when it is reachable" in capsys.readouterr().out
+
+
+def test_a_check_of_some_shards_counts_within_them(cli, hub_stub, data):
+    from vlm_caption import dataset
+
+    ok(cli.run("a"))
+    rid = run_id_of(cli.tmp / "a")
+    info_path = f"runs/{rid}.json"
+    info = json.loads(hub_stub.repo_files(REPO_ID)[info_path])
+    shard0 = dataset.plan_work(data, shards=[0], max_images=None, worker=0, num_workers=1, done_keys=set(),
+                               failed_keys=set()).todo_keys
+    recorded = {k: s for keys in info["failed_keys_by_dir"].values() for k, s in keys.items()}
+    outside = {k: "generate" for k in recorded if k not in shard0}  # retryable, in shards 1-2 only
+    assert outside and set(recorded) - set(outside)
+    info["failed_keys_by_dir"]["another-dir"] = outside
+    recommit(hub_stub, REPO_ID, lambda tree: tree.update({info_path: hub_stub._put_blob(json.dumps(info).encode())}))
+    assert cli.run("all", "--check-hub").returncode == 3  # the whole run: those are worth a retry
+    out = ok(cli.run("s0", "--check-hub", "--shards", "0"))  # shard 0 is done: exit 0
+    got = coverage(cli, "s0")
+    assert got["expected"] == len(shard0) == got["published"] + got["failed"], got
+    assert set(got["failed_keys"]) <= shard0 and got["unexpected_keys"] > 0 and "outside the selection" in out

@@ -35,25 +35,29 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
         raise UsageError(f"{hub_client.repo_id} holds no data of run {run_id}{others}: check with the "
                          "--checkpoint-dir the run wrote, or with the flags it ran with")
     recorded = (info or {}).get("failed_keys_by_dir") or {}
-    published = Counter(k for file in snap.files.values() for k in index.keys_of_file(file))
-    failed = {k: stage for keys in recorded.values() if isinstance(keys, dict)
-              for k, stage in keys.items() if k not in published}
+    on_hub = Counter(k for file in snap.files.values() for k in index.keys_of_file(file))
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=0, num_workers=1, done_keys=set(), failed_keys=set())
     expected = plan.todo_keys
+    # Counted within the selection, as its keys are: a check of some shards (or of --max-images) is not failed
+    # by a retryable failure or a duplicate outside them, and published + failed + missing = expected.
+    published = Counter({k: n for k, n in on_hub.items() if k in expected})
+    failed = {k: stage for keys in recorded.values() if isinstance(keys, dict)
+              for k, stage in keys.items() if k in expected and k not in published}
     missing = sorted(expected - published.keys() - failed.keys())
     twice = {k: n for k, n in sorted(published.items()) if n > 1}
+    outside = len(on_hub.keys() - expected)
     coverage = {"repo": hub_client.repo_id, "run_id": run_id, "commit": snap.head, "files": len(snap.files),
                 "expected": len(expected), "published": len(published), "failed": len(failed),
                 "missing": len(missing), "duplicated": len(twice), "missing_keys": missing,
                 "duplicated_keys": twice, "failed_keys": dict(sorted(failed.items())),
-                "unexpected_keys": len(published.keys() - expected), "unreadable_files": snap.unreadable}
+                "unexpected_keys": outside, "unreadable_files": snap.unreadable}
     out = Path(cfg.checkpoint_dir) / HUB_COVERAGE
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, coverage)
     print(f"{hub_client.repo_id} at {snap.head[:8]}, run {run_id} ({len(snap.files)} files): "
           f"{len(expected)} expected, {len(published)} published, {len(failed)} failed, {len(missing)} missing, "
-          f"{len(twice)} published more than once")
+          f"{len(twice)} published more than once" + (f" ({outside} more outside the selection)" if outside else ""))
     if snap.unreadable:  # their rows, if any, are not counted: their keys show as missing
         print(f"  unreadable files (first 5): {', '.join(snap.unreadable[:5])}")
     if missing:
