@@ -139,3 +139,23 @@ def test_a_check_of_some_shards_counts_within_them(cli, hub_stub, data):
     got = coverage(cli, "s0")
     assert got["expected"] == len(shard0) == got["published"] + got["failed"], got
     assert set(got["failed_keys"]) <= shard0 and got["unexpected_keys"] > 0 and "outside the selection" in out
+
+
+def test_a_parquet_file_not_of_ours_in_the_runs_folder_exits_4(cli, hub_stub):
+    """The run's card config loads data/{run_id}/*.parquet: a file there that is not a captions file breaks it."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ok(cli.run("a"))
+    rid = run_id_of(cli.tmp / "a")
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"a": [1, 2]}), buf)
+    foreign, notes = f"data/{rid}/foreign.parquet", f"data/{rid}/notes.txt"
+    recommit(hub_stub, REPO_ID, lambda tree: tree.update({notes: hub_stub._put_blob(b"not loaded")}))
+    assert "0 missing" in ok(cli.run("c", "--check-hub"))  # not a .parquet: not part of the config
+    recommit(hub_stub, REPO_ID, lambda tree: tree.update({foreign: hub_stub._put_blob(buf.getvalue())}))
+    proc = cli.run("c", "--check-hub")
+    assert proc.returncode == EXIT_COVERAGE and foreign in proc.stdout, proc.stdout + proc.stderr
+    assert coverage(cli, "c")["unreadable_files"] == [foreign] and coverage(cli, "c")["missing"] == 0

@@ -59,13 +59,14 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
           f"{len(expected)} expected, {len(published)} published, {len(failed)} failed, {len(missing)} missing, "
           f"{len(twice)} published more than once" + (f" ({outside} more outside the selection)" if outside else ""))
     if snap.unreadable:  # their rows, if any, are not counted: their keys show as missing
-        print(f"  unreadable files (first 5): {', '.join(snap.unreadable[:5])}")
+        print(f"  unreadable files (first 5), which the run's dataset config cannot load: delete or replace them: "
+              f"{', '.join(snap.unreadable[:5])}")
     if missing:
         print(f"  missing (first 20): {', '.join(missing[:20])}")
     if twice:
         print(f"  published more than once (first 20): {', '.join(f'{k} x{n}' for k, n in list(twice.items())[:20])}")
     print(f"  full lists in {out}")
-    if missing or twice:
+    if missing or twice or snap.unreadable:  # (load_dataset of the run's config fails on an unreadable file)
         return EXIT_COVERAGE
     retryable = any(stage == "generate" for stage in failed.values())  # the exit policy of --merge-only
     return EXIT_ITEMS_FAILED if retryable or (cfg.strict and failed) else EXIT_OK
