@@ -84,6 +84,9 @@ def test_check_hub_mistakes_are_one_line(cli, hub_stub):
     # other settings name another run: the repo's runs are named
     said = one_line_error(cli.run("other", "--check-hub", "--max-tokens", "7"))
     assert "holds no data of run" in said and run_id_of(cli.tmp / "a") in said
+    hub_stub.create_repo_direct("tester/empty")  # the run's dir, checked against a repo it never pushed to
+    said = one_line_error(cli.run("a", "--check-hub", repo="tester/empty"))
+    assert f"holds no data of run {run_id_of(cli.tmp / 'a')}, the run of " in said and "--hf-repo" in said
     assert hub_stub.commits_applied == before and ("dataset", "tester/nothing-here") not in hub_stub.repos
 
 

@@ -30,10 +30,14 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
         info = hub_client.run_infos(run_id, snap.head).get(run_id)  # retried, as the listing is
     except HubUnavailable as e:  # retryable (README): nothing was decided
         return unreachable(hub_client.repo_id, e)
-    if named_by_flags and not snap.files and info is None:  # the repo never heard of it: other flags
+    if not snap.files and info is None:  # the repo never heard of it: other flags, or another repo
         others = f"; it holds run(s) {', '.join(snap.other_runs)}" if snap.other_runs else ""
-        raise UsageError(f"{hub_client.repo_id} holds no data of run {run_id}{others}: check with the "
-                         "--checkpoint-dir the run wrote, or with the flags it ran with")
+        if named_by_flags:
+            raise UsageError(f"{hub_client.repo_id} holds no data of run {run_id}{others}: check with the "
+                             "--checkpoint-dir the run wrote, or with the flags it ran with")
+        # A dir's run: counting would list every key as missing (exit 4), and a rerun would caption it all again
+        raise UsageError(f"{hub_client.repo_id} holds no data of run {run_id}, the run of {cfg.checkpoint_dir}"
+                         f"{others}: is it the --hf-repo that run pushed to? (--push-only pushes what the dir holds)")
     recorded = (info or {}).get("failed_keys_by_dir") or {}
     on_hub = Counter(k for file in snap.files.values() for k in index.keys_of_file(file))
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
