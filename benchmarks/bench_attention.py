@@ -63,7 +63,8 @@ def parse_args(argv=None):
     p.add_argument("--no-compile", action="store_true", help="eager (transformers 5.24 then groups by itself)")
     p.add_argument("--backends", nargs="*", choices=sorted(SDPA_BACKENDS), default=None,
                    help="also time the grouped attention pinned to each of these sdpa kernels (default on cuda: "
-                   "efficient cudnn; a kernel that cannot take the inputs is reported as an error)")
+                   "efficient cudnn math; math is inductor's own bmm + softmax + bmm under compile; a kernel that "
+                   "cannot take the inputs is reported as an error)")
     return p.parse_args(argv)
 
 
@@ -71,7 +72,7 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
             calls: int = 20, compile: bool = True, backends=None) -> list[dict]:
     """A result dict per batch size (the JSON lines main prints; decode_diag.py's attention section).
     `backends`: sdpa kernels to pin the grouped attention to, each one more side (default on cuda: efficient,
-    cudnn). A side that fails on the inputs is left out of the timing, with `<side>_error` saying why."""
+    cudnn, math). A side that fails on the inputs is left out of the timing, with `<side>_error` saying why."""
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -80,7 +81,7 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
 
     device = torch.device(device)
     if backends is None:
-        backends = ["efficient", "cudnn"] if device.type == "cuda" else []
+        backends = ["efficient", "cudnn", "math"] if device.type == "cuda" else []
     dtype = getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     text = _preset(preset)["text"]
     heads, kv_heads, dim = text["num_attention_heads"], text["num_key_value_heads"], text["head_dim"]

@@ -15,7 +15,7 @@ built on the card), one batch of --batch images, one fixed prompt:
              copies the KV cache per query head every step (grouped_attention.py does not)
   attention  one layer's decode attention alone at the batch, a 200-token run's cache and that rounded up
              to 64 slots (bench_attention.py): the grouped attention vs transformers' sdpa vs FlexAttention
-             (a candidate) vs the grouped one pinned to the efficient and the cuDNN sdpa kernels, compiled
+             (a candidate) vs the grouped one pinned to the efficient, cuDNN and math sdpa kernels, compiled
   vision     the vision tower + projector alone on up to 64 images (its share of prefill): eager, eager on
              each sdpa kernel (flash, cuDNN, efficient), and compiled
   counters   torch._dynamo's inductor / graph-break / recompile counters after the compiled run (a

@@ -6,7 +6,7 @@
 #          candidate), then the whole pipeline over 1024 images with the graph loop, without and with
 #          --vision-overlap, rated over the batches between the first and the last (<= 7.5 min)
 #   diag   decode_diag.py, batch 256: one layer's decode attention alone, grouped vs transformers' sdpa vs
-#          FlexAttention vs grouped on the efficient / cuDNN sdpa kernels, at 536 and 576 cache slots; the
+#          FlexAttention vs grouped on the efficient / cuDNN / math sdpa kernels, at 536 and 576 cache slots; the
 #          vision tower on 64 images on each sdpa kernel (flash, cuDNN, efficient) and compiled; a profile of
 #          a compiled generate and of a prefill (where run 3's ~21 ms step at 256 goes). Not the compiled
 #          split: run 3 measured it (<= 4 min)
