@@ -283,14 +283,17 @@ class RunConfig:
     def run_settings(self) -> dict:
         """What makes a caption what it is, resolved once (prompt included): run.json, the run id, the backend."""
         from .prompts import DEFAULT_PROMPT, PROMPT_VERSION, json_instruction_settings, template_settings
+        from .run_identity import MODEL_IDENTITY, local_model_identity
 
         prompt = self.prompt_text()
-        # A local model dir is recorded as an absolute path (the same dir typed two ways is one run); hub ids as typed.
+        # A local model dir is recorded as an absolute path (what loads it); hub ids as typed.
         model = str(Path(self.model).resolve()) if Path(self.model).is_dir() else self.model
         settings = {"model": model, "prompt": prompt or DEFAULT_PROMPT,
                     "prompt_version": "custom" if prompt else PROMPT_VERSION, "max_tokens": self.max_tokens,
                     "min_tokens": self.min_tokens, "temperature": self.temperature,
                     "top_p": self.top_p if self.temperature > 0 else 1.0, "seed": self.seed}
+        if Path(self.model).is_dir():  # a local dir: its content names the run, not its path (run_identity.py)
+            settings[MODEL_IDENTITY] = local_model_identity(Path(model))
         # Recorded only when not the default, so the run ids of earlier runs stay what they were.
         if self.backend != "transformers":
             settings["backend"] = self.backend

@@ -224,7 +224,7 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, colum
     done = reader.done_keys() if reader else set()
     failed = set() if cfg.retry_failed or reader is None else reader.failed_keys()
     holds_work = bool(done or failed)
-    other_run = existing is not None and existing["run_id"] != store.run_id_for(settings)
+    other_run = existing is not None and not store.is_run_of(existing, settings)
     if other_run:  # a real run starts over (--overwrite): the old run's keys are not done for it
         done, failed = set(), set()
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,

@@ -18,7 +18,6 @@ captioned again on resume because their keys are not in any part.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -35,6 +34,8 @@ import pyarrow.parquet as pq
 from .atomic import atomic_write_json, atomic_write_table
 from .errors import FatalError, UsageError, brief
 from .locks import DirLock
+from .run_identity import (MODEL_IDENTITY, OPTIONAL_SETTINGS, RUN_SETTINGS, is_run_of,  # noqa: F401 (store.*)
+                           path_named_run_id, recorded_settings, run_id_for)
 from .schema import ADDED_COLUMNS, FAILURE_SCHEMA, OUTPUT_SCHEMA  # noqa: F401  (store.* names)
 
 log = logging.getLogger(__name__)
@@ -49,11 +50,6 @@ QUARANTINE_DIR = "quarantine"
 # Parquet key-value metadata of parts and failure files: which run and which dir wrote them.
 META_RUN_ID, META_DIR_ID = b"vlm_caption.run_id", b"vlm_caption.dir_id"
 _PART_RE = re.compile(r"^(captions|failures)-w(\d{3,})-(\d{6,})\.parquet$")
-# Settings that change what a caption is; a checkpoint dir holds captions of one setting only.
-RUN_SETTINGS = ("model", "prompt", "prompt_version", "max_tokens", "min_tokens", "temperature", "top_p", "seed")
-# Part of a run's identity only when set (RunConfig.run_settings).
-OPTIONAL_SETTINGS = ("backend", "keep_columns", "retry_repetition_penalty", "prompts", "prompt_order", "format",
-                     "json_fields", "json_instruction_version", "template_value_chars")
 
 
 class Part(NamedTuple):
@@ -182,15 +178,6 @@ def read_run_json_safe(checkpoint_dir: Path | str) -> tuple[dict | None, str | N
     return info, None
 
 
-def _identity(settings: dict) -> dict:
-    return {k: settings[k] for k in (*RUN_SETTINGS, *OPTIONAL_SETTINGS) if k in settings}
-
-
-def run_id_for(settings: dict) -> str:
-    blob = json.dumps(_identity(settings), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:12]
-
-
 # ---------------------------------------------------------------- the store
 
 class CheckpointStore:
@@ -257,7 +244,7 @@ class CheckpointStore:
         deadline = time.monotonic() + leader_timeout
         while True:
             existing, _ = read_run_json_safe(self.dir)
-            if existing is not None and existing["run_id"] == run_id:
+            if existing is not None and is_run_of(existing, settings):
                 self.lock.share_run()
                 return self._adopt(existing)
             if wait_for_leader:  # other ranks let worker 0 set the dir up
@@ -270,7 +257,7 @@ class CheckpointStore:
             # Held by others: maybe a worker of this very run that wrote run.json since the read above, or that
             # is writing it now (workers of a Slurm array start together on a new dir): none yet, so wait.
             existing, _ = read_run_json_safe(self.dir)
-            if existing is not None and existing["run_id"] == run_id:
+            if existing is not None and is_run_of(existing, settings):
                 continue
             if existing is None and time.monotonic() < deadline:
                 time.sleep(0.2)
@@ -286,7 +273,7 @@ class CheckpointStore:
 
     def _write_run_json(self, settings: dict, run_id: str, overwrite: bool) -> str:
         existing, problem = read_run_json_safe(self.dir)
-        if existing is not None and existing["run_id"] == run_id:  # written while we waited for the lock
+        if existing is not None and is_run_of(existing, settings):  # written while we waited for the lock
             return self._adopt(existing)
         provenance = self._provenance()
         holds_work = bool(provenance)
@@ -295,6 +282,8 @@ class CheckpointStore:
             self._set_aside((existing or {}).get("run_id", "unknown"))
         elif holds_work and existing is not None:
             diff = [k for k in (*RUN_SETTINGS, *OPTIONAL_SETTINGS) if existing.get(k) != settings.get(k)]
+            if not diff and existing.get(MODEL_IDENTITY) != settings.get(MODEL_IDENTITY):
+                diff = ["the files of --model (same path, other weights)"]
             # A run made before values were cut (its settings lack the limit) is continued with the limit it had.
             same = f"--template-value-chars {existing.get('template_value_chars') or 0} continues it, or " \
                 if diff == ["template_value_chars"] else ""
@@ -303,6 +292,8 @@ class CheckpointStore:
                 f"{same}use another --checkpoint-dir, or --overwrite to set that run aside and start over")
         elif holds_work:  # run.json missing or unreadable: adopt the parts only if they say they are ours
             runs = {r for r, _ in provenance}
+            if runs == {path_named_run_id(settings)}:  # parts of an earlier version's run of this path
+                run_id, settings = next(iter(runs)), {k: v for k, v in settings.items() if k != MODEL_IDENTITY}
             if runs != {run_id}:
                 named = ", ".join(sorted(r or "unrecorded" for r in runs))
                 raise UsageError(
@@ -320,7 +311,7 @@ class CheckpointStore:
         info = {"run_id": run_id, "dir_id": dir_id or uuid.uuid4().hex[:12], "code_version": __version__,
                 # Milliseconds: the card orders runs by it (newest = default config), and runs can start in one second.
                 "created": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                **_identity(settings)}
+                **recorded_settings(settings)}
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.dir / RUN_JSON, info)
         return self._adopt(info)

@@ -1,0 +1,81 @@
+"""What names a run: the settings that make a caption what it is, hashed into the run id.
+
+A checkpoint dir holds the captions of one run, and a Hub repo keeps each run in its own folder and card config,
+so two processes with the same run id must make the same captions, and two with different ones must not share a
+dir or a folder.
+
+A Hub model is named by its id. A local model dir was named by its absolute path, which got both directions wrong:
+- the same weights at another path (the node-local copies of a Slurm array, another machine's mount point) made
+  another run, whose rows went to another folder of the repo: each key published once per path, and a check by
+  the flags on one machine could not find the run of another;
+- new weights saved over the same dir made the same run, mixing two models' captions in one dataset.
+
+So a local dir is named by its content (`model_identity`): the files that make the model (config, tokenizer,
+processor, chat template, weights), the small ones whole, the large ones by their size and SAMPLE_BLOCKS blocks
+spread over them. A fine-tune changes every block of its weights, so sampled blocks tell it apart from its base
+at a small cost: 32 reads of 64 KB per weight file, where hashing a 4B model whole would read 8 GB each launch.
+The path stays in run.json (it is what loads the model), but no longer names the run. A dir whose run.json an
+earlier version wrote (no `model_identity`) goes on as the run its path named (`is_run_of`).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+# Settings that change what a caption is; a checkpoint dir holds captions of one setting only.
+RUN_SETTINGS = ("model", "prompt", "prompt_version", "max_tokens", "min_tokens", "temperature", "top_p", "seed")
+MODEL_IDENTITY = "model_identity"  # a local model dir's content (local_model_identity), in place of its path
+# Part of a run's identity only when set (RunConfig.run_settings).
+OPTIONAL_SETTINGS = ("backend", "keep_columns", "retry_repetition_penalty", "prompts", "prompt_order", "format",
+                     "json_fields", "json_instruction_version", "template_value_chars")
+
+MODEL_FILE_SUFFIXES = (".json", ".jinja", ".model", ".safetensors", ".bin", ".pt", ".pth", ".gguf")
+WHOLE_FILE_BYTES = 4 << 20  # files up to this size are hashed whole (configs, templates, small tokenizers)
+SAMPLE_BLOCKS, SAMPLE_BYTES = 32, 64 << 10
+
+
+def local_model_identity(model_dir: Path) -> str:
+    """`local-sha256:...` of the files that make the model in `model_dir` (top level, as save_pretrained
+    writes them); the same content at any path gives the same identity."""
+    digest = hashlib.sha256()
+    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES)
+    for path in files:
+        size = path.stat().st_size
+        digest.update(f"{path.name}\0{size}\0".encode())
+        with open(path, "rb") as f:
+            if size <= WHOLE_FILE_BYTES:
+                digest.update(f.read())
+                continue
+            step = (size - SAMPLE_BYTES) / (SAMPLE_BLOCKS - 1)  # the first block, the last, and evenly between
+            for i in range(SAMPLE_BLOCKS):
+                f.seek(int(i * step))
+                digest.update(f.read(SAMPLE_BYTES))
+    return f"local-sha256:{digest.hexdigest()[:24]}"
+
+
+def recorded_settings(settings: dict) -> dict:
+    """The settings run.json records: those of the run's identity, the model's path included."""
+    return {k: settings[k] for k in (*RUN_SETTINGS, MODEL_IDENTITY, *OPTIONAL_SETTINGS) if k in settings}
+
+
+def run_id_for(settings: dict) -> str:
+    named = recorded_settings(settings)
+    if MODEL_IDENTITY in named:  # a local dir: its content names the run, not where it lies
+        named["model"] = named.pop(MODEL_IDENTITY)
+    return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def path_named_run_id(settings: dict) -> str | None:
+    """The id earlier versions gave these settings, a local dir named by its path; None for a Hub model."""
+    if MODEL_IDENTITY not in settings:
+        return None
+    return run_id_for({k: v for k, v in settings.items() if k != MODEL_IDENTITY})
+
+
+def is_run_of(existing: dict, settings: dict) -> bool:
+    """Whether run.json `existing` is the run of `settings`: the same id, or a run.json of an earlier version
+    (no model identity) whose path-named id these settings give (the same dir goes on as it was)."""
+    if existing.get("run_id") == run_id_for(settings):
+        return True
+    return MODEL_IDENTITY not in existing and existing.get("run_id") == path_named_run_id(settings)
