@@ -23,6 +23,8 @@ import hashlib
 import json
 from pathlib import Path
 
+from .errors import UsageError
+
 # Settings that change what a caption is; a checkpoint dir holds captions of one setting only.
 RUN_SETTINGS = ("model", "prompt", "prompt_version", "max_tokens", "min_tokens", "temperature", "top_p", "seed")
 MODEL_IDENTITY = "model_identity"  # a local model dir's content (local_model_identity), in place of its path
@@ -37,7 +39,16 @@ SAMPLE_BLOCKS, SAMPLE_BYTES = 32, 64 << 10
 
 def local_model_identity(model_dir: Path) -> str:
     """`local-sha256:...` of the files that make the model in `model_dir` (top level, as save_pretrained
-    writes them); the same content at any path gives the same identity."""
+    writes them); the same content at any path gives the same identity. A dir or file that cannot be read
+    is a UsageError (one line), not a traceback."""
+    try:
+        return _identity_of(Path(model_dir))
+    except OSError as e:
+        raise UsageError(f"--model {model_dir}: cannot read {e.filename or model_dir} ({e.strerror or e}); "
+                         "make the model dir readable, or give a Hub model id") from e
+
+
+def _identity_of(model_dir: Path) -> str:
     digest = hashlib.sha256()
     files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES)
     for path in files:
@@ -79,3 +90,4 @@ def is_run_of(existing: dict, settings: dict) -> bool:
     if existing.get("run_id") == run_id_for(settings):
         return True
     return MODEL_IDENTITY not in existing and existing.get("run_id") == path_named_run_id(settings)
+

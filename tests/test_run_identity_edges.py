@@ -1,0 +1,48 @@
+"""Where a local model's content-named run meets what else reads or names runs: an unreadable model dir, --push-only
+(which pushes the dir's run and needs no model), --check-hub by the flags of a run an earlier version published
+(named by the model's path), and --merge-only of a dir an earlier version made with one of this version."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from dummy_runs import dummy_args
+
+from batched_image_inference import main
+from vlm_caption import run_identity, store
+from vlm_caption.config import RunConfig
+from vlm_caption.errors import EXIT_OK, UsageError
+
+REPO = "tester/ident"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from vlm_caption.sample_data import write_sample
+
+    return write_sample(tmp_path_factory.mktemp("ident-edges") / "data", n=16, broken=False, seed=7, shard_size=8)
+
+
+def denied(path, mode="r", *args, **kwargs):
+    raise PermissionError(13, "Permission denied", str(path))
+
+
+def path_named(monkeypatch):
+    """Settings as versions before run_identity.py made them: the local model dir named by its path only."""
+    real = RunConfig.run_settings
+    monkeypatch.setattr(RunConfig, "run_settings", lambda self: {
+        k: v for k, v in real(self).items() if k != run_identity.MODEL_IDENTITY})
+
+
+def hub_args(stub, data, ckpt, model, *extra: str) -> list[str]:
+    return ["--backend", "dummy", "--model", str(model), "--data-dir", str(data), "--checkpoint-dir", str(ckpt),
+            "--hf-repo", REPO, "--hub-endpoint", stub.endpoint, "--max-tokens", "6", "--batch-size", "4",
+            "--checkpoint-every", "8", "--num-loader-workers", "1", "--min-push-interval", "0", *extra]
+
+
+def test_an_unreadable_model_dir_is_one_line_not_a_traceback(tiny_model_dir, data, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_identity, "open", denied, raising=False)
+    with pytest.raises(UsageError, match=r"^--model \S+: cannot read \S+ \(Permission denied\); make the model dir "):
+        main([*dummy_args(data, tmp_path / "ckpt"), "--model", str(tiny_model_dir)])
+    assert not (tmp_path / "ckpt" / store.RUN_JSON).exists()
+
