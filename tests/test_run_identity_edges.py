@@ -46,3 +46,13 @@ def test_an_unreadable_model_dir_is_one_line_not_a_traceback(tiny_model_dir, dat
         main([*dummy_args(data, tmp_path / "ckpt"), "--model", str(tiny_model_dir)])
     assert not (tmp_path / "ckpt" / store.RUN_JSON).exists()
 
+
+def test_push_only_pushes_the_dirs_run_without_reading_the_model(hub_stub, tiny_model_dir, data, tmp_path,
+                                                                 monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    assert main([*dummy_args(data, ckpt), "--model", str(tiny_model_dir)]) == EXIT_OK
+    monkeypatch.setattr(run_identity, "open", denied, raising=False)  # a login node that cannot read the weights
+    assert main(hub_args(hub_stub, data, ckpt, tiny_model_dir, "--push-only")) == EXIT_OK
+    run = json.loads((ckpt / store.RUN_JSON).read_text())["run_id"]
+    assert any(p.startswith(f"data/{run}/") for p in hub_stub.repo_files(REPO))
+

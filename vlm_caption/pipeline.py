@@ -68,7 +68,8 @@ def run(cfg: RunConfig) -> int:
         with StopSignals():
             return hub_coverage.run_check(cfg)
     ckpt = Path(cfg.checkpoint_dir)
-    settings = cfg.run_settings()
+    # --push-only pushes the run its dir's run.json names: the --model files are not read (a login node, say)
+    settings = cfg.run_settings() if cfg.dry_run or not cfg.push_only else {}
     extra, specs, also = [], [], []
     if not cfg.push_only:  # a template naming an unknown column fails here, before any work
         extra, specs, also = plan_columns(cfg, settings)
