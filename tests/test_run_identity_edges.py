@@ -56,3 +56,17 @@ def test_push_only_pushes_the_dirs_run_without_reading_the_model(hub_stub, tiny_
     run = json.loads((ckpt / store.RUN_JSON).read_text())["run_id"]
     assert any(p.startswith(f"data/{run}/") for p in hub_stub.repo_files(REPO))
 
+
+def test_check_hub_by_the_flags_finds_the_run_an_earlier_version_published(hub_stub, tiny_model_dir, data, tmp_path,
+                                                                           monkeypatch, capsys):
+    with monkeypatch.context() as m:
+        path_named(m)
+        assert main(hub_args(hub_stub, data, tmp_path / "old", tiny_model_dir)) == EXIT_OK
+    old = json.loads((tmp_path / "old" / store.RUN_JSON).read_text())["run_id"]
+    capsys.readouterr()
+    # from a machine without that dir: the flags name the content-named run, which the repo does not hold
+    assert main(hub_args(hub_stub, data, tmp_path / "laptop", tiny_model_dir, "--check-hub")) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"checking run {old}" in out and "16 expected, 16 published" in out
+    assert json.loads((tmp_path / "laptop" / "hub_coverage.json").read_text())["run_id"] == old
+

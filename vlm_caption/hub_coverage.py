@@ -19,9 +19,12 @@ from .errors import EXIT_COVERAGE, EXIT_ITEMS_FAILED, EXIT_OK, UsageError
 HUB_COVERAGE = "hub_coverage.json"  # in the checkpoint dir: the counts and the full key lists
 
 
-def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = False) -> int:
+def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = False,
+              path_named: str | None = None) -> int:
     """Count the run's published keys on the Hub against the selection; exit code as --merge-only's.
-    `named_by_flags`: the run id comes from this command's settings, not from a dir the run wrote."""
+    `named_by_flags`: the run id comes from this command's settings, not from a dir the run wrote.
+    `path_named`: the id an earlier version gave those settings (a local --model named by its path,
+    run_identity.py), checked when the repo holds nothing of `run_id`."""
     from .hub_retry import HubUnavailable  # (huggingface_hub is imported only by runs that use the Hub)
 
     try:
@@ -30,6 +33,11 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
         info = hub_client.run_infos(run_id, snap.head).get(run_id)  # retried, as the listing is
     except HubUnavailable as e:  # retryable (README): nothing was decided
         return unreachable(hub_client.repo_id, e)
+    if not snap.files and info is None and path_named and path_named != run_id:
+        # Published by an earlier version (dirs it made go on as that run): the run these flags made there
+        print(f"{hub_client.repo_id} holds nothing of run {run_id}; checking run {path_named}, the run of these "
+              "settings as earlier versions named it (by the --model dir's path)")
+        return check_hub(hub_client, cfg, path_named, named_by_flags)
     if not snap.files and info is None:  # the repo never heard of it: other flags, or another repo
         others = f"; it holds run(s) {', '.join(snap.other_runs)}" if snap.other_runs else ""
         if named_by_flags:
@@ -87,11 +95,13 @@ def run_check(cfg: RunConfig) -> int:
 
     ckpt = Path(cfg.checkpoint_dir)
     existing = store.read_run_json(ckpt) if ckpt.is_dir() else None
-    run_id = existing["run_id"] if existing else store.run_id_for(cfg.run_settings())
+    settings = None if existing else cfg.run_settings()
+    run_id = existing["run_id"] if existing else store.run_id_for(settings)
     repo_id = resolve_repo_id(cfg.hf_repo, cfg.hf_username)
     try:
         client = hub.connect_reader(repo_id, endpoint=cfg.hub_endpoint, checkpoint_dir=ckpt)
     except hub.HubUnavailable as e:  # down from the first request: retryable, as when it fails later (exit 3)
         return unreachable(repo_id, e)
     print(f"run {run_id}, " + (f"the run of {ckpt}" if existing else "the run this command's settings name"))
-    return check_hub(client, cfg, run_id, named_by_flags=existing is None)
+    return check_hub(client, cfg, run_id, named_by_flags=existing is None,
+                     path_named=None if existing else store.path_named_run_id(settings))
