@@ -70,3 +70,23 @@ def test_check_hub_by_the_flags_finds_the_run_an_earlier_version_published(hub_s
     assert f"checking run {old}" in out and "16 expected, 16 published" in out
     assert json.loads((tmp_path / "laptop" / "hub_coverage.json").read_text())["run_id"] == old
 
+
+def test_merge_only_of_a_dir_an_earlier_version_made_and_one_of_this_version(tiny_model_dir, data, tmp_path,
+                                                                             monkeypatch):
+    model = ["--model", str(tiny_model_dir)]
+    with monkeypatch.context() as m:
+        path_named(m)
+        assert main([*dummy_args(data, tmp_path / "old", "--shards", "0"), *model]) == EXIT_OK
+    assert main([*dummy_args(data, tmp_path / "new", "--shards", "1"), *model]) == EXIT_OK
+    old, new = (json.loads((tmp_path / d / store.RUN_JSON).read_text()) for d in ("old", "new"))
+    assert old["run_id"] != new["run_id"]  # one model at one path, named two ways
+    merge = ["--merge-only", "--data-dir", str(data), "--checkpoint-dir", str(tmp_path / "old"),
+             "--checkpoint-dir", str(tmp_path / "new")]
+    assert main(merge) == EXIT_OK
+    # another model's dir is still refused
+    with monkeypatch.context() as m:
+        path_named(m)
+        assert main([*dummy_args(data, tmp_path / "other", "--shards", "1", "--max-tokens", "5"), *model]) == EXIT_OK
+    with pytest.raises(UsageError, match="different runs"):
+        main([*merge[:-1], str(tmp_path / "other")])
+    assert not run_identity.one_run([old, {**new, "max_tokens": 5}])

@@ -17,6 +17,7 @@ from .config import RunConfig, parse_shards
 from .errors import EXIT_COVERAGE, EXIT_FATAL, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .interrupts import Interrupted
 from .merge import merge_parts
+from .run_identity import one_run
 
 if TYPE_CHECKING:
     from .pipeline import RunStats
@@ -274,8 +275,11 @@ def merge_and_check(cfg: RunConfig) -> int:
     twice = [d for i, d in enumerate(dirs) if d.resolve() in {e.resolve() for e in dirs[:i]}]
     if twice:  # (a glob and a name of one dir, say) each of its keys would count as captioned twice: exit 4
         raise UsageError(f"--checkpoint-dir {twice[0]} is given twice (or by another path): give each dir once")
-    runs = {str(d): (store.read_run_json(d) or {}).get("run_id") for d in dirs}
-    if len(set(runs.values())) > 1:  # captions of another model or prompt must not be mixed in silently
+    infos = {str(d): store.read_run_json(d) or {} for d in dirs}
+    runs = {d: info.get("run_id") for d, info in infos.items()}
+    # captions of another model or prompt must not be mixed in silently (dirs an earlier version named by the
+    # model's path are of the run their path names: run_identity.one_run)
+    if not one_run(list(infos.values())):
         raise UsageError("the checkpoint dirs hold different runs (settings differ): "
                          + ", ".join(f"{d}={r}" for d, r in runs.items()))
     out = dirs[0] / store.MERGED

@@ -91,3 +91,15 @@ def is_run_of(existing: dict, settings: dict) -> bool:
         return True
     return MODEL_IDENTITY not in existing and existing.get("run_id") == path_named_run_id(settings)
 
+
+def one_run(infos: list[dict]) -> bool:
+    """Whether the run.json `infos` of several dirs are of one run: one run id, or the dirs an earlier version
+    made (named by the model's path) and dirs of this version (named by its content) whose model, at that very
+    path, with the same settings, gives that path-named id: each dir going on would go on as that one run."""
+    ids = {info.get("run_id") for info in infos}
+    if len(ids) <= 1:
+        return True
+    legacy = {info.get("run_id") for info in infos if MODEL_IDENTITY not in info}
+    named = [info for info in infos if MODEL_IDENTITY in info]
+    return (len(legacy) == 1 and None not in legacy and len({i.get("run_id") for i in named}) == 1
+            and all(path_named_run_id(info) in legacy for info in named))
