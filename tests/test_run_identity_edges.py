@@ -90,3 +90,18 @@ def test_merge_only_of_a_dir_an_earlier_version_made_and_one_of_this_version(tin
     with pytest.raises(UsageError, match="different runs"):
         main([*merge[:-1], str(tmp_path / "other")])
     assert not run_identity.one_run([old, {**new, "max_tokens": 5}])
+
+
+def test_one_runs_model_at_two_paths_keeps_one_public_name_on_the_card(hub_stub, tiny_model_dir, data, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(tiny_model_dir, tmp_path / "node-local" / "gemma-copy")
+    assert main(hub_args(hub_stub, data, tmp_path / "m0", tiny_model_dir, "--shards", "0")) == EXIT_OK
+    assert main(hub_args(hub_stub, data, tmp_path / "m1", copy, "--shards", "1")) == EXIT_OK
+    run = json.loads((tmp_path / "m0" / store.RUN_JSON).read_text())["run_id"]
+    info = json.loads(hub_stub.repo_files(REPO)[f"runs/{run}.json"])
+    assert info["model"] == f"dummy:local:{tiny_model_dir.name}" and info["rows"] == 16
+    assert str(tmp_path) not in json.dumps(info) and str(tiny_model_dir) not in json.dumps(info)  # no path published
+    commits = hub_stub.commits_applied
+    assert main(hub_args(hub_stub, data, tmp_path / "m0", tiny_model_dir, "--push-only")) == EXIT_OK
+    assert hub_stub.commits_applied == commits  # nothing new: no card commit flipping the model's name back

@@ -5,7 +5,7 @@ import re
 from pathlib import Path
 
 from . import prompt_plan
-from .config import SOURCE_DATASET
+from .config import SOURCE_DATASET, public_model_name
 from .hub_index import run_data_globs
 from .prompts import recorded_json_instruction
 from .rows import FLAGS_BY_PROMPT, describe_counts
@@ -20,6 +20,16 @@ CITATION = """@article{somepalli2024measuring,
 }"""
 TEMPLATE = Path(__file__).parent / "templates" / "dataset_card.md"
 _CARD_TAGS = ["art", "style", "image-captioning", "synthetic-captions", "contrastyles"]
+
+
+def published_model(run_info: dict, before: dict) -> str:
+    """The model runs/{run_id}.json and the card show: its public name (never a local path). A run of a local dir
+    is named by the dir's content, so its dirs can load it from other paths (machines): the name it was first
+    published with stays, else the card flipped between the dirs' names, a commit at each push with nothing new."""
+    if before.get("model") and before.get("model_identity") and \
+            before.get("model_identity") == run_info.get("model_identity"):
+        return before["model"]
+    return public_model_name(str(run_info.get("model", "unknown")), run_info.get("backend", "transformers"))
 
 
 def size_category(n: int) -> str:

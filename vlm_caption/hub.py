@@ -30,8 +30,7 @@ import pyarrow.parquet as pq
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HfUriError, RepositoryNotFoundError
 
-from .card import render_dataset_card
-from .config import public_model_name
+from .card import published_model, render_dataset_card
 from .errors import FatalError, UsageError
 from .rows import conform, flags_by_prompt, ordered_counts, run_flag_columns
 from .hub_files import HUB_FILE_RE, ROW_GROUP_ROWS, HubFile, hub_file_bytes, plan_hub_files
@@ -372,8 +371,7 @@ class HubClient:
             still = {k: stage for keys in by_dir.values() for k, stage in keys.items() if k not in snap.keys}
             counted = dict(Counter(still.values())) if by_dir else (failed if isinstance(failed, dict) else {})
             mine = {**{k: v for k, v in run_info.items() if k != "dir_id"}, "rows": len(snap.keys),
-                    "model": public_model_name(str(run_info.get("model", "unknown")),
-                                               run_info.get("backend", "transformers")),
+                    "model": published_model(run_info, before),
                     "files": len(snap.files), "failed_keys_by_dir": by_dir, "failed_by_stage": counted,
                     "caption_flags": ordered_counts(self.index(run_id).flag_counts(snap)),
                     **flags_by_prompt(run_flag_columns(run_info),  # each prompt's, not the first's only
