@@ -105,3 +105,18 @@ def test_one_runs_model_at_two_paths_keeps_one_public_name_on_the_card(hub_stub,
     commits = hub_stub.commits_applied
     assert main(hub_args(hub_stub, data, tmp_path / "m0", tiny_model_dir, "--push-only")) == EXIT_OK
     assert hub_stub.commits_applied == commits  # nothing new: no card commit flipping the model's name back
+
+
+def test_parts_that_name_no_run_are_not_adopted_by_a_hub_models_run(data, tmp_path):
+    """run.json lost, parts of a version that recorded no run id in them: a Hub model's settings have no
+    path-named id either (None), which must not pass as a match: refused as before, never a run.json of run null."""
+    import pyarrow.parquet as pq
+
+    ckpt = tmp_path / "ckpt"
+    assert main(dummy_args(data, ckpt, "--max-images", "8")) == EXIT_OK
+    for part in store.list_parts(ckpt):
+        pq.write_table(pq.read_table(part.path).replace_schema_metadata(None), part.path)
+    (ckpt / store.RUN_JSON).unlink()
+    with pytest.raises(UsageError, match=r"holds parts of run\(s\) unrecorded, not of this run [0-9a-f]{12}"):
+        main(dummy_args(data, ckpt))
+    assert not (ckpt / store.RUN_JSON).exists()

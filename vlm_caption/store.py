@@ -292,7 +292,8 @@ class CheckpointStore:
                 f"{same}use another --checkpoint-dir, or --overwrite to set that run aside and start over")
         elif holds_work:  # run.json missing or unreadable: adopt the parts only if they say they are ours
             runs = {r for r, _ in provenance}
-            if runs == {path_named_run_id(settings)}:  # parts of an earlier version's run of this path
+            path_named = path_named_run_id(settings)  # None for a Hub model: parts naming no run are not its
+            if path_named is not None and runs == {path_named}:  # parts of an earlier version's run of this path
                 run_id, settings = next(iter(runs)), {k: v for k, v in settings.items() if k != MODEL_IDENTITY}
             if runs != {run_id}:
                 named = ", ".join(sorted(r or "unrecorded" for r in runs))
