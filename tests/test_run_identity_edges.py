@@ -69,6 +69,10 @@ def test_check_hub_by_the_flags_finds_the_run_an_earlier_version_published(hub_s
     out = capsys.readouterr().out
     assert f"checking run {old}" in out and "16 expected, 16 published" in out
     assert json.loads((tmp_path / "laptop" / "hub_coverage.json").read_text())["run_id"] == old
+    # flags of a run the repo holds in neither naming: that run is named, not the path-named one
+    with pytest.raises(UsageError, match=rf"holds no data of run (?!{old})[0-9a-f]{{12}}; it holds run\(s\) {old}:"):
+        main(hub_args(hub_stub, data, tmp_path / "laptop", tiny_model_dir, "--check-hub", "--max-tokens", "5"))
+    assert "checking run" not in capsys.readouterr().out
 
 
 def test_merge_only_of_a_dir_an_earlier_version_made_and_one_of_this_version(tiny_model_dir, data, tmp_path,

@@ -33,7 +33,7 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
         info = hub_client.run_infos(run_id, snap.head).get(run_id)  # retried, as the listing is
     except HubUnavailable as e:  # retryable (README): nothing was decided
         return unreachable(hub_client.repo_id, e)
-    if not snap.files and info is None and path_named and path_named != run_id:
+    if not snap.files and info is None and path_named and path_named in snap.other_runs:
         # Published by an earlier version (dirs it made go on as that run): the run these flags made there
         print(f"{hub_client.repo_id} holds nothing of run {run_id}; checking run {path_named}, the run of these "
               "settings as earlier versions named it (by the --model dir's path)")
