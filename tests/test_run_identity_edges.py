@@ -124,3 +124,26 @@ def test_parts_that_name_no_run_are_not_adopted_by_a_hub_models_run(data, tmp_pa
     with pytest.raises(UsageError, match=r"holds parts of run\(s\) unrecorded, not of this run [0-9a-f]{12}"):
         main(dummy_args(data, ckpt))
     assert not (ckpt / store.RUN_JSON).exists()
+
+
+def test_the_smoke_test_pushes_again_to_a_repo_an_earlier_smoke_test_pushed_to(hub_stub, sample_data_dir, tmp_path,
+                                                                                capsys):
+    """test_pipeline.py --push builds the same tiny random model each time: named by its content, each smoke test
+    would be one run, and a second one found its captions on the Hub already: nothing pushed, FAIL push."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    from test_demo_and_smoke import lines_starting
+
+    root = Path(__file__).resolve().parent.parent
+    spec = importlib.util.spec_from_file_location("smoke_cli", root / "test_pipeline.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    for ckpt in ("first", "second"):
+        code = module.main(["--full", "--push", "--tiny", "--num-images", "3", "--max-tokens", "8", "--data-dir",
+                            str(sample_data_dir), "--checkpoint-dir", str(tmp_path / ckpt),
+                            "--hub-endpoint", hub_stub.endpoint, "--hf-repo", "tester/smoke"])
+        out = capsys.readouterr().out
+        assert code == 0 and "push" in lines_starting(out, "PASS"), out

@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import time
 import traceback
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,7 +115,12 @@ def check_tiny_model(ctx: Context) -> str:
     from vlm_caption.tiny_model import build_tiny_model
 
     started = time.monotonic()
-    ctx.model = str(build_tiny_model(ctx.tmp() / "tiny_model", preset="tiny", seed=0))
+    model = build_tiny_model(ctx.tmp() / "tiny_model", preset="tiny", seed=0)
+    # Each smoke test its own run: a local model is named by its content (run_identity.py), the same at every build,
+    # so a second smoke test would find its captions on the Hub (--push) and caption nothing. A .json file (hashed
+    # with the model) makes each build another model, as the tmp path that named the run did before.
+    (model / "smoke_test.json").write_text(f'{{"smoke_test": "{uuid.uuid4().hex}"}}\n', encoding="utf-8")
+    ctx.model = str(model)
     return f"random-weight Gemma 3 built in {time.monotonic() - started:.1f} s at {ctx.model} (its captions are noise)"
 
 
