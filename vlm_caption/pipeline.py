@@ -69,7 +69,7 @@ def run(cfg: RunConfig) -> int:
             return hub_coverage.run_check(cfg)
     ckpt = Path(cfg.checkpoint_dir)
     # --push-only pushes the run its dir's run.json names: the --model files are not read (a login node, say)
-    settings = cfg.run_settings() if cfg.dry_run or not cfg.push_only else {}
+    settings = {} if cfg.push_only else cfg.run_settings()
     extra, specs, also = [], [], []
     if not cfg.push_only:  # a template naming an unknown column fails here, before any work
         extra, specs, also = plan_columns(cfg, settings)
