@@ -67,6 +67,7 @@ def test_large_files_are_read_in_sampled_blocks_that_span_them(tmp_path, monkeyp
             return out
 
     monkeypatch.setattr(run_identity, "open", lambda p, mode: Counting(real_open(p, mode)), raising=False)
+    run_identity._identity_of.cache_clear()
     first = run_identity.local_model_identity(model)
     big = [n for n in reads if n == run_identity.SAMPLE_BYTES]
     assert len(big) == run_identity.SAMPLE_BLOCKS  # 2 MB of a 12 MB file, not all of it

@@ -27,6 +27,12 @@ def denied(path, mode="r", *args, **kwargs):
     raise PermissionError(13, "Permission denied", str(path))
 
 
+def unreadable_model_files(monkeypatch) -> None:
+    """As on a node that cannot read the weights: every open fails, and no identity of this process is kept."""
+    monkeypatch.setattr(run_identity, "open", denied, raising=False)
+    run_identity._identity_of.cache_clear()
+
+
 def path_named(monkeypatch):
     """Settings as versions before run_identity.py made them: the local model dir named by its path only."""
     real = RunConfig.run_settings
@@ -41,7 +47,7 @@ def hub_args(stub, data, ckpt, model, *extra: str) -> list[str]:
 
 
 def test_an_unreadable_model_dir_is_one_line_not_a_traceback(tiny_model_dir, data, tmp_path, monkeypatch):
-    monkeypatch.setattr(run_identity, "open", denied, raising=False)
+    unreadable_model_files(monkeypatch)
     with pytest.raises(UsageError, match=r"^--model \S+: cannot read \S+ \(Permission denied\); make the model dir "):
         main([*dummy_args(data, tmp_path / "ckpt"), "--model", str(tiny_model_dir)])
     assert not (tmp_path / "ckpt" / store.RUN_JSON).exists()
@@ -51,7 +57,7 @@ def test_push_only_pushes_the_dirs_run_without_reading_the_model(hub_stub, tiny_
                                                                  monkeypatch):
     ckpt = tmp_path / "ckpt"
     assert main([*dummy_args(data, ckpt), "--model", str(tiny_model_dir)]) == EXIT_OK
-    monkeypatch.setattr(run_identity, "open", denied, raising=False)  # a login node that cannot read the weights
+    unreadable_model_files(monkeypatch)  # a login node that cannot read the weights
     assert main(hub_args(hub_stub, data, ckpt, tiny_model_dir, "--push-only")) == EXIT_OK
     run = json.loads((ckpt / store.RUN_JSON).read_text())["run_id"]
     assert any(p.startswith(f"data/{run}/") for p in hub_stub.repo_files(REPO))

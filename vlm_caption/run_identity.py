@@ -19,6 +19,7 @@ earlier version wrote (no `model_identity`) goes on as the run its path named (`
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -42,19 +43,20 @@ def local_model_identity(model_dir: Path) -> str:
     writes them); the same content at any path gives the same identity. A dir or file that cannot be read
     is a UsageError (one line), not a traceback."""
     try:
-        return _identity_of(Path(model_dir))
+        files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES)
+        # Read once per launch (the run and the captioning both ask), again when a file changes
+        return _identity_of(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
     except OSError as e:
         raise UsageError(f"--model {model_dir}: cannot read {e.filename or model_dir} ({e.strerror or e}); "
                          "make the model dir readable, or give a Hub model id") from e
 
 
-def _identity_of(model_dir: Path) -> str:
+@functools.lru_cache(maxsize=8)
+def _identity_of(files: tuple[tuple[str, int, int], ...]) -> str:
     digest = hashlib.sha256()
-    files = sorted(p for p in Path(model_dir).iterdir() if p.is_file() and p.suffix in MODEL_FILE_SUFFIXES)
-    for path in files:
-        size = path.stat().st_size
-        digest.update(f"{path.name}\0{size}\0".encode())
-        with open(path, "rb") as f:
+    for name, size, _ in files:
+        digest.update(f"{Path(name).name}\0{size}\0".encode())
+        with open(name, "rb") as f:
             if size <= WHOLE_FILE_BYTES:
                 digest.update(f.read())
                 continue
