@@ -161,23 +161,22 @@ class HubClient:
             self._indexes[run_id] = HubIndex(self.api, self.repo_id, run_id, self._token, self._key_cache)
         return self._indexes[run_id]
 
-    def snapshot(self, run_id: str) -> Snapshot:
-        """The run's published files and keys, read from the repo now (retried; FatalError on a refusal)."""
+    def _read(self, fn: Callable[[], T], what: str) -> T:
+        """A read of the repo, retried (HubUnavailable when the Hub stays down; FatalError on a refusal)."""
         try:
-            return self._retry(self.index(run_id).snapshot, "key listing")
+            return self._retry(fn, what)
         except HubUnavailable:
             raise
         except HfHubHTTPError as e:
-            raise self._refused(e, "listing") from None
+            raise self._refused(e, what) from None
+
+    def snapshot(self, run_id: str) -> Snapshot:
+        """The run's published files and keys, read from the repo now."""
+        return self._read(self.index(run_id).snapshot, "key listing")
 
     def run_infos(self, run_id: str, head: str) -> dict[str, dict]:
-        """runs/{run_id}.json of every run in the repo at `head` (retried; FatalError on a refusal)."""
-        try:
-            return self._retry(lambda: self.index(run_id).read_run_infos(head), "run listing")
-        except HubUnavailable:
-            raise
-        except HfHubHTTPError as e:
-            raise self._refused(e, "run listing") from None
+        """runs/{run_id}.json of every run in the repo at `head`."""
+        return self._read(lambda: self.index(run_id).read_run_infos(head), "run listing")
 
     def describe_repo(self, run_id: str, snap: Snapshot | None = None) -> str:
         """One line for the start of a run: what the repo already holds (`snap`: a snapshot just read)."""
