@@ -339,3 +339,21 @@ def test_ctrl_c_mid_download_is_one_line_exit_130_and_a_rerun_completes(tmp_path
     assert rerun.returncode == 0, rerun.stdout + rerun.stderr
     summary = json.loads((out / "download_summary.json").read_text())
     assert summary["valid"] == 40 and summary["failed"] == 0 and summary["shards"]["unfinished"] == []
+
+
+def test_spark_and_ray_executors_get_img2dataset_s_own_client():
+    """The bounded client is pickled to the workers by reference to this package, which a Spark or Ray
+    executor need not have: there img2dataset's own Downloader stays."""
+    import importlib
+
+    from vlm_caption.download_client import BoundedDownloader, bounded_downloads
+
+    main = importlib.import_module("img2dataset.main")
+    original = main.Downloader
+    for distributor in ("pyspark", "ray"):
+        with bounded_downloads(1 << 20, distributor):
+            assert main.Downloader is original
+    with bounded_downloads(1 << 20, "multiprocessing"):
+        made = main.Downloader(*[None] * 14, user_agent_token=None, disallowed_header_directives=None)
+        assert isinstance(made, BoundedDownloader) and made.max_bytes == 1 << 20
+    assert main.Downloader is original

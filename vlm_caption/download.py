@@ -130,7 +130,7 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
         sys.warnoptions.append(QUIET_TRACKER)
     previous_term = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        with spawned_tmpdir(out, cfg.distributor), bounded_downloads(cfg.max_image_mb << 20):
+        with spawned_tmpdir(out, cfg.distributor), bounded_downloads(cfg.max_image_mb << 20, cfg.distributor):
             download(
                 url_list=str(input_path),
                 output_folder=str(out / IMAGES_DIR),

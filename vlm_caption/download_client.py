@@ -43,8 +43,13 @@ class BoundedDownloader(i2d.Downloader):
 
 
 @contextlib.contextmanager
-def bounded_downloads(max_bytes: int):
-    """While inside, img2dataset's download() builds a BoundedDownloader (pickled to its workers)."""
+def bounded_downloads(max_bytes: int, distributor: str = "multiprocessing"):
+    """While inside, img2dataset's download() builds a BoundedDownloader (pickled to its workers). Only with the
+    multiprocessing distributor: Spark and Ray executors unpickle it where only img2dataset need be installed
+    (not this package), so they keep img2dataset's own client, without these bounds."""
+    if distributor != "multiprocessing":
+        yield
+        return
     main = importlib.import_module("img2dataset.main")  # `from img2dataset import main` is its main() function
     original = main.Downloader
 
