@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "generate; generate: transformers' loop; graph: after generate's prefill, one compiled step per "
                    "token with no host work between steps (greedy decoding; sampling and a model spread by "
                    "--device-map keep generate)")
+    g.add_argument("--compile-cache", default=D.compile_cache, metavar="DIR", help="where torch.compile keeps "
+                   "its kernels, so that a relaunch or another machine loads them instead of compiling again: auto "
+                   "(default) = $TORCHINDUCTOR_CACHE_DIR if set, else compile_cache/ in the checkpoint dir; none = "
+                   "torch's default (/tmp, per machine); or a directory")
     g.add_argument("--vision-overlap", action="store_true", help="experimental: run the next batch's vision "
                    "tower on its own CUDA stream while this batch decodes (same captions; no steady gain measured "
                    "on an H100 at batch 256)")

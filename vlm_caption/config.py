@@ -145,6 +145,7 @@ class RunConfig:
     backend: str = "transformers"  # inference engine (backends.BACKENDS); "dummy" = no model, for tests and demos
     compile: str = "auto"  # static KV cache + torch.compile'd decode: auto (on for CUDA), on, off
     decode_loop: str = "auto"  # auto, generate, or graph: one compiled step per token after generate's prefill
+    compile_cache: str = "auto"  # where compiled kernels are kept (compile_cache.choose): auto, none, or a dir
     vision_overlap: bool = False  # the next batch's vision tower runs while this one decodes (vision_ahead.py)
     keep_columns: str | None = None  # further metadata columns carried into the output, comma-separated
     attn_implementation: str = "sdpa"  # sdpa, eager, flash_attention_2

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from . import dataset, dir_scope, hub_coverage, loader, prompt_plan, rows as rowcols, store, workers
+from . import compile_cache, dataset, dir_scope, hub_coverage, loader, prompt_plan, rows as rowcols, store, workers
 from .atomic import remove_stale_tmp
 from .backends import CaptionBackend, make_backend
 from .config import RunConfig, parse_shards, public_model_name, resolve_repo_id
@@ -39,6 +39,7 @@ class RunStats:
     flags: Counter = field(default_factory=Counter)  # captions per quality flag (quality.FLAGS)
     flags_by_prompt: dict[str, Counter] = field(default_factory=dict)  # --prompts-file: the same, per prompt
     first_batch: tuple[float, int, int] | None = None  # (time, captioned, tokens) when the first batch was done
+    compile_cache: dict | None = None  # graphs torch.compile loaded from its cache and compiled (compile_cache.py)
 
     def batch_done(self) -> None:
         if self.first_batch is None:
@@ -60,6 +61,7 @@ class RunStats:
 
 def run(cfg: RunConfig) -> int:
     cfg.validate()
+    compiled_into = compile_cache.choose(cfg.compile_cache, cfg.checkpoint_dir)  # a bad path fails before any write
     worker, num_workers = cfg.worker_slice()
     if cfg.merge_only:
         with StopSignals():  # SIGTERM as Ctrl-C: exit 143 with its line (writes are atomic), not a bare kill
@@ -97,7 +99,7 @@ def run(cfg: RunConfig) -> int:
     try:
         dir_scope.check_machines(ckpt, *workers.machine_slice(cfg.num_workers, cfg.worker_index))  # before the model
         with StopSignals() as stop:
-            return _run_open(cfg, writer, run_id, worker, num_workers, hub_client, stop)
+            return _run_open(cfg, writer, run_id, worker, num_workers, hub_client, stop, compiled_into)
     finally:
         writer.lock.release()
 
@@ -117,7 +119,7 @@ def prompt_columns(specs: list[prompt_plan.PromptSpec]) -> list:
 
 
 def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker: int, num_workers: int,
-              hub_client, stop: StopSignals) -> int:
+              hub_client, stop: StopSignals, compiled_into: Path | None) -> int:
     ckpt = writer.dir
     remove_stale_tmp(ckpt)
     failed_stages = {} if cfg.retry_failed else writer.failed_stages()
@@ -157,7 +159,9 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
             log.warning("could not check the Hub for unpushed parts (%s); they go out with the next push", e)
     try:
         if plan.todo:
-            caption_all(cfg, plan, writer, stats, pusher, stop=stop)
+            with compile_cache.using(compiled_into) as compiles:
+                caption_all(cfg, plan, writer, stats, pusher, stop=stop)
+            stats.compile_cache = compiles.report()
     finally:
         # After a signal the Hub gets a bounded last chance; the rest waits for the next run or --push-only.
         timeout = FINAL_PUSH_AFTER_SIGNAL_S if stop.requested or sys.exc_info()[0] is not None else None

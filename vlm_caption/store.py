@@ -13,6 +13,7 @@ Layout (README: "Checkpoint layout and guarantees"):
     all_captions.parquet, run_summary.json     written at the end, by the last worker to finish
     coverage.json                              written by --merge-only
     superseded/                                runs set aside by --overwrite
+    compile_cache/                             torch.compile's kernels for the next launch (compile_cache.py)
 A part is the unit of progress: a crash loses at most the rows not yet in a part, and those are
 captioned again on resume because their keys are not in any part.
 """
@@ -47,6 +48,7 @@ LEDGER = "hub_ledger.jsonl"
 MERGED = "all_captions.parquet"
 SUMMARY = "run_summary.json"
 QUARANTINE_DIR = "quarantine"
+COMPILE_CACHE_DIR = "compile_cache"  # --compile-cache auto
 # Parquet key-value metadata of parts and failure files: which run and which dir wrote them.
 META_RUN_ID, META_DIR_ID = b"vlm_caption.run_id", b"vlm_caption.dir_id"
 _PART_RE = re.compile(r"^(captions|failures)-w(\d{3,})-(\d{6,})\.parquet$")

@@ -1,0 +1,89 @@
+"""Where torch.compile keeps what it compiled, so that a relaunch, the next task of a Slurm array or a fresh
+rented machine loads the decode step's kernels instead of compiling them again (`--compile-cache`).
+
+Inductor's FX-graph and AOTAutograd caches and the Triton kernels it builds all live under
+TORCHINDUCTOR_CACHE_DIR; torch's default is /tmp/torchinductor_$USER, which a node-local /tmp loses with the
+machine. By default the cache goes into the checkpoint dir, which a relaunch has by definition and which the
+ranks of a multi-node run share. Entries are keyed by the graph, the input shapes, torch's and Triton's
+versions and the device, and written by torch with tmp + rename: many writers and mixed machines are safe,
+a mismatch is a miss, not a wrong kernel. BENCHMARKS.md §6 has what a warm cache saves.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from .cli import plural
+from .errors import UsageError
+from .store import COMPILE_CACHE_DIR
+
+log = logging.getLogger(__name__)
+
+INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
+TRITON_ENV = "TRITON_CACHE_DIR"  # inductor sets it under its own dir once, for the process, if unset
+
+
+def choose(flag: str, checkpoint_dir: str | Path) -> Path | None:
+    """The directory for --compile-cache `flag`: auto = a TORCHINDUCTOR_CACHE_DIR the user set (left as it
+    is: None), else the checkpoint dir's compile_cache/; none = torch's own default; anything else is a dir."""
+    if flag == "none" or (flag == "auto" and os.environ.get(INDUCTOR_ENV)):
+        return None
+    directory = Path(checkpoint_dir) / COMPILE_CACHE_DIR if flag == "auto" else Path(flag)
+    if directory.exists() and not directory.is_dir():
+        raise UsageError(f"--compile-cache {directory} is a file, not a directory")
+    return directory
+
+
+def _graph_counts() -> dict[str, int]:
+    """Inductor's own counters of FX graphs loaded from the cache and compiled; nothing when torch.compile
+    never ran in this process (importing dynamo only to read zeros would cost a second)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is None:
+        return {"loaded": 0, "compiled": 0}
+    inductor = utils.counters["inductor"]
+    # A bypass is a graph the cache cannot hold (compiled every time).
+    return {"loaded": inductor["fxgraph_cache_hit"],
+            "compiled": inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_bypass"]}
+
+
+class CacheUse:
+    """What the run's compiles took from the cache: graphs loaded and graphs compiled (then written)."""
+
+    def __init__(self, directory: Path | None):
+        self.directory = directory.resolve() if directory is not None else None
+        self._before = _graph_counts()
+
+    def report(self) -> dict | None:
+        """None when nothing was compiled or loaded (CPU runs, --compile off, the dummy backend)."""
+        now = _graph_counts()
+        counts = {name: now[name] - self._before[name] for name in now}
+        if not any(counts.values()):
+            return None
+        where = str(self.directory) if self.directory is not None else os.environ.get(INDUCTOR_ENV, "torch's default")
+        log.info("torch.compile: %s loaded from the compile cache, %d compiled (cache: %s)",
+                 plural(counts["loaded"], "graph"), counts["compiled"], where)
+        return {"dir": where, "graphs_loaded": counts["loaded"], "graphs_compiled": counts["compiled"]}
+
+
+@contextmanager
+def using(directory: Path | None) -> Iterator[CacheUse]:
+    """Point torch.compile's caches at `directory` for the block (None: leave them where they are), and put
+    the environment back afterwards, for callers that run several configurations in one process."""
+    saved = {name: os.environ.get(name) for name in (INDUCTOR_ENV, TRITON_ENV)}
+    use = CacheUse(directory)
+    if use.directory is not None:
+        os.environ[INDUCTOR_ENV] = str(use.directory)
+    try:
+        yield use
+    finally:
+        if directory is not None:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
