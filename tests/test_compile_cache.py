@@ -26,9 +26,12 @@ def test_auto_is_the_checkpoint_dir_unless_the_user_chose(tmp_path, monkeypatch)
     assert compile_cache.choose(str(tmp_path / "shared"), tmp_path) == tmp_path / "shared"
     monkeypatch.setenv(compile_cache.INDUCTOR_ENV, str(tmp_path / "theirs"))
     assert compile_cache.choose("auto", tmp_path) is None  # left where the user put it
+    assert (tmp_path / "shared").is_dir()  # a named dir is made at once
     (tmp_path / "a_file").write_text("x")
     with pytest.raises(UsageError, match="is a file, not a directory"):
         compile_cache.choose(str(tmp_path / "a_file"), tmp_path)
+    with pytest.raises(UsageError, match="cannot create it"):  # was a traceback at the first compile
+        compile_cache.choose(str(tmp_path / "a_file" / "below"), tmp_path)
 
 
 def test_the_environment_is_put_back(tmp_path, monkeypatch):

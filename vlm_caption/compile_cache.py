@@ -32,9 +32,17 @@ def choose(flag: str, checkpoint_dir: str | Path) -> Path | None:
     is: None), else the checkpoint dir's compile_cache/; none = torch's own default; anything else is a dir."""
     if flag == "none" or (flag == "auto" and os.environ.get(INDUCTOR_ENV)):
         return None
-    directory = Path(checkpoint_dir) / COMPILE_CACHE_DIR if flag == "auto" else Path(flag)
+    if flag == "auto":  # the checkpoint dir is written by the run anyway
+        return Path(checkpoint_dir) / COMPILE_CACHE_DIR
+    directory = Path(flag)
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"--compile-cache {directory} is a file, not a directory")
+    try:  # now, not after the model has loaded: torch would fail at the first compile with a traceback
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--compile-cache {directory}: cannot create it ({e.strerror or e})") from None
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UsageError(f"--compile-cache {directory} is not writable")
     return directory
 
 
