@@ -3,6 +3,7 @@ ending before its sibling started, more ranks than GPUs, a signal forwarded twic
 variables Slurm and torchrun set, one worker process after another (main in-process)."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import time
@@ -135,8 +136,6 @@ def test_a_rank_ending_before_its_sibling_started_leaves_the_merge_to_it(data, t
 
 def test_more_ranks_than_gpus_is_said(monkeypatch, caplog):
     """torchrun --nproc-per-node 16 on 8 GPUs: ranks 8-15 silently took GPUs 0-7 again (a second model copy on each)."""
-    import logging
-
     import torch
 
     from vlm_caption import model_loading
@@ -219,3 +218,58 @@ def test_an_unreadable_machines_json_is_set_aside_with_a_warning(tmp_path, caplo
     assert "machines.json is unreadable (JSONDecodeError)" in caplog.text and "recorded anew" in caplog.text
     assert [p.name.split(".json")[0] for p in (tmp_path / store.QUARANTINE_DIR).iterdir()] == ["machines"]
     assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text()) == {"machines": 2, "indices": [1]}
+
+
+def fake_nvidia_smi(tmp_path, monkeypatch, listing: str, code: int = 0) -> None:
+    fake = tmp_path / "fakebin"
+    fake.mkdir(exist_ok=True)
+    (fake / "nvidia-smi").write_text(f"#!/bin/sh\nprintf '{listing}'\nexit {code}\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake}:{os.environ['PATH']}")
+
+
+def test_a_gpu_machine_whose_torch_cannot_use_its_gpus_is_refused(tmp_path, monkeypatch, tiny_model_dir,
+                                                                    sample_data_dir):
+    """nvidia-smi lists GPUs but torch sees none (this CPU torch here; a CPU-only wheel or an old driver there):
+    a big model is one line before its weights load, not hours of a rented GPU spent on a CPU run (the limit
+    lowered here to the tiny model's size); the tiny model itself, the demo's, runs."""
+    import torch
+
+    from vlm_caption import model_loading
+    from vlm_caption.errors import UsageError
+    from vlm_caption.model_loading import gpus_torch_cannot_use
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    fake_nvidia_smi(tmp_path, monkeypatch, "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)\\nGPU 1: NVIDIA H100 (UUID: GPU-2)\\n")
+    problem = gpus_torch_cannot_use()
+    assert problem and "nvidia-smi lists 2 GPU(s)" in problem and "CUDA_VISIBLE_DEVICES=" in problem
+    assert ("CPU-only build" in problem) == (torch.version.cuda is None)
+    ckpt = tmp_path / "ckpt"
+    args = ["--model", str(tiny_model_dir), "--data-dir", str(sample_data_dir), "--checkpoint-dir", str(ckpt),
+            "--no-push", "--max-images", "2"]
+    assert main(args) == EXIT_OK  # a model a CPU runs in seconds
+    parts = sorted(ckpt.glob("parts/*"))
+    monkeypatch.setattr(model_loading, "BIG_FOR_A_CPU", 0)
+    with pytest.raises(UsageError, match="cannot use them"):
+        main([*args, "--max-images", "4"])
+    assert parts and sorted(ckpt.glob("parts/*")) == parts
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")  # the CPU on purpose
+    assert gpus_torch_cannot_use() is None
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    fake_nvidia_smi(tmp_path, monkeypatch, "No devices were found\\n", code=6)  # a Slurm job given no GPU
+    assert gpus_torch_cannot_use() is None
+
+
+def test_a_big_model_on_the_cpu_is_said(tiny_model_dir, monkeypatch, caplog):
+    """On a machine without GPUs the CPU is the only choice: a model past BIG_FOR_A_CPU parameters is said,
+    with what to expect, before its weights load (here the limit is lowered to the tiny model's size)."""
+    import torch
+
+    from vlm_caption import model_loading
+
+    monkeypatch.setattr(model_loading, "BIG_FOR_A_CPU", 0)
+    with caplog.at_level(logging.WARNING):
+        model_loading.load_model(str(tiny_model_dir), torch.device("cpu"))
+    assert any("no GPU" in r.getMessage() and "minutes per image" in r.getMessage() for r in caplog.records)

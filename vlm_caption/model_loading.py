@@ -4,6 +4,9 @@ and access errors turned into one line that says what to do."""
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,8 @@ from . import workers
 from .errors import FatalError, UsageError
 
 log = logging.getLogger(__name__)
+
+BIG_FOR_A_CPU = 1_000_000_000  # parameters: past this a caption on the CPU takes minutes (Gemma 3 4B: 4.3e9)
 
 
 def choose_device() -> torch.device:
@@ -31,6 +36,44 @@ def choose_device() -> torch.device:
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
+
+
+def gpus_torch_cannot_use() -> str | None:
+    """Why this run would go to the CPU on a machine with NVIDIA GPUs (nvidia-smi lists them but torch sees
+    none: a CPU-only torch, a driver older than torch's CUDA, a wrong CUDA_VISIBLE_DEVICES), or None. Hours of
+    a rented GPU went to a CPU run before; CUDA_VISIBLE_DEVICES="" (or -1) says the CPU is meant."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if torch.cuda.is_available() or visible in ("", "-1") or (smi := shutil.which("nvidia-smi")) is None:
+        return None
+    try:
+        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    gpus = [line for line in listing.stdout.splitlines() if line.startswith("GPU ")]
+    if listing.returncode != 0 or not gpus:  # e.g. a Slurm job given no GPU: "No devices were found"
+        return None
+    why = ("it is a CPU-only build" if torch.version.cuda is None else
+           f"it is built for CUDA {torch.version.cuda} but finds no usable GPU (a driver too old for it? "
+           f"CUDA_VISIBLE_DEVICES={visible if visible is not None else '(unset)'})")
+    return (f"nvidia-smi lists {len(gpus)} GPU(s) but torch {torch.__version__} cannot use them: {why}; install "
+            "a torch that can (rerun ./setup.sh on this machine), or set CUDA_VISIBLE_DEVICES= to caption on the CPU")
+
+
+def _check_cpu_run(model_name: str, cached_only: bool) -> None:
+    """Before the weights load: a model too big for the CPU is refused on a machine whose GPUs torch cannot
+    use, and said elsewhere (a tiny model, the demo's, runs on the CPU in seconds)."""
+    from transformers import AutoConfig
+
+    from .batch_size import parameter_bytes
+
+    parameters = parameter_bytes(AutoConfig.from_pretrained(model_name, local_files_only=cached_only), 1)
+    if parameters <= BIG_FOR_A_CPU:
+        return
+    problem = gpus_torch_cannot_use()
+    if problem:
+        raise UsageError(problem)
+    log.warning("no GPU: %s has %.1fB parameters and captions on the CPU (expect minutes per image)", model_name,
+                parameters / 1e9)
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -103,6 +146,8 @@ def load_model(model_name: str, device: torch.device, *, dtype: str = "auto", de
     cached_only = not Path(model_name).is_dir() and not _hub_reachable(model_name)
     try:
         processor = AutoProcessor.from_pretrained(model_name, local_files_only=cached_only)
+        if device.type == "cpu" and device_map in (None, "auto"):
+            _check_cpu_run(model_name, cached_only)
         model = AutoModelForImageTextToText.from_pretrained(
             model_name, dtype=resolve_dtype(dtype, device), device_map=placement,
             attn_implementation=attn_implementation, local_files_only=cached_only)
