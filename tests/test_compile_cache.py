@@ -57,6 +57,10 @@ def test_a_file_as_the_cache_is_refused_before_anything_is_written(sample_data_d
         main(caption_args(Path("unused"), sample_data_dir, tmp_path / "ckpt", "--backend", "dummy",
                           "--compile-cache", str(tmp_path / "cache")))
     assert not (tmp_path / "ckpt").exists()
+    # A mode that captions nothing makes no cache dir.
+    main(caption_args(Path("unused"), sample_data_dir, tmp_path / "ckpt", "--backend", "dummy", "--dry-run",
+                      "--compile-cache", str(tmp_path / "new")))
+    assert not (tmp_path / "new").exists()
 
 
 def _launch(model: Path, data: Path, ckpt: Path, *extra: str) -> dict:
