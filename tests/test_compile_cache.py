@@ -90,3 +90,26 @@ def test_a_relaunch_on_another_machine_loads_the_compiled_graphs(tiny_model_dir,
     assert relaunch["graphs_loaded"] >= 1 and relaunch["graphs_compiled"] == 0, (first, relaunch)
     keys = all_keys(moved)
     assert len(keys) == len(set(keys)) > 8  # the other 8 selected: captioned or recorded failed, once
+
+
+def test_a_second_run_in_the_process_gets_its_own_dir(tmp_path, monkeypatch):
+    """Inductor writes its default dir into TORCHINDUCTOR_CACHE_DIR at its first compile and memoizes paths
+    under the dir: after a `none` run an `auto` one took torch's /tmp for the user's choice, and a second dir
+    kept the first one's local cache."""
+    from torch._inductor.codecache import CacheBase
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    monkeypatch.delenv(compile_cache.INDUCTOR_ENV, raising=False)
+    with compile_cache.using(compile_cache.choose("none", tmp_path / "a")) as use:
+        cache_dir()  # what inductor calls at a compile
+    assert compile_cache.INDUCTOR_ENV not in os.environ and use.where  # the default torch used, for the report
+    assert compile_cache.choose("auto", tmp_path / "b") == tmp_path / "b" / store.COMPILE_CACHE_DIR
+    for ckpt in ("c", "d"):
+        directory = compile_cache.choose("auto", tmp_path / ckpt)
+        with compile_cache.using(directory):
+            assert CacheBase.get_local_cache_path().is_relative_to(directory.resolve())
+
+
+def test_an_empty_compile_cache_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="--compile-cache is empty"):  # not the working directory
+        compile_cache.choose("", tmp_path)

@@ -34,6 +34,8 @@ def choose(flag: str, checkpoint_dir: str | Path) -> Path | None:
         return None
     if flag == "auto":  # the checkpoint dir is written by the run anyway
         return Path(checkpoint_dir) / COMPILE_CACHE_DIR
+    if not flag.strip():  # Path("") is the working directory: torch would fill it with its cache
+        raise UsageError("--compile-cache is empty; give auto, none or a directory")
     directory = Path(flag)
     if directory.exists() and not directory.is_dir():
         raise UsageError(f"--compile-cache {directory} is a file, not a directory")
@@ -64,6 +66,7 @@ class CacheUse:
     def __init__(self, directory: Path | None):
         self.directory = directory.resolve() if directory is not None else None
         self._before = _graph_counts()
+        self.where: str | None = None  # the dir torch used (set when the block ends)
 
     def report(self) -> dict | None:
         """None when nothing was compiled or loaded (CPU runs, --compile off, the dummy backend)."""
@@ -71,7 +74,8 @@ class CacheUse:
         counts = {name: now[name] - self._before[name] for name in now}
         if not any(counts.values()):
             return None
-        where = str(self.directory) if self.directory is not None else os.environ.get(INDUCTOR_ENV, "torch's default")
+        where = str(self.directory) if self.directory is not None else self.where or os.environ.get(
+            INDUCTOR_ENV, "torch's default")
         log.info("torch.compile: %s loaded from the compile cache, %d compiled (cache: %s)",
                  plural(counts["loaded"], "graph"), counts["compiled"], where)
         return {"dir": where, "graphs_loaded": counts["loaded"], "graphs_compiled": counts["compiled"]}
@@ -85,13 +89,26 @@ def using(directory: Path | None) -> Iterator[CacheUse]:
     use = CacheUse(directory)
     if use.directory is not None:
         os.environ[INDUCTOR_ENV] = str(use.directory)
+        _forget_cache_paths()
     try:
         yield use
     finally:
+        # Always: inductor writes its default dir into TORCHINDUCTOR_CACHE_DIR at its first compile even when
+        # we chose none, and a later `auto` in this process would take that for the user's choice.
+        use.where = os.environ.get(INDUCTOR_ENV)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         if directory is not None:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
+            _forget_cache_paths()
+
+
+def _forget_cache_paths() -> None:
+    """Inductor memoizes some paths under its cache dir (its local cache, for one): forget them when the dir
+    changes, as torch's own temporary_cache_dir does. Nothing to do when inductor was never imported."""
+    utils = sys.modules.get("torch._inductor.utils")
+    if utils is not None:
+        utils.clear_caches()
 
