@@ -273,3 +273,18 @@ def test_a_big_model_on_the_cpu_is_said(tiny_model_dir, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         model_loading.load_model(str(tiny_model_dir), torch.device("cpu"))
     assert any("no GPU" in r.getMessage() and "minutes per image" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("device_map", [None, "auto", "balanced", "sequential", "balanced_low_0"])
+def test_a_device_map_strategy_does_not_slip_past_the_gpu_check(tiny_model_dir, monkeypatch, device_map):
+    """Every accelerate strategy puts the whole model on the CPU when torch sees no GPU: only --device-map cpu
+    says the CPU is meant (balanced/sequential went to the CPU without a word)."""
+    import torch
+
+    from vlm_caption import model_loading
+    from vlm_caption.errors import UsageError
+
+    monkeypatch.setattr(model_loading, "BIG_FOR_A_CPU", 0)
+    monkeypatch.setattr(model_loading, "gpus_torch_cannot_use", lambda: "nvidia-smi lists 8 GPU(s) but ...")
+    with pytest.raises(UsageError, match="nvidia-smi lists 8"):
+        model_loading.load_model(str(tiny_model_dir), torch.device("cpu"), device_map=device_map)

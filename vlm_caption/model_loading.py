@@ -146,7 +146,7 @@ def load_model(model_name: str, device: torch.device, *, dtype: str = "auto", de
     cached_only = not Path(model_name).is_dir() and not _hub_reachable(model_name)
     try:
         processor = AutoProcessor.from_pretrained(model_name, local_files_only=cached_only)
-        if device.type == "cpu" and device_map in (None, "auto"):
+        if device.type == "cpu" and device_map != "cpu":  # accelerate's strategies too: all on the CPU here
             _check_cpu_run(model_name, cached_only)
         model = AutoModelForImageTextToText.from_pretrained(
             model_name, dtype=resolve_dtype(dtype, device), device_map=placement,
