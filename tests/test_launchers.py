@@ -260,6 +260,9 @@ def test_a_gpu_machine_whose_torch_cannot_use_its_gpus_is_refused(tmp_path, monk
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     fake_nvidia_smi(tmp_path, monkeypatch, "No devices were found\\n", code=6)  # a Slurm job given no GPU
     assert gpus_torch_cannot_use() is None
+    # A driver updated without a reboot: the GPUs are there and nothing can use them.
+    fake_nvidia_smi(tmp_path, monkeypatch, "Failed to initialize NVML: Driver/library version mismatch\\n", code=18)
+    assert "version mismatch" in (gpus_torch_cannot_use() or "")
 
 
 def test_a_big_model_on_the_cpu_is_said(tiny_model_dir, monkeypatch, caplog):
@@ -270,6 +273,7 @@ def test_a_big_model_on_the_cpu_is_said(tiny_model_dir, monkeypatch, caplog):
     from vlm_caption import model_loading
 
     monkeypatch.setattr(model_loading, "BIG_FOR_A_CPU", 0)
+    monkeypatch.setattr(model_loading, "gpus_torch_cannot_use", lambda: None)  # whatever this host's nvidia-smi says
     with caplog.at_level(logging.WARNING):
         model_loading.load_model(str(tiny_model_dir), torch.device("cpu"))
     assert any("no GPU" in r.getMessage() and "minutes per image" in r.getMessage() for r in caplog.records)

@@ -49,6 +49,10 @@ def gpus_torch_cannot_use() -> str | None:
         listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.SubprocessError):
         return None
+    said = (listing.stdout + listing.stderr).strip()
+    if listing.returncode != 0 and "version mismatch" in said:  # a driver updated without a reboot
+        return (f"nvidia-smi cannot reach this machine's GPUs ({said.splitlines()[0]}) and torch cannot either: "
+                "reboot or reinstall the driver, or set CUDA_VISIBLE_DEVICES= to caption on the CPU")
     gpus = [line for line in listing.stdout.splitlines() if line.startswith("GPU ")]
     if listing.returncode != 0 or not gpus:  # e.g. a Slurm job given no GPU: "No devices were found"
         return None
