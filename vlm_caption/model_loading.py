@@ -46,15 +46,19 @@ def gpus_torch_cannot_use() -> str | None:
     if torch.cuda.is_available() or visible in ("", "-1") or (smi := shutil.which("nvidia-smi")) is None:
         return None
     try:
-        listing = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=20)
+        smi_run = subprocess.Popen([smi, "-L"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        out, err = smi_run.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        smi_run.kill()  # not waited for: a wedged driver can hold it past the kill (subprocess.run would hang)
+        return None
     except (OSError, subprocess.SubprocessError):
         return None
-    said = (listing.stdout + listing.stderr).strip()
-    if listing.returncode != 0 and "version mismatch" in said:  # a driver updated without a reboot
+    said = (out + err).strip()
+    if smi_run.returncode != 0 and "version mismatch" in said:  # a driver updated without a reboot
         return (f"nvidia-smi cannot reach this machine's GPUs ({said.splitlines()[0]}) and torch cannot either: "
                 "reboot or reinstall the driver, or set CUDA_VISIBLE_DEVICES= to caption on the CPU")
-    gpus = [line for line in listing.stdout.splitlines() if line.startswith("GPU ")]
-    if listing.returncode != 0 or not gpus:  # e.g. a Slurm job given no GPU: "No devices were found"
+    gpus = [line for line in out.splitlines() if line.startswith("GPU ")]
+    if smi_run.returncode != 0 or not gpus:  # e.g. a Slurm job given no GPU: "No devices were found"
         return None
     why = ("it is a CPU-only build" if torch.version.cuda is None else
            f"it is built for CUDA {torch.version.cuda} but finds no usable GPU (a driver too old for it? "
