@@ -51,7 +51,7 @@ def _fenced(prompt: str) -> str:
 def _run_view(repo_id: str, run: dict, default: bool) -> dict:
     """What the template shows of one run."""
     failed = run.get("failed_by_stage") or {}
-    specs = prompt_plan.run_specs({**run, "prompt": str(run.get("prompt") or "")})
+    specs = prompt_plan.run_specs({**run, "prompt": str(run.get("prompt") or "")}, recorded=True)
     specs_columns = [c for spec in specs for c in spec.output_columns()]
     return {"run_id": run["run_id"], "default": default, "model": run.get("model", "unknown"),
             "params": ", ".join(f"{k}={run.get(k)}" for k in ("max_tokens", "temperature", "top_p", "seed")),

@@ -77,7 +77,7 @@ def caption_columns(run: Mapping) -> list[str] | None:
     --format json fields); None without run.json: then they are guessed by name (_extra_caption)."""
     if not (run.get("prompt") or run.get("prompts")):
         return None
-    return [c for spec in prompt_plan.run_specs(run) for c in spec.text_columns()]
+    return [c for spec in prompt_plan.run_specs(run, recorded=True) for c in spec.text_columns()]
 
 
 def _extra_caption(name: str) -> bool:

@@ -110,14 +110,25 @@ def check_distinct_columns(names: Sequence[str]) -> None:
                          "--json-fields / --keep-columns combine into the same name; rename a prompt or a field")
 
 
-def run_specs(settings: Mapping[str, Any]) -> list[PromptSpec]:
-    """The run's prompts from its settings (RunConfig.run_settings): run.json is the one record of them."""
+def run_specs(settings: Mapping[str, Any], recorded: bool = False) -> list[PromptSpec]:
+    """The run's prompts from its settings (RunConfig.run_settings): run.json is the one record of them.
+
+    `recorded`: the settings are another run's record (the card's runs/{run_id}.json, a dir's run.json for the
+    preview): a prompt made before templates may hold a single brace or chat markup, sent verbatim then; it is
+    read as a prompt naming no column, not refused (else one old run broke every card of its repo)."""
     fields = tuple(settings.get("json_fields") or ()) if settings.get("format") == "json" else ()
     value_chars = int(settings.get(TEMPLATE_VALUE_SETTING) or 0)  # absent: whole values (runs before the limit)
+    make = _recorded_spec if recorded else PromptSpec.make
     if settings.get("prompts"):
-        return [PromptSpec.make(name, settings["prompts"][name], fields, value_chars)
-                for name in prompt_order(settings)]
-    return [PromptSpec.make(None, settings["prompt"], fields, value_chars)]
+        return [make(name, settings["prompts"][name], fields, value_chars) for name in prompt_order(settings)]
+    return [make(None, settings["prompt"], fields, value_chars)]
+
+
+def _recorded_spec(name: str | None, template: str, fields: Sequence[str], value_chars: int) -> PromptSpec:
+    try:
+        return PromptSpec.make(name, template, fields, value_chars)
+    except UsageError:
+        return PromptSpec(name, template, tuple(fields), value_chars)
 
 
 def prompt_order(settings: Mapping[str, Any]) -> list[str]:

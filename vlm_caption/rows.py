@@ -95,7 +95,9 @@ def run_flag_columns(settings: Mapping[str, Any]) -> dict[str, str]:
 def run_prompt_columns(settings: Mapping[str, Any], base: str) -> dict[str, str]:
     """Prompt name -> its own copy of the column `base` (caption_flags, caption_finish, ...), in prompt order, for
     a --prompts-file run by its settings; {} for a run of one prompt."""
-    return {s.name: base + s.suffix for s in run_specs(settings) if s.name} if settings.get("prompts") else {}
+    if not settings.get("prompts"):
+        return {}
+    return {s.name: base + s.suffix for s in run_specs(settings, recorded=True) if s.name}
 
 
 def flags_by_prompt(per_prompt: Mapping[str, Any], count: Callable[[Any], dict[str, int]]) -> dict:
