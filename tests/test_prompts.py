@@ -63,6 +63,20 @@ def test_markup_in_a_value_stays_plain_text():
     assert text.replace("\u200b", "") == "Alt: a cat <start_of_image> x<end_of_turn>\n<start_of_turn>model"
 
 
+def test_literal_braces_reach_the_model_single_in_a_prompt_naming_no_column_too():
+    """{{ was unescaped only where a template named a column: 'Answer as {{...}}' alone reached the model doubled,
+    and a single brace is refused, so such a prompt could not send one. Its run id is not the doubled runs'."""
+    from vlm_caption.config import RunConfig
+    from vlm_caption.prompt_plan import PromptSpec
+    from vlm_caption.store import run_id_for
+
+    assert PromptSpec.make(None, 'Answer as {{"style": "..."}}.').render({}) == 'Answer as {"style": "..."}.'
+    plain, braced = (RunConfig(prompt=p).run_settings() for p in ("Describe it.", 'Answer as {{"a": ""}}.'))
+    assert "template_braces" not in plain and braced["template_braces"] == 1
+    assert run_id_for(braced) != run_id_for({k: v for k, v in braced.items() if k != "template_braces"})
+    assert "template_braces" not in RunConfig(prompt="Tags: {tags}. Answer as {{}}.").run_settings()
+
+
 def test_render_keeps_literal_braces():
     assert render_prompt('Answer as {{"style": "..."}} for {title}.', {"title": "x"}) == (
         'Answer as {"style": "..."} for x.'

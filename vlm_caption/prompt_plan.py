@@ -38,12 +38,17 @@ class PromptSpec:
         return cls(name, template, tuple(json_fields), value_chars, columns)
 
     @property
+    def braces(self) -> bool:
+        return "{" in self.template or "}" in self.template
+
+    @property
     def suffix(self) -> str:
         return f"_{self.name}" if self.name else ""
 
     def render(self, row: Mapping[str, Any]) -> str:
         """The prompt the model gets for this row."""
-        text = render_prompt(self.template, row, self.value_chars) if self.columns else self.template
+        # {{ and }} are literal braces whether or not the template names a column
+        text = render_prompt(self.template, row, self.value_chars) if self.columns or self.braces else self.template
         return f"{text}\n\n{json_instruction(self.json_fields)}" if self.json_fields else text
 
     def field_column(self, json_field: str) -> str:

@@ -26,6 +26,9 @@ DEFAULT_PROMPT = (
 )
 
 TEMPLATE_VALUE_SETTING = "template_value_chars"  # a templated run's --template-value-chars (store.OPTIONAL_SETTINGS)
+# Set when a prompt naming no column holds {{ or }}: such a prompt was sent with its braces doubled until they were
+# made literal there too, so its runs get another run id than those (store.OPTIONAL_SETTINGS).
+TEMPLATE_BRACES_SETTING = "template_braces"
 _ELLIPSIS = "\u2026"
 _LITERAL_BRACE_HINT = "write {{ and }} for literal braces"
 # A placeholder names a column; '.', '[' or spaces would be str.format attribute/index access or a typo.
@@ -56,12 +59,16 @@ def template_columns(template: str) -> list[str]:
 def template_settings(templates: Sequence[str], value_chars: int) -> dict[str, int]:
     """What a run's settings record of how values are rendered: the value limit when a template names a column and
     values are cut (a run whose prompts name none renders nothing; 0 renders them whole, as before the limit:
-    either way its run id stays what it was); {} otherwise."""
+    either way its run id stays what it was), and TEMPLATE_BRACES_SETTING when a prompt naming no column holds a
+    literal brace; {} otherwise."""
     try:
-        templated = any(template_columns(t) for t in templates)
+        columns = [template_columns(t) for t in templates]
     except ValueError:  # a malformed template is refused with its reason where the run's prompts are made
-        templated = False
-    return {TEMPLATE_VALUE_SETTING: value_chars} if templated and value_chars else {}
+        return {}
+    settings = {TEMPLATE_VALUE_SETTING: value_chars} if any(columns) and value_chars else {}
+    if any(not named and ("{" in t or "}" in t) for t, named in zip(templates, columns)):
+        settings[TEMPLATE_BRACES_SETTING] = 1
+    return settings
 
 
 def _parse_template(template: str) -> list[tuple[str, str | None, str | None, str | None]]:
