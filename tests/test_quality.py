@@ -121,6 +121,8 @@ CASES = [
      "loose washes suggest the early twentieth century.", "stop", []),
     ("a signature with digits", "An etching of a cathedral facade, signed and dated 'R. M. 1921' lower left.",
      "stop", []),
+    ("a whole sentence in japanese, hindi, arabic at the token limit",
+     "静かな田園風景。「春」。 यह एक शांत दृश्य है। هل هذه لوحة؟", "length", []),
     ("cyrillic and japanese letters are text",
      "Плакат в стиле конструктивизма с надписью «Вперёд». 右下に「春」という文字がある。", "stop", []),
 

@@ -116,8 +116,9 @@ def _has_repeated_sentence(text: str) -> bool:
 # Rule: a caption cut at the token limit is truncated unless its last visible character ends a sentence
 # (. ! ? or …), possibly followed by closing quotes, brackets or markdown emphasis ('." ', '.)', '.**').
 # A list item or heading without final punctuation does not count: the model may have had more to say.
-_SENTENCE_CLOSERS = "\"'”’»)]*_"
-_SENTENCE_ENDS = (".", "!", "?", "…")
+# Full-width (Chinese, Japanese), Devanagari and Arabic sentence ends and closers count as the ASCII ones do.
+_SENTENCE_CLOSERS = "\"'”’»)]*_」』）"
+_SENTENCE_ENDS = (".", "!", "?", "…", "。", "！", "？", "।", "؟")
 
 
 def _is_truncated(text: str, finish: str) -> bool:
