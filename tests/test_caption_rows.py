@@ -104,6 +104,18 @@ def test_flagged_captions_are_retried_once_and_the_better_kept(faults, sample_da
     assert "empty" not in summary["checkpoint_dir"]["caption_flags"]
 
 
+def test_a_retry_that_refuses_or_is_garbled_does_not_replace_the_first_caption():
+    """A caption that loops at its end still describes the image; a retry that refuses describes nothing."""
+    from vlm_caption.backends import Caption
+    from vlm_caption.rows import caption_values
+
+    loop = Caption("A harbour at dusk with boats. " + "The gulls circle. " * 4, "stop", 30)
+    for bad in ("I'm sorry, but I can't describe this image.", "\ufffd\ufffd <end_of_turn> boats harbour"):
+        kept = caption_values(loop, Caption(bad, "stop", 9))
+        assert kept["vlm_caption"].startswith("A harbour") and kept["caption_flags"] == ["repetition"], bad
+    assert caption_values(loop, Caption("A harbour at dusk.", "stop", 5))["caption_flags"] == []
+
+
 def test_retry_penalty_0_means_no_second_try(faults, sample_data_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     assert main(dummy_args(sample_data_dir, ckpt, "--retry-repetition-penalty", "0")) in (EXIT_OK, EXIT_ITEMS_FAILED)

@@ -50,6 +50,14 @@ def badness(flags: Sequence[str]) -> int:
     return sum(1 for f in flags if f in RETRY_FLAGS)
 
 
+# What the kept caption is chosen by: a retry that refuses or is garbled is no better than the loop it replaces.
+_UNUSABLE_FLAGS = (*RETRY_FLAGS, "refusal", "garbled")
+
+
+def _unusable(flags: Sequence[str]) -> int:
+    return sum(1 for f in flags if f in _UNUSABLE_FLAGS)
+
+
 def wants_retry(cap: Caption, spec: PromptSpec | None = None) -> bool:
     flags = judge(cap, spec)[1]
     # JSON cut at --max-tokens stays cut in a second try at the same length: only a cost (flagged truncated).
@@ -58,12 +66,12 @@ def wants_retry(cap: Caption, spec: PromptSpec | None = None) -> bool:
 
 def caption_values(cap: Caption, retried: Caption | None = None, spec: PromptSpec | None = None) -> dict:
     """The caption columns of one prompt's caption (caption_model aside; names without the prompt's suffix):
-    the better of the first caption and its retry (fewer RETRY_FLAGS; a tie keeps the first), and how many
-    generations it took."""
+    the better of the first caption and its retry (fewer RETRY_FLAGS, refusal and garbled; a tie keeps the first),
+    and how many generations it took."""
     text, flags, fields = judge(cap, spec)
     if retried is not None:
         text2, flags2, fields2 = judge(retried, spec)
-        if badness(flags2) < badness(flags):
+        if _unusable(flags2) < _unusable(flags):
             cap, text, flags, fields = retried, text2, flags2, fields2
     return {"vlm_caption": text, "caption_finish": cap.finish, "caption_tokens": cap.tokens, FLAGS_COLUMN: flags,
             "caption_attempts": 1 if retried is None else 2, **{f"caption_{k}": v for k, v in fields.items()}}
