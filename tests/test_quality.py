@@ -1,6 +1,8 @@
 """Caption quality flags: a table of realistic captions, good and bad, each with its exact flags."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from vlm_caption.quality import FLAGS, JSON_FLAGS, caption_flags, strip_preamble
@@ -272,6 +274,20 @@ def test_json_cut_at_max_tokens_is_not_generated_again():
     cut = Caption(text='{"subject": "a cat on a', finish="length", tokens=8)
     assert judge(cut, spec)[1] == ["truncated", "invalid_json"] and not wants_retry(cut, spec)
     assert wants_retry(Caption(text="no json here at all.", finish="stop", tokens=5), spec)
+
+
+def test_json_fields_that_answer_alike_are_no_loop_but_a_loop_within_a_field_is():
+    """The fields were joined into one text: the same answer in three fields read as a sentence said thrice, and its
+    retry (no repeated 4-grams) could not answer alike again."""
+    from vlm_caption.backends import Caption
+    from vlm_caption.prompt_plan import PromptSpec
+    from vlm_caption.rows import judge, wants_retry
+
+    spec = PromptSpec.make(None, "Describe.", ("text", "signature", "watermark"))
+    alike = Caption(json.dumps(dict.fromkeys(spec.json_fields, "None visible in the image.")), "stop", 30)
+    assert judge(alike, spec)[1] == [] and not wants_retry(alike, spec)
+    looped = Caption(json.dumps({"text": "la " * 12, "signature": "", "watermark": ""}), "stop", 30)
+    assert judge(looped, spec)[1] == ["repetition"] and wants_retry(looped, spec)
 
 
 @pytest.mark.parametrize("last", ["cubist", "cubist."])

@@ -40,9 +40,13 @@ def judge(cap: Caption, spec: PromptSpec | None = None) -> tuple[str, list[str],
         found = {*caption_flags(cap.text, cap.finish), "invalid_json"}
     else:
         content = ". ".join(v for v in parsed.values() if v)
-        # The object closed, so no field was cut (what came after it may have been): never `truncated`.
-        found = {*caption_flags(content, "stop"), *(["preamble"] if had_preamble else []),
-                 *(["missing_fields"] if missing else [])}
+        # The object closed, so no field was cut (what came after it may have been): never `truncated`. Fields may
+        # answer alike ("None visible." for text, signature, watermark): a loop is one within a value (a retry
+        # without repeated 4-grams could not answer alike again).
+        found = {*(set(caption_flags(content, "stop")) - {"repetition"}), *(["preamble"] if had_preamble else []),
+                 *(["missing_fields"] if missing else []),
+                 *(["repetition"] if any("repetition" in caption_flags(v, "stop") for v in parsed.values() if v)
+                   else [])}
     return text, [f for f in FLAGS if f in found], parsed or dict.fromkeys(spec.json_fields)
 
 
