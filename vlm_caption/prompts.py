@@ -122,7 +122,9 @@ def render_prompt(template: str, row: Mapping[str, Any], value_chars: int = 0) -
         pieces.append(literal)
         if field is not None:
             pieces.append(_cut(_render_value(row[field]), value_chars) or _EMPTY_MARK)
-    return _tidy_empty_lines("".join(pieces))
+    # A value may end or start markup that the text next to it completes ("<{a}>", "{a}{b}"): the template's own
+    # text holds none (template_columns), so any in the whole is made by values and is defused too.
+    return _defuse_markup(_tidy_empty_lines("".join(pieces)))
 
 
 def is_cut(value: Any, value_chars: int) -> bool:
@@ -155,9 +157,13 @@ def _render_value(value: Any) -> str:
         value = value.tolist()  # numpy arrays and scalars become plain Python values
     if isinstance(value, (list, tuple)):
         return ", ".join(item for item in map(_render_value, value) if item)
+    return _defuse_markup(str(value).strip().replace(_EMPTY_MARK, ""))
+
+
+def _defuse_markup(text: str) -> str:
     # Markup in a value (scraped alt text) would open a second image slot or close the user's turn: a
     # zero-width space after its "<" leaves it as plain text to the tokenizer.
-    return CHAT_MARKUP_RE.sub(lambda m: "<\u200b" + m.group(0)[1:], str(value).strip().replace(_EMPTY_MARK, ""))
+    return CHAT_MARKUP_RE.sub(lambda m: "<\u200b" + m.group(0)[1:], text)
 
 
 def _tidy_empty_lines(text: str) -> str:
