@@ -26,9 +26,7 @@ DEFAULT_PROMPT = (
 )
 
 TEMPLATE_VALUE_SETTING = "template_value_chars"  # a templated run's --template-value-chars (store.OPTIONAL_SETTINGS)
-# Set when a prompt naming no column holds {{ or }}: such a prompt was sent with its braces doubled until they were
-# made literal there too, so its runs get another run id than those (store.OPTIONAL_SETTINGS).
-TEMPLATE_BRACES_SETTING = "template_braces"
+TEMPLATE_BRACES_SETTING = "template_braces"  # {{ in a prompt naming no column: once sent doubled, now single
 _ELLIPSIS = "\u2026"
 _LITERAL_BRACE_HINT = "write {{ and }} for literal braces"
 # A placeholder names a column; '.', '[' or spaces would be str.format attribute/index access or a typo.
