@@ -329,3 +329,18 @@ def test_json_lacking_some_of_the_fields_is_flagged_missing_fields(text, flags):
 
 def test_missing_fields_comes_right_after_invalid_json():
     assert FLAGS.index("missing_fields") == FLAGS.index("invalid_json") + 1 == len(FLAGS) - 1
+
+
+def test_json_fields_all_answered_empty_are_flagged_but_not_generated_again():
+    """The instruction asks for "" where a field does not apply: `--json-fields text` on a picture without text
+    answers {"text": ""} in form, and a second generation of every such row was only a cost."""
+    from vlm_caption.backends import Caption
+    from vlm_caption.prompt_plan import PromptSpec
+    from vlm_caption.rows import judge, wants_retry
+
+    spec = PromptSpec.make(None, "Describe.", ("text", "signature"))
+    answered = Caption(json.dumps({"text": "", "signature": ""}), "stop", 12)
+    assert judge(answered, spec)[1] == ["empty"] and not wants_retry(answered, spec)
+    lacking = Caption(json.dumps({"text": ""}), "stop", 6)  # a key absent: not an answer in form
+    assert "empty" in judge(lacking, spec)[1] and wants_retry(lacking, spec)
+    assert wants_retry(Caption("", "stop", 1), spec)  # no JSON at all

@@ -65,7 +65,10 @@ def _unusable(flags: Sequence[str]) -> int:
 def wants_retry(cap: Caption, spec: PromptSpec | None = None) -> bool:
     flags = judge(cap, spec)[1]
     # JSON cut at --max-tokens stays cut in a second try at the same length: only a cost (flagged truncated).
-    return badness([f for f in flags if not (f == "invalid_json" and cap.finish == "length")]) > 0
+    worth = [f for f in flags if not (f == "invalid_json" and cap.finish == "length")]
+    if "empty" in flags and not {"invalid_json", "missing_fields"} & set(flags) and spec and spec.json_fields:
+        worth.remove("empty")  # every key answered "", as the instruction allows ("does not apply"): kept, flagged
+    return badness(worth) > 0
 
 
 def caption_values(cap: Caption, retried: Caption | None = None, spec: PromptSpec | None = None) -> dict:
