@@ -6,6 +6,8 @@ and a response slower than --timeout. Shard 2 (rows 32-44) holds only good image
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import decimal
 import importlib.util
 import json
 import logging
@@ -270,7 +272,8 @@ def test_every_further_source_column_reaches_full_metadata_with_its_type(server,
     where img2dataset or the outputs use the name; a column that is not a scalar or a list is said."""
     rows = [{"key": str(i), "url": server.url(f"/img/{i}.jpg"), "caption": "c", "md5": "ff", "tags": "t",
              "merged_tags": "m", "aesthetic": i / 4, "license": "cc-by", "width": 1000 + i, "labels": ["a", str(i)],
-             "blob": b"\x00"} for i in range(3)]
+             "blob": b"\x00", "day": datetime.date(2020, 1, 1 + i), "price": decimal.Decimal(f"{i}.50"),
+             "at": datetime.time(i)} for i in range(3)]  # img2dataset's per-image .json cannot hold dates
     path = tmp_path / "src.parquet"
     pq.write_table(pa.Table.from_pylist(rows), path)
     out = tmp_path / "out"
@@ -278,15 +281,17 @@ def test_every_further_source_column_reaches_full_metadata_with_its_type(server,
         summary = dl.download_dataset(DownloadConfig(output=str(out), source=str(path), processes=1, threads=2,
                                                      timeout=5, retries=0, validate_workers=1))
     assert summary["valid"] == 3 and "source column blob (binary) is not carried" in caplog.text
+    assert "source column at (time64[us]) is not carried" in caplog.text
     meta = pq.read_table(out / "full_metadata.parquet")
-    assert meta.schema.names[len(validate.FULL_METADATA_SCHEMA):] == ["aesthetic", "license", "source_width", "labels"]
+    assert meta.schema.names[len(validate.FULL_METADATA_SCHEMA):] == ["aesthetic", "license", "source_width", "labels",
+                                                                     "day", "price"]
     assert meta.schema.field("aesthetic").type == pa.float64() and meta.schema.field("source_width").type == pa.int64()
     assert meta.schema.field("labels").type == pa.list_(pa.string())
     by_key = {r["original_key"]: r for r in meta.to_pylist()}
     for r in rows:
         got = by_key[r["key"]]
-        assert (got["aesthetic"], got["license"], got["source_width"], got["labels"]) == \
-            (r["aesthetic"], r["license"], r["width"], r["labels"])
+        assert (got["aesthetic"], got["license"], got["source_width"], got["labels"], got["day"], got["price"]) == \
+            (r["aesthetic"], r["license"], r["width"], r["labels"], r["day"], r["price"])
         assert got["width"] > 0 and got["width"] != r["width"]  # the measured size keeps its name
     # ... and the captioner can carry them into every output row.
     from batched_image_inference import main

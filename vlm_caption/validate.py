@@ -222,7 +222,8 @@ def _shard_outputs(out: Path, shard_id: int, counts: OutputCounts, include_inval
         # the saved size is the original size.
         "width": checked["width"], "height": checked["height"],
         "original_width": checked["width"], "original_height": checked["height"],
-        "sha256": rows["sha256"], "file_name": checked["file_name"], **{c: rows[c] for c in further},
+        "sha256": rows["sha256"], "file_name": checked["file_name"],
+        **{c: rows[c].cast(schema.field(c).type) for c in further},  # dates and decimals came back as text
     }, schema=schema).sort_by("key")
     counts.metadata_rows += rows.num_rows
     return rows, invalid.sort_by("key")
