@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 
 import pyarrow as pa
@@ -107,3 +108,15 @@ def test_urls_with_spaces_or_accents_are_fetched_percent_encoded():
         "http://127.0.0.1/peintures/Claude%20Monet/Impression,%20soleil%20levant.jpg",
         "https://127.0.0.1/%C5%93uvres/%C3%A9t%C3%A9.jpg?titre=la%20mer#vue", "http://xn--bcher-kva.example/a.jpg",
         urls[3], urls[4], None]
+
+
+@pytest.mark.parametrize("text, says", [
+    (HEADER.rstrip() + ",key\n1,http://a/1.jpg,c,m,t,mt,2\n", "has column(s) key more than once"),
+    (HEADER + '1,http://a/1.jpg,"open quote,m,t,mt\n2,http://a/2.jpg,c,m,t,mt\n', "Expected 6 columns"),
+])
+def test_a_csv_with_a_repeated_column_or_a_broken_quote_is_one_line(tmp_path, text, says):
+    path = tmp_path / "src.csv"
+    path.write_text(text)
+    with pytest.raises(UsageError, match=re.escape(says)) as e:
+        dl.load_source(str(path), "train", None)
+    assert "\n" not in str(e.value)

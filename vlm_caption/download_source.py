@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from .cli import plural
 from .data_layout import SHARD_NAMES
-from .errors import FatalError, UsageError
+from .errors import FatalError, UsageError, brief
 from .schema import COLUMNS
 
 logger = logging.getLogger("vlm_caption.download")  # the messages users know, under the name they had
@@ -100,6 +100,10 @@ def load_source(source: str, split: str, max_rows: int | None) -> pa.Table:
 
 
 def check_source_columns(columns: list[str], source: str) -> None:
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:  # which of them holds the URLs would be a guess (pyarrow refuses to pick one)
+        raise UsageError(f"--source {source} has column(s) {', '.join(repeated)} more than once; rename or drop "
+                         "the extra ones")
     missing = [c for c in SOURCE_COLUMNS if c not in columns]
     if missing:
         raise UsageError(
@@ -124,7 +128,9 @@ def _read_local_table(path: Path) -> pa.Table:
 
         table = pa_json.read_json(path, read_options=pa_json.ReadOptions(block_size=JSON_BLOCK_BYTES))
     except (pa.ArrowInvalid, OSError) as e:
-        raise UsageError(f"--source {path}: cannot read it ({e}); give a .parquet, .csv or .jsonl file") from None
+        # brief: a CSV parse error quotes the offending rows, newlines included
+        raise UsageError(f"--source {path}: cannot read it ({brief(str(e))}); give a .parquet, .csv or .jsonl "
+                         "file") from None
     check_source_columns(table.column_names, str(path))
     return table
 
