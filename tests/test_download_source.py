@@ -120,3 +120,13 @@ def test_a_csv_with_a_repeated_column_or_a_broken_quote_is_one_line(tmp_path, te
     with pytest.raises(UsageError, match=re.escape(says)) as e:
         dl.load_source(str(path), "train", None)
     assert "\n" not in str(e.value)
+
+
+def test_a_category_column_is_carried_as_its_values(tmp_path):
+    """pandas writes its category columns dictionary-encoded: scalars all the same, not a column to drop."""
+    table = pa.table({c: [f"{c}{i}" for i in range(3)] for c in SOURCE_COLUMNS})
+    path = tmp_path / "src.parquet"
+    pq.write_table(table.append_column("style", pa.array(["ukiyo-e", "baroque", "ukiyo-e"]).dictionary_encode()), path)
+    got = dl.load_source(str(path), "train", None)
+    assert got.schema.field("style").type == pa.string()
+    assert got.column("style").to_pylist() == ["ukiyo-e", "baroque", "ukiyo-e"]

@@ -44,6 +44,8 @@ def _as_text(kind: pa.DataType) -> bool:
 def _carried(kind: pa.DataType) -> bool:
     """A column kept as it is: scalars, and lists of them (not images, structs or bytes, nor times of day,
     durations or lists of _as_text values, which neither json nor a cast back from text can carry)."""
+    if pa.types.is_dictionary(kind):  # pandas' category columns: carried as their values (load_source)
+        kind = kind.value_type
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         kind = kind.value_type
     elif _as_text(kind):
@@ -96,7 +98,12 @@ def load_source(source: str, split: str, max_rows: int | None) -> pa.Table:
         table = table.slice(0, max_rows)
     further = further_columns(table.schema)
     return pa.table({**{c: _as_strings(table.column(c), c) for c in SOURCE_COLUMNS},
-                     **{name: table.column(c) for c, name in further.items()}})
+                     **{name: _decoded(table.column(c)) for c, name in further.items()}})
+
+
+def _decoded(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A dictionary-encoded column as its values (its shard parquets and full_metadata hold plain values)."""
+    return column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column
 
 
 def check_source_columns(columns: list[str], source: str) -> None:
