@@ -44,3 +44,21 @@ def test_an_unreadable_urls_parquet_beside_finished_shards_is_a_one_line_usage_e
                                          r"shards hold: restore it, or use a new --output") as e:
         dl.write_urls(tmp_path, pa.table({"url": ["http://127.0.0.1/a.jpg"]}), 8)
     assert "\n" not in str(e.value) and (tmp_path / URLS_FILE).read_bytes().endswith(b"garbage")  # left as it was
+
+
+def test_a_file_where_images_or_decode_checks_should_be_is_one_line(tmp_path):
+    import pyarrow as pa
+    import pytest
+
+    from vlm_caption.config import DownloadConfig
+    from vlm_caption.data_layout import VALIDATION_DIR
+    from vlm_caption.download_source import SOURCE_COLUMNS
+    from vlm_caption.errors import FatalError
+
+    urls = dl.url_table(pa.table({c: ["http://127.0.0.1:9/a.jpg" if c == "url" else "x"] for c in SOURCE_COLUMNS}))
+    for name in (IMAGES_DIR, VALIDATION_DIR):
+        out = tmp_path / name.strip("_")
+        out.mkdir()
+        (out / name).write_text("not a directory")
+        with pytest.raises(FatalError, match=f"{name} is a file, not a directory: move it aside and rerun"):
+            dl._download_into(out, urls, DownloadConfig(output=str(out)), 0.0)

@@ -27,7 +27,7 @@ from .cli import plural
 from .config import DownloadConfig
 from .data_layout import (DOWNLOAD_LOCK, ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, METADATA_CSV,
                           OOM_SHARD_COUNT, SAVED_COLUMNS, SHARD_SIZE_META, STATS_SUFFIX, SUMMARY_FILE, URLS_FILE,
-                          expected_shards, shard_name, stats_file)
+                          VALIDATION_DIR, expected_shards, shard_name, stats_file)
 from .download_source import (URL_COLUMNS, further_names, img2dataset_input, load_source,  # noqa: F401  (dl.* names)
                               url_table)
 from .download_summary import make_summary, print_summary, stats_files
@@ -293,6 +293,9 @@ def set_aside_unreadable_shards(out: Path, n_rows: int, shard_size: int) -> None
 
 def _download_into(out: Path, urls: pa.Table, cfg: DownloadConfig, t0: float) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    for name in (IMAGES_DIR, VALIDATION_DIR):  # img2dataset and mkdir would end in a traceback
+        if (out / name).exists() and not (out / name).is_dir():
+            raise FatalError(f"{out / name} is a file, not a directory: move it aside and rerun")
     write_urls(out, urls, cfg.shard_size)
     set_aside_unreadable_shards(out, urls.num_rows, cfg.shard_size)
     shard_ids = expected_shards(urls.num_rows, cfg.shard_size)
