@@ -62,3 +62,19 @@ def test_a_file_where_images_or_decode_checks_should_be_is_one_line(tmp_path):
         (out / name).write_text("not a directory")
         with pytest.raises(FatalError, match=f"{name} is a file, not a directory: move it aside and rerun"):
             dl._download_into(out, urls, DownloadConfig(output=str(out)), 0.0)
+
+
+def test_a_rerun_over_a_source_with_nan_is_not_taken_for_other_metadata(tmp_path):
+    """NaN != NaN: pandas writes missing floats as NaN, and such a download could not be resumed."""
+    import pyarrow as pa
+    import pytest
+
+    from vlm_caption.errors import UsageError
+
+    (tmp_path / IMAGES_DIR).mkdir()
+    (tmp_path / IMAGES_DIR / "00000_stats.json").write_text('{"end_time": 1.5}')
+    urls = pa.table({"url": ["http://127.0.0.1/a.jpg", "http://127.0.0.1/b.jpg"], "score": [float("nan"), 0.5]})
+    dl.write_urls(tmp_path, urls, 8)
+    dl.write_urls(tmp_path, urls, 8)  # the same source again: resumed
+    with pytest.raises(UsageError, match=r"other metadata \(score differ\)"):
+        dl.write_urls(tmp_path, urls.set_column(1, "score", pa.array([float("nan"), 0.7])), 8)

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import locks, store
@@ -73,16 +74,27 @@ def write_urls(out: Path, urls: pa.Table, shard_size: int) -> None:
                 f"({old.num_rows} rows, shard size {old_size}; now {urls.num_rows} rows, shard size {shard_size}); "
                 "rerun with the same --source/--max-rows/--shard-size or use a new --output"
             )
-        if not old.replace_schema_metadata(None).equals(urls.replace_schema_metadata(None)):
+        old, new = _comparable(old.replace_schema_metadata(None)), _comparable(urls.replace_schema_metadata(None))
+        if not old.equals(new):
             # The shards carry the metadata of the first run: keeping them would publish stale captions and tags.
-            names = dict.fromkeys([*old.column_names, *urls.column_names])
-            differ = [c for c in names if c not in old.column_names or c not in urls.column_names
-                      or not old.column(c).equals(urls.column(c))]
+            names = dict.fromkeys([*old.column_names, *new.column_names])
+            differ = [c for c in names if c not in old.column_names or c not in new.column_names
+                      or not old.column(c).equals(new.column(c))]
             raise UsageError(
                 f"--output {out} already holds a download of the same URLs with other metadata ({', '.join(differ)} "
                 "differ): its shards would keep the old values; download into a new --output"
             )
     atomic_write_table(path, urls.replace_schema_metadata({SHARD_SIZE_META: str(shard_size).encode()}))
+
+
+def _comparable(table: pa.Table) -> pa.Table:
+    """NaN as null in float columns: NaN never equals itself, so a source with NaN (pandas' missing float)
+    would read as changed on every rerun, and its download could never be resumed."""
+    for i, f in enumerate(table.schema):
+        if pa.types.is_floating(f.type):
+            column = table.column(i)
+            table = table.set_column(i, f, pc.if_else(pc.is_nan(column), pa.scalar(None, f.type), column))
+    return table
 
 
 # ---------------------------------------------------------------------------------------------- img2dataset
