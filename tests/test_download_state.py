@@ -78,3 +78,16 @@ def test_a_rerun_over_a_source_with_nan_is_not_taken_for_other_metadata(tmp_path
     dl.write_urls(tmp_path, urls, 8)  # the same source again: resumed
     with pytest.raises(UsageError, match=r"other metadata \(score differ\)"):
         dl.write_urls(tmp_path, urls.set_column(1, "score", pa.array([float("nan"), 0.7])), 8)
+
+
+def test_a_rerun_over_columns_parquet_stores_as_another_type_is_not_taken_for_other_metadata(tmp_path):
+    import datetime
+
+    import pyarrow as pa
+
+    (tmp_path / IMAGES_DIR).mkdir()
+    (tmp_path / IMAGES_DIR / "00000_stats.json").write_text('{"end_time": 1.5}')
+    urls = pa.table({"url": ["http://127.0.0.1/a.jpg"], "day": pa.array([datetime.date(2020, 1, 2)], pa.date64()),
+                     "at": pa.array([datetime.datetime(2020, 1, 2, 3)], pa.timestamp("s"))})
+    dl.write_urls(tmp_path, urls, 8)
+    dl.write_urls(tmp_path, urls, 8)  # urls.parquet reads back date32 and timestamp[ms]: the same values

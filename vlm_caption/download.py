@@ -74,7 +74,11 @@ def write_urls(out: Path, urls: pa.Table, shard_size: int) -> None:
                 f"({old.num_rows} rows, shard size {old_size}; now {urls.num_rows} rows, shard size {shard_size}); "
                 "rerun with the same --source/--max-rows/--shard-size or use a new --output"
             )
-        old, new = _comparable(old.replace_schema_metadata(None)), _comparable(urls.replace_schema_metadata(None))
+        old, new = old.replace_schema_metadata(None), urls.replace_schema_metadata(None)
+        if old.schema.names == new.schema.names and not old.schema.equals(new.schema):
+            with contextlib.suppress(pa.ArrowInvalid, pa.ArrowNotImplementedError):
+                old = old.cast(new.schema)  # parquet keeps date64 as date32, timestamp[s] as [ms]: same values
+        old, new = _comparable(old), _comparable(new)
         if not old.equals(new):
             # The shards carry the metadata of the first run: keeping them would publish stale captions and tags.
             names = dict.fromkeys([*old.column_names, *new.column_names])
