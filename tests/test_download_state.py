@@ -91,3 +91,30 @@ def test_a_rerun_over_columns_parquet_stores_as_another_type_is_not_taken_for_ot
                      "at": pa.array([datetime.datetime(2020, 1, 2, 3)], pa.timestamp("s"))})
     dl.write_urls(tmp_path, urls, 8)
     dl.write_urls(tmp_path, urls, 8)  # urls.parquet reads back date32 and timestamp[ms]: the same values
+
+
+def test_tmp_files_of_a_run_killed_mid_write_are_removed_by_the_next(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    import pyarrow as pa
+    import pytest
+
+    from vlm_caption.config import DownloadConfig
+    from vlm_caption.data_layout import VALIDATION_DIR
+    from vlm_caption.download_source import SOURCE_COLUMNS
+    from vlm_caption.errors import FatalError
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = [tmp_path / f".full_metadata.parquet.tmp-{socket.gethostname()}-{dead}.{dead}",
+             tmp_path / VALIDATION_DIR / f".00000.parquet.tmp-{socket.gethostname()}-{dead}.{dead}"]
+    for path in stale:
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(b"PAR1 half")
+    (tmp_path / IMAGES_DIR).write_text("not a directory")  # stops the run right after its cleanup
+    urls = dl.url_table(pa.table({c: ["http://127.0.0.1:9/a.jpg" if c == "url" else "x"] for c in SOURCE_COLUMNS}))
+    with pytest.raises(FatalError):
+        dl._download_into(tmp_path, urls, DownloadConfig(output=str(tmp_path)), 0.0)
+    assert not any(p.exists() for p in stale)

@@ -69,7 +69,7 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_tmp(directory: Path, other_host_age_s: float = 3600.0) -> int:
+def remove_stale_tmp(directory: Path, other_host_age_s: float = 3600.0, recursive: bool = True) -> int:
     """Delete tmp files left by crashed writers (they never hold finished data).
 
     A tmp file of this host is stale when its process is gone; one of another host (a shared file
@@ -77,7 +77,7 @@ def remove_stale_tmp(directory: Path, other_host_age_s: float = 3600.0) -> int:
     """
     removed = 0
     host = socket.gethostname()
-    for tmp in Path(directory).rglob(".*.tmp-*"):
+    for tmp in (Path(directory).rglob if recursive else Path(directory).glob)(".*.tmp-*"):
         writer_host, _, pid = tmp.name.rsplit(".tmp-", 1)[1].rpartition("-")
         pid = pid.split(".", 1)[0]  # PID.THREAD (PID alone from earlier versions)
         if writer_host == host:

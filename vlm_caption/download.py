@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import locks, store
-from .atomic import atomic_write_json, atomic_write_table
+from .atomic import atomic_write_json, atomic_write_table, remove_stale_tmp
 from .cli import plural
 from .config import DownloadConfig
 from .data_layout import (DOWNLOAD_LOCK, ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, METADATA_CSV,
@@ -309,6 +309,10 @@ def set_aside_unreadable_shards(out: Path, n_rows: int, shard_size: int) -> None
 
 def _download_into(out: Path, urls: pa.Table, cfg: DownloadConfig, t0: float) -> dict:
     out.mkdir(parents=True, exist_ok=True)
+    # A run killed mid-write leaves its tmp files (full_metadata's: the size of the data set's metadata). Not
+    # images/: img2dataset writes there in place, and a walk of its million files would cost minutes.
+    remove_stale_tmp(out, recursive=False)
+    remove_stale_tmp(out / VALIDATION_DIR)
     for name in (IMAGES_DIR, VALIDATION_DIR):  # img2dataset and mkdir would end in a traceback
         if (out / name).exists() and not (out / name).is_dir():
             raise FatalError(f"{out / name} is a file, not a directory: move it aside and rerun")
