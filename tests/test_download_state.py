@@ -118,3 +118,28 @@ def test_tmp_files_of_a_run_killed_mid_write_are_removed_by_the_next(tmp_path):
     with pytest.raises(FatalError):
         dl._download_into(tmp_path, urls, DownloadConfig(output=str(tmp_path)), 0.0)
     assert not any(p.exists() for p in stale)
+
+
+def test_a_decode_worker_that_dies_is_one_fatal_line(tmp_path):
+    """The kernel's OOM killer ends a worker decoding a huge image: BrokenProcessPool, not a traceback."""
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import pytest
+
+    from vlm_caption import validate
+    from vlm_caption.errors import FatalError
+
+    (tmp_path / IMAGES_DIR).mkdir()
+    pq.write_table(pa.table({"key": [f"{i:09d}" for i in range(40)], "status": ["success"] * 40}),
+                   tmp_path / IMAGES_DIR / "00000.parquet")
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), initializer=os._exit, initargs=(9,))
+    try:
+        with pytest.raises(FatalError, match="a decode worker died while checking shard 00000"):
+            validate._validate_shard(tmp_path, 0, {}, pool)
+    finally:
+        pool.shutdown()
+    assert not validate.validation_path(tmp_path, 0).exists()

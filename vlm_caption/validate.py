@@ -13,6 +13,7 @@ import os
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -27,7 +28,7 @@ from .atomic import atomic_path, atomic_write_table
 from .cli import plural
 from .data_layout import (FULL_METADATA_FILE, IMAGES_DIR, INVALID_FILE, METADATA_CSV, SAVED_COLUMNS, VALIDATION_DIR,
                           image_file_name, shard_name)
-from .errors import brief
+from .errors import FatalError, brief
 from .schema import COLUMNS
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,11 @@ def _validate_shard(out: Path, shard_id: int, stats: dict, pool: ProcessPoolExec
     if pool is None or len(paths) < 32:  # a pool round trip costs more than decoding a handful
         checks = list(map(check_image, paths))
     else:
-        checks = list(pool.map(check_image, paths, chunksize=16))
+        try:
+            checks = list(pool.map(check_image, paths, chunksize=16))
+        except BrokenProcessPool:  # a worker killed, mostly by the kernel's OOM killer: images decoded at once
+            raise FatalError(f"a decode worker died while checking shard {shard_name(shard_id)} (out of memory?); "
+                             "rerun with fewer --validate-workers (validated shards are kept)") from None
     widths, heights, formats, errors = (list(col) for col in zip(*checks)) if checks else ([], [], [], [])
     table = pa.table({"key": keys, "file_name": names, "width": widths, "height": heights,
                       "format": formats, "error": errors}, schema=VALIDATION_SCHEMA)
