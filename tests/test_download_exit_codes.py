@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -279,6 +280,31 @@ def test_endless_dripping_huge_or_cut_bodies_end_as_recorded_failures(tmp_path):
     assert reasons[2:] == ["too large: Content-Length 2097152 is over the 1 MB cap (--max-image-mb)",
                            "too large: the body is over the 1 MB cap (--max-image-mb)"]
     assert [is_retryable(r) for r in reasons] == [True, True, False, False]
+
+
+def test_a_status_line_dripped_a_byte_per_timeout_ends_as_timed_out(tmp_path):
+    """The body loop's deadline missed the status line and headers: a byte per --timeout held a thread for days."""
+    import socket
+    import threading
+
+    from vlm_caption.download_client import bounded_download_image
+
+    srv = socket.create_server(("127.0.0.1", 0))
+
+    def drip():
+        conn, _ = srv.accept()
+        with conn, contextlib.suppress(OSError):
+            for byte in b"HTTP/1.0 200 OK\r\nX-Slow: " + b"x" * 100:
+                conn.sendall(bytes([byte]))
+                time.sleep(0.5)
+
+    threading.Thread(target=drip, daemon=True).start()
+    start = time.monotonic()
+    with srv:
+        _, body, error = bounded_download_image((0, f"http://127.0.0.1:{srv.getsockname()[1]}/a.jpg"), 1, None, None,
+                                                1 << 20)
+    assert time.monotonic() - start < 6 and body is None
+    assert error.startswith("timed out: the whole response took over 3 s") and is_retryable(error)
 
 
 def _group(pgid: int) -> list[int]:

@@ -16,6 +16,8 @@ import contextlib
 import http.client
 import importlib
 import io
+import socket
+import threading
 import time
 import urllib.request
 
@@ -63,6 +65,37 @@ def bounded_downloads(max_bytes: int, distributor: str = "multiprocessing"):
         main.Downloader = original
 
 
+# The sockets this thread's request opened (redirects open more): a timer shuts them at the deadline, since the
+# body loop's check cannot end a status line or headers dripped a byte per --timeout (http.client reads up to
+# 100 header lines of 64 KiB each: days).
+_opened = threading.local()
+
+
+class _HTTPConnection(http.client.HTTPConnection):
+    def connect(self):
+        super().connect()
+        _opened.sockets.append(self.sock)
+
+
+class _HTTPSConnection(http.client.HTTPSConnection):
+    def connect(self):
+        super().connect()
+        _opened.sockets.append(self.sock)
+
+
+class _HTTPHandler(urllib.request.HTTPHandler):
+    def http_open(self, req):
+        return self.do_open(_HTTPConnection, req)
+
+
+class _HTTPSHandler(urllib.request.HTTPSHandler):
+    def https_open(self, req):
+        return self.do_open(_HTTPSConnection, req, context=self._context)
+
+
+_opener = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)
+
+
 def bounded_download_image(row, timeout, user_agent_token, disallowed_header_directives, max_bytes: int):
     """img2dataset.downloader.download_image with the body read in chunks under both bounds; same results:
     (key, BytesIO, None) or (key, None, the error message)."""
@@ -71,9 +104,21 @@ def bounded_download_image(row, timeout, user_agent_token, disallowed_header_dir
     if user_agent_token:
         user_agent += f" (compatible; {user_agent_token}; +https://github.com/rom1504/img2dataset)"
     deadline = time.monotonic() + WHOLE_RESPONSE_TIMEOUTS * timeout
+    sockets = _opened.sockets = []
+    expired = threading.Event()
+
+    def expire():
+        expired.set()
+        for sock in list(sockets):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    timer = threading.Timer(WHOLE_RESPONSE_TIMEOUTS * timeout, expire)
+    timer.daemon = True
+    timer.start()
     try:
         request = urllib.request.Request(url, data=None, headers={"User-Agent": user_agent})
-        with urllib.request.urlopen(request, timeout=timeout) as r:
+        with _opener.open(request, timeout=timeout) as r:
             if disallowed_header_directives and i2d.is_disallowed(r.headers, user_agent_token,
                                                                    disallowed_header_directives):
                 return key, None, "Use of image disallowed by X-Robots-Tag directive"
@@ -86,13 +131,22 @@ def bounded_download_image(row, timeout, user_agent_token, disallowed_header_dir
                 if len(body) > max_bytes:
                     return key, None, too_large(max_bytes, "the body")
                 if time.monotonic() > deadline:
-                    return key, None, (f"timed out: the whole response took over {WHOLE_RESPONSE_TIMEOUTS * timeout}"
-                                       f" s ({len(body)} bytes so far)")
+                    return key, None, _timed_out(timeout, f"{len(body)} bytes so far")
+            if expired.is_set():  # the timer shut the socket: the body ended there
+                return key, None, _timed_out(timeout, f"{len(body)} bytes so far")
             if r.length:  # read1 ends quietly where read() raised: the connection closed before Content-Length
                 raise http.client.IncompleteRead(bytes(body), r.length)
         return key, io.BytesIO(bytes(body)), None
     except Exception as err:  # noqa: BLE001 (img2dataset's contract: any failure is the row's error message)
+        if expired.is_set():  # what the shut socket made of it ("Remote end closed connection ...") misleads
+            return key, None, _timed_out(timeout, "status line and headers included")
         return key, None, str(err)
+    finally:
+        timer.cancel()
+
+
+def _timed_out(timeout: int, detail: str) -> str:
+    return f"timed out: the whole response took over {WHOLE_RESPONSE_TIMEOUTS * timeout} s ({detail})"
 
 
 def too_large(max_bytes: int, what: str) -> str:
