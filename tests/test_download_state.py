@@ -143,3 +143,20 @@ def test_a_decode_worker_that_dies_is_one_fatal_line(tmp_path):
     finally:
         pool.shutdown()
     assert not validate.validation_path(tmp_path, 0).exists()
+
+
+def test_an_image_pil_fails_on_with_another_exception_is_an_invalid_row(tmp_path):
+    """A DDS of a pixel format PIL lacks raises NotImplementedError: it stopped the run (and every rerun)."""
+    import io
+
+    from PIL import Image
+
+    from vlm_caption import validate
+
+    buf = io.BytesIO()
+    Image.new("RGBA", (17, 13)).save(buf, "DDS")
+    data = bytearray(buf.getvalue())
+    data[80:84] = (144).to_bytes(4, "little")  # the pixel format's flags
+    (tmp_path / "a.jpg").write_bytes(data)
+    assert validate.check_image(str(tmp_path / "a.jpg")) == (None, None, None,
+                                                             "NotImplementedError: Unknown pixel format flags 144")

@@ -71,7 +71,8 @@ def check_image(path: str) -> tuple[int | None, int | None, str | None, str | No
         return None, None, None, "not an image (unidentified format)"
     except Image.DecompressionBombError as e:
         return None, None, None, f"decompression bomb: {e}"
-    except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+    except Exception as e:  # noqa: BLE001  PIL's plugins raise more (NotImplementedError from DDS, ...): a bad
+        # file from the web is a row's failure; escaping, it stopped the run, and every rerun at the same file
         return None, None, None, f"{type(e).__name__}: {e}"
 
 
