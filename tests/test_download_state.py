@@ -3,6 +3,7 @@ file set aside or done again, or one line saying what to do; never a traceback."
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from vlm_caption import download as dl
 from vlm_caption.data_layout import IMAGES_DIR
@@ -160,3 +161,17 @@ def test_an_image_pil_fails_on_with_another_exception_is_an_invalid_row(tmp_path
     (tmp_path / "a.jpg").write_bytes(data)
     assert validate.check_image(str(tmp_path / "a.jpg")) == (None, None, None,
                                                              "NotImplementedError: Unknown pixel format flags 144")
+
+
+def test_a_big_art_scan_is_checked_without_a_warning_on_stderr(tmp_path):
+    """Between PIL's warning and error limits (90-179 MP) every image printed a DecompressionBombWarning."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.new("L", (12000, 8000)).save(tmp_path / "a.jpg", "PNG")
+    code = f"from vlm_caption.validate import check_image; print(check_image({str(tmp_path / 'a.jpg')!r}))"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.strip() == "(12000, 8000, 'PNG', None)" and "Warning" not in done.stderr, done.stderr

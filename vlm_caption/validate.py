@@ -58,6 +58,9 @@ def check_image(path: str) -> tuple[int | None, int | None, str | None, str | No
     """
     from PIL import Image, UnidentifiedImageError
 
+    from .images import _quiet_decompression_bomb_warnings
+
+    _quiet_decompression_bomb_warnings()  # big art scans are fine: two lines of stderr per image otherwise
     try:
         if os.path.getsize(path) == 0:
             return None, None, None, "empty file"
