@@ -175,3 +175,23 @@ def test_a_big_art_scan_is_checked_without_a_warning_on_stderr(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=Path(__file__).resolve().parent.parent)
     assert done.stdout.strip() == "(12000, 8000, 'PNG', None)" and "Warning" not in done.stderr, done.stderr
+
+
+def test_ctrl_c_while_validating_drops_the_queued_decodes(tmp_path, monkeypatch):
+    """shutdown() ran every image queued for the shard before Ctrl-C or SIGTERM could end the run."""
+    import time
+
+    import pytest
+
+    from vlm_caption import validate
+
+    def interrupted(out, shard_id, stats, pool):
+        for _ in range(40):
+            pool.submit(time.sleep, 0.25)  # 5 s of work for two workers
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(validate, "_validate_shard", interrupted)
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        validate.validate_shards(tmp_path, {0: {}}, workers=2)
+    assert time.monotonic() - start < 3.5
