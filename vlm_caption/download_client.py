@@ -13,6 +13,7 @@ bounded one below. Only that one function is replaced; the shard loop, the write
 from __future__ import annotations
 
 import contextlib
+import functools
 import http.client
 import importlib
 import io
@@ -93,7 +94,10 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(_HTTPSConnection, req, context=self._context)
 
 
-_opener = urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)
+@functools.cache
+def _opener() -> urllib.request.OpenerDirector:
+    """Built at the first request, not at import (build_opener reads the proxy settings of the environment)."""
+    return urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)
 
 
 def bounded_download_image(row, timeout, user_agent_token, disallowed_header_directives, max_bytes: int):
@@ -118,7 +122,7 @@ def bounded_download_image(row, timeout, user_agent_token, disallowed_header_dir
     timer.start()
     try:
         request = urllib.request.Request(url, data=None, headers={"User-Agent": user_agent})
-        with _opener.open(request, timeout=timeout) as r:
+        with _opener().open(request, timeout=timeout) as r:
             if disallowed_header_directives and i2d.is_disallowed(r.headers, user_agent_token,
                                                                    disallowed_header_directives):
                 return key, None, "Use of image disallowed by X-Robots-Tag directive"
