@@ -291,3 +291,19 @@ def test_bench_loader_prints_one_json_line_per_method(tmp_path):
     for r in lines:
         assert r["images"] == 3 and r["cpu_ms_per_img"] > 0 and r["img_per_s"] > 0
         assert {"method", "images", "threads", "cpu_ms_per_img", "img_per_s"} <= set(r)
+
+
+def test_any_error_a_decoder_raises_fails_the_image_not_the_run(tmp_path, monkeypatch):
+    """PIL's plugins raise more than OSError (a fuzzed DDS: NotImplementedError): it stopped the loader, and so
+    the run at the same image on every relaunch."""
+    from vlm_caption.images import ImageLoadError
+
+    path = tmp_path / "odd.jpg"
+    Image.new("RGB", (8, 8)).save(path)
+
+    def unknown_pixel_format(self):
+        raise NotImplementedError("Unknown pixel format flags 144")
+
+    monkeypatch.setattr(type(Image.open(path)), "load", unknown_pixel_format)
+    with pytest.raises(ImageLoadError, match="NotImplementedError: Unknown pixel format"):
+        dataset.load_image(path)
