@@ -61,9 +61,8 @@ class RunStats:
 
 def run(cfg: RunConfig) -> int:
     cfg.validate()
-    captioning = not (cfg.merge_only or cfg.check_hub or cfg.push_only or cfg.dry_run)
-    # A bad --compile-cache fails before anything is written; the modes that caption nothing leave it alone.
-    compiled_into = compile_cache.choose(cfg.compile_cache, cfg.checkpoint_dir) if captioning else None
+    captioning = not (cfg.merge_only or cfg.check_hub or cfg.push_only or cfg.dry_run)  # (the others: no cache)
+    compiled_into = compile_cache.choose(cfg.compile_cache, cfg.checkpoint_dir) if captioning else None  # bad: 1 line, 0 writes
     worker, num_workers = cfg.worker_slice()
     if cfg.merge_only:
         with StopSignals():  # SIGTERM as Ctrl-C: exit 143 with its line (writes are atomic), not a bare kill
