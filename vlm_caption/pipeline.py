@@ -46,8 +46,7 @@ class RunStats:
             self.first_batch = (time.monotonic(), self.captioned, self.tokens)
 
     def rates(self) -> dict[str, float | None]:
-        """Whole-run rates (model loading included) and the steady captioning rate after the first batch,
-        which is what an estimate of the rest should use."""
+        """Whole-run rates (model loading included) and the steady rate after the first batch (for estimates)."""
         now = time.monotonic()
         wall = max(now - self.started, 1e-9)
         steady = None
@@ -61,8 +60,9 @@ class RunStats:
 
 def run(cfg: RunConfig) -> int:
     cfg.validate()
-    captioning = not (cfg.merge_only or cfg.check_hub or cfg.push_only or cfg.dry_run)  # (the others: no cache)
-    compiled_into = compile_cache.choose(cfg.compile_cache, cfg.checkpoint_dir) if captioning else None  # bad: 1 line, 0 writes
+    # A bad --compile-cache is one line before any write; the modes that caption nothing make no cache dir.
+    compiled_into = None if cfg.merge_only or cfg.check_hub or cfg.push_only or cfg.dry_run else \
+        compile_cache.choose(cfg.compile_cache, cfg.checkpoint_dir)
     worker, num_workers = cfg.worker_slice()
     if cfg.merge_only:
         with StopSignals():  # SIGTERM as Ctrl-C: exit 143 with its line (writes are atomic), not a bare kill
