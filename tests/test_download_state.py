@@ -195,3 +195,27 @@ def test_ctrl_c_while_validating_drops_the_queued_decodes(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         validate.validate_shards(tmp_path, {0: {}}, workers=2)
     assert time.monotonic() - start < 3.5
+
+
+def test_a_finished_shard_whose_images_folder_is_gone_is_downloaded_again(tmp_path, caplog):
+    """Its saved decode check listed files that were deleted: full_metadata.parquet kept them as valid. A shard
+    whose URLs all failed has no folder, and stays finished."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlm_caption import store
+
+    images = tmp_path / IMAGES_DIR
+    images.mkdir()
+    for shard, status in (("00000", "success"), ("00001", "failed_to_download")):
+        pq.write_table(pa.table({"key": [f"{shard}0000"], "status": [status]}), images / f"{shard}.parquet")
+        (images / f"{shard}_stats.json").write_text('{"end_time": 1.5}')
+    with caplog.at_level(logging.WARNING):
+        dl.set_aside_unreadable_shards(tmp_path, n_rows=2, shard_size=1)
+    assert sorted(p.name for p in images.iterdir()) == ["00001.parquet", "00001_stats.json"]
+    assert len(list((tmp_path / store.QUARANTINE_DIR).iterdir())) == 2 and "images/00000/ is gone" in caplog.text
+    (images / "00000").mkdir()  # a shard with its folder is left alone
+    pq.write_table(pa.table({"key": ["000000000"], "status": ["success"]}), images / "00000.parquet")
+    (images / "00000_stats.json").write_text('{"end_time": 1.5}')
+    dl.set_aside_unreadable_shards(tmp_path, n_rows=2, shard_size=1)
+    assert (images / "00000_stats.json").exists()

@@ -283,9 +283,9 @@ def check_output_dir(out: Path) -> None:
 
 
 def set_aside_unreadable_shards(out: Path, n_rows: int, shard_size: int) -> None:
-    """A finished shard whose parquet cannot be read (a crash or a second process mid-write), or that lacks
-    rows of its slice of urls.parquet, goes to quarantine/ with its stats file, so img2dataset downloads it
-    again (it redoes shards without stats). img2dataset catches an error writing a sample (disk full, file
+    """A finished shard whose parquet cannot be read (a crash or a second process mid-write), that lacks
+    rows of its slice of urls.parquet, or whose saved images' folder is gone, goes to quarantine/ with its
+    stats file, so img2dataset downloads it again (it redoes shards without stats). img2dataset catches an error writing a sample (disk full, file
     size limit), prints it, leaves the row out of the shard parquet and still marks the shard done: without
     this check those rows, metadata and all, would vanish from every count."""
     for shard_id in sorted(_finished_stats(out / IMAGES_DIR)):
@@ -297,6 +297,8 @@ def set_aside_unreadable_shards(out: Path, n_rows: int, shard_size: int) -> None
             problem = None if rows >= expected else (
                 f"missing {expected - rows} of its {expected} rows (img2dataset could not write them: "
                 "disk full? see its error above)")
+            if problem is None and not (out / IMAGES_DIR / name).is_dir() and _saved_any(path):
+                problem = f"its images folder {IMAGES_DIR}/{name}/ is gone"  # its rows would list missing files
         except (pa.ArrowInvalid, OSError) as e:
             problem = f"unreadable ({str(e).splitlines()[0]})"
         if problem is None:
@@ -305,6 +307,11 @@ def set_aside_unreadable_shards(out: Path, n_rows: int, shard_size: int) -> None
             store.quarantine(out, path, problem, f"shard {name} is downloaded again by a rerun")
         store.quarantine(out, out / IMAGES_DIR / stats_file(name), "the stats of a shard set aside",
                          "its shard counts as unfinished")
+
+
+def _saved_any(shard_parquet: Path) -> bool:
+    """Whether img2dataset saved an image of this shard (a shard whose URLs all failed has no folder)."""
+    return pq.read_table(shard_parquet, columns=["status"])["status"].to_pylist().count("success") > 0
 
 
 def _download_into(out: Path, urls: pa.Table, cfg: DownloadConfig, t0: float) -> dict:
