@@ -207,6 +207,20 @@ def test_machines_starting_together_on_one_dir_all_get_recorded(tmp_path, monkey
     assert recorded == {"machines": 4, "indices": [0, 1, 2, 3]}
 
 
+def test_a_whole_dir_split_another_way_stays_whole_for_later_relaunches(tmp_path, monkeypatch):
+    """Machines 0-3 of 4 filled one dir: a run as machine 2 of 8 on it is fine, and so is a plain rerun after."""
+    import json
+
+    from vlm_caption import dir_scope, store
+
+    monkeypatch.setattr(store, "list_parts", lambda ckpt: ["a part"])  # the dir holds work
+    for m in range(4):
+        dir_scope.check_machines(tmp_path, m, 4)
+    dir_scope.check_machines(tmp_path, 2, 8)
+    dir_scope.check_machines(tmp_path, 0, 1)  # was refused: "holds the keys of machine 2 of 8"
+    assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text()) == {"machines": 1, "indices": [0]}
+
+
 def test_an_unreadable_machines_json_is_set_aside_with_a_warning(tmp_path, caplog):
     import json
 

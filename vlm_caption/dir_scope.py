@@ -52,4 +52,7 @@ def _check_machines(ckpt: Path, machine: int, machines: int) -> None:
             f"in the other machines' dirs would be captioned again and some of this dir's by no one. Relaunch it as "
             f"one of {count} (a resubmitted array task: runs/slurm_array.sbatch with MACHINES={count}, i.e. "
             f"--num-workers {count} --worker-index TASK), or use a new --checkpoint-dir")
-    atomic_write_json(path, {"machines": machines, "indices": [machine]})
+    # A dir whose machines covered every key stays the whole run under the new count: recorded as one machine
+    # of it, a later relaunch with yet another count (or the first one) was refused though every key is here.
+    whole = count is not None and indices == set(range(count))
+    atomic_write_json(path, {"machines": machines, "indices": list(range(machines)) if whole else [machine]})
