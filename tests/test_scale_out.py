@@ -194,6 +194,10 @@ def test_worker_slice_from_srun_tasks_stepped_arrays_and_partial_environments(mo
         RunConfig().worker_slice()
     monkeypatch.setenv("WORLD_SIZE", "1")
     assert RunConfig().worker_slice() == (0, 1)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "0")  # garbage: it ran as one process of one
+    with pytest.raises(UsageError, match="outside WORLD_SIZE=0"):
+        RunConfig().worker_slice()
 
 
 def test_the_gpu_of_a_process_is_its_place_on_the_machine(monkeypatch):

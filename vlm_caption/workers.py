@@ -36,7 +36,7 @@ def distributed_rank() -> tuple[int, int]:
     if rank is None and world not in (None, 1) or world is None and rank not in (None, 0):
         raise UsageError(f"{'WORLD_SIZE' if rank is None else 'RANK'} is set without "
                          f"{'RANK' if rank is None else 'WORLD_SIZE'}: torchrun sets both; set both or neither")
-    rank, world = rank or 0, world or 1
+    rank, world = 0 if rank is None else rank, 1 if world is None else world  # WORLD_SIZE=0: refused below
     if world < 1 or not 0 <= rank < world:
         raise UsageError(f"RANK={rank} is outside WORLD_SIZE={world}")
     return rank, world
