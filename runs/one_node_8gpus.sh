@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 MODEL=${MODEL:-google/gemma-3-27b-it}
 vlm-caption/bin/accelerate launch --multi_gpu --num_processes "${GPUS:-8}" --num_machines 1 \
   --mixed_precision no --dynamo_backend no \
-  batched_image_inference.py --model "$MODEL" --checkpoint-dir ./checkpoints "$@"
+  batched_image_inference.py --model "$MODEL" "$@"  # (./checkpoints by default; a --checkpoint-dir of yours may follow)

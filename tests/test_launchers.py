@@ -306,3 +306,29 @@ def test_a_device_map_strategy_does_not_slip_past_the_gpu_check(tiny_model_dir, 
     monkeypatch.setattr(model_loading, "gpus_torch_cannot_use", lambda: "nvidia-smi lists 8 GPU(s) but ...")
     with pytest.raises(UsageError, match="nvidia-smi lists 8"):
         model_loading.load_model(str(tiny_model_dir), torch.device("cpu"), device_map=device_map)
+
+
+def test_the_one_node_script_takes_a_checkpoint_dir_of_yours(data, tmp_path):
+    """runs/one_node_8gpus.sh gave --checkpoint-dir ./checkpoints itself: one of yours was refused as "several
+    --checkpoint-dir values". The launcher here is a stand-in that runs the script's command as one process."""
+    import shutil
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    checkout = tmp_path / "checkout"
+    (checkout / "runs").mkdir(parents=True)
+    shutil.copy(repo / "runs" / "one_node_8gpus.sh", checkout / "runs")
+    (checkout / "batched_image_inference.py").symlink_to(repo / "batched_image_inference.py")
+    (checkout / "vlm-caption" / "bin").mkdir(parents=True)
+    fake = checkout / "vlm-caption" / "bin" / "accelerate"  # drops the launcher's own flags, runs the script
+    fake.write_text("#!/bin/sh\nwhile [ \"$1\" != batched_image_inference.py ]; do shift; done\n"
+                    f'exec {sys.executable} "$@"\n')
+    fake.chmod(0o755)
+    ckpt = tmp_path / "mine"
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE") and not k.startswith("SLURM_")}
+    proc = subprocess.run(["bash", str(checkout / "runs" / "one_node_8gpus.sh"), *dummy_args(data, ckpt)[2:]],
+                          env={**env, "PYTHONPATH": str(repo), "OMP_NUM_THREADS": "1", "MODEL": "dummy-model"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (ckpt / store.MERGED).is_file() and not (checkout / "checkpoints").exists()
