@@ -112,6 +112,9 @@ def test_refuses_a_non_empty_directory(tmp_path):
     (tmp_path / "s" / "keep.txt").write_text("mine")
     with pytest.raises(UsageError, match="not empty"):
         write_sample(tmp_path / "s", n=4)
+    (tmp_path / "f").write_text("a file")  # was a NotADirectoryError traceback
+    with pytest.raises(UsageError, match="is a file"):
+        write_sample(tmp_path / "f", n=4)
 
 
 def test_matches_a_real_img2dataset_download(sample_data_dir, tmp_path):

@@ -182,3 +182,17 @@ def test_cli_writes_a_model_and_rejects_real_sizes(tmp_path):
     assert refused.returncode == 2
     assert len(refused.stderr.strip().splitlines()) == 1 and "gemma-3-4b" in refused.stderr
     assert not (tmp_path / "big").exists()
+
+
+@pytest.mark.parametrize("case", ["a file", "a data dir"])
+def test_cli_refuses_an_out_that_is_no_place_for_a_model_in_one_line(tmp_path, case):
+    out = tmp_path / "out"
+    if case == "a file":
+        out.write_text("mine")  # was a FileExistsError traceback
+    else:
+        out.mkdir()
+        (out / "full_metadata.parquet").write_text("data")  # got config.json, model.safetensors, ... mixed in
+    done = subprocess.run([sys.executable, "-m", "vlm_caption.tiny_model", "--out", str(out)],
+                          cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert "--out" in done.stderr and not (out.is_dir() and (out / "config.json").exists())

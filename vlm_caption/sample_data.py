@@ -40,7 +40,7 @@ from . import download as dl
 from . import validate
 from .atomic import atomic_write_json, atomic_write_table
 from .cli import plural
-from .config import DownloadConfig
+from .config import DownloadConfig, check_writable_dir
 from .download_summary import make_summary
 from .errors import UsageError
 
@@ -238,6 +238,7 @@ def write_sample(out_dir: str | Path, n: int = 64, broken: bool = False, seed: i
     shard_size = shard_size or DownloadConfig.shard_size
     if shard_size < 1:
         raise UsageError(f"--shard-size must be at least 1, got {shard_size}")
+    check_writable_dir(out, "--out")  # a file or an unwritable place: one line, not a traceback
     if out.exists() and any(out.iterdir()):
         raise UsageError(f"--out {out} exists and is not empty; choose a new directory")
     logging.getLogger("exifread").setLevel(logging.CRITICAL)  # as img2dataset does: it warns on every PNG

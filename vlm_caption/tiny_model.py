@@ -8,11 +8,9 @@ any preset (including the real Gemma 3 sizes) in memory on a device, for through
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
@@ -238,18 +236,29 @@ def _size_on_disk(path: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Build a random Gemma 3 offline and save it like a hub model.")
+    from . import cli
+    from .config import check_writable_dir
+    from .errors import UsageError
+
+    parser = cli.Parser(prog="python -m vlm_caption.tiny_model",
+                        description="Build a random Gemma 3 offline and save it like a hub model.")
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
     parser.add_argument("--out", required=True, help="directory to write the model into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not PRESETS[args.preset]["savable"]:
-        print(f"error: preset {args.preset!r} is real-size and is never saved; use tiny or small", file=sys.stderr)
-        return 2
-    out = build_tiny_model(args.out, preset=args.preset, seed=args.seed)
+        raise UsageError(f"preset {args.preset!r} is real-size and is never saved; use tiny or small")
+    out = Path(args.out)
+    check_writable_dir(out, "--out")  # a file or an unwritable place: one line, not a traceback
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        # A model dir is rebuilt in place; any other dir (a data dir typed by mistake) would get model files mixed in.
+        raise UsageError(f"--out {out} holds files and no model; choose a new directory")
+    out = build_tiny_model(out, preset=args.preset, seed=args.seed)
     print(f"{out}\t{_size_on_disk(out) / 1e6:.1f} MB")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .cli import run_main
+
+    run_main(main, prog="python -m vlm_caption.tiny_model")
