@@ -19,7 +19,7 @@ from vlm_caption import cli
 from pathlib import Path
 
 try:
-    from vlm_caption.config import DEFAULT_DATA_DIR, check_writable_dir
+    from vlm_caption.config import DEFAULT_DATA_DIR, check_writable_dir, resolve_repo_id
     from vlm_caption.errors import UsageError
     from vlm_caption.smoke import DEFAULT_SMOKE_MODEL, DEFAULT_SMOKE_REPO
 except ModuleNotFoundError as e:  # outside the venv: one line saying what to do, not a traceback
@@ -65,6 +65,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--push runs the whole pipeline: give it with --full")
     if args.tiny and args.model:
         p.error("--tiny replaces --model: give one of them")
+    if args.tiny and args.checkpoint_dir and (Path(args.checkpoint_dir) / "run.json").exists():
+        # Each --tiny build is another model (smoke.check_tiny_model): the dir's run would be refused as one with
+        # other settings, its message pointing at an --overwrite this script does not have.
+        p.error(f"--checkpoint-dir {args.checkpoint_dir} holds a run already and each --tiny build is a new model: "
+                "give a new --checkpoint-dir")
+    if args.push:  # a malformed repo id: a usage error now, not a FAIL (exit 1) after the data checks
+        try:
+            resolve_repo_id(args.hf_repo, args.hf_username)
+        except UsageError as e:
+            p.error(str(e))
     if not args.skip_model and not args.tiny:
         args.model = args.model or DEFAULT_SMOKE_MODEL
     return args

@@ -192,3 +192,12 @@ def test_smoke_usage_errors_exit_2(smoke, argv, capsys):
         smoke.main(argv)
     assert e.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_smoke_usage_errors_exit_2_before_any_check(smoke, tmp_path, capsys):
+    (tmp_path / "run.json").write_text("{}")  # a kept dir: a second --tiny run was a FAIL naming --overwrite
+    for argv in (["--tiny", "--checkpoint-dir", str(tmp_path)], ["--full", "--push", "--tiny", "--hf-repo", "a/b/c"]):
+        with pytest.raises(SystemExit) as e:
+            smoke.main(argv)
+        out, err = capsys.readouterr()
+        assert e.value.code == 2 and "error:" in err and "PASS" not in out, (argv, out, err)
