@@ -66,3 +66,11 @@ def test_the_array_script_captions_every_key_of_its_task(tmp_path, where):
     expected = pq.read_table(data / "full_metadata.parquet", columns=["key"]).column("key").to_pylist()
     assert sorted(keys) == sorted(expected)
     assert {p.name[:13] for p in (ckpt / "parts").iterdir()} == {"captions-w000", "captions-w001"}  # 2 "GPUs"
+
+
+def test_a_node_without_gpus_says_so_in_one_line(tmp_path):
+    env = sbatch_env(tmp_path, REPO, VENV=str(Path(sys.executable).parent.parent))
+    (tmp_path / "fakebin" / "nvidia-smi").write_text("#!/bin/sh\nexit 0\n")  # lists none (a CPU partition)
+    proc = run_script(env, tmp_path, "--backend", "dummy")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "no GPU" in lines[0], proc.stderr  # was a traceback, 1
