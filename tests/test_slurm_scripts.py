@@ -74,3 +74,25 @@ def test_a_node_without_gpus_says_so_in_one_line(tmp_path):
     proc = run_script(env, tmp_path, "--backend", "dummy")
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "no GPU" in lines[0], proc.stderr  # was a traceback, 1
+
+
+def test_a_rerun_of_a_task_whose_dir_holds_another_slice_is_refused(tmp_path):
+    """MACHINES=4 --array=3 after a first array of 1-4: task 3 was slice 2 there, and slice 3 would caption task 4's
+    keys into its dir (and leave slice 2's to no one); exit 2, one line. Its own slice runs."""
+    import json
+
+    from vlm_caption.sample_data import write_sample
+
+    data = write_sample(tmp_path / "data", n=8, broken=False, seed=9)
+    task = tmp_path / "ckpt" / "task-3"
+    task.mkdir(parents=True)
+    (task / "machines.json").write_text(json.dumps({"machines": 4, "indices": [2]}))
+    env = sbatch_env(tmp_path, REPO, VENV=str(Path(sys.executable).parent.parent), CHECKPOINTS=str(task.parent),
+                     MACHINES="4", SLURM_ARRAY_TASK_ID="3", SLURM_ARRAY_TASK_MIN="3", SLURM_ARRAY_TASK_COUNT="1")
+    args = ("--backend", "dummy", "--model", "dummy-model", "--no-push", "--data-dir", str(data), "--batch-size", "2")
+    proc = run_script(env, tmp_path, *args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "another slice than 3 of 4" in lines[0], proc.stderr
+    (task / "machines.json").write_text(json.dumps({"machines": 4, "indices": [3]}))
+    proc = run_script(env, tmp_path, *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
