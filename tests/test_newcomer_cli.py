@@ -244,3 +244,6 @@ def test_preview_of_a_checkpoint_dir_that_does_not_exist_says_so(tmp_path):
 
     with pytest.raises(UsageError, match="checkpoints does not exist"):
         write_preview(tmp_path / "checkpoints", tmp_path / "preview.html")
+    (tmp_path / "checkpoints").write_text("")  # a file there: not "does not exist"
+    with pytest.raises(UsageError, match="checkpoints is a file, not a directory"):
+        write_preview(tmp_path / "checkpoints", tmp_path / "preview.html")

@@ -306,7 +306,8 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
         raise UsageError(f"--n must be a positive integer, got {n}")
     merged = checkpoint_dir / store.MERGED
     if not checkpoint_dir.is_dir():  # a typo'd path: "has no all_captions.parquet" would send them to rerun
-        raise UsageError(f"{checkpoint_dir} does not exist; give the --checkpoint-dir of a captioning run")
+        what = "is a file, not a directory" if checkpoint_dir.exists() else "does not exist"
+        raise UsageError(f"{checkpoint_dir} {what}; give the --checkpoint-dir of a captioning run")
     if not merged.is_file():
         raise UsageError(f"{checkpoint_dir} has no {store.MERGED}; run batched_image_inference.py "
                          "(or its --merge-only) on it first")
@@ -346,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"the run's model dir holds {RANDOM_WEIGHTS_MARKER}, as the demo's does)")
     a = p.parse_args(argv)
     if a.data_dir is not None and not Path(a.data_dir).is_dir():
-        raise UsageError(f"--data-dir {a.data_dir} does not exist")
+        raise UsageError(f"--data-dir {a.data_dir} {'is a file' if Path(a.data_dir).exists() else 'does not exist'}")
     check_output_file(Path(a.out), "--out")
     cards = write_preview(a.checkpoint_dir, a.out, data_dir=a.data_dir, n=a.n, random_weights=a.random_weights)
     print(f"wrote {a.out} ({plural(cards, 'caption card')})")

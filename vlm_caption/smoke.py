@@ -51,7 +51,8 @@ def check_data_dir_layout(ctx: Context) -> str:
 
     data = ctx.data_dir
     if not data.is_dir():
-        raise CheckFailed(f"{data} does not exist; download it with: python download_data.py --output {data}")
+        what = "is a file, not a directory" if data.exists() else "does not exist"
+        raise CheckFailed(f"{data} {what}; download it with: python download_data.py --output {data}")
     if not (data / IMAGES_DIR).is_dir():
         raise CheckFailed(f"{data} has no images/ folder; is it the directory download_data.py wrote?")
     files = dataset.metadata_files(data)
