@@ -209,3 +209,24 @@ def test_an_entry_that_is_not_the_keys_of_its_file_is_quarantined_never_trusted(
     assert later.index(RUN).flag_counts(snap) == {"repetition": RUNS}
     assert [r for r in caplog.records if "unreadable Hub key cache entry" in r.getMessage()]
     assert len(list((other / QUARANTINE_DIR).iterdir())) == RUNS
+
+
+@pytest.mark.parametrize("column", [pa.array([1, 2]), pa.array([["a"], ["b"]]), pa.array([b"\xff", b"x"])])
+def test_a_hub_file_whose_keys_are_not_text_is_unreadable_not_a_crash(hub_stub, tmp_path, column):
+    """A parquet added by hand to the run's folder with a `key` column of ints (lists, bytes): its keys could
+    not be cached as text, and every push and check of the run ended in a traceback."""
+    import io
+
+    from test_exactly_once_more import recommit
+
+    keys = publish(hub_stub, tmp_path / "pushed")
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"key": column}), buf)
+    foreign = f"data/{RUN}/by-hand.parquet"
+    recommit(hub_stub, REPO, lambda tree: tree.update({foreign: hub_stub._put_blob(buf.getvalue())}))
+    ckpt = tmp_path / "more"
+    Writer(ckpt, worker=RUNS, dir_id="dirm00000000").parts(3)
+    client = connect(hub_stub, ckpt)
+    snap = client.snapshot(RUN)
+    assert snap.keys == keys and snap.unreadable == [foreign]
+    assert client.push(ckpt, RUN) == 3 and connect(hub_stub, ckpt).snapshot(RUN).unreadable == [foreign]
