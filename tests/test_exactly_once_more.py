@@ -140,6 +140,24 @@ def test_one_dir_pushing_to_two_repos_in_turn(hub_stub, ckpt):  # noqa: F811
     assert {e["repo"] for e in ledger(ckpt)} == {REPO, other}
 
 
+def test_a_copied_dir_pushes_after_its_original_pushed_parts_it_lacks(hub_stub, tmp_path):
+    """`cp -r a b`: both dirs have one dir_id. A file a pushed later, of parts b does not have, was recorded in
+    b's ledger with no local part: IndexError, at every push of b (--push-only a traceback)."""
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    wa = Writer(a)
+    wa.parts(10)
+    assert connect(hub_stub, a).push(a, RUN, 0) == 10
+    shutil.copytree(a, b)
+    wa.parts(10, 10)
+    assert connect(hub_stub, a).push(a, RUN, 0) == 20
+    assert connect(hub_stub, b).push(b, RUN, None) == 0
+    Writer(b, start=30).parts(5)  # b's own next part: keys a never had
+    assert connect(hub_stub, b).push(b, RUN, 0) == 5
+    assert once(hub_stub) == keys(30) | keys(5, 30)
+    assert [(e["first"], e["last"], e["parts"]) for e in ledger(b) if e.get("recovered")] == [(1, 2, [])]
+
 def test_files_deleted_or_renamed_by_someone_else_between_runs(hub_stub, ckpt, caplog):  # noqa: F811
     w = Writer(ckpt)
     w.parts(10)

@@ -235,7 +235,9 @@ class HubClient:
         for path, m in mine:
             owner, first, last = int(m["worker"]), int(m["first"]), int(m["last"])
             parts = [p for p in local if p.worker == owner and first <= p.seq <= last]
+            # No local part in that range (a copy of this dir pushed it: the same dir_id): the name says which
             found.append({**ledger_entry(self.repo_id, run_id, HubFile(path, owner, parts, []), None),
+                          "first": first, "last": last,
                           "rows": len(self.index(run_id).keys_of_file(snap.files[path])), "recovered": True})
         if found:
             log.info("Hub: %d file(s) of this dir were on the Hub but not in the ledger (a lost answer or a "

@@ -47,6 +47,7 @@ def append_ledger(checkpoint_dir: Path | str, entries: list[dict]) -> None:
 
 
 def ledger_entry(repo_id: str, run_id: str, f: HubFile, commit: str | None) -> dict:
-    return {"repo": repo_id, "run_id": run_id, "hub_path": f.path, "worker": f.worker, "first": f.parts[0].seq,
-            "last": f.parts[-1].seq, "parts": [p.path.name for p in f.parts], "rows": f.rows, "commit": commit,
+    first, last = (f.parts[0].seq, f.parts[-1].seq) if f.parts else (None, None)  # (a recovered file: see hub.py)
+    return {"repo": repo_id, "run_id": run_id, "hub_path": f.path, "worker": f.worker, "first": first,
+            "last": last, "parts": [p.path.name for p in f.parts], "rows": f.rows, "commit": commit,
             "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
