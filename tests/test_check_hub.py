@@ -162,3 +162,29 @@ def test_a_parquet_file_not_of_ours_in_the_runs_folder_exits_4(cli, hub_stub):
     proc = cli.run("c", "--check-hub")
     assert proc.returncode == EXIT_COVERAGE and foreign in proc.stdout, proc.stdout + proc.stderr
     assert coverage(cli, "c")["unreadable_files"] == [foreign] and coverage(cli, "c")["missing"] == 0
+
+
+def test_files_the_runs_config_does_not_load_as_captions_publish_nothing(cli, hub_stub):
+    """The config loads data/{run_id}/*.parquet: a file moved into a subfolder is not loaded, and a file of keys
+    alone loads without captions. Both counted as published: their rows were never pushed again, check exit 0."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    ok(cli.run("a"))
+    rid = run_id_of(cli.tmp / "a")
+    (first,) = [p for p in hub_stub.repo_files(REPO_ID) if p.startswith(f"data/{rid}/")]
+    keys = pq.read_table(io.BytesIO(hub_stub.repo_files(REPO_ID)[first])).column("key").to_pylist()
+    buf = io.BytesIO()
+    pq.write_table(pa.table({"key": keys}), buf)
+    keys_only, moved = f"data/{rid}/keys-only.parquet", f"data/{rid}/old/{first.rsplit('/', 1)[1]}"
+    recommit(hub_stub, REPO_ID, lambda tree: tree.update({moved: tree.pop(first),
+                                                          keys_only: hub_stub._put_blob(buf.getvalue())}))
+    proc = cli.run("c", "--check-hub")
+    got = coverage(cli, "c")
+    assert proc.returncode == EXIT_COVERAGE and got["unreadable_files"] == [keys_only], proc.stdout + proc.stderr
+    assert got["published"] == 0 and got["missing_keys"] == sorted(set(keys) - set(got["failed_keys"]))
+    ok(cli.run("a", "--push-only"))  # the rows go into the run's folder again, once
+    recommit(hub_stub, REPO_ID, lambda tree: tree.pop(keys_only))
+    assert ok(cli.run("c", "--check-hub")) and coverage(cli, "c")["published"] == len(got["missing_keys"])

@@ -112,7 +112,9 @@ class HubIndex:
             elif legacy or (not isinstance(entry, RepoFile) and _RUN_ID_RE.match(name)):
                 others.add(legacy["run"] if legacy else name)
         others.discard(self.run_id)
-        for entry in self._tree(run_data_dir(self.run_id), head, recursive=True):
+        # Not recursive: the run's card config loads data/{run_id}/*.parquet, so a file in a subfolder publishes
+        # nothing (counted, its rows were never pushed again and --check-hub said they were published)
+        for entry in self._tree(run_data_dir(self.run_id), head, recursive=False):
             if isinstance(entry, RepoFile) and entry.path.endswith(".parquet"):
                 files[entry.path] = HubFileInfo.of(entry)
         return files, sorted(others)
@@ -133,9 +135,11 @@ class HubIndex:
         url = f"datasets/{self.repo_id}@{head}/{info.path}"
         try:
             with self._filesystem().open(url, "rb", block_size=KEY_READ_BLOCK, size=info.size) as f:
-                if info.size <= KEY_READ_BLOCK:  # one request: the footer first, then the key column, took two
-                    return read_entry(pq.ParquetFile(pa.BufferReader(f.read(info.size))))
-                return read_entry(pq.ParquetFile(f))
+                # one request for a small file: the footer first, then the key column, took two
+                pf = pq.ParquetFile(pa.BufferReader(f.read(info.size)) if info.size <= KEY_READ_BLOCK else f)
+                if "vlm_caption" not in pf.schema_arrow.names:  # keys alone (by hand) publish no caption
+                    raise KeyError("vlm_caption")
+                return read_entry(pf)
         except (pa.ArrowException, KeyError) as e:  # not our parquet: it publishes no row we know
             log.warning("Hub: %s in %s is not a readable captions file (%s); its rows, if any, are not "
                         "counted", info.path, self.repo_id, type(e).__name__)
