@@ -125,3 +125,21 @@ def test_push_only_removes_what_a_killed_push_left_half_written_in_the_dir(hub_s
                  "--push-only"]) == EXIT_OK
     assert len(hub_stub.read_rows(REPO_ID, prefix=f"data/{RUN}/")) == 4
     assert not left.exists()
+
+
+def test_push_only_with_a_hub_that_lists_nothing_exits_3_in_one_line(hub_stub, tmp_path, monkeypatch, capsys):
+    """The token check passes but every listing fails: as retryable as a refused commit (exit 3), not exit 1."""
+    from hub_parts import RUN, Writer
+
+    from vlm_caption import hub_retry
+    from vlm_caption.errors import EXIT_ITEMS_FAILED
+
+    ckpt = tmp_path / "ckpt"
+    Writer(ckpt).parts(4)
+    monkeypatch.setattr(hub, "RetryPolicy", lambda: hub_retry.RetryPolicy(sleep=lambda s: None))
+    hub_stub.inject("GET", r"/api/datasets/.*/tree/", "500", times=1000)
+    args = ["--checkpoint-dir", str(ckpt), "--hf-repo", REPO_ID, "--hub-endpoint", hub_stub.endpoint, "--push-only"]
+    assert main(args) == EXIT_ITEMS_FAILED
+    assert "pushed 0 rows" in capsys.readouterr().out and hub_stub.commits_applied == 0
+    hub_stub.clear_faults()
+    assert main(args) == EXIT_OK and len(hub_stub.read_rows(REPO_ID, prefix=f"data/{RUN}/")) == 4

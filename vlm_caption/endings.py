@@ -198,16 +198,17 @@ def push_only(hub_client, cfg: RunConfig, run_info: dict) -> int:
     ckpt = Path(cfg.checkpoint_dir)
     run_id = run_info["run_id"]
     remove_stale_tmp(ckpt)  # a killed push's half-kept keys (hub_keys/): a dir only pushed from never captions
-    log.info(hub_client.describe_repo(run_id))
-    try:
+    rows = 0
+    try:  # the first listing too: a Hub that lists nothing is as retryable as one that takes no commit (exit 3)
+        log.info(hub_client.describe_repo(run_id))
         rows = hub_client.push(ckpt, run_id, worker=None)
+        pending = hub_client.pending_rows(ckpt, run_id)
+        failed = still_failed([ckpt], set())  # those captioned since are on the Hub: the card leaves them out
+        hub_client.write_card(run_info, read_summary(ckpt), {k: r["stage"] for k, r in failed.items()})
     except HubUnavailable as e:  # retryable (README): the rows stay in the parts for the next try
-        log.error("Hub unavailable, nothing pushed: %s", e)
-        print(f"pushed 0 rows from {ckpt} to {hub_client.repo_id}; rerun --push-only when the Hub is reachable")
+        log.error("Hub unavailable: %s", e)
+        print(f"pushed {rows} rows from {ckpt} to {hub_client.repo_id}; rerun --push-only when the Hub is reachable")
         return EXIT_ITEMS_FAILED
-    pending = hub_client.pending_rows(ckpt, run_id)
-    failed = still_failed([ckpt], set())  # those captioned since are on the Hub: the card leaves them out
-    hub_client.write_card(run_info, read_summary(ckpt), {k: r["stage"] for k, r in failed.items()})
     unusable = sorted(p.name for p in hub_client.unusable)
     print(f"pushed {rows} rows from {ckpt} to {hub_client.repo_id}"
           + (f"; {pending} rows still pending" if pending else "")
