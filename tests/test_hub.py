@@ -253,8 +253,8 @@ def test_render_dataset_card():
                    "google/gemma-3-4b-it", "Rows in all runs: 12345"):
         assert needle in text, needle
     assert all(f"| `{name}` |" in text for name in OUTPUT_SCHEMA.names)
-    assert [card.size_category(n) for n in (5, 1_000, 99_999, 100_000, 2_000_000)] == [
-        "n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M"]
+    assert [card.size_category(n) for n in (5, 1_000, 99_999, 100_000, 2_000_000, 10_000_000, 100_000_000)] == [
+        "n<1K", "1K<n<10K", "10K<n<100K", "100K<n<1M", "1M<n<10M", "10M<n<100M", "100M<n<1B"]
 
 
 def test_card_lists_each_run_and_both_load_with_datasets(hub_stub, client, ckpt, tmp_path):  # noqa: F811
