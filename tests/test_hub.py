@@ -282,6 +282,23 @@ def test_card_lists_each_run_and_both_load_with_datasets(hub_stub, client, ckpt,
     assert old.num_rows == 7
 
 
+
+@pytest.mark.parametrize("edit", [{"rows": "many"}, {"created": 17}, {"failed_by_stage": [1]}, {"prompts": "x"}])
+def test_another_runs_file_edited_by_hand_is_left_off_the_card(hub_stub, client, ckpt, caplog, edit):  # noqa: F811
+    """runs/{other}.json with a field of another shape raised at this run's card: a traceback at every end of a
+    run and --push-only of the repo. It is left off, as an unreadable one is, and the card is written."""
+    from huggingface_hub import CommitOperationAdd
+
+    other = json.dumps({**RUN_INFO, "run_id": "fedcba987654", "rows": 3, **edit}).encode()
+    client.api.create_commit(REPO, [CommitOperationAdd("runs/fedcba987654.json", other)], commit_message="by hand",
+                             repo_type="dataset")
+    Writer(ckpt).parts(4)
+    client.push_pending(ckpt, RUN, 0)
+    with caplog.at_level(logging.WARNING):
+        text = client.write_card(RUN_INFO, {})
+    assert "Rows (captioned images): 4" in text and "fedcba987654" not in text and "left off the card" in caplog.text
+
+
 # ---------------------------------------------------------------- the token stays secret
 
 

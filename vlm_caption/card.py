@@ -1,6 +1,7 @@
 """The Hub dataset card (README.md): YAML header for the Hub, then what the data is and how it was made."""
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 
@@ -18,6 +19,7 @@ CITATION = """@article{somepalli2024measuring,
   journal = {arXiv preprint arXiv:2404.01292},
   year    = {2024}
 }"""
+log = logging.getLogger(__name__)
 TEMPLATE = Path(__file__).parent / "templates" / "dataset_card.md"
 _CARD_TAGS = ["art", "style", "image-captioning", "synthetic-captions", "contrastyles"]
 
@@ -85,6 +87,21 @@ def _flags_by_prompt(run: dict) -> list[dict]:
     [] for one prompt, or a run published before these were counted (the card shows the plain counts)."""
     counts = run.get(FLAGS_BY_PROMPT) or {}
     return [{"name": n, "flags": describe_counts(counts[n])} for n in prompt_plan.prompt_order(run) if n in counts]
+
+
+def showable(run: dict) -> bool:
+    """Whether the card can show a run's runs/{run_id}.json. One edited by hand (a count that is no number, a
+    list for a mapping) is left off the card with a warning, as an unreadable one is: it raised at the card of
+    every other run of the repo, a traceback at each end of a run and --push-only."""
+    try:
+        int(run.get("rows") or 0), _run_view("", run, False)
+        if not isinstance(run.get("created") or "", str):  # sorted with the others' times
+            raise TypeError(f"created is {run.get('created')!r}")
+        return True
+    except Exception as e:  # noqa: BLE001  (any field, of any shape)
+        log.warning("Hub: runs/%s.json cannot be shown (%s: %s); that run is left off the card",
+                    run.get("run_id"), type(e).__name__, str(e)[:200])
+        return False
 
 
 def render_dataset_card(repo_id: str, runs: list[dict]) -> str:

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HfUriError, RepositoryNotFoundError
 
-from .card import published_model, render_dataset_card
+from .card import published_model, render_dataset_card, showable
 from .errors import FatalError, UsageError
 from .rows import conform, flags_by_prompt, ordered_counts, run_flag_columns
 from .hub_files import HUB_FILE_RE, ROW_GROUP_ROWS, HubFile, hub_file_bytes, plan_hub_files
@@ -363,7 +363,8 @@ class HubClient:
         def attempt() -> None:
             nonlocal card_text
             snap = self.index(run_id).snapshot()
-            runs = self.index(run_id).read_run_infos(snap.head)
+            runs = {r: info for r, info in self.index(run_id).read_run_infos(snap.head).items()
+                    if r == run_id or showable(info)}  # (this run's is written again)
             # The run started when its first dir did; a dir that gave no keys (an older version) counts as is.
             before = runs.get(run_id) or {}
             by_dir = dict(before.get("failed_keys_by_dir") or {})
