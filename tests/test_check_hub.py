@@ -188,3 +188,14 @@ def test_files_the_runs_config_does_not_load_as_captions_publish_nothing(cli, hu
     ok(cli.run("a", "--push-only"))  # the rows go into the run's folder again, once
     recommit(hub_stub, REPO_ID, lambda tree: tree.pop(keys_only))
     assert ok(cli.run("c", "--check-hub")) and coverage(cli, "c")["published"] == len(got["missing_keys"])
+
+
+def test_a_runs_file_whose_failures_were_edited_into_a_list_is_no_traceback(cli, hub_stub):
+    ok(cli.run("a"))
+    rid = run_id_of(cli.tmp / "a")
+    info = json.loads(hub_stub.repo_files(REPO_ID)[f"runs/{rid}.json"])
+    edited = json.dumps({**info, "failed_keys_by_dir": [1]}).encode()
+    recommit(hub_stub, REPO_ID, lambda tree: tree.update({f"runs/{rid}.json": hub_stub._put_blob(edited)}))
+    proc = cli.run("c", "--check-hub")  # no failure recorded: the broken images count as missing
+    assert proc.returncode == EXIT_COVERAGE and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert coverage(cli, "c")["failed"] == 0 and coverage(cli, "c")["missing"] > 0

@@ -299,6 +299,21 @@ def test_another_runs_file_edited_by_hand_is_left_off_the_card(hub_stub, client,
     assert "Rows (captioned images): 4" in text and "fedcba987654" not in text and "left off the card" in caplog.text
 
 
+
+@pytest.mark.parametrize("edit", [{"failed_keys_by_dir": [1]}, {"failed_keys_by_dir": {"d": [1]}}, {"created": 5}])
+def test_this_runs_own_file_edited_by_hand_is_written_again(hub_stub, client, ckpt, edit):  # noqa: F811
+    from huggingface_hub import CommitOperationAdd
+
+    mine = json.dumps({**RUN_INFO, "rows": 3, **edit}).encode()
+    client.api.create_commit(REPO, [CommitOperationAdd(f"runs/{RUN}.json", mine)], commit_message="by hand",
+                             repo_type="dataset")
+    Writer(ckpt).parts(4)
+    client.push_pending(ckpt, RUN, 0)
+    info = {**RUN_INFO, "dir_id": DIR, "created": "2026-01-01T00:00:00Z"}
+    assert "Rows (captioned images): 4" in client.write_card(info, {}, {"x": "decode"})
+    assert json.loads(hub_stub.repo_files(REPO)[f"runs/{RUN}.json"])["failed_keys_by_dir"] == {DIR: {"x": "decode"}}
+
+
 # ---------------------------------------------------------------- the token stays secret
 
 

@@ -89,7 +89,7 @@ def _flags_by_prompt(run: dict) -> list[dict]:
     return [{"name": n, "flags": describe_counts(counts[n])} for n in prompt_plan.prompt_order(run) if n in counts]
 
 
-def showable(run: dict) -> bool:
+def showable(run: dict, mine: bool = False) -> bool:
     """Whether the card can show a run's runs/{run_id}.json. One edited by hand (a count that is no number, a
     list for a mapping) is left off the card with a warning, as an unreadable one is: it raised at the card of
     every other run of the repo, a traceback at each end of a run and --push-only."""
@@ -99,8 +99,8 @@ def showable(run: dict) -> bool:
             raise TypeError(f"created is {run.get('created')!r}")
         return True
     except Exception as e:  # noqa: BLE001  (any field, of any shape)
-        log.warning("Hub: runs/%s.json cannot be shown (%s: %s); that run is left off the card",
-                    run.get("run_id"), type(e).__name__, str(e)[:200])
+        log.warning("Hub: runs/%s.json cannot be shown (%s: %s); %s", run.get("run_id"), type(e).__name__,
+                    str(e)[:200], "this run writes it again" if mine else "that run is left off the card")
         return False
 
 

@@ -367,7 +367,9 @@ class HubClient:
                     if r == run_id or showable(info)}  # (this run's is written again)
             # The run started when its first dir did; a dir that gave no keys (an older version) counts as is.
             before = runs.get(run_id) or {}
-            by_dir = dict(before.get("failed_keys_by_dir") or {})
+            by_dir = before.get("failed_keys_by_dir")  # (a dir's entry edited by hand into another shape: dropped)
+            by_dir = {d: ks for d, ks in by_dir.items() if isinstance(ks, dict)} if isinstance(by_dir, dict) else {}
+            before = before if showable(before, mine=True) else {}  # edited by hand: written again from the Hub
             if failed_keys is not None:
                 by_dir[run_info.get("dir_id") or "legacy"] = failed_keys
             still = {k: stage for keys in by_dir.values() for k, stage in keys.items() if k not in snap.keys}

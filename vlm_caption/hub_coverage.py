@@ -47,6 +47,7 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
         raise UsageError(f"{hub_client.repo_id} holds no data of run {run_id}, the run of {cfg.checkpoint_dir}"
                          f"{others}: is it the --hf-repo that run pushed to? (--push-only pushes what the dir holds)")
     recorded = (info or {}).get("failed_keys_by_dir") or {}
+    recorded = recorded if isinstance(recorded, dict) else {}  # edited by hand: no failures recorded
     on_hub = Counter(k for file in snap.files.values() for k in index.keys_of_file(file))
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=0, num_workers=1, done_keys=set(), failed_keys=set())
