@@ -203,3 +203,24 @@ def test_overwrite_there_and_back_on_a_dir_whose_rows_are_published(cli, hub_stu
     assert hub_keys(hub_stub, run_id=first) == hub_keys(hub_stub, run_id=second) == source_keys
     assert "pushed 0 rows" in ok(cli.run("d", "--push-only"))
     assert hub_keys(hub_stub, run_id=first) == source_keys
+
+
+def test_a_run_whose_data_was_deleted_by_hand_gets_no_config_on_the_next_card(hub_stub, tmp_path):
+    """runs/{run}.json keeps its rows: the newest run, its folder deleted, stayed the default config, whose
+    data_files match nothing, and load_dataset(repo) failed for every run."""
+    from huggingface_hub import DatasetCard
+    from test_hub import RUN_INFO
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    Writer(old, run="fedcba987654", dir_id="dirold000000").parts(5)
+    Writer(new, dir_id="dirnew000000").parts(5)
+    for ckpt, run, created in ((old, "fedcba987654", "2026-01-01T00:00:00Z"), (new, RUN, "2026-02-01T00:00:00Z")):
+        client = connect(hub_stub, ckpt)
+        client.push(ckpt, run)
+        client.write_card({**RUN_INFO, "run_id": run, "created": created}, {})
+    recommit(hub_stub, REPO, lambda tree: [tree.pop(p) for p in list(tree) if p.startswith(f"data/{RUN}/")])
+    Writer(old, run="fedcba987654", dir_id="dirold000000", start=5).parts(5)
+    client = connect(hub_stub, old)
+    client.push(old, "fedcba987654")
+    card = DatasetCard(client.write_card({**RUN_INFO, "run_id": "fedcba987654", "created": "2026-01-01T00:00:00Z"}, {}))
+    assert [(c["config_name"], c.get("default")) for c in card.data.configs] == [("fedcba987654", True)]

@@ -363,8 +363,9 @@ class HubClient:
         def attempt() -> None:
             nonlocal card_text
             snap = self.index(run_id).snapshot()
-            runs = {r: info for r, info in self.index(run_id).read_run_infos(snap.head).items()
-                    if r == run_id or showable(info)}  # (this run's is written again)
+            # Another run whose data is gone (deleted by hand) gets no config: as the default it broke load_dataset
+            runs = {r: info if r in (run_id, *snap.other_runs) else {**info, "rows": 0} for r, info in
+                    self.index(run_id).read_run_infos(snap.head).items() if r == run_id or showable(info)}
             # The run started when its first dir did; a dir that gave no keys (an older version) counts as is.
             before = runs.get(run_id) or {}
             by_dir = before.get("failed_keys_by_dir")  # (a dir's entry edited by hand into another shape: dropped)
