@@ -141,5 +141,8 @@ def test_push_only_with_a_hub_that_lists_nothing_exits_3_in_one_line(hub_stub, t
     args = ["--checkpoint-dir", str(ckpt), "--hf-repo", REPO_ID, "--hub-endpoint", hub_stub.endpoint, "--push-only"]
     assert main(args) == EXIT_ITEMS_FAILED
     assert "pushed 0 rows" in capsys.readouterr().out and hub_stub.commits_applied == 0
+    hub_stub.inject("GET", r"/api/whoami", "503", times=1000)  # down from the first request: exit 3 too (was 1)
+    assert main(args) == EXIT_ITEMS_FAILED
+    assert "pushed 0 rows" in capsys.readouterr().out
     hub_stub.clear_faults()
     assert main(args) == EXIT_OK and len(hub_stub.read_rows(REPO_ID, prefix=f"data/{RUN}/")) == 4

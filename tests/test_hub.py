@@ -139,7 +139,7 @@ def test_push_only_leaves_out_parts_of_another_run_or_unreadable_and_says_so(hub
     Writer(ckpt, worker=2, start=200).parts(2)
     broken = list_parts(ckpt)[-1].path
     broken.write_bytes(broken.read_bytes()[:50])  # cut short
-    code = endings.push_only(client, RunConfig(checkpoint_dirs=[str(ckpt)]), {"run_id": RUN})
+    code = endings.push_only(RunConfig(checkpoint_dirs=[str(ckpt)]), {"run_id": RUN}, hub_client=client)
     out = capsys.readouterr().out
     assert code == 3 and "pushed 3 rows" in out and "2 parts not pushed" in out, out
     assert sorted(r["key"] for r in hub_stub.read_rows(REPO)) == sorted(r["key"] for r in make_rows(0, 3))

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from . import dataset, rows as rowcols, store, workers
 from .atomic import atomic_write_json, remove_stale_tmp
 from .cli import plural
-from .config import RunConfig, parse_shards
+from .config import RunConfig, parse_shards, resolve_repo_id
 from .errors import EXIT_COVERAGE, EXIT_FATAL, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .interrupts import Interrupted
 from .merge import merge_parts
@@ -191,14 +191,23 @@ def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
               "--retry-failed tries them again")
 
 
-
-def push_only(hub_client, cfg: RunConfig, run_info: dict) -> int:
-    from .hub_retry import HubUnavailable  # (huggingface_hub is imported only by runs that push)
+def push_only(cfg: RunConfig, run_info: dict, hub_client=None) -> int:
+    """--push-only: what the dir holds unpushed, to the Hub (`hub_client`: tests pass one, else it connects)."""
+    from . import hub  # (huggingface_hub is imported only by runs that push)
+    from .hub_retry import HubUnavailable
 
     ckpt = Path(cfg.checkpoint_dir)
+    repo_id = resolve_repo_id(cfg.hf_repo, cfg.hf_username)
     run_id = run_info["run_id"]
     remove_stale_tmp(ckpt)  # a killed push's half-kept keys (hub_keys/): a dir only pushed from never captions
     rows = 0
+    try:
+        hub_client = hub_client or hub.connect(repo_id, private=cfg.private, endpoint=cfg.hub_endpoint,
+                                               checkpoint_dir=ckpt, way_out=None)
+    except HubUnavailable as e:  # down from the first request: as retryable as a refused commit (README)
+        log.error("Hub unavailable: %s", e)
+        print(f"pushed 0 rows from {ckpt} to {repo_id}; rerun --push-only when the Hub is reachable")
+        return EXIT_ITEMS_FAILED
     try:  # the first listing too: a Hub that lists nothing is as retryable as one that takes no commit (exit 3)
         log.info(hub_client.describe_repo(run_id))
         rows = hub_client.push(ckpt, run_id, worker=None)

@@ -84,16 +84,15 @@ def run(cfg: RunConfig) -> int:
         existing = store.read_run_json(ckpt)
         if existing is None:
             raise UsageError(f"{ckpt} holds no run.json: nothing to push")
+    if existing is not None:
+        with StopSignals():  # a commit lands whole or not at all: stopping between them loses nothing
+            return push_only(cfg, existing)  # (it connects: a Hub down from the start is retryable there, exit 3)
     hub_client = None
     if not cfg.no_push:  # before the model loads: a bad token must not cost GPU time
         from . import hub
 
         hub_client = hub.connect(resolve_repo_id(cfg.hf_repo, cfg.hf_username), private=cfg.private,
-                                 endpoint=cfg.hub_endpoint, checkpoint_dir=ckpt,
-                                 way_out=None if cfg.push_only else "or pass --no-push")
-    if existing is not None:
-        with StopSignals():  # a commit lands whole or not at all: stopping between them loses nothing
-            return push_only(hub_client, cfg, existing)
+                                 endpoint=cfg.hub_endpoint, checkpoint_dir=ckpt, way_out="or pass --no-push")
     writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]),
                                    num_workers=num_workers)
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=workers.distributed_rank()[0] != 0)
