@@ -161,3 +161,23 @@ def test_two_files_of_one_name_set_aside_in_one_second_are_both_kept(tmp_path):
         store.quarantine(tmp_path, tmp_path / store.SUMMARY, "unreadable")
     kept = sorted(p.read_text() for p in (tmp_path / store.QUARANTINE_DIR).iterdir())
     assert kept == ["first", "second", "third"]
+
+
+def test_a_part_with_null_keys_or_a_column_of_another_type_is_set_aside_not_a_traceback_at_the_merge(tmp_path):
+    """A part-named file of the right columns but a null key or a column of another type (made by hand): the merge
+    at the end of the run compared None with str, or could not unify the schemas."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlm_caption.merge import merge_parts
+
+    w = Writer(tmp_path)
+    w.parts(3)
+    table = pq.read_table(store.list_parts(tmp_path)[0].path)
+    nulls = table.set_column(0, "key", pa.array([None] * 3, pa.string()))
+    other = table.set_column(table.schema.get_field_index("width"), "width", pa.array(["wide"] * 3))
+    for seq, bad in enumerate((nulls, other)):
+        pq.write_table(bad, tmp_path / "parts" / f"captions-w005-{seq:06d}.parquet")
+    report = merge_parts([tmp_path], tmp_path / store.MERGED)
+    assert report.keys == {"000000000", "000000001", "000000002"} and not report.duplicate_keys
+    assert len(list((tmp_path / store.QUARANTINE_DIR).iterdir())) == 2

@@ -100,10 +100,17 @@ def check_file(path: Path, schema: pa.Schema) -> FileCheck:
         names = pf.schema_arrow.names
         if not set(schema.names) - set(ADDED_COLUMNS) <= set(names):  # --keep-columns parts hold more, never fewer
             return FileCheck(None, None, None, f"of a foreign schema (columns {', '.join(names[:8])})")
+        # a registry column of another type (a key of numbers) breaks the merge (--keep-columns follow the data)
+        other = [f"{f.name} {pf.schema_arrow.field(f.name).type}" for f in (*OUTPUT_SCHEMA, *FAILURE_SCHEMA)
+                 if f.name in schema.names and f.name in names and pf.schema_arrow.field(f.name).type != f.type]
+        if other:
+            return FileCheck(None, None, None, f"of a foreign schema ({', '.join(other[:3])})")
         meta = pf.schema_arrow.metadata or {}
         keys = pf.read(columns=["key"]).column("key").to_pylist()
     except (OSError, pa.ArrowException) as e:
         return FileCheck(None, None, None, f"unreadable ({type(e).__name__}: {brief(str(e))})")
+    if None in keys:  # never written by a run (a null key is a failure): not a part of it
+        return FileCheck(None, None, None, "of a foreign schema (null keys)")
     run_id, dir_id = (meta.get(k, b"").decode() or None for k in (META_RUN_ID, META_DIR_ID))
     return FileCheck(keys, run_id, dir_id, None)
 
