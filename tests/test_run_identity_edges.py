@@ -153,3 +153,29 @@ def test_the_smoke_test_pushes_again_to_a_repo_an_earlier_smoke_test_pushed_to(h
                             "--hub-endpoint", hub_stub.endpoint, "--hf-repo", "tester/smoke"])
         out = capsys.readouterr().out
         assert code == 0 and "push" in lines_starting(out, "PASS"), out
+
+
+def test_merge_only_sets_aside_parts_and_failures_of_another_run_and_refuses_a_dir_of_two_runs(data, tmp_path):
+    """A part or failure file of another run copied into a dir was merged (its keys 'duplicated', exit 4; its
+    generate failure turned the exit into 3); a dir without run.json holding two runs' parts was merged as one."""
+    import shutil
+
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    assert main(dummy_args(data, mine, "--shards", "0")) == EXIT_OK
+    assert main(dummy_args(data, other, "--prompt", "Name the colours.")) == EXIT_OK
+    theirs = store.CheckpointStore(other, 3)
+    theirs.run_id = json.loads((other / store.RUN_JSON).read_text())["run_id"]
+    theirs.write_failures([{"key": "000000015", "original_key": "15", "url": "u", "stage": "generate", "error": "x"}])
+    stray = [store.list_parts(other)[0].path, store.list_failure_files(other)[0].path]
+    for path, dest in zip(stray, ("parts/captions-w007-000000.parquet", "failures/failures-w007-000000.parquet")):
+        (mine / dest).parent.mkdir(exist_ok=True)
+        shutil.copy(path, mine / dest)
+    merge = ["--merge-only", "--data-dir", str(data), "--shards", "0", "--checkpoint-dir", str(mine)]
+    assert main(merge) == EXIT_OK
+    coverage = json.loads((mine / "coverage.json").read_text())
+    assert (coverage["captioned"], coverage["failed"], coverage["duplicated"]) == (8, 0, 0)
+    assert len(list((mine / store.QUARANTINE_DIR).iterdir())) == 2
+    shutil.copy(stray[0], mine / "parts" / "captions-w007-000000.parquet")
+    (mine / store.RUN_JSON).unlink()
+    with pytest.raises(UsageError, match="has no run.json and holds parts of runs"):
+        main(merge)

@@ -28,8 +28,9 @@ log = logging.getLogger("vlm_caption.pipeline")  # the messages users know, unde
 def still_failed(dirs: list[Path], captioned: set[str]) -> dict[str, dict]:
     """key -> failure record (key, stage, error) of every failed key that no later run captioned."""
     failed: dict[str, dict] = {}
-    for d in dirs:
-        failed.update((k, row) for k, row in store.failure_records(d).items() if k not in captioned)
+    for d in dirs:  # a failure file of another run is set aside, as its parts are (merge.py)
+        run_id = (store.read_run_json_safe(d)[0] or {}).get("run_id")
+        failed.update((k, row) for k, row in store.failure_records(d, run_id=run_id).items() if k not in captioned)
     return failed
 
 
@@ -275,6 +276,17 @@ def print_first_prompts(cfg: RunConfig, plan: dataset.WorkPlan, extra: list, spe
         print("    " + spec.render(row).replace("\n", "\n    "))
 
 
+def run_of_parts(ckpt: Path) -> dict:
+    """A dir without run.json is of the run its parts record (one run, or a UsageError, as a run of it says)."""
+    runs = {r for files, schema in ((store.list_parts(ckpt), store.OUTPUT_SCHEMA),
+                                    (store.list_failure_files(ckpt), store.FAILURE_SCHEMA))
+            for part in files if (r := store.check_file(part.path, schema).run_id)}
+    if len(runs) > 1:
+        raise UsageError(f"{ckpt} has no run.json and holds parts of runs {', '.join(sorted(runs))}: restore its "
+                         "run.json (the other run's parts are then set aside), or move them out of parts/")
+    return {"run_id": runs.pop()} if runs else {}
+
+
 def merge_and_check(cfg: RunConfig) -> int:
     """--merge-only: merge one or more checkpoint dirs and prove every selected key is there once."""
     dirs = [Path(d) for d in cfg.checkpoint_dirs]
@@ -286,7 +298,7 @@ def merge_and_check(cfg: RunConfig) -> int:
     twice = [d for i, d in enumerate(dirs) if d.resolve() in {e.resolve() for e in dirs[:i]}]
     if twice:  # (a glob and a name of one dir, say) each of its keys would count as captioned twice: exit 4
         raise UsageError(f"--checkpoint-dir {twice[0]} is given twice (or by another path): give each dir once")
-    infos = {str(d): store.read_run_json(d) or {} for d in dirs}
+    infos = {str(d): store.read_run_json(d) or run_of_parts(d) for d in dirs}
     runs = {d: info.get("run_id") for d, info in infos.items()}
     # captions of another model or prompt must not be mixed in silently (dirs an earlier version named by the
     # model's path are of the run their path names: run_identity.one_run)

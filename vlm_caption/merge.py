@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 from .atomic import atomic_path
 from .rows import conform
 from .schema import OUTPUT_SCHEMA, unified_schema
-from .store import check_file, list_parts, quarantine
+from .store import list_parts, read_run_json_safe, usable_file
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,10 @@ class MergeReport:
 def _part_ranges(dirs: list[Path]) -> tuple[list[tuple[Path, str, str]], Counter]:
     ranges, counts = [], Counter()
     for d in dirs:
+        run_id = (read_run_json_safe(d)[0] or {}).get("run_id")  # a part of another run is not merged (set aside)
         for part in list_parts(d):
-            check = check_file(part.path, OUTPUT_SCHEMA)
-            if check.problem:
-                quarantine(d, part.path, check.problem)
-            elif check.keys:
+            check = usable_file(d, part, OUTPUT_SCHEMA, run_id)
+            if check is not None and check.keys:
                 ranges.append((part.path, min(check.keys), max(check.keys)))
                 counts.update(check.keys)
     return ranges, counts
