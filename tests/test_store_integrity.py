@@ -181,3 +181,16 @@ def test_a_part_with_null_keys_or_a_column_of_another_type_is_set_aside_not_a_tr
     report = merge_parts([tmp_path], tmp_path / store.MERGED)
     assert report.keys == {"000000000", "000000001", "000000002"} and not report.duplicate_keys
     assert len(list((tmp_path / store.QUARANTINE_DIR).iterdir())) == 2
+
+
+def test_one_run_set_aside_twice_in_one_second_by_overwrite_keeps_both(tmp_path, monkeypatch):
+    """A, B --overwrite, A --overwrite, B --overwrite within a second: superseded/A-TIME existed (FileExistsError)."""
+    monkeypatch.setattr(store.time, "strftime", lambda fmt: "20260101T000000")
+    w = Writer(tmp_path)
+    for n in (1, 2):
+        w.parts(n)
+        w.store._set_aside(RUN)
+        (tmp_path / store.RUN_JSON).write_text("{}")
+    kept = sorted(p.name for p in (tmp_path / "superseded").iterdir())
+    assert kept == [f"{RUN}-20260101T000000", f"{RUN}-20260101T000000-1"]
+    assert [len(list((tmp_path / "superseded" / k / "parts").iterdir())) for k in kept] == [1, 1]

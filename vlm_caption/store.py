@@ -115,14 +115,15 @@ def check_file(path: Path, schema: pa.Schema) -> FileCheck:
     return FileCheck(keys, run_id, dir_id, None)
 
 
+def free_name(first: Path) -> Path:
+    """`first`, or `first`-1, -2...: something of that name set aside in this second already is never replaced."""
+    return next(p for p in (first, *(first.with_name(f"{first.name}-{n}") for n in range(1, 10**6))) if not p.exists())
+
+
 def quarantine(checkpoint_dir: Path, path: Path, why: str, then: str = "its keys will be captioned again") -> None:
     """Set a bad file aside (never delete it), saying why and what follows (a part's keys are captioned again)."""
-    dest = first = checkpoint_dir / QUARANTINE_DIR / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}"
+    dest = free_name(checkpoint_dir / QUARANTINE_DIR / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}")
     dest.parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1, 1000):  # a file of that name set aside in this second already: never replace it
-        if not dest.exists():
-            break
-        dest = first.with_name(f"{first.name}-{n}")
     try:
         shutil.move(str(path), str(dest))
     except FileNotFoundError:  # workers starting together saw the same bad file: another one moved it
@@ -343,7 +344,7 @@ class CheckpointStore:
 
     def _set_aside(self, old_run_id: str) -> None:
         """--overwrite moves the old run into superseded/ instead of deleting finished work."""
-        dest = self.dir / "superseded" / f"{old_run_id}-{time.strftime('%Y%m%dT%H%M%S')}"
+        dest = free_name(self.dir / "superseded" / f"{old_run_id}-{time.strftime('%Y%m%dT%H%M%S')}")
         dest.mkdir(parents=True)
         for name in (RUN_JSON, PARTS_DIR, FAILURES_DIR, LEDGER, MERGED, SUMMARY):
             if (self.dir / name).exists():
