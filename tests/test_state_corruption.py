@@ -79,3 +79,22 @@ def test_a_directory_in_place_of_a_file_to_write_is_one_line_error_and_left_as_i
     with pytest.raises(FatalError, match=r"all_captions.parquet is a directory, not a file: move it aside"):
         atomic_write_json(path, {"a": 1})
     assert [p.name for p in tmp_path.iterdir()] == [store.MERGED] and (path / "x").read_text() == "kept"
+
+
+def test_a_run_json_whose_dir_id_is_edited_into_a_number_is_set_aside_and_the_parts_re_adopted(tmp_path):
+    """Its dir_id went into every part's metadata: 'int' object has no attribute 'encode' at the first part."""
+    from hub_parts import make_rows
+
+    settings = {"model": "tiny", "prompt": "Describe.", "max_tokens": 8}
+    first = store.CheckpointStore(tmp_path, 0)
+    run_id = first.open_run(settings, overwrite=False)
+    first.write_part(make_rows(0, 3))
+    first.lock.release()
+    path = tmp_path / store.RUN_JSON
+    path.write_text(json.dumps({**json.loads(path.read_text()), "dir_id": 5}))
+    again = store.CheckpointStore(tmp_path, 0)
+    assert again.open_run(settings, overwrite=False) == run_id
+    again.write_part(make_rows(3, 2))
+    again.lock.release()
+    assert again.dir_id == first.dir_id == json.loads(path.read_text())["dir_id"]
+    assert len(list((tmp_path / store.QUARANTINE_DIR).iterdir())) == 1

@@ -183,7 +183,7 @@ def read_run_json_safe(checkpoint_dir: Path | str) -> tuple[dict | None, str | N
         info = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return None, f"unreadable ({type(e).__name__})"
-    if not isinstance(info, dict) or not isinstance(info.get("run_id"), str):
+    if not (isinstance(info, dict) and isinstance(info.get("run_id"), str) and isinstance(info.get("dir_id", ""), str)):
         return None, "unreadable (not a run description)"
     return info, None
 
