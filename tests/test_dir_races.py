@@ -72,3 +72,26 @@ def test_a_directory_in_place_of_a_lock_file_is_a_one_line_usage_error(tmp_path)
     with pytest.raises(UsageError, match=r"machines.lock is a directory"):
         with locks.waiting_for(tmp_path / "machines.lock" / LOCKS_DIR / "machines.lock"):
             pass
+
+
+def test_merge_only_of_a_dir_a_worker_still_holds_names_it(tmp_path, caplog):
+    """Its keys not yet written count as missing (exit 4): without a word that the dir is live, lost work."""
+    import logging
+
+    from dummy_runs import dummy_args
+
+    from batched_image_inference import main
+    from vlm_caption.errors import EXIT_COVERAGE, EXIT_OK
+    from vlm_caption.sample_data import write_sample
+
+    data = write_sample(tmp_path / "data", n=8, broken=False, seed=3, shard_size=8)
+    ckpt = tmp_path / "c"
+    assert main(dummy_args(data, ckpt, "--max-images", "4")) == EXIT_OK
+    worker = DirLock(ckpt, 0)
+    try:
+        assert worker.take_worker() is None  # a relaunch captioning the rest, say
+        with caplog.at_level(logging.WARNING):
+            assert main(["--merge-only", "--data-dir", str(data), "--checkpoint-dir", str(ckpt)]) == EXIT_COVERAGE
+    finally:
+        worker.release()
+    assert f"{ckpt} is still in use by pid {os.getpid()}" in caplog.text

@@ -16,6 +16,7 @@ from .cli import plural
 from .config import RunConfig, parse_shards, resolve_repo_id
 from .errors import EXIT_COVERAGE, EXIT_FATAL, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .interrupts import Interrupted
+from .locks import DirLock
 from .merge import merge_parts
 from .run_identity import one_run
 
@@ -313,6 +314,11 @@ def merge_and_check(cfg: RunConfig) -> int:
     if captioned and not captioned & plan.data_keys:  # the merge would replace a good all_captions.parquet with 0 rows
         raise UsageError(f"none of the {len(captioned)} captioned keys of the checkpoint dir(s) are in --data-dir "
                          f"{cfg.data_dir}: is it the data dir these runs captioned?")
+    for d in dirs:  # its rows not yet in a part count as missing: say why, or exit 4 reads as lost work
+        live = DirLock(d, worker=-1).holders()
+        if live:
+            log.warning("%s is still in use by %s: keys it has not written yet count as missing; --merge-only "
+                        "again once it ends (its last worker merges the dir itself)", d, "; ".join(live))
     report = merge_parts(dirs, out, data_keys=plan.data_keys)
     counts = {"captioned": report.keys, "failed": still_failed(dirs, report.keys)}
     expected = plan.todo_keys
