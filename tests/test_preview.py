@@ -163,6 +163,17 @@ def test_out_that_is_a_directory_is_a_usage_error(checkpoint, tmp_path):
         preview_main([str(checkpoint), "--out", str(tmp_path)])
 
 
+def test_out_naming_a_file_of_the_run_is_refused_not_replaced_by_the_page(checkpoint, tmp_path):
+    """--out CKPT/run.json (a slip of the tab key) wrote the HTML over the run's settings."""
+    checkpoint = Path(shutil.copytree(checkpoint, tmp_path / "ckpt"))
+    (checkpoint / store.RUN_JSON).write_text(json.dumps({"run_id": "0123456789ab", "model": "tiny"}))
+    for name in (store.RUN_JSON, store.MERGED):
+        before = (checkpoint / name).read_bytes()
+        with pytest.raises(UsageError, match="exists and is not an .html file"):
+            preview_main([str(checkpoint), "--out", str(checkpoint / name)])
+        assert (checkpoint / name).read_bytes() == before
+
+
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--window-size=1200,900"]

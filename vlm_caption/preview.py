@@ -349,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.data_dir is not None and not Path(a.data_dir).is_dir():
         raise UsageError(f"--data-dir {a.data_dir} {'is a file' if Path(a.data_dir).exists() else 'does not exist'}")
     check_output_file(Path(a.out), "--out")
+    if Path(a.out).is_file() and Path(a.out).suffix.lower() not in (".html", ".htm"):  # --out CKPT/run.json, say
+        raise UsageError(f"--out {a.out} exists and is not an .html file; the preview never replaces it")
     cards = write_preview(a.checkpoint_dir, a.out, data_dir=a.data_dir, n=a.n, random_weights=a.random_weights)
     print(f"wrote {a.out} ({plural(cards, 'caption card')})")
     return 0
