@@ -179,3 +179,17 @@ def test_merge_only_sets_aside_parts_and_failures_of_another_run_and_refuses_a_d
     (mine / store.RUN_JSON).unlink()
     with pytest.raises(UsageError, match="has no run.json and holds parts of runs"):
         main(merge)
+
+
+def test_merge_only_of_some_shards_counts_no_failure_of_another_shard(data, tmp_path):
+    """A generate failure of shard 1 made --merge-only --shards 0 say '8 expected, 8 captioned, 1 failed' and exit 3."""
+    import pyarrow.parquet as pq
+
+    ckpt = tmp_path / "c"
+    assert main(dummy_args(data, ckpt, "--shards", "0")) == EXIT_OK
+    key = pq.read_table(data / "full_metadata.parquet", columns=["key"]).column("key").to_pylist()[-1]  # shard 1
+    writer = store.CheckpointStore(ckpt, 3)
+    writer.run_id = json.loads((ckpt / store.RUN_JSON).read_text())["run_id"]
+    writer.write_failures([{"key": key, "original_key": key, "url": "u", "stage": "generate", "error": "timeout"}])
+    assert main(["--merge-only", "--data-dir", str(data), "--shards", "0", "--checkpoint-dir", str(ckpt)]) == EXIT_OK
+    assert json.loads((ckpt / "coverage.json").read_text())["failed"] == 0

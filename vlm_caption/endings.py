@@ -320,8 +320,9 @@ def merge_and_check(cfg: RunConfig) -> int:
             log.warning("%s is still in use by %s: keys it has not written yet count as missing; --merge-only "
                         "again once it ends (its last worker merges the dir itself)", d, "; ".join(live))
     report = merge_parts(dirs, out, data_keys=plan.data_keys)
-    counts = {"captioned": report.keys, "failed": still_failed(dirs, report.keys)}
-    expected = plan.todo_keys
+    expected = plan.todo_keys  # failures of keys outside it (other --shards, a shard removed) are not its coverage
+    counts = {"captioned": report.keys, "failed": {k: r for k, r in still_failed(dirs, report.keys).items()
+                                                   if k in expected}}
     missing = sorted(expected - counts["captioned"] - set(counts["failed"]))
     coverage = {"expected": len(expected), "captioned": len(counts["captioned"]), "failed": len(counts["failed"]),
                 "missing": len(missing), "duplicated": len(report.duplicate_keys),
