@@ -193,3 +193,18 @@ def test_merge_only_of_some_shards_counts_no_failure_of_another_shard(data, tmp_
     writer.write_failures([{"key": key, "original_key": key, "url": "u", "stage": "generate", "error": "timeout"}])
     assert main(["--merge-only", "--data-dir", str(data), "--shards", "0", "--checkpoint-dir", str(ckpt)]) == EXIT_OK
     assert json.loads((ckpt / "coverage.json").read_text())["failed"] == 0
+
+
+def test_dry_run_of_a_dir_that_lost_run_json_says_a_real_run_refuses_another_runs_parts(data, tmp_path, capsys):
+    """It said 'to do 0, already done 16' with no note; the real run then refused the parts in one line."""
+    ckpt = tmp_path / "c"
+    assert main(dummy_args(data, ckpt, "--prompt", "Name the colours.")) == EXIT_OK
+    (ckpt / store.RUN_JSON).unlink()
+    capsys.readouterr()
+    assert main([*dummy_args(data, ckpt), "--dry-run"]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert "to do 16, already done 0" in out and "a real run needs the settings that made them" in out
+    with pytest.raises(UsageError, match="run.json is missing and the dir holds parts of run"):
+        main(dummy_args(data, ckpt))
+    assert main([*dummy_args(data, ckpt, "--prompt", "Name the colours."), "--dry-run"]) == EXIT_OK
+    assert "to do 0, already done 16" in capsys.readouterr().out  # its own run re-adopts them

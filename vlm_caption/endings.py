@@ -239,7 +239,10 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, colum
     failed = set() if cfg.retry_failed or reader is None else reader.failed_keys()
     holds_work = bool(done or failed)
     other_run = existing is not None and not store.is_run_of(existing, settings)
-    if other_run:  # a real run starts over (--overwrite): the old run's keys are not done for it
+    # run.json lost: a real run re-adopts the parts only when they are of its run (store), else it refuses
+    runs = {r for r, _ in reader._provenance()} if reader is not None and existing is None else set()
+    orphans = runs and runs not in ({store.run_id_for(settings)}, {store.path_named_run_id(settings)})
+    if other_run or orphans:  # a real run starts over (--overwrite): the old run's keys are not done for it
         done, failed = set(), set()
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=worker, num_workers=num_workers, done_keys=done, failed_keys=failed)
@@ -259,6 +262,10 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, colum
         print(f"  note: {ckpt} holds another run ({existing['run_id']}); " + (
             "a real run needs --overwrite or another --checkpoint-dir" if holds_work else
             "it captioned nothing, so a real run replaces its settings"))
+    elif orphans:
+        print(f"  note: {ckpt / store.RUN_JSON} is {problem} and the parts are of run(s) "
+              f"{', '.join(sorted(r or 'unrecorded' for r in runs))}, not of this run: a real run needs the settings "
+              "that made them, or --overwrite")
     elif existing is None and problem != "missing":
         print(f"  note: {ckpt / store.RUN_JSON} is {problem}; a real run re-adopts parts of this run only "
               "(else it needs --overwrite)")
