@@ -194,3 +194,15 @@ def test_one_run_set_aside_twice_in_one_second_by_overwrite_keeps_both(tmp_path,
     kept = sorted(p.name for p in (tmp_path / "superseded").iterdir())
     assert kept == [f"{RUN}-20260101T000000", f"{RUN}-20260101T000000-1"]
     assert [len(list((tmp_path / "superseded" / k / "parts").iterdir())) for k in kept] == [1, 1]
+
+
+def test_overwrite_sets_the_old_runs_coverage_aside_with_its_parts(tmp_path):
+    """Its coverage.json (--merge-only) stayed, counting the old run's keys as this run's."""
+    w = Writer(tmp_path)
+    w.parts(2)
+    for name in ("coverage.json", "hub_coverage.json"):
+        (tmp_path / name).write_text('{"captioned": 2}')
+    w.store._set_aside(RUN)
+    [old] = (tmp_path / "superseded").iterdir()
+    assert not (tmp_path / "coverage.json").exists() and not (tmp_path / "hub_coverage.json").exists()
+    assert (old / "coverage.json").exists() and (old / "hub_coverage.json").exists()

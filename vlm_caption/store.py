@@ -346,7 +346,7 @@ class CheckpointStore:
         """--overwrite moves the old run into superseded/ instead of deleting finished work."""
         dest = free_name(self.dir / "superseded" / f"{old_run_id}-{time.strftime('%Y%m%dT%H%M%S')}")
         dest.mkdir(parents=True)
-        for name in (RUN_JSON, PARTS_DIR, FAILURES_DIR, LEDGER, MERGED, SUMMARY):
+        for name in (RUN_JSON, PARTS_DIR, FAILURES_DIR, LEDGER, MERGED, SUMMARY, "coverage.json", "hub_coverage.json"):
             if (self.dir / name).exists():
                 shutil.move(str(self.dir / name), str(dest / name))
         self._next_part = self._next_failure = 0
