@@ -98,3 +98,15 @@ def test_a_run_json_whose_dir_id_is_edited_into_a_number_is_set_aside_and_the_pa
     again.lock.release()
     assert again.dir_id == first.dir_id == json.loads(path.read_text())["dir_id"]
     assert len(list((tmp_path / store.QUARANTINE_DIR).iterdir())) == 1
+
+
+def test_a_file_in_place_of_the_locks_dir_is_one_line_error_and_left_as_it_is(tmp_path):
+    """open_lock's mkdir raised FileExistsError: a traceback before the model loaded."""
+    import pytest
+
+    from vlm_caption.errors import UsageError
+
+    (tmp_path / "locks").write_text("x")
+    with pytest.raises(UsageError, match="locks is a file, not a directory"):
+        store.CheckpointStore(tmp_path, 0).open_run({"model": "tiny", "prompt": "Describe."}, overwrite=False)
+    assert (tmp_path / "locks").read_text() == "x"

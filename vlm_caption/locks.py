@@ -193,7 +193,10 @@ def waiting_for(path: Path):
 
 def open_lock(path: Path) -> int:
     """The fd of lock file `path`, made if missing; a directory in its place is a one-line UsageError."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):  # locks/ (or the dir itself) a file: a traceback before this
+        raise UsageError(f"{path.parent} is a file, not a directory: move it aside and rerun") from None
     try:
         return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except IsADirectoryError:
