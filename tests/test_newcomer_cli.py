@@ -197,6 +197,8 @@ def test_dry_run_says_what_the_run_will_do_and_rates_leave_out_model_loading(cli
     out = ok(cli.run("d", "--no-push", "--dry-run", "--max-tokens", "9"))  # other settings, the dir holds work
     assert "a real run needs --overwrite" in out and "img/s" in out
     assert "to do 40, already done 0" in out  # the plan of that run (it starts over), not the old run's counts
+    out = ok(cli.run("d", "--no-push", "--dry-run", "--max-tokens", "9", "--overwrite"))  # not "needs --overwrite"
+    assert "a real run with --overwrite moves it to superseded/ first" in out
     empty = tmp_path / "e"
     empty.mkdir()
     (empty / store.RUN_JSON).write_text(json.dumps({"run_id": "0123456789ab", "model": "typo"}))  # a failed start

@@ -260,7 +260,8 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, colum
     print_first_prompts(cfg, plan, *columns)
     if other_run:
         print(f"  note: {ckpt} holds another run ({existing['run_id']}); " + (
-            "a real run needs --overwrite or another --checkpoint-dir" if holds_work else
+            ("a real run with --overwrite moves it to superseded/ first" if cfg.overwrite else
+             "a real run needs --overwrite or another --checkpoint-dir") if holds_work else
             "it captioned nothing, so a real run replaces its settings"))
     elif orphans:
         print(f"  note: {ckpt / store.RUN_JSON} is {problem} and the parts are of run(s) "
