@@ -110,3 +110,25 @@ def test_a_file_in_place_of_the_locks_dir_is_one_line_error_and_left_as_it_is(tm
     with pytest.raises(UsageError, match="locks is a file, not a directory"):
         store.CheckpointStore(tmp_path, 0).open_run({"model": "tiny", "prompt": "Describe."}, overwrite=False)
     assert (tmp_path / "locks").read_text() == "x"
+
+
+def test_a_run_json_whose_prompts_are_edited_into_other_types_is_set_aside_not_a_traceback_at_the_end(
+        sample_data_dir, tmp_path):
+    """prompts / prompt_order / json_fields of another type: run_specs raised at the end of every run (after the
+    captioning), at each --merge-only and each preview. Now it reads as unreadable: the run re-adopts its parts."""
+    from dummy_runs import dummy_args
+
+    from batched_image_inference import main
+    from vlm_caption.errors import EXIT_OK
+
+    args = dummy_args(sample_data_dir, tmp_path / "c", "--max-images", "4")
+    assert main(args) in (EXIT_OK, 3)
+    path = tmp_path / "c" / store.RUN_JSON
+    good = json.loads(path.read_text())
+    for n, edit in enumerate(({"prompts": 5}, {"prompts": {"a": 3}}, {"prompt_order": "ab"}, {"json_fields": 7},
+                              {"prompt": ["x"]}, {"template_value_chars": "5"}), 1):
+        path.write_text(json.dumps({**good, **edit}))
+        assert store.read_run_json_safe(path.parent)[1] == "unreadable (not a run description)", edit
+        assert main(args) in (EXIT_OK, 3)  # (sample_data_dir holds broken images: their failures are exit 0 or 3)
+        assert json.loads(path.read_text()) == {**good, "created": json.loads(path.read_text())["created"]}
+        assert len(list((path.parent / store.QUARANTINE_DIR).glob("run.json.*"))) == n

@@ -105,3 +105,17 @@ def one_run(infos: list[dict]) -> bool:
     named = [info for info in infos if MODEL_IDENTITY in info]
     return (len(legacy) == 1 and None not in legacy and len({i.get("run_id") for i in named}) == 1
             and all(path_named_run_id(info) in legacy for info in named))
+
+
+def well_formed(info) -> bool:
+    """Whether a run.json holds what its readers take from it, of their types: one edited by hand into other
+    types reads as unreadable (a run re-adopting its parts sets it aside), not a traceback at a run's end."""
+    if not (isinstance(info, dict) and isinstance(info.get("run_id"), str)):
+        return False
+    prompts, order, fields = (info.get(k) or empty for k, empty in (("prompts", {}), ("prompt_order", []),
+                                                                   ("json_fields", [])))
+    return (all(isinstance(info.get(k) or "", str) for k in ("dir_id", "prompt"))
+            and isinstance(info.get("template_value_chars") or 0, int)
+            and isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())
+            and isinstance(order, list) and all(isinstance(o, str) and (o in prompts or not prompts) for o in order)
+            and isinstance(fields, list) and all(isinstance(f, str) for f in fields))

@@ -36,7 +36,7 @@ from .atomic import atomic_write_json, atomic_write_table
 from .errors import FatalError, UsageError, brief
 from .locks import DirLock
 from .run_identity import (MODEL_IDENTITY, OPTIONAL_SETTINGS, RUN_SETTINGS, is_run_of,  # noqa: F401 (store.*)
-                           path_named_run_id, recorded_settings, run_id_for)
+                           path_named_run_id, recorded_settings, run_id_for, well_formed)
 from .schema import ADDED_COLUMNS, FAILURE_SCHEMA, OUTPUT_SCHEMA  # noqa: F401  (store.* names)
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def read_run_json_safe(checkpoint_dir: Path | str) -> tuple[dict | None, str | N
         info = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         return None, f"unreadable ({type(e).__name__})"
-    if not (isinstance(info, dict) and isinstance(info.get("run_id"), str) and isinstance(info.get("dir_id", ""), str)):
+    if not well_formed(info):
         return None, "unreadable (not a run description)"
     return info, None
 
