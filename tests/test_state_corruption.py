@@ -132,3 +132,25 @@ def test_a_run_json_whose_prompts_are_edited_into_other_types_is_set_aside_not_a
         assert main(args) in (EXIT_OK, 3)  # (sample_data_dir holds broken images: their failures are exit 0 or 3)
         assert json.loads(path.read_text()) == {**good, "created": json.loads(path.read_text())["created"]}
         assert len(list((path.parent / store.QUARANTINE_DIR).glob("run.json.*"))) == n
+
+
+def test_overwrite_on_a_dir_that_lost_run_json_re_adopts_its_own_runs_parts(tmp_path):
+    """With run.json there, --overwrite of the same settings keeps the parts; with it lost, it set them aside and
+    captioned every key again. Parts of another run are still set aside."""
+    from hub_parts import make_rows
+
+    settings = {"model": "tiny", "prompt": "Describe.", "max_tokens": 8}
+    first = store.CheckpointStore(tmp_path, 0)
+    run_id = first.open_run(settings, overwrite=False)
+    first.write_part(make_rows(0, 3))
+    first.lock.release()
+    (tmp_path / store.RUN_JSON).unlink()
+    again = store.CheckpointStore(tmp_path, 0)
+    assert again.open_run(settings, overwrite=True) == run_id
+    again.lock.release()
+    assert again.done_keys() == {"000000000", "000000001", "000000002"} and not (tmp_path / "superseded").exists()
+    (tmp_path / store.RUN_JSON).unlink()
+    other = store.CheckpointStore(tmp_path, 0)
+    assert other.open_run({**settings, "prompt": "Name the colours."}, overwrite=True) != run_id
+    other.lock.release()
+    assert other.done_keys() == set() and len(list((tmp_path / "superseded").iterdir())) == 1

@@ -286,9 +286,9 @@ class CheckpointStore:
         if existing is not None and is_run_of(existing, settings):  # written while we waited for the lock
             return self._adopt(existing)
         provenance = self._provenance()
-        holds_work = bool(provenance)
-        dir_id = None
-        if holds_work and overwrite:
+        holds_work, dir_id = bool(provenance), None
+        if holds_work and overwrite and (existing is not None or {r for r, _ in provenance} not in
+                                         ({run_id}, {path_named_run_id(settings) or run_id})):  # its own: re-adopted
             self._set_aside((existing or {}).get("run_id", "unknown"))
         elif holds_work and existing is not None:
             diff = [k for k in (*RUN_SETTINGS, *OPTIONAL_SETTINGS) if existing.get(k) != settings.get(k)]
