@@ -363,3 +363,24 @@ def test_commit_budget_spreads_commits_over_all_workers():
     assert cfg.push_interval(1) == 120  # one worker: the interval rules
     assert cfg.push_interval(8) == 480  # 8 workers x 7.5 commits/h = 60/h
     assert RunConfig(hub_commits_per_hour=100).push_interval(64) == pytest.approx(2304)
+
+
+def test_an_unreadable_shard_leaves_none_of_its_keys_out_of_the_merge(data, tmp_path):
+    """Keys of a shard whose metadata cannot be read (a download redoing it) are not keys of a removed shard:
+    --merge-only replaced a whole all_captions.parquet with one lacking them, and exited 0."""
+    import shutil
+
+    from dummy_runs import dummy_args
+
+    from batched_image_inference import main
+    from vlm_caption.errors import EXIT_ITEMS_FAILED, EXIT_OK
+
+    copy, ckpt = tmp_path / "data", tmp_path / "c"
+    shutil.copytree(data, copy)
+    (copy / "full_metadata.parquet").unlink()  # the shards' own parquet files are read
+    assert main(dummy_args(copy, ckpt)) == EXIT_OK
+    (copy / "images" / "00001.parquet").write_bytes(b"garbage")
+    assert main(["--merge-only", "--data-dir", str(copy), "--checkpoint-dir", str(ckpt)]) == EXIT_ITEMS_FAILED
+    assert pq.read_table(ckpt / store.MERGED, columns=["key"]).num_rows == 40
+    assert main(dummy_args(copy, ckpt)) == EXIT_ITEMS_FAILED  # the end-of-run merge too
+    assert pq.read_table(ckpt / store.MERGED, columns=["key"]).num_rows == 40

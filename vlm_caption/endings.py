@@ -59,7 +59,8 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
         if hub_client is not None and pushed_all:  # (not after a failed push: --push-only takes them all later)
             pushed_all = push_left_behind(hub_client, ckpt, writer.run_id)
             summary["hub"]["pushed_all"] = pushed_all
-        summarise(ckpt, summary, plan.data_keys, hub_client)
+        # keys of an unreadable shard are not keys of a removed one: none is left out of the merge
+        summarise(ckpt, summary, None if plan.unreadable_shards else plan.data_keys, hub_client)
     elif late:
         print(f"\n{plural(len(late), 'other worker')} of this launch ({', '.join(map(str, late))}) of {ckpt} not "
               "started yet: the last one to finish merges the dir")
@@ -327,7 +328,9 @@ def merge_and_check(cfg: RunConfig) -> int:
         if live:
             log.warning("%s is still in use by %s: keys it has not written yet count as missing; --merge-only "
                         "again once it ends (its last worker merges the dir itself)", d, "; ".join(live))
-    report = merge_parts(dirs, out, data_keys=plan.data_keys)
+    if plan.unreadable_shards:  # (their keys are not those of a removed shard: none is left out of the merge)
+        log.error("unreadable shard metadata, its keys are not counted: %s", ", ".join(plan.unreadable_shards))
+    report = merge_parts(dirs, out, data_keys=None if plan.unreadable_shards else plan.data_keys)
     expected = plan.todo_keys  # failures of keys outside it (other --shards, a shard removed) are not its coverage
     counts = {"captioned": report.keys, "failed": {k: r for k, r in still_failed(dirs, report.keys).items()
                                                    if k in expected}}
@@ -348,5 +351,5 @@ def merge_and_check(cfg: RunConfig) -> int:
     print(f"  full lists in {dirs[0] / 'coverage.json'}")
     if missing or report.duplicate_keys:
         return EXIT_COVERAGE
-    retryable = any(r["stage"] == "generate" for r in counts["failed"].values())  # the exit policy of finish()
+    retryable = plan.unreadable_shards or any(r["stage"] == "generate" for r in counts["failed"].values())  # finish()
     return EXIT_ITEMS_FAILED if retryable or (cfg.strict and counts["failed"]) else EXIT_OK
