@@ -185,6 +185,7 @@ def one_line_exit(capsys, argv: list[str]) -> tuple[int, str]:
 @pytest.mark.parametrize("flags, message", [
     (["--max-images", "0"], "--max-images must be a positive integer"),
     (["--max-images", "-3"], "--max-images must be a positive integer"),
+    (["--shards", "0-999999999999"], "is past any shard"),  # the set of its numbers filled the memory
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--max-tokens", "1000000000"], "--max-tokens 1000000000 is more than a Gemma 3 model's whole context"),
     (["--hf-repo", "bad repo!"], "invalid Hub repo id"),

@@ -49,8 +49,9 @@ def parse_shards(spec: str | None) -> list[int] | None:
         if not m:
             raise UsageError(f"--shards: cannot read {piece!r}; use a list like 0-24 or 3,5,7-9")
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise UsageError(f"--shards: range {piece.strip()!r} ends before it starts")
+        if hi < lo or hi >= 10 ** 6:  # shard names have 5 digits: a typo like 0-999999999999 filled the memory
+            raise UsageError(f"--shards: range {piece.strip()!r} ends before it starts" if hi < lo else
+                             f"--shards: {hi} is past any shard (the last possible one is 999999)")
         shards.update(range(lo, hi + 1))
     return sorted(shards)
 
