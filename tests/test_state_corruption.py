@@ -154,3 +154,39 @@ def test_overwrite_on_a_dir_that_lost_run_json_re_adopts_its_own_runs_parts(tmp_
     assert other.open_run({**settings, "prompt": "Name the colours."}, overwrite=True) != run_id
     other.lock.release()
     assert other.done_keys() == set() and len(list((tmp_path / "superseded").iterdir())) == 1
+
+
+def test_a_file_in_place_of_a_state_dir_is_one_line_before_any_work(tmp_path):
+    """parts/ or failures/ a file: every image was captioned, then the first write failed (exit 1, the work
+    lost); locks/ a file: a FileExistsError traceback."""
+    import pytest
+
+    from vlm_caption.errors import UsageError
+
+    for name in (store.PARTS_DIR, store.FAILURES_DIR, "locks"):
+        ckpt = tmp_path / name
+        ckpt.mkdir()
+        (ckpt / name).write_text("by hand")
+        with pytest.raises(UsageError, match=f"{name} is a file, not a directory: move it aside"):
+            store.CheckpointStore(ckpt, 0)
+        assert (ckpt / name).read_text() == "by hand"
+
+
+def test_a_full_disk_at_the_merge_is_one_line_and_keeps_the_parts(tmp_path, monkeypatch):
+    """Parts fit, the merge did not: the run ended in a pyarrow OSError traceback."""
+    import pyarrow.parquet as pq
+    import pytest
+
+    from vlm_caption.errors import FatalError
+    from vlm_caption.merge import merge_parts
+
+    writer = store.CheckpointStore(tmp_path, 0)
+    writer.write_part([{"key": "000000001", "vlm_caption": "a"}])
+
+    def full(*args, **kwargs):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setattr(pq.ParquetWriter, "write_table", full)
+    with pytest.raises(FatalError, match="could not write .*all_captions.parquet: .*File too large; every caption"):
+        merge_parts([tmp_path], tmp_path / store.MERGED)
+    assert not (tmp_path / store.MERGED).exists() and len(store.list_parts(tmp_path)) == 1

@@ -162,7 +162,10 @@ def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> Non
     named = rowcols.run_flag_columns(store.read_run_json_safe(ckpt)[0] or {})
     summary["checkpoint_dir"].update(rowcols.flags_by_prompt(
         named, lambda column: rowcols.count_flags_in_file(ckpt / store.MERGED, column)))
-    atomic_write_json(ckpt / store.SUMMARY, summary)
+    try:
+        atomic_write_json(ckpt / store.SUMMARY, summary)
+    except OSError as e:  # a full disk: the merge is written, only the counts are lost
+        raise FatalError(f"could not write {ckpt / store.SUMMARY}: {e.strerror or e}; free space and rerun") from None
     if hub_client is not None:
         try:
             hub_client.write_card(store.read_run_json(ckpt), summary, {k: r["stage"] for k, r in failed.items()})

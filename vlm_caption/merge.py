@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path
+from .errors import FatalError, brief
 from .rows import conform
 from .schema import OUTPUT_SCHEMA, unified_schema
 from .store import list_parts, read_run_json_safe, usable_file
@@ -55,15 +56,19 @@ def merge_parts(dirs: list[Path | str], output: Path | str, data_keys: set[str] 
     gone = sorted(k for k in counts if data_keys is not None and k not in data_keys)
     keys = sorted(set(counts) - set(gone))
     schema = unified_schema(pq.read_schema(path) for path, _, _ in ranges)  # + --keep-columns, prompt columns
-    with atomic_path(output) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
-        for start in range(0, len(keys), bucket_rows):
-            lo, hi = keys[start], keys[min(start + bucket_rows, len(keys)) - 1]
-            tables = [conform(pq.read_table(path, filters=[("key", ">=", lo), ("key", "<=", hi)]), schema)
-                      for path, pmin, pmax in ranges if pmin <= hi and pmax >= lo]
-            bucket = pa.concat_tables(tables).sort_by("key")
-            if gone:
-                bucket = bucket.filter(pc.is_in(bucket.column("key"), pa.array(keys[start:start + bucket_rows])))
-            writer.write_table(_first_per_key(bucket))
+    try:
+        with atomic_path(output) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for start in range(0, len(keys), bucket_rows):
+                lo, hi = keys[start], keys[min(start + bucket_rows, len(keys)) - 1]
+                tables = [conform(pq.read_table(path, filters=[("key", ">=", lo), ("key", "<=", hi)]), schema)
+                          for path, pmin, pmax in ranges if pmin <= hi and pmax >= lo]
+                bucket = pa.concat_tables(tables).sort_by("key")
+                if gone:
+                    bucket = bucket.filter(pc.is_in(bucket.column("key"), pa.array(keys[start:start + bucket_rows])))
+                writer.write_table(_first_per_key(bucket))
+    except OSError as e:  # a full disk at the end of a run: one line, the parts are whole (exit 1, not a traceback)
+        raise FatalError(f"could not write {output}: {brief(str(e))}; every caption is kept in the parts: free "
+                         "space and rerun (or --merge-only)") from None
     if duplicates:
         log.warning("%d keys were captioned more than once; kept the first of each (e.g. %s)",
                     len(duplicates), duplicates[:5])

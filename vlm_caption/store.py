@@ -203,6 +203,9 @@ class CheckpointStore:
         self.failures_dir = self.dir / FAILURES_DIR
         self.run_id: str | None = None
         self.dir_id: str | None = None
+        for sub in (self.parts_dir, self.failures_dir, self.dir / "locks"):  # else found by the first write, after
+            if sub.exists() and not sub.is_dir():  # the model's work (or a traceback, for locks/)
+                raise UsageError(f"{sub} is a file, not a directory: move it aside and rerun")
         self.lock = DirLock(self.dir, worker, num_workers)
         self._next_part = self._next_seq(list_parts(self.dir))
         self._next_failure = self._next_seq(list_failure_files(self.dir))
