@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from .data_layout import (ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_NAMES, SHARD_SIZE_META, URLS_FILE,
                           VALIDATION_DIR, expected_shards, shard_name, stats_file)
-from .errors import UsageError
+from .errors import UsageError, brief
 from .images import (DRAFT_MARGIN, IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, ImageLoadError,  # noqa: F401
                      draft_box, load_image, to_rgb)  # (dataset.* names)
 from .schema import COLUMNS, IMAGE_PATH, LOOKUP_COLUMNS, Column, carried, keep_columns
@@ -101,12 +101,13 @@ def open_metadata(path: Path) -> pq.ParquetFile:
     try:
         return pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as e:
-        raise UsageError(f"cannot read metadata {path}: {e}") from None
+        raise UsageError(f"cannot read metadata {path}: {brief(str(e))}") from None
 
 
-def _iter_batches(files: list[tuple[Path, str | None]], columns: list[str],
-                  skip_unreadable: bool) -> Iterator[tuple[pa.RecordBatch, str | None, Path]]:
-    """Record batches of successful rows; an unreadable shard is logged and skipped (or raised)."""
+def _iter_batches(files: list[tuple[Path, str | None]], columns: list[str], skip_unreadable: bool,
+                  skipped: list[tuple[str, str | None]] | None = None) -> Iterator[tuple[pa.RecordBatch, str | None, Path]]:
+    """Record batches of successful rows; an unreadable shard is logged, added to `skipped` and skipped (or
+    raised). A footer that opens does not mean its row groups read (a corrupt page fails in iter_batches)."""
     for path, shard in files:
         try:
             pf = open_metadata(path)
@@ -119,8 +120,10 @@ def _iter_batches(files: list[tuple[Path, str | None]], columns: list[str],
                 yield batch, shard, path
         except (UsageError, OSError, pa.ArrowException) as e:
             if not skip_unreadable:
-                raise UsageError(f"cannot read metadata {path}: {e}") from None
+                raise UsageError(f"cannot read metadata {path}: {brief(str(e))}") from None
             log.error("skipping unreadable shard metadata %s (its images are not captioned): %s", path, e)
+            if skipped is not None:
+                skipped.append((str(path), shard))
 
 
 def shard_of(row_file: str | None, shard: str | None) -> int | None:
@@ -171,22 +174,25 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
     data_keys: set[str] = set()
     keyless: list[str] = []
     duplicates = 0
-    unreadable: list[str] = []
+    asked = set(shards) if shards is not None else None  # a set: `in` a list of 0-99999 per row took hours
+    unreadable: list[tuple[str, str | None]] = []  # (what, shard name): only those --shards selects count
     for path, shard in files:
         try:
             open_metadata(path)
         except UsageError:
             if len(files) == 1:
                 raise
-            unreadable.append(str(path))
-    readable = [(p, s) for p, s in files if str(p) not in unreadable]
+            unreadable.append((str(path), shard))
+    readable = [(p, s) for p, s in files if (str(p), s) not in unreadable]
     for shard in unfinished_shards(data_dir):
-        log.error("shard %s is not finished (no %s): rerun download_data.py; its images are skipped",
-                  shard, stats_file(shard))
-        unreadable.append(str(data_dir / IMAGES_DIR / f"{shard}.parquet") + " (unfinished download)")
+        if asked is None or int(shard) in asked:
+            log.error("shard %s is not finished (no %s): rerun download_data.py; its images are skipped",
+                      shard, stats_file(shard))
+        unreadable.append((str(data_dir / IMAGES_DIR / f"{shard}.parquet") + " (unfinished download)", shard))
     rows_read: dict[Path, int] = {}
     shards_seen: set[int] = set()
-    for batch, shard, path in _iter_batches(readable, ["key", "file_name", "status"], skip_unreadable=True):
+    for batch, shard, path in _iter_batches(readable, ["key", "file_name", "status"], skip_unreadable=len(files) > 1,
+                                            skipped=unreadable):
         keys = batch.column("key").to_pylist()
         row_files = batch.column("file_name").to_pylist() if "file_name" in batch.schema.names else [None] * len(keys)
         first_row = rows_read.get(path, 0)
@@ -197,7 +203,7 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
                 data_keys.add(key)
             row_shard = shard_of(row_file, shard)
             shards_seen.add(row_shard)
-            if shards is not None and row_shard not in shards:
+            if asked is not None and row_shard not in asked:
                 continue
             if key is None:
                 keyless.append(keyless_name(path, first_row + i))
@@ -206,7 +212,11 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
                 duplicates += 1
                 continue
             seen.add(key)
-    _check_shards(shards, shards_seen - {None})
+    # A selected shard that exists but cannot be read (yet) is retryable (exit 3), not "no such shard" (exit 2);
+    # one outside the selection is not this run's concern (a Slurm task per shard while others download).
+    unread = {int(s) for _, s in unreadable if s is not None}
+    _check_shards(shards, (shards_seen | unread) - {None})
+    unreadable = [what for what, s in unreadable if asked is None or s is None or int(s) in asked]
     selection = sorted(seen)
     if max_images is not None:
         selection = selection[:max_images]
@@ -249,10 +259,11 @@ def _check_shards(asked: list[int] | None, present: set[int]) -> None:
 
 
 def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),
-              also: Sequence[str] = ()) -> Iterator[dict[str, Any]]:
+              also: Sequence[str] = (), unread: list[str] | None = None) -> Iterator[dict[str, Any]]:
     """Pass 2: the metadata rows of `todo_keys`, in metadata order, each once, with `image_path`; the output
     registry's carried columns plus `extra` (--keep-columns), plus the metadata columns `also` under their own
-    names (a prompt template needs them; they are not written)."""
+    names (a prompt template needs them; they are not written). Keys not found again (a shard that became
+    unreadable, or whose other columns do not read) are said in `unread`: retryable, never skipped silently."""
     wanted = set(todo_keys)
     _images_by_key.cache_clear()  # each pass lists the shard folders afresh
     names = carried(extra)
@@ -279,6 +290,8 @@ def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),
                 out.setdefault(name, row.get(name))
             out[IMAGE_PATH] = resolve_image_path(data_dir, key, row.get("file_name"), shard)
             yield out
+    if wanted and unread is not None:
+        unread.append(f"{len(wanted)} selected rows not read again from the metadata (e.g. key {min(wanted)})")
 
 
 def measured_sizes(data_dir: Path, shard: str) -> dict[str, tuple[int, int]]:

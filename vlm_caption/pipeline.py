@@ -356,8 +356,8 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
         if not stop.requested:  # else generate was cut short: incomplete captions, resume redoes them
             later(record, results, retries)
 
-    loaded = loader.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra, also), backend.prepare,
-                              workers=cfg.num_loader_workers or loader.default_loader_workers(),
+    loaded = loader.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra, also, plan.unreadable_shards),
+                              backend.prepare, workers=cfg.num_loader_workers or loader.default_loader_workers(),
                               window=max(4 * batches.size, 16), max_bytes=loader.default_ahead_bytes(),
                               target_size=backend.target_size)
     batch: list[loader.Loaded] = []
