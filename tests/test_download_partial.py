@@ -78,3 +78,14 @@ def test_a_shard_whose_pages_do_not_read_is_retryable_not_skipped(column, tmp_pa
     assert code == EXIT_ITEMS_FAILED
     assert json.loads((ckpt / store.SUMMARY).read_text())["selection"]["unreadable_shards"]
     assert len(pq.read_table(ckpt / store.MERGED)) == 4  # shards 0 and 2
+
+
+def test_a_copy_of_a_shard_parquet_set_beside_it_is_no_shard(tmp_path):
+    """00000 (1).parquet: without its stats file an unfinished download forever (exit 3), with one a traceback."""
+    data = _shards_of_two(tmp_path)
+    shutil.copy(data / "images" / "00000.parquet", data / "images" / "00000 (1).parquet")
+    args = ["--backend", "dummy", "--model", "dummy-model", "--data-dir", str(data), "--no-push", "--batch-size", "4"]
+    assert main([*args, "--checkpoint-dir", str(tmp_path / "a")]) == EXIT_OK
+    (data / "images" / "00000 (1)_stats.json").write_text("{}")
+    assert main([*args, "--checkpoint-dir", str(tmp_path / "b")]) == EXIT_OK
+    assert len(pq.read_table(tmp_path / "b" / store.MERGED)) == 6

@@ -36,10 +36,16 @@ def metadata_files(data_dir: Path) -> list[tuple[Path, str | None]]:
     full = data_dir / FULL_METADATA_FILE
     if full.is_file():
         return [(full, None)]
-    shards = sorted((data_dir / IMAGES_DIR).glob("[0-9]*.parquet"))
+    shards = shard_parquets(data_dir)
     if not shards:
         raise UsageError(f"{data_dir} has no full_metadata.parquet and no images/NNNNN.parquet")
     return [(p, p.stem) for p in shards if p.stem not in unfinished_shards(data_dir)]
+
+
+def shard_parquets(data_dir: Path) -> list[Path]:
+    """images/NNNNN.parquet; a copy set beside them by hand (00000 (1).parquet) is no shard: int() of its name
+    raised a traceback, or it was an unfinished download forever (exit 3)."""
+    return sorted(p for p in (data_dir / IMAGES_DIR).glob("[0-9]*.parquet") if re.fullmatch("[0-9]+", p.stem))
 
 
 def metadata_schema(data_dir: Path) -> pa.Schema:
@@ -80,7 +86,7 @@ def unfinished_shards(data_dir: Path) -> list[str]:
     if (data_dir / FULL_METADATA_FILE).is_file():
         return []
     images = data_dir / IMAGES_DIR
-    started = [p.stem for p in sorted(images.glob("[0-9]*.parquet")) if not (images / stats_file(p.stem)).is_file()]
+    started = [p.stem for p in shard_parquets(data_dir) if not (images / stats_file(p.stem)).is_file()]
     return sorted({*started, *_not_started_shards(data_dir)})
 
 
