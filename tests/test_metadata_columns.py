@@ -100,3 +100,13 @@ def test_rows_read_from_the_shard_parquets_get_the_measured_sizes(tmp_path):
         want = full[row["key"]]
         assert (row["width"], row["height"], row["original_width"]) == (want["width"], want["height"], want["width"])
         assert row["width"] > 0
+
+
+def test_a_binary_column_kept_keeps_its_bytes():
+    """Decoded as text with errors replaced, then stored in the binary column: b"\\xff\\xfe" became U+FFFD twice."""
+    import pyarrow as pa
+
+    from vlm_caption import dataset
+
+    row = dataset.clean_row({"blob": b"\xff\xfe", "caption": b"caf\xc3\xa9 \xff"}, {"blob": pa.binary()})
+    assert row == {"blob": b"\xff\xfe", "caption": "caf\u00e9 \ufffd"}

@@ -312,12 +312,13 @@ def measured_sizes(data_dir: Path, shard: str) -> dict[str, tuple[int, int]]:
 
 def clean_row(row: dict[str, Any], types: dict[str, pa.DataType]) -> dict[str, Any]:
     """Metadata as the output schema wants it: text as valid UTF-8 (bad bytes replaced, not dropped),
-    integers as integers (img2dataset's int32 comes back as float with NaN through pandas)."""
+    integers as integers (img2dataset's int32 comes back as float with NaN through pandas); a binary column
+    (--keep-columns) stays bytes, its bytes were replaced by U+FFFD."""
     for name, value in row.items():
         kind = types.get(name, pa.string())
         if pa.types.is_integer(kind):
             row[name] = None if value is None or value != value else int(value)
-        elif isinstance(value, (bytes, bytearray)):
+        elif isinstance(value, (bytes, bytearray)) and kind not in (pa.binary(), pa.large_binary()):
             row[name] = bytes(value).decode("utf-8", errors="replace")
         elif pa.types.is_string(kind) and value is not None and not isinstance(value, str):
             row[name] = str(value)
