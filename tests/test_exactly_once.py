@@ -345,6 +345,20 @@ def test_null_key_is_a_failure_and_a_removed_shard_leaves_the_merge(cli, hub_stu
     assert merged == sorted(kept)
 
 
+def test_strict_counts_a_null_key_as_the_failure_it_is_recorded_as(tmp_path):
+    """--strict exits 3 on any failure: a row with no key was recorded as failed, and the run exited 0."""
+    from dummy_runs import dummy_args
+
+    from batched_image_inference import main
+    from vlm_caption.sample_data import write_sample
+
+    data = write_sample(tmp_path / "data", n=6, broken=False, seed=5)
+    meta = pq.read_table(data / "full_metadata.parquet")
+    keys = [None, *meta.column("key").to_pylist()[1:]]
+    pq.write_table(meta.set_column(0, "key", pa.array(keys, pa.string())), data / "full_metadata.parquet")
+    assert [main(dummy_args(data, tmp_path / "c", *flags)) for flags in ([], ["--strict"], ["--strict"])] == [0, 3, 3]
+
+
 # ---------------------------------------------------------------- 9, 10: the end of a run, the commit budget
 
 

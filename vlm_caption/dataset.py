@@ -234,9 +234,11 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
         log.warning("%d rows repeat a key already seen in the metadata; only the first is captioned", duplicates)
     if keyless:
         log.error("%d metadata rows have no key (null or empty): recorded as failures, never captioned", len(keyless))
+    keyless = [k for k in keyless if worker_of(k, num_workers) == worker]
+    failed += [k for k in keyless if k in failed_keys]  # recorded before: counted as any failure (--strict)
     return WorkPlan(selected=len(selection), mine=len(mine), done=len(done), failed=len(failed),
                     todo_keys=todo, duplicate_keys=duplicates, unreadable_shards=unreadable,
-                    keyless=[k for k in keyless if worker_of(k, num_workers) == worker and k not in failed_keys],
+                    keyless=[k for k in keyless if k not in failed_keys],
                     failed_keys=set(failed), done_hub_only=sum(1 for k in done if k in hub_only),
                     data_keys=data_keys)
 

@@ -67,7 +67,7 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
     else:
         print(f"\nother workers of {ckpt} are still running ({'; '.join(writer.lock.holders()) or 'ending now'}): "
               "the last one to finish merges the dir")
-    failed_mine = sum(stats.failed.values()) + plan.failed
+    failed_mine = sum(stats.failed.values()) + plan.failed + len(plan.keyless)  # (keyless: written by the pipeline)
     print_summary(summary, ckpt, failed_mine)
     code = exit_code(cfg, stats, plan, pushed_all and (summary["hub"] or {}).get("card_written", True),
                      failed_mine, push_refused, ckpt)
