@@ -75,3 +75,23 @@ def test_the_default_cap_is_a_share_of_the_usable_memory(monkeypatch):
     assert loader.default_ahead_bytes() == 2**30  # at least 1 GiB, however small the machine
     monkeypatch.setattr(loader, "usable_memory_bytes", lambda: None)
     assert loader.default_ahead_bytes() == 8 * 2**30  # unknown: 8 GiB
+
+
+def test_a_fifo_or_a_device_in_place_of_an_image_fails_its_row_instead_of_hanging(tmp_path):
+    """open() of a FIFO waits for a writer: the loader thread, and so the whole run, hung for ever."""
+    import os
+
+    os.mkfifo(tmp_path / "1.jpg")
+    (tmp_path / "2.jpg").symlink_to("/dev/zero")
+    import threading
+
+    rows = [{"key": k, IMAGE_PATH: tmp_path / f"{k}.jpg"} for k in ("1", "2")]
+    out: list = []
+    reader = threading.Thread(target=lambda: out.extend(loader.prefetch(rows, lambda img: img, workers=1, window=2)))
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # a writer lets the blocked open() return, so that the test fails instead of hanging
+        os.close(os.open(tmp_path / "1.jpg", os.O_WRONLY | os.O_NONBLOCK))
+        reader.join()
+    assert [(i.error.stage, str(i.error)) for i in out] == [("load", "1.jpg is not a regular file"),
+                                                            ("load", "2.jpg is not a regular file")]

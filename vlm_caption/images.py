@@ -3,6 +3,8 @@ reduced scale that still covers the model's input, decompression bombs refused w
 from __future__ import annotations
 
 import functools
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -49,6 +51,8 @@ def load_image(path: Path | None, target_size: int = MODEL_IMAGE_SIZE) -> Image.
     if path is None:
         raise ImageLoadError("load", "no safe image path for this key (outside the data dir or malformed key)")
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):  # open() of a FIFO blocked for ever: the whole run hung
+            raise ImageLoadError("load", f"{path.name} is not a regular file")
         f = open(path, "rb")
     except OSError as e:
         raise ImageLoadError("load", f"cannot open {path.name}: {e.strerror or e}") from None
