@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_auto_is_the_checkpoint_dir_unless_the_user_chose(tmp_path, monkeypatch):
     monkeypatch.delenv(compile_cache.INDUCTOR_ENV, raising=False)
-    assert compile_cache.choose("auto", tmp_path) == tmp_path / store.COMPILE_CACHE_DIR
+    assert compile_cache.choose("auto", tmp_path) == tmp_path / compile_cache.COMPILE_CACHE_DIR
     assert compile_cache.choose("none", tmp_path) is None  # torch's own default
     assert compile_cache.choose(str(tmp_path / "shared"), tmp_path) == tmp_path / "shared"
     monkeypatch.setenv(compile_cache.INDUCTOR_ENV, str(tmp_path / "theirs"))
@@ -80,13 +80,13 @@ def test_a_relaunch_on_another_machine_loads_the_compiled_graphs(tiny_model_dir,
     rest of the images compiles nothing; every key is captioned once."""
     ckpt = tmp_path / "ckpt"
     first = _launch(tiny_model_dir, sample_data_dir, ckpt, "--max-images", "8")
-    assert first["dir"] == str((ckpt / store.COMPILE_CACHE_DIR).resolve())
+    assert first["dir"] == str((ckpt / compile_cache.COMPILE_CACHE_DIR).resolve())
     assert first["graphs_compiled"] >= 1 and first["graphs_loaded"] == 0
 
     moved = shutil.copytree(ckpt, tmp_path / "elsewhere" / "ckpt")
     shutil.rmtree(ckpt)
     relaunch = _launch(tiny_model_dir, sample_data_dir, moved, "--max-images", "16")
-    assert relaunch["dir"] == str((moved / store.COMPILE_CACHE_DIR).resolve())
+    assert relaunch["dir"] == str((moved / compile_cache.COMPILE_CACHE_DIR).resolve())
     assert relaunch["graphs_loaded"] >= 1 and relaunch["graphs_compiled"] == 0, (first, relaunch)
     keys = all_keys(moved)
     assert len(keys) == len(set(keys)) > 8  # the other 8 selected: captioned or recorded failed, once
@@ -103,7 +103,7 @@ def test_a_second_run_in_the_process_gets_its_own_dir(tmp_path, monkeypatch):
     with compile_cache.using(compile_cache.choose("none", tmp_path / "a")) as use:
         cache_dir()  # what inductor calls at a compile
     assert compile_cache.INDUCTOR_ENV not in os.environ and use.where  # the default torch used, for the report
-    assert compile_cache.choose("auto", tmp_path / "b") == tmp_path / "b" / store.COMPILE_CACHE_DIR
+    assert compile_cache.choose("auto", tmp_path / "b") == tmp_path / "b" / compile_cache.COMPILE_CACHE_DIR
     for ckpt in ("c", "d"):
         directory = compile_cache.choose("auto", tmp_path / ckpt)
         with compile_cache.using(directory):

@@ -19,11 +19,11 @@ from typing import Iterator
 
 from .cli import plural
 from .errors import UsageError
-from .store import COMPILE_CACHE_DIR
 
 log = logging.getLogger(__name__)
 
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
+COMPILE_CACHE_DIR = "compile_cache"  # in the checkpoint dir (--compile-cache auto)
 TRITON_ENV = "TRITON_CACHE_DIR"  # inductor sets it under its own dir once, for the process, if unset
 
 

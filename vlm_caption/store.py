@@ -48,7 +48,6 @@ LEDGER = "hub_ledger.jsonl"
 MERGED = "all_captions.parquet"
 SUMMARY = "run_summary.json"
 QUARANTINE_DIR = "quarantine"
-COMPILE_CACHE_DIR = "compile_cache"  # --compile-cache auto
 # Parquet key-value metadata of parts and failure files: which run and which dir wrote them.
 META_RUN_ID, META_DIR_ID = b"vlm_caption.run_id", b"vlm_caption.dir_id"
 _PART_RE = re.compile(r"^(captions|failures)-w(\d{3,})-(\d{6,})\.parquet$")
@@ -203,9 +202,8 @@ class CheckpointStore:
         self.failures_dir = self.dir / FAILURES_DIR
         self.run_id: str | None = None
         self.dir_id: str | None = None
-        for sub in (self.parts_dir, self.failures_dir, self.dir / "locks"):  # else found by the first write, after
-            if sub.exists() and not sub.is_dir():  # the model's work (or a traceback, for locks/)
-                raise UsageError(f"{sub} is a file, not a directory: move it aside and rerun")
+        if bad := [d for d in (self.parts_dir, self.failures_dir, self.dir / "locks") if d.exists() and not d.is_dir()]:
+            raise UsageError(f"{bad[0]} is a file, not a directory: move it aside and rerun")  # before any work
         self.lock = DirLock(self.dir, worker, num_workers)
         self._next_part = self._next_seq(list_parts(self.dir))
         self._next_failure = self._next_seq(list_failure_files(self.dir))
