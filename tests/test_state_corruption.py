@@ -5,8 +5,20 @@ from __future__ import annotations
 import json
 import logging
 
+from hub_parts import make_rows
+
 from vlm_caption import hub_ledger, store
 
+SETTINGS = {"model": "tiny", "prompt": "Describe.", "max_tokens": 8}
+
+
+def a_run_of_three_rows(ckpt):
+    """(its settings, the store that wrote it, its run id): a dir holding one part of 3 rows, its lock let go."""
+    first = store.CheckpointStore(ckpt, 0)
+    run_id = first.open_run(SETTINGS, overwrite=False)
+    first.write_part(make_rows(0, 3))
+    first.lock.release()
+    return SETTINGS, first, run_id
 
 def test_a_ledger_with_garbage_bytes_other_json_or_a_dir_in_its_place_is_warned_about_not_fatal(tmp_path, caplog):
     good = {"repo": "r", "run_id": "x", "hub_path": "data/x/a.parquet", "worker": 0}
@@ -42,13 +54,7 @@ def test_a_preview_of_a_dir_whose_run_summary_is_garbage_or_a_list_warns_and_goe
 
 
 def test_an_unreadable_run_json_or_a_dir_in_its_place_is_set_aside_when_the_parts_are_re_adopted(tmp_path, caplog):
-    from hub_parts import make_rows
-
-    settings = {"model": "tiny", "prompt": "Describe.", "max_tokens": 8}
-    first = store.CheckpointStore(tmp_path, 0)
-    run_id = first.open_run(settings, overwrite=False)
-    first.write_part(make_rows(0, 3))
-    first.lock.release()
+    settings, first, run_id = a_run_of_three_rows(tmp_path)
     path = tmp_path / store.RUN_JSON
     for n, broken in enumerate((b"\xb4\xff\x00garbage", None), 1):
         path.unlink()
@@ -83,13 +89,7 @@ def test_a_directory_in_place_of_a_file_to_write_is_one_line_error_and_left_as_i
 
 def test_a_run_json_whose_dir_id_is_edited_into_a_number_is_set_aside_and_the_parts_re_adopted(tmp_path):
     """Its dir_id went into every part's metadata: 'int' object has no attribute 'encode' at the first part."""
-    from hub_parts import make_rows
-
-    settings = {"model": "tiny", "prompt": "Describe.", "max_tokens": 8}
-    first = store.CheckpointStore(tmp_path, 0)
-    run_id = first.open_run(settings, overwrite=False)
-    first.write_part(make_rows(0, 3))
-    first.lock.release()
+    settings, first, run_id = a_run_of_three_rows(tmp_path)
     path = tmp_path / store.RUN_JSON
     path.write_text(json.dumps({**json.loads(path.read_text()), "dir_id": 5}))
     again = store.CheckpointStore(tmp_path, 0)
@@ -137,13 +137,7 @@ def test_a_run_json_whose_prompts_are_edited_into_other_types_is_set_aside_not_a
 def test_overwrite_on_a_dir_that_lost_run_json_re_adopts_its_own_runs_parts(tmp_path):
     """With run.json there, --overwrite of the same settings keeps the parts; with it lost, it set them aside and
     captioned every key again. Parts of another run are still set aside."""
-    from hub_parts import make_rows
-
-    settings = {"model": "tiny", "prompt": "Describe.", "max_tokens": 8}
-    first = store.CheckpointStore(tmp_path, 0)
-    run_id = first.open_run(settings, overwrite=False)
-    first.write_part(make_rows(0, 3))
-    first.lock.release()
+    settings, first, run_id = a_run_of_three_rows(tmp_path)
     (tmp_path / store.RUN_JSON).unlink()
     again = store.CheckpointStore(tmp_path, 0)
     assert again.open_run(settings, overwrite=True) == run_id
