@@ -4,9 +4,9 @@ rented machine loads the decode step's kernels instead of compiling them again (
 Inductor's FX-graph and AOTAutograd caches and the Triton kernels it builds all live under
 TORCHINDUCTOR_CACHE_DIR; torch's default is torchinductor_$USER in the system's temp dir, which a node-local
 temp dir loses with the machine. By default the cache goes into the checkpoint dir, which a relaunch has by
-definition and which the ranks of a multi-node run share. Entries are keyed by the graph, the input shapes, torch's and Triton's
-versions and the device, and written by torch with tmp + rename: many writers and mixed machines are safe,
-a mismatch is a miss, not a wrong kernel. BENCHMARKS.md §6 has what a warm cache saves.
+definition and which the ranks of a multi-node run share. Entries are keyed by the graph, the input shapes,
+torch's and Triton's versions and the device, and written by torch with tmp + rename: many writers and mixed
+machines are safe, a mismatch is a miss, not a wrong kernel. BENCHMARKS.md §6 has what a warm cache saves.
 """
 from __future__ import annotations
 
