@@ -1,8 +1,7 @@
 """The checkpoint directory: run.json, atomic part files, failures, the done-key index (merge.py merges it).
 
 Layout (README: "Checkpoint layout and guarantees"):
-    run.json                                   settings of the run + dir_id (made with the dir); a run with
-                                               other settings is refused
+    run.json                                   the run's settings + dir_id; a run with other settings is refused
     parts/captions-w{worker:03d}-{seq:06d}.parquet   finished rows, written tmp + rename, never rewritten;
                                                their parquet metadata names the run_id and dir_id
     failures/failures-w{worker:03d}-{seq:06d}.parquet
@@ -14,11 +13,11 @@ Layout (README: "Checkpoint layout and guarantees"):
     coverage.json                              written by --merge-only
     superseded/                                runs set aside by --overwrite
     compile_cache/                             torch.compile's kernels for the next launch (compile_cache.py)
-A part is the unit of progress: a crash loses at most the rows not yet in a part, and those are
-captioned again on resume because their keys are not in any part.
+A part is the unit of progress: a crash loses at most the rows not yet in a part (captioned again on resume).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -115,8 +114,9 @@ def check_file(path: Path, schema: pa.Schema) -> FileCheck:
 
 
 def free_name(first: Path) -> Path:
-    """`first`, or `first`-1, -2...: something of that name set aside in this second already is never replaced."""
-    return next(p for p in (first, *(first.with_name(f"{first.name}-{n}") for n in range(1, 10**6))) if not p.exists())
+    """`first`, or `first`-1, -2... (tried one by one): what was set aside in this second is never replaced."""
+    names = (first.with_name(f"{first.name}-{n}") if n else first for n in itertools.count())
+    return next(p for p in names if not p.exists())
 
 
 def quarantine(checkpoint_dir: Path, path: Path, why: str, then: str = "its keys will be captioned again") -> None:
