@@ -343,7 +343,7 @@ def merge_and_check(cfg: RunConfig) -> int:
                 "missing_keys": missing, "duplicated_keys": report.duplicate_keys,
                 "unexpected_keys": len(counts["captioned"] - expected), "not_in_data": len(report.not_in_data),
                 "checkpoint_dirs": [str(d) for d in dirs]}
-    atomic_write_json(dirs[0] / "coverage.json", coverage)
+    atomic_write_json(dirs[0] / store.COVERAGE, coverage)
     print(f"merged {report.rows} rows from {report.parts} parts of {len(dirs)} dir(s) into {out}")
     print(f"coverage: {coverage['expected']} expected, {coverage['captioned']} captioned, {coverage['failed']} "
           f"failed, {len(missing)} missing, {len(report.duplicate_keys)} captioned more than once")

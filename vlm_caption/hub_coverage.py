@@ -16,7 +16,7 @@ from .atomic import atomic_write_json
 from .config import RunConfig, parse_shards, resolve_repo_id
 from .errors import EXIT_COVERAGE, EXIT_ITEMS_FAILED, EXIT_OK, UsageError
 
-HUB_COVERAGE = "hub_coverage.json"  # in the checkpoint dir: the counts and the full key lists
+HUB_COVERAGE = store.HUB_COVERAGE  # in the checkpoint dir: the counts and the full key lists
 
 
 def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = False,

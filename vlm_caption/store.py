@@ -44,8 +44,8 @@ RUN_JSON = "run.json"
 PARTS_DIR = "parts"
 FAILURES_DIR = "failures"
 LEDGER = "hub_ledger.jsonl"
-MERGED = "all_captions.parquet"
-SUMMARY = "run_summary.json"
+MERGED, SUMMARY = "all_captions.parquet", "run_summary.json"
+COVERAGE, HUB_COVERAGE = "coverage.json", "hub_coverage.json"  # --merge-only's and --check-hub's counts
 QUARANTINE_DIR = "quarantine"
 # Parquet key-value metadata of parts and failure files: which run and which dir wrote them.
 META_RUN_ID, META_DIR_ID = b"vlm_caption.run_id", b"vlm_caption.dir_id"
@@ -347,7 +347,7 @@ class CheckpointStore:
         """--overwrite moves the old run into superseded/ instead of deleting finished work."""
         dest = free_name(self.dir / "superseded" / f"{old_run_id}-{time.strftime('%Y%m%dT%H%M%S')}")
         dest.mkdir(parents=True)
-        for name in (RUN_JSON, PARTS_DIR, FAILURES_DIR, LEDGER, MERGED, SUMMARY, "coverage.json", "hub_coverage.json"):
+        for name in (RUN_JSON, PARTS_DIR, FAILURES_DIR, LEDGER, MERGED, SUMMARY, COVERAGE, HUB_COVERAGE):
             if (self.dir / name).exists():
                 shutil.move(str(self.dir / name), str(dest / name))
         self._next_part = self._next_failure = 0
