@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default): graph where the compiled static cache runs on CUDA with the model on one device, else "
                    "generate; generate: transformers' loop; graph: after generate's prefill, one compiled step per "
                    "token with no host work between steps (greedy decoding; sampling and a model spread by "
-                   "--device-map keep generate)")
+                   "--device-map keep generate); continuous: graph where a row that stops gives its slot to the "
+                   "next image at once, so a batch no longer waits for its longest caption")
     g.add_argument("--compile-cache", default=D.compile_cache, metavar="DIR", help="where torch.compile keeps "
                    "its kernels, so that a relaunch or another machine loads them instead of compiling again: auto "
                    "(default) = $TORCHINDUCTOR_CACHE_DIR if set, else compile_cache/ in the checkpoint dir; none = "

@@ -11,7 +11,6 @@ import collections.abc
 import functools
 import logging
 import threading
-import zlib
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -24,37 +23,12 @@ from .grouped_attention import set_grouped_decode_attention
 from .image_prep import ImagePrep, unsupported_reason
 from .images import MODEL_IMAGE_SIZE
 from .quality import CHAT_MARKUP_RE
+from .sampling import SeededSampler
 from .vision_ahead import Ahead, VisionAhead
 
 log = logging.getLogger(__name__)
 
 _PROMPT_CACHE_SIZE = 4096  # distinct prompt texts whose token ids are kept
-
-
-# ---------------------------------------------------------------- sampling
-
-class SeededSampler:
-    """Samples each row from its own generator seeded by (seed, key), then hands generate a one-hot score.
-
-    A row's caption then depends only on its key and the seed, not on which batch it landed in, so a
-    rerun (or a resume with another batch size) reproduces it. Generate runs greedy on the result.
-    """
-
-    def __init__(self, keys: Sequence[str], seed: int, temperature: float, top_p: float):
-        self.generators = [torch.Generator().manual_seed(zlib.crc32(f"{seed}:{k}".encode())) for k in keys]
-        self.temperature = temperature
-        self.top_p = top_p
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        u = torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(scores.device, non_blocking=True)
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = (sorted_p.cumsum(-1) - sorted_p) < self.top_p  # the nucleus; the top token always stays
-        cum = (sorted_p * keep).cumsum(-1)
-        pick = torch.searchsorted(cum, (u * cum[:, -1]).unsqueeze(-1)).clamp_(max=cum.shape[-1] - 1)
-        chosen = order.gather(-1, pick)
-        out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(-1, chosen, 0.0)
 
 
 # ---------------------------------------------------------------- the captioner
@@ -96,6 +70,9 @@ class Captioner:
         self.retry_config = self._retry_config(retry_repetition_penalty)
         # The next batch's vision tower runs while this one decodes (vision_ahead.py).
         self.vision_ahead = VisionAhead.of(model, self.device) if vision_overlap else None
+        if self.vision_ahead is not None and self.continuous is not None:  # chunks prefill as they join
+            log.info("--vision-overlap is off with --decode-loop continuous")
+            self.vision_ahead = None
         self.default_batch_size = self._auto_batch_size(max_tokens, auto_batch_cap)
 
     def _static_decode(self, compile: str, max_tokens: int, options: dict[str, Any]):
@@ -123,17 +100,23 @@ class Captioner:
 
         if decode_loop not in DECODE_LOOPS:
             raise ValueError(f"decode_loop must be one of {', '.join(DECODE_LOOPS)}, got {decode_loop!r}")
+        self.continuous = None  # continuous.ContinuousDecode per slot count (--decode-loop continuous)
         if decode_loop == "generate" or (decode_loop == "auto" and self.device.type != "cuda"):
             return None
         # A model spread over devices or offloaded (--device-map auto) moves weights in hooks: no graph to replay.
         spread = len(set((getattr(self.model, "hf_device_map", None) or {}).values())) > 1
         if self.static_decode is None or self.temperature > 0 or spread:
-            if decode_loop == "graph":
-                log.info("decode loop: generate (the graph loop needs the static cache, greedy decoding and "
-                         "the model on one device)")
+            if decode_loop != "auto":
+                log.info("decode loop: generate (the %s loop needs the static cache, greedy decoding and the model "
+                         "on one device)", decode_loop)
             return None
-        options = {k: v for k, v in options.items() if k in ("backend", "mode")}
-        log.info("decode loop: one compiled step per token after generate's prefill")
+        options = self.graph_decode_options = {k: v for k, v in options.items() if k in ("backend", "mode")}
+        if decode_loop == "continuous":
+            self.continuous = {}
+            log.info("decode loop: continuous batching, one compiled step per token; a finished row's slot "
+                     "takes the next image")
+        else:
+            log.info("decode loop: one compiled step per token after generate's prefill")
         return GraphDecode(self.model, stop_ids=self.stop_ids, pad_id=self.pad_id, compile_options=options)
 
     def _auto_batch_size(self, max_tokens: int, cap: int) -> int:
@@ -323,16 +306,35 @@ class Captioner:
     def _graph_generate(self, inputs: dict[str, torch.Tensor], extra: dict[str, Any],
                         should_stop: Callable[[], bool] | None) -> torch.Tensor:
         """generate's own prefill and first token, then GraphDecode's compiled steps on the same cache."""
+        out = self.model.generate(**inputs, generation_config=self.first_token_config(), **extra)
+        cache_kw = self.static_decode.cache_name
+        return self.graph_decode.decode(out[:, -1], inputs["attention_mask"], extra[cache_kw], cache_kw,
+                                        self.gen_config.max_new_tokens, self.gen_config.min_new_tokens or 0,
+                                        should_stop)
+
+    def first_token_config(self):
+        """The run's config for a prefill and its first token only (the graph and continuous loops)."""
         import copy
 
         first = copy.deepcopy(self.gen_config)
         first.max_new_tokens, first.min_new_tokens = 1, min(1, self.gen_config.min_new_tokens or 0) or None
         first.disable_compile, first.compile_config = True, None  # one token: no decode step to compile
-        out = self.model.generate(**inputs, generation_config=first, **extra)
-        cache_kw = self.static_decode.cache_name
-        return self.graph_decode.decode(out[:, -1], inputs["attention_mask"], extra[cache_kw], cache_kw,
-                                        self.gen_config.max_new_tokens, self.gen_config.min_new_tokens or 0,
-                                        should_stop)
+        return first
+
+    def stream_chunk_rows(self, slots: int) -> int | None:
+        """Rows per chunk for `caption_stream` with `slots` rows decoding together; None: this run captions
+        in whole batches (no --decode-loop continuous, or the static cache or greedy decoding is off)."""
+        from .continuous import chunk_rows
+
+        return chunk_rows(slots) if self.continuous is not None else None
+
+    def caption_stream(self, next_chunk, slots: int, should_stop: Callable[[], bool] | None = None):
+        """(tag, captions) per chunk as its rows finish, with `slots` rows decoding at once (continuous.py).
+        `next_chunk(wait)` gives (tag, an assembly of at most stream_chunk_rows(slots) rows), or None: none is
+        ready yet (wait=False), or the input is over (wait=True)."""
+        from .continuous import stream_captions
+
+        return stream_captions(self, next_chunk, slots, should_stop)
 
     def _fits_static(self, prompt_tokens: int) -> bool:
         """Whether this batch's prompts fit the static cache (sized for the run's prompt); a longer templated

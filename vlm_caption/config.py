@@ -20,8 +20,9 @@ DEFAULT_MODEL = "google/gemma-3-27b-it"
 DEFAULT_DATA_DIR = "./data/contrastyles_full"
 SOURCE_DATASET = "tomg-group-umd/ContraStyles"
 COMPILE_CHOICES = ("auto", "on", "off")  # --compile: auto = on for CUDA (static_decode.compile_wanted)
-DECODE_LOOPS = ("auto", "generate", "graph")  # --decode-loop: auto = graph where the compiled static cache runs
-# on CUDA (1.08x on an H100, BENCHMARKS.md §6 run 3), else transformers' generate; graph = decode_loop.GraphDecode
+# --decode-loop: auto = graph where the compiled static cache runs on CUDA (1.08x on an H100, BENCHMARKS.md §6
+# run 3), else transformers' generate; graph = decode_loop.GraphDecode; continuous = continuous.ContinuousDecode
+DECODE_LOOPS = ("auto", "generate", "graph", "continuous")
 # --max-tokens' cap before any model is known: the longest context of a Gemma 3 model (4B to 27B); once the
 # model is loaded, model_loading.check_context holds it to what that model's context leaves after the prompt.
 MAX_TOKENS_LIMIT = 131_072
@@ -145,7 +146,7 @@ class RunConfig:
     device_map: str | None = None  # None = whole model on this worker's device; "auto" = offload
     backend: str = "transformers"  # inference engine (backends.BACKENDS); "dummy" = no model, for tests and demos
     compile: str = "auto"  # static KV cache + torch.compile'd decode: auto (on for CUDA), on, off
-    decode_loop: str = "auto"  # auto, generate, or graph: one compiled step per token after generate's prefill
+    decode_loop: str = "auto"  # auto, generate, graph (one compiled step per token) or continuous (+ rows join)
     compile_cache: str = "auto"  # where compiled kernels are kept (compile_cache.choose): auto, none, or a dir
     vision_overlap: bool = False  # the next batch's vision tower runs while this one decodes (vision_ahead.py)
     keep_columns: str | None = None  # further metadata columns carried into the output, comma-separated

@@ -5,6 +5,7 @@ nothing is skipped silently. A crash loses at most the rows not yet written to a
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import sys
 import time
@@ -12,11 +13,12 @@ from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
 
-from . import compile_cache, dataset, dir_scope, hub_coverage, loader, prompt_plan, rows as rowcols, store, workers
+from . import (compile_cache, dataset, dir_scope, hub_coverage, loader, prompt_plan, rows as rowcols, store,
+               stream_loop, workers)
 from .atomic import remove_stale_tmp
 from .backends import CaptionBackend, make_backend
+from .batches import Batches, Result, Retries, assemble_all, failure_row, prompts_for
 from .config import RunConfig, parse_shards, public_model_name, resolve_repo_id
 from .endings import dry_run, finish, merge_and_check, push_only
 from .errors import FatalError, UsageError
@@ -25,7 +27,6 @@ from .schema import output_schema
 
 log = logging.getLogger(__name__)
 
-MAX_FAILED_BATCHES_IN_A_ROW = 20  # then the model, not the data, is broken
 FINAL_PUSH_AFTER_SIGNAL_S = 20.0  # Slurm sends SIGKILL 30-90 s after SIGTERM
 
 
@@ -172,78 +173,6 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
 
 # ---------------------------------------------------------------- the loop
 
-Result = tuple[list[loader.Loaded], Any, Optional[str]]  # (items, their captions or None, the error)
-Retries = list[dict[int, Any]]  # per prompt: index in a Result's items -> the retry of a flagged caption
-
-
-class Batches:
-    """Batch size with out-of-memory back-off: halve and retry the same rows; no row is lost."""
-
-    def __init__(self, cfg: RunConfig, backend: CaptionBackend, should_stop=None,
-                 specs: list[prompt_plan.PromptSpec] | None = None, on_back_off: Callable[[], None] | None = None):
-        self.size = cfg.batch_size or backend.default_batch_size
-        self.backend = backend
-        self.specs = specs or prompt_plan.run_specs(cfg.run_settings())  # one generate per prompt per chunk
-        self.should_stop = should_stop  # generate ends early when it turns true (a signal)
-        self.on_back_off = on_back_off  # lets go of the next batch's assembly, made at the old size
-        self.failed_in_a_row = 0
-
-    def caption(self, items: list[loader.Loaded], assembled: Future | None = None) -> list[Result]:
-        """(items, their captions per prompt or None, error) per chunk, in order; generate runs on chunks of
-        self.size, once per prompt. `assembled`: the backend's assemblies of all `items`, one per prompt, made
-        in the background."""
-        results: list[Result] = []
-        start = 0
-        ready = None
-        while start < len(items):
-            chunk = items[start:start + self.size]
-            try:
-                ready = assembled.result() if assembled is not None and len(chunk) == len(items) else None
-                keys = [i.row["key"] for i in chunk]
-                caps = [self.backend.generate(keys, ready[j] if ready is not None else [i.inputs for i in chunk],
-                                              should_stop=self.should_stop, prompts=prompts_for(spec, chunk))
-                        for j, spec in enumerate(self.specs)]
-            except (RuntimeError, ValueError, IndexError, MemoryError) as e:  # torch's OOM is a RuntimeError
-                if self.backend.is_out_of_memory(e) and len(chunk) > 1:
-                    if ready is not None:  # the whole batch's assembly (on the device) is not used again:
-                        ready.clear()  # its tensors go before the smaller retries need the memory
-                    if self.on_back_off is not None:
-                        self.on_back_off()
-                    self.backend.free_memory()
-                    self.size = max(1, len(chunk) // 2)
-                    log.warning("out of memory with a batch of %d; retrying as batches of %d", len(chunk), self.size)
-                    continue  # the same rows again, smaller
-                results += self._one_by_one(chunk, e)
-            else:
-                self.failed_in_a_row = 0
-                results.append((chunk, caps, None))  # captions are decoded later, off this thread
-            start += len(chunk)
-        return results
-
-    def _one_by_one(self, chunk: list[loader.Loaded], error: BaseException):
-        if len(chunk) > 1:  # find the row that breaks generation; the others still get captions
-            return [r for item in chunk for r in self.caption([item])]
-        self.failed_in_a_row += 1
-        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-        if self.failed_in_a_row >= MAX_FAILED_BATCHES_IN_A_ROW:
-            raise FatalError(f"generation failed {self.failed_in_a_row} times in a row, last: {message}")
-        return [(chunk, None, message)]
-
-
-def prompts_for(spec: prompt_plan.PromptSpec, items: list[loader.Loaded]) -> list[str]:
-    return [spec.render(i.row) for i in items]
-
-
-def assemble_all(backend: CaptionBackend, specs: list[prompt_plan.PromptSpec], items: list[loader.Loaded]) -> list:
-    """The backend's assembly of `items` for each prompt (the images are prepared once, for all prompts)."""
-    return [backend.assemble([i.inputs for i in items], prompts_for(spec, items)) for spec in specs]
-
-
-def failure_row(row: dict[str, Any], stage: str, error: str) -> dict[str, Any]:
-    return {"key": row["key"], "original_key": row.get("original_key"), "url": row.get("url"),
-            "stage": stage, "error": error[:2000]}
-
-
 def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.CheckpointStore, stats: RunStats,
                 pusher, backend: CaptionBackend | None = None, stop: StopSignals | None = None) -> None:
     """Caption plan.todo_keys into parts. `backend` lets benchmarks pass a model already in memory.
@@ -346,13 +275,15 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
 
     def run_batch(batch: list[loader.Loaded], assembled: Future | None) -> None:
         started = time.monotonic()
-        results = batches.caption(batch, assembled)
+        captioned(batches.caption(batch, assembled))
+        stats.generate_s += time.monotonic() - started
+
+    def captioned(results: list[Result]) -> None:  # the inline retry of flagged captions, then the rows
         retries = [[rowcols.retry_flagged(backend, [i.row["key"] for i in items], [i.inputs for i in items],
                                           caps_j, spec, should_stop=batches.should_stop,
                                           prompts=prompts_for(spec, items)) for spec, caps_j in zip(specs, caps)]
                    if caps is not None and cfg.retry_repetition_penalty > 0 else [{} for _ in specs]
                    for items, caps, _ in results]
-        stats.generate_s += time.monotonic() - started
         if not stop.requested:  # else generate was cut short: incomplete captions, resume redoes them
             later(record, results, retries)
 
@@ -371,11 +302,24 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
             run_batch(*ready)
         ready = assembling
 
+    def continuous(items) -> list[loader.Loaded]:
+        """--decode-loop continuous: all of `items` through the backend's stream; what it leaves goes in batches."""
+        chunk_rows = getattr(backend, "stream_chunk_rows", lambda slots: None)(batches.size)
+        if not chunk_rows:
+            return []
+        started = time.monotonic()
+        try:
+            return stream_loop.stream(backend, specs, items, batches.size, chunk_rows, assembler=assembler,
+                                      should_stop=batches.should_stop, on_failure=lambda i: later(record_failure, i),
+                                      on_chunk=lambda chunk, caps: captioned([(chunk, caps, None)]))
+        finally:
+            stats.generate_s += time.monotonic() - started
+
     with tqdm(total=plan.todo, unit="img", desc="captioning", mininterval=2.0, smoothing=0.1) as progress, \
             assembler, post:
         try:
             with stop.graceful():
-                for item in loaded:
+                for item in itertools.chain(continuous(loaded), loaded):
                     if stop.requested:
                         break
                     if item.error is not None:

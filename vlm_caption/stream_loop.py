@@ -1,0 +1,97 @@
+"""The captioning loop with continuous batching (--decode-loop continuous): images go to the backend in chunks,
+which join its decoding batch as rows finish (continuous.py); each chunk comes back whole, and from there
+on its rows go the way a batch's do (retries of flagged captions, rows, parts).
+
+Chunks are read from the loader and assembled on the assembler thread, one or two ahead; the generate thread
+only prefills and decodes. If the stream fails (out of memory for the ring, say), the images of every
+unfinished chunk go back to the caller, which captions them and the rest in batches (with their
+out-of-memory back-off): nothing is lost or captioned twice.
+"""
+from __future__ import annotations
+
+import logging
+from collections import deque
+from concurrent.futures import Executor, Future
+from typing import Any, Callable, Iterator
+
+from . import loader
+from .batches import assemble_all
+
+log = logging.getLogger(__name__)
+
+AHEAD = 2  # chunks read and assembled ahead of the one joining
+
+
+def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chunk_rows: int, *,
+           assembler: Executor, should_stop: Callable[[], bool], on_failure: Callable[[loader.Loaded], None],
+           on_chunk: Callable[[list[loader.Loaded], list], None]) -> list[loader.Loaded]:
+    """Caption `items` through backend.caption_stream, `slots` rows decoding at once.
+
+    on_failure(item) for each image the loader could not read, on_chunk(items, captions per prompt) for each
+    chunk done, on this thread. Returns the images not captioned because the stream failed (to be captioned
+    in batches), else []. A stop request ends it at once; its unfinished chunks are dropped (redone on resume).
+    """
+    ahead: deque[Future] = deque()  # (chunk, loader failures, its assemblies or None, input over)
+    chunks: dict[int, list] = {}  # chunk id -> [its items, captions per prompt (None until done)]
+    joining: deque[tuple[tuple[int, int], Any]] = deque()  # ((chunk id, prompt index), assembly) to prefill
+    in_batches: list[loader.Loaded] = []  # chunks whose assembly failed: batches find the row that breaks it
+    over, made = False, 0
+
+    def read() -> tuple[list[loader.Loaded], list[loader.Loaded], list | None, bool]:  # on the assembler thread
+        chunk, failed, over_now = [], [], True
+        for item in items:
+            (failed if item.error is not None else chunk).append(item)
+            if len(chunk) >= chunk_rows or should_stop():
+                over_now = False
+                break
+        try:
+            return chunk, failed, assemble_all(backend, specs, chunk) if chunk else None, over_now
+        except (RuntimeError, ValueError, IndexError, MemoryError):
+            return chunk, failed, None, over_now
+
+    def take(future: Future) -> None:
+        nonlocal over, made
+        chunk, failed, assemblies, over_now = future.result()
+        for item in failed:
+            on_failure(item)
+        over = over or over_now
+        if chunk and assemblies is None:
+            in_batches.extend(chunk)
+        elif chunk:
+            made += 1
+            chunks[made] = [chunk, [None] * len(specs)]
+            joining.extend(((made, j), assembly) for j, assembly in enumerate(assemblies))
+
+    def next_chunk(wait: bool):
+        while not joining:
+            while not over and len(ahead) < AHEAD:
+                ahead.append(assembler.submit(read))
+            if not ahead:
+                return None
+            if not wait and not ahead[0].done():
+                return None  # rows are decoding: they do not wait for the loader
+            take(ahead.popleft())
+        return joining.popleft()
+
+    try:
+        for (cid, j), captions in backend.caption_stream(next_chunk, slots, should_stop):
+            chunks[cid][1][j] = captions
+            if all(c is not None for c in chunks[cid][1]):
+                done, caps = chunks.pop(cid)
+                on_chunk(done, caps)
+    except (RuntimeError, ValueError, IndexError, MemoryError) as e:  # torch's OOM is a RuntimeError
+        if should_stop():
+            raise
+        log.warning("continuous decoding failed (%s: %s); the rest is captioned in batches", type(e).__name__,
+                    str(e).splitlines()[0] if str(e) else "")
+        backend.free_memory()
+        left = [item for chunk, _ in chunks.values() for item in chunk]
+        while ahead:  # read already: their images are the caller's now (their assemblies are let go of)
+            chunk, failed, _, _ = ahead.popleft().result()
+            for item in failed:
+                on_failure(item)
+            left += chunk
+        return in_batches + left
+    while ahead:  # a stop request: the chunks read ahead are dropped, as a batch in flight is
+        ahead.popleft().result()
+    return in_batches
