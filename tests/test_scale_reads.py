@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 from hub_parts import REPO, ckpt, client, sleeps  # noqa: F401  (fixtures)
 
@@ -55,6 +56,23 @@ def test_a_shard_image_of_another_suffix_is_still_found(tmp_path):
     rows = {r["key"]: r[IMAGE_PATH] for r in dataset.iter_rows(data, set(full))}
     assert rows[key] == png
     assert all(path.is_file() for path in rows.values())
+
+
+def test_a_key_in_two_shards_is_read_from_the_selected_shard(tmp_path):
+    """--shards 1 with a key also in shard 0: the plan takes it from shard 1, so must the read (it captioned
+    shard 0's image, a shard the user did not select)."""
+    data, _ = shard_layout_sample(tmp_path)
+    first = pq.read_table(data / "images" / "00000.parquet")
+    second = pq.read_table(data / "images" / "00001.parquet")
+    repeated = first.column("key")[0].as_py()
+    keys = [repeated, *second.column("key").to_pylist()[1:]]
+    second = second.set_column(second.schema.get_field_index("key"), "key", pa.array(keys, pa.string()))
+    pq.write_table(second, data / "images" / "00001.parquet")
+    plan = dataset.plan_work(data, shards=[1], max_images=None, worker=0, num_workers=1, done_keys=set(),
+                             failed_keys=set())
+    assert plan.todo_keys == set(keys)
+    rows = {r["key"]: r[IMAGE_PATH] for r in plan.rows(data)}
+    assert rows == {k: data / "images" / "00001" / f"{k}.jpg" for k in keys}
 
 
 def test_a_small_hub_file_is_read_in_one_request(hub_stub, client, ckpt):  # noqa: F811

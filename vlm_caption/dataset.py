@@ -13,7 +13,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Collection, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -158,10 +158,16 @@ class WorkPlan:
     failed_retryable: int = 0  # of those, failures worth retrying (generation errors): set by the pipeline
     done_hub_only: int = 0  # of done, keys done only on the Hub (not in this dir)
     data_keys: set[str] = field(default_factory=set)  # every key of the data dir, whatever the selection
+    shards: frozenset[int] | None = None  # --shards: iter_rows reads a key's row from these shards only
 
     @property
     def todo(self) -> int:
         return len(self.todo_keys)
+
+    def rows(self, data_dir: Path, extra: Sequence[Column] = (), also: Sequence[str] = (),
+             unread: list[str] | None = None) -> Iterator[dict[str, Any]]:
+        """Pass 2 of this plan: its todo rows, each read from a selected shard (iter_rows)."""
+        return iter_rows(data_dir, self.todo_keys, extra, also, unread, self.shards)
 
 
 def keyless_name(path: Path, row: int) -> str:
@@ -240,7 +246,7 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
                     todo_keys=todo, duplicate_keys=duplicates, unreadable_shards=unreadable,
                     keyless=[k for k in keyless if k not in failed_keys],
                     failed_keys=set(failed), done_hub_only=sum(1 for k in done if k in hub_only),
-                    data_keys=data_keys)
+                    data_keys=data_keys, shards=frozenset(asked) if asked is not None else None)
 
 
 def ranges(numbers: Iterable[int]) -> str:
@@ -267,11 +273,13 @@ def _check_shards(asked: list[int] | None, present: set[int]) -> None:
 
 
 def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),
-              also: Sequence[str] = (), unread: list[str] | None = None) -> Iterator[dict[str, Any]]:
+              also: Sequence[str] = (), unread: list[str] | None = None,
+              shards: Collection[int] | None = None) -> Iterator[dict[str, Any]]:
     """Pass 2: the metadata rows of `todo_keys`, in metadata order, each once, with `image_path`; the output
     registry's carried columns plus `extra` (--keep-columns), plus the metadata columns `also` under their own
     names (a prompt template needs them; they are not written). Keys not found again (a shard that became
-    unreadable, or whose other columns do not read) are said in `unread`: retryable, never skipped silently."""
+    unreadable, or whose other columns do not read) are said in `unread`: retryable, never skipped silently.
+    `shards` (the plan's --shards): a key also in an unselected shard is read from the selected one, as planned."""
     wanted = set(todo_keys)
     _images_by_key.cache_clear()  # each pass lists the shard folders afresh
     names = carried(extra)
@@ -281,7 +289,7 @@ def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),
     for batch, shard, _ in _iter_batches(metadata_files(data_dir), read, skip_unreadable=True):
         for row in batch.to_pylist():
             key = str(row["key"])  # a null key becomes "None", which is never wanted
-            if key not in wanted:
+            if key not in wanted or shards is not None and shard_of(row.get("file_name"), shard) not in shards:
                 continue
             wanted.discard(key)
             for name, in_shard in SHARD_NAMES.items():  # md5 is reserved in img2dataset: source_md5 there

@@ -280,7 +280,8 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, colum
 def print_first_prompts(cfg: RunConfig, plan: dataset.WorkPlan, extra: list, specs: list, also: list[str]) -> None:
     """--dry-run: the prompt(s) of the first selected row as the model would get them."""
     first = min(plan.todo_keys or plan.data_keys or {""})
-    row = next(iter(dataset.iter_rows(Path(cfg.data_dir), {first}, extra, also)), None) if first else None
+    row = next(iter(dataset.iter_rows(Path(cfg.data_dir), {first}, extra, also, shards=plan.shards)),
+                None) if first else None
     if row is None:
         print("  prompt: no selected row to render it for")
         return

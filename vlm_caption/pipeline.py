@@ -184,7 +184,7 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
     settings = cfg.run_settings()
     extra, specs, also = plan_columns(cfg, settings)
     if backend is None:
-        longest = prompt_plan.longest_prompt(specs, dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra, also))
+        longest = prompt_plan.longest_prompt(specs, plan.rows(Path(cfg.data_dir), extra, also))
         backend = make_backend(cfg.backend, model=settings["model"], prompt=longest,
                                max_tokens=cfg.max_tokens, min_tokens=cfg.min_tokens, temperature=cfg.temperature,
                                top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype, device_map=cfg.device_map,
@@ -287,7 +287,7 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
         if not stop.requested:  # else generate was cut short: incomplete captions, resume redoes them
             later(record, results, retries)
 
-    loaded = loader.prefetch(dataset.iter_rows(Path(cfg.data_dir), plan.todo_keys, extra, also, plan.unreadable_shards),
+    loaded = loader.prefetch(plan.rows(Path(cfg.data_dir), extra, also, plan.unreadable_shards),
                               backend.prepare, workers=cfg.num_loader_workers or loader.default_loader_workers(),
                               window=max(4 * batches.size, 16), max_bytes=loader.default_ahead_bytes(),
                               target_size=backend.target_size)
