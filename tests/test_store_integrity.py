@@ -163,6 +163,19 @@ def test_two_files_of_one_name_set_aside_in_one_second_are_both_kept(tmp_path):
     assert kept == ["first", "second", "third"]
 
 
+def test_a_file_where_quarantine_belongs_is_kept_and_bad_files_still_go_aside(tmp_path, caplog):
+    """A regular file named quarantine (made by hand): mkdir raised FileExistsError, a traceback mid-run."""
+    w = Writer(tmp_path)
+    w.parts(2, 2)
+    (tmp_path / store.QUARANTINE_DIR).write_text("notes")
+    first, second = store.list_parts(tmp_path)
+    first.path.write_bytes(first.path.read_bytes()[:100])
+    assert w.store.done_keys() == {"000000002", "000000003"}
+    assert (tmp_path / store.QUARANTINE_DIR).read_text() == "notes"
+    [moved] = (tmp_path / f"{store.QUARANTINE_DIR}-1").iterdir()
+    assert moved.name.startswith(first.path.name) and "is not a folder" in caplog.text
+
+
 def test_a_part_with_null_keys_or_a_column_of_another_type_is_set_aside_not_a_traceback_at_the_merge(tmp_path):
     """A part-named file of the right columns but a null key or a column of another type (made by hand): the merge
     at the end of the run compared None with str, or could not unify the schemas."""

@@ -5,7 +5,7 @@ Layout (README: "Checkpoint layout and guarantees"):
     parts/captions-w{worker:03d}-{seq:06d}.parquet   finished rows, written tmp + rename, never rewritten;
                                                their parquet metadata names the run_id and dir_id
     failures/failures-w{worker:03d}-{seq:06d}.parquet
-    quarantine/                                unreadable or foreign files, set aside with a warning
+    quarantine/                                unreadable or foreign files, set aside with a warning (set_aside.py)
     locks/                                     who uses the dir (locks.py)
     hub_ledger.jsonl                           written by hub.py (a local record; the Hub is the truth)
     hub_keys/                                  keys of published Hub files by content id (hub_key_cache.py)
@@ -17,7 +17,6 @@ A part is the unit of progress: a crash loses at most the rows not yet in a part
 """
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import re
@@ -37,6 +36,7 @@ from .locks import DirLock
 from .run_identity import (MODEL_IDENTITY, OPTIONAL_SETTINGS, RUN_SETTINGS, is_run_of,  # noqa: F401 (store.*)
                            path_named_run_id, recorded_settings, run_id_for, well_formed)
 from .schema import ADDED_COLUMNS, FAILURE_SCHEMA, OUTPUT_SCHEMA  # noqa: F401  (store.* names)
+from .set_aside import QUARANTINE_DIR, free_name, quarantine, quarantine_dir  # noqa: F401  (store.* names)
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,6 @@ FAILURES_DIR = "failures"
 LEDGER = "hub_ledger.jsonl"
 MERGED, SUMMARY = "all_captions.parquet", "run_summary.json"
 COVERAGE, HUB_COVERAGE = "coverage.json", "hub_coverage.json"  # --merge-only's and --check-hub's counts
-QUARANTINE_DIR = "quarantine"
 # Parquet key-value metadata of parts and failure files: which run and which dir wrote them.
 META_RUN_ID, META_DIR_ID = b"vlm_caption.run_id", b"vlm_caption.dir_id"
 _PART_RE = re.compile(r"^(captions|failures)-w(\d{3,})-(\d{6,})\.parquet$")
@@ -111,24 +110,6 @@ def check_file(path: Path, schema: pa.Schema) -> FileCheck:
         return FileCheck(None, None, None, "of a foreign schema (null keys)")
     run_id, dir_id = (meta.get(k, b"").decode() or None for k in (META_RUN_ID, META_DIR_ID))
     return FileCheck(keys, run_id, dir_id, None)
-
-
-def free_name(first: Path) -> Path:
-    """`first`, or `first`-1, -2... (tried one by one): what was set aside in this second is never replaced."""
-    names = (first.with_name(f"{first.name}-{n}") if n else first for n in itertools.count())
-    return next(p for p in names if not p.exists())
-
-
-def quarantine(checkpoint_dir: Path, path: Path, why: str, then: str = "its keys will be captioned again") -> None:
-    """Set a bad file aside (never delete it), saying why and what follows (a part's keys are captioned again)."""
-    dest = free_name(checkpoint_dir / QUARANTINE_DIR / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        shutil.move(str(path), str(dest))
-    except FileNotFoundError:  # workers starting together saw the same bad file: another one moved it
-        log.info("%s was set aside by another process", path)
-        return
-    log.warning("%s is %s: moved to %s; %s", path, why, dest, then)
 
 
 def usable_file(checkpoint_dir: Path, part: Part, schema: pa.Schema, run_id: str | None = None,
