@@ -165,12 +165,11 @@ class RunConfig:
     def validate(self) -> None:
         positive = {"--batch-size": self.batch_size, "--max-images": self.max_images, "--max-tokens": self.max_tokens,
                     "--push-every": self.push_every, "--checkpoint-every": self.checkpoint_every,
-                    "--hub-commits-per-hour": self.hub_commits_per_hour}
+                    "--hub-commits-per-hour": self.hub_commits_per_hour,
+                    "--num-loader-workers": self.num_loader_workers}
         for flag, value in positive.items():
             if value is not None and value < 1:
                 raise UsageError(f"{flag} must be a positive integer, got {value}")
-        if self.num_loader_workers is not None and self.num_loader_workers < 1:
-            raise UsageError(f"--num-loader-workers must be at least 1, got {self.num_loader_workers}")
         if self.compile not in COMPILE_CHOICES:
             raise UsageError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
         if self.decode_loop not in DECODE_LOOPS:
@@ -239,6 +238,8 @@ class RunConfig:
         modes = [m for m in ("merge_only", "push_only", "check_hub", "dry_run") if getattr(self, m)]
         if len(modes) > 1:
             raise UsageError("--merge-only, --push-only, --check-hub and --dry-run exclude each other")
+        if self.overwrite and modes and modes[0] != "dry_run":  # it was ignored: none of these starts a run
+            raise UsageError(f"--overwrite starts a run over; --{modes[0].replace('_', '-')} starts none: drop it")
         if (self.push_only or self.check_hub) and self.no_push:
             raise UsageError(f"--{'push-only' if self.push_only else 'check-hub'} and --no-push exclude each other")
         if any(not str(d).strip() for d in self.checkpoint_dirs):
