@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 
+import pyarrow.parquet as pq
 import pytest
 from hub_parts import RUN, Writer
 
@@ -194,6 +195,25 @@ def test_a_part_with_null_keys_or_a_column_of_another_type_is_set_aside_not_a_tr
     report = merge_parts([tmp_path], tmp_path / store.MERGED)
     assert report.keys == {"000000000", "000000001", "000000002"} and not report.duplicate_keys
     assert len(list((tmp_path / store.QUARANTINE_DIR).iterdir())) == 2
+
+
+def test_a_key_in_several_parts_keeps_the_first_dir_then_worker_then_part(tmp_path):
+    """The rule README states for merging: first --checkpoint-dir given, then lowest worker, then earliest part."""
+    from hub_parts import make_rows
+
+    from vlm_caption.merge import merge_parts
+
+    def write(ckpt, worker, caption):
+        Writer(ckpt, worker).store.write_part([{**make_rows(0, 1)[0], "vlm_caption": caption}])
+
+    first, second = tmp_path / "a", tmp_path / "b"
+    for ckpt, worker, caption in ((first, 1, "a w1"), (first, 0, "a w0 part 0"), (first, 0, "a w0 part 1"),
+                                  (second, 0, "b w0")):
+        write(ckpt, worker, caption)
+    for dirs, kept in (([first, second], "a w0 part 0"), ([second, first], "b w0")):
+        report = merge_parts(dirs, tmp_path / "merged.parquet")
+        assert report.duplicate_keys == ["000000000"]
+        assert pq.read_table(tmp_path / "merged.parquet").column("vlm_caption").to_pylist() == [kept]
 
 
 def test_one_run_set_aside_twice_in_one_second_by_overwrite_keeps_both(tmp_path, monkeypatch):
