@@ -81,6 +81,26 @@ def test_a_rerun_over_a_source_with_nan_is_not_taken_for_other_metadata(tmp_path
         dl.write_urls(tmp_path, urls.set_column(1, "score", pa.array([float("nan"), 0.7])), 8)
 
 
+def test_a_rerun_over_a_source_with_nan_inside_lists_and_structs_is_not_taken_for_other_metadata(tmp_path):
+    """NaN != NaN inside a list<double> or a struct too: such a download could not be resumed either."""
+    import pyarrow as pa
+    import pytest
+
+    from vlm_caption.errors import UsageError
+
+    (tmp_path / IMAGES_DIR).mkdir()
+    (tmp_path / IMAGES_DIR / "00000_stats.json").write_text('{"end_time": 1.5}')
+    nan = float("nan")
+    scores = pa.array([[1.0, nan], None, [nan]], pa.list_(pa.float64()))
+    boxes = pa.array([{"w": nan, "tags": [nan]}, None, {"w": 1.0, "tags": []}],
+                     pa.struct([("w", pa.float32()), ("tags", pa.large_list(pa.float64()))]))
+    urls = pa.table({"url": [f"http://127.0.0.1/{i}.jpg" for i in range(3)], "scores": scores, "boxes": boxes})
+    dl.write_urls(tmp_path, urls, 8)
+    dl.write_urls(tmp_path, pa.concat_tables([urls.slice(0, 1), urls.slice(1)]), 8)  # the same again (sliced chunks)
+    with pytest.raises(UsageError, match=r"other metadata \(scores differ\)"):
+        dl.write_urls(tmp_path, urls.set_column(1, "scores", pa.array([[1.0, 2.0], None, [nan]], scores.type)), 8)
+
+
 def test_a_rerun_over_columns_parquet_stores_as_another_type_is_not_taken_for_other_metadata(tmp_path):
     import datetime
 

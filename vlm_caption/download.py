@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from . import locks, store
@@ -30,7 +29,7 @@ from .data_layout import (DOWNLOAD_LOCK, ENCODE_FORMAT, FULL_METADATA_FILE, IMAG
                           OOM_SHARD_COUNT, SAVED_COLUMNS, SHARD_SIZE_META, STATS_SUFFIX, SUMMARY_FILE, URLS_FILE,
                           VALIDATION_DIR, expected_shards, shard_name, stats_file)
 from .download_source import (URL_COLUMNS, further_names, img2dataset_input, load_source,  # noqa: F401  (dl.* names)
-                              url_table)
+                              nan_as_null, url_table)
 from .download_summary import make_summary, print_summary, stats_files
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError, brief
 from .interrupts import Interrupted, StopSignals
@@ -78,7 +77,7 @@ def write_urls(out: Path, urls: pa.Table, shard_size: int) -> None:
         if old.schema.names == new.schema.names and not old.schema.equals(new.schema):
             with contextlib.suppress(pa.ArrowInvalid, pa.ArrowNotImplementedError):
                 old = old.cast(new.schema)  # parquet keeps date64 as date32, timestamp[s] as [ms]: same values
-        old, new = _comparable(old), _comparable(new)
+        old, new = nan_as_null(old), nan_as_null(new)
         if not old.equals(new):
             # The shards carry the metadata of the first run: keeping them would publish stale captions and tags.
             names = dict.fromkeys([*old.column_names, *new.column_names])
@@ -89,16 +88,6 @@ def write_urls(out: Path, urls: pa.Table, shard_size: int) -> None:
                 "differ): its shards would keep the old values; download into a new --output"
             )
     atomic_write_table(path, urls.replace_schema_metadata({SHARD_SIZE_META: str(shard_size).encode()}))
-
-
-def _comparable(table: pa.Table) -> pa.Table:
-    """NaN as null in float columns: NaN never equals itself, so a source with NaN (pandas' missing float)
-    would read as changed on every rerun, and its download could never be resumed."""
-    for i, f in enumerate(table.schema):
-        if pa.types.is_floating(f.type):
-            column = table.column(i)
-            table = table.set_column(i, f, pc.if_else(pc.is_nan(column), pa.scalar(None, f.type), column))
-    return table
 
 
 # ---------------------------------------------------------------------------------------------- img2dataset

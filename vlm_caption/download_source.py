@@ -238,3 +238,26 @@ def _percent_encoded(urls: pa.ChunkedArray) -> pa.Array:
                                 quote(parts.query, safe="/%:@!$&'()*+,;=~?"),
                                 quote(parts.fragment, safe="/%:@!$&'()*+,;=~?")))
     return pa.array(values, pa.string())
+
+
+def nan_as_null(table: pa.Table) -> pa.Table:
+    """NaN as null in float values, inside lists and structs too: NaN never equals itself, so a source with NaN
+    (pandas' missing float) would read as changed on every rerun, and its download could never be resumed."""
+    for i, f in enumerate(table.schema):
+        column = table.column(i)
+        table = table.set_column(i, f, pa.chunked_array([_nan_as_null(c) for c in column.chunks], f.type))
+    return table
+
+
+def _nan_as_null(array: pa.Array) -> pa.Array:
+    kind = array.type
+    if pa.types.is_floating(kind):
+        return pc.if_else(pc.is_nan(array), pa.scalar(None, kind), array)
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        array = pa.concat_arrays([array]) if array.offset else array  # from_arrays takes no mask with a slice
+        lists = pa.ListArray if pa.types.is_list(kind) else pa.LargeListArray
+        return lists.from_arrays(array.offsets, _nan_as_null(array.values), kind, mask=array.is_null())
+    if pa.types.is_struct(kind):  # .flatten() follows a slice
+        return pa.StructArray.from_arrays([_nan_as_null(a) for a in array.flatten()], fields=list(kind),
+                                          mask=array.is_null())
+    return array
