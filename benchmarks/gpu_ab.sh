@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The next GPU session's run (BENCHMARKS.md §6 run 3 measured the one before), in two parts, one device call
+# The next GPU session's run (BENCHMARKS.md §6 run 3 measured the one before), in three parts, one device call
 # each (so a failed part can be rerun alone), the telling one first:
 #   check  gpu_check.py at batch 256 (what --batch-size auto picks on an 80 GB card): the graph decode loop
 #          (the CUDA default since run 3) with the grouped sdpa decode attention vs with FlexAttention (the
@@ -10,19 +10,22 @@
 #          vision tower on 64 images on each sdpa kernel (flash, cuDNN, efficient) and compiled; a profile of
 #          a compiled generate and of a prefill (where run 3's ~21 ms step at 256 goes). Not the compiled
 #          split: run 3 measured it (<= 4 min)
+#   cont   bench_continuous.py: --decode-loop continuous against whole batches of 256, the 4B, 1024 images
+#          at caption lengths drawn from 50-200 tokens, one round each (<= 5 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
-#   bash benchmarks/gpu_ab.sh OUT_DIR [check|diag|all]
-#     -> OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log}
+#   bash benchmarks/gpu_ab.sh OUT_DIR [check|diag|cont|all]
+#     -> OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log},
+#        OUT_DIR/cont/bench_continuous.log
 set -uo pipefail
-usage() { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
 case ${1:-} in
     -h|--help) usage; exit 0 ;;
     -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;
 esac
 part=${2:-all}
 case $part in
-    check|diag|all) ;;
-    *) echo "gpu_ab.sh: unknown part '$part' (check, diag or all)" >&2; usage >&2; exit 2 ;;
+    check|diag|cont|all) ;;
+    *) echo "gpu_ab.sh: unknown part '$part' (check, diag, cont or all)" >&2; usage >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-./gpu_ab_out}}
@@ -47,4 +50,11 @@ if [[ $part == diag || $part == all ]]; then
         > "$out/diag/decode_diag.log" 2>&1
     echo "decode_diag exit $?" | tee -a "$out/gpu.txt"
     grep '^{' "$out/diag/decode_diag.log" | cut -c1-1500
+fi
+if [[ $part == cont || $part == all ]]; then
+    mkdir -p "$out/cont"
+    timeout 290 "$PY" benchmarks/bench_continuous.py --preset gemma-3-4b --images 1024 --slots 256 \
+        --max-tokens 200 --min-frac 0.25 --rounds 1 > "$out/cont/bench_continuous.log" 2>&1
+    echo "bench_continuous exit $?" | tee -a "$out/gpu.txt"
+    grep '^{' "$out/cont/bench_continuous.log" | cut -c1-1500
 fi

@@ -120,7 +120,7 @@ def test_gpu_ab_script_passes_flags_its_scripts_know(tmp_path):
     text = (REPO / "benchmarks" / "gpu_ab.sh").read_text()
     assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_ab.sh")]).returncode == 0
     calls = re.findall(r'benchmarks/(\w+)\.py (.*?)(?:>|$)', text.replace("\\\n", " "), flags=re.M)
-    assert {name for name, _ in calls} == {"decode_diag", "gpu_check"}
+    assert {name for name, _ in calls} == {"bench_continuous", "decode_diag", "gpu_check"}
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         for name, flags in calls:
@@ -157,7 +157,7 @@ def test_gpu_ab_help_and_a_wrong_part_run_nothing(tmp_path):
     env = {**os.environ, "PYTHON": "false"}  # a python that ran would fail the checks below
     shown = subprocess.run(["bash", str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=60)
-    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [check|diag|all]" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [check|diag|cont|all]" in shown.stdout, shown.stderr
     wrong = subprocess.run(["bash", str(script), str(tmp_path / "out"), "chek"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "unknown part 'chek'" in wrong.stderr
