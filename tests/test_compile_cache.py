@@ -113,3 +113,21 @@ def test_a_second_run_in_the_process_gets_its_own_dir(tmp_path, monkeypatch):
 def test_an_empty_compile_cache_is_refused(tmp_path):
     with pytest.raises(UsageError, match="--compile-cache is empty"):  # not the working directory
         compile_cache.choose("", tmp_path)
+
+
+@pytest.mark.parametrize("choice", ["off", "auto"])
+def test_a_run_that_compiles_nothing_says_the_cache_was_not_used(choice, tiny_model_dir, sample_data_dir, tmp_path,
+                                                                  caplog, monkeypatch):
+    """On the CPU --compile auto and off compile nothing: --compile-cache went unused without a word, and
+    run_summary must not name a dir that was never read or written."""
+    from batched_image_inference import main
+
+    monkeypatch.delenv(compile_cache.INDUCTOR_ENV, raising=False)
+    caplog.set_level("INFO", logger="vlm_caption.compile_cache")
+    main(caption_args(tiny_model_dir, sample_data_dir, tmp_path / "ckpt", "--max-images", "4", "--compile", choice,
+                      "--compile-cache", str(tmp_path / "cache")))
+    said = [r for r in caplog.records if "compile cache not used" in r.getMessage()]
+    assert len(said) == 1 and said[0].levelname == "INFO"
+    entry = json.loads((tmp_path / "ckpt" / store.SUMMARY).read_text())["this_run"]["compile_cache"]
+    assert entry["used"] is False and "dir" not in entry
+    assert "--compile " + choice in entry["why"]

@@ -78,7 +78,29 @@ class CacheUse:
             INDUCTOR_ENV, "torch's default")
         log.info("torch.compile: %s loaded from the compile cache, %d compiled (cache: %s)",
                  plural(counts["loaded"], "graph"), counts["compiled"], where)
-        return {"dir": where, "graphs_loaded": counts["loaded"], "graphs_compiled": counts["compiled"]}
+        return {"used": True, "dir": where, "graphs_loaded": counts["loaded"], "graphs_compiled": counts["compiled"]}
+
+    def report_or_why_not(self, backend: str, compile_choice: str) -> dict:
+        """report(), or, when nothing compiled, why the cache went unused: said once, and run_summary records
+        it instead of a dir that was never read or written."""
+        used = self.report()
+        if used is not None:
+            return used
+        why = unused_reason(backend, compile_choice)
+        log.info("compile cache not used: %s", why)
+        return {"used": False, "why": why}
+
+
+def unused_reason(backend: str, compile_choice: str) -> str:
+    """Why a run compiled nothing, from its --backend and --compile."""
+    if backend == "dummy":
+        return "the dummy backend compiles nothing"
+    if compile_choice == "off":
+        return "--compile off"
+    torch = sys.modules.get("torch")
+    if compile_choice == "auto" and not (torch is not None and torch.cuda.is_available()):
+        return "--compile auto compiles on CUDA only, and this machine has no CUDA device"
+    return "nothing was compiled (the 'decode:' line above says why the static decode was not used)"
 
 
 @contextmanager

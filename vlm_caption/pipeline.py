@@ -162,7 +162,7 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
         if plan.todo:
             with compile_cache.using(compiled_into) as compiles:
                 caption_all(cfg, plan, writer, stats, pusher, stop=stop)
-            stats.compile_cache = compiles.report()
+            stats.compile_cache = compiles.report_or_why_not(cfg.backend, cfg.compile)
     finally:
         # After a signal the Hub gets a bounded last chance; the rest waits for the next run or --push-only.
         timeout = FINAL_PUSH_AFTER_SIGNAL_S if stop.requested or sys.exc_info()[0] is not None else None
