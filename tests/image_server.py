@@ -27,6 +27,7 @@ class Route:
     drip_seconds: float = 0.0  # sleep before each byte of the body (each wait shorter than the client's timeout)
     endless: bool = False  # after the body, zero bytes without end (no Content-Length: ends when the client goes)
     advertised_length: int | None = None  # Content-Length sent instead of the body's (more: cut short)
+    content_encoding: str | None = None  # sent as Content-Encoding (the body given is already encoded)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -49,6 +50,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self.send_response(route.status)
             self.send_header("Content-Type", route.content_type)
+            if route.content_encoding:
+                self.send_header("Content-Encoding", route.content_encoding)
             if not route.endless:
                 self.send_header("Content-Length", str(route.advertised_length or len(route.body)))
             self.end_headers()

@@ -4,7 +4,8 @@ img2dataset's client reads a body with one `r.read()`, and urllib's timeout boun
 response: a body that never ends (chunked, or no Content-Length) grows in the worker's memory until it is killed,
 and a server that drips a byte now and then holds the thread, and its shard, forever. Here the body is read in
 chunks: past the size cap the row fails for good ("too large", permanent), past WHOLE_RESPONSE_TIMEOUTS times
---timeout it fails as "timed out" (retryable, like any timeout).
+--timeout it fails as "timed out" (retryable, like any timeout). A body sent with Content-Encoding gzip or deflate
+is decoded before it is saved (urllib does not), under the same size cap; one that does not decode fails for good.
 
 It hooks in by subclassing img2dataset's Downloader (which its download() builds and hands to every worker): in
 the worker, the call swaps img2dataset.downloader.download_image, the function its retry loop calls, for the
@@ -21,6 +22,7 @@ import socket
 import threading
 import time
 import urllib.request
+import zlib
 
 from img2dataset import downloader as i2d
 
@@ -140,13 +142,59 @@ def bounded_download_image(row, timeout, user_agent_token, disallowed_header_dir
                 return key, None, _timed_out(timeout, f"{len(body)} bytes so far")
             if r.length:  # read1 ends quietly where read() raised: the connection closed before Content-Length
                 raise http.client.IncompleteRead(bytes(body), r.length)
-        return key, io.BytesIO(bytes(body)), None
+            encoding = r.headers.get("Content-Encoding", "")
+        # urllib hands the body over as sent: a gzip one saved as is was then recorded "not an image"
+        decoded, error = decode_body(bytes(body), encoding, max_bytes)
+        if error is not None:
+            return key, None, error
+        return key, io.BytesIO(decoded), None
     except Exception as err:  # noqa: BLE001 (img2dataset's contract: any failure is the row's error message)
         if expired.is_set():  # what the shut socket made of it ("Remote end closed connection ...") misleads
             return key, None, _timed_out(timeout, "status line and headers included")
         return key, None, str(err)
     finally:
         timer.cancel()
+
+
+def decode_body(body: bytes, content_encoding: str, max_bytes: int) -> tuple[bytes, str | None]:
+    """The body with its Content-Encoding (gzip, deflate; several: in the order applied) undone, or the
+    reason it cannot be: an unknown coding, a corrupt stream, or more than max_bytes once decoded (a small
+    compressed body can expand to gigabytes)."""
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    for coding in reversed(codings):
+        if coding == "identity":
+            continue
+        if coding not in _ZLIB_WBITS:
+            return b"", f"unsupported Content-Encoding {coding!r}: the body cannot be decoded"
+        try:
+            body = _inflate(body, coding, max_bytes)
+        except zlib.error as err:
+            return b"", f"undecodable body: Content-Encoding {coding} does not decompress ({err})"
+        if len(body) > max_bytes:
+            return b"", too_large(max_bytes, f"the body decompressed ({coding})")
+    return body, None
+
+
+# zlib's window bits per HTTP coding: gzip framing; deflate is zlib-wrapped by the RFC, raw from some servers
+_ZLIB_WBITS = {"gzip": (16 + zlib.MAX_WBITS,), "x-gzip": (16 + zlib.MAX_WBITS,),
+               "deflate": (zlib.MAX_WBITS, -zlib.MAX_WBITS)}
+
+
+def _inflate(body: bytes, coding: str, max_bytes: int) -> bytes:
+    """At most max_bytes + 1 bytes of the decompressed body (more says "too large"); zlib.error when the
+    stream is corrupt or ends early."""
+    error = None
+    for wbits in _ZLIB_WBITS[coding]:
+        inflater = zlib.decompressobj(wbits)
+        try:
+            out = inflater.decompress(body, max_bytes + 1)
+        except zlib.error as err:
+            error = err
+            continue
+        if len(out) > max_bytes or inflater.eof:
+            return out
+        error = zlib.error("the compressed stream ends early")
+    raise error
 
 
 def _timed_out(timeout: int, detail: str) -> str:
