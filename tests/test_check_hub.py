@@ -144,6 +144,26 @@ def test_a_check_of_some_shards_counts_within_them(cli, hub_stub, data):
     assert set(got["failed_keys"]) <= shard0 and got["unexpected_keys"] > 0 and "outside the selection" in out
 
 
+def test_copies_of_one_dir_keep_each_others_recorded_failures(cli, hub_stub):
+    """`cp -r a b`: both have one dir_id, and runs/{run_id}.json kept the failed keys of the dir that wrote the
+    card last: b's failures in shard 1 were dropped by a's next card, and --check-hub counted them missing."""
+    import shutil
+
+    from vlm_caption.store import failure_records
+
+    ok(cli.run("a", "--shards", "0"))
+    shutil.copytree(cli.tmp / "a", cli.tmp / "b")
+    ok(cli.run("b", "--shards", "2"))  # b alone fails keys of shard 2 (undecodable images)
+    ok(cli.run("a", "--shards", "1"))  # a's card, from a's view: shards 0 and 1
+    out = ok(cli.run("fresh", "--check-hub"))
+    got = coverage(cli, "fresh")
+    assert got["missing"] == got["duplicated"] == 0 and got["published"] + got["failed"] == got["expected"], out
+    rid = run_id_of(cli.tmp / "a")
+    recorded = {k for d in ("a", "b") for k in failure_records(cli.tmp / d, run_id=rid)}
+    assert set(got["failed_keys"]) == recorded
+    assert len(recorded) > len(failure_records(cli.tmp / "a", run_id=rid))  # b failed keys a never saw
+
+
 def test_a_parquet_file_not_of_ours_in_the_runs_folder_exits_4(cli, hub_stub):
     """The run's card config loads data/{run_id}/*.parquet: a file there that is not a captions file breaks it."""
     import io

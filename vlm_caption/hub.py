@@ -355,8 +355,8 @@ class HubClient:
     def write_card(self, run_info: dict, summary: dict, failed_keys: dict[str, str] | None = None) -> str:
         """README.md and runs/{run_id}.json in one commit; returns the card. Rows and flag counts are the Hub's
         own; failures are keys (key -> stage) that some dir of the run recorded and no dir published: each
-        dir's are kept in runs/{run_id}.json (a trial dir and the full run's dir fail the same keys)."""
-        run_id = run_info["run_id"]
+        dir_id's are kept in runs/{run_id}.json, added to what it recorded before less the keys published since."""
+        run_id, dir_id = run_info["run_id"], run_info.get("dir_id") or "legacy"
         failed = (summary.get("checkpoint_dir") or {}).get("failed_by_stage", summary.get("failed", {}))
         card_text = ""
 
@@ -371,8 +371,8 @@ class HubClient:
             by_dir = before.get("failed_keys_by_dir")  # (a dir's entry edited by hand into another shape: dropped)
             by_dir = {d: ks for d, ks in by_dir.items() if isinstance(ks, dict)} if isinstance(by_dir, dict) else {}
             before = before if showable(before, mine=True) else {}  # edited by hand: written again from the Hub
-            if failed_keys is not None:
-                by_dir[run_info.get("dir_id") or "legacy"] = failed_keys
+            if failed_keys is not None:  # merged: copies of a dir (`cp -r`) share its dir_id but fail other keys
+                by_dir[dir_id] = {k: st for k, st in by_dir.get(dir_id, {}).items() if k not in snap.keys} | failed_keys
             still = {k: stage for keys in by_dir.values() for k, stage in keys.items() if k not in snap.keys}
             counted = dict(Counter(still.values())) if by_dir else (failed if isinstance(failed, dict) else {})
             mine = {**{k: v for k, v in run_info.items() if k != "dir_id"}, "rows": len(snap.keys),
