@@ -376,15 +376,6 @@ def test_merge_only_with_a_data_dir_that_does_not_exist_says_so(tmp_path, capsys
     assert code == EXIT_USAGE and "--data-dir" in err and "does not exist" in err, err
 
 
-def test_overwrite_with_a_mode_that_starts_no_run_is_refused_in_one_line(tmp_path, capsys):
-    """--merge-only --overwrite merged as if --overwrite were not there: the user believed the old run set aside."""
-    (tmp_path / "c").mkdir()
-    for mode in ("--merge-only", "--push-only", "--check-hub"):
-        code, err = one_line_exit(capsys, [mode, "--overwrite", "--checkpoint-dir", str(tmp_path / "c"),
-                                           "--data-dir", str(tmp_path)])
-        assert code == EXIT_USAGE and f"--overwrite starts a run over; {mode} starts none" in err, err
-
-
 def test_a_data_dir_listing_no_images_says_so(sample_data_dir, tmp_path, caplog):
     """A download where every URL failed leaves an empty full_metadata.parquet: the run captioned 0 images and
     exited 0 without a word of why."""

@@ -194,3 +194,17 @@ def test_a_stop_mid_stream_keeps_finished_chunks_and_the_resume_does_the_rest(fu
     want = read_table(full_run[1] / store.MERGED).set_index("key")
     got = read_table(ckpt / store.MERGED).set_index("key")
     assert got["vlm_caption"].tolist() == want.loc[got.index, "vlm_caption"].tolist()
+
+
+def test_a_failed_stream_lets_go_of_its_ring_cache(model_and_processor, images, monkeypatch):
+    """The batches that take over after an out-of-memory error need the memory the ring held."""
+    from vlm_caption.continuous import ContinuousDecode
+
+    def out_of_memory(self, chunk, slots):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    cap = continuous_captioner(*model_and_processor)
+    monkeypatch.setattr(ContinuousDecode, "_join", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        streamed_ids(cap, images, slots=2)
+    assert cap.continuous == {}

@@ -7,11 +7,12 @@ import json
 
 import pytest
 from dummy_runs import dummy_args
+from test_bad_inputs import one_line_exit
 
 from batched_image_inference import main
 from vlm_caption import run_identity, store
 from vlm_caption.config import RunConfig
-from vlm_caption.errors import EXIT_OK, UsageError
+from vlm_caption.errors import EXIT_OK, EXIT_USAGE, UsageError
 
 REPO = "tester/ident"
 
@@ -208,3 +209,12 @@ def test_dry_run_of_a_dir_that_lost_run_json_says_a_real_run_refuses_another_run
         main(dummy_args(data, ckpt))
     assert main([*dummy_args(data, ckpt, "--prompt", "Name the colours."), "--dry-run"]) == EXIT_OK
     assert "to do 0, already done 16" in capsys.readouterr().out  # its own run re-adopts them
+
+
+def test_overwrite_with_a_mode_that_starts_no_run_is_refused_in_one_line(tmp_path, capsys):
+    """--merge-only --overwrite merged as if --overwrite were not there: the user believed the old run set aside."""
+    (tmp_path / "c").mkdir()
+    for mode in ("--merge-only", "--push-only", "--check-hub"):
+        code, err = one_line_exit(capsys, [mode, "--overwrite", "--checkpoint-dir", str(tmp_path / "c"),
+                                           "--data-dir", str(tmp_path)])
+        assert code == EXIT_USAGE and f"--overwrite starts a run over; {mode} starts none" in err, err

@@ -20,9 +20,8 @@ DEFAULT_MODEL = "google/gemma-3-27b-it"
 DEFAULT_DATA_DIR = "./data/contrastyles_full"
 SOURCE_DATASET = "tomg-group-umd/ContraStyles"
 COMPILE_CHOICES = ("auto", "on", "off")  # --compile: auto = on for CUDA (static_decode.compile_wanted)
-# --decode-loop: auto = graph where the compiled static cache runs on CUDA (1.08x on an H100, BENCHMARKS.md §6
-# run 3), else transformers' generate; graph = decode_loop.GraphDecode; continuous = continuous.ContinuousDecode
-DECODE_LOOPS = ("auto", "generate", "graph", "continuous")
+# --decode-loop: auto = graph where the compiled static cache runs on CUDA (1.08x on an H100, BENCHMARKS.md §6),
+DECODE_LOOPS = ("auto", "generate", "graph", "continuous")  # else generate; decode_loop.py, continuous.py
 # --max-tokens' cap before any model is known: the longest context of a Gemma 3 model (4B to 27B); once the
 # model is loaded, model_loading.check_context holds it to what that model's context leaves after the prompt.
 MAX_TOKENS_LIMIT = 131_072

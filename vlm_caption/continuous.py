@@ -240,5 +240,9 @@ def stream_captions(cap, next_chunk: Callable[[bool], tuple[Any, Any] | None], s
         got = next_chunk(wait)
         return None if got is None else prefill(cap, *got)
 
-    for tag, ids in decoder_for(cap, slots).run(prefilled, chunk_rows(slots), should_stop):
-        yield tag, _DecodeLater(ids, cap._finish)
+    try:
+        for tag, ids in decoder_for(cap, slots).run(prefilled, chunk_rows(slots), should_stop):
+            yield tag, _DecodeLater(ids, cap._finish)
+    except BaseException:
+        cap.continuous.pop(slots, None)  # its ring cache: the batches that take over need the memory
+        raise
