@@ -48,6 +48,10 @@ class CaptionBackend(Protocol):
     def free_memory(self) -> None:
         """Release what a failed batch left behind before the retry."""
 
+    # Optional, for continuous batching (stream_loop.py; the transformers backend with --decode-loop continuous):
+    # stream_chunk_rows(slots) -> rows per chunk, or None to caption in batches; caption_stream(next_chunk,
+    # slots, should_stop) -> (tag, captions) per chunk as its rows finish (Captioner.caption_stream).
+
 
 def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tokens: int = 0,
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, dtype: str = "auto",
