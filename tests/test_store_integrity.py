@@ -239,3 +239,14 @@ def test_overwrite_sets_the_old_runs_coverage_aside_with_its_parts(tmp_path):
     [old] = (tmp_path / "superseded").iterdir()
     assert not (tmp_path / "coverage.json").exists() and not (tmp_path / "hub_coverage.json").exists()
     assert (old / "coverage.json").exists() and (old / "hub_coverage.json").exists()
+
+
+def test_a_file_where_superseded_belongs_is_kept_and_overwrite_still_sets_the_old_run_aside(tmp_path, caplog):
+    """A regular file named superseded (made by hand): mkdir raised mid --overwrite, a traceback."""
+    w = Writer(tmp_path)
+    w.parts(2)
+    (tmp_path / "superseded").write_text("notes")
+    w.store._set_aside(RUN)
+    assert (tmp_path / "superseded").read_text() == "notes" and not store.list_parts(tmp_path)
+    [old] = (tmp_path / "superseded-1").iterdir()
+    assert len(list((old / "parts").iterdir())) == 1 and "is not a folder" in caplog.text

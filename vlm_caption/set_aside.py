@@ -22,11 +22,15 @@ def free_name(first: Path) -> Path:
 def quarantine_dir(checkpoint_dir: Path) -> Path:
     """quarantine/, or quarantine-1/, -2... while something not a folder holds the name (a file put there by hand
     made mkdir raise a traceback mid-run, leaving the bad file where it was read as good)."""
-    names = (checkpoint_dir / f"{QUARANTINE_DIR}{f'-{n}' if n else ''}" for n in itertools.count())
+    return aside_folder(checkpoint_dir, QUARANTINE_DIR, "bad files")
+
+
+def aside_folder(checkpoint_dir: Path, name: str, what: str) -> Path:
+    """checkpoint_dir/name, or name-1, -2... while something not a folder holds the name, with a warning."""
+    names = (checkpoint_dir / f"{name}{f'-{n}' if n else ''}" for n in itertools.count())
     folder = next(p for p in names if p.is_dir() or not os.path.lexists(p))
-    if folder.name != QUARANTINE_DIR:
-        log.warning("%s is not a folder: setting bad files aside in %s instead", checkpoint_dir / QUARANTINE_DIR,
-                    folder)
+    if folder.name != name:
+        log.warning("%s is not a folder: setting %s aside in %s instead", checkpoint_dir / name, what, folder)
     return folder
 
 

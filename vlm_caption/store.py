@@ -36,7 +36,7 @@ from .locks import DirLock
 from .run_identity import (MODEL_IDENTITY, OPTIONAL_SETTINGS, RUN_SETTINGS, is_run_of,  # noqa: F401 (store.*)
                            path_named_run_id, recorded_settings, run_id_for, well_formed)
 from .schema import ADDED_COLUMNS, FAILURE_SCHEMA, OUTPUT_SCHEMA  # noqa: F401  (store.* names)
-from .set_aside import QUARANTINE_DIR, free_name, quarantine, quarantine_dir  # noqa: F401  (store.* names)
+from .set_aside import QUARANTINE_DIR, aside_folder, free_name, quarantine, quarantine_dir  # noqa: F401 (store.*)
 
 log = logging.getLogger(__name__)
 
@@ -326,7 +326,8 @@ class CheckpointStore:
 
     def _set_aside(self, old_run_id: str) -> None:
         """--overwrite moves the old run into superseded/ instead of deleting finished work."""
-        dest = free_name(self.dir / "superseded" / f"{old_run_id}-{time.strftime('%Y%m%dT%H%M%S')}")
+        folder = aside_folder(self.dir, "superseded", "old runs")  # a file named so by hand was a traceback
+        dest = free_name(folder / f"{old_run_id}-{time.strftime('%Y%m%dT%H%M%S')}")
         dest.mkdir(parents=True)
         for name in (RUN_JSON, PARTS_DIR, FAILURES_DIR, LEDGER, MERGED, SUMMARY, COVERAGE, HUB_COVERAGE):
             if (self.dir / name).exists():
