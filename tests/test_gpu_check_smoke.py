@@ -162,3 +162,18 @@ def test_gpu_ab_help_and_a_wrong_part_run_nothing(tmp_path):
                            capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "unknown part 'chek'" in wrong.stderr
     assert list(tmp_path.iterdir()) == []  # no OUT_DIR, no '--help' directory
+
+
+def test_bench_continuous_runs_where_the_gpu_host_would(tmp_path):
+    """benchmarks/bench_continuous.py (gpu_ab.sh's `cont` part) on the tiny preset, with the GPU host's absent
+    packages shadowed: both schedules decode every image at its imposed length, continuous in fewer steps."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_continuous.py"), "--preset", "tiny",
+                           "--images", "16", "--slots", "8", "--max-tokens", "12", "--rounds", "1"], cwd=tmp_path,
+                          env=gpu_host_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    sides = {x["side"]: x for x in lines if "side" in x}
+    assert sides["batches"]["tokens"] == sides["continuous"]["tokens"] > 0  # the same imposed lengths
+    summary = lines[-1]["summary"]
+    assert summary["chunk"] == 1 and summary["fewer_steps"] > 1
+    assert round(summary["steps_per_img"]["batches"] * 16) == sides["batches"]["decode_steps"]
