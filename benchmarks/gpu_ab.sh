@@ -11,7 +11,7 @@
 #          a compiled generate and of a prefill (where run 3's ~21 ms step at 256 goes). Not the compiled
 #          split: run 3 measured it (<= 4 min)
 #   cont   bench_continuous.py: --decode-loop continuous against whole batches of 256, the 4B, 1024 images
-#          at caption lengths drawn from 50-200 tokens, one round each (<= 5 min)
+#          at caption lengths drawn from 50-200 tokens, chunks of 32 (the default) and 16, one round (<= 5 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
 #   bash benchmarks/gpu_ab.sh OUT_DIR [check|diag|cont|all]
 #     -> OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log},
@@ -54,7 +54,7 @@ fi
 if [[ $part == cont || $part == all ]]; then
     mkdir -p "$out/cont"
     timeout 290 "$PY" benchmarks/bench_continuous.py --preset gemma-3-4b --images 1024 --slots 256 \
-        --max-tokens 200 --min-frac 0.25 --rounds 1 > "$out/cont/bench_continuous.log" 2>&1
+        --max-tokens 200 --min-frac 0.25 --chunk-rows 32 16 --rounds 1 > "$out/cont/bench_continuous.log" 2>&1
     echo "bench_continuous exit $?" | tee -a "$out/gpu.txt"
     grep '^{' "$out/cont/bench_continuous.log" | cut -c1-1500
 fi
