@@ -184,3 +184,14 @@ def test_a_run_whose_prompt_predates_templates_does_not_break_the_card_nor_the_p
     card = render_dataset_card("me/data", [old, {"run_id": "bbb", "rows": 5, "created": "2026-01-01", "prompt": "p"}])
     assert 'Answer as {"style": "..."} <start_of_image>' in card and "`caption_style`" in card
     assert caption_columns(old) == ["caption_style"]
+
+
+def test_the_first_card_of_a_run_warns_of_nothing(hub_stub, client, ckpt, caplog):  # noqa: F811
+    """With no runs/{run_id}.json on the Hub yet, every first push warned `runs/None.json cannot be shown`."""
+    import logging
+
+    Writer(ckpt).parts(2)
+    client.push_pending(ckpt, RUN, 0)
+    with caplog.at_level(logging.WARNING):
+        client.write_card({"run_id": RUN, "dir_id": "d1", "model": "m", "prompt": "p"}, {}, {})
+    assert "cannot be shown" not in caplog.text

@@ -370,7 +370,7 @@ class HubClient:
             before = runs.get(run_id) or {}
             by_dir = before.get("failed_keys_by_dir")  # (a dir's entry edited by hand into another shape: dropped)
             by_dir = {d: ks for d, ks in by_dir.items() if isinstance(ks, dict)} if isinstance(by_dir, dict) else {}
-            before = before if showable(before, mine=True) else {}  # edited by hand: written again from the Hub
+            before = before if not before or showable(before, mine=True) else {}  # edited by hand: rewritten
             if failed_keys is not None:  # merged: copies of a dir (`cp -r`) share its dir_id but fail other keys
                 by_dir[dir_id] = {k: st for k, st in by_dir.get(dir_id, {}).items() if k not in snap.keys} | failed_keys
             still = {k: stage for keys in by_dir.values() for k, stage in keys.items() if k not in snap.keys}
