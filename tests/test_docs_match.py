@@ -216,3 +216,16 @@ def test_what_the_sample_data_holds_is_in_the_data_layout(tmp_path):
     documented = _layout_names(_code_block("## Data layout"))
     written = _as_readme_names(data) | {"images/" + n for n in _as_readme_names(data / "images")}
     assert sorted(written - documented) == []
+
+
+def test_every_setting_the_run_scripts_read_from_the_environment_is_in_the_readme():
+    """runs/slurm_array.sbatch captions with its own MODEL default and pushes to HF_USERNAME's repo: a newcomer
+    following README's `sbatch` line learnt neither, nor how to change them."""
+    scale_out = README.split("\n## Scale-out\n")[1].split("```")[1]  # (its comments start with "# ")
+    for script in sorted((REPO / "runs").iterdir()):
+        text = script.read_text()
+        settings = set(re.findall(r"\$\{([A-Z_]+):-", text)) - {"SLURM_SUBMIT_DIR"}  # Slurm's own
+        assert settings, script.name
+        assert sorted(v for v in settings if not re.search(rf"\b{v}\b", scale_out)) == [], script.name
+        model = re.search(r"\$\{MODEL:-([^}]+)\}", text).group(1)
+        assert f"{model} in {script.name}" in " ".join(scale_out.replace("#", " ").split()), script.name
