@@ -130,3 +130,12 @@ def test_a_category_column_is_carried_as_its_values(tmp_path):
     got = dl.load_source(str(path), "train", None)
     assert got.schema.field("style").type == pa.string()
     assert got.column("style").to_pylist() == ["ukiyo-e", "baroque", "ukiyo-e"]
+
+
+def test_a_json_array_says_the_source_must_be_json_lines(tmp_path):
+    """A rows.json written as one array (pandas' default) said only "Column() changed from object to array"."""
+    path = tmp_path / "src.json"
+    path.write_text(json.dumps([{"key": "1", "url": "http://127.0.0.1/1.jpg", "caption": "c", "md5": "ff",
+                                 "tags": "t", "merged_tags": "m"}]))
+    with pytest.raises(UsageError, match="one object per line, not an array"):
+        dl.load_source(str(path), "train", None)

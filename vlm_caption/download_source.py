@@ -136,8 +136,10 @@ def _read_local_table(path: Path) -> pa.Table:
         table = pa_json.read_json(path, read_options=pa_json.ReadOptions(block_size=JSON_BLOCK_BYTES))
     except (pa.ArrowInvalid, OSError) as e:
         # brief: a CSV parse error quotes the offending rows, newlines included
+        # pyarrow reads JSON Lines only: a JSON array (pandas' to_json) fails with "changed from object to array"
+        json_lines = " (JSON Lines: one object per line, not an array)" if suffix in (".json", ".jsonl") else ""
         raise UsageError(f"--source {path}: cannot read it ({brief(str(e))}); give a .parquet, .csv or .jsonl "
-                         "file") from None
+                         f"file{json_lines}") from None
     check_source_columns(table.column_names, str(path))
     return table
 
