@@ -20,7 +20,7 @@ Usage: ./run_captioning.sh --demo [--demo-dir DIR] [--n N]
                     captioning, merge and DIR/preview.html (its captions are noise). Reruns reuse the
                     model and data and resume.
   --demo-dir DIR    where the demo writes (default: ./demo)
-  --n N             rows of the demo's sample data (default: 24; another N needs another --demo-dir)
+  --n N             rows of the demo's sample data (default: 24, at least 8; another N needs another --demo-dir)
 
 Any other flags go to batched_image_inference.py unchanged (listed below). The venv ./vlm-caption is
 created with ./setup.sh on first use (about 1-3 minutes).

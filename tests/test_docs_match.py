@@ -155,6 +155,9 @@ def test_preview_and_demo_synopses_name_every_flag():
     demo_parser._actions = [a for a in demo_parser._actions if a.dest != "verbose"]  # the demo's own debugging
     _check_synopsis(_synopsis_flags("`./run_captioning.sh --demo "), demo_parser, own={"--demo"})
     assert f"default {demo.DEFAULT_ROWS}" in _section("### `test_pipeline.py`, preview, demo")
+    # --n 6 was refused with a minimum that neither the README nor run_captioning.sh --help named
+    assert f"default {demo.DEFAULT_ROWS}, at least {demo.MIN_ROWS}" in _section("### `test_pipeline.py`, preview, demo")
+    assert f"(default: {demo.DEFAULT_ROWS}, at least {demo.MIN_ROWS};" in (REPO / "run_captioning.sh").read_text()
 
 
 def test_every_module_name_the_readme_points_at_exists():

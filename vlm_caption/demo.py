@@ -39,6 +39,7 @@ except ModuleNotFoundError as e:
 
 DEFAULT_DIR = "./demo"
 DEFAULT_ROWS = 24
+MIN_ROWS = 8  # the sample puts 6 broken rows in; keep some good ones
 DATA_DONE_MARKER = "download_summary.json"  # written last by sample_data.write_sample
 DEMO_LOCK = "demo.lock"  # held by the demo running in DIR (a second one at once is refused)
 REAL_MODELS = "google/gemma-3-4b-it (or google/gemma-3-12b-it, google/gemma-3-27b-it)"
@@ -168,11 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", "--demo-dir", dest="dir", default=DEFAULT_DIR,
                    help="where the model, data, checkpoints and preview go (default: %(default)s)")
     p.add_argument("--n", type=int, default=None,
-                   help=f"rows of the sample data (default: {DEFAULT_ROWS}, or the size of an existing sample)")
+                   help=f"rows of the sample data, at least {MIN_ROWS} (default: {DEFAULT_ROWS}, or the size of an "
+                        "existing sample)")
     p.add_argument("-v", "--verbose", action="store_true")
     a = p.parse_args(argv)
-    if a.n is not None and a.n < 8:  # the sample puts 6 broken rows in; keep some good ones
-        raise UsageError(f"--n must be at least 8, got {a.n}")
+    if a.n is not None and a.n < MIN_ROWS:
+        raise UsageError(f"--n must be at least {MIN_ROWS}, got {a.n}")
     check_writable_dir(Path(a.dir), "--demo-dir")
     # The demo never needs the network: the model is a local directory.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
