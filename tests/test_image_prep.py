@@ -211,6 +211,12 @@ def test_jpeg_draft_decoding_fires_for_big_images(tmp_path):
     assert dataset.load_image(big, 896).size == (2000, 1500)  # reduced, still covers 896 (+25 %) on both sides
     assert dataset.load_image(big, 64).size == (500, 375)  # 1/8, the largest DCT scale
     assert dataset.load_image(big, 1600).size == (4000, 3000)  # 3000 < 2 x 1.25 x 1600: full size
+    # A camera JPEG with an MPF segment (an embedded preview) opens as MPO: it was decoded at full size.
+    camera = bench_loader.art_image(4000, 3000, np.random.default_rng(4))
+    mpo = save(camera, tmp_path / "camera.jpg", "MPO", save_all=True, append_images=[camera.resize((400, 300))])
+    with Image.open(mpo) as opened:
+        assert opened.format == "MPO"
+    assert dataset.load_image(mpo, 896).size == (2000, 1500)
     over2x = save(bench_loader.art_image(2056, 1865, np.random.default_rng(5)), tmp_path / "o.jpg", "JPEG")
     assert dataset.load_image(over2x, 896).size == (2056, 1865)  # 1028x933 would leave too little to resize
     narrow = save(Image.new("RGB", (6000, 1000)), tmp_path / "narrow.jpg", "JPEG")

@@ -63,7 +63,8 @@ def load_image(path: Path | None, target_size: int = MODEL_IMAGE_SIZE) -> Image.
             w, h = img.size
             if w * h > MAX_IMAGE_PIXELS:
                 raise ImageLoadError("decode", f"image declares {w}x{h} pixels, over the {MAX_IMAGE_PIXELS} limit")
-            if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK", "YCbCr"):  # a smaller decode (DRAFT_MARGIN)
+            # A smaller decode (DRAFT_MARGIN); MPO: what Pillow names a camera JPEG carrying a preview (MPF).
+            if img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
                 img.draft(img.mode if img.mode != "YCbCr" else "RGB", draft_box(target_size))
             img.load()
             return to_rgb(img)
