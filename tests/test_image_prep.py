@@ -250,6 +250,25 @@ def test_load_image_failures_are_unchanged(tmp_path):
     assert stage == "decode" and "pixels" in msg  # refused before decoding, its size named
 
 
+def test_colour_key_transparency_gets_the_processors_white_background(tmp_path, tiny_model_dir):
+    """A PNG whose tRNS chunk keys one colour of an RGB or greyscale image transparent: the fast and device paths
+    kept the key colour (black) where the model's image processor, given the same image, paints it white."""
+    ip = processors(tiny_model_dir)["tiny"]
+    prep = ImagePrep.from_processor(ip)
+    rgb = Image.new("RGB", (120, 80), (0, 0, 0))
+    rgb.paste((200, 40, 90), (30, 20, 90, 60))
+    for name, img, key in (("rgb", rgb, (0, 0, 0)), ("grey", rgb.convert("L"), 0)):
+        path = save(img, tmp_path / f"{name}.png", "PNG", transparency=key)
+        loaded = dataset.load_image(path, prep.height)
+        assert loaded.getpixel((0, 0)) == (255, 255, 255) and loaded.getpixel((60, 40)) != (255, 255, 255), name
+        with Image.open(path) as raw:  # what the processor makes of the file itself
+            ref = ip(images=[raw], return_tensors="pt")["pixel_values"][0]
+        paths = {"host": prep(loaded), "device": prep.to_device(prep.host_pixels(loaded), "cpu"),
+                 "processor": ip(images=[loaded], return_tensors="pt")["pixel_values"][0]}
+        for where, got in paths.items():
+            assert (got - ref).abs().mean() <= TOLERANCE, f"{name}/{where}"
+
+
 def test_default_loader_workers(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     assert default_loader_workers() == 3

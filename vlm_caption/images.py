@@ -89,8 +89,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if getattr(img, "is_animated", False):
         img.seek(0)
     ImageOps.exif_transpose(img, in_place=True)  # not a copy of every image (~1 ms at 2.7 MP) when none is needed
+    if "transparency" in img.info and not img.mode.startswith("I"):
+        # A palette's or a colour key's transparency (PNG tRNS on P, L or RGB; GIF): the keyed pixels get the white
+        # background below, as the model's image processor gives them (an RGB key was kept: a black key stayed black).
+        img = img.convert("RGBA")
     if img.mode == "P":
-        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        img = img.convert("RGB")
     if img.mode.startswith("I"):
         # 16-bit greyscale: scale to 8 bits instead of clipping everything above 255 to white.
         img = img.convert("I").point(lambda v: v / 256).convert("L")
