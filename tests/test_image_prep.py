@@ -269,6 +269,27 @@ def test_colour_key_transparency_gets_the_processors_white_background(tmp_path, 
             assert (got - ref).abs().mean() <= TOLERANCE, f"{name}/{where}"
 
 
+def test_exif_orientation_is_applied_beside_a_tag_pillow_cannot_write_back(tmp_path):
+    """Tag 334 (NumberOfInks, a SHORT to Pillow) stored as text: ImageOps.exif_transpose turned the pixels, then
+    raised struct.error writing the EXIF back, so an image that validates and decodes failed its row."""
+    from PIL import ImageOps
+
+    from vlm_caption.validate import check_image
+
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "Canon"  # orientation: turn 90 degrees clockwise; Make, retagged below
+    odd_exif = exif.tobytes().replace(b"\x01\x0f\x00\x02", b"\x01\x4e\x00\x02")
+    picture = Image.linear_gradient("L").resize((60, 20)).convert("RGB")
+    path = save(picture, tmp_path / "odd.jpg", "JPEG", exif=odd_exif)
+    clean = save(picture, tmp_path / "clean.jpg", "JPEG", exif=exif.tobytes())
+    assert check_image(str(path))[3] is None
+    loaded = dataset.load_image(path)
+    with Image.open(clean) as img:
+        want = ImageOps.exif_transpose(img).convert("RGB")
+    assert loaded.size == (20, 60) and loaded.tobytes() == want.tobytes()
+    assert dataset.to_rgb(loaded).size == (20, 60)  # upright already: not turned a second time
+
+
 def test_default_loader_workers(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3}, raising=False)
     assert default_loader_workers() == 3
