@@ -208,3 +208,40 @@ def test_a_failed_stream_lets_go_of_its_ring_cache(model_and_processor, images, 
     with pytest.raises(torch.OutOfMemoryError):
         streamed_ids(cap, images, slots=2)
     assert cap.continuous == {}
+
+
+def test_an_interrupt_in_the_stream_waits_for_the_read_in_flight():
+    """A second Ctrl-C raises inside the stream while the assembler thread is reading the loader: the stream ends
+    that read before it raises, because the caller closes the loader next (a generator closed while another
+    thread runs it raises "generator already executing": a traceback, and the finished captions went unwritten)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from vlm_caption import loader, stream_loop
+    from vlm_caption.interrupts import Interrupted
+    from vlm_caption.prompt_plan import PromptSpec
+
+    more_images = threading.Event()
+
+    def slow_loader():
+        yield loader.Loaded({"key": "0"}, inputs=0)
+        more_images.wait()  # the next image is still being decoded
+        yield loader.Loaded({"key": "1"}, inputs=1)
+
+    class Backend:
+        def assemble(self, inputs, prompts):
+            return inputs
+
+        def caption_stream(self, next_chunk, slots, should_stop):
+            next_chunk(True)  # the first chunk joins; the next read starts and waits for the loader
+            threading.Timer(0.5, more_images.set).start()
+            raise Interrupted()
+            yield
+
+    items = slow_loader()
+    with ThreadPoolExecutor(max_workers=1) as assembler:
+        with pytest.raises(Interrupted):
+            stream_loop.stream(Backend(), [PromptSpec.make(None, "Describe.")], items, 2, 1, assembler=assembler,
+                               should_stop=lambda: False, on_failure=print, on_chunk=print)
+        assert not items.gi_running
+        items.close()

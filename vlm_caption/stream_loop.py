@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from concurrent.futures import Executor, Future
+from concurrent.futures import Executor, Future, wait
 from typing import Any, Callable, Iterator
 
 from . import loader
@@ -92,6 +92,12 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
                 on_failure(item)
             left += chunk
         return in_batches + left
-    while ahead:  # a stop request: the chunks read ahead are dropped, as a batch in flight is
-        ahead.popleft().result()
+    finally:  # a read still running iterates `items`, which the caller reads or closes next (a generator closed
+        # while another thread runs it raises "generator already executing"): it ends first; a queued one never starts
+        for future in ahead:
+            future.cancel()
+        wait(ahead)
+    for future in ahead:  # a stop request: the chunks read ahead are dropped, as a batch in flight is
+        if not future.cancelled():
+            future.result()
     return in_batches
