@@ -242,6 +242,38 @@ def test_an_interrupt_in_the_stream_waits_for_the_read_in_flight():
     with ThreadPoolExecutor(max_workers=1) as assembler:
         with pytest.raises(Interrupted):
             stream_loop.stream(Backend(), [PromptSpec.make(None, "Describe.")], items, 2, 1, assembler=assembler,
-                               should_stop=lambda: False, on_failure=print, on_chunk=print)
+                               should_stop=lambda: False, on_failure=print, on_chunk=print,
+                               on_handed_back=print)
         assert not items.gi_running
         items.close()
+
+
+def test_a_templated_prompt_too_long_for_the_ring_goes_to_batches_alone(tiny_model_dir, sample_data_dir, tmp_path,
+                                                                         caplog):
+    """The ring is sized by the longest rendering in characters; a shorter one of more tokens (CJK: 3 bytes a
+    character here) does not fit it. That chunk is captioned in batches (the dynamic cache, as the default run
+    does); the stream goes on with the others instead of handing the whole rest of the run to batches."""
+    import shutil
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from batched_image_inference import main
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_data_dir, data)
+    meta = pq.read_table(data / "full_metadata.parquet")
+    tags = ["art"] * meta.num_rows
+    tags[1], tags[9] = "x" * 60, "日本語の絵画" * 5  # 60 characters, 61 tokens; 30 characters, 91 tokens
+    meta = meta.set_column(meta.column_names.index("tags"), "tags", pa.array(tags, pa.string()))
+    pq.write_table(meta, data / "full_metadata.parquet")
+    runs = {}
+    for loop in ("generate", "continuous"):
+        runs[loop] = tmp_path / loop
+        assert main(caption_args(tiny_model_dir, data, runs[loop], "--compile", "on", "--decode-loop", loop,
+                                 "--prompt", "Describe {tags}.", "--max-images", "16")) == 0
+    assert "continuous decoding failed" not in caplog.text
+    want = read_table(runs["generate"] / store.MERGED).set_index("key")
+    got = read_table(runs["continuous"] / store.MERGED).set_index("key")
+    assert sorted(got.index) == sorted(want.index) and len(all_keys(runs["continuous"])) == len(got)
+    assert got.loc[want.index, "vlm_caption"].tolist() == want["vlm_caption"].tolist()

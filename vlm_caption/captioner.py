@@ -331,7 +331,7 @@ class Captioner:
     def caption_stream(self, next_chunk, slots: int, should_stop: Callable[[], bool] | None = None):
         """(tag, captions) per chunk as its rows finish, with `slots` rows decoding at once (continuous.py).
         `next_chunk(wait)` gives (tag, an assembly of at most stream_chunk_rows(slots) rows), or None: none is
-        ready yet (wait=False), or the input is over (wait=True)."""
+        ready yet (wait=False), or the input is over (wait=True). (tag, None): a chunk handed back to batches."""
         from .continuous import stream_captions
 
         return stream_captions(self, next_chunk, slots, should_stop)

@@ -234,16 +234,29 @@ def decoder_for(cap, slots: int) -> ContinuousDecode:
 @torch.inference_mode()
 def stream_captions(cap, next_chunk: Callable[[bool], tuple[Any, Any] | None], slots: int,
                     should_stop: Callable[[], bool] | None = None):
-    """Captioner.caption_stream: (tag, captions decoded on first access) per chunk, as chunks finish."""
+    """Captioner.caption_stream: (tag, captions decoded on first access) per chunk, as chunks finish; (tag, None)
+    for a chunk handed back: its templated prompts outgrow the ring (sized by characters), batches decode it
+    with the dynamic cache, the stream goes on."""
     from .captioner import _DecodeLater
 
+    handed_back: list = []
+
     def prefilled(wait: bool) -> Prefilled | None:
-        got = next_chunk(wait)
-        return None if got is None else prefill(cap, *got)
+        while (got := next_chunk(wait)) is not None:
+            if cap._fits_static(got[1].inputs["input_ids"].shape[-1]):
+                return prefill(cap, *got)
+            handed_back.append(got[0])
+        return None
+
+    def back() -> Iterator[tuple[Any, None]]:
+        while handed_back:
+            yield handed_back.pop(0), None
 
     try:
         for tag, ids in decoder_for(cap, slots).run(prefilled, chunk_rows(slots), should_stop):
+            yield from back()
             yield tag, _DecodeLater(ids, cap._finish)
+        yield from back()
     except BaseException:
         cap.continuous.pop(slots, None)  # its ring cache: the batches that take over need the memory
         raise

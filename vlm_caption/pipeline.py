@@ -311,7 +311,8 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
         try:
             return stream_loop.stream(backend, specs, items, batches.size, chunk_rows, assembler=assembler,
                                       should_stop=batches.should_stop, on_failure=lambda i: later(record_failure, i),
-                                      on_chunk=lambda chunk, caps: captioned([(chunk, caps, None)]))
+                                      on_chunk=lambda chunk, caps: captioned([(chunk, caps, None)]),
+                                      on_handed_back=lambda chunk: captioned(batches.caption(chunk)))
         finally:
             stats.generate_s += time.monotonic() - started
 

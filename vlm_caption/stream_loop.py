@@ -24,12 +24,15 @@ AHEAD = 2  # chunks read and assembled ahead of the one joining
 
 def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chunk_rows: int, *,
            assembler: Executor, should_stop: Callable[[], bool], on_failure: Callable[[loader.Loaded], None],
-           on_chunk: Callable[[list[loader.Loaded], list], None]) -> list[loader.Loaded]:
+           on_chunk: Callable[[list[loader.Loaded], list], None],
+           on_handed_back: Callable[[list[loader.Loaded]], None]) -> list[loader.Loaded]:
     """Caption `items` through backend.caption_stream, `slots` rows decoding at once.
 
     on_failure(item) for each image the loader could not read, on_chunk(items, captions per prompt) for each
-    chunk done, on this thread. Returns the images not captioned because the stream failed (to be captioned
-    in batches), else []. A stop request ends it at once; its unfinished chunks are dropped (redone on resume).
+    chunk done, on_handed_back(items) for each chunk the stream handed back (to be captioned in batches at once:
+    kept to the end, such rows would hold their images), on this thread. Returns the images not captioned because
+    the stream failed (to be captioned in batches), else []. A stop request ends it at once; its unfinished
+    chunks are dropped (redone on resume).
     """
     ahead: deque[Future] = deque()  # (chunk, loader failures, its assemblies or None, input over)
     chunks: dict[int, list] = {}  # chunk id -> [its items, captions per prompt (None until done)]
@@ -75,6 +78,11 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
 
     try:
         for (cid, j), captions in backend.caption_stream(next_chunk, slots, should_stop):
+            if cid not in chunks:  # handed back for another of its prompts: captioned in batches already
+                continue
+            if captions is None:  # handed back (a prompt too long for the stream)
+                outside(on_handed_back, chunks.pop(cid)[0])
+                continue
             chunks[cid][1][j] = captions
             if all(c is not None for c in chunks[cid][1]):
                 done, caps = chunks.pop(cid)
