@@ -277,3 +277,36 @@ def test_a_templated_prompt_too_long_for_the_ring_goes_to_batches_alone(tiny_mod
     got = read_table(runs["continuous"] / store.MERGED).set_index("key")
     assert sorted(got.index) == sorted(want.index) and len(all_keys(runs["continuous"])) == len(got)
     assert got.loc[want.index, "vlm_caption"].tolist() == want["vlm_caption"].tolist()
+
+
+@pytest.mark.parametrize("broken", ["metadata", "writer"])
+def test_errors_of_the_loader_and_the_writer_are_raised_not_taken_for_a_failed_stream(
+        broken, tiny_model_dir, sample_data_dir, tmp_path, monkeypatch, caplog):
+    """A corrupt metadata shard (raised by the loader on the assembler thread) or a part the writer could not
+    write is raised, as the default run raises it. Taken for a failed stream, the run went on in batches and
+    exited 0 without the rows they cost (a failed shard: every row the loader had not yielded yet), neither
+    captioned nor failed."""
+    from batched_image_inference import main
+    from vlm_caption import dataset
+
+    real_rows, real_write, writes = dataset.WorkPlan.rows, store.CheckpointStore.write_part, []
+
+    def rows_then_corrupt(self, *args, **kwargs):
+        for i, row in enumerate(real_rows(self, *args, **kwargs)):
+            if i == 6:
+                raise ValueError("corrupt shard")
+            yield row
+
+    def second_part_fails(self, rows):
+        writes.append(rows)
+        if len(writes) == 2:
+            raise ValueError("corrupt part")
+        return real_write(self, rows)
+
+    if broken == "metadata":
+        monkeypatch.setattr(dataset.WorkPlan, "rows", rows_then_corrupt)
+    else:
+        monkeypatch.setattr(store.CheckpointStore, "write_part", second_part_fails)
+    with pytest.raises(ValueError, match="corrupt"):
+        main(continuous_args(tiny_model_dir, sample_data_dir, tmp_path / "c", "--checkpoint-every", "2"))
+    assert "continuous decoding failed" not in caplog.text

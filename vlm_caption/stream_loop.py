@@ -39,6 +39,15 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
     joining: deque[tuple[tuple[int, int], Any]] = deque()  # ((chunk id, prompt index), assembly) to prefill
     in_batches: list[loader.Loaded] = []  # chunks whose assembly failed: batches find the row that breaks it
     over, made = False, 0
+    not_the_streams: list[BaseException] = []  # errors of the loader and of the callbacks (the writer's): raised
+    # as the batch path raises them, never taken for a failed stream (batches would skip the rows they cost)
+
+    def outside(fn: Callable, *args) -> None:
+        try:
+            fn(*args)
+        except BaseException as e:
+            not_the_streams.append(e)
+            raise
 
     def read() -> tuple[list[loader.Loaded], list[loader.Loaded], list | None, bool]:  # on the assembler thread
         chunk, failed, over_now = [], [], True
@@ -73,7 +82,7 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
                 return None
             if not wait and not ahead[0].done():
                 return None  # rows are decoding: they do not wait for the loader
-            take(ahead.popleft())
+            outside(take, ahead.popleft())
         return joining.popleft()
 
     try:
@@ -86,9 +95,9 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
             chunks[cid][1][j] = captions
             if all(c is not None for c in chunks[cid][1]):
                 done, caps = chunks.pop(cid)
-                on_chunk(done, caps)
+                outside(on_chunk, done, caps)
     except (RuntimeError, ValueError, IndexError, MemoryError) as e:  # torch's OOM is a RuntimeError
-        if should_stop():
+        if should_stop() or e in not_the_streams:
             raise
         log.warning("continuous decoding failed (%s: %s); the rest is captioned in batches", type(e).__name__,
                     str(e).splitlines()[0] if str(e) else "")
