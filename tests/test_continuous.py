@@ -310,3 +310,33 @@ def test_errors_of_the_loader_and_the_writer_are_raised_not_taken_for_a_failed_s
     with pytest.raises(ValueError, match="corrupt"):
         main(continuous_args(tiny_model_dir, sample_data_dir, tmp_path / "c", "--checkpoint-every", "2"))
     assert "continuous decoding failed" not in caplog.text
+
+
+def test_a_stream_failing_during_a_stop_still_stops_as_asked(tiny_model_dir, sample_data_dir, tmp_path, monkeypatch):
+    """SIGTERM, then out of memory in a prefill before the stream sees the stop: the run stops as asked (exit
+    143, what was made written), not with the out-of-memory traceback; the resume captions exactly the rest."""
+    import os
+    import signal
+
+    from batched_image_inference import main
+    from vlm_caption import continuous
+    from vlm_caption.interrupts import Interrupted
+
+    prefills, real_prefill = [], continuous.prefill
+
+    def stop_then_out_of_memory(*args, **kwargs):
+        prefills.append(1)
+        if len(prefills) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_prefill(*args, **kwargs)
+
+    monkeypatch.setattr(continuous, "prefill", stop_then_out_of_memory)
+    ckpt = tmp_path / "stopped"
+    with pytest.raises(Interrupted) as stopped:
+        main(continuous_args(tiny_model_dir, sample_data_dir, ckpt))
+    assert stopped.value.signum == signal.SIGTERM
+    monkeypatch.setattr(continuous, "prefill", real_prefill)
+    assert main(continuous_args(tiny_model_dir, sample_data_dir, ckpt)) == 0
+    keys = all_keys(ckpt)
+    assert len(keys) == len(set(keys)) == 12 - len(failed_keys(ckpt))

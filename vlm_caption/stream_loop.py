@@ -97,10 +97,14 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
                 done, caps = chunks.pop(cid)
                 outside(on_chunk, done, caps)
     except (RuntimeError, ValueError, IndexError, MemoryError) as e:  # torch's OOM is a RuntimeError
-        if should_stop() or e in not_the_streams:
+        if e in not_the_streams:
             raise
-        log.warning("continuous decoding failed (%s: %s); the rest is captioned in batches", type(e).__name__,
-                    str(e).splitlines()[0] if str(e) else "")
+        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        if should_stop():  # the stop goes on (its exit code, the captions made written): as a stop, no batches
+            log.warning("continuous decoding failed while stopping (%s); its unfinished chunks are redone on "
+                        "resume", reason)
+            return in_batches
+        log.warning("continuous decoding failed (%s); the rest is captioned in batches", reason)
         backend.free_memory()
         left = [item for chunk, _ in chunks.values() for item in chunk]
         while ahead:  # read already: their images are the caller's now (their assemblies are let go of)
