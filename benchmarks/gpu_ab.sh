@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # The next GPU session's run (BENCHMARKS.md §6 run 3 measured the one before), in three parts, one device call
-# each (so a failed part can be rerun alone), the telling one first:
+# each (so a failed part can be rerun alone), in the order to run them (check and cont fit 15 device minutes
+# with the machine's start; diag only if time is left):
 #   check  gpu_check.py at batch 256 (what --batch-size auto picks on an 80 GB card): the graph decode loop
 #          (the CUDA default since run 3) with the grouped sdpa decode attention vs with FlexAttention (the
-#          candidate), then the whole pipeline over 1024 images with the graph loop, without and with
-#          --vision-overlap, rated over the batches between the first and the last (<= 7.5 min)
+#          candidate), then the whole pipeline over 1024 images with the graph loop, rated over the batches
+#          between the first and the last (--vision-overlap: run 3 measured no gain) (<= 6 min)
 #   diag   decode_diag.py, batch 256: one layer's decode attention alone, grouped vs transformers' sdpa vs
 #          FlexAttention vs grouped on the efficient / cuDNN / math sdpa kernels, at 536 and 576 cache slots; the
 #          vision tower on 64 images on each sdpa kernel (flash, cuDNN, efficient) and compiled; a profile of
@@ -17,7 +18,7 @@
 #     -> OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log},
 #        OUT_DIR/cont/bench_continuous.log
 set -uo pipefail
-usage() { sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
 case ${1:-} in
     -h|--help) usage; exit 0 ;;
     -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;
@@ -37,9 +38,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 # keeps every finished section.
 if [[ $part == check || $part == all ]]; then
     mkdir -p "$out/check"
-    timeout 440 "$PY" benchmarks/gpu_check.py --out "$out/check" --eager-batches --compiled-batches \
+    timeout 360 "$PY" benchmarks/gpu_check.py --out "$out/check" --eager-batches --compiled-batches \
         --graph-batches 256 --graph-flex-batches 256 --loop-images 0 --timed-batches 2 --pipeline-images 1024 --pipeline-batch 256 \
-        --pipeline-runs graph overlap_graph --loader-images 48 --budget-s 380 > "$out/check/gpu_check.log" 2>&1
+        --pipeline-runs graph --loader-images 48 --budget-s 300 > "$out/check/gpu_check.log" 2>&1
     echo "gpu_check exit $?" | tee -a "$out/gpu.txt"
     cat "$out/check/gpu_check.md" 2>/dev/null
 fi
