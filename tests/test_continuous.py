@@ -2,6 +2,8 @@
 as others stop. Every row's greedy tokens must be generate's, whatever rows it shared the batch with."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -130,6 +132,11 @@ def test_cli_continuous_captions_like_the_default_run(full_run, tiny_model_dir, 
     assert got.loc[want.index, "vlm_caption"].tolist() == want["vlm_caption"].tolist()
     assert got.loc[want.index, "caption_tokens"].tolist() == want["caption_tokens"].tolist()
     assert sorted(failed_keys(ckpt)) == sorted(failed_keys(default_ckpt))
+    decoding = json.loads((ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
+    steps = decoding["continuous"]["4"]["decode_steps"]  # 6 tokens a caption: at most 5 steps an image
+    assert decoding["loop"] == "continuous" and decoding["static_cache"] and 0 < steps <= 5 * len(got)
+    default = json.loads((default_ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
+    assert default == {"batch_size": 4, "loop": "generate", "static_cache": False}
 
 
 def continuous_args(model, data, ckpt, *extra):

@@ -1,9 +1,8 @@
-"""Gemma 3 captioning, the transformers backend: the prompt and batched generation (model_loading.py loads).
+"""Gemma 3 captioning, the transformers backend: prompts, batches and their decoding (model_loading.py loads).
 
-Every image costs the same number of tokens, and each distinct prompt text is tokenised once (a cache: a
-run's prompt, or the per-row prompts of a template); a batch is the cached token ids of its rows, left-padded
-with an attention mask, plus the images' pixel values, which the loader threads have already computed. One
-`generate` call captions the whole batch.
+Each distinct prompt text is tokenised once; a batch is its rows' cached token ids, left-padded, plus the pixel
+values the loader threads computed. It decodes through `generate`, the graph loop (decode_loop.py) or continuous
+batching (continuous.py), on a static cache where one fits (static_decode.py).
 """
 from __future__ import annotations
 
@@ -281,7 +280,9 @@ class Captioner:
         if should_stop is not None:
             from transformers import StoppingCriteriaList
 
-            extra["stopping_criteria"] = StoppingCriteriaList([_StopWhen(should_stop)])
+            from .decode_loop import StopWhen
+
+            extra["stopping_criteria"] = StoppingCriteriaList([StopWhen(should_stop)])
         try:
             if self.graph_decode is not None and not retry and "logits_processor" not in extra and \
                     self.static_decode.cache_name in extra:
@@ -320,6 +321,12 @@ class Captioner:
         first.max_new_tokens, first.min_new_tokens = 1, min(1, self.gen_config.min_new_tokens or 0) or None
         first.disable_compile, first.compile_config = True, None  # one token: no decode step to compile
         return first
+
+    def decoding_report(self) -> dict[str, Any]:
+        """How this run decoded, for run_summary.json (decode_loop.decoding_report)."""
+        from .decode_loop import decoding_report
+
+        return decoding_report(self)
 
     def stream_chunk_rows(self, slots: int) -> int | None:
         """Rows per chunk for `caption_stream` with `slots` rows decoding together; None: this run captions
@@ -385,16 +392,3 @@ class _DecodeLater(collections.abc.Sequence):
 
     def __getitem__(self, i):
         return self._all()[i]
-
-
-class _StopWhen:
-    """A stopping criterion that ends every row of the batch once `flag()` is true."""
-
-    def __init__(self, flag: Callable[[], bool]):
-        self.flag = flag
-
-    def __deepcopy__(self, memo):  # generate deep-copies its criteria: the copy must watch the same flag
-        return self
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
-        return torch.full((input_ids.shape[0],), self.flag(), dtype=torch.bool, device=input_ids.device)

@@ -88,3 +88,29 @@ class GraphDecode:
         all_done = torch.stack(done).all(dim=1)
         keep = int(all_done.nonzero()[0]) + 1 if bool(all_done.any()) else len(tokens)
         return torch.stack(tokens[:keep], dim=1)
+
+
+class StopWhen:
+    """generate's stopping criterion that ends every row of the batch once `flag()` is true (a signal)."""
+
+    def __init__(self, flag: Callable[[], bool]):
+        self.flag = flag
+
+    def __deepcopy__(self, memo):  # generate deep-copies its criteria: the copy must watch the same flag
+        return self
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.flag(), dtype=torch.bool, device=input_ids.device)
+
+
+def decoding_report(cap) -> dict[str, Any]:
+    """How a Captioner decoded, for run_summary.json: the loop, the cache, and for continuous batching the
+    decode steps it ran (per image, the number its schedule saves against whole batches)."""
+    loop = "continuous" if cap.continuous is not None else "graph" if cap.graph_decode is not None else "generate"
+    report: dict[str, Any] = {"loop": loop, "static_cache": cap.static_decode is not None}
+    if cap.continuous:
+        from .continuous import chunk_rows
+
+        report["continuous"] = {str(slots): {"chunk_rows": chunk_rows(slots), "decode_steps": decoder.steps}
+                                for slots, decoder in cap.continuous.items()}
+    return report

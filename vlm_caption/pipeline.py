@@ -41,6 +41,7 @@ class RunStats:
     flags_by_prompt: dict[str, Counter] = field(default_factory=dict)  # --prompts-file: the same, per prompt
     first_batch: tuple[float, int, int] | None = None  # (time, captioned, tokens) when the first batch was done
     compile_cache: dict | None = None  # graphs torch.compile loaded from its cache and compiled (compile_cache.py)
+    decoding: dict | None = None  # how the captions were decoded: batch size, loop, cache (run_summary.json)
 
     def batch_done(self) -> None:
         if self.first_batch is None:
@@ -342,3 +343,5 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
             flush(force=True)
             raise
     flush(force=True)
+    report = getattr(backend, "decoding_report", None)  # (the transformers backend's: its loop, cache, steps)
+    stats.decoding = {"batch_size": batches.size, **(report() if report is not None else {})}
