@@ -270,6 +270,15 @@ def test_the_backend_sizes_its_caches_by_the_longest_prompt_of_the_runs_own_rows
     assert seen["prompt"] == max(rendered, key=len) and len(seen["prompt"]) > len("Describe.")
 
 
+def test_the_longest_prompt_is_the_one_of_most_bytes_not_characters():
+    """Tokens follow UTF-8 bytes across scripts, not characters: 30 CJK characters are ~30-90 tokens, 60 ASCII
+    ones ~15-60. Sized by characters, the cache was too small for the CJK rows' prompts."""
+    from vlm_caption.prompt_plan import PromptSpec, longest_prompt
+
+    rows = [{"tags": "x" * 60}, {"tags": "日本語の絵画" * 5}]
+    assert longest_prompt([PromptSpec.make(None, "Describe {tags}.")], rows) == "Describe 日本語の絵画日本語の絵画日本語の絵画日本語の絵画日本語の絵画."
+
+
 def test_a_template_that_renders_to_no_words_for_some_rows_is_said(caplog):
     from vlm_caption.prompt_plan import PromptSpec, longest_prompt
 

@@ -256,10 +256,11 @@ def test_an_interrupt_in_the_stream_waits_for_the_read_in_flight():
 
 
 def test_a_templated_prompt_too_long_for_the_ring_goes_to_batches_alone(tiny_model_dir, sample_data_dir, tmp_path,
-                                                                         caplog):
-    """The ring is sized by the longest rendering in characters; a shorter one of more tokens (CJK: 3 bytes a
-    character here) does not fit it. That chunk is captioned in batches (the dynamic cache, as the default run
-    does); the stream goes on with the others instead of handing the whole rest of the run to batches."""
+                                                                         caplog, monkeypatch):
+    """The ring is sized by the longest rendering in bytes, a proxy for tokens; a prompt of more tokens than that
+    (here: the ring sized by the shortest rendering, as it was by characters for CJK values) does not fit it.
+    That chunk is captioned in batches (the dynamic cache, as the default run does); the stream goes on with the
+    others instead of handing the whole rest of the run to batches."""
     import shutil
 
     import pyarrow as pa
@@ -274,12 +275,17 @@ def test_a_templated_prompt_too_long_for_the_ring_goes_to_batches_alone(tiny_mod
     tags[1], tags[9] = "x" * 60, "日本語の絵画" * 5  # 60 characters, 61 tokens; 30 characters, 91 tokens
     meta = meta.set_column(meta.column_names.index("tags"), "tags", pa.array(tags, pa.string()))
     pq.write_table(meta, data / "full_metadata.parquet")
+    from vlm_caption import prompt_plan
+
+    monkeypatch.setattr(prompt_plan, "longest_prompt", lambda specs, rows: "Describe art.")
+    caplog.set_level("INFO", logger="vlm_caption")
     runs = {}
     for loop in ("generate", "continuous"):
         runs[loop] = tmp_path / loop
         assert main(caption_args(tiny_model_dir, data, runs[loop], "--compile", "on", "--decode-loop", loop,
                                  "--prompt", "Describe {tags}.", "--max-images", "16")) == 0
-    assert "continuous decoding failed" not in caplog.text
+    said = " ".join(r.getMessage() for r in caplog.records if r.name.startswith("vlm_caption"))
+    assert "continuous decoding failed" not in said and "longer than the static cache holds" in said
     want = read_table(runs["generate"] / store.MERGED).set_index("key")
     got = read_table(runs["continuous"] / store.MERGED).set_index("key")
     assert sorted(got.index) == sorted(want.index) and len(all_keys(runs["continuous"])) == len(got)

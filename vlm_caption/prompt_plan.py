@@ -145,11 +145,12 @@ def prompt_order(settings: Mapping[str, Any]) -> list[str]:
 def longest_prompt(specs: Sequence[PromptSpec], rows: Iterable[Mapping[str, Any]] = ()) -> str:
     """The longest prompt of the run, for the backend to size its caches by: on a GPU a batch whose prompts
     outgrow the static KV cache decodes with the slower dynamic cache. A template's longest rendering over
-    `rows` (the run's own rows: rendered with empty values, every row's prompt was longer); by characters,
-    which follow tokens closely enough for prompts made of one template. A template that renders to no
-    word for some rows (their values are missing) is said once: those images get no instruction; so is a column
-    whose value render_prompt cuts (over --template-value-chars) for some rows."""
-    longest = max((s.render({c: "" for c in s.columns}) for s in specs), key=len)
+    `rows` (the run's own rows: rendered with empty values, every row's prompt was longer); by UTF-8 bytes,
+    which follow tokens across scripts (~3-4 bytes a token) where characters do not (a CJK character is a token
+    or more, an English one a quarter: sized by characters, CJK values outgrew the cache). A template that
+    renders to no word for some rows (their values are missing) is said once: those images get no instruction;
+    so is a column whose value render_prompt cuts (over --template-value-chars) for some rows."""
+    longest = max((s.render({c: "" for c in s.columns}) for s in specs), key=_utf8_len)
     templated = [s for s in specs if s.columns]
     columns = list(dict.fromkeys(c for s in templated for c in s.columns))
     limit = max((s.value_chars for s in templated), default=0)  # one run setting: the same for every prompt
@@ -159,7 +160,7 @@ def longest_prompt(specs: Sequence[PromptSpec], rows: Iterable[Mapping[str, Any]
         cut.update(c for c in columns if is_cut(row.get(c), limit))
         for spec in templated:
             text = spec.render(row)
-            if len(text) > len(longest):
+            if _utf8_len(text) > _utf8_len(longest):
                 longest = text
             if not any(ch.isalnum() for ch in text):
                 empty[spec.name] += 1
@@ -170,3 +171,7 @@ def longest_prompt(specs: Sequence[PromptSpec], rows: Iterable[Mapping[str, Any]
         log.warning("{%s} is longer than %d characters for %d row(s): their prompts hold its first %d, cut at a "
                     "word (--template-value-chars)", column, limit, count, limit)
     return longest
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
