@@ -110,3 +110,64 @@ def test_a_binary_column_kept_keeps_its_bytes():
 
     row = dataset.clean_row({"blob": b"\xff\xfe", "caption": b"caf\xc3\xa9 \xff"}, {"blob": pa.binary()})
     assert row == {"blob": b"\xff\xfe", "caption": "caf\u00e9 \ufffd"}
+
+
+def test_a_kept_column_all_null_so_far_has_the_sources_type_in_every_hub_file(hub_stub, tmp_path):
+    """Captioning while the download goes on: the finished shard holds only nulls in `score`, which the next one
+    fills with numbers. The first launch typed it text, the relaunch after that shard int64: the run's Hub files
+    disagreed (load_dataset read the numbers as text), and the merge raised a traceback before the card was
+    written (its row count stale). urls.parquet has the source's type from the start."""
+    import io
+    import shutil
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlm_caption.sample_data import write_sample
+
+    data = write_sample(tmp_path / "data", n=8, broken=False, seed=3, shard_size=4)
+    (data / "full_metadata.parquet").unlink()
+    urls = pq.read_table(data / "urls.parquet")
+    pq.write_table(urls.append_column("score", pa.array(range(urls.num_rows), pa.int64())), data / "urls.parquet")
+    first, second = sorted((data / "images").glob("*.parquet"))
+    for path, values in ((first, pa.nulls(4)), (second, pa.array([1, 2, 3, 4], pa.int64()))):
+        table = pq.read_table(path)
+        pq.write_table(table.append_column("score", values.slice(0, table.num_rows)), path)
+    stats = data / "images" / f"{second.stem}_stats.json"
+    shutil.move(stats, tmp_path / "stats")  # the second shard is still downloading
+    args = ["--backend", "dummy", "--data-dir", str(data), "--checkpoint-dir", str(tmp_path / "ckpt"),
+            "--keep-columns", "score", "--hf-repo", "tester/scores", "--hub-endpoint", hub_stub.endpoint]
+    assert main(args) == EXIT_ITEMS_FAILED  # the unfinished shard's images are not captioned yet
+    shutil.move(tmp_path / "stats", stats)
+    assert main(args) == EXIT_OK
+    files = {p: pq.read_table(io.BytesIO(b)) for p, b in hub_stub.repo_files("tester/scores").items()
+             if p.endswith(".parquet")}
+    assert len(files) == 2 and {t.schema.field("score").type for t in files.values()} == {pa.int64()}
+    snapshot = tmp_path / "snapshot"
+    for path, blob in hub_stub.repo_files("tester/scores").items():
+        (snapshot / path).parent.mkdir(parents=True, exist_ok=True)
+        (snapshot / path).write_bytes(blob)
+    ds = datasets.load_dataset(str(snapshot), split="train", cache_dir=str(tmp_path / "ds_cache"))
+    assert ds.num_rows == 8 and sorted(v for v in ds["score"] if v is not None) == [1, 2, 3, 4]
+
+
+def test_shards_read_before_the_download_ends_type_kept_columns_as_full_metadata_will(tmp_path):
+    """urls.parquet's types for the source's further columns, text for one null in every source row: what
+    validate writes into full_metadata.parquet at the end, so a run's columns keep their type across the two."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlm_caption import dataset
+    from vlm_caption.sample_data import write_sample
+
+    data = write_sample(tmp_path / "data", n=4, broken=False, seed=3)
+    (data / "full_metadata.parquet").unlink()
+    urls = pq.read_table(data / "urls.parquet")
+    urls = urls.append_column("score", pa.array([1] * urls.num_rows, pa.int32()))
+    pq.write_table(urls.append_column("note", pa.nulls(urls.num_rows)), data / "urls.parquet")
+    (shard,) = (data / "images").glob("*.parquet")
+    table = pq.read_table(shard)
+    pq.write_table(table.append_column("score", pa.nulls(4)).append_column("note", pa.nulls(4)), shard)
+    schema = dataset.metadata_schema(data)
+    assert (schema.field("score").type, schema.field("note").type) == (pa.int32(), pa.string())

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from .data_layout import (ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_NAMES, SHARD_SIZE_META, URLS_FILE,
                           VALIDATION_DIR, expected_shards, shard_name, stats_file)
+from .download_source import URL_COLUMNS, travels_as_text
 from .errors import UsageError, brief
 from .images import (DRAFT_MARGIN, IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, ImageLoadError,  # noqa: F401
                      draft_box, load_image, to_rgb)  # (dataset.* names)
@@ -50,8 +51,10 @@ def shard_parquets(data_dir: Path) -> list[Path]:
 
 def metadata_schema(data_dir: Path) -> pa.Schema:
     """The columns of the data dir's metadata and their types, unified over every shard parquet read (the first
-    may hold only nulls in a column the next one fills; null everywhere reads as text). An unreadable shard is
-    left out here: the captioning run reports it (exit 3); only when none can be read is it a usage error."""
+    may hold only nulls in a column the next one fills; null everywhere reads as text). The source's further
+    columns take urls.parquet's types where it has them, as full_metadata.parquet does: the finished shards of a
+    download under way show a part of the data only. An unreadable shard is left out here: the captioning run
+    reports it (exit 3); only when none can be read is it a usage error."""
     files = metadata_files(data_dir)
     schemas = []
     for path, shard in files:
@@ -66,10 +69,23 @@ def metadata_schema(data_dir: Path) -> pa.Schema:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
         raise UsageError(f"the metadata files of {data_dir} disagree on a column's type: {e}") from None
+    source = source_types(data_dir) if files[0][1] is not None else {}
     for i, f in enumerate(schema):
-        if pa.types.is_null(f.type):
-            schema = schema.set(i, f.with_type(pa.string()))
+        kind = source.get(f.name, f.type)  # null in every row of the source too: text, as from full_metadata.parquet
+        schema = schema.set(i, f.with_type(pa.string() if pa.types.is_null(kind) else kind))
     return schema
+
+
+def source_types(data_dir: Path) -> dict[str, pa.DataType]:
+    """The source's further columns in urls.parquet and their types ({} for a data dir without one). A column
+    all null in the shards finished so far was typed text, a relaunch after the next shard typed it int64: the
+    run's parts, and its Hub files, disagreed (the merge raised; load_dataset read numbers as text). Dates and
+    decimals are left to the shards: they travel through img2dataset as text."""
+    try:
+        schema = pq.read_schema(data_dir / URLS_FILE)
+    except (OSError, pa.ArrowException):
+        return {}
+    return {f.name: f.type for f in schema if f.name not in URL_COLUMNS and not travels_as_text(f.type)}
 
 
 def metadata_names(data_dir: Path) -> list[str]:

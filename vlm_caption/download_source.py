@@ -34,7 +34,7 @@ _TAKEN = {"key", "caption", "url", "width", "height", "original_width", "origina
           *(c.name for c in COLUMNS)}
 
 
-def _as_text(kind: pa.DataType) -> bool:
+def travels_as_text(kind: pa.DataType) -> bool:
     """Dates, timestamps and decimals: img2dataset writes every saved row's values to a .json beside its image,
     and json cannot write these (the row is lost, its shard never finishes). They travel to it as text and are
     cast back to their type in full_metadata.parquet."""
@@ -43,12 +43,12 @@ def _as_text(kind: pa.DataType) -> bool:
 
 def _carried(kind: pa.DataType) -> bool:
     """A column kept as it is: scalars, and lists of them (not images, structs or bytes, nor times of day,
-    durations or lists of _as_text values, which neither json nor a cast back from text can carry)."""
+    durations or lists of travels_as_text values, which neither json nor a cast back from text can carry)."""
     if pa.types.is_dictionary(kind):  # pandas' category columns: carried as their values (load_source)
         kind = kind.value_type
     if pa.types.is_list(kind) or pa.types.is_large_list(kind):
         kind = kind.value_type
-    elif _as_text(kind):
+    elif travels_as_text(kind):
         return True
     return (pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind)
             or pa.types.is_string(kind) or pa.types.is_large_string(kind))
@@ -218,7 +218,7 @@ def img2dataset_input(urls: pa.Table) -> pa.Table:
                      pc.binary_join_element_wise(NOT_FETCHED, url, ""))
     urls = urls.set_column(urls.column_names.index("url"), "url", url)
     for c in further_names(urls):
-        if _as_text(urls.schema.field(c).type):
+        if travels_as_text(urls.schema.field(c).type):
             urls = urls.set_column(urls.column_names.index(c), c, urls.column(c).cast(pa.string()))
     return urls.rename_columns([SHARD_NAMES.get(c, c) for c in urls.column_names])
 
