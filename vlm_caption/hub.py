@@ -293,7 +293,7 @@ class HubClient:
             rows = sum(f.rows for f in files)
             uploads = [hub_file_bytes(f) for f in files]
             ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=data) for f, data in zip(files, uploads)]
-            ops += self._migrate_legacy(run_id, snap, pq.read_schema(files[0].parts[0].path).remove_metadata())
+            ops += self._migrate_legacy(run_id, snap, pq.read_schema(io.BytesIO(uploads[0])))  # the new files' columns
             commit = self.api.create_commit(
                 self.repo_id, ops, commit_message=f"Add {rows} captions of run {run_id} ({len(files)} file(s))",
                 repo_type=REPO_TYPE, parent_commit=snap.head).oid
