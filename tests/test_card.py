@@ -195,3 +195,24 @@ def test_the_first_card_of_a_run_warns_of_nothing(hub_stub, client, ckpt, caplog
     with caplog.at_level(logging.WARNING):
         client.write_card({"run_id": RUN, "dir_id": "d1", "model": "m", "prompt": "p"}, {}, {})
     assert "cannot be shown" not in caplog.text
+
+
+def test_the_cards_column_table_says_what_the_url_and_original_sizes_are(sample_data_dir):
+    """The published url is the one img2dataset fetched (full_metadata.parquet's), percent-encoded where the
+    source's held a space or an accent; the card called it ContraStyles' URL, which a join on it misses. The
+    original sizes are the measured ones (no resizing), not img2dataset's report as the card said."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlm_caption.download_source import img2dataset_input
+
+    source = "http://127.0.0.1/Claude Monet/été.jpg"
+    urls = pa.table({c: [source if c == "url" else "x"] for c in ("url", "caption", "original_key", "md5", "tags",
+                                                                  "merged_tags")})
+    assert img2dataset_input(urls).column("url")[0].as_py() == "http://127.0.0.1/Claude%20Monet/%C3%A9t%C3%A9.jpg"
+    card = render_dataset_card("me/data", [{"run_id": "aaa", "rows": 5, "prompt": "p"}])
+    rows = {line.split("`")[1]: line for line in card.splitlines() if line.startswith("| `")}
+    assert "percent-encoded" in rows["url"]
+    published = pq.read_table(sample_data_dir / "full_metadata.parquet")
+    assert published["original_width"].equals(published["width"]) and "img2dataset" not in rows["original_width"]
+    assert "`width` again" in rows["original_width"] and "`height` again" in rows["original_height"]
