@@ -29,15 +29,14 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
     """Caption `items` through backend.caption_stream, `slots` rows decoding at once.
 
     on_failure(item) for each image the loader could not read, on_chunk(items, captions per prompt) for each
-    chunk done, on_handed_back(items) for each chunk the stream handed back (to be captioned in batches at once:
-    kept to the end, such rows would hold their images), on this thread. Returns the images not captioned because
-    the stream failed (to be captioned in batches), else []. A stop request ends it at once; its unfinished
-    chunks are dropped (redone on resume).
+    chunk done, on_handed_back(items) for each chunk the stream handed back or could not assemble (to be captioned
+    in batches at once: kept to the end, such rows would hold their images), on this thread. Returns the images
+    not captioned because the stream failed (to be captioned in batches), else []. A stop request ends it at once;
+    its unfinished chunks are dropped (redone on resume).
     """
     ahead: deque[Future] = deque()  # (chunk, loader failures, its assemblies or None, input over)
     chunks: dict[int, list] = {}  # chunk id -> [its items, captions per prompt (None until done)]
     joining: deque[tuple[tuple[int, int], Any]] = deque()  # ((chunk id, prompt index), assembly) to prefill
-    in_batches: list[loader.Loaded] = []  # chunks whose assembly failed: batches find the row that breaks it
     over, made = False, 0
     not_the_streams: list[BaseException] = []  # errors of the loader and of the callbacks (the writer's): raised
     # as the batch path raises them, never taken for a failed stream (batches would skip the rows they cost)
@@ -67,8 +66,8 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
         for item in failed:
             on_failure(item)
         over = over or over_now
-        if chunk and assemblies is None:
-            in_batches.extend(chunk)
+        if chunk and assemblies is None:  # batches find the row that breaks it (kept to the end of the stream,
+            on_handed_back(chunk)  # every such chunk of an hours-long run would hold its images till then)
         elif chunk:
             made += 1
             chunks[made] = [chunk, [None] * len(specs)]
@@ -103,7 +102,7 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
         if should_stop():  # the stop goes on (its exit code, the captions made written): as a stop, no batches
             log.warning("continuous decoding failed while stopping (%s); its unfinished chunks are redone on "
                         "resume", reason)
-            return in_batches
+            return []
         log.warning("continuous decoding failed (%s); the rest is captioned in batches", reason)
         backend.free_memory()
         left = [item for chunk, _ in chunks.values() for item in chunk]
@@ -112,7 +111,7 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
             for item in failed:
                 on_failure(item)
             left += chunk
-        return in_batches + left
+        return left
     finally:  # a read still running iterates `items`, which the caller reads or closes next (a generator closed
         # while another thread runs it raises "generator already executing"): it ends first; a queued one never starts
         for future in ahead:
@@ -121,4 +120,4 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
     for future in ahead:  # a stop request: the chunks read ahead are dropped, as a batch in flight is
         if not future.cancelled():
             future.result()
-    return in_batches
+    return []

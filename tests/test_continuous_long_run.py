@@ -1,0 +1,36 @@
+"""--decode-loop continuous over a long run (hours, 400K images, one process): nothing may grow per chunk."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+from vlm_caption import loader, stream_loop
+from vlm_caption.prompt_plan import PromptSpec
+
+
+class SequentialBackend:
+    """Decodes one chunk at a time; the assembly of image 2 fails (a broken image, a template that raises)."""
+
+    def assemble(self, inputs, prompts):
+        if 2 in inputs:
+            raise ValueError("cannot stack these pixel values")
+        return inputs
+
+    def caption_stream(self, next_chunk, slots, should_stop):
+        while (got := next_chunk(True)) is not None:
+            yield got[0], [f"caption of {got[1]}"]
+
+
+def test_a_chunk_whose_assembly_failed_goes_to_batches_at_once():
+    """Kept to the end of the stream, every chunk that failed to assemble held its images for the rest of the run
+    (hours: the memory grew with each); batches take it as soon as it is read, as a handed-back chunk."""
+    events = []
+    items = (loader.Loaded({"key": str(i)}, inputs=i) for i in range(6))
+    with ThreadPoolExecutor(max_workers=1) as assembler:
+        left = stream_loop.stream(
+            SequentialBackend(), [PromptSpec.make(None, "Describe.")], items, 2, 1, assembler=assembler,
+            should_stop=lambda: False, on_failure=print,
+            on_chunk=lambda chunk, caps: events.append(("stream", chunk[0].row["key"])),
+            on_handed_back=lambda chunk: events.append(("batches", chunk[0].row["key"])))
+    assert left == []
+    assert events.index(("batches", "2")) < events.index(("stream", "5"))
+    assert sorted(key for _, key in events) == [str(i) for i in range(6)]
