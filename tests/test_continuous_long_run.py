@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 
+from test_continuous import continuous_captioner
+from test_static_decode import images, model_and_processor  # noqa: F401  (fixtures)
 from vlm_caption import loader, stream_loop
 from vlm_caption.prompt_plan import PromptSpec
 
@@ -34,3 +36,22 @@ def test_a_chunk_whose_assembly_failed_goes_to_batches_at_once():
     assert left == []
     assert events.index(("batches", "2")) < events.index(("stream", "5"))
     assert sorted(key for _, key in events) == [str(i) for i in range(6)]
+
+
+def test_a_chunk_too_long_for_the_ring_is_handed_back_before_the_next_is_read(model_and_processor, images,
+                                                                              monkeypatch):
+    """Handed-back chunks waited for the next chunk to finish decoding; with no row decoding (every prompt too
+    long for the ring, say) the stream read the whole rest of the input, every image held, before the first."""
+    cap = continuous_captioner(*model_and_processor)
+    monkeypatch.setattr(cap, "_fits_static", lambda prompt_tokens: False)
+    pixels = [cap.prepare(im) for im in images]
+    read: list[int] = []
+
+    def next_chunk(wait: bool):
+        if len(read) == len(pixels):
+            return None
+        read.append(len(read))
+        return read[-1], cap.assemble(pixels[read[-1]:read[-1] + 1])
+
+    handed_back = [(tag, len(read)) for tag, captions in cap.caption_stream(next_chunk, 2) if captions is None]
+    assert handed_back == [(i, i + 1) for i in range(len(pixels))]

@@ -46,6 +46,12 @@ class Prefilled:
     limits: torch.Tensor | None = None  # (rows,) max new tokens per row (benchmarks); None: the run's
 
 
+@dataclass
+class HandedBack:
+    """A chunk the ring does not take (its prompts outgrow it): its tag goes back to the caller at once."""
+    tag: Any
+
+
 class ContinuousDecode:
     """`slots` rows decoding together; chunks join as slots free up. One per model and slot count."""
 
@@ -125,9 +131,10 @@ class ContinuousDecode:
 
     # -- on the host
 
-    def run(self, next_chunk: Callable[[bool], Prefilled | None], chunk_rows: int,
-            should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[Any, torch.Tensor]]:
-        """(tag, (rows, <= max_new) token ids on the host, pad after a stop) per chunk, as chunks finish.
+    def run(self, next_chunk: Callable[[bool], Prefilled | HandedBack | None], chunk_rows: int,
+            should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[Any, torch.Tensor | None]]:
+        """(tag, (rows, <= max_new) token ids on the host, pad after a stop) per chunk, as chunks finish;
+        (tag, None) for a chunk handed back, as soon as it is.
 
         `next_chunk(wait)` prefills and returns the next chunk (at most `chunk_rows` rows), None when none is
         ready (wait=False) or when the input is over (wait=True). A stop request ends the run at the next step;
@@ -148,6 +155,9 @@ class ContinuousDecode:
                     if chunk is None:
                         over = not owner  # waited for one and got none: the input is over
                         break
+                    if isinstance(chunk, HandedBack):  # out now: held until a chunk finished, it kept its images
+                        yield chunk.tag, None  # (with no row decoding, the whole rest of the input was read first)
+                        continue
                     taken, free = free[:chunk.rows], free[chunk.rows:]
                     self._join(chunk, taken)
                     waiting[chunk.tag] = [None] * chunk.rows
@@ -235,28 +245,21 @@ def decoder_for(cap, slots: int) -> ContinuousDecode:
 def stream_captions(cap, next_chunk: Callable[[bool], tuple[Any, Any] | None], slots: int,
                     should_stop: Callable[[], bool] | None = None):
     """Captioner.caption_stream: (tag, captions decoded on first access) per chunk, as chunks finish; (tag, None)
-    for a chunk handed back: its templated prompts outgrow the ring (sized by characters), batches decode it
-    with the dynamic cache, the stream goes on."""
+    for a chunk handed back: its templated prompts outgrow the ring (sized by UTF-8 bytes, a proxy for tokens),
+    batches decode it with the dynamic cache, the stream goes on."""
     from .captioner import _DecodeLater
 
-    handed_back: list = []
-
-    def prefilled(wait: bool) -> Prefilled | None:
-        while (got := next_chunk(wait)) is not None:
-            if cap._fits_static(got[1].inputs["input_ids"].shape[-1]):
-                return prefill(cap, *got)
-            handed_back.append(got[0])
-        return None
-
-    def back() -> Iterator[tuple[Any, None]]:
-        while handed_back:
-            yield handed_back.pop(0), None
+    def prefilled(wait: bool) -> Prefilled | HandedBack | None:
+        got = next_chunk(wait)
+        if got is None:
+            return None
+        if cap._fits_static(got[1].inputs["input_ids"].shape[-1]):
+            return prefill(cap, *got)
+        return HandedBack(got[0])
 
     try:
         for tag, ids in decoder_for(cap, slots).run(prefilled, chunk_rows(slots), should_stop):
-            yield from back()
-            yield tag, _DecodeLater(ids, cap._finish)
-        yield from back()
+            yield tag, None if ids is None else _DecodeLater(ids, cap._finish)
     except BaseException:
         cap.continuous.pop(slots, None)  # its ring cache: the batches that take over need the memory
         raise
