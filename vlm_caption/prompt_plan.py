@@ -151,6 +151,7 @@ def longest_prompt(specs: Sequence[PromptSpec], rows: Iterable[Mapping[str, Any]
     renders to no word for some rows (their values are missing) is said once: those images get no instruction;
     so is a column whose value render_prompt cuts (over --template-value-chars) for some rows."""
     longest = max((s.render({c: "" for c in s.columns}) for s in specs), key=_utf8_len)
+    most = _utf8_len(longest)
     templated = [s for s in specs if s.columns]
     columns = list(dict.fromkeys(c for s in templated for c in s.columns))
     limit = max((s.value_chars for s in templated), default=0)  # one run setting: the same for every prompt
@@ -160,8 +161,8 @@ def longest_prompt(specs: Sequence[PromptSpec], rows: Iterable[Mapping[str, Any]
         cut.update(c for c in columns if is_cut(row.get(c), limit))
         for spec in templated:
             text = spec.render(row)
-            if _utf8_len(text) > _utf8_len(longest):
-                longest = text
+            if (size := _utf8_len(text)) > most:
+                longest, most = text, size
             if not any(ch.isalnum() for ch in text):
                 empty[spec.name] += 1
     for name, count in empty.items():
