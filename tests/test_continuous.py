@@ -115,6 +115,9 @@ def test_decode_steps_follow_the_mean_length_not_the_longest(model_and_processor
     assert got == dict(enumerate(lengths))
     # Batches of 4 would run 3 x 23 steps; here the long rows overlap the short ones.
     assert decoder.steps < 3 * 23 and decoder.steps >= 23
+    # Run from outside inference mode (as the benchmark runs it), the step kept autograd graphs: the ring's
+    # buffers required grad and chained every step's graph to the next (memory growing on a card).
+    assert not any(layer.keys.requires_grad for layer in decoder.cache.layers)
 
 
 def test_cli_continuous_captions_like_the_default_run(full_run, tiny_model_dir, sample_data_dir, tmp_path):

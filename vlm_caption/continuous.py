@@ -131,6 +131,7 @@ class ContinuousDecode:
 
     # -- on the host
 
+    @torch.inference_mode()  # (a caller outside it, as the benchmark: no autograd graph in the compiled step)
     def run(self, next_chunk: Callable[[bool], Prefilled | HandedBack | None], chunk_rows: int,
             should_stop: Callable[[], bool] | None = None) -> Iterator[tuple[Any, torch.Tensor | None]]:
         """(tag, (rows, <= max_new) token ids on the host, pad after a stop) per chunk, as chunks finish;
@@ -226,6 +227,7 @@ def prefill(cap, tag: Any, assembled, limits: torch.Tensor | None = None) -> Pre
                      [(layer.keys, layer.values) for layer in cache.layers], limits)
 
 
+@torch.inference_mode()
 def decoder_for(cap, slots: int) -> ContinuousDecode:
     """The captioner's decoder for `slots` rows (one ring cache each, kept for the run)."""
     from transformers import StaticCache
