@@ -55,3 +55,36 @@ def test_a_chunk_too_long_for_the_ring_is_handed_back_before_the_next_is_read(mo
 
     handed_back = [(tag, len(read)) for tag, captions in cap.caption_stream(next_chunk, 2) if captions is None]
     assert handed_back == [(i, i + 1) for i in range(len(pixels))]
+
+
+def test_a_stop_ends_the_stream_as_a_stop_though_a_read_ahead_met_a_loader_error():
+    """SIGTERM while the chunk read ahead meets a corrupt metadata shard: the stream ends as the stop does (the
+    run exits 128+signal with its captions written, the resume meets the shard again), as the batch path, which
+    breaks before it reads on. It raised the loader's error: a traceback, the rows still buffered not written."""
+    import threading
+
+    reading, corrupt, stop = threading.Event(), threading.Event(), threading.Event()
+
+    def loader_with_a_corrupt_shard():
+        yield loader.Loaded({"key": "0"}, inputs=0)
+        reading.set()  # the read ahead is under way
+        corrupt.wait()
+        raise ValueError("corrupt shard")
+
+    class StoppedBackend:
+        def assemble(self, inputs, prompts):
+            return inputs
+
+        def caption_stream(self, next_chunk, slots, should_stop):
+            next_chunk(True)  # the first chunk joins; the next read starts
+            reading.wait()
+            stop.set()  # SIGTERM: the stream ends at the next step
+            corrupt.set()
+            return
+            yield
+
+    with ThreadPoolExecutor(max_workers=1) as assembler:
+        left = stream_loop.stream(StoppedBackend(), [PromptSpec.make(None, "Describe.")], loader_with_a_corrupt_shard(),
+                                  2, 1, assembler=assembler, should_stop=stop.is_set, on_failure=print,
+                                  on_chunk=print, on_handed_back=print)
+    assert left == []

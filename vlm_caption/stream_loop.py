@@ -117,7 +117,6 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
         for future in ahead:
             future.cancel()
         wait(ahead)
-    for future in ahead:  # a stop request: the chunks read ahead are dropped, as a batch in flight is
-        if not future.cancelled():
-            future.result()
+    # A stop request: the chunks read ahead are dropped, as a batch in flight is, and so is a loader error one of
+    # them met (the batch path stops before it reads on): raised, it made the stop a traceback, nothing flushed
     return []
