@@ -166,6 +166,9 @@ def test_a_failing_stream_hands_its_unfinished_chunks_to_batches(full_run, tiny_
     ckpt = tmp_path / "fell_back"
     assert main(continuous_args(tiny_model_dir, sample_data_dir, ckpt)) == 0
     assert len(joins) == 3 and "the rest is captioned in batches" in caplog.text
+    decoding = json.loads((ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
+    assert decoding["continuous"]["4"]["fell_back_to_batches"].startswith("OutOfMemoryError: CUDA out of memory")
+    assert decoding["continuous"]["4"]["decode_steps"] == 0  # it failed filling the slots, before a step
     got = read_table(ckpt / store.MERGED).set_index("key")
     want = read_table(full_run[1] / store.MERGED).set_index("key")
     assert len(got) == len(all_keys(ckpt)) == 12 - len(failed_keys(ckpt))

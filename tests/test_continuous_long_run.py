@@ -88,3 +88,29 @@ def test_a_stop_ends_the_stream_as_a_stop_though_a_read_ahead_met_a_loader_error
                                   2, 1, assembler=assembler, should_stop=stop.is_set, on_failure=print,
                                   on_chunk=print, on_handed_back=print)
     assert left == []
+
+
+def test_time_waiting_for_the_loader_is_said_apart_from_generate_time():
+    """The whole stream was counted as generate time, waits for a slow loader included: run_summary's
+    generate_share read ~1 for a run held back by its loader (the batch path counts generate calls only)."""
+    import threading
+
+    release = threading.Event()
+
+    def slow_loader():
+        for i in range(3):
+            if i == 2:
+                release.wait()  # the third image comes late: the stream, with nothing decoding, waits for it
+            yield loader.Loaded({"key": str(i)}, inputs=i)
+
+    class Backend(SequentialBackend):
+        def assemble(self, inputs, prompts):
+            return inputs
+
+    waits = []
+    threading.Timer(0.3, release.set).start()
+    with ThreadPoolExecutor(max_workers=1) as assembler:
+        stream_loop.stream(Backend(), [PromptSpec.make(None, "Describe.")], slow_loader(), 1, 1, assembler=assembler,
+                           should_stop=lambda: False, on_failure=print, on_chunk=lambda chunk, caps: None,
+                           on_handed_back=print, on_wait=waits.append)
+    assert len(waits) >= 3 and max(waits) >= 0.2  # (a lower bound on a wait, not a timing of the code)

@@ -32,11 +32,12 @@ GOOD = {"/gzip.jpg": Route(gzip.compress(JPEG), content_encoding="gzip"),
         "/zlib.jpg": Route(zlib.compress(JPEG), content_encoding="deflate"),
         "/raw-deflate.jpg": Route(_raw_deflate(JPEG), content_encoding="deflate"),
         "/twice.jpg": Route(gzip.compress(zlib.compress(JPEG)), content_encoding="deflate, gzip"),
-        "/identity.jpg": Route(JPEG, content_encoding="identity")}
+        "/identity.jpg": Route(JPEG, content_encoding="identity"),
+        "/labelled-gzip.jpg": Route(JPEG, content_encoding="gzip")}  # a plain image labelled gzip: kept as sent
 BAD = {"/corrupt.jpg": (Route(b"\x1f\x8b" + bytes(40), content_encoding="gzip"), "undecodable body: "),
        "/cut.jpg": (Route(gzip.compress(JPEG)[:-30], content_encoding="gzip"), "undecodable body: "),
        "/bomb.jpg": (Route(gzip.compress(bytes(2 * MAX_BYTES)), content_encoding="gzip"), "too large: "),
-       "/brotli.jpg": (Route(JPEG, content_encoding="br"), "unsupported Content-Encoding 'br'")}
+       "/brotli.jpg": (Route(bytes(range(256)) * 4, content_encoding="br"), "unsupported Content-Encoding 'br'")}
 
 
 @pytest.fixture(scope="module")

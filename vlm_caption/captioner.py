@@ -92,14 +92,16 @@ class Captioner:
 
     def _graph_decode(self, decode_loop: str, options: dict[str, Any]):
         """decode_loop "graph": greedy tokens after the prefill from one compiled step each (decode_loop.py),
-        on the static cache; "auto": graph on CUDA (where it was measured faster), generate elsewhere; None for
-        "generate", or when there is no static cache or the run samples."""
+        on the static cache; "continuous": the same step with continuous batching (continuous.py, set up here);
+        "auto": graph on CUDA (where it was measured faster), generate elsewhere; None for "generate", or when
+        there is no static cache or the run samples."""
         from .config import DECODE_LOOPS
         from .decode_loop import GraphDecode
 
         if decode_loop not in DECODE_LOOPS:
             raise ValueError(f"decode_loop must be one of {', '.join(DECODE_LOOPS)}, got {decode_loop!r}")
         self.continuous = None  # continuous.ContinuousDecode per slot count (--decode-loop continuous)
+        self.continuous_failed: dict[int, dict[str, Any]] = {}  # slot count -> its steps and error, once it failed
         if decode_loop == "generate" or (decode_loop == "auto" and self.device.type != "cuda"):
             return None
         # A model spread over devices or offloaded (--device-map auto) moves weights in hooks: no graph to replay.

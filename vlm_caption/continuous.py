@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-
+from .errors import brief
 
 LOOK_EVERY = 4  # steps between looks at the finished rows: a look costs one device sync (a launch gap, tens of
 # microseconds, against ~20 ms a step of the 4B at batch 256), a freed slot idles until the next look
@@ -259,9 +259,13 @@ def stream_captions(cap, next_chunk: Callable[[bool], tuple[Any, Any] | None], s
             return prefill(cap, *got)
         return HandedBack(got[0])
 
+    decoder = decoder_for(cap, slots)
     try:
-        for tag, ids in decoder_for(cap, slots).run(prefilled, chunk_rows(slots), should_stop):
+        for tag, ids in decoder.run(prefilled, chunk_rows(slots), should_stop):
             yield tag, None if ids is None else _DecodeLater(ids, cap._finish)
-    except BaseException:
+    except BaseException as e:
         cap.continuous.pop(slots, None)  # its ring cache: the batches that take over need the memory
+        if isinstance(e, Exception):  # (not a stop) what run_summary says of it: the rest went in batches
+            cap.continuous_failed[slots] = {"decode_steps": decoder.steps,
+                                            "fell_back_to_batches": brief(f"{type(e).__name__}: {e}")}
         raise

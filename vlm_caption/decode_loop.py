@@ -108,9 +108,10 @@ def decoding_report(cap) -> dict[str, Any]:
     decode steps it ran (per image, the number its schedule saves against whole batches)."""
     loop = "continuous" if cap.continuous is not None else "graph" if cap.graph_decode is not None else "generate"
     report: dict[str, Any] = {"loop": loop, "static_cache": cap.static_decode is not None}
-    if cap.continuous:
+    ran = {**{slots: {"decode_steps": decoder.steps} for slots, decoder in (cap.continuous or {}).items()},
+           **cap.continuous_failed}  # a stream that failed: its steps, and why the rest went in batches
+    if ran:
         from .continuous import chunk_rows
 
-        report["continuous"] = {str(slots): {"chunk_rows": chunk_rows(slots), "decode_steps": decoder.steps}
-                                for slots, decoder in cap.continuous.items()}
+        report["continuous"] = {str(slots): {"chunk_rows": chunk_rows(slots), **what} for slots, what in ran.items()}
     return report

@@ -159,7 +159,25 @@ def bounded_download_image(row, timeout, user_agent_token, disallowed_header_dir
 def decode_body(body: bytes, content_encoding: str, max_bytes: int) -> tuple[bytes, str | None]:
     """The body with its Content-Encoding (gzip, deflate; several: in the order applied) undone, or the
     reason it cannot be: an unknown coding, a corrupt stream, or more than max_bytes once decoded (a small
-    compressed body can expand to gigabytes)."""
+    compressed body can expand to gigabytes). A body that does not decode but is an image as sent (a server
+    that labels plain images gzip: saved as they were before decoding was added) is kept as it is."""
+    decoded, error = _undo_codings(body, content_encoding, max_bytes)
+    if error is not None and not error.startswith("too large") and _is_image(body):
+        return body, None
+    return decoded, error
+
+
+def _is_image(body: bytes) -> bool:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(body)):  # the header only: no decode
+            return True
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError):  # (Pillow's parsers raise these)
+        return False
+
+
+def _undo_codings(body: bytes, content_encoding: str, max_bytes: int) -> tuple[bytes, str | None]:
     codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
     for coding in reversed(codings):
         if coding == "identity":

@@ -308,14 +308,15 @@ def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.Checkpoint
         chunk_rows = getattr(backend, "stream_chunk_rows", lambda slots: None)(batches.size)
         if not chunk_rows:
             return []
-        started = time.monotonic()
+        started, waited = time.monotonic(), []  # (waiting for the loader is not generate time, as in batches)
         try:
             return stream_loop.stream(backend, specs, items, batches.size, chunk_rows, assembler=assembler,
                                       should_stop=batches.should_stop, on_failure=lambda i: later(record_failure, i),
                                       on_chunk=lambda chunk, caps: captioned([(chunk, caps, None)]),
-                                      on_handed_back=lambda chunk: captioned(batches.caption(chunk)))
+                                      on_handed_back=lambda chunk: captioned(batches.caption(chunk)),
+                                      on_wait=waited.append)
         finally:
-            stats.generate_s += time.monotonic() - started
+            stats.generate_s += time.monotonic() - started - sum(waited)
 
     with tqdm(total=plan.todo, unit="img", desc="captioning", mininterval=2.0, smoothing=0.1) as progress, \
             assembler, post:

@@ -36,7 +36,7 @@ from .locks import DirLock
 from .run_identity import (MODEL_IDENTITY, OPTIONAL_SETTINGS, RUN_SETTINGS, is_run_of,  # noqa: F401 (store.*)
                            path_named_run_id, recorded_settings, run_id_for, well_formed)
 from .schema import ADDED_COLUMNS, FAILURE_SCHEMA, OUTPUT_SCHEMA  # noqa: F401  (store.* names)
-from .set_aside import QUARANTINE_DIR, aside_folder, free_name, quarantine, quarantine_dir  # noqa: F401 (store.*)
+from .set_aside import QUARANTINE_DIR, aside_folder, free_name, quarantine  # noqa: F401 (store.* names)
 
 log = logging.getLogger(__name__)
 

@@ -10,6 +10,7 @@ out-of-memory back-off): nothing is lost or captioned twice.
 from __future__ import annotations
 
 import logging
+import time
 from collections import deque
 from concurrent.futures import Executor, Future, wait
 from typing import Any, Callable, Iterator
@@ -25,7 +26,8 @@ AHEAD = 2  # chunks read and assembled ahead of the one joining
 def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chunk_rows: int, *,
            assembler: Executor, should_stop: Callable[[], bool], on_failure: Callable[[loader.Loaded], None],
            on_chunk: Callable[[list[loader.Loaded], list], None],
-           on_handed_back: Callable[[list[loader.Loaded]], None]) -> list[loader.Loaded]:
+           on_handed_back: Callable[[list[loader.Loaded]], None],
+           on_wait: Callable[[float], None] = lambda seconds: None) -> list[loader.Loaded]:
     """Caption `items` through backend.caption_stream, `slots` rows decoding at once.
 
     on_failure(item) for each image the loader could not read, on_chunk(items, captions per prompt) for each
@@ -62,7 +64,9 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
 
     def take(future: Future) -> None:
         nonlocal over, made
+        began = time.monotonic()
         chunk, failed, assemblies, over_now = future.result()
+        on_wait(time.monotonic() - began)  # seconds waiting for the loader: not generate time
         for item in failed:
             on_failure(item)
         over = over or over_now
