@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional
 from . import loader, prompt_plan
 from .backends import CaptionBackend
 from .config import RunConfig
-from .errors import FatalError
+from .errors import FatalError, described
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Batches:
         if len(chunk) > 1:  # find the row that breaks generation; the others still get captions
             return [r for item in chunk for r in self.caption([item])]
         self.failed_in_a_row += 1
-        message = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+        message = described(error)
         if self.failed_in_a_row >= MAX_FAILED_BATCHES_IN_A_ROW:
             raise FatalError(f"generation failed {self.failed_in_a_row} times in a row, last: {message}")
         return [(chunk, None, message)]

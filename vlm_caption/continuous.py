@@ -29,7 +29,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from .errors import brief
+from .errors import brief, described
 
 LOOK_EVERY = 4  # steps between looks at the finished rows: a look costs one device sync (a launch gap, tens of
 # microseconds, against ~20 ms a step of the 4B at batch 256), a freed slot idles until the next look
@@ -267,5 +267,5 @@ def stream_captions(cap, next_chunk: Callable[[bool], tuple[Any, Any] | None], s
         cap.continuous.pop(slots, None)  # its ring cache: the batches that take over need the memory
         if isinstance(e, Exception):  # (not a stop) what run_summary says of it: the rest went in batches
             cap.continuous_failed[slots] = {"decode_steps": decoder.steps,
-                                            "fell_back_to_batches": brief(f"{type(e).__name__}: {e}")}
+                                            "fell_back_to_batches": brief(described(e))}
         raise

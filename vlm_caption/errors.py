@@ -16,6 +16,12 @@ class FatalError(Exception):
     """A run that cannot go on (disk full, the Hub refusing a push mid-run): one line, exit code 1."""
 
 
+def described(error: BaseException) -> str:
+    """`Name: first line of the message`: an exception in a failure record or a warning."""
+    text = str(error)
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def brief(text: str, width: int = 200) -> str:
     """The first line of an error text, cut at a word at most `width` long (a warning's reason in one line)."""
     import textwrap

@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterator
 
 from . import loader
 from .batches import assemble_all
+from .errors import described
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +103,7 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
     except (RuntimeError, ValueError, IndexError, MemoryError) as e:  # torch's OOM is a RuntimeError
         if e in not_the_streams:
             raise
-        reason = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        reason = described(e)
         if should_stop():  # the stop goes on (its exit code, the captions made written): as a stop, no batches
             log.warning("continuous decoding failed while stopping (%s); its unfinished chunks are redone on "
                         "resume", reason)
