@@ -5,6 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import pyarrow as pa
+import pytest
+
 from vlm_caption import download as dl
 from vlm_caption.data_layout import IMAGES_DIR
 
@@ -99,6 +102,35 @@ def test_a_rerun_over_a_source_with_nan_inside_lists_and_structs_is_not_taken_fo
     dl.write_urls(tmp_path, pa.concat_tables([urls.slice(0, 1), urls.slice(1)]), 8)  # the same again (sliced chunks)
     with pytest.raises(UsageError, match=r"other metadata \(scores differ\)"):
         dl.write_urls(tmp_path, urls.set_column(1, "scores", pa.array([[1.0, 2.0], None, [nan]], scores.type)), 8)
+
+
+NAN = float("nan")
+NESTED_WITH_NAN = {  # kind: (type, values with NaN inside, the same with one value changed)
+    "fixed_size_list": (pa.list_(pa.float64(), 2), [[1.0, NAN], None, [NAN, 2.0]], [[1.0, NAN], None, [NAN, 3.0]]),
+    "map": (pa.map_(pa.string(), pa.float64()), [[("a", NAN)], None, [("b", 1.0), ("c", NAN)]],
+            [[("a", NAN)], None, [("b", 2.0), ("c", NAN)]]),
+    "large_list": (pa.large_list(pa.float32()), [[1.0, NAN], None, [NAN]], [[1.0, NAN], None, [0.5]]),
+    "list_view": (pa.list_view(pa.float64()), [[1.0, NAN], None, [NAN]], [[2.0, NAN], None, [NAN]]),
+    "list of fixed_size_list": (pa.list_(pa.list_(pa.float32(), 2)), [[[1.0, NAN]], None, []],
+                                [[[1.0, 1.0]], None, []]),
+    "map of struct": (pa.map_(pa.string(), pa.struct([("w", pa.float64())])), [[("a", {"w": NAN})], None, []],
+                      [[("a", {"w": 1.0})], None, []]),
+}
+
+
+@pytest.mark.parametrize("kind", NESTED_WITH_NAN)
+def test_a_rerun_over_a_source_with_nan_in_any_nested_column_is_not_taken_for_other_metadata(tmp_path, kind):
+    """Fixed-size lists, maps and list views holding NaN (at any depth) refused every resume too."""
+    from vlm_caption.errors import UsageError
+
+    kind_type, values, changed = NESTED_WITH_NAN[kind]
+    (tmp_path / IMAGES_DIR).mkdir()
+    (tmp_path / IMAGES_DIR / "00000_stats.json").write_text('{"end_time": 1.5}')
+    urls = pa.table({"url": [f"http://127.0.0.1/{i}.jpg" for i in range(3)], "x": pa.array(values, kind_type)})
+    dl.write_urls(tmp_path, urls, 8)
+    dl.write_urls(tmp_path, pa.concat_tables([urls.slice(0, 1), urls.slice(1)]), 8)  # the same again (sliced chunks)
+    with pytest.raises(UsageError, match=r"other metadata \(x differ\)"):
+        dl.write_urls(tmp_path, urls.set_column(1, "x", pa.array(changed, kind_type)), 8)
 
 
 def test_a_rerun_over_columns_parquet_stores_as_another_type_is_not_taken_for_other_metadata(tmp_path):

@@ -243,8 +243,9 @@ def _percent_encoded(urls: pa.ChunkedArray) -> pa.Array:
 
 
 def nan_as_null(table: pa.Table) -> pa.Table:
-    """NaN as null in float values, inside lists and structs too: NaN never equals itself, so a source with NaN
-    (pandas' missing float) would read as changed on every rerun, and its download could never be resumed."""
+    """NaN as null in float values, inside nested values too (lists of every kind, map items, structs):
+    NaN never equals itself, so a source with NaN (pandas' missing float) would read as changed on every rerun,
+    and its download could never be resumed. (Dictionary columns never get here: load_source decodes them.)"""
     for i, f in enumerate(table.schema):
         column = table.column(i)
         table = table.set_column(i, f, pa.chunked_array([_nan_as_null(c) for c in column.chunks], f.type))
@@ -255,11 +256,22 @@ def _nan_as_null(array: pa.Array) -> pa.Array:
     kind = array.type
     if pa.types.is_floating(kind):
         return pc.if_else(pc.is_nan(array), pa.scalar(None, kind), array)
-    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
-        array = pa.concat_arrays([array]) if array.offset else array  # from_arrays takes no mask with a slice
-        lists = pa.ListArray if pa.types.is_list(kind) else pa.LargeListArray
-        return lists.from_arrays(array.offsets, _nan_as_null(array.values), kind, mask=array.is_null())
     if pa.types.is_struct(kind):  # .flatten() follows a slice
         return pa.StructArray.from_arrays([_nan_as_null(a) for a in array.flatten()], fields=list(kind),
                                           mask=array.is_null())
-    return array
+    if not (pa.types.is_list(kind) or pa.types.is_large_list(kind) or pa.types.is_fixed_size_list(kind)
+            or pa.types.is_map(kind) or pa.types.is_list_view(kind) or pa.types.is_large_list_view(kind)):
+        return array
+    array = pa.concat_arrays([array]) if array.offset else array  # from_arrays takes no mask with a slice
+    mask = array.is_null()
+    if pa.types.is_map(kind):  # keys cannot be null: only the items
+        return pa.MapArray.from_arrays(array.offsets, array.keys, _nan_as_null(array.items), kind, mask=mask)
+    if pa.types.is_fixed_size_list(kind):  # .values is the whole child, also past a slice's end
+        values = _nan_as_null(array.values.slice(0, len(array) * kind.list_size))
+        return pa.FixedSizeListArray.from_arrays(values, type=kind, mask=mask)
+    values = _nan_as_null(array.values)
+    if pa.types.is_list_view(kind) or pa.types.is_large_list_view(kind):
+        views = pa.ListViewArray if pa.types.is_list_view(kind) else pa.LargeListViewArray
+        return views.from_arrays(array.offsets, array.sizes, values, kind, mask=mask)
+    lists = pa.ListArray if pa.types.is_list(kind) else pa.LargeListArray
+    return lists.from_arrays(array.offsets, values, kind, mask=mask)
