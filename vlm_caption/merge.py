@@ -5,13 +5,14 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .atomic import atomic_path
-from .errors import FatalError, brief
+from .errors import FatalError, UsageError, brief
 from .rows import conform
 from .schema import OUTPUT_SCHEMA, unified_schema
 from .store import list_parts, read_run_json_safe, usable_file
@@ -55,7 +56,7 @@ def merge_parts(dirs: list[Path | str], output: Path | str, data_keys: set[str] 
     duplicates = sorted(k for k, n in counts.items() if n > 1)
     gone = sorted(k for k in counts if data_keys is not None and k not in data_keys)
     keys = sorted(set(counts) - set(gone))
-    schema = unified_schema(pq.read_schema(path) for path, _, _ in ranges)  # + --keep-columns, prompt columns
+    schema = parts_schema([path for path, _, _ in ranges])  # + --keep-columns, prompt columns
     try:
         with atomic_path(output) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for start in range(0, len(keys), bucket_rows):
@@ -77,6 +78,62 @@ def merge_parts(dirs: list[Path | str], output: Path | str, data_keys: set[str] 
                     "parts kept (e.g. %s)", len(gone), output.name, gone[:5])
     return MergeReport(rows=len(keys), parts=len(ranges), duplicate_keys=duplicates, keys=set(keys), output=output,
                        not_in_data=gone)
+
+
+def parts_schema(paths: Sequence[Path]) -> pa.Schema:
+    """The schema rows of `paths` merge into (schema.unified_schema). A --keep-columns column typed differently
+    by some parts (before urls.parquet typed them, one all null in the first shards was text, later int64) takes
+    the type of the parts holding values in it, int and float widen to float64 where no value changes; any other
+    disagreement is a one-line UsageError naming the column, both types and a file of each."""
+    schemas = [pq.read_schema(p).remove_metadata() for p in paths]
+    kinds: dict[str, dict[pa.DataType, Path]] = {}  # column -> its types -> the first part of each
+    for path, s in zip(paths, schemas):
+        for f in s:
+            kinds.setdefault(f.name, {}).setdefault(f.type, path)
+    mixed = [name for name, types in kinds.items() if len(types) > 1]
+    empty = {(i, name) for name in mixed for i, p in enumerate(paths)  # all null in that part: says no type
+             if name in schemas[i].names and _all_null(p, name)}
+    for name in mixed:
+        holders = [i for i, s in enumerate(schemas) if name in s.names]
+        typed = [i for i in holders if (i, name) not in empty] or holders[-1:]  # null everywhere: the last's type
+        for i in set(holders) - set(typed):
+            schemas[i] = schemas[i].set(schemas[i].get_field_index(name), pa.field(name, pa.null()))
+        kinds[name] = {}
+        for i in typed:
+            kinds[name].setdefault(schemas[i].field(name).type, paths[i])
+    for name in mixed:  # the first pair of types that do not unify, named
+        seen: dict[pa.DataType, Path] = {}
+        for kind, path in kinds[name].items():
+            for other, where in seen.items():
+                try:
+                    pa.unify_schemas([pa.schema([(name, other)]), pa.schema([(name, kind)])],
+                                     promote_options="permissive")
+                except (pa.ArrowTypeError, pa.ArrowInvalid):
+                    raise _disagree(name, other, where, kind, path, "they do not unify") from None
+            seen[kind] = path
+    schema = unified_schema(schemas)
+    for name in mixed:  # int64 -> float64 only where no value changes (2**53 + 1 would)
+        want = schema.field(name).type
+        for i, path in enumerate(paths):
+            if name in schemas[i].names and schemas[i].field(name).type not in (want, pa.null()):
+                try:
+                    pq.read_table(path, columns=[name]).column(name).cast(want)
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
+                    kind = schemas[i].field(name).type
+                    other = want if want in kinds[name] else next(k for k in kinds[name] if k != kind)
+                    raise _disagree(name, kind, path, other, kinds[name][other],
+                                    f"as {want} a value would change: {brief(str(e), 100)}") from None
+    return schema
+
+
+def _all_null(path: Path, name: str) -> bool:
+    column = pq.read_table(path, columns=[name]).column(name)
+    return column.null_count == len(column)
+
+
+def _disagree(name: str, kind: pa.DataType, path: Path, other: pa.DataType, where: Path, why: str) -> UsageError:
+    return UsageError(f"the parts disagree on column {name}'s type: {kind} in {path}, {other} in {where} ({why}); "
+                      "set aside the parts of one type (their keys are captioned again) and rerun")
 
 
 def _first_per_key(table: pa.Table) -> pa.Table:

@@ -78,8 +78,10 @@ def output_schema(extra: Iterable[Column] = ()) -> pa.Schema:
 
 
 def unified_schema(schemas: Iterable[pa.Schema]) -> pa.Schema:
-    """The schema of rows merged from parts: the registry's columns in its order, then any further ones."""
-    return pa.unify_schemas([output_schema(), *(s.remove_metadata() for s in schemas)])
+    """The schema of rows merged from parts: the registry's columns in its order, then any further ones; types
+    unified as pyarrow's permissive promotion does (null takes the other type, int and float widen to float64:
+    merge.parts_schema checks that no value changes)."""
+    return pa.unify_schemas([output_schema(), *(s.remove_metadata() for s in schemas)], promote_options="permissive")
 
 
 OUTPUT_SCHEMA = output_schema()
