@@ -336,6 +336,22 @@ def test_a_later_valid_object_is_used_when_prose_braces_come_first():
     assert reason is None and values["subject"] == "a cat"
 
 
+def test_a_lone_surrogate_escape_becomes_a_replacement_character_that_a_part_can_hold():
+    """json.loads turns a lone \\ud83c (half an emoji's pair) into a surrogate, which pyarrow cannot write as UTF-8:
+    the part's write raised, and the resume met the same caption (a crash loop). The field keeps U+FFFD instead."""
+    import pyarrow as pa
+
+    from vlm_caption.backends import Caption
+    from vlm_caption.prompt_plan import PromptSpec
+    from vlm_caption.rows import judge
+
+    text = '{"subject": "a cat \\ud83c", "style": ["oil", "\\udfa8"], "mood": {"\\ud800": "x"}}'
+    values, _reason = parse_json_caption(text, FIELDS)
+    assert values["subject"] == "a cat \ufffd" and values["style"] == "oil, \ufffd" and "\ufffd" in values["mood"]
+    assert pa.array(list(values.values()), pa.string()).to_pylist() == list(values.values())
+    assert "garbled" in judge(Caption(text, "stop", 9), PromptSpec.make(None, "Describe.", FIELDS))[1]
+
+
 @pytest.mark.parametrize("name, text", [("prompts.json", '{"short": "One sentence."}'),
                                         ("prompts.yaml", "short: One sentence.\n")])
 def test_a_prompts_file_saved_with_a_byte_order_mark_reads_as_without(tmp_path, name, text):

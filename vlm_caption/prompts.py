@@ -260,7 +260,8 @@ def _named_prompts(data: Any) -> dict[str, str]:
     elif isinstance(data, list):
         pairs = [_list_item_pair(i, item) for i, item in enumerate(data)]
     else:
-        raise ValueError(f"expected a mapping {{name: prompt}} or a list of {{name, prompt}}, got {_kind(data)}")
+        raise ValueError(f"expected a mapping {{name: prompt}} or a list of {{name, prompt}}, got "
+                         f"{'an empty file' if data is None else type(data).__name__}")
     if not pairs:
         raise ValueError("no prompts")
     prompts: dict[str, str] = {}
@@ -292,10 +293,6 @@ def _check_prompt(name: Any, prompt: Any) -> None:
         raise ValueError(f"prompt {name!r}: {e}") from None
 
 
-def _kind(data: Any) -> str:
-    return "an empty file" if data is None else type(data).__name__
-
-
 # ---------------------------------------------------------------------------------------------- JSON captions
 
 DEFAULT_JSON_FIELDS = ("subject", "style", "medium", "palette", "composition", "mood", "text")
@@ -305,6 +302,8 @@ JSON_INSTRUCTION_VERSION = 1
 # Runs of version 1 were made before the version existed and do not record it: their run ids stay what they were.
 _UNRECORDED_JSON_INSTRUCTION_VERSION = 1
 _JSON_INSTRUCTION_SETTING = "json_instruction_version"  # a key of store.OPTIONAL_SETTINGS
+# A lone \ud83c escape (half an emoji) parses to a surrogate, which no UTF-8 file holds: it becomes U+FFFD (garbled).
+_LONE_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 def json_instruction_settings() -> dict[str, int]:
@@ -397,4 +396,4 @@ def _field_text(value: Any) -> str | None:
         text = json.dumps(value, ensure_ascii=False)
     else:
         text = "" if value is None else str(value).strip()
-    return text or None
+    return _LONE_SURROGATE_RE.sub("\ufffd", text) or None
