@@ -91,6 +91,13 @@ def test_list_values_render_comma_separated_without_missing_items():
     assert render_prompt("Tags: {tags}.", row) == "Tags: cubism, collage."
 
 
+def test_binary_values_render_as_their_text_not_as_a_bytes_literal():
+    """A text column written without parquet's UTF-8 annotation reads as binary: the prompt said b'Starry Night'."""
+    row = {"title": b"Starry Night", "tags": [b"oil", b"\xffnight"], "empty": b""}
+    rendered = render_prompt("Title: {title}. Tags: {tags}.\nAlt: {empty}", row)
+    assert rendered == "Title: Starry Night. Tags: oil, \ufffdnight."
+
+
 @pytest.mark.parametrize("missing", [None, float("nan"), "", "   ", []])
 def test_missing_value_drops_a_label_only_line(missing):
     template = "Describe this artwork.\nTags: {tags}.\nTitle: {title}"

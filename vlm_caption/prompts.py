@@ -155,6 +155,8 @@ def _render_value(value: Any) -> str:
         value = value.tolist()  # numpy arrays and scalars become plain Python values
     if isinstance(value, (list, tuple)):
         return ", ".join(item for item in map(_render_value, value) if item)
+    if isinstance(value, bytes):  # text written without parquet's UTF-8 annotation reads as binary: not b'...'
+        return _render_value(value.decode("utf-8", "replace"))
     return _defuse_markup(str(value).strip().replace(_EMPTY_MARK, ""))
 
 
@@ -208,11 +210,7 @@ def load_prompts_file(path: str | Path) -> dict[str, str]:
         data = _read_prompts_data(path)
         return _named_prompts(data)
     except ValueError as e:
-        raise ValueError(f"{path}: {_one_line(str(e))}") from None
-
-
-def _one_line(message: str) -> str:
-    return " ".join(message.split())
+        raise ValueError(f"{path}: {' '.join(str(e).split())}") from None  # one line
 
 
 def _read_prompts_data(path: Path) -> Any:
