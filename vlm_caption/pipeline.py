@@ -101,7 +101,7 @@ def run(cfg: RunConfig) -> int:
     try:
         dir_scope.check_machines(ckpt, *workers.machine_slice(cfg.num_workers, cfg.worker_index))  # before the model
         with StopSignals() as stop:
-            return _run_open(cfg, writer, run_id, worker, num_workers, hub_client, stop, compiled_into)
+            return _run_open(cfg, writer, run_id, worker, num_workers, hub_client, stop, compiled_into, settings)
     finally:
         writer.lock.release()
 
@@ -121,7 +121,7 @@ def prompt_columns(specs: list[prompt_plan.PromptSpec]) -> list:
 
 
 def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker: int, num_workers: int,
-              hub_client, stop: StopSignals, compiled_into: Path | None) -> int:
+              hub_client, stop: StopSignals, compiled_into: Path | None, settings: dict) -> int:
     ckpt = writer.dir
     remove_stale_tmp(ckpt)
     failed_stages = {} if cfg.retry_failed else writer.failed_stages()
@@ -162,7 +162,7 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
     try:
         if plan.todo:
             with compile_cache.using(compiled_into) as compiles:
-                caption_all(cfg, plan, writer, stats, pusher, stop=stop)
+                caption_all(cfg, plan, writer, stats, pusher, stop=stop, settings=settings)
             stats.compile_cache = compiles.report_or_why_not(cfg.backend, cfg.compile)
     finally:
         # After a signal the Hub gets a bounded last chance; the rest waits for the next run or --push-only.
@@ -175,14 +175,17 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
 # ---------------------------------------------------------------- the loop
 
 def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.CheckpointStore, stats: RunStats,
-                pusher, backend: CaptionBackend | None = None, stop: StopSignals | None = None) -> None:
+                pusher, backend: CaptionBackend | None = None, stop: StopSignals | None = None,
+                settings: dict | None = None) -> None:
     """Caption plan.todo_keys into parts. `backend` lets benchmarks pass a model already in memory.
 
     On a signal (see interrupts.py) the batch in flight is dropped, every finished caption and failure is
-    written, and Interrupted is raised."""
+    written, and Interrupted is raised. `settings`: the run's, as its run.json records them; read again here, a
+    --prompts-file or --prompt-file edited since the run opened (for the next experiment, while this one scanned
+    its data) captioned with prompts the run does not record."""
     from tqdm import tqdm
 
-    settings = cfg.run_settings()
+    settings = settings or cfg.run_settings()
     extra, specs, also = plan_columns(cfg, settings)
     if backend is None:
         longest = prompt_plan.longest_prompt(specs, plan.rows(Path(cfg.data_dir), extra, also))
