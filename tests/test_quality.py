@@ -121,6 +121,11 @@ CASES = [
     ("not a refusal when the model opens with description",
      "A watercolour of a lighthouse. The artist is unknown and I can tell little about the date, but the "
      "loose washes suggest the early twentieth century.", "stop", []),
+    ("no signature or text to see (the default prompt asks for them)",
+     "A watercolour of a harbour at dusk. I cannot see any signature or text in the image.", "stop", []),
+    ("a JSON text field's answer", "I can't see any visible text.", "stop", []),
+    ("cannot see the image", "I cannot see the image you attached.", "stop", ["refusal"]),
+    ("cannot see any image", "I can't see any image in your message.", "stop", ["refusal"]),
     ("a signature with digits", "An etching of a cathedral facade, signed and dated 'R. M. 1921' lower left.",
      "stop", []),
     ("a whole sentence in japanese, hindi, arabic at the token limit",
