@@ -210,6 +210,8 @@ def test_json_mapping(tmp_path):
     ("p.yaml", "short: ''\n", "non-empty string"),
     ("p.yaml", "short:\n", "non-empty string"),
     ("p.yaml", "short: [a, b]\n", "non-empty string"),
+    ("p.yaml", "short: yes\n", "not a bool: quote"),  # it said only "must be a non-empty string" of `yes`
+    ("p.yaml", "short: 2024-01-01\n", "not a date: quote"),
     ("p.yaml", "just a string\n", "expected a mapping"),
     ("p.yaml", "", "empty file"),
     ("p.yaml", "{}\n", "no prompts"),

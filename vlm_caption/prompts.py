@@ -280,9 +280,9 @@ def _list_item_pair(index: int, item: Any) -> tuple[Any, Any]:
 def _check_prompt(name: Any, prompt: Any) -> None:
     if not isinstance(name, str) or not PROMPT_NAME_RE.fullmatch(name):
         raise ValueError(f"bad prompt name {name!r}: use 1-32 of a-z, 0-9, _ starting with a letter")
-    if isinstance(prompt, (dict, list)):  # YAML reads an unquoted `{tags} ...` or `[...]` as data, not text
+    if prompt is not None and not isinstance(prompt, str):  # YAML reads `{tags} ...`, `[...]`, yes, 1.5 as data
         raise ValueError(f"prompt {name!r} must be a non-empty string, not a {type(prompt).__name__}: quote a prompt "
-                         "that starts with '{' or '['")
+                         "that starts with '{' or '[' or is a word YAML reads as data (yes, no, on, off, a number)")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt {name!r} must be a non-empty string")
     try:
