@@ -380,3 +380,9 @@ def test_a_prompt_file_saved_with_a_byte_order_mark_gives_the_prompt_without_it(
     without.write_text("Describe this artwork.\n", encoding="utf-8")
     assert RunConfig(prompt_file=str(with_bom)).prompt_text() == "Describe this artwork."
     assert RunConfig(prompt_file=str(with_bom)).run_settings() == RunConfig(prompt_file=str(without)).run_settings()
+
+
+def test_json_nan_and_infinity_are_no_value_not_the_text_nan():
+    """Python's JSON parser takes NaN and Infinity, which JSON does not have: the field was stored as "nan"."""
+    values, _reason = parse_json_caption('{"subject": NaN, "style": -Infinity, "mood": ["calm", NaN]}', FIELDS)
+    assert values["subject"] is None and values["style"] is None and values["mood"] == "calm"

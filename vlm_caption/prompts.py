@@ -392,6 +392,6 @@ def _field_text(value: Any) -> str | None:
         text = ", ".join(item for item in map(_field_text, value) if item)
     elif isinstance(value, (dict, bool)):
         text = json.dumps(value, ensure_ascii=False)
-    else:
-        text = "" if value is None else str(value).strip()
+    else:  # JSON has no NaN or Infinity: Python's parser takes them, as no value (not the text "nan")
+        text = "" if value is None or isinstance(value, float) and not math.isfinite(value) else str(value).strip()
     return _LONE_SURROGATE_RE.sub("\ufffd", text) or None
