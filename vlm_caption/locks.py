@@ -12,7 +12,9 @@ never leaves a dir locked. On a shared file system they need flock support (NFSv
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
+import logging
 import os
 import re
 import socket
@@ -20,6 +22,8 @@ import time
 from pathlib import Path
 
 from .errors import UsageError
+
+log = logging.getLogger(__name__)
 
 LOCKS_DIR = "locks"
 RUN_LOCK = "run.lock"
@@ -95,7 +99,12 @@ class DirLock:
         for path in sorted(self.dir.glob("worker-*.lock")):
             if path.name == _worker_lock_name(self.worker) and self._worker_fd is not None:
                 continue
-            fd = os.open(path, os.O_RDONLY)
+            try:  # a symlink or a dangling one put there by hand holds nobody (none is taken through one)
+                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+            except OSError as e:  # the dangling one raised a FileNotFoundError traceback
+                log.warning("%s cannot be opened as a lock file (%s): no worker holds it; ignoring it", path,
+                            e.strerror)
+                continue
             try:
                 if try_flock(fd, fcntl.LOCK_SH):
                     fcntl.flock(fd, fcntl.LOCK_UN)  # nobody holds it
@@ -197,10 +206,14 @@ def open_lock(path: Path) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):  # locks/ (or the dir itself) a file: a traceback before this
         raise UsageError(f"{path.parent} is a file, not a directory: move it aside and rerun") from None
-    try:
-        return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # never through a symlink: its holder line truncated and wrote the file it named, outside the dir
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except IsADirectoryError:
         raise UsageError(f"{path} is a directory, not a lock file: move it aside and rerun") from None
+    except OSError as e:
+        if e.errno != errno.ELOOP:
+            raise
+        raise UsageError(f"{path} is a symlink, not a lock file: remove it and rerun") from None
 
 
 def _read_holder(fd: int) -> str:
