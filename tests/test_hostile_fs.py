@@ -2,12 +2,16 @@
 Each is one line (never a traceback, never a write outside the dir), and a rerun finishes every key once."""
 from __future__ import annotations
 
+import errno
 import logging
+import os
+from pathlib import Path
 
+import pyarrow.parquet as pq
 import pytest
 
-from vlm_caption import locks
-from vlm_caption.errors import UsageError
+from vlm_caption import locks, store
+from vlm_caption.errors import EXIT_FATAL, EXIT_OK, UsageError
 
 
 def test_a_symlink_in_place_of_a_lock_file_is_one_line_and_the_file_it_names_is_left_alone(tmp_path):
@@ -43,3 +47,48 @@ def test_a_dangling_symlink_among_the_worker_locks_is_warned_about_not_a_traceba
         assert lock.take_worker() is None and lock.holders() == [] and lock.other_worker_counts() == []
     lock.release()
     assert "worker-005.lock cannot be opened as a lock file" in caplog.text and not (tmp_path / "nowhere").exists()
+
+
+@pytest.mark.parametrize("site", ["locks/worker-000.lock", "run.json", "machines.json"])
+def test_a_full_disk_at_a_write_before_any_work_is_one_line_exit_1_and_the_rerun_finishes(site, tmp_path, capsys,
+                                                                                          monkeypatch):
+    """The disk full at the first writes of a run (the worker lock's holder line, run.json, machines.json): an
+    OSError traceback. Now one line naming the file, exit 1, nothing half written; the rerun captions each key once."""
+    from dummy_runs import dummy_args
+
+    from batched_image_inference import main
+    from vlm_caption.cli import run_main
+    from vlm_caption.sample_data import write_sample
+
+    data = write_sample(tmp_path / "data", n=6, broken=False, seed=5)
+    ckpt = tmp_path / "ckpt"
+    target = ckpt / site
+    real_write, real_write_bytes = os.write, Path.write_bytes
+
+    def full_write(fd, data_):
+        if Path(os.readlink(f"/proc/self/fd/{fd}")) == target:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data_)
+
+    def full_write_bytes(self, data_):
+        if self.name.startswith(f".{target.name}.tmp-"):
+            self.write_text("")  # what reached the disk before it was full
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write_bytes(self, data_)
+
+    with monkeypatch.context() as m:
+        m.setattr(os, "write", full_write)
+        m.setattr(Path, "write_bytes", full_write_bytes)
+        with pytest.raises(SystemExit) as exc:
+            run_main(main, dummy_args(data, ckpt))
+    err = capsys.readouterr().err
+    assert exc.value.code == EXIT_FATAL and "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1 and errors[0].endswith(
+        f"error: could not write {target}: No space left on device; finished parts are kept (every file is written "
+        "whole or not at all): free space / fix permissions and rerun to resume"), err
+    assert not list(ckpt.rglob(".*.tmp-*")) and not store.list_parts(ckpt)
+
+    assert main(dummy_args(data, ckpt)) == EXIT_OK
+    keys = pq.read_table(ckpt / store.MERGED, columns=["key"]).column("key").to_pylist()
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == 6

@@ -18,6 +18,9 @@ import pyarrow.parquet as pq
 from .errors import FatalError
 
 
+WRITTEN_PATH = "vlm_caption_written_path"  # set on an OSError raised while writing a file atomically
+
+
 def _tmp_name(path: Path) -> Path:
     # Host and pid in the name tell a crashed writer's leftovers from a live writer's file; the thread, two
     # threads of one process writing one file (a --push-only's pushers storing one key-cache entry).
@@ -40,8 +43,10 @@ def atomic_path(path: Path | str):
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and not e.filename:  # a write's error names no file: cli's one line names it
+            setattr(e, WRITTEN_PATH, str(path))  # (not in filename: str(e) would change for callers' messages)
         raise
 
 

@@ -5,8 +5,10 @@ Standard library only: the root scripts import it to explain a missing dependenc
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import re
 import signal
 import sys
 from typing import Callable
@@ -44,6 +46,25 @@ def setup_logging(verbose: bool = False) -> None:
 def plural(n: int, noun: str, plural_form: str | None = None) -> str:
     """'1 image', '2 images' (plural_form for irregular nouns)."""
     return f"{n} {noun if n == 1 else (plural_form or noun + 's')}"
+
+
+# A disk or file system that refuses a write: a condition to fix outside the run (exit 1, one line), at any write
+# site (a lock's holder line, run.json, machines.json before any work); a traceback before.
+DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def disk_error_line(e: OSError) -> str | None:
+    """'could not write PATH: REASON; ...' for an OSError of DISK_ERRNOS (pyarrow's carry the errno in their
+    text only), else None (a bug keeps its traceback)."""
+    number = e.errno
+    if number is None and (m := re.search(r"\[errno (\d+)\]", str(e))):
+        number = int(m.group(1))
+    if number not in DISK_ERRNOS:
+        return None
+    path = e.filename or getattr(e, "vlm_caption_written_path", None)  # atomic.WRITTEN_PATH (cli: stdlib only)
+    where = f" {path}" if path else ""
+    return (f"could not write{where}: {os.strerror(number)}; finished parts are kept (every file is written whole "
+            "or not at all): free space / fix permissions and rerun to resume")
 
 
 SETUP_HINT = "run ./setup.sh, then `source vlm-caption/bin/activate` (or use ./run_captioning.sh)"
@@ -98,6 +119,12 @@ def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = N
         # other writers do. stdout goes to /dev/null so that the interpreter's last flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         code = 128 + signal.SIGPIPE
+    except OSError as e:
+        line = disk_error_line(e)
+        if line is None:
+            raise
+        print(f"{prog}: error: {line}", file=sys.stderr)
+        code = EXIT_FATAL
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM via interrupts.Interrupted: 128 + the signal number
         signum = getattr(e, "signum", signal.SIGINT)
         print(f"{prog}: interrupted ({signal.Signals(signum).name}); finished parts are kept, rerun to resume",

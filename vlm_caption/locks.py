@@ -69,9 +69,9 @@ class DirLock:
                 os.close(fd)
                 return holder
             time.sleep(0.01)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, worker {self.worker} of "
-                     f"{self.num_workers}, since {time.strftime('%Y-%m-%d %H:%M:%S')}, {_launcher()}\n".encode())
+        write_holder(fd, self.dir / _worker_lock_name(self.worker), f"pid {os.getpid()} on host "
+                     f"{socket.gethostname()}, worker {self.worker} of {self.num_workers}, since "
+                     f"{time.strftime('%Y-%m-%d %H:%M:%S')}, {_launcher()}\n")
         self._worker_fd = fd
         return None
 
@@ -182,9 +182,8 @@ def hold_exclusive(path: Path, what: str) -> int:
         holder = _read_holder(fd)
         os.close(fd)
         raise UsageError(f"{what} is in use by another process ({holder}); wait for it to end, or stop it")
-    os.ftruncate(fd, 0)
-    os.write(fd, f"pid {os.getpid()} on host {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-             .encode())
+    write_holder(fd, path, f"pid {os.getpid()} on host {socket.gethostname()}, since "
+                 f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     return fd
 
 
@@ -214,6 +213,17 @@ def open_lock(path: Path) -> int:
         if e.errno != errno.ELOOP:
             raise
         raise UsageError(f"{path} is a symlink, not a lock file: remove it and rerun") from None
+
+
+def write_holder(fd: int, path: Path, text: str) -> None:
+    """`text` as the lock file's only line; an error of a full disk names the file (cli's one line), and the
+    fd is closed (the hold dropped)."""
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, text.encode())
+    except OSError as e:
+        os.close(fd)
+        raise OSError(e.errno, e.strerror, str(path)) from None
 
 
 def _read_holder(fd: int) -> str:
