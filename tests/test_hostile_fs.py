@@ -92,3 +92,20 @@ def test_a_full_disk_at_a_write_before_any_work_is_one_line_exit_1_and_the_rerun
     assert main(dummy_args(data, ckpt)) == EXIT_OK
     keys = pq.read_table(ckpt / store.MERGED, columns=["key"]).column("key").to_pylist()
     assert sorted(keys) == sorted(set(keys)) and len(keys) == 6
+
+
+def test_a_shard_parquet_that_is_a_symlink_is_set_aside_before_img2dataset_writes_through_it(tmp_path):
+    """A finished shard's parquet a dangling link: its stats were set aside but the link stayed; an unfinished
+    shard's parquet a link: img2dataset wrote the shard through either, outside the data dir."""
+    from vlm_caption import download as dl
+    from vlm_caption.data_layout import IMAGES_DIR
+
+    images = tmp_path / IMAGES_DIR
+    images.mkdir()
+    (images / "00000_stats.json").write_text('{"end_time": 1.5}')
+    (images / "00000.parquet").symlink_to(tmp_path / "nowhere-0")
+    (images / "00001.parquet").symlink_to(tmp_path / "nowhere-1")
+    dl.set_aside_unreadable_shards(tmp_path, n_rows=8, shard_size=4)
+    assert not [p for p in images.iterdir() if p.is_symlink()] and not (images / "00000_stats.json").exists()
+    assert sorted(p.name[:16] for p in (tmp_path / store.QUARANTINE_DIR).iterdir()) == [
+        "00000.parquet.20", "00000_stats.json", "00001.parquet.20"]

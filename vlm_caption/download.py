@@ -277,7 +277,11 @@ def set_aside_unreadable_shards(out: Path, n_rows: int, shard_size: int) -> None
     stats file, so img2dataset downloads it again (it redoes shards without stats). img2dataset catches an error writing a sample (disk full, file
     size limit), prints it, leaves the row out of the shard parquet and still marks the shard done: without
     this check those rows, metadata and all, would vanish from every count."""
-    for shard_id in sorted(_finished_stats(out / IMAGES_DIR)):
+    finished = _finished_stats(out / IMAGES_DIR)
+    for link in (out / IMAGES_DIR).glob("[0-9]*.parquet"):  # of a shard to fetch: img2dataset wrote through it
+        if link.is_symlink() and link.stem.isdigit() and int(link.stem) not in finished:
+            store.quarantine(out, link, "a symlink", f"shard {link.stem} is written here by the download")
+    for shard_id in sorted(finished):
         name = shard_name(shard_id)
         path = out / IMAGES_DIR / f"{name}.parquet"
         expected = max(0, min(shard_size, n_rows - shard_id * shard_size))
@@ -292,7 +296,7 @@ def set_aside_unreadable_shards(out: Path, n_rows: int, shard_size: int) -> None
             problem = f"unreadable ({str(e).splitlines()[0]})"
         if problem is None:
             continue
-        if path.exists():
+        if os.path.lexists(path):  # a dangling symlink too: img2dataset wrote the shard again through it, outside
             store.quarantine(out, path, problem, f"shard {name} is downloaded again by a rerun")
         store.quarantine(out, out / IMAGES_DIR / stats_file(name), "the stats of a shard set aside",
                          "its shard counts as unfinished")
