@@ -109,3 +109,22 @@ def test_a_shard_parquet_that_is_a_symlink_is_set_aside_before_img2dataset_write
     assert not [p for p in images.iterdir() if p.is_symlink()] and not (images / "00000_stats.json").exists()
     assert sorted(p.name[:16] for p in (tmp_path / store.QUARANTINE_DIR).iterdir()) == [
         "00000.parquet.20", "00000_stats.json", "00001.parquet.20"]
+
+
+def test_a_symlink_in_place_of_the_hub_ledger_is_set_aside_never_appended_through(tmp_path, caplog):
+    """Each push appended its record through the link: to the file it named, outside the dir (a dangling one
+    made that file)."""
+    from vlm_caption import hub_ledger
+
+    entry = {"repo": "r", "run_id": "x", "hub_path": "data/x/a.parquet", "worker": 0}
+    precious = tmp_path / "precious.txt"
+    precious.write_text("keep me\n")
+    for n, target in enumerate((precious, tmp_path / "nowhere")):
+        ckpt = tmp_path / f"ckpt-{n}"
+        ckpt.mkdir()
+        (ckpt / store.LEDGER).symlink_to(target)
+        with caplog.at_level(logging.WARNING):
+            hub_ledger.append_ledger(ckpt, [entry])
+        assert "hub_ledger.jsonl is a symlink: moved to" in caplog.text
+        assert not (ckpt / store.LEDGER).is_symlink() and hub_ledger.read_ledger(ckpt) == [entry]
+    assert precious.read_text() == "keep me\n" and not (tmp_path / "nowhere").exists()

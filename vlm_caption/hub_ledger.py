@@ -18,8 +18,7 @@ log = logging.getLogger(__name__)
 
 def read_ledger(checkpoint_dir: Path | str) -> list[dict]:
     path = Path(checkpoint_dir) / LEDGER
-    if path.exists() and not path.is_file():  # a directory in its place: appending to it would fail
-        quarantine(Path(checkpoint_dir), path, "not a file", "a new ledger is started (the Hub says what is published)")
+    _set_aside_if_not_a_file(Path(checkpoint_dir), path)
     entries = []
     # errors="replace": garbage bytes make their lines unreadable, not the whole ledger
     for n, line in enumerate(path.read_text(errors="replace").splitlines() if path.is_file() else [], 1):
@@ -34,10 +33,19 @@ def read_ledger(checkpoint_dir: Path | str) -> list[dict]:
     return entries
 
 
+def _set_aside_if_not_a_file(checkpoint_dir: Path, path: Path) -> None:
+    """A directory in the ledger's place (appending to it would fail) or a symlink (appended through, to the file
+    it names, outside the dir; a dangling one made that file) is set aside: a new ledger is started."""
+    if path.is_symlink() or os.path.lexists(path) and not path.is_file():
+        quarantine(checkpoint_dir, path, "a symlink" if path.is_symlink() else "not a file",
+                   "a new ledger is started (the Hub says what is published)")
+
+
 def append_ledger(checkpoint_dir: Path | str, entries: list[dict]) -> None:
     """One os.write with O_APPEND, so lines of concurrent workers never interleave."""
     path, data = Path(checkpoint_dir) / LEDGER, "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries).encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    _set_aside_if_not_a_file(Path(checkpoint_dir), path)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # (a link made since: ELOOP)
     try:
         if os.write(fd, data) != len(data):
             raise FatalError(f"short write to {path} (disk full?)")
