@@ -128,3 +128,19 @@ def test_a_symlink_in_place_of_the_hub_ledger_is_set_aside_never_appended_throug
         assert "hub_ledger.jsonl is a symlink: moved to" in caplog.text
         assert not (ckpt / store.LEDGER).is_symlink() and hub_ledger.read_ledger(ckpt) == [entry]
     assert precious.read_text() == "keep me\n" and not (tmp_path / "nowhere").exists()
+
+
+def test_a_file_system_without_flock_is_one_line(tmp_path, monkeypatch):
+    """NFS mounted without locking answers flock with ENOLCK: an OSError traceback at the first lock taken."""
+    import fcntl
+
+    def no_locks(fd, mode):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with pytest.raises(UsageError, match=r"the file system of .*worker-000.lock does not support flock locks \(No "
+                                         r"locks available\): mount it with flock support"):
+        locks.DirLock(tmp_path, 0).take_worker()
+    with pytest.raises(UsageError, match="machines.lock does not support flock locks"):
+        with locks.waiting_for(tmp_path / locks.LOCKS_DIR / "machines.lock"):
+            pass

@@ -36,10 +36,29 @@ def _worker_lock_name(worker: int) -> str:
 
 def try_flock(fd: int, mode: int) -> bool:
     try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        flock(fd, mode | fcntl.LOCK_NB)
         return True
     except BlockingIOError:
         return False
+
+
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP}
+
+
+def flock(fd: int, mode: int) -> None:
+    """fcntl.flock; a file system without flock support (NFS mounted without locking, Lustre without -o flock)
+    is one line (it was an OSError traceback): nothing could keep two processes apart there."""
+    try:
+        fcntl.flock(fd, mode)
+    except OSError as e:
+        if e.errno not in _NO_FLOCK:
+            raise
+        try:
+            where = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            where = "this directory"
+        raise UsageError(f"the file system of {where} does not support flock locks ({e.strerror}): mount it "
+                         "with flock support (NFSv4, Lustre -o flock), or use a local directory") from None
 
 
 class DirLock:
@@ -193,7 +212,7 @@ def waiting_for(path: Path):
     holder instead of refusing (each holds it for milliseconds)."""
     fd = open_lock(path)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)  # closing drops the lock
