@@ -210,7 +210,7 @@ def main(argv=None) -> int:
             compile_s = time.perf_counter() - t0
             compiled_s = best(fast)
         assert set(kernels) <= set(SDPA_BACKENDS)
-        return {"images": count, "vision_s": round(eager_s, 3), "vision_compiled_s": round(compiled_s, 3),
+        return {"images": count, "vision_s": round(eager_s, 6), "vision_compiled_s": round(compiled_s, 6),
                 "compile_s": round(compile_s, 1), "speedup": round(eager_s / compiled_s, 2),
                 "ms_per_image": round(1000 * eager_s / count, 2), "sdpa_kernels": kernels}
 
