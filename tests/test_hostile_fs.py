@@ -144,3 +144,49 @@ def test_a_file_system_without_flock_is_one_line(tmp_path, monkeypatch):
     with pytest.raises(UsageError, match="machines.lock does not support flock locks"):
         with locks.waiting_for(tmp_path / locks.LOCKS_DIR / "machines.lock"):
             pass
+
+
+def _bad_part(tmp_path: Path) -> Path:
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    (parts / "captions-w000-000000.parquet").write_bytes(b"garbage")
+    return parts / "captions-w000-000000.parquet"
+
+
+def test_a_file_that_cannot_be_renamed_aside_is_never_copied(tmp_path, monkeypatch):
+    """Any failed rename fell back to copy + delete: in a read-only parts/ the delete failed too, a copy stayed in
+    quarantine/ beside the original, and the line said "could not write" the file it could not remove."""
+    from vlm_caption import set_aside
+
+    bad = _bad_part(tmp_path)
+    monkeypatch.setattr(set_aside.os, "rename", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.EACCES, os.strerror(errno.EACCES))))
+    with pytest.raises(set_aside.FatalError, match=r"^cannot set .*captions-w000-000000.parquet aside \(bad\): "
+                                                   r"renaming it to .* failed: Permission denied; make its folder"):
+        set_aside.quarantine(tmp_path, bad, "bad")
+    assert bad.read_bytes() == b"garbage" and not list((tmp_path / store.QUARANTINE_DIR).iterdir())
+
+
+def test_across_file_systems_a_failed_delete_leaves_no_copy_and_says_so(tmp_path, monkeypatch):
+    """parts/ a read-only mount (rename: EXDEV): copied, then the delete fails; the copy is removed again."""
+    from vlm_caption import set_aside
+
+    bad = _bad_part(tmp_path)
+    real_unlink = os.unlink
+
+    def read_only(path, *a, **kw):
+        if Path(path) == bad:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_unlink(path, *a, **kw)
+
+    monkeypatch.setattr(set_aside.os, "rename", lambda *a: (_ for _ in ()).throw(
+        OSError(errno.EXDEV, os.strerror(errno.EXDEV))))
+    monkeypatch.setattr(set_aside.os, "unlink", read_only)
+    with pytest.raises(set_aside.FatalError, match=r"removing it after copying it to .*quarantine \(another file "
+                                                   r"system\) failed: Read-only file system; the copy was removed"):
+        set_aside.quarantine(tmp_path, bad, "bad")
+    assert bad.read_bytes() == b"garbage" and not list((tmp_path / store.QUARANTINE_DIR).iterdir())
+
+    monkeypatch.setattr(set_aside.os, "unlink", real_unlink)  # writable again: copied across, the original gone
+    set_aside.quarantine(tmp_path, bad, "bad")
+    assert not bad.exists() and [p.read_bytes() for p in (tmp_path / store.QUARANTINE_DIR).iterdir()] == [b"garbage"]

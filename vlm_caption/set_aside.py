@@ -1,12 +1,16 @@
 """Setting bad files aside: moved to quarantine/ under a name never taken, with a warning (never deleted)."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import itertools
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
+
+from .errors import FatalError
 
 log = logging.getLogger(__name__)
 
@@ -39,8 +43,51 @@ def quarantine(checkpoint_dir: Path, path: Path, why: str, then: str = "its keys
     dest = free_name(quarantine_dir(checkpoint_dir) / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}")
     dest.parent.mkdir(parents=True, exist_ok=True)
     try:
-        shutil.move(str(path), str(dest))
+        move(path, dest)
     except FileNotFoundError:  # workers starting together saw the same bad file: another one moved it
         log.info("%s was set aside by another process", path)
         return
+    except MoveError as e:
+        raise FatalError(f"cannot set {path} aside ({why}): {e}; make its folder writable (or move the file out "
+                         "of the way yourself) and rerun") from None
     log.warning("%s is %s: moved to %s; %s", path, why, dest, then)
+
+
+class MoveError(Exception):
+    """A move that failed, saying which step (the rename, the copy, the removal of the original)."""
+
+
+def move(src: Path, dest: Path) -> None:
+    """Rename src to dest; a copy and a delete only across file systems (EXDEV). Never two copies: shutil.move
+    copied on any failed rename, and when the delete then failed too (a read-only folder) the file was both set
+    aside and still in place. FileNotFoundError when src is gone; MoveError naming the step that failed."""
+    try:
+        os.rename(src, dest)
+        return
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise MoveError(f"renaming it to {dest} failed: {e.strerror or e}") from None
+    try:
+        shutil.copy2(src, dest, follow_symlinks=False)
+    except FileNotFoundError:
+        _remove_quietly(dest)
+        raise
+    except OSError as e:
+        _remove_quietly(dest)
+        raise MoveError(f"copying it to {dest} (another file system) failed: {e.strerror or e}") from None
+    try:
+        os.unlink(src)
+    except FileNotFoundError:  # another process set it aside meanwhile: its copy stands
+        _remove_quietly(dest)
+        return
+    except OSError as e:
+        _remove_quietly(dest)
+        raise MoveError(f"removing it after copying it to {dest.parent} (another file system) failed: "
+                        f"{e.strerror or e}; the copy was removed") from None
+
+
+def _remove_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
