@@ -28,6 +28,7 @@ class Route:
     endless: bool = False  # after the body, zero bytes without end (no Content-Length: ends when the client goes)
     advertised_length: int | None = None  # Content-Length sent instead of the body's (more: cut short)
     content_encoding: str | None = None  # sent as Content-Encoding (the body given is already encoded)
+    location: str | None = None  # sent as Location (a redirect, with status 301/302/307)
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -50,6 +51,8 @@ class _Handler(BaseHTTPRequestHandler):
                 return
             self.send_response(route.status)
             self.send_header("Content-Type", route.content_type)
+            if route.location:
+                self.send_header("Location", route.location)
             if route.content_encoding:
                 self.send_header("Content-Encoding", route.content_encoding)
             if not route.endless:

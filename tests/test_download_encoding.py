@@ -74,3 +74,16 @@ def test_download_data_saves_a_gzip_image_as_an_image(server, tmp_path):
     result = _download(_source(tmp_path, server, ["/gzip.jpg", "/corrupt.jpg"]), tmp_path / "out")
     summary = json.loads((tmp_path / "out" / "download_summary.json").read_text())
     assert summary["valid"] == 1 and summary["invalid"] == 0 and summary["failed"] == 1, result.stderr
+
+
+@pytest.mark.parametrize("target", ["ftp://127.0.0.1/x.jpg", "FTP://127.0.0.1/x.jpg", "file:///etc/hostname"])
+def test_a_redirect_to_another_scheme_is_a_permanent_failure_never_followed(target):
+    """urllib follows a redirect to ftp://: an FTP server down was 'Connection refused' (retryable: exit 3 on every
+    rerun), one up was read as the image though only http(s) URLs are fetched."""
+    routes = {"/away.jpg": Route(status=302, location=target), "/here.jpg": Route(status=301, location="/ok.jpg"),
+              "/ok.jpg": Route(b"\xff\xd8 an image")}
+    with ImageServer(routes) as server:
+        _, body, error = bounded_download_image((0, server.url("/away.jpg")), 5, None, None, MAX_BYTES)
+        assert body is None and "is not allowed" in error and not is_retryable(error), error
+        _, body, error = bounded_download_image((0, server.url("/here.jpg")), 5, None, None, MAX_BYTES)
+        assert error is None and body.read() == b"\xff\xd8 an image"

@@ -21,6 +21,8 @@ import io
 import socket
 import threading
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 import zlib
 
@@ -96,10 +98,23 @@ class _HTTPSHandler(urllib.request.HTTPSHandler):
         return self.do_open(_HTTPSConnection, req, context=self._context)
 
 
+class _RedirectHandler(urllib.request.HTTPRedirectHandler):
+    """urllib follows a redirect to ftp:// too: only http(s) URLs are fetched (download_source.FETCHED_URL_RE), so
+    a redirect elsewhere is the row's permanent failure (an FTP server down was a retryable "connection refused"
+    on every rerun; one up was read as if the image were downloaded)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        target = urllib.parse.urljoin(req.full_url, newurl)
+        if urllib.parse.urlsplit(target).scheme.lower() not in ("http", "https"):
+            raise urllib.error.HTTPError(target, code, f"{msg} - Redirection to url '{target[:200]}' is not allowed "
+                                         "(only http(s) URLs are fetched)", headers, fp)
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
 @functools.cache
 def _opener() -> urllib.request.OpenerDirector:
     """Built at the first request, not at import (build_opener reads the proxy settings of the environment)."""
-    return urllib.request.build_opener(_HTTPHandler, _HTTPSHandler)
+    return urllib.request.build_opener(_HTTPHandler, _HTTPSHandler, _RedirectHandler)
 
 
 def bounded_download_image(row, timeout, user_agent_token, disallowed_header_directives, max_bytes: int):
