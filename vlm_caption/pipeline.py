@@ -97,7 +97,7 @@ def run(cfg: RunConfig) -> int:
                                  endpoint=cfg.hub_endpoint, checkpoint_dir=ckpt, way_out="or pass --no-push")
     writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]),
                                    num_workers=num_workers)
-    run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=workers.distributed_rank()[0] != 0)
+    run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=not workers.leads_its_machine())
     try:
         dir_scope.check_machines(ckpt, *workers.machine_slice(cfg.num_workers, cfg.worker_index))  # before the model
         with StopSignals() as stop:

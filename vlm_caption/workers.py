@@ -42,6 +42,16 @@ def distributed_rank() -> tuple[int, int]:
     return rank, world
 
 
+def leads_its_machine() -> bool:
+    """Whether this process sets a new checkpoint dir up (writes run.json) while the other ranks of its machine
+    wait for it: torchrun's rank 0 of this machine (LOCAL_RANK 0), not of the whole job. The ranks of a multi-node
+    torchrun on another node than rank 0's, each node with its own dir, waited 10 minutes for a run.json that
+    no rank of their dir would write, then failed. Several machines' leaders of one shared dir take turns
+    (store.CheckpointStore.open_run). A RANK without LOCAL_RANK (set by hand) leads as rank 0 only."""
+    local_rank = _env_ints("LOCAL_RANK")[0]
+    return (distributed_rank()[0] if local_rank is None else local_rank) == 0
+
+
 def _ranks_span_machines(world: int) -> bool:
     local_world = _env_ints("LOCAL_WORLD_SIZE")[0]
     return world > 1 and (local_world is None or world > local_world)
