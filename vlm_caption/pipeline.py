@@ -40,6 +40,7 @@ class RunStats:
     flags: Counter = field(default_factory=Counter)  # captions per quality flag (quality.FLAGS)
     flags_by_prompt: dict[str, Counter] = field(default_factory=dict)  # --prompts-file: the same, per prompt
     first_batch: tuple[float, int, int] | None = None  # (time, captioned, tokens) when the first batch was done
+    ended: float | None = None  # when the captioning ended: the final Hub push is no captioning time
     compile_cache: dict | None = None  # graphs torch.compile loaded from its cache and compiled (compile_cache.py)
     decoding: dict | None = None  # how the captions were decoded: batch size, loop, cache (run_summary.json)
 
@@ -54,7 +55,7 @@ class RunStats:
         steady = None
         if self.first_batch is not None and self.captioned > self.first_batch[1]:
             since, done, tokens = self.first_batch
-            steady = round((self.captioned - done) / max(now - since, 1e-9), 3)
+            steady = round((self.captioned - done) / max((self.ended or now) - since, 1e-9), 3)
         return {"wall_s": round(wall, 2), "img_per_s": round(self.captioned / wall, 3),
                 "captioning_img_per_s": steady, "tokens_per_s": round(self.tokens / wall, 1),
                 "generate_share": round(self.generate_s / wall, 3)}
@@ -167,6 +168,7 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
     finally:
         # After a signal the Hub gets a bounded last chance; the rest waits for the next run or --push-only.
         timeout = FINAL_PUSH_AFTER_SIGNAL_S if stop.requested or sys.exc_info()[0] is not None else None
+        stats.ended = time.monotonic()
         pushed_all = pusher.close(final=True, timeout=timeout) if pusher is not None else True
     return finish(cfg, writer, worker, num_workers, plan, stats, hub_client, pushed_all,
                   push_refused=pusher.refused if pusher is not None else None)
