@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import logging
 import os
 from collections import Counter
 from pathlib import Path
@@ -40,6 +41,7 @@ try:  # `python -m vlm_caption.preview` outside the venv: one line saying what t
 except ModuleNotFoundError as e:
     cli.exit_missing_dependency(e, as_script=__name__ == "__main__", prog="python -m vlm_caption.preview")
 
+log = logging.getLogger(__name__)
 DEFAULT_ROWS = 200
 # A file in a model dir saying its weights are random (the demo writes it next to its tiny model).
 RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
@@ -89,23 +91,45 @@ def _extra_caption(name: str) -> bool:
         ("caption_flags_", "caption_finish_", "caption_tokens_", "caption_attempts_", "caption_model"))
 
 
-def local_images(data_dir: Path, keys: list[str]) -> dict[str, Path]:
-    """key -> image file for the keys found in the data dir's metadata (only their rows are kept)."""
-    wanted = pa.array(sorted(set(keys)), pa.string())
+def local_images(data_dir: Path, rows: list[dict]) -> tuple[dict[str, Path], int]:
+    """(key -> image file for the rows' keys found in the data dir's metadata, how many of those keys hold another
+    image there). Every data dir names its keys 000000000, 000000001, ...: a row's file is only used when its
+    sha256 is the row's (another data dir's image is no thumbnail of this caption)."""
+    wanted_sha = {str(r["key"]): r.get("sha256") for r in rows}
+    wanted = pa.array(sorted(wanted_sha), pa.string())
     found: dict[str, Path] = {}
+    other: set[str] = set()
     for path, shard in dataset.metadata_files(data_dir):
         pf = dataset.open_metadata(path)
-        columns = [c for c in ("key", "file_name") if c in pf.schema_arrow.names]
+        columns = [c for c in ("key", "file_name", "sha256") if c in pf.schema_arrow.names]
         for batch in pf.iter_batches(batch_size=8192, columns=columns):
             hits = batch.filter(pc.is_in(pc.cast(batch.column("key"), pa.string()), value_set=wanted))
             for row in hits.to_pylist():
                 key = str(row["key"])
+                if key in found:
+                    continue
+                if row.get("sha256") and wanted_sha[key] and row["sha256"] != wanted_sha[key]:
+                    other.add(key)
+                    continue
                 image = dataset.resolve_image_path(data_dir, key, row.get("file_name"), shard)
                 if image is not None and image.is_file():
-                    found.setdefault(key, image)
+                    found[key] = image
+                    other.discard(key)
             if len(found) == len(wanted):
-                return found
-    return found
+                return found, len(other)
+    return found, len(other)
+
+
+def check_data_dir(data_dir: Path, shown: int, found: int, other: int) -> None:
+    """A --data-dir whose images under the rows' keys are others (another run's data): refused when none is the
+    run's, warned about when some are (those cards show the url's image)."""
+    if not other:
+        return
+    what = f"{other} of the {shown} rows shown hold another image (sha256) under their key in --data-dir {data_dir}"
+    if not found:
+        raise UsageError(f"{what}: it is not the data dir this run captioned; give that one (or no --data-dir: "
+                         "thumbnails from the urls)")
+    log.warning("%s: their cards show the image of their url instead", what)
 
 
 def read_failures(checkpoint_dir: Path, merged: Path, n: int) -> tuple[list[dict], int]:
@@ -316,10 +340,11 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
     flag_columns, finish_columns, attempts_columns, tokens_columns = (
         run_prompt_columns(run, base) for base in (FLAGS_COLUMN, _FINISH, _ATTEMPTS, _TOKENS))
     captions = caption_columns(run)  # what the run wrote, not guessed from the column names
-    rows, total = read_first_rows(merged, n, [*flag_columns.values(), *finish_columns.values(),
+    rows, total = read_first_rows(merged, n, ["sha256", *flag_columns.values(), *finish_columns.values(),
                                               *attempts_columns.values(), *tokens_columns.values(),
                                               *(captions or ())])
-    images = local_images(Path(data_dir), [r["key"] for r in rows]) if data_dir is not None else {}
+    images, other = local_images(Path(data_dir), rows) if data_dir is not None else ({}, 0)
+    check_data_dir(Path(data_dir or "."), len(rows), len(images), other)
     out_dir = out.parent
     srcs = [relative_src(images[r["key"]], out_dir) if r["key"] in images else safe_url(r.get("url"))
             for r in rows]
