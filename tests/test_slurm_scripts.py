@@ -96,3 +96,14 @@ def test_a_rerun_of_a_task_whose_dir_holds_another_slice_is_refused(tmp_path):
     (task / "machines.json").write_text(json.dumps({"machines": 4, "indices": [3]}))
     proc = run_script(env, tmp_path, *args)
     assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_submitted_without_array_says_how_in_one_line(tmp_path):
+    """`sbatch runs/slurm_array.sbatch` without --array (or bash on it): was bash's 'SLURM_ARRAY_TASK_ID: unbound
+    variable', exit 1."""
+    env = sbatch_env(tmp_path, REPO, VENV=str(Path(sys.executable).parent.parent))
+    for name in ("SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT", "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_JOB_ID"):
+        env.pop(name)
+    proc = run_script(env, tmp_path, "--backend", "dummy")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--array=0-N" in lines[0], proc.stderr
