@@ -5,6 +5,14 @@
 # where you started it. torchrun / accelerate exit 1 for any worker's non-zero code (README: Exit codes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ ! -x vlm-caption/bin/accelerate ]]; then  # was "vlm-caption/bin/accelerate: No such file or directory", 127
+  echo "one_node_8gpus.sh: error: no $PWD/vlm-caption/bin/accelerate: run ./setup.sh in $PWD first" >&2
+  exit 2
+fi
+if ! [[ ${GPUS:-8} =~ ^[1-9][0-9]*$ ]]; then
+  echo "one_node_8gpus.sh: error: GPUS=${GPUS} is not a number of GPUs (a positive integer)" >&2
+  exit 2
+fi
 MODEL=${MODEL:-google/gemma-3-27b-it}
 vlm-caption/bin/accelerate launch --multi_gpu --num_processes "${GPUS:-8}" --num_machines 1 \
   --mixed_precision no --dynamo_backend no \

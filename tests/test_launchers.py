@@ -332,3 +332,25 @@ def test_the_one_node_script_takes_a_checkpoint_dir_of_yours(data, tmp_path):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (ckpt / store.MERGED).is_file() and not (checkout / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("problem", ["no venv", "GPUS=0"])
+def test_the_one_node_script_says_what_is_missing_in_one_line(tmp_path, problem):
+    """A checkout without ./setup.sh: was 'vlm-caption/bin/accelerate: No such file or directory', exit 127."""
+    import shutil
+    import subprocess
+
+    checkout = tmp_path / "checkout"
+    (checkout / "runs").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parent.parent / "runs" / "one_node_8gpus.sh", checkout / "runs")
+    env = dict(os.environ)
+    if problem == "GPUS=0":
+        (checkout / "vlm-caption" / "bin").mkdir(parents=True)
+        (checkout / "vlm-caption" / "bin" / "accelerate").write_text("#!/bin/sh\nexit 9\n")
+        (checkout / "vlm-caption" / "bin" / "accelerate").chmod(0o755)
+        env["GPUS"] = "0"
+    proc = subprocess.run(["bash", str(checkout / "runs" / "one_node_8gpus.sh")], env=env, capture_output=True,
+                          text=True, timeout=60)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert ("setup.sh" if problem == "no venv" else "GPUS=0") in lines[0]
