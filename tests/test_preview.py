@@ -202,13 +202,14 @@ def test_each_prompts_caption_and_the_json_fields_are_shown():
            "vlm_caption_long": "a long one", "caption_subject_long": "a bridge", "caption_finish": "stop"}
     html = render_card(row, None)
     assert html.count('<p class="vlm">') == 3  # the plain column repeats the first prompt's: not shown twice
-    assert '<span class="label">short:</span> short one' in html and '<span class="label">long:</span> a long one' in html
-    assert '<span class="label">caption_subject_long:</span> a bridge' in html
+    assert '<span class="label">short:</span> <bdi>short one</bdi>' in html and \
+        '<span class="label">long:</span> <bdi>a long one</bdi>' in html
+    assert '<span class="label">caption_subject_long:</span> <bdi>a bridge</bdi>' in html
     plain = render_card({"key": "000000002", "vlm_caption": "just one", "caption_finish": "stop"}, None)
-    assert '<p class="vlm">just one</p>' in plain
+    assert '<p class="vlm"><bdi>just one</bdi></p>' in plain
     # control characters (random weights emit them) are shown as their control pictures, not left invisible
     odd = render_card({"key": "000000003", "vlm_caption": "a\x00b\x1bc\x7fd\te", "caption_finish": "stop"}, None)
-    assert '<p class="vlm">a\u2400b\u241bc\u2421d\te</p>' in odd and "\x00" not in odd and "\x1b" not in odd
+    assert '<p class="vlm"><bdi>a\u2400b\u241bc\u2421d\te</bdi></p>' in odd and "\x00" not in odd and "\x1b" not in odd
 
 
 # Two prompts flagged differently; the plain caption_flags repeat the first's. Sorted by the flags of all prompts:

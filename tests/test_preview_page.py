@@ -72,3 +72,20 @@ def test_each_prompts_tokens_show_and_the_sort_counts_the_most(tmp_path):
     first, second = (c for c in (tmp_path / "preview.html").read_text().split("<article")[1:])
     assert "<span>short: 5 tokens</span><span>long: 6 tokens</span>" in first and 'data-tokens="6"' in first
     assert "<span>short: 3 tokens</span><span>long: 40 tokens</span>" in second and 'data-tokens="40"' in second
+
+
+def test_a_huge_or_right_to_left_value_is_cut_and_isolated():
+    """A 100 KB caption (a loop at a large --max-tokens) and a 100 KB original caption were shown whole: 200 such
+    cards, a page of tens of MB, each card many screens tall. An Arabic caption took the card's left-to-right
+    direction (its trailing punctuation and emoji shown on the wrong side), an unclosed U+202E reordered the text
+    after it."""
+    from vlm_caption.preview import SHOWN_CHARS, render_card
+
+    row = {"key": "000000001", "vlm_caption": "loop " * 20_000, "original_caption": "x" * 100_000,
+           "tags": "\u202eevil", "caption_finish": "length"}
+    card = render_card(row, None)
+    assert len(card) < 3 * SHOWN_CHARS + 2000
+    assert f"({100_000 - SHOWN_CHARS:,} more characters" in card and card.count("more characters") == 2
+    assert "<bdi>\u202eevil</bdi>" in card
+    arabic = render_card({"key": "000000002", "vlm_caption": "لوحة زيتية 🎨!", "caption_finish": "stop"}, None)
+    assert '<p class="vlm"><bdi>لوحة زيتية 🎨!</bdi></p>' in arabic and "more characters" not in arabic

@@ -185,6 +185,18 @@ def _e(value) -> str:
     return html.escape("" if value is None else str(value), quote=True).translate(_CONTROL_PICTURES)
 
 
+# A longer value (a generation loop, a scraped wall of text) is cut in its card: 200 of them made a page of tens of MB.
+SHOWN_CHARS = 3000
+
+
+def _text(value) -> str:
+    """A value as shown: in its own text direction (Arabic reads right to left, and cannot reorder the card), cut."""
+    text = "" if value is None else str(value)
+    cut = len(text) - SHOWN_CHARS
+    note = f'<span class="cut"> … ({cut:,} more characters; the whole value is in the parquet)</span>' if cut > 0 else ""
+    return f"<bdi>{_e(text[:SHOWN_CHARS])}</bdi>{note}"
+
+
 def _thumb(key: str, src: str | None) -> str:
     return (f'<a href="{_e(src)}" rel="noopener noreferrer"><img class="thumb" src="{_e(src)}" '
             f'alt="image {_e(key)}" loading="lazy"></a>') if src else '<div class="noimg">no image</div>'
@@ -228,8 +240,8 @@ def render_card(row: dict, src: str | None, flag_columns: Mapping[str, str] | No
         f'<div class="meta"><span class="badge {badge}">{_e(shown)}</span><code class="key">{_e(row["key"])}</code>'
         f'{token_spans}{attempts}{badges}</div>'
         f"{_captions(row, captions)}"
-        f'<p class="orig"><span class="label">original:</span> {_e(row.get("original_caption"))}</p>'
-        f'<p class="tags"><span class="label">tags:</span> {_e(row.get("tags"))}</p>'
+        f'<p class="orig"><span class="label">original:</span> {_text(row.get("original_caption"))}</p>'
+        f'<p class="tags"><span class="label">tags:</span> {_text(row.get("tags"))}</p>'
         "</article>"
     )
 
@@ -245,7 +257,7 @@ def _captions(row: dict, columns: Sequence[str] | None = None) -> str:
     for name, text in named.items():
         label = f'<span class="label">{_e(name.removeprefix("vlm_caption_"))}:</span> ' if name else ""
         if text is not None or not name:
-            html.append(f'<p class="vlm">{label}{_e(text)}</p>')
+            html.append(f'<p class="vlm">{label}{_text(text)}</p>')
     return "".join(html)
 
 
@@ -253,7 +265,7 @@ def render_failure_card(row: dict) -> str:
     """A failed image: its stage (load / decode / generate) and reason, and a link to its url."""
     error = (row.get("error") or "").strip()
     first = error.splitlines()[0] if error else "no reason recorded"
-    more = (f'<details><summary>full reason</summary><p class="error">{_e(error)}</p></details>'
+    more = (f'<details><summary>full reason</summary><p class="error">{_text(error)}</p></details>'
             if error and error != first else "")
     url = safe_url(row.get("url"))
     link = f'<a href="{_e(url)}" rel="noopener noreferrer">source url</a>' if url else ""
@@ -262,7 +274,7 @@ def render_failure_card(row: dict) -> str:
         '<div class="noimg">not captioned</div>'
         f'<div class="meta"><span class="badge finish-failed">failed: {_e(row.get("stage") or "?")}</span>'
         f'<code class="key">{_e(row["key"])}</code>{link}</div>'
-        f'<p class="error"><span class="label">reason:</span> {_e(first)}</p>{more}'
+        f'<p class="error"><span class="label">reason:</span> {_text(first)}</p>{more}'
         "</article>"
     )
 

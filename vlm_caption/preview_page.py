@@ -31,6 +31,7 @@ main{display:grid;grid-template-columns:repeat(auto-fill,minmax(260px,1fr));gap:
 .finish-failed{background:#b91c1c}
 .flag{border-radius:4px;padding:1px 5px;font-size:11px;background:#fde68a;color:#78350f}
 code{font-size:12px}
+.cut{color:#71717a;font-style:italic}
 """
 
 # Cards are hidden with the `hidden` attribute; the count line says how many match. Sorting moves the
