@@ -201,3 +201,12 @@ def test_smoke_usage_errors_exit_2_before_any_check(smoke, tmp_path, capsys):
             smoke.main(argv)
         out, err = capsys.readouterr()
         assert e.value.code == 2 and "error:" in err and "PASS" not in out, (argv, out, err)
+
+
+def test_another_n_on_a_demo_dir_names_the_flag_run_captioning_takes(tmp_path):
+    """`./run_captioning.sh --demo --n 30` on a dir of 24 rows said "pass another --dir": run_captioning.sh
+    documents --demo-dir (--dir is only the module's alias)."""
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / demo_module.DATA_DONE_MARKER).write_text('{"rows_in": 24}')
+    with pytest.raises(UsageError, match=r"24 rows, not --n 30: .*another --demo-dir\)"):
+        demo_module.ensure_data(tmp_path, 30)

@@ -88,7 +88,7 @@ def ensure_data(demo_dir: Path, n: int | None) -> tuple[Path, bool]:
     if (data / DATA_DONE_MARKER).is_file():
         if n is not None and (built_rows := _sample_rows(data)) != n:  # its checkpoints are of that sample
             raise UsageError(f"{data} holds the sample of {built_rows or 'an unknown number of'} rows, not --n {n}: "
-                             f"delete {demo_dir} (or pass another --dir) to build a new one")
+                             f"delete {demo_dir} (or pass another --demo-dir) to build a new one")
         return data, False
     n = DEFAULT_ROWS if n is None else n
     from .sample_data import write_sample
