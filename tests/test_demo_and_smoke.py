@@ -210,3 +210,15 @@ def test_another_n_on_a_demo_dir_names_the_flag_run_captioning_takes(tmp_path):
     (tmp_path / "data" / demo_module.DATA_DONE_MARKER).write_text('{"rows_in": 24}')
     with pytest.raises(UsageError, match=r"24 rows, not --n 30: .*another --demo-dir\)"):
         demo_module.ensure_data(tmp_path, 30)
+
+
+def test_the_resume_check_counts_one_image_in_the_singular(tmp_path, monkeypatch):
+    """`test_pipeline.py --full --num-images 2` on a sample with one broken image said 'rerun skipped 1 done images'."""
+    import json
+    from types import SimpleNamespace
+
+    from vlm_caption import smoke
+
+    monkeypatch.setattr(smoke, "run_captioning", lambda ctx, resume: None)
+    (tmp_path / store.SUMMARY).write_text(json.dumps({"this_run": {"captioned": 0, "skipped_already_done": 1}}))
+    assert smoke.check_resume(SimpleNamespace(ckpt=tmp_path)) == "rerun skipped 1 done image, wrote nothing"

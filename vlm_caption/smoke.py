@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .cli import plural
 from .data_layout import IMAGES_DIR, SHARD_NAMES
 from .errors import FatalError, UsageError
 from .schema import IMAGE_PATH, source_columns
@@ -223,7 +224,7 @@ def check_resume(ctx: Context) -> str:
     if after != before or this_run["captioned"]:
         raise CheckFailed(f"the rerun captioned {this_run['captioned']} images and changed the parts "
                           f"({len(before)} before, {len(after)} after)")
-    return f"rerun skipped {this_run['skipped_already_done']} done images, wrote nothing"
+    return f"rerun skipped {plural(this_run['skipped_already_done'], 'done image')}, wrote nothing"
 
 
 def check_push(ctx: Context) -> str:
