@@ -94,7 +94,7 @@ def shard_layout(base: Path, out: Path, rows: int, shard_size: int = 10_000) -> 
     return out
 
 
-def settings_for(data: Path, ckpt: Path) -> dict:
+def settings_for(data: Path) -> dict:
     from vlm_caption.config import RunConfig
 
     return RunConfig(model="dummy-model", backend="dummy", data_dir=str(data)).run_settings()
@@ -119,7 +119,7 @@ def build_nearly_done(data: Path, ckpt: Path, left: int, writers: int, part_rows
             **row, "vlm_caption": texts[(i * 7919) % len(texts)], "caption_model": "dummy:dummy-model",
             "caption_finish": "stop", "caption_tokens": chars // 5, "caption_flags": [], "caption_attempts": 1})
     first = CheckpointStore(ckpt, 0, num_workers=writers)
-    first.open_run(settings_for(data, ckpt), overwrite=False)
+    first.open_run(settings_for(data), overwrite=False)
     first.lock.release()
     parts = 0
     for w, rows in sorted(by_worker.items()):

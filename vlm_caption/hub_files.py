@@ -43,10 +43,10 @@ def hub_path(run_id: str, dir_id: str, worker: int, first: int, last: int, keys:
     return f"{run_data_dir(run_id)}/{dir_id}-w{worker:03d}-{first:06d}-{last:06d}-{digest}.parquet"
 
 
-def plan_hub_files(run_id: str, dir_id: str, pending: list[tuple[Part, list[str]]],
-                   max_rows: int | None = None) -> list[HubFile]:
-    """Group parts per worker into runs of consecutive seq numbers publishing at most max_rows rows."""
-    max_rows = max_rows or MAX_ROWS_PER_HUB_FILE
+def plan_hub_files(run_id: str, dir_id: str, pending: list[tuple[Part, list[str]]]) -> list[HubFile]:
+    """Group parts per worker into runs of consecutive seq numbers publishing at most MAX_ROWS_PER_HUB_FILE
+    rows."""
+    max_rows = MAX_ROWS_PER_HUB_FILE  # read at each call: tests lower it
     groups: list[list[tuple[Part, list[str]]]] = []
     for part, keys in sorted(pending):
         last = groups[-1] if groups else None

@@ -52,12 +52,13 @@ def describe(exc: BaseException, token: str | None = None) -> str:
     return scrub(text, token)[:300]
 
 
-def is_transient(exc: BaseException, conflicts: bool = False) -> bool:
-    """Worth another try: 5xx, 408, 429, lost connections; 409/412 only for commits (a lost race)."""
+def is_transient(exc: BaseException) -> bool:
+    """Worth another try: 5xx, 408, 429, lost connections. A commit's lost race (409/412) is not retried here:
+    hub.py's `_against_head` plans it again from a fresh read."""
     if isinstance(exc, NETWORK_ERRORS):
         return True
     status = http_status(exc)
-    return status is not None and (status >= 500 or status in (408, 429) or (conflicts and status in (409, 412)))
+    return status is not None and (status >= 500 or status in (408, 429))
 
 
 @dataclass(frozen=True)
@@ -82,13 +83,13 @@ class RetryPolicy:
 
 
 def call_with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = RetryPolicy(), *,
-                      conflicts: bool = False, token: str | None = None) -> T:
+                      token: str | None = None) -> T:
     """fn() with bounded exponential backoff on transient failures; other errors go up at once."""
     for attempt in range(1, policy.tries + 1):
         try:
             return fn()
         except (HfHubHTTPError, *NETWORK_ERRORS) as e:
-            if not is_transient(e, conflicts):
+            if not is_transient(e):
                 raise
             if attempt == policy.tries:
                 raise HubUnavailable(f"Hub {what} failed {policy.tries} times, last: {describe(e, token)}") from None

@@ -214,7 +214,7 @@ def _exif_json(data: bytes) -> str | None:
 
 # ---------------------------------------------------------------------------------------------- text
 
-def _text(row: _Row, rng: random.Random) -> dict:
+def _text(rng: random.Random) -> dict:
     artist, style, medium, subject = (rng.choice(x) for x in (_ARTISTS, _STYLES, _MEDIA, sorted(_SUBJECTS)))
     caption = rng.choice([
         f"{subject}, {medium}, in the style of {artist}",
@@ -295,7 +295,7 @@ def _write_shard(out: Path, shard_id: int, rows: list[_Row], shard_size: int, or
 
 def _row_meta(row: _Row, shard_size: int, original_keys: list[int], rng: random.Random) -> tuple[dict, bytes | None]:
     """(the row's metadata in img2dataset's column order, the saved bytes or None)."""
-    text = _text(row, rng)
+    text = _text(rng)
     data = _row_bytes(row, rng)
     ext = "png" if row.fmt == "PNG" and row.kind == "image" else "jpg"
     failed = row.kind in _FAILED
