@@ -49,8 +49,6 @@ def parse_args(argv=None):
 
 def load(args, device, workdir: Path):
     """(model, processor): saved presets go through the same from_pretrained path as a hub model."""
-    import torch
-
     from vlm_caption import tiny_model
     from vlm_caption.model_loading import load_model, resolve_dtype
 

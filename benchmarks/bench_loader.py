@@ -161,7 +161,6 @@ def run_once(paths: list[Path], prepare, target: int, threads: int) -> tuple[flo
 def compare(paths: list[Path], size: int, device: str = "cpu") -> dict:
     """|fast - processor| and |device - processor| per image, the processor fed the full-size decode (the
     reference)."""
-    import torch
     from PIL import Image
 
     from vlm_caption import dataset

@@ -8,7 +8,6 @@ import os
 import shutil
 import subprocess
 from collections import namedtuple
-from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest

@@ -22,8 +22,7 @@ from .data_layout import (ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_N
                           VALIDATION_DIR, expected_shards, shard_name, stats_file)
 from .download_source import URL_COLUMNS, travels_as_text
 from .errors import UsageError, brief
-from .images import (DRAFT_MARGIN, IMAGE_SUFFIXES, MAX_IMAGE_PIXELS, ImageLoadError,  # noqa: F401
-                     draft_box, load_image, to_rgb)  # (dataset.* names)
+from .images import IMAGE_SUFFIXES, ImageLoadError, load_image, to_rgb  # noqa: F401  (dataset.* names)
 from .schema import COLUMNS, IMAGE_PATH, LOOKUP_COLUMNS, Column, carried, keep_columns
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ normalises with mean = std = 0.5. Its PIL backend does that with Pillow's scalar
 float arithmetic: ~3x the CPU of decoding the JPEG. `ImagePrep` does the same steps in C:
 
 - the JPEG is decoded at a reduced scale when it is at least twice the target (+25 %) on both sides
-  (`dataset.load_image` passes `draft_box(target)` to `Image.draft`);
+  (`images.load_image` passes `draft_box(target)` to `Image.draft`);
 - the resize is torch's antialiased uint8 kernel (SIMD; a port of Pillow's convolution, so it matches the
   processor's output to about 1/255), measured against Pillow (`reducing_gap` too) and OpenCV in BENCHMARKS.md;
 - rescale + normalise is one fused multiply-add in torch, straight to the model dtype.
