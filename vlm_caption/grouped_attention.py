@@ -102,8 +102,7 @@ KERNELS = {"sdpa": (ATTENTION_NAME, grouped_sdpa_attention), "flex": (FLEX_ATTEN
 def set_grouped_decode_attention(model, on: bool | str = True) -> bool:
     """Switch the text model of `model` between "sdpa" and the grouped decode attention (on: True or "sdpa";
     "flex": the FlexAttention candidate); True when it now uses a grouped one. Nothing changes when the text
-    model was loaded with another implementation (eager, flash), has as many KV heads as query heads, or this
-    transformers has no attention registry."""
+    model was loaded with another implementation (eager, flash) or has as many KV heads as query heads."""
     text = model.config.get_text_config(decoder=True)
     current = getattr(text, "_attn_implementation", None)
     heads, kv_heads = getattr(text, "num_attention_heads", 1), getattr(text, "num_key_value_heads", None)
@@ -116,11 +115,9 @@ def set_grouped_decode_attention(model, on: bool | str = True) -> bool:
     wanted = KERNELS[kernel][0] if kernel else "sdpa"
     if current == wanted:
         return bool(kernel)
-    try:
-        from transformers import AttentionInterface
-        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-    except ImportError:  # an older transformers without the registries: keep sdpa
-        return False
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
     for name, registered in KERNELS.values():
         AttentionInterface.register(name, registered)
         AttentionMaskInterface.register(name, sdpa_mask)  # masks exactly as for "sdpa"

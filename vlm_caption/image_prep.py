@@ -91,7 +91,7 @@ PILLOW_BLOCK_BYTES = 64 * 2**20
 def use_single_block_images() -> None:
     """Raise Pillow's allocation block size (process-wide, never lowered) so decoded images are one block."""
     core = Image.core
-    if hasattr(core, "get_block_size") and core.get_block_size() < PILLOW_BLOCK_BYTES:
+    if core.get_block_size() < PILLOW_BLOCK_BYTES:
         core.set_block_size(PILLOW_BLOCK_BYTES)
 
 
