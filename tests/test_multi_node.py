@@ -7,7 +7,7 @@ from dummy_runs import clear_launch_env, dummy_args
 
 from batched_image_inference import main
 from vlm_caption import store
-from vlm_caption.errors import EXIT_OK
+from vlm_caption.errors import EXIT_OK, UsageError
 
 
 @pytest.fixture(scope="module")
@@ -17,11 +17,16 @@ def data(tmp_path_factory):
     return write_sample(tmp_path_factory.mktemp("nodes") / "data", n=16, broken=False, seed=4)
 
 
-def as_rank(monkeypatch, rank: int, local_rank: int) -> None:
+def as_rank(monkeypatch, rank: int, local_rank: int, per_node: int = 2) -> None:
     """What torchrun --nnodes 2 --nproc-per-node 2 sets for global rank `rank` (4 ranks, 2 a node)."""
     clear_launch_env(monkeypatch)
-    for var, value in (("RANK", rank), ("WORLD_SIZE", 4), ("LOCAL_RANK", local_rank), ("LOCAL_WORLD_SIZE", 2)):
+    for var, value in (("RANK", rank), ("WORLD_SIZE", 2 * per_node), ("LOCAL_RANK", local_rank),
+                       ("LOCAL_WORLD_SIZE", per_node), ("GROUP_RANK", rank // per_node), ("GROUP_WORLD_SIZE", 2)):
         monkeypatch.setenv(var, str(value))
+
+
+def dir_keys(ckpt) -> list[str]:
+    return [k for _, ks in store.read_keys(store.list_parts(ckpt)) for k in ks]
 
 
 def test_the_ranks_of_a_second_node_set_up_its_own_dir(data, tmp_path, monkeypatch):
@@ -41,8 +46,8 @@ def test_the_ranks_of_a_second_node_set_up_its_own_dir(data, tmp_path, monkeypat
     as_rank(monkeypatch, rank=3, local_rank=1)  # the node's other rank waits for its leader's run.json, and joins
     assert main(dummy_args(data, ckpt)) == EXIT_OK
     assert store.read_run_json(ckpt)["run_id"] == run_id
-    keys = [k for _, ks in store.read_keys(store.list_parts(ckpt)) for k in ks]
-    assert {p.worker for p in store.list_parts(ckpt)} == {2, 3}
+    keys = dir_keys(ckpt)
+    assert {p.worker for p in store.list_parts(ckpt)} == {1, 3}  # node 1 of 2: workers 1 + 2 x local rank
     assert keys and len(keys) == len(set(keys))
 
 
@@ -57,3 +62,64 @@ def test_a_rank_set_by_hand_without_a_local_rank_still_waits_for_rank_0(monkeypa
     assert workers.leads_its_machine()
     clear_launch_env(monkeypatch)
     assert workers.leads_its_machine()  # one process, no launcher
+
+
+def test_a_nodes_own_dir_relaunched_alone_is_refused_and_finishes_as_that_node(data, tmp_path, monkeypatch, capsys):
+    """Node 1's dir of a 2-node torchrun recorded "machine 0 of 1": relaunched as one plain process it was
+    allowed and captioned every key, node 0's again (--merge-only: captioned more than once). The node is a
+    machine of the run now: its dir records machine 1 of 2, a plain relaunch is refused in one line saying how
+    to relaunch it, and a relaunch as that machine (any number of GPUs) captions only the node's keys."""
+    dirs = [tmp_path / "n0", tmp_path / "n1"]
+    for rank in range(4):
+        as_rank(monkeypatch, rank=rank, local_rank=rank % 2)
+        assert main(dummy_args(data, dirs[rank // 2])) == EXIT_OK
+    done = dir_keys(dirs[1])
+    clear_launch_env(monkeypatch)
+    with pytest.raises(UsageError, match="machine 1 of 2.*--nnodes and --node-rank.*--num-workers 2 --worker-index 1"):
+        main(dummy_args(data, dirs[1]))
+    assert sorted(dir_keys(dirs[1])) == sorted(done)  # nothing captioned by the refused run
+    as_rank(monkeypatch, rank=1, local_rank=0, per_node=1)  # the same node, relaunched with 1 GPU a node
+    assert main(dummy_args(data, dirs[1], "--overwrite")) == EXIT_OK
+    assert sorted(dir_keys(dirs[1])) == sorted(done)  # (--overwrite: recaptioned, the same keys)
+    clear_launch_env(monkeypatch)  # or by hand, as machine 1 of 2
+    assert main(dummy_args(data, dirs[1], "--overwrite", "--num-workers", "2", "--worker-index", "1")) == EXIT_OK
+    assert sorted(dir_keys(dirs[1])) == sorted(done)
+    capsys.readouterr()
+    assert main(["--merge-only", "--data-dir", str(data), "--checkpoint-dir", *map(str, dirs)]) == EXIT_OK
+    assert "0 missing, 0 captioned more than once" in capsys.readouterr().out
+
+
+def test_a_dir_shared_by_the_nodes_is_the_whole_run(data, tmp_path, monkeypatch, capsys):
+    """Both nodes in one dir: it holds every key, so any later launch of it is allowed and captions nothing."""
+    ckpt = tmp_path / "shared"
+    for rank in range(4):
+        as_rank(monkeypatch, rank=rank, local_rank=rank % 2)
+        assert main(dummy_args(data, ckpt)) == EXIT_OK
+    done = sorted(dir_keys(ckpt))
+    assert len(done) == len(set(done)) == 16
+    clear_launch_env(monkeypatch)
+    assert main(dummy_args(data, ckpt)) == EXIT_OK
+    assert sorted(dir_keys(ckpt)) == done
+    capsys.readouterr()
+    assert main(["--merge-only", "--data-dir", str(data), "--checkpoint-dir", str(ckpt)]) == EXIT_OK
+    assert "0 missing, 0 captioned more than once" in capsys.readouterr().out
+
+
+def test_node_and_local_rank_make_the_worker_and_a_node_is_a_machine(monkeypatch):
+    from vlm_caption import workers
+
+    seen = []
+    for node in range(3):
+        for local in range(4):
+            clear_launch_env(monkeypatch)
+            for var, value in (("RANK", node * 4 + local), ("WORLD_SIZE", 12), ("LOCAL_RANK", local),
+                               ("LOCAL_WORLD_SIZE", 4), ("GROUP_RANK", node), ("SLURM_ARRAY_TASK_ID", 1),
+                               ("SLURM_ARRAY_TASK_COUNT", 2)):
+                monkeypatch.setenv(var, str(value))
+            worker, count = workers.worker_slice(None, None)
+            assert count == 24 and workers.machine_slice(None, None) == (1 + 2 * node, 6) == (worker % 6, 6)
+            seen.append(worker)
+    assert sorted(seen) == list(range(1, 24, 2))  # array task 1's keys, each worker once
+    monkeypatch.setenv("WORLD_SIZE", "14")  # 4 processes a node do not make 14
+    with pytest.raises(UsageError, match="same --nproc-per-node"):
+        workers.worker_slice(None, None)

@@ -164,10 +164,11 @@ def test_worker_slice_from_srun_tasks_stepped_arrays_and_partial_environments(mo
     monkeypatch.setenv("WORLD_SIZE", "8")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
     assert RunConfig().worker_slice() == (2 + 4 * 5, 32)
-    # A multi-node torchrun (ranks already count across the 4 nodes): the srun level is not counted twice.
+    # A multi-node torchrun (ranks already count across the 4 nodes): the srun level is not counted twice;
+    # the node (21 // 8) is the low digit, the local rank (21 % 8) the high one.
     monkeypatch.setenv("WORLD_SIZE", "32")
     monkeypatch.setenv("RANK", "21")
-    assert RunConfig().worker_slice() == (21, 32)
+    assert RunConfig().worker_slice() == (2 + 4 * 5, 32)
     monkeypatch.delenv("LOCAL_WORLD_SIZE")  # RANK=$SLURM_PROCID set by hand: the same
     assert RunConfig().worker_slice() == (21, 32)
     for var in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS"):

@@ -1,4 +1,5 @@
-"""Which keys a checkpoint dir is for: the machines of the run that made it (Slurm array size or --num-workers).
+"""Which keys a checkpoint dir is for: the machines of the run that made it (Slurm array size or --num-workers,
+times the nodes of a multi-node torchrun: each node is a machine, workers.py).
 
 A machine takes the keys whose CRC32 mod the machine count is its index (workers.py), so a dir relaunched with
 another machine count takes another set of keys: those already captioned in the other machines' dirs are
@@ -46,12 +47,14 @@ def _check_machines(ckpt: Path, machine: int, machines: int) -> None:
         return
     holds_work = bool(store.list_parts(ckpt) or store.list_failure_files(ckpt))
     if count is not None and holds_work and indices != set(range(count)):
+        index = str(min(indices)) if len(indices) == 1 else "<one of those>"
         raise UsageError(
-            f"{ckpt} holds the keys of machine {', '.join(map(str, sorted(indices)))} of {count} (Slurm array tasks "
-            f"or --num-workers), but this run is machine {machine} of {machines}: its keys are another set, so keys "
-            f"in the other machines' dirs would be captioned again and some of this dir's by no one. Relaunch it as "
-            f"one of {count} (a resubmitted array task: runs/slurm_array.sbatch with MACHINES={count}, i.e. "
-            f"--num-workers {count} --worker-index TASK), or use a new --checkpoint-dir")
+            f"{ckpt} holds the keys of machine {', '.join(map(str, sorted(indices)))} of {count} (Slurm array tasks, "
+            f"nodes of a multi-node torchrun, or --num-workers), but this run is machine {machine} of {machines}: its "
+            f"keys are another set, so keys in the other machines' dirs would be captioned again and some of this "
+            f"dir's by no one. Relaunch it as one of {count} (a resubmitted array task: runs/slurm_array.sbatch with "
+            f"MACHINES={count}; a node: the same torchrun --nnodes and --node-rank; any of them, with any number of "
+            f"GPUs: --num-workers {count} --worker-index {index}), or use a new --checkpoint-dir")
     # A dir whose machines covered every key stays the whole run under the new count: recorded as one machine
     # of it, a later relaunch with yet another count (or the first one) was refused though every key is here.
     whole = count is not None and indices == set(range(count))

@@ -2,17 +2,22 @@
 
 Three launch levels nest, outermost first; each multiplies the number of workers:
 
-    machine   a Slurm job array task (SLURM_ARRAY_TASK_*), or --num-workers/--worker-index given by hand
+    machine   a Slurm job array task (SLURM_ARRAY_TASK_*), or --num-workers/--worker-index given by hand,
+              times the node of a multi-node torchrun (GROUP_RANK of WORLD_SIZE / LOCAL_WORLD_SIZE) inside it
     task      a Slurm step started with `srun -n N` (SLURM_PROCID of SLURM_STEP_NUM_TASKS)
-    rank      torchrun / accelerate launch (RANK of WORLD_SIZE)
+    rank      torchrun / accelerate launch (RANK of WORLD_SIZE; LOCAL_RANK of LOCAL_WORLD_SIZE across nodes)
 
 worker = machine + machines * (task + tasks * rank): the outer levels are the low digits, so the keys of a
-machine (worker % machines: what a Slurm array task's own checkpoint dir holds) and of a task do not depend on how
-many processes run inside them. A resubmitted array task on a node with another number of GPUs (or srun tasks)
-takes the same keys; with the outer level as the high digit it took another set, captioning keys of other tasks'
-dirs again and leaving some of its own to nobody. A rank that already counts across machines (a multi-node
-torchrun: WORLD_SIZE > LOCAL_WORLD_SIZE, or RANK set by hand with no LOCAL_WORLD_SIZE) replaces the task level,
-never multiplies it: counting one level twice would leave most slices to no worker, silently.
+machine (worker % machines: what a Slurm array task's or a node's own checkpoint dir holds) and of a task do
+not depend on how many processes run inside them. A resubmitted array task on a node with another number of
+GPUs (or srun tasks) takes the same keys; with the outer level as the high digit it took another set,
+captioning keys of other tasks' dirs again and leaving some of its own to nobody. A multi-node torchrun's node
+is a machine: its ranks are numbered by node then local rank (the srun level, which started the nodes, is not
+counted twice), so its dir records "machine <node> of <nodes>" (dir_scope.py) and a relaunch of that dir alone
+is refused unless it is that machine (torchrun --nnodes/--node-rank as before, or --num-workers/--worker-index
+with any number of GPUs). Before, the global RANK was the worker: a node's dir recorded one machine and a plain
+relaunch of it captioned every key, other nodes' again. RANK set by hand with no LOCAL_WORLD_SIZE (ranks that
+count across machines, node unknown) stays the worker as is, in place of the task level.
 """
 from __future__ import annotations
 
@@ -87,19 +92,45 @@ def array_slice() -> tuple[int, int] | None:
     return index, count
 
 
+def node_slice() -> tuple[int, int] | None:
+    """(node, nodes) of this process in a torchrun across machines (WORLD_SIZE > LOCAL_WORLD_SIZE), else None:
+    GROUP_RANK (torchrun's --node-rank) of WORLD_SIZE / LOCAL_WORLD_SIZE."""
+    rank, world = distributed_rank()
+    local_world, group_rank, group_world = _env_ints("LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE")
+    if local_world is None or world <= local_world:
+        return None
+    if local_world < 1 or world % local_world or group_world not in (None, world // local_world):
+        raise UsageError(f"WORLD_SIZE={world} is not LOCAL_WORLD_SIZE={local_world} processes on each of "
+                         f"{group_world or 'its'} nodes: start the same --nproc-per-node on every node")
+    nodes = world // local_world
+    node = rank // local_world if group_rank is None else group_rank
+    if not 0 <= node < nodes:
+        raise UsageError(f"GROUP_RANK={node} is outside the {nodes} nodes of WORLD_SIZE={world}")
+    return node, nodes
+
+
+def _rank_in_node(rank: int, local_world: int) -> int:
+    local_rank = _env_ints("LOCAL_RANK")[0]
+    local_rank = rank % local_world if local_rank is None else local_rank
+    if not 0 <= local_rank < local_world:
+        raise UsageError(f"LOCAL_RANK={local_rank} is outside LOCAL_WORLD_SIZE={local_world}")
+    return local_rank
+
+
 def worker_slice(num_workers: int | None, worker_index: int | None) -> tuple[int, int]:
     """(worker_index, num_workers) of this process over every machine, task and rank (module doc)."""
     if (num_workers is None) != (worker_index is None):
         raise UsageError("give --num-workers and --worker-index together")
     rank, world = distributed_rank()
-    if num_workers is not None:  # given by hand: the machine level, Slurm's own levels are not read
-        machine, tasks = (worker_index, num_workers), (0, 1)
-        if num_workers < 1 or not 0 <= worker_index < num_workers:
-            raise UsageError(f"--worker-index must be in [0, --num-workers), got {worker_index} of {num_workers}")
+    index, count = machine_slice(num_workers, worker_index)  # a node of a multi-node torchrun included
+    if node_slice() is not None:  # ranks numbered within the node; the node is part of the machine
+        local_world = ranks_per_machine()
+        return index + count * _rank_in_node(rank, local_world), count * local_world
+    if num_workers is not None or _ranks_span_machines(world):  # by hand: Slurm's own levels are not read
+        tasks = (0, 1)
     else:
-        machine = array_slice() or (0, 1)
-        tasks = (0, 1) if _ranks_span_machines(world) else srun_slice() or (0, 1)
-    return machine[0] + machine[1] * (tasks[0] + tasks[1] * rank), machine[1] * tasks[1] * world
+        tasks = srun_slice() or (0, 1)
+    return index + count * (tasks[0] + tasks[1] * rank), count * tasks[1] * world
 
 
 def under_torchrun() -> bool:
@@ -122,11 +153,17 @@ def local_index() -> int:
 
 
 def machine_slice(num_workers: int | None, worker_index: int | None) -> tuple[int, int]:
-    """(index, count) of this machine (a Slurm array task, or --num-workers/--worker-index given by hand): its
-    keys are those whose CRC32 mod count is index (worker_slice), whatever runs inside it."""
+    """(index, count) of this machine (a Slurm array task, or --num-workers/--worker-index given by hand, times
+    the node of a multi-node torchrun): its keys are those whose CRC32 mod count is index (worker_slice),
+    whatever runs inside it."""
     if num_workers is not None and worker_index is not None:
-        return worker_index, num_workers
-    return array_slice() or (0, 1)
+        if num_workers < 1 or not 0 <= worker_index < num_workers:
+            raise UsageError(f"--worker-index must be in [0, --num-workers), got {worker_index} of {num_workers}")
+        index, count = worker_index, num_workers
+    else:
+        index, count = array_slice() or (0, 1)
+    node, nodes = node_slice() or (0, 1)
+    return index + count * node, count * nodes
 
 
 def sibling_workers(worker: int, num_workers: int) -> list[int]:
