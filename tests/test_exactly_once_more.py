@@ -224,3 +224,30 @@ def test_a_run_whose_data_was_deleted_by_hand_gets_no_config_on_the_next_card(hu
     client.push(old, "fedcba987654")
     card = DatasetCard(client.write_card({**RUN_INFO, "run_id": "fedcba987654", "created": "2026-01-01T00:00:00Z"}, {}))
     assert [(c["config_name"], c.get("default")) for c in card.data.configs] == [("fedcba987654", True)]
+
+
+def test_push_only_counts_the_rows_it_committed_not_those_another_pusher_committed(hub_stub, ckpt, capsys):
+    """--push-only said "pushed 30 rows" when a concurrent pusher had committed those rows between its first
+    look and its commit (its commit lost the race, and the rows were on the Hub at its next look): push()
+    returned the rows pending at the first look. It counts what this process committed now."""
+    from vlm_caption import endings
+    from vlm_caption.config import RunConfig
+
+    Writer(ckpt).parts(10, 10, 10)
+    mine, other = connect(hub_stub, ckpt), connect(hub_stub, ckpt)
+    real = mine.api.create_commit
+    raced = []
+
+    def another_pusher_first(*args, **kwargs):
+        if not raced:
+            raced.append(other.push(ckpt, RUN, None))  # the worker's own pusher commits the same rows first
+        return real(*args, **kwargs)
+
+    mine.api.create_commit = another_pusher_first
+    code = endings.push_only(RunConfig(checkpoint_dirs=[str(ckpt)]), {"run_id": RUN}, hub_client=mine)
+    out = capsys.readouterr().out
+    assert raced == [30] and code == 0, out
+    assert "pushed 0 rows" in out and "30 rows were pushed meanwhile by another process" in out, out
+    assert len(once(hub_stub)) == 30
+    Writer(ckpt, start=30).parts(5)
+    assert mine.push(ckpt, RUN, None) == 5  # no race: what it committed, as before

@@ -217,7 +217,8 @@ def push_only(cfg: RunConfig, run_info: dict, hub_client=None) -> int:
         return EXIT_ITEMS_FAILED
     try:  # the first listing too: a Hub that lists nothing is as retryable as one that takes no commit (exit 3)
         log.info(hub_client.describe_repo(run_id))
-        rows = hub_client.push(ckpt, run_id, worker=None)
+        found = hub_client.pending_rows(ckpt, run_id)  # those this push does not commit, another pusher did
+        rows = hub_client.push(ckpt, run_id, worker=None)  # (rows this process committed)
         pending = hub_client.pending_rows(ckpt, run_id)
         failed = still_failed([ckpt], set())  # those captioned since are on the Hub: the card leaves them out
         hub_client.write_card(run_info, read_summary(ckpt), {k: r["stage"] for k, r in failed.items()})
@@ -226,7 +227,9 @@ def push_only(cfg: RunConfig, run_info: dict, hub_client=None) -> int:
         print(f"pushed {rows} rows from {ckpt} to {hub_client.repo_id}; rerun --push-only when the Hub is reachable")
         return EXIT_ITEMS_FAILED
     unusable = sorted(p.name for p in hub_client.unusable)
+    others = max(0, found - rows - pending)  # rows written meanwhile are pending, not another pusher's
     print(f"pushed {rows} rows from {ckpt} to {hub_client.repo_id}"
+          + (f"; {others} rows were pushed meanwhile by another process (found on the Hub)" if others else "")
           + (f"; {pending} rows still pending" if pending else "")
           + (f"; {plural(len(unusable), 'part')} not pushed ({', '.join(unusable[:5])}: see the warnings): a run "
              "of the captioning command sets them aside and captions their keys again" if unusable else "")

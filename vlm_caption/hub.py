@@ -33,7 +33,7 @@ from huggingface_hub.errors import HfHubHTTPError, HfUriError, RepositoryNotFoun
 from .card import published_model, render_dataset_card, showable
 from .errors import FatalError, UsageError
 from .rows import conform, flags_by_prompt, ordered_counts, run_flag_columns
-from .hub_files import HUB_FILE_RE, ROW_GROUP_ROWS, HubFile, hub_file_bytes, plan_hub_files
+from .hub_files import HUB_FILE_RE, ROW_GROUP_ROWS, HubFile, hub_file_bytes, plan_hub_files, rows_committed
 from .hub_index import DATA_DIR, REPO_TYPE, HubIndex, Snapshot, is_legacy_file, run_data_dir, run_info_path
 from .hub_key_cache import KeyCache
 from .hub_ledger import append_ledger, ledger_entry, read_ledger
@@ -275,39 +275,38 @@ class HubClient:
             raise FatalError(f"{ckpt} does not hold run {run_id}: nothing of it to push")
         dir_id = info.get("dir_id") or "legacy"
 
-        before = None  # rows pending at the first look: all of them are on the Hub once the pushes succeed
-        more = False  # files left for another commit (a backlog of many workers' parts)
+        committed, more, sent = 0, False, []  # rows it committed; files left; (file, op) of an unanswered commit
 
-        def attempt() -> int:
-            nonlocal before, more
+        def attempt() -> None:
+            nonlocal committed, more, sent
             snap = self.index(run_id).snapshot()
+            committed, sent = committed + rows_committed(sent, snap.files), []  # landed if its files are there
             self._check_ledger(ckpt, run_id, dir_id, snap, worker)
-            pending = self._pending(ckpt, worker, snap.keys, run_id)
-            if before is None:
-                before = sum(len(k) for _, k in pending)
-            files = plan_hub_files(run_id, dir_id, pending)
+            files = plan_hub_files(run_id, dir_id, self._pending(ckpt, worker, snap.keys, run_id))
             files = [f for f in files if f.path not in snap.files]  # same name = same rows: published already
             more, files = len(files) > MAX_FILES_PER_COMMIT, files[:MAX_FILES_PER_COMMIT]
             if not files:
-                return 0
+                return
             rows = sum(f.rows for f in files)
             uploads = [hub_file_bytes(f) for f in files]
             ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=data) for f, data in zip(files, uploads)]
             ops += self._migrate_legacy(run_id, snap, pq.read_schema(io.BytesIO(uploads[0])))  # the new files' columns
+            sent = list(zip(files, ops))
             commit = self.api.create_commit(
                 self.repo_id, ops, commit_message=f"Add {rows} captions of run {run_id} ({len(files)} file(s))",
                 repo_type=REPO_TYPE, parent_commit=snap.head).oid
+            mine, sent = rows_committed(sent), []  # not another pusher's since this look (hub_files.py)
+            committed += mine
             append_ledger(ckpt, [ledger_entry(self.repo_id, run_id, f, commit) for f in files])
             for data in uploads:  # their keys are known: no snapshot of any worker of the dir reads them back
                 self._key_cache.put_upload(data)
-            log.info("Hub: pushed %d rows in %d file(s) to %s", rows, len(files), self.repo_id)
-            return rows
+            log.info("Hub: pushed %d rows in %d file(s) to %s", mine, len(files), self.repo_id)
 
         with self._lock:
             self._against_head(attempt, "push")
             while more:  # each commit re-reads the repo first, as the first did
                 self._against_head(attempt, "push")
-        return before or 0
+        return committed
 
     def _migrate_legacy(self, run_id: str, snap: Snapshot, schema: pa.Schema) -> list:
         """Files of this run in 0.1's flat layout (data/{run_id}-w...parquet, older columns) move into the run's

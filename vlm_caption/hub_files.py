@@ -85,3 +85,17 @@ def hub_file_bytes(f: HubFile) -> bytes:
             writer.write_table(table.take(order[start:start + ROW_GROUP_ROWS]).combine_chunks(),
                                row_group_size=ROW_GROUP_ROWS)
     return buf.getvalue()
+
+
+
+def rows_committed(sent: list, on_hub=None) -> int:
+    """The rows of the (HubFile, CommitOperationAdd) pairs of a commit that it put on the Hub (`on_hub`: the
+    paths the repo holds, after a commit whose answer was lost). huggingface_hub leaves out of a commit an add
+    whose path the head holds with the same bytes (its preupload answer): another pusher committed that file
+    since this process read the repo; a commit of only such files is none, and answers the head's id."""
+    return sum(f.rows for f, op in sent if (on_hub is None or f.path in on_hub) and not _unchanged_on_hub(op))
+
+
+def _unchanged_on_hub(op) -> bool:
+    remote, local = getattr(op, "_remote_oid", None), getattr(op, "_local_oid", None)
+    return remote is not None and remote == local
