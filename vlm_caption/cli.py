@@ -43,9 +43,9 @@ def setup_logging(verbose: bool = False) -> None:
     hf_logger.setLevel(logging.DEBUG if verbose else logging.ERROR)
 
 
-def plural(n: int, noun: str) -> str:
-    """'1 image', '2 images'."""
-    return f"{n} {noun if n == 1 else noun + 's'}"
+def plural(n: int, noun: str, plural_form: str | None = None) -> str:
+    """'1 image', '2 images' (plural_form for irregular nouns: plural(n, "URL is", "URLs are"))."""
+    return f"{n} {noun if n == 1 else (plural_form or noun + 's')}"
 
 
 # A disk or file system that refuses a write: a condition to fix outside the run (exit 1, one line), at any write
