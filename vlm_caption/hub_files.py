@@ -87,7 +87,6 @@ def hub_file_bytes(f: HubFile) -> bytes:
     return buf.getvalue()
 
 
-
 def rows_committed(sent: list, on_hub=None) -> int:
     """The rows of the (HubFile, CommitOperationAdd) pairs of a commit that it put on the Hub (`on_hub`: the
     paths the repo holds, after a commit whose answer was lost). huggingface_hub leaves out of a commit an add
