@@ -3,7 +3,7 @@ checkpoint dir: the ranks of a node set their dir up without rank 0 of the whole
 from __future__ import annotations
 
 import pytest
-from dummy_runs import clear_launch_env, dummy_args
+from dummy_runs import clear_launch_env, dummy_args, merged_rows
 
 from batched_image_inference import main
 from vlm_caption import store
@@ -123,3 +123,49 @@ def test_node_and_local_rank_make_the_worker_and_a_node_is_a_machine(monkeypatch
     monkeypatch.setenv("WORLD_SIZE", "14")  # 4 processes a node do not make 14
     with pytest.raises(UsageError, match="same --nproc-per-node"):
         workers.worker_slice(None, None)
+
+
+def under_torchrun_on_node(monkeypatch, rank: int, per_node: int = 2) -> None:
+    """as_rank, started by the torchrun agent of the rank's node: its lock files name that node's launcher."""
+    from vlm_caption import locks
+
+    as_rank(monkeypatch, rank=rank, local_rank=rank % per_node, per_node=per_node)
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    monkeypatch.setattr(locks, "_launcher", lambda: f"launched by the agent of node {rank // per_node}")
+
+
+def test_a_nodes_local_rank_0_ending_first_in_its_own_dir_leaves_the_merge_to_its_local_rank_1(
+        data, tmp_path, monkeypatch, capsys):
+    """Node 1's local rank 0 finished before its local rank 1 reached the node's dir: sibling_workers gave []
+    for ranks spanning nodes, so it merged half the node's keys alone and wrote the card (rank 1 merged again)."""
+    ckpt = tmp_path / "node1"
+    under_torchrun_on_node(monkeypatch, rank=2)
+    assert main(dummy_args(data, ckpt)) == EXIT_OK
+    out = capsys.readouterr().out
+    assert not (ckpt / store.MERGED).exists(), out
+    assert "1 other worker of this launch (3)" in out and "not started yet" in out, out  # node 1: workers 1, 3
+    under_torchrun_on_node(monkeypatch, rank=3)
+    assert main(dummy_args(data, ckpt)) == EXIT_OK
+    assert "merged into" in capsys.readouterr().out
+    assert sorted(r["key"] for r in merged_rows(ckpt)) == sorted(dir_keys(ckpt))
+    assert {p.worker for p in store.list_parts(ckpt)} == {1, 3}
+
+
+def test_in_a_dir_shared_by_the_nodes_each_node_waits_for_its_own_ranks_only(data, tmp_path, monkeypatch, capsys):
+    """In one dir for both nodes, a node's local rank 0 ending first leaves the merge to its local rank 1 too;
+    the other node's ranks (another launcher, whose lock files never name this one) are no siblings: counted as
+    not started, the last rank of the run would never merge."""
+    ckpt = tmp_path / "shared"
+    for rank in (0, 2):  # each node's local rank 0, first
+        under_torchrun_on_node(monkeypatch, rank=rank)
+        assert main(dummy_args(data, ckpt)) == EXIT_OK
+        out = capsys.readouterr().out
+        assert not (ckpt / store.MERGED).exists(), out
+        assert f"1 other worker of this launch ({rank // 2 + 2})" in out, out
+    under_torchrun_on_node(monkeypatch, rank=1)
+    assert main(dummy_args(data, ckpt)) == EXIT_OK
+    under_torchrun_on_node(monkeypatch, rank=3)  # the last rank of the run
+    assert main(dummy_args(data, ckpt)) == EXIT_OK
+    assert "merged into" in capsys.readouterr().out
+    assert sorted(r["key"] for r in merged_rows(ckpt)) == sorted(dir_keys(ckpt))
+    assert len(dir_keys(ckpt)) == 16

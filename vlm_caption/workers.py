@@ -168,9 +168,20 @@ def machine_slice(num_workers: int | None, worker_index: int | None) -> tuple[in
 
 def sibling_workers(worker: int, num_workers: int) -> list[int]:
     """The worker ids of the torchrun / accelerate ranks started with this one on this machine (this one
-    included); [] when not under one, or when its ranks span machines (their launchers differ)."""
+    included): the same launcher, so each one's lock file names it (locks.DirLock.not_started). Across nodes,
+    this node's local ranks (worker = machine + machines x LOCAL_RANK, worker_slice), whether the node has a dir
+    of its own or shares one with the others: another node's ranks have another launcher (counted as not
+    started, the last rank of a shared dir would never merge). Before, a node's local rank 0 ending before its
+    local rank 1 reached the dir merged it alone. [] when not under a launcher, or when its ranks span machines
+    with no LOCAL_WORLD_SIZE to tell the node's ones."""
     rank, world = distributed_rank()
-    if not under_torchrun() or world == 1 or _ranks_span_machines(world):
+    if not under_torchrun() or world == 1:
+        return []
+    if node_slice() is not None:
+        local_world = ranks_per_machine()
+        local_rank, stride = _rank_in_node(rank, local_world), num_workers // local_world
+        return [worker + stride * (r - local_rank) for r in range(local_world)]
+    if _ranks_span_machines(world):
         return []
     stride = num_workers // world  # worker = outer + outer workers x rank (worker_slice)
     return [worker + stride * (r - rank) for r in range(world)]
