@@ -169,3 +169,23 @@ def test_in_a_dir_shared_by_the_nodes_each_node_waits_for_its_own_ranks_only(dat
     assert "merged into" in capsys.readouterr().out
     assert sorted(r["key"] for r in merged_rows(ckpt)) == sorted(dir_keys(ckpt))
     assert len(dir_keys(ckpt)) == 16
+
+
+def test_an_array_tasks_dir_shared_by_its_nodes_resumes_on_one_node(data, tmp_path, monkeypatch, capsys):
+    """Array task 1 of 2 on two nodes sharing the task's dir: it records machines 1 and 3 of 4 (node-major). The
+    task resubmitted on one node is machine 1 of 2: exactly the dir's keys (CRC32 mod 2 = 1), so it resumes; it
+    was refused as 'another set' though before nodes were machines any node count was. Another array size
+    (task 1 of 3) is still refused."""
+    ckpt = tmp_path / "task-1"
+    for rank in range(4):
+        as_rank(monkeypatch, rank=rank, local_rank=rank % 2)
+        for var, value in (("SLURM_ARRAY_TASK_ID", 1), ("SLURM_ARRAY_TASK_COUNT", 2), ("SLURM_ARRAY_TASK_MIN", 0)):
+            monkeypatch.setenv(var, str(value))
+        assert main(dummy_args(data, ckpt)) == EXIT_OK
+    done = sorted(dir_keys(ckpt))
+    assert done and len(done) == len(set(done))
+    clear_launch_env(monkeypatch)
+    assert main(dummy_args(data, ckpt, "--num-workers", "2", "--worker-index", "1")) == EXIT_OK
+    assert sorted(dir_keys(ckpt)) == done  # nothing captioned again, nothing new
+    with pytest.raises(UsageError, match="machine 1 of 2.*this run is machine 1 of 3"):
+        main(dummy_args(data, ckpt, "--num-workers", "3", "--worker-index", "1"))

@@ -8,12 +8,14 @@ to no one's dir, or twice. That happens on a resubmission of part of an array wi
 (`sbatch --array=3-5` for tasks 3-5 of 0-7: slices 0-2 of 3) or a task finished by hand without
 --num-workers. Each run of a dir records its machine count and index (machines.json; several machines may share
 a dir). A later run with another count on a dir holding work is refused before the model loads, unless the
-machines that wrote the dir covered every key (then the dir is the whole run and any split of it is safe). The
+machines that wrote the dir covered every key (then the dir is the whole run and any split of it is safe), or
+the run's keys are exactly the dir's (an array task's dir shared by its nodes, relaunched on one node). The
 number of GPUs or srun tasks inside a machine may change.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from . import locks, store
@@ -46,7 +48,8 @@ def _check_machines(ckpt: Path, machine: int, machines: int) -> None:
             atomic_write_json(path, {"machines": machines, "indices": sorted(indices | {machine})})
         return
     holds_work = bool(store.list_parts(ckpt) or store.list_failure_files(ckpt))
-    if count is not None and holds_work and indices != set(range(count)):
+    if count is not None and holds_work and indices != set(range(count)) and not _same_keys(count, indices, machine,
+                                                                                          machines):
         index = str(min(indices)) if len(indices) == 1 else "<one of those>"
         raise UsageError(
             f"{ckpt} holds the keys of machine {', '.join(map(str, sorted(indices)))} of {count} (Slurm array tasks, "
@@ -59,3 +62,10 @@ def _check_machines(ckpt: Path, machine: int, machines: int) -> None:
     # of it, a later relaunch with yet another count (or the first one) was refused though every key is here.
     whole = count is not None and indices == set(range(count))
     atomic_write_json(path, {"machines": machines, "indices": list(range(machines)) if whole else [machine]})
+
+
+def _same_keys(count: int, indices: set[int], machine: int, machines: int) -> bool:
+    """Whether machine of machines takes exactly the keys of indices of count (CRC32 residues): an array task's
+    dir shared by its nodes (machine task + tasks x node, workers.py) relaunched on one node)."""
+    span = math.lcm(count, machines)
+    return all((r % count in indices) == (r % machines == machine) for r in range(span))
