@@ -86,7 +86,7 @@ def test_a_full_disk_at_a_write_before_any_work_is_one_line_exit_1_and_the_rerun
     errors = [line for line in err.splitlines() if "error:" in line]
     assert len(errors) == 1 and errors[0].endswith(
         f"error: could not write {target}: No space left on device; finished parts are kept (every file is written "
-        "whole or not at all): free space / fix permissions and rerun to resume"), err
+        "whole or not at all): free space and rerun to resume"), err
     assert not list(ckpt.rglob(".*.tmp-*")) and not store.list_parts(ckpt)
 
     assert main(dummy_args(data, ckpt)) == EXIT_OK
@@ -190,3 +190,18 @@ def test_across_file_systems_a_failed_delete_leaves_no_copy_and_says_so(tmp_path
     monkeypatch.setattr(set_aside.os, "unlink", real_unlink)  # writable again: copied across, the original gone
     set_aside.quarantine(tmp_path, bad, "bad")
     assert not bad.exists() and [p.read_bytes() for p in (tmp_path / store.QUARANTINE_DIR).iterdir()] == [b"garbage"]
+
+
+def test_a_refused_read_is_not_called_a_write_and_a_full_disk_asks_for_space():
+    """run_main's one line for an OSError of a full or refused file system said 'could not write PATH' for any
+    PermissionError, a read of an unreadable metadata file too, and always asked to free space."""
+    from vlm_caption.cli import disk_error_line
+
+    read = disk_error_line(PermissionError(errno.EACCES, "Permission denied", "/data/images/00000.parquet"))
+    assert read.startswith("no permission for /data/images/00000.parquet: Permission denied;"), read
+    assert "write" not in read.split(";")[0] and "free space" not in read, read
+    full = disk_error_line(OSError(errno.ENOSPC, "No space left on device", "/ckpt/run.json"))
+    assert full.startswith("could not write /ckpt/run.json: No space left on device;") and "free space" in full, full
+    assert "permissions" not in full, full
+    readonly = disk_error_line(OSError("[errno 30] Read-only file system"))  # pyarrow: the errno in its text
+    assert readonly.startswith("could not write: Read-only file system;") and "writable" in readonly, readonly

@@ -63,8 +63,12 @@ def disk_error_line(e: OSError) -> str | None:
         return None
     path = e.filename or getattr(e, "vlm_caption_written_path", None)  # atomic.WRITTEN_PATH (cli: stdlib only)
     where = f" {path}" if path else ""
-    return (f"could not write{where}: {os.strerror(number)}; finished parts are kept (every file is written whole "
-            "or not at all): free space / fix permissions and rerun to resume")
+    # A refused permission may be a read (an unreadable metadata file): not called a write.
+    what = "no permission for" if number in (errno.EACCES, errno.EPERM) else "could not write"
+    fix = {errno.EROFS: "make it writable", errno.EACCES: "fix permissions", errno.EPERM: "fix permissions"}.get(
+        number, "free space")
+    return (f"{what}{where}: {os.strerror(number)}; finished parts are kept (every file is written whole "
+            f"or not at all): {fix} and rerun to resume")
 
 
 SETUP_HINT = "run ./setup.sh, then `source vlm-caption/bin/activate` (or use ./run_captioning.sh)"
