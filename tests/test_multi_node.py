@@ -189,3 +189,17 @@ def test_an_array_tasks_dir_shared_by_its_nodes_resumes_on_one_node(data, tmp_pa
     assert sorted(dir_keys(ckpt)) == done  # nothing captioned again, nothing new
     with pytest.raises(UsageError, match="machine 1 of 2.*this run is machine 1 of 3"):
         main(dummy_args(data, ckpt, "--num-workers", "3", "--worker-index", "1"))
+
+
+def test_a_rank_whose_leader_never_comes_names_the_rank_it_waited_for(tmp_path, monkeypatch):
+    """The wait's end said 'waited 600 s for worker 0 to write run.json'; on a second node the rank that sets the
+    dir up is that node's LOCAL_RANK 0 (worker 1 here), not worker 0."""
+    from vlm_caption.config import RunConfig
+    from vlm_caption.errors import FatalError
+
+    as_rank(monkeypatch, rank=3, local_rank=1)
+    settings = RunConfig(model="dummy-model", backend="dummy", data_dir=str(tmp_path)).run_settings()
+    writer = store.CheckpointStore(tmp_path / "ckpt", 3, num_workers=4)
+    with pytest.raises(FatalError, match="for LOCAL_RANK 0 of this machine") as e:
+        writer.open_run(settings, overwrite=False, wait_for_leader=True, leader_timeout=0.3)
+    assert "worker 0" not in str(e.value)

@@ -239,9 +239,10 @@ class CheckpointStore:
             if existing is not None and is_run_of(existing, settings):
                 self.lock.share_run()
                 return self._adopt(existing)
-            if wait_for_leader:  # other ranks let worker 0 set the dir up
+            if wait_for_leader:  # other ranks let their machine's LOCAL_RANK 0 set the dir up
                 if time.monotonic() > deadline:
-                    raise FatalError(f"waited {leader_timeout:.0f} s for worker 0 to write {self.dir / RUN_JSON}")
+                    raise FatalError(f"waited {leader_timeout:.0f} s for LOCAL_RANK 0 of this machine (the rank that "
+                                     f"sets the dir up) to write {self.dir / RUN_JSON}: did it start?")
                 time.sleep(0.5)
                 continue
             if self.lock.take_run(exclusive=True):
