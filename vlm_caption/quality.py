@@ -191,8 +191,10 @@ _REFUSAL_RE = re.compile(
     r"i(?:'m|\s+am)\s+(?:sorry|unable|not\s+able)\b"
     r"|i\s+(?:cannot|can't|can\s+not|won't|will\s+not)\s+(?:help(?!\s+(?:but|noticing|feeling|thinking))"
     r"|assist|provide|describe|fulfil|fulfill|comply|create|generate|process|analy[sz]e|access|(?:view|see)"
-    # "I cannot see the image" declines; "I cannot see any signature or text" describes (the default prompt asks)
-    r"(?!\s+(?:any|a|an)\s+(?!images?\b|pictures?\b|photo|artwork\b|attachment|file\b)|\s+(?:no|text|writing)\b)"
+    # "I cannot see the image" declines; "I cannot see any signature or text" describes (the default prompt asks);
+    # "I can't see any attached image" declines too: up to two words before the image's noun
+    r"(?!\s+(?:any|a|an)\s+(?!(?:[\w-]+\s+){0,2}(?:images?|pictures?|photo\w*|artwork|attachments?|files?)\b)"
+    r"|\s+(?:no|text|writing)\b)"
     r"|do\s+that|identify|discuss|engage|caption)"
     r"|(?:i'm\s+)?sorry,?\s+(?:but\s+)?i\b"
     r"|i\s+apologi[sz]e\b"
