@@ -114,3 +114,37 @@ def test_a_hub_file_of_parts_of_two_types_gets_one_type(tmp_path):
     [f] = plan_hub_files("0123456789ab", "d", pending)
     table = pq.read_table(io.BytesIO(hub_file_bytes(f)))
     assert table.schema.field("year").type == pa.int64() and table.column("year").to_pylist()[3:] == [1999, None, 2001]
+
+
+def test_a_hub_file_reads_each_part_once(tmp_path, monkeypatch):
+    """hub_file_bytes holds its parts' tables: parts_schema re-read every part's footer (and, for a column of two
+    types, the column again) at each push; it now takes the tables read, with the same result."""
+    import io
+
+    from vlm_caption import hub_files, merge
+    from vlm_caption.hub_files import hub_file_bytes, plan_hub_files
+
+    ckpt = tmp_path / "ckpt"
+    _typed_parts(ckpt, {"year": pa.nulls(3, pa.string()), "score": pa.array([1, 2, None], pa.int64())},
+                 {"year": pa.array([1999, None, 2001], pa.int64()), "score": pa.array([0.5, None, 2.5])})
+    pending = [(part, keys) for part, keys in store.read_keys(store.list_parts(ckpt))]
+    [f] = plan_hub_files("0123456789ab", "d", pending)
+    reads = []
+    real_read_table = hub_files.pq.read_table
+
+    def counted(what, real):
+        def read(source, *args, **kwargs):
+            if not isinstance(source, io.BytesIO):
+                reads.append((what, str(source)))
+            return real(source, *args, **kwargs)
+        return read
+
+    monkeypatch.setattr(pq, "read_table", counted("read_table", real_read_table))
+    monkeypatch.setattr(pq, "read_schema", counted("read_schema", pq.read_schema))
+    monkeypatch.setattr(pq, "read_metadata", counted("read_metadata", pq.read_metadata))
+    table = real_read_table(io.BytesIO(hub_file_bytes(f)))
+    assert sorted(reads) == sorted(("read_table", str(p.path)) for p in f.parts)  # once each, no footer again
+    assert table.schema.field("year").type == pa.int64() and table.schema.field("score").type == pa.float64()
+    assert table.column("score").to_pylist() == [1.0, 2.0, None, 0.5, None, 2.5]
+    assert merge.parts_schema([p.path for p in f.parts]) == merge.parts_schema(
+        [p.path for p in f.parts], [real_read_table(p.path).replace_schema_metadata(None) for p in f.parts])

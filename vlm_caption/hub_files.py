@@ -70,7 +70,7 @@ def hub_file_bytes(f: HubFile) -> bytes:
     de-duplicating whole tables held about four copies of a file's rows (up to MAX_ROWS_PER_HUB_FILE of them):
     a 50K-row file of 3,600-character captions took 735 MB of Arrow memory, now 435 MB."""
     tables = [pq.read_table(p.path).replace_schema_metadata(None) for p in f.parts]  # + --keep-columns
-    schema = parts_schema([p.path for p in f.parts])  # parts of two types for one kept column (older runs)
+    schema = parts_schema([p.path for p in f.parts], tables)  # parts of two types for one kept column (older runs)
     table = pa.concat_tables([conform(t, schema) for t in tables])
     order = pc.sort_indices(table.column("key"))  # stable: of a key's rows, the first part's comes first
     keys = table.column("key").take(order)

@@ -80,19 +80,27 @@ def merge_parts(dirs: list[Path | str], output: Path | str, data_keys: set[str] 
                        not_in_data=gone)
 
 
-def parts_schema(paths: Sequence[Path]) -> pa.Schema:
+def parts_schema(paths: Sequence[Path], tables: Sequence[pa.Table] | None = None) -> pa.Schema:
     """The schema rows of `paths` merge into (schema.unified_schema). A --keep-columns column typed differently
     by some parts (before urls.parquet typed them, one all null in the first shards was text, later int64) takes
     the type of the parts holding values in it, int and float widen to float64 where no value changes; any other
-    disagreement is a one-line UsageError naming the column, both types and a file of each."""
-    schemas = [pq.read_schema(p).remove_metadata() for p in paths]
+    disagreement is a one-line UsageError naming the column, both types and a file of each. `tables`: the parts
+    already read, one per path (a Hub push holds them): their schemas and columns serve, no file is read again."""
+    if tables is not None and len(tables) != len(paths):
+        raise ValueError(f"parts_schema: {len(tables)} tables for {len(paths)} paths")
+
+    def column(i: int, name: str) -> pa.ChunkedArray:
+        return tables[i].column(name) if tables is not None else pq.read_table(paths[i], columns=[name]).column(name)
+
+    schemas = ([t.schema.remove_metadata() for t in tables] if tables is not None
+               else [pq.read_schema(p).remove_metadata() for p in paths])
     kinds: dict[str, dict[pa.DataType, Path]] = {}  # column -> its types -> the first part of each
     for path, s in zip(paths, schemas):
         for f in s:
             kinds.setdefault(f.name, {}).setdefault(f.type, path)
     mixed = [name for name, types in kinds.items() if len(types) > 1]
     empty = {(i, name) for name in mixed for i, p in enumerate(paths)  # all null in that part: says no type
-             if name in schemas[i].names and _all_null(p, name)}
+             if name in schemas[i].names and _all_null(column(i, name))}
     for name in mixed:
         holders = [i for i, s in enumerate(schemas) if name in s.names]
         typed = [i for i in holders if (i, name) not in empty] or holders[-1:]  # null everywhere: the last's type
@@ -117,7 +125,7 @@ def parts_schema(paths: Sequence[Path]) -> pa.Schema:
         for i, path in enumerate(paths):
             if name in schemas[i].names and schemas[i].field(name).type not in (want, pa.null()):
                 try:
-                    pq.read_table(path, columns=[name]).column(name).cast(want)
+                    column(i, name).cast(want)
                 except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
                     kind = schemas[i].field(name).type
                     other = want if want in kinds[name] else next(k for k in kinds[name] if k != kind)
@@ -126,8 +134,7 @@ def parts_schema(paths: Sequence[Path]) -> pa.Schema:
     return schema
 
 
-def _all_null(path: Path, name: str) -> bool:
-    column = pq.read_table(path, columns=[name]).column(name)
+def _all_null(column: pa.ChunkedArray) -> bool:
     return column.null_count == len(column)
 
 
