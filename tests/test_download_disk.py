@@ -9,28 +9,76 @@ import shutil
 import subprocess
 from collections import namedtuple
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from tests.image_server import ImageServer, Route
 from tests.test_download_exit_codes import _download, _source
 from vlm_caption import download_space
-from vlm_caption.errors import EXIT_FATAL, EXIT_OK
+from vlm_caption.errors import EXIT_FATAL, EXIT_ITEMS_FAILED, EXIT_OK, FatalError
 
 StatVfs = namedtuple("StatVfs", "f_bavail f_frsize")
 
 
-def test_free_space_under_a_shard_is_named(tmp_path, monkeypatch):
+def test_free_space_under_a_shard_is_a_warning_and_under_a_row_the_disk_full_verdict(tmp_path, monkeypatch):
     images = tmp_path / "images" / "00000"
     images.mkdir(parents=True)
     for i in range(4):
         (images / f"{i}.jpg").write_bytes(bytes(10_000))
-    monkeypatch.setattr(download_space.os, "statvfs", lambda _: StatVfs(f_bavail=100, f_frsize=4096))
-    why = download_space.out_of_space(tmp_path, [0], shard_size=1000)  # ~12 KiB a file, 3 files a row
-    assert why is not None and why.startswith("400.0 KiB free, a shard of this download takes about 35.2 MiB")
+    monkeypatch.setattr(download_space.os, "statvfs", lambda _: StatVfs(f_bavail=1000, f_frsize=4096))
+    low = download_space.low_space(tmp_path, [0], shard_size=1000)  # ~12 KiB a file, 3 files a row
+    assert low is not None and low.startswith("3.9 MiB free, a shard of this download takes about 35.2 MiB")
+    assert download_space.out_of_space(tmp_path, [0]) is None  # writes still succeed: no evidence of a full disk
+    monkeypatch.setattr(download_space.os, "statvfs", lambda _: StatVfs(f_bavail=5, f_frsize=4096))
+    assert download_space.out_of_space(tmp_path, [0]) == "20.0 KiB free"  # under MIN_FREE
+    monkeypatch.setattr(download_space, "MIN_FREE", 4096)
+    assert download_space.out_of_space(tmp_path, [0]) == (
+        "20.0 KiB free, a row of images of this download takes about 36.0 KiB")
     monkeypatch.setattr(download_space.os, "statvfs", lambda _: StatVfs(f_bavail=10 ** 9, f_frsize=4096))
-    assert download_space.out_of_space(tmp_path, [0], shard_size=1000) is None
+    assert download_space.low_space(tmp_path, [0], shard_size=1000) is None
+    assert download_space.out_of_space(tmp_path, [0]) is None
     assert not [p for p in (tmp_path / "images").iterdir() if p.name.startswith(".")]  # the probe is gone
+
+
+def _stopped_short(tmp_path, monkeypatch, free_blocks: int):
+    """A download whose img2dataset returns with its shard unfinished (a worker killed for memory, the network
+    gone) after saving a few ~12 KiB files, on a disk with free_blocks of 4 KiB free: run_download's code."""
+    from vlm_caption import download as dl
+    from vlm_caption.config import DownloadConfig
+
+    source = tmp_path / "src.parquet"
+    pq.write_table(pa.Table.from_pylist([
+        {"key": f"{i:04d}", "url": f"http://127.0.0.1:9/{i}.jpg", "caption": f"picture {i}", "md5": f"{i:032x}",
+         "tags": "t", "merged_tags": "t, m"} for i in range(4)]), source)
+
+    def stopped_short(out, urls, cfg):
+        folder = out / "images" / "00000"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(2):
+            (folder / f"00000000{i}.jpg").write_bytes(bytes(10_000))
+
+    monkeypatch.setattr(dl, "run_img2dataset", stopped_short)
+    monkeypatch.setattr(download_space.os, "statvfs", lambda _: StatVfs(f_bavail=free_blocks, f_frsize=4096))
+    cfg = DownloadConfig(output=str(tmp_path / "out"), source=str(source), processes=1, threads=2,
+                         shard_size=10_000, validate_workers=1)
+    return dl.run_download(cfg)
+
+
+def test_a_shard_unfinished_for_another_reason_on_a_nearly_full_disk_is_retryable_with_a_warning(
+        tmp_path, monkeypatch, caplog):
+    """Free space under a shard's estimate (~350 MiB here, 9 GB for 10,000 rows of art) said "the disk is full",
+    exit 1, though the shard stopped for another reason and writes succeed: exit 3, its line and a warning."""
+    with caplog.at_level("WARNING"):
+        code = _stopped_short(tmp_path, monkeypatch, free_blocks=10_000)  # 39 MiB free
+    assert code == EXIT_ITEMS_FAILED
+    assert "1 shard did not finish; rerun the same command to retry it" in caplog.text
+    assert "is nearly full (39.1 MiB free, a shard of this download takes about 351.6 MiB)" in caplog.text
+
+
+def test_a_disk_with_less_free_than_a_row_is_full(tmp_path, monkeypatch):
+    with pytest.raises(FatalError, match=r"the disk is full \(400.0 KiB free\); 1 shard did not finish"):
+        _stopped_short(tmp_path, monkeypatch, free_blocks=100)
 
 
 def test_a_quota_that_no_free_count_shows_is_found_by_a_write(tmp_path, monkeypatch):
@@ -42,7 +90,7 @@ def test_a_quota_that_no_free_count_shows_is_found_by_a_write(tmp_path, monkeypa
         return real_open(path, mode, *a, **kw)
 
     monkeypatch.setattr(download_space, "open", over_quota, raising=False)
-    assert "Disk quota exceeded" in download_space.out_of_space(tmp_path, [0], shard_size=10)
+    assert "Disk quota exceeded" in download_space.out_of_space(tmp_path, [0])
 
 
 @pytest.fixture

@@ -28,7 +28,7 @@ from .config import DownloadConfig
 from .data_layout import (DOWNLOAD_LOCK, ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, METADATA_CSV,
                           OOM_SHARD_COUNT, SAVED_COLUMNS, SHARD_SIZE_META, STATS_SUFFIX, SUMMARY_FILE, URLS_FILE,
                           VALIDATION_DIR, expected_shards, shard_name, stats_file)
-from .download_space import out_of_space
+from .download_space import low_space, out_of_space
 from .download_source import (URL_COLUMNS, further_names, img2dataset_input, load_source,  # noqa: F401  (dl.* names)
                               nan_as_null, url_table)
 from .download_summary import make_summary, print_summary, stats_files
@@ -337,9 +337,12 @@ def _download_into(out: Path, urls: pa.Table, cfg: DownloadConfig, t0: float) ->
         run_img2dataset(out, urls, cfg)
         set_aside_unreadable_shards(out, urls.num_rows, cfg.shard_size)  # rows img2dataset failed to write
         left = [s for s in shard_ids if s not in _finished_stats(out / IMAGES_DIR)]
-        if left and (why := out_of_space(out, left + shard_ids, cfg.shard_size)):  # its ENOSPC tracebacks above
+        if left and (why := out_of_space(out, left + shard_ids)):  # its ENOSPC tracebacks above
             raise FatalError(f"--output {out}: the disk is full ({why}); {plural(len(left), 'shard')} did not "
                              "finish: free space and rerun the same command (finished shards are kept)")
+        if left and (low := low_space(out, left + shard_ids, cfg.shard_size)):  # unfinished for another reason
+            logger.warning("--output %s is nearly full (%s): free space before the rerun, or it may fill the disk",
+                           out, low)
     t2 = time.perf_counter()
 
     wanted = set(shard_ids)

@@ -1,10 +1,13 @@
 """Whether a download stopped short for want of disk space (README: "Exit codes": a full disk is fatal, exit 1).
 
 img2dataset catches a failed write in its workers: it prints the traceback, leaves the row out of the shard, or
-leaves the whole shard without its stats file, and returns normally. Its workers report nothing else, so once it
-returns with shards unfinished the data dir itself is asked: is there room for one more shard (the free space
-against what a shard of this download takes), and does a small write succeed (a quota shows in no free-space
-count)? If not, the run says so in one line instead of "rerun" (a rerun would fail the same way).
+leaves the whole shard without its stats file, and returns normally. It records nothing of it (no status, no
+error_message: a sample's write error is only printed), so once it returns with shards unfinished the data dir
+itself is asked for evidence that writes fail for lack of space: a small write fails with ENOSPC / EDQUOT (a
+quota shows in no free-space count), or less is free than one row of images takes. Then the run says so in one
+line instead of "rerun" (a rerun would fail the same way). Free space under what a whole shard takes is no such
+evidence: shards also stop short for other reasons (a worker killed for memory, the network), and those are
+retryable (exit 3); that case only gets a warning (low_space), since a rerun may fill the disk.
 """
 from __future__ import annotations
 
@@ -22,9 +25,9 @@ FILES_PER_ROW = 3  # img2dataset's files format: NNN.jpg, NNN.txt, NNN.json
 FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
-def shard_bytes(images: Path, shard_ids: list[int], shard_size: int, block: int) -> int:
-    """About what one shard takes on disk: the mean file of the given shards' folders (in whole blocks) times
-    the files a row makes, times the rows of a shard; MIN_FREE when nothing was saved yet."""
+def row_bytes(images: Path, shard_ids: list[int], block: int) -> int | None:
+    """About what one row takes on disk: the mean file of the given shards' folders (in whole blocks) times the
+    files a row makes; None when nothing was saved yet."""
     sizes = []
     for shard_id in shard_ids:
         folder = images / shard_name(shard_id)
@@ -40,24 +43,38 @@ def shard_bytes(images: Path, shard_ids: list[int], shard_size: int, block: int)
             sizes.append(-(-max(size, 1) // block) * block)
         if len(sizes) >= SAMPLED_FILES:
             break
-    if not sizes:
-        return MIN_FREE
-    return max(MIN_FREE, sum(sizes) // len(sizes) * FILES_PER_ROW * shard_size)
+    return sum(sizes) // len(sizes) * FILES_PER_ROW if sizes else None
 
 
-def out_of_space(out: Path, shard_ids: list[int], shard_size: int) -> str | None:
-    """Why the data dir has no room for a shard ('N bytes free, a shard takes about M', or the error of a small
-    write), or None when it has."""
+def shard_bytes(images: Path, shard_ids: list[int], shard_size: int, block: int) -> int:
+    """About what one shard takes on disk: a row (row_bytes) times the rows of a shard; MIN_FREE when nothing
+    was saved yet."""
+    row = row_bytes(images, shard_ids, block)
+    return MIN_FREE if row is None else max(MIN_FREE, row * shard_size)
+
+
+def _free(out: Path) -> tuple[Path, int, int] | None:
+    """(the folder img2dataset writes to, its free bytes, its block size), or None when it cannot be asked."""
     images = out / IMAGES_DIR
     where = images if images.is_dir() else out
     try:
         st = os.statvfs(where)
     except OSError:
         return None
-    free = st.f_bavail * st.f_frsize
-    need = shard_bytes(images, shard_ids, shard_size, st.f_frsize or 4096)
-    if free < need:
-        return f"{_size(free)} free, a shard of this download takes about {_size(need)}"
+    return where, st.f_bavail * st.f_frsize, st.f_frsize or 4096
+
+
+def out_of_space(out: Path, shard_ids: list[int]) -> str | None:
+    """Why writes to the data dir fail for lack of space ('N bytes free, a row of images takes about M', or the
+    error of a small write), or None when nothing shows they do (module doc)."""
+    free = _free(out)
+    if free is None:
+        return None
+    where, free, block = free
+    row = row_bytes(out / IMAGES_DIR, shard_ids, block) or 0
+    if free < max(MIN_FREE, row):
+        return (f"{_size(free)} free, a row of images of this download takes about {_size(row)}" if row > MIN_FREE
+                else f"{_size(free)} free")
     probe = where / f".space-probe-{os.getpid()}"
     try:
         with open(probe, "wb") as f:
@@ -74,6 +91,17 @@ def out_of_space(out: Path, shard_ids: list[int], shard_size: int) -> str | None
         except OSError:
             pass
     return None
+
+
+def low_space(out: Path, shard_ids: list[int], shard_size: int) -> str | None:
+    """'N bytes free, a shard of this download takes about M' when the data dir has no room for one more shard
+    (a warning: no evidence that writes failed, out_of_space), else None."""
+    free = _free(out)
+    if free is None:
+        return None
+    _, free, block = free
+    need = shard_bytes(out / IMAGES_DIR, shard_ids, shard_size, block)
+    return f"{_size(free)} free, a shard of this download takes about {_size(need)}" if free < need else None
 
 
 def _size(n: int) -> str:
