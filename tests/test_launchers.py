@@ -204,7 +204,7 @@ def test_machines_starting_together_on_one_dir_all_get_recorded(tmp_path, monkey
     for t in threads:
         t.join()
     recorded = json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text())
-    assert recorded == {"machines": 4, "indices": [0, 1, 2, 3]}
+    assert recorded == {"machines": 4, "indices": [0, 1, 2, 3], "nodes": 1}
 
 
 def test_a_whole_dir_split_another_way_stays_whole_for_later_relaunches(tmp_path, monkeypatch):
@@ -218,7 +218,7 @@ def test_a_whole_dir_split_another_way_stays_whole_for_later_relaunches(tmp_path
         dir_scope.check_machines(tmp_path, m, 4)
     dir_scope.check_machines(tmp_path, 2, 8)
     dir_scope.check_machines(tmp_path, 0, 1)  # was refused: "holds the keys of machine 2 of 8"
-    assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text()) == {"machines": 1, "indices": [0]}
+    assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text()) == {"machines": 1, "indices": [0], "nodes": 1}
 
 
 def test_an_unreadable_machines_json_is_set_aside_with_a_warning(tmp_path, caplog):
@@ -231,7 +231,7 @@ def test_an_unreadable_machines_json_is_set_aside_with_a_warning(tmp_path, caplo
         dir_scope.check_machines(tmp_path, 1, 2)
     assert "machines.json is unreadable (JSONDecodeError)" in caplog.text and "recorded anew" in caplog.text
     assert [p.name.split(".json")[0] for p in (tmp_path / store.QUARANTINE_DIR).iterdir()] == ["machines"]
-    assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text()) == {"machines": 2, "indices": [1]}
+    assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text()) == {"machines": 2, "indices": [1], "nodes": 1}
 
 
 def fake_nvidia_smi(tmp_path, monkeypatch, listing: str, code: int = 0) -> None:

@@ -75,7 +75,7 @@ def test_a_nodes_own_dir_relaunched_alone_is_refused_and_finishes_as_that_node(d
         assert main(dummy_args(data, dirs[rank // 2])) == EXIT_OK
     done = dir_keys(dirs[1])
     clear_launch_env(monkeypatch)
-    with pytest.raises(UsageError, match="machine 1 of 2.*--nnodes and --node-rank.*--num-workers 2 --worker-index 1"):
+    with pytest.raises(UsageError, match="machine 1 of 2.*--nnodes 2 --node-rank 1.*--num-workers 2 --worker-index 1"):
         main(dummy_args(data, dirs[1]))
     assert sorted(dir_keys(dirs[1])) == sorted(done)  # nothing captioned by the refused run
     as_rank(monkeypatch, rank=1, local_rank=0, per_node=1)  # the same node, relaunched with 1 GPU a node
@@ -189,6 +189,29 @@ def test_an_array_tasks_dir_shared_by_its_nodes_resumes_on_one_node(data, tmp_pa
     assert sorted(dir_keys(ckpt)) == done  # nothing captioned again, nothing new
     with pytest.raises(UsageError, match="machine 1 of 2.*this run is machine 1 of 3"):
         main(dummy_args(data, ckpt, "--num-workers", "3", "--worker-index", "1"))
+
+
+def test_a_node_of_a_multi_node_array_task_is_told_how_to_relaunch_as_that_node(data, tmp_path, monkeypatch):
+    """Array task 1 of 2 on two nodes, a dir per node: node 1's dir holds machine 3 of 4. Resubmitted on one node,
+    the refusal advised MACHINES=4 (array task 1 with MACHINES=4 is machine 1 of 4, node 0's keys; on two nodes
+    machine 1 or 5 of 8). It now names the node of the task and --num-workers 4 --worker-index 3, which resumes."""
+    array = (("SLURM_ARRAY_TASK_ID", 1), ("SLURM_ARRAY_TASK_COUNT", 2), ("SLURM_ARRAY_TASK_MIN", 0))
+    dirs = [tmp_path / "task-1-n0", tmp_path / "task-1-n1"]
+    for rank in range(4):
+        as_rank(monkeypatch, rank=rank, local_rank=rank % 2)
+        for var, value in array:
+            monkeypatch.setenv(var, str(value))
+        assert main(dummy_args(data, dirs[rank // 2])) == EXIT_OK
+    done = sorted(dir_keys(dirs[1]))
+    clear_launch_env(monkeypatch)
+    with pytest.raises(UsageError) as e:
+        main(dummy_args(data, dirs[1], "--num-workers", "2", "--worker-index", "1"))
+    line = str(e.value)
+    assert "machine 3 of 4 (array task 1 of 2 on node 1 of 2 of a multi-node torchrun)" in line
+    assert "--nnodes 2 --node-rank 1 with --num-workers 2 --worker-index 1" in line
+    assert "--num-workers 4 --worker-index 3" in line and "with MACHINES" not in line
+    assert main(dummy_args(data, dirs[1], "--num-workers", "4", "--worker-index", "3")) == EXIT_OK  # as advised
+    assert sorted(dir_keys(dirs[1])) == done
 
 
 def test_a_rank_whose_leader_never_comes_names_the_rank_it_waited_for(tmp_path, monkeypatch):

@@ -10,7 +10,10 @@ to no one's dir, or twice. That happens on a resubmission of part of an array wi
 a dir). A later run with another count on a dir holding work is refused before the model loads, unless the
 machines that wrote the dir covered every key (then the dir is the whole run and any split of it is safe), or
 the run's keys are exactly the dir's (an array task's dir shared by its nodes, relaunched on one node). The
-number of GPUs or srun tasks inside a machine may change.
+number of GPUs or srun tasks inside a machine may change. The refusal says how to relaunch the dir's machine:
+machines.json also records the nodes per machine count (machine = array task + array size x node), since
+MACHINES=<count> was wrong advice for a task of a multi-node array (array task 1 of 2 on 2 nodes is machine 1
+or 3 of 4: resubmitted as task 1 with MACHINES=4 it takes another slice); a file without them says both ways.
 """
 from __future__ import annotations
 
@@ -26,42 +29,96 @@ MACHINES_JSON = "machines.json"
 MACHINES_LOCK = "machines.lock"  # in locks/
 
 
-def check_machines(ckpt: Path, machine: int, machines: int) -> None:
-    """Record this machine in the dir; refuse another machine count on a dir holding part of the keys (module doc)."""
+def check_machines(ckpt: Path, machine: int, machines: int, nodes: int = 1) -> None:
+    """Record this machine in the dir; refuse another machine count on a dir holding part of the keys (module doc).
+    nodes: of the multi-node torchrun this machine is a node of (1 without one): machines = array size x nodes."""
     # Machines that start together read and rewrite the same file: one at a time, or one's index is lost.
     with locks.waiting_for(ckpt / locks.LOCKS_DIR / MACHINES_LOCK):
-        _check_machines(ckpt, machine, machines)
+        _check_machines(ckpt, machine, machines, nodes)
 
 
-def _check_machines(ckpt: Path, machine: int, machines: int) -> None:
+def _check_machines(ckpt: Path, machine: int, machines: int, nodes: int) -> None:
     path = ckpt / MACHINES_JSON
-    count, indices = None, set()  # none yet (a new dir, or one of an earlier version): recorded below
+    count, indices, known = None, set(), None  # none yet (a new dir, or one of an earlier version): recorded below
     if path.exists():
         try:
             recorded = json.loads(path.read_text())
             count, indices = int(recorded["machines"]), {int(i) for i in recorded["indices"]}
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            known = None if recorded.get("nodes") is None else int(recorded["nodes"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             store.quarantine(ckpt, path, f"unreadable ({type(e).__name__})",
                              then="the machine count is recorded anew from this run")
+            count, indices, known = None, set(), None
     if count == machines:
-        if machine not in indices:
-            atomic_write_json(path, {"machines": machines, "indices": sorted(indices | {machine})})
+        # The same count split another way (array size x nodes): the indices' nodes are no longer one number.
+        same = known if known == nodes else None
+        if machine not in indices or same != known:
+            atomic_write_json(path, _record(machines, sorted(indices | {machine}), same))
         return
     holds_work = bool(store.list_parts(ckpt) or store.list_failure_files(ckpt))
     if count is not None and holds_work and indices != set(range(count)) and not _same_keys(count, indices, machine,
                                                                                           machines):
-        index = str(min(indices)) if len(indices) == 1 else "<one of those>"
         raise UsageError(
-            f"{ckpt} holds the keys of machine {', '.join(map(str, sorted(indices)))} of {count} (Slurm array tasks, "
-            f"nodes of a multi-node torchrun, or --num-workers), but this run is machine {machine} of {machines}: its "
-            f"keys are another set, so keys in the other machines' dirs would be captioned again and some of this "
-            f"dir's by no one. Relaunch it as one of {count} (a resubmitted array task: runs/slurm_array.sbatch with "
-            f"MACHINES={count}; a node: the same torchrun --nnodes and --node-rank; any of them, with any number of "
-            f"GPUs: --num-workers {count} --worker-index {index}), or use a new --checkpoint-dir")
+            f"{ckpt} holds the keys of machine {', '.join(map(str, sorted(indices)))} of {count}"
+            f"{_launch(count, indices, known)}, but this run is machine {machine} of {machines}"
+            f"{_launch(machines, {machine}, nodes)}: its keys are another set, so keys in the other machines' dirs "
+            f"would be captioned again and some of this dir's by no one. Relaunch it as "
+            f"{_relaunch(count, indices, known)}, or use a new --checkpoint-dir")
     # A dir whose machines covered every key stays the whole run under the new count: recorded as one machine
     # of it, a later relaunch with yet another count (or the first one) was refused though every key is here.
     whole = count is not None and indices == set(range(count))
-    atomic_write_json(path, {"machines": machines, "indices": list(range(machines)) if whole else [machine]})
+    atomic_write_json(path, _record(machines, list(range(machines)) if whole else [machine], nodes))
+
+
+def _record(machines: int, indices: list[int], nodes: int | None) -> dict:
+    return {"machines": machines, "indices": indices, **({} if nodes is None else {"nodes": nodes})}
+
+
+def _launch(count: int, indices: set[int], nodes: int | None) -> str:
+    """' (array task T of A on node N of NODES)' for one machine of a multi-node run, else ''."""
+    if nodes is None or nodes <= 1 or count % nodes or len(indices) != 1:
+        return ""
+    tasks, [i] = count // nodes, indices
+    task = f"array task {i % tasks} of {tasks} on " if tasks > 1 else ""
+    return f" ({task}node {i // tasks} of {nodes} of a multi-node torchrun)"
+
+
+def _relaunch(count: int, indices: set[int], nodes: int | None) -> str:
+    """How to start again a run that takes exactly the keys of machines `indices` of `count`, `nodes` of which
+    per array task (None: not recorded, an older file). machine = array task + array size x node (workers.py)."""
+    one = _one_machine(count, indices)
+    by_hand = ("any of them, with any number of GPUs on one machine: "
+               + (f"--num-workers {one[1]} --worker-index {one[0]}" if one else
+                  f"--num-workers {count} --worker-index <one of those>"))
+    if nodes is None or count % nodes:  # not recorded: the count may be array size x nodes
+        return (f"one of {count} (a resubmitted array task: runs/slurm_array.sbatch with MACHINES=<the array's "
+                f"size>: {count} if its tasks ran on one node each, {count} / <nodes per task> if each task was a "
+                f"multi-node torchrun, relaunched with the same --nnodes and --node-rank; a node: the same torchrun "
+                f"--nnodes and --node-rank; {by_hand})")
+    tasks = count // nodes
+    if one is not None and (nodes == 1 or one[1] == tasks):  # an array task's dir (shared by all its nodes)
+        array = (f"a resubmitted array task: MACHINES={one[1]} sbatch --array={one[0]} runs/slurm_array.sbatch"
+                 if one[1] > 1 else "one machine")
+        again = f", or again on {nodes} nodes (torchrun --nnodes {nodes})" if nodes > 1 else ""
+        return f"task {one[0]} of {one[1]} ({array}{again}; {by_hand})"
+    if nodes > 1 and len(indices) == 1:  # one node's own dir of a multi-node run
+        [i] = indices
+        array = (f" with --num-workers {tasks} --worker-index {i % tasks} where array task {i % tasks} of {tasks} "
+                 f"is resubmitted alone (not MACHINES={count})" if tasks > 1 else "")
+        return (f"node {i // tasks} of {nodes} (the same torchrun --nnodes {nodes} --node-rank {i // tasks}{array}; "
+                f"{by_hand})")
+    shape = f"{tasks} array tasks x {nodes} nodes" if nodes > 1 else f"an array of {count} tasks"
+    return f"one of {count} ({shape}, as first launched; {by_hand})"
+
+
+def _one_machine(count: int, indices: set[int]) -> tuple[int, int] | None:
+    """(machine, machines) of the fewest machines whose one machine takes exactly these keys, else None."""
+    for machines in range(1, count + 1):
+        if count % machines == 0:
+            for machine in range(machines):
+                if _same_keys(count, indices, machine, machines):
+                    return machine, machines
+    return None
 
 
 def _same_keys(count: int, indices: set[int], machine: int, machines: int) -> bool:

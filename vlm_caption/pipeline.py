@@ -100,7 +100,8 @@ def run(cfg: RunConfig) -> int:
                                    num_workers=num_workers)
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=not workers.leads_its_machine())
     try:
-        dir_scope.check_machines(ckpt, *workers.machine_slice(cfg.num_workers, cfg.worker_index))  # before the model
+        dir_scope.check_machines(ckpt, *workers.machine_slice(cfg.num_workers, cfg.worker_index),  # before the model
+                                 nodes=(workers.node_slice() or (0, 1))[1])
         with StopSignals() as stop:
             return _run_open(cfg, writer, run_id, worker, num_workers, hub_client, stop, compiled_into, settings)
     finally:
