@@ -51,11 +51,13 @@ def test_a_node_of_a_torchrun_without_an_array_is_told_its_node_rank(tmp_path, h
     assert "node 1 of 2 (the same torchrun --nnodes 2 --node-rank 1;" in line and "MACHINES" not in line
 
 
-def test_a_file_without_nodes_names_both_readings_of_its_count(tmp_path, holds_work):
+def test_a_file_without_nodes_is_an_earlier_versions_and_its_dir_goes_on_one_node_per_machine(tmp_path, holds_work):
+    """An earlier version counted no nodes: its array task's dir shared by the nodes of a multi-node torchrun
+    (machine 3 of 4 there) is refused on those nodes today (machine 3 of 8); the line says how it goes on."""
     (tmp_path / dir_scope.MACHINES_JSON).write_text(json.dumps({"machines": 4, "indices": [3]}))  # an older run's
-    line = refusal(tmp_path, 1, 2)
-    assert "MACHINES=<the array's size>: 4 if its tasks ran on one node each, 4 / <nodes per task>" in line
-    assert "--num-workers 4 --worker-index 3" in line
+    line = refusal(tmp_path, 3, 8, nodes=2)
+    assert "one of 4 on one node each (a resubmitted array task: MACHINES=4 sbatch --array=<task>" in line
+    assert "--num-workers 4 --worker-index 3" in line and "--node-rank" not in line
 
 
 def test_one_count_split_another_way_forgets_the_nodes(tmp_path):

@@ -13,7 +13,8 @@ the run's keys are exactly the dir's (an array task's dir shared by its nodes, r
 number of GPUs or srun tasks inside a machine may change. The refusal says how to relaunch the dir's machine:
 machines.json also records the nodes per machine count (machine = array task + array size x node), since
 MACHINES=<count> was wrong advice for a task of a multi-node array (array task 1 of 2 on 2 nodes is machine 1
-or 3 of 4: resubmitted as task 1 with MACHINES=4 it takes another slice); a file without them says both ways.
+or 3 of 4: resubmitted as task 1 with MACHINES=4 it takes another slice). A file without them is an earlier
+version's, whose count has no nodes in it: such a dir is relaunched on one node per machine.
 """
 from __future__ import annotations
 
@@ -85,16 +86,16 @@ def _launch(count: int, indices: set[int], nodes: int | None) -> str:
 
 def _relaunch(count: int, indices: set[int], nodes: int | None) -> str:
     """How to start again a run that takes exactly the keys of machines `indices` of `count`, `nodes` of which
-    per array task (None: not recorded, an older file). machine = array task + array size x node (workers.py)."""
+    per array task (None: not recorded, a file of an earlier version, which numbered no nodes: its count is the
+    array's size or --num-workers). machine = array task + array size x node (workers.py)."""
     one = _one_machine(count, indices)
     by_hand = ("any of them, with any number of GPUs on one machine: "
                + (f"--num-workers {one[1]} --worker-index {one[0]}" if one else
                   f"--num-workers {count} --worker-index <one of those>"))
-    if nodes is None or count % nodes:  # not recorded: the count may be array size x nodes
-        return (f"one of {count} (a resubmitted array task: runs/slurm_array.sbatch with MACHINES=<the array's "
-                f"size>: {count} if its tasks ran on one node each, {count} / <nodes per task> if each task was a "
-                f"multi-node torchrun, relaunched with the same --nnodes and --node-rank; a node: the same torchrun "
-                f"--nnodes and --node-rank; {by_hand})")
+    if nodes is None or count % nodes:  # not recorded: an earlier version's file, whose count has no nodes in it
+        return (f"one of {count} on one node each (a resubmitted array task: MACHINES={count} sbatch --array=<task> "
+                f"runs/slurm_array.sbatch; a dir an earlier version wrote, which did not count the nodes of a "
+                f"multi-node torchrun, is not split over nodes; {by_hand})")
     tasks = count // nodes
     if one is not None and (nodes == 1 or one[1] == tasks):  # an array task's dir (shared by all its nodes)
         array = (f"a resubmitted array task: MACHINES={one[1]} sbatch --array={one[0]} runs/slurm_array.sbatch"
