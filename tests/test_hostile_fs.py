@@ -197,11 +197,11 @@ def test_a_refused_read_is_not_called_a_write_and_a_full_disk_asks_for_space():
     PermissionError, a read of an unreadable metadata file too, and always asked to free space."""
     from vlm_caption.cli import disk_error_line
 
-    read = disk_error_line(PermissionError(errno.EACCES, "Permission denied", "/data/images/00000.parquet"))
-    assert read.startswith("no permission for /data/images/00000.parquet: Permission denied;"), read
+    read = disk_error_line(PermissionError(errno.EACCES, "Permission denied", "data/images/00000.parquet"))
+    assert read.startswith("no permission for data/images/00000.parquet: Permission denied;"), read
     assert "write" not in read.split(";")[0] and "free space" not in read, read
-    full = disk_error_line(OSError(errno.ENOSPC, "No space left on device", "/ckpt/run.json"))
-    assert full.startswith("could not write /ckpt/run.json: No space left on device;") and "free space" in full, full
+    full = disk_error_line(OSError(errno.ENOSPC, "No space left on device", "ckpt/run.json"))
+    assert full.startswith("could not write ckpt/run.json: No space left on device;") and "free space" in full, full
     assert "permissions" not in full, full
     readonly = disk_error_line(OSError("[errno 30] Read-only file system"))  # pyarrow: the errno in its text
     assert readonly.startswith("could not write: Read-only file system;") and "writable" in readonly, readonly
