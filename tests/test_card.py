@@ -77,13 +77,13 @@ def test_counts_are_the_hubs_rows_and_the_runs_failed_keys_and_no_local_path_is_
 def test_a_card_with_nothing_new_is_not_committed_again(hub_stub, client, ckpt, monkeypatch):  # noqa: F811
     """runs/{run}.json held the time of writing: every --push-only and every run end with nothing new made a
     commit (against the Hub's commit limit)."""
-    from vlm_caption import hub
+    from vlm_caption import hub_card
 
     Writer(ckpt).parts(2)
     client.push_pending(ckpt, RUN, 0)
     info = {"run_id": RUN, "dir_id": "d1", "created": "2026-01-01T00:00:00Z", "model": "m", "prompt": "p"}
     clock = iter(["2026-01-01T00:00:01Z", "2026-01-01T00:00:02Z", "2026-01-01T00:00:03Z"])
-    monkeypatch.setattr(hub.time, "strftime", lambda fmt, t=None: next(clock))
+    monkeypatch.setattr(hub_card.time, "strftime", lambda fmt, t=None: next(clock))
     client.write_card(info, {}, {})
     commits = hub_stub.commits_applied
     client.write_card(info, {}, {})  # a second later, nothing new
