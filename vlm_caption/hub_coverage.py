@@ -25,6 +25,7 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
     `named_by_flags`: the run id comes from this command's settings, not from a dir the run wrote.
     `path_named`: the id an earlier version gave those settings (a local --model named by its path,
     run_identity.py), checked when the repo holds nothing of `run_id`."""
+    from .hub_index import run_data_dir
     from .hub_retry import HubUnavailable  # (huggingface_hub is imported only by runs that use the Hub)
 
     try:
@@ -64,7 +65,7 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
                 "expected": len(expected), "published": len(published), "failed": len(failed),
                 "missing": len(missing), "duplicated": len(twice), "missing_keys": missing,
                 "duplicated_keys": twice, "failed_keys": dict(sorted(failed.items())),
-                "unexpected_keys": outside, "unreadable_files": snap.unreadable}
+                "unexpected_keys": outside, "unreadable_files": snap.unreadable, "foreign_files": snap.foreign}
     out = Path(cfg.checkpoint_dir) / HUB_COVERAGE
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, coverage)
@@ -74,12 +75,16 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
     if snap.unreadable:  # their rows, if any, are not counted: their keys show as missing
         print(f"  unreadable files (first 5), which the run's dataset config cannot load: delete or replace them: "
               f"{', '.join(snap.unreadable[:5])}")
+    if snap.foreign:  # the run's config loads them too: their rows show up in the dataset, uncounted here
+        print(f"  files in {run_data_dir(run_id)}/ not written for this run, their rows not counted (the run's "
+              f"dataset config loads them too: delete them): "
+              + "; ".join(f"{p} ({why})" for p, why in sorted(snap.foreign.items())[:5]))
     if missing:
         print(f"  missing (first 20): {', '.join(missing[:20])}")
     if twice:
         print(f"  published more than once (first 20): {', '.join(f'{k} x{n}' for k, n in list(twice.items())[:20])}")
     print(f"  full lists in {out}")
-    if missing or twice or snap.unreadable:  # (load_dataset of the run's config fails on an unreadable file)
+    if missing or twice or snap.unreadable or snap.foreign:  # (load_dataset of the config fails on an unreadable file)
         return EXIT_COVERAGE
     retryable = any(stage == "generate" for stage in failed.values())  # the exit policy of --merge-only
     return EXIT_ITEMS_FAILED if retryable or (cfg.strict and failed) else EXIT_OK

@@ -7,24 +7,20 @@ when they share their rows). hub.py decides when and checks what the repo alread
 """
 from __future__ import annotations
 
-import hashlib
 import io
-import re
 from typing import NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .hub_index import run_data_dir
+from .hub_index import HUB_FILE_RE, keys_digest, run_data_dir  # noqa: F401  (HUB_FILE_RE: hub.py's)
 from .merge import parts_schema
 from .rows import conform
 from .store import Part
 
 MAX_ROWS_PER_HUB_FILE = 100_000
 ROW_GROUP_ROWS = 10_000  # small row groups keep the dataset viewer and streaming readers fast
-HUB_FILE_RE = re.compile(r"^data/(?P<run>[0-9a-f]{12})/(?P<dir>[^/]+)-w(?P<worker>\d{3,})-(?P<first>\d{6,})-"
-                         r"(?P<last>\d{6,})-[0-9a-f]{8}\.parquet$")  # what hub_path makes
 
 
 class HubFile(NamedTuple):
@@ -39,8 +35,7 @@ class HubFile(NamedTuple):
 
 
 def hub_path(run_id: str, dir_id: str, worker: int, first: int, last: int, keys: list[str]) -> str:
-    digest = hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:8]
-    return f"{run_data_dir(run_id)}/{dir_id}-w{worker:03d}-{first:06d}-{last:06d}-{digest}.parquet"
+    return f"{run_data_dir(run_id)}/{dir_id}-w{worker:03d}-{first:06d}-{last:06d}-{keys_digest(keys)}.parquet"
 
 
 def plan_hub_files(run_id: str, dir_id: str, pending: list[tuple[Part, list[str]]]) -> list[HubFile]:

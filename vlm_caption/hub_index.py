@@ -12,6 +12,7 @@ Layout of a repo:
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import random
@@ -27,6 +28,7 @@ from huggingface_hub.hf_api import RepoFile
 
 from .hub_key_cache import FileEntry, KeyCache, content_id, read_entry
 from .rows import FLAGS_COLUMN
+from .schema import ADDED_COLUMNS, OUTPUT_SCHEMA
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +37,30 @@ DATA_DIR = "data"
 RUNS_DIR = "runs"
 KEY_READ_BLOCK = 256 * 1024  # range-read size: a footer plus a key column chunk, not the whole file; a file this
 # small is read whole, in one request (a run's periodic pushes make hundreds of files of a few hundred rows)
+BASE_COLUMNS = [n for n in OUTPUT_SCHEMA.names if n not in ADDED_COLUMNS]  # in every file any version pushed
 _LEGACY_FILE_RE = re.compile(r"^data/(?P<run>[0-9a-f]{12})-w\d{3,}-\d{6,}-\d{6,}\.parquet$")
 _RUN_ID_RE = re.compile(r"^[0-9a-f]{12}$")
+HUB_FILE_RE = re.compile(r"^data/(?P<run>[0-9a-f]{12})/(?P<dir>[^/]+)-w(?P<worker>\d{3,})-(?P<first>\d{6,})-"
+                         r"(?P<last>\d{6,})-(?P<digest>[0-9a-f]{8})\.parquet$")  # what hub_files.hub_path makes
+_MOVED_LEGACY_RE = re.compile(r"^data/(?P<run>[0-9a-f]{12})/v0\.1-(?P=run)-w\d{3,}-\d{6,}-\d{6,}\.parquet$")
+
+
+def keys_digest(keys) -> str:
+    """What a file's name says of its keys (hub_files.hub_path)."""
+    return hashlib.sha256("\n".join(sorted(keys)).encode()).hexdigest()[:8]
+
+
+def not_ours(path: str, run_id: str, keys: list[str]) -> str | None:
+    """Why a readable file of the run's folder is not one this tool wrote for the run (None: it is). Its name says
+    which keys it holds (their digest), so a file renamed, copied under another name, or rewritten with other
+    rows (fewer than its name says, none) does not count as the run's rows."""
+    named = HUB_FILE_RE.match(path)
+    if named is None or named["run"] != run_id:
+        moved = _MOVED_LEGACY_RE.match(path)  # a 0.1 file moved into the folder (hub.py): no digest in its name
+        return None if moved and moved["run"] == run_id else "its name is not one this tool gives"
+    if named["digest"] != keys_digest(keys):
+        return f"its {len(keys)} keys are not those its name says"
+    return None
 
 
 def run_data_dir(run_id: str) -> str:
@@ -76,6 +100,8 @@ class Snapshot:
     keys: set[str]  # keys those files publish
     other_runs: list[str] = field(default_factory=list)  # other runs with data in the repo
     unreadable: list[str] = field(default_factory=list)  # this run's files whose keys could not be read
+    foreign: dict[str, str] = field(default_factory=dict)  # files in the run's folder not written for it -> why
+    entries: dict[str, FileEntry] = field(default_factory=dict)  # each of `files`' keys, types and flags
 
 
 class HubIndex:
@@ -85,6 +111,8 @@ class HubIndex:
         self.api, self.repo_id, self.run_id, self._token = api, repo_id, run_id, token
         self.cache = cache or KeyCache()
         self._fs: HfFileSystem | None = None
+        self._warned_foreign: list[str] = []  # said once per set of such files, not at every push
+        self._checked: dict[tuple[str, str], str | None] = {}  # (path, content id) -> not_ours
 
     def snapshot(self) -> Snapshot:
         head = self.api.repo_info(self.repo_id, repo_type=REPO_TYPE).sha
@@ -94,12 +122,29 @@ class HubIndex:
         # read other files, not wait in line behind it (hub_key_cache: one process of a dir reads each file).
         for info in random.sample(list(files.values()), len(files)):
             entry = self.cache.get_or_read(info.content_id, lambda: self._read_entry(info, head))
+            why = None if entry is None or is_legacy_file(info.path) else self._not_ours(info, entry)
             if entry is None:
                 snap.unreadable.append(info.path)
+            elif why:  # its rows are not trusted as the run's: pushed again, and --check-hub names the file
+                snap.foreign[info.path] = why
             else:
                 snap.keys.update(entry.keys)
+                snap.entries[info.path] = entry
+        for path in snap.foreign:
+            del snap.files[path]
+        if snap.foreign and sorted(snap.foreign) != self._warned_foreign:
+            self._warned_foreign = sorted(snap.foreign)
+            log.warning("Hub: %d file(s) in %s/ of %s were not written for this run, so their rows do not count as "
+                        "published (delete them; --check-hub names them all): %s", len(snap.foreign),
+                        run_data_dir(self.run_id), self.repo_id,
+                        "; ".join(f"{p} ({why})" for p, why in sorted(snap.foreign.items())[:3]))
         snap.unreadable.sort()
         return snap
+
+    def _not_ours(self, info: HubFileInfo, entry: FileEntry) -> str | None:
+        if (info.path, info.content_id) not in self._checked:  # a file's keys are hashed once per process
+            self._checked[info.path, info.content_id] = not_ours(info.path, self.run_id, entry.keys)
+        return self._checked[info.path, info.content_id]
 
     def _list(self, head: str) -> tuple[dict[str, HubFileInfo], list[str]]:
         files: dict[str, HubFileInfo] = {}
@@ -137,8 +182,9 @@ class HubIndex:
             with self._filesystem().open(url, "rb", block_size=KEY_READ_BLOCK, size=info.size) as f:
                 # one request for a small file: the footer first, then the key column, took two
                 pf = pq.ParquetFile(pa.BufferReader(f.read(info.size)) if info.size <= KEY_READ_BLOCK else f)
-                if "vlm_caption" not in pf.schema_arrow.names:  # keys alone (by hand) publish no caption
-                    raise KeyError("vlm_caption")
+                lacking = [n for n in BASE_COLUMNS if n not in pf.schema_arrow.names]
+                if lacking:  # keys alone (by hand) publish no caption; other columns break the config's one schema
+                    raise KeyError(", ".join(lacking[:3]))
                 return read_entry(pf)
         except (pa.ArrowException, KeyError) as e:  # not our parquet: it publishes no row we know
             log.warning("Hub: %s in %s is not a readable captions file (%s); its rows, if any, are not "
