@@ -57,3 +57,16 @@ def test_a_file_of_ours_rewritten_with_fewer_rows_or_none_gets_its_rows_back(hub
         fresh = connect(hub_stub, ckpt)
         assert fresh.push(ckpt, RUN, 0) == 10  # the whole file again, under its own name: no row twice
         assert data_files(hub_stub) == [path] and once(hub_stub) == keys(10)
+
+
+def test_a_file_of_our_name_and_keys_lacking_a_column_of_ours_is_not_counted(hub_stub, ckpt, caplog):  # noqa: F811
+    """Its name's digest holds (the right keys) but a column is missing: the config's files would not share one
+    schema, and the rows it lacks were never published."""
+    Writer(ckpt).parts(10)
+    path = hub_path(RUN, "someoneelse0", 0, 0, 0, sorted(keys(10)))
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(make_rows(0, 10), schema=OUTPUT_SCHEMA).drop_columns(["url"]), buf)
+    put(hub_stub, path, buf.getvalue())
+    with caplog.at_level(logging.WARNING):
+        assert connect(hub_stub, ckpt).push(ckpt, RUN, 0) == 10
+    assert path in caplog.text and "not a readable captions file" in caplog.text
