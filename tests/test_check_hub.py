@@ -219,3 +219,34 @@ def test_a_runs_file_whose_failures_were_edited_into_a_list_is_no_traceback(cli,
     proc = cli.run("c", "--check-hub")  # no failure recorded: the broken images count as missing
     assert proc.returncode == EXIT_COVERAGE and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert coverage(cli, "c")["failed"] == 0 and coverage(cli, "c")["missing"] > 0
+
+
+def test_a_kept_column_the_runs_files_type_two_ways_is_named_and_exits_4(cli, hub_stub):
+    """Files an older version pushed: `year` all null as text in the first, int64 in the next (load_dataset casts
+    the years to text, the first file's type)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vlm_caption.hub_files import hub_path
+
+    ok(cli.run("a"))
+    rid = run_id_of(cli.tmp / "a")
+    (first,) = [p for p in hub_stub.repo_files(REPO_ID) if p.startswith(f"data/{rid}/")]
+    table = pq.read_table(io.BytesIO(hub_stub.repo_files(REPO_ID)[first]))
+    half = table.num_rows // 2
+    files = {}
+    for rows, year in ((table.slice(0, half), pa.nulls(half, pa.string())),
+                       (table.slice(half), pa.array(range(table.num_rows - half), pa.int64()))):
+        buf = io.BytesIO()
+        pq.write_table(rows.append_column("year", year), buf)
+        files[hub_path(rid, "older0000000", 0, len(files), len(files), rows.column("key").to_pylist())] = buf
+    recommit(hub_stub, REPO_ID, lambda tree: (tree.pop(first), tree.update(
+        {path: hub_stub._put_blob(buf.getvalue()) for path, buf in files.items()})))
+    proc = cli.run("c", "--check-hub")
+    assert proc.returncode == EXIT_COVERAGE and "column year has 2 types" in proc.stdout, proc.stdout + proc.stderr
+    got = coverage(cli, "c")
+    assert got["missing"] == got["duplicated"] == 0 and sorted(got["type_disagreements"]["year"]) == [
+        "int64", "string, all null"]
+    assert all(path in proc.stdout for path in files)

@@ -32,6 +32,7 @@ from .rows import conform
 from .hub_files import HUB_FILE_RE, ROW_GROUP_ROWS, HubFile, hub_file_bytes, plan_hub_files, rows_committed
 from .hub_index import DATA_DIR, REPO_TYPE, HubIndex, Snapshot, is_legacy_file, run_data_dir
 from .hub_key_cache import KeyCache
+from .hub_types import hub_targets
 from .hub_ledger import append_ledger, ledger_entry, read_ledger
 from .hub_retry import HubUnavailable, RetryPolicy, call_with_retries, describe, http_status
 from .store import OUTPUT_SCHEMA, Part, check_file, list_parts, read_run_json
@@ -284,7 +285,8 @@ class HubClient:
             if not files:
                 return
             rows = sum(f.rows for f in files)
-            uploads = [hub_file_bytes(f) for f in files]
+            targets = hub_targets(snap.entries)  # one type per column with the run's files already there
+            uploads = [hub_file_bytes(f, targets) for f in files]
             ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=data) for f, data in zip(files, uploads)]
             ops += self._migrate_legacy(run_id, snap, pq.read_schema(io.BytesIO(uploads[0])))  # the new files' columns
             sent = list(zip(files, ops))

@@ -26,6 +26,7 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
     `path_named`: the id an earlier version gave those settings (a local --model named by its path,
     run_identity.py), checked when the repo holds nothing of `run_id`."""
     from .hub_index import run_data_dir
+    from .hub_types import disagreements
     from .hub_retry import HubUnavailable  # (huggingface_hub is imported only by runs that use the Hub)
 
     try:
@@ -66,6 +67,8 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
                 "missing": len(missing), "duplicated": len(twice), "missing_keys": missing,
                 "duplicated_keys": twice, "failed_keys": dict(sorted(failed.items())),
                 "unexpected_keys": outside, "unreadable_files": snap.unreadable, "foreign_files": snap.foreign}
+    mixed = disagreements(snap.entries)  # load_dataset casts every file to the first one's types (or fails)
+    coverage["type_disagreements"] = mixed
     out = Path(cfg.checkpoint_dir) / HUB_COVERAGE
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, coverage)
@@ -79,12 +82,17 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
         print(f"  files in {run_data_dir(run_id)}/ not written for this run, their rows not counted (the run's "
               f"dataset config loads them too: delete them): "
               + "; ".join(f"{p} ({why})" for p, why in sorted(snap.foreign.items())[:5]))
+    for name, kinds in mixed.items():
+        print(f"  column {name} has {len(kinds)} types in the run's files, which load_dataset casts to one (or "
+              f"fails on): " + "; ".join(f"{kind} in {len(paths)} file(s), e.g. {paths[0]}" for kind, paths in
+                                          kinds.items()) + "; rewrite the files of the other type(s) cast to one "
+              "type, keys and names unchanged, in one commit")
     if missing:
         print(f"  missing (first 20): {', '.join(missing[:20])}")
     if twice:
         print(f"  published more than once (first 20): {', '.join(f'{k} x{n}' for k, n in list(twice.items())[:20])}")
     print(f"  full lists in {out}")
-    if missing or twice or snap.unreadable or snap.foreign:  # (load_dataset of the config fails on an unreadable file)
+    if missing or twice or snap.unreadable or snap.foreign or mixed:  # (load_dataset of the config fails on an unreadable file)
         return EXIT_COVERAGE
     retryable = any(stage == "generate" for stage in failed.values())  # the exit policy of --merge-only
     return EXIT_ITEMS_FAILED if retryable or (cfg.strict and failed) else EXIT_OK

@@ -15,6 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .hub_index import HUB_FILE_RE, keys_digest, run_data_dir  # noqa: F401  (HUB_FILE_RE: hub.py's)
+from .hub_types import align
 from .merge import parts_schema
 from .rows import conform
 from .store import Part
@@ -58,8 +59,9 @@ def plan_hub_files(run_id: str, dir_id: str, pending: list[tuple[Part, list[str]
     return files
 
 
-def hub_file_bytes(f: HubFile) -> bytes:
-    """The file's rows sorted by key, as parquet; the same rows always give the same bytes.
+def hub_file_bytes(f: HubFile, targets: dict | None = None) -> bytes:
+    """The file's rows sorted by key, as parquet; the same rows always give the same bytes. `targets`: the types
+    the run's Hub files give their columns (hub_types.hub_targets), taken where no value changes.
 
     Only the key column is sorted; the rows are gathered one row group at a time. Filtering, sorting and
     de-duplicating whole tables held about four copies of a file's rows (up to MAX_ROWS_PER_HUB_FILE of them):
@@ -67,6 +69,7 @@ def hub_file_bytes(f: HubFile) -> bytes:
     tables = [pq.read_table(p.path).replace_schema_metadata(None) for p in f.parts]  # + --keep-columns
     schema = parts_schema([p.path for p in f.parts], tables)  # parts of two types for one kept column (older runs)
     table = pa.concat_tables([conform(t, schema) for t in tables])
+    table = align(table, targets, f"the rows of {f.path}") if targets else table
     order = pc.sort_indices(table.column("key"))  # stable: of a key's rows, the first part's comes first
     keys = table.column("key").take(order)
     wanted = pc.is_in(keys, value_set=pa.array(f.keys, pa.string()))

@@ -15,6 +15,7 @@ warning and the file is read again.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -39,6 +40,8 @@ log = logging.getLogger(__name__)
 
 KEY_CACHE_DIR = "hub_keys"
 _META_FLAGS = b"vlm_caption.flag_counts"
+_META_SCHEMA = b"vlm_caption.schema"  # the file's schema (Arrow IPC) and its all-null columns
+_META_NULLS = b"vlm_caption.null_columns"
 _META_ID = b"vlm_caption.content_id"  # the id it was stored under: a renamed or foreign parquet is not an entry
 
 
@@ -46,6 +49,10 @@ _META_ID = b"vlm_caption.content_id"  # the id it was stored under: a renamed or
 class FileEntry:
     keys: list[str]
     flags: dict[str, dict[str, int]]  # flags column (plain, or a prompt's) -> captions per flag
+    # The file's columns and types, and the columns all null in it (from the footer's statistics): which type
+    # the run's files give a column (hub_types.py). None: an entry of an older version, read again.
+    schema: pa.Schema | None = None
+    null_columns: frozenset[str] = frozenset()
 
 
 def content_id(blob_id: str, lfs_sha256: str | None) -> str:
@@ -77,7 +84,22 @@ def read_entry(pf: pq.ParquetFile) -> FileEntry:
         # (a file added by hand; caching its keys as text failed with a traceback on every push and check)
         raise pa.ArrowTypeError(f"its key column is {kind}, not text")
     return FileEntry(table.column("key").to_pylist(),
-                     {c.name: count_flags_column(table.column(c.name)) for c in flagged})
+                     {c.name: count_flags_column(table.column(c.name)) for c in flagged},
+                     pf.schema_arrow.remove_metadata(), frozenset(_null_columns(pf)))
+
+
+def _null_columns(pf: pq.ParquetFile) -> list[str]:
+    """Top-level columns whose values are all null, as the footer's statistics say (none known: not null)."""
+    meta = pf.metadata
+    nulls = []
+    for name in pf.schema_arrow.names:
+        chunks = [meta.row_group(g).column(c) for g in range(meta.num_row_groups)
+                  for c in range(meta.num_columns) if meta.row_group(g).column(c).path_in_schema == name]
+        if (chunks or not meta.num_row_groups) and all(  # (a nested column has no chunk of its name: not null)
+                ch.statistics is not None and ch.statistics.has_null_count and ch.statistics.null_count == ch.num_values
+                for ch in chunks):
+            nulls.append(name)
+    return nulls
 
 
 class KeyCache:
@@ -158,7 +180,10 @@ class KeyCache:
             if not (isinstance(flags, dict) and all(isinstance(c, dict) and all(
                     isinstance(n, int) for n in c.values()) for c in flags.values())):
                 raise ValueError("flag counts are not a mapping of mappings")  # the card would fail on them
-            return FileEntry(table.column("key").to_pylist(), flags)
+            if _META_SCHEMA not in meta:  # written by an older version: its types were not kept, read it again
+                return None
+            schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(meta[_META_SCHEMA])))
+            return FileEntry(table.column("key").to_pylist(), flags, schema, frozenset(json.loads(meta[_META_NULLS])))
         except (OSError, pa.ArrowException, KeyError, ValueError) as e:
             quarantine(self.checkpoint_dir, path, f"an unreadable Hub key cache entry ({type(e).__name__}: "
                        f"{brief(str(e), 120)})",
@@ -170,5 +195,7 @@ class KeyCache:
         if path is None:
             return
         table = pa.table({"key": pa.array(entry.keys, pa.string())})
-        atomic_write_table(path, table.replace_schema_metadata({_META_FLAGS: json.dumps(entry.flags, sort_keys=True),
-                                                                _META_ID: cid}))
+        schema = base64.b64encode(entry.schema.serialize().to_pybytes()) if entry.schema is not None else b""
+        atomic_write_table(path, table.replace_schema_metadata({
+            _META_FLAGS: json.dumps(entry.flags, sort_keys=True), _META_ID: cid, _META_SCHEMA: schema,
+            _META_NULLS: json.dumps(sorted(entry.null_columns))}))
