@@ -169,15 +169,13 @@ def test_files_deleted_or_renamed_by_someone_else_between_runs(hub_stub, ckpt, c
     assert connect(hub_stub, ckpt).push(ckpt, RUN, 0) == 10
     assert once(hub_stub) == keys(20) and "no longer holds" in caplog.text
     renamed = second.rsplit("/", 1)[0] + "/moved-by-hand.parquet"
-    recommit(hub_stub, REPO, lambda t: t.update({renamed: t.pop(second)}))  # renamed: a name not ours
+    recommit(hub_stub, REPO, lambda t: t.update({renamed: t.pop(second)}))  # renamed: still published, named
     w.parts(5)
-    # Not trusted as the run's (a file of another tool would be too): named, its rows pushed again under our name
-    assert connect(hub_stub, ckpt).push(ckpt, RUN, 0) == 15 and renamed in caplog.text
-    recommit(hub_stub, REPO, lambda t: t.pop(renamed))  # deleted, as the warning says
+    assert connect(hub_stub, ckpt).push(ckpt, RUN, 0) == 5 and renamed in caplog.text
     fresh = ckpt.parent / "fresh"
     Writer(fresh, dir_id="dirf00000000").parts(25)  # a fresh dir with the same keys finds them all published
     assert connect(hub_stub, fresh).push(fresh, RUN, None) == 0
-    assert once(hub_stub) == keys(25)
+    assert once(hub_stub) == keys(25) and renamed in data_files(hub_stub)
 
 
 # ---------------------------------------------------------------- the command line: --overwrite, --hf-repo

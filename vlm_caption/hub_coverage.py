@@ -78,9 +78,9 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
     if snap.unreadable:  # their rows, if any, are not counted: their keys show as missing
         print(f"  unreadable files (first 5), which the run's dataset config cannot load: delete or replace them: "
               f"{', '.join(snap.unreadable[:5])}")
-    if snap.foreign:  # the run's config loads them too: their rows show up in the dataset, uncounted here
-        print(f"  files in {run_data_dir(run_id)}/ not written for this run, their rows not counted (the run's "
-              f"dataset config loads them too: delete them): "
+    if snap.foreign:  # the run's config loads them: their rows are counted, the files named for a look
+        print(f"  files in {run_data_dir(run_id)}/ this tool did not write for the run (first 5; their rows are "
+              f"counted, as the run's dataset config loads them): "
               + "; ".join(f"{p} ({why})" for p, why in sorted(snap.foreign.items())[:5]))
     for name, kinds in mixed.items():
         print(f"  column {name} has {len(kinds)} types in the run's files, which load_dataset casts to one (or "
@@ -92,7 +92,7 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
     if twice:
         print(f"  published more than once (first 20): {', '.join(f'{k} x{n}' for k, n in list(twice.items())[:20])}")
     print(f"  full lists in {out}")
-    if missing or twice or snap.unreadable or snap.foreign or mixed:  # (load_dataset of the config fails on an unreadable file)
+    if missing or twice or snap.unreadable or mixed:  # (load_dataset of the config fails on an unreadable file)
         return EXIT_COVERAGE
     retryable = any(stage == "generate" for stage in failed.values())  # the exit policy of --merge-only
     return EXIT_ITEMS_FAILED if retryable or (cfg.strict and failed) else EXIT_OK

@@ -52,8 +52,8 @@ def keys_digest(keys) -> str:
 
 def not_ours(path: str, run_id: str, keys: list[str]) -> str | None:
     """Why a readable file of the run's folder is not one this tool wrote for the run (None: it is). Its name says
-    which keys it holds (their digest), so a file renamed, copied under another name, or rewritten with other
-    rows (fewer than its name says, none) does not count as the run's rows."""
+    which keys it holds (their digest): a file renamed, copied under another name, uploaded by hand or rewritten
+    with other rows (fewer than its name says, none) is named in a warning and by --check-hub."""
     named = HUB_FILE_RE.match(path)
     if named is None or named["run"] != run_id:
         moved = _MOVED_LEGACY_RE.match(path)  # a 0.1 file moved into the folder (hub.py): no digest in its name
@@ -100,7 +100,7 @@ class Snapshot:
     keys: set[str]  # keys those files publish
     other_runs: list[str] = field(default_factory=list)  # other runs with data in the repo
     unreadable: list[str] = field(default_factory=list)  # this run's files whose keys could not be read
-    foreign: dict[str, str] = field(default_factory=dict)  # files in the run's folder not written for it -> why
+    foreign: dict[str, str] = field(default_factory=dict)  # files in the run's folder not written for it -> why (counted)
     entries: dict[str, FileEntry] = field(default_factory=dict)  # each of `files`' keys, types and flags
 
 
@@ -125,19 +125,19 @@ class HubIndex:
             why = None if entry is None or is_legacy_file(info.path) else self._not_ours(info, entry)
             if entry is None:
                 snap.unreadable.append(info.path)
-            elif why:  # its rows are not trusted as the run's: pushed again, and --check-hub names the file
+                continue
+            # What the run's folder holds is what its dataset config loads: published, whoever wrote it. Counting
+            # it keeps each key once (pushing its keys again would publish them twice); the file is only named.
+            snap.keys.update(entry.keys)
+            snap.entries[info.path] = entry
+            if why:
                 snap.foreign[info.path] = why
-            else:
-                snap.keys.update(entry.keys)
-                snap.entries[info.path] = entry
-        for path in snap.foreign:
-            del snap.files[path]
         if snap.foreign and sorted(snap.foreign) != self._warned_foreign:
             self._warned_foreign = sorted(snap.foreign)
-            log.warning("Hub: %d file(s) in %s/ of %s were not written for this run, so their rows do not count as "
-                        "published (delete them; --check-hub names them all): %s", len(snap.foreign),
-                        run_data_dir(self.run_id), self.repo_id,
-                        "; ".join(f"{p} ({why})" for p, why in sorted(snap.foreign.items())[:3]))
+            log.warning("Hub: %d file(s) in %s/ of %s were not written by this tool for this run; their rows count "
+                        "as published, since the run's dataset config loads them (check them; to caption their "
+                        "keys again, delete them and push again): %s", len(snap.foreign), run_data_dir(self.run_id),
+                        self.repo_id, "; ".join(f"{p} ({why})" for p, why in sorted(snap.foreign.items())[:3]))
         snap.unreadable.sort()
         return snap
 
