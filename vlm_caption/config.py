@@ -6,7 +6,6 @@ the model has spent a minute loading.
 from __future__ import annotations
 
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -15,6 +14,8 @@ from . import workers
 from .backends import BACKENDS, RETRY_REPETITION_PENALTY
 from .data_layout import FULL_METADATA_FILE, IMAGES_DIR
 from .errors import UsageError
+from .flag_checks import (  # noqa: F401  (check_output_file: re-exported, imported from here)
+    REPO_ID_RE, check_output_file, check_writable_dir, parse_shards, resolve_repo_id)
 
 DEFAULT_MODEL = "google/gemma-3-27b-it"
 DEFAULT_DATA_DIR = "./data/contrastyles_full"
@@ -31,40 +32,9 @@ MAX_TOKENS_LIMIT = 131_072
 # settings (prompts.template_settings); 0 = whole values, as runs made before the limit (their run ids stay theirs).
 TEMPLATE_VALUE_CHARS = 1000
 
-# Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-'/'.', no '--' or '..'.
-_REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
-_REPO_ID_RE = re.compile(rf"^(?:{_REPO_PART}/)?{_REPO_PART}$")
 # What transformers' from_pretrained takes as a device_map string: accelerate's strategies, or one device.
 _DEVICE_MAP_RE = re.compile(r"auto|balanced|balanced_low_0|sequential|cpu|(?:cuda|xpu|npu|mps)(?::\d+)?")
 _RESERVED_FIELDS = ("model", "finish", "tokens", "flags", "attempts")  # caption_{field} would shadow these
-
-
-def parse_shards(spec: str | None) -> list[int] | None:
-    """'0-24' / '3,5,7-9' -> sorted shard numbers; None means every shard."""
-    if spec is None or spec.strip() == "":
-        return None
-    shards: set[int] = set()
-    for piece in spec.split(","):
-        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", piece)
-        if not m:
-            raise UsageError(f"--shards: cannot read {piece!r}; use a list like 0-24 or 3,5,7-9")
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo or hi >= 10 ** 6:  # shard names have 5 digits: a typo like 0-999999999999 filled the memory
-            raise UsageError(f"--shards: range {piece.strip()!r} ends before it starts" if hi < lo else
-                             f"--shards: {hi} is past any shard (the last possible one is 999999)")
-        shards.update(range(lo, hi + 1))
-    return sorted(shards)
-
-
-def resolve_repo_id(hf_repo: str, hf_username: str) -> str:
-    """A bare repo name is joined with --hf-username; a full 'user/name' is taken as is."""
-    repo_id = hf_repo if "/" in hf_repo else f"{hf_username}/{hf_repo}"
-    if not _REPO_ID_RE.match(repo_id) or ".." in repo_id or "--" in repo_id or repo_id.count("/") != 1:
-        raise UsageError(
-            f"invalid Hub repo id {repo_id!r}: use NAME (joined with --hf-username) or USER/NAME, "
-            "letters, digits, '-', '_' and '.' only"
-        )
-    return repo_id
 
 
 def public_model_name(model: str, backend: str = "transformers") -> str:
@@ -73,30 +43,6 @@ def public_model_name(model: str, backend: str = "transformers") -> str:
     backend than transformers before it (`dummy:...`: no model wrote those captions)."""
     name = f"local:{Path(model).name}" if Path(model).is_absolute() else model
     return name if backend == "transformers" else f"{backend}:{name}"
-
-
-def check_output_file(path: Path, flag: str) -> None:
-    """A file to be written: not a directory, in a directory that can be written to."""
-    if path.is_dir():
-        raise UsageError(f"{flag} {path} is a directory; give a file name")
-    check_writable_dir(path.parent, flag)
-
-
-def check_writable_dir(path: Path, flag: str) -> None:
-    """Fail now, not after an hour of work, when results could not be written there."""
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {path} is a file, not a directory; pass a directory")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise UsageError(f"{flag} {path}: {probe} is a file, not a directory")
-    try:  # a real write: os.access says yes to root even on a read-only file system
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise UsageError(f"{flag} {path} is not writable ({e.strerror or e}); choose a directory you can write to") \
-            from None
 
 
 @dataclass
@@ -197,7 +143,7 @@ class RunConfig:
             if Path(self.model).is_dir() and not (Path(self.model) / "config.json").is_file():  # e.g. its parent
                 raise UsageError(f"--model {self.model} is a directory without a config.json: give the one that "
                                  "save_pretrained wrote (e.g. demo/model) or a Hub id such as google/gemma-3-4b-it")
-            if not Path(self.model).is_dir() and not _REPO_ID_RE.match(self.model):
+            if not Path(self.model).is_dir() and not REPO_ID_RE.match(self.model):
                 # a mistyped local path: else transformers' "Repo id must be in the form ..." after the data scan
                 raise UsageError(f"--model {self.model} is neither a directory here nor a Hub model id such as "
                                  "google/gemma-3-4b-it")

@@ -1,0 +1,68 @@
+"""Checks of single flag values that every command line shares: shard lists, Hub repo ids, writable paths.
+
+Each fails with a one-line UsageError naming the flag, before any work starts (config.py's validate() calls them;
+other modules import them from here or from config, which re-exports them).
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from pathlib import Path
+
+from .errors import UsageError
+
+# Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-'/'.', no '--' or '..'.
+REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
+REPO_ID_RE = re.compile(rf"^(?:{REPO_PART}/)?{REPO_PART}$")
+
+
+def parse_shards(spec: str | None) -> list[int] | None:
+    """'0-24' / '3,5,7-9' -> sorted shard numbers; None means every shard."""
+    if spec is None or spec.strip() == "":
+        return None
+    shards: set[int] = set()
+    for piece in spec.split(","):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", piece)
+        if not m:
+            raise UsageError(f"--shards: cannot read {piece!r}; use a list like 0-24 or 3,5,7-9")
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo or hi >= 10 ** 6:  # shard names have 5 digits: a typo like 0-999999999999 filled the memory
+            raise UsageError(f"--shards: range {piece.strip()!r} ends before it starts" if hi < lo else
+                             f"--shards: {hi} is past any shard (the last possible one is 999999)")
+        shards.update(range(lo, hi + 1))
+    return sorted(shards)
+
+
+def resolve_repo_id(hf_repo: str, hf_username: str) -> str:
+    """A bare repo name is joined with --hf-username; a full 'user/name' is taken as is."""
+    repo_id = hf_repo if "/" in hf_repo else f"{hf_username}/{hf_repo}"
+    if not REPO_ID_RE.match(repo_id) or ".." in repo_id or "--" in repo_id or repo_id.count("/") != 1:
+        raise UsageError(
+            f"invalid Hub repo id {repo_id!r}: use NAME (joined with --hf-username) or USER/NAME, "
+            "letters, digits, '-', '_' and '.' only"
+        )
+    return repo_id
+
+
+def check_output_file(path: Path, flag: str) -> None:
+    """A file to be written: not a directory, in a directory that can be written to."""
+    if path.is_dir():
+        raise UsageError(f"{flag} {path} is a directory; give a file name")
+    check_writable_dir(path.parent, flag)
+
+
+def check_writable_dir(path: Path, flag: str) -> None:
+    """Fail now, not after an hour of work, when results could not be written there."""
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {path} is a file, not a directory; pass a directory")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise UsageError(f"{flag} {path}: {probe} is a file, not a directory")
+    try:  # a real write: os.access says yes to root even on a read-only file system
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise UsageError(f"{flag} {path} is not writable ({e.strerror or e}); choose a directory you can write to") \
+            from None
