@@ -16,8 +16,6 @@ from __future__ import annotations
 import argparse
 import signal
 
-from vlm_caption import cli
-
 if __name__ == "__mp_main__":
     # img2dataset's spawned processes (its pool's workers, its logger) import this file first. A terminal's
     # Ctrl-C reaches the whole process group: each would print a KeyboardInterrupt traceback. They ignore it;
@@ -25,6 +23,7 @@ if __name__ == "__mp_main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 try:
+    from vlm_caption import cli_args
     from vlm_caption.cli import run_main, setup_logging
     from vlm_caption.config import DownloadConfig
 except ModuleNotFoundError as e:  # outside the venv: one line saying what to do, not a traceback
@@ -33,31 +32,8 @@ except ModuleNotFoundError as e:  # outside the venv: one line saying what to do
 
 
 def build_parser() -> argparse.ArgumentParser:
-    d = DownloadConfig()
-    p = cli.Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--output", default=d.output, help="output directory (default: %(default)s)")
-    p.add_argument("--source", default=d.source,
-                   help="HF dataset id or local dataset dir (loaded with datasets.load_dataset), or a local "
-                        ".parquet/.csv/.jsonl with columns key,url,caption,md5,tags,merged_tags (default: %(default)s)")
-    p.add_argument("--split", default=d.split, help="split of the HF dataset (default: %(default)s)")
-    p.add_argument("--threads", type=int, default=d.threads, help="download threads per process (default: %(default)s)")
-    p.add_argument("--processes", type=int, default=d.processes, help="download processes (default: %(default)s)")
-    p.add_argument("--timeout", type=int, default=d.timeout,
-                   help="seconds to wait for each part of a response; a whole response gets 3 times that "
-                        "(default: %(default)s)")
-    p.add_argument("--max-image-mb", type=int, default=d.max_image_mb,
-                   help="a response larger than this fails for good as 'too large' (default: %(default)s)")
-    p.add_argument("--retries", type=int, default=d.retries, help="extra tries per failed URL (default: %(default)s)")
-    p.add_argument("--max-rows", type=int, default=d.max_rows, help="only the first N source rows (trials)")
-    p.add_argument("--shard-size", type=int, default=d.shard_size, help="images per shard (default: %(default)s)")
-    p.add_argument("--distributor", default=d.distributor, choices=["multiprocessing", "pyspark", "ray"],
-                   help="img2dataset distributor (default: %(default)s)")
-    p.add_argument("--validate-workers", type=int, default=d.validate_workers,
-                   help="processes that decode images to find broken ones (default: %(default)s)")
-    p.add_argument("--strict", action="store_true",
-                   help="exit 3 when any row failed, permanent failures (404, undecodable file) included")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    return p
+    """The flags and their help: vlm_caption/cli_args.py."""
+    return cli_args.download_parser(__doc__)
 
 
 def parse_args(argv: list[str] | None) -> tuple[DownloadConfig, bool]:

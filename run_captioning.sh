@@ -22,8 +22,8 @@ Usage: ./run_captioning.sh --demo [--demo-dir DIR] [--n N]
   --demo-dir DIR    where the demo writes (default: ./demo)
   --n N             rows of the demo's sample data (default: 24, at least 8; another N needs another --demo-dir)
 
-Any other flags go to batched_image_inference.py unchanged (listed below). The venv ./vlm-caption is
-created with ./setup.sh on first use (about 1-3 minutes).
+Any other flags go to batched_image_inference.py unchanged: its common flags are listed below,
+--help-all lists every one. The venv ./vlm-caption is created with ./setup.sh on first use (about 1-3 minutes).
 EOF
 }
 
@@ -33,7 +33,7 @@ args=()
 for arg in "$@"; do
   case "$arg" in
     --demo) demo=1 ;;
-    -h|--help) help=1; args+=("$arg") ;;
+    -h|--help|--help-all) help=1; args+=("$arg") ;;
     *) args+=("$arg") ;;
   esac
 done
