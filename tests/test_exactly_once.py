@@ -23,6 +23,16 @@ ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "tester/recap"
 # The tiny model at ~0.5 s an image: a run stays live long enough to be signalled. Other tests need no model.
 SLOW = ("--max-tokens", "300", "--min-tokens", "300", "--batch-size", "1", "--backend", "transformers")
+# `python -c LAUNCHER SECONDS SCRIPT ARGS...`: SCRIPT run as __main__ with pipeline's bound on the final push
+# after a signal set to SECONDS (the Hub-down test would otherwise wait out the whole 20 s).
+FINAL_PUSH_LAUNCHER = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))  # as `python SCRIPT` puts its dir first
+from vlm_caption import pipeline
+pipeline.FINAL_PUSH_AFTER_SIGNAL_S = float(sys.argv.pop(0))
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +67,12 @@ class Cli:
         return subprocess.run(self.args(ckpt, *extra, repo=repo), env=self.env, capture_output=True, text=True,
                               timeout=timeout, cwd=self.tmp)
 
-    def start(self, ckpt: str, *extra: str) -> subprocess.Popen:
-        return subprocess.Popen(self.args(ckpt, *extra), env=self.env, stdout=subprocess.PIPE,
+    def start(self, ckpt: str, *extra: str, final_push_s: float | None = None) -> subprocess.Popen:
+        """The CLI as a user starts it; final_push_s: the bound on the push after a signal (20 s), shorter."""
+        args = self.args(ckpt, *extra)
+        if final_push_s is not None:  # the same script, run after the module's bound is set
+            args[1:2] = ["-c", FINAL_PUSH_LAUNCHER, str(final_push_s), args[1]]
+        return subprocess.Popen(args, env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, cwd=self.tmp)
 
 
@@ -274,7 +288,7 @@ def test_ctrl_c_with_the_hub_down_exits_within_the_push_bound(cli, hub_stub, tmp
         for method in ("GET", "POST", "HEAD"):
             hub_stub.inject(method, ".*", "503", times=100_000)
 
-    code, out, _ = signal_when_ready(cli.start("h", *SLOW), ready, signal.SIGINT)
+    code, out, _ = signal_when_ready(cli.start("h", *SLOW, final_push_s=2), ready, signal.SIGINT)
     assert code == 130, out[-2000:]
     assert "stays pending" in out or "stay pending" in out  # the bounded final push gave up; rows kept
 
