@@ -106,6 +106,10 @@ class ImageServer:
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
+    def replace_routes(self, routes: dict[str, Route]) -> None:
+        """Serve these routes from now on (the same bodies without a delay, once a slow phase is over)."""
+        self._server.routes = dict(routes)
+
     def request_count(self, path: str | None = None) -> int:
         """Requests received so far, for one path or in total."""
         with self._server._lock:
