@@ -9,13 +9,13 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from signalled_runs import signal_when_ready, with_final_push_bound
 from vlm_caption import store
 from vlm_caption.config import RunConfig
 
@@ -23,16 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "tester/recap"
 # The tiny model at ~0.5 s an image: a run stays live long enough to be signalled. Other tests need no model.
 SLOW = ("--max-tokens", "300", "--min-tokens", "300", "--batch-size", "1", "--backend", "transformers")
-# `python -c LAUNCHER SECONDS SCRIPT ARGS...`: SCRIPT run as __main__ with pipeline's bound on the final push
-# after a signal set to SECONDS (the Hub-down test would otherwise wait out the whole 20 s).
-FINAL_PUSH_LAUNCHER = """
-import os, runpy, sys
-sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(os.path.abspath(sys.argv[1])))  # as `python SCRIPT` puts its dir first
-from vlm_caption import pipeline
-pipeline.FINAL_PUSH_AFTER_SIGNAL_S = float(sys.argv.pop(0))
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
 
 
 @pytest.fixture(scope="module")
@@ -70,8 +60,8 @@ class Cli:
     def start(self, ckpt: str, *extra: str, final_push_s: float | None = None) -> subprocess.Popen:
         """The CLI as a user starts it; final_push_s: the bound on the push after a signal (20 s), shorter."""
         args = self.args(ckpt, *extra)
-        if final_push_s is not None:  # the same script, run after the module's bound is set
-            args[1:2] = ["-c", FINAL_PUSH_LAUNCHER, str(final_push_s), args[1]]
+        if final_push_s is not None:
+            args = with_final_push_bound(args, final_push_s)
         return subprocess.Popen(args, env=self.env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, cwd=self.tmp)
 
@@ -209,7 +199,8 @@ def test_push_only_with_the_hub_down_exits_3_and_a_broken_summary_is_set_aside(c
 
 
 def test_second_launch_on_a_live_dir_is_refused_before_the_model_loads(cli, hub_stub, tmp_path):
-    two = ("--num-workers", "2")
+    # A part after the first image (not the 8th): the dir is live and in use from then on.
+    two = ("--num-workers", "2", "--checkpoint-every", "1")
     slow = cli.start("live", *SLOW, *two, "--worker-index", "0", "--no-push")
     try:
         assert hub_stub.wait_for(lambda: store.list_parts(tmp_path / "live"), timeout=600), "no part written"
@@ -220,7 +211,8 @@ def test_second_launch_on_a_live_dir_is_refused_before_the_model_loads(cli, hub_
         assert f"pid {slow.pid}" in other and "other settings" in other
         # Same settings, another worker count (a single-GPU run still alive when torchrun starts): the two
         # would split the keys differently and caption some twice.
-        split = one_line_error(cli.run("live", *SLOW, "--num-workers", "3", "--worker-index", "2", "--no-push"))
+        split = one_line_error(cli.run("live", *SLOW, "--num-workers", "3", "--worker-index", "2", "--checkpoint-every",
+                                       "1", "--no-push"))
         assert f"pid {slow.pid}" in split and "worker 0 of 2" in split and "split the keys" in split, split
         assert (tmp_path / "live" / store.RUN_JSON).read_text() == before  # never replaced under a live process
         assert slow.poll() is None  # it was live all along
@@ -291,26 +283,6 @@ def test_ctrl_c_with_the_hub_down_exits_within_the_push_bound(cli, hub_stub, tmp
     code, out, _ = signal_when_ready(cli.start("h", *SLOW, final_push_s=2), ready, signal.SIGINT)
     assert code == 130, out[-2000:]
     assert "stays pending" in out or "stay pending" in out  # the bounded final push gave up; rows kept
-
-
-def signal_when_ready(proc: subprocess.Popen, ready, signum: int) -> tuple[int, str, float]:
-    """ready(output so far) with the run alive, then the signal; (exit code, output, seconds to exit)."""
-    import threading
-
-    output: list[str] = []
-    reader = threading.Thread(target=lambda: output.extend(iter(proc.stdout.readline, "")), daemon=True)
-    reader.start()
-    try:
-        ready(output)
-        assert proc.poll() is None, "the run ended before the signal"
-        proc.send_signal(signum)
-        start = time.monotonic()
-        proc.wait(timeout=90)
-        took = time.monotonic() - start
-        reader.join(timeout=10)
-        return proc.returncode, "".join(output), took
-    finally:
-        proc.kill()
 
 
 # ---------------------------------------------------------------- 8: corrupt state
