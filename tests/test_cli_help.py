@@ -95,3 +95,11 @@ def test_run_captioning_forwards_help_all_without_setting_up(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--demo-dir" in proc.stdout and "--vision-overlap" in proc.stdout
+
+
+@pytest.mark.skipif(not (REPO / "vlm-caption" / "bin" / "python").is_file(), reason="no ./vlm-caption venv here")
+def test_the_demos_help_all_is_its_help(tmp_path):
+    proc = subprocess.run(["bash", str(REPO / "run_captioning.sh"), "--demo", "--help-all"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--demo-dir" in proc.stdout, proc.stdout + proc.stderr
+    assert not (tmp_path / "demo").exists()  # help only: nothing made

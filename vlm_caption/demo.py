@@ -17,6 +17,7 @@ pipeline's own code (3), as a real run would.
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -172,6 +173,7 @@ def main(argv: list[str] | None = None) -> int:
                    help=f"rows of the sample data, at least {MIN_ROWS} (default: {DEFAULT_ROWS}, or the size of an "
                         "existing sample)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--help-all", action="help", help=argparse.SUPPRESS)  # run_captioning.sh's --help-all: one help
     a = p.parse_args(argv)
     if a.n is not None and a.n < MIN_ROWS:
         raise UsageError(f"--n must be at least {MIN_ROWS}, got {a.n}")
