@@ -111,7 +111,7 @@ def caption_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--template-value-chars", metavar="N", type=int, default=D.template_value_chars,
                    help="cut longer metadata values in a prompt; 0: whole (default: %(default)s)")
     g.add_argument("--max-tokens", metavar="N", type=int, default=D.max_tokens, help="max new tokens per "
-                   "caption (default: %(default)s)")
+                   "caption, at most what the model's context leaves after the prompt (default: %(default)s)")
     g.add_argument("--min-tokens", type=int, default=D.min_tokens, help=argparse.SUPPRESS)  # fixed-length benchmarks
     g.add_argument("--temperature", metavar="T", type=float, default=D.temperature, help="0: greedy; >0 samples, "
                    "seeded per image (default: %(default)s)")
@@ -167,7 +167,8 @@ def caption_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--decode-loop", metavar="LOOP", default=D.decode_loop, choices=DECODE_LOOPS,
                    help=f"{', '.join(DECODE_LOOPS[1:])}; auto: graph on CUDA, else generate (default: %(default)s)")
     g.add_argument("--compile-cache", metavar="DIR", default=D.compile_cache, help="where compiled kernels are "
-                   "kept; auto: in the checkpoint dir; none (default: %(default)s)")
+                   "kept; auto: $TORCHINDUCTOR_CACHE_DIR, else in the checkpoint dir; none: torch's own, per "
+                   "machine (default: %(default)s)")
     g.add_argument("--vision-overlap", action="store_true", help="experimental: the next batch's vision tower "
                    "runs during this decode")
     g.add_argument("--backend", metavar="NAME", default=D.backend, help="transformers, or dummy: no model, for "
