@@ -227,12 +227,13 @@ class RunConfig:
         return workers.worker_slice(self.num_workers, self.worker_index)
 
     def kept_columns(self) -> list[str]:
-        return [c.strip() for c in (self.keep_columns or "").split(",") if c.strip()]
+        # each once: "a,a" carried a twice (two columns of one name)
+        return list(dict.fromkeys(c.strip() for c in (self.keep_columns or "").split(",") if c.strip()))
 
     def run_settings(self) -> dict:
         """What makes a caption what it is, resolved once (prompt included): run.json, the run id, the backend."""
         from .prompts import DEFAULT_PROMPT, PROMPT_VERSION, json_instruction_settings, template_settings
-        from .run_identity import MODEL_IDENTITY, local_model_identity
+        from .run_identity import MODEL_IDENTITY, canonical_settings, local_model_identity
 
         prompt = self.prompt_text()
         # A local model dir is recorded as an absolute path (what loads it); hub ids as typed.
@@ -261,7 +262,7 @@ class RunConfig:
             settings.update(format="json", json_fields=list(self.fields()), **json_instruction_settings())
         if self.retry_repetition_penalty != RunConfig.retry_repetition_penalty:
             settings["retry_repetition_penalty"] = self.retry_repetition_penalty
-        return settings
+        return canonical_settings(settings)  # equivalent spellings are one run (run_identity.py)
 
     def fields(self) -> tuple[str, ...]:
         """--format json: the JSON fields asked for (each becomes a caption_{field} column); () for text."""

@@ -16,6 +16,15 @@ spread over them. A fine-tune changes every block of its weights, so sampled blo
 at a small cost: 32 reads of 64 KB per weight file, where hashing a 4B model whole would read 8 GB each launch.
 The path stays in run.json (it is what loads the model), but no longer names the run. A dir whose run.json an
 earlier version wrote (no `model_identity`) goes on as the run its path named (`is_run_of`).
+
+Settings spelled differently that caption the same way are one run (`canonical_settings`): else two machines of
+one job launched with equivalent flags made two runs and published every key twice, once per run folder. The
+default spelling keeps its id; a rare one is mapped onto it: a greedy run records the default seed (a seed picks
+nothing when no token is sampled), --prompt with the default prompt's very text is the default prompt, a text
+run's prompt is recorded without surrounding whitespace (the chat template trims what the model gets, and
+--prompt-file always stripped it), --keep-columns names each column once. A run an earlier version recorded under
+another spelling keeps its id: a dir or a Hub run whose recorded settings this version reads as ours is our run
+(`same_settings`), so a relaunch resumes it instead of being refused or starting a second run.
 """
 from __future__ import annotations
 
@@ -36,6 +45,7 @@ OPTIONAL_SETTINGS = ("backend", "keep_columns", "retry_repetition_penalty", "pro
 MODEL_FILE_SUFFIXES = (".json", ".jinja", ".model", ".safetensors", ".bin", ".pt", ".pth", ".gguf")
 WHOLE_FILE_BYTES = 4 << 20  # files up to this size are hashed whole (configs, templates, small tokenizers)
 SAMPLE_BLOCKS, SAMPLE_BYTES = 32, 64 << 10
+GREEDY_SEED = 0  # the seed a greedy run records, whatever --seed said: RunConfig.seed's default
 
 
 def local_model_identity(model_dir: Path) -> str:
@@ -79,6 +89,44 @@ def run_id_for(settings: dict) -> str:
     return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def canonical_settings(settings: dict) -> dict:
+    """The settings as this version spells them (see the module's doc): what run_settings records, and how a run
+    recorded by an earlier version is read. A spelling that captions otherwise is never changed: a --format json
+    prompt keeps its whitespace (the JSON instruction follows it, so the model sees it)."""
+    from .prompts import DEFAULT_PROMPT, PROMPT_VERSION
+
+    s = dict(settings)
+    temperature = s.get("temperature")
+    if isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature == 0:
+        s.update(temperature=0.0, top_p=1.0, seed=GREEDY_SEED)  # -0.0 and 0 too: json.dumps spells them apart
+    prompt = s.get("prompt")
+    if isinstance(prompt, str) and not s.get("prompts"):
+        if s.get("format", "text") == "text":
+            s["prompt"] = prompt = prompt.strip()
+        if prompt == DEFAULT_PROMPT:
+            s["prompt_version"] = PROMPT_VERSION
+    if isinstance(s.get("keep_columns"), list):
+        s["keep_columns"] = list(dict.fromkeys(s["keep_columns"]))
+    return s
+
+
+def same_settings(info: dict, settings: dict) -> bool:
+    """Whether a run recorded as `info` (a run.json, or the Hub's runs/{run_id}.json, whose model is its public
+    name) captions as `settings` do, whatever spelling of them its version recorded: it is then their run."""
+    from .config import public_model_name
+
+    if not isinstance(info, dict):
+        return False
+    info = dict(info)
+    if info.get("model") == public_model_name(str(settings.get("model")), settings.get("backend", "transformers")):
+        info["model"] = settings.get("model")  # the Hub shows a model by its public name
+    try:
+        respelled = run_id_for(canonical_settings(info))
+    except (TypeError, ValueError):  # edited by hand into what json cannot hash: not ours
+        return False
+    return respelled in (run_id_for(settings), path_named_run_id(settings))
+
+
 def path_named_run_id(settings: dict) -> str | None:
     """The id earlier versions gave these settings, a local dir named by its path; None for a Hub model."""
     if MODEL_IDENTITY not in settings:
@@ -91,7 +139,9 @@ def is_run_of(existing: dict, settings: dict) -> bool:
     (no model identity) whose path-named id these settings give (the same dir goes on as it was)."""
     if existing.get("run_id") == run_id_for(settings):
         return True
-    return MODEL_IDENTITY not in existing and existing.get("run_id") == path_named_run_id(settings)
+    if MODEL_IDENTITY not in existing and existing.get("run_id") == path_named_run_id(settings):
+        return True
+    return same_settings(existing, settings)  # recorded in another spelling of these settings
 
 
 def one_run(infos: list[dict]) -> bool:

@@ -1,0 +1,104 @@
+"""Settings spelled differently that caption the same way are one run (run_identity.canonical_settings): a greedy
+run's --seed, --prompt with the default prompt's text, a text prompt's surrounding whitespace, a --keep-columns
+name given twice. Default settings keep the ids they had; a dir or a Hub run an earlier version recorded in
+another spelling goes on as that run."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from dummy_runs import dummy_args
+from test_exactly_once import run_id_of
+
+from batched_image_inference import main
+from vlm_caption import run_identity, store
+from vlm_caption.config import RunConfig
+from vlm_caption.errors import EXIT_OK
+from vlm_caption.prompts import DEFAULT_PROMPT
+from vlm_caption.run_identity import run_id_for
+
+REPO = "tester/spellings"
+PROMPTS_YAML = 'short: "Caption {tags} briefly."\nlong: |\n  Describe this artwork.\n'
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    from vlm_caption.sample_data import write_sample
+
+    return write_sample(tmp_path_factory.mktemp("spellings") / "data", n=16, broken=False, seed=7, shard_size=8)
+
+
+def run_id(**flags) -> str:
+    return run_id_for(RunConfig(**flags).run_settings())
+
+
+def as_before(monkeypatch) -> None:
+    """Settings recorded and compared as versions before canonical_settings: every spelling is its own run."""
+    monkeypatch.setattr(run_identity, "canonical_settings", dict, raising=False)
+
+
+def test_default_ish_settings_keep_the_ids_they_had(tmp_path):
+    (tmp_path / "p.yaml").write_text(PROMPTS_YAML)
+    # computed by the code before canonical_settings existed: dirs and Hub folders of these runs keep their names
+    assert run_id() == "7e0b0b184f69"
+    assert run_id(format="json") == "aee36a530948"
+    assert run_id(format="json", json_fields="subject,style") == "f417980c2eef"
+    assert run_id(model="google/gemma-3-4b-it") == "2d35afa60764"
+    assert run_id(prompt="Describe the style.") == "c04efa59ccec"
+    assert run_id(temperature=0.7, seed=3, top_p=0.9) == "5f64d022a644"
+    assert run_id(prompts_file=str(tmp_path / "p.yaml")) == "882041dd3b89"
+    assert run_id(keep_columns="a,b") == "d8d06d16cf5f"
+
+
+def test_equivalent_spellings_get_the_common_spellings_id(tmp_path):
+    (tmp_path / "default.txt").write_text(DEFAULT_PROMPT + "\n")
+    (tmp_path / "style.txt").write_text("Describe the style.\n")
+    default = run_id()
+    assert run_id(seed=7) == run_id(temperature=-0.0) == run_id(temperature=0, top_p=0.5) == default  # greedy
+    assert run_id(prompt=DEFAULT_PROMPT) == run_id(prompt=f"  {DEFAULT_PROMPT}\n") == default
+    assert run_id(prompt_file=str(tmp_path / "default.txt")) == default
+    assert run_id(prompt=DEFAULT_PROMPT, format="json") == run_id(format="json")
+    assert run_id(prompt="Describe the style.\n") == run_id(prompt_file=str(tmp_path / "style.txt")) == \
+        run_id(prompt="Describe the style.")
+    assert run_id(keep_columns="a, a,b") == run_id(keep_columns="a,b")
+    assert RunConfig(keep_columns="a,a").kept_columns() == ["a"]
+    # spellings that caption otherwise stay apart
+    assert run_id(temperature=0.7, seed=7) != run_id(temperature=0.7)
+    assert run_id(prompt="Describe the style.\n", format="json") != run_id(prompt="Describe the style.", format="json")
+    assert run_id(keep_columns="b,a") != run_id(keep_columns="a,b")  # the output's column order
+
+
+def test_the_chat_template_trims_the_text_prompt_the_model_gets(tiny_model_dir):
+    """Why a text prompt's surrounding whitespace is no part of its run: the model gets the same tokens."""
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(str(tiny_model_dir))
+
+    def chat(prompt: str) -> str:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    assert chat("  Describe the style.\n\n") == chat("Describe the style.")
+    # a JSON run's instruction follows the prompt: its trailing whitespace reaches the model, so it stays
+    assert chat("Describe the style.\n\n\nAnswer.") != chat("Describe the style.\n\nAnswer.")
+
+
+@pytest.mark.parametrize("old_flags", [("--seed", "7"), ("--prompt", DEFAULT_PROMPT), ("--prompt", "Say it.\n")])
+def test_a_dir_recorded_in_an_older_spelling_resumes(data, tmp_path, monkeypatch, old_flags):
+    ckpt = tmp_path / "ckpt"
+    new_flags = () if old_flags[0] == "--seed" or old_flags[1] == DEFAULT_PROMPT else ("--prompt", "Say it.")
+    with monkeypatch.context() as m:
+        as_before(m)
+        assert main(dummy_args(data, ckpt, "--max-images", "8", *old_flags)) == EXIT_OK
+    old = run_id_of(ckpt)
+    assert old != run_id_for(RunConfig(**_kw(new_flags)).run_settings())  # the id changed: found by its settings
+    first = {k for _, ks in store.read_keys(store.list_parts(ckpt)) for k in ks}
+    for flags in (old_flags, new_flags):  # either spelling goes on as that run, captioning only what is left
+        assert main(dummy_args(data, ckpt, *flags)) == EXIT_OK
+        keys = [k for _, ks in store.read_keys(store.list_parts(ckpt)) for k in ks]
+        assert run_id_of(ckpt) == old and len(keys) == len(set(keys)) == 16 and first <= set(keys)
+    assert json.loads((ckpt / store.RUN_JSON).read_text())["run_id"] == old
+
+
+def _kw(flags: tuple) -> dict:
+    return {"prompt": flags[1]} if flags else {}
