@@ -35,8 +35,8 @@ def test_the_ranks_of_a_second_node_set_up_its_own_dir(data, tmp_path, monkeypat
     rank 0 writes it now, and its local rank 1 joins the run it wrote."""
     real = store.CheckpointStore.open_run
 
-    def short_wait(self, settings, overwrite, wait_for_leader=False, leader_timeout=600.0):
-        return real(self, settings, overwrite, wait_for_leader, leader_timeout=3.0)  # the failure, in 3 s
+    def short_wait(self, settings, overwrite, wait_for_leader=False, leader_timeout=600.0, **kwargs):
+        return real(self, settings, overwrite, wait_for_leader, leader_timeout=3.0, **kwargs)  # the failure, in 3 s
 
     monkeypatch.setattr(store.CheckpointStore, "open_run", short_wait)
     ckpt = tmp_path / "node1"

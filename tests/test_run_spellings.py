@@ -8,7 +8,7 @@ import json
 
 import pytest
 from dummy_runs import dummy_args
-from test_exactly_once import run_id_of
+from test_exactly_once import hub_keys, run_id_of
 
 from batched_image_inference import main
 from vlm_caption import run_identity, store
@@ -102,3 +102,28 @@ def test_a_dir_recorded_in_an_older_spelling_resumes(data, tmp_path, monkeypatch
 
 def _kw(flags: tuple) -> dict:
     return {"prompt": flags[1]} if flags else {}
+
+
+def hub_args(stub, data, ckpt, *extra: str) -> list[str]:
+    return ["--backend", "dummy", "--model", "dummy-model", "--data-dir", str(data), "--checkpoint-dir", str(ckpt),
+            "--hf-repo", REPO, "--hub-endpoint", stub.endpoint, "--max-tokens", "6", "--batch-size", "4",
+            "--checkpoint-every", "8", "--num-loader-workers", "1", "--min-push-interval", "0", *extra]
+
+
+def test_a_new_dir_publishes_into_the_hub_run_of_an_older_spelling(hub_stub, data, tmp_path, monkeypatch, capsys):
+    with monkeypatch.context() as m:  # machine A, an earlier version: --seed 7 made its own run
+        as_before(m)
+        assert main(hub_args(hub_stub, data, tmp_path / "a", "--seed", "7", "--shards", "0")) == EXIT_OK
+    old = run_id_of(tmp_path / "a")
+    assert old != run_id(backend="dummy", model="dummy-model", max_tokens=6)
+    # machine B, this version, the same job without --seed, all shards: shard 0 is on the Hub already
+    assert main(hub_args(hub_stub, data, tmp_path / "b")) == EXIT_OK
+    assert run_id_of(tmp_path / "b") == old
+    keys = hub_keys(hub_stub, REPO)
+    assert len(keys) == len(set(keys)) == 16 and hub_keys(hub_stub, REPO, old) == keys
+    assert len([k for _, ks in store.read_keys(store.list_parts(tmp_path / "b")) for k in ks]) == 8  # shard 1 only
+    capsys.readouterr()
+    # a check by the new flags, from a machine with neither dir, finds that run too
+    assert main(hub_args(hub_stub, data, tmp_path / "laptop", "--check-hub")) == EXIT_OK
+    out = capsys.readouterr().out
+    assert f"run {old}" in out and "16 expected, 16 published" in out

@@ -98,7 +98,8 @@ def run(cfg: RunConfig) -> int:
                                  endpoint=cfg.hub_endpoint, checkpoint_dir=ckpt, way_out="or pass --no-push")
     writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]),
                                    num_workers=num_workers)
-    run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=not workers.leads_its_machine())
+    run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=not workers.leads_its_machine(),
+                             run_id=published_as(hub_client, ckpt, settings))
     try:
         dir_scope.check_machines(ckpt, *workers.machine_slice(cfg.num_workers, cfg.worker_index),  # before the model
                                  nodes=(workers.node_slice() or (0, 1))[1])
@@ -106,6 +107,28 @@ def run(cfg: RunConfig) -> int:
             return _run_open(cfg, writer, run_id, worker, num_workers, hub_client, stop, compiled_into, settings)
     finally:
         writer.lock.release()
+
+
+def published_as(hub_client, ckpt: Path, settings: dict) -> str | None:
+    """A new dir's run as the Hub already holds it: the id of a run published with another spelling of these
+    settings (a greedy run launched with --seed 7 by an earlier version, say; run_identity.canonical_settings), so
+    this dir publishes into that run's folder, not each key a second time into a folder of its own. None: the id of
+    these settings (no Hub, a dir that holds a run, a Hub run not yet described by runs/{run_id}.json)."""
+    if hub_client is None or (ckpt / store.RUN_JSON).exists() or store.list_parts(ckpt) or \
+            store.list_failure_files(ckpt):  # a dir's own run is its run.json's, or its parts' (store.open_run)
+        return None
+    from .run_identity import run_id_for, same_settings
+
+    own = run_id_for(settings)
+    snap = hub_client.snapshot(own)
+    if snap.files or not snap.other_runs:
+        return None
+    infos = hub_client.run_infos(own, snap.head)
+    found = sorted(r for r in snap.other_runs if same_settings(infos.get(r), settings))
+    if found:
+        log.info("Hub: run %s of %s holds these settings as an earlier version spelled them: this dir goes on "
+                 "as that run", found[0], hub_client.repo_id)
+    return found[0] if found else None
 
 
 def plan_columns(cfg: RunConfig, settings: dict) -> tuple[list, list[prompt_plan.PromptSpec], list[str]]:

@@ -196,16 +196,17 @@ class CheckpointStore:
     # -- run.json and who holds the dir
 
     def open_run(self, settings: dict, overwrite: bool, wait_for_leader: bool = False,
-                 leader_timeout: float = 600.0) -> str:
+                 leader_timeout: float = 600.0, run_id: str | None = None) -> str:
         """Take this worker's lock, then check or write run.json; returns the run_id.
 
         Refuses a second process with this worker id, a process whose worker count differs from a live one's
         (the two would split the keys differently and caption some twice), and any process whose settings
         differ from those of a live process of the dir. run.json is only (re)written while no other process
         holds the dir. A dir holding another run's captions is refused unless --overwrite; a dir whose
-        run.json is gone re-adopts its parts only when their recorded run id is this run's.
+        run.json is gone re-adopts its parts only when their recorded run id is this run's. `run_id`: the id a new
+        dir's run takes (that of the Hub's run of these settings in another spelling), else these settings' own.
         """
-        run_id = run_id_for(settings)
+        run_id = run_id or run_id_for(settings)
         holder = self.lock.take_worker()
         if holder is not None:
             raise UsageError(f"{self.dir} is in use by {holder}; wait for it to end, or use another "
