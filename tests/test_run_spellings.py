@@ -127,3 +127,13 @@ def test_a_new_dir_publishes_into_the_hub_run_of_an_older_spelling(hub_stub, dat
     assert main(hub_args(hub_stub, data, tmp_path / "laptop", "--check-hub")) == EXIT_OK
     out = capsys.readouterr().out
     assert f"run {old}" in out and "16 expected, 16 published" in out
+
+
+def test_merge_only_of_two_spellings_of_one_run(data, tmp_path, monkeypatch):
+    with monkeypatch.context() as m:
+        as_before(m)
+        assert main(dummy_args(data, tmp_path / "a", "--seed", "7", "--shards", "0")) == EXIT_OK
+    assert main(dummy_args(data, tmp_path / "b", "--shards", "1")) == EXIT_OK
+    assert run_id_of(tmp_path / "a") != run_id_of(tmp_path / "b")
+    assert main(["--merge-only", "--data-dir", str(data), "--checkpoint-dir", str(tmp_path / "a"),
+                 str(tmp_path / "b")]) == EXIT_OK

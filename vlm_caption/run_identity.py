@@ -127,6 +127,16 @@ def same_settings(info: dict, settings: dict) -> bool:
     return respelled in (run_id_for(settings), path_named_run_id(settings))
 
 
+def _respelled_id(info: dict) -> str | None:
+    """The id this version gives the settings a run.json records; its own id when it records none (parts only)."""
+    if not info.get("model"):
+        return info.get("run_id")
+    try:
+        return run_id_for(canonical_settings(info))
+    except (TypeError, ValueError):
+        return info.get("run_id")
+
+
 def path_named_run_id(settings: dict) -> str | None:
     """The id earlier versions gave these settings, a local dir named by its path; None for a Hub model."""
     if MODEL_IDENTITY not in settings:
@@ -149,7 +159,7 @@ def one_run(infos: list[dict]) -> bool:
     made (named by the model's path) and dirs of this version (named by its content) whose model, at that very
     path, with the same settings, gives that path-named id: each dir going on would go on as that one run."""
     ids = {info.get("run_id") for info in infos}
-    if len(ids) <= 1:
+    if len(ids) <= 1 or len({_respelled_id(info) for info in infos}) == 1:  # one run in two spellings: one run
         return True
     legacy = {info.get("run_id") for info in infos if MODEL_IDENTITY not in info}
     named = [info for info in infos if MODEL_IDENTITY in info]
