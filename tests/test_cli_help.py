@@ -103,3 +103,15 @@ def test_the_demos_help_all_is_its_help(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--demo-dir" in proc.stdout, proc.stdout + proc.stderr
     assert not (tmp_path / "demo").exists()  # help only: nothing made
+
+
+def test_the_demos_usage_names_its_flags_as_readme_does(capsys):
+    """`./run_captioning.sh --demo --help` showed `[--dir DIR]` and an unexplained `-v`, while README and
+    run_captioning.sh --help say `--demo-dir DIR`."""
+    from vlm_caption import demo
+
+    with pytest.raises(SystemExit):
+        demo.main(["--help"])
+    out = capsys.readouterr().out
+    assert "[--demo-dir DIR]" in out.split("\n\n")[0] and "--dir DIR" not in out.split("\n\n")[0], out
+    assert "debug logging" in out

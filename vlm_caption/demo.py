@@ -1,6 +1,6 @@
 """The whole pipeline offline in well under a minute: tiny model, sample data, caption, merge, preview.
 
-    python -m vlm_caption.demo [--dir ./demo] [--n 24]
+    python -m vlm_caption.demo [--demo-dir ./demo] [--n 24]
     ./run_captioning.sh --demo [--demo-dir DIR]
 
 Builds DIR/model (a random-weight Gemma 3, preset tiny) and DIR/data (a synthetic sample in the
@@ -167,12 +167,13 @@ def demo_config(model: Path, data: Path, ckpt: Path, verbose: bool) -> RunConfig
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser(prog="python -m vlm_caption.demo", description=__doc__.split("\n\n")[0])
-    p.add_argument("--dir", "--demo-dir", dest="dir", default=DEFAULT_DIR,
+    # --demo-dir first: the usage line shows the name README and run_captioning.sh --help give
+    p.add_argument("--demo-dir", "--dir", dest="dir", default=DEFAULT_DIR,
                    help="where the model, data, checkpoints and preview go (default: %(default)s)")
     p.add_argument("--n", type=int, default=None,
                    help=f"rows of the sample data, at least {MIN_ROWS} (default: {DEFAULT_ROWS}, or the size of an "
                         "existing sample)")
-    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--help-all", action="help", help=argparse.SUPPRESS)  # run_captioning.sh's --help-all: one help
     a = p.parse_args(argv)
     if a.n is not None and a.n < MIN_ROWS:
