@@ -232,3 +232,17 @@ def test_every_setting_the_run_scripts_read_from_the_environment_is_in_the_readm
         assert sorted(v for v in settings if not re.search(rf"\b{v}\b", scale_out)) == [], script.name
         model = re.search(r"\$\{MODEL:-([^}]+)\}", text).group(1)
         assert f"{model} in {script.name}" in " ".join(scale_out.replace("#", " ").split()), script.name
+
+
+def test_the_exit_code_list_names_every_code_the_scripts_give():
+    """README's "Exit codes" list: each `errors.EXIT_*` and each signal's 128 + number has its own line."""
+    import signal
+
+    from vlm_caption import errors
+
+    listed = {int(code) for code in re.findall(r"^- `(\d+)`", README.split("**Exit codes**")[1].split("\n\n")[0],
+                                               flags=re.M)}
+    listed |= {int(code) for code in re.findall(r"^- `\d+` [^`]*`(\d+)`", README, flags=re.M)}  # "`130` ..., `143`"
+    codes = {v for k, v in vars(errors).items() if k.startswith("EXIT_")}
+    codes |= {128 + signal.SIGINT, 128 + signal.SIGTERM, 128 + signal.SIGPIPE}
+    assert codes <= listed, sorted(codes - listed)
