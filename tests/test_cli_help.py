@@ -115,3 +115,13 @@ def test_the_demos_usage_names_its_flags_as_readme_does(capsys):
     out = capsys.readouterr().out
     assert "[--demo-dir DIR]" in out.split("\n\n")[0] and "--dir DIR" not in out.split("\n\n")[0], out
     assert "debug logging" in out
+
+
+def test_test_pipelines_help_uses_the_short_metavars_of_the_other_scripts():
+    """test_pipeline.py --help showed `--num-images NUM_IMAGES`, `--checkpoint-dir CHECKPOINT_DIR`, ... where
+    batched_image_inference.py --help says N and DIR for the same flags."""
+    from test_pipeline import build_parser
+
+    text = build_parser().format_help()
+    assert re.findall(r"\b[A-Z]+_[A-Z_]+\b", text) == [], text
+    assert "--num-images N " in text and "--checkpoint-dir DIR" in text and "--data-dir DIR" in text
