@@ -125,3 +125,14 @@ def test_test_pipelines_help_uses_the_short_metavars_of_the_other_scripts():
     text = build_parser().format_help()
     assert re.findall(r"\b[A-Z]+_[A-Z_]+\b", text) == [], text
     assert "--num-images N " in text and "--checkpoint-dir DIR" in text and "--data-dir DIR" in text
+
+
+def test_the_previews_help_names_its_arguments_as_readme_does():
+    """README: `python -m vlm_caption.preview CHECKPOINT_DIR --out preview.html [--data-dir DIR]`; its --help said
+    `checkpoint_dir`, `--out OUT`, `--data-dir DATA_DIR`."""
+    from test_docs_match import _parser_of
+
+    from vlm_caption import preview
+
+    usage = _parser_of(preview.main).format_usage()
+    assert "CHECKPOINT_DIR" in usage and "[--data-dir DIR]" in usage and "[--out FILE]" in usage, usage

@@ -374,9 +374,9 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser(prog="python -m vlm_caption.preview", description=__doc__.split("\n\n")[0])
-    p.add_argument("checkpoint_dir", help="a checkpoint dir holding all_captions.parquet")
-    p.add_argument("--out", default="preview.html", help="HTML file to write (default: %(default)s)")
-    p.add_argument("--data-dir", help="the data dir the run captioned: thumbnails from local files instead of urls")
+    p.add_argument("checkpoint_dir", metavar="CHECKPOINT_DIR", help="a checkpoint dir holding all_captions.parquet")
+    p.add_argument("--out", metavar="FILE", default="preview.html", help="HTML file to write (default: %(default)s)")
+    p.add_argument("--data-dir", metavar="DIR", help="the data dir the run captioned: local thumbnails, not urls")
     p.add_argument("--n", type=int, default=DEFAULT_ROWS,
                    help="cards: the first N rows, and the first N failed images (default: %(default)s)")
     p.add_argument("--random-weights", action="store_true", default=None,
