@@ -86,7 +86,8 @@ def run(cfg: RunConfig) -> int:
     if cfg.push_only:  # pushes the run the dir holds, whatever the generation flags of this command say
         existing = store.read_run_json(ckpt)
         if existing is None:
-            raise UsageError(f"{ckpt} holds no run.json: nothing to push")
+            raise UsageError(f"--checkpoint-dir {ckpt} holds no run.json" + ("" if ckpt.exists() else " (no such dir)")
+                             + ": nothing to push; give the --checkpoint-dir of the run to push")
     if existing is not None:
         with StopSignals():  # a commit lands whole or not at all: stopping between them loses nothing
             return push_only(cfg, existing)  # (it connects: a Hub down from the start is retryable there, exit 3)
