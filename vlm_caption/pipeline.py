@@ -95,8 +95,14 @@ def run(cfg: RunConfig) -> int:
     if not cfg.no_push:  # before the model loads: a bad token must not cost GPU time
         from . import hub
 
-        hub_client = hub.connect(resolve_repo_id(cfg.hf_repo, cfg.hf_username), private=cfg.private,
-                                 endpoint=cfg.hub_endpoint, checkpoint_dir=ckpt, way_out="or pass --no-push")
+        from .hub_retry import HubUnavailable
+
+        try:
+            hub_client = hub.connect(resolve_repo_id(cfg.hf_repo, cfg.hf_username), private=cfg.private,
+                                     endpoint=cfg.hub_endpoint, checkpoint_dir=ckpt, way_out="or pass --no-push")
+        except HubUnavailable as e:  # the line said what failed, not what to do next
+            raise HubUnavailable(f"{e}; rerun when it is reachable, or caption with --no-push and push the "
+                                 "checkpoint dir later with --push-only") from None
     writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]),
                                    num_workers=num_workers)
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=not workers.leads_its_machine(),
