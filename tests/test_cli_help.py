@@ -137,22 +137,3 @@ def test_the_previews_help_names_its_arguments_as_readme_does():
     usage = _parser_of(preview.main).format_usage()
     assert "CHECKPOINT_DIR" in usage and "[--data-dir DIR]" in usage and "[--out FILE]" in usage, usage
 
-
-def test_push_only_without_a_run_says_which_dir_and_what_to_give(tmp_path, monkeypatch, capsys):
-    """README step 7 as typed (`--push-only --hf-repo ...`, no --checkpoint-dir) where ./checkpoints does not
-    exist said "checkpoints holds no run.json: nothing to push": not that the dir is missing, nor what to do."""
-    from batched_image_inference import main as cli_main
-
-    from vlm_caption.cli import run_main
-
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "empty").mkdir()
-    cases = (([], "--checkpoint-dir checkpoints holds no run.json (no such dir)"),
-             (["--checkpoint-dir", "empty"], "--checkpoint-dir empty holds no run.json:"))
-    for argv, says in cases:
-        with pytest.raises(SystemExit) as e:
-            run_main(cli_main, ["--push-only", "--hf-repo", "me/r", *argv], prog="batched_image_inference.py")
-        err = capsys.readouterr().err.strip().splitlines()
-        assert e.value.code == 2 and len(err) == 1 and says in err[0], err
-        assert "give the --checkpoint-dir of the run" in err[0]
-    assert not (tmp_path / "checkpoints").exists()

@@ -28,3 +28,23 @@ def test_a_hub_unreachable_at_the_start_of_a_pushing_run_says_what_to_do(hub_stu
     err = [line for line in capsys.readouterr().err.splitlines() if ": error: " in line]
     assert e.value.code == 1 and len(err) == 1, err
     assert "unreachable" in err[0] and "--no-push" in err[0] and "--push-only" in err[0]
+
+
+def test_push_only_without_a_run_says_which_dir_and_what_to_give(tmp_path, monkeypatch, capsys):
+    """README step 7 as typed (`--push-only --hf-repo ...`, no --checkpoint-dir) where ./checkpoints does not
+    exist said "checkpoints holds no run.json: nothing to push": not that the dir is missing, nor what to do."""
+    from batched_image_inference import main as cli_main
+
+    from vlm_caption.cli import run_main
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    cases = (([], "--checkpoint-dir checkpoints holds no run.json (no such dir)"),
+             (["--checkpoint-dir", "empty"], "--checkpoint-dir empty holds no run.json:"))
+    for argv, says in cases:
+        with pytest.raises(SystemExit) as e:
+            run_main(cli_main, ["--push-only", "--hf-repo", "me/r", *argv], prog="batched_image_inference.py")
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and len(err) == 1 and says in err[0], err
+        assert "give the --checkpoint-dir of the run" in err[0]
+    assert not (tmp_path / "checkpoints").exists()
