@@ -179,7 +179,7 @@ def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
     this, total = summary["this_run"], summary.get("checkpoint_dir")
     steady = this.get("captioning_img_per_s")
     print(f"\ncaptioned {plural(this['captioned'], 'image')} in {this['wall_s']:.1f} s ({this['img_per_s']:.2f} img/s "
-          f"with model loading{f', {steady:.2f} img/s captioning' if steady else ''}, "
+          f"with model loading{f', {steady:.2f} img/s after the first batch' if steady else ''}, "
           f"{this['tokens_per_s']:.0f} tokens/s); failed {sum(this['failed_by_stage'].values())}"
           f"{' ' + str(this['failed_by_stage']) if this['failed_by_stage'] else ''}; "
           f"skipped {this['skipped_already_done']} already done")
