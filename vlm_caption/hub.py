@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_FILES_PER_COMMIT = 50  # the Hub's advice is 50-100 files a commit; a bigger backlog takes more
-_LOGIN_HINT = "run `hf auth login` (or `huggingface-cli login`) or set HF_TOKEN"
+_LOGIN_HINT = "run `hf auth login` or set HF_TOKEN"  # (huggingface-cli: the older name of `hf`)
 
 
 # ---------------------------------------------------------------- connecting

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from . import dataset, store
 from .atomic import atomic_write_json
+from .cli import plural
 from .config import RunConfig, parse_shards, resolve_repo_id
 from .errors import EXIT_COVERAGE, EXIT_ITEMS_FAILED, EXIT_OK, UsageError
 
@@ -85,7 +86,7 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
     out = Path(cfg.checkpoint_dir) / HUB_COVERAGE
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out, coverage)
-    print(f"{hub_client.repo_id} at {snap.head[:8]}, run {run_id} ({len(snap.files)} files): "
+    print(f"{hub_client.repo_id} at {snap.head[:8]}, run {run_id} ({plural(len(snap.files), 'file')}): "
           f"{len(expected)} expected, {len(published)} published, {len(failed)} failed, {len(missing)} missing, "
           f"{len(twice)} published more than once" + (f" ({outside} more outside the selection)" if outside else ""))
     if snap.unreadable:  # their rows, if any, are not counted: their keys show as missing

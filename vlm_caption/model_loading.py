@@ -99,7 +99,7 @@ def _model_load_error(model_name: str, e: Exception) -> UsageError:
     text = " ".join(str(x) for x in chain if x is not None).lower()
     if any(isinstance(x, GatedRepoError) for x in chain) or "gated" in text:
         return UsageError(f"{model_name} is a gated model: accept its licence at https://huggingface.co/{model_name} "
-                          "and log in with `hf auth login` / `huggingface-cli login` (or set HF_TOKEN)")
+                          "and log in with `hf auth login` (or set HF_TOKEN)")
     if any(isinstance(x, RepositoryNotFoundError) for x in chain) or "not a valid model identifier" in text:
         return UsageError(f"model {model_name!r} was not found (or you have no access): check the id, e.g. "
                           "google/gemma-3-4b-it, or pass a local directory saved with save_pretrained")
