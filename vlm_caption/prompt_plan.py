@@ -14,7 +14,8 @@ from typing import Any, Iterable, Mapping, Sequence
 import pyarrow as pa
 
 from .errors import UsageError
-from .prompts import TEMPLATE_VALUE_SETTING, is_cut, json_instruction, render_prompt, template_columns
+from .prompt_values import is_cut
+from .prompts import TEMPLATE_VALUE_SETTING, json_instruction, render_prompt, template_columns
 from .schema import COLUMNS, IMAGE_PATH, Column
 
 log = logging.getLogger(__name__)

@@ -13,6 +13,10 @@ from typing import Any, Mapping, Sequence
 
 import yaml
 
+from .prompt_values import EMPTY_MARK as _EMPTY_MARK
+from .prompt_values import cut as _cut
+from .prompt_values import defuse_markup as _defuse_markup
+from .prompt_values import render_value as _render_value
 from .quality import CHAT_MARKUP_RE
 
 # The default prompt; its version is recorded in run.json (a custom prompt is recorded verbatim).
@@ -27,7 +31,6 @@ DEFAULT_PROMPT = (
 
 TEMPLATE_VALUE_SETTING = "template_value_chars"  # a templated run's --template-value-chars (store.OPTIONAL_SETTINGS)
 TEMPLATE_BRACES_SETTING = "template_braces"  # {{ in a prompt naming no column: once sent doubled, now single
-_ELLIPSIS = "\u2026"
 _LITERAL_BRACE_HINT = "write {{ and }} for literal braces"
 # A placeholder names a column; '.', '[' or spaces would be str.format attribute/index access or a typo.
 _COLUMN_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
@@ -89,8 +92,6 @@ def _check_placeholder(field: str, spec: str | None, conversion: str | None) -> 
     raise ValueError(f"prompt template: {problem}; {_LITERAL_BRACE_HINT}")
 
 
-# Marks where a placeholder rendered empty, so only those lines are tidied (a private-use character).
-_EMPTY_MARK = "\ue000"
 _SPACES_RE = re.compile(r"[ \t]{2,}")
 _SPACE_BEFORE_PUNCT_RE = re.compile(r"[ \t]+(?=[.,;:!?])")
 # Indentation and a list marker ("- ", "* ", "1. ") stay in front of a tidied line.
@@ -106,11 +107,11 @@ _EMPTY_LABEL_RE = re.compile(
 def render_prompt(template: str, row: Mapping[str, Any], value_chars: int = 0) -> str:
     """The template with each `{column}` replaced by the row's value; KeyError naming a missing column.
 
-    Values: None, NaN and empty or blank strings render as nothing; lists (and arrays) comma-separated,
-    their missing items skipped; anything else as str(); a value over `value_chars` (0: none) is cut. Lines
-    where a value rendered as nothing are tidied: a label right before the empty value ("Tags: .", "Tags:",
-    "Tags: ,") is removed, runs of spaces collapse, spaces before punctuation go, and a line left without a
-    letter or digit is dropped.
+    Values (prompt_values.render_value): None, NaN and empty or blank strings render as nothing; lists (and
+    arrays) comma-separated, their missing items skipped; structs and maps as JSON text; anything else as str();
+    a value over `value_chars` (0: none) is cut. Lines where a value rendered as nothing are tidied: a label
+    right before the empty value ("Tags: .", "Tags:", "Tags: ,") is removed, runs of spaces collapse, spaces
+    before punctuation go, and a line left without a letter or digit is dropped.
     """
     for column in template_columns(template):
         if column not in row:
@@ -123,47 +124,6 @@ def render_prompt(template: str, row: Mapping[str, Any], value_chars: int = 0) -
     # A value may end or start markup that the text next to it completes ("<{a}>", "{a}{b}"): the template's own
     # text holds none (template_columns), so any in the whole is made by values and is defused too.
     return _defuse_markup(_tidy_empty_lines("".join(pieces)))
-
-
-def is_cut(value: Any, value_chars: int) -> bool:
-    """Whether render_prompt cuts this value (longest_prompt says how many rows it cut)."""
-    return 0 < value_chars < len(_render_value(value))
-
-
-def _cut(text: str, limit: int) -> str:
-    """The text, or its first `limit` characters ending in an ellipsis, cut after a whole word when one ends in
-    the last fifth; limit 0: the whole text."""
-    if not limit or len(text) <= limit:
-        return text
-    head = text[:limit - len(_ELLIPSIS) + 1]
-    space = max(head.rfind(" "), head.rfind("\n"))
-    head = head[:space] if space > limit * 4 // 5 else head[:-1]
-    return head.rstrip() + _ELLIPSIS
-
-
-def _is_missing(value: Any) -> bool:
-    # pandas' NA and NaT are neither None nor floats; their type names are stable.
-    if value is None or type(value).__name__ in ("NAType", "NaTType"):
-        return True
-    return isinstance(value, float) and math.isnan(value)
-
-
-def _render_value(value: Any) -> str:
-    if _is_missing(value):
-        return ""
-    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
-        value = value.tolist()  # numpy arrays and scalars become plain Python values
-    if isinstance(value, (list, tuple)):
-        return ", ".join(item for item in map(_render_value, value) if item)
-    if isinstance(value, bytes):  # text written without parquet's UTF-8 annotation reads as binary: not b'...'
-        return _render_value(value.decode("utf-8", "replace"))
-    return _defuse_markup(str(value).strip().replace(_EMPTY_MARK, ""))
-
-
-def _defuse_markup(text: str) -> str:
-    # Markup in a value (scraped alt text) would open a second image slot or close the user's turn: a
-    # zero-width space after its "<" leaves it as plain text to the tokenizer.
-    return CHAT_MARKUP_RE.sub(lambda m: "<\u200b" + m.group(0)[1:], text)
 
 
 def _tidy_empty_lines(text: str) -> str:
