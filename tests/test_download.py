@@ -267,6 +267,19 @@ def test_urls_that_are_not_http_are_failed_not_fetched(server, tmp_path):
     assert pq.read_table(out / "urls.parquet").column("url").to_pylist() == [r["url"] for r in rows]
 
 
+def test_a_null_or_blank_url_is_failed_as_no_url(server, tmp_path):
+    """A null URL's failure read "unknown url type: 'None'"; an empty or blank one's named no reason at all."""
+    rows = [{"key": "0", "url": server.url("/img/0.jpg")}, {"key": "1", "url": None}, {"key": "2", "url": ""},
+            {"key": "3", "url": "  "}]
+    path = tmp_path / "src.parquet"
+    pq.write_table(pa.Table.from_pylist([{**r, "caption": "c", "md5": "ff", "tags": "t", "merged_tags": "m"}
+                                         for r in rows]), path)
+    summary = dl.download_dataset(DownloadConfig(output=str(tmp_path / "out"), source=str(path), processes=1,
+                                                 threads=2, timeout=2, retries=0, validate_workers=1))
+    assert summary["valid"] == 1 and summary["failed"] == 3
+    assert summary["failure_reasons"] == {"<urlopen error unknown url type: no url in the source>": 3}
+
+
 def test_every_further_source_column_reaches_full_metadata_with_its_type(server, tmp_path, caplog):
     """Not only the six ContraStyles columns: the rest travel through img2dataset too, renamed source_{name}
     where img2dataset or the outputs use the name; a column that is not a scalar or a list is said."""

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vlm_caption import download as dl
-from vlm_caption.download_source import SOURCE_COLUMNS
+from vlm_caption.download_source import NO_URL, SOURCE_COLUMNS
 from vlm_caption.errors import UsageError
 
 HEADER = "key,url,caption,md5,tags,merged_tags\n"
@@ -75,11 +75,11 @@ def test_repeated_urls_and_urls_that_are_not_http_are_said(caplog):
     assert table.num_rows == len(urls)
     assert "1 row(s) repeat an earlier row's URL" in caplog.text
     assert "2 URLs are not http(s) (e.g. file:///etc/hostname): not fetched, recorded as failed" in caplog.text
-    # img2dataset is given URLs urllib refuses for those two; the others (and the null) pass unchanged.
+    # img2dataset is given URLs urllib refuses for those two (and the null); the others pass unchanged.
     given = dl.img2dataset_input(table)
     assert given.column("url").to_pylist() == [
         urls[0], urls[1], "only http(s) URLs are fetched: file:///etc/hostname",
-        "only http(s) URLs are fetched: data:image/png;base64,AA", urls[4], None]
+        "only http(s) URLs are fetched: data:image/png;base64,AA", urls[4], "no URL in the source: "]
     assert "source_md5" in given.column_names and "md5" not in given.column_names
 
 
@@ -107,7 +107,7 @@ def test_urls_with_spaces_or_accents_are_fetched_percent_encoded():
     assert dl.img2dataset_input(table).column("url").to_pylist() == [
         "http://127.0.0.1/peintures/Claude%20Monet/Impression,%20soleil%20levant.jpg",
         "https://127.0.0.1/%C5%93uvres/%C3%A9t%C3%A9.jpg?titre=la%20mer#vue", "http://xn--bcher-kva.example/a.jpg",
-        urls[3], urls[4], None]
+        urls[3], urls[4], "no URL in the source: "]
 
 
 @pytest.mark.parametrize("text, says", [
@@ -139,3 +139,16 @@ def test_a_json_array_says_the_source_must_be_json_lines(tmp_path):
                                  "tags": "t", "merged_tags": "m"}]))
     with pytest.raises(UsageError, match="one object per line, not an array"):
         dl.load_source(str(path), "train", None)
+
+
+def test_a_null_or_blank_url_is_said_and_refused_as_no_url(caplog):
+    """A null URL reached img2dataset as None: its failure read "unknown url type: 'None'"; an empty or blank one
+    was counted as a URL that is not http(s) (e.g. '') and repeated URLs counted the nulls."""
+    urls = [None, "", " \t", "\u00a0", None, "http://127.0.0.1/a.jpg"]
+    source = pa.table({c: urls if c == "url" else [str(i) for i in range(len(urls))] for c in SOURCE_COLUMNS})
+    with caplog.at_level(logging.WARNING, logger="vlm_caption.download"):
+        table = dl.url_table(source)
+    said = caplog.text
+    assert "5 rows have no URL (null or blank): not fetched, recorded as failed" in said
+    assert "not http(s)" not in said and "more than one source row" not in said
+    assert dl.img2dataset_input(table).column("url").to_pylist() == [NO_URL] * 5 + [urls[5]]

@@ -24,6 +24,7 @@ SOURCE_COLUMNS = ("key", "url", "caption", "md5", "tags", "merged_tags")
 URL_COLUMNS = ("url", "caption", "original_key", "md5", "tags", "merged_tags")
 FETCHED_URL_RE = r"(?i)^\s*https?://"  # fetched (urllib strips spaces); file:, data:, ... would read local files
 NOT_FETCHED = "only http(s) URLs are fetched: "  # urllib refuses it: "unknown url type: only http(s) urls are ..."
+NO_URL = "no URL in the source: "  # a null or blank URL, refused the same way: "unknown url type: no url in the source"
 JSON_BLOCK_BYTES = 64 << 20  # pyarrow's JSON reader needs each line inside one block (its default: 1 MiB)
 
 
@@ -189,12 +190,16 @@ def url_table(source: pa.Table) -> pa.Table:
         logger.warning("source keys on more than one row: %d (e.g. %s); each row is downloaded as a row of its own",
                        len(repeated), ", ".join(map(str, repeated.field("values")[:3].to_pylist())))
     urls = source.column("url")
-    n_repeated = len(urls) - len(pc.unique(urls))
+    missing = _missing_urls(urls)
+    if n_missing := pc.sum(missing).as_py():
+        logger.warning("%s no URL (null or blank): not fetched, recorded as failed",
+                       plural(n_missing, "row has", "rows have"))
+    given = pc.filter(urls, pc.invert(missing))
+    n_repeated = len(given) - len(pc.unique(given))
     if n_repeated:
         logger.warning("URLs on more than one source row: %d row(s) repeat an earlier row's URL; each row is "
                        "downloaded and captioned as a row of its own", n_repeated)
-    fetched = pc.match_substring_regex(urls, FETCHED_URL_RE)
-    unfetched = pc.filter(urls, pc.invert(pc.fill_null(fetched, True)))
+    unfetched = pc.filter(given, pc.invert(pc.match_substring_regex(given, FETCHED_URL_RE)))
     if len(unfetched):
         logger.warning("%s not http(s) (e.g. %s): not fetched, recorded as failed", plural(len(unfetched), "URL is",
                        "URLs are"), unfetched[0].as_py()[:80])
@@ -212,15 +217,22 @@ def img2dataset_input(urls: pa.Table) -> pa.Table:
     """urls.parquet as img2dataset reads it: md5 renamed (a name it reserves), and any URL that is not
     http(s) made one urllib refuses, so that its row is a permanent failure with its reason in the shard
     parquet ("unknown url type: only http(s) urls are fetched") instead of a local file or an inline payload
-    read as if downloaded."""
+    read as if downloaded. A null or blank URL likewise ("unknown url type: no url in the source", not urllib's
+    "unknown url type: 'None'" or an empty name)."""
     url = urls.column("url")
     url = pc.if_else(pc.fill_null(pc.match_substring_regex(url, FETCHED_URL_RE), True), _percent_encoded(url),
                      pc.binary_join_element_wise(NOT_FETCHED, url, ""))
+    url = pc.if_else(_missing_urls(urls.column("url")), pa.scalar(NO_URL, pa.string()), url)
     urls = urls.set_column(urls.column_names.index("url"), "url", url)
     for c in further_names(urls):
         if travels_as_text(urls.schema.field(c).type):
             urls = urls.set_column(urls.column_names.index(c), c, urls.column(c).cast(pa.string()))
     return urls.rename_columns([SHARD_NAMES.get(c, c) for c in urls.column_names])
+
+
+def _missing_urls(urls: pa.ChunkedArray) -> pa.ChunkedArray:
+    """Per row, whether its URL is null, empty or only whitespace (never null itself)."""
+    return pc.fill_null(pc.match_substring_regex(urls, r"^[\s\p{Z}]*$"), True)
 
 
 _UNSAFE_URL_RE = r"[^\x21-\x7e]"  # spaces, control and non-ASCII characters: urllib refuses them ('ascii' codec ...)
