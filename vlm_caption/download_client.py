@@ -188,6 +188,8 @@ def _is_image(body: bytes) -> bool:
     try:
         with Image.open(io.BytesIO(body)):  # the header only: no decode
             return True
+    except Image.DecompressionBombError:  # an image, too big for Pillow's own check: validation decides (images.py)
+        return True
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError):  # (Pillow's parsers raise these)
         return False
 

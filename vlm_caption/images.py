@@ -1,5 +1,12 @@
 """Loading an image safely: fully decoded RGB (EXIF orientation, modes flattened), big JPEGs decoded at a
-reduced scale that still covers the model's input, decompression bombs refused with their reason."""
+reduced scale that still covers the model's input, decompression bombs refused with their reason.
+
+The pixel limit (MAX_IMAGE_PIXELS) is on what is decoded: a baseline JPEG decodes at 1/2 to 1/8 scale
+(`Image.draft`), so a 400 MP museum scan that decodes at ~6 MP is an image, not a bomb. Pillow's own check in
+`Image.open` refuses anything declaring over 2 x Image.MAX_IMAGE_PIXELS before a draft can be asked for: for a
+JPEG only, `open_checked` opens it again with the JPEG plugin alone (no process-wide setting changes; every
+other format and every other Pillow path keeps Pillow's check) and decides by its own.
+"""
 from __future__ import annotations
 
 import functools
@@ -7,12 +14,14 @@ import os
 import stat
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
-from PIL import ExifTags, Image, UnidentifiedImageError
+from PIL import ExifTags, Image, JpegImagePlugin, UnidentifiedImageError
 
-# Declared pixel count above which an image is refused before decoding (a decompression bomb);
-# the same as PIL's own hard limit, checked by us so the reason is explicit.
+# Pixel count above which an image is refused before decoding (a decompression bomb): the size it declares, or for
+# a baseline JPEG the size it decodes at after its draft. Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS).
 MAX_IMAGE_PIXELS = 2 * 89_478_485
+_JPEG_MAGIC = b"\xff\xd8\xff"
 # Gemma 3's image side (its SigLIP tower's input): what images are decoded for when the engine does not say.
 MODEL_IMAGE_SIZE = 896
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
@@ -57,15 +66,8 @@ def load_image(path: Path | None, target_size: int = MODEL_IMAGE_SIZE) -> Image.
     except OSError as e:
         raise ImageLoadError("load", f"cannot open {path.name}: {e.strerror or e}") from None
     with f:
-        _quiet_decompression_bomb_warnings()
         try:
-            img = Image.open(f)
-            w, h = img.size
-            if w * h > MAX_IMAGE_PIXELS:
-                raise ImageLoadError("decode", f"image declares {w}x{h} pixels, over the {MAX_IMAGE_PIXELS} limit")
-            # A smaller decode (DRAFT_MARGIN); MPO: what Pillow names a camera JPEG carrying a preview (MPF).
-            if img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK", "YCbCr"):
-                img.draft(img.mode if img.mode != "YCbCr" else "RGB", draft_box(target_size))
+            img, _ = open_checked(f, target_size)
             img.load()
             return to_rgb(img)
         except ImageLoadError:
@@ -75,6 +77,35 @@ def load_image(path: Path | None, target_size: int = MODEL_IMAGE_SIZE) -> Image.
         except Exception as e:  # noqa: BLE001  PIL's plugins raise more (NotImplementedError from a DDS, ...): the
             # row fails with its reason, where one odd file used to stop the run at the same image on every relaunch
             raise ImageLoadError("decode", f"{type(e).__name__}: {e}") from None
+
+
+def open_checked(f: BinaryIO, target_size: int | tuple[int, int] = MODEL_IMAGE_SIZE,
+                 draft: bool = True) -> tuple[Image.Image, tuple[int, int]]:
+    """(the image opened, not decoded yet; the size it declares): a JPEG drafted for `target_size` (always, or
+    with draft=False only when its full size is over the limit), anything over MAX_IMAGE_PIXELS as it will
+    decode refused with ImageLoadError("decode", reason). Pillow's own errors pass through."""
+    _quiet_decompression_bomb_warnings()
+    try:
+        img = Image.open(f)
+    except Image.DecompressionBombError as e:
+        f.seek(0)
+        if f.read(len(_JPEG_MAGIC)) != _JPEG_MAGIC:
+            raise ImageLoadError("decode", f"decompression bomb: {e}") from None
+        f.seek(0)
+        img = JpegImagePlugin.jpeg_factory(f)  # Image.open's plugin for it, without its size check: ours below
+    w, h = img.size
+    over = w * h > MAX_IMAGE_PIXELS
+    # A smaller decode (DRAFT_MARGIN); MPO: what Pillow names a camera JPEG carrying a preview (MPF). A progressive
+    # JPEG holds every pixel's coefficients in memory whatever the scale: over the limit, it is refused.
+    draftable = img.format in ("JPEG", "MPO") and img.mode in ("RGB", "L", "CMYK", "YCbCr")
+    if draftable and (draft or over) and not (over and img.info.get("progressive")):
+        img.draft(img.mode if img.mode != "YCbCr" else "RGB", draft_box(target_size))
+    dw, dh = img.size
+    if dw * dh > MAX_IMAGE_PIXELS:
+        at = f" (decoded at {dw}x{dh})" if (dw, dh) != (w, h) else ""
+        kind = " progressive JPEG" if img.format in ("JPEG", "MPO") and img.info.get("progressive") else ""
+        raise ImageLoadError("decode", f"image{kind} declares {w}x{h} pixels{at}, over the {MAX_IMAGE_PIXELS} limit")
+    return img, (w, h)
 
 
 @functools.cache

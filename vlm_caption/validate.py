@@ -56,24 +56,26 @@ def check_image(path: str) -> tuple[int | None, int | None, str | None, str | No
     Image.verify() alone does not notice a truncated JPEG; load() does. Messages carry no paths or
     addresses so they are the same on every machine.
     """
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
 
-    from .images import _quiet_decompression_bomb_warnings
+    from .images import ImageLoadError, open_checked
 
-    _quiet_decompression_bomb_warnings()  # big art scans are fine: two lines of stderr per image otherwise
     try:
         if os.path.getsize(path) == 0:
             return None, None, None, "empty file"
-        with Image.open(path) as im:
-            width, height, fmt = im.width, im.height, im.format
-            im.load()
+        # Decoded at full size; a JPEG over the pixel limit at the scale the loader decodes it (images.open_checked)
+        with open(path, "rb") as f:
+            im, (width, height) = open_checked(f, draft=False)
+            with im:
+                fmt = im.format
+                im.load()
         return width, height, fmt, None
     except FileNotFoundError:
         return None, None, None, "file missing"
     except UnidentifiedImageError:
         return None, None, None, "not an image (unidentified format)"
-    except Image.DecompressionBombError as e:
-        return None, None, None, f"decompression bomb: {e}"
+    except ImageLoadError as e:  # over the pixel limit, said as the loader says it
+        return None, None, None, str(e)
     except Exception as e:  # noqa: BLE001  PIL's plugins raise more (NotImplementedError from DDS, ...): a bad
         # file from the web is a row's failure; escaping, it stopped the run, and every rerun at the same file
         return None, None, None, f"{type(e).__name__}: {e}"
