@@ -57,14 +57,14 @@ def test_a_file_where_images_or_decode_checks_should_be_is_one_line(tmp_path):
     from vlm_caption.config import DownloadConfig
     from vlm_caption.data_layout import VALIDATION_DIR
     from vlm_caption.download_source import SOURCE_COLUMNS
-    from vlm_caption.errors import FatalError
+    from vlm_caption.errors import UsageError
 
     urls = dl.url_table(pa.table({c: ["http://127.0.0.1:9/a.jpg" if c == "url" else "x"] for c in SOURCE_COLUMNS}))
     for name in (IMAGES_DIR, VALIDATION_DIR):
         out = tmp_path / name.strip("_")
         out.mkdir()
         (out / name).write_text("not a directory")
-        with pytest.raises(FatalError, match=f"{name} is a file, not a directory: move it aside and rerun"):
+        with pytest.raises(UsageError, match=f"{name} is a file, not a directory: move it aside and rerun"):
             dl._download_into(out, urls, DownloadConfig(output=str(out)), 0.0)
 
 
@@ -157,7 +157,7 @@ def test_tmp_files_of_a_run_killed_mid_write_are_removed_by_the_next(tmp_path):
     from vlm_caption.config import DownloadConfig
     from vlm_caption.data_layout import VALIDATION_DIR
     from vlm_caption.download_source import SOURCE_COLUMNS
-    from vlm_caption.errors import FatalError
+    from vlm_caption.errors import UsageError
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                           text=True).stdout.strip()
@@ -168,7 +168,7 @@ def test_tmp_files_of_a_run_killed_mid_write_are_removed_by_the_next(tmp_path):
         path.write_bytes(b"PAR1 half")
     (tmp_path / IMAGES_DIR).write_text("not a directory")  # stops the run right after its cleanup
     urls = dl.url_table(pa.table({c: ["http://127.0.0.1:9/a.jpg" if c == "url" else "x"] for c in SOURCE_COLUMNS}))
-    with pytest.raises(FatalError):
+    with pytest.raises(UsageError):
         dl._download_into(tmp_path, urls, DownloadConfig(output=str(tmp_path)), 0.0)
     assert not any(p.exists() for p in stale)
 

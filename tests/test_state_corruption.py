@@ -77,12 +77,12 @@ def test_a_directory_in_place_of_a_file_to_write_is_one_line_error_and_left_as_i
     import pytest
 
     from vlm_caption.atomic import atomic_write_json
-    from vlm_caption.errors import FatalError
+    from vlm_caption.errors import UsageError
 
     path = tmp_path / store.MERGED
     path.mkdir()
     (path / "x").write_text("kept")
-    with pytest.raises(FatalError, match=r"all_captions.parquet is a directory, not a file: move it aside"):
+    with pytest.raises(UsageError, match=r"all_captions.parquet is a directory, not a file: move it aside"):
         atomic_write_json(path, {"a": 1})
     assert [p.name for p in tmp_path.iterdir()] == [store.MERGED] and (path / "x").read_text() == "kept"
 

@@ -15,7 +15,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import FatalError
+from .errors import UsageError
 
 
 WRITTEN_PATH = "vlm_caption_written_path"  # set on an OSError raised while writing a file atomically
@@ -35,7 +35,8 @@ def atomic_path(path: Path | str):
     """
     path = Path(path)
     if path.is_dir():  # put there by hand: renaming over it fails, and it is not ours to remove
-        raise FatalError(f"{path} is a directory, not a file: move it aside and rerun")
+        # a user's mistake in a dir of ours, as a directory in place of a lock file is (locks.open_lock): exit 2
+        raise UsageError(f"{path} is a directory, not a file: move it aside and rerun")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
     try:

@@ -316,7 +316,7 @@ def _download_into(out: Path, urls: pa.Table, cfg: DownloadConfig, t0: float) ->
     remove_stale_tmp(out / VALIDATION_DIR)
     for name in (IMAGES_DIR, VALIDATION_DIR):  # img2dataset and mkdir would end in a traceback
         if (out / name).exists() and not (out / name).is_dir():
-            raise FatalError(f"{out / name} is a file, not a directory: move it aside and rerun")
+            raise UsageError(f"{out / name} is a file, not a directory: move it aside and rerun")
     write_urls(out, urls, cfg.shard_size)
     set_aside_unreadable_shards(out, urls.num_rows, cfg.shard_size)
     shard_ids = expected_shards(urls.num_rows, cfg.shard_size)
