@@ -63,7 +63,7 @@ def ensure_model(demo_dir: Path) -> tuple[Path, bool]:
     model = demo_dir / "model"
     if (model / "config.json").is_file():
         return model, False
-    from .preview import RANDOM_WEIGHTS_MARKER
+    from .random_weights import RANDOM_WEIGHTS_MARKER
     from .tiny_model import build_tiny_model  # imports transformers: only when a build is needed
 
     def build(tmp: Path) -> None:

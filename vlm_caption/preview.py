@@ -7,7 +7,8 @@ quality-flag filter and a sort order; preview_page.py), no network. A card per r
 thumbnail, generated caption, original caption, tags, finish badge (stop / length), quality flags (rows.py,
 quality.py; with several prompts each prompt's, named), key; then a card per failed image still without a caption
 (failures/: its stage and reason). When the captions come from random weights (the demo's tiny model:
-its model dir holds RANDOM_WEIGHTS_MARKER, or --random-weights), a banner at the top says they are noise.
+its model dir holds RANDOM_WEIGHTS_MARKER, found also after the dir moved: random_weights.py; or
+--random-weights), a banner at the top says they are noise.
 Thumbnails point at the local image file (a path relative to the HTML file) when the data dir is known,
 else at the row's url. Captions come from a model and from the web, so every value is HTML-escaped, and a
 Content-Security-Policy lets only this file's own script run, as a second wall.
@@ -37,14 +38,13 @@ try:  # `python -m vlm_caption.preview` outside the venv: one line saying what t
     from .config import check_output_file
     from .errors import UsageError
     from .preview_page import CSS, JS, controls
+    from .random_weights import NOISE_BANNER, RANDOM_WEIGHTS_MARKER, is_random_weights
     from .rows import FLAGS_COLUMN, count_flags, describe_counts, ordered_counts, run_prompt_columns
 except ModuleNotFoundError as e:
     cli.exit_missing_dependency(e, as_script=__name__ == "__main__", prog="python -m vlm_caption.preview")
 
 log = logging.getLogger(__name__)
 DEFAULT_ROWS = 200
-# A file in a model dir saying its weights are random (the demo writes it next to its tiny model).
-RANDOM_WEIGHTS_MARKER = "RANDOM_WEIGHTS.txt"
 COLUMNS = ["key", "url", "vlm_caption", "original_caption", "tags", "caption_finish", "caption_tokens",
            "caption_flags", "caption_attempts"]
 # A run of one prompt: its flags are the plain column's, shown unlabelled (else: prompt name -> its column).
@@ -143,11 +143,6 @@ def read_failures(checkpoint_dir: Path, merged: Path, n: int) -> tuple[list[dict
     captioned = set(pq.read_table(merged, columns=["key"]).column("key").to_pylist())
     keys = sorted(k for k in failed if k not in captioned)
     return [failed[k] for k in keys[:n]], len(keys)
-
-
-def is_random_weights(model: str | None) -> bool:
-    """Whether run.json's model is a local dir marked as random weights (the demo's tiny model)."""
-    return bool(model) and (Path(model) / RANDOM_WEIGHTS_MARKER).is_file()
 
 
 def read_run_summary(checkpoint_dir: Path) -> dict:
@@ -298,11 +293,6 @@ def counts_line(rows: list[dict], total: int, summary: dict, flag_columns: Mappi
     return " · ".join(parts)
 
 
-NOISE_BANNER = ("These captions come from RANDOM WEIGHTS (the demo's tiny model): they are noise. The page shows that "
-                "the pipeline runs, not what Gemma 3 writes; caption with a real model (e.g. google/gemma-3-4b-it) "
-                "for real captions.")
-
-
 def render_page(rows: list[dict], srcs: list[str | None], total: int, summary: dict, title: str,
                 failures: list[dict] = (), failed_total: int = 0, random_weights: bool = False,
                 flag_columns: Mapping[str, str] | None = None, captions: Sequence[str] | None = None,
@@ -362,7 +352,7 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
             for r in rows]
     model = run.get("model", "unknown model")
     if random_weights is None:
-        random_weights = is_random_weights(model)
+        random_weights = is_random_weights(run, checkpoint_dir)
     failures, failed_total = read_failures(checkpoint_dir, merged, n)
     title = f"Captions by {model}" + (" (random weights: noise)" if random_weights else "")
     page = render_page(rows, srcs, total, read_run_summary(checkpoint_dir), title, failures, failed_total,
