@@ -137,3 +137,18 @@ def test_merge_only_of_two_spellings_of_one_run(data, tmp_path, monkeypatch):
     assert run_id_of(tmp_path / "a") != run_id_of(tmp_path / "b")
     assert main(["--merge-only", "--data-dir", str(data), "--checkpoint-dir", str(tmp_path / "a"),
                  str(tmp_path / "b")]) == EXIT_OK
+
+
+def test_a_dir_that_took_the_hub_runs_id_and_lost_its_run_json_is_that_run_again(hub_stub, data, tmp_path,
+                                                                                  monkeypatch):
+    with monkeypatch.context() as m:  # an earlier version's --seed 7 run on the Hub
+        as_before(m)
+        assert main(hub_args(hub_stub, data, tmp_path / "a", "--seed", "7", "--shards", "0")) == EXIT_OK
+    old = run_id_of(tmp_path / "a")
+    assert main(hub_args(hub_stub, data, tmp_path / "b", "--max-images", "12")) == EXIT_OK
+    assert run_id_of(tmp_path / "b") == old
+    (tmp_path / "b" / store.RUN_JSON).unlink()  # lost: its parts name run `old`, which these very flags are
+    assert main(hub_args(hub_stub, data, tmp_path / "b")) == EXIT_OK  # was: refused, "rerun with the settings..."
+    assert run_id_of(tmp_path / "b") == old
+    keys = hub_keys(hub_stub, REPO)
+    assert len(keys) == len(set(keys)) == 16 and hub_keys(hub_stub, REPO, old) == keys

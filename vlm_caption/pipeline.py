@@ -106,7 +106,7 @@ def run(cfg: RunConfig) -> int:
     writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]),
                                    num_workers=num_workers)
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=not workers.leads_its_machine(),
-                             run_id=published_as(hub_client, ckpt, settings))
+                             run_id=published_as(hub_client, writer, settings))
     try:
         dir_scope.check_machines(ckpt, *workers.machine_slice(cfg.num_workers, cfg.worker_index),  # before the model
                                  nodes=(workers.node_slice() or (0, 1))[1])
@@ -116,22 +116,27 @@ def run(cfg: RunConfig) -> int:
         writer.lock.release()
 
 
-def published_as(hub_client, ckpt: Path, settings: dict) -> str | None:
+def published_as(hub_client, writer: store.CheckpointStore, settings: dict) -> str | None:
     """A new dir's run as the Hub already holds it: the id of a run published with another spelling of these
     settings (a greedy run launched with --seed 7 by an earlier version, say; run_identity.canonical_settings), so
-    this dir publishes into that run's folder, not each key a second time into a folder of its own. None: the id of
-    these settings (no Hub, a dir that holds a run, a Hub run not yet described by runs/{run_id}.json)."""
-    if hub_client is None or (ckpt / store.RUN_JSON).exists() or store.list_parts(ckpt) or \
-            store.list_failure_files(ckpt):  # a dir's own run is its run.json's, or its parts' (store.open_run)
+    this dir publishes into that run's folder, not each key a second time into a folder of its own. A dir whose
+    run.json is lost but whose parts took such an id is that run again. None: the id of these settings (no Hub, a
+    dir whose run.json names its run, parts of these settings' own id, a Hub run not yet described by
+    runs/{run_id}.json)."""
+    if hub_client is None or store.read_run_json_safe(writer.dir)[0] is not None:
         return None
     from .run_identity import run_id_for, same_settings
 
     own = run_id_for(settings)
+    recorded = writer.recorded_runs()  # parts of a dir whose run.json is gone: only the run they name can be it
+    if recorded and (len(recorded) != 1 or recorded == {own} or None in recorded):
+        return None  # store.open_run decides, as for any dir
     snap = hub_client.snapshot(own)
     if snap.files or not snap.other_runs:
         return None
     infos = hub_client.run_infos(own, snap.head)
-    found = sorted(r for r in snap.other_runs if same_settings(infos.get(r), settings))
+    found = sorted(r for r in snap.other_runs if (not recorded or r in recorded) and same_settings(infos.get(r),
+                                                                                                  settings))
     if found:
         log.info("Hub: run %s of %s holds these settings as an earlier version spelled them: this dir goes on "
                  "as that run", found[0], hub_client.repo_id)

@@ -316,6 +316,10 @@ class CheckpointStore:
         self.dir_id = info.get("dir_id") or "legacy"  # dirs made before dir ids existed
         return self.run_id
 
+    def recorded_runs(self) -> set[str | None]:
+        """The run ids the dir's readable parts and failure files record (None: a part that names none)."""
+        return {run_id for run_id, _ in self._provenance()}
+
     def _provenance(self) -> set[tuple[str | None, str | None]]:
         """(run_id, dir_id) recorded in each readable part and failure file of the dir."""
         found = set()
