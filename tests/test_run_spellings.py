@@ -152,3 +152,17 @@ def test_a_dir_that_took_the_hub_runs_id_and_lost_its_run_json_is_that_run_again
     assert run_id_of(tmp_path / "b") == old
     keys = hub_keys(hub_stub, REPO)
     assert len(keys) == len(set(keys)) == 16 and hub_keys(hub_stub, REPO, old) == keys
+
+
+def test_a_hub_run_of_another_local_dir_of_the_same_name_is_not_ours(tmp_path):
+    """A Hub run that an earlier version named by a local dir's path shows only local:NAME: which dir (and which
+    weights) made it is unknown, so a dir of that name elsewhere is not that run."""
+    model = tmp_path / "elsewhere" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text("{}")
+    settings = RunConfig(model=str(model)).run_settings()
+    legacy = {k: v for k, v in run_identity.recorded_settings(settings).items() if k != run_identity.MODEL_IDENTITY}
+    assert run_identity.same_settings(legacy, settings)  # the dir's own run.json (its path): that run
+    assert not run_identity.same_settings({**legacy, "model": "local:model", "run_id": "0123456789ab"}, settings)
+    hub = {**run_identity.recorded_settings(settings), "model": "local:model"}  # content-named: ours wherever
+    assert run_identity.same_settings(hub, settings)

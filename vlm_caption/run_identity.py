@@ -118,13 +118,17 @@ def same_settings(info: dict, settings: dict) -> bool:
     if not isinstance(info, dict):
         return False
     info = dict(info)
-    if info.get("model") == public_model_name(str(settings.get("model")), settings.get("backend", "transformers")):
+    public = info.get("model") != settings.get("model") and \
+        info.get("model") == public_model_name(str(settings.get("model")), settings.get("backend", "transformers"))
+    if public:
         info["model"] = settings.get("model")  # the Hub shows a model by its public name
     try:
         respelled = run_id_for(canonical_settings(info))
     except (TypeError, ValueError):  # edited by hand into what json cannot hash: not ours
         return False
-    return respelled in (run_id_for(settings), path_named_run_id(settings))
+    # A run an earlier version named by a local dir's path is ours only at that very path: a Hub record shows the
+    # dir's name alone (local:NAME), which any dir of that name, of any weights, would match.
+    return respelled == run_id_for(settings) or (not public and respelled == path_named_run_id(settings))
 
 
 def _respelled_id(info: dict) -> str | None:
