@@ -62,3 +62,21 @@ def test_ints_pushed_after_floats_take_float64_and_a_text_null_first_file_is_nam
     assert "column year is string in the run's Hub files and int64" in caplog.text
     mixed = disagreements(client.snapshot("0123456789ac").entries)
     assert list(mixed) == ["year"] and sorted(mixed["year"]) == ["int64", "string, all null"]
+
+
+@pytest.mark.parametrize("one, other", [(pa.timestamp("us"), pa.timestamp("us", "UTC")),
+                                        (pa.decimal128(5, 2), pa.decimal128(5, 3)),
+                                        (pa.struct([("a", pa.int64()), ("b", pa.string())]),
+                                         pa.struct([("a", pa.int64()), ("b", pa.int64())]))])
+def test_types_whose_names_hold_a_comma_are_told_apart(one, other):
+    """--check-hub compared the types' names up to their first comma: timestamp[us] and timestamp[us, tz=UTC]
+    (or two structs, two decimals) read as one type, and files that disagree were not named."""
+    from vlm_caption.hub_key_cache import FileEntry
+    from vlm_caption.hub_types import disagreements
+
+    entries = {f"data/{RUN}/{n}.parquet": FileEntry(["k"], {}, pa.schema([("c", kind)])) for n, kind in
+               (("a", one), ("b", other))}
+    assert disagreements(entries) == {"c": {str(one): [f"data/{RUN}/a.parquet"], str(other): [f"data/{RUN}/b.parquet"]}}
+    same = {p: FileEntry(["k"], {}, pa.schema([("c", one)]), frozenset({"c"} if p.endswith("a.parquet") else ()))
+            for p in entries}
+    assert disagreements(same) == {}  # all null in one file, the same type: one type

@@ -76,10 +76,12 @@ def disagreements(entries: dict[str, FileEntry]) -> dict[str, dict[str, list[str
     out = {}
     for name, kinds in file_types(entries).items():
         declared: dict[str, list[str]] = {}
+        types = set()  # (the types themselves: their names hold commas, as timestamp[us, tz=UTC] does)
         for kind, paths in kinds.items():
             for path in paths:
                 own = entries[path].schema.field(name).type
+                types.add(own)
                 declared.setdefault(f"{own}, all null" if kind == pa.null() else str(own), []).append(path)
-        if len({k.split(",")[0] for k in declared}) > 1:
+        if len(types) > 1:
             out[name] = dict(sorted(declared.items()))
     return out
