@@ -166,3 +166,18 @@ def test_a_hub_run_of_another_local_dir_of_the_same_name_is_not_ours(tmp_path):
     assert not run_identity.same_settings({**legacy, "model": "local:model", "run_id": "0123456789ab"}, settings)
     hub = {**run_identity.recorded_settings(settings), "model": "local:model"}  # content-named: ours wherever
     assert run_identity.same_settings(hub, settings)
+
+
+def test_only_the_process_that_writes_run_json_asks_for_the_hubs_id(tmp_path):
+    """Each worker starting on a new dir looked the Hub up (a listing plus a download per other run of the repo);
+    only the one writing run.json does now, and the others take the id it wrote."""
+    settings = RunConfig(model="tiny").run_settings()
+    asked = []
+
+    def find() -> str:
+        asked.append(1)
+        return "aaaaaaaaaaaa"  # the Hub's run of these settings in another spelling
+
+    workers = [store.CheckpointStore(tmp_path / "d", w, num_workers=3) for w in range(3)]
+    ids = [w.open_run(settings, overwrite=False, find_run_id=find) for w in workers]
+    assert ids == ["aaaaaaaaaaaa"] * 3 and len(asked) == 1

@@ -106,7 +106,7 @@ def run(cfg: RunConfig) -> int:
     writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]),
                                    num_workers=num_workers)
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=not workers.leads_its_machine(),
-                             run_id=published_as(hub_client, writer, settings))
+                             find_run_id=lambda: published_as(hub_client, writer, settings))
     try:
         dir_scope.check_machines(ckpt, *workers.machine_slice(cfg.num_workers, cfg.worker_index),  # before the model
                                  nodes=(workers.node_slice() or (0, 1))[1])

@@ -25,7 +25,7 @@ import time
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -196,17 +196,18 @@ class CheckpointStore:
     # -- run.json and who holds the dir
 
     def open_run(self, settings: dict, overwrite: bool, wait_for_leader: bool = False,
-                 leader_timeout: float = 600.0, run_id: str | None = None) -> str:
+                 leader_timeout: float = 600.0, find_run_id: Callable[[], str | None] | None = None) -> str:
         """Take this worker's lock, then check or write run.json; returns the run_id.
 
         Refuses a second process with this worker id, a process whose worker count differs from a live one's
         (the two would split the keys differently and caption some twice), and any process whose settings
         differ from those of a live process of the dir. run.json is only (re)written while no other process
         holds the dir. A dir holding another run's captions is refused unless --overwrite; a dir whose
-        run.json is gone re-adopts its parts only when their recorded run id is this run's. `run_id`: the id a new
-        dir's run takes (that of the Hub's run of these settings in another spelling), else these settings' own.
+        run.json is gone re-adopts its parts only when their recorded run id is this run's. `find_run_id`: asked,
+        by the one process that writes run.json, for the id a new run.json takes (the Hub's run of these settings in
+        another spelling, pipeline.published_as); None there, or no callable: these settings' own id.
         """
-        run_id = run_id or run_id_for(settings)
+        run_id = run_id_for(settings)
         holder = self.lock.take_worker()
         if holder is not None:
             raise UsageError(f"{self.dir} is in use by {holder}; wait for it to end, or use another "
@@ -222,7 +223,7 @@ class CheckpointStore:
                              f"the same way (this one is worker {self.worker} of {self.lock.num_workers}); wait "
                              "for them to end, or use the same --num-workers / world size")
         try:
-            return self._open_run(settings, run_id, overwrite, wait_for_leader, leader_timeout)
+            return self._open_run(settings, run_id, overwrite, wait_for_leader, leader_timeout, find_run_id)
         except TimeoutError:  # run.lock held exclusively all along: the last worker's merge and card, usually
             holders = "; ".join(self.lock.holders()) or self.lock.run_holder() or "another process"
             self.lock.release()
@@ -233,7 +234,7 @@ class CheckpointStore:
             raise
 
     def _open_run(self, settings: dict, run_id: str, overwrite: bool, wait_for_leader: bool,
-                  leader_timeout: float) -> str:
+                  leader_timeout: float, find_run_id: Callable[[], str | None] | None) -> str:
         deadline = time.monotonic() + leader_timeout
         while True:
             existing, _ = read_run_json_safe(self.dir)
@@ -261,6 +262,9 @@ class CheckpointStore:
                              f"{(existing or {}).get('run_id', 'unknown')}); wait for it to end, or use another "
                              "--checkpoint-dir")
         try:  # the dir is ours alone now
+            # Asked here only: one Hub lookup per dir, where each worker starting on a new dir made one (1 + a
+            # download per other run of the repo each: 64 workers, 20 runs, ~1,300 requests at once).
+            run_id = (find_run_id() if find_run_id is not None else None) or run_id
             return self._write_run_json(settings, run_id, overwrite)
         finally:
             self.lock.share_run()
