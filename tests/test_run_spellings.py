@@ -181,3 +181,20 @@ def test_only_the_process_that_writes_run_json_asks_for_the_hubs_id(tmp_path):
     workers = [store.CheckpointStore(tmp_path / "d", w, num_workers=3) for w in range(3)]
     ids = [w.open_run(settings, overwrite=False, find_run_id=find) for w in workers]
     assert ids == ["aaaaaaaaaaaa"] * 3 and len(asked) == 1
+
+
+def test_a_later_versions_run_with_a_setting_this_one_does_not_know_is_not_ours(tmp_path):
+    """Read alike on the settings this version knows, a later version's run of a setting it added (say a crop mode)
+    captions otherwise: a new dir must not publish into its folder. Records this version writes list their setting
+    names; earlier versions' list none and are read as before."""
+    settings = RunConfig(model="google/gemma-3-4b-it").run_settings()
+    first = store.CheckpointStore(tmp_path / "d", 0)
+    first.open_run(settings, overwrite=False)
+    record = json.loads((tmp_path / "d" / store.RUN_JSON).read_text())
+    assert record["setting_names"] == sorted(run_identity.recorded_settings(settings))
+    respelled = {**record, "run_id": "bbbbbbbbbbbb", "seed": 7}  # another spelling of these settings: ours
+    assert run_identity.same_settings(respelled, settings)
+    later = {**respelled, "vision_crop": "pan_and_scan", "setting_names": [*record["setting_names"], "vision_crop"]}
+    assert not run_identity.same_settings(later, settings)
+    earlier = {k: v for k, v in respelled.items() if k != "setting_names"}
+    assert run_identity.same_settings(earlier, settings)

@@ -45,6 +45,7 @@ OPTIONAL_SETTINGS = ("backend", "keep_columns", "retry_repetition_penalty", "pro
 MODEL_FILE_SUFFIXES = (".json", ".jinja", ".model", ".safetensors", ".bin", ".pt", ".pth", ".gguf")
 WHOLE_FILE_BYTES = 4 << 20  # files up to this size are hashed whole (configs, templates, small tokenizers)
 SAMPLE_BLOCKS, SAMPLE_BYTES = 32, 64 << 10
+SETTING_NAMES = "setting_names"  # in run.json (and the Hub's runs/*.json): the names of the settings it records
 GREEDY_SEED = 0  # the seed a greedy run records, whatever --seed said: RunConfig.seed's default
 
 
@@ -117,6 +118,9 @@ def same_settings(info: dict, settings: dict) -> bool:
 
     if not isinstance(info, dict):
         return False
+    names = info.get(SETTING_NAMES)  # (none: an earlier version's record, whose settings this version all knows)
+    if isinstance(names, list) and not set(map(str, names)) <= {*RUN_SETTINGS, MODEL_IDENTITY, *OPTIONAL_SETTINGS}:
+        return False  # a later version's setting: its captions may differ in a way this version cannot see
     info = dict(info)
     public = info.get("model") != settings.get("model") and \
         info.get("model") == public_model_name(str(settings.get("model")), settings.get("backend", "transformers"))

@@ -34,7 +34,7 @@ from .atomic import atomic_write_json, atomic_write_table
 from .errors import FatalError, UsageError, brief
 from .locks import DirLock
 from .run_identity import (MODEL_IDENTITY, OPTIONAL_SETTINGS, RUN_SETTINGS, is_run_of,  # noqa: F401 (store.*)
-                           path_named_run_id, recorded_settings, run_id_for, well_formed)
+                           SETTING_NAMES, path_named_run_id, recorded_settings, run_id_for, well_formed)
 from .schema import ADDED_COLUMNS, FAILURE_SCHEMA, OUTPUT_SCHEMA  # noqa: F401  (store.* names)
 from .set_aside import QUARANTINE_DIR, aside_folder, free_name, quarantine  # noqa: F401 (store.* names)
 
@@ -310,7 +310,9 @@ class CheckpointStore:
         info = {"run_id": run_id, "dir_id": dir_id or uuid.uuid4().hex[:12], "code_version": __version__,
                 # Milliseconds: the card orders runs by it (newest = default config), and runs can start in one second.
                 "created": datetime.now(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z"),
-                **recorded_settings(settings)}
+                # Which keys are settings: a later version's setting this one does not know makes its run another
+                # run, even where the settings this version knows read alike (run_identity.same_settings).
+                SETTING_NAMES: sorted(recorded_settings(settings)), **recorded_settings(settings)}
         self.dir.mkdir(parents=True, exist_ok=True)
         atomic_write_json(self.dir / RUN_JSON, info)
         return self._adopt(info)
