@@ -198,3 +198,15 @@ def test_a_later_versions_run_with_a_setting_this_one_does_not_know_is_not_ours(
     assert not run_identity.same_settings(later, settings)
     earlier = {k: v for k, v in respelled.items() if k != "setting_names"}
     assert run_identity.same_settings(earlier, settings)
+
+
+def test_a_hub_down_at_the_lookup_of_a_new_dirs_run_says_what_to_do(tmp_path):
+    from vlm_caption import pipeline
+    from vlm_caption.hub_retry import HubUnavailable
+
+    class Down:
+        def snapshot(self, run_id):
+            raise HubUnavailable("Hub key listing failed 6 times, last: 503")
+
+    with pytest.raises(HubUnavailable, match="rerun when it is reachable, or caption with --no-push"):
+        pipeline.published_as(Down(), store.CheckpointStore(tmp_path / "d", 0), RunConfig(model="m").run_settings())

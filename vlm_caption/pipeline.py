@@ -101,8 +101,7 @@ def run(cfg: RunConfig) -> int:
             hub_client = hub.connect(resolve_repo_id(cfg.hf_repo, cfg.hf_username), private=cfg.private,
                                      endpoint=cfg.hub_endpoint, checkpoint_dir=ckpt, way_out="or pass --no-push")
         except HubUnavailable as e:  # the line said what failed, not what to do next
-            raise HubUnavailable(f"{e}; rerun when it is reachable, or caption with --no-push and push the "
-                                 "checkpoint dir later with --push-only") from None
+            raise HubUnavailable(f"{e}; {HUB_DOWN_NEXT_STEP}") from None
     writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]),
                                    num_workers=num_workers)
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=not workers.leads_its_machine(),
@@ -114,6 +113,10 @@ def run(cfg: RunConfig) -> int:
             return _run_open(cfg, writer, run_id, worker, num_workers, hub_client, stop, compiled_into, settings)
     finally:
         writer.lock.release()
+
+
+HUB_DOWN_NEXT_STEP = "rerun when it is reachable, or caption with --no-push and push the checkpoint dir later " \
+                     "with --push-only"
 
 
 def published_as(hub_client, writer: store.CheckpointStore, settings: dict) -> str | None:
@@ -131,10 +134,15 @@ def published_as(hub_client, writer: store.CheckpointStore, settings: dict) -> s
     recorded = writer.recorded_runs()  # parts of a dir whose run.json is gone: only the run they name can be it
     if recorded and (len(recorded) != 1 or recorded == {own} or None in recorded):
         return None  # store.open_run decides, as for any dir
-    snap = hub_client.snapshot(own)
-    if snap.files or not snap.other_runs:
-        return None
-    infos = hub_client.run_infos(own, snap.head)
+    from .hub_retry import HubUnavailable
+
+    try:
+        snap = hub_client.snapshot(own)
+        if snap.files or not snap.other_runs:
+            return None
+        infos = hub_client.run_infos(own, snap.head)
+    except HubUnavailable as e:  # as at connect (a moment before): exit 1, with what to do next
+        raise HubUnavailable(f"{e}; {HUB_DOWN_NEXT_STEP}") from None
     found = sorted(r for r in snap.other_runs if (not recorded or r in recorded) and same_settings(infos.get(r),
                                                                                                   settings))
     if found:
