@@ -22,7 +22,7 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vlm_caption import data_layout, pipeline
+    from vlm_caption import caption_loop, data_layout, pipeline
     from vlm_caption.captioner import Captioner
     from vlm_caption.config import RunConfig
     from vlm_caption.validate import FULL_METADATA_SCHEMA
@@ -55,8 +55,8 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
         return cap
 
     built_backend.model = model
-    real = pipeline.make_backend
-    pipeline.make_backend = built_backend
+    real = caption_loop.make_backend
+    caption_loop.make_backend = built_backend
     cfg = RunConfig(model=args.preset, data_dir=str(data), checkpoint_dirs=[str(ckpt)], batch_size=batch,
                     max_tokens=args.new_tokens, min_tokens=args.new_tokens, prompt=prompt, no_push=True,
                     compile="on", vision_overlap=vision_overlap, decode_loop=decode_loop,
@@ -66,7 +66,7 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
         code = pipeline.run(cfg)
         wall = time.perf_counter() - start
     finally:
-        pipeline.make_backend = real
+        caption_loop.make_backend = real
     summary = json.loads((ckpt / "run_summary.json").read_text())["this_run"]
     # The inline retry (rows.retry_flagged) would generate a flagged caption once more, and random weights
     # write garbage that is flagged nearly always: it is off above (runs 1 and 2 had it on); counted anyway.

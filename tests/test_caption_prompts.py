@@ -255,13 +255,13 @@ def test_the_backend_sizes_its_caches_by_the_longest_prompt_of_the_runs_own_rows
                                                                                    monkeypatch):
     """Sized from the template rendered with empty values, every templated batch outgrew the static cache and
     decoded with the dynamic one (the slow path on a GPU)."""
-    from vlm_caption import dataset, pipeline
+    from vlm_caption import caption_loop, dataset
     from vlm_caption.prompts import render_prompt
 
     template = "Describe. Tags: {tags}. Alt text: {original_caption}"
     seen = {}
-    make_backend = pipeline.make_backend
-    monkeypatch.setattr(pipeline, "make_backend", lambda *a, **kw: seen.setdefault("prompt", kw["prompt"]) and
+    make_backend = caption_loop.make_backend
+    monkeypatch.setattr(caption_loop, "make_backend", lambda *a, **kw: seen.setdefault("prompt", kw["prompt"]) and
                         make_backend(*a, **kw))
     assert main(dummy_args(sample_data_dir, tmp_path / "ckpt", "--prompt", template, "--max-images", "12")) in \
         (EXIT_OK, EXIT_ITEMS_FAILED)

@@ -236,10 +236,10 @@ def test_out_of_memory_lets_go_of_the_next_batchs_assembly_too(tiny_model_dir, s
     smaller retries never use it, so it goes at once instead of holding memory they need."""
     import torch
 
-    from vlm_caption import pipeline
+    from vlm_caption import caption_loop
     from vlm_caption.captioner import Captioner
 
-    real_generate, real_assemble = Captioner.generate, pipeline.assemble_all
+    real_generate, real_assemble = Captioner.generate, caption_loop.assemble_all
     assemblies = []
 
     def small_memory(self, keys, pixel_values, should_stop=None, **kwargs):
@@ -252,7 +252,7 @@ def test_out_of_memory_lets_go_of_the_next_batchs_assembly_too(tiny_model_dir, s
         return assemblies[-1][1]
 
     monkeypatch.setattr(Captioner, "generate", small_memory)
-    monkeypatch.setattr(pipeline, "assemble_all", recorded)
+    monkeypatch.setattr(caption_loop, "assemble_all", recorded)
     ckpt = tmp_path / "ckpt"
     main(caption_args(tiny_model_dir, sample_data_dir, ckpt, "--batch-size", "8"))
     # The batch that ran out of memory, and the next one of 8 if its assembly had started (else it was cancelled):

@@ -5,21 +5,17 @@ nothing is skipped silently. A crash loses at most the rows not yet written to a
 """
 from __future__ import annotations
 
-import itertools
 import logging
 import sys
 import time
-from collections import Counter, deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import (compile_cache, dataset, dir_scope, hub_coverage, loader, prompt_plan, rows as rowcols, store,
-               stream_loop, workers)
+from . import compile_cache, dataset, dir_scope, hub_coverage, prompt_plan, store, workers
 from .atomic import remove_stale_tmp
-from .backends import CaptionBackend, make_backend
-from .batches import Batches, Result, Retries, assemble_all, failure_row, prompts_for
-from .config import RunConfig, parse_shards, public_model_name, resolve_repo_id
+from .caption_loop import caption_all
+from .config import RunConfig, parse_shards, resolve_repo_id
 from .endings import dry_run, finish, merge_and_check, push_only
 from .errors import FatalError, UsageError
 from .interrupts import StopSignals
@@ -216,182 +212,3 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
         pushed_all = pusher.close(final=True, timeout=timeout) if pusher is not None else True
     return finish(cfg, writer, worker, num_workers, plan, stats, hub_client, pushed_all,
                   push_refused=pusher.refused if pusher is not None else None)
-
-
-# ---------------------------------------------------------------- the loop
-
-def caption_all(cfg: RunConfig, plan: dataset.WorkPlan, writer: store.CheckpointStore, stats: RunStats,
-                pusher, backend: CaptionBackend | None = None, stop: StopSignals | None = None,
-                settings: dict | None = None) -> None:
-    """Caption plan.todo_keys into parts. `backend` lets benchmarks pass a model already in memory.
-
-    On a signal (see interrupts.py) the batch in flight is dropped, every finished caption and failure is
-    written, and Interrupted is raised. `settings`: the run's, as its run.json records them; read again here, a
-    --prompts-file or --prompt-file edited since the run opened (for the next experiment, while this one scanned
-    its data) captioned with prompts the run does not record."""
-    from tqdm import tqdm
-
-    settings = settings or cfg.run_settings()
-    extra, specs, also = plan_columns(cfg, settings)
-    if backend is None:
-        longest = prompt_plan.longest_prompt(specs, plan.rows(Path(cfg.data_dir), extra, also))
-        backend = make_backend(cfg.backend, model=settings["model"], prompt=longest,
-                               max_tokens=cfg.max_tokens, min_tokens=cfg.min_tokens, temperature=cfg.temperature,
-                               top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype, device_map=cfg.device_map,
-                               attn_implementation=cfg.attn_implementation,
-                               max_auto_batch_size=cfg.max_auto_batch_size, compile=cfg.compile,
-                               decode_loop=cfg.decode_loop, vision_overlap=cfg.vision_overlap,
-                               retry_repetition_penalty=cfg.retry_repetition_penalty)
-    stop = stop or StopSignals()
-    upcoming: list = []  # [items, its assembly's future]: the next batch, assembled while this one generates
-
-    def drop_upcoming() -> None:
-        """After an out-of-memory error: the next batch was assembled at the old size, which the smaller
-        retries will not use (Batches.caption); its device tensors go as soon as the assembly is done."""
-        if upcoming and upcoming[-1][1] is not None:
-            future, upcoming[-1][1] = upcoming[-1][1], None
-            if not future.cancel():
-                future.add_done_callback(lambda f: f.cancelled() or f.exception() is not None or f.result().clear())
-
-    batches = Batches(cfg, backend, should_stop=lambda: stop.requested, specs=specs, on_back_off=drop_upcoming)
-    log.info("batch size %d (%s)", batches.size, "--batch-size" if cfg.batch_size else
-             "auto: the backend's start for this device; it halves on out-of-memory")
-    rows: list[dict] = []
-    failures: list[dict] = []
-
-    def flush(force: bool = False) -> None:
-        # Rows leave the buffer before the write: a second Ctrl-C mid-write can cost them (captioned again on
-        # resume) but never write them twice.
-        if rows and (force or len(rows) >= cfg.checkpoint_every):
-            finished = rows[:]
-            rows.clear()
-            writer.write_part(finished)
-            if pusher is not None:
-                pusher.notify(len(finished))
-        if failures and (force or len(failures) >= cfg.checkpoint_every):
-            finished = failures[:]
-            failures.clear()
-            writer.write_failures(finished)
-
-    # The generate thread only generates. The next batch is assembled (stacked, pinned, copied) on one
-    # background thread while the current one runs; captions are decoded, rows built and parts written on
-    # another, in order (with the inline retry on, a batch's texts are decoded on the generate thread to judge
-    # them: milliseconds a batch). Their errors (a full disk) surface on the generate thread at its next step.
-    assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assemble")
-    post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
-    posted: deque[Future] = deque()
-
-    def later(fn, *args) -> None:
-        posted.append(post.submit(fn, *args))
-        while posted and posted[0].done():
-            posted.popleft().result()
-
-    def drain() -> None:
-        # Popped once done: a signal raising mid-wait leaves the job queued, so the next drain waits for it
-        # before anything else touches the rows (else two threads could write parts at once).
-        while posted:
-            posted[0].result()
-            posted.popleft()
-
-    model_name = public_model_name(backend.model_name, cfg.backend)  # a local dir's path names its owner
-    flag_columns = rowcols.flag_columns(specs)
-
-    def record(results: list[Result], retries: list[Retries]) -> None:  # on the writer thread
-        for (items, caps, error), redone in zip(results, retries):
-            for i, item in enumerate(items):
-                if caps is None:
-                    failures.append(failure_row(item.row, "generate", error))
-                    stats.failed["generate"] += 1
-                    continue
-                out = {k: item.row.get(k) for k in writer.schema.names if k in item.row}
-                values = rowcols.row_values([c[i] for c in caps], [r.get(i) for r in redone], specs)
-                rows.append({**out, **values, "caption_model": model_name})
-                stats.flags.update(values[rowcols.FLAGS_COLUMN])
-                for name, column in flag_columns.items():
-                    stats.flags_by_prompt.setdefault(name, Counter()).update(values[column])
-                stats.captioned += 1
-                stats.tokens += sum(c[i].tokens for c in caps) + sum(r[i].tokens for r in redone if i in r)
-        stats.batch_done()  # the steady rate is measured from here (model loading and warm-up left out)
-        progress.update(sum(len(items) for items, _, _ in results))
-        progress.set_postfix(tok_s=f"{stats.rates()['tokens_per_s']:.0f}", failed=sum(stats.failed.values()),
-                             refresh=False)
-        flush()
-
-    def record_failure(item: loader.Loaded) -> None:  # on the writer thread
-        failures.append(failure_row(item.row, item.error.stage, str(item.error)))
-        stats.failed[item.error.stage] += 1
-        progress.update(1)
-        flush()
-
-    def run_batch(batch: list[loader.Loaded], assembled: Future | None) -> None:
-        started = time.monotonic()
-        captioned(batches.caption(batch, assembled))
-        stats.generate_s += time.monotonic() - started
-
-    def captioned(results: list[Result]) -> None:  # the inline retry of flagged captions, then the rows
-        retries = [[rowcols.retry_flagged(backend, [i.row["key"] for i in items], [i.inputs for i in items],
-                                          caps_j, spec, should_stop=batches.should_stop,
-                                          prompts=prompts_for(spec, items)) for spec, caps_j in zip(specs, caps)]
-                   if caps is not None and cfg.retry_repetition_penalty > 0 else [{} for _ in specs]
-                   for items, caps, _ in results]
-        if not stop.requested:  # else generate was cut short: incomplete captions, resume redoes them
-            later(record, results, retries)
-
-    loaded = loader.prefetch(plan.rows(Path(cfg.data_dir), extra, also, plan.unreadable_shards),
-                              backend.prepare, workers=cfg.num_loader_workers or loader.default_loader_workers(),
-                              window=max(4 * batches.size, 16), max_bytes=loader.default_ahead_bytes(),
-                              target_size=backend.target_size)
-    batch: list[loader.Loaded] = []
-    ready: list | None = None  # [items, their assembly's future (None: assembled inline)], being assembled
-
-    def next_batch(items: list[loader.Loaded]) -> None:
-        nonlocal ready
-        assembling = [items, assembler.submit(assemble_all, backend, specs, items)]
-        upcoming[:] = [assembling]
-        if ready is not None:
-            run_batch(*ready)
-        ready = assembling
-
-    def continuous(items) -> list[loader.Loaded]:
-        """--decode-loop continuous: all of `items` through the backend's stream; what it leaves goes in batches."""
-        chunk_rows = getattr(backend, "stream_chunk_rows", lambda slots: None)(batches.size)
-        if not chunk_rows:
-            return []
-        started, waited = time.monotonic(), []  # (waiting for the loader is not generate time, as in batches)
-        try:
-            return stream_loop.stream(backend, specs, items, batches.size, chunk_rows, assembler=assembler,
-                                      should_stop=batches.should_stop, on_failure=lambda i: later(record_failure, i),
-                                      on_chunk=lambda chunk, caps: captioned([(chunk, caps, None)]),
-                                      on_handed_back=lambda chunk: captioned(batches.caption(chunk)),
-                                      on_wait=waited.append)
-        finally:
-            stats.generate_s += time.monotonic() - started - sum(waited)
-
-    with tqdm(total=plan.todo, unit="img", desc="captioning", mininterval=2.0, smoothing=0.1) as progress, \
-            assembler, post:
-        try:
-            with stop.graceful():
-                for item in itertools.chain(continuous(loaded), loaded):
-                    if stop.requested:
-                        break
-                    if item.error is not None:
-                        later(record_failure, item)
-                    else:
-                        batch.append(item)
-                        if len(batch) >= batches.size:
-                            next_batch(batch)
-                            batch = []
-                if batch and not stop.requested:
-                    next_batch(batch)
-                if ready is not None and not stop.requested:
-                    run_batch(*ready)
-                drain()  # inside: a signal now asks to stop instead of cutting the wait short
-            stop.raise_if_requested()
-        except KeyboardInterrupt:  # every caption already made is kept; the batch in flight is redone
-            loaded.close()  # stop the loader threads before writing
-            drain()
-            flush(force=True)
-            raise
-    flush(force=True)
-    report = getattr(backend, "decoding_report", None)  # (the transformers backend's: its loop, cache, steps)
-    stats.decoding = {"batch_size": batches.size, **(report() if report is not None else {})}
