@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -32,6 +31,7 @@ from .download_space import low_space, out_of_space
 from .download_source import (URL_COLUMNS, further_names, img2dataset_input, load_source,  # noqa: F401  (dl.* names)
                               nan_as_null, url_table)
 from .download_summary import make_summary, print_summary, stats_files
+from .download_workers import SPAWNED_TMPDIR, spawned_tmpdir
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError, brief
 from .interrupts import Interrupted, StopSignals
 from .validate import build_outputs, validate_shards
@@ -41,7 +41,6 @@ logger = logging.getLogger(__name__)
 IMG2DATASET_INPUT = "_img2dataset_input.parquet"  # urls.parquet with md5 renamed; removed after the run
 IMG2DATASET_TMP = "_tmp"  # img2dataset's own temp dir under images/ (its input cut into shards)
 QUIET_TRACKER = "ignore:resource_tracker:UserWarning"  # a -W option of the processes multiprocessing starts
-SPAWNED_TMPDIR = "_img2dataset_tmpdir"  # TMPDIR of img2dataset's spawned processes (spawned_tmpdir)
 
 # What img2dataset 1.47 writes to images/NNNNN.parquet for our input (checked by tests/test_sample_data.py).
 SHARD_SCHEMA = pa.schema(
@@ -168,30 +167,6 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
             signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
         input_path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def spawned_tmpdir(out: Path, distributor: str):
-    """A temp dir of their own for img2dataset's spawned processes, removed afterwards: wandb, which it
-    imports, makes two temp dirs in each process at import and removes them at interpreter exit, which its
-    workers never reach (they end with os._exit): two empty dirs in the system's temp dir per process and run.
-    Only with multiprocessing: ray and spark keep their own temp dirs (their socket paths must stay short)."""
-    if distributor != "multiprocessing":
-        yield
-        return
-    tmp = out / SPAWNED_TMPDIR
-    tmp.mkdir(exist_ok=True)
-    tempfile.gettempdir()  # cached now: this process's own temp dir stays where it was
-    previous = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(tmp.resolve())
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TMPDIR", None)
-        else:
-            os.environ["TMPDIR"] = previous
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def remove_img2dataset_leftovers(out: Path) -> None:
