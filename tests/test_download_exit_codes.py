@@ -201,6 +201,9 @@ def test_a_sample_img2dataset_cannot_write_leaves_its_shard_unfinished_not_a_row
             preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
         assert full.returncode == 3, full.stdout + full.stderr
         assert "missing 1 of its 3 rows" in full.stderr and "1 shard did not finish" in full.stderr
+        # img2dataset's traceback of the failed write is in the log the run names, not on the terminal
+        assert "Traceback" not in full.stderr and f"worker error are in {out / 'download_errors.log'}" in full.stderr
+        assert "OSError: [Errno 27] File too large" in (out / "download_errors.log").read_text()
         assert "UNFINISHED shards:   1 (00000)" in full.stdout
         assert not (out / "images" / "00000_stats.json").exists()
         # Not there while a shard is unfinished: the captioner would take it for the whole set and exit 0.

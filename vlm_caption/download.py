@@ -31,7 +31,7 @@ from .download_space import low_space, out_of_space
 from .download_source import (URL_COLUMNS, further_names, img2dataset_input, load_source,  # noqa: F401  (dl.* names)
                               nan_as_null, url_table)
 from .download_summary import make_summary, print_summary, stats_files
-from .download_workers import SPAWNED_TMPDIR, spawned_tmpdir
+from .download_workers import SPAWNED_TMPDIR, ErrorLogs, spawned_tmpdir
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError, brief
 from .interrupts import Interrupted, StopSignals
 from .validate import build_outputs, validate_shards
@@ -103,8 +103,9 @@ def check_distributor(distributor: str) -> None:
         raise UsageError(f"--distributor {distributor} needs the {module} package; pip install {module}")
 
 
-def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
-    """Download every unfinished shard with img2dataset's Python API (incremental: done shards are skipped)."""
+def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> str | None:
+    """Download every unfinished shard with img2dataset's Python API (incremental: done shards are skipped).
+    Returns the line naming the logs of its workers' tracebacks (download_workers.py), or None if none."""
     if threading.current_thread() is not threading.main_thread():
         raise FatalError("img2dataset must run in the main thread (it installs a signal handler)")
     input_path = out / IMG2DATASET_INPUT
@@ -133,9 +134,11 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
     # objects" under the one line that says the run was interrupted. Nothing of the download's is lost there.
     if QUIET_TRACKER not in sys.warnoptions:
         sys.warnoptions.append(QUIET_TRACKER)
+    errors = ErrorLogs(out)
     previous_term = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        with spawned_tmpdir(out, cfg.distributor), bounded_downloads(cfg.max_image_mb << 20, cfg.distributor):
+        with spawned_tmpdir(out, cfg.distributor), \
+                bounded_downloads(cfg.max_image_mb << 20, cfg.distributor, errors.workers):
             download(
                 url_list=str(input_path),
                 output_folder=str(out / IMAGES_DIR),
@@ -167,6 +170,7 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> None:
             signal.signal(signal.SIGINT, previous)
         signal.signal(signal.SIGTERM, previous_term)
         input_path.unlink(missing_ok=True)
+    return errors.note()
 
 
 def remove_img2dataset_leftovers(out: Path) -> None:
@@ -309,12 +313,15 @@ def _download_into(out: Path, urls: pa.Table, cfg: DownloadConfig, t0: float) ->
             if (out / name).exists():
                 logger.info("removing %s until the shards are done (it is rebuilt at the end)", name)
                 (out / name).unlink()
-        run_img2dataset(out, urls, cfg)
+        errors_note = run_img2dataset(out, urls, cfg)
         set_aside_unreadable_shards(out, urls.num_rows, cfg.shard_size)  # rows img2dataset failed to write
         left = [s for s in shard_ids if s not in _finished_stats(out / IMAGES_DIR)]
-        if left and (why := out_of_space(out, left + shard_ids)):  # its ENOSPC tracebacks above
+        if left and (why := out_of_space(out, left + shard_ids)):  # its "No space left on device" lines above
             raise FatalError(f"--output {out}: the disk is full ({why}); {plural(len(left), 'shard')} did not "
-                             "finish: free space and rerun the same command (finished shards are kept)")
+                             "finish: free space and rerun the same command (finished shards are kept)"
+                             + (f"; {errors_note}" if errors_note else ""))
+        if errors_note:
+            logger.warning("%s", errors_note)
         if left and (low := low_space(out, left + shard_ids, cfg.shard_size)):  # unfinished for another reason
             logger.warning("--output %s is nearly full (%s): free space before the rerun, or it may fill the disk",
                            out, low)

@@ -10,6 +10,8 @@ is decoded before it is saved (urllib does not), under the same size cap; one th
 It hooks in by subclassing img2dataset's Downloader (which its download() builds and hands to every worker): in
 the worker, the call swaps img2dataset.downloader.download_image, the function its retry loop calls, for the
 bounded one below. Only that one function is replaced; the shard loop, the writer and the retries stay its own.
+Given a download_workers.WorkerErrors, the call also makes it img2dataset.downloader's `traceback`: the tracebacks
+img2dataset prints for a failed sample or shard go to a log file instead of the terminal.
 """
 from __future__ import annotations
 
@@ -35,9 +37,10 @@ CHUNK = 1 << 16
 class BoundedDownloader(i2d.Downloader):
     """img2dataset's Downloader; its rows are fetched by bounded_download_image (max_bytes per response)."""
 
-    def __init__(self, *args, max_bytes: int, **kwargs) -> None:
+    def __init__(self, *args, max_bytes: int, errors=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_bytes = max_bytes
+        self.errors = errors  # a download_workers.WorkerErrors, or None: img2dataset prints its tracebacks
 
     def __call__(self, row):
         max_bytes = self.max_bytes
@@ -46,12 +49,15 @@ class BoundedDownloader(i2d.Downloader):
             return bounded_download_image(row, timeout, user_agent_token, disallowed_header_directives, max_bytes)
 
         i2d.download_image = fetch  # this worker process's img2dataset; each call sets its own bound again
+        if self.errors is not None:
+            i2d.traceback = self.errors  # its print_exc() calls (the module's only use of traceback)
         return super().__call__(row)
 
 
 @contextlib.contextmanager
-def bounded_downloads(max_bytes: int, distributor: str = "multiprocessing"):
-    """While inside, img2dataset's download() builds a BoundedDownloader (pickled to its workers). Only with the
+def bounded_downloads(max_bytes: int, distributor: str = "multiprocessing", errors=None):
+    """While inside, img2dataset's download() builds a BoundedDownloader (pickled to its workers) that sends their
+    tracebacks to `errors` (a download_workers.WorkerErrors) when given. Only with the
     multiprocessing distributor: Spark and Ray executors unpickle it where only img2dataset need be installed
     (not this package), so they keep img2dataset's own client, without these bounds."""
     if distributor != "multiprocessing":
@@ -61,7 +67,7 @@ def bounded_downloads(max_bytes: int, distributor: str = "multiprocessing"):
     original = main.Downloader
 
     def build(*args, **kwargs):
-        return BoundedDownloader(*args, max_bytes=max_bytes, **kwargs)
+        return BoundedDownloader(*args, max_bytes=max_bytes, errors=errors, **kwargs)
 
     main.Downloader = build
     try:

@@ -1,13 +1,126 @@
-"""What img2dataset's worker processes get from this package: a temp dir of their own (spawned_tmpdir)."""
+"""What img2dataset's worker processes get from this package: a temp dir of their own, and a log file for their
+tracebacks instead of the terminal (README: "Exit codes").
+
+img2dataset catches every error of a sample or a whole shard in its worker processes, calls
+traceback.print_exc() (the worker's stderr: the terminal) and then prints one line of its own to stdout
+("Sample 3 failed to download: [Errno 28] No space left on device", "shard 0 failed with error ...", retried
+once). A disk that fills up mid-download made a screen of identical tracebacks above the one line that says
+what to do.
+
+In each worker (download_client.BoundedDownloader), img2dataset.downloader's `traceback` is a WorkerErrors:
+print_exc appends the whole traceback to download_errors.log in the data dir, in one write with O_APPEND so
+that entries of several workers never interleave, or, when that write fails (that disk is full), to a file of
+this run in the system temp dir. img2dataset's own one-line message is printed as before. An error that is not a
+write failing for want of space (a bug, something unforeseen) also prints its last line and the log's path on
+stderr, so that it stays visible. After the run, ErrorLogs.note() names the logs that got entries; the run
+prints it (in the disk-full verdict, or as a warning).
+"""
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
+import sys
 import tempfile
+import time
+import traceback
 from pathlib import Path
 
+from .data_layout import ERRORS_LOG
+
+ENTRY_MARK = "=== img2dataset worker error"  # starts every entry (the note counts them)
+LOG_CAP = 64 << 20  # a log this large takes no more entries (a full disk with millions of rows left to write)
+QUIET_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # a write failing for want of space
 SPAWNED_TMPDIR = "_img2dataset_tmpdir"  # TMPDIR of img2dataset's spawned processes (spawned_tmpdir)
+
+
+class WorkerErrors:
+    """Stands in for the traceback module in img2dataset.downloader, in a worker process (pickled to it)."""
+
+    def __init__(self, logs: tuple[str, ...]) -> None:
+        self.logs = logs  # where an entry goes, in order of preference
+
+    def __getattr__(self, name: str):
+        # Anything but print_exc (img2dataset 1.47 calls nothing else) is the traceback module's own.
+        if name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(traceback, name)
+
+    def print_exc(self, limit=None, file=None, chain=True) -> None:  # noqa: ARG002 (traceback.print_exc's signature)
+        exc = sys.exc_info()[1]
+        text = traceback.format_exc(limit=limit, chain=chain)
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        where = self._append(f"{ENTRY_MARK} ({stamp}, pid {os.getpid()})\n{text}\n")
+        if isinstance(exc, OSError) and exc.errno in QUIET_ERRNOS:
+            return  # img2dataset's own line says it; the run names the log at its end (disk-full verdict, warning)
+        lines = text.strip().splitlines()
+        last = lines[-1] if lines else repr(exc)
+        saved = f"traceback in {where}" if where else "its traceback could not be saved"
+        print(f"img2dataset worker error: {last} ({saved})", file=sys.stderr, flush=True)
+
+    def _append(self, entry: str) -> str | None:
+        """The path of the log the entry went to whole, or None when none took it."""
+        data = entry.encode("utf-8", "backslashreplace")
+        for path in self.logs:
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            except OSError:
+                continue
+            try:
+                if os.fstat(fd).st_size < LOG_CAP and os.write(fd, data) == len(data):
+                    return path
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+        return None
+
+
+class ErrorLogs:
+    """The logs of one img2dataset run: the data dir's (appended to across runs) and this run's fallback."""
+
+    def __init__(self, out: Path) -> None:
+        self.primary = out / ERRORS_LOG
+        self.start = _size(self.primary)
+        # gettempdir() now, in the parent: img2dataset's spawned processes get a TMPDIR inside the data dir
+        name = f"vlm_caption_{Path(ERRORS_LOG).stem}_{os.getpid()}_{time.time_ns()}.log"
+        self.fallback = Path(tempfile.gettempdir()) / name
+        self.workers = WorkerErrors((str(self.primary), str(self.fallback)))
+
+    def note(self) -> str | None:
+        """'the tracebacks of img2dataset's N worker errors are in PATH' for the logs that got entries, or None."""
+        if self.start == 0 and _size(self.primary) == 0:  # opened by a worker whose write then failed (disk full)
+            with contextlib.suppress(OSError):
+                self.primary.unlink(missing_ok=True)
+        count, paths = 0, []
+        for path, start in ((self.primary, self.start), (self.fallback, 0)):
+            added = _entries(path, start)
+            if added:
+                count += added
+                paths.append(str(path))
+        if not paths:
+            return None
+        errors = "1 worker error" if count == 1 else f"{count} worker errors"
+        return f"the tracebacks of img2dataset's {errors} are in {' and '.join(paths)}"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
+def _entries(path: Path, start: int) -> int:
+    """How many entries the log holds after byte `start` (0 when it cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(start)
+            text = f.read(LOG_CAP).decode("utf-8", "replace")
+    except OSError:
+        return 0
+    return sum(line.startswith(ENTRY_MARK) for line in text.splitlines())
 
 
 @contextlib.contextmanager

@@ -1,0 +1,100 @@
+"""img2dataset's worker tracebacks (traceback.print_exc() in its sample and shard loops) go to a log file: a disk
+that filled up mid-download printed a screen of identical ENOSPC tracebacks above the one line saying what to do.
+A write failing for want of space prints nothing more than img2dataset's own line; any other error still prints
+its last line and the log's path, so it stays visible. The end-to-end runs: test_download_disk.py (a full tmpfs)
+and test_download_exit_codes.py (a file size limit)."""
+from __future__ import annotations
+
+import errno
+import os
+
+from vlm_caption.download_workers import ENTRY_MARK, ErrorLogs, WorkerErrors
+
+
+def _raise_and_report(errors: WorkerErrors, exc: BaseException) -> None:
+    try:
+        raise exc
+    except type(exc):
+        errors.print_exc()
+
+
+def test_a_write_failing_for_want_of_space_goes_to_the_log_alone(tmp_path, capsys):
+    log = tmp_path / "download_errors.log"
+    _raise_and_report(WorkerErrors((str(log),)), OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    captured = capsys.readouterr()
+    assert captured.err == "" and captured.out == ""
+    text = log.read_text()
+    assert text.startswith(ENTRY_MARK) and "Traceback (most recent call last):" in text
+    assert "OSError: [Errno 28] No space left on device" in text
+
+
+def test_an_unexpected_error_prints_its_last_line_and_the_log(tmp_path, capsys):
+    log = tmp_path / "download_errors.log"
+    _raise_and_report(WorkerErrors((str(log),)), ValueError("a bug in a worker"))
+    err = capsys.readouterr().err
+    assert err == f"img2dataset worker error: ValueError: a bug in a worker (traceback in {log})\n"
+    assert "Traceback (most recent call last):" in log.read_text()
+
+
+def test_a_log_that_cannot_be_written_falls_back_and_then_says_so(tmp_path, capsys):
+    unwritable = tmp_path / "a_dir"
+    unwritable.mkdir()  # os.open of a directory for writing fails
+    fallback = tmp_path / "fallback.log"
+    _raise_and_report(WorkerErrors((str(unwritable), str(fallback))), KeyError("k"))
+    assert f"(traceback in {fallback})" in capsys.readouterr().err
+    assert "KeyError: 'k'" in fallback.read_text()
+    _raise_and_report(WorkerErrors((str(unwritable),)), KeyError("k"))
+    assert capsys.readouterr().err == "img2dataset worker error: KeyError: 'k' (its traceback could not be saved)\n"
+
+
+def test_the_note_counts_this_run_s_entries_and_an_empty_log_is_not_left(tmp_path):
+    (tmp_path / "download_errors.log").write_text(f"{ENTRY_MARK} (an earlier run)\nTraceback ...\n")
+    logs = ErrorLogs(tmp_path)
+    assert logs.note() is None  # the earlier run's entry is not this run's
+    _raise_and_report(logs.workers, OSError(errno.ENOSPC, "full"))
+    _raise_and_report(logs.workers, OSError(errno.ENOSPC, "full"))
+    assert logs.note() == (f"the tracebacks of img2dataset's 2 worker errors are in {tmp_path / 'download_errors.log'}")
+
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    logs = ErrorLogs(fresh)
+    (fresh / "download_errors.log").touch()  # what a worker whose write failed leaves
+    assert logs.note() is None and not (fresh / "download_errors.log").exists()
+
+
+def test_img2dataset_s_own_shard_error_goes_through_the_log(tmp_path, capsys, monkeypatch):
+    """The hook as img2dataset's worker runs it: its Downloader catches the shard's error, prints its own line
+    (stdout) and calls print_exc, which now writes the log instead of the terminal."""
+    from img2dataset import downloader as i2d
+
+    from vlm_caption.download_client import BoundedDownloader
+
+    monkeypatch.setattr(i2d, "traceback", i2d.traceback)  # the call swaps both in this process: restored after
+    monkeypatch.setattr(i2d, "download_image", i2d.download_image)
+    shard = tmp_path / "shard.feather"
+    shard.write_bytes(b"not an arrow file")
+    log = tmp_path / "download_errors.log"
+    downloader = BoundedDownloader(*[None] * 14, user_agent_token=None, disallowed_header_directives=None,
+                                   max_bytes=1 << 20, errors=WorkerErrors((str(log),)))
+    assert downloader((0, str(shard))) == (False, (0, str(shard)))
+    captured = capsys.readouterr()
+    assert "shard 0 failed with error" in captured.out  # img2dataset's own line stays
+    assert "Traceback" not in captured.err
+    [line] = captured.err.splitlines()
+    assert line.startswith("img2dataset worker error: pyarrow.lib.ArrowInvalid: ") and line.endswith(
+        f"(traceback in {log})")
+    assert "in download_shard" in log.read_text()
+
+
+def test_without_a_log_img2dataset_prints_its_tracebacks_as_before(tmp_path, capsys, monkeypatch):
+    from img2dataset import downloader as i2d
+
+    from vlm_caption.download_client import BoundedDownloader
+
+    monkeypatch.setattr(i2d, "traceback", i2d.traceback)
+    monkeypatch.setattr(i2d, "download_image", i2d.download_image)
+    shard = tmp_path / "shard.feather"
+    shard.write_bytes(b"not an arrow file")
+    BoundedDownloader(*[None] * 14, user_agent_token=None, disallowed_header_directives=None, max_bytes=1,
+                      errors=None)((0, str(shard)))
+    assert "Traceback (most recent call last):" in capsys.readouterr().err
