@@ -222,3 +222,13 @@ def test_the_resume_check_counts_one_image_in_the_singular(tmp_path, monkeypatch
     monkeypatch.setattr(smoke, "run_captioning", lambda ctx, resume: None)
     (tmp_path / store.SUMMARY).write_text(json.dumps({"this_run": {"captioned": 0, "skipped_already_done": 1}}))
     assert smoke.check_resume(SimpleNamespace(ckpt=tmp_path)) == "rerun skipped 1 done image, wrote nothing"
+
+
+def test_smoke_says_the_failures_it_named_were_in_its_removed_temp_dir(smoke, sample_data_dir, capsys):
+    """The run's end says "reasons in <tmp>/checkpoints/failures; --retry-failed tries them again", then the smoke
+    test removed that dir: the summary says so, and how to keep it."""
+    assert smoke.main(["--num-images", "40", "--tiny", "--max-tokens", "4", "--data-dir", str(sample_data_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "reasons in " in out, out[-2000:]  # the sample data holds broken images: some were recorded as failed
+    named = out.split("reasons in ", 1)[1].split(")", 1)[0]
+    assert not Path(named).exists() and "now removed (--checkpoint-dir DIR keeps them)" in out

@@ -300,7 +300,14 @@ def run_checks(args: argparse.Namespace) -> int:
                 f"; files kept in {ctx.work_dir}" if ctx.work_dir else ""))
             return 1
         passed += 1
+    gone = ""
     if ctx.work_dir is not None:
+        from .store import FAILURES_DIR
+
+        in_tmp = ctx.ckpt is not None and ctx.ckpt.is_relative_to(ctx.work_dir)
+        if in_tmp and any((ctx.ckpt / FAILURES_DIR).glob("*.parquet")):  # the run's last lines named them there
+            gone = ("; the failures/ named above were in this smoke test's temp dir, now removed "
+                    "(--checkpoint-dir DIR keeps them)")
         shutil.rmtree(ctx.work_dir, ignore_errors=True)
-    print(f"\nall {passed} checks passed")
+    print(f"\nall {passed} checks passed{gone}")
     return 0
