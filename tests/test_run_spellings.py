@@ -129,6 +129,28 @@ def test_a_new_dir_publishes_into_the_hub_run_of_an_older_spelling(hub_stub, dat
     assert f"run {old}" in out and "16 expected, 16 published" in out
 
 
+def test_a_new_dir_joins_the_run_an_earlier_version_has_not_described_yet(hub_stub, data, tmp_path, monkeypatch,
+                                                                            capsys):
+    """A machine not yet upgraded, captioning for days under --seed 7, writes runs/{run_id}.json only when its
+    process ends; an upgraded machine with the very same flags on a new dir joined no run of the Hub's records and
+    published every key a second time under its own id."""
+    from vlm_caption import hub
+
+    with monkeypatch.context() as m:  # the earlier version, still in its first process: data, no runs/*.json
+        as_before(m)
+        m.setattr(hub.HubClient, "write_card", lambda *a, **k: None)
+        assert main(hub_args(hub_stub, data, tmp_path / "a", "--seed", "7", "--shards", "0")) == EXIT_OK
+    old = run_id_of(tmp_path / "a")
+    assert not [p for p in hub_stub.repo_files(REPO) if p.startswith("runs/")]
+    capsys.readouterr()
+    assert main(hub_args(hub_stub, data, tmp_path / "laptop", "--seed", "7", "--check-hub", "--shards", "0")) == 0
+    assert f"checking run {old}" in capsys.readouterr().out  # was: 'holds no data of run ...' (exit 2)
+    assert main(hub_args(hub_stub, data, tmp_path / "b", "--seed", "7")) == EXIT_OK
+    assert run_id_of(tmp_path / "b") == old
+    keys = hub_keys(hub_stub, REPO)
+    assert len(keys) == len(set(keys)) == 16 and hub_keys(hub_stub, REPO, old) == keys
+
+
 def test_merge_only_of_two_spellings_of_one_run(data, tmp_path, monkeypatch):
     with monkeypatch.context() as m:
         as_before(m)

@@ -232,8 +232,15 @@ class RunConfig:
 
     def run_settings(self) -> dict:
         """What makes a caption what it is, resolved once (prompt included): run.json, the run id, the backend."""
+        from .run_identity import canonical_settings
+
+        return canonical_settings(self.typed_settings())  # equivalent spellings are one run (run_identity.py)
+
+    def typed_settings(self) -> dict:
+        """The settings as these flags spell them: what versions before canonical_settings recorded, and whose id
+        they gave the run (a greedy --seed 7 kept its seed), so a machine not yet upgraded names its run by it."""
         from .prompts import DEFAULT_PROMPT, PROMPT_VERSION, json_instruction_settings, template_settings
-        from .run_identity import MODEL_IDENTITY, canonical_settings, local_model_identity
+        from .run_identity import MODEL_IDENTITY, local_model_identity
 
         prompt = self.prompt_text()
         # A local model dir is recorded as an absolute path (what loads it); hub ids as typed.
@@ -262,7 +269,7 @@ class RunConfig:
             settings.update(format="json", json_fields=list(self.fields()), **json_instruction_settings())
         if self.retry_repetition_penalty != RunConfig.retry_repetition_penalty:
             settings["retry_repetition_penalty"] = self.retry_repetition_penalty
-        return canonical_settings(settings)  # equivalent spellings are one run (run_identity.py)
+        return settings
 
     def fields(self) -> tuple[str, ...]:
         """--format json: the JSON fields asked for (each becomes a caption_{field} column); () for text."""

@@ -21,12 +21,13 @@ HUB_COVERAGE = store.HUB_COVERAGE  # in the checkpoint dir: the counts and the f
 
 
 def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = False,
-              path_named: str | None = None, settings: dict | None = None) -> int:
+              path_named: str | None = None, settings: dict | None = None, typed: str | None = None) -> int:
     """Count the run's published keys on the Hub against the selection; exit code as --merge-only's.
     `named_by_flags`: the run id comes from this command's settings, not from a dir the run wrote.
     `path_named`: the id an earlier version gave those settings (a local --model named by its path,
     run_identity.py), checked when the repo holds nothing of `run_id`; `settings`: those flags', whose run the repo
-    may hold as an earlier version spelled them (run_identity.same_settings), checked then too."""
+    may hold as an earlier version spelled them (run_identity.same_settings), checked then too; `typed`: the id an
+    earlier version gave these flags as typed, checked then too (its runs/{run_id}.json may not be written yet)."""
     from .hub_index import run_data_dir
     from .hub_types import disagreements
     from .hub_retry import HubUnavailable  # (huggingface_hub is imported only by runs that use the Hub)
@@ -42,6 +43,10 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
         print(f"{hub_client.repo_id} holds nothing of run {run_id}; checking run {path_named}, the run of these "
               "settings as earlier versions named it (by the --model dir's path)")
         return check_hub(hub_client, cfg, path_named, named_by_flags)
+    if not snap.files and info is None and typed not in (None, run_id) and typed in snap.other_runs:
+        print(f"{hub_client.repo_id} holds nothing of run {run_id}; checking run {typed}, the run of these flags as "
+              "an earlier version named it")
+        return check_hub(hub_client, cfg, typed, named_by_flags)
     if not snap.files and info is None and settings is not None and snap.other_runs:
         from .run_identity import same_settings
 
@@ -132,4 +137,5 @@ def run_check(cfg: RunConfig) -> int:
         return unreachable(repo_id, e)
     print(f"run {run_id}, " + (f"the run of {ckpt}" if existing else "the run this command's settings name"))
     return check_hub(client, cfg, run_id, named_by_flags=existing is None,
-                     path_named=None if existing else store.path_named_run_id(settings), settings=settings)
+                     path_named=None if existing else store.path_named_run_id(settings), settings=settings,
+                     typed=None if existing else store.run_id_for(cfg.typed_settings()))

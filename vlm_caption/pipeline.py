@@ -101,7 +101,7 @@ def run(cfg: RunConfig) -> int:
     writer = store.CheckpointStore(ckpt, worker, schema=output_schema([*extra, *prompt_columns(specs)]),
                                    num_workers=num_workers)
     run_id = writer.open_run(settings, cfg.overwrite, wait_for_leader=not workers.leads_its_machine(),
-                             find_run_id=lambda: published_as(hub_client, writer, settings))
+                             find_run_id=lambda: published_as(hub_client, writer, settings, cfg.typed_settings()))
     try:
         dir_scope.check_machines(ckpt, *workers.machine_slice(cfg.num_workers, cfg.worker_index),  # before the model
                                  nodes=(workers.node_slice() or (0, 1))[1])
@@ -115,13 +115,15 @@ HUB_DOWN_NEXT_STEP = "rerun when it is reachable, or caption with --no-push and 
                      "with --push-only"
 
 
-def published_as(hub_client, writer: store.CheckpointStore, settings: dict) -> str | None:
+def published_as(hub_client, writer: store.CheckpointStore, settings: dict, typed: dict | None = None) -> str | None:
     """A new dir's run as the Hub already holds it: the id of a run published with another spelling of these
     settings (a greedy run launched with --seed 7 by an earlier version, say; run_identity.canonical_settings), so
     this dir publishes into that run's folder, not each key a second time into a folder of its own. A dir whose
     run.json is lost but whose parts took such an id is that run again. None: the id of these settings (no Hub, a
     dir whose run.json names its run, parts of these settings' own id, a Hub run not yet described by
-    runs/{run_id}.json)."""
+    runs/{run_id}.json). `typed`: these flags as typed (RunConfig.typed_settings): the id an earlier version gave
+    them is this run's even before that run's first process has ended and written runs/{run_id}.json (a machine
+    not yet upgraded that has been captioning for days under --seed 7 has written none)."""
     if hub_client is None or store.read_run_json_safe(writer.dir)[0] is not None:
         return None
     from .run_identity import run_id_for, same_settings
@@ -136,6 +138,11 @@ def published_as(hub_client, writer: store.CheckpointStore, settings: dict) -> s
         snap = hub_client.snapshot(own)
         if snap.files or not snap.other_runs:
             return None
+        as_typed = run_id_for(typed) if typed is not None else None
+        if as_typed in snap.other_runs and (not recorded or recorded == {as_typed}):
+            log.info("Hub: run %s of %s is these very flags as an earlier version named them: this dir goes on "
+                     "as that run", as_typed, hub_client.repo_id)
+            return as_typed
         infos = hub_client.run_infos(own, snap.head)
     except HubUnavailable as e:  # as at connect (a moment before): exit 1, with what to do next
         raise HubUnavailable(f"{e}; {HUB_DOWN_NEXT_STEP}") from None
