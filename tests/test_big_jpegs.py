@@ -3,13 +3,11 @@ stage (download validation, the loader, the download client) decides the same wa
 still refused with their reason."""
 from __future__ import annotations
 
-import io
-import struct
-import zlib
 from pathlib import Path
 
 import pytest
 from PIL import Image, JpegImagePlugin
+from test_image_prep import bomb_png  # a PNG header declaring any size
 
 from vlm_caption import images, validate
 from vlm_caption.download_client import _is_image
@@ -25,15 +23,6 @@ def museum_scan(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("big") / "scan.jpg"
     Image.new("L", (SIDE, SIDE), 140).save(path, "JPEG", quality=50)
     return path
-
-
-def header_only_png(width: int, height: int) -> bytes:
-    """A valid 1x1 PNG whose header declares width x height pixels."""
-    buf = io.BytesIO()
-    Image.new("L", (1, 1)).save(buf, "PNG")
-    data = buf.getvalue()
-    chunk = b"IHDR" + struct.pack(">II", width, height) + data[24:29]
-    return data[:8] + struct.pack(">I", 13) + chunk + struct.pack(">I", zlib.crc32(chunk)) + data[33:]
 
 
 def test_a_jpeg_over_the_limit_that_drafts_under_it_is_loaded_at_the_reduced_scale(museum_scan):
@@ -53,12 +42,12 @@ def test_the_download_client_takes_its_bytes_for_an_image(museum_scan):
     """A body that did not decode as its Content-Encoding said is kept when it is an image as sent: a JPEG over
     Pillow's check escaped as DecompressionBombError."""
     assert _is_image(museum_scan.read_bytes())
-    assert _is_image(header_only_png(SIDE, SIDE))
+    assert _is_image(bomb_png(SIDE, SIDE))
 
 
 def test_a_png_over_the_limit_is_still_refused_with_its_reason(tmp_path):
     path = tmp_path / "bomb.png"
-    path.write_bytes(header_only_png(SIDE, SIDE))
+    path.write_bytes(bomb_png(SIDE, SIDE))
     with pytest.raises(ImageLoadError) as e:
         load_image(path)
     assert e.value.stage == "decode" and str(e.value).startswith("decompression bomb: ") and "pixels" in str(e.value)
