@@ -232,3 +232,12 @@ def test_a_hub_down_at_the_lookup_of_a_new_dirs_run_says_what_to_do(tmp_path):
 
     with pytest.raises(HubUnavailable, match="rerun when it is reachable, or caption with --no-push"):
         pipeline.published_as(Down(), store.CheckpointStore(tmp_path / "d", 0), RunConfig(model="m").run_settings())
+
+
+def test_the_typed_id_is_the_one_an_earlier_version_gave_a_column_kept_twice():
+    """typed_settings is what versions before canonical_settings recorded: --keep-columns a,a as [a, a] (their
+    run_settings, pinned here), so a machine of such a job not yet upgraded is found by its data folder."""
+    cfg = RunConfig(keep_columns="b,a, a", model="google/gemma-3-4b-it")
+    assert cfg.typed_settings()["keep_columns"] == ["b", "a", "a"]
+    assert run_id_for(cfg.typed_settings()) == "fd3a657ccb92"  # 95ed0be's RunConfig(same flags).run_settings()
+    assert cfg.run_settings()["keep_columns"] == ["b", "a"]  # one spelling for this version

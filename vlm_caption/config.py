@@ -254,8 +254,8 @@ class RunConfig:
         # Recorded only when not the default, so the run ids of earlier runs stay what they were.
         if self.backend != "transformers":
             settings["backend"] = self.backend
-        if self.kept_columns():
-            settings["keep_columns"] = self.kept_columns()
+        if self.kept_columns():  # as typed: an earlier version recorded "a,a" as [a, a] (canonical_settings: once)
+            settings["keep_columns"] = [c.strip() for c in self.keep_columns.split(",") if c.strip()]
         if self.prompts_file is not None:  # every prompt joins the run id; "prompt" stays for older readers
             prompts = self.named_prompts()
             settings.update(prompt=None, prompt_version="custom", prompts=prompts)
