@@ -98,3 +98,25 @@ def test_without_a_log_img2dataset_prints_its_tracebacks_as_before(tmp_path, cap
     BoundedDownloader(*[None] * 14, user_agent_token=None, disallowed_header_directives=None, max_bytes=1,
                       errors=None)((0, str(shard)))
     assert "Traceback (most recent call last):" in capsys.readouterr().err
+
+
+def test_a_data_dir_log_full_from_earlier_runs_is_rotated_not_bypassed(tmp_path, monkeypatch):
+    """The cap was on the file forever: once earlier runs had filled download_errors.log, every later run put its
+    tracebacks in a new file of the system temp dir (up to the cap each, never removed). A full log is kept as .1
+    and this run's entries go to the data dir again."""
+    import tempfile
+
+    from vlm_caption.download_workers import LOG_CAP
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    out = tmp_path / "data"
+    out.mkdir()
+    with open(out / "download_errors.log", "wb") as f:
+        f.truncate(LOG_CAP)  # sparse: earlier runs' entries
+    logs = ErrorLogs(out)
+    _raise_and_report(logs.workers, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    assert list((tmp_path / "tmp").iterdir()) == []  # nothing in the temp dir
+    assert (out / "download_errors.log").read_text().startswith(ENTRY_MARK)
+    assert (out / "download_errors.log.1").stat().st_size == LOG_CAP
+    assert logs.note() == f"the tracebacks of img2dataset's 1 worker error are in {out / 'download_errors.log'}"

@@ -30,7 +30,8 @@ from pathlib import Path
 from .data_layout import ERRORS_LOG
 
 ENTRY_MARK = "=== img2dataset worker error"  # starts every entry (the note counts them)
-LOG_CAP = 64 << 20  # a log this large takes no more entries (a full disk with millions of rows left to write)
+LOG_CAP = 64 << 20  # a log this large takes no more entries (a full disk with millions of rows left to write);
+# the data dir's, that large when a run starts, is renamed .1 first (ErrorLogs): at most twice this, in all runs
 QUIET_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # a write failing for want of space
 SPAWNED_TMPDIR = "_img2dataset_tmpdir"  # TMPDIR of img2dataset's spawned processes (spawned_tmpdir)
 
@@ -82,6 +83,9 @@ class ErrorLogs:
 
     def __init__(self, out: Path) -> None:
         self.primary = out / ERRORS_LOG
+        if _size(self.primary) >= LOG_CAP:  # full from earlier runs: kept as .1 (the one before goes), so this run's
+            with contextlib.suppress(OSError):  # entries land in the data dir, not in a new temp file each rerun
+                os.replace(self.primary, self.primary.with_name(self.primary.name + ".1"))
         self.start = _size(self.primary)
         # gettempdir() now, in the parent: img2dataset's spawned processes get a TMPDIR inside the data dir
         name = f"vlm_caption_{Path(ERRORS_LOG).stem}_{os.getpid()}_{time.time_ns()}.log"
