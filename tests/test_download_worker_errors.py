@@ -120,3 +120,27 @@ def test_a_data_dir_log_full_from_earlier_runs_is_rotated_not_bypassed(tmp_path,
     assert (out / "download_errors.log").read_text().startswith(ENTRY_MARK)
     assert (out / "download_errors.log.1").stat().st_size == LOG_CAP
     assert logs.note() == f"the tracebacks of img2dataset's 1 worker error are in {out / 'download_errors.log'}"
+
+
+def test_a_close_that_fails_does_not_replace_the_error_being_reported(tmp_path, monkeypatch, capsys):
+    """NFS may report a delayed EIO at close(): raised from print_exc, it replaced the error img2dataset's except
+    block was reporting (and could end the worker)."""
+    from vlm_caption import download_workers
+
+    real_close = os.close
+
+    class FailingClose:  # the module's `os`, whose close() reports EIO after closing
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        @staticmethod
+        def close(fd):
+            real_close(fd)
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    log = tmp_path / "download_errors.log"
+    monkeypatch.setattr(download_workers, "os", FailingClose())
+    _raise_and_report(WorkerErrors((str(log),)), ValueError("the error being reported"))
+    monkeypatch.undo()
+    assert "ValueError: the error being reported" in log.read_text()
+    assert "the error being reported" in capsys.readouterr().err

@@ -74,7 +74,8 @@ class WorkerErrors:
             except OSError:
                 pass
             finally:
-                os.close(fd)
+                with contextlib.suppress(OSError):  # (NFS reports a late EIO/ENOSPC here: raised, it replaced the
+                    os.close(fd)                    # error img2dataset's except block was reporting)
         return None
 
 
