@@ -144,3 +144,14 @@ def test_a_close_that_fails_does_not_replace_the_error_being_reported(tmp_path, 
     monkeypatch.undo()
     assert "ValueError: the error being reported" in log.read_text()
     assert "the error being reported" in capsys.readouterr().err
+
+
+def test_an_empty_fallback_log_is_not_left_in_the_temp_dir(tmp_path):
+    """The data dir and the temp dir on one full disk: the worker's open() of the fallback made an empty file, the
+    write failed, and the file stayed in the system temp dir after every such run."""
+    logs = ErrorLogs(tmp_path)
+    logs.fallback.touch()  # what a worker whose write failed there leaves
+    try:
+        assert logs.note() is None and not logs.fallback.exists()
+    finally:
+        logs.fallback.unlink(missing_ok=True)

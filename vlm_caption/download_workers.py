@@ -95,9 +95,10 @@ class ErrorLogs:
 
     def note(self) -> str | None:
         """'the tracebacks of img2dataset's N worker errors are in PATH' for the logs that got entries, or None."""
-        if self.start == 0 and _size(self.primary) == 0:  # opened by a worker whose write then failed (disk full)
-            with contextlib.suppress(OSError):
-                self.primary.unlink(missing_ok=True)
+        for path in (self.primary, self.fallback):  # opened by a worker whose write then failed (a full disk)
+            if (path is self.fallback or self.start == 0) and path.exists() and _size(path) == 0:
+                with contextlib.suppress(OSError):
+                    path.unlink()
         count, paths = 0, []
         for path, start in ((self.primary, self.start), (self.fallback, 0)):
             added = _entries(path, start)
