@@ -35,30 +35,23 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
     try:
         snap = hub_client.snapshot(run_id)
         index = hub_client.index(run_id)
-        info = hub_client.run_infos(run_id, snap.head).get(run_id)  # retried, as the listing is
+        infos = hub_client.run_infos(run_id, snap.head)  # retried, as the listing is
     except HubUnavailable as e:  # retryable (README): nothing was decided
         return unreachable(hub_client.repo_id, e)
+    info = infos.get(run_id)
     if not snap.files and info is None and path_named and path_named in snap.other_runs:
         # Published by an earlier version (dirs it made go on as that run): the run these flags made there
         print(f"{hub_client.repo_id} holds nothing of run {run_id}; checking run {path_named}, the run of these "
               "settings as earlier versions named it (by the --model dir's path)")
         return check_hub(hub_client, cfg, path_named, named_by_flags)
-    if not snap.files and info is None and typed not in (None, run_id) and typed in snap.other_runs:
-        print(f"{hub_client.repo_id} holds nothing of run {run_id}; checking run {typed}, the run of these flags as "
-              "an earlier version named it")
-        return check_hub(hub_client, cfg, typed, named_by_flags)
-    if not snap.files and info is None and settings is not None and snap.other_runs:
-        from .run_identity import same_settings
+    if not snap.files and info is None and settings is not None:
+        from .run_identity import earlier_run
 
-        try:
-            infos = hub_client.run_infos(run_id, snap.head)
-        except HubUnavailable as e:
-            return unreachable(hub_client.repo_id, e)
-        same = sorted(r for r in snap.other_runs if same_settings(infos.get(r), settings))
-        if same:
-            print(f"{hub_client.repo_id} holds nothing of run {run_id}; checking run {same[0]}, the run of these "
-                  "settings as an earlier version spelled them")
-            return check_hub(hub_client, cfg, same[0], named_by_flags)
+        found = earlier_run(snap.other_runs, lambda: infos, settings, typed)
+        if found:
+            print(f"{hub_client.repo_id} holds nothing of run {run_id}; checking run {found}, the run of these "
+                  "settings as an earlier version named them")
+            return check_hub(hub_client, cfg, found, named_by_flags)
     if not snap.files and info is None:  # the repo never heard of it: other flags, or another repo
         others = f"; it holds run(s) {', '.join(snap.other_runs)}" if snap.other_runs else ""
         if named_by_flags:

@@ -126,32 +126,25 @@ def published_as(hub_client, writer: store.CheckpointStore, settings: dict, type
     not yet upgraded that has been captioning for days under --seed 7 has written none)."""
     if hub_client is None or store.read_run_json_safe(writer.dir)[0] is not None:
         return None
-    from .run_identity import run_id_for, same_settings
+    from .hub_retry import HubUnavailable
+    from .run_identity import earlier_run, run_id_for
 
     own = run_id_for(settings)
     recorded = writer.recorded_runs()  # parts of a dir whose run.json is gone: only the run they name can be it
     if recorded and (len(recorded) != 1 or recorded == {own} or None in recorded):
         return None  # store.open_run decides, as for any dir
-    from .hub_retry import HubUnavailable
-
     try:
         snap = hub_client.snapshot(own)
         if snap.files or not snap.other_runs:
             return None
-        as_typed = run_id_for(typed) if typed is not None else None
-        if as_typed in snap.other_runs and (not recorded or recorded == {as_typed}):
-            log.info("Hub: run %s of %s is these very flags as an earlier version named them: this dir goes on "
-                     "as that run", as_typed, hub_client.repo_id)
-            return as_typed
-        infos = hub_client.run_infos(own, snap.head)
+        found = earlier_run(snap.other_runs, lambda: hub_client.run_infos(own, snap.head), settings,
+                            run_id_for(typed) if typed is not None else None, recorded or None)
     except HubUnavailable as e:  # as at connect (a moment before): exit 1, with what to do next
         raise HubUnavailable(f"{e}; {HUB_DOWN_NEXT_STEP}") from None
-    found = sorted(r for r in snap.other_runs if (not recorded or r in recorded) and same_settings(infos.get(r),
-                                                                                                  settings))
     if found:
-        log.info("Hub: run %s of %s holds these settings as an earlier version spelled them: this dir goes on "
-                 "as that run", found[0], hub_client.repo_id)
-    return found[0] if found else None
+        log.info("Hub: run %s of %s holds these settings as an earlier version named them: this dir goes on "
+                 "as that run", found, hub_client.repo_id)
+    return found
 
 
 def plan_columns(cfg: RunConfig, settings: dict) -> tuple[list, list[prompt_plan.PromptSpec], list[str]]:

@@ -32,6 +32,7 @@ import functools
 import hashlib
 import json
 from pathlib import Path
+from typing import Callable
 
 from .errors import UsageError
 
@@ -133,6 +134,21 @@ def same_settings(info: dict, settings: dict) -> bool:
     # A run an earlier version named by a local dir's path is ours only at that very path: a Hub record shows the
     # dir's name alone (local:NAME), which any dir of that name, of any weights, would match.
     return respelled == run_id_for(settings) or (not public and respelled == path_named_run_id(settings))
+
+
+def earlier_run(other_runs: list[str], read_infos: Callable[[], dict], settings: dict, typed_id: str | None = None,
+                allowed: set[str] | None = None) -> str | None:
+    """The run among a repo's `other_runs` that is these settings as an earlier version named them, or None: the id
+    it gave these very flags (`typed_id`, found by its data folder: runs/{run_id}.json is written only when one of
+    the run's processes ends), else a run whose record reads as these settings (same_settings). `read_infos`: the
+    repo's runs/{run_id}.json by id, read only when needed; `allowed`: only these ids (what a dir's parts name)."""
+    candidates = [r for r in sorted(other_runs) if allowed is None or r in allowed]
+    if typed_id in candidates:
+        return typed_id
+    if not candidates:
+        return None
+    infos = read_infos()
+    return next((r for r in candidates if same_settings(infos.get(r), settings)), None)
 
 
 def _respelled_id(info: dict) -> str | None:
