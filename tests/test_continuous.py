@@ -121,14 +121,15 @@ def test_decode_steps_follow_the_mean_length_not_the_longest(model_and_processor
 
 
 def test_cli_continuous_captions_like_the_default_run(full_run, tiny_model_dir, sample_data_dir, tmp_path):
-    """batched_image_inference.py --compile on --decode-loop continuous (inductor on the CPU): the same captions
-    as the default run of the same data (the failed images recorded the same), every key once."""
+    """batched_image_inference.py --compile on --decode-loop continuous (inductor on the CPU) with the flex
+    decode attention (auto's pick for a card's 128+ slots): the same captions as the default run of the same
+    data (the failed images recorded the same), every key once."""
     from batched_image_inference import main
 
     code, default_ckpt = full_run
     ckpt = tmp_path / "continuous"
     assert main(caption_args(tiny_model_dir, sample_data_dir, ckpt, "--compile", "on", "--decode-loop",
-                             "continuous", "--batch-size", "4")) == code
+                             "continuous", "--decode-attention", "flex", "--batch-size", "4")) == code
     got = read_table(ckpt / store.MERGED).set_index("key")
     want = read_table(default_ckpt / store.MERGED).set_index("key")
     assert sorted(got.index) == sorted(want.index) and len(all_keys(ckpt)) == len(got)
@@ -138,8 +139,9 @@ def test_cli_continuous_captions_like_the_default_run(full_run, tiny_model_dir, 
     decoding = json.loads((ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
     steps = decoding["continuous"]["4"]["decode_steps"]  # 6 tokens a caption: at most 5 steps an image
     assert decoding["loop"] == "continuous" and decoding["static_cache"] and 0 < steps <= 5 * len(got)
+    assert decoding["attention"] == "flex"
     default = json.loads((default_ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
-    assert default == {"batch_size": 4, "loop": "generate", "static_cache": False}
+    assert default == {"batch_size": 4, "loop": "generate", "static_cache": False, "attention": "auto"}
 
 
 def continuous_args(model, data, ckpt, *extra):

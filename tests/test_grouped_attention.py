@@ -11,8 +11,10 @@ import transformers.integrations.sdpa_attention as sdpa_module
 
 from test_static_decode import CAPTURED, captioner, counting_backend, images, model_and_processor  # noqa: F401
 from test_decode_loop import token_ids
-from vlm_caption.grouped_attention import (ATTENTION_NAME, FLEX_ATTENTION_NAME, grouped_flex_attention,
-                                           grouped_sdpa_attention, set_grouped_decode_attention)
+import vlm_caption.grouped_attention as grouped_module
+from vlm_caption.grouped_attention import (ATTENTION_NAME, AUTO_ATTENTION_NAME, FLEX_ATTENTION_NAME,
+                                           decode_attention_kernel, grouped_auto_attention, grouped_flex_attention,
+                                           grouped_sdpa_attention, set_grouped_decode_attention, wants_flex)
 from vlm_caption.model_loading import load_model
 
 
@@ -63,9 +65,42 @@ def test_the_text_model_switches_and_the_vision_tower_stays(model_and_processor)
     assert set_grouped_decode_attention(model, on=False) is False and text._attn_implementation == "sdpa"
     assert set_grouped_decode_attention(model, "flex") is True and text._attn_implementation == FLEX_ATTENTION_NAME
     assert set_grouped_decode_attention(model, True) is True and text._attn_implementation == ATTENTION_NAME
+    assert set_grouped_decode_attention(model, "auto") is True and text._attn_implementation == AUTO_ATTENTION_NAME
+    assert decode_attention_kernel(model) == "auto"
     with pytest.raises(ValueError, match="flex"):
         set_grouped_decode_attention(model, "flesh")
     set_grouped_decode_attention(model, False)
+    assert decode_attention_kernel(model) == "sdpa_repeat_kv"
+
+
+def test_without_flex_attention_auto_is_sdpa_and_flex_is_refused(model_and_processor, monkeypatch):
+    """torch 2.4 (requirements allow it) has no FlexAttention: auto must still run, flex must say why not."""
+    model, _ = model_and_processor
+    monkeypatch.setattr(grouped_module, "flex_available", lambda: False)
+    assert set_grouped_decode_attention(model, "auto") is True and decode_attention_kernel(model) == "sdpa"
+    with pytest.raises(ValueError, match="torch 2.5"):
+        set_grouped_decode_attention(model, "flex")
+
+
+@pytest.mark.parametrize("rows,device,compiling,flex", [
+    (256, "cuda", True, True), (128, "cuda", True, True),  # measured faster at 256 (run 4)
+    (64, "cuda", True, False),  # measured slower at 64
+    (256, "cpu", True, False), (256, "cuda", False, False)])  # flex is a compiled CUDA kernel
+def test_auto_takes_flex_for_compiled_cuda_steps_of_many_rows(rows, device, compiling, flex):
+    assert wants_flex(rows, device, compiling) is flex
+
+
+def test_auto_runs_the_kernel_wants_flex_names(monkeypatch):
+    module, q, k, v, mask = attention_inputs()
+    for flex in (False, True):
+        monkeypatch.setattr(grouped_module, "wants_flex", lambda rows, device, compiling: flex)
+        got, _ = grouped_auto_attention(module, q, k, v, mask, scaling=0.1)
+        want, _ = (grouped_flex_attention if flex else grouped_sdpa_attention)(module, q, k, v, mask, scaling=0.1)
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+    calls = []
+    monkeypatch.setattr(grouped_module, "grouped_flex_attention", lambda *a, **kw: calls.append(kw) or ("flex", None))
+    assert grouped_auto_attention(module, q, k, v, mask, scaling=0.1) == ("flex", None)
+    assert calls == [{"scaling": 0.1}]
 
 
 def test_another_attention_implementation_is_left_alone(tiny_model_dir):
@@ -131,8 +166,8 @@ def test_a_refused_switch_keeps_sdpa_and_warns(model_and_processor, monkeypatch,
     assert "it stays sdpa" in caplog.text
 
 
-def test_the_flex_candidate_gives_the_same_greedy_tokens_compiled(model_and_processor, images, monkeypatch):
-    """FlexAttention (the candidate the GPU check measures) on the decode paths it would run on: generate's
+def test_flex_gives_the_same_greedy_tokens_compiled(model_and_processor, images, monkeypatch):
+    """FlexAttention (--decode-attention flex, auto's pick on a card) on the decode paths it runs on: generate's
     compiled step and the graph loop under inductor, the compiler a GPU uses (here its CPU backend), with
     the row mask changed in place between steps."""
     import torch.nn.attention.flex_attention as flex_module
@@ -153,3 +188,18 @@ def test_the_flex_candidate_gives_the_same_greedy_tokens_compiled(model_and_proc
         assert token_ids(loop, images[:3]) == want
     finally:
         set_grouped_decode_attention(model, True)
+
+
+def test_auto_puts_flex_in_the_compiled_step_only(model_and_processor, images, monkeypatch):
+    """The default kernel with its device test waived (this CPU stands for the card): the compiled decode
+    step traces FlexAttention, the eager prompt does not, and the greedy tokens are the grouped sdpa's."""
+    model, processor = model_and_processor
+    fixed = {"max_tokens": 6, "min_tokens": 6}
+    want = token_ids(captioner(model, processor, grouped_attention="sdpa", **fixed), images[:3])
+    monkeypatch.setattr(grouped_module, "wants_flex", lambda rows, device, compiling: compiling)
+    CAPTURED.clear()
+    cap = captioner(model, processor, compile="on", compile_options={"backend": counting_backend},
+                    decode_loop="graph", **fixed)
+    assert decode_attention_kernel(model) == "auto" and cap.decoding_report()["attention"] == "auto"
+    assert token_ids(cap, images[:3]) == want
+    assert len(CAPTURED) == 1 and "flex_attention" in CAPTURED[0].code

@@ -59,7 +59,8 @@ class CaptionLoop:
                                    top_p=cfg.top_p, seed=cfg.seed, dtype=cfg.dtype, device_map=cfg.device_map,
                                    attn_implementation=cfg.attn_implementation,
                                    max_auto_batch_size=cfg.max_auto_batch_size, compile=cfg.compile,
-                                   decode_loop=cfg.decode_loop, vision_overlap=cfg.vision_overlap,
+                                   decode_loop=cfg.decode_loop, decode_attention=cfg.decode_attention,
+                                   vision_overlap=cfg.vision_overlap,
                                    retry_repetition_penalty=cfg.retry_repetition_penalty)
         self.backend = backend
         self.stop = stop or StopSignals()

@@ -39,7 +39,7 @@ class Captioner:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, auto_batch_cap: int = AUTO_BATCH_CAP,
                  compile: str = "off", compile_options: dict[str, Any] | None = None,
                  retry_repetition_penalty: float = RETRY_REPETITION_PENALTY, resize_on_device: bool | None = None,
-                 decode_loop: str = "auto", grouped_attention: bool | str = True, vision_overlap: bool = False):
+                 decode_loop: str = "auto", grouped_attention: bool | str = "auto", vision_overlap: bool = False):
         self.model = model
         self.processor = processor
         self.model_name = model_name
@@ -47,8 +47,8 @@ class Captioner:
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        # Decode steps read each KV head once instead of copying the cache per query head (grouped_attention.py;
-        # "flex": the FlexAttention candidate).
+        # Decode steps read each KV head once instead of copying the cache per query head (grouped_attention.py:
+        # "auto" takes FlexAttention for compiled CUDA steps of many rows, the grouped sdpa otherwise).
         self.grouped_attention = set_grouped_decode_attention(model, grouped_attention)
         # None: on a GPU the loader threads only decode, the card resizes (image_prep.ImagePrep.to_device).
         self.resize_on_device = self.device.type == "cuda" if resize_on_device is None else resize_on_device

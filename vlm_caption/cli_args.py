@@ -11,7 +11,7 @@ import argparse
 import textwrap
 
 from . import cli
-from .config import COMPILE_CHOICES, DECODE_LOOPS, DownloadConfig, RunConfig
+from .config import COMPILE_CHOICES, DECODE_ATTENTIONS, DECODE_LOOPS, DownloadConfig, RunConfig
 
 # batched_image_inference.py's flags shown by --help (--help-all adds the others): what a first run needs.
 COMMON_FLAGS = frozenset({
@@ -166,6 +166,9 @@ def caption_parser(description: str) -> argparse.ArgumentParser:
                    help="static KV cache + torch.compile; auto: on for CUDA (default: %(default)s)")
     g.add_argument("--decode-loop", metavar="LOOP", default=D.decode_loop, choices=DECODE_LOOPS,
                    help=f"{', '.join(DECODE_LOOPS[1:])}; auto: graph on CUDA, else generate (default: %(default)s)")
+    g.add_argument("--decode-attention", metavar="KERNEL", default=D.decode_attention, choices=DECODE_ATTENTIONS,
+                   help="sdpa or flex; auto: flex for compiled CUDA batches of 128+, else sdpa (default: "
+                   "%(default)s)")
     g.add_argument("--compile-cache", metavar="DIR", default=D.compile_cache, help="where compiled kernels are "
                    "kept; auto: $TORCHINDUCTOR_CACHE_DIR, else in the checkpoint dir; none: torch's own, per "
                    "machine (default: %(default)s)")

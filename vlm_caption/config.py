@@ -23,6 +23,9 @@ SOURCE_DATASET = "tomg-group-umd/ContraStyles"
 COMPILE_CHOICES = ("auto", "on", "off")  # --compile: auto = on for CUDA (static_decode.compile_wanted)
 # --decode-loop: auto = graph where the compiled static cache runs on CUDA (1.08x on an H100, BENCHMARKS.md §6),
 DECODE_LOOPS = ("auto", "generate", "graph", "continuous")  # else generate; decode_loop.py, continuous.py
+# --decode-attention: the decode step's attention (grouped_attention.py); auto = flex for compiled CUDA steps of
+# 128+ rows (1.10x a batch of 256 on an H100, BENCHMARKS.md §6 run 4), else sdpa.
+DECODE_ATTENTIONS = ("auto", "sdpa", "flex")
 # --max-tokens' cap before any model is known: the longest context of a Gemma 3 model (4B to 27B); once the
 # model is loaded, model_loading.check_context holds it to what that model's context leaves after the prompt.
 MAX_TOKENS_LIMIT = 131_072
@@ -92,6 +95,7 @@ class RunConfig:
     backend: str = "transformers"  # inference engine (backends.BACKENDS); "dummy" = no model, for tests and demos
     compile: str = "auto"  # static KV cache + torch.compile'd decode: auto (on for CUDA), on, off
     decode_loop: str = "auto"  # auto, generate, graph (one compiled step per token) or continuous (+ rows join)
+    decode_attention: str = "auto"  # auto, sdpa or flex: the kernel of a decode step's attention
     compile_cache: str = "auto"  # where compiled kernels are kept (compile_cache.choose): auto, none, or a dir
     vision_overlap: bool = False  # the next batch's vision tower runs while this one decodes (vision_ahead.py)
     keep_columns: str | None = None  # further metadata columns carried into the output, comma-separated
@@ -119,6 +123,9 @@ class RunConfig:
             raise UsageError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
         if self.decode_loop not in DECODE_LOOPS:
             raise UsageError(f"--decode-loop must be one of {', '.join(DECODE_LOOPS)}, got {self.decode_loop!r}")
+        if self.decode_attention not in DECODE_ATTENTIONS:
+            raise UsageError(f"--decode-attention must be one of {', '.join(DECODE_ATTENTIONS)}, "
+                             f"got {self.decode_attention!r}")
         if self.max_tokens > MAX_TOKENS_LIMIT:  # else caches and --batch-size auto are sized for it
             raise UsageError(f"--max-tokens {self.max_tokens} is more than a Gemma 3 model's whole context "
                              f"({MAX_TOKENS_LIMIT} tokens, prompt included); a caption takes a few hundred")

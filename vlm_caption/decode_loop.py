@@ -107,7 +107,10 @@ def decoding_report(cap) -> dict[str, Any]:
     """How a Captioner decoded, for run_summary.json: the loop, the cache, and for continuous batching the
     decode steps it ran (per image, the number its schedule saves against whole batches)."""
     loop = "continuous" if cap.continuous is not None else "graph" if cap.graph_decode is not None else "generate"
-    report: dict[str, Any] = {"loop": loop, "static_cache": cap.static_decode is not None}
+    from .grouped_attention import decode_attention_kernel
+
+    report: dict[str, Any] = {"loop": loop, "static_cache": cap.static_decode is not None,
+                              "attention": decode_attention_kernel(cap.model)}
     ran = {**{slots: {"decode_steps": decoder.steps} for slots, decoder in (cap.continuous or {}).items()},
            **cap.continuous_failed}  # a stream that failed: its steps, and why the rest went in batches
     if ran:

@@ -16,10 +16,13 @@ prompt, a per-head mask, softcapping) goes to transformers' own function unchang
 Installed under its own name (`ATTENTION_NAME`) on the text model only: the vision tower keeps "sdpa",
 masks are built as for "sdpa", nothing global is replaced.
 
-A candidate kernel for the same step, not on by default (`set_grouped_decode_attention(model, "flex")`):
-FlexAttention, whose decoding kernel splits the cache over thread blocks. On an H100 at batch 64-128 the
-grouped sdpa read the cache at 27-39 % of the card's bandwidth, and at batch 256 attention is most of a
-decode step (BENCHMARKS.md §6 run 3); the GPU check measures the two (benchmarks/gpu_ab.sh).
+The same step can also run on FlexAttention (`grouped_flex_attention`), whose kernel reads only the cache
+blocks the mask leaves readable. On an H100 (BENCHMARKS.md §6 run 4, compiled, bf16, one layer, 536 slots)
+it took 0.255 ms at batch 256 against 0.369 for the grouped sdpa (whose default kernel read the cache at
+46 % of the card's bandwidth), a whole batch of 256 at 200 tokens ran 1.10x; at batch 64 it lost (0.245 vs
+0.201 ms: flex's time hardly grows with the batch). So "auto", the default, picks per compiled step:
+flex on CUDA while compiling for `FLEX_MIN_ROWS` rows or more, the grouped sdpa otherwise (eager steps
+too: flex is a compiled kernel).
 """
 from __future__ import annotations
 
@@ -31,7 +34,11 @@ log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "vlm_caption_grouped_sdpa"
 FLEX_ATTENTION_NAME = "vlm_caption_grouped_flex"
+AUTO_ATTENTION_NAME = "vlm_caption_grouped_auto"
 FLEX_BLOCK = 128  # cache slots per FlexAttention block
+# Rows from which "auto" takes flex: run 4 measured flex 1.45x faster at 256 rows and 1.22x slower at 64;
+# the straight line through the two points crosses near 128 (unmeasured between).
+FLEX_MIN_ROWS = 128
 
 
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -96,13 +103,48 @@ def grouped_flex_attention(module, query, key, value, attention_mask, dropout: f
     return out.transpose(1, 2).contiguous(), None
 
 
-KERNELS = {"sdpa": (ATTENTION_NAME, grouped_sdpa_attention), "flex": (FLEX_ATTENTION_NAME, grouped_flex_attention)}
+def wants_flex(rows: int, device_type: str, compiling: bool) -> bool:
+    """The "auto" kernel's choice for a decode step of `rows` rows: flex where it was measured faster."""
+    return compiling and device_type == "cuda" and rows >= FLEX_MIN_ROWS
+
+
+def grouped_auto_attention(module, query, key, value, attention_mask, **kwargs):
+    """"auto": `grouped_flex_attention` or `grouped_sdpa_attention` by `wants_flex`. Under torch.compile the
+    choice is made once per traced shape (the rows and the device are static there), so it costs a step
+    nothing."""
+    if wants_flex(query.shape[0], query.device.type, torch.compiler.is_compiling()):
+        return grouped_flex_attention(module, query, key, value, attention_mask, **kwargs)
+    return grouped_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
+
+
+KERNELS = {"auto": (AUTO_ATTENTION_NAME, grouped_auto_attention), "sdpa": (ATTENTION_NAME, grouped_sdpa_attention),
+           "flex": (FLEX_ATTENTION_NAME, grouped_flex_attention)}
+
+
+def flex_available() -> bool:
+    """FlexAttention with `BlockMask.from_kv_blocks` (torch 2.5 and later)."""
+    try:
+        from torch.nn.attention.flex_attention import BlockMask
+    except ImportError:
+        return False
+    return hasattr(BlockMask, "from_kv_blocks")
+
+
+def decode_attention_kernel(model) -> str:
+    """The grouped kernel the text model of `model` decodes with ("auto", "sdpa", "flex"), else its own
+    attention implementation's name (eager, flash_attention_2, or sdpa with repeat_kv: "sdpa_repeat_kv")."""
+    current = getattr(model.config.get_text_config(decoder=True), "_attn_implementation", None)
+    for kernel, (name, _) in KERNELS.items():
+        if current == name:
+            return kernel
+    return "sdpa_repeat_kv" if current == "sdpa" else str(current)
 
 
 def set_grouped_decode_attention(model, on: bool | str = True) -> bool:
-    """Switch the text model of `model` between "sdpa" and the grouped decode attention (on: True or "sdpa";
-    "flex": the FlexAttention candidate); True when it now uses a grouped one. Nothing changes when the text
-    model was loaded with another implementation (eager, flash) or has as many KV heads as query heads."""
+    """Switch the text model of `model` between "sdpa" and a grouped decode attention (on: "auto", "sdpa"
+    (also True), "flex"; False: transformers' sdpa); True when it now uses a grouped one. Nothing changes when
+    the text model was loaded with another implementation (eager, flash) or has as many KV heads as query
+    heads. "flex" without FlexAttention (torch < 2.5) is refused; "auto" then means "sdpa"."""
     text = model.config.get_text_config(decoder=True)
     current = getattr(text, "_attn_implementation", None)
     heads, kv_heads = getattr(text, "num_attention_heads", 1), getattr(text, "num_key_value_heads", None)
@@ -112,6 +154,10 @@ def set_grouped_decode_attention(model, on: bool | str = True) -> bool:
     kernel = "sdpa" if on is True else on
     if kernel and kernel not in KERNELS:
         raise ValueError(f"grouped attention kernel must be one of {', '.join(KERNELS)}, got {on!r}")
+    if kernel in ("auto", "flex") and not flex_available():
+        if kernel == "flex":
+            raise ValueError(f"the flex decode attention needs torch 2.5 or later (this is {torch.__version__})")
+        kernel = "sdpa"
     wanted = KERNELS[kernel][0] if kernel else "sdpa"
     if current == wanted:
         return bool(kernel)
