@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """One decode step's attention for one layer, at a real Gemma 3's shapes: transformers' sdpa vs the grouped
 decode attention (vlm_caption/grouped_attention.py), both under torch.compile as the compiled decode step
-runs them; and the candidates the pipeline does not use yet: FlexAttention (grouped_flex_attention: its
-decoding kernel splits the cache over thread blocks and skips the blocks the mask leaves out), and the
-grouped attention pinned to one of torch's sdpa kernels (--backends: `grouped_cudnn` etc.; by default torch
+runs them; FlexAttention (grouped_flex_attention: its decoding kernel skips the blocks the mask leaves out;
+--decode-attention auto takes it for compiled CUDA steps of 128+ rows); and the grouped attention pinned to
+one of torch's sdpa kernels (--backends efficient cudnn ..., sides `grouped_efficient` etc.; by default torch
 picks, and with a mask that is not the flash kernel).
 
 The query is one token per row; keys and values are a static cache of --cache-len slots (prompt + new
@@ -79,6 +79,10 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
     from vlm_caption.grouped_attention import grouped_flex_attention, grouped_sdpa_attention
     from vlm_caption.tiny_model import _preset
 
+    # Every side compiles the same `call` code below: 5 sides over 2 batch sizes passed dynamo's default of 8
+    # compiled versions of one function, and the last sides failed (run 4, batch 64 after 256).
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+    setattr(torch._dynamo.config, limit, max(getattr(torch._dynamo.config, limit), 8 * len(batches)))
     device = torch.device(device)
     if backends is None:
         backends = ["efficient", "cudnn", "math"] if device.type == "cuda" else []

@@ -1,24 +1,27 @@
 #!/usr/bin/env bash
-# The next GPU session's run (BENCHMARKS.md §6 run 3 measured the one before), in three parts, one device call
+# The next GPU session's run (BENCHMARKS.md §6 run 4 measured the one before), in three parts, one device call
 # each (so a failed part can be rerun alone), in the order to run them (check and cont fit 15 device minutes
-# with the machine's start; diag only if time is left):
-#   check  gpu_check.py at batch 256 (what --batch-size auto picks on an 80 GB card): the graph decode loop
-#          (the CUDA default since run 3) with the grouped sdpa decode attention vs with FlexAttention (the
-#          candidate), then the whole pipeline over 1024 images with the graph loop, rated over the batches
-#          between the first and the last (--vision-overlap: run 3 measured no gain) (<= 6 min)
+# with the machine's start, if the second call follows the first within the machine's 30 s warm window;
+# diag only if time is left):
+#   check  gpu_check.py at batch 128, where --decode-attention auto starts taking FlexAttention (run 4: flex
+#          1.45x faster a layer at 256, 1.22x slower at 64, 128 unmeasured): the graph loop with the grouped
+#          sdpa vs with flex; then the whole pipeline over 1024 images at batch 256 with the product's
+#          defaults (the graph loop, auto = flex there: run 4 timed flex in bare batches only), rated over
+#          the batches between the first and the last (<= 6 min)
 #   diag   decode_diag.py, batch 256: one layer's decode attention alone, grouped vs transformers' sdpa vs
-#          FlexAttention vs grouped on the efficient / cuDNN / math sdpa kernels, at 536 and 576 cache slots; the
-#          vision tower on 64 images on each sdpa kernel (flash, cuDNN, efficient) and compiled; a profile of
-#          a compiled generate and of a prefill (where run 3's ~21 ms step at 256 goes). Not the compiled
-#          split: run 3 measured it (<= 4 min)
+#          FlexAttention vs grouped on the efficient / cuDNN / math sdpa kernels (run 4, one layer at 256:
+#          efficient 0.244 ms, flex 0.255, torch's pick 0.369), at 536 and 576 cache slots; the vision tower
+#          on 64 images on each sdpa kernel (flash, cuDNN, efficient) and compiled; a profile of a compiled
+#          generate and of a prefill (<= 4 min)
 #   cont   bench_continuous.py: --decode-loop continuous against whole batches of 256, the 4B, 1024 images
-#          at caption lengths drawn from 50-200 tokens, chunks of 32 (the default) and 16, one round (<= 5 min)
+#          at caption lengths drawn from 50-200 tokens, chunks of 32 (the default) and 16, with the default
+#          decode attention (flex at 256 slots; run 4 timed chunks of 32 with the grouped sdpa: 1.07x) (<= 5 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
 #   bash benchmarks/gpu_ab.sh OUT_DIR [check|diag|cont|all]
 #     -> OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log},
 #        OUT_DIR/cont/bench_continuous.log
 set -uo pipefail
-usage() { sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
 case ${1:-} in
     -h|--help) usage; exit 0 ;;
     -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;
@@ -39,8 +42,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 if [[ $part == check || $part == all ]]; then
     mkdir -p "$out/check"
     timeout 360 "$PY" benchmarks/gpu_check.py --out "$out/check" --eager-batches --compiled-batches \
-        --graph-batches 256 --graph-flex-batches 256 --loop-images 0 --timed-batches 2 --pipeline-images 1024 --pipeline-batch 256 \
-        --pipeline-runs graph --loader-images 48 --budget-s 300 > "$out/check/gpu_check.log" 2>&1
+        --graph-batches 128 --graph-flex-batches 128 --loop-images 0 --timed-batches 3 --pipeline-images 1024 \
+        --pipeline-batch 256 --pipeline-runs graph --loader-images 48 --budget-s 300 > "$out/check/gpu_check.log" 2>&1
     echo "gpu_check exit $?" | tee -a "$out/gpu.txt"
     cat "$out/check/gpu_check.md" 2>/dev/null
 fi

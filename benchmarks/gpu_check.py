@@ -9,10 +9,13 @@ per image (min = max, greedy), the same prompt everywhere. At most ~8 minutes on
   compiled   Captioner(compile="on"): static full-attention cache + generate's torch.compile
              (inductor, reduce-overhead = CUDA graphs), batches of 64, 128 and 256
   graph      Captioner(compile="on", decode_loop="graph"): the same cache, generate's prefill, then one
-             compiled step per token with no host work between steps (decode_loop.py), batches of 64, 128
-  graph_flex the graph loop with FlexAttention for the decode attention (grouped_attention.py's candidate)
+             compiled step per token with no host work between steps (decode_loop.py), batches of 64, 128;
+             these three with the grouped sdpa decode attention (--decode-attention sdpa)
+  graph_flex the graph loop with FlexAttention for the decode attention (what --decode-attention auto
+             takes on CUDA from 128 rows, grouped_attention.FLEX_MIN_ROWS)
   pipeline   pipeline.run over --pipeline-images JPEGs with the built model (loader threads, background
-             assembly, generate, writer, parts); --pipeline-overlap: again with --vision-overlap
+             assembly, generate, writer, parts) and the product's defaults (--decode-attention auto);
+             --pipeline-overlap: again with --vision-overlap
 
 Batched runs start from prepared pixel values (the loader is measured on its own): each does one warm-up
 batch outside the clock (compilation included, reported as warmup_s), then --timed-batches batches. For
@@ -64,7 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--compiled-batches", type=int, nargs="*", default=None, help="default 64 128 256")
     p.add_argument("--graph-batches", type=int, nargs="*", default=None, help="--decode-loop graph (default 64 128)")
     p.add_argument("--graph-flex-batches", type=int, nargs="*", default=None, help="the graph loop with "
-                   "FlexAttention decode attention, a candidate (default none; 4 with --cpu-smoke)")
+                   "FlexAttention decode attention (auto's pick from 128 rows on CUDA) (default none; 4 with --cpu-smoke)")
     p.add_argument("--timed-batches", type=int, default=None, help="batches timed per size (default 3)")
     p.add_argument("--loop-images", type=int, default=None, help="images for the one-image loop (default 3)")
     p.add_argument("--loader-images", type=int, default=None, help="JPEGs for the loader (default 96)")
@@ -137,13 +140,13 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
     cap = Captioner(model, processor, model_name=args.preset, prompt=PROMPT, max_tokens=args.new_tokens,
                     min_tokens=args.new_tokens, compile="on" if compile else "off", compile_options=options,
                     decode_loop="graph" if graph else "generate",
-                    grouped_attention="flex" if kind == "graph_flex" else True)
+                    grouped_attention="flex" if kind == "graph_flex" else "sdpa")
     rows = [pixels[i % len(pixels)] for i in range(batch)]
     keys = [f"img{i}" for i in range(batch)]
     graphs0 = counters["stats"]["unique_graphs"]
     breaks0 = sum(counters["graph_break"].values())
     result: dict = {"batch": batch, "cache": {"eager": "dynamic, eager", "compiled": "static full-attention, compiled",
-                                              "graph": "static full-attention, graph decode loop",
+                                              "graph": "static full-attention, graph decode loop, sdpa",
                                               "graph_flex": "graph decode loop, FlexAttention"}[kind]}
     if compile and cap.static_decode is None:
         return {**result, "error": "static decode not available (sequence longer than the sliding window)"}
