@@ -15,6 +15,8 @@ import vlm_caption.grouped_attention as grouped_module
 from vlm_caption.grouped_attention import (ATTENTION_NAME, AUTO_ATTENTION_NAME, FLEX_ATTENTION_NAME,
                                            decode_attention_kernel, grouped_auto_attention, grouped_flex_attention,
                                            grouped_sdpa_attention, set_grouped_decode_attention, wants_flex)
+from vlm_caption.config import RunConfig
+from vlm_caption.errors import UsageError
 from vlm_caption.model_loading import load_model
 
 
@@ -80,6 +82,11 @@ def test_without_flex_attention_auto_is_sdpa_and_flex_is_refused(model_and_proce
     assert set_grouped_decode_attention(model, "auto") is True and decode_attention_kernel(model) == "sdpa"
     with pytest.raises(ValueError, match="torch 2.5"):
         set_grouped_decode_attention(model, "flex")
+    # the CLI says so in one line before a model loads (exit 2), and auto goes on
+    with pytest.raises(UsageError, match="--decode-attention flex needs torch 2.5 or later"):
+        RunConfig(decode_attention="flex").validate()
+    with pytest.raises(UsageError, match="--data-dir"):  # past the attention: the next check
+        RunConfig(decode_attention="auto").validate()
 
 
 @pytest.mark.parametrize("rows,device,compiling,flex", [
