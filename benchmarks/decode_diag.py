@@ -15,7 +15,8 @@ built on the card), one batch of --batch images, one fixed prompt:
              copies the KV cache per query head every step (grouped_attention.py does not)
   attention  one layer's decode attention alone at the batch, a 200-token run's cache and that rounded up
              to 64 slots (bench_attention.py): the grouped attention vs transformers' sdpa vs FlexAttention
-             (a candidate) vs the grouped one pinned to the efficient, cuDNN and math sdpa kernels, compiled
+             (auto's pick from 128 rows on CUDA) vs the grouped one pinned to the efficient, cuDNN and math
+             sdpa kernels, compiled
   vision     the vision tower + projector alone on up to 64 images (its share of prefill): eager, eager on
              each sdpa kernel (flash, cuDNN, efficient), and compiled
   counters   torch._dynamo's inductor / graph-break / recompile counters after the compiled run (a
@@ -112,7 +113,10 @@ def main(argv=None) -> int:
     paths = make_images(Path(tmp.name) / "art", 24 if not args.cpu_smoke else 6, seed=0, sizes=sizes)
     options = {"backend": "eager"} if args.cpu_smoke else {}
 
-    def captioner(compile: str, max_tokens: int, decode_loop: str = "generate", grouped: bool = True) -> Captioner:
+    # grouped: the decode attention (--decode-attention; "auto", the product's default: flex for compiled CUDA
+    # steps of 128+ rows); False: transformers' own sdpa.
+    def captioner(compile: str, max_tokens: int, decode_loop: str = "generate",
+                  grouped: bool | str = "auto") -> Captioner:
         return Captioner(model, processor, model_name=preset, prompt=PROMPT, max_tokens=max_tokens,
                          min_tokens=max_tokens, compile=compile, compile_options=options, decode_loop=decode_loop,
                          grouped_attention=grouped)
@@ -217,7 +221,7 @@ def main(argv=None) -> int:
     section("vision", vision)
     section("compiled_repeat_kv", lambda: {**split(captioner("on", args.long, grouped=False)),
                                            "attention": "transformers' sdpa (repeat_kv every layer, every step)"})
-    compiled.grouped_attention = set_grouped_decode_attention(model)  # the sections below: the default again
+    compiled.grouped_attention = set_grouped_decode_attention(model, "auto")  # the sections below: the default again
     graph = captioner("on", args.long, decode_loop="graph")
     section("graph", lambda: {**split(graph), "loop": "--decode-loop graph: generate's prefill, then one compiled "
                               "step per token (decode_loop.py)"})

@@ -199,14 +199,28 @@ def test_flex_gives_the_same_greedy_tokens_compiled(model_and_processor, images,
 
 def test_auto_puts_flex_in_the_compiled_step_only(model_and_processor, images, monkeypatch):
     """The default kernel with its device test waived (this CPU stands for the card): the compiled decode
-    step traces FlexAttention, the eager prompt does not, and the greedy tokens are the grouped sdpa's."""
+    step traces FlexAttention and gives the grouped sdpa's greedy tokens; eager decode steps never take flex,
+    and `wants_flex` is asked with the step's rows, device and compiling state."""
     model, processor = model_and_processor
     fixed = {"max_tokens": 6, "min_tokens": 6}
     want = token_ids(captioner(model, processor, grouped_attention="sdpa", **fixed), images[:3])
-    monkeypatch.setattr(grouped_module, "wants_flex", lambda rows, device, compiling: compiling)
+    asked, flex_calls, real_flex = [], [], grouped_module.grouped_flex_attention
+    monkeypatch.setattr(grouped_module, "wants_flex",
+                        lambda rows, device, compiling: asked.append((rows, device, compiling)) or compiling)
+    monkeypatch.setattr(grouped_module, "grouped_flex_attention",
+                        lambda *a, **kw: flex_calls.append(1) or real_flex(*a, **kw))
+    eager = captioner(model, processor, **fixed)  # --compile off: one-token steps, eagerly
+    assert token_ids(eager, images[:3]) == want and flex_calls == []
+    assert asked and set(asked) == {(3, "cpu", False)}  # each decode step's layers, 3 rows
+    assert eager.decoding_report(3)["attention"] == "auto: sdpa"
+    monkeypatch.undo()  # (a spy's side effects would split the traced step)
+    # flex only for exactly the traced step's arguments: its 3 rows, on this CPU, compiling
+    monkeypatch.setattr(grouped_module, "wants_flex", lambda rows, device, compiling: (rows, device, compiling)
+                        == (3, "cpu", True))
     CAPTURED.clear()
     cap = captioner(model, processor, compile="on", compile_options={"backend": counting_backend},
                     decode_loop="graph", **fixed)
-    assert decode_attention_kernel(model) == "auto" and cap.decoding_report()["attention"] == "auto"
-    assert token_ids(cap, images[:3]) == want
+    assert decode_attention_kernel(model) == "auto" and token_ids(cap, images[:3]) == want
     assert len(CAPTURED) == 1 and "flex_attention" in CAPTURED[0].code
+    monkeypatch.undo()
+    assert cap.decoding_report(256)["attention"] == "auto: sdpa"  # a CPU: no flex at any size

@@ -51,7 +51,8 @@ class CaptionBackend(Protocol):
     # Optional, for continuous batching (stream_loop.py; the transformers backend with --decode-loop continuous):
     # stream_chunk_rows(slots) -> rows per chunk, or None to caption in batches; caption_stream(next_chunk,
     # slots, should_stop) -> (tag, captions) per chunk as its rows finish, (tag, None) for one it hands back to
-    # be captioned in batches (Captioner.caption_stream). decoding_report() -> how it decoded, for run_summary.json.
+    # be captioned in batches (Captioner.caption_stream). decoding_report(rows) -> how it decoded at its last
+    # batch size, for run_summary.json.
 
 
 def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tokens: int = 0,

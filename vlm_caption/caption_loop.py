@@ -122,7 +122,8 @@ class CaptionLoop:
                 raise
         self.flush(force=True)
         report = getattr(self.backend, "decoding_report", None)  # (the transformers backend's: its loop, cache, steps)
-        self.stats.decoding = {"batch_size": self.batches.size, **(report() if report is not None else {})}
+        self.stats.decoding = {"batch_size": self.batches.size,
+                               **(report(self.batches.size) if report is not None else {})}
 
     # ------------------------------------------------------------ the generate thread
 

@@ -324,11 +324,11 @@ class Captioner:
         first.disable_compile, first.compile_config = True, None  # one token: no decode step to compile
         return first
 
-    def decoding_report(self) -> dict[str, Any]:
-        """How this run decoded, for run_summary.json (decode_loop.decoding_report)."""
+    def decoding_report(self, rows: int | None = None) -> dict[str, Any]:
+        """How this run decoded at `rows` (its last batch size), for run_summary.json (decode_loop.decoding_report)."""
         from .decode_loop import decoding_report
 
-        return decoding_report(self)
+        return decoding_report(self, rows)
 
     def stream_chunk_rows(self, slots: int) -> int | None:
         """Rows per chunk for `caption_stream` with `slots` rows decoding together; None: this run captions

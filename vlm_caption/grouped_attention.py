@@ -19,7 +19,7 @@ masks are built as for "sdpa", nothing global is replaced.
 The same step can also run on FlexAttention (`grouped_flex_attention`), whose kernel reads only the cache
 blocks the mask leaves readable. On an H100 (BENCHMARKS.md §6 run 4, compiled, bf16, one layer, 536 slots)
 it took 0.255 ms at batch 256 against 0.369 for the grouped sdpa (whose default kernel read the cache at
-46 % of the card's bandwidth), a whole batch of 256 at 200 tokens ran 1.10x; at batch 64 it lost (0.245 vs
+45 % of the card's bandwidth), a whole batch of 256 at 200 tokens ran 1.10x; at batch 64 it lost (0.245 vs
 0.201 ms: flex's time hardly grows with the batch). So "auto", the default, picks per compiled step:
 flex on CUDA while compiling for `FLEX_MIN_ROWS` rows or more, the grouped sdpa otherwise (eager steps
 too: flex is a compiled kernel).
