@@ -1,23 +1,23 @@
 #!/usr/bin/env bash
-# The next GPU session's run (BENCHMARKS.md §6 run 4 measured the one before), in three parts, one device call
-# each (so a failed part can be rerun alone), in the order to run them (check and cont fit 15 device minutes
-# with the machine's start, if the second call follows the first within the machine's 30 s warm window;
-# diag only if time is left):
+# The next GPU session's run (BENCHMARKS.md §6 run 4 measured the one before), in three parts, in the order
+# to run them. check and cont fit one device call together (`check,cont`: each part's timeout is cut to what
+# is left of GPU_AB_SECONDS, default 590, from the script's start; a device call with timeout 595 s); then
+# diag at once (the machine stays warm 30 s), and only if 4+ device minutes are left:
 #   check  gpu_check.py at batch 128, where --decode-attention auto starts taking FlexAttention (run 4: flex
 #          1.45x faster a layer at 256, 1.22x slower at 64, 128 unmeasured): the graph loop with the grouped
 #          sdpa vs with flex; then the whole pipeline over 1024 images at batch 256 with the product's
 #          defaults (the graph loop, auto = flex there: run 4 timed flex in bare batches only), rated over
 #          the batches between the first and the last (<= 6 min)
+#   cont   bench_continuous.py: --decode-loop continuous against whole batches of 256, the 4B, 1024 images
+#          at caption lengths drawn from 50-200 tokens, chunks of 32 (the default) and 16, with the default
+#          decode attention (flex at 256 slots; run 4 timed chunks of 32 with the grouped sdpa: 1.07x) (<= 5 min)
 #   diag   decode_diag.py, batch 256: one layer's decode attention alone, grouped vs transformers' sdpa vs
 #          FlexAttention vs grouped on the efficient / cuDNN / math sdpa kernels (run 4, one layer at 256:
 #          efficient 0.244 ms, flex 0.255, torch's pick 0.369), at 536 and 576 cache slots; the vision tower
 #          on 64 images on each sdpa kernel (flash, cuDNN, efficient) and compiled; a profile of a compiled
 #          generate and of a prefill (<= 4 min)
-#   cont   bench_continuous.py: --decode-loop continuous against whole batches of 256, the 4B, 1024 images
-#          at caption lengths drawn from 50-200 tokens, chunks of 32 (the default) and 16, with the default
-#          decode attention (flex at 256 slots; run 4 timed chunks of 32 with the grouped sdpa: 1.07x) (<= 5 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
-#   bash benchmarks/gpu_ab.sh OUT_DIR [check|diag|cont|all]
+#   bash benchmarks/gpu_ab.sh OUT_DIR [check|diag|cont|all]      (or a comma list: check,cont; all = all three)
 #     -> OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log},
 #        OUT_DIR/cont/bench_continuous.log
 set -uo pipefail
@@ -26,11 +26,21 @@ case ${1:-} in
     -h|--help) usage; exit 0 ;;
     -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;
 esac
-part=${2:-all}
-case $part in
-    check|diag|cont|all) ;;
-    *) echo "gpu_ab.sh: unknown part '$part' (check, diag, cont or all)" >&2; usage >&2; exit 2 ;;
-esac
+parts=${2:-all}
+[[ $parts == all ]] && parts=check,cont,diag
+IFS=, read -ra wanted <<< "$parts"
+for part in "${wanted[@]}"; do
+    case $part in
+        check|diag|cont) ;;
+        *) echo "gpu_ab.sh: unknown part '$part' (check, diag, cont, all, or a comma list of them)" >&2
+           usage >&2; exit 2 ;;
+    esac
+done
+want() { [[ ,$parts, == *,$1,* ]]; }
+deadline=${GPU_AB_SECONDS:-590}
+# A part's own timeout, cut to what is left of the call's deadline; 0 when under a minute is left.
+timeout_for() { local left=$((deadline - SECONDS)); ((left < 60)) && { echo 0; return; }; echo $(($1 < left ? $1 : left)); }
+skipped() { echo "$1 skipped: under a minute of GPU_AB_SECONDS=$deadline left" | tee -a "$out/gpu.txt"; }
 cd "$(dirname "$0")/.."
 out=${1:-${OUT:-./gpu_ab_out}}
 mkdir -p "$out"
@@ -39,26 +49,35 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/gpu.txt" || true
 # Each script stops starting sections at its --budget-s and rewrites its JSON after each one: the timeout
 # keeps every finished section.
-if [[ $part == check || $part == all ]]; then
+if want check; then
+  t=$(timeout_for 360)
+  if ((t == 0)); then skipped check; else
     mkdir -p "$out/check"
-    timeout 360 "$PY" benchmarks/gpu_check.py --out "$out/check" --eager-batches --compiled-batches \
+    timeout "$t" "$PY" benchmarks/gpu_check.py --out "$out/check" --eager-batches --compiled-batches \
         --graph-batches 128 --graph-flex-batches 128 --loop-images 0 --timed-batches 3 --pipeline-images 1024 \
         --pipeline-batch 256 --pipeline-runs graph --loader-images 48 --budget-s 300 > "$out/check/gpu_check.log" 2>&1
     echo "gpu_check exit $?" | tee -a "$out/gpu.txt"
     cat "$out/check/gpu_check.md" 2>/dev/null
+  fi
 fi
-if [[ $part == diag || $part == all ]]; then
+if want cont; then
+  t=$(timeout_for 290)
+  if ((t == 0)); then skipped cont; else
+    mkdir -p "$out/cont"
+    timeout "$t" "$PY" benchmarks/bench_continuous.py --preset gemma-3-4b --images 1024 --slots 256 \
+        --max-tokens 200 --min-frac 0.25 --chunk-rows 32 16 --rounds 1 > "$out/cont/bench_continuous.log" 2>&1
+    echo "bench_continuous exit $?" | tee -a "$out/gpu.txt"
+    grep '^{' "$out/cont/bench_continuous.log" | cut -c1-1500
+  fi
+fi
+if want diag; then
+  t=$(timeout_for 225)
+  if ((t == 0)); then skipped diag; else
     mkdir -p "$out/diag"
-    TORCH_LOGS=perf_hints timeout 225 "$PY" benchmarks/decode_diag.py --out "$out/diag" --batch 256 \
+    TORCH_LOGS=perf_hints timeout "$t" "$PY" benchmarks/decode_diag.py --out "$out/diag" --batch 256 \
         --skip compiled compiled_repeat_kv graph eager gil hf_static --budget-s 170 \
         > "$out/diag/decode_diag.log" 2>&1
     echo "decode_diag exit $?" | tee -a "$out/gpu.txt"
     grep '^{' "$out/diag/decode_diag.log" | cut -c1-1500
-fi
-if [[ $part == cont || $part == all ]]; then
-    mkdir -p "$out/cont"
-    timeout 290 "$PY" benchmarks/bench_continuous.py --preset gemma-3-4b --images 1024 --slots 256 \
-        --max-tokens 200 --min-frac 0.25 --chunk-rows 32 16 --rounds 1 > "$out/cont/bench_continuous.log" 2>&1
-    echo "bench_continuous exit $?" | tee -a "$out/gpu.txt"
-    grep '^{' "$out/cont/bench_continuous.log" | cut -c1-1500
+  fi
 fi

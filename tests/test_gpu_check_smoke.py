@@ -163,7 +163,28 @@ def test_gpu_ab_help_and_a_wrong_part_run_nothing(tmp_path):
     wrong = subprocess.run(["bash", str(script), str(tmp_path / "out"), "chek"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "unknown part 'chek'" in wrong.stderr
+    listed = subprocess.run(["bash", str(script), str(tmp_path / "out"), "check,cnt"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert listed.returncode == 2 and "unknown part 'cnt'" in listed.stderr
     assert list(tmp_path.iterdir()) == []  # no OUT_DIR, no '--help' directory
+
+
+def test_gpu_ab_parts_in_one_call_share_its_deadline(tmp_path):
+    """`gpu_ab.sh OUT check,cont` runs both parts in one device call: each part's timeout is cut to what is left
+    of GPU_AB_SECONDS, and a part with under a minute left is skipped and says so (never started to be killed)."""
+    script = REPO / "benchmarks" / "gpu_ab.sh"
+    env = {**os.environ, "PYTHON": "false", "GPU_AB_SECONDS": "30"}
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "out"), "check,cont"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    said = (tmp_path / "out" / "gpu.txt").read_text()
+    assert "check skipped" in said and "cont skipped" in said and "diag" not in said
+    assert "exit" not in said  # no script ran
+    env["GPU_AB_SECONDS"] = "600"
+    proc = subprocess.run(["bash", str(script), str(tmp_path / "out2"), "cont"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    said = (tmp_path / "out2" / "gpu.txt").read_text()
+    assert "bench_continuous exit 1" in said and "check" not in said  # PYTHON=false ran, and failed
 
 
 def test_bench_continuous_runs_where_the_gpu_host_would(tmp_path):
