@@ -197,7 +197,7 @@ def test_flex_gives_the_same_greedy_tokens_compiled(model_and_processor, images,
         set_grouped_decode_attention(model, True)
 
 
-def test_auto_puts_flex_in_the_compiled_step_only(model_and_processor, images, monkeypatch):
+def test_auto_puts_flex_in_the_compiled_step_only(model_and_processor, images, monkeypatch, caplog):
     """The default kernel with its device test waived (this CPU stands for the card): the compiled decode
     step traces FlexAttention and gives the grouped sdpa's greedy tokens; eager decode steps never take flex,
     and `wants_flex` is asked with the step's rows, device and compiling state."""
@@ -209,7 +209,9 @@ def test_auto_puts_flex_in_the_compiled_step_only(model_and_processor, images, m
                         lambda rows, device, compiling: asked.append((rows, device, compiling)) or compiling)
     monkeypatch.setattr(grouped_module, "grouped_flex_attention",
                         lambda *a, **kw: flex_calls.append(1) or real_flex(*a, **kw))
-    eager = captioner(model, processor, **fixed)  # --compile off: one-token steps, eagerly
+    with caplog.at_level("INFO", logger="vlm_caption"):
+        eager = captioner(model, processor, **fixed)  # --compile off: one-token steps, eagerly
+    assert "decode attention: auto (FlexAttention in compiled CUDA steps of 128+ rows" in caplog.text
     assert token_ids(eager, images[:3]) == want and flex_calls == []
     assert asked and set(asked) == {(3, "cpu", False)}  # each decode step's layers, 3 rows
     assert eager.decoding_report(3)["attention"] == "auto: sdpa"

@@ -18,7 +18,7 @@ import torch
 from .backends import (AUTO_BATCH_CAP, AUTO_BATCH_CPU, RETRY_NO_REPEAT_NGRAM, RETRY_REPETITION_PENALTY,
                        Caption)  # noqa: F401  (the engine's result type)
 from .batch_size import auto_batch_size, free_accelerator_memory, free_device_memory, is_out_of_memory
-from .grouped_attention import set_grouped_decode_attention
+from .grouped_attention import describe_decode_attention, set_grouped_decode_attention
 from .image_prep import ImagePrep, unsupported_reason
 from .images import MODEL_IMAGE_SIZE
 from .quality import CHAT_MARKUP_RE
@@ -50,6 +50,7 @@ class Captioner:
         # Decode steps read each KV head once instead of copying the cache per query head (grouped_attention.py:
         # "auto" takes FlexAttention for compiled CUDA steps of many rows, the grouped sdpa otherwise).
         self.grouped_attention = set_grouped_decode_attention(model, grouped_attention)
+        log.info("decode attention: %s", describe_decode_attention(model))
         # None: on a GPU the loader threads only decode, the card resizes (image_prep.ImagePrep.to_device).
         self.resize_on_device = self.device.type == "cuda" if resize_on_device is None else resize_on_device
         tok = processor.tokenizer

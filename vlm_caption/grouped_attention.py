@@ -140,6 +140,14 @@ def decode_attention_kernel(model) -> str:
     return "sdpa_repeat_kv" if current == "sdpa" else str(current)
 
 
+def describe_decode_attention(model) -> str:
+    """One line for the log: the decode attention of `model` and, for "auto", when it takes which kernel."""
+    kernel = decode_attention_kernel(model)
+    return {"auto": f"auto (FlexAttention in compiled CUDA steps of {FLEX_MIN_ROWS}+ rows, else the grouped sdpa)",
+            "sdpa": "the grouped sdpa (each KV head read once)", "flex": "FlexAttention (each KV head read once)",
+            "sdpa_repeat_kv": "transformers' sdpa (the KV cache copied per query head)"}.get(kernel, kernel)
+
+
 def set_grouped_decode_attention(model, on: bool | str = True) -> bool:
     """Switch the text model of `model` between "sdpa" and a grouped decode attention (on: "auto", "sdpa"
     (also True), "flex"; False: transformers' sdpa); True when it now uses a grouped one. Nothing changes when
