@@ -13,7 +13,8 @@ from test_static_decode import CAPTURED, captioner, counting_backend, images, mo
 from test_decode_loop import token_ids
 import vlm_caption.grouped_attention as grouped_module
 from vlm_caption.grouped_attention import (ATTENTION_NAME, AUTO_ATTENTION_NAME, FLEX_ATTENTION_NAME,
-                                           decode_attention_kernel, grouped_auto_attention, grouped_flex_attention,
+                                           decode_attention_kernel, describe_decode_attention,
+                                           grouped_auto_attention, grouped_flex_attention,
                                            grouped_sdpa_attention, set_grouped_decode_attention, wants_flex)
 from vlm_caption.config import RunConfig
 from vlm_caption.errors import UsageError
@@ -211,9 +212,13 @@ def test_auto_puts_flex_in_the_compiled_step_only(model_and_processor, images, m
                         lambda *a, **kw: flex_calls.append(1) or real_flex(*a, **kw))
     with caplog.at_level("INFO", logger="vlm_caption"):
         eager = captioner(model, processor, **fixed)  # --compile off: one-token steps, eagerly
-    assert "decode attention: auto (FlexAttention in compiled CUDA steps of 128+ rows" in caplog.text
+    assert "decode attention: the grouped sdpa (auto: FlexAttention only in compiled CUDA steps of 128+ rows)" \
+        in caplog.text
+    assert describe_decode_attention(model, "cuda", True) == \
+        "auto: FlexAttention at batches of 128+ rows, the grouped sdpa below"
     assert token_ids(eager, images[:3]) == want and flex_calls == []
-    assert asked and set(asked) == {(3, "cpu", False)}  # each decode step's layers, 3 rows
+    steps = [args for args in asked if args[0] != 128]  # (128: the start log's description asks too)
+    assert steps and set(steps) == {(3, "cpu", False)}  # each decode step's layers, 3 rows
     assert eager.decoding_report(3)["attention"] == "auto: sdpa"
     monkeypatch.undo()  # (a spy's side effects would split the traced step)
     # flex only for exactly the traced step's arguments: its 3 rows, on this CPU, compiling

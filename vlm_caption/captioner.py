@@ -50,7 +50,6 @@ class Captioner:
         # Decode steps read each KV head once instead of copying the cache per query head (grouped_attention.py:
         # "auto" takes FlexAttention for compiled CUDA steps of many rows, the grouped sdpa otherwise).
         self.grouped_attention = set_grouped_decode_attention(model, grouped_attention)
-        log.info("decode attention: %s", describe_decode_attention(model))
         # None: on a GPU the loader threads only decode, the card resizes (image_prep.ImagePrep.to_device).
         self.resize_on_device = self.device.type == "cuda" if resize_on_device is None else resize_on_device
         tok = processor.tokenizer
@@ -66,6 +65,8 @@ class Captioner:
         self.prompt_inputs = self._encode_prompt(prompt)
         self.gen_config = self._generation_config(max_tokens, min_tokens)
         self.static_decode = self._static_decode(compile, max_tokens, compile_options or {})
+        compiled = self.static_decode is not None  # (a static cache is a compiled one)
+        log.info("decode attention: %s", describe_decode_attention(model, self.device.type, compiled))
         self.graph_decode = self._graph_decode(decode_loop, compile_options or {})
         self.retry_config = self._retry_config(retry_repetition_penalty)
         # The next batch's vision tower runs while this one decodes (vision_ahead.py).

@@ -140,11 +140,15 @@ def decode_attention_kernel(model) -> str:
     return "sdpa_repeat_kv" if current == "sdpa" else str(current)
 
 
-def describe_decode_attention(model) -> str:
-    """One line for the log: the decode attention of `model` and, for "auto", when it takes which kernel."""
+def describe_decode_attention(model, device_type: str, compiled: bool) -> str:
+    """One line for the log: the decode attention of `model` on this device, and for "auto" when it takes which
+    kernel (`compiled`: the decode step is compiled)."""
     kernel = decode_attention_kernel(model)
-    return {"auto": f"auto (FlexAttention in compiled CUDA steps of {FLEX_MIN_ROWS}+ rows, else the grouped sdpa)",
-            "sdpa": "the grouped sdpa (each KV head read once)", "flex": "FlexAttention (each KV head read once)",
+    if kernel == "auto":
+        if wants_flex(FLEX_MIN_ROWS, device_type, compiled):
+            return f"auto: FlexAttention at batches of {FLEX_MIN_ROWS}+ rows, the grouped sdpa below"
+        return f"the grouped sdpa (auto: FlexAttention only in compiled CUDA steps of {FLEX_MIN_ROWS}+ rows)"
+    return {"sdpa": "the grouped sdpa (each KV head read once)", "flex": "FlexAttention (each KV head read once)",
             "sdpa_repeat_kv": "transformers' sdpa (the KV cache copied per query head)"}.get(kernel, kernel)
 
 
