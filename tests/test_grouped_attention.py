@@ -90,6 +90,19 @@ def test_without_flex_attention_auto_is_sdpa_and_flex_is_refused(model_and_proce
         RunConfig(decode_attention="auto").validate()
 
 
+@pytest.mark.parametrize("capability,kernel", [((9, 0), "auto"), ((10, 0), "auto"), ((8, 0), "sdpa"), ((7, 5), "sdpa")])
+def test_auto_keeps_the_grouped_sdpa_on_cards_flex_was_not_measured_on(model_and_processor, monkeypatch,
+                                                                         capability, kernel):
+    """flex was timed on Hopper only; an A100, L4 or T4 (less shared memory for its head-dim-256 kernel) keeps
+    the grouped sdpa under auto. (The tiny model stays on this CPU; its device is what the check is told.)"""
+    model, _ = model_and_processor
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(grouped_module, "_device_of", lambda model: torch.device("cuda", 0))
+    assert set_grouped_decode_attention(model, "auto") is True and decode_attention_kernel(model) == kernel
+    assert set_grouped_decode_attention(model, "flex") is True and decode_attention_kernel(model) == "flex"
+    set_grouped_decode_attention(model, False)
+
+
 @pytest.mark.parametrize("rows,device,compiling,flex", [
     (256, "cuda", True, True), (128, "cuda", True, True),  # measured faster at 256 (run 4)
     (64, "cuda", True, False),  # measured slower at 64

@@ -167,8 +167,8 @@ def caption_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--decode-loop", metavar="LOOP", default=D.decode_loop, choices=DECODE_LOOPS,
                    help=f"{', '.join(DECODE_LOOPS[1:])}; auto: graph on CUDA, else generate (default: %(default)s)")
     g.add_argument("--decode-attention", metavar="KERNEL", default=D.decode_attention, choices=DECODE_ATTENTIONS,
-                   help="sdpa or flex; auto: flex for compiled CUDA batches of 128+, else sdpa (default: "
-                   "%(default)s)")
+                   help="sdpa or flex; auto: flex for compiled batches of 128+ on an H100/H200, else sdpa "
+                   "(default: %(default)s)")
     g.add_argument("--compile-cache", metavar="DIR", default=D.compile_cache, help="where compiled kernels are "
                    "kept; auto: $TORCHINDUCTOR_CACHE_DIR, else in the checkpoint dir; none: torch's own, per "
                    "machine (default: %(default)s)")

@@ -23,8 +23,8 @@ SOURCE_DATASET = "tomg-group-umd/ContraStyles"
 COMPILE_CHOICES = ("auto", "on", "off")  # --compile: auto = on for CUDA (static_decode.compile_wanted)
 # --decode-loop: auto = graph where the compiled static cache runs on CUDA (1.08x on an H100, BENCHMARKS.md §6),
 DECODE_LOOPS = ("auto", "generate", "graph", "continuous")  # else generate; decode_loop.py, continuous.py
-# --decode-attention: the decode step's attention (grouped_attention.py); auto = flex for compiled CUDA steps of
-# 128+ rows (1.10x a batch of 256 on an H100, BENCHMARKS.md §6 run 4), else sdpa.
+# --decode-attention: the decode step's attention (grouped_attention.py); auto = flex for compiled steps of 128+
+# rows on Hopper cards (1.10x a batch of 256 on an H100, BENCHMARKS.md §6 run 4), else sdpa.
 DECODE_ATTENTIONS = ("auto", "sdpa", "flex")
 # --max-tokens' cap before any model is known: the longest context of a Gemma 3 model (4B to 27B); once the
 # model is loaded, model_loading.check_context holds it to what that model's context leaves after the prompt.

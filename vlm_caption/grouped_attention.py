@@ -22,7 +22,7 @@ it took 0.255 ms at batch 256 against 0.369 for the grouped sdpa (whose default 
 45 % of the card's bandwidth), a whole batch of 256 at 200 tokens ran 1.10x; at batch 64 it lost (0.245 vs
 0.201 ms: flex's time hardly grows with the batch). So "auto", the default, picks per compiled step:
 flex on CUDA while compiling for `FLEX_MIN_ROWS` rows or more, the grouped sdpa otherwise (eager steps
-too: flex is a compiled kernel).
+too: flex is a compiled kernel); on a card older than Hopper, where flex is untimed, always the grouped sdpa.
 """
 from __future__ import annotations
 
@@ -39,6 +39,9 @@ FLEX_BLOCK = 128  # cache slots per FlexAttention block
 # Rows from which "auto" takes flex: run 4 measured flex 1.45x faster at 256 rows and 1.22x slower at 64;
 # the straight line through the two points crosses near 128 (unmeasured between).
 FLEX_MIN_ROWS = 128
+# Cards where "auto" may take flex: Hopper (H100, H200), where it was measured. On others its Triton kernel
+# at head dim 256 (4B, 12B) is untimed and may not fit a smaller shared memory: they keep the grouped sdpa.
+FLEX_MIN_CAPABILITY = (9, 0)
 
 
 def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
@@ -156,7 +159,8 @@ def set_grouped_decode_attention(model, on: bool | str = True) -> bool:
     """Switch the text model of `model` between "sdpa" and a grouped decode attention (on: "auto", "sdpa"
     (also True), "flex"; False: transformers' sdpa); True when it now uses a grouped one. Nothing changes when
     the text model was loaded with another implementation (eager, flash) or has as many KV heads as query
-    heads. "flex" without FlexAttention (torch < 2.5) is refused; "auto" then means "sdpa"."""
+    heads. "flex" without FlexAttention (torch < 2.5) is refused; "auto" then means "sdpa", as it does on a
+    CUDA card older than Hopper (flex_measured_on)."""
     text = model.config.get_text_config(decoder=True)
     current = getattr(text, "_attn_implementation", None)
     heads, kv_heads = getattr(text, "num_attention_heads", 1), getattr(text, "num_key_value_heads", None)
@@ -169,6 +173,8 @@ def set_grouped_decode_attention(model, on: bool | str = True) -> bool:
     if kernel in ("auto", "flex") and not flex_available():
         if kernel == "flex":
             raise ValueError(f"the flex decode attention needs torch 2.5 or later (this is {torch.__version__})")
+        kernel = "sdpa"
+    if kernel == "auto" and not flex_measured_on(_device_of(model)):
         kernel = "sdpa"
     wanted = KERNELS[kernel][0] if kernel else "sdpa"
     if current == wanted:
@@ -188,6 +194,19 @@ def set_grouped_decode_attention(model, on: bool | str = True) -> bool:
     if text._attn_implementation != wanted:
         log.warning("could not switch the text model's attention to %s; it stays %s", wanted, current)
     return text._attn_implementation in names
+
+
+def flex_measured_on(device: torch.device) -> bool:
+    """Whether "auto" may take flex for a model on `device`: any but a CUDA card older than Hopper (a CPU keeps
+    "auto", which takes the grouped sdpa there: wants_flex)."""
+    if device.type != "cuda":
+        return True
+    return torch.cuda.get_device_capability(device) >= FLEX_MIN_CAPABILITY
+
+
+def _device_of(model) -> torch.device:
+    parameter = next(model.parameters(), None)
+    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def _text_config_key(config, text) -> str | None:
