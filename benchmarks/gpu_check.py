@@ -66,8 +66,9 @@ def parse_args(argv=None):
     p.add_argument("--eager-batches", type=int, nargs="*", default=None, help="default 64 128")
     p.add_argument("--compiled-batches", type=int, nargs="*", default=None, help="default 64 128 256")
     p.add_argument("--graph-batches", type=int, nargs="*", default=None, help="--decode-loop graph (default 64 128)")
-    p.add_argument("--graph-flex-batches", type=int, nargs="*", default=None, help="the graph loop with "
-                   "FlexAttention decode attention (auto's pick from 128 rows on CUDA) (default none; 4 with --cpu-smoke)")
+    p.add_argument("--graph-flex-batches", type=int, nargs="*", default=None, help="the graph loop with the "
+                   "FlexAttention decode attention, auto's pick from 128 rows on an H100/H200 (default none; 4 with "
+                   "--cpu-smoke)")
     p.add_argument("--timed-batches", type=int, default=None, help="batches timed per size (default 3)")
     p.add_argument("--loop-images", type=int, default=None, help="images for the one-image loop (default 3)")
     p.add_argument("--loader-images", type=int, default=None, help="JPEGs for the loader (default 96)")
