@@ -2,6 +2,7 @@
 sdpa, term by term, and the same greedy tokens on the tiny Gemma 3 (2 query heads on 1 KV head)."""
 from __future__ import annotations
 
+import functools
 import re
 from types import SimpleNamespace
 
@@ -77,17 +78,27 @@ def test_the_text_model_switches_and_the_vision_tower_stays(model_and_processor)
 
 
 def test_without_flex_attention_auto_is_sdpa_and_flex_is_refused(model_and_processor, monkeypatch):
-    """torch 2.4 (requirements allow it) has no FlexAttention: auto must still run, flex must say why not."""
+    """torch 2.4 (requirements allow it) has no FlexAttention, and early ones lack what the kernel calls: auto
+    must still run, flex must say why not."""
     model, _ = model_and_processor
     monkeypatch.setattr(grouped_module, "flex_available", lambda: False)
     assert set_grouped_decode_attention(model, "auto") is True and decode_attention_kernel(model) == "sdpa"
-    with pytest.raises(ValueError, match="torch 2.5"):
+    with pytest.raises(ValueError, match="needs a torch whose FlexAttention takes enable_gqa"):
         set_grouped_decode_attention(model, "flex")
     # the CLI says so in one line before a model loads (exit 2), and auto goes on
-    with pytest.raises(UsageError, match="--decode-attention flex needs torch 2.5 or later"):
+    with pytest.raises(UsageError, match="--decode-attention flex needs a torch whose FlexAttention"):
         RunConfig(decode_attention="flex").validate()
     with pytest.raises(UsageError, match="--data-dir"):  # past the attention: the next check
         RunConfig(decode_attention="auto").validate()
+
+
+def test_flex_available_asks_the_installed_torchs_signatures(monkeypatch):
+    import torch.nn.attention.flex_attention as flex_module
+
+    assert grouped_module.flex_available()  # this torch has what grouped_flex_attention calls
+    monkeypatch.setattr(flex_module, "flex_attention", lambda query, key, value, score_mod=None, block_mask=None,
+                        scale=None: None)  # a FlexAttention from before enable_gqa
+    assert not grouped_module.flex_available()
 
 
 @pytest.mark.parametrize("capability,kernel", [((9, 0), "auto"), ((10, 0), "auto"), ((8, 0), "sdpa"), ((7, 5), "sdpa")])
@@ -198,7 +209,8 @@ def test_flex_gives_the_same_greedy_tokens_compiled(model_and_processor, images,
     want = token_ids(captioner(model, processor, **fixed), images[:3])
     try:
         calls, real = [], flex_module.flex_attention
-        monkeypatch.setattr(flex_module, "flex_attention", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+        spy = functools.wraps(real)(lambda *a, **kw: calls.append(1) or real(*a, **kw))  # (its signature kept)
+        monkeypatch.setattr(flex_module, "flex_attention", spy)
         assert token_ids(captioner(model, processor, grouped_attention="flex", **fixed), images[:3]) == want
         assert len(calls) == 5 * model.config.get_text_config(decoder=True).num_hidden_layers  # each decode step
         monkeypatch.undo()

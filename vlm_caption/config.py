@@ -127,12 +127,12 @@ class RunConfig:
             raise UsageError(f"--decode-attention must be one of {', '.join(DECODE_ATTENTIONS)}, "
                              f"got {self.decode_attention!r}")
         if self.decode_attention == "flex":  # said before a model loads for minutes
-            from .grouped_attention import flex_available
+            from .grouped_attention import FLEX_NEEDS, flex_available
 
             if not flex_available():
                 import torch
 
-                raise UsageError(f"--decode-attention flex needs torch 2.5 or later (this is {torch.__version__}); "
+                raise UsageError(f"--decode-attention flex needs {FLEX_NEEDS} (this is torch {torch.__version__}); "
                                  f"auto uses it where it is there")
         if self.max_tokens > MAX_TOKENS_LIMIT:  # else caches and --batch-size auto are sized for it
             raise UsageError(f"--max-tokens {self.max_tokens} is more than a Gemma 3 model's whole context "

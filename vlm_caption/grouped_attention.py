@@ -124,13 +124,21 @@ KERNELS = {"auto": (AUTO_ATTENTION_NAME, grouped_auto_attention), "sdpa": (ATTEN
            "flex": (FLEX_ATTENTION_NAME, grouped_flex_attention)}
 
 
+FLEX_NEEDS = "a torch whose FlexAttention takes enable_gqa and BlockMask.from_kv_blocks(seq_lengths=)"
+
+
 def flex_available() -> bool:
-    """FlexAttention with `BlockMask.from_kv_blocks` (torch 2.5 and later)."""
+    """FlexAttention as grouped_flex_attention calls it (FLEX_NEEDS), asked of the installed torch's own
+    signatures rather than its version (requirements allow torch 2.4, which has no FlexAttention)."""
+    import inspect
+
     try:
-        from torch.nn.attention.flex_attention import BlockMask
+        from torch.nn.attention.flex_attention import BlockMask, flex_attention
     except ImportError:
         return False
-    return hasattr(BlockMask, "from_kv_blocks")
+    from_kv_blocks = getattr(BlockMask, "from_kv_blocks", None)
+    return (from_kv_blocks is not None and "seq_lengths" in inspect.signature(from_kv_blocks).parameters
+            and "enable_gqa" in inspect.signature(flex_attention).parameters)
 
 
 def decode_attention_kernel(model) -> str:
@@ -159,7 +167,7 @@ def set_grouped_decode_attention(model, on: bool | str = True) -> bool:
     """Switch the text model of `model` between "sdpa" and a grouped decode attention (on: "auto", "sdpa"
     (also True), "flex"; False: transformers' sdpa); True when it now uses a grouped one. Nothing changes when
     the text model was loaded with another implementation (eager, flash) or has as many KV heads as query
-    heads. "flex" without FlexAttention (torch < 2.5) is refused; "auto" then means "sdpa", as it does on a
+    heads. "flex" without a FlexAttention it can use (flex_available) is refused; "auto" then means "sdpa", as it does on a
     CUDA card older than Hopper (flex_measured_on)."""
     text = model.config.get_text_config(decoder=True)
     current = getattr(text, "_attn_implementation", None)
@@ -172,7 +180,7 @@ def set_grouped_decode_attention(model, on: bool | str = True) -> bool:
         raise ValueError(f"grouped attention kernel must be one of {', '.join(KERNELS)}, got {on!r}")
     if kernel in ("auto", "flex") and not flex_available():
         if kernel == "flex":
-            raise ValueError(f"the flex decode attention needs torch 2.5 or later (this is {torch.__version__})")
+            raise ValueError(f"the flex decode attention needs {FLEX_NEEDS} (this is torch {torch.__version__})")
         kernel = "sdpa"
     if kernel == "auto" and not flex_measured_on(_device_of(model)):
         kernel = "sdpa"
