@@ -256,3 +256,30 @@ def test_auto_puts_flex_in_the_compiled_step_only(model_and_processor, images, m
     assert len(CAPTURED) == 1 and "flex_attention" in CAPTURED[0].code
     monkeypatch.undo()
     assert cap.decoding_report(256)["attention"] == "auto: sdpa"  # a CPU: no flex at any size
+
+
+def test_a_batch_whose_flex_kernel_fails_is_decoded_again_with_the_grouped_sdpa(model_and_processor, images,
+                                                                                 monkeypatch, caplog):
+    """A flex kernel that does not compile (a card, torch or Triton it was never run on: here a compiler that
+    refuses any graph holding flex_attention) costs one retry of the batch, not the run: the same greedy
+    tokens, a warning, and the grouped sdpa for the rest of the run."""
+    model, processor = model_and_processor
+    fixed = {"max_tokens": 6, "min_tokens": 6}
+    want = token_ids(captioner(model, processor, grouped_attention="sdpa", **fixed), images[:3])
+    monkeypatch.setattr(grouped_module, "wants_flex", lambda rows, device, compiling: compiling)
+    refused = []
+
+    def no_flex_backend(gm, example_inputs):
+        if "flex_attention" in gm.code:
+            refused.append(1)
+            raise RuntimeError("triton: out of resource: shared memory, required: 264192")
+        return gm.forward
+
+    cap = captioner(model, processor, compile="on", compile_options={"backend": no_flex_backend},
+                    decode_loop="graph", **fixed)
+    with caplog.at_level("WARNING"):
+        assert token_ids(cap, images[:3]) == want
+    assert refused and decode_attention_kernel(model) == "sdpa"
+    assert "failed with FlexAttention" in caplog.text and "out of resource" in caplog.text
+    assert token_ids(cap, images[:3]) == want and len(refused) == 1  # later batches: no flex, no retry
+    assert cap.decoding_report(3)["attention"] == "sdpa"

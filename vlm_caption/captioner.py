@@ -18,7 +18,7 @@ import torch
 from .backends import (AUTO_BATCH_CAP, AUTO_BATCH_CPU, RETRY_NO_REPEAT_NGRAM, RETRY_REPETITION_PENALTY,
                        Caption)  # noqa: F401  (the engine's result type)
 from .batch_size import auto_batch_size, free_accelerator_memory, free_device_memory, is_out_of_memory
-from .grouped_attention import describe_decode_attention, set_grouped_decode_attention
+from .grouped_attention import describe_decode_attention, give_up_flex, may_use_flex, set_grouped_decode_attention
 from .image_prep import ImagePrep, unsupported_reason
 from .images import MODEL_IMAGE_SIZE
 from .quality import CHAT_MARKUP_RE
@@ -47,8 +47,7 @@ class Captioner:
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        # Decode steps read each KV head once instead of copying the cache per query head (grouped_attention.py:
-        # "auto" takes FlexAttention for compiled CUDA steps of many rows, the grouped sdpa otherwise).
+        # Decode steps read each KV head once, not a copy per query head (grouped_attention.py: auto, sdpa, flex).
         self.grouped_attention = set_grouped_decode_attention(model, grouped_attention)
         # None: on a GPU the loader threads only decode, the card resizes (image_prep.ImagePrep.to_device).
         self.resize_on_device = self.device.type == "cuda" if resize_on_device is None else resize_on_device
@@ -272,7 +271,7 @@ class Captioner:
                   retry: bool) -> Sequence[Caption]:
         n, inputs = assembled.rows, assembled.inputs
         rows = inputs["input_ids"].shape[0]
-        keys = list(keys) + [keys[-1]] * (rows - n)
+        given, keys = keys, list(keys) + [keys[-1]] * (rows - n)
         extra: dict[str, Any] = {}
         if self.static_decode is not None and self._fits_static(inputs["input_ids"].shape[-1]):
             name, extra[name] = self.static_decode.cache_for(rows)
@@ -298,6 +297,9 @@ class Captioner:
         except RuntimeError as e:  # torch.OutOfMemoryError included
             if self.static_decode is not None and is_out_of_memory(e):
                 self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back
+            elif may_use_flex(self.model, rows, self.device.type, self.static_decode is not None):
+                give_up_flex(self.model, e)  # (a compile error of dynamo or Triton is a RuntimeError too)
+                return self._generate(given, assembled, should_stop, retry)  # once: flex is off now
             raise
         # The copy to the host is queued, not done: generate's thread goes on to the next batch, and the reader
         # (the writer thread) waits for this event before it looks at the tokens (pinned memory, non_blocking).

@@ -204,6 +204,25 @@ def set_grouped_decode_attention(model, on: bool | str = True) -> bool:
     return text._attn_implementation in names
 
 
+def may_use_flex(model, rows: int, device_type: str, compiled: bool) -> bool:
+    """Whether a decode step of `rows` rows of `model` may have run FlexAttention (--decode-attention flex, or
+    auto where wants_flex takes it)."""
+    kernel = decode_attention_kernel(model)
+    return kernel == "flex" or (kernel == "auto" and wants_flex(rows, device_type, compiled))
+
+
+def give_up_flex(model, error: BaseException) -> None:
+    """A batch that may have run FlexAttention failed: the rest of the run decodes with the grouped sdpa, the
+    kernel earlier versions used, so a flex kernel that does not compile on some card, torch or Triton costs
+    one batch's retry, not the run (Captioner tries the batch once more at once)."""
+    from .errors import described
+
+    cause = getattr(error, "inner_exception", None) or error  # dynamo's BackendCompilerFailed wraps the compiler's
+    log.warning("decode: a batch failed with FlexAttention as its decode attention (%s); decoding with the grouped "
+                "sdpa from now on (--decode-attention sdpa skips flex from the start)", described(cause))
+    set_grouped_decode_attention(model, "sdpa")
+
+
 def flex_measured_on(device: torch.device) -> bool:
     """Whether "auto" may take flex for a model on `device`: any but a CUDA card older than Hopper (a CPU keeps
     "auto", which takes the grouped sdpa there: wants_flex)."""
