@@ -23,6 +23,7 @@ it took 0.255 ms at batch 256 against 0.369 for the grouped sdpa (whose default 
 0.201 ms: flex's time hardly grows with the batch). So "auto", the default, picks per compiled step:
 flex on CUDA while compiling for `FLEX_MIN_ROWS` rows or more, the grouped sdpa otherwise (eager steps
 too: flex is a compiled kernel); on a card older than Hopper, where flex is untimed, always the grouped sdpa.
+A batch that fails while flex may be in use turns it off for the rest of the run (give_up_flex).
 """
 from __future__ import annotations
 
