@@ -107,13 +107,13 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
     """How a Captioner decoded, for run_summary.json: the loop, the cache, the decode attention (for "auto",
     the kernel it takes at `rows`, the batch size the run ended with), and for continuous batching the decode
     steps it ran (per image, the number its schedule saves against whole batches)."""
-    from .grouped_attention import decode_attention_kernel, wants_flex
+    from .grouped_attention import decode_attention_kernel, may_use_flex
 
     loop = "continuous" if cap.continuous is not None else "graph" if cap.graph_decode is not None else "generate"
     attention = decode_attention_kernel(cap.model)
     if attention == "auto":  # a static cache is a compiled one (Captioner._static_decode)
-        compiled = cap.static_decode is not None
-        attention += ": flex" if rows and wants_flex(rows, cap.device.type, compiled) else ": sdpa"
+        flex = rows and may_use_flex(cap.model, rows, cap.device.type, cap.static_decode is not None)
+        attention += ": flex" if flex else ": sdpa"
     report: dict[str, Any] = {"loop": loop, "static_cache": cap.static_decode is not None, "attention": attention}
     ran = {**{slots: {"decode_steps": decoder.steps} for slots, decoder in (cap.continuous or {}).items()},
            **cap.continuous_failed}  # a stream that failed: its steps, and why the rest went in batches
