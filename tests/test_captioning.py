@@ -334,7 +334,8 @@ def test_captions_wait_for_the_copy_of_their_tokens_before_the_first_read():
     would read the block's old contents. The event is waited for once, before the first caption is made."""
     import torch
 
-    from vlm_caption.captioner import Caption, _DecodeLater
+    from vlm_caption.captioner import Caption
+    from vlm_caption.decode_loop import DecodeLater
 
     order: list[str] = []
 
@@ -346,7 +347,7 @@ def test_captions_wait_for_the_copy_of_their_tokens_before_the_first_read():
         order.append("read")
         return Caption(text=str(row.tolist()), finish="stop", tokens=row.numel())
 
-    later = _DecodeLater(torch.tensor([[1, 2], [3, 4]]), finish, Copied())
+    later = DecodeLater(torch.tensor([[1, 2], [3, 4]]), finish, Copied())
     assert len(later) == 2 and order == []  # nothing read, nothing waited for yet
     assert [c.text for c in later] == ["[1, 2]", "[3, 4]"]
     assert order == ["synchronize", "read", "read"]

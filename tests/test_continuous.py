@@ -141,7 +141,8 @@ def test_cli_continuous_captions_like_the_default_run(full_run, tiny_model_dir, 
     assert decoding["loop"] == "continuous" and decoding["static_cache"] and 0 < steps <= 5 * len(got)
     assert decoding["attention"] == "flex"
     default = json.loads((default_ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
-    assert default == {"batch_size": 4, "loop": "generate", "static_cache": False, "attention": "auto: sdpa"}
+    assert default == {"batch_size": 4, "loop": "generate", "static_cache": False, "attention": "auto: sdpa",
+                       "vision_tower": "eager"}
 
 
 def continuous_args(model, data, ckpt, *extra):

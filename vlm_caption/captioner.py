@@ -6,7 +6,6 @@ batching (continuous.py), on a static cache where one fits (static_decode.py).
 """
 from __future__ import annotations
 
-import collections.abc
 import functools
 import logging
 import threading
@@ -18,12 +17,14 @@ import torch
 from .backends import (AUTO_BATCH_CAP, AUTO_BATCH_CPU, RETRY_NO_REPEAT_NGRAM, RETRY_REPETITION_PENALTY,
                        Caption)  # noqa: F401  (the engine's result type)
 from .batch_size import auto_batch_size, free_accelerator_memory, free_device_memory, is_out_of_memory
+from .decode_loop import DecodeLater
 from .grouped_attention import describe_decode_attention, give_up_flex, may_use_flex, set_grouped_decode_attention
 from .image_prep import ImagePrep, unsupported_reason
 from .images import MODEL_IMAGE_SIZE
 from .quality import CHAT_MARKUP_RE
 from .sampling import SeededSampler
 from .vision_ahead import Ahead, VisionAhead
+from .vision_compile import give_up_vision_compile, set_vision_compile, vision_compiled
 
 log = logging.getLogger(__name__)
 
@@ -77,12 +78,16 @@ class Captioner:
 
     def _static_decode(self, compile: str, max_tokens: int, options: dict[str, Any]):
         """compile "auto" (on for CUDA), "on" or "off": a static full-attention KV cache with the decode
-        step compiled by generate (static_decode.py), or None for the default dynamic cache."""
+        step compiled by generate (static_decode.py), or None for the default dynamic cache; on, the vision
+        tower is compiled too."""
         from .static_decode import compile_wanted, prepare_static_decode
 
-        if not compile_wanted(compile, self.device):
-            return None
+        wanted = compile_wanted(compile, self.device)
         options = {"force_compile": self.device.type != "cuda", **options}
+        # The vision tower too (vision_compile.py); options["vision"] False: eager, for an A/B.
+        set_vision_compile(self.model, wanted and options.pop("vision", options.get("compile", True)), options)
+        if not wanted:
+            return None
         static, reason = prepare_static_decode(self.model, self.prompt_inputs["input_ids"].shape[-1] + max_tokens,
                                                **options)
         log.info("decode: %s", reason)
@@ -237,6 +242,7 @@ class Captioner:
         batch["pixel_values"] = pixels.to(self.device, non_blocking=True)
         return batch
 
+    @torch.inference_mode()  # inference tensors whichever thread assembles: compiled code guards on the kind
     def assemble(self, pixel_values: list[torch.Tensor], prompts: Sequence[str] | None = None) -> "_Assembled":
         """Pad (static decode: to a batch shape that already has a graph and a cache), stack, pin and copy;
         the pipeline runs it for the next batch while this one generates. `prompts`: one per row (templates)."""
@@ -295,11 +301,15 @@ class Captioner:
                 out = self.model.generate(**inputs, generation_config=config, **extra)
                 new_tokens = out[:, inputs["input_ids"].shape[-1]:]
         except RuntimeError as e:  # torch.OutOfMemoryError included
-            if self.static_decode is not None and is_out_of_memory(e):
-                self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back
+            if is_out_of_memory(e):  # the caller backs off
+                if self.static_decode is not None:
+                    self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back
             elif may_use_flex(self.model, rows, self.device.type, self.static_decode is not None):
                 give_up_flex(self.model, e)  # (a compile error of dynamo or Triton is a RuntimeError too)
                 return self._generate(given, assembled, should_stop, retry)  # once: flex is off now
+            elif vision_compiled(self.model):
+                give_up_vision_compile(self.model, e)
+                return self._generate(given, assembled, should_stop, retry)  # once: the tower is eager now
             raise
         # The copy to the host is queued, not done: generate's thread goes on to the next batch, and the reader
         # (the writer thread) waits for this event before it looks at the tokens (pinned memory, non_blocking).
@@ -308,7 +318,7 @@ class Captioner:
         if new_tokens.is_cuda:
             copied = torch.cuda.Event()
             copied.record(torch.cuda.current_stream(self.device))  # the stream the copy was queued on
-        return _DecodeLater(tokens, self._finish, copied)
+        return DecodeLater(tokens, self._finish, copied)
 
     def _graph_generate(self, inputs: dict[str, torch.Tensor], extra: dict[str, Any],
                         should_stop: Callable[[], bool] | None) -> torch.Tensor:
@@ -375,26 +385,3 @@ class _Assembled:
     rows: int  # real rows; the inputs may hold pad rows after them
     inputs: dict[str, torch.Tensor]
     ahead: Ahead | None = None  # the image features, computed while the previous batch decoded
-
-
-class _DecodeLater(collections.abc.Sequence):
-    """Captions decoded from token ids on first access: in the pipeline, on its writer thread.
-
-    On CUDA the ids arrive by a non-blocking copy into pinned memory: `copied` is the event after it, waited
-    for before the first read (reading earlier gives whatever the pinned block held before, silently)."""
-
-    def __init__(self, tokens: torch.Tensor, finish: Callable[[torch.Tensor], Caption], copied: Any = None):
-        self._tokens, self._finish, self._copied, self._captions = tokens, finish, copied, None
-
-    def _all(self) -> list[Caption]:
-        if self._captions is None:
-            if self._copied is not None:
-                self._copied.synchronize()
-            self._captions = [self._finish(row) for row in self._tokens]
-        return self._captions
-
-    def __len__(self) -> int:
-        return self._tokens.shape[0]
-
-    def __getitem__(self, i):
-        return self._all()[i]

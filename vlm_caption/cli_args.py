@@ -163,7 +163,8 @@ def caption_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--num-loader-workers", metavar="N|auto", type=auto_or_int, default=D.num_loader_workers,
                    help="image decode threads; auto: cores - 1 (default: auto)")
     g.add_argument("--compile", metavar="|".join(COMPILE_CHOICES), default=D.compile, choices=COMPILE_CHOICES,
-                   help="static KV cache + torch.compile; auto: on for CUDA (default: %(default)s)")
+                   help="static KV cache + compiled decode step and vision tower; auto: on for CUDA "
+                        "(default: %(default)s)")
     g.add_argument("--decode-loop", metavar="LOOP", default=D.decode_loop, choices=DECODE_LOOPS,
                    help=f"{', '.join(DECODE_LOOPS[1:])}; auto: graph on CUDA, else generate (default: %(default)s)")
     g.add_argument("--decode-attention", metavar="KERNEL", default=D.decode_attention, choices=DECODE_ATTENTIONS,

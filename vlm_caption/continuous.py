@@ -249,7 +249,7 @@ def stream_captions(cap, next_chunk: Callable[[bool], tuple[Any, Any] | None], s
     """Captioner.caption_stream: (tag, captions decoded on first access) per chunk, as chunks finish; (tag, None)
     for a chunk handed back: its templated prompts outgrow the ring (sized by UTF-8 bytes, a proxy for tokens),
     batches decode it with the dynamic cache, the stream goes on."""
-    from .captioner import _DecodeLater
+    from .decode_loop import DecodeLater
 
     def prefilled(wait: bool) -> Prefilled | HandedBack | None:
         got = next_chunk(wait)
@@ -262,7 +262,7 @@ def stream_captions(cap, next_chunk: Callable[[bool], tuple[Any, Any] | None], s
     decoder = decoder_for(cap, slots)
     try:
         for tag, ids in decoder.run(prefilled, chunk_rows(slots), should_stop):
-            yield tag, None if ids is None else _DecodeLater(ids, cap._finish)
+            yield tag, None if ids is None else DecodeLater(ids, cap._finish)
     except BaseException as e:
         cap.continuous.pop(slots, None)  # its ring cache: the batches that take over need the memory
         if isinstance(e, Exception):  # (not a stop) what run_summary says of it: the rest went in batches

@@ -17,9 +17,13 @@ retry settings (repetition penalty, no repeated n-grams) keep `generate`.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+import collections.abc
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+
+if TYPE_CHECKING:
+    from .backends import Caption
 
 SYNC_EVERY = 16  # steps between looks at the finished flags (each look waits for the device)
 
@@ -105,7 +109,8 @@ class StopWhen:
 
 def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
     """How a Captioner decoded, for run_summary.json: the loop, the cache, the decode attention (for "auto",
-    the kernel it takes at `rows`, the batch size the run ended with), and for continuous batching the decode
+    the kernel it takes at `rows`, the batch size the run ended with), the vision tower (compiled or eager,
+    vision_compile.py), and for continuous batching the decode
     steps it ran (per image, the number its schedule saves against whole batches)."""
     from .grouped_attention import decode_attention_kernel, may_use_flex
 
@@ -114,7 +119,10 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
     if attention == "auto":  # a static cache is a compiled one (Captioner._static_decode)
         flex = rows and may_use_flex(cap.model, rows, cap.device.type, cap.static_decode is not None)
         attention += ": flex" if flex else ": sdpa"
-    report: dict[str, Any] = {"loop": loop, "static_cache": cap.static_decode is not None, "attention": attention}
+    from .vision_compile import vision_compiled
+
+    report: dict[str, Any] = {"loop": loop, "static_cache": cap.static_decode is not None, "attention": attention,
+                              "vision_tower": "compiled" if vision_compiled(cap.model) else "eager"}
     ran = {**{slots: {"decode_steps": decoder.steps} for slots, decoder in (cap.continuous or {}).items()},
            **cap.continuous_failed}  # a stream that failed: its steps, and why the rest went in batches
     if ran:
@@ -122,3 +130,26 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
 
         report["continuous"] = {str(slots): {"chunk_rows": chunk_rows(slots), **what} for slots, what in ran.items()}
     return report
+
+
+class DecodeLater(collections.abc.Sequence):
+    """Captions decoded from token ids on first access: in the pipeline, on its writer thread.
+
+    On CUDA the ids arrive by a non-blocking copy into pinned memory: `copied` is the event after it, waited
+    for before the first read (reading earlier gives whatever the pinned block held before, silently)."""
+
+    def __init__(self, tokens: torch.Tensor, finish: Callable[[torch.Tensor], Caption], copied: Any = None):
+        self._tokens, self._finish, self._copied, self._captions = tokens, finish, copied, None
+
+    def _all(self) -> list[Caption]:
+        if self._captions is None:
+            if self._copied is not None:
+                self._copied.synchronize()
+            self._captions = [self._finish(row) for row in self._tokens]
+        return self._captions
+
+    def __len__(self) -> int:
+        return self._tokens.shape[0]
+
+    def __getitem__(self, i):
+        return self._all()[i]
