@@ -1,38 +1,41 @@
 #!/usr/bin/env bash
-# The next GPU session's run (BENCHMARKS.md §6 run 4 measured the one before), in three parts, in the order
-# to run them. check and cont fit one device call together (`check,cont`: each part's timeout is cut to what
+# The next GPU session's run (BENCHMARKS.md §6 run 4 measured the one before), in four parts, in the order
+# to run them. check and diag fit one device call together (`check,diag`: each part's timeout is cut to what
 # is left of GPU_AB_SECONDS, default 590, from the script's start; a device call with timeout 595 s); then
-# diag at once (the machine stays warm 30 s), and only if 4+ device minutes are left:
-#   check  gpu_check.py at batch 128, where --decode-attention auto starts taking FlexAttention (run 4: flex
-#          1.45x faster a layer at 256, 1.22x slower at 64, 128 unmeasured): the graph loop with the grouped
-#          sdpa vs with flex; then the whole pipeline over 1024 images at batch 256 with the product's
-#          defaults (the graph loop, auto = flex there: run 4 timed flex in bare batches only), rated over
-#          the batches between the first and the last (<= 6 min)
-#   cont   bench_continuous.py: --decode-loop continuous against whole batches of 256, the 4B, 1024 images
-#          at caption lengths drawn from 50-200 tokens, chunks of 32 (the default) and 16, with the default
-#          decode attention (flex at 256 slots; run 4 timed chunks of 32 with the grouped sdpa: 1.07x) (<= 5 min)
+# thresh,cont at once (the machine stays warm 30 s), only if 4+ device minutes are left:
+#   check  gpu_check.py at batch 256: the graph loop with FlexAttention (auto's pick there) and the vision
+#          tower compiled, as --compile now does (vision_compile.py; run 3 timed the tower alone 1.18x at 64),
+#          against the same with the tower eager (= run 4's 27.48 img/s setting); then the whole pipeline
+#          over 1024 images at batch 256 with the product's defaults, rated over the batches between the
+#          first and the last (<= 6 min)
 #   diag   decode_diag.py, batch 256: one layer's decode attention alone, grouped vs transformers' sdpa vs
 #          FlexAttention vs grouped on the efficient / cuDNN / math sdpa kernels (run 4, one layer at 256:
 #          efficient 0.244 ms, flex 0.255, torch's pick 0.369), at 536 and 576 cache slots; the vision tower
-#          on 64 images on each sdpa kernel (flash, cuDNN, efficient) and compiled; a profile of a compiled
-#          generate and of a prefill (<= 4 min)
+#          on 64 images on each sdpa kernel (flash, cuDNN, efficient) and compiled as --compile does; a
+#          profile of a compiled generate and of a prefill (<= 4 min)
+#   thresh gpu_check.py at batch 128, where --decode-attention auto starts taking FlexAttention (run 4: flex
+#          1.45x faster a layer at 256, 1.22x slower at 64, 128 unmeasured): the graph loop with the grouped
+#          sdpa vs with flex (<= 4 min)
+#   cont   bench_continuous.py: --decode-loop continuous against whole batches of 256, the 4B, 1024 images
+#          at caption lengths drawn from 50-200 tokens, chunks of 32 (the default) and 16, with the default
+#          decode attention (flex at 256 slots; run 4 timed chunks of 32 with the grouped sdpa: 1.07x) (<= 5 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
-#   bash benchmarks/gpu_ab.sh OUT_DIR [check|diag|cont|all]      (or a comma list: check,cont; all = all three)
+#   bash benchmarks/gpu_ab.sh OUT_DIR [check|diag|thresh|cont|all]   (or a comma list: check,diag; all = all four)
 #     -> OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log},
-#        OUT_DIR/cont/bench_continuous.log
+#        OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log
 set -uo pipefail
-usage() { sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
 case ${1:-} in
     -h|--help) usage; exit 0 ;;
     -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;
 esac
 parts=${2:-all}
-[[ $parts == all ]] && parts=check,cont,diag
+[[ $parts == all ]] && parts=check,diag,thresh,cont
 IFS=, read -ra wanted <<< "$parts"
 for part in "${wanted[@]}"; do
     case $part in
-        check|diag|cont) ;;
-        *) echo "gpu_ab.sh: unknown part '$part' (check, diag, cont, all, or a comma list of them)" >&2
+        check|diag|thresh|cont) ;;
+        *) echo "gpu_ab.sh: unknown part '$part' (check, diag, thresh, cont, all, or a comma list of them)" >&2
            usage >&2; exit 2 ;;
     esac
 done
@@ -49,27 +52,19 @@ PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/gpu.txt" || true
 # Each script stops starting sections at its --budget-s and rewrites its JSON after each one: the timeout
 # keeps every finished section.
-if want check; then
-  t=$(timeout_for 360)
-  if ((t == 0)); then skipped check; else
-    mkdir -p "$out/check"
-    timeout "$t" "$PY" benchmarks/gpu_check.py --out "$out/check" --eager-batches --compiled-batches \
-        --graph-batches 128 --graph-flex-batches 128 --loop-images 0 --timed-batches 3 --pipeline-images 1024 \
-        --pipeline-batch 256 --pipeline-runs graph --loader-images 48 --budget-s 300 > "$out/check/gpu_check.log" 2>&1
-    echo "gpu_check exit $?" | tee -a "$out/gpu.txt"
-    cat "$out/check/gpu_check.md" 2>/dev/null
-  fi
-fi
-if want cont; then
-  t=$(timeout_for 290)
-  if ((t == 0)); then skipped cont; else
-    mkdir -p "$out/cont"
-    timeout "$t" "$PY" benchmarks/bench_continuous.py --preset gemma-3-4b --images 1024 --slots 256 \
-        --max-tokens 200 --min-frac 0.25 --chunk-rows 32 16 --rounds 1 > "$out/cont/bench_continuous.log" 2>&1
-    echo "bench_continuous exit $?" | tee -a "$out/gpu.txt"
-    grep '^{' "$out/cont/bench_continuous.log" | cut -c1-1500
-  fi
-fi
+# gpu_check.py into OUT/$1 with its other arguments, at most $2 seconds (cut to the deadline).
+gpu_check() {
+  local part=$1 limit=$2; shift 2
+  local t; t=$(timeout_for "$limit")
+  if ((t == 0)); then skipped "$part"; return; fi
+  mkdir -p "$out/$part"
+  timeout "$t" "$PY" benchmarks/gpu_check.py --out "$out/$part" --eager-batches --compiled-batches --graph-batches \
+      --loop-images 0 --timed-batches 3 --loader-images 48 "$@" > "$out/$part/gpu_check.log" 2>&1
+  echo "gpu_check ($part) exit $?" | tee -a "$out/gpu.txt"
+  cat "$out/$part/gpu_check.md" 2>/dev/null
+}
+want check && gpu_check check 360 --graph-flex-batches 256 --vision-eager-batches 256 --pipeline-images 1024 \
+    --pipeline-batch 256 --pipeline-runs graph --budget-s 300
 if want diag; then
   t=$(timeout_for 225)
   if ((t == 0)); then skipped diag; else
@@ -79,5 +74,16 @@ if want diag; then
         > "$out/diag/decode_diag.log" 2>&1
     echo "decode_diag exit $?" | tee -a "$out/gpu.txt"
     grep '^{' "$out/diag/decode_diag.log" | cut -c1-1500
+  fi
+fi
+want thresh && gpu_check thresh 240 --graph-batches 128 --graph-flex-batches 128 --pipeline-images 0 --budget-s 200
+if want cont; then
+  t=$(timeout_for 290)
+  if ((t == 0)); then skipped cont; else
+    mkdir -p "$out/cont"
+    timeout "$t" "$PY" benchmarks/bench_continuous.py --preset gemma-3-4b --images 1024 --slots 256 \
+        --max-tokens 200 --min-frac 0.25 --chunk-rows 32 16 --rounds 1 > "$out/cont/bench_continuous.log" 2>&1
+    echo "bench_continuous exit $?" | tee -a "$out/gpu.txt"
+    grep '^{' "$out/cont/bench_continuous.log" | cut -c1-1500
   fi
 fi

@@ -40,13 +40,16 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     assert not result["skipped"]
     assert [x["batch"] for x in result["eager"]] == [2, 4] and [x["batch"] for x in result["compiled"]] == [2, 4]
     assert [x["batch"] for x in result["graph"]] == [2, 4] and [x["batch"] for x in result["graph_flex"]] == [4]
-    graphs = result["graph"] + result["graph_flex"]
+    assert [x["batch"] for x in result["vision_eager"]] == [4]
+    graphs = result["graph"] + result["graph_flex"] + result["vision_eager"]
     for entry in result["eager"] + result["compiled"] + graphs:
         assert "error" not in entry, entry
         assert entry["img_s"] > 0 and entry["tokens_s"] > 0
         assert entry["generate_share"] is None if entry in graphs else 0 < entry["generate_share"] <= 1
+    # graphs: the decode step's (vision_eager's is graph_flex's, already built) + the vision tower's where new
     for entry in result["compiled"] + graphs:
-        assert entry["graphs_built"] == 1 and entry["graph_breaks"] == 0
+        assert (entry in result["vision_eager"] or entry["graphs_built"] >= 1) and entry["graphs_built"] <= 3
+        assert entry["graph_breaks"] == 0
     assert result["loop"]["img_s"] > 0
     assert {name: x["images"] for name, x in result["loader"].items()} == {"fast": 6, "device": 6}
     for key, label in (("pipeline", "compiled"), ("pipeline_overlap", "compiled, --vision-overlap"),
@@ -95,7 +98,8 @@ def test_decode_diag_cpu_smoke_splits_prefill_and_decode(tmp_path):
         split = result[name]
         assert split["short_s"] > 0 and split["long_s"] > 0 and isinstance(split["decode_step_ms"], float), split
     assert result["compiled"]["grouped_attention"] is True
-    assert result["counters"]["stats"]["unique_graphs"] == 1 and not result["counters"].get("graph_break")
+    # the decode step's graph, the vision tower's and the projector's (--compile compiles them too)
+    assert result["counters"]["stats"]["unique_graphs"] == 3 and not result["counters"].get("graph_break")
     assert all(result["profile"][run]["top_cpu_ms"] for run in ("generate", "prefill"))
     assert "== prefill" in (tmp_path / "profile.txt").read_text()
     # the grouped attention and FlexAttention against transformers' sdpa, same numbers, at two cache lengths
@@ -119,10 +123,15 @@ def test_gpu_ab_script_passes_flags_its_scripts_know(tmp_path):
     import re
     import shlex
 
-    text = (REPO / "benchmarks" / "gpu_ab.sh").read_text()
+    text = (REPO / "benchmarks" / "gpu_ab.sh").read_text().replace("\\\n", " ")
     assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_ab.sh")]).returncode == 0
-    calls = re.findall(r'benchmarks/(\w+)\.py (.*?)(?:>|$)', text.replace("\\\n", " "), flags=re.M)
+    calls = re.findall(r'benchmarks/(\w+)\.py (.*?)(?:>|$)', text, flags=re.M)
     assert {name for name, _ in calls} == {"bench_continuous", "decode_diag", "gpu_check"}
+    # the gpu_check function's own flags, then each part's ("$@")
+    parts = re.findall(r'^want \w+ && gpu_check (\w+) \d+ (.*)$', text, flags=re.M)
+    assert {part for part, _ in parts} == {"check", "thresh"}
+    calls = [(name, flags.replace('"$part"', part).replace('"$@"', more)) for name, flags in calls
+             for part, more in (parts if '"$@"' in flags else [("", "")])]
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         for name, flags in calls:
@@ -159,7 +168,7 @@ def test_gpu_ab_help_and_a_wrong_part_run_nothing(tmp_path):
     env = {**os.environ, "PYTHON": "false"}  # a python that ran would fail the checks below
     shown = subprocess.run(["bash", str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=60)
-    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [check|diag|cont|all]" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [check|diag|thresh|cont|all]" in shown.stdout, shown.stderr
     wrong = subprocess.run(["bash", str(script), str(tmp_path / "out"), "chek"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "unknown part 'chek'" in wrong.stderr
