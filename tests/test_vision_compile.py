@@ -80,3 +80,33 @@ def test_set_vision_compile_leaves_a_model_without_a_tower_alone():
         pass
 
     assert set_vision_compile(TextOnly(), True) is False and not vision_compiled(TextOnly())
+
+
+def test_with_vision_overlap_a_failing_compiled_tower_is_given_up_on_the_assembling_side(model_and_processor, images,
+                                                                                           caplog):
+    """--vision-overlap runs the tower where the next batch is assembled, outside generate: a compiled tower that
+    fails there is given up for the run too, and the batch gets its features from the eager tower."""
+    model, processor = model_and_processor
+    fixed = {"max_tokens": 6, "min_tokens": 6}
+    want = token_ids(captioner(model, processor, **fixed), images[:3])
+    refused = []
+
+    def no_vision_backend(gm, example_inputs):
+        if is_vision_graph(gm):
+            refused.append(1)
+            raise RuntimeError("inductor: no C++ compiler")
+        return gm.forward
+
+    cap = captioner(model, processor, compile="on", compile_options={"backend": no_vision_backend},
+                    vision_overlap=True, **fixed)
+    pixels = [cap.prepare(im) for im in images[:3]]
+    with caplog.at_level("WARNING"):
+        assembled = cap.assemble(pixels)  # the tower runs here, with the next batch's copies
+    assert assembled.ahead is not None and refused == [1] and not vision_compiled(model)
+    assert "failed with the tower compiled" in caplog.text and "no C++ compiler" in caplog.text
+    assert cap.vision_ahead.misses == 0
+    rows = []
+    real = cap._finish
+    cap._finish = lambda tokens: rows.append(tokens.tolist()) or real(tokens)
+    list(cap.generate([f"k{i}" for i in range(3)], assembled))
+    assert rows == want and cap.vision_ahead.misses == 0  # the prefill took the features served, not the tower

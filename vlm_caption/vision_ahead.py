@@ -94,13 +94,27 @@ class VisionAhead:
         if last is not None and len(last[0]) == len(images) and all(a is b for a, b in zip(last[0], images)):
             features = last[1]
         else:
-            features = self.compute(pixel_values, return_dict=True).pooler_output
+            features = self._features(pixel_values)
             self._last = (list(images), features)  # holds the images: their ids stay theirs
         event = None
         if self.stream is not None:  # recorded anew each time: it must also cover this batch's own copies
             event = torch.cuda.Event()
             event.record(self.stream)
         return Ahead(features, event)
+
+    def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The tower's output for `pixel_values`; a compiled tower that fails here (the assembling thread, not
+        generate's) is given up for the run and run again eagerly, as Captioner._generate does."""
+        from .batch_size import is_out_of_memory
+        from .vision_compile import give_up_vision_compile, vision_compiled
+
+        try:
+            return self.compute(pixel_values, return_dict=True).pooler_output
+        except RuntimeError as e:
+            if is_out_of_memory(e) or not vision_compiled(self.inner):
+                raise
+            give_up_vision_compile(self.inner, e)
+            return self.compute(pixel_values, return_dict=True).pooler_output
 
     @contextlib.contextmanager
     def serving(self, inputs: dict[str, torch.Tensor], ahead: Ahead | None) -> Iterator[None]:

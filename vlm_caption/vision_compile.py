@@ -10,8 +10,9 @@ no CUDA graphs: a graph would keep a whole batch's vision activations in its own
 size changes with the last batch and the out-of-memory back-off. The first batch of a new size recompiles
 once with the batch dimension dynamic (torch's automatic dynamic shapes), so a run compiles the tower at
 most twice, and a third time for a batch of one row (torch specialises a size of 1; the decode step
-compiles a graph for every padded batch size anyway). A batch that fails while the tower is compiled gives the compiled tower up (a warning with the
-compiler's own error) and is tried once more at once (Captioner._generate), as with FlexAttention.
+compiles a graph for every padded batch size anyway). A batch that fails while the tower is compiled gives
+the compiled tower up (a warning with the compiler's own error) and is tried once more at once
+(Captioner._generate; VisionAhead for --vision-overlap), as with FlexAttention.
 """
 from __future__ import annotations
 
