@@ -4,8 +4,8 @@
 gpu_check.py measures whole batches; this splits them. On the real-size random-weight Gemma 3 4B (bf16,
 built on the card), one batch of --batch images, one fixed prompt:
 
-  (in this order: compiled, attention, vision, compiled_repeat_kv, graph, profile, eager, gil, hf_static;
-  each is skipped once --budget-s is spent)
+  (in this order: compiled, attention, vision, prefill, compiled_repeat_kv, graph, profile, eager, gil,
+  hf_static; each is skipped once --budget-s is spent)
 
   split      generate at --short and --long new tokens (min = max): the difference / (long - short) is
              the time of one decode step, the rest of the short run is prefill (SigLIP + the prompt);
@@ -18,7 +18,9 @@ built on the card), one batch of --batch images, one fixed prompt:
              (auto's pick from 128 rows on CUDA) vs the grouped one pinned to the efficient, cuDNN and math
              sdpa kernels, compiled
   vision     the vision tower + projector alone on up to 64 images (its share of prefill): eager, eager on
-             each sdpa kernel (flash, cuDNN, efficient), and compiled
+             each sdpa kernel (flash, cuDNN, efficient), and compiled as --compile compiles it
+  prefill    the whole prefill forward alone on up to 64 images, eager vs compiled (the vision tower
+             compiled on both sides): what compiling the language model's prefill would add
   counters   torch._dynamo's inductor / graph-break / recompile counters after the compiled run (a
              CUDA-graph skip shows as inductor.cudagraph_skips; run with TORCH_LOGS=perf_hints to see why)
   profile    torch.profiler over a compiled generate of --profile-tokens tokens and over a prefill alone:
@@ -51,7 +53,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import PROMPT  # noqa: E402  (the same prompt as the GPU check)
 
 
-SECTIONS = ("compiled", "attention", "vision", "compiled_repeat_kv", "graph", "profile", "eager", "gil", "hf_static")
+SECTIONS = ("compiled", "attention", "vision", "prefill", "compiled_repeat_kv", "graph", "profile", "eager", "gil",
+            "hf_static")
 
 
 def parse_args(argv=None):
@@ -171,6 +174,18 @@ def main(argv=None) -> int:
                                   for row in bench_attention.measure(device.type, preset, [args.batch], cache_len=slots,
                                                                      rounds=3 if args.cpu_smoke else 5,
                                                                      backends=["math"] if args.cpu_smoke else None)])
+    def best(fn) -> float:
+        """The best of 3 timed calls of `fn`, after one untimed (first kernels, compilation)."""
+        fn()
+        times = []
+        for _ in range(3):
+            sync()
+            start = time.perf_counter()
+            fn()
+            sync()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
     def vision() -> dict:
         """The vision tower + projector alone (its share of prefill), on up to 64 images: eager, eager with
         torch's sdpa pinned to each attention kernel (SigLIP's 4,096-token attention is 38 % of its FLOP; by
@@ -185,17 +200,6 @@ def main(argv=None) -> int:
         pixels = compiled.assemble(images).inputs["pixel_values"]
         tower = lambda: model.get_image_features(pixel_values=pixels)  # noqa: E731
         set_vision_compile(model, False)  # eager first: the compiled captioners above compiled it
-
-        def best(fn) -> float:
-            fn()
-            times = []
-            for _ in range(3):
-                sync()
-                start = time.perf_counter()
-                fn()
-                sync()
-                times.append(time.perf_counter() - start)
-            return min(times)
 
         def features(out) -> torch.Tensor:  # an output whose pooler_output is the projected image tokens
             return out if torch.is_tensor(out) else out.pooler_output
@@ -222,6 +226,36 @@ def main(argv=None) -> int:
                 "ms_per_image": round(1000 * eager_s / count, 2), "sdpa_kernels": kernels}
 
     section("vision", vision)
+
+    def prefill() -> dict:
+        """The whole prefill forward alone (vision tower + language model over the prompt, the last token's
+        logits, no cache) on up to 64 images, eager vs torch.compile'd (static shape), the vision tower
+        compiled on both sides as --compile does: what compiling the language model's prefill would add
+        (generate runs it eagerly)."""
+        from vlm_caption.vision_compile import set_vision_compile
+
+        count = min(args.batch, 64)
+        images = [compiled.prepare(dataset.load_image(paths[i % len(paths)], compiled.target_size))
+                  for i in range(count)]
+        inputs = compiled.assemble(images).inputs
+        set_vision_compile(model, True, options)
+        fast = torch.compile(model, dynamic=False, **options)
+        graphs0, breaks0 = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        with torch.inference_mode():
+            logits = model(**inputs, use_cache=False, logits_to_keep=1).logits.float()
+            eager_s = best(lambda: model(**inputs, use_cache=False, logits_to_keep=1))
+            t0 = time.perf_counter()
+            diff = (fast(**inputs, use_cache=False, logits_to_keep=1).logits.float() - logits).abs().max().item()
+            compile_s = time.perf_counter() - t0
+            compiled_s = best(lambda: fast(**inputs, use_cache=False, logits_to_keep=1))
+        return {"images": count, "prompt_tokens": int(inputs["input_ids"].shape[-1]),
+                "eager_ms_per_image": round(1000 * eager_s / count, 2),
+                "compiled_ms_per_image": round(1000 * compiled_s / count, 2), "speedup": round(eager_s / compiled_s, 2),
+                "compile_s": round(compile_s, 1), "max_abs_logit_diff": diff,
+                "graphs": counters["stats"]["unique_graphs"] - graphs0,
+                "graph_breaks": sum(counters["graph_break"].values()) - breaks0}
+
+    section("prefill", prefill)
     section("compiled_repeat_kv", lambda: {**split(captioner("on", args.long, grouped=False)),
                                            "attention": "transformers' sdpa (repeat_kv every layer, every step)"})
     compiled.grouped_attention = set_grouped_decode_attention(model, "auto")  # the sections below: the default again

@@ -101,6 +101,9 @@ def test_decode_diag_cpu_smoke_splits_prefill_and_decode(tmp_path):
     # the decode step's graph, the vision tower's and the projector's (--compile compiles them too)
     assert result["counters"]["stats"]["unique_graphs"] == 3 and not result["counters"].get("graph_break")
     assert all(result["profile"][run]["top_cpu_ms"] for run in ("generate", "prefill"))
+    prefill = result["prefill"]  # the whole prefill forward, eager vs compiled: the same logits
+    assert prefill["eager_ms_per_image"] > 0 and prefill["compiled_ms_per_image"] > 0 and prefill["graphs"] >= 1
+    assert prefill["max_abs_logit_diff"] < 1e-4 and prefill["graph_breaks"] >= 0
     assert "== prefill" in (tmp_path / "profile.txt").read_text()
     # the grouped attention and FlexAttention against transformers' sdpa, same numbers, at two cache lengths
     assert len({row["cache_len"] for row in result["attention"]}) == 2
