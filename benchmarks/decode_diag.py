@@ -174,6 +174,7 @@ def main(argv=None) -> int:
                                   for row in bench_attention.measure(device.type, preset, [args.batch], cache_len=slots,
                                                                      rounds=3 if args.cpu_smoke else 5,
                                                                      backends=["math"] if args.cpu_smoke else None)])
+
     def best(fn) -> float:
         """The best of 3 timed calls of `fn`, after one untimed (first kernels, compilation)."""
         fn()
