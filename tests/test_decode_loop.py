@@ -2,6 +2,8 @@
 compiled step per token. Greedy tokens must be generate's, in every shape a run meets."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -100,8 +102,8 @@ def test_graph_loop_under_inductor(model_and_processor, images):
 
 
 def test_cli_graph_loop_captions_like_the_default_run(full_run, tiny_model_dir, sample_data_dir, tmp_path):
-    """batched_image_inference.py --compile on --decode-loop graph (inductor on the CPU): the same captions
-    as the default run of the same data, every key once."""
+    """batched_image_inference.py --compile on --decode-loop graph (inductor on the CPU, the vision tower
+    compiled too): the same captions as the default run of the same data, every key once."""
     from batched_image_inference import main
 
     code, default_ckpt = full_run
@@ -113,6 +115,8 @@ def test_cli_graph_loop_captions_like_the_default_run(full_run, tiny_model_dir, 
     assert sorted(got.index) == sorted(want.index) and len(all_keys(ckpt)) == len(got)
     assert got.loc[want.index, "vlm_caption"].tolist() == want["vlm_caption"].tolist()
     assert got.loc[want.index, "caption_tokens"].tolist() == want["caption_tokens"].tolist()
+    decoding = json.loads((ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
+    assert decoding["loop"] == "graph" and decoding["vision_tower"] == "compiled"
 
 
 def test_auto_picks_the_graph_loop_only_where_it_was_measured_faster(model_and_processor, monkeypatch):
