@@ -110,3 +110,30 @@ def test_with_vision_overlap_a_failing_compiled_tower_is_given_up_on_the_assembl
     cap._finish = lambda tokens: rows.append(tokens.tolist()) or real(tokens)
     list(cap.generate([f"k{i}" for i in range(3)], assembled))
     assert rows == want and cap.vision_ahead.misses == 0  # the prefill took the features served, not the tower
+
+
+def test_out_of_memory_gives_up_neither_the_compiled_tower_nor_flex(model_and_processor, images, monkeypatch):
+    """Out of memory is the caller's to back off from (a smaller batch), not a kernel's fault: the batch raises
+    it at once with the tower still compiled and flex still the decode attention (explicit flex without the
+    static cache gave flex up on an out-of-memory error before)."""
+    import pytest
+
+    from vlm_caption.grouped_attention import decode_attention_kernel
+
+    model, processor = model_and_processor
+    for kw in ({"compile": "on", "compile_options": {"backend": counting_backend}},
+               {"compile": "off", "grouped_attention": "flex"}):
+        cap = captioner(model, processor, max_tokens=4, min_tokens=4, **kw)
+        calls = []
+
+        def no_memory(*a, **k):
+            calls.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.40 GiB")
+
+        monkeypatch.setattr(model, "generate", no_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            token_ids(cap, images[:2])
+        monkeypatch.undo()
+        assert calls == [1], kw  # no retry at the same size
+        assert vision_compiled(model) is (kw["compile"] == "on")
+        assert decode_attention_kernel(model) == kw.get("grouped_attention", "auto")
