@@ -329,30 +329,6 @@ def test_dummy_backend_is_deterministic_and_batch_independent(sample_data_dir):
     assert all(c.tokens <= 12 for c in batched)
 
 
-def test_captions_wait_for_the_copy_of_their_tokens_before_the_first_read():
-    """On CUDA the ids come back by a non-blocking copy into pinned memory: reading before its event is done
-    would read the block's old contents. The event is waited for once, before the first caption is made."""
-    import torch
-
-    from vlm_caption.captioner import Caption
-    from vlm_caption.decode_loop import DecodeLater
-
-    order: list[str] = []
-
-    class Copied:  # stands in for the torch.cuda.Event recorded after the copy
-        def synchronize(self):
-            order.append("synchronize")
-
-    def finish(row: torch.Tensor) -> Caption:
-        order.append("read")
-        return Caption(text=str(row.tolist()), finish="stop", tokens=row.numel())
-
-    later = DecodeLater(torch.tensor([[1, 2], [3, 4]]), finish, Copied())
-    assert len(later) == 2 and order == []  # nothing read, nothing waited for yet
-    assert [c.text for c in later] == ["[1, 2]", "[3, 4]"]
-    assert order == ["synchronize", "read", "read"]
-
-
 def test_a_signal_while_the_last_rows_are_recorded_still_writes_them(sample_data_dir, tmp_path, monkeypatch):
     """The end of captioning waits for the writer thread. A signal there raised in the middle of the wait: the
     main thread flushed while the writer thread was still adding the last batch's rows, which then stayed

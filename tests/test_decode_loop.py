@@ -136,3 +136,25 @@ def test_auto_picks_the_graph_loop_only_where_it_was_measured_faster(model_and_p
     cap.temperature = 0.0  # --device-map auto spreading the model (some layers offloaded): no graph loop
     monkeypatch.setattr(model, "hf_device_map", {"vision_tower": 0, "language_model": "cpu"}, raising=False)
     assert cap._graph_decode("auto", {}) is None and cap._graph_decode("graph", {}) is None
+
+
+def test_captions_wait_for_the_copy_of_their_tokens_before_the_first_read():
+    """On CUDA the ids come back by a non-blocking copy into pinned memory: reading before its event is done
+    would read the block's old contents. The event is waited for once, before the first caption is made."""
+    from vlm_caption.captioner import Caption
+    from vlm_caption.decode_loop import DecodeLater
+
+    order: list[str] = []
+
+    class Copied:  # stands in for the torch.cuda.Event recorded after the copy
+        def synchronize(self):
+            order.append("synchronize")
+
+    def finish(row: torch.Tensor) -> Caption:
+        order.append("read")
+        return Caption(text=str(row.tolist()), finish="stop", tokens=row.numel())
+
+    later = DecodeLater(torch.tensor([[1, 2], [3, 4]]), finish, Copied())
+    assert len(later) == 2 and order == []  # nothing read, nothing waited for yet
+    assert [c.text for c in later] == ["[1, 2]", "[3, 4]"]
+    assert order == ["synchronize", "read", "read"]
