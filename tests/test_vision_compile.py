@@ -1,19 +1,23 @@
 """The vision tower compiled with the decode step (vlm_caption/vision_compile.py), on the tiny Gemma 3 (CPU):
-the same tokens, one graph per module and at most one recompile for a new batch size, the tower eager when
-compile is off, and a compiled tower that fails given up for the run after one retry of the batch."""
+the same tokens, one graph per module for every batch size (one more for a single row), the tower eager when
+compile is off, and a compiled tower that fails given up for the run after one retry of the batch, with
+nothing else given up for it and nothing else blamed on it."""
 from __future__ import annotations
 
+import json
 import threading
 
+import pytest
 import torch
 
 from test_decode_loop import token_ids
 from test_static_decode import (CAPTURED, VISION_CAPTURED, captioner, counting_backend, images,  # noqa: F401
                                 is_vision_graph, model_and_processor)
+from vlm_caption.grouped_attention import decode_attention_kernel
 from vlm_caption.vision_compile import set_vision_compile, vision_compiled
 
 
-def test_compile_on_compiles_the_tower_once_and_once_more_for_a_new_batch_size(model_and_processor, images):
+def test_compile_on_compiles_the_tower_once_for_every_batch_size(model_and_processor, images):
     model, processor = model_and_processor
     fixed = {"max_tokens": 6, "min_tokens": 6}
     want = [token_ids(captioner(model, processor, **fixed), batch) for batch in (images, images[:3], images[:1])]
@@ -21,13 +25,12 @@ def test_compile_on_compiles_the_tower_once_and_once_more_for_a_new_batch_size(m
     cap = captioner(model, processor, compile="on", compile_options={"backend": counting_backend}, **fixed)
     assert vision_compiled(model) and cap.decoding_report(6)["vision_tower"] == "compiled"
     assert token_ids(cap, images) == want[0]
-    assert len(VISION_CAPTURED) == 2  # the tower and the projector, at 6 rows
-    assert token_ids(cap, images[:3]) == want[1]  # 3 rows padded to 4: a new size, compiled with a dynamic batch
-    assert len(VISION_CAPTURED) == 4
-    assert token_ids(cap, images) == want[0] and token_ids(cap, images[:2]) == want[1][:2]
-    assert len(VISION_CAPTURED) == 4  # any later size, and the first one again: nothing new
+    assert len(VISION_CAPTURED) == 2  # the tower and the projector, with the batch dimension dynamic
+    assert token_ids(cap, images[:3]) == want[1] and token_ids(cap, images[:2]) == want[1][:2]
+    assert token_ids(cap, images) == want[0]
+    assert len(VISION_CAPTURED) == 2  # 3 rows padded to 4, 2 rows, 6 again: the same graphs
     assert token_ids(cap, images[:1]) == want[2]
-    assert len(VISION_CAPTURED) == 6  # but one row: torch specialises a size of 1 (as the decode step's bucket)
+    assert len(VISION_CAPTURED) == 4  # but one row: torch specialises a size of 1 (as the decode step's bucket)
     # The pipeline assembles on another thread, a retry inside generate: the same kind of tensors, no recompile.
     pixels = [cap.prepare(im) for im in images]
     assembled = []
@@ -36,7 +39,7 @@ def test_compile_on_compiles_the_tower_once_and_once_more_for_a_new_batch_size(m
     thread.join()
     assert assembled[0].inputs["pixel_values"].is_inference()
     list(cap.generate([f"k{i}" for i in range(6)], assembled[0]))
-    assert len(VISION_CAPTURED) == 6
+    assert len(VISION_CAPTURED) == 4
 
 
 def test_the_tower_stays_eager_with_compile_off_auto_on_a_cpu_or_the_static_cache_uncompiled(model_and_processor):
@@ -57,16 +60,10 @@ def test_a_batch_whose_compiled_tower_fails_runs_again_with_it_eager(model_and_p
     model, processor = model_and_processor
     fixed = {"max_tokens": 6, "min_tokens": 6}
     want = token_ids(captioner(model, processor, **fixed), images[:3])
-    refused, decode_graphs = [], []
-
-    def no_vision_backend(gm, example_inputs):
-        if is_vision_graph(gm):
-            refused.append(1)
-            raise RuntimeError("triton: out of resource: shared memory, required: 264192")
-        decode_graphs.append(gm)
-        return gm.forward
-
-    cap = captioner(model, processor, compile="on", compile_options={"backend": no_vision_backend}, **fixed)
+    refused: list = []
+    decode_graphs: list = []
+    cap = captioner(model, processor, compile="on",
+                    compile_options={"backend": refusing_vision_backend(refused, decode_graphs)}, **fixed)
     with caplog.at_level("WARNING"):
         assert token_ids(cap, images[:3]) == want
     assert refused == [1] and not vision_compiled(model) and decode_graphs
@@ -75,11 +72,16 @@ def test_a_batch_whose_compiled_tower_fails_runs_again_with_it_eager(model_and_p
     assert cap.decoding_report(3)["vision_tower"] == "eager"
 
 
-def test_set_vision_compile_leaves_a_model_without_a_tower_alone():
+def test_set_vision_compile_leaves_a_model_without_a_tower_or_spread_over_devices_alone(model_and_processor,
+                                                                                      monkeypatch):
     class TextOnly(torch.nn.Module):
         pass
 
     assert set_vision_compile(TextOnly(), True) is False and not vision_compiled(TextOnly())
+    model, _ = model_and_processor  # --device-map auto with some layers offloaded: accelerate's hooks move weights
+    monkeypatch.setattr(model, "hf_device_map", {"model.vision_tower": 0, "model.language_model": "cpu"},
+                        raising=False)
+    assert set_vision_compile(model, True) is False and not vision_compiled(model)
 
 
 def test_with_vision_overlap_a_failing_compiled_tower_is_given_up_on_the_assembling_side(model_and_processor, images,
@@ -89,21 +91,14 @@ def test_with_vision_overlap_a_failing_compiled_tower_is_given_up_on_the_assembl
     model, processor = model_and_processor
     fixed = {"max_tokens": 6, "min_tokens": 6}
     want = token_ids(captioner(model, processor, **fixed), images[:3])
-    refused = []
-
-    def no_vision_backend(gm, example_inputs):
-        if is_vision_graph(gm):
-            refused.append(1)
-            raise RuntimeError("inductor: no C++ compiler")
-        return gm.forward
-
-    cap = captioner(model, processor, compile="on", compile_options={"backend": no_vision_backend},
+    refused: list = []
+    cap = captioner(model, processor, compile="on", compile_options={"backend": refusing_vision_backend(refused)},
                     vision_overlap=True, **fixed)
     pixels = [cap.prepare(im) for im in images[:3]]
     with caplog.at_level("WARNING"):
         assembled = cap.assemble(pixels)  # the tower runs here, with the next batch's copies
     assert assembled.ahead is not None and refused == [1] and not vision_compiled(model)
-    assert "failed with the tower compiled" in caplog.text and "no C++ compiler" in caplog.text
+    assert "failed with the tower compiled" in caplog.text and "out of resource" in caplog.text
     assert cap.vision_ahead.misses == 0
     rows = []
     real = cap._finish
@@ -116,10 +111,6 @@ def test_out_of_memory_gives_up_neither_the_compiled_tower_nor_flex(model_and_pr
     """Out of memory is the caller's to back off from (a smaller batch), not a kernel's fault: the batch raises
     it at once with the tower still compiled and flex still the decode attention (explicit flex without the
     static cache gave flex up on an out-of-memory error before)."""
-    import pytest
-
-    from vlm_caption.grouped_attention import decode_attention_kernel
-
     model, processor = model_and_processor
     for kw in ({"compile": "on", "compile_options": {"backend": counting_backend}},
                {"compile": "off", "grouped_attention": "flex"}):
@@ -137,3 +128,68 @@ def test_out_of_memory_gives_up_neither_the_compiled_tower_nor_flex(model_and_pr
         assert calls == [1], kw  # no retry at the same size
         assert vision_compiled(model) is (kw["compile"] == "on")
         assert decode_attention_kernel(model) == kw.get("grouped_attention", "auto")
+
+
+def refusing_vision_backend(refused: list, decode_graphs: list | None = None):
+    """A compiler that refuses the vision tower's graphs (as a card, torch or Triton it was never run on might)
+    and runs every other graph as traced."""
+    def backend(gm, example_inputs):
+        if is_vision_graph(gm):
+            refused.append(1)
+            raise RuntimeError("triton: out of resource: shared memory, required: 264192")
+        if decode_graphs is not None:
+            decode_graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
+def test_a_failing_tower_leaves_flex_alone(model_and_processor, images, caplog):
+    """Where flex is the decode attention (auto's pick on an H100 at 128+ rows), a tower that fails is given up,
+    not flex: the error is the tower's, the retry runs once, and flex stays for the decode steps."""
+    model, processor = model_and_processor
+    fixed = {"max_tokens": 6, "min_tokens": 6}
+    want = token_ids(captioner(model, processor, **fixed), images[:3])
+    refused: list = []
+    cap = captioner(model, processor, compile="on", grouped_attention="flex", decode_loop="graph",
+                    compile_options={"backend": refusing_vision_backend(refused)}, **fixed)
+    with caplog.at_level("WARNING"):
+        assert token_ids(cap, images[:3]) == want
+    assert refused == [1] and not vision_compiled(model) and decode_attention_kernel(model) == "flex"
+    assert "failed with the tower compiled" in caplog.text and "FlexAttention" not in caplog.text
+
+
+def test_an_error_the_tower_did_not_raise_leaves_it_compiled(model_and_processor, images, monkeypatch):
+    model, processor = model_and_processor
+    cap = captioner(model, processor, max_tokens=4, min_tokens=4, compile="on",
+                    compile_options={"backend": counting_backend})
+    token_ids(cap, images[:2])  # the tower compiled and ran
+
+    def broken_step(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(model, "generate", broken_step)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        token_ids(cap, images[:2])
+    assert vision_compiled(model)
+
+
+def test_continuous_batching_gives_a_failing_tower_up_and_goes_on_streaming(model_and_processor, sample_data_dir,
+                                                                            tiny_model_dir, tmp_path, monkeypatch):
+    """--decode-loop continuous prefills each chunk through generate itself: a compiled tower that fails there
+    costs that chunk's retry, and the stream goes on (it used to end, and the rest went in batches)."""
+    from test_captioning import caption_args, read_table
+    from batched_image_inference import main
+    from vlm_caption import store
+    import vlm_caption.captioner as captioner_module
+
+    refused: list = []
+    real = captioner_module.set_vision_compile
+    monkeypatch.setattr(captioner_module, "set_vision_compile",
+                        lambda model, on, options=None: real(model, on, {"backend": refusing_vision_backend(refused)}))
+    ckpt = tmp_path / "continuous"
+    code = main(caption_args(tiny_model_dir, sample_data_dir, ckpt, "--compile", "on", "--decode-loop", "continuous"))
+    decoding = json.loads((ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
+    assert refused == [1] and decoding["vision_tower"] == "eager", decoding
+    assert not any("fell_back_to_batches" in run for run in decoding["continuous"].values()), decoding
+    assert code == 0 and len(read_table(ckpt / store.MERGED)) > 0

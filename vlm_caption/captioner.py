@@ -24,7 +24,7 @@ from .images import MODEL_IMAGE_SIZE
 from .quality import CHAT_MARKUP_RE
 from .sampling import SeededSampler
 from .vision_ahead import Ahead, VisionAhead
-from .vision_compile import give_up_vision_compile, set_vision_compile, vision_compiled
+from .vision_compile import give_up_vision_compile, set_vision_compile, tower_failed
 
 log = logging.getLogger(__name__)
 
@@ -307,12 +307,12 @@ class Captioner:
             if is_out_of_memory(e):  # the caller backs off
                 if self.static_decode is not None:
                     self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back
+            elif tower_failed(e):  # the compiled vision tower raised it
+                give_up_vision_compile(self.model, e)
+                return self._generate(given, assembled, should_stop, retry)  # once: the tower is eager now
             elif may_use_flex(self.model, rows, self.device.type, self.static_decode is not None):
                 give_up_flex(self.model, e)  # (a compile error of dynamo or Triton is a RuntimeError too)
                 return self._generate(given, assembled, should_stop, retry)  # once: flex is off now
-            elif vision_compiled(self.model):
-                give_up_vision_compile(self.model, e)
-                return self._generate(given, assembled, should_stop, retry)  # once: the tower is eager now
             raise
         # The copy to the host is queued, not done: generate's thread goes on to the next batch, and the reader
         # (the writer thread) waits for this event before it looks at the tokens (pinned memory, non_blocking).

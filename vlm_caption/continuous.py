@@ -216,13 +216,18 @@ def prefill(cap, tag: Any, assembled, limits: torch.Tensor | None = None) -> Pre
     positions from the left padding) with one new token, into a dynamic full-attention cache."""
     from transformers import DynamicCache
 
+    from .vision_compile import eager_tower_on_failure
+
     inputs = assembled.inputs
     prompt = inputs["input_ids"].shape[-1]
     if prompt + cap.gen_config.max_new_tokens > cap.static_decode.max_cache_len:
         raise ValueError(f"a chunk's prompts ({prompt} tokens) are longer than the decoding ring holds")
-    cache = DynamicCache(config=cap.static_decode.cache_config)
-    out = cap.model.generate(**inputs, generation_config=cap.first_token_config(),
-                             **{cap.static_decode.cache_name: cache})
+    def first_token():
+        cache = DynamicCache(config=cap.static_decode.cache_config)
+        return cap.model.generate(**inputs, generation_config=cap.first_token_config(),
+                                  **{cap.static_decode.cache_name: cache}), cache
+
+    out, cache = eager_tower_on_failure(cap.model, first_token)  # (a fresh cache for a second try)
     return Prefilled(tag, assembled.rows, out[:, -1].contiguous(), inputs["attention_mask"],
                      [(layer.keys, layer.values) for layer in cache.layers], limits)
 

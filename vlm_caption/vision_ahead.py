@@ -105,16 +105,9 @@ class VisionAhead:
     def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The tower's output for `pixel_values`; a compiled tower that fails here (the assembling thread, not
         generate's) is given up for the run and run again eagerly, as Captioner._generate does."""
-        from .batch_size import is_out_of_memory
-        from .vision_compile import give_up_vision_compile, vision_compiled
+        from .vision_compile import eager_tower_on_failure
 
-        try:
-            return self.compute(pixel_values, return_dict=True).pooler_output
-        except RuntimeError as e:
-            if is_out_of_memory(e) or not vision_compiled(self.inner):
-                raise
-            give_up_vision_compile(self.inner, e)
-            return self.compute(pixel_values, return_dict=True).pooler_output
+        return eager_tower_on_failure(self.inner, lambda: self.compute(pixel_values, return_dict=True).pooler_output)
 
     @contextlib.contextmanager
     def serving(self, inputs: dict[str, torch.Tensor], ahead: Ahead | None) -> Iterator[None]:

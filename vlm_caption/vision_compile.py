@@ -4,23 +4,30 @@ Why: on an H100 a 4B image took ~36 ms at batch 256, 16.4 ms of it SigLIP over 8
 compute roof 5.5 ms (BENCHMARKS.md §6). Run 3 timed the tower + projector alone at batch 64: 1.047 s eager,
 0.889 s compiled (inductor, default mode), 1.18x, after a 28 s compile.
 
-How: `nn.Module.compile` on the tower and the projector, in place: the weights keep their names, and every
-caller (generate's prefill, --vision-overlap's side stream) goes through them. torch.compile's default mode,
-no CUDA graphs: a graph would keep a whole batch's vision activations in its own memory pool, and the batch
-size changes with the last batch and the out-of-memory back-off. The first batch of a new size recompiles
-once with the batch dimension dynamic (torch's automatic dynamic shapes), so a run compiles the tower at
-most twice, and a third time for a batch of one row (torch specialises a size of 1; the decode step
-compiles a graph for every padded batch size anyway). A batch that fails while the tower is compiled gives
-the compiled tower up (a warning with the compiler's own error) and is tried once more at once
-(Captioner._generate; VisionAhead for --vision-overlap), as with FlexAttention.
+How: each of the tower and the projector gets a compiled call in place of its own (what `nn.Module.compile`
+sets): the weights keep their names, and every caller (generate's prefill, continuous batching's chunk
+prefills, --vision-overlap's side stream) goes through it. torch.compile's default mode, no CUDA graphs: a
+graph would keep a whole batch's vision activations in its own memory pool. The batch dimension is marked
+dynamic from the first call, so one graph serves every batch size a run meets (the last batch, the
+out-of-memory back-off, the retry of flagged captions) and the graph a benchmark times is the one that runs;
+torch still compiles a batch of one row on its own (it specialises a size of 1).
+
+A failure: an error raised inside the compiled call is marked as the tower's (`tower_failed`). The batch it
+broke gives the compiled tower up for the rest of the run (a warning with the compiler's own error) and runs
+again at once with it eager (Captioner._generate, `eager_tower_on_failure` elsewhere): a compile that does
+not work on some card, torch or Triton costs one batch's retry, not the run, and no other speed-up (the
+decode step's FlexAttention) is blamed for it.
 """
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable, TypeVar
+
+import torch
 
 log = logging.getLogger(__name__)
 
+T = TypeVar("T")
 VISION_MODULES = ("vision_tower", "multi_modal_projector")  # Gemma 3's, under the inner model (get_image_features)
 
 
@@ -44,10 +51,34 @@ def set_vision_compile(model, on: bool, options: dict[str, Any] | None = None) -
         return False
     backend = (options or {}).get("backend", "inductor")
     for module in modules:
-        module.compile(backend=backend)
-    log.info("vision tower: compiled (%s, at its first batch; once more if the batch size changes)",
+        module._compiled_call_impl = _compiled_call(module, backend)
+    log.info("vision tower: compiled (%s, at its first batch; a batch of one row once more)",
              getattr(backend, "__name__", backend))
     return True
+
+
+def _compiled_call(module, backend):
+    """`module`'s call compiled, with its inputs' batch dimension dynamic, marking the errors it raises."""
+    import torch._dynamo
+
+    compiled = torch.compile(module._call_impl, backend=backend)
+
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():  # traced from an outer compiled region: the module itself
+            return module._call_impl(*args, **kwargs)
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(value, 0)  # (a size of 1 is specialised all the same)
+        try:
+            return compiled(*args, **kwargs)
+        except RuntimeError as e:  # dynamo's and inductor's errors included
+            setattr(e, _RAISED_IN_TOWER, True)
+            raise
+
+    return call
+
+
+_RAISED_IN_TOWER = "_raised_in_compiled_vision_tower"  # set on an error that left the compiled call
 
 
 def vision_compiled(model) -> bool:
@@ -55,12 +86,29 @@ def vision_compiled(model) -> bool:
     return any(getattr(m, "_compiled_call_impl", None) is not None for m in _modules(model))
 
 
+def tower_failed(error: BaseException) -> bool:
+    """Whether `error` came out of the compiled vision tower (out of memory excepted: a smaller batch's to fix)."""
+    from .batch_size import is_out_of_memory
+
+    return bool(getattr(error, _RAISED_IN_TOWER, False)) and not is_out_of_memory(error)
+
+
 def give_up_vision_compile(model, error: BaseException) -> None:
-    """A batch failed while the vision tower was compiled: the rest of the run runs it eagerly, so a compile
-    that does not work on some card, torch or Triton costs one batch's retry, not the run."""
+    """The compiled vision tower failed a batch: the rest of the run runs it eagerly."""
     from .errors import described
 
     cause = getattr(error, "inner_exception", None) or error  # dynamo's BackendCompilerFailed wraps the compiler's
     log.warning("vision tower: a batch failed with the tower compiled (%s); running it eagerly from now on "
                 "(--compile off also skips the decode step's compile)", described(cause))
     set_vision_compile(model, False)
+
+
+def eager_tower_on_failure(model, fn: Callable[[], T]) -> T:
+    """fn(); if the compiled vision tower failed it, fn() again with the tower eager for the rest of the run."""
+    try:
+        return fn()
+    except RuntimeError as e:
+        if not tower_failed(e):
+            raise
+        give_up_vision_compile(model, e)
+        return fn()
