@@ -23,7 +23,7 @@
 #     -> OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log},
 #        OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log
 set -uo pipefail
-usage() { sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
 case ${1:-} in
     -h|--help) usage; exit 0 ;;
     -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;

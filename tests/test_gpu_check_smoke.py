@@ -46,10 +46,11 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
         assert "error" not in entry, entry
         assert entry["img_s"] > 0 and entry["tokens_s"] > 0
         assert entry["generate_share"] is None if entry in graphs else 0 < entry["generate_share"] <= 1
-    # graphs: the decode step's (vision_eager's is graph_flex's, already built) + the vision tower's where new
+    # The decode step's graph (vision_eager's is graph_flex's, already built); the vision tower ran as labelled.
     for entry in result["compiled"] + graphs:
-        assert (entry in result["vision_eager"] or entry["graphs_built"] >= 1) and entry["graphs_built"] <= 3
-        assert entry["graph_breaks"] == 0
+        assert entry["graphs_built"] == (0 if entry in result["vision_eager"] else 1) and entry["graph_breaks"] == 0
+        assert entry["vision_tower"] == ("eager" if entry in result["vision_eager"] else "compiled"), entry
+    assert all(entry["vision_tower"] == "eager" for entry in result["eager"])
     assert result["loop"]["img_s"] > 0
     assert {name: x["images"] for name, x in result["loader"].items()} == {"fast": 6, "device": 6}
     for key, label in (("pipeline", "compiled"), ("pipeline_overlap", "compiled, --vision-overlap"),
@@ -172,6 +173,7 @@ def test_gpu_ab_help_and_a_wrong_part_run_nothing(tmp_path):
     shown = subprocess.run(["bash", str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=60)
     assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [check|diag|thresh|cont|all]" in shown.stdout, shown.stderr
+    assert "set -uo" not in shown.stdout  # the header only
     wrong = subprocess.run(["bash", str(script), str(tmp_path / "out"), "chek"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "unknown part 'chek'" in wrong.stderr
