@@ -43,9 +43,10 @@ deadline=${GPU_AB_SECONDS:-590}
 # A part's own timeout, cut to what is left of the call's deadline; 0 when under a minute is left.
 timeout_for() { local left=$((deadline - SECONDS)); ((left < 60)) && { echo 0; return; }; echo $(($1 < left ? $1 : left)); }
 skipped() { echo "$1 skipped: under a minute of GPU_AB_SECONDS=$deadline left" | tee -a "$out/gpu.txt"; }
-cd "$(dirname "$0")/.."
 out=${1:-${OUT:-./gpu_ab_out}}
 mkdir -p "$out"
+out=$(cd "$out" && pwd)  # (a relative OUT_DIR is the caller's, not the repo root's)
+cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
 PY=${PYTHON:-python3}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$out/gpu.txt" || true

@@ -195,7 +195,7 @@ def test_gpu_ab_parts_in_one_call_share_its_deadline(tmp_path):
     assert "check skipped" in said and "cont skipped" in said and "diag" not in said
     assert "exit" not in said  # no script ran
     env["GPU_AB_SECONDS"] = "600"
-    proc = subprocess.run(["bash", str(script), str(tmp_path / "out2"), "cont"], cwd=tmp_path, env=env,
+    proc = subprocess.run(["bash", str(script), "out2", "cont"], cwd=tmp_path, env=env,  # relative: the caller's
                           capture_output=True, text=True, timeout=60)
     said = (tmp_path / "out2" / "gpu.txt").read_text()
     assert "bench_continuous exit 1" in said and "check" not in said  # PYTHON=false ran, and failed
