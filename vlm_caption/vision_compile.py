@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 VISION_MODULES = ("vision_tower", "multi_modal_projector")  # Gemma 3's, under the inner model (get_image_features)
+_RAISED_IN_TOWER = "_raised_in_compiled_vision_tower"  # set on an error that left the compiled call
 
 
 def _modules(model) -> list:
@@ -76,9 +77,6 @@ def _compiled_call(module, backend):
             raise
 
     return call
-
-
-_RAISED_IN_TOWER = "_raised_in_compiled_vision_tower"  # set on an error that left the compiled call
 
 
 def vision_compiled(model) -> bool:
