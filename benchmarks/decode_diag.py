@@ -4,7 +4,7 @@
 gpu_check.py measures whole batches; this splits them. On the real-size random-weight Gemma 3 4B (bf16,
 built on the card), one batch of --batch images, one fixed prompt:
 
-  (in this order: compiled, attention, vision, prefill, compiled_repeat_kv, graph, profile, eager, gil,
+  (in this order: compiled, attention, vision, compiled_repeat_kv, graph, profile, prefill, eager, gil,
   hf_static; each is skipped once --budget-s is spent)
 
   split      generate at --short and --long new tokens (min = max): the difference / (long - short) is
@@ -19,13 +19,13 @@ built on the card), one batch of --batch images, one fixed prompt:
              sdpa kernels, compiled
   vision     the vision tower + projector alone on up to 64 images (its share of prefill): eager, eager on
              each sdpa kernel (flash, cuDNN, efficient), and compiled as --compile compiles it
-  prefill    the whole prefill forward alone on up to 64 images, eager vs compiled (the vision tower
-             compiled on both sides): what compiling the language model's prefill would add
   counters   torch._dynamo's inductor / graph-break / recompile counters after the compiled run (a
              CUDA-graph skip shows as inductor.cudagraph_skips; run with TORCH_LOGS=perf_hints to see why)
   profile    torch.profiler over a compiled generate of --profile-tokens tokens and over a prefill alone:
              the top ops by CPU time and by GPU time, and the CUDA runtime calls (cudaLaunchKernel vs
              cudaGraphLaunch per step) -> profile.txt
+  prefill    the whole prefill forward alone on up to 64 images, eager vs compiled (the vision tower
+             compiled on both sides): what compiling the language model's prefill would add
   gil        the compiled decode step again while --loader-threads threads decode JPEGs (the pipeline's
              loader): how much the generate loop slows when other Python threads want the GIL
   hf_static  transformers' own cache_implementation="static" + compile, for comparison (last; optional)
@@ -53,7 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_check import PROMPT  # noqa: E402  (the same prompt as the GPU check)
 
 
-SECTIONS = ("compiled", "attention", "vision", "prefill", "compiled_repeat_kv", "graph", "profile", "eager", "gil",
+SECTIONS = ("compiled", "attention", "vision", "compiled_repeat_kv", "graph", "profile", "prefill", "eager", "gil",
             "hf_static")
 
 
@@ -231,35 +231,6 @@ def main(argv=None) -> int:
 
     section("vision", vision)
 
-    def prefill() -> dict:
-        """The whole prefill forward alone (vision tower + language model over the prompt, the last token's
-        logits, no cache) on up to 64 images, eager vs torch.compile'd (static shape), the vision tower
-        compiled on both sides as --compile does: what compiling the language model's prefill would add
-        (generate runs it eagerly)."""
-        from vlm_caption.vision_compile import set_vision_compile
-
-        count = min(args.batch, 64)
-        images = [compiled.prepare(dataset.load_image(paths[i % len(paths)], compiled.target_size))
-                  for i in range(count)]
-        inputs = compiled.assemble(images).inputs
-        set_vision_compile(model, True, options)
-        fast = torch.compile(model, dynamic=False, **options)
-        graphs0, breaks0 = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-        with torch.inference_mode():
-            logits = model(**inputs, use_cache=False, logits_to_keep=1).logits.float()
-            eager_s = best(lambda: model(**inputs, use_cache=False, logits_to_keep=1))
-            t0 = time.perf_counter()
-            diff = (fast(**inputs, use_cache=False, logits_to_keep=1).logits.float() - logits).abs().max().item()
-            compile_s = time.perf_counter() - t0
-            compiled_s = best(lambda: fast(**inputs, use_cache=False, logits_to_keep=1))
-        return {"images": count, "prompt_tokens": int(inputs["input_ids"].shape[-1]),
-                "eager_ms_per_image": round(1000 * eager_s / count, 2),
-                "compiled_ms_per_image": round(1000 * compiled_s / count, 2), "speedup": round(eager_s / compiled_s, 2),
-                "compile_s": round(compile_s, 1), "max_abs_logit_diff": diff,
-                "graphs": counters["stats"]["unique_graphs"] - graphs0,
-                "graph_breaks": sum(counters["graph_break"].values()) - breaks0}
-
-    section("prefill", prefill)
     section("compiled_repeat_kv", lambda: {**split(captioner("on", args.long, grouped=False)),
                                            "attention": "transformers' sdpa (repeat_kv every layer, every step)"})
     compiled.grouped_attention = set_grouped_decode_attention(model, "auto")  # the sections below: the default again
@@ -298,6 +269,36 @@ def main(argv=None) -> int:
         return found
 
     section("profile", profile)
+
+    def prefill() -> dict:
+        """The whole prefill forward alone (vision tower + language model over the prompt, the last token's
+        logits, no cache) on up to 64 images, eager vs torch.compile'd (static shape), the vision tower
+        compiled on both sides as --compile does: what compiling the language model's prefill would add
+        (generate runs it eagerly)."""
+        from vlm_caption.vision_compile import set_vision_compile
+
+        count = min(args.batch, 64)
+        images = [compiled.prepare(dataset.load_image(paths[i % len(paths)], compiled.target_size))
+                  for i in range(count)]
+        inputs = compiled.assemble(images).inputs
+        set_vision_compile(model, True, options)
+        fast = torch.compile(model, dynamic=False, **options)
+        graphs0, breaks0 = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+        with torch.inference_mode():
+            logits = model(**inputs, use_cache=False, logits_to_keep=1).logits.float()
+            eager_s = best(lambda: model(**inputs, use_cache=False, logits_to_keep=1))
+            t0 = time.perf_counter()
+            diff = (fast(**inputs, use_cache=False, logits_to_keep=1).logits.float() - logits).abs().max().item()
+            compile_s = time.perf_counter() - t0
+            compiled_s = best(lambda: fast(**inputs, use_cache=False, logits_to_keep=1))
+        return {"images": count, "prompt_tokens": int(inputs["input_ids"].shape[-1]),
+                "eager_ms_per_image": round(1000 * eager_s / count, 2),
+                "compiled_ms_per_image": round(1000 * compiled_s / count, 2), "speedup": round(eager_s / compiled_s, 2),
+                "compile_s": round(compile_s, 1), "max_abs_logit_diff": diff,
+                "graphs": counters["stats"]["unique_graphs"] - graphs0,
+                "graph_breaks": sum(counters["graph_break"].values()) - breaks0}
+
+    section("prefill", prefill)
 
     section("eager", lambda: split(captioner("off", args.long)))
 

@@ -7,11 +7,12 @@
 #          tower compiled, as --compile now does (vision_compile.py; run 3 timed the tower alone 1.18x at 64),
 #          against the same with the tower eager (= run 4's 27.48 img/s setting); then the whole pipeline
 #          over 1024 images at batch 256 with the product's defaults, rated over the batches between the
-#          first and the last (<= 5.5 min)
-#   diag   decode_diag.py, batch 64 (run 3's): the vision tower on each sdpa kernel
-#          (flash, cuDNN, efficient) and compiled as --compile does; the whole prefill forward eager vs
-#          compiled (is compiling the language model's prefill worth building?); a profile of a compiled
-#          generate and of a prefill (<= 4.5 min; run 4 timed the decode attention by kernel: not again)
+#          first and the last; 2 timed batches a side (<= 6 min)
+#   diag   decode_diag.py, batch 64 (run 3's): the vision tower on each sdpa kernel (flash, cuDNN,
+#          efficient) and compiled as --compile does; a profile of a compiled generate and of a prefill
+#          (where the prefill's ~23 ms an image go); then, if its budget is left, the whole prefill forward
+#          eager vs compiled (is compiling the language model's prefill worth building?) (<= 4 min; run 4
+#          timed the decode attention by kernel: not again)
 #   thresh gpu_check.py at batch 128, where --decode-attention auto starts taking FlexAttention (run 4: flex
 #          1.45x faster a layer at 256, 1.22x slower at 64, 128 unmeasured): the graph loop with the grouped
 #          sdpa vs with flex (<= 4 min)
@@ -23,7 +24,7 @@
 #     -> OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log},
 #        OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log
 set -uo pipefail
-usage() { sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }  # the header, up to the code
 case ${1:-} in
     -h|--help) usage; exit 0 ;;
     -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;
@@ -63,14 +64,14 @@ gpu_check() {
   echo "gpu_check ($part) exit $?" | tee -a "$out/gpu.txt"
   cat "$out/$part/gpu_check.md" 2>/dev/null
 }
-want check && gpu_check check 330 --graph-flex-batches 256 --vision-eager-batches 256 --pipeline-images 1024 \
-    --pipeline-batch 256 --pipeline-runs graph --budget-s 300
+want check && gpu_check check 350 --graph-flex-batches 256 --vision-eager-batches 256 --pipeline-images 1024 \
+    --pipeline-batch 256 --pipeline-runs graph --timed-batches 2 --budget-s 320
 if want diag; then
-  t=$(timeout_for 255)
+  t=$(timeout_for 235)
   if ((t == 0)); then skipped diag; else
     mkdir -p "$out/diag"
     TORCH_LOGS=perf_hints timeout "$t" "$PY" benchmarks/decode_diag.py --out "$out/diag" --batch 64 \
-        --skip compiled attention compiled_repeat_kv graph eager gil hf_static --budget-s 200 \
+        --skip compiled attention compiled_repeat_kv graph eager gil hf_static --budget-s 170 \
         > "$out/diag/decode_diag.log" 2>&1
     echo "decode_diag exit $?" | tee -a "$out/gpu.txt"
     grep '^{' "$out/diag/decode_diag.log" | cut -c1-1500

@@ -173,7 +173,7 @@ def test_gpu_ab_help_and_a_wrong_part_run_nothing(tmp_path):
     shown = subprocess.run(["bash", str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=60)
     assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [check|diag|thresh|cont|all]" in shown.stdout, shown.stderr
-    assert "set -uo" not in shown.stdout  # the header only
+    assert "set -uo" not in shown.stdout and "bench_continuous.log" in shown.stdout  # the whole header, only
     wrong = subprocess.run(["bash", str(script), str(tmp_path / "out"), "chek"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
     assert wrong.returncode == 2 and "unknown part 'chek'" in wrong.stderr
