@@ -92,8 +92,8 @@ class Captioner:
                                                **options)
         log.info("decode: %s", reason)
         if static is not None and static.compile_config is not None and self.device.type == "cuda":
-            log.info("the first batch of each size compiles before it runs (H100: ~70 s for the decode step at "
-                     "256 rows, ~30 s for the vision tower at 64); --compile-cache keeps the kernels for a relaunch")
+            log.info("the first batch compiles the vision tower, and the first of each size the decode step, before "
+                     "it runs (H100: ~30 s, ~70 s at 256 rows); --compile-cache keeps the kernels for a relaunch")
         if static is not None:
             for name, value in static.generation_settings().items():
                 setattr(self.gen_config, name, value)
