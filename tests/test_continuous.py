@@ -140,9 +140,10 @@ def test_cli_continuous_captions_like_the_default_run(full_run, tiny_model_dir, 
     steps = decoding["continuous"]["4"]["decode_steps"]  # 6 tokens a caption: at most 5 steps an image
     assert decoding["loop"] == "continuous" and decoding["static_cache"] and 0 < steps <= 5 * len(got)
     assert decoding["attention"] == "flex"
+    assert decoding["vision_tower"] == decoding["language_model_prefill"] == "compiled"  # the chunks' prefills
     default = json.loads((default_ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
     assert default == {"batch_size": 4, "loop": "generate", "static_cache": False, "attention": "auto: sdpa",
-                       "vision_tower": "eager"}
+                       "vision_tower": "eager", "language_model_prefill": "eager"}
 
 
 def continuous_args(model, data, ckpt, *extra):

@@ -15,15 +15,23 @@ from vlm_caption.model_loading import load_model
 from vlm_caption.static_decode import StaticDecode, compile_wanted, prepare_static_decode
 
 CAPTURED: list = []  # decode graphs the counting backend was handed (a module-level list: CompileConfig deep-copies)
-VISION_CAPTURED: list = []  # the vision tower's and projector's (--compile compiles them too: vision_compile.py)
+# --compile compiles the prefill too (prefill_compile.py): the vision tower's and projector's graphs, and the
+# language model's over the prompt (its placeholder: the embedded prompt, where a decode step's are token ids).
+VISION_CAPTURED: list = []
+PREFILL_CAPTURED: list = []
 
 
 def is_vision_graph(gm) -> bool:
     return "patch_embedding" in gm.code or "mm_input_projection" in gm.code
 
 
+def is_language_prefill_graph(gm) -> bool:
+    return any(node.op == "placeholder" and "inputs_embeds" in node.name for node in gm.graph.nodes)
+
+
 def counting_backend(gm, example_inputs):
-    (VISION_CAPTURED if is_vision_graph(gm) else CAPTURED).append(gm)
+    kind = VISION_CAPTURED if is_vision_graph(gm) else PREFILL_CAPTURED if is_language_prefill_graph(gm) else CAPTURED
+    kind.append(gm)
     return gm.forward
 
 
@@ -112,8 +120,8 @@ def test_compiled_decode_same_tokens_no_graph_breaks_no_recompiles(model_and_pro
     model, processor = model_and_processor
     reference = run_two_batches(captioner(model, processor), images)
     counters.clear()
-    CAPTURED.clear()
-    VISION_CAPTURED.clear()
+    for graphs in (CAPTURED, VISION_CAPTURED, PREFILL_CAPTURED):
+        graphs.clear()
     cap = captioner(model, processor, compile="on", compile_options={"backend": counting_backend})
     assert cap.gen_config.compile_config is not None and not cap.gen_config.disable_compile
     assert run_two_batches(cap, images) == reference
@@ -121,11 +129,13 @@ def test_compiled_decode_same_tokens_no_graph_breaks_no_recompiles(model_and_pro
     # recompile from one step to the next, no graph break.
     assert len(CAPTURED) == 2, [g.graph for g in CAPTURED[2:]]
     assert sum(counters["graph_break"].values()) == 0, dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == 2 + len(VISION_CAPTURED)
+    assert counters["stats"]["unique_graphs"] == 2 + len(VISION_CAPTURED) + len(PREFILL_CAPTURED)
     # The same shapes again: nothing new is compiled, the caches are reset and reused.
     caches = dict(cap.static_decode.caches)
+    compiled = len(VISION_CAPTURED), len(PREFILL_CAPTURED)
     assert run_two_batches(cap, images) == reference
     assert len(CAPTURED) == 2 and cap.static_decode.caches == caches
+    assert (len(VISION_CAPTURED), len(PREFILL_CAPTURED)) == compiled
 
 
 def test_eos_stops_with_the_static_cache(model_and_processor, images):

@@ -24,7 +24,7 @@ from .images import MODEL_IMAGE_SIZE
 from .quality import CHAT_MARKUP_RE
 from .sampling import SeededSampler
 from .vision_ahead import Ahead, VisionAhead
-from .vision_compile import give_up_vision_compile, set_vision_compile, tower_failed
+from .prefill_compile import PARTS as PREFILL_PARTS, failed_part, give_up_prefill_compile, set_prefill_compile
 
 log = logging.getLogger(__name__)
 
@@ -78,22 +78,24 @@ class Captioner:
 
     def _static_decode(self, compile: str, max_tokens: int, options: dict[str, Any]):
         """compile "auto" (on for CUDA), "on" or "off": a static full-attention KV cache with the decode
-        step compiled by generate (static_decode.py), or None for the default dynamic cache; on, the vision
-        tower is compiled too."""
+        step compiled by generate (static_decode.py), or None for the default dynamic cache; on, the prefill
+        (vision tower, language model over the prompt) is compiled too."""
         from .static_decode import compile_wanted, prepare_static_decode
 
         wanted = compile_wanted(compile, self.device)
         options = {"force_compile": self.device.type != "cuda", **options}
-        # The vision tower too (vision_compile.py); options["vision"] False: eager, for an A/B.
-        set_vision_compile(self.model, wanted and options.pop("vision", options.get("compile", True)), options)
+        # The prefill too (prefill_compile.py); options["vision"] / ["language"] False: that part eager, for an A/B.
+        parts = {part for part in PREFILL_PARTS if options.pop(part, options.get("compile", True))}
+        set_prefill_compile(self.model, parts if wanted else (), options)
         if not wanted:
             return None
         static, reason = prepare_static_decode(self.model, self.prompt_inputs["input_ids"].shape[-1] + max_tokens,
                                                **options)
         log.info("decode: %s", reason)
         if static is not None and static.compile_config is not None and self.device.type == "cuda":
-            log.info("the first batch compiles the vision tower, and the first of each size the decode step, before "
-                     "it runs (H100: ~30 s, ~70 s at 256 rows); --compile-cache keeps the kernels for a relaunch")
+            log.info("the first batch compiles the vision tower, and the first of each size the language model's "
+                     "prefill and the decode step, before it runs (H100: ~30 s, ~70 s for a decode step at 256 rows); "
+                     "--compile-cache keeps the kernels for a relaunch")
         if static is not None:
             for name, value in static.generation_settings().items():
                 setattr(self.gen_config, name, value)
@@ -307,9 +309,9 @@ class Captioner:
             if is_out_of_memory(e):  # the caller backs off
                 if self.static_decode is not None:
                     self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back
-            elif tower_failed(e):  # the compiled vision tower raised it
-                give_up_vision_compile(self.model, e)
-                return self._generate(given, assembled, should_stop, retry)  # once: the tower is eager now
+            elif failed_part(e):  # a compiled part of the prefill raised it
+                give_up_prefill_compile(self.model, e)
+                return self._generate(given, assembled, should_stop, retry)  # that part is eager now
             elif may_use_flex(self.model, rows, self.device.type, self.static_decode is not None):
                 give_up_flex(self.model, e)  # (a compile error of dynamo or Triton is a RuntimeError too)
                 return self._generate(given, assembled, should_stop, retry)  # once: flex is off now

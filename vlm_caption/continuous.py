@@ -216,7 +216,7 @@ def prefill(cap, tag: Any, assembled, limits: torch.Tensor | None = None) -> Pre
     positions from the left padding) with one new token, into a dynamic full-attention cache."""
     from transformers import DynamicCache
 
-    from .vision_compile import eager_tower_on_failure
+    from .prefill_compile import eager_prefill_on_failure
 
     inputs = assembled.inputs
     prompt = inputs["input_ids"].shape[-1]
@@ -227,7 +227,7 @@ def prefill(cap, tag: Any, assembled, limits: torch.Tensor | None = None) -> Pre
         return cap.model.generate(**inputs, generation_config=cap.first_token_config(),
                                   **{cap.static_decode.cache_name: cache}), cache
 
-    out, cache = eager_tower_on_failure(cap.model, first_token)  # (a fresh cache for a second try)
+    out, cache = eager_prefill_on_failure(cap.model, first_token)  # (a fresh cache for a second try)
     return Prefilled(tag, assembled.rows, out[:, -1].contiguous(), inputs["attention_mask"],
                      [(layer.keys, layer.values) for layer in cache.layers], limits)
 

@@ -109,11 +109,11 @@ class StopWhen:
 
 def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
     """How a Captioner decoded, for run_summary.json: the loop, the cache, the decode attention (for "auto",
-    the kernel it takes at `rows`, the batch size the run ended with), the vision tower (compiled or eager,
-    vision_compile.py), and for continuous batching the decode steps it ran (per image, the number its
-    schedule saves against whole batches)."""
+    the kernel it takes at `rows`, the batch size the run ended with), the vision tower and the language
+    model's prefill (compiled or eager, prefill_compile.py), and for continuous batching the decode steps it
+    ran (per image, the number its schedule saves against whole batches)."""
     from .grouped_attention import decode_attention_kernel, may_use_flex
-    from .vision_compile import vision_compiled
+    from .prefill_compile import compiled_parts
 
     loop = "continuous" if cap.continuous is not None else "graph" if cap.graph_decode is not None else "generate"
     attention = decode_attention_kernel(cap.model)
@@ -121,7 +121,7 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
         flex = rows and may_use_flex(cap.model, rows, cap.device.type, cap.static_decode is not None)
         attention += ": flex" if flex else ": sdpa"
     report: dict[str, Any] = {"loop": loop, "static_cache": cap.static_decode is not None, "attention": attention,
-                              "vision_tower": "compiled" if vision_compiled(cap.model) else "eager"}
+                              **compiled_parts(cap.model)}
     ran = {**{slots: {"decode_steps": decoder.steps} for slots, decoder in (cap.continuous or {}).items()},
            **cap.continuous_failed}  # a stream that failed: its steps, and why the rest went in batches
     if ran:

@@ -121,6 +121,8 @@ class StaticDecode:
     reason: str
     caches: dict[int, Any] = field(default_factory=dict)  # bucket -> StaticCache, reused across calls
     run_batch: int = 0  # the largest batch seen: the usual bucket
+    dtype: torch.dtype | None = None  # the language model's: the cache buffers' (None: at their first update)
+    device: torch.device | None = None
 
     def generation_settings(self) -> dict[str, Any]:
         """Attributes to set on the run's GenerationConfig (the cache itself goes in per call)."""
@@ -147,6 +149,13 @@ class StaticDecode:
         cache = self.caches.get(batch)
         if cache is None:
             cache = StaticCache(config=self.cache_config, max_cache_len=self.max_cache_len)
+            if self.dtype is not None:
+                # Its buffers now, not at their first update: that is inside the compiled prefill
+                # (prefill_compile.py), where transformers leaves their addresses unmarked as static, and a
+                # decode step's CUDA graph needs them marked. (And the prefill's graph is the same every batch.)
+                text = self.cache_config
+                head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+                cache.early_initialization(batch, text.num_key_value_heads, head_dim, self.dtype, self.device)
             self.caches[batch] = cache
         else:
             cache.reset()  # zeroes the buffers in place: their addresses (CUDA graph inputs) stay put
@@ -182,14 +191,21 @@ def prepare_static_decode(model, max_seq_len: int, *, compile: bool = True, back
     if compile:
         compile_config = make_compile_config(device, backend=backend, mode=mode, fullgraph=fullgraph,
                                              force=force_compile)
-        _raise_recompile_limit(needed=16)
+        raise_recompile_limit(needed=16)
     what = "compiled" if compile else "eager"
     window_text = f"<= sliding window {window}" if window is not None else "(no sliding layers)"
     reason = (f"static full-attention cache of {max_seq_len} tokens {window_text}, {what} decode"
               + (f" ({getattr(compile_config, 'backend', '')}, mode {getattr(compile_config, 'mode', None)})"
                  if compile else ""))
     return StaticDecode(max_cache_len=max_seq_len, cache_config=full_attention_config(model.config),
-                        compile_config=compile_config, reason=reason), reason
+                        compile_config=compile_config, reason=reason, dtype=_text_dtype(model), device=device), reason
+
+
+def _text_dtype(model) -> torch.dtype:
+    """The dtype of the language model's weights: its keys and values are computed in it."""
+    inner = getattr(model, "model", model)
+    text = getattr(inner, "language_model", inner)
+    return next(text.parameters()).dtype
 
 
 def use_full_masks_when_exact(model, window: int | None) -> None:
@@ -229,7 +245,7 @@ def use_full_masks_when_exact(model, window: int | None) -> None:
     model.create_masks_for_generate = create_masks_for_generate
 
 
-def _raise_recompile_limit(needed: int) -> None:
+def raise_recompile_limit(needed: int) -> None:
     """Dynamo keeps 8 graphs per function by default; buckets of a batch of 256 alone are 9 shapes.
     Past the limit dynamo runs the step eagerly (correct, slow), so make room; never lower it."""
     import torch._dynamo

@@ -105,9 +105,9 @@ class VisionAhead:
     def _features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The tower's output for `pixel_values`; a compiled tower that fails here (the assembling thread, not
         generate's) is given up for the run and run again eagerly, as Captioner._generate does."""
-        from .vision_compile import eager_tower_on_failure
+        from .prefill_compile import eager_prefill_on_failure
 
-        return eager_tower_on_failure(self.inner, lambda: self.compute(pixel_values, return_dict=True).pooler_output)
+        return eager_prefill_on_failure(self.inner, lambda: self.compute(pixel_values, return_dict=True).pooler_output)
 
     @contextlib.contextmanager
     def serving(self, inputs: dict[str, torch.Tensor], ahead: Ahead | None) -> Iterator[None]:

@@ -1,0 +1,312 @@
+"""The prefill compiled with the decode step (vlm_caption/prefill_compile.py), on the tiny Gemma 3 (CPU): the
+vision tower, its projector and the language model over the prompt. The same tokens; for the tower one graph
+per module for every batch size (one more for a single row), for the language model one for every prompt length
+and none for a decode step; both eager when compile is off; a compiled part that fails given up for the run
+after one retry of the batch, with nothing else given up for it and nothing else blamed on it."""
+from __future__ import annotations
+
+import json
+import threading
+
+import pytest
+import torch
+
+from test_decode_loop import token_ids
+from test_static_decode import (CAPTURED, PREFILL_CAPTURED, VISION_CAPTURED, captioner,  # noqa: F401
+                                counting_backend, images, is_language_prefill_graph, is_vision_graph,
+                                model_and_processor)
+from vlm_caption.grouped_attention import decode_attention_kernel
+from vlm_caption.prefill_compile import compiled_parts, set_prefill_compile
+
+
+def vision_compiled(model) -> bool:
+    return compiled_parts(model)["vision_tower"] == "compiled"
+
+
+def language_compiled(model) -> bool:
+    return compiled_parts(model)["language_model_prefill"] == "compiled"
+
+
+def test_compile_on_compiles_the_tower_once_for_every_batch_size(model_and_processor, images):
+    model, processor = model_and_processor
+    fixed = {"max_tokens": 6, "min_tokens": 6}
+    want = [token_ids(captioner(model, processor, **fixed), batch) for batch in (images, images[:3], images[:1])]
+    VISION_CAPTURED.clear()
+    cap = captioner(model, processor, compile="on", compile_options={"backend": counting_backend}, **fixed)
+    assert vision_compiled(model) and cap.decoding_report(6)["vision_tower"] == "compiled"
+    assert token_ids(cap, images) == want[0]
+    assert len(VISION_CAPTURED) == 2  # the tower and the projector, with the batch dimension dynamic
+    assert token_ids(cap, images[:3]) == want[1] and token_ids(cap, images[:2]) == want[1][:2]
+    assert token_ids(cap, images) == want[0]
+    assert len(VISION_CAPTURED) == 2  # 3 rows padded to 4, 2 rows, 6 again: the same graphs
+    assert token_ids(cap, images[:1]) == want[2]
+    assert len(VISION_CAPTURED) == 4  # but one row: torch specialises a size of 1 (as the decode step's bucket)
+    # The pipeline assembles on another thread, a retry inside generate: the same kind of tensors, no recompile.
+    pixels = [cap.prepare(im) for im in images]
+    assembled = []
+    thread = threading.Thread(target=lambda: assembled.append(cap.assemble(pixels)))
+    thread.start()
+    thread.join()
+    assert assembled[0].inputs["pixel_values"].is_inference()
+    list(cap.generate([f"k{i}" for i in range(6)], assembled[0]))
+    assert len(VISION_CAPTURED) == 4
+
+
+def test_the_prefill_stays_eager_with_compile_off_auto_on_a_cpu_or_the_static_cache_uncompiled(model_and_processor):
+    model, processor = model_and_processor
+    captioner(model, processor, compile="on", compile_options={"backend": counting_backend})
+    assert vision_compiled(model) and language_compiled(model)
+    for kw in ({"compile": "off"}, {"compile": "auto"}, {"compile": "on", "compile_options": {"compile": False}},
+               {"compile": "on", "compile_options": {"backend": counting_backend, "vision": False, "language": False}}):
+        cap = captioner(model, processor, **kw)  # (each one also un-compiles what an earlier one compiled)
+        assert not vision_compiled(model) and not language_compiled(model), kw
+        report = cap.decoding_report(4)
+        assert report["vision_tower"] == report["language_model_prefill"] == "eager"
+    # Each A/B switch alone: its part eager, the other compiled.
+    for part, other in (("vision", language_compiled), ("language", vision_compiled)):
+        captioner(model, processor, compile="on", compile_options={"backend": counting_backend, part: False})
+        assert other(model) and not (vision_compiled if part == "vision" else language_compiled)(model), part
+
+
+def test_a_batch_whose_compiled_tower_fails_runs_again_with_it_eager(model_and_processor, images, caplog):
+    """A tower that does not compile (a card, torch or Triton it was never run on: here a compiler that refuses
+    its graphs) costs one retry of the batch, not the run: the same tokens, a warning, and the eager tower for
+    the rest of the run, while the decode step stays compiled."""
+    model, processor = model_and_processor
+    fixed = {"max_tokens": 6, "min_tokens": 6}
+    want = token_ids(captioner(model, processor, **fixed), images[:3])
+    refused: list = []
+    decode_graphs: list = []
+    cap = captioner(model, processor, compile="on",
+                    compile_options={"backend": refusing_vision_backend(refused, decode_graphs)}, **fixed)
+    with caplog.at_level("WARNING"):
+        assert token_ids(cap, images[:3]) == want
+    assert refused == [1] and not vision_compiled(model) and decode_graphs
+    assert "vision tower: a batch failed with it compiled" in caplog.text and "out of resource" in caplog.text
+    assert token_ids(cap, images[:3]) == want and refused == [1]  # later batches: eager, no retry
+    assert cap.decoding_report(3)["vision_tower"] == "eager"
+
+
+def test_set_prefill_compile_leaves_a_model_without_those_parts_or_spread_over_devices_alone(model_and_processor,
+                                                                                      monkeypatch):
+    class TextOnly(torch.nn.Module):
+        pass
+
+    assert set_prefill_compile(TextOnly(), {"vision", "language"}) == set() and not vision_compiled(TextOnly())
+    model, _ = model_and_processor  # --device-map auto with some layers offloaded: accelerate's hooks move weights
+    monkeypatch.setattr(model, "hf_device_map", {"model.vision_tower": 0, "model.language_model": "cpu"},
+                        raising=False)
+    assert set_prefill_compile(model, {"vision", "language"}) == set()
+    assert not vision_compiled(model) and not language_compiled(model)
+
+
+def test_with_vision_overlap_a_failing_compiled_tower_is_given_up_on_the_assembling_side(model_and_processor, images,
+                                                                                           caplog):
+    """--vision-overlap runs the tower where the next batch is assembled, outside generate: a compiled tower that
+    fails there is given up for the run too, and the batch gets its features from the eager tower."""
+    model, processor = model_and_processor
+    fixed = {"max_tokens": 6, "min_tokens": 6}
+    want = token_ids(captioner(model, processor, **fixed), images[:3])
+    refused: list = []
+    cap = captioner(model, processor, compile="on", compile_options={"backend": refusing_vision_backend(refused)},
+                    vision_overlap=True, **fixed)
+    pixels = [cap.prepare(im) for im in images[:3]]
+    with caplog.at_level("WARNING"):
+        assembled = cap.assemble(pixels)  # the tower runs here, with the next batch's copies
+    assert assembled.ahead is not None and refused == [1] and not vision_compiled(model)
+    assert "vision tower: a batch failed with it compiled" in caplog.text and "out of resource" in caplog.text
+    assert cap.vision_ahead.misses == 0
+    rows = []
+    real = cap._finish
+    cap._finish = lambda tokens: rows.append(tokens.tolist()) or real(tokens)
+    list(cap.generate([f"k{i}" for i in range(3)], assembled))
+    assert rows == want and cap.vision_ahead.misses == 0  # the prefill took the features served, not the tower
+
+
+def test_out_of_memory_gives_up_neither_the_compiled_tower_nor_flex(model_and_processor, images, monkeypatch):
+    """Out of memory is the caller's to back off from (a smaller batch), not a kernel's fault: the batch raises
+    it at once with the tower still compiled and flex still the decode attention (explicit flex without the
+    static cache gave flex up on an out-of-memory error before)."""
+    model, processor = model_and_processor
+    for kw in ({"compile": "on", "compile_options": {"backend": counting_backend}},
+               {"compile": "off", "grouped_attention": "flex"}):
+        cap = captioner(model, processor, max_tokens=4, min_tokens=4, **kw)
+        calls = []
+
+        def no_memory(*a, **k):
+            calls.append(1)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.40 GiB")
+
+        monkeypatch.setattr(model, "generate", no_memory)
+        with pytest.raises(torch.OutOfMemoryError):
+            token_ids(cap, images[:2])
+        monkeypatch.undo()
+        assert calls == [1], kw  # no retry at the same size
+        assert vision_compiled(model) is (kw["compile"] == "on")
+        assert decode_attention_kernel(model) == kw.get("grouped_attention", "auto")
+
+
+def refusing_vision_backend(refused: list, decode_graphs: list | None = None, refuses=is_vision_graph):
+    """A compiler that refuses the vision tower's graphs (`refuses`: which graphs), as a card, torch or Triton
+    it was never run on might, and runs every other graph as traced."""
+    def backend(gm, example_inputs):
+        if refuses(gm):
+            refused.append(1)
+            raise RuntimeError("triton: out of resource: shared memory, required: 264192")
+        if decode_graphs is not None:
+            decode_graphs.append(gm)
+        return gm.forward
+
+    return backend
+
+
+def test_a_failing_tower_leaves_flex_alone(model_and_processor, images, caplog):
+    """Where flex is the decode attention (auto's pick on an H100 at 128+ rows), a tower that fails is given up,
+    not flex: the error is the tower's, the retry runs once, and flex stays for the decode steps."""
+    model, processor = model_and_processor
+    fixed = {"max_tokens": 6, "min_tokens": 6}
+    want = token_ids(captioner(model, processor, **fixed), images[:3])
+    refused: list = []
+    cap = captioner(model, processor, compile="on", grouped_attention="flex", decode_loop="graph",
+                    compile_options={"backend": refusing_vision_backend(refused)}, **fixed)
+    with caplog.at_level("WARNING"):
+        assert token_ids(cap, images[:3]) == want
+    assert refused == [1] and not vision_compiled(model) and decode_attention_kernel(model) == "flex"
+    assert "vision tower: a batch failed with it compiled" in caplog.text and "FlexAttention" not in caplog.text
+
+
+def test_an_error_the_tower_did_not_raise_leaves_it_compiled(model_and_processor, images, monkeypatch):
+    model, processor = model_and_processor
+    cap = captioner(model, processor, max_tokens=4, min_tokens=4, compile="on",
+                    compile_options={"backend": counting_backend})
+    token_ids(cap, images[:2])  # the tower compiled and ran
+
+    def broken_step(*a, **k):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(model, "generate", broken_step)
+    with pytest.raises(RuntimeError, match="illegal memory access"):
+        token_ids(cap, images[:2])
+    assert vision_compiled(model)
+
+
+def test_continuous_batching_gives_a_failing_tower_up_and_goes_on_streaming(model_and_processor, sample_data_dir,
+                                                                            tiny_model_dir, tmp_path, monkeypatch):
+    """--decode-loop continuous prefills each chunk through generate itself: a compiled tower that fails there
+    costs that chunk's retry, and the stream goes on (it used to end, and the rest went in batches)."""
+    from test_captioning import caption_args, read_table
+    from batched_image_inference import main
+    from vlm_caption import store
+    import vlm_caption.captioner as captioner_module
+
+    refused: list = []
+    real = captioner_module.set_prefill_compile
+    monkeypatch.setattr(captioner_module, "set_prefill_compile",
+                        lambda model, parts, options=None: real(model, parts,
+                                                                {"backend": refusing_vision_backend(refused)}))
+    ckpt = tmp_path / "continuous"
+    code = main(caption_args(tiny_model_dir, sample_data_dir, ckpt, "--compile", "on", "--decode-loop", "continuous"))
+    decoding = json.loads((ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
+    assert refused == [1] and decoding["vision_tower"] == "eager", decoding
+    assert not any("fell_back_to_batches" in run for run in decoding["continuous"].values()), decoding
+    assert code == 0 and len(read_table(ckpt / store.MERGED)) > 0
+
+
+def test_the_language_models_prefill_compiles_once_for_every_prompt_length_and_never_a_decode_step(
+        model_and_processor):
+    """The language model's compiled call takes prompts (more than one token) only, with their length dynamic
+    from the first call; a one-token call (an eager decode step) runs the module itself."""
+    model, _ = model_and_processor
+    lm = model.model.language_model
+    PREFILL_CAPTURED.clear()
+    assert set_prefill_compile(model, {"language"}, {"backend": counting_backend}) == {"language"}
+    assert language_compiled(model) and not vision_compiled(model)
+    torch.manual_seed(0)
+    with torch.inference_mode():
+        for length in (1, 9, 5, 12, 1):
+            embeds = torch.randn(2, length, lm.config.hidden_size)
+            got = lm(inputs_embeds=embeds, use_cache=False).last_hidden_state
+            want = lm._call_impl(inputs_embeds=embeds, use_cache=False).last_hidden_state  # the module itself
+            assert torch.allclose(got, want, atol=1e-5), length
+            assert len(PREFILL_CAPTURED) == (0 if length == 1 and not PREFILL_CAPTURED else 1), length
+    set_prefill_compile(model, ())
+    assert not language_compiled(model)
+
+
+@pytest.mark.parametrize("loop", ["generate", "graph"])
+def test_compile_on_compiles_the_language_models_prefill_and_keeps_the_tokens(model_and_processor, images, loop):
+    """Both decode loops prefill through the compiled language model: the same tokens as eager, a graph for the
+    first batch shape and one (dynamic in the batch) for the rest, none for another prompt length, and the
+    static cache's buffers marked as fixed addresses (CUDA graphs of the decode step need them; transformers
+    skips the mark when the first update is traced, so the cache is allocated before the prefill)."""
+    from test_decode_loop import token_ids as ids_for
+
+    model, processor = model_and_processor
+    prompts = ["Describe it.", "Hi.", "Describe this art."]  # shorter than the run's prompt: the static cache fits
+    reference = captioner(model, processor, max_tokens=6, min_tokens=6)
+    want = [ids_for(reference, images), ids_for(reference, images[:3]), ids_for(reference, images[:3], prompts)]
+    PREFILL_CAPTURED.clear()
+    cap = captioner(model, processor, max_tokens=6, min_tokens=6, compile="on", decode_loop=loop,
+                    compile_options={"backend": counting_backend})
+    assert cap.decoding_report(6)["language_model_prefill"] == "compiled"
+    assert [ids_for(cap, images), ids_for(cap, images[:3]), ids_for(cap, images[:3], prompts)] == want
+    assert len(PREFILL_CAPTURED) == 2  # 6 rows; 3 rows padded to 4 (the batch dynamic from then on)
+    assert ids_for(cap, images) == want[0] and ids_for(cap, images[:3], prompts) == want[2]
+    assert len(PREFILL_CAPTURED) == 2
+    for cache in cap.static_decode.caches.values():
+        for layer in cache.layers:
+            assert hasattr(layer.keys, "_dynamo_static_input_type"), "a cache buffer not marked static"
+
+
+def test_a_failing_language_model_prefill_is_given_up_and_the_tower_stays_compiled(model_and_processor, images,
+                                                                                   caplog):
+    model, processor = model_and_processor
+    fixed = {"max_tokens": 6, "min_tokens": 6}
+    want = token_ids(captioner(model, processor, **fixed), images[:3])
+    refused: list = []
+    cap = captioner(model, processor, compile="on", decode_loop="graph", **fixed,
+                    compile_options={"backend": refusing_vision_backend(refused, refuses=is_language_prefill_graph)})
+    with caplog.at_level("WARNING"):
+        assert token_ids(cap, images[:3]) == want
+    assert refused == [1] and not language_compiled(model) and vision_compiled(model)
+    assert "language model's prefill: a batch failed with it compiled" in caplog.text
+    assert "vision tower: a batch failed" not in caplog.text
+    assert token_ids(cap, images[:3]) == want and refused == [1]
+    report = cap.decoding_report(3)
+    assert (report["vision_tower"], report["language_model_prefill"]) == ("compiled", "eager")
+
+
+def test_when_both_compiled_parts_fail_the_batch_runs_again_with_both_eager(model_and_processor, images, caplog):
+    model, processor = model_and_processor
+    fixed = {"max_tokens": 6, "min_tokens": 6}
+    want = token_ids(captioner(model, processor, **fixed), images[:3])
+    refused: list = []
+    either = lambda gm: is_vision_graph(gm) or is_language_prefill_graph(gm)  # noqa: E731
+    cap = captioner(model, processor, compile="on", **fixed,
+                    compile_options={"backend": refusing_vision_backend(refused, refuses=either)})
+    with caplog.at_level("WARNING"):
+        assert token_ids(cap, images[:3]) == want
+    assert len(refused) == 2 and not language_compiled(model) and not vision_compiled(model)
+    assert caplog.text.count("a batch failed with it compiled") == 2
+
+
+def test_every_shape_a_run_meets_compiles_a_bounded_set_of_prefill_graphs(model_and_processor, images):
+    """A run's batches: the first size, the padded last, smaller ones after failed images, a single row, and
+    templated prompts too long for the static cache (the dynamic cache then): the same tokens as eager, and
+    9 prefill graphs in all (under the recompile limit prefill_compile raises to 16: past it dynamo would run
+    the rest eagerly)."""
+    import torch._dynamo
+
+    model, processor = model_and_processor
+    fixed = {"max_tokens": 6, "min_tokens": 6}
+    long = ["Describe this artwork in one long sentence, naming its colours, its mood and its medium, please."]
+    batches = [(6, None), (3, None), (2, None), (1, None), (3, long * 3), (1, long), (5, None)]
+    reference = captioner(model, processor, **fixed)
+    want = [token_ids(reference, images[:n], prompts) for n, prompts in batches]
+    VISION_CAPTURED.clear()
+    PREFILL_CAPTURED.clear()
+    cap = captioner(model, processor, compile="on", decode_loop="graph",
+                    compile_options={"backend": counting_backend}, **fixed)
+    assert [token_ids(cap, images[:n], prompts) for n, prompts in batches] == want
+    assert (len(VISION_CAPTURED), len(PREFILL_CAPTURED)) == (4, 5)  # tower + projector: any size, 1 row
+    assert torch._dynamo.config.recompile_limit >= 16

@@ -1,0 +1,158 @@
+"""The prefill compiled with the decode step (`--compile`): the vision tower, its projector, and the language
+model over the prompt. Generate's decode steps were compiled first; the prefill is now most of an image's time.
+
+Why: on an H100 a 4B image took ~36 ms at batch 256 (BENCHMARKS.md §6), of it
+- SigLIP over 896 px = 4,096 patches 16.4 ms, its compute roof 5.5 ms. Run 3 timed the tower + projector alone
+  at batch 64: 1.047 s eager, 0.889 s compiled (inductor, default mode), 1.18x, after a 28 s compile;
+- the language model over the ~336-token prompt ~7 ms, its roof 2.2 ms. Eager, its elementwise ops (Gemma's
+  RMSNorm upcasts to float32 in ~7 kernels, 6 norms a layer; rotary; GELU; residuals) move ~780 KB per token per
+  layer (`benchmarks/bench_prefill.py` counts them): ~8.9 GB an image, ~3.5 ms of memory traffic that inductor
+  fuses into a few passes.
+
+How: each module gets a compiled call in place of its own (what `nn.Module.compile` sets): the weights keep
+their names, and every caller (generate's prefill, continuous batching's chunk prefills, --vision-overlap's side
+stream) goes through it. torch.compile's default mode, no CUDA graphs: a graph would keep a whole batch's
+activations in its own memory pool.
+- The tower and projector: the batch dimension is dynamic from the first call, so one graph serves every batch
+  size a run meets (the last batch, the out-of-memory back-off, the retry of flagged captions); torch still
+  compiles a batch of one row on its own (it specialises a size of 1).
+- The language model: only calls over more than one token, i.e. prefills. A one-token call (an eager decode
+  step) runs the module itself, as does a call traced from an outer compiled region (the decode step's own
+  graph). The prompt length is dynamic from the first call (templated prompts differ from batch to batch); the
+  batch dimension is not: the static KV cache is one per batch shape, so there is a graph per batch shape, as
+  the decode step has.
+
+A failure: an error raised inside a compiled call is marked with its part (`failed_part`). The batch it broke
+gives that part's compile up for the rest of the run (a warning with the compiler's own error) and runs again
+at once with it eager (Captioner._generate, `eager_prefill_on_failure` elsewhere): a compile that does not work
+on some card, torch or Triton costs one batch's retry, not the run, and no other part or speed-up (the other
+prefill part, the decode step's FlexAttention) is blamed for it.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, TypeVar
+
+import torch
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# Parts of the prefill -> Gemma 3's modules of each, under the inner model (`model.model`).
+PARTS = {"vision": ("vision_tower", "multi_modal_projector"), "language": ("language_model",)}
+PART_NAMES = {"vision": "vision tower", "language": "language model's prefill"}  # for the log
+_RAISED_IN = "_raised_in_compiled_prefill"  # set on an error that left a compiled call: its part
+
+
+def _modules(model, part: str) -> list:
+    inner = getattr(model, "model", model)
+    return [m for m in (getattr(inner, name, None) for name in PARTS[part]) if m is not None]
+
+
+def set_prefill_compile(model, parts, options: dict[str, Any] | None = None) -> set[str]:
+    """Compile the `parts` of `model`'s prefill (of PARTS) in place and run the others eagerly (an empty
+    `parts`: all eager, e.g. a model an earlier Captioner compiled, in a benchmark); `options`: torch.compile's
+    backend, for tests. Returns the parts that run compiled now. A model spread over devices by --device-map
+    stays eager (accelerate moves weights in hooks around each module)."""
+    from .static_decode import raise_recompile_limit
+
+    spread = len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
+    backend = (options or {}).get("backend", "inductor")
+    if parts:  # the tower, projector and language model may share a traced function (transformers' wrapper):
+        raise_recompile_limit(needed=16)  # up to ~9 graphs of it in a run (tests/test_prefill_compile.py)
+    compiled = set()
+    for part in PARTS:
+        modules = _modules(model, part)
+        on = part in parts and modules and not spread
+        for module in modules:
+            # (nn.Module.compile's attribute: None, __call__ runs the module itself)
+            module._compiled_call_impl = _compiled_call(module, part, backend) if on else None
+        if on:
+            compiled.add(part)
+        elif part in parts:
+            log.info("%s: eager (%s)", PART_NAMES[part], "spread over devices" if spread else "the model has none")
+    if compiled:
+        names = ", ".join(PART_NAMES[part] for part in PARTS if part in compiled)
+        log.info("compiled at its first batch: %s (%s)", names, getattr(backend, "__name__", backend))
+    return compiled
+
+
+def _compiled_call(module, part: str, backend):
+    """`module`'s call compiled, with the sizes that vary between calls dynamic, marking the errors it raises."""
+    import torch._dynamo
+
+    compiled = torch.compile(module._call_impl, backend=backend)
+
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling():  # traced from an outer compiled region: the module itself
+            return module._call_impl(*args, **kwargs)
+        if part == "language":
+            embeds = kwargs.get("inputs_embeds")
+            if embeds is None or embeds.shape[1] <= 1:  # not a prefill: a decode step (or ids only)
+                return module._call_impl(*args, **kwargs)
+            _mark_dynamic_size(embeds.shape[1], (*args, *kwargs.values()))
+        else:
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] > 1:
+                    torch._dynamo.maybe_mark_dynamic(value, 0)  # (a size of 1 is specialised all the same)
+        try:
+            return compiled(*args, **kwargs)
+        except RuntimeError as e:  # dynamo's and inductor's errors included
+            setattr(e, _RAISED_IN, part)
+            raise
+
+    return call
+
+
+def _mark_dynamic_size(size: int, values) -> None:
+    """Mark every dimension of `size` (the prompt length) dynamic in the tensors among `values`, dicts of them
+    included (the language model's masks come as one per attention type)."""
+    import torch._dynamo
+
+    for value in values:
+        for tensor in value.values() if isinstance(value, dict) else (value,):
+            if isinstance(tensor, torch.Tensor):
+                for dim, length in enumerate(tensor.shape):
+                    if length == size:
+                        torch._dynamo.maybe_mark_dynamic(tensor, dim)
+
+
+def compiled_parts(model) -> dict[str, str]:
+    """How each part of `model`'s prefill runs, for run_summary.json: "compiled" or "eager"."""
+    def how(part: str) -> str:
+        return "compiled" if any(getattr(m, "_compiled_call_impl", None) for m in _modules(model, part)) else "eager"
+
+    return {"vision_tower": how("vision"), "language_model_prefill": how("language")}
+
+
+def failed_part(error: BaseException) -> str | None:
+    """The part of the prefill whose compiled call raised `error` (out of memory excepted: a smaller batch's
+    to fix), or None."""
+    from .batch_size import is_out_of_memory
+
+    return None if is_out_of_memory(error) else getattr(error, _RAISED_IN, None)
+
+
+def give_up_prefill_compile(model, error: BaseException) -> None:
+    """A compiled part of the prefill failed a batch: the rest of the run runs that part eagerly."""
+    from .errors import described
+
+    part = failed_part(error)
+    cause = getattr(error, "inner_exception", None) or error  # dynamo's BackendCompilerFailed wraps the compiler's
+    log.warning("%s: a batch failed with it compiled (%s); running it eagerly from now on "
+                "(--compile off also skips the decode step's compile)", PART_NAMES[part], described(cause))
+    for module in _modules(model, part):
+        module._compiled_call_impl = None
+
+
+def eager_prefill_on_failure(model, fn: Callable[[], T]) -> T:
+    """fn(); if a compiled part of the prefill failed it, fn() again with that part eager for the rest of the run
+    (and once more if the other part then fails too)."""
+    for _ in PARTS:
+        try:
+            return fn()
+        except RuntimeError as e:
+            if failed_part(e) is None:
+                raise
+            give_up_prefill_compile(model, e)
+    return fn()
