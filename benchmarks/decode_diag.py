@@ -24,8 +24,9 @@ built on the card), one batch of --batch images, one fixed prompt:
   profile    torch.profiler over a compiled generate of --profile-tokens tokens and over a prefill alone:
              the top ops by CPU time and by GPU time, and the CUDA runtime calls (cudaLaunchKernel vs
              cudaGraphLaunch per step) -> profile.txt
-  prefill    the whole prefill forward alone on up to 64 images, eager vs compiled (the vision tower
-             compiled on both sides): what compiling the language model's prefill would add
+  prefill    the prefill and first token alone on up to 64 images (generate into the static cache, as the
+             graph loop runs it), the language model eager vs compiled as --compile compiles it; the vision
+             tower compiled on both sides
   gil        the compiled decode step again while --loader-threads threads decode JPEGs (the pipeline's
              loader): how much the generate loop slows when other Python threads want the GIL
   hf_static  transformers' own cache_implementation="static" + compile, for comparison (last; optional)
@@ -190,17 +191,17 @@ def main(argv=None) -> int:
     def vision() -> dict:
         """The vision tower + projector alone (its share of prefill), on up to 64 images: eager, eager with
         torch's sdpa pinned to each attention kernel (SigLIP's 4,096-token attention is 38 % of its FLOP; by
-        default torch picks the flash kernel), and compiled as --compile compiles it (vision_compile.py)."""
+        default torch picks the flash kernel), and compiled as --compile compiles it (prefill_compile.py)."""
         from bench_attention import SDPA_BACKENDS, one_line, pinned
 
-        from vlm_caption.vision_compile import set_vision_compile
+        from vlm_caption.prefill_compile import set_prefill_compile
 
         count = min(args.batch, 64)
         images = [compiled.prepare(dataset.load_image(paths[i % len(paths)], compiled.target_size))
                   for i in range(count)]
         pixels = compiled.assemble(images).inputs["pixel_values"]
         tower = lambda: model.get_image_features(pixel_values=pixels)  # noqa: E731
-        set_vision_compile(model, False)  # eager first: the compiled captioners above compiled it
+        set_prefill_compile(model, ())  # eager first: the compiled captioners above compiled it
 
         def features(out) -> torch.Tensor:  # an output whose pooler_output is the projected image tokens
             return out if torch.is_tensor(out) else out.pooler_output
@@ -216,7 +217,7 @@ def main(argv=None) -> int:
                     kernels[name] = {"ms_per_image": round(1000 * best(on_kernel) / count, 2), "max_abs_diff": diff}
                 except Exception as e:  # noqa: BLE001 - a kernel that cannot take SigLIP's shapes is a finding
                     kernels[name] = {"error": one_line(e)}
-            set_vision_compile(model, True, options)
+            set_prefill_compile(model, {"vision", "language"}, options)  # as --compile leaves it
             graphs0 = counters["stats"]["unique_graphs"]
             t0 = time.perf_counter()
             tower()
@@ -271,30 +272,37 @@ def main(argv=None) -> int:
     section("profile", profile)
 
     def prefill() -> dict:
-        """The whole prefill forward alone (vision tower + language model over the prompt, the last token's
-        logits, no cache) on up to 64 images, eager vs torch.compile'd (static shape), the vision tower
-        compiled on both sides as --compile does: what compiling the language model's prefill would add
-        (generate runs it eagerly)."""
-        from vlm_caption.vision_compile import set_vision_compile
+        """The prefill and first token alone (what the graph loop runs through generate per batch: vision tower,
+        language model over the prompt, into the static cache) on up to 64 images, with the language model eager
+        vs compiled as --compile compiles it (prefill_compile.py); the vision tower compiled on both sides."""
+        from vlm_caption.prefill_compile import set_prefill_compile
 
         count = min(args.batch, 64)
         images = [compiled.prepare(dataset.load_image(paths[i % len(paths)], compiled.target_size))
                   for i in range(count)]
         inputs = compiled.assemble(images).inputs
-        set_vision_compile(model, True, options)
-        fast = torch.compile(model, dynamic=False, **options)
+        first_token = compiled.first_token_config()
+
+        def forward():
+            name, cache = compiled.static_decode.cache_for(count)  # (reset)
+            return compiled.model.generate(**inputs, generation_config=first_token, **{name: cache})
+
         graphs0, breaks0 = counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
-        with torch.inference_mode():
-            logits = model(**inputs, use_cache=False, logits_to_keep=1).logits.float()
-            eager_s = best(lambda: model(**inputs, use_cache=False, logits_to_keep=1))
+        with torch.inference_mode():  # (the caches' buffers are inference tensors)
+            set_prefill_compile(model, {"vision"}, options)
+            want = forward()[:, -1]
+            eager_s = best(forward)
+            set_prefill_compile(model, {"vision", "language"}, options)
+            sync()
             t0 = time.perf_counter()
-            diff = (fast(**inputs, use_cache=False, logits_to_keep=1).logits.float() - logits).abs().max().item()
+            same = (forward()[:, -1] == want).float().mean().item()
+            sync()
             compile_s = time.perf_counter() - t0
-            compiled_s = best(lambda: fast(**inputs, use_cache=False, logits_to_keep=1))
+            compiled_s = best(forward)
         return {"images": count, "prompt_tokens": int(inputs["input_ids"].shape[-1]),
                 "eager_ms_per_image": round(1000 * eager_s / count, 2),
                 "compiled_ms_per_image": round(1000 * compiled_s / count, 2), "speedup": round(eager_s / compiled_s, 2),
-                "compile_s": round(compile_s, 1), "max_abs_logit_diff": diff,
+                "compile_s": round(compile_s, 1), "same_first_token": round(same, 4),
                 "graphs": counters["stats"]["unique_graphs"] - graphs0,
                 "graph_breaks": sum(counters["graph_break"].values()) - breaks0}
 

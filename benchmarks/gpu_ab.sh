@@ -3,16 +3,18 @@
 # to run them. check and diag fit one device call together (`check,diag`: each part's timeout is cut to what
 # is left of GPU_AB_SECONDS, default 590, from the script's start; a device call with timeout 595 s); then
 # thresh,cont at once (the machine stays warm 30 s), only if 4+ device minutes are left:
-#   check  gpu_check.py at batch 256: the graph loop with FlexAttention (auto's pick there) and the vision
-#          tower compiled, as --compile now does (vision_compile.py; run 3 timed the tower alone 1.18x at 64),
-#          against the same with the tower eager (= run 4's 27.48 img/s setting); then the whole pipeline
-#          over 1024 images at batch 256 with the product's defaults, rated over the batches between the
-#          first and the last; 2 timed batches a side (<= 6 min)
+#   check  gpu_check.py at batch 256: the graph loop with FlexAttention (auto's pick there) and the prefill
+#          compiled (the vision tower and the language model over the prompt), as --compile now does
+#          (prefill_compile.py; run 3 timed the tower alone 1.18x at 64, the language model's prefill is
+#          untimed), against the same with the prefill eager (= run 4's 27.48 img/s setting); each side's
+#          prefill compilation is timed apart; then the whole pipeline over 1024 images at batch 256 with the
+#          product's defaults, rated over the batches between the first and the last; 2 timed batches a side
+#          (<= 6 min)
 #   diag   decode_diag.py, batch 64 (run 3's): the vision tower on each sdpa kernel (flash, cuDNN,
 #          efficient) and compiled as --compile does; a profile of a compiled generate and of a prefill
-#          (where the prefill's ~23 ms an image go); then, if its budget is left, the whole prefill forward
-#          eager vs compiled (is compiling the language model's prefill worth building?) (<= 4 min; run 4
-#          timed the decode attention by kernel: not again)
+#          (where the prefill's ~23 ms an image go); then, if its budget is left, the prefill and first token
+#          with the language model eager vs compiled (<= 4 min; run 4 timed the decode attention by kernel:
+#          not again)
 #   thresh gpu_check.py at batch 128, where --decode-attention auto starts taking FlexAttention (run 4: flex
 #          1.45x faster a layer at 256, 1.22x slower at 64, 128 unmeasured): the graph loop with the grouped
 #          sdpa vs with flex (<= 4 min)
@@ -64,7 +66,7 @@ gpu_check() {
   echo "gpu_check ($part) exit $?" | tee -a "$out/gpu.txt"
   cat "$out/$part/gpu_check.md" 2>/dev/null
 }
-want check && gpu_check check 350 --graph-flex-batches 256 --vision-eager-batches 256 --pipeline-images 1024 \
+want check && gpu_check check 350 --graph-flex-batches 256 --prefill-eager-batches 256 --pipeline-images 1024 \
     --pipeline-batch 256 --pipeline-runs graph --timed-batches 2 --budget-s 320
 if want diag; then
   t=$(timeout_for 235)

@@ -13,8 +13,9 @@ per image (min = max, greedy), the same prompt everywhere. At most ~8 minutes on
              these three with the grouped sdpa decode attention (--decode-attention sdpa)
   graph_flex the graph loop with FlexAttention for the decode attention (what --decode-attention auto
              takes on CUDA from 128 rows, grouped_attention.FLEX_MIN_ROWS)
-  vision_eager  graph_flex with the vision tower eager: every compiled run above compiles the tower too, as
-             --compile does (vision_compile.py); this is the other side of that A/B
+  prefill_eager  graph_flex with the prefill eager (the vision tower and the language model over the
+             prompt): every compiled run above compiles them too, as --compile does (prefill_compile.py); this
+             is the other side of that A/B, and run 4's code
   pipeline   pipeline.run over --pipeline-images JPEGs with the built model (loader threads, background
              assembly, generate, writer, parts) and the product's defaults (--decode-attention auto);
              --pipeline-overlap: again with --vision-overlap
@@ -55,7 +56,7 @@ from gpu_roofs import card_peaks, flop_per_image, roofs  # noqa: E402
 PROMPT = ("Describe this artwork in detail: the subjects, the style and medium, the colour palette, the "
           "composition and the mood. Write one paragraph.")
 SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled",
-            "graph", "graph_flex", "vision_eager", "pipeline", "pipeline_overlap")
+            "graph", "graph_flex", "prefill_eager", "pipeline", "pipeline_overlap")
 
 
 def parse_args(argv=None):
@@ -71,8 +72,8 @@ def parse_args(argv=None):
     p.add_argument("--graph-flex-batches", type=int, nargs="*", default=None, help="the graph loop with the "
                    "FlexAttention decode attention, auto's pick from 128 rows on an H100/H200 (default none; 4 with "
                    "--cpu-smoke)")
-    p.add_argument("--vision-eager-batches", type=int, nargs="*", default=None, help="graph_flex with the "
-                   "vision tower eager (default: none; 4 with --cpu-smoke)")
+    p.add_argument("--prefill-eager-batches", type=int, nargs="*", default=None, help="graph_flex with the "
+                   "prefill (vision tower, language model) eager (default: none; 4 with --cpu-smoke)")
     p.add_argument("--timed-batches", type=int, default=None, help="batches timed per size (default 3)")
     p.add_argument("--loop-images", type=int, default=None, help="images for the one-image loop (default 3)")
     p.add_argument("--loader-images", type=int, default=None, help="JPEGs for the loader (default 96)")
@@ -93,7 +94,7 @@ def parse_args(argv=None):
     defaults = dict(preset="tiny" if smoke else "gemma-3-4b", new_tokens=4 if smoke else 200,
                     eager_batches=[2, 4] if smoke else [64, 128], compiled_batches=[2, 4] if smoke else [64, 128, 256],
                     graph_batches=[2, 4] if smoke else [64, 128], graph_flex_batches=[4] if smoke else [],
-                    vision_eager_batches=[4] if smoke else [],
+                    prefill_eager_batches=[4] if smoke else [],
                     timed_batches=2 if smoke else 3, loop_images=2 if smoke else 3,
                     loader_images=6 if smoke else 96, pipeline_images=12 if smoke else 640,
                     pipeline_batch=4 if smoke else 128, budget_s=120 if smoke else 420)
@@ -135,40 +136,44 @@ class Clock:
 def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, device, sync) -> dict:
     """kind: eager (dynamic cache), compiled (static cache, generate's compiled step) or graph (static cache,
     --decode-loop graph: generate's prefill, then decode_loop.GraphDecode's compiled steps); graph_flex and
-    vision_eager: graph with FlexAttention, the latter with the vision tower eager."""
+    prefill_eager: graph with FlexAttention, the latter with the prefill (vision tower, language model) eager."""
     import torch
     from torch._dynamo.utils import counters
 
     from vlm_caption.captioner import Captioner
 
     compile = kind != "eager"
-    graph = kind in ("graph", "graph_flex", "vision_eager")  # the graph decode loop
+    graph = kind in ("graph", "graph_flex", "prefill_eager")  # the graph decode loop
     options = {"backend": "eager"} if args.cpu_smoke and compile else {}
-    if kind == "vision_eager":
-        options["vision"] = False  # (Captioner's A/B switch: the tower stays eager, the decode is compiled)
+    if kind == "prefill_eager":  # (Captioner's A/B switches: the prefill stays eager, the decode is compiled)
+        options.update(vision=False, language=False)
     cap = Captioner(model, processor, model_name=args.preset, prompt=PROMPT, max_tokens=args.new_tokens,
                     min_tokens=args.new_tokens, compile="on" if compile else "off", compile_options=options,
                     decode_loop="graph" if graph else "generate",
-                    grouped_attention="flex" if kind in ("graph_flex", "vision_eager") else "sdpa")
+                    grouped_attention="flex" if kind in ("graph_flex", "prefill_eager") else "sdpa")
     rows = [pixels[i % len(pixels)] for i in range(batch)]
     keys = [f"img{i}" for i in range(batch)]
-    vision = cap.decoding_report(batch)["vision_tower"]
-    vision_warmup_s = None
-    if vision == "compiled":  # its compilation timed apart, and kept out of graphs_built (the decode step's)
+    report = cap.decoding_report(batch)
+    prefill = {part: report[part] for part in ("vision_tower", "language_model_prefill")}
+    prefill_warmup_s = None
+    if "compiled" in prefill.values() and cap.static_decode is not None:
+        # Its compilation timed apart (one prefill and first token: no decode step), and kept out of graphs_built
+        # (the decode step's).
         sync()
         start = time.perf_counter()
         with torch.inference_mode():
-            model.get_image_features(pixel_values=cap.assemble(rows).inputs["pixel_values"])
+            name, cache = cap.static_decode.cache_for(batch)
+            model.generate(**cap.assemble(rows).inputs, generation_config=cap.first_token_config(), **{name: cache})
         sync()
-        vision_warmup_s = round(time.perf_counter() - start, 2)
+        prefill_warmup_s = round(time.perf_counter() - start, 2)
     graphs0 = counters["stats"]["unique_graphs"]
     breaks0 = sum(counters["graph_break"].values())
     result: dict = {"batch": batch, "cache": {"eager": "dynamic, eager", "compiled": "static full-attention, compiled",
                                               "graph": "static full-attention, graph decode loop, sdpa",
                                               "graph_flex": "graph decode loop, FlexAttention",
-                                              "vision_eager": "graph decode loop, FlexAttention, eager vision "
-                                                              "tower"}[kind],
-                    "vision_tower": vision, "vision_warmup_s": vision_warmup_s}
+                                              "prefill_eager": "graph decode loop, FlexAttention, eager "
+                                                               "prefill"}[kind],
+                    **prefill, "prefill_warmup_s": prefill_warmup_s}
     if compile and cap.static_decode is None:
         return {**result, "error": "static decode not available (sequence longer than the sliding window)"}
     try:
@@ -196,7 +201,7 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
                       generate_share=None if graph else round(clock.inside / wall, 4))
         if device.type == "cuda":
             result["peak_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-        if compile:  # the decode step's graphs (the vision tower's were built before the clock)
+        if compile:  # the decode step's graphs (the prefill's were built before the warm-up)
             result["graphs_built"] = counters["stats"]["unique_graphs"] - graphs0
             result["graph_breaks"] = sum(counters["graph_break"].values()) - breaks0
     except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
@@ -308,7 +313,7 @@ def main(argv=None) -> int:
         if args.cpu_smoke and not peak:
             peak, bandwidth, source = 1e12, 50e9, "placeholder for the CPU smoke"
         batches = sorted(set(args.eager_batches + args.compiled_batches + args.graph_batches + args.graph_flex_batches
-                             + args.vision_eager_batches + [1, args.pipeline_batch]))
+                             + args.prefill_eager_batches + [1, args.pipeline_batch]))
         result["roofs"] = {"peak_flops": peak, "bandwidth_bytes_s": bandwidth, "source": source,
                            "by_batch": [roofs(config, prompt_tokens, args.new_tokens, b, peak, bandwidth)
                                         for b in batches] if peak and bandwidth else []}
@@ -329,17 +334,17 @@ def main(argv=None) -> int:
             print(json.dumps({"loop": result["loop"]}), flush=True)
             write(out, result)
         # Smaller batches first, compiled before eager, so that a short budget still has the telling runs.
-        order = {"compiled": 0, "graph": 1, "graph_flex": 2, "vision_eager": 3, "eager": 4}
+        order = {"compiled": 0, "graph": 1, "graph_flex": 2, "prefill_eager": 3, "eager": 4}
         runs = sorted([("compiled", b) for b in args.compiled_batches] + [("graph", b) for b in args.graph_batches]
                       + [("graph_flex", b) for b in args.graph_flex_batches]
-                      + [("vision_eager", b) for b in args.vision_eager_batches]
+                      + [("prefill_eager", b) for b in args.prefill_eager_batches]
                       + [("eager", b) for b in args.eager_batches], key=lambda run: (run[1], order[run[0]]))
         # The whole pipeline after the last compiled/graph run of its batch size (whose graph it then reuses).
         same = [i for i, (kind, b) in enumerate(runs) if b == args.pipeline_batch and kind != "eager"]
         at = same[-1] + 1 if same else min(2, len(runs))
         if args.pipeline_images > 0:  # 0: left out
             runs[at:at] = [(PIPELINE_RUNS[name][0], args.pipeline_batch) for name in args.pipeline_runs]
-        result.update(eager=[], compiled=[], graph=[], graph_flex=[], vision_eager=[])
+        result.update(eager=[], compiled=[], graph=[], graph_flex=[], prefill_eager=[])
         variants = {key: (overlap, loop) for key, overlap, loop in PIPELINE_RUNS.values()}
         for kind, batch in runs:
             pipeline_s = 30 + args.pipeline_images / 15  # setup + ~15 img/s captioned (run 2: 2 x 7.65)

@@ -24,7 +24,7 @@ def markdown(r: dict) -> str:
     loop = r.get("loop", {})
     if loop.get("img_s"):
         lines.append(f"| one-image loop | 1 | {loop['img_s']} | {loop['tokens_s']} | | | | | |")
-    for kind in ("eager", "compiled", "graph", "graph_flex", "vision_eager"):
+    for kind in ("eager", "compiled", "graph", "graph_flex", "prefill_eager"):
         for x in r.get(kind, []):
             if "error" in x:
                 lines.append(f"| {kind} | {x['batch']} | {x['error']} | | | | | | |")

@@ -1,0 +1,149 @@
+#!/usr/bin/env python3
+"""The language model's prefill, eager vs compiled as `--compile` compiles it (vlm_caption/prefill_compile.py),
+at a real model's layer sizes, and the memory traffic of the eager prefill's elementwise ops.
+
+Why the compile should pay on a GPU: a prefill's GEMMs run near the card's peak, but eager, every elementwise
+op between them is its own kernel that reads and writes whole activations from memory (Gemma's RMSNorm alone
+is ~7: a float32 upcast, pow, mean, rsqrt, two multiplies, a downcast; 6 norms a layer). Inductor fuses them.
+This counts the bytes those ops move (every aten op's tensor inputs and outputs, GEMMs, attention and views
+left out) and times both sides.
+
+The text layers are the preset's own (width, heads, MLP), `--layers` of them (the count scales time and
+bytes alike; the full model's bytes per image are scaled from them); the vision tower is not built: the
+prompt's embeddings are random. Both sides run the same module; the sides alternate, best of --rounds.
+
+  OMP_NUM_THREADS=2 python benchmarks/bench_prefill.py                     # CPU: the 4B's layers, bf16
+  python benchmarks/bench_prefill.py --device cuda --batch 64 --layers 34  # a GPU: the whole 4B text model
+
+Prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+GEMMS_AND_ATTENTION = {"mm", "addmm", "bmm", "mv", "addmv", "linear", "matmul", "baddbmm",
+                       "scaled_dot_product_attention", "_scaled_dot_product_flash_attention_for_cpu",
+                       "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                       "_scaled_dot_product_cudnn_attention"}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="gemma-3-4b", help="tiny_model preset whose text layers to build")
+    p.add_argument("--layers", type=int, default=2, help="text layers to build (default 2: one sliding, one full)")
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--prompt", type=int, default=336, help="prompt tokens (the 4B's: 256 image + ~80 text)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--rounds", type=int, default=3)
+    return p.parse_args(argv)
+
+
+def build_text_model(preset: str, layers: int, device, dtype):
+    """The preset's language model with `layers` layers (alternating sliding / full, as Gemma 3's start) and a
+    tiny vision tower, inside a Gemma 3 model (so set_prefill_compile finds it where it does in the product)."""
+    import copy
+
+    from vlm_caption import tiny_model
+
+    spec = copy.deepcopy(tiny_model.PRESETS[preset])
+    spec["text"].update(num_hidden_layers=layers, vocab_size=tiny_model.TRAINED_VOCAB,
+                        layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)])
+    spec.update(vision=tiny_model.PRESETS["tiny"]["vision"], mm_tokens_per_image=16, savable=False)
+    name = f"_bench_prefill_{preset}"
+    tiny_model.PRESETS[name] = spec
+    try:
+        return tiny_model.build_random_model(name, device, dtype)[0]
+    finally:
+        del tiny_model.PRESETS[name]
+
+
+def elementwise_bytes(fn) -> int:
+    """Bytes of tensor inputs + outputs of every aten op `fn` runs, GEMMs, attention and views left out."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    total = 0
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            nonlocal total
+            out = func(*args, **(kwargs or {}))
+            if func.overloadpacket.__name__ not in GEMMS_AND_ATTENTION and not func.is_view:
+                tensors = [t for t in tree_flatten((args, kwargs, out))[0] if isinstance(t, torch.Tensor)]
+                total += sum(t.numel() * t.element_size() for t in tensors)
+            return out
+
+    with Count():
+        fn()
+    return total
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    import torch
+
+    from vlm_caption.prefill_compile import set_prefill_compile
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    model = build_text_model(args.preset, args.layers, device, dtype)
+    lm = model.model.language_model
+    text = lm.config
+    generator = torch.Generator(device="cpu").manual_seed(0)
+    embeds = torch.randn(args.batch, args.prompt, text.hidden_size, generator=generator).to(device, dtype)
+    mask = torch.ones(args.batch, args.prompt, dtype=torch.long, device=device)
+
+    def prefill():
+        return lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+
+    def timed() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        prefill()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    with torch.inference_mode():
+        set_prefill_compile(model, ())
+        want = prefill().float()
+        moved = elementwise_bytes(prefill)
+        set_prefill_compile(model, {"language"})
+        compile_s = timed()
+        diff = (prefill().float() - want).abs().max().item()
+        eager, compiled = [], []
+        for _ in range(args.rounds):  # alternating: a machine that slows down slows both sides
+            set_prefill_compile(model, ())
+            eager.append(timed())
+            set_prefill_compile(model, {"language"})
+            compiled.append(timed())
+    per_token_layer = moved / (args.batch * args.prompt * args.layers)
+    full_layers = _full_layer_count(args.preset)
+    print(json.dumps({
+        "preset": args.preset, "layers": args.layers, "batch": args.batch, "prompt_tokens": args.prompt,
+        "dtype": args.dtype, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "eager_elementwise_kb_per_token_layer": round(per_token_layer / 1024, 1),
+        "eager_elementwise_gb_per_image": round(per_token_layer * args.prompt * full_layers / 1e9, 2),
+        "full_model_layers": full_layers,
+        "eager_ms": round(1000 * min(eager), 2), "compiled_ms": round(1000 * min(compiled), 2),
+        "speedup": round(min(eager) / min(compiled), 3), "compile_s": round(compile_s, 1),
+        "max_abs_diff": diff, "max_abs_output": want.abs().max().item()}))
+    return 0
+
+
+def _full_layer_count(preset: str) -> int:
+    from vlm_caption import tiny_model
+
+    return int(tiny_model.PRESETS[preset]["text"]["num_hidden_layers"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
