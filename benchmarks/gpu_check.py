@@ -141,6 +141,7 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
     from torch._dynamo.utils import counters
 
     from vlm_caption.captioner import Captioner
+    from vlm_caption.prefill_compile import eager_prefill_on_failure
 
     compile = kind != "eager"
     graph = kind in ("graph", "graph_flex", "prefill_eager")  # the graph decode loop
@@ -161,9 +162,14 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
         # (the decode step's).
         sync()
         start = time.perf_counter()
-        with torch.inference_mode():
-            name, cache = cap.static_decode.cache_for(batch)
-            model.generate(**cap.assemble(rows).inputs, generation_config=cap.first_token_config(), **{name: cache})
+        inputs = cap.assemble(rows).inputs
+
+        def first_token():
+            name, cache = cap.static_decode.cache_for(batch)  # (reset)
+            return model.generate(**inputs, generation_config=cap.first_token_config(), **{name: cache})
+
+        with torch.inference_mode():  # a part that fails to compile is given up, as in a run (a warning)
+            eager_prefill_on_failure(model, first_token)
         sync()
         prefill_warmup_s = round(time.perf_counter() - start, 2)
     graphs0 = counters["stats"]["unique_graphs"]
@@ -204,6 +210,8 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
         if compile:  # the decode step's graphs (the prefill's were built before the warm-up)
             result["graphs_built"] = counters["stats"]["unique_graphs"] - graphs0
             result["graph_breaks"] = sum(counters["graph_break"].values()) - breaks0
+        report = cap.decoding_report(batch)  # as the timed batches ran: a compiled part that failed is eager now
+        result.update({part: report[part] for part in prefill})
     except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         traceback.print_exc()
