@@ -7,13 +7,13 @@
 #          compiled (the vision tower and the language model over the prompt), as --compile now does
 #          (prefill_compile.py; run 3 timed the tower alone 1.18x at 64, the language model's prefill is
 #          untimed), against the same with the prefill eager (= run 4's 27.48 img/s setting); each side's
-#          prefill compilation is timed apart; then the whole pipeline over 1024 images at batch 256 with the
-#          product's defaults, rated over the batches between the first and the last; 2 timed batches a side
-#          (<= 6 min)
+#          prefill compilation is timed apart; then the whole pipeline over 768 images at batch 256 with the
+#          product's defaults, rated over the batch between the first and the last; 2 timed batches a side
+#          (<= 6.5 min: the graph_flex side compiles the tower, the language model's prefill and the decode step)
 #   diag   decode_diag.py, batch 64 (run 3's): the vision tower on each sdpa kernel (flash, cuDNN,
 #          efficient) and compiled as --compile does; a profile of a compiled generate and of a prefill
 #          (where the prefill's ~23 ms an image go); then, if its budget is left, the prefill and first token
-#          with the language model eager vs compiled (<= 4 min; run 4 timed the decode attention by kernel:
+#          with the language model eager vs compiled (<= 3.5 min; run 4 timed the decode attention by kernel:
 #          not again)
 #   thresh gpu_check.py at batch 128, where --decode-attention auto starts taking FlexAttention (run 4: flex
 #          1.45x faster a layer at 256, 1.22x slower at 64, 128 unmeasured): the graph loop with the grouped
@@ -66,14 +66,14 @@ gpu_check() {
   echo "gpu_check ($part) exit $?" | tee -a "$out/gpu.txt"
   cat "$out/$part/gpu_check.md" 2>/dev/null
 }
-want check && gpu_check check 350 --graph-flex-batches 256 --prefill-eager-batches 256 --pipeline-images 1024 \
-    --pipeline-batch 256 --pipeline-runs graph --timed-batches 2 --budget-s 320
+want check && gpu_check check 380 --graph-flex-batches 256 --prefill-eager-batches 256 --pipeline-images 768 \
+    --pipeline-batch 256 --pipeline-runs graph --timed-batches 2 --budget-s 360
 if want diag; then
-  t=$(timeout_for 235)
+  t=$(timeout_for 205)
   if ((t == 0)); then skipped diag; else
     mkdir -p "$out/diag"
     TORCH_LOGS=perf_hints timeout "$t" "$PY" benchmarks/decode_diag.py --out "$out/diag" --batch 64 \
-        --skip compiled attention compiled_repeat_kv graph eager gil hf_static --budget-s 170 \
+        --skip compiled attention compiled_repeat_kv graph eager gil hf_static --budget-s 140 \
         > "$out/diag/decode_diag.log" 2>&1
     echo "decode_diag exit $?" | tee -a "$out/gpu.txt"
     grep '^{' "$out/diag/decode_diag.log" | cut -c1-1500
