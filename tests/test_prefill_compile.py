@@ -190,24 +190,28 @@ def test_an_error_the_tower_did_not_raise_leaves_it_compiled(model_and_processor
     assert vision_compiled(model)
 
 
-def test_continuous_batching_gives_a_failing_tower_up_and_goes_on_streaming(model_and_processor, sample_data_dir,
-                                                                            tiny_model_dir, tmp_path, monkeypatch):
-    """--decode-loop continuous prefills each chunk through generate itself: a compiled tower that fails there
-    costs that chunk's retry, and the stream goes on (it used to end, and the rest went in batches)."""
+@pytest.mark.parametrize("failing", ["vision_tower", "language_model_prefill"])
+def test_continuous_batching_gives_a_failing_part_up_and_goes_on_streaming(model_and_processor, sample_data_dir,
+                                                                           tiny_model_dir, tmp_path, monkeypatch,
+                                                                           failing):
+    """--decode-loop continuous prefills each chunk through generate itself: a compiled part of the prefill that
+    fails there costs that chunk's retry, and the stream goes on (it used to end, and the rest went in batches)."""
     from test_captioning import caption_args, read_table
     from batched_image_inference import main
     from vlm_caption import store
     import vlm_caption.captioner as captioner_module
 
     refused: list = []
+    refuses = is_vision_graph if failing == "vision_tower" else is_language_prefill_graph
     real = captioner_module.set_prefill_compile
     monkeypatch.setattr(captioner_module, "set_prefill_compile",
-                        lambda model, parts, options=None: real(model, parts,
-                                                                {"backend": refusing_vision_backend(refused)}))
+                        lambda model, parts, options=None: real(
+                            model, parts, {"backend": refusing_vision_backend(refused, refuses=refuses)}))
     ckpt = tmp_path / "continuous"
     code = main(caption_args(tiny_model_dir, sample_data_dir, ckpt, "--compile", "on", "--decode-loop", "continuous"))
     decoding = json.loads((ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
-    assert refused == [1] and decoding["vision_tower"] == "eager", decoding
+    other = ({"vision_tower", "language_model_prefill"} - {failing}).pop()
+    assert refused == [1] and decoding[failing] == "eager" and decoding[other] == "compiled", decoding
     assert not any("fell_back_to_batches" in run for run in decoding["continuous"].values()), decoding
     assert code == 0 and len(read_table(ckpt / store.MERGED)) > 0
 
@@ -310,3 +314,102 @@ def test_every_shape_a_run_meets_compiles_a_bounded_set_of_prefill_graphs(model_
     assert [token_ids(cap, images[:n], prompts) for n, prompts in batches] == want
     assert (len(VISION_CAPTURED), len(PREFILL_CAPTURED)) == (4, 5)  # tower + projector: any size, 1 row
     assert torch._dynamo.config.recompile_limit >= 16
+
+
+def test_out_of_memory_in_a_compiled_prefill_gives_nothing_up_and_frees_the_caches(model_and_processor, images):
+    """Out of memory raised inside the compiled language model (not a faked generate): the caller's to back
+    off from, with the prefill still compiled and the static caches freed for the smaller retry."""
+    model, processor = model_and_processor
+
+    def backend(gm, example_inputs):
+        if not is_language_prefill_graph(gm):
+            return gm.forward
+
+        def no_memory(*args):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.40 GiB")
+
+        return no_memory
+
+    cap = captioner(model, processor, max_tokens=4, min_tokens=4, compile="on", compile_options={"backend": backend})
+    with pytest.raises(torch.OutOfMemoryError):
+        token_ids(cap, images[:2])
+    assert language_compiled(model) and vision_compiled(model) and cap.static_decode.caches == {}
+
+
+def test_a_cache_that_does_not_fit_frees_the_others(model_and_processor, images, monkeypatch):
+    """A static cache's buffers are allocated when it is made: out of memory there is the batch's, and the
+    other caches are freed and the run's batch size forgotten before the caller backs off."""
+    from transformers import StaticCache
+
+    model, processor = model_and_processor
+    cap = captioner(model, processor, max_tokens=4, min_tokens=4, compile="on",
+                    compile_options={"backend": counting_backend})
+    token_ids(cap, images)
+    assert list(cap.static_decode.caches) == [6] and cap.static_decode.run_batch == 6
+
+    def no_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.10 GiB")
+
+    monkeypatch.setattr(StaticCache, "early_initialization", no_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        token_ids(cap, images[:2])  # a new bucket of 2
+    assert cap.static_decode.caches == {} and cap.static_decode.run_batch == 0
+
+
+def test_an_error_marked_with_a_part_not_compiled_or_out_of_memory_is_not_retried(model_and_processor):
+    """A retry follows a part given up, so it cannot fail the same way forever; out of memory gives none up."""
+    from vlm_caption.prefill_compile import _RAISED_IN, eager_prefill_on_failure, give_up_prefill_compile
+
+    model, _ = model_and_processor
+    set_prefill_compile(model, {"vision"}, {"backend": counting_backend})
+    error = RuntimeError("triton: out of resource")
+    setattr(error, _RAISED_IN, "language")
+    assert give_up_prefill_compile(model, error) is False and vision_compiled(model)
+    calls = []
+
+    def failing():
+        calls.append(1)
+        raise error
+
+    with pytest.raises(RuntimeError, match="out of resource"):
+        eager_prefill_on_failure(model, failing)
+    assert calls == [1]
+    # Out of memory out of a compiled part (continuous batching's chunk prefill, --vision-overlap): the caller's
+    # to back off from, not the compile's fault.
+    error = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.40 GiB")
+    setattr(error, _RAISED_IN, "vision")
+    with pytest.raises(torch.OutOfMemoryError):
+        eager_prefill_on_failure(model, failing)
+    assert calls == [1, 1] and vision_compiled(model)
+
+
+def test_a_prefill_traced_from_an_outer_compiled_region_is_part_of_that_graph(model_and_processor):
+    """Inside another compiled function (a decode step's graph traces the module), the language model's call
+    is the module itself: no compiled call of its own, one graph, the same output."""
+    model, _ = model_and_processor
+    lm = model.model.language_model
+    set_prefill_compile(model, {"language"}, {"backend": counting_backend})
+    CAPTURED.clear()
+    PREFILL_CAPTURED.clear()
+    outer = torch.compile(lambda x: lm(inputs_embeds=x, use_cache=False).last_hidden_state, backend=counting_backend)
+    embeds = torch.randn(2, 7, lm.config.hidden_size)
+    with torch.inference_mode():
+        got = outer(embeds)
+        want = lm._call_impl(inputs_embeds=embeds, use_cache=False).last_hidden_state
+    assert torch.allclose(got, want, atol=1e-5)
+    assert len(CAPTURED) == 1 and PREFILL_CAPTURED == []
+
+
+def test_a_model_spread_over_devices_keeps_each_cache_layer_on_its_own_device(model_and_processor, monkeypatch):
+    """--device-map over several devices: the caches are not allocated up front on the first parameter's device
+    (a later layer on another GPU would write across devices); each layer allocates at its first update, which
+    is never traced there (the prefill stays eager)."""
+    from vlm_caption.static_decode import prepare_static_decode
+
+    model, _ = model_and_processor
+    here, _ = prepare_static_decode(model, 64, compile=False)
+    assert all(layer.is_initialized for layer in here.cache_for(2)[1].layers)
+    monkeypatch.setattr(model, "hf_device_map", {"model.vision_tower": 0, "model.language_model": 1}, raising=False)
+    spread, _ = prepare_static_decode(model, 64, compile=False)
+    assert not any(layer.is_initialized for layer in spread.cache_for(2)[1].layers)
+    assert set_prefill_compile(model, {"vision", "language"}) == set()

@@ -21,10 +21,11 @@ from .decode_loop import DecodeLater
 from .grouped_attention import describe_decode_attention, give_up_flex, may_use_flex, set_grouped_decode_attention
 from .image_prep import ImagePrep, unsupported_reason
 from .images import MODEL_IMAGE_SIZE
+from .model_loading import spread_over_devices
+from .prefill_compile import PARTS as PREFILL_PARTS, failed_part, give_up_prefill_compile, set_prefill_compile
 from .quality import CHAT_MARKUP_RE
 from .sampling import SeededSampler
 from .vision_ahead import Ahead, VisionAhead
-from .prefill_compile import PARTS as PREFILL_PARTS, failed_part, give_up_prefill_compile, set_prefill_compile
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,7 @@ class Captioner:
         if decode_loop == "generate" or (decode_loop == "auto" and self.device.type != "cuda"):
             return None
         # A model spread over devices or offloaded (--device-map auto) moves weights in hooks: no graph to replay.
-        spread = len(set((getattr(self.model, "hf_device_map", None) or {}).values())) > 1
-        if self.static_decode is None or self.temperature > 0 or spread:
+        if self.static_decode is None or self.temperature > 0 or spread_over_devices(self.model):
             if decode_loop != "auto":
                 log.info("decode loop: generate (the %s loop needs the static cache, greedy decoding and the model "
                          "on one device)", decode_loop)
@@ -284,8 +284,6 @@ class Captioner:
         rows = inputs["input_ids"].shape[0]
         given, keys = keys, list(keys) + [keys[-1]] * (rows - n)
         extra: dict[str, Any] = {}
-        if self.static_decode is not None and self._fits_static(inputs["input_ids"].shape[-1]):
-            name, extra[name] = self.static_decode.cache_for(rows)
         if self.temperature > 0:
             from transformers import LogitsProcessorList
 
@@ -298,6 +296,8 @@ class Captioner:
 
             extra["stopping_criteria"] = StoppingCriteriaList([StopWhen(should_stop)])
         try:
+            if self.static_decode is not None and self._fits_static(inputs["input_ids"].shape[-1]):
+                name, extra[name] = self.static_decode.cache_for(rows)  # (a new one allocates: out of memory?)
             if self.graph_decode is not None and not retry and "logits_processor" not in extra and \
                     self.static_decode.cache_name in extra:
                 new_tokens = self._graph_generate(inputs, extra, should_stop)
@@ -309,8 +309,7 @@ class Captioner:
             if is_out_of_memory(e):  # the caller backs off
                 if self.static_decode is not None:
                     self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back
-            elif failed_part(e):  # a compiled part of the prefill raised it
-                give_up_prefill_compile(self.model, e)
+            elif failed_part(e) and give_up_prefill_compile(self.model, e):  # a compiled part of the prefill raised it
                 return self._generate(given, assembled, should_stop, retry)  # that part is eager now
             elif may_use_flex(self.model, rows, self.device.type, self.static_decode is not None):
                 give_up_flex(self.model, e)  # (a compile error of dynamo or Triton is a RuntimeError too)

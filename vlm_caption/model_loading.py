@@ -185,3 +185,9 @@ def check_context(model_config, prompt_tokens: int, max_tokens: int, model_name:
     raise UsageError(f"--max-tokens {max_tokens} does not fit {model_name}'s context of {context} tokens: the "
                      f"prompt (image included) takes {prompt_tokens}, leaving "
                      + (f"{room}; use --max-tokens {room} or less" if room > 0 else "none; shorten the prompt"))
+
+
+def spread_over_devices(model) -> bool:
+    """Whether --device-map placed `model` on more than one device (GPUs, or offloaded to the CPU / disk):
+    accelerate then moves weights in hooks around each module, and each layer keeps its own device."""
+    return len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1

@@ -5,8 +5,8 @@ Why: on an H100 a 4B image took ~36 ms at batch 256 (BENCHMARKS.md §6), of it
 - SigLIP over 896 px = 4,096 patches 16.4 ms, its compute roof 5.5 ms. Run 3 timed the tower + projector alone
   at batch 64: 1.047 s eager, 0.889 s compiled (inductor, default mode), 1.18x, after a 28 s compile;
 - the language model over the ~336-token prompt ~7 ms, its roof 2.2 ms. Eager, its elementwise ops (Gemma's
-  RMSNorm upcasts to float32 in ~7 kernels, 6 norms a layer; rotary; GELU; residuals) move ~780 KB per token per
-  layer (`benchmarks/bench_prefill.py` counts them): ~8.9 GB an image, ~3.5 ms of memory traffic that inductor
+  RMSNorm upcasts to float32 in ~7 kernels, 6 norms a layer; rotary; GELU; residuals) move ~710 KB per token per
+  layer (`benchmarks/bench_prefill.py` counts them): ~8.3 GB an image, ~3.3 ms of memory traffic that inductor
   fuses into a few passes.
 
 How: each module gets a compiled call in place of its own (what `nn.Module.compile` sets): the weights keep
@@ -19,8 +19,9 @@ activations in its own memory pool.
 - The language model: only calls over more than one token, i.e. prefills. A one-token call (an eager decode
   step) runs the module itself, as does a call traced from an outer compiled region (the decode step's own
   graph). The prompt length is dynamic from the first call (templated prompts differ from batch to batch); the
-  batch dimension is not: the static KV cache is one per batch shape, so there is a graph per batch shape, as
-  the decode step has.
+  batch dimension is static in the first graph (the static KV cache is one per batch shape) and dynamic in a
+  second one from the next batch shape on (dynamo's automatic dynamic shapes); a single row, and a prompt too
+  long for the static cache (the dynamic cache then), get graphs of their own: 5 at most in a run.
 
 A failure: an error raised inside a compiled call is marked with its part (`failed_part`). The batch it broke
 gives that part's compile up for the rest of the run (a warning with the compiler's own error) and runs again
@@ -54,9 +55,10 @@ def set_prefill_compile(model, parts, options: dict[str, Any] | None = None) -> 
     `parts`: all eager, e.g. a model an earlier Captioner compiled, in a benchmark); `options`: torch.compile's
     backend, for tests. Returns the parts that run compiled now. A model spread over devices by --device-map
     stays eager (accelerate moves weights in hooks around each module)."""
+    from .model_loading import spread_over_devices
     from .static_decode import raise_recompile_limit
 
-    spread = len(set((getattr(model, "hf_device_map", None) or {}).values())) > 1
+    spread = spread_over_devices(model)
     backend = (options or {}).get("backend", "inductor")
     if parts:  # the tower, projector and language model may share a traced function (transformers' wrapper):
         raise_recompile_limit(needed=16)  # up to ~9 graphs of it in a run (tests/test_prefill_compile.py)
@@ -133,26 +135,29 @@ def failed_part(error: BaseException) -> str | None:
     return None if is_out_of_memory(error) else getattr(error, _RAISED_IN, None)
 
 
-def give_up_prefill_compile(model, error: BaseException) -> None:
-    """A compiled part of the prefill failed a batch: the rest of the run runs that part eagerly."""
+def give_up_prefill_compile(model, error: BaseException) -> bool:
+    """A compiled part of the prefill failed a batch: the rest of the run runs that part eagerly. False when
+    that part was not compiled (nothing changed: a retry would fail the same way)."""
     from .errors import described
 
     part = failed_part(error)
+    modules = [m for m in _modules(model, part) if getattr(m, "_compiled_call_impl", None) is not None]
+    if not modules:
+        return False
     cause = getattr(error, "inner_exception", None) or error  # dynamo's BackendCompilerFailed wraps the compiler's
     log.warning("%s: a batch failed with it compiled (%s); running it eagerly from now on "
                 "(--compile off also skips the decode step's compile)", PART_NAMES[part], described(cause))
-    for module in _modules(model, part):
+    for module in modules:
         module._compiled_call_impl = None
+    return True
 
 
 def eager_prefill_on_failure(model, fn: Callable[[], T]) -> T:
     """fn(); if a compiled part of the prefill failed it, fn() again with that part eager for the rest of the run
     (and once more if the other part then fails too)."""
-    for _ in PARTS:
+    while True:  # at most once per part: each retry follows a part given up
         try:
             return fn()
         except RuntimeError as e:
-            if failed_part(e) is None:
+            if failed_part(e) is None or not give_up_prefill_compile(model, e):
                 raise
-            give_up_prefill_compile(model, e)
-    return fn()

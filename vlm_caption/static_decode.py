@@ -185,6 +185,8 @@ def prepare_static_decode(model, max_seq_len: int, *, compile: bool = True, back
     if window is not None and max_seq_len > window:
         return None, (f"prompt + max new tokens = {max_seq_len} > sliding window {window}: the static "
                       "full-attention cache would not be exact; keeping the dynamic cache")
+    from .model_loading import spread_over_devices
+
     device = next(model.parameters()).device
     use_full_masks_when_exact(model, window)
     compile_config = None
@@ -198,7 +200,10 @@ def prepare_static_decode(model, max_seq_len: int, *, compile: bool = True, back
               + (f" ({getattr(compile_config, 'backend', '')}, mode {getattr(compile_config, 'mode', None)})"
                  if compile else ""))
     return StaticDecode(max_cache_len=max_seq_len, cache_config=full_attention_config(model.config),
-                        compile_config=compile_config, reason=reason, dtype=_text_dtype(model), device=device), reason
+                        compile_config=compile_config, reason=reason, device=device,
+                        # spread over devices: each layer's buffers on its own, at their first update (never
+                        # traced there: the prefill stays eager, prefill_compile.py)
+                        dtype=None if spread_over_devices(model) else _text_dtype(model)), reason
 
 
 def _text_dtype(model) -> torch.dtype:
