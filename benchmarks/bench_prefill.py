@@ -9,8 +9,9 @@ This counts the bytes those ops move (every aten op's tensor inputs and outputs,
 left out) and times both sides.
 
 The text layers are the preset's own (width, heads, MLP), `--layers` of them (the count scales time and
-bytes alike; the full model's bytes per image are scaled from them); the vision tower is not built: the
-prompt's embeddings are random. Both sides run the same module; the sides alternate, best of --rounds.
+bytes alike; the full model's bytes per image are scaled from them, which also scales the masks and rotary
+tables built once per forward: a small over-count); the vision tower is not built: the prompt's embeddings are
+random. Both sides run the same module; the sides alternate, best of --rounds.
 
   OMP_NUM_THREADS=2 python benchmarks/bench_prefill.py                     # CPU: the 4B's layers, bf16
   python benchmarks/bench_prefill.py --device cuda --batch 64 --layers 34  # a GPU: the whole 4B text model

@@ -156,33 +156,33 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
     keys = [f"img{i}" for i in range(batch)]
     report = cap.decoding_report(batch)
     prefill = {part: report[part] for part in ("vision_tower", "language_model_prefill")}
-    prefill_warmup_s = None
-    if "compiled" in prefill.values() and cap.static_decode is not None:
-        # Its compilation timed apart (one prefill and first token: no decode step), and kept out of graphs_built
-        # (the decode step's).
-        sync()
-        start = time.perf_counter()
-        inputs = cap.assemble(rows).inputs
-
-        def first_token():
-            name, cache = cap.static_decode.cache_for(batch)  # (reset)
-            return model.generate(**inputs, generation_config=cap.first_token_config(), **{name: cache})
-
-        with torch.inference_mode():  # a part that fails to compile is given up, as in a run (a warning)
-            eager_prefill_on_failure(model, first_token)
-        sync()
-        prefill_warmup_s = round(time.perf_counter() - start, 2)
-    graphs0 = counters["stats"]["unique_graphs"]
-    breaks0 = sum(counters["graph_break"].values())
     result: dict = {"batch": batch, "cache": {"eager": "dynamic, eager", "compiled": "static full-attention, compiled",
                                               "graph": "static full-attention, graph decode loop, sdpa",
                                               "graph_flex": "graph decode loop, FlexAttention",
                                               "prefill_eager": "graph decode loop, FlexAttention, eager "
                                                                "prefill"}[kind],
-                    **prefill, "prefill_warmup_s": prefill_warmup_s}
+                    **prefill, "prefill_warmup_s": None}
     if compile and cap.static_decode is None:
         return {**result, "error": "static decode not available (sequence longer than the sliding window)"}
     try:
+        if "compiled" in prefill.values() and cap.static_decode is not None:
+            # Its compilation timed apart (one prefill and first token: no decode step), and kept out of
+            # graphs_built (the decode step's).
+            sync()
+            start = time.perf_counter()
+            inputs = cap.assemble(rows).inputs
+
+            def first_token():
+                name, cache = cap.static_decode.cache_for(batch)  # (reset)
+                return model.generate(**inputs, generation_config=cap.first_token_config(), **{name: cache})
+
+            with torch.inference_mode():  # a part that fails to compile is given up, as in a run (a warning)
+                eager_prefill_on_failure(model, first_token)
+            del inputs
+            sync()
+            result["prefill_warmup_s"] = round(time.perf_counter() - start, 2)
+        graphs0 = counters["stats"]["unique_graphs"]
+        breaks0 = sum(counters["graph_break"].values())
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
