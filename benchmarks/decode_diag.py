@@ -190,8 +190,8 @@ def main(argv=None) -> int:
 
     def vision() -> dict:
         """The vision tower + projector alone (its share of prefill), on up to 64 images: eager, eager with
-        torch's sdpa pinned to each attention kernel (SigLIP's 4,096-token attention is 38 % of its FLOP; by
-        default torch picks the flash kernel), and compiled as --compile compiles it (prefill_compile.py)."""
+        torch's sdpa pinned to each attention kernel (SigLIP's 4,096-token attention is 38 % of its FLOP;
+        torch's own pick is flash, or cuDNN on sm90 with a recent cuDNN), and compiled as --compile compiles it (prefill_compile.py)."""
         from bench_attention import SDPA_BACKENDS, one_line, pinned
 
         from vlm_caption.prefill_compile import set_prefill_compile
