@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
+from .errors import UsageError
+
 BACKENDS = ("transformers", "dummy")
 RETRY_NO_REPEAT_NGRAM = 4  # a retried caption never repeats a 4-gram
 RETRY_REPETITION_PENALTY = 1.15  # --retry-repetition-penalty's default: the second try of a flagged caption
@@ -59,7 +61,7 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, dtype: str = "auto",
                  device_map: str | None = None, attn_implementation: str = "sdpa",
                  max_auto_batch_size: int = 0, compile: str = "auto", decode_loop: str = "auto",
-                 decode_attention: str = "auto", vision_overlap: bool = False,
+                 decode_attention: str = "auto", vision_overlap: bool = False, quantize: str = "none",
                  retry_repetition_penalty: float = RETRY_REPETITION_PENALTY) -> CaptionBackend:
     """The engine `name` with the run's settings; the model loads here (seconds to minutes)."""
     if name == "dummy":  # no model, no context: only config.MAX_TOKENS_LIMIT bounds max_tokens
@@ -69,11 +71,21 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
                             default_batch_size=max_auto_batch_size or AUTO_BATCH_CPU)
     if name == "transformers":
         from .captioner import Captioner
-        from .model_loading import check_context, choose_device, load_model
+        from .model_loading import check_context, choose_device, load_model, resolve_dtype
 
         device = choose_device()
+        if quantize != "none":  # a card without FP8 is one line before minutes of loading, not a kernel error after
+            from .fp8 import fp8_problem
+
+            problem = fp8_problem(device, resolve_dtype(dtype, device))
+            if problem:
+                raise UsageError(problem)
         loaded, processor = load_model(model, device, dtype=dtype, device_map=device_map,
                                        attn_implementation=attn_implementation)
+        if quantize != "none":  # before the Captioner compiles anything and sizes batches from free memory
+            from .fp8 import QUANTIZED_PARTS, quantize_fp8
+
+            quantize_fp8(loaded, QUANTIZED_PARTS[quantize])
         captioner = Captioner(loaded, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
                               min_tokens=min_tokens, temperature=temperature, top_p=top_p, seed=seed,
                               auto_batch_cap=max_auto_batch_size or AUTO_BATCH_CAP, compile=compile,

@@ -58,6 +58,7 @@ def _run_view(repo_id: str, run: dict, default: bool) -> dict:
     specs = prompt_plan.run_specs({**run, "prompt": str(run.get("prompt") or "")}, recorded=True)
     specs_columns = [c for spec in specs for c in spec.output_columns()]
     return {"run_id": run["run_id"], "default": default, "model": run.get("model", "unknown"),
+            "quantize": _quantized(run.get("quantize")),
             "params": ", ".join(f"{k}={run.get(k)}" for k in ("max_tokens", "temperature", "top_p", "seed")),
             "rows": run.get("rows", 0),
             "failures": ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())) or "none",
@@ -71,6 +72,15 @@ def _run_view(repo_id: str, run: dict, default: bool) -> dict:
             "fenced_prompt": _fenced(str(run.get("prompt", ""))),
             "prompts": [{"name": k, "fenced": _fenced(str(run["prompts"][k]))} for k in prompt_plan.prompt_order(run)],
             "json_instruction": _json_instruction(run, specs[0].json_fields)}
+
+
+def _quantized(choice: str | None) -> str:
+    """What a --quantize run's weights were, for its Model line ("" for bf16 weights: no setting recorded)."""
+    if not choice:
+        return ""
+    which = "the language model's" if choice == "fp8-text" else "the vision tower's and language model's"
+    return (f"{which} linear layers in FP8 (`--quantize {choice}`: weights and activations rounded to float8 e4m3, "
+            "scaled per output channel and per token)")
 
 
 def _json_instruction(run: dict, fields: tuple[str, ...]) -> dict:

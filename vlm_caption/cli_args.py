@@ -11,7 +11,7 @@ import argparse
 import textwrap
 
 from . import cli
-from .config import COMPILE_CHOICES, DECODE_ATTENTIONS, DECODE_LOOPS, DownloadConfig, RunConfig
+from .config import COMPILE_CHOICES, DECODE_ATTENTIONS, DECODE_LOOPS, QUANTIZE_CHOICES, DownloadConfig, RunConfig
 
 # batched_image_inference.py's flags shown by --help (--help-all adds the others): what a first run needs.
 COMMON_FLAGS = frozenset({
@@ -165,6 +165,9 @@ def caption_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--compile", metavar="|".join(COMPILE_CHOICES), default=D.compile, choices=COMPILE_CHOICES,
                    help="static KV cache + compiled decode step and vision tower; auto: on for CUDA "
                         "(default: %(default)s)")
+    g.add_argument("--quantize", metavar="|".join(QUANTIZE_CHOICES), default=D.quantize, choices=QUANTIZE_CHOICES,
+                   help="fp8: the linear layers as FP8 GEMMs (H100/H200, L4, L40S), other captions, a run of its "
+                   "own; fp8-text: the language model only (default: %(default)s)")
     g.add_argument("--decode-loop", metavar="LOOP", default=D.decode_loop, choices=DECODE_LOOPS,
                    help=f"{', '.join(DECODE_LOOPS[1:])}; auto: graph on CUDA, else generate (default: %(default)s)")
     g.add_argument("--decode-attention", metavar="KERNEL", default=D.decode_attention, choices=DECODE_ATTENTIONS,

@@ -26,6 +26,9 @@ DECODE_LOOPS = ("auto", "generate", "graph", "continuous")  # else generate; dec
 # --decode-attention: the decode step's attention (grouped_attention.py); auto = flex for compiled steps of 128+
 # rows on Hopper cards (1.10x a batch of 256 on an H100, BENCHMARKS.md §6 run 4), else sdpa.
 DECODE_ATTENTIONS = ("auto", "sdpa", "flex")
+# --quantize: none (bf16 weights), fp8 (the vision tower's and language model's linear layers as FP8 GEMMs) or
+# fp8-text (the language model's only); fp8.py. Not none: a run of its own (RunConfig.typed_settings).
+QUANTIZE_CHOICES = ("none", "fp8", "fp8-text")
 # --max-tokens' cap before any model is known: the longest context of a Gemma 3 model (4B to 27B); once the
 # model is loaded, model_loading.check_context holds it to what that model's context leaves after the prompt.
 MAX_TOKENS_LIMIT = 131_072
@@ -94,6 +97,7 @@ class RunConfig:
     device_map: str | None = None  # None = whole model on this worker's device; "auto" = offload
     backend: str = "transformers"  # inference engine (backends.BACKENDS); "dummy" = no model, for tests and demos
     compile: str = "auto"  # static KV cache + torch.compile'd decode: auto (on for CUDA), on, off
+    quantize: str = "none"  # none, fp8 or fp8-text: FP8 weights for the linear layers (fp8.py)
     decode_loop: str = "auto"  # auto, generate, graph (one compiled step per token) or continuous (+ rows join)
     decode_attention: str = "auto"  # auto, sdpa or flex: the kernel of a decode step's attention
     compile_cache: str = "auto"  # where compiled kernels are kept (compile_cache.choose): auto, none, or a dir
@@ -121,6 +125,11 @@ class RunConfig:
                 raise UsageError(f"{flag} must be a positive integer, got {value}")
         if self.compile not in COMPILE_CHOICES:
             raise UsageError(f"--compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
+        if self.quantize not in QUANTIZE_CHOICES:
+            raise UsageError(f"--quantize must be one of {', '.join(QUANTIZE_CHOICES)}, got {self.quantize!r}")
+        if self.quantize != "none" and self.device_map is not None:
+            raise UsageError(f"--quantize {self.quantize} runs on one GPU per process: drop --device-map (a 27B "
+                             "with FP8 weights takes ~30 GB: one H100 holds it)")
         if self.decode_loop not in DECODE_LOOPS:
             raise UsageError(f"--decode-loop must be one of {', '.join(DECODE_LOOPS)}, got {self.decode_loop!r}")
         if self.decode_attention not in DECODE_ATTENTIONS:
@@ -284,6 +293,8 @@ class RunConfig:
             settings.update(format="json", json_fields=list(self.fields()), **json_instruction_settings())
         if self.retry_repetition_penalty != RunConfig.retry_repetition_penalty:
             settings["retry_repetition_penalty"] = self.retry_repetition_penalty
+        if self.quantize != "none" and self.backend == "transformers":  # FP8 weights write other captions
+            settings["quantize"] = self.quantize
         return settings
 
     def fields(self) -> tuple[str, ...]:

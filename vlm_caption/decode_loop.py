@@ -111,7 +111,8 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
     """How a Captioner decoded, for run_summary.json: the loop, the cache, the decode attention (for "auto",
     the kernel it takes at `rows`, the batch size the run ended with), the vision tower and the language
     model's prefill (compiled or eager, prefill_compile.py), and for continuous batching the decode steps it
-    ran (per image, the number its schedule saves against whole batches)."""
+    ran (per image, the number its schedule saves against whole batches), and its FP8 linear layers (fp8.py)."""
+    from .fp8 import fp8_layers
     from .grouped_attention import decode_attention_kernel, may_use_flex
     from .prefill_compile import compiled_parts
 
@@ -121,7 +122,7 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
         flex = rows and may_use_flex(cap.model, rows, cap.device.type, cap.static_decode is not None)
         attention += ": flex" if flex else ": sdpa"
     report: dict[str, Any] = {"loop": loop, "static_cache": cap.static_decode is not None, "attention": attention,
-                              **compiled_parts(cap.model)}
+                              **compiled_parts(cap.model), "fp8_layers": fp8_layers(cap.model)}
     ran = {**{slots: {"decode_steps": decoder.steps} for slots, decoder in (cap.continuous or {}).items()},
            **cap.continuous_failed}  # a stream that failed: its steps, and why the rest went in batches
     if ran:
