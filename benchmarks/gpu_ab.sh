@@ -1,15 +1,20 @@
 #!/usr/bin/env bash
-# The next GPU session's run (BENCHMARKS.md §6 run 4 measured the one before), in four parts, in the order
-# to run them. check and diag fit one device call together (`check,diag`: each part's timeout is cut to what
-# is left of GPU_AB_SECONDS, default 590, from the script's start; a device call with timeout 595 s); then
-# thresh,cont at once (the machine stays warm 30 s), only if 4+ device minutes are left:
+# The next GPU session's run (BENCHMARKS.md §6 run 4 measured the one before), in five parts, in the order
+# to run them. fp8 and check fit one device call together (`fp8,check`: each part's timeout is cut to what is
+# left of GPU_AB_SECONDS, default 590, from the script's start; a device call with timeout 595 s); then
+# diag,thresh at once (the machine stays warm 30 s), only if 4+ device minutes are left; cont last:
+#   fp8    bench_fp8.py: each linear-layer shape of the 4B (SigLIP, the language model's prefill, a decode
+#          step) at 16 images' rows, bf16 against --quantize fp8's compiled FP8 GEMM, and the speed-up per image
+#          of each part: whether FP8 pays at all on this card (<= 1.5 min)
 #   check  gpu_check.py at batch 256: the graph loop with FlexAttention (auto's pick there) and the prefill
 #          compiled (the vision tower and the language model over the prompt), as --compile now does
 #          (prefill_compile.py; run 3 timed the tower alone 1.18x at 64, the language model's prefill is
 #          untimed), against the same with the prefill eager (= run 4's 27.48 img/s setting); each side's
 #          prefill compilation is timed apart; then the whole pipeline over 768 images at batch 256 with the
-#          product's defaults, rated over the batch between the first and the last; 2 timed batches a side
-#          (<= 6.5 min: the graph_flex side compiles the tower, the language model's prefill and the decode step)
+#          product's defaults, rated over the batch between the first and the last; then, last, the model
+#          quantized in place (--quantize fp8: the first token's logits drift on 8 images, random weights) and
+#          graph_flex at 256 again in FP8; 2 timed batches a side (<= 8 min: each compiled side compiles the
+#          tower, the language model's prefill and the decode step)
 #   diag   decode_diag.py, batch 64 (run 3's): the vision tower on each sdpa kernel (flash, cuDNN,
 #          efficient) and compiled as --compile does; a profile of a compiled generate and of a prefill
 #          (where the prefill's ~23 ms an image go); then, if its budget is left, the prefill and first token
@@ -22,9 +27,10 @@
 #          at caption lengths drawn from 50-200 tokens, chunks of 32 (the default) and 16, with the default
 #          decode attention (flex at 256 slots; run 4 timed chunks of 32 with the grouped sdpa: 1.07x) (<= 5 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
-#   bash benchmarks/gpu_ab.sh OUT_DIR [check|diag|thresh|cont|all]   (or a comma list: check,diag; all = all four)
-#     -> OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log},
-#        OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log
+#   bash benchmarks/gpu_ab.sh OUT_DIR [fp8|check|diag|thresh|cont|all]   (or a comma list: fp8,check; all = all)
+#     -> OUT_DIR/fp8/bench_fp8.log, OUT_DIR/check/gpu_check.{json,md,log},
+#        OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log}, OUT_DIR/thresh/gpu_check.{json,md,log},
+#        OUT_DIR/cont/bench_continuous.log
 set -uo pipefail
 usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }  # the header, up to the code
 case ${1:-} in
@@ -32,12 +38,12 @@ case ${1:-} in
     -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;
 esac
 parts=${2:-all}
-[[ $parts == all ]] && parts=check,diag,thresh,cont
+[[ $parts == all ]] && parts=fp8,check,diag,thresh,cont
 IFS=, read -ra wanted <<< "$parts"
 for part in "${wanted[@]}"; do
     case $part in
-        check|diag|thresh|cont) ;;
-        *) echo "gpu_ab.sh: unknown part '$part' (check, diag, thresh, cont, all, or a comma list of them)" >&2
+        fp8|check|diag|thresh|cont) ;;
+        *) echo "gpu_ab.sh: unknown part '$part' (fp8, check, diag, thresh, cont, all, or a comma list of them)" >&2
            usage >&2; exit 2 ;;
     esac
 done
@@ -66,8 +72,18 @@ gpu_check() {
   echo "gpu_check ($part) exit $?" | tee -a "$out/gpu.txt"
   cat "$out/$part/gpu_check.md" 2>/dev/null
 }
-want check && gpu_check check 380 --graph-flex-batches 256 --prefill-eager-batches 256 --pipeline-images 768 \
-    --pipeline-batch 256 --pipeline-runs graph --timed-batches 2 --budget-s 360
+if want fp8; then
+  t=$(timeout_for 90)
+  if ((t == 0)); then skipped fp8; else
+    mkdir -p "$out/fp8"
+    timeout "$t" "$PY" benchmarks/bench_fp8.py --device cuda --preset gemma-3-4b --batch 16 --decode --rounds 5 \
+        --sections gemms > "$out/fp8/bench_fp8.log" 2>&1
+    echo "bench_fp8 exit $?" | tee -a "$out/gpu.txt"
+    grep '^{' "$out/fp8/bench_fp8.log" | cut -c1-3000
+  fi
+fi
+want check && gpu_check check 500 --graph-flex-batches 256 --prefill-eager-batches 256 --pipeline-images 768 \
+    --pipeline-batch 256 --pipeline-runs graph --fp8-batches 256 --timed-batches 2 --budget-s 460
 if want diag; then
   t=$(timeout_for 205)
   if ((t == 0)); then skipped diag; else

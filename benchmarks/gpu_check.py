@@ -16,6 +16,9 @@ per image (min = max, greedy), the same prompt everywhere. At most ~8 minutes on
   prefill_eager  graph_flex with the prefill eager (the vision tower and the language model over the
              prompt): every compiled run above compiles them too, as --compile does (prefill_compile.py); this
              is the other side of that A/B, and run 4's code
+  fp8        graph_flex after --quantize fp8 (fp8.py: the tower's and language model's linear layers as FP8
+             GEMMs), last: the model is quantized in place once, after the logits of the first new token are
+             taken before and after on 8 images (their drift, on random weights)
   pipeline   pipeline.run over --pipeline-images JPEGs with the built model (loader threads, background
              assembly, generate, writer, parts) and the product's defaults (--decode-attention auto);
              --pipeline-overlap: again with --vision-overlap
@@ -56,7 +59,7 @@ from gpu_roofs import card_peaks, flop_per_image, roofs  # noqa: E402
 PROMPT = ("Describe this artwork in detail: the subjects, the style and medium, the colour palette, the "
           "composition and the mood. Write one paragraph.")
 SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled",
-            "graph", "graph_flex", "prefill_eager", "pipeline", "pipeline_overlap")
+            "graph", "graph_flex", "prefill_eager", "fp8_weights", "fp8", "pipeline", "pipeline_overlap")
 
 
 def parse_args(argv=None):
@@ -74,6 +77,8 @@ def parse_args(argv=None):
                    "--cpu-smoke)")
     p.add_argument("--prefill-eager-batches", type=int, nargs="*", default=None, help="graph_flex with the "
                    "prefill (vision tower, language model) eager (default: none; 4 with --cpu-smoke)")
+    p.add_argument("--fp8-batches", type=int, nargs="*", default=None, help="graph_flex with --quantize fp8, "
+                   "after every other run (default: none; 4 with --cpu-smoke)")
     p.add_argument("--timed-batches", type=int, default=None, help="batches timed per size (default 3)")
     p.add_argument("--loop-images", type=int, default=None, help="images for the one-image loop (default 3)")
     p.add_argument("--loader-images", type=int, default=None, help="JPEGs for the loader (default 96)")
@@ -94,7 +99,7 @@ def parse_args(argv=None):
     defaults = dict(preset="tiny" if smoke else "gemma-3-4b", new_tokens=4 if smoke else 200,
                     eager_batches=[2, 4] if smoke else [64, 128], compiled_batches=[2, 4] if smoke else [64, 128, 256],
                     graph_batches=[2, 4] if smoke else [64, 128], graph_flex_batches=[4] if smoke else [],
-                    prefill_eager_batches=[4] if smoke else [],
+                    prefill_eager_batches=[4] if smoke else [], fp8_batches=[4] if smoke else [],
                     timed_batches=2 if smoke else 3, loop_images=2 if smoke else 3,
                     loader_images=6 if smoke else 96, pipeline_images=12 if smoke else 640,
                     pipeline_batch=4 if smoke else 128, budget_s=120 if smoke else 420)
@@ -136,7 +141,8 @@ class Clock:
 def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, device, sync) -> dict:
     """kind: eager (dynamic cache), compiled (static cache, generate's compiled step) or graph (static cache,
     --decode-loop graph: generate's prefill, then decode_loop.GraphDecode's compiled steps); graph_flex and
-    prefill_eager: graph with FlexAttention, the latter with the prefill (vision tower, language model) eager."""
+    prefill_eager: graph with FlexAttention, the latter with the prefill (vision tower, language model) eager;
+    fp8: graph_flex on the model quantize_for_fp8 quantized."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -144,14 +150,15 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
     from vlm_caption.prefill_compile import eager_prefill_on_failure
 
     compile = kind != "eager"
-    graph = kind in ("graph", "graph_flex", "prefill_eager")  # the graph decode loop
+    flex = kind in ("graph_flex", "prefill_eager", "fp8")
+    graph = flex or kind == "graph"  # the graph decode loop
     options = {"backend": "eager"} if args.cpu_smoke and compile else {}
     if kind == "prefill_eager":  # (Captioner's A/B switches: the prefill stays eager, the decode is compiled)
         options.update(vision=False, language=False)
     cap = Captioner(model, processor, model_name=args.preset, prompt=PROMPT, max_tokens=args.new_tokens,
                     min_tokens=args.new_tokens, compile="on" if compile else "off", compile_options=options,
                     decode_loop="graph" if graph else "generate",
-                    grouped_attention="flex" if kind in ("graph_flex", "prefill_eager") else "sdpa")
+                    grouped_attention="flex" if flex else "sdpa")
     rows = [pixels[i % len(pixels)] for i in range(batch)]
     keys = [f"img{i}" for i in range(batch)]
     report = cap.decoding_report(batch)
@@ -160,7 +167,8 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
                                               "graph": "static full-attention, graph decode loop, sdpa",
                                               "graph_flex": "graph decode loop, FlexAttention",
                                               "prefill_eager": "graph decode loop, FlexAttention, eager "
-                                                               "prefill"}[kind],
+                                                               "prefill",
+                                              "fp8": "graph decode loop, FlexAttention, FP8 linear layers"}[kind],
                     **prefill, "prefill_warmup_s": None}
     if compile and cap.static_decode is None:
         return {**result, "error": "static decode not available (sequence longer than the sliding window)"}
@@ -222,6 +230,27 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def quantize_for_fp8(model, processor, pixels: list, args, sync) -> dict:
+    """The fp8 runs' model: every compiled graph dropped (they traced the bf16 layers), the prefill eager, then
+    quantize_fp8 in place with the first new token's logits on 8 images before and after (bench_fp8.py)."""
+    import torch
+    from bench_fp8 import quantize_and_compare
+
+    from vlm_caption.captioner import Captioner
+    from vlm_caption.prefill_compile import set_prefill_compile
+
+    torch._dynamo.reset()
+    set_prefill_compile(model, ())
+    cap = Captioner(model, processor, model_name=args.preset, prompt=PROMPT, max_tokens=1, decode_loop="generate")
+    inputs = cap.assemble(pixels[:8]).inputs
+    del cap
+    drift = quantize_and_compare(model, inputs, sync)
+    del inputs
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return drift
 
 
 def run_loop_baseline(model, processor, paths: list[Path], args, sync) -> dict:
@@ -342,7 +371,7 @@ def main(argv=None) -> int:
             print(json.dumps({"loop": result["loop"]}), flush=True)
             write(out, result)
         # Smaller batches first, compiled before eager, so that a short budget still has the telling runs.
-        order = {"compiled": 0, "graph": 1, "graph_flex": 2, "prefill_eager": 3, "eager": 4}
+        order = {"compiled": 0, "graph": 1, "graph_flex": 2, "prefill_eager": 3, "eager": 4, "fp8": 5}
         runs = sorted([("compiled", b) for b in args.compiled_batches] + [("graph", b) for b in args.graph_batches]
                       + [("graph_flex", b) for b in args.graph_flex_batches]
                       + [("prefill_eager", b) for b in args.prefill_eager_batches]
@@ -352,7 +381,8 @@ def main(argv=None) -> int:
         at = same[-1] + 1 if same else min(2, len(runs))
         if args.pipeline_images > 0:  # 0: left out
             runs[at:at] = [(PIPELINE_RUNS[name][0], args.pipeline_batch) for name in args.pipeline_runs]
-        result.update(eager=[], compiled=[], graph=[], graph_flex=[], prefill_eager=[])
+        runs += [("fp8", b) for b in args.fp8_batches]  # last: the model is quantized in place for them
+        result.update(eager=[], compiled=[], graph=[], graph_flex=[], prefill_eager=[], fp8=[])
         variants = {key: (overlap, loop) for key, overlap, loop in PIPELINE_RUNS.values()}
         for kind, batch in runs:
             pipeline_s = 30 + args.pipeline_images / 15  # setup + ~15 img/s captioned (run 2: 2 x 7.65)
@@ -371,6 +401,15 @@ def main(argv=None) -> int:
                     result[kind] = {"batch": batch, "error": f"{type(e).__name__}: {e}"}
                 entry = result[kind]
             else:
+                if kind == "fp8" and "fp8_weights" not in result:
+                    try:
+                        result["fp8_weights"] = quantize_for_fp8(model, processor, pixels, args, sync)
+                    except Exception as e:  # noqa: BLE001 - reported; its runs are skipped
+                        traceback.print_exc()
+                        result["fp8_weights"] = {"error": f"{type(e).__name__}: {e}"}
+                    print(json.dumps({"fp8_weights": result["fp8_weights"]}), flush=True)
+                if kind == "fp8" and "error" in result["fp8_weights"]:
+                    continue
                 entry = run_batched(model, processor, pixels, batch, args, kind=kind,
                                     device=device, sync=sync)
                 result[kind].append(entry)

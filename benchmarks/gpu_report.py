@@ -24,7 +24,7 @@ def markdown(r: dict) -> str:
     loop = r.get("loop", {})
     if loop.get("img_s"):
         lines.append(f"| one-image loop | 1 | {loop['img_s']} | {loop['tokens_s']} | | | | | |")
-    for kind in ("eager", "compiled", "graph", "graph_flex", "prefill_eager"):
+    for kind in ("eager", "compiled", "graph", "graph_flex", "prefill_eager", "fp8"):
         for x in r.get(kind, []):
             if "error" in x:
                 lines.append(f"| {kind} | {x['batch']} | {x['error']} | | | | | | |")
@@ -59,6 +59,8 @@ def markdown(r: dict) -> str:
     flop = r.get("flop_per_image", {})
     if flop:
         lines += ["", "FLOP per image: " + ", ".join(f"{k} {v / 1e12:.3g} T" for k, v in flop.items())]
+    if r.get("fp8_weights"):
+        lines.append(f"fp8 weights (the fp8 runs): {r['fp8_weights']}")
     if r.get("auto_batch_size"):
         lines.append(f"auto_batch_size picks: {r['auto_batch_size']}")
     if r.get("skipped"):

@@ -40,8 +40,13 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     assert not result["skipped"]
     assert [x["batch"] for x in result["eager"]] == [2, 4] and [x["batch"] for x in result["compiled"]] == [2, 4]
     assert [x["batch"] for x in result["graph"]] == [2, 4] and [x["batch"] for x in result["graph_flex"]] == [4]
-    assert [x["batch"] for x in result["prefill_eager"]] == [4]
-    graphs = result["graph"] + result["graph_flex"] + result["prefill_eager"]
+    assert [x["batch"] for x in result["prefill_eager"]] == [4] and [x["batch"] for x in result["fp8"]] == [4]
+    # fp8 last, on the model quantized in place: its layers, the logits' drift on random weights
+    weights = result["fp8_weights"]
+    assert weights["fp8_layers"] > 0 and 0 < weights["logits_relative_error"] < 1, weights
+    before, after = weights["linear_weight_bytes"]
+    assert after * 3 < before and "fp8 weights" in (tmp_path / "gpu_check.md").read_text()  # (fp32 on the CPU)
+    graphs = result["graph"] + result["graph_flex"] + result["prefill_eager"] + result["fp8"]
     for entry in result["eager"] + result["compiled"] + graphs:
         assert "error" not in entry, entry
         assert entry["img_s"] > 0 and entry["tokens_s"] > 0
@@ -133,7 +138,7 @@ def test_gpu_ab_script_passes_flags_its_scripts_know(tmp_path):
     text = (REPO / "benchmarks" / "gpu_ab.sh").read_text().replace("\\\n", " ")
     assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_ab.sh")]).returncode == 0
     calls = re.findall(r'benchmarks/(\w+)\.py (.*?)(?:>|$)', text, flags=re.M)
-    assert {name for name, _ in calls} == {"bench_continuous", "decode_diag", "gpu_check"}
+    assert {name for name, _ in calls} == {"bench_continuous", "bench_fp8", "decode_diag", "gpu_check"}
     # the gpu_check function's own flags, then each part's ("$@")
     parts = re.findall(r'^want \w+ && gpu_check (\w+) \d+ (.*)$', text, flags=re.M)
     assert {part for part, _ in parts} == {"check", "thresh"}
@@ -175,7 +180,7 @@ def test_gpu_ab_help_and_a_wrong_part_run_nothing(tmp_path):
     env = {**os.environ, "PYTHON": "false"}  # a python that ran would fail the checks below
     shown = subprocess.run(["bash", str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=60)
-    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [check|diag|thresh|cont|all]" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [fp8|check|diag|thresh|cont|all]" in shown.stdout, shown.stderr
     assert "set -uo" not in shown.stdout and "bench_continuous.log" in shown.stdout  # the whole header, only
     wrong = subprocess.run(["bash", str(script), str(tmp_path / "out"), "chek"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
@@ -240,3 +245,20 @@ def test_bench_prefill_counts_elementwise_bytes_and_times_both_sides(tmp_path):
     x, w = torch.ones(1000), torch.ones(1000, 1000)
     assert elementwise_bytes(lambda: x * 2) == 8000  # 4,000 bytes read, 4,000 written
     assert elementwise_bytes(lambda: (w @ x, x.view(10, 100))) == 0
+
+
+def test_bench_fp8_times_every_layer_shape_and_measures_the_logits_drift(tmp_path):
+    """benchmarks/bench_fp8.py on the tiny preset (compiled FP8 side, the GPU host's absent packages shadowed):
+    each of the preset's linear shapes on both sides at its rows per image, and the first token's logits before
+    and after quantize_fp8 (the CPU emulates FP8: its timings say nothing, only that the script runs)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_fp8.py"), "--preset", "tiny", "--batch",
+                           "2", "--rounds", "1", "--dtype", "float32", "--compile", "--decode"], cwd=tmp_path,
+                          env=gpu_host_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    gemms, logits = (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
+    assert {(x["part"], x["in"], x["out"]) for x in gemms["shapes"]} >= {("vision_tower", 32, 64),
+                                                                        ("language_model", 64, 128), ("decode", 128, 64)}
+    assert all(x["bf16_ms"] > 0 and x["fp8_ms"] > 0 and 0 < x["relative_error"] < 0.1 for x in gemms["shapes"])
+    assert [x["rows"] for x in gemms["shapes"] if x["part"] == "vision_tower"][0] == 2 * 16  # 64 px / 16 px patches
+    assert gemms["compiled_fp8"] and gemms["vision_tower"]["speedup"] > 0
+    assert logits["fp8_layers"] > 0 and 0 < logits["logits_relative_error"] < 1 and logits["rows"] == 2
