@@ -102,18 +102,36 @@ def test_fp8_compiles_with_no_graph_break_and_keeps_its_eager_tokens(model_and_p
     assert cap.decoding_report(6)["fp8_layers"] == fp8_layers(model) > 0
 
 
-@pytest.mark.parametrize("capability, dtype, says", [
-    ((8, 0), torch.bfloat16, "is 8.0: use --quantize none"),
-    ((9, 0), torch.float16, "use --dtype auto or bfloat16, not float16"),
-    ((9, 0), torch.bfloat16, None),
-    ((8, 9), torch.bfloat16, None),
+@pytest.mark.parametrize("capability, dtype, gemm_error, says", [
+    ((8, 0), torch.bfloat16, None, "is 8.0: use --quantize none"),
+    ((9, 0), torch.float16, None, "use --dtype auto or bfloat16, not float16"),
+    ((8, 9), torch.bfloat16, "Invalid scaling configuration", "has no row-wise FP8 GEMM for NVIDIA L4 (Invalid scaling"),
+    ((9, 0), torch.bfloat16, None, None),
+    ((8, 9), torch.bfloat16, None, None),
 ])
-def test_a_gpu_without_fp8_tensor_cores_or_a_dtype_other_than_bf16_is_one_line(monkeypatch, capability, dtype, says):
+def test_a_gpu_without_fp8_tensor_cores_or_kernel_or_a_dtype_other_than_bf16_is_one_line(monkeypatch, capability,
+                                                                                          dtype, gemm_error, says):
+    """Checked before the model loads: the capability, the dtype, then one tiny FP8 GEMM on the card."""
+    import vlm_caption.fp8 as fp8
+
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA L4")
+    monkeypatch.setattr(fp8, "_gemm_error", lambda device, dtype: gemm_error)
     problem = fp8_problem(torch.device("cuda", 0), dtype)
     assert (problem is None) if says is None else (says in problem and "\n" not in problem)
     assert fp8_problem(torch.device("cpu"), torch.float32) is None  # the CPU runs it (tests)
+
+
+def test_the_gemm_probe_gives_the_first_line_of_the_kernels_error(monkeypatch):
+    from vlm_caption.fp8 import _gemm_error
+
+    assert _gemm_error(torch.device("cpu"), torch.bfloat16) is None
+
+    def no_kernel(*args, **kwargs):
+        raise RuntimeError("Invalid scaling configuration\n(a long explanation)")
+
+    monkeypatch.setattr(torch, "_scaled_mm", no_kernel)
+    assert _gemm_error(torch.device("cpu"), torch.bfloat16) == "Invalid scaling configuration"
 
 
 def test_an_fp8_run_is_a_run_of_its_own_and_says_so(tiny_model_dir, sample_data_dir, tmp_path):

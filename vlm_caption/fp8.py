@@ -108,6 +108,21 @@ def fp8_problem(device: torch.device, dtype: torch.dtype) -> str | None:
                 f"8.9+); {torch.cuda.get_device_name(device)} is {major}.{minor}: use --quantize none")
     if dtype != torch.bfloat16:  # row-wise scaled FP8 GEMMs write bf16 only
         return f"--quantize fp8 runs in bfloat16: use --dtype auto or bfloat16, not {str(dtype).split('.')[-1]}"
+    error = _gemm_error(device, dtype)
+    if error:
+        return (f"--quantize fp8: torch {torch.__version__} has no row-wise FP8 GEMM for "
+                f"{torch.cuda.get_device_name(device)} ({error}); use --quantize none")
+    return None
+
+
+def _gemm_error(device: torch.device, dtype: torch.dtype) -> str | None:
+    """One tiny FP8 GEMM on `device`: the first line of its error, or None. A torch build may lack the
+    row-wise kernel for a capability (it came to Hopper first)."""
+    try:
+        probe = Fp8Linear(nn.Linear(MULTIPLE, MULTIPLE, bias=False, device=device, dtype=dtype))
+        probe(torch.ones(MULTIPLE, MULTIPLE, device=device, dtype=dtype))
+    except RuntimeError as e:
+        return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return None
 
 
