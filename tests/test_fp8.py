@@ -35,6 +35,28 @@ def test_an_fp8_linear_is_its_linear_within_fp8_rounding(dtype):
     assert relative_error(fp8(torch.zeros(2, 128, dtype=dtype)), linear.bias.expand(2, 96)) < 1e-6  # no NaN
 
 
+def test_eager_an_fp8_linear_makes_no_float32_copy_of_its_input():
+    """--compile off (or a compiled part given up): a float32 copy of SigLIP's activations at batch 256 would be
+    ~5 GB beside the bf16 ones. Every tensor the forward makes is the input's size in bf16 or FP8, or one
+    float32 value per row (the scales)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    made: list[tuple[torch.dtype, int]] = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            made.extend((t.dtype, t.numel()) for t in (out if isinstance(out, (tuple, list)) else [out])
+                        if isinstance(t, torch.Tensor))
+            return out
+
+    fp8 = Fp8Linear(nn.Linear(128, 96, dtype=torch.bfloat16))
+    x = torch.randn(64, 128, dtype=torch.bfloat16)
+    with torch.inference_mode(), Record():
+        fp8(x)
+    assert made and all(numel <= 64 for dtype, numel in made if dtype == torch.float32), made
+
+
 def test_each_token_has_its_own_scale_so_an_outlier_row_costs_the_others_nothing():
     """Row-wise activation scales: one token 1,000x larger (Gemma's massive activations) leaves the precision
     of the other rows as it was; one scale for the whole tensor would round them to nothing."""
