@@ -143,7 +143,7 @@ def test_cli_continuous_captions_like_the_default_run(full_run, tiny_model_dir, 
     assert decoding["vision_tower"] == decoding["language_model_prefill"] == "compiled"  # the chunks' prefills
     default = json.loads((default_ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
     assert default == {"batch_size": 4, "loop": "generate", "static_cache": False, "attention": "auto: sdpa",
-                       "vision_tower": "eager", "language_model_prefill": "eager"}
+                       "vision_tower": "eager", "language_model_prefill": "eager", "fp8_layers": 0}
 
 
 def continuous_args(model, data, ckpt, *extra):
