@@ -51,7 +51,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_check import PROMPT  # noqa: E402  (the same prompt as the GPU check)
+from gpu_batched import PROMPT  # noqa: E402  (the same prompt as the GPU check)
 
 
 SECTIONS = ("compiled", "attention", "vision", "compiled_repeat_kv", "graph", "profile", "prefill", "eager", "gil",
