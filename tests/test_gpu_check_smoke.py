@@ -259,6 +259,8 @@ def test_bench_fp8_times_every_layer_shape_and_measures_the_logits_drift(tmp_pat
     assert {(x["part"], x["in"], x["out"]) for x in gemms["shapes"]} >= {("vision_tower", 32, 64),
                                                                         ("language_model", 64, 128), ("decode", 128, 64)}
     assert all(x["bf16_ms"] > 0 and x["fp8_ms"] > 0 and 0 < x["relative_error"] < 0.1 for x in gemms["shapes"])
+    # every shape compiled (11 of them: past dynamo's recompile limit of 8 the rest ran eagerly, unsaid)
+    assert len(gemms["shapes"]) > 8 and all(x["fp8_graphs"] == 1 for x in gemms["shapes"]), gemms["shapes"]
     assert [x["rows"] for x in gemms["shapes"] if x["part"] == "vision_tower"][0] == 2 * 16  # 64 px / 16 px patches
     assert gemms["compiled_fp8"] and gemms["vision_tower"]["speedup"] > 0
     assert logits["fp8_layers"] > 0 and 0 < logits["logits_relative_error"] < 1 and logits["rows"] == 2
