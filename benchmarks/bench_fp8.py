@@ -15,7 +15,7 @@ logits  the preset with random weights, a batch of random images through the Cap
   OMP_NUM_THREADS=2 python benchmarks/bench_fp8.py --preset small --batch 2     # CPU: runs, numbers mean little
   python benchmarks/bench_fp8.py --device cuda --preset gemma-3-4b --batch 16   # an H100: ~1 min
 
-Prints one JSON line per section. On a CPU, FP8 GEMMs are emulated: only the GPU's ratio says anything.
+Prints a JSON line per shape as it ends, then one per section. On a CPU, FP8 GEMMs are emulated: only the GPU's ratio says anything.
 """
 from __future__ import annotations
 
@@ -111,10 +111,11 @@ def time_gemms(args) -> dict:
         for side in best:
             per_image[(part, side)] += count * best[side] / args.batch
         graphs = counters["stats"]["unique_graphs"] if args.compile else None  # 1: this shape ran compiled
-        out["shapes"].append({"part": part, "in": k, "out": n, "layers": count, "rows": args.batch * per,
-                              "fp8_graphs": graphs,
-                              "bf16_ms": round(best["bf16"] * 1e3, 3), "fp8_ms": round(best["fp8"] * 1e3, 3),
-                              "speedup": round(best["bf16"] / best["fp8"], 3), "relative_error": round(err, 4)})
+        shape = {"part": part, "in": k, "out": n, "layers": count, "rows": args.batch * per, "fp8_graphs": graphs,
+                 "bf16_ms": round(best["bf16"] * 1e3, 3), "fp8_ms": round(best["fp8"] * 1e3, 3),
+                 "speedup": round(best["bf16"] / best["fp8"], 3), "relative_error": round(err, 4)}
+        print(json.dumps({"shape": shape}), flush=True)  # as it ends: a timeout keeps the shapes before
+        out["shapes"].append(shape)
         del x, linear, fp8, fp8_call
     for part in dict.fromkeys(p for p, _ in per_image):
         bf16, fp8 = per_image[(part, "bf16")], per_image[(part, "fp8")]
@@ -123,22 +124,23 @@ def time_gemms(args) -> dict:
     return out
 
 
-def quantize_and_compare(model, inputs, sync=lambda: None) -> dict:
-    """quantize_fp8(model) in place, with the logits of the first new token for `inputs` before and after:
-    their relative error, cosine and the rows that keep their top token (also gpu_check.py's fp8 section)."""
+def quantize_and_compare(model, inputs, sync=lambda: None, choice: str = "fp8") -> dict:
+    """quantize_fp8(model) in place as --quantize `choice` does, with the logits of the first new token for
+    `inputs` before and after: their relative error, cosine and the rows that keep their top token (also
+    gpu_check.py's fp8 section)."""
     import torch
 
-    from vlm_caption.fp8 import quantize_fp8
+    from vlm_caption.fp8 import QUANTIZED_PARTS, quantize_fp8
 
     with torch.inference_mode():
         want = model(**inputs, logits_to_keep=1).logits[:, -1].float()
         sync()
         start = time.perf_counter()
-        report = quantize_fp8(model)
+        report = quantize_fp8(model, QUANTIZED_PARTS[choice])
         sync()
         seconds = time.perf_counter() - start
         got = model(**inputs, logits_to_keep=1).logits[:, -1].float()
-    return {"fp8_layers": report.layers, "kept_bf16": len(report.kept), "quantize_s": round(seconds, 2),
+    return {"quantize": choice, "fp8_layers": report.layers, "kept_bf16": len(report.kept), "quantize_s": round(seconds, 2),
             "linear_weight_bytes": [report.bytes_before, report.bytes_after],
             "logits_relative_error": round(((got - want).norm() / want.norm()).item(), 4),
             "logits_cosine": round(torch.nn.functional.cosine_similarity(got, want, dim=-1).mean().item(), 5),

@@ -1,36 +1,31 @@
 #!/usr/bin/env bash
-# The next GPU session's run (BENCHMARKS.md §6 run 4 measured the one before), in five parts, in the order
-# to run them. fp8 and check fit one device call together (`fp8,check`: each part's timeout is cut to what is
-# left of GPU_AB_SECONDS, default 590, from the script's start; a device call with timeout 595 s); then
-# diag,thresh at once (the machine stays warm 30 s), only if 4+ device minutes are left; cont last:
-#   fp8    bench_fp8.py: each linear-layer shape of the 4B (SigLIP, the language model's prefill, a decode
-#          step) at 16 images' rows, bf16 against --quantize fp8's compiled FP8 GEMM, and the speed-up per image
-#          of each part: whether FP8 pays at all on this card (<= 1.5 min)
-#   check  gpu_check.py at batch 256: the graph loop with FlexAttention (auto's pick there) and the prefill
-#          compiled (the vision tower and the language model over the prompt), as --compile now does
-#          (prefill_compile.py; run 3 timed the tower alone 1.18x at 64, the language model's prefill is
-#          untimed), against the same with the prefill eager (= run 4's 27.48 img/s setting); each side's
-#          prefill compilation is timed apart; then the whole pipeline over 768 images at batch 256 with the
-#          product's defaults, rated over the batch between the first and the last; then, last, the model
-#          quantized in place (--quantize fp8: the first token's logits drift on 8 images, random weights) and
-#          graph_flex at 256 again in FP8; 2 timed batches a side (<= 8 min: each compiled side compiles the
-#          tower, the language model's prefill and the decode step)
+# The next GPU session's run (BENCHMARKS.md §6 run 5 measured the one before), in parts, in the order to run
+# them: fp8 alone in the first device call (timeout 595 s; each part's timeout is cut to what is left of
+# GPU_AB_SECONDS, default 590, from the script's start), then diag at once if 4+ device minutes are left (the
+# machine stays warm 30 s); thresh, cont and check in later sessions:
+#   fp8    bench_fp8.py: each linear-layer shape of the 4B (SigLIP, the language model's prefill, and the
+#          decode step's, which run 5 lost to dynamo's recompile limit) at 16 images' rows, bf16 against
+#          --quantize fp8's compiled FP8 GEMM (<= 2.5 min); then gpu_check.py with the model quantized as
+#          --quantize fp8-text does (the language model only: run 5's GEMMs ran 1.11x there, 0.64x in the
+#          tower) and graph_flex at 256 in FP8, against run 5's 32.18 img/s in bf16 (the compile alone took
+#          ~230 s in bf16; run 5's attempt at it was cut off) (<= 7 min)
 #   diag   decode_diag.py, batch 64 (run 3's): the vision tower on each sdpa kernel (flash, cuDNN,
 #          efficient) and compiled as --compile does; a profile of a compiled generate and of a prefill
-#          (where the prefill's ~23 ms an image go); then, if its budget is left, the prefill and first token
-#          with the language model eager vs compiled (<= 3.5 min; run 4 timed the decode attention by kernel:
-#          not again)
+#          (where the prefill's time goes); then, if its budget is left, the prefill and first token with the
+#          language model eager vs compiled (run 5 timed both compiled together: 1.20x) (<= 3.5 min)
 #   thresh gpu_check.py at batch 128, where --decode-attention auto starts taking FlexAttention (run 4: flex
 #          1.45x faster a layer at 256, 1.22x slower at 64, 128 unmeasured): the graph loop with the grouped
 #          sdpa vs with flex (<= 4 min)
 #   cont   bench_continuous.py: --decode-loop continuous against whole batches of 256, the 4B, 1024 images
 #          at caption lengths drawn from 50-200 tokens, chunks of 32 (the default) and 16, with the default
 #          decode attention (flex at 256 slots; run 4 timed chunks of 32 with the grouped sdpa: 1.07x) (<= 5 min)
+#   check  run 5's check again: gpu_check.py at batch 256, the graph loop with FlexAttention and the prefill
+#          compiled against the prefill eager, then the whole pipeline over 768 images (<= 6.5 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
-#   bash benchmarks/gpu_ab.sh OUT_DIR [fp8|check|diag|thresh|cont|all]   (or a comma list: fp8,check; all = all)
-#     -> OUT_DIR/fp8/bench_fp8.log, OUT_DIR/check/gpu_check.{json,md,log},
-#        OUT_DIR/diag/{decode_diag.json,profile.txt,decode_diag.log}, OUT_DIR/thresh/gpu_check.{json,md,log},
-#        OUT_DIR/cont/bench_continuous.log
+#   bash benchmarks/gpu_ab.sh OUT_DIR [fp8|diag|thresh|cont|check|all]   (or a comma list: fp8,diag; all = all)
+#     -> OUT_DIR/fp8/{bench_fp8.log,gpu_check.{json,md,log}}, OUT_DIR/diag/{decode_diag.json,profile.txt,
+#        decode_diag.log}, OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log,
+#        OUT_DIR/check/gpu_check.{json,md,log}
 set -uo pipefail
 usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }  # the header, up to the code
 case ${1:-} in
@@ -38,12 +33,12 @@ case ${1:-} in
     -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;
 esac
 parts=${2:-all}
-[[ $parts == all ]] && parts=fp8,check,diag,thresh,cont
+[[ $parts == all ]] && parts=fp8,diag,thresh,cont,check
 IFS=, read -ra wanted <<< "$parts"
 for part in "${wanted[@]}"; do
     case $part in
-        fp8|check|diag|thresh|cont) ;;
-        *) echo "gpu_ab.sh: unknown part '$part' (fp8, check, diag, thresh, cont, all, or a comma list of them)" >&2
+        fp8|diag|thresh|cont|check) ;;
+        *) echo "gpu_ab.sh: unknown part '$part' (fp8, diag, thresh, cont, check, all, or a comma list of them)" >&2
            usage >&2; exit 2 ;;
     esac
 done
@@ -73,17 +68,17 @@ gpu_check() {
   cat "$out/$part/gpu_check.md" 2>/dev/null
 }
 if want fp8; then
-  t=$(timeout_for 90)
+  t=$(timeout_for 150)
   if ((t == 0)); then skipped fp8; else
     mkdir -p "$out/fp8"
     timeout "$t" "$PY" benchmarks/bench_fp8.py --device cuda --preset gemma-3-4b --batch 16 --decode --rounds 5 \
         --sections gemms > "$out/fp8/bench_fp8.log" 2>&1
     echo "bench_fp8 exit $?" | tee -a "$out/gpu.txt"
-    grep '^{' "$out/fp8/bench_fp8.log" | cut -c1-3000
+    grep '^{' "$out/fp8/bench_fp8.log" | cut -c1-4000
   fi
+  gpu_check fp8 430 --pipeline-images 0 --loader-images 8 --fp8-batches 256 --fp8-quantize fp8-text \
+      --timed-batches 2 --budget-s 400
 fi
-want check && gpu_check check 500 --graph-flex-batches 256 --prefill-eager-batches 256 --pipeline-images 768 \
-    --pipeline-batch 256 --pipeline-runs graph --fp8-batches 256 --timed-batches 2 --budget-s 460
 if want diag; then
   t=$(timeout_for 205)
   if ((t == 0)); then skipped diag; else
@@ -106,3 +101,5 @@ if want cont; then
     grep '^{' "$out/cont/bench_continuous.log" | cut -c1-1500
   fi
 fi
+want check && gpu_check check 380 --graph-flex-batches 256 --prefill-eager-batches 256 --pipeline-images 768 \
+    --pipeline-batch 256 --pipeline-runs graph --timed-batches 2 --budget-s 360

@@ -65,7 +65,8 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
                                               "graph_flex": "graph decode loop, FlexAttention",
                                               "prefill_eager": "graph decode loop, FlexAttention, eager "
                                                                "prefill",
-                                              "fp8": "graph decode loop, FlexAttention, FP8 linear layers"}[kind],
+                                              "fp8": "graph decode loop, FlexAttention, FP8 linear layers "
+                                                     f"(--quantize {args.fp8_quantize})"}[kind],
                     **prefill, "prefill_warmup_s": None}
     if compile and cap.static_decode is None:
         return {**result, "error": "static decode not available (sequence longer than the sliding window)"}
@@ -143,7 +144,7 @@ def quantize_for_fp8(model, processor, pixels: list, args, sync) -> dict:
     cap = Captioner(model, processor, model_name=args.preset, prompt=PROMPT, max_tokens=1, decode_loop="generate")
     inputs = cap.assemble(pixels[:8]).inputs
     del cap
-    drift = quantize_and_compare(model, inputs, sync)
+    drift = quantize_and_compare(model, inputs, sync, args.fp8_quantize)
     del inputs
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

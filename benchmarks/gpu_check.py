@@ -17,7 +17,7 @@ per image (min = max, greedy), the same prompt everywhere. At most ~8 minutes on
              prompt): every compiled run above compiles them too, as --compile does (prefill_compile.py); this
              is the other side of that A/B, and run 4's code
   fp8        graph_flex after --quantize fp8 (fp8.py: the tower's and language model's linear layers as FP8
-             GEMMs), last: the model is quantized in place once, after the logits of the first new token are
+             GEMMs; --fp8-quantize fp8-text: the language model's only), last: the model is quantized in place once, after the logits of the first new token are
              taken before and after on 8 images (their drift, on random weights)
   pipeline   pipeline.run over --pipeline-images JPEGs with the built model (loader threads, background
              assembly, generate, writer, parts) and the product's defaults (--decode-attention auto);
@@ -78,6 +78,8 @@ def parse_args(argv=None):
                    "prefill (vision tower, language model) eager (default: none; 4 with --cpu-smoke)")
     p.add_argument("--fp8-batches", type=int, nargs="*", default=None, help="graph_flex with --quantize fp8, "
                    "after every other run (default: none; 4 with --cpu-smoke)")
+    p.add_argument("--fp8-quantize", default="fp8", choices=("fp8", "fp8-text"), help="the fp8 runs' --quantize: "
+                   "fp8 (tower and language model) or fp8-text (the language model only) (default: %(default)s)")
     p.add_argument("--timed-batches", type=int, default=None, help="batches timed per size (default 3)")
     p.add_argument("--loop-images", type=int, default=None, help="images for the one-image loop (default 3)")
     p.add_argument("--loader-images", type=int, default=None, help="JPEGs for the loader (default 96)")

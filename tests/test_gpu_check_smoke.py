@@ -180,7 +180,7 @@ def test_gpu_ab_help_and_a_wrong_part_run_nothing(tmp_path):
     env = {**os.environ, "PYTHON": "false"}  # a python that ran would fail the checks below
     shown = subprocess.run(["bash", str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=60)
-    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [fp8|check|diag|thresh|cont|all]" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [fp8|diag|thresh|cont|check|all]" in shown.stdout, shown.stderr
     assert "set -uo" not in shown.stdout and "bench_continuous.log" in shown.stdout  # the whole header, only
     wrong = subprocess.run(["bash", str(script), str(tmp_path / "out"), "chek"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
@@ -255,7 +255,9 @@ def test_bench_fp8_times_every_layer_shape_and_measures_the_logits_drift(tmp_pat
                            "2", "--rounds", "1", "--dtype", "float32", "--compile", "--decode"], cwd=tmp_path,
                           env=gpu_host_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    gemms, logits = (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    gemms, logits = (line for line in lines if "section" in line)
+    assert [line["shape"] for line in lines if "shape" in line] == gemms["shapes"]  # each printed as it ended
     assert {(x["part"], x["in"], x["out"]) for x in gemms["shapes"]} >= {("vision_tower", 32, 64),
                                                                         ("language_model", 64, 128), ("decode", 128, 64)}
     assert all(x["bf16_ms"] > 0 and x["fp8_ms"] > 0 and 0 < x["relative_error"] < 0.1 for x in gemms["shapes"])
