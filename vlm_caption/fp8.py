@@ -1,16 +1,20 @@
-"""`--quantize fp8`: the model's linear layers as FP8 GEMMs, for throughput on an H100/H200 (or an Ada GPU).
+"""`--quantize fp8`: the model's linear layers as FP8 GEMMs on an H100/H200 (or an Ada GPU): half the weight
+memory, and perhaps speed.
 
-Why: on an H100 a 4B image took ~36 ms at batch 256 in bf16 (BENCHMARKS.md §6), two thirds of it the prefill,
-which is compute-bound: SigLIP's GEMMs over 4,096 patches and the language model's over the ~336-token prompt.
-FP8 tensor cores do twice the bf16 FLOP/s (H100 SXM: 1,979 vs 989 TFLOP/s dense), and a decode step reads half
-the weight bytes. Captions change: each GEMM's inputs are rounded to 3 mantissa bits (a relative error of ~4 %
+Why: on an H100 a 4B image took ~36 ms at batch 256 in bf16 (BENCHMARKS.md §6 run 4), two thirds of it the
+prefill, which is compute-bound: SigLIP's GEMMs over 4,096 patches and the language model's over the ~336-token
+prompt. FP8 tensor cores do twice the bf16 FLOP/s (H100 SXM: 1,979 vs 989 TFLOP/s dense), and a decode step
+reads half the weight bytes. Measured GEMM by GEMM on an H100 (run 5, `benchmarks/bench_fp8.py`), a layer
+alone ran 0.52-0.77x bf16's speed in the tower (1152 and 4304 wide: the pass that scales and casts each input
+costs what the narrow GEMM saves) and 0.48-1.50x in the language model (1.11x its prefill per image, the MLP's
+2560 -> 10240 the best); the whole model is not timed yet, so it is off by default. Captions change: each GEMM's inputs are rounded to 3 mantissa bits (a relative error of ~4 %
 per GEMM on random data, less on the trained weights' smooth rows); so an fp8 run is a run of its own (its own
 run id, `quantize` recorded in run.json and the card), never mixed with a bf16 run's captions.
 
 How (what vLLM's `--quantization fp8` and torchao's dynamic float8 with per-row scales do): each weight is cast
 once to float8_e4m3fn with one scale per output channel; at run time each activation row (a token) gets its own
 scale from its absolute maximum, so one outlier token does not crush the others' precision; `torch._scaled_mm`
-multiplies in FP8, accumulates in fp32 and writes bf16. Under --compile, inductor fuses each activation's
+multiplies in FP8, accumulates in fp32 and writes bf16. Under --compile, inductor may fuse each activation's
 max / scale / cast into the op before it (a norm, a GELU). The weights take half the memory: --batch-size auto
 sizes batches from the free memory after quantizing.
 
@@ -20,8 +24,8 @@ at run time (GPU hosts are often offline).
 
 What stays in bf16: embeddings and lm_head (the logits), the multi-modal projector (a bare parameter), norms,
 attention's own products and the KV cache; a layer whose sizes are not multiples of 16 (cuBLAS's FP8 rule).
-"--quantize fp8-text" leaves the vision tower in bf16 too, for a tower that loses too much (ViTs have outlier
-channels that per-row scales do not absorb).
+"--quantize fp8-text" leaves the vision tower in bf16 too: where run 5's GEMMs lost, and where ViTs' outlier
+channels (which per-row scales do not absorb) cost the most precision.
 """
 from __future__ import annotations
 
@@ -37,8 +41,7 @@ FP8 = torch.float8_e4m3fn  # 4 exponent, 3 mantissa bits: the forward-pass forma
 FP8_MAX = torch.finfo(FP8).max  # 448
 _TINY = 1e-12  # an all-zero row scales by this, not by zero
 MULTIPLE = 16  # cuBLAS FP8 GEMMs need both weight dimensions to be multiples of 16
-QUANTIZE_CHOICES = ("none", "fp8", "fp8-text")
-# What each choice quantizes: modules under the inner model (`model.model`).
+# What each --quantize choice (config.QUANTIZE_CHOICES) quantizes: modules under the inner model (`model.model`).
 QUANTIZED_PARTS = {"none": (), "fp8": ("vision_tower", "language_model"), "fp8-text": ("language_model",)}
 MIN_CAPABILITY = (8, 9)  # Ada and Hopper: the first with FP8 tensor cores
 
@@ -83,7 +86,7 @@ class Fp8Linear(nn.Module):
 
 @dataclass
 class Fp8Report:
-    """What quantize_fp8 did: for the log and run_summary.json."""
+    """What quantize_fp8 did: for the log and the benchmarks."""
 
     parts: tuple[str, ...]
     layers: int = 0
@@ -98,24 +101,20 @@ class Fp8Report:
         return text + (f"; {len(self.kept)} kept in bf16 ({self.kept[0]}{', ...' if len(self.kept) > 1 else ''})"
                        if self.kept else "")
 
-    def as_dict(self) -> dict:
-        return {"parts": list(self.parts), "layers": self.layers, "bytes_before": self.bytes_before,
-                "bytes_after": self.bytes_after, "kept_bf16": self.kept}
-
 
 def fp8_problem(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why --quantize fp8 cannot run on `device` in `dtype` (one line), or None. The CPU runs it (slowly: tests)."""
+    """Why --quantize (fp8, fp8-text) cannot run on `device` in `dtype` (one line), or None. The CPU runs it (slowly: tests)."""
     if device.type != "cuda":
         return None
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < MIN_CAPABILITY:
-        return (f"--quantize fp8 needs FP8 tensor cores (an H100/H200, L4, L40S or RTX 40xx: compute capability "
+        return (f"--quantize needs FP8 tensor cores (an H100/H200, L4, L40S or RTX 40xx: compute capability "
                 f"8.9+); {torch.cuda.get_device_name(device)} is {major}.{minor}: use --quantize none")
     if dtype != torch.bfloat16:  # row-wise scaled FP8 GEMMs write bf16 only
-        return f"--quantize fp8 runs in bfloat16: use --dtype auto or bfloat16, not {str(dtype).split('.')[-1]}"
+        return f"--quantize runs in bfloat16: use --dtype auto or bfloat16, not {str(dtype).split('.')[-1]}"
     error = _gemm_error(device, dtype)
     if error:
-        return (f"--quantize fp8: torch {torch.__version__} has no row-wise FP8 GEMM for "
+        return (f"--quantize: torch {torch.__version__} has no row-wise FP8 GEMM for "
                 f"{torch.cuda.get_device_name(device)} ({error}); use --quantize none")
     return None
 
