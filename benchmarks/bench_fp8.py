@@ -11,6 +11,8 @@ gemms   every distinct linear-layer shape of the preset's vision tower and langu
 logits  the preset with random weights, a batch of random images through the Captioner's own assembly: the
         logits of the first new token before and after quantize_fp8 (relative error, and how many rows keep
         their top token). Random weights are not trained ones: this bounds the arithmetic, not caption quality.
+fusion  the kernels inductor writes for an RMSNorm then a linear layer, bf16 and FP8: whether the FP8 input's
+        scaling fuses into the norm (then the gemms section's separate pass is not paid in the model).
 
   OMP_NUM_THREADS=2 python benchmarks/bench_fp8.py --preset small --batch 2     # CPU: runs, numbers mean little
   python benchmarks/bench_fp8.py --device cuda --preset gemma-3-4b --batch 16   # an H100: ~1 min
@@ -41,15 +43,17 @@ def parse_args(argv=None):
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="time the FP8 side compiled (default: on for CUDA)")
     p.add_argument("--decode", action="store_true", help="also the language model's layers at one row per image")
-    p.add_argument("--sections", nargs="+", default=["gemms", "logits"], choices=["gemms", "logits"])
+    p.add_argument("--sections", nargs="+", default=["gemms", "logits", "fusion"],
+                   choices=["gemms", "logits", "fusion"])
     args = p.parse_args(argv)
     if args.compile is None:
         args.compile = args.device.startswith("cuda")
     return args
 
 
-def layer_shapes(preset: str) -> dict[str, Counter]:
-    """part -> Counter of (in_features, out_features) over its nn.Linear layers, from a meta-device model."""
+def layer_shapes(preset: str):
+    """({part: Counter of (in_features, out_features) over its nn.Linear layers}, the config), from a model on
+    the meta device (no weights)."""
     import torch
     from torch import nn
     from transformers import AutoModelForImageTextToText
@@ -167,10 +171,41 @@ def logits_drift(args) -> dict:
             **quantize_and_compare(model, inputs)}
 
 
+def fused_kernels(args) -> dict:
+    """The kernels inductor writes for the language model's RMSNorm then a linear layer (its commonest shape),
+    bf16 against FP8: whether the FP8 input's row maximum, scale and cast fuse into the norm's kernel (the
+    `gemms` section times them as a pass of their own, its pessimistic side)."""
+    import re
+
+    import torch
+    from torch import nn
+    from torch._inductor.utils import run_and_get_code
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    from vlm_caption.fp8 import Fp8Linear
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    (k, n), _ = next(iter(layer_shapes(args.preset)[0]["language_model"].most_common()))
+    norm = Gemma3RMSNorm(k).to(device, dtype)
+    linear = nn.Linear(k, n, bias=False, device=device, dtype=dtype)
+    x = torch.randn(args.batch * 16, k, device=device, dtype=dtype)
+    out: dict = {"section": "fusion", "preset": args.preset, "layer": [k, n]}
+    for side, layer in (("bf16", linear), ("fp8", Fp8Linear(linear))):
+        torch._dynamo.reset()
+        with torch.inference_mode():
+            _, code = run_and_get_code(torch.compile(lambda t: layer(norm(t))), x)
+        # generated kernels (Triton on a GPU, C++ on a CPU); the GEMM itself is an extern call or a template
+        out[side] = sorted(set(re.findall(r"\b((?:triton_\w+?|cpp)_fused_\w+)", "\n".join(code))))
+    return out
+
+
+SECTIONS = {"gemms": time_gemms, "logits": logits_drift, "fusion": fused_kernels}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     for section in args.sections:
-        print(json.dumps(time_gemms(args) if section == "gemms" else logits_drift(args)), flush=True)
+        print(json.dumps(SECTIONS[section](args)), flush=True)
     return 0
 
 

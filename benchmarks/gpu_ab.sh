@@ -5,7 +5,8 @@
 # machine stays warm 30 s); thresh, cont and check in later sessions:
 #   fp8    bench_fp8.py: each linear-layer shape of the 4B (SigLIP, the language model's prefill, and the
 #          decode step's, which run 5 lost to dynamo's recompile limit) at 16 images' rows, bf16 against
-#          --quantize fp8's compiled FP8 GEMM (<= 2.5 min); then gpu_check.py with the model quantized as
+#          --quantize fp8's compiled FP8 GEMM, and whether inductor fuses the FP8 input's scaling into the
+#          norm before it on the card as it does on a CPU (<= 2.5 min); then gpu_check.py with the model quantized as
 #          --quantize fp8-text does (the language model only: run 5's GEMMs ran 1.11x there, 0.64x in the
 #          tower) and graph_flex at 256 in FP8, against run 5's 32.18 img/s in bf16 (the compile alone took
 #          ~230 s in bf16; run 5's attempt at it was cut off) (<= 7 min)
@@ -72,7 +73,7 @@ if want fp8; then
   if ((t == 0)); then skipped fp8; else
     mkdir -p "$out/fp8"
     timeout "$t" "$PY" benchmarks/bench_fp8.py --device cuda --preset gemma-3-4b --batch 16 --decode --rounds 5 \
-        --sections gemms > "$out/fp8/bench_fp8.log" 2>&1
+        --sections gemms fusion > "$out/fp8/bench_fp8.log" 2>&1
     echo "bench_fp8 exit $?" | tee -a "$out/gpu.txt"
     grep '^{' "$out/fp8/bench_fp8.log" | cut -c1-4000
   fi

@@ -256,7 +256,7 @@ def test_bench_fp8_times_every_layer_shape_and_measures_the_logits_drift(tmp_pat
                           env=gpu_host_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    gemms, logits = (line for line in lines if "section" in line)
+    gemms, logits, fusion = (line for line in lines if "section" in line)
     assert [line["shape"] for line in lines if "shape" in line] == gemms["shapes"]  # each printed as it ended
     assert {(x["part"], x["in"], x["out"]) for x in gemms["shapes"]} >= {("vision_tower", 32, 64),
                                                                         ("language_model", 64, 128), ("decode", 128, 64)}
@@ -266,3 +266,5 @@ def test_bench_fp8_times_every_layer_shape_and_measures_the_logits_drift(tmp_pat
     assert [x["rows"] for x in gemms["shapes"] if x["part"] == "vision_tower"][0] == 2 * 16  # 64 px / 16 px patches
     assert gemms["compiled_fp8"] and gemms["vision_tower"]["speedup"] > 0
     assert logits["fp8_layers"] > 0 and 0 < logits["logits_relative_error"] < 1 and logits["rows"] == 2
+    # the FP8 input's max, scale and cast fuse into the norm's kernel: no kernel more than bf16's
+    assert fusion["bf16"] and 0 < len(fusion["fp8"]) <= len(fusion["bf16"]), fusion
