@@ -5,8 +5,8 @@ an image gives it, and how far the model's first-token logits move.
 gemms   every distinct linear-layer shape of the preset's vision tower and language model (built on the meta
         device: no weights), at `--batch` images' rows (SigLIP: one row per patch, 4,096 at 896 px; the
         language model's prefill: one per prompt token; `--decode`: one per image), timed as nn.Linear in the
-        model's dtype against fp8.Fp8Linear (compiled by default on CUDA, as --compile runs it: inductor fuses
-        the activation's scale and cast). Per image: the sum over the model's layers of count x time; the
+        model's dtype against fp8.Fp8Linear (compiled alone, by default on CUDA: its input's scaling is a pass
+        of its own here, which in the model fuses into the norm before it, see fusion). Per image: the sum over the model's layers of count x time; the
         relative error of each GEMM's output on random data. The two sides alternate, best of --rounds.
 logits  the preset with random weights, a batch of random images through the Captioner's own assembly: the
         logits of the first new token before and after quantize_fp8 (relative error, and how many rows keep
@@ -15,9 +15,10 @@ fusion  the kernels inductor writes for an RMSNorm then a linear layer, bf16 and
         scaling fuses into the norm (then the gemms section's separate pass is not paid in the model).
 
   OMP_NUM_THREADS=2 python benchmarks/bench_fp8.py --preset small --batch 2     # CPU: runs, numbers mean little
-  python benchmarks/bench_fp8.py --device cuda --preset gemma-3-4b --batch 16   # an H100: ~1 min
+  python benchmarks/bench_fp8.py --device cuda --preset gemma-3-4b --batch 16   # an H100: ~2 min
 
-Prints a JSON line per shape as it ends, then one per section. On a CPU, FP8 GEMMs are emulated: only the GPU's ratio says anything.
+Prints a JSON line per shape as it ends, then one per section. On a CPU, FP8 GEMMs are emulated: only the
+GPU's ratios say anything.
 """
 from __future__ import annotations
 
