@@ -17,8 +17,9 @@ per image (min = max, greedy), the same prompt everywhere. At most ~8 minutes on
              prompt): every compiled run above compiles them too, as --compile does (prefill_compile.py); this
              is the other side of that A/B, and run 4's code
   fp8        graph_flex after --quantize fp8 (fp8.py: the tower's and language model's linear layers as FP8
-             GEMMs; --fp8-quantize fp8-text: the language model's only), last: the model is quantized in place once, after the logits of the first new token are
-             taken before and after on 8 images (their drift, on random weights)
+             GEMMs; --fp8-quantize fp8-text: the language model's only), last: the model is quantized in
+             place once, with the first new token's logits on 8 images before and after (their drift, on
+             random weights)
   pipeline   pipeline.run over --pipeline-images JPEGs with the built model (loader threads, background
              assembly, generate, writer, parts) and the product's defaults (--decode-attention auto);
              --pipeline-overlap: again with --vision-overlap
@@ -56,6 +57,7 @@ from gpu_batched import PROMPT, quantize_for_fp8, run_batched  # noqa: E402  (sc
 from gpu_report import write  # noqa: E402
 from gpu_pipeline import PIPELINE_RUNS, run_pipeline  # noqa: E402
 from gpu_roofs import card_peaks, flop_per_image, roofs  # noqa: E402
+from vlm_caption.config import QUANTIZE_CHOICES  # noqa: E402
 
 SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled",
             "graph", "graph_flex", "prefill_eager", "fp8_weights", "fp8", "pipeline", "pipeline_overlap")
@@ -78,7 +80,7 @@ def parse_args(argv=None):
                    "prefill (vision tower, language model) eager (default: none; 4 with --cpu-smoke)")
     p.add_argument("--fp8-batches", type=int, nargs="*", default=None, help="graph_flex with --quantize fp8, "
                    "after every other run (default: none; 4 with --cpu-smoke)")
-    p.add_argument("--fp8-quantize", default="fp8", choices=("fp8", "fp8-text"), help="the fp8 runs' --quantize: "
+    p.add_argument("--fp8-quantize", default="fp8", choices=QUANTIZE_CHOICES[1:], help="the fp8 runs' --quantize: "
                    "fp8 (tower and language model) or fp8-text (the language model only) (default: %(default)s)")
     p.add_argument("--timed-batches", type=int, default=None, help="batches timed per size (default 3)")
     p.add_argument("--loop-images", type=int, default=None, help="images for the one-image loop (default 3)")
