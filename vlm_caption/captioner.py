@@ -17,7 +17,7 @@ import torch
 from .backends import (AUTO_BATCH_CAP, AUTO_BATCH_CPU, RETRY_NO_REPEAT_NGRAM, RETRY_REPETITION_PENALTY,
                        Caption)  # noqa: F401  (the engine's result type)
 from .batch_size import auto_batch_size, free_accelerator_memory, free_device_memory, is_out_of_memory
-from .decode_loop import DecodeLater
+from .decode_loop import DecodeLater, give_up_decode_compile
 from .grouped_attention import describe_decode_attention, give_up_flex, may_use_flex, set_grouped_decode_attention
 from .image_prep import ImagePrep, unsupported_reason
 from .images import MODEL_IMAGE_SIZE
@@ -314,6 +314,8 @@ class Captioner:
             elif may_use_flex(self.model, rows, self.device.type, self.static_decode is not None):
                 give_up_flex(self.model, e)  # (a compile error of dynamo or Triton is a RuntimeError too)
                 return self._generate(given, assembled, should_stop, retry)  # once: flex is off now
+            elif give_up_decode_compile(self, e):  # the compiled decode step raised it: eager from now on
+                return self._generate(given, assembled, should_stop, retry)
             raise
         # The copy to the host is queued, not done: generate's thread goes on to the next batch, and the reader
         # (the writer thread) waits for this event before it looks at the tokens (pinned memory, non_blocking).

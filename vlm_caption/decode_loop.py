@@ -14,10 +14,17 @@ checks `should_stop()` and looks at the finished flags every `SYNC_EVERY` steps.
 
 Exact for greedy decoding: the same tokens as `generate` (tests/test_decode_loop.py). Sampling and the
 retry settings (repetition penalty, no repeated n-grams) keep `generate`.
+
+A compiled decode step that fails a batch (a compile that does not work on some card, torch or Triton: this
+step's, or generate's own compiled forward) is given up for the rest of the run (`give_up_decode_compile`): the
+batch runs again at once with the step eager, a warning says why. Slower (run 2: 45 vs 14 ms a step at batch 64
+on an H100), but the rented hours caption instead of recording every image as failed. Captioner tries the
+prefill's compiled parts and FlexAttention first: each is given up alone, before the whole step.
 """
 from __future__ import annotations
 
 import collections.abc
+import logging
 from typing import TYPE_CHECKING, Any, Callable
 
 import torch
@@ -25,7 +32,10 @@ import torch
 if TYPE_CHECKING:
     from .backends import Caption
 
+log = logging.getLogger(__name__)
+
 SYNC_EVERY = 16  # steps between looks at the finished flags (each look waits for the device)
+_RAISED_IN = "_raised_in_compiled_decode_step"  # set on an error that left GraphDecode's compiled step
 
 
 class GraphDecode:
@@ -44,8 +54,25 @@ class GraphDecode:
             options["backend"] = "inductor"
             if device.type == "cuda":
                 options.setdefault("mode", "reduce-overhead")  # CUDA graphs: one launch a step
-        self._step = torch.compile(self._one_step, fullgraph=False, dynamic=False, **options)
+        self._compiled_step = torch.compile(self._one_step, fullgraph=False, dynamic=False, **options)
+        self._step = self._compiled_step  # _one_step itself once the compiled one is given up
         self._allowed: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def compiled(self) -> bool:
+        return self._step is self._compiled_step
+
+    def give_up_compile(self) -> None:
+        """The rest of the run's steps run eagerly (give_up_decode_compile)."""
+        self._step = self._one_step
+
+    def _run_step(self, *args):
+        try:
+            return self._step(*args)
+        except RuntimeError as e:  # dynamo's and inductor's errors included
+            if self.compiled:
+                setattr(e, _RAISED_IN, True)
+            raise
 
     def _one_step(self, tokens, positions, step, prompt_len, min_new, allowed, finished, cache, cache_kw: str):
         """Token `step + 1` of every row from token `step` (on the device, no host sync)."""
@@ -83,8 +110,8 @@ class GraphDecode:
                 break
             if step % SYNC_EVERY == 0 and bool(finished.all()):
                 break
-            chosen, finished = self._step(tokens[-1], positions, steps[step], prompt_len_t, min_new_t, allowed,
-                                          finished, cache, cache_kw)
+            chosen, finished = self._run_step(tokens[-1], positions, steps[step], prompt_len_t, min_new_t, allowed,
+                                              finished, cache, cache_kw)
             # A CUDA graph's outputs are overwritten by its next replay: keep copies.
             tokens.append(chosen.clone())
             finished = finished.clone()
@@ -107,9 +134,48 @@ class StopWhen:
         return torch.full((input_ids.shape[0],), self.flag(), dtype=torch.bool, device=input_ids.device)
 
 
+def give_up_decode_compile(cap, error: BaseException) -> bool:
+    """A batch of Captioner `cap` failed in a compiled decode step: the rest of the run decodes eagerly (the
+    module's docstring). False when no compiled decode step raised `error` (out of memory excepted: a smaller
+    batch's to fix): nothing changed, a retry would fail the same way."""
+    import torch._dynamo.exc
+
+    from .batch_size import is_out_of_memory
+    from .errors import described
+
+    if is_out_of_memory(error):
+        return False
+    graph = cap.graph_decode
+    if graph is not None and graph.compiled and getattr(error, _RAISED_IN, False):
+        graph.give_up_compile()
+        which = "the decode step"
+    elif isinstance(error, torch._dynamo.exc.TorchDynamoException) and _generate_compiles(cap):
+        for config in (cap.gen_config, cap.retry_config):  # (the retry's: a copy of the run's settings)
+            config.disable_compile = True
+        which = "generate's decode step"
+    else:
+        return False
+    cause = getattr(error, "inner_exception", None) or error  # dynamo's BackendCompilerFailed wraps the compiler's
+    log.warning("%s: a batch failed with it compiled (%s); running it eagerly from now on, several times slower "
+                "(--compile off skips every compile)", which, described(cause))
+    return True
+
+
+def _generate_compiles(cap) -> bool:
+    """Whether `generate` compiles its decode steps for `cap` (a static cache with a compile config)."""
+    return cap.static_decode is not None and cap.static_decode.compile_config is not None \
+        and not cap.gen_config.disable_compile
+
+
+def decode_step_compiled(cap) -> bool:
+    """Whether the batches' decode steps run compiled now (the graph loop's step, else generate's)."""
+    return cap.graph_decode.compiled if cap.graph_decode is not None else _generate_compiles(cap)
+
+
 def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
     """How a Captioner decoded, for run_summary.json: the loop, the cache, the decode attention (for "auto",
-    the kernel it takes at `rows`, the batch size the run ended with), the vision tower and the language
+    the kernel it takes at `rows`, the batch size the run ended with), the decode step (compiled or eager, at
+    the end: give_up_decode_compile), the vision tower and the language
     model's prefill (compiled or eager, prefill_compile.py), and for continuous batching the decode steps it
     ran (per image, the number its schedule saves against whole batches), and its FP8 linear layers (fp8.py)."""
     from .fp8 import fp8_layers
@@ -122,6 +188,7 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
         flex = rows and may_use_flex(cap.model, rows, cap.device.type, cap.static_decode is not None)
         attention += ": flex" if flex else ": sdpa"
     report: dict[str, Any] = {"loop": loop, "static_cache": cap.static_decode is not None, "attention": attention,
+                              "decode_step": "compiled" if decode_step_compiled(cap) else "eager",
                               **compiled_parts(cap.model), "fp8_layers": fp8_layers(cap.model)}
     ran = {**{slots: {"decode_steps": decoder.steps} for slots, decoder in (cap.continuous or {}).items()},
            **cap.continuous_failed}  # a stream that failed: its steps, and why the rest went in batches
