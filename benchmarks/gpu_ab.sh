@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # The next GPU session's run (BENCHMARKS.md §6 run 5 measured the one before), in parts, in the order to run
-# them: fp8 alone in the first device call (timeout 595 s; each part's timeout is cut to what is left of
-# GPU_AB_SECONDS, default 590, from the script's start), then diag at once if 4+ device minutes are left (the
-# machine stays warm 30 s); thresh, cont and check in later sessions:
+# them: prof,diag in the first device call (timeout 595 s; each part's timeout is cut to what is left of
+# GPU_AB_SECONDS, default 590, from the script's start); fp8, thresh, cont and check in later sessions:
+#   prof   gpu_check.py: graph_flex at 256 (what --compile runs: run 5's 32.18 img/s) and one more batch under
+#          the profiler: ms an image by kind of kernel (attention, GEMMs, FlexAttention, fused Triton, eager
+#          aten) for the prefill and for the decode (gpu_profile.py), where run 5 only had estimates from
+#          separate runs at batch 64 (<= 6 min: ~230 s of it compiling)
+#   diag   decode_diag.py, batch 64 (run 3's): the vision tower on each sdpa kernel (flash, cuDNN,
+#          efficient) and compiled as --compile does; a profile of a compiled generate and of a prefill
+#          (where the prefill's time goes); then, if its budget is left, the prefill and first token with the
+#          language model eager vs compiled (run 5 timed both compiled together: 1.20x) (<= 3.5 min)
 #   fp8    bench_fp8.py: each linear-layer shape of the 4B (SigLIP, the language model's prefill, and the
 #          decode step's, which run 5 lost to dynamo's recompile limit) at 16 images' rows, bf16 against
 #          --quantize fp8's compiled FP8 GEMM, and whether inductor fuses the FP8 input's scaling into the
 #          norm before it on the card as it does on a CPU (<= 2.5 min); then gpu_check.py with the model quantized as
 #          --quantize fp8-text does (the language model only: run 5's GEMMs ran 1.11x there, 0.64x in the
-#          tower) and graph_flex at 256 in FP8, against run 5's 32.18 img/s in bf16 (the compile alone took
-#          ~230 s in bf16; run 5's attempt at it was cut off) (<= 7 min)
-#   diag   decode_diag.py, batch 64 (run 3's): the vision tower on each sdpa kernel (flash, cuDNN,
-#          efficient) and compiled as --compile does; a profile of a compiled generate and of a prefill
-#          (where the prefill's time goes); then, if its budget is left, the prefill and first token with the
-#          language model eager vs compiled (run 5 timed both compiled together: 1.20x) (<= 3.5 min)
+#          tower) and graph_flex at 256 in FP8, against run 5's 32.18 img/s in bf16, profiled as prof (the
+#          compile alone took ~230 s in bf16; run 5's attempt at it was cut off) (<= 7 min)
 #   thresh gpu_check.py at batch 128, where --decode-attention auto starts taking FlexAttention (run 4: flex
 #          1.45x faster a layer at 256, 1.22x slower at 64, 128 unmeasured): the graph loop with the grouped
 #          sdpa vs with flex (<= 4 min)
@@ -23,9 +26,10 @@
 #   check  run 5's check again: gpu_check.py at batch 256, the graph loop with FlexAttention and the prefill
 #          compiled against the prefill eager, then the whole pipeline over 768 images (<= 6.5 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
-#   bash benchmarks/gpu_ab.sh OUT_DIR [fp8|diag|thresh|cont|check|all]   (or a comma list: fp8,diag; all = all)
-#     -> OUT_DIR/fp8/{bench_fp8.log,gpu_check.{json,md,log}}, OUT_DIR/diag/{decode_diag.json,profile.txt,
-#        decode_diag.log}, OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log,
+#   bash benchmarks/gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|all]   (or a comma list: prof,diag; all = all)
+#     -> OUT_DIR/prof/{gpu_check.{json,md,log},profile_graph_flex_256.txt}, OUT_DIR/diag/{decode_diag.json,
+#        profile.txt,decode_diag.log}, OUT_DIR/fp8/{bench_fp8.log,gpu_check.{json,md,log},profile_fp8_256.txt},
+#        OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log,
 #        OUT_DIR/check/gpu_check.{json,md,log}
 set -uo pipefail
 usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }  # the header, up to the code
@@ -34,12 +38,12 @@ case ${1:-} in
     -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;
 esac
 parts=${2:-all}
-[[ $parts == all ]] && parts=fp8,diag,thresh,cont,check
+[[ $parts == all ]] && parts=prof,diag,fp8,thresh,cont,check
 IFS=, read -ra wanted <<< "$parts"
 for part in "${wanted[@]}"; do
     case $part in
-        fp8|diag|thresh|cont|check) ;;
-        *) echo "gpu_ab.sh: unknown part '$part' (fp8, diag, thresh, cont, check, all, or a comma list of them)" >&2
+        prof|diag|fp8|thresh|cont|check) ;;
+        *) echo "gpu_ab.sh: unknown part '$part' (prof, diag, fp8, thresh, cont, check, all, or a comma list of them)" >&2
            usage >&2; exit 2 ;;
     esac
 done
@@ -68,6 +72,8 @@ gpu_check() {
   echo "gpu_check ($part) exit $?" | tee -a "$out/gpu.txt"
   cat "$out/$part/gpu_check.md" 2>/dev/null
 }
+want prof && gpu_check prof 360 --graph-flex-batches 256 --profile graph_flex --pipeline-images 0 \
+    --loader-images 8 --timed-batches 2 --budget-s 330
 if want fp8; then
   t=$(timeout_for 150)
   if ((t == 0)); then skipped fp8; else
@@ -78,7 +84,7 @@ if want fp8; then
     grep '^{' "$out/fp8/bench_fp8.log" | cut -c1-4000
   fi
   gpu_check fp8 430 --pipeline-images 0 --loader-images 8 --fp8-batches 256 --fp8-quantize fp8-text \
-      --timed-batches 2 --budget-s 400
+      --profile fp8 --timed-batches 2 --budget-s 400
 fi
 if want diag; then
   t=$(timeout_for 205)

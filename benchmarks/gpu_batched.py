@@ -1,6 +1,7 @@
 """gpu_check.py's batched runs: prepared pixel values through Captioner.generate, one warm-up batch then the
-timed ones, for each kind of decode (eager, compiled, graph, graph_flex, prefill_eager, fp8); and the fp8
-runs' model, quantized in place."""
+timed ones, for each kind of decode (eager, compiled, graph, graph_flex, prefill_eager, fp8), then for the
+kinds in --profile one more batch under the profiler (gpu_profile.py); and the fp8 runs' model, quantized in
+place."""
 from __future__ import annotations
 
 import time
@@ -118,6 +119,8 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
             result["graph_breaks"] = sum(counters["graph_break"].values()) - breaks0
         report = cap.decoding_report(batch)  # as the timed batches ran: a compiled part that failed is eager now
         result.update({part: report[part] for part in prefill})
+        if kind in args.profile and cap.static_decode is not None:  # one more batch, after the timed ones
+            result["profile"] = profiled(cap, model, keys, rows, sync, device, args, kind)
     except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         traceback.print_exc()
@@ -128,6 +131,19 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
+
+def profiled(cap, model, keys, rows, sync, device, args, kind: str) -> dict:
+    """gpu_profile.profile_batch, its failure reported in its place (the timed batches stand)."""
+    from pathlib import Path
+
+    from gpu_profile import profile_batch
+
+    try:
+        return profile_batch(cap, model, keys, rows, sync, device, Path(args.out) / f"profile_{kind}_{len(rows)}.txt")
+    except Exception as e:  # noqa: BLE001 - a profiler that fails on this card costs this section only
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"}
 
 
 def quantize_for_fp8(model, processor, pixels: list, args, sync) -> dict:

@@ -20,6 +20,8 @@ per image (min = max, greedy), the same prompt everywhere. At most ~8 minutes on
              GEMMs; --fp8-quantize fp8-text: the language model's only), last: the model is quantized in
              place once, with the first new token's logits on 8 images before and after (their drift, on
              random weights)
+  --profile  after the timed batches of the kinds named, one more batch under torch.profiler: ms an image by
+             kind of kernel for the prefill and the decode (gpu_profile.py)
   pipeline   pipeline.run over --pipeline-images JPEGs with the built model (loader threads, background
              assembly, generate, writer, parts) and the product's defaults (--decode-attention auto);
              --pipeline-overlap: again with --vision-overlap
@@ -82,6 +84,10 @@ def parse_args(argv=None):
                    "after every other run (default: none; 4 with --cpu-smoke)")
     p.add_argument("--fp8-quantize", default="fp8", choices=QUANTIZE_CHOICES[1:], help="the fp8 runs' --quantize: "
                    "fp8 (tower and language model) or fp8-text (the language model only) (default: %(default)s)")
+    p.add_argument("--profile", nargs="*", default=[], choices=("compiled", "graph", "graph_flex", "prefill_eager",
+                                                                "fp8"),
+                   help="after these kinds' timed batches, one more under torch.profiler: ms an image by kind of "
+                        "kernel for the prefill and the decode (gpu_profile.py; OUT/profile_KIND_BATCH.txt)")
     p.add_argument("--timed-batches", type=int, default=None, help="batches timed per size (default 3)")
     p.add_argument("--loop-images", type=int, default=None, help="images for the one-image loop (default 3)")
     p.add_argument("--loader-images", type=int, default=None, help="JPEGs for the loader (default 96)")

@@ -59,6 +59,10 @@ def markdown(r: dict) -> str:
     flop = r.get("flop_per_image", {})
     if flop:
         lines += ["", "FLOP per image: " + ", ".join(f"{k} {v / 1e12:.3g} T" for k, v in flop.items())]
+    for kind in ("compiled", "graph", "graph_flex", "prefill_eager", "fp8"):
+        for x in r.get(kind, []):
+            if x.get("profile"):  # gpu_profile.py: ms an image by kind of kernel
+                lines.append(f"profile, {kind} batch {x['batch']}: {x['profile']}")
     if r.get("fp8_weights"):
         lines.append(f"fp8 weights (the fp8 runs): {r['fp8_weights']}")
     if r.get("auto_batch_size"):

@@ -32,7 +32,8 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     finally:
         sys.path.remove(str(REPO / "benchmarks"))
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_check.py"), "--cpu-smoke", "--out",
-                           str(tmp_path), "--pipeline-runs", "plain", "overlap", "overlap_graph"], cwd=tmp_path, env=gpu_host_env(tmp_path), capture_output=True,
+                           str(tmp_path), "--pipeline-runs", "plain", "overlap", "overlap_graph",
+                           "--profile", "graph_flex"], cwd=tmp_path, env=gpu_host_env(tmp_path), capture_output=True,
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -59,6 +60,13 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
         assert entry["vision_tower"] == entry["language_model_prefill"] == how, entry
         assert (entry["prefill_warmup_s"] is None) is (how == "eager"), entry
     assert all(entry["vision_tower"] == entry["language_model_prefill"] == "eager" for entry in result["eager"])
+    # --profile: one more graph_flex batch under the profiler, by kind of op (the CPU's aten ops: no kernels)
+    profile = result["graph_flex"][0]["profile"]
+    assert profile["rows"] == 4 and profile["timing"] == "CPU time of aten ops", profile
+    assert profile["prefill_ms_per_image"]["gemm"] > 0 and profile["decode_ms_per_image"]["gemm"] > 0, profile
+    assert profile["kernel_ms_per_image"]["batch"] > profile["kernel_ms_per_image"]["prefill"] > 0
+    assert "gemm" in (tmp_path / profile["top_kernels_file"]).read_text()
+    assert all("profile" not in entry for entry in result["graph"] + result["fp8"])  # only the kinds asked for
     assert result["loop"]["img_s"] > 0
     assert {name: x["images"] for name, x in result["loader"].items()} == {"fast": 6, "device": 6}
     for key, label in (("pipeline", "compiled"), ("pipeline_overlap", "compiled, --vision-overlap"),
