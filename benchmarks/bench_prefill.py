@@ -13,7 +13,14 @@ bytes alike; the full model's bytes per image are scaled from them, which also s
 tables built once per forward: a small over-count); the vision tower is not built: the prompt's embeddings are
 random. Both sides run the same module; the sides alternate, best of --rounds.
 
+--regional adds a third side: each decoder layer compiled on its own (torch's "regional compilation"), the
+code between the layers eager. Every layer of a kind shares one graph, so compiling does not grow with the
+layer count, where the whole model's graph (what --compile compiles) does: each side's first call is timed
+with inductor's FX-graph cache off (cold, as a fresh machine), and a second prompt length after it (a
+templated prompt's: the whole model compiles a dynamic graph then).
+
   OMP_NUM_THREADS=2 python benchmarks/bench_prefill.py                     # CPU: the 4B's layers, bf16
+  OMP_NUM_THREADS=2 python benchmarks/bench_prefill.py --regional --layers 12 --dtype float32
   python benchmarks/bench_prefill.py --device cuda --batch 64 --layers 34  # a GPU: the whole 4B text model
 
 Prints one JSON line.
@@ -43,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--regional", action="store_true", help="also each decoder layer compiled alone, with each "
+                   "compiled side's cold compile time")
     return p.parse_args(argv)
 
 
@@ -113,19 +122,46 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
+    def whole(on: bool) -> None:
+        set_prefill_compile(model, {"language"} if on else ())
+
+    def regional(on: bool) -> None:  # (nn.Module.compile's attribute: None runs the layer itself)
+        for layer in lm.layers:
+            layer._compiled_call_impl = torch.compile(layer._call_impl) if on else None
+
+    sides = {"compiled": whole} | ({"regional": regional} if args.regional else {})
+    if args.regional:  # cold compiles on both sides: nothing from the other side's graphs or an earlier run
+        import torch._inductor.config
+
+        torch._inductor.config.fx_graph_cache = False
+    longer = torch.randn(args.batch, args.prompt + 24, text.hidden_size, generator=generator).to(device, dtype)
+    found: dict = {}
     with torch.inference_mode():
         set_prefill_compile(model, ())
         want = prefill().float()
         moved = elementwise_bytes(prefill)
-        set_prefill_compile(model, {"language"})
-        compile_s = timed()
-        diff = (prefill().float() - want).abs().max().item()
-        eager, compiled = [], []
-        for _ in range(args.rounds):  # alternating: a machine that slows down slows both sides
+        for name, switch in sides.items():
+            switch(True)
+            found[f"{name}_compile_s"] = round(timed(), 1)
+            found[f"{name}_max_abs_diff"] = (prefill().float() - want).abs().max().item()
+            if args.regional:  # another prompt length: a new graph (dynamic) for the whole model
+                start = time.perf_counter()
+                lm(inputs_embeds=longer, attention_mask=torch.ones(longer.shape[:2], dtype=torch.long,
+                                                                   device=device), use_cache=False)
+                found[f"{name}_second_length_s"] = round(time.perf_counter() - start, 1)
+            switch(False)
+        times: dict = {"eager": [], **{name: [] for name in sides}}
+        for _ in range(args.rounds):  # alternating: a machine that slows down slows every side
             set_prefill_compile(model, ())
-            eager.append(timed())
-            set_prefill_compile(model, {"language"})
-            compiled.append(timed())
+            times["eager"].append(timed())
+            for name, switch in sides.items():
+                switch(True)
+                times[name].append(timed())
+                switch(False)
+    eager, compiled = times["eager"], times["compiled"]
+    if args.regional:
+        found.update(regional_ms=round(1000 * min(times["regional"]), 2),
+                     regional_vs_compiled=round(min(times["compiled"]) / min(times["regional"]), 3))
     per_token_layer = moved / (args.batch * args.prompt * args.layers)
     full_layers = _full_layer_count(args.preset)
     print(json.dumps({
@@ -135,8 +171,8 @@ def main(argv=None) -> int:
         "eager_elementwise_gb_per_image": round(per_token_layer * args.prompt * full_layers / 1e9, 2),
         "full_model_layers": full_layers,
         "eager_ms": round(1000 * min(eager), 2), "compiled_ms": round(1000 * min(compiled), 2),
-        "speedup": round(min(eager) / min(compiled), 3), "compile_s": round(compile_s, 1),
-        "max_abs_diff": diff, "max_abs_output": want.abs().max().item()}))
+        "speedup": round(min(eager) / min(compiled), 3), "compile_s": found.pop("compiled_compile_s"),
+        "max_abs_diff": found.pop("compiled_max_abs_diff"), "max_abs_output": want.abs().max().item(), **found}))
     return 0
 
 

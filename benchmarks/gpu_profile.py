@@ -4,7 +4,8 @@ batched run under torch.profiler, and its prefill + first token alone, so the de
 Why: run 5's batch of 256 took ~29.5 ms an image against 20 for the 50 img/s goal, and the split between the
 vision tower, the language model's prefill and the decode (and, in the decode, attention against GEMMs) was
 only estimated from separate runs at batch 64. This measures it at the batch the product runs, with what
-that run compiled (CUDA graphs replayed: the profiler reports each kernel inside a replay).
+that run compiled. The kernels inside CUDA-graph replays should be recorded one by one (CUPTI does on recent
+CUDA); if not, the decode's kernel time reads far below its wall time, reported beside it.
 
 Kinds, by kernel name (cuBLAS, cuDNN, flash and inductor's Triton names); on a CPU (--cpu-smoke) the aten
 ops' own CPU time instead, by op name:

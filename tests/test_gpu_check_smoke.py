@@ -149,7 +149,7 @@ def test_gpu_ab_script_passes_flags_its_scripts_know(tmp_path):
     assert {name for name, _ in calls} == {"bench_continuous", "bench_fp8", "decode_diag", "gpu_check"}
     # the gpu_check function's own flags, then each part's ("$@")
     parts = re.findall(r'^want \w+ && gpu_check (\w+) \d+ (.*)$', text, flags=re.M)
-    assert {part for part, _ in parts} == {"check", "thresh"}
+    assert {part for part, _ in parts} == {"check", "thresh", "prof"}
     calls = [(name, flags.replace('"$part"', part).replace('"$@"', more)) for name, flags in calls
              for part, more in (parts if '"$@"' in flags else [("", "")])]
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -188,7 +188,7 @@ def test_gpu_ab_help_and_a_wrong_part_run_nothing(tmp_path):
     env = {**os.environ, "PYTHON": "false"}  # a python that ran would fail the checks below
     shown = subprocess.run(["bash", str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=60)
-    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [fp8|diag|thresh|cont|check|all]" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|all]" in shown.stdout, shown.stderr
     assert "set -uo" not in shown.stdout and "bench_continuous.log" in shown.stdout  # the whole header, only
     wrong = subprocess.run(["bash", str(script), str(tmp_path / "out"), "chek"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
@@ -239,12 +239,15 @@ def test_bench_prefill_counts_elementwise_bytes_and_times_both_sides(tmp_path):
     import torch
 
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_prefill.py"), "--preset", "tiny",
-                           "--prompt", "12", "--dtype", "float32", "--rounds", "1"], cwd=tmp_path,
+                           "--prompt", "12", "--dtype", "float32", "--rounds", "1", "--regional"], cwd=tmp_path,
                           env=gpu_host_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["eager_elementwise_kb_per_token_layer"] > 0 and result["eager_ms"] > 0 and result["speedup"] > 0
     assert result["max_abs_diff"] < 1e-4 and result["full_model_layers"] == 2
+    # --regional: each layer compiled alone gives the same output, each side's cold compile timed
+    assert result["regional_max_abs_diff"] < 1e-4 and result["regional_ms"] > 0 and result["regional_vs_compiled"] > 0
+    assert result["compile_s"] > 0 and result["regional_compile_s"] > 0 and result["regional_second_length_s"] >= 0
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         from bench_prefill import elementwise_bytes
