@@ -17,7 +17,9 @@ random. Both sides run the same module; the sides alternate, best of --rounds.
 code between the layers eager. Every layer of a kind shares one graph, so compiling does not grow with the
 layer count, where the whole model's graph (what --compile compiles) does: each side's first call is timed
 with inductor's FX-graph cache off (cold, as a fresh machine), and a second prompt length after it (a
-templated prompt's: the whole model compiles a dynamic graph then).
+templated prompt's: the whole model compiles a dynamic graph then). Both run without a KV cache: the
+product's prefill writes its static cache inside each layer, by the layer's index, on which dynamo
+specialises a layer's graph (one per layer, then its recompile limit: BENCHMARKS.md §6).
 
   OMP_NUM_THREADS=2 python benchmarks/bench_prefill.py                     # CPU: the 4B's layers, bf16
   OMP_NUM_THREADS=2 python benchmarks/bench_prefill.py --regional --layers 12 --dtype float32

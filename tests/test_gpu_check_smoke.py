@@ -258,6 +258,19 @@ def test_bench_prefill_counts_elementwise_bytes_and_times_both_sides(tmp_path):
     assert elementwise_bytes(lambda: (w @ x, x.view(10, 100))) == 0
 
 
+def test_bench_tower_compile_times_the_tower_whole_and_by_layer(tmp_path):
+    """benchmarks/bench_tower_compile.py on the tiny preset (real inductor, the GPU host's absent packages
+    shadowed): both compiled sides give the eager tower's output, each side's cold compile timed."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_tower_compile.py"), "--preset", "tiny",
+                           "--image-size", "64", "--rounds", "1"], cwd=tmp_path, env=gpu_host_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["encoder_layers"] == 2 and result["whole_compile_s"] > 0 and result["layers_compile_s"] > 0
+    assert result["whole_max_abs_diff"] < 1e-4 and result["layers_max_abs_diff"] < 1e-4
+    assert result["eager_ms"] > 0 and result["layers_vs_whole_speed"] > 0
+
+
 def test_bench_fp8_times_every_layer_shape_and_measures_the_logits_drift(tmp_path):
     """benchmarks/bench_fp8.py on the tiny preset (compiled FP8 side, the GPU host's absent packages shadowed):
     each of the preset's linear shapes on both sides at its rows per image, and the first token's logits before

@@ -36,6 +36,11 @@ def test_compile_on_compiles_the_tower_once_for_every_batch_size(model_and_proce
     assert vision_compiled(model) and cap.decoding_report(6)["vision_tower"] == "compiled"
     assert token_ids(cap, images) == want[0]
     assert len(VISION_CAPTURED) == 2  # the tower and the projector, with the batch dimension dynamic
+    # The tower layer by layer: every encoder layer compiled, all of them one graph; its embeddings eager.
+    tower = model.model.vision_tower
+    assert len(tower.encoder.layers) > 1 and all(layer._compiled_call_impl for layer in tower.encoder.layers)
+    assert tower._compiled_call_impl is None and tower.embeddings._compiled_call_impl is None
+    assert sum("layer_norm1" in gm.code for gm in VISION_CAPTURED) == 1
     assert token_ids(cap, images[:3]) == want[1] and token_ids(cap, images[:2]) == want[1][:2]
     assert token_ids(cap, images) == want[0]
     assert len(VISION_CAPTURED) == 2  # 3 rows padded to 4, 2 rows, 6 again: the same graphs

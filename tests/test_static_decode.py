@@ -21,8 +21,8 @@ VISION_CAPTURED: list = []
 PREFILL_CAPTURED: list = []
 
 
-def is_vision_graph(gm) -> bool:
-    return "patch_embedding" in gm.code or "mm_input_projection" in gm.code
+def is_vision_graph(gm) -> bool:  # a SigLIP encoder layer's (the tower is compiled layer by layer) or the projector's
+    return "layer_norm1" in gm.code or "patch_embedding" in gm.code or "mm_input_projection" in gm.code
 
 
 def is_language_prefill_graph(gm) -> bool:

@@ -15,7 +15,13 @@ stream) goes through it. torch.compile's default mode, no CUDA graphs: a graph w
 activations in its own memory pool.
 - The tower and projector: the batch dimension is dynamic from the first call, so one graph serves every batch
   size a run meets (the last batch, the out-of-memory back-off, the retry of flagged captions); torch still
-  compiles a batch of one row on its own (it specialises a size of 1).
+  compiles a batch of one row on its own (it specialises a size of 1). The tower is compiled layer by layer
+  (its embeddings and final norm stay eager): its 27 encoder layers are the same code on other weights and
+  share one graph, so compiling it does not grow with its depth (the 4B's tower on the CPU,
+  `benchmarks/bench_tower_compile.py`: 3.6-4.3x faster to compile cold, 1-2 % slower to run; BENCHMARKS.md
+  §6). The language model
+  stays whole: its layers write the KV cache by their own index, on which dynamo specialises each layer's
+  graph (one graph per layer, then its recompile limit).
 - The language model: only calls over more than one token, i.e. prefills. A one-token call (an eager decode
   step) runs the module itself, as does a call traced from an outer compiled region (the decode step's own
   graph). The prompt length is dynamic from the first call (templated prompts differ from batch to batch); the
@@ -46,8 +52,15 @@ _RAISED_IN = "_raised_in_compiled_prefill"  # set on an error that left a compil
 
 
 def _modules(model, part: str) -> list:
+    """The modules of `part` that get a compiled call: the vision tower's encoder layers one by one (where it
+    has them), the projector and the language model whole."""
     inner = getattr(model, "model", model)
-    return [m for m in (getattr(inner, name, None) for name in PARTS[part]) if m is not None]
+    found = []
+    for module in (getattr(inner, name, None) for name in PARTS[part]):
+        if module is not None:
+            layers = getattr(getattr(module, "encoder", None), "layers", None) if part == "vision" else None
+            found.extend(layers if layers else [module])
+    return found
 
 
 def set_prefill_compile(model, parts, options: dict[str, Any] | None = None) -> set[str]:
