@@ -68,7 +68,13 @@ def build_text_model(preset: str, layers: int, device, dtype):
     spec["text"].update(num_hidden_layers=layers, vocab_size=tiny_model.TRAINED_VOCAB,
                         layer_types=[("sliding_attention", "full_attention")[i % 2] for i in range(layers)])
     spec.update(vision=tiny_model.PRESETS["tiny"]["vision"], mm_tokens_per_image=16, savable=False)
-    name = f"_bench_prefill_{preset}"
+    return build_from_spec(spec, f"_bench_prefill_{preset}", device, dtype)
+
+
+def build_from_spec(spec: dict, name: str, device, dtype):
+    """tiny_model.build_random_model of a preset `spec` registered under `name` for the call only."""
+    from vlm_caption import tiny_model
+
     tiny_model.PRESETS[name] = spec
     try:
         return tiny_model.build_random_model(name, device, dtype)[0]

@@ -26,6 +26,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_prefill import build_from_spec  # noqa: E402  (the script beside this one)
 
 
 def parse_args(argv=None):
@@ -48,12 +51,7 @@ def build_tower_model(preset: str, image_size: int, device, dtype):
     patches = image_size // spec["vision"]["patch_size"]
     side = next(s for s in range(min(patches, 16), 0, -1) if patches % s == 0)  # the projector pools to side^2
     spec.update(text=tiny_model.PRESETS["tiny"]["text"], mm_tokens_per_image=side * side, savable=False)
-    name = f"_bench_tower_{preset}"
-    tiny_model.PRESETS[name] = spec
-    try:
-        return tiny_model.build_random_model(name, device, dtype)[0]
-    finally:
-        del tiny_model.PRESETS[name]
+    return build_from_spec(spec, f"_bench_tower_{preset}", device, dtype)
 
 
 def main(argv=None) -> int:

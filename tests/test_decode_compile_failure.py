@@ -31,15 +31,23 @@ def reference_tokens(model, processor, pictures) -> list[list[int]]:
     return token_ids(captioner(model, processor, **FIXED), pictures)  # eager generate, the dynamic cache
 
 
-def test_a_graph_loop_step_that_does_not_compile_runs_eagerly_for_the_rest_of_the_run(model_and_processor, images,
-                                                                                       caplog):
+def refused_run(model_and_processor, images, caplog, **kw):
+    """(the captioner, the refusals) after a first batch with every decode step's graph refused: the same
+    tokens as eager generate's."""
     model, processor = model_and_processor
     want = reference_tokens(model, processor, images[:3])
     refused: list = []
-    cap = captioner(model, processor, compile="on", decode_loop="graph", grouped_attention="sdpa",
-                    compile_options={"backend": refusing_decode_backend(refused)}, **FIXED)
+    cap = captioner(model, processor, compile="on", compile_options={"backend": refusing_decode_backend(refused)},
+                    **FIXED, **kw)
     with caplog.at_level("WARNING"):
         assert token_ids(cap, images[:3]) == want
+    return cap, refused, want
+
+
+def test_a_graph_loop_step_that_does_not_compile_runs_eagerly_for_the_rest_of_the_run(model_and_processor, images,
+                                                                                       caplog):
+    cap, refused, want = refused_run(model_and_processor, images, caplog, decode_loop="graph",
+                                     grouped_attention="sdpa")
     assert refused == [1] and not cap.graph_decode.compiled
     assert "the decode step: a batch failed with it compiled" in caplog.text and "out of resource" in caplog.text
     assert token_ids(cap, images[:3]) == want and refused == [1]  # later batches: eager, no retry
@@ -53,14 +61,8 @@ def test_with_flex_a_failing_step_gives_up_flex_first_then_its_compile(model_and
     step failing again with the grouped sdpa is given up too. Two retries of the batch, the same tokens."""
     from vlm_caption.grouped_attention import decode_attention_kernel
 
-    model, processor = model_and_processor
-    want = reference_tokens(model, processor, images[:3])
-    refused: list = []
-    cap = captioner(model, processor, compile="on", decode_loop="graph", grouped_attention="flex",
-                    compile_options={"backend": refusing_decode_backend(refused)}, **FIXED)
-    with caplog.at_level("WARNING"):
-        assert token_ids(cap, images[:3]) == want
-    assert refused == [1, 1] and decode_attention_kernel(model) == "sdpa" and not cap.graph_decode.compiled
+    cap, refused, _ = refused_run(model_and_processor, images, caplog, decode_loop="graph", grouped_attention="flex")
+    assert refused == [1, 1] and decode_attention_kernel(cap.model) == "sdpa" and not cap.graph_decode.compiled
     assert "FlexAttention" in caplog.text and GIVEN_UP in caplog.text
 
 
@@ -68,13 +70,10 @@ def test_generates_compiled_step_that_does_not_compile_runs_eagerly(model_and_pr
     """--decode-loop generate (and the retry of flagged captions, and sampling, on any loop): generate's own
     compiled forward. Its compile errors are dynamo's; the run's and the retry's configs turn compiling off."""
     model, processor = model_and_processor
-    want = reference_tokens(model, processor, images[:3])
-    refused: list = []
-    cap = captioner(model, processor, compile="on", decode_loop="generate", grouped_attention="sdpa",
-                    compile_options={"backend": refusing_decode_backend(refused)}, **FIXED)
-    assert cap.decoding_report(4)["decode_step"] == "compiled"
-    with caplog.at_level("WARNING"):
-        assert token_ids(cap, images[:3]) == want
+    assert captioner(model, processor, compile="on", decode_loop="generate").decoding_report(4)["decode_step"] == \
+        "compiled"
+    cap, refused, want = refused_run(model_and_processor, images, caplog, decode_loop="generate",
+                                     grouped_attention="sdpa")
     assert refused == [1] and cap.gen_config.disable_compile and cap.retry_config.disable_compile
     assert "generate's decode step: a batch failed with it compiled" in caplog.text
     assert cap.decoding_report(4)["decode_step"] == "eager"
