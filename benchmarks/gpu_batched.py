@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 import traceback
 
+KINDS = ("eager", "compiled", "graph", "graph_flex", "prefill_eager", "fp8")  # run_batched's, in the report's order
 PROMPT = ("Describe this artwork in detail: the subjects, the style and medium, the colour palette, the "
           "composition and the mood. Write one paragraph.")
 

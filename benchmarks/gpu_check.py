@@ -55,7 +55,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gpu_batched import PROMPT, quantize_for_fp8, run_batched  # noqa: E402  (scripts beside this one)
+from gpu_batched import KINDS, PROMPT, quantize_for_fp8, run_batched  # noqa: E402  (scripts beside this one)
 from gpu_report import write  # noqa: E402
 from gpu_pipeline import PIPELINE_RUNS, run_pipeline  # noqa: E402
 from gpu_roofs import card_peaks, flop_per_image, roofs  # noqa: E402
@@ -84,8 +84,7 @@ def parse_args(argv=None):
                    "after every other run (default: none; 4 with --cpu-smoke)")
     p.add_argument("--fp8-quantize", default="fp8", choices=QUANTIZE_CHOICES[1:], help="the fp8 runs' --quantize: "
                    "fp8 (tower and language model) or fp8-text (the language model only) (default: %(default)s)")
-    p.add_argument("--profile", nargs="*", default=[], choices=("compiled", "graph", "graph_flex", "prefill_eager",
-                                                                "fp8"),
+    p.add_argument("--profile", nargs="*", default=[], choices=KINDS[1:],  # (eager: no static cache, no profile)
                    help="after these kinds' timed batches, one more under torch.profiler: ms an image by kind of "
                         "kernel for the prefill and the decode (gpu_profile.py; OUT/profile_KIND_BATCH.txt)")
     p.add_argument("--timed-batches", type=int, default=None, help="batches timed per size (default 3)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from gpu_batched import KINDS
 from vlm_caption.atomic import atomic_write_bytes
 
 
@@ -24,7 +25,7 @@ def markdown(r: dict) -> str:
     loop = r.get("loop", {})
     if loop.get("img_s"):
         lines.append(f"| one-image loop | 1 | {loop['img_s']} | {loop['tokens_s']} | | | | | |")
-    for kind in ("eager", "compiled", "graph", "graph_flex", "prefill_eager", "fp8"):
+    for kind in KINDS:
         for x in r.get(kind, []):
             if "error" in x:
                 lines.append(f"| {kind} | {x['batch']} | {x['error']} | | | | | | |")
@@ -59,7 +60,7 @@ def markdown(r: dict) -> str:
     flop = r.get("flop_per_image", {})
     if flop:
         lines += ["", "FLOP per image: " + ", ".join(f"{k} {v / 1e12:.3g} T" for k, v in flop.items())]
-    for kind in ("compiled", "graph", "graph_flex", "prefill_eager", "fp8"):
+    for kind in KINDS:
         for x in r.get(kind, []):
             if x.get("profile"):  # gpu_profile.py: ms an image by kind of kernel
                 lines.append(f"profile, {kind} batch {x['batch']}: {x['profile']}")

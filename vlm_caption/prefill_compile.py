@@ -19,9 +19,8 @@ activations in its own memory pool.
   (its embeddings and final norm stay eager): its 27 encoder layers are the same code on other weights and
   share one graph, so compiling it does not grow with its depth (the 4B's tower on the CPU,
   `benchmarks/bench_tower_compile.py`: 3.6-4.3x faster to compile cold, 1-2 % slower to run; BENCHMARKS.md
-  §6). The language model
-  stays whole: its layers write the KV cache by their own index, on which dynamo specialises each layer's
-  graph (one graph per layer, then its recompile limit).
+  §6). The language model stays whole: its layers write the KV cache by their own index, on which dynamo
+  specialises each layer's graph (one graph per layer, then its recompile limit).
 - The language model: only calls over more than one token, i.e. prefills. A one-token call (an eager decode
   step) runs the module itself, as does a call traced from an outer compiled region (the decode step's own
   graph). The prompt length is dynamic from the first call (templated prompts differ from batch to batch); the
