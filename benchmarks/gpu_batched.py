@@ -80,12 +80,8 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
             start = time.perf_counter()
             inputs = cap.assemble(rows).inputs
 
-            def first_token():
-                name, cache = cap.static_decode.cache_for(batch)  # (reset)
-                return model.generate(**inputs, generation_config=cap.first_token_config(), **{name: cache})
-
             with torch.inference_mode():  # a part that fails to compile is given up, as in a run (a warning)
-                eager_prefill_on_failure(model, first_token)
+                eager_prefill_on_failure(model, lambda: first_token(cap, inputs))
             del inputs
             sync()
             result["prefill_warmup_s"] = round(time.perf_counter() - start, 2)
@@ -121,7 +117,7 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
         report = cap.decoding_report(batch)  # as the timed batches ran: a compiled part that failed is eager now
         result.update({part: report[part] for part in prefill})
         if kind in args.profile and cap.static_decode is not None:  # one more batch, after the timed ones
-            result["profile"] = profiled(cap, model, keys, rows, sync, device, args, kind)
+            result["profile"] = profiled(cap, keys, rows, sync, device, args, kind)
     except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         traceback.print_exc()
@@ -134,14 +130,21 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
     return result
 
 
-def profiled(cap, model, keys, rows, sync, device, args, kind: str) -> dict:
+def first_token(cap, inputs: dict):
+    """The prefill and first token of an assembled batch, into the run's (reset) static cache: what the graph
+    loop has generate do before its own steps."""
+    name, cache = cap.static_decode.cache_for(inputs["input_ids"].shape[0])  # (reset)
+    return cap.model.generate(**inputs, generation_config=cap.first_token_config(), **{name: cache})
+
+
+def profiled(cap, keys, rows, sync, device, args, kind: str) -> dict:
     """gpu_profile.profile_batch, its failure reported in its place (the timed batches stand)."""
     from pathlib import Path
 
     from gpu_profile import profile_batch
 
     try:
-        return profile_batch(cap, model, keys, rows, sync, device, Path(args.out) / f"profile_{kind}_{len(rows)}.txt")
+        return profile_batch(cap, keys, rows, sync, device, Path(args.out) / f"profile_{kind}_{len(rows)}.txt")
     except Exception as e:  # noqa: BLE001 - a profiler that fails on this card costs this section only
         traceback.print_exc()
         return {"error": f"{type(e).__name__}: {e}"}

@@ -65,7 +65,7 @@ def _by_kind(times: dict[str, float], rows: int) -> dict[str, float]:
     return {kind: round(us / 1000 / rows, 3) for kind, us in sorted(kinds.items(), key=lambda kv: -kv[1])}
 
 
-def profile_batch(cap, model, keys: list, rows: list, sync, device, out: Path | None) -> dict:
+def profile_batch(cap, keys: list, rows: list, sync, device, out: Path | None) -> dict:
     """ms an image by kind of kernel for the prefill + first token, the whole batch, and the decode (the
     difference), with each side's wall time; the top kernels of the whole batch to `out` (a text file)."""
     import torch
@@ -77,9 +77,9 @@ def profile_batch(cap, model, keys: list, rows: list, sync, device, out: Path | 
 
     @torch.inference_mode()  # (as Captioner.generate: the static cache's buffers are inference tensors)
     def prefill():
-        inputs = cap.assemble(rows).inputs
-        name, cache = cap.static_decode.cache_for(n)
-        model.generate(**inputs, generation_config=cap.first_token_config(), **{name: cache})
+        from gpu_batched import first_token
+
+        first_token(cap, cap.assemble(rows).inputs)
 
     measured = {}
     for side, fn in (("prefill", prefill), ("batch", lambda: cap.generate(keys, rows))):
