@@ -13,16 +13,15 @@ bytes alike; the full model's bytes per image are scaled from them, which also s
 tables built once per forward: a small over-count); the vision tower is not built: the prompt's embeddings are
 random. Both sides run the same module; the sides alternate, best of --rounds.
 
---regional adds a third side: each decoder layer compiled on its own (torch's "regional compilation"), the
-code between the layers eager. Every layer of a kind shares one graph, so compiling does not grow with the
-layer count, where the whole model's graph (what --compile compiles) does: each side's first call is timed
-with inductor's FX-graph cache off (cold, as a fresh machine), and a second prompt length after it (a
-templated prompt's: the whole model compiles a dynamic graph then). Both run without a KV cache: the
-product's prefill writes its static cache inside each layer, by the layer's index, on which dynamo
-specialises a layer's graph (one per layer, then its recompile limit: BENCHMARKS.md §6).
+The prefill runs as the product's does: through Gemma 3's inner model (which builds the masks), into a
+static KV cache of the prompt + 200 tokens, reset before each call. `compiled` is `--compile`'s: each decoder
+layer compiled on its own, the cache written after the layer's call (every layer shares one graph, so the
+compile does not grow with the layer count). --whole adds the language model compiled as one graph with every
+layer unrolled (what --compile did before), and times each compiled side's first call with inductor's FX-graph
+cache off (cold, as on a fresh machine) and a second prompt length after it (a templated prompt's).
 
   OMP_NUM_THREADS=2 python benchmarks/bench_prefill.py                     # CPU: the 4B's layers, bf16
-  OMP_NUM_THREADS=2 python benchmarks/bench_prefill.py --regional --layers 12 --dtype float32
+  OMP_NUM_THREADS=2 python benchmarks/bench_prefill.py --whole --layers 34 --batch 1 --rounds 2
   python benchmarks/bench_prefill.py --device cuda --batch 64 --layers 34  # a GPU: the whole 4B text model
 
 Prints one JSON line.
@@ -52,8 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--regional", action="store_true", help="also each decoder layer compiled alone, with each "
-                   "compiled side's cold compile time")
+    p.add_argument("--whole", action="store_true", help="also the language model compiled as one graph (the "
+                   "product before), with each compiled side's cold compile time")
     return p.parse_args(argv)
 
 
@@ -80,6 +79,41 @@ def build_from_spec(spec: dict, name: str, device, dtype):
         return tiny_model.build_random_model(name, device, dtype)[0]
     finally:
         del tiny_model.PRESETS[name]
+
+
+def static_cache(text, batch: int, length: int, device, dtype):
+    """The product's static KV cache (StaticDecode.cache_for): full attention, its buffers allocated now."""
+    from transformers import StaticCache
+
+    from vlm_caption.static_decode import full_attention_config
+
+    config = full_attention_config(text)
+    cache = StaticCache(config=config, max_cache_len=length)
+    cache.early_initialization(batch, text.num_key_value_heads, text.head_dim, dtype, device)
+    return cache
+
+
+def whole_model_call(lm):
+    """The language model compiled as one graph, its prompt length dynamic from the first call (as --compile
+    did before its layers were compiled one by one)."""
+    import torch
+    import torch._dynamo
+
+    compiled = torch.compile(lm._call_impl)
+
+    def call(*args, **kwargs):
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None or embeds.shape[1] <= 1:
+            return lm._call_impl(*args, **kwargs)
+        for value in kwargs.values():
+            for tensor in value.values() if isinstance(value, dict) else (value,):
+                if isinstance(tensor, torch.Tensor):
+                    for dim, size in enumerate(tensor.shape):
+                        if size == embeds.shape[1]:
+                            torch._dynamo.maybe_mark_dynamic(tensor, dim)
+        return compiled(*args, **kwargs)
+
+    return call
 
 
 def elementwise_bytes(fn) -> int:
@@ -110,16 +144,23 @@ def main(argv=None) -> int:
 
     from vlm_caption.prefill_compile import set_prefill_compile
 
+    from vlm_caption.static_decode import _cache_kwarg_name
+
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model = build_text_model(args.preset, args.layers, device, dtype)
-    lm = model.model.language_model
+    inner, lm = model.model, model.model.language_model
     text = lm.config
     generator = torch.Generator(device="cpu").manual_seed(0)
-    embeds = torch.randn(args.batch, args.prompt, text.hidden_size, generator=generator).to(device, dtype)
-    mask = torch.ones(args.batch, args.prompt, dtype=torch.long, device=device)
+    with torch.inference_mode():  # (as generate's inputs: one graph for them all)
+        embeds = torch.randn(args.batch, args.prompt, text.hidden_size, generator=generator).to(device, dtype)
+        longer = torch.randn(args.batch, args.prompt + 24, text.hidden_size, generator=generator).to(device, dtype)
+    cache = static_cache(text, args.batch, args.prompt + 24 + 200, device, dtype)
+    cache_kw = {_cache_kwarg_name(): cache}
 
-    def prefill():
-        return lm(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+    def prefill(prompt=embeds):
+        cache.reset()
+        mask = torch.ones(prompt.shape[:2], dtype=torch.long, device=device)
+        return inner(inputs_embeds=prompt, attention_mask=mask, use_cache=True, **cache_kw).last_hidden_state
 
     def timed() -> float:
         if device.type == "cuda":
@@ -130,19 +171,18 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    def whole(on: bool) -> None:
+    def layers(on: bool) -> None:
         set_prefill_compile(model, {"language"} if on else ())
 
-    def regional(on: bool) -> None:  # (nn.Module.compile's attribute: None runs the layer itself)
-        for layer in lm.layers:
-            layer._compiled_call_impl = torch.compile(layer._call_impl) if on else None
+    def whole(on: bool) -> None:  # (nn.Module.compile's attribute: None runs the module itself)
+        set_prefill_compile(model, ())
+        lm._compiled_call_impl = whole_model_call(lm) if on else None
 
-    sides = {"compiled": whole} | ({"regional": regional} if args.regional else {})
-    if args.regional:  # cold compiles on both sides: nothing from the other side's graphs or an earlier run
+    sides = {"compiled": layers} | ({"whole": whole} if args.whole else {})
+    if args.whole:  # cold compiles on both sides: nothing from the other side's graphs or an earlier run
         import torch._inductor.config
 
         torch._inductor.config.fx_graph_cache = False
-    longer = torch.randn(args.batch, args.prompt + 24, text.hidden_size, generator=generator).to(device, dtype)
     found: dict = {}
     with torch.inference_mode():
         set_prefill_compile(model, ())
@@ -152,10 +192,9 @@ def main(argv=None) -> int:
             switch(True)
             found[f"{name}_compile_s"] = round(timed(), 1)
             found[f"{name}_max_abs_diff"] = (prefill().float() - want).abs().max().item()
-            if args.regional:  # another prompt length: a new graph (dynamic) for the whole model
+            if args.whole:  # another prompt length
                 start = time.perf_counter()
-                lm(inputs_embeds=longer, attention_mask=torch.ones(longer.shape[:2], dtype=torch.long,
-                                                                   device=device), use_cache=False)
+                prefill(longer)
                 found[f"{name}_second_length_s"] = round(time.perf_counter() - start, 1)
             switch(False)
         times: dict = {"eager": [], **{name: [] for name in sides}}
@@ -167,9 +206,9 @@ def main(argv=None) -> int:
                 times[name].append(timed())
                 switch(False)
     eager, compiled = times["eager"], times["compiled"]
-    if args.regional:
-        found.update(regional_ms=round(1000 * min(times["regional"]), 2),
-                     regional_vs_compiled=round(min(times["compiled"]) / min(times["regional"]), 3))
+    if args.whole:
+        found.update(whole_ms=round(1000 * min(times["whole"]), 2),
+                     layers_vs_whole=round(min(times["whole"]) / min(times["compiled"]), 3))
     per_token_layer = moved / (args.batch * args.prompt * args.layers)
     full_layers = _full_layer_count(args.preset)
     print(json.dumps({

@@ -234,20 +234,21 @@ def test_bench_continuous_runs_where_the_gpu_host_would(tmp_path):
 
 def test_bench_prefill_counts_elementwise_bytes_and_times_both_sides(tmp_path):
     """benchmarks/bench_prefill.py on the tiny preset's text layers (real inductor, the GPU host's absent
-    packages shadowed): the compiled prefill gives the eager one's output; and its byte count is exact on ops
+    packages shadowed): the compiled prefill gives the eager one's output, layer by layer (the product's) and
+    whole; and its byte count is exact on ops
     whose traffic is known (a multiply reads and writes its tensor; a GEMM and a view are not counted)."""
     import torch
 
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_prefill.py"), "--preset", "tiny",
-                           "--prompt", "12", "--dtype", "float32", "--rounds", "1", "--regional"], cwd=tmp_path,
+                           "--prompt", "12", "--dtype", "float32", "--rounds", "1", "--whole"], cwd=tmp_path,
                           env=gpu_host_env(tmp_path), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.splitlines()[-1])
     assert result["eager_elementwise_kb_per_token_layer"] > 0 and result["eager_ms"] > 0 and result["speedup"] > 0
     assert result["max_abs_diff"] < 1e-4 and result["full_model_layers"] == 2
-    # --regional: each layer compiled alone gives the same output, each side's cold compile timed
-    assert result["regional_max_abs_diff"] < 1e-4 and result["regional_ms"] > 0 and result["regional_vs_compiled"] > 0
-    assert result["compile_s"] > 0 and result["regional_compile_s"] > 0 and result["regional_second_length_s"] >= 0
+    # --whole: the language model as one graph gives the same output, each side's cold compile timed
+    assert result["whole_max_abs_diff"] < 1e-4 and result["whole_ms"] > 0 and result["layers_vs_whole"] > 0
+    assert result["compile_s"] > 0 and result["whole_compile_s"] > 0 and result["compiled_second_length_s"] >= 0
     sys.path.insert(0, str(REPO / "benchmarks"))
     try:
         from bench_prefill import elementwise_bytes

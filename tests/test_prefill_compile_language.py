@@ -53,9 +53,10 @@ def test_compile_on_compiles_the_language_models_prefill_and_keeps_the_tokens(mo
                     compile_options={"backend": counting_backend})
     assert cap.decoding_report(6)["language_model_prefill"] == "compiled"
     assert [ids_for(cap, images), ids_for(cap, images[:3]), ids_for(cap, images[:3], prompts)] == want
-    assert len(PREFILL_CAPTURED) == 2  # 6 rows; 3 rows padded to 4 (the batch dynamic from then on)
+    # One graph: every decoder layer (sliding and full) for 6 rows, 3 rows padded to 4, another prompt length.
+    assert len(PREFILL_CAPTURED) == 1
     assert ids_for(cap, images) == want[0] and ids_for(cap, images[:3], prompts) == want[2]
-    assert len(PREFILL_CAPTURED) == 2
+    assert len(PREFILL_CAPTURED) == 1
     for cache in cap.static_decode.caches.values():
         for layer in cache.layers:
             assert hasattr(layer.keys, "_dynamo_static_input_type"), "a cache buffer not marked static"
@@ -96,7 +97,7 @@ def test_when_both_compiled_parts_fail_the_batch_runs_again_with_both_eager(mode
 def test_every_shape_a_run_meets_compiles_a_bounded_set_of_prefill_graphs(model_and_processor, images):
     """A run's batches: the first size, the padded last, smaller ones after failed images, a single row, and
     templated prompts too long for the static cache (the dynamic cache then): the same tokens as eager, and
-    9 prefill graphs in all (under the recompile limit prefill_compile raises to 16: past it dynamo would run
+    6 prefill graphs in all (under the recompile limit prefill_compile raises to 16: past it dynamo would run
     the rest eagerly)."""
     import torch._dynamo
 
@@ -111,7 +112,8 @@ def test_every_shape_a_run_meets_compiles_a_bounded_set_of_prefill_graphs(model_
     cap = captioner(model, processor, compile="on", decode_loop="graph",
                     compile_options={"backend": counting_backend}, **fixed)
     assert [token_ids(cap, images[:n], prompts) for n, prompts in batches] == want
-    assert (len(VISION_CAPTURED), len(PREFILL_CAPTURED)) == (4, 5)  # tower + projector: any size, 1 row
+    # The tower's layers and the projector, the language model's layers: any size, and 1 row.
+    assert (len(VISION_CAPTURED), len(PREFILL_CAPTURED)) == (4, 2)
     assert torch._dynamo.config.recompile_limit >= 16
 
 
@@ -212,3 +214,54 @@ def test_a_model_spread_over_devices_keeps_each_cache_layer_on_its_own_device(mo
     spread, _ = prepare_static_decode(model, 64, compile=False)
     assert not any(layer.is_initialized for layer in spread.cache_for(2)[1].layers)
     assert set_prefill_compile(model, {"vision", "language"}) == set()
+
+
+@pytest.mark.parametrize("kind", ["static", "dynamic"])
+def test_the_layers_compiled_alone_write_the_cache_eager_writes_and_share_one_graph(model_and_processor, kind):
+    """Each decoder layer is compiled on its own, the cache written after its call (by the layer's index,
+    outside the graph), so sliding and full layers share one graph: the same hidden states, the same cache
+    (keys, values, length) as the eager prefill, with left padding, for either kind of cache. A prefill into a
+    cache that already holds tokens is not the compiled kind (its keys are not the prompt's alone): it runs
+    eagerly, and gives eager's result."""
+    from transformers import DynamicCache, StaticCache
+
+    from vlm_caption.static_decode import _cache_kwarg_name
+
+    model, _ = model_and_processor
+    inner, text = model.model, model.model.language_model.config
+    assert set(text.layer_types) == {"sliding_attention", "full_attention"}
+
+    def new_cache():
+        return StaticCache(config=text, max_cache_len=32) if kind == "static" else DynamicCache(config=text)
+
+    torch.manual_seed(0)
+    with torch.inference_mode():  # (as generate's: a tensor made outside would be a graph of its own)
+        embeds, more = torch.randn(3, 9, text.hidden_size), torch.randn(3, 4, text.hidden_size)
+    mask = torch.ones(3, 9, dtype=torch.long)
+    mask[1, :3] = 0  # left padding
+    cache_kw = _cache_kwarg_name()
+
+    whole = torch.cat([mask, torch.ones(3, 4, dtype=torch.long)], 1)
+    positions = (whole.cumsum(-1) - 1).clamp(min=0)  # (as generate's, from the left padding)
+
+    def prefill_then_more(compiled: bool):
+        set_prefill_compile(model, {"language"} if compiled else (), {"backend": counting_backend})
+        cache = new_cache()
+        with torch.inference_mode():
+            first = inner(inputs_embeds=embeds, attention_mask=mask, position_ids=positions[:, :9], use_cache=True,
+                          **{cache_kw: cache})
+            second = inner(inputs_embeds=more, attention_mask=whole, position_ids=positions[:, 9:], use_cache=True,
+                           **{cache_kw: cache})
+        return first.last_hidden_state, second.last_hidden_state, cache
+
+    want = prefill_then_more(False)
+    PREFILL_CAPTURED.clear()
+    got = prefill_then_more(True)
+    assert all(layer._compiled_call_impl for layer in inner.language_model.layers)
+    assert len(PREFILL_CAPTURED) == 1  # both kinds of layer, the first prefill only
+    for name, a, b in (("prompt", got[0], want[0]), ("after it", got[1], want[1])):
+        assert torch.allclose(a, b, atol=1e-5), name
+    for got_layer, want_layer in zip(got[2].layers, want[2].layers, strict=True):
+        assert torch.allclose(got_layer.keys, want_layer.keys, atol=1e-5)
+        assert torch.allclose(got_layer.values, want_layer.values, atol=1e-5)
+        assert int(got_layer.get_seq_length()) == int(want_layer.get_seq_length()) == 13

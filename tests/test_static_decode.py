@@ -25,8 +25,9 @@ def is_vision_graph(gm) -> bool:  # a SigLIP encoder layer's (the tower is compi
     return "layer_norm1" in gm.code or "patch_embedding" in gm.code or "mm_input_projection" in gm.code
 
 
-def is_language_prefill_graph(gm) -> bool:
-    return any(node.op == "placeholder" and "inputs_embeds" in node.name for node in gm.graph.nodes)
+def is_language_prefill_graph(gm) -> bool:  # a decoder layer's, compiled on its own (the prefill's)
+    return any(node.op == "placeholder" and node.name.startswith("l_self_modules_input_layernorm")
+               for node in gm.graph.nodes)
 
 
 def counting_backend(gm, example_inputs):

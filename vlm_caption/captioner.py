@@ -94,9 +94,10 @@ class Captioner:
                                                **options)
         log.info("decode: %s", reason)
         if static is not None and static.compile_config is not None and self.device.type == "cuda":
-            log.info("the first batch compiles the vision tower, and the first of each size the language model's "
-                     "prefill and the decode step, before it runs (H100, 256 rows: ~140 s the prefill, ~90 s the "
-                     "decode step); --compile-cache keeps the kernels for a relaunch")
+            log.info("the first batch compiles the prefill (the vision tower's and the language model's layers), "
+                     "and the first of each size the decode step, before it runs (H100, 256 rows: ~90 s the decode "
+                     "step; the prefill ~140 s when each part was one graph, less now); --compile-cache keeps the "
+                     "kernels for a relaunch")
         if static is not None:
             for name, value in static.generation_settings().items():
                 setattr(self.gen_config, name, value)

@@ -19,14 +19,19 @@ activations in its own memory pool.
   (its embeddings and final norm stay eager): its 27 encoder layers are the same code on other weights and
   share one graph, so compiling it does not grow with its depth (the 4B's tower on the CPU,
   `benchmarks/bench_tower_compile.py`: 3.6-4.3x faster to compile cold, 1-2 % slower to run; BENCHMARKS.md
-  §6). The language model stays whole: its layers write the KV cache by their own index, on which dynamo
-  specialises each layer's graph (one graph per layer, then its recompile limit).
-- The language model: only calls over more than one token, i.e. prefills. A one-token call (an eager decode
-  step) runs the module itself, as does a call traced from an outer compiled region (the decode step's own
-  graph). The prompt length is dynamic from the first call (templated prompts differ from batch to batch); the
-  batch dimension is static in the first graph (the static KV cache is one per batch shape) and dynamic in a
-  second one from the next batch shape on (dynamo's automatic dynamic shapes); a single row, and a prompt too
-  long for the static cache (the dynamic cache then), get graphs of their own: 5 at most in a run.
+  §6).
+- The language model: compiled decoder layer by decoder layer, only in a prefill (a call over more than one
+  token) into an empty cache, the only prefill a run makes; the code around the layers (rotary tables, the
+  final norm) stays eager. Layers write the KV cache by their own index, on which dynamo would specialise each
+  layer's graph (one graph per layer, then its recompile limit). So the compiled layer is handed a stand-in
+  for the cache (`_KeptWrites`) that keeps its new keys and values and gives them back as the ones to attend
+  over (what an empty cache holds once they are written), with the masks cut to the prompt's own keys; the
+  layer's call then writes them into the real cache (static or dynamic), by index, outside the graph. Every
+  layer, sliding or full, shares one graph whose batch and prompt length are dynamic from the first call: one
+  for every batch shape, prompt length and kind of cache a run meets, one more for a single row (before: the
+  whole model unrolled, up to 5 graphs a run; on the CPU at the 4B's 34 layers the cold compile was 11.7x
+  longer, BENCHMARKS.md §6). A one-token call (an eager decode step) and a cache that already holds tokens
+  run the module itself, as does a call traced from an outer compiled region (the decode step's own graph).
 
 A failure: an error raised inside a compiled call is marked with its part (`failed_part`). The batch it broke
 gives that part's compile up for the rest of the run (a warning with the compiler's own error) and runs again
@@ -37,6 +42,7 @@ prefill part, the decode step's FlexAttention) is blamed for it.
 from __future__ import annotations
 
 import logging
+import threading
 from typing import Any, Callable, TypeVar
 
 import torch
@@ -51,14 +57,19 @@ _RAISED_IN = "_raised_in_compiled_prefill"  # set on an error that left a compil
 
 
 def _modules(model, part: str) -> list:
-    """The modules of `part` that get a compiled call: the vision tower's encoder layers one by one (where it
-    has them), the projector and the language model whole."""
+    """The modules of `part` whose calls are replaced: the vision tower's encoder layers one by one (where it
+    has them) and the projector; the language model (its call decides whether a prefill runs its layers
+    compiled) and its decoder layers one by one."""
     inner = getattr(model, "model", model)
     found = []
     for module in (getattr(inner, name, None) for name in PARTS[part]):
-        if module is not None:
-            layers = getattr(getattr(module, "encoder", None), "layers", None) if part == "vision" else None
+        if module is None:
+            continue
+        if part == "vision":
+            layers = getattr(getattr(module, "encoder", None), "layers", None)
             found.extend(layers if layers else [module])
+        elif getattr(module, "layers", None):
+            found.extend([module, *module.layers])
     return found
 
 
@@ -72,8 +83,8 @@ def set_prefill_compile(model, parts, options: dict[str, Any] | None = None) -> 
 
     spread = spread_over_devices(model)
     backend = (options or {}).get("backend", "inductor")
-    if parts:  # the tower, projector and language model may share a traced function (transformers' wrapper):
-        raise_recompile_limit(needed=16)  # up to ~9 graphs of it in a run (tests/test_prefill_compile.py)
+    if parts:  # the tower's and language model's layers and the projector may share a traced function
+        raise_recompile_limit(needed=16)  # (transformers' wrapper): 6 graphs of it in a run (the tests)
     compiled = set()
     for part in PARTS:
         modules = _modules(model, part)
@@ -92,23 +103,29 @@ def set_prefill_compile(model, parts, options: dict[str, Any] | None = None) -> 
 
 
 def _compiled_call(module, part: str, backend):
-    """`module`'s call compiled, with the sizes that vary between calls dynamic, marking the errors it raises."""
+    """`module`'s new call: compiled (a vision module, a decoder layer), or the language model's gate."""
+    if part == "language":
+        return _decoder_layer_call(module, backend) if _is_decoder_layer(module) else _language_model_call(module)
     import torch._dynamo
 
-    compiled = torch.compile(module._call_impl, backend=backend)
+    compiled = _compile(module, part, backend)
 
     def call(*args, **kwargs):
         if torch.compiler.is_compiling():  # traced from an outer compiled region: the module itself
             return module._call_impl(*args, **kwargs)
-        if part == "language":
-            embeds = kwargs.get("inputs_embeds")
-            if embeds is None or embeds.shape[1] <= 1:  # not a prefill: a decode step (or ids only)
-                return module._call_impl(*args, **kwargs)
-            _mark_dynamic_size(embeds.shape[1], (*args, *kwargs.values()))
-        else:
-            for value in (*args, *kwargs.values()):
-                if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] > 1:
-                    torch._dynamo.maybe_mark_dynamic(value, 0)  # (a size of 1 is specialised all the same)
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] > 1:
+                torch._dynamo.maybe_mark_dynamic(value, 0)  # (a size of 1 is specialised all the same)
+        return compiled(*args, **kwargs)
+
+    return call
+
+
+def _compile(module, part: str, backend):
+    """torch.compile of `module`'s own call, marking the errors it raises with `part`."""
+    compiled = torch.compile(module._call_impl, backend=backend)
+
+    def call(*args, **kwargs):
         try:
             return compiled(*args, **kwargs)
         except RuntimeError as e:  # dynamo's and inductor's errors included
@@ -118,16 +135,109 @@ def _compiled_call(module, part: str, backend):
     return call
 
 
+def _is_decoder_layer(module) -> bool:
+    return hasattr(module, "self_attn") and isinstance(getattr(module, "layer_idx", None), int)
+
+
+_prefill = threading.local()  # .on: the language model's call on this thread is a prefill from an empty cache
+_CACHE_KWARGS = ("cache", "past_key_values")  # the cache's keyword: transformers 5.2x, 5.17
+
+
+def _language_model_call(module):
+    """The language model's call: eager, its decoder layers compiled when it is a prefill (more than one token)
+    into an empty cache, the only prefill a captioning run makes. Otherwise (a one-token call, an eager decode
+    step; a cache already holding tokens; masks not passed in as 4D tensors) the module itself, layers eager."""
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling() or not _is_prefill_from_empty(kwargs):
+            return module._call_impl(*args, **kwargs)
+        masks = kwargs.get("attention_mask")
+        if isinstance(masks, dict):  # a static cache's masks span all its slots: the prompt's are the first ones
+            length = kwargs["inputs_embeds"].shape[1]
+            kwargs["attention_mask"] = {name: _mask_over(mask, length) for name, mask in masks.items()}
+        _prefill.on = True
+        try:
+            return module._call_impl(*args, **kwargs)
+        finally:
+            _prefill.on = False
+
+    return call
+
+
+def _is_prefill_from_empty(kwargs: dict) -> bool:
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is None or embeds.shape[1] <= 1:  # not a prefill: a decode step (or ids only)
+        return False
+    cache = next((kwargs[name] for name in _CACHE_KWARGS if kwargs.get(name) is not None), None)
+    if cache is None:  # (the model builds masks over the prompt's keys)
+        return True
+    # With a cache, the masks as Gemma 3's outer model passes them, one per attention type (cut to the prompt's
+    # keys by the caller); a mask the language model would build itself would span the cache's slots.
+    masks = kwargs.get("attention_mask")
+    if not isinstance(masks, dict) or not all(
+            m is None or (isinstance(m, torch.Tensor) and m.dim() == 4) for m in masks.values()):
+        return False
+    layers = getattr(cache, "layers", None)
+    if layers is None:  # a kind of cache this does not know
+        return False
+    if not layers or not getattr(layers[0], "is_initialized", False):
+        return True
+    return not bool(layers[0].get_seq_length())  # a static layer's is a tensor on the device: one wait a batch
+
+
+def _mask_over(mask: torch.Tensor | None, length: int) -> torch.Tensor | None:
+    """A 4D mask over the prompt's own keys (the first `length` slots), laid out as one built that size."""
+    return mask if mask is None or mask.shape[-1] == length else mask[..., :length].contiguous()
+
+
+class _KeptWrites:
+    """The KV cache as a compiled decoder layer sees it in a prefill from an empty cache: keeps the layer's new
+    keys and values, to be written into the real cache after the call, and gives them back as the ones to
+    attend over (which is what an empty cache holds once they are written). The compiled layer then never
+    touches the cache: it is the same code for every layer, where writing by the layer's own index made dynamo
+    compile each layer on its own (BENCHMARKS.md §6)."""
+
+    def __init__(self):
+        self.kv = None
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        self.kv = (key_states, value_states)
+        return key_states, value_states
+
+
+def _decoder_layer_call(layer, backend):
+    """A decoder layer's call: compiled in a prefill from an empty cache (`_language_model_call`), with the
+    batch and the prompt length dynamic from the first call, so every layer of a kind shares a graph for every
+    batch and prompt; otherwise the layer itself."""
+    compiled = _compile(layer, "language", backend)
+
+    def call(*args, **kwargs):
+        if torch.compiler.is_compiling() or not getattr(_prefill, "on", False):
+            return layer._call_impl(*args, **kwargs)
+        name = next((name for name in _CACHE_KWARGS if kwargs.get(name) is not None), None)
+        cache = kwargs.get(name) if name else None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        length = hidden.shape[1]
+        if cache is not None:
+            writes = kwargs[name] = _KeptWrites()
+        _mark_dynamic_size(length, (*args, *kwargs.values()))
+        out = compiled(*args, **kwargs)
+        if cache is not None and writes.kv is not None:
+            cache.update(*writes.kv, layer.layer_idx)
+        return out
+
+    return call
+
+
 def _mark_dynamic_size(size: int, values) -> None:
-    """Mark every dimension of `size` (the prompt length) dynamic in the tensors among `values`, dicts of them
-    included (the language model's masks come as one per attention type)."""
+    """Mark the batch and every dimension of `size` (the prompt length) dynamic in the tensors among `values`,
+    tuples of them included (the rotary cos and sin)."""
     import torch._dynamo
 
     for value in values:
-        for tensor in value.values() if isinstance(value, dict) else (value,):
+        for tensor in value if isinstance(value, tuple) else (value,):
             if isinstance(tensor, torch.Tensor):
                 for dim, length in enumerate(tensor.shape):
-                    if length == size:
+                    if length == size or (dim == 0 and length > 1):
                         torch._dynamo.maybe_mark_dynamic(tensor, dim)
 
 
