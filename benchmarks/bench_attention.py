@@ -15,6 +15,15 @@ compile transformers' sdpa copies the cache per query head (repeat_kv); the grou
 
 One JSON line per batch: ms per call for each side (best of --rounds, the sides alternating), the speedup,
 and the cache bytes one call must read (K and V once) -> the GB/s each side reaches on that.
+
+--tower instead times the vision tower's self-attention, one layer, no mask, at the preset's SigLIP shapes
+(the 4B's: 4,096 patches of an 896 px image, 16 heads of 72): each of torch's sdpa kernels, torch's own pick,
+and FlexAttention compiled, as ms an image for the whole tower (the layer's time x its layers) and TFLOP/s.
+That attention is ~2.1 of the ~9.2 TFLOP an image costs; a head size of 72 is not one flash attention has
+kernels for (it runs as the next it has, 96), so which kernel takes it is worth seconds a batch.
+
+  python benchmarks/bench_attention.py --device cuda --tower --batch 8            # a GPU, seconds
+  OMP_NUM_THREADS=2 python benchmarks/bench_attention.py --tower --batch 1 --tokens 1024   # this CPU
 """
 from __future__ import annotations
 
@@ -61,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--calls", type=int, default=20, help="calls per timed round")
     p.add_argument("--no-compile", action="store_true", help="eager (transformers 5.24 then groups by itself)")
+    p.add_argument("--tower", action="store_true", help="the vision tower's attention instead (--batch: images)")
+    p.add_argument("--tokens", type=int, default=None, help="--tower: patches an image (default: the preset's)")
     p.add_argument("--backends", nargs="*", choices=sorted(SDPA_BACKENDS), default=None,
                    help="also time the grouped attention pinned to each of these sdpa kernels (default on cuda: "
                    "efficient cudnn math; math is inductor's own bmm + softmax + bmm under compile; a kernel that "
@@ -141,8 +152,66 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
     return results
 
 
+def measure_tower(device: str, preset: str, images: int, *, tokens: int | None = None, dtype: str | None = None,
+                  rounds: int = 5, calls: int = 20, backends=None) -> dict:
+    """The vision tower's attention over `images` images: one result dict (the JSON line main prints). Sides:
+    `sdpa` (torch's pick), each of `backends` pinned (default on cuda: flash, cudnn, efficient; on the CPU:
+    flash, math), `flex` compiled. A side that fails on the inputs is reported as `<side>_error`."""
+    import torch
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from vlm_caption.tiny_model import _preset
+
+    device = torch.device(device)
+    if backends is None:
+        backends = ["flash", "cudnn", "efficient"] if device.type == "cuda" else ["flash", "math"]
+    dtype = getattr(torch, dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    vision = _preset(preset)["vision"]
+    heads, layers = vision["num_attention_heads"], vision["num_hidden_layers"]
+    dim = vision["hidden_size"] // heads
+    tokens = tokens or (vision["image_size"] // vision["patch_size"]) ** 2
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    sides = {"sdpa": sdpa, **{name: pinned(sdpa, name) for name in backends},
+             "flex": torch.compile(flex_attention, dynamic=False)}
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(images, heads, tokens, dim, generator=g).to(device, dtype) for _ in range(3))
+    outputs, errors = {}, {}
+    with torch.inference_mode():
+        for name, fn in list(sides.items()):  # compile + check outside the clock
+            try:
+                outputs[name] = fn(q, k, v)
+            except Exception as e:  # noqa: BLE001 - a kernel that cannot take these inputs is a finding
+                errors[f"{name}_error"] = one_line(e)
+                del sides[name]
+        best = {name: float("inf") for name in sides}
+        for _ in range(rounds):
+            for name, fn in sides.items():
+                sync()
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn(q, k, v)
+                sync()
+                best[name] = min(best[name], (time.perf_counter() - start) / calls)
+    flop = 4 * tokens * tokens * dim * heads * images  # QK^T and PV, a multiply-add = 2 FLOP
+    reference = outputs.get("sdpa")
+    return {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": preset,
+        "dtype": str(dtype).replace("torch.", ""), "images": images, "tokens": tokens, "heads": heads,
+        "head_dim": dim, "layers": layers, "tflop_per_image_all_layers": round(flop * layers / images / 1e12, 3),
+        **{f"{name}_ms_per_image": round(1000 * t * layers / images, 3) for name, t in best.items()},
+        **{f"{name}_tflop_s": round(flop / t / 1e12, 2) for name, t in best.items()},
+        **{f"{name}_max_abs_diff": (out.float() - reference.float()).abs().max().item()
+           for name, out in outputs.items() if name != "sdpa" and reference is not None}, **errors}
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.tower:
+        print(json.dumps(measure_tower(args.device, args.preset, args.batch[0], tokens=args.tokens,
+                                       dtype=args.dtype, rounds=args.rounds, calls=args.calls,
+                                       backends=args.backends)), flush=True)
+        return 0
     for result in measure(args.device, args.preset, args.batch, cache_len=args.cache_len, dtype=args.dtype,
                           rounds=args.rounds, calls=args.calls, compile=not args.no_compile,
                           backends=args.backends):

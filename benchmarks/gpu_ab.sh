@@ -6,10 +6,12 @@
 #          the profiler: ms an image by kind of kernel (attention, GEMMs, FlexAttention, fused Triton, eager
 #          aten) for the prefill and for the decode (gpu_profile.py), where run 5 only had estimates from
 #          separate runs at batch 64 (<= 6 min: ~230 s of it compiling)
-#   diag   decode_diag.py, batch 64 (run 3's): the vision tower on each sdpa kernel (flash, cuDNN,
-#          efficient) and compiled as --compile does; a profile of a compiled generate and of a prefill
+#   diag   bench_attention.py --tower: the vision tower's attention alone (4,096 patches, head size 72, for
+#          which flash attention has no kernel of its own) on each sdpa kernel and FlexAttention, ms an image
+#          and TFLOP/s (<= 1 min); decode_diag.py, batch 64 (run 3's): the vision tower on each sdpa kernel
+#          (flash, cuDNN, efficient) and compiled as --compile does; a profile of a compiled generate and of a prefill
 #          (where the prefill's time goes); then, if its budget is left, the prefill and first token with the
-#          language model eager vs compiled (run 5 timed both compiled together: 1.20x) (<= 3.5 min)
+#          language model eager vs compiled (run 5 timed both compiled together: 1.20x) (<= 4.5 min)
 #   fp8    bench_fp8.py: each linear-layer shape of the 4B (SigLIP, the language model's prefill, and the
 #          decode step's, which run 5 lost to dynamo's recompile limit) at 16 images' rows, bf16 against
 #          --quantize fp8's compiled FP8 GEMM, and whether inductor fuses the FP8 input's scaling into the
@@ -28,7 +30,7 @@
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
 #   bash benchmarks/gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|all]   (or a comma list: prof,diag; all = all)
 #     -> OUT_DIR/prof/{gpu_check.{json,md,log},profile_graph_flex_256.txt}, OUT_DIR/diag/{decode_diag.json,
-#        profile.txt,decode_diag.log}, OUT_DIR/fp8/{bench_fp8.log,gpu_check.{json,md,log},profile_fp8_256.txt},
+#        profile.txt,decode_diag.log,tower_attention.log}, OUT_DIR/fp8/{bench_fp8.log,gpu_check.{json,md,log},profile_fp8_256.txt},
 #        OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log,
 #        OUT_DIR/check/gpu_check.{json,md,log}
 set -uo pipefail
@@ -87,6 +89,14 @@ if want fp8; then
       --profile fp8 --timed-batches 2 --budget-s 400
 fi
 if want diag; then
+  mkdir -p "$out/diag"
+  t=$(timeout_for 60)  # the vision tower's attention by kernel (head size 72: no flash kernel of its own)
+  if ((t == 0)); then skipped tower_attention; else
+    timeout "$t" "$PY" benchmarks/bench_attention.py --device cuda --tower --batch 8 --rounds 3 --calls 5 \
+        > "$out/diag/tower_attention.log" 2>&1
+    echo "bench_attention --tower exit $?" | tee -a "$out/gpu.txt"
+    grep '^{' "$out/diag/tower_attention.log" | cut -c1-1500
+  fi
   t=$(timeout_for 205)
   if ((t == 0)); then skipped diag; else
     mkdir -p "$out/diag"

@@ -137,6 +137,21 @@ def test_decode_diag_cpu_smoke_splits_prefill_and_decode(tmp_path):
     assert "gil" not in result and "hf_static" not in result
 
 
+def test_bench_attention_times_the_vision_towers_attention_by_kernel(tmp_path):
+    """bench_attention.py --tower (the GPU host's absent packages shadowed): torch's pick, each kernel the CPU
+    has and FlexAttention, the same numbers, as ms an image over the tower's layers and TFLOP/s."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_attention.py"), "--tower", "--preset",
+                           "small", "--batch", "2", "--rounds", "1", "--calls", "1"], cwd=tmp_path,
+                          env=gpu_host_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    row = json.loads(proc.stdout.splitlines()[-1])
+    assert (row["tokens"], row["heads"], row["head_dim"], row["layers"]) == (256, 4, 32, 2)  # the preset's SigLIP
+    for side in ("sdpa", "flash", "math", "flex"):
+        assert row[f"{side}_ms_per_image"] > 0 and row[f"{side}_tflop_s"] >= 0, side
+    for side in ("flash", "math", "flex"):
+        assert row[f"{side}_max_abs_diff"] < 1e-4, side
+
+
 def test_gpu_ab_script_passes_flags_its_scripts_know(tmp_path):
     """benchmarks/gpu_ab.sh is the next GPU session's whole run: a flag a script no longer takes would cost
     that session its device time. Every python call in it parses with the script's own argparse."""
@@ -146,10 +161,11 @@ def test_gpu_ab_script_passes_flags_its_scripts_know(tmp_path):
     text = (REPO / "benchmarks" / "gpu_ab.sh").read_text().replace("\\\n", " ")
     assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_ab.sh")]).returncode == 0
     calls = re.findall(r'benchmarks/(\w+)\.py (.*?)(?:>|$)', text, flags=re.M)
-    assert {name for name, _ in calls} == {"bench_continuous", "bench_fp8", "decode_diag", "gpu_check"}
+    assert {name for name, _ in calls} == {"bench_attention", "bench_continuous", "bench_fp8", "decode_diag",
+                                           "gpu_check"}
     # the gpu_check function's own flags, then each part's ("$@")
-    parts = re.findall(r'^want \w+ && gpu_check (\w+) \d+ (.*)$', text, flags=re.M)
-    assert {part for part, _ in parts} == {"check", "thresh", "prof"}
+    parts = re.findall(r'^\s*(?:want \w+ && )?gpu_check (\w+) \d+ (.*)$', text, flags=re.M)
+    assert {part for part, _ in parts} == {"check", "thresh", "prof", "fp8"}
     calls = [(name, flags.replace('"$part"', part).replace('"$@"', more)) for name, flags in calls
              for part, more in (parts if '"$@"' in flags else [("", "")])]
     sys.path.insert(0, str(REPO / "benchmarks"))
