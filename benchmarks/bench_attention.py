@@ -131,15 +131,7 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
                 del sides[name]
         diffs = {name: (out.float() - outputs["transformers_sdpa"].float()).abs().max().item()
                  for name, out in outputs.items() if name != "transformers_sdpa"}
-        best = {name: float("inf") for name in sides}
-        for _ in range(rounds):
-            for name, fn in sides.items():
-                sync()
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn(q, k, v, mask)
-                sync()
-                best[name] = min(best[name], (time.perf_counter() - start) / calls)
+        best = best_times(sides, (q, k, v, mask), rounds=rounds, calls=calls, sync=sync)
         cache_gb = 2 * k.numel() * k.element_size() / 1e9
         results.append({
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "preset": preset,
@@ -150,6 +142,21 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
             **{f"{name}_gb_s": round(cache_gb / t, 1) for name, t in best.items()}, "max_abs_diff": diffs["grouped"],
             **{f"{name}_max_abs_diff": diff for name, diff in diffs.items() if name != "grouped"}, **errors})
     return results
+
+
+def best_times(sides: dict, inputs: tuple, *, rounds: int, calls: int, sync) -> dict[str, float]:
+    """Seconds a call of each side on `inputs`: the best of `rounds` rounds of `calls` calls, the sides
+    alternating (a machine that slows down slows every side)."""
+    best = {name: float("inf") for name in sides}
+    for _ in range(rounds):
+        for name, fn in sides.items():
+            sync()
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn(*inputs)
+            sync()
+            best[name] = min(best[name], (time.perf_counter() - start) / calls)
+    return best
 
 
 def measure_tower(device: str, preset: str, images: int, *, tokens: int | None = None, dtype: str | None = None,
@@ -184,15 +191,7 @@ def measure_tower(device: str, preset: str, images: int, *, tokens: int | None =
             except Exception as e:  # noqa: BLE001 - a kernel that cannot take these inputs is a finding
                 errors[f"{name}_error"] = one_line(e)
                 del sides[name]
-        best = {name: float("inf") for name in sides}
-        for _ in range(rounds):
-            for name, fn in sides.items():
-                sync()
-                start = time.perf_counter()
-                for _ in range(calls):
-                    fn(q, k, v)
-                sync()
-                best[name] = min(best[name], (time.perf_counter() - start) / calls)
+        best = best_times(sides, (q, k, v), rounds=rounds, calls=calls, sync=sync)
     flop = 4 * tokens * tokens * dim * heads * images  # QK^T and PV, a multiply-add = 2 FLOP
     reference = outputs.get("sdpa")
     return {
