@@ -29,8 +29,9 @@ activations in its own memory pool.
   layer's call then writes them into the real cache (static or dynamic), by index, outside the graph. Every
   layer, sliding or full, shares one graph whose batch and prompt length are dynamic from the first call: one
   for every batch shape, prompt length and kind of cache a run meets, one more for a single row (before: the
-  whole model unrolled, up to 5 graphs a run; on the CPU at the 4B's 34 layers the cold compile was 11.7x
-  longer, BENCHMARKS.md §6). A one-token call (an eager decode step) and a cache that already holds tokens
+  whole model unrolled, up to 5 graphs a run; on the CPU at the 4B's 34 layers its cold compile took 7.1x as
+  long, and layer by layer runs 1.4-1.8 % slower there: `benchmarks/bench_prefill.py --whole`, BENCHMARKS.md
+  §6). A one-token call (an eager decode step) and a cache that already holds tokens
   run the module itself, as does a call traced from an outer compiled region (the decode step's own graph).
 
 A failure: an error raised inside a compiled call is marked with its part (`failed_part`). The batch it broke
