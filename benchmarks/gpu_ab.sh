@@ -5,7 +5,8 @@
 #   prof   gpu_check.py: graph_flex at 256 (what --compile runs: run 5's 32.18 img/s) and one more batch under
 #          the profiler: ms an image by kind of kernel (attention, GEMMs, FlexAttention, fused Triton, eager
 #          aten) for the prefill and for the decode (gpu_profile.py), where run 5 only had estimates from
-#          separate runs at batch 64 (<= 6 min: ~230 s of it compiling)
+#          separate runs at batch 64; with the prefill's layers compiled one by one and the tower's attention
+#          kernel timed and chosen (--vision-attention auto), both new since run 5 (<= 6 min)
 #   diag   bench_attention.py --tower: the vision tower's attention alone (4,096 patches, head size 72, for
 #          which flash attention has no kernel of its own) on each sdpa kernel and FlexAttention, ms an image
 #          and TFLOP/s (<= 1 min); decode_diag.py, batch 64 (run 3's): the vision tower on each sdpa kernel

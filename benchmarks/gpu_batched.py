@@ -57,7 +57,7 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
     cap = Captioner(model, processor, model_name=args.preset, prompt=PROMPT, max_tokens=args.new_tokens,
                     min_tokens=args.new_tokens, compile="on" if compile else "off", compile_options=options,
                     decode_loop="graph" if graph else "generate",
-                    grouped_attention="flex" if flex else "sdpa")
+                    grouped_attention="flex" if flex else "sdpa", vision_attention=args.vision_attention)
     rows = [pixels[i % len(pixels)] for i in range(batch)]
     keys = [f"img{i}" for i in range(batch)]
     report = cap.decoding_report(batch)
@@ -115,7 +115,7 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
             result["graphs_built"] = counters["stats"]["unique_graphs"] - graphs0
             result["graph_breaks"] = sum(counters["graph_break"].values()) - breaks0
         report = cap.decoding_report(batch)  # as the timed batches ran: a compiled part that failed is eager now
-        result.update({part: report[part] for part in prefill})
+        result.update({part: report[part] for part in prefill}, vision_attention=report["vision_attention"])
         if kind in args.profile and cap.static_decode is not None:  # one more batch, after the timed ones
             result["profile"] = profiled(cap, keys, rows, sync, device, args, kind)
     except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError

@@ -40,9 +40,11 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
     batch_ends: list[float] = []  # when each batch's generate returned (one generate thread: back to back)
 
     def built_backend(name, *, model: str, prompt: str, max_tokens: int, min_tokens: int = 0, compile: str = "auto",
-                      vision_overlap: bool = False, decode_loop: str = "generate", **_):
+                      vision_overlap: bool = False, decode_loop: str = "generate", vision_attention: str = "auto",
+                      **_):
         cap = Captioner(built_backend.model, processor, model_name=model, prompt=prompt, max_tokens=max_tokens,
                         min_tokens=min_tokens, compile=compile, vision_overlap=vision_overlap, decode_loop=decode_loop,
+                        vision_attention=vision_attention,
                         compile_options={"backend": "eager"} if args.cpu_smoke else {})
         generate = cap.generate
 
@@ -60,6 +62,7 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
     cfg = RunConfig(model=args.preset, data_dir=str(data), checkpoint_dirs=[str(ckpt)], batch_size=batch,
                     max_tokens=args.new_tokens, min_tokens=args.new_tokens, prompt=prompt, no_push=True,
                     compile="on", vision_overlap=vision_overlap, decode_loop=decode_loop,
+                    vision_attention=args.vision_attention,
                     retry_repetition_penalty=0)  # the bare batches never retry: the same arithmetic here
     try:
         start = time.perf_counter()

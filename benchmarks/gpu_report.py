@@ -62,6 +62,8 @@ def markdown(r: dict) -> str:
         lines += ["", "FLOP per image: " + ", ".join(f"{k} {v / 1e12:.3g} T" for k, v in flop.items())]
     for kind in KINDS:
         for x in r.get(kind, []):
+            if x.get("vision_attention"):  # vision_attention.py: the tower's kernel, and its timings for auto
+                lines.append(f"vision attention, {kind} batch {x['batch']}: {x['vision_attention']}")
             if x.get("profile"):  # gpu_profile.py: ms an image by kind of kernel
                 lines.append(f"profile, {kind} batch {x['batch']}: {x['profile']}")
     if r.get("fp8_weights"):

@@ -61,7 +61,8 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, dtype: str = "auto",
                  device_map: str | None = None, attn_implementation: str = "sdpa",
                  max_auto_batch_size: int = 0, compile: str = "auto", decode_loop: str = "auto",
-                 decode_attention: str = "auto", vision_overlap: bool = False, quantize: str = "none",
+                 decode_attention: str = "auto", vision_attention: str = "auto", vision_overlap: bool = False,
+                 quantize: str = "none",
                  retry_repetition_penalty: float = RETRY_REPETITION_PENALTY) -> CaptionBackend:
     """The engine `name` with the run's settings; the model loads here (seconds to minutes)."""
     if name == "dummy":  # no model, no context: only config.MAX_TOKENS_LIMIT bounds max_tokens
@@ -90,7 +91,7 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
                               min_tokens=min_tokens, temperature=temperature, top_p=top_p, seed=seed,
                               auto_batch_cap=max_auto_batch_size or AUTO_BATCH_CAP, compile=compile,
                               decode_loop=decode_loop, grouped_attention=decode_attention,
-                              vision_overlap=vision_overlap,
+                              vision_attention=vision_attention, vision_overlap=vision_overlap,
                               retry_repetition_penalty=retry_repetition_penalty)
         # Checked once the prompt is tokenised; nothing sized by max_tokens is allocated before the first batch.
         check_context(loaded.config, captioner.prompt_inputs["input_ids"].shape[-1], max_tokens, model)

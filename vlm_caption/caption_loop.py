@@ -60,6 +60,7 @@ class CaptionLoop:
                                    attn_implementation=cfg.attn_implementation,
                                    max_auto_batch_size=cfg.max_auto_batch_size, compile=cfg.compile,
                                    decode_loop=cfg.decode_loop, decode_attention=cfg.decode_attention,
+                                   vision_attention=cfg.vision_attention,
                                    vision_overlap=cfg.vision_overlap, quantize=cfg.quantize,
                                    retry_repetition_penalty=cfg.retry_repetition_penalty)
         self.backend = backend

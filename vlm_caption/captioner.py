@@ -26,6 +26,7 @@ from .prefill_compile import PARTS as PREFILL_PARTS, failed_part, give_up_prefil
 from .quality import CHAT_MARKUP_RE
 from .sampling import SeededSampler
 from .vision_ahead import Ahead, VisionAhead
+from .vision_attention import set_vision_attention
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +42,8 @@ class Captioner:
                  temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, auto_batch_cap: int = AUTO_BATCH_CAP,
                  compile: str = "off", compile_options: dict[str, Any] | None = None,
                  retry_repetition_penalty: float = RETRY_REPETITION_PENALTY, resize_on_device: bool | None = None,
-                 decode_loop: str = "auto", grouped_attention: bool | str = "auto", vision_overlap: bool = False):
+                 decode_loop: str = "auto", grouped_attention: bool | str = "auto", vision_attention: str = "auto",
+                 vision_overlap: bool = False):
         self.model = model
         self.processor = processor
         self.model_name = model_name
@@ -51,6 +53,7 @@ class Captioner:
         self.dtype = next(model.parameters()).dtype
         # Decode steps read each KV head once, not a copy per query head (grouped_attention.py: auto, sdpa, flex).
         self.grouped_attention = set_grouped_decode_attention(model, grouped_attention)
+        set_vision_attention(model, vision_attention)  # the tower's kernel: auto = the fastest on a GPU (timed)
         # None: on a GPU the loader threads only decode, the card resizes (image_prep.ImagePrep.to_device).
         self.resize_on_device = self.device.type == "cuda" if resize_on_device is None else resize_on_device
         tok = processor.tokenizer

@@ -11,7 +11,8 @@ import argparse
 import textwrap
 
 from . import cli
-from .config import COMPILE_CHOICES, DECODE_ATTENTIONS, DECODE_LOOPS, QUANTIZE_CHOICES, DownloadConfig, RunConfig
+from .config import (COMPILE_CHOICES, DECODE_ATTENTIONS, DECODE_LOOPS, QUANTIZE_CHOICES, VISION_ATTENTIONS,
+                     DownloadConfig, RunConfig)
 
 # batched_image_inference.py's flags shown by --help (--help-all adds the others): what a first run needs.
 COMMON_FLAGS = frozenset({
@@ -173,6 +174,9 @@ def caption_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--decode-attention", metavar="KERNEL", default=D.decode_attention, choices=DECODE_ATTENTIONS,
                    help="sdpa or flex; auto: flex for compiled batches of 128+ on an H100/H200, else sdpa "
                    "(default: %(default)s)")
+    g.add_argument("--vision-attention", metavar="KERNEL", default=D.vision_attention, choices=VISION_ATTENTIONS,
+                   help=f"{', '.join(VISION_ATTENTIONS[1:])}; auto: the fastest, timed on a GPU (default: "
+                   "%(default)s)")
     g.add_argument("--compile-cache", metavar="DIR", default=D.compile_cache, help="where compiled kernels are "
                    "kept; auto: $TORCHINDUCTOR_CACHE_DIR, else in the checkpoint dir; none: torch's own, per "
                    "machine (default: %(default)s)")

@@ -26,6 +26,7 @@ DECODE_LOOPS = ("auto", "generate", "graph", "continuous")  # else generate; dec
 # --decode-attention: the decode step's attention (grouped_attention.py); auto = flex for compiled steps of 128+
 # rows on Hopper cards (1.10x a batch of 256 on an H100, BENCHMARKS.md §6 run 4), else sdpa.
 DECODE_ATTENTIONS = ("auto", "sdpa", "flex")
+VISION_ATTENTIONS = ("auto", "sdpa", "flash", "cudnn", "efficient", "math")  # (vision_attention.py)
 # --quantize: none (bf16 weights), fp8 (the vision tower's and language model's linear layers as FP8 GEMMs) or
 # fp8-text (the language model's only); fp8.py. Not none: a run of its own (RunConfig.typed_settings).
 QUANTIZE_CHOICES = ("none", "fp8", "fp8-text")
@@ -100,6 +101,7 @@ class RunConfig:
     quantize: str = "none"  # none, fp8 or fp8-text: FP8 weights for the linear layers (fp8.py)
     decode_loop: str = "auto"  # auto, generate, graph (one compiled step per token) or continuous (+ rows join)
     decode_attention: str = "auto"  # auto, sdpa or flex: the kernel of a decode step's attention
+    vision_attention: str = "auto"  # the vision tower's attention kernel: auto (timed on a GPU), sdpa, ...
     compile_cache: str = "auto"  # where compiled kernels are kept (compile_cache.choose): auto, none, or a dir
     vision_overlap: bool = False  # the next batch's vision tower runs while this one decodes (vision_ahead.py)
     keep_columns: str | None = None  # further metadata columns carried into the output, comma-separated
@@ -135,6 +137,9 @@ class RunConfig:
         if self.decode_attention not in DECODE_ATTENTIONS:
             raise UsageError(f"--decode-attention must be one of {', '.join(DECODE_ATTENTIONS)}, "
                              f"got {self.decode_attention!r}")
+        if self.vision_attention not in VISION_ATTENTIONS:
+            raise UsageError(f"--vision-attention must be one of {', '.join(VISION_ATTENTIONS)}, "
+                             f"got {self.vision_attention!r}")
         if self.decode_attention == "flex":  # said before a model loads for minutes
             from .grouped_attention import FLEX_NEEDS, flex_available
 
