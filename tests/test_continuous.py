@@ -144,7 +144,8 @@ def test_cli_continuous_captions_like_the_default_run(full_run, tiny_model_dir, 
     assert decoding["decode_step"] == "compiled"  # (the batches' step, had the stream handed any back)
     default = json.loads((default_ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
     assert default == {"batch_size": 4, "loop": "generate", "static_cache": False, "attention": "auto: sdpa",
-                       "decode_step": "eager", "vision_tower": "eager", "language_model_prefill": "eager", "fp8_layers": 0}
+                       "decode_step": "eager", "vision_tower": "eager", "language_model_prefill": "eager",
+                       "vision_attention": "sdpa (torch's pick)", "fp8_layers": 0}
 
 
 def continuous_args(model, data, ckpt, *extra):
