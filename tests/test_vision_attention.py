@@ -127,6 +127,6 @@ def test_auto_on_a_gpu_times_at_the_first_call_then_runs_the_pick(model_and_proc
     tokens = (vision.image_size // vision.patch_size) ** 2
     assert shapes == [(2, vision.num_attention_heads, tokens, vision.hidden_size // vision.num_attention_heads)]
     assert MATH in ops and FLASH_CPU not in ops
-    assert vision_attention_report(model).startswith("auto: math (one layer, 4 images: sdpa 1.000 ms")
+    assert vision_attention_report(model).startswith("auto: math (one layer, 2 images: sdpa 1.000 ms")
     tower_ops(model, pixels)
     assert len(shapes) == 1

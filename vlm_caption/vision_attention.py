@@ -64,7 +64,7 @@ class _KernelCall:
     """The encoder's call inside torch's kernel order with the chosen kernel first ("auto": timed first)."""
 
     def __init__(self, encoder, choice: str):
-        self.encoder, self.choice = encoder, choice
+        self.encoder = encoder
         self.kernel: str | None = None if choice == "auto" else choice  # None: torch's pick
         self.chosen = choice != "auto"
         self._lock = threading.Lock()  # the tower may run on two threads (--vision-overlap)
@@ -83,19 +83,19 @@ class _KernelCall:
             return self.encoder._call_impl(*args, **kwargs)
 
     def _choose(self, hidden: torch.Tensor | None) -> None:
-        config = self.encoder.config if hasattr(self.encoder, "config") else None
-        try:
-            shape = _attention_shape(config, hidden)
+        try:  # (a kernel that fails is one time_kernels reports; this is for an encoder or input not SigLIP's)
+            shape = _attention_shape(self.encoder.config, hidden)
             timings = time_kernels(shape, hidden.dtype, hidden.device, CANDIDATES[hidden.device.type])
-        except (RuntimeError, TypeError, AttributeError, KeyError) as e:  # a torch without set_priority among them
+        except (RuntimeError, TypeError, AttributeError, KeyError) as e:
             log.warning("vision attention: could not time the kernels (%s); torch's own pick", e)
-            timings = {}
+            shape, timings = None, {}
         self.kernel = pick(timings)
         self.chosen = True
         shown = ", ".join(f"{name} {ms:.3f} ms" if isinstance(ms, float) else f"{name}: {ms}"
                           for name, ms in timings.items())
-        self.encoder._vision_attention = f"auto: {self.kernel or 'sdpa (torch pick)'}" + (
-            f" (one layer, {SAMPLE_ROWS} images: {shown})" if shown else "")
+        chosen = self.kernel or "sdpa (torch's pick)"
+        self.encoder._vision_attention = f"auto: {chosen}" + (
+            f" (one layer, {shape[0]} images: {shown})" if shown else "")
         log.info("vision attention: %s", self.encoder._vision_attention)
 
 
@@ -123,17 +123,13 @@ def time_kernels(shape: tuple[int, int, int, int], dtype: torch.dtype, device: t
                for _ in range(3))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     clock = clock or time.perf_counter
-
-    def run(kernel: str | None) -> torch.Tensor:
-        return _attend_on(kernel, q, k, v)
-
     with torch.inference_mode():
-        reference = run(None)
+        reference = _attend_on(None, q, k, v)
         found: dict[str, Any] = {}
         for name in ("sdpa", *candidates):
             kernel = None if name == "sdpa" else name
             try:
-                out = run(kernel)
+                out = _attend_on(kernel, q, k, v)
             except RuntimeError as e:
                 found[name] = f"failed: {str(e).splitlines()[0][:120]}"
                 continue
@@ -145,7 +141,7 @@ def time_kernels(shape: tuple[int, int, int, int], dtype: torch.dtype, device: t
             for _ in range(rounds):
                 sync()
                 start = clock()
-                run(kernel)
+                _attend_on(kernel, q, k, v)
                 sync()
                 best = min(best, clock() - start)
             found[name] = round(1000 * best, 4)
