@@ -29,6 +29,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from .decode_loop import greedy_tokens, stop_token_mask
 from .errors import brief, described
 
 LOOK_EVERY = 4  # steps between looks at the finished rows: a look costs one device sync (a launch gap, tens of
@@ -62,6 +63,7 @@ class ContinuousDecode:
         self.ring = int(cache.layers[0].max_cache_len)
         device = self.device = next(model.parameters()).device
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
+        self.is_stop = stop_token_mask(model, self.stop_ids)
         zeros = lambda dtype: torch.zeros(slots, dtype=dtype, device=device)  # noqa: E731
         # The step's state: static buffers (CUDA-graph inputs), changed in place by the step and the joins.
         self.tokens, self.pos, self.made = zeros(torch.long), zeros(torch.long), zeros(torch.long)
@@ -93,11 +95,9 @@ class ContinuousDecode:
         mask = self.allowed[:, None, None, :]
         out = self.model(input_ids=self.tokens[:, None], position_ids=self.pos[:, None], use_cache=True,
                          attention_mask={"full_attention": mask, "sliding_attention": mask}, **{cache_kw: cache})
-        logits = out.logits[:, -1].float()
         early = (self.made < self.min_new)[:, None]  # min new tokens: no stop token yet
-        logits[:, self.stop_ids] = torch.where(early, float("-inf"), logits[:, self.stop_ids])
         live = ~self.finished
-        chosen = torch.where(live, logits.argmax(-1), self.pad_id)
+        chosen = torch.where(live, greedy_tokens(out.logits[:, -1], self.is_stop, early), self.pad_id)
         column = self.made.clamp(max=self.max_new - 1)[:, None]
         self.out.scatter_(1, column, torch.where(live[:, None], chosen[:, None], self.out.gather(1, column)))
         self.made.add_(live.long())

@@ -47,7 +47,7 @@ class GraphDecode:
     def __init__(self, model, *, stop_ids: list[int], pad_id: int, compile_options: dict[str, Any] | None = None):
         self.model = model
         device = next(model.parameters()).device
-        self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)  # on the device: no copy in the graph
+        self.stop_ids = stop_ids
         self.pad_id = int(pad_id)
         options = dict(compile_options or {})
         if "backend" not in options:
@@ -57,6 +57,16 @@ class GraphDecode:
         self._compiled_step = torch.compile(self._one_step, fullgraph=False, dynamic=False, **options)
         self._step = self._compiled_step  # _one_step itself once the compiled one is given up
         self._allowed: dict[tuple[int, int], torch.Tensor] = {}
+
+    @property
+    def stop_ids(self) -> torch.Tensor:
+        return self._stop_ids
+
+    @stop_ids.setter
+    def stop_ids(self, ids) -> None:
+        """The stop tokens, and the vocabulary mask of them the step uses; on the device: no copy in the graph."""
+        self._stop_ids = torch.as_tensor(ids, dtype=torch.long).to(next(self.model.parameters()).device)
+        self.is_stop = stop_token_mask(self.model, self._stop_ids)
 
     @property
     def compiled(self) -> bool:
@@ -80,10 +90,9 @@ class GraphDecode:
         mask = allowed[:, None, None, :]  # = padding mask AND causal: later slots are still False
         out = self.model(input_ids=tokens[:, None], position_ids=(positions + step)[:, None], use_cache=True,
                          attention_mask={"full_attention": mask, "sliding_attention": mask}, **{cache_kw: cache})
-        logits = out.logits[:, -1].float()
         early = (step + 1) < min_new  # min_new_tokens: no stop token yet (as MinNewTokensLengthLogitsProcessor)
-        logits[:, self.stop_ids] = torch.where(early, float("-inf"), logits[:, self.stop_ids])
-        chosen = torch.where(finished, self.pad_id, logits.argmax(-1))  # rows that stopped get pad, as generate
+        chosen = greedy_tokens(out.logits[:, -1], self.is_stop, early)
+        chosen = torch.where(finished, self.pad_id, chosen)  # rows that stopped get pad, as generate
         return chosen, finished | torch.isin(chosen, self.stop_ids)
 
     def decode(self, first: torch.Tensor, attention_mask: torch.Tensor, cache, cache_kw: str, max_new: int,
@@ -165,6 +174,19 @@ def _generate_compiles(cap) -> bool:
     """Whether `generate` compiles its decode steps for `cap` (a static cache with a compile config)."""
     return cap.static_decode is not None and cap.static_decode.compile_config is not None \
         and not cap.gen_config.disable_compile
+
+
+def stop_token_mask(model, stop_ids: torch.Tensor) -> torch.Tensor:
+    """(vocabulary,) True at the stop tokens, on their device: `greedy_tokens`' mask."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    return torch.zeros(vocab, dtype=torch.bool, device=stop_ids.device).index_fill_(0, stop_ids, True)
+
+
+def greedy_tokens(logits: torch.Tensor, is_stop: torch.Tensor, early: torch.Tensor) -> torch.Tensor:
+    """Each row's greedy token from its last logits, the stop tokens left out where `early` (min_new_tokens,
+    as generate's processor). A mask, not an assignment into a float copy of the logits: compiled, it is one
+    read of the logits (the assignment wrote a (rows, vocabulary) float32 copy a step: 268 MB at 256 rows)."""
+    return torch.where(early & is_stop, float("-inf"), logits.float()).argmax(-1)
 
 
 def decode_step_compiled(cap) -> bool:
