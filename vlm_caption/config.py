@@ -26,7 +26,9 @@ DECODE_LOOPS = ("auto", "generate", "graph", "continuous")  # else generate; dec
 # --decode-attention: the decode step's attention (grouped_attention.py); auto = flex for compiled steps of 128+
 # rows on Hopper cards (1.10x a batch of 256 on an H100, BENCHMARKS.md §6 run 4), else sdpa.
 DECODE_ATTENTIONS = ("auto", "sdpa", "flex")
-VISION_ATTENTIONS = ("auto", "sdpa", "flash", "cudnn", "efficient", "math")  # (vision_attention.py)
+# --vision-attention: the vision tower's attention kernel (vision_attention.py); auto = on a GPU the fastest of
+# torch's sdpa kernels, timed at the first batch, else sdpa (torch's own pick).
+VISION_ATTENTIONS = ("auto", "sdpa", "flash", "cudnn", "efficient", "math")
 # --quantize: none (bf16 weights), fp8 (the vision tower's and language model's linear layers as FP8 GEMMs) or
 # fp8-text (the language model's only); fp8.py. Not none: a run of its own (RunConfig.typed_settings).
 QUANTIZE_CHOICES = ("none", "fp8", "fp8-text")

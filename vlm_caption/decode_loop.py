@@ -198,8 +198,9 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
     """How a Captioner decoded, for run_summary.json: the loop, the cache, the decode attention (for "auto",
     the kernel it takes at `rows`, the batch size the run ended with), the decode step (compiled or eager, at
     the end: give_up_decode_compile), the vision tower and the language model's prefill (compiled or eager,
-    prefill_compile.py), the vision tower's attention kernel (vision_attention.py), for continuous batching the decode steps it ran (per image, the number its schedule
-    saves against whole batches), and its FP8 linear layers (fp8.py)."""
+    prefill_compile.py), the vision tower's attention kernel (vision_attention.py), for continuous batching the
+    decode steps it ran (per image, the number its schedule saves against whole batches), and its FP8 linear
+    layers (fp8.py)."""
     from .fp8 import fp8_layers
     from .grouped_attention import decode_attention_kernel, may_use_flex
     from .prefill_compile import compiled_parts
