@@ -14,11 +14,12 @@ tables built once per forward: a small over-count); the vision tower is not buil
 random. Both sides run the same module; the sides alternate, best of --rounds.
 
 The prefill runs as the product's does: through Gemma 3's inner model (which builds the masks), into a
-static KV cache of the prompt + 200 tokens, reset before each call. `compiled` is `--compile`'s: each decoder
-layer compiled on its own, the cache written after the layer's call (every layer shares one graph, so the
-compile does not grow with the layer count). --whole adds the language model compiled as one graph with every
-layer unrolled (what --compile did before), and times each compiled side's first call with inductor's FX-graph
-cache off (cold, as on a fresh machine) and a second prompt length after it (a templated prompt's).
+static KV cache long enough for the longer prompt + 200 tokens, reset before each call. `compiled` is
+`--compile`'s: each decoder layer compiled on its own, the cache written after the layer's call (every layer
+shares one graph, so the compile does not grow with the layer count). --whole adds the language model
+compiled as one graph with every layer unrolled (what --compile did before), and times each compiled side's
+first call with inductor's FX-graph cache off (cold, as on a fresh machine) and a second prompt length after
+it (a templated prompt's).
 
   OMP_NUM_THREADS=2 python benchmarks/bench_prefill.py                     # CPU: the 4B's layers, bf16
   OMP_NUM_THREADS=2 python benchmarks/bench_prefill.py --whole --layers 34 --batch 1 --rounds 2
