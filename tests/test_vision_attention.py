@@ -130,3 +130,23 @@ def test_auto_on_a_gpu_times_at_the_first_call_then_runs_the_pick(model_and_proc
     assert vision_attention_report(model).startswith("auto: math (one layer, 2 images: sdpa 1.000 ms")
     tower_ops(model, pixels)
     assert len(shapes) == 1
+
+
+def test_the_gpus_kernel_order_puts_the_kernel_first_keeps_the_others_and_is_restored_after():
+    """The CUDA side of `_first_in_order` (only flags: it runs on a CPU too): the named kernel first in torch's
+    priority order, every kernel still enabled, and the order and flags as before once the block ends."""
+    from torch.nn.attention import SDPBackend
+
+    import vlm_caption.vision_attention as va
+
+    def flags():
+        return (torch.backends.cuda.flash_sdp_enabled(), torch.backends.cuda.mem_efficient_sdp_enabled(),
+                torch.backends.cuda.math_sdp_enabled(), torch.backends.cuda.cudnn_sdp_enabled())
+
+    before, order = flags(), torch._C._get_sdp_priority_order()
+    with va._first_in_order("cudnn", "cuda"):
+        assert torch._C._get_sdp_priority_order()[0] == int(SDPBackend.CUDNN_ATTENTION)
+        assert all(flags())
+        out = torch.nn.functional.scaled_dot_product_attention(*(torch.randn(1, 2, 8, 16) for _ in range(3)))
+    assert out.shape == (1, 2, 8, 16)
+    assert flags() == before and torch._C._get_sdp_priority_order() == order
