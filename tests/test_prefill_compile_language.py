@@ -265,3 +265,21 @@ def test_the_layers_compiled_alone_write_the_cache_eager_writes_and_share_one_gr
         assert torch.allclose(got_layer.keys, want_layer.keys, atol=1e-5)
         assert torch.allclose(got_layer.values, want_layer.values, atol=1e-5)
         assert int(got_layer.get_seq_length()) == int(want_layer.get_seq_length()) == 13
+
+
+def test_a_prompt_never_asks_the_decode_attentions_row_threshold(model_and_processor, monkeypatch):
+    """The compiled prefill's batch is dynamic: had the decode attention's "auto" compared its rows with
+    FLEX_MIN_ROWS there, the layers' graph would split at that size. A prompt goes to sdpa first; a one-token
+    step still asks."""
+    import vlm_caption.grouped_attention as grouped
+
+    model, processor = model_and_processor
+    captioner(model, processor, compile="on", compile_options={"backend": counting_backend})  # auto attention
+    asked: list = []
+    monkeypatch.setattr(grouped, "wants_flex", lambda rows, device_type, compiling: asked.append(rows) or False)
+    lm = model.model.language_model
+    with torch.inference_mode():
+        lm(inputs_embeds=torch.randn(3, 7, lm.config.hidden_size), use_cache=False)
+        assert asked == []
+        lm(inputs_embeds=torch.randn(3, 1, lm.config.hidden_size), use_cache=False)
+    assert asked and set(asked) == {3}

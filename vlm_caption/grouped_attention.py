@@ -115,8 +115,9 @@ def wants_flex(rows: int, device_type: str, compiling: bool) -> bool:
 def grouped_auto_attention(module, query, key, value, attention_mask, **kwargs):
     """"auto": `grouped_flex_attention` or `grouped_sdpa_attention` by `wants_flex`. Under torch.compile the
     choice is made once per traced shape (the rows and the device are static there), so it costs a step
-    nothing."""
-    if wants_flex(query.shape[0], query.device.type, torch.compiler.is_compiling()):
+    nothing. A prompt (more than one query token) goes to sdpa before the rows are looked at: the compiled
+    prefill's batch is dynamic, and a test of it would split its graph at FLEX_MIN_ROWS."""
+    if query.shape[2] == 1 and wants_flex(query.shape[0], query.device.type, torch.compiler.is_compiling()):
         return grouped_flex_attention(module, query, key, value, attention_mask, **kwargs)
     return grouped_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
