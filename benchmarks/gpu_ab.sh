@@ -10,8 +10,8 @@
 #   diag   bench_attention.py --tower: the vision tower's attention alone (4,096 patches, head size 72, for
 #          which flash attention has no kernel of its own) on each sdpa kernel and FlexAttention, ms an image
 #          and TFLOP/s (<= 1 min); decode_diag.py, batch 64 (run 3's): the vision tower on each sdpa kernel
-#          (flash, cuDNN, efficient) and compiled as --compile does; a profile of a compiled generate and of a prefill
-#          (where the prefill's time goes); then, if its budget is left, the prefill and first token with the
+#          (flash, cuDNN, efficient) and compiled as --compile does; a profile of a compiled generate and of a
+#          prefill (where the prefill's time goes); then, if its budget is left, the prefill and first token with the
 #          language model eager vs compiled (run 5 timed both compiled together: 1.20x) (<= 4.5 min)
 #   fp8    bench_fp8.py: each linear-layer shape of the 4B (SigLIP, the language model's prefill, and the
 #          decode step's, which run 5 lost to dynamo's recompile limit) at 16 images' rows, bf16 against
@@ -31,7 +31,8 @@
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
 #   bash benchmarks/gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|all]   (or a comma list: prof,diag; all = all)
 #     -> OUT_DIR/prof/{gpu_check.{json,md,log},profile_graph_flex_256.txt}, OUT_DIR/diag/{decode_diag.json,
-#        profile.txt,decode_diag.log,tower_attention.log}, OUT_DIR/fp8/{bench_fp8.log,gpu_check.{json,md,log},profile_fp8_256.txt},
+#        profile.txt,decode_diag.log,tower_attention.log},
+#        OUT_DIR/fp8/{bench_fp8.log,gpu_check.{json,md,log},profile_fp8_256.txt},
 #        OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log,
 #        OUT_DIR/check/gpu_check.{json,md,log}
 set -uo pipefail
@@ -100,7 +101,6 @@ if want diag; then
   fi
   t=$(timeout_for 205)
   if ((t == 0)); then skipped diag; else
-    mkdir -p "$out/diag"
     TORCH_LOGS=perf_hints timeout "$t" "$PY" benchmarks/decode_diag.py --out "$out/diag" --batch 64 \
         --skip compiled attention compiled_repeat_kv graph eager gil hf_static --budget-s 140 \
         > "$out/diag/decode_diag.log" 2>&1

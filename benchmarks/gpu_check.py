@@ -59,7 +59,7 @@ from gpu_batched import KINDS, PROMPT, quantize_for_fp8, run_batched  # noqa: E4
 from gpu_report import write  # noqa: E402
 from gpu_pipeline import PIPELINE_RUNS, run_pipeline  # noqa: E402
 from gpu_roofs import card_peaks, flop_per_image, roofs  # noqa: E402
-from vlm_caption.config import QUANTIZE_CHOICES, VISION_ATTENTIONS  # noqa: E402
+from vlm_caption.config import QUANTIZE_CHOICES, VISION_ATTENTIONS, RunConfig  # noqa: E402
 
 SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled",
             "graph", "graph_flex", "prefill_eager", "fp8_weights", "fp8", "pipeline", "pipeline_overlap")
@@ -87,7 +87,7 @@ def parse_args(argv=None):
     p.add_argument("--profile", nargs="*", default=[], choices=KINDS[1:],  # (eager: no static cache, no profile)
                    help="after these kinds' timed batches, one more under torch.profiler: ms an image by kind of "
                         "kernel for the prefill and the decode (gpu_profile.py; OUT/profile_KIND_BATCH.txt)")
-    p.add_argument("--vision-attention", default="auto", choices=VISION_ATTENTIONS, help="the vision tower's "
+    p.add_argument("--vision-attention", default=RunConfig.vision_attention, choices=VISION_ATTENTIONS, help="the vision tower's "
                    "attention kernel in every run, as the CLI's flag (default: %(default)s: the fastest, timed)")
     p.add_argument("--timed-batches", type=int, default=None, help="batches timed per size (default 3)")
     p.add_argument("--loop-images", type=int, default=None, help="images for the one-image loop (default 3)")

@@ -251,8 +251,8 @@ def test_bench_continuous_runs_where_the_gpu_host_would(tmp_path):
 def test_bench_prefill_counts_elementwise_bytes_and_times_both_sides(tmp_path):
     """benchmarks/bench_prefill.py on the tiny preset's text layers (real inductor, the GPU host's absent
     packages shadowed): the compiled prefill gives the eager one's output, layer by layer (the product's) and
-    whole; and its byte count is exact on ops
-    whose traffic is known (a multiply reads and writes its tensor; a GEMM and a view are not counted)."""
+    whole; and its byte count is exact on ops whose traffic is known (a multiply reads and writes its tensor;
+    a GEMM and a view are not counted)."""
     import torch
 
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_prefill.py"), "--preset", "tiny",

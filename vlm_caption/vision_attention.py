@@ -25,8 +25,6 @@ from typing import Any, Callable
 
 import torch
 
-from .config import VISION_ATTENTIONS  # noqa: F401  (the choices, typed once there)
-
 log = logging.getLogger(__name__)
 
 _BACKEND_NAMES = {"flash": "FLASH_ATTENTION", "cudnn": "CUDNN_ATTENTION", "efficient": "EFFICIENT_ATTENTION",
@@ -37,8 +35,8 @@ KEEP_TORCHS_PICK_WITHIN = 1.03  # a kernel must beat torch's own pick by more th
 
 
 def set_vision_attention(model, choice: str) -> None:
-    """Make `model`'s vision tower run its attention on `choice` (of VISION_ATTENTIONS): a call in place of its
-    encoder's own, the kernel chosen at its first call for "auto". Nothing for a model without one."""
+    """Make `model`'s vision tower run its attention on `choice` (of config.VISION_ATTENTIONS): a call in place
+    of its encoder's own, the kernel chosen at its first call for "auto". Nothing for a model without one."""
     encoder = _encoder(model)
     if encoder is None:
         return
