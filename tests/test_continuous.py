@@ -145,7 +145,7 @@ def test_cli_continuous_captions_like_the_default_run(full_run, tiny_model_dir, 
     default = json.loads((default_ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
     assert default == {"batch_size": 4, "loop": "generate", "static_cache": False, "attention": "auto: sdpa",
                        "decode_step": "eager", "vision_tower": "eager", "language_model_prefill": "eager",
-                       "vision_attention": "sdpa (torch's pick)", "fp8_layers": 0}
+                       "vision_attention": "sdpa (torch's pick)", "vision_chunk_rows": 64, "fp8_layers": 0}
 
 
 def continuous_args(model, data, ckpt, *extra):

@@ -13,12 +13,13 @@ Per row (image) of a batch, the memory that grows with the batch:
     width (fc1 output and its GELU) per patch: 4,096 x 15,520 x 2 B = 127 MB per image in bf16. The 16 x
     4,096^2 attention scores (537 MB per image in bf16) are *not* counted: SDPA without a mask runs a
     flash / memory-efficient kernel on CUDA that never stores them (`vision_scores=True` counts them, for
-    eager attention);
+    eager attention). The tower runs over at most VISION_CHUNK_ROWS images at a time (vision_chunks.py): then this is a
+    fixed cost of one chunk, not a cost per row;
   - *prefill*: the prompt (256 image + ~60 text tokens) through one decoder layer at a time: 6 x hidden +
     3 x MLP width (gate, up, their product) per token; plus the attention mask (prompt x sequence bytes);
   - plus the pixel values themselves (3 x 896^2 x dtype bytes, alive for the whole call).
   With `--vision-overlap` (vision_ahead.py) the next batch's vision tower runs while this batch prefills or
-  decodes: then vision + prefill, and two batches of pixel values.
+  decodes: then vision (one chunk) + prefill, and two batches of pixel values.
 - **Logits** of the last position: generate keeps a bf16 row and a float32 copy (+ the soft-capped
   copy), vocab 262,208: ~10 bytes x vocab per row (2.6 MB); sampling (temperature > 0) sorts, cumsums and
   indexes a float32 / int64 row several times: ~40 bytes x vocab instead.
@@ -54,9 +55,16 @@ class RowMemory:
 
     @property
     def total(self) -> int:
+        """Bytes per row when the vision tower runs over the whole batch at once."""
+        return self.batch_bytes(1)
+
+    def batch_bytes(self, rows: int, vision_rows: int = 0) -> int:
+        """Bytes of a batch of `rows` whose vision tower runs over at most `vision_rows` images at a time
+        (0: all at once; vision_chunks.py): the tower's activations are then one chunk's, whatever the batch."""
+        vision = self.vision * (min(rows, vision_rows) if vision_rows else rows)
         if self.vision_overlap:
-            return self.kv_cache + self.vision + self.prefill + 2 * self.pixels + self.logits
-        return self.kv_cache + max(self.vision, self.prefill) + self.pixels + self.logits
+            return rows * (self.kv_cache + self.prefill + 2 * self.pixels + self.logits) + vision
+        return rows * (self.kv_cache + self.pixels + self.logits) + max(vision, rows * self.prefill)
 
     def as_dict(self) -> dict[str, int]:
         return {**asdict(self), "total": self.total}
@@ -106,22 +114,24 @@ def row_memory(model_config, seq_len: int, dtype_bytes: int, *, static_full_atte
 def auto_batch_size(model_config, free_bytes: int, weight_bytes: int, seq_len: int, dtype_bytes: int,
                     cap: int = AUTO_BATCH_CAP, *, static_full_attention: bool = False, prompt_tokens: int | None = None,
                     sampling: bool = False, safety: float = DEFAULT_SAFETY, reserve_bytes: int = DEFAULT_RESERVE,
-                    vision_scores: bool = False, vision_overlap: bool = False) -> int:
-    """The largest power of two <= `cap` whose per-row memory fits, at least 1.
+                    vision_scores: bool = False, vision_overlap: bool = False, vision_rows: int = 0) -> int:
+    """The largest power of two <= `cap` whose memory fits, at least 1.
 
     free_bytes: device memory free *before* the weights (e.g. the card's size, or `free_device_memory` before
     loading); when measured after loading, pass weight_bytes=0. seq_len: prompt tokens + max new tokens.
-    The budget is (free - weights - reserve) x safety; the OOM back-off in the pipeline still catches what
-    this misses.
+    vision_rows: the vision tower's chunk (vision_chunks.py; 0: the whole batch at once). The budget is
+    (free - weights - reserve) x safety; the OOM back-off in the pipeline still catches what this misses.
     """
     if seq_len <= 0 or dtype_bytes <= 0 or cap < 1:
         raise ValueError(f"need seq_len > 0, dtype_bytes > 0, cap >= 1 (got {seq_len}, {dtype_bytes}, {cap})")
     per_row = row_memory(model_config, seq_len, dtype_bytes, static_full_attention=static_full_attention,
                          prompt_tokens=prompt_tokens, sampling=sampling, vision_scores=vision_scores,
-                         vision_overlap=vision_overlap).total
+                         vision_overlap=vision_overlap)
     budget = (free_bytes - weight_bytes - reserve_bytes) * safety
-    fits = max(1, int(budget // per_row)) if budget > 0 else 1
-    return 1 << int(math.log2(min(fits, cap)))
+    rows = 1 << int(math.log2(cap))
+    while rows > 1 and per_row.batch_bytes(rows, vision_rows) > budget:
+        rows //= 2
+    return rows
 
 
 def parameter_bytes(model_config, dtype_bytes: int) -> int:

@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from .backends import (AUTO_BATCH_CAP, AUTO_BATCH_CPU, RETRY_NO_REPEAT_NGRAM, RETRY_REPETITION_PENALTY,
-                       Caption)  # noqa: F401  (the engine's result type)
+                       VISION_CHUNK_ROWS, Caption)  # noqa: F401  (the engine's result type)
 from .batch_size import auto_batch_size, free_accelerator_memory, free_device_memory, is_out_of_memory
 from .decode_loop import DecodeLater, give_up_decode_compile
 from .grouped_attention import describe_decode_attention, give_up_flex, may_use_flex, set_grouped_decode_attention
@@ -27,6 +27,7 @@ from .quality import CHAT_MARKUP_RE
 from .sampling import SeededSampler
 from .vision_ahead import Ahead, VisionAhead
 from .vision_attention import set_vision_attention
+from .vision_chunks import set_vision_chunk_rows
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ class Captioner:
                  compile: str = "off", compile_options: dict[str, Any] | None = None,
                  retry_repetition_penalty: float = RETRY_REPETITION_PENALTY, resize_on_device: bool | None = None,
                  decode_loop: str = "auto", grouped_attention: bool | str = "auto", vision_attention: str = "auto",
-                 vision_overlap: bool = False):
+                 vision_overlap: bool = False, vision_chunk_rows: int = VISION_CHUNK_ROWS):
         self.model = model
         self.processor = processor
         self.model_name = model_name
@@ -54,6 +55,8 @@ class Captioner:
         # Decode steps read each KV head once, not a copy per query head (grouped_attention.py: auto, sdpa, flex).
         self.grouped_attention = set_grouped_decode_attention(model, grouped_attention)
         set_vision_attention(model, vision_attention)  # the tower's kernel: auto = the fastest on a GPU (timed)
+        # The tower over a chunk of images at a time: its activations do not cap the batch (vision_chunks.py).
+        self.vision_chunk_rows = set_vision_chunk_rows(model, vision_chunk_rows)
         # None: on a GPU the loader threads only decode, the card resizes (image_prep.ImagePrep.to_device).
         self.resize_on_device = self.device.type == "cuda" if resize_on_device is None else resize_on_device
         tok = processor.tokenizer
@@ -143,7 +146,8 @@ class Captioner:
         free = free_device_memory(self.device)
         size = auto_batch_size(self.model.config, free, 0, self.prompt_inputs["input_ids"].shape[-1] + max_tokens,
                                self.dtype.itemsize, cap=cap, static_full_attention=self.static_decode is not None,
-                               sampling=self.temperature > 0, vision_overlap=self.vision_ahead is not None)
+                               sampling=self.temperature > 0, vision_overlap=self.vision_ahead is not None,
+                               vision_rows=self.vision_chunk_rows)
         log.info("auto batch size %d: what %.1f GiB of free GPU memory holds at %d new tokens", size, free / 2**30,
                  max_tokens)
         return size

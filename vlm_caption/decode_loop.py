@@ -198,13 +198,14 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
     """How a Captioner decoded, for run_summary.json: the loop, the cache, the decode attention (for "auto",
     the kernel it takes at `rows`, the batch size the run ended with), the decode step (compiled or eager, at
     the end: give_up_decode_compile), the vision tower and the language model's prefill (compiled or eager,
-    prefill_compile.py), the vision tower's attention kernel (vision_attention.py), for continuous batching the
-    decode steps it ran (per image, the number its schedule saves against whole batches), and its FP8 linear
-    layers (fp8.py)."""
+    prefill_compile.py), the vision tower's attention kernel (vision_attention.py) and the images it runs over at
+    a time (vision_chunks.py; 0: the whole batch), for continuous batching the decode steps it ran (per image,
+    the number its schedule saves against whole batches), and its FP8 linear layers (fp8.py)."""
     from .fp8 import fp8_layers
     from .grouped_attention import decode_attention_kernel, may_use_flex
     from .prefill_compile import compiled_parts
     from .vision_attention import vision_attention_report
+    from .vision_chunks import vision_chunk_rows
 
     loop = "continuous" if cap.continuous is not None else "graph" if cap.graph_decode is not None else "generate"
     attention = decode_attention_kernel(cap.model)
@@ -214,6 +215,7 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
     report: dict[str, Any] = {"loop": loop, "static_cache": cap.static_decode is not None, "attention": attention,
                               "decode_step": "compiled" if decode_step_compiled(cap) else "eager",
                               **compiled_parts(cap.model), "vision_attention": vision_attention_report(cap.model),
+                              "vision_chunk_rows": vision_chunk_rows(cap.model),
                               "fp8_layers": fp8_layers(cap.model)}
     ran = {**{slots: {"decode_steps": decoder.steps} for slots, decoder in (cap.continuous or {}).items()},
            **cap.continuous_failed}  # a stream that failed: its steps, and why the rest went in batches

@@ -33,6 +33,8 @@ from typing import Any, Iterator
 
 import torch
 
+from .vision_chunks import image_features_call
+
 log = logging.getLogger(__name__)
 
 
@@ -64,7 +66,7 @@ class VisionAhead:
 
     def __init__(self, model, device: torch.device):
         self.inner = getattr(model, "model", model)  # Gemma3Model: the object whose forward calls it
-        self.compute = type(self.inner).get_image_features.__get__(self.inner)  # the model's own method
+        self.compute = image_features_call(self.inner)  # the model's own method, or it chunk by chunk
         self.device = device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # priority 0: the lowest
         self.decode_stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
