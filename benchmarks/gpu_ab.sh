@@ -2,11 +2,13 @@
 # The next GPU session's run (BENCHMARKS.md §6 run 5 measured the one before), in parts, in the order to run
 # them: prof,diag in the first device call (timeout 595 s; each part's timeout is cut to what is left of
 # GPU_AB_SECONDS, default 590, from the script's start); fp8, thresh, cont and check in later sessions:
-#   prof   gpu_check.py: graph_flex at 256 (what --compile runs: run 5's 32.18 img/s) and one more batch under
-#          the profiler: ms an image by kind of kernel (attention, GEMMs, FlexAttention, fused Triton, eager
-#          aten) for the prefill and for the decode (gpu_profile.py), where run 5 only had estimates from
-#          separate runs at batch 64; with the prefill's layers compiled one by one and the tower's attention
-#          kernel timed and chosen (--vision-attention auto), both new since run 5 (<= 6 min)
+#   prof   gpu_check.py: graph_flex at 256 (what --compile runs: run 5's 32.18 img/s) and at 512 (what
+#          --batch-size auto now picks where memory allows, the vision tower in chunks of 64 images), each with
+#          one more batch under the profiler: ms an image by kind of kernel (attention, GEMMs, FlexAttention,
+#          fused Triton, eager aten) for the prefill and for the decode (gpu_profile.py), where run 5 only had
+#          estimates from separate runs at batch 64; and at 256 with the tower over the whole batch at once
+#          (whole_tower: the chunks' A/B). With the prefill's layers compiled one by one and the tower's
+#          attention kernel timed and chosen (--vision-attention auto), all new since run 5 (<= 8 min)
 #   diag   bench_attention.py --tower: the vision tower's attention alone (4,096 patches, head size 72, for
 #          which flash attention has no kernel of its own) on each sdpa kernel and FlexAttention, ms an image
 #          and TFLOP/s (<= 1 min); decode_diag.py, batch 64 (run 3's): the vision tower on each sdpa kernel
@@ -30,7 +32,7 @@
 #          compiled against the prefill eager, then the whole pipeline over 768 images (<= 6.5 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
 #   bash benchmarks/gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|all]   (or a comma list: prof,diag; all = all)
-#     -> OUT_DIR/prof/{gpu_check.{json,md,log},profile_graph_flex_256.txt}, OUT_DIR/diag/{decode_diag.json,
+#     -> OUT_DIR/prof/{gpu_check.{json,md,log},profile_graph_flex_{256,512}.txt}, OUT_DIR/diag/{decode_diag.json,
 #        profile.txt,decode_diag.log,tower_attention.log},
 #        OUT_DIR/fp8/{bench_fp8.log,gpu_check.{json,md,log},profile_fp8_256.txt},
 #        OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log,
@@ -76,8 +78,8 @@ gpu_check() {
   echo "gpu_check ($part) exit $?" | tee -a "$out/gpu.txt"
   cat "$out/$part/gpu_check.md" 2>/dev/null
 }
-want prof && gpu_check prof 360 --graph-flex-batches 256 --profile graph_flex --pipeline-images 0 \
-    --loader-images 8 --timed-batches 2 --budget-s 330
+want prof && gpu_check prof 480 --graph-flex-batches 256 512 --whole-tower-batches 256 --profile graph_flex \
+    --pipeline-images 0 --loader-images 8 --timed-batches 2 --budget-s 450
 if want fp8; then
   t=$(timeout_for 150)
   if ((t == 0)); then skipped fp8; else

@@ -1,5 +1,5 @@
 """gpu_check.py's batched runs: prepared pixel values through Captioner.generate, one warm-up batch then the
-timed ones, for each kind of decode (eager, compiled, graph, graph_flex, prefill_eager, fp8), then for the
+timed ones, for each kind of decode (eager, compiled, graph, graph_flex, prefill_eager, whole_tower, fp8), then for the
 kinds in --profile one more batch under the profiler (gpu_profile.py); and the fp8 runs' model, quantized in
 place."""
 from __future__ import annotations
@@ -7,7 +7,8 @@ from __future__ import annotations
 import time
 import traceback
 
-KINDS = ("eager", "compiled", "graph", "graph_flex", "prefill_eager", "fp8")  # run_batched's, in the report's order
+# run_batched's, in the report's order
+KINDS = ("eager", "compiled", "graph", "graph_flex", "prefill_eager", "whole_tower", "fp8")
 PROMPT = ("Describe this artwork in detail: the subjects, the style and medium, the colour palette, the "
           "composition and the mood. Write one paragraph.")
 
@@ -41,7 +42,8 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
     """kind: eager (dynamic cache), compiled (static cache, generate's compiled step) or graph (static cache,
     --decode-loop graph: generate's prefill, then decode_loop.GraphDecode's compiled steps); graph_flex and
     prefill_eager: graph with FlexAttention, the latter with the prefill (vision tower, language model) eager;
-    fp8: graph_flex on the model quantize_for_fp8 quantized."""
+    whole_tower: graph_flex with the vision tower over the whole batch at once, not in chunks of
+    --vision-chunk-rows images (vision_chunks.py); fp8: graph_flex on the model quantize_for_fp8 quantized."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -49,7 +51,7 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
     from vlm_caption.prefill_compile import eager_prefill_on_failure
 
     compile = kind != "eager"
-    flex = kind in ("graph_flex", "prefill_eager", "fp8")
+    flex = kind in ("graph_flex", "prefill_eager", "whole_tower", "fp8")
     graph = flex or kind == "graph"  # the graph decode loop
     options = {"backend": "eager"} if args.cpu_smoke and compile else {}
     if kind == "prefill_eager":  # (Captioner's A/B switches: the prefill stays eager, the decode is compiled)
@@ -57,7 +59,8 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
     cap = Captioner(model, processor, model_name=args.preset, prompt=PROMPT, max_tokens=args.new_tokens,
                     min_tokens=args.new_tokens, compile="on" if compile else "off", compile_options=options,
                     decode_loop="graph" if graph else "generate",
-                    grouped_attention="flex" if flex else "sdpa", vision_attention=args.vision_attention)
+                    grouped_attention="flex" if flex else "sdpa", vision_attention=args.vision_attention,
+                    vision_chunk_rows=0 if kind == "whole_tower" else args.vision_chunk_rows)
     rows = [pixels[i % len(pixels)] for i in range(batch)]
     keys = [f"img{i}" for i in range(batch)]
     report = cap.decoding_report(batch)
@@ -67,9 +70,11 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
                                               "graph_flex": "graph decode loop, FlexAttention",
                                               "prefill_eager": "graph decode loop, FlexAttention, eager "
                                                                "prefill",
+                                              "whole_tower": "graph decode loop, FlexAttention, the vision tower "
+                                                             "over the whole batch at once",
                                               "fp8": "graph decode loop, FlexAttention, FP8 linear layers "
                                                      f"(--quantize {args.fp8_quantize})"}[kind],
-                    **prefill, "prefill_warmup_s": None}
+                    **prefill, "vision_chunk_rows": report["vision_chunk_rows"], "prefill_warmup_s": None}
     if compile and cap.static_decode is None:
         return {**result, "error": "static decode not available (sequence longer than the sliding window)"}
     try:

@@ -42,20 +42,25 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     assert [x["batch"] for x in result["eager"]] == [2, 4] and [x["batch"] for x in result["compiled"]] == [2, 4]
     assert [x["batch"] for x in result["graph"]] == [2, 4] and [x["batch"] for x in result["graph_flex"]] == [4]
     assert [x["batch"] for x in result["prefill_eager"]] == [4] and [x["batch"] for x in result["fp8"]] == [4]
+    assert [x["batch"] for x in result["whole_tower"]] == [4]
+    # Every run's tower in chunks of 2 images (vision_chunks.py), whole_tower's over the whole batch.
+    assert {x["vision_chunk_rows"] for x in result["graph_flex"] + result["compiled"]} == {2}
+    assert result["whole_tower"][0]["vision_chunk_rows"] == 0
     # fp8 last, on the model quantized in place: its layers, the logits' drift on random weights
     weights = result["fp8_weights"]
     assert weights["fp8_layers"] > 0 and 0 < weights["logits_relative_error"] < 1, weights
     before, after = weights["linear_weight_bytes"]
     assert after * 3 < before and "fp8 weights" in (tmp_path / "gpu_check.md").read_text()  # (fp32 on the CPU)
-    graphs = result["graph"] + result["graph_flex"] + result["prefill_eager"] + result["fp8"]
+    graphs = result["graph"] + result["graph_flex"] + result["prefill_eager"] + result["whole_tower"] + result["fp8"]
     for entry in result["eager"] + result["compiled"] + graphs:
         assert "error" not in entry, entry
         assert entry["img_s"] > 0 and entry["tokens_s"] > 0
         assert entry["generate_share"] is None if entry in graphs else 0 < entry["generate_share"] <= 1
-    # The decode step's graph (prefill_eager's is graph_flex's, already built); the prefill ran as labelled, its
-    # compilation timed apart.
+    # The decode step's graph (prefill_eager's and whole_tower's are graph_flex's, already built); the prefill ran
+    # as labelled, its compilation timed apart.
     for entry in result["compiled"] + graphs:
-        assert entry["graphs_built"] == (0 if entry in result["prefill_eager"] else 1) and entry["graph_breaks"] == 0
+        built = 0 if entry in result["prefill_eager"] + result["whole_tower"] else 1
+        assert entry["graphs_built"] == built and entry["graph_breaks"] == 0
         how = "eager" if entry in result["prefill_eager"] else "compiled"
         assert entry["vision_tower"] == entry["language_model_prefill"] == how, entry
         assert (entry["prefill_warmup_s"] is None) is (how == "eager"), entry
@@ -286,6 +291,23 @@ def test_bench_tower_compile_times_the_tower_whole_and_by_layer(tmp_path):
     assert result["encoder_layers"] == 2 and result["whole_compile_s"] > 0 and result["layers_compile_s"] > 0
     assert result["whole_max_abs_diff"] < 1e-4 and result["layers_max_abs_diff"] < 1e-4
     assert result["eager_ms"] > 0 and result["layers_vs_whole_speed"] > 0
+
+
+def test_bench_vision_chunks_measures_both_sides_peak_in_their_own_processes(tmp_path):
+    """benchmarks/bench_vision_chunks.py on the tiny preset (the GPU host's absent packages shadowed): each side
+    in a fresh process, the same features, a peak for each and the estimate it is read against."""
+    temporary = tmp_path / "tmp"
+    temporary.mkdir()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_vision_chunks.py"), "--preset", "tiny",
+                           "--image-size", "64", "--batch", "8", "--chunk-rows", "2", "--rounds", "1"], cwd=tmp_path,
+                          env={**gpu_host_env(tmp_path), "TMPDIR": str(temporary)}, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert result["features_max_abs_diff"] < 1e-5 and result["whole_ms"] > 0 and result["chunks_ms"] > 0
+    assert result["whole_peak_mb"] >= 0 and result["chunks_peak_mb"] >= 0 and result["estimate_mb_per_image"] > 0
+    # The children's features went to a temporary folder, now gone (torch may keep its own cache folder there).
+    assert not [p.name for p in temporary.iterdir() if p.name.startswith("tmp")]
 
 
 def test_bench_fp8_times_every_layer_shape_and_measures_the_logits_drift(tmp_path):
