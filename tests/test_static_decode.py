@@ -207,6 +207,35 @@ def test_buckets_pad_short_batches_to_a_known_shape():
     assert [plan.bucket(n) for n in (32, 16, 33)] == [32, 16, 33] and plan.run_batch == 33
     odd = StaticDecode(max_cache_len=10, cache_config=None, compile_config=None, reason="")
     assert [odd.bucket(n) for n in (48, 47, 25, 24, 3)] == [48, 48, 32, 32, 4]
+    # fill (the pipeline's batches on a GPU): the run's batch size however short; after an out-of-memory error
+    # the size that failed is forgotten, so the halved batches set it anew.
+    filled = StaticDecode(max_cache_len=10, cache_config=None, compile_config=None, reason="")
+    assert [filled.bucket(n, fill=True) for n in (64, 20, 1)] == [64, 64, 64]
+    filled.drop_caches()
+    assert [filled.bucket(n, fill=n != 32) for n in (32, 9)] == [32, 32] and filled.bucket(9) == 16
+
+
+def test_on_a_gpu_the_pipeline_s_last_batch_is_padded_to_the_run_s_size(model_and_processor, images):
+    """A batch the pipeline assembled runs at the run's batch size however short (no new decode step to
+    compile: ~90 s on an H100); a list given to generate (a retry, a halving) still takes a power of two. The
+    pad rows change no real row's tokens."""
+    model, processor = model_and_processor
+    kw = dict(compile="on", compile_options={"backend": counting_backend}, decode_loop="graph")
+    cap = captioner(model, processor, **kw)
+    pixels = [cap.prepare(im) for im in images]
+    want = token_ids(captioner(model, processor, **kw), ["a", "b", "c"], pixels[:3])
+    assert not cap.fill_short_batches  # a CPU: a compiled step there is cheap beside the pad rows' work
+    cap.fill_short_batches = True  # as on a GPU
+    assert cap.assemble(pixels).inputs["input_ids"].shape[0] == 6
+    tail = cap.assemble(pixels[:3])
+    assert tail.rows == 3 and tail.inputs["input_ids"].shape[0] == 6  # not 4: no second graph, no second cache
+    got = []
+    real = cap._finish
+    cap._finish = lambda tokens: got.append(tokens.tolist()) or real(tokens)
+    list(cap.generate(["a", "b", "c"], tail))
+    assert got == want and list(cap.static_decode.caches) == [6]
+    cap._finish = real
+    assert token_ids(cap, ["a", "b", "c"], pixels[:3]) == want and sorted(cap.static_decode.caches) == [4, 6]
 
 
 def test_out_of_memory_drops_the_caches(model_and_processor, images, monkeypatch):

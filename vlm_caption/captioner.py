@@ -75,6 +75,11 @@ class Captioner:
         compiled = self.static_decode is not None  # (a static cache is a compiled one)
         log.info("decode attention: %s", describe_decode_attention(model, self.device.type, compiled))
         self.graph_decode = self._graph_decode(decode_loop, compile_options or {})
+        # The pipeline's short batches (the last one) padded to the run's batch size: on a GPU another compiled
+        # decode step costs more than decoding pad rows (static_decode.py). Continuous batching's chunks: no
+        # decode step per chunk size.
+        self.fill_short_batches = self.device.type == "cuda" and self.static_decode is not None and \
+            self.static_decode.compile_config is not None and self.continuous is None
         self.retry_config = self._retry_config(retry_repetition_penalty)
         # The next batch's vision tower runs while this one decodes (vision_ahead.py).
         self.vision_ahead = VisionAhead.of(model, self.device) if vision_overlap else None
@@ -255,12 +260,18 @@ class Captioner:
         batch["pixel_values"] = pixels.to(self.device, non_blocking=True)
         return batch
 
-    @torch.inference_mode()  # inference tensors whichever thread assembles: compiled code guards on the kind
     def assemble(self, pixel_values: list[torch.Tensor], prompts: Sequence[str] | None = None) -> "_Assembled":
-        """Pad (static decode: to a batch shape that already has a graph and a cache), stack, pin and copy;
-        the pipeline runs it for the next batch while this one generates. `prompts`: one per row (templates)."""
+        """Pad (static decode: to a batch shape that already has a graph and a cache; on a GPU with the decode
+        step compiled, the run's batch size: its last batch compiles nothing), stack, pin and copy; the
+        pipeline runs it for the next batch while this one generates. `prompts`: one per row (templates)."""
+        return self._assemble(pixel_values, prompts, fill=self.fill_short_batches)
+
+    @torch.inference_mode()  # inference tensors whichever thread assembles: compiled code guards on the kind
+    def _assemble(self, pixel_values: list[torch.Tensor], prompts: Sequence[str] | None = None, *,
+                  fill: bool = False) -> "_Assembled":
+        """`assemble`; fill: pad to the run's batch size, not to a power of two (StaticDecode.bucket)."""
         n = len(pixel_values)
-        rows = self.static_decode.bucket(n) if self.static_decode is not None else n
+        rows = self.static_decode.bucket(n, fill) if self.static_decode is not None else n
         if prompts is not None:
             prompts = list(prompts) + [prompts[-1]] * (rows - n)
         padded = list(pixel_values) + [pixel_values[-1]] * (rows - n)
@@ -278,7 +289,8 @@ class Captioner:
         true (a SIGTERM, say) ends generate at the next token: the captions are then cut short, and the caller
         drops them. Token ids are decoded on first access. An assembly with `ahead` features (--vision-overlap)
         serves them to the prefill instead of running the vision tower."""
-        assembled = batch if isinstance(batch, _Assembled) else self.assemble(batch, prompts)
+        # A list: a retry of flagged rows, an out-of-memory halving, a row alone: to a power of two, not filled.
+        assembled = batch if isinstance(batch, _Assembled) else self._assemble(batch, prompts)
         if self.vision_ahead is None:
             return self._generate(keys, assembled, should_stop, retry)
         # Everything of this batch on the decode stream (above the vision stream's priority): the cache reset,

@@ -34,7 +34,10 @@ batch, and on older torch the re-records count toward `cudagraph_unexpected_rere
 which the step silently runs without CUDA graphs. `StaticDecode` keeps one cache per batch bucket and
 `reset()`s it in place (zeroes the buffers, keeps their addresses). Batches are padded up to a bucket (the
 run's batch size, else a power of two) so a short batch (failed images, the last one, an out-of-memory
-halving) reuses a graph instead of compiling a new one; the pad rows are dropped afterwards.
+halving) reuses a graph instead of compiling a new one; the pad rows are dropped afterwards. On a GPU a batch
+the pipeline assembled is padded to the run's batch size however short (`bucket(fill=True)`): a new decode
+step's graph compiles for ~90 s on an H100 (BENCHMARKS.md §6), a whole batch of pad rows decodes in ~10 s,
+and needs no second cache beside the run's.
 """
 from __future__ import annotations
 
@@ -130,12 +133,13 @@ class StaticDecode:
             return {"cache_implementation": None, "compile_config": None, "disable_compile": True}
         return {"cache_implementation": None, "compile_config": self.compile_config, "disable_compile": False}
 
-    def bucket(self, n: int) -> int:
-        """The batch shape to run `n` rows as: the run's batch size if `n` is more than half of it, else the
-        smallest power of two >= n. At most log2(batch) + 2 shapes (= graphs, = caches) per run."""
+    def bucket(self, n: int, fill: bool = False) -> int:
+        """The batch shape to run `n` rows as: the run's batch size if `n` is more than half of it (or at all,
+        with `fill`: the last batch of a run on a GPU), else the smallest power of two >= n. At most
+        log2(batch) + 2 shapes (= graphs, = caches) per run."""
         self.run_batch = max(self.run_batch, n)
         power = 1 << (n - 1).bit_length()
-        return self.run_batch if power >= self.run_batch else power
+        return self.run_batch if fill or power >= self.run_batch else power
 
     @property
     def cache_name(self) -> str:
