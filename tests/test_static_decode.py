@@ -213,19 +213,21 @@ def test_buckets_pad_short_batches_to_a_known_shape():
     assert [filled.bucket(n, fill=True) for n in (64, 20, 1)] == [64, 64, 64]
     filled.drop_caches()
     assert [filled.bucket(n, fill=n != 32) for n in (32, 9)] == [32, 32] and filled.bucket(9) == 16
+    # floor (a retry's rows on a GPU): at least that many, still at most the run's batch size
+    assert [filled.bucket(n, floor=8) for n in (1, 3, 9, 17)] == [8, 8, 16, 32]
 
 
 def test_on_a_gpu_the_pipeline_s_last_batch_is_padded_to_the_run_s_size(model_and_processor, images):
     """A batch the pipeline assembled runs at the run's batch size however short (no new decode step to
-    compile: ~90 s on an H100); a list given to generate (a retry, a halving) still takes a power of two. The
-    pad rows change no real row's tokens."""
+    compile: ~90 s on an H100); a list given to generate (a retry, a halving) takes a power of two, at least
+    the GPU's floor. The pad rows change no real row's tokens."""
     model, processor = model_and_processor
     kw = dict(compile="on", compile_options={"backend": counting_backend}, decode_loop="graph")
     cap = captioner(model, processor, **kw)
     pixels = [cap.prepare(im) for im in images]
     want = token_ids(captioner(model, processor, **kw), ["a", "b", "c"], pixels[:3])
-    assert not cap.fill_short_batches  # a CPU: a compiled step there is cheap beside the pad rows' work
-    cap.fill_short_batches = True  # as on a GPU
+    assert not cap.fill_short_batches and cap.min_bucket == 1  # a CPU: there the pad rows' work would cost more
+    cap.fill_short_batches, cap.min_bucket = True, 4  # as on a GPU (its floor: 64)
     assert cap.assemble(pixels).inputs["input_ids"].shape[0] == 6
     tail = cap.assemble(pixels[:3])
     assert tail.rows == 3 and tail.inputs["input_ids"].shape[0] == 6  # not 4: no second graph, no second cache
@@ -236,6 +238,7 @@ def test_on_a_gpu_the_pipeline_s_last_batch_is_padded_to_the_run_s_size(model_an
     assert got == want and list(cap.static_decode.caches) == [6]
     cap._finish = real
     assert token_ids(cap, ["a", "b", "c"], pixels[:3]) == want and sorted(cap.static_decode.caches) == [4, 6]
+    assert token_ids(cap, ["a"], pixels[:1]) == want[:1] and sorted(cap.static_decode.caches) == [4, 6]  # not 1
 
 
 def test_out_of_memory_drops_the_caches(model_and_processor, images, monkeypatch):

@@ -15,6 +15,7 @@ RETRY_NO_REPEAT_NGRAM = 4  # a retried caption never repeats a 4-gram
 RETRY_REPETITION_PENALTY = 1.15  # --retry-repetition-penalty's default: the second try of a flagged caption
 AUTO_BATCH_CAP = 512  # --batch-size auto on CUDA: the largest batch tried (free memory decides below it)
 VISION_CHUNK_ROWS = 64  # images the vision tower runs over at a time: its activations do not cap the batch
+GPU_MIN_BUCKET = 64  # on a GPU fewer rows (a retry) run padded to this: a new size is a compile (static_decode.py)
 AUTO_BATCH_CPU = 32  # --batch-size auto on CPU and for the dummy engine: best for the small preset (BENCHMARKS.md)
 
 

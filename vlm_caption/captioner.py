@@ -14,8 +14,8 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from .backends import (AUTO_BATCH_CAP, AUTO_BATCH_CPU, RETRY_NO_REPEAT_NGRAM, RETRY_REPETITION_PENALTY,
-                       VISION_CHUNK_ROWS, Caption)  # noqa: F401  (the engine's result type)
+from .backends import (AUTO_BATCH_CAP, AUTO_BATCH_CPU, GPU_MIN_BUCKET, RETRY_NO_REPEAT_NGRAM,
+                       RETRY_REPETITION_PENALTY, VISION_CHUNK_ROWS, Caption)  # noqa: F401  (the engine's result type)
 from .batch_size import auto_batch_size, free_accelerator_memory, free_device_memory, is_out_of_memory
 from .decode_loop import DecodeLater, give_up_decode_compile
 from .grouped_attention import describe_decode_attention, give_up_flex, may_use_flex, set_grouped_decode_attention
@@ -75,11 +75,12 @@ class Captioner:
         compiled = self.static_decode is not None  # (a static cache is a compiled one)
         log.info("decode attention: %s", describe_decode_attention(model, self.device.type, compiled))
         self.graph_decode = self._graph_decode(decode_loop, compile_options or {})
-        # The pipeline's short batches (the last one) padded to the run's batch size: on a GPU another compiled
-        # decode step costs more than decoding pad rows (static_decode.py). Continuous batching's chunks: no
-        # decode step per chunk size.
+        # The pipeline's short batches (the last one) padded to the run's batch size, and the others (retries)
+        # to at least GPU_MIN_BUCKET rows: on a GPU another compiled decode step costs more than decoding pad
+        # rows (static_decode.py). Continuous batching's chunks: no decode step per chunk size.
         self.fill_short_batches = self.device.type == "cuda" and self.static_decode is not None and \
             self.static_decode.compile_config is not None and self.continuous is None
+        self.min_bucket = GPU_MIN_BUCKET if self.fill_short_batches else 1
         self.retry_config = self._retry_config(retry_repetition_penalty)
         # The next batch's vision tower runs while this one decodes (vision_ahead.py).
         self.vision_ahead = VisionAhead.of(model, self.device) if vision_overlap else None
@@ -271,7 +272,7 @@ class Captioner:
                   fill: bool = False) -> "_Assembled":
         """`assemble`; fill: pad to the run's batch size, not to a power of two (StaticDecode.bucket)."""
         n = len(pixel_values)
-        rows = self.static_decode.bucket(n, fill) if self.static_decode is not None else n
+        rows = self.static_decode.bucket(n, fill, self.min_bucket) if self.static_decode is not None else n
         if prompts is not None:
             prompts = list(prompts) + [prompts[-1]] * (rows - n)
         padded = list(pixel_values) + [pixel_values[-1]] * (rows - n)

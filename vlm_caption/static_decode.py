@@ -37,7 +37,10 @@ run's batch size, else a power of two) so a short batch (failed images, the last
 halving) reuses a graph instead of compiling a new one; the pad rows are dropped afterwards. On a GPU a batch
 the pipeline assembled is padded to the run's batch size however short (`bucket(fill=True)`): a new decode
 step's graph compiles for ~90 s on an H100 (BENCHMARKS.md §6), a whole batch of pad rows decodes in ~10 s,
-and needs no second cache beside the run's.
+and needs no second cache beside the run's; and a smaller batch (a retry of flagged captions, a row alone) to
+at least 64 rows (backends.GPU_MIN_BUCKET), not to 1, 2, 4 ... 32, each a compile of its own: below 64 rows a
+step costs little less (run 3's compiled step at 64 rows took 9.67 ms, of which reading the rows' KV cache is
+~1.4 ms; the weights' read and the kernels' launches are the same at any batch).
 """
 from __future__ import annotations
 
@@ -133,12 +136,13 @@ class StaticDecode:
             return {"cache_implementation": None, "compile_config": None, "disable_compile": True}
         return {"cache_implementation": None, "compile_config": self.compile_config, "disable_compile": False}
 
-    def bucket(self, n: int, fill: bool = False) -> int:
+    def bucket(self, n: int, fill: bool = False, floor: int = 1) -> int:
         """The batch shape to run `n` rows as: the run's batch size if `n` is more than half of it (or at all,
-        with `fill`: the last batch of a run on a GPU), else the smallest power of two >= n. At most
+        with `fill`: the last batch of a run on a GPU), else the smallest power of two >= n, and >= `floor`
+        (a power of two; on a GPU the smaller shapes cost a compile each and hardly less a step). At most
         log2(batch) + 2 shapes (= graphs, = caches) per run."""
         self.run_batch = max(self.run_batch, n)
-        power = 1 << (n - 1).bit_length()
+        power = max(1 << (n - 1).bit_length(), floor)
         return self.run_batch if fill or power >= self.run_batch else power
 
     @property
