@@ -1,7 +1,7 @@
 """gpu_check.py's batched runs: prepared pixel values through Captioner.generate, one warm-up batch then the
-timed ones, for each kind of decode (eager, compiled, graph, graph_flex, prefill_eager, whole_tower, fp8), then for the
-kinds in --profile one more batch under the profiler (gpu_profile.py); and the fp8 runs' model, quantized in
-place."""
+timed ones, for each kind of decode (eager, compiled, graph, graph_flex, prefill_eager, whole_tower, fp8), then
+for the kinds in --profile one more batch under the profiler (gpu_profile.py); and the fp8 runs' model,
+quantized in place."""
 from __future__ import annotations
 
 import time

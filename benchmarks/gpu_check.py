@@ -66,7 +66,8 @@ from vlm_caption.backends import VISION_CHUNK_ROWS  # noqa: E402
 from vlm_caption.config import QUANTIZE_CHOICES, VISION_ATTENTIONS, RunConfig  # noqa: E402
 
 SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled",
-            "graph", "graph_flex", "prefill_eager", "whole_tower", "fp8_weights", "fp8", "pipeline", "pipeline_overlap")
+            "graph", "graph_flex", "prefill_eager", "whole_tower", "fp8_weights", "fp8", "pipeline",
+            "pipeline_overlap")
 
 
 def parse_args(argv=None):
@@ -254,7 +255,8 @@ def main(argv=None) -> int:
             print(json.dumps({"loop": result["loop"]}), flush=True)
             write(out, result)
         # Smaller batches first, compiled before eager, so that a short budget still has the telling runs.
-        order = {"compiled": 0, "graph": 1, "graph_flex": 2, "prefill_eager": 3, "whole_tower": 4, "eager": 5, "fp8": 6}
+        order = {"compiled": 0, "graph": 1, "graph_flex": 2, "prefill_eager": 3, "whole_tower": 4, "eager": 5,
+                 "fp8": 6}
         runs = sorted([("compiled", b) for b in args.compiled_batches] + [("graph", b) for b in args.graph_batches]
                       + [("graph_flex", b) for b in args.graph_flex_batches]
                       + [("prefill_eager", b) for b in args.prefill_eager_batches]

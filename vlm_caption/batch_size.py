@@ -13,8 +13,8 @@ Per row (image) of a batch, the memory that grows with the batch:
     width (fc1 output and its GELU) per patch: 4,096 x 15,520 x 2 B = 127 MB per image in bf16. The 16 x
     4,096^2 attention scores (537 MB per image in bf16) are *not* counted: SDPA without a mask runs a
     flash / memory-efficient kernel on CUDA that never stores them (`vision_scores=True` counts them, for
-    eager attention). The tower runs over at most VISION_CHUNK_ROWS images at a time (vision_chunks.py): then this is a
-    fixed cost of one chunk, not a cost per row;
+    eager attention). The tower runs over at most VISION_CHUNK_ROWS images at a time (vision_chunks.py):
+    then this is a fixed cost of one chunk, not a cost per row;
   - *prefill*: the prompt (256 image + ~60 text tokens) through one decoder layer at a time: 6 x hidden +
     3 x MLP width (gate, up, their product) per token; plus the attention mask (prompt x sequence bytes);
   - plus the pixel values themselves (3 x 896^2 x dtype bytes, alive for the whole call).

@@ -290,7 +290,8 @@ class Captioner:
         true (a SIGTERM, say) ends generate at the next token: the captions are then cut short, and the caller
         drops them. Token ids are decoded on first access. An assembly with `ahead` features (--vision-overlap)
         serves them to the prefill instead of running the vision tower."""
-        # A list: a retry of flagged rows, an out-of-memory halving, a row alone: to a power of two, not filled.
+        # A list (a retry of flagged rows, an out-of-memory halving, a row alone): to a power of two, at least
+        # min_bucket, not filled.
         assembled = batch if isinstance(batch, _Assembled) else self._assemble(batch, prompts)
         if self.vision_ahead is None:
             return self._generate(keys, assembled, should_stop, retry)
