@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from typing import Callable
 
 # run_batched's, in the report's order
 KINDS = ("eager", "compiled", "graph", "graph_flex", "prefill_eager", "whole_tower", "fp8")
@@ -38,12 +39,15 @@ class Clock:
         return False
 
 
-def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, device, sync) -> dict:
+def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, device, sync,
+                timed: Callable[[dict], None] | None = None) -> dict:
     """kind: eager (dynamic cache), compiled (static cache, generate's compiled step) or graph (static cache,
     --decode-loop graph: generate's prefill, then decode_loop.GraphDecode's compiled steps); graph_flex and
     prefill_eager: graph with FlexAttention, the latter with the prefill (vision tower, language model) eager;
     whole_tower: graph_flex with the vision tower over the whole batch at once, not in chunks of
-    --vision-chunk-rows images (vision_chunks.py); fp8: graph_flex on the model quantize_for_fp8 quantized."""
+    --vision-chunk-rows images (vision_chunks.py); fp8: graph_flex on the model quantize_for_fp8 quantized.
+    timed(result): called with the timed batches' numbers before the profile (if any) runs, so that a caller
+    can keep them should the profile outlast its time."""
     import torch
     from torch._dynamo.utils import counters
 
@@ -122,6 +126,8 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
         report = cap.decoding_report(batch)  # as the timed batches ran: a compiled part that failed is eager now
         result.update({part: report[part] for part in prefill}, vision_attention=report["vision_attention"])
         if kind in args.profile and cap.static_decode is not None:  # one more batch, after the timed ones
+            if timed is not None:
+                timed(dict(result))
             result["profile"] = profiled(cap, keys, rows, sync, device, args, kind)
     except (RuntimeError, ValueError) as e:  # torch.OutOfMemoryError is a RuntimeError
         result["error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -296,8 +296,11 @@ def main(argv=None) -> int:
                     print(json.dumps({"fp8_weights": result["fp8_weights"]}), flush=True)
                 if kind == "fp8" and "error" in result["fp8_weights"]:
                     continue
-                entry = run_batched(model, processor, pixels, batch, args, kind=kind,
-                                    device=device, sync=sync)
+                def keep(timed: dict, kind=kind) -> None:  # on disk before its profile: a timeout keeps it
+                    write(out, {**result, kind: result[kind] + [{**timed, "profile": "not finished"}]})
+
+                entry = run_batched(model, processor, pixels, batch, args, kind=kind, device=device, sync=sync,
+                                    timed=keep)
                 result[kind].append(entry)
             print(json.dumps({kind: entry}), flush=True)
             write(out, result)

@@ -91,6 +91,23 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     assert result["roofs"]["by_batch"] and "| compiled | 4 |" in (tmp_path / "gpu_check.md").read_text()
 
 
+def test_a_kill_during_the_profile_keeps_the_timed_batches(tmp_path):
+    """gpu_ab.sh kills gpu_check.py at its part's timeout; a profile (a whole extra batch) is the likeliest place.
+    The timed batches it follows are on disk already, marked as such."""
+    killed_in_profile = (
+        "import os, sys; sys.path[:0] = [sys.argv[1], sys.argv[2]]\n"
+        "import gpu_profile; gpu_profile.profile_batch = lambda *a, **k: os._exit(9)\n"
+        "import gpu_check; gpu_check.main(['--cpu-smoke', '--out', sys.argv[3], '--eager-batches', "
+        "'--compiled-batches', '--graph-batches', '--prefill-eager-batches', '--fp8-batches', "
+        "'--whole-tower-batches', '--pipeline-images', '0', '--loop-images', '0', '--profile', 'graph_flex'])\n")
+    proc = subprocess.run([sys.executable, "-c", killed_in_profile, str(REPO / "benchmarks"), str(REPO), str(tmp_path)],
+                          cwd=tmp_path, env=gpu_host_env(tmp_path), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 9, proc.stderr[-3000:]
+    entry, = json.loads((tmp_path / "gpu_check.json").read_text())["graph_flex"]
+    assert entry["img_s"] > 0 and entry["profile"] == "not finished"
+    assert "profile, graph_flex batch 4: not finished" in (tmp_path / "gpu_check.md").read_text()
+
+
 def test_flop_per_image_of_gemma_3_4b():
     """The numbers the GPU check reports for 4B at 896 px, 316 prompt tokens, 200 new tokens."""
     sys.path.insert(0, str(REPO / "benchmarks"))
