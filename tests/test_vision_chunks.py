@@ -73,6 +73,30 @@ def test_with_the_vision_overlap_the_tower_runs_in_chunks_at_assembly(model_and_
     assert ids_of(again, images, phase) == want and tower_batches == [2, 2, 2]
 
 
+def test_a_model_whose_features_come_in_another_form_runs_whole_batches(model_and_processor, images, caplog):
+    """Another model's get_image_features may return a tensor (no pooler_output): the first chunked call runs
+    the whole batch through the model's own method instead, and so do the later ones (logged once)."""
+    import logging
+
+    model, processor = model_and_processor
+    cap = captioner(model, processor, vision_chunk_rows=0)
+    pixels = cap.collate([cap.prepare(im) for im in images])["pixel_values"]
+    inner = model.model
+    sizes = []
+
+    def tensor_features(self, pixel_values, **kwargs):
+        sizes.append(pixel_values.shape[0])
+        return pixel_values.mean(dim=(1, 2, 3))
+
+    chunked = ChunkedImageFeatures(inner, 4)
+    chunked.own = tensor_features.__get__(inner)
+    with caplog.at_level(logging.INFO, logger="vlm_caption.vision_chunks"):
+        first, second = chunked(pixels, return_dict=True), chunked(pixels, return_dict=True)
+    assert torch.equal(first, pixels.mean(dim=(1, 2, 3))) and torch.equal(second, first)
+    assert sizes == [4, 6, 6] and chunked.rows == 0 and chunked.chunked_calls == 0
+    assert caplog.text.count("another form") == 1
+
+
 def test_no_chunks_is_the_model_s_own_method(model_and_processor):
     model, processor = model_and_processor
     captioner(model, processor)  # the default: chunks of VISION_CHUNK_ROWS

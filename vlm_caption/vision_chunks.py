@@ -21,7 +21,11 @@ VisionAhead, which answers the same call with precomputed features, computes the
 """
 from __future__ import annotations
 
+import logging
+
 import torch
+
+log = logging.getLogger(__name__)
 
 
 class ChunkedImageFeatures:
@@ -35,12 +39,20 @@ class ChunkedImageFeatures:
         self.chunked_calls = 0  # calls split into more than one chunk (tests, diagnostics)
 
     def __call__(self, pixel_values: torch.Tensor, **kwargs):
-        if pixel_values.shape[0] <= self.rows or kwargs.get("return_dict") is False:
+        if pixel_values.shape[0] <= self.rows or kwargs.get("return_dict") is False or not self.rows:
             return self.own(pixel_values, **kwargs)
         from transformers.modeling_outputs import BaseModelOutputWithPooling
 
+        pooled = []
+        for chunk in pixel_values.split(self.rows):
+            out = self.own(chunk, **kwargs)
+            if not isinstance(getattr(out, "pooler_output", None), torch.Tensor):  # not Gemma 3's kind of output
+                log.info("vision tower: %s's image features come in another form; it runs over whole batches",
+                         type(self.own.__self__).__name__)
+                self.rows = 0
+                return self.own(pixel_values, **kwargs)
+            pooled.append(out.pooler_output)
         self.chunked_calls += 1
-        pooled = [self.own(chunk, **kwargs).pooler_output for chunk in pixel_values.split(self.rows)]
         return BaseModelOutputWithPooling(pooler_output=torch.cat(pooled))
 
 
