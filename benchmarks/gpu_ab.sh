@@ -28,8 +28,9 @@
 #   cont   bench_continuous.py: --decode-loop continuous against whole batches of 256, the 4B, 1024 images
 #          at caption lengths drawn from 50-200 tokens, chunks of 32 (the default) and 16, with the default
 #          decode attention (flex at 256 slots; run 4 timed chunks of 32 with the grouped sdpa: 1.07x) (<= 5 min)
-#   check  run 5's check again: gpu_check.py at batch 256, the graph loop with FlexAttention and the prefill
-#          compiled against the prefill eager, then the whole pipeline over 768 images (<= 6.5 min)
+#   check  run 5's check at what --batch-size auto picks now: gpu_check.py, graph_flex at 512, then the whole
+#          pipeline over 1,536 images at 512 (its second batch of three is the steady one; run 5: 33.88 img/s
+#          at 256) (<= 7 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
 #   bash benchmarks/gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|all]   (or a comma list: prof,diag; all = all)
 #     -> OUT_DIR/prof/{gpu_check.{json,md,log},profile_graph_flex_{256,512}.txt}, OUT_DIR/diag/{decode_diag.json,
@@ -122,6 +123,6 @@ if want cont; then
   fi
 fi
 if want check; then  # (a bare `want check && ...` as the last line: exit 1 when check is not asked for)
-  gpu_check check 380 --graph-flex-batches 256 --prefill-eager-batches 256 --pipeline-images 768 \
-      --pipeline-batch 256 --pipeline-runs graph --timed-batches 2 --budget-s 360
+  gpu_check check 420 --graph-flex-batches 512 --pipeline-images 1536 --pipeline-batch 512 \
+      --pipeline-runs graph --timed-batches 2 --budget-s 400
 fi
