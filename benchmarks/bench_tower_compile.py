@@ -31,14 +31,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_prefill import build_from_spec  # noqa: E402  (the script beside this one)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_tower_arguments(p: argparse.ArgumentParser, batch: int) -> None:
+    """The arguments of a script that builds the tower (build_tower_model) and times it: here and in
+    bench_vision_chunks.py."""
     p.add_argument("--preset", default="gemma-3-4b", help="tiny_model preset whose vision tower to build")
     p.add_argument("--image-size", type=int, default=224, help="pixels a side (a multiple of the patch size, 14)")
-    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--batch", type=int, default=batch)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--rounds", type=int, default=3)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_tower_arguments(p, batch=2)
     return p.parse_args(argv)
 
 

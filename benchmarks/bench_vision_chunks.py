@@ -32,18 +32,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_tower_compile import build_tower_model  # noqa: E402  (the script beside this one)
+from bench_tower_compile import add_tower_arguments, build_tower_model  # noqa: E402  (the script beside this one)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="gemma-3-4b", help="tiny_model preset whose vision tower to build")
-    p.add_argument("--image-size", type=int, default=224, help="pixels a side (a multiple of the patch size, 14)")
-    p.add_argument("--batch", type=int, default=32)
+    add_tower_arguments(p, batch=32)
     p.add_argument("--chunk-rows", type=int, default=8, help="images a chunk (a run's: 64)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--side", type=int, default=None, help=argparse.SUPPRESS)  # a child: this chunk size, once
     p.add_argument("--features-out", default=None, help=argparse.SUPPRESS)  # where the child saves its features
     return p.parse_args(argv)
