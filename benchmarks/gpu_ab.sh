@@ -25,9 +25,10 @@
 #   thresh gpu_check.py at batch 128, where --decode-attention auto starts taking FlexAttention (run 4: flex
 #          1.45x faster a layer at 256, 1.22x slower at 64, 128 unmeasured): the graph loop with the grouped
 #          sdpa vs with flex (<= 4 min)
-#   cont   bench_continuous.py: --decode-loop continuous against whole batches of 256, the 4B, 1024 images
-#          at caption lengths drawn from 50-200 tokens, chunks of 32 (the default) and 16, with the default
-#          decode attention (flex at 256 slots; run 4 timed chunks of 32 with the grouped sdpa: 1.07x) (<= 5 min)
+#   cont   bench_continuous.py: --decode-loop continuous against whole batches of 512 (what --batch-size auto
+#          picks now), the 4B, 1,536 images at caption lengths drawn from 50-200 tokens, chunks of 64 (the
+#          default, slots/8) and 32, with the default decode attention (flex; run 4 timed 256 slots in chunks of
+#          32 with the grouped sdpa: 1.07x) (<= 5.5 min)
 #   check  run 5's check at what --batch-size auto picks now: gpu_check.py, graph_flex at 512, then the whole
 #          pipeline over 1,536 images at 512 (its second batch of three is the steady one; run 5: 33.88 img/s
 #          at 256) (<= 7 min)
@@ -113,11 +114,11 @@ if want diag; then
 fi
 want thresh && gpu_check thresh 240 --graph-batches 128 --graph-flex-batches 128 --pipeline-images 0 --budget-s 200
 if want cont; then
-  t=$(timeout_for 290)
+  t=$(timeout_for 330)
   if ((t == 0)); then skipped cont; else
     mkdir -p "$out/cont"
-    timeout "$t" "$PY" benchmarks/bench_continuous.py --preset gemma-3-4b --images 1024 --slots 256 \
-        --max-tokens 200 --min-frac 0.25 --chunk-rows 32 16 --rounds 1 > "$out/cont/bench_continuous.log" 2>&1
+    timeout "$t" "$PY" benchmarks/bench_continuous.py --preset gemma-3-4b --images 1536 --slots 512 \
+        --max-tokens 200 --min-frac 0.25 --chunk-rows 64 32 --rounds 1 > "$out/cont/bench_continuous.log" 2>&1
     echo "bench_continuous exit $?" | tee -a "$out/gpu.txt"
     grep '^{' "$out/cont/bench_continuous.log" | cut -c1-1500
   fi
