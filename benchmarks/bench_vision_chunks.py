@@ -8,10 +8,11 @@ on each side, with batch_size.row_memory's estimate of it beside, and that the c
 
 The tower is SigLIP at the preset's width and depth (the 4B's: 1,152 wide, 27 layers) at --image-size pixels
 (default 224: 256 patches, a sixteenth of 896's, so a CPU runs it in seconds); the language model is the tiny
-preset's and unused. Each side calls the model's `get_image_features` as generate's prefill does. Peak memory: on CUDA
-torch's peak allocated; on a CPU each side runs in a fresh process and the peak resident set is read above what
-the process held before the call (large tensors are mmap'd and given back when freed, so the resident set
-follows what is alive). The sides alternate, best of --rounds.
+preset's and unused. Each side calls the model's `get_image_features` as generate's prefill does. Peak memory:
+on CUDA torch's peak allocated; on a CPU each side runs in a fresh process and the peak resident set is read
+above what the process held before the call, with glibc's malloc told to give large blocks back when freed
+(bench_prefill_memory.EXACT_RESIDENT_SET), so that the resident set follows what is alive. The sides
+alternate, best of --rounds.
 
   OMP_NUM_THREADS=2 python benchmarks/bench_vision_chunks.py                     # CPU: 32 images, chunks of 8
   python benchmarks/bench_vision_chunks.py --device cuda --image-size 896 --batch 256 --chunk-rows 64 --dtype bfloat16
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -32,7 +34,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_tower_compile import add_tower_arguments, build_tower_model  # noqa: E402  (the script beside this one)
+from bench_prefill_memory import EXACT_RESIDENT_SET  # noqa: E402  (the scripts beside this one)
+from bench_tower_compile import add_tower_arguments, build_tower_model  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -89,7 +92,8 @@ def cpu_side(args, chunk_rows: int, folder: Path) -> dict:
     features = folder / f"features_{chunk_rows}.pt"
     same = [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in ("preset", "image_size", "batch", "dtype")]
     out = subprocess.run([sys.executable, str(Path(__file__).resolve()), *same, "--side", str(chunk_rows),
-                          "--features-out", str(features)], check=True, capture_output=True, text=True)
+                          "--features-out", str(features)], check=True, capture_output=True, text=True,
+                         env={**os.environ, **EXACT_RESIDENT_SET})
     side = json.loads(out.stdout.strip().splitlines()[-1])
     side["features"] = torch.load(features)
     return side

@@ -327,6 +327,18 @@ def test_bench_vision_chunks_measures_both_sides_peak_in_their_own_processes(tmp
     assert not [p.name for p in temporary.iterdir() if p.name.startswith("tmp")]
 
 
+def test_row_memory_bounds_the_language_model_s_prefill(tmp_path):
+    """benchmarks/bench_prefill_memory.py at the 4B's width (one layer, 2 rows of 128 tokens, bf16): what the
+    prefill holds a row, eager and compiled layer by layer, is under batch_size.row_memory's estimate, which
+    --batch-size auto trusts (and not far under it: the estimate counts the right things)."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_prefill_memory.py"), "--layers", "1",
+                           "--batch", "2", "--prompt", "128"], cwd=tmp_path, env=gpu_host_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    assert 0.4 < result["eager_of_estimate"] <= 1.0 and 0 < result["compiled_of_estimate"] <= 1.0, result
+
+
 def test_bench_fp8_times_every_layer_shape_and_measures_the_logits_drift(tmp_path):
     """benchmarks/bench_fp8.py on the tiny preset (compiled FP8 side, the GPU host's absent packages shadowed):
     each of the preset's linear shapes on both sides at its rows per image, and the first token's logits before
