@@ -1,6 +1,6 @@
 """The vision tower over a batch in chunks of images (vlm_caption/vision_chunks.py) on the tiny Gemma 3 (CPU):
-the same features and greedy tokens as over the whole batch, on every decode path and with --vision-overlap,
-and the auto batch size no longer paying the tower's activations per row."""
+the same features and greedy tokens as over the whole batch, on the generate and graph loops and with
+--vision-overlap, and the auto batch size no longer paying the tower's activations per row."""
 from __future__ import annotations
 
 import pytest
