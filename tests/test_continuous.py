@@ -143,6 +143,9 @@ def test_cli_continuous_captions_like_the_default_run(full_run, tiny_model_dir, 
     assert decoding["vision_tower"] == decoding["language_model_prefill"] == "compiled"  # the chunks' prefills
     assert decoding["decode_step"] == "compiled"  # (the batches' step, had the stream handed any back)
     default = json.loads((default_ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
+    retried = int((want["caption_attempts"] == 2).sum())  # a CPU's retries: one call after each batch needing it
+    assert (default.pop("retry_gathered_rows"), default.pop("retried_captions")) == (1, retried)
+    assert 0 < default.pop("retry_calls") <= min(retried, -(-len(want) // 4))
     assert default == {"batch_size": 4, "loop": "generate", "static_cache": False, "attention": "auto: sdpa",
                        "decode_step": "eager", "vision_tower": "eager", "language_model_prefill": "eager",
                        "vision_attention": "sdpa (torch's pick)", "vision_chunk_rows": 64, "fp8_layers": 0}

@@ -15,7 +15,8 @@ RETRY_NO_REPEAT_NGRAM = 4  # a retried caption never repeats a 4-gram
 RETRY_REPETITION_PENALTY = 1.15  # --retry-repetition-penalty's default: the second try of a flagged caption
 AUTO_BATCH_CAP = 512  # --batch-size auto on CUDA: the largest batch tried (free memory decides below it)
 VISION_CHUNK_ROWS = 64  # images the vision tower runs over at a time: its activations do not cap the batch
-GPU_MIN_BUCKET = 64  # on a GPU fewer rows (a retry) run padded to this: a new size is a compile (static_decode.py)
+GPU_MIN_BUCKET = 64  # on a GPU fewer rows (a retry) run padded to this: a new size is a compile (static_decode.py);
+#                    flagged captions gather to this many for their retry (retry_pool.py)
 AUTO_BATCH_CPU = 32  # --batch-size auto on CPU and for the dummy engine: best for the small preset (BENCHMARKS.md)
 
 
@@ -30,6 +31,7 @@ class CaptionBackend(Protocol):
     model_name: str  # written into every row (caption_model)
     target_size: int  # the image side the engine wants: the loader decodes JPEGs at a matching reduced scale
     default_batch_size: int  # where --batch-size auto starts (it halves on out-of-memory)
+    retry_rows: int  # flagged captions gathered (across batches) for one retry call: where a call costs ~as 1 row
 
     def prepare(self, image) -> Any:
         """One decoded RGB PIL image -> the engine's input for it; runs in a loader thread."""

@@ -1,7 +1,8 @@
 """The captioning loop: plan.todo_keys through the backend into parts, on three threads.
 
 - the generate thread (the caller's) only generates: it reads the loader, hands each batch to the backend
-  (Batches: out-of-memory back-off; or stream_loop with --decode-loop continuous) and posts its results;
+  (Batches: out-of-memory back-off; or stream_loop with --decode-loop continuous) and posts its results, the
+  rows with a flagged caption once their second try is made (retry_pool: gathered across batches);
 - the assembler thread assembles the next batch (stacked, pinned, copied) while the current one runs;
 - the writer thread decodes captions, builds rows and writes parts and failures, in order.
 
@@ -16,13 +17,14 @@ import time
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from . import dataset, loader, prompt_plan, rows as rowcols, store, stream_loop
 from .backends import CaptionBackend, make_backend
-from .batches import Batches, Result, Retries, assemble_all, failure_row, prompts_for
+from .batches import Batches, Result, Retries, assemble_all, failure_row
 from .config import RunConfig, public_model_name
 from .interrupts import StopSignals
+from .retry_pool import RetryPool
 
 if TYPE_CHECKING:
     from .pipeline import RunStats
@@ -70,11 +72,16 @@ class CaptionLoop:
                                on_back_off=self.drop_upcoming)
         log.info("batch size %d (%s)", self.batches.size, "--batch-size" if cfg.batch_size else
                  "auto: the backend's start for this device; it halves on out-of-memory")
+        # Rows with a flagged caption wait for their second try, gathered across batches (0: no second try).
+        self.retry_pool = RetryPool(backend, self.specs, backend.retry_rows if cfg.retry_repetition_penalty > 0
+                                    else 0, batch_rows=lambda: self.batches.size,
+                                    post=lambda results, retries: self.later(self.record, results, retries),
+                                    should_stop=self.batches.should_stop)
         self.rows: list[dict] = []  # captioned rows not yet in a part (the writer thread's)
         self.failures: list[dict] = []  # failure rows not yet written (the writer thread's)
         # The generate thread only generates. The next batch is assembled (stacked, pinned, copied) on one
         # background thread while the current one runs; captions are decoded, rows built and parts written on
-        # another, in order (with the inline retry on, a batch's texts are decoded on the generate thread to judge
+        # another, in order (with the second try on, a batch's texts are decoded on the generate thread to judge
         # them: milliseconds a batch). Their errors (a full disk) surface on the generate thread at its next step.
         self.assembler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="assemble")
         self.post = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write")
@@ -114,16 +121,20 @@ class CaptionLoop:
                         self.next_batch(batch)
                     if self.ready is not None and not stop.requested:
                         self.run_batch(*self.ready)
+                    if not stop.requested:
+                        self.timed(self.retry_pool.flush)  # the last rows waiting for their second try
                     self.drain()  # inside: a signal now asks to stop instead of cutting the wait short
                 stop.raise_if_requested()
-            except KeyboardInterrupt:  # every caption already made is kept; the batch in flight is redone
+            except KeyboardInterrupt:  # (and Interrupted) every caption made is kept; the batch in flight and the
+                # rows waiting for a retry are redone on resume
                 self.loaded.close()  # stop the loader threads before writing
                 self.drain()
+                self.say_dropped()
                 self.flush(force=True)
                 raise
         self.flush(force=True)
         report = getattr(self.backend, "decoding_report", None)  # (the transformers backend's: its loop, cache, steps)
-        self.stats.decoding = {"batch_size": self.batches.size,
+        self.stats.decoding = {"batch_size": self.batches.size, **self.retry_pool.report(),
                                **(report(self.batches.size) if report is not None else {})}
 
     # ------------------------------------------------------------ the generate thread
@@ -138,20 +149,23 @@ class CaptionLoop:
 
     def run_batch(self, batch: list[loader.Loaded], assembled: Future | None) -> None:
         """Generate thread: one batch through Batches (out-of-memory back-off), timed as generate time."""
+        self.timed(lambda: self.captioned(self.batches.caption(batch, assembled)))
+
+    def timed(self, work: Callable[[], None]) -> None:
         started = time.monotonic()
-        self.captioned(self.batches.caption(batch, assembled))
+        work()
         self.stats.generate_s += time.monotonic() - started
 
     def captioned(self, results: list[Result]) -> None:
-        """Generate thread: the inline retry of flagged captions, then the rows posted to the writer thread."""
-        backend, specs, batches = self.backend, self.specs, self.batches
-        retries = [[rowcols.retry_flagged(backend, [i.row["key"] for i in items], [i.inputs for i in items],
-                                          caps_j, spec, should_stop=batches.should_stop,
-                                          prompts=prompts_for(spec, items)) for spec, caps_j in zip(specs, caps)]
-                   if caps is not None and self.cfg.retry_repetition_penalty > 0 else [{} for _ in specs]
-                   for items, caps, _ in results]
+        """Generate thread: the rows posted to the writer thread, those with a flagged caption after its retry."""
         if not self.stop.requested:  # else generate was cut short: incomplete captions, resume redoes them
-            self.later(self.record, results, retries)
+            self.retry_pool.add(results)
+
+    def say_dropped(self) -> None:
+        """Generate thread, stopping on a signal: the rows that waited for a retry go like the batch in flight."""
+        if self.retry_pool.waiting:
+            log.info("%d captioned rows waiting for the second try of a flagged caption are not written; resume "
+                     "captions them again", len(self.retry_pool.waiting))
 
     def continuous(self, items) -> list[loader.Loaded]:
         """--decode-loop continuous: all of `items` through the backend's stream; what it leaves goes in batches."""

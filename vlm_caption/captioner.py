@@ -81,6 +81,8 @@ class Captioner:
         self.fill_short_batches = self.device.type == "cuda" and self.static_decode is not None and \
             self.static_decode.compile_config is not None and self.continuous is None
         self.min_bucket = GPU_MIN_BUCKET if self.fill_short_batches else 1
+        # A GPU's generate call costs about the same at 1 row as at 64: flagged rows gather for it (retry_pool.py).
+        self.retry_rows = GPU_MIN_BUCKET if self.device.type == "cuda" else 1
         self.retry_config = self._retry_config(retry_repetition_penalty)
         # The next batch's vision tower runs while this one decodes (vision_ahead.py).
         self.vision_ahead = VisionAhead.of(model, self.device) if vision_overlap else None

@@ -32,6 +32,7 @@ PREAMBLE = "Here is a detailed description of the image:\n"
 
 class DummyBackend:
     target_size = 224  # small: the loader's draft decode makes big JPEGs cheap
+    retry_rows = 1  # a call costs what its rows do: each batch's flagged captions are retried right after it
 
     def __init__(self, *, model_name: str, prompt: str, max_tokens: int, min_tokens: int = 0,
                  default_batch_size: int = AUTO_BATCH_CPU):

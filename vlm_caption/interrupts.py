@@ -1,8 +1,9 @@
 """SIGTERM (what Slurm and Kubernetes send before SIGKILL) and SIGINT (Ctrl-C) stop a run the same way.
 
-While captioning, the first signal only asks to stop: generate ends at its next token, the batch in flight is
-dropped (its rows are captioned again on resume), the finished captions are written to a part, a bounded
-final push runs, and the process exits 128 + the signal number. Anywhere else, and on a second signal, the
+While captioning, the first signal only asks to stop: generate ends at its next token, the batch in flight and
+the rows waiting for the second try of a flagged caption (retry_pool.py) are dropped (captioned again on
+resume), the finished captions are written to a part, a bounded final push runs, and the process exits 128 +
+the signal number. Anywhere else, and on a second signal, the
 signal raises Interrupted at once (atomic writes leave no half file behind).
 
 A signal within SAME_STOP_S of the first is the same stop delivered twice, not a second one: Slurm signals every

@@ -1,26 +1,21 @@
 """From a generated Caption to the caption columns of an output row: the preamble stripped, quality flags,
-the inline retry of flagged captions, and counts of flags for the run summary and the dataset card.
-
-`retry_flagged` runs on the generate thread (it calls the backend); the rest are pure functions of captions
-that the pipeline calls on its writer thread.
+which captions are worth a second try (retry_pool.py runs it), and counts of flags for the run summary and the
+dataset card. Pure functions of captions, called on the writer thread (wants_retry on the generate thread).
 """
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
-from .backends import Caption, CaptionBackend
+from .backends import Caption
 from .prompt_plan import PromptSpec, run_specs
 from .prompts import read_json_caption
 from .quality import FLAGS, caption_flags, strip_preamble
 
-log = logging.getLogger(__name__)
-
 FLAGS_COLUMN = "caption_flags"
 FLAGS_BY_PROMPT = FLAGS_COLUMN + "_by_prompt"  # run_summary.json's and runs/{run_id}.json's counts per prompt
-# A caption with one of these is generated once more in the same run (rows.retry_flagged).
+# A caption with one of these is generated once more in the same run (retry_pool.py).
 RETRY_FLAGS = ("empty", "repetition", "invalid_json")
 
 
@@ -122,29 +117,6 @@ def flags_by_prompt(per_prompt: Mapping[str, Any], count: Callable[[Any], dict[s
 
 
 _PLAIN = ("vlm_caption", "caption_finish", "caption_tokens", FLAGS_COLUMN, "caption_attempts")
-_GENERATE_ERRORS = (RuntimeError, ValueError, IndexError, MemoryError)
-
-
-def retry_flagged(backend: CaptionBackend, keys: Sequence[str], inputs: Sequence[Any], caps: Sequence[Caption],
-                  spec: PromptSpec | None = None, should_stop: Callable[[], bool] | None = None,
-                  prompts: Sequence[str] | None = None) -> dict[int, Caption]:
-    """Generate the captions that call for it (RETRY_FLAGS) once more with retry=True; index -> retry.
-
-    On the generate thread, right after the batch: the writer thread never waits for the accelerator. A
-    failed retry (out of memory, say) keeps the first captions: it is logged, never a failure of the row."""
-    redo = [i for i, cap in enumerate(caps) if wants_retry(cap, spec)]
-    if not redo:
-        return {}
-    try:
-        again = backend.generate([keys[i] for i in redo], [inputs[i] for i in redo], should_stop=should_stop,
-                                 retry=True, prompts=None if prompts is None else [prompts[i] for i in redo])
-        return dict(zip(redo, again))
-    except _GENERATE_ERRORS as e:
-        if backend.is_out_of_memory(e):
-            backend.free_memory()
-        log.warning("the retry of %d flagged captions failed (%s: %s); their first captions are kept",
-                    len(redo), type(e).__name__, str(e).splitlines()[0] if str(e) else "")
-        return {}
 
 
 def conform(table, schema):
