@@ -32,13 +32,16 @@
 #   check  run 5's check at what --batch-size auto picks now: gpu_check.py, graph_flex at 512, then the whole
 #          pipeline over 1,536 images at 512 (its second batch of three is the steady one; run 5: 33.88 img/s
 #          at 256) (<= 7 min)
+#   retry  bench_retry_pool.py: the whole pipeline at 512, 1,536 images, 3 % of first captions flagged (by
+#          key), retried after each batch vs gathered 64 at a time (what a GPU does now), and one retry call's
+#          time at 1 and at 64 rows; compiles ~4 min first (a device call of its own: <= 9.5 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
-#   bash benchmarks/gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|all]   (or a comma list: prof,diag; all = all)
+#   bash benchmarks/gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|retry|all]   (or a comma list: prof,diag)
 #     -> OUT_DIR/prof/{gpu_check.{json,md,log},profile_graph_flex_{256,512}.txt}, OUT_DIR/diag/{decode_diag.json,
 #        profile.txt,decode_diag.log,tower_attention.log},
 #        OUT_DIR/fp8/{bench_fp8.log,gpu_check.{json,md,log},profile_fp8_256.txt},
 #        OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log,
-#        OUT_DIR/check/gpu_check.{json,md,log}
+#        OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/retry/bench_retry_pool.log
 set -uo pipefail
 usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }  # the header, up to the code
 case ${1:-} in
@@ -46,12 +49,12 @@ case ${1:-} in
     -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;
 esac
 parts=${2:-all}
-[[ $parts == all ]] && parts=prof,diag,fp8,thresh,cont,check
+[[ $parts == all ]] && parts=prof,diag,fp8,thresh,cont,check,retry
 IFS=, read -ra wanted <<< "$parts"
 for part in "${wanted[@]}"; do
     case $part in
-        prof|diag|fp8|thresh|cont|check) ;;
-        *) echo "gpu_ab.sh: unknown part '$part' (prof, diag, fp8, thresh, cont, check, all, or a comma list of them)" >&2
+        prof|diag|fp8|thresh|cont|check|retry) ;;
+        *) echo "gpu_ab.sh: unknown part '$part' (prof, diag, fp8, thresh, cont, check, retry, all, or a comma list of them)" >&2
            usage >&2; exit 2 ;;
     esac
 done
@@ -123,7 +126,17 @@ if want cont; then
     grep '^{' "$out/cont/bench_continuous.log" | cut -c1-1500
   fi
 fi
-if want check; then  # (a bare `want check && ...` as the last line: exit 1 when check is not asked for)
+if want check; then
   gpu_check check 420 --graph-flex-batches 512 --pipeline-images 1536 --pipeline-batch 512 \
       --pipeline-runs graph --timed-batches 2 --budget-s 400
+fi
+if want retry; then  # (a bare `want retry && ...` as the last line: exit 1 when retry is not asked for)
+  t=$(timeout_for 570)
+  if ((t == 0)); then skipped retry; else
+    mkdir -p "$out/retry"
+    timeout "$t" "$PY" benchmarks/bench_retry_pool.py --preset gemma-3-4b --images 1536 --batch-size 512 \
+        --gather 64 --new-tokens 200 --flag-rate 0.03 --compile on --rounds 1 > "$out/retry/bench_retry_pool.log" 2>&1
+    echo "bench_retry_pool exit $?" | tee -a "$out/gpu.txt"
+    grep '^{' "$out/retry/bench_retry_pool.log" | cut -c1-1500
+  fi
 fi

@@ -11,31 +11,42 @@ PIPELINE_RUNS = {"plain": ("pipeline", False, "generate"), "overlap": ("pipeline
                  "graph": ("pipeline_graph", False, "graph"), "overlap_graph": ("pipeline_overlap_graph", True, "graph")}
 
 
-def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: int, prompt: str,
-                 vision_overlap: bool = False, decode_loop: str = "generate") -> dict:
-    """The whole pipeline (pipeline.run: loader threads, background assembly, generate, writer thread, part
-    files; no Hub) over `--pipeline-images` art-sized JPEGs with the model already built (make_backend is
-    bypassed), compiled static decode: run_summary.json's captioning rate (after the first batch) and the
-    steady rate of the batches between the first and the last."""
+def write_data_dir(data: Path, paths: list[Path], images: int) -> Path:
+    """A data dir in img2dataset's layout of `images` rows, cycling through the JPEGs `paths` (sample_data.py's
+    needs exifread, which the GPU host lacks)."""
     import shutil
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vlm_caption import caption_loop, data_layout, pipeline
-    from vlm_caption.captioner import Captioner
-    from vlm_caption.config import RunConfig
+    from vlm_caption import data_layout
     from vlm_caption.validate import FULL_METADATA_SCHEMA
 
-    data, ckpt = root / "data", root / "ckpt"
     rows = []
-    for i in range(args.pipeline_images):
+    for i in range(images):
         key = data_layout.img2dataset_key(i, 10_000)
         name = data_layout.image_file_name(0, key)
         (data / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(paths[i % len(paths)], data / name)
         rows.append({"key": key, "file_name": name, "url": f"http://127.0.0.1/{key}.jpg", "caption": "art"})
     pq.write_table(pa.Table.from_pylist(rows, schema=FULL_METADATA_SCHEMA), data / data_layout.FULL_METADATA_FILE)
+    return data
+
+
+def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: int, prompt: str,
+                 vision_overlap: bool = False, decode_loop: str = "generate") -> dict:
+    """The whole pipeline (pipeline.run: loader threads, background assembly, generate, writer thread, part
+    files; no Hub) over `--pipeline-images` art-sized JPEGs with the model already built (make_backend is
+    bypassed), compiled static decode: run_summary.json's captioning rate (after the first batch) and the
+    steady rate of the batches between the first and the last."""
+    import pyarrow.parquet as pq
+
+    from vlm_caption import caption_loop, pipeline
+    from vlm_caption.captioner import Captioner
+    from vlm_caption.config import RunConfig
+
+    data, ckpt = root / "data", root / "ckpt"
+    write_data_dir(data, paths, args.pipeline_images)
 
     batch_ends: list[float] = []  # when each batch's generate returned (one generate thread: back to back)
 
@@ -71,8 +82,8 @@ def run_pipeline(model, processor, paths: list[Path], root: Path, args, batch: i
     finally:
         caption_loop.make_backend = real
     summary = json.loads((ckpt / "run_summary.json").read_text())["this_run"]
-    # The inline retry (rows.retry_flagged) would generate a flagged caption once more, and random weights
-    # write garbage that is flagged nearly always: it is off above (runs 1 and 2 had it on); counted anyway.
+    # The second try (retry_pool.py) would generate a flagged caption once more, and random weights write
+    # garbage that is flagged nearly always: it is off above (runs 1 and 2 had it on); counted anyway.
     attempts = pq.read_table(ckpt / "all_captions.parquet", columns=["caption_attempts"]).column(0).to_pylist()
     retried = sum(1 for a in attempts if a and a > 1)
     rate = summary.get("captioning_img_per_s") or 0

@@ -183,8 +183,8 @@ def test_gpu_ab_script_passes_flags_its_scripts_know(tmp_path):
     text = (REPO / "benchmarks" / "gpu_ab.sh").read_text().replace("\\\n", " ")
     assert subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_ab.sh")]).returncode == 0
     calls = re.findall(r'benchmarks/(\w+)\.py (.*?)(?:>|$)', text, flags=re.M)
-    assert {name for name, _ in calls} == {"bench_attention", "bench_continuous", "bench_fp8", "decode_diag",
-                                           "gpu_check"}
+    assert {name for name, _ in calls} == {"bench_attention", "bench_continuous", "bench_fp8", "bench_retry_pool",
+                                           "decode_diag", "gpu_check"}
     # the gpu_check function's own flags, then each part's ("$@")
     parts = re.findall(r'^\s*(?:want \w+ && )?gpu_check (\w+) \d+ (.*)$', text, flags=re.M)
     assert {part for part, _ in parts} == {"check", "thresh", "prof", "fp8"}
@@ -226,7 +226,7 @@ def test_gpu_ab_help_and_a_wrong_part_run_nothing(tmp_path):
     env = {**os.environ, "PYTHON": "false"}  # a python that ran would fail the checks below
     shown = subprocess.run(["bash", str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=60)
-    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|all]" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|retry|all]" in shown.stdout, shown.stderr
     assert "set -uo" not in shown.stdout and "bench_continuous.log" in shown.stdout  # the whole header, only
     wrong = subprocess.run(["bash", str(script), str(tmp_path / "out"), "chek"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
@@ -268,6 +268,25 @@ def test_bench_continuous_runs_where_the_gpu_host_would(tmp_path):
     summary = lines[-1]["summary"]
     assert summary["chunk"] == 1 and summary["fewer_steps"] > 1
     assert round(summary["steps_per_img"]["batches"] * 16) == sides["batches"]["decode_steps"]
+
+
+def test_bench_retry_pool_runs_where_the_gpu_host_would(tmp_path):
+    """benchmarks/bench_retry_pool.py (gpu_ab.sh's `retry` part) on the tiny preset, the GPU host's absent
+    packages shadowed: both sides retry the same captions (flagged by key at --flag-rate), the gathered side in
+    fewer calls, and the rows come out the same."""
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_retry_pool.py"), "--preset", "tiny",
+                           "--images", "96", "--batch-size", "8", "--gather", "8", "--new-tokens", "4",
+                           "--flag-rate", "0.1", "--rounds", "1"], cwd=tmp_path, env=gpu_host_env(tmp_path),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    sides = {x["side"]: x for x in lines if "side" in x}
+    assert sides["each"]["retry_rows"] == 1 and sides["gathered"]["retry_rows"] == 8
+    summary = lines[-1]
+    each_calls, gathered_calls = summary["retry_calls"]
+    assert summary["same_captions"] and summary["retried_captions"][0] == summary["retried_captions"][1] > 0
+    assert 0 < gathered_calls < each_calls and summary["gathered_vs_each"] > 0
+    assert summary["retry_call_s_1_row"] > 0 and summary["retry_call_s_8_rows"] > 0
 
 
 def test_bench_prefill_counts_elementwise_bytes_and_times_both_sides(tmp_path):
