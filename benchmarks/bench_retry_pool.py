@@ -10,8 +10,8 @@ Each side reports its rate, its retry calls and captions; the summary line their
 sides alternating), whether the captions came out the same, and one retry call's time at 1 row and at
 --gather rows (how flat a call's cost is in its rows decides the gain: flat on a GPU).
 
-    python benchmarks/bench_retry_pool.py [--preset tiny] [--images 256] [--batch-size 32] [--gather 16]
-        [--new-tokens 32] [--flag-rate 0.03] [--rounds 3]                                 # CPU
+    OMP_NUM_THREADS=1 python benchmarks/bench_retry_pool.py [--preset tiny] [--images 512] [--batch-size 32]
+        [--gather 16] [--new-tokens 32] [--flag-rate 0.03] [--rounds 3]                   # CPU
     python benchmarks/bench_retry_pool.py --preset gemma-3-4b --images 2048 --batch-size 512 --gather 64
         --new-tokens 200 --rounds 1 --compile on                                           # a GPU
 """
@@ -33,9 +33,9 @@ PROMPT = "Describe this artwork."
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="tiny", help="tiny_model preset (tiny, small; gemma-3-4b on a GPU)")
-    p.add_argument("--images", type=int, default=256)
+    p.add_argument("--images", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--gather", type=int, default=16, help="the gathered side's retry_rows")
     p.add_argument("--new-tokens", type=int, default=32, help="new tokens a caption, exactly")
