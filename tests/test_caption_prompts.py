@@ -248,7 +248,7 @@ def test_per_row_prompts_with_the_static_cache_and_its_dynamic_fallback(tiny_mod
                     ["Describe.", "Describe this artwork " + "in great detail " * 20, "Describe it."]):  # do not
         want = [c.text for c in dynamic.generate(keys, pixels, prompts=prompts)]
         assert [c.text for c in static.generate(keys, pixels, prompts=prompts)] == want
-    assert static._static_fallback_logged  # the long prompt ran with the dynamic cache
+    assert static.static_decode.said_too_long  # the long prompt ran with the dynamic cache
 
 
 def test_the_backend_sizes_its_caches_by_the_longest_prompt_of_the_runs_own_rows(sample_data_dir, tmp_path,

@@ -43,7 +43,7 @@ def test_a_chunk_too_long_for_the_ring_is_handed_back_before_the_next_is_read(mo
     """Handed-back chunks waited for the next chunk to finish decoding; with no row decoding (every prompt too
     long for the ring, say) the stream read the whole rest of the input, every image held, before the first."""
     cap = continuous_captioner(*model_and_processor)
-    monkeypatch.setattr(cap, "_fits_static", lambda prompt_tokens: False)
+    monkeypatch.setattr(cap.static_decode, "fits", lambda prompt_tokens, new_tokens: False)
     pixels = [cap.prepare(im) for im in images]
     read: list[int] = []
 

@@ -68,7 +68,6 @@ class Captioner:
         # Assembler (encode, pad), writer (decode) and a retry (encode) share the tokenizer: a fast tokenizer
         # changed by one thread mid-call of another raises "Already borrowed" (a healthy batch failed).
         self._tokenizer_lock = threading.RLock()
-        self._static_fallback_logged = False
         self.prompt_inputs = self._encode_prompt(prompt)
         self.gen_config = self._generation_config(max_tokens, min_tokens)
         self.static_decode = self._static_decode(compile, max_tokens, compile_options or {})
@@ -320,7 +319,8 @@ class Captioner:
 
             extra["stopping_criteria"] = StoppingCriteriaList([StopWhen(should_stop)])
         try:
-            if self.static_decode is not None and self._fits_static(inputs["input_ids"].shape[-1]):
+            if self.static_decode is not None and \
+                    self.static_decode.fits(inputs["input_ids"].shape[-1], self.gen_config.max_new_tokens):
                 name, extra[name] = self.static_decode.cache_for(rows)  # (a new one allocates: out of memory?)
             if self.graph_decode is not None and not retry and "logits_processor" not in extra and \
                     self.static_decode.cache_name in extra:
@@ -388,17 +388,6 @@ class Captioner:
         from .continuous import stream_captions
 
         return stream_captions(self, next_chunk, slots, should_stop)
-
-    def _fits_static(self, prompt_tokens: int) -> bool:
-        """Whether this batch's prompts fit the static cache (sized for the run's prompt); a longer templated
-        prompt runs with the dynamic cache instead."""
-        if prompt_tokens + self.gen_config.max_new_tokens <= self.static_decode.max_cache_len:
-            return True
-        if not self._static_fallback_logged:
-            log.info("a batch's prompts (%d tokens) are longer than the static cache holds; such batches decode "
-                     "with the dynamic cache", prompt_tokens)
-            self._static_fallback_logged = True
-        return False
 
     def _finish(self, tokens: torch.Tensor) -> Caption:
         ids = tokens.tolist()

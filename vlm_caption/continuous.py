@@ -260,7 +260,7 @@ def stream_captions(cap, next_chunk: Callable[[bool], tuple[Any, Any] | None], s
         got = next_chunk(wait)
         if got is None:
             return None
-        if cap._fits_static(got[1].inputs["input_ids"].shape[-1]):
+        if cap.static_decode.fits(got[1].inputs["input_ids"].shape[-1], cap.gen_config.max_new_tokens):
             return prefill(cap, *got)
         return HandedBack(got[0])
 

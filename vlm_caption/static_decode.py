@@ -129,6 +129,18 @@ class StaticDecode:
     run_batch: int = 0  # the largest batch seen: the usual bucket
     dtype: torch.dtype | None = None  # the language model's: the cache buffers' (None: at their first update)
     device: torch.device | None = None
+    said_too_long: bool = False  # fits() logged a batch whose prompts the cache does not hold
+
+    def fits(self, prompt_tokens: int, new_tokens: int) -> bool:
+        """Whether a batch's prompts fit the caches (sized for the run's longest prompt); a longer templated
+        prompt runs with the dynamic cache instead (said once)."""
+        if prompt_tokens + new_tokens <= self.max_cache_len:
+            return True
+        if not self.said_too_long:
+            log.info("a batch's prompts (%d tokens) are longer than the static cache holds; such batches decode "
+                     "with the dynamic cache", prompt_tokens)
+            self.said_too_long = True
+        return False
 
     def generation_settings(self) -> dict[str, Any]:
         """Attributes to set on the run's GenerationConfig (the cache itself goes in per call)."""
