@@ -3,8 +3,8 @@
 While captioning, the first signal only asks to stop: generate ends at its next token, the batch in flight and
 the rows waiting for the second try of a flagged caption (retry_pool.py) are dropped (captioned again on
 resume), the finished captions are written to a part, a bounded final push runs, and the process exits 128 +
-the signal number. Anywhere else, and on a second signal, the
-signal raises Interrupted at once (atomic writes leave no half file behind).
+the signal number. Anywhere else, and on a second signal, the signal raises Interrupted at once (atomic writes
+leave no half file behind).
 
 A signal within SAME_STOP_S of the first is the same stop delivered twice, not a second one: Slurm signals every
 process of the job at its time limit and torchrun (or srun) forwards the signal it got to its workers as well,
