@@ -106,14 +106,8 @@ class Captioner:
         static, reason = prepare_static_decode(self.model, self.prompt_inputs["input_ids"].shape[-1] + max_tokens,
                                                **options)
         log.info("decode: %s", reason)
-        if static is not None and static.compile_config is not None and self.device.type == "cuda":
-            log.info("the first batch compiles the prefill (the vision tower's and the language model's layers), "
-                     "and the first of each size the decode step, before it runs (H100, 256 rows: ~90 s the decode "
-                     "step; the prefill ~140 s when each part was one graph, less now); --compile-cache keeps the "
-                     "kernels for a relaunch")
         if static is not None:
-            for name, value in static.generation_settings().items():
-                setattr(self.gen_config, name, value)
+            static.configure(self.gen_config)
         return static
 
     def _graph_decode(self, decode_loop: str, options: dict[str, Any]):

@@ -142,11 +142,11 @@ class StaticDecode:
             self.said_too_long = True
         return False
 
-    def generation_settings(self) -> dict[str, Any]:
-        """Attributes to set on the run's GenerationConfig (the cache itself goes in per call)."""
-        if self.compile_config is None:
-            return {"cache_implementation": None, "compile_config": None, "disable_compile": True}
-        return {"cache_implementation": None, "compile_config": self.compile_config, "disable_compile": False}
+    def configure(self, generation_config) -> None:
+        """Set the run's GenerationConfig for static decoding (the cache itself goes in per call)."""
+        generation_config.cache_implementation = None
+        generation_config.compile_config = self.compile_config
+        generation_config.disable_compile = self.compile_config is None
 
     def bucket(self, n: int, fill: bool = False, floor: int = 1) -> int:
         """The batch shape to run `n` rows as: the run's batch size if `n` is more than half of it (or at all,
@@ -214,6 +214,11 @@ def prepare_static_decode(model, max_seq_len: int, *, compile: bool = True, back
         compile_config = make_compile_config(device, backend=backend, mode=mode, fullgraph=fullgraph,
                                              force=force_compile)
         raise_recompile_limit(needed=16)
+        if device.type == "cuda":
+            log.info("the first batch compiles the prefill (the vision tower's and the language model's layers), "
+                     "and the first of each size the decode step, before it runs (H100, 256 rows: ~90 s the decode "
+                     "step; the prefill ~140 s when each part was one graph, less now); --compile-cache keeps the "
+                     "kernels for a relaunch")
     what = "compiled" if compile else "eager"
     window_text = f"<= sliding window {window}" if window is not None else "(no sliding layers)"
     reason = (f"static full-attention cache of {max_seq_len} tokens {window_text}, {what} decode"
