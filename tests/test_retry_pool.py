@@ -44,7 +44,7 @@ def captions_by_key(ckpt, columns=CAPTION_COLUMNS) -> dict[str, tuple]:
 
 def test_gathered_retries_give_the_rows_of_a_retry_after_each_batch_in_fewer_calls(faults, sample_data_dir,
                                                                                      tmp_path, generate_calls,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, capsys):
     """retry_rows 1 (a CPU's): one retry call after each batch holding a flagged caption. retry_rows 6 (a GPU's
     64, scaled to the sample): calls of at least 6 rows but the last, at most a batch (8), and the same rows."""
     args = ("--batch-size", "8")
@@ -67,6 +67,8 @@ def test_gathered_retries_give_the_rows_of_a_retry_after_each_batch_in_fewer_cal
     decoding = json.loads((gathered_ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]
     assert decoding["retry_gathered_rows"] == 6
     assert decoding["retry_calls"] == len(gathered) and decoding["retried_captions"] == len(flagged)
+    said = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("second tries")]
+    assert said[-1] == f"second tries: {len(flagged)} flagged captions generated again in {len(gathered)} calls"
 
 
 def test_each_prompt_retries_its_own_flagged_captions_gathered(faults, sample_data_dir, tmp_path, monkeypatch):

@@ -189,6 +189,10 @@ def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
             print(f"quality flags of this run's captions, prompt {name}: {rowcols.describe_counts(counts)}")
     elif this.get("caption_flags"):
         print(f"quality flags of this run's captions: {rowcols.describe_counts(this['caption_flags'])}")
+    decoding = this.get("decoding") or {}
+    if decoding.get("retry_calls"):  # what the second tries cost (retry_pool.py: 64 to a call on a GPU)
+        print(f"second tries: {plural(decoding['retried_captions'], 'flagged caption')} generated again in "
+              f"{plural(decoding['retry_calls'], 'call')}")
     if total is not None:
         gone = f"; {total['not_in_data']} no longer in the data dir (left out)" if total["not_in_data"] else ""
         print(f"checkpoint dir {ckpt}: {total['captioned']} captioned, {total['failed']} failed{gone}; "
