@@ -25,7 +25,8 @@ Per row (image) of a batch, the memory that grows with the batch:
   indexes a float32 / int64 row several times: ~40 bytes x vocab instead.
 
 What does not grow with the batch: the weights (`weight_bytes`), the CUDA context, compile workspace and
-allocator slack, covered by `reserve_bytes` and the `safety` fraction.
+allocator slack, covered by `reserve_bytes` and the `safety` fraction; and, on a GPU, the static cache the
+second tries of flagged captions keep beside the batch's (`retry_rows` rows of KV cache: retry_pool.py).
 
 Measured on a CPU (BENCHMARKS.md §6, `benchmarks/bench_vision_chunks.py`, `bench_prefill_memory.py`), both
 activation terms are upper bounds: the tower holds 0.80-0.84 of its term at its peak, the prompt's prefill 0.83 of
@@ -118,20 +119,23 @@ def row_memory(model_config, seq_len: int, dtype_bytes: int, *, static_full_atte
 def auto_batch_size(model_config, free_bytes: int, weight_bytes: int, seq_len: int, dtype_bytes: int,
                     cap: int = AUTO_BATCH_CAP, *, static_full_attention: bool = False, prompt_tokens: int | None = None,
                     sampling: bool = False, safety: float = DEFAULT_SAFETY, reserve_bytes: int = DEFAULT_RESERVE,
-                    vision_scores: bool = False, vision_overlap: bool = False, vision_rows: int = 0) -> int:
+                    vision_scores: bool = False, vision_overlap: bool = False, vision_rows: int = 0,
+                    retry_rows: int = 0) -> int:
     """The largest power of two <= `cap` whose memory fits, at least 1.
 
     free_bytes: device memory free *before* the weights (e.g. the card's size, or `free_device_memory` before
     loading); when measured after loading, pass weight_bytes=0. seq_len: prompt tokens + max new tokens.
-    vision_rows: the vision tower's chunk (vision_chunks.py; 0: the whole batch at once). The budget is
-    (free - weights - reserve) x safety; the OOM back-off in the pipeline still catches what this misses.
+    vision_rows: the vision tower's chunk (vision_chunks.py; 0: the whole batch at once). retry_rows: the rows
+    of the retries' own static cache, kept beside the batch's (0: none). The budget is
+    (free - weights - reserve - the retries' cache) x safety; the OOM back-off in the pipeline still catches
+    what this misses.
     """
     if seq_len <= 0 or dtype_bytes <= 0 or cap < 1:
         raise ValueError(f"need seq_len > 0, dtype_bytes > 0, cap >= 1 (got {seq_len}, {dtype_bytes}, {cap})")
     per_row = row_memory(model_config, seq_len, dtype_bytes, static_full_attention=static_full_attention,
                          prompt_tokens=prompt_tokens, sampling=sampling, vision_scores=vision_scores,
                          vision_overlap=vision_overlap)
-    budget = (free_bytes - weight_bytes - reserve_bytes) * safety
+    budget = (free_bytes - weight_bytes - reserve_bytes - retry_rows * per_row.kv_cache) * safety
     rows = 1 << int(math.log2(cap))
     while rows > 1 and per_row.batch_bytes(rows, vision_rows) > budget:
         rows //= 2

@@ -45,10 +45,7 @@ class Captioner:
                  retry_repetition_penalty: float = RETRY_REPETITION_PENALTY, resize_on_device: bool | None = None,
                  decode_loop: str = "auto", grouped_attention: bool | str = "auto", vision_attention: str = "auto",
                  vision_overlap: bool = False, vision_chunk_rows: int = VISION_CHUNK_ROWS):
-        self.model = model
-        self.processor = processor
-        self.model_name = model_name
-        self.prompt = prompt
+        self.model, self.processor, self.model_name, self.prompt = model, processor, model_name, prompt
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
@@ -144,11 +141,12 @@ class Captioner:
         at this run's length, batch_size.py); on CPU AUTO_BATCH_CPU, measured best for the small preset."""
         if self.device.type != "cuda":
             return min(AUTO_BATCH_CPU, cap)
-        free = free_device_memory(self.device)
+        free, static = free_device_memory(self.device), self.static_decode is not None
         size = auto_batch_size(self.model.config, free, 0, self.prompt_inputs["input_ids"].shape[-1] + max_tokens,
-                               self.dtype.itemsize, cap=cap, static_full_attention=self.static_decode is not None,
+                               self.dtype.itemsize, cap=cap, static_full_attention=static,
                                sampling=self.temperature > 0, vision_overlap=self.vision_ahead is not None,
-                               vision_rows=self.vision_chunk_rows)
+                               vision_rows=self.vision_chunk_rows,
+                               retry_rows=self.retry_rows if static and self.retry_config.repetition_penalty else 0)
         log.info("auto batch size %d: what %.1f GiB of free GPU memory holds at %d new tokens", size, free / 2**30,
                  max_tokens)
         return size
