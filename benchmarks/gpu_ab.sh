@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The next GPU session's run (BENCHMARKS.md §6 run 5 measured the one before), in parts, in the order to run
 # them: prof,diag in the first device call (timeout 595 s; each part's timeout is cut to what is left of
-# GPU_AB_SECONDS, default 590, from the script's start); fp8, thresh, cont and check in later sessions:
+# GPU_AB_SECONDS, default 590, from the script's start); fp8, thresh, cont, check, big and retry in later
+# sessions, a device call each:
 #   prof   gpu_check.py: graph_flex at 256 (what --compile runs: run 5's 32.18 img/s) and at 512 (what
 #          --batch-size auto now picks where memory allows, the vision tower in chunks of 64 images), each with
 #          one more batch under the profiler: ms an image by kind of kernel (attention, GEMMs, FlexAttention,
@@ -32,16 +33,19 @@
 #   check  run 5's check at what --batch-size auto picks now: gpu_check.py, graph_flex at 512, then the whole
 #          pipeline over 1,536 images at 512 (its second batch of three is the steady one; run 5: 33.88 img/s
 #          at 256) (<= 7 min)
+#   big    gpu_check.py: graph_flex at 1,024 rows (an H200's 141 GB hold them: ~73 GB of KV cache), profiled,
+#          against prof's 512: whether AUTO_BATCH_CAP should rise on the larger cards (<= 8 min)
 #   retry  bench_retry_pool.py: the whole pipeline at 512, 1,536 images, 3 % of first captions flagged (by
 #          key), retried after each batch vs gathered 64 at a time (what a GPU does now), and one retry call's
 #          time at 1 and at 64 rows; compiles ~4 min first (a device call of its own: <= 9.5 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
-#   bash benchmarks/gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|retry|all]   (or a comma list: prof,diag)
+#   bash benchmarks/gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|big|retry|all]   (or a comma list)
 #     -> OUT_DIR/prof/{gpu_check.{json,md,log},profile_graph_flex_{256,512}.txt}, OUT_DIR/diag/{decode_diag.json,
 #        profile.txt,decode_diag.log,tower_attention.log},
 #        OUT_DIR/fp8/{bench_fp8.log,gpu_check.{json,md,log},profile_fp8_256.txt},
 #        OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log,
-#        OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/retry/bench_retry_pool.log
+#        OUT_DIR/check/gpu_check.{json,md,log}, OUT_DIR/big/{gpu_check.{json,md,log},profile_graph_flex_1024.txt},
+#        OUT_DIR/retry/bench_retry_pool.log
 set -uo pipefail
 usage() { sed -n '2,/^[^#]/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'; }  # the header, up to the code
 case ${1:-} in
@@ -49,12 +53,12 @@ case ${1:-} in
     -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;
 esac
 parts=${2:-all}
-[[ $parts == all ]] && parts=prof,diag,fp8,thresh,cont,check,retry
+[[ $parts == all ]] && parts=prof,diag,fp8,thresh,cont,check,big,retry
 IFS=, read -ra wanted <<< "$parts"
 for part in "${wanted[@]}"; do
     case $part in
-        prof|diag|fp8|thresh|cont|check|retry) ;;
-        *) echo "gpu_ab.sh: unknown part '$part' (prof, diag, fp8, thresh, cont, check, retry, all, or a comma list of them)" >&2
+        prof|diag|fp8|thresh|cont|check|big|retry) ;;
+        *) echo "gpu_ab.sh: unknown part '$part' (prof, diag, fp8, thresh, cont, check, big, retry, all, or a comma list of them)" >&2
            usage >&2; exit 2 ;;
     esac
 done
@@ -130,6 +134,8 @@ if want check; then
   gpu_check check 420 --graph-flex-batches 512 --pipeline-images 1536 --pipeline-batch 512 \
       --pipeline-runs graph --timed-batches 2 --budget-s 400
 fi
+want big && gpu_check big 480 --graph-flex-batches 1024 --profile graph_flex --pipeline-images 0 --loader-images 8 \
+    --timed-batches 2 --budget-s 450
 if want retry; then  # (a bare `want retry && ...` as the last line: exit 1 when retry is not asked for)
   t=$(timeout_for 570)
   if ((t == 0)); then skipped retry; else

@@ -187,7 +187,7 @@ def test_gpu_ab_script_passes_flags_its_scripts_know(tmp_path):
                                            "decode_diag", "gpu_check"}
     # the gpu_check function's own flags, then each part's ("$@")
     parts = re.findall(r'^\s*(?:want \w+ && )?gpu_check (\w+) \d+ (.*)$', text, flags=re.M)
-    assert {part for part, _ in parts} == {"check", "thresh", "prof", "fp8"}
+    assert {part for part, _ in parts} == {"check", "thresh", "prof", "fp8", "big"}
     calls = [(name, flags.replace('"$part"', part).replace('"$@"', more)) for name, flags in calls
              for part, more in (parts if '"$@"' in flags else [("", "")])]
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -226,7 +226,7 @@ def test_gpu_ab_help_and_a_wrong_part_run_nothing(tmp_path):
     env = {**os.environ, "PYTHON": "false"}  # a python that ran would fail the checks below
     shown = subprocess.run(["bash", str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=60)
-    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|retry|all]" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|big|retry|all]" in shown.stdout, shown.stderr
     assert "set -uo" not in shown.stdout and "bench_continuous.log" in shown.stdout  # the whole header, only
     wrong = subprocess.run(["bash", str(script), str(tmp_path / "out"), "chek"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
