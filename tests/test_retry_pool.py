@@ -209,3 +209,23 @@ def test_no_second_try_posts_every_row_as_it_came():
     pool.add(_batch(["loop1", "a"]))
     pool.flush()
     assert _posted_keys(posted) == [["loop1", "a"]] and backend.calls == [] and not pool.waiting
+
+
+def test_a_stop_during_a_retry_call_keeps_its_rows_waiting_unposted():
+    """generate cut short by a signal gives incomplete retries: the group is neither posted nor forgotten (the
+    loop drops it, and resume captions those rows again), and no further call starts."""
+    stopping = []
+
+    class Stopped(_Backend):
+        def generate(self, keys, batch, should_stop=None, *, retry=False, prompts=None):
+            stopping.append(True)  # the signal arrives during the call
+            return super().generate(keys, batch, should_stop, retry=retry, prompts=prompts)
+
+    backend = Stopped()
+    posted = []
+    pool = RetryPool(backend, [PromptSpec.make(None, "Describe.")], 2, batch_rows=lambda: 2,
+                     post=lambda results, retries: posted.append((results, retries)),
+                     should_stop=lambda: bool(stopping))
+    pool.add(_batch(["loop1", "a", "loop2", "loop3"]))
+    assert _posted_keys(posted) == [["a"]] and backend.calls == [["loop1", "loop2"]]
+    assert [w.item.row["key"] for w in pool.waiting] == ["loop1", "loop2", "loop3"]
