@@ -79,6 +79,30 @@ def test_free_cuda_memory_counts_what_torch_holds_unused(monkeypatch):
     assert free_device_memory("cuda:0") == 13 * gib
 
 
+def test_peak_memory_is_torch_s_count_against_the_card_s_and_said_at_the_end(monkeypatch, capsys):
+    """run_summary.json's decoding on a GPU: the peak tensors held and the card's size (a run at --batch-size
+    auto shows the room its batch left); the end of the run says it in a line. Nothing on a CPU."""
+    import types
+    from pathlib import Path
+
+    import torch
+
+    from vlm_caption.batch_size import peak_device_memory
+    from vlm_caption.endings import print_summary
+
+    gib = 1 << 30
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: int(61.25 * gib))
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device=None: types.SimpleNamespace(total_memory=int(79.19 * gib)))
+    decoding = {"batch_size": 512, **peak_device_memory("cuda:0")}
+    assert decoding == {"batch_size": 512, "peak_memory_gib": 61.25, "device_memory_gib": 79.19}
+    assert peak_device_memory("cpu") == {}
+    this = {"captioned": 1024, "wall_s": 60.0, "img_per_s": 17.1, "tokens_per_s": 3400, "failed_by_stage": {},
+            "skipped_already_done": 0, "decoding": decoding}
+    print_summary({"this_run": this}, Path("ckpt"), 0)
+    assert "GPU memory: peak 61.2 of 79.2 GiB at batch size 512" in capsys.readouterr().out.splitlines()
+
+
 def test_a_library_s_failed_allocation_counts_as_out_of_memory():
     """cuBLAS / cuDNN report a full card in their own words; the back-off must halve the batch for them too
     (else every row is retried alone, each a new batch shape to compile)."""

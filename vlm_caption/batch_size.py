@@ -178,6 +178,18 @@ def is_out_of_memory(e: BaseException) -> bool:
     return isinstance(e, torch.OutOfMemoryError) or any(t in text for t in _OUT_OF_MEMORY_TEXTS)
 
 
+def peak_device_memory(device: torch.device | str) -> dict[str, float]:
+    """For run_summary.json on a GPU: the most memory tensors held at once this process (torch's count: the
+    caches, activations and CUDA graph pools, not the allocator's idle blocks), and the card's, in GiB; so a
+    run at --batch-size auto shows how much room its batch left. {} elsewhere."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return {}
+    total = torch.cuda.get_device_properties(device).total_memory
+    return {"peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+            "device_memory_gib": round(total / 2**30, 2)}
+
+
 def free_accelerator_memory() -> None:
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -200,7 +200,9 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
     the end: give_up_decode_compile), the vision tower and the language model's prefill (compiled or eager,
     prefill_compile.py), the vision tower's attention kernel (vision_attention.py) and the images it runs over at
     a time (vision_chunks.py; 0: the whole batch), for continuous batching the decode steps it ran (per image,
-    the number its schedule saves against whole batches), and its FP8 linear layers (fp8.py)."""
+    the number its schedule saves against whole batches), its FP8 linear layers (fp8.py), and on a GPU the
+    peak memory against the card's (batch_size.peak_device_memory)."""
+    from .batch_size import peak_device_memory
     from .fp8 import fp8_layers
     from .grouped_attention import decode_attention_kernel, may_use_flex
     from .prefill_compile import compiled_parts
@@ -216,7 +218,7 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
                               "decode_step": "compiled" if decode_step_compiled(cap) else "eager",
                               **compiled_parts(cap.model), "vision_attention": vision_attention_report(cap.model),
                               "vision_chunk_rows": vision_chunk_rows(cap.model),
-                              "fp8_layers": fp8_layers(cap.model)}
+                              "fp8_layers": fp8_layers(cap.model), **peak_device_memory(cap.device)}
     ran = {**{slots: {"decode_steps": decoder.steps} for slots, decoder in (cap.continuous or {}).items()},
            **cap.continuous_failed}  # a stream that failed: its steps, and why the rest went in batches
     if ran:

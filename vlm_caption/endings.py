@@ -190,6 +190,9 @@ def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
     elif this.get("caption_flags"):
         print(f"quality flags of this run's captions: {rowcols.describe_counts(this['caption_flags'])}")
     decoding = this.get("decoding") or {}
+    if decoding.get("device_memory_gib"):  # room a larger --batch-size could use, or how close the run came
+        print(f"GPU memory: peak {decoding['peak_memory_gib']:.1f} of {decoding['device_memory_gib']:.1f} GiB "
+              f"at batch size {decoding['batch_size']}")
     if decoding.get("retry_calls"):  # what the second tries cost (retry_pool.py: 64 to a call on a GPU)
         print(f"second tries: {plural(decoding['retried_captions'], 'flagged caption')} generated again in "
               f"{plural(decoding['retry_calls'], 'call')}")
