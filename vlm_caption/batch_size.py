@@ -179,7 +179,7 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 
 def peak_device_memory(device: torch.device | str) -> dict[str, float]:
-    """For run_summary.json on a GPU: the most memory tensors held at once this process (torch's count: the
+    """For run_summary.json on a GPU: the most memory tensors held at once in this process (torch's count: the
     caches, activations and CUDA graph pools, not the allocator's idle blocks), and the card's, in GiB; so a
     run at --batch-size auto shows how much room its batch left. {} elsewhere."""
     device = torch.device(device)
