@@ -12,8 +12,8 @@ sides alternating), whether the captions came out the same, and one retry call's
 
     OMP_NUM_THREADS=1 python benchmarks/bench_retry_pool.py [--preset tiny] [--images 512] [--batch-size 32]
         [--gather 16] [--new-tokens 32] [--flag-rate 0.03] [--rounds 3]                   # CPU
-    python benchmarks/bench_retry_pool.py --preset gemma-3-4b --images 2048 --batch-size 512 --gather 64
-        --new-tokens 200 --rounds 1 --compile on                                           # a GPU
+    python benchmarks/bench_retry_pool.py --preset gemma-3-4b --images 1536 --batch-size 512 --gather 64
+        --new-tokens 200 --rounds 1 --compile on                          # a GPU (gpu_ab.sh retry)
 """
 from __future__ import annotations
 
