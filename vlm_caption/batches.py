@@ -14,6 +14,8 @@ from .errors import FatalError, described
 log = logging.getLogger(__name__)
 
 MAX_FAILED_BATCHES_IN_A_ROW = 20  # then the model, not the data, is broken
+# What a generate call may raise for one batch (torch's out of memory is a RuntimeError): caught, never fatal
+GENERATE_ERRORS = (RuntimeError, ValueError, IndexError, MemoryError)
 
 Result = tuple[list[loader.Loaded], Any, Optional[str]]  # (items, their captions or None, the error)
 Retries = list[dict[int, Any]]  # per prompt: index in a Result's items -> the retry of a flagged caption
@@ -46,7 +48,7 @@ class Batches:
                 caps = [self.backend.generate(keys, ready[j] if ready is not None else [i.inputs for i in chunk],
                                               should_stop=self.should_stop, prompts=prompts_for(spec, chunk))
                         for j, spec in enumerate(self.specs)]
-            except (RuntimeError, ValueError, IndexError, MemoryError) as e:  # torch's OOM is a RuntimeError
+            except GENERATE_ERRORS as e:
                 if self.backend.is_out_of_memory(e) and len(chunk) > 1:
                     if ready is not None:  # the whole batch's assembly (on the device) is not used again:
                         ready.clear()  # its tensors go before the smaller retries need the memory

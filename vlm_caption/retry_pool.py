@@ -20,13 +20,12 @@ from typing import Any, Callable, Sequence
 
 from . import loader
 from .backends import Caption, CaptionBackend
-from .batches import Result, Retries, prompts_for
+from .batches import GENERATE_ERRORS, Result, Retries, prompts_for
 from .prompt_plan import PromptSpec
 from .rows import wants_retry
 
 log = logging.getLogger(__name__)
 
-_GENERATE_ERRORS = (RuntimeError, ValueError, IndexError, MemoryError)  # torch's out of memory is a RuntimeError
 Post = Callable[[list[Result], list[Retries]], None]  # rows (and their retries) to the writer thread
 
 
@@ -92,7 +91,7 @@ class RetryPool:
         try:
             again = self.backend.generate([i.row["key"] for i in items], [i.inputs for i in items],
                                           should_stop=self.should_stop, retry=True, prompts=prompts_for(spec, items))
-        except _GENERATE_ERRORS as e:
+        except GENERATE_ERRORS as e:
             if self.backend.is_out_of_memory(e):
                 self.backend.free_memory()
             log.warning("the retry of %d flagged captions failed (%s: %s); their first captions are kept",

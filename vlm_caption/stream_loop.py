@@ -16,7 +16,7 @@ from concurrent.futures import Executor, Future, wait
 from typing import Any, Callable, Iterator
 
 from . import loader
-from .batches import assemble_all
+from .batches import GENERATE_ERRORS, assemble_all
 from .errors import described
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
                 break
         try:
             return chunk, failed, assemble_all(backend, specs, chunk) if chunk else None, over_now
-        except (RuntimeError, ValueError, IndexError, MemoryError):
+        except GENERATE_ERRORS:
             return chunk, failed, None, over_now
 
     def take(future: Future) -> None:
@@ -100,7 +100,7 @@ def stream(backend, specs: list, items: Iterator[loader.Loaded], slots: int, chu
             if all(c is not None for c in chunks[cid][1]):
                 done, caps = chunks.pop(cid)
                 outside(on_chunk, done, caps)
-    except (RuntimeError, ValueError, IndexError, MemoryError) as e:  # torch's OOM is a RuntimeError
+    except GENERATE_ERRORS as e:
         if e in not_the_streams:
             raise
         reason = described(e)
