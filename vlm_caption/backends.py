@@ -66,7 +66,7 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
                  device_map: str | None = None, attn_implementation: str = "sdpa",
                  max_auto_batch_size: int = 0, compile: str = "auto", decode_loop: str = "auto",
                  decode_attention: str = "auto", vision_attention: str = "auto", vision_overlap: bool = False,
-                 quantize: str = "none",
+                 quantize: str = "none", kv_cache_dtype: str = "auto",
                  retry_repetition_penalty: float = RETRY_REPETITION_PENALTY) -> CaptionBackend:
     """The engine `name` with the run's settings; the model loads here (seconds to minutes)."""
     if name == "dummy":  # no model, no context: only config.MAX_TOKENS_LIMIT bounds max_tokens
@@ -85,6 +85,12 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
             problem = fp8_problem(device, resolve_dtype(dtype, device))
             if problem:
                 raise UsageError(problem)
+        if kv_cache_dtype == "fp8":
+            from .kv_fp8 import fp8_problem as kv_fp8_problem
+
+            problem = kv_fp8_problem()
+            if problem:
+                raise UsageError(problem)
         loaded, processor = load_model(model, device, dtype=dtype, device_map=device_map,
                                        attn_implementation=attn_implementation)
         if quantize != "none":  # before the Captioner compiles anything and sizes batches from free memory
@@ -96,7 +102,7 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
                               auto_batch_cap=max_auto_batch_size or AUTO_BATCH_CAP, compile=compile,
                               decode_loop=decode_loop, grouped_attention=decode_attention,
                               vision_attention=vision_attention, vision_overlap=vision_overlap,
-                              retry_repetition_penalty=retry_repetition_penalty)
+                              kv_cache_dtype=kv_cache_dtype, retry_repetition_penalty=retry_repetition_penalty)
         # Checked once the prompt is tokenised; nothing sized by max_tokens is allocated before the first batch.
         check_context(loaded.config, captioner.prompt_inputs["input_ids"].shape[-1], max_tokens, model)
         return captioner

@@ -5,7 +5,8 @@ Per row (image) of a batch, the memory that grows with the batch:
 - **KV cache**: for each layer, keys + values = 2 x kv_heads x head_dim x tokens x dtype bytes, where tokens is
   the whole sequence (prompt + max new tokens) for a full-attention layer and min(sequence, sliding window)
   for a sliding layer, unless the static full-attention cache is on (static_decode.py: every layer then
-  holds the whole sequence, which is <= the window anyway). Gemma 3 4B at 516 tokens in bf16: 71.9 MB.
+  holds the whole sequence, which is <= the window anyway). Gemma 3 4B at 516 tokens in bf16: 71.9 MB; half
+  that with `--kv-cache-dtype fp8` (kv_fp8.py: one byte an element, static cache only).
 - **Activations**, whichever phase peaks higher (they do not overlap; the vision tower's activations are
   freed before the language model's prefill):
   - *vision*: SigLIP over the whole batch at once, at 896 px = 4,096 patches of hidden 1,152 and MLP
@@ -94,7 +95,7 @@ def kv_cache_bytes_per_row(model_config, seq_len: int, dtype_bytes: int, static_
 
 def row_memory(model_config, seq_len: int, dtype_bytes: int, *, static_full_attention: bool = False,
                prompt_tokens: int | None = None, sampling: bool = False, vision_scores: bool = False,
-               vision_overlap: bool = False) -> RowMemory:
+               vision_overlap: bool = False, kv_bytes: int | None = None) -> RowMemory:
     """Per-row memory of one `generate` call (see the module docstring for each term)."""
     text = model_config.get_text_config(decoder=True)
     vision = getattr(model_config, "vision_config", None)
@@ -112,7 +113,8 @@ def row_memory(model_config, seq_len: int, dtype_bytes: int, *, static_full_atte
         pixels = int(getattr(vision, "num_channels", 3)) * int(vision.image_size) ** 2 * dtype_bytes
     prefill = prompt_tokens * (6 * hidden + 3 * mlp) * dtype_bytes + prompt_tokens * seq_len
     logits = int(text.vocab_size) * (40 if sampling else 10)
-    return RowMemory(kv_cache=kv_cache_bytes_per_row(model_config, seq_len, dtype_bytes, static_full_attention),
+    kv_cache = kv_cache_bytes_per_row(model_config, seq_len, kv_bytes or dtype_bytes, static_full_attention)
+    return RowMemory(kv_cache=kv_cache,
                      vision=vision_bytes, prefill=prefill, pixels=pixels, logits=logits, vision_overlap=vision_overlap)
 
 
@@ -120,13 +122,14 @@ def auto_batch_size(model_config, free_bytes: int, weight_bytes: int, seq_len: i
                     cap: int = AUTO_BATCH_CAP, *, static_full_attention: bool = False, prompt_tokens: int | None = None,
                     sampling: bool = False, safety: float = DEFAULT_SAFETY, reserve_bytes: int = DEFAULT_RESERVE,
                     vision_scores: bool = False, vision_overlap: bool = False, vision_rows: int = 0,
-                    retry_rows: int = 0) -> int:
+                    retry_rows: int = 0, kv_bytes: int | None = None) -> int:
     """The largest power of two <= `cap` whose memory fits, at least 1.
 
     free_bytes: device memory free *before* the weights (e.g. the card's size, or `free_device_memory` before
     loading); when measured after loading, pass weight_bytes=0. seq_len: prompt tokens + max new tokens.
     vision_rows: the vision tower's chunk (vision_chunks.py; 0: the whole batch at once). retry_rows: the rows
-    of the retries' own static cache, kept beside the batch's (0: none). The budget is
+    of the retries' own static cache, kept beside the batch's (0: none). kv_bytes: bytes of a cached key or
+    value element (1 for an fp8 cache, kv_fp8.py; None: dtype_bytes). The budget is
     (free - weights - reserve - the retries' cache) x safety; the OOM back-off in the pipeline still catches
     what this misses.
     """
@@ -134,7 +137,7 @@ def auto_batch_size(model_config, free_bytes: int, weight_bytes: int, seq_len: i
         raise ValueError(f"need seq_len > 0, dtype_bytes > 0, cap >= 1 (got {seq_len}, {dtype_bytes}, {cap})")
     per_row = row_memory(model_config, seq_len, dtype_bytes, static_full_attention=static_full_attention,
                          prompt_tokens=prompt_tokens, sampling=sampling, vision_scores=vision_scores,
-                         vision_overlap=vision_overlap)
+                         vision_overlap=vision_overlap, kv_bytes=kv_bytes)
     budget = (free_bytes - weight_bytes - reserve_bytes - retry_rows * per_row.kv_cache) * safety
     rows = 1 << int(math.log2(cap))
     while rows > 1 and per_row.batch_bytes(rows, vision_rows) > budget:

@@ -64,6 +64,7 @@ class CaptionLoop:
                                    decode_loop=cfg.decode_loop, decode_attention=cfg.decode_attention,
                                    vision_attention=cfg.vision_attention,
                                    vision_overlap=cfg.vision_overlap, quantize=cfg.quantize,
+                                   kv_cache_dtype=cfg.kv_cache_dtype,
                                    retry_repetition_penalty=cfg.retry_repetition_penalty)
         self.backend = backend
         self.stop = stop or StopSignals()

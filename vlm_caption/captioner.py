@@ -44,13 +44,15 @@ class Captioner:
                  compile: str = "off", compile_options: dict[str, Any] | None = None,
                  retry_repetition_penalty: float = RETRY_REPETITION_PENALTY, resize_on_device: bool | None = None,
                  decode_loop: str = "auto", grouped_attention: bool | str = "auto", vision_attention: str = "auto",
-                 vision_overlap: bool = False, vision_chunk_rows: int = VISION_CHUNK_ROWS):
+                 vision_overlap: bool = False, vision_chunk_rows: int = VISION_CHUNK_ROWS,
+                 kv_cache_dtype: str = "auto"):
         self.model, self.processor, self.model_name, self.prompt = model, processor, model_name, prompt
         self.temperature, self.top_p, self.seed = temperature, top_p, seed
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         # Decode steps read each KV head once, not a copy per query head (grouped_attention.py: auto, sdpa, flex).
         self.grouped_attention = set_grouped_decode_attention(model, grouped_attention)
+        self.kv_fp8 = self._kv_fp8(kv_cache_dtype)  # keys and values cached in float8 (kv_fp8.py)
         set_vision_attention(model, vision_attention)  # the tower's kernel: auto = the fastest on a GPU (timed)
         # The tower over a chunk of images at a time: its activations do not cap the batch (vision_chunks.py).
         self.vision_chunk_rows = set_vision_chunk_rows(model, vision_chunk_rows)
@@ -68,6 +70,8 @@ class Captioner:
         self.prompt_inputs = self._encode_prompt(prompt)
         self.gen_config = self._generation_config(max_tokens, min_tokens)
         self.static_decode = self._static_decode(compile, max_tokens, compile_options or {})
+        if self.static_decode is not None:
+            self.static_decode.kv_fp8 = self.kv_fp8
         compiled = self.static_decode is not None  # (a static cache is a compiled one)
         log.info("decode attention: %s", describe_decode_attention(model, self.device.type, compiled))
         self.graph_decode = self._graph_decode(decode_loop, compile_options or {})
@@ -86,6 +90,20 @@ class Captioner:
             log.info("--vision-overlap is off with --decode-loop continuous")
             self.vision_ahead = None
         self.default_batch_size = self._auto_batch_size(max_tokens, auto_batch_cap)
+
+    def _kv_fp8(self, kv_cache_dtype: str) -> bool:
+        """kv_cache_dtype "fp8": the text model's attention layers marked, so that every cache path rounds keys and
+        values alike (kv_fp8.set_kv_fp8); "auto": the model's dtype, any earlier mark removed."""
+        from .config import KV_CACHE_DTYPES
+        from .kv_fp8 import set_kv_fp8
+
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        fp8 = kv_cache_dtype == "fp8"
+        if fp8 and not self.grouped_attention:  # (config.validate says it to a user before the model loads)
+            raise ValueError("an fp8 KV cache needs the grouped decode attention (--attn-implementation sdpa)")
+        set_kv_fp8(self.model, fp8)
+        return fp8
 
     def _static_decode(self, compile: str, max_tokens: int, options: dict[str, Any]):
         """compile "auto" (on for CUDA), "on" or "off": a static full-attention KV cache with the decode
@@ -144,6 +162,7 @@ class Captioner:
         free, static = free_device_memory(self.device), self.static_decode is not None
         size = auto_batch_size(self.model.config, free, 0, self.prompt_inputs["input_ids"].shape[-1] + max_tokens,
                                self.dtype.itemsize, cap=cap, static_full_attention=static,
+                               kv_bytes=1 if static and self.kv_fp8 else None,
                                sampling=self.temperature > 0, vision_overlap=self.vision_ahead is not None,
                                vision_rows=self.vision_chunk_rows,
                                retry_rows=self.retry_rows if static and self.retry_config.repetition_penalty else 0)

@@ -59,6 +59,7 @@ def _run_view(repo_id: str, run: dict, default: bool) -> dict:
     specs_columns = [c for spec in specs for c in spec.output_columns()]
     return {"run_id": run["run_id"], "default": default, "model": run.get("model", "unknown"),
             "quantize": _quantized(run.get("quantize")),
+            "kv_cache": _kv_cache(run.get("kv_cache_dtype")),
             "params": ", ".join(f"{k}={run.get(k)}" for k in ("max_tokens", "temperature", "top_p", "seed")),
             "rows": run.get("rows", 0),
             "failures": ", ".join(f"{k}: {v}" for k, v in sorted(failed.items())) or "none",
@@ -81,6 +82,14 @@ def _quantized(choice: str | None) -> str:
     which = "the language model's" if choice == "fp8-text" else "the vision tower's and language model's"
     return (f"{which} linear layers in FP8 (`--quantize {choice}`: weights and activations rounded to float8 e4m3, "
             "scaled per output channel and per token)")
+
+
+def _kv_cache(choice: str | None) -> str:
+    """What a --kv-cache-dtype run cached its keys and values as, for its Model line ("" for the model's dtype)."""
+    if not choice:
+        return ""
+    return (f"keys and values cached in FP8 (`--kv-cache-dtype {choice}`: rounded to float8 e4m3, "
+            "saturated at +-448, unscaled)")
 
 
 def _json_instruction(run: dict, fields: tuple[str, ...]) -> dict:

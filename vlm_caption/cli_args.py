@@ -11,8 +11,8 @@ import argparse
 import textwrap
 
 from . import cli
-from .config import (COMPILE_CHOICES, DECODE_ATTENTIONS, DECODE_LOOPS, QUANTIZE_CHOICES, VISION_ATTENTIONS,
-                     DownloadConfig, RunConfig)
+from .config import (COMPILE_CHOICES, DECODE_ATTENTIONS, DECODE_LOOPS, KV_CACHE_DTYPES, QUANTIZE_CHOICES,
+                     VISION_ATTENTIONS, DownloadConfig, RunConfig)
 
 # batched_image_inference.py's flags shown by --help (--help-all adds the others): what a first run needs.
 COMMON_FLAGS = frozenset({
@@ -167,8 +167,11 @@ def caption_parser(description: str) -> argparse.ArgumentParser:
                    help="static KV cache + compiled decode step and vision tower; auto: on for CUDA "
                         "(default: %(default)s)")
     g.add_argument("--quantize", metavar="|".join(QUANTIZE_CHOICES), default=D.quantize, choices=QUANTIZE_CHOICES,
-                   help="fp8: the linear layers as FP8 GEMMs (H100/H200, L4, L40S), other captions, a run of its "
-                   "own; fp8-text: the language model only (default: %(default)s)")
+                   help="fp8: the linear layers as FP8 GEMMs (H100/H200, L4, L40S), other captions; fp8-text: "
+                   "the language model's only (default: %(default)s)")
+    g.add_argument("--kv-cache-dtype", metavar="|".join(KV_CACHE_DTYPES), default=D.kv_cache_dtype,
+                   choices=KV_CACHE_DTYPES, help="fp8: float8 keys and values, half the cache; other captions "
+                   "(default: %(default)s)")
     g.add_argument("--decode-loop", metavar="LOOP", default=D.decode_loop, choices=DECODE_LOOPS,
                    help=f"{', '.join(DECODE_LOOPS[1:])}; auto: graph on CUDA, else generate (default: %(default)s)")
     g.add_argument("--decode-attention", metavar="KERNEL", default=D.decode_attention, choices=DECODE_ATTENTIONS,
@@ -178,8 +181,8 @@ def caption_parser(description: str) -> argparse.ArgumentParser:
                    help=f"{', '.join(VISION_ATTENTIONS[1:])}; auto: the fastest, timed on a GPU (default: "
                    "%(default)s)")
     g.add_argument("--compile-cache", metavar="DIR", default=D.compile_cache, help="where compiled kernels are "
-                   "kept; auto: $TORCHINDUCTOR_CACHE_DIR, else in the checkpoint dir; none: torch's own, per "
-                   "machine (default: %(default)s)")
+                   "kept; auto: $TORCHINDUCTOR_CACHE_DIR, else in the checkpoint dir; none: torch's own "
+                   "(default: %(default)s)")
     g.add_argument("--vision-overlap", action="store_true", help="experimental: the next batch's vision tower "
                    "runs during this decode")
     g.add_argument("--backend", metavar="NAME", default=D.backend, help="transformers, or dummy: no model, for "

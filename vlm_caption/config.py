@@ -32,6 +32,9 @@ VISION_ATTENTIONS = ("auto", "sdpa", "flash", "cudnn", "efficient", "math")
 # --quantize: none (bf16 weights), fp8 (the vision tower's and language model's linear layers as FP8 GEMMs) or
 # fp8-text (the language model's only); fp8.py. Not none: a run of its own (RunConfig.typed_settings).
 QUANTIZE_CHOICES = ("none", "fp8", "fp8-text")
+# --kv-cache-dtype: auto (the model's dtype) or fp8 (keys and values cached as float8 e4m3, kv_fp8.py). fp8: a run of
+# its own (RunConfig.typed_settings).
+KV_CACHE_DTYPES = ("auto", "fp8")
 # --max-tokens' cap before any model is known: the longest context of a Gemma 3 model (4B to 27B); once the
 # model is loaded, model_loading.check_context holds it to what that model's context leaves after the prompt.
 MAX_TOKENS_LIMIT = 131_072
@@ -101,6 +104,7 @@ class RunConfig:
     backend: str = "transformers"  # inference engine (backends.BACKENDS); "dummy" = no model, for tests and demos
     compile: str = "auto"  # static KV cache + torch.compile'd decode: auto (on for CUDA), on, off
     quantize: str = "none"  # none, fp8 or fp8-text: FP8 weights for the linear layers (fp8.py)
+    kv_cache_dtype: str = "auto"  # auto (the model's) or fp8: the keys and values cached as float8 (kv_fp8.py)
     decode_loop: str = "auto"  # auto, generate, graph (one compiled step per token) or continuous (+ rows join)
     decode_attention: str = "auto"  # auto, sdpa or flex: the kernel of a decode step's attention
     vision_attention: str = "auto"  # the vision tower's attention kernel: auto (timed on a GPU), sdpa, ...
@@ -134,6 +138,10 @@ class RunConfig:
         if self.quantize != "none" and self.device_map is not None:
             raise UsageError(f"--quantize {self.quantize} runs on one GPU per process: drop --device-map (a 27B "
                              "with FP8 weights takes ~30 GB: one H100 holds it)")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise UsageError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+        if self.kv_cache_dtype == "fp8" and self.attn_implementation != "sdpa":  # its kernels are the grouped sdpa's
+            raise UsageError(f"--kv-cache-dtype fp8 needs --attn-implementation sdpa (got {self.attn_implementation})")
         if self.decode_loop not in DECODE_LOOPS:
             raise UsageError(f"--decode-loop must be one of {', '.join(DECODE_LOOPS)}, got {self.decode_loop!r}")
         if self.decode_attention not in DECODE_ATTENTIONS:
@@ -302,6 +310,8 @@ class RunConfig:
             settings["retry_repetition_penalty"] = self.retry_repetition_penalty
         if self.quantize != "none" and self.backend == "transformers":  # FP8 weights write other captions
             settings["quantize"] = self.quantize
+        if self.kv_cache_dtype != "auto" and self.backend == "transformers":  # rounded keys and values: other captions
+            settings["kv_cache_dtype"] = self.kv_cache_dtype
         return settings
 
     def fields(self) -> tuple[str, ...]:

@@ -31,6 +31,7 @@ import torch
 
 from .decode_loop import greedy_tokens, stop_token_mask
 from .errors import brief, described
+from .kv_fp8 import stored
 
 LOOK_EVERY = 4  # steps between looks at the finished rows: a look costs one device sync (a launch gap, tens of
 # microseconds, against ~20 ms a step of the 4B at batch 256), a freed slot idles until the next look
@@ -115,8 +116,8 @@ class ContinuousDecode:
             if not layer.is_initialized:
                 layer.lazy_initialization(keys.new_empty(self.slots, *keys.shape[1:]),
                                           values.new_empty(self.slots, *values.shape[1:]))
-            layer.keys[rows[:, None], :, ring[None, :]] = keys[:n].transpose(1, 2)
-            layer.values[rows[:, None], :, ring[None, :]] = values[:n].transpose(1, 2)
+            layer.keys[rows[:, None], :, ring[None, :]] = stored(layer.keys, keys[:n].transpose(1, 2))
+            layer.values[rows[:, None], :, ring[None, :]] = stored(layer.values, values[:n].transpose(1, 2))
         allowed = torch.zeros((n, self.ring), dtype=torch.bool, device=self.device)
         allowed[:, ring] = chunk.mask[:n].bool()
         self.allowed[rows] = allowed
@@ -235,12 +236,9 @@ def prefill(cap, tag: Any, assembled, limits: torch.Tensor | None = None) -> Pre
 @torch.inference_mode()
 def decoder_for(cap, slots: int) -> ContinuousDecode:
     """The captioner's decoder for `slots` rows (one ring cache each, kept for the run)."""
-    from transformers import StaticCache
-
     decoder = cap.continuous.get(slots)
     if decoder is None:
-        static = cap.static_decode
-        ring = StaticCache(config=static.cache_config, max_cache_len=static.max_cache_len)
+        ring = cap.static_decode.new_cache()
         decoder = cap.continuous[slots] = ContinuousDecode(
             cap.model, ring, slots=slots, stop_ids=cap.stop_ids, pad_id=cap.pad_id,
             max_new=cap.gen_config.max_new_tokens, min_new=cap.gen_config.min_new_tokens or 0,

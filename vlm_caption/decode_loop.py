@@ -200,7 +200,8 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
     the end: give_up_decode_compile), the vision tower and the language model's prefill (compiled or eager,
     prefill_compile.py), the vision tower's attention kernel (vision_attention.py) and the images it runs over at
     a time (vision_chunks.py; 0: the whole batch), for continuous batching the decode steps it ran (per image,
-    the number its schedule saves against whole batches), its FP8 linear layers (fp8.py), and on a GPU the
+    the number its schedule saves against whole batches), its FP8 linear layers (fp8.py), the dtype its keys and
+    values were cached in (kv_fp8.py: float8, or rounded as float8 on a dynamic cache), and on a GPU the
     peak memory against the card's (batch_size.peak_device_memory)."""
     from .batch_size import peak_device_memory
     from .fp8 import fp8_layers
@@ -218,7 +219,8 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
                               "decode_step": "compiled" if decode_step_compiled(cap) else "eager",
                               **compiled_parts(cap.model), "vision_attention": vision_attention_report(cap.model),
                               "vision_chunk_rows": vision_chunk_rows(cap.model),
-                              "fp8_layers": fp8_layers(cap.model), **peak_device_memory(cap.device)}
+                              "fp8_layers": fp8_layers(cap.model), "kv_cache_dtype": kv_cache_dtype(cap),
+                              **peak_device_memory(cap.device)}
     ran = {**{slots: {"decode_steps": decoder.steps} for slots, decoder in (cap.continuous or {}).items()},
            **cap.continuous_failed}  # a stream that failed: its steps, and why the rest went in batches
     if ran:
@@ -226,6 +228,14 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
 
         report["continuous"] = {str(slots): {"chunk_rows": chunk_rows(slots), **what} for slots, what in ran.items()}
     return report
+
+
+def kv_cache_dtype(cap) -> str:
+    """What a Captioner's keys and values were cached as: "float8_e4m3fn" (a static cache's buffers; a dynamic
+    cache's rounded as they would be) or the language model's dtype."""
+    from .kv_fp8 import FP8
+
+    return str(FP8 if cap.kv_fp8 else cap.dtype).removeprefix("torch.")
 
 
 class DecodeLater(collections.abc.Sequence):

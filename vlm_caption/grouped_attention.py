@@ -24,12 +24,17 @@ it took 0.255 ms at batch 256 against 0.369 for the grouped sdpa (whose default 
 flex on CUDA while compiling for `FLEX_MIN_ROWS` rows or more, the grouped sdpa otherwise (eager steps
 too: flex is a compiled kernel); on a card older than Hopper, where flex is untimed, always the grouped sdpa.
 A batch that fails while flex may be in use turns it off for the rest of the run (give_up_flex).
+
+An fp8 cache's keys and values (--kv-cache-dtype fp8, kv_fp8.py) go to flex as they are in a compiled CUDA step
+(its kernel converts each block as it loads it); every other path here converts them first (readable_kv).
 """
 from __future__ import annotations
 
 import logging
 
 import torch
+
+from .kv_fp8 import FP8, flex_reads_fp8, readable_kv
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +56,7 @@ def grouped_sdpa_attention(module, query, key, value, attention_mask, dropout: f
     dim), None) out. One query token with a head-shared mask: grouped; anything else: transformers' sdpa."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    key, value = readable_kv(module, query, key, value)  # an fp8 cache's, converted (kv_fp8.py)
     groups = int(getattr(module, "num_key_value_groups", 1) or 1)
     batch, heads, q_len, dim = query.shape
     if not _one_token_shared_mask(query, key, attention_mask, groups, kwargs):
@@ -83,8 +89,11 @@ def grouped_flex_attention(module, query, key, value, attention_mask, dropout: f
 
     groups = int(getattr(module, "num_key_value_groups", 1) or 1)
     if dropout or not _one_token_shared_mask(query, key, attention_mask, groups, kwargs):
+        key, value = readable_kv(module, query, key, value)
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
+    if not (key.dtype == FP8 and flex_reads_fp8(query)):  # else the kernel converts each block as it loads it
+        key, value = readable_kv(module, query, key, value)
     block_mask = None
     if attention_mask is not None:
         row = attention_mask[:, 0, 0, :]

@@ -41,7 +41,8 @@ RUN_SETTINGS = ("model", "prompt", "prompt_version", "max_tokens", "min_tokens",
 MODEL_IDENTITY = "model_identity"  # a local model dir's content (local_model_identity), in place of its path
 # Part of a run's identity only when set (RunConfig.run_settings).
 OPTIONAL_SETTINGS = ("backend", "keep_columns", "retry_repetition_penalty", "prompts", "prompt_order", "format",
-                     "json_fields", "json_instruction_version", "template_value_chars", "template_braces", "quantize")
+                     "json_fields", "json_instruction_version", "template_value_chars", "template_braces", "quantize",
+                     "kv_cache_dtype")
 
 MODEL_FILE_SUFFIXES = (".json", ".jinja", ".model", ".safetensors", ".bin", ".pt", ".pth", ".gguf")
 WHOLE_FILE_BYTES = 4 << 20  # files up to this size are hashed whole (configs, templates, small tokenizers)

@@ -130,6 +130,7 @@ class StaticDecode:
     dtype: torch.dtype | None = None  # the language model's: the cache buffers' (None: at their first update)
     device: torch.device | None = None
     said_too_long: bool = False  # fits() logged a batch whose prompts the cache does not hold
+    kv_fp8: bool = False  # --kv-cache-dtype fp8: the caches store float8 (kv_fp8.py)
 
     def fits(self, prompt_tokens: int, new_tokens: int) -> bool:
         """Whether a batch's prompts fit the caches (sized for the run's longest prompt); a longer templated
@@ -162,13 +163,20 @@ class StaticDecode:
         """`generate`'s keyword for the cache (transformers 5.17: past_key_values, 5.2x: cache)."""
         return _cache_kwarg_name()
 
-    def cache_for(self, batch: int) -> tuple[str, Any]:
-        """(generate's keyword, a reset StaticCache for `batch` rows). Same object, same buffers each call."""
+    def new_cache(self):
+        """An empty StaticCache of the run's length, with float8 layers in an fp8-cache run."""
         from transformers import StaticCache
 
+        from .kv_fp8 import fp8_cache
+
+        cache = StaticCache(config=self.cache_config, max_cache_len=self.max_cache_len)
+        return fp8_cache(cache) if self.kv_fp8 else cache
+
+    def cache_for(self, batch: int) -> tuple[str, Any]:
+        """(generate's keyword, a reset StaticCache for `batch` rows). Same object, same buffers each call."""
         cache = self.caches.get(batch)
         if cache is None:
-            cache = StaticCache(config=self.cache_config, max_cache_len=self.max_cache_len)
+            cache = self.new_cache()
             if self.dtype is not None:
                 # Its buffers now, not at their first update: that is inside the compiled prefill
                 # (prefill_compile.py), where transformers leaves their addresses unmarked as static, and a
