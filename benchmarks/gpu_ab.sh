@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The next GPU session's run (BENCHMARKS.md §6 run 5 measured the one before), in parts, in the order to run
-# them: prof,diag in the first device call (timeout 595 s; each part's timeout is cut to what is left of
-# GPU_AB_SECONDS, default 590, from the script's start); fp8, thresh, cont, check, big and retry in later
-# sessions, a device call each:
+# them: kv8 in the first device call, prof,diag in the second (timeout 595 s each; each part's timeout is cut to
+# what is left of GPU_AB_SECONDS, default 590, from the script's start); fp8, thresh, cont, check, big and retry
+# in later sessions, a device call each:
+#   kv8    gpu_check.py: graph_flex at 256 (run 5's 32.18 img/s, on this code) and at 512 (what --batch-size auto
+#          picks on an 80 GB card, untimed so far), then at 512 with --kv-cache-dtype fp8 (kv_fp8.py: keys and
+#          values cached as float8, which FlexAttention reads as they are: half the bytes of the larger part of
+#          a decode step; its JSON's attention says whether flex took them or gave up) (<= 8 min)
 #   prof   gpu_check.py: graph_flex at 256 (what --compile runs: run 5's 32.18 img/s) and at 512 (what
 #          --batch-size auto now picks where memory allows, the vision tower in chunks of 64 images), each with
 #          one more batch under the profiler: ms an image by kind of kernel (attention, GEMMs, FlexAttention,
@@ -39,8 +43,8 @@
 #          key), retried after each batch vs gathered 64 at a time (what a GPU does now), and one retry call's
 #          time at 1 and at 64 rows; compiles ~4 min first (a device call of its own: <= 9.5 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
-#   bash benchmarks/gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|big|retry|all]   (or a comma list)
-#     -> OUT_DIR/prof/{gpu_check.{json,md,log},profile_graph_flex_{256,512}.txt}, OUT_DIR/diag/{decode_diag.json,
+#   bash benchmarks/gpu_ab.sh OUT_DIR [kv8|prof|diag|fp8|thresh|cont|check|big|retry|all]   (or a comma list)
+#     -> OUT_DIR/kv8/gpu_check.{json,md,log}, OUT_DIR/prof/{gpu_check.{json,md,log},profile_graph_flex_{256,512}.txt}, OUT_DIR/diag/{decode_diag.json,
 #        profile.txt,decode_diag.log,tower_attention.log},
 #        OUT_DIR/fp8/{bench_fp8.log,gpu_check.{json,md,log},profile_fp8_256.txt},
 #        OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log,
@@ -53,12 +57,12 @@ case ${1:-} in
     -*) echo "gpu_ab.sh: OUT_DIR may not start with '-': $1" >&2; usage >&2; exit 2 ;;
 esac
 parts=${2:-all}
-[[ $parts == all ]] && parts=prof,diag,fp8,thresh,cont,check,big,retry
+[[ $parts == all ]] && parts=kv8,prof,diag,fp8,thresh,cont,check,big,retry
 IFS=, read -ra wanted <<< "$parts"
 for part in "${wanted[@]}"; do
     case $part in
-        prof|diag|fp8|thresh|cont|check|big|retry) ;;
-        *) echo "gpu_ab.sh: unknown part '$part' (prof, diag, fp8, thresh, cont, check, big, retry, all, or a comma list of them)" >&2
+        kv8|prof|diag|fp8|thresh|cont|check|big|retry) ;;
+        *) echo "gpu_ab.sh: unknown part '$part' (kv8, prof, diag, fp8, thresh, cont, check, big, retry, all, or a comma list of them)" >&2
            usage >&2; exit 2 ;;
     esac
 done
@@ -87,6 +91,8 @@ gpu_check() {
   echo "gpu_check ($part) exit $?" | tee -a "$out/gpu.txt"
   cat "$out/$part/gpu_check.md" 2>/dev/null
 }
+want kv8 && gpu_check kv8 480 --graph-flex-batches 256 512 --kv-fp8-batches 512 --pipeline-images 0 \
+    --loader-images 8 --timed-batches 2 --budget-s 450
 want prof && gpu_check prof 480 --graph-flex-batches 256 512 --whole-tower-batches 256 --profile graph_flex \
     --pipeline-images 0 --loader-images 8 --timed-batches 2 --budget-s 450
 if want fp8; then

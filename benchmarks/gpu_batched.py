@@ -1,5 +1,5 @@
 """gpu_check.py's batched runs: prepared pixel values through Captioner.generate, one warm-up batch then the
-timed ones, for each kind of decode (eager, compiled, graph, graph_flex, prefill_eager, whole_tower, fp8), then
+timed ones, for each kind of decode (eager, compiled, graph, graph_flex, prefill_eager, whole_tower, kv_fp8, fp8), then
 for the kinds in --profile one more batch under the profiler (gpu_profile.py); and the fp8 runs' model,
 quantized in place."""
 from __future__ import annotations
@@ -9,7 +9,7 @@ import traceback
 from typing import Callable
 
 # run_batched's, in the report's order
-KINDS = ("eager", "compiled", "graph", "graph_flex", "prefill_eager", "whole_tower", "fp8")
+KINDS = ("eager", "compiled", "graph", "graph_flex", "prefill_eager", "whole_tower", "kv_fp8", "fp8")
 PROMPT = ("Describe this artwork in detail: the subjects, the style and medium, the colour palette, the "
           "composition and the mood. Write one paragraph.")
 
@@ -45,7 +45,8 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
     --decode-loop graph: generate's prefill, then decode_loop.GraphDecode's compiled steps); graph_flex and
     prefill_eager: graph with FlexAttention, the latter with the prefill (vision tower, language model) eager;
     whole_tower: graph_flex with the vision tower over the whole batch at once, not in chunks of
-    --vision-chunk-rows images (vision_chunks.py); fp8: graph_flex on the model quantize_for_fp8 quantized.
+    --vision-chunk-rows images (vision_chunks.py); kv_fp8: graph_flex with --kv-cache-dtype fp8 (kv_fp8.py);
+    fp8: graph_flex on the model quantize_for_fp8 quantized.
     timed(result): called with the timed batches' numbers before the profile (if any) runs, so that a caller
     can keep them should the profile outlast its time."""
     import torch
@@ -55,7 +56,7 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
     from vlm_caption.prefill_compile import eager_prefill_on_failure
 
     compile = kind != "eager"
-    flex = kind in ("graph_flex", "prefill_eager", "whole_tower", "fp8")
+    flex = kind in ("graph_flex", "prefill_eager", "whole_tower", "kv_fp8", "fp8")
     graph = flex or kind == "graph"  # the graph decode loop
     options = {"backend": "eager"} if args.cpu_smoke and compile else {}
     if kind == "prefill_eager":  # (Captioner's A/B switches: the prefill stays eager, the decode is compiled)
@@ -64,7 +65,8 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
                     min_tokens=args.new_tokens, compile="on" if compile else "off", compile_options=options,
                     decode_loop="graph" if graph else "generate",
                     grouped_attention="flex" if flex else "sdpa", vision_attention=args.vision_attention,
-                    vision_chunk_rows=0 if kind == "whole_tower" else args.vision_chunk_rows)
+                    vision_chunk_rows=0 if kind == "whole_tower" else args.vision_chunk_rows,
+                    kv_cache_dtype="fp8" if kind == "kv_fp8" else "auto")
     rows = [pixels[i % len(pixels)] for i in range(batch)]
     keys = [f"img{i}" for i in range(batch)]
     report = cap.decoding_report(batch)
@@ -76,6 +78,7 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
                                                                "prefill",
                                               "whole_tower": "graph decode loop, FlexAttention, the vision tower "
                                                              "over the whole batch at once",
+                                              "kv_fp8": "graph decode loop, FlexAttention, float8 KV cache",
                                               "fp8": "graph decode loop, FlexAttention, FP8 linear layers "
                                                      f"(--quantize {args.fp8_quantize})"}[kind],
                     **prefill, "vision_chunk_rows": report["vision_chunk_rows"], "prefill_warmup_s": None}
@@ -124,7 +127,9 @@ def run_batched(model, processor, pixels: list, batch: int, args, *, kind: str, 
             result["graphs_built"] = counters["stats"]["unique_graphs"] - graphs0
             result["graph_breaks"] = sum(counters["graph_break"].values()) - breaks0
         report = cap.decoding_report(batch)  # as the timed batches ran: a compiled part that failed is eager now
-        result.update({part: report[part] for part in prefill}, vision_attention=report["vision_attention"])
+        # (attention: a batch that failed on flex goes on with the grouped sdpa, grouped_attention.give_up_flex)
+        result.update({part: report[part] for part in prefill}, vision_attention=report["vision_attention"],
+                      attention=report["attention"], kv_cache_dtype=report["kv_cache_dtype"])
         if kind in args.profile and cap.static_decode is not None:  # one more batch, after the timed ones
             if timed is not None:
                 timed(dict(result))

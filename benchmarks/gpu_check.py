@@ -19,6 +19,8 @@ per image (min = max, greedy), the same prompt everywhere. At most ~8 minutes on
   whole_tower  graph_flex with the vision tower over the whole batch at once: every other run runs it over
              --vision-chunk-rows images at a time, as a captioning run does (vision_chunks.py); the other side
              of that A/B
+  kv_fp8     graph_flex with --kv-cache-dtype fp8 (kv_fp8.py: keys and values cached as float8, which flex reads
+             as they are): half the cache's bytes a decode step reads
   fp8        graph_flex after --quantize fp8 (fp8.py: the tower's and language model's linear layers as FP8
              GEMMs; --fp8-quantize fp8-text: the language model's only), last: the model is quantized in
              place once, with the first new token's logits on 8 images before and after (their drift, on
@@ -66,7 +68,7 @@ from vlm_caption.backends import VISION_CHUNK_ROWS  # noqa: E402
 from vlm_caption.config import QUANTIZE_CHOICES, VISION_ATTENTIONS, RunConfig  # noqa: E402
 
 SECTIONS = ("env", "model", "flop_per_image", "roofs", "auto_batch_size", "loader", "loop", "eager", "compiled",
-            "graph", "graph_flex", "prefill_eager", "whole_tower", "fp8_weights", "fp8", "pipeline",
+            "graph", "graph_flex", "prefill_eager", "whole_tower", "kv_fp8", "fp8_weights", "fp8", "pipeline",
             "pipeline_overlap")
 
 
@@ -87,6 +89,8 @@ def parse_args(argv=None):
                    "prefill (vision tower, language model) eager (default: none; 4 with --cpu-smoke)")
     p.add_argument("--whole-tower-batches", type=int, nargs="*", default=None, help="graph_flex with the vision "
                    "tower over the whole batch at once (default: none; 4 with --cpu-smoke)")
+    p.add_argument("--kv-fp8-batches", type=int, nargs="*", default=None, help="graph_flex with --kv-cache-dtype "
+                   "fp8 (default: none; 4 with --cpu-smoke)")
     p.add_argument("--vision-chunk-rows", type=int, default=None, help="images the vision tower runs over at a "
                    f"time in the other runs (default {VISION_CHUNK_ROWS}, as a run; 2 with --cpu-smoke)")
     p.add_argument("--fp8-batches", type=int, nargs="*", default=None, help="graph_flex with --quantize fp8, "
@@ -119,7 +123,8 @@ def parse_args(argv=None):
                     eager_batches=[2, 4] if smoke else [64, 128], compiled_batches=[2, 4] if smoke else [64, 128, 256],
                     graph_batches=[2, 4] if smoke else [64, 128], graph_flex_batches=[4] if smoke else [],
                     prefill_eager_batches=[4] if smoke else [], fp8_batches=[4] if smoke else [],
-                    whole_tower_batches=[4] if smoke else [], vision_chunk_rows=2 if smoke else VISION_CHUNK_ROWS,
+                    whole_tower_batches=[4] if smoke else [], kv_fp8_batches=[4] if smoke else [],
+                    vision_chunk_rows=2 if smoke else VISION_CHUNK_ROWS,
                     timed_batches=2 if smoke else 3, loop_images=2 if smoke else 3,
                     loader_images=6 if smoke else 96, pipeline_images=12 if smoke else 640,
                     pipeline_batch=4 if smoke else 128, budget_s=120 if smoke else 420)
@@ -230,7 +235,8 @@ def main(argv=None) -> int:
         if args.cpu_smoke and not peak:
             peak, bandwidth, source = 1e12, 50e9, "placeholder for the CPU smoke"
         batches = sorted(set(args.eager_batches + args.compiled_batches + args.graph_batches + args.graph_flex_batches
-                             + args.prefill_eager_batches + args.whole_tower_batches + [1, args.pipeline_batch]))
+                             + args.prefill_eager_batches + args.whole_tower_batches + args.kv_fp8_batches
+                             + [1, args.pipeline_batch]))
         result["roofs"] = {"peak_flops": peak, "bandwidth_bytes_s": bandwidth, "source": source,
                            "by_batch": [roofs(config, prompt_tokens, args.new_tokens, b, peak, bandwidth)
                                         for b in batches] if peak and bandwidth else []}
@@ -241,7 +247,10 @@ def main(argv=None) -> int:
             "static": auto_batch_size(config, free_before, weight_bytes, seq, 2, cap=1024,
                                       static_full_attention=True, vision_rows=args.vision_chunk_rows),
             "static_whole_tower": auto_batch_size(config, free_before, weight_bytes, seq, 2, cap=1024,
-                                                  static_full_attention=True)} if device.type == "cuda" else {
+                                                  static_full_attention=True),
+            "static_kv_fp8": auto_batch_size(config, free_before, weight_bytes, seq, 2, cap=1024,
+                                             static_full_attention=True, vision_rows=args.vision_chunk_rows,
+                                             kv_bytes=1)} if device.type == "cuda" else {
             "note": "CPU smoke: not meaningful", "static_at_80gb": auto_batch_size(config, 80 * 10**9, weight_bytes,
                                                                                    seq, 2, static_full_attention=True,
                                                                                    vision_rows=VISION_CHUNK_ROWS)}
@@ -255,12 +264,13 @@ def main(argv=None) -> int:
             print(json.dumps({"loop": result["loop"]}), flush=True)
             write(out, result)
         # Smaller batches first, compiled before eager, so that a short budget still has the telling runs.
-        order = {"compiled": 0, "graph": 1, "graph_flex": 2, "prefill_eager": 3, "whole_tower": 4, "eager": 5,
-                 "fp8": 6}
+        order = {"compiled": 0, "graph": 1, "graph_flex": 2, "prefill_eager": 3, "whole_tower": 4, "kv_fp8": 5,
+                 "eager": 6, "fp8": 7}
         runs = sorted([("compiled", b) for b in args.compiled_batches] + [("graph", b) for b in args.graph_batches]
                       + [("graph_flex", b) for b in args.graph_flex_batches]
                       + [("prefill_eager", b) for b in args.prefill_eager_batches]
                       + [("whole_tower", b) for b in args.whole_tower_batches]
+                      + [("kv_fp8", b) for b in args.kv_fp8_batches]
                       + [("eager", b) for b in args.eager_batches], key=lambda run: (run[1], order[run[0]]))
         # The whole pipeline after the last compiled/graph run of its batch size (whose graph it then reuses).
         same = [i for i, (kind, b) in enumerate(runs) if b == args.pipeline_batch and kind != "eager"]

@@ -42,7 +42,10 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     assert [x["batch"] for x in result["eager"]] == [2, 4] and [x["batch"] for x in result["compiled"]] == [2, 4]
     assert [x["batch"] for x in result["graph"]] == [2, 4] and [x["batch"] for x in result["graph_flex"]] == [4]
     assert [x["batch"] for x in result["prefill_eager"]] == [4] and [x["batch"] for x in result["fp8"]] == [4]
-    assert [x["batch"] for x in result["whole_tower"]] == [4]
+    assert [x["batch"] for x in result["whole_tower"]] == [4] and [x["batch"] for x in result["kv_fp8"]] == [4]
+    # kv_fp8: the float8 cache, on flex (a CPU converts it for flex first; a card's flex reads it as it is)
+    assert result["kv_fp8"][0]["kv_cache_dtype"] == "float8_e4m3fn" and result["kv_fp8"][0]["attention"] == "flex"
+    assert result["graph_flex"][0]["kv_cache_dtype"] == "float32"
     # Every run's tower in chunks of 2 images (vision_chunks.py), whole_tower's over the whole batch.
     assert {x["vision_chunk_rows"] for x in result["graph_flex"] + result["compiled"]} == {2}
     assert result["whole_tower"][0]["vision_chunk_rows"] == 0
@@ -51,12 +54,14 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     assert weights["fp8_layers"] > 0 and 0 < weights["logits_relative_error"] < 1, weights
     before, after = weights["linear_weight_bytes"]
     assert after * 3 < before and "fp8 weights" in (tmp_path / "gpu_check.md").read_text()  # (fp32 on the CPU)
-    graphs = result["graph"] + result["graph_flex"] + result["prefill_eager"] + result["whole_tower"] + result["fp8"]
+    graphs = (result["graph"] + result["graph_flex"] + result["prefill_eager"] + result["whole_tower"]
+              + result["kv_fp8"] + result["fp8"])
     for entry in result["eager"] + result["compiled"] + graphs:
         assert "error" not in entry, entry
         assert entry["img_s"] > 0 and entry["tokens_s"] > 0
         assert entry["generate_share"] is None if entry in graphs else 0 < entry["generate_share"] <= 1
-    # The decode step's graph (prefill_eager's and whole_tower's are graph_flex's, already built); the prefill ran
+    # The decode step's graph (prefill_eager's and whole_tower's are graph_flex's, already built; kv_fp8's reads
+    # another cache: its own); the prefill ran
     # as labelled, its compilation timed apart.
     for entry in result["compiled"] + graphs:
         built = 0 if entry in result["prefill_eager"] + result["whole_tower"] else 1
@@ -187,7 +192,7 @@ def test_gpu_ab_script_passes_flags_its_scripts_know(tmp_path):
                                            "decode_diag", "gpu_check"}
     # the gpu_check function's own flags, then each part's ("$@")
     parts = re.findall(r'^\s*(?:want \w+ && )?gpu_check (\w+) \d+ (.*)$', text, flags=re.M)
-    assert {part for part, _ in parts} == {"check", "thresh", "prof", "fp8", "big"}
+    assert {part for part, _ in parts} == {"check", "thresh", "kv8", "prof", "fp8", "big"}
     calls = [(name, flags.replace('"$part"', part).replace('"$@"', more)) for name, flags in calls
              for part, more in (parts if '"$@"' in flags else [("", "")])]
     sys.path.insert(0, str(REPO / "benchmarks"))
@@ -226,7 +231,7 @@ def test_gpu_ab_help_and_a_wrong_part_run_nothing(tmp_path):
     env = {**os.environ, "PYTHON": "false"}  # a python that ran would fail the checks below
     shown = subprocess.run(["bash", str(script), "--help"], cwd=tmp_path, env=env, capture_output=True, text=True,
                            timeout=60)
-    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [prof|diag|fp8|thresh|cont|check|big|retry|all]" in shown.stdout, shown.stderr
+    assert shown.returncode == 0 and "gpu_ab.sh OUT_DIR [kv8|prof|diag|fp8|thresh|cont|check|big|retry|all]" in shown.stdout, shown.stderr
     assert "set -uo" not in shown.stdout and "bench_continuous.log" in shown.stdout  # the whole header, only
     wrong = subprocess.run(["bash", str(script), str(tmp_path / "out"), "chek"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
