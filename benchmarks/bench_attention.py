@@ -4,7 +4,9 @@ decode attention (vlm_caption/grouped_attention.py), both under torch.compile as
 runs them; FlexAttention (grouped_flex_attention: its decoding kernel skips the blocks the mask leaves out;
 --decode-attention auto takes it for compiled CUDA steps of 128+ rows); and the grouped attention pinned to
 one of torch's sdpa kernels (--backends efficient cudnn ..., sides `grouped_efficient` etc.; by default torch
-picks, and with a mask that is not the flash kernel).
+picks, and with a mask that is not the flash kernel). With an fp8 cache (--kv-cache-dtype fp8, kv_fp8.py):
+`flex_fp8` (on CUDA: FlexAttention reading float8 keys and values as they are, half the bytes) and
+`grouped_fp8` (the grouped sdpa, which converts them first: what a step without flex pays).
 
 The query is one token per row; keys and values are a static cache of --cache-len slots (prompt + new
 tokens: 336 + 200 for the pipeline's prompt) with left padding in the mask, as in a captioning batch. Under
@@ -88,6 +90,7 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from vlm_caption.grouped_attention import grouped_flex_attention, grouped_sdpa_attention
+    from vlm_caption.kv_fp8 import to_fp8
     from vlm_caption.tiny_model import _preset
 
     # Every side compiles the same `call` code below: 5 sides over 2 batch sizes passed dynamo's default of 8
@@ -118,6 +121,12 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
         g = torch.Generator(device="cpu").manual_seed(batch)
         q = torch.randn(batch, heads, 1, dim, generator=g).to(device, dtype)
         k, v = (torch.randn(batch, kv_heads, cache_len, dim, generator=g).to(device, dtype) for _ in range(2))
+        if compile:  # the fp8 cache's sides: the same call on float8 keys and values (a CPU's flex wants one dtype)
+            k8, v8 = to_fp8(k), to_fp8(v)
+            for name, fn in (("flex_fp8", sides.get("flex") if device.type == "cuda" else None),
+                             ("grouped_fp8", wrap(grouped_sdpa_attention))):
+                if fn is not None:
+                    sides[name] = lambda q, k, v, mask, fn=fn: fn(q, k8, v8, mask)
         mask = torch.ones(batch, 1, 1, cache_len, dtype=torch.bool, device=device)
         for row in range(batch):  # left padding of up to 40 slots, and the not-yet-written end of the cache
             mask[row, ..., : row % 41] = False
@@ -139,7 +148,8 @@ def measure(device: str, preset: str, batches, *, cache_len: int = 536, dtype: s
             "heads": heads, "kv_heads": kv_heads, "head_dim": dim,
             **{f"{name}_ms": round(1000 * t, 3) for name, t in best.items()},
             "speedup": round(best["transformers_sdpa"] / best["grouped"], 2), "kv_cache_gb": round(cache_gb, 4),
-            **{f"{name}_gb_s": round(cache_gb / t, 1) for name, t in best.items()}, "max_abs_diff": diffs["grouped"],
+            **{f"{name}_gb_s": round(cache_gb / (2 if name.endswith("_fp8") else 1) / t, 1)
+               for name, t in best.items()}, "max_abs_diff": diffs["grouped"],
             **{f"{name}_max_abs_diff": diff for name, diff in diffs.items() if name != "grouped"}, **errors})
     return results
 

@@ -6,7 +6,9 @@
 #   kv8    gpu_check.py: graph_flex at 256 (run 5's 32.18 img/s, on this code) and at 512 (what --batch-size auto
 #          picks on an 80 GB card, untimed so far), then at 512 with --kv-cache-dtype fp8 (kv_fp8.py: keys and
 #          values cached as float8, which FlexAttention reads as they are: half the bytes of the larger part of
-#          a decode step; its JSON's attention says whether flex took them or gave up) (<= 8 min)
+#          a decode step; its JSON's attention says whether flex took them or gave up); before it,
+#          bench_attention.py: one layer's decode attention at 256 and 512 rows, flex on bf16 against flex on
+#          float8 keys and values (<= 1 min) (<= 9 min in all)
 #   prof   gpu_check.py: graph_flex at 256 (what --compile runs: run 5's 32.18 img/s) and at 512 (what
 #          --batch-size auto now picks where memory allows, the vision tower in chunks of 64 images), each with
 #          one more batch under the profiler: ms an image by kind of kernel (attention, GEMMs, FlexAttention,
@@ -44,7 +46,7 @@
 #          time at 1 and at 64 rows; compiles ~4 min first (a device call of its own: <= 9.5 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
 #   bash benchmarks/gpu_ab.sh OUT_DIR [kv8|prof|diag|fp8|thresh|cont|check|big|retry|all]   (or a comma list)
-#     -> OUT_DIR/kv8/gpu_check.{json,md,log}, OUT_DIR/prof/{gpu_check.{json,md,log},profile_graph_flex_{256,512}.txt}, OUT_DIR/diag/{decode_diag.json,
+#     -> OUT_DIR/kv8/{attention.log,gpu_check.{json,md,log}}, OUT_DIR/prof/{gpu_check.{json,md,log},profile_graph_flex_{256,512}.txt}, OUT_DIR/diag/{decode_diag.json,
 #        profile.txt,decode_diag.log,tower_attention.log},
 #        OUT_DIR/fp8/{bench_fp8.log,gpu_check.{json,md,log},profile_fp8_256.txt},
 #        OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log,
@@ -91,8 +93,18 @@ gpu_check() {
   echo "gpu_check ($part) exit $?" | tee -a "$out/gpu.txt"
   cat "$out/$part/gpu_check.md" 2>/dev/null
 }
-want kv8 && gpu_check kv8 480 --graph-flex-batches 256 512 --kv-fp8-batches 512 --pipeline-images 0 \
-    --loader-images 8 --timed-batches 2 --budget-s 450
+if want kv8; then
+  mkdir -p "$out/kv8"
+  t=$(timeout_for 60)  # one layer's decode attention at 256 and 512 rows: flex on bf16 vs float8 keys and values
+  if ((t == 0)); then skipped kv8_attention; else
+    timeout "$t" "$PY" benchmarks/bench_attention.py --device cuda --batch 256 512 --rounds 3 --calls 10 --backends \
+        > "$out/kv8/attention.log" 2>&1
+    echo "bench_attention (kv8) exit $?" | tee -a "$out/gpu.txt"
+    grep '^{' "$out/kv8/attention.log" | cut -c1-1500
+  fi
+  gpu_check kv8 470 --graph-flex-batches 256 512 --kv-fp8-batches 512 --pipeline-images 0 --loader-images 8 \
+      --timed-batches 2 --budget-s 440
+fi
 want prof && gpu_check prof 480 --graph-flex-batches 256 512 --whole-tower-batches 256 --profile graph_flex \
     --pipeline-images 0 --loader-images 8 --timed-batches 2 --budget-s 450
 if want fp8; then
