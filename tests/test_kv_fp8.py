@@ -200,3 +200,23 @@ def test_a_kv_cache_dtype_the_run_cannot_take_is_one_line_and_exit_2(tiny_model_
     err = capsys.readouterr().err
     assert ended.value.code == 2 and says in err and len(err.strip().splitlines()) <= 2, err
     assert not (tmp_path / "c").exists()
+
+
+def test_bench_kv_fp8_runs_and_reports_both_sides(capsys):
+    """benchmarks/bench_kv_fp8.py on the tiny preset: the cache's bytes from real buffers (a quarter of this
+    fp32 model's), the drift, and both sides' rates."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    try:
+        from bench_kv_fp8 import main
+    finally:
+        sys.path.pop(0)
+    assert main(["--preset", "tiny", "--batch", "2", "--new-tokens", "4", "--rounds", "1"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    cache = result["cache_bytes_a_row"]
+    assert cache["this_preset"]["auto"] == 4 * cache["this_preset"]["fp8"] > 0
+    assert cache["gemma_3_4b_536_tokens_bf16"] == 2 * cache["gemma_3_4b_536_tokens_fp8"]
+    assert 0 < result["first_token_logits"]["relative_error"] < 0.1 and result["fp8_over_auto"] > 0
+    assert set(result["img_s"]) == {"auto", "fp8"} and result["greedy_tokens"]["rows_identical"].endswith("/2")

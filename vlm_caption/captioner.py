@@ -72,6 +72,9 @@ class Captioner:
         self.static_decode = self._static_decode(compile, max_tokens, compile_options or {})
         if self.static_decode is not None:
             self.static_decode.kv_fp8 = self.kv_fp8
+        elif self.kv_fp8:
+            log.warning("--kv-cache-dtype fp8 without the static cache (--compile): keys and values are rounded "
+                        "at every step, which costs time and saves no memory (0.73x on a CPU, BENCHMARKS.md §6)")
         compiled = self.static_decode is not None  # (a static cache is a compiled one)
         log.info("decode attention: %s", describe_decode_attention(model, self.device.type, compiled))
         self.graph_decode = self._graph_decode(decode_loop, compile_options or {})
