@@ -148,7 +148,8 @@ def test_cli_continuous_captions_like_the_default_run(full_run, tiny_model_dir, 
     assert 0 < default.pop("retry_calls") <= min(retried, -(-len(want) // 4))
     assert default == {"batch_size": 4, "loop": "generate", "static_cache": False, "attention": "auto: sdpa",
                        "decode_step": "eager", "vision_tower": "eager", "language_model_prefill": "eager",
-                       "vision_attention": "sdpa (torch's pick)", "vision_chunk_rows": 64, "fp8_layers": 0}
+                       "vision_attention": "sdpa (torch's pick)", "vision_chunk_rows": 64, "fp8_layers": 0,
+                       "kv_cache_dtype": "float32"}
 
 
 def continuous_args(model, data, ckpt, *extra):

@@ -220,3 +220,17 @@ def test_bench_kv_fp8_runs_and_reports_both_sides(capsys):
     assert cache["gemma_3_4b_536_tokens_bf16"] == 2 * cache["gemma_3_4b_536_tokens_fp8"]
     assert 0 < result["first_token_logits"]["relative_error"] < 0.1 and result["fp8_over_auto"] > 0
     assert set(result["img_s"]) == {"auto", "fp8"} and result["greedy_tokens"]["rows_identical"].endswith("/2")
+
+
+@pytest.mark.parametrize("static, device, kernel, says", [
+    (False, "cpu", "auto", "rounded at every step"),
+    (True, "cuda", "sdpa", "converts the cache before reading it"),
+    (True, "cuda", "auto", None),  # flex from 128 rows reads it as it is
+    (True, "cpu", "sdpa", None),  # (a CPU's run has no static cache unless --compile on: a test's setting)
+])
+def test_an_fp8_run_where_it_costs_time_says_so(caplog, static, device, kernel, says):
+    from vlm_caption.kv_fp8 import warn_where_fp8_costs
+
+    with caplog.at_level("WARNING"):
+        warn_where_fp8_costs(static, device, kernel)
+    assert (says in caplog.text) if says else not caplog.text

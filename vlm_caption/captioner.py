@@ -18,8 +18,10 @@ from .backends import (AUTO_BATCH_CAP, AUTO_BATCH_CPU, GPU_MIN_BUCKET, RETRY_NO_
                        RETRY_REPETITION_PENALTY, VISION_CHUNK_ROWS, Caption)  # noqa: F401  (the engine's result type)
 from .batch_size import auto_batch_size, free_accelerator_memory, free_device_memory, is_out_of_memory
 from .decode_loop import DecodeLater, give_up_decode_compile
-from .grouped_attention import describe_decode_attention, give_up_flex, may_use_flex, set_grouped_decode_attention
+from .grouped_attention import (decode_attention_kernel, describe_decode_attention, give_up_flex, may_use_flex,
+                                set_grouped_decode_attention)
 from .image_prep import ImagePrep, unsupported_reason
+from .kv_fp8 import use_kv_fp8, warn_where_fp8_costs
 from .images import MODEL_IMAGE_SIZE
 from .model_loading import spread_over_devices
 from .prefill_compile import PARTS as PREFILL_PARTS, failed_part, give_up_prefill_compile, set_prefill_compile
@@ -52,7 +54,12 @@ class Captioner:
         self.dtype = next(model.parameters()).dtype
         # Decode steps read each KV head once, not a copy per query head (grouped_attention.py: auto, sdpa, flex).
         self.grouped_attention = set_grouped_decode_attention(model, grouped_attention)
-        self.kv_fp8 = self._kv_fp8(kv_cache_dtype)  # keys and values cached in float8 (kv_fp8.py)
+        from .config import KV_CACHE_DTYPES
+
+        if kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
+        # Keys and values cached in float8 (kv_fp8.py): the grouped kernels read or convert them.
+        self.kv_fp8 = use_kv_fp8(model, kv_cache_dtype == "fp8", self.grouped_attention)
         set_vision_attention(model, vision_attention)  # the tower's kernel: auto = the fastest on a GPU (timed)
         # The tower over a chunk of images at a time: its activations do not cap the batch (vision_chunks.py).
         self.vision_chunk_rows = set_vision_chunk_rows(model, vision_chunk_rows)
@@ -70,12 +77,11 @@ class Captioner:
         self.prompt_inputs = self._encode_prompt(prompt)
         self.gen_config = self._generation_config(max_tokens, min_tokens)
         self.static_decode = self._static_decode(compile, max_tokens, compile_options or {})
-        if self.static_decode is not None:
-            self.static_decode.kv_fp8 = self.kv_fp8
-        elif self.kv_fp8:
-            log.warning("--kv-cache-dtype fp8 without the static cache (--compile): keys and values are rounded "
-                        "at every step, which costs time and saves no memory (0.73x on a CPU, BENCHMARKS.md §6)")
         compiled = self.static_decode is not None  # (a static cache is a compiled one)
+        if compiled:
+            self.static_decode.kv_fp8 = self.kv_fp8
+        if self.kv_fp8:
+            warn_where_fp8_costs(compiled, self.device.type, decode_attention_kernel(model))
         log.info("decode attention: %s", describe_decode_attention(model, self.device.type, compiled))
         self.graph_decode = self._graph_decode(decode_loop, compile_options or {})
         # The pipeline's short batches (the last one) padded to the run's batch size, and the others (retries)
@@ -93,20 +99,6 @@ class Captioner:
             log.info("--vision-overlap is off with --decode-loop continuous")
             self.vision_ahead = None
         self.default_batch_size = self._auto_batch_size(max_tokens, auto_batch_cap)
-
-    def _kv_fp8(self, kv_cache_dtype: str) -> bool:
-        """kv_cache_dtype "fp8": the text model's attention layers marked, so that every cache path rounds keys and
-        values alike (kv_fp8.set_kv_fp8); "auto": the model's dtype, any earlier mark removed."""
-        from .config import KV_CACHE_DTYPES
-        from .kv_fp8 import set_kv_fp8
-
-        if kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {kv_cache_dtype!r}")
-        fp8 = kv_cache_dtype == "fp8"
-        if fp8 and not self.grouped_attention:  # (config.validate says it to a user before the model loads)
-            raise ValueError("an fp8 KV cache needs the grouped decode attention (--attn-implementation sdpa)")
-        set_kv_fp8(self.model, fp8)
-        return fp8
 
     def _static_decode(self, compile: str, max_tokens: int, options: dict[str, Any]):
         """compile "auto" (on for CUDA), "on" or "off": a static full-attention KV cache with the decode

@@ -28,9 +28,11 @@ cache needs them: --attn-implementation sdpa (the default).
 from __future__ import annotations
 
 import functools
+import logging
 
 import torch
 
+log = logging.getLogger(__name__)
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # e4m3fn's largest finite value
 MARK = "vlm_caption_kv_fp8"  # the text model's attention layers carry it True in an fp8 run (set_kv_fp8)
@@ -39,6 +41,27 @@ MARK = "vlm_caption_kv_fp8"  # the text model's attention layers carry it True i
 def to_fp8(x: torch.Tensor) -> torch.Tensor:
     """`x` in float8 e4m3, saturated at +-448 rather than NaN."""
     return x.clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def use_kv_fp8(model, fp8: bool, grouped_attention: bool) -> bool:
+    """A Captioner's choice: fp8 marks `model`'s attention layers (set_kv_fp8); without it any earlier mark goes.
+    fp8 needs the grouped decode attention (grouped_attention.py), whose kernels read or convert float8:
+    config.validate says so to a user before the model loads."""
+    if fp8 and not grouped_attention:
+        raise ValueError("an fp8 KV cache needs the grouped decode attention (--attn-implementation sdpa)")
+    set_kv_fp8(model, fp8)
+    return fp8
+
+
+def warn_where_fp8_costs(static_cache: bool, device_type: str, decode_kernel: str) -> None:
+    """One warning for an fp8 run where the float8 cache costs time instead of saving it."""
+    if not static_cache:
+        log.warning("--kv-cache-dtype fp8 without the static cache (--compile): keys and values are rounded at every "
+                    "step, which costs time and saves no memory (0.73x on a CPU, BENCHMARKS.md §6)")
+    elif device_type == "cuda" and decode_kernel == "sdpa":
+        log.warning("--kv-cache-dtype fp8 with the grouped sdpa as the decode attention (--decode-attention sdpa, "
+                    "or a card older than Hopper): each step converts the cache before reading it, slower than "
+                    "the model's dtype; FlexAttention reads it as it is (--decode-attention auto)")
 
 
 def set_kv_fp8(model, on: bool) -> int:
