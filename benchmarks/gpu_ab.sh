@@ -3,10 +3,10 @@
 # them: kv8 in the first device call, prof,diag in the second (timeout 595 s each; each part's timeout is cut to
 # what is left of GPU_AB_SECONDS, default 590, from the script's start); fp8, thresh, cont, check, big and retry
 # in later sessions, a device call each:
-#   kv8    gpu_check.py: graph_flex at 256 (run 5's 32.18 img/s, on this code) and at 512 (what --batch-size auto
-#          picks on an 80 GB card, untimed so far), then at 512 with --kv-cache-dtype fp8 (kv_fp8.py: keys and
-#          values cached as float8, which FlexAttention reads as they are: half the bytes of the larger part of
-#          a decode step; its JSON's attention says whether flex took them or gave up); before it,
+#   kv8    gpu_check.py: graph_flex at 512 (what --batch-size auto picks on an 80 GB card, untimed so far), then
+#          at 512 with --kv-cache-dtype fp8 (kv_fp8.py: keys and values cached as float8, which FlexAttention
+#          reads as they are: half the bytes of the larger part of a decode step; its JSON's attention says
+#          whether flex took them or gave up; ~2.5 min each with its compiles, run 5's at 256 ~2 min); before it,
 #          bench_attention.py: one layer's decode attention at 256 and 512 rows, flex on bf16 against flex on
 #          float8 keys and values (<= 1 min) (<= 9 min in all)
 #   prof   gpu_check.py: graph_flex at 256 (what --compile runs: run 5's 32.18 img/s) and at 512 (what
@@ -102,7 +102,7 @@ if want kv8; then
     echo "bench_attention (kv8) exit $?" | tee -a "$out/gpu.txt"
     grep '^{' "$out/kv8/attention.log" | cut -c1-1500
   fi
-  gpu_check kv8 470 --graph-flex-batches 256 512 --kv-fp8-batches 512 --pipeline-images 0 --loader-images 8 \
+  gpu_check kv8 470 --graph-flex-batches 512 --kv-fp8-batches 512 --pipeline-images 0 --loader-images 8 \
       --timed-batches 2 --budget-s 440
 fi
 want prof && gpu_check prof 480 --graph-flex-batches 256 512 --whole-tower-batches 256 --profile graph_flex \
