@@ -125,7 +125,7 @@ def test_auto_takes_flex_for_compiled_cuda_steps_of_many_rows(rows, device, comp
 def test_auto_runs_the_kernel_wants_flex_names(monkeypatch):
     module, q, k, v, mask = attention_inputs()
     for flex in (False, True):
-        monkeypatch.setattr(grouped_module, "wants_flex", lambda rows, device, compiling: flex)
+        monkeypatch.setattr(grouped_module, "wants_flex", lambda rows, device, compiling, kv_fp8=False: flex)
         got, _ = grouped_auto_attention(module, q, k, v, mask, scaling=0.1)
         want, _ = (grouped_flex_attention if flex else grouped_sdpa_attention)(module, q, k, v, mask, scaling=0.1)
         torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -232,7 +232,7 @@ def test_auto_puts_flex_in_the_compiled_step_only(model_and_processor, images, m
     want = token_ids(captioner(model, processor, grouped_attention="sdpa", **fixed), images[:3])
     asked, flex_calls, real_flex = [], [], grouped_module.grouped_flex_attention
     monkeypatch.setattr(grouped_module, "wants_flex",
-                        lambda rows, device, compiling: asked.append((rows, device, compiling)) or compiling)
+                        lambda rows, device, compiling, kv_fp8=False: asked.append((rows, device, compiling)) or compiling)
     monkeypatch.setattr(grouped_module, "grouped_flex_attention",
                         lambda *a, **kw: flex_calls.append(1) or real_flex(*a, **kw))
     with caplog.at_level("INFO", logger="vlm_caption"):
@@ -247,8 +247,8 @@ def test_auto_puts_flex_in_the_compiled_step_only(model_and_processor, images, m
     assert eager.decoding_report(3)["attention"] == "auto: sdpa"
     monkeypatch.undo()  # (a spy's side effects would split the traced step)
     # flex only for exactly the traced step's arguments: its 3 rows, on this CPU, compiling
-    monkeypatch.setattr(grouped_module, "wants_flex", lambda rows, device, compiling: (rows, device, compiling)
-                        == (3, "cpu", True))
+    monkeypatch.setattr(grouped_module, "wants_flex",
+                        lambda rows, device, compiling, kv_fp8=False: (rows, device, compiling) == (3, "cpu", True))
     CAPTURED.clear()
     cap = captioner(model, processor, compile="on", compile_options={"backend": counting_backend},
                     decode_loop="graph", **fixed)
@@ -266,7 +266,7 @@ def test_a_batch_whose_flex_kernel_fails_is_decoded_again_with_the_grouped_sdpa(
     model, processor = model_and_processor
     fixed = {"max_tokens": 6, "min_tokens": 6}
     want = token_ids(captioner(model, processor, grouped_attention="sdpa", **fixed), images[:3])
-    monkeypatch.setattr(grouped_module, "wants_flex", lambda rows, device, compiling: compiling)
+    monkeypatch.setattr(grouped_module, "wants_flex", lambda rows, device, compiling, kv_fp8=False: compiling)
     refused = []
 
     def no_flex_backend(gm, example_inputs):

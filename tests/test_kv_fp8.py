@@ -60,6 +60,16 @@ def test_the_grouped_kernels_read_an_fp8_cache_as_its_converted_values(kernel):
     torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("rows,device,compiling,flex", [
+    (64, "cuda", True, True), (1, "cuda", True, True),  # a retry's 64 rows: flex reads float8, sdpa converts it
+    (64, "cpu", True, False), (64, "cuda", False, False)])  # flex reads float8 only compiled on CUDA
+def test_auto_takes_flex_for_an_fp8_cache_at_any_rows(rows, device, compiling, flex):
+    from vlm_caption.grouped_attention import wants_flex
+
+    assert wants_flex(rows, device, compiling, kv_fp8=True) is flex
+    assert wants_flex(rows, device, compiling) is False  # (the model's dtype: from FLEX_MIN_ROWS only)
+
+
 def test_an_fp8_static_cache_stores_one_byte_per_element(model_and_processor, images):
     """The static cache's buffers are float8 (half a bf16 cache, a quarter of this fp32 model's), written in
     place at the same addresses batch after batch, and hold the model's keys rounded."""

@@ -341,7 +341,7 @@ class Captioner:
                     self.static_decode.drop_caches()  # so the caller's smaller retry gets the memory back
             elif failed_part(e) and give_up_prefill_compile(self.model, e):  # a compiled part of the prefill raised it
                 return self._generate(given, assembled, should_stop, retry)  # that part is eager now
-            elif may_use_flex(self.model, rows, self.device.type, self.static_decode is not None):
+            elif may_use_flex(self.model, rows, self.device.type, self.static_decode is not None, self.kv_fp8):
                 give_up_flex(self.model, e)  # (a compile error of dynamo or Triton is a RuntimeError too)
                 return self._generate(given, assembled, should_stop, retry)  # once: flex is off now
             elif give_up_decode_compile(self, e):  # the compiled decode step raised it: eager from now on

@@ -213,7 +213,7 @@ def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
     loop = "continuous" if cap.continuous is not None else "graph" if cap.graph_decode is not None else "generate"
     attention = decode_attention_kernel(cap.model)
     if attention == "auto":  # a static cache is a compiled one (Captioner._static_decode)
-        flex = rows and may_use_flex(cap.model, rows, cap.device.type, cap.static_decode is not None)
+        flex = rows and may_use_flex(cap.model, rows, cap.device.type, cap.static_decode is not None, cap.kv_fp8)
         attention += ": flex" if flex else ": sdpa"
     report: dict[str, Any] = {"loop": loop, "static_cache": cap.static_decode is not None, "attention": attention,
                               "decode_step": "compiled" if decode_step_compiled(cap) else "eager",

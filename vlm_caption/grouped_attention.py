@@ -116,9 +116,10 @@ def grouped_flex_attention(module, query, key, value, attention_mask, dropout: f
     return out.transpose(1, 2).contiguous(), None
 
 
-def wants_flex(rows: int, device_type: str, compiling: bool) -> bool:
-    """The "auto" kernel's choice for a decode step of `rows` rows: flex where it was measured faster."""
-    return compiling and device_type == "cuda" and rows >= FLEX_MIN_ROWS
+def wants_flex(rows: int, device_type: str, compiling: bool, kv_fp8: bool = False) -> bool:
+    """The "auto" kernel's choice for a decode step of `rows` rows: flex where it was measured faster, and at any
+    rows for an fp8 cache (`kv_fp8`), which flex reads as it is where the grouped sdpa converts it first."""
+    return compiling and device_type == "cuda" and (rows >= FLEX_MIN_ROWS or kv_fp8)
 
 
 def grouped_auto_attention(module, query, key, value, attention_mask, **kwargs):
@@ -126,7 +127,8 @@ def grouped_auto_attention(module, query, key, value, attention_mask, **kwargs):
     choice is made once per traced shape (the rows and the device are static there), so it costs a step
     nothing. A prompt (more than one query token) goes to sdpa before the rows are looked at: the compiled
     prefill's batch is dynamic, and a test of it would split its graph at FLEX_MIN_ROWS."""
-    if query.shape[2] == 1 and wants_flex(query.shape[0], query.device.type, torch.compiler.is_compiling()):
+    if query.shape[2] == 1 and wants_flex(query.shape[0], query.device.type, torch.compiler.is_compiling(),
+                                          key.dtype == FP8):
         return grouped_flex_attention(module, query, key, value, attention_mask, **kwargs)
     return grouped_sdpa_attention(module, query, key, value, attention_mask, **kwargs)
 
@@ -215,11 +217,11 @@ def set_grouped_decode_attention(model, on: bool | str = True) -> bool:
     return text._attn_implementation in names
 
 
-def may_use_flex(model, rows: int, device_type: str, compiled: bool) -> bool:
+def may_use_flex(model, rows: int, device_type: str, compiled: bool, kv_fp8: bool = False) -> bool:
     """Whether a decode step of `rows` rows of `model` may have run FlexAttention (--decode-attention flex, or
-    auto where wants_flex takes it)."""
+    auto where wants_flex takes it; `kv_fp8`: its cache is float8)."""
     kernel = decode_attention_kernel(model)
-    return kernel == "flex" or (kernel == "auto" and wants_flex(rows, device_type, compiled))
+    return kernel == "flex" or (kernel == "auto" and wants_flex(rows, device_type, compiled, kv_fp8))
 
 
 def give_up_flex(model, error: BaseException) -> None:
