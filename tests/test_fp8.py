@@ -157,9 +157,9 @@ def test_the_gemm_probe_gives_the_first_line_of_the_kernels_error(monkeypatch):
     assert _gemm_error(torch.device("cpu"), torch.bfloat16) == "Invalid scaling configuration"
 
 
-def test_an_fp8_run_is_a_run_of_its_own_and_says_so(tiny_model_dir, sample_data_dir, tmp_path):
-    """FP8 weights write other captions: --quantize joins the run id (none keeps the bf16 run's id), and run.json,
-    the run summary and the dataset card say what ran."""
+def run_of_its_own(tiny_model_dir, sample_data_dir, tmp_path, setting: str, value: str, default: str):
+    """A run with --{setting} {value} after checking that the setting joins the run id (its default keeps the
+    plain run's id): (run.json, its run summary's decoding, its card section, a plain run's card section)."""
     from batched_image_inference import main
     from test_captioning import caption_args, read_table
     from vlm_caption import store
@@ -170,16 +170,44 @@ def test_an_fp8_run_is_a_run_of_its_own_and_says_so(tiny_model_dir, sample_data_
     def run_id(**kw):
         return run_id_for(RunConfig(model=str(tiny_model_dir), data_dir=str(sample_data_dir), **kw).run_settings())
 
-    assert run_id(quantize="none") == run_id() != run_id(quantize="fp8") != run_id(quantize="fp8-text")
-    ckpt = tmp_path / "fp8"
-    assert main(caption_args(tiny_model_dir, sample_data_dir, ckpt, "--quantize", "fp8")) == 0
+    field = setting.replace("-", "_")
+    assert run_id(**{field: default}) == run_id() != run_id(**{field: value})
+    ckpt = tmp_path / value
+    assert main(caption_args(tiny_model_dir, sample_data_dir, ckpt, f"--{setting}", value)) == 0
     run = json.loads((ckpt / store.RUN_JSON).read_text())
-    assert run["quantize"] == "fp8" and run["run_id"] == run_id(quantize="fp8", max_tokens=6)  # (caption_args)
-    assert json.loads((ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]["fp8_layers"] > 0
+    assert run[field] == value and run["run_id"] == run_id(**{field: value}, max_tokens=6)  # (caption_args)
     assert len(read_table(ckpt / store.MERGED)) > 0
-    card = render_dataset_card("me/data", [{**run, "rows": 3}, {"run_id": "bf16", "rows": 3, "prompt": "Hi."}])
-    fp8_run, bf16_run = card.split("### Run `")[1:3]
+    card = render_dataset_card("me/data", [{**run, "rows": 3}, {"run_id": "plain", "rows": 3, "prompt": "Hi."}])
+    return (run, json.loads((ckpt / store.SUMMARY).read_text())["this_run"]["decoding"],
+            *card.split("### Run `")[1:3])
+
+
+def test_an_fp8_run_is_a_run_of_its_own_and_says_so(tiny_model_dir, sample_data_dir, tmp_path):
+    """FP8 weights write other captions: --quantize joins the run id (none keeps the bf16 run's id), and run.json,
+    the run summary and the dataset card say what ran."""
+    from vlm_caption.config import RunConfig
+    from vlm_caption.run_identity import run_id_for
+
+    settings = [RunConfig(model=str(tiny_model_dir), quantize=q).run_settings() for q in ("fp8", "fp8-text")]
+    assert run_id_for(settings[0]) != run_id_for(settings[1])
+    _, decoding, fp8_run, bf16_run = run_of_its_own(tiny_model_dir, sample_data_dir, tmp_path, "quantize", "fp8",
+                                                    "none")
+    assert decoding["fp8_layers"] > 0
     assert "linear layers in FP8 (`--quantize fp8`" in fp8_run and "FP8" not in bf16_run
+
+
+def refused_in_one_line(tiny_model_dir, sample_data_dir, tmp_path, capsys, flags: list[str], says: str) -> None:
+    """The CLI with `flags` ends with exit 2 and one line saying `says` (argparse's usage line may come too),
+    before it makes the checkpoint dir."""
+    from batched_image_inference import main
+    from test_captioning import caption_args
+    from vlm_caption.cli import run_main
+
+    with pytest.raises(SystemExit) as ended:
+        run_main(main, caption_args(tiny_model_dir, sample_data_dir, tmp_path / "c", *flags), prog="caption")
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and says in err and len(err.strip().splitlines()) <= 2, err
+    assert not (tmp_path / "c").exists()
 
 
 @pytest.mark.parametrize("flags, says", [
@@ -188,12 +216,4 @@ def test_an_fp8_run_is_a_run_of_its_own_and_says_so(tiny_model_dir, sample_data_
 ])
 def test_a_quantize_the_run_cannot_take_is_one_line_and_exit_2(tiny_model_dir, sample_data_dir, tmp_path, capsys,
                                                                 flags, says):
-    from batched_image_inference import main
-    from test_captioning import caption_args
-    from vlm_caption.cli import run_main
-
-    with pytest.raises(SystemExit) as ended:
-        run_main(main, caption_args(tiny_model_dir, sample_data_dir, tmp_path / "c", *flags), prog="caption")
-    err = capsys.readouterr().err
-    assert ended.value.code == 2 and says in err and len(err.strip().splitlines()) <= 2, err  # (argparse: usage too)
-    assert not (tmp_path / "c").exists()
+    refused_in_one_line(tiny_model_dir, sample_data_dir, tmp_path, capsys, flags, says)

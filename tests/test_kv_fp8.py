@@ -11,6 +11,7 @@ import torch
 
 from test_continuous import continuous_captioner, streamed_ids, without_pads
 from test_decode_loop import token_ids
+from test_fp8 import refused_in_one_line, run_of_its_own
 from test_static_decode import (CAPTURED, PREFILL_CAPTURED, VISION_CAPTURED, captioner,  # noqa: F401
                                 counting_backend, images, model_and_processor)
 from vlm_caption.batch_size import auto_batch_size, row_memory
@@ -173,43 +174,20 @@ def test_auto_batch_size_counts_one_byte_per_cached_element():
 def test_an_fp8_run_is_a_run_of_its_own_and_says_so(tiny_model_dir, sample_data_dir, tmp_path):
     """--kv-cache-dtype fp8 joins the run id (auto keeps the run's id), and run.json, the run summary and the
     dataset card say what ran."""
-    from batched_image_inference import main
-    from test_captioning import caption_args, read_table
-    from vlm_caption import store
-    from vlm_caption.card import render_dataset_card
-    from vlm_caption.config import RunConfig
-    from vlm_caption.run_identity import run_id_for
-
-    def run_id(**kw):
-        return run_id_for(RunConfig(model=str(tiny_model_dir), data_dir=str(sample_data_dir), **kw).run_settings())
-
-    assert run_id(kv_cache_dtype="auto") == run_id() != run_id(kv_cache_dtype="fp8") != run_id(quantize="fp8")
-    ckpt = tmp_path / "kv8"
-    assert main(caption_args(tiny_model_dir, sample_data_dir, ckpt, "--kv-cache-dtype", "fp8")) == 0
-    run = json.loads((ckpt / store.RUN_JSON).read_text())
-    assert run["kv_cache_dtype"] == "fp8" and run["run_id"] == run_id(kv_cache_dtype="fp8", max_tokens=6)
-    assert json.loads((ckpt / store.SUMMARY).read_text())["this_run"]["decoding"]["kv_cache_dtype"] == "float8_e4m3fn"
-    assert len(read_table(ckpt / store.MERGED)) > 0
-    card = render_dataset_card("me/data", [{**run, "rows": 3}, {"run_id": "bf16", "rows": 3, "prompt": "Hi."}])
-    fp8_run, plain_run = card.split("### Run `")[1:3]
+    _, decoding, fp8_run, plain_run = run_of_its_own(tiny_model_dir, sample_data_dir, tmp_path, "kv-cache-dtype",
+                                                     "fp8", "auto")
+    assert decoding["kv_cache_dtype"] == "float8_e4m3fn"
     assert "keys and values cached in FP8 (`--kv-cache-dtype fp8`" in fp8_run and "FP8" not in plain_run
 
 
 @pytest.mark.parametrize("flags, says", [
-    (["--kv-cache-dtype", "fp8", "--attn-implementation", "eager"], "--kv-cache-dtype fp8 needs --attn-implementation sdpa"),
+    (["--kv-cache-dtype", "fp8", "--attn-implementation", "eager"],
+     "--kv-cache-dtype fp8 needs --attn-implementation sdpa"),
     (["--kv-cache-dtype", "int8"], "argument --kv-cache-dtype: invalid choice"),
 ])
 def test_a_kv_cache_dtype_the_run_cannot_take_is_one_line_and_exit_2(tiny_model_dir, sample_data_dir, tmp_path,
                                                                       capsys, flags, says):
-    from batched_image_inference import main
-    from test_captioning import caption_args
-    from vlm_caption.cli import run_main
-
-    with pytest.raises(SystemExit) as ended:
-        run_main(main, caption_args(tiny_model_dir, sample_data_dir, tmp_path / "c", *flags), prog="caption")
-    err = capsys.readouterr().err
-    assert ended.value.code == 2 and says in err and len(err.strip().splitlines()) <= 2, err
-    assert not (tmp_path / "c").exists()
+    refused_in_one_line(tiny_model_dir, sample_data_dir, tmp_path, capsys, flags, says)
 
 
 def test_bench_kv_fp8_runs_and_reports_both_sides(capsys):
