@@ -133,6 +133,25 @@ def test_every_decode_path_of_an_fp8_run_gives_the_same_greedy_tokens(model_and_
     assert token_ids(captioner(model, processor, kv_cache_dtype="auto", **FIXED), images) == plain
 
 
+def test_where_flex_cannot_read_float8_the_batch_is_decoded_again_with_the_grouped_sdpa(model_and_processor, images,
+                                                                                      monkeypatch, caplog):
+    """A torch whose FlexAttention wants one dtype (older than the card's should be): here inductor's CPU kernel,
+    handed the float8 cache as a card's would be, refuses it. The batch is decoded again with the grouped sdpa
+    (which converts the cache), the same greedy tokens, a warning, and sdpa for the rest of the run."""
+    import vlm_caption.grouped_attention as grouped_module
+
+    model, processor = model_and_processor
+    sharpen_attention(model)
+    want = token_ids(captioner(model, processor, kv_cache_dtype="fp8", **FIXED), images[:4])
+    monkeypatch.setattr(grouped_module, "flex_reads_fp8", lambda query: torch.compiler.is_compiling())
+    monkeypatch.setattr(grouped_module, "wants_flex", lambda rows, device, compiling, kv_fp8=False: compiling)
+    cap = captioner(model, processor, kv_cache_dtype="fp8", decode_loop="graph", compile="on", **FIXED)
+    with caplog.at_level("WARNING"):
+        assert token_ids(cap, images[:4]) == want
+    assert "failed with FlexAttention" in caplog.text and "dtype" in caplog.text
+    assert cap.decoding_report(4)["attention"] == "sdpa"
+
+
 def test_the_fp8_run_is_its_rounding_of_the_full_precision_run(model_and_processor, images):
     """What fp8 changes: the logits of the first new token move by the rounding of keys and values only (a
     small relative error on this random model), not by anything else."""
