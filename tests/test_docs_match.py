@@ -145,10 +145,13 @@ def _parser_of(main) -> argparse.ArgumentParser:
     return caught[0]
 
 
-def test_preview_and_demo_synopses_name_every_flag():
-    from vlm_caption import demo, preview
+def test_preview_compare_and_demo_synopses_name_every_flag():
+    from vlm_caption import compare, demo, preview
 
     _check_synopsis(_synopsis_flags("`python -m vlm_caption.preview "), _parser_of(preview.main))
+    _check_synopsis(_synopsis_flags("`python -m vlm_caption.compare "), _parser_of(compare.main))
+    compare_show = next(a for a in _parser_of(compare.main)._actions if "--show" in a.option_strings)
+    assert f"[--show {compare_show.default}]" in README
     preview_n = next(a for a in _parser_of(preview.main)._actions if "--n" in a.option_strings)
     assert f"[--n {preview_n.default}]" in README
     demo_parser = _parser_of(demo.main)

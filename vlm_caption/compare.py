@@ -1,0 +1,163 @@
+"""Two runs' captions of the same images, in numbers: how much a setting changed them.
+
+    python -m vlm_caption.compare BASE_DIR OTHER_DIR [--show 5] [--json FILE]
+
+Why: some settings trade captions for speed or memory (--quantize fp8, --kv-cache-dtype fp8), and a new prompt,
+model or --max-tokens is a choice between captions. Caption a sample (--max-images 200) both ways into two
+checkpoint dirs, then this says, over the images both captioned: the settings that differ (run.json), per
+caption column the captions that are identical, their mean similarity (difflib's ratio over words: 1 = the
+same words in the same order) and how many are at least SIMILAR similar; each side's mean tokens, its share cut
+at --max-tokens and its quality flags; then the --show pairs that differ most, to read. It writes nothing but
+--json.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from . import cli
+from .cli import plural
+
+try:  # `python -m vlm_caption.compare` outside the venv: one line saying what to do, not a traceback
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from . import store
+    from .atomic import atomic_write_json
+    from .config import check_output_file
+    from .errors import UsageError
+    from .run_identity import OPTIONAL_SETTINGS, RUN_SETTINGS, SETTING_NAMES
+except ModuleNotFoundError as e:
+    cli.exit_missing_dependency(e, as_script=__name__ == "__main__", prog="python -m vlm_caption.compare")
+
+SIMILAR = 0.9  # a caption at least this similar to the other run's counts as "about the same"
+_SIDE_COLUMNS = ("caption_tokens", "caption_finish", "caption_flags")  # read for each side's own numbers
+
+
+def similarity(a: str, b: str) -> float:
+    """difflib's ratio over the words of two captions: 1.0 the same words in the same order, 0.0 none shared."""
+    return difflib.SequenceMatcher(None, a.split(), b.split(), autojunk=False).ratio()
+
+
+def read_run(checkpoint_dir: Path) -> tuple[dict, dict[str, dict]]:
+    """(run.json or {}, key -> row) of a checkpoint dir's merged captions."""
+    if not checkpoint_dir.is_dir():
+        what = "is a file, not a directory" if checkpoint_dir.exists() else "does not exist"
+        raise UsageError(f"{checkpoint_dir} {what}; give the --checkpoint-dir of a captioning run")
+    merged = checkpoint_dir / store.MERGED
+    if not merged.is_file():
+        raise UsageError(f"{checkpoint_dir} has no {store.MERGED}; run batched_image_inference.py "
+                         "(or its --merge-only) on it first")
+    try:
+        table = pq.read_table(merged)
+    except (OSError, pa.ArrowException) as e:
+        raise UsageError(f"cannot read {merged}: {e}") from None
+    return store.read_run_json(checkpoint_dir) or {}, {row["key"]: row for row in table.to_pylist()}
+
+
+def caption_columns(base_rows: dict[str, dict], other_rows: dict[str, dict]) -> list[str]:
+    """The caption columns both runs wrote: vlm_caption, each prompt's vlm_caption_NAME, each JSON field's."""
+    names = [set(next(iter(rows.values()), {})) for rows in (base_rows, other_rows)]
+    both = names[0] & names[1]
+    return sorted((c for c in both if c == "vlm_caption" or c.startswith("vlm_caption_")),
+                  key=lambda c: (c != "vlm_caption", c))
+
+
+def differing_settings(base: dict, other: dict) -> dict[str, list]:
+    """setting -> [base's, other's] for the settings that name a run (run.json's setting_names) that differ
+    (None: not set, the default)."""
+    names = set(base.get(SETTING_NAMES) or ()) | set(other.get(SETTING_NAMES) or ())
+    names = names or {*RUN_SETTINGS, *OPTIONAL_SETTINGS}  # (a run.json of before setting_names)
+    return {k: [base.get(k), other.get(k)] for k in sorted(names) if base.get(k) != other.get(k)}
+
+
+def side_numbers(rows: list[dict]) -> dict[str, Any]:
+    """One run's own numbers over the compared rows: mean tokens, share cut at --max-tokens, flag counts."""
+    tokens = [r["caption_tokens"] for r in rows if r.get("caption_tokens") is not None]
+    cut = sum(r.get("caption_finish") == "length" for r in rows)
+    flags = Counter(f for r in rows for f in (r.get("caption_flags") or ()))
+    return {"mean_tokens": round(sum(tokens) / len(tokens), 1) if tokens else None,
+            "cut_at_max_tokens": round(cut / len(rows), 4) if rows else 0.0, "flags": dict(sorted(flags.items()))}
+
+
+def compare(base_dir: Path | str, other_dir: Path | str, show: int = 5) -> dict[str, Any]:
+    """The comparison of two checkpoint dirs (see the module docstring), as a JSON-able dict."""
+    base_dir, other_dir = Path(base_dir), Path(other_dir)
+    (base_run, base_rows), (other_run, other_rows) = read_run(base_dir), read_run(other_dir)
+    keys = sorted(base_rows.keys() & other_rows.keys())
+    if not keys:
+        raise UsageError(f"{base_dir} and {other_dir} captioned no image in common: nothing to compare")
+    columns = caption_columns(base_rows, other_rows)
+    result: dict[str, Any] = {
+        "base": {"dir": str(base_dir), "run_id": base_run.get("run_id")},
+        "other": {"dir": str(other_dir), "run_id": other_run.get("run_id")},
+        "settings_that_differ": differing_settings(base_run, other_run),
+        "images_in_both": len(keys), "only_in_base": len(base_rows) - len(keys),
+        "only_in_other": len(other_rows) - len(keys), "captions": {}}
+    for column in columns:
+        pairs = [(k, base_rows[k].get(column) or "", other_rows[k].get(column) or "") for k in keys]
+        scores = [(similarity(a, b), k, a, b) for k, a, b in pairs]
+        result["captions"][column] = {
+            "identical": sum(a == b for _, a, b in pairs),
+            "mean_similarity": round(sum(s for s, *_ in scores) / len(scores), 4),
+            f"at_least_{SIMILAR}": sum(s >= SIMILAR for s, *_ in scores),
+            "differ_most": [{"key": k, "similarity": round(s, 4), "base": a, "other": b}
+                            for s, k, a, b in sorted(scores)[:show] if s < 1.0]}
+    result["base"].update(side_numbers([base_rows[k] for k in keys]))
+    result["other"].update(side_numbers([other_rows[k] for k in keys]))
+    return result
+
+
+def report_lines(result: dict[str, Any]) -> list[str]:
+    """What `compare` found, for a terminal."""
+    n = result["images_in_both"]
+    base, other = result["base"], result["other"]
+    lines = [f"base: {base['dir']} (run {base['run_id']}); other: {other['dir']} (run {other['run_id']})"]
+    differ = result["settings_that_differ"]
+    lines.append("settings that differ: " + ("; ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}"
+                                                        for k, (a, b) in differ.items()) or "none"))
+    lines.append(f"images in both: {n} (only in base: {result['only_in_base']}, only in other: "
+                 f"{result['only_in_other']})")
+    for column, c in result["captions"].items():
+        close = c[f"at_least_{SIMILAR}"]
+        lines.append(f"{column}: identical {c['identical']}/{n} ({c['identical'] / n:.1%}), mean similarity "
+                     f"{c['mean_similarity']:.3f}, at least {SIMILAR} similar {close}/{n} ({close / n:.1%})")
+    lines.append(f"tokens a caption (mean): base {base['mean_tokens']}, other {other['mean_tokens']}; cut at "
+                 f"--max-tokens: base {base['cut_at_max_tokens']:.1%}, other {other['cut_at_max_tokens']:.1%}")
+    lines.append(f"quality flags: base {base['flags'] or 'none'}, other {other['flags'] or 'none'}")
+    for column, c in result["captions"].items():
+        if c["differ_most"]:
+            lines.append(f"{column}: the {plural(len(c['differ_most']), 'pair')} that differ most:")
+        for pair in c["differ_most"]:
+            lines += [f"  {pair['key']} (similarity {pair['similarity']:.2f})", f"    base:  {pair['base']}",
+                      f"    other: {pair['other']}"]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = cli.Parser(prog="python -m vlm_caption.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("base_dir", metavar="BASE_DIR", help="a checkpoint dir holding all_captions.parquet")
+    p.add_argument("other_dir", metavar="OTHER_DIR", help="another, captioned with the setting to judge")
+    p.add_argument("--show", metavar="N", type=int, default=5, help="pairs that differ most, printed in full "
+                   "(default: %(default)s)")
+    p.add_argument("--json", metavar="FILE", help="also write the numbers and those pairs as JSON")
+    a = p.parse_args(argv)
+    if a.show < 0:
+        raise UsageError(f"--show must be 0 or more, got {a.show}")
+    if a.json is not None:
+        check_output_file(Path(a.json), "--json")
+    result = compare(a.base_dir, a.other_dir, show=a.show)
+    print("\n".join(report_lines(result)))
+    if a.json is not None:
+        atomic_write_json(Path(a.json), result)
+        print(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    from .cli import run_main
+
+    run_main(main, prog=f"python -m {__spec__.name}" if __spec__ else None)
