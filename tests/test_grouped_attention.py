@@ -231,8 +231,8 @@ def test_auto_puts_flex_in_the_compiled_step_only(model_and_processor, images, m
     fixed = {"max_tokens": 6, "min_tokens": 6}
     want = token_ids(captioner(model, processor, grouped_attention="sdpa", **fixed), images[:3])
     asked, flex_calls, real_flex = [], [], grouped_module.grouped_flex_attention
-    monkeypatch.setattr(grouped_module, "wants_flex",
-                        lambda rows, device, compiling, kv_fp8=False: asked.append((rows, device, compiling)) or compiling)
+    monkeypatch.setattr(grouped_module, "wants_flex", lambda rows, device, compiling, kv_fp8=False:
+                        asked.append((rows, device, compiling)) or compiling)
     monkeypatch.setattr(grouped_module, "grouped_flex_attention",
                         lambda *a, **kw: flex_calls.append(1) or real_flex(*a, **kw))
     with caplog.at_level("INFO", logger="vlm_caption"):

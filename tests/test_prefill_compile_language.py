@@ -276,7 +276,8 @@ def test_a_prompt_never_asks_the_decode_attentions_row_threshold(model_and_proce
     model, processor = model_and_processor
     captioner(model, processor, compile="on", compile_options={"backend": counting_backend})  # auto attention
     asked: list = []
-    monkeypatch.setattr(grouped, "wants_flex", lambda rows, device_type, compiling, kv_fp8=False: asked.append(rows) or False)
+    monkeypatch.setattr(grouped, "wants_flex",
+                        lambda rows, device_type, compiling, kv_fp8=False: asked.append(rows) or False)
     lm = model.model.language_model
     with torch.inference_mode():
         lm(inputs_embeds=torch.randn(3, 7, lm.config.hidden_size), use_cache=False)

@@ -17,8 +17,9 @@ How:
 - FlexAttention takes them as they are in a compiled CUDA step: its Triton kernel converts each block of keys
   and values to the query's dtype as it loads it (torch >= 2.11; where that fails, the batch's error turns
   flex off for the run: grouped_attention.give_up_flex). So `--decode-attention auto` takes flex for an fp8
-  cache at any batch size there (a retry's 64 rows too), not from 128 rows only. Every other kernel (the grouped sdpa, transformers'
-  sdpa for a prompt, any CPU kernel) gets them converted first: the same values, so the same attention.
+  cache at any batch size there (a retry's 64 rows too), not from 128 rows only. Every other kernel (the
+  grouped sdpa, transformers' sdpa for a prompt, any CPU kernel) gets them converted first: the same values,
+  so the same attention.
 - A batch on the dynamic cache (a prompt too long for the static one; a run without --compile, as on a CPU)
   rounds its keys and values through float8 in each attention call: the same values again, so a run's
   captions do not depend on which cache a batch took.
