@@ -241,3 +241,18 @@ def test_an_fp8_run_where_it_costs_time_says_so(caplog, static, device, kernel, 
     with caplog.at_level("WARNING"):
         warn_where_fp8_costs(static, device, kernel)
     assert (says in caplog.text) if says else not caplog.text
+
+
+def test_a_transformers_whose_static_layer_fp8_cannot_extend_is_named_before_loading(monkeypatch):
+    import transformers.cache_utils as cache_utils
+
+    from vlm_caption.kv_fp8 import kv_fp8_problem
+
+    assert kv_fp8_problem() is None  # 5.17 (the GPU host's) and 5.24 (this machine's)
+
+    class OlderStaticLayer:  # positions from generate's cache_position, no tensor of its own
+        def __init__(self, max_cache_len):
+            self.max_cache_len = max_cache_len
+
+    monkeypatch.setattr(cache_utils, "StaticLayer", OlderStaticLayer)
+    assert "--kv-cache-dtype fp8 needs a transformers whose StaticLayer counts" in kv_fp8_problem()

@@ -86,7 +86,7 @@ def make_backend(name: str, *, model: str, prompt: str, max_tokens: int, min_tok
             if problem:
                 raise UsageError(problem)
         if kv_cache_dtype == "fp8":
-            from .kv_fp8 import fp8_problem as kv_fp8_problem
+            from .kv_fp8 import kv_fp8_problem
 
             problem = kv_fp8_problem()
             if problem:

@@ -102,7 +102,7 @@ def fp8_cache(cache):
     return cache
 
 
-def fp8_problem() -> str | None:
+def kv_fp8_problem() -> str | None:
     """Why this transformers cannot hold an fp8 cache (its StaticLayer is not the one Fp8StaticLayer extends:
     a `cumulative_length` tensor of positions written), or None."""
     from transformers.cache_utils import StaticLayer
