@@ -11,6 +11,7 @@ from test_captioning import all_keys, caption_args, full_run, read_table  # noqa
 from test_static_decode import CAPTURED, captioner, counting_backend, images, model_and_processor  # noqa: F401
 from vlm_caption import store
 from vlm_caption.captioner import Captioner
+from vlm_caption.decode_loop import choose_decode_loop
 
 
 def graph_captioner(model, processor, **kw) -> Captioner:
@@ -127,15 +128,15 @@ def test_auto_picks_the_graph_loop_only_where_it_was_measured_faster(model_and_p
     cap = captioner(model, processor, compile="on", compile_options={"backend": counting_backend})
     assert cap.static_decode is not None and cap.graph_decode is None  # CPU: generate
     cap.device = torch.device("cuda")  # as if the model were on a card: only the choice is asked, nothing runs
-    assert cap._graph_decode("auto", {}) is not None
+    assert choose_decode_loop(cap, "auto", {})[0] is not None
     cap.temperature = 0.7
-    assert cap._graph_decode("auto", {}) is None
+    assert choose_decode_loop(cap, "auto", {})[0] is None
     dynamic = captioner(model, processor)
     dynamic.device = torch.device("cuda")
-    assert dynamic.static_decode is None and dynamic._graph_decode("auto", {}) is None
+    assert dynamic.static_decode is None and choose_decode_loop(dynamic, "auto", {})[0] is None
     cap.temperature = 0.0  # --device-map auto spreading the model (some layers offloaded): no graph loop
     monkeypatch.setattr(model, "hf_device_map", {"vision_tower": 0, "language_model": "cpu"}, raising=False)
-    assert cap._graph_decode("auto", {}) is None and cap._graph_decode("graph", {}) is None
+    assert choose_decode_loop(cap, "auto", {})[0] is None and choose_decode_loop(cap, "graph", {})[0] is None
 
 
 def test_captions_wait_for_the_copy_of_their_tokens_before_the_first_read():

@@ -17,13 +17,12 @@ import torch
 from .backends import (AUTO_BATCH_CAP, AUTO_BATCH_CPU, GPU_MIN_BUCKET, RETRY_NO_REPEAT_NGRAM,
                        RETRY_REPETITION_PENALTY, VISION_CHUNK_ROWS, Caption)  # noqa: F401  (the engine's result type)
 from .batch_size import auto_batch_size, free_accelerator_memory, free_device_memory, is_out_of_memory
-from .decode_loop import DecodeLater, give_up_decode_compile
+from .decode_loop import DecodeLater, choose_decode_loop, give_up_decode_compile
 from .grouped_attention import (decode_attention_kernel, describe_decode_attention, give_up_flex, may_use_flex,
                                 set_grouped_decode_attention)
 from .image_prep import ImagePrep, unsupported_reason
 from .kv_fp8 import use_kv_fp8, warn_where_fp8_costs
 from .images import MODEL_IMAGE_SIZE
-from .model_loading import spread_over_devices
 from .prefill_compile import PARTS as PREFILL_PARTS, failed_part, give_up_prefill_compile, set_prefill_compile
 from .quality import CHAT_MARKUP_RE
 from .sampling import SeededSampler
@@ -83,7 +82,10 @@ class Captioner:
         if self.kv_fp8:
             warn_where_fp8_costs(compiled, self.device.type, decode_attention_kernel(model))
         log.info("decode attention: %s", describe_decode_attention(model, self.device.type, compiled))
-        self.graph_decode = self._graph_decode(decode_loop, compile_options or {})
+        # The loop after the prefill: generate's, the graph loop or continuous batching (decode_loop.py).
+        self.graph_decode, self.continuous, self.graph_decode_options = choose_decode_loop(
+            self, decode_loop, compile_options or {})
+        self.continuous_failed: dict[int, dict[str, Any]] = {}  # slot count -> its steps and error, once it failed
         # The pipeline's short batches (the last one) padded to the run's batch size, and the others (retries)
         # to at least GPU_MIN_BUCKET rows: on a GPU another compiled decode step costs more than decoding pad
         # rows (static_decode.py). Continuous batching's chunks: no decode step per chunk size.
@@ -119,35 +121,6 @@ class Captioner:
         if static is not None:
             static.configure(self.gen_config)
         return static
-
-    def _graph_decode(self, decode_loop: str, options: dict[str, Any]):
-        """decode_loop "graph": greedy tokens after the prefill from one compiled step each (decode_loop.py),
-        on the static cache; "continuous": the same step with continuous batching (continuous.py, set up here);
-        "auto": graph on CUDA (where it was measured faster), generate elsewhere; None for "generate", or when
-        there is no static cache or the run samples."""
-        from .config import DECODE_LOOPS
-        from .decode_loop import GraphDecode
-
-        if decode_loop not in DECODE_LOOPS:
-            raise ValueError(f"decode_loop must be one of {', '.join(DECODE_LOOPS)}, got {decode_loop!r}")
-        self.continuous = None  # continuous.ContinuousDecode per slot count (--decode-loop continuous)
-        self.continuous_failed: dict[int, dict[str, Any]] = {}  # slot count -> its steps and error, once it failed
-        if decode_loop == "generate" or (decode_loop == "auto" and self.device.type != "cuda"):
-            return None
-        # A model spread over devices or offloaded (--device-map auto) moves weights in hooks: no graph to replay.
-        if self.static_decode is None or self.temperature > 0 or spread_over_devices(self.model):
-            if decode_loop != "auto":
-                log.info("decode loop: generate (the %s loop needs the static cache, greedy decoding and the model "
-                         "on one device)", decode_loop)
-            return None
-        options = self.graph_decode_options = {k: v for k, v in options.items() if k in ("backend", "mode")}
-        if decode_loop == "continuous":
-            self.continuous = {}
-            log.info("decode loop: continuous batching, one compiled step per token; a finished row's slot "
-                     "takes the next image")
-        else:
-            log.info("decode loop: one compiled step per token after generate's prefill")
-        return GraphDecode(self.model, stop_ids=self.stop_ids, pad_id=self.pad_id, compile_options=options)
 
     def _auto_batch_size(self, max_tokens: int, cap: int) -> int:
         """Where --batch-size auto starts: on a GPU what free memory allows (KV cache per row from the config

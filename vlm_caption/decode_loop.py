@@ -194,6 +194,35 @@ def decode_step_compiled(cap) -> bool:
     return cap.graph_decode.compiled if cap.graph_decode is not None else _generate_compiles(cap)
 
 
+def choose_decode_loop(cap, decode_loop: str, options: dict[str, Any]):
+    """(GraphDecode or None, {} for continuous batching's decoders by slot count or None, the graph loops'
+    compile options) for a Captioner. decode_loop "graph": greedy tokens after the prefill from one compiled
+    step each; "continuous": the same step with continuous batching (continuous.py); "auto": graph on CUDA (where
+    it was measured faster), generate elsewhere; no GraphDecode for "generate", or when there is no static cache,
+    the run samples or the model is spread over devices."""
+    from .config import DECODE_LOOPS
+    from .model_loading import spread_over_devices
+
+    if decode_loop not in DECODE_LOOPS:
+        raise ValueError(f"decode_loop must be one of {', '.join(DECODE_LOOPS)}, got {decode_loop!r}")
+    if decode_loop == "generate" or (decode_loop == "auto" and cap.device.type != "cuda"):
+        return None, None, {}
+    # A model spread over devices or offloaded (--device-map auto) moves weights in hooks: no graph to replay.
+    if cap.static_decode is None or cap.temperature > 0 or spread_over_devices(cap.model):
+        if decode_loop != "auto":
+            log.info("decode loop: generate (the %s loop needs the static cache, greedy decoding and the model "
+                     "on one device)", decode_loop)
+        return None, None, {}
+    options = {k: v for k, v in options.items() if k in ("backend", "mode")}
+    if decode_loop == "continuous":
+        log.info("decode loop: continuous batching, one compiled step per token; a finished row's slot "
+                 "takes the next image")
+    else:
+        log.info("decode loop: one compiled step per token after generate's prefill")
+    return (GraphDecode(cap.model, stop_ids=cap.stop_ids, pad_id=cap.pad_id, compile_options=options),
+            {} if decode_loop == "continuous" else None, options)
+
+
 def decoding_report(cap, rows: int | None = None) -> dict[str, Any]:
     """How a Captioner decoded, for run_summary.json: the loop, the cache, the decode attention (for "auto",
     the kernel it takes at `rows`, the batch size the run ended with), the decode step (compiled or eager, at
