@@ -129,8 +129,6 @@ def test_every_decode_path_of_an_fp8_run_gives_the_same_greedy_tokens(model_and_
     plain = token_ids(captioner(model, processor, **FIXED), images)
     assert not any(getattr(m, MARK, False) for m in model.modules())
     assert sum(p != w for p, w in zip(plain, want)) >= len(images) // 2  # the rounding shows in the tokens
-    set_kv_fp8(model, False)
-    assert token_ids(captioner(model, processor, kv_cache_dtype="auto", **FIXED), images) == plain
 
 
 def test_where_flex_cannot_read_float8_the_batch_is_decoded_again_with_the_grouped_sdpa(model_and_processor, images,
@@ -153,8 +151,8 @@ def test_where_flex_cannot_read_float8_the_batch_is_decoded_again_with_the_group
 
 
 def test_the_fp8_run_is_its_rounding_of_the_full_precision_run(model_and_processor, images):
-    """What fp8 changes: the logits of the first new token move by the rounding of keys and values only (a
-    small relative error on this random model), not by anything else."""
+    """What the rounding of keys and values does to the first new token's logits: a small relative error on this
+    random model, not none (the marked layers did round)."""
     model, processor = model_and_processor
     inputs = captioner(model, processor, **FIXED).assemble([captioner(model, processor).prepare(im) for im in images])
     with torch.inference_mode():
@@ -232,7 +230,7 @@ def test_bench_kv_fp8_runs_and_reports_both_sides(capsys):
 @pytest.mark.parametrize("static, device, kernel, says", [
     (False, "cpu", "auto", "rounded at every step"),
     (True, "cuda", "sdpa", "converts the cache before reading it"),
-    (True, "cuda", "auto", None),  # flex from 128 rows reads it as it is
+    (True, "cuda", "auto", None),  # auto: flex, which reads it as it is
     (True, "cpu", "sdpa", None),  # (a CPU's run has no static cache unless --compile on: a test's setting)
 ])
 def test_an_fp8_run_where_it_costs_time_says_so(caplog, static, device, kernel, says):
