@@ -80,3 +80,18 @@ def test_what_it_cannot_compare_is_one_line_and_exit_2(full_run, tmp_path, capsy
         run_main(main, argv + (["--show", "-1"] if case == "show" else []), prog="compare")
     err = capsys.readouterr().err
     assert ended.value.code == 2 and says in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_setting_one_run_leaves_at_its_default_is_named_so(capsys):
+    from vlm_caption.compare import differing_settings, report_lines
+
+    base = {"setting_names": ["model", "max_tokens"], "model": "m", "max_tokens": 6, "created": "then"}
+    other = {"setting_names": ["model", "max_tokens", "kv_cache_dtype"], "model": "m", "max_tokens": 6,
+             "kv_cache_dtype": "fp8", "created": "now"}
+    differ = differing_settings(base, other)
+    assert differ == {"kv_cache_dtype": [None, "fp8"]}  # (created: not a setting)
+    result = {"base": {"dir": "a", "run_id": "1", "mean_tokens": 6.0, "cut_at_max_tokens": 0.0, "flags": {}},
+              "other": {"dir": "b", "run_id": "2", "mean_tokens": 6.0, "cut_at_max_tokens": 0.0, "flags": {}},
+              "settings_that_differ": differ, "images_in_both": 1, "only_in_base": 0, "only_in_other": 0,
+              "captions": {}}
+    assert 'settings that differ: kv_cache_dtype: (default) -> "fp8"' in report_lines(result)

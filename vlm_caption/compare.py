@@ -117,7 +117,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     base, other = result["base"], result["other"]
     lines = [f"base: {base['dir']} (run {base['run_id']}); other: {other['dir']} (run {other['run_id']})"]
     differ = result["settings_that_differ"]
-    lines.append("settings that differ: " + ("; ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}"
+    lines.append("settings that differ: " + ("; ".join(f"{k}: {_setting(a)} -> {_setting(b)}"
                                                         for k, (a, b) in differ.items()) or "none"))
     lines.append(f"images in both: {n} (only in base: {result['only_in_base']}, only in other: "
                  f"{result['only_in_other']})")
@@ -135,6 +135,11 @@ def report_lines(result: dict[str, Any]) -> list[str]:
             lines += [f"  {pair['key']} (similarity {pair['similarity']:.2f})", f"    base:  {pair['base']}",
                       f"    other: {pair['other']}"]
     return lines
+
+
+def _setting(value) -> str:
+    """A run.json setting as the report shows it: JSON, and an unset one (the default) by that name."""
+    return "(default)" if value is None else json.dumps(value)
 
 
 def main(argv: list[str] | None = None) -> int:
