@@ -6,7 +6,8 @@
 #   kv8    gpu_check.py: graph_flex at 512 (what --batch-size auto picks on an 80 GB card, untimed so far), then
 #          at 512 with --kv-cache-dtype fp8 (kv_fp8.py: keys and values cached as float8, which FlexAttention
 #          reads as they are: half the bytes of the larger part of a decode step; its JSON's attention says
-#          whether flex took them or gave up; ~2.5 min each with its compiles, run 5's at 256 ~2 min); before it,
+#          whether flex took them or gave up; ~2.5 min each with its compiles, run 5's at 256 ~2 min), then one
+#          more fp8 batch under the profiler (its timed batches are on disk first: a timeout keeps them); before it,
 #          bench_attention.py: one layer's decode attention at 256 and 512 rows, flex on bf16 against flex on
 #          float8 keys and values (<= 1 min) (<= 9 min in all)
 #   prof   gpu_check.py: graph_flex at 256 (what --compile runs: run 5's 32.18 img/s) and at 512 (what
@@ -46,7 +47,7 @@
 #          time at 1 and at 64 rows; compiles ~4 min first (a device call of its own: <= 9.5 min)
 # Needs only the card's python (torch, transformers, pillow, numpy, pyarrow).
 #   bash benchmarks/gpu_ab.sh OUT_DIR [kv8|prof|diag|fp8|thresh|cont|check|big|retry|all]   (or a comma list)
-#     -> OUT_DIR/kv8/{attention.log,gpu_check.{json,md,log}}, OUT_DIR/prof/{gpu_check.{json,md,log},profile_graph_flex_{256,512}.txt}, OUT_DIR/diag/{decode_diag.json,
+#     -> OUT_DIR/kv8/{attention.log,gpu_check.{json,md,log},profile_kv_fp8_512.txt}, OUT_DIR/prof/{gpu_check.{json,md,log},profile_graph_flex_{256,512}.txt}, OUT_DIR/diag/{decode_diag.json,
 #        profile.txt,decode_diag.log,tower_attention.log},
 #        OUT_DIR/fp8/{bench_fp8.log,gpu_check.{json,md,log},profile_fp8_256.txt},
 #        OUT_DIR/thresh/gpu_check.{json,md,log}, OUT_DIR/cont/bench_continuous.log,
@@ -102,8 +103,8 @@ if want kv8; then
     echo "bench_attention (kv8) exit $?" | tee -a "$out/gpu.txt"
     grep '^{' "$out/kv8/attention.log" | cut -c1-1500
   fi
-  gpu_check kv8 470 --graph-flex-batches 512 --kv-fp8-batches 512 --pipeline-images 0 --loader-images 8 \
-      --timed-batches 2 --budget-s 440
+  gpu_check kv8 470 --graph-flex-batches 512 --kv-fp8-batches 512 --profile kv_fp8 --pipeline-images 0 \
+      --loader-images 8 --timed-batches 2 --budget-s 440
 fi
 want prof && gpu_check prof 480 --graph-flex-batches 256 512 --whole-tower-batches 256 --profile graph_flex \
     --pipeline-images 0 --loader-images 8 --timed-batches 2 --budget-s 450
