@@ -94,6 +94,30 @@ def test_an_fp8_static_cache_stores_one_byte_per_element(model_and_processor, im
         fp8_cache(cache)
 
 
+def test_a_compiled_step_writes_the_fp8_cache_in_place_without_copying_it():
+    """Under torch 2.11's inductor (the GPU host's), the write as it was, an index_copy_ through a uint8 view of
+    the float8 buffer, compiled into a copy of the whole cache every step (~76 GB a step for the 4B at 512 rows);
+    the index assignment is written in place. Real inductor: no cache-sized buffer in its code, the slot written."""
+    from torch._inductor.utils import run_and_get_code
+
+    from vlm_caption.kv_fp8 import fp8_layer_class
+
+    shape = (2, 4, 48, 32)  # (rows, KV heads, cache slots, head size)
+    layer = fp8_layer_class()(max_cache_len=shape[2])
+    prompt = torch.randn(shape[0], shape[1], 5, shape[3])
+    layer.update(prompt, prompt)  # the prompt, eager
+    step = torch.compile(lambda k, v: layer.update(k, v)[0].float().sum(), backend="inductor", fullgraph=True)
+    new = torch.randn(shape[0], shape[1], 1, shape[3]) * 1000
+    with torch.inference_mode():
+        _, code = run_and_get_code(step, new, new)
+    allocations = [line.strip() for line in "\n".join(code).splitlines()
+                   if "empty_strided" in line and str(shape).replace(" ", "") in line.replace(" ", "")]
+    assert not allocations, allocations
+    assert int(layer.cumulative_length) == 6
+    assert torch.equal(layer.keys[:, :, 5:6].float(), to_fp8(new).float())  # saturated at 448, written in place
+    assert torch.equal(layer.keys[:, :, :5].float(), to_fp8(prompt).float()) and not layer.keys[:, :, 6:].float().any()
+
+
 def sharpen_attention(model) -> None:
     """Scale the language model's query and key norms so that attention, not the residual stream, picks the
     tokens: the tiny random model otherwise writes one token whatever the image (and whatever its cache

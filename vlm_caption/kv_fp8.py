@@ -11,7 +11,9 @@ the memory a row needs, so `--batch-size auto` fits twice the rows up to its cap
 How:
 - The static cache's layers (static_decode.py's, and continuous.py's ring) hold float8_e4m3fn buffers. A step's
   keys and values are clamped to +-448 (e4m3's largest; a CUDA cast past it gives NaN, it has no infinity) and
-  cast as they are written, through a uint8 view (torch's index_copy_ has no float8 kernel). Scale 1, as vLLM
+  cast as they are written, by index assignment (index_put_: torch's index_copy_ has no float8 kernel, and
+  under torch 2.11's inductor an index_copy_ through a uint8 view of the buffer copied the whole cache every
+  step, which the assignment does not, tests/test_kv_fp8.py). Scale 1, as vLLM
   without calibrated scales: Gemma 3 normalises its keys (k_norm) and its values come from normalised hidden
   states. e4m3 keeps 3 mantissa bits (a rounding error of at most 1/16) from 2^-6 up to 448, fewer below.
 - FlexAttention takes them as they are in a compiled CUDA step: its Triton kernel converts each block of keys
@@ -135,8 +137,8 @@ def fp8_layer_class():
             new = key_states.shape[-2]
             at = torch.arange(new, device=self.device) + self.cumulative_length  # as StaticLayer.update
             self.cumulative_length.add_(new)
-            self.keys.view(torch.uint8).index_copy_(2, at, to_fp8(key_states).view(torch.uint8))
-            self.values.view(torch.uint8).index_copy_(2, at, to_fp8(value_states).view(torch.uint8))
+            self.keys[:, :, at] = to_fp8(key_states)  # (the module doc: why not index_copy_)
+            self.values[:, :, at] = to_fp8(value_states)
             return self.keys, self.values
 
     return Fp8StaticLayer
