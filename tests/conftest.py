@@ -90,3 +90,16 @@ def hub_stub(tmp_path, monkeypatch):
     yield stub
     stub.stop()
     hf_http.close_session()  # drop keep-alive connections to this stub's port
+
+
+@pytest.fixture
+def cpu_fp8_gemm():
+    """Skips a test that runs --quantize's FP8 GEMMs on the CPU where this torch has no row-wise one (2.11's CPU
+    `_scaled_mm` takes one scale a tensor; CI's 2.13 has it)."""
+    import torch
+
+    from vlm_caption.fp8 import _gemm_error
+
+    error = _gemm_error(torch.device("cpu"), torch.bfloat16)
+    if error:
+        pytest.skip(f"torch {torch.__version__} has no row-wise FP8 GEMM on the CPU ({error[:80]})")

@@ -19,6 +19,7 @@ def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
     return ((got.float() - want.float()).norm() / want.float().norm()).item()
 
 
+@pytest.mark.usefixtures("cpu_fp8_gemm")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_an_fp8_linear_is_its_linear_within_fp8_rounding(dtype):
     """Weights and activations rounded to e4m3 (3 mantissa bits): a few per cent off over the whole output,
@@ -35,6 +36,7 @@ def test_an_fp8_linear_is_its_linear_within_fp8_rounding(dtype):
     assert relative_error(fp8(torch.zeros(2, 128, dtype=dtype)), linear.bias.expand(2, 96)) < 1e-6  # no NaN
 
 
+@pytest.mark.usefixtures("cpu_fp8_gemm")
 def test_eager_an_fp8_linear_makes_no_float32_copy_of_its_input():
     """--compile off (or a compiled part given up): a float32 copy of SigLIP's activations at batch 256 would be
     ~5 GB beside the bf16 ones. Every tensor the forward makes is the input's size in bf16 or FP8, or one
@@ -57,6 +59,7 @@ def test_eager_an_fp8_linear_makes_no_float32_copy_of_its_input():
     assert made and all(numel <= 64 for dtype, numel in made if dtype == torch.float32), made
 
 
+@pytest.mark.usefixtures("cpu_fp8_gemm")
 def test_each_token_has_its_own_scale_so_an_outlier_row_costs_the_others_nothing():
     """Row-wise activation scales: one token 1,000x larger (Gemma's massive activations) leaves the precision
     of the other rows as it was; one scale for the whole tensor would round them to nothing."""
@@ -103,6 +106,7 @@ def test_a_layer_whose_sizes_are_not_multiples_of_16_stays_as_it_was_and_is_name
     assert "1 kept in bf16" in report.describe()
 
 
+@pytest.mark.usefixtures("cpu_fp8_gemm")
 @pytest.mark.parametrize("loop", ["generate", "graph"])
 def test_fp8_compiles_with_no_graph_break_and_keeps_its_eager_tokens(model_and_processor, images, loop):
     """The FP8 GEMMs trace into the compiled prefill (tower, language model) and decode step as plain ops
@@ -142,9 +146,20 @@ def test_a_gpu_without_fp8_tensor_cores_or_kernel_or_a_dtype_other_than_bf16_is_
     monkeypatch.setattr(fp8, "_gemm_error", lambda device, dtype: gemm_error)
     problem = fp8_problem(torch.device("cuda", 0), dtype)
     assert (problem is None) if says is None else (says in problem and "\n" not in problem)
-    assert fp8_problem(torch.device("cpu"), torch.float32) is None  # the CPU runs it (tests)
 
 
+def test_a_cpu_runs_fp8_where_its_torch_has_the_row_wise_gemm_else_one_line(monkeypatch):
+    """The CPU runs --quantize (the tests do); torch 2.11's CPU GEMM takes one scale a tensor, refused up front."""
+    import vlm_caption.fp8 as fp8
+
+    monkeypatch.setattr(fp8, "_gemm_error", lambda device, dtype: None)
+    assert fp8_problem(torch.device("cpu"), torch.float32) is None
+    monkeypatch.setattr(fp8, "_gemm_error", lambda device, dtype: "Now _scaled_mm only supports per-tensor scaling")
+    problem = fp8_problem(torch.device("cpu"), torch.float32)
+    assert "has no row-wise FP8 GEMM on cpu (Now _scaled_mm" in problem and problem.endswith("use --quantize none")
+
+
+@pytest.mark.usefixtures("cpu_fp8_gemm")
 def test_the_gemm_probe_gives_the_first_line_of_the_kernels_error(monkeypatch):
     from vlm_caption.fp8 import _gemm_error
 
@@ -182,6 +197,7 @@ def run_of_its_own(tiny_model_dir, sample_data_dir, tmp_path, setting: str, valu
             *card.split("### Run `")[1:3])
 
 
+@pytest.mark.usefixtures("cpu_fp8_gemm")
 def test_an_fp8_run_is_a_run_of_its_own_and_says_so(tiny_model_dir, sample_data_dir, tmp_path):
     """FP8 weights write other captions: --quantize joins the run id (none keeps the bf16 run's id), and run.json,
     the run summary and the dataset card say what ran."""

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 # What the GPU host's python lacks (it has torch, transformers 5.17, huggingface_hub 1.33, accelerate, pillow,
 # pyarrow, tqdm): the scripts that run there must not need these, even lazily on their paths.
@@ -41,7 +43,10 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     assert not result["skipped"]
     assert [x["batch"] for x in result["eager"]] == [2, 4] and [x["batch"] for x in result["compiled"]] == [2, 4]
     assert [x["batch"] for x in result["graph"]] == [2, 4] and [x["batch"] for x in result["graph_flex"]] == [4]
-    assert [x["batch"] for x in result["prefill_eager"]] == [4] and [x["batch"] for x in result["fp8"]] == [4]
+    weights = result["fp8_weights"]  # fp8 last, on the model quantized in place
+    cpu_fp8 = "error" not in weights  # a torch without a row-wise FP8 GEMM on the CPU (2.11) says so, runs none
+    assert [x["batch"] for x in result["prefill_eager"]] == [4] and [x["batch"] for x in result["fp8"]] == [4] * cpu_fp8
+    assert cpu_fp8 or "per-tensor" in weights["error"], weights
     assert [x["batch"] for x in result["whole_tower"]] == [4] and [x["batch"] for x in result["kv_fp8"]] == [4]
     # kv_fp8: the float8 cache, on flex (a CPU converts it for flex first; a card's flex reads it as it is)
     assert result["kv_fp8"][0]["kv_cache_dtype"] == "float8_e4m3fn" and result["kv_fp8"][0]["attention"] == "flex"
@@ -49,11 +54,10 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     # Every run's tower in chunks of 2 images (vision_chunks.py), whole_tower's over the whole batch.
     assert {x["vision_chunk_rows"] for x in result["graph_flex"] + result["compiled"]} == {2}
     assert result["whole_tower"][0]["vision_chunk_rows"] == 0
-    # fp8 last, on the model quantized in place: its layers, the logits' drift on random weights
-    weights = result["fp8_weights"]
-    assert weights["fp8_layers"] > 0 and 0 < weights["logits_relative_error"] < 1, weights
-    before, after = weights["linear_weight_bytes"]
-    assert after * 3 < before and "fp8 weights" in (tmp_path / "gpu_check.md").read_text()  # (fp32 on the CPU)
+    if cpu_fp8:  # its layers, the logits' drift on random weights
+        assert weights["fp8_layers"] > 0 and 0 < weights["logits_relative_error"] < 1, weights
+        before, after = weights["linear_weight_bytes"]
+        assert after * 3 < before and "fp8 weights" in (tmp_path / "gpu_check.md").read_text()  # (fp32 on the CPU)
     graphs = (result["graph"] + result["graph_flex"] + result["prefill_eager"] + result["whole_tower"]
               + result["kv_fp8"] + result["fp8"])
     for entry in result["eager"] + result["compiled"] + graphs:
@@ -363,6 +367,7 @@ def test_row_memory_bounds_the_language_model_s_prefill(tmp_path):
     assert 0.4 < result["eager_of_estimate"] <= 1.0 and 0 < result["compiled_of_estimate"] <= 1.0, result
 
 
+@pytest.mark.usefixtures("cpu_fp8_gemm")
 def test_bench_fp8_times_every_layer_shape_and_measures_the_logits_drift(tmp_path):
     """benchmarks/bench_fp8.py on the tiny preset (compiled FP8 side, the GPU host's absent packages shadowed):
     each of the preset's linear shapes on both sides at its rows per image, and the first token's logits before

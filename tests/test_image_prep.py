@@ -265,6 +265,8 @@ def test_colour_key_transparency_gets_the_processors_white_background(tmp_path, 
             ref = ip(images=[raw], return_tensors="pt")["pixel_values"][0]
         paths = {"host": prep(loaded), "device": prep.to_device(prep.host_pixels(loaded), "cpu"),
                  "processor": ip(images=[loaded], return_tensors="pt")["pixel_values"][0]}
+        if ref[:, 0, 0].eq(-1).all():  # an older transformers (5.17, the GPU host's: its convert_to_rgb drops
+            ref = paths.pop("processor")  # transparency, the key stays black): white is kept whatever the version
         for where, got in paths.items():
             assert (got - ref).abs().mean() <= TOLERANCE, f"{name}/{where}"
 

@@ -103,9 +103,12 @@ class Fp8Report:
 
 
 def fp8_problem(device: torch.device, dtype: torch.dtype) -> str | None:
-    """Why --quantize (fp8, fp8-text) cannot run on `device` in `dtype` (one line), or None. The CPU runs it (slowly: tests)."""
+    """Why --quantize (fp8, fp8-text) cannot run on `device` in `dtype` (one line), or None. The CPU runs it
+    (slowly: tests) where its torch has the row-wise kernel (2.13 has it; 2.11's CPU GEMM takes one scale a tensor)."""
     if device.type != "cuda":
-        return None
+        error = _gemm_error(device, dtype)
+        return (f"--quantize: torch {torch.__version__} has no row-wise FP8 GEMM on {device.type} ({error}); "
+                f"use --quantize none" if error else None)
     major, minor = torch.cuda.get_device_capability(device)
     if (major, minor) < MIN_CAPABILITY:
         return (f"--quantize needs FP8 tensor cores (an H100/H200, L4, L40S or RTX 40xx: compute capability "
