@@ -331,13 +331,17 @@ def merge_and_check(cfg: RunConfig) -> int:
         raise UsageError("the checkpoint dirs hold different runs (settings differ): "
                          + ", ".join(f"{d}={r}" for d, r in runs.items()))
     out = dirs[0] / store.MERGED
+    captioned: dict[str, str | None] = {}  # key -> sha256 (unreadable parts: merge_parts says so)
+    for d in dirs:
+        for part in store.list_parts(d):
+            check = store.check_file(part.path, store.OUTPUT_SCHEMA)
+            captioned.update(zip(check.keys or [], check.sha256 or [None] * len(check.keys or [])))
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
-                             worker=0, num_workers=1, done_keys=set(), failed_keys=set())
-    captioned = {k for d in dirs for part in store.list_parts(d)  # unreadable parts: merge_parts says so
-                 for k in store.check_file(part.path, store.OUTPUT_SCHEMA).keys or []}
-    if captioned and not captioned & plan.data_keys:  # the merge would replace a good all_captions.parquet with 0 rows
+                             worker=0, num_workers=1, done_keys=set(), failed_keys=set(), done_images=captioned)
+    if captioned and not captioned.keys() & plan.data_keys:  # the merge would replace a good all_captions.parquet with 0 rows
         raise UsageError(f"none of the {len(captioned)} captioned keys of the checkpoint dir(s) are in --data-dir "
                          f"{cfg.data_dir}: is it the data dir these runs captioned?")
+    dataset.check_same_images(plan, "the checkpoint dir(s)", Path(cfg.data_dir))
     for d in dirs:  # its rows not yet in a part count as missing: say why, or exit 4 reads as lost work
         live = DirLock(d, worker=-1).holders()
         if live:

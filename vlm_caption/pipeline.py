@@ -167,7 +167,8 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
     remove_stale_tmp(ckpt)
     failed_stages = {} if cfg.retry_failed else writer.failed_stages()
     failed_keys = set(failed_stages)
-    done_keys = writer.done_keys()
+    done_images = writer.done_images()
+    done_keys = set(done_images)
     hub_only: set[str] = set()
     if hub_client is not None:  # rows another dir or machine already published are not captioned again
         snap = hub_client.snapshot(run_id)  # one read of the repo serves the line below and the skip
@@ -176,7 +177,8 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
         done_keys |= snap.keys
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=worker, num_workers=num_workers, done_keys=done_keys,
-                             failed_keys=failed_keys, hub_only=hub_only)
+                             failed_keys=failed_keys, hub_only=hub_only, done_images=done_images)
+    dataset.check_same_images(plan, f"--checkpoint-dir {ckpt}", Path(cfg.data_dir))
     log.info("worker %d/%d: %d selected, %d mine, %d done (%d of them on the Hub only), %d failed before, "
              "%d to caption", worker, num_workers, plan.selected, plan.mine, plan.done, plan.done_hub_only, plan.failed,
              plan.todo)

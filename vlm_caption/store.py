@@ -87,6 +87,7 @@ class FileCheck(NamedTuple):
     run_id: str | None  # from the file's metadata; None for files written before run ids were recorded
     dir_id: str | None
     problem: str | None
+    sha256: list[str | None] | None = None  # a part's images, key by key (a failure file has none)
 
 
 def check_file(path: Path, schema: pa.Schema) -> FileCheck:
@@ -103,13 +104,15 @@ def check_file(path: Path, schema: pa.Schema) -> FileCheck:
         if other:
             return FileCheck(None, None, None, f"of a foreign schema ({', '.join(other[:3])})")
         meta = pf.schema_arrow.metadata or {}
-        keys = pf.read(columns=["key"]).column("key").to_pylist()
+        read = pf.read(columns=["key", *(["sha256"] if "sha256" in schema.names else [])])
+        keys = read.column("key").to_pylist()
+        images = read.column("sha256").to_pylist() if "sha256" in read.column_names else None
     except (OSError, pa.ArrowException) as e:
         return FileCheck(None, None, None, f"unreadable ({type(e).__name__}: {brief(str(e))})")
     if None in keys:  # never written by a run (a null key is a failure): not a part of it
         return FileCheck(None, None, None, "of a foreign schema (null keys)")
     run_id, dir_id = (meta.get(k, b"").decode() or None for k in (META_RUN_ID, META_DIR_ID))
-    return FileCheck(keys, run_id, dir_id, None)
+    return FileCheck(keys, run_id, dir_id, None, images)
 
 
 def usable_file(checkpoint_dir: Path, part: Part, schema: pa.Schema, run_id: str | None = None,
@@ -351,11 +354,16 @@ class CheckpointStore:
 
     def done_keys(self) -> set[str]:
         """Keys captioned by any worker of this run (all usable parts in the dir)."""
-        keys: set[str] = set()
+        return set(self.done_images())
+
+    def done_images(self) -> dict[str, str | None]:
+        """key -> the sha256 of the image it was captioned from, over the keys `done_keys` gives."""
+        images: dict[str, str | None] = {}
         for part in list_parts(self.dir):
             check = usable_file(self.dir, part, self.schema, self.run_id, self.quarantine_bad)
-            keys.update(check.keys if check is not None else ())
-        return keys
+            if check is not None:
+                images.update(zip(check.keys, check.sha256 or [None] * len(check.keys)))
+        return images
 
     def failed_keys(self) -> set[str]:
         return set(self.failed_stages())
