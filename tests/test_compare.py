@@ -56,12 +56,22 @@ def test_a_run_against_its_own_copy_is_the_same(full_run, tmp_path, capsys):
     assert result["captions"]["vlm_caption"] == {"identical": n, "mean_similarity": 1.0, "at_least_0.9": n,
                                                  "differ_most": []}
     assert main([str(base), str(copy)]) == 0 and "settings that differ: none" in capsys.readouterr().out
+    table = store.pq.read_table(copy / store.MERGED)  # two keys whose image is another in the copy
+    sha = table.column("sha256").to_pylist()
+    sha[:2] = ["0" * 64, "1" * 64]
+    store.pq.write_table(table.set_column(table.schema.get_field_index("sha256"), "sha256", store.pa.array(sha)),
+                         copy / store.MERGED)
+    result = compare(base, copy)
+    assert result["images_in_both"] == n - 2 and result["other_image_under_key"] == 2
+    assert main([str(base), str(copy)]) == 0 and "left out: 2 keys of both runs whose images differ" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.parametrize("case, says", [
     ("missing", "does not exist; give the --checkpoint-dir of a captioning run"),
     ("unmerged", "has no all_captions.parquet; run batched_image_inference.py (or its --merge-only) on it first"),
     ("disjoint", "captioned no image in common: nothing to compare"),
+    ("other_data", "captioned no image in common (42 keys in both hold other images, sha256: other data sets?)"),
     ("show", "--show must be 0 or more"),
 ])
 def test_what_it_cannot_compare_is_one_line_and_exit_2(full_run, tmp_path, capsys, case, says):
@@ -70,10 +80,11 @@ def test_what_it_cannot_compare_is_one_line_and_exit_2(full_run, tmp_path, capsy
     _, base = full_run
     other = tmp_path / "other"
     other.mkdir()
-    if case == "disjoint":  # the same file, every key renamed
+    if case in ("disjoint", "other_data"):  # the same file, every key renamed / every image another
         table = store.pq.read_table(base / store.MERGED)
-        keys = store.pa.array([f"x{k}" for k in table.column("key").to_pylist()])
-        store.pq.write_table(table.set_column(table.schema.get_field_index("key"), "key", keys),
+        column = "key" if case == "disjoint" else "sha256"
+        values = store.pa.array([f"x{k}" for k in table.column(column).to_pylist()])
+        store.pq.write_table(table.set_column(table.schema.get_field_index(column), column, values),
                              other / store.MERGED)
     argv = [str(base), str(tmp_path / "nowhere" if case == "missing" else other)]
     with pytest.raises(SystemExit) as ended:

@@ -4,7 +4,7 @@
 
 Why: some settings trade captions for speed or memory (--quantize fp8, --kv-cache-dtype fp8), and a new prompt,
 model or --max-tokens is a choice between captions. Caption a sample (--max-images 200) both ways into two
-checkpoint dirs, then this says, over the images both captioned: the settings that differ (run.json), per
+checkpoint dirs, then this says, over the images both captioned (the same key and sha256): the settings that differ (run.json), per
 caption column the captions that are identical, their mean similarity (difflib's ratio over words: 1 = the
 same words in the same order) and how many are at least SIMILAR similar; each side's mean tokens, its share cut
 at --max-tokens and its quality flags; then the --show pairs that differ most, to read. It writes nothing but
@@ -87,16 +87,21 @@ def compare(base_dir: Path | str, other_dir: Path | str, show: int = 5) -> dict[
     """The comparison of two checkpoint dirs (see the module docstring), as a JSON-able dict."""
     base_dir, other_dir = Path(base_dir), Path(other_dir)
     (base_run, base_rows), (other_run, other_rows) = read_run(base_dir), read_run(other_dir)
-    keys = sorted(base_rows.keys() & other_rows.keys())
+    shared = base_rows.keys() & other_rows.keys()
+    # A key names an image by its place in one download: the same key over another data set is another image.
+    other_images = sorted(k for k in shared if None not in (base_rows[k].get("sha256"), other_rows[k].get("sha256"))
+                          and base_rows[k]["sha256"] != other_rows[k]["sha256"])
+    keys = sorted(shared - set(other_images))
     if not keys:
-        raise UsageError(f"{base_dir} and {other_dir} captioned no image in common: nothing to compare")
+        also = f" ({len(other_images)} keys in both hold other images, sha256: other data sets?)" if other_images else ""
+        raise UsageError(f"{base_dir} and {other_dir} captioned no image in common{also}: nothing to compare")
     columns = caption_columns(base_rows, other_rows)
     result: dict[str, Any] = {
         "base": {"dir": str(base_dir), "run_id": base_run.get("run_id")},
         "other": {"dir": str(other_dir), "run_id": other_run.get("run_id")},
         "settings_that_differ": differing_settings(base_run, other_run),
         "images_in_both": len(keys), "only_in_base": len(base_rows) - len(keys),
-        "only_in_other": len(other_rows) - len(keys), "captions": {}}
+        "only_in_other": len(other_rows) - len(keys), "other_image_under_key": len(other_images), "captions": {}}
     for column in columns:
         pairs = [(k, base_rows[k].get(column) or "", other_rows[k].get(column) or "") for k in keys]
         scores = [(similarity(a, b), k, a, b) for k, a, b in pairs]
@@ -121,6 +126,9 @@ def report_lines(result: dict[str, Any]) -> list[str]:
                                                         for k, (a, b) in differ.items()) or "none"))
     lines.append(f"images in both: {n} (only in base: {result['only_in_base']}, only in other: "
                  f"{result['only_in_other']})")
+    if result.get("other_image_under_key"):
+        lines.append(f"left out: {result['other_image_under_key']} keys of both runs whose images differ (sha256): "
+                     "the runs captioned other data sets there")
     for column, c in result["captions"].items():
         close = c[f"at_least_{SIMILAR}"]
         lines.append(f"{column}: identical {c['identical']}/{n} ({c['identical'] / n:.1%}), mean similarity "
