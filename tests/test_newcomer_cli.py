@@ -147,6 +147,10 @@ def test_a_model_dir_without_a_model_is_one_line_before_any_work(cli, tiny_model
     line = one_line_error(cli.run("nm", "--no-push", "--model", "demo", "--backend", "transformers"))
     assert "--model demo is a directory without a config.json" in line and "demo/model" in line
     assert not (tmp_path / "nm").exists()
+    # a typo beside it: said at once, not a Hub id tried after the run's dir was made
+    line = one_line_error(cli.run("nm", "--no-push", "--model", "demo/modl", "--backend", "transformers"))
+    assert "--model demo/modl is not a directory, and demo/ holds local models: demo/model" in line
+    assert not (tmp_path / "nm").exists()
 
 
 def test_output_piped_into_a_reader_that_stopped_is_no_traceback(cli, tmp_path):
@@ -249,3 +253,31 @@ def test_preview_of_a_checkpoint_dir_that_does_not_exist_says_so(tmp_path):
     (tmp_path / "checkpoints").write_text("")  # a file there: not "does not exist"
     with pytest.raises(UsageError, match="checkpoints is a file, not a directory"):
         write_preview(tmp_path / "checkpoints", tmp_path / "preview.html")
+
+
+def test_a_home_path_after_an_equals_sign_is_the_home_dir_and_flags_are_spelled_whole(tmp_path, monkeypatch,
+                                                                                      capsys):
+    """`--checkpoint-dir=~/ckpt` (no shell expands `~` there) made a literal ./~ dir for run.json beside parts
+    that pyarrow wrote under the home dir, and every attempt failed at its first part; `--over` was taken for
+    --overwrite, which sets a finished run aside."""
+    from batched_image_inference import main
+    from dummy_runs import clear_launch_env, dummy_args
+    from vlm_caption.cli import run_main
+    from vlm_caption.sample_data import write_sample
+
+    clear_launch_env(monkeypatch)
+    home, work = tmp_path / "home", tmp_path / "work"
+    work.mkdir()
+    write_sample(home / "data", n=8, broken=False, seed=2, shard_size=8)
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    args = ["--model", "dummy-model", "--data-dir=~/data", "--checkpoint-dir=~/ckpt", *dummy_args(home, home)[6:]]
+    assert "--checkpoint-dir=~/ckpt" in args and "--data-dir=~/data" in args
+    assert main(args) == 0
+    assert (home / "ckpt" / store.RUN_JSON).exists() and len(pq.read_table(home / "ckpt" / store.MERGED)) == 8
+    assert not (work / "~").exists()
+    with pytest.raises(SystemExit) as ended:
+        run_main(main, [*args, "--over"], prog="caption")
+    err = capsys.readouterr().err
+    assert ended.value.code == 2 and "unrecognized arguments: --over" in err, err
+    assert (home / "ckpt" / store.RUN_JSON).exists() and not (home / "ckpt" / "superseded").exists()

@@ -17,10 +17,29 @@ from .errors import EXIT_FATAL, EXIT_USAGE, FatalError, UsageError
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with the README's usage-error policy: one line (and where to look), not the whole usage block."""
+    """argparse with the README's usage-error policy: one line (and where to look), not the whole usage block.
+    A flag is spelled whole (`--over` is no `--overwrite`), and a path's `~` is the home dir wherever it stands:
+    the shell expands it in `--data-dir ~/x` but not in `--data-dir=~/x`, where a literal `./~` dir was made
+    beside writes that pyarrow expanded itself. A path is what a flag's metavar names so (DIR, FILE, ID|DIR)."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        for action in self._actions:
+            if isinstance(action.metavar, str) and re.search(r"(DIR|FILE)$", action.metavar):
+                value = getattr(namespace, action.dest, None)
+                if isinstance(value, str):
+                    setattr(namespace, action.dest, os.path.expanduser(value))
+                elif isinstance(value, list):
+                    setattr(namespace, action.dest, [os.path.expanduser(v) if isinstance(v, str) else v
+                                                     for v in value])
+        return namespace, extras
 
 
 def setup_logging(verbose: bool = False) -> None:

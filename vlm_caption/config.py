@@ -186,6 +186,11 @@ class RunConfig:
                 # a mistyped local path: else transformers' "Repo id must be in the form ..." after the data scan
                 raise UsageError(f"--model {self.model} is neither a directory here nor a Hub model id such as "
                                  "google/gemma-3-4b-it")
+            owner = Path(self.model).parent  # demo/modl: a typo beside demo/model, not a Hub id
+            local = sorted(owner.glob("*/config.json")) if "/" in self.model and not Path(self.model).is_dir() else []
+            if local:
+                raise UsageError(f"--model {self.model} is not a directory, and {owner}/ holds local models: "
+                                 f"{', '.join(str(c.parent) for c in local[:3])}")
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
             raise UsageError(f"--attn-implementation {self.attn_implementation!r} is not one of sdpa, eager, "
                              "flash_attention_2, flash_attention_3")

@@ -168,7 +168,7 @@ def demo_config(model: Path, data: Path, ckpt: Path, verbose: bool) -> RunConfig
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser(prog="python -m vlm_caption.demo", description=__doc__.split("\n\n")[0])
     # --demo-dir first: the usage line shows the name README and run_captioning.sh --help give
-    p.add_argument("--demo-dir", "--dir", dest="dir", default=DEFAULT_DIR,
+    p.add_argument("--demo-dir", "--dir", dest="dir", metavar="DIR", default=DEFAULT_DIR,
                    help="where the model, data, checkpoints and preview go (default: %(default)s)")
     p.add_argument("--n", type=int, default=None,
                    help=f"rows of the sample data, at least {MIN_ROWS} (default: {DEFAULT_ROWS}, or the size of an "
