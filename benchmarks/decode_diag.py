@@ -194,6 +194,7 @@ def main(argv=None) -> int:
         torch's own pick is flash, or cuDNN on sm90 with a recent cuDNN), and compiled as --compile compiles it (prefill_compile.py)."""
         from bench_attention import SDPA_BACKENDS, one_line, pinned
 
+        from vlm_caption import vision_attention
         from vlm_caption.prefill_compile import set_prefill_compile
 
         count = min(args.batch, 64)
@@ -202,6 +203,11 @@ def main(argv=None) -> int:
         pixels = compiled.assemble(images).inputs["pixel_values"]
         tower = lambda: model.get_image_features(pixel_values=pixels)  # noqa: E731
         set_prefill_compile(model, ())  # eager first: the compiled captioners above compiled it
+        # --vision-attention auto's call (on a card) turns every kernel back on around the tower: each pinned
+        # kernel below would time its pick. torch's own sdpa while they run, the captioner's call back after.
+        encoder = vision_attention._encoder(model)
+        kept = (encoder._compiled_call_impl, getattr(encoder, "_vision_attention", None)) if encoder else None
+        vision_attention.set_vision_attention(model, "sdpa")
 
         def features(out) -> torch.Tensor:  # an output whose pooler_output is the projected image tokens
             return out if torch.is_tensor(out) else out.pooler_output
@@ -217,6 +223,8 @@ def main(argv=None) -> int:
                     kernels[name] = {"ms_per_image": round(1000 * best(on_kernel) / count, 2), "max_abs_diff": diff}
                 except Exception as e:  # noqa: BLE001 - a kernel that cannot take SigLIP's shapes is a finding
                     kernels[name] = {"error": one_line(e)}
+            if kept is not None:
+                encoder._compiled_call_impl, encoder._vision_attention = kept
             set_prefill_compile(model, {"vision", "language"}, options)  # as --compile leaves it
             graphs0 = counters["stats"]["unique_graphs"]
             t0 = time.perf_counter()
@@ -275,6 +283,7 @@ def main(argv=None) -> int:
         """The prefill and first token alone (what the graph loop runs through generate per batch: vision tower,
         language model over the prompt, into the static cache) on up to 64 images, with the language model eager
         vs compiled as --compile compiles it (prefill_compile.py); the vision tower compiled on both sides."""
+        from vlm_caption import vision_attention
         from vlm_caption.prefill_compile import set_prefill_compile
 
         count = min(args.batch, 64)
