@@ -149,6 +149,9 @@ def test_settings_mismatch_is_refused(full_run, tiny_model_dir, sample_data_dir,
     err = capsys.readouterr().err.strip().splitlines()
     assert code == EXIT_USAGE
     assert len(err) == 1 and "other settings" in err[0] and "--overwrite" in err[0]
+    # each setting with its two values (the built-in prompt's version follows from --prompt: not named)
+    assert "(prompt: 'Describe this artwork" in err[0] and "in the dir, 'Something else' now)" in err[0], err
+    assert "prompt_version" not in err[0]
 
 
 def test_settings_of_a_run_that_captioned_nothing_are_replaced(tiny_model_dir, sample_data_dir, tmp_path, capsys):

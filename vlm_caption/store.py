@@ -115,6 +115,18 @@ def check_file(path: Path, schema: pa.Schema) -> FileCheck:
     return FileCheck(keys, run_id, dir_id, None, images)
 
 
+def _differences(names: list[str], existing: dict, settings: dict) -> str:
+    """`max_tokens: 32 in the dir, 256 now; ...`: what a refused run would change, each value cut short. The
+    built-in prompt's version is left out beside a prompt of the user's own (it follows from it)."""
+    def shown(value) -> str:
+        text = repr(value) if isinstance(value, str) else json.dumps(value)
+        return text if len(text) <= 48 else text[:44] + " ..."
+
+    names = [n for n in names if not (n == "prompt_version" and "prompt" in names)]
+    return "; ".join(n if n.startswith("the ") else f"{n}: {shown(existing.get(n))} in the dir, "
+                     f"{shown(settings.get(n))} now" for n in names)
+
+
 def usable_file(checkpoint_dir: Path, part: Part, schema: pa.Schema, run_id: str | None = None,
                 quarantine_bad: bool = True) -> FileCheck | None:
     """`part` checked (check_file), or None when it cannot be used: unreadable, foreign, or of another run than
@@ -289,7 +301,7 @@ class CheckpointStore:
             same = f"--template-value-chars {existing.get('template_value_chars') or 0} continues it, or " \
                 if diff == ["template_value_chars"] else ""
             raise UsageError(
-                f"{self.dir} holds run {existing.get('run_id')} with other settings ({', '.join(diff) or 'run_id'}); "
+                f"{self.dir} holds run {existing.get('run_id')} with other settings ({_differences(diff, existing, settings) or 'run_id'}); "
                 f"{same}use another --checkpoint-dir, or --overwrite to set that run aside and start over")
         elif holds_work:  # run.json missing or unreadable: adopt the parts only if they say they are ours
             runs = {r for r, _ in provenance}
