@@ -342,8 +342,10 @@ def merge_and_check(cfg: RunConfig) -> int:
         raise UsageError(f"none of the {len(captioned)} captioned keys of the checkpoint dir(s) are in --data-dir "
                          f"{cfg.data_dir}: is it the data dir these runs captioned?")
     dataset.check_same_images(plan, "the checkpoint dir(s)", Path(cfg.data_dir))
+    in_use = False
     for d in dirs:  # its rows not yet in a part count as missing: say why, or exit 4 reads as lost work
         live = DirLock(d, worker=-1).holders()
+        in_use = in_use or bool(live)
         if live:
             log.warning("%s is still in use by %s: keys it has not written yet count as missing; --merge-only "
                         "again once it ends (its last worker merges the dir itself)", d, "; ".join(live))
@@ -368,7 +370,9 @@ def merge_and_check(cfg: RunConfig) -> int:
     if report.duplicate_keys:
         print(f"  duplicated (first 20): {', '.join(report.duplicate_keys[:20])}")
     print(f"  full lists in {dirs[0] / 'coverage.json'}")
-    if missing or report.duplicate_keys:
+    if report.duplicate_keys or (missing and not in_use):
         return EXIT_COVERAGE
+    if missing:  # a run still under way: work left, not a defect of the published set
+        return EXIT_ITEMS_FAILED
     retryable = plan.unreadable_shards or any(r["stage"] == "generate" for r in counts["failed"].values())  # finish()
     return EXIT_ITEMS_FAILED if retryable or (cfg.strict and counts["failed"]) else EXIT_OK
