@@ -281,3 +281,20 @@ def test_a_home_path_after_an_equals_sign_is_the_home_dir_and_flags_are_spelled_
     err = capsys.readouterr().err
     assert ended.value.code == 2 and "unrecognized arguments: --over" in err, err
     assert (home / "ckpt" / store.RUN_JSON).exists() and not (home / "ckpt" / "superseded").exists()
+
+
+def test_resume_of_a_dir_that_holds_no_run_says_so(tmp_path, monkeypatch, caplog):
+    """--checkpoint-dir chekpoints --resume (a typo) started from scratch without a word."""
+    from batched_image_inference import main
+    from dummy_runs import clear_launch_env, dummy_args
+    from vlm_caption.sample_data import write_sample
+
+    clear_launch_env(monkeypatch)
+    data = write_sample(tmp_path / "data", n=8, broken=False, seed=2, shard_size=8)
+    assert main(dummy_args(data, tmp_path / "typo", "--resume")) == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--resume:")]
+    assert said == [f"--resume: {tmp_path / 'typo'} holds no run yet, so a new one starts there (a typo in "
+                    "--checkpoint-dir?)"]
+    caplog.clear()
+    assert main(dummy_args(data, tmp_path / "typo", "--resume")) == 0  # now it does: nothing said
+    assert not [r for r in caplog.records if r.getMessage().startswith("--resume:")]

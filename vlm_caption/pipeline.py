@@ -78,6 +78,9 @@ def run(cfg: RunConfig) -> int:
     if cfg.dry_run:
         return dry_run(cfg, settings, worker, num_workers, (extra, specs, also))
 
+    if (cfg.resume and cfg.no_push and worker == 0 and not (ckpt / store.RUN_JSON).exists()
+            and not store.list_parts(ckpt)):  # (pushing, a fresh dir resumes from what the Hub holds)
+        log.warning("--resume: %s holds no run yet, so a new one starts there (a typo in --checkpoint-dir?)", ckpt)
     existing = None
     if cfg.push_only:  # pushes the run the dir holds, whatever the generation flags of this command say
         existing = store.read_run_json(ckpt)
