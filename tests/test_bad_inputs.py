@@ -186,6 +186,9 @@ def one_line_exit(capsys, argv: list[str]) -> tuple[int, str]:
     (["--max-images", "0"], "--max-images must be a positive integer"),
     (["--max-images", "-3"], "--max-images must be a positive integer"),
     (["--shards", "0-999999999999"], "is past any shard"),  # the set of its numbers filled the memory
+    (["--shards", ""], "--shards is empty: give a value, or leave the flag out"),  # it ran every shard
+    (["--keep-columns", " , "], "--keep-columns is empty: give a value, or leave the flag out"),  # ignored
+    (["--num-workers", "0"], "--num-workers must be 1 or more, got 0"),  # was "give ... together"
     (["--batch-size", "0"], "--batch-size must be a positive integer"),
     (["--max-tokens", "1000000000"], "--max-tokens 1000000000 is more than a Gemma 3 model's whole context"),
     (["--hf-repo", "bad repo!"], "invalid Hub repo id"),

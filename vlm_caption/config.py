@@ -242,6 +242,9 @@ class RunConfig:
         elif not self.push_only and not Path(self.data_dir).is_dir():  # coverage is counted against it
             raise UsageError(f"--data-dir {self.data_dir} does not exist; --{modes[0].replace('_', '-')} checks "
                              "coverage against the data dir the runs captioned")
+        for flag, value in (("--shards", self.shards), ("--keep-columns", self.keep_columns)):
+            if value is not None and not value.replace(",", "").strip():  # "$SHARDS" unset in a script, say
+                raise UsageError(f"{flag} is empty: give a value, or leave the flag out")
         parse_shards(self.shards)
         self.worker_slice()
         resolve_repo_id(self.hf_repo, self.hf_username)  # a typo should not wait for the day pushes are on

@@ -119,6 +119,8 @@ def _rank_in_node(rank: int, local_world: int) -> int:
 
 def worker_slice(num_workers: int | None, worker_index: int | None) -> tuple[int, int]:
     """(worker_index, num_workers) of this process over every machine, task and rank (module doc)."""
+    if num_workers is not None and num_workers < 1:  # before "together": 0 is the mistake to name
+        raise UsageError(f"--num-workers must be 1 or more, got {num_workers}")
     if (num_workers is None) != (worker_index is None):
         raise UsageError("give --num-workers and --worker-index together")
     rank, world = distributed_rank()
