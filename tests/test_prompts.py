@@ -212,6 +212,7 @@ def test_json_mapping(tmp_path):
     ("p.yaml", "short: [a, b]\n", "non-empty string"),
     ("p.yaml", "short: yes\n", "not a bool: quote"),  # it said only "must be a non-empty string" of `yes`
     ("p.yaml", "short: 2024-01-01\n", "not a date: quote"),
+    ("p.yaml", "short: 12\n", "not an int: quote"),
     ("p.yaml", "just a string\n", "expected a mapping"),
     ("p.yaml", "", "empty file"),
     ("p.yaml", "{}\n", "no prompts"),
@@ -229,7 +230,7 @@ def test_bad_prompts_file_is_one_line_naming_the_file(tmp_path, name, text, prob
     message = str(error.value)
     assert problem in message
     assert message.startswith(str(path))
-    assert "\n" not in message
+    assert "\n" not in message and "<unicode string>" not in message  # (PyYAML's name for the text it read)
 
 
 def test_missing_prompts_file(tmp_path):

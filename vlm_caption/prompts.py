@@ -188,7 +188,8 @@ def _read_prompts_data(path: Path) -> Any:
     try:
         return yaml.load(text, Loader=_UniqueKeyLoader)  # a SafeLoader: builds plain data only
     except yaml.YAMLError as e:
-        raise ValueError(f"not valid YAML: {e} (quote a prompt that holds ': ' or starts with '{{')") from None
+        where = str(e).replace('"<unicode string>"', str(path))  # (PyYAML names the text it was given, not the file)
+        raise ValueError(f"not valid YAML: {where} (quote a prompt that holds ': ' or starts with '{{')") from None
 
 
 def _unique_key_dict(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -241,7 +242,9 @@ def _check_prompt(name: Any, prompt: Any) -> None:
     if not isinstance(name, str) or not PROMPT_NAME_RE.fullmatch(name):
         raise ValueError(f"bad prompt name {name!r}: use 1-32 of a-z, 0-9, _ starting with a letter")
     if prompt is not None and not isinstance(prompt, str):  # YAML reads `{tags} ...`, `[...]`, yes, 1.5 as data
-        raise ValueError(f"prompt {name!r} must be a non-empty string, not a {type(prompt).__name__}: quote a prompt "
+        kind = type(prompt).__name__
+        raise ValueError(f"prompt {name!r} must be a non-empty string, not {'an' if kind[0] in 'aeiou' else 'a'} "
+                         f"{kind}: quote a prompt "
                          "that starts with '{' or '[' or is a word YAML reads as data (yes, no, on, off, a number)")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt {name!r} must be a non-empty string")

@@ -296,6 +296,9 @@ def run_checks(args: argparse.Namespace) -> int:
             # Later checks build on this one: say they did not run rather than pile up follow-on failures.
             for later in checks[i + 1:]:
                 print(f"SKIP {later.__name__.removeprefix('check_')}: needs the failed check")
+            if ctx.work_dir is not None and not any(ctx.work_dir.iterdir()):  # nothing in it to look at
+                ctx.work_dir.rmdir()
+                ctx.work_dir = None
             print(f"\n{passed} passed, 1 failed, {len(checks) - i - 1} not run" + (
                 f"; files kept in {ctx.work_dir}" if ctx.work_dir else ""))
             return 1
