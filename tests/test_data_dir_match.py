@@ -53,6 +53,8 @@ def test_a_dir_resumed_against_another_data_set_is_refused_before_anything_is_wr
     assert f"6 of the 6 images --checkpoint-dir {ckpt} captioned are other images in --data-dir {b}" in err
     assert "Another data set takes a --checkpoint-dir of its own" in err
     assert files(ckpt) == before  # nothing captioned, merged or set aside
+    code, err = run(capsys, *dummy_args(b, ckpt, "--dry-run"))  # the plan says what the run would
+    assert code == 2 and "are other images in --data-dir" in err, err
     assert run(capsys, *dummy_args(a, ckpt))[0] == 0  # the right data dir goes on
     assert len(pq.read_table(ckpt / store.MERGED)) == 12
 

@@ -203,6 +203,14 @@ def test_dry_run_says_what_the_run_will_do_and_rates_leave_out_model_loading(cli
     assert "to do 40, already done 0" in out  # the plan of that run (it starts over), not the old run's counts
     out = ok(cli.run("d", "--no-push", "--dry-run", "--max-tokens", "9", "--overwrite"))  # not "needs --overwrite"
     assert "a real run with --overwrite moves it to superseded/ first" in out
+    # a rerun that captions nothing keeps the measured rate for the estimate, said in seconds or minutes
+    out = ok(cli.run("d", "--no-push", "--max-images", "8"))
+    assert "captioned 0 images in" in out and "img/s" not in out.split("captioned 0 images")[1].split("\n")[0], out
+    rate = json.loads((ckpt / store.SUMMARY).read_text())["last_measured_img_per_s"]
+    assert rate == summary["captioning_img_per_s"]
+    out = ok(cli.run("d", "--no-push", "--dry-run"))
+    assert f"estimated time: {32 / rate:.0f} s at the last measured {rate:.2f} img/s" in out or (
+        f"estimated time: {32 / rate / 60:.0f} min at the last measured" in out), out
     empty = tmp_path / "e"
     empty.mkdir()
     (empty / store.RUN_JSON).write_text(json.dumps({"run_id": "0123456789ab", "model": "typo"}))  # a failed start

@@ -52,6 +52,9 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
                       "unreadable_shards": plan.unreadable_shards},
         "hub": {"pushed_all": pushed_all} if hub_client is not None else None,
     }
+    # --dry-run's estimate: this run's rate, or an earlier run's where this one captioned nothing
+    summary[LAST_RATE] = ((summary["this_run"].get("captioning_img_per_s") or summary["this_run"].get("img_per_s"))
+                          if stats.captioned else None) or measured_rate(read_summary(ckpt, set_aside=False))
     # A rank of this launch that has not reached the dir yet (still importing, or a quick rank of a relaunch
     # whose slice was done) will end after this one: it merges, not this one (a merge and a card too early).
     late = writer.lock.not_started(workers.sibling_workers(worker, num_workers))
@@ -97,6 +100,7 @@ def exit_code(cfg: RunConfig, stats: RunStats, plan: dataset.WorkPlan, pushed_al
 
 
 TORCHRUN_WAIT_POLL_S = 5.0
+LAST_RATE = "last_measured_img_per_s"  # run_summary.json: kept through reruns that caption nothing
 
 
 def wait_for_the_dir(lock, code: int) -> None:
@@ -175,12 +179,28 @@ def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> Non
             summary["hub"]["card_written"] = False
 
 
+def duration(seconds: float) -> str:
+    """'42 s', '17 min', '3.2 h': a time to read at a glance."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
+
+
+def measured_rate(summary: dict) -> float | None:
+    """The last img/s a run of this dir measured (run_summary.json), or None."""
+    this = summary.get("this_run")
+    earlier = (this.get("captioning_img_per_s") or this.get("img_per_s")) if isinstance(this, dict) else None
+    rate = summary.get(LAST_RATE) or earlier
+    return rate if isinstance(rate, (int, float)) and rate > 0 else None
+
+
 def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
     this, total = summary["this_run"], summary.get("checkpoint_dir")
     steady = this.get("captioning_img_per_s")
-    print(f"\ncaptioned {plural(this['captioned'], 'image')} in {this['wall_s']:.1f} s ({this['img_per_s']:.2f} img/s "
-          f"with model loading{f', {steady:.2f} img/s after the first batch' if steady else ''}, "
-          f"{this['tokens_per_s']:.0f} tokens/s); failed {sum(this['failed_by_stage'].values())}"
+    rates = (f" ({this['img_per_s']:.2f} img/s with model loading"
+             f"{f', {steady:.2f} img/s after the first batch' if steady else ''}, {this['tokens_per_s']:.0f} tokens/s)"
+             if this["captioned"] else "")
+    print(f"\ncaptioned {plural(this['captioned'], 'image')} in {this['wall_s']:.1f} s{rates}; "
+          f"failed {sum(this['failed_by_stage'].values())}"
           f"{' ' + str(this['failed_by_stage']) if this['failed_by_stage'] else ''}; "
           f"skipped {this['skipped_already_done']} already done")
     named = this.get(rowcols.FLAGS_BY_PROMPT) or {}
@@ -250,7 +270,8 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, colum
     reader = store.CheckpointStore(ckpt, worker, quarantine_bad=False) if ckpt.is_dir() else None
     if reader is not None and existing is not None:
         reader.run_id = existing["run_id"]
-    done = reader.done_keys() if reader else set()
+    done_images = reader.done_images() if reader else {}
+    done = set(done_images)
     failed = set() if cfg.retry_failed or reader is None else reader.failed_keys()
     holds_work = bool(done or failed)
     other_run = existing is not None and not store.is_run_of(existing, settings)
@@ -258,14 +279,13 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, colum
     runs = {r for r, _ in reader._provenance()} if reader is not None and existing is None else set()
     orphans = runs and runs not in ({store.run_id_for(settings)}, {store.path_named_run_id(settings)})
     if other_run or orphans:  # a real run starts over (--overwrite): the old run's keys are not done for it
-        done, failed = set(), set()
+        done, failed, done_images = set(), set(), {}
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
-                             worker=worker, num_workers=num_workers, done_keys=done, failed_keys=failed)
-    rate = None
-    this_run = read_summary(ckpt, set_aside=False).get("this_run") or {}
-    if isinstance(this_run, dict):
-        rate = this_run.get("captioning_img_per_s") or this_run.get("img_per_s") or None
-    eta = f"{plan.todo / rate / 3600:.1f} h at the last measured {rate:.2f} img/s" if rate else \
+                             worker=worker, num_workers=num_workers, done_keys=done, failed_keys=failed,
+                             done_images=done_images)
+    dataset.check_same_images(plan, f"--checkpoint-dir {ckpt}", Path(cfg.data_dir))  # as the run would
+    rate = measured_rate(read_summary(ckpt, set_aside=False))
+    eta = f"{duration(plan.todo / rate)} at the last measured {rate:.2f} img/s" if rate else \
         "unknown (no earlier run in this checkpoint dir to measure a rate from)"
     print(f"plan for worker {worker} of {num_workers} (model {cfg.model}, nothing loaded):")
     print(f"  selected {plan.selected}, this worker's share {plan.mine}")
