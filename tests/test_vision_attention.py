@@ -150,3 +150,40 @@ def test_the_gpus_kernel_order_puts_the_kernel_first_keeps_the_others_and_is_res
         out = torch.nn.functional.scaled_dot_product_attention(*(torch.randn(1, 2, 8, 16) for _ in range(3)))
     assert out.shape == (1, 2, 8, 16)
     assert flags() == before and torch._C._get_sdp_priority_order() == order
+
+
+def test_overlapping_tower_calls_on_two_threads_put_the_order_back_once_both_end():
+    """--vision-overlap runs the tower on the assembler thread too. Each call's own save-and-restore of torch's
+    process-wide order, overlapping (A in, B in, A out, B out), left the tower's order for the whole process:
+    the first call in sets it, the last one out puts it back."""
+    import threading
+
+    import vlm_caption.vision_attention as va
+
+    both_inside = threading.Barrier(2, timeout=30)
+    seen = []
+
+    class Encoder:
+        def _call_impl(self, hidden, after=None):
+            seen.append(torch._C._get_sdp_priority_order()[0])
+            both_inside.wait()
+            if after is not None:  # B leaves once A's whole call, its restore included, has ended
+                after.join(30)
+            return hidden
+
+    call = va._KernelCall(Encoder(), "cudnn")
+    order = torch._C._get_sdp_priority_order()
+    hidden = torch.zeros(1, 2)
+    original = va._first_in_order
+    try:  # the flags of the CUDA side, on any machine (as the test above)
+        va._first_in_order = lambda kernel, device_type: original(kernel, "cuda")
+        first = threading.Thread(target=call, args=(hidden,))
+        second = threading.Thread(target=call, args=(hidden,), kwargs={"after": first})
+        first.start()
+        second.start()
+        first.join(30)
+        second.join(30)
+    finally:
+        va._first_in_order = original
+    assert len(seen) == 2 and set(seen) == {int(torch.nn.attention.SDPBackend.CUDNN_ATTENTION)}
+    assert torch._C._get_sdp_priority_order() == order

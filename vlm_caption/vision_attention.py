@@ -18,6 +18,7 @@ untimed; a kernel's name puts that kernel first without timing; "sdpa" is torch'
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -66,6 +67,7 @@ class _KernelCall:
         self.kernel: str | None = None if choice == "auto" else choice  # None: torch's pick
         self.chosen = choice != "auto"
         self._lock = threading.Lock()  # the tower may run on two threads (--vision-overlap)
+        self._order_lock, self._inside, self._order = threading.Lock(), 0, None
 
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():
@@ -77,8 +79,26 @@ class _KernelCall:
                     self._choose(hidden)
         if self.kernel is None or hidden is None:
             return self.encoder._call_impl(*args, **kwargs)
-        with _first_in_order(self.kernel, hidden.device.type):
+        with self._in_order(hidden.device.type):
             return self.encoder._call_impl(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _in_order(self, device_type: str):
+        """The kernel order set by the first of overlapping calls and put back by the last. Each call's own
+        sdpa_kernel (process-wide flags, saved and restored) on two threads could restore them out of turn and
+        leave the tower's order in place for the whole process."""
+        with self._order_lock:
+            if not self._inside:
+                self._order = _first_in_order(self.kernel, device_type)
+                self._order.__enter__()
+            self._inside += 1
+        try:
+            yield
+        finally:
+            with self._order_lock:
+                self._inside -= 1
+                if not self._inside:
+                    self._order.__exit__(None, None, None)
 
     def _choose(self, hidden: torch.Tensor | None) -> None:
         try:  # (a kernel that fails is one time_kernels reports; this is for an encoder or input not SigLIP's)
