@@ -236,7 +236,7 @@ class RunConfig:
         if len(self.checkpoint_dirs) > 1 and not self.merge_only:
             raise UsageError("several --checkpoint-dir values are only allowed with --merge-only")
         for d in self.checkpoint_dirs:
-            check_writable_dir(Path(d), "--checkpoint-dir")
+            check_writable_dir(Path(d), "--checkpoint-dir", write=not self.dry_run)  # a plan writes nothing
         if not (self.merge_only or self.push_only or self.check_hub):
             self._validate_data_dir()
         elif not self.push_only and not Path(self.data_dir).is_dir():  # coverage is counted against it

@@ -51,8 +51,9 @@ def check_output_file(path: Path, flag: str) -> None:
     check_writable_dir(path.parent, flag)
 
 
-def check_writable_dir(path: Path, flag: str) -> None:
-    """Fail now, not after an hour of work, when results could not be written there."""
+def check_writable_dir(path: Path, flag: str, write: bool = True) -> None:
+    """Fail now, not after an hour of work, when results could not be written there (write=False: a dir only
+    read, as --dry-run reads one: not a file)."""
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {path} is a file, not a directory; pass a directory")
     probe = path
@@ -60,6 +61,8 @@ def check_writable_dir(path: Path, flag: str) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise UsageError(f"{flag} {path}: {probe} is a file, not a directory")
+    if not write:
+        return
     try:  # a real write: os.access says yes to root even on a read-only file system
         with tempfile.TemporaryFile(dir=probe):
             pass
