@@ -37,7 +37,7 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
         index = hub_client.index(run_id)
         infos = hub_client.run_infos(run_id, snap.head)  # retried, as the listing is
     except HubUnavailable as e:  # retryable (README): nothing was decided
-        return unreachable(hub_client.repo_id, e)
+        return unreachable(hub_client.repo_id, e, hub_client.api.endpoint)
     info = infos.get(run_id)
     if not snap.files and info is None and path_named and path_named in snap.other_runs:
         # Published by an earlier version (dirs it made go on as that run): the run these flags made there
@@ -110,8 +110,12 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
     return EXIT_ITEMS_FAILED if retryable or (cfg.strict and failed) else EXIT_OK
 
 
-def unreachable(repo_id: str, e: Exception) -> int:
-    print(f"could not read {repo_id} from the Hub: {e}; rerun --check-hub when it is reachable")
+def unreachable(repo_id: str, e: Exception, endpoint: str | None) -> int:
+    from huggingface_hub import constants
+
+    at = endpoint or constants.ENDPOINT  # (HF_ENDPOINT, else huggingface.co): which Hub, where it is not said
+    where = "" if at in str(e) else f" at {at}"
+    print(f"could not read {repo_id} from the Hub{where}: {e}; rerun --check-hub when it is reachable")
     return EXIT_ITEMS_FAILED
 
 
@@ -127,7 +131,7 @@ def run_check(cfg: RunConfig) -> int:
     try:
         client = hub.connect_reader(repo_id, endpoint=cfg.hub_endpoint, checkpoint_dir=ckpt)
     except hub.HubUnavailable as e:  # down from the first request: retryable, as when it fails later (exit 3)
-        return unreachable(repo_id, e)
+        return unreachable(repo_id, e, cfg.hub_endpoint)
     print(f"run {run_id}, " + (f"the run of {ckpt}" if existing else "the run this command's settings name"))
     return check_hub(client, cfg, run_id, named_by_flags=existing is None,
                      path_named=None if existing else store.path_named_run_id(settings), settings=settings,
