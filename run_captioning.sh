@@ -38,6 +38,16 @@ for arg in "$@"; do
   esac
 done
 
+if [ "$demo" = 0 ] && [ "$help" = 0 ]; then  # the demo's own flags alone: say so, not "unrecognized arguments"
+  for arg in ${args[@]+"${args[@]}"}; do
+    case "$arg" in
+      --demo-dir|--demo-dir=*|--n|--n=*)
+        echo "run_captioning.sh: error: ${arg%%=*} is a flag of --demo: add --demo (see ./run_captioning.sh --help)" >&2
+        exit 2 ;;
+    esac
+  done
+fi
+
 if [ "$help" = 1 ] && { [ "$demo" = 0 ] || [ ! -x "$PY" ]; }; then
   usage
   echo

@@ -66,6 +66,16 @@ def test_run_captioning_help_lists_demo_even_without_a_venv(tmp_path):
     assert not (tmp_path / "vlm-caption").exists()
 
 
+@pytest.mark.parametrize("arg", ["--demo-dir", "--n=3"])
+def test_a_demo_flag_without_demo_says_to_add_it_before_any_setup(tmp_path, arg):
+    shutil.copy(REPO / "run_captioning.sh", tmp_path)  # no venv: nothing is installed for a mistake
+    proc = _run(["bash", str(tmp_path / "run_captioning.sh"), arg, "x", "--max-images", "2"], cwd=tmp_path)
+    flag = arg.split("=")[0]
+    assert proc.returncode == 2 and proc.stderr == (f"run_captioning.sh: error: {flag} is a flag of --demo: add "
+                                                    "--demo (see ./run_captioning.sh --help)\n"), proc.stderr
+    assert not (tmp_path / "vlm-caption").exists()
+
+
 @pytest.mark.skipif(not (REPO / "vlm-caption" / "bin" / "python").is_file(), reason="no ./vlm-caption venv here")
 def test_run_captioning_help_lists_demo_and_the_script_flags(tmp_path):
     proc = _run(["bash", str(REPO / "run_captioning.sh"), "--help"], cwd=tmp_path)
