@@ -319,7 +319,7 @@ def _row_meta(row: _Row, shard_size: int, original_keys: list[int], rng: random.
 
 def main(argv: list[str] | None = None) -> int:
     p = cli.Parser(prog="python -m vlm_caption.sample_data", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="directory to create (must not exist or be empty)")
+    p.add_argument("--out", metavar="DIR", required=True, help="directory to create (must not exist or be empty)")
     p.add_argument("--n", type=int, default=64, help="rows (default: %(default)s)")
     p.add_argument("--broken", action="store_true", help="add broken files and failed downloads")
     p.add_argument("--broken-in-metadata", action="store_true",

@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = cli.Parser(prog="python -m vlm_caption.tiny_model",
                         description="Build a random Gemma 3 offline and save it like a hub model.")
     parser.add_argument("--preset", default="tiny", choices=list(PRESETS))
-    parser.add_argument("--out", required=True, help="directory to write the model into")
+    parser.add_argument("--out", metavar="DIR", required=True, help="directory to write the model into")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if not PRESETS[args.preset]["savable"]:
