@@ -4,11 +4,11 @@
 
 Why: some settings trade captions for speed or memory (--quantize fp8, --kv-cache-dtype fp8), and a new prompt,
 model or --max-tokens is a choice between captions. Caption a sample (--max-images 200) both ways into two
-checkpoint dirs, then this says, over the images both captioned (the same key and sha256): the settings that differ (run.json), per
-caption column the captions that are identical, their mean similarity (difflib's ratio over words: 1 = the
-same words in the same order) and how many are at least SIMILAR similar; each side's mean tokens, its share cut
-at --max-tokens and its quality flags; then the --show pairs that differ most, to read. It writes nothing but
---json.
+checkpoint dirs, then this says, over the images both captioned (the same key and sha256): the settings that
+differ (run.json), per caption column the captions that are identical, their mean similarity (difflib's ratio
+over words: 1 = the same words in the same order) and how many are at least SIMILAR similar; each side's mean
+tokens, its share cut at --max-tokens and its quality flags; then the --show pairs that differ most, to read.
+It writes nothing but --json.
 """
 from __future__ import annotations
 
@@ -93,7 +93,8 @@ def compare(base_dir: Path | str, other_dir: Path | str, show: int = 5) -> dict[
                           and base_rows[k]["sha256"] != other_rows[k]["sha256"])
     keys = sorted(shared - set(other_images))
     if not keys:
-        also = f" ({len(other_images)} keys in both hold other images, sha256: other data sets?)" if other_images else ""
+        also = f" ({len(other_images)} keys in both hold other images, sha256: other data sets?)" \
+            if other_images else ""
         raise UsageError(f"{base_dir} and {other_dir} captioned no image in common{also}: nothing to compare")
     columns = caption_columns(base_rows, other_rows)
     result: dict[str, Any] = {

@@ -358,7 +358,7 @@ def merge_and_check(cfg: RunConfig) -> int:
             captioned.update(zip(check.keys or [], check.sha256 or [None] * len(check.keys or [])))
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=0, num_workers=1, done_keys=set(), failed_keys=set(), done_images=captioned)
-    if captioned and not captioned.keys() & plan.data_keys:  # the merge would replace a good all_captions.parquet with 0 rows
+    if captioned and not captioned.keys() & plan.data_keys:  # the merge would replace a good file with 0 rows
         raise UsageError(f"none of the {len(captioned)} captioned keys of the checkpoint dir(s) are in --data-dir "
                          f"{cfg.data_dir}: is it the data dir these runs captioned?")
     dataset.check_same_images(plan, "the checkpoint dir(s)", Path(cfg.data_dir))

@@ -300,8 +300,9 @@ class CheckpointStore:
             # A run made before values were cut (its settings lack the limit) is continued with the limit it had.
             same = f"--template-value-chars {existing.get('template_value_chars') or 0} continues it, or " \
                 if diff == ["template_value_chars"] else ""
+            differences = _differences(diff, existing, settings) or "run_id"
             raise UsageError(
-                f"{self.dir} holds run {existing.get('run_id')} with other settings ({_differences(diff, existing, settings) or 'run_id'}); "
+                f"{self.dir} holds run {existing.get('run_id')} with other settings ({differences}); "
                 f"{same}use another --checkpoint-dir, or --overwrite to set that run aside and start over")
         elif holds_work:  # run.json missing or unreadable: adopt the parts only if they say they are ours
             runs = {r for r, _ in provenance}
