@@ -15,7 +15,7 @@ from .backends import BACKENDS, RETRY_REPETITION_PENALTY
 from .data_layout import FULL_METADATA_FILE, IMAGES_DIR
 from .errors import UsageError
 from .flag_checks import (  # noqa: F401  (check_output_file: re-exported, imported from here)
-    REPO_ID_RE, check_output_file, check_writable_dir, parse_shards, resolve_repo_id)
+    REPO_ID_RE, check_model, check_output_file, check_writable_dir, parse_shards, resolve_repo_id)
 
 DEFAULT_MODEL = "google/gemma-3-27b-it"
 DEFAULT_DATA_DIR = "./data/contrastyles_full"
@@ -179,18 +179,7 @@ class RunConfig:
         if self.backend not in BACKENDS:
             raise UsageError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "transformers" and not (self.merge_only or self.push_only or self.check_hub):
-            if Path(self.model).is_dir() and not (Path(self.model) / "config.json").is_file():  # e.g. its parent
-                raise UsageError(f"--model {self.model} is a directory without a config.json: give the one that "
-                                 "save_pretrained wrote (e.g. demo/model) or a Hub id such as google/gemma-3-4b-it")
-            if not Path(self.model).is_dir() and not REPO_ID_RE.match(self.model):
-                # a mistyped local path: else transformers' "Repo id must be in the form ..." after the data scan
-                raise UsageError(f"--model {self.model} is neither a directory here nor a Hub model id such as "
-                                 "google/gemma-3-4b-it")
-            owner = Path(self.model).parent  # demo/modl: a typo beside demo/model, not a Hub id
-            local = sorted(owner.glob("*/config.json")) if "/" in self.model and not Path(self.model).is_dir() else []
-            if local:
-                raise UsageError(f"--model {self.model} is not a directory, and {owner}/ holds local models: "
-                                 f"{', '.join(str(c.parent) for c in local[:3])}")
+            check_model(self.model)
         if self.attn_implementation not in ("sdpa", "eager", "flash_attention_2", "flash_attention_3"):
             raise UsageError(f"--attn-implementation {self.attn_implementation!r} is not one of sdpa, eager, "
                              "flash_attention_2, flash_attention_3")

@@ -13,7 +13,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Mapping, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,6 +22,7 @@ from .data_layout import (ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_N
                           VALIDATION_DIR, expected_shards, shard_name, stats_file)
 from .download_source import URL_COLUMNS, travels_as_text
 from .errors import UsageError, brief
+from .flag_checks import check_shards
 from .images import IMAGE_SUFFIXES, ImageLoadError, load_image, to_rgb  # noqa: F401  (dataset.* names)
 from .schema import COLUMNS, IMAGE_PATH, LOOKUP_COLUMNS, Column, carried, keep_columns
 
@@ -253,7 +254,7 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
     # A selected shard that exists but cannot be read (yet) is retryable (exit 3), not "no such shard" (exit 2);
     # one outside the selection is not this run's concern (a Slurm task per shard while others download).
     unread = {int(s) for _, s in unreadable if s is not None}
-    _check_shards(shards, (shards_seen | unread) - {None})
+    check_shards(shards, (shards_seen | unread) - {None})
     unreadable = [what for what, s in unreadable if asked is None or s is None or int(s) in asked]
     selection = sorted(seen)
     if max_images is not None:
@@ -292,29 +293,6 @@ def check_same_images(plan: WorkPlan, checkpoint_dirs: str, data_dir: Path) -> N
     log.warning("%d of the %d images %s captioned are other files in --data-dir %s now (sha256 differs, %s: a "
                 "shard downloaded again?); their captions are kept, of the image as it was", len(other),
                 plan.images_compared, checkpoint_dirs, data_dir, example)
-
-
-def ranges(numbers: Iterable[int]) -> str:
-    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (the --shards syntax)."""
-    out: list[list[int]] = []
-    for n in sorted(numbers):
-        if out and n == out[-1][1] + 1:
-            out[-1][1] = n
-        else:
-            out.append([n, n])
-    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
-
-
-def _check_shards(asked: list[int] | None, present: set[int]) -> None:
-    """--shards naming no shard of the data is a usage error; naming some missing ones, a warning."""
-    if asked is None:
-        return
-    missing = sorted(set(asked) - present)
-    have = f"the data dir has shard(s) {ranges(present)}" if present else "the data dir has no shard numbers"
-    if len(missing) == len(asked):
-        raise UsageError(f"--shards {ranges(asked)}: no such shard; {have}")
-    if missing:
-        log.warning("--shards: %s not in the data (%s); captioning the others", ranges(missing), have)
 
 
 def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),

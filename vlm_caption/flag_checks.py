@@ -1,19 +1,22 @@
-"""Checks of single flag values that every command line shares: shard lists, Hub repo ids, writable paths.
+"""Checks of single flag values that every command line shares: shard lists, --model, Hub repo ids, writable paths.
 
 Each fails with a one-line UsageError naming the flag, before any work starts (config.py's validate() calls them;
 other modules import them from here or from config, which re-exports them).
 """
 from __future__ import annotations
 
+import logging
 import re
 import tempfile
 from pathlib import Path
+from typing import Iterable
 
 from .errors import UsageError
 
 # Hub repo names: letters, digits, '-', '_', '.'; no leading/trailing '-'/'.', no '--' or '..'.
 REPO_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,94}[A-Za-z0-9])?"
 REPO_ID_RE = re.compile(rf"^(?:{REPO_PART}/)?{REPO_PART}$")
+log = logging.getLogger(__name__)
 
 
 def parse_shards(spec: str | None) -> list[int] | None:
@@ -33,6 +36,29 @@ def parse_shards(spec: str | None) -> list[int] | None:
     return sorted(shards)
 
 
+def ranges(numbers: Iterable[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0-2,5,7-8" (the --shards syntax)."""
+    out: list[list[int]] = []
+    for n in sorted(numbers):
+        if out and n == out[-1][1] + 1:
+            out[-1][1] = n
+        else:
+            out.append([n, n])
+    return ",".join(str(a) if a == b else f"{a}-{b}" for a, b in out)
+
+
+def check_shards(asked: list[int] | None, present: set[int]) -> None:
+    """--shards naming no shard of the data is a usage error; naming some missing ones, a warning."""
+    if asked is None:
+        return
+    missing = sorted(set(asked) - present)
+    have = f"the data dir has shard(s) {ranges(present)}" if present else "the data dir has no shard numbers"
+    if len(missing) == len(asked):
+        raise UsageError(f"--shards {ranges(asked)}: no such shard; {have}")
+    if missing:
+        log.warning("--shards: %s not in the data (%s); captioning the others", ranges(missing), have)
+
+
 def resolve_repo_id(hf_repo: str, hf_username: str) -> str:
     """A bare repo name is joined with --hf-username; a full 'user/name' is taken as is."""
     repo_id = hf_repo if "/" in hf_repo else f"{hf_username}/{hf_repo}"
@@ -42,6 +68,22 @@ def resolve_repo_id(hf_repo: str, hf_username: str) -> str:
             "letters, digits, '-', '_' and '.' only"
         )
     return repo_id
+
+
+def check_model(model: str) -> None:
+    """--model is a dir that save_pretrained wrote or a Hub id: a mistyped local path is said at once, not as
+    transformers' "Repo id must be in the form ..." after the data scan, nor tried on the Hub."""
+    path = Path(model)
+    if path.is_dir() and not (path / "config.json").is_file():  # e.g. its parent
+        raise UsageError(f"--model {model} is a directory without a config.json: give the one that "
+                         "save_pretrained wrote (e.g. demo/model) or a Hub id such as google/gemma-3-4b-it")
+    if not path.is_dir() and not REPO_ID_RE.match(model):
+        raise UsageError(f"--model {model} is neither a directory here nor a Hub model id such as "
+                         "google/gemma-3-4b-it")
+    local = sorted(path.parent.glob("*/config.json")) if "/" in model and not path.is_dir() else []
+    if local:  # demo/modl: a typo beside demo/model, not a Hub id
+        raise UsageError(f"--model {model} is not a directory, and {path.parent}/ holds local models: "
+                         f"{', '.join(str(c.parent) for c in local[:3])}")
 
 
 def check_output_file(path: Path, flag: str) -> None:

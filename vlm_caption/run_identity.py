@@ -204,3 +204,15 @@ def well_formed(info) -> bool:
             and isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())
             and isinstance(order, list) and all(isinstance(o, str) and (o in prompts or not prompts) for o in order)
             and isinstance(fields, list) and all(isinstance(f, str) for f in fields))
+
+
+def described_differences(names: list[str], existing: dict, settings: dict) -> str:
+    """`max_tokens: 32 in the dir, 256 now; ...`: what a refused run would change, each value cut short. The
+    built-in prompt's version is left out beside a prompt of the user's own (it follows from it)."""
+    def shown(value) -> str:
+        text = repr(value) if isinstance(value, str) else json.dumps(value)
+        return text if len(text) <= 48 else text[:44] + " ..."
+
+    names = [n for n in names if not (n == "prompt_version" and "prompt" in names)]
+    return "; ".join(n if n.startswith("the ") else f"{n}: {shown(existing.get(n))} in the dir, "
+                     f"{shown(settings.get(n))} now" for n in names)

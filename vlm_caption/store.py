@@ -34,7 +34,8 @@ from .atomic import atomic_write_json, atomic_write_table
 from .errors import FatalError, UsageError, brief
 from .locks import DirLock
 from .run_identity import (MODEL_IDENTITY, OPTIONAL_SETTINGS, RUN_SETTINGS, is_run_of,  # noqa: F401 (store.*)
-                           SETTING_NAMES, path_named_run_id, recorded_settings, run_id_for, well_formed)
+                           SETTING_NAMES, described_differences, path_named_run_id, recorded_settings, run_id_for,
+                           well_formed)
 from .schema import ADDED_COLUMNS, FAILURE_SCHEMA, OUTPUT_SCHEMA  # noqa: F401  (store.* names)
 from .set_aside import QUARANTINE_DIR, aside_folder, free_name, quarantine  # noqa: F401 (store.* names)
 
@@ -113,18 +114,6 @@ def check_file(path: Path, schema: pa.Schema) -> FileCheck:
         return FileCheck(None, None, None, "of a foreign schema (null keys)")
     run_id, dir_id = (meta.get(k, b"").decode() or None for k in (META_RUN_ID, META_DIR_ID))
     return FileCheck(keys, run_id, dir_id, None, images)
-
-
-def _differences(names: list[str], existing: dict, settings: dict) -> str:
-    """`max_tokens: 32 in the dir, 256 now; ...`: what a refused run would change, each value cut short. The
-    built-in prompt's version is left out beside a prompt of the user's own (it follows from it)."""
-    def shown(value) -> str:
-        text = repr(value) if isinstance(value, str) else json.dumps(value)
-        return text if len(text) <= 48 else text[:44] + " ..."
-
-    names = [n for n in names if not (n == "prompt_version" and "prompt" in names)]
-    return "; ".join(n if n.startswith("the ") else f"{n}: {shown(existing.get(n))} in the dir, "
-                     f"{shown(settings.get(n))} now" for n in names)
 
 
 def usable_file(checkpoint_dir: Path, part: Part, schema: pa.Schema, run_id: str | None = None,
@@ -300,7 +289,7 @@ class CheckpointStore:
             # A run made before values were cut (its settings lack the limit) is continued with the limit it had.
             same = f"--template-value-chars {existing.get('template_value_chars') or 0} continues it, or " \
                 if diff == ["template_value_chars"] else ""
-            differences = _differences(diff, existing, settings) or "run_id"
+            differences = described_differences(diff, existing, settings) or "run_id"
             raise UsageError(
                 f"{self.dir} holds run {existing.get('run_id')} with other settings ({differences}); "
                 f"{same}use another --checkpoint-dir, or --overwrite to set that run aside and start over")
