@@ -395,22 +395,3 @@ def test_a_data_dir_listing_no_images_says_so(sample_data_dir, tmp_path, caplog)
     assert main(dummy_args(data, tmp_path / "c")) == EXIT_OK
     assert [r for r in caplog.records if f"{data} lists no images: nothing to caption" in r.getMessage()]
 
-
-def test_a_checkpoint_dir_this_user_cannot_write_is_refused_but_a_dry_run_only_reads_it(sample_data_dir, tmp_path,
-                                                                                      capsys, monkeypatch):
-    """A run's dir must take writes (one line at once, not after an hour); --dry-run's plan writes nothing and
-    was refused as well."""
-    import vlm_caption.flag_checks as flag_checks
-    from dummy_runs import dummy_args
-
-    ckpt = tmp_path / "c"
-    ckpt.mkdir()
-
-    def refused(*args, **kwargs):
-        raise PermissionError(13, "Permission denied")
-
-    monkeypatch.setattr(flag_checks.tempfile, "TemporaryFile", refused)  # (root writes anywhere: the refusal)
-    code, err = one_line_exit(capsys, dummy_args(sample_data_dir, ckpt))
-    assert code == EXIT_USAGE and f"--checkpoint-dir {ckpt} is not writable (Permission denied)" in err
-    assert main(dummy_args(sample_data_dir, ckpt, "--dry-run")) == 0
-    assert "to do 45, already done 0" in capsys.readouterr().out

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vlm_caption import locks, store
-from vlm_caption.errors import EXIT_FATAL, EXIT_OK, UsageError
+from vlm_caption.errors import EXIT_FATAL, EXIT_OK, EXIT_USAGE, UsageError
 
 
 def test_a_symlink_in_place_of_a_lock_file_is_one_line_and_the_file_it_names_is_left_alone(tmp_path):
@@ -205,3 +205,25 @@ def test_a_refused_read_is_not_called_a_write_and_a_full_disk_asks_for_space():
     assert "permissions" not in full, full
     readonly = disk_error_line(OSError("[errno 30] Read-only file system"))  # pyarrow: the errno in its text
     assert readonly.startswith("could not write: Read-only file system;") and "writable" in readonly, readonly
+
+
+def test_a_checkpoint_dir_this_user_cannot_write_is_refused_but_a_dry_run_only_reads_it(sample_data_dir, tmp_path,
+                                                                                      capsys, monkeypatch):
+    """A run's dir must take writes (one line at once, not after an hour); --dry-run's plan writes nothing and
+    was refused as well."""
+    import vlm_caption.flag_checks as flag_checks
+    from batched_image_inference import main
+    from dummy_runs import dummy_args
+    from test_bad_inputs import one_line_exit
+
+    ckpt = tmp_path / "c"
+    ckpt.mkdir()
+
+    def refused(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(flag_checks.tempfile, "TemporaryFile", refused)  # (root writes anywhere: the refusal)
+    code, err = one_line_exit(capsys, dummy_args(sample_data_dir, ckpt))
+    assert code == EXIT_USAGE and f"--checkpoint-dir {ckpt} is not writable (Permission denied)" in err
+    assert main(dummy_args(sample_data_dir, ckpt, "--dry-run")) == 0
+    assert "to do 45, already done 0" in capsys.readouterr().out

@@ -105,7 +105,7 @@ def check_file(path: Path, schema: pa.Schema) -> FileCheck:
         if other:
             return FileCheck(None, None, None, f"of a foreign schema ({', '.join(other[:3])})")
         meta = pf.schema_arrow.metadata or {}
-        read = pf.read(columns=["key", *(["sha256"] if "sha256" in schema.names else [])])
+        read = pf.read(columns=["key", *(["sha256"] if "sha256" in names else [])])
         keys = read.column("key").to_pylist()
         images = read.column("sha256").to_pylist() if "sha256" in read.column_names else None
     except (OSError, pa.ArrowException) as e:
