@@ -1,5 +1,7 @@
-"""A checkpoint dir resumed or merged against another data set: keys name images by their place in a download,
-so the same key in another data dir is another image. The parts' sha256 against the data dir's decides."""
+"""A checkpoint dir resumed or merged against another data set, or a run of another data set pushing to a repo
+that holds a run of the same settings: keys name images by their place in a download, so the same key in
+another data dir is another image. The sha256 of the parts (or of the Hub's files) against the data dir's
+decides (image_match.py)."""
 from __future__ import annotations
 
 import shutil
@@ -88,3 +90,66 @@ def test_a_few_images_downloaded_again_are_a_warning_and_keep_their_captions(two
     assert len(said) == 1, said
     assert "1 of the 12 images" in said[0] and "e.g. key 000003" in said[0], said
     assert pq.read_table(ckpt / store.MERGED).to_pylist() == before  # kept, not captioned again
+
+
+# ---------------------------------------------------------------- the Hub: the source of truth of what is done
+
+REPO = "tester/data-match"
+
+
+def hub_args(data, ckpt, stub, *extra: str, repo: str = REPO) -> list[str]:
+    args = dummy_args(data, ckpt, *extra)
+    args.remove("--no-push")
+    return [*args, "--hf-repo", repo, "--hub-endpoint", stub.endpoint]
+
+
+def published(stub, repo: str = REPO) -> dict[str, str]:
+    """key -> sha256 of every row in the repo's data files (each key once)."""
+    rows = stub.read_rows(repo)
+    assert len({r["key"] for r in rows}) == len(rows)
+    return {r["key"]: r["sha256"] for r in rows}
+
+
+def sha_by_key(data) -> dict[str, str]:
+    table = pq.read_table(data / "full_metadata.parquet", columns=["key", "sha256"])
+    return dict(zip(table.column("key").to_pylist(), table.column("sha256").to_pylist()))
+
+
+def test_a_run_of_another_data_set_does_not_take_the_hub_s_keys_as_its_own(two_data_sets, tmp_path, capsys,
+                                                                              hub_stub):
+    """Before: the fresh dir of data set b counted every key data set a published as done, captioned nothing
+    and ended 'exit 0', its 12 images never captioned, nor published."""
+    a, b = two_data_sets
+    assert run(capsys, *hub_args(a, tmp_path / "ckpt_a", hub_stub))[0] == 0
+    assert published(hub_stub) == sha_by_key(a)
+    commits = hub_stub.commits_applied
+    code, err = run(capsys, *hub_args(b, tmp_path / "ckpt_b", hub_stub))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"12 of the 12 images the Hub run" in err and f"of {REPO} published are other images in --data-dir {b}" \
+        in err and "Another data set takes a --hf-repo of its own" in err, err
+    assert not store.list_parts(tmp_path / "ckpt_b") and hub_stub.commits_applied == commits  # nothing captioned
+    # the same data set from a fresh dir (another machine): every key published, nothing captioned again
+    assert run(capsys, *hub_args(a, tmp_path / "ckpt_a2", hub_stub))[0] == 0
+    assert published(hub_stub) == sha_by_key(a)
+    # b in a repo of its own: all of it captioned and published there
+    assert run(capsys, *hub_args(b, tmp_path / "ckpt_b", hub_stub, repo="tester/other-data"))[0] == 0
+    assert published(hub_stub, "tester/other-data") == sha_by_key(b)
+    code, err = run(capsys, *hub_args(b, tmp_path / "ckpt_b_check", hub_stub, "--check-hub"))
+    assert code == 2 and "are other images in --data-dir" in err, err  # what a is published, b is not
+
+
+def test_push_only_of_another_data_set_s_captions_is_refused_not_half_dropped(two_data_sets, tmp_path, capsys,
+                                                                              hub_stub):
+    """Before: --push-only of b's dir to a repo holding a's run pushed none of its rows (their keys were
+    published) and said every row of the dir was on the Hub."""
+    a, b = two_data_sets
+    assert run(capsys, *hub_args(a, tmp_path / "ckpt_a", hub_stub))[0] == 0
+    assert run(capsys, *dummy_args(b, tmp_path / "ckpt_b"))[0] == 0  # captioned with --no-push
+    commits = hub_stub.commits_applied
+    code, err = run(capsys, *hub_args(b, tmp_path / "ckpt_b", hub_stub, "--push-only"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"are other images in --checkpoint-dir {tmp_path / 'ckpt_b'}" in err and "did this dir caption another " \
+        "data set?" in err, err
+    assert hub_stub.commits_applied == commits and published(hub_stub) == sha_by_key(a)
+    assert run(capsys, *hub_args(b, tmp_path / "ckpt_b", hub_stub, "--push-only", repo="tester/other-data"))[0] == 0
+    assert published(hub_stub, "tester/other-data") == sha_by_key(b)

@@ -230,3 +230,27 @@ def test_a_hub_file_whose_keys_are_not_text_is_unreadable_not_a_crash(hub_stub, 
     snap = client.snapshot(RUN)
     assert snap.keys == keys and snap.unreadable == [foreign]
     assert client.push(ckpt, RUN) == 3 and connect(hub_stub, ckpt).snapshot(RUN).unreadable == [foreign]
+
+
+def test_a_snapshot_names_the_image_of_each_published_key_read_or_pushed(hub_stub, tmp_path):
+    """What a run of another data set under the same keys is told apart by (image_match.py)."""
+    keys = publish(hub_stub, tmp_path / "pushed")
+    images = {r["key"]: r["sha256"] for w in range(RUNS) for r in make_rows(0, 5, worker=w)}
+    assert set(images) == keys and all(images.values())
+    assert connect(hub_stub, tmp_path / "pushed").snapshot(RUN).images() == images  # kept at the push
+    assert connect(hub_stub, tmp_path / "other").snapshot(RUN).images() == images  # read from the Hub
+    assert connect(hub_stub, tmp_path / "other").snapshot(RUN).images() == images  # from the dir's cache
+
+
+def test_an_entry_an_older_version_kept_without_images_is_read_again(hub_stub, tmp_path, caplog):
+    publish(hub_stub, tmp_path / "pushed")
+    other = tmp_path / "other"
+    images = connect(hub_stub, other).snapshot(RUN).images()
+    for path in (other / KEY_CACHE_DIR).glob("*.parquet"):  # as the version before images were kept wrote it
+        table = pq.read_table(path)
+        pq.write_table(table.drop_columns(["sha256"]), path)
+    before = data_reads(hub_stub)
+    with caplog.at_level(logging.WARNING):
+        assert connect(hub_stub, other).snapshot(RUN).images() == images
+    assert set(data_reads(hub_stub) - before) == set(data_files(hub_stub))  # each file read once more
+    assert not (other / QUARANTINE_DIR).exists() and not caplog.records  # an old entry, not a corrupt one

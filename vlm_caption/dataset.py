@@ -13,7 +13,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterator, Mapping, Sequence
+from typing import Any, Collection, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -23,6 +23,7 @@ from .data_layout import (ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_N
 from .download_source import URL_COLUMNS, travels_as_text
 from .errors import UsageError, brief
 from .flag_checks import check_shards
+from .image_match import ImageMatch
 from .images import IMAGE_SUFFIXES, ImageLoadError, load_image, to_rgb  # noqa: F401  (dataset.* names)
 from .schema import COLUMNS, IMAGE_PATH, LOOKUP_COLUMNS, Column, carried, keep_columns
 
@@ -175,8 +176,6 @@ class WorkPlan:
     done_hub_only: int = 0  # of done, keys done only on the Hub (not in this dir)
     data_keys: set[str] = field(default_factory=set)  # every key of the data dir, whatever the selection
     shards: frozenset[int] | None = None  # --shards: iter_rows reads a key's row from these shards only
-    images_compared: int = 0  # captioned keys whose image (sha256) the data dir and the parts both name
-    other_images: list[str] = field(default_factory=list)  # of those, keys the data dir holds another image under
 
     @property
     def todo(self) -> int:
@@ -195,12 +194,12 @@ def keyless_name(path: Path, row: int) -> str:
 
 def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | None, worker: int,
               num_workers: int, done_keys: set[str], failed_keys: set[str],
-              hub_only: set[str] = frozenset(), done_images: Mapping[str, str | None] | None = None) -> WorkPlan:
+              hub_only: set[str] = frozenset(), matches: Sequence[ImageMatch] = ()) -> WorkPlan:
     """Pass 1: which keys this worker captions now. Selection is global (shards, then the first
     --max-images keys in key order), then split between workers, then minus done and failed keys.
     `hub_only`: the done keys published but not in this dir, counted in this worker's share only.
-    `done_images`: key -> sha256 of what the checkpoint dir captioned, compared with the data dir's images
-    (`check_same_images`)."""
+    `matches`: what was captioned (a checkpoint dir's parts, the Hub's files), each compared with the data dir's
+    images (image_match.py; the caller checks them)."""
     files = metadata_files(data_dir)
     seen: set[str] = set()
     data_keys: set[str] = set()
@@ -223,9 +222,7 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
         unreadable.append((str(data_dir / IMAGES_DIR / f"{shard}.parquet") + " (unfinished download)", shard))
     rows_read: dict[Path, int] = {}
     shards_seen: set[int] = set()
-    done_images = done_images or {}
-    compared, other_images = 0, []
-    columns = ["key", "file_name", "status", *(["sha256"] if done_images else [])]
+    columns = ["key", "file_name", "status", *(["sha256"] if matches else [])]
     for batch, shard, path in _iter_batches(readable, columns, skip_unreadable=len(files) > 1, skipped=unreadable):
         keys = batch.column("key").to_pylist()
         row_files = batch.column("file_name").to_pylist() if "file_name" in batch.schema.names else [None] * len(keys)
@@ -234,10 +231,9 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
         rows_read[path] = first_row + len(keys)
         for i, (key, row_file) in enumerate(zip(keys, row_files)):
             key = None if key is None or not str(key).strip() else str(key)
-            if key is not None and key not in data_keys and done_images.get(key) and images[i]:
-                compared += 1  # (a key's first row: the one captioned)
-                if done_images[key] != images[i]:
-                    other_images.append(key)
+            if key is not None and key not in data_keys:  # (a key's first row: the one captioned)
+                for match in matches:
+                    match.see(key, images[i])
             if key is not None:
                 data_keys.add(key)
             row_shard = shard_of(row_file, shard)
@@ -273,26 +269,7 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
                     todo_keys=todo, duplicate_keys=duplicates, unreadable_shards=unreadable,
                     keyless=[k for k in keyless if k not in failed_keys],
                     failed_keys=set(failed), done_hub_only=sum(1 for k in done if k in hub_only),
-                    data_keys=data_keys, shards=frozenset(asked) if asked is not None else None,
-                    images_compared=compared, other_images=sorted(other_images))
-
-
-def check_same_images(plan: WorkPlan, checkpoint_dirs: str, data_dir: Path) -> None:
-    """Keys name images by their place in a download (img2dataset's), so a checkpoint dir resumed or merged
-    against another data set would pair its captions with other images. Most of the compared keys holding
-    another image is that mistake: one line, exit 2, before anything is captioned or written. A few is a shard
-    downloaded again whose server sent other bytes: a warning, their captions kept."""
-    other = plan.other_images
-    if not other:
-        return
-    example = f"e.g. key {other[0]}"
-    if 2 * len(other) > plan.images_compared:
-        raise UsageError(f"{len(other)} of the {plan.images_compared} images {checkpoint_dirs} captioned are other "
-                         f"images in --data-dir {data_dir} (sha256 differs, {example}): is it the data dir this "
-                         "run captioned? Another data set takes a --checkpoint-dir of its own")
-    log.warning("%d of the %d images %s captioned are other files in --data-dir %s now (sha256 differs, %s: a "
-                "shard downloaded again?); their captions are kept, of the image as it was", len(other),
-                plan.images_compared, checkpoint_dirs, data_dir, example)
+                    data_keys=data_keys, shards=frozenset(asked) if asked is not None else None)
 
 
 def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),

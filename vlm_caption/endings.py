@@ -15,6 +15,7 @@ from .atomic import atomic_write_json, remove_stale_tmp
 from .cli import plural
 from .config import RunConfig, parse_shards, resolve_repo_id
 from .errors import EXIT_COVERAGE, EXIT_FATAL, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
+from .image_match import dir_match, hub_match, parts_images
 from .interrupts import Interrupted
 from .locks import DirLock
 from .merge import merge_parts
@@ -243,7 +244,10 @@ def push_only(cfg: RunConfig, run_info: dict, hub_client=None) -> int:
         print(f"pushed 0 rows from {ckpt} to {repo_id}; rerun --push-only when the Hub is reachable")
         return EXIT_ITEMS_FAILED
     try:  # the first listing too: a Hub that lists nothing is as retryable as one that takes no commit (exit 3)
-        log.info(hub_client.describe_repo(run_id))
+        snap = hub_client.snapshot(run_id)
+        log.info(hub_client.describe_repo(run_id, snap))
+        hub_match(hub_client.repo_id, run_id, snap.images()).see_all(parts_images([ckpt], run_id).items()).check(
+            f"--checkpoint-dir {ckpt}", "did this dir caption another data set?")  # its rows would not be pushed
         found = hub_client.pending_rows(ckpt, run_id)  # those this push does not commit, another pusher did
         rows = hub_client.push(ckpt, run_id, worker=None)  # (rows this process committed)
         pending = hub_client.pending_rows(ckpt, run_id)
@@ -280,10 +284,11 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, colum
     orphans = runs and runs not in ({store.run_id_for(settings)}, {store.path_named_run_id(settings)})
     if other_run or orphans:  # a real run starts over (--overwrite): the old run's keys are not done for it
         done, failed, done_images = set(), set(), {}
+    match = dir_match(f"--checkpoint-dir {ckpt}", done_images)
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=worker, num_workers=num_workers, done_keys=done, failed_keys=failed,
-                             done_images=done_images)
-    dataset.check_same_images(plan, f"--checkpoint-dir {ckpt}", Path(cfg.data_dir))  # as the run would
+                             matches=[match])
+    match.check(f"--data-dir {cfg.data_dir}")  # as the run would
     rate = measured_rate(read_summary(ckpt, set_aside=False))
     eta = f"{duration(plan.todo / rate)} at the last measured {rate:.2f} img/s" if rate else \
         "unknown (no earlier run in this checkpoint dir to measure a rate from)"
@@ -351,17 +356,14 @@ def merge_and_check(cfg: RunConfig) -> int:
         raise UsageError("the checkpoint dirs hold different runs (settings differ): "
                          + ", ".join(f"{d}={r}" for d, r in runs.items()))
     out = dirs[0] / store.MERGED
-    captioned: dict[str, str | None] = {}  # key -> sha256 (unreadable parts: merge_parts says so)
-    for d in dirs:
-        for part in store.list_parts(d):
-            check = store.check_file(part.path, store.OUTPUT_SCHEMA)
-            captioned.update(zip(check.keys or [], check.sha256 or [None] * len(check.keys or [])))
+    captioned = parts_images(dirs)  # (unreadable parts: merge_parts says so)
+    match = dir_match("the checkpoint dir(s)", captioned)
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
-                             worker=0, num_workers=1, done_keys=set(), failed_keys=set(), done_images=captioned)
+                             worker=0, num_workers=1, done_keys=set(), failed_keys=set(), matches=[match])
     if captioned and not captioned.keys() & plan.data_keys:  # the merge would replace a good file with 0 rows
         raise UsageError(f"none of the {len(captioned)} captioned keys of the checkpoint dir(s) are in --data-dir "
                          f"{cfg.data_dir}: is it the data dir these runs captioned?")
-    dataset.check_same_images(plan, "the checkpoint dir(s)", Path(cfg.data_dir))
+    match.check(f"--data-dir {cfg.data_dir}")
     in_use = False
     for d in dirs:  # its rows not yet in a part count as missing: say why, or exit 4 reads as lost work
         live = DirLock(d, worker=-1).holders()

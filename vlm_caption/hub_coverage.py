@@ -2,8 +2,8 @@
 
 The local dirs are only a cache of the Hub. After a run spread over machines, each with its own checkpoint dir
 and all pushing to one repo, no local dir holds every key, and --merge-only counts a key that another dir
-published as missing. This reads the run's data files on the Hub (their `key` column only, through the dir's
-key cache, as a push does) and the failures each dir recorded in runs/{run_id}.json. It then counts them
+published as missing. This reads the run's data files on the Hub (their `key` and `sha256` columns only, through
+the dir's key cache, as a push does) and the failures each dir recorded in runs/{run_id}.json. It then counts them
 against the selection of the data dir, as --merge-only does with local parts.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ from .atomic import atomic_write_json
 from .cli import plural
 from .config import RunConfig, parse_shards, resolve_repo_id
 from .errors import EXIT_COVERAGE, EXIT_ITEMS_FAILED, EXIT_OK, UsageError
+from .image_match import hub_match
 
 HUB_COVERAGE = store.HUB_COVERAGE  # in the checkpoint dir: the counts and the full key lists
 
@@ -63,8 +64,10 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
     recorded = (info or {}).get("failed_keys_by_dir") or {}
     recorded = recorded if isinstance(recorded, dict) else {}  # edited by hand: no failures recorded
     on_hub = Counter(k for file in snap.files.values() for k in index.keys_of_file(file))
+    match = hub_match(hub_client.repo_id, run_id, snap.images())  # published, but of the data dir's images?
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
-                             worker=0, num_workers=1, done_keys=set(), failed_keys=set())
+                             worker=0, num_workers=1, done_keys=set(), failed_keys=set(), matches=[match])
+    match.check(f"--data-dir {cfg.data_dir}")
     expected = plan.todo_keys
     # Counted within the selection, as its keys are: a check of some shards (or of --max-images) is not failed
     # by a retryable failure or a duplicate outside them, and published + failed + missing = expected.

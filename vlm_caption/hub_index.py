@@ -1,8 +1,9 @@
 """What a Hub dataset repo already publishes for a run: its data files and the keys in them.
 
 The Hub is the source of truth: before a push, the keys of the run's files are read from the repo itself
-(only the `key` column, by parquet range reads through HfFileSystem, never whole files), so a row already
-published by any dir, machine or worker count is never pushed again. Files are cached by their content id in
+(only the `key` and `sha256` columns, by parquet range reads through HfFileSystem, never whole files), so a
+row already published by any dir, machine or worker count is never pushed again, and a key published for
+another image is told apart (image_match.py). Files are cached by their content id in
 the checkpoint dir (hub_key_cache.py), so each file is read once per dir, not once per process start.
 
 Layout of a repo:
@@ -102,6 +103,10 @@ class Snapshot:
     unreadable: list[str] = field(default_factory=list)  # this run's files whose keys could not be read
     foreign: dict[str, str] = field(default_factory=dict)  # files in the run's folder not written for it -> why (counted)
     entries: dict[str, FileEntry] = field(default_factory=dict)  # each of `files`' keys, types and flags
+
+    def images(self) -> dict[str, str | None]:
+        """key -> the sha256 of the image its published caption was made from (files without images left out)."""
+        return {k: sha for e in self.entries.values() if e.images is not None for k, sha in zip(e.keys, e.images)}
 
 
 class HubIndex:

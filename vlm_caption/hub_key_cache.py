@@ -5,7 +5,8 @@ once per process, 64 workers starting together against a run of ~200 files made 
 allows 5,000 per 5 minutes. A file's content id names its bytes, so what one process read, or pushed,
 serves every worker of the dir and every relaunch: each file is read from the Hub once per dir.
 
-    hub_keys/{content_id}.parquet   the file's `key` column; its flag counts and id in the schema metadata
+    hub_keys/{content_id}.parquet   the file's `key` and `sha256` columns; its flag counts and id in the schema
+                                    metadata
     hub_keys/{content_id}.lock      held (flock) by the process of the dir reading that file from the Hub
 
 The id is the sha256 of an LFS file (parquet on huggingface.co) and the git blob id of a regular one (the test
@@ -42,6 +43,7 @@ KEY_CACHE_DIR = "hub_keys"
 _META_FLAGS = b"vlm_caption.flag_counts"
 _META_SCHEMA = b"vlm_caption.schema"  # the file's schema (Arrow IPC) and its all-null columns
 _META_NULLS = b"vlm_caption.null_columns"
+IMAGE_COLUMN = "sha256"  # of the image a row's caption was made from (schema.py)
 _META_ID = b"vlm_caption.content_id"  # the id it was stored under: a renamed or foreign parquet is not an entry
 
 
@@ -53,6 +55,9 @@ class FileEntry:
     # the run's files give a column (hub_types.py). None: an entry of an older version, read again.
     schema: pa.Schema | None = None
     null_columns: frozenset[str] = frozenset()
+    # The sha256 of each key's image (None: the file has no sha256 column): a run of another data set under the
+    # same keys is told from the run that published them (image_match.py).
+    images: list[str | None] | None = None
 
 
 def content_id(blob_id: str, lfs_sha256: str | None) -> str:
@@ -74,10 +79,11 @@ def is_flags_column(f: pa.Field) -> bool:
 
 
 def read_entry(pf: pq.ParquetFile) -> FileEntry:
-    """Keys and flag counts of a captions file (only those columns are read). KeyError: it has no key column;
-    ArrowTypeError: its keys are not text."""
+    """Keys, images and flag counts of a captions file (only those columns are read). KeyError: it has no key
+    column; ArrowTypeError: its keys are not text."""
     flagged = [c for c in pf.schema_arrow if is_flags_column(c)]
-    table = pf.read(columns=["key", *(c.name for c in flagged)])
+    images = [IMAGE_COLUMN] if _is_text(pf.schema_arrow, IMAGE_COLUMN) else []
+    table = pf.read(columns=["key", *images, *(c.name for c in flagged)])
     kind = table.schema.field("key").type
     kind = kind.value_type if pa.types.is_dictionary(kind) else kind
     if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):  # ints or lists: none of our keys
@@ -85,7 +91,12 @@ def read_entry(pf: pq.ParquetFile) -> FileEntry:
         raise pa.ArrowTypeError(f"its key column is {kind}, not text")
     return FileEntry(table.column("key").to_pylist(),
                      {c.name: count_flags_column(table.column(c.name)) for c in flagged},
-                     pf.schema_arrow.remove_metadata(), frozenset(_null_columns(pf)))
+                     pf.schema_arrow.remove_metadata(), frozenset(_null_columns(pf)),
+                     table.column(IMAGE_COLUMN).to_pylist() if images else None)
+
+
+def _is_text(schema: pa.Schema, name: str) -> bool:
+    return name in schema.names and pa.types.is_string(schema.field(name).type)
 
 
 def _null_columns(pf: pq.ParquetFile) -> list[str]:
@@ -183,7 +194,11 @@ class KeyCache:
             if _META_SCHEMA not in meta:  # written by an older version: its types were not kept, read it again
                 return None
             schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(meta[_META_SCHEMA])))
-            return FileEntry(table.column("key").to_pylist(), flags, schema, frozenset(json.loads(meta[_META_NULLS])))
+            kept = _is_text(table.schema, IMAGE_COLUMN)
+            if _is_text(schema, IMAGE_COLUMN) and not kept:  # an older version kept no images: read it again
+                return None
+            return FileEntry(table.column("key").to_pylist(), flags, schema, frozenset(json.loads(meta[_META_NULLS])),
+                             table.column(IMAGE_COLUMN).to_pylist() if kept else None)
         except (OSError, pa.ArrowException, KeyError, ValueError) as e:
             quarantine(self.checkpoint_dir, path, f"an unreadable Hub key cache entry ({type(e).__name__}: "
                        f"{brief(str(e), 120)})",
@@ -194,7 +209,8 @@ class KeyCache:
         path = self._path(cid, ".parquet")
         if path is None:
             return
-        table = pa.table({"key": pa.array(entry.keys, pa.string())})
+        table = pa.table({"key": pa.array(entry.keys, pa.string()),
+                          **({IMAGE_COLUMN: pa.array(entry.images, pa.string())} if entry.images is not None else {})})
         schema = base64.b64encode(entry.schema.serialize().to_pybytes()) if entry.schema is not None else b""
         atomic_write_table(path, table.replace_schema_metadata({
             _META_FLAGS: json.dumps(entry.flags, sort_keys=True), _META_ID: cid, _META_SCHEMA: schema,

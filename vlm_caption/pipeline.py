@@ -18,6 +18,7 @@ from .caption_loop import caption_all
 from .config import RunConfig, parse_shards, resolve_repo_id
 from .endings import dry_run, finish, merge_and_check, push_only
 from .errors import FatalError, UsageError
+from .image_match import dir_match, hub_match
 from .interrupts import StopSignals
 from .schema import output_schema
 
@@ -172,16 +173,20 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
     failed_keys = set(failed_stages)
     done_images = writer.done_images()
     done_keys = set(done_images)
+    matches = [dir_match(f"--checkpoint-dir {ckpt}", done_images)]
     hub_only: set[str] = set()
     if hub_client is not None:  # rows another dir or machine already published are not captioned again
         snap = hub_client.snapshot(run_id)  # one read of the repo serves the line below and the skip
         log.info(hub_client.describe_repo(run_id, snap))
         hub_only = snap.keys - done_keys  # every worker's: plan_work counts this worker's share
         done_keys |= snap.keys
+        matches.append(hub_match(hub_client.repo_id, run_id, snap.images()))  # not done if of other images
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=worker, num_workers=num_workers, done_keys=done_keys,
-                             failed_keys=failed_keys, hub_only=hub_only, done_images=done_images)
-    dataset.check_same_images(plan, f"--checkpoint-dir {ckpt}", Path(cfg.data_dir))
+                             failed_keys=failed_keys, hub_only=hub_only, matches=matches)
+    for match in matches:
+        match.check(f"--data-dir {cfg.data_dir}")
+    del matches, done_images  # not held through the run (~60 MB each at 400K rows)
     log.info("worker %d/%d: %d selected, %d mine, %d done (%d of them on the Hub only), %d failed before, "
              "%d to caption", worker, num_workers, plan.selected, plan.mine, plan.done, plan.done_hub_only, plan.failed,
              plan.todo)
