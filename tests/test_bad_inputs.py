@@ -329,7 +329,7 @@ def test_disk_full_mid_part_leaves_no_corrupt_part_and_resumes(tiny_model_dir, s
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_write(table, where, **kw)
 
-    monkeypatch.setattr(store.pq, "write_table", disk_fills_up)
+    monkeypatch.setattr(pq, "write_table", disk_fills_up)
     code, err = one_line_exit(capsys, argv)
     assert code == EXIT_FATAL and "No space left on device" in err and "rerun to resume" in err
     for part in store.list_parts(ckpt):
@@ -337,7 +337,7 @@ def test_disk_full_mid_part_leaves_no_corrupt_part_and_resumes(tiny_model_dir, s
     assert len(store.list_parts(ckpt)) == 2
     assert not list(ckpt.rglob(".*.tmp-*"))
 
-    monkeypatch.setattr(store.pq, "write_table", real_write)
+    monkeypatch.setattr(pq, "write_table", real_write)
     main(argv)
     keys = [k for _, ks in store.read_keys(store.list_parts(ckpt)) for k in ks]
     failed = [k for _, ks in store.read_keys(store.list_failure_files(ckpt)) for k in ks]

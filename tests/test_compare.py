@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import shutil
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from test_captioning import caption_args, full_run  # noqa: F401  (full_run: a fixture)
@@ -33,8 +35,8 @@ def test_two_runs_of_other_settings_compared(full_run, tiny_model_dir, sample_da
     printed = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["settings_that_differ"] == {"max_tokens": [6, 12]}
-    base_keys = {r["key"] for r in store.pq.read_table(base / store.MERGED).to_pylist()}
-    other_keys = {r["key"] for r in store.pq.read_table(other / store.MERGED).to_pylist()}
+    base_keys = {r["key"] for r in pq.read_table(base / store.MERGED).to_pylist()}
+    other_keys = {r["key"] for r in pq.read_table(other / store.MERGED).to_pylist()}
     n = len(base_keys & other_keys)
     assert result["images_in_both"] == n > 0 and result["only_in_base"] == len(base_keys) - n
     captions = result["captions"]["vlm_caption"]
@@ -56,10 +58,10 @@ def test_a_run_against_its_own_copy_is_the_same(full_run, tmp_path, capsys):
     assert result["captions"]["vlm_caption"] == {"identical": n, "mean_similarity": 1.0, "at_least_0.9": n,
                                                  "differ_most": []}
     assert main([str(base), str(copy)]) == 0 and "settings that differ: none" in capsys.readouterr().out
-    table = store.pq.read_table(copy / store.MERGED)  # two keys whose image is another in the copy
+    table = pq.read_table(copy / store.MERGED)  # two keys whose image is another in the copy
     sha = table.column("sha256").to_pylist()
     sha[:2] = ["0" * 64, "1" * 64]
-    store.pq.write_table(table.set_column(table.schema.get_field_index("sha256"), "sha256", store.pa.array(sha)),
+    pq.write_table(table.set_column(table.schema.get_field_index("sha256"), "sha256", pa.array(sha)),
                          copy / store.MERGED)
     result = compare(base, copy)
     assert result["images_in_both"] == n - 2 and result["other_image_under_key"] == 2
@@ -81,10 +83,10 @@ def test_what_it_cannot_compare_is_one_line_and_exit_2(full_run, tmp_path, capsy
     other = tmp_path / "other"
     other.mkdir()
     if case in ("disjoint", "other_data"):  # the same file, every key renamed / every image another
-        table = store.pq.read_table(base / store.MERGED)
+        table = pq.read_table(base / store.MERGED)
         column = "key" if case == "disjoint" else "sha256"
-        values = store.pa.array([f"x{k}" for k in table.column(column).to_pylist()])
-        store.pq.write_table(table.set_column(table.schema.get_field_index(column), column, values),
+        values = pa.array([f"x{k}" for k in table.column(column).to_pylist()])
+        pq.write_table(table.set_column(table.schema.get_field_index(column), column, values),
                              other / store.MERGED)
     argv = [str(base), str(tmp_path / "nowhere" if case == "missing" else other)]
     with pytest.raises(SystemExit) as ended:
