@@ -309,6 +309,9 @@ def test_ctrl_c_keeps_the_captions_already_made(tiny_model_dir, sample_data_dir,
     assert "finished parts are kept" in log.read_text()
     saved = all_keys(ckpt)
     assert saved, log.read_text()[-3000:]  # no part would exist without the flush
+    said = re.search(r"stopped: this run captioned (\d+) images?[^;]*; (\d+) of this worker's (\d+) left", log.read_text())
+    assert said and int(said[1]) == len(saved), log.read_text()[-3000:]  # what it says it made is what it kept
+    assert int(said[2]) <= int(said[3]) - len(saved)
     main(args + ["--min-tokens", "48"])
     keys = all_keys(ckpt)
     assert len(keys) == len(set(keys)) and set(saved) <= set(keys)

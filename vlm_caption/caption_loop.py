@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 from . import dataset, loader, prompt_plan, rows as rowcols, store, stream_loop
 from .backends import CaptionBackend, make_backend
 from .batches import Batches, Result, Retries, assemble_all, failure_row
+from .cli import duration, plural
 from .config import RunConfig, public_model_name
 from .interrupts import StopSignals
 from .retry_pool import RetryPool
@@ -132,6 +133,7 @@ class CaptionLoop:
                 self.drain()
                 self.say_dropped()
                 self.flush(force=True)
+                self.say_stopped()
                 raise
         self.flush(force=True)
         report = getattr(self.backend, "decoding_report", None)  # (the transformers backend's: its loop, cache, steps)
@@ -167,6 +169,16 @@ class CaptionLoop:
         if self.retry_pool.waiting:
             log.info("%d captioned rows waiting for the second try of a flagged caption are not written; resume "
                      "captions them again", len(self.retry_pool.waiting))
+
+    def say_stopped(self) -> None:
+        """Stopped by a signal, every finished row written: what this run did, and what is left at its rate (a
+        Slurm job at its time limit: how much longer the next one needs)."""
+        stats, failed = self.stats, sum(self.stats.failed.values())
+        rate = stats.rates()["captioning_img_per_s"]
+        left = max(self.plan.todo - stats.captioned - failed, 0)
+        log.info("stopped: this run captioned %s%s%s; %d of this worker's %d left%s", plural(stats.captioned, "image"),
+                 f" at {rate:.2f} img/s" if rate else "", f", {failed} failed" if failed else "", left,
+                 self.plan.todo, f" (~{duration(left / rate)} at that rate)" if rate and left else "")
 
     def continuous(self, items) -> list[loader.Loaded]:
         """--decode-loop continuous: all of `items` through the backend's stream; what it leaves goes in batches."""

@@ -67,6 +67,12 @@ def plural(n: int, noun: str, plural_form: str | None = None) -> str:
     return f"{n} {noun if n == 1 else (plural_form or noun + 's')}"
 
 
+def duration(seconds: float) -> str:
+    """'42 s', '17 min', '3.2 h': a time to read at a glance."""
+    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
+        f"{seconds / 3600:.1f} h"
+
+
 # A disk or file system that refuses a write: a condition to fix outside the run (exit 1, one line), at any write
 # site (a lock's holder line, run.json, machines.json before any work); a traceback before.
 DISK_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}

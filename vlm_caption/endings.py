@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from . import dataset, rows as rowcols, store, workers
 from .atomic import atomic_write_json, remove_stale_tmp
-from .cli import plural
+from .cli import duration, plural
 from .config import RunConfig, parse_shards, resolve_repo_id
 from .errors import EXIT_COVERAGE, EXIT_FATAL, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .image_match import dir_match, hub_match, parts_images
@@ -178,12 +178,6 @@ def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> Non
         except FatalError as e:  # every local output is saved; the card can follow with --push-only
             log.error("could not write the dataset card: %s; rerun with --push-only later", e)
             summary["hub"]["card_written"] = False
-
-
-def duration(seconds: float) -> str:
-    """'42 s', '17 min', '3.2 h': a time to read at a glance."""
-    return f"{seconds:.0f} s" if seconds < 90 else f"{seconds / 60:.0f} min" if seconds < 5400 else \
-        f"{seconds / 3600:.1f} h"
 
 
 def measured_rate(summary: dict) -> float | None:
