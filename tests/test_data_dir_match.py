@@ -153,3 +153,26 @@ def test_push_only_of_another_data_set_s_captions_is_refused_not_half_dropped(tw
     assert hub_stub.commits_applied == commits and published(hub_stub) == sha_by_key(a)
     assert run(capsys, *hub_args(b, tmp_path / "ckpt_b", hub_stub, "--push-only", repo="tester/other-data"))[0] == 0
     assert published(hub_stub, "tester/other-data") == sha_by_key(b)
+
+
+def test_a_push_says_the_rows_another_data_set_took_the_keys_of(two_data_sets, tmp_path, capsys, hub_stub, caplog):
+    """Two data sets started together into one repo, before either had pushed, both pass the check at start:
+    the second to push finds its keys published for other images. A key is published once, so those rows are
+    not pushed, but each push says so, never silently."""
+    from vlm_caption import hub
+
+    a, b = two_data_sets
+    assert run(capsys, *dummy_args(b, tmp_path / "ckpt_b"))[0] == 0  # b captioned (--no-push), then a publishes
+    assert run(capsys, *hub_args(a, tmp_path / "ckpt_a", hub_stub, "--max-images", "8"))[0] == 0
+    client = hub.connect(REPO, endpoint=hub_stub.endpoint, retry=hub.RetryPolicy(sleep=lambda s: None),
+                         checkpoint_dir=tmp_path / "ckpt_b")
+    run_id = store.read_run_json(tmp_path / "ckpt_b")["run_id"]
+    with caplog.at_level("WARNING"):
+        assert client.push(tmp_path / "ckpt_b", run_id) == 4  # the 4 keys a did not publish
+    said = [r.getMessage() for r in caplog.records if "published by another dir for other images" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith(f"Hub: 8 rows of {tmp_path / 'ckpt_b'}") and "e.g. key 000000" \
+        in said[0], said
+    first = sorted(sha_by_key(a))[:8]  # a's: its first 8 keys; b's: the rest
+    assert published(hub_stub) == {k: (sha_by_key(a) if k in first else sha_by_key(b))[k] for k in sha_by_key(b)}
+    client.push(tmp_path / "ckpt_b", run_id)  # said again only when there are more
+    assert len([r for r in caplog.records if "for other images" in r.getMessage()]) == 1

@@ -222,7 +222,7 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
         unreadable.append((str(data_dir / IMAGES_DIR / f"{shard}.parquet") + " (unfinished download)", shard))
     rows_read: dict[Path, int] = {}
     shards_seen: set[int] = set()
-    columns = ["key", "file_name", "status", *(["sha256"] if matches else [])]
+    columns = ["key", "file_name", "status", *(["sha256"] if any(m.images for m in matches) else [])]
     for batch, shard, path in _iter_batches(readable, columns, skip_unreadable=len(files) > 1, skipped=unreadable):
         keys = batch.column("key").to_pylist()
         row_files = batch.column("file_name").to_pylist() if "file_name" in batch.schema.names else [None] * len(keys)

@@ -20,13 +20,14 @@ import io
 import logging
 import threading
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Mapping, TypeVar
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, HfUriError, RepositoryNotFoundError
 
+from .cli import plural
 from .errors import FatalError, UsageError
 from .rows import conform
 from .hub_files import HUB_FILE_RE, ROW_GROUP_ROWS, HubFile, hub_file_bytes, plan_hub_files, rows_committed
@@ -35,7 +36,7 @@ from .hub_key_cache import KeyCache
 from .hub_types import hub_targets
 from .hub_ledger import append_ledger, ledger_entry, read_ledger
 from .hub_retry import HubUnavailable, RetryPolicy, call_with_retries, describe, http_status
-from .store import OUTPUT_SCHEMA, Part, check_file, list_parts, read_run_json
+from .store import OUTPUT_SCHEMA, FileCheck, Part, check_file, list_parts, read_run_json
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -122,7 +123,8 @@ class HubClient:
         self.api, self.repo_id, self._token, self.retry = api, repo_id, token, retry
         self._key_cache = key_cache or KeyCache()  # content-addressed: shared by the runs of the repo
         self._indexes: dict[str, HubIndex] = {}
-        self._part_keys: dict[tuple[Path, int, int], list[str] | None] = {}  # parts never change once written
+        self._part_checks: dict[tuple[Path, int, int], FileCheck | None] = {}  # parts never change once written
+        self._other_images = 0  # rows of the dir another dir published for other images, as last said
         self.unusable: dict[Path, str] = {}  # parts not pushed, and why (unreadable, or another run's rows)
         self._warned_ledger: set[str] = set()
         self._lock = threading.Lock()
@@ -183,10 +185,11 @@ class HubClient:
         return (f"Hub: {self.repo_id} holds {others}{len(snap.keys)} rows of this run {run_id} in "
                 f"{len(snap.files)} file(s); this run writes to {run_data_dir(run_id)}/")
 
-    def _local_keys(self, part: Part, run_id: str) -> list[str] | None:
+    def _local_check(self, part: Part, run_id: str) -> FileCheck | None:
+        """The part's keys and images (check_file), or None when it is not pushed (said once)."""
         st = part.path.stat()
         cache_key = (part.path, st.st_ino, st.st_mtime_ns)
-        if cache_key not in self._part_keys:
+        if cache_key not in self._part_checks:
             check = check_file(part.path, OUTPUT_SCHEMA)
             problem = check.problem
             if problem is None and check.run_id not in (None, run_id):  # copied in from another dir, say
@@ -194,22 +197,39 @@ class HubClient:
             if problem:
                 self.unusable[part.path] = problem
                 log.warning("Hub: not pushing %s: %s (the next run quarantines it)", part.path, problem)
-            self._part_keys[cache_key] = None if problem else check.keys
-        return self._part_keys[cache_key]
+            self._part_checks[cache_key] = None if problem else check
+        return self._part_checks[cache_key]
 
-    def _pending(self, ckpt: Path, worker: int | None, published: set[str],
-                 run_id: str) -> list[tuple[Part, list[str]]]:
-        """(part, its keys not on the Hub yet) for the parts of `worker` (None: every worker) of run `run_id`."""
+    def _pending(self, ckpt: Path, worker: int | None, published: set[str], run_id: str,
+                 others: Mapping[str, str | None] | None = None) -> list[tuple[Part, list[str]]]:
+        """(part, its keys not on the Hub yet) for the parts of `worker` (None: every worker) of run `run_id`.
+        `others`: key -> image of the rows other dirs published; this dir's rows of those keys holding other
+        images are not pushed either (a key is published once), but said (`_say_other_images`)."""
         seen = set(published)
-        pending = []
+        pending, other_images = [], []
         for part in list_parts(ckpt):
             if worker is not None and part.worker != worker:
                 continue
-            keys = [k for k in (self._local_keys(part, run_id) or []) if k not in seen]
+            check = self._local_check(part, run_id)
+            keys = [k for k in (check.keys if check else []) if k not in seen]
             seen.update(keys)
             if keys:
                 pending.append((part, keys))
+            if others and check and check.sha256:
+                other_images += [k for k, sha in zip(check.keys, check.sha256) if sha and others.get(k) not in (None, sha)]
+        if others is not None:
+            self._say_other_images(ckpt, other_images)
         return pending
+
+    def _say_other_images(self, ckpt: Path, keys: list[str]) -> None:
+        """Another data set pushing into this run (one that started with this one, before either had pushed,
+        passes the check at start: image_match.py) takes keys from it, and this dir's rows of them are never
+        published: said whenever there are more of them, never silent."""
+        if len(keys) > self._other_images:
+            self._other_images = len(keys)
+            log.warning("Hub: %s of %s are published by another dir for other images (sha256 differs, e.g. key %s):"
+                        " they are not pushed, as a key is published once; is another data set pushing into this "
+                        "run? It takes a --hf-repo of its own", plural(len(keys), "row"), ckpt, min(keys))
 
     def _check_ledger(self, ckpt: Path, run_id: str, dir_id: str, snap: Snapshot, worker: int | None) -> None:
         """Keep the ledger true to the repo: record files of this dir found on the Hub but missing from it (a
@@ -279,7 +299,8 @@ class HubClient:
             snap = self.index(run_id).snapshot()
             committed, sent = committed + rows_committed(sent, snap.files), []  # landed if its files are there
             self._check_ledger(ckpt, run_id, dir_id, snap, worker)
-            files = plan_hub_files(run_id, dir_id, self._pending(ckpt, worker, snap.keys, run_id))
+            others = snap.images(but_dir=dir_id)  # (another data set's rows: said, never pushed)
+            files = plan_hub_files(run_id, dir_id, self._pending(ckpt, worker, snap.keys, run_id, others))
             files = [f for f in files if f.path not in snap.files]  # same name = same rows: published already
             more, files = len(files) > MAX_FILES_PER_COMMIT, files[:MAX_FILES_PER_COMMIT]
             if not files:

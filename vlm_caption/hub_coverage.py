@@ -64,7 +64,8 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
     recorded = (info or {}).get("failed_keys_by_dir") or {}
     recorded = recorded if isinstance(recorded, dict) else {}  # edited by hand: no failures recorded
     on_hub = Counter(k for file in snap.files.values() for k in index.keys_of_file(file))
-    match = hub_match(hub_client.repo_id, run_id, snap.images())  # published, but of the data dir's images?
+    match = hub_match(hub_client.repo_id, run_id, snap.images(), "Check with the --data-dir that run captioned",
+                      "counted as published, of the image as it was")  # published, but of the data dir's images?
     plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                              worker=0, num_workers=1, done_keys=set(), failed_keys=set(), matches=[match])
     match.check(f"--data-dir {cfg.data_dir}")

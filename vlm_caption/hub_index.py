@@ -104,9 +104,12 @@ class Snapshot:
     foreign: dict[str, str] = field(default_factory=dict)  # files in the run's folder not written for it -> why (counted)
     entries: dict[str, FileEntry] = field(default_factory=dict)  # each of `files`' keys, types and flags
 
-    def images(self) -> dict[str, str | None]:
-        """key -> the sha256 of the image its published caption was made from (files without images left out)."""
-        return {k: sha for e in self.entries.values() if e.images is not None for k, sha in zip(e.keys, e.images)}
+    def images(self, but_dir: str | None = None) -> dict[str, str | None]:
+        """key -> the sha256 of the image its published caption was made from (files without images left out;
+        `but_dir`: the files of that dir_id too)."""
+        return {k: sha for path, e in self.entries.items() if e.images is not None and not (
+                but_dir and (named := HUB_FILE_RE.match(path)) and named["dir"] == but_dir)
+                for k, sha in zip(e.keys, e.images)}
 
 
 class HubIndex:

@@ -96,7 +96,8 @@ def read_entry(pf: pq.ParquetFile) -> FileEntry:
 
 
 def _is_text(schema: pa.Schema, name: str) -> bool:
-    return name in schema.names and pa.types.is_string(schema.field(name).type)
+    return name in schema.names and (pa.types.is_string(kind := schema.field(name).type)
+                                     or pa.types.is_large_string(kind))
 
 
 def _null_columns(pf: pq.ParquetFile) -> list[str]:

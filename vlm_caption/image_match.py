@@ -29,6 +29,7 @@ class ImageMatch:
     captioned: str  # who captioned them, e.g. "--checkpoint-dir X captioned", "the Hub run R of REPO published"
     remedy: str  # what to do when it is another data set
     images: Mapping[str, str | None]
+    kept: str = "their captions are kept, of the image as it was"  # what becomes of a few that differ
     compared: int = 0  # keys both sides name an image for
     other: list[str] = field(default_factory=list)  # of those, keys whose images differ
 
@@ -55,9 +56,8 @@ class ImageMatch:
         if 2 * len(other) > self.compared:
             raise UsageError(f"{len(other)} of the {self.compared} images {self.captioned} are other images in "
                              f"{against} ({example}): {question} {self.remedy}")
-        log.warning("%d of the %d images %s are other files in %s now (%s: a shard downloaded again?); their "
-                    "captions are kept, of the image as it was", len(other), self.compared, self.captioned,
-                    against, example)
+        log.warning("%d of the %d images %s differ in %s (%s: a shard downloaded again?); %s", len(other),
+                    self.compared, self.captioned, against, example, self.kept)
 
 
 def parts_images(dirs: Iterable[Path], run_id: str | None = None) -> dict[str, str | None]:
@@ -77,7 +77,11 @@ def dir_match(dirs: str | Path, images: Mapping[str, str | None]) -> ImageMatch:
     return ImageMatch(f"{dirs} captioned", "Another data set takes a --checkpoint-dir of its own", images)
 
 
-def hub_match(repo_id: str, run_id: str, images: Mapping[str, str | None]) -> ImageMatch:
-    """What the Hub run `run_id` of `repo_id` published (hub_index.Snapshot.images)."""
-    return ImageMatch(f"the Hub run {run_id} of {repo_id} published", "Another data set takes a --hf-repo of its "
-                      "own: in this one, a run of these settings counts those keys as captioned", images)
+def hub_match(repo_id: str, run_id: str, images: Mapping[str, str | None],
+              remedy: str = "Another data set takes a --hf-repo of its own: in this one, a run of these settings "
+                            "counts those keys as captioned",
+              kept: str = "their published captions stand, of the image as it was, and are not made again"
+              ) -> ImageMatch:
+    """What the Hub run `run_id` of `repo_id` published (hub_index.Snapshot.images), as a run sees it."""
+    return ImageMatch(f"the Hub run {run_id} of {repo_id} published", remedy, images, kept)
+
