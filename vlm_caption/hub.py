@@ -216,7 +216,8 @@ class HubClient:
             if keys:
                 pending.append((part, keys))
             if others and check and check.sha256:
-                other_images += [k for k, sha in zip(check.keys, check.sha256) if sha and others.get(k) not in (None, sha)]
+                other_images += [k for k, sha in zip(check.keys, check.sha256)
+                                 if sha and others.get(k) not in (None, sha)]
         if others is not None:
             self._say_other_images(ckpt, other_images)
         return pending
