@@ -186,7 +186,7 @@ class HubClient:
                 f"{len(snap.files)} file(s); this run writes to {run_data_dir(run_id)}/")
 
     def _local_check(self, part: Part, run_id: str) -> FileCheck | None:
-        """The part's keys and images (check_file), or None when it is not pushed (said once)."""
+        """The part's keys (check_file), or None when it is not pushed (said once)."""
         st = part.path.stat()
         cache_key = (part.path, st.st_ino, st.st_mtime_ns)
         if cache_key not in self._part_checks:
@@ -197,7 +197,8 @@ class HubClient:
             if problem:
                 self.unusable[part.path] = problem
                 log.warning("Hub: not pushing %s: %s (the next run quarantines it)", part.path, problem)
-            self._part_checks[cache_key] = None if problem else check
+            # (its images are read again only when a key of it is another dir's: not held through the run)
+            self._part_checks[cache_key] = None if problem else check._replace(sha256=None)
         return self._part_checks[cache_key]
 
     def _pending(self, ckpt: Path, worker: int | None, published: set[str], run_id: str,
@@ -215,9 +216,10 @@ class HubClient:
             seen.update(keys)
             if keys:
                 pending.append((part, keys))
-            if others and check and check.sha256:
-                other_images += [k for k, sha in zip(check.keys, check.sha256)
-                                 if sha and others.get(k) not in (None, sha)]
+            overlap = [k for k in check.keys if k in others] if others and check else []
+            if overlap:  # (rare: a key that another dir published too)
+                images = dict(zip(check.keys, check_file(part.path, OUTPUT_SCHEMA).sha256 or []))
+                other_images += [k for k in overlap if images.get(k) and others[k] not in (None, images[k])]
         if others is not None:
             self._say_other_images(ckpt, other_images)
         return pending
