@@ -155,6 +155,27 @@ def test_push_only_of_another_data_set_s_captions_is_refused_not_half_dropped(tw
     assert published(hub_stub, "tester/other-data") == sha_by_key(b)
 
 
+def test_push_only_reads_each_part_once_for_the_image_check_and_the_push(two_data_sets, tmp_path, capsys,
+                                                                           hub_stub, monkeypatch):
+    """Before: the check of the dir's images read every part, then the pusher read each again for its keys
+    (at 400K rows, 2,000 parts: a second pass over the dir). The rows themselves are read once more to be sent."""
+    from collections import Counter
+
+    from vlm_caption import hub
+
+    a, _ = two_data_sets
+    assert run(capsys, *dummy_args(a, tmp_path / "ckpt"))[0] == 0
+    parts = {p.path for p in store.list_parts(tmp_path / "ckpt")}
+    reads: Counter = Counter()
+    for module in (hub, store):
+        real = module.check_file
+        monkeypatch.setattr(module, "check_file", lambda path, *a, real=real, **k: reads.update([path]) or
+                            real(path, *a, **k))
+    assert run(capsys, *hub_args(a, tmp_path / "ckpt", hub_stub, "--push-only"))[0] == 0
+    assert published(hub_stub) == sha_by_key(a)
+    assert len(parts) >= 2 and {p: reads[p] for p in parts} == {p: 1 for p in parts}, reads
+
+
 def test_a_push_says_the_rows_another_data_set_took_the_keys_of(two_data_sets, tmp_path, capsys, hub_stub, caplog):
     """Two data sets started together into one repo, before either had pushed, both pass the check at start:
     the second to push finds its keys published for other images. A key is published once, so those rows are

@@ -241,7 +241,7 @@ def push_only(cfg: RunConfig, run_info: dict, hub_client=None) -> int:
         snap = hub_client.snapshot(run_id)
         log.info(hub_client.describe_repo(run_id, snap))
         hub_match(hub_client.repo_id, run_id, snap.images(), kept="the Hub's captions of those keys stand, this "
-                  "dir's are not pushed").see_all(parts_images([ckpt], run_id).items()).check(
+                  "dir's are not pushed").see_all(hub_client.dir_images(ckpt, run_id).items()).check(
             f"--checkpoint-dir {ckpt}", "did this dir caption another data set?")  # its rows would not be pushed
         found = hub_client.pending_rows(ckpt, run_id)  # those this push does not commit, another pusher did
         rows = hub_client.push(ckpt, run_id, worker=None)  # (rows this process committed)

@@ -185,21 +185,34 @@ class HubClient:
         return (f"Hub: {self.repo_id} holds {others}{len(snap.keys)} rows of this run {run_id} in "
                 f"{len(snap.files)} file(s); this run writes to {run_data_dir(run_id)}/")
 
-    def _local_check(self, part: Part, run_id: str) -> FileCheck | None:
-        """The part's keys (check_file), or None when it is not pushed (said once)."""
+    def _local_check(self, part: Part, run_id: str, images: dict[str, str | None] | None = None
+                     ) -> FileCheck | None:
+        """The part's keys (check_file), or None when it is not pushed (said once). `images`: also collect
+        key -> sha256 of its rows there (read again if cached: the cache keeps keys only)."""
         st = part.path.stat()
         cache_key = (part.path, st.st_ino, st.st_mtime_ns)
-        if cache_key not in self._part_checks:
-            check = check_file(part.path, OUTPUT_SCHEMA)
-            problem = check.problem
-            if problem is None and check.run_id not in (None, run_id):  # copied in from another dir, say
-                problem = f"it holds rows of run {check.run_id}, not of run {run_id}"
-            if problem:
-                self.unusable[part.path] = problem
-                log.warning("Hub: not pushing %s: %s (the next run quarantines it)", part.path, problem)
-            # (its images are read again only when a key of it is another dir's: not held through the run)
-            self._part_checks[cache_key] = None if problem else check._replace(sha256=None)
+        if cache_key in self._part_checks and images is None:
+            return self._part_checks[cache_key]
+        check = check_file(part.path, OUTPUT_SCHEMA)
+        problem = check.problem
+        if problem is None and check.run_id not in (None, run_id):  # copied in from another dir, say
+            problem = f"it holds rows of run {check.run_id}, not of run {run_id}"
+        if problem and self.unusable.get(part.path) != problem:
+            self.unusable[part.path] = problem
+            log.warning("Hub: not pushing %s: %s (the next run quarantines it)", part.path, problem)
+        if problem is None and images is not None:
+            images.update(zip(check.keys, check.sha256 or [None] * len(check.keys)))
+        # (its images are read again only when a key of it is another dir's: not held through the run)
+        self._part_checks[cache_key] = None if problem else check._replace(sha256=None)
         return self._part_checks[cache_key]
+
+    def dir_images(self, checkpoint_dir: Path | str, run_id: str) -> dict[str, str | None]:
+        """key -> sha256 of the rows of every part of run `run_id` a push of the dir would send (for the check
+        that they are of the Hub's images: image_match); each part is read once for this and the pushes after."""
+        images: dict[str, str | None] = {}
+        for part in list_parts(Path(checkpoint_dir)):
+            self._local_check(part, run_id, images)
+        return images
 
     def _pending(self, ckpt: Path, worker: int | None, published: set[str], run_id: str,
                  others: Mapping[str, str | None] | None = None) -> list[tuple[Part, list[str]]]:

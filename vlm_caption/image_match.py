@@ -60,14 +60,14 @@ class ImageMatch:
                     self.compared, self.captioned, against, example, self.kept)
 
 
-def parts_images(dirs: Iterable[Path], run_id: str | None = None) -> dict[str, str | None]:
-    """key -> sha256 of the image each readable part of `dirs` captioned it from (parts of `run_id` only, when
-    given; the unreadable ones are the business of whoever reads them next)."""
+def parts_images(dirs: Iterable[Path]) -> dict[str, str | None]:
+    """key -> sha256 of the image each readable part of `dirs` captioned it from (the unreadable ones are the
+    business of whoever reads them next; a pusher reads its dir's itself: hub.HubClient.dir_images)."""
     images: dict[str, str | None] = {}
     for d in dirs:
         for part in store.list_parts(d):
             check = store.check_file(part.path, store.OUTPUT_SCHEMA)
-            if check.keys is not None and check.run_id in (None, run_id or check.run_id):
+            if check.keys is not None:
                 images.update(zip(check.keys, check.sha256 or [None] * len(check.keys)))
     return images
 
