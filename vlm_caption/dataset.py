@@ -13,7 +13,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Collection, Iterator, Sequence
+from typing import AbstractSet, Any, Collection, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -22,7 +22,7 @@ from .data_layout import (ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_N
                           VALIDATION_DIR, expected_shards, shard_name, stats_file)
 from .download_source import URL_COLUMNS, travels_as_text
 from .errors import UsageError, brief
-from .flag_checks import check_shards
+from .flag_checks import check_shards, parse_shards
 from .image_match import ImageMatch
 from .images import IMAGE_SUFFIXES, ImageLoadError, load_image, to_rgb  # noqa: F401  (dataset.* names)
 from .schema import COLUMNS, IMAGE_PATH, LOOKUP_COLUMNS, Column, carried, keep_columns
@@ -271,6 +271,18 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
                     failed_keys=set(failed), done_hub_only=sum(1 for k in done if k in hub_only),
                     data_keys=data_keys, shards=frozenset(asked) if asked is not None else None)
 
+
+def plan_run(cfg, *, worker: int = 0, num_workers: int = 1, done_keys: AbstractSet[str] = frozenset(),
+             failed_keys: AbstractSet[str] = frozenset(), hub_only: set[str] = frozenset(),
+             matches: Sequence[ImageMatch] = ()) -> WorkPlan:
+    """plan_work over a run's selection (`cfg`'s --data-dir, --shards, --max-images), then each of `matches`
+    checked against the data dir's images: mostly other images is a UsageError, a few a warning."""
+    plan = plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
+                     worker=worker, num_workers=num_workers, done_keys=done_keys, failed_keys=failed_keys,
+                     hub_only=hub_only, matches=matches)
+    for match in matches:
+        match.check(f"--data-dir {cfg.data_dir}")
+    return plan
 
 def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),
               also: Sequence[str] = (), unread: list[str] | None = None,

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from . import dataset, rows as rowcols, store, workers
 from .atomic import atomic_write_json, remove_stale_tmp
 from .cli import duration, plural
-from .config import RunConfig, parse_shards, resolve_repo_id
+from .config import RunConfig, resolve_repo_id
 from .errors import EXIT_COVERAGE, EXIT_FATAL, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .image_match import dir_match, hub_match, parts_images
 from .interrupts import Interrupted
@@ -279,11 +279,8 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, colum
     orphans = runs and runs not in ({store.run_id_for(settings)}, {store.path_named_run_id(settings)})
     if other_run or orphans:  # a real run starts over (--overwrite): the old run's keys are not done for it
         done, failed, done_images = set(), set(), {}
-    match = dir_match(f"--checkpoint-dir {ckpt}", done_images)
-    plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
-                             worker=worker, num_workers=num_workers, done_keys=done, failed_keys=failed,
-                             matches=[match])
-    match.check(f"--data-dir {cfg.data_dir}")  # as the run would
+    plan = dataset.plan_run(cfg, worker=worker, num_workers=num_workers, done_keys=done, failed_keys=failed,
+                            matches=[dir_match(f"--checkpoint-dir {ckpt}", done_images)])  # as the run would
     rate = measured_rate(read_summary(ckpt, set_aside=False))
     eta = f"{duration(plan.todo / rate)} at the last measured {rate:.2f} img/s" if rate else \
         "unknown (no earlier run in this checkpoint dir to measure a rate from)"
@@ -352,13 +349,10 @@ def merge_and_check(cfg: RunConfig) -> int:
                          + ", ".join(f"{d}={r}" for d, r in runs.items()))
     out = dirs[0] / store.MERGED
     captioned = parts_images(dirs)  # (unreadable parts: merge_parts says so)
-    match = dir_match("the checkpoint dir(s)", captioned)
-    plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
-                             worker=0, num_workers=1, done_keys=set(), failed_keys=set(), matches=[match])
+    plan = dataset.plan_run(cfg, matches=[dir_match("the checkpoint dir(s)", captioned)])
     if captioned and not captioned.keys() & plan.data_keys:  # the merge would replace a good file with 0 rows
         raise UsageError(f"none of the {len(captioned)} captioned keys of the checkpoint dir(s) are in --data-dir "
                          f"{cfg.data_dir}: is it the data dir these runs captioned?")
-    match.check(f"--data-dir {cfg.data_dir}")
     in_use = False
     for d in dirs:  # its rows not yet in a part count as missing: say why, or exit 4 reads as lost work
         live = DirLock(d, worker=-1).holders()

@@ -14,7 +14,7 @@ from pathlib import Path
 from . import dataset, store
 from .atomic import atomic_write_json
 from .cli import plural
-from .config import RunConfig, parse_shards, resolve_repo_id
+from .config import RunConfig, resolve_repo_id
 from .errors import EXIT_COVERAGE, EXIT_ITEMS_FAILED, EXIT_OK, UsageError
 from .image_match import hub_match
 
@@ -66,9 +66,7 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
     on_hub = Counter(k for file in snap.files.values() for k in index.keys_of_file(file))
     match = hub_match(hub_client.repo_id, run_id, snap.images(), "Check with the --data-dir that run captioned",
                       "counted as published, of the image as it was")  # published, but of the data dir's images?
-    plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
-                             worker=0, num_workers=1, done_keys=set(), failed_keys=set(), matches=[match])
-    match.check(f"--data-dir {cfg.data_dir}")
+    plan = dataset.plan_run(cfg, matches=[match])
     expected = plan.todo_keys
     # Counted within the selection, as its keys are: a check of some shards (or of --max-images) is not failed
     # by a retryable failure or a duplicate outside them, and published + failed + missing = expected.

@@ -15,7 +15,7 @@ from pathlib import Path
 from . import compile_cache, dataset, dir_scope, hub_coverage, prompt_plan, store, workers
 from .atomic import remove_stale_tmp
 from .caption_loop import caption_all
-from .config import RunConfig, parse_shards, resolve_repo_id
+from .config import RunConfig, resolve_repo_id
 from .endings import dry_run, finish, merge_and_check, push_only
 from .errors import FatalError, UsageError
 from .image_match import dir_match, hub_match
@@ -181,11 +181,8 @@ def _run_open(cfg: RunConfig, writer: store.CheckpointStore, run_id: str, worker
         hub_only = snap.keys - done_keys  # every worker's: plan_work counts this worker's share
         done_keys |= snap.keys
         matches.append(hub_match(hub_client.repo_id, run_id, snap.images()))  # not done if of other images
-    plan = dataset.plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
-                             worker=worker, num_workers=num_workers, done_keys=done_keys,
-                             failed_keys=failed_keys, hub_only=hub_only, matches=matches)
-    for match in matches:
-        match.check(f"--data-dir {cfg.data_dir}")
+    plan = dataset.plan_run(cfg, worker=worker, num_workers=num_workers, done_keys=done_keys,
+                            failed_keys=failed_keys, hub_only=hub_only, matches=matches)
     del matches, done_images  # not held through the run (~60 MB each at 400K rows)
     log.info("worker %d/%d: %d selected, %d mine, %d done (%d of them on the Hub only), %d failed before, "
              "%d to caption", worker, num_workers, plan.selected, plan.mine, plan.done, plan.done_hub_only, plan.failed,
