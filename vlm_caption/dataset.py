@@ -284,6 +284,7 @@ def plan_run(cfg, *, worker: int = 0, num_workers: int = 1, done_keys: AbstractS
         match.check(f"--data-dir {cfg.data_dir}")
     return plan
 
+
 def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),
               also: Sequence[str] = (), unread: list[str] | None = None,
               shards: Collection[int] | None = None) -> Iterator[dict[str, Any]]:
