@@ -254,3 +254,25 @@ def test_an_entry_an_older_version_kept_without_images_is_read_again(hub_stub, t
         assert connect(hub_stub, other).snapshot(RUN).images() == images
     assert set(data_reads(hub_stub) - before) == set(data_files(hub_stub))  # each file read once more
     assert not (other / QUARANTINE_DIR).exists() and not caplog.records  # an old entry, not a corrupt one
+
+
+def test_the_tree_of_a_commit_is_listed_once_however_often_it_is_read(hub_stub, tmp_path):
+    """Before: each snapshot listed the repo's tree anew (--push-only read the repo five times: five listings,
+    each a page per 1,000 files on the Hub, 125 pages at 1,000 files in the stub's pages of 8). A commit's tree
+    never changes: a snapshot of the same head lists nothing; one after a commit lists the new tree."""
+    tree = r"/api/datasets/.*/tree/"
+    ckpt = tmp_path / "ckpt"
+    keys = publish(hub_stub, ckpt)
+    client = connect(hub_stub, ckpt)
+    first = client.snapshot(RUN)
+    listed = hub_stub.count("GET", tree)
+    assert first.keys == keys and listed >= 2  # data/ and the run's folder
+    again = client.snapshot(RUN)
+    assert hub_stub.count("GET", tree) == listed and again.files == first.files and again.head == first.head
+    again.files.clear()  # a caller's snapshot is its own
+    assert client.snapshot(RUN).files == first.files
+    Writer(ckpt, worker=0).store.write_part(make_rows(100, 3, worker=0))
+    assert client.push(ckpt, RUN) == 3
+    after = client.snapshot(RUN)
+    assert after.head != first.head and hub_stub.count("GET", tree) > listed
+    assert after.keys == keys | {r["key"] for r in make_rows(100, 3, worker=0)} and len(after.files) == RUNS + 1

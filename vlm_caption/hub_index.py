@@ -121,6 +121,7 @@ class HubIndex:
         self._fs: HfFileSystem | None = None
         self._warned_foreign: list[str] = []  # said once per set of such files, not at every push
         self._checked: dict[tuple[str, str], str | None] = {}  # (path, content id) -> not_ours
+        self._listed: tuple[str, dict[str, HubFileInfo], list[str]] | None = None  # the last listing, with its head
 
     def snapshot(self) -> Snapshot:
         head = self.api.repo_info(self.repo_id, repo_type=REPO_TYPE).sha
@@ -155,6 +156,15 @@ class HubIndex:
         return self._checked[info.path, info.content_id]
 
     def _list(self, head: str) -> tuple[dict[str, HubFileInfo], list[str]]:
+        """This run's files and the other runs at commit `head`. A commit's tree never changes: listed once for
+        the snapshots of a head (a push reads the repo three times; on the Hub a listing is a page a 1,000)."""
+        if self._listed is not None and self._listed[0] == head:
+            return dict(self._listed[1]), list(self._listed[2])
+        files, others = self._list_tree(head)
+        self._listed = (head, files, others)
+        return dict(files), list(others)
+
+    def _list_tree(self, head: str) -> tuple[dict[str, HubFileInfo], list[str]]:
         files: dict[str, HubFileInfo] = {}
         others: set[str] = set()
         for entry in self._tree(DATA_DIR, head, recursive=False):
