@@ -146,3 +146,23 @@ def test_push_only_with_a_hub_that_lists_nothing_exits_3_in_one_line(hub_stub, t
     assert "pushed 0 rows" in capsys.readouterr().out
     hub_stub.clear_faults()
     assert main(args) == EXIT_OK and len(hub_stub.read_rows(REPO_ID, prefix=f"data/{RUN}/")) == 4
+
+
+def test_a_file_in_place_of_hub_keys_is_kept_and_the_cache_goes_beside_it(hub_stub, tmp_path, caplog):
+    """A file where the dir keeps hub_keys/ (a user's notes, say) was a FileExistsError traceback right after the
+    commit had landed, and at every later push: now the cache goes to hub_keys-1/, said once."""
+    import logging
+
+    from hub_parts import RUN, Writer
+
+    from vlm_caption.hub_key_cache import KEY_CACHE_DIR
+
+    ckpt = tmp_path / "ckpt"
+    Writer(ckpt).parts(4)
+    (ckpt / KEY_CACHE_DIR).write_text("notes\n")
+    args = ["--checkpoint-dir", str(ckpt), "--hf-repo", REPO_ID, "--hub-endpoint", hub_stub.endpoint, "--push-only"]
+    with caplog.at_level(logging.WARNING):
+        assert main(args) == EXIT_OK
+    assert f"{ckpt / KEY_CACHE_DIR} is not a folder" in caplog.text
+    assert (ckpt / KEY_CACHE_DIR).read_text() == "notes\n" and list((ckpt / f"{KEY_CACHE_DIR}-1").glob("*.parquet"))
+    assert main(args) == EXIT_OK and len(hub_stub.read_rows(REPO_ID, prefix=f"data/{RUN}/")) == 4

@@ -35,7 +35,7 @@ from .atomic import atomic_write_table
 from .errors import brief
 from .locks import try_flock
 from .rows import FLAGS_COLUMN, count_flags_column
-from .store import quarantine
+from .store import aside_folder, quarantine
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +124,7 @@ class KeyCache:
     def __init__(self, checkpoint_dir: Path | str | None = None):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self._memory: dict[str, FileEntry] = {}
+        self._folder: Path | None = None  # found at first use (aside_folder)
 
     def get(self, cid: str) -> FileEntry | None:
         """An entry this process has already seen (a snapshot read it)."""
@@ -155,7 +156,11 @@ class KeyCache:
             self._store(cid, entry)
 
     def _path(self, cid: str, suffix: str) -> Path | None:
-        return None if self.checkpoint_dir is None else self.checkpoint_dir / KEY_CACHE_DIR / f"{cid}{suffix}"
+        if self.checkpoint_dir is None:
+            return None
+        if self._folder is None:  # a file of that name (by hand) was a traceback after the push had landed
+            self._folder = aside_folder(self.checkpoint_dir, KEY_CACHE_DIR, "the keys of published Hub files")
+        return self._folder / f"{cid}{suffix}"
 
     @contextlib.contextmanager
     def _locked(self, cid: str) -> Iterator[None]:
