@@ -64,6 +64,13 @@ def test_a_file_copied_or_deleted_on_the_hub_is_named_and_exits_4(cli, hub_stub)
     assert got["duplicated_keys"] and set(got["duplicated_keys"].values()) == {2} and list(got["foreign_files"]) == [copy]
     assert "published more than once (first 20): " in proc.stdout
 
+    hidden = copy.replace("/" + copy.rsplit("/", 1)[1], "/." + copy.rsplit("/", 1)[1])
+    recommit(hub_stub, REPO_ID, lambda tree: tree.update({hidden: tree.pop(copy)}))  # the copy hidden: not loaded
+    out = ok(cli.run("check", "--check-hub"))  # so not counted either: each key once again, the file named
+    got = coverage(cli, "check")
+    assert got["duplicated"] == got["missing"] == 0 and got["hidden_files"] == [hidden] and hidden in out, out
+    copy = hidden
+
     def delete_both(tree):  # then deletes it and the copy
         del tree[first], tree[copy]
     recommit(hub_stub, REPO_ID, delete_both)

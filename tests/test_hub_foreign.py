@@ -71,3 +71,49 @@ def test_a_file_of_our_name_and_keys_lacking_a_column_of_ours_is_not_counted(hub
     with caplog.at_level(logging.WARNING):
         assert connect(hub_stub, ckpt).push(ckpt, RUN, 0) == 10
     assert path in caplog.text and "not a readable captions file" in caplog.text
+
+
+def loaded_keys(stub, tmp_path) -> list[str]:
+    """The keys `datasets` loads for the run's config pattern (it skips hidden files), from a download of the repo."""
+    import datasets
+    from huggingface_hub import snapshot_download
+
+    local = snapshot_download(REPO, repo_type="dataset", endpoint=stub.endpoint, token=stub.token,
+                              cache_dir=tmp_path / "download")
+    return datasets.load_dataset("parquet", data_files=f"{local}/data/{RUN}/*.parquet", split="train",
+                                 cache_dir=str(tmp_path / "datasets"))["key"]
+
+
+def test_a_file_renamed_to_a_hidden_name_is_not_counted_and_its_rows_are_pushed_again(hub_stub, tmp_path, caplog):
+    """`datasets` does not load data/{run}/.NAME.parquet for the config's data/{run}/*.parquet: counted, its keys
+    were published for the tool and --check-hub, and missing from the dataset."""
+    a, fresh = tmp_path / "a", tmp_path / "fresh"
+    Writer(a, dir_id="dira00000000").parts(10)
+    assert connect(hub_stub, a).push(a, RUN, 0) == 10
+    [first] = data_files(hub_stub)
+    hidden = f"data/{RUN}/.{first.rsplit('/', 1)[1]}"
+    recommit(hub_stub, REPO, lambda tree: tree.update({hidden: tree.pop(first)}))  # renamed by hand
+    Writer(fresh, dir_id="dirf00000000").parts(10, 5)  # the same 10 keys and 5 more
+    with caplog.at_level(logging.WARNING):
+        assert connect(hub_stub, fresh).push(fresh, RUN, None) == 15
+    assert hidden in caplog.text and "hidden names" in caplog.text
+    snap = connect(hub_stub, fresh).snapshot(RUN)
+    assert snap.hidden == [hidden] and hidden not in snap.files and snap.keys == keys(15)
+    loaded = loaded_keys(hub_stub, tmp_path)
+    assert sorted(loaded) == sorted(keys(15))  # each once
+
+
+def test_rows_of_an_own_file_made_unreadable_are_pushed_again_under_its_name(hub_stub, ckpt, caplog):  # noqa: F811
+    """Its bytes replaced by hand under its name: none of its keys count, and the push that planned the same file
+    dropped it as "that name is on the Hub" and returned without an error, so a run's last push said all was
+    pushed. The file is replaced with the rows its name says."""
+    Writer(ckpt).parts(10)
+    assert connect(hub_stub, ckpt).push(ckpt, RUN, 0) == 10
+    [path] = data_files(hub_stub)
+    put(hub_stub, path, b"PAR1 not a parquet file PAR1")
+    client = connect(hub_stub, ckpt)
+    assert client.pending_rows(ckpt, RUN) == 10
+    with caplog.at_level(logging.WARNING):
+        assert client.push(ckpt, RUN, None) == 10
+    assert f"replacing {path}, unreadable" in caplog.text
+    assert client.pending_rows(ckpt, RUN) == 0 and data_files(hub_stub) == [path] and once(hub_stub) == keys(10)

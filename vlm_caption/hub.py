@@ -231,7 +231,8 @@ class HubClient:
                 pending.append((part, keys))
             overlap = [k for k in check.keys if k in others] if others and check else []
             if overlap:  # (rare: a key that another dir published too)
-                images = dict(zip(check.keys, check_file(part.path, OUTPUT_SCHEMA).sha256 or []))
+                images: dict[str, str | None] = {}
+                self._local_check(part, run_id, images)
                 other_images += [k for k in overlap if images.get(k) and others[k] not in (None, images[k])]
         if others is not None:
             self._say_other_images(ckpt, other_images)
@@ -317,7 +318,11 @@ class HubClient:
             self._check_ledger(ckpt, run_id, dir_id, snap, worker)
             others = snap.images(but_dir=dir_id)  # (another data set's rows: said, never pushed)
             files = plan_hub_files(run_id, dir_id, self._pending(ckpt, worker, snap.keys, run_id, others))
-            files = [f for f in files if f.path not in snap.files]  # same name = same rows: published already
+            files = [f for f in files if f.path not in snap.entries]  # same name = same rows: published already
+            # (a file of that name whose keys did not read holds none of them: replaced with its rows)
+            for f in files:
+                if f.path in snap.files:
+                    log.warning("Hub: replacing %s, unreadable, with the %d rows its name says", f.path, f.rows)
             more, files = len(files) > MAX_FILES_PER_COMMIT, files[:MAX_FILES_PER_COMMIT]
             if not files:
                 return

@@ -80,7 +80,8 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
                 "expected": len(expected), "published": len(published), "failed": len(failed),
                 "missing": len(missing), "duplicated": len(twice), "missing_keys": missing,
                 "duplicated_keys": twice, "failed_keys": dict(sorted(failed.items())),
-                "unexpected_keys": outside, "unreadable_files": snap.unreadable, "foreign_files": snap.foreign}
+                "unexpected_keys": outside, "unreadable_files": snap.unreadable, "foreign_files": snap.foreign,
+                "hidden_files": snap.hidden}
     mixed = disagreements(snap.entries)  # load_dataset casts every file to the first one's types (or fails)
     coverage["type_disagreements"] = mixed
     out = Path(cfg.checkpoint_dir) / HUB_COVERAGE
@@ -96,6 +97,9 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
         print(f"  files in {run_data_dir(run_id)}/ this tool did not write for the run (first 5; their rows are "
               f"counted, as the run's dataset config loads them): "
               + "; ".join(f"{p} ({why})" for p, why in sorted(snap.foreign.items())[:5]))
+    if snap.hidden:  # named: their rows count as missing, since the config does not load them
+        print(f"  hidden files (first 5), which the run's dataset config does not load (their rows are not "
+              f"counted): {', '.join(snap.hidden[:5])}")
     for name, kinds in mixed.items():
         print(f"  column {name} has {len(kinds)} types in the run's files, which load_dataset casts to one (or "
               f"fails on): " + "; ".join(f"{kind} in {len(paths)} file(s), e.g. {paths[0]}" for kind, paths in

@@ -102,6 +102,7 @@ class Snapshot:
     other_runs: list[str] = field(default_factory=list)  # other runs with data in the repo
     unreadable: list[str] = field(default_factory=list)  # this run's files whose keys could not be read
     foreign: dict[str, str] = field(default_factory=dict)  # files in the run's folder not written for it -> why (counted)
+    hidden: list[str] = field(default_factory=list)  # .parquet files of the folder `datasets` skips: not counted
     entries: dict[str, FileEntry] = field(default_factory=dict)  # each of `files`' keys, types and flags
 
     def images(self, but_dir: str | None = None) -> dict[str, str | None]:
@@ -121,12 +122,13 @@ class HubIndex:
         self._fs: HfFileSystem | None = None
         self._warned_foreign: list[str] = []  # said once per set of such files, not at every push
         self._checked: dict[tuple[str, str], str | None] = {}  # (path, content id) -> not_ours
-        self._listed: tuple[str, dict[str, HubFileInfo], list[str]] | None = None  # the last listing, with its head
+        self._listed: tuple[str, dict[str, HubFileInfo], list[str], list[str]] | None = None  # the last listing
+        self._warned_hidden: list[str] = []
 
     def snapshot(self) -> Snapshot:
         head = self.api.repo_info(self.repo_id, repo_type=REPO_TYPE).sha
-        files, others = self._list(head)
-        snap = Snapshot(head=head, files=files, keys=set(), other_runs=others)
+        files, others, hidden = self._list(head)
+        snap = Snapshot(head=head, files=files, keys=set(), other_runs=others, hidden=hidden)
         # Workers of a dir starting together take files in their own order: while one reads a file the others
         # read other files, not wait in line behind it (hub_key_cache: one process of a dir reads each file).
         for info in random.sample(list(files.values()), len(files)):
@@ -147,6 +149,11 @@ class HubIndex:
                         "as published, since the run's dataset config loads them (check them; to caption their "
                         "keys again, delete them and push again): %s", len(snap.foreign), run_data_dir(self.run_id),
                         self.repo_id, "; ".join(f"{p} ({why})" for p, why in sorted(snap.foreign.items())[:3]))
+        if hidden and hidden != self._warned_hidden:
+            self._warned_hidden = hidden
+            log.warning("Hub: %d file(s) in %s/ of %s have hidden names (a leading '.'), which the run's dataset "
+                        "config does not load: their rows count as not published and are pushed again; delete "
+                        "them: %s", len(hidden), run_data_dir(self.run_id), self.repo_id, "; ".join(hidden[:3]))
         snap.unreadable.sort()
         return snap
 
@@ -155,18 +162,19 @@ class HubIndex:
             self._checked[info.path, info.content_id] = not_ours(info.path, self.run_id, entry.keys)
         return self._checked[info.path, info.content_id]
 
-    def _list(self, head: str) -> tuple[dict[str, HubFileInfo], list[str]]:
-        """This run's files and the other runs at commit `head`. A commit's tree never changes: listed once for
-        the snapshots of a head (a push reads the repo three times; on the Hub a listing is a page a 1,000)."""
-        if self._listed is not None and self._listed[0] == head:
-            return dict(self._listed[1]), list(self._listed[2])
-        files, others = self._list_tree(head)
-        self._listed = (head, files, others)
-        return dict(files), list(others)
+    def _list(self, head: str) -> tuple[dict[str, HubFileInfo], list[str], list[str]]:
+        """This run's files, the other runs and the run's hidden files at commit `head`. A commit's tree never
+        changes: listed once for the snapshots of a head (a push reads the repo three times; on the Hub a listing
+        is a page a 1,000)."""
+        if self._listed is None or self._listed[0] != head:
+            self._listed = (head, *self._list_tree(head))
+        _, files, others, hidden = self._listed
+        return dict(files), list(others), list(hidden)
 
-    def _list_tree(self, head: str) -> tuple[dict[str, HubFileInfo], list[str]]:
+    def _list_tree(self, head: str) -> tuple[dict[str, HubFileInfo], list[str], list[str]]:
         files: dict[str, HubFileInfo] = {}
         others: set[str] = set()
+        hidden: list[str] = []
         for entry in self._tree(DATA_DIR, head, recursive=False):
             name = entry.path.split("/", 1)[1]
             legacy = _LEGACY_FILE_RE.match(entry.path)
@@ -179,8 +187,12 @@ class HubIndex:
         # nothing (counted, its rows were never pushed again and --check-hub said they were published)
         for entry in self._tree(run_data_dir(self.run_id), head, recursive=False):
             if isinstance(entry, RepoFile) and entry.path.endswith(".parquet"):
-                files[entry.path] = HubFileInfo.of(entry)
-        return files, sorted(others)
+                # `datasets` skips a hidden file for the config's pattern: counted, its keys would be loaded nowhere
+                if entry.path.rsplit("/", 1)[1].startswith("."):
+                    hidden.append(entry.path)
+                else:
+                    files[entry.path] = HubFileInfo.of(entry)
+        return files, sorted(others), sorted(hidden)
 
     def _tree(self, folder: str, head: str, recursive: bool) -> list:
         try:
