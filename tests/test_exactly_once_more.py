@@ -8,6 +8,7 @@ import os
 import re
 import threading
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
@@ -203,6 +204,16 @@ def test_overwrite_there_and_back_on_a_dir_whose_rows_are_published(cli, hub_stu
     assert hub_keys(hub_stub, run_id=first) == hub_keys(hub_stub, run_id=second) == source_keys
     assert "pushed 0 rows" in ok(cli.run("d", "--push-only"))
     assert hub_keys(hub_stub, run_id=first) == source_keys
+
+
+def test_overwrite_of_an_unpushed_run_says_how_to_publish_it(cli, hub_stub, tmp_path):  # noqa: F811
+    ok(cli.run("d", "--max-images", "10", "--no-push"))
+    first = run_id_of(tmp_path / "d")
+    out = ok(cli.run("d", "--max-tokens", "5", "--overwrite", "--no-push"))
+    moved = re.search(r"--push-only --checkpoint-dir (\S+)\)", out)
+    assert moved and run_id_of(Path(moved[1])) == first, out
+    assert "Hub: pushed 10 rows" in ok(cli.run(moved[1], "--push-only"))
+    assert len(hub_keys(hub_stub, run_id=first)) == 10
 
 
 def test_a_run_whose_data_was_deleted_by_hand_gets_no_config_on_the_next_card(hub_stub, tmp_path):

@@ -248,7 +248,8 @@ class CheckpointStore:
             if (self.dir / name).exists():
                 shutil.move(str(self.dir / name), str(dest / name))
         self._next_part = self._next_failure = 0
-        log.warning("--overwrite: the previous run %s was moved to %s", old_run_id, dest)
+        log.warning("--overwrite: the previous run %s was moved to %s (to publish what it captioned and had not "
+                    "pushed: --push-only --checkpoint-dir %s)", old_run_id, dest, dest)
 
     # -- keys already handled
 
