@@ -117,3 +117,15 @@ def test_rows_of_an_own_file_made_unreadable_are_pushed_again_under_its_name(hub
         assert client.push(ckpt, RUN, None) == 10
     assert f"replacing {path}, unreadable" in caplog.text
     assert client.pending_rows(ckpt, RUN) == 0 and data_files(hub_stub) == [path] and once(hub_stub) == keys(10)
+
+
+def test_an_unreadable_file_of_the_old_flat_layout_stays_and_the_push_goes_on(hub_stub, ckpt, caplog):  # noqa: F811
+    """A push moves 0.1's flat files into the run's folder, reading them whole: an unreadable one was an
+    ArrowInvalid traceback at every push. It stays where it is, named, and its rows are not counted."""
+    Writer(ckpt).parts(10)
+    legacy = f"data/{RUN}-w000-000000-000000.parquet"  # what version 0.1 pushed
+    put(hub_stub, legacy, b"PAR1 not a parquet file PAR1")
+    with caplog.at_level(logging.WARNING):
+        assert connect(hub_stub, ckpt).push(ckpt, RUN, 0) == 10
+    assert legacy in caplog.text and "not a readable captions file" in caplog.text
+    assert legacy in data_files(hub_stub) and connect(hub_stub, ckpt).snapshot(RUN).unreadable == [legacy]

@@ -353,7 +353,7 @@ class HubClient:
         folder with today's columns, in the same commit as new rows: one config must share one schema for
         `load_dataset`. The same keys, so the published set does not change."""
         ops: list = []
-        for path in sorted(filter(is_legacy_file, snap.files)):
+        for path in sorted(filter(is_legacy_file, snap.entries)):  # (an unreadable one stays, named: hub_index)
             data = self.index(run_id).read_file(path, snap.head)
             table = conform(pq.read_table(io.BytesIO(data)).replace_schema_metadata(None), schema)
             buf = io.BytesIO()
