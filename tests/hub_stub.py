@@ -48,6 +48,8 @@ class HubStub:
         self.requests: list[tuple[str, str, str]] = []  # (method, path, outcome)
         self.downloads: list[tuple[str, int, bool]] = []  # (file, bytes sent, was it a Range request) of GETs
         self.commits_applied = 0
+        self.listings: dict[tuple[str, str, bool], list[dict]] = {}  # (commit, folder, recursive) -> tree entries
+        self._sizes: dict[str, int] = {}  # blob sha -> bytes
         self._lock = threading.RLock()
         self._release = threading.Event()
         self._server: ThreadingHTTPServer | None = None
@@ -126,7 +128,13 @@ class HubStub:
         path = self.root / "blobs" / sha
         if not path.exists():
             path.write_bytes(data)
+        self._sizes[sha] = len(data)
         return sha
+
+    def blob_size(self, sha: str) -> int:
+        if sha not in self._sizes:
+            self._sizes[sha] = (self.root / "blobs" / sha).stat().st_size
+        return self._sizes[sha]
 
     def _create(self, repo_type: str, repo_id: str, private: bool) -> Repo:
         repo = Repo(repo_type, repo_id, private)
