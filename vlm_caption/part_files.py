@@ -72,15 +72,16 @@ def check_file(path: Path, schema: pa.Schema) -> FileCheck:
     with another schema comes back with a problem instead of an exception."""
     try:
         pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
+        arrow_schema = pf.schema_arrow  # (a property that converts the footer's schema at each call)
+        names = arrow_schema.names
         if not set(schema.names) - set(ADDED_COLUMNS) <= set(names):  # --keep-columns parts hold more, never fewer
             return FileCheck(None, None, None, f"of a foreign schema (columns {', '.join(names[:8])})")
         # a registry column of another type (a key of numbers) breaks the merge (--keep-columns follow the data)
-        other = [f"{f.name} {pf.schema_arrow.field(f.name).type}" for f in (*OUTPUT_SCHEMA, *FAILURE_SCHEMA)
-                 if f.name in schema.names and f.name in names and pf.schema_arrow.field(f.name).type != f.type]
+        other = [f"{f.name} {arrow_schema.field(f.name).type}" for f in (*OUTPUT_SCHEMA, *FAILURE_SCHEMA)
+                 if f.name in schema.names and f.name in names and arrow_schema.field(f.name).type != f.type]
         if other:
             return FileCheck(None, None, None, f"of a foreign schema ({', '.join(other[:3])})")
-        meta = pf.schema_arrow.metadata or {}
+        meta = arrow_schema.metadata or {}
         read = pf.read(columns=["key", *(["sha256"] if "sha256" in names else [])])
         keys = read.column("key").to_pylist()
         images = read.column("sha256").to_pylist() if "sha256" in read.column_names else None
