@@ -387,3 +387,14 @@ def test_json_nan_and_infinity_are_no_value_not_the_text_nan():
     """Python's JSON parser takes NaN and Infinity, which JSON does not have: the field was stored as "nan"."""
     values, _reason = parse_json_caption('{"subject": NaN, "style": -Infinity, "mood": ["calm", NaN]}', FIELDS)
     assert values["subject"] is None and values["style"] is None and values["mood"] == "calm"
+
+
+@pytest.mark.parametrize("text", ['{short}: "Describe it"\n', "[a, b]: x\n", "? [a, b]\n: x\n"])
+def test_a_yaml_name_that_is_a_mapping_or_list_is_one_usage_line(text, sample_data_dir, tmp_path, capsys):
+    from dummy_runs import assert_one_line_usage_errors
+
+    (tmp_path / "prompts.yaml").write_text(text)  # was a TypeError traceback from the duplicate-name check
+    with pytest.raises(ValueError, match="a name must be text"):
+        load_prompts_file(tmp_path / "prompts.yaml")
+    assert_one_line_usage_errors(sample_data_dir, tmp_path / "ckpt",
+                                 [(("--prompts-file", str(tmp_path / "prompts.yaml")), "a name must be text")], capsys)

@@ -207,7 +207,10 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         seen: set[Any] = set()
         for key_node, _ in node.value:
             key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in seen:
+            if not isinstance(key, Hashable):  # `{short}: ...` is a mapping as the name: was a TypeError traceback
+                raise ValueError(f"a name must be text, not a {type(key).__name__} ({key!r}); quote a name that "
+                                 "starts with '{' or '['")
+            if key in seen:
                 raise ValueError(f"duplicate name {key!r}")
             seen.add(key)
         return super().construct_mapping(node, deep=deep)
