@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 from hub_parts import assert_hub_matches
 from hub_stub import REPO_ROOT_HINT
 
@@ -166,3 +167,20 @@ def test_a_file_in_place_of_hub_keys_is_kept_and_the_cache_goes_beside_it(hub_st
     assert f"{ckpt / KEY_CACHE_DIR} is not a folder" in caplog.text
     assert (ckpt / KEY_CACHE_DIR).read_text() == "notes\n" and list((ckpt / f"{KEY_CACHE_DIR}-1").glob("*.parquet"))
     assert main(args) == EXIT_OK and len(hub_stub.read_rows(REPO_ID, prefix=f"data/{RUN}/")) == 4
+
+
+def test_a_token_pasted_with_quotes_is_one_usage_line_that_hides_it(hub_stub, sample_data_dir, tmp_path, monkeypatch,
+                                                                   capsys):
+    """“hf_...” copied with its quotes cannot go in an HTTP header: a UnicodeEncodeError traceback from httpx
+    (exit 1), for a pushing run and for --check-hub alike."""
+    from vlm_caption.cli import run_main
+
+    secret = "hf_CANARYqwertyuiopasdfghjkl"
+    monkeypatch.setenv("HF_TOKEN", f"\u201c{secret}\u201d")
+    for mode in ([], ["--check-hub"]):
+        args = ["--backend", "dummy", "--data-dir", str(sample_data_dir), "--checkpoint-dir", str(tmp_path / "ckpt"),
+                "--hf-repo", REPO_ID, "--hub-endpoint", hub_stub.endpoint, *mode]
+        with pytest.raises(SystemExit) as exc:
+            run_main(main, args, prog="batched_image_inference.py")
+        err = capsys.readouterr().err
+        assert exc.value.code == EXIT_USAGE and "not ASCII" in err and secret not in err, err[-800:]

@@ -35,7 +35,7 @@ from .hub_index import DATA_DIR, REPO_TYPE, HubIndex, Snapshot, is_legacy_file, 
 from .hub_key_cache import KeyCache
 from .hub_types import hub_targets
 from .hub_ledger import append_ledger, ledger_entry, read_ledger
-from .hub_retry import HubUnavailable, RetryPolicy, call_with_retries, describe, http_status
+from .hub_retry import HubUnavailable, RetryPolicy, call_with_retries, describe, http_status, usable_token
 from .store import OUTPUT_SCHEMA, FileCheck, Part, check_file, list_parts, read_run_json
 
 log = logging.getLogger(__name__)
@@ -58,7 +58,7 @@ def connect(repo_id: str, *, private: bool = False, endpoint: str | None = None,
     tail = f" {way_out}" if way_out else ""
     if constants.is_offline_mode():
         raise UsageError(f"HF_HUB_OFFLINE is set, so nothing can be pushed; unset it{tail}")
-    token = get_token()  # HF_TOKEN, then the cached `hf auth login`
+    token = usable_token(get_token(), _LOGIN_HINT)  # HF_TOKEN, then the cached `hf auth login`
     if not token:
         raise UsageError(f"no Hugging Face token found: {_LOGIN_HINT}{',' if tail else ''}{tail}")
     client = HubClient(HfApi(endpoint=endpoint, token=token), repo_id, token, retry or RetryPolicy(),
@@ -78,7 +78,7 @@ def connect_reader(repo_id: str, *, endpoint: str | None = None, retry: RetryPol
     """A client that only reads (--check-hub): with any token or none (a public repo); creates nothing."""
     if constants.is_offline_mode():
         raise UsageError("HF_HUB_OFFLINE is set, so the Hub cannot be read; unset it")
-    token = get_token()
+    token = usable_token(get_token(), _LOGIN_HINT)
     client = HubClient(HfApi(endpoint=endpoint, token=token), repo_id, token, retry or RetryPolicy(),
                        KeyCache(checkpoint_dir))
     try:

@@ -15,7 +15,7 @@ from typing import Callable, TypeVar
 
 from huggingface_hub.errors import HfHubHTTPError
 
-from .errors import FatalError
+from .errors import FatalError, UsageError
 
 try:  # huggingface_hub 2.x talks through httpx2, 1.x through httpx
     import httpx2 as _httpx
@@ -98,3 +98,12 @@ def call_with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = Retr
                      policy.tries - 1, wait)
             policy.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def usable_token(token: str | None, hint: str) -> str | None:
+    """`token`, refused in one line where an HTTP header cannot carry it (quotes pasted with it, as from a web
+    page: a UnicodeEncodeError traceback from httpx). The token itself is never said."""
+    if token and not token.isascii():
+        raise UsageError(f"the Hugging Face token holds characters that are not ASCII (quotes pasted with it?); "
+                         f"set HF_TOKEN to the token alone, or {hint}")
+    return token
