@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import logging
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -80,7 +81,7 @@ def loaded_keys(stub, tmp_path) -> list[str]:
 
     local = snapshot_download(REPO, repo_type="dataset", endpoint=stub.endpoint, token=stub.token,
                               cache_dir=tmp_path / "download")
-    return datasets.load_dataset("parquet", data_files=f"{local}/data/{RUN}/*.parquet", split="train",
+    return datasets.load_dataset("parquet", data_files=str(Path(local) / "data" / RUN / "*.parquet"), split="train",
                                  cache_dir=str(tmp_path / "datasets"))["key"]
 
 
