@@ -2,10 +2,12 @@
 (the card resizes), and a window of 4 x 256 of them is ~11 GB of 2.7 MP art, far more for big PNG scans."""
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 import pytest
+from dummy_runs import clear_launch_env
 from PIL import Image
 
 from vlm_caption import loader
@@ -77,10 +79,29 @@ def test_the_default_cap_is_a_share_of_the_usable_memory(monkeypatch):
     assert loader.default_ahead_bytes() == 8 * 2**30  # unknown: 8 GiB
 
 
+def test_the_ranks_or_srun_tasks_of_one_machine_share_its_cores_and_its_memory_cap(monkeypatch):
+    """torchrun's 8 ranks in one 64-core, 256 GiB Slurm job each took 63 decode threads and 1/8 of the job's
+    memory: 8 x 63 threads on 64 cores, and images ahead up to the whole limit."""
+    clear_launch_env(monkeypatch)
+    monkeypatch.setattr(loader, "usable_memory_bytes", lambda: 256 * 2**30)
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert (loader.default_loader_workers(), loader.default_ahead_bytes()) == (63, 32 * 2**30)  # one process
+    for var, value in (("RANK", 3), ("WORLD_SIZE", 8), ("LOCAL_RANK", 3), ("LOCAL_WORLD_SIZE", 8),
+                       ("TORCHELASTIC_RUN_ID", "job")):
+        monkeypatch.setenv(var, str(value))
+    assert (loader.default_loader_workers(), loader.default_ahead_bytes()) == (7, 4 * 2**30)
+    assert 8 * loader.default_ahead_bytes() <= 256 * 2**30 // loader.AHEAD_SHARE_OF_MEMORY
+    clear_launch_env(monkeypatch)  # srun --ntasks 12 over 2 nodes: the busier node runs 8 in one job's memory
+    for var, value in (("SLURM_PROCID", 9), ("SLURM_STEP_NUM_TASKS", 12), ("SLURM_STEP_TASKS_PER_NODE", "8,4")):
+        monkeypatch.setenv(var, value)
+    # Slurm binds each srun task to its own cores (--cpus-per-task): what it sees is its share already
+    assert (loader.default_loader_workers(), loader.default_ahead_bytes()) == (63, 4 * 2**30)
+    monkeypatch.setenv("SLURM_STEP_TASKS_PER_NODE", "2(x6)")
+    assert loader.default_ahead_bytes() == 16 * 2**30
+
+
 def test_a_fifo_or_a_device_in_place_of_an_image_fails_its_row_instead_of_hanging(tmp_path):
     """open() of a FIFO waits for a writer: the loader thread, and so the whole run, hung for ever."""
-    import os
-
     os.mkfifo(tmp_path / "1.jpg")
     (tmp_path / "2.jpg").symlink_to("/dev/zero")
     import threading

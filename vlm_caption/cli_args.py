@@ -162,7 +162,7 @@ def caption_parser(description: str) -> argparse.ArgumentParser:
     g.add_argument("--attn-implementation", metavar="IMPL", default=D.attn_implementation, help="sdpa, eager, "
                    "flash_attention_2 or _3 (default: %(default)s)")
     g.add_argument("--num-loader-workers", metavar="N|auto", type=auto_or_int, default=D.num_loader_workers,
-                   help="image decode threads; auto: cores - 1 (default: auto)")
+                   help="image decode threads; auto: cores / ranks of this machine - 1 (default: auto)")
     g.add_argument("--compile", metavar="|".join(COMPILE_CHOICES), default=D.compile, choices=COMPILE_CHOICES,
                    help="static KV cache + compiled decode step and vision tower; auto: on for CUDA "
                         "(default: %(default)s)")

@@ -15,24 +15,25 @@ from typing import Any, Callable, Iterable, Iterator
 
 from PIL import Image
 
+from . import workers
 from .dataset import ImageLoadError, load_image
 from .images import MODEL_IMAGE_SIZE
 from .schema import IMAGE_PATH
-from .workers import usable_cores
 
 log = logging.getLogger(__name__)
-AHEAD_SHARE_OF_MEMORY = 8  # decoded images held ahead: at most 1/8 of the memory this process may use
+AHEAD_SHARE_OF_MEMORY = 8  # decoded images held ahead: at most 1/8 of the memory, by all processes of a machine
 
 
 def default_loader_workers() -> int:
-    """Loader workers for `--num-loader-workers auto`: the cores this process may use, minus one for
-    the generate loop, at least one."""
-    return max(1, usable_cores() - 1)
+    """Loader workers for `--num-loader-workers auto`: this process's share of the usable cores (torchrun's
+    ranks of one machine inherit one set of cores: 8 ranks each taking all 64 ran 8 x 63 threads), minus one
+    for the generate loop, at least one. srun tasks are not divided: Slurm binds each to its own cores."""
+    return max(1, workers.usable_cores() // workers.ranks_per_machine() - 1)
 
 
 def usable_memory_bytes() -> int | None:
-    """The memory this process may use: the machine's, or a smaller cgroup limit (a Slurm job's --mem, a
-    container's); None where neither can be read."""
+    """The memory this machine's processes may use: the machine's, or a smaller cgroup limit (a Slurm job's
+    --mem, a container's); None where neither can be read."""
     limits = []
     try:
         limits.append(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
@@ -52,9 +53,11 @@ def usable_memory_bytes() -> int | None:
 def default_ahead_bytes() -> int:
     """How many bytes of prepared images `prefetch` may hold ahead: on a GPU these are whole decoded images
     (the card resizes), 4 x 256 of them at batch 256, ~11 GB of 2.7 MP art and far more for big PNG
-    scans; a share of the usable memory, at least 1 GiB."""
+    scans; this process's part of a share of the usable memory (the processes of a machine share one
+    memory and one job limit), at least 1 GiB."""
     usable = usable_memory_bytes()
-    return max(2**30, usable // AHEAD_SHARE_OF_MEMORY) if usable else 8 * 2**30
+    share = usable // AHEAD_SHARE_OF_MEMORY if usable else 8 * 2**30
+    return max(2**30, share // workers.processes_per_machine())
 
 
 @dataclass

@@ -146,6 +146,22 @@ def ranks_per_machine() -> int:
     return local_world if local_world is not None else world or 1
 
 
+def srun_tasks_per_node() -> int:
+    """The most tasks of this Slurm step on one node (SLURM_STEP_TASKS_PER_NODE, e.g. "8(x2),4"), else 1."""
+    most = 1
+    for part in os.environ.get("SLURM_STEP_TASKS_PER_NODE", "").split(","):
+        count = part.split("(")[0].strip()
+        if count.isdigit():
+            most = max(most, int(count))
+    return most if srun_slice() is not None else 1
+
+
+def processes_per_machine() -> int:
+    """How many captioning processes share this machine's memory: torchrun / accelerate ranks, or the tasks
+    of one srun step (on its busiest node), each of which may run ranks of its own."""
+    return ranks_per_machine() * srun_tasks_per_node()
+
+
 def local_index() -> int:
     """This process's place among the processes of its machine: which GPU it takes."""
     local_rank, local_id = _env_ints("LOCAL_RANK", "SLURM_LOCALID")
