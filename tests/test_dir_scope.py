@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from dummy_runs import clear_launch_env
 
 from vlm_caption import dir_scope, store
 from vlm_caption.errors import UsageError
@@ -30,10 +31,11 @@ def test_an_array_task_of_one_node_is_told_its_array_size(tmp_path, holds_work):
     assert "--num-workers 2 --worker-index 1" in line and "--nnodes" not in line
 
 
-def test_an_array_tasks_dir_shared_by_its_nodes_is_told_the_array_size_not_the_machine_count(tmp_path, holds_work):
+def test_an_array_tasks_dir_shared_by_its_nodes_is_told_the_array_size_not_the_machine_count(tmp_path, monkeypatch):
     """Array task 1 of 2 on 2 nodes sharing a dir (machines 1 and 3 of 4): MACHINES=4 was advised."""
-    for machine in (1, 3):
+    for machine in (1, 3):  # both nodes record themselves as they start, before either has written a part
         dir_scope.check_machines(tmp_path, machine, 4, nodes=2)
+    monkeypatch.setattr(store, "list_parts", lambda ckpt: ["a part"])
     assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text()) == {"machines": 4, "indices": [1, 3],
                                                                           "nodes": 2}
     line = refusal(tmp_path, 1, 8, nodes=2)  # resubmitted with MACHINES=4 on its 2 nodes
@@ -65,3 +67,65 @@ def test_one_count_split_another_way_forgets_the_nodes(tmp_path):
     dir_scope.check_machines(tmp_path, 3, 4, nodes=2)
     dir_scope.check_machines(tmp_path, 1, 4)
     assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text()) == {"machines": 4, "indices": [1, 3]}
+
+
+def test_a_nodes_own_dir_given_another_nodes_rank_is_refused_and_told_the_static_rendezvous(tmp_path, holds_work):
+    """torchrun's c10d rendezvous numbers nodes by join order: a relaunch gave node A's own dir (machine 0 of 2)
+    rank 1, and it captioned node B's keys again (B's dir, A's)."""
+    dir_scope.check_machines(tmp_path, 0, 2, nodes=2)
+    line = refusal(tmp_path, 1, 2, nodes=2)
+    assert "holds the keys of machine 0 of 2 (node 0 of 2 of a multi-node torchrun)" in line
+    assert "this node came up as machine 1 (node 1 of 2 of a multi-node torchrun)" in line
+    assert "--rdzv-backend static" in line and "node 0 of 2 (the same torchrun --nnodes 2 --node-rank 0;" in line
+    assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text())["indices"] == [0]  # not recorded
+    dir_scope.check_machines(tmp_path, 0, 2, nodes=2)  # relaunched as its own node
+
+
+def test_a_dir_the_nodes_share_may_swap_them_and_one_of_another_shape_takes_a_node(tmp_path, monkeypatch):
+    shared, by_hand = tmp_path / "shared", tmp_path / "by_hand"
+    for ckpt in (shared, by_hand):
+        ckpt.mkdir()
+    for machine in (0, 1):  # both nodes of a run record themselves as they start
+        dir_scope.check_machines(shared, machine, 2, nodes=2)
+    dir_scope.check_machines(by_hand, 0, 2)  # --num-workers 2 --worker-index 0 on one machine
+    monkeypatch.setattr(store, "list_parts", lambda ckpt: ["a part"])
+    for machine in (1, 0):  # relaunched, ranks swapped: every key of the run is in the dir
+        dir_scope.check_machines(shared, machine, 2, nodes=2)
+    dir_scope.check_machines(by_hand, 1, 2, nodes=2)  # a 2-node torchrun now shares it: node 1 is new here
+    assert json.loads((by_hand / dir_scope.MACHINES_JSON).read_text())["indices"] == [0, 1]
+
+
+def as_rank(monkeypatch, rank: int, group_rank: int) -> None:
+    """torchrun --nnodes 2 --nproc-per-node 2: global rank `rank` on the node that got `group_rank`."""
+    clear_launch_env(monkeypatch)
+    for var, value in (("RANK", rank), ("WORLD_SIZE", 4), ("LOCAL_RANK", rank % 2), ("LOCAL_WORLD_SIZE", 2),
+                       ("GROUP_RANK", group_rank), ("GROUP_WORLD_SIZE", 2), ("TORCHELASTIC_RUN_ID", "job")):
+        monkeypatch.setenv(var, str(value))
+
+
+def test_a_relaunch_whose_rendezvous_swapped_the_nodes_is_refused_and_no_key_is_captioned_twice(tmp_path,
+                                                                                              monkeypatch, capsys):
+    from dummy_runs import dummy_args
+
+    from batched_image_inference import main
+    from vlm_caption.sample_data import write_sample
+
+    data = write_sample(tmp_path / "data", n=16, broken=False, seed=4)
+    dirs = {"A": tmp_path / "nodeA", "B": tmp_path / "nodeB"}
+    for node, group in {"A": 0, "B": 1}.items():  # first launch: node A joined first
+        for local in range(2):
+            as_rank(monkeypatch, 2 * group + local, group)
+            assert main(dummy_args(data, dirs[node], "--max-images", "6")) == 0  # preempted
+    for node, group in {"A": 1, "B": 0}.items():  # relaunched: node B joined first
+        as_rank(monkeypatch, 2 * group, group)
+        with pytest.raises(UsageError, match="c10d rendezvous numbers nodes in the order they join"):
+            main(dummy_args(data, dirs[node]))
+    for node, group in {"A": 0, "B": 1}.items():  # as advised: a fixed --node-rank per node
+        for local in range(2):
+            as_rank(monkeypatch, 2 * group + local, group)
+            assert main(dummy_args(data, dirs[node])) == 0
+    clear_launch_env(monkeypatch)
+    capsys.readouterr()
+    assert main(["--merge-only", "--data-dir", str(data), "--checkpoint-dir", str(dirs["A"]), str(dirs["B"])]) == 0
+    out = capsys.readouterr().out
+    assert "16 rows" in out and "0 captioned more than once" in out, out

@@ -14,7 +14,8 @@ number of GPUs or srun tasks inside a machine may change. The refusal says how t
 machines.json also records the nodes per machine count (machine = array task + array size x node), since
 MACHINES=<count> was wrong advice for a task of a multi-node array (array task 1 of 2 on 2 nodes is machine 1
 or 3 of 4: resubmitted as task 1 with MACHINES=4 it takes another slice). A file without them is an earlier
-version's, whose count has no nodes in it: such a dir is relaunched on one node per machine.
+version's, whose count has no nodes in it: such a dir is relaunched on one node per machine. A node's own dir
+given another node's rank of the same run (torchrun's c10d rendezvous numbers nodes by join order) is refused.
 """
 from __future__ import annotations
 
@@ -51,13 +52,14 @@ def _check_machines(ckpt: Path, machine: int, machines: int, nodes: int) -> None
                              then="the machine count is recorded anew from this run")
             count, indices, known = None, set(), None
     if count == machines:
+        if machine not in indices and nodes > 1 and known == nodes and _holds_work(ckpt):
+            _refuse_another_node(ckpt, machine, count, indices, nodes)
         # The same count split another way (array size x nodes): the indices' nodes are no longer one number.
         same = known if known == nodes else None
         if machine not in indices or same != known:
             atomic_write_json(path, _record(machines, sorted(indices | {machine}), same))
         return
-    holds_work = bool(store.list_parts(ckpt) or store.list_failure_files(ckpt))
-    if count is not None and holds_work and indices != set(range(count)) and not _same_keys(count, indices, machine,
+    if count is not None and _holds_work(ckpt) and indices != set(range(count)) and not _same_keys(count, indices, machine,
                                                                                           machines):
         raise UsageError(
             f"{ckpt} holds the keys of machine {', '.join(map(str, sorted(indices)))} of {count}"
@@ -69,6 +71,27 @@ def _check_machines(ckpt: Path, machine: int, machines: int, nodes: int) -> None
     # of it, a later relaunch with yet another count (or the first one) was refused though every key is here.
     whole = count is not None and indices == set(range(count))
     atomic_write_json(path, _record(machines, list(range(machines)) if whole else [machine], nodes))
+
+
+def _holds_work(ckpt: Path) -> bool:
+    return bool(store.list_parts(ckpt) or store.list_failure_files(ckpt))
+
+
+def _refuse_another_node(ckpt: Path, machine: int, count: int, indices: set[int], nodes: int) -> None:
+    """A multi-node torchrun's node at a dir that its run's other nodes wrote, none of them this node: a node's
+    own dir given another node's rank. torchrun's c10d rendezvous (--rdzv-backend c10d, --standalone) numbers
+    nodes in the order they join, so a relaunch may swap them: each node's dir then captioned the other's keys
+    again and left its own to no one. The nodes of a run that share a dir all record themselves at the start
+    (before any work), so a dir shared by them is not refused; one an earlier run of another shape wrote (an
+    array task, --num-workers by hand) has other nodes recorded, and is not refused either."""
+    raise UsageError(
+        f"{ckpt} holds the keys of machine {', '.join(map(str, sorted(indices)))} of {count}"
+        f"{_launch(count, indices, nodes)}, but this node came up as machine {machine}"
+        f"{_launch(count, {machine}, nodes)}: torchrun's c10d rendezvous numbers nodes in the order they join, so "
+        f"this dir would caption another node's keys again and leave its own to no one. Give each node with a dir "
+        f"of its own a fixed rank: torchrun --rdzv-backend static --master-addr <first node> --master-port <port> "
+        f"--nnodes {nodes} --node-rank <its node>, relaunching this dir as {_relaunch(count, indices, nodes)}; "
+        f"or let the nodes share one --checkpoint-dir")
 
 
 def _record(machines: int, indices: list[int], nodes: int | None) -> dict:
