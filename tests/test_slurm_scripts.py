@@ -59,6 +59,13 @@ def test_the_array_script_captions_every_key_of_its_task(tmp_path, where):
     extra = {} if where == "checkout" else {"REPO": str(REPO)}
     env = sbatch_env(tmp_path, submit, VENV=str(Path(sys.executable).parent.parent),
                      CHECKPOINTS=str(ckpt.parent), **extra)
+    if where == "checkout":  # a node in MIG mode: each GPU lists its instances under it ("wc -l" counted 4)
+        (tmp_path / "fakebin" / "nvidia-smi").write_text(
+            "#!/bin/sh\necho 'GPU 0: fake'\necho '  MIG 3g.40gb Device 0: (UUID: MIG-a)'\n"
+            "echo 'GPU 1: fake'\necho '  MIG 3g.40gb Device 0: (UUID: MIG-b)'\n")
+    else:  # Slurm's own count of this task's GPUs wins over what nvidia-smi lists (2 fake GPUs)
+        env["SLURM_GPUS_ON_NODE"] = "2"
+        (tmp_path / "fakebin" / "nvidia-smi").write_text("#!/bin/sh\nexit 1\n")
     proc = run_script(env, tmp_path, "--backend", "dummy", "--model", "dummy-model", "--no-push", "--data-dir",
                       str(data), "--batch-size", "2", "--num-loader-workers", "1")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
