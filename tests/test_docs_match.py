@@ -230,7 +230,7 @@ def test_every_setting_the_run_scripts_read_from_the_environment_is_in_the_readm
     scale_out = README.split("\n## Scale-out\n")[1].split("```")[1]  # (its comments start with "# ")
     for script in sorted((REPO / "runs").iterdir()):
         text = script.read_text()
-        settings = set(re.findall(r"\$\{([A-Z_]+):-", text)) - {"SLURM_SUBMIT_DIR"}  # Slurm's own
+        settings = set(re.findall(r"\$\{([A-Z_]+):-", text)) - {"SLURM_SUBMIT_DIR", "SLURM_GPUS_ON_NODE"}  # Slurm's own
         assert settings, script.name
         assert sorted(v for v in settings if not re.search(rf"\b{v}\b", scale_out)) == [], script.name
         model = re.search(r"\$\{MODEL:-([^}]+)\}", text).group(1)
