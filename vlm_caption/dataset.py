@@ -5,8 +5,6 @@ a second pass yields the chosen rows a batch at a time. Only keys are ever held 
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import logging
 import os
 import re
@@ -18,19 +16,18 @@ from typing import AbstractSet, Any, Collection, Iterator, Sequence
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from .data_layout import (ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, SHARD_NAMES, SHARD_SIZE_META, URLS_FILE,
+from .data_layout import (FULL_METADATA_FILE, IMAGES_DIR, SHARD_NAMES, SHARD_SIZE_META, URLS_FILE,
                           VALIDATION_DIR, expected_shards, shard_name, stats_file)
 from .download_source import URL_COLUMNS, travels_as_text
 from .errors import UsageError, brief
 from .flag_checks import check_shards, parse_shards
 from .image_match import ImageMatch
+from .image_paths import ShardFolders, images_by_key, resolve_image_path, row_shard, shard_of
 from .images import IMAGE_SUFFIXES, ImageLoadError, load_image, to_rgb  # noqa: F401  (dataset.* names)
 from .schema import COLUMNS, IMAGE_PATH, LOOKUP_COLUMNS, Column, carried, keep_columns
 
 log = logging.getLogger(__name__)
 
-_KEY_RE = re.compile(r"^[0-9]{1,20}$")
-_SHARD_DIR_RE = re.compile(r"^images/([0-9]+)/")
 # ---------------------------------------------------------------- metadata
 
 def metadata_files(data_dir: Path) -> list[tuple[Path, str | None]]:
@@ -149,13 +146,6 @@ def _iter_batches(files: list[tuple[Path, str | None]], columns: list[str], skip
                 skipped.append((str(path), shard))
 
 
-def shard_of(row_file: str | None, shard: str | None) -> int | None:
-    if shard is not None:
-        return int(shard)
-    m = _SHARD_DIR_RE.match(row_file or "")
-    return int(m.group(1)) if m else None
-
-
 def worker_of(key: str, num_workers: int) -> int:
     """Stable partition of keys: the same key goes to the same worker on every machine and rerun."""
     return zlib.crc32(key.encode()) % num_workers
@@ -222,6 +212,7 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
         unreadable.append((str(data_dir / IMAGES_DIR / f"{shard}.parquet") + " (unfinished download)", shard))
     rows_read: dict[Path, int] = {}
     shards_seen: set[int] = set()
+    folders, folderless = ShardFolders(data_dir), {}  # shard name -> its rows, when its folder is missing
     columns = ["key", "file_name", "status", *(["sha256"] if any(m.images for m in matches) else [])]
     for batch, shard, path in _iter_batches(readable, columns, skip_unreadable=len(files) > 1, skipped=unreadable):
         keys = batch.column("key").to_pylist()
@@ -236,9 +227,9 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
                     match.see(key, images[i])
             if key is not None:
                 data_keys.add(key)
-            row_shard = shard_of(row_file, shard)
-            shards_seen.add(row_shard)
-            if asked is not None and row_shard not in asked:
+            name = row_shard(row_file, shard, key or "")
+            shards_seen.add(None if name is None else int(name))
+            if asked is not None and (name is None or int(name) not in asked):
                 continue
             if key is None:
                 keyless.append(keyless_name(path, first_row + i))
@@ -246,7 +237,14 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
             if key in seen:
                 duplicates += 1
                 continue
+            if folders.missing(name):  # every image of it would fail for good: left for a later run instead
+                folderless[name] = folderless.get(name, 0) + 1
+                continue
             seen.add(key)
+    for name, rows in sorted(folderless.items()):
+        log.error("shard %s has no images folder %s (moved, deleted, or on a disk not mounted): its %d rows are "
+                  "left for a later run", name, data_dir / IMAGES_DIR / name, rows)
+        unreadable.append((f"{IMAGES_DIR}/{name}/ (no images folder)", name))
     # A selected shard that exists but cannot be read (yet) is retryable (exit 3), not "no such shard" (exit 2);
     # one outside the selection is not this run's concern (a Slurm task per shard while others download).
     unread = {int(s) for _, s in unreadable if s is not None}
@@ -294,7 +292,7 @@ def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),
     unreadable, or whose other columns do not read) are said in `unread`: retryable, never skipped silently.
     `shards` (the plan's --shards): a key also in an unselected shard is read from the selected one, as planned."""
     wanted = set(todo_keys)
-    _images_by_key.cache_clear()  # each pass lists the shard folders afresh
+    images_by_key.cache_clear()  # each pass lists the shard folders afresh
     names = carried(extra)
     types = {c.name: c.type for c in (*COLUMNS, *extra)}
     read = list(dict.fromkeys([*names, *LOOKUP_COLUMNS, *also]))
@@ -302,7 +300,7 @@ def iter_rows(data_dir: Path, todo_keys: set[str], extra: Sequence[Column] = (),
     for batch, shard, _ in _iter_batches(metadata_files(data_dir), read, skip_unreadable=True):
         for row in batch.to_pylist():
             key = str(row["key"])  # a null key becomes "None", which is never wanted
-            if key not in wanted or shards is not None and shard_of(row.get("file_name"), shard) not in shards:
+            if key not in wanted or shards is not None and shard_of(row.get("file_name"), shard, key) not in shards:
                 continue
             wanted.discard(key)
             for name, in_shard in SHARD_NAMES.items():  # md5 is reserved in img2dataset: source_md5 there
@@ -346,39 +344,3 @@ def clean_row(row: dict[str, Any], types: dict[str, pa.DataType]) -> dict[str, A
         elif pa.types.is_string(kind) and value is not None and not isinstance(value, str):
             row[name] = str(value)
     return row
-
-
-def resolve_image_path(data_dir: Path, key: str, file_name: str | None, shard: str | None) -> Path | None:
-    """The image file of a row, or None when the row cannot name one safely inside data_dir.
-
-    The check is on the path as written (no '..', not absolute), so an images/ dir that is a symlink
-    to another disk still works, while a row can never point the tool at a file outside the data dir.
-    """
-    if file_name:
-        relative = Path(os.path.normpath(file_name))
-    elif _KEY_RE.match(key) and shard is not None and _KEY_RE.match(shard):
-        # img2dataset names every file {key}.jpg: one stat finds it. The folder is listed (once per pass) only for
-        # a key without that file: listing each shard's 10K-30K entries cost a relaunch with a few keys left
-        # ~6.7 s per worker at 400K rows, for any number of keys.
-        name = f"{key}.{ENCODE_FORMAT}"
-        if not os.path.isfile(os.path.join(data_dir, IMAGES_DIR, shard, name)):
-            name = _images_by_key(str(data_dir / IMAGES_DIR / shard)).get(key) or name
-        relative = Path(IMAGES_DIR, shard, name)
-    else:
-        return None
-    if relative.is_absolute() or relative.parts[:1] == ("..",):
-        return None
-    return data_dir / relative
-
-
-@functools.lru_cache(maxsize=8)
-def _images_by_key(folder: str) -> dict[str, str]:
-    """key -> image file name in one shard folder, for keys whose file is not {key}.jpg; listed once (a glob
-    per key over a 10K-file folder took ~50 ms: 20 img/s at most for a data dir without full_metadata.parquet)."""
-    found: dict[str, str] = {}
-    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-        for name in sorted(os.listdir(folder)):
-            key, dot, _ = name.partition(".")
-            if dot and os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES:
-                found.setdefault(key, name)
-    return found

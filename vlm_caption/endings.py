@@ -88,7 +88,8 @@ def exit_code(cfg: RunConfig, stats: RunStats, plan: dataset.WorkPlan, pushed_al
     # before), unreadable shard metadata, unpushed rows. --strict: any failure is 3.
     retryable = stats.failed["generate"] + plan.failed_retryable + len(plan.unreadable_shards)
     if plan.unreadable_shards:
-        log.error("unreadable shard metadata, its images were not captioned: %s", ", ".join(plan.unreadable_shards))
+        log.error("shards not read, their images were not captioned (rerun when they can be read): %s",
+                  ", ".join(plan.unreadable_shards))
     if push_refused and not pushed_all:
         log.error("%s; every caption is kept in %s: fix the token or --hf-repo, then run --push-only",
                   push_refused, ckpt)
@@ -361,7 +362,7 @@ def merge_and_check(cfg: RunConfig) -> int:
             log.warning("%s is still in use by %s: keys it has not written yet count as missing; --merge-only "
                         "again once it ends (its last worker merges the dir itself)", d, "; ".join(live))
     if plan.unreadable_shards:  # (their keys are not those of a removed shard: none is left out of the merge)
-        log.error("unreadable shard metadata, its keys are not counted: %s", ", ".join(plan.unreadable_shards))
+        log.error("shards not read, their keys are not counted: %s", ", ".join(plan.unreadable_shards))
     report = merge_parts(dirs, out, data_keys=None if plan.unreadable_shards else plan.data_keys)
     expected = plan.todo_keys  # failures of keys outside it (other --shards, a shard removed) are not its coverage
     counts = {"captioned": report.keys, "failed": {k: r for k, r in still_failed(dirs, report.keys).items()

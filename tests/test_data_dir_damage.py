@@ -1,0 +1,62 @@
+"""A data dir damaged by hand after its download: a full_metadata.parquet rewritten without file_name, a shard's
+images folder gone (moved, deleted, a disk not mounted). Neither may turn images into permanent failures that
+reruns skip (every row was a `load` failure, "outside the data dir or malformed key" or "No such file", exit 0)."""
+from __future__ import annotations
+
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+from dummy_runs import clear_launch_env, dummy_args, merged_rows
+
+from vlm_caption import store
+from vlm_caption.errors import EXIT_OK, EXIT_ITEMS_FAILED
+from vlm_caption.sample_data import write_sample
+
+
+@pytest.fixture
+def data(tmp_path, monkeypatch):
+    clear_launch_env(monkeypatch)
+    return write_sample(tmp_path / "data", n=12, seed=0, shard_size=6, broken=False)
+
+
+def failures(ckpt) -> int:
+    return sum(pq.read_table(p.path).num_rows for p in store.list_failure_files(ckpt))
+
+
+def test_full_metadata_without_file_name_finds_each_image_by_its_key(data, tmp_path):
+    from batched_image_inference import main
+
+    meta = data / "full_metadata.parquet"
+    pq.write_table(pq.read_table(meta).drop_columns(["file_name"]), meta)  # "the useful columns" kept by hand
+    assert main(dummy_args(data, tmp_path / "all")) == EXIT_OK
+    assert failures(tmp_path / "all") == 0 and len(merged_rows(tmp_path / "all")) == 12
+    assert main(dummy_args(data, tmp_path / "one", "--shards", "1")) == EXIT_OK  # the shard is the key's too
+    assert sorted(r["key"][:5] for r in merged_rows(tmp_path / "one")) == ["00001"] * 6
+
+
+@pytest.mark.parametrize("metadata", ["shard parquets", "full_metadata.parquet"])
+def test_a_missing_shard_folder_leaves_its_rows_for_a_later_run(data, tmp_path, caplog, metadata):
+    from batched_image_inference import main
+
+    if metadata == "shard parquets":
+        (data / "full_metadata.parquet").unlink()
+    folder, aside = data / "images" / "00000", tmp_path / "unmounted"
+    shutil.move(folder, aside)
+    ckpt = tmp_path / "ckpt"
+    assert main(dummy_args(data, ckpt)) == EXIT_ITEMS_FAILED
+    assert failures(ckpt) == 0 and sorted(r["key"][:5] for r in merged_rows(ckpt)) == ["00001"] * 6
+    assert f"shard 00000 has no images folder {folder} (moved, deleted, or on a disk not mounted): its 6 rows " \
+           "are left for a later run" in caplog.text
+    shutil.move(aside, folder)  # mounted again
+    assert main(dummy_args(data, ckpt)) == EXIT_OK
+    assert failures(ckpt) == 0 and len(merged_rows(ckpt)) == 12
+
+
+def test_one_missing_image_is_still_its_rows_failure(data, tmp_path):
+    """Only a whole folder is left for later: a shard whose folder is there lost that one file."""
+    from batched_image_inference import main
+
+    next((data / "images" / "00001").glob("*.jpg")).unlink()
+    assert main(dummy_args(data, tmp_path / "ckpt")) == EXIT_OK
+    assert failures(tmp_path / "ckpt") == 1 and len(merged_rows(tmp_path / "ckpt")) == 11
