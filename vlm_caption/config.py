@@ -15,7 +15,8 @@ from .backends import BACKENDS, RETRY_REPETITION_PENALTY
 from .data_layout import FULL_METADATA_FILE, IMAGES_DIR
 from .errors import UsageError
 from .flag_checks import (  # noqa: F401  (check_output_file: re-exported, imported from here)
-    REPO_ID_RE, check_model, check_output_file, check_writable_dir, parse_shards, resolve_repo_id)
+    REPO_ID_RE, check_model, check_output_file, check_utf8_names, check_writable_dir, parse_shards,
+    resolve_repo_id)
 
 DEFAULT_MODEL = "google/gemma-3-27b-it"
 DEFAULT_DATA_DIR = "./data/contrastyles_full"
@@ -124,6 +125,8 @@ class RunConfig:
         return max(self.min_push_interval, num_workers * 3600.0 / self.hub_commits_per_hour)
 
     def validate(self) -> None:
+        check_utf8_names([("--data-dir", self.data_dir), *(("--checkpoint-dir", d) for d in self.checkpoint_dirs),
+                          ("--prompt-file", self.prompt_file), ("--prompts-file", self.prompts_file)])
         positive = {"--batch-size": self.batch_size, "--max-images": self.max_images, "--max-tokens": self.max_tokens,
                     "--push-every": self.push_every, "--checkpoint-every": self.checkpoint_every,
                     "--hub-commits-per-hour": self.hub_commits_per_hour,
@@ -381,6 +384,7 @@ class DownloadConfig:
     verbose: bool = False
 
     def validate(self) -> None:
+        check_utf8_names([("--output", self.output), ("--source", self.source)])
         for flag, value in {"--threads": self.threads, "--processes": self.processes, "--timeout": self.timeout,
                             "--max-image-mb": self.max_image_mb, "--shard-size": self.shard_size,
                             "--validate-workers": self.validate_workers,

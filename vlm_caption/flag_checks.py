@@ -6,6 +6,7 @@ other modules import them from here or from config, which re-exports them).
 from __future__ import annotations
 
 import logging
+import os
 import re
 import tempfile
 from pathlib import Path
@@ -84,6 +85,21 @@ def check_model(model: str) -> None:
     if local:  # demo/modl: a typo beside demo/model, not a Hub id
         raise UsageError(f"--model {model} is not a directory, and {path.parent}/ holds local models: "
                          f"{', '.join(str(c.parent) for c in local[:3])}")
+
+
+def check_utf8_names(paths: Iterable[tuple[str, str | None]]) -> None:
+    """(flag, path) pairs: each path a name in UTF-8. Bytes the shell could not decode (a latin-1 'donn\\xe9es' of
+    an older system) arrive as surrogates, which pyarrow cannot encode: a traceback at the first part written,
+    after the model had loaded and a batch was captioned."""
+    for flag, path in paths:
+        if path is None or path.isascii():
+            continue
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = os.fsencode(path).decode("utf-8", "backslashreplace")
+            raise UsageError(f"{flag} {shown} is not a UTF-8 name, which parquet files cannot be read or written "
+                             "under: rename it (e.g. convmv -f latin1 -t utf8)") from None
 
 
 def check_output_file(path: Path, flag: str) -> None:

@@ -251,6 +251,9 @@ def _check_prompt(name: Any, prompt: Any) -> None:
                          "that starts with '{' or '[' or is a word YAML reads as data (yes, no, on, off, a number)")
     if not isinstance(prompt, str) or not prompt.strip():
         raise ValueError(f"prompt {name!r} must be a non-empty string")
+    if _LONE_SURROGATE_RE.search(prompt):  # the tokenizer raised a TypeError traceback after the model loaded
+        raise ValueError(f"prompt {name!r} holds a lone surrogate escape (\\ud83d: half an emoji): write the "
+                         "character itself, or both halves of its escape")
     try:
         template_columns(prompt)
     except ValueError as e:

@@ -1,0 +1,54 @@
+"""Text that is not UTF-8 where the tool needs it to be: a --prompts-file prompt with a lone surrogate escape (half
+an emoji, cut by the tool that wrote the file), a directory name in latin-1 bytes (Python holds those as
+surrogates). Each was a traceback after the model loaded (the tokenizer's TypeError, pyarrow's UnicodeEncodeError
+at the first part written); each is now one line before any work."""
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from dummy_runs import assert_one_line_usage_errors, clear_launch_env, dummy_args
+
+from vlm_caption.cli import run_main
+from vlm_caption.errors import EXIT_USAGE
+
+LATIN1_NAME = os.fsdecode(b"donn\xe9es")
+
+
+@pytest.mark.parametrize("name, text", [("p.json", '{"a": "Describe it \\ud83d"}'),
+                                        ("p.yaml", 'a: "Describe it \\ud800"\n')])
+def test_a_lone_surrogate_in_a_prompts_file_is_one_usage_line(sample_data_dir, tmp_path, capsys, name, text):
+    path = tmp_path / name
+    path.write_text(text)
+    assert_one_line_usage_errors(sample_data_dir, tmp_path / "ckpt", [(("--prompts-file", str(path)),
+                                                                       "holds a lone surrogate escape")], capsys)
+    assert not (tmp_path / "ckpt").exists()
+
+
+@pytest.mark.parametrize("which", ["--checkpoint-dir", "--data-dir"])
+def test_a_dir_name_that_is_not_utf8_is_one_usage_line(sample_data_dir, tmp_path, monkeypatch, capsys, which):
+    from batched_image_inference import main
+
+    clear_launch_env(monkeypatch)
+    data, ckpt = sample_data_dir, tmp_path / "ckpt"
+    if which == "--checkpoint-dir":
+        ckpt = tmp_path / LATIN1_NAME
+    else:
+        data = tmp_path / LATIN1_NAME
+        shutil.copytree(sample_data_dir, data)
+    with pytest.raises(SystemExit) as exc:
+        run_main(main, dummy_args(data, ckpt), prog="batched_image_inference.py")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == EXIT_USAGE and len(lines) == 1, lines
+    assert f"{which} {tmp_path}/donn\\xe9es is not a UTF-8 name" in lines[0]
+    assert not (tmp_path / LATIN1_NAME / "parts").exists()
+
+
+def test_a_download_output_or_source_that_is_not_utf8_is_refused(tmp_path):
+    from vlm_caption.config import DownloadConfig
+    from vlm_caption.errors import UsageError
+
+    for flags in ({"output": str(tmp_path / LATIN1_NAME)}, {"source": str(tmp_path / f"{LATIN1_NAME}.parquet")}):
+        with pytest.raises(UsageError, match=r"--(output|source) .*donn\\xe9es.* is not a UTF-8 name"):
+            DownloadConfig(**flags).validate()
