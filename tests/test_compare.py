@@ -75,6 +75,7 @@ def test_a_run_against_its_own_copy_is_the_same(full_run, tmp_path, capsys):
     ("disjoint", "captioned no image in common: nothing to compare"),
     ("other_data", "captioned no image in common (42 keys in both hold other images, sha256: other data sets?)"),
     ("show", "--show must be 0 or more"),
+    ("foreign", "is no captioning run's (it has no key column: image, caption)"),  # was a KeyError traceback
 ])
 def test_what_it_cannot_compare_is_one_line_and_exit_2(full_run, tmp_path, capsys, case, says):
     from vlm_caption.cli import run_main
@@ -88,6 +89,8 @@ def test_what_it_cannot_compare_is_one_line_and_exit_2(full_run, tmp_path, capsy
         values = pa.array([f"x{k}" for k in table.column(column).to_pylist()])
         pq.write_table(table.set_column(table.schema.get_field_index(column), column, values),
                              other / store.MERGED)
+    if case == "foreign":  # another tool's file of that name
+        pq.write_table(pa.table({"image": ["a.jpg"], "caption": ["a cat"]}), other / store.MERGED)
     argv = [str(base), str(tmp_path / "nowhere" if case == "missing" else other)]
     with pytest.raises(SystemExit) as ended:
         run_main(main, argv + (["--show", "-1"] if case == "show" else []), prog="compare")

@@ -156,6 +156,9 @@ def test_cli_from_another_directory(failed_run, tmp_path):
 def test_missing_merged_file_is_a_usage_error(tmp_path):
     with pytest.raises(UsageError, match="all_captions.parquet"):
         preview_main([str(tmp_path), "--out", str(tmp_path / "p.html")])
+    pq.write_table(pa.table({"image": ["a.jpg"]}), tmp_path / "all_captions.parquet")  # another tool's: KeyError
+    with pytest.raises(UsageError, match="all_captions.parquet is no captioning run's .it has no key column: image"):
+        preview_main([str(tmp_path), "--out", str(tmp_path / "p.html")])
 
 
 def test_out_that_is_a_directory_is_a_usage_error(checkpoint, tmp_path):

@@ -23,7 +23,6 @@ from .cli import plural
 
 try:  # `python -m vlm_caption.compare` outside the venv: one line saying what to do, not a traceback
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     from . import store
     from .atomic import atomic_write_json
@@ -44,17 +43,11 @@ def similarity(a: str, b: str) -> float:
 
 def read_run(checkpoint_dir: Path) -> tuple[dict, dict[str, dict]]:
     """(run.json or {}, key -> row) of a checkpoint dir's merged captions."""
-    if not checkpoint_dir.is_dir():
-        what = "is a file, not a directory" if checkpoint_dir.exists() else "does not exist"
-        raise UsageError(f"{checkpoint_dir} {what}; give the --checkpoint-dir of a captioning run")
-    merged = checkpoint_dir / store.MERGED
-    if not merged.is_file():
-        raise UsageError(f"{checkpoint_dir} has no {store.MERGED}; run batched_image_inference.py "
-                         "(or its --merge-only) on it first")
+    merged = store.open_merged(checkpoint_dir)
     try:
-        table = pq.read_table(merged)
+        table = merged.read()
     except (OSError, pa.ArrowException) as e:
-        raise UsageError(f"cannot read {merged}: {e}") from None
+        raise UsageError(f"cannot read {checkpoint_dir / store.MERGED}: {e}") from None
     return store.read_run_json(checkpoint_dir) or {}, {row["key"]: row for row in table.to_pylist()}
 
 

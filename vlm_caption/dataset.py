@@ -6,7 +6,6 @@ a second pass yields the chosen rows a batch at a time. Only keys are ever held 
 from __future__ import annotations
 
 import logging
-import os
 import re
 import zlib
 from dataclasses import dataclass, field

@@ -331,12 +331,7 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
     if n < 1:
         raise UsageError(f"--n must be a positive integer, got {n}")
     merged = checkpoint_dir / store.MERGED
-    if not checkpoint_dir.is_dir():  # a typo'd path: "has no all_captions.parquet" would send them to rerun
-        what = "is a file, not a directory" if checkpoint_dir.exists() else "does not exist"
-        raise UsageError(f"{checkpoint_dir} {what}; give the --checkpoint-dir of a captioning run")
-    if not merged.is_file():
-        raise UsageError(f"{checkpoint_dir} has no {store.MERGED}; run batched_image_inference.py "
-                         "(or its --merge-only) on it first")
+    store.open_merged(checkpoint_dir)  # one line when the dir or its file is not a run's
     run = store.read_run_json(checkpoint_dir) or {}
     # --prompts-file: each prompt's flags, finish, attempts and tokens, not the plain (first prompt's) ones only
     flag_columns, finish_columns, attempts_columns, tokens_columns = (

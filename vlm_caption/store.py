@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from .atomic import atomic_write_json, atomic_write_table
 from .errors import FatalError, UsageError
@@ -54,6 +55,25 @@ def read_run_json(checkpoint_dir: Path | str) -> dict | None:
         raise UsageError(f"{Path(checkpoint_dir) / RUN_JSON} is {problem}; restore the file, or set the dir's "
                          "work aside with a captioning run's --overwrite")
     return info
+
+
+def open_merged(checkpoint_dir: Path) -> pq.ParquetFile:
+    """A checkpoint dir's all_captions.parquet, for reading; one line when the dir or the file is not a run's."""
+    if not checkpoint_dir.is_dir():  # a typo'd path: "has no all_captions.parquet" would send them to rerun
+        what = "is a file, not a directory" if checkpoint_dir.exists() else "does not exist"
+        raise UsageError(f"{checkpoint_dir} {what}; give the --checkpoint-dir of a captioning run")
+    merged = checkpoint_dir / MERGED
+    if not merged.is_file():
+        raise UsageError(f"{checkpoint_dir} has no {MERGED}; run batched_image_inference.py "
+                         "(or its --merge-only) on it first")
+    try:
+        merged_file = pq.ParquetFile(merged)
+    except (OSError, pa.ArrowException) as e:
+        raise UsageError(f"cannot read {merged}: {e}") from None
+    if "key" not in merged_file.schema_arrow.names:  # another tool's file of that name: a KeyError traceback
+        raise UsageError(f"{merged} is no captioning run's (it has no key column: "
+                         f"{', '.join(merged_file.schema_arrow.names[:6]) or 'no columns'})")
+    return merged_file
 
 
 def read_run_json_safe(checkpoint_dir: Path | str) -> tuple[dict | None, str | None]:
