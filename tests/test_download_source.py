@@ -152,3 +152,19 @@ def test_a_null_or_blank_url_is_said_and_refused_as_no_url(caplog):
     assert "5 rows have no URL (null or blank): not fetched, recorded as failed" in said
     assert "not http(s)" not in said and "more than one source row" not in said
     assert dl.img2dataset_input(table).column("url").to_pylist() == [NO_URL] * 5 + [urls[5]]
+
+
+def test_a_parquet_directory_is_read_as_its_files(tmp_path):
+    """What Spark or a partitioned to_parquet writes (x.parquet/part-*.parquet, _SUCCESS): it was 'does not exist'."""
+    src = tmp_path / "contrastyles.parquet"
+    src.mkdir()
+    for part in range(2):
+        rows = {c: [f"{part}{i}" if c == "key" else f"http://127.0.0.1/{part}{i}.jpg" if c == "url" else "x"
+                    for i in range(3)] for c in SOURCE_COLUMNS}
+        pq.write_table(pa.table(rows), src / f"part-{part:05d}.parquet")
+    (src / "_SUCCESS").write_text("")
+    table = dl.load_source(str(src), "train", None)
+    assert table.column("key").to_pylist() == ["00", "01", "02", "10", "11", "12"]
+    (tmp_path / "src.csv").mkdir()
+    with pytest.raises(UsageError, match=r"--source \S+src.csv is a directory; give the file"):
+        dl.load_source(str(tmp_path / "src.csv"), "train", None)

@@ -384,6 +384,8 @@ class DownloadConfig:
     verbose: bool = False
 
     def validate(self) -> None:
+        if not self.output.strip():  # an unset "$OUT" in a script: not a download into the current directory
+            raise UsageError(f"--output is empty; give a directory (e.g. {DEFAULT_DATA_DIR})")
         check_utf8_names([("--output", self.output), ("--source", self.source)])
         for flag, value in {"--threads": self.threads, "--processes": self.processes, "--timeout": self.timeout,
                             "--max-image-mb": self.max_image_mb, "--shard-size": self.shard_size,

@@ -84,7 +84,9 @@ def load_source(source: str, split: str, max_rows: int | None) -> pa.Table:
     """
     path = Path(source)
     if path.suffix.lower() in (".parquet", ".csv", ".jsonl", ".json"):
-        if not path.is_file():
+        if path.is_dir() and path.suffix.lower() != ".parquet":  # (a parquet dir: Spark's or pandas' partitions)
+            raise UsageError(f"--source {source} is a directory; give the file")
+        if not path.exists():
             raise UsageError(f"--source {source} does not exist")
         table = _read_local_table(path)
     elif path.is_file():  # a local file load_dataset would take for a Hub id
@@ -122,8 +124,9 @@ def check_source_columns(columns: list[str], source: str) -> None:
 def _read_local_table(path: Path) -> pa.Table:
     suffix = path.suffix.lower()
     try:
-        if suffix == ".parquet":
-            check_source_columns(pq.read_schema(path).names, str(path))
+        if suffix == ".parquet":  # a file, or a directory of them (what Spark and partitioned to_parquet write)
+            check_source_columns((pq.ParquetDataset(path).schema if path.is_dir() else pq.read_schema(path)).names,
+                                 str(path))
             return pq.read_table(path)
         if suffix == ".csv":
             # Read every column as text: keys like "000123" must keep their leading zeros.

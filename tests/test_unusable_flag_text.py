@@ -1,7 +1,7 @@
-"""Text that is not UTF-8 where the tool needs it to be: a --prompts-file prompt with a lone surrogate escape (half
-an emoji, cut by the tool that wrote the file), a directory name in latin-1 bytes (Python holds those as
-surrogates). Each was a traceback after the model loaded (the tokenizer's TypeError, pyarrow's UnicodeEncodeError
-at the first part written); each is now one line before any work."""
+"""Flag text the tool cannot use as given. Text that is not UTF-8 where it must be: a --prompts-file prompt with a
+lone surrogate escape (half an emoji, cut by the tool that wrote the file), a directory name in latin-1 bytes (Python
+holds those as surrogates); each was a traceback after the model loaded (the tokenizer's TypeError, pyarrow's
+UnicodeEncodeError at the first part written). An empty --output. Each is now one line before any work."""
 from __future__ import annotations
 
 import os
@@ -52,3 +52,15 @@ def test_a_download_output_or_source_that_is_not_utf8_is_refused(tmp_path):
     for flags in ({"output": str(tmp_path / LATIN1_NAME)}, {"source": str(tmp_path / f"{LATIN1_NAME}.parquet")}):
         with pytest.raises(UsageError, match=r"--(output|source) .*donn\\xe9es.* is not a UTF-8 name"):
             DownloadConfig(**flags).validate()
+
+
+@pytest.mark.parametrize("value", ["", " "])
+def test_an_empty_download_output_is_refused_not_the_current_directory(tmp_path, monkeypatch, value):
+    """An unset "$OUT" in a script downloaded urls.parquet, images/ and full_metadata.parquet beside the code."""
+    from vlm_caption.config import DownloadConfig
+    from vlm_caption.errors import UsageError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(UsageError, match="--output is empty; give a directory"):
+        DownloadConfig(output=value, source=str(tmp_path / "src.parquet")).validate()
+    assert list(tmp_path.iterdir()) == []
