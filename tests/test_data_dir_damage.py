@@ -60,3 +60,15 @@ def test_one_missing_image_is_still_its_rows_failure(data, tmp_path):
     next((data / "images" / "00001").glob("*.jpg")).unlink()
     assert main(dummy_args(data, tmp_path / "ckpt")) == EXIT_OK
     assert failures(tmp_path / "ckpt") == 1 and len(merged_rows(tmp_path / "ckpt")) == 11
+
+
+def test_a_download_that_has_only_just_started_is_said_so(sample_data_dir, tmp_path, capsys):
+    """urls.parquet written, images/ made, no shard parquet yet: it asked "is it the directory download_data.py
+    wrote?" (it is); a moment later, with one unfinished shard, it said "no finished shard yet"."""
+    from dummy_runs import assert_one_line_usage_errors
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    shutil.copy(sample_data_dir / "urls.parquet", data / "urls.parquet")
+    assert_one_line_usage_errors(data, tmp_path / "ckpt", [((), "holds no finished shard yet: wait for "
+                                                                "download_data.py to finish one")], capsys)

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from . import workers
 from .backends import BACKENDS, RETRY_REPETITION_PENALTY
-from .data_layout import FULL_METADATA_FILE, IMAGES_DIR
+from .data_layout import FULL_METADATA_FILE, IMAGES_DIR, URLS_FILE
 from .errors import UsageError
 from .flag_checks import (  # noqa: F401  (check_output_file: re-exported, imported from here)
     REPO_ID_RE, check_model, check_output_file, check_utf8_names, check_writable_dir, parse_shards,
@@ -252,10 +252,10 @@ class RunConfig:
         if not data.is_dir():
             raise UsageError(f"--data-dir {data} does not exist; run download_data.py --output {data} first")
         if not (data / FULL_METADATA_FILE).is_file() and not list((data / IMAGES_DIR).glob("*.parquet")):
-            raise UsageError(
-                f"--data-dir {data} holds no full_metadata.parquet and no images/*.parquet; "
-                "is it the directory download_data.py wrote?"
-            )
+            started = (data / URLS_FILE).is_file()  # a download that has only just started
+            raise UsageError(f"--data-dir {data} holds no finished shard yet: wait for download_data.py to finish "
+                             "one (or rerun it, if it stopped)" if started else f"--data-dir {data} holds no full_metadata.parquet and no "
+                             "images/*.parquet; is it the directory download_data.py wrote?")
         if not (data / IMAGES_DIR).is_dir():
             # Without it every image would be recorded as a permanent load failure (and skipped on reruns).
             raise UsageError(f"--data-dir {data} has no {IMAGES_DIR}/ folder with the images: is its disk mounted? "

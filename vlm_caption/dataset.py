@@ -61,7 +61,8 @@ def metadata_schema(data_dir: Path) -> pa.Schema:
             if shard is None or path == files[-1][0] and not schemas:
                 raise
     if not schemas:  # every shard is unfinished
-        raise UsageError(f"{data_dir} holds no finished shard yet: rerun download_data.py until one is done")
+        raise UsageError(f"{data_dir} holds no finished shard yet: wait for download_data.py to finish one (or "
+                         "rerun it, if it stopped)")
     try:
         schema = pa.unify_schemas(schemas, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as e:
