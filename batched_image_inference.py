@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import argparse
 
-try:
+from vlm_caption.cli import script_imports
+
+# outside the venv, or Ctrl-C while importing: one line, no traceback
+with script_imports(as_script=__name__ == "__main__"):
     from vlm_caption import cli_args
     from vlm_caption.config import RunConfig
-except ModuleNotFoundError as e:  # outside the venv: one line saying what to do, not a traceback
-    from vlm_caption.cli import exit_missing_dependency
-    exit_missing_dependency(e, as_script=__name__ == "__main__")
 
 D = RunConfig()  # every default is the dataclass's, typed once
 

@@ -22,13 +22,13 @@ if __name__ == "__mp_main__":
     # the parent stops them (img2dataset's SIGINT handler and its pool's exit terminate them).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
-try:
+from vlm_caption.cli import script_imports
+
+# outside the venv, or Ctrl-C while importing: one line, no traceback
+with script_imports(as_script=__name__ == "__main__"):
     from vlm_caption import cli_args
     from vlm_caption.cli import run_main, setup_logging
     from vlm_caption.config import DownloadConfig
-except ModuleNotFoundError as e:  # outside the venv: one line saying what to do, not a traceback
-    from vlm_caption.cli import exit_missing_dependency
-    exit_missing_dependency(e, as_script=__name__ == "__main__")
 
 
 def build_parser() -> argparse.ArgumentParser:

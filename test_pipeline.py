@@ -18,14 +18,14 @@ import argparse
 from vlm_caption import cli
 from pathlib import Path
 
-try:
+from vlm_caption.cli import script_imports
+
+# outside the venv, or Ctrl-C while importing: one line, no traceback
+with script_imports(as_script=__name__ == "__main__"):
     from vlm_caption.cli_args import HelpFormatter
     from vlm_caption.config import DEFAULT_DATA_DIR, check_writable_dir, resolve_repo_id
     from vlm_caption.errors import UsageError
     from vlm_caption.smoke import DEFAULT_SMOKE_MODEL, DEFAULT_SMOKE_REPO
-except ModuleNotFoundError as e:  # outside the venv: one line saying what to do, not a traceback
-    from vlm_caption.cli import exit_missing_dependency
-    exit_missing_dependency(e, as_script=__name__ == "__main__")
 
 
 def build_parser() -> argparse.ArgumentParser:

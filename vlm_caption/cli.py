@@ -5,13 +5,14 @@ Standard library only: the root scripts import it to explain a missing dependenc
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import logging
 import os
 import re
 import signal
 import sys
-from typing import Callable
+from typing import Callable, Iterator
 
 from .errors import EXIT_FATAL, EXIT_USAGE, FatalError, UsageError
 
@@ -118,6 +119,23 @@ def exit_missing_dependency(e: ModuleNotFoundError, as_script: bool = True, prog
         raise e
     print(line, file=sys.stderr)
     sys.exit(EXIT_FATAL)
+
+
+@contextlib.contextmanager
+def script_imports(as_script: bool = True, prog: str | None = None) -> Iterator[None]:
+    """Around a root script's imports: a missing dependency is one line, exit 1 (exit_missing_dependency); Ctrl-C
+    while they load (seconds on a cold network file system) is one line, exit 130, not a KeyboardInterrupt
+    traceback. Not as_script (the file imported as a module, e.g. by tests or a spawned worker): both raise."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        exit_missing_dependency(e, as_script, prog)
+    except KeyboardInterrupt:
+        if not as_script:
+            raise
+        print(f"{prog or sys.argv[0].rsplit('/', 1)[-1]}: interrupted (SIGINT) while starting; nothing was done",
+              file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
 
 
 def run_main(main: Callable[[list[str] | None], int], argv: list[str] | None = None,

@@ -21,7 +21,8 @@ from typing import Any
 from . import cli
 from .cli import plural
 
-try:  # `python -m vlm_caption.compare` outside the venv: one line saying what to do, not a traceback
+# outside the venv, or Ctrl-C while importing: one line, no traceback
+with cli.script_imports(as_script=__name__ == "__main__", prog="python -m vlm_caption.compare"):
     import pyarrow as pa
 
     from . import store
@@ -29,8 +30,6 @@ try:  # `python -m vlm_caption.compare` outside the venv: one line saying what t
     from .config import check_output_file
     from .errors import UsageError
     from .run_identity import OPTIONAL_SETTINGS, RUN_SETTINGS, SETTING_NAMES
-except ModuleNotFoundError as e:
-    cli.exit_missing_dependency(e, as_script=__name__ == "__main__", prog="python -m vlm_caption.compare")
 
 SIMILAR = 0.9  # a caption at least this similar to the other run's counts as "about the same"
 _SIDE_COLUMNS = ("caption_tokens", "caption_finish", "caption_flags")  # read for each side's own numbers

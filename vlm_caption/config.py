@@ -254,8 +254,8 @@ class RunConfig:
         if not (data / FULL_METADATA_FILE).is_file() and not list((data / IMAGES_DIR).glob("*.parquet")):
             started = (data / URLS_FILE).is_file()  # a download that has only just started
             raise UsageError(f"--data-dir {data} holds no finished shard yet: wait for download_data.py to finish "
-                             "one (or rerun it, if it stopped)" if started else f"--data-dir {data} holds no full_metadata.parquet and no "
-                             "images/*.parquet; is it the directory download_data.py wrote?")
+                             "one (or rerun it, if it stopped)" if started else f"--data-dir {data} holds no "
+                             "full_metadata.parquet and no images/*.parquet; is it the dir download_data.py wrote?")
         if not (data / IMAGES_DIR).is_dir():
             # Without it every image would be recorded as a permanent load failure (and skipped on reruns).
             raise UsageError(f"--data-dir {data} has no {IMAGES_DIR}/ folder with the images: is its disk mounted? "

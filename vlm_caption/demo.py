@@ -28,15 +28,14 @@ from . import cli
 from .cli import plural
 from .errors import brief
 
-try:  # `python -m vlm_caption.demo` outside the venv: one line saying what to do, not a traceback
+# outside the venv, or Ctrl-C while importing: one line, no traceback
+with cli.script_imports(as_script=__name__ == "__main__", prog="python -m vlm_caption.demo"):
     import pyarrow.parquet as pq
 
     from . import endings, locks, pipeline, store
     from .config import RunConfig, check_writable_dir
     from .data_layout import INVALID_FILE
     from .errors import EXIT_ITEMS_FAILED, EXIT_OK, UsageError
-except ModuleNotFoundError as e:
-    cli.exit_missing_dependency(e, as_script=__name__ == "__main__", prog="python -m vlm_caption.demo")
 
 DEFAULT_DIR = "./demo"
 DEFAULT_ROWS = 24

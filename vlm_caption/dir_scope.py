@@ -59,8 +59,8 @@ def _check_machines(ckpt: Path, machine: int, machines: int, nodes: int) -> None
         if machine not in indices or same != known:
             atomic_write_json(path, _record(machines, sorted(indices | {machine}), same))
         return
-    if count is not None and _holds_work(ckpt) and indices != set(range(count)) and not _same_keys(count, indices, machine,
-                                                                                          machines):
+    if (count is not None and _holds_work(ckpt) and indices != set(range(count))
+            and not _same_keys(count, indices, machine, machines)):
         raise UsageError(
             f"{ckpt} holds the keys of machine {', '.join(map(str, sorted(indices)))} of {count}"
             f"{_launch(count, indices, known)}, but this run is machine {machine} of {machines}"

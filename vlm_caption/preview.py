@@ -28,7 +28,8 @@ from urllib.parse import quote, urlsplit
 from . import cli
 from .cli import plural
 
-try:  # `python -m vlm_caption.preview` outside the venv: one line saying what to do, not a traceback
+# outside the venv, or Ctrl-C while importing: one line, no traceback
+with cli.script_imports(as_script=__name__ == "__main__", prog="python -m vlm_caption.preview"):
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -40,8 +41,6 @@ try:  # `python -m vlm_caption.preview` outside the venv: one line saying what t
     from .preview_page import CSS, JS, controls
     from .random_weights import NOISE_BANNER, RANDOM_WEIGHTS_MARKER, is_random_weights
     from .rows import FLAGS_COLUMN, count_flags, describe_counts, ordered_counts, run_prompt_columns
-except ModuleNotFoundError as e:
-    cli.exit_missing_dependency(e, as_script=__name__ == "__main__", prog="python -m vlm_caption.preview")
 
 log = logging.getLogger(__name__)
 DEFAULT_ROWS = 200

@@ -1,7 +1,8 @@
-"""Flag text the tool cannot use as given. Text that is not UTF-8 where it must be: a --prompts-file prompt with a
-lone surrogate escape (half an emoji, cut by the tool that wrote the file), a directory name in latin-1 bytes (Python
-holds those as surrogates); each was a traceback after the model loaded (the tokenizer's TypeError, pyarrow's
-UnicodeEncodeError at the first part written). An empty --output. Each is now one line before any work."""
+"""What goes wrong before any work starts, each one line and no traceback. Text that is not UTF-8 where it must be:
+a --prompts-file prompt with a lone surrogate escape (half an emoji, cut by the tool that wrote the file), a
+directory name in latin-1 bytes (Python holds those as surrogates); each was a traceback after the model loaded (the
+tokenizer's TypeError, pyarrow's UnicodeEncodeError at the first part written). An empty download --output. A Ctrl-C
+while a script still imports its modules."""
 from __future__ import annotations
 
 import os
@@ -64,3 +65,23 @@ def test_an_empty_download_output_is_refused_not_the_current_directory(tmp_path,
     with pytest.raises(UsageError, match="--output is empty; give a directory"):
         DownloadConfig(output=value, source=str(tmp_path / "src.parquet")).validate()
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("script", ["batched_image_inference.py", "download_data.py", "test_pipeline.py",
+                                    "-m vlm_caption.preview"])
+def test_ctrl_c_while_a_script_imports_is_one_line_and_130(tmp_path, script):
+    """The imports take ~0.2 s here, seconds on a cold network file system: a Ctrl-C then was a KeyboardInterrupt
+    traceback. An import hook makes the Ctrl-C land there every time."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "sitecustomize.py").write_text(
+        "import sys\nclass CtrlC:\n    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'vlm_caption.config':\n            raise KeyboardInterrupt\n"
+        "sys.meta_path.insert(0, CtrlC())\n")
+    proc = subprocess.run([sys.executable, *script.split(), "--help"], cwd=Path(__file__).resolve().parent.parent,
+                          env={**os.environ, "PYTHONPATH": str(tmp_path)}, capture_output=True, text=True, timeout=120)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 130 and len(lines) == 1, proc.stderr[-400:]
+    assert lines[0].endswith("interrupted (SIGINT) while starting; nothing was done")
