@@ -197,6 +197,8 @@ def one_line_exit(capsys, argv: list[str]) -> tuple[int, str]:
     (["--temperature", "-1"], "--temperature"),
     (["--temperature", "nan"], "--temperature must be a number"),
     (["--temperature", "inf"], "--temperature must be a number"),
+    (["--min-push-interval", "nan"], "--min-push-interval must be a number of seconds >= 0, got nan"),
+    (["--min-push-interval", "inf"], "--min-push-interval must be a number of seconds >= 0, got inf"),
     (["--checkpoint-dir", ""], "--checkpoint-dir is empty"),
     (["--device-map", "foo"], "--device-map 'foo' is not one of auto"),
     (["--hub-endpoint", "notaurl"], "is not an http:// or https:// URL"),

@@ -175,8 +175,8 @@ class RunConfig:
             raise UsageError(f"--template-value-chars must be >= 0 (0: whole values), got {self.template_value_chars}")
         if not 0 < self.top_p <= 1:
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.min_push_interval < 0:
-            raise UsageError("--min-push-interval must be >= 0")
+        if not 0 <= self.min_push_interval < float("inf"):  # nan and inf too: inf never pushed until the run's end
+            raise UsageError(f"--min-push-interval must be a number of seconds >= 0, got {self.min_push_interval}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):
             raise UsageError(f"--dtype must be auto, bfloat16, float16 or float32, got {self.dtype!r}")
         if self.backend not in BACKENDS:
