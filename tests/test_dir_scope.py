@@ -103,8 +103,8 @@ def as_rank(monkeypatch, rank: int, group_rank: int) -> None:
         monkeypatch.setenv(var, str(value))
 
 
-def test_a_relaunch_whose_rendezvous_swapped_the_nodes_is_refused_and_no_key_is_captioned_twice(tmp_path,
-                                                                                              monkeypatch, capsys):
+def test_a_relaunch_whose_rendezvous_swapped_the_nodes_is_refused_and_no_key_is_captioned_twice(
+        tmp_path, monkeypatch, capsys):
     from dummy_runs import dummy_args
 
     from batched_image_inference import main
