@@ -79,11 +79,11 @@ def _holds_work(ckpt: Path) -> bool:
 
 def _refuse_another_node(ckpt: Path, machine: int, count: int, indices: set[int], nodes: int) -> None:
     """A multi-node torchrun's node at a dir that its run's other nodes wrote, none of them this node: a node's
-    own dir given another node's rank. torchrun's c10d rendezvous (--rdzv-backend c10d, --standalone) numbers
-    nodes in the order they join, so a relaunch may swap them: each node's dir then captioned the other's keys
-    again and left its own to no one. The nodes of a run that share a dir all record themselves at the start
-    (before any work), so a dir shared by them is not refused; one an earlier run of another shape wrote (an
-    array task, --num-workers by hand) has other nodes recorded, and is not refused either."""
+    own dir given another node's rank. torchrun's c10d rendezvous (--rdzv-backend c10d) numbers nodes in the
+    order they join, so a relaunch may swap them: each node's dir then captioned the other's keys again and left
+    its own to no one. The nodes of a run that share a dir all record themselves as they start (before any work),
+    so a dir shared by them is not refused; nor is one that a run of another shape wrote (an array of one node
+    per task, --num-workers by hand): it recorded another number of nodes."""
     raise UsageError(
         f"{ckpt} holds the keys of machine {', '.join(map(str, sorted(indices)))} of {count}"
         f"{_launch(count, indices, nodes)}, but this node came up as machine {machine}"
