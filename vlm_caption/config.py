@@ -113,7 +113,7 @@ class RunConfig:
     vision_overlap: bool = False  # the next batch's vision tower runs while this one decodes (vision_ahead.py)
     keep_columns: str | None = None  # further metadata columns carried into the output, comma-separated
     attn_implementation: str = "sdpa"  # sdpa, eager, flash_attention_2
-    num_loader_workers: int | None = None  # threads that decode and preprocess images; None = auto (cores - 1)
+    num_loader_workers: int | None = None  # image decode threads; None = auto (cores / ranks of the machine - 1)
     verbose: bool = False
 
     @property
