@@ -259,3 +259,20 @@ def test_a_kept_column_the_runs_files_type_two_ways_is_named_and_exits_4(cli, hu
     assert got["missing"] == got["duplicated"] == 0 and sorted(got["type_disagreements"]["year"]) == [
         "int64", "string, all null"]
     assert all(path in proc.stdout for path in files)
+
+
+def test_check_hub_counts_the_keys_of_a_shard_whose_images_folder_is_gone(hub_stub, tiny_model_dir, tmp_path):
+    """--check-hub reads no image: a shard whose folder is not on this machine (never published) was left out of
+    `expected`, and the check said '0 missing', exit 0."""
+    import shutil
+
+    from vlm_caption.sample_data import write_sample
+
+    data = write_sample(tmp_path / "data", n=12, broken=False, seed=3, shard_size=6)
+    cli = Cli(hub_stub, tiny_model_dir, data, tmp_path)
+    ok(cli.run("m1", "--shards", "1"))  # only shard 00001 is captioned and published
+    shutil.move(str(data / "images" / "00000"), str(tmp_path / "elsewhere-00000"))  # not on this machine
+    proc = cli.run("check", "--check-hub")
+    got = json.loads((tmp_path / "check" / HUB_COVERAGE).read_text())
+    assert got["expected"] == 12 and got["missing"] == 6, (got, proc.stdout[-1500:])
+    assert proc.returncode == EXIT_COVERAGE

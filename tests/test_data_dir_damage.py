@@ -46,8 +46,8 @@ def test_a_missing_shard_folder_leaves_its_rows_for_a_later_run(data, tmp_path, 
     ckpt = tmp_path / "ckpt"
     assert main(dummy_args(data, ckpt)) == EXIT_ITEMS_FAILED
     assert failures(ckpt) == 0 and sorted(r["key"][:5] for r in merged_rows(ckpt)) == ["00001"] * 6
-    assert f"shard 00000 has no images folder {folder} (moved, deleted, or on a disk not mounted): its 6 rows " \
-           "are left for a later run" in caplog.text
+    assert f"shard 00000 has no images folder {folder} (moved, deleted, or on a disk not mounted): 6 of its " \
+           "rows are left for a later run" in caplog.text
     shutil.move(aside, folder)  # mounted again
     assert main(dummy_args(data, ckpt)) == EXIT_OK
     assert failures(ckpt) == 0 and len(merged_rows(ckpt)) == 12
@@ -72,3 +72,19 @@ def test_a_download_that_has_only_just_started_is_said_so(sample_data_dir, tmp_p
     shutil.copy(sample_data_dir / "urls.parquet", data / "urls.parquet")
     assert_one_line_usage_errors(data, tmp_path / "ckpt", [((), "holds no finished shard yet: wait for "
                                                                 "download_data.py to finish one")], capsys)
+
+
+def test_a_captioned_shard_whose_images_were_moved_away_is_not_retryable(data, tmp_path):
+    """Only keys still to caption need their image: --merge-only and a relaunch exited 3, and coverage.json
+    expected 6 keys of 12, once the captioned shard's folder was archived."""
+    import json
+
+    from batched_image_inference import main
+
+    ckpt = tmp_path / "ckpt"
+    assert main(dummy_args(data, ckpt)) == 0
+    shutil.move(str(data / "images" / "00000"), str(tmp_path / "archived-00000"))  # done with those images
+    assert main(["--merge-only", "--data-dir", str(data), "--checkpoint-dir", str(ckpt)]) == 0
+    coverage = json.loads((ckpt / store.COVERAGE).read_text())
+    assert coverage["expected"] == 12 and coverage["captioned"] == 12 and coverage["unexpected_keys"] == 0
+    assert main(dummy_args(data, ckpt)) == 0  # a relaunch: nothing left to caption

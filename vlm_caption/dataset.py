@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import re
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import AbstractSet, Any, Collection, Iterator, Sequence
@@ -184,12 +185,15 @@ def keyless_name(path: Path, row: int) -> str:
 
 def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | None, worker: int,
               num_workers: int, done_keys: set[str], failed_keys: set[str],
-              hub_only: set[str] = frozenset(), matches: Sequence[ImageMatch] = ()) -> WorkPlan:
+              hub_only: set[str] = frozenset(), matches: Sequence[ImageMatch] = (),
+              reads_images: bool = True) -> WorkPlan:
     """Pass 1: which keys this worker captions now. Selection is global (shards, then the first
     --max-images keys in key order), then split between workers, then minus done and failed keys.
     `hub_only`: the done keys published but not in this dir, counted in this worker's share only.
     `matches`: what was captioned (a checkpoint dir's parts, the Hub's files), each compared with the data dir's
-    images (image_match.py; the caller checks them)."""
+    images (image_match.py; the caller checks them).
+    `reads_images`: a key whose shard's images folder is missing as a whole waits (unreadable_shards), not
+    planned to fail for good."""
     files = metadata_files(data_dir)
     seen: set[str] = set()
     data_keys: set[str] = set()
@@ -212,7 +216,7 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
         unreadable.append((str(data_dir / IMAGES_DIR / f"{shard}.parquet") + " (unfinished download)", shard))
     rows_read: dict[Path, int] = {}
     shards_seen: set[int] = set()
-    folders, folderless = ShardFolders(data_dir), {}  # shard name -> its rows, when its folder is missing
+    folders, folderless = ShardFolders(data_dir), {}  # key -> its shard, when the shard's folder is missing
     columns = ["key", "file_name", "status", *(["sha256"] if any(m.images for m in matches) else [])]
     for batch, shard, path in _iter_batches(readable, columns, skip_unreadable=len(files) > 1, skipped=unreadable):
         keys = batch.column("key").to_pylist()
@@ -237,14 +241,9 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
             if key in seen:
                 duplicates += 1
                 continue
-            if folders.missing(name):  # every image of it would fail for good: left for a later run instead
-                folderless[name] = folderless.get(name, 0) + 1
-                continue
             seen.add(key)
-    for name, rows in sorted(folderless.items()):
-        log.error("shard %s has no images folder %s (moved, deleted, or on a disk not mounted): its %d rows are "
-                  "left for a later run", name, data_dir / IMAGES_DIR / name, rows)
-        unreadable.append((f"{IMAGES_DIR}/{name}/ (no images folder)", name))
+            if reads_images and folders.missing(name):
+                folderless[key] = name
     # A selected shard that exists but cannot be read (yet) is retryable (exit 3), not "no such shard" (exit 2);
     # one outside the selection is not this run's concern (a Slurm task per shard while others download).
     unread = {int(s) for _, s in unreadable if s is not None}
@@ -257,6 +256,14 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
     done = [k for k in mine if k in done_keys]
     failed = [k for k in mine if k in failed_keys and k not in done_keys]
     todo = set(mine) - done_keys - failed_keys
+    # A shard folder missing as a whole (moved, deleted, a disk not mounted): each of its images would fail for
+    # good. Its keys stay selected (--max-images takes the same ones) and done ones stay done; the rest wait.
+    waiting = Counter(name for key, name in folderless.items() if key in todo)
+    todo -= folderless.keys()
+    for name, rows in sorted(waiting.items()):
+        log.error("shard %s has no images folder %s (moved, deleted, or on a disk not mounted): %d of its rows "
+                  "are left for a later run", name, data_dir / IMAGES_DIR / name, rows)
+        unreadable.append(f"{IMAGES_DIR}/{name}/ (no images folder)")
     if duplicates:
         log.warning("%d rows repeat a key already seen in the metadata; only the first is captioned", duplicates)
     if keyless:
@@ -272,12 +279,13 @@ def plan_work(data_dir: Path, *, shards: list[int] | None, max_images: int | Non
 
 def plan_run(cfg, *, worker: int = 0, num_workers: int = 1, done_keys: AbstractSet[str] = frozenset(),
              failed_keys: AbstractSet[str] = frozenset(), hub_only: set[str] = frozenset(),
-             matches: Sequence[ImageMatch] = ()) -> WorkPlan:
+             matches: Sequence[ImageMatch] = (), reads_images: bool = True) -> WorkPlan:
     """plan_work over a run's selection (`cfg`'s --data-dir, --shards, --max-images), then each of `matches`
-    checked against the data dir's images: mostly other images is a UsageError, a few a warning."""
+    checked against the data dir's images: mostly other images is a UsageError, a few a warning. reads_images:
+    False for a count of keys (--merge-only, --check-hub), which needs no image folder."""
     plan = plan_work(Path(cfg.data_dir), shards=parse_shards(cfg.shards), max_images=cfg.max_images,
                      worker=worker, num_workers=num_workers, done_keys=done_keys, failed_keys=failed_keys,
-                     hub_only=hub_only, matches=matches)
+                     hub_only=hub_only, matches=matches, reads_images=reads_images)
     for match in matches:
         match.check(f"--data-dir {cfg.data_dir}")
     return plan

@@ -350,7 +350,7 @@ def merge_and_check(cfg: RunConfig) -> int:
                          + ", ".join(f"{d}={r}" for d, r in runs.items()))
     out = dirs[0] / store.MERGED
     captioned = parts_images(dirs)  # (unreadable parts: merge_parts says so)
-    plan = dataset.plan_run(cfg, matches=[dir_match("the checkpoint dir(s)", captioned)])
+    plan = dataset.plan_run(cfg, matches=[dir_match("the checkpoint dir(s)", captioned)], reads_images=False)
     if captioned and not captioned.keys() & plan.data_keys:  # the merge would replace a good file with 0 rows
         raise UsageError(f"none of the {len(captioned)} captioned keys of the checkpoint dir(s) are in --data-dir "
                          f"{cfg.data_dir}: is it the data dir these runs captioned?")
