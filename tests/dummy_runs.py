@@ -14,7 +14,8 @@ FAULTS = {"VLM_CAPTION_DUMMY_FAULTS": "1"}
 # What Slurm and torchrun / accelerate set to place a worker (vlm_caption.workers reads them).
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "GROUP_WORLD_SIZE", "SLURM_ARRAY_TASK_ID", "SLURM_ARRAY_TASK_COUNT",
                "SLURM_ARRAY_TASK_MIN", "SLURM_ARRAY_TASK_STEP", "SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID",
-               "SLURM_STEP_TASKS_PER_NODE", "TORCHELASTIC_RUN_ID")
+               "SLURM_STEP_TASKS_PER_NODE", "TORCHELASTIC_RUN_ID",
+               "SLURM_JOB_ID", "SLURM_RESTART_COUNT")
 
 
 def clear_launch_env(monkeypatch) -> None:

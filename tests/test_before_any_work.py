@@ -85,3 +85,24 @@ def test_ctrl_c_while_a_script_imports_is_one_line_and_130(tmp_path, script):
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 130 and len(lines) == 1, proc.stderr[-400:]
     assert lines[0].endswith("interrupted (SIGINT) while starting; nothing was done")
+
+
+@pytest.mark.parametrize("tool", ["preview", "compare"])
+def test_preview_and_compare_of_a_run_dir_whose_name_is_not_utf8_is_one_usage_line(sample_data_dir, tmp_path,
+                                                                                     monkeypatch, capsys, tool):
+    """The run dir moved under a latin-1 name: pyarrow's UnicodeEncodeError was a traceback in both tools."""
+    from batched_image_inference import main
+    from vlm_caption import compare, preview
+
+    clear_launch_env(monkeypatch)
+    good = tmp_path / "ckpt"
+    assert main(dummy_args(sample_data_dir, good)) == 0
+    bad = tmp_path / LATIN1_NAME
+    shutil.move(str(good), str(bad))
+    capsys.readouterr()
+    argv = [str(bad), "--out", str(tmp_path / "p.html")] if tool == "preview" else [str(bad), str(bad)]
+    with pytest.raises(SystemExit) as exc:
+        run_main(preview.main if tool == "preview" else compare.main, argv, prog=f"python -m vlm_caption.{tool}")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == EXIT_USAGE and len(lines) == 1, lines[-3:]
+    assert "not a UTF-8 name" in lines[0]

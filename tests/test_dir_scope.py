@@ -69,42 +69,76 @@ def test_one_count_split_another_way_forgets_the_nodes(tmp_path):
     assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text()) == {"machines": 4, "indices": [1, 3]}
 
 
-def test_a_nodes_own_dir_given_another_nodes_rank_is_refused_and_told_the_static_rendezvous(tmp_path, holds_work):
+@pytest.fixture
+def no_wait(monkeypatch):
+    """A node of a swapped launch refuses at once, not after waiting for another node of its launch."""
+    monkeypatch.setattr(dir_scope, "NODE_CLAIM_WAIT_S", 0.0)
+
+
+def test_a_nodes_own_dir_given_another_nodes_rank_is_refused_and_told_the_static_rendezvous(tmp_path, holds_work,
+                                                                                            no_wait):
     """torchrun's c10d rendezvous numbers nodes by join order: a relaunch gave node A's own dir (machine 0 of 2)
     rank 1, and it captioned node B's keys again (B's dir, A's)."""
-    dir_scope.check_machines(tmp_path, 0, 2, nodes=2)
-    line = refusal(tmp_path, 1, 2, nodes=2)
-    assert "holds the keys of machine 0 of 2 (node 0 of 2 of a multi-node torchrun)" in line
+    dir_scope.check_machines(tmp_path, 0, 2, nodes=2, launch="job-1")
+    with pytest.raises(UsageError) as e:
+        dir_scope.check_machines(tmp_path, 1, 2, nodes=2, launch="job-2")
+    line = str(e.value)
+    assert "holds the keys of machine 0 of 2 (node 0 of 2 of a multi-node torchrun)" in line and "\n" not in line
     assert "this node came up as machine 1 (node 1 of 2 of a multi-node torchrun)" in line
     assert "--rdzv-backend static" in line and "node 0 of 2 (the same torchrun --nnodes 2 --node-rank 0;" in line
-    assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text())["indices"] == [0]  # not recorded
-    dir_scope.check_machines(tmp_path, 0, 2, nodes=2)  # relaunched as its own node
+    assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text()) == {
+        "machines": 2, "indices": [0], "nodes": 2, "launches": {"0": "job-1"}}  # not recorded
+    dir_scope.check_machines(tmp_path, 0, 2, nodes=2)  # finished by hand (--num-workers 2 --worker-index 0)
+    with pytest.raises(UsageError, match="c10d rendezvous"):  # ... which keeps the dir a node's own
+        dir_scope.check_machines(tmp_path, 1, 2, nodes=2, launch="job-3")
+    dir_scope.check_machines(tmp_path, 0, 2, nodes=2, launch="job-3")  # relaunched as its own node
 
 
-def test_a_dir_the_nodes_share_may_swap_them_and_one_of_another_shape_takes_a_node(tmp_path, monkeypatch):
-    shared, by_hand = tmp_path / "shared", tmp_path / "by_hand"
-    for ckpt in (shared, by_hand):
+def test_nodes_that_share_a_dir_are_never_refused(tmp_path, monkeypatch):
+    """A node of the same launch coming after another wrote work (a slow start; keyless rows are failed before the
+    model loads), the next array task's nodes, a new launch whose nodes swapped, a dir first run by hand."""
+    late, array, by_hand = tmp_path / "late", tmp_path / "array", tmp_path / "by_hand"
+    for ckpt in (late, array, by_hand):
         ckpt.mkdir()
-    for machine in (0, 1):  # both nodes of a run record themselves as they start
-        dir_scope.check_machines(shared, machine, 2, nodes=2)
-    dir_scope.check_machines(by_hand, 0, 2)  # --num-workers 2 --worker-index 0 on one machine
     monkeypatch.setattr(store, "list_parts", lambda ckpt: ["a part"])
+    dir_scope.check_machines(late, 0, 2, nodes=2, launch="job-1")
+    dir_scope.check_machines(late, 1, 2, nodes=2, launch="job-1")  # the same launch: the nodes share it
     for machine in (1, 0):  # relaunched, ranks swapped: every key of the run is in the dir
-        dir_scope.check_machines(shared, machine, 2, nodes=2)
-    dir_scope.check_machines(by_hand, 1, 2, nodes=2)  # a 2-node torchrun now shares it: node 1 is new here
+        dir_scope.check_machines(late, machine, 2, nodes=2, launch="job-2")
+    for task in (0, 1):  # 2 array tasks of 2 nodes each, one dir: machine = task + 2 x node
+        for node in (0, 1):
+            dir_scope.check_machines(array, task + 2 * node, 4, nodes=2, launch=f"task-{task}")
+    assert json.loads((array / dir_scope.MACHINES_JSON).read_text())["indices"] == [0, 1, 2, 3]
+    dir_scope.check_machines(by_hand, 0, 2)  # --num-workers 2 --worker-index 0 on one machine
+    dir_scope.check_machines(by_hand, 1, 2, nodes=2, launch="job-1")  # a 2-node torchrun now shares it
     assert json.loads((by_hand / dir_scope.MACHINES_JSON).read_text())["indices"] == [0, 1]
 
 
-def as_rank(monkeypatch, rank: int, group_rank: int) -> None:
+def test_a_node_of_a_new_launch_waits_for_the_other_nodes_of_its_launch(tmp_path, monkeypatch):
+    """A dir the nodes share, whose node 1 never reached it before: relaunched, node 1 may come before node 0.
+    It waits for a node of its own launch to claim the dir's other index, then goes on."""
+    import threading
+
+    monkeypatch.setattr(store, "list_parts", lambda ckpt: ["a part"])
+    dir_scope.check_machines(tmp_path, 0, 2, nodes=2, launch="job-1")
+    node0 = threading.Timer(1.0, dir_scope.check_machines, (tmp_path, 0, 2), {"nodes": 2, "launch": "job-2"})
+    node0.start()
+    dir_scope.check_machines(tmp_path, 1, 2, nodes=2, launch="job-2")  # waits for node 0, then records itself
+    node0.join()
+    assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text())["launches"] == {"0": "job-2", "1": "job-2"}
+
+
+def as_rank(monkeypatch, rank: int, group_rank: int, launch: str) -> None:
     """torchrun --nnodes 2 --nproc-per-node 2: global rank `rank` on the node that got `group_rank`."""
     clear_launch_env(monkeypatch)
     for var, value in (("RANK", rank), ("WORLD_SIZE", 4), ("LOCAL_RANK", rank % 2), ("LOCAL_WORLD_SIZE", 2),
-                       ("GROUP_RANK", group_rank), ("GROUP_WORLD_SIZE", 2), ("TORCHELASTIC_RUN_ID", "job")):
+                       ("GROUP_RANK", group_rank), ("GROUP_WORLD_SIZE", 2), ("TORCHELASTIC_RUN_ID", "none"),
+                       ("SLURM_JOB_ID", 7), ("SLURM_RESTART_COUNT", launch)):  # (a requeued job)
         monkeypatch.setenv(var, str(value))
 
 
 def test_a_relaunch_whose_rendezvous_swapped_the_nodes_is_refused_and_no_key_is_captioned_twice(
-        tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch, capsys, no_wait):
     from dummy_runs import dummy_args
 
     from batched_image_inference import main
@@ -114,15 +148,15 @@ def test_a_relaunch_whose_rendezvous_swapped_the_nodes_is_refused_and_no_key_is_
     dirs = {"A": tmp_path / "nodeA", "B": tmp_path / "nodeB"}
     for node, group in {"A": 0, "B": 1}.items():  # first launch: node A joined first
         for local in range(2):
-            as_rank(monkeypatch, 2 * group + local, group)
+            as_rank(monkeypatch, 2 * group + local, group, launch="0")
             assert main(dummy_args(data, dirs[node], "--max-images", "6")) == 0  # preempted
-    for node, group in {"A": 1, "B": 0}.items():  # relaunched: node B joined first
-        as_rank(monkeypatch, 2 * group, group)
+    for node, group in {"A": 1, "B": 0}.items():  # requeued: node B joined first
+        as_rank(monkeypatch, 2 * group, group, launch="1")
         with pytest.raises(UsageError, match="c10d rendezvous numbers nodes in the order they join"):
             main(dummy_args(data, dirs[node]))
     for node, group in {"A": 0, "B": 1}.items():  # as advised: a fixed --node-rank per node
         for local in range(2):
-            as_rank(monkeypatch, 2 * group + local, group)
+            as_rank(monkeypatch, 2 * group + local, group, launch="2")
             assert main(dummy_args(data, dirs[node])) == 0
     clear_launch_env(monkeypatch)
     capsys.readouterr()

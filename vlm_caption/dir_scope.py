@@ -15,12 +15,15 @@ machines.json also records the nodes per machine count (machine = array task + a
 MACHINES=<count> was wrong advice for a task of a multi-node array (array task 1 of 2 on 2 nodes is machine 1
 or 3 of 4: resubmitted as task 1 with MACHINES=4 it takes another slice). A file without them is an earlier
 version's, whose count has no nodes in it: such a dir is relaunched on one node per machine. A node's own dir
-given another node's rank of the same run (torchrun's c10d rendezvous numbers nodes by join order) is refused.
+given another node's rank by a relaunch (torchrun's c10d rendezvous numbers nodes by join order) is refused: the
+dir records which launch claimed each index, and a node whose array task's other indices were all claimed by
+earlier launches waits a while for a node of its own launch to claim one (a dir the nodes share) before refusing.
 """
 from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from . import locks, store
@@ -31,34 +34,50 @@ MACHINES_JSON = "machines.json"
 MACHINES_LOCK = "machines.lock"  # in locks/
 
 
-def check_machines(ckpt: Path, machine: int, machines: int, nodes: int = 1) -> None:
+NODE_CLAIM_WAIT_S = 120.0  # how long a node waits for another node of its launch to show the dir is shared
+
+
+def check_machines(ckpt: Path, machine: int, machines: int, nodes: int = 1, launch: str | None = None) -> None:
     """Record this machine in the dir; refuse another machine count on a dir holding part of the keys (module doc).
-    nodes: of the multi-node torchrun this machine is a node of (1 without one): machines = array size x nodes."""
-    # Machines that start together read and rewrite the same file: one at a time, or one's index is lost.
-    with locks.waiting_for(ckpt / locks.LOCKS_DIR / MACHINES_LOCK):
-        _check_machines(ckpt, machine, machines, nodes)
+    nodes: of the multi-node torchrun this machine is a node of (1 without one): machines = array size x nodes.
+    launch: which torchrun launch this is (workers.launch_id), recorded as each node's claim of its index."""
+    deadline = time.monotonic() + NODE_CLAIM_WAIT_S
+    while True:
+        # Machines that start together read and rewrite the same file: one at a time, or one's index is lost.
+        with locks.waiting_for(ckpt / locks.LOCKS_DIR / MACHINES_LOCK):
+            swapped = _check_machines(ckpt, machine, machines, nodes, launch)
+        if swapped is None:
+            return
+        if time.monotonic() >= deadline:
+            raise swapped
+        time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
 
 
-def _check_machines(ckpt: Path, machine: int, machines: int, nodes: int) -> None:
+def _check_machines(ckpt: Path, machine: int, machines: int, nodes: int, launch: str | None) -> UsageError | None:
+    """None once recorded; the refusal of a node swap while no node of this launch has shown the dir shared."""
     path = ckpt / MACHINES_JSON
-    count, indices, known = None, set(), None  # none yet (a new dir, or one of an earlier version): recorded below
+    count, indices, known, launches = None, set(), None, {}  # none yet (a new dir, or an earlier version's)
     if path.exists():
         try:
             recorded = json.loads(path.read_text())
             count, indices = int(recorded["machines"]), {int(i) for i in recorded["indices"]}
             known = None if recorded.get("nodes") is None else int(recorded["nodes"])
+            launches = {int(i): str(run) for i, run in (recorded.get("launches") or {}).items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             store.quarantine(ckpt, path, f"unreadable ({type(e).__name__})",
                              then="the machine count is recorded anew from this run")
-            count, indices, known = None, set(), None
+            count, indices, known, launches = None, set(), None, {}
     if count == machines:
-        if machine not in indices and nodes > 1 and known == nodes and _holds_work(ckpt):
-            _refuse_another_node(ckpt, machine, count, indices, nodes)
-        # The same count split another way (array size x nodes): the indices' nodes are no longer one number.
-        same = known if known == nodes else None
-        if machine not in indices or same != known:
-            atomic_write_json(path, _record(machines, sorted(indices | {machine}), same))
-        return
+        if machine not in indices and nodes > 1 and known == nodes and _swapped(ckpt, machine, count // nodes,
+                                                                               indices, launches, launch):
+            return _node_swap(ckpt, machine, count, indices, nodes)
+        claims = {**launches, machine: launch} if launch is not None and nodes > 1 else launches
+        if machine not in indices:  # the same count split another way (array size x nodes): nodes no longer one
+            atomic_write_json(path, _record(machines, sorted(indices | {machine}), known if known == nodes else None,
+                                            claims))
+        elif claims != launches:
+            atomic_write_json(path, _record(machines, sorted(indices), known, claims))
+        return None
     if (count is not None and _holds_work(ckpt) and indices != set(range(count))
             and not _same_keys(count, indices, machine, machines)):
         raise UsageError(
@@ -70,32 +89,43 @@ def _check_machines(ckpt: Path, machine: int, machines: int, nodes: int) -> None
     # A dir whose machines covered every key stays the whole run under the new count: recorded as one machine
     # of it, a later relaunch with yet another count (or the first one) was refused though every key is here.
     whole = count is not None and indices == set(range(count))
-    atomic_write_json(path, _record(machines, list(range(machines)) if whole else [machine], nodes))
+    claims = {machine: launch} if launch is not None and nodes > 1 and not whole else {}
+    atomic_write_json(path, _record(machines, list(range(machines)) if whole else [machine], nodes, claims))
+    return None
 
 
 def _holds_work(ckpt: Path) -> bool:
     return bool(store.list_parts(ckpt) or store.list_failure_files(ckpt))
 
 
-def _refuse_another_node(ckpt: Path, machine: int, count: int, indices: set[int], nodes: int) -> None:
-    """A multi-node torchrun's node at a dir that its run's other nodes wrote, none of them this node: a node's
-    own dir given another node's rank. torchrun's c10d rendezvous (--rdzv-backend c10d) numbers nodes in the
-    order they join, so a relaunch may swap them: each node's dir then captioned the other's keys again and left
-    its own to no one. The nodes of a run that share a dir all record themselves as they start (before any work),
-    so a dir shared by them is not refused; nor is one that a run of another shape wrote (an array of one node
-    per task, --num-workers by hand): it recorded another number of nodes."""
-    raise UsageError(
+def _swapped(ckpt: Path, machine: int, tasks: int, indices: set[int], launches: dict[int, str],
+             launch: str | None) -> bool:
+    """Whether this node may be a node's own dir given another node's rank: torchrun's c10d rendezvous
+    (--rdzv-backend c10d) numbers nodes in the order they join, so a relaunch may swap them, and each node's dir
+    then captioned the other's keys again and left its own to no one. So: the dir holds work of other nodes of
+    this machine's array task (a new array task sharing the dir is no swap), each claimed by another launch (a
+    node of this launch arriving after the others wrote work is a dir the nodes share; an index claimed by no
+    known launch, an earlier version's record or a launch outside torchrun, is not told apart)."""
+    siblings = {i for i in indices if i % tasks == machine % tasks}
+    return (launch is not None and bool(siblings) and all(launches.get(i) not in (None, launch) for i in siblings)
+            and _holds_work(ckpt))
+
+
+def _node_swap(ckpt: Path, machine: int, count: int, indices: set[int], nodes: int) -> UsageError:
+    return UsageError(
         f"{ckpt} holds the keys of machine {', '.join(map(str, sorted(indices)))} of {count}"
-        f"{_launch(count, indices, nodes)}, but this node came up as machine {machine}"
-        f"{_launch(count, {machine}, nodes)}: torchrun's c10d rendezvous numbers nodes in the order they join, so "
-        f"this dir would caption another node's keys again and leave its own to no one. Give each node with a dir "
-        f"of its own a fixed rank: torchrun --rdzv-backend static --master-addr <first node> --master-port <port> "
-        f"--nnodes {nodes} --node-rank <its node>, relaunching this dir as {_relaunch(count, indices, nodes)}; "
-        f"or let the nodes share one --checkpoint-dir")
+        f"{_launch(count, indices, nodes)}, and no other node of this launch came to it within "
+        f"{NODE_CLAIM_WAIT_S:.0f} s, but this node came up as machine {machine}{_launch(count, {machine}, nodes)}: "
+        f"torchrun's c10d rendezvous numbers nodes in the order they join, so this dir would caption another node's "
+        f"keys again and leave its own to no one. Give each node with a dir of its own a fixed rank: torchrun "
+        f"--rdzv-backend static --master-addr <first node> --master-port <port> --nnodes {nodes} --node-rank <its "
+        f"node>, relaunching this dir as {_relaunch(count, indices, nodes)}; or let the nodes share one "
+        f"--checkpoint-dir")
 
 
-def _record(machines: int, indices: list[int], nodes: int | None) -> dict:
-    return {"machines": machines, "indices": indices, **({} if nodes is None else {"nodes": nodes})}
+def _record(machines: int, indices: list[int], nodes: int | None, launches: dict[int, str]) -> dict:
+    return {"machines": machines, "indices": indices, **({} if nodes is None else {"nodes": nodes}),
+            **({"launches": {str(i): run for i, run in sorted(launches.items())}} if launches else {})}
 
 
 def _launch(count: int, indices: set[int], nodes: int | None) -> str:

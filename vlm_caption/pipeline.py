@@ -108,7 +108,7 @@ def run(cfg: RunConfig) -> int:
                              find_run_id=lambda: published_as(hub_client, writer, settings, cfg.typed_settings()))
     try:
         dir_scope.check_machines(ckpt, *workers.machine_slice(cfg.num_workers, cfg.worker_index),  # before the model
-                                 nodes=(workers.node_slice() or (0, 1))[1])
+                                 nodes=(workers.node_slice() or (0, 1))[1], launch=workers.launch_id())
         with StopSignals() as stop:
             return _run_open(cfg, writer, run_id, worker, num_workers, hub_client, stop, compiled_into, settings)
     finally:

@@ -36,7 +36,7 @@ with cli.script_imports(as_script=__name__ == "__main__", prog="python -m vlm_ca
 
     from . import dataset, prompt_plan, store
     from .atomic import atomic_write_bytes
-    from .config import check_output_file
+    from .config import check_output_file, check_utf8_names
     from .errors import UsageError
     from .preview_page import CSS, JS, controls
     from .random_weights import NOISE_BANNER, RANDOM_WEIGHTS_MARKER, is_random_weights
@@ -367,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="say on the page that the captions are noise from a random-weight model (default: when "
                         f"the run's model dir holds {RANDOM_WEIGHTS_MARKER}, as the demo's does)")
     a = p.parse_args(argv)
+    check_utf8_names([("--data-dir", a.data_dir), ("--out", a.out)])
     if a.data_dir is not None and not Path(a.data_dir).is_dir():
         raise UsageError(f"--data-dir {a.data_dir} {'is a file' if Path(a.data_dir).exists() else 'does not exist'}")
     check_output_file(Path(a.out), "--out")

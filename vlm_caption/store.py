@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_write_json, atomic_write_table
 from .errors import FatalError, UsageError
+from .flag_checks import check_utf8_names
 from .locks import DirLock
 from .part_files import (FAILURES_DIR, META_DIR_ID, META_RUN_ID, PARTS_DIR, FileCheck, Part,  # noqa: F401 (store.*)
                          check_file, failure_records, list_failure_files, list_parts, read_keys, usable_file)
@@ -59,6 +60,7 @@ def read_run_json(checkpoint_dir: Path | str) -> dict | None:
 
 def open_merged(checkpoint_dir: Path) -> pq.ParquetFile:
     """A checkpoint dir's all_captions.parquet, for reading; one line when the dir or the file is not a run's."""
+    check_utf8_names([("checkpoint dir", str(checkpoint_dir))])  # (pyarrow's UnicodeEncodeError: a traceback)
     if not checkpoint_dir.is_dir():  # a typo'd path: "has no all_captions.parquet" would send them to rerun
         what = "is a file, not a directory" if checkpoint_dir.exists() else "does not exist"
         raise UsageError(f"{checkpoint_dir} {what}; give the --checkpoint-dir of a captioning run")

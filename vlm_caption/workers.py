@@ -135,6 +135,17 @@ def worker_slice(num_workers: int | None, worker_index: int | None) -> tuple[int
     return index + count * (tasks[0] + tasks[1] * rank), count * tasks[1] * world
 
 
+def launch_id() -> str | None:
+    """Which launch of a torchrun this process is of, the same on all its nodes (dir_scope's node claims): its
+    rendezvous id (--rdzv-id), and a Slurm job's id and requeue count where there is one (a requeued job keeps
+    its id, and a --rdzv-id of $SLURM_JOB_ID with it). None outside torchrun."""
+    run = os.environ.get("TORCHELASTIC_RUN_ID")
+    if run is None:
+        return None
+    job = os.environ.get("SLURM_JOB_ID")
+    return run if job is None else f"{run} (Slurm job {job}, requeued {os.environ.get('SLURM_RESTART_COUNT', '0')})"
+
+
 def under_torchrun() -> bool:
     """Started by torchrun's elastic agent (accelerate launch uses it too)."""
     return "TORCHELASTIC_RUN_ID" in os.environ
