@@ -88,8 +88,8 @@ def test_ctrl_c_while_a_script_imports_is_one_line_and_130(tmp_path, script):
 
 
 @pytest.mark.parametrize("tool", ["preview", "compare"])
-def test_preview_and_compare_of_a_run_dir_whose_name_is_not_utf8_is_one_usage_line(sample_data_dir, tmp_path,
-                                                                                     monkeypatch, capsys, tool):
+def test_preview_and_compare_of_a_run_dir_whose_name_is_not_utf8_is_one_usage_line(
+        sample_data_dir, tmp_path, monkeypatch, capsys, tool):
     """The run dir moved under a latin-1 name: pyarrow's UnicodeEncodeError was a traceback in both tools."""
     from batched_image_inference import main
     from vlm_caption import compare, preview
