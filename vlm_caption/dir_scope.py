@@ -68,9 +68,8 @@ def _check_machines(ckpt: Path, machine: int, machines: int, nodes: int, launch:
                              then="the machine count is recorded anew from this run")
             count, indices, known, launches = None, set(), None, {}
     if count == machines:
-        tasks = count // nodes
-        if machine not in indices and nodes > 1 and known == nodes and _swapped(ckpt, machine, tasks, indices,
-                                                                               launches, launch):
+        maybe_swapped = machine not in indices and nodes > 1 and known == nodes
+        if maybe_swapped and _swapped(ckpt, machine, count // nodes, indices, launches, launch):
             return _node_swap(ckpt, machine, count, indices, nodes)
         claims = {**launches, machine: launch} if launch is not None and nodes > 1 else launches
         if machine not in indices:  # the same count split another way (array size x nodes): nodes no longer one
