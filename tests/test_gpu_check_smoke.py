@@ -82,7 +82,8 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
     # out below 0 (CI once: -0.541 ms a GEMM), so the arithmetic is checked, not its sign
     assert profile["decode_ms_per_image"] == {kind: round(ms - profile["prefill_ms_per_image"].get(kind, 0.0), 3)
                                               for kind, ms in profile["batch_ms_per_image"].items()}, profile
-    assert profile["kernel_ms_per_image"]["batch"] > profile["kernel_ms_per_image"]["prefill"] > 0
+    # (the same two runs: a loaded CI host once timed the whole batch at 5.8 ms an image, its prefill at 12.7)
+    assert profile["kernel_ms_per_image"]["batch"] > 0 and profile["kernel_ms_per_image"]["prefill"] > 0
     assert "gemm" in (tmp_path / profile["top_kernels_file"]).read_text()
     assert all("profile" not in entry for entry in result["graph"] + result["fp8"])  # only the kinds asked for
     assert result["loop"]["img_s"] > 0
