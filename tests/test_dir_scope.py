@@ -114,7 +114,7 @@ def test_nodes_that_share_a_dir_are_never_refused(tmp_path, monkeypatch):
     assert json.loads((by_hand / dir_scope.MACHINES_JSON).read_text())["indices"] == [0, 1]
 
 
-def test_a_node_of_a_new_launch_waits_for_the_other_nodes_of_its_launch(tmp_path, monkeypatch):
+def test_a_node_of_a_new_launch_waits_for_the_other_nodes_of_its_launch(tmp_path, monkeypatch, caplog):
     """A dir the nodes share, whose node 1 never reached it before: relaunched, node 1 may come before node 0.
     It waits for a node of its own launch to claim the dir's other index, then goes on."""
     import threading
@@ -125,6 +125,7 @@ def test_a_node_of_a_new_launch_waits_for_the_other_nodes_of_its_launch(tmp_path
     node0.start()
     dir_scope.check_machines(tmp_path, 1, 2, nodes=2, launch="job-2")  # waits for node 0, then records itself
     node0.join()
+    assert "waiting up to 120 s for a node of this launch to come to it (a dir the nodes share)" in caplog.text
     assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text())["launches"] == {"0": "job-2", "1": "job-2"}
 
 

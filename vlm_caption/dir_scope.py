@@ -22,6 +22,7 @@ earlier launches waits a while for a node of its own launch to claim one (a dir 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from pathlib import Path
@@ -30,10 +31,9 @@ from . import locks, store
 from .atomic import atomic_write_json
 from .errors import UsageError
 
+log = logging.getLogger(__name__)
 MACHINES_JSON = "machines.json"
 MACHINES_LOCK = "machines.lock"  # in locks/
-
-
 NODE_CLAIM_WAIT_S = 120.0  # how long a node waits for another node of its launch to show the dir is shared
 
 
@@ -41,7 +41,7 @@ def check_machines(ckpt: Path, machine: int, machines: int, nodes: int = 1, laun
     """Record this machine in the dir; refuse another machine count on a dir holding part of the keys (module doc).
     nodes: of the multi-node torchrun this machine is a node of (1 without one): machines = array size x nodes.
     launch: which torchrun launch this is (workers.launch_id), recorded as each node's claim of its index."""
-    deadline = time.monotonic() + NODE_CLAIM_WAIT_S
+    deadline, waited = time.monotonic() + NODE_CLAIM_WAIT_S, False
     while True:
         # Machines that start together read and rewrite the same file: one at a time, or one's index is lost.
         with locks.waiting_for(ckpt / locks.LOCKS_DIR / MACHINES_LOCK):
@@ -50,6 +50,11 @@ def check_machines(ckpt: Path, machine: int, machines: int, nodes: int = 1, laun
             return
         if time.monotonic() >= deadline:
             raise swapped
+        if not waited:
+            waited = True
+            log.warning("%s holds other nodes' keys, claimed by an earlier launch: waiting up to %.0f s for a node "
+                        "of this launch to come to it (a dir the nodes share), else this relaunch swapped the nodes",
+                        ckpt, NODE_CLAIM_WAIT_S)
         time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
 
 
