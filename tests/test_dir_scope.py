@@ -8,7 +8,7 @@ import json
 import pytest
 from dummy_runs import clear_launch_env
 
-from vlm_caption import dir_scope, store
+from vlm_caption import dir_scope, store, workers
 from vlm_caption.errors import UsageError
 
 
@@ -164,3 +164,41 @@ def test_a_relaunch_whose_rendezvous_swapped_the_nodes_is_refused_and_no_key_is_
     assert main(["--merge-only", "--data-dir", str(data), "--checkpoint-dir", str(dirs["A"]), str(dirs["B"])]) == 0
     out = capsys.readouterr().out
     assert "16 rows" in out and "0 captioned more than once" in out, out
+
+
+def test_a_dir_run_by_hand_then_claimed_by_a_node_is_that_nodes_own(tmp_path, holds_work, no_wait):
+    """--num-workers 2 --worker-index 0 first (nodes 1 recorded), then node 0 of a 2-node torchrun: the claim kept
+    "nodes": 1, so a requeue that swapped the nodes went by in this dir (and was refused in the other)."""
+    dir_scope.check_machines(tmp_path, 0, 2)
+    dir_scope.check_machines(tmp_path, 0, 2, nodes=2, launch="job-1")
+    with pytest.raises(UsageError, match="c10d rendezvous"):
+        dir_scope.check_machines(tmp_path, 1, 2, nodes=2, launch="job-2")
+
+
+def test_two_srun_steps_of_one_job_are_two_launches(monkeypatch):
+    """`srun torchrun --rdzv-id $SLURM_JOB_ID` twice in one job (a rerun after exit 3): one launch id hid a swap."""
+    clear_launch_env(monkeypatch)
+    for var, value in (("TORCHELASTIC_RUN_ID", "7"), ("SLURM_JOB_ID", "7"), ("SLURM_STEP_ID", "0")):
+        monkeypatch.setenv(var, value)
+    first = workers.launch_id()
+    monkeypatch.setenv("SLURM_STEP_ID", "1")
+    assert workers.launch_id() != first and first == "7 (Slurm job 7, requeued 0, step 0)"
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    assert workers.launch_id() == "7 (Slurm job 7, requeued 1, step 1)"
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID")
+    assert workers.launch_id() is None  # not under torchrun: no claim
+
+
+@pytest.mark.parametrize("edit", ['"nodes": 0', '"nodes": false', '"machines": 1e999', '"indices": [5]',
+                                  '"launches": {"1": "x"}', '"launches": [1]'])
+def test_a_machines_json_edited_out_of_range_is_set_aside(tmp_path, holds_work, edit):
+    """"nodes": 0 was a ZeroDivisionError traceback (building a refusal line), 1e999 (JSON's way to write
+    infinity) an OverflowError: like any unreadable file, it goes to quarantine/ and the count is recorded anew."""
+    key = edit.split('"')[1]
+    record = {"machines": 2, "indices": [0], "nodes": 2}
+    text = json.dumps({k: v for k, v in record.items() if k != key})
+    (tmp_path / dir_scope.MACHINES_JSON).write_text(text[:-1] + ", " + edit + "}")
+    dir_scope.check_machines(tmp_path, 0, 1)  # one plain process
+    assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text()) == {"machines": 1, "indices": [0],
+                                                                          "nodes": 1}
+    assert list((tmp_path / store.QUARANTINE_DIR).iterdir())

@@ -61,27 +61,18 @@ def check_machines(ckpt: Path, machine: int, machines: int, nodes: int = 1, laun
 def _check_machines(ckpt: Path, machine: int, machines: int, nodes: int, launch: str | None) -> UsageError | None:
     """None once recorded; the refusal of a node swap while no node of this launch has shown the dir shared."""
     path = ckpt / MACHINES_JSON
-    count, indices, known, launches = None, set(), None, {}  # none yet (a new dir, or an earlier version's)
-    if path.exists():
-        try:
-            recorded = json.loads(path.read_text())
-            count, indices = int(recorded["machines"]), {int(i) for i in recorded["indices"]}
-            known = None if recorded.get("nodes") is None else int(recorded["nodes"])
-            launches = {int(i): str(run) for i, run in (recorded.get("launches") or {}).items()}
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            store.quarantine(ckpt, path, f"unreadable ({type(e).__name__})",
-                             then="the machine count is recorded anew from this run")
-            count, indices, known, launches = None, set(), None, {}
+    count, indices, known, launches = _read_record(ckpt, path)
     if count == machines:
         maybe_swapped = machine not in indices and nodes > 1 and known == nodes
         if maybe_swapped and _swapped(ckpt, machine, count // nodes, indices, launches, launch):
             return _node_swap(ckpt, machine, count, indices, nodes)
-        claims = {**launches, machine: launch} if launch is not None and nodes > 1 else launches
+        claiming = launch is not None and nodes > 1  # a node of a multi-node torchrun
+        claims = {**launches, machine: launch} if claiming else launches
         if machine not in indices:  # the same count split another way (array size x nodes): nodes no longer one
             atomic_write_json(path, _record(machines, sorted(indices | {machine}), known if known == nodes else None,
                                             claims))
-        elif claims != launches:
-            atomic_write_json(path, _record(machines, sorted(indices), known, claims))
+        elif claims != launches or claiming and known != nodes:  # (a dir run by hand first: now a node's own)
+            atomic_write_json(path, _record(machines, sorted(indices), nodes if claiming else known, claims))
         return None
     if (count is not None and _holds_work(ckpt) and indices != set(range(count))
             and not _same_keys(count, indices, machine, machines)):
@@ -97,6 +88,26 @@ def _check_machines(ckpt: Path, machine: int, machines: int, nodes: int, launch:
     claims = {machine: launch} if launch is not None and nodes > 1 and not whole else {}
     atomic_write_json(path, _record(machines, list(range(machines)) if whole else [machine], nodes, claims))
     return None
+
+
+def _read_record(ckpt: Path, path: Path) -> tuple[int | None, set[int], int | None, dict[int, str]]:
+    """(machine count, indices, nodes, launches) of machines.json; nothing recorded where there is none (a new
+    dir, or an earlier version's) or it cannot be read (set aside with a warning)."""
+    if not path.exists():
+        return None, set(), None, {}
+    try:
+        recorded = json.loads(path.read_text())
+        count, indices = int(recorded["machines"]), {int(i) for i in recorded["indices"]}
+        known = None if recorded.get("nodes") is None else int(recorded["nodes"])
+        launches = {int(i): str(run) for i, run in (recorded.get("launches") or {}).items()}
+        if (count < 1 or known is not None and (known < 1 or count % known) or not all(0 <= i < count for i in indices)
+                or not launches.keys() <= indices):  # edited by hand: "nodes": 0 was a ZeroDivisionError
+            raise ValueError("a number out of range")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, OverflowError) as e:  # (1e999 is infinity)
+        store.quarantine(ckpt, path, f"unreadable ({type(e).__name__})",
+                         then="the machine count is recorded anew from this run")
+        return None, set(), None, {}
+    return count, indices, known, launches
 
 
 def _holds_work(ckpt: Path) -> bool:

@@ -137,13 +137,15 @@ def worker_slice(num_workers: int | None, worker_index: int | None) -> tuple[int
 
 def launch_id() -> str | None:
     """Which launch of a torchrun this process is of, the same on all its nodes (dir_scope's node claims): its
-    rendezvous id (--rdzv-id), and a Slurm job's id and requeue count where there is one (a requeued job keeps
-    its id, and a --rdzv-id of $SLURM_JOB_ID with it). None outside torchrun."""
+    rendezvous id (--rdzv-id), and where there is one the Slurm job's id, requeue count and step (a requeued job
+    keeps its id, a --rdzv-id of $SLURM_JOB_ID with it, and a job may `srun torchrun` twice). None outside
+    torchrun."""
     run = os.environ.get("TORCHELASTIC_RUN_ID")
     if run is None:
         return None
-    job = os.environ.get("SLURM_JOB_ID")
-    return run if job is None else f"{run} (Slurm job {job}, requeued {os.environ.get('SLURM_RESTART_COUNT', '0')})"
+    job, env = os.environ.get("SLURM_JOB_ID"), os.environ.get
+    return run if job is None else (f"{run} (Slurm job {job}, requeued {env('SLURM_RESTART_COUNT', '0')}, step "
+                                    f"{env('SLURM_STEP_ID', 'batch')})")
 
 
 def under_torchrun() -> bool:
