@@ -199,6 +199,6 @@ def test_a_machines_json_edited_out_of_range_is_set_aside(tmp_path, holds_work, 
     text = json.dumps({k: v for k, v in record.items() if k != key})
     (tmp_path / dir_scope.MACHINES_JSON).write_text(text[:-1] + ", " + edit + "}")
     dir_scope.check_machines(tmp_path, 0, 1)  # one plain process
-    assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text()) == {"machines": 1, "indices": [0],
-                                                                          "nodes": 1}
+    recorded = json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text())
+    assert recorded == {"machines": 1, "indices": [0], "nodes": 1}
     assert list((tmp_path / store.QUARANTINE_DIR).iterdir())
