@@ -92,7 +92,7 @@ def test_the_ranks_or_srun_tasks_of_one_machine_share_its_cores_and_its_memory_c
     assert (loader.default_loader_workers(), loader.default_ahead_bytes()) == (7, 4 * 2**30)
     assert 8 * loader.default_ahead_bytes() <= 256 * 2**30 // loader.AHEAD_SHARE_OF_MEMORY
     clear_launch_env(monkeypatch)  # srun --ntasks 12 over 2 nodes: the busier node runs 8 in one job's memory
-    for var, value in (("SLURM_PROCID", 9), ("SLURM_STEP_NUM_TASKS", 12), ("SLURM_STEP_TASKS_PER_NODE", "8,4")):
+    for var, value in (("SLURM_PROCID", "9"), ("SLURM_STEP_NUM_TASKS", "12"), ("SLURM_STEP_TASKS_PER_NODE", "8,4")):
         monkeypatch.setenv(var, value)
     # Slurm binds each srun task to its own cores (--cpus-per-task): what it sees is its share already
     assert (loader.default_loader_workers(), loader.default_ahead_bytes()) == (63, 4 * 2**30)
