@@ -125,7 +125,7 @@ def test_every_reader_of_failures_sees_the_latest_record_and_a_bad_file_is_never
     pq.write_table(pa.table({"key": pa.array(["k1"], pa.string())}), tmp_path / store.MERGED)  # k1 captioned since
 
     with caplog.at_level(logging.WARNING):
-        cards, total = preview.read_failures(tmp_path, tmp_path / store.MERGED, 10)
+        cards, total = preview.read_failures(tmp_path, pq.ParquetFile(tmp_path / store.MERGED), 10)
     assert [(c["key"], c["error"]) for c in cards] == [("k2", "second try")] and total == 1
     assert bad.exists() and f"{bad} is unreadable" in caplog.text
     assert {k: r["error"] for k, r in endings.still_failed([tmp_path], {"k1"}).items()} == {"k2": "second try"}

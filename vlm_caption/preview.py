@@ -54,13 +54,9 @@ _FINISH, _ATTEMPTS, _TOKENS = "caption_finish", "caption_attempts", "caption_tok
 
 # ---------------------------------------------------------------- reading
 
-def read_first_rows(merged: Path, n: int, also: Sequence[str] = ()) -> tuple[list[dict], int]:
+def read_first_rows(pf: pq.ParquetFile, n: int, also: Sequence[str] = ()) -> tuple[list[dict], int]:
     """(the first n rows, rows in the file): streams batches so a 400K-row file is never loaded whole. `also`:
     further columns to read where the file has them (each prompt's flags and captions)."""
-    try:
-        pf = pq.ParquetFile(merged)
-    except (OSError, pa.ArrowException) as e:
-        raise UsageError(f"cannot read {merged}: {e}") from None
     rows: list[dict] = []
     names = pf.schema_arrow.names
     # Also each --prompts-file prompt's caption (vlm_caption_NAME) and the --format json fields (caption_FIELD...).
@@ -131,7 +127,7 @@ def check_data_dir(data_dir: Path, shown: int, found: int, other: int) -> None:
     log.warning("%s: their cards show the image of their url instead", what)
 
 
-def read_failures(checkpoint_dir: Path, merged: Path, n: int) -> tuple[list[dict], int]:
+def read_failures(checkpoint_dir: Path, merged: pq.ParquetFile, n: int) -> tuple[list[dict], int]:
     """(the first n failure records, by key, of images no part holds; how many there are), read only.
 
     Unusable failure files are skipped here with a warning (the next captioning run quarantines them).
@@ -139,7 +135,7 @@ def read_failures(checkpoint_dir: Path, merged: Path, n: int) -> tuple[list[dict
     failed = store.failure_records(checkpoint_dir, store.FAILURE_SCHEMA.names, quarantine_bad=False)
     if not failed:
         return [], 0
-    captioned = set(pq.read_table(merged, columns=["key"]).column("key").to_pylist())
+    captioned = set(merged.read(columns=["key"]).column("key").to_pylist())
     keys = sorted(k for k in failed if k not in captioned)
     return [failed[k] for k in keys[:n]], len(keys)
 
@@ -329,8 +325,7 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
     checkpoint_dir, out = Path(checkpoint_dir), Path(out)
     if n < 1:
         raise UsageError(f"--n must be a positive integer, got {n}")
-    merged = checkpoint_dir / store.MERGED
-    store.open_merged(checkpoint_dir)  # one line when the dir or its file is not a run's
+    merged = store.open_merged(checkpoint_dir)  # one line when the dir or its file is not a run's
     run = store.read_run_json(checkpoint_dir) or {}
     # --prompts-file: each prompt's flags, finish, attempts and tokens, not the plain (first prompt's) ones only
     flag_columns, finish_columns, attempts_columns, tokens_columns = (
