@@ -1,4 +1,4 @@
-"""Choosing the work: which rows of the metadata this worker captions, and where their images are.
+"""Choosing the work: which rows of the metadata this worker captions, and where their images are (image_paths.py).
 
 The metadata is streamed: a first pass reads only keys (and shard) to decide what this worker does,
 a second pass yields the chosen rows a batch at a time. Only keys are ever held for the whole data set.
