@@ -171,3 +171,28 @@ def test_shards_read_before_the_download_ends_type_kept_columns_as_full_metadata
     pq.write_table(table.append_column("score", pa.nulls(4)).append_column("note", pa.nulls(4)), shard)
     schema = dataset.metadata_schema(data)
     assert (schema.field("score").type, schema.field("note").type) == (pa.int32(), pa.string())
+
+
+def test_a_text_column_holding_lists_reads_comma_separated(tmp_path, monkeypatch, capsys):
+    """A data dir made by hand whose tags are lists: the prompt and every output row held Python's
+    "['ink', 'wash']"; a list column the output does not carry already read "ink, wash"."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from dummy_runs import clear_launch_env, dummy_args, merged_rows
+
+    from vlm_caption.sample_data import write_sample
+
+    clear_launch_env(monkeypatch)
+    data = write_sample(tmp_path / "data", n=4, seed=2)
+    meta = pq.read_table(data / "full_metadata.parquet")
+    meta = meta.set_column(meta.column_names.index("tags"), "tags", pa.array([["ink", "wash"]] * meta.num_rows))
+    meta = meta.append_column("styles", pa.array([["ink", "wash"]] * meta.num_rows))
+    pq.write_table(meta, data / "full_metadata.parquet")
+    prompt = "Describe. Tags: {tags}. Styles: {styles}."
+    ckpt = tmp_path / "ckpt"
+    assert main(dummy_args(data, ckpt, "--prompt", prompt, "--dry-run")) == 0
+    shown = capsys.readouterr().out
+    assert "Styles: ink, wash." in shown  # a list column the output does not carry: comma-separated
+    assert "Tags: ink, wash." in shown, shown[-400:]
+    assert main(dummy_args(data, ckpt, "--prompt", prompt)) == 0
+    assert {r["tags"] for r in merged_rows(ckpt)} == {"ink, wash"}

@@ -5,6 +5,7 @@ a second pass yields the chosen rows a batch at a time. Only keys are ever held 
 """
 from __future__ import annotations
 
+import json
 import logging
 import re
 import zlib
@@ -350,5 +351,16 @@ def clean_row(row: dict[str, Any], types: dict[str, pa.DataType]) -> dict[str, A
         elif isinstance(value, (bytes, bytearray)) and kind not in (pa.binary(), pa.large_binary()):
             row[name] = bytes(value).decode("utf-8", errors="replace")
         elif pa.types.is_string(kind) and value is not None and not isinstance(value, str):
-            row[name] = str(value)
+            row[name] = _as_text(value)
     return row
+
+
+def _as_text(value: Any) -> str:
+    """A value of a text column that is not text (a data dir made by hand): a list's items comma-separated, as
+    download_data.py writes list tags (Python's "['ink', 'wash']" went into the prompt and the output), a struct
+    or map as JSON."""
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_as_text(item) for item in value if item is not None)
+    if isinstance(value, dict):
+        return json.dumps(value, ensure_ascii=False, default=str)
+    return str(value)
