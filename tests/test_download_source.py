@@ -168,3 +168,24 @@ def test_a_parquet_directory_is_read_as_its_files(tmp_path):
     (tmp_path / "src.csv").mkdir()
     with pytest.raises(UsageError, match=r"--source \S+src.csv is a directory; give the file"):
         dl.load_source(str(tmp_path / "src.csv"), "train", None)
+
+
+def test_a_parquet_directory_whose_files_differ_in_schema_is_read_with_their_union(tmp_path):
+    """Read with the first file's schema, a column all null there (pandas writes the null type) and filled later
+    was an ArrowNotImplementedError traceback, and a column of later files only was dropped without a word."""
+    def part(prefix: str, **extra) -> pa.Table:
+        return pa.table({**{c: [f"{prefix}{i}" if c == "key" else f"http://127.0.0.1/{prefix}{i}.jpg" if c == "url"
+                                else "x" for i in range(2)] for c in SOURCE_COLUMNS}, **extra})
+
+    src = tmp_path / "src.parquet"
+    for year, table in (("2020", part("a", score=pa.array([None, None]))),
+                        ("2021", part("b", score=[5.5, 6.5], painter=["p", None]))):
+        (src / f"year={year}").mkdir(parents=True)
+        pq.write_table(table, src / f"year={year}" / "part-0.parquet")
+    table = dl.load_source(str(src), "train", None)
+    assert table.column("score").to_pylist() == [None, None, 5.5, 6.5]
+    assert table.column("painter").to_pylist() == [None, None, "p", None]
+    assert table.column("year").to_pylist() == [2020, 2020, 2021, 2021]  # a hive partition, as its values
+    pq.write_table(part("c", score=["high", "low"]), src / "year=2021" / "part-1.parquet")
+    with pytest.raises(UsageError, match="cannot read it .*Field score has incompatible types: double vs string"):
+        dl.load_source(str(src), "train", None)

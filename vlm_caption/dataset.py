@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 # ---------------------------------------------------------------- metadata
 
+
 def metadata_files(data_dir: Path) -> list[tuple[Path, str | None]]:
     """(parquet, shard name or None) to read: full_metadata.parquet, else every finished shard parquet."""
     full = data_dir / FULL_METADATA_FILE

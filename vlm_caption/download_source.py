@@ -121,12 +121,25 @@ def check_source_columns(columns: list[str], source: str) -> None:
         )
 
 
+def _read_parquet_dir(path: Path) -> pa.Table:
+    """A directory of parquet files, their schemas unified: read with the first file's alone, a column all null
+    there (pandas writes the null type) and filled in a later file was an ArrowNotImplementedError traceback, and a
+    column of later files only was dropped. Hive partition columns come as their values, not dictionaries."""
+    dataset = pq.ParquetDataset(path)
+    schema = pa.unify_schemas([dataset.schema, *(pq.read_schema(f) for f in dataset.files)],
+                              promote_options="permissive")
+    schema = pa.schema([f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema])
+    check_source_columns(schema.names, str(path))
+    return pq.read_table(path, schema=schema)
+
+
 def _read_local_table(path: Path) -> pa.Table:
     suffix = path.suffix.lower()
     try:
-        if suffix == ".parquet":  # a file, or a directory of them (what Spark and partitioned to_parquet write)
-            check_source_columns((pq.ParquetDataset(path).schema if path.is_dir() else pq.read_schema(path)).names,
-                                 str(path))
+        if suffix == ".parquet" and path.is_dir():  # what Spark and a partitioned to_parquet write
+            return _read_parquet_dir(path)
+        if suffix == ".parquet":
+            check_source_columns(pq.read_schema(path).names, str(path))
             return pq.read_table(path)
         if suffix == ".csv":
             # Read every column as text: keys like "000123" must keep their leading zeros.
@@ -138,7 +151,7 @@ def _read_local_table(path: Path) -> pa.Table:
         import pyarrow.json as pa_json
 
         table = pa_json.read_json(path, read_options=pa_json.ReadOptions(block_size=JSON_BLOCK_BYTES))
-    except (pa.ArrowInvalid, OSError) as e:
+    except (pa.ArrowException, OSError) as e:
         # brief: a CSV parse error quotes the offending rows, newlines included
         # pyarrow reads JSON Lines only: a JSON array (pandas' to_json) fails with "changed from object to array"
         json_lines = " (JSON Lines: one object per line, not an array)" if suffix in (".json", ".jsonl") else ""
