@@ -177,7 +177,7 @@ def test_a_json_run_shows_the_instruction_appended_to_its_prompt(monkeypatch):
 def test_a_run_whose_prompt_predates_templates_does_not_break_the_card_nor_the_preview():
     """Before templates a prompt was sent verbatim: a single brace or chat markup in an older run's recorded prompt
     stopped every later card of its repo (a one-line error naming --prompt, at each push of any run)."""
-    from vlm_caption.preview import caption_columns
+    from vlm_caption.rows import run_caption_columns as caption_columns
 
     old = {"run_id": "aaa", "rows": 5, "created": "2025-01-01", "prompt_version": "custom",
            "prompt": 'Answer as {"style": "..."} <start_of_image>', "format": "json", "json_fields": ["style"]}

@@ -111,3 +111,30 @@ def test_a_setting_one_run_leaves_at_its_default_is_named_so(capsys):
               "settings_that_differ": differ, "images_in_both": 1, "only_in_base": 0, "only_in_other": 0,
               "captions": {}}
     assert 'settings that differ: kv_cache_dtype: (default) -> "fp8"' in report_lines(result)
+
+
+def test_json_fields_and_each_prompts_numbers_are_compared(tmp_path, monkeypatch, capsys):
+    """A --format json run's caption_FIELD columns were never compared, and a --prompts-file run showed only its
+    first prompt's tokens, cut share and flags (prompt `long`, garbled on every row, looked clean)."""
+    from dummy_runs import clear_launch_env, dummy_args, flags_per_prompt, run_two_prompts
+
+    from batched_image_inference import main as caption
+    from vlm_caption.sample_data import write_sample
+
+    clear_launch_env(monkeypatch)
+    data = write_sample(tmp_path / "data", n=8, seed=3)
+    fields, prompts = tmp_path / "fields", tmp_path / "prompts"
+    assert caption(dummy_args(data, fields, "--format", "json", "--json-fields", "subject,style")) == 0
+    assert list(compare(fields, fields)["captions"]) == ["vlm_caption", "caption_subject", "caption_style"]
+    assert run_two_prompts(data, prompts) == 0
+    garbled = flags_per_prompt(prompts)["long"]["garbled"]
+    result = compare(prompts, prompts)
+    assert list(result["captions"]) == ["vlm_caption", "vlm_caption_short", "vlm_caption_long"]
+    assert result["base"]["by_prompt"]["long"]["flags"]["garbled"] == garbled >= 6
+    assert "garbled" not in result["base"]["flags"]  # the plain columns: the first prompt's
+    capsys.readouterr()
+    assert main([str(prompts), str(prompts)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("quality flags of prompt long: base {") and f"'garbled': {garbled}" in line
+               for line in lines)
+    assert any(line.startswith("tokens a caption of prompt short (mean): base ") for line in lines)

@@ -29,10 +29,10 @@ with cli.script_imports(as_script=__name__ == "__main__", prog="python -m vlm_ca
     from .atomic import atomic_write_json
     from .config import check_output_file
     from .errors import UsageError
+    from .rows import FLAGS_COLUMN, guessed_caption_column, run_caption_columns, run_prompt_columns
     from .run_identity import OPTIONAL_SETTINGS, RUN_SETTINGS, SETTING_NAMES
 
 SIMILAR = 0.9  # a caption at least this similar to the other run's counts as "about the same"
-_SIDE_COLUMNS = ("caption_tokens", "caption_finish", "caption_flags")  # read for each side's own numbers
 
 
 def similarity(a: str, b: str) -> float:
@@ -50,12 +50,16 @@ def read_run(checkpoint_dir: Path) -> tuple[dict, dict[str, dict]]:
     return store.read_run_json(checkpoint_dir) or {}, {row["key"]: row for row in table.to_pylist()}
 
 
-def caption_columns(base_rows: dict[str, dict], other_rows: dict[str, dict]) -> list[str]:
-    """The caption columns both runs wrote: vlm_caption, each prompt's vlm_caption_NAME, each JSON field's."""
-    names = [set(next(iter(rows.values()), {})) for rows in (base_rows, other_rows)]
-    both = names[0] & names[1]
-    return sorted((c for c in both if c == "vlm_caption" or c.startswith("vlm_caption_")),
-                  key=lambda c: (c != "vlm_caption", c))
+def caption_columns(runs: list[tuple[dict, dict[str, dict]]]) -> list[str]:
+    """The caption columns both runs wrote, in the first run's order: vlm_caption, each prompt's vlm_caption_NAME,
+    each JSON field's caption_FIELD (by run.json; guessed by name without one). JSON fields were left out."""
+    names = []
+    for run, rows in runs:
+        have = set(next(iter(rows.values()), {}))
+        known = run_caption_columns(run)
+        extra = known if known is not None else sorted(c for c in have if guessed_caption_column(c))
+        names.append([c for c in ("vlm_caption", *extra) if c in have])
+    return [c for c in names[0] if c in names[1]]
 
 
 def differing_settings(base: dict, other: dict) -> dict[str, list]:
@@ -66,11 +70,19 @@ def differing_settings(base: dict, other: dict) -> dict[str, list]:
     return {k: [base.get(k), other.get(k)] for k in sorted(names) if base.get(k) != other.get(k)}
 
 
-def side_numbers(rows: list[dict]) -> dict[str, Any]:
-    """One run's own numbers over the compared rows: mean tokens, share cut at --max-tokens, flag counts."""
-    tokens = [r["caption_tokens"] for r in rows if r.get("caption_tokens") is not None]
-    cut = sum(r.get("caption_finish") == "length" for r in rows)
-    flags = Counter(f for r in rows for f in (r.get("caption_flags") or ()))
+def side_numbers(rows: list[dict], run: dict) -> dict[str, Any]:
+    """One run's own numbers over the compared rows: mean tokens, share cut at --max-tokens, flag counts; for a
+    --prompts-file run each prompt's too (by_prompt: the plain columns hold its first prompt's only)."""
+    numbers = _numbers(rows, "")
+    by_prompt = {name: column[len(FLAGS_COLUMN):] for name, column in run_prompt_columns(run, FLAGS_COLUMN).items()}
+    return {**numbers, "by_prompt": {name: _numbers(rows, suffix) for name, suffix in by_prompt.items()}} \
+        if by_prompt else numbers
+
+
+def _numbers(rows: list[dict], suffix: str) -> dict[str, Any]:
+    tokens = [r[f"caption_tokens{suffix}"] for r in rows if r.get(f"caption_tokens{suffix}") is not None]
+    cut = sum(r.get(f"caption_finish{suffix}") == "length" for r in rows)
+    flags = Counter(f for r in rows for f in (r.get(f"{FLAGS_COLUMN}{suffix}") or ()))
     return {"mean_tokens": round(sum(tokens) / len(tokens), 1) if tokens else None,
             "cut_at_max_tokens": round(cut / len(rows), 4) if rows else 0.0, "flags": dict(sorted(flags.items()))}
 
@@ -88,7 +100,7 @@ def compare(base_dir: Path | str, other_dir: Path | str, show: int = 5) -> dict[
         also = f" ({len(other_images)} keys in both hold other images, sha256: other data sets?)" \
             if other_images else ""
         raise UsageError(f"{base_dir} and {other_dir} captioned no image in common{also}: nothing to compare")
-    columns = caption_columns(base_rows, other_rows)
+    columns = caption_columns([(base_run, base_rows), (other_run, other_rows)])
     result: dict[str, Any] = {
         "base": {"dir": str(base_dir), "run_id": base_run.get("run_id")},
         "other": {"dir": str(other_dir), "run_id": other_run.get("run_id")},
@@ -104,8 +116,8 @@ def compare(base_dir: Path | str, other_dir: Path | str, show: int = 5) -> dict[
             f"at_least_{SIMILAR}": sum(s >= SIMILAR for s, *_ in scores),
             "differ_most": [{"key": k, "similarity": round(s, 4), "base": a, "other": b}
                             for s, k, a, b in sorted(scores)[:show] if s < 1.0]}
-    result["base"].update(side_numbers([base_rows[k] for k in keys]))
-    result["other"].update(side_numbers([other_rows[k] for k in keys]))
+    result["base"].update(side_numbers([base_rows[k] for k in keys], base_run))
+    result["other"].update(side_numbers([other_rows[k] for k in keys], other_run))
     return result
 
 
@@ -126,9 +138,12 @@ def report_lines(result: dict[str, Any]) -> list[str]:
         close = c[f"at_least_{SIMILAR}"]
         lines.append(f"{column}: identical {c['identical']}/{n} ({c['identical'] / n:.1%}), mean similarity "
                      f"{c['mean_similarity']:.3f}, at least {SIMILAR} similar {close}/{n} ({close / n:.1%})")
-    lines.append(f"tokens a caption (mean): base {base['mean_tokens']}, other {other['mean_tokens']}; cut at "
-                 f"--max-tokens: base {base['cut_at_max_tokens']:.1%}, other {other['cut_at_max_tokens']:.1%}")
-    lines.append(f"quality flags: base {base['flags'] or 'none'}, other {other['flags'] or 'none'}")
+    prompts = [p for p in base.get("by_prompt", {}) if p in other.get("by_prompt", {})]  # (both runs': by name)
+    sides = [(f" of prompt {p}", base["by_prompt"][p], other["by_prompt"][p]) for p in prompts]
+    for label, b, o in sides or [("", base, other)]:
+        lines.append(f"tokens a caption{label} (mean): base {b['mean_tokens']}, other {o['mean_tokens']}; cut at "
+                     f"--max-tokens: base {b['cut_at_max_tokens']:.1%}, other {o['cut_at_max_tokens']:.1%}")
+        lines.append(f"quality flags{label}: base {b['flags'] or 'none'}, other {o['flags'] or 'none'}")
     for column, c in result["captions"].items():
         if c["differ_most"]:
             lines.append(f"{column}: the {plural(len(c['differ_most']), 'pair')} that differ most:")

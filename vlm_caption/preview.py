@@ -34,13 +34,14 @@ with cli.script_imports(as_script=__name__ == "__main__", prog="python -m vlm_ca
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from . import dataset, prompt_plan, store
+    from . import dataset, store
     from .atomic import atomic_write_bytes
     from .config import check_output_file, check_utf8_names
     from .errors import UsageError
     from .preview_page import CSS, JS, controls
     from .random_weights import NOISE_BANNER, RANDOM_WEIGHTS_MARKER, is_random_weights
-    from .rows import FLAGS_COLUMN, count_flags, describe_counts, ordered_counts, run_prompt_columns
+    from .rows import (FLAGS_COLUMN, count_flags, describe_counts, guessed_caption_column, ordered_counts,
+                       run_caption_columns, run_prompt_columns)
 
 log = logging.getLogger(__name__)
 DEFAULT_ROWS = 200
@@ -60,30 +61,13 @@ def read_first_rows(pf: pq.ParquetFile, n: int, also: Sequence[str] = ()) -> tup
     rows: list[dict] = []
     names = pf.schema_arrow.names
     # Also each --prompts-file prompt's caption (vlm_caption_NAME) and the --format json fields (caption_FIELD...).
-    wanted = [*(c for c in COLUMNS if c in names), *(c for c in names if _extra_caption(c)),
+    wanted = [*(c for c in COLUMNS if c in names), *(c for c in names if guessed_caption_column(c)),
               *(c for c in also if c in names)]
     for batch in pf.iter_batches(batch_size=min(n, 1024), columns=wanted):
         rows.extend(batch.to_pylist()[: n - len(rows)])
         if len(rows) >= n:
             break
     return rows, pf.metadata.num_rows
-
-
-def caption_columns(run: Mapping) -> list[str] | None:
-    """The run's caption columns beyond vlm_caption, by its run.json (each --prompts-file prompt's text, then its
-    --format json fields); None without run.json: then they are guessed by name (_extra_caption)."""
-    if not (run.get("prompt") or run.get("prompts")):
-        return None
-    return [c for spec in prompt_plan.run_specs(run, recorded=True) for c in spec.text_columns()]
-
-
-def _extra_caption(name: str) -> bool:
-    """A caption column beyond the plain ones, guessed by name: another prompt's text, or a JSON field (a field
-    named like finish_type looks like the run's own caption_finish_... and is missed: caption_columns knows)."""
-    if name.startswith("vlm_caption_"):
-        return True
-    return name.startswith("caption_") and name not in COLUMNS and not name.startswith(
-        ("caption_flags_", "caption_finish_", "caption_tokens_", "caption_attempts_", "caption_model"))
 
 
 def local_images(data_dir: Path, rows: list[dict]) -> tuple[dict[str, Path], int]:
@@ -204,7 +188,7 @@ def render_card(row: dict, src: str | None, flag_columns: Mapping[str, str] | No
                 tokens_columns: Mapping[str, str] | None = None) -> str:
     """`flag_columns` (`finish_columns`, `attempts_columns`, `tokens_columns`): prompt name -> its flags (finish,
     attempts, tokens) column (rows.run_prompt_columns) for a --prompts-file run, whose plain columns are only the
-    first prompt's; None for a run of one prompt. `captions`: caption_columns."""
+    first prompt's; None for a run of one prompt. `captions`: run_caption_columns."""
     finishes = {name: f or "?" for name, f in _per_prompt(row, finish_columns, _FINISH).items()}
     # The filter and the badge's colour: a caption of any prompt cut at --max-tokens makes the card a "length".
     finish = "length" if "length" in finishes.values() else next(iter(finishes.values()))
@@ -240,7 +224,7 @@ def _captions(row: dict, columns: Sequence[str] | None = None) -> str:
     """The caption, or each --prompts-file prompt's under its name (the plain one repeats the first), then the
     --format json fields (`columns`, else those guessed by name)."""
     named = {k: row.get(k) for k in columns} if columns is not None else \
-        {k: v for k, v in row.items() if _extra_caption(k)}
+        {k: v for k, v in row.items() if guessed_caption_column(k)}
     if not any(k.startswith("vlm_caption_") for k in named):
         named = {"": row.get("vlm_caption"), **named}
     html = []
@@ -330,7 +314,7 @@ def write_preview(checkpoint_dir: Path | str, out: Path | str, data_dir: Path | 
     # --prompts-file: each prompt's flags, finish, attempts and tokens, not the plain (first prompt's) ones only
     flag_columns, finish_columns, attempts_columns, tokens_columns = (
         run_prompt_columns(run, base) for base in (FLAGS_COLUMN, _FINISH, _ATTEMPTS, _TOKENS))
-    captions = caption_columns(run)  # what the run wrote, not guessed from the column names
+    captions = run_caption_columns(run)  # what the run wrote, not guessed from the column names
     rows, total = read_first_rows(merged, n, ["sha256", *flag_columns.values(), *finish_columns.values(),
                                               *attempts_columns.values(), *tokens_columns.values(),
                                               *(captions or ())])

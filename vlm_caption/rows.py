@@ -110,6 +110,23 @@ def run_prompt_columns(settings: Mapping[str, Any], base: str) -> dict[str, str]
     return {s.name: base + s.suffix for s in run_specs(settings, recorded=True) if s.name}
 
 
+def run_caption_columns(run: Mapping[str, Any]) -> list[str] | None:
+    """The run's caption columns beyond vlm_caption, by its run.json (each --prompts-file prompt's text, then its
+    --format json fields); None without run.json: then they are guessed by name (guessed_caption_column)."""
+    if not (run.get("prompt") or run.get("prompts")):
+        return None
+    return [c for spec in run_specs(run, recorded=True) for c in spec.text_columns()]
+
+
+def guessed_caption_column(name: str) -> bool:
+    """A caption column beyond the plain ones, guessed by name: another prompt's text, or a JSON field (a field
+    named like finish_type looks like the run's own caption_finish_... and is missed: run_caption_columns knows)."""
+    if name.startswith("vlm_caption_"):
+        return True
+    return name.startswith("caption_") and name not in _PLAIN and not name.startswith(
+        ("caption_flags_", "caption_finish_", "caption_tokens_", "caption_attempts_", "caption_model"))
+
+
 def flags_by_prompt(per_prompt: Mapping[str, Any], count: Callable[[Any], dict[str, int]]) -> dict:
     """{FLAGS_BY_PROMPT: {prompt: count(its value)}} for a --prompts-file run, {} for a run of one prompt (its
     summary and card stay as they were)."""
