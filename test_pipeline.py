@@ -30,19 +30,25 @@ with script_imports(as_script=__name__ == "__main__"):
 
 def build_parser() -> argparse.ArgumentParser:
     p = cli.Parser(description=__doc__, formatter_class=HelpFormatter)  # short metavars, as the other scripts
-    p.add_argument("--data-dir", metavar="DIR", default=DEFAULT_DATA_DIR, help="what download_data.py wrote (default: %(default)s)")
+    p.add_argument("--data-dir", metavar="DIR", default=DEFAULT_DATA_DIR,
+                   help="what download_data.py wrote (default: %(default)s)")
     p.add_argument("--skip-model", action="store_true", help="only the data checks; load no model")
-    p.add_argument("--num-images", metavar="N", type=int, default=3, help="images to open and caption (default: %(default)s)")
+    p.add_argument("--num-images", metavar="N", type=int, default=3,
+                   help="images to open and caption (default: %(default)s)")
     p.add_argument("--model", metavar="ID|DIR", help=f"model to caption with (default: {DEFAULT_SMOKE_MODEL})")
     p.add_argument("--tiny", action="store_true", help="build and use an offline random-weight tiny Gemma 3 "
                    "instead of --model (tests the machinery, not caption quality)")
-    p.add_argument("--max-tokens", metavar="N", type=int, default=256, help="max new tokens per caption (default: %(default)s)")
-    p.add_argument("--checkpoint-dir", metavar="DIR", help="checkpoint dir to caption into and keep (default: a tmp dir)")
+    p.add_argument("--max-tokens", metavar="N", type=int, default=256,
+                   help="max new tokens per caption (default: %(default)s)")
+    p.add_argument("--checkpoint-dir", metavar="DIR",
+                   help="checkpoint dir to caption into and keep (default: a tmp dir)")
     p.add_argument("--full", action="store_true", help="also rerun to check that resume does nothing")
     p.add_argument("--push", action="store_true", help="with --full: push to --hf-repo and check the push")
-    p.add_argument("--hf-repo", metavar="REPO", default=DEFAULT_SMOKE_REPO, help="dataset repo for --push: NAME or USER/NAME "
+    p.add_argument("--hf-repo", metavar="REPO", default=DEFAULT_SMOKE_REPO, help="dataset repo for --push: NAME or "
+                   "USER/NAME "
                    "(default: %(default)s, kept apart from the real dataset)")
-    p.add_argument("--hf-username", metavar="USER", default="somepago", help="owner for a bare --hf-repo (default: %(default)s)")
+    p.add_argument("--hf-username", metavar="USER", default="somepago",
+                   help="owner for a bare --hf-repo (default: %(default)s)")
     p.add_argument("--hub-endpoint", metavar="URL", help="another Hub endpoint for --push (a mirror or a local stub)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging (also of the HTTP libraries)")
     return p

@@ -166,7 +166,7 @@ def main(argv=None) -> int:
                                  "cache": "static full-attention", "reason": compiled.static_decode
                                  and compiled.static_decode.reason})
     result["counters"] = {k: dict(v) for k, v in counters.items() if k in ("inductor", "graph_break", "stats",
-                                                                             "recompiles", "frames")}
+                                                                           "recompiles", "frames")}
     save()
     # A 200-token run's cache (the pipeline's), and the same rounded up to 64 slots: whether the kernels
     # run faster on an aligned length (a mask row of 536 is not a multiple of 16) than on fewer slots.

@@ -306,6 +306,7 @@ def main(argv=None) -> int:
                     print(json.dumps({"fp8_weights": result["fp8_weights"]}), flush=True)
                 if kind == "fp8" and "error" in result["fp8_weights"]:
                     continue
+
                 def keep(timed: dict, kind=kind) -> None:  # on disk before its profile: a timeout keeps it
                     write(out, {**result, kind: result[kind] + [{**timed, "profile": "not finished"}]})
 

@@ -214,7 +214,7 @@ def test_bad_flags_are_one_line_and_exit_2(flags, message, sample_data_dir, tmp_
 
 
 def test_max_tokens_past_the_models_context_is_one_line_once_it_is_loaded(tiny_model_dir, sample_data_dir, tmp_path,
-                                                                        capsys):
+                                                                          capsys):
     """Under the flag's cap, but more than the tiny model's context leaves after its prompt: exit 2, nothing
     captioned (caches and --batch-size auto would be sized for tokens the model has no positions for)."""
     from transformers import AutoConfig
@@ -317,7 +317,7 @@ def test_no_trust_remote_code_anywhere():
 # ---------------------------------------------------------------- a failing disk
 
 def test_disk_full_mid_part_leaves_no_corrupt_part_and_resumes(tiny_model_dir, sample_data_dir, tmp_path, capsys,
-                                                              monkeypatch):
+                                                               monkeypatch):
     ckpt = tmp_path / "ckpt"
     argv = ["--model", str(tiny_model_dir), "--data-dir", str(sample_data_dir), "--checkpoint-dir", str(ckpt),
             "--no-push", "--max-tokens", "4", "--batch-size", "4", "--checkpoint-every", "8"]
@@ -396,4 +396,3 @@ def test_a_data_dir_listing_no_images_says_so(sample_data_dir, tmp_path, caplog)
     pq.write_table(meta.slice(0, 0), data / "full_metadata.parquet")
     assert main(dummy_args(data, tmp_path / "c")) == EXIT_OK
     assert [r for r in caplog.records if f"{data} lists no images: nothing to caption" in r.getMessage()]
-

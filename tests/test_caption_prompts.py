@@ -66,7 +66,7 @@ def test_templated_prompt_reaches_the_model_tokens(tiny, sample_data_dir):
     assembled = cap.assemble([i.inputs for i in items], prompts)
     tok = processor.tokenizer
     texts = [tok.decode(row[m.bool()]) for row, m in zip(assembled.inputs["input_ids"],
-                                                            assembled.inputs["attention_mask"])]
+                                                         assembled.inputs["attention_mask"])]
     assert f"Tags: {items[0].row['tags']}." in texts[0] and items[0].row["original_caption"] in texts[0]
     assert "Tags:" not in texts[1] and items[1].row["original_caption"] in texts[1]
 
@@ -108,7 +108,7 @@ def test_template_columns_reach_the_backend_per_row_and_are_not_written(sample_d
                                             # said "rename that metadata column", though the data has none by that name
                                             ("Describe {image_path}.", "{image_path} is not a column of the row")])
 def test_unknown_template_column_is_a_one_line_usage_error_before_work(sample_data_dir, tmp_path, capsys,
-                                                                        template, says):
+                                                                       template, says):
     from vlm_caption.cli import run_main
     from vlm_caption.errors import EXIT_USAGE
 
@@ -252,7 +252,7 @@ def test_per_row_prompts_with_the_static_cache_and_its_dynamic_fallback(tiny_mod
 
 
 def test_the_backend_sizes_its_caches_by_the_longest_prompt_of_the_runs_own_rows(sample_data_dir, tmp_path,
-                                                                                   monkeypatch):
+                                                                                 monkeypatch):
     """Sized from the template rendered with empty values, every templated batch outgrew the static cache and
     decoded with the dynamic one (the slow path on a GPU)."""
     from vlm_caption import caption_loop, dataset

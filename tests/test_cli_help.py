@@ -136,4 +136,3 @@ def test_the_previews_help_names_its_arguments_as_readme_does():
 
     usage = _parser_of(preview.main).format_usage()
     assert "CHECKPOINT_DIR" in usage and "[--data-dir DIR]" in usage and "[--out FILE]" in usage, usage
-

@@ -50,7 +50,7 @@ def test_invalid_token_exits_2_with_one_line_that_hides_it(hub_stub, tiny_model_
 
 
 def test_no_push_touches_nothing_then_push_only_pushes_everything_once(hub_stub, tiny_model_dir,
-                                                                      sample_data_dir, tmp_path):
+                                                                       sample_data_dir, tmp_path):
     ckpt = tmp_path / "ckpt"
     common = ["--model", str(tiny_model_dir), "--data-dir", str(sample_data_dir), "--checkpoint-dir", str(ckpt),
               "--hf-repo", REPO_ID, "--hub-endpoint", hub_stub.endpoint, "--max-tokens", "6", "--batch-size", "4",
@@ -170,7 +170,7 @@ def test_a_file_in_place_of_hub_keys_is_kept_and_the_cache_goes_beside_it(hub_st
 
 
 def test_a_token_pasted_with_quotes_is_one_usage_line_that_hides_it(hub_stub, sample_data_dir, tmp_path, monkeypatch,
-                                                                   capsys):
+                                                                    capsys):
     """“hf_...” copied with its quotes cannot go in an HTTP header: a UnicodeEncodeError traceback from httpx
     (exit 1), for a pushing run and for --check-hub alike."""
     from vlm_caption.cli import run_main

@@ -62,7 +62,7 @@ def test_a_run_against_its_own_copy_is_the_same(full_run, tmp_path, capsys):
     sha = table.column("sha256").to_pylist()
     sha[:2] = ["0" * 64, "1" * 64]
     pq.write_table(table.set_column(table.schema.get_field_index("sha256"), "sha256", pa.array(sha)),
-                         copy / store.MERGED)
+                   copy / store.MERGED)
     result = compare(base, copy)
     assert result["images_in_both"] == n - 2 and result["other_image_under_key"] == 2
     assert main([str(base), str(copy)]) == 0 and "left out: 2 keys of both runs whose images differ" in \
@@ -88,7 +88,7 @@ def test_what_it_cannot_compare_is_one_line_and_exit_2(full_run, tmp_path, capsy
         column = "key" if case == "disjoint" else "sha256"
         values = pa.array([f"x{k}" for k in table.column(column).to_pylist()])
         pq.write_table(table.set_column(table.schema.get_field_index(column), column, values),
-                             other / store.MERGED)
+                       other / store.MERGED)
     if case == "foreign":  # another tool's file of that name
         pq.write_table(pa.table({"image": ["a.jpg"], "caption": ["a cat"]}), other / store.MERGED)
     argv = [str(base), str(tmp_path / "nowhere" if case == "missing" else other)]

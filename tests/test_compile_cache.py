@@ -117,7 +117,7 @@ def test_an_empty_compile_cache_is_refused(tmp_path):
 
 @pytest.mark.parametrize("choice", ["off", "auto"])
 def test_a_run_that_compiles_nothing_says_the_cache_was_not_used(choice, tiny_model_dir, sample_data_dir, tmp_path,
-                                                                  caplog, monkeypatch):
+                                                                 caplog, monkeypatch):
     """On the CPU --compile auto and off compile nothing: --compile-cache went unused without a word, and
     run_summary must not name a dir that was never read or written."""
     from batched_image_inference import main

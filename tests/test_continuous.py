@@ -158,7 +158,7 @@ def continuous_args(model, data, ckpt, *extra):
 
 
 def test_a_failing_stream_hands_its_unfinished_chunks_to_batches(full_run, tiny_model_dir, sample_data_dir,
-                                                                  tmp_path, monkeypatch, caplog):
+                                                                 tmp_path, monkeypatch, caplog):
     """Out of memory when the third chunk joins: the chunks in flight and the rest are captioned in batches
     (the same captions), nothing lost, nothing twice."""
     from batched_image_inference import main
@@ -272,7 +272,7 @@ def test_an_interrupt_in_the_stream_waits_for_the_read_in_flight():
 
 
 def test_a_templated_prompt_too_long_for_the_ring_goes_to_batches_alone(tiny_model_dir, sample_data_dir, tmp_path,
-                                                                         caplog, monkeypatch):
+                                                                        caplog, monkeypatch):
     """The ring is sized by the longest rendering in bytes, a proxy for tokens; a prompt of more tokens than that
     (here: the ring sized by the shortest rendering, as it was by characters for CJK values) does not fit it.
     That chunk is captioned in batches (the dynamic cache, as the default run does); the stream goes on with the

@@ -45,7 +45,7 @@ def test_the_same_keys_in_the_two_sample_sets_are_other_images(two_data_sets):
 
 
 def test_a_dir_resumed_against_another_data_set_is_refused_before_anything_is_written(two_data_sets, tmp_path,
-                                                                                         capsys):
+                                                                                      capsys):
     a, b = two_data_sets
     ckpt = tmp_path / "ckpt"
     assert run(capsys, *dummy_args(a, ckpt, "--max-images", "6"))[0] == 0
@@ -116,7 +116,7 @@ def sha_by_key(data) -> dict[str, str]:
 
 
 def test_a_run_of_another_data_set_does_not_take_the_hub_s_keys_as_its_own(two_data_sets, tmp_path, capsys,
-                                                                              hub_stub):
+                                                                           hub_stub):
     """Before: the fresh dir of data set b counted every key data set a published as done, captioned nothing
     and ended 'exit 0', its 12 images never captioned, nor published."""
     a, b = two_data_sets
@@ -125,7 +125,7 @@ def test_a_run_of_another_data_set_does_not_take_the_hub_s_keys_as_its_own(two_d
     commits = hub_stub.commits_applied
     code, err = run(capsys, *hub_args(b, tmp_path / "ckpt_b", hub_stub))
     assert code == 2 and len(err.strip().splitlines()) == 1, err
-    assert f"12 of the 12 images the Hub run" in err and f"of {REPO} published are other images in --data-dir {b}" \
+    assert "12 of the 12 images the Hub run" in err and f"of {REPO} published are other images in --data-dir {b}" \
         in err and "Another data set takes a --hf-repo of its own" in err, err
     assert not store.list_parts(tmp_path / "ckpt_b") and hub_stub.commits_applied == commits  # nothing captioned
     # the same data set from a fresh dir (another machine): every key published, nothing captioned again
@@ -156,7 +156,7 @@ def test_push_only_of_another_data_set_s_captions_is_refused_not_half_dropped(tw
 
 
 def test_push_only_reads_each_part_once_for_the_image_check_and_the_push(two_data_sets, tmp_path, capsys,
-                                                                           hub_stub, monkeypatch):
+                                                                         hub_stub, monkeypatch):
     """Before: the check of the dir's images read every part, then the pusher read each again for its keys
     (at 400K rows, 2,000 parts: a second pass over the dir). The rows themselves are read once more to be sent."""
     from collections import Counter

@@ -45,7 +45,7 @@ def refused_run(model_and_processor, images, caplog, **kw):
 
 
 def test_a_graph_loop_step_that_does_not_compile_runs_eagerly_for_the_rest_of_the_run(model_and_processor, images,
-                                                                                       caplog):
+                                                                                      caplog):
     cap, refused, want = refused_run(model_and_processor, images, caplog, decode_loop="graph",
                                      grouped_attention="sdpa")
     assert refused == [1] and not cap.graph_decode.compiled
@@ -81,7 +81,7 @@ def test_generates_compiled_step_that_does_not_compile_runs_eagerly(model_and_pr
 
 
 def test_an_error_no_compiled_step_raised_fails_the_batch_and_leaves_the_step_compiled(model_and_processor, images,
-                                                                                        monkeypatch):
+                                                                                       monkeypatch):
     """Not a compile's fault (here the prefill, eager, meets a broken card): raised as before, nothing given up
     (an eager step would fail the same way)."""
     model, processor = model_and_processor

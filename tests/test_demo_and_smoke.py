@@ -135,7 +135,7 @@ def test_smoke_reads_shard_metadata_with_md5_as_source_md5(smoke, sample_data_di
 
 
 def test_an_unreadable_metadata_file_is_one_line_in_the_smoke_test_and_the_preview(smoke, sample_data_dir, tmp_path,
-                                                                                    capsys):
+                                                                                   capsys):
     """Both read the data dir's metadata as the captioner does: a corrupt file is a one-line failure there."""
     import shutil
 

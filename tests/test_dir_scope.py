@@ -37,7 +37,7 @@ def test_an_array_tasks_dir_shared_by_its_nodes_is_told_the_array_size_not_the_m
         dir_scope.check_machines(tmp_path, machine, 4, nodes=2)
     monkeypatch.setattr(store, "list_parts", lambda ckpt: ["a part"])
     assert json.loads((tmp_path / dir_scope.MACHINES_JSON).read_text()) == {"machines": 4, "indices": [1, 3],
-                                                                          "nodes": 2}
+                                                                            "nodes": 2}
     line = refusal(tmp_path, 1, 8, nodes=2)  # resubmitted with MACHINES=4 on its 2 nodes
     assert "this run is machine 1 of 8 (array task 1 of 4 on node 0 of 2" in line
     assert "task 1 of 2 (a resubmitted array task: MACHINES=2 sbatch --array=1" in line

@@ -110,7 +110,7 @@ def test_counts_per_outcome(first_run, server):
     by_key = {r["key"]: r for r in pq.read_table(first_run["out"] / "images/00000.parquet").to_pylist()}
     by_key.update({r["key"]: r for r in pq.read_table(first_run["out"] / "images/00001.parquet").to_pylist()})
     assert sorted(by_key[r["key"]]["url"].rsplit("/", 1)[1] for r in invalid) == ["empty.jpg", "page.jpg",
-                                                                                 "truncated.jpg"]
+                                                                                  "truncated.jpg"]
     errors = {by_key[r["key"]]["url"].rsplit("/", 1)[1]: r["error"] for r in invalid}
     assert errors["empty.jpg"] == "empty file"
     assert errors["page.jpg"].startswith("not an image")
@@ -297,7 +297,7 @@ def test_every_further_source_column_reaches_full_metadata_with_its_type(server,
     assert "source column at (time64[us]) is not carried" in caplog.text
     meta = pq.read_table(out / "full_metadata.parquet")
     assert meta.schema.names[len(validate.FULL_METADATA_SCHEMA):] == ["aesthetic", "license", "source_width", "labels",
-                                                                     "day", "price"]
+                                                                      "day", "price"]
     assert meta.schema.field("aesthetic").type == pa.float64() and meta.schema.field("source_width").type == pa.int64()
     assert meta.schema.field("labels").type == pa.list_(pa.string())
     by_key = {r["original_key"]: r for r in meta.to_pylist()}

@@ -173,7 +173,7 @@ def test_parts_a_worker_left_unpushed_are_pushed_by_the_last_one_out(cli, hub_st
 
 
 def test_push_only_with_the_hub_down_exits_3_and_a_broken_summary_is_set_aside(cli, hub_stub, source_keys,
-                                                                                 tmp_path, monkeypatch, capsys):
+                                                                               tmp_path, monkeypatch, capsys):
     ok(cli.run("p", "--no-push"))
     (tmp_path / "p" / store.SUMMARY).write_text('{"this_run": {"captioned"')  # cut short
     dry = cli.run("p", "--dry-run")

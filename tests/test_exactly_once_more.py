@@ -159,6 +159,7 @@ def test_a_copied_dir_pushes_after_its_original_pushed_parts_it_lacks(hub_stub, 
     assert once(hub_stub) == keys(30) | keys(5, 30)
     assert [(e["first"], e["last"], e["parts"]) for e in ledger(b) if e.get("recovered")] == [(1, 2, [])]
 
+
 def test_files_deleted_or_renamed_by_someone_else_between_runs(hub_stub, ckpt, caplog):  # noqa: F811
     w = Writer(ckpt)
     w.parts(10)

@@ -137,7 +137,7 @@ def test_fp8_compiles_with_no_graph_break_and_keeps_its_eager_tokens(model_and_p
     ((8, 9), torch.bfloat16, None, None),
 ])
 def test_a_gpu_without_fp8_tensor_cores_or_kernel_or_a_dtype_other_than_bf16_is_one_line(monkeypatch, capability,
-                                                                                          dtype, gemm_error, says):
+                                                                                         dtype, gemm_error, says):
     """Checked before the model loads: the capability, the dtype, then one tiny FP8 GEMM on the card."""
     import vlm_caption.fp8 as fp8
 
@@ -231,5 +231,5 @@ def refused_in_one_line(tiny_model_dir, sample_data_dir, tmp_path, capsys, flags
     (["--quantize", "int4"], "argument --quantize: invalid choice"),
 ])
 def test_a_quantize_the_run_cannot_take_is_one_line_and_exit_2(tiny_model_dir, sample_data_dir, tmp_path, capsys,
-                                                                flags, says):
+                                                               flags, says):
     refused_in_one_line(tiny_model_dir, sample_data_dir, tmp_path, capsys, flags, says)

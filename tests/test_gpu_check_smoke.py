@@ -385,7 +385,7 @@ def test_bench_fp8_times_every_layer_shape_and_measures_the_logits_drift(tmp_pat
     gemms, logits, fusion = (line for line in lines if "section" in line)
     assert [line["shape"] for line in lines if "shape" in line] == gemms["shapes"]  # each printed as it ended
     assert {(x["part"], x["in"], x["out"]) for x in gemms["shapes"]} >= {("vision_tower", 32, 64),
-                                                                        ("language_model", 64, 128), ("decode", 128, 64)}
+                                                                         ("language_model", 64, 128), ("decode", 128, 64)}
     assert all(x["bf16_ms"] > 0 and x["fp8_ms"] > 0 and 0 < x["relative_error"] < 0.1 for x in gemms["shapes"])
     # every shape compiled (11 of them: past dynamo's recompile limit of 8 the rest ran eagerly, unsaid)
     assert len(gemms["shapes"]) > 8 and all(x["fp8_graphs"] == 1 for x in gemms["shapes"]), gemms["shapes"]

@@ -25,7 +25,7 @@ from vlm_caption.model_loading import load_model
 def attention_inputs(batch=3, heads=8, kv_heads=4, q_len=1, keys=11, dim=16, seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, h, n, dim, generator=g) for h, n in ((heads, q_len), (kv_heads, keys),
-                                                                          (kv_heads, keys)))
+                                                                       (kv_heads, keys)))
     mask = torch.rand(batch, 1, q_len, keys, generator=g) > 0.3
     mask[..., -1] = True  # every query sees at least one key
     return SimpleNamespace(num_key_value_groups=heads // kv_heads, is_causal=True), q, k, v, mask
@@ -103,7 +103,7 @@ def test_flex_available_asks_the_installed_torchs_signatures(monkeypatch):
 
 @pytest.mark.parametrize("capability,kernel", [((9, 0), "auto"), ((10, 0), "auto"), ((8, 0), "sdpa"), ((7, 5), "sdpa")])
 def test_auto_keeps_the_grouped_sdpa_on_cards_flex_was_not_measured_on(model_and_processor, monkeypatch,
-                                                                         capability, kernel):
+                                                                       capability, kernel):
     """flex was timed on Hopper only; an A100, L4 or T4 (less shared memory for its head-dim-256 kernel) keeps
     the grouped sdpa under auto. (The tiny model stays on this CPU; its device is what the check is told.)"""
     model, _ = model_and_processor
@@ -149,7 +149,7 @@ def count_repeat_kv(monkeypatch) -> list:
 
 
 def test_same_greedy_tokens_on_every_decode_path_and_no_kv_copies_after_the_prompt(model_and_processor, images,
-                                                                                  monkeypatch):
+                                                                                   monkeypatch):
     model, processor = model_and_processor
     want = token_ids(captioner(model, processor, grouped_attention=False), images)
     layers = model.config.get_text_config(decoder=True).num_hidden_layers
@@ -259,7 +259,7 @@ def test_auto_puts_flex_in_the_compiled_step_only(model_and_processor, images, m
 
 
 def test_a_batch_whose_flex_kernel_fails_is_decoded_again_with_the_grouped_sdpa(model_and_processor, images,
-                                                                                 monkeypatch, caplog):
+                                                                                monkeypatch, caplog):
     """A flex kernel that does not compile (a card, torch or Triton it was never run on: here a compiler that
     refuses any graph holding flex_attention) costs one retry of the batch, not the run: the same greedy
     tokens, a warning, and the grouped sdpa for the rest of the run."""

@@ -208,7 +208,7 @@ def test_a_refused_read_is_not_called_a_write_and_a_full_disk_asks_for_space():
 
 
 def test_a_checkpoint_dir_this_user_cannot_write_is_refused_but_a_dry_run_only_reads_it(sample_data_dir, tmp_path,
-                                                                                      capsys, monkeypatch):
+                                                                                        capsys, monkeypatch):
     """A run's dir must take writes (one line at once, not after an hour); --dry-run's plan writes nothing and
     was refused as well."""
     import vlm_caption.flag_checks as flag_checks

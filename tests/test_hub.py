@@ -35,7 +35,7 @@ def test_connect_without_token_is_one_line_usage_error(hub_stub, monkeypatch):  
 
 
 def test_push_only_without_token_or_run_json_is_one_line_and_never_offers_no_push(hub_stub, monkeypatch, tmp_path,
-                                                                                   capsys):
+                                                                                  capsys):
     from batched_image_inference import main as cli_main
     from vlm_caption.cli import run_main
 
@@ -282,7 +282,6 @@ def test_card_lists_each_run_and_both_load_with_datasets(hub_stub, client, ckpt,
     assert old.num_rows == 7
 
 
-
 @pytest.mark.parametrize("edit", [{"rows": "many"}, {"created": 17}, {"failed_by_stage": [1]}, {"prompts": "x"}])
 def test_another_runs_file_edited_by_hand_is_left_off_the_card(hub_stub, client, ckpt, caplog, edit):  # noqa: F811
     """runs/{other}.json with a field of another shape raised at this run's card: a traceback at every end of a
@@ -297,7 +296,6 @@ def test_another_runs_file_edited_by_hand_is_left_off_the_card(hub_stub, client,
     with caplog.at_level(logging.WARNING):
         text = client.write_card(RUN_INFO, {})
     assert "Rows (captioned images): 4" in text and "fedcba987654" not in text and "left off the card" in caplog.text
-
 
 
 @pytest.mark.parametrize("edit", [{"failed_keys_by_dir": [1]}, {"failed_keys_by_dir": {"d": [1]}}, {"created": 5}])

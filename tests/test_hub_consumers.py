@@ -34,7 +34,7 @@ def test_a_01_dir_pushing_its_old_parts_moves_the_old_files_with_the_columns_of_
 
     buf = io.BytesIO()
     pq.write_table(pa.Table.from_pylist(make_rows(0, 5), schema=pa.schema([OUTPUT_SCHEMA.field(n)
-                                                                            for n in OLD_COLUMNS])), buf)
+                                                                           for n in OLD_COLUMNS])), buf)
     client.api.create_commit(REPO, [CommitOperationAdd(f"data/{RUN}-w000-000000-000000.parquet", buf.getvalue())],
                              commit_message="0.1", repo_type="dataset")
     Writer(ckpt).parts(5, 5)  # keys 0-4 again (published by 0.1) and 5-9

@@ -335,7 +335,7 @@ def test_bench_loader_prints_one_json_line_per_method(tmp_path):
     compared, *lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert compared["images"] == 3 and compared["device"]["mean_abs_diff"] <= TOLERANCE
     assert {(r["method"], r["threads"]) for r in lines} == {(m, t) for m in ("processor", "fast", "device")
-                                                             for t in (1, 2)}
+                                                            for t in (1, 2)}
     for r in lines:
         assert r["images"] == 3 and r["cpu_ms_per_img"] > 0 and r["img_per_s"] > 0
         assert {"method", "images", "threads", "cpu_ms_per_img", "img_per_s"} <= set(r)

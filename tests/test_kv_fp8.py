@@ -156,7 +156,7 @@ def test_every_decode_path_of_an_fp8_run_gives_the_same_greedy_tokens(model_and_
 
 
 def test_where_flex_cannot_read_float8_the_batch_is_decoded_again_with_the_grouped_sdpa(model_and_processor, images,
-                                                                                      monkeypatch, caplog):
+                                                                                        monkeypatch, caplog):
     """A torch whose FlexAttention wants one dtype (older than the card's should be): here inductor's CPU kernel,
     handed the float8 cache as a card's would be, refuses it. The batch is decoded again with the grouped sdpa
     (which converts the cache), the same greedy tokens, a warning, and sdpa for the rest of the run."""
@@ -227,7 +227,7 @@ def test_an_fp8_run_is_a_run_of_its_own_and_says_so(tiny_model_dir, sample_data_
     (["--kv-cache-dtype", "int8"], "argument --kv-cache-dtype: invalid choice"),
 ])
 def test_a_kv_cache_dtype_the_run_cannot_take_is_one_line_and_exit_2(tiny_model_dir, sample_data_dir, tmp_path,
-                                                                      capsys, flags, says):
+                                                                     capsys, flags, says):
     refused_in_one_line(tiny_model_dir, sample_data_dir, tmp_path, capsys, flags, says)
 
 

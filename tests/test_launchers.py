@@ -17,7 +17,6 @@ from vlm_caption import dataset, store, workers
 from vlm_caption.errors import EXIT_OK
 
 
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     from vlm_caption.sample_data import write_sample
@@ -243,7 +242,7 @@ def fake_nvidia_smi(tmp_path, monkeypatch, listing: str, code: int = 0) -> None:
 
 
 def test_a_gpu_machine_whose_torch_cannot_use_its_gpus_is_refused(tmp_path, monkeypatch, tiny_model_dir,
-                                                                    sample_data_dir):
+                                                                  sample_data_dir):
     """nvidia-smi lists GPUs but torch sees none (this CPU torch here; a CPU-only wheel or an old driver there):
     a big model is one line before its weights load, not hours of a rented GPU spent on a CPU run (the limit
     lowered here to the tiny model's size); the tiny model itself, the demo's, runs."""

@@ -93,7 +93,7 @@ def test_a_batch_whose_compiled_tower_fails_runs_again_with_it_eager(model_and_p
 
 
 def test_set_prefill_compile_leaves_a_model_without_those_parts_or_spread_over_devices_alone(model_and_processor,
-                                                                                      monkeypatch):
+                                                                                             monkeypatch):
     class TextOnly(torch.nn.Module):
         pass
 
@@ -106,7 +106,7 @@ def test_set_prefill_compile_leaves_a_model_without_those_parts_or_spread_over_d
 
 
 def test_with_vision_overlap_a_failing_compiled_tower_is_given_up_on_the_assembling_side(model_and_processor, images,
-                                                                                           caplog):
+                                                                                         caplog):
     """--vision-overlap runs the tower where the next batch is assembled, outside generate: a compiled tower that
     fails there is given up for the run too, and the batch gets its features from the eager tower."""
     model, processor = model_and_processor

@@ -9,7 +9,7 @@ from dummy_runs import dummy_args
 
 
 def test_a_hub_unreachable_at_the_start_of_a_pushing_run_says_what_to_do(hub_stub, sample_data_dir, tmp_path,
-                                                                          monkeypatch, capsys):
+                                                                         monkeypatch, capsys):
     """Step 5 (`./run_captioning.sh ... --hf-repo ... --hf-username ...`) with the Hub down or no network said only
     "the Hub at URL is unreachable: Hub token check failed 6 times, last: ...", exit 1, and nothing about the
     --no-push / --push-only way round it."""

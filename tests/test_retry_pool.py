@@ -43,8 +43,8 @@ def captions_by_key(ckpt, columns=CAPTION_COLUMNS) -> dict[str, tuple]:
 
 
 def test_gathered_retries_give_the_rows_of_a_retry_after_each_batch_in_fewer_calls(faults, sample_data_dir,
-                                                                                     tmp_path, generate_calls,
-                                                                                     monkeypatch, capsys):
+                                                                                   tmp_path, generate_calls,
+                                                                                   monkeypatch, capsys):
     """retry_rows 1 (a CPU's): one retry call after each batch holding a flagged caption. retry_rows 6 (a GPU's
     64, scaled to the sample): calls of at least 6 rows but the last, at most a batch (8), and the same rows."""
     args = ("--batch-size", "8")
@@ -92,7 +92,7 @@ def test_each_prompt_retries_its_own_flagged_captions_gathered(faults, sample_da
     monkeypatch.setattr(dummy_backend.DummyBackend, "retry_rows", 5)
     ckpt = tmp_path / "ckpt"
     assert main(dummy_args(sample_data_dir, ckpt, "--prompts-file", str(prompts_file))) in (EXIT_OK,
-                                                                                             EXIT_ITEMS_FAILED)
+                                                                                            EXIT_ITEMS_FAILED)
     short = [k for p, keys in calls if p.startswith("Name") for k in keys]
     long = [k for p, keys in calls if p.startswith("Describe") for k in keys]
     assert short and {k[-1] for k in short} == set(FLAGGED_DIGITS) and long and {k[-1] for k in long} == {"7"}
@@ -103,7 +103,7 @@ def test_each_prompt_retries_its_own_flagged_captions_gathered(faults, sample_da
 
 
 def test_a_signal_drops_the_rows_waiting_for_a_retry_and_resume_captions_them(faults, sample_data_dir, tmp_path,
-                                                                            generate_calls, monkeypatch, caplog):
+                                                                              generate_calls, monkeypatch, caplog):
     """Rows wait for their second try in no part: a stop drops them like the batch in flight (said once), the
     others are written; the resume captions them again, and the run ends as one that was never stopped."""
     whole = tmp_path / "whole"
@@ -187,7 +187,7 @@ def test_the_pool_posts_clean_rows_at_once_and_retries_in_calls_no_bigger_than_t
     (items, caps, error), = posted[3][0]
     assert error is None and [c.text for c in caps[0]] == ["A tower. " + "and the tower " * 30] * 2
     assert {i: c.text for i, c in posted[3][1][0][0].items()} == {0: "A clean second caption of loop4.",
-                                                                   1: "A clean second caption of loop5."}
+                                                                  1: "A clean second caption of loop5."}
     assert pool.report() == {"retry_gathered_rows": 4, "retry_calls": 2, "retried_captions": 5}
 
 

@@ -134,7 +134,7 @@ def test_parts_that_name_no_run_are_not_adopted_by_a_hub_models_run(data, tmp_pa
 
 
 def test_the_smoke_test_pushes_again_to_a_repo_an_earlier_smoke_test_pushed_to(hub_stub, sample_data_dir, tmp_path,
-                                                                                capsys):
+                                                                               capsys):
     """test_pipeline.py --push builds the same tiny random model each time: named by its content, each smoke test
     would be one run, and a second one found its captions on the Hub already: nothing pushed, FAIL push."""
     import importlib.util

@@ -130,7 +130,7 @@ def test_a_new_dir_publishes_into_the_hub_run_of_an_older_spelling(hub_stub, dat
 
 
 def test_a_new_dir_joins_the_run_an_earlier_version_has_not_described_yet(hub_stub, data, tmp_path, monkeypatch,
-                                                                            capsys):
+                                                                          capsys):
     """A machine not yet upgraded, captioning for days under --seed 7, writes runs/{run_id}.json only when its
     process ends; an upgraded machine with the very same flags on a new dir joined no run of the Hub's records and
     published every key a second time under its own id."""
@@ -162,7 +162,7 @@ def test_merge_only_of_two_spellings_of_one_run(data, tmp_path, monkeypatch):
 
 
 def test_a_dir_that_took_the_hub_runs_id_and_lost_its_run_json_is_that_run_again(hub_stub, data, tmp_path,
-                                                                                  monkeypatch):
+                                                                                 monkeypatch):
     with monkeypatch.context() as m:  # an earlier version's --seed 7 run on the Hub
         as_before(m)
         assert main(hub_args(hub_stub, data, tmp_path / "a", "--seed", "7", "--shards", "0")) == EXIT_OK

@@ -92,7 +92,7 @@ def test_killed_rank_then_rerun_with_another_world_size_completes(tiny_model_dir
 
 
 def test_worker_slices_in_separate_dirs_merge_with_full_coverage(tiny_model_dir, clean_data, expected_keys, tmp_path,
-                                                                  capsys):
+                                                                 capsys):
     dirs = [tmp_path / f"machine{i}" for i in range(2)]
     for i, d in enumerate(dirs):
         assert main(args_for(tiny_model_dir, clean_data, d, "--num-workers", "2", "--worker-index", str(i))) == EXIT_OK
@@ -130,8 +130,6 @@ def test_merge_reports_a_key_captioned_twice(tiny_model_dir, clean_data, tmp_pat
 
     merged = pq.read_table(a / store.MERGED, columns=["key"]).column("key").to_pylist()
     assert len(merged) == len(set(merged)) == 3  # the merged file keeps one row per key
-
-
 
 
 def test_worker_slice_defaults_from_slurm_and_torch_distributed(monkeypatch):

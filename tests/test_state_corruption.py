@@ -20,6 +20,7 @@ def a_run_of_three_rows(ckpt):
     first.lock.release()
     return SETTINGS, first, run_id
 
+
 def test_a_ledger_with_garbage_bytes_other_json_or_a_dir_in_its_place_is_warned_about_not_fatal(tmp_path, caplog):
     good = {"repo": "r", "run_id": "x", "hub_path": "data/x/a.parquet", "worker": 0}
     path = tmp_path / store.LEDGER
@@ -27,7 +28,7 @@ def test_a_ledger_with_garbage_bytes_other_json_or_a_dir_in_its_place_is_warned_
     with caplog.at_level(logging.WARNING):
         assert hub_ledger.read_ledger(tmp_path) == [good]
     assert [r.getMessage().split(" line ")[1] for r in caplog.records] == [f"{n} is unreadable; ignoring it"
-                                                                            for n in (2, 3, 4, 5)]
+                                                                           for n in (2, 3, 4, 5)]
     path.unlink()
     path.mkdir()
     (path / "x").write_text("x")

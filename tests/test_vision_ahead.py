@@ -111,7 +111,7 @@ def test_a_list_of_images_and_the_retry_still_work(model_and_processor, images, 
 
 
 def test_other_pixels_than_the_served_ones_are_computed_inline(model_and_processor, images, tower_calls,
-                                                                monkeypatch, caplog):
+                                                               monkeypatch, caplog):
     """If generate ever hands the model a copy of the pixels, the features are not trusted to match: the
     tower runs inline (same tokens), counted and warned once."""
     model, processor = model_and_processor

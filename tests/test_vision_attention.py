@@ -67,7 +67,7 @@ def test_the_compiled_tower_is_traced_with_the_named_kernel_and_gives_the_same_t
                     **fixed)
     assert token_ids(cap, images[:3]) == want
     tower = [code for code in forward_graphs if "layer_norm" in code and ("scaled_dot_product" in code or
-                                                                           "_softmax" in code)]
+                                                                          "_softmax" in code)]
     assert tower and not any(FLASH_CPU in code for code in tower)
     assert cap.decoding_report(3)["vision_attention"] == "math"
 

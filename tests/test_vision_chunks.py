@@ -128,6 +128,7 @@ def test_chunks_let_the_kv_cache_set_the_batch():
     assert auto_batch_size(config, 141 * GB, weights, 536, 2, static_full_attention=True, prompt_tokens=336,
                            vision_rows=64) == 512  # an H200: the default cap
     # The retries' own cache of 64 rows (~4.5 GB) beside the batch's: 512 still fit on 80 GB, not on 76 GB.
+
     def pick(gb, retry_rows):
         return auto_batch_size(config, gb * GB, weights, 536, 2, cap=1024, static_full_attention=True,
                                prompt_tokens=336, vision_rows=64, retry_rows=retry_rows)

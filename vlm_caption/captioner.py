@@ -223,7 +223,8 @@ class Captioner:
 
     # -- per batch, on the generate path
 
-    def collate(self, pixel_values: list[torch.Tensor], prompts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
+    def collate(self, pixel_values: list[torch.Tensor],
+                prompts: Sequence[str] | None = None) -> dict[str, torch.Tensor]:
         """Token ids of each row's prompt (None: the run's prompt for every row), left-padded with an attention
         mask, and the stacked pixel values, on the device."""
         encoded = [self._encode_prompt(p) for p in prompts] if prompts is not None else \

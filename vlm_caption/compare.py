@@ -128,7 +128,7 @@ def report_lines(result: dict[str, Any]) -> list[str]:
     lines = [f"base: {base['dir']} (run {base['run_id']}); other: {other['dir']} (run {other['run_id']})"]
     differ = result["settings_that_differ"]
     lines.append("settings that differ: " + ("; ".join(f"{k}: {_setting(a)} -> {_setting(b)}"
-                                                        for k, (a, b) in differ.items()) or "none"))
+                                                       for k, (a, b) in differ.items()) or "none"))
     lines.append(f"images in both: {n} (only in base: {result['only_in_base']}, only in other: "
                  f"{result['only_in_other']})")
     if result.get("other_image_under_key"):

@@ -133,4 +133,3 @@ def _forget_cache_paths() -> None:
     utils = sys.modules.get("torch._inductor.utils")
     if utils is not None:
         utils.clear_caches()
-

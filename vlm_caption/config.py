@@ -142,7 +142,8 @@ class RunConfig:
             raise UsageError(f"--quantize {self.quantize} runs on one GPU per process: drop --device-map (a 27B "
                              "with FP8 weights takes ~30 GB: one H100 holds it)")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
-            raise UsageError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
+            raise UsageError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
+                             f"got {self.kv_cache_dtype!r}")
         if self.kv_cache_dtype == "fp8" and self.attn_implementation != "sdpa":  # its kernels are the grouped sdpa's
             raise UsageError(f"--kv-cache-dtype fp8 needs --attn-implementation sdpa (got {self.attn_implementation})")
         if self.decode_loop not in DECODE_LOOPS:

@@ -65,7 +65,9 @@ class ContinuousDecode:
         device = self.device = next(model.parameters()).device
         self.stop_ids = torch.tensor(stop_ids, dtype=torch.long, device=device)
         self.is_stop = stop_token_mask(model, self.stop_ids)
-        zeros = lambda dtype: torch.zeros(slots, dtype=dtype, device=device)  # noqa: E731
+
+        def zeros(dtype):
+            return torch.zeros(slots, dtype=dtype, device=device)
         # The step's state: static buffers (CUDA-graph inputs), changed in place by the step and the joins.
         self.tokens, self.pos, self.made = zeros(torch.long), zeros(torch.long), zeros(torch.long)
         self.limit, self.min_new = zeros(torch.long) + max_new, zeros(torch.long) + min_new
@@ -223,6 +225,7 @@ def prefill(cap, tag: Any, assembled, limits: torch.Tensor | None = None) -> Pre
     prompt = inputs["input_ids"].shape[-1]
     if prompt + cap.gen_config.max_new_tokens > cap.static_decode.max_cache_len:
         raise ValueError(f"a chunk's prompts ({prompt} tokens) are longer than the decoding ring holds")
+
     def first_token():
         cache = DynamicCache(config=cap.static_decode.cache_config)
         return cap.model.generate(**inputs, generation_config=cap.first_token_config(),

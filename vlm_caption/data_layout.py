@@ -19,7 +19,8 @@
 
 download.py writes urls.parquet, runs img2dataset and writes the summary; validate.py writes
 decode_checks/, invalid_images.parquet, full_metadata.parquet and metadata.csv; sample_data.py writes
-the same layout synthetically (files written with vlm_caption.atomic). The names live here so that none of them imports another for a constant.
+the same layout synthetically (files written with vlm_caption.atomic). The names live here so that none of them
+imports another for a constant.
 
 Validation markers live in decode_checks/, not images/: img2dataset treats every `images/*.json` as a
 finished shard (it parses the digits before the first '_'), so a stray marker there could make it skip

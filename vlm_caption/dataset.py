@@ -128,7 +128,8 @@ def open_metadata(path: Path) -> pq.ParquetFile:
 
 
 def _iter_batches(files: list[tuple[Path, str | None]], columns: list[str], skip_unreadable: bool,
-                  skipped: list[tuple[str, str | None]] | None = None) -> Iterator[tuple[pa.RecordBatch, str | None, Path]]:
+                  skipped: list[tuple[str, str | None]] | None = None,
+                  ) -> Iterator[tuple[pa.RecordBatch, str | None, Path]]:
     """Record batches of successful rows; an unreadable shard is logged, added to `skipped` and skipped (or
     raised). A footer that opens does not mean its row groups read (a corrupt page fails in iter_batches)."""
     for path, shard in files:

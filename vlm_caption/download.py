@@ -254,9 +254,10 @@ def check_output_dir(out: Path) -> None:
 def set_aside_unreadable_shards(out: Path, n_rows: int, shard_size: int) -> None:
     """A finished shard whose parquet cannot be read (a crash or a second process mid-write), that lacks
     rows of its slice of urls.parquet, or whose saved images' folder is gone, goes to quarantine/ with its
-    stats file, so img2dataset downloads it again (it redoes shards without stats). img2dataset catches an error writing a sample (disk full, file
-    size limit), prints it, leaves the row out of the shard parquet and still marks the shard done: without
-    this check those rows, metadata and all, would vanish from every count."""
+    stats file, so img2dataset downloads it again (it redoes shards without stats). img2dataset catches an error
+    writing a sample (disk full, file size limit), prints it, leaves the row out of the shard parquet and
+    still marks the shard done: without this check those rows, metadata and all, would vanish from every
+    count."""
     finished = _finished_stats(out / IMAGES_DIR)
     for link in (out / IMAGES_DIR).glob("[0-9]*.parquet"):  # of a shard to fetch: img2dataset wrote through it
         if link.is_symlink() and link.stem.isdigit() and int(link.stem) not in finished:
@@ -376,4 +377,3 @@ def run_download(cfg: DownloadConfig, strict: bool = False) -> int:
                      plural(permanent, "row"))
         return EXIT_ITEMS_FAILED
     return EXIT_OK
-

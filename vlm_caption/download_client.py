@@ -147,7 +147,7 @@ def bounded_download_image(row, timeout, user_agent_token, disallowed_header_dir
         request = urllib.request.Request(url, data=None, headers={"User-Agent": user_agent})
         with _opener().open(request, timeout=timeout) as r:
             if disallowed_header_directives and i2d.is_disallowed(r.headers, user_agent_token,
-                                                                   disallowed_header_directives):
+                                                                  disallowed_header_directives):
                 return key, None, "Use of image disallowed by X-Robots-Tag directive"
             length = r.headers.get("Content-Length", "")
             if length.isdigit() and int(length) > max_bytes:

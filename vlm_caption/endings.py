@@ -310,7 +310,7 @@ def print_first_prompts(cfg: RunConfig, plan: dataset.WorkPlan, extra: list, spe
     """--dry-run: the prompt(s) of the first selected row as the model would get them."""
     first = min(plan.todo_keys or plan.data_keys or {""})
     row = next(iter(dataset.iter_rows(Path(cfg.data_dir), {first}, extra, also, shards=plan.shards)),
-                None) if first else None
+               None) if first else None
     if row is None:
         print("  prompt: no selected row to render it for")
         return

@@ -7,9 +7,10 @@ prompt. FP8 tensor cores do twice the bf16 FLOP/s (H100 SXM: 1,979 vs 989 TFLOP/
 reads half the weight bytes. Measured GEMM by GEMM on an H100 (run 5, `benchmarks/bench_fp8.py`), a layer
 alone ran 0.52-0.77x bf16's speed in the tower (1152 and 4304 wide: the pass that scales and casts each input
 costs what the narrow GEMM saves) and 0.48-1.50x in the language model (1.11x its prefill per image, the MLP's
-2560 -> 10240 the best); the whole model is not timed yet, so it is off by default. Captions change: each GEMM's inputs are rounded to 3 mantissa bits (a relative error of ~4 %
-per GEMM on random data, less on the trained weights' smooth rows); so an fp8 run is a run of its own (its own
-run id, `quantize` recorded in run.json and the card), never mixed with a bf16 run's captions.
+2560 -> 10240 the best); the whole model is not timed yet, so it is off by default. Captions change: each GEMM's
+inputs are rounded to 3 mantissa bits (a relative error of ~4 % per GEMM on random data, less on the trained
+weights' smooth rows); so an fp8 run is a run of its own (its own run id, `quantize` recorded in run.json and
+the card), never mixed with a bf16 run's captions.
 
 How (what vLLM's `--quantization fp8` and torchao's dynamic float8 with per-row scales do): each weight is cast
 once to float8_e4m3fn with one scale per output channel; at run time each activation row (a token) gets its own

@@ -180,8 +180,8 @@ def set_grouped_decode_attention(model, on: bool | str = True) -> bool:
     """Switch the text model of `model` between "sdpa" and a grouped decode attention (on: "auto", "sdpa"
     (also True), "flex"; False: transformers' sdpa); True when it now uses a grouped one. Nothing changes when
     the text model was loaded with another implementation (eager, flash) or has as many KV heads as query
-    heads. "flex" without a FlexAttention it can use (flex_available) is refused; "auto" then means "sdpa", as it does on a
-    CUDA card older than Hopper (flex_measured_on)."""
+    heads. "flex" without a FlexAttention it can use (flex_available) is refused; "auto" then means "sdpa", as it
+    does on a CUDA card older than Hopper (flex_measured_on)."""
     text = model.config.get_text_config(decoder=True)
     current = getattr(text, "_attn_implementation", None)
     heads, kv_heads = getattr(text, "num_attention_heads", 1), getattr(text, "num_key_value_heads", None)

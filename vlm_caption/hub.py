@@ -144,7 +144,8 @@ class HubClient:
         except HfHubHTTPError as e:
             status, why = http_status(e), describe(e, self._token)
             if status == 401:
-                raise UsageError(f"the Hub refused the Hugging Face token (invalid or expired): {_LOGIN_HINT}") from None
+                raise UsageError("the Hub refused the Hugging Face token (invalid or expired): "
+                                 f"{_LOGIN_HINT}") from None
             if status == 403:
                 raise UsageError(f"no write access to {self.repo_id} with this token ({why}); use a token that can "
                                  "write to that namespace, or an --hf-repo under your own user") from None

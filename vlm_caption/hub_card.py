@@ -53,7 +53,7 @@ def write_card(client, run_info: dict, summary: dict, failed_keys: dict[str, str
                CommitOperationAdd(path_in_repo=run_info_path(run_id),
                                   path_or_fileobj=(json.dumps(mine, indent=2, sort_keys=True) + "\n").encode())]
         client.api.create_commit(client.repo_id, ops, commit_message=f"Update dataset card (run {run_id})",
-                               repo_type=REPO_TYPE, parent_commit=snap.head)
+                                 repo_type=REPO_TYPE, parent_commit=snap.head)
 
     with client._lock:
         client._against_head(attempt, "card update")

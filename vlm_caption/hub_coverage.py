@@ -103,7 +103,7 @@ def check_hub(hub_client, cfg: RunConfig, run_id: str, named_by_flags: bool = Fa
     for name, kinds in mixed.items():
         print(f"  column {name} has {len(kinds)} types in the run's files, which load_dataset casts to one (or "
               f"fails on): " + "; ".join(f"{kind} in {len(paths)} file(s), e.g. {paths[0]}" for kind, paths in
-                                          kinds.items()) + "; rewrite the files of the other type(s) cast to one "
+                                         kinds.items()) + "; rewrite the files of the other type(s) cast to one "
               "type, keys and names unchanged, in one commit")
     if missing:
         print(f"  missing (first 20): {', '.join(missing[:20])}")

@@ -101,7 +101,8 @@ class Snapshot:
     keys: set[str]  # keys those files publish
     other_runs: list[str] = field(default_factory=list)  # other runs with data in the repo
     unreadable: list[str] = field(default_factory=list)  # this run's files whose keys could not be read
-    foreign: dict[str, str] = field(default_factory=dict)  # files in the run's folder not written for it -> why (counted)
+    # files in the run's folder not written for it -> why (counted)
+    foreign: dict[str, str] = field(default_factory=dict)
     hidden: list[str] = field(default_factory=list)  # .parquet files of the folder `datasets` skips: not counted
     entries: dict[str, FileEntry] = field(default_factory=dict)  # each of `files`' keys, types and flags
 

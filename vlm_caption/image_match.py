@@ -84,4 +84,3 @@ def hub_match(repo_id: str, run_id: str, images: Mapping[str, str | None],
               ) -> ImageMatch:
     """What the Hub run `run_id` of `repo_id` published (hub_index.Snapshot.images), as a run sees it."""
     return ImageMatch(f"the Hub run {run_id} of {repo_id} published", remedy, images, kept)
-

@@ -139,4 +139,3 @@ def prefetch(rows: Iterable[dict[str, Any]], prepare: Callable[[Image.Image], An
         finally:  # closed early (a signal): drop the queued images instead of decoding them all first
             for future in pending:
                 future.cancel()
-

@@ -167,7 +167,8 @@ def _text(value) -> str:
     """A value as shown: in its own text direction (Arabic reads right to left, and cannot reorder the card), cut."""
     text = "" if value is None else str(value)
     cut = len(text) - SHOWN_CHARS
-    note = f'<span class="cut"> … ({cut:,} more characters; the whole value is in the parquet)</span>' if cut > 0 else ""
+    note = (f'<span class="cut"> … ({cut:,} more characters; the whole value is in the parquet)</span>'
+            if cut > 0 else "")
     return f"<bdi>{_e(text[:SHOWN_CHARS])}</bdi>{note}"
 
 

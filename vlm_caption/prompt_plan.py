@@ -80,7 +80,8 @@ def _flag(name: str | None) -> str:
     return f"--prompts-file prompt {name!r}" if name else "--prompt / --prompt-file"
 
 
-def prompt_columns(specs: Sequence[PromptSpec], output_names: Sequence[str], metadata_names: Sequence[str]) -> list[str]:
+def prompt_columns(specs: Sequence[PromptSpec], output_names: Sequence[str],
+                   metadata_names: Sequence[str]) -> list[str]:
     """The metadata columns the templates need that the output does not carry (read for the prompt only).
 
     A column must be one the output row holds before captioning (a source or download column, or a

@@ -346,7 +346,7 @@ def _object_spans(text: str) -> list[tuple[int, int]]:
 
 
 def _field_values(obj: dict[str, Any], fields: Sequence[str]) -> tuple[dict[str, str | None] | None, list[str],
-                                                                     str | None]:
+                                                                       str | None]:
     by_key = {str(key).strip().lower(): value for key, value in obj.items()}
     # Only an absent key is missing: the instruction asks for "" when a field does not apply, so "" (or null, the
     # same said otherwise) is an answer; flagging it would flag every artwork without, say, visible text.

@@ -32,7 +32,7 @@ def is_random_weights(run: Mapping[str, Any], checkpoint_dir: Path) -> bool:
         return True
     identity = run.get(MODEL_IDENTITY)
     return isinstance(identity, str) and any(_same_model(d, identity) for d in _moved_model_dirs(Path(model),
-                                                                                                  checkpoint_dir))
+                                                                                                 checkpoint_dir))
 
 
 def _moved_model_dirs(model: Path, checkpoint_dir: Path) -> list[Path]:

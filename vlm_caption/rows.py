@@ -146,7 +146,7 @@ def conform(table, schema):
         texts, finishes = table.column("vlm_caption").to_pylist(), table.column("caption_finish").to_pylist()
         judged = [judge(Caption(t or "", f or "stop", 0)) for t, f in zip(texts, finishes)]
         table = table.set_column(names.index("vlm_caption"), "vlm_caption", pa.array([t for t, _, _ in judged],
-                                                                                      pa.string()))
+                                                                                     pa.string()))
         table = table.append_column(FLAGS_COLUMN, pa.array([f for _, f, _ in judged], pa.list_(pa.string())))
     if "caption_attempts" in schema.names and "caption_attempts" not in table.column_names:
         table = table.append_column("caption_attempts", pa.array([1] * table.num_rows, pa.int32()))

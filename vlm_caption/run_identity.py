@@ -198,7 +198,7 @@ def well_formed(info) -> bool:
     if not (isinstance(info, dict) and isinstance(info.get("run_id"), str)):
         return False
     prompts, order, fields = (info.get(k) or empty for k, empty in (("prompts", {}), ("prompt_order", []),
-                                                                   ("json_fields", [])))
+                                                                    ("json_fields", [])))
     return (all(isinstance(info.get(k) or "", str) for k in ("dir_id", "prompt"))
             and isinstance(info.get("template_value_chars") or 0, int)
             and isinstance(prompts, dict) and all(isinstance(v, str) for v in prompts.values())

@@ -1,6 +1,7 @@
 """A synthetic ContraStyles sample in exactly the layout download_data.py produces (demo, tests, benchmarks).
 
-    python -m vlm_caption.sample_data --n 64 --out demo/data [--broken [--broken-in-metadata]] [--seed 0] [--shard-size 16]
+    python -m vlm_caption.sample_data --n 64 --out demo/data [--broken [--broken-in-metadata]] [--seed 0] \
+        [--shard-size 16]
 
 Rows carry the ContraStyles columns (key, url, caption, md5, tags, merged_tags) with artist/style-like
 text. Images are small mostly (32-384 px on the long side), a few large (up to 2000 px); modes RGB, L,

@@ -56,7 +56,6 @@ from .config import COMPILE_CHOICES
 log = logging.getLogger(__name__)
 
 
-
 def compile_wanted(choice: str, device: torch.device) -> bool:
     """`--compile` auto/on/off -> whether to use the static, compiled decode. auto = on for CUDA only
     (CPU inductor compiles for minutes and the static cache was slower on CPU, BENCHMARKS.md section 2)."""
