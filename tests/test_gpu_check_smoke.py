@@ -229,7 +229,7 @@ def test_the_captioning_script_runs_and_pushes_without_what_the_gpu_host_lacks(t
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # The sample data's first six rows hold one broken image: a recorded failure, not an import error.
-    assert "captioned 5 images" in proc.stdout and "failed 1 {'decode': 1}" in proc.stdout
+    assert "captioned 5 images" in proc.stdout and "failed 1 (decode 1)" in proc.stdout
     assert len(hub_stub.read_rows("tester/gpu-host")) == 5
 
 

@@ -1,5 +1,5 @@
 """The end of a captioning run and the modes that caption nothing: merge, summary and card, exit code,
---push-only, --dry-run, --merge-only. Split from pipeline.py, which re-exports these names.
+--push-only, --merge-only (--dry-run: dry_run.py). Split from pipeline.py, which re-exports these names.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from . import dataset, rows as rowcols, store, workers
 from .atomic import atomic_write_json, remove_stale_tmp
-from .cli import duration, plural
+from .cli import plural
 from .config import RunConfig, resolve_repo_id
 from .errors import EXIT_COVERAGE, EXIT_FATAL, EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError
 from .image_match import dir_match, hub_match, parts_images
@@ -189,6 +189,14 @@ def measured_rate(summary: dict) -> float | None:
     return rate if isinstance(rate, (int, float)) and rate > 0 else None
 
 
+def _by_stage(counts: dict[str, int]) -> str:
+    return f" ({', '.join(f'{stage} {n}' for stage, n in counts.items())})" if counts else ""
+
+
+def _and_failed_before(n: int | None) -> str:
+    return f", {n} failed before" if n else ""
+
+
 def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
     this, total = summary["this_run"], summary.get("checkpoint_dir")
     steady = this.get("captioning_img_per_s")
@@ -196,9 +204,9 @@ def print_summary(summary: dict, ckpt: Path, failed_mine: int) -> None:
              f"{f', {steady:.2f} img/s after the first batch' if steady else ''}, {this['tokens_per_s']:.0f} tokens/s)"
              if this["captioned"] else "")
     print(f"\ncaptioned {plural(this['captioned'], 'image')} in {this['wall_s']:.1f} s{rates}; "
-          f"failed {sum(this['failed_by_stage'].values())}"
-          f"{' ' + str(this['failed_by_stage']) if this['failed_by_stage'] else ''}; "
-          f"skipped {this['skipped_already_done']} already done")
+          f"failed {sum(this['failed_by_stage'].values())}{_by_stage(this['failed_by_stage'])}; "
+          f"skipped {this['skipped_already_done']} already done"
+          f"{_and_failed_before(this.get('skipped_failed_before'))}")
     named = this.get(rowcols.FLAGS_BY_PROMPT) or {}
     if any(named.values()):  # several prompts: a line each, or the flags of all but the first go unseen
         for name, counts in named.items():
@@ -262,61 +270,6 @@ def push_only(cfg: RunConfig, run_info: dict, hub_client=None) -> int:
              "of the captioning command sets them aside and captions their keys again" if unusable else "")
           + ("; every row of the dir is on the Hub" if not (pending or unusable) else ""))
     return EXIT_OK if not (pending or unusable) else EXIT_ITEMS_FAILED
-
-
-def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, columns: tuple) -> int:
-    ckpt = Path(cfg.checkpoint_dir)
-    existing, problem = store.read_run_json_safe(ckpt)
-    reader = store.CheckpointStore(ckpt, worker, quarantine_bad=False) if ckpt.is_dir() else None
-    if reader is not None and existing is not None:
-        reader.run_id = existing["run_id"]
-    done_images = reader.done_images() if reader else {}
-    done = set(done_images)
-    failed = set() if cfg.retry_failed or reader is None else reader.failed_keys()
-    holds_work = bool(done or failed)
-    other_run = existing is not None and not store.is_run_of(existing, settings)
-    # run.json lost: a real run re-adopts the parts only when they are of its run (store), else it refuses
-    runs = {r for r, _ in reader._provenance()} if reader is not None and existing is None else set()
-    orphans = runs and runs not in ({store.run_id_for(settings)}, {store.path_named_run_id(settings)})
-    if other_run or orphans:  # a real run starts over (--overwrite): the old run's keys are not done for it
-        done, failed, done_images = set(), set(), {}
-    plan = dataset.plan_run(cfg, worker=worker, num_workers=num_workers, done_keys=done, failed_keys=failed,
-                            matches=[dir_match(f"--checkpoint-dir {ckpt}", done_images)])  # as the run would
-    rate = measured_rate(read_summary(ckpt, set_aside=False))
-    eta = f"{duration(plan.todo / rate)} at the last measured {rate:.2f} img/s" if rate else \
-        "unknown (no earlier run in this checkpoint dir to measure a rate from)"
-    print(f"plan for worker {worker} of {num_workers} (model {cfg.model}, nothing loaded):")
-    print(f"  selected {plan.selected}, this worker's share {plan.mine}")
-    print(f"  to do {plan.todo}, already done {plan.done}, failed before {plan.failed}"
-          + (" (skipped; --retry-failed to redo)" if plan.failed else ""))
-    print(f"  estimated time: {eta}")
-    print_first_prompts(cfg, plan, *columns)
-    if other_run:
-        print(f"  note: {ckpt} holds another run ({existing['run_id']}); " + (
-            ("a real run with --overwrite moves it to superseded/ first" if cfg.overwrite else
-             "a real run needs --overwrite or another --checkpoint-dir") if holds_work else
-            "it captioned nothing, so a real run replaces its settings"))
-    elif orphans:
-        print(f"  note: {ckpt / store.RUN_JSON} is {problem} and the parts are of run(s) "
-              f"{', '.join(sorted(r or 'unrecorded' for r in runs))}, not of this run: a real run needs the settings "
-              "that made them, or --overwrite")
-    elif existing is None and problem != "missing":
-        print(f"  note: {ckpt / store.RUN_JSON} is {problem}; a real run re-adopts parts of this run only "
-              "(else it needs --overwrite)")
-    return EXIT_OK
-
-
-def print_first_prompts(cfg: RunConfig, plan: dataset.WorkPlan, extra: list, specs: list, also: list[str]) -> None:
-    """--dry-run: the prompt(s) of the first selected row as the model would get them."""
-    first = min(plan.todo_keys or plan.data_keys or {""})
-    row = next(iter(dataset.iter_rows(Path(cfg.data_dir), {first}, extra, also, shards=plan.shards)),
-               None) if first else None
-    if row is None:
-        print("  prompt: no selected row to render it for")
-        return
-    for spec in specs:
-        print(f"  prompt{f' {spec.name}' if spec.name else ''} of the first selected row ({first}):")
-        print("    " + spec.render(row).replace("\n", "\n    "))
 
 
 def run_of_parts(ckpt: Path) -> dict:

@@ -25,6 +25,7 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 # Gemma 3's image side (its SigLIP tower's input): what images are decoded for when the engine does not say.
 MODEL_IMAGE_SIZE = 896
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+IMAGE_STAGES = ("load", "decode")  # failures of the image itself; "generate" is the model's (retryable)
 
 
 class ImageLoadError(Exception):

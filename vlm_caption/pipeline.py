@@ -16,7 +16,8 @@ from . import compile_cache, dataset, dir_scope, hub_coverage, prompt_plan, stor
 from .atomic import remove_stale_tmp
 from .caption_loop import caption_all
 from .config import RunConfig, resolve_repo_id
-from .endings import dry_run, finish, merge_and_check, push_only
+from .dry_run import dry_run
+from .endings import finish, merge_and_check, push_only
 from .errors import FatalError, UsageError
 from .image_match import dir_match, hub_match
 from .interrupts import StopSignals

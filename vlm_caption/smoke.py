@@ -171,8 +171,8 @@ def check_caption(ctx: Context) -> str:
     return f"{ctx.model} on {len(ctx.selection)} images in {time.monotonic() - started:.1f} s (exit code {code})"
 
 
-def selection_counts(ctx: Context) -> tuple[list[dict], set[str]]:
-    """(merged rows of the selected keys, selected keys recorded as failed and not captioned)."""
+def selection_counts(ctx: Context) -> tuple[list[dict], dict[str, dict]]:
+    """(merged rows of the selected keys, selected keys recorded as failed and not captioned -> their record)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
@@ -185,13 +185,14 @@ def selection_counts(ctx: Context) -> tuple[list[dict], set[str]]:
     wanted = merged.filter(pc.is_in(merged.column("key"), value_set=pa.array(sorted(ctx.selection), pa.string())))
     rows = wanted.to_pylist()
     captioned = {r["key"] for r in rows}
-    recorded = store.failure_records(ctx.ckpt, ("key",), quarantine_bad=False)
-    failed = {k for k in recorded if k in ctx.selection and k not in captioned}
+    recorded = store.failure_records(ctx.ckpt, ("key", "stage", "error"), quarantine_bad=False)
+    failed = {k: r for k, r in recorded.items() if k in ctx.selection and k not in captioned}
     return rows, failed
 
 
 def check_merged_output(ctx: Context) -> str:
     from vlm_caption import store
+    from vlm_caption.images import IMAGE_STAGES
 
     if not (ctx.ckpt / store.MERGED).is_file():
         raise CheckFailed(f"{ctx.ckpt / store.MERGED} was not written")
@@ -201,8 +202,17 @@ def check_merged_output(ctx: Context) -> str:
     if len(keys) != len(set(keys)):
         raise CheckFailed(f"{store.MERGED} holds a key more than once")
     if len(rows) != n - len(failed):
-        missing = sorted(ctx.selection - set(keys) - failed)
+        missing = sorted(ctx.selection - set(keys) - set(failed))
         raise CheckFailed(f"{len(rows)} rows, expected {n} images - {len(failed)} failures; missing {missing[:10]}")
+    # An image that cannot be read is the data's failure; one the model could not caption is this machine's
+    # (a CUDA error, a kernel the card lacks, a transformers mismatch): a long job would caption nothing.
+    unreadable = {k for k, r in failed.items() if r["stage"] in IMAGE_STAGES}
+    not_generated = sorted(set(failed) - unreadable)
+    if not_generated:
+        first = failed[not_generated[0]]
+        raise CheckFailed(f"the model captioned {len(rows)} of {n - len(unreadable)} readable images: "
+                          f"{len(not_generated)} failed at {first['stage']}, e.g. key {not_generated[0]}: "
+                          f"{(first['error'] or '')[:300]}")
     empty = [r["key"] for r in rows if not (r["vlm_caption"] or "").strip()]
     if empty:
         raise CheckFailed(f"{len(empty)} of {len(rows)} captions are empty (e.g. key {empty[0]})")
