@@ -3,13 +3,14 @@ generation found and recorded as failed, so no row is lost."""
 from __future__ import annotations
 
 import logging
+import re
 from concurrent.futures import Future
 from typing import Any, Callable, Optional
 
 from . import loader, prompt_plan
 from .backends import CaptionBackend
 from .config import RunConfig
-from .errors import FatalError, described
+from .errors import FatalError, brief, described
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class Batches:
                         self.on_back_off()
                     self.backend.free_memory()
                     self.size = max(1, len(chunk) // 2)
-                    log.warning("out of memory with a batch of %d; retrying as batches of %d", len(chunk), self.size)
+                    log.warning("out of memory with a batch of %d; retrying as batches of %d (%s)", len(chunk),
+                                self.size, memory_note(e))
                     continue  # the same rows again, smaller
                 results += self._one_by_one(chunk, e)
             else:
@@ -73,6 +75,20 @@ class Batches:
         if self.failed_in_a_row >= MAX_FAILED_BATCHES_IN_A_ROW:
             raise FatalError(f"generation failed {self.failed_in_a_row} times in a row, last: {message}")
         return [(chunk, None, message)]
+
+
+# torch's CUDA message: memory free only in pieces is what README's Troubleshooting acts on.
+_RESERVED = re.compile(r"([\d.]+ \w?i?B) is allocated by PyTorch, and ([\d.]+ \w?i?B) is reserved by PyTorch but "
+                       r"unallocated")
+
+
+def memory_note(error: BaseException) -> str:
+    """What an out-of-memory error says that the operator can act on, in a few words."""
+    found = _RESERVED.search(str(error))
+    if found is None:
+        return brief(described(error), 300)
+    return (f"torch: {found.group(1)} allocated, {found.group(2)} reserved but unallocated; when that is large, "
+            "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True may keep the batch size")
 
 
 def prompts_for(spec: prompt_plan.PromptSpec, items: list[loader.Loaded]) -> list[str]:
