@@ -24,6 +24,7 @@ from .backends import CaptionBackend, make_backend
 from .batches import Batches, Result, Retries, assemble_all, failure_row
 from .cli import duration, plural
 from .config import RunConfig, public_model_name
+from .endings import save_rate
 from .interrupts import StopSignals
 from .retry_pool import RetryPool
 
@@ -176,6 +177,8 @@ class CaptionLoop:
         stats, failed = self.stats, sum(self.stats.failed.values())
         rate = stats.rates()["captioning_img_per_s"]
         left = max(self.plan.todo - stats.captioned - failed, 0)
+        if rate:  # the next job's --dry-run estimates from it
+            save_rate(self.writer.dir, rate)
         log.info("stopped: this run captioned %s%s%s; %d of this worker's %d left%s", plural(stats.captioned, "image"),
                  f" at {rate:.2f} img/s" if rate else "", f", {failed} failed" if failed else "", left,
                  self.plan.todo, f" (~{duration(left / rate)} at that rate)" if rate and left else "")

@@ -7,7 +7,7 @@ from pathlib import Path
 from . import dataset, store
 from .cli import duration
 from .config import RunConfig, resolve_repo_id
-from .endings import measured_rate, read_summary
+from .endings import measured_rate
 from .errors import EXIT_OK, FatalError, UsageError
 from .image_match import dir_match, hub_match
 
@@ -40,7 +40,7 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, colum
             matches.append(hub_match(resolve_repo_id(cfg.hf_repo, cfg.hf_username), run_id, hub_images))
     plan = dataset.plan_run(cfg, worker=worker, num_workers=num_workers, done_keys=done, failed_keys=failed,
                             hub_only=hub_only, matches=matches)  # as the run would
-    rate = measured_rate(read_summary(ckpt, set_aside=False))
+    rate = measured_rate(ckpt)
     eta = f"{duration(plan.todo / rate)} at the last measured {rate:.2f} img/s" if rate else \
         "unknown (no earlier run in this checkpoint dir to measure a rate from)"
     print(f"plan for worker {worker} of {num_workers} (model {cfg.model}, nothing loaded):")

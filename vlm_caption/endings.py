@@ -54,8 +54,11 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
         "hub": {"pushed_all": pushed_all} if hub_client is not None else None,
     }
     # --dry-run's estimate: this run's rate, or an earlier run's where this one captioned nothing
-    summary[LAST_RATE] = ((summary["this_run"].get("captioning_img_per_s") or summary["this_run"].get("img_per_s"))
-                          if stats.captioned else None) or measured_rate(read_summary(ckpt, set_aside=False))
+    rate = (summary["this_run"].get("captioning_img_per_s") or summary["this_run"].get("img_per_s")) \
+        if stats.captioned else None
+    if rate:
+        save_rate(ckpt, rate)
+    summary[LAST_RATE] = rate or measured_rate(ckpt)
     # A rank of this launch that has not reached the dir yet (still importing, or a quick rank of a relaunch
     # whose slice was done) will end after this one: it merges, not this one (a merge and a card too early).
     late = writer.lock.not_started(workers.sibling_workers(worker, num_workers))
@@ -181,12 +184,27 @@ def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> Non
             summary["hub"]["card_written"] = False
 
 
-def measured_rate(summary: dict) -> float | None:
-    """The last img/s a run of this dir measured (run_summary.json), or None."""
-    this = summary.get("this_run")
-    earlier = (this.get("captioning_img_per_s") or this.get("img_per_s")) if isinstance(this, dict) else None
-    rate = summary.get(LAST_RATE) or earlier
-    return rate if isinstance(rate, (int, float)) and rate > 0 else None
+def save_rate(ckpt: Path, rate: float) -> None:
+    """The rate a run of the dir measured, finished or stopped by a signal (a Slurm job at its time limit writes
+    no run_summary.json): a file of its own, replaced whole, so no worker rewrites another's summary."""
+    try:
+        atomic_write_json(ckpt / store.RATE, {"img_per_s": rate, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    except OSError as e:  # a full disk: only --dry-run's estimate is lost
+        log.warning("could not write %s: %s", ckpt / store.RATE, e.strerror or e)
+
+
+def measured_rate(ckpt: Path) -> float | None:
+    """The last img/s a run of this dir measured (last_rate.json; run_summary.json of a dir from before it), or
+    None. Read only: an unreadable file is warned about (the summary) or passed over."""
+    summary = read_summary(ckpt, set_aside=False)
+    try:
+        rate = json.loads((ckpt / store.RATE).read_text()).get("img_per_s")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError):
+        this = summary.get("this_run")
+        earlier = (this.get("captioning_img_per_s") or this.get("img_per_s")) if isinstance(this, dict) else None
+        rate = summary.get(LAST_RATE) or earlier
+    return rate if isinstance(rate, (int, float)) and not isinstance(rate, bool) and 0 < rate < float("inf") \
+        else None
 
 
 def _by_stage(counts: dict[str, int]) -> str:

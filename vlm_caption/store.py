@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 RUN_JSON = "run.json"
 LEDGER = "hub_ledger.jsonl"
 MERGED, SUMMARY = "all_captions.parquet", "run_summary.json"
+RATE = "last_rate.json"  # the img/s a run of the dir last measured, stopped runs too: --dry-run's estimate
 COVERAGE, HUB_COVERAGE = "coverage.json", "hub_coverage.json"  # --merge-only's and --check-hub's counts
 
 
@@ -266,7 +267,7 @@ class CheckpointStore:
         folder = aside_folder(self.dir, "superseded", "old runs")  # a file named so by hand was a traceback
         dest = free_name(folder / f"{old_run_id}-{time.strftime('%Y%m%dT%H%M%S')}")
         dest.mkdir(parents=True)
-        for name in (RUN_JSON, PARTS_DIR, FAILURES_DIR, LEDGER, MERGED, SUMMARY, COVERAGE, HUB_COVERAGE):
+        for name in (RUN_JSON, PARTS_DIR, FAILURES_DIR, LEDGER, MERGED, SUMMARY, RATE, COVERAGE, HUB_COVERAGE):
             if (self.dir / name).exists():
                 shutil.move(str(self.dir / name), str(dest / name))
         self._next_part = self._next_failure = 0
