@@ -77,18 +77,18 @@ def finish(cfg: RunConfig, writer: store.CheckpointStore, worker: int, num_worke
               "the last one to finish merges the dir")
     failed_mine = sum(stats.failed.values()) + plan.failed + len(plan.keyless)  # (keyless: written by the pipeline)
     print_summary(summary, ckpt, failed_mine)
-    code = exit_code(cfg, stats, plan, pushed_all and (summary["hub"] or {}).get("card_written", True),
-                     failed_mine, push_refused, ckpt)
+    code = exit_code(cfg, stats, plan, pushed_all, failed_mine, push_refused, ckpt,
+                     card_written=(summary["hub"] or {}).get("card_written", True))
     if code != EXIT_OK and not last_out and workers.under_torchrun():
         wait_for_the_dir(writer.lock, code)
     return code
 
 
 def exit_code(cfg: RunConfig, stats: RunStats, plan: dataset.WorkPlan, pushed_all: bool, failed_mine: int,
-              push_refused: str | None, ckpt: Path) -> int:
+              push_refused: str | None, ckpt: Path, card_written: bool = True) -> int:
     # Exit policy (README): 0 when every selected image is captioned or recorded as a permanent data failure
     # (it cannot be loaded or decoded); 3 when work worth retrying remains: generation errors (now or recorded
-    # before), unreadable shard metadata, unpushed rows. --strict: any failure is 3.
+    # before), unreadable shard metadata, unpushed rows or card (its error said so). --strict: any failure is 3.
     retryable = stats.failed["generate"] + plan.failed_retryable + len(plan.unreadable_shards)
     if plan.unreadable_shards:
         log.error("shards not read, their images were not captioned (rerun when they can be read): %s",
@@ -99,7 +99,7 @@ def exit_code(cfg: RunConfig, stats: RunStats, plan: dataset.WorkPlan, pushed_al
         return EXIT_FATAL
     if not pushed_all:
         log.error("some parts could not be pushed to the Hub; rerun with --push-only when it is reachable")
-    if retryable or not pushed_all or (cfg.strict and failed_mine):
+    if retryable or not (pushed_all and card_written) or (cfg.strict and failed_mine):
         return EXIT_ITEMS_FAILED
     return EXIT_OK
 
@@ -172,16 +172,21 @@ def summarise(ckpt: Path, summary: dict, data_keys: set[str], hub_client) -> Non
     named = rowcols.run_flag_columns(store.read_run_json_safe(ckpt)[0] or {})
     summary["checkpoint_dir"].update(rowcols.flags_by_prompt(
         named, lambda column: rowcols.count_flags_in_file(ckpt / store.MERGED, column)))
-    try:
-        atomic_write_json(ckpt / store.SUMMARY, summary)
-    except OSError as e:  # a full disk: the merge is written, only the counts are lost
-        raise FatalError(f"could not write {ckpt / store.SUMMARY}: {e.strerror or e}; free space and rerun") from None
+    write_summary(ckpt, summary)
     if hub_client is not None:
         try:
             hub_client.write_card(store.read_run_json(ckpt), summary, {k: r["stage"] for k, r in failed.items()})
         except FatalError as e:  # every local output is saved; the card can follow with --push-only
             log.error("could not write the dataset card: %s; rerun with --push-only later", e)
             summary["hub"]["card_written"] = False
+            write_summary(ckpt, summary)
+
+
+def write_summary(ckpt: Path, summary: dict) -> None:
+    try:
+        atomic_write_json(ckpt / store.SUMMARY, summary)
+    except OSError as e:  # a full disk: the merge is written, only the counts are lost
+        raise FatalError(f"could not write {ckpt / store.SUMMARY}: {e.strerror or e}; free space and rerun") from None
 
 
 def save_rate(ckpt: Path, rate: float) -> None:
@@ -274,7 +279,8 @@ def push_only(cfg: RunConfig, run_info: dict, hub_client=None) -> int:
         rows = hub_client.push(ckpt, run_id, worker=None)  # (rows this process committed)
         pending = hub_client.pending_rows(ckpt, run_id)
         failed = still_failed([ckpt], set())  # those captioned since are on the Hub: the card leaves them out
-        hub_client.write_card(run_info, read_summary(ckpt), {k: r["stage"] for k, r in failed.items()})
+        summary = read_summary(ckpt)
+        hub_client.write_card(run_info, summary, {k: r["stage"] for k, r in failed.items()})
     except HubUnavailable as e:  # retryable (README): the rows stay in the parts for the next try
         log.error("Hub unavailable: %s", e)
         print(f"pushed {rows} rows from {ckpt} to {hub_client.repo_id}; rerun --push-only when the Hub is reachable")
@@ -287,6 +293,9 @@ def push_only(cfg: RunConfig, run_info: dict, hub_client=None) -> int:
           + (f"; {plural(len(unusable), 'part')} not pushed ({', '.join(unusable[:5])}: see the warnings): a run "
              "of the captioning command sets them aside and captions their keys again" if unusable else "")
           + ("; every row of the dir is on the Hub" if not (pending or unusable) else ""))
+    if summary and not DirLock(ckpt, worker=-1).holders():  # (a live worker's end writes it)
+        summary["hub"] = {"pushed_all": not (pending or unusable), "card_written": True}
+        write_summary(ckpt, summary)
     return EXIT_OK if not (pending or unusable) else EXIT_ITEMS_FAILED
 
 
