@@ -348,15 +348,18 @@ def merge_and_check(cfg: RunConfig) -> int:
     counts = {"captioned": report.keys, "failed": {k: r for k, r in still_failed(dirs, report.keys).items()
                                                    if k in expected}}
     missing = sorted(expected - counts["captioned"] - set(counts["failed"]))
-    coverage = {"expected": len(expected), "captioned": len(counts["captioned"]), "failed": len(counts["failed"]),
+    outside = len(counts["captioned"] - expected)  # (a narrower --shards / --max-images than the runs had)
+    coverage = {"expected": len(expected), "captioned": len(counts["captioned"] & expected),
+                "failed": len(counts["failed"]),
                 "missing": len(missing), "duplicated": len(report.duplicate_keys),
                 "missing_keys": missing, "duplicated_keys": report.duplicate_keys,
-                "unexpected_keys": len(counts["captioned"] - expected), "not_in_data": len(report.not_in_data),
+                "unexpected_keys": outside, "not_in_data": len(report.not_in_data),
                 "checkpoint_dirs": [str(d) for d in dirs]}
     atomic_write_json(dirs[0] / store.COVERAGE, coverage)
     print(f"merged {report.rows} rows from {report.parts} parts of {len(dirs)} dir(s) into {out}")
     print(f"coverage: {coverage['expected']} expected, {coverage['captioned']} captioned, {coverage['failed']} "
-          f"failed, {len(missing)} missing, {len(report.duplicate_keys)} captioned more than once")
+          f"failed, {len(missing)} missing, {len(report.duplicate_keys)} captioned more than once"
+          + (f" ({outside} more captioned outside the selection)" if outside else ""))
     if missing:
         print(f"  missing (first 20): {', '.join(missing[:20])}")
     if report.duplicate_keys:
