@@ -368,7 +368,7 @@ def run_download(cfg: DownloadConfig, strict: bool = False) -> int:
             "%s failed in a way worth retrying (timeouts, HTTP 408/429/5xx, connection errors). A rerun skips "
             "finished shards: to retry, delete %s and rerun the same command (the whole shard is fetched "
             "again)", plural(retryable, "download"),
-            stats_files(summary.get("shards_with_retryable", [])) or "the shard's NNNNN_stats.json")
+            stats_files(Path(cfg.output), summary.get("shards_with_retryable", [])) or "the shard's NNNNN_stats.json")
         return EXIT_ITEMS_FAILED
     if nothing:
         return EXIT_ITEMS_FAILED

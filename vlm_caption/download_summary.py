@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 
 from .cli import plural
 from .config import DownloadConfig
-from .data_layout import (FULL_METADATA_FILE, IMAGES_DIR, INVALID_FILE, METADATA_CSV, URLS_FILE, VALIDATION_DIR,
-                          shard_name, stats_file)
+from .data_layout import (FULL_METADATA_FILE, IMAGES_DIR, INVALID_FILE, METADATA_CSV, SUMMARY_FILE, URLS_FILE,
+                          VALIDATION_DIR, shard_name, stats_file)
 from .validate import OutputCounts, ValidationStats
 
 # Which failed downloads a later try may fix. img2dataset records one row per URL with a `status`
@@ -107,6 +107,8 @@ def print_summary(out: Path, summary: dict) -> None:
     print("\n".join(lines), flush=True)
 
 
-def stats_files(shards: list[int]) -> str:
-    names = [f"{IMAGES_DIR}/{stats_file(shard_name(s))}" for s in shards[:10]]
-    return ", ".join(names) + (", ..." if len(shards) > 10 else "")
+def stats_files(out: Path, shards: list[int], shown: int = 10) -> str:
+    """The stats files to delete, as paths that work from where the user is; past `shown`, where the rest are."""
+    names = [str(out / IMAGES_DIR / stats_file(shard_name(s))) for s in shards[:shown]]
+    more = len(shards) - shown
+    return ", ".join(names) + (f" and {more} more (shards_with_retryable in {out / SUMMARY_FILE})" if more > 0 else "")
