@@ -52,7 +52,8 @@ def _carried(kind: pa.DataType) -> bool:
     elif travels_as_text(kind):
         return True
     return (pa.types.is_boolean(kind) or pa.types.is_integer(kind) or pa.types.is_floating(kind)
-            or pa.types.is_string(kind) or pa.types.is_large_string(kind))
+            or pa.types.is_string(kind) or pa.types.is_large_string(kind)
+            or pa.types.is_null(kind))  # null on every row so far: carried as text (_plain)
 
 
 def further_columns(schema: pa.Schema) -> dict[str, str]:
@@ -101,12 +102,21 @@ def load_source(source: str, split: str, max_rows: int | None) -> pa.Table:
         table = table.slice(0, max_rows)
     further = further_columns(table.schema)
     return pa.table({**{c: _as_strings(table.column(c), c) for c in SOURCE_COLUMNS},
-                     **{name: _decoded(table.column(c)) for c, name in further.items()}})
+                     **{name: _plain(table.column(c)) for c, name in further.items()}})
 
 
-def _decoded(column: pa.ChunkedArray) -> pa.ChunkedArray:
-    """A dictionary-encoded column as its values (its shard parquets and full_metadata hold plain values)."""
-    return column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column
+def _plain(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A dictionary-encoded column as its values (its shard parquets and full_metadata hold plain values); one
+    null on every row (pandas' type for an all-None column, an always-null JSON field) as text, as the
+    captioner reads such a column (dataset.metadata_schema), and a list of nulls as a list of text."""
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        return column.cast(kind.value_type)
+    if pa.types.is_null(kind):
+        return column.cast(pa.string())
+    if (pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_null(kind.value_type):
+        return column.cast(pa.large_list(pa.string()) if pa.types.is_large_list(kind) else pa.list_(pa.string()))
+    return column
 
 
 def check_source_columns(columns: list[str], source: str) -> None:
@@ -150,7 +160,16 @@ def _read_local_table(path: Path) -> pa.Table:
                                    convert_options=pa_csv.ConvertOptions(column_types=types))
         import pyarrow.json as pa_json
 
-        table = pa_json.read_json(path, read_options=pa_json.ReadOptions(block_size=JSON_BLOCK_BYTES))
+        options = pa_json.ReadOptions(block_size=JSON_BLOCK_BYTES)
+        table = pa_json.read_json(path, read_options=options)
+        # JSON has no dates: pyarrow guesses "1890-05-01" a timestamp (and drops a "+02:00"). Read those as the text
+        # the file holds, as a CSV's columns are.
+        guessed = [pa.field(f.name, pa.string()) for f in table.schema
+                   if pa.types.is_timestamp(f.type) or pa.types.is_date(f.type)]
+        if guessed:
+            order = table.column_names
+            table = pa_json.read_json(path, read_options=options, parse_options=pa_json.ParseOptions(
+                explicit_schema=pa.schema(guessed), unexpected_field_behavior="infer")).select(order)
     except (pa.ArrowException, OSError) as e:
         # brief: a CSV parse error quotes the offending rows, newlines included
         # pyarrow reads JSON Lines only: a JSON array (pandas' to_json) fails with "changed from object to array"
@@ -241,8 +260,12 @@ def img2dataset_input(urls: pa.Table) -> pa.Table:
     url = pc.if_else(_missing_urls(urls.column("url")), pa.scalar(NO_URL, pa.string()), url)
     urls = urls.set_column(urls.column_names.index("url"), "url", url)
     for c in further_names(urls):
-        if travels_as_text(urls.schema.field(c).type):
-            urls = urls.set_column(urls.column_names.index(c), c, urls.column(c).cast(pa.string()))
+        kind = urls.schema.field(c).type
+        if travels_as_text(kind):
+            values = urls.column(c)
+            if pa.types.is_timestamp(kind) and kind.tz:  # as UTC ("...Z"): a local offset's seconds (Paris before
+                values = values.cast(pa.timestamp(kind.unit, "UTC"))  # 1911: +00:09:21) are cut in "+0009"
+            urls = urls.set_column(urls.column_names.index(c), c, values.cast(pa.string()))
     return urls.rename_columns([SHARD_NAMES.get(c, c) for c in urls.column_names])
 
 

@@ -108,7 +108,9 @@ def keep_columns(names: Sequence[str], metadata_schema: pa.Schema) -> list[Colum
             raise UsageError(f"--keep-columns {name}: no such column in the data dir's metadata; it has "
                              f"{', '.join(n for n in metadata_schema.names if n not in known) or 'no further columns'}")
         kind = metadata_schema.field(name).type
-        kind = pa.int64() if kind in INT_TYPES else kind  # pandas may have stored an int column with NaN as float
+        # One integer type whatever width a shard's writer chose (pandas may have stored an int column with NaN as
+        # float); uint64 keeps its own: a 64-bit hash at or over 2**63 is no int64.
+        kind = pa.int64() if kind in INT_TYPES and kind != pa.uint64() else kind
         extra.append(Column(name, kind, f"`{name}` of the row in the source metadata (--keep-columns)", "source",
                             name))
     return extra
