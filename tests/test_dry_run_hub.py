@@ -23,7 +23,7 @@ def planned(out: str) -> tuple[int, int]:
 
 
 def test_a_fresh_dir_s_plan_counts_the_keys_the_hub_publishes(hub_stub, sample_data_dir, tmp_path, monkeypatch,
-                                                               capsys):
+                                                              capsys):
     """A second machine, or a fresh dir after a trial: the plan said "to do 45, already done 0" and an
     estimate for 45 images, and the real run captioned none of them (the Hub held them)."""
     clear_launch_env(monkeypatch)

@@ -16,9 +16,9 @@ def test_merge_only_of_a_narrower_selection_counts_only_its_keys_as_captioned(sa
     was run) of a dir that captioned more: it prints "coverage: 10 expected, 42 captioned, 1 failed, 0 missing"
     and coverage.json says captioned 42 of 10 expected. The counts do not add up (captioned + failed + missing
     != expected), and "captioned" no longer says how many of the expected keys are done; `--check-hub` of the
-    same selection prints "10 expected, 9 published, 1 failed, 0 missing ... (33 more outside the selection)". Expected: captioned
-    counts the expected keys (captioned + failed + missing == expected), the keys outside the selection said
-    apart (coverage.json already has unexpected_keys)."""
+    same selection prints "10 expected, 9 published, 1 failed, 0 missing ... (33 more outside the selection)".
+    Expected: captioned counts the expected keys (captioned + failed + missing == expected), the keys outside the
+    selection said apart (coverage.json already has unexpected_keys)."""
     clear_launch_env(monkeypatch)
     ckpt = tmp_path / "ckpt"
     assert main(dummy_args(sample_data_dir, ckpt)) == EXIT_OK

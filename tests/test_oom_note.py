@@ -16,7 +16,7 @@ TORCH_OOM = ("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total
 
 
 def test_the_batch_halving_warning_shows_torchs_out_of_memory_message(sample_data_dir, tmp_path, monkeypatch,
-                                                                     caplog, capsys):
+                                                                      caplog, capsys):
     """User impact: README Troubleshooting, "Out of memory": "If torch's message shows many GiB 'reserved by
     PyTorch but unallocated' (memory free only in pieces), launch with PYTORCH_CUDA_ALLOC_CONF=
     expandable_segments:True". With --batch-size auto (the default) an out-of-memory is caught and the batch

@@ -81,7 +81,7 @@ def _args(data: Path, ckpt: Path, stub, *extra: str) -> list[str]:
 
 
 def test_a_tz_aware_timestamp_of_an_old_artwork_reaches_the_hub_as_the_same_instant(source_and_data, hub_stub,
-                                                                                       tmp_path, monkeypatch):
+                                                                                    tmp_path, monkeypatch):
     """User impact: a source timestamp column (README: "timestamps ... included", kept "with its own type") of
     artwork dates in a named time zone is published off by up to a minute for every date before the zone's
     standard offsets: 1890-05-01 12:00 Paris reads 12:00:21 on the Hub (Paris's LMT offset +00:09:21 travels to

@@ -15,8 +15,8 @@ from .backends import BACKENDS, RETRY_REPETITION_PENALTY
 from .data_layout import FULL_METADATA_FILE, IMAGES_DIR, URLS_FILE
 from .errors import UsageError
 from .flag_checks import (  # noqa: F401  (check_output_file: re-exported, imported from here)
-    REPO_ID_RE, check_model, check_output_file, check_utf8_names, check_writable_dir, parse_shards,
-    resolve_repo_id)
+    REPO_ID_RE, check_model, check_output_file, check_sampling, check_sdpa_flags, check_utf8_names,
+    check_writable_dir, parse_shards, resolve_repo_id)
 
 DEFAULT_MODEL = "google/gemma-3-27b-it"
 DEFAULT_DATA_DIR = "./data/contrastyles_full"
@@ -144,8 +144,6 @@ class RunConfig:
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
             raise UsageError(f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)}, "
                              f"got {self.kv_cache_dtype!r}")
-        if self.kv_cache_dtype == "fp8" and self.attn_implementation != "sdpa":  # its kernels are the grouped sdpa's
-            raise UsageError(f"--kv-cache-dtype fp8 needs --attn-implementation sdpa (got {self.attn_implementation})")
         if self.decode_loop not in DECODE_LOOPS:
             raise UsageError(f"--decode-loop must be one of {', '.join(DECODE_LOOPS)}, got {self.decode_loop!r}")
         if self.decode_attention not in DECODE_ATTENTIONS:
@@ -154,6 +152,8 @@ class RunConfig:
         if self.vision_attention not in VISION_ATTENTIONS:
             raise UsageError(f"--vision-attention must be one of {', '.join(VISION_ATTENTIONS)}, "
                              f"got {self.vision_attention!r}")
+        check_sdpa_flags(self.attn_implementation, kv_cache_dtype=self.kv_cache_dtype,
+                         decode_attention=self.decode_attention, vision_attention=self.vision_attention)
         if self.decode_attention == "flex":  # said before a model loads for minutes
             from .grouped_attention import FLEX_NEEDS, flex_available
 
@@ -167,15 +167,12 @@ class RunConfig:
                              f"({MAX_TOKENS_LIMIT} tokens, prompt included); a caption takes a few hundred")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise UsageError("--min-tokens must be between 0 and --max-tokens")
-        if not 0 <= self.temperature < float("inf"):  # also refuses nan
-            raise UsageError(f"--temperature must be a number >= 0, got {self.temperature}")
+        check_sampling(self.temperature, self.top_p)
         if not 0 <= self.retry_repetition_penalty < float("inf"):
             raise UsageError(f"--retry-repetition-penalty must be >= 0 (0: no second try), got "
                              f"{self.retry_repetition_penalty}")
         if self.template_value_chars < 0:
             raise UsageError(f"--template-value-chars must be >= 0 (0: whole values), got {self.template_value_chars}")
-        if not 0 < self.top_p <= 1:
-            raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not 0 <= self.min_push_interval < float("inf"):  # nan and inf too: inf never pushed until the run's end
             raise UsageError(f"--min-push-interval must be a number of seconds >= 0, got {self.min_push_interval}")
         if self.dtype not in ("auto", "bfloat16", "float16", "float32"):

@@ -102,6 +102,26 @@ def check_utf8_names(paths: Iterable[tuple[str, str | None]]) -> None:
                              "under: rename it (e.g. convmv -f latin1 -t utf8)") from None
 
 
+def check_sampling(temperature: float, top_p: float) -> None:
+    if not 0 <= temperature < float("inf"):  # also refuses nan
+        raise UsageError(f"--temperature must be a number >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top-p must be in (0, 1], got {top_p}")
+    if top_p != 1 and temperature == 0:  # greedy would drop it without a word (run.json records 1.0)
+        raise UsageError(f"--top-p {top_p} applies when sampling: add --temperature (> 0; 0 is greedy)")
+
+
+def check_sdpa_flags(attn_implementation: str, **flags: str) -> None:
+    """Kernel flags that choose inside torch's sdpa (or need the grouped sdpa's kernels) with another attention
+    implementation loaded would be dropped without a word, and the run's report would name a kernel never run."""
+    if attn_implementation == "sdpa":
+        return
+    for name, value in flags.items():
+        if value not in ("auto", "sdpa"):
+            raise UsageError(f"--{name.replace('_', '-')} {value} needs --attn-implementation sdpa "
+                             f"(got {attn_implementation})")
+
+
 def check_output_file(path: Path, flag: str) -> None:
     """A file to be written: not a directory, in a directory that can be written to."""
     if path.is_dir():

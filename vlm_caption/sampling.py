@@ -21,7 +21,10 @@ class SeededSampler:
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         u = torch.cat([torch.rand(1, generator=g) for g in self.generators]).to(scores.device, non_blocking=True)
-        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        scores = scores.float()
+        # Shifted so the top score is 0 first: a tiny temperature then gives -inf (greedy), not an overflow to
+        # +-inf whose softmax is NaN (an empty nucleus: one same token for every row)
+        probs = torch.softmax((scores - scores.amax(-1, keepdim=True)) / self.temperature, dim=-1)
         sorted_p, order = probs.sort(dim=-1, descending=True)
         keep = (sorted_p.cumsum(-1) - sorted_p) < self.top_p  # the nucleus; the top token always stays
         cum = (sorted_p * keep).cumsum(-1)

@@ -41,6 +41,11 @@ def set_vision_attention(model, choice: str) -> None:
     encoder = _encoder(model)
     if encoder is None:
         return
+    loaded = getattr(getattr(model.config, "vision_config", None), "_attn_implementation", None) or "sdpa"
+    if loaded != "sdpa":  # eager or flash attention: no sdpa kernel to choose (the flag itself is refused then)
+        encoder._compiled_call_impl = None
+        encoder._vision_attention = f"{loaded} (--attn-implementation: not sdpa)"
+        return
     if choice != "sdpa" and not _priority_supported():
         log.warning("--vision-attention %s needs torch >= 2.6 (sdpa_kernel's set_priority; this is %s): "
                     "torch's own pick", choice, torch.__version__)
