@@ -68,23 +68,36 @@ def dry_run(cfg: RunConfig, settings: dict, worker: int, num_workers: int, colum
 
 
 def published_keys(cfg: RunConfig, run_id: str) -> tuple[set[str], dict | None, str | None]:
-    """(keys the Hub publishes for the run, their images for the data-dir check or None, a note when the Hub
-    could not be read), read-only and with whatever token there is: a plan must not need write access."""
+    """(keys the Hub publishes for the run, their images for the data-dir check or None, a note on what the
+    plan could not count or what the real run would refuse), read-only and with whatever token there is."""
     from . import hub
     from .hub_retry import RetryPolicy
 
     repo_id = resolve_repo_id(cfg.hf_repo, cfg.hf_username)
+    retry = RetryPolicy(tries=3, max_retry_after=10)  # fewer tries than a run's: a plan waits seconds, not minutes
+    unread = "keys already on the Hub are not counted"
     try:
-        # No dir: its key cache is not written. Fewer tries than a run's: a plan waits seconds, not minutes.
-        client = hub.connect_reader(repo_id, endpoint=cfg.hub_endpoint, retry=RetryPolicy(tries=3, max_retry_after=10))
+        client = hub.connect_reader(repo_id, endpoint=cfg.hub_endpoint, retry=retry, look_up=False)  # (no key cache)
+    except UsageError as e:  # offline mode
+        return set(), None, f"{unread}: {e}"
+    note = None
+    try:
+        if client.has_token:  # the real run's first check: a refusal is then all it does
+            try:
+                hub.check_write_access(client)
+            except UsageError as e:
+                return set(), None, f"a real run of these flags would stop at once: {e}"
+        else:
+            note = "no Hugging Face token here: a real run that pushes needs one (hf auth login, or HF_TOKEN)"
+        hub.look_up_repo(client)
         snap = client.snapshot(run_id)
-    except UsageError as e:  # no such repo yet (a first run creates it), offline mode, a refused token
-        if "no dataset repo" in str(e):
-            return set(), None, None
-        return set(), None, f"keys already on the Hub are not counted: {e}"
+    except UsageError as e:  # a repo this token cannot see, a refused lookup
+        if "no dataset repo" in str(e) and client.has_token:
+            return set(), None, None  # a first run creates it
+        return set(), None, f"{unread}: {e}" + (f"; {note}" if note else "")
     except FatalError as e:  # unreachable, after the retries
-        return set(), None, f"keys already on the Hub are not counted (the Hub could not be read: {e})"
-    return snap.keys, snap.images(), None
+        return set(), None, f"{unread} (the Hub could not be read: {e})"
+    return snap.keys, snap.images(), note
 
 
 def print_first_prompts(cfg: RunConfig, plan: dataset.WorkPlan, extra: list, specs: list, also: list[str]) -> None:

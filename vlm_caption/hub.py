@@ -35,7 +35,8 @@ from .hub_index import DATA_DIR, REPO_TYPE, HubIndex, Snapshot, is_legacy_file, 
 from .hub_key_cache import KeyCache
 from .hub_types import hub_targets
 from .hub_ledger import append_ledger, ledger_entry, read_ledger
-from .hub_retry import HubUnavailable, RetryPolicy, call_with_retries, describe, http_status, usable_token
+from .hub_retry import (HubUnavailable, RetryPolicy, call_with_retries, check_namespace, describe, http_status,
+                        usable_token)
 from .store import OUTPUT_SCHEMA, FileCheck, Part, check_file, list_parts, read_run_json
 
 log = logging.getLogger(__name__)
@@ -63,24 +64,36 @@ def connect(repo_id: str, *, private: bool = False, endpoint: str | None = None,
         raise UsageError(f"no Hugging Face token found: {_LOGIN_HINT}{',' if tail else ''}{tail}")
     client = HubClient(HfApi(endpoint=endpoint, token=token), repo_id, token, retry or RetryPolicy(),
                        KeyCache(checkpoint_dir))
+    name = check_write_access(client)
+    client._checked(lambda: _create_repo(client.api, repo_id, private), f"creation of dataset repo {repo_id}")
+    log.info("Hub: pushing to dataset %s as %s", repo_id, name)
+    return client
+
+
+def check_write_access(client: HubClient) -> str:
+    """The token's user name, when it may write to the client's repo (else a UsageError); reads only."""
     who = client._checked(client.api.whoami, "token check")
     if who.get("auth", {}).get("accessToken", {}).get("role") == "read":
         raise UsageError(f"the Hugging Face token of {who.get('name')} is read-only; create a write token at "
                          f"https://huggingface.co/settings/tokens, then {_LOGIN_HINT}")
-    _check_namespace(who, repo_id)
-    client._checked(lambda: _create_repo(client.api, repo_id, private), f"creation of dataset repo {repo_id}")
-    log.info("Hub: pushing to dataset %s as %s", repo_id, who.get("name"))
-    return client
+    check_namespace(who, client.repo_id)
+    return who.get("name")
 
 
 def connect_reader(repo_id: str, *, endpoint: str | None = None, retry: RetryPolicy | None = None,
-                   checkpoint_dir: Path | str | None = None) -> HubClient:
-    """A client that only reads (--check-hub): with any token or none (a public repo); creates nothing."""
+                   checkpoint_dir: Path | str | None = None, look_up: bool = True) -> HubClient:
+    """A client that only reads (--check-hub): with any token or none (a public repo); creates nothing.
+    `look_up`: that the repo is there, first (else a UsageError)."""
     if constants.is_offline_mode():
         raise UsageError("HF_HUB_OFFLINE is set, so the Hub cannot be read; unset it")
     token = usable_token(get_token(), _LOGIN_HINT)
     client = HubClient(HfApi(endpoint=endpoint, token=token), repo_id, token, retry or RetryPolicy(),
                        KeyCache(checkpoint_dir))
+    return look_up_repo(client) if look_up else client
+
+
+def look_up_repo(client: HubClient) -> HubClient:
+    repo_id, token = client.repo_id, client._token
     try:
         client._retry(lambda: client.api.repo_info(repo_id, repo_type=REPO_TYPE), "repo lookup")
     except RepositoryNotFoundError:  # (also what a private repo looks like to another token)
@@ -89,20 +102,6 @@ def connect_reader(repo_id: str, *, endpoint: str | None = None, retry: RetryPol
     except HfHubHTTPError as e:
         raise UsageError(f"the Hub refused the lookup of {repo_id} ({describe(e, token)})") from None
     return client
-
-
-def _check_namespace(who: dict, repo_id: str) -> None:
-    """A user's token writes only to the user's own namespace and their orgs'. create_repo(exist_ok=True) does
-    not say so for a repo that exists (someone else's, e.g. the default --hf-username's): every push of the
-    run would then be refused. Within those namespaces a write is only proven by the first push."""
-    namespace = repo_id.split("/")[0]
-    if who.get("type", "user") != "user" or "/" not in repo_id:
-        return
-    mine = [who.get("name"), *(o.get("name") for o in who.get("orgs") or [] if isinstance(o, dict))]
-    if namespace not in mine:
-        raise UsageError(f"the Hugging Face token of {who.get('name')} cannot write to {repo_id}: {namespace} is "
-                         f"neither that user nor one of their organisations ({', '.join(map(str, mine))}); pass "
-                         f"--hf-username with your user or organisation name, or a --hf-repo USER/NAME of yours")
 
 
 def _create_repo(api: HfApi, repo_id: str, private: bool) -> None:
@@ -128,6 +127,10 @@ class HubClient:
         self.unusable: dict[Path, str] = {}  # parts not pushed, and why (unreadable, or another run's rows)
         self._warned_ledger: set[str] = set()
         self._lock = threading.Lock()
+
+    @property
+    def has_token(self) -> bool:
+        return bool(self._token)
 
     def __repr__(self) -> str:  # never the token
         return f"HubClient({self.repo_id!r}, endpoint={self.api.endpoint!r})"

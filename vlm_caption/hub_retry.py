@@ -1,5 +1,5 @@
-"""Talking to the Hub through failures: which errors are worth another try, bounded backoff, and messages
-that never carry the token.
+"""Talking to the Hub through failures: which errors are worth another try, bounded backoff, messages that
+never carry the token, and what a token may do (usable_token, check_namespace).
 
 huggingface_hub retries preupload, LFS and downloads itself, but not the commit POST of create_commit,
 create_repo or whoami: hub.py wraps those in call_with_retries.
@@ -107,3 +107,17 @@ def usable_token(token: str | None, hint: str) -> str | None:
         raise UsageError(f"the Hugging Face token holds characters that are not ASCII (quotes pasted with it?); "
                          f"set HF_TOKEN to the token alone, or {hint}")
     return token
+
+
+def check_namespace(who: dict, repo_id: str) -> None:
+    """A user's token writes only to the user's own namespace and their orgs'. create_repo(exist_ok=True) does
+    not say so for a repo that exists (someone else's, e.g. the default --hf-username's): every push of the
+    run would then be refused. Within those namespaces a write is only proven by the first push."""
+    namespace = repo_id.split("/")[0]
+    if who.get("type", "user") != "user" or "/" not in repo_id:
+        return
+    mine = [who.get("name"), *(o.get("name") for o in who.get("orgs") or [] if isinstance(o, dict))]
+    if namespace not in mine:
+        raise UsageError(f"the Hugging Face token of {who.get('name')} cannot write to {repo_id}: {namespace} is "
+                         f"neither that user nor one of their organisations ({', '.join(map(str, mine))}); pass "
+                         f"--hf-username with your user or organisation name, or a --hf-repo USER/NAME of yours")
