@@ -6,6 +6,7 @@ import json
 from batched_image_inference import main
 from dummy_runs import clear_launch_env
 from vlm_caption import hub, hub_retry, store
+from vlm_caption.atomic import atomic_write_json
 from vlm_caption.errors import EXIT_ITEMS_FAILED, EXIT_OK
 
 COMMIT = r"/api/datasets/.*/commit/"
@@ -61,3 +62,42 @@ def test_a_card_that_could_not_be_written_is_recorded_in_the_summary_until_push_
     assert main(hub_args(sample_data_dir, ckpt, hub_stub, "--push-only")) == EXIT_OK
     assert json.loads((ckpt / store.SUMMARY).read_text())["hub"] == {"pushed_all": True, "card_written": True}
     assert "README.md" in hub_stub.repo_files("tester/pushonly")
+
+
+def test_push_only_does_not_put_back_a_summary_a_worker_of_the_dir_wrote_during_its_push(
+        hub_stub, sample_data_dir, tmp_path, monkeypatch, capsys):
+    """User impact: README step 7's `--push-only` may run while a relaunched worker of the dir is still
+    captioning (endings.push_only itself says "not while a worker of the dir runs: its end writes the file").
+    But push_only reads run_summary.json *before* its snapshot, push and card (minutes for a backlog), and checks
+    for live workers only at the very end: a worker that ends during the push writes its own summary (its
+    this_run counts, the dir's merged counts, its hub state), releases its lock, and push_only then writes the
+    copy it read minutes earlier over it. The finished run's counts, rates and flags are lost from
+    run_summary.json (the monitor / smoke / the next --dry-run read a stale file) with no warning.
+    Expected: the summary is read (or re-read) after the push, just before it is rewritten, so only the `hub`
+    state changes and a summary written meanwhile keeps its counts."""
+    clear_launch_env(monkeypatch)
+    monkeypatch.setattr(hub, "RetryPolicy", lambda: hub_retry.RetryPolicy(sleep=lambda s: None))
+    ckpt = tmp_path / "ckpt"
+    hub_stub.create_repo_direct("tester/pushonly")
+    hub_stub.inject("POST", COMMIT, "503", times=100_000)
+    assert main(hub_args(sample_data_dir, ckpt, hub_stub)) == EXIT_ITEMS_FAILED
+    hub_stub.clear_faults()
+    capsys.readouterr()
+
+    real_card = hub.HubClient.write_card
+
+    def card_while_a_worker_ends(self, *args, **kwargs):
+        real_card(self, *args, **kwargs)
+        # a worker of the dir ends now (its lock released): its finish() writes the dir's summary
+        newer = json.loads((ckpt / store.SUMMARY).read_text())
+        newer["this_run"]["captioned"] = 7
+        newer["this_run"]["wall_s"] = 12345.0
+        atomic_write_json(ckpt / store.SUMMARY, newer)
+
+    monkeypatch.setattr(hub.HubClient, "write_card", card_while_a_worker_ends)
+    assert main(hub_args(sample_data_dir, ckpt, hub_stub, "--push-only")) == EXIT_OK
+    after = json.loads((ckpt / store.SUMMARY).read_text())
+    assert after["hub"]["pushed_all"] is True
+    assert (after["this_run"]["captioned"], after["this_run"]["wall_s"]) == (7, 12345.0), (
+        "push_only wrote back the summary it read before its push, over the one written meanwhile: "
+        f"this_run = {after['this_run']}")

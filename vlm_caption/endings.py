@@ -293,7 +293,10 @@ def push_only(cfg: RunConfig, run_info: dict, hub_client=None) -> int:
           + (f"; {plural(len(unusable), 'part')} not pushed ({', '.join(unusable[:5])}: see the warnings): a run "
              "of the captioning command sets them aside and captions their keys again" if unusable else "")
           + ("; every row of the dir is on the Hub" if not (pending or unusable) else ""))
-    if summary and not DirLock(ckpt, worker=-1).holders():  # (a live worker's end writes it)
+    # The file as it is now (a worker may have ended during the push), its hub state only; not while a worker of
+    # the dir runs: its end writes the file.
+    summary = read_summary(ckpt, set_aside=False) if not DirLock(ckpt, worker=-1).holders() else {}
+    if summary:
         summary["hub"] = {"pushed_all": not (pending or unusable), "card_written": True}
         write_summary(ckpt, summary)
     return EXIT_OK if not (pending or unusable) else EXIT_ITEMS_FAILED
