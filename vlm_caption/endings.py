@@ -351,24 +351,27 @@ def merge_and_check(cfg: RunConfig) -> int:
     counts = {"captioned": report.keys, "failed": {k: r for k, r in still_failed(dirs, report.keys).items()
                                                    if k in expected}}
     missing = sorted(expected - counts["captioned"] - set(counts["failed"]))
-    outside = len(counts["captioned"] - expected)  # (a narrower --shards / --max-images than the runs had)
+    # A narrower --shards / --max-images than the runs had: the other keys are said apart, and decide nothing
+    outside = len(counts["captioned"] - expected)
+    duplicated = [k for k in report.duplicate_keys if k in expected]
     coverage = {"expected": len(expected), "captioned": len(counts["captioned"] & expected),
-                "failed": len(counts["failed"]),
-                "missing": len(missing), "duplicated": len(report.duplicate_keys),
-                "missing_keys": missing, "duplicated_keys": report.duplicate_keys,
+                "failed": len(counts["failed"]), "missing": len(missing), "duplicated": len(duplicated),
+                "missing_keys": missing, "duplicated_keys": duplicated,
+                "duplicated_outside": len(report.duplicate_keys) - len(duplicated),
                 "unexpected_keys": outside, "not_in_data": len(report.not_in_data),
                 "checkpoint_dirs": [str(d) for d in dirs]}
     atomic_write_json(dirs[0] / store.COVERAGE, coverage)
     print(f"merged {report.rows} rows from {report.parts} parts of {len(dirs)} dir(s) into {out}")
     print(f"coverage: {coverage['expected']} expected, {coverage['captioned']} captioned, {coverage['failed']} "
-          f"failed, {len(missing)} missing, {len(report.duplicate_keys)} captioned more than once"
-          + (f" ({outside} more captioned outside the selection)" if outside else ""))
+          f"failed, {len(missing)} missing, {len(duplicated)} captioned more than once"
+          + (f" ({outside} more captioned outside the selection, {coverage['duplicated_outside']} of them more "
+             "than once)" if outside else ""))
     if missing:
         print(f"  missing (first 20): {', '.join(missing[:20])}")
-    if report.duplicate_keys:
-        print(f"  duplicated (first 20): {', '.join(report.duplicate_keys[:20])}")
+    if duplicated:
+        print(f"  duplicated (first 20): {', '.join(duplicated[:20])}")
     print(f"  full lists in {dirs[0] / 'coverage.json'}")
-    if report.duplicate_keys or (missing and not in_use):
+    if duplicated or (missing and not in_use):
         return EXIT_COVERAGE
     if missing:  # a run still under way: work left, not a defect of the published set
         return EXIT_ITEMS_FAILED
