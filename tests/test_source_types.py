@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from vlm_caption import download as dl
 
 ROW = {"url": "http://127.0.0.1/x.jpg", "caption": "c", "md5": "ff", "tags": "t", "merged_tags": "m"}
+ROW_NO_TAGS = {k: v for k, v in ROW.items() if k != "tags"}
 
 
 def test_jsonl_text_that_looks_like_a_date_stays_the_sources_text(tmp_path):
@@ -48,3 +49,35 @@ def test_a_source_column_null_on_every_row_is_kept_as_a_column(tmp_path):
     got = dl.load_source(str(path), "train", None)
     assert "painter" in got.column_names and got.column("painter").to_pylist() == [None, None], got.column_names
     assert "styles" in got.column_names and got.column("styles").to_pylist() == [[], []], got.column_names
+
+
+def test_a_jsonl_list_of_date_looking_strings_is_carried_as_the_files_text(tmp_path, caplog):
+    """User impact: a JSON Lines source with a list column whose strings look like dates (an artwork's
+    "exhibited": ["1890-05-01", "1901-03-02"], ISO scrape times) is left out of the download: pyarrow's JSON
+    reader guesses list<timestamp[s]>, download_source._read_local_table re-reads as text only the *top-level*
+    timestamp/date columns, and further_columns drops a list of timestamps with "source column exhibited
+    (list<item: timestamp[s]>) is not carried: only scalar and list columns are" (it is a list column of
+    strings in the file). The same strings as a top-level column, or one non-date element in the list, are kept:
+    whether a column survives depends on its values. The README promises further scalar or list columns are
+    kept and that a .jsonl string that looks like a date stays text.
+    Expected: carried as list<string> holding the file's strings, as [["1890-05-01", "x"]] is."""
+    path = tmp_path / "src.jsonl"
+    rows = [{**ROW_NO_TAGS, "key": str(i), "tags": "t", "exhibited": ["1890-05-01", f"190{i}-03-02"]} for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = dl.load_source(str(path), "train", None)
+    assert "exhibited" in table.column_names, (table.schema, caplog.text)
+    assert pa.types.is_list(table.schema.field("exhibited").type) or pa.types.is_large_list(
+        table.schema.field("exhibited").type)
+    assert table.column("exhibited").to_pylist() == [r["exhibited"] for r in rows]
+
+
+def test_jsonl_tags_that_all_look_like_dates_keep_the_files_text(tmp_path):
+    """User impact: the ContraStyles `tags` column given as a JSON list whose items all look like dates (a
+    dataset tagging works by year or date, "tags": ["1890-05-01"]) is published as "1890-05-01 00:00:00": the
+    list is guessed list<timestamp[s]> and _as_strings casts the timestamps to text, while the same file with a
+    scalar "tags": "1890-05-01" now keeps "1890-05-01" (1089da5). Expected: the file's strings, "1890-05-01"."""
+    path = tmp_path / "src.jsonl"
+    rows = [{**ROW_NO_TAGS, "key": str(i), "tags": [f"189{i}-05-01", "1901-01-01"]} for i in range(3)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    table = dl.load_source(str(path), "train", None)
+    assert table.column("tags").to_pylist() == [", ".join(r["tags"]) for r in rows]

@@ -164,8 +164,7 @@ def _read_local_table(path: Path) -> pa.Table:
         table = pa_json.read_json(path, read_options=options)
         # JSON has no dates: pyarrow guesses "1890-05-01" a timestamp (and drops a "+02:00"). Read those as the text
         # the file holds, as a CSV's columns are.
-        guessed = [pa.field(f.name, pa.string()) for f in table.schema
-                   if pa.types.is_timestamp(f.type) or pa.types.is_date(f.type)]
+        guessed = [pa.field(f.name, text) for f in table.schema if (text := _as_text_type(f.type)) is not None]
         if guessed:
             order = table.column_names
             table = pa_json.read_json(path, read_options=options, parse_options=pa_json.ParseOptions(
@@ -178,6 +177,16 @@ def _read_local_table(path: Path) -> pa.Table:
                          f"file{json_lines}") from None
     check_source_columns(table.column_names, str(path))
     return table
+
+
+def _as_text_type(kind: pa.DataType) -> pa.DataType | None:
+    """The text type a JSON field pyarrow guessed as dates should have (a list of them: a list of text), or None."""
+    if pa.types.is_timestamp(kind) or pa.types.is_date(kind):
+        return pa.string()
+    if pa.types.is_list(kind) or pa.types.is_large_list(kind):
+        item = _as_text_type(kind.value_type)
+        return None if item is None else pa.large_list(item) if pa.types.is_large_list(kind) else pa.list_(item)
+    return None
 
 
 def _load_hf_table(source: str, split: str, max_rows: int | None) -> pa.Table:
