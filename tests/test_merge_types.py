@@ -9,7 +9,7 @@ from hub_parts import Writer
 
 from vlm_caption import store
 from vlm_caption.errors import UsageError
-from vlm_caption.merge import merge_parts
+from vlm_caption.merge import merge_parts, parts_schema
 
 
 def _typed_parts(ckpt, *columns: dict[str, pa.Array]) -> list:
@@ -148,3 +148,22 @@ def test_a_hub_file_reads_each_part_once(tmp_path, monkeypatch):
     assert table.column("score").to_pylist() == [1.0, 2.0, None, 0.5, None, 2.5]
     assert merge.parts_schema([p.path for p in f.parts]) == merge.parts_schema(
         [p.path for p in f.parts], [real_read_table(p.path).replace_schema_metadata(None) for p in f.parts])
+
+
+def test_parts_typed_int64_before_the_fix_and_uint64_after_it_merge_without_refusing(tmp_path):
+    """User impact: an earlier version's `--keep-columns phash` typed the column int64, so the parts written while every
+    value stayed below 2**63 were int64 parts; the first part holding a larger value died with the OverflowError
+    traceback. The user upgrades and resumes the same dir with the same flags: the new parts are uint64,
+    holding values >= 2**63. At the end of the run (after all the captioning) the merge unifies int64 +
+    uint64 as int64 (pyarrow's permissive promotion), cannot cast the large
+    values, and refuses: "the parts disagree on column phash's type ... set aside the parts of one type (their
+    keys are captioned again) and rerun" -- exit 2, and the advice costs re-captioning. The int64 parts hold only
+    non-negative values, which uint64 holds unchanged.
+    Expected: int64 parts whose values are all >= 0 and uint64 parts merge as uint64 (no value changes), as int
+    and float already widen to float64 where no value changes (README --keep-columns). Severity low: it needs a
+    column whose first parts held only values < 2**63."""
+    old, new = tmp_path / "part-old.parquet", tmp_path / "part-new.parquet"
+    pq.write_table(pa.table({"key": ["000001"], "phash": pa.array([5], pa.int64())}), old)
+    pq.write_table(pa.table({"key": ["000002"], "phash": pa.array([2 ** 63 + 5], pa.uint64())}), new)
+    schema = parts_schema([old, new])
+    assert schema.field("phash").type == pa.uint64()

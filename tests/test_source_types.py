@@ -75,7 +75,7 @@ def test_jsonl_tags_that_all_look_like_dates_keep_the_files_text(tmp_path):
     """User impact: the ContraStyles `tags` column given as a JSON list whose items all look like dates (a
     dataset tagging works by year or date, "tags": ["1890-05-01"]) is published as "1890-05-01 00:00:00": the
     list is guessed list<timestamp[s]> and _as_strings casts the timestamps to text, while the same file with a
-    scalar "tags": "1890-05-01" now keeps "1890-05-01" (1089da5). Expected: the file's strings, "1890-05-01"."""
+    scalar "tags": "1890-05-01" keeps "1890-05-01". Expected: the file's strings, "1890-05-01"."""
     path = tmp_path / "src.jsonl"
     rows = [{**ROW_NO_TAGS, "key": str(i), "tags": [f"189{i}-05-01", "1901-01-01"]} for i in range(3)]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))

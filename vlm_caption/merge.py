@@ -130,6 +130,11 @@ def parts_schema(paths: Sequence[Path], tables: Sequence[pa.Table] | None = None
                     raise _disagree(name, other, where, kind, path, "they do not unify") from None
             seen[kind] = path
     schema = unified_schema(schemas)
+    for name in mixed:  # int64 parts of values >= 0 (before uint64 was kept) and uint64 parts: uint64, 2**63 fits
+        if set(kinds[name]) == {pa.int64(), pa.uint64()} and all(
+                (pc.min(column(i, name)).as_py() or 0) >= 0 for i, s in enumerate(schemas)
+                if name in s.names and s.field(name).type == pa.int64()):
+            schema = schema.set(schema.get_field_index(name), schema.field(name).with_type(pa.uint64()))
     for name in mixed:  # int64 -> float64 only where no value changes (2**53 + 1 would)
         want = schema.field(name).type
         for i, path in enumerate(paths):
