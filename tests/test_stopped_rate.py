@@ -58,3 +58,12 @@ def test_a_dry_run_after_a_run_stopped_by_sigterm_estimates_from_its_rate(data, 
     estimate = next(line for line in dry.stdout.splitlines() if "estimated time" in line)
     assert f"at the last measured {said.group(2)} img/s" in estimate, (estimate, out[-1500:])
     assert not (ckpt / store.SUMMARY).exists()  # (only the end of a run writes the summary)
+
+
+def test_a_rate_that_cannot_be_written_is_a_warning_not_the_run_s_end(tmp_path, caplog):
+    """A directory where last_rate.json goes made the stopped run end with exit 2 instead of 143."""
+    from vlm_caption.endings import measured_rate, save_rate
+
+    (tmp_path / store.RATE).mkdir()
+    save_rate(tmp_path, 12.5)
+    assert "could not write" in caplog.text and measured_rate(tmp_path) is None

@@ -194,8 +194,9 @@ def save_rate(ckpt: Path, rate: float) -> None:
     no run_summary.json): a file of its own, replaced whole, so no worker rewrites another's summary."""
     try:
         atomic_write_json(ckpt / store.RATE, {"img_per_s": rate, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-    except OSError as e:  # a full disk: only --dry-run's estimate is lost
-        log.warning("could not write %s: %s", ckpt / store.RATE, e.strerror or e)
+    except (OSError, UsageError) as e:  # a full disk, a dir in the way: only --dry-run's estimate is lost, and a
+        # run stopped by a signal still ends as stopped (exit 143, not 2)
+        log.warning("could not write %s: %s", ckpt / store.RATE, getattr(e, "strerror", None) or e)
 
 
 def measured_rate(ckpt: Path) -> float | None:
