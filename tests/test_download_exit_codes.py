@@ -120,8 +120,21 @@ def test_a_5xx_is_retryable_work_left(server, tmp_path, paths, says):
     assert result.returncode == 3, result.stdout + result.stderr
     assert f"failed to download:  {paths.count('/busy.jpg')}  ({paths.count('/busy.jpg')} retryable" in result.stdout
     assert ("nothing usable was downloaded" in result.stderr) == ("/img/0.jpg" not in paths)
-    # A rerun skips finished shards, so the message says how to retry this one.
-    assert says in result.stderr and "images/00000_stats.json" in result.stderr
+    # A rerun skips finished shards, so the message says how to retry this one: by a path that works from where
+    # the user is (it said images/00000_stats.json, under --output: an rm from the checkout missed it)
+    stats = tmp_path / "out" / "images" / "00000_stats.json"
+    assert says in result.stderr and f"to retry, delete {stats} and rerun" in result.stderr and stats.is_file()
+
+
+def test_past_ten_shards_the_line_says_how_many_more_and_where_they_are_listed(tmp_path):
+    """With more than 10 such shards (an outage over part of a 40-shard download) the line named 10 and "...":
+    the operator deleted those, reran, and the rest were never fetched again (exit 3 until they dug in the json)."""
+    from vlm_caption.download_summary import stats_files
+
+    line = stats_files(tmp_path, list(range(12)))
+    assert line.count("_stats.json") == 10 and line.startswith(str(tmp_path / "images" / "00000_stats.json"))
+    assert line.endswith(f" and 2 more (shards_with_retryable in {tmp_path / 'download_summary.json'})"), line
+    assert " more" not in stats_files(tmp_path, list(range(10)))
 
 
 @pytest.mark.parametrize("message, retryable", [

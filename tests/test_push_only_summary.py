@@ -18,6 +18,17 @@ def hub_args(data, ckpt, stub, *extra):
             "--batch-size", "4", "--checkpoint-every", "8", "--num-loader-workers", "1", "--max-tokens", "40", *extra]
 
 
+def run_whose_pushes_failed(hub_stub, data, tmp_path, monkeypatch):
+    """A run whose every commit the Hub refused (exit 3): its rows wait in the dir for --push-only."""
+    clear_launch_env(monkeypatch)
+    monkeypatch.setattr(hub, "RetryPolicy", lambda: hub_retry.RetryPolicy(sleep=lambda s: None))
+    ckpt = tmp_path / "ckpt"
+    hub_stub.create_repo_direct("tester/pushonly")
+    hub_stub.inject("POST", COMMIT, "503", times=100_000)
+    assert main(hub_args(data, ckpt, hub_stub)) == EXIT_ITEMS_FAILED
+    return ckpt
+
+
 def test_push_only_that_publishes_everything_updates_the_summarys_hub_state(hub_stub, sample_data_dir, tmp_path,
                                                                             monkeypatch, capsys):
     """User impact: a run whose Hub pushes failed ends with exit 3 and run_summary.json `"hub": {"pushed_all":
@@ -26,12 +37,7 @@ def test_push_only_that_publishes_everything_updates_the_summarys_hub_state(hub_
     own push check (smoke.check_push reads that field) that trusts the summary keeps reporting the dir as
     unpublished, and the operator pushes again or hunts for a problem that is gone. Expected: a --push-only that
     leaves nothing pending records that in run_summary.json (hub.pushed_all true), as the run's own end does."""
-    clear_launch_env(monkeypatch)
-    monkeypatch.setattr(hub, "RetryPolicy", lambda: hub_retry.RetryPolicy(sleep=lambda s: None))
-    ckpt = tmp_path / "ckpt"
-    hub_stub.create_repo_direct("tester/pushonly")
-    hub_stub.inject("POST", COMMIT, "503", times=100_000)
-    assert main(hub_args(sample_data_dir, ckpt, hub_stub)) == EXIT_ITEMS_FAILED
+    ckpt = run_whose_pushes_failed(hub_stub, sample_data_dir, tmp_path, monkeypatch)
     assert json.loads((ckpt / store.SUMMARY).read_text())["hub"]["pushed_all"] is False
     hub_stub.clear_faults()
     capsys.readouterr()
@@ -75,12 +81,7 @@ def test_push_only_does_not_put_back_a_summary_a_worker_of_the_dir_wrote_during_
     run_summary.json (the monitor / smoke / the next --dry-run read a stale file) with no warning.
     Expected: the summary is read (or re-read) after the push, just before it is rewritten, so only the `hub`
     state changes and a summary written meanwhile keeps its counts."""
-    clear_launch_env(monkeypatch)
-    monkeypatch.setattr(hub, "RetryPolicy", lambda: hub_retry.RetryPolicy(sleep=lambda s: None))
-    ckpt = tmp_path / "ckpt"
-    hub_stub.create_repo_direct("tester/pushonly")
-    hub_stub.inject("POST", COMMIT, "503", times=100_000)
-    assert main(hub_args(sample_data_dir, ckpt, hub_stub)) == EXIT_ITEMS_FAILED
+    ckpt = run_whose_pushes_failed(hub_stub, sample_data_dir, tmp_path, monkeypatch)
     hub_stub.clear_faults()
     capsys.readouterr()
 
