@@ -35,20 +35,6 @@ def pytest_configure(config):
         os.environ.pop(var, None)
 
 
-@pytest.fixture(scope="session", autouse=True)
-def _shared_compile_cache(tmp_path_factory):
-    """One inductor cache for the whole run (both xdist workers and their subprocesses): a graph of the tiny model
-    is compiled once, not again in every test that compiles it (one flex test: 89 s cold, 31 s warm). Fresh each
-    run, nothing carried from an earlier one. The tests of --compile-cache itself unset it (it is "auto"'s
-    TORCHINDUCTOR_CACHE_DIR set by the user)."""
-    if os.environ.get("TORCHINDUCTOR_CACHE_DIR"):  # the developer's own
-        return
-    base = tmp_path_factory.getbasetemp()
-    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "inductor_cache"
-    shared.mkdir(exist_ok=True)
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(shared)
-
-
 @pytest.fixture(autouse=True)
 def _isolated_hf_home(tmp_path_factory, monkeypatch):
     home = tmp_path_factory.mktemp("hf_home")
