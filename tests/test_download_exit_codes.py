@@ -126,17 +126,6 @@ def test_a_5xx_is_retryable_work_left(server, tmp_path, paths, says):
     assert says in result.stderr and f"to retry, delete {stats} and rerun" in result.stderr and stats.is_file()
 
 
-def test_past_ten_shards_the_line_says_how_many_more_and_where_they_are_listed(tmp_path):
-    """With more than 10 such shards (an outage over part of a 40-shard download) the line named 10 and "...":
-    the operator deleted those, reran, and the rest were never fetched again (exit 3 until they dug in the json)."""
-    from vlm_caption.download_summary import stats_files
-
-    line = stats_files(tmp_path, list(range(12)))
-    assert line.count("_stats.json") == 10 and line.startswith(str(tmp_path / "images" / "00000_stats.json"))
-    assert line.endswith(f" and 2 more (shards_with_retryable in {tmp_path / 'download_summary.json'})"), line
-    assert " more" not in stats_files(tmp_path, list(range(10)))
-
-
 @pytest.mark.parametrize("message, retryable", [
     ("timed out", True),
     ("The read operation timed out", True),

@@ -155,3 +155,14 @@ def test_an_empty_fallback_log_is_not_left_in_the_temp_dir(tmp_path):
         assert logs.note() is None and not logs.fallback.exists()
     finally:
         logs.fallback.unlink(missing_ok=True)
+
+
+def test_past_ten_shards_the_line_says_how_many_more_and_where_they_are_listed(tmp_path):
+    """With more than 10 such shards (an outage over part of a 40-shard download) the line named 10 and "...":
+    the operator deleted those, reran, and the rest were never fetched again (exit 3 until they dug in the json)."""
+    from vlm_caption.download_summary import stats_files
+
+    line = stats_files(tmp_path, list(range(12)))
+    assert line.count("_stats.json") == 10 and line.startswith(str(tmp_path / "images" / "00000_stats.json"))
+    assert line.endswith(f" and 2 more (shards_with_retryable in {tmp_path / 'download_summary.json'})"), line
+    assert " more" not in stats_files(tmp_path, list(range(10)))

@@ -120,6 +120,7 @@ class HubClient:
 
     def __init__(self, api: HfApi, repo_id: str, token: str, retry: RetryPolicy, key_cache: KeyCache | None = None):
         self.api, self.repo_id, self._token, self.retry = api, repo_id, token, retry
+        self.has_token = bool(token)  # (a public repo reads without one)
         self._key_cache = key_cache or KeyCache()  # content-addressed: shared by the runs of the repo
         self._indexes: dict[str, HubIndex] = {}
         self._part_checks: dict[tuple[Path, int, int], FileCheck | None] = {}  # parts never change once written
@@ -127,10 +128,6 @@ class HubClient:
         self.unusable: dict[Path, str] = {}  # parts not pushed, and why (unreadable, or another run's rows)
         self._warned_ledger: set[str] = set()
         self._lock = threading.Lock()
-
-    @property
-    def has_token(self) -> bool:
-        return bool(self._token)
 
     def __repr__(self) -> str:  # never the token
         return f"HubClient({self.repo_id!r}, endpoint={self.api.endpoint!r})"
