@@ -15,6 +15,13 @@ from __future__ import annotations
 
 import argparse
 import signal
+import sys
+
+if __name__ in ("__main__", "__mp_main__"):
+    # img2dataset imports torch only for webdataset's torch shims, which fall back without it, and no download
+    # step uses torch: kept out of this process and of those img2dataset spawns (they import this file first),
+    # each then starts in half the CPU and memory (BENCHMARKS.md section 10).
+    sys.modules.setdefault("torch", None)
 
 if __name__ == "__mp_main__":
     # img2dataset's spawned processes (its pool's workers, its logger) import this file first. A terminal's
