@@ -13,19 +13,18 @@ import json
 import math
 from pathlib import Path
 
-import torch
+from typing import TYPE_CHECKING
+
 from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
-from transformers import (
-    AutoModelForImageTextToText,
-    Gemma3Config,
-    Gemma3ImageProcessorPil,
-    Gemma3Processor,
-    Gemma3TextConfig,
-    GemmaTokenizer,
-    SiglipVisionConfig,
-)
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import Gemma3Config, Gemma3Processor, GemmaTokenizer
+
+# torch and transformers are imported where a model is built (~8 s of CPU): the CLI refuses a wrong --out or a
+# real-size preset at once.
 
 # Same order as Gemma 3 for the first five; the rest are Gemma 3's chat and image markers.
 TURN_TOKENS = ["<start_of_turn>", "<end_of_turn>"]
@@ -148,6 +147,8 @@ def _train_pieces() -> tuple[list[str], list[tuple[str, str]]]:
 def build_tokenizer(vocab_size: int = TRAINED_VOCAB) -> GemmaTokenizer:
     """The tiny Gemma tokenizer, padded with filler pieces up to `vocab_size` so every id the model can
     emit decodes to text (an id past the vocabulary would be silently dropped by `tokenizers`)."""
+    from transformers import GemmaTokenizer
+
     pieces, merges = _train_pieces()
     if vocab_size < len(pieces):
         raise ValueError(f"vocab_size must be at least {len(pieces)}, got {vocab_size}")
@@ -172,6 +173,8 @@ def build_tokenizer(vocab_size: int = TRAINED_VOCAB) -> GemmaTokenizer:
 
 
 def build_processor(preset: str = "tiny", tokenizer: GemmaTokenizer | None = None) -> Gemma3Processor:
+    from transformers import Gemma3ImageProcessorPil, Gemma3Processor
+
     spec = _preset(preset)
     side = spec["vision"]["image_size"]
     # Settings of gemma-3's preprocessor_config.json; the Pil class saves as "Gemma3ImageProcessor", so
@@ -185,6 +188,8 @@ def build_processor(preset: str = "tiny", tokenizer: GemmaTokenizer | None = Non
 
 
 def build_config(preset: str, tokenizer: GemmaTokenizer) -> Gemma3Config:
+    from transformers import Gemma3Config, Gemma3TextConfig, SiglipVisionConfig
+
     spec = _preset(preset)
     ids = tokenizer.convert_tokens_to_ids
     text = Gemma3TextConfig(**spec["text"], pad_token_id=ids("<pad>"), eos_token_id=ids("<eos>"),
@@ -195,9 +200,14 @@ def build_config(preset: str, tokenizer: GemmaTokenizer) -> Gemma3Config:
                         image_token_index=ids("<image_soft_token>"))
 
 
-def build_random_model(preset: str, device: str | torch.device = "cuda", dtype: torch.dtype = torch.bfloat16,
+def build_random_model(preset: str, device: str | torch.device = "cuda", dtype: torch.dtype | None = None,
                        seed: int = 0):
-    """(model, processor) for `preset`, randomly initialised directly on `device` (no CPU copy first)."""
+    """(model, processor) for `preset`, randomly initialised directly on `device` (no CPU copy first); dtype:
+    bfloat16 unless given."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    dtype = torch.bfloat16 if dtype is None else dtype
     processor = build_processor(preset, build_tokenizer(_preset(preset)["text"]["vocab_size"]))
     config = build_config(preset, processor.tokenizer)
     device = torch.device(device)
@@ -224,6 +234,8 @@ def build_tiny_model(out_dir: str | Path, preset: str = "tiny", seed: int = 0) -
     """Save a random Gemma 3 (`preset` tiny or small) with its processor in `out_dir`, as a hub model would be."""
     if not _preset(preset)["savable"]:
         raise ValueError(f"preset {preset!r} is real-size: use build_random_model, it is never saved")
+    import torch
+
     out_dir = Path(out_dir)
     model, processor = build_random_model(preset, device="cpu", dtype=torch.float32, seed=seed)
     model.save_pretrained(out_dir)  # safetensors is the only format transformers 5 writes
