@@ -17,17 +17,15 @@ import argparse
 import signal
 import sys
 
-if __name__ in ("__main__", "__mp_main__"):
-    # img2dataset imports torch only for webdataset's torch shims, which fall back without it, and no download
-    # step uses torch: kept out of this process and of those img2dataset spawns (they import this file first),
-    # each then starts in half the CPU and memory (BENCHMARKS.md section 10).
-    sys.modules.setdefault("torch", None)
-
 if __name__ == "__mp_main__":
     # img2dataset's spawned processes (its pool's workers, its logger) import this file first. A terminal's
     # Ctrl-C reaches the whole process group: each would print a KeyboardInterrupt traceback. They ignore it;
     # the parent stops them (img2dataset's SIGINT handler and its pool's exit terminate them).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # img2dataset imports torch only for webdataset's torch shims, which fall back without it, and these
+    # processes never use it: each then starts in half the CPU and memory (BENCHMARKS.md section 10). Not in
+    # the parent: datasets' load_dataset (a Hub source) imports torch whenever its name is in sys.modules.
+    sys.modules.setdefault("torch", None)
 
 from vlm_caption.cli import script_imports
 

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """What each download process costs before it downloads anything: importing what img2dataset's pool workers and
 logger import (download_data.py's imports, img2dataset with its downloader and logger), with torch as
-img2dataset finds it and with torch kept out as download_data.py does (webdataset falls back to its shims).
+img2dataset finds it and with torch kept out as download_data.py's spawned processes do (webdataset falls back
+to its shims).
 
   python benchmarks/bench_download_start.py --rounds 5
 
