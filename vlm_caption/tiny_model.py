@@ -12,7 +12,6 @@ import copy
 import json
 import math
 from pathlib import Path
-
 from typing import TYPE_CHECKING
 
 from tokenizers import AddedToken, Tokenizer, normalizers, pre_tokenizers
