@@ -177,6 +177,23 @@ def test_a_file_where_quarantine_belongs_is_kept_and_bad_files_still_go_aside(tm
     assert moved.name.startswith(first.path.name) and "is not a folder" in caplog.text
 
 
+def test_a_folder_another_worker_makes_while_it_is_looked_for_is_taken_not_read_as_a_file(tmp_path, monkeypatch,
+                                                                                          caplog):
+    """Workers of a dir starting together: one made hub_keys/ between another's two questions ("a folder?" no,
+    "exists?" yes), which took it for a file in the way and cached its keys in hub_keys-1 (flaky in CI)."""
+    from vlm_caption import set_aside
+
+    real_lexists = set_aside.os.path.lexists
+
+    def another_worker_first(path):
+        (tmp_path / "hub_keys").mkdir(exist_ok=True)  # the other worker, between this one's two questions
+        return real_lexists(path)
+
+    monkeypatch.setattr(set_aside.os.path, "lexists", another_worker_first)
+    assert store.aside_folder(tmp_path, "hub_keys", "the keys") == tmp_path / "hub_keys"
+    assert "is not a folder" not in caplog.text and sorted(p.name for p in tmp_path.iterdir()) == ["hub_keys"]
+
+
 def test_a_part_with_null_keys_or_a_column_of_another_type_is_set_aside_not_a_traceback_at_the_merge(tmp_path):
     """A part-named file of the right columns but a null key or a column of another type (made by hand): the merge
     at the end of the run compared None with str, or could not unify the schemas."""

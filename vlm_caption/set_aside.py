@@ -32,7 +32,9 @@ def quarantine_dir(checkpoint_dir: Path) -> Path:
 def aside_folder(checkpoint_dir: Path, name: str, what: str) -> Path:
     """checkpoint_dir/name, or name-1, -2... while something not a folder holds the name, with a warning."""
     names = (checkpoint_dir / f"{name}{f'-{n}' if n else ''}" for n in itertools.count())
-    folder = next(p for p in names if p.is_dir() or not os.path.lexists(p))
+    # "absent" asked before "a folder": another worker of the dir may make the folder between the two questions,
+    # and asked the other way round that read as a file in the way (8 workers starting together took name-1).
+    folder = next(p for p in names if not os.path.lexists(p) or p.is_dir())
     if folder.name != name:
         log.warning("%s is not a folder: setting %s aside in %s instead", checkpoint_dir / name, what, folder)
     return folder
