@@ -65,3 +65,36 @@ def test_a_repo_not_created_yet_and_no_push_read_nothing_more(hub_stub, sample_d
                if a not in ("--hf-repo", "tester/dryrun", "--hub-endpoint", hub_stub.endpoint)]
     assert main([*no_push, "--no-push"]) == EXIT_OK
     assert len(hub_stub.requests) == reads and planned(capsys.readouterr().out)[1] == 0
+
+
+def test_a_dry_run_plans_from_the_dirs_kept_hub_keys_reading_no_file_again_and_writing_none(
+        hub_stub, sample_data_dir, tmp_path, monkeypatch, capsys, caplog):
+    """The dry run read every published file's key column from the Hub at each call (~200 files for 400K rows),
+    though the dir keeps them (hub_key_cache.py). It reads what is kept, stores nothing, and an unreadable entry
+    is warned about and left for the real run to set aside."""
+    clear_launch_env(monkeypatch)
+    ckpt = tmp_path / "ckpt"
+    assert main(hub_args(sample_data_dir, ckpt, hub_stub, "--max-images", "20")) == EXIT_OK
+    capsys.readouterr()
+
+    def data_reads():
+        return sum(name.startswith("data/") for name, _, _ in hub_stub.downloads)
+
+    def listing(root):
+        return sorted((str(p.relative_to(root)), p.stat().st_mtime_ns) for p in root.rglob("*"))
+
+    files = data_reads()
+    kept = listing(ckpt)
+    assert main(hub_args(sample_data_dir, ckpt, hub_stub, "--dry-run")) == EXIT_OK
+    assert planned(capsys.readouterr().out)[1] > 0 and data_reads() == files and listing(ckpt) == kept
+
+    fresh = tmp_path / "fresh"  # no kept keys: read from the Hub, and still nothing written
+    assert main(hub_args(sample_data_dir, fresh, hub_stub, "--dry-run")) == EXIT_OK
+    assert planned(capsys.readouterr().out)[1] > 0 and data_reads() > files and not fresh.exists()
+
+    entry = next((ckpt / "hub_keys").glob("*.parquet"))
+    entry.write_bytes(b"not parquet")
+    files, kept = data_reads(), listing(ckpt)
+    assert main(hub_args(sample_data_dir, ckpt, hub_stub, "--dry-run")) == EXIT_OK
+    assert planned(capsys.readouterr().out)[1] > 0 and data_reads() == files + 1 and listing(ckpt) == kept
+    assert f"{entry} is an unreadable Hub key cache entry" in caplog.text

@@ -77,7 +77,8 @@ def published_keys(cfg: RunConfig, run_id: str) -> tuple[set[str], dict | None, 
     retry = RetryPolicy(tries=3, max_retry_after=10)  # fewer tries than a run's: a plan waits seconds, not minutes
     unread = "keys already on the Hub are not counted"
     try:
-        client = hub.connect_reader(repo_id, endpoint=cfg.hub_endpoint, retry=retry, look_up=False)  # (no key cache)
+        client = hub.connect_reader(repo_id, endpoint=cfg.hub_endpoint, retry=retry, look_up=False,
+                                    checkpoint_dir=cfg.checkpoint_dir, keep_keys=False)  # the dir's keys, unwritten
     except UsageError as e:  # offline mode
         return set(), None, f"{unread}: {e}"
     note = None

@@ -81,14 +81,14 @@ def check_write_access(client: HubClient) -> str:
 
 
 def connect_reader(repo_id: str, *, endpoint: str | None = None, retry: RetryPolicy | None = None,
-                   checkpoint_dir: Path | str | None = None, look_up: bool = True) -> HubClient:
-    """A client that only reads (--check-hub): with any token or none (a public repo); creates nothing.
-    `look_up`: that the repo is there, first (else a UsageError)."""
+                   checkpoint_dir: Path | str | None = None, look_up: bool = True, keep_keys: bool = True) -> HubClient:
+    """A client that only reads (--check-hub): with any token or none (a public repo); creates nothing. `look_up`:
+    that the repo is there, first (else a UsageError). keep_keys=False: checkpoint_dir's keys serve, none are kept."""
     if constants.is_offline_mode():
         raise UsageError("HF_HUB_OFFLINE is set, so the Hub cannot be read; unset it")
     token = usable_token(get_token(), _LOGIN_HINT)
     client = HubClient(HfApi(endpoint=endpoint, token=token), repo_id, token, retry or RetryPolicy(),
-                       KeyCache(checkpoint_dir))
+                       KeyCache(checkpoint_dir, read_only=not keep_keys))
     return look_up_repo(client) if look_up else client
 
 

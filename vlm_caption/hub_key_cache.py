@@ -121,8 +121,10 @@ class KeyCache:
     # stopped (Ctrl-Z, a suspended job) keeps its lock, and must not stop every other worker of the dir.
     lock_wait_s = 60.0
 
-    def __init__(self, checkpoint_dir: Path | str | None = None):
+    def __init__(self, checkpoint_dir: Path | str | None = None, read_only: bool = False):
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+        # read_only (--dry-run: nothing written): the dir's entries serve, nothing is stored, locked or set aside
+        self.read_only = read_only
         self._memory: dict[str, FileEntry] = {}
         self._folder: Path | None = None  # found at first use (aside_folder)
 
@@ -165,7 +167,7 @@ class KeyCache:
     @contextlib.contextmanager
     def _locked(self, cid: str) -> Iterator[None]:
         path = self._path(cid, ".lock")
-        if path is None:
+        if path is None or self.read_only:  # (a lock file is a write)
             yield
             return
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -206,6 +208,10 @@ class KeyCache:
             return FileEntry(table.column("key").to_pylist(), flags, schema, frozenset(json.loads(meta[_META_NULLS])),
                              table.column(IMAGE_COLUMN).to_pylist() if kept else None)
         except (OSError, pa.ArrowException, KeyError, ValueError) as e:
+            if self.read_only:
+                log.warning("%s is an unreadable Hub key cache entry (%s: %s); that Hub file is read instead (a "
+                            "real run sets the entry aside)", path, type(e).__name__, brief(str(e), 120))
+                return None
             quarantine(self.checkpoint_dir, path, f"an unreadable Hub key cache entry ({type(e).__name__}: "
                        f"{brief(str(e), 120)})",
                        "that Hub file's keys are read from the Hub again")
@@ -213,7 +219,7 @@ class KeyCache:
 
     def _store(self, cid: str, entry: FileEntry) -> None:
         path = self._path(cid, ".parquet")
-        if path is None:
+        if path is None or self.read_only:
             return
         table = pa.table({"key": pa.array(entry.keys, pa.string()),
                           **({IMAGE_COLUMN: pa.array(entry.images, pa.string())} if entry.images is not None else {})})
