@@ -194,6 +194,29 @@ def test_a_folder_another_worker_makes_while_it_is_looked_for_is_taken_not_read_
     assert "is not a folder" not in caplog.text and sorted(p.name for p in tmp_path.iterdir()) == ["hub_keys"]
 
 
+def test_two_workers_setting_files_of_one_name_aside_in_one_second_keep_both(tmp_path, monkeypatch):
+    """Both chose the same free name in quarantine/ (nothing there yet); the other worker's rename landed first
+    and this one's os.rename silently replaced it: a set-aside file lost. Here the other worker set the bad file
+    aside, and a new one took its place (a key-cache entry written again) before this worker's rename."""
+    from vlm_caption import set_aside
+
+    monkeypatch.setattr(set_aside.time, "strftime", lambda *a: "20260101T000000")  # one second
+    path = tmp_path / store.SUMMARY
+    path.write_text("first")
+    real_rename = set_aside.os.rename
+
+    def the_other_worker_first(src, dest):
+        if path.read_text() == "first":  # this worker's rename: the other one acts between its name and its move
+            monkeypatch.setattr(set_aside.os, "rename", real_rename)
+            store.quarantine(tmp_path, path, "unreadable")
+            path.write_text("second")
+        real_rename(src, dest)
+
+    monkeypatch.setattr(set_aside.os, "rename", the_other_worker_first)
+    store.quarantine(tmp_path, path, "unreadable")
+    assert sorted(p.read_text() for p in (tmp_path / store.QUARANTINE_DIR).iterdir()) == ["first", "second"]
+
+
 def test_a_part_with_null_keys_or_a_column_of_another_type_is_set_aside_not_a_traceback_at_the_merge(tmp_path):
     """A part-named file of the right columns but a null key or a column of another type (made by hand): the merge
     at the end of the run compared None with str, or could not unify the schemas."""
