@@ -111,6 +111,41 @@ def test_an_unreadable_entry_is_quarantined_and_the_file_read_again(hub_stub, tm
     assert len(list((other / QUARANTINE_DIR).iterdir())) == 1 and entry.is_file()  # set aside, then rewritten
 
 
+def test_an_entry_another_worker_stored_again_since_this_one_found_it_torn_is_not_set_aside(tmp_path, caplog):
+    """Workers starting together read the same torn entry without the lock; one set it aside, read the Hub file
+    under the lock and stored it again; another then set that good entry aside too, with a false warning, and read
+    the Hub file again (as did every worker after it)."""
+    from vlm_caption import hub_key_cache
+    from vlm_caption.hub_key_cache import FileEntry
+
+    entry = FileEntry(["a", "b"], {}, pa.schema([("key", pa.string())]))
+    path = tmp_path / KEY_CACHE_DIR / "git-1.parquet"
+    path.parent.mkdir()
+    path.write_bytes(b"torn")
+    hub_reads, acted = [], []
+    real_read_table = hub_key_cache.pq.read_table
+
+    def read():
+        hub_reads.append(1)
+        return entry
+
+    def the_other_worker_acts_after_this_read(*a, **kw):
+        if acted:
+            return real_read_table(*a, **kw)
+        acted.append(1)
+        try:
+            return real_read_table(*a, **kw)  # this worker's read, without the lock, of the torn entry
+        finally:  # the other worker, before this one's next step
+            assert KeyCache(tmp_path).get_or_read("git-1", read) == entry
+
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.WARNING):
+        mp.setattr(hub_key_cache.pq, "read_table", the_other_worker_acts_after_this_read)
+        assert KeyCache(tmp_path).get_or_read("git-1", read) == entry
+    assert len(hub_reads) == 1 and len(list((tmp_path / QUARANTINE_DIR).iterdir())) == 1
+    assert len([r for r in caplog.records if "unreadable Hub key cache entry" in r.getMessage()]) == 1
+    assert pq.read_table(path).column("key").to_pylist() == ["a", "b"]
+
+
 def test_an_lfs_file_is_known_by_the_sha256_of_its_content():
     """huggingface.co stores parquet in LFS: its listing names the content's sha256, which an upload knows."""
     from huggingface_hub.hf_api import RepoFile

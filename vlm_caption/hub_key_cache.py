@@ -138,7 +138,10 @@ class KeyCache:
         (lock_wait_s at most)."""
         if cid in self._memory:
             return self._memory[cid]
-        entry = self._load(cid)  # the usual case at a relaunch: no lock needed to read a finished entry
+        # The usual case at a relaunch: no lock needed to read a finished entry. A bad one is set aside under the
+        # lock only: another worker may set it aside, read the file and store it again between this read and a
+        # move of it here, which then set the good entry aside (a false warning, and the Hub file read again).
+        entry = self._load(cid, set_aside=False)
         if entry is None:
             with self._locked(cid):
                 entry = self._load(cid)  # stored by the holder we waited for
@@ -184,7 +187,7 @@ class KeyCache:
         finally:
             os.close(fd)
 
-    def _load(self, cid: str) -> FileEntry | None:
+    def _load(self, cid: str, set_aside: bool = True) -> FileEntry | None:
         path = self._path(cid, ".parquet")
         if path is None or not path.exists():
             return None
@@ -208,6 +211,8 @@ class KeyCache:
             return FileEntry(table.column("key").to_pylist(), flags, schema, frozenset(json.loads(meta[_META_NULLS])),
                              table.column(IMAGE_COLUMN).to_pylist() if kept else None)
         except (OSError, pa.ArrowException, KeyError, ValueError) as e:
+            if not set_aside:  # (the read under the lock sets it aside, or warns in a read-only cache)
+                return None
             if self.read_only:
                 log.warning("%s is an unreadable Hub key cache entry (%s: %s); that Hub file is read instead (a "
                             "real run sets the entry aside)", path, type(e).__name__, brief(str(e), 120))
