@@ -102,3 +102,46 @@ def test_push_only_does_not_put_back_a_summary_a_worker_of_the_dir_wrote_during_
     assert (after["this_run"]["captioned"], after["this_run"]["wall_s"]) == (7, 12345.0), (
         "push_only wrote back the summary it read before its push, over the one written meanwhile: "
         f"this_run = {after['this_run']}")
+
+
+def test_push_only_does_not_put_back_the_summary_over_the_one_the_last_worker_out_writes_as_it_merges(
+        hub_stub, sample_data_dir, tmp_path, monkeypatch, capsys):
+    """The last worker out lets go of its worker id, then holds the dir exclusively while it merges and writes
+    run_summary.json. push_only's check for live workers looked at worker ids only: it read the old summary, the
+    merger wrote its own, and push_only wrote the old one back over it (the finished run's counts lost)."""
+    from vlm_caption import endings
+    from vlm_caption.locks import DirLock
+
+    ckpt = run_whose_pushes_failed(hub_stub, sample_data_dir, tmp_path, monkeypatch)
+    hub_stub.clear_faults()
+    merger = DirLock(ckpt, 0, 1)  # a relaunched worker of the dir, ending during the push
+    assert merger.take_worker() is None and merger.take_run(exclusive=False)
+    written = []
+
+    def the_merger_writes_its_summary():
+        newer = json.loads((ckpt / store.SUMMARY).read_text())
+        newer["this_run"]["captioned"] = 7
+        atomic_write_json(ckpt / store.SUMMARY, newer)
+        written.append(1)
+
+    real_card, real_read = hub.HubClient.write_card, endings.read_summary
+
+    def card_then_the_worker_ends(self, *args, **kwargs):
+        real_card(self, *args, **kwargs)
+        assert merger.last_one_out()  # merging now: the dir held exclusively, its worker id let go
+
+    def read_then_the_merger_writes(ckpt_, set_aside=True):
+        found = real_read(ckpt_, set_aside)
+        if not set_aside and not written:  # push_only's last read, before its write
+            the_merger_writes_its_summary()
+        return found
+
+    monkeypatch.setattr(hub.HubClient, "write_card", card_then_the_worker_ends)
+    monkeypatch.setattr(endings, "read_summary", read_then_the_merger_writes)
+    try:
+        assert main(hub_args(sample_data_dir, ckpt, hub_stub, "--push-only")) == EXIT_OK
+        if not written:  # push_only left the file alone: the merger writes it when its merge ends
+            the_merger_writes_its_summary()
+    finally:
+        merger.release()
+    assert json.loads((ckpt / store.SUMMARY).read_text())["this_run"]["captioned"] == 7

@@ -295,11 +295,17 @@ def push_only(cfg: RunConfig, run_info: dict, hub_client=None) -> int:
              "of the captioning command sets them aside and captions their keys again" if unusable else "")
           + ("; every row of the dir is on the Hub" if not (pending or unusable) else ""))
     # The file as it is now (a worker may have ended during the push), its hub state only; not while a worker of
-    # the dir runs: its end writes the file.
-    summary = read_summary(ckpt, set_aside=False) if not DirLock(ckpt, worker=-1).holders() else {}
-    if summary:
-        summary["hub"] = {"pushed_all": not (pending or unusable), "card_written": True}
-        write_summary(ckpt, summary)
+    # the dir runs: its end writes the file. The dir held meanwhile: the last worker out lets go of its worker id,
+    # then merges and writes the file holding the dir (worker ids alone: its summary was overwritten by this one).
+    lock = DirLock(ckpt, worker=-1)  # (no locks/: no process ever held the dir, and none is made here)
+    try:
+        free = not lock.dir.is_dir() or lock.take_run(exclusive=True) and not lock.holders()
+        summary = read_summary(ckpt, set_aside=False) if free else {}
+        if summary:
+            summary["hub"] = {"pushed_all": not (pending or unusable), "card_written": True}
+            write_summary(ckpt, summary)
+    finally:
+        lock.release()
     return EXIT_OK if not (pending or unusable) else EXIT_ITEMS_FAILED
 
 
