@@ -74,8 +74,9 @@ def test_a_directory_in_place_of_a_lock_file_is_a_one_line_usage_error(tmp_path)
             pass
 
 
-def test_merge_only_of_a_dir_a_worker_still_holds_names_it(tmp_path, caplog):
-    """Its keys not yet written count as missing (exit 4): without a word that the dir is live, lost work."""
+def test_merge_only_of_a_dir_a_worker_still_holds_names_it(tmp_path, caplog, capsys):
+    """Its keys not yet written count as missing (exit 4): without a word that the dir is live, lost work. Its
+    merge is left to the dir's last worker (one written now could replace that worker's, older)."""
     import logging
 
     from dummy_runs import dummy_args
@@ -87,6 +88,8 @@ def test_merge_only_of_a_dir_a_worker_still_holds_names_it(tmp_path, caplog):
     data = write_sample(tmp_path / "data", n=8, broken=False, seed=3, shard_size=8)
     ckpt = tmp_path / "c"
     assert main(dummy_args(data, ckpt, "--max-images", "4")) == EXIT_OK
+    merged = (ckpt / "all_captions.parquet").stat()
+    capsys.readouterr()
     worker = DirLock(ckpt, 0)
     try:
         assert worker.take_worker() is None  # a relaunch captioning the rest, say
@@ -96,3 +99,41 @@ def test_merge_only_of_a_dir_a_worker_still_holds_names_it(tmp_path, caplog):
     finally:
         worker.release()
     assert f"{ckpt} is still in use by pid {os.getpid()}" in caplog.text
+    assert f"{ckpt / 'all_captions.parquet'} not written: {ckpt} is in use" in capsys.readouterr().out
+    assert (ckpt / "all_captions.parquet").stat().st_ino == merged.st_ino
+
+
+def test_merge_only_and_a_worker_ending_meanwhile_leave_a_merge_of_every_part(tmp_path, monkeypatch, capsys):
+    """--merge-only read the parts, a relaunched worker then captioned the rest and merged the dir as its last
+    worker out, and --merge-only's older merge replaced that file: the worker's rows gone from it (in the parts
+    still). The merge is now written holding the dir: the worker waits for it, or --merge-only leaves the file to
+    a live dir's last worker."""
+    from dummy_runs import clear_launch_env, dummy_args, merged_rows
+
+    from batched_image_inference import main
+    from vlm_caption import merge, store
+    from vlm_caption.errors import EXIT_OK, UsageError
+    from vlm_caption.sample_data import write_sample
+
+    clear_launch_env(monkeypatch)
+    data = write_sample(tmp_path / "data", n=8, broken=False, seed=3, shard_size=8)
+    ckpt = tmp_path / "c"
+    assert main(dummy_args(data, ckpt, "--max-images", "4")) == EXIT_OK
+    monkeypatch.setattr(DirLock, "share_wait_s", 1.0)  # the worker's wait for a merge holding the dir
+    real_ranges, relaunched = merge._part_ranges, []
+
+    def a_worker_ends_in_between(dirs):
+        found = real_ranges(dirs)
+        if not relaunched:  # --merge-only's listing: the relaunch runs to its end now
+            try:
+                relaunched.append(main(dummy_args(data, ckpt)))
+            except UsageError as e:  # it waited for the merge holding the dir (share_wait_s), in vain here
+                relaunched.append(str(e))
+        return found
+
+    monkeypatch.setattr(merge, "_part_ranges", a_worker_ends_in_between)
+    main(["--merge-only", "--data-dir", str(data), "--checkpoint-dir", str(ckpt)])
+    monkeypatch.setattr(merge, "_part_ranges", real_ranges)
+    parts = {k for _, keys in store.read_keys(store.list_parts(ckpt)) for k in keys}
+    assert relaunched and sorted(r["key"] for r in merged_rows(ckpt)) == sorted(parts), capsys.readouterr().out
+    assert relaunched == [EXIT_OK] or "--merge-only merging since" in relaunched[0], relaunched

@@ -297,9 +297,9 @@ def push_only(cfg: RunConfig, run_info: dict, hub_client=None) -> int:
     # The file as it is now (a worker may have ended during the push), its hub state only; not while a worker of
     # the dir runs: its end writes the file. The dir held meanwhile: the last worker out lets go of its worker id,
     # then merges and writes the file holding the dir (worker ids alone: its summary was overwritten by this one).
-    lock = DirLock(ckpt, worker=-1)  # (no locks/: no process ever held the dir, and none is made here)
+    lock = DirLock(ckpt, worker=-1)
     try:
-        free = not lock.dir.is_dir() or lock.take_run(exclusive=True) and not lock.holders()
+        free = lock.hold_if_idle("--push-only writing run_summary.json")
         summary = read_summary(ckpt, set_aside=False) if free else {}
         if summary:
             summary["hub"] = {"pushed_all": not (pending or unusable), "card_written": True}
@@ -353,7 +353,15 @@ def merge_and_check(cfg: RunConfig) -> int:
                         "again once it ends (its last worker merges the dir itself)", d, "; ".join(live))
     if plan.unreadable_shards:  # (their keys are not those of a removed shard: none is left out of the merge)
         log.error("shards not read, their keys are not counted: %s", ", ".join(plan.unreadable_shards))
-    report = merge_parts(dirs, out, data_keys=None if plan.unreadable_shards else plan.data_keys)
+    # The merge is written holding the dir it goes to, as its last worker's merge is: a worker ending while this
+    # one read the parts merged the dir, and this older merge then replaced that file, its last part's rows gone.
+    lock = DirLock(dirs[0], worker=-1)
+    try:
+        free = lock.hold_if_idle("--merge-only merging")
+        report = merge_parts(dirs, out if free else None, data_keys=None if plan.unreadable_shards else
+                             plan.data_keys)
+    finally:
+        lock.release()
     expected = plan.todo_keys  # failures of keys outside it (other --shards, a shard removed) are not its coverage
     counts = {"captioned": report.keys, "failed": {k: r for k, r in still_failed(dirs, report.keys).items()
                                                    if k in expected}}
@@ -368,7 +376,11 @@ def merge_and_check(cfg: RunConfig) -> int:
                 "unexpected_keys": outside, "not_in_data": len(report.not_in_data),
                 "checkpoint_dirs": [str(d) for d in dirs]}
     atomic_write_json(dirs[0] / store.COVERAGE, coverage)
-    print(f"merged {report.rows} rows from {report.parts} parts of {len(dirs)} dir(s) into {out}")
+    if free:
+        print(f"merged {report.rows} rows from {report.parts} parts of {len(dirs)} dir(s) into {out}")
+    else:
+        print(f"counted {report.rows} rows in {report.parts} parts of {len(dirs)} dir(s); {out} not written: "
+              f"{dirs[0]} is in use (its last worker merges it; --merge-only again once it ends)")
     print(f"coverage: {coverage['expected']} expected, {coverage['captioned']} captioned, {coverage['failed']} "
           f"failed, {len(missing)} missing, {len(duplicated)} captioned more than once"
           + (f" ({outside} more captioned outside the selection, {coverage['duplicated_outside']} of them more "

@@ -170,10 +170,25 @@ class DirLock:
         if self.holders():
             fcntl.flock(self._run_fd, fcntl.LOCK_UN)
             return False
-        os.ftruncate(self._run_fd, 0)  # who merges, for a relaunch that waits meanwhile (run_holder)
-        os.pwrite(self._run_fd, f"pid {os.getpid()} on host {socket.gethostname()}, worker {self.worker}, merging "
-                  f"since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        self._write_run_holder(f"worker {self.worker}, merging")
         return True
+
+    def hold_if_idle(self, what: str) -> bool:
+        """Hold the dir exclusively until release() when no other process holds it (True), for `what` (said in
+        run.lock); else False, holding nothing. A dir without locks/ was never held by a process: True, with
+        nothing made or held (a copied dir stays as it is)."""
+        if not self.dir.is_dir():
+            return True
+        if not self.take_run(exclusive=True) or self.holders():
+            self.release()
+            return False
+        self._write_run_holder(what)
+        return True
+
+    def _write_run_holder(self, what: str) -> None:
+        os.ftruncate(self._run_fd, 0)  # who holds it, for a relaunch that waits meanwhile (run_holder)
+        os.pwrite(self._run_fd, f"pid {os.getpid()} on host {socket.gethostname()}, {what} since "
+                  f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
 
     def run_holder(self) -> str | None:
         """The process that last held the dir exclusively to merge it, as it wrote itself in run.lock."""

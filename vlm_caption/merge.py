@@ -26,7 +26,7 @@ class MergeReport:
     parts: int
     duplicate_keys: list[str]
     keys: set[str]  # every captioned key kept (callers count failures against it without reading the parts again)
-    output: Path
+    output: Path | None  # (None: counted only)
     not_in_data: list[str] = field(default_factory=list)  # captioned keys the data dir no longer holds (left out)
 
 
@@ -42,21 +42,35 @@ def _part_ranges(dirs: list[Path]) -> tuple[list[tuple[Path, str, str]], Counter
     return ranges, counts
 
 
-def merge_parts(dirs: list[Path | str], output: Path | str, data_keys: set[str] | None = None,
+def merge_parts(dirs: list[Path | str], output: Path | str | None, data_keys: set[str] | None = None,
                 bucket_rows: int = 50_000) -> MergeReport:
     """Merge every part of `dirs` into one parquet sorted by key, one row per key; keys not in `data_keys`
-    (a shard removed from the data since) are reported and left out, their parts kept.
+    (a shard removed from the data since) are reported and left out, their parts kept. output None: the report
+    only (a dir in use: its last worker writes the merge).
 
     Streams: only the key column of all parts is held at once; rows are read a key range at a time
     (parts hold nearly contiguous key ranges, so each part is read about once).
     """
-    dirs = [Path(d) for d in dirs]
-    output = Path(output)
+    dirs, output = [Path(d) for d in dirs], Path(output) if output is not None else None
     ranges, counts = _part_ranges(dirs)
     duplicates = sorted(k for k, n in counts.items() if n > 1)
     gone = sorted(k for k in counts if data_keys is not None and k not in data_keys)
     keys = sorted(set(counts) - set(gone))
     schema = parts_schema([path for path, _, _ in ranges])  # + --keep-columns, prompt columns
+    if output is not None:
+        _write_merge(output, ranges, keys, gone, schema, bucket_rows)
+    if duplicates:
+        log.warning("%d keys were captioned more than once; kept the first of each (e.g. %s)",
+                    len(duplicates), duplicates[:5])
+    if gone:
+        log.warning("%d captioned keys are no longer in the data dir (a shard removed?); left out of %s, their "
+                    "parts kept (e.g. %s)", len(gone), output.name if output else "the count", gone[:5])
+    return MergeReport(rows=len(keys), parts=len(ranges), duplicate_keys=duplicates, keys=set(keys),
+                       output=output, not_in_data=gone)
+
+
+def _write_merge(output: Path, ranges: list, keys: list[str], gone: list[str], schema: pa.Schema,
+                 bucket_rows: int) -> None:
     try:
         with atomic_path(output) as tmp, pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
             for start in range(0, len(keys), bucket_rows):
@@ -70,14 +84,6 @@ def merge_parts(dirs: list[Path | str], output: Path | str, data_keys: set[str] 
     except OSError as e:  # a full disk at the end of a run: one line, the parts are whole (exit 1, not a traceback)
         raise FatalError(f"could not write {output}: {brief(str(e))}; every caption is kept in the parts: free "
                          "space and rerun (or --merge-only)") from None
-    if duplicates:
-        log.warning("%d keys were captioned more than once; kept the first of each (e.g. %s)",
-                    len(duplicates), duplicates[:5])
-    if gone:
-        log.warning("%d captioned keys are no longer in the data dir (a shard removed?); left out of %s, their "
-                    "parts kept (e.g. %s)", len(gone), output.name, gone[:5])
-    return MergeReport(rows=len(keys), parts=len(ranges), duplicate_keys=duplicates, keys=set(keys), output=output,
-                       not_in_data=gone)
 
 
 def _rows_between(path: Path, lo: str, hi: str, whole: bool) -> pa.Table:
