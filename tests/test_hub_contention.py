@@ -154,3 +154,27 @@ def test_an_unexpected_error_in_a_push_is_one_line_and_its_traceback_is_there_wi
     assert len(errors) == 1 and "Hub push failed" in errors[0].getMessage() and errors[0].exc_info is None
     debug = [r for r in caplog.records if r.levelno == logging.DEBUG and r.exc_info]
     assert debug and debug[0].exc_info[0] is KeyError
+
+
+def test_a_race_lost_after_the_preupload_counts_none_of_its_rows(hub_stub, ckpt, monkeypatch):  # noqa: F811
+    """Another pusher commits the same file between this push's preupload (nothing there yet) and its commit
+    POST, which the Hub refuses (412): nothing of it landed. The next look finds that file under the name this
+    push sent, and counted its rows as this push's (--push-only's "pushed N rows" said another's as its own)."""
+    from huggingface_hub import _commit_api
+
+    Writer(ckpt).parts(10)
+    Writer(ckpt, worker=1, start=100).parts(4)
+    mine, other = (hub.connect(REPO, endpoint=hub_stub.endpoint, retry=hub.RetryPolicy(sleep=lambda s: None))
+                   for _ in range(2))
+    real, raced = _commit_api._send_commit, []
+
+    def another_pusher_commits_first(**kwargs):  # after this push's preupload, before its commit
+        if not raced:
+            raced.append(None)
+            raced.append(other.push(ckpt, RUN, 0))  # worker 0's own pusher: the same file, 10 rows
+        return real(**kwargs)
+
+    monkeypatch.setattr(_commit_api, "_send_commit", another_pusher_commits_first)
+    assert mine.push(ckpt, RUN, None) == 4  # worker 1's rows: all this push committed
+    assert raced == [None, 10] and hub_stub.commits_applied == 2
+    assert_hub_matches(hub_stub, REPO, ckpt)

@@ -30,7 +30,8 @@ from huggingface_hub.errors import HfHubHTTPError, HfUriError, RepositoryNotFoun
 from .cli import plural
 from .errors import FatalError, UsageError
 from .rows import conform
-from .hub_files import HUB_FILE_RE, ROW_GROUP_ROWS, HubFile, hub_file_bytes, plan_hub_files, rows_committed
+from .hub_files import (HUB_FILE_RE, ROW_GROUP_ROWS, HubFile, hub_file_bytes, plan_hub_files, rows_committed,
+                        send_commit)
 from .hub_index import DATA_DIR, REPO_TYPE, HubIndex, Snapshot, is_legacy_file, run_data_dir
 from .hub_key_cache import KeyCache
 from .hub_types import hub_targets
@@ -333,9 +334,9 @@ class HubClient:
             ops = [CommitOperationAdd(path_in_repo=f.path, path_or_fileobj=data) for f, data in zip(files, uploads)]
             ops += self._migrate_legacy(run_id, snap, pq.read_schema(io.BytesIO(uploads[0])))  # the new files' columns
             sent = list(zip(files, ops))
-            commit = self.api.create_commit(
+            commit = send_commit(sent, lambda: self.api.create_commit(  # (a refused one: none of its rows)
                 self.repo_id, ops, commit_message=f"Add {rows} captions of run {run_id} ({len(files)} file(s))",
-                repo_type=REPO_TYPE, parent_commit=snap.head).oid
+                repo_type=REPO_TYPE, parent_commit=snap.head)).oid
             mine, sent = rows_committed(sent), []  # not another pusher's since this look (hub_files.py)
             committed += mine
             append_ledger(ckpt, [ledger_entry(self.repo_id, run_id, f, commit) for f in files])

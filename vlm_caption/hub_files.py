@@ -8,17 +8,21 @@ when they share their rows). hub.py decides when and checks what the repo alread
 from __future__ import annotations
 
 import io
-from typing import NamedTuple
+from typing import Callable, NamedTuple, TypeVar
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from huggingface_hub.errors import HfHubHTTPError
 
 from .hub_index import HUB_FILE_RE, keys_digest, run_data_dir  # noqa: F401  (HUB_FILE_RE: hub.py's)
+from .hub_retry import http_status
 from .hub_types import align
 from .merge import parts_schema
 from .rows import conform
 from .store import Part
+
+T = TypeVar("T")
 
 MAX_ROWS_PER_HUB_FILE = 100_000
 ROW_GROUP_ROWS = 10_000  # small row groups keep the dataset viewer and streaming readers fast
@@ -96,3 +100,15 @@ def rows_committed(sent: list, on_hub=None) -> int:
 def _unchanged_on_hub(op) -> bool:
     remote, local = getattr(op, "_remote_oid", None), getattr(op, "_local_oid", None)
     return remote is not None and remote == local
+
+
+def send_commit(sent: list, commit: Callable[[], T]) -> T:
+    """commit() of the (HubFile, op) pairs `sent`. An answer of 4xx (a lost race: 409/412) says nothing of it
+    landed: `sent` is emptied, so files of its names the next look finds are another pusher's, not counted as
+    this push's rows (rows_committed). A 5xx or a lost answer keeps it: that commit may have landed."""
+    try:
+        return commit()
+    except HfHubHTTPError as e:
+        if (http_status(e) or 500) < 500:
+            sent.clear()
+        raise
