@@ -13,6 +13,8 @@
     metadata.csv              file_name,text for `datasets.load_dataset("imagefolder", data_dir=OUTPUT)`
     download_summary.json     counts, failure reasons, timings
     download.lock             held by the download_data.py run writing here (two at once corrupt shards)
+    download_workers.lock     held shared by each of img2dataset's workers while it writes a shard (they outlive
+                              a run killed alone: a rerun waits for them)
     download_errors.log       tracebacks of errors in img2dataset's workers (appended to by every run)
     quarantine/               finished shards whose parquet could not be read, set aside and downloaded again;
                               unreadable decode_checks/ files, set aside (their shards are validated again)
@@ -46,6 +48,7 @@ INVALID_FILE = "invalid_images.parquet"
 METADATA_CSV = "metadata.csv"
 SUMMARY_FILE = "download_summary.json"
 DOWNLOAD_LOCK = "download.lock"
+WORKERS_LOCK = "download_workers.lock"  # img2dataset's workers, each while on a shard (download_client.py)
 ERRORS_LOG = "download_errors.log"  # img2dataset's worker tracebacks, appended to (download_workers.py)
 ENCODE_FORMAT = "jpg"  # img2dataset names every file {key}.jpg (its encode_format), even PNG bytes
 OOM_SHARD_COUNT = 5  # img2dataset's default: shard names and key prefixes have 5 digits

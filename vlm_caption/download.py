@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ from .cli import plural
 from .config import DownloadConfig
 from .data_layout import (DOWNLOAD_LOCK, ENCODE_FORMAT, FULL_METADATA_FILE, IMAGES_DIR, METADATA_CSV,
                           OOM_SHARD_COUNT, SAVED_COLUMNS, SHARD_SIZE_META, STATS_SUFFIX, SUMMARY_FILE, URLS_FILE,
-                          VALIDATION_DIR, expected_shards, shard_name, stats_file)
+                          VALIDATION_DIR, WORKERS_LOCK, expected_shards, shard_name, stats_file)
 from .download_space import low_space, out_of_space
 from .download_source import (URL_COLUMNS, further_names, img2dataset_input, load_source,  # noqa: F401  (dl.* names)
                               nan_as_null, url_table)
@@ -138,7 +139,7 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> str | Non
     previous_term = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         with spawned_tmpdir(out, cfg.distributor), \
-                bounded_downloads(cfg.max_image_mb << 20, cfg.distributor, errors.workers):
+                bounded_downloads(cfg.max_image_mb << 20, cfg.distributor, errors.workers, str(out / WORKERS_LOCK)):
             download(
                 url_list=str(input_path),
                 output_folder=str(out / IMAGES_DIR),
@@ -223,6 +224,7 @@ def download_dataset(cfg: DownloadConfig) -> dict:
     try:
         lock = locks.hold_exclusive(out / DOWNLOAD_LOCK, f"--output {out}")
         try:
+            check_no_workers_left(out)
             # SIGTERM as Ctrl-C in every phase (img2dataset's own handling takes over while it runs): the
             # validation pool is shut down on the way out instead of the process dying under it.
             with StopSignals():
@@ -241,10 +243,24 @@ def download_dataset(cfg: DownloadConfig) -> dict:
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
+def check_no_workers_left(out: Path) -> None:
+    """img2dataset's pool workers outlive a run killed alone (kill -9, the OOM killer; not its process group): each
+    finishes the shard it is on, in place. Each holds WORKERS_LOCK shared meanwhile (download_client.py): a rerun
+    then would download that shard into the same files at once."""
+    fd = locks.open_lock(out / WORKERS_LOCK)
+    try:
+        if not locks.try_flock(fd, fcntl.LOCK_EX):
+            raise UsageError(f"--output {out}: img2dataset processes of an earlier run that was killed are still "
+                             f"writing shards into it; they stop after their shard: wait and rerun (`fuser -v "
+                             f"{out / WORKERS_LOCK}` names them)")
+    finally:
+        os.close(fd)
+
+
 def check_output_dir(out: Path) -> None:
     """--output is new, empty, or an earlier download (img2dataset and validation write into it freely)."""
     if out.is_dir() and not (out / URLS_FILE).is_file():
-        others = sorted(p.name for p in out.iterdir() if p.name not in (DOWNLOAD_LOCK, IMAGES_DIR))
+        others = sorted(p.name for p in out.iterdir() if p.name not in (DOWNLOAD_LOCK, WORKERS_LOCK, IMAGES_DIR))
         if others:
             shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             raise UsageError(f"--output {out} holds other files ({shown}) and no urls.parquet: it is not a "

@@ -16,10 +16,12 @@ img2dataset prints for a failed sample or shard go to a log file instead of the 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import functools
 import http.client
 import importlib
 import io
+import os
 import socket
 import threading
 import time
@@ -27,8 +29,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zlib
+from pathlib import Path
 
 from img2dataset import downloader as i2d
+
+from . import locks
 
 WHOLE_RESPONSE_TIMEOUTS = 3  # a whole response may take this many --timeout (each wait for bytes: one)
 CHUNK = 1 << 16
@@ -37,10 +42,12 @@ CHUNK = 1 << 16
 class BoundedDownloader(i2d.Downloader):
     """img2dataset's Downloader; its rows are fetched by bounded_download_image (max_bytes per response)."""
 
-    def __init__(self, *args, max_bytes: int, errors=None, **kwargs) -> None:
+    def __init__(self, *args, max_bytes: int, errors=None, shard_lock: str | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.max_bytes = max_bytes
         self.errors = errors  # a download_workers.WorkerErrors, or None: img2dataset prints its tracebacks
+        self.shard_lock = shard_lock  # data_layout.WORKERS_LOCK, held shared while on a shard
+        self.parent = os.getpid()  # built in the run's process, the parent of img2dataset's pool workers
 
     def __call__(self, row):
         max_bytes = self.max_bytes
@@ -51,13 +58,27 @@ class BoundedDownloader(i2d.Downloader):
         i2d.download_image = fetch  # this worker process's img2dataset; each call sets its own bound again
         if self.errors is not None:
             i2d.traceback = self.errors  # its print_exc() calls (the module's only use of traceback)
-        return super().__call__(row)
+        if self.shard_lock is None:
+            return super().__call__(row)
+        # A run killed alone (kill -9, the OOM killer) leaves its pool workers running: each finishes its shard in
+        # place. A rerun took the free download.lock and wrote the same shard's files at once. Held while on the
+        # shard, this lock turns a rerun away (download.check_no_workers_left); taken before the parent is asked,
+        # so that a worker past the question had a live run then, and a rerun can only start after it took it.
+        fd = locks.open_lock(Path(self.shard_lock))
+        try:
+            locks.flock(fd, fcntl.LOCK_SH)
+            if os.getppid() != self.parent:  # reparented: its run is gone, a rerun does the shard
+                return False, row
+            return super().__call__(row)
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
-def bounded_downloads(max_bytes: int, distributor: str = "multiprocessing", errors=None):
+def bounded_downloads(max_bytes: int, distributor: str = "multiprocessing", errors=None, shard_lock: str | None = None):
     """While inside, img2dataset's download() builds a BoundedDownloader (pickled to its workers) that sends their
-    tracebacks to `errors` (a download_workers.WorkerErrors) when given. Only with the
+    tracebacks to `errors` (a download_workers.WorkerErrors) when given, and holds `shard_lock` while on a shard. Only
+    with the
     multiprocessing distributor: Spark and Ray executors unpickle it where only img2dataset need be installed
     (not this package), so they keep img2dataset's own client, without these bounds."""
     if distributor != "multiprocessing":
@@ -67,7 +88,7 @@ def bounded_downloads(max_bytes: int, distributor: str = "multiprocessing", erro
     original = main.Downloader
 
     def build(*args, **kwargs):
-        return BoundedDownloader(*args, max_bytes=max_bytes, errors=errors, **kwargs)
+        return BoundedDownloader(*args, max_bytes=max_bytes, errors=errors, shard_lock=shard_lock, **kwargs)
 
     main.Downloader = build
     try:
