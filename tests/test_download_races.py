@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
+import socket
 
 import pyarrow as pa
 import pytest
@@ -14,6 +16,7 @@ from vlm_caption.config import DownloadConfig
 from vlm_caption.data_layout import WORKERS_LOCK
 from vlm_caption.download_source import SOURCE_COLUMNS
 from vlm_caption.errors import UsageError
+from vlm_caption.interrupts import Interrupted
 
 
 def _source(tmp_path):
@@ -67,3 +70,20 @@ def test_a_worker_holds_the_workers_lock_while_on_a_shard_and_an_orphan_starts_n
     worker.parent = os.getppid() + 1  # the run that started it was killed: this process was reparented
     assert worker((1, "shard")) == (False, (1, "shard")) and seen == [False]  # the rerun does it
 
+
+def test_a_relaunch_after_a_kill_mid_urls_parquet_is_not_refused_as_someone_elses_dir(tmp_path, monkeypatch):
+    """kill -9 while the first run of a new --output wrote urls.parquet leaves its tmp file there: every relaunch
+    was refused as 'not a download_data.py output' until the user found and deleted a dot file."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "download.lock").write_text("")
+    (out / WORKERS_LOCK).write_text("")
+    (out / f".urls.parquet.tmp-{socket.gethostname()}-999999999.1").write_bytes(b"PAR1 half")
+
+    def killed(*args, **kwargs):  # stops the run where img2dataset would start
+        raise Interrupted(signal.SIGTERM)
+
+    monkeypatch.setattr(dl, "run_img2dataset", killed)
+    with pytest.raises(Interrupted):
+        dl.download_dataset(DownloadConfig(output=str(out), source=_source(tmp_path), processes=1))
+    assert (out / "urls.parquet").is_file() and not list(out.glob(".urls.parquet.tmp-*"))

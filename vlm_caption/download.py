@@ -260,7 +260,9 @@ def check_no_workers_left(out: Path) -> None:
 def check_output_dir(out: Path) -> None:
     """--output is new, empty, or an earlier download (img2dataset and validation write into it freely)."""
     if out.is_dir() and not (out / URLS_FILE).is_file():
-        others = sorted(p.name for p in out.iterdir() if p.name not in (DOWNLOAD_LOCK, WORKERS_LOCK, IMAGES_DIR))
+        # urls.parquet's tmp file too: a first run killed while writing it left it, and every rerun was refused
+        others = sorted(p.name for p in out.iterdir() if p.name not in (DOWNLOAD_LOCK, WORKERS_LOCK, IMAGES_DIR)
+                        and not p.name.startswith(f".{URLS_FILE}.tmp-"))
         if others:
             shown = ", ".join(others[:3]) + (", ..." if len(others) > 3 else "")
             raise UsageError(f"--output {out} holds other files ({shown}) and no urls.parquet: it is not a "
