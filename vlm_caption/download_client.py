@@ -75,12 +75,12 @@ class BoundedDownloader(i2d.Downloader):
 
 
 @contextlib.contextmanager
-def bounded_downloads(max_bytes: int, distributor: str = "multiprocessing", errors=None, shard_lock: str | None = None):
+def bounded_downloads(max_bytes: int, distributor: str = "multiprocessing", errors=None,
+                      shard_lock: str | None = None):
     """While inside, img2dataset's download() builds a BoundedDownloader (pickled to its workers) that sends their
-    tracebacks to `errors` (a download_workers.WorkerErrors) when given, and holds `shard_lock` while on a shard. Only
-    with the
-    multiprocessing distributor: Spark and Ray executors unpickle it where only img2dataset need be installed
-    (not this package), so they keep img2dataset's own client, without these bounds."""
+    tracebacks to `errors` (a download_workers.WorkerErrors) when given, and holds `shard_lock` while on a shard.
+    Only with the multiprocessing distributor: Spark and Ray executors unpickle it where only img2dataset need be
+    installed (not this package), so they keep img2dataset's own client, without these bounds."""
     if distributor != "multiprocessing":
         yield
         return
