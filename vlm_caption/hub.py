@@ -36,8 +36,8 @@ from .hub_index import DATA_DIR, REPO_TYPE, HubIndex, Snapshot, is_legacy_file, 
 from .hub_key_cache import KeyCache
 from .hub_types import hub_targets
 from .hub_ledger import append_ledger, ledger_entry, read_ledger
-from .hub_retry import (HubUnavailable, RetryPolicy, call_with_retries, check_namespace, describe, http_status,
-                        usable_token)
+from .hub_retry import (HubUnavailable, RetryPolicy, bound_requests, call_with_retries, check_namespace, describe,
+                        http_status, usable_token)
 from .store import OUTPUT_SCHEMA, FileCheck, Part, check_file, list_parts, read_run_json
 
 log = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class HubClient:
         self.unusable: dict[Path, str] = {}  # parts not pushed, and why (unreadable, or another run's rows)
         self._warned_ledger: set[str] = set()
         self._lock = threading.Lock()
+        bound_requests()  # (huggingface_hub's client waits for an answer without limit)
 
     def __repr__(self) -> str:  # never the token
         return f"HubClient({self.repo_id!r}, endpoint={self.api.endpoint!r})"

@@ -28,6 +28,7 @@ T = TypeVar("T")
 # A dropped connection is RemoteProtocolError("Server disconnected without sending a response."): no status.
 NETWORK_ERRORS = (_httpx.TimeoutException, _httpx.NetworkError, _httpx.RemoteProtocolError)
 LOST_RACE_DEADLINE_S = 600.0  # a push that keeps losing races to other writers gives up after this long
+HUB_REQUEST_TIMEOUT_S = 120.0  # a request with no answer for this long failed (retried as a dropped connection)
 _TOKEN_LIKE = re.compile(r"hf_[A-Za-z0-9]{10,}")
 
 
@@ -98,6 +99,27 @@ def call_with_retries(fn: Callable[[], T], what: str, policy: RetryPolicy = Retr
                      policy.tries - 1, wait)
             policy.sleep(wait)
     raise AssertionError("unreachable")
+
+
+def bound_requests() -> None:
+    """Every request of huggingface_hub's shared HTTP client gives up after HUB_REQUEST_TIMEOUT_S without an
+    answer: its default is timeout=None, so a commit whose answer never came (a black-holed connection) held the
+    pusher thread for ever, and with it the run's end (the final push's join). Once per process; requests that
+    set their own timeout (downloads) keep it."""
+    from huggingface_hub import set_client_factory
+    from huggingface_hub.utils import _http
+
+    made = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)  # (a private name: another version keeps its own)
+    if made is None or getattr(made, "bounded", False):
+        return
+
+    def bounded():
+        client = made()
+        client.timeout = _httpx.Timeout(HUB_REQUEST_TIMEOUT_S)  # (read when a client is made: tests shorten it)
+        return client
+
+    bounded.bounded = True  # type: ignore[attr-defined]
+    set_client_factory(bounded)
 
 
 def usable_token(token: str | None, hint: str) -> str | None:
