@@ -2,13 +2,17 @@
 codes"), instead of a run that holds its GPU until the job's time limit. Dummy backend, local Hub stub."""
 from __future__ import annotations
 
+import os
+import signal
 import threading
 
-from dummy_runs import clear_launch_env
+import pytest
+from dummy_runs import clear_launch_env, dummy_args
 from hub_parts import assert_hub_matches
 
-from vlm_caption import hub, hub_retry
+from vlm_caption import hub, hub_retry, store
 from vlm_caption.errors import EXIT_OK
+from vlm_caption.interrupts import Interrupted
 
 COMMIT = r"/api/datasets/.*/commit/"
 REPO = "tester/hangs"
@@ -60,3 +64,28 @@ def test_a_commit_whose_answer_never_comes_does_not_hold_the_run_s_end(hub_stub,
     assert ended, "the run still waits for the Hub's answer to its commit"
     assert code == EXIT_OK, code
     assert len(assert_hub_matches(hub_stub, REPO, ckpt)) == 7  # (one of the 8 images is broken)
+
+
+def test_a_sigterm_during_the_last_part_write_keeps_that_part(sample_data_dir, tmp_path, monkeypatch):
+    """The last part (the rows captioned since the previous one) is written on the generate thread once the loop
+    is done, and that write ran outside the graceful stop: a SIGTERM landing in it (Slurm's time limit as the run
+    ends) raised at once, inside the write, and its rows, already out of the buffer, were lost: exit 143 with up
+    to --checkpoint-every finished captions captioned again by the next job. The write now finishes first."""
+    from batched_image_inference import main
+
+    clear_launch_env(monkeypatch)
+    real_write = store.CheckpointStore.write_part
+
+    def sigterm_in_the_last_write(self, rows):
+        if threading.current_thread() is threading.main_thread():  # (the writer thread writes the others)
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_write(self, rows)
+
+    monkeypatch.setattr(store.CheckpointStore, "write_part", sigterm_in_the_last_write)
+    ckpt = tmp_path / "ckpt"
+    with pytest.raises(Interrupted) as stopped:
+        main(dummy_args(sample_data_dir, ckpt, "--max-images", "12"))
+    assert stopped.value.signum == signal.SIGTERM
+    written = [k for _, keys in store.read_keys(store.list_parts(ckpt)) for k in keys]
+    failed = [k for _, keys in store.read_keys(store.list_failure_files(ckpt)) for k in keys]
+    assert len(set(written + failed)) == 12, (written, failed)  # the resume has nothing left to caption

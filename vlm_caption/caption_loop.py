@@ -127,6 +127,8 @@ class CaptionLoop:
                     if not stop.requested:
                         self.timed(self.retry_pool.flush)  # the last rows waiting for their second try
                     self.drain()  # inside: a signal now asks to stop instead of cutting the wait short
+                    if not stop.requested:  # the last part, inside too: a signal raised mid-write lost its rows
+                        self.flush(force=True)
                 stop.raise_if_requested()
             except KeyboardInterrupt:  # (and Interrupted) every caption made is kept; the batch in flight and the
                 # rows waiting for a retry are redone on resume
@@ -136,7 +138,6 @@ class CaptionLoop:
                 self.flush(force=True)
                 self.say_stopped()
                 raise
-        self.flush(force=True)
         report = getattr(self.backend, "decoding_report", None)  # (the transformers backend's: its loop, cache, steps)
         self.stats.decoding = {"batch_size": self.batches.size, **self.retry_pool.report(),
                                **(report(self.batches.size) if report is not None else {})}
