@@ -106,9 +106,11 @@ def bound_requests() -> None:
     answer: its default is timeout=None, so a commit whose answer never came (a black-holed connection) held the
     pusher thread for ever, and with it the run's end (the final push's join). Once per process; requests that
     set their own timeout (downloads) keep it."""
-    from huggingface_hub import set_client_factory
-    from huggingface_hub.utils import _http
-
+    try:
+        from huggingface_hub import set_client_factory
+        from huggingface_hub.utils import _http
+    except ImportError:  # (a version without them keeps its own client)
+        return
     made = getattr(_http, "_GLOBAL_CLIENT_FACTORY", None)  # (a private name: another version keeps its own)
     if made is None or getattr(made, "bounded", False):
         return
