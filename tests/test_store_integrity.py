@@ -290,3 +290,26 @@ def test_a_file_where_superseded_belongs_is_kept_and_overwrite_still_sets_the_ol
     assert (tmp_path / "superseded").read_text() == "notes" and not store.list_parts(tmp_path)
     [old] = (tmp_path / "superseded-1").iterdir()
     assert len(list((old / "parts").iterdir())) == 1 and "is not a folder" in caplog.text
+
+
+def test_a_quarantine_folder_that_refuses_new_names_is_one_line_not_a_traceback(tmp_path, monkeypatch):
+    """The free name is claimed with a new empty file before the move (two workers in one second): a read-only or
+    full quarantine/ failed that claim with a bare OSError, where a failed move is one line naming the way out."""
+    import errno
+
+    from vlm_caption import set_aside
+    from vlm_caption.errors import FatalError
+
+    real_open = set_aside.os.open
+
+    def refused(path, flags, *args):
+        if store.QUARANTINE_DIR in str(path):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(path, flags, *args)
+
+    monkeypatch.setattr(set_aside.os, "open", refused)
+    path = tmp_path / store.SUMMARY
+    path.write_text("garbage")
+    with pytest.raises(FatalError, match="make that folder writable") as e:
+        store.quarantine(tmp_path, path, "unreadable")
+    assert "\n" not in str(e.value) and path.read_text() == "garbage"

@@ -62,8 +62,12 @@ def quarantine(checkpoint_dir: Path, path: Path, why: str, then: str = "its keys
     """Set a bad file aside (never delete it), saying why and what follows (a part's keys are captioned again)."""
     folder = quarantine_dir(checkpoint_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    dest = _claim_name(folder / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}",
-                       path.is_dir() and not path.is_symlink())
+    try:
+        dest = _claim_name(folder / f"{path.name}.{time.strftime('%Y%m%dT%H%M%S')}",
+                           path.is_dir() and not path.is_symlink())
+    except OSError as e:  # (a read-only or full quarantine/: one line, as a failed move is)
+        raise FatalError(f"cannot set {path} aside ({why}): making its name in {folder} failed: "
+                         f"{e.strerror or e}; make that folder writable and rerun") from None
     try:
         move(path, dest)
     except FileNotFoundError:  # workers starting together saw the same bad file: another one moved it
