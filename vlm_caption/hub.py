@@ -127,8 +127,7 @@ class HubClient:
         self._part_checks: dict[tuple[Path, int, int], FileCheck | None] = {}  # parts never change once written
         self._other_images = 0  # rows of the dir another dir published for other images, as last said
         self.unusable: dict[Path, str] = {}  # parts not pushed, and why (unreadable, or another run's rows)
-        self._warned_ledger: set[str] = set()
-        self._lock = threading.Lock()
+        self._warned_ledger, self._lock = set(), threading.Lock()
         bound_requests()  # (huggingface_hub's client waits for an answer without limit)
 
     def __repr__(self) -> str:  # never the token
