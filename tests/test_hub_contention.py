@@ -57,8 +57,9 @@ def test_a_single_worker_is_never_delayed(tmp_path):
 
 def test_many_writers_at_once_all_get_their_rows_on_the_hub(hub_stub, ckpt):  # noqa: F811
     """Every worker pushes at the same moment: each commit but one per round loses its race, and all must
-    still land (a count of 20 lost races left rows pending). Waits run 50x fast."""
-    n, speed = 64, 50.0
+    still land. Waits run 50x fast. (64 writers took 6x as long for the same check: the unluckiest lost 36
+    races; that more than 20 are no longer fatal is the deterministic test below.)"""
+    n, speed = 32, 50.0
     for w in range(n):
         Writer(ckpt, w).parts(3)
     policy = hub.RetryPolicy(sleep=lambda s: time.sleep(s / speed))
@@ -76,6 +77,18 @@ def test_many_writers_at_once_all_get_their_rows_on_the_hub(hub_stub, ckpt):  # 
     for t in threads:
         t.join()
     assert pushed == [3] * n and hub_stub.commits_applied == n
+    assert_hub_matches(hub_stub, REPO, ckpt)
+
+
+def test_thirty_lost_races_in_a_row_still_land_the_push(hub_stub, ckpt):  # noqa: F811
+    """Lost races are retried until the deadline, not a count: a count of 20 left rows pending when 64
+    workers pushed at once (their unluckiest lost 36)."""
+    waits = []
+    client = hub.connect(REPO, endpoint=hub_stub.endpoint, retry=hub.RetryPolicy(sleep=waits.append))
+    Writer(ckpt).parts(2)
+    hub_stub.inject("POST", COMMIT, "412", times=30)
+    assert client.push_pending(ckpt, RUN, 0) == 2
+    assert len(waits) == 30 and hub_stub.commits_applied == 1
     assert_hub_matches(hub_stub, REPO, ckpt)
 
 
