@@ -26,6 +26,9 @@ if __name__ == "__mp_main__":
     # processes never use it: each then starts in half the CPU and memory (BENCHMARKS.md section 10). Not in
     # the parent: datasets' load_dataset (a Hub source) imports torch whenever its name is in sys.modules.
     sys.modules.setdefault("torch", None)
+    from vlm_caption.download_workers import defer_unused_imports
+
+    defer_unused_imports()  # albumentations and wandb, which img2dataset imports and never uses here
 
 from vlm_caption.cli import script_imports
 

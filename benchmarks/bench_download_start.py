@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """What each download process costs before it downloads anything: importing what img2dataset's pool workers and
 logger import (download_data.py's imports, img2dataset with its downloader and logger), with torch as
-img2dataset finds it and with torch kept out as download_data.py's spawned processes do (webdataset falls back
-to its shims).
+img2dataset finds it, with torch kept out (webdataset falls back to its shims), and with torch kept out and
+albumentations and wandb deferred (download_workers.defer_unused_imports) as download_data.py's spawned
+processes now do.
 
   python benchmarks/bench_download_start.py --rounds 5
 
@@ -20,13 +21,18 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 IMPORTS = ("import vlm_caption.download, img2dataset.downloader, img2dataset.logger; "
-           "print('torch' in sys.modules and sys.modules['torch'] is not None)")
+           "print('torch' in sys.modules and sys.modules['torch'] is not None, "
+           "'albumentations.augmentations' in sys.modules, 'wandb.sdk' in sys.modules)")
+NO_TORCH = "sys.modules.setdefault('torch', None); "
 SIDES = {"with_torch": "import sys; " + IMPORTS,
-         "without_torch": "import sys; sys.modules.setdefault('torch', None); " + IMPORTS}
+         "without_torch": "import sys; " + NO_TORCH + IMPORTS,
+         "deferred": ("import sys; " + NO_TORCH + "from vlm_caption.download_workers import defer_unused_imports; "
+                      "defer_unused_imports(); " + IMPORTS)}
+LOADED = {"with_torch": "True True True", "without_torch": "False True True", "deferred": "False False False"}
 
 
-def one_process(code: str) -> tuple[float, float, bool]:
-    """(CPU s, peak RSS MB, torch imported) of a fresh interpreter running `code`."""
+def one_process(code: str) -> tuple[float, float, str]:
+    """(CPU s, peak RSS MB, whether torch, albumentations and wandb were loaded) of a fresh interpreter."""
     env = {**os.environ, "NO_ALBUMENTATIONS_UPDATE": "1", "WANDB_MODE": "disabled",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True)
@@ -35,7 +41,7 @@ def one_process(code: str) -> tuple[float, float, bool]:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode:
         raise SystemExit(f"the import failed (exit {proc.returncode})")
-    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out.strip() == "True"
+    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024, out.strip()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -45,16 +51,17 @@ def main(argv: list[str] | None = None) -> None:
     best: dict[str, tuple[float, float]] = {}
     for _ in range(args.rounds):
         for side, code in SIDES.items():
-            cpu, rss, has_torch = one_process(code)
-            assert has_torch == (side == "with_torch"), (side, has_torch)
+            cpu, rss, loaded = one_process(code)
+            assert loaded == LOADED[side], (side, loaded)
             old = best.get(side, (float("inf"), float("inf")))
             best[side] = (min(old[0], cpu), min(old[1], rss))
-    (cpu_with, rss_with), (cpu_without, rss_without) = best["with_torch"], best["without_torch"]
-    print(json.dumps({"rounds": args.rounds, "cpu_s_with_torch": round(cpu_with, 2),
-                      "cpu_s_without_torch": round(cpu_without, 2), "cpu_ratio": round(cpu_with / cpu_without, 2),
-                      "rss_mb_with_torch": round(rss_with), "rss_mb_without_torch": round(rss_without),
-                      "rss_ratio": round(rss_with / rss_without, 2)}))
-
+    result = {"rounds": args.rounds}
+    for side, (cpu, rss) in best.items():
+        result.update({f"cpu_s_{side}": round(cpu, 2), f"rss_mb_{side}": round(rss)})
+    for side in ("without_torch", "deferred"):  # how many times less than img2dataset as it comes
+        result.update({f"cpu_ratio_{side}": round(best["with_torch"][0] / best[side][0], 2),
+                       f"rss_ratio_{side}": round(best["with_torch"][1] / best[side][1], 2)})
+    print(json.dumps(result))
 
 if __name__ == "__main__":
     main()

@@ -1,7 +1,9 @@
 """The processes img2dataset spawns for download_data.py (pool workers, logger) run without torch: img2dataset
 reaches it only through webdataset's optional torch shims and they never use it, so each starts in half the CPU
 and memory (benchmarks/bench_download_start.py). The parent keeps it: datasets' load_dataset imports torch
-whenever its name is in sys.modules, so a block there broke every Hub source."""
+whenever its name is in sys.modules, so a block there broke every Hub source. No process of a download loads
+albumentations or wandb, which img2dataset imports and never uses as download.py calls it (each process then
+starts in half the CPU again: download_workers.defer_unused_imports)."""
 from __future__ import annotations
 
 import re
@@ -26,3 +28,16 @@ def test_spawned_download_processes_run_without_torch_and_a_dataset_source_still
     assert imported.count("img2dataset") >= 2  # once a process: the parent and at least one it spawned
     # torch._C is what a real import of torch loads (a blocked one is listed too, as torch alone): the parent's
     assert imported.count("torch._C") == 1 and imported.count("datasets") == 1
+    assert "albumentations.augmentations" not in imported and "wandb.sdk" not in imported
+
+
+def test_a_deferred_module_is_loaded_when_it_is_used():
+    """The stand-in for a module img2dataset imports but does not use: img2dataset imports as before, and a
+    read of the module (a resize mode, a wandb run) loads the real one there and then."""
+    code = ("import sys; from vlm_caption.download_workers import defer_unused_imports; defer_unused_imports(); "
+            "import img2dataset.resizer as r; assert 'albumentations.augmentations' not in sys.modules; "
+            "t = r.A.LongestMaxSize(max_size=8); import albumentations; "
+            "assert type(t).__module__.startswith('albumentations.') and albumentations.LongestMaxSize is type(t); "
+            "import wandb.sdk; print('ok')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-3000:]

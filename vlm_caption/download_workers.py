@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import importlib
+import importlib.util
 import os
 import shutil
 import sys
 import tempfile
 import time
 import traceback
+import types
 from pathlib import Path
 
 from .data_layout import ERRORS_LOG
@@ -34,6 +37,33 @@ LOG_CAP = 64 << 20  # a log this large takes no more entries (a full disk with m
 # the data dir's, that large when a run starts, is renamed .1 first (ErrorLogs): at most twice this, in all runs
 QUIET_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})  # a write failing for want of space
 SPAWNED_TMPDIR = "_img2dataset_tmpdir"  # TMPDIR of img2dataset's spawned processes (spawned_tmpdir)
+# img2dataset imports these at its top (resizer, blurrer, logger) and uses them only to resize or blur, which
+# disable_all_reencoding turns off, and for wandb, which download.py never enables (BENCHMARKS.md section 10).
+UNUSED_BY_IMG2DATASET = ("albumentations", "wandb")
+
+
+class _Deferred(types.ModuleType):
+    """Stands in sys.modules for a module imported but not used: the first attribute read imports the real one.
+
+    (importlib.util.LazyLoader cannot do this on Python 3.11: an `import` statement reads the module's
+    __spec__, which loads a lazy module at once. Here __spec__ and __file__ are plain attributes.)"""
+
+    def __getattr__(self, attr: str):
+        if sys.modules.get(self.__name__) is self:
+            del sys.modules[self.__name__]
+        return getattr(importlib.import_module(self.__name__), attr)
+
+
+def defer_unused_imports() -> None:
+    """Before img2dataset is imported: the modules it imports but does not use here are loaded only if read.
+
+    Each of its spawned processes starts in about half the CPU without them (BENCHMARKS.md section 10)."""
+    for name in UNUSED_BY_IMG2DATASET:
+        spec = None if name in sys.modules else importlib.util.find_spec(name)
+        if spec is not None:  # (absent: img2dataset's own import fails as it would have)
+            module = _Deferred(name)
+            module.__spec__, module.__file__ = spec, spec.origin  # (read by inspect.getmodule, by every module)
+            sys.modules[name] = module
 
 
 class WorkerErrors:
