@@ -32,7 +32,7 @@ from .download_space import low_space, out_of_space
 from .download_source import (URL_COLUMNS, further_names, img2dataset_input, load_source,  # noqa: F401  (dl.* names)
                               nan_as_null, url_table)
 from .download_summary import make_summary, print_summary, stats_files
-from .download_workers import SPAWNED_TMPDIR, ErrorLogs, defer_unused_imports, spawned_tmpdir
+from .download_workers import SPAWNED_TMPDIR, ErrorLogs, defer_unused_imports, spawned_tmpdir, torch_kept_out
 from .errors import EXIT_ITEMS_FAILED, EXIT_OK, FatalError, UsageError, brief
 from .interrupts import Interrupted, StopSignals
 from .validate import build_outputs, validate_shards
@@ -114,9 +114,10 @@ def run_img2dataset(out: Path, urls: pa.Table, cfg: DownloadConfig) -> str | Non
     # Set before the import: albumentations (imported by img2dataset) checks an index for updates otherwise.
     os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
     defer_unused_imports()
-    from img2dataset import download
+    with torch_kept_out():
+        from img2dataset import download
 
-    from .download_client import bounded_downloads
+        from .download_client import bounded_downloads
 
     previous = signal.getsignal(signal.SIGINT)
     terms: list[int] = []

@@ -54,6 +54,19 @@ class _Deferred(types.ModuleType):
         return getattr(importlib.import_module(self.__name__), attr)
 
 
+@contextlib.contextmanager
+def torch_kept_out():
+    """While img2dataset is imported: it reaches torch only through webdataset's optional torch shims, which
+    fall back without it. Afterwards `import torch` works again (datasets' load_dataset imports it whenever
+    its name is in sys.modules); a torch already imported stays."""
+    blocked = sys.modules.setdefault("torch", None) is None
+    try:
+        yield
+    finally:
+        if blocked and sys.modules.get("torch", 0) is None:
+            del sys.modules["torch"]
+
+
 def defer_unused_imports() -> None:
     """Before img2dataset is imported: the modules it imports but does not use here are loaded only if read.
 
