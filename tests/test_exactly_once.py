@@ -23,6 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 REPO_ID = "tester/recap"
 # The tiny model at ~0.5 s an image: a run stays live long enough to be signalled. Other tests need no model.
 SLOW = ("--max-tokens", "300", "--min-tokens", "300", "--batch-size", "1", "--backend", "transformers")
+# Long enough to be signalled after its first caption; the rerun that finishes the dir costs a third of SLOW's.
+SIGNALLED = ("--max-tokens", "100", "--min-tokens", "100", "--batch-size", "1", "--backend", "transformers")
 
 
 @pytest.fixture(scope="module")
@@ -265,12 +267,12 @@ def test_sigterm_flushes_finished_captions_and_exits_quickly(cli, hub_stub, sour
         assert hub_stub.wait_for(lambda: made.search("".join(output)), timeout=600), "".join(output)[-2000:]
         assert not store.list_parts(ckpt)
 
-    code, out, _ = signal_when_ready(cli.start("t", *SLOW, "--checkpoint-every", "1000"), ready, signal.SIGTERM)
+    code, out, _ = signal_when_ready(cli.start("t", *SIGNALLED, "--checkpoint-every", "1000"), ready, signal.SIGTERM)
     assert code == 128 + signal.SIGTERM, out[-2000:]
     written = local_keys(ckpt)
     assert written and len(written) < len(source_keys) and "SIGTERM" in out  # stopped early, what was made kept
     assert hub_keys(hub_stub) == written  # the final push went out
-    ok(cli.run("t", *SLOW, "--batch-size", "8"))
+    ok(cli.run("t", *SIGNALLED, "--batch-size", "8"))
     assert local_keys(ckpt) == hub_keys(hub_stub) == source_keys
 
 
@@ -280,7 +282,7 @@ def test_ctrl_c_with_the_hub_down_exits_within_the_push_bound(cli, hub_stub, tmp
         for method in ("GET", "POST", "HEAD"):
             hub_stub.inject(method, ".*", "503", times=100_000)
 
-    code, out, _ = signal_when_ready(cli.start("h", *SLOW, final_push_s=2), ready, signal.SIGINT)
+    code, out, _ = signal_when_ready(cli.start("h", *SIGNALLED, final_push_s=2), ready, signal.SIGINT)
     assert code == 130, out[-2000:]
     assert "stays pending" in out or "stay pending" in out  # the bounded final push gave up; rows kept
 
