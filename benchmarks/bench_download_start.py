@@ -63,5 +63,6 @@ def main(argv: list[str] | None = None) -> None:
                        f"rss_ratio_{side}": round(best["with_torch"][1] / best[side][1], 2)})
     print(json.dumps(result))
 
+
 if __name__ == "__main__":
     main()
