@@ -23,8 +23,9 @@ if __name__ == "__mp_main__":
     # the parent stops them (img2dataset's SIGINT handler and its pool's exit terminate them).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # img2dataset imports torch only for webdataset's torch shims, which fall back without it, and these
-    # processes never use it: each then starts in half the CPU and memory (BENCHMARKS.md section 10). Not in
-    # the parent: datasets' load_dataset (a Hub source) imports torch whenever its name is in sys.modules.
+    # processes never use it: each then starts in half the CPU and memory (BENCHMARKS.md section 10). For good
+    # only here: datasets' load_dataset (a Hub source) imports torch whenever its name is in sys.modules, so the
+    # parent keeps it out only while it imports img2dataset (download_workers.torch_kept_out).
     sys.modules.setdefault("torch", None)
     from vlm_caption.download_workers import defer_unused_imports
 

@@ -59,7 +59,8 @@ def torch_kept_out():
     """While img2dataset is imported: it reaches torch only through webdataset's optional torch shims, which
     fall back without it. Afterwards `import torch` works again (datasets' load_dataset imports it whenever
     its name is in sys.modules); a torch already imported stays."""
-    blocked = sys.modules.setdefault("torch", None) is None
+    blocked = "torch" not in sys.modules
+    sys.modules.setdefault("torch", None)
     try:
         yield
     finally:
@@ -70,7 +71,8 @@ def torch_kept_out():
 def defer_unused_imports() -> None:
     """Before img2dataset is imported: the modules it imports but does not use here are loaded only if read.
 
-    Each of its spawned processes starts in about half the CPU without them (BENCHMARKS.md section 10)."""
+    Each of its spawned processes starts in about a third of the CPU without them and torch (BENCHMARKS.md
+    section 10)."""
     for name in UNUSED_BY_IMG2DATASET:
         spec = None if name in sys.modules else importlib.util.find_spec(name)
         if spec is not None:  # (absent: img2dataset's own import fails as it would have)
