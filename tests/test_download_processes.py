@@ -3,7 +3,8 @@ shims and they never use it, so each process starts in half the CPU and memory
 (benchmarks/bench_download_start.py). The parent blocks it only while importing img2dataset: datasets'
 load_dataset imports torch whenever its name is in sys.modules, so a block there for good broke every Hub
 source. No process loads albumentations or wandb either, which img2dataset imports and never uses as
-download.py calls it (each spawned process starts in half the CPU again: download_workers.defer_unused_imports).
+download.py calls it (a spawned process then starts in a third of the CPU it took with torch kept out alone:
+download_workers.defer_unused_imports).
 """
 from __future__ import annotations
 
