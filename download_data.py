@@ -27,9 +27,10 @@ if __name__ == "__mp_main__":
     # only here: datasets' load_dataset (a Hub source) imports torch whenever its name is in sys.modules, so the
     # parent keeps it out only while it imports img2dataset (download_workers.torch_kept_out).
     sys.modules.setdefault("torch", None)
-    from vlm_caption.download_workers import defer_unused_imports
+    from vlm_caption.download_workers import defer_unused_imports, exit_with_parent
 
     defer_unused_imports()  # albumentations and wandb, which img2dataset imports and never uses here
+    exit_with_parent()  # img2dataset's logger process outlived a parent killed with SIGKILL
 
 from vlm_caption.cli import script_imports
 

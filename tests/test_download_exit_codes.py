@@ -147,40 +147,6 @@ def test_retryable_rule(message, retryable):
     assert is_retryable(message) is retryable
 
 
-def test_sigterm_mid_download_exits_143_and_leaves_no_process(tmp_path):
-    """Slurm's SIGTERM takes img2dataset's own way out (its pool and logger process end with it), like Ctrl-C."""
-    slow = {f"/slow/{i}.jpg": Route(_jpeg(i), delay_seconds=30) for i in range(4)}
-    with ImageServer(slow) as srv:
-        source = _source(tmp_path, srv, list(slow))
-        proc = subprocess.Popen([sys.executable, "download_data.py", "--source", str(source), "--output",
-                                 str(tmp_path / "out"), "--processes", "1", "--threads", "4", "--timeout", "60",
-                                 "--retries", "0", "--validate-workers", "1"], cwd=REPO_ROOT,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 120
-            while srv.request_count() == 0 and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.1)
-            assert srv.request_count() > 0, "img2dataset never asked for an image"
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=60)
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-        assert proc.returncode == 128 + signal.SIGTERM, err
-        gone = time.monotonic() + 20
-        while time.monotonic() < gone:  # the pool's workers and the logger process go with it
-            try:
-                os.killpg(proc.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.2)
-        else:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise AssertionError("processes of the download outlived it")
-        assert "Traceback" not in err, err
-        assert not (tmp_path / "out" / "images" / "_tmp").exists()
-
-
 def test_a_sample_img2dataset_cannot_write_leaves_its_shard_unfinished_not_a_row_short(tmp_path):
     """Disk full or a file size limit while img2dataset writes one image: it prints the error, leaves the row
     out of the shard parquet and marks the shard done. That shard is set aside (exit 3), and a rerun with room

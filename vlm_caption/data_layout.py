@@ -14,7 +14,7 @@
     download_summary.json     counts, failure reasons, timings
     download.lock             held by the download_data.py run writing here (two at once corrupt shards)
     download_workers.lock     held shared by each of img2dataset's workers while it writes a shard (they outlive
-                              a run killed alone: a rerun waits for them)
+                              a run killed alone by up to a second: a rerun waits for them)
     download_errors.log       tracebacks of errors in img2dataset's workers (appended to by every run)
     quarantine/               finished shards whose parquet could not be read, set aside and downloaded again;
                               unreadable decode_checks/ files, set aside (their shards are validated again)

@@ -246,15 +246,15 @@ _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EAC
 
 
 def check_no_workers_left(out: Path) -> None:
-    """img2dataset's pool workers outlive a run killed alone (kill -9, the OOM killer; not its process group): each
-    finishes the shard it is on, in place. Each holds WORKERS_LOCK shared meanwhile (download_client.py): a rerun
-    then would download that shard into the same files at once."""
+    """img2dataset's pool workers outlive a run killed alone (kill -9, the OOM killer; not its process group): by a
+    second under download_data.py (download_workers.exit_with_parent), else until their shard is done. Each holds
+    WORKERS_LOCK shared meanwhile (download_client.py): a rerun would write that shard's files at the same time."""
     fd = locks.open_lock(out / WORKERS_LOCK)
     try:
         if not locks.try_flock(fd, fcntl.LOCK_EX):
             raise UsageError(f"--output {out}: img2dataset processes of an earlier run that was killed are still "
-                             f"writing shards into it; they stop after their shard: wait and rerun (`fuser -v "
-                             f"{out / WORKERS_LOCK}` names them)")
+                             f"writing shards into it; they stop within seconds, or after their shard: wait and "
+                             f"rerun (`fuser -v {out / WORKERS_LOCK}` names them)")
     finally:
         os.close(fd)
 

@@ -60,10 +60,12 @@ class BoundedDownloader(i2d.Downloader):
             i2d.traceback = self.errors  # its print_exc() calls (the module's only use of traceback)
         if self.shard_lock is None:
             return super().__call__(row)
-        # A run killed alone (kill -9, the OOM killer) leaves its pool workers running: each finishes its shard in
-        # place. A rerun took the free download.lock and wrote the same shard's files at once. Held while on the
-        # shard, this lock turns a rerun away (download.check_no_workers_left); taken before the parent is asked,
-        # so that a worker past the question had a live run then, and a rerun can only start after it took it.
+        # A run killed alone (kill -9, the OOM killer) leaves its pool workers running a while: each finished its
+        # shard in place (download_data.py's now exit within a second: download_workers.exit_with_parent; a run
+        # started from Python has no such watch). A rerun took the free download.lock and wrote the same shard's
+        # files at once. Held while on the shard, this lock turns a rerun away (download.check_no_workers_left);
+        # taken before the parent is asked, so that a worker past the question had a live run then, and a rerun
+        # can only start after it took it.
         fd = locks.open_lock(Path(self.shard_lock))
         try:
             locks.flock(fd, fcntl.LOCK_SH)

@@ -25,6 +25,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import types
@@ -79,6 +80,23 @@ def defer_unused_imports() -> None:
             module = _Deferred(name)
             module.__spec__, module.__file__ = spec, spec.origin  # (read by inspect.getmodule, by every module)
             sys.modules[name] = module
+
+
+def exit_with_parent(poll_s: float = 1.0) -> None:
+    """In a spawned process: exit once the process that started it is gone. img2dataset's logger process loops
+    until its parent says stop; a parent killed outright (SIGKILL, the OOM killer, a lost job step) never says
+    it, and the logger, with multiprocessing's resource tracker, ran on for good, adopted by init. Its pool's
+    workers end by themselves (their pipe breaks); the check costs one getppid() a second."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        print(f"img2dataset process {os.getpid()}: download_data.py (pid {parent}) is gone; exiting",
+              file=sys.stderr, flush=True)
+        os._exit(1)  # (no cleanup to run: the rerun redoes the unfinished shard)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 class WorkerErrors:
