@@ -293,7 +293,8 @@ def test_unknown_model_offline_is_one_fatal_line(sample_data_dir, tmp_path, caps
 
 
 def test_model_access_errors_say_what_to_do():
-    import httpx2
+    import importlib.util  # huggingface_hub 2's transport is httpx2; 1.x's (the GPU host's 1.33) httpx
+    httpx2 = importlib.import_module("httpx2" if importlib.util.find_spec("httpx2") else "httpx")
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     from vlm_caption.model_loading import _model_load_error

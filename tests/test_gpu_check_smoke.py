@@ -67,12 +67,12 @@ def test_gpu_check_cpu_smoke_writes_every_section(tmp_path):
         assert "error" not in entry, entry
         assert entry["img_s"] > 0 and entry["tokens_s"] > 0
         assert entry["generate_share"] is None if entry in graphs else 0 < entry["generate_share"] <= 1
-    # The decode step's graph (prefill_eager's and whole_tower's are graph_flex's, already built; kv_fp8's reads
-    # another cache: its own); the prefill ran
-    # as labelled, its compilation timed apart.
+    # The decode step's graph: whole_tower's is graph_flex's; kv_fp8's (another cache) its own; prefill_eager's is
+    # graph_flex's, but torch 2.11 + transformers 5.17 (the GPU host's) guard it on each decoder layer's compiled
+    # call, which an eager prefill removes: rebuilt once, in the warm-up. Each prefill ran as labelled.
     for entry in result["compiled"] + graphs:
-        built = 0 if entry in result["prefill_eager"] + result["whole_tower"] else 1
-        assert entry["graphs_built"] == built and entry["graph_breaks"] == 0
+        built = {0} if entry in result["whole_tower"] else {0, 1} if entry in result["prefill_eager"] else {1}
+        assert entry["graphs_built"] in built and entry["graph_breaks"] == 0
         how = "eager" if entry in result["prefill_eager"] else "compiled"
         assert entry["vision_tower"] == entry["language_model_prefill"] == how, entry
         assert (entry["prefill_warmup_s"] is None) is (how == "eager"), entry
