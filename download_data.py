@@ -30,7 +30,7 @@ if __name__ == "__mp_main__":
     from vlm_caption.download_workers import defer_unused_imports, exit_with_parent
 
     defer_unused_imports()  # albumentations and wandb, which img2dataset imports and never uses here
-    exit_with_parent()  # img2dataset's logger process outlived a parent killed with SIGKILL
+    exit_with_parent()  # else img2dataset's logger process outlives a parent killed with SIGKILL
 
 from vlm_caption.cli import script_imports
 

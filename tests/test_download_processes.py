@@ -50,7 +50,7 @@ def test_a_download_killed_outright_leaves_no_process_behind(tmp_path):
         assert_group_ends(proc.pid, within_s=30)
         err = proc.stderr.read()  # (its spawned processes wrote to the same pipe: all of it is there now)
     assert proc.returncode == -signal.SIGKILL
-    assert re.search(r"img2dataset process \d+: download_data.py \(pid \d+\) is gone; exiting", err), err
+    assert re.search(r"download_data.py worker \d+: its parent \(pid \d+\) is gone; exiting", err), err
     assert "Traceback" not in err, err
 
 

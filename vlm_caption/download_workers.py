@@ -83,16 +83,17 @@ def defer_unused_imports() -> None:
 
 
 def exit_with_parent(poll_s: float = 1.0) -> None:
-    """In a spawned process: exit once the process that started it is gone. img2dataset's logger process loops
-    until its parent says stop; a parent killed outright (SIGKILL, the OOM killer, a lost job step) never says
-    it, and the logger, with multiprocessing's resource tracker, ran on for good, adopted by init. Its pool's
-    workers end by themselves (their pipe breaks); the check costs one getppid() a second."""
+    """In a spawned process (img2dataset's pool and logger, the decode checks' pool): exit once the process that
+    started it is gone. img2dataset's logger process loops until its parent says stop; a parent killed outright
+    (SIGKILL, the OOM killer, a lost job step) never says it, and the logger, with multiprocessing's resource
+    tracker, ran on for good, adopted by init (the pool's workers went at their next write to the parent, with a
+    BrokenPipeError traceback). The check costs one getppid() a second."""
     parent = os.getppid()
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(poll_s)
-        print(f"img2dataset process {os.getpid()}: download_data.py (pid {parent}) is gone; exiting",
+        print(f"download_data.py worker {os.getpid()}: its parent (pid {parent}) is gone; exiting",
               file=sys.stderr, flush=True)
         os._exit(1)  # (no cleanup to run: the rerun redoes the unfinished shard)
 
