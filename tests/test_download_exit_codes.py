@@ -279,14 +279,15 @@ def test_a_status_line_dripped_a_byte_per_timeout_ends_as_timed_out(tmp_path):
 
 
 def _group(pgid: int) -> list[int]:
-    """The processes of a process group, its leader left out (Linux /proc)."""
+    """The live processes of a process group, its leader left out (Linux /proc). A zombie is left out too: an
+    orphan's waits for init (or whatever PID 1 is in a container) to reap it."""
     pids = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except OSError:  # gone meanwhile
             continue
-        if int(fields[2]) == pgid and int(stat.parent.name) != pgid:
+        if int(fields[2]) == pgid and int(stat.parent.name) != pgid and fields[0] != "Z":
             pids.append(int(stat.parent.name))
     return pids
 

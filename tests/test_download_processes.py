@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from tests.image_server import ImageServer, Route
-from tests.test_download_exit_codes import CLI_ARGS, REPO_ROOT, _jpeg, _source, server  # noqa: F401  (a fixture)
+from tests.test_download_exit_codes import (CLI_ARGS, REPO_ROOT, _group, _jpeg, _source,  # noqa: F401
+                                           server)  # (a fixture)
 
 
 def test_download_processes_run_without_torch_and_a_dataset_source_still_loads(server, tmp_path):  # noqa: F811
@@ -117,11 +118,8 @@ def slow_download(tmp_path: Path):
 def assert_group_ends(pgid: int, within_s: float) -> None:
     """Every process of the group ends within the time, else they are killed and the test fails."""
     gone = time.monotonic() + within_s
-    while time.monotonic() < gone:
-        try:
-            os.killpg(pgid, 0)
-        except ProcessLookupError:
-            return
+    while left := _group(pgid):
+        if time.monotonic() > gone:
+            os.killpg(pgid, signal.SIGKILL)
+            raise AssertionError(f"processes of the download outlived it: {left}")
         time.sleep(0.2)
-    os.killpg(pgid, signal.SIGKILL)
-    raise AssertionError("processes of the download outlived it")
