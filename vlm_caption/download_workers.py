@@ -87,7 +87,8 @@ def exit_with_parent(poll_s: float = 1.0) -> None:
     started it is gone. img2dataset's logger process loops until its parent says stop; a parent killed outright
     (SIGKILL, the OOM killer, a lost job step) never says it, and the logger, with multiprocessing's resource
     tracker, ran on for good, adopted by init (the pool's workers went at their next write to the parent, with a
-    BrokenPipeError traceback). The check costs one getppid() a second."""
+    BrokenPipeError traceback). The check costs one getppid() a second. (A parent killed while this process was
+    still starting, before this call, is not seen: the first parent it knows is then its adopter.)"""
     parent = os.getppid()
 
     def watch() -> None:
