@@ -83,10 +83,24 @@ class _Server(ThreadingHTTPServer):
         self.routes = dict(routes)
         self.requests: Counter[str] = Counter()
         self._lock = threading.Lock()
+        self.open_connections, self.last_accept = 0, time.monotonic()
 
     def count(self, path: str) -> None:
         with self._lock:
             self.requests[path] += 1
+
+    def process_request(self, request, client_address) -> None:  # (at accept: before its thread starts)
+        with self._lock:
+            self.open_connections += 1
+            self.last_accept = time.monotonic()
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._lock:
+                self.open_connections -= 1
 
     def handle_error(self, request, client_address) -> None:
         """Connections the client dropped are expected here; stay quiet."""
@@ -116,6 +130,18 @@ class ImageServer:
             if path is not None:
                 return self._server.requests[path]
             return sum(self._server.requests.values())
+
+    def wait_idle(self, quiet_s: float = 1.0, timeout_s: float = 30.0) -> None:
+        """Return once no connection is open and none was accepted for `quiet_s`: a client killed with requests
+        in flight had sent them, and the server counts them when it reads them, after the kill."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._server._lock:
+                idle = not self._server.open_connections and time.monotonic() - self._server.last_accept >= quiet_s
+            if idle:
+                return
+            assert time.monotonic() < deadline, "the image server never went idle"
+            time.sleep(0.05)
 
     def __enter__(self) -> "ImageServer":
         self._thread.start()
